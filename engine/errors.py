@@ -1,0 +1,5 @@
+"""The one exception type sdrt raises for bad input: the CLI prints its message on one line."""
+
+
+class SdrtError(Exception):
+    """Bad input a user can fix: a missing file, a shape that does not fit, an unknown name."""

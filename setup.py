@@ -1,0 +1,45 @@
+"""sdrt: a Stable Diffusion inference engine built for speed.
+
+The three top-level folders install as one import name: ``engine/`` is ``sdrt.engine``,
+``kernels/`` is ``sdrt.kernels`` and ``export/`` is ``sdrt.export``.
+"""
+import sys
+
+from setuptools import setup
+
+install_requires = [
+    "torch>=2.11",
+    "numpy>=1.24",
+    "safetensors>=0.4",
+    "tokenizers>=0.15",
+    "pillow>=10.0",
+    "tqdm>=4.60",
+]
+if sys.platform.startswith("linux"):
+    install_requires.append("triton>=3.6")
+
+setup(
+    name="sdrt",
+    version="0.1.0",
+    description="Stable Diffusion inference engine: Triton kernels, static shapes, CUDA graphs",
+    python_requires=">=3.10",
+    packages=["sdrt.engine", "sdrt.kernels", "sdrt.export", "sdrt.benchmarks"],
+    package_dir={
+        "sdrt.engine": "engine",
+        "sdrt.kernels": "kernels",
+        "sdrt.export": "export",
+        "sdrt.benchmarks": "benchmarks",
+    },
+    package_data={"sdrt.engine": ["data/*.gz", "data/*.txt"]},
+    install_requires=install_requires,
+    extras_require={
+        "test": [
+            "pytest>=7.0",
+            "pytest-benchmark>=4.0",
+            "diffusers>=0.30",
+            "transformers>=4.40",
+        ],
+        "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],
+    },
+    entry_points={"console_scripts": ["sdrt=sdrt.engine.cli:main"]},
+)
