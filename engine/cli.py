@@ -1,0 +1,217 @@
+"""The ``sdrt`` command: generate images, write the tiny model, export and check ONNX.
+
+Bad input ends with one line on stderr and exit status 2, never a traceback, and never a
+half-written output file (images are written to a temporary name, then renamed).
+"""
+import argparse
+import os
+import sys
+import tempfile
+
+from .errors import SdrtError
+
+EXIT_BAD_INPUT = 2
+
+
+def _positive_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def _float(text):
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors reported like every other bad input: one line, exit 2."""
+
+    def error(self, message):
+        raise SdrtError(message)
+
+
+def _parser():
+    from .samplers import SAMPLERS
+    p = _Parser(prog="sdrt", description="Stable Diffusion inference engine")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate images from a prompt")
+    g.add_argument("prompt")
+    g.add_argument("--model", help="diffusers folder or single-file .safetensors "
+                                   "(default: the built-in tiny model)")
+    g.add_argument("--negative", default=None, help="negative prompt")
+    g.add_argument("--steps", type=_positive_int, default=50)
+    g.add_argument("--guidance", type=_float, default=7.5)
+    g.add_argument("--sampler", default=None,
+                   help=f"one of {', '.join(SAMPLERS)} (default: the model's scheduler)")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--batch", type=_positive_int, default=1, help="images per prompt")
+    g.add_argument("--init-image", default=None, help="image for img2img")
+    g.add_argument("--strength", type=_float, default=0.8)
+    g.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    g.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None)
+    g.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
+    g.add_argument("--config", default=None,
+                   help="diffusers folder with the configs for a single-file checkpoint")
+    g.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None)
+    g.add_argument("--clip-skip", type=int, default=0)
+    g.add_argument("-o", "--output", default="sdrt.png", help="output PNG path")
+
+    t = sub.add_parser("make-tiny", help="write the built-in tiny model as a diffusers folder")
+    t.add_argument("dir")
+    return p
+
+
+def _check_generate_args(a):
+    from .samplers import SAMPLERS
+    if a.sampler is not None and a.sampler not in SAMPLERS:
+        raise SdrtError(f"unknown sampler {a.sampler!r}: choose one of {', '.join(SAMPLERS)}")
+    for name in ("height", "width"):
+        v = getattr(a, name)
+        if v is not None and (v % 8 or not 8 <= v <= 4096):
+            raise SdrtError(f"--{name} must be a multiple of 8 between 8 and 4096, got {v}")
+    if a.init_image is not None and not 0 < a.strength <= 1:
+        raise SdrtError(f"--strength must be in (0, 1], got {a.strength}")
+    if not a.output.lower().endswith(".png"):
+        raise SdrtError(f"output {a.output} must end in .png")
+    out_dir = os.path.dirname(os.path.abspath(a.output))
+    if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
+        raise SdrtError(f"cannot write to {out_dir}")
+    if a.model is not None and not os.path.exists(a.model):
+        raise SdrtError(f"model path {a.model} does not exist")
+    if a.clip_skip < 0:
+        raise SdrtError(f"--clip-skip must be 0 or more, got {a.clip_skip}")
+
+
+def _load_init_image(path):
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        raise SdrtError(f"cannot read init image {path}: {e.__class__.__name__}")
+
+
+def _parameters_text(a, seed, sampler, height, width, model):
+    """The A1111-style ``parameters`` text that image tools read from a PNG."""
+    lines = [a.prompt]
+    if a.negative:
+        lines.append(f"Negative prompt: {a.negative}")
+    settings = [f"Steps: {a.steps}", f"Sampler: {sampler}", f"CFG scale: {a.guidance}",
+                f"Seed: {seed}", f"Size: {width}x{height}", f"Model: {model}"]
+    if a.init_image:
+        settings.append(f"Denoising strength: {a.strength}")
+    return "\n".join(lines + [", ".join(settings)])
+
+
+def save_png(image, path, parameters):
+    """Write ``image`` to ``path`` atomically, with a ``parameters`` text chunk."""
+    from PIL import PngImagePlugin
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(suffix=".png.part", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            image.save(fh, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _output_paths(path, n):
+    if n == 1:
+        return [path]
+    stem, ext = os.path.splitext(path)
+    return [f"{stem}-{i}{ext}" for i in range(n)]
+
+
+def cmd_generate(a):
+    from tqdm import tqdm
+
+    from .pipeline import Pipeline, resolve_device
+    _check_generate_args(a)
+    init = _load_init_image(a.init_image) if a.init_image else None
+    device, dtype = resolve_device(a.device, a.dtype)
+    if a.model is None:
+        from .tiny import tiny_components
+        c = tiny_components()
+        for m in (c.text_encoder, c.unet, c.vae):
+            m.to(device, dtype)
+        pipe = Pipeline(c, device, dtype)
+    else:
+        pipe = Pipeline.from_pretrained(a.model, device, dtype, variant=a.variant,
+                                        config=a.config, prediction_type=a.prediction_type)
+    from .samplers import default_sampler
+    sampler = a.sampler or default_sampler(pipe.scheduler_config)
+    bar = tqdm(total=None, desc="denoising", unit="step", file=sys.stderr, leave=False)
+
+    def progress(step, steps):
+        bar.total = steps
+        bar.update(1)
+
+    images = pipe(a.prompt, negative_prompt=a.negative, height=a.height, width=a.width,
+                  num_inference_steps=a.steps, guidance_scale=a.guidance, sampler=sampler,
+                  seed=a.seed, image=init, strength=a.strength, num_images_per_prompt=a.batch,
+                  clip_skip=a.clip_skip, callback=progress)
+    bar.close()
+    width, height = images[0].size
+    params = _parameters_text(a, pipe.last_seed, sampler, height, width, pipe.source)
+    paths = _output_paths(a.output, len(images))
+    for image, path in zip(images, paths):
+        save_png(image, path, params)
+    t = pipe.timings
+    steps = a.steps if init is None else max(1, int(a.steps * a.strength))
+    print(f"text {t['text']:.2f} s · denoise {t['denoise']:.2f} s "
+          f"({steps / max(t['denoise'], 1e-9):.1f} steps/s) · decode {t['decode']:.2f} s · "
+          f"seed {pipe.last_seed} → {', '.join(paths)}")
+
+
+def cmd_make_tiny(a):
+    from .tiny import write_tiny
+    if os.path.exists(a.dir) and os.listdir(a.dir):
+        raise SdrtError(f"{a.dir} exists and is not empty")
+    parent = os.path.dirname(os.path.abspath(a.dir))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise SdrtError(f"cannot write to {parent}")
+    tmp = tempfile.mkdtemp(prefix=".sdrt-tiny-", dir=parent)
+    try:
+        write_tiny(tmp)
+        if os.path.exists(a.dir):
+            os.rmdir(a.dir)
+        os.replace(tmp, a.dir)
+    except BaseException:
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"wrote the tiny model to {a.dir}")
+
+
+COMMANDS = {"generate": cmd_generate, "make-tiny": cmd_make_tiny}
+
+
+def main(argv=None):
+    try:
+        args = _parser().parse_args(argv)
+        COMMANDS[args.command](args)
+    except SdrtError as e:
+        print(f"sdrt: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("sdrt: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Building blocks shared by the UNet and the VAE, with diffusers' parameter names.
+
+Every GroupNorm, attention, LayerNorm and GEGLU goes through ``sdrt.kernels``, so the
+Triton backend swaps in underneath without touching this file.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdrt import kernels
+
+
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` parameters, computed by ``kernels.group_norm`` (optionally + SiLU)."""
+
+    def forward(self, x, activation=None):
+        return kernels.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, activation)
+
+
+class LayerNorm(nn.LayerNorm):
+    def forward(self, x):
+        return kernels.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+def timestep_embedding(t, dim, flip_sin_to_cos=True, freq_shift=0.0, max_period=10000.0):
+    """Sinusoidal embedding of timesteps ``t`` (B,) → (B, dim), in float32 (DDPM / diffusers)."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(exponent / (half - freq_shift))
+    args = t.float()[:, None] * freqs[None]
+    sin, cos = torch.sin(args), torch.cos(args)
+    emb = torch.cat([cos, sin] if flip_sin_to_cos else [sin, cos], dim=-1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, in_dim, dim):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class ResnetBlock2D(nn.Module):
+    """GroupNorm → SiLU → conv3×3 (+ time embedding) → GroupNorm → SiLU → conv3×3, + shortcut.
+
+    Both halves run as ``kernels.group_norm_silu_conv2d``: the time embedding and the residual
+    are added in the convolution's epilogue.
+    """
+
+    def __init__(self, in_channels, out_channels, temb_channels, groups, eps):
+        super().__init__()
+        self.groups, self.eps = groups, eps
+        self.norm1 = GroupNorm(groups, in_channels, eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
+        self.norm2 = GroupNorm(groups, out_channels, eps)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = (nn.Conv2d(in_channels, out_channels, 1)
+                              if in_channels != out_channels else None)
+
+    def forward(self, x, temb=None):
+        t = None
+        if self.time_emb_proj is not None and temb is not None:
+            t = self.time_emb_proj(F.silu(temb))[:, :, None, None]  # (B, C, 1, 1)
+        h = kernels.group_norm_silu_conv2d(x, self.norm1.weight, self.norm1.bias, self.groups,
+                                           self.conv1.weight, self.conv1.bias, eps=self.eps, add=t)
+        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return kernels.group_norm_silu_conv2d(h, self.norm2.weight, self.norm2.bias, self.groups,
+                                              self.conv2.weight, self.conv2.bias, eps=self.eps,
+                                              add=shortcut)
+
+
+class Downsample2D(nn.Module):
+    """Stride-2 3×3 conv. ``padding=0`` is the VAE's asymmetric (0, 1, 0, 1) padding."""
+
+    def __init__(self, channels, padding=1):
+        super().__init__()
+        self.padding = padding
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+
+    def forward(self, x):
+        if self.padding == 0:
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class Upsample2D(nn.Module):
+    """Nearest 2× upsampling (to ``size`` when given, for odd latent sizes), then a 3×3 conv."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x, size=None):
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=size, mode="nearest")
+        return self.conv(x)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with diffusers' names: to_q, to_k, to_v, to_out.0.
+
+    Self-attention when ``context`` is None, cross-attention over ``context`` otherwise.
+    """
+
+    def __init__(self, dim, heads, head_dim, context_dim=None, bias=False):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads, self.head_dim = heads, head_dim
+        self.to_q = nn.Linear(dim, inner, bias=bias)
+        self.to_k = nn.Linear(context_dim or dim, inner, bias=bias)
+        self.to_v = nn.Linear(context_dim or dim, inner, bias=bias)
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
+
+    def forward(self, x, context=None):  # x: (B, S, dim), context: (B, T, context_dim)
+        context = x if context is None else context
+        b, s, _ = x.shape
+        t = context.shape[1]
+        q = self.to_q(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)  # (B, H, S, D)
+        k = self.to_k(context).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        v = self.to_v(context).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        o = kernels.attention(q, k, v, scale=self.head_dim ** -0.5)  # (B, H, S, D)
+        return self.to_out[0](o.transpose(1, 2).reshape(b, s, -1))
+
+
+class SpatialSelfAttention(Attention):
+    """The VAE's single-head attention over pixels, with its own GroupNorm and residual."""
+
+    def __init__(self, channels, groups, eps):
+        super().__init__(channels, 1, channels, bias=True)
+        self.group_norm = GroupNorm(groups, channels, eps)
+
+    def forward(self, x):  # x: (B, C, H, W)
+        b, c, h, w = x.shape
+        y = self.group_norm(x).view(b, c, h * w).transpose(1, 2)  # (B, HW, C)
+        y = super().forward(y)
+        return x + y.transpose(1, 2).reshape(b, c, h, w)

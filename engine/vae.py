@@ -1,0 +1,146 @@
+"""AutoencoderKL (the SD VAE): encoder to a diagonal Gaussian over latents, decoder back."""
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+
+from .errors import SdrtError
+from .layers import Downsample2D, GroupNorm, ResnetBlock2D, SpatialSelfAttention, Upsample2D
+
+_EPS = 1e-6  # diffusers' VAE uses 1e-6 in every norm
+
+
+@dataclass
+class VAEConfig:
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 4
+    block_out_channels: tuple = (128, 256, 512, 512)
+    down_block_types: tuple = ("DownEncoderBlock2D",) * 4
+    up_block_types: tuple = ("UpDecoderBlock2D",) * 4
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    act_fn: str = "silu"
+    sample_size: int = 512
+    scaling_factor: float = 0.18215
+    shift_factor: float = None
+    force_upcast: bool = True
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_add_attention: bool = True
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in fields(cls)}
+        cfg = cls(**{k: v for k, v in d.items() if k in names})
+        if cfg.act_fn != "silu":
+            raise SdrtError(f"vae config: unsupported act_fn {cfg.act_fn}")
+        for t in (*cfg.down_block_types, *cfg.up_block_types):
+            if t not in ("DownEncoderBlock2D", "UpDecoderBlock2D"):
+                raise SdrtError(f"vae config: unsupported block type {t}")
+        return cfg
+
+    @property
+    def scale_factor(self):
+        """Pixels per latent pixel along each side."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+class VAEMidBlock(nn.Module):
+    def __init__(self, channels, groups, attention):
+        super().__init__()
+        self.resnets = nn.ModuleList(ResnetBlock2D(channels, channels, None, groups, _EPS)
+                                     for _ in range(2))
+        self.attentions = (nn.ModuleList([SpatialSelfAttention(channels, groups, _EPS)])
+                           if attention else None)
+
+    def forward(self, x):
+        x = self.resnets[0](x)
+        if self.attentions is not None:
+            x = self.attentions[0](x)
+        return self.resnets[1](x)
+
+
+class VAEBlock(nn.Module):
+    """DownEncoderBlock2D / UpDecoderBlock2D: ResNet blocks, then an optional resampler."""
+
+    def __init__(self, resnet_in, out, groups, resample):
+        super().__init__()
+        self.resnets = nn.ModuleList(ResnetBlock2D(c, out, None, groups, _EPS) for c in resnet_in)
+        if resample == "down":
+            self.downsamplers = nn.ModuleList([Downsample2D(out, padding=0)])
+        elif resample == "up":
+            self.upsamplers = nn.ModuleList([Upsample2D(out)])
+
+    def forward(self, x):
+        for r in self.resnets:
+            x = r(x)
+        if hasattr(self, "downsamplers"):
+            x = self.downsamplers[0](x)
+        if hasattr(self, "upsamplers"):
+            x = self.upsamplers[0](x)
+        return x
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch, g, n = list(cfg.block_out_channels), cfg.norm_num_groups, len(cfg.block_out_channels)
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList(
+            VAEBlock([ch[max(i - 1, 0)]] + [ch[i]] * (cfg.layers_per_block - 1), ch[i], g,
+                     "down" if i < n - 1 else None) for i in range(n))
+        self.mid_block = VAEMidBlock(ch[-1], g, cfg.mid_block_add_attention)
+        self.conv_norm_out = GroupNorm(g, ch[-1], _EPS)
+        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+
+    def forward(self, x):
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        x = self.mid_block(x)
+        return self.conv_out(self.conv_norm_out(x, activation="silu"))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        rch, g, n = list(cfg.block_out_channels)[::-1], cfg.norm_num_groups, len(cfg.block_out_channels)
+        self.conv_in = nn.Conv2d(cfg.latent_channels, rch[0], 3, padding=1)
+        self.mid_block = VAEMidBlock(rch[0], g, cfg.mid_block_add_attention)
+        self.up_blocks = nn.ModuleList(
+            VAEBlock([rch[max(i - 1, 0)]] + [rch[i]] * cfg.layers_per_block, rch[i], g,
+                     "up" if i < n - 1 else None) for i in range(n))
+        self.conv_norm_out = GroupNorm(g, rch[-1], _EPS)
+        self.conv_out = nn.Conv2d(rch[-1], cfg.out_channels, 3, padding=1)
+
+    def forward(self, z):
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(self.conv_norm_out(x, activation="silu"))
+
+
+class AutoencoderKL(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.config = cfg
+        lc = cfg.latent_channels
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * lc, 2 * lc, 1) if cfg.use_quant_conv else None
+        self.post_quant_conv = nn.Conv2d(lc, lc, 1) if cfg.use_post_quant_conv else None
+
+    def encode(self, image):
+        """Image (B, 3, H, W) in [-1, 1] → (mean, std) of the latent Gaussian, unscaled."""
+        moments = self.encoder(image)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
+        mean, logvar = moments.chunk(2, dim=1)
+        return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+
+    def decode(self, z):
+        """Unscaled latents (B, 4, h, w) → image (B, 3, H, W), nominally in [-1, 1]."""
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)

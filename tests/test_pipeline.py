@@ -1,0 +1,117 @@
+"""Whole pipeline against diffusers on the same folder, the same latents and the same seeds."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import assert_close_abs
+from sdrt.engine import Pipeline, SdrtError
+
+IMAGE_ATOL = 2e-3  # float32; images are in [0, 1]
+STEPS = 6
+PROMPTS = ["a red fox in the snow, 35mm photo", "a lighthouse at dusk — oil painting!"]
+
+
+def _diffusers_scheduler(ref, sampler):
+    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                           PNDMScheduler)
+    cls, kw = {"ddim": (DDIMScheduler, {}), "pndm": (PNDMScheduler, {}),
+               "euler": (EulerDiscreteScheduler, {}),
+               "dpmpp_2m": (DPMSolverMultistepScheduler, {"use_karras_sigmas": False}),
+               "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+               }[sampler]
+    return cls.from_config(ref.scheduler.config, **kw)
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny_model):
+    family, folder, ref = tiny_model
+    return family, Pipeline.from_pretrained(folder, device="cpu"), ref
+
+
+def _assert_lively(image, what):
+    # Saturated or flat images would make the comparison pass without proving anything.
+    inside = ((image > 0.02) & (image < 0.98)).mean()
+    assert image.std() > 0.01 and inside > 0.5, f"{what}: reference image is degenerate"
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "pndm", "euler", "dpmpp_2m", "dpmpp_2m_karras"])
+def test_txt2img_matches_diffusers(pipes, sampler):
+    family, ours, ref = pipes
+    ref.scheduler = _diffusers_scheduler(ref, sampler)
+    h, w = 16, 24  # not square, so a height/width swap would fail
+    latents = torch.randn(2, 4, h // 2, w // 2, generator=torch.Generator().manual_seed(7))
+    expected = ref(PROMPTS, negative_prompt=["blurry, low quality"] * 2, height=h, width=w,
+                   num_inference_steps=STEPS, guidance_scale=7.5, latents=latents,
+                   output_type="np").images
+    _assert_lively(expected, f"{family}/{sampler}")
+    got = ours(PROMPTS, negative_prompt="blurry, low quality", height=h, width=w,
+               num_inference_steps=STEPS, guidance_scale=7.5, sampler=sampler,
+               latents=latents, output_type="np")
+    assert got.dtype == np.float32
+    assert_close_abs(got, expected, IMAGE_ATOL, f"{family} txt2img with {sampler}")
+
+
+def test_no_guidance_and_images_per_prompt(pipes):
+    # guidance ≤ 1 skips the unconditional pass; two images per prompt, as diffusers repeats.
+    family, ours, ref = pipes
+    ref.scheduler = _diffusers_scheduler(ref, "euler")
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(8))
+    expected = ref(PROMPTS[0], num_inference_steps=3, guidance_scale=1.0, latents=latents,
+                   num_images_per_prompt=2, height=16, width=16, output_type="np").images
+    got = ours(PROMPTS[0], num_inference_steps=3, guidance_scale=1.0, latents=latents,
+               num_images_per_prompt=2, height=16, width=16, sampler="euler", output_type="np")
+    assert_close_abs(got, expected, IMAGE_ATOL, f"{family} no-CFG batch")
+
+
+@pytest.mark.parametrize("sampler,strength", [("ddim", 0.6), ("euler", 0.75), ("pndm", 1.0)])
+def test_img2img_matches_diffusers(pipes, sampler, strength):
+    from diffusers import StableDiffusionImg2ImgPipeline
+    family, ours, ref = pipes
+    ref_i2i = StableDiffusionImg2ImgPipeline(**ref.components)
+    ref_i2i.scheduler = _diffusers_scheduler(ref, sampler)
+    rng = np.random.default_rng(3)
+    init = Image.fromarray(rng.integers(0, 256, (16, 24, 3), dtype=np.uint8))
+    expected = ref_i2i(PROMPTS[0], image=init, strength=strength, num_inference_steps=10,
+                       guidance_scale=6.0, negative_prompt="ugly",
+                       generator=torch.Generator().manual_seed(11), output_type="np").images
+    got = ours(PROMPTS[0], image=init, strength=strength, num_inference_steps=10,
+               guidance_scale=6.0, negative_prompt="ugly", seed=11, sampler=sampler,
+               output_type="np")
+    assert got.shape == (1, 16, 24, 3)
+    assert_close_abs(got, expected, IMAGE_ATOL, f"{family} img2img {sampler} {strength}")
+
+
+def test_euler_ancestral_is_reproducible_per_seed(pipes):
+    family, ours, _ = pipes
+    run = lambda seed: ours(PROMPTS[0], num_inference_steps=4, sampler="euler_a", seed=seed,
+                            height=16, width=16, output_type="np")
+    a, b, c = run(5), run(5), run(6)
+    assert np.array_equal(a, b), "same seed, different images"
+    assert np.abs(a - c).max() > 1e-3, "different seeds gave the same image"
+
+
+def test_output_types(pipes):
+    family, ours, _ = pipes
+    kw = dict(num_inference_steps=2, seed=1, height=16, width=16)
+    latents = ours(PROMPTS[0], output_type="latent", **kw)
+    images = ours(PROMPTS[0], output_type="pil", **kw)
+    array = ours(PROMPTS[0], output_type="np", **kw)
+    assert latents.shape == (1, 4, 8, 8)
+    assert isinstance(images[0], Image.Image) and images[0].size == (16, 16)
+    assert np.array_equal(np.asarray(images[0]), (array[0] * 255).round().astype(np.uint8))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(height=17), "multiple of"),
+    (dict(width=0), "multiple of"),
+    (dict(num_inference_steps=0), "at least 1"),
+    (dict(sampler="lms"), "unknown sampler"),
+    (dict(output_type="tensor"), "output_type"),
+    (dict(negative_prompt=["a", "b", "c"]), "negative prompts"),
+    (dict(latents=torch.zeros(1, 4, 3, 3)), "latents have shape"),
+])
+def test_bad_arguments_raise_sdrt_error(pipes, kwargs, message):
+    _, ours, _ = pipes
+    with pytest.raises(SdrtError, match=message):
+        ours(PROMPTS[0], **{"num_inference_steps": 2, **kwargs})
