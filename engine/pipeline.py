@@ -180,7 +180,8 @@ class Pipeline:
             init = self._preprocess(image, height, width)
             height, width = init.shape[2], init.shape[3]
         dh, dw = self.default_size()
-        height, width = height or dh, width or dw
+        height = dh if height is None else height
+        width = dw if width is None else width
         self._check_size(height, width)
 
         if generator is None:

@@ -100,7 +100,7 @@ BAD = {
     "shape does not fit config": (["--model", "{model}"],
                                   lambda f: _edit_config(f / "unet" / "config.json",
                                                          cross_attention_dim=48),
-                                  "has shape (64, 64), the config expects (64, 48)"),
+                                  "attn2.to_k.weight has shape (32, 64), the config expects (32, 48)"),
     "height not multiple of 8": (["--height", "100"], None, "--height must be a multiple of 8"),
     "width out of range": (["--width", "8192"], None, "--width must be a multiple of 8"),
     "zero steps": (["--steps", "0"], None, "must be at least 1"),

@@ -13,6 +13,8 @@ PROMPTS = ["a red fox in the snow, 35mm photo", "a lighthouse at dusk — oil pa
 
 
 def _diffusers_scheduler(ref, sampler):
+    """The diffusers scheduler a sampler name stands for, from the folder's own scheduler config
+    (never from whatever scheduler an earlier test left on the shared reference pipeline)."""
     from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
                            PNDMScheduler)
     cls, kw = {"ddim": (DDIMScheduler, {}), "pndm": (PNDMScheduler, {}),
@@ -20,12 +22,14 @@ def _diffusers_scheduler(ref, sampler):
                "dpmpp_2m": (DPMSolverMultistepScheduler, {"use_karras_sigmas": False}),
                "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
                }[sampler]
-    return cls.from_config(ref.scheduler.config, **kw)
+    return cls.from_config(ref.original_scheduler_config, **kw)
 
 
 @pytest.fixture(scope="module")
 def pipes(tiny_model):
     family, folder, ref = tiny_model
+    if not hasattr(ref, "original_scheduler_config"):
+        ref.original_scheduler_config = dict(ref.scheduler.config)
     return family, Pipeline.from_pretrained(folder, device="cpu"), ref
 
 

@@ -1,0 +1,237 @@
+"""CLIP's byte-level BPE tokenizer, as Stable Diffusion's text encoders expect it.
+
+The BPE itself runs in the ``tokenizers`` library; this file only assembles the same pipeline
+that transformers' ``CLIPTokenizer`` assembles, so the ids are equal to what diffusers feeds
+the text encoder:
+
+    normalise   NFC, every whitespace run -> " ", lowercase
+    split       CLIP's regex: contractions, letter runs, single digits, punctuation runs
+    BPE         byte-level, "</w>" marks the end of a word
+    frame       <|startoftext|> ... <|endoftext|>, cut to max_length keeping the final
+                <|endoftext|>, then padded with pad_token
+
+SD 1.x pads with "<|endoftext|>" (id 49407); SD 2.x (OpenCLIP) pads with "!" (id 0). The text
+encoder only reads up to the first <|endoftext|> for its pooled output, but the per-token
+states the UNet attends to do depend on the padding, so the pad token must be the model's own.
+"""
+import gzip
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import BPE
+
+from sdrt.engine.errors import SdrtError
+
+BOS = "<|startoftext|>"
+EOS = "<|endoftext|>"
+MAX_LENGTH = 77  # CLIP's text encoder has 77 position embeddings
+
+_BUNDLED_MERGES = Path(__file__).parent / "data" / "bpe_simple_vocab_16e6.txt.gz"
+# OpenAI's simple_tokenizer.py keeps the first 49152 - 256 - 2 merges (line 0 is a header):
+# 256 byte tokens + 256 byte+"</w>" tokens + 48894 merges + 2 specials = 49408 ids.
+_NUM_MERGES = 49152 - 256 - 2
+
+# CLIP's pre-tokenisation regex (OpenAI simple_tokenizer.py, as transformers writes it); the
+# text is already lowercased, so OpenAI's re.IGNORECASE changes nothing.
+_CLIP_SPLIT = (r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]"
+               r"|[^\s\p{L}\p{N}]+")
+
+# transformers writes model_max_length = int(1e30) when a tokenizer config does not set one.
+_UNSET_MAX_LENGTH = int(1e29)
+
+
+class PromptTruncatedWarning(UserWarning):
+    """A prompt had more tokens than the text encoder can read; the tail was dropped."""
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2/CLIP's byte -> printable-character table, in CLIP's vocabulary order.
+
+    The 188 printable Latin-1 bytes stand for themselves and come first; the other 68 bytes
+    (whitespace, control characters) follow as chr(256), chr(257), ... so that no token holds
+    whitespace. This order is OpenAI's bytes_to_unicode() dict order, which fixes ids 0-511.
+    """
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    return [chr(b) for b in printable] + [chr(256 + k) for k in range(256 - len(printable))]
+
+
+def clip_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP's vocabulary (token -> id, 49408 entries) and merges, from the bundled merges file.
+
+    Built exactly as OpenAI's simple_tokenizer.py builds it: ids are positions in
+    bytes + bytes+"</w>" + joined merges + [BOS, EOS].
+    """
+    lines = gzip.open(_BUNDLED_MERGES, "rt", encoding="utf-8").read().split("\n")
+    merges = [tuple(line.split()) for line in lines[1:_NUM_MERGES + 1]]
+    byte_chars = _byte_chars()
+    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges] + [BOS, EOS]
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+class ClipTokenizer:
+    """Prompts -> (B, max_length) int64 token ids, equal to transformers' CLIPTokenizer with
+    ``padding="max_length", truncation=True``."""
+
+    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], *,
+                 pad_token: str = EOS, bos_token: str = BOS, eos_token: str = EOS,
+                 unk_token: str = EOS, max_length: int = MAX_LENGTH,
+                 added_tokens: dict[str, bool] | None = None):
+        """``added_tokens``: a tokenizer_config.json's added_tokens_decoder as {content:
+        normalized}; those tokens are matched whole too, and those marked normalized are matched
+        in the normalised (lowercased) prompt rather than verbatim."""
+        added_tokens = added_tokens or {}
+        for token in added_tokens:
+            if token not in vocab:
+                raise SdrtError(f"CLIP tokenizer: added token {token!r} is not in the vocabulary")
+        for name, token in (("pad", pad_token), ("bos", bos_token), ("eos", eos_token),
+                            ("unk", unk_token)):
+            if token not in vocab:
+                raise SdrtError(f"CLIP tokenizer: {name} token {token!r} is not in the vocabulary")
+        if max_length < 2:
+            raise SdrtError(f"CLIP tokenizer: max_length {max_length} leaves no room for "
+                            f"{bos_token} and {eos_token}")
+        tok = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+                            end_of_word_suffix="</w>", fuse_unk=False, unk_token=unk_token))
+        tok.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            # invert=True + "removed": the regex matches are the pieces, the spaces between go.
+            pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ])
+        tok.decoder = decoders.ByteLevel()
+        # transformers registers these as special added tokens: a literal "<|endoftext|>" in a
+        # prompt is matched whole, before BPE. So is SD 2.x's pad "!": "horse!" becomes
+        # "horse</w>", "!" (id 0), not "horse</w>", "!</w>" (id 256) as OpenCLIP would give.
+        specials = dict.fromkeys((unk_token, bos_token, eos_token, pad_token), False) | added_tokens
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=n) for t, n in specials.items()])
+        tok.post_processor = processors.RobertaProcessing(
+            (eos_token, vocab[eos_token]), (bos_token, vocab[bos_token]),
+            trim_offsets=False, add_prefix_space=False)
+        self._tokenizer = tok
+        self.max_length = max_length
+        self.pad_token, self.bos_token, self.eos_token = pad_token, bos_token, eos_token
+        self.pad_token_id = vocab[pad_token]
+        self.bos_token_id = vocab[bos_token]
+        self.eos_token_id = vocab[eos_token]
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def bundled(cls, pad_token: str = EOS, max_length: int = MAX_LENGTH) -> "ClipTokenizer":
+        """CLIP's vocabulary from engine/data, for checkpoints that ship no tokenizer folder."""
+        vocab, merges = clip_vocabulary()
+        return cls(vocab, merges, pad_token=pad_token, max_length=max_length)
+
+    @classmethod
+    def from_folder(cls, path: str | Path) -> "ClipTokenizer":
+        """A diffusers ``tokenizer/`` folder: vocab.json + merges.txt, or tokenizer.json, plus the
+        optional tokenizer_config.json / special_tokens_map.json for the special tokens and
+        model_max_length."""
+        path = Path(path)
+        if not path.is_dir():
+            raise SdrtError(f"tokenizer folder {path} does not exist")
+        vocab_file, merges_file, json_file = (path / "vocab.json", path / "merges.txt",
+                                              path / "tokenizer.json")
+        if vocab_file.is_file() and merges_file.is_file():
+            vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
+            merges = _read_merges_txt(merges_file)
+        elif json_file.is_file():
+            vocab, merges = _read_tokenizer_json(json_file)
+        else:
+            missing = vocab_file if not vocab_file.is_file() else merges_file
+            raise SdrtError(f"tokenizer folder {path} has no {missing.name} (nor a tokenizer.json)")
+
+        settings = _read_json(path / "tokenizer_config.json")
+        # transformers 5 reads special_tokens_map.json only for configs without an
+        # added_tokens_decoder, and then lets it override tokenizer_config.json.
+        added = settings.get("added_tokens_decoder")
+        if added is None:
+            settings.update(_read_json(path / "special_tokens_map.json"))
+        added_tokens = {t["content"]: bool(t.get("normalized")) for t in (added or {}).values()}
+        max_length = settings.get("model_max_length") or MAX_LENGTH
+        if max_length >= _UNSET_MAX_LENGTH:
+            max_length = MAX_LENGTH
+        return cls(vocab, merges, max_length=int(max_length),
+                   pad_token=_token_text(settings.get("pad_token"), EOS),
+                   bos_token=_token_text(settings.get("bos_token"), BOS),
+                   eos_token=_token_text(settings.get("eos_token"), EOS),
+                   unk_token=_token_text(settings.get("unk_token"), EOS),
+                   added_tokens=added_tokens)
+
+    def __call__(self, prompts: str | list[str]) -> torch.Tensor:
+        """Token ids, (B, max_length) int64; a single string gives B = 1."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        rows = []
+        for enc in self._tokenizer.encode_batch(list(prompts)):
+            ids = enc.ids  # [bos, ..., eos]
+            if len(ids) > self.max_length:
+                dropped = ids[self.max_length - 1:-1]
+                warnings.warn(
+                    f"The following part of your input was truncated because CLIP can only handle "
+                    f"sequences up to {self.max_length} tokens ({len(dropped)} tokens dropped): "
+                    f"{self.decode(dropped)!r}", PromptTruncatedWarning, stacklevel=2)
+                ids = ids[:self.max_length - 1] + [self.eos_token_id]
+            rows.append(ids + [self.pad_token_id] * (self.max_length - len(ids)))
+        return torch.tensor(rows, dtype=torch.long).reshape(len(rows), self.max_length)
+
+    def decode(self, ids: list[int]) -> str:
+        """Ids -> text, words separated by single spaces."""
+        return self._tokenizer.decode(ids, skip_special_tokens=False).replace("</w>", " ").strip()
+
+
+def write_clip_tokenizer(folder: str | Path, pad_token: str = EOS) -> Path:
+    """Write CLIP's bundled vocabulary as a diffusers/transformers tokenizer folder.
+
+    vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json, laid out as the
+    SD 1.x (pad "<|endoftext|>") and SD 2.x (pad "!") repositories have them, so that
+    ``transformers.CLIPTokenizer.from_pretrained(folder)`` and ``ClipTokenizer.from_folder``
+    both load it.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = clip_vocabulary()
+    if pad_token not in vocab:
+        raise SdrtError(f"pad token {pad_token!r} is not in CLIP's vocabulary")
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+    special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": pad_token}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
+    config = {**special, "model_max_length": MAX_LENGTH, "do_lower_case": True,
+              "add_prefix_space": False, "errors": "replace", "tokenizer_class": "CLIPTokenizer"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return folder
+
+
+def _token_text(value, default: str) -> str:
+    """A special token as tokenizer configs hold it: a string or an AddedToken dict."""
+    if value is None:
+        return default
+    return value["content"] if isinstance(value, dict) else value
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _read_merges_txt(path: Path) -> list[tuple[str, str]]:
+    lines = path.read_text(encoding="utf-8").split("\n")
+    if lines and lines[0].startswith("#version"):
+        lines = lines[1:]
+    return [tuple(line.split()) for line in lines if line.strip()]
+
+
+def _read_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Vocabulary and merges from a tokenizers-format file; like transformers' CLIPTokenizer,
+    the file's own normaliser and pre-tokeniser are replaced by CLIP's."""
+    model = json.loads(path.read_text(encoding="utf-8")).get("model", {})
+    if model.get("type", "BPE") != "BPE" or "vocab" not in model or "merges" not in model:
+        raise SdrtError(f"{path} does not hold a BPE vocabulary and merges")
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    vocab = dict(model["vocab"])
+    return vocab, merges
