@@ -11,6 +11,7 @@ import torch
 
 from .errors import SdrtError
 from .loading import Components, load
+from .runtime import StaticRuntime, StaticShape
 from .samplers import SAMPLERS, SchedulerConfig, default_sampler, make_schedule, sample
 
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -59,6 +60,7 @@ class Pipeline:
         self.vae_scale_factor = self.vae.config.scale_factor
         self.timings = {}
         self.last_seed = None
+        self.runtime = None  # set by compile()
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None, variant=None, config=None,
@@ -71,6 +73,32 @@ class Pipeline:
         """
         device, dtype = resolve_device(device, dtype)
         return cls(load(path, device, dtype, variant, config, prediction_type), device, dtype)
+
+    def compile(self, height=None, width=None, batch_size=1, num_inference_steps=50,
+                sampler=None, guidance=True, strict=False, max_shapes=4):
+        """Build the static plan (buffers, schedule, CUDA graphs on a GPU) for one shape.
+
+        From then on, text-to-image calls run through static plans: a call of a shape that
+        was built replays it; any other shape is built on the spot and cached (at most
+        ``max_shapes``, least recently used dropped), or, with ``strict=True``, refused with
+        ``SdrtError``. Returns the plan (its ``build_seconds`` says what the build cost).
+        """
+        dh, dw = self.default_size()
+        height = dh if height is None else height
+        width = dw if width is None else width
+        self._check_size(height, width)
+        sampler = sampler or default_sampler(self.scheduler_config)
+        if sampler not in SAMPLERS:
+            raise SdrtError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise SdrtError(f"batch_size must be a positive integer, got {batch_size}")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise SdrtError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+        if self.runtime is None or (self.runtime.strict, self.runtime.max_shapes) != \
+                (strict, max_shapes):
+            self.runtime = StaticRuntime(self, max_shapes=max_shapes, strict=strict)
+        return self.runtime.build(StaticShape(height, width, batch_size, num_inference_steps,
+                                              sampler, bool(guidance)))
 
     # -- pieces -------------------------------------------------------------------------------
 
@@ -193,15 +221,22 @@ class Pipeline:
                                  strength=strength if image is not None else 1.0,
                                  device=self.device)
 
+        batch = len(prompts) * num_images_per_prompt
+        shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor,
+                 width // self.vae_scale_factor)
+        if self.runtime is not None and init is None:
+            images = self._run_static(
+                StaticShape(height, width, batch, num_inference_steps, sampler, cfg),
+                (negatives or []) + prompts, num_images_per_prompt,
+                self._noise(latents, shape, generator), guidance_scale, generator, output_type)
+            return images if output_type == "latent" else self._format(images, output_type)
+
         t0 = self._clock()
         # One text-encoder call for both halves: [negative..., positive...] as diffusers orders.
         states = self.encode_prompt((negatives or []) + prompts, clip_skip)
         states = states.repeat_interleave(num_images_per_prompt, dim=0)
         t1 = self._clock()
 
-        batch = len(prompts) * num_images_per_prompt
-        shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor,
-                 width // self.vae_scale_factor)
         if init is not None:
             x0 = self.encode_image(init, generator)
             if batch % x0.shape[0]:
@@ -225,10 +260,29 @@ class Pipeline:
             return x
         images = self.decode_latents(x.to(self.dtype))
         self.timings = {"text": t1 - t0, "denoise": t2 - t1, "decode": self._clock() - t2}
+        return self._format(images, output_type)
+
+    @staticmethod
+    def _format(images, output_type):
         if output_type == "np":
             return images
         from PIL import Image
         return [Image.fromarray((i * 255).round().astype(np.uint8)) for i in images]
+
+    def _run_static(self, shape, texts, per_prompt, noise, guidance_scale, generator,
+                    output_type):
+        """One text-to-image request through the static plan of its shape."""
+        plan = self.runtime.plan_for(shape)
+        ids = self.tokenizer(texts).repeat_interleave(per_prompt, dim=0)
+        step_noise = None
+        if plan.step_noise is not None:
+            # The same CPU draws, in the same order, as the eager euler_a loop makes.
+            step_noise = torch.stack([torch.randn(plan.latent_shape, generator=generator)
+                                      for _ in range(plan.step_noise.shape[0])])
+        self.timings = plan.run(ids, noise, guidance_scale, step_noise, clock=self._clock)
+        if output_type == "latent":
+            return plan.latents.clone()
+        return plan.image.to("cpu", copy=True).numpy()  # the plan's buffer is reused
 
     def _noise(self, latents, shape, generator):
         if latents is None:

@@ -1,0 +1,171 @@
+"""Static shapes and CUDA graphs over a whole request.
+
+``Pipeline.compile(height, width, ...)`` builds a ``StaticPlan`` for one shape: every buffer
+is allocated once, the schedule lives on the device, and on a GPU three CUDA graphs are
+captured (text encoder, the whole denoising loop with CFG and the sampler's updates, VAE
+decode). A request then copies its inputs (token ids, initial noise, guidance scale) into the
+static buffers and replays; nothing in between allocates or waits on the host. On a CPU the
+same plan runs eagerly over the same buffers, which is how its logic is tested without a GPU.
+
+Built plans are kept in a small LRU cache keyed by ``StaticShape``. A request whose shape was
+not built is built on the spot (logged), or refused with ``SdrtError`` in strict mode.
+"""
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from .errors import SdrtError
+from .samplers import make_schedule, sample
+
+log = logging.getLogger("sdrt")
+
+
+@dataclass(frozen=True)
+class StaticShape:
+    """Everything a captured request depends on; prompts, seeds and guidance scale are not."""
+    height: int
+    width: int
+    batch_size: int  # images per request (prompts × images per prompt)
+    num_inference_steps: int
+    sampler: str
+    guidance: bool  # whether the request batches an unconditional pass (CFG)
+
+    def describe(self):
+        return (f"{self.width}x{self.height}, batch {self.batch_size}, "
+                f"{self.num_inference_steps} steps of {self.sampler}, "
+                f"{'with' if self.guidance else 'without'} CFG")
+
+
+class StaticPlan:
+    """Static buffers, a device-side schedule and (on CUDA) the captured graphs of one shape."""
+
+    def __init__(self, pipe, shape: StaticShape):
+        start = time.perf_counter()
+        self.pipe, self.shape = pipe, shape
+        dev, dtype = pipe.device, pipe.dtype
+        f = pipe.vae_scale_factor
+        self.latent_shape = (shape.batch_size, pipe.unet.config.in_channels,
+                             shape.height // f, shape.width // f)
+        rows = shape.batch_size * (2 if shape.guidance else 1)
+        self.schedule = make_schedule(pipe.scheduler_config, shape.sampler,
+                                      shape.num_inference_steps, device=dev)
+        n_calls = len(self.schedule.timesteps)
+        # Inputs, written before each replay.
+        self.ids = torch.zeros(rows, pipe.tokenizer.max_length, dtype=torch.long, device=dev)
+        self.noise = torch.zeros(self.latent_shape, dtype=dtype, device=dev)
+        self.guidance_scale = torch.ones((), dtype=torch.float32, device=dev)
+        self.step_noise = (torch.zeros((n_calls, *self.latent_shape), dtype=torch.float32,
+                                       device=dev) if shape.sampler == "euler_a" else None)
+        # Outputs of one stage, inputs of the next.
+        self.states = torch.zeros(rows, pipe.tokenizer.max_length,
+                                  pipe.text_encoder.config.hidden_size, dtype=dtype, device=dev)
+        self.latents = torch.zeros(self.latent_shape, dtype=dtype, device=dev)
+        self.image = torch.zeros(shape.batch_size, shape.height, shape.width, 3,
+                                 dtype=torch.float32, device=dev)
+        self.graphs = None
+        if dev.type == "cuda":
+            self._capture()
+        self.build_seconds = time.perf_counter() - start
+
+    # -- the three stages, each free of host synchronisation -----------------------------------
+
+    def _encode(self):
+        self.states.copy_(self.pipe.text_encoder(self.ids))
+
+    def _denoise(self):
+        unet, states, g, dtype = self.pipe.unet, self.states, self.guidance_scale, self.pipe.dtype
+        cfg = self.shape.guidance
+
+        def model(x, t):
+            if not cfg:
+                return unet(x.to(dtype), t, states)
+            uncond, cond = unet(torch.cat([x, x]).to(dtype), t, states).chunk(2)
+            return uncond + g.to(uncond.dtype) * (cond - uncond)
+
+        x = self.schedule.noise_latents(self.noise)
+        x = sample(self.shape.sampler, model, x, self.schedule, noise=self.step_noise)
+        self.latents.copy_(x)
+
+    def _decode(self):
+        vae = self.pipe.vae
+        shift = vae.config.shift_factor or 0.0
+        image = vae.decode(self.latents / vae.config.scaling_factor + shift)
+        self.image.copy_((image.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1))
+
+    def _stages(self):
+        return (self._encode, self._denoise, self._decode)
+
+    def _capture(self):
+        """Warm up on a side stream (cuDNN/Triton autotuning, lazy allocations), then capture
+        each stage into a graph sharing one memory pool."""
+        side = torch.cuda.Stream(self.pipe.device)
+        side.wait_stream(torch.cuda.current_stream(self.pipe.device))
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(2):
+                for stage in self._stages():
+                    stage()
+        torch.cuda.current_stream(self.pipe.device).wait_stream(side)
+        pool = torch.cuda.graph_pool_handle()
+        self.graphs = []
+        with torch.no_grad():
+            for stage in self._stages():
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    stage()
+                self.graphs.append(graph)
+
+    # -- a request -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def run(self, ids, noise, guidance_scale, step_noise=None, clock=time.perf_counter):
+        """Copy the request's inputs in, run (replay) the three stages.
+
+        Returns the seconds each stage took, read with ``clock`` between stages. The results
+        stay in the plan's buffers: ``latents`` and ``image`` (float32 (B, H, W, 3) in [0, 1]).
+        """
+        self.ids.copy_(ids)
+        self.noise.copy_(noise)
+        self.guidance_scale.fill_(guidance_scale)
+        if self.step_noise is not None:
+            self.step_noise.copy_(step_noise)
+        runs = [g.replay for g in self.graphs] if self.graphs else list(self._stages())
+        marks = [clock()]
+        for run in runs:
+            run()
+            marks.append(clock())
+        return dict(zip(("text", "denoise", "decode"), (b - a for a, b in zip(marks, marks[1:]))))
+
+
+class StaticRuntime:
+    """An LRU cache of built ``StaticPlan``s for one pipeline."""
+
+    def __init__(self, pipe, max_shapes=4, strict=False):
+        if max_shapes < 1:
+            raise SdrtError(f"max_shapes must be at least 1, got {max_shapes}")
+        self.pipe, self.max_shapes, self.strict = pipe, max_shapes, strict
+        self.plans = OrderedDict()
+
+    def build(self, shape: StaticShape) -> StaticPlan:
+        if shape in self.plans:
+            self.plans.move_to_end(shape)
+            return self.plans[shape]
+        plan = StaticPlan(self.pipe, shape)
+        self.plans[shape] = plan
+        while len(self.plans) > self.max_shapes:
+            evicted, _ = self.plans.popitem(last=False)
+            log.info("sdrt: dropped the static plan for %s", evicted.describe())
+        log.info("sdrt: built a static plan for %s in %.2f s", shape.describe(),
+                 plan.build_seconds)
+        return plan
+
+    def plan_for(self, shape: StaticShape) -> StaticPlan:
+        if shape in self.plans:
+            self.plans.move_to_end(shape)
+            return self.plans[shape]
+        if self.strict:
+            built = "; ".join(s.describe() for s in self.plans) or "none"
+            raise SdrtError(f"no static plan for {shape.describe()} (strict mode; built: {built})")
+        return self.build(shape)

@@ -1,0 +1,261 @@
+"""Samplers: the denoising loops, as plain functions over a model, latents and a ``Schedule``.
+
+Each one reproduces a diffusers scheduler step by step (``schedules.SAMPLER_CLASSES``).
+``model(x, t)`` returns the raw UNet output for input ``x`` at timestep ``t``: the noise, the
+velocity or the clean latents, as the config's ``prediction_type`` says. The ``sample_*`` loops
+work in float32; ``sample`` casts at the boundary. Per-step numbers come from the schedule's
+tensors, so on a GPU nothing in a loop waits on the host.
+"""
+import warnings
+
+import torch
+
+from .errors import SdrtError
+from .schedules import SAMPLERS, Schedule, SchedulerConfig, make_schedule, vp_alpha_sigma
+
+__all__ = ["SAMPLERS", "Schedule", "SchedulerConfig", "default_sampler", "make_schedule", "sample",
+           "sample_ddim", "sample_pndm", "sample_euler", "sample_euler_ancestral", "sample_dpmpp_2m"]
+
+
+# --- model output conversions ---------------------------------------------------------------
+
+def _x0_and_eps(out, x, alpha_bar, prediction_type):
+    """(clean latents, noise) from a model output, for x = sqrt(a) x0 + sqrt(1 - a) eps."""
+    a, b = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    if prediction_type == "epsilon":
+        return (x - b * out) / a, out
+    if prediction_type == "v_prediction":  # v = a eps - b x0 (Salimans & Ho 2022)
+        return a * x - b * out, a * out + b * x
+    return out, (x - a * out) / b
+
+
+def _x0_ve(out, x, sigma, prediction_type):
+    """Clean latents from a model output, for variance-exploding x = x0 + sigma eps (the UNet saw
+    x / sqrt(sigma^2 + 1))."""
+    if prediction_type == "epsilon":
+        return x - sigma * out
+    if prediction_type == "v_prediction":
+        return out * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
+    return out
+
+
+# --- samplers --------------------------------------------------------------------------------
+
+def sample_ddim(model, x, sched: Schedule, callback=None):
+    """Deterministic DDIM (Song et al. 2020, "Denoising Diffusion Implicit Models", eq. 12, eta = 0).
+
+    Each step predicts x0 and the noise at alpha-bar a, then re-noises x0 to the next alpha-bar
+    along that same noise. With clip_sample, x0 is clamped but the noise is not recomputed from it
+    (diffusers' default use_clipped_model_output=False).
+    """
+    cfg = sched.config
+    n = len(sched.timesteps)
+    for i, t in enumerate(sched.timesteps):
+        a, a_prev = sched.alphas[i], sched.alphas_prev[i]
+        x0, eps = _x0_and_eps(model(x, t), x, a, cfg.prediction_type)
+        if cfg.clip_sample:
+            x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        if callback is not None:
+            callback(i, n)
+    return x
+
+
+def _pndm_transfer(x, eps, a, a_prev):
+    """PNDM's transfer from alpha-bar a to a_prev for a noise estimate (Liu et al. 2022, eq. 11)."""
+    denom = a * (1 - a_prev).sqrt() + (a * (1 - a) * a_prev).sqrt()
+    return (a_prev / a).sqrt() * x - (a_prev - a) * eps / denom
+
+
+def _adams_bashforth(history):
+    """Linear multistep extrapolation of the noise from the last 1-4 estimates (oldest first)."""
+    if len(history) == 1:
+        return history[-1]
+    if len(history) == 2:
+        return (3 * history[-1] - history[-2]) / 2
+    if len(history) == 3:
+        return (23 * history[-1] - 16 * history[-2] + 5 * history[-3]) / 12
+    return (55 * history[-1] - 59 * history[-2] + 37 * history[-3] - 9 * history[-4]) / 24
+
+
+def sample_pndm(model, x, sched: Schedule, callback=None):
+    """PLMS, the pseudo linear multistep method of PNDM (Liu et al. 2022, "Pseudo Numerical Methods
+    for Diffusion Models on Manifolds"), with its pseudo Runge-Kutta (PRK) warm-up when the config
+    has skip_prk_steps=false.
+
+    Every step is the transfer of eq. 11 driven by a combined noise estimate. PRK: 4 calls per step
+    (RK4 weights 1/6, 1/3, 1/3, 1/6), each intermediate call's input transferred from the step's
+    start. PLMS: one call per step, extrapolated 4th-order Adams-Bashforth over past estimates
+    (lower orders while fewer are known); without PRK its first step is taken twice, the second
+    time with the mean of the first two estimates. The schedule lists the alpha-bars each call
+    moves between.
+    """
+    kind = sched.config.prediction_type
+    n = len(sched.timesteps)
+    history = []  # noise estimates PLMS extrapolates from, oldest first
+    step_start = x  # where the current RK step, or the redone first PLMS step, started from
+    rk_sum = 0
+    for i, t in enumerate(sched.timesteps):
+        a, a_prev = sched.alphas[i], sched.alphas_prev[i]
+        out = model(x, t)
+        if i < sched.prk_calls:
+            stage = i % 4
+            if stage == 0:
+                step_start = x
+                history.append(out)
+            if stage < 3:
+                rk_sum = rk_sum + (1 / 6 if stage == 0 else 1 / 3) * out
+            else:
+                out, rk_sum = rk_sum + out / 6, 0
+            x_from = step_start
+        elif i == 1:
+            out, x_from = (out + history[-1]) / 2, step_start
+        else:
+            history = history[-3:] + [out]
+            out, x_from = _adams_bashforth(history), x
+            if i == 0:
+                step_start = x
+        # The multistep combination is of raw outputs; v becomes noise only now, with the sample
+        # the transfer starts from.
+        eps = out if kind == "epsilon" else a.sqrt() * out + (1 - a).sqrt() * x_from
+        x = _pndm_transfer(x_from, eps, a, a_prev)
+        if callback is not None:
+            callback(i, n)
+    return x
+
+
+def sample_euler(model, x, sched: Schedule, callback=None):
+    """Euler's method on the probability-flow ODE dx/dsigma = (x - x0) / sigma (Karras et al. 2022,
+    "Elucidating the Design Space of Diffusion-Based Generative Models", alg. 2 without churn)."""
+    kind = sched.config.prediction_type
+    n = len(sched.timesteps)
+    for i, t in enumerate(sched.timesteps):
+        sigma, sigma_next = sched.sigmas[i], sched.sigmas[i + 1]
+        x0 = _x0_ve(model(x / (sigma**2 + 1) ** 0.5, t), x, sigma, kind)
+        x = x + (x - x0) / sigma * (sigma_next - sigma)
+        if callback is not None:
+            callback(i, n)
+    return x
+
+
+def _randn(x, generator):
+    """Unit noise shaped like x, drawn on the generator's device (as diffusers' randn_tensor does,
+    so a CPU generator gives the same draws whatever device x is on)."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
+def sample_euler_ancestral(model, x, sched: Schedule, generator=None, noise=None, callback=None):
+    """Euler ancestral (Karras et al. 2022 / k-diffusion's sample_euler_ancestral): an Euler step
+    down to sigma_down, then fresh noise of std sigma_up, so that sigma_down^2 + sigma_up^2 is the
+    next sigma^2 and the step follows the reverse SDE rather than the ODE.
+
+    The noise is drawn from ``generator``, or taken from ``noise`` (N, *x.shape), unit noise drawn
+    beforehand so a captured CUDA graph holds no RNG call.
+    """
+    kind = sched.config.prediction_type
+    n = len(sched.timesteps)
+    for i, t in enumerate(sched.timesteps):
+        sigma, sigma_next = sched.sigmas[i], sched.sigmas[i + 1]
+        x0 = _x0_ve(model(x / (sigma**2 + 1) ** 0.5, t), x, sigma, kind)
+        sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+        sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+        x = x + (x - x0) / sigma * (sigma_down - sigma)
+        # Drawn on the last step too (where sigma_up = 0) so the draws line up with diffusers'.
+        z = _randn(x, generator) if noise is None else noise[i].to(x.dtype)
+        x = x + z * sigma_up
+        if callback is not None:
+            callback(i, n)
+    return x
+
+
+def sample_dpmpp_2m(model, x, sched: Schedule, callback=None):
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of
+    Diffusion Probabilistic Models", alg. 2), midpoint form.
+
+    Exact in the linear part of the variance-preserving ODE, it integrates the x0 prediction over
+    log-SNR lambda, extrapolating it linearly from the previous step's. The first step, and the
+    last where the schedule says so (a step to sigma = 0), are first order (DDIM-like). Karras
+    sigmas or not is only a matter of the schedule.
+    """
+    kind = sched.config.prediction_type
+    n = len(sched.timesteps)
+    x0_prev = lam_prev = None
+    for i, t in enumerate(sched.timesteps):
+        alpha_s, sigma_s = vp_alpha_sigma(sched.sigmas[i])
+        alpha_t, sigma_t = vp_alpha_sigma(sched.sigmas[i + 1])
+        lam_s, lam_t = alpha_s.log() - sigma_s.log(), alpha_t.log() - sigma_t.log()
+        h = lam_t - lam_s
+        out = model(x, t)
+        if kind == "epsilon":
+            x0 = (x - sigma_s * out) / alpha_s
+        elif kind == "v_prediction":
+            x0 = alpha_s * x - sigma_s * out
+        else:
+            x0 = out
+        if i == 0 or (i == n - 1 and sched.final_step_first_order):
+            d = x0
+        else:
+            r = (lam_s - lam_prev) / h
+            d = x0 + 0.5 / r * (x0 - x0_prev)
+        x = (sigma_t / sigma_s) * x - (alpha_t * (torch.exp(-h) - 1.0)) * d
+        x0_prev, lam_prev = x0, lam_s
+        if callback is not None:
+            callback(i, n)
+    return x
+
+
+_SAMPLE_FNS = {
+    "ddim": sample_ddim,
+    "pndm": sample_pndm,
+    "euler": sample_euler,
+    "euler_a": sample_euler_ancestral,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_2m_karras": sample_dpmpp_2m,
+}
+
+
+def sample(sampler: str, model, x: torch.Tensor, sched: Schedule, generator=None, callback=None,
+           noise=None):
+    """Run ``sampler`` from latents ``x`` (already noised: ``sched.noise_latents`` or
+    ``sched.noise_image``) and return the denoised latents in x's dtype.
+
+    The model sees inputs in x's dtype; the loop itself runs in float32. euler_a's noise comes
+    from ``generator``, or from ``noise`` (one unit-noise tensor per call, stacked) when given.
+    ``callback(step_index, num_steps)`` runs after each model call's step.
+    """
+    if sampler != sched.sampler:
+        raise SdrtError(f"schedule was made for sampler {sched.sampler}, not {sampler}")
+    if noise is not None:
+        if sampler != "euler_a":
+            raise SdrtError(f"sampler {sampler} draws no noise; pass noise only to euler_a")
+        if tuple(noise.shape) != (len(sched.timesteps), *x.shape):
+            raise SdrtError(f"euler_a noise has shape {tuple(noise.shape)}, expected "
+                            f"{(len(sched.timesteps), *x.shape)}")
+    dtype = x.dtype
+
+    def model_f32(x_in, t):
+        return model(x_in.to(dtype), t).float()
+
+    extra = {"generator": generator, "noise": noise} if sampler == "euler_a" else {}
+    return _SAMPLE_FNS[sampler](model_f32, x.float(), sched, callback=callback, **extra).to(dtype)
+
+
+# Scheduler classes that name one sampler outright (DPM-Solver's depends on use_karras_sigmas).
+_CLASS_SAMPLERS = {
+    "DDIMScheduler": "ddim",
+    "PNDMScheduler": "pndm",
+    "EulerDiscreteScheduler": "euler",  # its use_karras_sigmas is honoured by make_schedule
+    "EulerAncestralDiscreteScheduler": "euler_a",
+}
+
+
+def default_sampler(cfg: SchedulerConfig) -> str:
+    """The sampler matching the scheduler class a model ships with; dpmpp_2m, with a warning, for
+    a class sdrt does not reproduce."""
+    if cfg.class_name == "DPMSolverMultistepScheduler":
+        return "dpmpp_2m_karras" if cfg.use_karras_sigmas else "dpmpp_2m"
+    if cfg.class_name in _CLASS_SAMPLERS:
+        return _CLASS_SAMPLERS[cfg.class_name]
+    warnings.warn(f"scheduler class {cfg.class_name} has no sdrt sampler; using dpmpp_2m", stacklevel=2)
+    return "dpmpp_2m"

@@ -1,0 +1,461 @@
+"""Noise schedules: from a diffusers ``scheduler_config.json`` to the per-step tensors a sampler reads.
+
+Each sampler reproduces one diffusers scheduler class, and picking sampler X for a model means
+``XScheduler.from_config(the model's scheduler_config.json)``. So a field absent from the file takes
+the default of X's class, not of the class the file names: SD 1.5 ships a PNDM config without
+``timestep_spacing``, which DDIM and PNDM read as "leading" but Euler and DPM-Solver as "linspace".
+
+The timestep grids and sigma tables are built with numpy in float64, rounded and cast where diffusers
+does, because a timestep that differs by one (a round-half case, a float32 cast in another place)
+changes which alpha-bar the UNet is conditioned on.
+"""
+import json
+import math
+from dataclasses import dataclass, fields, replace
+
+import numpy as np
+import torch
+
+from .errors import SdrtError
+
+SAMPLERS = ("ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras")
+
+# The diffusers class each sampler reproduces step by step.
+SAMPLER_CLASSES = {
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "dpmpp_2m_karras": "DPMSolverMultistepScheduler",
+}
+
+# Defaults that differ between those classes (every other field has one default shared by all of
+# them: the dataclass default). The two DPM-Solver++ samplers fix use_karras_sigmas themselves.
+_CLASS_DEFAULTS = {
+    "ddim": {"timestep_spacing": "leading", "set_alpha_to_one": True, "clip_sample": True},
+    "pndm": {"timestep_spacing": "leading", "set_alpha_to_one": False, "clip_sample": False},
+    "euler": {"timestep_spacing": "linspace"},
+    "euler_a": {"timestep_spacing": "linspace"},
+    "dpmpp_2m": {"timestep_spacing": "linspace"},
+    "dpmpp_2m_karras": {"timestep_spacing": "linspace"},
+}
+
+_CHOICES = {
+    "beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
+    "prediction_type": ("epsilon", "v_prediction", "sample"),
+    "timestep_spacing": ("leading", "trailing", "linspace"),
+    "interpolation_type": ("linear", "log_linear"),
+    "timestep_type": ("discrete", "continuous"),
+    "final_sigmas_type": ("zero", "sigma_min"),
+}
+
+# Options of the diffusers classes that no sampler here implements, with their neutral value: a
+# file that turns one on is refused rather than silently sampled differently.
+_UNSUPPORTED = {
+    "thresholding": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "use_lu_lambdas": False,
+    "use_flow_sigmas": False,
+    "use_dynamic_shifting": False,
+    "variance_type": None,
+}
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The fields of a diffusers ``scheduler_config.json`` that the samplers read.
+
+    ``None`` marks a field whose default depends on the scheduler class (see ``_CLASS_DEFAULTS``);
+    ``for_sampler`` fills it in.
+    """
+
+    class_name: str | None = None
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    trained_betas: tuple | None = None
+    prediction_type: str = "epsilon"
+    timestep_spacing: str | None = None
+    steps_offset: int = 0
+    rescale_betas_zero_snr: bool = False
+    # DDIM and PNDM
+    set_alpha_to_one: bool | None = None
+    # DDIM
+    clip_sample: bool | None = None
+    clip_sample_range: float = 1.0
+    # PNDM: False runs the Runge-Kutta warm-up (12 model calls) before the linear multistep
+    skip_prk_steps: bool = False
+    # Euler
+    interpolation_type: str = "linear"
+    timestep_type: str = "discrete"
+    # Euler and DPM-Solver++
+    use_karras_sigmas: bool = False
+    sigma_min: float | None = None
+    sigma_max: float | None = None
+    final_sigmas_type: str = "zero"
+    # DPM-Solver++
+    lower_order_final: bool = True
+    euler_at_final: bool = False
+    lambda_min_clipped: float = -math.inf
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SchedulerConfig":
+        """Parse a ``scheduler_config.json`` dict; unknown keys are ignored, null means absent."""
+        if not isinstance(d, dict):
+            raise SdrtError(f"scheduler config must be a JSON object, got {type(d).__name__}")
+        for key, neutral in _UNSUPPORTED.items():
+            if d.get(key, neutral) not in (neutral, None):
+                raise SdrtError(f"scheduler config sets {key}={d[key]!r}, which sdrt does not implement")
+        names = {f.name for f in fields(cls)} - {"class_name"}
+        kwargs = {k: v for k, v in d.items() if k in names and v is not None}
+        try:
+            if "trained_betas" in kwargs:
+                kwargs["trained_betas"] = tuple(float(b) for b in kwargs["trained_betas"])
+            cfg = cls(class_name=d.get("_class_name"), **kwargs)
+        except (TypeError, ValueError) as e:
+            raise SdrtError(f"scheduler config: bad trained_betas: {e}") from None
+        if not isinstance(cfg.num_train_timesteps, int) or cfg.num_train_timesteps < 2:
+            raise SdrtError(f"scheduler config: num_train_timesteps={cfg.num_train_timesteps!r} "
+                            f"is not an integer >= 2")
+        for key, allowed in _CHOICES.items():
+            value = getattr(cfg, key)
+            if value is not None and value not in allowed:
+                raise SdrtError(f"scheduler config: {key}={value!r} is not one of {', '.join(allowed)}")
+        return cfg
+
+    @classmethod
+    def from_file(cls, path) -> "SchedulerConfig":
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SdrtError(f"cannot read scheduler config {path}: {e}") from None
+        return cls.from_dict(d)
+
+    def for_sampler(self, sampler: str) -> "SchedulerConfig":
+        """This config as ``XScheduler.from_config`` sees it, X being the sampler's class."""
+        resolved = {k: v for k, v in _CLASS_DEFAULTS[sampler].items() if getattr(self, k) is None}
+        if sampler == "pndm":
+            # PNDMScheduler has no such option: the field is dropped by from_config.
+            resolved["rescale_betas_zero_snr"] = False
+        if sampler.startswith("dpmpp_2m"):
+            resolved["use_karras_sigmas"] = sampler == "dpmpp_2m_karras"
+        return replace(self, **resolved)
+
+
+# --- training noise levels -------------------------------------------------------------------
+
+def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
+    """Betas of the squared-cosine alpha-bar (Nichol & Dhariwal 2021), capped at ``max_beta``."""
+    def alpha_bar(t):
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    n = num_train_timesteps
+    betas = [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)]
+    return torch.tensor(betas, dtype=torch.float32)
+
+
+def _zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Shift and scale sqrt(alpha-bar) so the last timestep is pure noise (Lin et al. 2023, alg. 1)."""
+    root = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * (first / (first - last))
+    alphas_cumprod = root**2
+    alphas = torch.cat([alphas_cumprod[:1], alphas_cumprod[1:] / alphas_cumprod[:-1]])
+    return 1 - alphas
+
+
+def train_alphas_cumprod(cfg: SchedulerConfig) -> torch.Tensor:
+    """alpha-bar_t for t = 0 .. num_train_timesteps - 1, float32 as diffusers holds it."""
+    n = cfg.num_train_timesteps
+    if cfg.trained_betas is not None:
+        betas = torch.tensor(cfg.trained_betas, dtype=torch.float32)
+    elif cfg.beta_schedule == "linear":
+        betas = torch.linspace(cfg.beta_start, cfg.beta_end, n, dtype=torch.float32)
+    elif cfg.beta_schedule == "scaled_linear":
+        betas = torch.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, n, dtype=torch.float32) ** 2
+    else:
+        betas = _cosine_betas(n)
+    if cfg.rescale_betas_zero_snr:
+        betas = _zero_terminal_snr(betas)
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def _finite_snr(cfg: SchedulerConfig, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """alpha-bar as the sigma-based schedulers (Euler, DPM-Solver) use it: zero terminal SNR makes
+    the last alpha-bar exactly 0, an infinite sigma, which diffusers replaces with 2^-24."""
+    if not cfg.rescale_betas_zero_snr:
+        return alphas_cumprod
+    alphas_cumprod = alphas_cumprod.clone()
+    alphas_cumprod[-1] = 2**-24
+    return alphas_cumprod
+
+
+def _train_sigmas(alphas_cumprod: torch.Tensor) -> np.ndarray:
+    """Variance-exploding noise levels sigma_t = sqrt((1 - alpha-bar) / alpha-bar), float32."""
+    return (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).numpy()
+
+
+# --- timestep grids --------------------------------------------------------------------------
+
+def spaced_timesteps(spacing: str, num_train_timesteps: int, steps: int, steps_offset: int) -> np.ndarray:
+    """The inference timesteps, descending, float64 and not yet rounded where "linspace" gives
+    fractions (Euler keeps them, DDIM and PNDM round them); Table 2 of Lin et al. 2023."""
+    n_train = num_train_timesteps
+    if spacing == "linspace":
+        return np.linspace(0, n_train - 1, steps)[::-1].copy()
+    if spacing == "leading":
+        return (np.arange(steps) * (n_train // steps))[::-1].astype(np.float64) + steps_offset
+    return np.round(np.arange(n_train, 0, -n_train / steps)) - 1
+
+
+def _dpm_timesteps(cfg: SchedulerConfig, alphas_cumprod: torch.Tensor, steps: int) -> np.ndarray:
+    """DPMSolverMultistepScheduler's grid: steps + 1 points with the final t = 0 dropped, and an
+    upper end lowered below lambda_min_clipped where that is set."""
+    log_snr = torch.log(alphas_cumprod.sqrt()) - torch.log((1 - alphas_cumprod).sqrt())
+    clipped = int(torch.searchsorted(torch.flip(log_snr, [0]), cfg.lambda_min_clipped))
+    last = cfg.num_train_timesteps - clipped
+    if cfg.timestep_spacing == "linspace":
+        return np.linspace(0, last - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
+    if cfg.timestep_spacing == "leading":
+        ratio = last // (steps + 1)
+        return (np.arange(steps + 1) * ratio)[::-1][:-1].astype(np.int64) + cfg.steps_offset
+    return np.arange(last, 0, -cfg.num_train_timesteps / steps).round().astype(np.int64) - 1
+
+
+# --- sigma schedules -------------------------------------------------------------------------
+
+def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7.0) -> np.ndarray:
+    """Noise levels evenly spaced in sigma^(1/rho) (Karras et al. 2022, eq. 5), descending."""
+    ramp = np.linspace(0, 1, steps)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def sigma_to_timestep(sigmas: np.ndarray, train_sigmas: np.ndarray) -> np.ndarray:
+    """The fractional training timestep of each sigma, interpolating linearly in log sigma."""
+    log_train = np.log(train_sigmas)
+    log_s = np.log(np.maximum(sigmas, 1e-10))
+    # train_sigmas ascend with t: `low` is the last level at or below each sigma.
+    low = np.clip(np.searchsorted(log_train, log_s, side="right") - 1, 0, len(log_train) - 2)
+    w = np.clip((log_train[low] - log_s) / (log_train[low] - log_train[low + 1]), 0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+def _final_sigma(cfg: SchedulerConfig, alphas_cumprod: torch.Tensor) -> float:
+    """Where the last step lands: clean (0) or the smallest training noise level."""
+    if cfg.final_sigmas_type == "zero":
+        return 0.0
+    return float(((1 - alphas_cumprod[0]) / alphas_cumprod[0]) ** 0.5)
+
+
+# --- the schedule ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Schedule:
+    """One run's per-step data, on the device the sampler runs on.
+
+    N = len(timesteps) is the number of UNet calls. The fields a sampler does not use are None.
+    """
+
+    sampler: str
+    config: SchedulerConfig  # resolved for this sampler (class defaults filled in)
+    timesteps: torch.Tensor  # (N,) the UNet's timestep argument, in call order
+    init_noise_sigma: float
+    alphas_cumprod: torch.Tensor | None = None  # (num_train_timesteps,) ddim, pndm
+    alphas: torch.Tensor | None = None  # (N,) ddim, pndm: alpha-bar a step starts from
+    alphas_prev: torch.Tensor | None = None  # (N,) ddim, pndm: alpha-bar it lands on
+    # (N + 1,) euler, euler_a, dpmpp_2m*: the sigma before each call, then where the last lands
+    sigmas: torch.Tensor | None = None
+    prk_calls: int = 0  # pndm: how many leading calls are Runge-Kutta warm-up
+    final_step_first_order: bool = False  # dpmpp_2m*: whether the last step drops to first order
+
+    def noise_latents(self, noise: torch.Tensor) -> torch.Tensor:
+        """The text-to-image starting latents for unit-variance ``noise``."""
+        return noise * self.init_noise_sigma
+
+    def noise_image(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Image-to-image start: clean latents ``x0`` noised to the level of the first call."""
+        if self.sigmas is None:
+            a = self.alphas_cumprod[self.timesteps[:1]]  # (1,): a tensor index, no host sync
+            x = a.sqrt() * x0.float() + (1 - a).sqrt() * noise.float()
+        elif self.sampler.startswith("dpmpp_2m"):
+            alpha, sigma = vp_alpha_sigma(self.sigmas[0])
+            x = alpha * x0.float() + sigma * noise.float()
+        else:
+            x = x0.float() + self.sigmas[0] * noise.float()
+        return x.to(x0.dtype)
+
+
+def vp_alpha_sigma(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Variance-preserving (alpha_t, sigma_t) for a variance-exploding sigma: x_vp = alpha_t x_ve."""
+    alpha = 1 / (sigma**2 + 1) ** 0.5
+    return alpha, sigma * alpha
+
+
+def _ddim_tables(cfg, alphas_cumprod, calls, steps):
+    """alpha-bar at each call's timestep and at the timestep it steps to (t - T // steps for every
+    spacing, which is what DDIMScheduler does even when the grid is not evenly spaced)."""
+    final = 1.0 if cfg.set_alpha_to_one else float(alphas_cumprod[0])
+    ratio = cfg.num_train_timesteps // steps
+    alphas = [float(alphas_cumprod[t]) for t in calls]
+    prev = [float(alphas_cumprod[t - ratio]) if t - ratio >= 0 else final for t in calls]
+    return alphas, prev
+
+
+def _pndm_calls(cfg, steps):
+    """PNDMScheduler's call list and its Runge-Kutta part: (calls, prk_timesteps)."""
+    grid = np.round(spaced_timesteps(cfg.timestep_spacing, cfg.num_train_timesteps, steps,
+                                     cfg.steps_offset)).astype(np.int64)
+    if cfg.skip_prk_steps:
+        # PLMS alone: the second timestep is called twice, the first step being redone as a
+        # second-order (Heun-like) step once the second noise prediction is known.
+        return np.concatenate([grid[:1], grid[1:2], grid[1:]]), np.zeros(0, np.int64)
+    # PRK: one classic RK4 step (4 calls: start, midpoint twice, end) per gap between the
+    # 4 largest timesteps, then PLMS from the 4th largest down.
+    half = cfg.num_train_timesteps // steps // 2
+    top = grid[:4][::-1]  # ascending
+    points = np.stack([top, top + half], axis=1).ravel()[:-1]
+    prk = np.repeat(points, 2)[1:-1][::-1].copy()
+    return np.concatenate([prk, grid[3:]]), prk
+
+
+def _pndm_tables(cfg, alphas_cumprod, calls, prk, steps):
+    """alpha-bar each call steps from and to, following PNDMScheduler's call counter (which
+    restarts at 0 when img2img drops leading calls, while its PRK timestep table does not)."""
+    final = 1.0 if cfg.set_alpha_to_one else float(alphas_cumprod[0])
+    ratio = cfg.num_train_timesteps // steps
+    half = ratio // 2
+    alphas, prev = [], []
+    for i, t in enumerate(calls.tolist()):
+        if i < len(prk):
+            src, dst = int(prk[i // 4 * 4]), t - (0 if i % 2 else half)
+        elif i == 1:
+            src, dst = t + ratio, t  # the redone first step, see _pndm_calls
+        else:
+            src, dst = t, t - ratio
+        alphas.append(float(alphas_cumprod[src]))
+        prev.append(float(alphas_cumprod[dst]) if dst >= 0 else final)
+    return alphas, prev
+
+
+def _euler_tables(cfg, alphas_cumprod, steps):
+    """EulerDiscreteScheduler's (timesteps, sigmas); EulerAncestral's is the plain case of it."""
+    train = _train_sigmas(_finite_snr(cfg, alphas_cumprod))
+    t = spaced_timesteps(cfg.timestep_spacing, cfg.num_train_timesteps, steps, cfg.steps_offset)
+    if cfg.timestep_spacing != "linspace":
+        t = np.round(t)
+    t = t.astype(np.float32)
+    if cfg.interpolation_type == "linear":
+        sigmas = np.interp(t, np.arange(len(train)), train)
+    else:
+        # log_linear yields steps + 1 sigmas for steps calls: the last call lands on the smallest
+        # training sigma, and the appended final sigma is never reached (as in diffusers).
+        sigmas = torch.linspace(float(np.log(train[-1])), float(np.log(train[0])), steps + 1).exp().numpy()
+    if cfg.use_karras_sigmas:
+        lo = cfg.sigma_min if cfg.sigma_min is not None else float(sigmas[-1])
+        hi = cfg.sigma_max if cfg.sigma_max is not None else float(sigmas[0])
+        sigmas = karras_sigmas(lo, hi, steps)
+        t = sigma_to_timestep(sigmas, train).astype(np.float32)
+    sigmas = torch.from_numpy(np.append(sigmas, _final_sigma(cfg, alphas_cumprod)).astype(np.float32))
+    if cfg.timestep_type == "continuous" and cfg.prediction_type == "v_prediction":
+        timesteps = 0.25 * sigmas[:-1].log()
+    else:
+        timesteps = torch.from_numpy(t)
+    return timesteps, sigmas
+
+
+def _euler_a_tables(cfg, alphas_cumprod, steps):
+    plain = replace(cfg, interpolation_type="linear", use_karras_sigmas=False, timestep_type="discrete",
+                    final_sigmas_type="zero")
+    return _euler_tables(plain, alphas_cumprod, steps)
+
+
+def _dpm_tables(cfg, alphas_cumprod, steps):
+    """DPMSolverMultistepScheduler's (timesteps, sigmas)."""
+    finite = _finite_snr(cfg, alphas_cumprod)
+    train = _train_sigmas(finite)
+    t = _dpm_timesteps(cfg, finite, steps)
+    if cfg.use_karras_sigmas:
+        lo = cfg.sigma_min if cfg.sigma_min is not None else float(train[0])
+        hi = cfg.sigma_max if cfg.sigma_max is not None else float(train[-1])
+        sigmas = karras_sigmas(lo, hi, steps)
+        t = sigma_to_timestep(sigmas, train)
+        if cfg.beta_schedule != "squaredcos_cap_v2":
+            t = t.round()
+        t = t.astype(np.int64)
+    else:
+        sigmas = train[t]
+    sigmas = np.append(sigmas.astype(np.float64), _final_sigma(cfg, alphas_cumprod)).astype(np.float32)
+    return torch.from_numpy(t), torch.from_numpy(sigmas)
+
+
+def _img2img_start(steps: int, strength: float) -> int:
+    """How many leading steps image-to-image skips (diffusers' img2img ``get_timesteps``; every
+    scheduler here has order 1, so steps and calls are skipped alike)."""
+    init_timestep = min(int(steps * strength), steps)
+    return max(steps - init_timestep, 0)
+
+
+def make_schedule(cfg: SchedulerConfig, sampler: str, num_inference_steps: int, strength: float = 1.0,
+                  device="cpu") -> Schedule:
+    """The schedule of ``sampler`` for ``num_inference_steps`` steps; ``strength`` < 1 keeps only
+    the last steps, for image-to-image."""
+    if sampler not in SAMPLERS:
+        raise SdrtError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    steps = num_inference_steps
+    if not isinstance(steps, int) or not 1 <= steps <= cfg.num_train_timesteps:
+        raise SdrtError(f"steps must be an integer in 1..{cfg.num_train_timesteps}, got {steps!r}")
+    if not 0 < strength <= 1:
+        raise SdrtError(f"strength must be in (0, 1], got {strength}")
+    cfg = cfg.for_sampler(sampler)
+    if cfg.prediction_type == "sample" and sampler in ("pndm", "euler_a"):
+        raise SdrtError(f"sampler {sampler} does not support prediction_type 'sample' (neither does "
+                        f"diffusers' {SAMPLER_CLASSES[sampler]}); pick ddim, euler or dpmpp_2m")
+    if sampler == "pndm" and not cfg.skip_prk_steps and steps < 4:
+        # PRK spans the 4 largest timesteps; diffusers fails to build it for fewer.
+        raise SdrtError(f"pndm with the Runge-Kutta warm-up (skip_prk_steps false or absent) needs "
+                        f"at least 4 steps, got {steps}")
+    start = _img2img_start(steps, strength)
+    alphas_cumprod = train_alphas_cumprod(cfg)
+    f32 = {"dtype": torch.float32, "device": device}
+
+    if sampler in ("ddim", "pndm"):
+        if sampler == "ddim":
+            grid = spaced_timesteps(cfg.timestep_spacing, cfg.num_train_timesteps, steps, cfg.steps_offset)
+            calls = np.round(grid).astype(np.int64)[start:]
+            alphas, prev = _ddim_tables(cfg, alphas_cumprod, calls.tolist(), steps)
+            prk_calls = 0
+        else:
+            calls, prk = _pndm_calls(cfg, steps)
+            calls = calls[start:]
+            alphas, prev = _pndm_tables(cfg, alphas_cumprod, calls, prk, steps)
+            prk_calls = len(prk)
+        sched = Schedule(sampler, cfg, torch.from_numpy(calls).to(device), 1.0,
+                         alphas_cumprod=alphas_cumprod.to(device), alphas=torch.tensor(alphas, **f32),
+                         alphas_prev=torch.tensor(prev, **f32), prk_calls=prk_calls)
+    elif sampler in ("euler", "euler_a"):
+        tables = _euler_tables if sampler == "euler" else _euler_a_tables
+        timesteps, sigmas = tables(cfg, alphas_cumprod, steps)
+        # diffusers' init_noise_sigma: sigma_max, except on "leading" grids where it is
+        # sqrt(sigma_max^2 + 1), the std of x0 + sigma_max * eps for unit-variance x0.
+        top = sigmas.max()
+        init = top if cfg.timestep_spacing in ("linspace", "trailing") else (top**2 + 1) ** 0.5
+        sched = Schedule(sampler, cfg, timesteps[start:].to(device), float(init),
+                         sigmas=sigmas[start:].to(**f32))
+    else:
+        timesteps, sigmas = _dpm_tables(cfg, alphas_cumprod, steps)
+        n = len(timesteps)
+        # Going to sigma = 0 (or a short run) with a second-order step is unstable; diffusers
+        # takes a first-order step last in those cases.
+        last_first_order = (cfg.euler_at_final or (cfg.lower_order_final and n < 15)
+                            or cfg.final_sigmas_type == "zero")
+        sched = Schedule(sampler, cfg, timesteps[start:].to(device), 1.0,
+                         sigmas=sigmas[start:].to(**f32), final_step_first_order=last_first_order)
+    if len(sched.timesteps) == 0:
+        raise SdrtError(f"{sampler} with {steps} steps and strength {strength} leaves no denoising "
+                        f"step; raise steps or strength")
+    return sched

@@ -1,0 +1,105 @@
+"""The static-shape runtime: plans, the LRU of built shapes, strict mode, and equality with
+the eager pipeline. On a CPU the plan runs its stages eagerly over its static buffers; the
+same tests on a GPU replay CUDA graphs."""
+import numpy as np
+import pytest
+import torch
+
+from sdrt.engine import Pipeline, SdrtError
+
+PROMPTS = ["a red fox in the snow", "a lighthouse at dusk"]
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_sd1):
+    folder, _ = tiny_sd1
+    return Pipeline.from_pretrained(folder)
+
+
+def _eager(pipe, **kw):
+    runtime, pipe.runtime = pipe.runtime, None
+    try:
+        return pipe(**kw)
+    finally:
+        pipe.runtime = runtime
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "pndm", "euler_a", "dpmpp_2m_karras"])
+def test_static_plan_equals_eager(pipe, sampler):
+    pipe.runtime = None
+    pipe.compile(height=16, width=24, batch_size=2, num_inference_steps=5, sampler=sampler)
+    kw = dict(prompt=PROMPTS, negative_prompt="blurry", height=16, width=24,
+              num_inference_steps=5, sampler=sampler, guidance_scale=6.0, output_type="np")
+    for seed in (1, 2):
+        static = pipe(seed=seed, **kw)
+        eager = _eager(pipe, seed=seed, **kw)
+        tol = 1e-5 if pipe.device.type == "cpu" else 2e-3
+        assert np.abs(static - eager).max() <= tol, f"{sampler} seed {seed}"
+    assert len(pipe.runtime.plans) == 1
+
+
+def test_new_prompt_seed_guidance_and_latents_reuse_the_plan(pipe):
+    pipe.runtime = None
+    plan = pipe.compile(height=16, width=16, num_inference_steps=3, sampler="euler")
+    outputs = []
+    for i, (prompt, g) in enumerate([("a fox", 7.5), ("a cat", 3.0), ("a cat", 3.0)]):
+        latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(i % 2))
+        outputs.append(pipe(prompt, guidance_scale=g, latents=latents, num_inference_steps=3,
+                            sampler="euler", height=16, width=16, output_type="np"))
+    assert list(pipe.runtime.plans.values()) == [plan]
+    assert np.abs(outputs[0] - outputs[1]).max() > 1e-3, "inputs were not copied in"
+    # The returned array must not alias the plan's buffer, which the next request overwrites.
+    assert np.abs(outputs[1] - outputs[2]).max() > 1e-3
+
+
+def test_unbuilt_shape_is_built_and_cached_lru(pipe):
+    pipe.runtime = None
+    pipe.compile(height=16, width=16, num_inference_steps=2, sampler="ddim", max_shapes=2)
+    run = lambda h, w: pipe("a fox", height=h, width=w, num_inference_steps=2, sampler="ddim",
+                            seed=0, output_type="latent")
+    run(16, 24)                     # a second shape: built, two cached
+    run(16, 16)                     # the first again: now the most recently used
+    run(24, 16)                     # a third: the least recently used (16×24) is dropped
+    assert [(s.height, s.width) for s in pipe.runtime.plans] == [(16, 16), (24, 16)]
+
+
+def test_strict_mode_refuses_unbuilt_shape(pipe):
+    pipe.runtime = None
+    pipe.compile(height=16, width=16, num_inference_steps=2, sampler="ddim", strict=True)
+    with pytest.raises(SdrtError, match=r"no static plan for 24x16, batch 1, 2 steps of ddim, "
+                                        r"with CFG \(strict mode; built: 16x16"):
+        pipe("a fox", height=16, width=24, num_inference_steps=2, sampler="ddim")
+    with pytest.raises(SdrtError, match="no static plan"):  # another step count is another shape
+        pipe("a fox", height=16, width=16, num_inference_steps=3, sampler="ddim")
+    pipe("a fox", height=16, width=16, num_inference_steps=2, sampler="ddim", seed=1)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(height=13), "multiple of"), (dict(sampler="lms"), "unknown sampler"),
+    (dict(batch_size=0), "batch_size"), (dict(num_inference_steps=0), "at least 1"),
+    (dict(max_shapes=0), "max_shapes"),
+])
+def test_compile_rejects_bad_arguments(pipe, kwargs, message):
+    with pytest.raises(SdrtError, match=message):
+        pipe.compile(**kwargs)
+
+
+@pytest.mark.gpu
+def test_graph_replays_with_changing_prompts_equal_eager_and_do_not_grow_memory(tiny_sd1):
+    folder, _ = tiny_sd1
+    pipe = Pipeline.from_pretrained(folder, device="cuda", dtype=torch.float16)
+    pipe.compile(height=16, width=16, batch_size=1, num_inference_steps=4, sampler="euler_a")
+    words = ["fox", "cat", "owl", "boat", "tree"]
+    for i in range(100):
+        kw = dict(prompt=f"a {words[i % 5]} number {i}", height=16, width=16, seed=i,
+                  num_inference_steps=4, sampler="euler_a", output_type="np")
+        static = pipe(**kw)
+        if i % 10 == 0:
+            assert np.abs(static - _eager(pipe, **kw)).max() <= 2e-3, f"replay {i}"
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    for i in range(200):
+        pipe(f"prompt {i}", height=16, width=16, seed=i, num_inference_steps=4,
+             sampler="euler_a", output_type="np")
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() <= before, "memory grew over 200 replays"

@@ -1,0 +1,374 @@
+"""Samplers against diffusers' schedulers, call by call.
+
+For every case both sides run the same deterministic model from the same starting latents: the
+diffusers side is the loop of its StableDiffusion(Img2Img)Pipeline (set_timesteps, init_noise_sigma
+or add_noise, then scale_model_input / model / step), built with ``XScheduler.from_config(cfg)``.
+Each model call's input and timestep are recorded on both sides, so a mismatch names the first
+call (hence the step before it) that diverged. Tolerance: max |ours - theirs| <= 1e-5 * max(1,
+max |theirs|) per call, float32 rounding of a few dozen steps.
+"""
+import json
+import warnings
+
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+)
+
+from sdrt.engine.errors import SdrtError
+from sdrt.engine.samplers import SAMPLERS, SchedulerConfig, default_sampler, make_schedule, sample
+
+RTOL = 1e-5
+
+_SD_BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+             "beta_schedule": "scaled_linear", "trained_betas": None}
+
+CONFIGS = {
+    # SD 1.5 / 2.1-base as shipped: the common case, and an old config missing timestep_spacing,
+    # so each class falls back to its own default (leading for DDIM/PNDM, linspace otherwise).
+    "sd15": {"_class_name": "PNDMScheduler", **_SD_BETAS, "clip_sample": False,
+             "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1},
+    # SD 2.1 (768): v-prediction, DDIM class.
+    "sd21": {"_class_name": "DDIMScheduler", **_SD_BETAS, "clip_sample": False,
+             "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+             "prediction_type": "v_prediction"},
+    # SD-Turbo: trailing spacing (t = 999 first). No clip_sample key: DDIM's default clips x0.
+    "turbo": {"_class_name": "EulerDiscreteScheduler", **_SD_BETAS, "steps_offset": 1,
+              "timestep_spacing": "trailing", "interpolation_type": "linear",
+              "use_karras_sigmas": False},
+    # linspace spacing on plain linear betas: fractional Euler timesteps, DDIM's round-half cases.
+    "linspace": {"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000,
+                 "beta_schedule": "linear", "timestep_spacing": "linspace", "clip_sample": False},
+    # PNDM with its Runge-Kutta warm-up (12 extra calls, timesteps at half steps).
+    "prk": {"_class_name": "PNDMScheduler", **_SD_BETAS, "clip_sample": False,
+            "set_alpha_to_one": False, "skip_prk_steps": False, "steps_offset": 1},
+}
+
+# Less common fields, each exercised where it is read.
+EXTRA_CONFIGS = {
+    # zero-terminal-SNR fine-tunes: cosine betas rescaled, v-prediction, trailing, DDIM's alpha 1;
+    # a lambda clip below the 2^-24 stand-in for the last alpha-bar (DPM must clip after it).
+    "zsnr_cosine": {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000,
+                    "beta_schedule": "squaredcos_cap_v2", "rescale_betas_zero_snr": True,
+                    "prediction_type": "v_prediction", "timestep_spacing": "trailing",
+                    "set_alpha_to_one": True, "clip_sample": False, "lambda_min_clipped": -10.0},
+    # x0-predicting model with clipping on a short custom range, leading spacing with an offset.
+    "sample_clip": {"_class_name": "DDIMScheduler", **_SD_BETAS, "prediction_type": "sample",
+                    "clip_sample": True, "clip_sample_range": 1.5, "steps_offset": 1},
+    # Euler with Karras sigmas on a leading grid (Karras range taken from the grid, not training).
+    "euler_karras_leading": {"_class_name": "EulerDiscreteScheduler", **_SD_BETAS,
+                             "timestep_spacing": "leading", "steps_offset": 1,
+                             "use_karras_sigmas": True},
+    # log-linear Euler sigmas and continuous timesteps for v-prediction.
+    "euler_loglinear_continuous": {"_class_name": "EulerDiscreteScheduler", **_SD_BETAS,
+                                   "interpolation_type": "log_linear", "timestep_type": "continuous",
+                                   "prediction_type": "v_prediction"},
+    # DPM-Solver with the final step to sigma_min (then 2nd order last unless < 15 steps),
+    # leading spacing and a clipped lambda range.
+    "dpm_sigma_min": {"_class_name": "DPMSolverMultistepScheduler", **_SD_BETAS,
+                      "final_sigmas_type": "sigma_min", "timestep_spacing": "leading",
+                      "steps_offset": 1, "lambda_min_clipped": -5.1},
+    # explicit trained betas (ignore the beta_* fields).
+    "trained_betas": {"_class_name": "PNDMScheduler", "num_train_timesteps": 100,
+                      "trained_betas": torch.linspace(1e-4, 0.05, 100).tolist(),
+                      "skip_prk_steps": True, "beta_schedule": "linear"},
+}
+
+DETERMINISTIC = ("ddim", "pndm", "euler", "dpmpp_2m", "dpmpp_2m_karras")
+
+
+def _diffusers_scheduler(sampler, cfg):
+    cls, extra = {
+        "ddim": (DDIMScheduler, {}),
+        "pndm": (PNDMScheduler, {}),
+        "euler": (EulerDiscreteScheduler, {}),
+        "euler_a": (EulerAncestralDiscreteScheduler, {}),
+        "dpmpp_2m": (DPMSolverMultistepScheduler, {"use_karras_sigmas": False}),
+        "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+    }[sampler]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cls.from_config(cfg, **extra)
+
+
+class LinearModel:
+    """A stand-in UNet: a fixed random channel mix of x plus a timestep-dependent bias, so the
+    output depends on both the input and the exact timestep. Records every call."""
+
+    def __init__(self, channels=4, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.w = 0.4 * torch.eye(channels) + 0.2 * torch.randn(channels, channels, generator=g)
+        self.b = 0.5 + 0.3 * torch.randn(channels, 1, 1, generator=g)
+        self.calls = []
+
+    def __call__(self, x, t):
+        self.calls.append((x.detach().clone(), t.detach().clone()))
+        tt = t.float() / 1000
+        mixed = torch.einsum("oc,bchw->bohw", self.w, x.float())
+        out = mixed * (1 - 0.5 * tt) + self.b * torch.sin(3 * tt + 0.1)
+        return out.to(x.dtype)
+
+
+def _latents(seed, shape=(1, 4, 8, 8)):
+    g = torch.Generator().manual_seed(seed)
+    return -0.3 + torch.randn(shape, generator=g)
+
+
+def _run_diffusers(sampler, cfg, steps, noise, x0=None, strength=1.0, generator=None):
+    """diffusers' pipeline loop: returns (model, final latents, init_noise_sigma)."""
+    sch = _diffusers_scheduler(sampler, cfg)
+    sch.set_timesteps(steps)
+    timesteps = sch.timesteps
+    if x0 is None:
+        x = noise * sch.init_noise_sigma
+    else:  # StableDiffusionImg2ImgPipeline.get_timesteps + prepare_latents
+        init_timestep = min(int(steps * strength), steps)
+        t_start = max(steps - init_timestep, 0)
+        timesteps = timesteps[t_start * sch.order:]
+        if hasattr(sch, "set_begin_index"):
+            sch.set_begin_index(t_start * sch.order)
+        x = sch.add_noise(x0, noise, timesteps[:1])
+    model = LinearModel()
+    step_kw = {"generator": generator} if generator is not None else {}
+    for t in timesteps:
+        out = model(sch.scale_model_input(x, t), t)
+        x = sch.step(out, t, x, **step_kw).prev_sample
+    return model, x, float(sch.init_noise_sigma)
+
+
+def _run_ours(sampler, cfg, steps, noise, x0=None, strength=1.0, generator=None):
+    sched = make_schedule(SchedulerConfig.from_dict(cfg), sampler, steps, strength)
+    x = sched.noise_latents(noise) if x0 is None else sched.noise_image(x0, noise)
+    model = LinearModel()
+    seen = []
+    x = sample(sampler, model, x, sched, generator=generator, callback=lambda i, n: seen.append((i, n)))
+    assert seen == [(i, len(sched.timesteps)) for i in range(len(sched.timesteps))], \
+        f"callback calls {seen[:3]}... do not count 0..{len(sched.timesteps) - 1}"
+    return model, x, sched
+
+
+def _assert_close(ours, theirs, where):
+    assert ours.shape == theirs.shape, f"{where}: shape {tuple(ours.shape)} vs {tuple(theirs.shape)}"
+    scale = max(1.0, theirs.abs().max().item())
+    err = (ours.float() - theirs.float()).abs().max().item()
+    assert err <= RTOL * scale, \
+        f"{where}: max abs diff {err:.3g} > {RTOL * scale:.3g} (|ref| max {scale:.3g})"
+
+
+def _compare(sampler, cfg, steps, x0=None, strength=1.0, gen_seed=None):
+    noise = _latents(1)
+    gens = [torch.Generator().manual_seed(gen_seed) if gen_seed is not None else None for _ in range(2)]
+    ref_model, ref_x, ref_sigma = _run_diffusers(sampler, cfg, steps, noise, x0, strength, gens[0])
+    our_model, our_x, sched = _run_ours(sampler, cfg, steps, noise, x0, strength, gens[1])
+    ref_t = torch.stack([t for _, t in ref_model.calls])
+    our_t = torch.stack([t for _, t in our_model.calls])
+    assert our_t.dtype == ref_t.dtype, f"timestep dtype {our_t.dtype} vs diffusers {ref_t.dtype}"
+    assert torch.equal(our_t, ref_t), \
+        f"timesteps differ:\n ours      {our_t.tolist()}\n diffusers {ref_t.tolist()}"
+    assert torch.equal(sched.timesteps, ref_t), "sched.timesteps is not the list of model calls"
+    if x0 is None:
+        assert sched.init_noise_sigma == pytest.approx(ref_sigma, rel=1e-6), \
+            f"init_noise_sigma {sched.init_noise_sigma} vs diffusers {ref_sigma}"
+    for i, ((ours, _), (theirs, t)) in enumerate(zip(our_model.calls, ref_model.calls)):
+        _assert_close(ours, theirs, f"model input of call {i} (t={t.item()})")
+    _assert_close(our_x, ref_x, "final latents")
+
+
+# --- deterministic samplers, text-to-image ---------------------------------------------------
+
+def _runs_prk(sampler, cfg):
+    # PNDMScheduler.from_config runs the Runge-Kutta warm-up unless skip_prk_steps is true; it
+    # defaults to false, so every non-PNDM config here asks for it.
+    return sampler == "pndm" and not cfg.get("skip_prk_steps", False)
+
+
+@pytest.mark.parametrize("steps", [
+    1,   # a single step: first step is also the last (DPM lower order, PLMS alone)
+    4,   # SD-Turbo-like; PLMS reaches its 4th-order formula; PRK's minimum
+    10,  # ratio 100: PRK half steps of 50
+    25,  # ratio 40, a common setting; DPM's rules for >= 15 steps
+])
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("sampler", DETERMINISTIC)
+def test_matches_diffusers(sampler, config, steps):
+    cfg = CONFIGS[config]
+    if _runs_prk(sampler, cfg) and steps < 4:
+        # diffusers fails to build PRK timesteps for < 4 steps (a numpy broadcast error).
+        with pytest.raises(SdrtError, match="at least 4 steps"):
+            make_schedule(SchedulerConfig.from_dict(cfg), sampler, steps)
+        return
+    _compare(sampler, cfg, steps)
+
+
+@pytest.mark.parametrize("steps", [4, 25])
+@pytest.mark.parametrize("config", list(EXTRA_CONFIGS))
+@pytest.mark.parametrize("sampler", DETERMINISTIC)
+def test_matches_diffusers_extra_fields(sampler, config, steps):
+    cfg = EXTRA_CONFIGS[config]
+    if (sampler, config, steps) == ("dpmpp_2m_karras", "zsnr_cosine", 25):
+        pytest.skip("diffusers cannot run it: see test_dpm_karras_repeated_first_timestep")
+    if sampler == "pndm" and cfg.get("prediction_type") == "sample":
+        with pytest.raises(SdrtError, match="prediction_type 'sample'"):
+            make_schedule(SchedulerConfig.from_dict(cfg), sampler, steps)
+        return
+    _compare(sampler, cfg, steps)
+
+
+def test_dpm_karras_repeated_first_timestep():
+    # Karras timesteps are not rounded for cosine betas, and with zero terminal SNR the first
+    # seven truncate to 998. diffusers then starts at the second occurrence of its first
+    # timestep and runs off the end of its sigmas; we start at the first and finish.
+    cfg = EXTRA_CONFIGS["zsnr_cosine"]
+    ref = _diffusers_scheduler("dpmpp_2m_karras", cfg)
+    ref.set_timesteps(25)
+    with pytest.raises(IndexError):
+        _run_diffusers("dpmpp_2m_karras", cfg, 25, _latents(1))
+    model, x, sched = _run_ours("dpmpp_2m_karras", cfg, 25, _latents(1))
+    assert torch.equal(sched.timesteps, ref.timesteps), f"{sched.timesteps} vs {ref.timesteps}"
+    assert sched.timesteps[0] == sched.timesteps[1], "the case no longer repeats its first timestep"
+    assert torch.isfinite(x).all(), "non-finite latents"
+
+
+# --- image-to-image ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("steps,strength", [
+    (10, 0.75),  # the img2img default: 3 leading steps dropped
+    (25, 0.3),   # few steps left; int(25 * 0.3) = 7 (float rounding in the product)
+    (4, 1.0),    # strength 1 keeps everything but still starts from add_noise
+])
+@pytest.mark.parametrize("config", ["sd15", "turbo", "prk"])
+@pytest.mark.parametrize("sampler", DETERMINISTIC + ("euler_a",))
+def test_img2img_matches_diffusers(sampler, config, steps, strength):
+    x0 = 0.5 * _latents(7)
+    # euler_a: diffusers draws its noise from the generator the same way, so it matches too.
+    _compare(sampler, CONFIGS[config], steps, x0=x0, strength=strength,
+             gen_seed=11 if sampler == "euler_a" else None)
+
+
+# --- euler_a ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("config", ["sd15", "turbo", "sd21"])
+def test_euler_a_matches_diffusers_draws(config):
+    # Same seed on both sides: identical noise draws, so identical trajectories.
+    _compare("euler_a", CONFIGS[config], 10, gen_seed=5)
+
+
+def test_euler_a_seeded():
+    cfg = SchedulerConfig.from_dict(CONFIGS["sd15"])
+    sched = make_schedule(cfg, "euler_a", 8)
+    x = sched.noise_latents(_latents(2))
+
+    def run(seed):
+        return sample("euler_a", LinearModel(), x, sched, generator=torch.Generator().manual_seed(seed))
+
+    a, b, c = run(3), run(3), run(4)
+    assert torch.equal(a, b), f"same seed differs by {(a - b).abs().max().item():.3g}"
+    diff = (a - c).abs().max().item()
+    assert diff > 1e-3, f"different seeds agree to {diff:.3g}"
+
+
+def test_euler_a_predrawn_noise():
+    # The static runtime passes the noise drawn beforehand (no RNG inside a CUDA graph): the same
+    # draws, in call order, must give the same result as the generator.
+    sched = make_schedule(SchedulerConfig.from_dict(CONFIGS["turbo"]), "euler_a", 4)
+    x = sched.noise_latents(_latents(2))
+    g = torch.Generator().manual_seed(9)
+    noise = torch.stack([torch.randn(x.shape, generator=g) for _ in range(len(sched.timesteps))])
+    a = sample("euler_a", LinearModel(), x, sched, generator=torch.Generator().manual_seed(9))
+    b = sample("euler_a", LinearModel(), x, sched, noise=noise)
+    assert torch.equal(a, b), f"pre-drawn noise differs by {(a - b).abs().max().item():.3g}"
+    with pytest.raises(SdrtError, match="expected"):
+        sample("euler_a", LinearModel(), x, sched, noise=noise[:2])
+    with pytest.raises(SdrtError, match="draws no noise"):
+        ddim = make_schedule(SchedulerConfig.from_dict(CONFIGS["turbo"]), "ddim", 4)
+        sample("ddim", LinearModel(), x, ddim, noise=noise)
+
+
+# --- dtype ------------------------------------------------------------------------------------
+
+def test_low_precision_input_keeps_dtype():
+    cfg = SchedulerConfig.from_dict(CONFIGS["sd15"])
+    sched = make_schedule(cfg, "dpmpp_2m", 10)
+    x = sched.noise_latents(_latents(3))
+    ref = sample("dpmpp_2m", LinearModel(), x, sched)
+    model = LinearModel()
+    out = sample("dpmpp_2m", model, x.bfloat16(), sched)
+    assert out.dtype == torch.bfloat16
+    assert all(xi.dtype == torch.bfloat16 for xi, _ in model.calls), "model saw non-bf16 input"
+    err = (out.float() - ref).abs().max().item()
+    assert err < 0.05 * ref.abs().max().item(), f"bf16 run off by {err:.3g}"
+
+
+# --- config parsing and defaults --------------------------------------------------------------
+
+@pytest.mark.parametrize("class_name,extra,expected", [
+    ("PNDMScheduler", {}, "pndm"),
+    ("DDIMScheduler", {}, "ddim"),
+    ("EulerDiscreteScheduler", {"use_karras_sigmas": True}, "euler"),  # euler honours karras itself
+    ("EulerAncestralDiscreteScheduler", {}, "euler_a"),
+    ("DPMSolverMultistepScheduler", {}, "dpmpp_2m"),
+    ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "dpmpp_2m_karras"),
+])
+def test_default_sampler(class_name, extra, expected):
+    cfg = SchedulerConfig.from_dict({"_class_name": class_name, **_SD_BETAS, **extra})
+    assert default_sampler(cfg) == expected
+
+
+def test_default_sampler_unknown_class_warns():
+    cfg = SchedulerConfig.from_dict({"_class_name": "LMSDiscreteScheduler", **_SD_BETAS})
+    with pytest.warns(UserWarning, match="LMSDiscreteScheduler"):
+        assert default_sampler(cfg) == "dpmpp_2m"
+
+
+def test_from_file(tmp_path):
+    path = tmp_path / "scheduler_config.json"
+    path.write_text(json.dumps({**CONFIGS["sd15"], "_diffusers_version": "0.6.0", "unknown": 1}))
+    cfg = SchedulerConfig.from_file(path)
+    assert cfg.class_name == "PNDMScheduler" and cfg.steps_offset == 1 and cfg.skip_prk_steps
+    assert cfg.timestep_spacing is None, "absent field must stay unset for the class default"
+    assert SAMPLERS == ("ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras")
+
+
+@pytest.mark.parametrize("content,match", [
+    (None, "cannot read"),                            # missing file
+    ("{not json", "cannot read"),                     # malformed JSON
+    ("[1, 2]", "JSON object"),                        # valid JSON, wrong shape
+    ('{"beta_schedule": "cubic"}', "beta_schedule"),  # unknown choice
+    ('{"thresholding": true}', "thresholding"),      # option we do not implement
+    ('{"trained_betas": "x"}', "trained_betas"),
+])
+def test_from_file_errors(tmp_path, content, match):
+    path = tmp_path / "scheduler_config.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SdrtError, match=match) as e:
+        SchedulerConfig.from_file(path)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("sampler,steps,strength,match", [
+    ("heun", 10, 1.0, "unknown sampler.*ddim, pndm"),
+    ("ddim", 0, 1.0, "steps"),
+    ("ddim", 1001, 1.0, "steps"),     # more steps than training timesteps
+    ("euler", 10, 0.0, "strength"),
+    ("euler", 10, 1.5, "strength"),
+    ("euler", 10, 0.05, "no denoising step"),  # int(10 * 0.05) = 0 steps left
+    ("pndm", 10, 1.0, "prediction_type 'sample'"),
+    ("euler_a", 10, 1.0, "prediction_type 'sample'"),
+])
+def test_make_schedule_errors(sampler, steps, strength, match):
+    cfg = SchedulerConfig.from_dict({**CONFIGS["sd15"],
+                                     **({"prediction_type": "sample"} if "sample" in match else {})})
+    with pytest.raises(SdrtError, match=match):
+        make_schedule(cfg, sampler, steps, strength)
+
+
+def test_sample_rejects_other_samplers_schedule():
+    sched = make_schedule(SchedulerConfig.from_dict(CONFIGS["sd15"]), "euler", 4)
+    with pytest.raises(SdrtError, match="made for sampler euler"):
+        sample("ddim", LinearModel(), _latents(0), sched)
