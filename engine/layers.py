@@ -55,6 +55,9 @@ class ResnetBlock2D(nn.Module):
     def __init__(self, in_channels, out_channels, temb_channels, groups, eps):
         super().__init__()
         self.groups, self.eps = groups, eps
+        # conv2d(silu(group_norm(x))) + add; on a GPU the pipeline swaps in a per-shape
+        # chooser between the fused kernel and group_norm + cuDNN (``use_conv_chooser``).
+        self.gn_silu_conv = kernels.group_norm_silu_conv2d
         self.norm1 = GroupNorm(groups, in_channels, eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
@@ -67,12 +70,18 @@ class ResnetBlock2D(nn.Module):
         t = None
         if self.time_emb_proj is not None and temb is not None:
             t = self.time_emb_proj(F.silu(temb))[:, :, None, None]  # (B, C, 1, 1)
-        h = kernels.group_norm_silu_conv2d(x, self.norm1.weight, self.norm1.bias, self.groups,
+        h = self.gn_silu_conv(x, self.norm1.weight, self.norm1.bias, self.groups,
                                            self.conv1.weight, self.conv1.bias, eps=self.eps, add=t)
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return kernels.group_norm_silu_conv2d(h, self.norm2.weight, self.norm2.bias, self.groups,
-                                              self.conv2.weight, self.conv2.bias, eps=self.eps,
-                                              add=shortcut)
+        return self.gn_silu_conv(h, self.norm2.weight, self.norm2.bias, self.groups,
+                                 self.conv2.weight, self.conv2.bias, eps=self.eps, add=shortcut)
+
+
+def use_conv_chooser(model, chooser):
+    """Run every ResNet block of ``model`` through ``chooser`` (a ``ConvPathChooser``)."""
+    for m in model.modules():
+        if isinstance(m, ResnetBlock2D):
+            m.gn_silu_conv = chooser
 
 
 class Downsample2D(nn.Module):

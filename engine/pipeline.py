@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .errors import SdrtError
+from .layers import use_conv_chooser
 from .loading import Components, load
 from .runtime import StaticRuntime, StaticShape
 from .samplers import SAMPLERS, SchedulerConfig, default_sampler, make_schedule, sample
@@ -61,6 +62,13 @@ class Pipeline:
         self.timings = {}
         self.last_seed = None
         self.runtime = None  # set by compile()
+        if device.type == "cuda":
+            # Time the fused GroupNorm+SiLU conv against group_norm + cuDNN once per shape and
+            # keep the faster, so no shape gets slower than the unfused path.
+            from sdrt.kernels.conv_autotune import ConvPathChooser
+            self.conv_chooser = ConvPathChooser()
+            for model in (self.unet, self.vae):
+                use_conv_chooser(model, self.conv_chooser)
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None, variant=None, config=None,

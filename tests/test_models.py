@@ -87,3 +87,26 @@ def test_vae_matches(loaded):
         dist = ref.vae.encode(image).latent_dist
         assert_close_rel(mean, dist.mean, REL_TOL, f"{family} vae encode mean")
         assert_close_rel(std, dist.std, REL_TOL, f"{family} vae encode std")
+
+
+def test_conv_chooser_respects_torch_backend(loaded, monkeypatch):
+    # With SDRT_BACKEND=torch the chooser must run the reference and time nothing, even on a
+    # device it is allowed to time.
+    from sdrt.engine.layers import use_conv_chooser
+    from sdrt.kernels.conv_autotune import ConvPathChooser
+    monkeypatch.setenv("SDRT_BACKEND", "torch")
+    family, ours, _ = loaded
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    ctx = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(4))
+    t = torch.tensor(300)
+    with torch.no_grad():
+        before = ours.unet(x, t, ctx)
+        chooser = ConvPathChooser(timer=lambda fn: pytest.fail("timed under the torch backend"),
+                                  timed_devices=("cpu",))
+        use_conv_chooser(ours.unet, chooser)
+        try:
+            after = ours.unet(x, t, ctx)
+        finally:
+            from sdrt import kernels
+            use_conv_chooser(ours.unet, kernels.group_norm_silu_conv2d)
+    assert torch.equal(before, after) and not chooser.times

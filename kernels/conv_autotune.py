@@ -1,0 +1,122 @@
+"""Per shape, the faster of two ways to run conv2d(silu(group_norm(x))) + add on the GPU.
+
+- ``"fused"``: sdrt's Triton kernel (``group_norm_silu_conv2d``): the normalised tensor is
+  never written, but the convolution is Triton's, not cuDNN's;
+- ``"unfused"``: sdrt's ``group_norm`` kernel, then cuDNN's convolution, then ``+ add``.
+
+Which wins depends on the shape: the fusion saves memory traffic that matters most where the
+convolution is cheap per byte (few channels, large images: the VAE decoder), while cuDNN's
+tuned convolutions win where the GEMM dominates (1280 channels at 8×8). ``ConvPathChooser``
+times both once per shape on the GPU and remembers the winner. It never times anything off
+the GPU: there it answers ``"fused"``, and the public op picks its own path.
+
+Timing synchronises with the host, so the engine calls the chooser for every shape during its
+warm-up, before any CUDA graph is captured; an unplanned shape during capture is an error.
+"""
+import dataclasses
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from ._backend import use_triton
+from .group_norm import group_norm
+from .group_norm_silu_conv2d import (TRITON_DTYPES, _check, _group_norm_silu_conv2d_triton,
+                                     group_norm_silu_conv2d)
+
+FUSED, UNFUSED = "fused", "unfused"
+PATHS = (FUSED, UNFUSED)
+
+
+def group_norm_then_conv2d(x, norm_weight, norm_bias, num_groups, conv_weight, conv_bias=None,
+                           *, eps=1e-5, stride=1, padding=1, add=None):
+    """The unfused path: sdrt's GroupNorm+SiLU kernel, cuDNN's convolution, then ``+ add``."""
+    h = group_norm(x, num_groups, norm_weight, norm_bias, eps, activation="silu")
+    y = F.conv2d(h, conv_weight, conv_bias, stride=stride, padding=padding)
+    return y if add is None else y.add_(add)  # y is fresh: add in place, no extra allocation
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvKey:
+    """What the choice depends on: shapes, layouts, dtype, stride, padding and device."""
+    x_shape: tuple
+    x_channels_last: bool
+    weight_shape: tuple
+    has_bias: bool
+    add_shape: tuple | None
+    dtype: torch.dtype
+    stride: int
+    padding: int
+    device: str
+
+    @classmethod
+    def of(cls, x, conv_weight, conv_bias, stride, padding, add):
+        return cls(tuple(x.shape), x.is_contiguous(memory_format=torch.channels_last),
+                   tuple(conv_weight.shape), conv_bias is not None,
+                   None if add is None else tuple(add.shape), x.dtype, stride, padding,
+                   str(x.device))
+
+
+def cuda_median_time(fn, warmup=3, repeat=10):
+    """Median seconds of ``fn()`` over ``repeat`` CUDA-event-timed calls after ``warmup``."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+class ConvPathChooser:
+    """Times the fused and the unfused path once per ``ConvKey`` and caches the faster.
+
+    ``timer(fn) -> seconds`` times a zero-argument callable; the paths are timed in ``PATHS``
+    order. ``timed_devices`` are the device types on which it times at all (tests may widen it
+    with a fake timer; nothing else should).
+    """
+
+    def __init__(self, timer=cuda_median_time, timed_devices=("cuda",)):
+        self.timer = timer
+        self.timed_devices = tuple(timed_devices)
+        self.choices: dict[ConvKey, str] = {}
+        self.times: dict[ConvKey, dict[str, float]] = {}
+
+    def choose(self, x, norm_weight, norm_bias, num_groups, conv_weight, conv_bias=None, *,
+               eps=1e-5, stride=1, padding=1, add=None):
+        """``FUSED`` or ``UNFUSED`` for this call's shapes; times both the first time a shape
+        is seen on a timed device."""
+        if x.device.type not in self.timed_devices:
+            return FUSED
+        if x.dtype not in TRITON_DTYPES:
+            return UNFUSED  # no fused kernel to time
+        key = ConvKey.of(x, conv_weight, conv_bias, stride, padding, add)
+        if key not in self.choices:
+            if x.is_cuda and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(f"ConvPathChooser: shape {key} was not planned before CUDA "
+                                   "graph capture; call the chooser during warm-up")
+            _check(x, norm_weight, norm_bias, num_groups, conv_weight, conv_bias, stride,
+                   padding, add)
+            args = (x, norm_weight, norm_bias, num_groups, conv_weight, conv_bias)
+            kwargs = dict(eps=eps, stride=stride, padding=padding, add=add)
+            runs = {FUSED: _group_norm_silu_conv2d_triton, UNFUSED: group_norm_then_conv2d}
+            times = {path: self.timer(lambda fn=runs[path]: fn(*args, **kwargs))
+                     for path in PATHS}
+            self.times[key] = times
+            self.choices[key] = min(PATHS, key=times.__getitem__)
+        return self.choices[key]
+
+    def __call__(self, x, norm_weight, norm_bias, num_groups, conv_weight, conv_bias=None, *,
+                 eps=1e-5, stride=1, padding=1, add=None):
+        """``conv2d(silu(group_norm(x))) + add`` by the path ``choose`` picks."""
+        args = (x, norm_weight, norm_bias, num_groups, conv_weight, conv_bias)
+        kwargs = dict(eps=eps, stride=stride, padding=padding, add=add)
+        if not use_triton(x):  # SDRT_BACKEND=torch (or CPU tensors): the reference, untimed
+            return group_norm_silu_conv2d(*args, **kwargs)
+        if self.choose(*args, **kwargs) == UNFUSED:
+            return group_norm_then_conv2d(*args, **kwargs)
+        return group_norm_silu_conv2d(*args, **kwargs)
