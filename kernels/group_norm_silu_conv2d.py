@@ -32,8 +32,11 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the reference path still works without triton
+    triton = None
 
 from ._backend import use_triton
 from .group_norm import group_norm_reference
@@ -90,90 +93,92 @@ def conv_config(cin: int, cout: int, hw_out: int) -> ConvConfig:
 
 # ----------------------------------------------------------------------------------------------
 # Statistics.
-@triton.jit
-def _group_stats_kernel(x_ptr, pmean_ptr, pm2_ptr, C, H, W, CHUNK,
-                        sxn, sxc, sxh, sxw,
-                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per-channel mean and M2 = Σ(x − mean)² of one chunk of pixels of one sample.
+if triton is not None:
+    @triton.jit
+    def _group_stats_kernel(x_ptr, pmean_ptr, pm2_ptr, C, H, W, CHUNK,
+                            sxn, sxc, sxh, sxw,
+                            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Per-channel mean and M2 = Σ(x − mean)² of one chunk of pixels of one sample.
 
-    Grid (N, splits, cdiv(C, BLOCK_C)). Reads x once (N·C·H·W·e bytes in all); writes
-    2 · N·splits·C floats. Each [BLOCK_P, BLOCK_C] tile's own mean and M2 are exact (two
-    passes over registers) and are merged into the running ones with Chan's formula.
-    """
-    n = tl.program_id(0)
-    split = tl.program_id(1)
-    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    hw = H * W
-    start = split * CHUNK
-    end = tl.minimum(start + CHUNK, hw)
-    base = x_ptr + n.to(tl.int64) * sxn + c[None, :] * sxc
+        Grid (N, splits, cdiv(C, BLOCK_C)). Reads x once (N·C·H·W·e bytes in all); writes
+        2 · N·splits·C floats. Each [BLOCK_P, BLOCK_C] tile's own mean and M2 are exact (two
+        passes over registers) and are merged into the running ones with Chan's formula.
+        """
+        n = tl.program_id(0)
+        split = tl.program_id(1)
+        c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_mask = c < C
+        hw = H * W
+        start = split * CHUNK
+        end = tl.minimum(start + CHUNK, hw)
+        base = x_ptr + n.to(tl.int64) * sxn + c[None, :] * sxc
 
-    count = 0.0
-    mean = tl.zeros([BLOCK_C], tl.float32)
-    m2 = tl.zeros([BLOCK_C], tl.float32)
-    for p0 in range(start, end, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        p_mask = p < end
-        mask = p_mask[:, None] & c_mask[None, :]
-        xs = tl.load(base + (p // W)[:, None] * sxh + (p % W)[:, None] * sxw, mask=mask,
-                     other=0.0).to(tl.float32)
-        t_count = tl.minimum(end - p0, BLOCK_P).to(tl.float32)  # ≥ 1: p0 < end
-        t_mean = tl.sum(xs, axis=0) / t_count
-        d = tl.where(mask, xs - t_mean[None, :], 0.0)
-        t_m2 = tl.sum(d * d, axis=0)
-        new_count = count + t_count
-        delta = t_mean - mean
-        mean += delta * (t_count / new_count)
-        m2 += t_m2 + delta * delta * (count * t_count / new_count)
-        count = new_count
-    out = (n * tl.num_programs(1) + split) * C + c
-    tl.store(pmean_ptr + out, mean, mask=c_mask)
-    tl.store(pm2_ptr + out, m2, mask=c_mask)
+        count = 0.0
+        mean = tl.zeros([BLOCK_C], tl.float32)
+        m2 = tl.zeros([BLOCK_C], tl.float32)
+        for p0 in range(start, end, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            p_mask = p < end
+            mask = p_mask[:, None] & c_mask[None, :]
+            xs = tl.load(base + (p // W)[:, None] * sxh + (p % W)[:, None] * sxw, mask=mask,
+                         other=0.0).to(tl.float32)
+            t_count = tl.minimum(end - p0, BLOCK_P).to(tl.float32)  # ≥ 1: p0 < end
+            t_mean = tl.sum(xs, axis=0) / t_count
+            d = tl.where(mask, xs - t_mean[None, :], 0.0)
+            t_m2 = tl.sum(d * d, axis=0)
+            new_count = count + t_count
+            delta = t_mean - mean
+            mean += delta * (t_count / new_count)
+            m2 += t_m2 + delta * delta * (count * t_count / new_count)
+            count = new_count
+        out = (n * tl.num_programs(1) + split) * C + c
+        tl.store(pmean_ptr + out, mean, mask=c_mask)
+        tl.store(pm2_ptr + out, m2, mask=c_mask)
 
 
-@triton.jit
-def _group_stats_finalize_kernel(pmean_ptr, pm2_ptr, gamma_ptr, beta_ptr,
-                                 mean_ptr, rstd_ptr, scale_ptr, shift_ptr,
-                                 C, HW, CHUNK, SPLITS, G, eps,
-                                 CPG: tl.constexpr, BLOCK_S: tl.constexpr,
-                                 BLOCK_CG: tl.constexpr,
-                                 HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr):
-    """Merges the chunks' per-channel statistics into one (sample, group)'s mean and rstd, and
-    writes ``scale = rstd·γ`` and ``shift = β − mean·rstd·γ`` for the group's channels.
+if triton is not None:
+    @triton.jit
+    def _group_stats_finalize_kernel(pmean_ptr, pm2_ptr, gamma_ptr, beta_ptr,
+                                     mean_ptr, rstd_ptr, scale_ptr, shift_ptr,
+                                     C, HW, CHUNK, SPLITS, G, eps,
+                                     CPG: tl.constexpr, BLOCK_S: tl.constexpr,
+                                     BLOCK_CG: tl.constexpr,
+                                     HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr):
+        """Merges the chunks' per-channel statistics into one (sample, group)'s mean and rstd, and
+        writes ``scale = rstd·γ`` and ``shift = β − mean·rstd·γ`` for the group's channels.
 
-    Grid (N·G,). Over the group's CPG channels and SPLITS chunks (chunk i has
-    n_i = min(CHUNK, HW − i·CHUNK) pixels): mean = Σ_i n_i·mean_i / n and
-    M2 = Σ_i M2_i + n_i·(mean_i − mean)².
-    """
-    ng = tl.program_id(0)
-    n = ng // G
-    g = ng % G
-    s = tl.arange(0, BLOCK_S)
-    j = tl.arange(0, BLOCK_CG)
-    c = g * CPG + j
-    mask = (s < SPLITS)[:, None] & (j < CPG)[None, :]
-    offs = (n * SPLITS + s)[:, None] * C + c[None, :]
-    pmean = tl.load(pmean_ptr + offs, mask=mask, other=0.0)
-    pm2 = tl.load(pm2_ptr + offs, mask=mask, other=0.0)
-    cnt = tl.where(mask, tl.minimum(CHUNK, HW - s * CHUNK).to(tl.float32)[:, None], 0.0)
-    total = (HW * CPG) * 1.0
-    mean = tl.sum(tl.sum(cnt * pmean, axis=1), axis=0) / total
-    d = pmean - mean
-    m2 = tl.sum(tl.sum(pm2 + cnt * d * d, axis=1), axis=0)
-    rstd = 1.0 / tl.sqrt(m2 / total + eps)
-    tl.store(mean_ptr + ng, mean)
-    tl.store(rstd_ptr + ng, rstd)
+        Grid (N·G,). Over the group's CPG channels and SPLITS chunks (chunk i has
+        n_i = min(CHUNK, HW − i·CHUNK) pixels): mean = Σ_i n_i·mean_i / n and
+        M2 = Σ_i M2_i + n_i·(mean_i − mean)².
+        """
+        ng = tl.program_id(0)
+        n = ng // G
+        g = ng % G
+        s = tl.arange(0, BLOCK_S)
+        j = tl.arange(0, BLOCK_CG)
+        c = g * CPG + j
+        mask = (s < SPLITS)[:, None] & (j < CPG)[None, :]
+        offs = (n * SPLITS + s)[:, None] * C + c[None, :]
+        pmean = tl.load(pmean_ptr + offs, mask=mask, other=0.0)
+        pm2 = tl.load(pm2_ptr + offs, mask=mask, other=0.0)
+        cnt = tl.where(mask, tl.minimum(CHUNK, HW - s * CHUNK).to(tl.float32)[:, None], 0.0)
+        total = (HW * CPG) * 1.0
+        mean = tl.sum(tl.sum(cnt * pmean, axis=1), axis=0) / total
+        d = pmean - mean
+        m2 = tl.sum(tl.sum(pm2 + cnt * d * d, axis=1), axis=0)
+        rstd = 1.0 / tl.sqrt(m2 / total + eps)
+        tl.store(mean_ptr + ng, mean)
+        tl.store(rstd_ptr + ng, rstd)
 
-    c_mask = j < CPG
-    scale = tl.full([BLOCK_CG], 1.0, tl.float32) * rstd
-    if HAS_GAMMA:
-        scale *= tl.load(gamma_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
-    shift = -mean * scale
-    if HAS_BETA:
-        shift += tl.load(beta_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
-    tl.store(scale_ptr + n * C + c, scale, mask=c_mask)
-    tl.store(shift_ptr + n * C + c, shift, mask=c_mask)
+        c_mask = j < CPG
+        scale = tl.full([BLOCK_CG], 1.0, tl.float32) * rstd
+        if HAS_GAMMA:
+            scale *= tl.load(gamma_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+        shift = -mean * scale
+        if HAS_BETA:
+            shift += tl.load(beta_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+        tl.store(scale_ptr + n * C + c, scale, mask=c_mask)
+        tl.store(shift_ptr + n * C + c, shift, mask=c_mask)
 
 
 def _group_stats(x, num_groups, weight, bias, eps, cfg):
@@ -210,104 +215,105 @@ def _group_stats(x, num_groups, weight, bias, eps, cfg):
 ADD_NONE, ADD_CHANNEL, ADD_FULL = 0, 1, 2
 
 
-@triton.jit
-def _gn_silu_conv2d_kernel(
-        x_ptr, scale_ptr, shift_ptr, w_ptr, bias_ptr, add_ptr, out_ptr,
-        M, CIN, H, W, COUT, HO, WO,
-        sxn, sxc, sxh, sxw,
-        swo, swi, swh, sww,
-        san, sac, sah, saw,
-        son, soc, soh, sow,
-        KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-        HAS_BIAS: tl.constexpr, ADD_KIND: tl.constexpr, TILE_IN_ONE_SAMPLE: tl.constexpr,
-        DOT_IN_FP32: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """out[m, co] = Σ_{kh,kw,ci} silu(x[n, ci, hi, wi]·scale[n, ci] + shift[n, ci])
-    · w[co, ci, kh, kw] (+ bias[co]) (+ add), with (n, ho, wo) = m and
-    (hi, wi) = (ho, wo)·STRIDE − PAD + (kh, kw).
+if triton is not None:
+    @triton.jit
+    def _gn_silu_conv2d_kernel(
+            x_ptr, scale_ptr, shift_ptr, w_ptr, bias_ptr, add_ptr, out_ptr,
+            M, CIN, H, W, COUT, HO, WO,
+            sxn, sxc, sxh, sxw,
+            swo, swi, swh, sww,
+            san, sac, sah, saw,
+            son, soc, soh, sow,
+            KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+            HAS_BIAS: tl.constexpr, ADD_KIND: tl.constexpr, TILE_IN_ONE_SAMPLE: tl.constexpr,
+            DOT_IN_FP32: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        """out[m, co] = Σ_{kh,kw,ci} silu(x[n, ci, hi, wi]·scale[n, ci] + shift[n, ci])
+        · w[co, ci, kh, kw] (+ bias[co]) (+ add), with (n, ho, wo) = m and
+        (hi, wi) = (ho, wo)·STRIDE − PAD + (kh, kw).
 
-    Grid (cdiv(M, BLOCK_M) · cdiv(COUT, BLOCK_N),), M tiles grouped by GROUP_M so that the
-    programs running together share weight tiles in L2. TILE_IN_ONE_SAMPLE: Ho·Wo is a multiple
-    of BLOCK_M, so a tile's pixels all belong to one sample and scale/shift load as one row
-    instead of a [BLOCK_M, BLOCK_K] gather. DOT_IN_FP32: only for bfloat16 under Triton's CPU
-    interpreter, whose ``tl.dot`` multiplies bfloat16 bit patterns (triton-lang/triton#11584).
-    """
-    # -- which tile
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(COUT, BLOCK_N)
-    width = GROUP_M * num_pid_n
-    first_m = (pid // width) * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_size
-    pid_n = (pid % width) // group_size
+        Grid (cdiv(M, BLOCK_M) · cdiv(COUT, BLOCK_N),), M tiles grouped by GROUP_M so that the
+        programs running together share weight tiles in L2. TILE_IN_ONE_SAMPLE: Ho·Wo is a multiple
+        of BLOCK_M, so a tile's pixels all belong to one sample and scale/shift load as one row
+        instead of a [BLOCK_M, BLOCK_K] gather. DOT_IN_FP32: only for bfloat16 under Triton's CPU
+        interpreter, whose ``tl.dot`` multiplies bfloat16 bit patterns (triton-lang/triton#11584).
+        """
+        # -- which tile
+        pid = tl.program_id(0)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(COUT, BLOCK_N)
+        width = GROUP_M * num_pid_n
+        first_m = (pid // width) * GROUP_M
+        group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % group_size
+        pid_n = (pid % width) // group_size
 
-    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = m < M
-    hw_out = HO * WO
-    n = m // hw_out
-    ho = (m % hw_out) // WO
-    wo = m % WO
-    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    co_mask = co < COUT
-    x_rows = x_ptr + n.to(tl.int64) * sxn       # [BLOCK_M] pointers
-    if TILE_IN_ONE_SAMPLE:
-        n0 = (pid_m * BLOCK_M) // hw_out
-        stat_rows = n0 * CIN                     # scalar: one sample per tile
-    else:
-        stat_rows = n[:, None] * CIN             # [BLOCK_M, 1]
-
-    # -- main loop: K = KH·KW·CIN, one tap and BLOCK_K input channels per step
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    c_blocks = tl.cdiv(CIN, BLOCK_K)
-    for it in range(0, KH * KW * c_blocks):
-        tap = it // c_blocks
-        kh = tap // KW
-        kw = tap % KW
-        ci = (it % c_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
-        ci_mask = ci < CIN
-        hi = ho * STRIDE - PAD + kh
-        wi = wo * STRIDE - PAD + kw
-        inside = m_mask & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-        a_mask = inside[:, None] & ci_mask[None, :]
-        a = tl.load(x_rows[:, None] + hi[:, None] * sxh + wi[:, None] * sxw + ci[None, :] * sxc,
-                    mask=a_mask, other=0.0).to(tl.float32)
-        # prologue: GroupNorm as one FMA with the (sample, channel) scale and shift, then SiLU,
-        # in float32. Zero padding comes AFTER it (padded taps contribute 0, as in conv2d of
-        # the normalised tensor), as do the masked channels.
+        m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = m < M
+        hw_out = HO * WO
+        n = m // hw_out
+        ho = (m % hw_out) // WO
+        wo = m % WO
+        co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        co_mask = co < COUT
+        x_rows = x_ptr + n.to(tl.int64) * sxn       # [BLOCK_M] pointers
         if TILE_IN_ONE_SAMPLE:
-            sc = tl.load(scale_ptr + stat_rows + ci, mask=ci_mask, other=0.0)[None, :]
-            sh = tl.load(shift_ptr + stat_rows + ci, mask=ci_mask, other=0.0)[None, :]
+            n0 = (pid_m * BLOCK_M) // hw_out
+            stat_rows = n0 * CIN                     # scalar: one sample per tile
         else:
-            stat_mask = m_mask[:, None] & ci_mask[None, :]
-            sc = tl.load(scale_ptr + stat_rows + ci[None, :], mask=stat_mask, other=0.0)
-            sh = tl.load(shift_ptr + stat_rows + ci[None, :], mask=stat_mask, other=0.0)
-        a = a * sc + sh
-        a = a / (1.0 + tl.exp2(a * -_LOG2E))  # silu(a) = a·sigmoid(a)
-        a = tl.where(a_mask, a, 0.0)
+            stat_rows = n[:, None] * CIN             # [BLOCK_M, 1]
 
-        b = tl.load(w_ptr + co[None, :] * swo + ci[:, None] * swi + kh * swh + kw * sww,
-                    mask=ci_mask[:, None] & co_mask[None, :], other=0.0)
-        # the normalised tile is rounded to the weights' dtype, as the unfused path stores it
-        a = a.to(b.dtype)
-        if DOT_IN_FP32:  # the same products (exact in fp32) and fp32 sums, without bf16 MMA
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+        # -- main loop: K = KH·KW·CIN, one tap and BLOCK_K input channels per step
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        c_blocks = tl.cdiv(CIN, BLOCK_K)
+        for it in range(0, KH * KW * c_blocks):
+            tap = it // c_blocks
+            kh = tap // KW
+            kw = tap % KW
+            ci = (it % c_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+            ci_mask = ci < CIN
+            hi = ho * STRIDE - PAD + kh
+            wi = wo * STRIDE - PAD + kw
+            inside = m_mask & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            a_mask = inside[:, None] & ci_mask[None, :]
+            a = tl.load(x_rows[:, None] + hi[:, None] * sxh + wi[:, None] * sxw + ci[None, :] * sxc,
+                        mask=a_mask, other=0.0).to(tl.float32)
+            # prologue: GroupNorm as one FMA with the (sample, channel) scale and shift, then SiLU,
+            # in float32. Zero padding comes AFTER it (padded taps contribute 0, as in conv2d of
+            # the normalised tensor), as do the masked channels.
+            if TILE_IN_ONE_SAMPLE:
+                sc = tl.load(scale_ptr + stat_rows + ci, mask=ci_mask, other=0.0)[None, :]
+                sh = tl.load(shift_ptr + stat_rows + ci, mask=ci_mask, other=0.0)[None, :]
+            else:
+                stat_mask = m_mask[:, None] & ci_mask[None, :]
+                sc = tl.load(scale_ptr + stat_rows + ci[None, :], mask=stat_mask, other=0.0)
+                sh = tl.load(shift_ptr + stat_rows + ci[None, :], mask=stat_mask, other=0.0)
+            a = a * sc + sh
+            a = a / (1.0 + tl.exp2(a * -_LOG2E))  # silu(a) = a·sigmoid(a)
+            a = tl.where(a_mask, a, 0.0)
 
-    # -- epilogue: bias, add, one store in the output dtype
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + co, mask=co_mask, other=0.0).to(tl.float32)[None, :]
-    mask = m_mask[:, None] & co_mask[None, :]
-    n64 = n.to(tl.int64)[:, None]
-    if ADD_KIND == 1:    # N×C×1×1: the time embedding
-        acc += tl.load(add_ptr + n64 * san + co[None, :] * sac, mask=mask,
-                       other=0.0).to(tl.float32)
-    elif ADD_KIND == 2:  # N×C×Ho×Wo: the residual
-        acc += tl.load(add_ptr + n64 * san + co[None, :] * sac + ho[:, None] * sah
-                       + wo[:, None] * saw, mask=mask, other=0.0).to(tl.float32)
-    out = out_ptr + n64 * son + co[None, :] * soc + ho[:, None] * soh + wo[:, None] * sow
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+            b = tl.load(w_ptr + co[None, :] * swo + ci[:, None] * swi + kh * swh + kw * sww,
+                        mask=ci_mask[:, None] & co_mask[None, :], other=0.0)
+            # the normalised tile is rounded to the weights' dtype, as the unfused path stores it
+            a = a.to(b.dtype)
+            if DOT_IN_FP32:  # the same products (exact in fp32) and fp32 sums, without bf16 MMA
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+
+        # -- epilogue: bias, add, one store in the output dtype
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + co, mask=co_mask, other=0.0).to(tl.float32)[None, :]
+        mask = m_mask[:, None] & co_mask[None, :]
+        n64 = n.to(tl.int64)[:, None]
+        if ADD_KIND == 1:    # N×C×1×1: the time embedding
+            acc += tl.load(add_ptr + n64 * san + co[None, :] * sac, mask=mask,
+                           other=0.0).to(tl.float32)
+        elif ADD_KIND == 2:  # N×C×Ho×Wo: the residual
+            acc += tl.load(add_ptr + n64 * san + co[None, :] * sac + ho[:, None] * sah
+                           + wo[:, None] * saw, mask=mask, other=0.0).to(tl.float32)
+        out = out_ptr + n64 * son + co[None, :] * soc + ho[:, None] * soh + wo[:, None] * sow
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _output_size(size, k, stride, padding):
@@ -368,6 +374,9 @@ def _group_norm_silu_conv2d_triton(x, norm_weight, norm_bias, num_groups, conv_w
     (optional) receives the result: N×Cout×Ho×Wo in x's dtype, any strides; by default it is
     allocated channels_last. ``config`` overrides ``conv_config``'s choice of blocks.
     """
+    if triton is None:
+        raise ValueError("group_norm_silu_conv2d: the Triton backend was asked for but triton "
+                         "is not installed")
     n, cout, ho, wo = _check(x, norm_weight, norm_bias, num_groups, conv_weight, conv_bias,
                              stride, padding, add)
     if x.dtype not in TRITON_DTYPES:

@@ -1,0 +1,305 @@
+"""sdrt's Triton kernels against what diffusers runs today, at every distinct shape of a model.
+
+    python -m sdrt.benchmarks.bench_kernels                  # SD 1.5 at 512², SD 2.1 at 768²
+    python -m sdrt.benchmarks.bench_kernels --ops attention --repeats 200
+
+GPU only: without CUDA it exits with a message. For each distinct (op, shape), fp16:
+
+- sdrt: ``group_norm`` (+ SiLU), ``layer_norm``, ``geglu``, ``attention`` from sdrt.kernels,
+  writing into a preallocated ``out`` as the engine will;
+- baseline, as diffusers does it: ``F.group_norm`` then ``F.silu``; ``F.layer_norm``;
+  ``a, g = h.chunk(2, -1); a * F.gelu(g)``; ``F.scaled_dot_product_attention`` with each of
+  its flash / efficient / cuDNN backends tried and the fastest kept.
+
+Each is timed as the median of CUDA-event timings after warm-up, with L2 flushed before every
+repeat (``common.cuda_time``). Reported: the time, achieved GB/s (the fewest bytes the op must
+move: inputs read once, output written once) and TFLOP/s, the share of the roofline (the floor
+max(bytes / measured copy bandwidth, FLOPs / measured matmul rate) over the time), the
+speed-up over the baseline, the first-call (compile) time apart, and the largest difference
+between the two outputs. Per network, Σ count × time gives the op's share of one call.
+
+Shapes come from ``engine.configs`` (``unet_cases``, ``vae_decoder_cases``, ``text_cases``),
+not from a hand list. Not benchmarked: the VAE's single-head attention (head dim 512 runs
+``F.scaled_dot_product_attention`` in sdrt too) and CLIP's causal attention (sdrt's kernel
+takes no mask).
+
+Writes ``benchmarks/results/bench_kernels_<gpu>.json`` and ``.md``.
+"""
+import argparse
+import collections
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from sdrt.benchmarks import common
+from sdrt.engine.configs import model_config
+from sdrt.kernels import attention, geglu, group_norm, layer_norm
+
+OPS = ("group_norm", "layer_norm", "geglu", "attention")
+# model name → (image size, batch of a UNet call: 2 with classifier-free guidance)
+MODELS = {"sd15": (512, 2), "sd21": (768, 2)}
+TEXT_TOKENS = 77
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One distinct kernel call. ``shape``: group_norm N×C×H×W, layer_norm rows×C,
+    geglu rows×2F, attention (B, H, S, T, D)."""
+    op: str
+    shape: tuple
+    groups: int = 0
+    activation: str = None
+
+    def __str__(self):
+        extra = f" G={self.groups}" + (f" {self.activation}" if self.activation else "") \
+            if self.op == "group_norm" else ""
+        return f"{self.op} {'×'.join(map(str, self.shape))}{extra}"
+
+
+def unet_cases(cfg: dict, latent: int, batch: int) -> collections.Counter:
+    """Kernel calls of one UNet2DConditionModel forward (diffusers' block structure)."""
+    u = cfg["unet"]
+    chans, groups, layers = u["block_out_channels"], u["norm_num_groups"], u["layers_per_block"]
+    # diffusers' SD 1.x/2.x configs store the number of heads in "attention_head_dim".
+    heads = u["attention_head_dim"]
+    heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * len(chans)
+    calls = collections.Counter()
+
+    def resnet(c_in, c_out, r):
+        calls[Case("group_norm", (batch, c_in, r, r), groups, "silu")] += 1
+        calls[Case("group_norm", (batch, c_out, r, r), groups, "silu")] += 1
+
+    def transformer(c, r, n_heads):
+        s = r * r
+        calls[Case("group_norm", (batch, c, r, r), groups)] += 1
+        calls[Case("layer_norm", (batch * s, c))] += 3
+        calls[Case("attention", (batch, n_heads, s, s, c // n_heads))] += 1
+        calls[Case("attention", (batch, n_heads, s, TEXT_TOKENS, c // n_heads))] += 1
+        calls[Case("geglu", (batch * s, 2 * 4 * c))] += 1
+
+    r, c_prev, skips = latent, chans[0], [chans[0]]
+    for i, (kind, c) in enumerate(zip(u["down_block_types"], chans)):
+        for _ in range(layers):
+            resnet(c_prev, c, r)
+            c_prev = c
+            if kind.startswith("CrossAttn"):
+                transformer(c, r, heads[i])
+            skips.append(c)
+        if i < len(chans) - 1:
+            r //= 2
+            skips.append(c)
+    resnet(c_prev, c_prev, r)
+    transformer(c_prev, r, heads[-1])
+    resnet(c_prev, c_prev, r)
+    for i, (kind, c) in enumerate(zip(u["up_block_types"], reversed(chans))):
+        for _ in range(layers + 1):
+            resnet(c_prev + skips.pop(), c, r)
+            c_prev = c
+            if kind.startswith("CrossAttn"):
+                transformer(c, r, heads[::-1][i])
+        if i < len(chans) - 1:
+            r *= 2
+    calls[Case("group_norm", (batch, chans[0], latent, latent), groups, "silu")] += 1
+    return calls
+
+
+def vae_decoder_cases(cfg: dict, image: int) -> collections.Counter:
+    """GroupNorms of one VAE decode (batch 1)."""
+    v = cfg["vae"]
+    chans, groups = v["block_out_channels"], v["norm_num_groups"]
+    r = image // 2 ** (len(chans) - 1)
+    calls = collections.Counter()
+    c_prev = chans[-1]
+
+    def resnet(c_in, c_out, r):
+        calls[Case("group_norm", (1, c_in, r, r), groups, "silu")] += 1
+        calls[Case("group_norm", (1, c_out, r, r), groups, "silu")] += 1
+
+    resnet(c_prev, c_prev, r)
+    calls[Case("group_norm", (1, c_prev, r, r), groups)] += 1  # mid-block attention's norm
+    resnet(c_prev, c_prev, r)
+    for i, c in enumerate(reversed(chans)):
+        for _ in range(v["layers_per_block"] + 1):
+            resnet(c_prev, c, r)
+            c_prev = c
+        if i < len(chans) - 1:
+            r *= 2
+    calls[Case("group_norm", (1, chans[0], image, image), groups, "silu")] += 1
+    return calls
+
+
+def text_cases(cfg: dict, batch: int) -> collections.Counter:
+    """LayerNorms of one CLIP text-encoder forward (prompt and negative prompt: batch 2)."""
+    t = cfg["text_encoder"]
+    return collections.Counter({Case("layer_norm", (batch * TEXT_TOKENS, t["hidden_size"])):
+                                2 * t["num_hidden_layers"] + 1})
+
+
+def model_cases(model: str) -> dict:
+    """{network: Counter(Case → calls per forward)} for one model at its benchmark size."""
+    cfg = model_config(model)
+    image, batch = MODELS[model]
+    return {"unet": unet_cases(cfg, image // 8, batch),
+            "vae_decoder": vae_decoder_cases(cfg, image),
+            "text_encoder": text_cases(cfg, batch)}
+
+
+def _randn(*shape, dtype):
+    return (-2.3 + 0.5 * torch.randn(*shape, device="cuda")).to(dtype)
+
+
+def _sdpa_backends():
+    from torch.nn.attention import SDPBackend
+    return {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION}
+
+
+@dataclasses.dataclass
+class Problem:
+    sdrt: object                 # () → output
+    baselines: dict              # name → (() → output)
+    bytes: int                   # fewest bytes moved: inputs read once, output written once
+    flops: int
+
+
+def make_problem(case: Case, dtype=torch.float16) -> Problem:
+    """Inputs on the GPU and the calls to time for one case."""
+    es = torch.finfo(dtype).bits // 8
+    if case.op == "group_norm":
+        x = _randn(*case.shape, dtype=dtype)
+        c = case.shape[1]
+        w, b = _randn(c, dtype=dtype), _randn(c, dtype=dtype)
+        out = torch.empty_like(x)
+
+        def baseline():
+            y = F.group_norm(x, case.groups, w, b, 1e-5)
+            return F.silu(y) if case.activation == "silu" else y
+        return Problem(lambda: group_norm(x, case.groups, w, b, 1e-5, case.activation, out=out),
+                       {"F.group_norm" + (" + F.silu" if case.activation else ""): baseline},
+                       2 * x.numel() * es, 0)
+    if case.op == "layer_norm":
+        x = _randn(*case.shape, dtype=dtype)
+        c = case.shape[-1]
+        w, b = _randn(c, dtype=dtype), _randn(c, dtype=dtype)
+        out = torch.empty_like(x)
+        return Problem(lambda: layer_norm(x, w, b, out=out),
+                       {"F.layer_norm": lambda: F.layer_norm(x, (c,), w, b, 1e-5)},
+                       2 * x.numel() * es, 0)
+    if case.op == "geglu":
+        h = _randn(*case.shape, dtype=dtype)
+        out = h.new_empty(case.shape[0], case.shape[1] // 2)
+
+        def baseline():
+            a, g = h.chunk(2, dim=-1)
+            return a * F.gelu(g)
+        return Problem(lambda: geglu(h, out=out), {"chunk + a*F.gelu(g)": baseline},
+                       (h.numel() + out.numel()) * es, 0)
+    if case.op == "attention":
+        b, n_heads, s, t, d = case.shape
+        # As diffusers holds them: projections B×S×(H·D), viewed as B×H×S×D.
+        q = _randn(b, s, n_heads, d, dtype=dtype).transpose(1, 2)
+        k = _randn(b, t, n_heads, d, dtype=dtype).transpose(1, 2)
+        v = _randn(b, t, n_heads, d, dtype=dtype).transpose(1, 2)
+        out = q.new_empty(b, s, n_heads, d).transpose(1, 2)
+        from torch.nn.attention import sdpa_kernel
+
+        def sdpa(backend):
+            def run():
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(q, k, v)
+            return run
+        return Problem(lambda: attention(q, k, v, out=out),
+                       {f"SDPA {n}": sdpa(be) for n, be in _sdpa_backends().items()},
+                       (2 * q.numel() + k.numel() + v.numel()) * es, 4 * b * n_heads * s * t * d)
+    raise ValueError(f"unknown op {case.op!r}")
+
+
+def measure(case: Case, ceiling: dict, warmup: int, repeats: int, flush_l2: bool) -> dict:
+    p = make_problem(case)
+    compile_ms = common.first_call_ms(p.sdrt)
+    ours = common.cuda_time(p.sdrt, warmup=warmup, repeats=repeats, flush_l2=flush_l2)
+    expected = None
+    best_name, best = None, None
+    for name, fn in p.baselines.items():
+        try:
+            y = fn()
+        except RuntimeError:  # an SDPA backend that does not take this shape or GPU
+            continue
+        t = common.cuda_time(fn, warmup=warmup, repeats=repeats, flush_l2=flush_l2)
+        if best is None or t.median_ms < best.median_ms:
+            best_name, best, expected = name, t, y
+    diff = (p.sdrt().float() - expected.float()).abs().max().item() if best else None
+    floor_ms = max(p.bytes / (ceiling["copy_gbs"] * 1e9),
+                   p.flops / (ceiling["matmul_fp16_tflops"] * 1e12)) * 1e3
+    row = {"case": str(case), "sdrt_ms": ours.median_ms, "sdrt_p20_ms": ours.p20_ms,
+           "sdrt_p80_ms": ours.p80_ms, "sdrt_first_call_ms": compile_ms,
+           "GB/s": p.bytes / (ours.median_ms * 1e-3) / 1e9,
+           "TFLOP/s": p.flops / (ours.median_ms * 1e-3) / 1e12 if p.flops else None,
+           "sdrt_roof_%": 100 * floor_ms / ours.median_ms, "baseline": best_name,
+           "max_abs_diff": diff}
+    if best is not None:
+        row.update({"base_ms": best.median_ms, "base_roof_%": 100 * floor_ms / best.median_ms,
+                    "speedup": best.median_ms / ours.median_ms})
+    return row
+
+
+COLUMNS = ["case", "used in", "sdrt_ms", "base_ms", "speedup", "GB/s", "TFLOP/s", "sdrt_roof_%",
+           "base_roof_%", "baseline", "sdrt_first_call_ms", "max_abs_diff"]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
+    ap.add_argument("--warmup", type=int, default=25)
+    ap.add_argument("--repeats", type=int, default=100)
+    ap.add_argument("--no-flush", action="store_true", help="keep L2 warm between repeats")
+    args = ap.parse_args(argv)
+    common.require_cuda("bench_kernels")
+
+    info = common.device_info()
+    ceiling = common.ceilings()
+    uses = collections.defaultdict(list)  # Case → [(model, network, count)]
+    for model in args.models:
+        for network, calls in model_cases(model).items():
+            for case, count in calls.items():
+                if case.op in args.ops:
+                    uses[case].append((model, network, count))
+
+    rows = {}
+    for case in sorted(uses, key=lambda c: (OPS.index(c.op), c.shape)):
+        row = measure(case, ceiling, args.warmup, args.repeats, not args.no_flush)
+        row["used in"] = ", ".join(f"{m} {n} ×{k}" for m, n, k in uses[case])
+        rows[case] = row
+        print(f"{row['case']:<44} sdrt {row['sdrt_ms']:8.4f} ms   base "
+              f"{row.get('base_ms', float('nan')):8.4f} ms ({row['baseline']})", flush=True)
+
+    totals = collections.defaultdict(lambda: [0.0, 0.0])
+    for case, row in rows.items():
+        for model, network, count in uses[case]:
+            t = totals[(model, network, case.op)]
+            t[0] += count * row["sdrt_ms"]
+            t[1] += count * row.get("base_ms", float("nan"))
+    total_rows = [{"model": m, "network": n, "op": o, "sdrt_ms": s, "base_ms": b,
+                   "saved_ms": b - s} for (m, n, o), (s, b) in sorted(totals.items())]
+
+    notes = [f"fp16; median of {args.repeats} CUDA-event timings after {args.warmup} warm-up "
+             f"calls; L2 {'warm' if args.no_flush else 'flushed before each repeat'}.",
+             "roof %: max(bytes / copy bandwidth, FLOPs / fp16 matmul rate) over the time; "
+             "bytes are the fewest the op must move.",
+             "Totals: Σ calls × median time over one forward of each network (UNet: one CFG "
+             "step, batch 2)."]
+    json_path, md_path = common.write_report(
+        "bench_kernels", info, ceiling,
+        {"Kernels": (list(rows.values()), COLUMNS),
+         "Per network": (total_rows, ["model", "network", "op", "sdrt_ms", "base_ms",
+                                      "saved_ms"])},
+        notes)
+    print(common.markdown_table(total_rows, ["model", "network", "op", "sdrt_ms", "base_ms",
+                                             "saved_ms"]))
+    print(f"wrote {json_path} and {md_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Timing and reporting shared by sdrt's benchmarks. GPU only; nothing here runs at import.
+
+- ``cuda_time``: median of many CUDA-event timings after a warm-up, optionally with L2 flushed
+  before each repeat so inputs come from device memory rather than the cache.
+- ``ceilings``: the two measured roofs, device-to-device copy bandwidth (bytes read + written)
+  and the fp16/bf16 matrix-product rate, against which achieved numbers are stated.
+- ``device_info``: GPU, driver and library versions, recorded with every result.
+- ``write_report``: JSON + markdown under ``benchmarks/results/``, named after the GPU.
+"""
+import dataclasses
+import datetime
+import json
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Zeroed between timed repeats when flushing: larger than any L2 so far (H100 50 MB, H200 60).
+_FLUSH_BYTES = 256 << 20
+
+
+def require_cuda(what: str) -> None:
+    """Exit with a clear message when there is no CUDA GPU to measure."""
+    if not torch.cuda.is_available():
+        sys.exit(f"{what}: needs a CUDA GPU and none is visible; nothing was measured.")
+
+
+@dataclasses.dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    repeats: int
+    flush_l2: bool
+
+
+def cuda_time(fn, *, warmup: int = 25, repeats: int = 100, flush_l2: bool = True) -> Timing:
+    """Time ``fn()`` on the current stream with CUDA events: the median of ``repeats`` runs.
+
+    ``warmup`` untimed calls first (JIT compilation, autotuning, allocator growth). With
+    ``flush_l2`` an L2-sized buffer is zeroed before each repeat, outside the timed region.
+    """
+    for _ in range(warmup):
+        fn()
+    flush = torch.empty(_FLUSH_BYTES, dtype=torch.int8, device="cuda") if flush_l2 else None
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    for start, end in zip(starts, ends):
+        if flush is not None:
+            flush.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
+    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+    return Timing(statistics.median(times), q[0], q[3], repeats, flush_l2)
+
+
+def first_call_ms(fn) -> float:
+    """Wall time of one synchronised call: for a Triton kernel's first call, its JIT compile
+    (or load from Triton's cache). Reported apart from steady-state time."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy rate in GB/s, counting the bytes read and the bytes written."""
+    src = torch.randint(-128, 127, (nbytes,), dtype=torch.int8, device="cuda")
+    dst = torch.empty_like(src)
+    t = cuda_time(lambda: dst.copy_(src), warmup=5, repeats=30, flush_l2=False)
+    return 2 * nbytes / (t.median_ms * 1e-3) / 1e9
+
+
+def matmul_tflops(dtype=torch.float16, n: int = 8192) -> float:
+    """Rate of an n×n×n matrix product through torch (cuBLAS) on random data, in TFLOP/s."""
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    t = cuda_time(lambda: a @ b, warmup=5, repeats=30, flush_l2=False)
+    return 2 * n ** 3 / (t.median_ms * 1e-3) / 1e12
+
+
+def ceilings() -> dict:
+    """The measured roofs: copy bandwidth and fp16/bf16 matrix-product rates."""
+    return {"copy_gbs": copy_bandwidth_gbs(),
+            "matmul_fp16_tflops": matmul_tflops(torch.float16),
+            "matmul_bf16_tflops": matmul_tflops(torch.bfloat16)}
+
+
+def _driver_version() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 else "unknown"
+    except (OSError, IndexError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_info() -> dict:
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "gpu": props.name,
+        "compute_capability": f"{props.major}.{props.minor}",
+        "multiprocessors": props.multi_processor_count,
+        "memory_gib": round(props.total_memory / 2 ** 30, 1),
+        "driver": _driver_version(),
+        "cuda": torch.version.cuda,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def gpu_slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' → 'nvidia-h100-80gb-hbm3', for file names."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return "" if v is None else str(v)
+
+
+def markdown_table(rows: list, columns: list) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_report(name: str, info: dict, ceiling: dict, sections: dict, notes: list = (),
+                 results_dir: Path = RESULTS_DIR) -> tuple:
+    """Write ``{name}_{gpu}.json`` and ``.md``. ``sections`` maps a title to (rows, columns).
+
+    Returns the two paths.
+    """
+    results_dir.mkdir(parents=True, exist_ok=True)
+    stem = results_dir / f"{name}_{gpu_slug(info['gpu'])}"
+    payload = {"benchmark": name, "device": info, "ceilings": ceiling,
+               "notes": list(notes),
+               "sections": {title: rows for title, (rows, _) in sections.items()}}
+    json_path = stem.with_suffix(".json")
+    json_path.write_text(json.dumps(payload, indent=1, default=float) + "\n")
+    md = [f"# {name} on {info['gpu']}", "",
+          f"driver {info['driver']}, CUDA {info['cuda']}, torch {info['torch']}, "
+          f"triton {info['triton']}, {info['date']}", "",
+          f"Measured ceilings: copy {ceiling['copy_gbs']:.0f} GB/s (read + write), "
+          f"matmul fp16 {ceiling['matmul_fp16_tflops']:.0f} TFLOP/s, "
+          f"bf16 {ceiling['matmul_bf16_tflops']:.0f} TFLOP/s.", ""]
+    md += [f"- {n}" for n in notes] + ([""] if notes else [])
+    for title, (rows, columns) in sections.items():
+        md += [f"## {title}", "", markdown_table(rows, columns), ""]
+    md_path = stem.with_suffix(".md")
+    md_path.write_text("\n".join(md))
+    return json_path, md_path

@@ -1,0 +1,171 @@
+"""kernels/attention.py: the Triton kernel (interpreted on CPU) against float64 attention.
+
+bfloat16 runs only on a GPU: Triton's interpreter multiplies bfloat16 bit patterns as integers
+in ``tl.dot`` (triton-lang/triton#11584; the maintainers answered that the interpreter does
+not support bfloat16 yet).
+"""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sdrt.kernels.attention import _blocks, attention, attention_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+# P is rounded to the input dtype before P·V (as in FlashAttention), on top of rounding the
+# output once: a few units in the last place of outputs near |v| ≈ 2.3.
+DTYPES = [
+    (torch.float16, 5e-3, 5e-3),
+    pytest.param(torch.bfloat16, 3e-2, 3e-2, marks=pytest.mark.skipif(
+        INTERPRETED, reason="the Triton interpreter's tl.dot is wrong on bfloat16 (#11584)")),
+]
+
+# (B, H, S, T, D)
+SHAPES = [
+    (2, 2, 100, 77, 40),    # SD 1.5 cross-attention at level 1: 77 text keys in one block
+    (1, 2, 130, 130, 40),   # self-attention, S = T = 2 past a block: ragged last q and k blocks
+    (1, 1, 192, 192, 64),   # SD 2.x head dim; T a multiple of BLOCK_N: no masked key block
+    (1, 2, 70, 77, 80),     # head dim 80 (SD 1.5 level 2) cross-attention, S < BLOCK_M
+    (1, 1, 65, 150, 160),   # head dim 160 (SD 1.5 levels 3-4), T ≠ S on the self path
+    (1, 1, 17, 129, 40),    # T = 129: one key past the cross path, a 1-key masked last block
+    (1, 2, 50, 1, 64),      # a single key: the output is v
+]
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    monkeypatch.setenv("SDRT_BACKEND", "triton")
+
+
+def _randn(*shape, dtype):
+    return (-2.3 + 0.5 * torch.randn(*shape, device=DEVICE)).to(dtype)
+
+
+def _qkv(b, h, s, t, d, dtype, fused):
+    if not fused:
+        return _randn(b, h, s, d, dtype=dtype), _randn(b, h, t, d, dtype=dtype), \
+            _randn(b, h, t, d, dtype=dtype)
+    # Views of one projection output, as SD's attention sees them: q from B×S×(H·D), k and v
+    # from a fused B×T×2×H×D; none contiguous, all with unit last stride.
+    q = _randn(b, s, h, d, dtype=dtype).transpose(1, 2)
+    kv = _randn(b, t, 2, h, d, dtype=dtype)
+    return q, kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+
+
+def _exact(q, k, v, scale=None):
+    """softmax(q·kᵀ·scale)·v in float64, rounded once to q's dtype."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = (q.double() @ k.double().transpose(-1, -2)) * scale
+    return (s.softmax(-1) @ v.double()).to(q.dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+def test_attention(triton_backend, shape, dtype, atol, rtol):
+    q, k, v = _qkv(*shape, dtype, fused=False)
+    out = torch.full_like(q, float("nan"))  # every element must be written
+    y = attention(q, k, v, out=out)
+    assert y is out
+    torch.testing.assert_close(y, _exact(q, k, v), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1]])
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+def test_attention_strided_views(triton_backend, shape, dtype, atol, rtol):
+    # q, k, v read in place through their strides; the output is allocated inside (B×S×H×D).
+    q, k, v = _qkv(*shape, dtype, fused=True)
+    y = attention(q, k, v, scale=0.3)
+    assert y.shape == q.shape and y.transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(y, _exact(q, k, v, scale=0.3), atol=atol, rtol=rtol)
+
+
+def test_attention_float32_runs_the_reference(triton_backend):
+    # No float32 kernel: the Triton backend hands float32 to F.scaled_dot_product_attention.
+    q, k, v = _qkv(1, 2, 20, 77, 40, torch.float32, fused=False)
+    torch.testing.assert_close(attention(q, k, v), attention_reference(q, k, v), atol=0, rtol=0)
+
+
+def test_attention_block_table():
+    # The cross path takes every key in one block; the self path streams BLOCK_N at a time.
+    assert _blocks(40, 77)[1] == 128 and _blocks(40, 77)[-1]
+    assert _blocks(160, 4096)[2] == 256 and not _blocks(160, 4096)[-1]
+    for d in (40, 64, 80, 160):
+        block_m, block_n, block_d, _, _, _ = _blocks(d, 4096)
+        assert block_d >= d and block_m % 16 == 0 and block_n % 16 == 0
+
+
+@pytest.mark.parametrize("case", ["rank", "head dims differ", "k and v differ", "dtypes differ",
+                                  "q last dim strided", "out shape"])
+def test_attention_bad_inputs(triton_backend, case):
+    q, k, v = _qkv(1, 2, 8, 8, 16, torch.float16, fused=False)
+    out = None
+    if case == "rank":
+        q = q[0]
+    elif case == "head dims differ":
+        k, v = k[..., :8], v[..., :8]
+    elif case == "k and v differ":
+        v = v[:, :, :4]
+    elif case == "dtypes differ":
+        v = v.float()
+    elif case == "q last dim strided":
+        q = _randn(1, 2, 16, 8, dtype=torch.float16).transpose(2, 3)
+    elif case == "out shape":
+        out = torch.empty(1, 2, 8, 15, device=DEVICE, dtype=q.dtype)
+    with pytest.raises(ValueError, match="attention"):
+        attention(q, k, v, out=out)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [
+    (2, 8, 4096, 4096, 40), (2, 8, 4096, 77, 40),    # SD 1.5 level 1, self and cross
+    (2, 8, 1024, 1024, 80), (2, 8, 256, 77, 160),    # SD 1.5 levels 2 and 3
+    (2, 8, 64, 64, 160),                             # SD 1.5 mid block
+    (2, 5, 9216, 9216, 64), (2, 20, 576, 77, 64),    # SD 2.1 at 768²
+])
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+def test_attention_sd_shapes_gpu(triton_backend, shape, dtype, atol, rtol):
+    q, k, v = _qkv(*shape, dtype, fused=True)
+    out = torch.full_like(q, float("nan"))
+    y = attention(q, k, v, out=out)
+    # float32 SDPA as the reference: a float64 score matrix at 9216² would not fit.
+    ref = attention_reference(q.float(), k.float(), v.float()).to(dtype)
+    torch.testing.assert_close(y, ref, atol=atol, rtol=rtol)
+
+
+def compile_for_hopper():
+    """Compile the SD variants for sm_90 (run in a process without TRITON_INTERPRET)."""
+    import importlib
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    mod = importlib.import_module("sdrt.kernels.attention")
+    fn = mod._attention_kernel
+    ints = [n for n in fn.arg_names if n.startswith("stride_")] + ["H", "S", "T"]
+    # Head dim 40 (self, with a masked tail; cross) and 160 (the largest block).
+    for d, t in ((40, 4100), (40, 77), (160, 4100)):
+        block_m, block_n, block_d, warps, stages, cross = mod._blocks(d, t)
+        consts = {"HEAD_D": d, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d,
+                  "ONE_KEY_BLOCK": cross}
+        sig = {n: "constexpr" if n in consts else "i32" if n in ints else
+               "fp32" if n == "qk_scale" else "*fp16" for n in fn.arg_names}
+        src = ASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in consts.items()})
+        compile(src, target=GPUTarget("cuda", 90, 32),
+                options={"num_warps": warps, "num_stages": stages})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other tests compile it")
+def test_attention_compiles_for_hopper():
+    # The interpreter never runs Triton's compiler; this does, for sm_90, without a GPU.
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c",
+                        "import test_attention as t; t.compile_for_hopper()"],
+                       cwd=os.path.dirname(__file__), env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
