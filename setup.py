@@ -39,7 +39,8 @@ setup(
             "diffusers>=0.30",
             "transformers>=4.40",
         ],
-        "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],
+        # onnxscript: torch.onnx.export(dynamo=True) translates the graph with it.
+        "onnx": ["onnx>=1.15", "onnxruntime>=1.17", "onnxscript>=0.5"],
     },
     entry_points={"console_scripts": ["sdrt=sdrt.engine.cli:main"]},
 )

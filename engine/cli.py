@@ -7,10 +7,12 @@ import argparse
 import os
 import sys
 import tempfile
+import time
 
 from .errors import SdrtError
 
 EXIT_BAD_INPUT = 2
+EXIT_CHECK_FAILED = 1  # check-onnx: an exported network is past its tolerance
 
 
 def _positive_int(text):
@@ -65,9 +67,36 @@ def _parser():
     g.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None)
     g.add_argument("--clip-skip", type=int, default=0)
     g.add_argument("-o", "--output", default="sdrt.png", help="output PNG path")
+    g.add_argument("--runtime", choices=("torch", "onnx"), default="torch",
+                   help="run the networks in sdrt (torch) or in onnxruntime (onnx)")
+    g.add_argument("--onnx-dir", default=None,
+                   help="folder written by 'sdrt export onnx' (with --runtime onnx)")
 
     t = sub.add_parser("make-tiny", help="write the built-in tiny model as a diffusers folder")
     t.add_argument("dir")
+
+    e = sub.add_parser("export", help="export the networks to another format")
+    formats = e.add_subparsers(dest="format", required=True)
+    o = formats.add_parser("onnx", help="text encoder, UNet, VAE decoder and encoder to ONNX")
+    o.add_argument("--model", required=True, help="diffusers folder or single-file .safetensors")
+    o.add_argument("--out", required=True, help="folder to create (must not exist, or be empty)")
+    o.add_argument("--height", type=int, default=None, help="default: the UNet's native size")
+    o.add_argument("--width", type=int, default=None)
+    o.add_argument("--batch", type=_positive_int, default=1,
+                   help="images per call; the UNet is exported at twice this, for guidance")
+    o.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
+    o.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
+    o.add_argument("--dynamic", action="store_true",
+                   help="free batch, height and width axes instead of static shapes")
+
+    # Its options (--models, --systems, --repeats, ...) are bench_pipeline.py's own.
+    sub.add_parser("bench", help="sdrt against diffusers on a GPU (benchmarks/bench_pipeline.py)",
+                   add_help=False)
+
+    c = sub.add_parser("check-onnx", help="compare an ONNX export with sdrt's own networks")
+    c.add_argument("dir", help="folder written by 'sdrt export onnx'")
+    c.add_argument("--model", default=None, help="default: the model the export was made from")
+    c.add_argument("--device", choices=("cpu", "cuda"), default=None)
     return p
 
 
@@ -90,6 +119,10 @@ def _check_generate_args(a):
         raise SdrtError(f"model path {a.model} does not exist")
     if a.clip_skip < 0:
         raise SdrtError(f"--clip-skip must be 0 or more, got {a.clip_skip}")
+    if a.runtime == "onnx" and a.onnx_dir is None:
+        raise SdrtError("--runtime onnx needs --onnx-dir")
+    if a.runtime != "onnx" and a.onnx_dir is not None:
+        raise SdrtError("--onnx-dir is only used with --runtime onnx")
 
 
 def _load_init_image(path):
@@ -142,14 +175,17 @@ def cmd_generate(a):
     from .pipeline import Pipeline, resolve_device
     _check_generate_args(a)
     init = _load_init_image(a.init_image) if a.init_image else None
-    device, dtype = resolve_device(a.device, a.dtype)
-    if a.model is None:
+    if a.runtime == "onnx":
+        pipe = _onnx_pipeline(a)
+    elif a.model is None:
         from .tiny import tiny_components
+        device, dtype = resolve_device(a.device, a.dtype)
         c = tiny_components()
         for m in (c.text_encoder, c.unet, c.vae):
             m.to(device, dtype)
         pipe = Pipeline(c, device, dtype)
     else:
+        device, dtype = resolve_device(a.device, a.dtype)
         pipe = Pipeline.from_pretrained(a.model, device, dtype, variant=a.variant,
                                         config=a.config, prediction_type=a.prediction_type)
     from .samplers import default_sampler
@@ -177,6 +213,19 @@ def cmd_generate(a):
           f"seed {pipe.last_seed} → {', '.join(paths)}")
 
 
+def _onnx_pipeline(a):
+    """A Pipeline whose networks are the ONNX files of --onnx-dir, run by onnxruntime."""
+    from sdrt.export.onnx_manifest import read_manifest
+    from sdrt.export.onnx_runtime import onnx_components
+
+    from .pipeline import Pipeline, resolve_device
+    device, dtype = resolve_device(a.device, a.dtype or read_manifest(a.onnx_dir)["dtype"])
+    c = onnx_components(a.onnx_dir, a.model, device)
+    if a.prediction_type is not None:
+        c.scheduler_config = {**c.scheduler_config, "prediction_type": a.prediction_type}
+    return Pipeline(c, device, dtype)
+
+
 def cmd_make_tiny(a):
     from .tiny import write_tiny
     if os.path.exists(a.dir) and os.listdir(a.dir):
@@ -197,20 +246,56 @@ def cmd_make_tiny(a):
     print(f"wrote the tiny model to {a.dir}")
 
 
-COMMANDS = {"generate": cmd_generate, "make-tiny": cmd_make_tiny}
+def cmd_export(a):
+    from sdrt.export.onnx_export import DEFAULT_OPSET, export_onnx
+    t0 = time.perf_counter()
+    manifest = export_onnx(a.model, a.out, height=a.height, width=a.width, batch=a.batch,
+                           dtype=a.dtype, opset=DEFAULT_OPSET if a.opset is None else a.opset,
+                           dynamic=a.dynamic)
+    shapes = "dynamic batch and size" if a.dynamic else \
+        f"{manifest['width']}x{manifest['height']}, batch {manifest['batch']}"
+    print(f"exported {', '.join(m['file'] for m in manifest['models'].values())} "
+          f"({shapes}, {manifest['dtype']}, opset {manifest['opset']}) to {a.out} "
+          f"in {time.perf_counter() - t0:.1f} s")
+
+
+def cmd_check_onnx(a):
+    """Exit status 1 when any output is past its tolerance."""
+    from sdrt.export.onnx_check import check_onnx, format_table
+    rows = check_onnx(a.dir, a.model, device=a.device)
+    print(format_table(rows))
+    failed = [r for r in rows if not r.passed]
+    if failed:
+        print(f"{len(failed)} of {len(rows)} comparisons past tolerance", file=sys.stderr)
+        return EXIT_CHECK_FAILED
+    return 0
+
+
+def cmd_bench(a, rest):
+    from sdrt.benchmarks.bench_pipeline import main as bench_main
+    return bench_main(rest)
+
+
+COMMANDS = {"generate": cmd_generate, "make-tiny": cmd_make_tiny, "export": cmd_export,
+            "check-onnx": cmd_check_onnx}
 
 
 def main(argv=None):
     try:
-        args = _parser().parse_args(argv)
-        COMMANDS[args.command](args)
+        args, rest = _parser().parse_known_args(argv)
+        if args.command == "bench":
+            status = cmd_bench(args, rest)
+        elif rest:
+            raise SdrtError(f"unrecognized arguments: {' '.join(rest)}")
+        else:
+            status = COMMANDS[args.command](args)
     except SdrtError as e:
         print(f"sdrt: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("sdrt: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,186 @@
+"""Cross-check an ONNX export against sdrt: ``sdrt check-onnx DIR --model PATH``.
+
+Each network runs in onnxruntime and in sdrt (float32, the reference) on two sets of inputs:
+
+- ``random``: fresh Gaussian inputs with non-zero means, so a dropped bias or a wrong offset
+  cannot hide behind zero-mean data;
+- ``generation``: what each network saw in a short text-to-image run of sdrt's pipeline
+  (its token ids, the last UNet call, the final latents, and the decoded image for the
+  encoder).
+
+The error of each output is ‖onnx − sdrt‖ / ‖sdrt‖ (and its max abs difference).
+Tolerances: float32 exports 1e-4 (reordered float32 arithmetic is good to ~1e-6 per op; a
+wrong op is off by ≥ 1e-2); float16 exports 1e-2 (fp16 rounding, 2⁻¹¹ per op, compounded
+over the depth; the tiny models measure ~1e-3).
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+
+from sdrt.engine.errors import SdrtError
+
+from .onnx_manifest import NAMES
+from .onnx_runtime import load_sessions
+
+TOLERANCES = {"fp32": 1e-4, "fp16": 1e-2}
+PROMPT = "a photograph of an astronaut riding a horse"
+
+
+@dataclass
+class CheckRow:
+    model: str  # network, and output when it has several: "vae_encoder.latent_std"
+    inputs: str  # "random" or "generation"
+    max_abs: float
+    rel: float
+    tol: float
+
+    @property
+    def passed(self):
+        return math.isfinite(self.rel) and self.rel <= self.tol
+
+
+def compare(model, inputs, ours, ref, tol):
+    """A CheckRow for one output; NaN or Inf anywhere fails it."""
+    ours, ref = ours.detach().cpu().double(), ref.detach().cpu().double()
+    if ours.shape != ref.shape:
+        raise SdrtError(f"{model}: onnxruntime gave shape {tuple(ours.shape)}, sdrt "
+                        f"{tuple(ref.shape)}")
+    diff = (ours - ref).abs()
+    max_abs = diff.max().item() if torch.isfinite(ours).all() else math.inf
+    rel = ((ours - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    return CheckRow(model, inputs, max_abs, rel if math.isfinite(max_abs) else math.inf, tol)
+
+
+class _Recorder:
+    """Calls a module and keeps its last inputs and outputs."""
+
+    def __init__(self, module):
+        self.module, self.config = module, module.config
+        self.last = None
+
+    def __call__(self, *args, **kwargs):
+        out = self.module(*args, **kwargs)
+        self.last = (args, out)
+        return out
+
+
+class _VAERecorder:
+    def __init__(self, vae):
+        self.vae, self.config = vae, vae.config
+        self.last_decode = None
+
+    def decode(self, z):
+        image = self.vae.decode(z)
+        self.last_decode = ((z,), image)
+        return image
+
+    def encode(self, image):
+        return self.vae.encode(image)
+
+
+def _random_inputs(manifest, configs, device, g):
+    """Fresh inputs at the export's shapes: (B images, guidance doubles the UNet's batch)."""
+    n, f = manifest["batch"], configs["vae"].scale_factor
+    h, w = manifest["height"] // f, manifest["width"] // f
+    unet, text, vae = configs["unet"], configs["text_encoder"], configs["vae"]
+    seq = text.max_position_embeddings
+
+    def randn(*shape, mean=0.0, std=1.0):
+        return (mean + std * torch.randn(shape, generator=g)).to(device)
+
+    return {
+        # One prompt and its negative, as a guided generation encodes them.
+        "text_encoder": {"input_ids": torch.randint(0, text.vocab_size, (2, seq),
+                                                    generator=g).to(device)},
+        "unet": {"sample": randn(2 * n, unet.in_channels, h, w, mean=-0.3),
+                 "timestep": torch.tensor([float(torch.randint(1, 999, (1,), generator=g)) + 0.5],
+                                          device=device),
+                 "encoder_hidden_states": randn(2 * n, seq, unet.cross_attention_dim, mean=0.1)},
+        # Unscaled latents, as the decoder sees them: ~N(0, 1) / 0.18215 for SD.
+        "vae_decoder": {"latent": randn(n, vae.latent_channels, h, w, mean=0.5, std=3.0)},
+        "vae_encoder": {"image": randn(n, vae.in_channels, h * f, w * f, mean=-0.1,
+                                       std=0.5).clamp(-1, 1)},
+    }
+
+
+def _generation_inputs(c, manifest, device):
+    """The inputs each network saw in a 2-step guided generation at the export's shapes."""
+    from sdrt.engine.loading import Components
+    from sdrt.engine.pipeline import Pipeline
+    text, unet, vae = _Recorder(c.text_encoder), _Recorder(c.unet), _VAERecorder(c.vae)
+    pipe = Pipeline(Components(text, unet, vae, c.tokenizer, c.scheduler_config, c.source),
+                    device, torch.float32)
+    pipe(PROMPT, height=manifest["height"], width=manifest["width"], num_inference_steps=2,
+         guidance_scale=7.5, seed=0, num_images_per_prompt=manifest["batch"], output_type="np")
+    (ids,), _ = text.last
+    (sample, t, states), _ = unet.last
+    (z,), image = vae.last_decode
+    return {"text_encoder": {"input_ids": ids},
+            "unet": {"sample": sample, "timestep": t.reshape(-1)[:1].float(),
+                     "encoder_hidden_states": states},
+            "vae_decoder": {"latent": z},
+            "vae_encoder": {"image": image.clamp(-1, 1)}}
+
+
+def _reference(c, name, feeds):
+    """sdrt's outputs for one network, as a tuple in the export's output order."""
+    if name == "text_encoder":
+        return (c.text_encoder(feeds["input_ids"]),)
+    if name == "unet":
+        return (c.unet(feeds["sample"], feeds["timestep"], feeds["encoder_hidden_states"]),)
+    if name == "vae_decoder":
+        return (c.vae.decode(feeds["latent"]),)
+    return tuple(c.vae.encode(feeds["image"]))
+
+
+class _NoTF32:
+    """Full-precision float32 on the GPU while the reference runs (TF32 would be off by 1e-3)."""
+
+    def __enter__(self):
+        self.saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
+
+
+@torch.no_grad()
+def check_onnx(onnx_dir, model_path=None, device=None, seed=0):
+    """Run every exported network in onnxruntime and in sdrt; a list of CheckRow, one per
+    (network output, input set). ``model_path`` defaults to the model the export came from."""
+    from sdrt.engine.loading import load
+    from sdrt.engine.pipeline import resolve_device
+    device, _ = resolve_device(device, torch.float32)
+    sessions, manifest = load_sessions(onnx_dir, device, tf32=False)
+    model_path = model_path or manifest.get("source")
+    if not model_path:
+        raise SdrtError("no model to compare with: pass --model")
+    c = load(model_path, device, torch.float32)
+    configs = {"unet": c.unet.config, "vae": c.vae.config, "text_encoder": c.text_encoder.config}
+    tol = TOLERANCES[manifest["dtype"]]
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    with _NoTF32():
+        input_sets = {"random": _random_inputs(manifest, configs, device, g),
+                      "generation": _generation_inputs(c, manifest, device)}
+        for name in NAMES:
+            for kind, inputs in input_sets.items():
+                feeds = inputs[name]
+                ours = sessions[name](**feeds)
+                ref = _reference(c, name, feeds)
+                outputs = NAMES[name][1]
+                for out_name, o, r in zip(outputs, ours, ref):
+                    label = name if len(outputs) == 1 else f"{name}.{out_name}"
+                    rows.append(compare(label, kind, o, r, tol))
+    return rows
+
+
+def format_table(rows):
+    """A plain-text table: model, inputs, max abs error, relative error, tolerance, result."""
+    header = ("model", "inputs", "max abs error", "relative error", "tolerance", "result")
+    lines = [(r.model, r.inputs, f"{r.max_abs:.3e}", f"{r.rel:.3e}", f"{r.tol:.0e}",
+              "pass" if r.passed else "FAIL") for r in rows]
+    widths = [max(len(x[i]) for x in [header] + lines) for i in range(len(header))]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(x) for x in lines])
