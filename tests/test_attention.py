@@ -6,11 +6,10 @@ not support bfloat16 yet).
 """
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from hopper_compile import assert_compiles_for_hopper, compile_sm90
 
 from sdrt.kernels.attention import _blocks, attention, attention_reference
 
@@ -138,12 +137,8 @@ def test_attention_sd_shapes_gpu(triton_backend, shape, dtype, atol, rtol):
 
 
 def compile_for_hopper():
-    """Compile the SD variants for sm_90 (run in a process without TRITON_INTERPRET)."""
+    """Compile the SD variants for sm_90 (run by ``assert_compiles_for_hopper``)."""
     import importlib
-
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile
-
     mod = importlib.import_module("sdrt.kernels.attention")
     fn = mod._attention_kernel
     ints = [n for n in fn.arg_names if n.startswith("stride_")] + ["H", "S", "T"]
@@ -152,20 +147,12 @@ def compile_for_hopper():
         block_m, block_n, block_d, warps, stages, cross = mod._blocks(d, t)
         consts = {"HEAD_D": d, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d,
                   "ONE_KEY_BLOCK": cross}
-        sig = {n: "constexpr" if n in consts else "i32" if n in ints else
-               "fp32" if n == "qk_scale" else "*fp16" for n in fn.arg_names}
-        src = ASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in consts.items()})
-        compile(src, target=GPUTarget("cuda", 90, 32),
-                options={"num_warps": warps, "num_stages": stages})
+        sig = {n: "i32" if n in ints else "fp32" if n == "qk_scale" else "*fp16"
+               for n in fn.arg_names}
+        compile_sm90(fn, sig, consts, num_warps=warps, num_stages=stages)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other tests compile it")
 def test_attention_compiles_for_hopper():
-    # The interpreter never runs Triton's compiler; this does, for sm_90, without a GPU.
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c",
-                        "import test_attention as t; t.compile_for_hopper()"],
-                       cwd=os.path.dirname(__file__), env=env, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert_compiles_for_hopper("test_attention")

@@ -1,10 +1,8 @@
 """kernels/geglu.py: the Triton kernel (interpreted on CPU) against float64 GEGLU."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from hopper_compile import assert_compiles_for_hopper, compile_sm90
 import torch.nn.functional as F
 
 from sdrt.kernels.geglu import geglu, geglu_reference
@@ -102,27 +100,15 @@ def test_geglu_sd_shapes_gpu(triton_backend, shape, dtype, atol, rtol):
 
 
 def compile_for_hopper():
-    """Compile the kernel for sm_90 (run in a process without TRITON_INTERPRET)."""
+    """Compile the kernel for sm_90 (run by ``assert_compiles_for_hopper``)."""
     import importlib
-
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile
-
     fn = importlib.import_module("sdrt.kernels.geglu")._geglu_kernel
     sig = {"H": "*bf16", "Y": "*bf16", "n_rows": "i32", "n_out": "i32", "stride_h": "i32",
            "stride_y": "i32"}
-    consts = {"BLOCK_M": 4, "BLOCK_F": 1024}
-    src = ASTSource(fn, {**sig, **{k: "constexpr" for k in consts}},
-                    {(fn.arg_names.index(k),): v for k, v in consts.items()})
-    compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    compile_sm90(fn, sig, {"BLOCK_M": 4, "BLOCK_F": 1024})
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other tests compile it")
 def test_geglu_compiles_for_hopper():
-    # The interpreter never runs Triton's compiler; this does, for sm_90, without a GPU.
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", "import test_geglu as t; t.compile_for_hopper()"],
-                       cwd=os.path.dirname(__file__), env=env, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert_compiles_for_hopper("test_geglu")

@@ -3,12 +3,10 @@
 The comparison is with float64 math rather than ``group_norm_reference``: PyTorch's CPU
 GroupNorm on channels_last float32 input is itself off by ~2e-4 at these sizes.
 """
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from hopper_compile import assert_compiles_for_hopper, compile_sm90
 import torch.nn.functional as F
 
 from sdrt.kernels.group_norm import group_norm, group_norm_reference
@@ -147,12 +145,8 @@ def test_group_norm_sd_shapes_gpu(triton_backend, shape, channels_last, dtype, a
 
 
 def compile_for_hopper():
-    """Compile the kernels' variants for sm_90 (run in a process without TRITON_INTERPRET)."""
+    """Compile the kernels' variants for sm_90 (run by ``assert_compiles_for_hopper``)."""
     import importlib
-
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile
-
     mod = importlib.import_module("sdrt.kernels.group_norm")
     ints = ("HW", "G", "cpg", "s_per_split", "tiles_per_split", "stride_n", "stride_c",
             "stride_s", "stride_xn", "stride_xc", "stride_xs", "stride_yn", "stride_yc",
@@ -167,27 +161,13 @@ def compile_for_hopper():
                                         "BLOCK_SPLITS": 64}),
     ]
     for fn, consts in variants:
-        sig = {}
-        for name in fn.arg_names:
-            if name in consts:
-                sig[name] = "constexpr"
-            elif name in ints:
-                sig[name] = "i32"
-            elif name == "eps":
-                sig[name] = "fp32"
-            else:  # pointers
-                sig[name] = "*fp32" if name in ("W", "B", "PARTIAL") else "*fp16"
-        src = ASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in consts.items()})
-        compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        # Pointers are fp16 tensors, but for the fp32 weights, bias and partial statistics.
+        sig = {n: "i32" if n in ints else "fp32" if n == "eps" else
+               "*fp32" if n in ("W", "B", "PARTIAL") else "*fp16" for n in fn.arg_names}
+        compile_sm90(fn, sig, consts)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other tests compile it")
 def test_group_norm_compiles_for_hopper():
-    # The interpreter never runs Triton's compiler; this does, for sm_90, without a GPU.
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c",
-                        "import test_group_norm as t; t.compile_for_hopper()"],
-                       cwd=os.path.dirname(__file__), env=env, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert_compiles_for_hopper("test_group_norm")

@@ -1,10 +1,8 @@
 """kernels/layer_norm.py: the Triton kernel (interpreted on CPU) against float64 LayerNorm."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from hopper_compile import assert_compiles_for_hopper, compile_sm90
 import torch.nn.functional as F
 
 from sdrt.kernels.layer_norm import layer_norm, layer_norm_reference
@@ -119,30 +117,17 @@ def test_layer_norm_sd_shapes_gpu(triton_backend, shape, dtype, atol, rtol):
 
 
 def compile_for_hopper():
-    """Compile every kernel variant for sm_90 (run in a process without TRITON_INTERPRET)."""
+    """Compile every kernel variant for sm_90 (run by ``assert_compiles_for_hopper``)."""
     import importlib
-
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile
-
-    mod = importlib.import_module("sdrt.kernels.layer_norm")
-    fn = mod._layer_norm_kernel
+    fn = importlib.import_module("sdrt.kernels.layer_norm")._layer_norm_kernel
     sig = {"X": "*fp16", "W": "*fp32", "B": "*fp32", "Y": "*fp16", "n_rows": "i32",
            "n_cols": "i32", "stride_x": "i32", "stride_y": "i32", "eps": "fp32"}
     for has_w, block_m, block_n in ((True, 8, 512), (False, 1, 4096)):
-        consts = {"HAS_WEIGHT": has_w, "HAS_BIAS": has_w, "BLOCK_M": block_m,
-                  "BLOCK_N": block_n}
-        src = ASTSource(fn, {**sig, **{k: "constexpr" for k in consts}},
-                        {(fn.arg_names.index(k),): v for k, v in consts.items()})
-        compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        compile_sm90(fn, sig, {"HAS_WEIGHT": has_w, "HAS_BIAS": has_w, "BLOCK_M": block_m,
+                               "BLOCK_N": block_n})
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other tests compile it")
 def test_layer_norm_compiles_for_hopper():
-    # The interpreter never runs Triton's compiler; this does, for sm_90, without a GPU.
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", "import test_layer_norm as t; "
-                        "t.compile_for_hopper()"], cwd=os.path.dirname(__file__), env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert_compiles_for_hopper("test_layer_norm")
