@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import use_triton
+from ._rows import as_rows
 
 try:
     import triton
@@ -45,16 +46,6 @@ if triton is not None:
                  y.to(Y.dtype.element_ty), mask=mask)
 
 
-def _rows(t, what):
-    """``t`` as rows × last dim without copying; ValueError if its strides don't allow it."""
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
-        raise ValueError(f"geglu: {what} needs a contiguous last dimension, "
-                         f"got strides {t.stride()}")
-    try:
-        return t.view(-1, t.shape[-1])
-    except RuntimeError:
-        raise ValueError(f"geglu: the leading dimensions of {what} (shape {tuple(t.shape)}, "
-                         f"strides {t.stride()}) do not collapse into rows of one stride") from None
 
 
 def _geglu_triton(h, out=None):
@@ -63,10 +54,10 @@ def _geglu_triton(h, out=None):
     if h.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"geglu: dtype {h.dtype} is not float32, float16 or bfloat16")
     n_out = h.shape[-1] // 2
-    h2 = _rows(h, "h")
+    h2 = as_rows(h, "geglu", "h")
     if out is None:
         out = torch.empty(*h.shape[:-1], n_out, dtype=h.dtype, device=h.device)
-    y2 = _rows(out, "out")
+    y2 = as_rows(out, "geglu", "out")
     n_rows = h2.shape[0]
     if n_rows == 0 or n_out == 0:
         return out

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import use_triton
+from ._rows import as_rows
 
 try:
     import triton
@@ -59,17 +60,6 @@ if triton is not None:
                  mask=mask)
 
 
-def _rows(t, what):
-    """``t`` as rows × last dim without copying; ValueError if its strides don't allow it."""
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
-        raise ValueError(f"layer_norm: {what} needs a contiguous last dimension, "
-                         f"got strides {t.stride()}")
-    try:
-        return t.view(-1, t.shape[-1])
-    except RuntimeError:
-        raise ValueError(f"layer_norm: the leading dimensions of {what} (shape "
-                         f"{tuple(t.shape)}, strides {t.stride()}) do not collapse into rows "
-                         "of one stride") from None
 
 
 def _layer_norm_triton(x, weight, bias, eps, out=None):
@@ -85,10 +75,10 @@ def _layer_norm_triton(x, weight, bias, eps, out=None):
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and p.shape[0] > 1 and p.stride(0) != 1:
             raise ValueError(f"layer_norm: {name} must be contiguous")
-    x2 = _rows(x, "x")
+    x2 = as_rows(x, "layer_norm", "x")
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    y2 = _rows(out, "out")
+    y2 = as_rows(out, "layer_norm", "out")
     n_rows = x2.shape[0]
     if n_rows == 0 or n_cols == 0:
         return out

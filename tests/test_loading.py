@@ -15,13 +15,20 @@ def _image(pipe, **kw):
                 height=16, width=16, output_type="np", **kw)
 
 
-def test_single_file_checkpoint_loads_to_the_same_outputs(tiny_model, tmp_path):
-    family, folder, ref = tiny_model
+def _write_ldm_file(tiny_model, folder):
+    """The tiny reference model's weights as one LDM-layout .safetensors file."""
+    family, _, ref = tiny_model
     cfgs = {"unet": dict(ref.unet.config), "vae": dict(ref.vae.config),
             "text_encoder": ref.text_encoder.config.to_dict()}
     ldm, _ = to_ldm(family, (ref.unet, ref.vae, ref.text_encoder), cfgs)
-    path = str(tmp_path / "model.safetensors")
+    path = str(folder / "model.safetensors")
     save_file({k: v.contiguous() for k, v in ldm.items()}, path)
+    return path
+
+
+def test_single_file_checkpoint_loads_to_the_same_outputs(tiny_model, tmp_path):
+    family, folder, _ = tiny_model
+    path = _write_ldm_file(tiny_model, tmp_path)
 
     from_folder = Pipeline.from_pretrained(folder, device="cpu")
     from_file = Pipeline.from_pretrained(path, device="cpu", config=folder)
@@ -36,12 +43,7 @@ def test_single_file_checkpoint_loads_to_the_same_outputs(tiny_model, tmp_path):
 
 def test_single_file_without_config_uses_the_real_sd_config(tiny_model, tmp_path):
     # Tiny weights do not fit the real SD 1.5 / 2.1 config: the error names key and both shapes.
-    family, folder, ref = tiny_model
-    cfgs = {"unet": dict(ref.unet.config), "vae": dict(ref.vae.config),
-            "text_encoder": ref.text_encoder.config.to_dict()}
-    ldm, _ = to_ldm(family, (ref.unet, ref.vae, ref.text_encoder), cfgs)
-    path = str(tmp_path / "model.safetensors")
-    save_file({k: v.contiguous() for k, v in ldm.items()}, path)
+    path = _write_ldm_file(tiny_model, tmp_path)
     with pytest.raises(SdrtError, match="has no place in|has shape .* the config expects"):
         Pipeline.from_pretrained(path, device="cpu")
 
