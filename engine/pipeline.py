@@ -3,8 +3,10 @@
 Semantics follow diffusers' StableDiffusionPipeline / StableDiffusionImg2ImgPipeline: the same
 ``latents`` (or the same seed on a CPU generator) give the same image.
 """
+import copy
 import random
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -47,6 +49,11 @@ def _as_list(x, what):
     raise SdrtError(f"{what} must be a string or a non-empty list of strings")
 
 
+def _decode(vae, latents):
+    shift = vae.config.shift_factor or 0.0
+    return vae.decode(latents / vae.config.scaling_factor + shift)
+
+
 class Pipeline:
     """``Pipeline.from_pretrained(path)(prompt)`` → images."""
 
@@ -62,6 +69,7 @@ class Pipeline:
         self.timings = {}
         self.last_seed = None
         self.runtime = None  # set by compile()
+        self._vae_fp32 = None  # made on the first fp16 decode that overflows
         if device.type == "cuda":
             # Time the fused GroupNorm+SiLU conv against group_norm + cuDNN once per shape and
             # keep the faster, so no shape gets slower than the unfused path.
@@ -166,9 +174,17 @@ class Pipeline:
 
     @torch.no_grad()
     def decode_latents(self, latents):
-        """Scaled latents → float32 images (B, H, W, 3) in [0, 1] on the CPU."""
-        shift = self.vae.config.shift_factor or 0.0
-        image = self.vae.decode(latents / self.vae.config.scaling_factor + shift)
+        """Scaled latents → float32 images (B, H, W, 3) in [0, 1] on the CPU.
+
+        A low-precision decode that overflows (inf/NaN: the known fp16 VAE failure) is done
+        again in float32, so no request returns a black or NaN image.
+        """
+        image = _decode(self.vae, latents)
+        if not torch.isfinite(image).all() and self.dtype != torch.float32:
+            warnings.warn(f"VAE decode overflowed in {self.dtype}; decoding again in float32")
+            if self._vae_fp32 is None:
+                self._vae_fp32 = copy.deepcopy(self.vae).float()
+            image = _decode(self._vae_fp32, latents.float())
         return (image.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
 
     def _clock(self):
@@ -290,7 +306,10 @@ class Pipeline:
         self.timings = plan.run(ids, noise, guidance_scale, step_noise, clock=self._clock)
         if output_type == "latent":
             return plan.latents.clone()
-        return plan.image.to("cpu", copy=True).numpy()  # the plan's buffer is reused
+        images = plan.image.to("cpu", copy=True).numpy()  # the plan's buffer is reused
+        # The graph decoded in the pipeline's dtype; on overflow, decode again eagerly
+        # (clamping would have turned inf into white and NaN into black).
+        return images if plan.decode_finite() else self.decode_latents(plan.latents)
 
     def _noise(self, latents, shape, generator):
         if latents is None:

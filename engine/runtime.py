@@ -65,6 +65,7 @@ class StaticPlan:
         self.latents = torch.zeros(self.latent_shape, dtype=dtype, device=dev)
         self.image = torch.zeros(shape.batch_size, shape.height, shape.width, 3,
                                  dtype=torch.float32, device=dev)
+        self.finite = torch.ones((), dtype=torch.bool, device=dev)
         self.graphs = None
         if dev.type == "cuda":
             self._capture()
@@ -93,7 +94,12 @@ class StaticPlan:
         vae = self.pipe.vae
         shift = vae.config.shift_factor or 0.0
         image = vae.decode(self.latents / vae.config.scaling_factor + shift)
+        self.finite.copy_(torch.isfinite(image).all())
         self.image.copy_((image.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1))
+
+    def decode_finite(self):
+        """Whether the last decode stayed finite (read once per request, after the replay)."""
+        return bool(self.finite)
 
     def _stages(self):
         return (self._encode, self._denoise, self._decode)

@@ -103,3 +103,23 @@ def test_graph_replays_with_changing_prompts_equal_eager_and_do_not_grow_memory(
              sampler="euler_a", output_type="np")
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() <= before, "memory grew over 200 replays"
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+def test_fp16_vae_overflow_is_decoded_again_in_fp32(static):
+    from sdrt.engine.tiny import tiny_components
+    c = tiny_components()
+    with torch.no_grad():
+        # Weights stay finite in fp16 (~6e3) but outputs reach ~1e5, past fp16's 65504.
+        c.vae.decoder.conv_out.weight.mul_(2e5)
+    for m in (c.text_encoder, c.unet, c.vae):
+        m.to(torch.float16)
+    pipe = Pipeline(c, torch.device("cpu"), torch.float16)
+    if static:
+        pipe.compile(height=64, width=64, num_inference_steps=2, sampler="euler")
+    with pytest.warns(UserWarning, match="overflowed in torch.float16"):
+        image = pipe("a fox", height=64, width=64, num_inference_steps=2, sampler="euler",
+                     seed=0, output_type="np")
+    assert np.isfinite(image).all()
+    # Saturated to 0 and 1, not the NaN-turned-black of an unguarded decode.
+    assert (image == 1).any() and (image == 0).any()
