@@ -78,10 +78,18 @@ class ResnetBlock2D(nn.Module):
 
 
 def use_conv_chooser(model, chooser):
-    """Run every ResNet block of ``model`` through ``chooser`` (a ``ConvPathChooser``)."""
+    """Run every GroupNorm+SiLU+conv of ``model`` (each module holding a ``gn_silu_conv``)
+    through ``chooser`` (a ``ConvPathChooser``)."""
     for m in model.modules():
-        if isinstance(m, ResnetBlock2D):
+        if hasattr(m, "gn_silu_conv"):
             m.gn_silu_conv = chooser
+
+
+def norm_silu_conv(owner, norm, conv, x):
+    """``conv(silu(norm(x)))`` through ``owner.gn_silu_conv``: the output head of the UNet
+    and of the VAE's encoder and decoder."""
+    return owner.gn_silu_conv(x, norm.weight, norm.bias, norm.num_groups, conv.weight,
+                              conv.bias, eps=norm.eps, padding=conv.padding[0])
 
 
 class Downsample2D(nn.Module):

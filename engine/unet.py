@@ -8,7 +8,7 @@ from sdrt import kernels
 
 from .errors import SdrtError
 from .layers import (Attention, Downsample2D, GroupNorm, LayerNorm, ResnetBlock2D,
-                     TimestepEmbedding, Upsample2D, timestep_embedding)
+                     TimestepEmbedding, Upsample2D, norm_silu_conv, timestep_embedding)
 
 
 def per_block(value, n, name):
@@ -268,6 +268,7 @@ class UNet2DConditionModel(nn.Module):
 
         self.conv_norm_out = GroupNorm(cfg.norm_num_groups, ch[0], cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+        self.gn_silu_conv = kernels.group_norm_silu_conv2d
 
     def forward(self, sample, timestep, encoder_hidden_states):
         """sample (B, C, h, w); timestep 0-d or (B,); encoder_hidden_states (B, T, D)."""
@@ -291,5 +292,4 @@ class UNet2DConditionModel(nn.Module):
             # Upsample to the next skip's size so odd latent sizes line up with the down path.
             size = skips[-1].shape[2:] if skips else None
             x = block.up(x, level, emb, encoder_hidden_states, size)
-        x = self.conv_norm_out(x, activation="silu")
-        return self.conv_out(x)
+        return norm_silu_conv(self, self.conv_norm_out, self.conv_out, x)

@@ -4,8 +4,11 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
+from sdrt import kernels
+
 from .errors import SdrtError
-from .layers import Downsample2D, GroupNorm, ResnetBlock2D, SpatialSelfAttention, Upsample2D
+from .layers import (Downsample2D, GroupNorm, ResnetBlock2D, SpatialSelfAttention, Upsample2D,
+                     norm_silu_conv)
 
 _EPS = 1e-6  # diffusers' VAE uses 1e-6 in every norm
 
@@ -93,13 +96,14 @@ class Encoder(nn.Module):
         self.mid_block = VAEMidBlock(ch[-1], g, cfg.mid_block_add_attention)
         self.conv_norm_out = GroupNorm(g, ch[-1], _EPS)
         self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+        self.gn_silu_conv = kernels.group_norm_silu_conv2d
 
     def forward(self, x):
         x = self.conv_in(x)
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(self.conv_norm_out(x, activation="silu"))
+        return norm_silu_conv(self, self.conv_norm_out, self.conv_out, x)
 
 
 class Decoder(nn.Module):
@@ -113,12 +117,13 @@ class Decoder(nn.Module):
                      "up" if i < n - 1 else None) for i in range(n))
         self.conv_norm_out = GroupNorm(g, rch[-1], _EPS)
         self.conv_out = nn.Conv2d(rch[-1], cfg.out_channels, 3, padding=1)
+        self.gn_silu_conv = kernels.group_norm_silu_conv2d
 
     def forward(self, z):
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(self.conv_norm_out(x, activation="silu"))
+        return norm_silu_conv(self, self.conv_norm_out, self.conv_out, x)
 
 
 class AutoencoderKL(nn.Module):
