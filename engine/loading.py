@@ -31,11 +31,19 @@ class Components:
     source: str
 
 
-def build(component, config_dict, device="meta"):
+def build(component, config_dict, device="meta", where=None):
     """One of our modules from its diffusers config dict, with uninitialised parameters."""
     model_cls, config_cls = MODEL_CLASSES[component]
-    with torch.device(device):
-        return model_cls(config_cls.from_dict(config_dict))
+    try:
+        with torch.device(device):
+            return model_cls(config_cls.from_dict(config_dict))
+    except SdrtError:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError) as e:
+        # A config that parses but does not describe a model (a string where a number goes,
+        # channels that do not split into groups, ...).
+        raise SdrtError(f"{where or component}: the {component} config does not describe a "
+                        f"model sdrt can build ({type(e).__name__}: {e})") from None
 
 
 def _flat_text_key(name):
@@ -44,7 +52,7 @@ def _flat_text_key(name):
 
 
 def load_component(component, config_dict, source, device, dtype, where):
-    module = build(component, config_dict)
+    module = build(component, config_dict, where=where)
     rename = None
     if component == "text_encoder" and not any(k.startswith("text_model.") for k in source):
         rename = _flat_text_key

@@ -69,3 +69,21 @@ def test_pickle_checkpoints_are_refused(tmp_path):
         (tmp_path / name).write_bytes(b"\x80\x04pickle")
         with pytest.raises(SdrtError, match="convert it to .safetensors"):
             Pipeline.from_pretrained(str(tmp_path / name), device="cpu")
+
+
+def test_sharded_weights(tiny_sd1, tmp_path):
+    # diffusers' own sharding: *.safetensors.index.json naming several shard files.
+    from diffusers import UNet2DConditionModel
+    folder, _ = tiny_sd1
+    sharded = tmp_path / "sharded"
+    import shutil
+    shutil.copytree(folder, sharded)
+    shutil.rmtree(sharded / "unet")
+    UNet2DConditionModel.from_pretrained(f"{folder}/unet").save_pretrained(
+        sharded / "unet", max_shard_size="200KB")
+    assert len(list((sharded / "unet").glob("*.safetensors"))) > 1, "no shards were written"
+    assert (sharded / "unet" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    whole = Pipeline.from_pretrained(folder, device="cpu")
+    parts = Pipeline.from_pretrained(str(sharded), device="cpu")
+    for name, p in whole.unet.named_parameters():
+        assert torch.equal(p, dict(parts.unet.named_parameters())[name]), name
