@@ -119,3 +119,34 @@ def test_bad_arguments_raise_sdrt_error(pipes, kwargs, message):
     _, ours, _ = pipes
     with pytest.raises(SdrtError, match=message):
         ours(PROMPTS[0], **{"num_inference_steps": 2, **kwargs})
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_turbo_style_trailing_euler_without_guidance(tiny_model, tmp_path, steps):
+    # SD-Turbo ships EulerDiscreteScheduler with trailing timesteps and runs 1-4 steps with
+    # guidance 0: the config is read from the folder's scheduler_config.json, as a user's is.
+    import json
+    import shutil
+
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    family, folder, _ = tiny_model
+    turbo = tmp_path / "turbo"
+    shutil.copytree(folder, turbo)
+    config_path = turbo / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(_class_name="EulerDiscreteScheduler", timestep_spacing="trailing",
+                  prediction_type="epsilon")
+    config_path.write_text(json.dumps(config))
+    index = json.loads((turbo / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "EulerDiscreteScheduler"]  # where diffusers looks
+    (turbo / "model_index.json").write_text(json.dumps(index))
+    ref = StableDiffusionPipeline.from_pretrained(str(turbo), safety_checker=None,
+                                                  requires_safety_checker=False)
+    assert isinstance(ref.scheduler, EulerDiscreteScheduler)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    expected = ref(PROMPTS[0], num_inference_steps=steps, guidance_scale=0.0, latents=latents,
+                   height=16, width=16, output_type="np").images
+    ours = Pipeline.from_pretrained(str(turbo), device="cpu")
+    got = ours(PROMPTS[0], num_inference_steps=steps, guidance_scale=0.0, latents=latents,
+               height=16, width=16, output_type="np")
+    assert_close_abs(got, expected, IMAGE_ATOL, f"{family} turbo-style, {steps} steps")
