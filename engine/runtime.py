@@ -12,6 +12,7 @@ not built is built on the spot (logged), or refused with ``SdrtError`` in strict
 """
 import logging
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -168,10 +169,16 @@ class StaticRuntime:
         return plan
 
     def plan_for(self, shape: StaticShape) -> StaticPlan:
+        """The plan of a request's shape: built before, built now (with a warning saying what
+        it cost), or, in strict mode, refused."""
         if shape in self.plans:
             self.plans.move_to_end(shape)
             return self.plans[shape]
         if self.strict:
             built = "; ".join(s.describe() for s in self.plans) or "none"
             raise SdrtError(f"no static plan for {shape.describe()} (strict mode; built: {built})")
-        return self.build(shape)
+        plan = self.build(shape)
+        warnings.warn(f"built a static plan for {shape.describe()} on demand in "
+                      f"{plan.build_seconds:.2f} s; Pipeline.compile builds it ahead of time",
+                      stacklevel=3)
+        return plan

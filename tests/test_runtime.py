@@ -57,9 +57,11 @@ def test_unbuilt_shape_is_built_and_cached_lru(pipe):
     pipe.compile(height=16, width=16, num_inference_steps=2, sampler="ddim", max_shapes=2)
     run = lambda h, w: pipe("a fox", height=h, width=w, num_inference_steps=2, sampler="ddim",
                             seed=0, output_type="latent")
-    run(16, 24)                     # a second shape: built, two cached
+    with pytest.warns(UserWarning, match=r"built a static plan for 24x16, batch 1, 2 steps"):
+        run(16, 24)                 # a second shape: built on demand (reported), two cached
     run(16, 16)                     # the first again: now the most recently used
-    run(24, 16)                     # a third: the least recently used (16×24) is dropped
+    with pytest.warns(UserWarning, match="on demand"):
+        run(24, 16)                 # a third: the least recently used (24×16) is dropped
     assert [(s.height, s.width) for s in pipe.runtime.plans] == [(16, 16), (24, 16)]
 
 
