@@ -248,7 +248,8 @@ class Pipeline:
         batch = len(prompts) * num_images_per_prompt
         shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor,
                  width // self.vae_scale_factor)
-        if self.runtime is not None and init is None:
+        # Static plans cover text-to-image with the final text layer; the rest runs eagerly.
+        if self.runtime is not None and init is None and clip_skip == 0:
             images = self._run_static(
                 StaticShape(height, width, batch, num_inference_steps, sampler, cfg),
                 (negatives or []) + prompts, num_images_per_prompt,

@@ -125,3 +125,12 @@ def test_fp16_vae_overflow_is_decoded_again_in_fp32(static):
     assert np.isfinite(image).all()
     # Saturated to 0 and 1, not the NaN-turned-black of an unguarded decode.
     assert (image == 1).any() and (image == 0).any()
+
+
+def test_clip_skip_requests_bypass_the_static_plan(pipe):
+    pipe.runtime = None
+    pipe.compile(height=16, width=16, num_inference_steps=2, sampler="ddim")
+    kw = dict(prompt="a fox", height=16, width=16, num_inference_steps=2, sampler="ddim",
+              seed=4, output_type="np", clip_skip=1)
+    assert np.array_equal(pipe(**kw), _eager(pipe, **kw))
+    assert np.abs(pipe(**kw) - pipe(**{**kw, "clip_skip": 0})).max() > 1e-4
