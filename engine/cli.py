@@ -5,8 +5,8 @@ half-written output file (images are written to a temporary name, then renamed).
 """
 import argparse
 import os
+import secrets
 import sys
-import tempfile
 import time
 
 from .errors import SdrtError
@@ -101,6 +101,8 @@ def _parser():
 
 
 def _check_generate_args(a):
+    """Checks that need no model, made before loading one (which can take a minute); the
+    pipeline checks again against the model itself (e.g. its VAE's scale factor)."""
     from .samplers import SAMPLERS
     if a.sampler is not None and a.sampler not in SAMPLERS:
         raise SdrtError(f"unknown sampler {a.sampler!r}: choose one of {', '.join(SAMPLERS)}")
@@ -146,19 +148,24 @@ def _parameters_text(a, seed, sampler, height, width, model):
     return "\n".join(lines + [", ".join(settings)])
 
 
+def _sibling(path, suffix):
+    """A fresh name beside ``path`` for writing it in full before renaming it into place."""
+    return f"{path}.{os.getpid()}-{secrets.token_hex(4)}{suffix}"
+
+
 def save_png(image, path, parameters):
     """Write ``image`` to ``path`` atomically, with a ``parameters`` text chunk."""
     from PIL import PngImagePlugin
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(suffix=".png.part", dir=folder)
+    tmp = _sibling(path, ".part")
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with open(tmp, "xb") as fh:  # created with the user's umask, unlike mkstemp's 0600
             image.save(fh, format="PNG", pnginfo=info)
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
         raise
 
 
@@ -190,27 +197,29 @@ def cmd_generate(a):
                                         config=a.config, prediction_type=a.prediction_type)
     from .samplers import default_sampler
     sampler = a.sampler or default_sampler(pipe.scheduler_config)
-    bar = tqdm(total=None, desc="denoising", unit="step", file=sys.stderr, leave=False)
+    bars = []  # drawn at the first step, so a request refused up front prints one line
 
     def progress(step, steps):
-        bar.total = steps
-        bar.update(1)
+        if not bars:
+            bars.append(tqdm(total=steps, desc="denoising", unit="step", file=sys.stderr,
+                             leave=False))
+        bars[0].update(1)
 
     images = pipe(a.prompt, negative_prompt=a.negative, height=a.height, width=a.width,
                   num_inference_steps=a.steps, guidance_scale=a.guidance, sampler=sampler,
                   seed=a.seed, image=init, strength=a.strength, num_images_per_prompt=a.batch,
                   clip_skip=a.clip_skip, callback=progress)
-    bar.close()
+    for bar in bars:
+        bar.close()
     width, height = images[0].size
     params = _parameters_text(a, pipe.last_seed, sampler, height, width, pipe.source)
     paths = _output_paths(a.output, len(images))
     for image, path in zip(images, paths):
         save_png(image, path, params)
     t = pipe.timings
-    steps = a.steps if init is None else max(1, int(a.steps * a.strength))
     print(f"text {t['text']:.2f} s · denoise {t['denoise']:.2f} s "
-          f"({steps / max(t['denoise'], 1e-9):.1f} steps/s) · decode {t['decode']:.2f} s · "
-          f"seed {pipe.last_seed} → {', '.join(paths)}")
+          f"({t['unet_calls'] / max(t['denoise'], 1e-9):.1f} UNet calls/s) · "
+          f"decode {t['decode']:.2f} s · seed {pipe.last_seed} → {', '.join(paths)}")
 
 
 def _onnx_pipeline(a):
@@ -219,6 +228,8 @@ def _onnx_pipeline(a):
     from sdrt.export.onnx_runtime import onnx_components
 
     from .pipeline import Pipeline, resolve_device
+    if a.dtype == "bf16":  # onnxruntime takes numpy arrays, and numpy has no bfloat16
+        raise SdrtError("--runtime onnx runs in the export's dtype (fp32 or fp16), not bf16")
     device, dtype = resolve_device(a.device, a.dtype or read_manifest(a.onnx_dir)["dtype"])
     c = onnx_components(a.onnx_dir, a.model, device)
     if a.prediction_type is not None:
@@ -228,12 +239,13 @@ def _onnx_pipeline(a):
 
 def cmd_make_tiny(a):
     from .tiny import write_tiny
-    if os.path.exists(a.dir) and os.listdir(a.dir):
-        raise SdrtError(f"{a.dir} exists and is not empty")
+    if os.path.exists(a.dir) and (not os.path.isdir(a.dir) or os.listdir(a.dir)):
+        raise SdrtError(f"{a.dir} exists and is not an empty folder")
     parent = os.path.dirname(os.path.abspath(a.dir))
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
         raise SdrtError(f"cannot write to {parent}")
-    tmp = tempfile.mkdtemp(prefix=".sdrt-tiny-", dir=parent)
+    tmp = _sibling(os.path.abspath(a.dir), ".part")
+    os.mkdir(tmp)  # with the user's umask, unlike mkdtemp's 0700
     try:
         write_tiny(tmp)
         if os.path.exists(a.dir):

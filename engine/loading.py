@@ -115,10 +115,11 @@ def load_single_file(path, device, dtype, config=None, prediction_type=None):
                        for c in MODEL_CLASSES}
             configs["scheduler"] = read_json(
                 os.path.join(config, "scheduler", "scheduler_config.json"), "scheduler config")
+            if prediction_type is not None:
+                configs["scheduler"] = {**configs["scheduler"], "prediction_type": prediction_type}
         else:
-            configs = family_configs(family)
-        if prediction_type is not None:
-            configs["scheduler"] = {**configs["scheduler"], "prediction_type": prediction_type}
+            # For SD 2.x, "epsilon" also picks the 512-base configs over the 768-v ones.
+            configs = family_configs(family, prediction_type)
         plan = ldm_to_diffusers(keys, family, configs["unet"], configs["vae"],
                                 configs["text_encoder"])
         get = lambda key: f.source[key]()

@@ -20,6 +20,7 @@ import torch
 
 from .errors import SdrtError
 from .samplers import make_schedule, sample
+from .stages import guided, to_unit_images, vae_decode
 
 log = logging.getLogger("sdrt")
 
@@ -46,6 +47,7 @@ class StaticPlan:
     def __init__(self, pipe, shape: StaticShape):
         start = time.perf_counter()
         self.pipe, self.shape = pipe, shape
+        self.scheduler_config = pipe.scheduler_config  # a new one means a new schedule
         dev, dtype = pipe.device, pipe.dtype
         f = pipe.vae_scale_factor
         self.latent_shape = (shape.batch_size, pipe.unet.config.in_channels,
@@ -78,25 +80,16 @@ class StaticPlan:
         self.states.copy_(self.pipe.text_encoder(self.ids))
 
     def _denoise(self):
-        unet, states, g, dtype = self.pipe.unet, self.states, self.guidance_scale, self.pipe.dtype
-        cfg = self.shape.guidance
-
-        def model(x, t):
-            if not cfg:
-                return unet(x.to(dtype), t, states)
-            uncond, cond = unet(torch.cat([x, x]).to(dtype), t, states).chunk(2)
-            return uncond + g.to(uncond.dtype) * (cond - uncond)
-
+        model = guided(self.pipe.unet, self.states, self.guidance_scale, self.shape.guidance,
+                       self.pipe.dtype)
         x = self.schedule.noise_latents(self.noise)
         x = sample(self.shape.sampler, model, x, self.schedule, noise=self.step_noise)
         self.latents.copy_(x)
 
     def _decode(self):
-        vae = self.pipe.vae
-        shift = vae.config.shift_factor or 0.0
-        image = vae.decode(self.latents / vae.config.scaling_factor + shift)
+        image = vae_decode(self.pipe.vae, self.latents)
         self.finite.copy_(torch.isfinite(image).all())
-        self.image.copy_((image.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1))
+        self.image.copy_(to_unit_images(image))
 
     def decode_finite(self):
         """Whether the last decode stayed finite (read once per request, after the replay)."""
@@ -150,30 +143,48 @@ class StaticRuntime:
     """An LRU cache of built ``StaticPlan``s for one pipeline."""
 
     def __init__(self, pipe, max_shapes=4, strict=False):
-        if max_shapes < 1:
-            raise SdrtError(f"max_shapes must be at least 1, got {max_shapes}")
-        self.pipe, self.max_shapes, self.strict = pipe, max_shapes, strict
+        self.pipe = pipe
         self.plans = OrderedDict()
+        self.configure(max_shapes, strict)
 
-    def build(self, shape: StaticShape) -> StaticPlan:
-        if shape in self.plans:
-            self.plans.move_to_end(shape)
-            return self.plans[shape]
-        plan = StaticPlan(self.pipe, shape)
-        self.plans[shape] = plan
+    def configure(self, max_shapes, strict):
+        """Change the cache's size and strictness, keeping the plans that still fit."""
+        if isinstance(max_shapes, bool) or not isinstance(max_shapes, int) or max_shapes < 1:
+            raise SdrtError(f"max_shapes must be at least 1, got {max_shapes}")
+        self.max_shapes, self.strict = max_shapes, strict
+        self._trim()
+
+    def _trim(self):
         while len(self.plans) > self.max_shapes:
             evicted, _ = self.plans.popitem(last=False)
             log.info("sdrt: dropped the static plan for %s", evicted.describe())
-        log.info("sdrt: built a static plan for %s in %.2f s", shape.describe(),
-                 plan.build_seconds)
+
+    def _cached(self, shape):
+        """The built plan of ``shape``, now the most recently used; None if there is none or
+        it was built for a scheduler config the pipeline no longer has."""
+        plan = self.plans.get(shape)
+        if plan is not None and plan.scheduler_config != self.pipe.scheduler_config:
+            del self.plans[shape]
+            plan = None
+        if plan is not None:
+            self.plans.move_to_end(shape)
+        return plan
+
+    def build(self, shape: StaticShape) -> StaticPlan:
+        plan = self._cached(shape)
+        if plan is None:
+            plan = self.plans[shape] = StaticPlan(self.pipe, shape)
+            self._trim()
+            log.info("sdrt: built a static plan for %s in %.2f s", shape.describe(),
+                     plan.build_seconds)
         return plan
 
     def plan_for(self, shape: StaticShape) -> StaticPlan:
         """The plan of a request's shape: built before, built now (with a warning saying what
         it cost), or, in strict mode, refused."""
-        if shape in self.plans:
-            self.plans.move_to_end(shape)
-            return self.plans[shape]
+        plan = self._cached(shape)
+        if plan is not None:
+            return plan
         if self.strict:
             built = "; ".join(s.describe() for s in self.plans) or "none"
             raise SdrtError(f"no static plan for {shape.describe()} (strict mode; built: {built})")

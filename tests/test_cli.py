@@ -34,6 +34,19 @@ def test_generate_builtin_tiny_model_writes_png_with_parameters(tmp_path, capsys
     assert params.startswith("a red fox\n") and "Steps: 4" in params and "Seed: 3" in params
     assert "denoise" in stdout and str(out) in stdout
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".part")]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask, "PNG not created with the umask"
+
+
+def test_make_tiny_refuses_a_file_and_a_non_empty_folder(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep").write_text("x")
+    for target in ("file", "full"):
+        code, _, err = _run(["make-tiny", str(tmp_path / target)], capsys)
+        assert code == 2 and "exists and is not an empty folder" in err
+    assert (tmp_path / "file").read_text() == "x" and (tmp_path / "full" / "keep").exists()
 
 
 def test_make_tiny_folder_loads_and_reproduces_builtin(tiny_dir, tmp_path, capsys):
@@ -108,6 +121,11 @@ BAD = {
                                            lambda f: _edit_config(f / "vae" / "config.json",
                                                                   norm_num_groups=7),
                                            "must be divisible by num_groups (7)"),
+    "clip skip past the text encoder": (["--clip-skip", "2"], None,
+                                        "clip_skip must be from 0 to 1, got 2"),
+    "seed past 64 bits": (["--seed", str(2 ** 64)], None, "seed must be an integer from 0"),
+    "init image smaller than a latent pixel": (["--init-image", "{tmp}/dot.png"], None,
+                                               "init image of 4x4 is smaller than 8 pixels"),
     "height not multiple of 8": (["--height", "100"], None, "--height must be a multiple of 8"),
     "width out of range": (["--width", "8192"], None, "--width must be a multiple of 8"),
     "zero steps": (["--steps", "0"], None, "must be at least 1"),
@@ -127,6 +145,7 @@ BAD = {
 def test_bad_input_is_one_line_and_exit_2(case, tiny_dir, tmp_path, capsys):
     extra, edit, fragment = BAD[case]
     Image.new("RGB", (32, 32)).save(tmp_path / "init.png")
+    Image.new("RGB", (4, 4)).save(tmp_path / "dot.png")
     (tmp_path / "notes.png").write_text("not an image")
     (tmp_path / "model.ckpt").write_bytes(b"PK\x03\x04 pickle")
     model = _broken_copy(tiny_dir, tmp_path, edit) if edit else None

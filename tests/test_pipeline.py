@@ -114,6 +114,9 @@ def test_output_types(pipes):
     (dict(output_type="tensor"), "output_type"),
     (dict(negative_prompt=["a", "b", "c"]), "negative prompts"),
     (dict(latents=torch.zeros(1, 4, 3, 3)), "latents have shape"),
+    (dict(clip_skip=-1), "clip_skip must be from 0"),
+    (dict(seed=-5), "seed must be an integer"),
+    (dict(image=np.zeros((16, 16), dtype=np.float32)), r"\(H, W, 3\) or \(B, H, W, 3\)"),
 ])
 def test_bad_arguments_raise_sdrt_error(pipes, kwargs, message):
     _, ours, _ = pipes
@@ -150,3 +153,14 @@ def test_turbo_style_trailing_euler_without_guidance(tiny_model, tmp_path, steps
     got = ours(PROMPTS[0], num_inference_steps=steps, guidance_scale=0.0, latents=latents,
                height=16, width=16, output_type="np")
     assert_close_abs(got, expected, IMAGE_ATOL, f"{family} turbo-style, {steps} steps")
+
+
+def test_img2img_accepts_a_list_of_arrays(pipes):
+    # A list of (H, W, 3) arrays means the same as one (B, H, W, 3) array.
+    _, ours, _ = pipes
+    rng = np.random.default_rng(5)
+    arrays = [rng.random((16, 16, 3), dtype=np.float32) for _ in range(2)]
+    kw = dict(num_inference_steps=4, strength=0.5, seed=3, sampler="ddim", output_type="np")
+    from_list = ours(PROMPTS, image=arrays, **kw)
+    assert from_list.shape == (2, 16, 16, 3)
+    assert np.array_equal(from_list, ours(PROMPTS, image=np.stack(arrays), **kw))

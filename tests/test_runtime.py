@@ -134,3 +134,30 @@ def test_clip_skip_requests_bypass_the_static_plan(pipe):
               seed=4, output_type="np", clip_skip=1)
     assert np.array_equal(pipe(**kw), _eager(pipe, **kw))
     assert np.abs(pipe(**kw) - pipe(**{**kw, "clip_skip": 0})).max() > 1e-4
+
+
+def test_a_new_scheduler_config_rebuilds_the_plan(pipe):
+    from sdrt.engine.samplers import SchedulerConfig
+    pipe.runtime = None
+    before = pipe.scheduler_config
+    first = pipe.compile(height=16, width=16, num_inference_steps=3, sampler="ddim")
+    try:
+        pipe.scheduler_config = SchedulerConfig.from_dict(
+            {"_class_name": "DDIMScheduler", "timestep_spacing": "trailing"})
+        kw = dict(prompt="a fox", height=16, width=16, num_inference_steps=3, sampler="ddim",
+                  seed=2, output_type="np")
+        with pytest.warns(UserWarning, match="on demand"):
+            static = pipe(**kw)
+        assert pipe.runtime.plans[first.shape] is not first
+        assert np.abs(static - _eager(pipe, **kw)).max() <= 1e-5
+    finally:
+        pipe.scheduler_config = before
+
+
+def test_compile_with_other_cache_settings_keeps_plans(pipe):
+    pipe.runtime = None
+    a = pipe.compile(height=16, width=16, num_inference_steps=2, sampler="ddim")
+    b = pipe.compile(height=16, width=24, num_inference_steps=2, sampler="ddim")
+    pipe.compile(height=16, width=24, num_inference_steps=2, sampler="ddim", max_shapes=1,
+                 strict=True)
+    assert list(pipe.runtime.plans.values()) == [b] and a is not b and pipe.runtime.strict

@@ -1,0 +1,40 @@
+"""The pieces of a request that the eager pipeline and the static runtime both run."""
+import torch
+
+from .errors import SdrtError
+
+
+def guided(unet, states, guidance_scale, cfg, dtype):
+    """The model a sampler calls: the UNet, with classifier-free guidance when ``cfg``.
+
+    With guidance, one UNet call runs the unconditional and conditional halves of ``states``
+    (``[negative..., positive...]``, diffusers' order) and combines them as
+    ``uncond + scale · (cond − uncond)``. ``guidance_scale`` may be a float or a 0-d float32
+    device tensor (the static runtime's, so a new scale needs no recapture).
+    """
+    def model(x, t):
+        if not cfg:
+            return unet(x.to(dtype), t, states)
+        uncond, cond = unet(torch.cat([x, x]).to(dtype), t, states).chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+    return model
+
+
+def vae_decode(vae, latents):
+    """Scaled latents → image (B, 3, H, W), nominally in [-1, 1]."""
+    shift = vae.config.shift_factor or 0.0
+    return vae.decode(latents / vae.config.scaling_factor + shift)
+
+
+def to_unit_images(image):
+    """(B, 3, H, W) in [-1, 1] → float32 (B, H, W, 3) in [0, 1], as diffusers' ``"np"``."""
+    return (image.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+
+
+def cpu_randn(shape, generator, dtype=torch.float32):
+    """Unit noise drawn on a CPU generator, as diffusers draws it with one: the same seed gives
+    the same noise whatever device the model runs on."""
+    if generator.device.type != "cpu":
+        raise SdrtError("generator must be a CPU torch.Generator (noise is drawn on the CPU so "
+                        "that a seed gives the same image on every device)")
+    return torch.randn(shape, generator=generator, dtype=dtype)
