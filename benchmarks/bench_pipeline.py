@@ -150,6 +150,13 @@ def worker(system, model, folder, out_dir, repeats, compile_mode):
 
 # -- the parent: orchestration and report ---------------------------------------------------------
 
+def _text(output) -> str:
+    """A child's captured output: TimeoutExpired may carry bytes even with ``text=True``."""
+    if isinstance(output, bytes):
+        return output.decode(errors="replace")
+    return output or ""
+
+
 def measure(model, systems, cache, repeats, compile_mode, timeout):
     folder = write_model(cache, model)
     rows = []
@@ -159,7 +166,13 @@ def measure(model, systems, cache, repeats, compile_mode, timeout):
             cmd = [sys.executable, "-m", "sdrt.benchmarks.bench_pipeline", "--worker", system,
                    "--models", model, "--folder", str(folder), "--out-dir", out_dir,
                    "--repeats", str(repeats), "--compile-mode", compile_mode]
-            proc = subprocess.run(cmd, timeout=timeout, capture_output=True, text=True)
+            try:
+                proc = subprocess.run(cmd, timeout=timeout, capture_output=True, text=True)
+            except subprocess.TimeoutExpired as e:  # the child was killed; keep the other rows
+                tail = _text(e.stderr or e.stdout).strip().splitlines()[-2:]
+                rows.append({"model": model, "system": system,
+                             "error": " / ".join([f"timed out after {timeout} s"] + tail)})
+                continue
             path = Path(out_dir) / f"{system}.json"
             if proc.returncode != 0 or not path.is_file():
                 tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]

@@ -23,6 +23,9 @@ import torch
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # Zeroed between timed repeats when flushing: larger than any L2 so far (H100 50 MB, H200 60).
 _FLUSH_BYTES = 256 << 20
+# GPU clock cycles ``torch.cuda._sleep`` spins before each timed repeat: ~1 ms at H100/H200
+# clocks (1.6-2 GHz), more than the Python overhead of launching one op.
+_HEAD_START_CYCLES = 2_000_000
 
 
 def require_cuda(what: str) -> None:
@@ -45,6 +48,9 @@ def cuda_time(fn, *, warmup: int = 25, repeats: int = 100, flush_l2: bool = True
 
     ``warmup`` untimed calls first (JIT compilation, autotuning, allocator growth). With
     ``flush_l2`` an L2-sized buffer is zeroed before each repeat, outside the timed region.
+    Then the GPU sleeps ~1 ms, also outside it, so that the CPU enqueues ``fn``'s kernels ahead
+    of the GPU: the events time the GPU's work, not Python's launch overhead (which CUDA-graph
+    replay does not pay). A ``fn`` that synchronises with the host still includes its gaps.
     """
     for _ in range(warmup):
         fn()
@@ -54,6 +60,7 @@ def cuda_time(fn, *, warmup: int = 25, repeats: int = 100, flush_l2: bool = True
     for start, end in zip(starts, ends):
         if flush is not None:
             flush.zero_()
+        torch.cuda._sleep(_HEAD_START_CYCLES)  # the CPU gets ahead of the GPU
         start.record()
         fn()
         end.record()

@@ -57,13 +57,25 @@ class ConvKey:
                    str(x.device))
 
 
+# GPU clock cycles ``torch.cuda._sleep`` spins before each timed call: ~1 ms at H100/H200
+# clocks (1.6-2 GHz), more than the Python overhead of launching either path (~0.1 ms).
+_HEAD_START_CYCLES = 2_000_000
+
+
 def cuda_median_time(fn, warmup=3, repeat=10):
-    """Median seconds of ``fn()`` over ``repeat`` CUDA-event-timed calls after ``warmup``."""
+    """Median seconds of ``fn()`` over ``repeat`` CUDA-event-timed calls after ``warmup``.
+
+    The events must time the GPU's work, not the Python that launches it: the engine replays
+    CUDA graphs, where launch overhead is gone, and many SD convolutions take ~30 µs, less than
+    that overhead. So before each timed call the GPU is made to sleep ~1 ms; meanwhile the CPU
+    enqueues ``start``, all of ``fn``'s kernels and ``end``, which then run back to back.
+    """
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeat):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(_HEAD_START_CYCLES)  # the CPU gets ahead of the GPU
         start.record()
         fn()
         end.record()

@@ -45,7 +45,7 @@ ACTIVATIONS = (None, "silu")
 MAX_CHANNELS_PER_GROUP = 256
 _TILE_ELEMS = 4096  # elements in one tile (16 KB of fp32 in registers over 4 warps)
 # Elements of a group one program handles; sets the number of splits (at most _MAX_SPLITS,
-# which bounds the partials each apply program merges).
+# which bounds the partials each apply program merges: a power of two, the merge's width).
 _ELEMS_PER_PROGRAM = 8192  # SD 1.5 level 1 (2×320×64×64): 64 groups × 4 splits
 _MAX_SPLITS = 64
 
@@ -207,8 +207,8 @@ def _group_norm_triton(x, num_groups, weight, bias, eps, activation, out=None):
         s_per_split, tiles,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         ACTIVATION="silu" if activation == "silu" else "none",
-        BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_SPLITS=max(2, triton.next_power_of_2(splits)),
-        num_warps=4)
+        # one merge width for every shape (splits ≤ _MAX_SPLITS): fewer compiled variants
+        BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_SPLITS=_MAX_SPLITS, num_warps=4)
     return out
 
 

@@ -42,7 +42,6 @@ from ._backend import use_triton
 from .group_norm import group_norm_reference
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16)
-_LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x·log2(e))
 
 
 def group_norm_silu_conv2d_reference(x, norm_weight, norm_bias, num_groups, conv_weight,
@@ -140,8 +139,8 @@ if triton is not None:
     @triton.jit
     def _group_stats_finalize_kernel(pmean_ptr, pm2_ptr, gamma_ptr, beta_ptr,
                                      mean_ptr, rstd_ptr, scale_ptr, shift_ptr,
-                                     C, HW, CHUNK, SPLITS, G, eps,
-                                     CPG: tl.constexpr, BLOCK_S: tl.constexpr,
+                                     C, HW, CHUNK, SPLITS, G, eps, CPG,
+                                     BLOCK_S: tl.constexpr,
                                      BLOCK_CG: tl.constexpr,
                                      HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr):
         """Merges the chunks' per-channel statistics into one (sample, group)'s mean and rstd, and
@@ -204,8 +203,8 @@ def _group_stats(x, num_groups, weight, bias, eps, cfg):
     cpg = c // num_groups
     _group_stats_finalize_kernel[(n * num_groups,)](
         pmean, pm2, weight if weight is not None else scale, bias if bias is not None else shift,
-        mean, rstd, scale, shift, c, hw, chunk, splits, num_groups, eps,
-        CPG=cpg, BLOCK_S=triton.next_power_of_2(splits), BLOCK_CG=triton.next_power_of_2(cpg),
+        mean, rstd, scale, shift, c, hw, chunk, splits, num_groups, eps, cpg,
+        BLOCK_S=triton.next_power_of_2(splits), BLOCK_CG=triton.next_power_of_2(cpg),
         HAS_GAMMA=weight is not None, HAS_BETA=bias is not None)
     return mean, rstd, scale, shift
 
@@ -289,7 +288,7 @@ if triton is not None:
                 sc = tl.load(scale_ptr + stat_rows + ci[None, :], mask=stat_mask, other=0.0)
                 sh = tl.load(shift_ptr + stat_rows + ci[None, :], mask=stat_mask, other=0.0)
             a = a * sc + sh
-            a = a / (1.0 + tl.exp2(a * -_LOG2E))  # silu(a) = a·sigmoid(a)
+            a = a / (1.0 + tl.exp2(a * -1.4426950408889634))  # silu(a) = a / (1 + 2^(−a·log2 e))
             a = tl.where(a_mask, a, 0.0)
 
             b = tl.load(w_ptr + co[None, :] * swo + ci[:, None] * swi + kh * swh + kw * sww,
@@ -320,6 +319,13 @@ def _output_size(size, k, stride, padding):
     return (size + 2 * padding - k) // stride + 1
 
 
+def _check_contiguous(where, name, p):
+    # the kernels index γ, β and the conv bias as c, not c·stride: a strided view would read the
+    # wrong elements
+    if p is not None and p.numel() > 1 and p.stride(0) != 1:
+        raise ValueError(f"{where}: {name} must be contiguous, got stride {p.stride(0)}")
+
+
 def _check(x, norm_weight, norm_bias, num_groups, conv_weight, conv_bias, stride, padding, add):
     where = "group_norm_silu_conv2d"
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -334,6 +340,7 @@ def _check(x, norm_weight, norm_bias, num_groups, conv_weight, conv_bias, stride
         if p is not None and (tuple(p.shape) != (c,) or p.device != x.device):
             raise ValueError(f"{where}: {name} must have shape ({c},) on {x.device}, "
                              f"got {tuple(p.shape)} on {p.device}")
+        _check_contiguous(where, name, p)
     if (not isinstance(conv_weight, torch.Tensor) or conv_weight.dim() != 4
             or conv_weight.shape[1] != c):
         raise ValueError(f"{where}: conv_weight must be Cout×{c}×KH×KW for x of shape "
@@ -346,6 +353,7 @@ def _check(x, norm_weight, norm_bias, num_groups, conv_weight, conv_bias, stride
                                   or conv_bias.device != x.device):
         raise ValueError(f"{where}: conv_bias must have shape ({cout},) on {x.device}, "
                          f"got {tuple(conv_bias.shape)} on {conv_bias.device}")
+    _check_contiguous(where, "conv_bias", conv_bias)
     for name, v, low in (("stride", stride, 1), ("padding", padding, 0)):
         if not isinstance(v, int) or isinstance(v, bool) or v < low:
             raise ValueError(f"{where}: {name} must be an int ≥ {low}, got {v!r}")

@@ -23,6 +23,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def triton_backend(monkeypatch):
+    """Every op runs its Triton kernel, on CPU tensors too (interpreted)."""
+    monkeypatch.setenv("SDRT_BACKEND", "triton")
+
+
 @pytest.fixture(scope="session", params=["sd1", "sd2"])
 def tiny_model(request, tmp_path_factory):
     """(family, folder, diffusers pipeline loaded from that folder) for a tiny random model."""

@@ -24,11 +24,6 @@ SHAPES = [
 ]
 
 
-@pytest.fixture
-def triton_backend(monkeypatch):
-    monkeypatch.setenv("SDRT_BACKEND", "triton")
-
-
 def _input(shape, dtype):
     # The gate half centred near 0 where GELU bends; the value half non-zero-mean.
     h = torch.randn(shape, device=DEVICE)

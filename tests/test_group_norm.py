@@ -35,11 +35,6 @@ SHAPES = [
 ]
 
 
-@pytest.fixture
-def triton_backend(monkeypatch):
-    monkeypatch.setenv("SDRT_BACKEND", "triton")
-
-
 def _inputs(shape, dtype, channels_last=False, affine=True):
     x = (-2.3 + 0.5 * torch.randn(shape, device=DEVICE)).to(dtype)
     if channels_last:
@@ -71,10 +66,11 @@ def test_group_norm(triton_backend, shape, groups, activation, dtype, atol, rtol
 @pytest.mark.parametrize("shape, groups, activation", [s for s in SHAPES if len(s[0]) == 4])
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
 def test_group_norm_channels_last(triton_backend, shape, groups, activation, dtype, atol, rtol):
-    # Read in place through strides (stride_c = 1, stride_s = C); the output keeps the format.
+    # Read and written in place through strides (stride_c = 1, stride_s = C).
     x, w, b = _inputs(shape, dtype, channels_last=True)
-    y = group_norm(x, groups, w, b, activation=activation)
-    assert y.is_contiguous(memory_format=torch.channels_last)
+    out = torch.full_like(x, float("nan"))  # channels_last too; every element must be written
+    y = group_norm(x, groups, w, b, activation=activation, out=out)
+    assert y is out
     torch.testing.assert_close(y, _exact(x, groups, w, b, activation=activation), atol=atol,
                                rtol=rtol)
 
@@ -85,6 +81,10 @@ def test_group_norm_channels_last_into_poisoned_out(triton_backend):
     out = torch.full(x.shape, float("nan"), device=DEVICE, dtype=x.dtype)
     group_norm(x, 4, w, b, out=out)
     torch.testing.assert_close(out, _exact(x, 4, w, b), atol=2e-3, rtol=2e-3)
+    # without out, the result is allocated in x's format (channels_last)
+    y = group_norm(x, 4, w, b)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, out, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
@@ -155,10 +155,10 @@ def compile_for_hopper():
         (mod._group_norm_stats_kernel, {"BLOCK_C": 16, "BLOCK_S": 256}),
         (mod._group_norm_apply_kernel, {"HAS_WEIGHT": True, "HAS_BIAS": True,
                                         "ACTIVATION": "silu", "BLOCK_C": 64, "BLOCK_S": 64,
-                                        "BLOCK_SPLITS": 8}),
+                                        "BLOCK_SPLITS": mod._MAX_SPLITS}),
         (mod._group_norm_apply_kernel, {"HAS_WEIGHT": False, "HAS_BIAS": False,
                                         "ACTIVATION": "none", "BLOCK_C": 4, "BLOCK_S": 1024,
-                                        "BLOCK_SPLITS": 64}),
+                                        "BLOCK_SPLITS": mod._MAX_SPLITS}),
     ]
     for fn, consts in variants:
         # Pointers are fp16 tensors, but for the fp32 weights, bias and partial statistics.

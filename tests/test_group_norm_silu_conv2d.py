@@ -3,15 +3,19 @@
 On CPU the Triton kernels run under the interpreter (see conftest.py), so the shapes here are
 tiny; the ``gpu`` tests at the end run the real SD 1.5 shapes.
 """
+import importlib
+
 import pytest
 import torch
 
-from sdrt.kernels import group_norm_silu_conv2d
+from sdrt.kernels import conv_autotune, group_norm_silu_conv2d
 from sdrt.kernels.conv_autotune import FUSED, UNFUSED, ConvPathChooser, group_norm_then_conv2d
 from sdrt.kernels.group_norm_silu_conv2d import (ConvConfig, _group_norm_silu_conv2d_triton,
                                                  _group_stats, conv_config,
                                                  group_norm_silu_conv2d_reference)
 
+# the module, not the function that ``sdrt.kernels.group_norm`` names
+group_norm_module = importlib.import_module("sdrt.kernels.group_norm")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # (dtype, atol, rtol). Both paths round the normalised tensor to the dtype; the kernel then sums
@@ -147,12 +151,17 @@ def test_conv_config_fits_small_shapes():
     (lambda i: i.update(conv_weight=i["conv_weight"][:, :-1]), "conv_weight"),
     (lambda i: i.update(conv_weight=i["conv_weight"].float()), "conv_weight"),
     (lambda i: i.update(conv_bias=i["conv_bias"][:-1]), "conv_bias"),
+    # the same values through a stride of 2: the kernels index γ, β and the bias densely
+    (lambda i: i.update(norm_weight=i["norm_weight"].repeat_interleave(2)[::2]), "contiguous"),
+    (lambda i: i.update(norm_bias=i["norm_bias"].repeat_interleave(2)[::2]), "contiguous"),
+    (lambda i: i.update(conv_bias=i["conv_bias"].repeat_interleave(2)[::2]), "contiguous"),
     (lambda i: i.update(add=i["add"][:, :-1]), "broadcast"),
     (lambda i: i.update(stride=0), "stride"),
     (lambda i: i.update(padding=-1), "padding"),
     (lambda i: i.update(x=i["x"][:, :, :1, :1], padding=0), "does not fit"),
 ], ids=["x_3d", "groups", "norm_weight_shape", "norm_bias_device", "weight_cin",
-        "weight_dtype", "conv_bias_shape", "add_shape", "stride", "padding", "kernel_too_big"])
+        "weight_dtype", "conv_bias_shape", "norm_weight_strided", "norm_bias_strided",
+        "conv_bias_strided", "add_shape", "stride", "padding", "kernel_too_big"])
 def test_bad_inputs_raise(change, match):
     inputs, _ = _inputs(SHAPES[1], torch.float16)
     change(inputs)
@@ -184,7 +193,19 @@ class _FakeTimer:
         return self.seconds.pop(0)
 
 
-def test_chooser_times_once_per_shape_and_caches():
+def _spy(monkeypatch, module, name):
+    """Replaces ``module.name`` by a wrapper that records each call; returns the call list."""
+    calls, fn = [], getattr(module, name)
+
+    def spy(*args, **kwargs):
+        calls.append(name)
+        return fn(*args, **kwargs)
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+def test_chooser_times_once_per_shape_and_caches(triton_backend, monkeypatch):
+    # triton_backend: the real paths (Triton kernels, interpreted on CPU), not the reference
     # (fused, unfused) seconds for shape A, then B, then A in NCHW layout
     timer = _FakeTimer(2.0, 1.0, 1.0, 3.0, 1.0, 2.0)
     chooser = ConvPathChooser(timer=timer, timed_devices=(DEVICE,))
@@ -199,9 +220,16 @@ def test_chooser_times_once_per_shape_and_caches():
     # the same shapes in another memory layout are another key
     assert _call(chooser.choose, {**a, "x": a["x"].contiguous()}) == FUSED
     assert timer.calls == 6 and len(chooser.choices) == 3
-    # a call runs the chosen path (here the unfused one) and agrees with the reference
+    # a call runs the chosen path (here the unfused one, over the Triton GroupNorm) and agrees
+    # with the reference
+    unfused = _spy(monkeypatch, conv_autotune, "group_norm_then_conv2d")
+    fused = _spy(monkeypatch, conv_autotune, "group_norm_silu_conv2d")
+    triton_norm = _spy(monkeypatch, group_norm_module, "_group_norm_triton")
     torch.testing.assert_close(_call(chooser, a), _call(group_norm_silu_conv2d_reference, a),
                                atol=1e-2, rtol=1e-2)
+    assert (unfused, fused, triton_norm) == (["group_norm_then_conv2d"], [],
+                                             ["_group_norm_triton"])
+    assert timer.calls == 6
 
 
 def test_chooser_times_nothing_off_the_gpu():
@@ -213,11 +241,14 @@ def test_chooser_times_nothing_off_the_gpu():
     assert timer.calls == 0 and not chooser.choices
 
 
-def test_unfused_path_matches_reference():
+def test_unfused_path_matches_reference(triton_backend, monkeypatch):
+    # triton_backend: GroupNorm+SiLU by its Triton kernel, as on the GPU
+    triton_norm = _spy(monkeypatch, group_norm_module, "_group_norm_triton")
     inputs, _ = _inputs(SHAPES[3], torch.float16)
     torch.testing.assert_close(_call(group_norm_then_conv2d, inputs),
                                _call(group_norm_silu_conv2d_reference, inputs),
                                atol=1e-2, rtol=1e-2)
+    assert triton_norm == ["_group_norm_triton"]
 
 
 # -- on the GPU: the real SD 1.5 shapes (UNet at batch 2, 64×64 latent; VAE decoder at 512²)

@@ -26,11 +26,6 @@ SHAPES = [
 ]
 
 
-@pytest.fixture
-def triton_backend(monkeypatch):
-    monkeypatch.setenv("SDRT_BACKEND", "triton")
-
-
 def _inputs(shape, dtype, affine=True):
     x = (-2.3 + 0.5 * torch.randn(shape, device=DEVICE)).to(dtype)
     d = shape[-1]
