@@ -88,6 +88,9 @@ def _parser():
     o.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
     o.add_argument("--dynamic", action="store_true",
                    help="free batch, height and width axes instead of static shapes")
+    o.add_argument("--config", default=None,
+                   help="diffusers folder with the configs for a single-file checkpoint")
+    o.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None)
 
     # Its options (--models, --systems, --repeats, ...) are bench_pipeline.py's own.
     sub.add_parser("bench", help="sdrt against diffusers on a GPU (benchmarks/bench_pipeline.py)",
@@ -263,7 +266,7 @@ def cmd_export(a):
     t0 = time.perf_counter()
     manifest = export_onnx(a.model, a.out, height=a.height, width=a.width, batch=a.batch,
                            dtype=a.dtype, opset=DEFAULT_OPSET if a.opset is None else a.opset,
-                           dynamic=a.dynamic)
+                           dynamic=a.dynamic, config=a.config, prediction_type=a.prediction_type)
     shapes = "dynamic batch and size" if a.dynamic else \
         f"{manifest['width']}x{manifest['height']}, batch {manifest['batch']}"
     print(f"exported {', '.join(m['file'] for m in manifest['models'].values())} "

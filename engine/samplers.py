@@ -11,7 +11,8 @@ import warnings
 import torch
 
 from .errors import SdrtError
-from .schedules import SAMPLERS, Schedule, SchedulerConfig, make_schedule, vp_alpha_sigma
+from .schedules import (SAMPLER_CLASSES, SAMPLERS, Schedule, SchedulerConfig, make_schedule,
+                        vp_alpha_sigma)
 
 __all__ = ["SAMPLERS", "Schedule", "SchedulerConfig", "default_sampler", "make_schedule", "sample",
            "sample_ddim", "sample_pndm", "sample_euler", "sample_euler_ancestral", "sample_dpmpp_2m"]
@@ -113,8 +114,6 @@ def sample_pndm(model, x, sched: Schedule, callback=None):
         else:
             history = history[-3:] + [out]
             out, x_from = _adams_bashforth(history), x
-            if i == 0:
-                step_start = x
         # The multistep combination is of raw outputs; v becomes noise only now, with the sample
         # the transfer starts from.
         eps = out if kind == "epsilon" else a.sqrt() * out + (1 - a).sqrt() * x_from
@@ -176,7 +175,9 @@ def sample_dpmpp_2m(model, x, sched: Schedule, callback=None):
     Exact in the linear part of the variance-preserving ODE, it integrates the x0 prediction over
     log-SNR lambda, extrapolating it linearly from the previous step's. The first step, and the
     last where the schedule says so (a step to sigma = 0), are first order (DDIM-like). Karras
-    sigmas or not is only a matter of the schedule.
+    sigmas or not is only a matter of the schedule. This is the sampler's definition: a config's
+    algorithm_type, solver_order and solver_type are not read (``default_sampler`` warns when
+    they ask for another variant).
     """
     kind = sched.config.prediction_type
     n = len(sched.timesteps)
@@ -241,20 +242,31 @@ def sample(sampler: str, model, x: torch.Tensor, sched: Schedule, generator=None
     return _SAMPLE_FNS[sampler](model_f32, x.float(), sched, callback=callback, **extra).to(dtype)
 
 
-# Scheduler classes that name one sampler outright (DPM-Solver's depends on use_karras_sigmas).
-_CLASS_SAMPLERS = {
-    "DDIMScheduler": "ddim",
-    "PNDMScheduler": "pndm",
-    "EulerDiscreteScheduler": "euler",  # its use_karras_sigmas is honoured by make_schedule
-    "EulerAncestralDiscreteScheduler": "euler_a",
-}
+# The inverse of SAMPLER_CLASSES: the first sampler listed for each class (Euler's
+# use_karras_sigmas is honoured by make_schedule; DPM-Solver's picks dpmpp_2m_karras instead).
+_CLASS_SAMPLERS = {cls: name for name, cls in reversed(SAMPLER_CLASSES.items())}
+
+# The DPM-Solver variant sample_dpmpp_2m is: DPMSolverMultistepScheduler's defaults.
+_DPMPP_2M = {"algorithm_type": "dpmsolver++", "solver_order": 2, "solver_type": "midpoint"}
 
 
 def default_sampler(cfg: SchedulerConfig) -> str:
     """The sampler matching the scheduler class a model ships with; dpmpp_2m, with a warning, for
-    a class sdrt does not reproduce."""
+    a class sdrt does not reproduce.
+
+    A DPMSolverMultistepScheduler config gives dpmpp_2m (or dpmpp_2m_karras), with a warning when
+    it asks for another variant (algorithm_type, solver_order, solver_type): sdrt implements
+    only DPM-Solver++(2M) midpoint. Asking for dpmpp_2m explicitly always means that variant,
+    whatever the config says, and warns about nothing.
+    """
     if cfg.class_name == "DPMSolverMultistepScheduler":
-        return "dpmpp_2m_karras" if cfg.use_karras_sigmas else "dpmpp_2m"
+        sampler = "dpmpp_2m_karras" if cfg.use_karras_sigmas else "dpmpp_2m"
+        other = {k: getattr(cfg, k) for k, v in _DPMPP_2M.items() if getattr(cfg, k) != v}
+        if other:
+            settings = ", ".join(f"{k}={v!r}" for k, v in other.items())
+            warnings.warn(f"scheduler config sets {settings}, which sdrt does not implement; using "
+                          f"{sampler} (DPM-Solver++ 2M, midpoint)", stacklevel=2)
+        return sampler
     if cfg.class_name in _CLASS_SAMPLERS:
         return _CLASS_SAMPLERS[cfg.class_name]
     warnings.warn(f"scheduler class {cfg.class_name} has no sdrt sampler; using dpmpp_2m", stacklevel=2)

@@ -11,6 +11,7 @@ changes which alpha-bar the UNet is conditioned on.
 """
 import json
 import math
+import typing
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -63,6 +64,22 @@ _UNSUPPORTED = {
 }
 
 
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+               tuple: "a list of numbers"}
+
+
+def _is_a(value, kind) -> bool:
+    """Whether a JSON value fits a field annotated ``kind``: an int is a float, but true/false
+    is neither an int nor a float, and "false" is not a bool (it would be truthy)."""
+    if kind is tuple:
+        return isinstance(value, (list, tuple)) and all(_is_a(b, float) for b in value)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     """The fields of a diffusers ``scheduler_config.json`` that the samplers read.
@@ -100,6 +117,11 @@ class SchedulerConfig:
     lower_order_final: bool = True
     euler_at_final: bool = False
     lambda_min_clipped: float = -math.inf
+    # DPM-Solver: the variant asked for. Only dpmsolver++, 2, midpoint is implemented (dpmpp_2m);
+    # default_sampler warns about others.
+    algorithm_type: str = "dpmsolver++"
+    solver_order: int = 2
+    solver_type: str = "midpoint"
 
     @classmethod
     def from_dict(cls, d: dict) -> "SchedulerConfig":
@@ -109,17 +131,23 @@ class SchedulerConfig:
         for key, neutral in _UNSUPPORTED.items():
             if d.get(key, neutral) not in (neutral, None):
                 raise SdrtError(f"scheduler config sets {key}={d[key]!r}, which sdrt does not implement")
-        names = {f.name for f in fields(cls)} - {"class_name"}
-        kwargs = {k: v for k, v in d.items() if k in names and v is not None}
-        try:
-            if "trained_betas" in kwargs:
-                kwargs["trained_betas"] = tuple(float(b) for b in kwargs["trained_betas"])
-            cfg = cls(class_name=d.get("_class_name"), **kwargs)
-        except (TypeError, ValueError) as e:
-            raise SdrtError(f"scheduler config: bad trained_betas: {e}") from None
-        if not isinstance(cfg.num_train_timesteps, int) or cfg.num_train_timesteps < 2:
+        types = {f.name: f.type for f in fields(cls)} | {"_class_name": str}
+        kwargs = {k: v for k, v in d.items() if k in types and k != "class_name" and v is not None}
+        for key, value in kwargs.items():
+            kind = next(t for t in typing.get_args(types[key]) or (types[key],) if t is not type(None))
+            if not _is_a(value, kind):
+                shown = f"a {type(value).__name__}" if kind is tuple else repr(value)
+                raise SdrtError(f"scheduler config: {key} must be {_KIND_NAMES[kind]}, got {shown}")
+        class_name = kwargs.pop("_class_name", None)
+        cfg = cls(class_name=class_name, **kwargs)
+        if cfg.num_train_timesteps < 2:
             raise SdrtError(f"scheduler config: num_train_timesteps={cfg.num_train_timesteps!r} "
                             f"is not an integer >= 2")
+        if cfg.trained_betas is not None:
+            if len(cfg.trained_betas) != cfg.num_train_timesteps:
+                raise SdrtError(f"scheduler config: trained_betas has {len(cfg.trained_betas)} "
+                                f"values, num_train_timesteps is {cfg.num_train_timesteps}")
+            cfg = replace(cfg, trained_betas=tuple(float(b) for b in cfg.trained_betas))
         for key, allowed in _CHOICES.items():
             value = getattr(cfg, key)
             if value is not None and value not in allowed:

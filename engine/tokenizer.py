@@ -24,6 +24,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 
 from sdrt.engine.errors import SdrtError
+from sdrt.engine.weights import read_json
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
@@ -94,8 +95,12 @@ class ClipTokenizer:
         if max_length < 2:
             raise SdrtError(f"CLIP tokenizer: max_length {max_length} leaves no room for "
                             f"{bos_token} and {eos_token}")
-        tok = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                            end_of_word_suffix="</w>", fuse_unk=False, unk_token=unk_token))
+        try:
+            model = BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+                        end_of_word_suffix="</w>", fuse_unk=False, unk_token=unk_token)
+        except Exception as e:  # tokenizers raises a bare Exception for a merge out of vocabulary
+            raise SdrtError(f"CLIP tokenizer: bad vocabulary or merges ({str(e).splitlines()[0]})")
+        tok = Tokenizer(model)
         tok.normalizer = normalizers.Sequence(
             [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
         tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -137,7 +142,7 @@ class ClipTokenizer:
         vocab_file, merges_file, json_file = (path / "vocab.json", path / "merges.txt",
                                               path / "tokenizer.json")
         if vocab_file.is_file() and merges_file.is_file():
-            vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
+            vocab = _read_json_object(vocab_file, "tokenizer vocabulary")
             merges = _read_merges_txt(merges_file)
         elif json_file.is_file():
             vocab, merges = _read_tokenizer_json(json_file)
@@ -145,21 +150,29 @@ class ClipTokenizer:
             missing = vocab_file if not vocab_file.is_file() else merges_file
             raise SdrtError(f"tokenizer folder {path} has no {missing.name} (nor a tokenizer.json)")
 
-        settings = _read_json(path / "tokenizer_config.json")
+        settings = _read_optional_json(path / "tokenizer_config.json", "tokenizer config")
         # transformers 5 reads special_tokens_map.json only for configs without an
         # added_tokens_decoder, and then lets it override tokenizer_config.json.
         added = settings.get("added_tokens_decoder")
         if added is None:
-            settings.update(_read_json(path / "special_tokens_map.json"))
+            settings.update(_read_optional_json(path / "special_tokens_map.json",
+                                                "special tokens map"))
+        config_file = path / "tokenizer_config.json"
+        if not isinstance(added or {}, dict) or not all(
+                isinstance(t, dict) and isinstance(t.get("content"), str) for t in (added or {}).values()):
+            raise SdrtError(f"{config_file}: added_tokens_decoder must map ids to objects with a "
+                            f"'content' string")
         added_tokens = {t["content"]: bool(t.get("normalized")) for t in (added or {}).values()}
         max_length = settings.get("model_max_length") or MAX_LENGTH
+        if isinstance(max_length, bool) or not isinstance(max_length, (int, float)):
+            raise SdrtError(f"{config_file}: model_max_length must be a number, got {max_length!r}")
         if max_length >= _UNSET_MAX_LENGTH:
             max_length = MAX_LENGTH
         return cls(vocab, merges, max_length=int(max_length),
-                   pad_token=_token_text(settings.get("pad_token"), EOS),
-                   bos_token=_token_text(settings.get("bos_token"), BOS),
-                   eos_token=_token_text(settings.get("eos_token"), EOS),
-                   unk_token=_token_text(settings.get("unk_token"), EOS),
+                   pad_token=_token_text(settings, "pad_token", EOS, path),
+                   bos_token=_token_text(settings, "bos_token", BOS, path),
+                   eos_token=_token_text(settings, "eos_token", EOS, path),
+                   unk_token=_token_text(settings, "unk_token", EOS, path),
                    added_tokens=added_tokens)
 
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:
@@ -208,30 +221,56 @@ def write_clip_tokenizer(folder: str | Path, pad_token: str = EOS) -> Path:
     return folder
 
 
-def _token_text(value, default: str) -> str:
+def _token_text(settings: dict, key: str, default: str, folder: Path) -> str:
     """A special token as tokenizer configs hold it: a string or an AddedToken dict."""
+    value = settings.get(key)
     if value is None:
         return default
-    return value["content"] if isinstance(value, dict) else value
+    text = value.get("content") if isinstance(value, dict) else value
+    if not isinstance(text, str):
+        raise SdrtError(f"tokenizer folder {folder}: {key} must be a string or an object with a "
+                        f"'content' string, got {value!r}")
+    return text
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+def _read_json_object(path: Path, what: str) -> dict:
+    """A JSON file holding an object; SdrtError naming the file when it is not one."""
+    value = read_json(str(path), what)
+    if not isinstance(value, dict):
+        raise SdrtError(f"{path}: {what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _read_optional_json(path: Path, what: str) -> dict:
+    return _read_json_object(path, what) if path.is_file() else {}
 
 
 def _read_merges_txt(path: Path) -> list[tuple[str, str]]:
-    lines = path.read_text(encoding="utf-8").split("\n")
-    if lines and lines[0].startswith("#version"):
-        lines = lines[1:]
-    return [tuple(line.split()) for line in lines if line.strip()]
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SdrtError(f"{path}: unreadable merges ({e})")
+    merges = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or (number == 1 and line.startswith("#version")):
+            continue
+        pair = tuple(line.split())
+        if len(pair) != 2:
+            raise SdrtError(f"{path}, line {number}: a merge is two tokens separated by a space, "
+                            f"got {line.strip()[:60]!r}")
+        merges.append(pair)
+    return merges
 
 
 def _read_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Vocabulary and merges from a tokenizers-format file; like transformers' CLIPTokenizer,
     the file's own normaliser and pre-tokeniser are replaced by CLIP's."""
-    model = json.loads(path.read_text(encoding="utf-8")).get("model", {})
-    if model.get("type", "BPE") != "BPE" or "vocab" not in model or "merges" not in model:
+    model = _read_json_object(path, "tokenizer").get("model", {})
+    if (not isinstance(model, dict) or model.get("type", "BPE") != "BPE"
+            or not isinstance(model.get("vocab"), dict) or not isinstance(model.get("merges"), list)):
         raise SdrtError(f"{path} does not hold a BPE vocabulary and merges")
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    vocab = dict(model["vocab"])
-    return vocab, merges
+    for i, m in enumerate(merges):
+        if len(m) != 2 or not all(isinstance(t, str) for t in m):
+            raise SdrtError(f"{path}: merge {i} is not a pair of tokens: {model['merges'][i]!r}")
+    return dict(model["vocab"]), merges

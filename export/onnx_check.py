@@ -156,7 +156,8 @@ def check_onnx(onnx_dir, model_path=None, device=None, seed=0):
     model_path = model_path or manifest.get("source")
     if not model_path:
         raise SdrtError("no model to compare with: pass --model")
-    c = load(model_path, device, torch.float32)
+    c = load(model_path, device, torch.float32, config=manifest.get("config"),
+             prediction_type=manifest.get("prediction_type"))
     configs = {"unet": c.unet.config, "vae": c.vae.config, "text_encoder": c.text_encoder.config}
     tol = TOLERANCES[manifest["dtype"]]
     g = torch.Generator().manual_seed(seed)

@@ -73,7 +73,7 @@ class _VAEEncoder(nn.Module):
         return self.vae.encode(image)
 
 
-def _check_args(model_path, out_dir, height, width, batch, dtype, opset):
+def _check_args(model_path, out_dir, height, width, batch, dtype, opset, prediction_type):
     if not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise SdrtError(f"unsupported opset {opset}: the exporter writes opsets "
                         f"{MIN_OPSET} to {MAX_OPSET}")
@@ -86,6 +86,8 @@ def _check_args(model_path, out_dir, height, width, batch, dtype, opset):
             raise SdrtError(f"{name} must be a multiple of 8 between 8 and 4096, got {v}")
     if not os.path.exists(model_path):
         raise SdrtError(f"model path {model_path} does not exist")
+    if prediction_type not in (None, "epsilon", "v_prediction"):
+        raise SdrtError(f"prediction_type must be epsilon or v_prediction, got {prediction_type!r}")
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise SdrtError(f"{out_dir} exists and is not an empty folder")
     parent = os.path.dirname(os.path.abspath(out_dir))
@@ -130,13 +132,15 @@ def _specs(c, height, width, batch, dtype, dynamic):
     n = max(batch, 2) if dynamic else batch
     g = torch.Generator().manual_seed(0)
     seq, vocab = c.text_encoder.config.max_position_embeddings, c.text_encoder.config.vocab_size
-    text_batch = n if dynamic else 1
-    ids = torch.randint(0, vocab, (text_batch, seq), generator=g)
+    # The pipeline encodes each prompt and each init image once, then repeats the result per
+    # image: static exports take one at a time (the runtime splits larger batches into calls).
+    one = n if dynamic else 1
+    ids = torch.randint(0, vocab, (one, seq), generator=g)
     states = torch.randn(2 * n, seq, c.unet.config.cross_attention_dim, generator=g).to(dtype)
     sample = torch.randn(2 * n, c.unet.config.in_channels, h, w, generator=g).to(dtype)
     timestep = torch.tensor([999.0])
     latent = torch.randn(n, c.vae.config.latent_channels, h, w, generator=g).to(dtype)
-    image = torch.rand(n, c.vae.config.in_channels, height, width, generator=g).to(dtype) * 2 - 1
+    image = torch.rand(one, c.vae.config.in_channels, height, width, generator=g).to(dtype) * 2 - 1
     specs = {
         "text_encoder": (_TextEncoder(c.text_encoder), (ids,)),
         "unet": (_UNet(c.unet), (sample, timestep, states)),
@@ -194,17 +198,20 @@ def _export_one(name, module, args, dynamic_shapes, folder, opset, external_data
 
 
 def export_onnx(model_path, out_dir, height=None, width=None, batch=1, dtype="fp32",
-                opset=DEFAULT_OPSET, dynamic=False, external_data_bytes=EXTERNAL_DATA_BYTES):
+                opset=DEFAULT_OPSET, dynamic=False, external_data_bytes=EXTERNAL_DATA_BYTES,
+                config=None, prediction_type=None):
     """Export a model's text encoder, UNet, VAE decoder and VAE encoder to ``out_dir``.
 
     ``height``/``width`` (pixels, default: the UNet's native size) and ``batch`` (images) fix
     the shapes of a static export, and are the example shapes of a ``dynamic`` one, whose
     batch, height and width axes are free. ``external_data_bytes``: networks with more bytes
-    of weights than this keep them in a ``.onnx.data`` file. Returns the manifest written to
-    ``sdrt_export.json``.
+    of weights than this keep them in a ``.onnx.data`` file. ``config`` (a diffusers folder
+    whose configs a single-file checkpoint takes) and ``prediction_type`` are passed to
+    ``sdrt.engine.loading.load``, as ``sdrt generate`` passes them. Returns the manifest
+    written to ``sdrt_export.json``.
     """
     model_path, out_dir = os.fspath(model_path), os.fspath(out_dir)
-    _check_args(model_path, out_dir, height, width, batch, dtype, opset)
+    _check_args(model_path, out_dir, height, width, batch, dtype, opset, prediction_type)
     parent = os.path.dirname(os.path.abspath(out_dir))
     try:
         tmp = tempfile.mkdtemp(prefix=".sdrt-onnx-", dir=parent)
@@ -215,7 +222,7 @@ def export_onnx(model_path, out_dir, height=None, width=None, batch=1, dtype="fp
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 is for the temporary name only
         manifest = _export_all(model_path, tmp, height, width, batch, dtype, opset, dynamic,
-                               external_data_bytes)
+                               external_data_bytes, config, prediction_type)
         if os.path.exists(out_dir):
             os.rmdir(out_dir)
         os.replace(tmp, out_dir)
@@ -226,13 +233,13 @@ def export_onnx(model_path, out_dir, height=None, width=None, batch=1, dtype="fp
 
 
 def _export_all(model_path, folder, height, width, batch, dtype, opset, dynamic,
-                external_data_bytes):
+                external_data_bytes, config, prediction_type):
     """Write the four networks and the manifest into ``folder``; returns the manifest."""
     from sdrt.engine.loading import load
     t0 = time.perf_counter()
     torch_dtype = TORCH_DTYPES[dtype]
     # Exported on the CPU whatever the target: the graph does not depend on the device.
-    c = load(model_path, "cpu", torch_dtype)
+    c = load(model_path, "cpu", torch_dtype, config=config, prediction_type=prediction_type)
     f = c.vae.config.scale_factor
     native = c.unet.config.sample_size * f
     height, width = height or native, width or native
@@ -250,15 +257,17 @@ def _export_all(model_path, folder, height, width, batch, dtype, opset, dynamic,
         "torch_version": torch.__version__,
         "exporter": "torch.onnx.export(dynamo=True)",
         "source": os.path.abspath(model_path),
+        # What load() was given besides the path; check-onnx and the runtime load alike.
+        "config": config and os.path.abspath(config),
+        "prediction_type": prediction_type,
         "dtype": dtype,
         "opset": opset,
         "dynamic": bool(dynamic),
-        # Static: the shapes of every file. Dynamic: the example shapes it was traced at.
+        # Static: the shapes of every file (each network's own batch is in its "inputs").
+        # Dynamic: the example shapes it was traced at.
         "height": height,
         "width": width,
         "batch": batch,
-        "unet_batch": 2 * batch,  # guidance: unconditional and conditional halves in one call
-        "text_encoder_batch": 1,  # one prompt a call; the runtime loops over prompts
         "export_seconds": round(time.perf_counter() - t0, 2),
         "configs": {"unet": asdict(c.unet.config), "vae": asdict(c.vae.config),
                     "text_encoder": asdict(c.text_encoder.config)},

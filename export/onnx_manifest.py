@@ -5,7 +5,8 @@ Static exports fix every shape. The batch of each network (N = ``--batch`` image
 
 - text_encoder: 1 prompt; the runtime runs it once per prompt (and per negative prompt);
 - unet: 2N, the conditional and unconditional halves of classifier-free guidance in one call;
-- vae_decoder, vae_encoder: N.
+- vae_decoder: N;
+- vae_encoder: 1 image; the pipeline encodes an init image once, then repeats its latents.
 
 The runtime splits a larger batch that is a multiple of the exported one into exported-size
 calls, so one export serves several prompts; guidance ≤ 1 (a UNet batch of N) needs a
@@ -15,6 +16,7 @@ import json
 import os
 
 from sdrt.engine.errors import SdrtError
+from sdrt.engine.weights import read_json
 
 MANIFEST = "sdrt_export.json"
 MODELS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
@@ -31,6 +33,8 @@ NAMES = {
 BATCHED = {"input_ids", "sample", "encoder_hidden_states", "latent", "image"}
 
 DTYPES = ("fp32", "fp16")
+# The manifest fields the runtime and check-onnx read.
+REQUIRED = ("dtype", "height", "width", "batch", "configs", "scheduler_config")
 
 
 def sdrt_version():
@@ -53,13 +57,14 @@ def read_manifest(folder):
     if not os.path.isdir(folder):
         raise SdrtError(f"ONNX folder {folder} does not exist")
     path = os.path.join(folder, MANIFEST)
-    try:
-        with open(path, encoding="utf-8") as fh:
-            manifest = json.load(fh)
-    except FileNotFoundError:
+    if not os.path.isfile(path):
         raise SdrtError(f"{folder} is not an sdrt ONNX export: {MANIFEST} is missing")
-    except (OSError, ValueError) as e:
-        raise SdrtError(f"cannot read {path}: {e.__class__.__name__}")
+    manifest = read_json(path, "ONNX export manifest")
+    if not isinstance(manifest, dict) or any(k not in manifest for k in REQUIRED):
+        raise SdrtError(f"{path} is not an sdrt ONNX export manifest: it needs the fields "
+                        f"{', '.join(REQUIRED)}")
+    if manifest["dtype"] not in DTYPES:
+        raise SdrtError(f"{path}: unknown dtype {manifest['dtype']!r}")
     missing = [FILES[m] for m in MODELS if not os.path.isfile(os.path.join(folder, FILES[m]))]
     if missing:
         raise SdrtError(f"{folder} is missing {', '.join(missing)}")

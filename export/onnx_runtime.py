@@ -135,23 +135,22 @@ def load_sessions(onnx_dir, device, tf32=True):
 
 def _tokenizer_and_scheduler(model_path, manifest):
     """From the model folder when it has them; otherwise (a single-file checkpoint, or no
-    model given) the bundled CLIP tokenizer and the scheduler config recorded at export."""
-    import json
-
-    from sdrt.engine.tokenizer import ClipTokenizer
+    model given) the export's config folder's tokenizer or the bundled CLIP one, and the
+    scheduler config recorded at export."""
+    from sdrt.engine.loading import _tokenizer
+    from sdrt.engine.tokenizer import EOS
+    from sdrt.engine.weights import read_json
     folder = model_path if model_path and os.path.isdir(model_path) else None
     if model_path and not os.path.exists(model_path):
         raise SdrtError(f"model path {model_path} does not exist")
-    if folder and os.path.isdir(os.path.join(folder, "tokenizer")):
-        tokenizer = ClipTokenizer.from_folder(os.path.join(folder, "tokenizer"))
-    else:
-        pad = manifest.get("pad_token")
-        tokenizer = ClipTokenizer.bundled(pad_token=pad) if pad else ClipTokenizer.bundled()
+    # As load() picks it: a single file takes the tokenizer of its --config folder, if any.
+    tokenizer = _tokenizer(folder or manifest.get("config"), manifest.get("pad_token") or EOS)
     scheduler = manifest["scheduler_config"]
     path = os.path.join(folder, "scheduler", "scheduler_config.json") if folder else None
     if path and os.path.isfile(path):
-        with open(path, encoding="utf-8") as fh:
-            scheduler = json.load(fh)
+        scheduler = read_json(path, "scheduler config")
+        if manifest.get("prediction_type") is not None:  # the export's override, as load applies it
+            scheduler = {**scheduler, "prediction_type": manifest["prediction_type"]}
     return tokenizer, scheduler
 
 

@@ -101,6 +101,10 @@ def test_every_file_passes_the_checker(exported):
     unet_in = manifest["models"]["unet"]["inputs"]["sample"]["shape"]
     assert unet_in == (["batch", 4, "latent_height", "latent_width"] if dynamic else
                        [2 * batch, 4, h // 2, w // 2]), f"{family}: UNet sample shape {unet_in}"
+    if not dynamic:
+        image_in = manifest["models"]["vae_encoder"]["inputs"]["image"]["shape"]
+        assert image_in == [1, 3, h, w], f"{family}: VAE encoder image shape {image_in}"
+    assert manifest["config"] is None and manifest["prediction_type"] is None
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -195,6 +199,13 @@ def _bad_input_cases(folder, tmp):
     full = os.path.join(tmp, "full")
     os.makedirs(full)
     open(os.path.join(full, "x"), "w").close()
+    bad_manifests = {}
+    for kind, content in (("malformed", "{not json"), ("not an object", "[]"),
+                          ("without fields", '{"dtype": "fp32"}')):
+        bad_manifests[kind] = os.path.join(tmp, kind.replace(" ", "-"))
+        os.makedirs(bad_manifests[kind])
+        with open(os.path.join(bad_manifests[kind], MANIFEST), "w") as fh:
+            fh.write(content)
     out = os.path.join(tmp, "export")
     export = ["export", "onnx", "--model", folder, "--out", out]
     # Each case: (argv, words the one-line message must hold).
@@ -213,6 +224,8 @@ def _bad_input_cases(folder, tmp):
         "unknown dtype": (export + ["--dtype", "bf16"], "invalid choice"),
         "check-onnx of a folder that is not an export": (["check-onnx", full, "--model", folder],
                                                          MANIFEST),
+        **{f"check-onnx of a manifest {kind}": (["check-onnx", d, "--model", folder], MANIFEST)
+           for kind, d in bad_manifests.items()},
         "onnx runtime without a folder": (["generate", "x", "--model", folder, "--runtime",
                                            "onnx"], "--onnx-dir"),
     }
@@ -221,7 +234,9 @@ def _bad_input_cases(folder, tmp):
 BAD_INPUT_CASES = ["missing model", "unwritable output folder", "output folder not empty",
                    "opset below the exporter's", "opset past the exporter's", "opset not a number",
                    "height not a multiple of 8", "unknown dtype",
-                   "check-onnx of a folder that is not an export", "onnx runtime without a folder"]
+                   "check-onnx of a folder that is not an export",
+                   "check-onnx of a manifest malformed", "check-onnx of a manifest not an object",
+                   "check-onnx of a manifest without fields", "onnx runtime without a folder"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUT_CASES)
@@ -269,3 +284,58 @@ def test_fp16_export_within_fp16_tolerance(tiny_sd1, tmp_path):
         assert r.passed and r.tol == TOLERANCES["fp16"], \
             f"fp16 check-onnx: {r.model} on {r.inputs} inputs: relative error {r.rel:.3e} " \
             f"> {r.tol:.0e}, max abs {r.max_abs:.3e}"
+
+
+def test_static_batch_exports_the_encoders_at_batch_1(tiny_sd1):
+    # The pipeline encodes the prompts and one init image before repeating them per image: a
+    # static --batch 2 export must take them one at a time (OrtModel splits larger batches),
+    # while the UNet takes both guidance halves of both images and the decoder both images.
+    from sdrt.engine.loading import load
+    folder, _ = tiny_sd1
+    c = load(folder, "cpu", torch.float32)
+    specs = onnx_export._specs(c, 16, 24, 2, torch.float32, dynamic=False)
+    batches = {name: args[0].shape[0] for name, (_, args, _) in specs.items()}
+    assert batches == {"text_encoder": 1, "unet": 4, "vae_decoder": 2, "vae_encoder": 1}, batches
+
+
+def _stub_export(monkeypatch):
+    """_export_one writes empty files: for tests of what surrounds the exporter."""
+    def stub(name, module, args, shapes, tmp, opset, external_data_bytes):
+        open(os.path.join(tmp, FILES[name]), "wb").close()
+        return {"file": FILES[name], "external_data": None, "weight_bytes": 0, "inputs": {},
+                "outputs": {}}
+    monkeypatch.setattr(onnx_export, "_export_one", stub)
+
+
+def test_single_file_export_takes_config_and_prediction_type(tiny_model, tmp_path, monkeypatch):
+    # A single-file checkpoint loads only with the configs of its folder; the prediction type
+    # overrides the scheduler config's, and both reach the manifest for check-onnx and the
+    # runtime.
+    from sdrt.export.onnx_runtime import _tokenizer_and_scheduler
+    from test_loading import _write_ldm_file
+    _, folder, _ = tiny_model
+    path = _write_ldm_file(tiny_model, tmp_path)
+    _stub_export(monkeypatch)
+    manifest = export_onnx(path, tmp_path / "export", height=16, width=16, config=folder,
+                           prediction_type="v_prediction")
+    assert manifest["config"] == os.path.abspath(folder)
+    assert manifest["prediction_type"] == "v_prediction"
+    assert manifest["scheduler_config"]["prediction_type"] == "v_prediction"
+    for model in (path, folder):  # the file, or the folder the configs came from
+        _, scheduler = _tokenizer_and_scheduler(model, manifest)
+        assert scheduler["prediction_type"] == "v_prediction", model
+    with pytest.raises(SdrtError, match="prediction_type must be"):
+        export_onnx(path, tmp_path / "other", config=folder, prediction_type="eps")
+
+
+def test_malformed_scheduler_config_at_run_time(tiny_sd1, tmp_path):
+    # The runtime reads the model folder's scheduler config itself: a malformed one is named.
+    import shutil
+
+    from sdrt.export.onnx_runtime import _tokenizer_and_scheduler
+    folder, _ = tiny_sd1
+    other = shutil.copytree(folder, tmp_path / "model")
+    (other / "scheduler" / "scheduler_config.json").write_text("{not json")
+    with pytest.raises(SdrtError, match="scheduler_config.json") as err:
+        _tokenizer_and_scheduler(str(other), {"scheduler_config": {}, "pad_token": None})
+    assert "\n" not in str(err.value)

@@ -8,6 +8,7 @@ call (hence the step before it) that diverged. Tolerance: max |ours - theirs| <=
 max |theirs|) per call, float32 rounding of a few dozen steps.
 """
 import json
+import re
 import warnings
 
 import pytest
@@ -325,6 +326,26 @@ def test_default_sampler_unknown_class_warns():
         assert default_sampler(cfg) == "dpmpp_2m"
 
 
+@pytest.mark.parametrize("extra,settings", [
+    ({"algorithm_type": "sde-dpmsolver++"}, "algorithm_type='sde-dpmsolver++'"),
+    ({"algorithm_type": "dpmsolver"}, "algorithm_type='dpmsolver'"),
+    ({"solver_order": 3, "solver_type": "heun"}, "solver_order=3, solver_type='heun'"),
+])
+def test_default_sampler_warns_for_other_dpm_variants(extra, settings):
+    cfg = SchedulerConfig.from_dict({"_class_name": "DPMSolverMultistepScheduler", **_SD_BETAS,
+                                     **extra})
+    with pytest.warns(UserWarning, match=f"sets {re.escape(settings)},.*using dpmpp_2m"):
+        assert default_sampler(cfg) == "dpmpp_2m"
+    # Asked for by name, dpmpp_2m is DPM-Solver++(2M) whatever the config says: no warning,
+    # and the same schedule as for the default variant.
+    plain = SchedulerConfig.from_dict({"_class_name": "DPMSolverMultistepScheduler", **_SD_BETAS})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours, ref = make_schedule(cfg, "dpmpp_2m", 10), make_schedule(plain, "dpmpp_2m", 10)
+        assert default_sampler(plain) == "dpmpp_2m"
+    assert torch.equal(ours.timesteps, ref.timesteps) and torch.equal(ours.sigmas, ref.sigmas)
+
+
 def test_from_file(tmp_path):
     path = tmp_path / "scheduler_config.json"
     path.write_text(json.dumps({**CONFIGS["sd15"], "_diffusers_version": "0.6.0", "unknown": 1}))
@@ -341,6 +362,18 @@ def test_from_file(tmp_path):
     ('{"beta_schedule": "cubic"}', "beta_schedule"),  # unknown choice
     ('{"thresholding": true}', "thresholding"),      # option we do not implement
     ('{"trained_betas": "x"}', "trained_betas"),
+    # Each field against its type. A string "false" would be truthy and silently skip PRK.
+    ('{"beta_start": "x"}', "beta_start must be a number, got 'x'"),
+    ('{"beta_end": true}', "beta_end must be a number"),           # a bool is not a number
+    ('{"steps_offset": "1"}', "steps_offset must be an integer"),
+    ('{"steps_offset": 1.5}', "steps_offset must be an integer"),
+    ('{"num_train_timesteps": true}', "num_train_timesteps must be an integer"),
+    ('{"skip_prk_steps": "false"}', "skip_prk_steps must be true or false"),
+    ('{"clip_sample": 0}', "clip_sample must be true or false"),   # an int is not a bool
+    ('{"timestep_spacing": 1}', "timestep_spacing must be a string"),
+    ('{"_class_name": ["DDIMScheduler"]}', "_class_name must be a string"),
+    ('{"trained_betas": [0.1, "x"]}', "trained_betas must be a list of numbers"),
+    ('{"num_train_timesteps": 10, "trained_betas": [0.1, 0.2]}', "trained_betas has 2 values"),
 ])
 def test_from_file_errors(tmp_path, content, match):
     path = tmp_path / "scheduler_config.json"

@@ -226,3 +226,53 @@ def test_missing_file_names_it(tmp_path, missing):
 def test_missing_folder(tmp_path):
     with pytest.raises(SdrtError, match="does not exist"):
         ClipTokenizer.from_folder(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("name", ["vocab.json", "tokenizer_config.json",
+                                  "special_tokens_map.json", "tokenizer.json"])
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]"])  # malformed; valid but not an object
+def test_bad_json_file_names_it(tmp_path, tokenizer_dir, name, content):
+    folder = _copy(tokenizer_dir, tmp_path)
+    if name == "tokenizer.json":  # read only when vocab.json + merges.txt are absent
+        (folder / "vocab.json").unlink()
+        (folder / "merges.txt").unlink()
+    (folder / name).write_text(content)
+    with pytest.raises(SdrtError, match=name) as err:
+        ClipTokenizer.from_folder(folder)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("line", ["a", "a b c"])  # one token, three
+def test_bad_merges_line_names_file_and_line(tmp_path, tokenizer_dir, line):
+    folder = _copy(tokenizer_dir, tmp_path)
+    lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
+    lines.insert(5, line)  # line 6: after "#version" and four merges
+    (folder / "merges.txt").write_text("\n".join(lines), encoding="utf-8")
+    with pytest.raises(SdrtError, match=r"merges\.txt, line 6") as err:
+        ClipTokenizer.from_folder(folder)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("settings,match", [
+    ({"model_max_length": "77"}, "model_max_length"),
+    ({"pad_token": 5}, "pad_token"),
+    ({"pad_token": {"id": 0}}, "pad_token"),
+    ({"added_tokens_decoder": {"0": "!"}}, "added_tokens_decoder"),
+])
+def test_bad_tokenizer_config_values(tmp_path, tokenizer_dir, settings, match):
+    folder = _copy(tokenizer_dir, tmp_path)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, **settings}))
+    (folder / "special_tokens_map.json").unlink()  # else it overrides the config's tokens
+    with pytest.raises(SdrtError, match=match) as err:
+        ClipTokenizer.from_folder(folder)
+    assert "\n" not in str(err.value)
+
+
+def test_merge_out_of_vocabulary(tmp_path, tokenizer_dir):
+    folder = _copy(tokenizer_dir, tmp_path)
+    with open(folder / "merges.txt", "a", encoding="utf-8") as fh:
+        fh.write("qqqq zzzz\n")
+    with pytest.raises(SdrtError, match="out of vocabulary") as err:
+        ClipTokenizer.from_folder(folder)
+    assert "\n" not in str(err.value)
