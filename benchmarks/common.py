@@ -20,12 +20,11 @@ from pathlib import Path
 
 import torch
 
+from sdrt.kernels.conv_autotune import HEAD_START_CYCLES
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # Zeroed between timed repeats when flushing: larger than any L2 so far (H100 50 MB, H200 60).
 _FLUSH_BYTES = 256 << 20
-# GPU clock cycles ``torch.cuda._sleep`` spins before each timed repeat: ~1 ms at H100/H200
-# clocks (1.6-2 GHz), more than the Python overhead of launching one op.
-_HEAD_START_CYCLES = 2_000_000
 
 
 def require_cuda(what: str) -> None:
@@ -60,7 +59,7 @@ def cuda_time(fn, *, warmup: int = 25, repeats: int = 100, flush_l2: bool = True
     for start, end in zip(starts, ends):
         if flush is not None:
             flush.zero_()
-        torch.cuda._sleep(_HEAD_START_CYCLES)  # the CPU gets ahead of the GPU
+        torch.cuda._sleep(HEAD_START_CYCLES)  # the CPU gets ahead of the GPU
         start.record()
         fn()
         end.record()

@@ -5,10 +5,10 @@ half-written output file (images are written to a temporary name, then renamed).
 """
 import argparse
 import os
-import secrets
 import sys
 import time
 
+from .atomic import check_new_folder, sibling_name, write_folder
 from .errors import SdrtError
 
 EXIT_BAD_INPUT = 2
@@ -151,19 +151,14 @@ def _parameters_text(a, seed, sampler, height, width, model):
     return "\n".join(lines + [", ".join(settings)])
 
 
-def _sibling(path, suffix):
-    """A fresh name beside ``path`` for writing it in full before renaming it into place."""
-    return f"{path}.{os.getpid()}-{secrets.token_hex(4)}{suffix}"
-
-
 def save_png(image, path, parameters):
     """Write ``image`` to ``path`` atomically, with a ``parameters`` text chunk."""
     from PIL import PngImagePlugin
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
-    tmp = _sibling(path, ".part")
+    tmp = sibling_name(path)
     try:
-        with open(tmp, "xb") as fh:  # created with the user's umask, unlike mkstemp's 0600
+        with open(tmp, "xb") as fh:
             image.save(fh, format="PNG", pnginfo=info)
         os.replace(tmp, path)
     except BaseException:
@@ -242,22 +237,8 @@ def _onnx_pipeline(a):
 
 def cmd_make_tiny(a):
     from .tiny import write_tiny
-    if os.path.exists(a.dir) and (not os.path.isdir(a.dir) or os.listdir(a.dir)):
-        raise SdrtError(f"{a.dir} exists and is not an empty folder")
-    parent = os.path.dirname(os.path.abspath(a.dir))
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise SdrtError(f"cannot write to {parent}")
-    tmp = _sibling(os.path.abspath(a.dir), ".part")
-    os.mkdir(tmp)  # with the user's umask, unlike mkdtemp's 0700
-    try:
-        write_tiny(tmp)
-        if os.path.exists(a.dir):
-            os.rmdir(a.dir)
-        os.replace(tmp, a.dir)
-    except BaseException:
-        import shutil
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    check_new_folder(a.dir)
+    write_folder(a.dir, write_tiny)
     print(f"wrote the tiny model to {a.dir}")
 
 

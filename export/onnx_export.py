@@ -14,8 +14,6 @@ checked with ``onnx.checker``, and the folder renamed into place only once all f
 import contextlib
 import logging
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import asdict
@@ -23,6 +21,7 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
+from sdrt.engine.atomic import check_new_folder, write_folder
 from sdrt.engine.errors import SdrtError
 
 from .onnx_manifest import DTYPES, FILES, MODELS, NAMES, sdrt_version, write_manifest
@@ -88,11 +87,7 @@ def _check_args(model_path, out_dir, height, width, batch, dtype, opset, predict
         raise SdrtError(f"model path {model_path} does not exist")
     if prediction_type not in (None, "epsilon", "v_prediction"):
         raise SdrtError(f"prediction_type must be epsilon or v_prediction, got {prediction_type!r}")
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-        raise SdrtError(f"{out_dir} exists and is not an empty folder")
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise SdrtError(f"cannot write to {parent}")
+    check_new_folder(out_dir)
     for module in ("onnx", "onnxscript"):
         try:
             __import__(module)
@@ -212,24 +207,9 @@ def export_onnx(model_path, out_dir, height=None, width=None, batch=1, dtype="fp
     """
     model_path, out_dir = os.fspath(model_path), os.fspath(out_dir)
     _check_args(model_path, out_dir, height, width, batch, dtype, opset, prediction_type)
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    try:
-        tmp = tempfile.mkdtemp(prefix=".sdrt-onnx-", dir=parent)
-    except OSError as e:
-        raise SdrtError(f"cannot write to {parent}: {e.strerror}")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 is for the temporary name only
-        manifest = _export_all(model_path, tmp, height, width, batch, dtype, opset, dynamic,
-                               external_data_bytes, config, prediction_type)
-        if os.path.exists(out_dir):
-            os.rmdir(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest
+    return write_folder(out_dir, lambda tmp: _export_all(
+        model_path, tmp, height, width, batch, dtype, opset, dynamic, external_data_bytes,
+        config, prediction_type))
 
 
 def _export_all(model_path, folder, height, width, batch, dtype, opset, dynamic,

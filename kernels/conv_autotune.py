@@ -59,7 +59,7 @@ class ConvKey:
 
 # GPU clock cycles ``torch.cuda._sleep`` spins before each timed call: ~1 ms at H100/H200
 # clocks (1.6-2 GHz), more than the Python overhead of launching either path (~0.1 ms).
-_HEAD_START_CYCLES = 2_000_000
+HEAD_START_CYCLES = 2_000_000
 
 
 def cuda_median_time(fn, warmup=3, repeat=10):
@@ -75,7 +75,7 @@ def cuda_median_time(fn, warmup=3, repeat=10):
     times = []
     for _ in range(repeat):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(_HEAD_START_CYCLES)  # the CPU gets ahead of the GPU
+        torch.cuda._sleep(HEAD_START_CYCLES)  # the CPU gets ahead of the GPU
         start.record()
         fn()
         end.record()
