@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from .configs import SD15
-from .loading import Components, build
+from .loading import WEIGHT_STEMS, Components, build
 
 TINY = {
     "unet": {**SD15["unet"], "block_out_channels": [32, 64, 64], "attention_head_dim": 2,
@@ -66,19 +66,16 @@ def write_tiny(folder):
     os.makedirs(folder, exist_ok=True)
     _write_json(os.path.join(folder, "model_index.json"),
                 {"_class_name": "StableDiffusionPipeline", **{k: list(v) for k, v in classes.items()}})
-    for name, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
-                       ("text_encoder", "model")):
+    for name, stem in WEIGHT_STEMS.items():
         sub = os.path.join(folder, name)
         os.makedirs(sub, exist_ok=True)
         module = getattr(c, name)
         save_file({k: v.contiguous() for k, v in module.state_dict().items()},
                   os.path.join(sub, f"{stem}.safetensors"), metadata={"format": "pt"})
-        config = {k: v for k, v in TINY[name].items()}
-        if name == "text_encoder":
-            config = {**config, "architectures": ["CLIPTextModel"], "model_type": "clip_text_model"}
-        else:
-            config = {**config, "_class_name": classes[name][1]}
-        _write_json(os.path.join(sub, "config.json"), config)
+        # transformers names a model class its own way; diffusers by _class_name.
+        naming = ({"architectures": ["CLIPTextModel"], "model_type": "clip_text_model"}
+                  if name == "text_encoder" else {"_class_name": classes[name][1]})
+        _write_json(os.path.join(sub, "config.json"), {**TINY[name], **naming})
     os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
     _write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), TINY["scheduler"])
     write_clip_tokenizer(os.path.join(folder, "tokenizer"), pad_token=TINY["pad_token"])
