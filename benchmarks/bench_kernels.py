@@ -18,28 +18,28 @@ max(bytes / measured copy bandwidth, FLOPs / measured matmul rate) over the time
 speed-up over the baseline, the first-call (compile) time apart, and the largest difference
 between the two outputs. Per network, Σ count × time gives the op's share of one call.
 
-Shapes come from ``engine.configs`` (``unet_cases``, ``vae_decoder_cases``, ``text_cases``),
-not from a hand list. Not benchmarked: the VAE's single-head attention (head dim 512 runs
-``F.scaled_dot_product_attention`` in sdrt too) and CLIP's causal attention (sdrt's kernel
-takes no mask).
+Shapes, layouts and call counts come from one walk of the engine's own modules at the model's
+size (``launches.record_launches``: meta tensors, every launch recorded, nothing computed),
+not from a hand list: UNet batch 2 (CFG), VAE decoder, text encoder; the unfused conv path,
+so every ResNet GroupNorm+SiLU is a group_norm call. Not benchmarked: the VAE's single-head
+attention (head dim 512 runs ``F.scaled_dot_product_attention`` in sdrt too) and CLIP's
+causal attention (sdrt's kernel takes no mask): neither launches a Triton kernel.
 
 Writes ``benchmarks/results/bench_kernels_<gpu>.json`` and ``.md``.
 """
 import argparse
 import collections
 import dataclasses
+import math
 
 import torch
 import torch.nn.functional as F
 
-from sdrt.benchmarks import common
-from sdrt.engine.configs import model_config
+from sdrt.benchmarks import common, launches
 from sdrt.kernels import attention, geglu, group_norm, layer_norm
 
 OPS = ("group_norm", "layer_norm", "geglu", "attention")
-# model name → (image size, batch of a UNet call: 2 with classifier-free guidance)
-MODELS = {"sd15": (512, 2), "sd21": (768, 2)}
-TEXT_TOKENS = 77
+MODELS = ("sd15", "sd21")  # at their native sizes (launches.MODEL_SIZES): 512², 768²
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,99 +50,41 @@ class Case:
     shape: tuple
     groups: int = 0
     activation: str = None
+    channels_last: bool = False  # group_norm's input layout (after a conv: channels_last)
 
     def __str__(self):
-        extra = f" G={self.groups}" + (f" {self.activation}" if self.activation else "") \
-            if self.op == "group_norm" else ""
+        extra = ""
+        if self.op == "group_norm":
+            extra = f" G={self.groups}" + (f" {self.activation}" if self.activation else "") \
+                + (" NHWC" if self.channels_last else "")
         return f"{self.op} {'×'.join(map(str, self.shape))}{extra}"
 
 
-def unet_cases(cfg: dict, latent: int, batch: int) -> collections.Counter:
-    """Kernel calls of one UNet2DConditionModel forward (diffusers' block structure)."""
-    u = cfg["unet"]
-    chans, groups, layers = u["block_out_channels"], u["norm_num_groups"], u["layers_per_block"]
-    # diffusers' SD 1.x/2.x configs store the number of heads in "attention_head_dim".
-    heads = u["attention_head_dim"]
-    heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * len(chans)
-    calls = collections.Counter()
-
-    def resnet(c_in, c_out, r):
-        calls[Case("group_norm", (batch, c_in, r, r), groups, "silu")] += 1
-        calls[Case("group_norm", (batch, c_out, r, r), groups, "silu")] += 1
-
-    def transformer(c, r, n_heads):
-        s = r * r
-        calls[Case("group_norm", (batch, c, r, r), groups)] += 1
-        calls[Case("layer_norm", (batch * s, c))] += 3
-        calls[Case("attention", (batch, n_heads, s, s, c // n_heads))] += 1
-        calls[Case("attention", (batch, n_heads, s, TEXT_TOKENS, c // n_heads))] += 1
-        calls[Case("geglu", (batch * s, 2 * 4 * c))] += 1
-
-    r, c_prev, skips = latent, chans[0], [chans[0]]
-    for i, (kind, c) in enumerate(zip(u["down_block_types"], chans)):
-        for _ in range(layers):
-            resnet(c_prev, c, r)
-            c_prev = c
-            if kind.startswith("CrossAttn"):
-                transformer(c, r, heads[i])
-            skips.append(c)
-        if i < len(chans) - 1:
-            r //= 2
-            skips.append(c)
-    resnet(c_prev, c_prev, r)
-    transformer(c_prev, r, heads[-1])
-    resnet(c_prev, c_prev, r)
-    for i, (kind, c) in enumerate(zip(u["up_block_types"], reversed(chans))):
-        for _ in range(layers + 1):
-            resnet(c_prev + skips.pop(), c, r)
-            c_prev = c
-            if kind.startswith("CrossAttn"):
-                transformer(c, r, heads[::-1][i])
-        if i < len(chans) - 1:
-            r *= 2
-    calls[Case("group_norm", (batch, chans[0], latent, latent), groups, "silu")] += 1
-    return calls
-
-
-def vae_decoder_cases(cfg: dict, image: int) -> collections.Counter:
-    """GroupNorms of one VAE decode (batch 1)."""
-    v = cfg["vae"]
-    chans, groups = v["block_out_channels"], v["norm_num_groups"]
-    r = image // 2 ** (len(chans) - 1)
-    calls = collections.Counter()
-    c_prev = chans[-1]
-
-    def resnet(c_in, c_out, r):
-        calls[Case("group_norm", (1, c_in, r, r), groups, "silu")] += 1
-        calls[Case("group_norm", (1, c_out, r, r), groups, "silu")] += 1
-
-    resnet(c_prev, c_prev, r)
-    calls[Case("group_norm", (1, c_prev, r, r), groups)] += 1  # mid-block attention's norm
-    resnet(c_prev, c_prev, r)
-    for i, c in enumerate(reversed(chans)):
-        for _ in range(v["layers_per_block"] + 1):
-            resnet(c_prev, c, r)
-            c_prev = c
-        if i < len(chans) - 1:
-            r *= 2
-    calls[Case("group_norm", (1, chans[0], image, image), groups, "silu")] += 1
-    return calls
-
-
-def text_cases(cfg: dict, batch: int) -> collections.Counter:
-    """LayerNorms of one CLIP text-encoder forward (prompt and negative prompt: batch 2)."""
-    t = cfg["text_encoder"]
-    return collections.Counter({Case("layer_norm", (batch * TEXT_TOKENS, t["hidden_size"])):
-                                2 * t["num_hidden_layers"] + 1})
+def case_of(call: launches.OpCall):
+    """The benchmark case of one recorded op call; None for ops not benchmarked here."""
+    if call.op == "group_norm":
+        x = call.arg("x")
+        return Case("group_norm", x.shape, call.arg("num_groups"), call.arg("activation"),
+                    x.channels_last)
+    if call.op in ("layer_norm", "geglu"):
+        t = call.arg("x" if call.op == "layer_norm" else "h")
+        return Case(call.op, (math.prod(t.shape[:-1]), t.shape[-1]))
+    if call.op == "attention":
+        (b, h, s, d), t = call.arg("q").shape, call.arg("k").shape[2]
+        return Case("attention", (b, h, s, t, d))
+    return None
 
 
 def model_cases(model: str) -> dict:
-    """{network: Counter(Case → calls per forward)} for one model at its benchmark size."""
-    cfg = model_config(model)
-    image, batch = MODELS[model]
-    return {"unet": unet_cases(cfg, image // 8, batch),
-            "vae_decoder": vae_decoder_cases(cfg, image),
-            "text_encoder": text_cases(cfg, batch)}
+    """{network: Counter(Case → calls per forward)} for one model at its size, from one walk
+    of the engine's own modules (``launches.record_launches``). The walk takes the unfused
+    conv path, where every ResNet block's GroupNorm+SiLU is a ``group_norm`` call."""
+    calls = {network: collections.Counter() for network in launches.NETWORKS}
+    for call in launches.op_calls(launches.record_launches(model, conv_path="unfused")):
+        case = case_of(call)
+        if case is not None:
+            calls[call.network][case] += 1
+    return calls
 
 
 def _randn(*shape, dtype):
@@ -168,6 +110,8 @@ def make_problem(case: Case, dtype=torch.float16) -> Problem:
     es = torch.finfo(dtype).bits // 8
     if case.op == "group_norm":
         x = _randn(*case.shape, dtype=dtype)
+        if case.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         c = case.shape[1]
         w, b = _randn(c, dtype=dtype), _randn(c, dtype=dtype)
         out = torch.empty_like(x)

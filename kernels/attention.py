@@ -9,9 +9,10 @@ The Triton kernel is FlashAttention-2's forward pass: a program owns BLOCK_M que
 registers, and streams K and V by blocks of BLOCK_N keys, rescaling by exp2(m_old − m_new)
 when the max moves (online softmax). Scores are scaled by scale·log2(e) once so every
 exponential is an exp2. Bytes: q read and o written once; K and V read once per query block
-(S / BLOCK_M times, mostly from L2); the S×T score matrix never leaves the chip. Row strides
-that are multiples of 16 elements (SD's B×S×H·D projections: H·D = 320…1280) let the loads
-be 16 bytes wide; a contiguous B×H×S×40 tensor (row stride 40) does not.
+(S / BLOCK_M times, mostly from L2); the S×T score matrix never leaves the chip. Loads are
+16 bytes wide when every stride is a multiple of 8 elements: SD's q, k, v are B×S×H·D
+projections viewed B×H×S×D (strides S·H·D, D, H·D), and the launcher passes them in units of
+8 so that Triton knows a head's offset h·D is aligned even at D = 40 (``_stride_unit``).
 
 Two specialisations, chosen by ``tl.constexpr`` switches:
 - cross-attention (T ≤ ``CROSS_MAX_T`` keys, SD's 77 text tokens): the whole of K and V is one
@@ -48,8 +49,9 @@ CROSS_MAX_T = 128
 # (path, BLOCK_D) → (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_N = None: the next power
 # of two ≥ T (cross path). Register budget: the fp32 accumulator is BLOCK_M × BLOCK_D, so at
 # BLOCK_D = 256 (head dim 160) BLOCK_M drops to 64 and 8 warps share it. Compiled for sm_90
-# without a GPU (Triton 3.9, 16-divisible strides): wgmma throughout, 120-225 registers a
-# thread, no spills, at most 160 KB of shared memory (head dim 160, self path).
+# without a GPU at SD 1.5's launches (benchmarks/sm90_report.py, Triton 3.9): wgmma
+# throughout, 123-224 registers a thread, no stack, 16-byte loads only, a cp.async pipeline
+# on the self path, at most 160 KB of shared memory (head dim 160, self path).
 _BLOCKS = {
     ("self", 16): (128, 64, 4, 3),
     ("self", 32): (128, 64, 4, 3),
@@ -92,14 +94,28 @@ if triton is not None:
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         return acc, l_i, m_new
 
-    @triton.jit
+    # H, S and T only index and bound: a variant per divisibility of the sequence lengths
+    # would buy nothing.
+    @triton.jit(do_not_specialize=["H", "S", "T"])
     def _attention_kernel(Q, K, V, O, qk_scale, H, S, T,
                           stride_qb, stride_qh, stride_qs,
                           stride_kb, stride_kh, stride_kt,
                           stride_vb, stride_vh, stride_vt,
                           stride_ob, stride_oh, stride_os,
                           HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_D: tl.constexpr, ONE_KEY_BLOCK: tl.constexpr):
+                          BLOCK_D: tl.constexpr, ONE_KEY_BLOCK: tl.constexpr,
+                          STRIDE_UNIT: tl.constexpr):
+        # Strides arrive in units of STRIDE_UNIT elements (see ``_stride_unit``): multiplying
+        # by the constant here is what tells Triton they are multiples of it, so that a head
+        # at offset h·40 is still known 16-byte aligned and loads stay 16 bytes wide.
+        stride_qb, stride_qh, stride_qs = (stride_qb * STRIDE_UNIT, stride_qh * STRIDE_UNIT,
+                                           stride_qs * STRIDE_UNIT)
+        stride_kb, stride_kh, stride_kt = (stride_kb * STRIDE_UNIT, stride_kh * STRIDE_UNIT,
+                                           stride_kt * STRIDE_UNIT)
+        stride_vb, stride_vh, stride_vt = (stride_vb * STRIDE_UNIT, stride_vh * STRIDE_UNIT,
+                                           stride_vt * STRIDE_UNIT)
+        stride_ob, stride_oh, stride_os = (stride_ob * STRIDE_UNIT, stride_oh * STRIDE_UNIT,
+                                           stride_os * STRIDE_UNIT)
         bh = tl.program_id(1)
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
@@ -175,13 +191,26 @@ def _attention_triton(q, k, v, scale, out=None):
     if t == 0:
         raise ValueError("attention: k and v have no keys")
     block_m, block_n, block_d, warps, stages, cross = _blocks(d, t)
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3])
+    unit = _stride_unit(strides)
     grid = (triton.cdiv(s, block_m), b * h)
     _attention_kernel[grid](
-        q, k, v, out, scale * _LOG2E, h, s, t,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        q, k, v, out, scale * _LOG2E, h, s, t, *(st // unit for st in strides),
         HEAD_D=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, ONE_KEY_BLOCK=cross,
-        num_warps=warps, num_stages=stages)
+        STRIDE_UNIT=unit, num_warps=warps, num_stages=stages)
     return out
+
+
+def _stride_unit(strides):
+    """8 when every stride is a multiple of 8 elements (16 bytes in fp16/bf16), else 1.
+
+    Triton specialises an integer argument on divisibility by 16 only, so it sees SD 1.5's
+    head stride 40 (and 80·k) as unaligned and falls back to 2-byte loads with no cp.async
+    pipeline (compiled for sm_90: 192 scalar loads, 255 registers and a stack frame at
+    head dim 40). Passing strides in units of 8 restores the fact. One flag for all twelve
+    strides keeps it to two variants per block shape.
+    """
+    return 8 if all(st % 8 == 0 for st in strides) else 1
 
 
 def _check(q, k, v, out=None):

@@ -36,7 +36,9 @@ def layer_norm_reference(x, weight, bias, eps=1e-5):
 
 
 if triton is not None:
-    @triton.jit
+    # The row count only bounds the row mask: specialising on it (divisible by 16 or not)
+    # would compile the same code twice (the text encoder's 154 rows, the UNet's 8192).
+    @triton.jit(do_not_specialize=["n_rows"])
     def _layer_norm_kernel(X, W, B, Y, n_rows, n_cols, stride_x, stride_y, eps,
                            HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -58,8 +60,6 @@ if triton is not None:
             y = y + tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(Y + rows64[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty),
                  mask=mask)
-
-
 
 
 def _layer_norm_triton(x, weight, bias, eps, out=None):
@@ -92,7 +92,6 @@ def _layer_norm_triton(x, weight, bias, eps, out=None):
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     return out
-
 
 def _check(x, weight, bias, out=None):
     if x.dim() == 0:

@@ -4,6 +4,10 @@ Under TRITON_INTERPRET=1 (how the kernel tests run on a CPU) Triton's compiler n
 kernel that would not compile for Hopper could still pass them. These helpers run the real
 compiler for sm_90 in a child process without TRITON_INTERPRET, which triton reads when a
 kernel is decorated (so not in this process, where conftest has set it).
+
+These compile hand-typed variants of one kernel; ``tests/test_sm90_report.py`` compiles every
+specialisation the engine really launches for SD 1.5 (``benchmarks/sm90_report.py``) and
+reads the resulting machine code.
 """
 import os
 import subprocess

@@ -40,7 +40,13 @@ SHAPES = [
     (1, 1, 65, 150, 160),   # head dim 160 (SD 1.5 levels 3-4), T ≠ S on the self path
     (1, 1, 17, 129, 40),    # T = 129: one key past the cross path, a 1-key masked last block
     (1, 2, 50, 1, 64),      # a single key: the output is v
+    (1, 2, 33, 140, 36),    # head dim 36: strides not multiples of 8 (STRIDE_UNIT 1), self path
 ]
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)  # the same inputs every run: a failure reproduces
 
 
 def _randn(*shape, dtype, mean=-2.3, std=0.5):
@@ -65,14 +71,33 @@ def _exact(q, k, v, scale=None):
     return (s.softmax(-1) @ v.double()).to(q.dtype)
 
 
+def _last_key_decides(q, k, v):
+    """Make the last key decide the even queries and vanish from the odd ones, in place.
+
+    With −2.3 ± 0.5 inputs every key scores about the same and every output is ≈ mean(v), so
+    a kernel that dropped a key (the masked last block at T = 129 is one key) would still pass.
+    Here the last key scores ~15 above the rest for even queries (softmax weight ≈ 1) and
+    its value is +2.3 against the others' −2.3; odd queries are negated, so it scores lowest
+    for them: both a dropped and a wrongly masked-in last key show.
+    """
+    k[..., -1, :] *= 1.4
+    v[..., -1, :] = 2.3
+    q[..., 1::2, :] *= -1
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
 def test_attention(triton_backend, shape, dtype, atol, rtol):
     q, k, v = _qkv(*shape, dtype, fused=False)
+    _last_key_decides(q, k, v)
+    expected = _exact(q, k, v)
+    if shape[3] > 1:  # the comparison can fail: without its last key the answer moves
+        without_last = _exact(q, k[..., :-1, :], v[..., :-1, :])
+        assert (without_last.double() - expected.double()).abs().max() > 100 * atol
     out = torch.full_like(q, float("nan"))  # every element must be written
     y = attention(q, k, v, out=out)
     assert y is out
-    torch.testing.assert_close(y, _exact(q, k, v), atol=atol, rtol=rtol)
+    torch.testing.assert_close(y, expected, atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1]])
@@ -163,7 +188,7 @@ def compile_for_hopper():
     for d, t in ((40, 4100), (40, 77), (160, 4100)):
         block_m, block_n, block_d, warps, stages, cross = mod._blocks(d, t)
         consts = {"HEAD_D": d, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d,
-                  "ONE_KEY_BLOCK": cross}
+                  "ONE_KEY_BLOCK": cross, "STRIDE_UNIT": 8}
         sig = {n: "i32" if n in ints else "fp32" if n == "qk_scale" else "*fp16"
                for n in fn.arg_names}
         compile_sm90(fn, sig, consts, num_warps=warps, num_stages=stages)

@@ -9,6 +9,11 @@ from sdrt.kernels.layer_norm import layer_norm, layer_norm_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)  # the same inputs every run: a failure reproduces
+
 # Both the kernel and float64 math rounded once to the output dtype: the tolerance is about
 # one unit in the last place of the output.
 DTYPES = [
