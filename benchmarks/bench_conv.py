@@ -1,27 +1,32 @@
 """GroupNorm → SiLU → conv2d (+ add): sdrt's fused Triton kernel against the unfused paths.
 
-At every distinct ResNet-block convolution of SD 1.5's UNet (batch 2, as with classifier-free
-guidance, 64×64 latent) and VAE decoder (512×512), plus each network's norm_out → conv_out,
-with shapes derived from ``engine/configs.py``, it times:
+The calls are the engine's own: ``benchmarks.launches.record_launches`` runs SD 1.5's UNet
+(batch 2, as with classifier-free guidance, 64×64 latent) and VAE decoder (512×512) on the meta
+device, with the weights converted as ``engine.layers.use_conv_chooser`` converts them on a GPU
+(channels_last), and records every ``group_norm_silu_conv2d`` call with its tensors' shapes
+and strides. Each distinct call is benchmarked with inputs of exactly those shapes and strides
+(x, weights, ``add``), so the layouts timed are the layouts the engine runs. For each it times:
 
 - ``fused``: ``group_norm_silu_conv2d``'s Triton path (statistics kernels + implicit GEMM);
-- ``torch``: F.group_norm → F.silu → F.conv2d (cuDNN) → ``+ add``, channels_last, what an
-  eager diffusers model runs;
+- ``torch``: F.group_norm → F.silu → F.conv2d (cuDNN) → ``+ add``, what an eager diffusers
+  model runs;
 - ``sdrt_gn+cudnn``: sdrt's ``group_norm`` (GroupNorm+SiLU) → F.conv2d → ``+ add``, the
   other path ``ConvPathChooser`` can pick.
 
 Each is the median of CUDA-event-timed repeats after a warm-up, L2 flushed before each repeat
 (``benchmarks.common.cuda_time``: inside a UNet step the weights are not in L2 either), cuDNN
-free to pick its algorithm (``cudnn.benchmark``). Reported per shape: ms, TFLOP/s
+free to pick its algorithm (``cudnn.benchmark``). Reported per call: ms, TFLOP/s
 (2·N·Ho·Wo·Cout·Cin·KH·KW) and % of the measured matmul rate in the same dtype; the fused
 kernel's first call (Triton compile included) separately; and per network the sum over its
-convolutions (shape time × how often the shape occurs). ``--sweep`` also times a few block
-configs per shape, to tune ``_CONV_TABLE``.
+convolutions (call time × how often the call occurs). ``--sweep`` also times
+``group_norm_silu_conv2d.SWEEP_CONFIGS`` per call, to tune ``_CONV_TABLE``.
 
-    python benchmarks/bench_conv.py [--dtype fp16|bf16] [--sweep] [--list]
+    python -m sdrt.benchmarks.bench_conv [--dtype fp16|bf16] [--sweep] [--list]
 
 Writes benchmarks/results/bench_conv_<dtype>_<gpu>.{json,md}. Needs a CUDA GPU (``--list``
-prints the shapes without one).
+prints the calls without one; the walk compiles the engine's kernels for sm_90 on the way,
+which a later run on a Hopper GPU finds in Triton's cache). Run it in a process without
+TRITON_INTERPRET.
 """
 import argparse
 import collections
@@ -32,122 +37,118 @@ import torch.nn.functional as F
 
 from sdrt.benchmarks.common import (ceilings, cuda_time, device_info, first_call_ms,
                                     require_cuda, write_report)
-from sdrt.engine.configs import model_config
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+NETWORKS = ("unet", "vae_decoder")
 
 
 @dataclasses.dataclass(frozen=True)
-class ConvShape:
-    n: int
-    cin: int
-    h: int
-    w: int
-    cout: int
-    k: int
-    stride: int
-    padding: int
+class ConvCall:
+    """One distinct ``group_norm_silu_conv2d`` call of the engine: shapes and strides."""
+    x_shape: tuple
+    x_stride: tuple
+    weight_shape: tuple
+    weight_stride: tuple
+    has_bias: bool
+    add_shape: tuple | None
+    add_stride: tuple | None
     groups: int
     eps: float
-    add: str | None     # None, "channel" (time embedding N×C×1×1) or "full" (residual)
+    stride: int
+    padding: int
+
+    @classmethod
+    def of(cls, op_call):
+        a = op_call.arg
+        x, w, add = a("x"), a("conv_weight"), a("add")
+        return cls(x.shape, x.stride, w.shape, w.stride, a("conv_bias") is not None,
+                   None if add is None else add.shape, None if add is None else add.stride,
+                   a("num_groups"), a("eps"), a("stride"), a("padding"))
 
     @property
     def out_size(self):
-        return tuple((size + 2 * self.padding - self.k) // self.stride + 1
-                     for size in (self.h, self.w))
+        k = self.weight_shape[2:]
+        return tuple((size + 2 * self.padding - kk) // self.stride + 1
+                     for size, kk in zip(self.x_shape[2:], k))
 
     @property
     def flops(self):
+        n, cin = self.x_shape[:2]
+        cout, _, kh, kw = self.weight_shape
         ho, wo = self.out_size
-        return 2 * self.n * ho * wo * self.cout * self.cin * self.k * self.k
+        return 2 * n * ho * wo * cout * cin * kh * kw
+
+    @property
+    def add_kind(self):
+        if self.add_shape is None:
+            return None
+        return "channel" if self.add_shape[2:] == (1, 1) else "full"
+
+    def fields(self):
+        """The report row's description of the call: sizes (the names gpu_session's
+        ``SHAPE_KEYS`` read) and layouts."""
+        n, cin, h, w = self.x_shape
+        cout, _, k, _ = self.weight_shape
+        return dict(n=n, cin=cin, h=h, w=w, cout=cout, k=k, stride=self.stride,
+                    padding=self.padding, groups=self.groups, eps=self.eps, add=self.add_kind,
+                    x_layout=_layout(self.x_shape, self.x_stride),
+                    weight_layout=_layout(self.weight_shape, self.weight_stride),
+                    add_layout=None if self.add_shape is None
+                    else _layout(self.add_shape, self.add_stride))
 
     def label(self):
-        return (f"{self.n}×{self.cin}×{self.h}×{self.w} → {self.cout}, {self.k}×{self.k}"
-                f"{'' if self.stride == 1 else f' s{self.stride}'}, add={self.add}")
+        n, cin, h, w = self.x_shape
+        cout, _, kh, kw = self.weight_shape
+        layouts = (f"x {_layout(self.x_shape, self.x_stride)}, "
+                   f"w {_layout(self.weight_shape, self.weight_stride)}")
+        if self.add_kind == "full":
+            layouts += f", add {_layout(self.add_shape, self.add_stride)}"
+        return (f"{n}×{cin}×{h}×{w} → {cout}, {kh}×{kw}"
+                f"{'' if self.stride == 1 else f' s{self.stride}'}, add={self.add_kind}, "
+                + layouts)
 
 
-def _resnet(cin, cout, res, n, groups, eps, temb):
-    """The two GroupNorm→SiLU→conv3×3 of a ResnetBlock2D: + time embedding, + residual."""
-    return [ConvShape(n, cin, res, res, cout, 3, 1, 1, groups, eps, "channel" if temb else None),
-            ConvShape(n, cout, res, res, cout, 3, 1, 1, groups, eps, "full")]
+def _layout(shape, stride):
+    """"channels_last", "contiguous" or the strides."""
+    t = torch.empty_strided(shape, stride, device="meta")
+    if t.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    if t.is_contiguous():
+        return "contiguous"
+    return str(stride)
 
 
-def unet_convs(cfg, batch, latent):
-    """(where, ConvShape) for every GroupNorm→SiLU→conv in the UNet, in execution order."""
-    ch, layers = cfg["block_out_channels"], cfg["layers_per_block"]
-    g, eps = cfg["norm_num_groups"], cfg["norm_eps"]
-    convs, res, out = [], latent, ch[0]
-    for i, c in enumerate(ch):                               # down path
-        for j in range(layers):
-            convs += [(f"down{i}.resnet{j}", s)
-                      for s in _resnet(out if j == 0 else c, c, res, batch, g, eps, True)]
-        out = c
-        res = res // 2 if i < len(ch) - 1 else res
-    for j in range(2):                                       # mid block
-        convs += [(f"mid.resnet{j}", s) for s in _resnet(ch[-1], ch[-1], res, batch, g, eps, True)]
-    rch, prev = ch[::-1], ch[-1]
-    for i, c in enumerate(rch):                              # up path, with skip concatenation
-        skip_in = rch[min(i + 1, len(rch) - 1)]
-        for j in range(layers + 1):
-            cin = (prev if j == 0 else c) + (skip_in if j == layers else c)
-            convs += [(f"up{i}.resnet{j}", s) for s in _resnet(cin, c, res, batch, g, eps, True)]
-        prev = c
-        res = res * 2 if i < len(rch) - 1 else res
-    convs.append(("conv_out", ConvShape(batch, ch[0], res, res, cfg["out_channels"], 3, 1, 1,
-                                        g, eps, None)))
-    return convs
-
-
-def vae_decoder_convs(cfg, size, batch=1, eps=1e-6):
-    """(where, ConvShape) for every GroupNorm→SiLU→conv in the VAE decoder."""
-    ch, layers, g = cfg["block_out_channels"], cfg["layers_per_block"], cfg["norm_num_groups"]
-    res = size // 2 ** (len(ch) - 1)
-    rch = ch[::-1]
-    convs = []
-    for j in range(2):
-        convs += [(f"mid.resnet{j}", s) for s in _resnet(rch[0], rch[0], res, batch, g, eps, False)]
-    prev = rch[0]
-    for i, c in enumerate(rch):
-        for j in range(layers + 1):
-            convs += [(f"up{i}.resnet{j}", s)
-                      for s in _resnet(prev if j == 0 else c, c, res, batch, g, eps, False)]
-        prev = c
-        res = res * 2 if i < len(rch) - 1 else res
-    convs.append(("conv_out", ConvShape(batch, ch[0], res, res, cfg["out_channels"], 3, 1, 1,
-                                        g, eps, None)))
-    return convs
-
-
-def distinct(convs):
-    """{ConvShape: [where, ...]} in first-seen order."""
-    seen = collections.OrderedDict()
-    for where, shape in convs:
-        seen.setdefault(shape, []).append(where)
-    return seen
-
-
-def sd15_shapes():
-    cfg = model_config("sd15")
-    return {"unet": distinct(unet_convs(cfg["unet"], batch=2, latent=cfg["unet"]["sample_size"])),
-            "vae_decoder": distinct(vae_decoder_convs(cfg["vae"], size=cfg["vae"]["sample_size"]))}
+def engine_convs(model="sd15"):
+    """{network: {ConvCall: count}} of every GroupNorm+SiLU+conv the engine's UNet and VAE
+    decoder make, in first-call order, from the launch recorder."""
+    from sdrt.benchmarks.launches import op_calls, record_launches
+    calls = op_calls(record_launches(model, networks=NETWORKS, conv_path="fused"))
+    table = {net: collections.Counter() for net in NETWORKS}
+    for c in calls:
+        if c.op == "group_norm_silu_conv2d":
+            table[c.network][ConvCall.of(c)] += 1
+    return table
 
 
 # -- the paths ---------------------------------------------------------------------------------
-def _inputs(s, dtype):
-    def rand(*size, mean=0.0, std=1.0):
-        return mean + std * torch.randn(*size, device="cuda", dtype=dtype)
+def _inputs(s, dtype, seed=0):
+    """Random inputs with exactly the call's shapes and strides; non-zero-mean x."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
 
-    ho, wo = s.out_size
-    cl = torch.channels_last
-    add = {None: None, "channel": lambda: rand(s.n, s.cout, 1, 1),
-           "full": lambda: rand(s.n, s.cout, ho, wo).to(memory_format=cl)}[s.add]
-    return dict(x=rand(s.n, s.cin, s.h, s.w, mean=-0.3, std=1.0).to(memory_format=cl),
-                norm_weight=rand(s.cin, mean=1.0, std=0.1), norm_bias=rand(s.cin, std=0.1),
+    def rand(shape, stride=None, mean=0.0, std=1.0):
+        stride = stride or torch.empty(shape, device="meta").stride()
+        t = torch.empty_strided(shape, stride, device="cuda", dtype=dtype)
+        return t.copy_(mean + std * torch.randn(shape, device="cuda", generator=gen))
+
+    cin = s.x_shape[1]
+    cout, _, kh, kw = s.weight_shape
+    return dict(x=rand(s.x_shape, s.x_stride, mean=-0.3),
+                norm_weight=rand((cin,), mean=1.0, std=0.1), norm_bias=rand((cin,), std=0.1),
                 num_groups=s.groups,
-                conv_weight=rand(s.cout, s.cin, s.k, s.k, std=(s.cin * s.k * s.k) ** -0.5)
-                .to(memory_format=cl),
-                conv_bias=rand(s.cout, std=0.1), eps=s.eps, stride=s.stride, padding=s.padding,
-                add=add() if add else None)
+                conv_weight=rand(s.weight_shape, s.weight_stride, std=(cin * kh * kw) ** -0.5),
+                conv_bias=rand((cout,), std=0.1) if s.has_bias else None, eps=s.eps,
+                stride=s.stride, padding=s.padding,
+                add=None if s.add_shape is None else rand(s.add_shape, s.add_stride))
 
 
 def _torch_path(x, norm_weight, norm_bias, num_groups, conv_weight, conv_bias, *, eps, stride,
@@ -163,20 +164,12 @@ def _call(fn, i, **extra):
               add=i["add"], **extra)
 
 
-def _sweep_configs(base):
-    return [dataclasses.replace(base, block_m=bm, block_n=bn, block_k=bk, num_warps=nw,
-                                num_stages=ns)
-            for bm, bn, bk, nw, ns in [(64, 64, 32, 4, 3), (64, 128, 64, 4, 3),
-                                       (128, 64, 64, 4, 3), (128, 128, 32, 8, 3),
-                                       (128, 128, 64, 8, 3), (128, 128, 64, 8, 4),
-                                       (128, 256, 64, 8, 3), (256, 128, 64, 8, 3)]]
-
-
 def bench_shape(s, dtype, peak, sweep):
     """One row: each path's ms, TFLOP/s and % of ``peak``; optionally the block-config sweep."""
     from sdrt.kernels.conv_autotune import group_norm_then_conv2d
-    from sdrt.kernels.group_norm_silu_conv2d import (_group_norm_silu_conv2d_triton, conv_config,
-                                                     group_norm_silu_conv2d_reference)
+    from sdrt.kernels.group_norm_silu_conv2d import (_group_norm_silu_conv2d_triton,
+                                                     group_norm_silu_conv2d_reference,
+                                                     sweep_configs)
 
     i = _inputs(s, dtype)
     fused = lambda: _call(_group_norm_silu_conv2d_triton, i)  # noqa: E731
@@ -194,7 +187,7 @@ def bench_shape(s, dtype, peak, sweep):
     if sweep:
         ho, wo = s.out_size
         best = None
-        for cfg in _sweep_configs(conv_config(s.cin, s.cout, ho * wo)):
+        for cfg in sweep_configs(s.x_shape[1], s.weight_shape[0], ho * wo):
             try:
                 ms = cuda_time(lambda: _call(_group_norm_silu_conv2d_triton, i, config=cfg),
                                warmup=3, repeats=20).median_ms
@@ -221,34 +214,34 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dtype", choices=DTYPES, default="fp16")
     parser.add_argument("--sweep", action="store_true", help="also time a few block configs")
-    parser.add_argument("--list", action="store_true", help="print the shapes and exit")
+    parser.add_argument("--list", action="store_true", help="print the calls and exit")
     args = parser.parse_args(argv)
+    if not args.list:
+        require_cuda("bench_conv")
 
-    shapes = sd15_shapes()
+    convs = engine_convs()
     if args.list:
-        for net, table in shapes.items():
-            print(f"{net}: {len(table)} distinct shapes")
-            for s, where in table.items():
-                print(f"  {s.label():48s} ×{len(where):2d}  {', '.join(where[:3])}"
-                      f"{' …' if len(where) > 3 else ''}")
+        for net, table in convs.items():
+            print(f"{net}: {sum(table.values())} calls, {len(table)} distinct")
+            for s, count in table.items():
+                print(f"  ×{count:2d}  {s.label()}")
         return
-    require_cuda("bench_conv")
 
     dtype = DTYPES[args.dtype]
     torch.backends.cudnn.benchmark = True  # let cuDNN pick its best algorithm per shape
     info, ceiling = device_info(), ceilings()
     peak = ceiling[f"matmul_{args.dtype}_tflops"]
     sections, totals = {}, []
-    for net, table in shapes.items():
+    for net, table in convs.items():
         rows, total = [], collections.Counter()
-        for s, where in table.items():
-            row = {"shape": s.label(), "count": len(where), "where": ", ".join(where),
-                   **dataclasses.asdict(s), **bench_shape(s, dtype, peak, args.sweep)}
+        for s, count in table.items():
+            row = {"shape": s.label(), "count": count, **s.fields(),
+                   **bench_shape(s, dtype, peak, args.sweep)}
             rows.append(row)
             for path in PATHS:
-                total[path] += row[f"{path}_ms"] * len(where)
-            total["best_per_shape"] += min(row["fused_ms"], row["gn_cudnn_ms"]) * len(where)
-            print(f"{net:12s} {s.label():48s} fused {row['fused_ms']:.3f} ms "
+                total[path] += row[f"{path}_ms"] * count
+            total["best_per_shape"] += min(row["fused_ms"], row["gn_cudnn_ms"]) * count
+            print(f"{net:12s} {s.label():72s} fused {row['fused_ms']:.3f} ms "
                   f"({row['fused_pct_peak']:.0f}% peak), torch {row['torch_ms']:.3f}, "
                   f"gn_cudnn {row['gn_cudnn_ms']:.3f}", flush=True)
         sections[f"{net} ({args.dtype})"] = (rows, COLUMNS)
@@ -259,12 +252,16 @@ def main(argv=None):
         totals, ["network", "fused_ms", "torch_ms", "gn_cudnn_ms", "best_per_shape_ms"])
     notes = [f"{args.dtype}; % peak is of the measured {args.dtype} matmul rate "
              f"({peak:.0f} TFLOP/s)",
+             "calls and layouts (x, weights, add) recorded from the engine's modules "
+             "(benchmarks/launches.py); weights channels_last as use_conv_chooser stores them",
              "fused: sdrt Triton statistics + implicit-GEMM kernel; torch: F.group_norm, F.silu, "
              "F.conv2d (cuDNN), + add; gn_cudnn: sdrt group_norm kernel, F.conv2d, + add; "
-             "all channels_last",
+             "all three on the same tensors",
              "fused_speedup: the faster unfused path's time over the fused kernel's; "
              "best_per_shape: what ConvPathChooser would run (fused or gn_cudnn per shape)",
-             "first_call_ms: the fused kernel's first call, Triton compile included"]
+             "first_call_ms: the fused kernel's first call, Triton compile included",
+             "block configs: _CONV_TABLE rows not yet tuned on a GPU (tuned_on is None) unless "
+             "the table says otherwise"]
     paths = write_report(f"bench_conv_{args.dtype}", info, ceiling, sections, notes)
     print("wrote", *paths)
 

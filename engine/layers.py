@@ -79,10 +79,30 @@ class ResnetBlock2D(nn.Module):
 
 def use_conv_chooser(model, chooser):
     """Run every GroupNorm+SiLU+conv of ``model`` (each module holding a ``gn_silu_conv``)
-    through ``chooser`` (a ``ConvPathChooser``)."""
+    through ``chooser`` (a ``ConvPathChooser``); off the CPU (a GPU, or the meta device that
+    stands in for one in a launch walk), also give the conv weights the layout the fused kernel
+    reads (``channels_last_conv_weights``), once, here at load."""
     for m in model.modules():
         if hasattr(m, "gn_silu_conv"):
             m.gn_silu_conv = chooser
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        channels_last_conv_weights(model)
+
+
+def channels_last_conv_weights(model):
+    """Give every ``nn.Conv2d`` weight of ``model`` channels_last storage, in place.
+
+    The parameter keeps its logical (Cout, Cin, KH, KW) shape, name and values (state_dict and
+    ONNX export are unchanged); only the storage becomes (Cout, KH, KW, Cin), where one tap's
+    input channels are contiguous: the fused GroupNorm+SiLU conv then loads weight tiles as
+    16-byte vectors (OIHW would be 2-byte loads 9 elements apart, or a copy per call), and
+    cuDNN runs channels_last weights natively, with a channels_last output, so the activations
+    after ``conv_in`` are channels_last too. Not done on the CPU, where the layout changes the
+    order of the convolution's sums and the fused kernel does not run.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
 
 
 def norm_silu_conv(owner, norm, conv, x):

@@ -12,9 +12,15 @@ the GPU: there it answers ``"fused"``, and the public op picks its own path.
 
 Timing synchronises with the host, so the engine calls the chooser for every shape during its
 warm-up, before any CUDA graph is captured; an unplanned shape during capture is an error.
+Given a ``cache_file``, the choices are also kept between processes (a small JSON file keyed
+by GPU name, torch and triton versions and the call's shapes): a new process times only the
+shapes no earlier one has.
 """
 import dataclasses
+import json
+import os
 import statistics
+import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +48,7 @@ class ConvKey:
     x_shape: tuple
     x_channels_last: bool
     weight_shape: tuple
+    weight_channels_last: bool   # if not, the fused path copies the weights on every call
     has_bias: bool
     add_shape: tuple | None
     dtype: torch.dtype
@@ -51,10 +58,19 @@ class ConvKey:
 
     @classmethod
     def of(cls, x, conv_weight, conv_bias, stride, padding, add):
-        return cls(tuple(x.shape), x.is_contiguous(memory_format=torch.channels_last),
-                   tuple(conv_weight.shape), conv_bias is not None,
+        cl = torch.channels_last
+        return cls(tuple(x.shape), x.is_contiguous(memory_format=cl), tuple(conv_weight.shape),
+                   conv_weight.is_contiguous(memory_format=cl), conv_bias is not None,
                    None if add is None else tuple(add.shape), x.dtype, stride, padding,
                    str(x.device))
+
+    def cache_key(self, device_name):
+        """This key as text for the ``cache_file``: with the GPU's name and the torch and triton
+        versions, whose kernels (and so timings) may differ."""
+        import triton
+        fields = {k: (str(v) if isinstance(v, torch.dtype) else v)
+                  for k, v in dataclasses.asdict(self).items() if k != "device"}
+        return json.dumps([device_name, torch.__version__, triton.__version__, fields])
 
 
 # GPU clock cycles ``torch.cuda._sleep`` spins before each timed call: ~1 ms at H100/H200
@@ -89,14 +105,17 @@ class ConvPathChooser:
 
     ``timer(fn) -> seconds`` times a zero-argument callable; the paths are timed in ``PATHS``
     order. ``timed_devices`` are the device types on which it times at all (tests may widen it
-    with a fake timer; nothing else should).
+    with a fake timer; nothing else should). ``cache_file`` (optional): a JSON file of earlier
+    processes' choices, read at the first choice and rewritten after each new timing.
     """
 
-    def __init__(self, timer=cuda_median_time, timed_devices=("cuda",)):
+    def __init__(self, timer=cuda_median_time, timed_devices=("cuda",), cache_file=None):
         self.timer = timer
         self.timed_devices = tuple(timed_devices)
+        self.cache_file = cache_file
         self.choices: dict[ConvKey, str] = {}
         self.times: dict[ConvKey, dict[str, float]] = {}
+        self._saved = None  # {ConvKey.cache_key: {"choice": ..., "times": ...}}, read lazily
 
     def choose(self, x, norm_weight, norm_bias, num_groups, conv_weight, conv_bias=None, *,
                eps=1e-5, stride=1, padding=1, add=None):
@@ -113,6 +132,10 @@ class ConvPathChooser:
                                    "graph capture; call the chooser during warm-up")
             _check(x, norm_weight, norm_bias, num_groups, conv_weight, conv_bias, stride,
                    padding, add)
+            saved = self._saved_entry(key, x.device)
+            if saved is not None:
+                self.times[key], self.choices[key] = saved["times"], saved["choice"]
+                return self.choices[key]
             args = (x, norm_weight, norm_bias, num_groups, conv_weight, conv_bias)
             kwargs = dict(eps=eps, stride=stride, padding=padding, add=add)
             runs = {FUSED: _group_norm_silu_conv2d_triton, UNFUSED: group_norm_then_conv2d}
@@ -120,7 +143,46 @@ class ConvPathChooser:
                      for path in PATHS}
             self.times[key] = times
             self.choices[key] = min(PATHS, key=times.__getitem__)
+            self._save(key, x.device)
         return self.choices[key]
+
+    # -- the cache file
+    @staticmethod
+    def _device_name(device):
+        return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+    def _saved_entry(self, key, device):
+        if self.cache_file is None:
+            return None
+        if self._saved is None:
+            try:
+                with open(self.cache_file) as f:
+                    self._saved = json.load(f)
+            except (OSError, ValueError):  # missing, unreadable or not JSON: time, rewrite
+                self._saved = {}
+            if not isinstance(self._saved, dict):
+                self._saved = {}
+        entry = self._saved.get(key.cache_key(self._device_name(device)))
+        if not isinstance(entry, dict) or entry.get("choice") not in PATHS:
+            return None
+        return entry
+
+    def _save(self, key, device):
+        if self.cache_file is None:
+            return
+        self._saved[key.cache_key(self._device_name(device))] = {
+            "choice": self.choices[key], "times": self.times[key]}
+        # written beside, then renamed: a reader never sees half a file
+        folder = os.path.dirname(os.path.abspath(self.cache_file))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self._saved, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.cache_file)
+        except BaseException:
+            os.unlink(tmp)
+            raise
 
     def __call__(self, x, norm_weight, norm_bias, num_groups, conv_weight, conv_bias=None, *,
                  eps=1e-5, stride=1, padding=1, add=None):
