@@ -36,6 +36,7 @@ setup(
         "test": [
             "pytest>=7.0",
             "pytest-benchmark>=4.0",
+            "hypothesis>=6.0",
             "diffusers>=0.30",
             "transformers>=4.40",
         ],

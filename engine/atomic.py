@@ -4,6 +4,7 @@ A failure (bad input found late, an exception, Ctrl-C) never leaves a half-writt
 folder. Temporary names are created with the user's umask (``mkstemp`` and ``mkdtemp`` would
 make them 0600 / 0700, and the rename would keep that).
 """
+import errno
 import os
 import secrets
 import shutil
@@ -14,6 +15,42 @@ from .errors import SdrtError
 def sibling_name(path, suffix=".part"):
     """A fresh name beside ``path``."""
     return f"{os.path.abspath(path)}.{os.getpid()}-{secrets.token_hex(4)}{suffix}"
+
+
+def write_file(path, write, overwrite=False):
+    """Run ``write(fh)`` on a fresh sibling file opened for binary writing, then give it the
+    name ``path``.
+
+    Without ``overwrite`` an existing ``path`` is never replaced: the finished file is
+    hard-linked to ``path``, which fails with ``FileExistsError`` when the name is taken, even
+    by a file that appeared while ``write`` ran.
+    """
+    tmp = sibling_name(path)
+    try:
+        with open(tmp, "xb") as fh:
+            write(fh)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _rename_no_replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # failed, or hard-linked to ``path``
+            os.unlink(tmp)
+
+
+def _rename_no_replace(src, dst):
+    """Give the file ``src`` the name ``dst`` too, unless ``dst`` exists; the caller removes
+    ``src`` if it is still there."""
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise
+    except OSError:
+        # A file system without hard links (FAT, some network mounts): check, then rename.
+        # Not atomic against another writer, which is the best such a file system allows.
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, "file exists", dst) from None
+        os.replace(src, dst)
 
 
 def check_new_folder(path):

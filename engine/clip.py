@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .configs import (MAX_CHANNELS, MAX_LAYERS, MAX_POSITIONS, MAX_VOCABULARY,
+                      ConfigCheck)
 from .errors import SdrtError
 from .layers import LayerNorm
 
@@ -23,11 +25,23 @@ class TextConfig:
 
     @classmethod
     def from_dict(cls, d):
-        d = d.get("text_config", d)
+        """The config of a ``config.json`` dict (or its ``text_config``), every value checked
+        before anything is built (``SdrtError`` naming the key)."""
+        check = ConfigCheck("text encoder")
+        d = check.dict(check.dict(d).get("text_config", d))
         names = {f.name for f in fields(cls)}
         cfg = cls(**{k: v for k, v in d.items() if k in names})
         if cfg.hidden_act not in ACTIVATIONS:
             raise SdrtError(f"text encoder config: unsupported hidden_act {cfg.hidden_act}")
+        check.integer("vocab_size", cfg.vocab_size, hi=MAX_VOCABULARY)
+        hidden = check.integer("hidden_size", cfg.hidden_size)
+        check.integer("intermediate_size", cfg.intermediate_size, hi=4 * MAX_CHANNELS)
+        check.integer("num_hidden_layers", cfg.num_hidden_layers, hi=MAX_LAYERS)
+        heads = check.integer("num_attention_heads", cfg.num_attention_heads)
+        if hidden % heads:
+            check.fail("num_attention_heads", f"a divisor of hidden_size {hidden}", heads)
+        check.integer("max_position_embeddings", cfg.max_position_embeddings, hi=MAX_POSITIONS)
+        check.number("layer_norm_eps", cfg.layer_norm_eps, positive=True)
         return cfg
 
 

@@ -1,9 +1,84 @@
-"""The real Stable Diffusion configs, exactly as diffusers' ``config.json`` files hold them.
+"""The real Stable Diffusion configs, exactly as diffusers' ``config.json`` files hold them,
+and ``ConfigCheck``, which the config classes use to refuse values no model could have.
 
-Used where no config file is at hand: a single-file checkpoint, the meta-device parameter
-check, and benchmarks that build random-weight models at the real sizes.
+The configs are used where no config file is at hand: a single-file checkpoint, the
+meta-device parameter check, and benchmarks that build random-weight models at the real sizes.
 """
 import copy
+import math
+import numbers
+
+from .errors import SdrtError
+
+# Bounds on the values that set a model's structure, checked before anything is built, so
+# that no config makes a loop run or an allocation grow without bound. They sit far above any
+# Stable Diffusion model (SD 1.5: 1280 channels, 2 layers per block, 4 blocks; SDXL: 10
+# transformer layers); the size of the whole model is then bounded by Limits.max_parameters.
+MAX_CHANNELS = 65536
+MAX_BLOCKS = 16
+MAX_LAYERS = 256
+MAX_VOCABULARY = 2 ** 24
+MAX_POSITIONS = 65536
+
+
+class ConfigCheck:
+    """Checks of one component's config values; each refusal names the component and key:
+    ``"unet config: cross_attention_dim must be an integer from 1 to 65536, got -64"``."""
+
+    def __init__(self, component):
+        self.component = component
+
+    def fail(self, key, allowed, value):
+        raise SdrtError(f"{self.component} config: {key} must be {allowed}, got {value!r}")
+
+    def integer(self, key, value, lo=1, hi=MAX_CHANNELS):
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            self.fail(key, f"an integer from {lo} to {hi}", value)
+        return value
+
+    def integers(self, key, value, n=None, lo=1, hi=MAX_CHANNELS, scalar=False):
+        """A list of integers (``n`` of them, when given), or one integer when ``scalar``."""
+        if scalar and not isinstance(value, (list, tuple)):
+            return self.integer(key, value, lo, hi)
+        count = f"{n} " if n is not None else ""
+        if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= MAX_BLOCKS or \
+                (n is not None and len(value) != n) or \
+                any(isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi
+                    for v in value):
+            one = "an integer or " if scalar else ""
+            self.fail(key, f"{one}a list of {count}integers from {lo} to {hi}"
+                      f"{'' if n else f' (at most {MAX_BLOCKS})'}", value)
+        return list(value)
+
+    def number(self, key, value, positive=False):
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or \
+                not math.isfinite(value) or (positive and value <= 0):
+            self.fail(key, "a positive number" if positive else "a finite number", value)
+        return value
+
+    def flag(self, key, value):
+        if not isinstance(value, bool):
+            self.fail(key, "true or false", value)
+        return value
+
+    def names(self, key, value, allowed):
+        if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= MAX_BLOCKS or \
+                any(v not in allowed for v in value):
+            self.fail(key, f"a list of at most {MAX_BLOCKS} of {', '.join(sorted(allowed))}",
+                      value)
+        return list(value)
+
+    def dict(self, value):
+        if not isinstance(value, dict):
+            raise SdrtError(f"{self.component} config must be a JSON object, got "
+                            f"{type(value).__name__}")
+        return value
+
+    def divides(self, key, groups, channel_key, channels):
+        for c in channels:
+            if c % groups:
+                self.fail(key, f"a divisor of every {channel_key} entry ({c} is not a "
+                          f"multiple)", groups)
 
 _SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
              "num_train_timesteps": 1000, "trained_betas": None, "clip_sample": False,

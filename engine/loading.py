@@ -6,6 +6,8 @@ import torch
 
 from .clip import CLIPTextModel, TextConfig
 from .errors import SdrtError
+from .memory import check_model_fits
+from .request import Limits
 from .unet import UNet2DConditionModel, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
 from .weights import (PICKLE_SUFFIXES, SafetensorsFiles, component_weights, load_parameters,
@@ -16,6 +18,7 @@ MODEL_CLASSES = {
     "vae": (AutoencoderKL, VAEConfig),
     "text_encoder": (CLIPTextModel, TextConfig),
 }
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
                 "text_encoder": "model"}
 
@@ -31,17 +34,61 @@ class Components:
     source: str
 
 
-def build(component, config_dict, device="meta", where=None):
-    """One of our modules from its diffusers config dict, with uninitialised parameters."""
+def parse_config(component, config_dict, where=None):
+    """The checked config object of one component, from its diffusers config dict."""
+    try:
+        return MODEL_CLASSES[component][1].from_dict(config_dict)
+    except SdrtError as e:
+        raise SdrtError(f"{where}: {e}" if where else str(e)) from None
+
+
+def check_compatible(configs, where, tokenizer=None):
+    """The three networks (checked configs by component) and the tokenizer fit together: the
+    UNet attends to the text encoder's states and denoises the VAE's latents."""
+    unet, vae, text = configs["unet"], configs["vae"], configs["text_encoder"]
+    pairs = [("unet", "cross_attention_dim", unet.cross_attention_dim,
+              "text_encoder", "hidden_size", text.hidden_size),
+             ("unet", "in_channels", unet.in_channels,
+              "vae", "latent_channels", vae.latent_channels),
+             ("unet", "out_channels", unet.out_channels,
+              "vae", "latent_channels", vae.latent_channels)]
+    for a, key_a, value_a, b, key_b, value_b in pairs:
+        if value_a != value_b:
+            raise SdrtError(f"{where}: {a} config {key_a} must equal {b} config {key_b} "
+                            f"({value_b}), got {value_a}")
+    if tokenizer is not None:
+        if tokenizer.max_length > text.max_position_embeddings:
+            raise SdrtError(f"{where}: text_encoder config max_position_embeddings must be at "
+                            f"least the tokenizer's {tokenizer.max_length} tokens, got "
+                            f"{text.max_position_embeddings}")
+        if tokenizer.vocab_size > text.vocab_size:
+            raise SdrtError(f"{where}: text_encoder config vocab_size must be at least the "
+                            f"tokenizer's {tokenizer.vocab_size}, got {text.vocab_size}")
+
+
+def parse_configs(config_dicts, device, dtype, where, limits=None):
+    """Every component's config checked, the three checked together, and the model's size
+    (counted from the configs) checked against ``limits`` and the device's memory, all before
+    anything is built. Returns the config objects by component."""
+    configs = {c: parse_config(c, config_dicts[c], where(c)) for c in MODEL_CLASSES}
+    check_compatible(configs, where(None))
+    check_model_fits(configs, dtype, device, Limits.from_env() if limits is None else limits,
+                     where(None))
+    return configs
+
+
+def build(component, config, device="meta", where=None):
+    """One of our modules from its config (a diffusers config dict or a checked config
+    object), with uninitialised parameters."""
     model_cls, config_cls = MODEL_CLASSES[component]
+    if not isinstance(config, config_cls):
+        config = parse_config(component, config, where)
     try:
         with torch.device(device):
-            return model_cls(config_cls.from_dict(config_dict))
-    except SdrtError:
-        raise
+            return model_cls(config)
     except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError) as e:
-        # A config that parses but does not describe a model (a string where a number goes,
-        # channels that do not split into groups, ...).
+        # The config checks should leave nothing for this; if one slips through, it still
+        # ends as one line naming the component.
         raise SdrtError(f"{where or component}: the {component} config does not describe a "
                         f"model sdrt can build ({type(e).__name__}: {e})") from None
 
@@ -51,8 +98,8 @@ def _flat_text_key(name):
     return name[len("text_model."):]
 
 
-def load_component(component, config_dict, source, device, dtype, where):
-    module = build(component, config_dict, where=where)
+def load_component(component, config, source, device, dtype, where):
+    module = build(component, config, where=where)
     rename = None
     if component == "text_encoder" and not any(k.startswith("text_model.") for k in source):
         rename = _flat_text_key
@@ -75,7 +122,7 @@ def _check_folder(path):
         raise SdrtError(f"{path} is not a diffusers model folder: model_index.json is missing")
 
 
-def load_folder(path, device, dtype, variant=None):
+def load_folder(path, device, dtype, variant=None, limits=None):
     """A diffusers-format folder: model_index.json, unet/, vae/, text_encoder/, tokenizer/,
     scheduler/."""
     _check_folder(path)
@@ -85,21 +132,23 @@ def load_folder(path, device, dtype, variant=None):
         if not os.path.isfile(f) and not (sub == "tokenizer" and
                                           os.path.isfile(os.path.join(path, sub, "tokenizer.json"))):
             raise SdrtError(f"{f} is missing")
+    configs = parse_configs(
+        {c: read_json(os.path.join(path, c, "config.json"), f"{c} config") for c in WEIGHT_STEMS},
+        device, dtype, lambda c: os.path.join(path, c) if c else path, limits)
     modules = {}
     for component, stem in WEIGHT_STEMS.items():
         folder = os.path.join(path, component)
-        config = read_json(os.path.join(folder, "config.json"), f"{component} config")
         files = component_weights(folder, stem, variant)
         with SafetensorsFiles(files) as f:
-            modules[component] = load_component(component, config, f.source, device, dtype,
-                                                os.path.join(path, component))
+            modules[component] = load_component(component, configs[component], f.source,
+                                                device, dtype, folder)
     scheduler = read_json(os.path.join(path, "scheduler", "scheduler_config.json"),
                           "scheduler config")
     return Components(modules["text_encoder"], modules["unet"], modules["vae"],
                       _tokenizer(path, None), scheduler, path)
 
 
-def load_single_file(path, device, dtype, config=None, prediction_type=None):
+def load_single_file(path, device, dtype, config=None, prediction_type=None, limits=None):
     """An original LDM/CompVis checkpoint in one ``.safetensors`` file.
 
     The configs come from ``config`` (a diffusers folder, for non-standard sizes) or from the
@@ -120,6 +169,8 @@ def load_single_file(path, device, dtype, config=None, prediction_type=None):
         else:
             # For SD 2.x, "epsilon" also picks the 512-base configs over the 768-v ones.
             configs = family_configs(family, prediction_type)
+        checked = parse_configs(configs, device, dtype,
+                                lambda c: f"{path} ({c} config)" if c else path, limits)
         plan = ldm_to_diffusers(keys, family, configs["unet"], configs["vae"],
                                 configs["text_encoder"])
         get = lambda key: f.source[key]()
@@ -127,24 +178,38 @@ def load_single_file(path, device, dtype, config=None, prediction_type=None):
         for component in MODEL_CLASSES:
             source = {dkey: (lambda r=recipe: r.load(get)) for dkey, recipe in
                       plan[component].items()}
-            modules[component] = load_component(component, configs[component], source, device,
+            modules[component] = load_component(component, checked[component], source, device,
                                                  dtype, f"{path} ({component})")
     pad = "!" if family == "sd2" else "<|endoftext|>"
     return Components(modules["text_encoder"], modules["unet"], modules["vae"],
                       _tokenizer(config, pad), configs["scheduler"], path)
 
 
-def load(path, device, dtype, variant=None, config=None, prediction_type=None):
-    """Either layout, told apart by the path: a folder or a ``.safetensors`` file."""
+def load(path, device, dtype, variant=None, config=None, prediction_type=None, limits=None):
+    """Either layout, told apart by the path: a folder or a ``.safetensors`` file.
+
+    ``limits`` (default ``Limits.from_env()``) bounds the model's parameter count; its weights
+    must also fit the device's memory. Both are checked from the configs, before building."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise SdrtError(f"path must be a model folder or a .safetensors file (a str or "
+                        f"os.PathLike), got {path!r}")
     path = os.fspath(path)
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    for name, value in (("variant", variant), ("config", config)):
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise SdrtError(f"{name} must be a string, got {value!r}")
+    if prediction_type not in (None, *PREDICTION_TYPES):
+        raise SdrtError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got "
+                        f"{prediction_type!r}")
     if os.path.isfile(path):
         refuse_pickle(path)
         if not path.endswith(".safetensors"):
             raise SdrtError(f"{path}: expected a diffusers folder or a .safetensors checkpoint")
-        return load_single_file(path, device, dtype, config, prediction_type)
+        return load_single_file(path, device, dtype, config, prediction_type, limits)
     if path.endswith(PICKLE_SUFFIXES + (".safetensors",)) and not os.path.exists(path):
         raise SdrtError(f"model file {path} does not exist")
-    components = load_folder(path, device, dtype, variant)
+    components = load_folder(path, device, dtype, variant, limits)
     if prediction_type is not None:
         components.scheduler_config = {**components.scheduler_config,
                                        "prediction_type": prediction_type}

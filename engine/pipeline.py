@@ -6,7 +6,7 @@ difference: with several init images and several images per prompt, each init im
 its own prompt's images (diffusers' deprecated path cycles the images instead).
 """
 import copy
-import random
+import dataclasses
 import time
 import warnings
 
@@ -16,63 +16,111 @@ from torch import nn
 
 from .errors import SdrtError
 from .layers import use_conv_chooser
-from .loading import Components, load
+from .loading import Components, check_compatible, load
+from .memory import check_request_fits, fused_attention, request_bytes
+from .request import GenerationRequest, Limits, short_repr
 from .runtime import StaticRuntime, StaticShape
-from .samplers import SAMPLERS, SchedulerConfig, default_sampler, make_schedule, sample
+from .samplers import SchedulerConfig, default_sampler, make_schedule, sample
 from .stages import cpu_randn, guided, to_unit_images, vae_decode
 
-OUTPUT_TYPES = ("pil", "np", "latent")
-MAX_SIDE = 4096
-MAX_SEED = 2 ** 64
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+          "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DEVICES = "'cpu', 'cuda' or 'cuda:N'"
 
 
 def resolve_device(device=None, dtype=None):
     """(device, dtype): CUDA and fp16 when a GPU is there, else CPU and fp32."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SdrtError("device cuda was asked for, but no CUDA GPU is available")
-    if device.type not in ("cpu", "cuda"):
-        raise SdrtError(f"unsupported device {device}")
+    if not isinstance(device, (str, torch.device)):
+        raise SdrtError(f"device must be {_DEVICES}, got {short_repr(device)}")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise SdrtError(f"device must be {_DEVICES}, got {device!r}") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise SdrtError(f"device must be {_DEVICES}, got {device!r}")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SdrtError("device cuda was asked for, but no CUDA GPU is available")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise SdrtError(f"device must be a CUDA device from cuda:0 to "
+                            f"cuda:{torch.cuda.device_count() - 1}, got {device!r}")
     if dtype is None:
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, str):
-        names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
-                 "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-        if dtype not in names:
-            raise SdrtError(f"unknown dtype {dtype}: use fp32, fp16 or bf16")
-        dtype = names[dtype]
-    return device, dtype
+        dtype = torch.float16 if parsed.type == "cuda" else torch.float32
+    if isinstance(dtype, str) and dtype in DTYPES:
+        dtype = DTYPES[dtype]
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise SdrtError(f"dtype must be fp32, fp16 or bf16 (or torch.float32, torch.float16, "
+                        f"torch.bfloat16), got {short_repr(dtype)}")
+    return parsed, dtype
 
 
-def _as_list(x, what):
-    if isinstance(x, str):
-        return [x]
-    if isinstance(x, (list, tuple)) and x and all(isinstance(p, str) for p in x):
-        return list(x)
-    raise SdrtError(f"{what} must be a string or a non-empty list of strings")
+def _image_tensor(item):
+    """One init image (or batch) → float32 (B, 3, H, W) in [0, 1] on the CPU."""
+    from PIL import Image
 
-
-def _positive_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise SdrtError(f"{name} must be at least 1, got {value}")
+    from .images import pil_to_float
+    # Contiguous (B, 3, H, W), whatever the source's layout: a channels-last view would
+    # run the VAE's convolutions in another order and round differently.
+    if isinstance(item, Image.Image):
+        return torch.from_numpy(pil_to_float(item)).permute(2, 0, 1)[None].contiguous()
+    if isinstance(item, np.ndarray):
+        what, layout, floating = "array", "(H, W, 3) or (B, H, W, 3)", \
+            np.issubdtype(item.dtype, np.floating)
+        shape_ok = item.ndim in (3, 4) and item.shape[-1] == 3
+    elif isinstance(item, torch.Tensor):
+        what, layout, floating = "tensor", "(3, H, W) or (B, 3, H, W)", \
+            item.is_floating_point()
+        shape_ok = item.dim() in (3, 4) and item.shape[-3] == 3
+    else:
+        raise SdrtError(f"image must be a PIL image, a float array (H, W, 3) or a float "
+                        f"tensor (B, 3, H, W) in [0, 1], or a list of them, got "
+                        f"{type(item).__name__}")
+    if not shape_ok:
+        raise SdrtError(f"an image {what} must be {layout}, got shape {tuple(item.shape)}")
+    if not floating:
+        raise SdrtError(f"an image {what} must hold floats in [0, 1], got dtype "
+                        f"{item.dtype} (divide by 255, or pass a PIL image)")
+    if what == "array":
+        t = torch.from_numpy(np.ascontiguousarray(item, dtype=np.float32))
+        t = t.reshape(-1, *t.shape[-3:]).permute(0, 3, 1, 2)
+    else:
+        t = item.detach().to("cpu", torch.float32)
+        t = t.reshape(-1, *t.shape[-3:])
+    if t.numel() and (not torch.isfinite(t).all() or t.min() < 0 or t.max() > 1):
+        finite = t[torch.isfinite(t)]
+        span = (f"values from {finite.min().item():.4g} to {finite.max().item():.4g}"
+                if finite.numel() else "no finite value")
+        bad = t.numel() - finite.numel()
+        raise SdrtError(f"image values must be finite and in [0, 1], got {span}"
+                        f"{f' and {bad} inf/NaN' if bad else ''}")
+    return t.contiguous()
 
 
 class Pipeline:
-    """``Pipeline.from_pretrained(path)(prompt)`` → images."""
+    """``Pipeline.from_pretrained(path)(prompt)`` → images.
 
-    def __init__(self, components: Components, device, dtype):
+    ``pipe.limits`` (a ``Limits``; default ``Limits.from_env()``) bounds what a call may ask
+    for, and ``pipe.last_seed`` / ``pipe.num_timesteps`` describe the last call.
+    """
+
+    def __init__(self, components: Components, device, dtype, limits: Limits = None):
+        device, dtype = resolve_device(device, dtype)
         self.text_encoder = components.text_encoder
         self.unet = components.unet
         self.vae = components.vae
         self.tokenizer = components.tokenizer
         self.scheduler_config = SchedulerConfig.from_dict(components.scheduler_config)
         self.source = components.source
+        check_compatible({"unet": self.unet.config, "vae": self.vae.config,
+                          "text_encoder": self.text_encoder.config}, self.source, self.tokenizer)
         self.device, self.dtype = device, dtype
+        self.limits = Limits.from_env() if limits is None else limits
         self.vae_scale_factor = self.vae.config.scale_factor
         self.timings = {}
         self.last_seed = None
+        self.num_timesteps = None  # denoising steps of the current (or last) call
         self.runtime = None  # set by compile()
         self._vae_fp32 = None  # made on the first low-precision decode that overflows
         if device.type == "cuda":
@@ -87,16 +135,20 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None, variant=None, config=None,
-                        prediction_type=None):
+                        prediction_type=None, limits: Limits = None):
         """Load a diffusers folder or a single-file LDM ``.safetensors`` checkpoint.
 
         ``variant="fp16"`` prefers ``*.fp16.safetensors`` files. For a single file, ``config``
         may name a diffusers folder whose configs (and tokenizer) to use. ``prediction_type``
         overrides the scheduler's (for an SD 2.x single file, ``"epsilon"`` also selects the
-        512-base configs).
+        512-base configs). Every config value is checked, and the model's size (counted from
+        the configs) is checked against ``limits.max_parameters`` and the device's memory,
+        before anything is built.
         """
         device, dtype = resolve_device(device, dtype)
-        return cls(load(path, device, dtype, variant, config, prediction_type), device, dtype)
+        limits = Limits.from_env() if limits is None else limits
+        return cls(load(path, device, dtype, variant, config, prediction_type, limits), device,
+                   dtype, limits)
 
     def compile(self, height=None, width=None, batch_size=1, num_inference_steps=50,
                 sampler=None, guidance=True, strict=False, max_shapes=4):
@@ -107,15 +159,69 @@ class Pipeline:
         ``max_shapes``, least recently used dropped), or, with ``strict=True``, refused with
         ``SdrtError``. Returns the plan (its ``build_seconds`` says what the build cost).
         """
-        height, width, sampler = self._resolve(height, width, sampler)
-        _positive_int(batch_size, "batch_size")
-        _positive_int(num_inference_steps, "num_inference_steps")
+        request = GenerationRequest(
+            prompt="", height=height, width=width, num_inference_steps=num_inference_steps,
+            sampler=sampler, num_images_per_prompt=batch_size,
+            guidance_scale=7.5 if guidance else 1.0,
+        ).check(names={"num_images_per_prompt": "batch_size"}, limits=self.limits)
+        request = self.check(request, names={"num_images_per_prompt": "batch_size"})
         if self.runtime is None:
             self.runtime = StaticRuntime(self, max_shapes=max_shapes, strict=strict)
         else:
             self.runtime.configure(max_shapes=max_shapes, strict=strict)
-        return self.runtime.build(StaticShape(height, width, batch_size, num_inference_steps,
-                                              sampler, bool(guidance)))
+        return self.runtime.build(self._shape(request))
+
+    def check(self, request: GenerationRequest, names=None):
+        """The checks of a request (already through ``GenerationRequest.check``) that depend on
+        the model: sizes (default: the UNet's ``sample_size``) against the VAE's scale factor,
+        ``clip_skip`` against the text encoder's depth, and the request's estimated peak memory
+        against the device's (unless a static plan of its shape is built already). Returns the
+        request with height, width and sampler filled in."""
+        names = names or {}
+        f = self.vae_scale_factor
+        sizes = {}
+        for field in ("height", "width"):
+            value = getattr(request, field)
+            if value is None:
+                value = self.unet.config.sample_size * f
+                if value > self.limits.max_side:
+                    raise SdrtError(f"{names.get(field, field)} was not given, and the UNet "
+                                    f"config's sample_size {self.unet.config.sample_size} makes "
+                                    f"it {value}, past the limit of {self.limits.max_side} "
+                                    f"(SDRT_MAX_SIDE); pass {names.get(field, field)}")
+            self._check_side(field, value, names)
+            sizes[field] = value
+        layers = self.text_encoder.config.num_hidden_layers
+        if request.clip_skip >= layers:
+            raise SdrtError(f"{names.get('clip_skip', 'clip_skip')} must be from 0 to "
+                            f"{layers - 1} (the text encoder has {layers} layers), got "
+                            f"{request.clip_skip}")
+        request = dataclasses.replace(request, sampler=request.sampler or
+                                      default_sampler(self.scheduler_config), **sizes)
+        if self.runtime is not None and not request.has_image and request.clip_skip == 0 and \
+                self._shape(request) in self.runtime.plans:
+            return request  # a built plan: its buffers and graphs are already allocated
+        need, what = request_bytes(
+            self.unet.config, self.vae.config, self.text_encoder.config, request.height,
+            request.width, request.batch_size, request.guidance, self.dtype,
+            fused_attention(self.unet, self.device, self.dtype), request.has_image)
+        images = request.batch_size
+        check_request_fits(need, what, f"a request for {images} image{'s' * (images > 1)} of "
+                           f"{request.width}x{request.height}"
+                           f"{' with guidance' if request.guidance else ''}",
+                           self.device, self.limits)
+        return request
+
+    def _check_side(self, field, value, names):
+        f = self.vae_scale_factor
+        if value % f or value < f:
+            raise SdrtError(f"{names.get(field, field)} must be a multiple of {f} (the VAE's "
+                            f"scale factor), got {value}")
+
+    @staticmethod
+    def _shape(request):
+        return StaticShape(request.height, request.width, request.batch_size,
+                           request.num_inference_steps, request.sampler, request.guidance)
 
     # -- pieces -------------------------------------------------------------------------------
 
@@ -129,49 +235,62 @@ class Pipeline:
         side = self.unet.config.sample_size * self.vae_scale_factor
         return side, side
 
-    def _resolve(self, height, width, sampler):
-        """Defaults filled in and checked: (height, width, sampler)."""
-        dh, dw = self.default_size()
-        height = dh if height is None else height
-        width = dw if width is None else width
-        f = self.vae_scale_factor
-        for name, v in (("height", height), ("width", width)):
-            if isinstance(v, bool) or not isinstance(v, int) or v % f or not f <= v <= MAX_SIDE:
-                raise SdrtError(f"{name} must be a multiple of {f} between {f} and {MAX_SIDE}, "
-                                f"got {v}")
-        sampler = sampler or default_sampler(self.scheduler_config)
-        if sampler not in SAMPLERS:
-            raise SdrtError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
-        return height, width, sampler
-
     def _preprocess(self, image, height, width):
-        """PIL image(s), float array(s) (H, W, 3) in [0, 1], or a tensor (B, 3, H, W) in [0, 1]
-        → tensor (B, 3, H, W) in [-1, 1]."""
+        """PIL image(s), float array(s) (H, W, 3) or (B, H, W, 3) in [0, 1], or a float tensor
+        (3, H, W) or (B, 3, H, W) in [0, 1] → tensor (B, 3, H, W) in [-1, 1].
+
+        Every image is resized to (height, width), by default the first image's size cut down
+        to a multiple of the VAE's scale factor; a resize is reported with one warning.
+        """
         from PIL import Image
-        images = image if isinstance(image, list) else [image]
+        items = list(image) if isinstance(image, (list, tuple)) else [image]
+        if not items:
+            raise SdrtError("image must be a PIL image, a float array or tensor, or a non-empty "
+                            "list of them, got an empty list")
+        limit = self.limits.max_side
+        for item in items:
+            if isinstance(item, Image.Image):
+                w0, h0 = item.size
+            elif isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim in (3, 4):
+                h0, w0 = (item.shape[-3:-1] if isinstance(item, np.ndarray)
+                          else item.shape[-2:])
+            else:
+                continue  # refused below, with the type or shape
+            # Bounded before any conversion: a float copy takes 12 bytes a pixel.
+            if h0 * w0 > (2 * limit) ** 2:
+                raise SdrtError(f"image must be at most {(2 * limit) ** 2} pixels "
+                                f"((2 × SDRT_MAX_SIDE)²), got {w0}x{h0}")
+        tensors = [_image_tensor(item) for item in items]
+        h0, w0 = tensors[0].shape[2:]
         f = self.vae_scale_factor
-        if all(isinstance(i, Image.Image) for i in images):
-            w0, h0 = images[0].size
-            size = (width or w0 - w0 % f, height or h0 - h0 % f)
-            if min(size) < f:
-                raise SdrtError(f"init image of {w0}x{h0} is smaller than {f} pixels")
-            arrays = [np.asarray(i.convert("RGB").resize(size, Image.LANCZOS)
-                                 if i.size != size else i.convert("RGB"), dtype=np.float32) / 255
-                      for i in images]
-            t = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-        elif all(isinstance(i, np.ndarray) for i in images):
-            arrays = [a[None] if a.ndim == 3 else a for a in images]
-            if any(a.ndim != 4 for a in arrays):
-                raise SdrtError("an image array must be (H, W, 3) or (B, H, W, 3)")
-            t = torch.from_numpy(np.ascontiguousarray(np.concatenate(arrays), dtype=np.float32))
-            t = t.permute(0, 3, 1, 2)
-        elif isinstance(image, torch.Tensor):
-            t = (image[None] if image.dim() == 3 else image).float()
-        else:
-            raise SdrtError("image must be PIL image(s), float array(s) in [0, 1] or a tensor")
-        if t.dim() != 4 or t.shape[1] != 3:
-            raise SdrtError(f"image must have 3 channels, got shape {tuple(t.shape)}")
-        return (t * 2 - 1).to(self.device, self.dtype)
+        size = (height or h0 - h0 % f, width or w0 - w0 % f)
+        for field, given, side in (("height", height, size[0]), ("width", width, size[1])):
+            if side < f:
+                raise SdrtError(f"image must be at least {f} pixels high and wide (the VAE's "
+                                f"scale factor), got {w0}x{h0}")
+            if given is None and side > limit:
+                raise SdrtError(f"image {field} must be at most {limit} pixels (SDRT_MAX_SIDE), "
+                                f"got {w0}x{h0}: pass height and width to resize it")
+        return self._resize_all(tensors, size, height is None and width is None)
+
+    def _resize_all(self, tensors, size, to_multiple):
+        """The images, each resized to ``size`` where it differs (one warning for all)."""
+        out, changed = [], []
+        for t in tensors:
+            if tuple(t.shape[2:]) != size:
+                changed.append(f"{t.shape[3]}x{t.shape[2]}")
+                t = torch.nn.functional.interpolate(t, size=size, mode="bicubic",
+                                                    antialias=True).clamp_(0, 1)
+            out.append(t)
+        if changed:
+            why = (f"a multiple of the VAE's scale factor {self.vae_scale_factor}" if to_multiple
+                   else "the height and width asked for")
+            warnings.warn(f"init image resized from {', '.join(sorted(set(changed)))} to "
+                          f"{size[1]}x{size[0]} ({why})", stacklevel=5)
+        batch = torch.cat(out)
+        if batch.shape[0] == 0:
+            raise SdrtError("image must hold at least one image, got a batch of 0")
+        return (batch * 2 - 1).to(self.device, self.dtype)
 
     @torch.no_grad()
     def encode_image(self, image, generator):
@@ -208,11 +327,54 @@ class Pipeline:
         return time.perf_counter()
 
     def _noise(self, latents, shape, generator):
+        """The given latents (checked), or noise drawn from ``generator``."""
         if latents is None:
             return cpu_randn(shape, generator, self.dtype).to(self.device)
+        if not isinstance(latents, torch.Tensor):
+            raise SdrtError(f"latents must be a torch.Tensor of shape {shape}, got "
+                            f"{type(latents).__module__}.{type(latents).__name__}")
         if tuple(latents.shape) != shape:
             raise SdrtError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+        if not latents.is_floating_point() or not torch.isfinite(latents).all():
+            raise SdrtError(f"latents must be finite floats, got {latents.dtype} values "
+                            f"{'with inf or NaN' if latents.is_floating_point() else ''}".strip())
         return latents.to(self.device, self.dtype)
+
+    def _generator(self, generator, request):
+        """The CPU generator that draws the request's noise; sets ``last_seed``."""
+        if generator is None:
+            self.last_seed = request.draw_seed()
+            return torch.Generator("cpu").manual_seed(self.last_seed)
+        if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
+            raise SdrtError(f"generator must be a CPU torch.Generator (noise is drawn on the "
+                            f"CPU so that a seed gives the same image on every device), got "
+                            f"{short_repr(generator)}")
+        if request.seed is not None:
+            raise SdrtError(f"seed must be None when a generator is given, got {request.seed}")
+        self.last_seed = None  # the generator's state is the caller's
+        return generator
+
+    def _step_end(self, callback):
+        """The sampler's per-step hook that calls ``callback`` as diffusers calls
+        ``callback_on_step_end``, and takes the latents it may return."""
+        if callback is None:
+            return None
+
+        def step_end(i, t, x):
+            out = callback(self, i, t, {"latents": x})
+            if out is None:
+                return None
+            if not isinstance(out, dict):
+                raise SdrtError(f"callback must return None or a dict, got "
+                                f"{type(out).__name__}")
+            latents = out.get("latents")
+            if latents is None:
+                return None
+            if not isinstance(latents, torch.Tensor) or latents.shape != x.shape:
+                raise SdrtError(f"callback must return latents of shape {tuple(x.shape)}, got "
+                                f"{short_repr(getattr(latents, 'shape', latents))}")
+            return latents.to(x.device, x.dtype)
+        return step_end
 
     # -- the request --------------------------------------------------------------------------
 
@@ -224,83 +386,82 @@ class Pipeline:
         """Generate images; see the README for each argument.
 
         Returns a list of PIL images (``"pil"``), a float32 array (B, H, W, 3) in [0, 1]
-        (``"np"``), or the final latents (``"latent"``). ``generator`` (a CPU
-        ``torch.Generator``) may replace ``seed``. ``callback(step, steps)`` runs after each
-        eager step; a replayed static plan has no steps to report.
-        """
-        prompts = _as_list(prompt, "prompt")
-        if output_type not in OUTPUT_TYPES:
-            raise SdrtError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}")
-        _positive_int(num_images_per_prompt, "num_images_per_prompt")
-        _positive_int(num_inference_steps, "num_inference_steps")
-        if image is not None and not 0 < strength <= 1:
-            raise SdrtError(f"strength must be in (0, 1], got {strength}")
-        layers = getattr(getattr(self.text_encoder, "config", None), "num_hidden_layers", None)
-        if not isinstance(clip_skip, int) or clip_skip < 0 or \
-                (layers is not None and clip_skip >= layers):
-            raise SdrtError(f"clip_skip must be from 0 to {layers - 1 if layers else 'n'}, "
-                            f"got {clip_skip}")
-        if seed is not None and (not isinstance(seed, int) or not 0 <= seed < MAX_SEED):
-            raise SdrtError(f"seed must be an integer from 0 to 2**64 - 1, got {seed}")
-        cfg = guidance_scale > 1.0
-        negatives = []
-        if cfg:
-            negatives = [""] * len(prompts) if negative_prompt is None else \
-                _as_list(negative_prompt, "negative_prompt")
-            if len(negatives) == 1:
-                negatives = negatives * len(prompts)
-            if len(negatives) != len(prompts):
-                raise SdrtError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        (``"np"``), or the final latents (``"latent"``). ``seed=-1`` (or None) draws a random
+        seed; ``pipe.last_seed`` records the seed used. ``generator`` (a CPU
+        ``torch.Generator``) may replace ``seed``.
 
+        Every argument is checked before any work (``SdrtError``, a ``ValueError``, naming the
+        argument, its value and what is allowed), including the request's estimated peak
+        memory against the device's; ``pipe.limits`` sets the bounds.
+
+        ``callback(pipe, step_index, timestep, callback_kwargs)`` is called after each
+        denoising step, as diffusers calls ``callback_on_step_end``: ``callback_kwargs`` is
+        ``{"latents": x}`` (float32), and a returned dict with ``"latents"`` replaces them.
+        ``pipe.num_timesteps``, the number of steps of this call, is set before the first.
+        Under a static plan the callback is called too: on the CPU the plan runs eagerly
+        anyway; on CUDA its denoising stage runs eagerly (not replayed) for a call with a
+        callback, while the text encoder and VAE graphs are replayed.
+        """
+        if callback is not None and not callable(callback):
+            raise SdrtError(f"callback must be callable or None, got {short_repr(callback)}")
+        request = GenerationRequest(
+            prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            sampler=sampler, seed=seed, strength=strength,
+            num_images_per_prompt=num_images_per_prompt, clip_skip=clip_skip,
+            output_type=output_type, has_image=image is not None).check(limits=self.limits)
+        for field in ("height", "width"):
+            if getattr(request, field) is not None:
+                self._check_side(field, getattr(request, field), {})
         init = None
         if image is not None:
-            init = self._preprocess(image, height, width)
-            height, width = init.shape[2], init.shape[3]
-        height, width, sampler = self._resolve(height, width, sampler)
-        if generator is None:
-            if seed is None:
-                seed = random.randrange(MAX_SEED)
-            generator = torch.Generator("cpu").manual_seed(seed)
-        self.last_seed = seed
-
-        batch = len(prompts) * num_images_per_prompt
-        shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor,
-                 width // self.vae_scale_factor)
+            init = self._preprocess(image, request.height, request.width)
+            if request.batch_size % init.shape[0]:
+                raise SdrtError(f"image must hold one image or one per prompt (a count that "
+                                f"divides the batch of {request.batch_size}), got "
+                                f"{init.shape[0]}")
+            request = dataclasses.replace(request, height=init.shape[2], width=init.shape[3])
+        request = self.check(request)
+        generator = self._generator(generator, request)
+        batch, sampler = request.batch_size, request.sampler
+        shape = (batch, self.unet.config.in_channels, request.height // self.vae_scale_factor,
+                 request.width // self.vae_scale_factor)
+        if latents is not None:
+            latents = self._noise(latents, shape, None)  # checked before any work
+        step_end = self._step_end(callback)
         # Static plans cover text-to-image with the final text layer; the rest runs eagerly.
-        if self.runtime is not None and init is None and clip_skip == 0:
-            return self._run_static(
-                StaticShape(height, width, batch, num_inference_steps, sampler, cfg),
-                negatives + prompts, num_images_per_prompt,
-                self._noise(latents, shape, generator), guidance_scale, generator, output_type)
+        if self.runtime is not None and init is None and request.clip_skip == 0:
+            return self._run_static(request, self._noise(latents, shape, generator), generator,
+                                    step_end)
 
-        schedule = make_schedule(self.scheduler_config, sampler, num_inference_steps,
-                                 strength=strength if image is not None else 1.0,
+        schedule = make_schedule(self.scheduler_config, sampler, request.num_inference_steps,
+                                 strength=request.strength if init is not None else 1.0,
                                  device=self.device)
+        self.num_timesteps = len(schedule.timesteps)
         t0 = self._clock()
         # One text-encoder call for both halves: [negative..., positive...] as diffusers orders.
-        states = self.encode_prompt(negatives + prompts, clip_skip)
-        states = states.repeat_interleave(num_images_per_prompt, dim=0)
+        states = self.encode_prompt(request.texts(), request.clip_skip)
+        states = states.repeat_interleave(request.num_images_per_prompt, dim=0)
         t1 = self._clock()
 
+        # diffusers' order of draws: the VAE's posterior sample, then the noise.
         if init is not None:
             x0 = self.encode_image(init, generator)
-            if batch % x0.shape[0]:
-                raise SdrtError(f"{x0.shape[0]} init images do not divide a batch of {batch}")
             x0 = x0.repeat_interleave(batch // x0.shape[0], dim=0)
             x = schedule.noise_image(x0, self._noise(latents, shape, generator))
         else:
             x = schedule.noise_latents(self._noise(latents, shape, generator))
 
-        model = guided(self.unet, states, guidance_scale, cfg, self.dtype)
-        x = sample(sampler, model, x, schedule, generator=generator, callback=callback)
+        model = guided(self.unet, states, request.guidance_scale, request.guidance, self.dtype)
+        x = sample(sampler, model, x, schedule, generator=generator, step_end=step_end)
         t2 = self._clock()
         self.timings = {"text": t1 - t0, "denoise": t2 - t1, "decode": 0.0,
                         "unet_calls": len(schedule.timesteps)}
-        if output_type == "latent":
+        if request.output_type == "latent":
             return x
         images = self.decode_latents(x.to(self.dtype))
         self.timings["decode"] = self._clock() - t2
-        return self._format(images, output_type)
+        return self._format(images, request.output_type)
 
     @staticmethod
     def _format(images, output_type):
@@ -309,23 +470,25 @@ class Pipeline:
         from PIL import Image
         return [Image.fromarray((i * 255).round().astype(np.uint8)) for i in images]
 
-    def _run_static(self, shape, texts, per_prompt, noise, guidance_scale, generator,
-                    output_type):
+    def _run_static(self, request, noise, generator, step_end):
         """One text-to-image request through the static plan of its shape."""
-        plan = self.runtime.plan_for(shape)
-        ids = self.tokenizer(texts).repeat_interleave(per_prompt, dim=0)
+        plan = self.runtime.plan_for(self._shape(request))
+        self.num_timesteps = len(plan.schedule.timesteps)
+        ids = self.tokenizer(request.texts()).repeat_interleave(request.num_images_per_prompt,
+                                                                dim=0)
         step_noise = None
         if plan.step_noise is not None:
             # The same CPU draws, in the same order, as the eager euler_a loop makes.
             step_noise = torch.stack([cpu_randn(plan.latent_shape, generator)
                                       for _ in range(plan.step_noise.shape[0])])
-        self.timings = plan.run(ids, noise, guidance_scale, step_noise, clock=self._clock)
+        self.timings = plan.run(ids, noise, request.guidance_scale, step_noise,
+                                clock=self._clock, step_end=step_end)
         self.timings["unet_calls"] = len(plan.schedule.timesteps)
-        if output_type == "latent":
+        if request.output_type == "latent":
             return plan.latents.clone()
         if not plan.decode_finite():
             # The graph decoded in the pipeline's dtype and overflowed (clamping would have
             # turned inf into white and NaN into black): decode again in float32.
-            return self._format(self._decode_fp32(plan.latents), output_type)
+            return self._format(self._decode_fp32(plan.latents), request.output_type)
         images = plan.image.to("cpu", copy=True).numpy()  # the plan's buffer is reused
-        return self._format(images, output_type)
+        return self._format(images, request.output_type)

@@ -79,11 +79,12 @@ class StaticPlan:
     def _encode(self):
         self.states.copy_(self.pipe.text_encoder(self.ids))
 
-    def _denoise(self):
+    def _denoise(self, step_end=None):
         model = guided(self.pipe.unet, self.states, self.guidance_scale, self.shape.guidance,
                        self.pipe.dtype)
         x = self.schedule.noise_latents(self.noise)
-        x = sample(self.shape.sampler, model, x, self.schedule, noise=self.step_noise)
+        x = sample(self.shape.sampler, model, x, self.schedule, noise=self.step_noise,
+                   step_end=step_end)
         self.latents.copy_(x)
 
     def _decode(self):
@@ -120,11 +121,16 @@ class StaticPlan:
     # -- a request -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def run(self, ids, noise, guidance_scale, step_noise=None, clock=time.perf_counter):
+    def run(self, ids, noise, guidance_scale, step_noise=None, clock=time.perf_counter,
+            step_end=None):
         """Copy the request's inputs in, run (replay) the three stages.
 
         Returns the seconds each stage took, read with ``clock`` between stages. The results
         stay in the plan's buffers: ``latents`` and ``image`` (float32 (B, H, W, 3) in [0, 1]).
+        ``step_end(step_index, timestep, latents)`` is called after each denoising step (see
+        ``samplers.sample``). A replayed graph cannot call back into Python, so with
+        ``step_end`` the denoising stage runs eagerly over the plan's buffers, between the
+        replays of the text-encoder and decoder graphs.
         """
         self.ids.copy_(ids)
         self.noise.copy_(noise)
@@ -132,6 +138,8 @@ class StaticPlan:
         if self.step_noise is not None:
             self.step_noise.copy_(step_noise)
         runs = [g.replay for g in self.graphs] if self.graphs else list(self._stages())
+        if step_end is not None:
+            runs[1] = lambda: self._denoise(step_end)
         marks = [clock()]
         for run in runs:
             run()

@@ -40,9 +40,15 @@ def _x0_ve(out, x, sigma, prediction_type):
     return out
 
 
+def _after_step(step_end, i, t, x):
+    """``step_end(i, t, x)`` after step ``i``; a tensor it returns replaces the latents."""
+    replaced = step_end(i, t, x)
+    return x if replaced is None else replaced
+
+
 # --- samplers --------------------------------------------------------------------------------
 
-def sample_ddim(model, x, sched: Schedule, callback=None):
+def sample_ddim(model, x, sched: Schedule, step_end=None):
     """Deterministic DDIM (Song et al. 2020, "Denoising Diffusion Implicit Models", eq. 12, eta = 0).
 
     Each step predicts x0 and the noise at alpha-bar a, then re-noises x0 to the next alpha-bar
@@ -50,15 +56,14 @@ def sample_ddim(model, x, sched: Schedule, callback=None):
     (diffusers' default use_clipped_model_output=False).
     """
     cfg = sched.config
-    n = len(sched.timesteps)
     for i, t in enumerate(sched.timesteps):
         a, a_prev = sched.alphas[i], sched.alphas_prev[i]
         x0, eps = _x0_and_eps(model(x, t), x, a, cfg.prediction_type)
         if cfg.clip_sample:
             x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
         x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
-        if callback is not None:
-            callback(i, n)
+        if step_end is not None:
+            x = _after_step(step_end, i, t, x)
     return x
 
 
@@ -79,7 +84,7 @@ def _adams_bashforth(history):
     return (55 * history[-1] - 59 * history[-2] + 37 * history[-3] - 9 * history[-4]) / 24
 
 
-def sample_pndm(model, x, sched: Schedule, callback=None):
+def sample_pndm(model, x, sched: Schedule, step_end=None):
     """PLMS, the pseudo linear multistep method of PNDM (Liu et al. 2022, "Pseudo Numerical Methods
     for Diffusion Models on Manifolds"), with its pseudo Runge-Kutta (PRK) warm-up when the config
     has skip_prk_steps=false.
@@ -92,7 +97,6 @@ def sample_pndm(model, x, sched: Schedule, callback=None):
     moves between.
     """
     kind = sched.config.prediction_type
-    n = len(sched.timesteps)
     history = []  # noise estimates PLMS extrapolates from, oldest first
     step_start = x  # where the current RK step, or the redone first PLMS step, started from
     rk_sum = 0
@@ -118,22 +122,21 @@ def sample_pndm(model, x, sched: Schedule, callback=None):
         # the transfer starts from.
         eps = out if kind == "epsilon" else a.sqrt() * out + (1 - a).sqrt() * x_from
         x = _pndm_transfer(x_from, eps, a, a_prev)
-        if callback is not None:
-            callback(i, n)
+        if step_end is not None:
+            x = _after_step(step_end, i, t, x)
     return x
 
 
-def sample_euler(model, x, sched: Schedule, callback=None):
+def sample_euler(model, x, sched: Schedule, step_end=None):
     """Euler's method on the probability-flow ODE dx/dsigma = (x - x0) / sigma (Karras et al. 2022,
     "Elucidating the Design Space of Diffusion-Based Generative Models", alg. 2 without churn)."""
     kind = sched.config.prediction_type
-    n = len(sched.timesteps)
     for i, t in enumerate(sched.timesteps):
         sigma, sigma_next = sched.sigmas[i], sched.sigmas[i + 1]
         x0 = _x0_ve(model(x / (sigma**2 + 1) ** 0.5, t), x, sigma, kind)
         x = x + (x - x0) / sigma * (sigma_next - sigma)
-        if callback is not None:
-            callback(i, n)
+        if step_end is not None:
+            x = _after_step(step_end, i, t, x)
     return x
 
 
@@ -144,7 +147,7 @@ def _randn(x, generator):
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
 
-def sample_euler_ancestral(model, x, sched: Schedule, generator=None, noise=None, callback=None):
+def sample_euler_ancestral(model, x, sched: Schedule, generator=None, noise=None, step_end=None):
     """Euler ancestral (Karras et al. 2022 / k-diffusion's sample_euler_ancestral): an Euler step
     down to sigma_down, then fresh noise of std sigma_up, so that sigma_down^2 + sigma_up^2 is the
     next sigma^2 and the step follows the reverse SDE rather than the ODE.
@@ -153,7 +156,6 @@ def sample_euler_ancestral(model, x, sched: Schedule, generator=None, noise=None
     beforehand so a captured CUDA graph holds no RNG call.
     """
     kind = sched.config.prediction_type
-    n = len(sched.timesteps)
     for i, t in enumerate(sched.timesteps):
         sigma, sigma_next = sched.sigmas[i], sched.sigmas[i + 1]
         x0 = _x0_ve(model(x / (sigma**2 + 1) ** 0.5, t), x, sigma, kind)
@@ -163,12 +165,12 @@ def sample_euler_ancestral(model, x, sched: Schedule, generator=None, noise=None
         # Drawn on the last step too (where sigma_up = 0) so the draws line up with diffusers'.
         z = _randn(x, generator) if noise is None else noise[i].to(x.dtype)
         x = x + z * sigma_up
-        if callback is not None:
-            callback(i, n)
+        if step_end is not None:
+            x = _after_step(step_end, i, t, x)
     return x
 
 
-def sample_dpmpp_2m(model, x, sched: Schedule, callback=None):
+def sample_dpmpp_2m(model, x, sched: Schedule, step_end=None):
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of
     Diffusion Probabilistic Models", alg. 2), midpoint form.
 
@@ -201,8 +203,8 @@ def sample_dpmpp_2m(model, x, sched: Schedule, callback=None):
             d = x0 + 0.5 / r * (x0 - x0_prev)
         x = (sigma_t / sigma_s) * x - (alpha_t * (torch.exp(-h) - 1.0)) * d
         x0_prev, lam_prev = x0, lam_s
-        if callback is not None:
-            callback(i, n)
+        if step_end is not None:
+            x = _after_step(step_end, i, t, x)
     return x
 
 
@@ -217,13 +219,15 @@ _SAMPLE_FNS = {
 
 
 def sample(sampler: str, model, x: torch.Tensor, sched: Schedule, generator=None, callback=None,
-           noise=None):
+           noise=None, step_end=None):
     """Run ``sampler`` from latents ``x`` (already noised: ``sched.noise_latents`` or
     ``sched.noise_image``) and return the denoised latents in x's dtype.
 
     The model sees inputs in x's dtype; the loop itself runs in float32. euler_a's noise comes
     from ``generator``, or from ``noise`` (one unit-noise tensor per call, stacked) when given.
-    ``callback(step_index, num_steps)`` runs after each model call's step.
+    After each model call's step, ``callback(step_index, num_steps)`` reports progress and
+    ``step_end(step_index, timestep, x)`` sees the float32 latents; a tensor it returns
+    replaces them (diffusers' ``callback_on_step_end``).
     """
     if sampler != sched.sampler:
         raise SdrtError(f"schedule was made for sampler {sched.sampler}, not {sampler}")
@@ -238,8 +242,16 @@ def sample(sampler: str, model, x: torch.Tensor, sched: Schedule, generator=None
     def model_f32(x_in, t):
         return model(x_in.to(dtype), t).float()
 
+    if callback is not None:
+        inner, n = step_end, len(sched.timesteps)
+
+        def report(i, t, x):
+            callback(i, n)
+            return None if inner is None else inner(i, t, x)
+        step_end = report
+
     extra = {"generator": generator, "noise": noise} if sampler == "euler_a" else {}
-    return _SAMPLE_FNS[sampler](model_f32, x.float(), sched, callback=callback, **extra).to(dtype)
+    return _SAMPLE_FNS[sampler](model_f32, x.float(), sched, step_end=step_end, **extra).to(dtype)
 
 
 # The inverse of SAMPLER_CLASSES: the first sampler listed for each class (Euler's

@@ -18,8 +18,7 @@ import numpy as np
 import torch
 
 from .errors import SdrtError
-
-SAMPLERS = ("ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras")
+from .request import SAMPLER_NAMES as SAMPLERS  # the one list, importable without torch
 
 # The diffusers class each sampler reproduces step by step.
 SAMPLER_CLASSES = {

@@ -24,6 +24,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 
 from sdrt.engine.errors import SdrtError
+from sdrt.engine.request import check_text
 from sdrt.engine.weights import read_json
 
 BOS = "<|startoftext|>"
@@ -39,6 +40,8 @@ _NUM_MERGES = 49152 - 256 - 2
 # text is already lowercased, so OpenAI's re.IGNORECASE changes nothing.
 _CLIP_SPLIT = (r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]"
                r"|[^\s\p{L}\p{N}]+")
+
+_SHOWN_WORDS = 6  # of the dropped tail, in the truncation warning
 
 # transformers writes model_max_length = int(1e30) when a tokenizer config does not set one.
 _UNSET_MAX_LENGTH = int(1e29)
@@ -176,21 +179,35 @@ class ClipTokenizer:
                    added_tokens=added_tokens)
 
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:
-        """Token ids, (B, max_length) int64; a single string gives B = 1."""
+        """Token ids, (B, max_length) int64; a single string gives B = 1.
+
+        A prompt longer than ``max_length`` tokens is cut, with a one-line
+        ``PromptTruncatedWarning`` saying how many tokens were dropped.
+        """
         if isinstance(prompts, str):
             prompts = [prompts]
+        prompts = list(prompts)
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise SdrtError(f"prompt[{i}] must be a string, got {type(prompt).__name__}")
+            check_text(prompt, "prompt" if len(prompts) == 1 else f"prompt[{i}]")
         rows = []
-        for enc in self._tokenizer.encode_batch(list(prompts)):
+        for enc in self._tokenizer.encode_batch(prompts):
             ids = enc.ids  # [bos, ..., eos]
             if len(ids) > self.max_length:
-                dropped = ids[self.max_length - 1:-1]
-                warnings.warn(
-                    f"The following part of your input was truncated because CLIP can only handle "
-                    f"sequences up to {self.max_length} tokens ({len(dropped)} tokens dropped): "
-                    f"{self.decode(dropped)!r}", PromptTruncatedWarning, stacklevel=2)
+                self._warn_truncated(ids[self.max_length - 1:-1])
                 ids = ids[:self.max_length - 1] + [self.eos_token_id]
             rows.append(ids + [self.pad_token_id] * (self.max_length - len(ids)))
         return torch.tensor(rows, dtype=torch.long).reshape(len(rows), self.max_length)
+
+    def _warn_truncated(self, dropped):
+        words = self.decode(dropped[:_SHOWN_WORDS]).split()[:_SHOWN_WORDS]
+        more = " …" if len(dropped) > len(words) else ""
+        message = (f"CLIP can only handle sequences up to {self.max_length} tokens "
+                   f"({len(dropped)} tokens dropped: {' '.join(words)!r}{more})")
+        # warn_explicit with no source line: the warning prints as one line, not followed by
+        # whichever line of the caller's code it would be attributed to.
+        warnings.warn_explicit(message, PromptTruncatedWarning, "sdrt", 0, module=__name__)
 
     def decode(self, ids: list[int]) -> str:
         """Ids -> text, words separated by single spaces."""

@@ -6,6 +6,7 @@ from torch import nn
 
 from sdrt import kernels
 
+from .configs import MAX_LAYERS, MAX_POSITIONS, ConfigCheck
 from .errors import SdrtError
 from .layers import (Attention, Downsample2D, GroupNorm, LayerNorm, ResnetBlock2D,
                      TimestepEmbedding, Upsample2D, norm_silu_conv, timestep_embedding)
@@ -57,6 +58,9 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, d):
+        """The config of a ``config.json`` dict, every value checked before anything is built
+        (``SdrtError`` naming the key)."""
+        d = ConfigCheck("unet").dict(d)
         names = {f.name for f in fields(cls)}
         cfg = cls(**{k: v for k, v in d.items() if k in names})
         cfg._check()
@@ -78,13 +82,36 @@ class UNetConfig:
         bad = [k for k, v in unsupported.items() if v]
         if bad:
             raise SdrtError(f"unet config: unsupported setting {bad[0]} (sdrt runs SD 1.x/2.x UNets)")
-        known = {"CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"}
-        for t in (*self.down_block_types, *self.up_block_types):
-            if t not in known:
-                raise SdrtError(f"unet config: unsupported block type {t}")
-        if len(self.down_block_types) != len(self.block_out_channels) or \
-                len(self.up_block_types) != len(self.block_out_channels):
-            raise SdrtError("unet config: block types and block_out_channels differ in length")
+        check = ConfigCheck("unet")
+        check.names("down_block_types", self.down_block_types,
+                    {"CrossAttnDownBlock2D", "DownBlock2D"})
+        n = len(self.down_block_types)
+        check.names("up_block_types", self.up_block_types, {"CrossAttnUpBlock2D", "UpBlock2D"})
+        if len(self.up_block_types) != n:
+            check.fail("up_block_types", f"a list of {n} (as many as down_block_types)",
+                       self.up_block_types)
+        channels = check.integers("block_out_channels", self.block_out_channels, n)
+        for key in ("in_channels", "out_channels", "cross_attention_dim"):
+            check.integer(key, getattr(self, key))
+        check.integer("sample_size", self.sample_size, hi=MAX_POSITIONS)
+        check.integer("layers_per_block", self.layers_per_block, hi=MAX_LAYERS)
+        check.integers("transformer_layers_per_block", self.transformer_layers_per_block, n,
+                       hi=MAX_LAYERS, scalar=True)
+        check.integer("downsample_padding", self.downsample_padding, lo=0, hi=1)
+        groups = check.integer("norm_num_groups", self.norm_num_groups)
+        check.divides("norm_num_groups", groups, "block_out_channels", channels)
+        key = "attention_head_dim" if self.num_attention_heads is None else "num_attention_heads"
+        heads = check.integers(key, getattr(self, key), n, scalar=True)
+        for c, h in zip(channels, per_block(heads, n, key)):
+            if c % h:
+                check.fail(key, f"a divisor of each block_out_channels entry (the number of "
+                           f"heads; {c} channels do not split into {h})", getattr(self, key))
+        check.number("norm_eps", self.norm_eps, positive=True)
+        check.number("freq_shift", self.freq_shift)
+        check.number("mid_block_scale_factor", self.mid_block_scale_factor)
+        for key in ("center_input_sample", "flip_sin_to_cos", "use_linear_projection",
+                    "upcast_attention"):
+            check.flag(key, getattr(self, key))
 
     @property
     def heads(self):
@@ -151,7 +178,9 @@ class Transformer2DModel(nn.Module):
         y = self.norm(x)
         if not self.linear_projection:
             y = self.proj_in(y)
-        y = y.permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, HW, C)
+        # (B, HW, C); free when x is channels_last, a copy when it is NCHW (layer_norm and the
+        # attention kernel read rows with a contiguous last dimension).
+        y = y.permute(0, 2, 3, 1).reshape(b, h * w, c).contiguous()
         if self.linear_projection:
             y = self.proj_in(y)
         for block in self.transformer_blocks:

@@ -6,6 +6,7 @@ from torch import nn
 
 from sdrt import kernels
 
+from .configs import MAX_LAYERS, MAX_POSITIONS, ConfigCheck
 from .errors import SdrtError
 from .layers import (Downsample2D, GroupNorm, ResnetBlock2D, SpatialSelfAttention, Upsample2D,
                      norm_silu_conv)
@@ -34,13 +35,32 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, d):
+        """The config of a ``config.json`` dict, every value checked before anything is built
+        (``SdrtError`` naming the key)."""
+        check = ConfigCheck("vae")
         names = {f.name for f in fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in names})
+        cfg = cls(**{k: v for k, v in check.dict(d).items() if k in names})
         if cfg.act_fn != "silu":
             raise SdrtError(f"vae config: unsupported act_fn {cfg.act_fn}")
-        for t in (*cfg.down_block_types, *cfg.up_block_types):
-            if t not in ("DownEncoderBlock2D", "UpDecoderBlock2D"):
-                raise SdrtError(f"vae config: unsupported block type {t}")
+        check.names("down_block_types", cfg.down_block_types, {"DownEncoderBlock2D"})
+        n = len(cfg.down_block_types)
+        check.names("up_block_types", cfg.up_block_types, {"UpDecoderBlock2D"})
+        if len(cfg.up_block_types) != n:
+            check.fail("up_block_types", f"a list of {n} (as many as down_block_types)",
+                       cfg.up_block_types)
+        channels = check.integers("block_out_channels", cfg.block_out_channels, n)
+        for key in ("in_channels", "out_channels", "latent_channels"):
+            check.integer(key, getattr(cfg, key))
+        check.integer("sample_size", cfg.sample_size, hi=MAX_POSITIONS)
+        check.integer("layers_per_block", cfg.layers_per_block, hi=MAX_LAYERS)
+        groups = check.integer("norm_num_groups", cfg.norm_num_groups)
+        check.divides("norm_num_groups", groups, "block_out_channels", channels)
+        check.number("scaling_factor", cfg.scaling_factor, positive=True)
+        if cfg.shift_factor is not None:
+            check.number("shift_factor", cfg.shift_factor)
+        for key in ("force_upcast", "use_quant_conv", "use_post_quant_conv",
+                    "mid_block_add_attention"):
+            check.flag(key, getattr(cfg, key))
         return cfg
 
     @property

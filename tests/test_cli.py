@@ -1,13 +1,27 @@
-"""The ``sdrt`` command: the happy paths, and every bad input as one line + exit status 2."""
-import os
-import shutil
-import subprocess
+"""The ``sdrt`` command: the happy paths, and every bad input as one line + exit status 2.
 
+In-process calls of ``main`` where the exit status and the captured output are enough; child
+processes where what matters is the process itself: its exit status and stderr as a user sees
+them, whether torch was imported, how long a refusal took, what Ctrl-C prints.
+"""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from importlib.metadata import version
+
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from sdrt.engine.cli import main
+from sdrt.engine.cli import _parser, main
+
+SMALL = ["--steps", "1", "--height", "64", "--width", "64"]  # a fast run of the tiny model
 
 
 @pytest.fixture(scope="module")
@@ -23,20 +37,257 @@ def _run(argv, capsys):
     return code, captured.out, captured.err
 
 
+def _stderr_lines(err):
+    """stderr as lines a terminal shows, without the progress bar's redraws."""
+    return [line for line in re.split(r"[\r\n]", err)
+            if line.strip() and not line.startswith("denoising")]
+
+
+def _assert_one_error_line(err, fragment):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sdrt: error: "), err
+    assert fragment in lines[0], lines[0]
+    assert not re.search(r"\b\w+(Error|Exception)\b", lines[0][len("sdrt: error: "):]), \
+        f"a Python class name in {lines[0]!r}"
+
+
+def _pixels(path):
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _parameters(path):
+    with Image.open(path) as im:
+        return im.text["parameters"]
+
+
+# -- child processes ---------------------------------------------------------------------------
+
+# Runs main() with the given arguments and reports, as its last stdout line, whether torch was
+# imported and how long the import of the CLI plus the call took.
+CHILD = """import sys, time
+start = time.perf_counter()
+from sdrt.engine.cli import main
+status = main(sys.argv[1:])
+print(f"torch imported: {'torch' in sys.modules}; {time.perf_counter() - start:.3f} s")
+sys.exit(status)
+"""
+
+
+def _child(argv, cwd, timeout=120):
+    """(exit status, the CLI's stdout, stderr, torch imported, seconds)."""
+    r = subprocess.run([sys.executable, "-c", CHILD, *argv], cwd=cwd, capture_output=True,
+                       timeout=timeout)
+    out, err = r.stdout.decode(), r.stderr.decode(errors="backslashreplace")
+    *lines, report = out.splitlines()
+    m = re.fullmatch(r"torch imported: (True|False); ([0-9.]+) s", report)
+    assert m, out
+    return r.returncode, "\n".join(lines), err, m.group(1) == "True", float(m.group(2))
+
+
+def _bad_files(folder):
+    Image.new("RGB", (32, 32), (90, 120, 30)).save(folder / "init.png")
+    (folder / "notes.png").write_text("not an image")
+    (folder / "a-folder").mkdir()
+    (folder / "file.txt").write_text("x")
+
+
+# Refused before torch is imported: (arguments, fragment of the one-line message). Relative
+# paths are in the test's folder, which holds init.png, notes.png (text), a-folder/, file.txt.
+REFUSED_EARLY = {
+    "invalid UTF-8 prompt": (["generate", b"\xff\xfe red fox"],
+                             "prompt must be valid Unicode text, got '\\udcff' at position 0"),
+    "invalid UTF-8 negative": (["generate", "fox", "--negative", b"ok \xff"],
+                               "--negative must be valid Unicode text, got '\\udcff' at "
+                               "position 3"),
+    "guidance inf": (["generate", "x", "--guidance", "inf"], "--guidance must be a finite number"),
+    "guidance nan": (["generate", "x", "--guidance", "nan"], "--guidance must be a finite number"),
+    "guidance 1e308": (["generate", "x", "--guidance", "1e308"],
+                       "--guidance must be a finite number from 0 to 100"),
+    "guidance not a number": (["generate", "x", "--guidance", "high"],
+                              "argument --guidance: expected a number, got 'high'"),
+    "batch 10000": (["generate", "x", "--batch", "10000"], "--batch must be an integer from 1 to"),
+    "zero steps": (["generate", "x", "--steps", "0"], "--steps must be an integer from 1 to"),
+    "steps not an integer": (["generate", "x", "--steps", "2.5"],
+                             "argument --steps: expected an integer, got '2.5'"),
+    "side past the limit": (["generate", "x", "--height", "8192"],
+                            "--height must be an integer from 1 to 4096"),
+    "seed below -1": (["generate", "x", "--seed", "-2"], "--seed must be -1 (random) or"),
+    "seed past 64 bits": (["generate", "x", "--seed", str(2 ** 64)], "--seed must be -1 (random)"),
+    "negative clip skip": (["generate", "x", "--clip-skip", "-1"], "--clip-skip must be"),
+    "unknown sampler": (["generate", "x", "--sampler", "lms"], "--sampler must be one of ddim"),
+    "strength zero": (["generate", "x", "--init-image", "init.png", "--strength", "0"],
+                      "--strength must be a number in (0, 1]"),
+    "strength above one": (["generate", "x", "--init-image", "init.png", "--strength", "1.5"],
+                           "--strength must be a number in (0, 1]"),
+    "init image is a folder": (["generate", "x", "--init-image", "a-folder"],
+                               "cannot read init image a-folder: is a folder"),
+    "init image is text": (["generate", "x", "--init-image", "notes.png"],
+                           "cannot read init image notes.png: not an image file"),
+    "init image missing": (["generate", "x", "--init-image", "nope.png"],
+                           "cannot read init image nope.png: no such file"),
+    "output not png": (["generate", "x", "-o", "out.jpg"], "-o out.jpg must end in .png"),
+    "output folder missing": (["generate", "x", "-o", "no/such/dir/out.png"], "cannot write to"),
+    "outdir is a file": (["generate", "x", "--outdir", "file.txt"],
+                         "--outdir file.txt is a file, not a folder"),
+    "absolute -o with outdir": (["generate", "x", "--outdir", "new", "-o", "/tmp/o.png"],
+                                "-o /tmp/o.png is an absolute path"),
+    "model missing": (["generate", "x", "--model", "no-model"],
+                      "model path no-model does not exist"),
+    "onnx dir is a file": (["generate", "x", "--runtime", "onnx", "--onnx-dir", "file.txt"],
+                           "--onnx-dir file.txt is a file, not a folder"),
+    "onnx runtime without dir": (["generate", "x", "--runtime", "onnx"],
+                                 "--runtime onnx needs --onnx-dir"),
+    "onnx runtime in bf16": (["generate", "x", "--runtime", "onnx", "--onnx-dir", "a-folder",
+                              "--dtype", "bf16"], "not --dtype bf16"),
+    "onnx dir without onnx runtime": (["generate", "x", "--onnx-dir", "a-folder"],
+                                      "--onnx-dir is only used with --runtime onnx"),
+    "prompt missing": (["generate"], "the following arguments are required: prompt"),
+    "unknown option": (["generate", "x", "--cfg", "3"], "unrecognized arguments: --cfg 3"),
+    "unknown command": (["paint", "x"], "invalid choice: 'paint'"),
+    "check-onnx on a file": (["check-onnx", "file.txt"],
+                             "ONNX folder file.txt is a file, not a folder"),
+    "check-onnx on nothing": (["check-onnx", "nope"], "ONNX folder nope does not exist"),
+    "make-tiny over a file": (["make-tiny", "file.txt"], "exists and is not an empty folder"),
+    "export of a missing model": (["export", "onnx", "--model", "nope", "--out", "o"],
+                                  "model path nope does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED_EARLY))
+def test_refused_before_torch_is_imported(case, tmp_path):
+    argv, fragment = REFUSED_EARLY[case]
+    _bad_files(tmp_path)
+    before = sorted(os.listdir(tmp_path))
+    code, out, err, torch_imported, seconds = _child(argv, tmp_path)
+    assert code == 2, err
+    _assert_one_error_line(err, fragment)
+    assert out == ""
+    assert not torch_imported, "torch was imported before the arguments were checked"
+    assert seconds < 1.0, f"a refusal took {seconds:.2f} s"
+    assert sorted(os.listdir(tmp_path)) == before, "a refused call left a file or folder"
+
+
+def test_sdrt_alone_prints_usage_to_stderr(tmp_path):
+    code, out, err, torch_imported, _ = _child([], tmp_path)
+    assert code == 2 and out == ""
+    assert err.startswith("usage: sdrt ") and "generate" in err and "check-onnx" in err
+    assert not torch_imported
+
+
+def test_version(tmp_path):
+    code, out, err, torch_imported, _ = _child(["--version"], tmp_path)
+    assert code == 0, err
+    assert out == f"sdrt {version('sdrt')}"
+    assert not torch_imported
+
+
+def test_bench_help_and_bad_option_return_a_status(capsys):
+    # bench_pipeline.py parses its own options; main() returns its exit status, not raises.
+    code, out, _ = _run(["bench", "--help"], capsys)
+    assert code == 0 and "--repeats" in out
+    code, _, err = _run(["bench", "--no-such-option"], capsys)
+    assert code == 2 and "--no-such-option" in err
+
+
+def test_package_imports_torch_only_for_the_pipeline():
+    script = ("import sys\n"
+              "from sdrt.engine import SdrtError\n"
+              "print('torch' in sys.modules)\n"
+              "from sdrt.engine import Pipeline\n"
+              "print('torch' in sys.modules, Pipeline.__module__)\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "True", "sdrt.engine.pipeline"]
+
+
+def test_every_option_explains_itself(capsys):
+    """Every option of every subcommand has help text; the number options show a default."""
+    def walk(parser, name):
+        for action in parser._actions:
+            if isinstance(action.choices, dict):  # subcommands
+                for sub, p in action.choices.items():
+                    if sub != "bench":  # bench_pipeline.py's own options
+                        yield from walk(p, f"{name} {sub}")
+            elif action.help is None or not action.help.strip():
+                yield f"{name} {'/'.join(action.option_strings) or action.dest}"
+    assert list(walk(_parser(), "sdrt")) == []
+    code, out, _ = _run(["generate", "--help"], capsys)
+    assert code == 0
+    # Each option's block of the help: from its "  --name" line to the next option's.
+    blocks = {b.split()[0].rstrip(","): " ".join(b.split())
+              for b in re.split(r"\n  (?=-)", out.split("options:", 1)[1]) if b.strip()}
+    for option, default in (("--steps", "50"), ("--guidance", "7.5"), ("--seed", "-1"),
+                            ("--strength", "0.8"), ("--clip-skip", "0"), ("--batch", "1"),
+                            ("-o", "sdrt.png")):
+        assert blocks[option].endswith(f"(default: {default})"), blocks[option]
+    for option in ("--height", "--width", "--device", "--dtype", "--sampler", "--model"):
+        assert "default: " in blocks[option], blocks[option]
+    text = " ".join(out.split())
+    assert "On the CPU every request runs eagerly" in text
+
+
+def test_interrupt_prints_on_its_own_line(tmp_path):
+    argv = ["generate", "a red fox", "--steps", "400", "--height", "64", "--width", "64",
+            "--guidance", "1", "-o", str(tmp_path / "o.png")]
+    p = subprocess.Popen([sys.executable, "-c", CHILD, *argv], cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    err = b""
+    deadline = time.monotonic() + 120
+    try:
+        while b"denoising" not in err:  # the bar is drawn: the loop is running
+            assert time.monotonic() < deadline, err
+            chunk = os.read(p.stderr.fileno(), 4096)
+            assert chunk, f"the run ended before the bar was drawn: {err!r}"
+            err += chunk
+        time.sleep(0.3)
+        p.send_signal(signal.SIGINT)
+        err += p.communicate(timeout=60)[1]
+    finally:
+        if p.poll() is None:
+            p.kill()
+    err = err.decode()
+    assert p.returncode == 130, err
+    assert err.endswith("\nsdrt: interrupted\n"), repr(err[-300:])
+    assert "Traceback" not in err
+    assert not os.path.exists(tmp_path / "o.png")
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".part")]
+
+
+# -- generation --------------------------------------------------------------------------------
+
 def test_generate_builtin_tiny_model_writes_png_with_parameters(tmp_path, capsys):
     out = tmp_path / "fox.png"
-    code, stdout, err = _run(["generate", "a red fox", "--steps", "4", "--seed", "3",
+    code, stdout, err = _run(["generate", "a red fox", "--steps", "2", "--seed", "3",
                               "-o", str(out)], capsys)
     assert code == 0, err
     with Image.open(out) as im:
         assert im.size == (128, 128)
         params = im.text["parameters"]
-    assert params.startswith("a red fox\n") and "Steps: 4" in params and "Seed: 3" in params
+    assert params.startswith("a red fox\n") and "Steps: 2" in params and "Seed: 3" in params
     assert "denoise" in stdout and str(out) in stdout
+    assert "build" not in stdout, "a CPU run built a static plan"
+    assert _stderr_lines(err) == [], err
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".part")]
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask, "PNG not created with the umask"
+
+
+def test_random_seed_is_recorded(tmp_path, capsys):
+    out = tmp_path / "r.png"
+    code, stdout, err = _run(["generate", "a red fox", *SMALL, "--seed", "-1", "-o", str(out)],
+                             capsys)
+    assert code == 0, err
+    seed = int(re.search(r"seed (\d+)", stdout).group(1))
+    assert 0 <= seed < 2 ** 64
+    assert f"Seed: {seed}," in _parameters(out)
+    # The recorded seed gives the same image again.
+    again = tmp_path / "again.png"
+    assert _run(["generate", "a red fox", *SMALL, "--seed", str(seed), "-o", str(again)],
+                capsys)[0] == 0
+    assert np.array_equal(_pixels(out), _pixels(again))
 
 
 def test_make_tiny_refuses_a_file_and_a_non_empty_folder(tmp_path, capsys):
@@ -51,18 +302,17 @@ def test_make_tiny_refuses_a_file_and_a_non_empty_folder(tmp_path, capsys):
 
 def test_make_tiny_folder_loads_and_reproduces_builtin(tiny_dir, tmp_path, capsys):
     a, b = tmp_path / "a.png", tmp_path / "b.png"
-    args = ["generate", "a red fox", "--steps", "3", "--seed", "9", "--negative", "blur"]
+    args = ["generate", "a red fox", "--steps", "2", "--seed", "9", "--negative", "blur"]
     assert _run(args + ["-o", str(a)], capsys)[0] == 0
     assert _run(args + ["--model", tiny_dir, "-o", str(b)], capsys)[0] == 0
-    with Image.open(a) as ia, Image.open(b) as ib:
-        assert list(ia.getdata()) == list(ib.getdata())
+    assert np.array_equal(_pixels(a), _pixels(b))
 
 
 def test_batch_img2img_and_sampler(tiny_dir, tmp_path, capsys):
     init = tmp_path / "init.png"
     Image.new("RGB", (64, 48), (200, 90, 30)).save(init)
     out = tmp_path / "out.png"
-    code, _, err = _run(["generate", "a red fox", "--model", tiny_dir, "--steps", "4",
+    code, _, err = _run(["generate", "a red fox", "--model", tiny_dir, "--steps", "2",
                          "--batch", "2", "--init-image", str(init), "--strength", "0.5",
                          "--sampler", "dpmpp_2m", "-o", str(out)], capsys)
     assert code == 0, err
@@ -71,6 +321,187 @@ def test_batch_img2img_and_sampler(tiny_dir, tmp_path, capsys):
             assert im.size == (64, 48)
             assert "Sampler: dpmpp_2m" in im.text["parameters"]
 
+
+def test_16_bit_init_image_is_scaled_like_its_8_bit_twin(tmp_path, capsys):
+    # v / 255 == (257 v) / 65535: the same picture, so the same output image. Clipped to
+    # 8 bits instead, the 16-bit file would be almost white and the outputs would differ.
+    grey = np.random.default_rng(1).integers(0, 256, size=(64, 64), dtype=np.uint8)
+    Image.fromarray(grey).save(tmp_path / "g8.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "g16.png")
+    outs = {}
+    for name in ("g8", "g16"):
+        outs[name] = tmp_path / f"out-{name}.png"
+        code, _, err = _run(["generate", "a red fox", "--steps", "2", "--seed", "4",
+                             "--init-image", str(tmp_path / f"{name}.png"), "--strength", "0.3",
+                             "-o", str(outs[name])], capsys)
+        assert code == 0, err
+    assert np.array_equal(_pixels(outs["g8"]), _pixels(outs["g16"]))
+
+
+def test_exif_orientation_of_init_image_is_applied(tmp_path, capsys):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: turn 90° clockwise to display
+    Image.new("RGB", (64, 48), (30, 60, 200)).save(tmp_path / "phone.jpg", exif=exif)
+    out = tmp_path / "o.png"
+    code, _, err = _run(["generate", "x", "--steps", "2", "--init-image",
+                         str(tmp_path / "phone.jpg"), "-o", str(out)], capsys)
+    assert code == 0, err
+    with Image.open(out) as im:
+        assert im.size == (48, 64), "the init image's EXIF orientation was ignored"
+
+
+# -- output names ------------------------------------------------------------------------------
+
+def test_existing_output_is_kept_and_the_next_free_name_used(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    seen = {}
+    for run, expected in enumerate(("sdrt.png", "sdrt-1.png", "sdrt-2.png")):
+        code, stdout, err = _run(["generate", "x", *SMALL, "--seed", str(run)], capsys)
+        assert code == 0, err
+        assert stdout.rstrip().split(" → ")[1].startswith(expected), stdout
+        if run:
+            assert "sdrt.png" in stdout.split(" → ")[1] and "--overwrite" in stdout, stdout
+        seen[expected] = (tmp_path / expected).read_bytes()
+        for name, data in seen.items():  # nothing written before was touched
+            assert (tmp_path / name).read_bytes() == data, f"{name} was overwritten"
+    assert sorted(os.listdir(tmp_path)) == ["sdrt-1.png", "sdrt-2.png", "sdrt.png"]
+    assert "Seed: 2," in _parameters(tmp_path / "sdrt-2.png")
+
+
+def test_a_file_that_appears_during_the_write_is_kept(tmp_path):
+    # Another process takes the name while the PNG is being written: the no-replace rename
+    # fails, the other file stays whole, and no temporary file is left behind.
+    from sdrt.engine.atomic import write_file
+    target = tmp_path / "o.png"
+
+    def write(fh):
+        fh.write(b"ours")
+        target.write_bytes(b"theirs")
+
+    with pytest.raises(FileExistsError):
+        write_file(str(target), write)
+    assert target.read_bytes() == b"theirs"
+    assert os.listdir(tmp_path) == ["o.png"]
+    write_file(str(target), lambda fh: fh.write(b"ours"), overwrite=True)
+    assert target.read_bytes() == b"ours" and os.listdir(tmp_path) == ["o.png"]
+
+
+def test_output_name_that_is_not_utf8(tmp_path):
+    # A file name is bytes: one that is not UTF-8 is written as given and printed escaped.
+    code, out, err, _, _ = _child(["generate", "x", *SMALL, "-o", b"fox-\xff.png"], tmp_path)
+    assert code == 0, err
+    assert os.listdir(os.fsencode(tmp_path)) == [b"fox-\xff.png"]
+    assert out.endswith("→ fox-\\xff.png"), out
+
+
+def test_overwrite_replaces(tmp_path, capsys):
+    out = tmp_path / "o.png"
+    assert _run(["generate", "x", *SMALL, "--seed", "1", "-o", str(out)], capsys)[0] == 0
+    code, stdout, err = _run(["generate", "x", *SMALL, "--seed", "2", "-o", str(out),
+                              "--overwrite"], capsys)
+    assert code == 0, err
+    assert stdout.rstrip().endswith(f"→ {out}"), stdout
+    assert "Seed: 2," in _parameters(out)
+    assert sorted(os.listdir(tmp_path)) == ["o.png"]
+
+
+def test_batch_takes_free_names_too(tmp_path, capsys):
+    (tmp_path / "b-0.png").write_bytes(b"keep me")
+    (tmp_path / "b-2.png").write_bytes(b"and me")
+    code, stdout, err = _run(["generate", "x", *SMALL, "--batch", "3", "-o",
+                              str(tmp_path / "b.png")], capsys)
+    assert code == 0, err
+    assert (tmp_path / "b-0.png").read_bytes() == b"keep me"
+    assert (tmp_path / "b-2.png").read_bytes() == b"and me"
+    assert sorted(os.listdir(tmp_path)) == [f"b-{i}.png" for i in range(5)]
+    for i in (1, 3, 4):
+        assert _pixels(tmp_path / f"b-{i}.png").shape == (64, 64, 3)
+    assert "b-0.png, " in stdout and "b-2.png exist" in stdout, stdout
+    code, _, err = _run(["generate", "x", *SMALL, "--batch", "2", "--overwrite", "-o",
+                         str(tmp_path / "b.png")], capsys)
+    assert code == 0, err
+    assert _pixels(tmp_path / "b-0.png").shape == (64, 64, 3)
+    assert (tmp_path / "b-2.png").read_bytes() == b"and me"
+
+
+def test_outdir(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, stdout, err = _run(["generate", "x", *SMALL, "--outdir", "runs/today"], capsys)
+    assert code == 0, err
+    assert os.listdir(tmp_path / "runs" / "today") == ["sdrt.png"]
+    assert os.path.join("runs", "today", "sdrt.png") in stdout
+    code, _, err = _run(["generate", "x", *SMALL, "--outdir", "runs/today", "-o", "fox.png"],
+                        capsys)
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path / "runs" / "today")) == ["fox.png", "sdrt.png"]
+    # A refused call creates no folder.
+    code, _, err = _run(["generate", "x", *SMALL, "--guidance", "nan", "--outdir", "later"],
+                        capsys)
+    assert code == 2 and not os.path.exists(tmp_path / "later")
+
+
+# -- warnings ----------------------------------------------------------------------------------
+
+def _warnings(err):
+    lines = _stderr_lines(err)
+    assert all(line.startswith("sdrt: warning: ") for line in lines), err
+    return [line[len("sdrt: warning: "):] for line in lines]
+
+
+def test_options_that_do_nothing_warn_once_each(tiny_dir, tmp_path, capsys):
+    code, _, err = _run(["generate", "x", *SMALL, "--strength", "0.5", "--negative", "blur",
+                         "--guidance", "1", "--config", tiny_dir, "--variant", "fp16",
+                         "--no-compile", "-o", str(tmp_path / "a.png")], capsys)
+    assert code == 0, err
+    warned = _warnings(err)
+    for option in ("--strength", "--negative", "--config", "--variant", "--no-compile"):
+        assert len([w for w in warned if w.startswith(option + " ")]) == 1, (option, warned)
+    assert len(warned) == 5, warned
+
+    code, _, err = _run(["generate", "x", *SMALL, "--model", tiny_dir, "--variant", "fp16",
+                         "--config", tiny_dir, "-o", str(tmp_path / "b.png")], capsys)
+    assert code == 0, err
+    warned = _warnings(err)
+    assert len(warned) == 2, warned
+    assert any(w.startswith("--variant fp16 does nothing here:") and "no *.fp16.safetensors"
+               in w for w in warned), warned
+    assert any(w.startswith("--config does nothing here:") and "diffusers folder" in w
+               for w in warned), warned
+
+
+def test_variant_missing_in_some_components(tiny_dir, tmp_path, capsys):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dir, folder)
+    shutil.copy(folder / "unet" / "diffusion_pytorch_model.safetensors",
+                folder / "unet" / "diffusion_pytorch_model.fp16.safetensors")
+    code, _, err = _run(["generate", "x", *SMALL, "--model", str(folder), "--variant", "fp16",
+                         "-o", str(tmp_path / "o.png")], capsys)
+    assert code == 0, err
+    assert _warnings(err) == [
+        f"--variant fp16: text_encoder, vae in {folder} have no *.fp16.safetensors file; the "
+        "default weights are loaded there"]
+
+
+def test_used_options_do_not_warn(tiny_dir, tmp_path, capsys):
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "init.png")
+    code, _, err = _run(["generate", "x", "--steps", "2", "--model", tiny_dir, "--strength",
+                         "0.5", "--init-image", str(tmp_path / "init.png"), "--negative", "blur",
+                         "--guidance", "3", "-o", str(tmp_path / "o.png")], capsys)
+    assert code == 0, err
+    assert _warnings(err) == []
+
+
+def test_library_warning_is_one_short_line(tmp_path, capsys):
+    long_prompt = " ".join(f"word{i}" for i in range(100))  # past CLIP's 77 tokens
+    code, _, err = _run(["generate", long_prompt, *SMALL, "-o", str(tmp_path / "o.png")],
+                        capsys)
+    assert code == 0, err
+    warned = _warnings(err)
+    assert len(warned) == 1 and "tokens" in warned[0], err
+    assert "Warning" not in err and ".py:" not in err, err
+
+
+# -- bad input found with the model ------------------------------------------------------------
 
 def _broken_copy(tiny_dir, tmp_path, edit):
     folder = tmp_path / "broken"
@@ -85,7 +516,6 @@ def _truncate(path):
 
 
 def _edit_config(path, **changes):
-    import json
     cfg = json.load(open(path))
     cfg.update(changes)
     json.dump(cfg, open(path, "w"))
@@ -94,7 +524,6 @@ def _edit_config(path, **changes):
 # Each case: extra CLI arguments (with {model} for a broken copy of the tiny model), a broken
 # model edit or None, and a fragment the one-line message must contain.
 BAD = {
-    "missing model path": (["--model", "/nonexistent/model"], None, "does not exist"),
     "folder without model_index": (["--model", "{tmp}"], None, "model_index.json"),
     "pickle checkpoint": (["--model", "{tmp}/model.ckpt"], None, "convert it to .safetensors"),
     "missing component": (["--model", "{model}"],
@@ -109,58 +538,66 @@ BAD = {
                             lambda f: open(f / "text_encoder" / "model.safetensors", "wb").write(
                                 b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage}      "),
                             "not a readable safetensors file"),
+    "configs that do not fit together": (["--model", "{model}"],
+                                         lambda f: _edit_config(f / "unet" / "config.json",
+                                                                cross_attention_dim=48),
+                                         "unet config cross_attention_dim must equal "
+                                         "text_encoder config hidden_size (64), got 48"),
     "shape does not fit config": (["--model", "{model}"],
-                                  lambda f: _edit_config(f / "unet" / "config.json",
-                                                         cross_attention_dim=48),
-                                  "attn2.to_k.weight has shape (32, 64), the config expects (32, 48)"),
+                                  lambda f: _edit_config(f / "text_encoder" / "config.json",
+                                                         intermediate_size=96),
+                                  "has shape (128, 64), the config expects (96, 64)"),
     "config value of the wrong type": (["--model", "{model}"],
                                        lambda f: _edit_config(f / "unet" / "config.json",
                                                               layers_per_block="two"),
-                                       "the unet config does not describe a model"),
+                                       "unet config: layers_per_block must be an integer "
+                                       "from 1 to 256, got 'two'"),
     "groups that do not divide channels": (["--model", "{model}"],
                                            lambda f: _edit_config(f / "vae" / "config.json",
                                                                   norm_num_groups=7),
-                                           "must be divisible by num_groups (7)"),
+                                           "vae config: norm_num_groups must be a divisor of "
+                                           "every block_out_channels entry"),
     "clip skip past the text encoder": (["--clip-skip", "2"], None,
-                                        "clip_skip must be from 0 to 1, got 2"),
-    "seed past 64 bits": (["--seed", str(2 ** 64)], None, "seed must be an integer from 0"),
+                                        "--clip-skip must be from 0 to 1 (the text encoder has "
+                                        "2 layers), got 2"),
     "init image smaller than a latent pixel": (["--init-image", "{tmp}/dot.png"], None,
-                                               "init image of 4x4 is smaller than 8 pixels"),
+                                               "image must be at least 8 pixels high and "
+                                               "wide (the VAE's scale factor), got 4x4"),
     "height not multiple of 8": (["--height", "100"], None, "--height must be a multiple of 8"),
-    "width out of range": (["--width", "8192"], None, "--width must be a multiple of 8"),
-    "zero steps": (["--steps", "0"], None, "must be at least 1"),
-    "strength zero": (["--init-image", "{tmp}/init.png", "--strength", "0"], None,
-                      "--strength must be in (0, 1]"),
-    "strength above one": (["--init-image", "{tmp}/init.png", "--strength", "1.5"], None,
-                           "--strength must be in (0, 1]"),
-    "unknown sampler": (["--sampler", "lms"], None, "unknown sampler 'lms'"),
-    "unreadable init image": (["--init-image", "{tmp}/notes.png"], None, "cannot read init image"),
-    "missing init image": (["--init-image", "{tmp}/nope.png"], None, "cannot read init image"),
-    "output not png": (["-o", "{tmp}/out.jpg"], None, "must end in .png"),
-    "output folder missing": (["-o", "/nonexistent/dir/out.png"], None, "cannot write to"),
+    "truncated init image": (["--init-image", "{tmp}/cut.png"], None,
+                             "cannot read init image {tmp}/cut.png: the file is damaged or "
+                             "truncated"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_input_is_one_line_and_exit_2(case, tiny_dir, tmp_path, capsys):
     extra, edit, fragment = BAD[case]
-    Image.new("RGB", (32, 32)).save(tmp_path / "init.png")
     Image.new("RGB", (4, 4)).save(tmp_path / "dot.png")
-    (tmp_path / "notes.png").write_text("not an image")
+    noise = np.random.default_rng(0).integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "cut.png")
+    _truncate(tmp_path / "cut.png")
     (tmp_path / "model.ckpt").write_bytes(b"PK\x03\x04 pickle")
     model = _broken_copy(tiny_dir, tmp_path, edit) if edit else None
     extra = [e.format(model=model, tmp=tmp_path) for e in extra]
     out = tmp_path / "out.png"
-    argv = ["generate", "a red fox", "--steps", "2", "-o", str(out)] + extra
-    if "-o" in extra:
-        argv = ["generate", "a red fox", "--steps", "2"] + extra
-    code, _, err = _run(argv, capsys)
+    code, _, err = _run(["generate", "a red fox", "--steps", "2", "-o", str(out)] + extra,
+                        capsys)
     assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("sdrt: error: "), err
-    assert fragment in lines[0], lines[0]
+    _assert_one_error_line(err, fragment.format(tmp=tmp_path))
     assert not out.exists(), "a failed run left an output file"
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".part")]
+
+
+def test_request_too_large_for_memory_is_refused_up_front(tmp_path):
+    # 4096 × 4096 on the tiny model: its attention alone would need far more than this
+    # machine has. Refused before the first step, in one line, not after minutes of swapping.
+    code, _, err, _, seconds = _child(["generate", "x", "--steps", "1", "--height", "4096",
+                                       "--width", "4096", "--device", "cpu"], tmp_path,
+                                      timeout=120)
+    assert code == 2, err
+    _assert_one_error_line(err, "memory")
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
@@ -172,3 +609,20 @@ def test_cuda_without_gpu_through_console_script(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         "sdrt: error: device cuda was asked for, but no CUDA GPU is available"]
+
+
+@pytest.mark.gpu
+def test_cuda_text_to_image_builds_a_static_plan(tmp_path, capsys):
+    base = ["generate", "a red fox", "--steps", "4", "--seed", "5", "--device", "cuda",
+            "--dtype", "fp32", "--sampler", "euler_a"]
+    code, stdout, err = _run(base + ["-o", str(tmp_path / "static.png")], capsys)
+    assert code == 0, err
+    assert re.match(r"build \d+\.\d\d s \(static plan\) · text ", stdout), stdout
+    code, stdout, err = _run(base + ["--no-compile", "-o", str(tmp_path / "eager.png")], capsys)
+    assert code == 0, err
+    assert "build" not in stdout and _warnings(err) == []
+    # The replayed graphs and the eager loop compute the same image (fp32; the convolution
+    # algorithms cuDNN picks may differ between the two, hence one level of 255).
+    diff = np.abs(_pixels(tmp_path / "static.png").astype(int) -
+                  _pixels(tmp_path / "eager.png").astype(int))
+    assert diff.max() <= 1, f"static and eager images differ by up to {diff.max()} / 255"

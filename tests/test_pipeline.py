@@ -107,15 +107,16 @@ def test_output_types(pipes):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(height=17), "multiple of"),
-    (dict(width=0), "multiple of"),
-    (dict(num_inference_steps=0), "at least 1"),
-    (dict(sampler="lms"), "unknown sampler"),
-    (dict(output_type="tensor"), "output_type"),
-    (dict(negative_prompt=["a", "b", "c"]), "negative prompts"),
+    (dict(height=17), "height must be a multiple of 2"),
+    (dict(width=0), "width must be an integer from 1 to 4096, got 0"),
+    (dict(num_inference_steps=0), "num_inference_steps must be an integer from 1 to 1000"),
+    (dict(sampler="lms"), "sampler must be one of ddim, .*, got 'lms'"),
+    (dict(output_type="tensor"), "output_type must be one of pil, np, latent, got 'tensor'"),
+    (dict(negative_prompt=["a", "b", "c"]), "negative_prompt must be one string or a list of 1"),
     (dict(latents=torch.zeros(1, 4, 3, 3)), "latents have shape"),
-    (dict(clip_skip=-1), "clip_skip must be from 0"),
-    (dict(seed=-5), "seed must be an integer"),
+    (dict(clip_skip=-1), "clip_skip must be an integer of 0 or more, got -1"),
+    (dict(clip_skip=3), r"clip_skip must be from 0 to 2 \(the text encoder has 3 layers\)"),
+    (dict(seed=-5), r"seed must be -1 \(random\) or an integer from 0 to 2\*\*64 - 1, got -5"),
     (dict(image=np.zeros((16, 16), dtype=np.float32)), r"\(H, W, 3\) or \(B, H, W, 3\)"),
 ])
 def test_bad_arguments_raise_sdrt_error(pipes, kwargs, message):

@@ -38,6 +38,25 @@ def test_static_plan_equals_eager(pipe, sampler):
     assert len(pipe.runtime.plans) == 1
 
 
+@pytest.mark.parametrize("guidance_scale", [1.0, 0.0])
+def test_static_plan_without_guidance_equals_eager(pipe, guidance_scale):
+    # guidance ≤ 1: the plan is built without the unconditional half (rows = batch, not 2×).
+    pipe.runtime = None
+    plan = pipe.compile(height=16, width=24, batch_size=2, num_inference_steps=4,
+                        sampler="euler_a", guidance=False)
+    assert plan.states.shape[0] == 2, "a plan without CFG must not batch an unconditional half"
+    kw = dict(prompt=PROMPTS, height=16, width=24, num_inference_steps=4, sampler="euler_a",
+              guidance_scale=guidance_scale, output_type="np", seed=3)
+    static = pipe(**kw)
+    eager = _eager(pipe, **kw)
+    assert list(pipe.runtime.plans.values()) == [plan], "the call did not use the built plan"
+    tol = 1e-5 if pipe.device.type == "cpu" else 2e-3
+    assert np.abs(static - eager).max() <= tol, np.abs(static - eager).max()
+    # And it is not the guided image: the CFG flag reached the plan.
+    guided = _eager(pipe, **{**kw, "guidance_scale": 6.0})
+    assert np.abs(static - guided).max() > 1e-3
+
+
 def test_new_prompt_seed_guidance_and_latents_reuse_the_plan(pipe):
     pipe.runtime = None
     plan = pipe.compile(height=16, width=16, num_inference_steps=3, sampler="euler")
@@ -77,8 +96,10 @@ def test_strict_mode_refuses_unbuilt_shape(pipe):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(height=13), "multiple of"), (dict(sampler="lms"), "unknown sampler"),
-    (dict(batch_size=0), "batch_size"), (dict(num_inference_steps=0), "at least 1"),
+    (dict(height=13), "height must be a multiple of 2"),
+    (dict(sampler="lms"), "sampler must be one of"),
+    (dict(batch_size=0), "batch_size must be an integer from 1 to 64 .*, got 0"),
+    (dict(num_inference_steps=0), "num_inference_steps must be an integer from 1 to 1000"),
     (dict(max_shapes=0), "max_shapes"),
 ])
 def test_compile_rejects_bad_arguments(pipe, kwargs, message):
@@ -161,3 +182,49 @@ def test_compile_with_other_cache_settings_keeps_plans(pipe):
     pipe.compile(height=16, width=24, num_inference_steps=2, sampler="ddim", max_shapes=1,
                  strict=True)
     assert list(pipe.runtime.plans.values()) == [b] and a is not b and pipe.runtime.strict
+
+
+def _tiny_cuda_pipe():
+    from sdrt.engine.tiny import tiny_components
+    c = tiny_components()
+    for m in (c.text_encoder, c.unet, c.vae):
+        m.to("cuda", torch.float16)
+    return Pipeline(c, torch.device("cuda"), torch.float16)
+
+
+@pytest.mark.gpu
+def test_callback_under_a_cuda_plan_runs_the_denoising_stage_eagerly():
+    # A replayed graph cannot call back: with a callback the plan's denoising stage runs
+    # eagerly over its buffers, between the text-encoder and decoder replays.
+    pipe = _tiny_cuda_pipe()
+    pipe.compile(height=64, width=64, num_inference_steps=4, sampler="euler_a")
+    kw = dict(prompt="a fox", height=64, width=64, num_inference_steps=4, sampler="euler_a",
+              seed=3, output_type="np")
+    replayed = pipe(**kw)
+    steps = []
+    called = pipe(callback=lambda p, i, t, k: steps.append((i, p.num_timesteps)), **kw)
+    assert steps == [(i, 4) for i in range(4)]
+    assert np.abs(called - replayed).max() <= 2e-3
+    assert np.abs(pipe(**kw) - replayed).max() <= 2e-3, "the graphs broke after an eager stage"
+    assert len(pipe.runtime.plans) == 1
+
+
+@pytest.mark.gpu
+def test_memory_estimate_bounds_the_measured_peak_on_cuda():
+    from sdrt.engine.memory import fused_attention, request_bytes
+    pipe = _tiny_cuda_pipe()
+    pipe("warm-up", height=64, width=64, num_inference_steps=1, output_type="latent")
+    workspace = 128 * 2 ** 20  # cuDNN's and the conv chooser's scratch, outside the estimate
+    for side, batch in ((512, 2), (1024, 1)):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        pipe("a fox", height=side, width=side, num_images_per_prompt=batch,
+             num_inference_steps=2, sampler="euler", seed=0, output_type="np")
+        torch.cuda.synchronize()
+        measured = torch.cuda.max_memory_allocated() - before
+        estimate, _ = request_bytes(pipe.unet.config, pipe.vae.config, pipe.text_encoder.config,
+                                    side, side, batch, True, pipe.dtype,
+                                    fused_attention(pipe.unet, pipe.device, pipe.dtype))
+        assert measured <= estimate + workspace, \
+            f"{side}² × {batch}: measured {measured} > estimate {estimate}"

@@ -165,7 +165,13 @@ def test_truncation_warning(ours, reference, prompt, dropped):
         assert len(truncation) == 1, [str(w.message) for w in caught]
         message = str(truncation[0].message)
         assert "CLIP can only handle sequences up to 77 tokens" in message
-        assert f"({dropped} tokens dropped)" in message, message
+        assert f"({dropped} tokens dropped: " in message, message
+        # One short line: the count and a few words, not every dropped token.
+        assert "\n" not in message and len(message) < 160, message
+        # As Python prints it: no source line follows the message.
+        w = truncation[0]
+        shown = warnings.formatwarning(w.message, w.category, w.filename, w.lineno)
+        assert shown.count("\n") == 1, shown
     assert ids[0, -1] == ours.eos_token_id  # the kept sequence still ends in <|endoftext|>
 
 
@@ -276,3 +282,13 @@ def test_merge_out_of_vocabulary(tmp_path, tokenizer_dir):
     with pytest.raises(SdrtError, match="out of vocabulary") as err:
         ClipTokenizer.from_folder(folder)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("prompts, name, position", [
+    ("a fox\udcff", "prompt", 5),                 # invalid UTF-8 from a shell, as surrogateescape
+    (["fine", "\ud800 alone"], "prompt\\[1\\]", 0),  # a lone high surrogate, second prompt
+])
+def test_lone_surrogate_is_refused_with_its_position(ours, prompts, name, position):
+    with pytest.raises(SdrtError, match=rf"{name} must be valid Unicode text, got '\\ud[8c]..' "
+                                        rf"at position {position}"):
+        ours(prompts)

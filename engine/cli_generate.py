@@ -1,0 +1,306 @@
+"""``sdrt generate``: check the request, load the model, run it, write the PNGs.
+
+In that order, so that a bad argument costs nothing: the request, the paths and the init
+image are checked before torch is imported (``request.py`` and ``images.py`` do not import
+it). Options that do nothing in a call (``--strength`` without ``--init-image``, ...) give one
+warning line each. On CUDA a text-to-image request runs through a static plan (CUDA graphs),
+built first and timed apart. Output files never replace an existing file unless
+``--overwrite`` is given: an image takes the next free name instead.
+"""
+import io
+import itertools
+import os
+import sys
+import warnings
+
+from .atomic import write_file
+from .errors import SdrtError
+from .request import GenerationRequest, Limits
+
+# Request field → the option that sets it, so that a message names what the user typed.
+OPTION_NAMES = {"num_inference_steps": "--steps", "guidance_scale": "--guidance",
+                "num_images_per_prompt": "--batch", "negative_prompt": "--negative",
+                "clip_skip": "--clip-skip", "height": "--height", "width": "--width",
+                "strength": "--strength", "seed": "--seed", "sampler": "--sampler",
+                "prompt": "prompt"}
+
+
+def generate(a):
+    request = GenerationRequest(
+        prompt=a.prompt, negative_prompt=a.negative, height=a.height, width=a.width,
+        num_inference_steps=a.steps, guidance_scale=a.guidance, sampler=a.sampler, seed=a.seed,
+        strength=a.strength, num_images_per_prompt=a.batch, clip_skip=a.clip_skip,
+        output_type="pil", has_image=a.init_image is not None,
+    ).check(names=OPTION_NAMES, limits=Limits.from_env())
+    output = _output_path(a)
+    _check_sources(a)
+    init = None
+    if a.init_image is not None:
+        from .images import read_image
+        init = read_image(a.init_image, "init image")
+    _warn_unused_options(a)
+
+    pipe = _pipeline(a)  # imports torch
+    if init is None:
+        # What depends on the model (sizes against the VAE, --clip-skip against the text
+        # encoder, the request's memory against the device's), named as the options are.
+        # An image-to-image request's size is the image's: the pipeline checks it.
+        request = pipe.check(request, names=OPTION_NAMES)
+        sampler = request.sampler
+    else:
+        from .samplers import default_sampler
+        sampler = a.sampler or default_sampler(pipe.scheduler_config)
+    plan = _static_plan(a, pipe, request if init is None else None)
+    seed = request.draw_seed()
+    # A callback would make a static plan run its denoising loop eagerly: no bar then.
+    with _Progress() as progress:
+        images = pipe(a.prompt, negative_prompt=a.negative, height=request.height,
+                      width=request.width, num_inference_steps=a.steps,
+                      guidance_scale=a.guidance, sampler=sampler, seed=seed, image=init,
+                      strength=a.strength, num_images_per_prompt=a.batch,
+                      clip_skip=a.clip_skip, callback=None if plan else progress)
+    width, height = images[0].size
+    params = _parameters_text(a, seed, sampler, height, width, pipe.source)
+    paths, taken = _save_pngs(images, output, params, a.overwrite)
+    print(_summary(pipe.timings, plan, seed, paths, taken))
+
+
+# -- checks before torch is imported -----------------------------------------------------------
+
+def _output_path(a):
+    """The path -o names (inside --outdir when given), checked: a .png whose folder can be
+    written (--outdir: can be created)."""
+    if not a.output.lower().endswith(".png"):
+        raise SdrtError(f"-o {a.output} must end in .png")
+    if a.outdir is None:
+        path = a.output
+        folder = os.path.dirname(os.path.abspath(path))
+    else:
+        if os.path.isabs(a.output):
+            raise SdrtError(f"-o {a.output} is an absolute path: with --outdir, give a name "
+                            "inside it")
+        if os.path.exists(a.outdir) and not os.path.isdir(a.outdir):
+            raise SdrtError(f"--outdir {a.outdir} is a file, not a folder")
+        path = os.path.join(a.outdir, a.output)
+        # The folder is created only when the images are written; its nearest existing
+        # ancestor must take the new folder.
+        folder = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(folder):
+            folder = os.path.dirname(folder)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise SdrtError(f"cannot write to {folder}")
+    return path
+
+
+def _check_sources(a):
+    """The model, config and ONNX folder named exist, and --runtime fits the other options."""
+    for option, path in (("model path", a.model), ("--config", a.config)):
+        if path is not None and not os.path.exists(path):
+            raise SdrtError(f"{option} {path} does not exist")
+    if a.runtime == "onnx":
+        if a.onnx_dir is None:
+            raise SdrtError("--runtime onnx needs --onnx-dir")
+        from .cli import check_export_folder
+        check_export_folder(a.onnx_dir, "--onnx-dir")
+        if a.dtype == "bf16":  # onnxruntime takes numpy arrays, and numpy has no bfloat16
+            raise SdrtError("--runtime onnx runs in the export's dtype (fp32 or fp16), not "
+                            "--dtype bf16")
+    elif a.onnx_dir is not None:
+        raise SdrtError("--onnx-dir is only used with --runtime onnx")
+
+
+def _warn_unused_options(a):
+    """One warning per option given on the command line that does nothing in this call."""
+    def unused(option, why):
+        warnings.warn(f"{option} does nothing here: {why}")
+
+    if "strength" in a.given and a.init_image is None:
+        unused("--strength", "it applies to --init-image")
+    if a.negative is not None and a.guidance <= 1:
+        unused("--negative", f"--guidance {a.guidance:g} (1 or less) turns off the guidance "
+                             "that uses it")
+    if a.config is not None:
+        if a.runtime == "onnx":
+            unused("--config", "with --runtime onnx the configs come from --onnx-dir")
+        elif a.model is None:
+            unused("--config", "it applies to a single-file checkpoint, not the built-in model")
+        elif os.path.isdir(a.model):
+            unused("--config", f"it applies to a single-file checkpoint; {a.model} is a "
+                               "diffusers folder with its own configs")
+    if a.variant is not None:
+        _warn_unused_variant(a, unused)
+
+
+def _warn_unused_variant(a, unused):
+    if a.runtime == "onnx":
+        unused("--variant", "with --runtime onnx the weights come from --onnx-dir")
+    elif a.model is None:
+        unused("--variant", "the built-in model has one set of weights")
+    elif not os.path.isdir(a.model):
+        unused("--variant", f"it applies to a diffusers folder; {a.model} is a single file")
+    else:
+        from .loading import WEIGHT_STEMS
+        without = [c for c, stem in sorted(WEIGHT_STEMS.items())
+                   if not any(os.path.isfile(os.path.join(a.model, c, f"{stem}.{a.variant}"
+                                                                      f".safetensors{index}"))
+                              for index in ("", ".index.json"))]
+        if len(without) == len(WEIGHT_STEMS):
+            unused(f"--variant {a.variant}", f"{a.model} has no *.{a.variant}.safetensors "
+                                             "files; the default weights are loaded")
+        elif without:
+            warnings.warn(f"--variant {a.variant}: {', '.join(without)} in {a.model} "
+                          f"{'has' if len(without) == 1 else 'have'} no "
+                          f"*.{a.variant}.safetensors file; the default weights are loaded "
+                          "there")
+
+
+# -- the model and the run ---------------------------------------------------------------------
+
+def _pipeline(a):
+    from .pipeline import Pipeline, resolve_device
+    if a.runtime == "onnx":
+        return _onnx_pipeline(a)
+    device, dtype = resolve_device(a.device, a.dtype)
+    if a.model is not None:
+        return Pipeline.from_pretrained(a.model, device, dtype, variant=a.variant,
+                                        config=a.config, prediction_type=a.prediction_type)
+    from .tiny import tiny_components
+    c = tiny_components()
+    for m in (c.text_encoder, c.unet, c.vae):
+        m.to(device, dtype)
+    if a.prediction_type is not None:  # as for the same model written by make-tiny
+        c.scheduler_config = {**c.scheduler_config, "prediction_type": a.prediction_type}
+    return Pipeline(c, device, dtype)
+
+
+def _onnx_pipeline(a):
+    """A Pipeline whose networks are the ONNX files of --onnx-dir, run by onnxruntime."""
+    from sdrt.export.onnx_manifest import read_manifest
+    from sdrt.export.onnx_runtime import onnx_components
+
+    from .pipeline import Pipeline, resolve_device
+    device, dtype = resolve_device(a.device, a.dtype or read_manifest(a.onnx_dir)["dtype"])
+    c = onnx_components(a.onnx_dir, a.model, device)
+    if a.prediction_type is not None:
+        c.scheduler_config = {**c.scheduler_config, "prediction_type": a.prediction_type}
+    return Pipeline(c, device, dtype)
+
+
+def _static_plan(a, pipe, request):
+    """The static plan of a checked text-to-image ``request`` (None for image-to-image), built
+    on CUDA unless --no-compile; None where the request runs eagerly. Static plans run
+    text-to-image with the final text layer, in sdrt's own networks."""
+    static = (request is not None and request.clip_skip == 0 and a.runtime == "torch"
+              and pipe.device.type == "cuda")
+    if a.no_compile:
+        if not static:
+            warnings.warn("--no-compile does nothing here: only text-to-image on CUDA, without "
+                          "--clip-skip or --runtime onnx, runs a static plan")
+        return None
+    if not static:
+        return None
+    return pipe.compile(request.height, request.width, request.batch_size,
+                        request.num_inference_steps, request.sampler, guidance=request.guidance)
+
+
+class _Progress:
+    """The denoising bar on stderr, as a ``callback_on_step_end``; drawn at the first step, so
+    a request refused up front prints no bar. Leaving the ``with`` block closes it: cleared
+    after a finished run; kept, and ended with a newline, after Ctrl-C, so that "sdrt:
+    interrupted" gets a line of its own."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, pipe, step_index, timestep, callback_kwargs):
+        if self.bar is None:
+            from tqdm import tqdm
+            self.bar = tqdm(total=pipe.num_timesteps, desc="denoising", unit="step",
+                            file=sys.stderr, leave=False)
+        self.bar.update(1)
+        return None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.bar is not None:
+            self.bar.leave = exc_type is KeyboardInterrupt
+            self.bar.close()
+
+
+# -- the output --------------------------------------------------------------------------------
+
+def _parameters_text(a, seed, sampler, height, width, model):
+    """The A1111-style ``parameters`` text that image tools read from a PNG."""
+    lines = [a.prompt]
+    if a.negative:
+        lines.append(f"Negative prompt: {a.negative}")
+    settings = [f"Steps: {a.steps}", f"Sampler: {sampler}", f"CFG scale: {a.guidance}",
+                f"Seed: {seed}", f"Size: {width}x{height}", f"Model: {model}"]
+    if a.init_image:
+        settings.append(f"Denoising strength: {a.strength}")
+    return "\n".join(lines + [", ".join(settings)])
+
+
+def _png_bytes(image, parameters):
+    from PIL import PngImagePlugin
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def _candidates(path, n_images):
+    """Names for the images, in order of preference: OUT.png, OUT-1.png, OUT-2.png, ... for
+    one image; OUT-0.png, OUT-1.png, ... for several."""
+    stem, ext = os.path.splitext(path)
+    if n_images == 1:
+        yield path
+    for i in itertools.count(0 if n_images > 1 else 1):
+        yield f"{stem}-{i}{ext}"
+
+
+def _save_pngs(images, path, parameters, overwrite):
+    """Write each image atomically under its name; without ``overwrite``, under the next
+    name that is free (also against a file that appears meanwhile). Returns (the paths
+    written, the names skipped because they were taken)."""
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)  # --outdir
+    names = _candidates(path, len(images))
+    written, taken = [], []
+    for image in images:
+        data = _png_bytes(image, parameters)
+        for name in names:
+            try:
+                write_file(name, lambda fh: fh.write(data), overwrite)
+            except FileExistsError:
+                taken.append(name)
+                continue
+            except OSError as e:
+                raise SdrtError(f"cannot write {name}: {e.strerror}") from None
+            written.append(name)
+            break
+    return written, taken
+
+
+def _summary(t, plan, seed, paths, taken):
+    """One line: what the build and each stage of the request took, the seed, the files."""
+    parts = [] if plan is None else [f"build {plan.build_seconds:.2f} s (static plan)"]
+    parts += [f"text {t['text']:.2f} s",
+              f"denoise {t['denoise']:.2f} s "
+              f"({t['unet_calls'] / max(t['denoise'], 1e-9):.1f} UNet calls/s)",
+              f"decode {t['decode']:.2f} s", f"seed {seed}"]
+    line = f"{' · '.join(parts)} → {', '.join(map(_shown, paths))}"
+    if taken:
+        line += (f" ({', '.join(map(_shown, taken))} {'exists' if len(taken) == 1 else 'exist'}; "
+                 "--overwrite replaces)")
+    return line
+
+
+def _shown(path):
+    """A path as it can be printed: bytes that are not UTF-8 (kept by Python as surrogates,
+    which stdout cannot encode) as \\x escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")

@@ -1,0 +1,101 @@
+"""Reading init images from disk, and turning any PIL image into float RGB in [0, 1].
+
+``read_image`` applies the EXIF orientation (a phone's JPEG is stored sideways with a tag
+saying how to turn it) and reports a file it cannot read in plain words naming the path.
+``pil_to_float`` scales each pixel format by its own range, never clipping: a 16-bit PNG
+(white = 65535) read as 8-bit would come out almost all white.
+
+How each PIL mode becomes RGB:
+
+- 8-bit ("L", "RGB", "P", "CMYK", "YCbCr", "1", ...): PIL's conversion to RGB, / 255.
+- 16-bit greyscale ("I;16", "I;16L", "I;16B", "I;16N"): / 65535, repeated over R, G and B.
+- 32-bit integer ("I"): / 65535 when every value is in [0, 65535] (PIL reads a 16-bit PNG or
+  TIFF as "I"); non-negative values past 16 bits: / (2**31 - 1); negative values: the whole
+  int32 range mapped linearly onto [0, 1].
+- 32-bit float ("F"): values in [0, 1] are kept; values in [0, 255], PIL's own scale for
+  "F", are divided by 255; any other range is mapped linearly from [min(0, lo), hi] to [0, 1].
+- Alpha ("RGBA", "LA", "PA", "P" with a transparent colour, ...): composited onto white, as
+  image viewers show transparency on a light page. The VAE takes RGB only, and dropping the
+  alpha instead would bring back whatever colour the transparent pixels happen to store
+  (often black).
+"""
+import os
+
+import numpy as np
+
+from .errors import SdrtError
+
+_UINT16 = ("I;16", "I;16L", "I;16B", "I;16N")
+_ALPHA = ("RGBA", "RGBa", "LA", "La", "PA")
+_INT32_MIN, _INT32_MAX = -(2 ** 31), 2 ** 31 - 1
+
+
+def read_image(path, what="image"):
+    """The image at ``path``, fully read, with its EXIF orientation applied.
+
+    Raises ``SdrtError("cannot read {what} {path}: {reason}")`` with the reason in plain
+    words: no such file, is a folder, permission denied, not an image file, damaged or
+    truncated.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    def refuse(reason):
+        return SdrtError(f"cannot read {what} {path}: {reason}")
+
+    if os.path.isdir(path):
+        raise refuse("is a folder")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return ImageOps.exif_transpose(im)  # a new image, so closing the file is safe
+    except FileNotFoundError:
+        raise refuse("no such file") from None
+    except PermissionError:
+        raise refuse("permission denied") from None
+    except UnidentifiedImageError:
+        raise refuse("not an image file") from None
+    except Image.DecompressionBombError as e:
+        raise refuse(f"too large ({e})") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError) as e:
+        # Pillow reports a damaged file with whichever of these its decoder hits first.
+        raise refuse(f"the file is damaged or truncated ({e})") from None
+
+
+def pil_to_float(image):
+    """A PIL image of any mode → float32 array (H, W, 3) in [0, 1]; see the module docstring
+    for how each mode is scaled."""
+    mode = image.mode
+    if mode in _UINT16:
+        grey = np.asarray(image).astype(np.float32) / 65535
+    elif mode == "I":
+        grey = _int32_to_unit(np.asarray(image))
+    elif mode == "F":
+        grey = _float_to_unit(np.asarray(image))
+    elif mode in _ALPHA or (mode == "P" and "transparency" in image.info):
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255  # (H, W, 4)
+        alpha = rgba[..., 3:]
+        return np.ascontiguousarray(rgba[..., :3] * alpha + (1 - alpha), dtype=np.float32)
+    else:
+        return np.asarray(image.convert("RGB"), dtype=np.float32) / 255
+    return np.repeat(grey[..., None], 3, axis=2).astype(np.float32)
+
+
+def _int32_to_unit(a):
+    lo, hi = int(a.min()), int(a.max())
+    if lo >= 0 and hi <= 65535:
+        return a.astype(np.float32) / 65535
+    if lo >= 0:
+        return (a.astype(np.float64) / _INT32_MAX).astype(np.float32)
+    return ((a.astype(np.float64) - _INT32_MIN) / (_INT32_MAX - _INT32_MIN)).astype(np.float32)
+
+
+def _float_to_unit(a):
+    if not np.isfinite(a).all():
+        raise SdrtError("a float image holds inf or NaN pixels")
+    lo, hi = float(a.min()), float(a.max())
+    if lo >= 0 and hi <= 1:
+        return a.astype(np.float32)
+    if lo >= 0 and hi <= 255:
+        return a.astype(np.float32) / 255
+    lo = min(0.0, lo)
+    return ((a.astype(np.float64) - lo) / (hi - lo)).astype(np.float32)

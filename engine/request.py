@@ -1,0 +1,233 @@
+"""A generation request and the limits it is checked against, before any model is involved.
+
+``GenerationRequest.check`` makes every check that needs no model: types (``True`` is not an
+integer, ``"7"`` is not a number), finiteness, ranges, prompts that are text Python can encode,
+a known sampler. The pipeline then checks what depends on the model (sizes against the VAE's
+scale factor, ``clip_skip`` against the text encoder's depth, the request's memory against the
+device) in one place. The CLI, the Python API and a server share this object.
+
+This module imports neither torch nor numpy, so the CLI can refuse a bad argument in well
+under a second, before it imports them.
+
+Every message has the form ``"<name> must be <what is allowed>, got <value>"``, where ``name``
+is the API argument's name or the caller's own (the CLI passes ``{"guidance_scale":
+"--guidance", ...}``).
+"""
+import math
+import numbers
+import os
+import random
+from dataclasses import dataclass, fields, replace
+
+from .errors import SdrtError
+
+# The samplers sdrt implements (``schedules.SAMPLERS`` is the same tuple), here so that a
+# sampler name can be checked without importing torch.
+SAMPLER_NAMES = ("ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras")
+OUTPUT_TYPES = ("pil", "np", "latent")
+MAX_SEED = 2 ** 64 - 1  # torch.Generator.manual_seed takes any 64-bit value
+RANDOM_SEED = -1        # seed=-1: draw one, as A1111 users expect
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one call (or one model) may ask for. Each field can be raised with an environment
+    variable read by ``Limits.from_env()`` (``SDRT_`` + the field's name in capitals, e.g.
+    ``SDRT_MAX_IMAGES=128``), or by passing ``Limits(...)`` to the pipeline (``pipe.limits``).
+    """
+    max_side: int = 4096           # height and width, in pixels
+    max_images: int = 64           # images per call: prompts × num_images_per_prompt
+    max_steps: int = 1000          # num_inference_steps (no SD schedule has more timesteps)
+    max_guidance: float = 100.0    # guidance_scale; past ~30 images saturate, past 1e4 overflow
+    max_prompt_chars: int = 20000  # characters per prompt; CLIP reads 77 tokens of it
+    max_parameters: int = 20_000_000_000  # text encoder + UNet + VAE, counted from the configs
+    # The memory a request (or a model's weights) may plan to use: this fraction of what the
+    # device has available at the time (CPU: available RAM; CUDA: free device memory) ...
+    memory_fraction: float = 0.9
+    # ... or, when set, this many bytes whatever the device reports.
+    memory_bytes: int = None
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "memory_bytes" and value is None:
+                continue
+            if not _is_real(value) or not 0 < value < math.inf:
+                raise SdrtError(f"Limits.{f.name} must be a positive number, got {value!r}")
+        if self.memory_fraction > 1:
+            raise SdrtError(f"Limits.memory_fraction must be at most 1, got "
+                            f"{self.memory_fraction!r} (set memory_bytes to plan past the "
+                            f"device's available memory)")
+
+    @classmethod
+    def from_env(cls, environ=None):
+        """The defaults, overridden by ``SDRT_MAX_SIDE``, ``SDRT_MAX_IMAGES``,
+        ``SDRT_MAX_STEPS``, ``SDRT_MAX_GUIDANCE``, ``SDRT_MAX_PROMPT_CHARS``,
+        ``SDRT_MAX_PARAMETERS``, ``SDRT_MEMORY_FRACTION`` and ``SDRT_MEMORY_BYTES`` where set."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in fields(cls):
+            var = "SDRT_" + f.name.upper()
+            text = environ.get(var, "").strip()
+            if not text:
+                continue
+            try:
+                number = float(text)
+            except ValueError:
+                raise SdrtError(f"{var} must be a number, got {text!r}") from None
+            if f.name != "memory_fraction" and f.name != "max_guidance":
+                if not number.is_integer():
+                    raise SdrtError(f"{var} must be a whole number, got {text!r}")
+                number = int(number)
+            values[f.name] = number
+        try:
+            return cls(**values)
+        except SdrtError as e:
+            raise SdrtError(f"{e} (from the SDRT_* environment variables)") from None
+
+
+def _is_int(value):
+    # numbers.Integral covers numpy's integers; bool is an int subclass but not a count.
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def short_repr(value, width=80):
+    """``repr(value)``, cut to ``width`` characters (a 10 MB prompt is not echoed)."""
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 5] + "…" + text[-4:]
+
+
+def check_text(text, name):
+    """Refuse a string Python cannot encode as UTF-8: a lone surrogate, which is what invalid
+    UTF-8 from the command line becomes (``'\\udcff'``), named with its position."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # only a surrogate cannot be encoded
+        raise SdrtError(f"{name} must be valid Unicode text, got {text[e.start]!r} at position "
+                        f"{e.start} (a lone surrogate, e.g. a byte that is not UTF-8)") from None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """The arguments of one call, as given; ``check`` refuses what no model could run."""
+    prompt: object
+    negative_prompt: object = None
+    height: object = None
+    width: object = None
+    num_inference_steps: object = 50
+    guidance_scale: object = 7.5
+    sampler: object = None
+    seed: object = None
+    strength: object = 0.8
+    num_images_per_prompt: object = 1
+    clip_skip: object = 0
+    output_type: object = "pil"
+    has_image: bool = False
+
+    def check(self, names=None, limits=None):
+        """Every model-free check; returns the request with its numbers as plain ``int`` and
+        ``float`` and its prompts as lists. ``names`` maps a field to the name messages use
+        (default: the field's own); ``limits`` defaults to ``Limits.from_env()``."""
+        limits = Limits.from_env() if limits is None else limits
+        names = names or {}
+        name = lambda field: names.get(field, field)
+
+        def fail(field, allowed, value, described=None):
+            got = described or short_repr(value)
+            raise SdrtError(f"{name(field)} must be {allowed}, got {got}")
+
+        def integer(field, lo, hi, allowed=None):
+            value = getattr(self, field)
+            if not _is_int(value) or not lo <= value <= hi:
+                fail(field, allowed or f"an integer from {lo} to {hi}", value)
+            return int(value)
+
+        def number(field, ok, allowed):
+            value = getattr(self, field)
+            if not _is_real(value) or not math.isfinite(value) or not ok(value):
+                fail(field, allowed, value)
+            return float(value)
+
+        prompts = self._texts("prompt", self.prompt, name, limits)
+        if len(prompts) > limits.max_images:
+            fail("prompt", f"at most {limits.max_images} prompts (SDRT_MAX_IMAGES)", None,
+                 f"a list of {len(prompts)}")
+        negatives = None
+        if self.negative_prompt is not None:
+            negatives = self._texts("negative_prompt", self.negative_prompt, name, limits)
+            if len(negatives) not in (1, len(prompts)):
+                fail("negative_prompt", f"one string or a list of {len(prompts)} (one per "
+                     f"prompt)", None, f"a list of {len(negatives)}")
+        per_prompt_max = max(limits.max_images // len(prompts), 1)
+        per_prompt = integer("num_images_per_prompt", 1, per_prompt_max,
+                             f"an integer from 1 to {per_prompt_max} ({limits.max_images} "
+                             f"images per call, SDRT_MAX_IMAGES, for {len(prompts)} "
+                             f"prompt{'s' if len(prompts) > 1 else ''})")
+        sizes = {f: None if getattr(self, f) is None else integer(f, 1, limits.max_side)
+                 for f in ("height", "width")}
+        steps = integer("num_inference_steps", 1, limits.max_steps)
+        guidance = number("guidance_scale", lambda v: 0 <= v <= limits.max_guidance,
+                          f"a finite number from 0 to {limits.max_guidance:g}")
+        strength = number("strength", lambda v: 0 < v <= 1, "a number in (0, 1]")
+        clip_skip = integer("clip_skip", 0, 10 ** 6, "an integer of 0 or more")
+        if self.sampler is not None and self.sampler not in SAMPLER_NAMES:
+            fail("sampler", f"one of {', '.join(SAMPLER_NAMES)}", self.sampler)
+        if self.output_type not in OUTPUT_TYPES:
+            fail("output_type", f"one of {', '.join(OUTPUT_TYPES)}", self.output_type)
+        seed = self.seed
+        if seed is not None and not (_is_int(seed) and seed == RANDOM_SEED):
+            seed = integer("seed", 0, MAX_SEED, "-1 (random) or an integer from 0 to 2**64 - 1")
+        if not isinstance(self.has_image, bool):
+            fail("has_image", "True or False", self.has_image)
+        return replace(self, prompt=prompts, negative_prompt=negatives,
+                       num_images_per_prompt=per_prompt, num_inference_steps=steps,
+                       guidance_scale=guidance, strength=strength,
+                       clip_skip=clip_skip, seed=None if seed is None else int(seed), **sizes)
+
+    @staticmethod
+    def _texts(field, value, name, limits):
+        """A string or a non-empty list of strings → a list, each encodable and not too long."""
+        texts = [value] if isinstance(value, str) else value
+        if not isinstance(texts, (list, tuple)) or not texts or \
+                not all(isinstance(t, str) for t in texts):
+            raise SdrtError(f"{name(field)} must be a string or a non-empty list of strings, "
+                            f"got {short_repr(value)}")
+        for i, text in enumerate(texts):
+            where = name(field) if isinstance(value, str) else f"{name(field)}[{i}]"
+            if len(text) > limits.max_prompt_chars:
+                raise SdrtError(f"{where} must be at most {limits.max_prompt_chars} characters "
+                                f"(SDRT_MAX_PROMPT_CHARS), got {len(text)}")
+            check_text(text, where)
+        return list(texts)
+
+    # -- what a checked request implies ---------------------------------------------------------
+
+    @property
+    def guidance(self):
+        """Whether the request batches an unconditional pass (classifier-free guidance)."""
+        return self.guidance_scale > 1.0
+
+    @property
+    def batch_size(self):
+        """Images the call makes: prompts × images per prompt (of a checked request)."""
+        return len(self.prompt) * self.num_images_per_prompt
+
+    def texts(self):
+        """The text encoder's input, ``[negative..., positive...]`` in diffusers' order; the
+        negatives only with guidance."""
+        if not self.guidance:
+            return list(self.prompt)
+        negatives = self.negative_prompt or [""]
+        if len(negatives) == 1:
+            negatives = negatives * len(self.prompt)
+        return negatives + list(self.prompt)
+
+    def draw_seed(self):
+        """The seed to use: the request's, or a random one for None and -1."""
+        if self.seed is None or self.seed == RANDOM_SEED:
+            return random.randrange(MAX_SEED + 1)
+        return self.seed
