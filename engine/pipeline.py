@@ -7,6 +7,7 @@ its own prompt's images (diffusers' deprecated path cycles the images instead).
 """
 import copy
 import dataclasses
+import os
 import time
 import warnings
 
@@ -21,7 +22,7 @@ from .memory import check_request_fits, fused_attention, request_bytes
 from .request import GenerationRequest, Limits, short_repr
 from .runtime import StaticRuntime, StaticShape
 from .samplers import SchedulerConfig, default_sampler, make_schedule, sample
-from .stages import cpu_randn, guided, to_unit_images, vae_decode
+from .stages import cpu_randn, guided, row_scales, to_unit_images, vae_decode
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -54,6 +55,15 @@ def resolve_device(device=None, dtype=None):
         raise SdrtError(f"dtype must be fp32, fp16 or bf16 (or torch.float32, torch.float16, "
                         f"torch.bfloat16), got {short_repr(dtype)}")
     return parsed, dtype
+
+
+def _conv_cache_file():
+    """Where the conv chooser keeps its per-shape decisions between processes (keyed inside by
+    GPU, versions and shape): ``$SDRT_CACHE_DIR``, else ``$XDG_CACHE_HOME/sdrt``, else
+    ``~/.cache/sdrt``."""
+    root = os.environ.get("SDRT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sdrt")
+    return os.path.join(root, "conv_paths.json")
 
 
 def _image_tensor(item):
@@ -128,7 +138,7 @@ class Pipeline:
             # keep the faster, so no shape gets slower than the unfused path. (Networks run by
             # another runtime, such as onnxruntime, are not sdrt modules and have no convs.)
             from sdrt.kernels.conv_autotune import ConvPathChooser
-            self.conv_chooser = ConvPathChooser()
+            self.conv_chooser = ConvPathChooser(cache_file=_conv_cache_file())
             for model in (self.unet, self.vae):
                 if isinstance(model, nn.Module):
                     use_conv_chooser(model, self.conv_chooser)
@@ -293,10 +303,16 @@ class Pipeline:
         return (batch * 2 - 1).to(self.device, self.dtype)
 
     @torch.no_grad()
-    def encode_image(self, image, generator):
-        """Image (B, 3, H, W) in [-1, 1] → scaled latents, sampled from the VAE's Gaussian."""
+    def encode_image(self, image, generator, batch=None):
+        """Image (B, 3, H, W) in [-1, 1] → scaled latents, sampled from the VAE's Gaussian, each
+        image repeated to ``batch`` rows. With a list of generators (one per row), row i's
+        sample is drawn from generator i."""
         mean, std = self.vae.encode(image)
+        batch = batch or mean.shape[0]
+        if isinstance(generator, list):
+            mean, std = (m.repeat_interleave(batch // m.shape[0], dim=0) for m in (mean, std))
         z = mean + std * cpu_randn(mean.shape, generator, self.dtype).to(self.device)
+        z = z.repeat_interleave(batch // z.shape[0], dim=0)
         shift = self.vae.config.shift_factor or 0.0
         return (z - shift) * self.vae.config.scaling_factor
 
@@ -341,14 +357,21 @@ class Pipeline:
         return latents.to(self.device, self.dtype)
 
     def _generator(self, generator, request):
-        """The CPU generator that draws the request's noise; sets ``last_seed``."""
+        """The CPU generator (or list of them, one per image) that draws the request's noise;
+        sets ``last_seed``."""
         if generator is None:
             self.last_seed = request.draw_seed()
             return torch.Generator("cpu").manual_seed(self.last_seed)
-        if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
-            raise SdrtError(f"generator must be a CPU torch.Generator (noise is drawn on the "
-                            f"CPU so that a seed gives the same image on every device), got "
-                            f"{short_repr(generator)}")
+        generators = generator if isinstance(generator, list) else [generator]
+        if isinstance(generator, list) and len(generator) != request.batch_size:
+            raise SdrtError(f"generator must be one CPU torch.Generator or a list of "
+                            f"{request.batch_size} (one per image), got a list of "
+                            f"{len(generator)}")
+        for g in generators:
+            if not isinstance(g, torch.Generator) or g.device.type != "cpu":
+                raise SdrtError(f"generator must be a CPU torch.Generator or a list of them, "
+                                f"one per image (noise is drawn on the CPU so that a seed "
+                                f"gives the same image on every device), got {short_repr(g)}")
         if request.seed is not None:
             raise SdrtError(f"seed must be None when a generator is given, got {request.seed}")
         self.last_seed = None  # the generator's state is the caller's
@@ -446,13 +469,13 @@ class Pipeline:
 
         # diffusers' order of draws: the VAE's posterior sample, then the noise.
         if init is not None:
-            x0 = self.encode_image(init, generator)
-            x0 = x0.repeat_interleave(batch // x0.shape[0], dim=0)
+            x0 = self.encode_image(init, generator, batch)
             x = schedule.noise_image(x0, self._noise(latents, shape, generator))
         else:
             x = schedule.noise_latents(self._noise(latents, shape, generator))
 
-        model = guided(self.unet, states, request.guidance_scale, request.guidance, self.dtype)
+        model = guided(self.unet, states, row_scales(request.row_scales(), self.device),
+                       request.guidance, self.dtype)
         x = sample(sampler, model, x, schedule, generator=generator, step_end=step_end)
         t2 = self._clock()
         self.timings = {"text": t1 - t0, "denoise": t2 - t1, "decode": 0.0,
@@ -481,7 +504,8 @@ class Pipeline:
             # The same CPU draws, in the same order, as the eager euler_a loop makes.
             step_noise = torch.stack([cpu_randn(plan.latent_shape, generator)
                                       for _ in range(plan.step_noise.shape[0])])
-        self.timings = plan.run(ids, noise, request.guidance_scale, step_noise,
+        self.timings = plan.run(ids, noise, row_scales(request.row_scales(), self.device),
+                                step_noise,
                                 clock=self._clock, step_end=step_end)
         self.timings["unet_calls"] = len(plan.schedule.timesteps)
         if request.output_type == "latent":

@@ -170,8 +170,7 @@ class GenerationRequest:
         sizes = {f: None if getattr(self, f) is None else integer(f, 1, limits.max_side)
                  for f in ("height", "width")}
         steps = integer("num_inference_steps", 1, limits.max_steps)
-        guidance = number("guidance_scale", lambda v: 0 <= v <= limits.max_guidance,
-                          f"a finite number from 0 to {limits.max_guidance:g}")
+        guidance = self._guidance(fail, len(prompts), limits)
         strength = number("strength", lambda v: 0 < v <= 1, "a number in (0, 1]")
         clip_skip = integer("clip_skip", 0, 10 ** 6, "an integer of 0 or more")
         if self.sampler is not None and self.sampler not in SAMPLER_NAMES:
@@ -187,6 +186,24 @@ class GenerationRequest:
                        num_images_per_prompt=per_prompt, num_inference_steps=steps,
                        guidance_scale=guidance, strength=strength,
                        clip_skip=clip_skip, seed=None if seed is None else int(seed), **sizes)
+
+    def _guidance(self, fail, n_prompts, limits):
+        """One scale for every prompt (a float), or one per prompt (a tuple of floats)."""
+        allowed = f"a finite number from 0 to {limits.max_guidance:g}"
+        ok = lambda v: _is_real(v) and math.isfinite(v) and 0 <= v <= limits.max_guidance
+        value = self.guidance_scale
+        if not isinstance(value, (list, tuple)):
+            if not ok(value):
+                fail("guidance_scale", allowed, value)
+            return float(value)
+        if len(value) != n_prompts:
+            fail("guidance_scale", f"a number or a list of {n_prompts} (one per prompt)", None,
+                 f"a list of {len(value)}")
+        for i, v in enumerate(value):
+            if not ok(v):
+                fail("guidance_scale", f"a list of {allowed.replace('a finite number', 'numbers')}",
+                     None, f"{short_repr(v)} at index {i}")
+        return tuple(float(v) for v in value)
 
     @staticmethod
     def _texts(field, value, name, limits):
@@ -208,8 +225,21 @@ class GenerationRequest:
 
     @property
     def guidance(self):
-        """Whether the request batches an unconditional pass (classifier-free guidance)."""
-        return self.guidance_scale > 1.0
+        """Whether the request batches an unconditional pass (classifier-free guidance): when
+        any of its scales is above 1."""
+        return max(self.scales()) > 1.0
+
+    def scales(self):
+        """The guidance scale of each prompt (of a checked request)."""
+        g = self.guidance_scale
+        return list(g) if isinstance(g, tuple) else [g] * len(self.prompt)
+
+    def row_scales(self):
+        """The guidance scale of each image, prompt-major like the batch; a scale of 1 or less
+        in a guided batch counts as 1 (the conditional prediction alone), which is what that
+        prompt gets in a call of its own."""
+        return [max(g, 1.0) if self.guidance else g
+                for g in self.scales() for _ in range(self.num_images_per_prompt)]
 
     @property
     def batch_size(self):

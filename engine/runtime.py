@@ -59,7 +59,8 @@ class StaticPlan:
         # Inputs, written before each replay.
         self.ids = torch.zeros(rows, pipe.tokenizer.max_length, dtype=torch.long, device=dev)
         self.noise = torch.zeros(self.latent_shape, dtype=dtype, device=dev)
-        self.guidance_scale = torch.ones((), dtype=torch.float32, device=dev)
+        self.guidance_scale = torch.ones(shape.batch_size, 1, 1, 1, dtype=torch.float32,
+                                         device=dev)  # one scale per image
         self.step_noise = (torch.zeros((n_calls, *self.latent_shape), dtype=torch.float32,
                                        device=dev) if shape.sampler == "euler_a" else None)
         # Outputs of one stage, inputs of the next.
@@ -134,7 +135,7 @@ class StaticPlan:
         """
         self.ids.copy_(ids)
         self.noise.copy_(noise)
-        self.guidance_scale.fill_(guidance_scale)
+        self.guidance_scale.copy_(guidance_scale)
         if self.step_noise is not None:
             self.step_noise.copy_(step_noise)
         runs = [g.replay for g in self.graphs] if self.graphs else list(self._stages())

@@ -142,7 +142,10 @@ def sample_euler(model, x, sched: Schedule, step_end=None):
 
 def _randn(x, generator):
     """Unit noise shaped like x, drawn on the generator's device (as diffusers' randn_tensor does,
-    so a CPU generator gives the same draws whatever device x is on)."""
+    so a CPU generator gives the same draws whatever device x is on); with a list of
+    generators, row i from generator i."""
+    if isinstance(generator, list):
+        return torch.cat([_randn(x[i:i + 1], g) for i, g in enumerate(generator)])
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 

@@ -9,8 +9,9 @@ def guided(unet, states, guidance_scale, cfg, dtype):
 
     With guidance, one UNet call runs the unconditional and conditional halves of ``states``
     (``[negative..., positive...]``, diffusers' order) and combines them as
-    ``uncond + scale · (cond − uncond)``. ``guidance_scale`` may be a float or a 0-d float32
-    device tensor (the static runtime's, so a new scale needs no recapture).
+    ``uncond + scale · (cond − uncond)``. ``guidance_scale`` is a float32 device tensor of
+    shape (B, 1, 1, 1), one scale per image (the static runtime's buffer, so a new scale
+    needs no recapture); the combination is computed in float32.
     """
     def model(x, t):
         if not cfg:
@@ -18,6 +19,11 @@ def guided(unet, states, guidance_scale, cfg, dtype):
         uncond, cond = unet(torch.cat([x, x]).to(dtype), t, states).chunk(2)
         return uncond + guidance_scale * (cond - uncond)
     return model
+
+
+def row_scales(scales, device):
+    """Per-image guidance scales → the (B, 1, 1, 1) float32 tensor ``guided`` takes."""
+    return torch.tensor(scales, dtype=torch.float32).reshape(-1, 1, 1, 1).to(device)
 
 
 def vae_decode(vae, latents):
@@ -33,7 +39,17 @@ def to_unit_images(image):
 
 def cpu_randn(shape, generator, dtype=torch.float32):
     """Unit noise drawn on a CPU generator, as diffusers draws it with one: the same seed gives
-    the same noise whatever device the model runs on."""
+    the same noise whatever device the model runs on.
+
+    ``generator`` may be a list with one generator per row of ``shape``: row i is drawn from
+    generator i (as diffusers' ``randn_tensor`` does with a list), so a row's noise does not
+    depend on the other rows.
+    """
+    if isinstance(generator, list):
+        if len(generator) != shape[0]:
+            raise SdrtError(f"generator must be one CPU torch.Generator or a list of "
+                            f"{shape[0]} (one per image), got a list of {len(generator)}")
+        return torch.cat([cpu_randn((1, *shape[1:]), g, dtype) for g in generator])
     if generator.device.type != "cpu":
         raise SdrtError("generator must be a CPU torch.Generator (noise is drawn on the CPU so "
                         "that a seed gives the same image on every device)")

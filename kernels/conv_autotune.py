@@ -172,10 +172,14 @@ class ConvPathChooser:
             return
         self._saved[key.cache_key(self._device_name(device))] = {
             "choice": self.choices[key], "times": self.times[key]}
-        # written beside, then renamed: a reader never sees half a file
+        # written beside, then renamed: a reader never sees half a file. The cache only saves
+        # time, so a folder that cannot be written (read-only home) just goes without it.
         folder = os.path.dirname(os.path.abspath(self.cache_file))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        except OSError:
+            return
         try:
             with os.fdopen(fd, "w") as f:
                 json.dump(self._saved, f, indent=1, sort_keys=True)
