@@ -2,7 +2,9 @@
 
 For each model (SD 1.5 at 512², SD 2.1 at 768², SD-Turbo-style 1 step without CFG) a
 random-weight model with the real config is written once, in diffusers format, to a cache
-folder; then each system runs in a fresh process (so cold start and peak memory are its own):
+folder by sdrt's own writer (``engine.tiny.write_model``; diffusers loads the same folder, and
+the sdrt systems run without diffusers installed); then each system runs in a fresh process
+(so cold start and peak memory are its own):
 
 - ``diffusers``: StableDiffusionPipeline, eager, SDPA attention;
 - ``diffusers-compile``: the same with ``torch.compile`` on the UNet and VAE decoder,
@@ -15,14 +17,22 @@ latencies, which cancels text encoding and decoding), end-to-end latency at each
 (median of CUDA-synchronised repeats), time to first image from process start (weights load,
 compile or capture included), peak GPU memory, and the max abs difference of the image from
 diffusers' on the same latents. Writes JSON + markdown (with an ablation table) and a bar chart
-PNG under benchmarks/results/, named after the GPU.
+PNG, named after the GPU, under ``--out-dir`` (default benchmarks/results/). Each system's
+result and image go to ``<out-dir>/bench_pipeline_parts_<gpu>/`` as soon as that system ends,
+and the report, over every result in that folder, is rewritten after every system: a run
+stopped part-way keeps what finished, and a later run into the same folder adds to it.
+
+``--dry-run`` runs the same orchestration on the CPU with the tiny model (64×64, 2 and 1 steps,
+fp32, host-clock timing), by default for ``sdrt-torch`` alone (under Triton's interpreter,
+``sdrt-triton`` took minutes for one tiny image on a development CPU); its numbers are labelled
+"dry run, not a measurement".
 
     python -m sdrt.benchmarks.bench_pipeline [--models sd15] [--systems ...] [--repeats N]
 """
 import argparse
 import json
 import os
-import subprocess
+import shutil
 import sys
 import tempfile
 import time
@@ -32,62 +42,61 @@ import numpy as np
 
 SYSTEMS = ("diffusers", "diffusers-compile", "sdrt-torch", "sdrt-triton")
 MODELS = {
-    # name: (sdrt config name, image side, step counts, guidance scale)
+    # name: (config: sdrt config name or "tiny", image side, step counts, guidance scale)
     "sd15": ("sd15", 512, (50, 20), 7.5),
     "sd21": ("sd21", 768, (50, 20), 7.5),
     "sd-turbo": ("sd-turbo", 512, (1,), 0.0),
+    # The tiny SD 1-like model (engine.tiny), for dry runs on the CPU.
+    "tiny": ("tiny", 64, (2, 1), 7.5),
 }
+PARTS = "bench_pipeline_parts"  # + _<gpu>: per-system results and images, as each ends
 PROMPT = "a photograph of a red fox in the snow, highly detailed"
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdrt-bench"
 
 
 # -- the random-weight models -----------------------------------------------------------------
 
-def write_model(cache: Path, name: str) -> Path:
-    """The model's diffusers folder, written once with random weights (fp16) and the real
-    config; speed does not depend on the weights' values."""
+def write_model(cache: Path, name: str, device: str = "cuda") -> Path:
+    """The model's diffusers folder, written once by sdrt's own writer with random weights and
+    the real config (fp16; fp32 for the tiny model); speed does not depend on the weights'
+    values. The real models' weights are drawn on ``device`` (the GPU), not on the CPU."""
     import torch
-    from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler,
-                           StableDiffusionPipeline, UNet2DConditionModel)
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from sdrt.engine.configs import model_config
-    from sdrt.engine.tokenizer import write_clip_tokenizer
+    from sdrt.engine.tiny import tiny_config
+    from sdrt.engine.tiny import write_model as write_folder
     folder = cache / name
     if (folder / "model_index.json").is_file():
         return folder
-    cfg = model_config(MODELS[name][0])
-    schedulers = {"PNDMScheduler": PNDMScheduler, "DDIMScheduler": DDIMScheduler,
-                  "EulerDiscreteScheduler": EulerDiscreteScheduler}
-    sched_cfg = dict(cfg["scheduler"])
-    scheduler = schedulers[sched_cfg.pop("_class_name")].from_config(sched_cfg)
-    tok_dir = tempfile.mkdtemp()
-    write_clip_tokenizer(tok_dir, pad_token=cfg["pad_token"])
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        unet = UNet2DConditionModel.from_config(cfg["unet"])
-        vae = AutoencoderKL.from_config(cfg["vae"])
-        text = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, unet=unet, scheduler=scheduler,
-                                   tokenizer=CLIPTokenizer.from_pretrained(tok_dir),
-                                   safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False).to(torch.float16)
+    config_name = MODELS[name][0]
+    tiny = config_name == "tiny"
+    cfg = tiny_config("sd1") if tiny else model_config(config_name)
     tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{name}-"))
-    pipe.save_pretrained(tmp)
-    tmp.rename(folder)
+    try:
+        write_folder(tmp, cfg, dtype=None if tiny else torch.float16,
+                     device="cpu" if tiny else device)
+        tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
 # -- one system, in its own process -------------------------------------------------------------
 
-def _load(system, folder, side, steps, guidance, compile_mode):
+def _sync(device):
+    import torch
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _load(system, folder, side, steps, guidance, compile_mode, device, dtype):
     """The system's pipeline as ``run(steps, latents, output_type) -> images`` and the seconds
     spent compiling or capturing (None where nothing is)."""
     import torch
     if system.startswith("diffusers"):
         from diffusers import StableDiffusionPipeline
-        pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float16,
-                                                       safety_checker=None).to("cuda")
+        pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype,
+                                                       safety_checker=None).to(device)
         pipe.set_progress_bar_config(disable=True)
         build = None
         if system == "diffusers-compile":
@@ -104,17 +113,20 @@ def _load(system, folder, side, steps, guidance, compile_mode):
             t0 = time.perf_counter()
             for n in steps:  # compile (and autotune) before anything is timed
                 run(n, None)
-            torch.cuda.synchronize()
+            _sync(device)
             build = time.perf_counter() - t0
         return run, build
 
-    os.environ["SDRT_BACKEND"] = "torch" if system == "sdrt-torch" else "auto"
+    # On the CPU (dry runs) "sdrt-triton" runs the kernels under Triton's interpreter, which
+    # the parent switched on in this process's environment.
+    os.environ["SDRT_BACKEND"] = ("torch" if system == "sdrt-torch" else
+                                  "auto" if device == "cuda" else "triton")
     from sdrt.engine import Pipeline
-    pipe = Pipeline.from_pretrained(folder, device="cuda", dtype=torch.float16)
+    pipe = Pipeline.from_pretrained(folder, device=device, dtype=dtype)
     t0 = time.perf_counter()
     for n in steps:
         pipe.compile(side, side, batch_size=1, num_inference_steps=n, guidance=guidance > 1)
-    torch.cuda.synchronize()
+    _sync(device)
     build = time.perf_counter() - t0
 
     def run(n, latents, output_type="np"):
@@ -123,29 +135,45 @@ def _load(system, folder, side, steps, guidance, compile_mode):
     return run, build
 
 
-def worker(system, model, folder, out_dir, repeats, compile_mode):
-    """Measure one system on one model; writes ``{system}.json`` and ``{system}.npy``."""
+def _part(parts: Path, model: str, system: str, suffix: str) -> Path:
+    return parts / f"{model}_{system}{suffix}"
+
+
+def read_parts(parts: Path) -> list:
+    """Every system's row found in ``parts`` (from this run and earlier ones into the same
+    folder), in MODELS and SYSTEMS order."""
+    rows = [json.loads(p.read_text()) for p in parts.glob("*.json")]
+    order = {(m, s): i for i, (m, s) in enumerate((m, s) for m in MODELS for s in SYSTEMS)}
+    return sorted(rows, key=lambda r: order.get((r["model"], r["system"]), len(order)))
+
+
+def worker(system, model, folder, parts, repeats, compile_mode, device):
+    """Measure one system on one model; writes ``{model}_{system}.json`` and ``.npy`` into
+    ``parts``. Timed with CUDA events on a GPU, with the host clock on the CPU (dry runs)."""
     import torch
 
-    from sdrt.benchmarks.common import cuda_time
+    from sdrt.benchmarks.common import time_on
     _, side, steps, guidance = MODELS[model]
-    torch.cuda.reset_peak_memory_stats()
-    run, build = _load(system, folder, side, steps, guidance, compile_mode)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    run, build = _load(system, folder, side, steps, guidance, compile_mode, device, dtype)
     latents = torch.randn(1, 4, side // 8, side // 8, generator=torch.Generator().manual_seed(0),
-                          dtype=torch.float16).to("cuda")
+                          dtype=dtype).to(device)
     image = np.asarray(run(steps[0], latents), dtype=np.float32)
-    torch.cuda.synchronize()
+    _sync(device)
     first_image_at = time.time()
-    np.save(Path(out_dir) / f"{system}.npy", image)
-    latency = {str(n): cuda_time(lambda n=n: run(n, latents), warmup=2, repeats=repeats,
-                                 flush_l2=False).median_ms for n in steps}
+    np.save(_part(parts, model, system, ".npy"), image)
+    latency = {str(n): time_on(device, lambda n=n: run(n, latents), warmup=2 if device == "cuda"
+                               else 0, repeats=repeats).median_ms for n in steps}
     result = {"system": system, "model": model, "side": side, "latency_ms": latency,
               "build_s": build, "first_image_at": first_image_at,
-              "peak_memory_gib": torch.cuda.max_memory_allocated() / 2 ** 30}
+              "peak_memory_gib": (torch.cuda.max_memory_allocated() / 2 ** 30
+                                  if device == "cuda" else None)}
     if len(steps) == 2:  # UNet calls per second, with text encoding and decode cancelled out
         (a, b) = steps
         result["unet_it_s"] = (a - b) / ((latency[str(a)] - latency[str(b)]) * 1e-3)
-    (Path(out_dir) / f"{system}.json").write_text(json.dumps(result))
+    _part(parts, model, system, ".json").write_text(json.dumps(result))
 
 
 # -- the parent: orchestration and report ---------------------------------------------------------
@@ -157,37 +185,42 @@ def _text(output) -> str:
     return output or ""
 
 
-def measure(model, systems, cache, repeats, compile_mode, timeout):
-    folder = write_model(cache, model)
-    rows = []
-    with tempfile.TemporaryDirectory() as out_dir:
-        for system in systems:
-            started = time.time()
-            cmd = [sys.executable, "-m", "sdrt.benchmarks.bench_pipeline", "--worker", system,
-                   "--models", model, "--folder", str(folder), "--out-dir", out_dir,
-                   "--repeats", str(repeats), "--compile-mode", compile_mode]
-            try:
-                proc = subprocess.run(cmd, timeout=timeout, capture_output=True, text=True)
-            except subprocess.TimeoutExpired as e:  # the child was killed; keep the other rows
-                tail = _text(e.stderr or e.stdout).strip().splitlines()[-2:]
-                rows.append({"model": model, "system": system,
-                             "error": " / ".join([f"timed out after {timeout} s"] + tail)})
-                continue
-            path = Path(out_dir) / f"{system}.json"
-            if proc.returncode != 0 or not path.is_file():
-                tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-                rows.append({"model": model, "system": system, "error": " / ".join(tail)})
-                continue
-            r = json.loads(path.read_text())
-            r["first_image_s"] = r.pop("first_image_at") - started
-            rows.append(r)
-        reference = Path(out_dir) / "diffusers.npy"
-        ref = np.load(reference) if reference.is_file() else None
-        for r in rows:
-            image = Path(out_dir) / f"{r['system']}.npy"
-            if ref is not None and image.is_file() and "error" not in r:
-                r["max_abs_diff_vs_diffusers"] = float(np.abs(np.load(image) - ref).max())
-    return rows
+def run_system(model, system, folder, parts, repeats, compile_mode, timeout, device):
+    """One system in a fresh process. Its row (an ``error`` row if it failed or timed out) is
+    also left in ``parts`` as ``{model}_{system}.json`` at once, so a run stopped later keeps it."""
+    from sdrt.benchmarks.common import run_group
+    path = _part(parts, model, system, ".json")
+    for stale in (path, _part(parts, model, system, ".npy")):
+        stale.unlink(missing_ok=True)
+    started = time.time()
+    cmd = [sys.executable, "-m", "sdrt.benchmarks.bench_pipeline", "--worker", system,
+           "--models", model, "--folder", str(folder), "--out-dir", str(parts),
+           "--repeats", str(repeats), "--compile-mode", compile_mode, "--device", device]
+    env = dict(os.environ)
+    if device != "cuda" and system == "sdrt-triton":
+        env["TRITON_INTERPRET"] = "1"  # read when triton is imported: before the child starts
+    status, out, err = run_group(cmd, timeout, env=env)
+    if status is None:  # the child was killed; keep the other rows
+        tail = _text(err or out).strip().splitlines()[-2:]
+        r = {"model": model, "system": system,
+             "error": " / ".join([f"timed out after {timeout} s"] + tail)}
+    elif status != 0 or not path.is_file():
+        tail = _text(err or out).strip().splitlines()[-3:]
+        r = {"model": model, "system": system, "error": " / ".join(tail)}
+    else:
+        r = json.loads(path.read_text())
+        r["first_image_s"] = r.pop("first_image_at") - started
+    path.write_text(json.dumps(r))
+    return r
+
+
+def image_differences(rows, parts):
+    """Each row's max abs image difference from diffusers' image of the same model."""
+    for r in rows:
+        ref = _part(parts, r["model"], "diffusers", ".npy")
+        image = _part(parts, r["model"], r["system"], ".npy")
+        if "error" not in r and ref.is_file() and image.is_file():
+            r["max_abs_diff_vs_diffusers"] = float(np.abs(np.load(image) - np.load(ref)).max())
 
 
 def flatten(rows):
@@ -248,9 +281,9 @@ def bar_chart(rows, path):
     return path
 
 
-def report(rows, info, ceiling, results_dir=None):
-    from sdrt.benchmarks.common import RESULTS_DIR, gpu_slug, write_report
-    results_dir = Path(results_dir or RESULTS_DIR)
+def report(rows, info, ceiling, results_dir=None, notes=()):
+    from sdrt.benchmarks.common import default_results_dir, gpu_slug, write_report
+    results_dir = Path(results_dir or default_results_dir())
     flat = flatten(rows)
     columns = ["model", "system"] + sorted({k for r in flat for k in r if k.endswith("steps ms")},
                                            key=lambda k: -int(k.split()[0])) + \
@@ -261,42 +294,66 @@ def report(rows, info, ceiling, results_dir=None):
         "Side by side (fp16, batch 1, same latents)": (flat, columns),
         "Ablation": (abl, ["model", "change", "from", "to", "ms before", "ms after",
                            "speed-up"]),
-    }, notes=["UNet it/s = (50 − 20) / (t50 − t20): one 'it' is one UNet call (a batch of 2 "
-              "with CFG).",
+    }, notes=["UNet it/s = (50 − 20) / (t50 − t20) (the two step counts): one 'it' is one "
+              "UNet call (a batch of 2 with CFG).",
               "first_image_s: from process start to the first image (imports, weights load, "
-              "compile or capture included)."], results_dir=results_dir)
+              "compile or capture included).", *notes], results_dir=results_dir)
     png = bar_chart(rows, results_dir / f"bench_pipeline_{gpu_slug(info['gpu'])}.png")
     return paths + ((png,) if png else ())
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="sdrt bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="sd15,sd21,sd-turbo")
-    p.add_argument("--systems", default=",".join(SYSTEMS))
-    p.add_argument("--cache", default=str(DEFAULT_CACHE))
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--models", default=None, help="comma-separated (default: sd15,sd21,sd-turbo; "
+                   "tiny with --dry-run)")
+    p.add_argument("--systems", default=None, help=f"comma-separated, from {', '.join(SYSTEMS)} "
+                   "(default: all; sdrt-torch with --dry-run)")
+    p.add_argument("--cache", default=str(DEFAULT_CACHE), help="where the models are written")
+    p.add_argument("--out-dir", default=None, help="report folder (default benchmarks/results, "
+                   "or $SDRT_RESULTS_DIR)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5; 1 dry)")
     p.add_argument("--compile-mode", default="max-autotune")
     p.add_argument("--timeout", type=int, default=540, help="seconds per system")
+    p.add_argument("--dry-run", action="store_true",
+                   help="the same run on the CPU with the tiny model; measures nothing")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
-    p.add_argument("--out-dir", help=argparse.SUPPRESS)
+    p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    models = a.models.split(",")
-    systems = a.systems.split(",")
+    models = (a.models or ("tiny" if a.dry_run else "sd15,sd21,sd-turbo")).split(",")
+    systems = (a.systems or ("sdrt-torch" if a.dry_run else ",".join(SYSTEMS))).split(",")
+    repeats = a.repeats or (1 if a.dry_run else 5)
     unknown = [m for m in models if m not in MODELS] + [s for s in systems if s not in SYSTEMS]
     if unknown:
         p.error(f"unknown model or system: {', '.join(unknown)}")
     if a.worker:
-        worker(a.worker, models[0], a.folder, a.out_dir, a.repeats, a.compile_mode)
+        worker(a.worker, models[0], a.folder, Path(a.out_dir), repeats, a.compile_mode, a.device)
         return 0
-    from sdrt.benchmarks.common import ceilings, device_info, require_cuda
-    require_cuda("bench_pipeline")
+    from sdrt.benchmarks import common
+    if a.dry_run:
+        device, notes = "cpu", [f"{common.DRY_RUN_LABEL}: the CPU, the tiny model, host-clock "
+                                "timing; checks the benchmark's code path only."]
+        info, ceiling = common.host_info(), common.ceilings("cpu", 1 << 20, 128)
+    else:
+        common.require_cuda("bench_pipeline")
+        device, notes = "cuda", []
+        info, ceiling = common.device_info(), common.ceilings()
     cache = Path(a.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    rows = []
+    out_dir = Path(a.out_dir) if a.out_dir else common.default_results_dir()
+    # One parts folder per GPU: a later run into the same folder adds its systems to the report.
+    parts = out_dir / f"{PARTS}_{common.gpu_slug(info['gpu'])}"
+    parts.mkdir(parents=True, exist_ok=True)
     for model in models:
-        rows += measure(model, systems, cache, a.repeats, a.compile_mode, a.timeout)
-    for path in report(rows, device_info(), ceilings()):
+        folder = write_model(cache, model, device)
+        for system in systems:
+            row = run_system(model, system, folder, parts, repeats, a.compile_mode, a.timeout,
+                             device)
+            print(f"{model} {system}: " + (row.get("error") or "done"), flush=True)
+            rows = read_parts(parts)
+            image_differences(rows, parts)
+            paths = report(rows, info, ceiling, out_dir, notes)  # rewritten after every system
+    for path in paths:
         print(f"wrote {path}")
     return 0
 

@@ -3,6 +3,11 @@
 On a machine without CUDA the Triton kernels run under Triton's interpreter: TRITON_INTERPRET
 must be set before triton is first imported in this process, which is why it is set here, at
 the top of the first file pytest loads.
+
+Nothing here imports diffusers: the fixtures that build a diffusers reference import it
+themselves and skip where it is not installed (the GPU machine), so every file collects
+there. Tests that need only a model folder take ``tiny_sd1_folder``, written by sdrt's own
+writer (``engine/tiny.py``).
 """
 import os
 
@@ -12,6 +17,40 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+
+def _version(text):
+    return tuple(int(part) for part in text.split("+")[0].split(".")[:2])
+
+
+def _fix_triton_36_interpreter_on_numpy_24():
+    """Triton 3.6's interpreter turns a scalar into an int with ``int(handle.data)``, and
+    ``handle.data`` is a 1-element 1-d array; NumPy 2.4 made that a TypeError ("only
+    0-dimensional arrays can be converted to Python scalars"), which fails every interpreted
+    kernel that uses a scalar as an index. Later Triton converts ``handle.data.squeeze()``: the
+    same one-line change, applied through the interpreter's own patch scope (so it is undone
+    with the interpreter's other patches after each launch). Only with triton 3.6, NumPy ≥ 2.4
+    and the interpreter on; the GPU tests never use the interpreter."""
+    import numpy
+    if os.environ.get("TRITON_INTERPRET") != "1" or _version(numpy.__version__) < (2, 4):
+        return
+    try:
+        import triton
+    except ImportError:
+        return
+    if _version(triton.__version__) != (3, 6):
+        return
+    from triton.runtime import interpreter
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patch_tensor_with_0d_index(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+    interpreter._patch_lang_tensor = patch_tensor_with_0d_index
+
+
+def pytest_configure(config):
+    _fix_triton_36_interpreter_on_numpy_24()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -31,7 +70,9 @@ def triton_backend(monkeypatch):
 
 @pytest.fixture(scope="session", params=["sd1", "sd2"])
 def tiny_model(request, tmp_path_factory):
-    """(family, folder, diffusers pipeline loaded from that folder) for a tiny random model."""
+    """(family, folder, diffusers pipeline loaded from that folder) for a tiny random model
+    that diffusers wrote. Skips where diffusers is not installed."""
+    pytest.importorskip("diffusers")
     from tiny_models import save_diffusers_folder
     folder = str(tmp_path_factory.mktemp(f"tiny-{request.param}") / "model")
     return request.param, folder, save_diffusers_folder(folder, request.param)
@@ -39,9 +80,23 @@ def tiny_model(request, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_sd1(tmp_path_factory):
+    """(folder, diffusers pipeline) for the SD 1-like tiny model diffusers wrote. Skips where
+    diffusers is not installed."""
+    pytest.importorskip("diffusers")
     from tiny_models import save_diffusers_folder
     folder = str(tmp_path_factory.mktemp("tiny-sd1-only") / "model")
     return folder, save_diffusers_folder(folder, "sd1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_folder(tmp_path_factory):
+    """A folder of ``tiny_sd1``'s architecture (sizes that fit one fit the other) written by
+    sdrt's own writer, with sdrt's deterministic weights: no diffusers needed."""
+    from sdrt.engine.tiny import write_model
+    from tiny_models import sdrt_config
+    folder = str(tmp_path_factory.mktemp("sdrt-tiny-sd1") / "model")
+    write_model(folder, sdrt_config("sd1"))
+    return folder
 
 
 def assert_close_rel(ours, ref, tol, what):

@@ -6,20 +6,36 @@ diffusers' own single-file converters must map that LDM dict back to the origina
 which validates the inverse, and then sdrt's plan must do the same: every key, every tensor
 bit-for-bit, no extra key. At the real SD 1.5 / 2.1 sizes the same is checked for key names
 and shapes on the meta device.
+
+diffusers and transformers are imported inside the tests that use them (``_referee``), so the
+file collects where they are not installed (the GPU machine), and those tests skip there.
 """
+import importlib
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from diffusers.loaders import single_file_utils as dsf
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from sdrt.engine import configs
 from sdrt.engine.convert_ldm import Recipe, detect_family, family_configs, ldm_to_diffusers
 from sdrt.engine.errors import SdrtError
+
+
+
+def _referee():
+    """diffusers' model classes and single-file converters, transformers' CLIP text model."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    return SimpleNamespace(
+        AutoencoderKL=AutoencoderKL, UNet2DConditionModel=UNet2DConditionModel,
+        CLIPTextConfig=CLIPTextConfig, CLIPTextModel=CLIPTextModel,
+        single_file=importlib.import_module("diffusers.loaders.single_file_utils"))
+
 
 UNET, VAE, CLIP, OPENCLIP = ("model.diffusion_model.", "first_stage_model.",
                              "cond_stage_model.transformer.", "cond_stage_model.model.")
@@ -190,11 +206,11 @@ def to_ldm(family, models, cfgs):
 
 @pytest.fixture(scope="module", params=["sd1", "sd2"])
 def tiny(request):
-    family = request.param
+    family, r = request.param, _referee()
     torch.manual_seed(0)
-    unet = _randomise(UNet2DConditionModel(**TINY[family]["unet"]))
-    vae = _randomise(AutoencoderKL(**_TINY_VAE))
-    text = _randomise(CLIPTextModel(CLIPTextConfig(**_TINY_TEXT, **TINY[family]["text"])))
+    unet = _randomise(r.UNet2DConditionModel(**TINY[family]["unet"]))
+    vae = _randomise(r.AutoencoderKL(**_TINY_VAE))
+    text = _randomise(r.CLIPTextModel(r.CLIPTextConfig(**_TINY_TEXT, **TINY[family]["text"])))
     cfgs = {"unet": dict(unet.config), "vae": dict(vae.config),
             "text_encoder": text.config.to_dict()}
     ldm, expected = to_ldm(family, (unet, vae, text), cfgs)
@@ -212,6 +228,7 @@ def assert_same_tensors(got, expected, what):
 
 def diffusers_referee(family, ldm, cfgs, text_model):
     """diffusers' own single-file converters on the LDM dict."""
+    dsf = _referee().single_file
     if family == "sd1":
         text = dsf.convert_ldm_clip_checkpoint(ldm)
         # diffusers passes the position_ids buffer through; the model ignores it on load.
@@ -268,8 +285,9 @@ def test_plan_through_safetensors_file(tiny, tmp_path):
 
 def test_sd1_text_without_text_model_wrapper():
     """Some SD 1.x files store CLIPTextTransformer bare: cond_stage_model.transformer.encoder.*"""
+    r = _referee()
     torch.manual_seed(0)
-    text = _randomise(CLIPTextModel(CLIPTextConfig(**_TINY_TEXT, **TINY["sd1"]["text"])))
+    text = _randomise(r.CLIPTextModel(r.CLIPTextConfig(**_TINY_TEXT, **TINY["sd1"]["text"])))
     expected = text_state_dict(text)
     ldm = clip_to_ldm(expected, wrapper=False)
     cfgs = family_configs("sd1")  # the UNet and VAE configs are not used: no such keys here
@@ -350,11 +368,11 @@ _REAL_KEYS = {
 # layer, linear projections, per-level heads): the two layouts single files come in.
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
 def test_real_config_covers_model(family):
-    cfgs = family_configs(family)
+    cfgs, r = family_configs(family), _referee()
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(cfgs["unet"])
-        vae = AutoencoderKL.from_config(cfgs["vae"])
-        text = CLIPTextModel(CLIPTextConfig(**cfgs["text_encoder"]))
+        unet = r.UNet2DConditionModel.from_config(cfgs["unet"])
+        vae = r.AutoencoderKL.from_config(cfgs["vae"])
+        text = r.CLIPTextModel(r.CLIPTextConfig(**cfgs["text_encoder"]))
     ldm, expected = to_ldm(family, (unet, vae, text), cfgs)
     assert set(_REAL_KEYS[family]) <= ldm.keys()
     assert detect_family(ldm) == family

@@ -11,9 +11,8 @@ PROMPTS = ["a red fox in the snow", "a lighthouse at dusk"]
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_sd1):
-    folder, _ = tiny_sd1
-    return Pipeline.from_pretrained(folder)
+def pipe(tiny_sd1_folder):
+    return Pipeline.from_pretrained(tiny_sd1_folder)
 
 
 def _eager(pipe, **kw):
@@ -108,9 +107,8 @@ def test_compile_rejects_bad_arguments(pipe, kwargs, message):
 
 
 @pytest.mark.gpu
-def test_graph_replays_with_changing_prompts_equal_eager_and_do_not_grow_memory(tiny_sd1):
-    folder, _ = tiny_sd1
-    pipe = Pipeline.from_pretrained(folder, device="cuda", dtype=torch.float16)
+def test_graph_replays_with_changing_prompts_equal_eager_and_do_not_grow_memory(tiny_sd1_folder):
+    pipe = Pipeline.from_pretrained(tiny_sd1_folder, device="cuda", dtype=torch.float16)
     pipe.compile(height=16, width=16, batch_size=1, num_inference_steps=4, sampler="euler_a")
     words = ["fox", "cat", "owl", "boat", "tree"]
     for i in range(100):

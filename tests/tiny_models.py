@@ -1,8 +1,13 @@
 """Tiny random SD-1-like and SD-2-like models, built with diffusers and saved to disk.
 
 They are the reference side of the comparisons: sdrt loads the very folder diffusers wrote.
+``sdrt_config`` describes the same architectures for sdrt's own writer
+(``engine.tiny.write_model``), for tests that need a model folder but no diffusers (the GPU
+tests: the GPU machine has no diffusers).
 """
 import torch
+
+from sdrt.engine.configs import model_config
 
 SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                  num_train_timesteps=1000, set_alpha_to_one=False, steps_offset=1,
@@ -23,6 +28,39 @@ def unet_kwargs(family):
     return kw
 
 
+VAE = dict(block_out_channels=(16, 32), layers_per_block=1,
+           down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+           latent_channels=4, norm_num_groups=8, sample_size=16)
+TEXT = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
+            vocab_size=49408, max_position_embeddings=77)
+
+
+def _hidden_act(family):
+    return "gelu" if family == "sd2" else "quick_gelu"
+
+
+def _pad_token(family):
+    return "!" if family == "sd2" else "<|endoftext|>"
+
+
+def sdrt_config(family):
+    """``build_diffusers_pipeline``'s architecture and scheduler as the config dict sdrt's writer
+    takes: the real SD 1.5 / 2.1 config with the tiny sizes over it."""
+    cfg = model_config("sd21" if family == "sd2" else "sd15")
+    cfg["unet"].update(unet_kwargs(family))
+    cfg["vae"].update(VAE)
+    cfg["text_encoder"].update(TEXT, hidden_act=_hidden_act(family))
+    if family == "sd2":
+        cfg["scheduler"] = {"_class_name": "DDIMScheduler", **{k: v for k, v in SCHEDULER.items()
+                                                              if k != "skip_prk_steps"},
+                            "prediction_type": "v_prediction"}
+    else:
+        cfg["scheduler"] = {"_class_name": "PNDMScheduler",
+                            **{k: v for k, v in SCHEDULER.items() if k != "clip_sample"}}
+    cfg["pad_token"] = _pad_token(family)
+    return cfg
+
+
 def build_diffusers_pipeline(family, tokenizer_dir, seed=0):
     """A StableDiffusionPipeline with random weights and CLIP's real tokenizer files."""
     from diffusers import (AutoencoderKL, DDIMScheduler, PNDMScheduler,
@@ -30,17 +68,11 @@ def build_diffusers_pipeline(family, tokenizer_dir, seed=0):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from sdrt.engine.tokenizer import write_clip_tokenizer
-    write_clip_tokenizer(tokenizer_dir, pad_token="!" if family == "sd2" else "<|endoftext|>")
+    write_clip_tokenizer(tokenizer_dir, pad_token=_pad_token(family))
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**unet_kwargs(family))
-    vae = AutoencoderKL(block_out_channels=(16, 32), layers_per_block=1,
-                        down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,
-                        norm_num_groups=8, sample_size=16)
-    text = CLIPTextModel(CLIPTextConfig(
-        hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
-        vocab_size=49408, max_position_embeddings=77,
-        hidden_act="gelu" if family == "sd2" else "quick_gelu"))
+    vae = AutoencoderKL(**VAE)
+    text = CLIPTextModel(CLIPTextConfig(**TEXT, hidden_act=_hidden_act(family)))
     if family == "sd2":
         scheduler = DDIMScheduler(**{k: v for k, v in SCHEDULER.items() if k != "skip_prk_steps"},
                                   prediction_type="v_prediction")
