@@ -23,25 +23,36 @@ setup(
     version="0.1.0",
     description="Stable Diffusion inference engine: Triton kernels, static shapes, CUDA graphs",
     python_requires=">=3.10",
-    packages=["sdrt.engine", "sdrt.kernels", "sdrt.export", "sdrt.benchmarks"],
+    packages=["sdrt.engine", "sdrt.kernels", "sdrt.export", "sdrt.benchmarks", "sdrt.serve"],
     package_dir={
         "sdrt.engine": "engine",
         "sdrt.kernels": "kernels",
         "sdrt.export": "export",
         "sdrt.benchmarks": "benchmarks",
+        "sdrt.serve": "serve",
     },
     package_data={"sdrt.engine": ["data/*.gz", "data/*.txt"]},
     install_requires=install_requires,
     extras_require={
         "test": [
             "pytest>=7.0",
-            "pytest-benchmark>=4.0",
             "hypothesis>=6.0",
             "diffusers>=0.30",
             "transformers>=4.40",
+            # the serve tests' clients and checks: real HTTP, the official OpenAI SDK, an
+            # A1111 PNG-info parser, the server process's memory
+            "httpx>=0.27",
+            "openai>=1.40",
+            "sd-parsers>=0.6",
+            "psutil>=5.9",
         ],
         # onnxscript: torch.onnx.export(dynamo=True) translates the graph with it.
         "onnx": ["onnx>=1.15", "onnxruntime>=1.17", "onnxscript>=0.5"],
+        # sdrt serve: the HTTP app (FastAPI on uvicorn, pydantic request models, Prometheus
+        # metrics); [ray] adds Ray Serve for replicas across GPUs.
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "pydantic>=2.6", "prometheus-client>=0.19"],
+        "ray": ["fastapi>=0.110", "uvicorn>=0.29", "pydantic>=2.6", "prometheus-client>=0.19",
+                "ray[serve]>=2.40"],
     },
     entry_points={"console_scripts": ["sdrt=sdrt.engine.cli:main"]},
 )

@@ -100,6 +100,9 @@ def _parser():
     t = sub.add_parser("make-tiny", help="write the built-in tiny model as a diffusers folder")
     t.add_argument("dir", metavar="DIR", help="folder to create (must not exist, or be empty)")
 
+    from sdrt.serve.cli import add_parser as add_serve_parser  # standard library only, no torch
+    add_serve_parser(sub)
+
     e = sub.add_parser("export", help="export the networks to another format")
     formats = e.add_subparsers(dest="format", required=True, metavar="FORMAT")
     o = formats.add_parser("onnx", help="text encoder, UNet, VAE decoder and encoder to ONNX",
@@ -271,7 +274,13 @@ def cmd_generate(a):
     return generate(a)
 
 
+def cmd_serve(a):
+    from sdrt.serve.cli import run
+    return run(a)
+
+
 COMMANDS = {"generate": cmd_generate, "make-tiny": cmd_make_tiny, "export": cmd_export,
+            "serve": cmd_serve,
             "check-onnx": cmd_check_onnx}
 
 

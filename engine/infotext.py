@@ -1,0 +1,117 @@
+"""AUTOMATIC1111's ``parameters`` text: the generation settings a PNG carries, as A1111 writes them.
+
+Image tools (A1111's "PNG Info" tab, ``sd-parsers``, ``sd-prompt-reader``, Civitai) read the
+settings of a picture from a PNG text chunk named ``parameters``, in the layout of A1111's
+``create_infotext`` (modules/processing.py)::
+
+    a red fox, snow
+    Negative prompt: blurry
+    Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 42, Size: 512x512, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly
+
+The prompt comes first (it may span lines), then ``Negative prompt: ...`` when there is one,
+then one line of ``Key: value`` pairs. A value holding ``,``, ``:`` or a newline is written as a
+JSON string (A1111's ``quote``: ``json.dumps(text, ensure_ascii=False)``), which A1111's reader
+unquotes. The ``Seed`` is the image's own seed. ``Clip skip`` counts as A1111 counts: 1 is the
+last layer, so sdrt's ``clip_skip=N`` (skip N layers) is written as ``N + 1``, and left out for 0.
+
+The sampler labels are A1111's, shared with the A1111-compatible HTTP API (``sdrt.serve``).
+"""
+import json
+from dataclasses import dataclass
+
+from .request import SAMPLER_NAMES
+
+# sdrt sampler id -> A1111's label. A1111 names PNDM "PLMS"; it is accepted as an alias.
+SAMPLER_LABELS = {
+    "euler_a": "Euler a",
+    "euler": "Euler",
+    "ddim": "DDIM",
+    "pndm": "PNDM",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_karras": "DPM++ 2M Karras",
+}
+assert set(SAMPLER_LABELS) == set(SAMPLER_NAMES)
+# Other names A1111 (and its API clients) use for the same samplers: its k-diffusion aliases.
+SAMPLER_ALIASES = {
+    "euler_a": ("k_euler_a", "k_euler_ancestral"),
+    "euler": ("k_euler",),
+    "ddim": (),
+    "pndm": ("PLMS", "k_plms"),
+    "dpmpp_2m": ("k_dpmpp_2m",),
+    "dpmpp_2m_karras": ("k_dpmpp_2m_ka",),
+}
+_BY_NAME = {name.lower(): sid for sid in SAMPLER_NAMES
+            for name in (SAMPLER_LABELS[sid], sid, *SAMPLER_ALIASES[sid])}
+
+
+def sampler_id(label):
+    """An A1111 sampler label or alias (case-insensitive), or an sdrt id -> the sdrt id; None
+    for a name that is neither."""
+    return _BY_NAME.get(label.lower()) if isinstance(label, str) else None
+
+
+def quote(value):
+    """A1111's ``quote``: a value with ``,``, ``:`` or a newline as a JSON string, else as is."""
+    text = str(value)
+    if "," not in text and "\n" not in text and ":" not in text:
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def number(value):
+    """A number as A1111's UI writes a slider value: ``7`` for 7.0, ``7.5`` for 7.5."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Infotext:
+    """The settings of one image; ``str(info)`` is its ``parameters`` text."""
+    prompt: str
+    negative_prompt: str
+    steps: int
+    sampler: str               # sdrt's id, written with A1111's label
+    cfg_scale: float
+    seed: int                  # this image's seed
+    width: int
+    height: int
+    model_name: str = None
+    model_hash: str = None     # A1111's short hash: the first 10 hex digits of the sha256
+    denoising_strength: float = None  # image-to-image only
+    clip_skip: int = 0         # sdrt's count of skipped layers
+    version: str = None
+
+    def params(self):
+        """The ``Key: value`` pairs in A1111's order, without the ones that are not set."""
+        pairs = {
+            "Steps": self.steps,
+            "Sampler": SAMPLER_LABELS.get(self.sampler, self.sampler),
+            "CFG scale": number(self.cfg_scale),
+            "Seed": self.seed,
+            "Size": f"{self.width}x{self.height}",
+            "Model hash": self.model_hash,
+            "Model": self.model_name,
+            "Denoising strength": (None if self.denoising_strength is None
+                                   else number(self.denoising_strength)),
+            "Clip skip": self.clip_skip + 1 if self.clip_skip else None,
+            "Version": self.version,
+        }
+        return {k: v for k, v in pairs.items() if v is not None}
+
+    def __str__(self):
+        settings = ", ".join(f"{k}: {quote(v)}" for k, v in self.params().items())
+        negative = f"\nNegative prompt: {self.negative_prompt}" if self.negative_prompt else ""
+        return f"{self.prompt}{negative}\n{settings}".strip()
+
+
+def png_bytes(image, parameters):
+    """A PIL image as PNG bytes with ``parameters`` in a text chunk of that name."""
+    import io
+
+    from PIL import PngImagePlugin
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()

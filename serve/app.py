@@ -1,0 +1,540 @@
+"""The FastAPI app: OpenAI's Images API, A1111's ``/sdapi/v1``, ``/health`` and ``/metrics``.
+
+``create_app(config)`` returns an app that holds no model yet: its lifespan starts a
+``Server`` (model loading in a background thread, then the scheduler's worker), so the same
+app object can be pickled into Ray Serve replicas, each of which loads its own model.
+
+Every refusal is a JSON body in OpenAI's error shape, ``{"error": {"message", "type",
+"param", "code"}, "detail"}``, with a one-line message naming the field: 400 for a value no
+model can run, 422 for a body of the wrong shape or types, 401 without the API key, 413 for
+a body past ``max_body_bytes``, 429 (with ``Retry-After``) when the queue is full, 503 while
+loading, shutting down or past the request's deadline. Never a traceback.
+"""
+import asyncio
+import base64
+import binascii
+import contextlib
+import hmac
+import io
+import json
+import logging
+import os
+import random
+import threading
+import time
+from dataclasses import replace
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from sdrt.engine.errors import SdrtError
+from sdrt.engine.infotext import SAMPLER_ALIASES, SAMPLER_LABELS, Infotext, png_bytes, sampler_id
+from sdrt.engine.request import MAX_SEED, SAMPLER_NAMES, GenerationRequest, Limits, short_repr
+
+from . import schemas
+from .config import ServeConfig
+from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .runner import Runner
+from .scheduler import BatchKey, DeadlineExceeded, Job, NotAccepting, QueueFull, Row, Scheduler
+
+log = logging.getLogger("sdrt.serve")
+
+# A1111's random seeds are below 2**32 - 2; so are ours, so any tool can type them back in.
+_RANDOM_SEEDS = 4294967294
+_OPENAI_NAMES = {"num_images_per_prompt": "n", "num_inference_steps": "steps",
+                 "height": "size", "width": "size"}
+_A1111_NAMES = {"num_inference_steps": "steps", "guidance_scale": "cfg_scale",
+                "sampler": "sampler_name", "strength": "denoising_strength",
+                "num_images_per_prompt": "batch_size",
+                "clip_skip": "override_settings.CLIP_stop_at_last_layers"}
+_ENDPOINTS = ("/v1/images/generations", "/sdapi/v1/txt2img", "/sdapi/v1/img2img",
+              "/sdapi/v1/samplers", "/sdapi/v1/sd-models", "/health", "/metrics")
+_OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/docs/oauth2-redirect")
+_POLL_S = 0.25  # how often a waiting request checks its client and its deadline
+
+
+class ApiError(Exception):
+    def __init__(self, status, message, kind, param=None, headers=None):
+        super().__init__(message)
+        self.status, self.kind, self.param, self.headers = status, kind, param, headers
+
+
+def _error_json(status, message, kind, param=None, headers=None):
+    kinds = {400: "invalid_request_error", 401: "authentication_error", 413:
+             "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error"}
+    body = {"error": {"message": message, "type": kinds.get(status, "server_error"),
+                      "param": param, "code": kind}, "detail": message}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _param_of(message):
+    """The field an sdrt message names: its first word, without an index."""
+    word = message.split(" ", 1)[0]
+    return word.split("[", 1)[0] or None
+
+
+# -- the server: model, scheduler, metrics ---------------------------------------------------------
+
+class Server:
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.metrics = Metrics()
+        self.runner = Runner(config, self.metrics)
+        self.scheduler = Scheduler(self.runner.run, config.max_batch, config.max_queue,
+                                   config.batch_window_ms / 1000, self.runner.planned_sizes,
+                                   self.metrics)
+        self.limits = Limits.from_env()
+        self.status, self.failure = "loading", None
+        self._loader = threading.Thread(target=self._load, name="sdrt-load", daemon=True)
+
+    def start(self):
+        self._loader.start()
+
+    def _load(self):
+        try:
+            self.runner.load()
+        except Exception as e:  # reported by /health; requests get 503
+            log.exception("sdrt serve: loading the model failed")
+            self.status, self.failure = "failed", f"{type(e).__name__}: {e}"
+            return
+        self.scheduler.start()
+        self.status = "ok"
+        self.metrics.ready.set(1)
+
+    def close(self):
+        """Stop accepting; finish what was accepted; stop the worker."""
+        if self.status == "ok":
+            self.status = "stopping"
+        self.metrics.ready.set(0)
+        self.scheduler.close()
+
+    def require_ready(self):
+        if self.status != "ok":
+            what = {"loading": "the model is still loading", "stopping": "the server is "
+                    "shutting down", "failed": f"the model failed to load ({self.failure})"}
+            raise ApiError(503, what[self.status], "not_ready", headers={"Retry-After": "5"})
+
+    async def generate(self, request: Request, key: BatchKey, rows):
+        """Queue one job, wait for its images (watching the client and the deadline)."""
+        job = Job(key, rows, self.config.request_timeout_s)
+        try:
+            self.scheduler.submit(job)
+        except QueueFull as e:
+            raise ApiError(429, f"{e}; retry later", "queue_full", headers={"Retry-After": "1"})
+        except NotAccepting as e:
+            raise ApiError(503, str(e), "not_ready")
+        waiter = asyncio.wrap_future(job.future)
+        try:
+            while True:
+                done, _ = await asyncio.wait({waiter}, timeout=_POLL_S)
+                if done:
+                    break
+                if await request.is_disconnected():
+                    self.scheduler.cancel(job)
+                    raise ApiError(499, "the client disconnected", "disconnected")
+                if time.monotonic() > job.deadline and self.scheduler.cancel(job):
+                    raise ApiError(503, f"the request waited past its deadline of "
+                                        f"{self.config.request_timeout_s:g} s", "deadline")
+        except asyncio.CancelledError:  # Ray Serve cancels the handler of a client that left
+            self.scheduler.cancel(job)
+            raise
+        try:
+            images = waiter.result()
+        except DeadlineExceeded as e:
+            raise ApiError(503, str(e), "deadline")
+        except SdrtError as e:
+            raise ApiError(400, " ".join(str(e).split()), "bad_request", _param_of(str(e)))
+        except Exception as e:
+            log.error("sdrt serve: a request failed: %s: %s", type(e).__name__, e)
+            raise ApiError(500, f"generation failed: {type(e).__name__}: "
+                                f"{' '.join(str(e).split())}", "internal")
+        self.metrics.stage_seconds.labels("queue").observe(
+            (job.started or job.enqueued) - job.enqueued)
+        return images
+
+    def infotext(self, key, row):
+        return str(Infotext(
+            prompt=row.prompt, negative_prompt=row.negative_prompt if key.guidance else "",
+            steps=key.steps, sampler=key.sampler, cfg_scale=row.guidance_scale, seed=row.seed,
+            width=key.width, height=key.height, model_name=self.runner.model_name,
+            model_hash=self.runner.model_hash, denoising_strength=key.strength,
+            clip_skip=key.clip_skip))
+
+    async def encode(self, images, texts):
+        t0 = time.perf_counter()
+        pngs = await run_in_threadpool(
+            lambda: [base64.b64encode(png_bytes(im, t)).decode("ascii")
+                     for im, t in zip(images, texts)])
+        self.metrics.stage_seconds.labels("encode").observe(time.perf_counter() - t0)
+        return pngs
+
+    # -- turning API fields into a checked request ------------------------------------------------
+
+    def check(self, names, **fields):
+        """``GenerationRequest.check`` and the model's checks; returns the checked request.
+        The memory check is for the largest pipeline call the request makes."""
+        try:
+            req = GenerationRequest(**fields).check(names=names, limits=self.limits)
+            per_call = replace(req, num_images_per_prompt=min(req.num_images_per_prompt,
+                                                              self.config.max_batch))
+            checked = self.runner.check(per_call, names)
+        except SdrtError as e:
+            raise ApiError(400, " ".join(str(e).split()), "bad_request", _param_of(str(e)))
+        return replace(checked, num_images_per_prompt=req.num_images_per_prompt)
+
+    def seeds(self, seed, n, name):
+        base = random.randrange(_RANDOM_SEEDS) if seed is None or seed == -1 else seed
+        if base + n - 1 > MAX_SEED:
+            raise ApiError(400, f"{name} must be at most 2**64 - {n} for {n} images (image i "
+                                f"uses {name} + i), got {base}", "bad_request", name)
+        return [base + i for i in range(n)]
+
+    def sampler(self, name, field):
+        if name is None:
+            return None
+        sid = sampler_id(name)
+        if sid is None:
+            labels = ", ".join(SAMPLER_LABELS[s] for s in SAMPLER_NAMES)
+            raise ApiError(400, f"{field} must be one of {labels} (or sdrt's "
+                                f"{', '.join(SAMPLER_NAMES)}), got {short_repr(name)}",
+                           "bad_request", field)
+        return sid
+
+
+# -- the app ---------------------------------------------------------------------------------------
+
+class _Guard:
+    """ASGI middleware: the API key, the body size limit, and per-endpoint status counts."""
+
+    def __init__(self, app, config: ServeConfig):
+        self.app, self.config = app, config
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        server = getattr(scope["app"].state, "server", None)
+        path = scope["path"]
+        endpoint = path if path in _ENDPOINTS else "other"
+
+        async def counted_send(message):
+            if message["type"] == "http.response.start" and server is not None:
+                server.metrics.requests.labels(endpoint, str(message["status"])).inc()
+            await send(message)
+
+        def refuse(status, message, kind):
+            if server is not None:
+                server.metrics.errors.labels(kind).inc()
+            return _error_json(status, message, kind,
+                               headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
+
+        if self.config.api_key is not None and path not in _OPEN_PATHS:
+            headers = dict(scope["headers"])
+            given = headers.get(b"authorization", b"").decode("latin-1")
+            expected = f"Bearer {self.config.api_key}"
+            if not hmac.compare_digest(given.encode(), expected.encode()):
+                what = "missing" if not given else "wrong"
+                response = refuse(401, f"Authorization must be 'Bearer <API key>' (the key "
+                                       f"given to sdrt serve --api-key), got a {what} one",
+                                  "unauthorized")
+                return await response(scope, receive, counted_send)
+        limit = self.config.max_body_bytes
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            response = refuse(413, f"the request body must be at most {limit} bytes, got "
+                                   f"{int(length)}", "too_large")
+            return await response(scope, receive, counted_send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise StarletteHTTPException(413, f"the request body must be at most "
+                                                      f"{limit} bytes, got more")
+            return message
+        await self.app(scope, limited_receive, counted_send)
+
+
+def _validation_message(exc: RequestValidationError):
+    """FastAPI's list of errors -> one line naming the first bad field."""
+    err = exc.errors()[0]
+    loc = [p for p in err.get("loc", ()) if p != "body"]
+    field = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p))
+                    for i, p in enumerate(loc)) or "the request body"
+    kind = err.get("type", "")
+    if kind == "json_invalid":
+        return "the request body must be valid JSON " \
+               f"({err.get('ctx', {}).get('error', 'decode error')})", None
+    if kind == "missing":
+        return f"{field} is required", field
+    allowed = {"int_type": "an integer", "int_parsing": "an integer", "float_type": "a number",
+               "float_parsing": "a number", "string_type": "a string", "bool_type":
+               "true or false", "list_type": "a list", "dict_type": "an object",
+               "model_type": "a JSON object", "model_attributes_type": "a JSON object",
+               "int_from_float": "an integer"}.get(kind)
+    if kind == "literal_error":
+        allowed = f"one of {err.get('ctx', {}).get('expected', '')}"
+    if allowed is None:
+        allowed = f"valid ({err.get('msg', kind)})"
+    return f"{field} must be {allowed}, got {short_repr(err.get('input'))}", field or None
+
+
+def create_app(config: ServeConfig = None) -> FastAPI:
+    config = config or ServeConfig()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        server = app.state.server = Server(config)
+        server.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(server.close)
+
+    app = FastAPI(title="sdrt", version="0.1.0", lifespan=lifespan,
+                  description="Stable Diffusion over OpenAI's Images API and AUTOMATIC1111's "
+                              "API, with batching. Errors: see ErrorResponse.")
+    app.add_middleware(_Guard, config=config)
+    errors = {c: {"model": schemas.ErrorResponse} for c in (400, 401, 413, 422, 429, 503)}
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, exc: ApiError):
+        request.app.state.server.metrics.errors.labels(exc.kind).inc()
+        return _error_json(exc.status, str(exc), exc.kind, exc.param, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        request.app.state.server.metrics.errors.labels("validation").inc()
+        return _error_json(422, message, "validation", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc: StarletteHTTPException):
+        kind = {413: "too_large", 404: "not_found", 405: "method_not_allowed"}.get(
+            exc.status_code, "bad_request")
+        request.app.state.server.metrics.errors.labels(kind).inc()
+        return _error_json(exc.status_code, str(exc.detail), kind, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, exc: Exception):
+        log.error("sdrt serve: %s: %s", type(exc).__name__, exc)
+        request.app.state.server.metrics.errors.labels("internal").inc()
+        return _error_json(500, f"internal error: {type(exc).__name__}", "internal")
+
+    def server_of(request) -> Server:
+        return request.app.state.server
+
+    # -- OpenAI ---------------------------------------------------------------------------------
+
+    @app.post("/v1/images/generations", response_model=schemas.ImagesResponse,
+              responses=errors, tags=["OpenAI"])
+    async def images_generations(body: schemas.ImageGenerationRequest, request: Request):
+        """OpenAI's image generation; ``openai.OpenAI(base_url=...).images.generate(...)``."""
+        server = server_of(request)
+        server.require_ready()
+        t0 = time.perf_counter()
+        if body.response_format == "url":
+            raise ApiError(400, "response_format must be b64_json: this server keeps no "
+                                "images to link to, got 'url'", "bad_request", "response_format")
+        if body.output_format not in (None, "png"):
+            raise ApiError(400, f"output_format must be png, got {short_repr(body.output_format)}",
+                           "bad_request", "output_format")
+        width, height = _size(body.size, server)
+        req = server.check(
+            _OPENAI_NAMES, prompt=body.prompt, negative_prompt=body.negative_prompt,
+            height=height, width=width,
+            num_inference_steps=body.steps if body.steps is not None else config.default_steps,
+            guidance_scale=7.5 if body.guidance_scale is None else body.guidance_scale,
+            sampler=server.sampler(body.sampler, "sampler"), seed=body.seed,
+            num_images_per_prompt=body.n)
+        seeds = server.seeds(req.seed, body.n, "seed")
+        key = BatchKey(req.height, req.width, req.num_inference_steps, req.sampler,
+                       req.guidance, None, 0)
+        rows = [Row(body.prompt, body.negative_prompt or "", req.guidance_scale, s)
+                for s in seeds]
+        images = await server.generate(request, key, rows)
+        pngs = await server.encode(images, [server.infotext(key, r) for r in rows])
+        server.metrics.stage_seconds.labels("total").observe(time.perf_counter() - t0)
+        return schemas.ImagesResponse(created=int(time.time()),
+                                      data=[schemas.ImageData(b64_json=p) for p in pngs])
+
+    # -- AUTOMATIC1111 --------------------------------------------------------------------------
+
+    async def a1111(request, body: schemas.Txt2ImgRequest, init_images=None, strength=None):
+        server = server_of(request)
+        server.require_ready()
+        t0 = time.perf_counter()
+        sampler = server.sampler(body.sampler_name or body.sampler_index, "sampler_name")
+        clip_skip = _clip_skip(body.override_settings,
+                               server.runner.pipe.text_encoder.config.num_hidden_layers)
+        if not 1 <= body.n_iter <= server.limits.max_images:
+            raise ApiError(400, f"n_iter must be an integer from 1 to "
+                                f"{server.limits.max_images}, got {body.n_iter}", "bad_request",
+                           "n_iter")
+        n = body.batch_size * body.n_iter
+        if body.batch_size >= 1 and n > server.limits.max_images:
+            raise ApiError(400, f"batch_size × n_iter must be at most {server.limits.max_images} "
+                                f"images (SDRT_MAX_IMAGES), got {body.batch_size} × "
+                                f"{body.n_iter}", "bad_request", "batch_size")
+        width, height = body.width, body.height
+        if init_images and width is None and height is None:
+            # The first init image's size, cut to the VAE's scale factor (as the pipeline).
+            f = server.runner.pipe.vae_scale_factor
+            w0, h0 = init_images[0].size
+            width, height = w0 - w0 % f, h0 - h0 % f
+        req = server.check(
+            _A1111_NAMES, prompt=body.prompt, negative_prompt=body.negative_prompt or None,
+            height=height, width=width,
+            num_inference_steps=body.steps if body.steps is not None else config.default_steps,
+            guidance_scale=body.cfg_scale, sampler=sampler, seed=body.seed,
+            num_images_per_prompt=body.batch_size * body.n_iter, clip_skip=clip_skip,
+            strength=strength if strength is not None else 0.8,
+            has_image=init_images is not None)
+        seeds = server.seeds(req.seed, n, "seed")
+        key = BatchKey(req.height, req.width, req.num_inference_steps, req.sampler,
+                       req.guidance, req.strength if init_images else None, req.clip_skip)
+        rows = [Row(body.prompt, body.negative_prompt, req.guidance_scale, s,
+                    init_images[i % len(init_images)] if init_images else None)
+                for i, s in enumerate(seeds)]
+        images = await server.generate(request, key, rows)
+        texts = [server.infotext(key, r) for r in rows]
+        pngs = await server.encode(images, texts) if body.send_images else []
+        parameters = body.model_dump()
+        if "init_images" in parameters:  # as A1111: not echoed back
+            parameters["init_images"] = None
+        info = {
+            "prompt": body.prompt, "all_prompts": [body.prompt] * n,
+            "negative_prompt": body.negative_prompt,
+            "all_negative_prompts": [body.negative_prompt] * n,
+            "seed": seeds[0], "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * n,
+            "subseed_strength": 0, "width": req.width, "height": req.height,
+            "sampler_name": SAMPLER_LABELS[req.sampler], "cfg_scale": req.guidance_scale,
+            "steps": req.num_inference_steps, "batch_size": body.batch_size,
+            "restore_faces": False, "sd_model_name": server.runner.model_name,
+            "sd_model_hash": server.runner.model_hash,
+            "denoising_strength": req.strength if init_images else None,
+            "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": texts,
+            "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+            "clip_skip": req.clip_skip + 1, "is_using_inpainting_conditioning": False,
+            "version": "sdrt 0.1.0",
+        }
+        server.metrics.stage_seconds.labels("total").observe(time.perf_counter() - t0)
+        return schemas.A1111Response(images=pngs, parameters=parameters, info=json.dumps(info))
+
+    @app.post("/sdapi/v1/txt2img", response_model=schemas.A1111Response, responses=errors,
+              tags=["AUTOMATIC1111"])
+    async def txt2img(body: schemas.Txt2ImgRequest, request: Request):
+        """A1111's text-to-image; ``images`` are base64 PNGs with their ``parameters``."""
+        return await a1111(request, body)
+
+    @app.post("/sdapi/v1/img2img", response_model=schemas.A1111Response, responses=errors,
+              tags=["AUTOMATIC1111"])
+    async def img2img(body: schemas.Img2ImgRequest, request: Request):
+        """A1111's image-to-image (no inpainting: ``mask`` is refused)."""
+        server = server_of(request)
+        server.require_ready()
+        if body.mask is not None:
+            raise ApiError(400, "mask must be null: inpainting is not supported, got a mask",
+                           "bad_request", "mask")
+        if not body.init_images:
+            raise ApiError(400, "init_images must hold at least one image, got []",
+                           "bad_request", "init_images")
+        images = await run_in_threadpool(_decode_images, body.init_images, server.limits)
+        return await a1111(request, body, images, body.denoising_strength)
+
+    @app.get("/sdapi/v1/samplers", response_model=list[schemas.SamplerItem],
+             tags=["AUTOMATIC1111"])
+    async def samplers():
+        return [schemas.SamplerItem(name=SAMPLER_LABELS[s], aliases=[s, *SAMPLER_ALIASES[s]])
+                for s in SAMPLER_NAMES]
+
+    @app.get("/sdapi/v1/sd-models", response_model=list[schemas.SdModelItem],
+             tags=["AUTOMATIC1111"])
+    async def sd_models(request: Request):
+        server = server_of(request)
+        server.require_ready()
+        r = server.runner
+        return [schemas.SdModelItem(title=f"{r.model_name} [{r.model_hash}]",
+                                    model_name=r.model_name, hash=r.model_hash,
+                                    sha256=r.model_sha256,
+                                    filename=config.model or "built-in")]
+
+    # -- the server's own -----------------------------------------------------------------------
+
+    @app.get("/health", response_model=schemas.Health, responses={503: {"model": schemas.Health}},
+             tags=["server"])
+    async def health(request: Request):
+        """200 once the model is loaded and the ``--compile`` plans are built; 503 before."""
+        server = server_of(request)
+        runtime = server.runner.pipe.runtime if server.runner.pipe is not None else None
+        body = schemas.Health(
+            status=server.status, model=server.runner.model_name, pid=os.getpid(),
+            queue_depth=server.scheduler.depth(), detail=server.failure,
+            static_plans=[s.describe() for s in runtime.plans] if runtime else [])
+        return JSONResponse(body.model_dump(), status_code=200 if server.status == "ok" else 503)
+
+    @app.get("/metrics", tags=["server"])
+    async def metrics(request: Request):
+        """Prometheus text format."""
+        return Response(server_of(request).metrics.text(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _size(size, server):
+    """OpenAI's ``size`` -> (width, height); None for 'auto' (the model's native size)."""
+    if size is None or size == "auto":
+        return None, None
+    w, sep, h = size.partition("x")
+    top = server.limits.max_side
+    if not sep or not w.isdigit() or not h.isdigit() or not 1 <= int(w) <= top \
+            or not 1 <= int(h) <= top:
+        raise ApiError(400, f"size must be 'WIDTHxHEIGHT' with sides from 8 to {top} "
+                            f"(multiples of 8), or 'auto', got {short_repr(size)}",
+                       "bad_request", "size")
+    return int(w), int(h)
+
+
+def _clip_skip(settings, layers):
+    """A1111's ``CLIP_stop_at_last_layers`` (1 = the last of the text encoder's ``layers``)
+    -> sdrt's count of layers to skip."""
+    value = (settings or {}).get("CLIP_stop_at_last_layers", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= layers:
+        raise ApiError(400, f"override_settings.CLIP_stop_at_last_layers must be an integer "
+                            f"from 1 to {layers} (the text encoder has {layers} layers), got "
+                            f"{short_repr(value)}", "bad_request", "override_settings")
+    return value - 1
+
+
+def _decode_images(items, limits):
+    """Base64 images (optionally ``data:image/...;base64,`` URLs) -> PIL images, EXIF
+    orientation applied, each checked against the pixel limit before it is decoded."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+    out = []
+    for i, text in enumerate(items):
+        name = f"init_images[{i}]"
+        data = text.split(",", 1)[1] if text.startswith("data:") and "," in text else text
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(400, f"{name} must be a base64-encoded image, got "
+                                f"{short_repr(text, 40)}", "bad_request", "init_images")
+        try:
+            im = Image.open(io.BytesIO(raw))
+            if im.width * im.height > (2 * limits.max_side) ** 2:
+                raise ApiError(400, f"{name} must be at most {(2 * limits.max_side) ** 2} "
+                                    f"pixels, got {im.width}x{im.height}", "bad_request",
+                               "init_images")
+            im.load()
+            out.append(ImageOps.exif_transpose(im))
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+                Image.DecompressionBombError) as e:
+            raise ApiError(400, f"{name} must be a base64-encoded image (PNG, JPEG, WebP, "
+                                f"...), got bytes PIL cannot read ({type(e).__name__})",
+                           "bad_request", "init_images")
+    return out

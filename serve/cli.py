@@ -1,0 +1,155 @@
+"""``sdrt serve``: its options, checked before torch or FastAPI is imported, and the run.
+
+``engine/cli.py`` wires it in with ``add_parser(sub)`` and ``run(args)``; ``python -m
+sdrt.serve ...`` runs it alone. Bad options end with one line, ``sdrt: error: ...``, exit 2.
+"""
+import argparse
+import os
+import signal
+import socket
+import sys
+
+from sdrt.engine.errors import SdrtError
+
+from .config import DEFAULT_PORT, ServeConfig, parse_sizes
+
+
+def _int(text):
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+
+
+def _float(text):
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+
+
+def _sizes(text):
+    try:
+        return parse_sizes(text)
+    except SdrtError as e:
+        raise argparse.ArgumentTypeError(str(e))
+
+
+def add_parser(subparsers):
+    s = subparsers.add_parser(
+        "serve", help="serve OpenAI's Images API and A1111's API over HTTP",
+        description="Serve POST /v1/images/generations (OpenAI), /sdapi/v1/txt2img and "
+                    "/sdapi/v1/img2img (AUTOMATIC1111), /health and /metrics (Prometheus), "
+                    "with OpenAPI docs at /docs. Compatible requests are batched. Needs "
+                    "pip install \"sdrt[serve]\" (\"sdrt[ray]\" for --ray).")
+    s.add_argument("--model", metavar="PATH", default=None,
+                   help="diffusers folder or single-file .safetensors checkpoint (default: the "
+                        "built-in tiny model)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    s.add_argument("--port", type=_int, default=DEFAULT_PORT, help="port to listen on")
+    s.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="default: cuda if a GPU is available, else cpu")
+    s.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
+                   help="default: fp16 on cuda, fp32 on cpu")
+    s.add_argument("--max-batch", metavar="N", type=_int, default=4,
+                   help="most images in one pipeline call")
+    s.add_argument("--max-queue", metavar="N", type=_int, default=64,
+                   help="most requests waiting; more are answered 429 with Retry-After")
+    s.add_argument("--batch-window-ms", metavar="MS", type=_float, default=10.0,
+                   help="how long the oldest waiting request waits for compatible ones")
+    s.add_argument("--compile", metavar="WxH[,WxH...]", type=_sizes, default=(),
+                   help="build static plans for these sizes at start-up (batch 1 and "
+                        "--max-batch, --steps, the default sampler, with guidance); /health "
+                        "answers 200 only once they are built")
+    s.add_argument("--steps", metavar="N", type=_int, default=20,
+                   help="denoising steps of a request that does not say")
+    s.add_argument("--timeout", metavar="S", type=_float, default=300.0,
+                   help="a request not answered after this many seconds gets 503")
+    s.add_argument("--api-key", metavar="KEY", default=None,
+                   help="require 'Authorization: Bearer KEY' on every path but /health and "
+                        "/docs (default: $SDRT_API_KEY if set, else no key)")
+    s.add_argument("--threads", metavar="N", type=_int, default=None,
+                   help="torch CPU threads (default: torch's choice)")
+    s.add_argument("--ray", action="store_true",
+                   help="run as a Ray Serve deployment (one replica per GPU)")
+    s.add_argument("--replicas", metavar="N", type=_int, default=1,
+                   help="with --ray: replicas to start")
+    s.add_argument("--max-replicas", metavar="N", type=_int, default=None,
+                   help="with --ray: autoscale from --replicas up to N replicas")
+    s.add_argument("--ray-address", metavar="ADDR", default=None,
+                   help="with --ray: a running Ray cluster (default: start a local one)")
+    return s
+
+
+def config_from(a):
+    """The checked ``ServeConfig`` of parsed arguments (``SdrtError`` naming the option)."""
+    if a.model is not None and not os.path.exists(a.model):
+        raise SdrtError(f"model path {a.model} does not exist")
+    if not 1 <= a.replicas <= 1024:
+        raise SdrtError(f"replicas must be from 1 to 1024, got {a.replicas}")
+    if a.max_replicas is not None and a.max_replicas < a.replicas:
+        raise SdrtError(f"max-replicas must be at least --replicas ({a.replicas}), got "
+                        f"{a.max_replicas}")
+    if not a.ray and (a.replicas != 1 or a.max_replicas or a.ray_address):
+        raise SdrtError("--replicas, --max-replicas and --ray-address need --ray")
+    return ServeConfig(model=a.model, host=a.host, port=a.port, device=a.device,
+                       dtype=a.dtype, max_batch=a.max_batch, max_queue=a.max_queue,
+                       batch_window_ms=a.batch_window_ms, compile=a.compile,
+                       api_key=a.api_key or os.environ.get("SDRT_API_KEY") or None,
+                       request_timeout_s=a.timeout,
+                       default_steps=a.steps, threads=a.threads)
+
+
+def _check_port(host, port):
+    """Refuse a port that is taken, in one line, before loading anything."""
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise SdrtError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
+def run(a):
+    config = config_from(a)
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise SdrtError('sdrt serve needs FastAPI and uvicorn: pip install "sdrt[serve]"') \
+            from None
+    if a.ray:
+        from .ray_serve import run_ray
+        return run_ray(config, a.replicas, a.max_replicas, a.ray_address)
+    _check_port(config.host, config.port)
+    from .app import create_app
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(config), host=config.host, port=config.port, log_level="info",
+        timeout_graceful_shutdown=None))
+    # uvicorn handles SIGTERM and SIGINT: it stops accepting, waits for every request in
+    # flight (each waits for its images), then runs the app's shutdown, which stops the worker.
+    # It then raises the signal again for the handler it found: this one, so that a drained
+    # server exits 0 instead of dying of the signal.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server.run()
+    return 0
+
+
+def main(argv=None):
+    """``python -m sdrt.serve [options]``: ``sdrt serve`` on its own."""
+    from sdrt.engine.cli import _Parser, _one_line
+    parser = _Parser(prog="sdrt")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        try:
+            args = parser.parse_args(["serve", *argv])
+        except SystemExit as e:  # --help
+            return e.code
+        return run(args) or 0
+    except SdrtError as e:
+        print(f"sdrt: error: {_one_line(e)}", file=sys.stderr)
+        return 2

@@ -1,0 +1,58 @@
+"""The server's settings, one dataclass passed explicitly from the CLI (or a Ray Serve config)
+to the app, the scheduler and the runner. No torch here: the CLI checks these first."""
+from dataclasses import dataclass, field
+
+from sdrt.engine.errors import SdrtError
+
+DEFAULT_PORT = 7860  # A1111's, so its clients find the server where they look first
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str = None              # diffusers folder or single file; None: the built-in model
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    device: str = None             # None: cuda if there is a GPU, else cpu
+    dtype: str = None              # None: fp16 on cuda, fp32 on cpu
+    max_batch: int = 4             # images in one pipeline call
+    max_queue: int = 64            # requests waiting (not yet running); more get 429
+    batch_window_ms: float = 10.0  # how long the oldest request waits for batch mates
+    compile: tuple = ()            # ((width, height), ...) with static plans built at start
+    api_key: str = field(default=None, repr=False)
+    request_timeout_s: float = 300.0   # a request still unanswered after this gets 503
+    max_body_bytes: int = 50 * 2 ** 20  # base64 init images make img2img bodies large
+    default_steps: int = 20        # A1111's UI default; requests may say otherwise
+    threads: int = None            # torch CPU threads; None: torch's default
+
+    def __post_init__(self):
+        def positive(name, integer=True):
+            v = getattr(self, name)
+            ok = isinstance(v, int) if integer else isinstance(v, (int, float))
+            if isinstance(v, bool) or not ok or not v > 0:
+                raise SdrtError(f"{name.replace('_', '-')} must be a positive "
+                                f"{'integer' if integer else 'number'}, got {v!r}")
+        for name in ("max_batch", "max_queue", "max_body_bytes", "default_steps"):
+            positive(name)
+        positive("request_timeout_s", integer=False)
+        if self.threads is not None:
+            positive("threads")
+        if not 0 <= self.batch_window_ms <= 10_000:
+            raise SdrtError(f"batch-window-ms must be from 0 to 10000, got "
+                            f"{self.batch_window_ms!r}")
+        if not 0 <= self.port <= 65535:
+            raise SdrtError(f"port must be from 0 to 65535, got {self.port}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise SdrtError("api-key must not be empty")
+
+
+def parse_sizes(text):
+    """``"512x512,768x512"`` -> ((512, 512), (768, 512)), each side a positive multiple of 8."""
+    sizes = []
+    for part in text.split(","):
+        w, sep, h = part.strip().lower().partition("x")
+        if not sep or not w.isdigit() or not h.isdigit() or int(w) < 8 or int(h) < 8 \
+                or int(w) % 8 or int(h) % 8:
+            raise SdrtError(f"compile must be WxH[,WxH...] with each side a multiple of 8, "
+                            f"got {text!r}")
+        sizes.append((int(w), int(h)))
+    return tuple(sizes)

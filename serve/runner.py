@@ -1,0 +1,158 @@
+"""The pipeline's owner: loads the model, builds the planned static shapes, and runs one batch
+of rows as one pipeline call (only ever from the scheduler's worker thread)."""
+import hashlib
+import logging
+import os
+
+from sdrt.engine.errors import SdrtError
+
+from .scheduler import BatchKey
+
+log = logging.getLogger("sdrt.serve")
+BUILT_IN = "sdrt-tiny"  # the built-in model's name in the APIs
+
+
+def builtin_pipeline(device, dtype):
+    """The built-in model: one call, so a trained demo model can replace it here."""
+    from sdrt.engine.pipeline import Pipeline
+    from sdrt.engine.tiny import tiny_components
+    return Pipeline(tiny_components(), device, dtype)
+
+
+def model_identity(path, pipe):
+    """(name, A1111 short hash, full sha256) of the model. A single file is hashed as A1111
+    hashes it (sha256 of the file; the short hash is its first 10 hex digits). A folder is
+    identified by its safetensors headers (names, shapes, dtypes) and sizes, which is cheap
+    for a multi-GB model; the built-in model by its weights."""
+    h = hashlib.sha256()
+    if path is None:
+        for module in (pipe.text_encoder, pipe.unet, pipe.vae):
+            for name, tensor in sorted(module.state_dict().items()):
+                h.update(name.encode())
+                h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        name = BUILT_IN
+    elif os.path.isfile(path):
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        name = os.path.splitext(os.path.basename(path))[0]
+    else:
+        for root, dirs, files in sorted(os.walk(path)):
+            dirs.sort()
+            for f in sorted(files):
+                if f.endswith(".safetensors"):
+                    p = os.path.join(root, f)
+                    with open(p, "rb") as fh:
+                        header = int.from_bytes(fh.read(8), "little")
+                        h.update(os.path.relpath(p, path).encode())
+                        h.update(fh.read(min(header, 100 * 2 ** 20)))
+                    h.update(str(os.path.getsize(p)).encode())
+        name = os.path.basename(os.path.normpath(path))
+    full = h.hexdigest()
+    return name, full[:10], full
+
+
+class Runner:
+    """Loads the model (``load``, in a background thread at start-up) and runs batches."""
+
+    def __init__(self, config, metrics):
+        self.config, self.metrics = config, metrics
+        self.pipe = None
+        self.model_name = self.model_hash = self.model_sha256 = None
+        self.planned = {}  # BatchKey without batch -> batch sizes with a static plan
+        self._plans_seen = set()
+
+    def load(self):
+        import torch
+
+        from sdrt.engine.pipeline import Pipeline, resolve_device
+        from sdrt.engine.samplers import default_sampler
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        device, dtype = resolve_device(self.config.device, self.config.dtype)
+        if self.config.model is None:
+            pipe = builtin_pipeline(device, dtype)
+        else:
+            pipe = Pipeline.from_pretrained(self.config.model, device=device, dtype=dtype)
+        self.model_name, self.model_hash, self.model_sha256 = model_identity(
+            self.config.model, pipe)
+        self.pipe = pipe
+        self.default_sampler = default_sampler(pipe.scheduler_config)
+        self._build_plans()
+
+    def default_size(self):
+        h, w = self.pipe.default_size()
+        return w, h
+
+    def _build_plans(self):
+        """Static plans for each ``--compile`` size at the default steps and sampler, with
+        guidance, for batch 1 and ``max_batch`` (what a busy server runs most)."""
+        sizes = self.config.compile
+        if not sizes:
+            return
+        batches = sorted({1, self.config.max_batch})
+        for w, h in sizes:
+            for b in batches:
+                self.pipe.compile(height=h, width=w, batch_size=b,
+                                  num_inference_steps=self.config.default_steps,
+                                  sampler=self.default_sampler, guidance=True,
+                                  max_shapes=len(sizes) * len(batches) + 4)
+        self._count_plans()
+
+    def _count_plans(self):
+        runtime = self.pipe.runtime
+        if runtime is None:
+            return
+        self.planned = {}
+        for shape, plan in runtime.plans.items():
+            key = (shape.height, shape.width, shape.num_inference_steps, shape.sampler,
+                   shape.guidance)
+            self.planned.setdefault(key, set()).add(shape.batch_size)
+            if id(plan) not in self._plans_seen:
+                self._plans_seen.add(id(plan))
+                self.metrics.plan_builds.inc()
+                self.metrics.plan_build_seconds.observe(plan.build_seconds)
+
+    def planned_sizes(self, key: BatchKey):
+        """Batch sizes with a static plan for this key (static plans are text-to-image with
+        the final text layer only)."""
+        if key.strength is not None or key.clip_skip:
+            return ()
+        return tuple(self.planned.get((key.height, key.width, key.steps, key.sampler,
+                                       key.guidance), ()))
+
+    def run(self, key: BatchKey, rows):
+        """One pipeline call for ``rows`` -> one PIL image per row. Each row has its own CPU
+        generator, seeded with its seed, and its own guidance scale."""
+        import torch
+        one = len(rows) == 1
+        if one:
+            seeds = dict(seed=rows[0].seed)
+        else:
+            seeds = dict(generator=[torch.Generator("cpu").manual_seed(r.seed) for r in rows])
+        guidance = [r.guidance_scale for r in rows]
+        guidance = guidance[0] if len(set(guidance)) == 1 else guidance
+        negatives = [r.negative_prompt for r in rows]
+        images = [r.init_image for r in rows] if key.strength is not None else None
+        out = self.pipe(
+            [r.prompt for r in rows],
+            negative_prompt=(negatives[0] if one else negatives) if key.guidance else None,
+            height=key.height, width=key.width, num_inference_steps=key.steps,
+            guidance_scale=guidance, sampler=key.sampler,
+            image=(images[0] if one else images) if images else None,
+            strength=key.strength if key.strength is not None else 0.8,
+            clip_skip=key.clip_skip, output_type="pil", **seeds)
+        timings = self.pipe.timings
+        for stage in ("text", "denoise", "decode"):
+            if stage in timings:
+                self.metrics.stage_seconds.labels(stage).observe(timings[stage])
+        self.metrics.images.inc(len(out))
+        self._count_plans()
+        return out
+
+    def check(self, request, names):
+        """The model's checks of a request (sizes, clip skip, memory); ``SdrtError`` if not."""
+        if self.pipe is None:
+            raise SdrtError("the model is still loading")
+        return self.pipe.check(request, names=names)
+

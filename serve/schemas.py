@@ -1,0 +1,122 @@
+"""Pydantic models of every request and response body (what ``/docs`` shows).
+
+Types are strict (``"7"`` is not a number, ``true`` is not an integer); ranges and everything
+else are checked once, by ``GenerationRequest.check`` and the pipeline's model checks, with the
+API's own field names in the messages. Fields a client may send that sdrt does not use
+(A1111's ``restore_faces``, OpenAI's ``quality``, ...) are accepted and ignored.
+"""
+from typing import Dict, List, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+_REQUEST = ConfigDict(strict=True, extra="ignore")
+
+
+# -- OpenAI Images API ---------------------------------------------------------------------------
+
+class ImageGenerationRequest(BaseModel):
+    """``POST /v1/images/generations``: OpenAI's fields, and sdrt's extras."""
+    model_config = _REQUEST
+    prompt: str
+    model: Optional[str] = Field(None, description="ignored: the server runs one model")
+    n: int = Field(1, description="images to generate")
+    size: Optional[str] = Field(None, description="'WIDTHxHEIGHT', or 'auto' (the model's "
+                                                  "native size)")
+    response_format: Optional[Literal["b64_json", "url"]] = Field(
+        None, description="b64_json only: the server keeps no images to link to")
+    output_format: Optional[str] = Field(None, description="png only")
+    user: Optional[str] = None
+    # sdrt's extras (the OpenAI SDK sends them with extra_body=...)
+    negative_prompt: Optional[str] = None
+    steps: Optional[int] = Field(None, description="denoising steps (default: the server's)")
+    guidance_scale: Optional[float] = Field(None, description="CFG scale (default 7.5)")
+    sampler: Optional[str] = Field(None, description="an sdrt sampler id or an A1111 label")
+    seed: Optional[int] = Field(None, description="seed of the first image, the i-th image "
+                                                  "uses seed + i; -1 or absent: random")
+
+
+class ImageData(BaseModel):
+    b64_json: str
+    revised_prompt: Optional[str] = None
+
+
+class ImagesResponse(BaseModel):
+    """As OpenAI's: ``created`` (Unix seconds), ``data[].b64_json`` (PNG)."""
+    created: int
+    data: List[ImageData]
+    output_format: Literal["png"] = "png"
+
+
+# -- AUTOMATIC1111 API ---------------------------------------------------------------------------
+
+class Txt2ImgRequest(BaseModel):
+    """``POST /sdapi/v1/txt2img``, with A1111's field names and defaults."""
+    model_config = _REQUEST
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = Field(-1, description="-1: random; the i-th image uses seed + i")
+    sampler_name: Optional[str] = Field(None, description="an A1111 label, e.g. 'Euler a'")
+    sampler_index: Optional[str] = Field(None, description="older name of sampler_name")
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: Optional[int] = None
+    cfg_scale: float = 7.0
+    width: Optional[int] = Field(None, description="default: the model's native size")
+    height: Optional[int] = Field(None, description="default: the model's native size")
+    override_settings: Optional[Dict[str, object]] = Field(
+        None, description="CLIP_stop_at_last_layers is honoured (A1111's clip skip)")
+    send_images: bool = True
+
+
+class Img2ImgRequest(Txt2ImgRequest):
+    """``POST /sdapi/v1/img2img``: as txt2img, plus the init images and strength."""
+    init_images: List[str] = Field(..., description="base64 images (a data: URL prefix is "
+                                                    "allowed); image i serves image i mod n")
+    denoising_strength: float = 0.75
+    mask: Optional[str] = Field(None, description="refused: inpainting is not supported")
+
+
+class A1111Response(BaseModel):
+    images: List[str]
+    parameters: Dict[str, object]
+    info: str = Field(..., description="a JSON string, as A1111 returns it")
+
+
+class SamplerItem(BaseModel):
+    name: str
+    aliases: List[str]
+    options: Dict[str, str] = {}
+
+
+class SdModelItem(BaseModel):
+    title: str
+    model_name: str
+    hash: Optional[str]
+    sha256: Optional[str]
+    filename: str
+    config: Optional[str] = None
+
+
+# -- the server's own ----------------------------------------------------------------------------
+
+class Health(BaseModel):
+    status: Literal["ok", "loading", "failed", "stopping"]
+    model: Optional[str] = None
+    pid: int = 0  # tells replicas apart (Ray Serve)
+    queue_depth: int = 0
+    static_plans: List[str] = []
+    detail: Optional[str] = None
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape (its SDK reads it), with the message also as ``detail`` (what
+    FastAPI and A1111 clients read)."""
+    error: ErrorBody
+    detail: str

@@ -1,0 +1,122 @@
+"""A1111's ``parameters`` text: the layout and quoting of ``create_infotext``, read back by the
+real ``sd-parsers`` package from a PNG, and by A1111's own reading rule (its regex and
+``unquote``, restated here) for quoted values, which sd-parsers 0.6 does not unquote."""
+import io
+import json
+import re
+
+import pytest
+from PIL import Image
+
+from sdrt.engine.infotext import (SAMPLER_LABELS, Infotext, png_bytes, quote, sampler_id)
+from sdrt.engine.request import SAMPLER_NAMES
+
+# A1111's modules/infotext_utils.py reads "Key: value" pairs with this pattern, then unquotes
+# values that start and end with '"' with json.loads.
+_A1111_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def a1111_parse(text):
+    """A1111's parse_generation_parameters, reduced to prompt, negative prompt and pairs."""
+    *lines, last = text.strip().split("\n")
+    if len(_A1111_PARAM.findall(last)) < 3:
+        lines.append(last)
+        last = ""
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    pairs = {}
+    for k, v in _A1111_PARAM.findall(last):
+        if v[:1] == '"' and v[-1:] == '"':
+            v = json.loads(v)
+        pairs[k] = v
+    return "\n".join(prompt), "\n".join(negative), pairs
+
+
+def parse_png(data):
+    ParserManager = pytest.importorskip("sd_parsers").ParserManager
+    return ParserManager().parse(Image.open(io.BytesIO(data)))
+
+
+def info(**kw):
+    base = dict(prompt="a red fox", negative_prompt="blurry", steps=20, sampler="euler_a",
+                cfg_scale=7.0, seed=42, width=512, height=768, model_name="sd15",
+                model_hash="6ce0161689")
+    return Infotext(**{**base, **kw})
+
+
+def test_layout_is_a1111s():
+    assert str(info()) == ("a red fox\nNegative prompt: blurry\nSteps: 20, Sampler: Euler a, "
+                           "CFG scale: 7, Seed: 42, Size: 512x768, Model hash: 6ce0161689, "
+                           "Model: sd15")
+    # No negative prompt: no line for it; img2img strength and clip skip (A1111 counts 1 as
+    # the last layer, so sdrt's clip_skip=1 is "Clip skip: 2").
+    text = str(info(negative_prompt="", denoising_strength=0.75, clip_skip=1, cfg_scale=7.5))
+    assert text == ("a red fox\nSteps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 42, "
+                    "Size: 512x768, Model hash: 6ce0161689, Model: sd15, "
+                    "Denoising strength: 0.75, Clip skip: 2")
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("plain", "plain"),
+    ("a, b", '"a, b"'),                  # comma: quoted
+    ("key: value", '"key: value"'),      # colon: quoted
+    ("two\nlines", '"two\\nlines"'),     # newline: quoted, escaped
+    ('say "hi", ok', '"say \\"hi\\", ok"'),  # quotes inside a quoted value are escaped
+    ('say "hi"', 'say "hi"'),            # ... but alone do not cause quoting (as A1111)
+    ("café, 東京", '"café, 東京"'),       # unicode kept as is (ensure_ascii=False)
+    (7, "7"),
+])
+def test_quote_matches_a1111(value, expected):
+    assert quote(value) == expected
+
+
+TRICKY_PROMPTS = [
+    "a fox, in the snow: (masterpiece:1.2), [detailed]",
+    "line one\nline two, with a comma",
+    'a "quoted" word, and \\ a backslash',
+    "東京の夜景, ネオン, café crème — ünïcödé 🦊",
+]
+
+
+@pytest.mark.parametrize("prompt", TRICKY_PROMPTS)
+def test_sd_parsers_reads_it_back_from_a_png(prompt):
+    negative = "blurry, lowres: bad\nanatomy"
+    text = str(info(prompt=prompt, negative_prompt=negative, seed=2 ** 40 + 3,
+                    sampler="dpmpp_2m_karras", cfg_scale=5.5))
+    png = png_bytes(Image.new("RGB", (8, 8)), text)
+    assert Image.open(io.BytesIO(png)).info["parameters"] == text
+    parsed = parse_png(png)
+    assert parsed is not None, "sd-parsers did not recognise the image"
+    assert parsed.generator.name == "AUTOMATIC1111"
+    assert parsed.full_prompt == prompt
+    assert parsed.full_negative_prompt == negative
+    sampler = parsed.samplers[0]
+    assert sampler.name == "DPM++ 2M Karras"
+    assert sampler.parameters["seed"] == str(2 ** 40 + 3)
+    assert sampler.parameters["steps"] == "20"
+    assert sampler.parameters["cfg_scale"] == "5.5"
+    assert sampler.model.name == "sd15" and sampler.model.hash == "6ce0161689"
+    assert parsed.metadata["Size"] == "512x768"
+
+
+@pytest.mark.parametrize("model_name", ["my, model", "v2: final", "line\nbreak", "ünï, 東京"])
+def test_quoted_values_round_trip_through_a1111s_reader(model_name):
+    text = str(info(model_name=model_name, prompt=TRICKY_PROMPTS[0]))
+    prompt, negative, pairs = a1111_parse(text)
+    assert (prompt, negative) == (TRICKY_PROMPTS[0], "blurry")
+    assert pairs["Model"] == model_name
+    assert pairs["Seed"] == "42" and pairs["Sampler"] == "Euler a"
+
+
+def test_sampler_labels_and_aliases():
+    assert set(SAMPLER_LABELS) == set(SAMPLER_NAMES)
+    for sid, label in SAMPLER_LABELS.items():
+        assert sampler_id(label) == sid
+        assert sampler_id(label.upper()) == sid
+        assert sampler_id(sid) == sid
+    assert sampler_id("k_euler_a") == "euler_a"
+    assert sampler_id("PLMS") == "pndm"
+    assert sampler_id("Heun") is None and sampler_id(None) is None

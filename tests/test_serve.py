@@ -1,0 +1,511 @@
+"""``sdrt serve`` over real HTTP on 127.0.0.1: the official ``openai`` SDK and ``httpx`` as
+clients, the built-in model on the CPU, small sizes (32×32, 64×64) and 1–2 steps.
+
+Servers run in this process on a thread (``LocalServer``), except where the process itself is
+under test (RSS, SIGTERM), which starts ``python -m sdrt.serve``. Every loop is bounded in count
+and every wait in time; nothing here asserts a duration.
+"""
+import asyncio
+import base64
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+
+from sdrt.engine.infotext import SAMPLER_LABELS  # noqa: E402
+from sdrt.serve.config import ServeConfig  # noqa: E402
+from sdrt.serve.local import LocalServer, free_port, wait_healthy  # noqa: E402
+from sdrt.serve.runner import builtin_pipeline  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT = 120  # seconds any one HTTP call may take on a loaded 2-core machine
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: the server's worker and the reference calls share 2 cores with the
+    clients, and torch's spinning threads slow everything down under contention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ref_pipe():
+    """The built-in model called directly, for the images the API must reproduce."""
+    return builtin_pipeline(torch.device("cpu"), torch.float32)
+
+
+def config(**kw):
+    base = dict(port=free_port(), max_batch=4, batch_window_ms=100, max_queue=64,
+                max_body_bytes=2 ** 20, default_steps=2)
+    return ServeConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def main_server():
+    local = LocalServer(config())
+    with local as url:
+        yield url, local
+
+
+def png(b64, size=None):
+    data = base64.b64decode(b64)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    im = Image.open(io.BytesIO(data))
+    im.load()
+    if size is not None:
+        assert im.size == size, f"PNG is {im.size}, asked for {size}"
+    return im
+
+
+def reference(pipe, prompt, seed, size=(64, 64), steps=2, guidance=7.5, negative=None,
+              sampler=None, **kw):
+    w, h = size
+    return pipe(prompt, negative_prompt=negative, height=h, width=w, num_inference_steps=steps,
+                guidance_scale=guidance, sampler=sampler, seed=seed, **kw)[0]
+
+
+def assert_same_image(got, want, what):
+    """Equal to within one level of 255: a batched call may round a pixel the other way."""
+    a = np.asarray(got.convert("RGB"), dtype=np.int16)
+    b = np.asarray(want.convert("RGB"), dtype=np.int16)
+    assert a.shape == b.shape, f"{what}: shape {a.shape} vs {b.shape}"
+    diff = np.abs(a - b)
+    where = np.unravel_index(diff.argmax(), diff.shape)
+    assert diff.max() <= 1, f"{what}: differs by {diff.max()} levels at {where} " \
+                            f"({(diff > 1).sum()} values past 1)"
+
+
+def metric(url, name, labels=""):
+    """One sample of /metrics (0 if absent)."""
+    text = httpx.get(f"{url}/metrics", timeout=TIMEOUT).text
+    for line in text.splitlines():
+        if line.startswith(f"{name}{labels} ") or (not labels and line.startswith(f"{name} ")):
+            return float(line.split()[-1])
+    return 0.0
+
+
+# -- OpenAI's Images API -----------------------------------------------------------------------
+
+def test_openai_sdk_gets_the_images_the_library_makes(main_server, ref_pipe):
+    url, _ = main_server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
+                           timeout=TIMEOUT)
+    res = client.images.generate(prompt="a red fox", n=2, size="64x64",
+                                 response_format="b64_json",
+                                 extra_body={"steps": 2, "seed": 11, "negative_prompt": "blur"})
+    assert isinstance(res.created, int) and abs(res.created - time.time()) < 3600
+    assert len(res.data) == 2
+    for i, item in enumerate(res.data):
+        got = png(item.b64_json, (64, 64))
+        # Image i uses seed + i, as the library called alone with that seed.
+        assert_same_image(got, reference(ref_pipe, "a red fox", 11 + i, negative="blur"),
+                          f"image {i}")
+        assert "Seed: " + str(11 + i) in got.info["parameters"]
+
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.generate(prompt="a fox", size="64x64", response_format="url")
+    assert "response_format" in str(e.value)
+
+
+# -- A1111's API -------------------------------------------------------------------------------
+
+def test_a1111_txt2img_fields_round_trip(main_server, ref_pipe):
+    url, _ = main_server
+    body = {"prompt": "a fox, in snow: at night", "negative_prompt": "blurry, dark",
+            "seed": 123, "sampler_name": "Euler", "cfg_scale": 5, "steps": 2, "width": 64,
+            "height": 32, "batch_size": 2, "n_iter": 1, "restore_faces": False}
+    r = httpx.post(f"{url}/sdapi/v1/txt2img", json=body, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    info = json.loads(out["info"])
+    assert info["all_seeds"] == [123, 124] and info["seed"] == 123
+    assert info["sampler_name"] == "Euler" and info["cfg_scale"] == 5
+    assert (info["width"], info["height"], info["steps"]) == (64, 32, 2)
+    assert out["parameters"]["prompt"] == body["prompt"]
+    assert out["parameters"]["sampler_name"] == "Euler"
+    assert len(out["images"]) == len(info["infotexts"]) == 2
+    for i, b64 in enumerate(out["images"]):
+        got = png(b64, (64, 32))
+        assert got.info["parameters"] == info["infotexts"][i]
+        assert info["infotexts"][i].startswith(
+            'a fox, in snow: at night\nNegative prompt: blurry, dark\nSteps: 2, Sampler: Euler, '
+            f'CFG scale: 5, Seed: {123 + i}, Size: 64x32, Model hash: ')
+        assert_same_image(got, reference(ref_pipe, body["prompt"], 123 + i, (64, 32),
+                                         guidance=5.0, negative="blurry, dark",
+                                         sampler="euler"), f"image {i}")
+
+    # A1111's clip skip (override_settings), and batch_size x n_iter images.
+    r = httpx.post(f"{url}/sdapi/v1/txt2img", timeout=TIMEOUT, json={
+        "prompt": "x", "seed": 5, "steps": 1, "width": 32, "height": 32, "batch_size": 1,
+        "n_iter": 2, "cfg_scale": 1, "override_settings": {"CLIP_stop_at_last_layers": 2}})
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert info["all_seeds"] == [5, 6] and len(r.json()["images"]) == 2
+    assert "Clip skip: 2" in info["infotexts"][0]
+    assert_same_image(png(r.json()["images"][1]),
+                      reference(ref_pipe, "x", 6, (32, 32), 1, 1.0, clip_skip=1), "clip skip")
+
+
+def test_a1111_img2img(main_server, ref_pipe):
+    url, _ = main_server
+    rng = np.random.default_rng(0)
+    init = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    init.save(buffer, format="PNG")
+    b64 = base64.b64encode(buffer.getvalue()).decode()
+    for encoded in (b64, "data:image/png;base64," + b64):  # both forms A1111 accepts
+        r = httpx.post(f"{url}/sdapi/v1/img2img", timeout=TIMEOUT, json={
+            "prompt": "a fox", "init_images": [encoded], "denoising_strength": 0.5,
+            "steps": 2, "seed": 7, "width": 64, "height": 64})
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["parameters"]["init_images"] is None  # not echoed back, as A1111
+        info = json.loads(out["info"])
+        assert "Denoising strength: 0.5" in info["infotexts"][0]
+        assert_same_image(png(out["images"][0], (64, 64)),
+                          reference(ref_pipe, "a fox", 7, guidance=7.0, image=init, strength=0.5),
+                          "img2img")
+
+
+def test_a1111_samplers_and_models(main_server):
+    url, _ = main_server
+    samplers = httpx.get(f"{url}/sdapi/v1/samplers", timeout=TIMEOUT).json()
+    assert {s["name"] for s in samplers} == set(SAMPLER_LABELS.values())
+    models = httpx.get(f"{url}/sdapi/v1/sd-models", timeout=TIMEOUT).json()
+    assert len(models) == 1 and len(models[0]["hash"]) == 10
+    assert models[0]["title"] == f"{models[0]['model_name']} [{models[0]['hash']}]"
+    assert "/v1/images/generations" in httpx.get(f"{url}/openapi.json", timeout=TIMEOUT).text
+
+
+# -- the scheduler -----------------------------------------------------------------------------
+
+def test_concurrent_mixed_requests_batch_without_changing_images(main_server, ref_pipe):
+    """40 concurrent requests of mixed sizes and guidance: all answered, some run in batches
+    (the /metrics histogram), and each image is the one its request makes alone."""
+    url, _ = main_server
+    singles_before = metric(url, "sdrt_batch_size_bucket", '{le="1.0"}')
+    calls_before = metric(url, "sdrt_batch_size_count")
+    shapes = [(64, 64), (32, 32)]
+    guidances = [7.5, 4.0, 1.0]  # 1.0: guidance off, another batch key
+    specs = [dict(prompt=f"prompt {i}", size=shapes[i % 2], guidance=guidances[i % 3],
+                  seed=1000 + i, openai=i % 4 == 0) for i in range(40)]
+
+    async def one(client, s):
+        w, h = s["size"]
+        if s["openai"]:
+            r = await client.post("/v1/images/generations", json={
+                "prompt": s["prompt"], "size": f"{w}x{h}", "seed": s["seed"], "steps": 2,
+                "guidance_scale": s["guidance"]})
+            return r.status_code, r.json()["data"][0]["b64_json"] if r.status_code == 200 \
+                else r.text
+        r = await client.post("/sdapi/v1/txt2img", json={
+            "prompt": s["prompt"], "width": w, "height": h, "seed": s["seed"], "steps": 2,
+            "cfg_scale": s["guidance"]})
+        return r.status_code, r.json()["images"][0] if r.status_code == 200 else r.text
+
+    async def all_of_them():
+        async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT) as client:
+            return await asyncio.gather(*(one(client, s) for s in specs))
+
+    results = asyncio.run(asyncio.wait_for(all_of_them(), 5 * TIMEOUT))
+    for s, (status, payload) in zip(specs, results):
+        assert status == 200, f"{s}: {status} {payload}"
+    for s, (_, b64) in zip(specs, results):
+        assert_same_image(png(b64, s["size"]),
+                          reference(ref_pipe, s["prompt"], s["seed"], s["size"],
+                                    guidance=s["guidance"]), str(s))
+    calls = metric(url, "sdrt_batch_size_count") - calls_before
+    batched = calls - (metric(url, "sdrt_batch_size_bucket", '{le="1.0"}') - singles_before)
+    assert batched >= 1, f"no pipeline call ran more than one image ({calls:g} calls, " \
+                         f"{metric(url, 'sdrt_batch_fallbacks_total'):g} batches run again " \
+                         f"one by one)"
+
+
+def test_queue_flood_gets_429_and_accepted_requests_complete():
+    local = LocalServer(config(max_queue=2, max_batch=1, batch_window_ms=0))
+    with local as url:
+        async def flood():
+            async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT) as client:
+                return await asyncio.gather(*(client.post("/sdapi/v1/txt2img", json={
+                    "prompt": f"p{i}", "width": 64, "height": 64, "steps": 6, "seed": i})
+                    for i in range(16)))
+        responses = asyncio.run(asyncio.wait_for(flood(), 5 * TIMEOUT))
+        codes = [r.status_code for r in responses]
+        assert set(codes) <= {200, 429}, codes
+        assert codes.count(429) >= 1 and codes.count(200) >= 3, codes
+        for r in responses:
+            if r.status_code == 429:
+                assert r.headers["retry-after"].isdigit()
+                assert "queue is full" in r.json()["error"]["message"]
+            else:
+                png(r.json()["images"][0], (64, 64))
+        assert metric(url, "sdrt_errors_total", '{kind="queue_full"}') == codes.count(429)
+        r = httpx.post(f"{url}/sdapi/v1/txt2img", timeout=TIMEOUT, json={
+            "prompt": "after", "width": 32, "height": 32, "steps": 1})
+        assert r.status_code == 200, r.text
+
+
+def test_a_request_waiting_past_its_deadline_gets_503():
+    local = LocalServer(config(request_timeout_s=0.3, max_batch=1, batch_window_ms=0))
+    with local as url:
+        async def six():
+            async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT) as client:
+                return await asyncio.gather(*(client.post("/sdapi/v1/txt2img", json={
+                    "prompt": f"p{i}", "width": 64, "height": 64, "steps": 30, "seed": i})
+                    for i in range(6)))
+        responses = asyncio.run(asyncio.wait_for(six(), 5 * TIMEOUT))
+        codes = [r.status_code for r in responses]
+        # The first is taken at once and runs to the end; those queued behind it time out.
+        assert set(codes) <= {200, 503} and codes.count(200) >= 1 and 503 in codes, codes
+        for r in responses:
+            if r.status_code == 503:
+                assert "deadline" in r.json()["error"]["message"], r.text
+        assert local.server.scheduler.depth() == 0
+
+
+def test_a_client_that_disconnects_frees_its_slot(ref_pipe):
+    local = LocalServer(config(max_queue=1, max_batch=1, batch_window_ms=0))
+    with local as url:
+        scheduler = local.server.scheduler
+        slow = {}
+
+        def run_slow():  # occupies the worker for a few seconds
+            slow["r"] = httpx.post(f"{url}/sdapi/v1/txt2img", timeout=TIMEOUT, json={
+                "prompt": "slow", "width": 128, "height": 128, "steps": 100, "seed": 1})
+        thread = threading.Thread(target=run_slow)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while scheduler.running() == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)  # until the worker runs the slow request
+        assert scheduler.running() == 1 and "r" not in slow
+        # The waiting client gives up: its queued job must leave the queue.
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{url}/sdapi/v1/txt2img", timeout=1.0, json={
+                "prompt": "gives up", "width": 64, "height": 64, "steps": 2})
+        deadline = time.monotonic() + 10
+        while scheduler.depth() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert scheduler.depth() == 0, "the disconnected request is still queued"
+        # Its slot is free: with max_queue=1, this one is queued, not refused.
+        r = httpx.post(f"{url}/sdapi/v1/txt2img", timeout=TIMEOUT, json={
+            "prompt": "next", "width": 32, "height": 32, "steps": 1})
+        assert r.status_code == 200, r.text
+        thread.join(TIMEOUT)
+        assert slow["r"].status_code == 200, slow["r"].text
+        assert metric(url, "sdrt_errors_total", '{kind="disconnected"}') == 1
+        assert metric(url, "sdrt_images_total") == 2  # the abandoned request never ran
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+def _b64(data):
+    return base64.b64encode(data).decode()
+
+
+def _tiny_png():
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(buffer, format="PNG")
+    return _b64(buffer.getvalue())
+
+
+GEN, T2I, I2I = "/v1/images/generations", "/sdapi/v1/txt2img", "/sdapi/v1/img2img"
+MALFORMED = [  # (endpoint, body: dict or raw bytes, what the message must name)
+    (GEN, {"prompt": 1}, "prompt"),
+    (GEN, {}, "prompt"),
+    (GEN, {"prompt": None}, "prompt"),
+    (GEN, {"prompt": "a", "n": "2"}, "n"),
+    (GEN, {"prompt": "a", "n": 0}, "n"),
+    (GEN, {"prompt": "a", "n": 10000}, "n"),
+    (GEN, {"prompt": "a", "n": 2.5}, "n"),
+    (GEN, {"prompt": "a", "size": "0x0"}, "size"),
+    (GEN, {"prompt": "a", "size": "99999x99999"}, "size"),
+    (GEN, {"prompt": "a", "size": "64"}, "size"),
+    (GEN, {"prompt": "a", "size": "60x60"}, "size"),
+    (GEN, {"prompt": "a", "size": 64}, "size"),
+    (GEN, {"prompt": "a", "response_format": "url"}, "response_format"),
+    (GEN, {"prompt": "a", "response_format": "jpeg"}, "response_format"),
+    (GEN, {"prompt": "a", "sampler": "heun"}, "sampler"),
+    (GEN, b'{"prompt": "a", "guidance_scale": NaN}', "guidance_scale"),
+    (GEN, b'{"prompt": "a", "guidance_scale": Infinity}', "guidance_scale"),
+    (GEN, {"prompt": "a", "guidance_scale": -1}, "guidance_scale"),
+    (GEN, {"prompt": "a", "guidance_scale": "high"}, "guidance_scale"),
+    (GEN, {"prompt": "a", "steps": 0}, "steps"),
+    (GEN, {"prompt": "a", "steps": 100000}, "steps"),
+    (GEN, {"prompt": "a", "steps": True}, "steps"),
+    (GEN, {"prompt": "a", "seed": -5}, "seed"),
+    (GEN, {"prompt": "a", "seed": 2 ** 64}, "seed"),
+    (GEN, b'{"prompt": "\\ud800"}', "prompt"),
+    (GEN, b'{"prompt": "a",', "JSON"),
+    (GEN, b"[1, 2]", "request body"),
+    (GEN, b"", "request body"),
+    (T2I, {"prompt": "a", "cfg_scale": "7"}, "cfg_scale"),
+    (T2I, {"prompt": "a", "sampler_name": "Heun"}, "sampler_name"),
+    (T2I, {"prompt": "a", "width": 65, "height": 64}, "width"),
+    (T2I, {"prompt": "a", "batch_size": 0}, "batch_size"),
+    (T2I, {"prompt": "a", "batch_size": 40, "n_iter": 40}, "batch_size"),
+    (T2I, {"prompt": "a", "n_iter": 0}, "n_iter"),
+    (T2I, {"prompt": "a", "override_settings": {"CLIP_stop_at_last_layers": 0}},
+     "CLIP_stop_at_last_layers"),
+    (T2I, {"prompt": "a", "override_settings": {"CLIP_stop_at_last_layers": 3}},
+     "CLIP_stop_at_last_layers"),  # the tiny text encoder has 2 layers
+    (I2I, {"prompt": "a"}, "init_images"),
+    (I2I, {"prompt": "a", "init_images": []}, "init_images"),
+    (I2I, {"prompt": "a", "init_images": ["not base64!!"]}, "init_images"),
+    (I2I, {"prompt": "a", "init_images": [_b64(b"hello, not an image")]}, "init_images"),
+    (I2I, {"prompt": "a", "init_images": [_tiny_png()], "denoising_strength": 0},
+     "denoising_strength"),
+    (I2I, {"prompt": "a", "init_images": [_tiny_png()], "mask": _tiny_png()}, "mask"),
+]
+
+
+def test_malformed_bodies_get_4xx_json_naming_the_field(main_server):
+    url, _ = main_server
+    with httpx.Client(base_url=url, timeout=TIMEOUT) as client:
+        for endpoint, body, field in MALFORMED:
+            if isinstance(body, bytes):
+                r = client.post(endpoint, content=body,
+                                headers={"content-type": "application/json"})
+            else:
+                r = client.post(endpoint, json=body)
+            what = f"{endpoint} {body!r:.80}"
+            assert 400 <= r.status_code < 500, f"{what}: {r.status_code} {r.text[:300]}"
+            message = r.json()["error"]["message"]
+            assert field in message and "\n" not in message, f"{what}: {message!r}"
+            assert "Traceback" not in r.text
+        # Bodies past the limit (1 MiB here): with a Content-Length, and chunked without one.
+        r = client.post(GEN, json={"prompt": "x" * (2 ** 20 + 10)})
+        assert r.status_code == 413 and "request body" in r.json()["error"]["message"]
+
+        def chunks():
+            for _ in range(20):
+                yield b"x" * 2 ** 17
+        r = client.post(GEN, content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413, r.text
+        # ... and the server keeps serving.
+        r = client.post(T2I, json={"prompt": "still here", "width": 32, "height": 32,
+                                   "steps": 1})
+        assert r.status_code == 200, r.text
+        assert client.get("/health").json()["status"] == "ok"
+
+
+def test_api_key_is_required_when_set():
+    local = LocalServer(config(api_key="sekrit"))
+    with local as url:
+        r = httpx.post(f"{url}{GEN}", json={"prompt": "a"}, timeout=TIMEOUT)
+        assert r.status_code == 401 and "Authorization" in r.json()["error"]["message"]
+        r = httpx.get(f"{url}/metrics", headers={"Authorization": "Bearer nope"},
+                      timeout=TIMEOUT)
+        assert r.status_code == 401
+        assert httpx.get(f"{url}/health", timeout=TIMEOUT).status_code == 200  # probes
+        wrong = openai.OpenAI(base_url=f"{url}/v1", api_key="nope", max_retries=0,
+                              timeout=TIMEOUT)
+        with pytest.raises(openai.AuthenticationError):
+            wrong.images.generate(prompt="a", size="32x32")
+        right = openai.OpenAI(base_url=f"{url}/v1", api_key="sekrit", max_retries=0,
+                              timeout=TIMEOUT)
+        res = right.images.generate(prompt="a", size="32x32", extra_body={"steps": 1})
+        png(res.data[0].b64_json, (32, 32))
+
+
+# -- the process: CLI, memory, SIGTERM ----------------------------------------------------------
+
+def test_cli_refuses_bad_options_before_importing_torch():
+    script = (
+        "import contextlib, io, sys\n"
+        "from sdrt.serve.cli import main\n"
+        "cases = [['--max-batch', '0'], ['--compile', '10x10'], ['--port', 'x'],\n"
+        "         ['--model', '/no/such/model'], ['--replicas', '2'], ['--batch-window-ms', '-1'],\n"
+        "         ['--max-queue', '0'], ['--timeout', '0']]\n"
+        "for argv in cases:\n"
+        "    err = io.StringIO()\n"
+        "    with contextlib.redirect_stderr(err):\n"
+        "        rc = main(argv)\n"
+        "    lines = err.getvalue().splitlines()\n"
+        "    assert rc == 2 and len(lines) == 1 and lines[0].startswith('sdrt: error: '), "
+        "(argv, rc, lines)\n"
+        "    print(lines[0])\n"
+        "assert 'torch' not in sys.modules and 'fastapi' not in sys.modules\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=TIMEOUT, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "max-batch must be a positive integer, got 0" in out.stdout
+    assert "model path /no/such/model does not exist" in out.stdout
+
+
+def _rss(pid):
+    import psutil
+    return psutil.Process(pid).memory_info().rss
+
+
+def test_process_memory_is_flat_and_sigterm_loses_no_accepted_request():
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sdrt.serve", "--port", str(port), "--max-batch", "2",
+         "--threads", "1", "--steps", "1", "--compile", "32x32", "--batch-window-ms", "50"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        health = wait_healthy(url, timeout_s=180)
+        # --compile: the plans are built before /health says ok.
+        assert any(p.startswith("32x32") for p in health["static_plans"]), health
+        assert metric(url, "sdrt_static_plan_builds_total") >= 1
+
+        body = {"prompt": "rss", "width": 32, "height": 32, "steps": 1, "cfg_scale": 1}
+        with httpx.Client(base_url=url, timeout=TIMEOUT) as client:
+            for i in range(200):
+                r = client.post(T2I, json={**body, "seed": i})
+                assert r.status_code == 200, r.text
+                if i == 19:
+                    rss_20 = _rss(proc.pid)
+        rss_200 = _rss(proc.pid)
+        assert rss_200 <= 1.10 * rss_20, f"RSS grew from {rss_20 / 2**20:.0f} MiB after 20 " \
+                                         f"requests to {rss_200 / 2**20:.0f} MiB after 200"
+
+        # SIGTERM with requests queued and running: every one of them is answered.
+        accepted = metric(url, "sdrt_requests_accepted_total")
+        results = [None] * 6
+
+        def send(i):
+            try:
+                results[i] = httpx.post(f"{url}{T2I}", timeout=TIMEOUT, json={
+                    "prompt": f"drain {i}", "width": 64, "height": 64, "steps": 8, "seed": i})
+            except httpx.HTTPError as e:
+                results[i] = e
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while metric(url, "sdrt_requests_accepted_total") < accepted + 6 \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)  # until all six are in the server's hands
+        assert metric(url, "sdrt_queue_depth") >= 1, "nothing queued at SIGTERM"
+        proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(TIMEOUT)
+        for i, r in enumerate(results):
+            assert isinstance(r, httpx.Response) and r.status_code == 200, f"request {i}: {r}"
+            png(r.json()["images"][0], (64, 64))
+        assert proc.wait(timeout=60) == 0
+        with pytest.raises(httpx.ConnectError):  # no longer listening
+            httpx.get(f"{url}/health", timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
