@@ -7,7 +7,6 @@ warning line each. On CUDA a text-to-image request runs through a static plan (C
 built first and timed apart. Output files never replace an existing file unless
 ``--overwrite`` is given: an image takes the next free name instead.
 """
-import io
 import itertools
 import os
 import sys
@@ -15,7 +14,8 @@ import warnings
 
 from .atomic import write_file
 from .errors import SdrtError
-from .request import GenerationRequest, Limits
+from .infotext import Infotext, model_identity, png_bytes
+from .request import MAX_SEED, GenerationRequest, Limits
 
 # Request field → the option that sets it, so that a message names what the user typed.
 OPTION_NAMES = {"num_inference_steps": "--steps", "guidance_scale": "--guidance",
@@ -51,17 +51,31 @@ def generate(a):
         from .samplers import default_sampler
         sampler = a.sampler or default_sampler(pipe.scheduler_config)
     plan = _static_plan(a, pipe, request if init is None else None)
+    # Image i of a batch is drawn from its own generator, seeded seed + i, as A1111 does: its
+    # PNG records that seed, and --seed with it regenerates that image alone.
     seed = request.draw_seed()
+    seeds = [(seed + i) % (MAX_SEED + 1) for i in range(a.batch)]
+    import torch
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
     # A callback would make a static plan run its denoising loop eagerly: no bar then.
     with _Progress() as progress:
         images = pipe(a.prompt, negative_prompt=a.negative, height=request.height,
                       width=request.width, num_inference_steps=a.steps,
-                      guidance_scale=a.guidance, sampler=sampler, seed=seed, image=init,
-                      strength=a.strength, num_images_per_prompt=a.batch,
+                      guidance_scale=a.guidance, sampler=sampler, generator=generators,
+                      image=init, strength=a.strength, num_images_per_prompt=a.batch,
                       clip_skip=a.clip_skip, callback=None if plan else progress)
     width, height = images[0].size
-    params = _parameters_text(a, seed, sampler, height, width, pipe.source)
-    paths, taken = _save_pngs(images, output, params, a.overwrite)
+    if a.runtime == "onnx":  # networks in onnxruntime: named by the export, not hashed
+        name, short_hash = os.path.basename(os.path.normpath(a.onnx_dir)), None
+    else:
+        name, short_hash, _ = model_identity(a.model, pipe)
+    infos = [str(Infotext(prompt=a.prompt, negative_prompt=a.negative or "", steps=a.steps,
+                          sampler=sampler, cfg_scale=a.guidance, seed=s, width=width,
+                          height=height, model_name=name, model_hash=short_hash,
+                          denoising_strength=a.strength if init is not None else None,
+                          clip_skip=a.clip_skip))
+             for s in seeds]
+    paths, taken = _save_pngs(images, output, infos, a.overwrite)
     print(_summary(pipe.timings, plan, seed, paths, taken))
 
 
@@ -231,27 +245,6 @@ class _Progress:
 
 # -- the output --------------------------------------------------------------------------------
 
-def _parameters_text(a, seed, sampler, height, width, model):
-    """The A1111-style ``parameters`` text that image tools read from a PNG."""
-    lines = [a.prompt]
-    if a.negative:
-        lines.append(f"Negative prompt: {a.negative}")
-    settings = [f"Steps: {a.steps}", f"Sampler: {sampler}", f"CFG scale: {a.guidance}",
-                f"Seed: {seed}", f"Size: {width}x{height}", f"Model: {model}"]
-    if a.init_image:
-        settings.append(f"Denoising strength: {a.strength}")
-    return "\n".join(lines + [", ".join(settings)])
-
-
-def _png_bytes(image, parameters):
-    from PIL import PngImagePlugin
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    return buffer.getvalue()
-
-
 def _candidates(path, n_images):
     """Names for the images, in order of preference: OUT.png, OUT-1.png, OUT-2.png, ... for
     one image; OUT-0.png, OUT-1.png, ... for several."""
@@ -262,17 +255,17 @@ def _candidates(path, n_images):
         yield f"{stem}-{i}{ext}"
 
 
-def _save_pngs(images, path, parameters, overwrite):
-    """Write each image atomically under its name; without ``overwrite``, under the next
-    name that is free (also against a file that appears meanwhile). Returns (the paths
-    written, the names skipped because they were taken)."""
+def _save_pngs(images, path, infotexts, overwrite):
+    """Write each image atomically, with its PNG info, under its name; without ``overwrite``,
+    under the next name that is free (also against a file that appears meanwhile). Returns
+    (the paths written, the names skipped because they were taken)."""
     folder = os.path.dirname(path)
     if folder:
         os.makedirs(folder, exist_ok=True)  # --outdir
     names = _candidates(path, len(images))
     written, taken = [], []
-    for image in images:
-        data = _png_bytes(image, parameters)
+    for image, infotext in zip(images, infotexts):
+        data = png_bytes(image, infotext)
         for name in names:
             try:
                 write_file(name, lambda fh: fh.write(data), overwrite)

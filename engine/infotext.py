@@ -16,10 +16,14 @@ last layer, so sdrt's ``clip_skip=N`` (skip N layers) is written as ``N + 1``, a
 
 The sampler labels are A1111's, shared with the A1111-compatible HTTP API (``sdrt.serve``).
 """
+import hashlib
 import json
+import os
 from dataclasses import dataclass
 
 from .request import SAMPLER_NAMES
+
+BUILT_IN = "sdrt-tiny"  # the built-in model's name in PNG info and the APIs
 
 # sdrt sampler id -> A1111's label. A1111 names PNDM "PLMS"; it is accepted as an alias.
 SAMPLER_LABELS = {
@@ -115,3 +119,36 @@ def png_bytes(image, parameters):
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
+
+
+def model_identity(path, pipe):
+    """(name, A1111 short hash, full sha256) of the model. A single file is hashed as A1111
+    hashes it (sha256 of the file; the short hash is its first 10 hex digits). A folder is
+    identified by its safetensors headers (names, shapes, dtypes) and sizes, which is cheap
+    for a multi-GB model; the built-in model by its weights."""
+    h = hashlib.sha256()
+    if path is None:
+        for module in (pipe.text_encoder, pipe.unet, pipe.vae):
+            for name, tensor in sorted(module.state_dict().items()):
+                h.update(name.encode())
+                h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        name = BUILT_IN
+    elif os.path.isfile(path):
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        name = os.path.splitext(os.path.basename(path))[0]
+    else:
+        for root, dirs, files in sorted(os.walk(path)):
+            dirs.sort()
+            for f in sorted(files):
+                if f.endswith(".safetensors"):
+                    p = os.path.join(root, f)
+                    with open(p, "rb") as fh:
+                        header = int.from_bytes(fh.read(8), "little")
+                        h.update(os.path.relpath(p, path).encode())
+                        h.update(fh.read(min(header, 100 * 2 ** 20)))
+                    h.update(str(os.path.getsize(p)).encode())
+        name = os.path.basename(os.path.normpath(path))
+    full = h.hexdigest()
+    return name, full[:10], full

@@ -319,7 +319,44 @@ def test_batch_img2img_and_sampler(tiny_dir, tmp_path, capsys):
     for p in (tmp_path / "out-0.png", tmp_path / "out-1.png"):
         with Image.open(p) as im:
             assert im.size == (64, 48)
-            assert "Sampler: dpmpp_2m" in im.text["parameters"]
+            assert "Sampler: DPM++ 2M," in im.text["parameters"]  # A1111's label
+
+
+def test_each_image_of_a_batch_records_its_own_seed_and_regenerates(tmp_path, capsys):
+    # As in A1111: image i of a batch is seeded seed + i, its PNG says so, and that seed
+    # alone gives that image again.
+    out = tmp_path / "b.png"
+    code, _, err = _run(["generate", "a red fox", *SMALL, "--batch", "2", "--seed", "5",
+                         "--clip-skip", "1", "-o", str(out)], capsys)
+    assert code == 0, err
+    first, second = tmp_path / "b-0.png", tmp_path / "b-1.png"
+    assert "Seed: 5," in _parameters(first) and "Seed: 6," in _parameters(second)
+    assert not np.array_equal(_pixels(first), _pixels(second))
+    again = tmp_path / "again.png"
+    assert _run(["generate", "a red fox", *SMALL, "--seed", "6", "--clip-skip", "1",
+                 "-o", str(again)], capsys)[0] == 0
+    assert np.array_equal(_pixels(second), _pixels(again))
+    params = _parameters(second)
+    assert params.endswith("Model: sdrt-tiny, Clip skip: 2"), params
+    assert re.search(r"Model hash: [0-9a-f]{10}, ", params), params
+
+
+def test_png_info_reads_back_with_sd_parsers(tmp_path, capsys):
+    sd_parsers = pytest.importorskip("sd_parsers")
+    out = tmp_path / "p.png"
+    prompt, negative = "a fox, in snow: at dusk", "blurry, \"low\" quality"
+    code, _, err = _run(["generate", prompt, *SMALL, "--negative", negative, "--seed", "8",
+                         "--guidance", "6.5", "--sampler", "euler_a", "-o", str(out)], capsys)
+    assert code == 0, err
+    with Image.open(out) as im:
+        info = sd_parsers.ParserManager().parse(im)
+    assert info is not None, _parameters(out)
+    assert info.generator.name == "AUTOMATIC1111"
+    assert info.full_prompt == prompt and info.full_negative_prompt == negative
+    sampler = info.samplers[0]
+    assert sampler.name == "Euler a"
+    assert sampler.parameters["seed"] == "8" and sampler.parameters["cfg_scale"] == "6.5"
+    assert sampler.model.name == "sdrt-tiny"
 
 
 def test_16_bit_init_image_is_scaled_like_its_8_bit_twin(tmp_path, capsys):
