@@ -195,6 +195,10 @@ def _generate_options(g):
                         "epsilon also selects the 512-base configs")
     g.add_argument("--clip-skip", metavar="N", type=_int, default=0,
                    help="skip the last N layers of the text encoder")
+    g.add_argument("--prompt-syntax", choices=("a1111", "plain"), default="a1111",
+                   help="a1111: (word:1.2) weights, [word], BREAK, and prompts past 75 tokens "
+                        "in chunks, as AUTOMATIC1111 reads them; plain: the text as it is, cut "
+                        "at 77 tokens (diffusers)")
     g.add_argument("-o", "--output", metavar="OUT.png", default="sdrt.png",
                    help="PNG to write. An existing file is kept: the first free name of "
                         "OUT-1.png, OUT-2.png, ... is used instead (for --batch N: of "

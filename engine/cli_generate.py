@@ -30,7 +30,7 @@ def generate(a):
         prompt=a.prompt, negative_prompt=a.negative, height=a.height, width=a.width,
         num_inference_steps=a.steps, guidance_scale=a.guidance, sampler=a.sampler, seed=a.seed,
         strength=a.strength, num_images_per_prompt=a.batch, clip_skip=a.clip_skip,
-        output_type="pil", has_image=a.init_image is not None,
+        output_type="pil", has_image=a.init_image is not None, prompt_syntax=a.prompt_syntax,
     ).check(names=OPTION_NAMES, limits=Limits.from_env())
     output = _output_path(a)
     _check_sources(a)
@@ -63,7 +63,8 @@ def generate(a):
                       width=request.width, num_inference_steps=a.steps,
                       guidance_scale=a.guidance, sampler=sampler, generator=generators,
                       image=init, strength=a.strength, num_images_per_prompt=a.batch,
-                      clip_skip=a.clip_skip, callback=None if plan else progress)
+                      clip_skip=a.clip_skip, callback=None if plan else progress,
+                      prompt_syntax=a.prompt_syntax)
     width, height = images[0].size
     if a.runtime == "onnx":  # networks in onnxruntime: named by the export, not hashed
         name, short_hash = os.path.basename(os.path.normpath(a.onnx_dir)), None
@@ -213,8 +214,10 @@ def _static_plan(a, pipe, request):
         return None
     if not static:
         return None
+    chunks = pipe.text_inputs(request.texts(), request.prompt_syntax).num_chunks
     return pipe.compile(request.height, request.width, request.batch_size,
-                        request.num_inference_steps, request.sampler, guidance=request.guidance)
+                        request.num_inference_steps, request.sampler, guidance=request.guidance,
+                        num_chunks=chunks)
 
 
 class _Progress:

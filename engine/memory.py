@@ -18,7 +18,7 @@ import torch
 from .errors import SdrtError
 from .request import Limits
 
-TEXT_TOKENS = 77   # CLIP's sequence: every request encodes 77 tokens per prompt
+TEXT_TOKENS = 77   # CLIP's sequence: a request encodes 77 tokens per prompt and chunk
 SLACK = 1.25       # allocator rounding and fragmentation, and the estimate's own looseness
 
 
@@ -202,7 +202,7 @@ def _halve(side):
     return (side + 1) // 2  # a stride-2 3×3 conv with padding 1, or the VAE's (0, 1) padding
 
 
-def _unet_phase(cfg, h, w, rows, size, fused):
+def _unet_phase(cfg, h, w, rows, size, fused, keys=TEXT_TOKENS):
     """(bytes, what dominates) of one UNet call on ``rows`` latents of h×w."""
     ch, n = list(cfg.block_out_channels), len(cfg.block_out_channels)
     heads = cfg.heads
@@ -225,7 +225,7 @@ def _unet_phase(cfg, h, w, rows, size, fused):
             # Tokens (p, c): the GEGLU projection (8c), its product (4c), q, k, v, the residual.
             level = max(level, 16 * c * p)
             if not fused:
-                scores = max(scores, rows * heads[i] * p * max(p, TEXT_TOKENS) * 4)
+                scores = max(scores, rows * heads[i] * p * max(p, keys) * 4)
         work = max(work, level)
     activations = rows * size * (skips + work)
     if scores > activations:
@@ -258,15 +258,16 @@ def _vae_phase(cfg, h, w, batch, size, encode):
 
 
 def _text_phase(cfg, rows, size):
-    t = TEXT_TOKENS
+    t = TEXT_TOKENS  # each chunk is its own row of 77 tokens
     return (rows * t * (cfg.intermediate_size + 4 * cfg.hidden_size) * size
             + rows * cfg.num_attention_heads * t * t * 4), "the text encoder"
 
 
 def request_bytes(unet_cfg, vae_cfg, text_cfg, height, width, batch, guidance, dtype,
-                  fused_attention=False, has_image=False):
+                  fused_attention=False, has_image=False, num_chunks=1):
     """(bytes, what dominates): an upper estimate of a request's peak memory beyond the
-    weights. ``fused_attention``: whether the UNet's attention runs a fused kernel that never
+    weights. ``num_chunks``: 77-token text chunks per prompt (A1111 syntax), each a text
+    encoder row and 77 more keys for the UNet's cross-attention. ``fused_attention``: whether the UNet's attention runs a fused kernel that never
     holds the score matrix (sdrt's Triton flash attention on a GPU); otherwise each attention's
     scores are counted once, in float32, as ``F.scaled_dot_product_attention``'s math path
     holds them."""
@@ -274,13 +275,13 @@ def request_bytes(unet_cfg, vae_cfg, text_cfg, height, width, batch, guidance, d
     f = vae_cfg.scale_factor
     h, w = height // f, width // f
     rows = batch * (2 if guidance else 1)
-    phases = [_text_phase(text_cfg, rows, size),
-              _unet_phase(unet_cfg, h, w, rows, size, fused_attention),
+    phases = [_text_phase(text_cfg, rows * num_chunks, size),
+              _unet_phase(unet_cfg, h, w, rows, size, fused_attention, TEXT_TOKENS * num_chunks),
               _vae_phase(vae_cfg, h, w, batch, size, encode=False)]
     if has_image:
         phases.append(_vae_phase(vae_cfg, h, w, batch, size, encode=True))
     # Held throughout: noise, latents, the sampler's float32 copies and history, text states.
-    held = rows * unet_cfg.in_channels * h * w * 4 * 8 + rows * TEXT_TOKENS * \
+    held = rows * unet_cfg.in_channels * h * w * 4 * 8 + rows * num_chunks * TEXT_TOKENS * \
         text_cfg.hidden_size * size
     peak, what = max(phases)
     return int((peak + held) * SLACK), what

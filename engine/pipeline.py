@@ -19,6 +19,7 @@ from .errors import SdrtError
 from .layers import use_conv_chooser
 from .loading import Components, check_compatible, load
 from .memory import check_request_fits, fused_attention, request_bytes
+from .prompt_syntax import WeightedIds, encode_chunks, tokenize_prompts
 from .request import GenerationRequest, Limits, short_repr
 from .runtime import StaticRuntime, StaticShape
 from .samplers import SchedulerConfig, default_sampler, make_schedule, sample
@@ -161,8 +162,11 @@ class Pipeline:
                    dtype, limits)
 
     def compile(self, height=None, width=None, batch_size=1, num_inference_steps=50,
-                sampler=None, guidance=True, strict=False, max_shapes=4):
+                sampler=None, guidance=True, strict=False, max_shapes=4, num_chunks=1):
         """Build the static plan (buffers, schedule, CUDA graphs on a GPU) for one shape.
+
+        ``num_chunks``: the prompts' number of 77-token chunks (A1111 syntax: a prompt past
+        75 tokens, or with ``BREAK``, takes more than one).
 
         From then on, text-to-image calls run through static plans: a call of a shape that
         was built replays it; any other shape is built on the spot and cached (at most
@@ -174,14 +178,18 @@ class Pipeline:
             sampler=sampler, num_images_per_prompt=batch_size,
             guidance_scale=7.5 if guidance else 1.0,
         ).check(names={"num_images_per_prompt": "batch_size"}, limits=self.limits)
-        request = self.check(request, names={"num_images_per_prompt": "batch_size"})
+        if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or \
+                not 1 <= num_chunks <= 64:
+            raise SdrtError(f"num_chunks must be an integer from 1 to 64, got {num_chunks!r}")
+        request = self.check(request, names={"num_images_per_prompt": "batch_size"},
+                             num_chunks=num_chunks)
         if self.runtime is None:
             self.runtime = StaticRuntime(self, max_shapes=max_shapes, strict=strict)
         else:
             self.runtime.configure(max_shapes=max_shapes, strict=strict)
-        return self.runtime.build(self._shape(request))
+        return self.runtime.build(self._shape(request, num_chunks))
 
-    def check(self, request: GenerationRequest, names=None):
+    def check(self, request: GenerationRequest, names=None, num_chunks=1):
         """The checks of a request (already through ``GenerationRequest.check``) that depend on
         the model: sizes (default: the UNet's ``sample_size``) against the VAE's scale factor,
         ``clip_skip`` against the text encoder's depth, and the request's estimated peak memory
@@ -209,12 +217,12 @@ class Pipeline:
         request = dataclasses.replace(request, sampler=request.sampler or
                                       default_sampler(self.scheduler_config), **sizes)
         if self.runtime is not None and not request.has_image and request.clip_skip == 0 and \
-                self._shape(request) in self.runtime.plans:
+                self._shape(request, num_chunks) in self.runtime.plans:
             return request  # a built plan: its buffers and graphs are already allocated
         need, what = request_bytes(
             self.unet.config, self.vae.config, self.text_encoder.config, request.height,
             request.width, request.batch_size, request.guidance, self.dtype,
-            fused_attention(self.unet, self.device, self.dtype), request.has_image)
+            fused_attention(self.unet, self.device, self.dtype), request.has_image, num_chunks)
         images = request.batch_size
         check_request_fits(need, what, f"a request for {images} image{'s' * (images > 1)} of "
                            f"{request.width}x{request.height}"
@@ -229,17 +237,27 @@ class Pipeline:
                             f"scale factor), got {value}")
 
     @staticmethod
-    def _shape(request):
+    def _shape(request, num_chunks=1):
         return StaticShape(request.height, request.width, request.batch_size,
-                           request.num_inference_steps, request.sampler, request.guidance)
+                           request.num_inference_steps, request.sampler, request.guidance,
+                           num_chunks)
 
     # -- pieces -------------------------------------------------------------------------------
 
+    def text_inputs(self, prompts, prompt_syntax="a1111") -> WeightedIds:
+        """Prompts → token ids and weights (B, n, 77) on the CPU. ``"a1111"`` reads A1111's
+        syntax (weights, ``BREAK``, 75-token chunks past 77 tokens); ``"plain"`` is one chunk,
+        cut at 77 tokens with a warning, every weight 1."""
+        if prompt_syntax == "a1111":
+            return tokenize_prompts(self.tokenizer, prompts)
+        ids = self.tokenizer(prompts)[:, None]
+        return WeightedIds(ids, torch.ones(ids.shape, dtype=torch.float32))
+
     @torch.no_grad()
-    def encode_prompt(self, prompts, clip_skip=0):
-        """Prompts → text states (B, 77, D) in the pipeline's dtype."""
-        ids = self.tokenizer(prompts).to(self.device)
-        return self.text_encoder(ids, clip_skip=clip_skip).to(self.dtype)
+    def encode_prompt(self, prompts, clip_skip=0, prompt_syntax="a1111"):
+        """Prompts → text states (B, 77·n, D) in the pipeline's dtype."""
+        inputs = self.text_inputs(prompts, prompt_syntax).to(self.device)
+        return encode_chunks(self.text_encoder, inputs, clip_skip).to(self.dtype)
 
     def default_size(self):
         side = self.unet.config.sample_size * self.vae_scale_factor
@@ -405,7 +423,8 @@ class Pipeline:
     def __call__(self, prompt, negative_prompt=None, height=None, width=None,
                  num_inference_steps=50, guidance_scale=7.5, sampler=None, seed=None,
                  latents=None, image=None, strength=0.8, num_images_per_prompt=1,
-                 output_type="pil", generator=None, clip_skip=0, callback=None):
+                 output_type="pil", generator=None, clip_skip=0, callback=None,
+                 prompt_syntax="a1111"):
         """Generate images; see the README for each argument.
 
         Returns a list of PIL images (``"pil"``), a float32 array (B, H, W, 3) in [0, 1]
@@ -432,7 +451,8 @@ class Pipeline:
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             sampler=sampler, seed=seed, strength=strength,
             num_images_per_prompt=num_images_per_prompt, clip_skip=clip_skip,
-            output_type=output_type, has_image=image is not None).check(limits=self.limits)
+            output_type=output_type, has_image=image is not None,
+            prompt_syntax=prompt_syntax).check(limits=self.limits)
         for field in ("height", "width"):
             if getattr(request, field) is not None:
                 self._check_side(field, getattr(request, field), {})
@@ -444,7 +464,10 @@ class Pipeline:
                                 f"divides the batch of {request.batch_size}), got "
                                 f"{init.shape[0]}")
             request = dataclasses.replace(request, height=init.shape[2], width=init.shape[3])
-        request = self.check(request)
+        # [negative..., positive...] as diffusers orders them, tokenised once; with A1111
+        # syntax both halves are padded to the same number of chunks.
+        inputs = self.text_inputs(request.texts(), request.prompt_syntax)
+        request = self.check(request, num_chunks=inputs.num_chunks)
         generator = self._generator(generator, request)
         batch, sampler = request.batch_size, request.sampler
         shape = (batch, self.unet.config.in_channels, request.height // self.vae_scale_factor,
@@ -454,17 +477,17 @@ class Pipeline:
         step_end = self._step_end(callback)
         # Static plans cover text-to-image with the final text layer; the rest runs eagerly.
         if self.runtime is not None and init is None and request.clip_skip == 0:
-            return self._run_static(request, self._noise(latents, shape, generator), generator,
-                                    step_end)
+            return self._run_static(request, inputs, self._noise(latents, shape, generator),
+                                    generator, step_end)
 
         schedule = make_schedule(self.scheduler_config, sampler, request.num_inference_steps,
                                  strength=request.strength if init is not None else 1.0,
                                  device=self.device)
         self.num_timesteps = len(schedule.timesteps)
         t0 = self._clock()
-        # One text-encoder call for both halves: [negative..., positive...] as diffusers orders.
-        states = self.encode_prompt(request.texts(), request.clip_skip)
-        states = states.repeat_interleave(request.num_images_per_prompt, dim=0)
+        # One text-encoder call for both halves and every chunk.
+        states = encode_chunks(self.text_encoder, inputs.to(self.device), request.clip_skip)
+        states = states.to(self.dtype).repeat_interleave(request.num_images_per_prompt, dim=0)
         t1 = self._clock()
 
         # diffusers' order of draws: the VAE's posterior sample, then the noise.
@@ -493,20 +516,18 @@ class Pipeline:
         from PIL import Image
         return [Image.fromarray((i * 255).round().astype(np.uint8)) for i in images]
 
-    def _run_static(self, request, noise, generator, step_end):
+    def _run_static(self, request, inputs, noise, generator, step_end):
         """One text-to-image request through the static plan of its shape."""
-        plan = self.runtime.plan_for(self._shape(request))
+        plan = self.runtime.plan_for(self._shape(request, inputs.num_chunks))
         self.num_timesteps = len(plan.schedule.timesteps)
-        ids = self.tokenizer(request.texts()).repeat_interleave(request.num_images_per_prompt,
-                                                                dim=0)
+        inputs = inputs.repeat_interleave(request.num_images_per_prompt)
         step_noise = None
         if plan.step_noise is not None:
             # The same CPU draws, in the same order, as the eager euler_a loop makes.
             step_noise = torch.stack([cpu_randn(plan.latent_shape, generator)
                                       for _ in range(plan.step_noise.shape[0])])
-        self.timings = plan.run(ids, noise, row_scales(request.row_scales(), self.device),
-                                step_noise,
-                                clock=self._clock, step_end=step_end)
+        self.timings = plan.run(inputs, noise, row_scales(request.row_scales(), self.device),
+                                step_noise, clock=self._clock, step_end=step_end)
         self.timings["unet_calls"] = len(plan.schedule.timesteps)
         if request.output_type == "latent":
             return plan.latents.clone()

@@ -25,6 +25,9 @@ from .errors import SdrtError
 # sampler name can be checked without importing torch.
 SAMPLER_NAMES = ("ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras")
 OUTPUT_TYPES = ("pil", "np", "latent")
+# How a prompt string is read: A1111's syntax (weights, BREAK, 75-token chunks past 77 tokens;
+# prompt_syntax.py) or as plain text (cut at 77 tokens, as diffusers does).
+PROMPT_SYNTAXES = ("a1111", "plain")
 MAX_SEED = 2 ** 64 - 1  # torch.Generator.manual_seed takes any 64-bit value
 RANDOM_SEED = -1        # seed=-1: draw one, as A1111 users expect
 
@@ -127,6 +130,7 @@ class GenerationRequest:
     clip_skip: object = 0
     output_type: object = "pil"
     has_image: bool = False
+    prompt_syntax: object = "a1111"
 
     def check(self, names=None, limits=None):
         """Every model-free check; returns the request with its numbers as plain ``int`` and
@@ -177,6 +181,8 @@ class GenerationRequest:
             fail("sampler", f"one of {', '.join(SAMPLER_NAMES)}", self.sampler)
         if self.output_type not in OUTPUT_TYPES:
             fail("output_type", f"one of {', '.join(OUTPUT_TYPES)}", self.output_type)
+        if self.prompt_syntax not in PROMPT_SYNTAXES:
+            fail("prompt_syntax", f"one of {', '.join(PROMPT_SYNTAXES)}", self.prompt_syntax)
         seed = self.seed
         if seed is not None and not (_is_int(seed) and seed == RANDOM_SEED):
             seed = integer("seed", 0, MAX_SEED, "-1 (random) or an integer from 0 to 2**64 - 1")

@@ -20,6 +20,7 @@ import torch
 
 from .errors import SdrtError
 from .samplers import make_schedule, sample
+from .prompt_syntax import apply_weights
 from .stages import guided, to_unit_images, vae_decode
 
 log = logging.getLogger("sdrt")
@@ -34,11 +35,13 @@ class StaticShape:
     num_inference_steps: int
     sampler: str
     guidance: bool  # whether the request batches an unconditional pass (CFG)
+    num_chunks: int = 1  # 77-token text chunks per prompt (A1111 syntax: BREAK, > 75 tokens)
 
     def describe(self):
+        chunks = f", {self.num_chunks} text chunks" if self.num_chunks > 1 else ""
         return (f"{self.width}x{self.height}, batch {self.batch_size}, "
                 f"{self.num_inference_steps} steps of {self.sampler}, "
-                f"{'with' if self.guidance else 'without'} CFG")
+                f"{'with' if self.guidance else 'without'} CFG{chunks}")
 
 
 class StaticPlan:
@@ -57,15 +60,17 @@ class StaticPlan:
                                       shape.num_inference_steps, device=dev)
         n_calls = len(self.schedule.timesteps)
         # Inputs, written before each replay.
-        self.ids = torch.zeros(rows, pipe.tokenizer.max_length, dtype=torch.long, device=dev)
+        n, length = shape.num_chunks, pipe.tokenizer.max_length
+        self.ids = torch.zeros(rows * n, length, dtype=torch.long, device=dev)
+        self.weights = torch.ones(rows * n, length, dtype=torch.float32, device=dev)
         self.noise = torch.zeros(self.latent_shape, dtype=dtype, device=dev)
         self.guidance_scale = torch.ones(shape.batch_size, 1, 1, 1, dtype=torch.float32,
                                          device=dev)  # one scale per image
         self.step_noise = (torch.zeros((n_calls, *self.latent_shape), dtype=torch.float32,
                                        device=dev) if shape.sampler == "euler_a" else None)
         # Outputs of one stage, inputs of the next.
-        self.states = torch.zeros(rows, pipe.tokenizer.max_length,
-                                  pipe.text_encoder.config.hidden_size, dtype=dtype, device=dev)
+        self.states = torch.zeros(rows, n * length, pipe.text_encoder.config.hidden_size,
+                                  dtype=dtype, device=dev)
         self.latents = torch.zeros(self.latent_shape, dtype=dtype, device=dev)
         self.image = torch.zeros(shape.batch_size, shape.height, shape.width, 3,
                                  dtype=torch.float32, device=dev)
@@ -78,7 +83,9 @@ class StaticPlan:
     # -- the three stages, each free of host synchronisation -----------------------------------
 
     def _encode(self):
-        self.states.copy_(self.pipe.text_encoder(self.ids))
+        # (rows·n, 77, D), weighted (A1111 emphasis; no host sync), joined per prompt
+        states = apply_weights(self.pipe.text_encoder(self.ids), self.weights)
+        self.states.copy_(states.view(self.states.shape))
 
     def _denoise(self, step_end=None):
         model = guided(self.pipe.unet, self.states, self.guidance_scale, self.shape.guidance,
@@ -122,7 +129,7 @@ class StaticPlan:
     # -- a request -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def run(self, ids, noise, guidance_scale, step_noise=None, clock=time.perf_counter,
+    def run(self, inputs, noise, guidance_scale, step_noise=None, clock=time.perf_counter,
             step_end=None):
         """Copy the request's inputs in, run (replay) the three stages.
 
@@ -133,7 +140,9 @@ class StaticPlan:
         ``step_end`` the denoising stage runs eagerly over the plan's buffers, between the
         replays of the text-encoder and decoder graphs.
         """
-        self.ids.copy_(ids)
+        # inputs: ids and weights (rows, n, 77), one row per image and CFG half
+        self.ids.copy_(inputs.ids.reshape(self.ids.shape))
+        self.weights.copy_(inputs.weights.reshape(self.weights.shape))
         self.noise.copy_(noise)
         self.guidance_scale.copy_(guidance_scale)
         if self.step_noise is not None:

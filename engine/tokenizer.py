@@ -200,6 +200,14 @@ class ClipTokenizer:
             rows.append(ids + [self.pad_token_id] * (self.max_length - len(ids)))
         return torch.tensor(rows, dtype=torch.long).reshape(len(rows), self.max_length)
 
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Each text's token ids alone: no BOS/EOS, no padding, no truncation."""
+        return [e.ids for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+    def token_id(self, token: str):
+        """A vocabulary entry's id (e.g. ``",</w>"``), None when absent."""
+        return self._tokenizer.token_to_id(token)
+
     def _warn_truncated(self, dropped):
         words = self.decode(dropped[:_SHOWN_WORDS]).split()[:_SHOWN_WORDS]
         more = " …" if len(dropped) > len(words) else ""

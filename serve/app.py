@@ -185,6 +185,10 @@ class Server:
             raise ApiError(400, " ".join(str(e).split()), "bad_request", _param_of(str(e)))
         return replace(checked, num_images_per_prompt=req.num_images_per_prompt)
 
+    def chunks(self, req):
+        """The checked request's number of 77-token text chunks (part of its batch key)."""
+        return self.runner.pipe.text_inputs(req.texts(), req.prompt_syntax).num_chunks
+
     def seeds(self, seed, n, name):
         base = random.randrange(_RANDOM_SEEDS) if seed is None or seed == -1 else seed
         if base + n - 1 > MAX_SEED:
@@ -354,7 +358,7 @@ def create_app(config: ServeConfig = None) -> FastAPI:
             num_images_per_prompt=body.n)
         seeds = server.seeds(req.seed, body.n, "seed")
         key = BatchKey(req.height, req.width, req.num_inference_steps, req.sampler,
-                       req.guidance, None, 0)
+                       req.guidance, None, 0, server.chunks(req))
         rows = [Row(body.prompt, body.negative_prompt or "", req.guidance_scale, s)
                 for s in seeds]
         images = await server.generate(request, key, rows)
@@ -397,7 +401,8 @@ def create_app(config: ServeConfig = None) -> FastAPI:
             has_image=init_images is not None)
         seeds = server.seeds(req.seed, n, "seed")
         key = BatchKey(req.height, req.width, req.num_inference_steps, req.sampler,
-                       req.guidance, req.strength if init_images else None, req.clip_skip)
+                       req.guidance, req.strength if init_images else None, req.clip_skip,
+                       server.chunks(req))
         rows = [Row(body.prompt, body.negative_prompt, req.guidance_scale, s,
                     init_images[i % len(init_images)] if init_images else None)
                 for i, s in enumerate(seeds)]

@@ -72,7 +72,7 @@ class Runner:
         self.planned = {}
         for shape, plan in runtime.plans.items():
             key = (shape.height, shape.width, shape.num_inference_steps, shape.sampler,
-                   shape.guidance)
+                   shape.guidance, shape.num_chunks)
             self.planned.setdefault(key, set()).add(shape.batch_size)
             if id(plan) not in self._plans_seen:
                 self._plans_seen.add(id(plan))
@@ -85,7 +85,7 @@ class Runner:
         if key.strength is not None or key.clip_skip:
             return ()
         return tuple(self.planned.get((key.height, key.width, key.steps, key.sampler,
-                                       key.guidance), ()))
+                                       key.guidance, key.chunks), ()))
 
     def run(self, key: BatchKey, rows):
         """One pipeline call for ``rows`` -> one PIL image per row. Each row has its own CPU

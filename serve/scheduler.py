@@ -44,6 +44,9 @@ class BatchKey:
     guidance: bool      # classifier-free guidance on (scale > 1) or off
     strength: float     # image-to-image strength; None for text-to-image
     clip_skip: int
+    # 77-token text chunks of the prompts (A1111 syntax): a batch pads every prompt to its
+    # longest, which would change a shorter prompt's image, so only equal counts batch.
+    chunks: int = 1
 
 
 @dataclass(frozen=True)

@@ -530,8 +530,8 @@ def test_used_options_do_not_warn(tiny_dir, tmp_path, capsys):
 
 def test_library_warning_is_one_short_line(tmp_path, capsys):
     long_prompt = " ".join(f"word{i}" for i in range(100))  # past CLIP's 77 tokens
-    code, _, err = _run(["generate", long_prompt, *SMALL, "-o", str(tmp_path / "o.png")],
-                        capsys)
+    code, _, err = _run(["generate", long_prompt, *SMALL, "--prompt-syntax", "plain",
+                         "-o", str(tmp_path / "o.png")], capsys)
     assert code == 0, err
     warned = _warnings(err)
     assert len(warned) == 1 and "tokens" in warned[0], err
