@@ -37,7 +37,8 @@ setup(
         "test": [
             "pytest>=7.0",
             "hypothesis>=6.0",
-            "diffusers>=0.30",
+            "diffusers>=0.34",
+            "peft>=0.17",  # diffusers loads LoRAs through it (the LoRA parity tests)
             "transformers>=4.40",
             # the serve tests' clients and checks: real HTTP, the official OpenAI SDK, an
             # A1111 PNG-info parser, the server process's memory

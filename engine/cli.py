@@ -6,6 +6,7 @@ so a rejected call returns at once. Python warnings print as one line each,
 ``sdrt: warning: ...``.
 """
 import argparse
+import math
 import os
 import sys
 import time
@@ -39,6 +40,21 @@ def _float(text):
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+
+
+def _lora_option(text):
+    """PATH[:SCALE] → (PATH, SCALE); only a trailing ':number' is a scale, so a path with a
+    colon in it still works."""
+    path, sep, scale = text.rpartition(":")
+    if sep and path:
+        try:
+            value = float(scale)
+        except ValueError:
+            return text, 1.0
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"the scale of {text} must be a finite number")
+        return path, value
+    return text, 1.0
 
 
 class _Store(argparse.Action):
@@ -195,6 +211,9 @@ def _generate_options(g):
                         "epsilon also selects the 512-base configs")
     g.add_argument("--clip-skip", metavar="N", type=_int, default=0,
                    help="skip the last N layers of the text encoder")
+    g.add_argument("--lora", metavar="PATH[:SCALE]", type=_lora_option, action="append",
+                   default=[], help="apply a LoRA (kohya/A1111 or diffusers .safetensors) at "
+                                    "SCALE (default 1); repeat for several")
     g.add_argument("--prompt-syntax", choices=("a1111", "plain"), default="a1111",
                    help="a1111: (word:1.2) weights, [word], BREAK, and prompts past 75 tokens "
                         "in chunks, as AUTOMATIC1111 reads them; plain: the text as it is, cut "

@@ -134,6 +134,7 @@ class Pipeline:
         self.num_timesteps = None  # denoising steps of the current (or last) call
         self.runtime = None  # set by compile()
         self._vae_fp32 = None  # made on the first low-precision decode that overflows
+        self._loras = None  # a LoraManager, made by the first LoRA call
         if device.type == "cuda":
             # Time the fused GroupNorm+SiLU conv against group_norm + cuDNN once per shape and
             # keep the faster, so no shape gets slower than the unfused path. (Networks run by
@@ -188,6 +189,37 @@ class Pipeline:
         else:
             self.runtime.configure(max_shapes=max_shapes, strict=strict)
         return self.runtime.build(self._shape(request, num_chunks))
+
+    # -- LoRA ----------------------------------------------------------------------------------
+
+    @property
+    def loras(self) -> dict:
+        """``{name: scale}`` of the loaded LoRA adapters, in load order."""
+        return {} if self._loras is None else self._loras.adapters
+
+    def load_lora(self, path_or_state_dict, scale=1.0, name=None, replace=None):
+        """Patch a LoRA (kohya/A1111 or diffusers/PEFT ``.safetensors``, or a state dict) into
+        the UNet and text-encoder weights in place, so static plans and their CUDA graphs stay
+        valid with no rebuild. ``replace`` names a loaded LoRA to swap out in the same pass.
+        Returns the adapter's name."""
+        return self._lora_manager().load(path_or_state_dict, scale, name, replace)
+
+    def set_lora_scale(self, name, scale):
+        self._lora_manager().set_scale(name, scale)
+
+    def unload_lora(self, name=None):
+        """Remove LoRA ``name`` (all when None); the original weights come back bit for bit."""
+        self._lora_manager().unload(name)
+
+    def _lora_manager(self):
+        if self._loras is None:
+            if not isinstance(self.unet, nn.Module) or not isinstance(self.text_encoder,
+                                                                       nn.Module):
+                raise SdrtError("LoRAs patch sdrt's own networks; these run in another runtime "
+                                "(load the LoRA before exporting to ONNX instead)")
+            from .lora import LoraManager
+            self._loras = LoraManager({"unet": self.unet, "text_encoder": self.text_encoder})
+        return self._loras
 
     def check(self, request: GenerationRequest, names=None, num_chunks=1):
         """The checks of a request (already through ``GenerationRequest.check``) that depend on

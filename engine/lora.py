@@ -1,0 +1,500 @@
+"""LoRA adapters, applied by patching sdrt's weights in place.
+
+A LoRA adds a low-rank update to a Linear or Conv2d weight:
+
+    W = W0 + Σ_i  s_i · (α_i / r_i) · up_i @ down_i        up (out, r), down (r, in·kh·kw)
+
+``s_i`` is the adapter's scale (the user's weight, A1111's ``<lora:name:s>``), ``α_i`` the
+file's alpha and ``r_i`` its rank. The sum is formed in float32 from the saved original
+``W0`` and rounded once into the weight's dtype, then written into the weight's own storage
+(``copy_``): the static runtime's buffers and CUDA graphs, which captured that storage, stay
+valid with no recapture. Each load, scale change or unload recomputes only the weights that
+adapter touches; ``unload`` restores ``W0`` bit for bit. The original of a touched weight is
+kept on the CPU (pinned when the weight is on a GPU, for the copy back), only while some
+adapter touches it.
+
+File layouts, told apart by their keys:
+
+    kohya / A1111     lora_unet_<module>.lora_down.weight / .lora_up.weight / .alpha
+                      lora_te_<module>...            ("." in module names written as "_";
+                                                      UNet modules in diffusers' or in the
+                                                      original LDM naming)
+                      conv LoRA (LoCon): down (r, Cin, kh, kw), up (Cout, r, 1, 1)
+    diffusers / PEFT  unet.<module>.lora_A.weight / .lora_B.weight, text_encoder.<module>...
+                      alpha from ``<module>.alpha`` keys or the file's
+                      ``lora_adapter_metadata`` (diffusers' LoraConfig per component);
+                      without either, α = r (PEFT's default scale 1)
+    older diffusers   <module>.lora.down.weight / .lora.up.weight, .lora_linear_layer.*,
+                      attention processors' ``processor.to_q_lora.down.weight``
+
+SDXL LoRAs (``lora_te1_``/``lora_te2_``, ``text_encoder_2.``), LyCORIS variants other than
+LoCon (LoHa, LoKr, Tucker ``lora_mid``), DoRA and pickled files are refused with an
+``SdrtError`` saying so. A LoRA weight with no place in the model is an error naming the
+first unmatched keys; a LoRA whose shapes do not fit is refused naming the key and both shapes
+(a LoRA for another model family). Everything is checked before any weight is touched.
+"""
+import json
+import math
+import os
+import re
+import threading
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import SdrtError
+from .weights import SafetensorsFiles, refuse_pickle
+
+COMPONENTS = ("unet", "text_encoder")
+_KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
+_SDXL_MARKS = ("lora_te1_", "lora_te2_", "text_encoder_2.", "lora_unet_label_emb",
+               "unet.add_embedding.")
+# LyCORIS algorithms whose update is not up @ down, and DoRA's magnitude vectors.
+_UNSUPPORTED = {"hada_": "LoHa", "lokr_": "LoKr", "lora_mid": "LoCon with Tucker (lora_mid)",
+                "oft_": "OFT", "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA",
+                "lora_B.bias": "LoRA with bias (lora_bias)"}
+# The part of a key after the layer's name, and what it holds.
+_KOHYA_SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+_DIFFUSERS_SUFFIXES = ((".lora_A.weight", "down"), (".lora_B.weight", "up"),
+                       (".lora.down.weight", "down"), (".lora.up.weight", "up"),
+                       (".lora_linear_layer.down.weight", "down"),
+                       (".lora_linear_layer.up.weight", "up"),
+                       ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),
+                       (".alpha", "alpha"))
+# Older diffusers files name the attention processor's LoRA (``attn1.processor.to_q_lora``,
+# ``self_attn.to_out_lora``), not the linear layer it patches.
+_OLD_DIFFUSERS = {
+    "unet": ((re.compile(r"\.processor\.to_(q|k|v)$"), r".to_\1"),
+             (re.compile(r"\.processor\.to_out$"), ".to_out.0")),
+    "text_encoder": ((re.compile(r"\.self_attn\.to_(q|k|v)$"), r".self_attn.\1_proj"),
+                     (re.compile(r"\.self_attn\.to_out$"), ".self_attn.out_proj")),
+}
+_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LoraConfig per component, as JSON
+_SHOWN = 5  # unmatched keys named in an error
+
+
+@dataclass
+class LoraLayer:
+    """The update of one weight: ΔW = scale · factor · up @ down, reshaped to the weight."""
+    up: torch.Tensor      # (out, r) float32, on the weight's device
+    down: torch.Tensor    # (r, in·kh·kw) float32, on the weight's device
+    factor: float         # α / r
+
+
+@dataclass
+class Adapter:
+    name: str
+    scale: float
+    layers: dict = field(default_factory=dict)  # (component, module name) → LoraLayer
+
+
+class LoraManager:
+    """The LoRA adapters applied to a set of modules (``{"unet": unet, "text_encoder": te}``).
+
+    ``load`` / ``set_scale`` / ``unload`` patch the weights in place (see the module
+    docstring); ``adapters`` is ``{name: scale}`` in load order. ``family`` ("sd1", "sd2")
+    only names the model in messages. The methods hold a lock, so two threads never patch
+    at once; a generation running while a weight is patched sees a mix of old and new weights,
+    so callers switch adapters between requests.
+    """
+
+    def __init__(self, modules: dict, family: str | None = None):
+        unknown = set(modules) - set(COMPONENTS)
+        if unknown:
+            raise SdrtError(f"LoRA: unknown component {sorted(unknown)[0]!r}, expected "
+                            f"{' or '.join(COMPONENTS)}")
+        self.modules = {c: m for c, m in modules.items() if m is not None}
+        self.family = family
+        self._adapters: dict[str, Adapter] = {}
+        self._originals: dict[tuple, torch.Tensor] = {}  # (component, module) → W0 on the CPU
+        self._targets = {}  # component → {module name: nn.Linear | nn.Conv2d}
+        self._kohya = {}  # component → {kohya name: module name}
+        self._lock = threading.Lock()
+
+    @property
+    def adapters(self) -> dict:
+        """``{name: scale}`` of the loaded adapters, in load order."""
+        return {a.name: a.scale for a in self._adapters.values()}
+
+    def layers(self, name) -> list:
+        """The ``(component, module name)`` of every weight adapter ``name`` patches."""
+        return list(self._adapter(name).layers)
+
+    def load(self, source, scale=1.0, name=None, replace=None) -> str:
+        """Load a LoRA (a ``.safetensors`` path or a ``{key: tensor}`` dict) at ``scale`` and
+        patch it in. Returns its name: ``name``, or the file's stem (``"lora"`` for a dict),
+        made unique with ``-2``, ``-3``, ... .
+
+        ``replace`` names a loaded adapter to remove in the same pass (switching adapters):
+        the weights both patch are recomputed once, without restoring their originals first.
+        The new LoRA is read and checked before anything changes: if it is refused, the
+        weights and the adapters stay as they were."""
+        scale = _check_scale(scale)
+        if name is not None and (not isinstance(name, str) or not name):
+            raise SdrtError(f"LoRA name must be a non-empty string, got {name!r}")
+        state, metadata, where = _read(source)
+        with self._lock:
+            old = self._adapter(replace) if replace is not None else None
+            if name in self._adapters and name != replace:
+                raise SdrtError(f"a LoRA named {name!r} is loaded already: unload it first, or "
+                                "change its scale with set_scale")
+            layers = self._parse(state, metadata, where)
+            touched = dict(layers)
+            if old is not None:
+                touched.update(self._adapters.pop(old.name).layers)
+            name = name or self._unique(_default_name(source))
+            self._adapters[name] = Adapter(name, scale, layers)
+            self._apply(touched)
+        return name
+
+    def set_scale(self, name, scale):
+        """Change adapter ``name``'s scale; its weights are recomputed from the originals."""
+        scale = _check_scale(scale)
+        with self._lock:
+            adapter = self._adapter(name)
+            adapter.scale = scale
+            self._apply(adapter.layers)
+
+    def unload(self, name=None):
+        """Remove adapter ``name`` (every adapter when None); weights no adapter touches any
+        more get their original values back, bit for bit."""
+        with self._lock:
+            names = list(self._adapters) if name is None else [self._adapter(name).name]
+            touched = {}
+            for n in names:
+                touched.update(self._adapters.pop(n).layers)
+            self._apply(touched)
+
+    # -- patching --------------------------------------------------------------------------
+
+    def _adapter(self, name):
+        if not isinstance(name, str) or name not in self._adapters:
+            loaded = ", ".join(map(repr, self._adapters)) or "none"
+            raise SdrtError(f"no LoRA named {name!r} is loaded (loaded: {loaded})")
+        return self._adapters[name]
+
+    def _unique(self, stem):
+        name, i = stem, 1
+        while name in self._adapters:
+            i += 1
+            name = f"{stem}-{i}"
+        return name
+
+    @torch.no_grad()
+    def _apply(self, keys):
+        """Recompute the weights ``keys`` (``(component, module)`` pairs) from their originals
+        and every adapter that touches them, in load order."""
+        scratch = {}  # device → one float32 accumulator, reused for every weight
+        for key in keys:
+            weight = self._targets[key[0]][key[1]].weight
+            touching = [a for a in self._adapters.values() if key in a.layers]
+            if not touching:
+                original = self._originals.pop(key, None)
+                if original is not None:
+                    weight.copy_(original)
+                continue
+            if key not in self._originals:
+                self._originals[key] = _cpu_copy(weight)
+            original = self._originals[key]
+            updates = [(a.scale * a.layers[key].factor, a.layers[key]) for a in touching
+                       if a.scale]
+            rows = weight.shape[0]
+            if not updates:
+                weight.copy_(original)
+            elif weight.dtype == torch.float32 and weight.is_contiguous() and \
+                    original.device == weight.device:
+                # float32 on the CPU: W0 + ΔW straight into the weight, nothing to round:
+                # 16 B per element (W0 copied in, then addmm reads and writes it).
+                out = weight.view(rows, -1)
+                (alpha, first), rest = updates[0], updates[1:]
+                torch.addmm(original.view(rows, -1), first.up, first.down, alpha=alpha, out=out)
+                for alpha, layer in rest:
+                    out.addmm_(layer.up, layer.down, alpha=alpha)
+            else:
+                # A float32 accumulator: W0, then one addmm per adapter, then one rounding
+                # into the weight's dtype (and layout: channels_last convs) as it is copied.
+                acc = _scratch(scratch, weight)
+                acc.copy_(original)
+                flat = acc.view(rows, -1)
+                for alpha, layer in updates:
+                    flat.addmm_(layer.up, layer.down, alpha=alpha)
+                weight.copy_(acc)
+
+    # -- reading a file --------------------------------------------------------------------
+
+    def _parse(self, state, metadata, where):
+        """``{(component, module): LoraLayer}`` for a state dict, every key and shape checked."""
+        _refuse_unsupported(state, where)
+        groups, unknown, notes = {}, [], []
+        for key in state:
+            parsed = _split_key(key)
+            if parsed is None:
+                (notes if _is_scalar(state[key]) else unknown).append(key)
+                continue
+            component, module, role, layout = parsed
+            groups.setdefault((component, module, layout), {})[role] = key
+        layers, unmatched = {}, []
+        for (component, module, layout), roles in groups.items():
+            if "down" not in roles or "up" not in roles:
+                if set(roles) == {"alpha"}:
+                    notes.append(roles["alpha"])
+                else:
+                    unmatched.append(f"{roles.get('down') or roles['up']} (no "
+                                     f"{'up' if 'down' in roles else 'down'} weight)")
+                continue
+            if component not in self.modules:
+                raise SdrtError(f"{where}: LoRA has {component} weights ({roles['down']}), but "
+                                f"this model has no sdrt {component} to patch")
+            target = self._resolve(component, module, layout)
+            if target is None:
+                unmatched.append(roles["down"])
+                continue
+            if (component, target) in layers:
+                raise SdrtError(f"{where}: LoRA patches {component} {target} twice (again in "
+                                f"{roles['down']})")
+            layers[(component, target)] = self._layer(state, roles, component, module, target,
+                                                      metadata, where)
+        unmatched += unknown
+        if unmatched:
+            raise SdrtError(f"{where}: {len(unmatched)} LoRA weight(s) match nothing in this "
+                            f"{self._model()}: {', '.join(unmatched[:_SHOWN])}"
+                            f"{', ...' if len(unmatched) > _SHOWN else ''} (a LoRA for another "
+                            "model?)")
+        if not layers:
+            raise SdrtError(f"{where}: no LoRA weights found (expected kohya "
+                            "lora_unet_*/lora_te_* .lora_down/.lora_up or diffusers "
+                            "unet.*/text_encoder.* .lora_A/.lora_B keys)")
+        if notes:
+            warnings.warn(f"{where}: {len(notes)} LoRA key(s) ignored (no LoRA weight of "
+                          f"theirs): {', '.join(notes[:_SHOWN])}"
+                          f"{', ...' if len(notes) > _SHOWN else ''}", stacklevel=3)
+        return layers
+
+    def _model(self):
+        return f"{self.family} model" if self.family else "model"
+
+    def _tables(self, component):
+        if component not in self._targets:
+            module = self.modules[component]
+            targets = {n: m for n, m in module.named_modules()
+                       if isinstance(m, (nn.Linear, nn.Conv2d))}
+            kohya = {}
+            for n in targets:
+                kohya[n.replace(".", "_")] = n
+                if component == "text_encoder" and n.startswith("text_model."):
+                    kohya[n[len("text_model."):].replace(".", "_")] = n
+            if component == "unet":
+                for ldm, n in _ldm_names(module.config, targets).items():
+                    kohya.setdefault(ldm.replace(".", "_"), n)
+            self._targets[component], self._kohya[component] = targets, kohya
+        return self._targets[component], self._kohya[component]
+
+    def _resolve(self, component, module, layout):
+        """sdrt's module name for a LoRA's module name, or None."""
+        targets, kohya = self._tables(component)
+        if layout == "kohya":
+            return kohya.get(module)
+        for pattern, repl in _OLD_DIFFUSERS[component]:
+            module = pattern.sub(repl, module)
+        if module in targets:
+            return module
+        if component == "text_encoder" and "text_model." + module in targets:
+            return "text_model." + module  # transformers >= 5 names CLIP without text_model.
+        return None
+
+    def _layer(self, state, roles, component, module, target, metadata, where):
+        weight = self._targets[component][target].weight
+        down, up = state[roles["down"]], state[roles["up"]]
+        for key, t in ((roles["down"], down), (roles["up"], up)):
+            if not t.is_floating_point() or t.dim() not in (2, 4) or not t.numel():
+                raise SdrtError(f"{where}: LoRA weight {key} must be a non-empty 2-d or 4-d "
+                                f"float tensor, got {_describe(t)}")
+        rank = down.shape[0]
+        shape = tuple(weight.shape)
+        fits = (up.shape[0] == shape[0] and up.shape[1] == rank and
+                all(s == 1 for s in up.shape[2:]) and down.shape[1] == shape[1] and
+                _kernel(down.shape) == _kernel(shape))
+        if not fits:
+            raise SdrtError(
+                f"{where}: LoRA {roles['down'].rsplit('.', 2)[0]} does not fit this "
+                f"{self._model()}: down {tuple(down.shape)} and up {tuple(up.shape)} cannot "
+                f"update {component} {target}.weight {shape} (a LoRA for another model family?)")
+        down = down.to(weight.device, torch.float32).reshape(rank, -1)
+        up = up.to(weight.device, torch.float32).reshape(shape[0], rank)
+        if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
+            raise SdrtError(f"{where}: LoRA {roles['down']} holds inf or NaN values")
+        factor = _alpha_over_rank(state, roles, component, module, rank, metadata, where)
+        return LoraLayer(up.contiguous(), down.contiguous(), factor)
+
+
+def _check_scale(scale):
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise SdrtError(f"LoRA scale must be a finite number, got {scale!r}")
+    return float(scale)
+
+
+def _describe(t):
+    if isinstance(t, torch.Tensor):
+        return f"{t.dtype} of shape {tuple(t.shape)}"
+    return type(t).__name__
+
+
+def _kernel(shape):
+    """A conv kernel's (kh, kw), () for a Linear or a 1×1 conv (either updates the other)."""
+    k = tuple(shape[2:])
+    return () if all(s == 1 for s in k) else k
+
+
+def _is_scalar(t):
+    return isinstance(t, torch.Tensor) and t.numel() == 1
+
+
+def _scratch(buffers, weight):
+    """A float32 tensor shaped like ``weight`` (contiguous), from one buffer per device that
+    grows to the largest weight: no allocation (and page faults) per weight."""
+    buf = buffers.get(weight.device)
+    if buf is None or buf.numel() < weight.numel():
+        buf = buffers[weight.device] = torch.empty(weight.numel(), dtype=torch.float32,
+                                                   device=weight.device)
+    return buf[: weight.numel()].view(weight.shape)
+
+
+def _cpu_copy(weight):
+    if weight.device.type == "cpu":
+        return weight.detach().clone()
+    # Pinned, so restoring the original is a plain DMA; same strides (channels_last convs).
+    return torch.empty_strided(weight.shape, weight.stride(), dtype=weight.dtype, device="cpu",
+                               pin_memory=True).copy_(weight)
+
+
+def _split_key(key):
+    """``(component, module, role, layout)`` of a LoRA key, or None if it is none of ours."""
+    for prefix, component in _KOHYA_PREFIXES.items():
+        if key.startswith(prefix):
+            module, _, suffix = key[len(prefix):].partition(".")
+            role = _KOHYA_SUFFIXES.get(suffix)
+            return (component, module, role, "kohya") if role else None
+    component = next((c for c in COMPONENTS if key.startswith(c + ".")), None)
+    if component is None:
+        return None
+    rest = key[len(component) + 1:]
+    for suffix, role in _DIFFUSERS_SUFFIXES:
+        if rest.endswith(suffix):
+            return component, rest[: -len(suffix)], role, "diffusers"
+    return None
+
+
+def _refuse_unsupported(state, where):
+    keys = list(state)
+    sdxl = next((k for k in keys if k.startswith(_SDXL_MARKS)), None)
+    if sdxl is not None:
+        raise SdrtError(f"{where}: this is an SDXL LoRA ({sdxl}); sdrt runs SD 1.x/2.x models "
+                        "and does not load SDXL LoRAs yet")
+    for mark, what in _UNSUPPORTED.items():
+        hit = next((k for k in keys if mark in k), None)
+        if hit is not None:
+            raise SdrtError(f"{where}: {what} adapters are not supported ({hit}); sdrt loads "
+                            "LoRA and LoCon (up @ down) adapters")
+
+
+def _alpha_over_rank(state, roles, component, module, rank, metadata, where):
+    """α / r: the file's alpha key, else the diffusers metadata's, else 1 (α = r)."""
+    if "alpha" in roles:
+        t = state[roles["alpha"]]
+        if not _is_scalar(t) or not torch.isfinite(t.float()).all():
+            raise SdrtError(f"{where}: LoRA alpha {roles['alpha']} must be one finite number, "
+                            f"got {_describe(t)}")
+        return float(t.float()) / rank
+    config = metadata.get(component) if metadata else None
+    if not config:
+        return 1.0
+    alpha = config.get("lora_alpha", rank)
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        # PEFT's rule (re.match(rf"(.*\.)?({pattern})$")), taken literally, not as a regex.
+        if module == pattern or module.endswith("." + pattern):
+            alpha = value
+            break
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise SdrtError(f"{where}: {_METADATA_KEY}: lora_alpha of {component} {module} must be "
+                        f"a number, got {alpha!r}")
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def _ldm_names(config, targets):
+    """``{LDM module name: sdrt module name}`` for the UNet's ``targets``, from the
+    single-file converter's table (``input_blocks.1.1.proj_in`` → ``down_blocks.0...``)."""
+    from .convert_ldm import _unet_modules
+    table = _unet_modules({"layers_per_block": config.layers_per_block,
+                           "down_block_types": config.down_block_types,
+                           "up_block_types": config.up_block_types})
+    names = {}
+    for ldm, (target, renames) in table.items():
+        for n in targets:
+            if n != target and not n.startswith(target + "."):
+                continue
+            rest = n[len(target) + 1:] + "."
+            for old, new in renames:
+                if rest.startswith(new):
+                    rest = old + rest[len(new):]
+                    break
+            names[f"{ldm}.{rest}".rstrip(".")] = n
+    return names
+
+
+def _read(source):
+    """(state dict, diffusers metadata by component, description) of a path or a dict."""
+    if isinstance(source, dict):
+        bad = next((k for k, v in source.items()
+                    if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+        if bad is not None:
+            raise SdrtError(f"a LoRA state dict maps names to tensors; {bad!r} maps to "
+                            f"{type(source[bad]).__name__}")
+        return source, {}, "LoRA state dict"
+    if not isinstance(source, (str, os.PathLike)):
+        raise SdrtError(f"a LoRA is a .safetensors path or a state dict, got "
+                        f"{type(source).__name__}")
+    path = os.fsdecode(os.fspath(source))
+    refuse_pickle(path)
+    if not path.endswith(".safetensors"):
+        raise SdrtError(f"{path}: a LoRA must be a .safetensors file")
+    if not os.path.isfile(path):
+        raise SdrtError(f"LoRA file {path} does not exist")
+    with SafetensorsFiles([path]) as f:
+        state = {k: read() for k, read in f.source.items()}
+    return state, _metadata(path), path
+
+
+def _metadata(path):
+    from safetensors import safe_open
+    with safe_open(path, framework="pt", device="cpu") as f:
+        raw = (f.metadata() or {}).get(_METADATA_KEY)
+    if raw is None:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except ValueError as e:
+        raise SdrtError(f"{path}: unreadable {_METADATA_KEY} ({e})") from None
+    if not isinstance(flat, dict):
+        raise SdrtError(f"{path}: {_METADATA_KEY} must be a JSON object")
+    by_component = {}
+    for key, value in flat.items():
+        component, _, field_name = key.partition(".")
+        if component in COMPONENTS and field_name:
+            by_component.setdefault(component, {})[field_name] = value
+    for component, config in by_component.items():
+        if config.get("use_dora"):
+            raise SdrtError(f"{path}: DoRA adapters are not supported ({component}.use_dora)")
+        if not isinstance(config.get("alpha_pattern") or {}, dict):
+            raise SdrtError(f"{path}: {_METADATA_KEY}: {component}.alpha_pattern must be an "
+                            "object")
+    return by_component
+
+
+def _default_name(source):
+    if isinstance(source, dict):
+        return "lora"
+    base = os.path.basename(os.fsdecode(os.fspath(source)))
+    return base[: -len(".safetensors")] or "lora"
+
