@@ -166,7 +166,12 @@ def _parser():
 
 
 def _generate_options(g):
-    g.add_argument("prompt", help="what to draw")
+    g.add_argument("prompt", nargs="?", default=None,
+                   help="what to draw (may come from --from-png instead)")
+    g.add_argument("--from-png", metavar="IMAGE.png", default=None,
+                   help="regenerate from the settings in a PNG's A1111 PNG info (prompt, negative "
+                        "prompt, steps, sampler, guidance, seed, size, clip skip); any option "
+                        "given as well overrides the PNG's")
     g.add_argument("--model", metavar="PATH",
                    help="diffusers folder or single-file .safetensors checkpoint (default: the "
                         "built-in tiny model)")

@@ -26,6 +26,9 @@ OPTION_NAMES = {"num_inference_steps": "--steps", "guidance_scale": "--guidance"
 
 
 def generate(a):
+    png_model = _apply_png(a) if a.from_png is not None else None
+    if a.prompt is None:
+        raise SdrtError("a prompt is needed (or --from-png IMAGE.png to take it from a PNG)")
     request = GenerationRequest(
         prompt=a.prompt, negative_prompt=a.negative, height=a.height, width=a.width,
         num_inference_steps=a.steps, guidance_scale=a.guidance, sampler=a.sampler, seed=a.seed,
@@ -72,6 +75,9 @@ def generate(a):
         name, short_hash = os.path.basename(os.path.normpath(a.onnx_dir)), None
     else:
         name, short_hash, _ = model_identity(a.model, pipe)
+    if png_model is not None and png_model[1] and short_hash and png_model[1] != short_hash:
+        warnings.warn(f"--from-png {a.from_png} was made with model {png_model[0]} "
+                      f"[{png_model[1]}], this is {name} [{short_hash}]: the image will differ")
     infos = [str(Infotext(prompt=a.prompt, negative_prompt=a.negative or "", steps=a.steps,
                           sampler=sampler, cfg_scale=a.guidance, seed=s, width=width,
                           height=height, model_name=name, model_hash=short_hash,
@@ -83,6 +89,53 @@ def generate(a):
 
 
 # -- checks before torch is imported -----------------------------------------------------------
+
+# PNG info key → (option, its attribute, how the value reads)
+_PNG_SETTINGS = {
+    "Steps": ("--steps", "steps", int),
+    "Sampler": ("--sampler", "sampler", "sampler"),
+    "CFG scale": ("--guidance", "guidance", float),
+    "Seed": ("--seed", "seed", int),
+    "Clip skip": ("--clip-skip", "clip_skip", lambda v: int(v) - 1),  # A1111 counts from 1
+}
+
+
+def _apply_png(a):
+    """--from-png: every setting the image's PNG info records, for each option not given on
+    the command line. Returns the (name, hash) of the model it records."""
+    from .images import read_image
+    from .infotext import parse, sampler_id
+    text = read_image(a.from_png, "--from-png image").info.get("parameters")
+    if not isinstance(text, str) or not text.strip():
+        raise SdrtError(f"--from-png {a.from_png} has no PNG info (no 'parameters' text)")
+    prompt, negative, pairs = parse(text)
+    if a.prompt is None:
+        a.prompt = prompt
+    if "negative" not in a.given and negative:
+        a.negative = negative
+    for key, (option, attr, read) in _PNG_SETTINGS.items():
+        if key not in pairs or attr in a.given:
+            continue
+        value = pairs[key]
+        try:
+            value = sampler_id(value) if read == "sampler" else read(value)
+        except ValueError:
+            value = None
+        if value is None:
+            raise SdrtError(f"--from-png {a.from_png}: {key} {pairs[key]!r} is not a value "
+                            f"{option} takes")
+        setattr(a, attr, value)
+    if "Size" in pairs and not {"height", "width"} & a.given:
+        w, _, h = pairs["Size"].partition("x")
+        if not (w.isdigit() and h.isdigit()):
+            raise SdrtError(f"--from-png {a.from_png}: Size {pairs['Size']!r} is not WxH")
+        a.width, a.height = int(w), int(h)
+    if "Denoising strength" in pairs and a.init_image is None:
+        warnings.warn(f"--from-png {a.from_png} was made from an init image (Denoising "
+                      f"strength {pairs['Denoising strength']}); without --init-image this is "
+                      "text-to-image")
+    return pairs.get("Model"), pairs.get("Model hash")
+
 
 def _output_path(a):
     """The path -o names (inside --outdir when given), checked: a .png whose folder can be

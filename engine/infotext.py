@@ -19,6 +19,7 @@ The sampler labels are A1111's, shared with the A1111-compatible HTTP API (``sdr
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 
 from .request import SAMPLER_NAMES
@@ -107,6 +108,35 @@ class Infotext:
         settings = ", ".join(f"{k}: {quote(v)}" for k, v in self.params().items())
         negative = f"\nNegative prompt: {self.negative_prompt}" if self.negative_prompt else ""
         return f"{self.prompt}{negative}\n{settings}".strip()
+
+
+# One ``Key: value`` pair of the settings line, as A1111's reader matches it: a quoted value is
+# a JSON string (it may hold commas), any other runs to the next comma.
+_PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def parse(text):
+    """A ``parameters`` text → (prompt, negative prompt, {key: value}), read as A1111's
+    ``parse_generation_parameters`` reads it: the last line holds the settings when at least
+    three pairs are found there (otherwise it belongs to the prompt), quoted values are
+    unquoted, and ``Negative prompt:`` starts the negative prompt, which runs to the settings."""
+    lines = text.strip().split("\n")
+    pairs = {}
+    if lines and len(_PAIR.findall(lines[-1])) >= 3:
+        for key, value in _PAIR.findall(lines.pop()):
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                try:
+                    value = json.loads(value)
+                except ValueError:
+                    pass
+            pairs[key.strip()] = value
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].lstrip()
+        (negative if in_negative else prompt).append(line)
+    return "\n".join(prompt), "\n".join(negative), pairs
 
 
 def png_bytes(image, parameters):

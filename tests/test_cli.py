@@ -359,6 +359,40 @@ def test_png_info_reads_back_with_sd_parsers(tmp_path, capsys):
     assert sampler.model.name == "sdrt-tiny"
 
 
+def test_from_png_regenerates_the_same_image(tmp_path, capsys):
+    out = tmp_path / "first.png"
+    prompt, negative = "a fox, (in snow:1.2)\nat dusk", "blurry, \"low\": quality"
+    code, _, err = _run(["generate", prompt, "--negative", negative, "--steps", "2",
+                         "--height", "64", "--width", "48", "--guidance", "6.5", "--seed", "77",
+                         "--sampler", "euler_a", "--clip-skip", "1", "-o", str(out)], capsys)
+    assert code == 0, err
+    again = tmp_path / "again.png"
+    code, _, err = _run(["generate", "--from-png", str(out), "-o", str(again)], capsys)
+    assert code == 0, err
+    assert _warnings(err) == [], err
+    assert np.array_equal(_pixels(out), _pixels(again))
+    assert _parameters(again) == _parameters(out)
+    # An option given as well overrides the PNG's.
+    other = tmp_path / "other.png"
+    code, _, err = _run(["generate", "--from-png", str(out), "--seed", "78", "-o", str(other)],
+                        capsys)
+    assert code == 0, err
+    assert "Seed: 78," in _parameters(other) and "Sampler: Euler a," in _parameters(other)
+    assert not np.array_equal(_pixels(out), _pixels(other))
+
+
+def test_from_png_refuses_an_image_without_png_info(tmp_path, capsys):
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    for args, fragment in (([], "has no PNG info"), (["--model", str(plain)], "has no PNG info")):
+        code, _, err = _run(["generate", "--from-png", str(plain), *args,
+                             "-o", str(tmp_path / "o.png")], capsys)
+        assert code == 2 and fragment in err and len(_stderr_lines(err)) == 1, err
+    code, _, err = _run(["generate", "-o", str(tmp_path / "o.png")], capsys)
+    assert code == 2 and "a prompt is needed" in err, err
+    assert not (tmp_path / "o.png").exists()
+
+
 def test_16_bit_init_image_is_scaled_like_its_8_bit_twin(tmp_path, capsys):
     # v / 255 == (257 v) / 65535: the same picture, so the same output image. Clipped to
     # 8 bits instead, the 16-bit file would be almost white and the outputs would differ.
