@@ -219,6 +219,10 @@ def _generate_options(g):
     g.add_argument("--lora", metavar="PATH[:SCALE]", type=_lora_option, action="append",
                    default=[], help="apply a LoRA (kohya/A1111 or diffusers .safetensors) at "
                                     "SCALE (default 1); repeat for several")
+    g.add_argument("--embedding", metavar="PATH", action="append", default=[],
+                   help="textual-inversion embedding (.safetensors, A1111 or diffusers layout); "
+                        "write its token in the prompt: the file's name for A1111 files, the "
+                        "token it holds for diffusers files (repeatable)")
     g.add_argument("--prompt-syntax", choices=("a1111", "plain"), default="a1111",
                    help="a1111: (word:1.2) weights, [word], BREAK, and prompts past 75 tokens "
                         "in chunks, as AUTOMATIC1111 reads them; plain: the text as it is, cut "

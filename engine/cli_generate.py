@@ -46,6 +46,8 @@ def generate(a):
     pipe = _pipeline(a)  # imports torch
     for path, scale in a.lora:
         pipe.load_lora(path, scale=scale)
+    for path in a.embedding:
+        pipe.load_textual_inversion(path)
     if init is None:
         # What depends on the model (sizes against the VAE, --clip-skip against the text
         # encoder, the request's memory against the device's), named as the options are.
@@ -167,12 +169,14 @@ def _check_sources(a):
     for option, path in (("model path", a.model), ("--config", a.config)):
         if path is not None and not os.path.exists(path):
             raise SdrtError(f"{option} {path} does not exist")
-    for path, _ in a.lora:
+    for option, path in [("--lora", p) for p, _ in a.lora] + [("--embedding", p)
+                                                               for p in a.embedding]:
         if not os.path.isfile(path):
-            raise SdrtError(f"--lora {path} {'is a folder' if os.path.isdir(path) else 'does not exist'}")
-    if a.lora and a.runtime == "onnx":
-        raise SdrtError("--lora patches sdrt's own networks; with --runtime onnx load it before "
-                        "exporting instead")
+            raise SdrtError(f"{option} {path} "
+                            f"{'is a folder' if os.path.isdir(path) else 'does not exist'}")
+        if a.runtime == "onnx":
+            raise SdrtError(f"{option} changes sdrt's own networks; with --runtime onnx apply it "
+                            "before exporting instead")
     if a.runtime == "onnx":
         if a.onnx_dir is None:
             raise SdrtError("--runtime onnx needs --onnx-dir")

@@ -124,6 +124,24 @@ class CLIPTextModel(nn.Module):
         self.config = cfg
         self.text_model = CLIPTextTransformer(cfg)
 
+    @torch.no_grad()
+    def add_token_embeddings(self, vectors: torch.Tensor) -> range:
+        """Append rows (k, D) to the token-embedding table (textual inversion) and return their
+        ids. The table is a new, larger ``nn.Embedding`` (the old rows copied, the new ones cast
+        to the table's dtype): anything that captured the old table's storage (a static plan)
+        must be rebuilt."""
+        old = self.text_model.embeddings.token_embedding
+        n, d = old.weight.shape
+        if vectors.ndim != 2 or vectors.shape[1] != d:
+            raise SdrtError(f"token embeddings must be (k, {d}), got {tuple(vectors.shape)}")
+        new = nn.Embedding(n + len(vectors), d, device=old.weight.device, dtype=old.weight.dtype)
+        new.weight[:n] = old.weight
+        new.weight[n:] = vectors.to(new.weight)
+        new.requires_grad_(old.weight.requires_grad)
+        self.text_model.embeddings.token_embedding = new
+        self.config.vocab_size = n + len(vectors)
+        return range(n, n + len(vectors))
+
     def forward(self, ids, clip_skip=0):
         """``clip_skip`` layers from the end are skipped, as diffusers' ``clip_skip`` does."""
         tm = self.text_model

@@ -34,6 +34,7 @@ SAMPLER_LABELS = {
     "pndm": "PNDM",
     "dpmpp_2m": "DPM++ 2M",
     "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "lcm": "LCM",
 }
 assert set(SAMPLER_LABELS) == set(SAMPLER_NAMES)
 # Other names A1111 (and its API clients) use for the same samplers: its k-diffusion aliases.
@@ -44,6 +45,7 @@ SAMPLER_ALIASES = {
     "pndm": ("PLMS", "k_plms"),
     "dpmpp_2m": ("k_dpmpp_2m",),
     "dpmpp_2m_karras": ("k_dpmpp_2m_ka",),
+    "lcm": (),
 }
 _BY_NAME = {name.lower(): sid for sid in SAMPLER_NAMES
             for name in (SAMPLER_LABELS[sid], sid, *SAMPLER_ALIASES[sid])}

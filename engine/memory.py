@@ -57,6 +57,8 @@ def unet_parameters(cfg):
     layers = per_block(cfg.transformer_layers_per_block, n, "transformer_layers_per_block")
     temb, per = ch[0] * 4, cfg.layers_per_block
     total = _conv(cfg.in_channels, ch[0]) + _linear(ch[0], temb) + _linear(temb, temb)
+    if getattr(cfg, "time_cond_proj_dim", None):  # LCM's guidance-embedding projection
+        total += cfg.time_cond_proj_dim * ch[0]
     for i, kind in enumerate(cfg.down_block_types):
         resnet_in = [ch[max(i - 1, 0)]] + [ch[i]] * (per - 1)
         total += sum(_resnet(c, ch[i], temb) for c in resnet_in)

@@ -23,7 +23,8 @@ from .prompt_syntax import WeightedIds, encode_chunks, tokenize_prompts
 from .request import GenerationRequest, Limits, short_repr
 from .runtime import StaticRuntime, StaticShape
 from .samplers import SchedulerConfig, default_sampler, make_schedule, sample
-from .stages import cpu_randn, guided, row_scales, to_unit_images, vae_decode
+from .stages import (cpu_randn, guidance_embedding, guided, row_scales, to_unit_images,
+                     vae_decode)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -135,6 +136,7 @@ class Pipeline:
         self.runtime = None  # set by compile()
         self._vae_fp32 = None  # made on the first low-precision decode that overflows
         self._loras = None  # a LoraManager, made by the first LoRA call
+        self._embeddings = {}  # token -> vectors (n, D) float32 CPU, of load_textual_inversion
         if device.type == "cuda":
             # Time the fused GroupNorm+SiLU conv against group_norm + cuDNN once per shape and
             # keep the faster, so no shape gets slower than the unfused path. (Networks run by
@@ -189,6 +191,48 @@ class Pipeline:
         else:
             self.runtime.configure(max_shapes=max_shapes, strict=strict)
         return self.runtime.build(self._shape(request, num_chunks))
+
+    # -- textual inversion ---------------------------------------------------------------------
+
+    @property
+    def embeddings(self) -> dict:
+        """``{token: number of vectors}`` of the loaded textual-inversion embeddings."""
+        return {token: len(v) for token, v in self._embeddings.items()}
+
+    def load_textual_inversion(self, path_or_state_dict, token=None):
+        """Load a textual-inversion embedding (A1111 ``.safetensors`` with ``emb_params`` or
+        ``string_to_param``, diffusers ``learned_embeds.safetensors``, or such a state dict):
+        its token (``token``; by default an A1111 file's stem, a diffusers file's own token)
+        then stands for its vectors in prompts of both syntaxes, as in diffusers'
+        ``load_textual_inversion`` (an n-vector embedding adds ``token``, ``token_1``, ...
+        ``token_{n-1}``; a prompt writes ``token``). Loading the same token again is a no-op
+        with the same vectors, refused with others. The vocabulary grows, so the text encoder's
+        token table is a new tensor and the built static plans are dropped (``compile`` again).
+        Returns the token."""
+        from .embeddings import read_embedding, token_names
+        if not isinstance(self.text_encoder, nn.Module):
+            raise SdrtError("textual inversion extends sdrt's own text encoder; this one runs in "
+                            "another runtime (load the embedding before exporting to ONNX)")
+        if token is not None and not isinstance(token, str):
+            raise SdrtError(f"token must be a string, got {type(token).__name__}")
+        token, vectors = read_embedding(path_or_state_dict, token,
+                                        self.text_encoder.config.hidden_size)
+        if self.tokenizer.vocab_size != self.text_encoder.config.vocab_size:
+            raise SdrtError(f"cannot add embedding tokens: the tokenizer has "
+                            f"{self.tokenizer.vocab_size} tokens but the text encoder "
+                            f"{self.text_encoder.config.vocab_size} rows")
+        if token in self._embeddings:
+            if torch.equal(self._embeddings[token], vectors):
+                return token
+            raise SdrtError(f"embedding token {token!r} is already loaded with other vectors; "
+                            f"load this one under another token name")
+        # The new tokens' ids are the new rows: the table and the vocabulary had one size.
+        self.tokenizer.add_embedding_tokens(token_names(token, len(vectors)))
+        self.text_encoder.add_token_embeddings(vectors)
+        self._embeddings[token] = vectors
+        # A static plan captured the old token table's storage (and its CUDA graph its address).
+        self.runtime = None
+        return token
 
     # -- LoRA ----------------------------------------------------------------------------------
 
@@ -253,12 +297,12 @@ class Pipeline:
             return request  # a built plan: its buffers and graphs are already allocated
         need, what = request_bytes(
             self.unet.config, self.vae.config, self.text_encoder.config, request.height,
-            request.width, request.batch_size, request.guidance, self.dtype,
+            request.width, request.batch_size, self._cfg(request), self.dtype,
             fused_attention(self.unet, self.device, self.dtype), request.has_image, num_chunks)
         images = request.batch_size
         check_request_fits(need, what, f"a request for {images} image{'s' * (images > 1)} of "
                            f"{request.width}x{request.height}"
-                           f"{' with guidance' if request.guidance else ''}",
+                           f"{' with guidance' if self._cfg(request) else ''}",
                            self.device, self.limits)
         return request
 
@@ -268,11 +312,34 @@ class Pipeline:
             raise SdrtError(f"{names.get(field, field)} must be a multiple of {f} (the VAE's "
                             f"scale factor), got {value}")
 
-    @staticmethod
-    def _shape(request, num_chunks=1):
+    def _shape(self, request, num_chunks=1):
         return StaticShape(request.height, request.width, request.batch_size,
-                           request.num_inference_steps, request.sampler, request.guidance,
+                           request.num_inference_steps, request.sampler, self._cfg(request),
                            num_chunks)
+
+    def _guidance_distilled(self):
+        """Whether the UNet takes its guidance scale as an input (an LCM-distilled UNet, config
+        ``time_cond_proj_dim``) rather than through classifier-free guidance."""
+        return getattr(self.unet.config, "time_cond_proj_dim", None) is not None
+
+    def _cfg(self, request):
+        """Whether the request batches an unconditional pass: as diffusers'
+        ``do_classifier_free_guidance``, never for a guidance-distilled UNet."""
+        return request.guidance and not self._guidance_distilled()
+
+    def _texts(self, request):
+        """The text encoder's input: ``request.texts()``, without the negatives when the
+        request runs no classifier-free guidance."""
+        return request.texts() if self._cfg(request) else list(request.prompt)
+
+    def _timestep_cond(self, request):
+        """A guidance-distilled UNet's (B, time_cond_proj_dim) guidance embedding of each
+        image's scale, as given (no CFG clamping); None for other UNets."""
+        if not self._guidance_distilled():
+            return None
+        scales = [g for g in request.scales() for _ in range(request.num_images_per_prompt)]
+        return guidance_embedding(scales, self.unet.config.time_cond_proj_dim).to(
+            self.device, self.dtype)
 
     # -- pieces -------------------------------------------------------------------------------
 
@@ -498,7 +565,7 @@ class Pipeline:
             request = dataclasses.replace(request, height=init.shape[2], width=init.shape[3])
         # [negative..., positive...] as diffusers orders them, tokenised once; with A1111
         # syntax both halves are padded to the same number of chunks.
-        inputs = self.text_inputs(request.texts(), request.prompt_syntax)
+        inputs = self.text_inputs(self._texts(request), request.prompt_syntax)
         request = self.check(request, num_chunks=inputs.num_chunks)
         generator = self._generator(generator, request)
         batch, sampler = request.batch_size, request.sampler
@@ -530,7 +597,7 @@ class Pipeline:
             x = schedule.noise_latents(self._noise(latents, shape, generator))
 
         model = guided(self.unet, states, row_scales(request.row_scales(), self.device),
-                       request.guidance, self.dtype)
+                       self._cfg(request), self.dtype, self._timestep_cond(request))
         x = sample(sampler, model, x, schedule, generator=generator, step_end=step_end)
         t2 = self._clock()
         self.timings = {"text": t1 - t0, "denoise": t2 - t1, "decode": 0.0,
@@ -555,11 +622,12 @@ class Pipeline:
         inputs = inputs.repeat_interleave(request.num_images_per_prompt)
         step_noise = None
         if plan.step_noise is not None:
-            # The same CPU draws, in the same order, as the eager euler_a loop makes.
+            # The same CPU draws, in the same order, as the eager sampler (euler_a, lcm) makes.
             step_noise = torch.stack([cpu_randn(plan.latent_shape, generator)
                                       for _ in range(plan.step_noise.shape[0])])
         self.timings = plan.run(inputs, noise, row_scales(request.row_scales(), self.device),
-                                step_noise, clock=self._clock, step_end=step_end)
+                                step_noise, clock=self._clock, step_end=step_end,
+                                timestep_cond=self._timestep_cond(request))
         self.timings["unet_calls"] = len(plan.schedule.timesteps)
         if request.output_type == "latent":
             return plan.latents.clone()

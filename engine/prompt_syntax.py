@@ -187,7 +187,13 @@ def tokenize_weighted(tokenizer, text: str) -> list[Chunk]:
         if (fragment, weight) == BREAK:
             close(len(ids))
             continue
+        rest = 0  # ids still to come of a multi-vector embedding, appended without checks
         for token in tokens:
+            if rest:
+                rest -= 1
+                ids.append(token)
+                weights.append(weight)
+                continue
             if token == comma:
                 last_comma = len(ids)
             elif len(ids) == size and last_comma != -1 and size - last_comma <= COMMA_BACKTRACK:
@@ -196,6 +202,12 @@ def tokenize_weighted(tokenizer, text: str) -> list[Chunk]:
                 close(last_comma + 1)
             if len(ids) == size:
                 close(size)
+            n = tokenizer.embedding_length(token)
+            if len(ids) + n > size >= n:
+                # A textual-inversion embedding's vectors stay in one chunk: as A1111, the
+                # chunk ends early and the embedding starts the next one.
+                close(len(ids))
+            rest = n - 1 if n <= size else 0  # longer than a chunk: cut like text
             ids.append(token)
             weights.append(weight)
     if ids or not chunks:

@@ -23,7 +23,7 @@ from .errors import SdrtError
 
 # The samplers sdrt implements (``schedules.SAMPLERS`` is the same tuple), here so that a
 # sampler name can be checked without importing torch.
-SAMPLER_NAMES = ("ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras")
+SAMPLER_NAMES = ("ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lcm")
 OUTPUT_TYPES = ("pil", "np", "latent")
 # How a prompt string is read: A1111's syntax (weights, BREAK, 75-token chunks past 77 tokens;
 # prompt_syntax.py) or as plain text (cut at 77 tokens, as diffusers does).

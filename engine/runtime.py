@@ -58,7 +58,6 @@ class StaticPlan:
         rows = shape.batch_size * (2 if shape.guidance else 1)
         self.schedule = make_schedule(pipe.scheduler_config, shape.sampler,
                                       shape.num_inference_steps, device=dev)
-        n_calls = len(self.schedule.timesteps)
         # Inputs, written before each replay.
         n, length = shape.num_chunks, pipe.tokenizer.max_length
         self.ids = torch.zeros(rows * n, length, dtype=torch.long, device=dev)
@@ -66,8 +65,14 @@ class StaticPlan:
         self.noise = torch.zeros(self.latent_shape, dtype=dtype, device=dev)
         self.guidance_scale = torch.ones(shape.batch_size, 1, 1, 1, dtype=torch.float32,
                                          device=dev)  # one scale per image
-        self.step_noise = (torch.zeros((n_calls, *self.latent_shape), dtype=torch.float32,
-                                       device=dev) if shape.sampler == "euler_a" else None)
+        # The unit noise a stochastic sampler (euler_a, lcm) draws as it goes, drawn beforehand.
+        draws = self.schedule.noise_draws
+        self.step_noise = (torch.zeros((draws, *self.latent_shape), dtype=torch.float32,
+                                       device=dev) if draws else None)
+        # A guidance-distilled UNet's guidance-scale embedding (stages.guidance_embedding).
+        cond_dim = pipe.unet.config.time_cond_proj_dim
+        self.timestep_cond = (torch.zeros(shape.batch_size, cond_dim, dtype=dtype, device=dev)
+                              if cond_dim is not None else None)
         # Outputs of one stage, inputs of the next.
         self.states = torch.zeros(rows, n * length, pipe.text_encoder.config.hidden_size,
                                   dtype=dtype, device=dev)
@@ -89,7 +94,7 @@ class StaticPlan:
 
     def _denoise(self, step_end=None):
         model = guided(self.pipe.unet, self.states, self.guidance_scale, self.shape.guidance,
-                       self.pipe.dtype)
+                       self.pipe.dtype, self.timestep_cond)
         x = self.schedule.noise_latents(self.noise)
         x = sample(self.shape.sampler, model, x, self.schedule, noise=self.step_noise,
                    step_end=step_end)
@@ -130,8 +135,12 @@ class StaticPlan:
 
     @torch.no_grad()
     def run(self, inputs, noise, guidance_scale, step_noise=None, clock=time.perf_counter,
-            step_end=None):
+            step_end=None, timestep_cond=None):
         """Copy the request's inputs in, run (replay) the three stages.
+
+        ``step_noise`` (``schedule.noise_draws`` unit-noise tensors, stacked) is the noise of
+        a sampler that draws as it goes; ``timestep_cond`` (B, time_cond_proj_dim) the
+        guidance embedding of a guidance-distilled UNet.
 
         Returns the seconds each stage took, read with ``clock`` between stages. The results
         stay in the plan's buffers: ``latents`` and ``image`` (float32 (B, H, W, 3) in [0, 1]).
@@ -147,6 +156,8 @@ class StaticPlan:
         self.guidance_scale.copy_(guidance_scale)
         if self.step_noise is not None:
             self.step_noise.copy_(step_noise)
+        if self.timestep_cond is not None:
+            self.timestep_cond.copy_(timestep_cond)
         runs = [g.replay for g in self.graphs] if self.graphs else list(self._stages())
         if step_end is not None:
             runs[1] = lambda: self._denoise(step_end)

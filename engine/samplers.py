@@ -15,7 +15,8 @@ from .schedules import (SAMPLER_CLASSES, SAMPLERS, Schedule, SchedulerConfig, ma
                         vp_alpha_sigma)
 
 __all__ = ["SAMPLERS", "Schedule", "SchedulerConfig", "default_sampler", "make_schedule", "sample",
-           "sample_ddim", "sample_pndm", "sample_euler", "sample_euler_ancestral", "sample_dpmpp_2m"]
+           "sample_ddim", "sample_pndm", "sample_euler", "sample_euler_ancestral", "sample_dpmpp_2m",
+           "sample_lcm"]
 
 
 # --- model output conversions ---------------------------------------------------------------
@@ -211,6 +212,33 @@ def sample_dpmpp_2m(model, x, sched: Schedule, step_end=None):
     return x
 
 
+def sample_lcm(model, x, sched: Schedule, generator=None, noise=None, step_end=None):
+    """Multistep latent consistency sampling (Luo et al. 2023, "Latent Consistency Models",
+    alg. 1; diffusers' LCMScheduler).
+
+    Each step maps x_t to the consistency function's estimate of the clean latents,
+    c_skip(t) x_t + c_out(t) x0(x_t), and, except on the last step, noises that estimate
+    afresh to the next timestep's alpha-bar. The noise is drawn from ``generator``, or taken
+    from ``noise`` (N - 1, *x.shape), unit noise drawn beforehand (see euler_a).
+    """
+    cfg = sched.config
+    n = len(sched.timesteps)
+    for i, t in enumerate(sched.timesteps):
+        a, a_prev = sched.alphas[i], sched.alphas_prev[i]
+        x0, _ = _x0_and_eps(model(x, t), x, a, cfg.prediction_type)
+        if cfg.clip_sample:
+            x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+        denoised = sched.c_out[i] * x0 + sched.c_skip[i] * x
+        if i < n - 1:
+            z = _randn(denoised, generator) if noise is None else noise[i].to(x.dtype)
+            x = a_prev.sqrt() * denoised + (1 - a_prev).sqrt() * z
+        else:
+            x = denoised
+        if step_end is not None:
+            x = _after_step(step_end, i, t, x)
+    return x
+
+
 _SAMPLE_FNS = {
     "ddim": sample_ddim,
     "pndm": sample_pndm,
@@ -218,7 +246,11 @@ _SAMPLE_FNS = {
     "euler_a": sample_euler_ancestral,
     "dpmpp_2m": sample_dpmpp_2m,
     "dpmpp_2m_karras": sample_dpmpp_2m,
+    "lcm": sample_lcm,
 }
+
+# The samplers that draw fresh noise as they go (``Schedule.noise_draws`` tensors a run).
+_NOISE_SAMPLERS = ("euler_a", "lcm")
 
 
 def sample(sampler: str, model, x: torch.Tensor, sched: Schedule, generator=None, callback=None,
@@ -226,8 +258,9 @@ def sample(sampler: str, model, x: torch.Tensor, sched: Schedule, generator=None
     """Run ``sampler`` from latents ``x`` (already noised: ``sched.noise_latents`` or
     ``sched.noise_image``) and return the denoised latents in x's dtype.
 
-    The model sees inputs in x's dtype; the loop itself runs in float32. euler_a's noise comes
-    from ``generator``, or from ``noise`` (one unit-noise tensor per call, stacked) when given.
+    The model sees inputs in x's dtype; the loop itself runs in float32. euler_a's and lcm's
+    noise comes from ``generator``, or from ``noise`` when given: ``sched.noise_draws``
+    unit-noise tensors, stacked.
     After each model call's step, ``callback(step_index, num_steps)`` reports progress and
     ``step_end(step_index, timestep, x)`` sees the float32 latents; a tensor it returns
     replaces them (diffusers' ``callback_on_step_end``).
@@ -235,11 +268,12 @@ def sample(sampler: str, model, x: torch.Tensor, sched: Schedule, generator=None
     if sampler != sched.sampler:
         raise SdrtError(f"schedule was made for sampler {sched.sampler}, not {sampler}")
     if noise is not None:
-        if sampler != "euler_a":
-            raise SdrtError(f"sampler {sampler} draws no noise; pass noise only to euler_a")
-        if tuple(noise.shape) != (len(sched.timesteps), *x.shape):
-            raise SdrtError(f"euler_a noise has shape {tuple(noise.shape)}, expected "
-                            f"{(len(sched.timesteps), *x.shape)}")
+        if sampler not in _NOISE_SAMPLERS:
+            raise SdrtError(f"sampler {sampler} draws no noise; pass noise only to "
+                            f"{' or '.join(_NOISE_SAMPLERS)}")
+        if tuple(noise.shape) != (sched.noise_draws, *x.shape):
+            raise SdrtError(f"{sampler} noise has shape {tuple(noise.shape)}, expected "
+                            f"{(sched.noise_draws, *x.shape)}")
     dtype = x.dtype
 
     def model_f32(x_in, t):
@@ -253,7 +287,7 @@ def sample(sampler: str, model, x: torch.Tensor, sched: Schedule, generator=None
             return None if inner is None else inner(i, t, x)
         step_end = report
 
-    extra = {"generator": generator, "noise": noise} if sampler == "euler_a" else {}
+    extra = {"generator": generator, "noise": noise} if sampler in _NOISE_SAMPLERS else {}
     return _SAMPLE_FNS[sampler](model_f32, x.float(), sched, step_end=step_end, **extra).to(dtype)
 
 

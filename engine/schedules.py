@@ -28,6 +28,7 @@ SAMPLER_CLASSES = {
     "euler_a": "EulerAncestralDiscreteScheduler",
     "dpmpp_2m": "DPMSolverMultistepScheduler",
     "dpmpp_2m_karras": "DPMSolverMultistepScheduler",
+    "lcm": "LCMScheduler",
 }
 
 # Defaults that differ between those classes (every other field has one default shared by all of
@@ -39,6 +40,7 @@ _CLASS_DEFAULTS = {
     "euler_a": {"timestep_spacing": "linspace"},
     "dpmpp_2m": {"timestep_spacing": "linspace"},
     "dpmpp_2m_karras": {"timestep_spacing": "linspace"},
+    "lcm": {"timestep_spacing": "leading", "set_alpha_to_one": True, "clip_sample": False},
 }
 
 _CHOICES = {
@@ -121,6 +123,10 @@ class SchedulerConfig:
     algorithm_type: str = "dpmsolver++"
     solver_order: int = 2
     solver_type: str = "midpoint"
+    # LCM: the distillation's timestep grid (num_train_timesteps // original_inference_steps
+    # apart) that the inference steps are picked from, and the boundary-condition time scale.
+    original_inference_steps: int = 50
+    timestep_scaling: float = 10.0
 
     @classmethod
     def from_dict(cls, d: dict) -> "SchedulerConfig":
@@ -292,13 +298,19 @@ class Schedule:
     config: SchedulerConfig  # resolved for this sampler (class defaults filled in)
     timesteps: torch.Tensor  # (N,) the UNet's timestep argument, in call order
     init_noise_sigma: float
-    alphas_cumprod: torch.Tensor | None = None  # (num_train_timesteps,) ddim, pndm
-    alphas: torch.Tensor | None = None  # (N,) ddim, pndm: alpha-bar a step starts from
-    alphas_prev: torch.Tensor | None = None  # (N,) ddim, pndm: alpha-bar it lands on
+    alphas_cumprod: torch.Tensor | None = None  # (num_train_timesteps,) ddim, pndm, lcm
+    alphas: torch.Tensor | None = None  # (N,) ddim, pndm, lcm: alpha-bar a step starts from
+    alphas_prev: torch.Tensor | None = None  # (N,) ddim, pndm, lcm: alpha-bar it lands on
     # (N + 1,) euler, euler_a, dpmpp_2m*: the sigma before each call, then where the last lands
     sigmas: torch.Tensor | None = None
     prk_calls: int = 0  # pndm: how many leading calls are Runge-Kutta warm-up
     final_step_first_order: bool = False  # dpmpp_2m*: whether the last step drops to first order
+    # (N,) lcm: the consistency model's boundary-condition weights of x and of the x0 prediction
+    c_skip: torch.Tensor | None = None
+    c_out: torch.Tensor | None = None
+    # euler_a, lcm: how many unit-noise tensors the sampler draws (one per step that draws),
+    # so the static runtime can draw them beforehand
+    noise_draws: int = 0
 
     def noise_latents(self, noise: torch.Tensor) -> torch.Tensor:
         """The text-to-image starting latents for unit-variance ``noise``."""
@@ -420,6 +432,46 @@ def _dpm_tables(cfg, alphas_cumprod, steps):
     return torch.from_numpy(t), torch.from_numpy(sigmas)
 
 
+def _lcm_timesteps(cfg: SchedulerConfig, steps: int, strength: float) -> np.ndarray:
+    """LCMScheduler's grid (Luo et al. 2023, "Latent Consistency Models"): the distillation's
+    ``original_inference_steps`` timesteps k - 1, 2k - 1, ... (k = T // original steps), of
+    which ``strength`` keeps the lower part (image-to-image), then ``steps`` of them at evenly
+    spaced indices from the top, descending."""
+    original = cfg.original_inference_steps
+    if not 1 <= original <= cfg.num_train_timesteps:
+        raise SdrtError(f"scheduler config: original_inference_steps must be from 1 to "
+                        f"num_train_timesteps ({cfg.num_train_timesteps}), got {original}")
+    if steps > original:
+        raise SdrtError(f"lcm takes at most original_inference_steps ({original}) steps, got "
+                        f"{steps}")
+    k = cfg.num_train_timesteps // original
+    origin = np.arange(1, int(original * strength) + 1) * k - 1
+    if len(origin) < steps:
+        raise SdrtError(f"lcm with strength {strength} keeps {len(origin)} of its "
+                        f"{original} original timesteps, fewer than the {steps} steps asked "
+                        f"for; lower steps or raise strength")
+    index = np.floor(np.linspace(0, len(origin), num=steps, endpoint=False)).astype(np.int64)
+    return origin[::-1][index].copy()
+
+
+def _lcm_schedule(cfg, alphas_cumprod, steps, strength, device) -> Schedule:
+    f32 = {"dtype": torch.float32, "device": device}
+    calls = torch.from_numpy(_lcm_timesteps(cfg, steps, strength))
+    # Every timestep is >= 0, so set_alpha_to_one's final alpha-bar is never read. The last
+    # step "lands" on its own timestep (diffusers' prev_timestep) but returns the denoised
+    # prediction itself, drawing no noise.
+    prev = torch.cat([calls[1:], calls[-1:]])
+    alphas, alphas_prev = alphas_cumprod[calls], alphas_cumprod[prev]
+    # c_skip, c_out: float32 from the integer timestep, the way LCMScheduler computes them.
+    scaled = calls * cfg.timestep_scaling
+    sigma_data = 0.5
+    c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
+    c_out = scaled / (scaled**2 + sigma_data**2) ** 0.5
+    return Schedule("lcm", cfg, calls.to(device), 1.0, alphas_cumprod=alphas_cumprod.to(device),
+                    alphas=alphas.to(**f32), alphas_prev=alphas_prev.to(**f32),
+                    c_skip=c_skip.to(**f32), c_out=c_out.to(**f32), noise_draws=len(calls) - 1)
+
+
 def _img2img_start(steps: int, strength: float) -> int:
     """How many leading steps image-to-image skips (diffusers' img2img ``get_timesteps``; every
     scheduler here has order 1, so steps and calls are skipped alike)."""
@@ -430,7 +482,8 @@ def _img2img_start(steps: int, strength: float) -> int:
 def make_schedule(cfg: SchedulerConfig, sampler: str, num_inference_steps: int, strength: float = 1.0,
                   device="cpu") -> Schedule:
     """The schedule of ``sampler`` for ``num_inference_steps`` steps; ``strength`` < 1 keeps only
-    the last steps, for image-to-image."""
+    the last steps, for image-to-image (lcm instead runs all its steps over the lower
+    ``strength`` part of its timestep range, as LCMScheduler.set_timesteps(strength=) does)."""
     if sampler not in SAMPLERS:
         raise SdrtError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     steps = num_inference_steps
@@ -450,7 +503,9 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_inference_steps: int, 
     alphas_cumprod = train_alphas_cumprod(cfg)
     f32 = {"dtype": torch.float32, "device": device}
 
-    if sampler in ("ddim", "pndm"):
+    if sampler == "lcm":
+        sched = _lcm_schedule(cfg, alphas_cumprod, steps, strength, device)
+    elif sampler in ("ddim", "pndm"):
         if sampler == "ddim":
             grid = spaced_timesteps(cfg.timestep_spacing, cfg.num_train_timesteps, steps, cfg.steps_offset)
             calls = np.round(grid).astype(np.int64)[start:]
@@ -472,7 +527,8 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_inference_steps: int, 
         top = sigmas.max()
         init = top if cfg.timestep_spacing in ("linspace", "trailing") else (top**2 + 1) ** 0.5
         sched = Schedule(sampler, cfg, timesteps[start:].to(device), float(init),
-                         sigmas=sigmas[start:].to(**f32))
+                         sigmas=sigmas[start:].to(**f32),
+                         noise_draws=len(timesteps[start:]) if sampler == "euler_a" else 0)
     else:
         timesteps, sigmas = _dpm_tables(cfg, alphas_cumprod, steps)
         n = len(timesteps)

@@ -4,8 +4,11 @@ import torch
 from .errors import SdrtError
 
 
-def guided(unet, states, guidance_scale, cfg, dtype):
+def guided(unet, states, guidance_scale, cfg, dtype, timestep_cond=None):
     """The model a sampler calls: the UNet, with classifier-free guidance when ``cfg``.
+
+    A guidance-distilled UNet (LCM) instead takes its scales as ``timestep_cond``, the
+    (B, time_cond_proj_dim) ``guidance_embedding``, and runs without ``cfg``.
 
     With guidance, one UNet call runs the unconditional and conditional halves of ``states``
     (``[negative..., positive...]``, diffusers' order) and combines them as
@@ -14,6 +17,8 @@ def guided(unet, states, guidance_scale, cfg, dtype):
     needs no recapture); the combination is computed in float32.
     """
     def model(x, t):
+        if timestep_cond is not None:
+            return unet(x.to(dtype), t, states, timestep_cond=timestep_cond)
         if not cfg:
             return unet(x.to(dtype), t, states)
         uncond, cond = unet(torch.cat([x, x]).to(dtype), t, states).chunk(2)
@@ -24,6 +29,21 @@ def guided(unet, states, guidance_scale, cfg, dtype):
 def row_scales(scales, device):
     """Per-image guidance scales → the (B, 1, 1, 1) float32 tensor ``guided`` takes."""
     return torch.tensor(scales, dtype=torch.float32).reshape(-1, 1, 1, 1).to(device)
+
+
+def guidance_embedding(scales, dim):
+    """Per-image guidance scales → the (B, dim) float32 embedding a guidance-distilled UNet
+    takes as ``timestep_cond``: sinusoidal features of w = 1000 (scale - 1) (diffusers'
+    ``get_guidance_scale_embedding``, after the VDM code), computed on the CPU as diffusers
+    does, so both give the same numbers."""
+    # scale - 1 in double precision, then float32: diffusers' torch.tensor(guidance_scale - 1)
+    w = torch.tensor([s - 1 for s in scales], dtype=torch.float32) * 1000.0
+    half = dim // 2
+    freq = torch.exp(torch.arange(half, dtype=torch.float32)
+                     * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    emb = w[:, None] * freq[None, :]
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+    return torch.nn.functional.pad(emb, (0, dim % 2))  # an odd dim gets a zero column
 
 
 def vae_decode(vae, latents):

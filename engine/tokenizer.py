@@ -127,6 +127,50 @@ class ClipTokenizer:
         self.bos_token_id = vocab[bos_token]
         self.eos_token_id = vocab[eos_token]
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        # Textual-inversion embeddings: a multi-vector embedding's first token -> the ids of all
+        # its vectors, which replace it wherever it is matched (diffusers' maybe_convert_prompt).
+        self._groups: dict[int, tuple[int, ...]] = {}
+
+    def add_embedding_tokens(self, names: list[str]) -> list[int]:
+        """Add the tokens of one textual-inversion embedding (``name``, ``name_1``, ...) and
+        return their new ids, in order.
+
+        Each is an added token, matched whole in the lowercased prompt before BPE, as
+        transformers' ``add_tokens`` (which diffusers' ``load_textual_inversion`` uses), but only
+        as a whole word: ``easyneg`` is matched in "easyneg, hands", not inside "myeasyneg"
+        (A1111 too matches an embedding's name only where it is a word of its own). Where the
+        first name is matched, the ids of all the names follow, so a prompt only writes the
+        first. Refuses a name that is already a token or a CLIP word (which would lose its
+        meaning in every prompt)."""
+        for name in names:
+            if not isinstance(name, str) or not name.strip() or name != name.strip():
+                raise SdrtError(f"embedding token {name!r} must be a non-empty string without "
+                                f"surrounding spaces")
+            normal = self._tokenizer.normalizer.normalize_str(name)
+            clash = next((t for t in (name, normal, normal + "</w>")
+                          if self._tokenizer.token_to_id(t) is not None), None)
+            if clash is not None:
+                raise SdrtError(f"embedding token {name!r} is already in the tokenizer's "
+                                f"vocabulary (as {clash!r}); load it under another token name")
+        before = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        self._tokenizer.add_tokens([AddedToken(n, single_word=True, normalized=True)
+                                    for n in names])
+        ids = [self._tokenizer.token_to_id(n) for n in names]
+        if ids != list(range(before, before + len(names))):
+            raise SdrtError(f"embedding tokens {names} did not get consecutive new ids ({ids})")
+        self.vocab_size = before + len(names)
+        if len(ids) > 1:
+            self._groups[ids[0]] = tuple(ids)
+        return ids
+
+    def embedding_length(self, token_id: int) -> int:
+        """How many ids the embedding that starts with ``token_id`` takes (1 for any other)."""
+        return len(self._groups.get(token_id, (token_id,)))
+
+    def _expand(self, ids: list[int]) -> list[int]:
+        if not self._groups:
+            return ids
+        return [j for i in ids for j in self._groups.get(i, (i,))]
 
     @classmethod
     def bundled(cls, pad_token: str = EOS, max_length: int = MAX_LENGTH) -> "ClipTokenizer":
@@ -193,7 +237,7 @@ class ClipTokenizer:
             check_text(prompt, "prompt" if len(prompts) == 1 else f"prompt[{i}]")
         rows = []
         for enc in self._tokenizer.encode_batch(prompts):
-            ids = enc.ids  # [bos, ..., eos]
+            ids = self._expand(enc.ids)  # [bos, ..., eos]
             if len(ids) > self.max_length:
                 self._warn_truncated(ids[self.max_length - 1:-1])
                 ids = ids[:self.max_length - 1] + [self.eos_token_id]
@@ -202,7 +246,8 @@ class ClipTokenizer:
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         """Each text's token ids alone: no BOS/EOS, no padding, no truncation."""
-        return [e.ids for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+        return [self._expand(e.ids)
+                for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
     def token_id(self, token: str):
         """A vocabulary entry's id (e.g. ``",</w>"``), None when absent."""

@@ -12,6 +12,21 @@ from .layers import (Attention, Downsample2D, GroupNorm, LayerNorm, ResnetBlock2
                      TimestepEmbedding, Upsample2D, norm_silu_conv, timestep_embedding)
 
 
+class GuidedTimestepEmbedding(TimestepEmbedding):
+    """diffusers' ``TimestepEmbedding(cond_proj_dim=...)``: a guidance-distilled (LCM) UNet adds
+    a projection of its guidance-scale embedding to the sinusoidal timestep features before
+    ``linear_1``."""
+
+    def __init__(self, in_dim, dim, cond_dim):
+        super().__init__(in_dim, dim)
+        self.cond_proj = nn.Linear(cond_dim, in_dim, bias=False)
+
+    def forward(self, x, condition=None):  # x: (B, in_dim), condition: (B, cond_dim)
+        if condition is not None:
+            x = x + self.cond_proj(condition)
+        return super().forward(x)
+
+
 def per_block(value, n, name):
     """A config entry that is one value for all blocks or a list with one per block."""
     if isinstance(value, (list, tuple)):
@@ -70,7 +85,6 @@ class UNetConfig:
         unsupported = {
             "class_embed_type": self.class_embed_type is not None,
             "addition_embed_type": self.addition_embed_type is not None,
-            "time_cond_proj_dim": self.time_cond_proj_dim is not None,
             "dual_cross_attention": bool(self.dual_cross_attention),
             "only_cross_attention": bool(self.only_cross_attention),
             "resnet_time_scale_shift": self.resnet_time_scale_shift != "default",
@@ -95,6 +109,8 @@ class UNetConfig:
             check.integer(key, getattr(self, key))
         check.integer("sample_size", self.sample_size, hi=MAX_POSITIONS)
         check.integer("layers_per_block", self.layers_per_block, hi=MAX_LAYERS)
+        if self.time_cond_proj_dim is not None:
+            check.integer("time_cond_proj_dim", self.time_cond_proj_dim)
         check.integers("transformer_layers_per_block", self.transformer_layers_per_block, n,
                        hi=MAX_LAYERS, scalar=True)
         check.integer("downsample_padding", self.downsample_padding, lo=0, hi=1)
@@ -267,7 +283,8 @@ class UNet2DConditionModel(nn.Module):
         layers = per_block(cfg.transformer_layers_per_block, n, "transformer_layers_per_block")
         temb = ch[0] * 4
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(ch[0], temb)
+        self.time_embedding = (TimestepEmbedding(ch[0], temb) if cfg.time_cond_proj_dim is None
+                               else GuidedTimestepEmbedding(ch[0], temb, cfg.time_cond_proj_dim))
 
         self.down_blocks = nn.ModuleList()
         for i, kind in enumerate(cfg.down_block_types):
@@ -299,13 +316,21 @@ class UNet2DConditionModel(nn.Module):
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
         self.gn_silu_conv = kernels.group_norm_silu_conv2d
 
-    def forward(self, sample, timestep, encoder_hidden_states):
-        """sample (B, C, h, w); timestep 0-d or (B,); encoder_hidden_states (B, T, D)."""
+    def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None):
+        """sample (B, C, h, w); timestep 0-d or (B,); encoder_hidden_states (B, T, D);
+        timestep_cond (B, time_cond_proj_dim), the guidance-scale embedding of a
+        guidance-distilled UNet (config ``time_cond_proj_dim``), or None."""
         cfg = self.config
         t = timestep.reshape(-1).expand(sample.shape[0])
         emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos,
-                                 cfg.freq_shift)
-        emb = self.time_embedding(emb.to(sample.dtype))  # (B, 4·C0)
+                                 cfg.freq_shift).to(sample.dtype)
+        if timestep_cond is None:
+            emb = self.time_embedding(emb)  # (B, 4·C0)
+        else:
+            if cfg.time_cond_proj_dim is None:
+                raise SdrtError("timestep_cond was given, but this UNet has no "
+                                "time_cond_proj_dim (it is not guidance-distilled)")
+            emb = self.time_embedding(emb, timestep_cond)
         if cfg.center_input_sample:
             sample = 2 * sample - 1.0
         x = self.conv_in(sample)

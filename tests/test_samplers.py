@@ -350,7 +350,8 @@ def test_from_file(tmp_path):
     cfg = SchedulerConfig.from_file(path)
     assert cfg.class_name == "PNDMScheduler" and cfg.steps_offset == 1 and cfg.skip_prk_steps
     assert cfg.timestep_spacing is None, "absent field must stay unset for the class default"
-    assert SAMPLERS == ("ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras")
+    assert SAMPLERS == ("ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras",
+                        "lcm")
 
 
 @pytest.mark.parametrize("content,match", [
