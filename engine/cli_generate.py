@@ -14,7 +14,8 @@ import warnings
 
 from .atomic import write_file
 from .errors import SdrtError
-from .infotext import Infotext, model_identity, png_bytes
+from .infotext import Infotext, lora_tags, model_identity, number, png_bytes
+from .infotext import short_hash as file_hash
 from .request import MAX_SEED, GenerationRequest, Limits
 
 # Request field → the option that sets it, so that a message names what the user typed.
@@ -29,8 +30,9 @@ def generate(a):
     png_model = _apply_png(a) if a.from_png is not None else None
     if a.prompt is None:
         raise SdrtError("a prompt is needed (or --from-png IMAGE.png to take it from a PNG)")
+    prompt, loras, recorded_prompt = _prompt_loras(a)
     request = GenerationRequest(
-        prompt=a.prompt, negative_prompt=a.negative, height=a.height, width=a.width,
+        prompt=prompt, negative_prompt=a.negative, height=a.height, width=a.width,
         num_inference_steps=a.steps, guidance_scale=a.guidance, sampler=a.sampler, seed=a.seed,
         strength=a.strength, num_images_per_prompt=a.batch, clip_skip=a.clip_skip,
         output_type="pil", has_image=a.init_image is not None, prompt_syntax=a.prompt_syntax,
@@ -44,10 +46,9 @@ def generate(a):
     _warn_unused_options(a)
 
     pipe = _pipeline(a)  # imports torch
-    for path, scale in a.lora:
+    for path, scale in loras:
         pipe.load_lora(path, scale=scale)
-    for path in a.embedding:
-        pipe.load_textual_inversion(path)
+    tokens = [pipe.load_textual_inversion(path) for path in a.embedding]
     if init is None:
         # What depends on the model (sizes against the VAE, --clip-skip against the text
         # encoder, the request's memory against the device's), named as the options are.
@@ -66,7 +67,7 @@ def generate(a):
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     # A callback would make a static plan run its denoising loop eagerly: no bar then.
     with _Progress() as progress:
-        images = pipe(a.prompt, negative_prompt=a.negative, height=request.height,
+        images = pipe(prompt, negative_prompt=a.negative, height=request.height,
                       width=request.width, num_inference_steps=a.steps,
                       guidance_scale=a.guidance, sampler=sampler, generator=generators,
                       image=init, strength=a.strength, num_images_per_prompt=a.batch,
@@ -80,17 +81,46 @@ def generate(a):
     if png_model is not None and png_model[1] and short_hash and png_model[1] != short_hash:
         warnings.warn(f"--from-png {a.from_png} was made with model {png_model[0]} "
                       f"[{png_model[1]}], this is {name} [{short_hash}]: the image will differ")
-    infos = [str(Infotext(prompt=a.prompt, negative_prompt=a.negative or "", steps=a.steps,
-                          sampler=sampler, cfg_scale=a.guidance, seed=s, width=width,
-                          height=height, model_name=name, model_hash=short_hash,
+    lora_hashes = tuple((_stem(path), file_hash(path)) for path, _ in loras)
+    ti_hashes = tuple((token, file_hash(path)) for token, path in zip(tokens, a.embedding))
+    infos = [str(Infotext(prompt=recorded_prompt, negative_prompt=a.negative or "",
+                          steps=a.steps, sampler=sampler, cfg_scale=a.guidance, seed=s,
+                          width=width, height=height, model_name=name, model_hash=short_hash,
                           denoising_strength=a.strength if init is not None else None,
-                          clip_skip=a.clip_skip))
+                          clip_skip=a.clip_skip, lora_hashes=lora_hashes,
+                          ti_hashes=ti_hashes))
              for s in seeds]
     paths, taken = _save_pngs(images, output, infos, a.overwrite)
     print(_summary(pipe.timings, plan, seed, paths, taken))
 
 
 # -- checks before torch is imported -----------------------------------------------------------
+
+def _stem(path):
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def _prompt_loras(a):
+    """A1111's ``<lora:NAME:SCALE>`` tags in the prompt → (the prompt without them, the LoRAs
+    to apply as [(path, scale)], the prompt the PNG records). A tag names a --lora file by its
+    name and sets its scale; a --lora file without a tag is applied at its own scale and its
+    tag is added to the recorded prompt, as A1111 writes it."""
+    try:
+        prompt, tags = lora_tags(a.prompt)
+    except ValueError:
+        raise SdrtError(f"prompt has a <lora:...> tag whose scale is not a number: "
+                        f"{a.prompt!r}") from None
+    files = {_stem(path): (path, scale) for path, scale in a.lora}
+    for name, _ in tags:
+        if name not in files:
+            raise SdrtError(f"prompt names <lora:{name}>, but no --lora file is named "
+                            f"{name}.safetensors; pass --lora PATH/{name}.safetensors")
+    scales = dict(tags)
+    loras = [(path, scales.get(_stem(path), scale)) for path, scale in a.lora]
+    recorded = " ".join([a.prompt] + [f"<lora:{_stem(path)}:{number(scale)}>"
+                                      for path, scale in loras if _stem(path) not in scales])
+    return prompt, loras, recorded
+
 
 # PNG info key → (option, its attribute, how the value reads)
 _PNG_SETTINGS = {
@@ -132,6 +162,18 @@ def _apply_png(a):
         if not (w.isdigit() and h.isdigit()):
             raise SdrtError(f"--from-png {a.from_png}: Size {pairs['Size']!r} is not WxH")
         a.width, a.height = int(w), int(h)
+    given = {_stem(path): path for path in [p for p, _ in a.lora] + a.embedding}
+    for key, option in (("Lora hashes", "--lora"), ("TI hashes", "--embedding")):
+        for entry in filter(None, (e.strip() for e in pairs.get(key, "").split(","))):
+            name, _, recorded = (part.strip() for part in entry.partition(":"))
+            if name not in given:
+                warnings.warn(f"--from-png {a.from_png} used {name} [{recorded}]: pass "
+                              f"{option} FILE for it, or the image will differ")
+            elif os.path.isfile(given[name]) and recorded and \
+                    file_hash(given[name]) != recorded:
+                warnings.warn(f"--from-png {a.from_png} used {name} [{recorded}], but "
+                              f"{given[name]} is [{file_hash(given[name])}]: the image will "
+                              "differ")
     if "Denoising strength" in pairs and a.init_image is None:
         warnings.warn(f"--from-png {a.from_png} was made from an init image (Denoising "
                       f"strength {pairs['Denoising strength']}); without --init-image this is "

@@ -88,6 +88,8 @@ class Infotext:
     denoising_strength: float = None  # image-to-image only
     clip_skip: int = 0         # sdrt's count of skipped layers
     version: str = None
+    lora_hashes: tuple = ()    # ((name, A1111 short hash), ...) of the LoRAs applied
+    ti_hashes: tuple = ()      # ((token, A1111 short hash), ...) of the embeddings loaded
 
     def params(self):
         """The ``Key: value`` pairs in A1111's order, without the ones that are not set."""
@@ -102,6 +104,8 @@ class Infotext:
             "Denoising strength": (None if self.denoising_strength is None
                                    else number(self.denoising_strength)),
             "Clip skip": self.clip_skip + 1 if self.clip_skip else None,
+            "Lora hashes": ", ".join(f"{n}: {h}" for n, h in self.lora_hashes) or None,
+            "TI hashes": ", ".join(f"{n}: {h}" for n, h in self.ti_hashes) or None,
             "Version": self.version,
         }
         return {k: v for k, v in pairs.items() if v is not None}
@@ -166,9 +170,7 @@ def model_identity(path, pipe):
                 h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         name = BUILT_IN
     elif os.path.isfile(path):
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+        h = _file_sha256(path)
         name = os.path.splitext(os.path.basename(path))[0]
     else:
         for root, dirs, files in sorted(os.walk(path)):
@@ -184,3 +186,32 @@ def model_identity(path, pipe):
         name = os.path.basename(os.path.normpath(path))
     full = h.hexdigest()
     return name, full[:10], full
+
+
+def _file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h
+
+
+def short_hash(path):
+    """A1111's short hash of a LoRA or embedding file (its ``Lora hashes`` / ``TI hashes``):
+    the first 12 hex digits of the file's sha256."""
+    return _file_sha256(path).hexdigest()[:12]
+
+
+# A1111's LoRA tag in a prompt: <lora:NAME>, <lora:NAME:SCALE> (further fields are ignored).
+_LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
+
+
+def lora_tags(prompt):
+    """A prompt → (the prompt without its ``<lora:name:scale>`` tags, [(name, scale), ...]),
+    as A1111 reads them: the scale defaults to 1. Raises ``ValueError`` for a scale that is not
+    a number."""
+    tags = []
+    for m in _LORA_TAG.finditer(prompt):
+        scale = m.group(2)
+        tags.append((m.group(1).strip(), float(scale) if scale and scale.strip() else 1.0))
+    return _LORA_TAG.sub("", prompt).strip(), tags

@@ -142,7 +142,7 @@ REFUSED_EARLY = {
                               "--dtype", "bf16"], "not --dtype bf16"),
     "onnx dir without onnx runtime": (["generate", "x", "--onnx-dir", "a-folder"],
                                       "--onnx-dir is only used with --runtime onnx"),
-    "prompt missing": (["generate"], "the following arguments are required: prompt"),
+    "prompt missing": (["generate"], "a prompt is needed (or --from-png IMAGE.png to take it from a PNG)"),
     "unknown option": (["generate", "x", "--cfg", "3"], "unrecognized arguments: --cfg 3"),
     "unknown command": (["paint", "x"], "invalid choice: 'paint'"),
     "check-onnx on a file": (["check-onnx", "file.txt"],
