@@ -23,7 +23,8 @@ setup(
     version="0.1.0",
     description="Stable Diffusion inference engine: Triton kernels, static shapes, CUDA graphs",
     python_requires=">=3.10",
-    packages=["sdrt.engine", "sdrt.kernels", "sdrt.export", "sdrt.benchmarks", "sdrt.serve"],
+    packages=["sdrt.engine", "sdrt.engine.demo", "sdrt.kernels", "sdrt.export", "sdrt.benchmarks",
+              "sdrt.serve"],
     package_dir={
         "sdrt.engine": "engine",
         "sdrt.kernels": "kernels",
@@ -31,7 +32,7 @@ setup(
         "sdrt.benchmarks": "benchmarks",
         "sdrt.serve": "serve",
     },
-    package_data={"sdrt.engine": ["data/*.gz", "data/*.txt"]},
+    package_data={"sdrt.engine": ["data/*.gz", "data/*.txt", "data/*.safetensors", "data/*.json"]},
     install_requires=install_requires,
     extras_require={
         "test": [

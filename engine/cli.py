@@ -116,6 +116,9 @@ def _parser():
     t = sub.add_parser("make-tiny", help="write the built-in tiny model as a diffusers folder")
     t.add_argument("dir", metavar="DIR", help="folder to create (must not exist, or be empty)")
 
+    d = sub.add_parser("make-demo", help="write the small trained demo model as a diffusers folder")
+    d.add_argument("dir", metavar="DIR", help="folder to create (must not exist, or be empty)")
+
     from sdrt.serve.cli import add_parser as add_serve_parser  # standard library only, no torch
     add_serve_parser(sub)
 
@@ -306,13 +309,20 @@ def cmd_generate(a):
     return generate(a)
 
 
+def cmd_make_demo(a):
+    check_new_folder(a.dir)
+    from .demo.model import write_demo
+    write_folder(a.dir, write_demo)
+    print(f"wrote the demo model to {a.dir}")
+
+
 def cmd_serve(a):
     from sdrt.serve.cli import run
     return run(a)
 
 
 COMMANDS = {"generate": cmd_generate, "make-tiny": cmd_make_tiny, "export": cmd_export,
-            "serve": cmd_serve,
+            "make-demo": cmd_make_demo, "serve": cmd_serve,
             "check-onnx": cmd_check_onnx}
 
 
