@@ -30,7 +30,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -40,7 +39,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sdrt.benchmarks.common import copy_bandwidth_gbs, default_results_dir, markdown_table
+from sdrt.benchmarks.common import (copy_bandwidth_gbs, cpu_name, default_results_dir,
+                                    markdown_table, package_versions)
 from sdrt.engine.configs import model_config
 from sdrt.engine.loading import build
 from sdrt.engine.lora import LoraManager
@@ -101,28 +101,6 @@ def timed(fn, setup=None, *, warmup, repeats):
     q = statistics.quantiles(times, n=5) if len(times) > 1 else times * 4
     return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3],
             "repeats": repeats}
-
-
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _versions():
-    from importlib.metadata import PackageNotFoundError, version
-    out = {"python": platform.python_version()}
-    for dist in ("torch", "safetensors", "numpy"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            out[dist] = None
-    return out
 
 
 def main(argv=None):
@@ -201,8 +179,8 @@ def main(argv=None):
     copy_gbs = copy_bandwidth_gbs(256 << 20, device="cpu")
     for r in rows:
         r["fraction_of_copy_bw"] = round(r["achieved_GBs"] / copy_gbs, 2)
-    info = {"device": f"CPU: {_cpu_name()}", "threads": torch.get_num_threads(),
-            "cpus": os.cpu_count(), **_versions(),
+    info = {"device": f"CPU: {cpu_name()}", "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(), **package_versions(("torch", "safetensors", "numpy")),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     setup = {"model": "SD 1.5 UNet + text encoder (configs.SD15), random weights, float32",
              "lora": f"kohya layout, rank {RANK}, fp16 file, {layers} layers "

@@ -22,7 +22,6 @@ import asyncio
 import datetime
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -30,38 +29,17 @@ import sys
 import time
 from pathlib import Path
 
-from sdrt.benchmarks.common import default_results_dir, gpu_slug, markdown_table
+from sdrt.benchmarks.common import (cpu_name, default_results_dir, gpu_slug, markdown_table,
+                                    package_versions)
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _versions():
-    from importlib.metadata import PackageNotFoundError, version
-    out = {"python": platform.python_version()}
-    for dist in ("torch", "fastapi", "uvicorn", "httpx", "pydantic"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            out[dist] = None
-    return out
 
 
 def _device(args):
     if args.device == "cuda":
         import torch
         return torch.cuda.get_device_name(), "gpu"
-    return f"{_cpu_name()} ({os.cpu_count()} logical CPUs)", "cpu"
+    return f"{cpu_name()} ({os.cpu_count()} logical CPUs)", "cpu"
 
 
 def _percentile(values, q):
@@ -204,7 +182,7 @@ def main(argv=None):
     info = {"device": device, "kind": kind, "model": args.model or "built-in tiny model "
             "(random weights)", "size": args.size, "steps": args.steps,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            **_versions()}
+            **package_versions(("torch", "fastapi", "uvicorn", "httpx", "pydantic"))}
     notes = ["closed loop: each of C clients sends its next request when the last is answered",
              "latency is per request, client side (queue + batch + PNG + HTTP)",
              "images_per_call: mean sdrt_batch_size over the timed requests, from /metrics; "

@@ -174,6 +174,30 @@ def device_info() -> dict:
     }
 
 
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), for the CPU benchmarks' reports."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def package_versions(dists) -> dict:
+    """Python's version and each named distribution's (None where it is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+    out = {"python": platform.python_version()}
+    for dist in dists:
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
 def host_info() -> dict:
     """``device_info``'s fields for a dry run on the CPU: the GPU is named as none."""
     return {"gpu": f"CPU ({DRY_RUN_LABEL})", "compute_capability": None, "multiprocessors": None,

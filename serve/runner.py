@@ -1,7 +1,6 @@
 """The pipeline's owner: loads the model, builds the planned static shapes, and runs one batch
 of rows as one pipeline call (only ever from the scheduler's worker thread)."""
 import logging
-import os
 
 from sdrt.engine.errors import SdrtError
 from sdrt.engine.infotext import model_identity

@@ -26,6 +26,8 @@ import time
 import numpy as np
 import torch
 
+from sdrt.benchmarks.common import cpu_name
+
 from . import world
 
 NAMES = list(world.COLOURS)
@@ -198,17 +200,6 @@ def choose_defaults(model_folder, seed=0, threads=1, guidances=(3.0, 5.0, 7.5)):
     return rows
 
 
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def run(model_folder, out, seed=0, count=54, threads=1,
         command="python -m sdrt.engine.demo.quality"):
     """Measure the model in ``model_folder`` on ``count`` held-out prompts; write
@@ -246,7 +237,7 @@ def run(model_folder, out, seed=0, count=54, threads=1,
                        for s, r in zip(scenes, t2i)],
         "training": config.get("training"),
         "defaults_sweep": config.get("demo_defaults_sweep"),
-        "cpu": _cpu_name(), "threads": threads, "torch": torch.__version__,
+        "cpu": cpu_name(), "threads": threads, "torch": torch.__version__,
         "python": platform.python_version(),
         "text_to_image_seconds": round(t2i_seconds, 1), "wall_seconds": round(wall, 1),
         "command": command,
