@@ -21,7 +21,8 @@ EXIT_CHECK_FAILED = 1  # check-onnx: an exported network is past its tolerance
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
 
-def _int(text):
+def int_arg(text):
+    """argparse type: an integer, or a one-line error (also ``sdrt serve``'s)."""
     try:
         return int(text)
     except ValueError:
@@ -29,13 +30,14 @@ def _int(text):
 
 
 def _positive_int(text):
-    v = _int(text)
+    v = int_arg(text)
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
     return v
 
 
-def _float(text):
+def float_arg(text):
+    """argparse type: a number, or a one-line error (also ``sdrt serve``'s)."""
     try:
         return float(text)
     except ValueError:
@@ -181,28 +183,28 @@ def _generate_options(g):
     g.add_argument("--negative", metavar="TEXT", default=None,
                    help="negative prompt: what to steer away from (used when --guidance is "
                         "above 1)")
-    g.add_argument("--steps", metavar="N", type=_int, default=50, help="denoising steps")
-    g.add_argument("--guidance", metavar="G", type=_float, default=7.5,
+    g.add_argument("--steps", metavar="N", type=int_arg, default=50, help="denoising steps")
+    g.add_argument("--guidance", metavar="G", type=float_arg, default=7.5,
                    help="classifier-free guidance scale; 1 or less turns guidance off (one "
                         "UNet pass per step instead of two)")
     g.add_argument("--sampler", metavar="NAME", default=None,
                    help=f"one of {', '.join(SAMPLER_NAMES)} (default: the one matching the "
                         "model's scheduler)")
-    g.add_argument("--seed", metavar="S", type=_int, default=-1,
+    g.add_argument("--seed", metavar="S", type=int_arg, default=-1,
                    help="seed of the initial noise, from 0 to 2**64 - 1; -1 draws one at "
                         "random. The seed used is printed and stored in the PNG")
-    g.add_argument("--height", metavar="H", type=_int, default=None,
+    g.add_argument("--height", metavar="H", type=int_arg, default=None,
                    help="image height in pixels, a multiple of 8 (default: the model's native "
                         "size, or the init image's)")
-    g.add_argument("--width", metavar="W", type=_int, default=None,
+    g.add_argument("--width", metavar="W", type=int_arg, default=None,
                    help="image width in pixels, a multiple of 8 (default: the model's native "
                         "size, or the init image's)")
-    g.add_argument("--batch", metavar="N", type=_int, default=1,
+    g.add_argument("--batch", metavar="N", type=int_arg, default=1,
                    help="images to generate from the prompt")
     g.add_argument("--init-image", metavar="PATH", default=None,
                    help="start from this image (image-to-image); its EXIF orientation is "
                         "applied and transparency is composited onto white")
-    g.add_argument("--strength", metavar="S", type=_float, default=0.8,
+    g.add_argument("--strength", metavar="S", type=float_arg, default=0.8,
                    help="with --init-image: how much of the image to repaint, in (0, 1]; 1 "
                         "keeps nothing of it")
     g.add_argument("--device", choices=("cpu", "cuda"), default=None,
@@ -217,7 +219,7 @@ def _generate_options(g):
     g.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
                    help="override the scheduler's prediction type; for an SD 2.x single file, "
                         "epsilon also selects the 512-base configs")
-    g.add_argument("--clip-skip", metavar="N", type=_int, default=0,
+    g.add_argument("--clip-skip", metavar="N", type=int_arg, default=0,
                    help="skip the last N layers of the text encoder")
     g.add_argument("--lora", metavar="PATH[:SCALE]", type=_lora_option, action="append",
                    default=[], help="apply a LoRA (kohya/A1111 or diffusers .safetensors) at "

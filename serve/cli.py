@@ -9,23 +9,10 @@ import signal
 import socket
 import sys
 
+from sdrt.engine.cli import float_arg, int_arg
 from sdrt.engine.errors import SdrtError
 
 from .config import DEFAULT_PORT, ServeConfig, parse_sizes
-
-
-def _int(text):
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
-
-
-def _float(text):
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
 
 
 def _sizes(text):
@@ -46,35 +33,35 @@ def add_parser(subparsers):
                    help="diffusers folder or single-file .safetensors checkpoint (default: the "
                         "built-in tiny model)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    s.add_argument("--port", type=_int, default=DEFAULT_PORT, help="port to listen on")
+    s.add_argument("--port", type=int_arg, default=DEFAULT_PORT, help="port to listen on")
     s.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda if a GPU is available, else cpu")
     s.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
                    help="default: fp16 on cuda, fp32 on cpu")
-    s.add_argument("--max-batch", metavar="N", type=_int, default=4,
+    s.add_argument("--max-batch", metavar="N", type=int_arg, default=4,
                    help="most images in one pipeline call")
-    s.add_argument("--max-queue", metavar="N", type=_int, default=64,
+    s.add_argument("--max-queue", metavar="N", type=int_arg, default=64,
                    help="most requests waiting; more are answered 429 with Retry-After")
-    s.add_argument("--batch-window-ms", metavar="MS", type=_float, default=10.0,
+    s.add_argument("--batch-window-ms", metavar="MS", type=float_arg, default=10.0,
                    help="how long the oldest waiting request waits for compatible ones")
     s.add_argument("--compile", metavar="WxH[,WxH...]", type=_sizes, default=(),
                    help="build static plans for these sizes at start-up (batch 1 and "
                         "--max-batch, --steps, the default sampler, with guidance); /health "
                         "answers 200 only once they are built")
-    s.add_argument("--steps", metavar="N", type=_int, default=20,
+    s.add_argument("--steps", metavar="N", type=int_arg, default=20,
                    help="denoising steps of a request that does not say")
-    s.add_argument("--timeout", metavar="S", type=_float, default=300.0,
+    s.add_argument("--timeout", metavar="S", type=float_arg, default=300.0,
                    help="a request not answered after this many seconds gets 503")
     s.add_argument("--api-key", metavar="KEY", default=None,
                    help="require 'Authorization: Bearer KEY' on every path but /health and "
                         "/docs (default: $SDRT_API_KEY if set, else no key)")
-    s.add_argument("--threads", metavar="N", type=_int, default=None,
+    s.add_argument("--threads", metavar="N", type=int_arg, default=None,
                    help="torch CPU threads (default: torch's choice)")
     s.add_argument("--ray", action="store_true",
                    help="run as a Ray Serve deployment (one replica per GPU)")
-    s.add_argument("--replicas", metavar="N", type=_int, default=1,
+    s.add_argument("--replicas", metavar="N", type=int_arg, default=1,
                    help="with --ray: replicas to start")
-    s.add_argument("--max-replicas", metavar="N", type=_int, default=None,
+    s.add_argument("--max-replicas", metavar="N", type=int_arg, default=None,
                    help="with --ray: autoscale from --replicas up to N replicas")
     s.add_argument("--ray-address", metavar="ADDR", default=None,
                    help="with --ray: a running Ray cluster (default: start a local one)")
