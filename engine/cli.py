@@ -44,6 +44,25 @@ def float_arg(text):
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
 
 
+def size_arg(text):
+    """``WxH`` (A1111's order, as in "Size: 1024x768") → (height, width), diffusers' order."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 1024x768, got "
+                                         f"{text!r}") from None
+    return (h, w)
+
+
+def crop_arg(text):
+    """``LEFT,TOP`` → (top, left), diffusers' ``crops_coords_top_left`` order."""
+    try:
+        left, top = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LEFT,TOP such as 0,0, got {text!r}") from None
+    return (top, left)
+
+
 def _lora_option(text):
     """PATH[:SCALE] → (PATH, SCALE); only a trailing ':number' is a scale, so a path with a
     colon in it still works."""
@@ -183,6 +202,29 @@ def _generate_options(g):
     g.add_argument("--negative", metavar="TEXT", default=None,
                    help="negative prompt: what to steer away from (used when --guidance is "
                         "above 1)")
+    g.add_argument("--prompt-2", metavar="TEXT", default=None,
+                   help="SDXL: the prompt of the second text encoder (OpenCLIP bigG; default: "
+                        "the prompt)")
+    g.add_argument("--negative-2", metavar="TEXT", default=None,
+                   help="SDXL: the second text encoder's negative prompt (default: --negative)")
+    g.add_argument("--original-size", metavar="WxH", type=size_arg, default=None,
+                   help="SDXL micro-conditioning: the size the image is to look as if it was "
+                        "taken at (default: the output size)")
+    g.add_argument("--target-size", metavar="WxH", type=size_arg, default=None,
+                   help="SDXL micro-conditioning: the target size (default: the output size)")
+    g.add_argument("--crop", metavar="LEFT,TOP", type=crop_arg, default=None,
+                   help="SDXL micro-conditioning: the top-left corner of the crop the image is "
+                        "to look cut from (default: 0,0, uncropped)")
+    g.add_argument("--aesthetic-score", metavar="S", type=float_arg, default=None,
+                   help="SDXL refiner: the aesthetic score to condition on (default 6)")
+    g.add_argument("--negative-aesthetic-score", metavar="S", type=float_arg, default=None,
+                   help="SDXL refiner: the negative half's aesthetic score (default 2.5)")
+    g.add_argument("--refiner", metavar="PATH", default=None,
+                   help="SDXL refiner (diffusers folder or single file): the base denoises to "
+                        "--refiner-start of the noise schedule, the refiner the rest")
+    g.add_argument("--refiner-start", metavar="F", type=float_arg, default=0.8,
+                   help="with --refiner: the fraction of the schedule where the refiner takes "
+                        "over, in (0, 1) (A1111's 'Refiner switch at')")
     g.add_argument("--steps", metavar="N", type=int_arg, default=50, help="denoising steps")
     g.add_argument("--guidance", metavar="G", type=float_arg, default=7.5,
                    help="classifier-free guidance scale; 1 or less turns guidance off (one "

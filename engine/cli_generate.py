@@ -23,7 +23,11 @@ OPTION_NAMES = {"num_inference_steps": "--steps", "guidance_scale": "--guidance"
                 "num_images_per_prompt": "--batch", "negative_prompt": "--negative",
                 "clip_skip": "--clip-skip", "height": "--height", "width": "--width",
                 "strength": "--strength", "seed": "--seed", "sampler": "--sampler",
-                "prompt": "prompt"}
+                "prompt": "prompt", "prompt_2": "--prompt-2", "negative_prompt_2": "--negative-2",
+                "original_size": "--original-size", "target_size": "--target-size",
+                "crops_coords_top_left": "--crop", "aesthetic_score": "--aesthetic-score",
+                "negative_aesthetic_score": "--negative-aesthetic-score",
+                "denoising_end": "--refiner-start"}
 
 
 def generate(a):
@@ -36,6 +40,7 @@ def generate(a):
         num_inference_steps=a.steps, guidance_scale=a.guidance, sampler=a.sampler, seed=a.seed,
         strength=a.strength, num_images_per_prompt=a.batch, clip_skip=a.clip_skip,
         output_type="pil", has_image=a.init_image is not None, prompt_syntax=a.prompt_syntax,
+        **_sdxl_fields(a),
     ).check(names=OPTION_NAMES, limits=Limits.from_env())
     output = _output_path(a)
     _check_sources(a)
@@ -46,6 +51,7 @@ def generate(a):
     _warn_unused_options(a)
 
     pipe = _pipeline(a)  # imports torch
+    refiner = _refiner(a, pipe)
     for path, scale in loras:
         pipe.load_lora(path, scale=scale)
     tokens = [pipe.load_textual_inversion(path) for path in a.embedding]
@@ -66,13 +72,25 @@ def generate(a):
     import torch
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     # A callback would make a static plan run its denoising loop eagerly: no bar then.
+    call = dict(negative_prompt=a.negative, num_inference_steps=a.steps,
+                guidance_scale=a.guidance, generator=generators, clip_skip=a.clip_skip,
+                prompt_syntax=a.prompt_syntax, num_images_per_prompt=a.batch)
     with _Progress() as progress:
-        images = pipe(prompt, negative_prompt=a.negative, height=request.height,
-                      width=request.width, num_inference_steps=a.steps,
-                      guidance_scale=a.guidance, sampler=sampler, generator=generators,
-                      image=init, strength=a.strength, num_images_per_prompt=a.batch,
-                      clip_skip=a.clip_skip, callback=None if plan else progress,
-                      prompt_syntax=a.prompt_syntax)
+        images = pipe(prompt, height=request.height, width=request.width, sampler=sampler,
+                      image=init, strength=a.strength, callback=None if plan else progress,
+                      output_type="latent" if refiner else "pil", **_sdxl_fields(a), **call)
+    if refiner is not None:
+        # The base's partly denoised latents, one row per image, finished by the refiner.
+        with _Progress() as progress:
+            images = refiner(prompt, image=images, denoising_start=a.refiner_start,
+                             sampler=a.sampler, callback=progress,
+                             aesthetic_score=a.aesthetic_score,
+                             negative_aesthetic_score=a.negative_aesthetic_score,
+                             original_size=a.original_size, crops_coords_top_left=a.crop,
+                             **call)
+        timings = {k: pipe.timings.get(k, 0) + refiner.timings.get(k, 0)
+                   for k in ("text", "denoise", "decode", "unet_calls")}
+        pipe.timings = timings
     width, height = images[0].size
     if a.runtime == "onnx":  # networks in onnxruntime: named by the export, not hashed
         name, short_hash = os.path.basename(os.path.normpath(a.onnx_dir)), None
@@ -83,18 +101,55 @@ def generate(a):
                       f"[{png_model[1]}], this is {name} [{short_hash}]: the image will differ")
     lora_hashes = tuple((_stem(path), file_hash(path)) for path, _ in loras)
     ti_hashes = tuple((token, file_hash(path)) for token, path in zip(tokens, a.embedding))
+    refined = {}
+    if refiner is not None:
+        refiner_name, refiner_hash, _ = model_identity(a.refiner, refiner)
+        refined = dict(refiner=f"{refiner_name} [{refiner_hash}]" if refiner_hash
+                       else refiner_name, refiner_switch_at=a.refiner_start)
     infos = [str(Infotext(prompt=recorded_prompt, negative_prompt=a.negative or "",
                           steps=a.steps, sampler=sampler, cfg_scale=a.guidance, seed=s,
                           width=width, height=height, model_name=name, model_hash=short_hash,
                           denoising_strength=a.strength if init is not None else None,
                           clip_skip=a.clip_skip, lora_hashes=lora_hashes,
-                          ti_hashes=ti_hashes))
+                          ti_hashes=ti_hashes, **refined))
              for s in seeds]
     paths, taken = _save_pngs(images, output, infos, a.overwrite)
     print(_summary(pipe.timings, plan, seed, paths, taken))
 
 
 # -- checks before torch is imported -----------------------------------------------------------
+
+def _sdxl_fields(a):
+    """The request fields of the SDXL options (None where not given: the model's default);
+    with --refiner, the base stops at --refiner-start."""
+    fields = dict(prompt_2=a.prompt_2, negative_prompt_2=a.negative_2,
+                  original_size=a.original_size, target_size=a.target_size,
+                  crops_coords_top_left=a.crop)
+    if a.refiner is not None:
+        fields["denoising_end"] = a.refiner_start
+    else:  # without a refiner these go to the model itself (an SDXL refiner given as --model)
+        fields.update(aesthetic_score=a.aesthetic_score,
+                      negative_aesthetic_score=a.negative_aesthetic_score)
+    return fields
+
+
+def _refiner(a, pipe):
+    """The --refiner pipeline (None without one), on the base's device and dtype; it must be
+    a model that continues the base's latents (an SDXL refiner for an SDXL base)."""
+    if a.refiner is None:
+        return None
+    from .pipeline import Pipeline
+    if pipe.family.name != "sdxl":
+        raise SdrtError(f"--refiner continues an SDXL base model's latents; --model is "
+                        f"{pipe.family.label}")
+    refiner = Pipeline.from_pretrained(a.refiner, pipe.device, pipe.dtype)
+    if refiner.unet.config.in_channels != pipe.unet.config.in_channels or \
+            refiner.vae_scale_factor != pipe.vae_scale_factor:
+        raise SdrtError(f"--refiner {a.refiner} does not take {a.model}'s latents "
+                        f"({refiner.unet.config.in_channels} latent channels against "
+                        f"{pipe.unet.config.in_channels})")
+    return refiner
+
 
 def _stem(path):
     return os.path.splitext(os.path.basename(path))[0]
@@ -208,7 +263,8 @@ def _output_path(a):
 
 def _check_sources(a):
     """The model, config and ONNX folder named exist, and --runtime fits the other options."""
-    for option, path in (("model path", a.model), ("--config", a.config)):
+    for option, path in (("model path", a.model), ("--config", a.config),
+                         ("--refiner", a.refiner)):
         if path is not None and not os.path.exists(path):
             raise SdrtError(f"{option} {path} does not exist")
     for option, path in [("--lora", p) for p, _ in a.lora] + [("--embedding", p)
@@ -251,6 +307,8 @@ def _warn_unused_options(a):
                                "diffusers folder with its own configs")
     if a.variant is not None:
         _warn_unused_variant(a, unused)
+    if "refiner_start" in a.given and a.refiner is None:
+        unused("--refiner-start", "it applies to --refiner")
 
 
 def _warn_unused_variant(a, unused):
@@ -262,11 +320,13 @@ def _warn_unused_variant(a, unused):
         unused("--variant", f"it applies to a diffusers folder; {a.model} is a single file")
     else:
         from .loading import WEIGHT_STEMS
-        without = [c for c, stem in sorted(WEIGHT_STEMS.items())
+        stems = {c: stem for c, stem in WEIGHT_STEMS.items()
+                 if os.path.isdir(os.path.join(a.model, c))}  # the networks the model has
+        without = [c for c, stem in sorted(stems.items())
                    if not any(os.path.isfile(os.path.join(a.model, c, f"{stem}.{a.variant}"
                                                                       f".safetensors{index}"))
                               for index in ("", ".index.json"))]
-        if len(without) == len(WEIGHT_STEMS):
+        if len(without) == len(stems):
             unused(f"--variant {a.variant}", f"{a.model} has no *.{a.variant}.safetensors "
                                              "files; the default weights are loaded")
         elif without:
@@ -313,7 +373,7 @@ def _static_plan(a, pipe, request):
     on CUDA unless --no-compile; None where the request runs eagerly. Static plans run
     text-to-image with the final text layer, in sdrt's own networks."""
     static = (request is not None and request.clip_skip == 0 and a.runtime == "torch"
-              and pipe.device.type == "cuda")
+              and request.denoising_end is None and pipe.device.type == "cuda")
     if a.no_compile:
         if not static:
             warnings.warn("--no-compile does nothing here: only text-to-image on CUDA, without "
@@ -321,7 +381,8 @@ def _static_plan(a, pipe, request):
         return None
     if not static:
         return None
-    chunks = pipe.text_inputs(request.texts(), request.prompt_syntax).num_chunks
+    chunks = pipe.text_inputs(request.texts(), request.prompt_syntax,
+                              request.texts_2()).num_chunks
     return pipe.compile(request.height, request.width, request.batch_size,
                         request.num_inference_steps, request.sampler, guidance=request.guidance,
                         num_chunks=chunks)

@@ -1,5 +1,6 @@
-"""CLIP text encoder (transformers' CLIPTextModel layout): SD 1.x's ViT-L/14 and SD 2.x's
-OpenCLIP ViT-H as diffusers stores it (its config already drops the last layer)."""
+"""CLIP text encoders (transformers' CLIPTextModel and CLIPTextModelWithProjection layouts):
+SD 1.x's and SDXL's ViT-L/14, SD 2.x's OpenCLIP ViT-H as diffusers stores it (its config
+already drops the last layer) and SDXL's OpenCLIP ViT-bigG with its pooled-output projection."""
 from dataclasses import dataclass, fields
 
 import torch
@@ -10,6 +11,46 @@ from .configs import (MAX_CHANNELS, MAX_LAYERS, MAX_POSITIONS, MAX_VOCABULARY,
                       ConfigCheck)
 from .errors import SdrtError
 from .layers import LayerNorm
+
+ARCHITECTURES = ("CLIPTextModel", "CLIPTextModelWithProjection")
+
+# Keys of transformers' CLIPTextConfig, and of the PretrainedConfig base that older
+# transformers dumped in full (e.g. a CLIPConfig's "text_config"), that change nothing the
+# encoder computes at inference. Every other key is either implemented (a TextConfig field,
+# "architectures") or refused by name.
+NO_EFFECT_KEYS = frozenset({
+    # training only
+    "attention_dropout", "dropout", "initializer_range", "initializer_factor",
+    "gradient_checkpointing", "tf_legacy_loss",
+    # token ids the encoder never reads (eos_token_id is read: it places the pooled output)
+    "bos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
+    # bookkeeping, storage and output format
+    "transformers_version", "_name_or_path", "_commit_hash", "torch_dtype", "dtype",
+    "use_bfloat16", "torchscript", "tokenizer_class", "prefix", "finetuning_task", "id2label",
+    "label2id", "num_labels", "problem_type", "task_specific_params", "return_dict",
+    "output_attentions", "output_hidden_states", "output_scores", "return_dict_in_generate",
+    "use_cache",
+    # which attention kernel transformers picks: all compute the same softmax attention
+    "attn_implementation", "_attn_implementation", "_attn_implementation_autoset",
+    # CLIP's feed-forward never chunks, has no cross-attention, decoder or output embeddings
+    "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder", "add_cross_attention",
+    "cross_attention_hidden_size", "tie_word_embeddings", "tie_encoder_decoder",
+    # generation settings: the encoder generates nothing
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
+    "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
+    "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
+    "num_return_sequences", "forced_bos_token_id", "forced_eos_token_id",
+    "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
+    "begin_suppress_tokens",
+})
+
+# Keys accepted only at the value sdrt implements (None meaning "not set").
+_ONLY = {
+    "model_type": lambda v: v in (None, "clip_text_model"),
+    "pruned_heads": lambda v: not v,
+    "architectures": lambda v: v is None or (isinstance(v, list) and
+                                             all(a in ARCHITECTURES for a in v)),
+}
 
 
 @dataclass
@@ -22,17 +63,36 @@ class TextConfig:
     max_position_embeddings: int = 77
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
+    projection_dim: int = None    # the pooled output's projection (used only with_projection)
+    eos_token_id: int = 2         # 2 (pre-2023 configs): pool at the highest id; see eos_positions
+    with_projection: bool = False  # CLIPTextModelWithProjection: encode() returns text_embeds
 
     @classmethod
     def from_dict(cls, d):
         """The config of a ``config.json`` dict (or its ``text_config``), every value checked
-        before anything is built (``SdrtError`` naming the key)."""
+        before anything is built (``SdrtError`` naming the key).
+
+        ``with_projection`` comes from ``"architectures"`` naming CLIPTextModelWithProjection
+        (or from the key itself, as ``dataclasses.asdict`` writes it)."""
         check = ConfigCheck("text encoder")
         d = check.dict(check.dict(d).get("text_config", d))
         names = {f.name for f in fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in names})
-        if cfg.hidden_act not in ACTIVATIONS:
-            raise SdrtError(f"text encoder config: unsupported hidden_act {cfg.hidden_act}")
+        for key, value in d.items():
+            if key in names or key in NO_EFFECT_KEYS or (key in _ONLY and _ONLY[key](value)):
+                continue
+            raise SdrtError(f"text encoder config: unsupported setting {key} = {_short(value)} "
+                            f"(sdrt runs transformers' {' and '.join(ARCHITECTURES)})")
+        cfg = cls(**{k: v for k, v in d.items() if k in names and k != "with_projection"})
+        cfg.with_projection = "CLIPTextModelWithProjection" in (d.get("architectures") or ())
+        if "with_projection" in d:
+            flag = check.flag("with_projection", d["with_projection"])
+            if "architectures" in d and flag != cfg.with_projection:
+                check.fail("with_projection", f"{cfg.with_projection} as architectures "
+                           f"{d['architectures']} says", flag)
+            cfg.with_projection = flag
+        if not isinstance(cfg.hidden_act, str) or cfg.hidden_act not in ACTIVATIONS:
+            raise SdrtError(f"text encoder config: unsupported setting hidden_act = "
+                            f"{_short(cfg.hidden_act)} (sdrt runs {', '.join(ACTIVATIONS)})")
         check.integer("vocab_size", cfg.vocab_size, hi=MAX_VOCABULARY)
         hidden = check.integer("hidden_size", cfg.hidden_size)
         check.integer("intermediate_size", cfg.intermediate_size, hi=4 * MAX_CHANNELS)
@@ -42,12 +102,25 @@ class TextConfig:
             check.fail("num_attention_heads", f"a divisor of hidden_size {hidden}", heads)
         check.integer("max_position_embeddings", cfg.max_position_embeddings, hi=MAX_POSITIONS)
         check.number("layer_norm_eps", cfg.layer_norm_eps, positive=True)
+        if cfg.projection_dim is not None or cfg.with_projection:
+            check.integer("projection_dim", cfg.projection_dim)
+        if cfg.eos_token_id is not None:
+            check.integer("eos_token_id", cfg.eos_token_id, lo=0, hi=MAX_VOCABULARY)
         return cfg
+
+
+def _short(value):
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
     "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    # transformers writes this one out (0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))): the
+    # same function as the tanh-approximate GELU, equal up to float rounding.
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
 }
 
 
@@ -117,7 +190,8 @@ class CLIPTextTransformer(nn.Module):
 
 
 class CLIPTextModel(nn.Module):
-    """Token ids (B, 77) → hidden states (B, 77, D) after the final LayerNorm."""
+    """Token ids (B, S) → hidden states (B, S, D) after the final LayerNorm; ``encode`` adds
+    the pooled output (B, D) at each row's end-of-text token."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -142,10 +216,86 @@ class CLIPTextModel(nn.Module):
         self.config.vocab_size = n + len(vectors)
         return range(n, n + len(vectors))
 
-    def forward(self, ids, clip_skip=0):
-        """``clip_skip`` layers from the end are skipped, as diffusers' ``clip_skip`` does."""
+    def _kept_layers(self, clip_skip):
+        n = len(self.text_model.encoder.layers)
+        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or \
+                not 0 <= clip_skip < n:
+            raise SdrtError(f"clip_skip must be an integer from 0 to {n - 1} (the text encoder "
+                            f"has {n} layers), got {clip_skip!r}")
+        return n - clip_skip
+
+    def forward(self, ids, clip_skip=0, final_norm=True):
+        """The states after all but ``clip_skip`` layers (diffusers' ``clip_skip``), through
+        the final LayerNorm when ``final_norm``: (B, S) → (B, S, D)."""
         tm = self.text_model
         x = tm.embeddings(ids)
-        for layer in tm.encoder.layers[: len(tm.encoder.layers) - clip_skip]:
+        for layer in tm.encoder.layers[: self._kept_layers(clip_skip)]:
             x = layer(x)
-        return tm.final_layer_norm(x)
+        return tm.final_layer_norm(x) if final_norm else x
+
+    def encode(self, ids, clip_skip=0, final_norm=True):
+        """(states (B, S, D) as ``forward`` gives them, pooled (B, D)) in one pass over the
+        layers. The pooled output is transformers' ``pooler_output``: the last layer's output
+        through the final LayerNorm, at each row's end-of-text token (``eos_positions``)."""
+        tm = self.text_model
+        kept = self._kept_layers(clip_skip)
+        x = tm.embeddings(ids)
+        for i, layer in enumerate(tm.encoder.layers):
+            x = layer(x)
+            if i + 1 == kept:
+                states = x
+        if final_norm:
+            states = tm.final_layer_norm(states)
+        rows = torch.arange(x.shape[0], device=x.device)
+        # The LayerNorm is per token: normalising the B pooled rows alone gives the same values.
+        pooled = tm.final_layer_norm(x[rows, self.eos_positions(ids)])  # (B, D)
+        return states, pooled
+
+    def eos_positions(self, ids):
+        """Where each row of ids (B, S) has its end-of-text token, by transformers' rule.
+
+        Configs written before transformers#24773 carry eos_token_id 2 (wrong for CLIP's
+        vocabulary); for them transformers keeps the original CLIP rule, the position of the
+        highest id, which is the EOS token (49407) unless textual-inversion tokens were added
+        above it. Other configs name the EOS id: its first occurrence, since the padding may
+        repeat it."""
+        eos = self.config.eos_token_id
+        if eos is None:
+            raise SdrtError("the text encoder config has no eos_token_id: no pooled output")
+        if eos == 2:
+            return ids.argmax(dim=-1)
+        return (ids == eos).int().argmax(dim=-1)
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+    """CLIP's text tower with its projection (SDXL's OpenCLIP ViT-bigG): ``encode`` returns
+    the pooled output projected to ``projection_dim`` (transformers' ``text_embeds``)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__(cfg)
+        self.text_projection = nn.Linear(cfg.hidden_size, cfg.projection_dim, bias=False)
+
+    def encode(self, ids, clip_skip=0, final_norm=True):
+        states, pooled = super().encode(ids, clip_skip, final_norm)
+        return states, self.text_projection(pooled)  # (B, S, D), (B, projection_dim)
+
+
+def text_model_class(cfg: TextConfig):
+    """The module class for a checked config."""
+    return CLIPTextModelWithProjection if cfg.with_projection else CLIPTextModel
+
+
+def checkpoint_rename(keys):
+    """How our parameter names map to a text encoder checkpoint's keys: None when they are the
+    same, else a rename (our name → the checkpoint's key) for ``load_parameters``.
+
+    transformers 4.x saves both classes, and 5.x saves CLIPTextModelWithProjection, as
+    ``text_model.<...>`` (+ ``text_projection.weight``), as our modules name them; transformers
+    5.x saves CLIPTextModel without the ``text_model.`` level."""
+    if any(k.startswith("text_model.") for k in keys):
+        return None
+    return _without_text_model
+
+
+def _without_text_model(name):
+    return name[len("text_model."):] if name.startswith("text_model.") else name

@@ -143,7 +143,66 @@ SD_TURBO = {**SD21_BASE,
                           "prediction_type": "epsilon", "timestep_spacing": "trailing",
                           "interpolation_type": "linear", "use_karras_sigmas": False}}
 
-MODELS = {"sd15": SD15, "sd21": SD21, "sd21-base": SD21_BASE, "sd-turbo": SD_TURBO}
+# SDXL 1.0 base (1024², epsilon, Euler): two text encoders (CLIP ViT-L, as SD 1.x's, and
+# OpenCLIP ViT-bigG with its projection), a three-level UNet with 1/2/10 transformer layers and
+# the "text_time" added embedding of the pooled text and six micro-conditioning numbers.
+_TEXT_BIGG = {**_TEXT, "architectures": ["CLIPTextModelWithProjection"], "hidden_act": "gelu",
+              "hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20,
+              "num_hidden_layers": 32, "projection_dim": 1280}
+_SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", **_SD_BETAS,
+                   "interpolation_type": "linear", "prediction_type": "epsilon",
+                   "sample_max_value": 1.0, "timestep_spacing": "leading",
+                   "use_karras_sigmas": False}
+_SDXL_VAE = {**_VAE, "force_upcast": True, "sample_size": 1024, "scaling_factor": 0.13025}
+
+SDXL = {
+    "unet": {**_UNET, "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
+             "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20],
+             "block_out_channels": [320, 640, 1280], "cross_attention_dim": 2048,
+             "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+             "projection_class_embeddings_input_dim": 2816, "sample_size": 128,
+             "transformer_layers_per_block": [1, 2, 10],
+             "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+             "use_linear_projection": True},
+    "vae": _SDXL_VAE,
+    "text_encoder": _TEXT,
+    "text_encoder_2": _TEXT_BIGG,
+    "scheduler": _SDXL_SCHEDULER,
+    "model_index": {"_class_name": "StableDiffusionXLPipeline",
+                    "force_zeros_for_empty_prompt": True},
+    "pad_token": "<|endoftext|>",
+    "pad_token_2": "!",
+}
+
+# The SDXL refiner: OpenCLIP ViT-bigG only, a four-level UNet at 384 channels whose added
+# embedding takes an aesthetic score in place of the target size (5 numbers).
+SDXL_REFINER = {
+    "unet": {**_UNET, "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
+             "addition_time_embed_dim": 256, "attention_head_dim": [6, 12, 24, 24],
+             "block_out_channels": [384, 768, 1536, 1536], "cross_attention_dim": 1280,
+             "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                  "DownBlock2D"],
+             "projection_class_embeddings_input_dim": 2560, "sample_size": 128,
+             "transformer_layers_per_block": 4,
+             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                                "UpBlock2D"],
+             "use_linear_projection": True},
+    "vae": _SDXL_VAE,
+    "text_encoder_2": _TEXT_BIGG,
+    "scheduler": _SDXL_SCHEDULER,
+    "model_index": {"_class_name": "StableDiffusionXLImg2ImgPipeline",
+                    "force_zeros_for_empty_prompt": False, "requires_aesthetics_score": True},
+    "pad_token_2": "!",
+}
+
+# SDXL-Turbo: the SDXL base architecture distilled for 1-4 steps at 512², no guidance,
+# Euler ancestral on trailing timesteps.
+SDXL_TURBO = {**SDXL, "unet": {**SDXL["unet"], "sample_size": 64},
+              "scheduler": {"_class_name": "EulerAncestralDiscreteScheduler", **_SD_BETAS,
+                            "prediction_type": "epsilon", "timestep_spacing": "trailing"}}
+
+MODELS = {"sd15": SD15, "sd21": SD21, "sd21-base": SD21_BASE, "sd-turbo": SD_TURBO,
+          "sdxl": SDXL, "sdxl-refiner": SDXL_REFINER, "sdxl-turbo": SDXL_TURBO}
 
 
 def model_config(name: str) -> dict:

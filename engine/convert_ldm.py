@@ -1,16 +1,26 @@
-"""Key mapping from an original LDM/CompVis single-file checkpoint to sdrt's (diffusers') names.
+"""Key mapping from an original single-file checkpoint to sdrt's (diffusers') names.
 
-An SD 1.x/2.x ``.safetensors`` from the original repositories keeps all three models in one
-file under three prefixes:
+Original checkpoints (the ``.safetensors`` files A1111 and ComfyUI users download) keep all
+of a model's networks in one file, under one prefix per network. SD 1.x/2.x files come from
+the original LDM/CompVis repositories, SDXL files from Stability's generative-models ("SGM");
+both store the UNet and the VAE the same way:
 
     model.diffusion_model.*     the UNet      → "unet"
     first_stage_model.*         the VAE       → "vae"
-    cond_stage_model.*          text encoder  → "text_encoder"
-        SD 1.x: .transformer.text_model.*  (or .transformer.* from older transformers)
-        SD 2.x: .model.*  OpenCLIP layout, fused q/k/v in ``attn.in_proj_*``
+
+and the text encoders under a prefix per family (``LAYOUTS``):
+
+    sd1           cond_stage_model.transformer.*          CLIP ViT-L, transformers' names
+                                                           (with or without text_model.)
+                                                           → "text_encoder"
+    sd2           cond_stage_model.model.*                OpenCLIP ViT-H, fused q/k/v in
+                                                           attn.in_proj_* → "text_encoder"
+    sdxl          conditioner.embedders.0.transformer.*   CLIP ViT-L → "text_encoder"
+                  conditioner.embedders.1.model.*         OpenCLIP ViT-bigG → "text_encoder_2"
+    sdxl-refiner  conditioner.embedders.0.model.*         OpenCLIP ViT-bigG → "text_encoder_2"
 
 Everything else (``model_ema.*``, ``alphas_cumprod``, ``betas``, ...) is not a weight of the
-three models and is ignored.
+models and is ignored.
 
 The mapping works on key NAMES only: ``ldm_to_diffusers`` returns, per component, a
 ``{diffusers_key: Recipe}`` plan, and the loader reads one stored tensor at a time through
@@ -28,11 +38,18 @@ diffusers config dicts, so tiny test models and non-standard sizes convert too:
           output_blocks.k.{1|2}.conv          up_blocks.i.upsamplers.0.conv
                                               (k = i*(n+1) + j; the upsampler follows the
                                                attention, so it is .2 on attention levels)
+          label_emb.0.0 / .0.2                add_embedding.linear_1 / .linear_2 (SDXL's
+                                              "text_time" embedding)
     VAE   encoder.down.i.block.j              encoder.down_blocks.i.resnets.j
           decoder.up.b.block.j                decoder.up_blocks.(levels-1-b).resnets.j
                                               (LDM numbers decoder levels by resolution,
                                                highest first; diffusers by execution order)
           {en,de}coder.mid.block_1/attn_1/block_2   mid_block.resnets.0/attentions.0/resnets.1
+
+Below an attention module both layouts use diffusers' own names (``transformer_blocks.t.*``,
+``proj_in``, ``norm``), so SDXL's levels without attention, its several transformer layers
+per level and its Linear ``proj_in``/``proj_out`` (stored 2-D, as the diffusers model holds
+them) need nothing beyond the table above.
 """
 import re
 from dataclasses import dataclass
@@ -47,6 +64,11 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x: transformers' CLIPTextModel
 OPENCLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: open_clip's text tower
+SGM_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # SDXL base: CLIP ViT-L
+SGM_OPENCLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL base: OpenCLIP ViT-bigG
+SGM_REFINER_PREFIX = "conditioner.embedders.0.model."  # SDXL refiner: OpenCLIP ViT-bigG only
+# Where text encoders live: a text encoder's prefix is one of these plus one more name.
+_TEXT_ROOTS = (("cond_stage_model.", 2), ("conditioner.embedders.", 4))
 
 
 @dataclass(frozen=True)
@@ -56,6 +78,8 @@ class Recipe:
     ldm_key: str
     rows: slice | None = None  # q, k or v: a third of OpenCLIP's fused (3D, D) in_proj
     squeeze_1x1: bool = False  # VAE attention: 1×1 conv weight (C, C, 1, 1) → Linear (C, C)
+    # OpenCLIP's text_projection is a (D, P) matrix applied as x @ W; a Linear weight is (P, D).
+    transpose: bool = False
 
     def load(self, get_tensor: Callable[[str], torch.Tensor]) -> torch.Tensor:
         t = get_tensor(self.ldm_key)
@@ -64,66 +88,147 @@ class Recipe:
             t = t[self.rows].clone()
         if self.squeeze_1x1:
             t = t.flatten(1)
+        if self.transpose:
+            t = t.T.contiguous()
         return t
 
 
 Plan = dict[str, dict[str, Recipe]]
 
 
+@dataclass(frozen=True)
+class TextTower:
+    """One text encoder in a single file: its component, key prefix and key layout."""
+
+    component: str  # "text_encoder" | "text_encoder_2"
+    prefix: str
+    kind: str  # "clip" (transformers' names) | "openclip" (open_clip's names, fused q/k/v)
+    # SD 2 conditions on the penultimate layer: its config stops one layer before the file's
+    # last, which is not loaded. Elsewhere a layer past the config's depth is an error.
+    skips_last_layers: bool = False
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One family's single files: what they are called, their text encoders, their configs."""
+
+    name: str  # in messages
+    text: tuple[TextTower, ...]
+    config: str  # the configs.MODELS entry a file of this family gets
+    # Files do not say their training objective; an "epsilon" file of this family gets
+    # these configs instead (SD 2.1-base, 512², rather than SD 2.1 768-v).
+    epsilon_config: str | None = None
+
+
+LAYOUTS = {
+    "sd1": Layout("SD 1.x", (TextTower("text_encoder", CLIP_PREFIX, "clip"),), "sd15"),
+    "sd2": Layout("SD 2.x", (TextTower("text_encoder", OPENCLIP_PREFIX, "openclip",
+                                       skips_last_layers=True),), "sd21", "sd21-base"),
+    "sdxl": Layout("SDXL", (TextTower("text_encoder", SGM_CLIP_PREFIX, "clip"),
+                            TextTower("text_encoder_2", SGM_OPENCLIP_PREFIX, "openclip")),
+                   "sdxl"),
+    "sdxl-refiner": Layout("SDXL refiner",
+                           (TextTower("text_encoder_2", SGM_REFINER_PREFIX, "openclip"),),
+                           "sdxl-refiner"),
+}
+
+# Single files of models sdrt does not run, told apart by a block name of their denoiser
+# (stored under model.diffusion_model. or bare).
+_OTHER_MODELS = (("joint_blocks.", "Stable Diffusion 3"), ("double_blocks.", "Flux"))
+
+
+def _layout(family: str) -> Layout:
+    if family not in LAYOUTS:
+        raise SdrtError(f"unknown model family {family!r}: expected one of "
+                        f"{', '.join(LAYOUTS)}")
+    return LAYOUTS[family]
+
+
+def _found(keys: list[str], limit: int = 6) -> str:
+    """The file's top-level key prefixes, for messages: ``"model.*, first_stage_model.*"``."""
+    tops = sorted({k.split(".", 1)[0] for k in keys})
+    more = f" and {len(tops) - limit} more" if len(tops) > limit else ""
+    return ", ".join(f"{t}.*" for t in tops[:limit]) + more
+
+
+def _text_roots(keys: list[str]) -> set[str]:
+    """The text-encoder prefixes present: ``{"conditioner.embedders.0.transformer.", ...}``."""
+    roots = set()
+    for k in keys:
+        parts = k.split(".")
+        for root, depth in _TEXT_ROOTS:
+            if k.startswith(root) and len(parts) > depth:
+                roots.add(".".join(parts[:depth]) + ".")
+    return roots
+
+
 def detect_family(keys: Iterable[str]) -> str:
-    """``"sd1"`` or ``"sd2"`` from the text encoder's key layout; SdrtError for anything else."""
+    """The family of a single file (a key of ``LAYOUTS``) from its text encoders' prefixes;
+    SdrtError, saying what the file holds, for anything else."""
     keys = list(keys)
     if not keys:
         raise SdrtError("the checkpoint holds no tensors")
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise SdrtError("this is an SDXL checkpoint (conditioner.embedders.*); only SD 1.x/2.x "
-                        "single-file checkpoints are supported")
-    for prefix, what in ((UNET_PREFIX, "UNet"), (VAE_PREFIX, "VAE"),
-                         ("cond_stage_model.", "text encoder")):
+    for marker, model in _OTHER_MODELS:
+        if any(k.removeprefix(UNET_PREFIX).startswith(marker) for k in keys):
+            raise SdrtError(f"this is a {model} checkpoint ({marker}* keys); single files of "
+                            f"SD 1.x, SD 2.x, SDXL and the SDXL refiner are supported")
+    for prefix, what in ((UNET_PREFIX, "UNet"), (VAE_PREFIX, "VAE")):
         if not any(k.startswith(prefix) for k in keys):
-            raise SdrtError(f"not an SD 1.x/2.x LDM checkpoint: no {what} keys ({prefix}*); "
-                            "a diffusers-layout model is loaded from its folder")
-    if any(k.startswith(OPENCLIP_PREFIX) for k in keys):
-        return "sd2"
-    if any(k.startswith(CLIP_PREFIX) for k in keys):
-        return "sd1"
-    raise SdrtError("not an SD 1.x/2.x LDM checkpoint: the text encoder is neither CLIP "
-                    f"({CLIP_PREFIX}*) nor OpenCLIP ({OPENCLIP_PREFIX}*)")
+            raise SdrtError(f"not an SD 1.x/2.x/SDXL single-file checkpoint: no {what} keys "
+                            f"({prefix}*; found {_found(keys)}); a diffusers-layout model is "
+                            "loaded from its folder")
+    roots = _text_roots(keys)
+    for family, layout in LAYOUTS.items():
+        if roots == {tower.prefix for tower in layout.text}:
+            return family
+    expected = "; ".join(f"{layout.name}: " + " + ".join(f"{t.prefix}*" for t in layout.text)
+                         for layout in LAYOUTS.values())
+    found = " + ".join(f"{r}*" for r in sorted(roots)) or \
+        "none (no cond_stage_model.* or conditioner.embedders.* keys)"
+    raise SdrtError(f"unknown text encoders in the checkpoint: {found}; expected {expected}")
 
 
 def family_configs(family: str, prediction_type: str | None = None) -> dict:
     """The model configs for a single-file checkpoint of ``family`` (a deep copy).
 
-    ``"sd1"`` is SD 1.5. ``"sd2"`` defaults to SD 2.1 768-v (v-prediction); the file does not
-    say which objective it was trained with, so a 512-base (epsilon) checkpoint needs
-    ``prediction_type="epsilon"``, which selects the SD 2.1-base configs.
+    ``"sd1"`` is SD 1.5, ``"sdxl"`` SDXL 1.0 base, ``"sdxl-refiner"`` the SDXL 1.0 refiner.
+    ``"sd2"`` defaults to SD 2.1 768-v (v-prediction); the file does not say which objective
+    it was trained with, so a 512-base (epsilon) checkpoint needs ``prediction_type="epsilon"``,
+    which selects the SD 2.1-base configs. Any family takes a ``prediction_type`` for
+    fine-tunes trained with the other objective.
     """
     if prediction_type not in (None, "epsilon", "v_prediction"):
         raise SdrtError(f"unknown prediction type {prediction_type!r}: "
                         "expected 'epsilon' or 'v_prediction'")
-    if family == "sd1":
-        cfg = configs.model_config("sd15")
-    elif family == "sd2":
-        cfg = configs.model_config("sd21-base" if prediction_type == "epsilon" else "sd21")
-    else:
-        raise SdrtError(f"unknown model family {family!r}: expected 'sd1' or 'sd2'")
+    layout = _layout(family)
+    name = layout.config
+    if prediction_type == "epsilon" and layout.epsilon_config is not None:
+        name = layout.epsilon_config
+    cfg = configs.model_config(name)
     if prediction_type is not None:
         cfg["scheduler"]["prediction_type"] = prediction_type
     return cfg
 
 
-def ldm_to_diffusers(keys: Iterable[str], family: str, unet_config: dict, vae_config: dict,
-                     text_config: dict) -> Plan:
-    """``{"unet" | "vae" | "text_encoder": {diffusers_key: Recipe}}`` for the LDM ``keys``."""
+def ldm_to_diffusers(keys: Iterable[str], family: str, model_configs: dict) -> Plan:
+    """``{component: {diffusers_key: Recipe}}`` for the single file's ``keys``: "unet", "vae"
+    and the family's text encoders ("text_encoder" and/or "text_encoder_2").
+
+    ``model_configs`` maps each of those components to its diffusers config dict (other
+    entries, such as "scheduler", are not used): ``family_configs(family)`` will do.
+    """
+    layout = _layout(family)
     keys = list(keys)
-    if family == "sd1":
-        text = _clip_plan(keys)
-    elif family == "sd2":
-        text = _openclip_plan(keys, text_config)
-    else:
-        raise SdrtError(f"unknown model family {family!r}: expected 'sd1' or 'sd2'")
-    return {"unet": _unet_plan(keys, unet_config), "vae": _vae_plan(keys, vae_config),
-            "text_encoder": text}
+
+    def config(component):
+        if not isinstance(model_configs.get(component), dict):
+            raise SdrtError(f"a {layout.name} checkpoint needs a {component} config")
+        return model_configs[component]
+
+    plan = {"unet": _unet_plan(keys, config("unet")), "vae": _vae_plan(keys, config("vae"))}
+    for tower in layout.text:
+        plan[tower.component] = _TEXT_PLANS[tower.kind](keys, tower, config(tower.component))
+    return plan
 
 
 # A module table maps an LDM module path to (diffusers module path, renames); the renames
@@ -151,6 +256,10 @@ def _unet_modules(cfg: dict) -> dict[str, tuple[str, tuple]]:
         "out.0": ("conv_norm_out", _SAME),
         "out.2": ("conv_out", _SAME),
     }
+    if cfg.get("addition_embed_type") == "text_time":
+        # SDXL's embedding of the pooled text and the micro-conditioning numbers.
+        modules["label_emb.0.0"] = ("add_embedding.linear_1", _SAME)
+        modules["label_emb.0.2"] = ("add_embedding.linear_2", _SAME)
     k = 1
     down = cfg["down_block_types"]
     for i, block_type in enumerate(down):
@@ -236,20 +345,20 @@ def _vae_plan(keys: list[str], cfg: dict) -> dict[str, Recipe]:
     return plan
 
 
-# Some SD 1.x files hold the whole CLIP model; SD conditions on the text tower's hidden states.
+# Some files hold the whole CLIP model; SD conditions on the text tower's hidden states.
 _CLIP_UNUSED = ("text_model.embeddings.position_ids",  # a buffer (arange), not a weight
                 "vision_model.", "visual_projection.", "text_projection.", "logit_scale")
 # Older files store transformers' CLIPTextTransformer bare, without the text_model wrapper.
 _CLIP_BARE = ("embeddings.", "encoder.", "final_layer_norm.")
 
 
-def _clip_plan(keys: list[str]) -> dict[str, Recipe]:
-    """SD 1.x: transformers' own names below the prefix."""
+def _clip_plan(keys: list[str], tower: TextTower, cfg: dict) -> dict[str, Recipe]:
+    """CLIP ViT-L (SD 1.x, SDXL's first encoder): transformers' own names below the prefix."""
     plan = {}
     for k in keys:
-        if not k.startswith(CLIP_PREFIX):
+        if not k.startswith(tower.prefix):
             continue
-        name = k[len(CLIP_PREFIX):]
+        name = k[len(tower.prefix):]
         if name.startswith(_CLIP_BARE):
             name = "text_model." + name
         if name.startswith(_CLIP_UNUSED):
@@ -266,7 +375,8 @@ _OPENCLIP_TOP = {
     "ln_final.weight": "text_model.final_layer_norm.weight",
     "ln_final.bias": "text_model.final_layer_norm.bias",
 }
-# CLIP's image-text contrastive head: SD conditions on the hidden states, not on it.
+# CLIP's image-text contrastive head. SD 2 conditions on the hidden states only; SDXL's
+# second encoder also uses the projection (its pooled, projected text embedding).
 _OPENCLIP_UNUSED = ("text_projection", "logit_scale")
 _OPENCLIP_LAYER = {
     "ln_1.weight": "layer_norm1.weight", "ln_1.bias": "layer_norm1.bias",
@@ -279,21 +389,32 @@ _OPENCLIP_LAYER = {
 _RESBLOCK = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)")
 
 
-def _openclip_plan(keys: list[str], cfg: dict) -> dict[str, Recipe]:
-    """SD 2.x: OpenCLIP names. SD 2 conditions on the penultimate layer, so the diffusers
-    config has one layer fewer than the file (23 of 24): resblocks past it are unused."""
-    d = cfg["hidden_size"]
+def _openclip_plan(keys: list[str], tower: TextTower, cfg: dict) -> dict[str, Recipe]:
+    """OpenCLIP ViT-H (SD 2.x) or ViT-bigG (SDXL): open_clip's names.
+
+    SD 2 conditions on the penultimate layer, so its diffusers config has one layer fewer
+    than the file (23 of 24) and the resblocks past it are not loaded; SDXL's bigG uses all
+    32. A model with a projection (CLIPTextModelWithProjection) gets ``text_projection``."""
+    d, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
     qkv = {"q_proj": slice(0, d), "k_proj": slice(d, 2 * d), "v_proj": slice(2 * d, 3 * d)}
+    projection = "CLIPTextModelWithProjection" in (cfg.get("architectures") or ())
     plan = {}
     for k in keys:
-        if not k.startswith(OPENCLIP_PREFIX):
+        if not k.startswith(tower.prefix):
             continue
-        name = k[len(OPENCLIP_PREFIX):]
+        name = k[len(tower.prefix):]
         block = _RESBLOCK.fullmatch(name)
         if name in _OPENCLIP_TOP:
             plan[_OPENCLIP_TOP[name]] = Recipe(k)
-        elif name in _OPENCLIP_UNUSED or (block and int(block[1]) >= cfg["num_hidden_layers"]):
+        elif name == "text_projection" and projection:
+            plan["text_projection.weight"] = Recipe(k, transpose=True)
+        elif name in _OPENCLIP_UNUSED:
             continue
+        elif block and int(block[1]) >= layers:
+            if tower.skips_last_layers:
+                continue
+            raise SdrtError(f"{tower.component} key {k!r} has no place in the "
+                            f"{tower.component} config ({layers} layers)")
         elif block and block[2] in ("attn.in_proj_weight", "attn.in_proj_bias"):
             kind = block[2].rsplit("_", 1)[1]  # weight | bias
             for proj, rows in qkv.items():
@@ -304,3 +425,6 @@ def _openclip_plan(keys: list[str], cfg: dict) -> dict[str, Recipe]:
         else:
             raise SdrtError(f"text encoder key {k!r} is not part of an OpenCLIP text tower")
     return plan
+
+
+_TEXT_PLANS = {"clip": _clip_plan, "openclip": _openclip_plan}

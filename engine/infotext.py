@@ -90,6 +90,8 @@ class Infotext:
     version: str = None
     lora_hashes: tuple = ()    # ((name, A1111 short hash), ...) of the LoRAs applied
     ti_hashes: tuple = ()      # ((token, A1111 short hash), ...) of the embeddings loaded
+    refiner: str = None        # "NAME [short hash]" of an SDXL refiner that finished the image
+    refiner_switch_at: float = None  # where in the schedule the refiner took over
 
     def params(self):
         """The ``Key: value`` pairs in A1111's order, without the ones that are not set."""
@@ -104,6 +106,9 @@ class Infotext:
             "Denoising strength": (None if self.denoising_strength is None
                                    else number(self.denoising_strength)),
             "Clip skip": self.clip_skip + 1 if self.clip_skip else None,
+            "Refiner": self.refiner,
+            "Refiner switch at": (None if self.refiner_switch_at is None
+                                  else number(self.refiner_switch_at)),
             "Lora hashes": ", ".join(f"{n}: {h}" for n, h in self.lora_hashes) or None,
             "TI hashes": ", ".join(f"{n}: {h}" for n, h in self.ti_hashes) or None,
             "Version": self.version,

@@ -1,11 +1,13 @@
 """Building the text encoder, UNet and VAE from a diffusers folder or a single-file checkpoint."""
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from .clip import CLIPTextModel, TextConfig
+from . import families
+from .clip import CLIPTextModel, TextConfig, checkpoint_rename, text_model_class
 from .errors import SdrtError
+from .families import SD1, TEXT_ENCODERS, TOKENIZERS, Family
 from .memory import check_model_fits
 from .request import Limits
 from .unet import UNet2DConditionModel, UNetConfig
@@ -17,21 +19,32 @@ MODEL_CLASSES = {
     "unet": (UNet2DConditionModel, UNetConfig),
     "vae": (AutoencoderKL, VAEConfig),
     "text_encoder": (CLIPTextModel, TextConfig),
+    "text_encoder_2": (CLIPTextModel, TextConfig),
 }
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
-                "text_encoder": "model"}
+                "text_encoder": "model", "text_encoder_2": "model"}
 
 
 @dataclass
 class Components:
-    """What a pipeline runs: the three networks, the tokenizer and the scheduler config dict."""
-    text_encoder: CLIPTextModel
+    """What a pipeline runs: the networks, the tokenizers and the scheduler config dict. A
+    family without a first text encoder (the SDXL refiner) has ``text_encoder`` and
+    ``tokenizer`` None; SD 1.x/2.x have no ``text_encoder_2``."""
+    text_encoder: CLIPTextModel | None
     unet: UNet2DConditionModel
     vae: AutoencoderKL
     tokenizer: object
     scheduler_config: dict
     source: str
+    text_encoder_2: CLIPTextModel | None = None
+    tokenizer_2: object = None
+    family: Family = SD1
+    model_index: dict = field(default_factory=dict)  # diffusers' pipeline options
+
+    def networks(self) -> dict:
+        """The family's networks by component name."""
+        return {c: getattr(self, c) for c in ("unet", "vae", *self.family.text_encoders)}
 
 
 def parse_config(component, config_dict, where=None):
@@ -42,36 +55,50 @@ def parse_config(component, config_dict, where=None):
         raise SdrtError(f"{where}: {e}" if where else str(e)) from None
 
 
-def check_compatible(configs, where, tokenizer=None):
-    """The three networks (checked configs by component) and the tokenizer fit together: the
-    UNet attends to the text encoder's states and denoises the VAE's latents."""
-    unet, vae, text = configs["unet"], configs["vae"], configs["text_encoder"]
-    pairs = [("unet", "cross_attention_dim", unet.cross_attention_dim,
-              "text_encoder", "hidden_size", text.hidden_size),
-             ("unet", "in_channels", unet.in_channels,
-              "vae", "latent_channels", vae.latent_channels),
-             ("unet", "out_channels", unet.out_channels,
-              "vae", "latent_channels", vae.latent_channels)]
-    for a, key_a, value_a, b, key_b, value_b in pairs:
+def check_compatible(configs, where, tokenizers=None, family=None):
+    """The networks (checked configs by component) and the tokenizers (by component) fit
+    together: the UNet attends to the text encoders' states (concatenated), denoises the VAE's
+    latents, and (SDXL) takes the pooled embedding and the family's micro-conditioning."""
+    unet, vae = configs["unet"], configs["vae"]
+    texts = [c for c in TEXT_ENCODERS if c in configs]
+    width = sum(configs[c].hidden_size for c in texts)
+    what = " + ".join(f"{c} config hidden_size ({configs[c].hidden_size})" for c in texts)
+    pairs = [("unet", "cross_attention_dim", unet.cross_attention_dim, what, width),
+             ("unet", "in_channels", unet.in_channels, "vae config latent_channels",
+              vae.latent_channels),
+             ("unet", "out_channels", unet.out_channels, "vae config latent_channels",
+              vae.latent_channels)]
+    if family is not None and family.pooled is not None:
+        pooled = configs[family.pooled]
+        time_width = unet.addition_time_embed_dim * family.num_time_ids
+        pairs.append(("unet", "projection_class_embeddings_input_dim",
+                      unet.projection_class_embeddings_input_dim,
+                      f"{family.pooled} config projection_dim ({pooled.projection_dim}) + "
+                      f"{family.num_time_ids} time ids × addition_time_embed_dim "
+                      f"({unet.addition_time_embed_dim})",
+                      (pooled.projection_dim or 0) + time_width))
+    for a, key_a, value_a, b, value_b in pairs:
         if value_a != value_b:
-            raise SdrtError(f"{where}: {a} config {key_a} must equal {b} config {key_b} "
-                            f"({value_b}), got {value_a}")
-    if tokenizer is not None:
+            raise SdrtError(f"{where}: {a} config {key_a} must equal {b}, that is {value_b}, "
+                            f"got {value_a}")
+    for component, tokenizer in (tokenizers or {}).items():
+        text = configs[component]
         if tokenizer.max_length > text.max_position_embeddings:
-            raise SdrtError(f"{where}: text_encoder config max_position_embeddings must be at "
+            raise SdrtError(f"{where}: {component} config max_position_embeddings must be at "
                             f"least the tokenizer's {tokenizer.max_length} tokens, got "
                             f"{text.max_position_embeddings}")
         if tokenizer.vocab_size > text.vocab_size:
-            raise SdrtError(f"{where}: text_encoder config vocab_size must be at least the "
+            raise SdrtError(f"{where}: {component} config vocab_size must be at least the "
                             f"tokenizer's {tokenizer.vocab_size}, got {text.vocab_size}")
 
 
-def parse_configs(config_dicts, device, dtype, where, limits=None):
-    """Every component's config checked, the three checked together, and the model's size
+def parse_configs(config_dicts, device, dtype, where, limits=None, family=None):
+    """Every component's config checked, the networks checked together, and the model's size
     (counted from the configs) checked against ``limits`` and the device's memory, all before
     anything is built. Returns the config objects by component."""
-    configs = {c: parse_config(c, config_dicts[c], where(c)) for c in MODEL_CLASSES}
-    check_compatible(configs, where(None))
+    configs = {c: parse_config(c, d, where(c)) for c, d in config_dicts.items()
+               if c in MODEL_CLASSES}
+    check_compatible(configs, where(None), family=family)
     check_model_fits(configs, dtype, device, Limits.from_env() if limits is None else limits,
                      where(None))
     return configs
@@ -80,9 +107,11 @@ def parse_configs(config_dicts, device, dtype, where, limits=None):
 def build(component, config, device="meta", where=None):
     """One of our modules from its config (a diffusers config dict or a checked config
     object), with uninitialised parameters."""
-    model_cls, config_cls = MODEL_CLASSES[component]
+    config_cls = MODEL_CLASSES[component][1]
     if not isinstance(config, config_cls):
         config = parse_config(component, config, where)
+    model_cls = text_model_class(config) if component in TEXT_ENCODERS else \
+        MODEL_CLASSES[component][0]
     try:
         with torch.device(device):
             return model_cls(config)
@@ -93,24 +122,30 @@ def build(component, config, device="meta", where=None):
                         f"model sdrt can build ({type(e).__name__}: {e})") from None
 
 
-def _flat_text_key(name):
-    # transformers >= 5 saves CLIPTextModel without the "text_model." prefix.
-    return name[len("text_model."):]
-
-
 def load_component(component, config, source, device, dtype, where):
     module = build(component, config, where=where)
-    rename = None
-    if component == "text_encoder" and not any(k.startswith("text_model.") for k in source):
-        rename = _flat_text_key
+    rename = checkpoint_rename(list(source)) if component in TEXT_ENCODERS else None
     return load_parameters(module, source, device, dtype, where, rename)
 
 
-def _tokenizer(folder, pad_token):
+def _tokenizer(folder, name, pad_token):
+    """The tokenizer in ``folder/name`` where there is one, else the bundled CLIP vocabulary
+    padded with ``pad_token``."""
     from .tokenizer import ClipTokenizer
-    if folder is not None and os.path.isdir(os.path.join(folder, "tokenizer")):
-        return ClipTokenizer.from_folder(os.path.join(folder, "tokenizer"))
+    if folder is not None and os.path.isdir(os.path.join(folder, name)):
+        return ClipTokenizer.from_folder(os.path.join(folder, name))
     return ClipTokenizer.bundled(pad_token=pad_token)
+
+
+def _present(model_index, folder):
+    """The components a diffusers folder holds: those model_index.json names with a class
+    (``[null, null]`` marks one the pipeline runs without), or, for an index that does not
+    list them, the subfolders that exist."""
+    listed = {k for k, v in model_index.items() if not k.startswith("_") and isinstance(v, list)}
+    if listed:
+        return {k for k in listed if model_index[k][0] is not None}
+    return {c for c in (*MODEL_CLASSES, *TOKENIZERS, "scheduler")
+            if os.path.isdir(os.path.join(folder, c))}
 
 
 def _check_folder(path):
@@ -123,66 +158,91 @@ def _check_folder(path):
 
 
 def load_folder(path, device, dtype, variant=None, limits=None):
-    """A diffusers-format folder: model_index.json, unet/, vae/, text_encoder/, tokenizer/,
+    """A diffusers-format folder: model_index.json, unet/, vae/, the family's text encoders
+    and tokenizers (text_encoder/, tokenizer/ and, for SDXL, text_encoder_2/, tokenizer_2/),
     scheduler/."""
     _check_folder(path)
-    read_json(os.path.join(path, "model_index.json"), "model index")
-    for sub, name in (("tokenizer", "vocab.json"), ("scheduler", "scheduler_config.json")):
-        f = os.path.join(path, sub, name)
-        if not os.path.isfile(f) and not (sub == "tokenizer" and
-                                          os.path.isfile(os.path.join(path, sub, "tokenizer.json"))):
-            raise SdrtError(f"{f} is missing")
-    configs = parse_configs(
-        {c: read_json(os.path.join(path, c, "config.json"), f"{c} config") for c in WEIGHT_STEMS},
-        device, dtype, lambda c: os.path.join(path, c) if c else path, limits)
+    model_index = read_json(os.path.join(path, "model_index.json"), "model index")
+    present = _present(model_index, path)
+    where = lambda c: os.path.join(path, c) if c else path
+    texts = {c: read_json(os.path.join(path, c, "config.json"), f"{c} config")
+             for c in TEXT_ENCODERS if c in present}
+    unet = read_json(os.path.join(path, "unet", "config.json"), "unet config")
+    family = families.recognise(unet, texts, model_index, path)
+    for component, tokenizer in zip(family.text_encoders, family.tokenizers):
+        folder = os.path.join(path, tokenizer)
+        if not (os.path.isfile(os.path.join(folder, "vocab.json"))
+                or os.path.isfile(os.path.join(folder, "tokenizer.json"))):
+            raise SdrtError(f"{os.path.join(folder, 'vocab.json')} is missing")
+    if not os.path.isfile(os.path.join(path, "scheduler", "scheduler_config.json")):
+        raise SdrtError(f"{os.path.join(path, 'scheduler', 'scheduler_config.json')} is missing")
+    config_dicts = {"unet": unet,
+                    "vae": read_json(os.path.join(path, "vae", "config.json"), "vae config"),
+                    **{c: texts[c] for c in family.text_encoders}}
+    configs = parse_configs(config_dicts, device, dtype, where, limits, family)
     modules = {}
-    for component, stem in WEIGHT_STEMS.items():
+    for component in config_dicts:
         folder = os.path.join(path, component)
-        files = component_weights(folder, stem, variant)
+        files = component_weights(folder, WEIGHT_STEMS[component], variant)
         with SafetensorsFiles(files) as f:
             modules[component] = load_component(component, configs[component], f.source,
                                                 device, dtype, folder)
     scheduler = read_json(os.path.join(path, "scheduler", "scheduler_config.json"),
                           "scheduler config")
-    return Components(modules["text_encoder"], modules["unet"], modules["vae"],
-                      _tokenizer(path, None), scheduler, path)
+    tokenizers = {t: _tokenizer(path, t, pad) for t, pad in
+                  zip(family.tokenizers, family.pad_tokens)}
+    return _components(modules, tokenizers, scheduler, path, family, model_index)
+
+
+def _components(modules, tokenizers, scheduler, source, family, model_index):
+    check_compatible({c: m.config for c, m in modules.items()}, source,
+                     {c: tokenizers[t] for c, t in zip(family.text_encoders, family.tokenizers)},
+                     family)
+    return Components(modules.get("text_encoder"), modules["unet"], modules["vae"],
+                      tokenizers.get("tokenizer"), scheduler, source,
+                      modules.get("text_encoder_2"), tokenizers.get("tokenizer_2"), family,
+                      model_index)
 
 
 def load_single_file(path, device, dtype, config=None, prediction_type=None, limits=None):
-    """An original LDM/CompVis checkpoint in one ``.safetensors`` file.
+    """An original LDM/CompVis (SD 1.x/2.x) or SGM (SDXL base and refiner) checkpoint in one
+    ``.safetensors`` file.
 
     The configs come from ``config`` (a diffusers folder, for non-standard sizes) or from the
-    real SD 1.x / 2.x configs that the checkpoint's keys point to.
+    real configs of the family that the checkpoint's keys point to.
     """
     from .convert_ldm import detect_family, family_configs, ldm_to_diffusers
     with SafetensorsFiles([path]) as f:
         keys = list(f.source)
-        family = detect_family(keys)
+        family = families.get(detect_family(keys))
+        components = ("unet", "vae", *family.text_encoders)
         if config is not None:
             _check_folder(config)
             configs = {c: read_json(os.path.join(config, c, "config.json"), f"{c} config")
-                       for c in MODEL_CLASSES}
+                       for c in components}
             configs["scheduler"] = read_json(
                 os.path.join(config, "scheduler", "scheduler_config.json"), "scheduler config")
+            configs["model_index"] = read_json(os.path.join(config, "model_index.json"),
+                                               "model index")
             if prediction_type is not None:
                 configs["scheduler"] = {**configs["scheduler"], "prediction_type": prediction_type}
         else:
             # For SD 2.x, "epsilon" also picks the 512-base configs over the 768-v ones.
-            configs = family_configs(family, prediction_type)
-        checked = parse_configs(configs, device, dtype,
-                                lambda c: f"{path} ({c} config)" if c else path, limits)
-        plan = ldm_to_diffusers(keys, family, configs["unet"], configs["vae"],
-                                configs["text_encoder"])
+            configs = family_configs(family.name, prediction_type)
+        checked = parse_configs({c: configs[c] for c in components}, device, dtype,
+                                lambda c: f"{path} ({c} config)" if c else path, limits, family)
+        plan = ldm_to_diffusers(keys, family.name, {c: configs[c] for c in components})
         get = lambda key: f.source[key]()
         modules = {}
-        for component in MODEL_CLASSES:
+        for component in components:
             source = {dkey: (lambda r=recipe: r.load(get)) for dkey, recipe in
                       plan[component].items()}
             modules[component] = load_component(component, checked[component], source, device,
                                                  dtype, f"{path} ({component})")
-    pad = "!" if family == "sd2" else "<|endoftext|>"
-    return Components(modules["text_encoder"], modules["unet"], modules["vae"],
-                      _tokenizer(config, pad), configs["scheduler"], path)
+    tokenizers = {t: _tokenizer(config, t, pad) for t, pad in
+                  zip(family.tokenizers, family.pad_tokens)}
+    return _components(modules, tokenizers, configs["scheduler"], path, family,
+                       configs.get("model_index", {}))
 
 
 def load(path, device, dtype, variant=None, config=None, prediction_type=None, limits=None):

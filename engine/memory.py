@@ -51,23 +51,25 @@ def _transformer(c, heads, context, layers):
 
 
 def unet_parameters(cfg):
-    from .unet import per_block
     ch, n = list(cfg.block_out_channels), len(cfg.block_out_channels)
     heads = cfg.heads
-    layers = per_block(cfg.transformer_layers_per_block, n, "transformer_layers_per_block")
+    down_layers, mid_layers, up_layers = cfg.transformer_layers
     temb, per = ch[0] * 4, cfg.layers_per_block
     total = _conv(cfg.in_channels, ch[0]) + _linear(ch[0], temb) + _linear(temb, temb)
     if getattr(cfg, "time_cond_proj_dim", None):  # LCM's guidance-embedding projection
         total += cfg.time_cond_proj_dim * ch[0]
+    if cfg.addition_embed_type == "text_time":  # SDXL's add_embedding (add_time_proj: none)
+        total += _linear(cfg.projection_class_embeddings_input_dim, temb) + _linear(temb, temb)
     for i, kind in enumerate(cfg.down_block_types):
         resnet_in = [ch[max(i - 1, 0)]] + [ch[i]] * (per - 1)
         total += sum(_resnet(c, ch[i], temb) for c in resnet_in)
         if kind.startswith("CrossAttn"):
-            total += per * _transformer(ch[i], heads[i], cfg.cross_attention_dim, layers[i])
+            total += sum(_transformer(ch[i], heads[i], cfg.cross_attention_dim, depth)
+                         for depth in down_layers[i])
         total += _conv(ch[i], ch[i]) if i < n - 1 else 0
     if cfg.mid_block_type:
         total += 2 * _resnet(ch[-1], ch[-1], temb)
-        total += _transformer(ch[-1], heads[-1], cfg.cross_attention_dim, layers[-1])
+        total += _transformer(ch[-1], heads[-1], cfg.cross_attention_dim, mid_layers)
     rch, prev = ch[::-1], ch[-1]
     for i, kind in enumerate(cfg.up_block_types):
         out, skip_in = rch[i], rch[min(i + 1, n - 1)]
@@ -75,8 +77,8 @@ def unet_parameters(cfg):
                      for j in range(per + 1)]
         total += sum(_resnet(c, out, temb) for c in resnet_in)
         if kind.startswith("CrossAttn"):
-            total += (per + 1) * _transformer(out, heads[n - 1 - i], cfg.cross_attention_dim,
-                                              layers[n - 1 - i])
+            total += sum(_transformer(out, heads[n - 1 - i], cfg.cross_attention_dim, depth)
+                         for depth in up_layers[i])
         total += _conv(out, out) if i < n - 1 else 0
         prev = out
     return total + 2 * ch[0] + _conv(ch[0], cfg.out_channels)
@@ -108,11 +110,15 @@ def vae_parameters(cfg):
 def text_parameters(cfg):
     d, inner = cfg.hidden_size, cfg.intermediate_size
     layer = 4 * _linear(d, d) + 4 * d + _linear(d, inner) + _linear(inner, d)
-    return (cfg.vocab_size + cfg.max_position_embeddings) * d + cfg.num_hidden_layers * layer \
+    total = (cfg.vocab_size + cfg.max_position_embeddings) * d + cfg.num_hidden_layers * layer \
         + 2 * d
+    if getattr(cfg, "with_projection", False):  # text_projection (projection_dim, D), no bias
+        total += _linear(d, cfg.projection_dim, bias=False)
+    return total
 
 
-_COUNTS = {"unet": unet_parameters, "vae": vae_parameters, "text_encoder": text_parameters}
+_COUNTS = {"unet": unet_parameters, "vae": vae_parameters, "text_encoder": text_parameters,
+           "text_encoder_2": text_parameters}
 
 
 def parameter_count(component, cfg):

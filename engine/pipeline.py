@@ -15,13 +15,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from .conditioning import Conditioning, TextInputs, encode_text
 from .errors import SdrtError
 from .layers import use_conv_chooser
 from .loading import Components, check_compatible, load
 from .memory import check_request_fits, fused_attention, request_bytes
-from .prompt_syntax import WeightedIds, encode_chunks, tokenize_prompts
-from .request import GenerationRequest, Limits, short_repr
-from .runtime import StaticRuntime, StaticShape
+from .prompt_syntax import WeightedIds, tokenize_prompts
+from .request import MICRO_CONDITIONING, GenerationRequest, Limits, short_repr
+from .runtime import ModelSpec, StaticRuntime, StaticShape
 from .samplers import SchedulerConfig, default_sampler, make_schedule, sample
 from .stages import (cpu_randn, guidance_embedding, guided, row_scales, to_unit_images,
                      vae_decode)
@@ -119,14 +120,24 @@ class Pipeline:
 
     def __init__(self, components: Components, device, dtype, limits: Limits = None):
         device, dtype = resolve_device(device, dtype)
+        self.family = components.family
         self.text_encoder = components.text_encoder
+        self.text_encoder_2 = components.text_encoder_2
         self.unet = components.unet
         self.vae = components.vae
         self.tokenizer = components.tokenizer
+        self.tokenizer_2 = components.tokenizer_2
         self.scheduler_config = SchedulerConfig.from_dict(components.scheduler_config)
         self.source = components.source
-        check_compatible({"unet": self.unet.config, "vae": self.vae.config,
-                          "text_encoder": self.text_encoder.config}, self.source, self.tokenizer)
+        self.model_index = dict(components.model_index)
+        check_compatible({c: m.config for c, m in components.networks().items()}, self.source,
+                         {c: getattr(self, t) for c, t in zip(self.family.text_encoders,
+                                                              self.family.tokenizers)},
+                         self.family)
+        # diffusers' SDXL pipelines: an absent negative prompt is zeros, not the empty prompt's
+        # states (unless the model's index says otherwise, as the refiner's does).
+        self.force_zeros_for_empty_prompt = bool(self.model_index.get(
+            "force_zeros_for_empty_prompt", self.family.pooled is not None))
         self.device, self.dtype = device, dtype
         self.limits = Limits.from_env() if limits is None else limits
         self.vae_scale_factor = self.vae.config.scale_factor
@@ -187,10 +198,27 @@ class Pipeline:
         request = self.check(request, names={"num_images_per_prompt": "batch_size"},
                              num_chunks=num_chunks)
         if self.runtime is None:
-            self.runtime = StaticRuntime(self, max_shapes=max_shapes, strict=strict)
+            self.runtime = StaticRuntime(self.model_spec(), max_shapes=max_shapes, strict=strict)
         else:
             self.runtime.configure(max_shapes=max_shapes, strict=strict)
-        return self.runtime.build(self._shape(request, num_chunks))
+        return self.runtime.build(self._shape(request, num_chunks), self.scheduler_config)
+
+    def model_spec(self) -> ModelSpec:
+        """The family and networks a static plan runs (the plan holds no pipeline)."""
+        upcast = self._upcast_vae()
+        return ModelSpec(self.family, self.text_encoders, self.unet,
+                         self._fp32_vae() if upcast else self.vae, self.device, self.dtype,
+                         self.tokenizers[self.family.tokenizers[0]].max_length,
+                         torch.float32 if upcast else self.dtype)
+
+    @property
+    def text_encoders(self) -> dict:
+        """The family's text encoders by component name, in concatenation order."""
+        return {c: getattr(self, c) for c in self.family.text_encoders}
+
+    @property
+    def tokenizers(self) -> dict:
+        return {t: getattr(self, t) for t in self.family.tokenizers}
 
     # -- textual inversion ---------------------------------------------------------------------
 
@@ -210,6 +238,9 @@ class Pipeline:
         token table is a new tensor and the built static plans are dropped (``compile`` again).
         Returns the token."""
         from .embeddings import read_embedding, token_names
+        if self.family.text_encoders != ("text_encoder",):
+            raise SdrtError(f"textual inversion is supported for one-text-encoder models (SD 1.x, "
+                            f"SD 2.x); this is {self.family.label}")
         if not isinstance(self.text_encoder, nn.Module):
             raise SdrtError("textual inversion extends sdrt's own text encoder; this one runs in "
                             "another runtime (load the embedding before exporting to ONNX)")
@@ -257,6 +288,9 @@ class Pipeline:
 
     def _lora_manager(self):
         if self._loras is None:
+            if self.family.text_encoders != ("text_encoder",):
+                raise SdrtError(f"LoRAs are supported for one-text-encoder models (SD 1.x, SD "
+                                f"2.x); this is {self.family.label}")
             if not isinstance(self.unet, nn.Module) or not isinstance(self.text_encoder,
                                                                        nn.Module):
                 raise SdrtError("LoRAs patch sdrt's own networks; these run in another runtime "
@@ -285,18 +319,22 @@ class Pipeline:
                                     f"(SDRT_MAX_SIDE); pass {names.get(field, field)}")
             self._check_side(field, value, names)
             sizes[field] = value
-        layers = self.text_encoder.config.num_hidden_layers
-        if request.clip_skip >= layers:
+        # SDXL already reads the penultimate layer: clip_skip k reads k more from the end.
+        layers = min(e.config.num_hidden_layers for e in self.text_encoders.values())
+        most = layers - 1 - int(self.family.penultimate)
+        if request.clip_skip > most:
             raise SdrtError(f"{names.get('clip_skip', 'clip_skip')} must be from 0 to "
-                            f"{layers - 1} (the text encoder has {layers} layers), got "
+                            f"{most} (the text encoder has {layers} layers), got "
                             f"{request.clip_skip}")
+        self._check_family_arguments(request, names)
         request = dataclasses.replace(request, sampler=request.sampler or
                                       default_sampler(self.scheduler_config), **sizes)
-        if self.runtime is not None and not request.has_image and request.clip_skip == 0 and \
-                self._shape(request, num_chunks) in self.runtime.plans:
+        if self._static(request) and self._shape(request, num_chunks) in self.runtime.plans:
             return request  # a built plan: its buffers and graphs are already allocated
+        text = max((e.config for e in self.text_encoders.values()),
+                   key=lambda c: c.hidden_size * c.num_hidden_layers)
         need, what = request_bytes(
-            self.unet.config, self.vae.config, self.text_encoder.config, request.height,
+            self.unet.config, self.vae.config, text, request.height,
             request.width, request.batch_size, self._cfg(request), self.dtype,
             fused_attention(self.unet, self.device, self.dtype), request.has_image, num_chunks)
         images = request.batch_size
@@ -305,6 +343,23 @@ class Pipeline:
                            f"{' with guidance' if self._cfg(request) else ''}",
                            self.device, self.limits)
         return request
+
+    def _check_family_arguments(self, request, names):
+        """Refuse the arguments this model's family has no use for (a second prompt for a model
+        with one text encoder, micro-conditioning its UNet does not take), so that none is
+        silently ignored."""
+        family = self.family
+        allowed = set(family.time_ids) | {"negative_" + n for n in family.time_ids}
+        given = [f for f in MICRO_CONDITIONING if getattr(request, f) is not None]
+        if len(family.text_encoders) < 2:
+            given += [f for f in ("prompt_2", "negative_prompt_2")
+                      if getattr(request, f) is not None]
+        for field in given:
+            if field not in allowed:
+                takes = (f"; it takes {', '.join(family.time_ids)}" if family.time_ids else "")
+                raise SdrtError(f"{names.get(field, field)} is not used by {family.label} models "
+                                f"({os.path.basename(self.source.rstrip(os.sep)) or self.source})"
+                                f"{takes}")
 
     def _check_side(self, field, value, names):
         f = self.vae_scale_factor
@@ -328,9 +383,50 @@ class Pipeline:
         return request.guidance and not self._guidance_distilled()
 
     def _texts(self, request):
-        """The text encoder's input: ``request.texts()``, without the negatives when the
-        request runs no classifier-free guidance."""
-        return request.texts() if self._cfg(request) else list(request.prompt)
+        """The text encoders' inputs (first, second): ``request.texts()`` and
+        ``request.texts_2()``, without the negatives when the request runs no classifier-free
+        guidance."""
+        if self._cfg(request):
+            return request.texts(), request.texts_2()
+        return list(request.prompt), request.texts_2()[-len(request.prompt):]
+
+    def _static(self, request):
+        """Whether a request runs through the static plans: text-to-image over the whole
+        schedule, with the final text layer, once ``compile`` has made a runtime."""
+        return (self.runtime is not None and not request.has_image and request.clip_skip == 0
+                and request.denoising_end is None)
+
+    def _keep(self, request):
+        """(rows,) float32: 0 on the rows whose text conditioning is zeros (SDXL's absent
+        negative prompt, ``force_zeros_for_empty_prompt``), else 1; None when there are none."""
+        if not (self._cfg(request) and self.force_zeros_for_empty_prompt
+                and request.negative_prompt is None):
+            return None
+        n = request.batch_size
+        return torch.cat([torch.zeros(n), torch.ones(n)])
+
+    def _time_ids(self, request):
+        """(rows, K) micro-conditioning numbers, negatives first with CFG: each size defaults
+        to the image's, the crop to (0, 0), the aesthetic scores to diffusers' 6 and 2.5, and
+        each negative one to its positive one. None for families without them."""
+        family = self.family
+        if not family.time_ids:
+            return None
+        size = (request.height, request.width)
+        positive = {"original_size": request.original_size or size,
+                    "crops_coords_top_left": request.crops_coords_top_left or (0, 0),
+                    "target_size": request.target_size or size,
+                    "aesthetic_score": 6.0 if request.aesthetic_score is None
+                    else request.aesthetic_score}
+        negative = {name: getattr(request, "negative_" + name) for name in positive}
+        negative = {name: positive[name] if value is None else value
+                    for name, value in negative.items()}
+        if request.negative_aesthetic_score is None:
+            negative["aesthetic_score"] = 2.5
+        rows = [family.time_ids_of(positive)] * request.batch_size
+        if self._cfg(request):
+            rows = [family.time_ids_of(negative)] * request.batch_size + rows
+        return torch.tensor(rows, dtype=torch.float32)
 
     def _timestep_cond(self, request):
         """A guidance-distilled UNet's (B, time_cond_proj_dim) guidance embedding of each
@@ -343,20 +439,58 @@ class Pipeline:
 
     # -- pieces -------------------------------------------------------------------------------
 
-    def text_inputs(self, prompts, prompt_syntax="a1111") -> WeightedIds:
-        """Prompts → token ids and weights (B, n, 77) on the CPU. ``"a1111"`` reads A1111's
-        syntax (weights, ``BREAK``, 75-token chunks past 77 tokens); ``"plain"`` is one chunk,
-        cut at 77 tokens with a warning, every weight 1."""
-        if prompt_syntax == "a1111":
-            return tokenize_prompts(self.tokenizer, prompts)
-        ids = self.tokenizer(prompts)[:, None]
-        return WeightedIds(ids, torch.ones(ids.shape, dtype=torch.float32))
+    def text_inputs(self, prompts, prompt_syntax="a1111", prompts_2=None) -> TextInputs:
+        """Prompts → token ids and weights (B, n, 77) on the CPU, for each of the family's
+        tokenizers: the first reads ``prompts``, the second ``prompts_2`` (default: the same
+        prompts). ``"a1111"`` reads A1111's syntax (weights, ``BREAK``, 75-token chunks past
+        77 tokens; every tokenizer gets as many chunks as the longest needs); ``"plain"`` is
+        one chunk, cut at 77 tokens with a warning, every weight 1."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if isinstance(prompts_2, str):
+            prompts_2 = [prompts_2] * len(prompts)
+        texts = [prompts, prompts_2 or prompts]
+        names = self.family.tokenizers
+
+        def tokenize(i, num_chunks=None):
+            tokenizer = self.tokenizers[names[i]]
+            if prompt_syntax == "a1111":
+                return tokenize_prompts(tokenizer, texts[i], num_chunks)
+            ids = tokenizer(texts[i])[:, None]
+            return WeightedIds(ids, torch.ones(ids.shape, dtype=torch.float32))
+        batches = [tokenize(i) for i in range(len(names))]
+        most = max(b.num_chunks for b in batches)
+        batches = [b if b.num_chunks == most else tokenize(i, most)
+                   for i, b in enumerate(batches)]
+        return TextInputs(dict(zip(names, batches)))
 
     @torch.no_grad()
-    def encode_prompt(self, prompts, clip_skip=0, prompt_syntax="a1111"):
-        """Prompts → text states (B, 77·n, D) in the pipeline's dtype."""
-        inputs = self.text_inputs(prompts, prompt_syntax).to(self.device)
-        return encode_chunks(self.text_encoder, inputs, clip_skip).to(self.dtype)
+    def encode_prompt(self, prompts, prompt_2=None, clip_skip=0,
+                      prompt_syntax="a1111") -> Conditioning:
+        """Prompts → their ``Conditioning`` in the pipeline's dtype: text states
+        (B, 77·n, D) and, for SDXL, the pooled text embeddings (B, P); no time ids."""
+        inputs = self.text_inputs(prompts, prompt_syntax, prompt_2).to(self.device)
+        states, pooled = encode_text(self.family, self.text_encoders, inputs, clip_skip)
+        return Conditioning(states, pooled).to(dtype=self.dtype)
+
+    def conditioning(self, request, inputs: TextInputs, clip_skip=0) -> Conditioning:
+        """The request's conditioning, one row per image and CFG half: text states (zeros for
+        an absent SDXL negative prompt), pooled embeddings and time ids."""
+        # One text-encoder call for both CFG halves and every chunk, then a row per image.
+        states, pooled = encode_text(self.family, self.text_encoders, inputs.to(self.device),
+                                     clip_skip)
+        k = request.num_images_per_prompt
+        states, pooled = (None if t is None else t.repeat_interleave(k, dim=0)
+                          for t in (states, pooled))
+        keep = self._keep(request)
+        if keep is not None:
+            keep = keep.to(self.device)
+            states = states * keep.to(states.dtype)[:, None, None]
+            pooled = pooled * keep.to(pooled.dtype)[:, None]
+        time_ids = self._time_ids(request)
+        return Conditioning(states, pooled,
+                            None if time_ids is None else time_ids.to(self.device)
+                            ).to(dtype=self.dtype)
 
     def default_size(self):
         side = self.unet.config.sample_size * self.vae_scale_factor
@@ -440,19 +574,31 @@ class Pipeline:
         A low-precision decode that overflows (inf/NaN: the known fp16 VAE failure) is done
         again in float32, so no request returns a black or NaN image.
         """
+        if self._upcast_vae():
+            return to_unit_images(vae_decode(self._fp32_vae(), latents.float())).cpu().numpy()
         image = vae_decode(self.vae, latents)
         if not torch.isfinite(image).all() and self.dtype != torch.float32:
             return self._decode_fp32(latents)
         return to_unit_images(image).cpu().numpy()
+
+    def _upcast_vae(self):
+        """Whether the VAE decodes in float32 whatever the pipeline's dtype: as diffusers' SDXL
+        pipelines do for an fp16 VAE whose config sets ``force_upcast`` (SDXL's VAE overflows in
+        fp16; a fixed VAE sets it false)."""
+        return (self.family.pooled is not None and self.dtype == torch.float16
+                and self.vae.config.force_upcast and isinstance(self.vae, nn.Module))
+
+    def _fp32_vae(self):
+        if self._vae_fp32 is None:
+            self._vae_fp32 = copy.deepcopy(self.vae).float()
+        return self._vae_fp32
 
     def _decode_fp32(self, latents):
         if not isinstance(self.vae, nn.Module):
             raise SdrtError(f"the VAE decode overflowed in {self.dtype}; use a float32 VAE "
                             "(for ONNX, export with --dtype fp32)")
         warnings.warn(f"VAE decode overflowed in {self.dtype}; decoding again in float32")
-        if self._vae_fp32 is None:
-            self._vae_fp32 = copy.deepcopy(self.vae).float()
-        return to_unit_images(vae_decode(self._vae_fp32, latents.float())).cpu().numpy()
+        return to_unit_images(vae_decode(self._fp32_vae(), latents.float())).cpu().numpy()
 
     def _clock(self):
         if self.device.type == "cuda":
@@ -523,7 +669,11 @@ class Pipeline:
                  num_inference_steps=50, guidance_scale=7.5, sampler=None, seed=None,
                  latents=None, image=None, strength=0.8, num_images_per_prompt=1,
                  output_type="pil", generator=None, clip_skip=0, callback=None,
-                 prompt_syntax="a1111"):
+                 prompt_syntax="a1111", prompt_2=None, negative_prompt_2=None,
+                 original_size=None, crops_coords_top_left=None, target_size=None,
+                 negative_original_size=None, negative_crops_coords_top_left=None,
+                 negative_target_size=None, aesthetic_score=None,
+                 negative_aesthetic_score=None, denoising_start=None, denoising_end=None):
         """Generate images; see the README for each argument.
 
         Returns a list of PIL images (``"pil"``), a float32 array (B, H, W, 3) in [0, 1]
@@ -531,9 +681,19 @@ class Pipeline:
         seed; ``pipe.last_seed`` records the seed used. ``generator`` (a CPU
         ``torch.Generator``) may replace ``seed``.
 
+        SDXL models take diffusers' SDXL arguments: ``prompt_2`` and ``negative_prompt_2``
+        (the second text encoder's prompts, by default the first's), the micro-conditioning
+        (``original_size``, ``crops_coords_top_left``, ``target_size`` and their
+        ``negative_`` forms; the refiner's ``aesthetic_score`` and
+        ``negative_aesthetic_score``, default 6 and 2.5), and the base/refiner hand-off: the
+        base with ``denoising_end=0.8, output_type="latent"`` stops at that fraction of the
+        noise schedule, and the refiner with ``image=those latents, denoising_start=0.8``
+        takes over from there (the latents are used as they are: not encoded, not noised).
+
         Every argument is checked before any work (``SdrtError``, a ``ValueError``, naming the
         argument, its value and what is allowed), including the request's estimated peak
-        memory against the device's; ``pipe.limits`` sets the bounds.
+        memory against the device's; ``pipe.limits`` sets the bounds. An argument this
+        model's family does not use is refused, not ignored.
 
         ``callback(pipe, step_index, timestep, callback_kwargs)`` is called after each
         denoising step, as diffusers calls ``callback_on_step_end``: ``callback_kwargs`` is
@@ -551,21 +711,32 @@ class Pipeline:
             sampler=sampler, seed=seed, strength=strength,
             num_images_per_prompt=num_images_per_prompt, clip_skip=clip_skip,
             output_type=output_type, has_image=image is not None,
-            prompt_syntax=prompt_syntax).check(limits=self.limits)
+            prompt_syntax=prompt_syntax, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2,
+            original_size=original_size, crops_coords_top_left=crops_coords_top_left,
+            target_size=target_size, negative_original_size=negative_original_size,
+            negative_crops_coords_top_left=negative_crops_coords_top_left,
+            negative_target_size=negative_target_size, aesthetic_score=aesthetic_score,
+            negative_aesthetic_score=negative_aesthetic_score, denoising_start=denoising_start,
+            denoising_end=denoising_end).check(limits=self.limits)
         for field in ("height", "width"):
             if getattr(request, field) is not None:
                 self._check_side(field, getattr(request, field), {})
-        init = None
+        init = init_latents = None
         if image is not None:
-            init = self._preprocess(image, request.height, request.width)
-            if request.batch_size % init.shape[0]:
+            init_latents = self._image_latents(image)
+            if init_latents is None:
+                init = self._preprocess(image, request.height, request.width)
+            rows, size = ((init.shape[0], init.shape[2:]) if init is not None else
+                          (init_latents.shape[0],
+                           [s * self.vae_scale_factor for s in init_latents.shape[2:]]))
+            if request.batch_size % rows:
                 raise SdrtError(f"image must hold one image or one per prompt (a count that "
-                                f"divides the batch of {request.batch_size}), got "
-                                f"{init.shape[0]}")
-            request = dataclasses.replace(request, height=init.shape[2], width=init.shape[3])
+                                f"divides the batch of {request.batch_size}), got {rows}")
+            request = dataclasses.replace(request, height=int(size[0]), width=int(size[1]))
         # [negative..., positive...] as diffusers orders them, tokenised once; with A1111
-        # syntax both halves are padded to the same number of chunks.
-        inputs = self.text_inputs(self._texts(request), request.prompt_syntax)
+        # syntax both halves (and both tokenizers) get the same number of chunks.
+        texts, texts_2 = self._texts(request)
+        inputs = self.text_inputs(texts, request.prompt_syntax, texts_2)
         request = self.check(request, num_chunks=inputs.num_chunks)
         generator = self._generator(generator, request)
         batch, sampler = request.batch_size, request.sampler
@@ -574,29 +745,33 @@ class Pipeline:
         if latents is not None:
             latents = self._noise(latents, shape, None)  # checked before any work
         step_end = self._step_end(callback)
-        # Static plans cover text-to-image with the final text layer; the rest runs eagerly.
-        if self.runtime is not None and init is None and request.clip_skip == 0:
+        if self._static(request):
             return self._run_static(request, inputs, self._noise(latents, shape, generator),
                                     generator, step_end)
 
+        image_input = init is not None or init_latents is not None
         schedule = make_schedule(self.scheduler_config, sampler, request.num_inference_steps,
-                                 strength=request.strength if init is not None else 1.0,
-                                 device=self.device)
+                                 strength=request.strength if image_input else 1.0,
+                                 device=self.device, denoising_start=request.denoising_start,
+                                 denoising_end=request.denoising_end)
         self.num_timesteps = len(schedule.timesteps)
         t0 = self._clock()
-        # One text-encoder call for both halves and every chunk.
-        states = encode_chunks(self.text_encoder, inputs.to(self.device), request.clip_skip)
-        states = states.to(self.dtype).repeat_interleave(request.num_images_per_prompt, dim=0)
+        cond = self.conditioning(request, inputs, request.clip_skip)
         t1 = self._clock()
 
         # diffusers' order of draws: the VAE's posterior sample, then the noise.
         if init is not None:
             x0 = self.encode_image(init, generator, batch)
-            x = schedule.noise_image(x0, self._noise(latents, shape, generator))
-        else:
+        elif init_latents is not None:
+            x0 = init_latents.repeat_interleave(batch // init_latents.shape[0], dim=0)
+        if not image_input:
             x = schedule.noise_latents(self._noise(latents, shape, generator))
+        elif request.denoising_start is not None:
+            x = x0  # the base's partly denoised latents, taken as they are (diffusers' refiner)
+        else:
+            x = schedule.noise_image(x0, self._noise(latents, shape, generator))
 
-        model = guided(self.unet, states, row_scales(request.row_scales(), self.device),
+        model = guided(self.unet, cond, row_scales(request.row_scales(), self.device),
                        self._cfg(request), self.dtype, self._timestep_cond(request))
         x = sample(sampler, model, x, schedule, generator=generator, step_end=step_end)
         t2 = self._clock()
@@ -608,6 +783,19 @@ class Pipeline:
         self.timings["decode"] = self._clock() - t2
         return self._format(images, request.output_type)
 
+    def _image_latents(self, image):
+        """``image`` when it is latents (a float tensor (B, C, h, w) with the UNet's C latent
+        channels, the base's ``output_type="latent"``) on the pipeline's device and dtype;
+        None when it is an image to encode."""
+        channels = self.unet.config.in_channels
+        if not (isinstance(image, torch.Tensor) and image.dim() == 4
+                and image.shape[1] == channels and channels != 3):
+            return None
+        if not image.is_floating_point() or not torch.isfinite(image).all():
+            raise SdrtError(f"image latents must be finite floats, got {image.dtype} values"
+                            f"{' with inf or NaN' if image.is_floating_point() else ''}")
+        return image.to(self.device, self.dtype)
+
     @staticmethod
     def _format(images, output_type):
         if output_type == "np":
@@ -617,7 +805,8 @@ class Pipeline:
 
     def _run_static(self, request, inputs, noise, generator, step_end):
         """One text-to-image request through the static plan of its shape."""
-        plan = self.runtime.plan_for(self._shape(request, inputs.num_chunks))
+        plan = self.runtime.plan_for(self._shape(request, inputs.num_chunks),
+                                     self.scheduler_config)
         self.num_timesteps = len(plan.schedule.timesteps)
         inputs = inputs.repeat_interleave(request.num_images_per_prompt)
         step_noise = None
@@ -625,9 +814,11 @@ class Pipeline:
             # The same CPU draws, in the same order, as the eager sampler (euler_a, lcm) makes.
             step_noise = torch.stack([cpu_randn(plan.latent_shape, generator)
                                       for _ in range(plan.step_noise.shape[0])])
+        keep, time_ids = self._keep(request), self._time_ids(request)
         self.timings = plan.run(inputs, noise, row_scales(request.row_scales(), self.device),
                                 step_noise, clock=self._clock, step_end=step_end,
-                                timestep_cond=self._timestep_cond(request))
+                                timestep_cond=self._timestep_cond(request), keep=keep,
+                                time_ids=time_ids)
         self.timings["unet_calls"] = len(plan.schedule.timesteps)
         if request.output_type == "latent":
             return plan.latents.clone()

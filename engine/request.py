@@ -28,6 +28,11 @@ OUTPUT_TYPES = ("pil", "np", "latent")
 # How a prompt string is read: A1111's syntax (weights, BREAK, 75-token chunks past 77 tokens;
 # prompt_syntax.py) or as plain text (cut at 77 tokens, as diffusers does).
 PROMPT_SYNTAXES = ("a1111", "plain")
+# The micro-conditioning arguments (SDXL), each a (height, width) or (top, left) pair, or a score.
+MICRO_CONDITIONING = ("original_size", "crops_coords_top_left", "target_size",
+                      "negative_original_size", "negative_crops_coords_top_left",
+                      "negative_target_size", "aesthetic_score", "negative_aesthetic_score")
+MAX_MICRO_SIZE = 2 ** 16  # pixels: far past any training image
 MAX_SEED = 2 ** 64 - 1  # torch.Generator.manual_seed takes any 64-bit value
 RANDOM_SEED = -1        # seed=-1: draw one, as A1111 users expect
 
@@ -131,6 +136,23 @@ class GenerationRequest:
     output_type: object = "pil"
     has_image: bool = False
     prompt_syntax: object = "a1111"
+    # Two text encoders (SDXL): the second one's prompts, by default the first's.
+    prompt_2: object = None
+    negative_prompt_2: object = None
+    # SDXL's micro-conditioning, named as diffusers' arguments: (height, width) pairs, the
+    # crop's (top, left), the refiner's aesthetic scores. None: the family's default.
+    original_size: object = None
+    crops_coords_top_left: object = None
+    target_size: object = None
+    negative_original_size: object = None
+    negative_crops_coords_top_left: object = None
+    negative_target_size: object = None
+    aesthetic_score: object = None
+    negative_aesthetic_score: object = None
+    # Where in the noise schedule the run starts and ends, as fractions in (0, 1): the SDXL
+    # base stops at denoising_end and the refiner takes over at denoising_start.
+    denoising_start: object = None
+    denoising_end: object = None
 
     def check(self, names=None, limits=None):
         """Every model-free check; returns the request with its numbers as plain ``int`` and
@@ -188,7 +210,40 @@ class GenerationRequest:
             seed = integer("seed", 0, MAX_SEED, "-1 (random) or an integer from 0 to 2**64 - 1")
         if not isinstance(self.has_image, bool):
             fail("has_image", "True or False", self.has_image)
-        return replace(self, prompt=prompts, negative_prompt=negatives,
+        texts_2 = {}
+        for field, like in (("prompt_2", prompts), ("negative_prompt_2", negatives or [""])):
+            value = getattr(self, field)
+            if value is not None:
+                texts_2[field] = self._texts(field, value, name, limits)
+                if len(texts_2[field]) not in (1, len(like)):
+                    fail(field, f"one string or a list of {len(like)} (one per prompt)", None,
+                         f"a list of {len(texts_2[field])}")
+        extra = {}
+        for field in MICRO_CONDITIONING:
+            value = getattr(self, field)
+            if value is None:
+                continue
+            if field.endswith("aesthetic_score"):
+                extra[field] = number(field, lambda v: abs(v) <= 1000,
+                                      "a finite number from -1000 to 1000")
+                continue
+            lo = 0 if "crops" in field else 1
+            if not isinstance(value, (list, tuple)) or len(value) != 2 or \
+                    not all(_is_int(v) and lo <= v <= MAX_MICRO_SIZE for v in value):
+                what = "(top, left)" if "crops" in field else "(height, width)"
+                fail(field, f"a pair {what} of integers from {lo} to {MAX_MICRO_SIZE}", value)
+            extra[field] = (int(value[0]), int(value[1]))
+        for field in ("denoising_start", "denoising_end"):
+            if getattr(self, field) is not None:
+                extra[field] = number(field, lambda v: 0 < v < 1, "a number in (0, 1)")
+        if self.denoising_start is not None and not self.has_image:
+            fail("denoising_start", "None without an image (it continues denoising an image's "
+                 "latents, as the SDXL refiner after the base's denoising_end)",
+                 self.denoising_start)
+        if extra.get("denoising_start", 0) >= extra.get("denoising_end", 1):
+            fail("denoising_end", f"above denoising_start ({extra['denoising_start']})",
+                 extra["denoising_end"])
+        return replace(self, prompt=prompts, negative_prompt=negatives, **texts_2, **extra,
                        num_images_per_prompt=per_prompt, num_inference_steps=steps,
                        guidance_scale=guidance, strength=strength,
                        clip_skip=clip_skip, seed=None if seed is None else int(seed), **sizes)
@@ -261,6 +316,18 @@ class GenerationRequest:
         if len(negatives) == 1:
             negatives = negatives * len(self.prompt)
         return negatives + list(self.prompt)
+
+    def texts_2(self):
+        """The second text encoder's input, as ``texts()``: ``prompt_2`` (default: the prompts)
+        and ``negative_prompt_2`` (default: the negative prompts), each one string for all
+        prompts or one per prompt."""
+        def each(texts, default):
+            texts = texts or default
+            return texts * len(self.prompt) if len(texts) == 1 else list(texts)
+        positives = each(self.prompt_2, self.prompt)
+        if not self.guidance:
+            return positives
+        return each(self.negative_prompt_2, self.negative_prompt or [""]) + positives
 
     def draw_seed(self):
         """The seed to use: the request's, or a random one for None and -1."""

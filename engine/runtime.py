@@ -4,7 +4,8 @@
 is allocated once, the schedule lives on the device, and on a GPU three CUDA graphs are
 captured (text encoder, the whole denoising loop with CFG and the sampler's updates, VAE
 decode). A request then copies its inputs (token ids, initial noise, guidance scale) into the
-static buffers and replays; nothing in between allocates or waits on the host. On a CPU the
+static buffers and replays; nothing in between allocates or waits on the host. A plan is
+built from a ``ModelSpec`` (the family and its networks), never from the pipeline. On a CPU the
 same plan runs eagerly over the same buffers, which is how its logic is tested without a GPU.
 
 Built plans are kept in a small LRU cache keyed by ``StaticShape``. A request whose shape was
@@ -18,9 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .conditioning import Conditioning, TextInputs, encode_text
 from .errors import SdrtError
+from .families import Family
+from .prompt_syntax import WeightedIds
 from .samplers import make_schedule, sample
-from .prompt_syntax import apply_weights
 from .stages import guided, to_unit_images, vae_decode
 
 log = logging.getLogger("sdrt")
@@ -44,24 +47,44 @@ class StaticShape:
                 f"{'with' if self.guidance else 'without'} CFG{chunks}")
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a static plan runs, given explicitly: the family (how prompts become conditioning),
+    its networks, and the device and dtype they run in."""
+    family: Family
+    text_encoders: dict  # component name -> module, the family's text encoders
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    device: torch.device
+    dtype: torch.dtype
+    text_length: int = 77  # tokens per chunk
+    vae_dtype: torch.dtype = None  # the VAE's, where it differs (an upcast SDXL VAE)
+
+
 class StaticPlan:
     """Static buffers, a device-side schedule and (on CUDA) the captured graphs of one shape."""
 
-    def __init__(self, pipe, shape: StaticShape):
+    def __init__(self, model: ModelSpec, scheduler_config, shape: StaticShape):
         start = time.perf_counter()
-        self.pipe, self.shape = pipe, shape
-        self.scheduler_config = pipe.scheduler_config  # a new one means a new schedule
-        dev, dtype = pipe.device, pipe.dtype
-        f = pipe.vae_scale_factor
-        self.latent_shape = (shape.batch_size, pipe.unet.config.in_channels,
+        self.model, self.shape = model, shape
+        self.scheduler_config = scheduler_config  # a new one means a new schedule
+        dev, dtype = model.device, model.dtype
+        unet, family = model.unet, model.family
+        f = model.vae.config.scale_factor
+        self.latent_shape = (shape.batch_size, unet.config.in_channels,
                              shape.height // f, shape.width // f)
         rows = shape.batch_size * (2 if shape.guidance else 1)
-        self.schedule = make_schedule(pipe.scheduler_config, shape.sampler,
+        self.rows = rows
+        self.schedule = make_schedule(scheduler_config, shape.sampler,
                                       shape.num_inference_steps, device=dev)
-        # Inputs, written before each replay.
-        n, length = shape.num_chunks, pipe.tokenizer.max_length
-        self.ids = torch.zeros(rows * n, length, dtype=torch.long, device=dev)
-        self.weights = torch.ones(rows * n, length, dtype=torch.float32, device=dev)
+        # Inputs, written before each replay: token ids and weights (rows·n, 77) per tokenizer,
+        n, length = shape.num_chunks, model.text_length
+        self.ids = {t: torch.zeros(rows * n, length, dtype=torch.long, device=dev)
+                    for t in family.tokenizers}
+        self.weights = {t: torch.ones(rows * n, length, dtype=torch.float32, device=dev)
+                        for t in family.tokenizers}
+        # 0 on the rows whose conditioning is zeros (SDXL's empty negative prompt), else 1,
+        self.keep = torch.ones(rows, dtype=torch.float32, device=dev)
         self.noise = torch.zeros(self.latent_shape, dtype=dtype, device=dev)
         self.guidance_scale = torch.ones(shape.batch_size, 1, 1, 1, dtype=torch.float32,
                                          device=dev)  # one scale per image
@@ -70,12 +93,20 @@ class StaticPlan:
         self.step_noise = (torch.zeros((draws, *self.latent_shape), dtype=torch.float32,
                                        device=dev) if draws else None)
         # A guidance-distilled UNet's guidance-scale embedding (stages.guidance_embedding).
-        cond_dim = pipe.unet.config.time_cond_proj_dim
+        cond_dim = unet.config.time_cond_proj_dim
         self.timestep_cond = (torch.zeros(shape.batch_size, cond_dim, dtype=dtype, device=dev)
                               if cond_dim is not None else None)
-        # Outputs of one stage, inputs of the next.
-        self.states = torch.zeros(rows, n * length, pipe.text_encoder.config.hidden_size,
-                                  dtype=dtype, device=dev)
+        # The conditioning: the text stage writes states (and pooled embeddings); the time ids
+        # (SDXL's micro-conditioning) are an input.
+        width = sum(e.config.hidden_size for e in model.text_encoders.values())
+        pooled = (model.text_encoders[family.pooled].config.projection_dim
+                  if family.pooled else None)
+        self.cond = Conditioning(
+            torch.zeros(rows, n * length, width, dtype=dtype, device=dev),
+            torch.zeros(rows, pooled, dtype=dtype, device=dev) if pooled else None,
+            torch.zeros(rows, family.num_time_ids, dtype=dtype, device=dev)
+            if family.time_ids else None)
+        # Outputs.
         self.latents = torch.zeros(self.latent_shape, dtype=dtype, device=dev)
         self.image = torch.zeros(shape.batch_size, shape.height, shape.width, 3,
                                  dtype=torch.float32, device=dev)
@@ -88,20 +119,27 @@ class StaticPlan:
     # -- the three stages, each free of host synchronisation -----------------------------------
 
     def _encode(self):
-        # (rows·n, 77, D), weighted (A1111 emphasis; no host sync), joined per prompt
-        states = apply_weights(self.pipe.text_encoder(self.ids), self.weights)
-        self.states.copy_(states.view(self.states.shape))
+        # (rows, 77·n, D), weighted (A1111 emphasis; no host sync), joined per prompt
+        n, length = self.shape.num_chunks, self.model.text_length
+        inputs = TextInputs({t: WeightedIds(self.ids[t].view(self.rows, n, length),
+                                            self.weights[t].view(self.rows, n, length))
+                             for t in self.ids})
+        states, pooled = encode_text(self.model.family, self.model.text_encoders, inputs)
+        self.cond.states.copy_(states * self.keep.to(states.dtype)[:, None, None])
+        if pooled is not None:
+            self.cond.text_embeds.copy_(pooled * self.keep.to(pooled.dtype)[:, None])
 
     def _denoise(self, step_end=None):
-        model = guided(self.pipe.unet, self.states, self.guidance_scale, self.shape.guidance,
-                       self.pipe.dtype, self.timestep_cond)
+        model = guided(self.model.unet, self.cond, self.guidance_scale, self.shape.guidance,
+                       self.model.dtype, self.timestep_cond)
         x = self.schedule.noise_latents(self.noise)
         x = sample(self.shape.sampler, model, x, self.schedule, noise=self.step_noise,
                    step_end=step_end)
         self.latents.copy_(x)
 
     def _decode(self):
-        image = vae_decode(self.pipe.vae, self.latents)
+        image = vae_decode(self.model.vae, self.latents.to(self.model.vae_dtype or
+                                                          self.model.dtype))
         self.finite.copy_(torch.isfinite(image).all())
         self.image.copy_(to_unit_images(image))
 
@@ -115,13 +153,14 @@ class StaticPlan:
     def _capture(self):
         """Warm up on a side stream (cuDNN/Triton autotuning, lazy allocations), then capture
         each stage into a graph sharing one memory pool."""
-        side = torch.cuda.Stream(self.pipe.device)
-        side.wait_stream(torch.cuda.current_stream(self.pipe.device))
+        device = self.model.device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side), torch.no_grad():
             for _ in range(2):
                 for stage in self._stages():
                     stage()
-        torch.cuda.current_stream(self.pipe.device).wait_stream(side)
+        torch.cuda.current_stream(device).wait_stream(side)
         pool = torch.cuda.graph_pool_handle()
         self.graphs = []
         with torch.no_grad():
@@ -134,10 +173,14 @@ class StaticPlan:
     # -- a request -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def run(self, inputs, noise, guidance_scale, step_noise=None, clock=time.perf_counter,
-            step_end=None, timestep_cond=None):
+    def run(self, inputs: TextInputs, noise, guidance_scale, step_noise=None,
+            clock=time.perf_counter, step_end=None, timestep_cond=None, keep=None,
+            time_ids=None):
         """Copy the request's inputs in, run (replay) the three stages.
 
+        ``inputs``: token ids and weights (rows, n, 77) per tokenizer, one row per image and
+        CFG half; ``keep`` (rows,): 0 where a row's text conditioning is zeros (default: all
+        1); ``time_ids`` (rows, K): the micro-conditioning numbers of a family that has them.
         ``step_noise`` (``schedule.noise_draws`` unit-noise tensors, stacked) is the noise of
         a sampler that draws as it goes; ``timestep_cond`` (B, time_cond_proj_dim) the
         guidance embedding of a guidance-distilled UNet.
@@ -149,9 +192,15 @@ class StaticPlan:
         ``step_end`` the denoising stage runs eagerly over the plan's buffers, between the
         replays of the text-encoder and decoder graphs.
         """
-        # inputs: ids and weights (rows, n, 77), one row per image and CFG half
-        self.ids.copy_(inputs.ids.reshape(self.ids.shape))
-        self.weights.copy_(inputs.weights.reshape(self.weights.shape))
+        for t, batch in inputs.items():
+            self.ids[t].copy_(batch.ids.reshape(self.ids[t].shape))
+            self.weights[t].copy_(batch.weights.reshape(self.weights[t].shape))
+        if keep is None:
+            self.keep.fill_(1.0)
+        else:
+            self.keep.copy_(keep)
+        if self.cond.time_ids is not None:
+            self.cond.time_ids.copy_(time_ids)
         self.noise.copy_(noise)
         self.guidance_scale.copy_(guidance_scale)
         if self.step_noise is not None:
@@ -169,10 +218,10 @@ class StaticPlan:
 
 
 class StaticRuntime:
-    """An LRU cache of built ``StaticPlan``s for one pipeline."""
+    """An LRU cache of built ``StaticPlan``s for one model."""
 
-    def __init__(self, pipe, max_shapes=4, strict=False):
-        self.pipe = pipe
+    def __init__(self, model: ModelSpec, max_shapes=4, strict=False):
+        self.model = model
         self.plans = OrderedDict()
         self.configure(max_shapes, strict)
 
@@ -188,36 +237,36 @@ class StaticRuntime:
             evicted, _ = self.plans.popitem(last=False)
             log.info("sdrt: dropped the static plan for %s", evicted.describe())
 
-    def _cached(self, shape):
+    def _cached(self, shape, scheduler_config):
         """The built plan of ``shape``, now the most recently used; None if there is none or
-        it was built for a scheduler config the pipeline no longer has."""
+        it was built for another scheduler config."""
         plan = self.plans.get(shape)
-        if plan is not None and plan.scheduler_config != self.pipe.scheduler_config:
+        if plan is not None and plan.scheduler_config != scheduler_config:
             del self.plans[shape]
             plan = None
         if plan is not None:
             self.plans.move_to_end(shape)
         return plan
 
-    def build(self, shape: StaticShape) -> StaticPlan:
-        plan = self._cached(shape)
+    def build(self, shape: StaticShape, scheduler_config) -> StaticPlan:
+        plan = self._cached(shape, scheduler_config)
         if plan is None:
-            plan = self.plans[shape] = StaticPlan(self.pipe, shape)
+            plan = self.plans[shape] = StaticPlan(self.model, scheduler_config, shape)
             self._trim()
             log.info("sdrt: built a static plan for %s in %.2f s", shape.describe(),
                      plan.build_seconds)
         return plan
 
-    def plan_for(self, shape: StaticShape) -> StaticPlan:
+    def plan_for(self, shape: StaticShape, scheduler_config) -> StaticPlan:
         """The plan of a request's shape: built before, built now (with a warning saying what
         it cost), or, in strict mode, refused."""
-        plan = self._cached(shape)
+        plan = self._cached(shape, scheduler_config)
         if plan is not None:
             return plan
         if self.strict:
             built = "; ".join(s.describe() for s in self.plans) or "none"
             raise SdrtError(f"no static plan for {shape.describe()} (strict mode; built: {built})")
-        plan = self.build(shape)
+        plan = self.build(shape, scheduler_config)
         warnings.warn(f"built a static plan for {shape.describe()} on demand in "
                       f"{plan.build_seconds:.2f} s; Pipeline.compile builds it ahead of time",
                       stacklevel=3)

@@ -329,6 +329,35 @@ class Schedule:
         return x.to(x0.dtype)
 
 
+    def window(self, start: int, stop: int) -> "Schedule":
+        """Calls ``start`` to ``stop`` (exclusive) of this schedule: the part of the run the
+        SDXL base (``denoising_end``) or refiner (``denoising_start``) takes, as diffusers cuts
+        its timesteps, the sampler state starting afresh. A run that stops early never takes
+        the schedule's last step, so no step of it drops to first order for being last."""
+        n = len(self.timesteps)
+        if not 0 <= start < stop <= n:
+            raise SdrtError(f"a schedule window must lie within the {n} steps, got "
+                            f"{start} to {stop}")
+        if self.prk_calls or self.sampler == "lcm":
+            raise SdrtError(f"{self.sampler} cannot run part of its schedule "
+                            f"(denoising_start/denoising_end); pick ddim, euler, euler_a or "
+                            f"dpmpp_2m")
+        per_call = {name: getattr(self, name)[start:stop]
+                    for name in ("timesteps", "alphas", "alphas_prev", "c_skip", "c_out")
+                    if getattr(self, name) is not None}
+        sigmas = None if self.sigmas is None else self.sigmas[start:stop + 1]
+        return replace(self, **per_call, sigmas=sigmas,
+                       final_step_first_order=self.final_step_first_order and stop == n,
+                       noise_draws=stop - start if self.noise_draws else 0)
+
+
+def cutoff_timestep(fraction: float, num_train_timesteps: int) -> int:
+    """The timestep at which a run split at ``fraction`` of the noise schedule changes hands:
+    diffusers' ``discrete_timestep_cutoff``. The base (``denoising_end``) runs the timesteps
+    at or above it, the refiner (``denoising_start``) those below."""
+    return int(round(num_train_timesteps - fraction * num_train_timesteps))
+
+
 def vp_alpha_sigma(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Variance-preserving (alpha_t, sigma_t) for a variance-exploding sigma: x_vp = alpha_t x_ve."""
     alpha = 1 / (sigma**2 + 1) ** 0.5
@@ -480,10 +509,28 @@ def _img2img_start(steps: int, strength: float) -> int:
 
 
 def make_schedule(cfg: SchedulerConfig, sampler: str, num_inference_steps: int, strength: float = 1.0,
-                  device="cpu") -> Schedule:
+                  device="cpu", denoising_start: float | None = None,
+                  denoising_end: float | None = None) -> Schedule:
     """The schedule of ``sampler`` for ``num_inference_steps`` steps; ``strength`` < 1 keeps only
     the last steps, for image-to-image (lcm instead runs all its steps over the lower
-    ``strength`` part of its timestep range, as LCMScheduler.set_timesteps(strength=) does)."""
+    ``strength`` part of its timestep range, as LCMScheduler.set_timesteps(strength=) does).
+
+    ``denoising_end`` / ``denoising_start`` (fractions of the noise schedule in (0, 1), SDXL's
+    base/refiner split; ``denoising_start`` replaces ``strength``) keep the calls before or
+    after the cutoff timestep, as diffusers' SDXL pipelines do."""
+    if denoising_start is not None or denoising_end is not None:
+        full = make_schedule(cfg, sampler, num_inference_steps, device=device)
+        ts = full.timesteps.cpu()
+        n = len(ts)
+        # Timesteps fall: the calls at or above a cutoff come first.
+        above = lambda fraction: int((ts >= cutoff_timestep(fraction, cfg.num_train_timesteps)).sum())
+        start = 0 if denoising_start is None else above(denoising_start)
+        stop = n if denoising_end is None else above(denoising_end)
+        if start >= stop:
+            raise SdrtError(f"{sampler} with {num_inference_steps} steps, denoising_start "
+                            f"{denoising_start} and denoising_end {denoising_end} leaves no "
+                            f"denoising step; raise steps or move the split")
+        return full.window(start, stop)
     if sampler not in SAMPLERS:
         raise SdrtError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     steps = num_inference_steps

@@ -4,25 +4,28 @@ import torch
 from .errors import SdrtError
 
 
-def guided(unet, states, guidance_scale, cfg, dtype, timestep_cond=None):
-    """The model a sampler calls: the UNet, with classifier-free guidance when ``cfg``.
+def guided(unet, cond, guidance_scale, cfg, dtype, timestep_cond=None):
+    """The model a sampler calls: the UNet on the ``Conditioning`` ``cond`` (its fields as the
+    UNet's named inputs), with classifier-free guidance when ``cfg``.
 
     A guidance-distilled UNet (LCM) instead takes its scales as ``timestep_cond``, the
     (B, time_cond_proj_dim) ``guidance_embedding``, and runs without ``cfg``.
 
-    With guidance, one UNet call runs the unconditional and conditional halves of ``states``
+    With guidance, one UNet call runs the unconditional and conditional halves of ``cond``
     (``[negative..., positive...]``, diffusers' order) and combines them as
     ``uncond + scale · (cond − uncond)``. ``guidance_scale`` is a float32 device tensor of
     shape (B, 1, 1, 1), one scale per image (the static runtime's buffer, so a new scale
     needs no recapture); the combination is computed in float32.
     """
+    inputs = cond.unet_inputs()
+
     def model(x, t):
         if timestep_cond is not None:
-            return unet(x.to(dtype), t, states, timestep_cond=timestep_cond)
+            return unet(x.to(dtype), t, **inputs, timestep_cond=timestep_cond)
         if not cfg:
-            return unet(x.to(dtype), t, states)
-        uncond, cond = unet(torch.cat([x, x]).to(dtype), t, states).chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
+            return unet(x.to(dtype), t, **inputs)
+        uncond, positive = unet(torch.cat([x, x]).to(dtype), t, **inputs).chunk(2)
+        return uncond + guidance_scale * (positive - uncond)
     return model
 
 

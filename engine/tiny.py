@@ -16,7 +16,9 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from .configs import SD15, SD21
+from . import families
+from .configs import SD15, SD21, SDXL, SDXL_REFINER
+from .families import TEXT_ENCODERS
 from .loading import WEIGHT_STEMS, Components, build
 
 TINY = {
@@ -42,43 +44,96 @@ TINY_SD2 = {
     "scheduler": SD21["scheduler"],
     "pad_token": SD21["pad_token"],
 }
-TINY_CONFIGS = {"sd1": TINY, "sd2": TINY_SD2}
+# SDXL's features at the tiny size: two text encoders (the second with a projection), a first
+# level without attention, 1 and 2 transformer layers, the "text_time" added embedding of the
+# pooled text and six time ids, Euler; the refiner: the second encoder only, five time ids.
+_TINY_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+              "num_hidden_layers": 2}
+TINY_SDXL = {
+    **SDXL,
+    "unet": {**SDXL["unet"], "block_out_channels": [32, 64], "attention_head_dim": [2, 4],
+             "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+             "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+             "transformer_layers_per_block": [1, 2], "cross_attention_dim": 64,
+             "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 32 + 6 * 8,
+             "layers_per_block": 1, "norm_num_groups": 16, "sample_size": 16},
+    "vae": {**SDXL["vae"], "block_out_channels": [32, 32, 64, 64], "layers_per_block": 1,
+            "sample_size": 128},
+    "text_encoder": {**SDXL["text_encoder"], **_TINY_TEXT, "projection_dim": 32},
+    "text_encoder_2": {**SDXL["text_encoder_2"], **_TINY_TEXT, "projection_dim": 32},
+}
+TINY_SDXL_REFINER = {
+    **SDXL_REFINER,
+    "unet": {**TINY_SDXL["unet"], "cross_attention_dim": 32,
+             "projection_class_embeddings_input_dim": 32 + 5 * 8},
+    "vae": TINY_SDXL["vae"],
+    "text_encoder_2": TINY_SDXL["text_encoder_2"],
+}
+TINY_CONFIGS = {"sd1": TINY, "sd2": TINY_SD2, "sdxl": TINY_SDXL, "sdxl-refiner": TINY_SDXL_REFINER}
 
-# Which seed initialises which network (text encoder 0, UNet 1, VAE 2).
-_SEEDS = {"text_encoder": 0, "unet": 1, "vae": 2}
+# Which seed initialises which network (text encoder 0, UNet 1, VAE 2, second text encoder 3).
+_SEEDS = {"text_encoder": 0, "unet": 1, "vae": 2, "text_encoder_2": 3}
 _CLASSES = {"unet": ("diffusers", "UNet2DConditionModel"),
             "vae": ("diffusers", "AutoencoderKL"),
             "text_encoder": ("transformers", "CLIPTextModel"),
-            "tokenizer": ("transformers", "CLIPTokenizer")}
+            "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
+            "tokenizer": ("transformers", "CLIPTokenizer"),
+            "tokenizer_2": ("transformers", "CLIPTokenizer")}
+_PIPELINES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
+              "sdxl": "StableDiffusionXLPipeline", "sdxl-refiner": "StableDiffusionXLImg2ImgPipeline"}
+
+
+def config_family(config: dict) -> families.Family:
+    """The family of a config dict (``configs.MODELS``' layout), as a folder of it reads."""
+    return families.recognise(config["unet"], {c: config[c] for c in TEXT_ENCODERS if c in config},
+                              config.get("model_index"), "config")
+
+
+def _pad_token(config, family, tokenizer):
+    default = dict(zip(family.tokenizers, family.pad_tokens))[tokenizer]
+    return config.get("pad_token_2" if tokenizer == "tokenizer_2" else "pad_token", default)
 
 
 def tiny_config(family: str = "sd1") -> dict:
-    """The tiny SD 1.x-like (``"sd1"``) or SD 2.x-like (``"sd2"``) config, a fresh copy."""
+    """The tiny config of a family (``"sd1"``, ``"sd2"``, ``"sdxl"``, ``"sdxl-refiner"``), a
+    fresh copy."""
     return json.loads(json.dumps(TINY_CONFIGS[family]))
 
 
 def _init_(module, seed):
-    """Deterministic weights: N(0, 1/fan_in) matrices, unit norm scales, zero biases. Drawn on
-    the module's device (a full-size model on the GPU, not element by element on the CPU)."""
+    """Deterministic weights: N(0, 1/fan_in) matrices, norm scales 1 + N(0, 0.1²), biases
+    N(0, 0.1²). Biases and shifts are non-zero on purpose: an exporter or a kernel that drops
+    one (the dynamo ONNX exporter drops a conv bias that is all zeros) then changes the output.
+    Drawn on the module's device (a full-size model on the GPU, not element by element on the
+    CPU)."""
     device = next(module.parameters()).device
     g = torch.Generator(device).manual_seed(seed)
     for name, p in sorted(module.named_parameters()):
+        noise = torch.randn(p.shape, generator=g, device=device)
         with torch.no_grad():
             if p.dim() == 1:
-                p.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
+                scale = "norm" in name and name.endswith("weight")
+                p.copy_((1.0 if scale else 0.0) + 0.1 * noise)
             else:
                 fan_in = p[0].numel() if "embedding" not in name else 1
-                p.copy_(torch.randn(p.shape, generator=g, device=device) / math.sqrt(fan_in))
+                p.copy_(noise / math.sqrt(fan_in))
     return module.eval()
 
 
 def random_components(config: dict, device="cpu", description="random-weight model") -> Components:
-    """The three networks of ``config`` with ``_init_``'s weights, its tokenizer and scheduler."""
+    """The networks of ``config``'s family with ``_init_``'s weights, its tokenizers and
+    scheduler."""
     from .tokenizer import ClipTokenizer
-    modules = {c: _init_(build(c, config[c], device=device), seed) for c, seed in _SEEDS.items()}
-    return Components(modules["text_encoder"], modules["unet"], modules["vae"],
-                      ClipTokenizer.bundled(pad_token=config["pad_token"]), config["scheduler"],
-                      description)
+    family = config_family(config)
+    modules = {c: _init_(build(c, config[c], device=device), _SEEDS[c])
+               for c in ("text_encoder", "unet", "vae", "text_encoder_2")
+               if c in ("unet", "vae") or c in family.text_encoders}
+    tokenizers = {t: ClipTokenizer.bundled(pad_token=_pad_token(config, family, t))
+                  for t in family.tokenizers}
+    return Components(modules.get("text_encoder"), modules["unet"], modules["vae"],
+                      tokenizers.get("tokenizer"), config["scheduler"], description,
+                      modules.get("text_encoder_2"), tokenizers.get("tokenizer_2"), family,
+                      config.get("model_index", {}))
 
 
 def tiny_components():
@@ -96,24 +151,34 @@ def write_model(folder, config: dict, components: Components = None, dtype=None,
     the weights stored in ``dtype`` (default: as they are)."""
     from .tokenizer import write_clip_tokenizer
     c = components if components is not None else random_components(config, device)
-    classes = {**_CLASSES, "scheduler": ("diffusers", config["scheduler"]["_class_name"])}
+    family = config_family(config)
+    present = {"unet", "vae", *family.text_encoders, *family.tokenizers}
+    # A component the pipeline runs without is listed as [null, null], as diffusers does.
+    classes = {k: v if k in present else (None, None) for k, v in _CLASSES.items()}
+    classes["scheduler"] = ("diffusers", config["scheduler"]["_class_name"])
     os.makedirs(folder, exist_ok=True)
+    options = {k: v for k, v in config.get("model_index", {}).items() if not k.startswith("_")}
     _write_json(os.path.join(folder, "model_index.json"),
-                {"_class_name": "StableDiffusionPipeline", **{k: list(v) for k, v in classes.items()}})
+                {"_class_name": _PIPELINES[family.name], **options,
+                 **{k: list(v) for k, v in classes.items()}})
     for name, stem in WEIGHT_STEMS.items():
+        module = getattr(c, name, None)
+        if module is None:  # a network this family does not have (SD 1.x: text_encoder_2)
+            continue
         sub = os.path.join(folder, name)
         os.makedirs(sub, exist_ok=True)
-        module = getattr(c, name)
         tensors = {k: (v if dtype is None or not v.is_floating_point() else v.to(dtype))
                    .contiguous().cpu() for k, v in module.state_dict().items()}
         save_file(tensors, os.path.join(sub, f"{stem}.safetensors"), metadata={"format": "pt"})
         # transformers names a model class its own way; diffusers by _class_name.
-        naming = ({"architectures": ["CLIPTextModel"], "model_type": "clip_text_model"}
-                  if name == "text_encoder" else {"_class_name": classes[name][1]})
+        naming = ({"architectures": [classes[name][1]], "model_type": "clip_text_model"}
+                  if name in TEXT_ENCODERS else {"_class_name": classes[name][1]})
         _write_json(os.path.join(sub, "config.json"), {**config[name], **naming})
     os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
     _write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), config["scheduler"])
-    write_clip_tokenizer(os.path.join(folder, "tokenizer"), pad_token=config["pad_token"])
+    for tokenizer in family.tokenizers:
+        write_clip_tokenizer(os.path.join(folder, tokenizer),
+                             pad_token=_pad_token(config, family, tokenizer))
 
 
 def write_tiny(folder):

@@ -1,4 +1,4 @@
-"""UNet2DConditionModel for SD 1.x / 2.x, with diffusers' parameter names."""
+"""UNet2DConditionModel for SD 1.x / 2.x and SDXL, with diffusers' parameter names."""
 from dataclasses import dataclass, fields
 
 import torch
@@ -27,6 +27,18 @@ class GuidedTimestepEmbedding(TimestepEmbedding):
         return super().forward(x)
 
 
+class Timesteps(nn.Module):
+    """diffusers' ``Timesteps``: the sinusoidal features of each number, in float32. No
+    parameters; a module so that SDXL's ``add_time_proj`` sits where diffusers has it."""
+
+    def __init__(self, dim, flip_sin_to_cos, freq_shift):
+        super().__init__()
+        self.dim, self.flip_sin_to_cos, self.freq_shift = dim, flip_sin_to_cos, freq_shift
+
+    def forward(self, t):  # t: (N,) → (N, dim)
+        return timestep_embedding(t, self.dim, self.flip_sin_to_cos, self.freq_shift)
+
+
 def per_block(value, n, name):
     """A config entry that is one value for all blocks or a list with one per block."""
     if isinstance(value, (list, tuple)):
@@ -36,9 +48,55 @@ def per_block(value, n, name):
     return [value] * n
 
 
+def _exactly(*values):
+    """A test for one of ``values`` where True is not 1 and 1.0 is 1, as JSON reads them."""
+    return lambda v: any(v == x and isinstance(v, bool) == isinstance(x, bool) for x in values)
+
+
+# diffusers' UNet2DConditionModel settings (its __init__ arguments) that sdrt does not
+# implement, each with the values at which it leaves diffusers' computation as sdrt does it
+# (its default, or a value diffusers treats the same). Any other value is refused by name:
+# a model built without it would load and run, and compute something else.
+_FIXED = {
+    "act_fn": ("'silu'", _exactly("silu")),
+    "class_embed_type": ("null", _exactly(None)),
+    "num_class_embeds": ("null", _exactly(None)),          # a class-label nn.Embedding
+    "class_embeddings_concat": ("false", _exactly(False)),
+    "encoder_hid_dim": ("null", _exactly(None)),           # a projection of the text states
+    "encoder_hid_dim_type": ("null", _exactly(None)),
+    "dual_cross_attention": ("false", _exactly(False)),
+    # Per-level lists of false are the same as false (checked against the level count below).
+    "only_cross_attention": ("false", lambda v: v is False or (
+        isinstance(v, list) and all(x is False for x in v))),
+    "mid_block_only_cross_attention": ("null or false", _exactly(None, False)),
+    "resnet_time_scale_shift": ("'default'", _exactly("default")),
+    "resnet_skip_time_act": ("false", _exactly(False)),
+    "resnet_out_scale_factor": ("1", _exactly(1)),
+    "mid_block_scale_factor": ("1", _exactly(1)),         # the mid ResNets' output divisor
+    "time_embedding_type": ("'positional'", _exactly("positional")),
+    "time_embedding_dim": ("null", _exactly(None)),
+    "time_embedding_act_fn": ("null", _exactly(None)),
+    "timestep_post_act": ("null", _exactly(None)),
+    "conv_in_kernel": ("3", _exactly(3)),
+    "conv_out_kernel": ("3", _exactly(3)),
+    "attention_type": ("'default'", _exactly("default")),  # GLIGEN's gated attention
+    "cross_attention_norm": ("null", _exactly(None)),
+}
+
+# Settings that do not change the computation at any value: dropout (inference runs in eval
+# mode) and the head count of the "text" added embedding, which is the only one that reads it
+# (sdrt refuses addition_embed_type "text"). sample_size, the training resolution, is a field:
+# the pipeline's default image size.
+_NO_EFFECT = {"dropout", "addition_embed_type_num_heads"}
+
+
 @dataclass
 class UNetConfig:
-    """The fields of a diffusers UNet2DConditionModel ``config.json`` that SD 1.x/2.x use."""
+    """The settings of a diffusers UNet2DConditionModel ``config.json`` that sdrt implements.
+
+    ``from_dict`` accepts a whole ``config.json``: diffusers' settings sdrt does not implement
+    are accepted only where they leave the computation unchanged (``_FIXED``, ``_NO_EFFECT``,
+    keys starting with "_"); any other key is refused by name."""
     in_channels: int = 4
     out_channels: int = 4
     sample_size: int = 64
@@ -48,28 +106,28 @@ class UNetConfig:
     down_block_types: tuple = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
     mid_block_type: str = "UNetMidBlock2DCrossAttn"
     up_block_types: tuple = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
-    only_cross_attention: bool = False
     block_out_channels: tuple = (320, 640, 1280, 1280)
     layers_per_block: int = 2
     downsample_padding: int = 1
-    mid_block_scale_factor: float = 1.0
-    act_fn: str = "silu"
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
     cross_attention_dim: int = 1280
+    # An int, or one entry per level: an int, or (with reverse_transformer_layers_per_block)
+    # a list with one count per ResNet of the level.
     transformer_layers_per_block: int = 1
+    # The up path's counts, level by level from the bottom (default: the down path's,
+    # reversed); each entry an int or a list with one count per ResNet of the up level.
+    reverse_transformer_layers_per_block: list = None
     attention_head_dim: int = 8
     num_attention_heads: int = None
     use_linear_projection: bool = False
     upcast_attention: bool = False
-    resnet_time_scale_shift: str = "default"
-    class_embed_type: str = None
-    addition_embed_type: str = None
-    time_embedding_type: str = "positional"
     time_cond_proj_dim: int = None
-    dual_cross_attention: bool = False
-    conv_in_kernel: int = 3
-    conv_out_kernel: int = 3
+    # SDXL: "text_time" adds an embedding of the pooled text (B, P) and the sinusoidal
+    # features (addition_time_embed_dim each) of K micro-conditioning numbers, P + K·dim wide.
+    addition_embed_type: str = None
+    addition_time_embed_dim: int = None
+    projection_class_embeddings_input_dim: int = None
 
     @classmethod
     def from_dict(cls, d):
@@ -77,26 +135,42 @@ class UNetConfig:
         (``SdrtError`` naming the key)."""
         d = ConfigCheck("unet").dict(d)
         names = {f.name for f in fields(cls)}
+        for key, value in d.items():
+            if not isinstance(key, str):
+                raise SdrtError(f"unet config: key {key!r} is not a string")
+            if key.startswith("_") or key in names:
+                continue
+            if key in _NO_EFFECT:
+                if key == "dropout":
+                    ConfigCheck("unet").number(key, value)
+                continue
+            if key not in _FIXED:
+                raise SdrtError(f"unet config: unsupported setting {key} (not a "
+                                f"UNet2DConditionModel setting sdrt knows; it may change the "
+                                f"computation)")
+            allowed, ok = _FIXED[key]
+            if not ok(value):
+                raise SdrtError(f"unet config: unsupported setting {key}={value!r} (sdrt "
+                                f"implements only {allowed})")
+        only = d.get("only_cross_attention", False)
+        if isinstance(only, list) and len(only) != len(d.get("down_block_types",
+                                                             cls.down_block_types)):
+            ConfigCheck("unet").fail("only_cross_attention", "false or a list with one entry "
+                                     "per down block", only)
         cfg = cls(**{k: v for k, v in d.items() if k in names})
         cfg._check()
         return cfg
 
     def _check(self):
-        unsupported = {
-            "class_embed_type": self.class_embed_type is not None,
-            "addition_embed_type": self.addition_embed_type is not None,
-            "dual_cross_attention": bool(self.dual_cross_attention),
-            "only_cross_attention": bool(self.only_cross_attention),
-            "resnet_time_scale_shift": self.resnet_time_scale_shift != "default",
-            "time_embedding_type": self.time_embedding_type != "positional",
-            "act_fn": self.act_fn != "silu",
-            "conv_in_kernel": self.conv_in_kernel != 3 or self.conv_out_kernel != 3,
-            "mid_block_type": self.mid_block_type not in ("UNetMidBlock2DCrossAttn", None),
-        }
-        bad = [k for k, v in unsupported.items() if v]
-        if bad:
-            raise SdrtError(f"unet config: unsupported setting {bad[0]} (sdrt runs SD 1.x/2.x UNets)")
         check = ConfigCheck("unet")
+        if self.addition_embed_type not in (None, "text_time"):
+            raise SdrtError(f"unet config: unsupported setting addition_embed_type="
+                            f"{self.addition_embed_type!r} (sdrt implements only null or "
+                            f"'text_time')")
+        if self.mid_block_type not in ("UNetMidBlock2DCrossAttn", None):
+            raise SdrtError(f"unet config: unsupported setting mid_block_type="
+                            f"{self.mid_block_type!r} (sdrt implements only "
+                            f"'UNetMidBlock2DCrossAttn' or null)")
         check.names("down_block_types", self.down_block_types,
                     {"CrossAttnDownBlock2D", "DownBlock2D"})
         n = len(self.down_block_types)
@@ -111,8 +185,7 @@ class UNetConfig:
         check.integer("layers_per_block", self.layers_per_block, hi=MAX_LAYERS)
         if self.time_cond_proj_dim is not None:
             check.integer("time_cond_proj_dim", self.time_cond_proj_dim)
-        check.integers("transformer_layers_per_block", self.transformer_layers_per_block, n,
-                       hi=MAX_LAYERS, scalar=True)
+        self._check_transformer_layers(check, n)
         check.integer("downsample_padding", self.downsample_padding, lo=0, hi=1)
         groups = check.integer("norm_num_groups", self.norm_num_groups)
         check.divides("norm_num_groups", groups, "block_out_channels", channels)
@@ -124,16 +197,71 @@ class UNetConfig:
                            f"heads; {c} channels do not split into {h})", getattr(self, key))
         check.number("norm_eps", self.norm_eps, positive=True)
         check.number("freq_shift", self.freq_shift)
-        check.number("mid_block_scale_factor", self.mid_block_scale_factor)
         for key in ("center_input_sample", "flip_sin_to_cos", "use_linear_projection",
                     "upcast_attention"):
             check.flag(key, getattr(self, key))
+        added = ("addition_time_embed_dim", "projection_class_embeddings_input_dim")
+        for key in added:
+            if self.addition_embed_type == "text_time":
+                check.integer(key, getattr(self, key))
+            elif getattr(self, key) is not None:
+                raise SdrtError(f"unet config: unsupported setting {key}={getattr(self, key)!r} "
+                                f"without addition_embed_type 'text_time'")
+
+    def _check_transformer_layers(self, check, n):
+        """diffusers' rules: per-ResNet lists only with an explicit up path; a list for a
+        level has one entry per ResNet of that level where the level has attention."""
+        down = self.transformer_layers_per_block
+        reverse = self.reverse_transformer_layers_per_block
+        key = "transformer_layers_per_block"
+
+        def level(key, value, count, used):
+            if isinstance(value, (list, tuple)):
+                check.integers(key, value, hi=MAX_LAYERS)
+                if used and len(value) != count:
+                    check.fail(key, f"one entry per ResNet of a level ({count}) in its "
+                               f"per-ResNet lists", value)
+            else:
+                check.integer(key, value, hi=MAX_LAYERS)
+
+        if not isinstance(down, (list, tuple)):
+            check.integer(key, down, hi=MAX_LAYERS)
+        else:
+            if len(down) != n:
+                check.fail(key, f"an integer or a list of {n} entries", down)
+            nested = any(isinstance(v, (list, tuple)) for v in down)
+            if nested and reverse is None:
+                check.fail(key, "a list of integers unless reverse_transformer_layers_per_block "
+                           "is given (diffusers' rule for asymmetric UNets)", down)
+            for kind, value in zip(self.down_block_types, down):
+                level(key, value, self.layers_per_block, kind.startswith("CrossAttn"))
+        if reverse is not None:
+            key = "reverse_transformer_layers_per_block"
+            if not isinstance(reverse, (list, tuple)) or len(reverse) != n:
+                check.fail(key, f"null or a list of {n} entries", reverse)
+            for kind, value in zip(self.up_block_types, reverse):
+                level(key, value, self.layers_per_block + 1, kind.startswith("CrossAttn"))
 
     @property
     def heads(self):
         # diffusers' naming quirk: for SD, "attention_head_dim" holds the number of heads.
         n = len(self.down_block_types)
         return per_block(self.num_attention_heads or self.attention_head_dim, n, "heads")
+
+    @property
+    def transformer_layers(self):
+        """(down, mid, up): the transformer layers after each ResNet, as diffusers builds them.
+
+        ``down[i]`` has one count per ResNet of down level i, ``up[i]`` one per ResNet of up
+        level i (from the bottom); ``mid`` is the mid block's count, the last level's (its
+        first entry, where that is a per-ResNet list)."""
+        n, k = len(self.down_block_types), self.layers_per_block
+        down = per_block(self.transformer_layers_per_block, n, "transformer_layers_per_block")
+        up = (down[::-1] if self.reverse_transformer_layers_per_block is None
+              else list(self.reverse_transformer_layers_per_block))
+        expand = lambda v, count: list(v) if isinstance(v, (list, tuple)) else [v] * count
+        mid = down[-1][0] if isinstance(down[-1], (list, tuple)) else down[-1]
+        return [expand(v, k) for v in down], mid, [expand(v, k + 1) for v in up]
 
 
 class BasicTransformerBlock(nn.Module):
@@ -217,15 +345,16 @@ class UNetBlock(nn.Module):
     """
 
     def __init__(self, resnet_channels, out_channels, temb, cfg, heads, layers, attn, resample):
+        """``layers``: the transformer layers after each ResNet (one count per ResNet)."""
         super().__init__()
         self.resnets = nn.ModuleList(
             ResnetBlock2D(c, out_channels, temb, cfg.norm_num_groups, cfg.norm_eps)
             for c in resnet_channels)
         if attn:
             self.attentions = nn.ModuleList(
-                Transformer2DModel(out_channels, heads, cfg.cross_attention_dim, layers,
+                Transformer2DModel(out_channels, heads, cfg.cross_attention_dim, depth,
                                    cfg.norm_num_groups, cfg.use_linear_projection)
-                for _ in resnet_channels)
+                for depth in layers)
         else:
             self.attentions = None
         if resample == "down":
@@ -272,7 +401,9 @@ class UNetMidBlock(nn.Module):
 
 
 class UNet2DConditionModel(nn.Module):
-    """Predicts noise (or v) from latents (B, 4, h, w), timesteps and text states (B, 77, D)."""
+    """Predicts noise (or v) from latents (B, 4, h, w), timesteps and text states (B, T, D);
+    SDXL's UNets (``addition_embed_type="text_time"``) also take the pooled text embedding and
+    the micro-conditioning numbers (``text_embeds``, ``time_ids``)."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -280,24 +411,32 @@ class UNet2DConditionModel(nn.Module):
         ch = list(cfg.block_out_channels)
         n = len(ch)
         heads = cfg.heads
-        layers = per_block(cfg.transformer_layers_per_block, n, "transformer_layers_per_block")
+        down_layers, mid_layers, up_layers = cfg.transformer_layers
         temb = ch[0] * 4
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = (TimestepEmbedding(ch[0], temb) if cfg.time_cond_proj_dim is None
                                else GuidedTimestepEmbedding(ch[0], temb, cfg.time_cond_proj_dim))
+        if cfg.addition_embed_type == "text_time":
+            # SDXL: sinusoidal features of each micro-conditioning number (sizes, crop,
+            # aesthetic score), concatenated after the pooled text embedding and embedded to
+            # the time embedding's width: (B, P + K·addition_time_embed_dim) → (B, 4·C0).
+            self.add_time_proj = Timesteps(cfg.addition_time_embed_dim, cfg.flip_sin_to_cos,
+                                           cfg.freq_shift)
+            self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim,
+                                                   temb)
 
         self.down_blocks = nn.ModuleList()
         for i, kind in enumerate(cfg.down_block_types):
             c_in = ch[max(i - 1, 0)]
             resnet_in = [c_in] + [ch[i]] * (cfg.layers_per_block - 1)
             self.down_blocks.append(UNetBlock(
-                resnet_in, ch[i], temb, cfg, heads[i], layers[i], kind.startswith("CrossAttn"),
-                "down" if i < n - 1 else None))
+                resnet_in, ch[i], temb, cfg, heads[i], down_layers[i],
+                kind.startswith("CrossAttn"), "down" if i < n - 1 else None))
 
-        self.mid_block = (UNetMidBlock(ch[-1], temb, cfg, heads[-1], layers[-1])
+        self.mid_block = (UNetMidBlock(ch[-1], temb, cfg, heads[-1], mid_layers)
                           if cfg.mid_block_type else None)
 
-        rch, rheads, rlayers = ch[::-1], heads[::-1], layers[::-1]
+        rch, rheads = ch[::-1], heads[::-1]
         self.up_blocks = nn.ModuleList()
         prev = rch[0]
         for i, kind in enumerate(cfg.up_block_types):
@@ -308,18 +447,22 @@ class UNet2DConditionModel(nn.Module):
             resnet_in = [(prev if j == 0 else out) + (skip_in if j == k - 1 else out)
                          for j in range(k)]
             self.up_blocks.append(UNetBlock(
-                resnet_in, out, temb, cfg, rheads[i], rlayers[i], kind.startswith("CrossAttn"),
-                "up" if i < n - 1 else None))
+                resnet_in, out, temb, cfg, rheads[i], up_layers[i],
+                kind.startswith("CrossAttn"), "up" if i < n - 1 else None))
             prev = out
 
         self.conv_norm_out = GroupNorm(cfg.norm_num_groups, ch[0], cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
         self.gn_silu_conv = kernels.group_norm_silu_conv2d
 
-    def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None):
+    def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None,
+                text_embeds=None, time_ids=None):
         """sample (B, C, h, w); timestep 0-d or (B,); encoder_hidden_states (B, T, D);
         timestep_cond (B, time_cond_proj_dim), the guidance-scale embedding of a
-        guidance-distilled UNet (config ``time_cond_proj_dim``), or None."""
+        guidance-distilled UNet (config ``time_cond_proj_dim``), or None; text_embeds (B, P)
+        and time_ids (B, K), required by (and only by) an SDXL UNet
+        (``addition_embed_type="text_time"``): the pooled text embedding and the
+        micro-conditioning numbers."""
         cfg = self.config
         t = timestep.reshape(-1).expand(sample.shape[0])
         emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos,
@@ -331,6 +474,14 @@ class UNet2DConditionModel(nn.Module):
                 raise SdrtError("timestep_cond was given, but this UNet has no "
                                 "time_cond_proj_dim (it is not guidance-distilled)")
             emb = self.time_embedding(emb, timestep_cond)
+        if cfg.addition_embed_type == "text_time":
+            emb = emb + self._added_embedding(sample.shape[0], text_embeds, time_ids, emb.dtype)
+        else:
+            for name, value in (("text_embeds", text_embeds), ("time_ids", time_ids)):
+                if value is not None:
+                    raise SdrtError(f"{name} was given, but this UNet has no added text-time "
+                                    f"embedding (config addition_embed_type is "
+                                    f"{cfg.addition_embed_type!r}, not 'text_time')")
         if cfg.center_input_sample:
             sample = 2 * sample - 1.0
         x = self.conv_in(sample)
@@ -347,3 +498,29 @@ class UNet2DConditionModel(nn.Module):
             size = skips[-1].shape[2:] if skips else None
             x = block.up(x, level, emb, encoder_hidden_states, size)
         return norm_silu_conv(self, self.conv_norm_out, self.conv_out, x)
+
+    def _added_embedding(self, batch, text_embeds, time_ids, dtype):
+        """SDXL's added embedding (B, 4·C0): ``add_embedding`` of the pooled text (B, P) and
+        the sinusoidal features of each time id, flattened per row (B, K·dim). The shapes are
+        checked here, on the host, so that a wrong input is one line naming it rather than a
+        matmul error deep in the model."""
+        cfg = self.config
+        for name, value in (("text_embeds", text_embeds), ("time_ids", time_ids)):
+            if value is None:
+                raise SdrtError(f"this UNet (addition_embed_type 'text_time', SDXL) needs "
+                                f"{name}: pass text_embeds (B, P), the pooled text embedding, "
+                                f"and time_ids (B, K), the micro-conditioning numbers")
+            if value.dim() != 2 or value.shape[0] != batch:
+                raise SdrtError(f"{name} must be ({batch}, n) for a sample batch of {batch}, "
+                                f"got shape {tuple(value.shape)}")
+        width = text_embeds.shape[1] + cfg.addition_time_embed_dim * time_ids.shape[1]
+        if width != cfg.projection_class_embeddings_input_dim:
+            raise SdrtError(
+                f"text_embeds width {text_embeds.shape[1]} + addition_time_embed_dim "
+                f"{cfg.addition_time_embed_dim} x {time_ids.shape[1]} time_ids = {width}, but "
+                f"the UNet's projection_class_embeddings_input_dim is "
+                f"{cfg.projection_class_embeddings_input_dim}")
+        time_embeds = self.add_time_proj(time_ids.reshape(-1)).reshape(batch, -1)  # (B, K·dim)
+        # Each cast on its own rounds every element as diffusers' cast of the concatenation.
+        add = torch.cat([text_embeds.to(dtype), time_embeds.to(dtype)], dim=-1)
+        return self.add_embedding(add)

@@ -375,7 +375,8 @@ def create_app(config: ServeConfig = None) -> FastAPI:
         t0 = time.perf_counter()
         sampler = server.sampler(body.sampler_name or body.sampler_index, "sampler_name")
         clip_skip = _clip_skip(body.override_settings,
-                               server.runner.pipe.text_encoder.config.num_hidden_layers)
+                               min(e.config.num_hidden_layers for e in
+                                   server.runner.pipe.text_encoders.values()))
         if not 1 <= body.n_iter <= server.limits.max_images:
             raise ApiError(400, f"n_iter must be an integer from 1 to "
                                 f"{server.limits.max_images}, got {body.n_iter}", "bad_request",

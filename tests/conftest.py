@@ -99,6 +99,49 @@ def tiny_sd1_folder(tmp_path_factory):
     return folder
 
 
+def _sdxl_saved(tmp_path_factory, variant):
+    pytest.importorskip("diffusers")
+    from sdxl_models import save_diffusers_folder
+    folder = str(tmp_path_factory.mktemp(f"tiny-sdxl-{variant}") / "model")
+    ref = save_diffusers_folder(folder, variant)
+    ref.original_scheduler_config = dict(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    return folder, ref
+
+
+@pytest.fixture(scope="session")
+def sdxl_base_folder(tmp_path_factory):
+    """(folder, diffusers StableDiffusionXLPipeline) of the tiny SDXL base
+    (``sdxl_models.py``). Skips where diffusers is not installed."""
+    return _sdxl_saved(tmp_path_factory, "base")
+
+
+@pytest.fixture(scope="session")
+def sdxl_refiner_folder(tmp_path_factory):
+    """(folder, diffusers StableDiffusionXLImg2ImgPipeline) of the tiny refiner (text encoder 2
+    only, aesthetic-score time ids)."""
+    return _sdxl_saved(tmp_path_factory, "refiner")
+
+
+@pytest.fixture(scope="session")
+def sdxl_turbo_folder(tmp_path_factory):
+    """(folder, diffusers StableDiffusionXLPipeline) of the tiny Turbo-like model (Euler
+    ancestral on trailing timesteps, 64 px by default)."""
+    return _sdxl_saved(tmp_path_factory, "turbo")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a test module (``pytestmark = pytest.mark.usefixtures(
+    "one_thread")``), restored after it: on tiny matrices a second intra-op thread only adds
+    synchronisation, which on a shared, loaded 2-core machine makes each UNet call ~20x
+    slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def assert_close_rel(ours, ref, tol, what):
     """‖ours − ref‖ / ‖ref‖ ≤ tol, with the worst element named on failure."""
     ours, ref = torch.as_tensor(ours).double(), torch.as_tensor(ref).double()

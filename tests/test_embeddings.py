@@ -64,18 +64,19 @@ def test_states_match_diffusers(tiny_model, tmp_path, layout, token, n):
     family, folder, ref = tiny_model
     path = _write(tmp_path, layout, token, _vectors(n, seed=n))
     ours = Pipeline.from_pretrained(folder, device="cpu")
-    plain = ours.encode_prompt(f"a photo of {token}", prompt_syntax="plain")
+    plain = ours.encode_prompt(f"a photo of {token}", prompt_syntax="plain").states
     assert ours.load_textual_inversion(path) == token  # default token: key or file stem
     assert ours.embeddings == {token: n}
     reference = _reference(ref, path, token)
     for prompt in (f"a photo of {token}", f"{token}, a red fox in the snow"):
         expected = _diffusers_states(reference, prompt)
         for syntax in ("plain", "a1111"):
-            got = ours.encode_prompt(prompt, prompt_syntax=syntax)
+            got = ours.encode_prompt(prompt, prompt_syntax=syntax).states
             assert_close_abs(got, expected, STATES_ATOL, f"{family} {layout} n={n} {syntax} "
                              f"{prompt!r}")
     # The comparison proves something only if the embedding moved the states.
-    moved = (ours.encode_prompt(f"a photo of {token}", prompt_syntax="plain") - plain).abs().max()
+    moved = (ours.encode_prompt(f"a photo of {token}", prompt_syntax="plain").states
+             - plain).abs().max()
     assert moved > 100 * STATES_ATOL, f"the embedding changed the states by only {moved:.2e}"
 
 

@@ -4,19 +4,22 @@ import torch
 
 from conftest import assert_close_rel
 from sdrt.engine.configs import model_config
-from sdrt.engine.loading import build, load
+from sdrt.engine.loading import build, load, parse_config
+from sdrt.engine.memory import parameter_count
 
 REL_TOL = 1e-4  # float32, same weights, same inputs
 
 
 def _diffusers_meta(component, config):
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     with torch.device("meta"):
         if component == "unet":
             return UNet2DConditionModel.from_config(config)
         if component == "vae":
             return AutoencoderKL.from_config(config)
+        if "CLIPTextModelWithProjection" in config.get("architectures", ()):
+            return CLIPTextModelWithProjection(CLIPTextConfig(**config))
         return CLIPTextModel(CLIPTextConfig(**config))
 
 
@@ -25,19 +28,37 @@ def _strip_text_prefix(name):
     return name[len("text_model."):] if name.startswith("text_model.") else name
 
 
-@pytest.mark.parametrize("model", ["sd15", "sd21"])
-@pytest.mark.parametrize("component", ["unet", "vae", "text_encoder"])
+# The real configs: SD 1.5 and 2.1 (all three networks); SDXL base (a first level without
+# attention, 1/2/10 transformer layers, the "text_time" added embedding, OpenCLIP bigG with its
+# projection) and the refiner (four levels, 4 layers everywhere, a 2560-wide added embedding).
+REAL = [(m, c) for m in ("sd15", "sd21") for c in ("unet", "vae", "text_encoder")] + [
+    ("sdxl", "unet"), ("sdxl", "vae"), ("sdxl", "text_encoder_2"), ("sdxl-refiner", "unet")]
+
+
+@pytest.mark.parametrize("model,component", REAL, ids=[f"{m}-{c}" for m, c in REAL])
 def test_parameter_names_and_shapes_equal_diffusers_at_real_config(model, component):
     config = model_config(model)[component]
     ours = {n: tuple(p.shape) for n, p in build(component, config).named_parameters()}
     theirs = {n: tuple(p.shape) for n, p in _diffusers_meta(component, config).named_parameters()}
-    if component == "text_encoder":
+    if component.startswith("text_encoder"):
         ours = {_strip_text_prefix(n): s for n, s in ours.items()}
         theirs = {_strip_text_prefix(n): s for n, s in theirs.items()}
     assert sorted(set(ours) - set(theirs)) == [], "parameters diffusers does not have"
     assert sorted(set(theirs) - set(ours)) == [], "diffusers parameters we lack"
     bad = {n: (ours[n], theirs[n]) for n in ours if ours[n] != theirs[n]}
     assert not bad, f"shape mismatches: {bad}"
+
+
+COUNTED = REAL + [("sdxl", "text_encoder"), ("sdxl-refiner", "text_encoder_2")]
+
+
+@pytest.mark.parametrize("model,component", COUNTED, ids=[f"{m}-{c}" for m, c in COUNTED])
+def test_parameter_count_from_config_equals_the_built_module(model, component):
+    # memory.parameter_count sizes a model before building it (the memory checks); SDXL adds
+    # the UNet's add_embedding and text_encoder_2's text_projection.
+    config = model_config(model)[component]
+    built = sum(p.numel() for p in build(component, config).parameters())  # meta device
+    assert parameter_count(component, parse_config(component, config)) == built
 
 
 @pytest.fixture(scope="module")

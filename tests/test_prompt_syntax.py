@@ -467,7 +467,7 @@ def test_static_plan_keyed_by_chunks_equals_eager(pipe):
     eager = pipe([LONG, "a (blue:1.3) square"], negative_prompt="blur BREAK noise", **PIPE_ARGS)
     plan = pipe.compile(height=64, width=64, batch_size=2, num_inference_steps=2,
                         sampler="ddim", num_chunks=2, strict=True)
-    assert plan.states.shape[1] == 2 * 77
+    assert plan.cond.states.shape[1] == 2 * 77
     try:
         static = pipe([LONG, "a (blue:1.3) square"], negative_prompt="blur BREAK noise",
                       **PIPE_ARGS)

@@ -43,7 +43,7 @@ def test_static_plan_without_guidance_equals_eager(pipe, guidance_scale):
     pipe.runtime = None
     plan = pipe.compile(height=16, width=24, batch_size=2, num_inference_steps=4,
                         sampler="euler_a", guidance=False)
-    assert plan.states.shape[0] == 2, "a plan without CFG must not batch an unconditional half"
+    assert plan.cond.states.shape[0] == 2, "a plan without CFG must not batch an unconditional half"
     kw = dict(prompt=PROMPTS, height=16, width=24, num_inference_steps=4, sampler="euler_a",
               guidance_scale=guidance_scale, output_type="np", seed=3)
     static = pipe(**kw)
