@@ -14,6 +14,11 @@ from .layers import (Downsample2D, GroupNorm, ResnetBlock2D, SpatialSelfAttentio
 _EPS = 1e-6  # diffusers' VAE uses 1e-6 in every norm
 
 
+# AutoencoderKL config keys that sdrt accepts only at the value that leaves the computation as
+# it implements it.
+_FIXED = {"latents_mean": None, "latents_std": None}
+
+
 @dataclass
 class VAEConfig:
     in_channels: int = 3
@@ -39,7 +44,17 @@ class VAEConfig:
         (``SdrtError`` naming the key)."""
         check = ConfigCheck("vae")
         names = {f.name for f in fields(cls)}
-        cfg = cls(**{k: v for k, v in check.dict(d).items() if k in names})
+        for key, value in check.dict(d).items():
+            if key in names or key.startswith("_"):
+                continue
+            if key in _FIXED and value == _FIXED[key]:
+                continue
+            # A key diffusers' AutoencoderKL reads that changes the computation (latents_mean
+            # and latents_std rescale the latents), or one sdrt does not know: refused, not
+            # dropped, so no model decodes differently from how it was trained.
+            raise SdrtError(f"vae config: unsupported setting {key}={value!r} (sdrt runs "
+                            f"AutoencoderKL without it)")
+        cfg = cls(**{k: v for k, v in d.items() if k in names})
         if cfg.act_fn != "silu":
             raise SdrtError(f"vae config: unsupported act_fn {cfg.act_fn}")
         check.names("down_block_types", cfg.down_block_types, {"DownEncoderBlock2D"})

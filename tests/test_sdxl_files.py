@@ -147,3 +147,30 @@ def test_sdrt_writer_folders_load_in_diffusers_to_the_same_image(family, tmp_pat
                prompt_syntax="plain", **kw)
     assert got.std() > 0.02, "a flat image proves nothing"
     assert np.abs(got - expected).max() <= 2e-3, np.abs(got - expected).max()
+
+
+def test_server_serves_an_sdxl_model_with_the_librarys_images(sdxl_base_folder):
+    # Real HTTP on 127.0.0.1 with the openai SDK, the model an SDXL diffusers folder.
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+    from sdrt.serve.config import ServeConfig
+    from sdrt.serve.local import LocalServer, free_port
+    folder, _ = sdxl_base_folder
+    pipe = Pipeline.from_pretrained(folder, device="cpu")
+    config = ServeConfig(model=folder, port=free_port(), max_batch=2, batch_window_ms=50,
+                         default_steps=2)
+    with LocalServer(config) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
+                               timeout=120)
+        res = client.images.generate(prompt="a red fox", n=1, size="48x32",
+                                     response_format="b64_json",
+                                     extra_body={"steps": 2, "seed": 5})
+    import base64
+    import io
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(res.data[0].b64_json))).convert("RGB"),
+                     dtype=np.int16)
+    # The server batches rows of many requests: an absent negative prompt is the empty prompt,
+    # encoded, as A1111 does it (not SDXL's zeros of diffusers' force_zeros_for_empty_prompt).
+    want = np.asarray(pipe("a red fox", negative_prompt="", height=32, width=48,
+                           num_inference_steps=2, seed=5)[0], dtype=np.int16)
+    assert np.abs(got - want).max() <= 1, np.abs(got - want).max()

@@ -313,3 +313,14 @@ def test_parameter_count_from_config_equals_the_built_module(name):
     config = TINY[name]
     built = sum(p.numel() for p in build("unet", config).parameters())  # meta device
     assert parameter_count("unet", parse_config("unet", config)) == built
+
+
+@pytest.mark.parametrize("key,value", [("latents_mean", [0.1] * 4), ("latents_std", [1.0] * 4),
+                                       ("made_up_setting", 1)])
+def test_vae_config_refuses_settings_that_change_the_computation(key, value):
+    from sdrt.engine.configs import model_config
+    from sdrt.engine.vae import VAEConfig
+    config = model_config("sdxl")["vae"]
+    VAEConfig.from_dict({**config, "_diffusers_version": "0.42.1", "latents_mean": None})
+    with pytest.raises(SdrtError, match=f"vae config: unsupported setting {key}="):
+        VAEConfig.from_dict({**config, key: value})
