@@ -64,23 +64,27 @@ def check_compatible(configs, where, tokenizers=None, family=None):
     width = sum(configs[c].hidden_size for c in texts)
     what = " + ".join(f"{c} config hidden_size ({configs[c].hidden_size})" for c in texts)
     pairs = [("unet", "cross_attention_dim", unet.cross_attention_dim, what, width),
-             ("unet", "in_channels", unet.in_channels, "vae config latent_channels",
-              vae.latent_channels),
-             ("unet", "out_channels", unet.out_channels, "vae config latent_channels",
-              vae.latent_channels)]
+             ("unet", "in_channels", unet.in_channels,
+              f"vae config latent_channels ({vae.latent_channels})", vae.latent_channels),
+             ("unet", "out_channels", unet.out_channels,
+              f"vae config latent_channels ({vae.latent_channels})", vae.latent_channels)]
     if family is not None and family.pooled is not None:
         pooled = configs[family.pooled]
+        if not pooled.with_projection:
+            raise SdrtError(f"{where}: {family.pooled} must be a CLIPTextModelWithProjection "
+                            f"(an {family.label} model's pooled text embedding is projected); "
+                            f"its config's architectures do not name it")
         time_width = unet.addition_time_embed_dim * family.num_time_ids
         pairs.append(("unet", "projection_class_embeddings_input_dim",
                       unet.projection_class_embeddings_input_dim,
                       f"{family.pooled} config projection_dim ({pooled.projection_dim}) + "
-                      f"{family.num_time_ids} time ids × addition_time_embed_dim "
+                      f"{family.num_time_ids} time ids × unet config addition_time_embed_dim "
                       f"({unet.addition_time_embed_dim})",
                       (pooled.projection_dim or 0) + time_width))
     for a, key_a, value_a, b, value_b in pairs:
         if value_a != value_b:
-            raise SdrtError(f"{where}: {a} config {key_a} must equal {b}, that is {value_b}, "
-                            f"got {value_a}")
+            total = f" = {value_b}" if "+" in b else ""  # a sum is worked out
+            raise SdrtError(f"{where}: {a} config {key_a} must equal {b}{total}, got {value_a}")
     for component, tokenizer in (tokenizers or {}).items():
         text = configs[component]
         if tokenizer.max_length > text.max_position_embeddings:

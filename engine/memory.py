@@ -272,10 +272,12 @@ def _text_phase(cfg, rows, size):
 
 
 def request_bytes(unet_cfg, vae_cfg, text_cfg, height, width, batch, guidance, dtype,
-                  fused_attention=False, has_image=False, num_chunks=1):
+                  fused_attention=False, has_image=False, num_chunks=1, vae_dtype=None):
     """(bytes, what dominates): an upper estimate of a request's peak memory beyond the
-    weights. ``num_chunks``: 77-token text chunks per prompt (A1111 syntax), each a text
-    encoder row and 77 more keys for the UNet's cross-attention. ``fused_attention``: whether the UNet's attention runs a fused kernel that never
+    weights; ``vae_dtype`` is the VAE's where it differs (an SDXL VAE upcast to float32). ``text_cfg``: the text encoder's config, or a list of them (SDXL's two run one
+    after the other; their states are held side by side). ``num_chunks``: 77-token text
+    chunks per prompt (A1111 syntax), each a text encoder row and 77 more keys for the UNet's
+    cross-attention. ``fused_attention``: whether the UNet's attention runs a fused kernel that never
     holds the score matrix (sdrt's Triton flash attention on a GPU); otherwise each attention's
     scores are counted once, in float32, as ``F.scaled_dot_product_attention``'s math path
     holds them."""
@@ -283,14 +285,16 @@ def request_bytes(unet_cfg, vae_cfg, text_cfg, height, width, batch, guidance, d
     f = vae_cfg.scale_factor
     h, w = height // f, width // f
     rows = batch * (2 if guidance else 1)
-    phases = [_text_phase(text_cfg, rows * num_chunks, size),
+    texts = list(text_cfg) if isinstance(text_cfg, (list, tuple)) else [text_cfg]
+    vae_size = size if vae_dtype is None else torch.empty((), dtype=vae_dtype).element_size()
+    phases = [max(_text_phase(t, rows * num_chunks, size) for t in texts),
               _unet_phase(unet_cfg, h, w, rows, size, fused_attention, TEXT_TOKENS * num_chunks),
-              _vae_phase(vae_cfg, h, w, batch, size, encode=False)]
+              _vae_phase(vae_cfg, h, w, batch, vae_size, encode=False)]
     if has_image:
-        phases.append(_vae_phase(vae_cfg, h, w, batch, size, encode=True))
+        phases.append(_vae_phase(vae_cfg, h, w, batch, vae_size, encode=True))
     # Held throughout: noise, latents, the sampler's float32 copies and history, text states.
     held = rows * unet_cfg.in_channels * h * w * 4 * 8 + rows * num_chunks * TEXT_TOKENS * \
-        text_cfg.hidden_size * size
+        sum(t.hidden_size for t in texts) * size
     peak, what = max(phases)
     return int((peak + held) * SLACK), what
 

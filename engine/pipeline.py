@@ -225,42 +225,56 @@ class Pipeline:
     @property
     def embeddings(self) -> dict:
         """``{token: number of vectors}`` of the loaded textual-inversion embeddings."""
-        return {token: len(v) for token, v in self._embeddings.items()}
+        return {token: len(next(iter(rows.values()))) for token, rows in self._embeddings.items()}
 
     def load_textual_inversion(self, path_or_state_dict, token=None):
-        """Load a textual-inversion embedding (A1111 ``.safetensors`` with ``emb_params`` or
-        ``string_to_param``, diffusers ``learned_embeds.safetensors``, or such a state dict):
-        its token (``token``; by default an A1111 file's stem, a diffusers file's own token)
-        then stands for its vectors in prompts of both syntaxes, as in diffusers'
-        ``load_textual_inversion`` (an n-vector embedding adds ``token``, ``token_1``, ...
-        ``token_{n-1}``; a prompt writes ``token``). Loading the same token again is a no-op
-        with the same vectors, refused with others. The vocabulary grows, so the text encoder's
-        token table is a new tensor and the built static plans are dropped (``compile`` again).
-        Returns the token."""
-        from .embeddings import read_embedding, token_names
-        if self.family.text_encoders != ("text_encoder",):
-            raise SdrtError(f"textual inversion is supported for one-text-encoder models (SD 1.x, "
-                            f"SD 2.x); this is {self.family.label}")
-        if not isinstance(self.text_encoder, nn.Module):
-            raise SdrtError("textual inversion extends sdrt's own text encoder; this one runs in "
+        """Load a textual-inversion embedding: for SD 1.x/2.x an A1111 ``.safetensors`` with
+        ``emb_params`` or ``string_to_param``, a diffusers ``learned_embeds.safetensors``, or
+        such a state dict; for SDXL an A1111/civitai file with ``clip_l`` and ``clip_g``
+        vectors (see ``embeddings``). Its token (``token``; by default the file's stem, a
+        diffusers file's own token) then stands for its vectors in prompts of both syntaxes,
+        as in diffusers' ``load_textual_inversion`` (an n-vector embedding adds ``token``,
+        ``token_1``, ... ``token_{n-1}``; a prompt writes ``token``). SDXL: every tokenizer gets
+        the same new tokens and ids, and each text encoder its own rows (``clip_l`` for
+        text_encoder, ``clip_g`` for text_encoder_2), as diffusers' ``load_textual_inversion``
+        called once per text encoder. Loading the same token again is a no-op with the same
+        vectors, refused with others. The vocabulary grows, so the text encoders' token tables
+        are new tensors and the built static plans are dropped (``compile`` again). Returns
+        the token."""
+        from .embeddings import read_embeddings, token_names
+        encoders = self.text_encoders
+        if not all(isinstance(m, nn.Module) for m in encoders.values()):
+            raise SdrtError("textual inversion extends sdrt's own text encoders; these run in "
                             "another runtime (load the embedding before exporting to ONNX)")
         if token is not None and not isinstance(token, str):
             raise SdrtError(f"token must be a string, got {type(token).__name__}")
-        token, vectors = read_embedding(path_or_state_dict, token,
-                                        self.text_encoder.config.hidden_size)
-        if self.tokenizer.vocab_size != self.text_encoder.config.vocab_size:
-            raise SdrtError(f"cannot add embedding tokens: the tokenizer has "
-                            f"{self.tokenizer.vocab_size} tokens but the text encoder "
-                            f"{self.text_encoder.config.vocab_size} rows")
+        token, rows = read_embeddings(path_or_state_dict, token,
+                                      {c: m.config.hidden_size for c, m in encoders.items()},
+                                      self.family.label)
+        pairs = {t: c for t, c in zip(self.family.tokenizers, self.family.text_encoders)}
+        for t, c in pairs.items():
+            if getattr(self, t).vocab_size != encoders[c].config.vocab_size:
+                raise SdrtError(f"cannot add embedding tokens: {t} has "
+                                f"{getattr(self, t).vocab_size} tokens but {c} "
+                                f"{encoders[c].config.vocab_size} rows")
+        sizes = {t: getattr(self, t).vocab_size for t in pairs}
+        if len(set(sizes.values())) > 1:
+            raise SdrtError(f"cannot add embedding tokens: the tokenizers' vocabularies differ in "
+                            f"size ({sizes}), so one token would get different ids")
         if token in self._embeddings:
-            if torch.equal(self._embeddings[token], vectors):
+            loaded = self._embeddings[token]
+            if all(torch.equal(loaded[c], rows[c]) for c in rows):
                 return token
             raise SdrtError(f"embedding token {token!r} is already loaded with other vectors; "
                             f"load this one under another token name")
-        # The new tokens' ids are the new rows: the table and the vocabulary had one size.
-        self.tokenizer.add_embedding_tokens(token_names(token, len(vectors)))
-        self.text_encoder.add_token_embeddings(vectors)
-        self._embeddings[token] = vectors
+        # The new tokens' ids are the new rows: each table and its vocabulary had one size, the
+        # same for every tokenizer (which share CLIP's vocabulary), so the ids agree too.
+        names = token_names(token, len(rows[self.family.text_encoders[0]]))
+        for t in pairs:
+            getattr(self, t).add_embedding_tokens(names)
+        for c, vectors in rows.items():
+            encoders[c].add_token_embeddings(vectors)
+        self._embeddings[token] = rows
         # A static plan captured the old token table's storage (and its CUDA graph its address).
         self.runtime = None
         return token
@@ -273,10 +287,10 @@ class Pipeline:
         return {} if self._loras is None else self._loras.adapters
 
     def load_lora(self, path_or_state_dict, scale=1.0, name=None, replace=None):
-        """Patch a LoRA (kohya/A1111 or diffusers/PEFT ``.safetensors``, or a state dict) into
-        the UNet and text-encoder weights in place, so static plans and their CUDA graphs stay
-        valid with no rebuild. ``replace`` names a loaded LoRA to swap out in the same pass.
-        Returns the adapter's name."""
+        """Patch a LoRA (kohya/A1111 or diffusers/PEFT ``.safetensors``, or a state dict; for
+        SDXL too) into the UNet and text-encoder weights in place, so static plans and their
+        CUDA graphs stay valid with no rebuild. ``replace`` names a loaded LoRA to swap out in
+        the same pass. Returns the adapter's name."""
         return self._lora_manager().load(path_or_state_dict, scale, name, replace)
 
     def set_lora_scale(self, name, scale):
@@ -288,15 +302,12 @@ class Pipeline:
 
     def _lora_manager(self):
         if self._loras is None:
-            if self.family.text_encoders != ("text_encoder",):
-                raise SdrtError(f"LoRAs are supported for one-text-encoder models (SD 1.x, SD "
-                                f"2.x); this is {self.family.label}")
-            if not isinstance(self.unet, nn.Module) or not isinstance(self.text_encoder,
-                                                                       nn.Module):
+            modules = {"unet": self.unet, **self.text_encoders}
+            if not all(isinstance(m, nn.Module) for m in modules.values()):
                 raise SdrtError("LoRAs patch sdrt's own networks; these run in another runtime "
                                 "(load the LoRA before exporting to ONNX instead)")
             from .lora import LoraManager
-            self._loras = LoraManager({"unet": self.unet, "text_encoder": self.text_encoder})
+            self._loras = LoraManager(modules, family=self.family.name)
         return self._loras
 
     def check(self, request: GenerationRequest, names=None, num_chunks=1):
@@ -331,12 +342,12 @@ class Pipeline:
                                       default_sampler(self.scheduler_config), **sizes)
         if self._static(request) and self._shape(request, num_chunks) in self.runtime.plans:
             return request  # a built plan: its buffers and graphs are already allocated
-        text = max((e.config for e in self.text_encoders.values()),
-                   key=lambda c: c.hidden_size * c.num_hidden_layers)
         need, what = request_bytes(
-            self.unet.config, self.vae.config, text, request.height,
+            self.unet.config, self.vae.config,
+            [e.config for e in self.text_encoders.values()], request.height,
             request.width, request.batch_size, self._cfg(request), self.dtype,
-            fused_attention(self.unet, self.device, self.dtype), request.has_image, num_chunks)
+            fused_attention(self.unet, self.device, self.dtype), request.has_image, num_chunks,
+            torch.float32 if self._upcast_vae() else None)
         images = request.batch_size
         check_request_fits(need, what, f"a request for {images} image{'s' * (images > 1)} of "
                            f"{request.width}x{request.height}"

@@ -174,3 +174,29 @@ def test_server_serves_an_sdxl_model_with_the_librarys_images(sdxl_base_folder):
     want = np.asarray(pipe("a red fox", negative_prompt="", height=32, width=48,
                            num_inference_steps=2, seed=5)[0], dtype=np.int16)
     assert np.abs(got - want).max() <= 1, np.abs(got - want).max()
+
+
+@pytest.mark.parametrize("edit,message", [
+    (("unet", "projection_class_embeddings_input_dim", 70),
+     r"unet config projection_class_embeddings_input_dim must equal text_encoder_2 config "
+     r"projection_dim \(32\) \+ 6 time ids × unet config addition_time_embed_dim \(8\) = 80, "
+     r"got 70$"),
+    (("unet", "cross_attention_dim", 32),
+     r"unet config cross_attention_dim must equal text_encoder config hidden_size \(32\) \+ "
+     r"text_encoder_2 config hidden_size \(32\) = 64, got 32$"),
+    (("text_encoder_2", "architectures", ["CLIPTextModel"]),
+     r"text_encoder_2 must be a CLIPTextModelWithProjection"),
+])
+def test_sdxl_components_that_do_not_fit_together(tmp_path, edit, message):
+    import json
+    import os
+    from sdrt.engine.tiny import tiny_config, write_model
+    folder = str(tmp_path / "sdxl")
+    write_model(folder, tiny_config("sdxl"))
+    component, key, value = edit
+    path = os.path.join(folder, component, "config.json")
+    config = json.load(open(path))
+    config[key] = value
+    json.dump(config, open(path, "w"))
+    with pytest.raises(SdrtError, match=message):
+        Pipeline.from_pretrained(folder, device="cpu")
