@@ -18,20 +18,25 @@ File layouts, told apart by their keys:
     kohya / A1111     lora_unet_<module>.lora_down.weight / .lora_up.weight / .alpha
                       lora_te_<module>...            ("." in module names written as "_";
                                                       UNet modules in diffusers' or in the
-                                                      original LDM naming)
+                                                      original LDM/SGM naming, which kohya
+                                                      uses for SDXL: input_blocks_4_1_...)
+                      SDXL: lora_te1_ (text_encoder), lora_te2_ (text_encoder_2)
                       conv LoRA (LoCon): down (r, Cin, kh, kw), up (Cout, r, 1, 1)
-    diffusers / PEFT  unet.<module>.lora_A.weight / .lora_B.weight, text_encoder.<module>...
+    diffusers / PEFT  unet.<module>.lora_A.weight / .lora_B.weight, text_encoder.<module>...,
+                      text_encoder_2.<module>...
                       alpha from ``<module>.alpha`` keys or the file's
                       ``lora_adapter_metadata`` (diffusers' LoraConfig per component);
                       without either, α = r (PEFT's default scale 1)
     older diffusers   <module>.lora.down.weight / .lora.up.weight, .lora_linear_layer.*,
                       attention processors' ``processor.to_q_lora.down.weight``
 
-SDXL LoRAs (``lora_te1_``/``lora_te2_``, ``text_encoder_2.``), LyCORIS variants other than
-LoCon (LoHa, LoKr, Tucker ``lora_mid``), DoRA and pickled files are refused with an
-``SdrtError`` saying so. A LoRA weight with no place in the model is an error naming the
-first unmatched keys; a LoRA whose shapes do not fit is refused naming the key and both shapes
-(a LoRA for another model family). Everything is checked before any weight is touched.
+A text encoder's modules are found with or without transformers' ``text_model.`` prefix. An
+SDXL LoRA given to an SD 1.x/2.x model, weights for a text encoder the model does not have (a
+base LoRA's text_encoder weights on the refiner), LyCORIS variants other than LoCon (LoHa,
+LoKr, Tucker ``lora_mid``), DoRA and pickled files are refused with an ``SdrtError`` saying
+so. A LoRA weight with no place in the model is an error naming the first unmatched keys; a
+LoRA whose shapes do not fit is refused naming the key and both shapes (a LoRA for another
+model family). Everything is checked before any weight is touched.
 """
 import json
 import math
@@ -39,7 +44,7 @@ import os
 import re
 import threading
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -47,8 +52,13 @@ from torch import nn
 from .errors import SdrtError
 from .weights import SafetensorsFiles, refuse_pickle
 
-COMPONENTS = ("unet", "text_encoder")
-_KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+_TEXT = ("text_encoder", "text_encoder_2")
+# kohya numbers SDXL's text encoders (te1: CLIP ViT-L, te2: OpenCLIP bigG); "lora_te_" is the
+# one text encoder of SD 1.x/2.x, which diffusers, too, loads into text_encoder.
+_KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder",
+                   "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
+# Keys only an SDXL LoRA has: refused, as such, by an SD 1.x/2.x model.
 _SDXL_MARKS = ("lora_te1_", "lora_te2_", "text_encoder_2.", "lora_unet_label_emb",
                "unet.add_embedding.")
 # LyCORIS algorithms whose update is not up @ down, and DoRA's magnitude vectors.
@@ -65,11 +75,13 @@ _DIFFUSERS_SUFFIXES = ((".lora_A.weight", "down"), (".lora_B.weight", "up"),
                        (".alpha", "alpha"))
 # Older diffusers files name the attention processor's LoRA (``attn1.processor.to_q_lora``,
 # ``self_attn.to_out_lora``), not the linear layer it patches.
+_OLD_TEXT = ((re.compile(r"\.self_attn\.to_(q|k|v)$"), r".self_attn.\1_proj"),
+             (re.compile(r"\.self_attn\.to_out$"), ".self_attn.out_proj"))
 _OLD_DIFFUSERS = {
     "unet": ((re.compile(r"\.processor\.to_(q|k|v)$"), r".to_\1"),
              (re.compile(r"\.processor\.to_out$"), ".to_out.0")),
-    "text_encoder": ((re.compile(r"\.self_attn\.to_(q|k|v)$"), r".self_attn.\1_proj"),
-                     (re.compile(r"\.self_attn\.to_out$"), ".self_attn.out_proj")),
+    "text_encoder": _OLD_TEXT,
+    "text_encoder_2": _OLD_TEXT,
 }
 _METADATA_KEY = "lora_adapter_metadata"  # diffusers' LoraConfig per component, as JSON
 _SHOWN = 5  # unmatched keys named in an error
@@ -91,11 +103,12 @@ class Adapter:
 
 
 class LoraManager:
-    """The LoRA adapters applied to a set of modules (``{"unet": unet, "text_encoder": te}``).
+    """The LoRA adapters applied to a set of modules (``{"unet": unet, "text_encoder": te}``;
+    SDXL adds ``"text_encoder_2"``, the refiner has only that one).
 
     ``load`` / ``set_scale`` / ``unload`` patch the weights in place (see the module
-    docstring); ``adapters`` is ``{name: scale}`` in load order. ``family`` ("sd1", "sd2")
-    only names the model in messages. The methods hold a lock, so two threads never patch
+    docstring); ``adapters`` is ``{name: scale}`` in load order. ``family`` ("sd1", "sdxl",
+    ...) only names the model in messages. The methods hold a lock, so two threads never patch
     at once; a generation running while a weight is patched sees a mix of old and new weights,
     so callers switch adapters between requests.
     """
@@ -227,6 +240,11 @@ class LoraManager:
     def _parse(self, state, metadata, where):
         """``{(component, module): LoraLayer}`` for a state dict, every key and shape checked."""
         _refuse_unsupported(state, where)
+        if not self._sdxl():
+            sdxl = next((k for k in state if k.startswith(_SDXL_MARKS)), None)
+            if sdxl is not None:
+                raise SdrtError(f"{where}: this is an SDXL LoRA ({sdxl}); this "
+                                f"{self._model()} is not SDXL")
         groups, unknown, notes = {}, [], []
         for key in state:
             parsed = _split_key(key)
@@ -235,6 +253,19 @@ class LoraManager:
                 continue
             component, module, role, layout = parsed
             groups.setdefault((component, module, layout), {})[role] = key
+        # Weights for a network the model lacks (a base LoRA's text_encoder on the refiner)
+        # first: they say more than the shapes or names that would not fit.
+        absent = {}
+        for (component, _, _), roles in groups.items():
+            if component not in self.modules:
+                absent.setdefault(component, []).append(
+                    roles.get("down") or roles.get("up") or roles["alpha"])
+        for component, keys in absent.items():
+            has = ", ".join(c for c in _TEXT if c in self.modules) or "none"
+            raise SdrtError(f"{where}: {len(keys)} LoRA layer(s) are for {component} "
+                            f"({', '.join(keys[:_SHOWN])}{', ...' if len(keys) > _SHOWN else ''})"
+                            f", but this {self._model()} has no sdrt {component} to patch (its "
+                            f"text encoders: {has})")
         layers, unmatched = {}, []
         for (component, module, layout), roles in groups.items():
             if "down" not in roles or "up" not in roles:
@@ -244,9 +275,6 @@ class LoraManager:
                     unmatched.append(f"{roles.get('down') or roles['up']} (no "
                                      f"{'up' if 'down' in roles else 'down'} weight)")
                 continue
-            if component not in self.modules:
-                raise SdrtError(f"{where}: LoRA has {component} weights ({roles['down']}), but "
-                                f"this model has no sdrt {component} to patch")
             target = self._resolve(component, module, layout)
             if target is None:
                 unmatched.append(roles["down"])
@@ -264,8 +292,8 @@ class LoraManager:
                             "model?)")
         if not layers:
             raise SdrtError(f"{where}: no LoRA weights found (expected kohya "
-                            "lora_unet_*/lora_te_* .lora_down/.lora_up or diffusers "
-                            "unet.*/text_encoder.* .lora_A/.lora_B keys)")
+                            "lora_unet_*/lora_te*_* .lora_down/.lora_up or diffusers "
+                            "unet.*/text_encoder*.* .lora_A/.lora_B keys)")
         if notes:
             warnings.warn(f"{where}: {len(notes)} LoRA key(s) ignored (no LoRA weight of "
                           f"theirs): {', '.join(notes[:_SHOWN])}"
@@ -275,6 +303,13 @@ class LoraManager:
     def _model(self):
         return f"{self.family} model" if self.family else "model"
 
+    def _sdxl(self):
+        """Whether the model is SDXL: a second text encoder, or the UNet's pooled-text and
+        micro-conditioning embedding."""
+        unet = self.modules.get("unet")
+        return "text_encoder_2" in self.modules or getattr(
+            getattr(unet, "config", None), "addition_embed_type", None) == "text_time"
+
     def _tables(self, component):
         if component not in self._targets:
             module = self.modules[component]
@@ -283,7 +318,7 @@ class LoraManager:
             kohya = {}
             for n in targets:
                 kohya[n.replace(".", "_")] = n
-                if component == "text_encoder" and n.startswith("text_model."):
+                if component in _TEXT and n.startswith("text_model."):
                     kohya[n[len("text_model."):].replace(".", "_")] = n
             if component == "unet":
                 for ldm, n in _ldm_names(module.config, targets).items():
@@ -300,7 +335,7 @@ class LoraManager:
             module = pattern.sub(repl, module)
         if module in targets:
             return module
-        if component == "text_encoder" and "text_model." + module in targets:
+        if component in _TEXT and "text_model." + module in targets:
             return "text_model." + module  # transformers >= 5 names CLIP without text_model.
         return None
 
@@ -388,10 +423,6 @@ def _split_key(key):
 
 def _refuse_unsupported(state, where):
     keys = list(state)
-    sdxl = next((k for k in keys if k.startswith(_SDXL_MARKS)), None)
-    if sdxl is not None:
-        raise SdrtError(f"{where}: this is an SDXL LoRA ({sdxl}); sdrt runs SD 1.x/2.x models "
-                        "and does not load SDXL LoRAs yet")
     for mark, what in _UNSUPPORTED.items():
         hit = next((k for k in keys if mark in k), None)
         if hit is not None:
@@ -424,11 +455,10 @@ def _alpha_over_rank(state, roles, component, module, rank, metadata, where):
 
 def _ldm_names(config, targets):
     """``{LDM module name: sdrt module name}`` for the UNet's ``targets``, from the
-    single-file converter's table (``input_blocks.1.1.proj_in`` → ``down_blocks.0...``)."""
+    single-file converter's table (``input_blocks.1.1.proj_in`` → ``down_blocks.0...``,
+    SDXL's ``label_emb.0.0`` → ``add_embedding.linear_1``)."""
     from .convert_ldm import _unet_modules
-    table = _unet_modules({"layers_per_block": config.layers_per_block,
-                           "down_block_types": config.down_block_types,
-                           "up_block_types": config.up_block_types})
+    table = _unet_modules(asdict(config))
     names = {}
     for ldm, (target, renames) in table.items():
         for n in targets:

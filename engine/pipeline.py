@@ -147,7 +147,7 @@ class Pipeline:
         self.runtime = None  # set by compile()
         self._vae_fp32 = None  # made on the first low-precision decode that overflows
         self._loras = None  # a LoraManager, made by the first LoRA call
-        self._embeddings = {}  # token -> vectors (n, D) float32 CPU, of load_textual_inversion
+        self._embeddings = {}  # token -> {text encoder: (n, D) float32 CPU}, load_textual_inversion
         if device.type == "cuda":
             # Time the fused GroupNorm+SiLU conv against group_norm + cuDNN once per shape and
             # keep the faster, so no shape gets slower than the unfused path. (Networks run by
@@ -231,7 +231,7 @@ class Pipeline:
         """Load a textual-inversion embedding: for SD 1.x/2.x an A1111 ``.safetensors`` with
         ``emb_params`` or ``string_to_param``, a diffusers ``learned_embeds.safetensors``, or
         such a state dict; for SDXL an A1111/civitai file with ``clip_l`` and ``clip_g``
-        vectors (see ``embeddings``). Its token (``token``; by default the file's stem, a
+        vectors (see ``sdrt.engine.embeddings``). Its token (``token``; by default the file's stem, a
         diffusers file's own token) then stands for its vectors in prompts of both syntaxes,
         as in diffusers' ``load_textual_inversion`` (an n-vector embedding adds ``token``,
         ``token_1``, ... ``token_{n-1}``; a prompt writes ``token``). SDXL: every tokenizer gets
