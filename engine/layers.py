@@ -45,19 +45,33 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
+class Ops:
+    """The kernel paths of one model, chosen explicitly: a model builds one ``Ops`` (or is given
+    one) and hands it to each module that runs a fused op, so the path is decided in one place
+    instead of by rewriting module attributes.
+
+    ``gn_silu_conv(x, weight, bias, groups, conv_weight, conv_bias, eps=, add=, padding=)``
+    computes ``conv2d(silu(group_norm(x))) + add``. The default is
+    ``kernels.group_norm_silu_conv2d`` (the fused Triton kernel where it runs, plain PyTorch on
+    the CPU); on a GPU the pipeline sets a per-shape chooser between it and group_norm + cuDNN
+    (``use_conv_chooser``).
+    """
+
+    def __init__(self, gn_silu_conv=None):
+        self.gn_silu_conv = gn_silu_conv or kernels.group_norm_silu_conv2d
+
+
 class ResnetBlock2D(nn.Module):
     """GroupNorm → SiLU → conv3×3 (+ time embedding) → GroupNorm → SiLU → conv3×3, + shortcut.
 
-    Both halves run as ``kernels.group_norm_silu_conv2d``: the time embedding and the residual
-    are added in the convolution's epilogue.
+    Both halves run as ``ops.gn_silu_conv``: the time embedding and the residual are added in
+    the convolution's epilogue.
     """
 
-    def __init__(self, in_channels, out_channels, temb_channels, groups, eps):
+    def __init__(self, in_channels, out_channels, temb_channels, groups, eps, ops: Ops = None):
         super().__init__()
         self.groups, self.eps = groups, eps
-        # conv2d(silu(group_norm(x))) + add; on a GPU the pipeline swaps in a per-shape
-        # chooser between the fused kernel and group_norm + cuDNN (``use_conv_chooser``).
-        self.gn_silu_conv = kernels.group_norm_silu_conv2d
+        self.ops = ops or Ops()
         self.norm1 = GroupNorm(groups, in_channels, eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
@@ -70,21 +84,22 @@ class ResnetBlock2D(nn.Module):
         t = None
         if self.time_emb_proj is not None and temb is not None:
             t = self.time_emb_proj(F.silu(temb))[:, :, None, None]  # (B, C, 1, 1)
-        h = self.gn_silu_conv(x, self.norm1.weight, self.norm1.bias, self.groups,
-                                           self.conv1.weight, self.conv1.bias, eps=self.eps, add=t)
+        h = self.ops.gn_silu_conv(x, self.norm1.weight, self.norm1.bias, self.groups,
+                                  self.conv1.weight, self.conv1.bias, eps=self.eps, add=t)
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return self.gn_silu_conv(h, self.norm2.weight, self.norm2.bias, self.groups,
-                                 self.conv2.weight, self.conv2.bias, eps=self.eps, add=shortcut)
+        return self.ops.gn_silu_conv(h, self.norm2.weight, self.norm2.bias, self.groups,
+                                     self.conv2.weight, self.conv2.bias, eps=self.eps,
+                                     add=shortcut)
 
 
 def use_conv_chooser(model, chooser):
-    """Run every GroupNorm+SiLU+conv of ``model`` (each module holding a ``gn_silu_conv``)
-    through ``chooser`` (a ``ConvPathChooser``); off the CPU (a GPU, or the meta device that
-    stands in for one in a launch walk), also give the conv weights the layout the fused kernel
-    reads (``channels_last_conv_weights``), once, here at load."""
-    for m in model.modules():
-        if hasattr(m, "gn_silu_conv"):
-            m.gn_silu_conv = chooser
+    """Run every GroupNorm+SiLU+conv of ``model`` through ``chooser`` (a ``ConvPathChooser``):
+    set on the one ``Ops`` the model gave its modules (a model without one, such as a text
+    encoder, has no such conv). Off the CPU (a GPU, or the meta device that stands in for one
+    in a launch walk), also give the conv weights the layout the fused kernel reads
+    (``channels_last_conv_weights``), once, here at load."""
+    if getattr(model, "ops", None) is not None:
+        model.ops.gn_silu_conv = chooser
     if any(p.device.type != "cpu" for p in model.parameters()):
         channels_last_conv_weights(model)
 
@@ -105,11 +120,11 @@ def channels_last_conv_weights(model):
             m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
 
 
-def norm_silu_conv(owner, norm, conv, x):
-    """``conv(silu(norm(x)))`` through ``owner.gn_silu_conv``: the output head of the UNet
-    and of the VAE's encoder and decoder."""
-    return owner.gn_silu_conv(x, norm.weight, norm.bias, norm.num_groups, conv.weight,
-                              conv.bias, eps=norm.eps, padding=conv.padding[0])
+def norm_silu_conv(ops, norm, conv, x):
+    """``conv(silu(norm(x)))`` through ``ops.gn_silu_conv``: the output head of the UNet and
+    of the VAE's encoder and decoder."""
+    return ops.gn_silu_conv(x, norm.weight, norm.bias, norm.num_groups, conv.weight,
+                            conv.bias, eps=norm.eps, padding=conv.padding[0])
 
 
 class Downsample2D(nn.Module):

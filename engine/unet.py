@@ -8,7 +8,7 @@ from sdrt import kernels
 
 from .configs import MAX_LAYERS, MAX_POSITIONS, ConfigCheck
 from .errors import SdrtError
-from .layers import (Attention, Downsample2D, GroupNorm, LayerNorm, ResnetBlock2D,
+from .layers import (Attention, Downsample2D, GroupNorm, LayerNorm, Ops, ResnetBlock2D,
                      TimestepEmbedding, Upsample2D, norm_silu_conv, timestep_embedding)
 
 
@@ -344,11 +344,12 @@ class UNetBlock(nn.Module):
     which differ only in those three choices and in the skip connections of the up path.
     """
 
-    def __init__(self, resnet_channels, out_channels, temb, cfg, heads, layers, attn, resample):
+    def __init__(self, resnet_channels, out_channels, temb, cfg, heads, layers, attn, resample,
+                 ops):
         """``layers``: the transformer layers after each ResNet (one count per ResNet)."""
         super().__init__()
         self.resnets = nn.ModuleList(
-            ResnetBlock2D(c, out_channels, temb, cfg.norm_num_groups, cfg.norm_eps)
+            ResnetBlock2D(c, out_channels, temb, cfg.norm_num_groups, cfg.norm_eps, ops)
             for c in resnet_channels)
         if attn:
             self.attentions = nn.ModuleList(
@@ -387,10 +388,10 @@ class UNetBlock(nn.Module):
 
 
 class UNetMidBlock(nn.Module):
-    def __init__(self, channels, temb, cfg, heads, layers):
+    def __init__(self, channels, temb, cfg, heads, layers, ops):
         super().__init__()
         groups, eps = cfg.norm_num_groups, cfg.norm_eps
-        self.resnets = nn.ModuleList(ResnetBlock2D(channels, channels, temb, groups, eps)
+        self.resnets = nn.ModuleList(ResnetBlock2D(channels, channels, temb, groups, eps, ops)
                                      for _ in range(2))
         self.attentions = nn.ModuleList([Transformer2DModel(
             channels, heads, cfg.cross_attention_dim, layers, groups, cfg.use_linear_projection)])
@@ -405,9 +406,11 @@ class UNet2DConditionModel(nn.Module):
     SDXL's UNets (``addition_embed_type="text_time"``) also take the pooled text embedding and
     the micro-conditioning numbers (``text_embeds``, ``time_ids``)."""
 
-    def __init__(self, cfg: UNetConfig):
+    def __init__(self, cfg: UNetConfig, ops: Ops = None):
+        """``ops``: the kernel paths its modules run (``layers.Ops``; default: a new one)."""
         super().__init__()
         self.config = cfg
+        self.ops = ops = ops or Ops()
         ch = list(cfg.block_out_channels)
         n = len(ch)
         heads = cfg.heads
@@ -431,9 +434,9 @@ class UNet2DConditionModel(nn.Module):
             resnet_in = [c_in] + [ch[i]] * (cfg.layers_per_block - 1)
             self.down_blocks.append(UNetBlock(
                 resnet_in, ch[i], temb, cfg, heads[i], down_layers[i],
-                kind.startswith("CrossAttn"), "down" if i < n - 1 else None))
+                kind.startswith("CrossAttn"), "down" if i < n - 1 else None, ops))
 
-        self.mid_block = (UNetMidBlock(ch[-1], temb, cfg, heads[-1], mid_layers)
+        self.mid_block = (UNetMidBlock(ch[-1], temb, cfg, heads[-1], mid_layers, ops)
                           if cfg.mid_block_type else None)
 
         rch, rheads = ch[::-1], heads[::-1]
@@ -448,12 +451,11 @@ class UNet2DConditionModel(nn.Module):
                          for j in range(k)]
             self.up_blocks.append(UNetBlock(
                 resnet_in, out, temb, cfg, rheads[i], up_layers[i],
-                kind.startswith("CrossAttn"), "up" if i < n - 1 else None))
+                kind.startswith("CrossAttn"), "up" if i < n - 1 else None, ops))
             prev = out
 
         self.conv_norm_out = GroupNorm(cfg.norm_num_groups, ch[0], cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
-        self.gn_silu_conv = kernels.group_norm_silu_conv2d
 
     def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None,
                 text_embeds=None, time_ids=None):
@@ -497,7 +499,7 @@ class UNet2DConditionModel(nn.Module):
             # Upsample to the next skip's size so odd latent sizes line up with the down path.
             size = skips[-1].shape[2:] if skips else None
             x = block.up(x, level, emb, encoder_hidden_states, size)
-        return norm_silu_conv(self, self.conv_norm_out, self.conv_out, x)
+        return norm_silu_conv(self.ops, self.conv_norm_out, self.conv_out, x)
 
     def _added_embedding(self, batch, text_embeds, time_ids, dtype):
         """SDXL's added embedding (B, 4·C0): ``add_embedding`` of the pooled text (B, P) and

@@ -4,12 +4,10 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
-from sdrt import kernels
-
 from .configs import MAX_LAYERS, MAX_POSITIONS, ConfigCheck
 from .errors import SdrtError
-from .layers import (Downsample2D, GroupNorm, ResnetBlock2D, SpatialSelfAttention, Upsample2D,
-                     norm_silu_conv)
+from .layers import (Downsample2D, GroupNorm, Ops, ResnetBlock2D, SpatialSelfAttention,
+                     Upsample2D, norm_silu_conv)
 
 _EPS = 1e-6  # diffusers' VAE uses 1e-6 in every norm
 
@@ -85,9 +83,9 @@ class VAEConfig:
 
 
 class VAEMidBlock(nn.Module):
-    def __init__(self, channels, groups, attention):
+    def __init__(self, channels, groups, attention, ops):
         super().__init__()
-        self.resnets = nn.ModuleList(ResnetBlock2D(channels, channels, None, groups, _EPS)
+        self.resnets = nn.ModuleList(ResnetBlock2D(channels, channels, None, groups, _EPS, ops)
                                      for _ in range(2))
         self.attentions = (nn.ModuleList([SpatialSelfAttention(channels, groups, _EPS)])
                            if attention else None)
@@ -102,9 +100,10 @@ class VAEMidBlock(nn.Module):
 class VAEBlock(nn.Module):
     """DownEncoderBlock2D / UpDecoderBlock2D: ResNet blocks, then an optional resampler."""
 
-    def __init__(self, resnet_in, out, groups, resample):
+    def __init__(self, resnet_in, out, groups, resample, ops):
         super().__init__()
-        self.resnets = nn.ModuleList(ResnetBlock2D(c, out, None, groups, _EPS) for c in resnet_in)
+        self.resnets = nn.ModuleList(ResnetBlock2D(c, out, None, groups, _EPS, ops)
+                                     for c in resnet_in)
         if resample == "down":
             self.downsamplers = nn.ModuleList([Downsample2D(out, padding=0)])
         elif resample == "up":
@@ -121,53 +120,56 @@ class VAEBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg: VAEConfig):
+    def __init__(self, cfg: VAEConfig, ops: Ops):
         super().__init__()
         ch, g, n = list(cfg.block_out_channels), cfg.norm_num_groups, len(cfg.block_out_channels)
+        self.ops = ops
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
             VAEBlock([ch[max(i - 1, 0)]] + [ch[i]] * (cfg.layers_per_block - 1), ch[i], g,
-                     "down" if i < n - 1 else None) for i in range(n))
-        self.mid_block = VAEMidBlock(ch[-1], g, cfg.mid_block_add_attention)
+                     "down" if i < n - 1 else None, ops) for i in range(n))
+        self.mid_block = VAEMidBlock(ch[-1], g, cfg.mid_block_add_attention, ops)
         self.conv_norm_out = GroupNorm(g, ch[-1], _EPS)
         self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
-        self.gn_silu_conv = kernels.group_norm_silu_conv2d
 
     def forward(self, x):
         x = self.conv_in(x)
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return norm_silu_conv(self, self.conv_norm_out, self.conv_out, x)
+        return norm_silu_conv(self.ops, self.conv_norm_out, self.conv_out, x)
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: VAEConfig):
+    def __init__(self, cfg: VAEConfig, ops: Ops):
         super().__init__()
         rch, g, n = list(cfg.block_out_channels)[::-1], cfg.norm_num_groups, len(cfg.block_out_channels)
+        self.ops = ops
         self.conv_in = nn.Conv2d(cfg.latent_channels, rch[0], 3, padding=1)
-        self.mid_block = VAEMidBlock(rch[0], g, cfg.mid_block_add_attention)
+        self.mid_block = VAEMidBlock(rch[0], g, cfg.mid_block_add_attention, ops)
         self.up_blocks = nn.ModuleList(
             VAEBlock([rch[max(i - 1, 0)]] + [rch[i]] * cfg.layers_per_block, rch[i], g,
-                     "up" if i < n - 1 else None) for i in range(n))
+                     "up" if i < n - 1 else None, ops) for i in range(n))
         self.conv_norm_out = GroupNorm(g, rch[-1], _EPS)
         self.conv_out = nn.Conv2d(rch[-1], cfg.out_channels, 3, padding=1)
-        self.gn_silu_conv = kernels.group_norm_silu_conv2d
 
     def forward(self, z):
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return norm_silu_conv(self, self.conv_norm_out, self.conv_out, x)
+        return norm_silu_conv(self.ops, self.conv_norm_out, self.conv_out, x)
 
 
 class AutoencoderKL(nn.Module):
-    def __init__(self, cfg: VAEConfig):
+    """``ops``: the kernel paths its modules run (``layers.Ops``; default: a new one)."""
+
+    def __init__(self, cfg: VAEConfig, ops: Ops = None):
         super().__init__()
         self.config = cfg
+        self.ops = ops or Ops()
         lc = cfg.latent_channels
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
+        self.encoder = Encoder(cfg, self.ops)
+        self.decoder = Decoder(cfg, self.ops)
         self.quant_conv = nn.Conv2d(2 * lc, 2 * lc, 1) if cfg.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(lc, lc, 1) if cfg.use_post_quant_conv else None
 

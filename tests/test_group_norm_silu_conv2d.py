@@ -367,7 +367,7 @@ def test_use_conv_chooser_converts_weights_off_the_cpu_only():
         with torch.device(device):
             block = ResnetBlock2D(16, 16, 8, groups=4, eps=1e-5)
         use_conv_chooser(block, chooser)
-        assert block.gn_silu_conv is chooser
+        assert block.ops.gn_silu_conv is chooser
         assert block.conv1.weight.is_contiguous(memory_format=torch.channels_last) == converted
         assert block.conv1.weight.is_contiguous() != converted
 
