@@ -145,7 +145,9 @@ class Pipeline:
         self.last_seed = None
         self.num_timesteps = None  # denoising steps of the current (or last) call
         self.runtime = None  # set by compile()
-        self._vae_fp32 = None  # made on the first low-precision decode that overflows
+        # A float32 copy of the VAE: made for an upcast SDXL VAE, or on the first
+        # low-precision decode that overflows.
+        self._vae_fp32 = None
         self._loras = None  # a LoraManager, made by the first LoRA call
         self._embeddings = {}  # token -> {text encoder: (n, D) float32 CPU}, load_textual_inversion
         if device.type == "cuda":
@@ -161,7 +163,8 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None, variant=None, config=None,
                         prediction_type=None, limits: Limits = None):
-        """Load a diffusers folder or a single-file LDM ``.safetensors`` checkpoint.
+        """Load a diffusers folder or a single-file ``.safetensors`` checkpoint (LDM layout for
+        SD 1.x/2.x, SGM layout for SDXL base and refiner).
 
         ``variant="fp16"`` prefers ``*.fp16.safetensors`` files. For a single file, ``config``
         may name a diffusers folder whose configs (and tokenizer) to use. ``prediction_type``
