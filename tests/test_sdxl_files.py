@@ -200,3 +200,30 @@ def test_sdxl_components_that_do_not_fit_together(tmp_path, edit, message):
     json.dump(config, open(path, "w"))
     with pytest.raises(SdrtError, match=message):
         Pipeline.from_pretrained(folder, device="cpu")
+
+
+def test_cli_sdxl_lora_tag_and_embedding_match_the_api(sdxl_base_folder, tmp_path, capsys):
+    # A kohya SDXL LoRA named by a <lora:...> tag and an SDXL embedding, through the CLI: the
+    # image of the API with the same files, and both recorded in the PNG info.
+    from test_lora_sdxl import random_lora, write_embedding, write_kohya
+
+    import torch
+    folder, ref = sdxl_base_folder
+    api = Pipeline.from_pretrained(folder, device="cpu")
+    lora = write_kohya(random_lora(api, seed=3), tmp_path / "xlstyle.safetensors",
+                       dict(ref.unet.config))
+    embedding = write_embedding(tmp_path / "xltoken.safetensors", 2, seed=4)
+    out = tmp_path / "fox.png"
+    argv = ["generate", "a red fox, xltoken <lora:xlstyle:0.6>", "--model", folder,
+            "--lora", str(lora), "--embedding", str(embedding), "--steps", str(STEPS),
+            "--height", str(H), "--width", str(W), "--seed", "2", "--guidance", "5",
+            "-o", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    info = _parameters(out)
+    assert "Lora hashes: \"xlstyle: " in info and "TI hashes: \"xltoken: " in info, info
+
+    api.load_lora(lora, scale=0.6)
+    api.load_textual_inversion(str(embedding))
+    want = api("a red fox, xltoken", num_inference_steps=STEPS, height=H, width=W,
+               guidance_scale=5.0, generator=[torch.Generator().manual_seed(2)])[0]
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(want))
