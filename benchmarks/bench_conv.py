@@ -1,11 +1,13 @@
 """GroupNorm → SiLU → conv2d (+ add): sdrt's fused Triton kernel against the unfused paths.
 
 The calls are the engine's own: ``benchmarks.launches.record_launches`` runs SD 1.5's UNet
-(batch 2, as with classifier-free guidance, 64×64 latent) and VAE decoder (512×512) on the meta
-device, with the weights converted as ``engine.layers.use_conv_chooser`` converts them on a GPU
-(channels_last), and records every ``group_norm_silu_conv2d`` call with its tensors' shapes
-and strides. Each distinct call is benchmarked with inputs of exactly those shapes and strides
-(x, weights, ``add``), so the layouts timed are the layouts the engine runs. For each it times:
+(batch 2, as with classifier-free guidance, 64×64 latent) and VAE decoder (512×512), or those of
+the ``--models`` named (SDXL: UNet batch 2 at 128×128 latents, VAE decoder at 1024×1024 as an
+fp16 VAE runs it), on the meta device, with the weights converted as
+``engine.layers.use_conv_chooser`` converts them on a GPU (channels_last), and records every
+``group_norm_silu_conv2d`` call with its tensors' shapes and strides. Each distinct call is
+benchmarked with inputs of exactly those shapes and strides (x, weights, ``add``), so the
+layouts timed are the layouts the engine runs. For each it times:
 
 - ``fused``: ``group_norm_silu_conv2d``'s Triton path (statistics kernels + implicit GEMM);
 - ``torch``: F.group_norm → F.silu → F.conv2d (cuDNN) → ``+ add``, what an eager diffusers
@@ -22,6 +24,7 @@ convolutions (call time × how often the call occurs). ``--sweep`` also times
 ``group_norm_silu_conv2d.SWEEP_CONFIGS`` per call, to tune ``_CONV_TABLE``.
 
     python -m sdrt.benchmarks.bench_conv [--dtype fp16|bf16] [--sweep] [--list]
+                                         [--models sd15 sdxl ...]
 
 Writes benchmarks/results/bench_conv_<dtype>_<gpu>.{json,md}. Needs a CUDA GPU (``--list``
 prints the calls without one; the walk compiles the engine's kernels for sm_90 on the way,
@@ -40,6 +43,8 @@ from sdrt.benchmarks.common import (ceilings, cuda_time, device_info, first_call
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 NETWORKS = ("unet", "vae_decoder")
+# Models whose calls can be benchmarked (launches.MODEL_SIZES: 512², 768², 1024², 512²).
+MODELS = ("sd15", "sd21", "sdxl", "sdxl-turbo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,9 +125,14 @@ def _layout(shape, stride):
 
 def engine_convs(model="sd15"):
     """{network: {ConvCall: count}} of every GroupNorm+SiLU+conv the engine's UNet and VAE
-    decoder make, in first-call order, from the launch recorder."""
+    decoder make, in first-call order, from the launch recorder.
+
+    SDXL's VAE decodes in float32 by default (``force_upcast``), where the fused kernel does
+    not run (cuDNN does the convolutions); its calls here are those of an fp16 VAE
+    (``force_upcast`` false, a fixed fp16 SDXL VAE), the one a fused kernel can serve."""
     from sdrt.benchmarks.launches import op_calls, record_launches
-    calls = op_calls(record_launches(model, networks=NETWORKS, conv_path="fused"))
+    calls = op_calls(record_launches(model, networks=NETWORKS, conv_path="fused",
+                                     upcast_vae=False))
     table = {net: collections.Counter() for net in NETWORKS}
     for c in calls:
         if c.op == "group_norm_silu_conv2d":
@@ -215,11 +225,16 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=DTYPES, default="fp16")
     parser.add_argument("--sweep", action="store_true", help="also time a few block configs")
     parser.add_argument("--list", action="store_true", help="print the calls and exit")
+    parser.add_argument("--models", nargs="+", default=["sd15"], choices=MODELS,
+                        help="whose calls (default sd15)")
     args = parser.parse_args(argv)
     if not args.list:
         require_cuda("bench_conv")
 
-    convs = engine_convs()
+    convs = {}  # "model network" → {ConvCall: count}
+    for model in args.models:
+        for net, table in engine_convs(model).items():
+            convs[f"{model} {net}"] = table
     if args.list:
         for net, table in convs.items():
             print(f"{net}: {sum(table.values())} calls, {len(table)} distinct")

@@ -1,9 +1,11 @@
 """sdrt's Triton kernels against what diffusers runs today, at every distinct shape of a model.
 
     python -m sdrt.benchmarks.bench_kernels                  # SD 1.5 at 512², SD 2.1 at 768²
+    python -m sdrt.benchmarks.bench_kernels --models sdxl    # SDXL at 1024² (128² latents)
     python -m sdrt.benchmarks.bench_kernels --ops attention --repeats 200
 
-GPU only: without CUDA it exits with a message. For each distinct (op, shape), fp16:
+GPU only: without CUDA it exits with a message. For each distinct (op, shape, dtype), in the
+dtype the engine runs it (fp16; the float32 GroupNorms of SDXL's upcast VAE decoder):
 
 - sdrt: ``group_norm`` (+ SiLU), ``layer_norm``, ``geglu``, ``attention`` from sdrt.kernels,
   writing into a preallocated ``out`` as the engine will;
@@ -20,7 +22,8 @@ between the two outputs. Per network, Σ count × time gives the op's share of o
 
 Shapes, layouts and call counts come from one walk of the engine's own modules at the model's
 size (``launches.record_launches``: meta tensors, every launch recorded, nothing computed),
-not from a hand list: UNet batch 2 (CFG), VAE decoder, text encoder; the unfused conv path,
+not from a hand list: UNet batch 2 (CFG; 1 for SDXL-Turbo) with the family's conditioning,
+VAE decoder, the family's text encoders (SDXL: two); the unfused conv path,
 so every ResNet GroupNorm+SiLU is a group_norm call. Not benchmarked: the VAE's single-head
 attention (head dim 512 runs ``F.scaled_dot_product_attention`` in sdrt too) and CLIP's
 causal attention (sdrt's kernel takes no mask): neither launches a Triton kernel.
@@ -39,7 +42,9 @@ from sdrt.benchmarks import common, launches
 from sdrt.kernels import attention, geglu, group_norm, layer_norm
 
 OPS = ("group_norm", "layer_norm", "geglu", "attention")
-MODELS = ("sd15", "sd21")  # at their native sizes (launches.MODEL_SIZES): 512², 768²
+# At their native sizes (launches.MODEL_SIZES): 512², 768², 1024², 512².
+MODELS = ("sd15", "sd21", "sdxl", "sdxl-turbo")
+DEFAULT_MODELS = ("sd15", "sd21")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,12 +56,15 @@ class Case:
     groups: int = 0
     activation: str = None
     channels_last: bool = False  # group_norm's input layout (after a conv: channels_last)
+    dtype: str = "float16"       # as the engine runs it: SDXL's VAE decodes in float32
 
     def __str__(self):
         extra = ""
         if self.op == "group_norm":
             extra = f" G={self.groups}" + (f" {self.activation}" if self.activation else "") \
                 + (" NHWC" if self.channels_last else "")
+        if self.dtype != "float16":
+            extra += f" {self.dtype}"
         return f"{self.op} {'×'.join(map(str, self.shape))}{extra}"
 
 
@@ -65,21 +73,23 @@ def case_of(call: launches.OpCall):
     if call.op == "group_norm":
         x = call.arg("x")
         return Case("group_norm", x.shape, call.arg("num_groups"), call.arg("activation"),
-                    x.channels_last)
+                    x.channels_last, x.dtype)
     if call.op in ("layer_norm", "geglu"):
         t = call.arg("x" if call.op == "layer_norm" else "h")
-        return Case(call.op, (math.prod(t.shape[:-1]), t.shape[-1]))
+        return Case(call.op, (math.prod(t.shape[:-1]), t.shape[-1]), dtype=t.dtype)
     if call.op == "attention":
-        (b, h, s, d), t = call.arg("q").shape, call.arg("k").shape[2]
-        return Case("attention", (b, h, s, t, d))
+        q = call.arg("q")
+        (b, h, s, d), t = q.shape, call.arg("k").shape[2]
+        return Case("attention", (b, h, s, t, d), dtype=q.dtype)
     return None
 
 
 def model_cases(model: str) -> dict:
     """{network: Counter(Case → calls per forward)} for one model at its size, from one walk
-    of the engine's own modules (``launches.record_launches``). The walk takes the unfused
-    conv path, where every ResNet block's GroupNorm+SiLU is a ``group_norm`` call."""
-    calls = {network: collections.Counter() for network in launches.NETWORKS}
+    of the engine's own modules (``launches.record_launches``: the model's networks, SDXL's
+    two text encoders and its VAE in float32 as the pipeline decodes it). The walk takes the
+    unfused conv path, where every ResNet block's GroupNorm+SiLU is a ``group_norm`` call."""
+    calls = collections.defaultdict(collections.Counter)
     for call in launches.op_calls(launches.record_launches(model, conv_path="unfused")):
         case = case_of(call)
         if case is not None:
@@ -105,8 +115,9 @@ class Problem:
     flops: int
 
 
-def make_problem(case: Case, dtype=torch.float16) -> Problem:
-    """Inputs on the GPU and the calls to time for one case."""
+def make_problem(case: Case) -> Problem:
+    """Inputs on the GPU, in the case's dtype, and the calls to time for one case."""
+    dtype = getattr(torch, case.dtype)
     es = torch.finfo(dtype).bits // 8
     if case.op == "group_norm":
         x = _randn(*case.shape, dtype=dtype)
@@ -194,7 +205,7 @@ COLUMNS = ["case", "used in", "sdrt_ms", "base_ms", "speedup", "GB/s", "TFLOP/s"
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=list(MODELS))
     ap.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
     ap.add_argument("--warmup", type=int, default=25)
     ap.add_argument("--repeats", type=int, default=100)
@@ -228,12 +239,13 @@ def main(argv=None):
     total_rows = [{"model": m, "network": n, "op": o, "sdrt_ms": s, "base_ms": b,
                    "saved_ms": b - s} for (m, n, o), (s, b) in sorted(totals.items())]
 
-    notes = [f"fp16; median of {args.repeats} CUDA-event timings after {args.warmup} warm-up "
-             f"calls; L2 {'warm' if args.no_flush else 'flushed before each repeat'}.",
+    notes = ["fp16 unless the case names its dtype (SDXL's VAE decodes in float32); median "
+             f"of {args.repeats} CUDA-event timings after {args.warmup} warm-up calls; L2 "
+             f"{'warm' if args.no_flush else 'flushed before each repeat'}.",
              "roof %: max(bytes / copy bandwidth, FLOPs / fp16 matmul rate) over the time; "
              "bytes are the fewest the op must move.",
-             "Totals: Σ calls × median time over one forward of each network (UNet: one CFG "
-             "step, batch 2)."]
+             "Totals: Σ calls × median time over one forward of each network (UNet: one "
+             "step, batch 2 with CFG, 1 for SDXL-Turbo)."]
     json_path, md_path = common.write_report(
         "bench_kernels", info, ceiling,
         {"Kernels": (list(rows.values()), COLUMNS),

@@ -1,12 +1,14 @@
 """sdrt against diffusers, end to end, on the same random-weight model and the same latents.
 
-For each model (SD 1.5 at 512², SD 2.1 at 768², SD-Turbo-style 1 step without CFG) a
-random-weight model with the real config is written once, in diffusers format, to a cache
+For each model (SD 1.5 at 512², SD 2.1 at 768², SD-Turbo-style 1 step without CFG, SDXL base
+at 1024² with CFG, SDXL-Turbo at 512² with 4 and 1 steps without CFG) a random-weight model
+with the real config is written once, in diffusers format, to a cache
 folder by sdrt's own writer (``engine.tiny.write_model``; diffusers loads the same folder, and
 the sdrt systems run without diffusers installed); then each system runs in a fresh process
 (so cold start and peak memory are its own):
 
-- ``diffusers``: StableDiffusionPipeline, eager, SDPA attention;
+- ``diffusers``: StableDiffusionPipeline (SDXL: StableDiffusionXLPipeline), eager, SDPA
+  attention;
 - ``diffusers-compile``: the same with ``torch.compile`` on the UNet and VAE decoder,
   channels_last (compile time reported);
 - ``sdrt-torch``: sdrt's static runtime (CUDA graphs) over the plain-PyTorch ops;
@@ -22,12 +24,16 @@ result and image go to ``<out-dir>/bench_pipeline_parts_<gpu>/`` as soon as that
 and the report, over every result in that folder, is rewritten after every system: a run
 stopped part-way keeps what finished, and a later run into the same folder adds to it.
 
-``--dry-run`` runs the same orchestration on the CPU with the tiny model (64×64, 2 and 1 steps,
-fp32, host-clock timing), by default for ``sdrt-torch`` alone (under Triton's interpreter,
-``sdrt-triton`` took minutes for one tiny image on a development CPU); its numbers are labelled
-"dry run, not a measurement".
+``--dry-run`` runs the same orchestration on the CPU with a tiny model of the same architecture
+(64×64, 2 and 1 steps, fp32, host-clock timing): ``tiny`` (SD 1.x) by default, and in place of a
+real model its stand-in of the same family and mode (``--models sdxl`` runs ``tiny-sdxl``,
+``sdxl-turbo`` runs ``tiny-sdxl-turbo``, ``sd21`` runs ``tiny-sd2``), by default for
+``sdrt-torch`` alone (under Triton's interpreter, ``sdrt-triton`` took minutes for one tiny
+image on a development CPU; ``--systems diffusers,sdrt-torch`` also runs the diffusers side);
+its numbers are labelled "dry run, not a measurement".
 
     python -m sdrt.benchmarks.bench_pipeline [--models sd15] [--systems ...] [--repeats N]
+    sdrt bench --models sdxl,sdxl-turbo          # the same, from the CLI
 """
 import argparse
 import json
@@ -42,13 +48,27 @@ import numpy as np
 
 SYSTEMS = ("diffusers", "diffusers-compile", "sdrt-torch", "sdrt-triton")
 MODELS = {
-    # name: (config: sdrt config name or "tiny", image side, step counts, guidance scale)
+    # name: (config: engine.configs.MODELS name or a tiny one, image side, step counts,
+    #        guidance scale)
     "sd15": ("sd15", 512, (50, 20), 7.5),
     "sd21": ("sd21", 768, (50, 20), 7.5),
     "sd-turbo": ("sd-turbo", 512, (1,), 0.0),
-    # The tiny SD 1-like model (engine.tiny), for dry runs on the CPU.
+    # SDXL base at 1024² (128² latents, guidance 5 as diffusers' examples); SDXL-Turbo at 512²,
+    # 4 and 1 steps without guidance (its Euler ancestral sampler, from its scheduler config).
+    "sdxl": ("sdxl", 1024, (50, 20), 5.0),
+    "sdxl-turbo": ("sdxl-turbo", 512, (4, 1), 0.0),
+    # Tiny models with the real architectures, for dry runs on the CPU: SD 1.x and 2.x
+    # (engine.tiny), SDXL (``tiny_sdxl_config``), and the Turbo ones with their schedulers.
     "tiny": ("tiny", 64, (2, 1), 7.5),
+    "tiny-sd2": ("tiny-sd2", 64, (2, 1), 7.5),
+    "tiny-sd-turbo": ("tiny-sd-turbo", 64, (2, 1), 0.0),
+    "tiny-sdxl": ("tiny-sdxl", 64, (2, 1), 5.0),
+    "tiny-sdxl-turbo": ("tiny-sdxl-turbo", 64, (2, 1), 0.0),
 }
+# What a dry run runs in place of each real model: the tiny model of its family and mode.
+DRY_RUN_STANDINS = {"sd15": "tiny", "sd21": "tiny-sd2", "sd-turbo": "tiny-sd-turbo",
+                    "sdxl": "tiny-sdxl", "sdxl-turbo": "tiny-sdxl-turbo"}
+DRY_RUN_MODELS = ("tiny", "tiny-sd2", "tiny-sd-turbo", "tiny-sdxl", "tiny-sdxl-turbo")
 PARTS = "bench_pipeline_parts"  # + _<gpu>: per-system results and images, as each ends
 PROMPT = "a photograph of a red fox in the snow, highly detailed"
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdrt-bench"
@@ -56,21 +76,67 @@ DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) /
 
 # -- the random-weight models -----------------------------------------------------------------
 
+def tiny_sdxl_config() -> dict:
+    """SDXL base's architecture at toy widths: both text encoders (CLIP ViT-L-like, and
+    OpenCLIP bigG-like with its projection), the "text_time" added embedding of the pooled
+    text and six time ids, per-level transformer depths, the 4-level VAE with
+    ``force_upcast``, Euler on leading timesteps. A fresh copy."""
+    from sdrt.engine.configs import model_config
+    cfg = model_config("sdxl")
+    text = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2,
+                num_hidden_layers=2)
+    cfg["text_encoder"].update(text, projection_dim=64)
+    cfg["text_encoder_2"].update(text, projection_dim=64)
+    cfg["unet"].update(block_out_channels=[32, 64], attention_head_dim=[2, 4],
+                       down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                       up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+                       transformer_layers_per_block=[1, 2], cross_attention_dim=128,
+                       addition_time_embed_dim=8,
+                       projection_class_embeddings_input_dim=64 + 6 * 8, sample_size=8)
+    cfg["vae"].update(block_out_channels=[32, 32, 64, 64], layers_per_block=1, sample_size=64)
+    return cfg
+
+
+def model_family(name: str) -> str:
+    """The family (``engine.families``) of a benchmark model: "sd1", "sd2", "sdxl"."""
+    from sdrt.engine.tiny import config_family
+    return config_family(_config(name)).name
+
+
+def _tiny_configs() -> dict:
+    """{tiny model: its config}, fresh copies: the Turbo ones are their family's tiny model
+    with the real Turbo scheduler (SD-Turbo: Euler; SDXL-Turbo: Euler ancestral; trailing)."""
+    from sdrt.engine.configs import model_config
+    from sdrt.engine.tiny import tiny_config
+    return {"tiny": tiny_config("sd1"), "tiny-sd2": tiny_config("sd2"),
+            "tiny-sd-turbo": {**tiny_config("sd2"),
+                              "scheduler": model_config("sd-turbo")["scheduler"]},
+            "tiny-sdxl": tiny_sdxl_config(),
+            "tiny-sdxl-turbo": {**tiny_sdxl_config(),
+                                "scheduler": model_config("sdxl-turbo")["scheduler"]}}
+
+
+def _config(name: str) -> dict:
+    """The config of a benchmark model: the real one (``engine.configs``) or a tiny one."""
+    from sdrt.engine.configs import model_config
+    config_name = MODELS[name][0]
+    if config_name in DRY_RUN_MODELS:
+        return _tiny_configs()[config_name]
+    return model_config(config_name)
+
+
 def write_model(cache: Path, name: str, device: str = "cuda") -> Path:
     """The model's diffusers folder, written once by sdrt's own writer with random weights and
     the real config (fp16; fp32 for the tiny model); speed does not depend on the weights'
     values. The real models' weights are drawn on ``device`` (the GPU), not on the CPU."""
     import torch
 
-    from sdrt.engine.configs import model_config
-    from sdrt.engine.tiny import tiny_config
     from sdrt.engine.tiny import write_model as write_folder
     folder = cache / name
     if (folder / "model_index.json").is_file():
         return folder
-    config_name = MODELS[name][0]
-    tiny = config_name == "tiny"
-    cfg = tiny_config("sd1") if tiny else model_config(config_name)
+    tiny = name in DRY_RUN_MODELS
+    cfg = _config(name)
     tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{name}-"))
     try:
         write_folder(tmp, cfg, dtype=None if tiny else torch.float16,
@@ -89,14 +155,28 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _load(system, folder, side, steps, guidance, compile_mode, device, dtype):
+# The diffusers pipeline of each family, and what its from_pretrained is given (SD 1.x/2.x:
+# no safety checker, which the folder does not have; SDXL has none).
+DIFFUSERS_PIPELINES = {"sd1": ("StableDiffusionPipeline", {"safety_checker": None}),
+                       "sd2": ("StableDiffusionPipeline", {"safety_checker": None}),
+                       "sdxl": ("StableDiffusionXLPipeline", {})}
+
+
+def _load(system, family, folder, side, steps, guidance, compile_mode, device, dtype):
     """The system's pipeline as ``run(steps, latents, output_type) -> images`` and the seconds
-    spent compiling or capturing (None where nothing is)."""
+    spent compiling or capturing (None where nothing is).
+
+    Both sides get the same latents and the same seed for a sampler's own noise (SDXL-Turbo's
+    Euler ancestral): diffusers a CPU generator seeded 0, sdrt ``seed=0``, which draws as
+    that generator does. An SDXL pipeline takes its defaults for the second prompt (the
+    first), the micro-conditioning (original and target size = the image's, no crop) and the
+    empty negative prompt (zeros, ``force_zeros_for_empty_prompt``) on both sides."""
     import torch
     if system.startswith("diffusers"):
-        from diffusers import StableDiffusionPipeline
-        pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype,
-                                                       safety_checker=None).to(device)
+        import diffusers
+        name, extra = DIFFUSERS_PIPELINES[family]
+        pipe = getattr(diffusers, name).from_pretrained(folder, torch_dtype=dtype,
+                                                        **extra).to(device)
         pipe.set_progress_bar_config(disable=True)
         build = None
         if system == "diffusers-compile":
@@ -107,7 +187,8 @@ def _load(system, folder, side, steps, guidance, compile_mode, device, dtype):
 
         def run(n, latents, output_type="np"):
             out = pipe(PROMPT, height=side, width=side, num_inference_steps=n,
-                       guidance_scale=guidance, latents=latents, output_type=output_type)
+                       guidance_scale=guidance, latents=latents, output_type=output_type,
+                       generator=torch.Generator().manual_seed(0))
             return out.images
         if system == "diffusers-compile":
             t0 = time.perf_counter()
@@ -157,9 +238,17 @@ def worker(system, model, folder, parts, repeats, compile_mode, device):
     dtype = torch.float16 if device == "cuda" else torch.float32
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    run, build = _load(system, folder, side, steps, guidance, compile_mode, device, dtype)
-    latents = torch.randn(1, 4, side // 8, side // 8, generator=torch.Generator().manual_seed(0),
-                          dtype=dtype).to(device)
+    else:
+        # Dry runs: tiny tensors gain nothing from a second thread, and on a shared CPU its
+        # spin-waits made one tiny pipeline call take seconds instead of 0.2 s.
+        torch.set_num_threads(1)
+    cfg = _config(model)
+    run, build = _load(system, model_family(model), folder, side, steps, guidance,
+                       compile_mode, device, dtype)
+    # (1, 4, side/8, side/8): SDXL's VAE has SD's 4 latent channels and factor 8 too.
+    channels, factor = cfg["unet"]["in_channels"], 2 ** (len(cfg["vae"]["block_out_channels"]) - 1)
+    latents = torch.randn(1, channels, side // factor, side // factor,
+                          generator=torch.Generator().manual_seed(0), dtype=dtype).to(device)
     image = np.asarray(run(steps[0], latents), dtype=np.float32)
     _sync(device)
     first_image_at = time.time()
@@ -294,8 +383,9 @@ def report(rows, info, ceiling, results_dir=None, notes=()):
         "Side by side (fp16, batch 1, same latents)": (flat, columns),
         "Ablation": (abl, ["model", "change", "from", "to", "ms before", "ms after",
                            "speed-up"]),
-    }, notes=["UNet it/s = (50 − 20) / (t50 − t20) (the two step counts): one 'it' is one "
-              "UNet call (a batch of 2 with CFG).",
+    }, notes=["UNet it/s = (a − b) / (t_a − t_b) for the model's two step counts a > b "
+              "(50 and 20; SDXL-Turbo 4 and 1): one 'it' is one UNet call (a batch of 2 with "
+              "CFG, 1 without).",
               "first_image_s: from process start to the first image (imports, weights load, "
               "compile or capture included).", *notes], results_dir=results_dir)
     png = bar_chart(rows, results_dir / f"bench_pipeline_{gpu_slug(info['gpu'])}.png")
@@ -304,8 +394,10 @@ def report(rows, info, ceiling, results_dir=None, notes=()):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="sdrt bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default=None, help="comma-separated (default: sd15,sd21,sd-turbo; "
-                   "tiny with --dry-run)")
+    p.add_argument("--models", default=None,
+                   help=f"comma-separated, from {', '.join(MODELS)} (default: sd15,sd21,"
+                        "sd-turbo; tiny with --dry-run, which runs each real model's tiny "
+                        "stand-in)")
     p.add_argument("--systems", default=None, help=f"comma-separated, from {', '.join(SYSTEMS)} "
                    "(default: all; sdrt-torch with --dry-run)")
     p.add_argument("--cache", default=str(DEFAULT_CACHE), help="where the models are written")
@@ -321,6 +413,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     models = (a.models or ("tiny" if a.dry_run else "sd15,sd21,sd-turbo")).split(",")
+    if a.dry_run and not a.worker:  # a real model's code path, at its tiny stand-in's size
+        models = list(dict.fromkeys(DRY_RUN_STANDINS.get(m, m) for m in models))
     systems = (a.systems or ("sdrt-torch" if a.dry_run else ",".join(SYSTEMS))).split(",")
     repeats = a.repeats or (1 if a.dry_run else 5)
     unknown = [m for m in models if m not in MODELS] + [s for s in systems if s not in SYSTEMS]

@@ -1,5 +1,6 @@
 """One command for a lent GPU: environment and ceilings, the GPU tests, the kernel and conv
-benchmarks with the block-table sweep, and the SD 1.5 pipeline against diffusers.
+benchmarks with the block-table sweep, and the SD 1.5 pipeline against diffusers; SDXL's
+kernels, convs and pipelines (base 1024², Turbo 512²) as extras for a second call.
 
     python -m sdrt.benchmarks.gpu_session --out DIR [--budget SECONDS] [--stage env,tests,...]
                                           [--dry-run]
@@ -30,15 +31,27 @@ Stages, in order (``--stage`` picks some; the extras run only when the budget st
 - ``conv`` (c): ``bench_conv --sweep``, and the best block configuration per shape;
 - ``pipeline`` (d): ``bench_pipeline``, SD 1.5 512², sdrt (Triton + CUDA graphs) against
   diffusers eager when diffusers is installed (else against sdrt on the PyTorch ops);
-- extras: ``pipeline-compile`` (diffusers + torch.compile max-autotune, SD 1.5) and
-  ``pipeline-sd21`` (SD 2.1 768²).
+- extras: ``pipeline-compile`` (diffusers + torch.compile max-autotune, SD 1.5),
+  ``pipeline-sd21`` (SD 2.1 768²), and SDXL's four (``--stage sdxl`` names them all):
+  ``kernels-sdxl`` (bench_kernels at SDXL's shapes: 128² latents, head dim 64, the 1024² VAE
+  decoder's float32 GroupNorms), ``conv-sdxl`` (bench_conv --sweep over SDXL's UNet and fp16
+  VAE decoder convs), ``pipeline-sdxl`` (SDXL 1024², 50 and 20 steps with CFG) and
+  ``pipeline-sdxl-turbo`` (512², 4 and 1 steps without CFG), each sdrt (Triton + CUDA graphs)
+  against diffusers' StableDiffusionXLPipeline eager (else against sdrt on the PyTorch ops).
 
-The per-stage limits below are estimates for an H100/H200 with a warm Triton cache, not
-measurements. ``--dry-run`` runs the same stages on the CPU with tiny shapes in under a minute
-(ceilings on small CPU tensors, the kernel probe under Triton's interpreter, the GPU tests
-collected and skipped, bench_kernels' and bench_conv's command lines, the pipeline on the tiny
-model): a check that this script works, labelled "dry run, not a measurement" everywhere, and
-no figure from it is a result.
+Named extras keep their floors in reserve as core stages do; extras not named take only what
+the core stages leave. ``--stage env,sdxl --budget 540`` fits one device call: the SDXL
+stages' limits add up to more than the budget, so each is cut to leave the later ones their
+floors (``pipeline-sdxl`` then has about 240 s, its floor).
+
+The per-stage limits are estimates for an H100/H200 with a warm Triton cache, not
+measurements. ``--dry-run`` runs the same stages on the CPU with tiny shapes in about two
+minutes on a shared 2-core machine (ceilings on small CPU tensors, the kernel probe under
+Triton's interpreter, the GPU tests collected and skipped, bench_kernels' and bench_conv's
+command lines with each stage's model, the pipelines on tiny models of the same families:
+SD 1.x, SDXL, SDXL-Turbo; not ``pipeline-compile`` nor ``pipeline-sd21``, whose CPU forms
+would repeat ``pipeline``'s): a check that this script works, labelled "dry run, not a
+measurement" everywhere, and no figure from it is a result.
 """
 import argparse
 import dataclasses
@@ -73,6 +86,15 @@ class Stage:
     limit_s: int        # its own time limit on a GPU (an estimate, see the module docstring)
     floor_s: int        # run only if at least this much is left for it
     extra: bool = False  # runs only when named, or when the budget allows after the others
+    model: str = "sd15"  # the model whose shapes or pipeline the stage measures
+    dry: bool = True    # runs in a dry run (an extra whose CPU form checks nothing new: not)
+    setup_s: int = 40   # pipeline stages: kept for writing the random-weight model (estimate)
+
+    @property
+    def kind(self) -> str:
+        """What it runs: "env", "tests", "kernels", "conv" or "pipeline" (its name's first
+        word: ``kernels-sdxl`` is a ``kernels`` stage for another model)."""
+        return self.name.split("-")[0]
 
 
 STAGES = (
@@ -82,16 +104,39 @@ STAGES = (
     Stage("conv", "(c) bench_conv --sweep, SD 1.5 shapes", 120, 50),
     Stage("pipeline", "(d) SD 1.5 512² pipeline: sdrt vs diffusers eager", 200, 120),
     Stage("pipeline-compile", "diffusers + torch.compile (max-autotune), SD 1.5", 400, 240,
-          extra=True),
+          extra=True, dry=False),
     Stage("pipeline-sd21", "SD 2.1 768² pipeline: sdrt vs diffusers eager", 240, 150,
-          extra=True),
+          extra=True, model="sd21", dry=False),
+    # SDXL (``--stage sdxl`` names these four): a second device call's worth.
+    Stage("kernels-sdxl", "bench_kernels, SDXL 1024² shapes (128² latents)", 120, 50,
+          extra=True, model="sdxl"),
+    Stage("conv-sdxl", "bench_conv --sweep, SDXL UNet and 1024² VAE decoder", 180, 60,
+          extra=True, model="sdxl"),
+    Stage("pipeline-sdxl", "SDXL 1024² pipeline: sdrt vs diffusers eager", 420, 240,
+          extra=True, model="sdxl", setup_s=90),
+    Stage("pipeline-sdxl-turbo", "SDXL-Turbo 512², 4 and 1 steps: sdrt vs diffusers eager",
+          240, 150, extra=True, model="sdxl-turbo", setup_s=90),
 )
 BY_NAME = {s.name: s for s in STAGES}
+DRY_BUDGET_S = 240
+# Names for several stages at once.
+GROUPS = {"sdxl": ("kernels-sdxl", "conv-sdxl", "pipeline-sdxl", "pipeline-sdxl-turbo")}
 DRY_FLOOR_S = 5
 
 
 def floor(stage: Stage, dry_run: bool) -> int:
     return DRY_FLOOR_S if dry_run else stage.floor_s
+
+
+def stage_timeout(todo: list, i: int, left: float, named: set, dry_run: bool) -> int:
+    """The time limit of ``todo[i]`` with ``left`` seconds of the budget left: its own limit,
+    cut so that every later core stage, and every later extra named on the command line,
+    keeps its floor in reserve (a named extra itself keeps them too); an extra that was not
+    named takes what is left."""
+    st = todo[i]
+    keeps = not st.extra or st.name in named
+    reserve = sum(floor(s, dry_run) for s in todo[i + 1:] if not s.extra or s.name in named)
+    return int(min(st.limit_s, left - (reserve if keeps else 0)))
 
 
 def _has_diffusers() -> bool:
@@ -115,19 +160,21 @@ def stage_command(stage: Stage, work: Path, dry_run: bool, timeout: int) -> tupl
         return py + ["-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rfEs",
                      f"--junitxml={work / FILES['junit']}"], {}
     # bench_kernels and bench_conv have no CPU path that fits a dry run (bench_conv --list
-    # compiles every conv kernel for sm_90: minutes on a CPU): their command lines are checked.
-    if stage.name == "kernels":
+    # compiles every conv kernel for sm_90: minutes on a CPU): their command lines, with the
+    # stage's model (an unknown one is refused before --help), are checked. Each stage
+    # reports into a folder of its own (work / stage name).
+    if stage.kind == "kernels":
+        cmd = py + ["-m", "sdrt.benchmarks.bench_kernels", "--models", stage.model]
         if dry_run:
-            return py + ["-m", "sdrt.benchmarks.bench_kernels", "--help"], {}
-        return py + ["-m", "sdrt.benchmarks.bench_kernels", "--models", "sd15"], \
-            {"SDRT_RESULTS_DIR": str(work / "kernels")}
-    if stage.name == "conv":
+            return cmd + ["--help"], {}
+        return cmd, {"SDRT_RESULTS_DIR": str(work / stage.name)}
+    if stage.kind == "conv":
+        cmd = py + ["-m", "sdrt.benchmarks.bench_conv", "--models", stage.model]
         if dry_run:
-            return py + ["-m", "sdrt.benchmarks.bench_conv", "--help"], {}
-        return py + ["-m", "sdrt.benchmarks.bench_conv", "--sweep"], \
-            {"SDRT_RESULTS_DIR": str(work / "conv")}
+            return cmd + ["--help"], {}
+        return cmd + ["--sweep"], {"SDRT_RESULTS_DIR": str(work / stage.name)}
     # the pipeline stages: bench_pipeline into one folder, so the report grows stage by stage
-    model = "sd21" if stage.name == "pipeline-sd21" else "sd15"
+    model = stage.model
     if stage.name == "pipeline-compile":
         systems = ["diffusers-compile"]
     elif _has_diffusers():
@@ -135,13 +182,13 @@ def stage_command(stage: Stage, work: Path, dry_run: bool, timeout: int) -> tupl
     else:
         systems = ["sdrt-torch", "sdrt-triton"]
     args = ["--out-dir", str(work / "pipeline"), "--cache", str(work / "models")]
-    if dry_run:
-        args += ["--dry-run", "--models", "tiny", "--systems", "sdrt-torch"]
+    if dry_run:  # the model's tiny stand-in of the same family (bench_pipeline's)
+        args += ["--dry-run", "--models", model, "--systems", "sdrt-torch"]
     else:
         # diffusers runs first and leaves the reference image; each system may take what is
-        # left after the random-weight model is written (40 s kept for that: an estimate).
+        # left after the random-weight model is written (``setup_s`` kept for that).
         args += ["--models", model, "--systems", ",".join(systems), "--repeats", "3",
-                 "--timeout", str(max(30, timeout - 40))]
+                 "--timeout", str(max(30, timeout - stage.setup_s))]
     return py + ["-m", "sdrt.benchmarks.bench_pipeline"] + args, {}
 
 
@@ -216,11 +263,13 @@ def collect(stage: Stage, work: Path, out: Path) -> dict:
             return {}
         (out / FILES["junit"]).write_bytes(path.read_bytes())
         return _junit_summary(path)
-    if stage.name == "kernels":
-        return _read_reports(work / "kernels", "bench_kernels")
-    if stage.name == "conv":
-        found = _read_reports(work / "conv", "bench_conv")
-        best = conv_sweep_best(found["reports"])
+    if stage.kind == "kernels":
+        return _read_reports(work / stage.name, "bench_kernels")
+    if stage.kind == "conv":
+        found = _read_reports(work / stage.name, "bench_conv")
+        # One file for every conv stage that has run (SD 1.5's and SDXL's shapes).
+        best = conv_sweep_best([r for s in STAGES if s.kind == "conv"
+                                for r in _read_reports(work / s.name, "bench_conv")["reports"]])
         if best["shapes"]:
             _write_atomic(out / FILES["conv_best"], json.dumps(best, indent=1) + "\n")
             found["sweep_best_file"] = FILES["conv_best"]
@@ -357,12 +406,14 @@ def first_compile(stages: dict) -> dict:
     probe = stages.get("env", {}).get("results", {}).get("cold_compile")
     if probe:
         out[f"cold Triton compile, {probe['kernel']} (first call)"] = probe["first_call_s"]
-    for report in stages.get("kernels", {}).get("results", {}).get("reports", []):
-        rows = [r for rows in report.get("sections", {}).values() for r in rows]
-        firsts = [r["sdrt_first_call_ms"] for r in rows if r.get("sdrt_first_call_ms")]
-        if firsts:
-            out["bench_kernels: Σ sdrt kernels' first calls (session cache)"] = sum(firsts) / 1e3
-    for name in ("pipeline", "pipeline-compile", "pipeline-sd21"):
+    for name in (s.name for s in STAGES if s.kind == "kernels"):
+        for report in stages.get(name, {}).get("results", {}).get("reports", []):
+            rows = [r for rows in report.get("sections", {}).values() for r in rows]
+            firsts = [r["sdrt_first_call_ms"] for r in rows if r.get("sdrt_first_call_ms")]
+            if firsts:
+                out[f"bench_kernels ({BY_NAME[name].model}): Σ sdrt kernels' first calls "
+                    "(session cache)"] = sum(firsts) / 1e3
+    for name in (s.name for s in STAGES if s.kind == "pipeline"):
         for report in stages.get(name, {}).get("results", {}).get("reports", []):
             for rows in report.get("sections", {}).values():
                 for r in rows:
@@ -376,10 +427,11 @@ def main(argv=None):
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--out", help="folder for the results (on the device machine: $OUT)")
     p.add_argument("--budget", type=int, default=None,
-                   help="seconds for all stages (default 480; 60 with --dry-run)")
+                   help=f"seconds for all stages (default 480; {DRY_BUDGET_S} with --dry-run)")
     p.add_argument("--stage", default=None,
-                   help=f"comma-separated, from {', '.join(BY_NAME)} (default: all, the extras "
-                        "only if the budget allows)")
+                   help=f"comma-separated, from {', '.join(BY_NAME)}, or a group "
+                        f"({', '.join(GROUPS)}) (default: all, the extras only if the budget "
+                        "allows)")
     p.add_argument("--dry-run", action="store_true",
                    help="the same stages on the CPU with tiny shapes; measures nothing")
     p.add_argument("--triton-cache", default=str(DEFAULT_TRITON_CACHE),
@@ -395,11 +447,13 @@ def main(argv=None):
         return 0
     if not a.out:
         p.error("--out is required")
-    names = a.stage.split(",") if a.stage else []
+    names = [n for name in (a.stage.split(",") if a.stage else [])
+             for n in GROUPS.get(name, (name,))]
     unknown = [n for n in names if n not in BY_NAME]
     if unknown:
-        p.error(f"unknown stage: {', '.join(unknown)} (stages: {', '.join(BY_NAME)})")
-    budget = a.budget or (60 if a.dry_run else 480)
+        p.error(f"unknown stage: {', '.join(unknown)} (stages: {', '.join(BY_NAME)}; "
+                f"groups: {', '.join(GROUPS)})")
+    budget = a.budget or (DRY_BUDGET_S if a.dry_run else 480)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     # Scratch outside DIR: only the files above come back from the device.
@@ -416,7 +470,8 @@ def main(argv=None):
                                + (f" (unpacked from {a.carried_cache})"
                                   if Path(a.carried_cache).is_file() else ""),
                "first_compile": {}, "stages": {}}
-    todo = [BY_NAME[n] for n in names] if names else list(STAGES)
+    todo = [BY_NAME[n] for n in dict.fromkeys(names)] if names else list(STAGES)
+    named = set(names)
     for st in todo:
         session["stages"][st.name] = {"what": st.what, "status": "pending"}
 
@@ -438,10 +493,8 @@ def main(argv=None):
         for i, st in enumerate(todo):
             left = budget - (time.monotonic() - t_start)
             record = session["stages"][st.name]
-            # Core stages keep each later core stage's floor in reserve; extras take what is left.
-            reserve = sum(floor(s, a.dry_run) for s in todo[i + 1:] if not s.extra)
-            timeout = int(min(st.limit_s, left - (0 if st.extra else reserve)))
-            if a.dry_run and st.extra:
+            timeout = stage_timeout(todo, i, left, named, a.dry_run)
+            if a.dry_run and not st.dry:
                 record.update(status="skipped", note="an extra: GPU only, not in a dry run")
             elif st.name == "pipeline-compile" and not _has_diffusers():
                 record.update(status="skipped", note="needs diffusers (carry its wheel)")

@@ -4,9 +4,19 @@
     launches = record_launches("sd15", networks=("unet",), conv_path="unfused")
 
 The engine's own modules (``engine/unet.py``, ``vae.py``, ``clip.py``, built from
-``engine.configs``) run a forward at the model's real size, UNet batch 2 (classifier-free
-guidance), VAE decoder batch 1, text encoder batch 2 (prompt and negative prompt), in float16
-as on a GPU. Nothing of that size is computed:
+``engine.configs``) run a forward at the model's real size, called as the pipeline calls them:
+
+- the UNet at batch 2 (classifier-free guidance; 1 for the distilled models that run without
+  it), with the family's conditioning as named inputs: text states 77 × the text encoders'
+  summed width, and for SDXL the pooled embedding and the micro-conditioning numbers;
+- the VAE decoder at batch 1, in float32 where the pipeline upcasts it (SDXL's VAE,
+  ``force_upcast``), else in float16;
+- each of the family's text encoders (SD 1.x/2.x one, SDXL two, the refiner the second) at
+  the UNet's batch (prompt and negative prompt), SDXL's through ``encode`` (penultimate states
+  and the pooled output in one pass);
+
+in float16 as on a GPU. Image sides: SD 1.5 and 2.1-base 512², SD 2.1 768², SDXL 1024²
+(128² latents), the Turbo models 512². Nothing of that size is computed:
 
 - every tensor lives on the ``meta`` device (shapes, strides and memory formats only), so
   PyTorch's own ops (linears, cuDNN's convolutions, interpolation) cost nothing; a dispatch
@@ -46,11 +56,14 @@ import time
 
 import torch
 
-MODEL_SIZES = {"sd15": 512, "sd21": 768, "sd21-base": 512, "sd-turbo": 512}  # image side
-NETWORKS = ("unet", "vae_decoder", "text_encoder")
+# Image side of each model's walk (``engine.configs.MODELS``' names).
+MODEL_SIZES = {"sd15": 512, "sd21": 768, "sd21-base": 512, "sd-turbo": 512, "sdxl": 1024,
+               "sdxl-turbo": 512, "sdxl-refiner": 1024}
+# Distilled to run without classifier-free guidance: UNet and text encoder at batch 1.
+NO_GUIDANCE = ("sd-turbo", "sdxl-turbo")
+NETWORKS = ("unet", "vae_decoder", "text_encoder", "text_encoder_2")  # a model walks its own
 CONV_PATHS = ("fused", "unfused")
 UNET_BATCH = 2      # classifier-free guidance: one call runs the prompt and the negative
-TEXT_BATCH = 2
 TEXT_TOKENS = 77
 SM90 = ("cuda", 90, 32)  # GPUTarget(backend, arch, warp size) of H100/H200
 FAKE_DEVICE = "sdrt-fake-sm90"
@@ -59,7 +72,7 @@ FAKE_DEVICE = "sdrt-fake-sm90"
 @dataclasses.dataclass(frozen=True)
 class Launch:
     """One Triton kernel launch made by an sdrt op."""
-    network: str            # "unet", "vae_decoder", "text_encoder"
+    network: str            # "unet", "vae_decoder", "text_encoder", "text_encoder_2"
     op: str                 # the public sdrt op that launched it ("group_norm", ...)
     op_args: tuple          # the op's arguments: (name, TensorArg | value), in call order
     op_call: int            # serial number of the op call (a call may launch several kernels)
@@ -379,59 +392,127 @@ def _conv_path_fn(conv_path):
     raise ValueError(f"conv_path must be one of {CONV_PATHS}, got {conv_path!r}")
 
 
-def _networks(model, dtype):
-    """{network: (module, inputs)} on the meta device at the model's benchmark size."""
-    from sdrt.engine.configs import model_config
-    from sdrt.engine.loading import build
+def _check_model(model):
     if model not in MODEL_SIZES:
         raise ValueError(f"unknown model {model!r}; choose from {', '.join(MODEL_SIZES)}")
+
+
+def family(model):
+    """The model's ``engine.families.Family``, read from its configs as a folder of it reads."""
+    from sdrt.engine.configs import model_config
+    from sdrt.engine.tiny import config_family
+    _check_model(model)
+    return config_family(model_config(model))
+
+
+def model_networks(model):
+    """The networks a walk of ``model`` runs by default: the UNet, the VAE decoder and the
+    family's text encoders (SDXL: two; its refiner: the second only)."""
+    return ("unet", "vae_decoder", *family(model).text_encoders)
+
+
+def uses_guidance(model):
+    """Whether ``model`` runs with classifier-free guidance (UNet batch 2)."""
+    _check_model(model)
+    return model not in NO_GUIDANCE
+
+
+def vae_upcast(model, dtype=torch.float16):
+    """Whether the pipeline decodes ``model``'s latents in float32 although it runs in
+    ``dtype``: as ``Pipeline._upcast_vae`` decides, for a family with pooled embeddings (SDXL)
+    in float16 whose VAE config sets ``force_upcast`` (SDXL's VAE overflows in fp16)."""
+    from sdrt.engine.configs import model_config
+    return (family(model).pooled is not None and dtype == torch.float16
+            and model_config(model)["vae"].get("force_upcast", True))
+
+
+def conditioning(model, batch, dtype):
+    """The UNet's conditioning for a walk on the meta device, shaped as the static runtime's
+    buffers: text states (B, 77, Σ text encoders' widths: SDXL 768 + 1280) and, for a family
+    that has them, the pooled embedding (B, projection_dim of the pooling encoder) and the
+    micro-conditioning numbers (B, K: SDXL 6, the refiner 5)."""
+    from sdrt.engine.conditioning import Conditioning
+    from sdrt.engine.configs import model_config
+    cfg, fam = model_config(model), family(model)
+    meta = dict(device="meta", dtype=dtype)
+    width = sum(cfg[c]["hidden_size"] for c in fam.text_encoders)
+    pooled = cfg[fam.pooled]["projection_dim"] if fam.pooled else None
+    return Conditioning(
+        torch.empty(batch, TEXT_TOKENS, width, **meta),
+        torch.empty(batch, pooled, **meta) if pooled else None,
+        torch.empty(batch, fam.num_time_ids, **meta) if fam.time_ids else None)
+
+
+def _networks(model, dtype, upcast_vae=None):
+    """{network: () → (module, forward, args, kwargs)} on the meta device at the model's
+    benchmark size, each called as the pipeline calls it."""
+    from sdrt.engine.configs import model_config
+    from sdrt.engine.loading import build
+    fam = family(model)
     cfg = model_config(model)
     side = MODEL_SIZES[model]
+    batch = UNET_BATCH if uses_guidance(model) else 1
     meta = dict(device="meta", dtype=dtype)
+    if upcast_vae is None:
+        upcast_vae = vae_upcast(model, dtype)
+    vae_dtype = torch.float32 if upcast_vae else dtype
 
     def unet():
         m = build("unet", cfg["unet"]).to(dtype)
         latent = side // 8
-        ctx = cfg["unet"]["cross_attention_dim"]
-        inputs = (torch.empty(UNET_BATCH, m.config.in_channels, latent, latent, **meta),
-                  torch.empty((), device="meta", dtype=torch.float32),
-                  torch.empty(UNET_BATCH, TEXT_TOKENS, ctx, **meta))
-        return m, m.forward, inputs
+        x = torch.empty(batch, m.config.in_channels, latent, latent, **meta)
+        t = torch.empty((), device="meta", dtype=torch.float32)
+        return m, m.forward, (x, t), conditioning(model, batch, dtype).unet_inputs()
 
     def vae_decoder():
-        m = build("vae", cfg["vae"]).to(dtype)
+        m = build("vae", cfg["vae"]).to(vae_dtype)
         f = m.config.scale_factor
-        z = torch.empty(1, m.config.latent_channels, side // f, side // f, **meta)
-        return m, m.decode, (z,)
+        z = torch.empty(1, m.config.latent_channels, side // f, side // f, device="meta",
+                        dtype=vae_dtype)
+        return m, m.decode, (z,), {}
 
-    def text_encoder():
-        m = build("text_encoder", cfg["text_encoder"]).to(dtype)
-        ids = torch.zeros(TEXT_BATCH, TEXT_TOKENS, device="meta", dtype=torch.long)
-        return m, m.forward, (ids,)
+    def text_encoder(component):
+        def make():
+            m = build(component, cfg[component]).to(dtype)
+            ids = torch.zeros(batch, TEXT_TOKENS, device="meta", dtype=torch.long)
+            if fam.penultimate:  # SDXL: states and the pooled output in one pass
+                return m, m.encode, (ids,), {"clip_skip": 1, "final_norm": False}
+            return m, m.forward, (ids,), {}
+        return make
 
-    return {"unet": unet, "vae_decoder": vae_decoder, "text_encoder": text_encoder}
+    makers = {"unet": unet, "vae_decoder": vae_decoder}
+    makers.update({c: text_encoder(c) for c in fam.text_encoders})
+    return makers
 
 
-def record_launches(model="sd15", networks=NETWORKS, conv_path="fused", dtype=torch.float16,
-                    cache_dir=None):
-    """Every Triton launch of one forward of each of ``networks`` of ``model`` (a name in
-    ``engine.configs.MODELS``), in launch order, with ``conv_path`` ("fused" or "unfused")
-    for the GroupNorm+SiLU+conv of every ResNet block and output head.
+def record_launches(model="sd15", networks=None, conv_path="fused", dtype=torch.float16,
+                    cache_dir=None, upcast_vae=None):
+    """Every Triton launch of one forward of each of ``networks`` (default: the model's,
+    ``model_networks``) of ``model`` (a name in ``MODEL_SIZES``), in launch order, with
+    ``conv_path`` ("fused" or "unfused") for the GroupNorm+SiLU+conv of every ResNet block and
+    output head.
+
+    The UNet runs at batch 2 (1 for a model without guidance) with the family's conditioning
+    (``conditioning``); the VAE decoder in float32 where the pipeline upcasts it
+    (``vae_upcast``; ``upcast_vae=False`` walks it in ``dtype``, as a VAE with
+    ``force_upcast`` false runs), else in ``dtype``.
 
     Compiles each distinct specialisation for sm_90 on the way (``cache_dir``: Triton's
     cache to use; None keeps the default). Needs triton and a process without
     TRITON_INTERPRET.
     """
     from sdrt.engine.layers import use_conv_chooser
-    makers = _networks(model, dtype)
+    makers = _networks(model, dtype, upcast_vae)
+    networks = model_networks(model) if networks is None else tuple(networks)
     bad = [n for n in networks if n not in makers]
     if bad:
-        raise ValueError(f"unknown network {bad[0]!r}; choose from {NETWORKS}")
+        raise ValueError(f"unknown network {bad[0]!r} for {model}; choose from "
+                         f"{', '.join(makers)}")
     conv = _conv_path_fn(conv_path)
     with fake_hopper(cache_dir) as rec, torch.no_grad(), cudnn_layout_mode():
         for name in networks:
-            module, forward, inputs = makers[name]()
+            module, forward, args, kwargs = makers[name]()
             use_conv_chooser(module, conv)  # the engine's own way to pick the conv path
             rec.network = name
-            forward(*inputs)
+            forward(*args, **kwargs)
     return list(rec.launches)

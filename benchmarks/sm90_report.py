@@ -2,20 +2,26 @@
 
     python -m sdrt.benchmarks.sm90_report --models sd15            # SD 1.5 at 512²
     python -m sdrt.benchmarks.sm90_report --models sd15,sd21 --out /tmp/sm90
+    python -m sdrt.benchmarks.sm90_report --models sdxl,sdxl-turbo --name sm90_report_sdxl
 
-For each model, ``launches.record_launches`` runs the engine's real UNet (batch 2, CFG), VAE
-decoder and text encoder at the model's real size on meta tensors with a fake sm_90 Triton
-driver, once per conv path (``fused``: sdrt's GroupNorm+SiLU+conv kernel; ``unfused``:
-sdrt's group_norm then cuDNN: ``ConvPathChooser`` may take either per shape on a GPU, so both
-are covered). Every distinct kernel specialisation is compiled by the real Triton compiler
-and ptxas, into a fresh Triton cache unless ``--warm-cache``, and its cubin read with the
-``cuobjdump`` that ships in Triton's wheel (``triton/backends/nvidia/bin``).
+A compile report, not a measurement: nothing runs on a GPU. For each model,
+``launches.record_launches`` runs the engine's real networks at the model's real size on meta
+tensors with a fake sm_90 Triton driver (the UNet at batch 2 with CFG, 1 for the Turbo models,
+with the family's conditioning; the VAE decoder; each of the family's text encoders: SDXL has
+two), once per conv path (``fused``: sdrt's GroupNorm+SiLU+conv kernel; ``unfused``: sdrt's
+group_norm then cuDNN: ``ConvPathChooser`` may take either per shape on a GPU, so both are
+covered). SDXL's VAE, which the pipeline decodes in float32 (``force_upcast``), is walked in
+float32 and in float16 (a VAE with ``force_upcast`` false). Every distinct kernel
+specialisation is compiled by the real Triton compiler and ptxas, into a fresh Triton cache
+unless ``--warm-cache``, and its cubin read with the ``cuobjdump`` that ships in Triton's
+wheel (``triton/backends/nvidia/bin``).
 
 One row per distinct compiled kernel (identical specialisations launched by several layers,
 networks, models or conv paths are one row; ``launches`` counts them). Columns:
 
 - ``op``, ``kernel``, ``spec``: the sdrt op, the Triton kernel, its constexprs and warps /
   pipeline stages; ``example``: the op's first tensor argument at one launch (shape@strides);
+  the JSON also has ``by model``: each model's first example and number of launches;
 - ``regs``: registers a thread (255 is the ceiling: beyond it, spills);
 - ``stack``: the stack frame in bytes (cuobjdump STACK); non-zero means spilled registers or
   local arrays, i.e. local-memory traffic; ``spill``: LDL + STL instructions in the SASS;
@@ -36,9 +42,9 @@ networks, models or conv paths are one row; ``launches`` counts them). Columns:
 
 Per model: the distinct kernels, how many are clean, and the first-compile seconds (Σ
 compile_s and Σ cpu_s over them: the cold start a user waits through before the first
-image, compiling one kernel at a time as the engine's warm-up does, on this machine). Networks that fail to run are listed with their error. Writes
-``sm90_report.json`` and ``sm90_report.md`` under ``--out`` (default
-``benchmarks/results``).
+image, compiling one kernel at a time as the engine's warm-up does, on this machine).
+Networks that fail to run are listed with their error. Writes ``NAME.json`` and ``NAME.md``
+(``--name``, default ``sm90_report``) under ``--out`` (default ``benchmarks/results``).
 """
 import argparse
 import collections
@@ -51,15 +57,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from sdrt.benchmarks.launches import CONV_PATHS, MODEL_SIZES, NETWORKS, record_launches
+from sdrt.benchmarks.launches import (CONV_PATHS, MODEL_SIZES, UNET_BATCH, model_networks,
+                                      record_launches, uses_guidance, vae_upcast)
 
 MAX_SCALAR_LOADS = 8
-# Networks whose kernels depend on the conv path: the text encoder has no convolution.
+KIND = ("compile report: made on a CPU with a fake sm_90 driver; no kernel ran and nothing here "
+        "was measured on a GPU (compile seconds are this machine's)")
+# Networks whose kernels depend on the conv path: the text encoders have no convolution.
 _CONV_NETWORKS = ("unet", "vae_decoder")
 COLUMNS = ["op", "kernel", "spec", "example", "used in", "launches", "regs", "stack", "spill",
            "smem", "wgmma", "cp.async", "tma", "ld2", "ld16", "compile_s", "cpu_s", "clean"]
-SUMMARY_COLUMNS = ["model", "image", "kernels", "clean", "with stack", "first_compile_s",
-                   "first_compile_cpu_s"]
+SUMMARY_COLUMNS = ["model", "image", "unet batch", "kernels", "clean", "with stack",
+                   "first_compile_s", "first_compile_cpu_s"]
 
 
 def _tool(name):
@@ -117,6 +126,21 @@ def _example(launch):
     return ""
 
 
+def walks(model):
+    """(label, network, upcast_vae) of each walk a report makes of ``model``: its networks
+    (``launches.model_networks``); a VAE the pipeline decodes in float32 (SDXL's,
+    ``force_upcast``) is walked in float32 (``vae_decoder fp32``: what runs by default) and
+    in float16 (``vae_decoder fp16``: a VAE with ``force_upcast`` false, e.g. a fixed fp16
+    SDXL VAE), since the fused convolution runs only in fp16/bf16."""
+    out = []
+    for network in model_networks(model):
+        if network == "vae_decoder" and vae_upcast(model):
+            out += [("vae_decoder fp32", network, True), ("vae_decoder fp16", network, False)]
+        else:
+            out.append((network, network, None))
+    return out
+
+
 def collect(models, paths=CONV_PATHS, cache_dir=None):
     """(rows, per-model summaries, errors) for ``models``; see the module docstring."""
     groups = {}          # Launch.key → {"launch", "uses", "launches", "compile_s"}
@@ -124,21 +148,25 @@ def collect(models, paths=CONV_PATHS, cache_dir=None):
     errors = []
     for model in models:
         for path in paths:
-            for network in NETWORKS:
+            for label, network, upcast_vae in walks(model):
                 if path != paths[0] and network not in _CONV_NETWORKS:
                     continue  # no convolution: the same launches under every conv path
                 try:
                     launches = record_launches(model, (network,), conv_path=path,
-                                               cache_dir=cache_dir)
+                                               cache_dir=cache_dir, upcast_vae=upcast_vae)
                 except Exception as e:  # a network that does not run is a finding, reported
-                    errors.append({"model": model, "conv path": path, "network": network,
+                    errors.append({"model": model, "conv path": path, "network": label,
                                    "error": f"{type(e).__name__}: {e}"})
                     continue
                 for la in launches:
                     g = groups.setdefault(la.key, {"launch": la, "uses": set(), "launches": 0,
-                                                   "compile_s": 0.0, "cpu_s": 0.0})
-                    g["uses"].add(f"{model} {network}" + (f" {path}" if network in
-                                                          _CONV_NETWORKS else ""))
+                                                   "compile_s": 0.0, "cpu_s": 0.0,
+                                                   "by model": {}})
+                    mine = g["by model"].setdefault(model, {"example": _example(la),
+                                                            "launches": 0})
+                    mine["launches"] += 1
+                    g["uses"].add(f"{model} {label}" + (f" {path}" if network in
+                                                        _CONV_NETWORKS else ""))
                     g["launches"] += 1
                     g["compile_s"] = max(g["compile_s"], la.compile_s)
                     g["cpu_s"] = max(g["cpu_s"], la.compile_cpu_s)
@@ -153,13 +181,15 @@ def collect(models, paths=CONV_PATHS, cache_dir=None):
         row = {"op": la.op, "kernel": la.kernel, "spec": _spec(la), "example": _example(la),
                "used in": ", ".join(sorted(g["uses"])), "launches": g["launches"],
                **analyses[key], "compile_s": round(g["compile_s"], 2),
-               "cpu_s": round(g["cpu_s"], 2)}
+               "cpu_s": round(g["cpu_s"], 2), "by model": g["by model"]}
         row["clean"] = row["stack"] == 0 and row["ld2"] <= MAX_SCALAR_LOADS
         rows[key] = row
     summaries = []
     for model in models:
         mine = [rows[k] for k in per_model[model]]
-        summaries.append({"model": model, "image": MODEL_SIZES[model], "kernels": len(mine),
+        summaries.append({"model": model, "image": MODEL_SIZES[model],
+                          "unet batch": UNET_BATCH if uses_guidance(model) else 1,
+                          "kernels": len(mine),
                           "clean": sum(r["clean"] for r in mine),
                           "with stack": sum(r["stack"] > 0 for r in mine),
                           "first_compile_s": round(sum(r["compile_s"] for r in mine), 1),
@@ -199,6 +229,8 @@ def main(argv=None):
                     help=f"comma-separated, from {', '.join(MODEL_SIZES)}")
     ap.add_argument("--paths", default=",".join(CONV_PATHS), help="conv paths to cover")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--name", default="sm90_report",
+                    help="file stem of the report (default %(default)s: NAME.json, NAME.md)")
     ap.add_argument("--warm-cache", action="store_true",
                     help="use Triton's default cache instead of a fresh one (compile_s then "
                          "measures cache loads, not compiles)")
@@ -215,23 +247,28 @@ def main(argv=None):
         rows, summaries, errors = collect(models, paths, None if args.warm_cache else cold)
     wall = time.perf_counter() - start
     found = problems(rows, errors)
-    notes = [f"triton {triton.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs; "
-             f"{'warm' if args.warm_cache else 'cold'} Triton cache; {wall:.0f} s wall.",
+    from sdrt.benchmarks.common import cpu_name
+    notes = [f"**{KIND}.**", "",
+             f"triton {triton.__version__}, torch {torch.__version__}, {cpu_name()}, "
+             f"{os.cpu_count()} CPUs; {'warm' if args.warm_cache else 'cold'} Triton cache; "
+             f"{wall:.0f} s wall.",
              f"clean: no stack frame and at most {MAX_SCALAR_LOADS} scalar 2-byte loads.",
              f"{len(found)} problem(s)" + (":" if found else ".")] + [f"- {p}" for p in found]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"triton": triton.__version__, "torch": torch.__version__, "models": models,
+    payload = {"kind": KIND, "triton": triton.__version__, "torch": torch.__version__,
+               "cpu": cpu_name(), "cpus": os.cpu_count(), "models": models,
                "conv_paths": list(paths), "cold_cache": not args.warm_cache,
                "wall_s": round(wall, 1), "summary": summaries, "errors": errors,
                "problems": found, "kernels": rows}
-    (out / "sm90_report.json").write_text(json.dumps(payload, indent=1))
-    (out / "sm90_report.md").write_text(_markdown(rows, summaries, errors, notes))
+    json_path, md_path = out / f"{args.name}.json", out / f"{args.name}.md"
+    json_path.write_text(json.dumps(payload, indent=1))
+    md_path.write_text(_markdown(rows, summaries, errors, notes))
     from sdrt.benchmarks.common import markdown_table
     print(markdown_table(summaries, SUMMARY_COLUMNS))
     for p in found:
         print("-", p)
-    print(f"wrote {out / 'sm90_report.json'} and {out / 'sm90_report.md'}")
+    print(f"wrote {json_path} and {md_path}")
 
 
 if __name__ == "__main__":

@@ -99,10 +99,12 @@ def encode_text(family, encoders: dict, inputs: TextInputs,
         b, n, length = batch.ids.shape
         ids = batch.ids.reshape(b * n, length)
         encoder = encoders[component]
-        if family.penultimate:
+        if family.penultimate and component == family.pooled:
+            # The pooled output needs every layer; the states are taken on the way.
             states, pool = encoder.encode(ids, clip_skip=clip_skip + 1, final_norm=False)
-            if component == family.pooled:
-                pooled = pool.reshape(b, n, -1)[:, 0]
+            pooled = pool.reshape(b, n, -1)[:, 0]
+        elif family.penultimate:  # the layers past the one read are not run
+            states = encoder(ids, clip_skip=clip_skip + 1, final_norm=False)
         else:
             states = encoder(ids, clip_skip=clip_skip)
         states = apply_weights(states, batch.weights.reshape(b * n, length))

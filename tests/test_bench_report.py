@@ -101,3 +101,32 @@ def test_diffusers_loads_the_benchmark_model_folder_sdrt_writes(tmp_path):
     ref.set_progress_bar_config(disable=True)
     theirs = ref(PROMPT, **kw).images
     assert np.abs(ours - theirs).max() <= 1e-4
+
+
+def test_sdrt_bench_dry_run_sdxl_against_diffusers_sdxl_pipeline(tmp_path):
+    # `sdrt bench --models sdxl` on the CPU: the SDXL code path (StableDiffusionXLPipeline on
+    # the diffusers side, both text encoders, the pooled embedding and time ids) on the tiny
+    # SDXL stand-in, from the same folder and the same latents: the images must agree.
+    pytest.importorskip("diffusers")
+    out = tmp_path / "out"
+    assert main(["bench", "--dry-run", "--models", "sdxl", "--systems", "diffusers,sdrt-torch",
+                 "--out-dir", str(out), "--cache", str(tmp_path / "cache")]) == 0
+    (json_path,) = out.glob("bench_pipeline_*.json")
+    rows = json.loads(json_path.read_text())["sections"][
+        "Side by side (fp16, batch 1, same latents)"]
+    assert [(r["model"], r["system"]) for r in rows] == [("tiny-sdxl", "diffusers"),
+                                                         ("tiny-sdxl", "sdrt-torch")], rows
+    assert all("error" not in r for r in rows), rows
+    assert rows[1]["max_abs_diff_vs_diffusers"] <= 1e-4, rows[1]
+    index = json.loads((tmp_path / "cache" / "tiny-sdxl" / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline"
+
+
+def test_dry_run_stands_in_a_tiny_model_of_the_same_family():
+    from sdrt.benchmarks.bench_pipeline import DRY_RUN_STANDINS, MODELS, model_family
+    for real, tiny in DRY_RUN_STANDINS.items():
+        assert model_family(real) == model_family(tiny), (real, tiny)
+        # Guidance on or off as the real model runs.
+        assert (MODELS[real][3] > 1) == (MODELS[tiny][3] > 1), (real, tiny)
+    assert MODELS["sdxl"][1:] == (1024, (50, 20), 5.0)
+    assert MODELS["sdxl-turbo"][1:3] == (512, (4, 1)) and MODELS["sdxl-turbo"][3] <= 1

@@ -67,13 +67,16 @@ def test_dry_run_names_every_stage_with_a_status(dry_run):
     assert list(session["stages"]) == [s.name for s in gpu_session.STAGES]
     for name, st in session["stages"].items():
         assert st["status"] in STATUSES, f"{name}: {st}"
-    # The core stages (a)-(d) run on the CPU; the extras are for a GPU.
-    core = {n: st for n, st in session["stages"].items() if not gpu_session.BY_NAME[n].extra}
-    failed = {n: (st["status"], st.get("tail")) for n, st in core.items() if st["status"] != "ok"}
+    # The core stages (a)-(d) and the SDXL extras run on the CPU; the other extras (whose CPU
+    # form would repeat ``pipeline``'s) are for a GPU.
+    ran = {n: st for n, st in session["stages"].items() if gpu_session.BY_NAME[n].dry}
+    assert {"env", "tests", "kernels", "conv", "pipeline", "kernels-sdxl", "conv-sdxl",
+            "pipeline-sdxl", "pipeline-sdxl-turbo"} <= set(ran)
+    failed = {n: (st["status"], st.get("tail")) for n, st in ran.items() if st["status"] != "ok"}
     assert not failed, failed
-    assert all(st["label"] == "dry run, not a measurement" for st in core.values())
-    extras = [st["status"] for n, st in session["stages"].items() if n not in core]
-    assert extras == ["skipped"] * len(extras)
+    assert all(st["label"] == "dry run, not a measurement" for st in ran.values())
+    extras = [st["status"] for n, st in session["stages"].items() if n not in ran]
+    assert extras == ["skipped"] * len(extras) and extras
 
 
 def test_dry_run_stage_results(dry_run):
@@ -95,6 +98,15 @@ def test_dry_run_stage_results(dry_run):
     assert "error" not in rows[0] and rows[0]["2 steps ms"] > 0
     assert any("dry run, not a measurement" in n for n in report["notes"])
     assert any("cold Triton compile" in k for k in session["first_compile"])
+    # The SDXL pipeline stages add their tiny stand-ins' rows to the same report.
+    (report,) = stages["pipeline-sdxl-turbo"]["results"]["reports"]
+    rows = report["sections"]["Side by side (fp16, batch 1, same latents)"]
+    assert [(r["model"], r["system"]) for r in rows] == [
+        ("tiny", "sdrt-torch"), ("tiny-sdxl", "sdrt-torch"), ("tiny-sdxl-turbo", "sdrt-torch")]
+    assert all("error" not in r and r["1 steps ms"] > 0 for r in rows), rows
+    # bench_kernels' and bench_conv's command lines took SDXL.
+    for name in ("kernels-sdxl", "conv-sdxl"):
+        assert "--models sdxl" in stages[name]["command"], stages[name]
 
 
 def test_carried_triton_cache_is_unpacked_and_packed_again(dry_run):
@@ -115,6 +127,32 @@ def test_a_stage_that_does_not_fit_the_budget_is_skipped(tmp_path):
     assert "budget" in session["stages"]["env"]["note"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["session.json", "session.log",
                                                                     "session.md"]
+
+
+def test_the_sdxl_group_names_its_stages_in_order(tmp_path):
+    session = _session(tmp_path / "out", "--dry-run", "--stage", "sdxl", "--budget", "2",
+                       "--carried-cache", str(tmp_path / "none.tar.gz"),
+                       "--triton-cache", str(tmp_path / "cache"), timeout=120)
+    assert list(session["stages"]) == list(gpu_session.GROUPS["sdxl"])
+    assert all(st["status"] == "skipped" for st in session["stages"].values())
+
+
+def _stages(*names):
+    return [gpu_session.BY_NAME[n] for n in names]
+
+
+def test_named_extras_keep_their_floors_and_others_take_what_is_left():
+    todo = _stages("pipeline", "kernels-sdxl", "pipeline-sdxl")
+    floor = {s.name: s.floor_s for s in todo}
+    # Not named: the core stage keeps nothing for the extras, each extra takes what is left.
+    assert gpu_session.stage_timeout(todo, 0, 1000, set(), False) == todo[0].limit_s
+    assert gpu_session.stage_timeout(todo, 1, 100, set(), False) == 100
+    # Named: kernels-sdxl leaves pipeline-sdxl its floor.
+    named = {"kernels-sdxl", "pipeline-sdxl"}
+    assert gpu_session.stage_timeout(todo, 1, 300, named, False) == 300 - floor["pipeline-sdxl"]
+    assert gpu_session.stage_timeout(todo, 0, 400, named, False) == \
+        min(todo[0].limit_s, 400 - floor["kernels-sdxl"] - floor["pipeline-sdxl"])
+    assert gpu_session.stage_timeout(todo, 2, 1000, named, False) == todo[2].limit_s
 
 
 def test_unknown_stage_is_refused(tmp_path):

@@ -1,9 +1,12 @@
 """benchmarks/sm90_report.py as the judge of the kernels' sm_90 code, without a GPU.
 
-One run of the report for SD 1.5 (UNet batch 2, VAE decoder, text encoder at 512², both conv
-paths), compiled for sm_90 by the real Triton compiler in a child process (conftest sets
+One run of the report for SD 1.5 (UNet batch 2, VAE decoder, text encoder at 512²) and SDXL
+(UNet batch 2 at 128² latents with the pooled embedding and time ids, the 1024² VAE decoder
+in float32 as the pipeline decodes it and in float16, both text encoders), both conv paths,
+compiled for sm_90 by the real Triton compiler in a child process (conftest sets
 TRITON_INTERPRET in this one, and under the interpreter nothing compiles), into a fresh
-Triton cache as CI has. Then, for every kernel specialisation the engine launches:
+Triton cache as CI has. Then, for every kernel specialisation the engine launches for each
+model:
 
 - no stack frame (a stack means spilled registers: local-memory traffic in the hot loop);
 - at most ``MAX_SCALAR_LOADS`` scalar 2-byte global loads: more means Triton could not
@@ -22,12 +25,24 @@ pytest.importorskip("triton")
 
 from sdrt.benchmarks.sm90_report import MAX_SCALAR_LOADS  # noqa: E402
 
+MODELS = ("sd15", "sdxl")
 OP_FAMILIES = {
     "attention": ("attention",),
     "conv": ("group_norm_silu_conv2d", "group_norm_then_conv2d"),
     "norm": ("group_norm", "layer_norm"),
     "geglu": ("geglu",),
 }
+# The walks each model's report must contain (network, and conv path where it has convs).
+WALKS = {
+    "sd15": ("unet fused", "unet unfused", "vae_decoder fused", "vae_decoder unfused",
+             "text_encoder"),
+    # SDXL's VAE decodes in float32 (force_upcast); a fixed fp16 VAE runs the fused conv.
+    "sdxl": ("unet fused", "unet unfused", "vae_decoder fp32 unfused", "vae_decoder fp16 fused",
+             "vae_decoder fp16 unfused", "text_encoder", "text_encoder_2"),
+}
+# Attention head dims of each model's UNet: SD 1.5 has 40/80/160 by level, SDXL 64 throughout
+# (5, 10, 20 heads over 320, 640, 1280 channels).
+HEAD_DIMS = {"sd15": (40, 80, 160), "sdxl": (64,)}
 
 
 @pytest.fixture(scope="module")
@@ -35,50 +50,83 @@ def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("sm90")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     # A fresh cache for the run (the report's default): what CI and a new install see.
-    r = subprocess.run([sys.executable, "-m", "sdrt.benchmarks.sm90_report", "--models", "sd15",
-                        "--out", str(out)], env=env, capture_output=True, text=True,
-                       timeout=900)
+    r = subprocess.run([sys.executable, "-m", "sdrt.benchmarks.sm90_report", "--models",
+                        ",".join(MODELS), "--out", str(out)], env=env, capture_output=True,
+                       text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-4000:]
     return json.loads((out / "sm90_report.json").read_text())
 
 
-def test_every_network_runs_on_both_conv_paths(report):
-    assert report["errors"] == [], report["errors"]
-    assert report["conv_paths"] == ["fused", "unfused"]
-    uses = " ".join(r["used in"] for r in report["kernels"])
-    for network in ("sd15 unet fused", "sd15 unet unfused", "sd15 vae_decoder fused",
-                    "sd15 vae_decoder unfused", "sd15 text_encoder"):
-        assert network in uses, f"no kernel launched by {network}"
+def _uses(row):
+    return [u.strip() for u in row["used in"].split(",")]
 
 
-def test_sd15_head_dims_are_covered(report):
+def _kernels(report, model):
+    """The report's rows for the kernels ``model`` launches."""
+    return [r for r in report["kernels"] if any(u.startswith(model + " ") for u in _uses(r))]
+
+
+def test_report_says_it_is_a_compile_report(report):
+    assert report["kind"].startswith("compile report") and "no kernel ran" in report["kind"]
+    assert report["cold_cache"] and report["conv_paths"] == ["fused", "unfused"]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_network_runs_on_both_conv_paths(report, model):
+    assert [e for e in report["errors"] if e["model"] == model] == []
+    uses = {u for r in report["kernels"] for u in _uses(r)}
+    for walk in WALKS[model]:
+        assert f"{model} {walk}" in uses, f"no kernel launched by {model} {walk}"
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_head_dims_are_covered(report, model):
     # The judge would prove nothing if the walk missed the shapes it is about.
-    specs = " ".join(r["spec"] for r in report["kernels"] if r["op"] == "attention")
-    for d in (40, 80, 160):
-        assert f"HEAD_D={d}," in specs, f"no attention kernel for head dim {d}"
-    ops = {r["op"] for r in report["kernels"]}
+    rows = _kernels(report, model)
+    specs = " ".join(r["spec"] for r in rows if r["op"] == "attention")
+    for d in HEAD_DIMS[model]:
+        assert f"HEAD_D={d}," in specs, f"no {model} attention kernel for head dim {d}"
+    ops = {r["op"] for r in rows}
     assert {"group_norm", "layer_norm", "geglu", "group_norm_silu_conv2d"} <= ops, ops
 
 
-def test_no_stack_frames(report):
+def test_sdxl_walk_has_sdxl_shapes(report):
+    # 128² latents at batch 2 (CFG), 10 heads of 64 at 64², the 1024² VAE.
+    rows = _kernels(report, "sdxl")
+    examples = " ".join(r["by model"]["sdxl"]["example"] for r in rows)
+    for shape in ("2×320×128×128@", "2×10×4096×64@", "1×128×1024×1024@"):
+        assert shape in examples, f"no SDXL launch on {shape}"
+    # The transformer stacks, 1/2/10 layers by level: 2·2 + 2·10 down, 10 mid, 3·10 + 3·2 up =
+    # 70 blocks, each one self- and one cross-attention, per UNet walk (two conv paths).
+    for one_key_block in (True, False):
+        n = sum(r["by model"]["sdxl"]["launches"] for r in rows if r["op"] == "attention"
+                and f"ONE_KEY_BLOCK={one_key_block}" in r["spec"])
+        assert n == 2 * 70, f"{n} SDXL attention launches with ONE_KEY_BLOCK={one_key_block}"
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_no_stack_frames(report, model):
     bad = [f"{r['kernel']} [{r['spec']}]: {r['stack']} B stack, {r['regs']} registers"
-           for r in report["kernels"] if r["stack"] > 0]
+           for r in _kernels(report, model) if r["stack"] > 0]
     assert not bad, "\n".join(bad)
 
 
+@pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("family", list(OP_FAMILIES))
-def test_few_scalar_2_byte_loads(report, family):
-    rows = [r for r in report["kernels"] if r["op"] in OP_FAMILIES[family]]
-    assert rows, f"no {family} kernel in the report"
+def test_few_scalar_2_byte_loads(report, model, family):
+    rows = [r for r in _kernels(report, model) if r["op"] in OP_FAMILIES[family]]
+    assert rows, f"no {family} kernel in the {model} report"
     bad = [f"{r['kernel']} [{r['spec']}] e.g. {r['example']}: {r['ld2']} scalar 2-byte loads"
            for r in rows if r["ld2"] > MAX_SCALAR_LOADS]
     assert not bad, "\n".join(bad)
 
 
 def test_first_compile_is_reported(report):
-    (sd15,) = report["summary"]
-    assert sd15["kernels"] == len(report["kernels"]) and sd15["first_compile_s"] > 0
-    assert report["cold_cache"]
+    summary = {s["model"]: s for s in report["summary"]}
+    assert list(summary) == list(MODELS)
+    for model, s in summary.items():
+        assert s["kernels"] == len(_kernels(report, model)) and s["first_compile_s"] > 0, s
+    assert summary["sd15"]["unet batch"] == summary["sdxl"]["unet batch"] == 2
 
 
 def test_sass_opcode_counting():
