@@ -142,6 +142,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def run_eagerly(pipe, **kw):
+    """``pipe(**kw)`` without its static plans (as if ``compile`` had not been called), for the
+    plan-against-eager comparisons; the plans are kept for the next call."""
+    runtime, pipe.runtime = pipe.runtime, None
+    try:
+        return pipe(**kw)
+    finally:
+        pipe.runtime = runtime
+
+
 def assert_close_rel(ours, ref, tol, what):
     """‖ours − ref‖ / ‖ref‖ ≤ tol, with the worst element named on failure."""
     ours, ref = torch.as_tensor(ours).double(), torch.as_tensor(ref).double()

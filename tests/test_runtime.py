@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_eagerly
 from sdrt.engine import Pipeline, SdrtError
 
 PROMPTS = ["a red fox in the snow", "a lighthouse at dusk"]
@@ -15,30 +16,22 @@ def pipe(tiny_sd1_folder):
     return Pipeline.from_pretrained(tiny_sd1_folder)
 
 
-def _eager(pipe, **kw):
-    runtime, pipe.runtime = pipe.runtime, None
-    try:
-        return pipe(**kw)
-    finally:
-        pipe.runtime = runtime
-
-
 @pytest.mark.parametrize("sampler", ["ddim", "pndm", "euler_a", "dpmpp_2m_karras"])
-def test_static_plan_equals_eager(pipe, sampler):
+def test_static_plan_equalsrun_eagerly(pipe, sampler):
     pipe.runtime = None
     pipe.compile(height=16, width=24, batch_size=2, num_inference_steps=5, sampler=sampler)
     kw = dict(prompt=PROMPTS, negative_prompt="blurry", height=16, width=24,
               num_inference_steps=5, sampler=sampler, guidance_scale=6.0, output_type="np")
     for seed in (1, 2):
         static = pipe(seed=seed, **kw)
-        eager = _eager(pipe, seed=seed, **kw)
+        eager = run_eagerly(pipe, seed=seed, **kw)
         tol = 1e-5 if pipe.device.type == "cpu" else 2e-3
         assert np.abs(static - eager).max() <= tol, f"{sampler} seed {seed}"
     assert len(pipe.runtime.plans) == 1
 
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 0.0])
-def test_static_plan_without_guidance_equals_eager(pipe, guidance_scale):
+def test_static_plan_without_guidance_equalsrun_eagerly(pipe, guidance_scale):
     # guidance ≤ 1: the plan is built without the unconditional half (rows = batch, not 2×).
     pipe.runtime = None
     plan = pipe.compile(height=16, width=24, batch_size=2, num_inference_steps=4,
@@ -47,12 +40,12 @@ def test_static_plan_without_guidance_equals_eager(pipe, guidance_scale):
     kw = dict(prompt=PROMPTS, height=16, width=24, num_inference_steps=4, sampler="euler_a",
               guidance_scale=guidance_scale, output_type="np", seed=3)
     static = pipe(**kw)
-    eager = _eager(pipe, **kw)
+    eager = run_eagerly(pipe, **kw)
     assert list(pipe.runtime.plans.values()) == [plan], "the call did not use the built plan"
     tol = 1e-5 if pipe.device.type == "cpu" else 2e-3
     assert np.abs(static - eager).max() <= tol, np.abs(static - eager).max()
     # And it is not the guided image: the CFG flag reached the plan.
-    guided = _eager(pipe, **{**kw, "guidance_scale": 6.0})
+    guided = run_eagerly(pipe, **{**kw, "guidance_scale": 6.0})
     assert np.abs(static - guided).max() > 1e-3
 
 
@@ -116,7 +109,7 @@ def test_graph_replays_with_changing_prompts_equal_eager_and_do_not_grow_memory(
                   num_inference_steps=4, sampler="euler_a", output_type="np")
         static = pipe(**kw)
         if i % 10 == 0:
-            assert np.abs(static - _eager(pipe, **kw)).max() <= 2e-3, f"replay {i}"
+            assert np.abs(static - run_eagerly(pipe, **kw)).max() <= 2e-3, f"replay {i}"
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     for i in range(200):
@@ -151,7 +144,7 @@ def test_clip_skip_requests_bypass_the_static_plan(pipe):
     pipe.compile(height=16, width=16, num_inference_steps=2, sampler="ddim")
     kw = dict(prompt="a fox", height=16, width=16, num_inference_steps=2, sampler="ddim",
               seed=4, output_type="np", clip_skip=1)
-    assert np.array_equal(pipe(**kw), _eager(pipe, **kw))
+    assert np.array_equal(pipe(**kw), run_eagerly(pipe, **kw))
     assert np.abs(pipe(**kw) - pipe(**{**kw, "clip_skip": 0})).max() > 1e-4
 
 
@@ -168,7 +161,7 @@ def test_a_new_scheduler_config_rebuilds_the_plan(pipe):
         with pytest.warns(UserWarning, match="on demand"):
             static = pipe(**kw)
         assert pipe.runtime.plans[first.shape] is not first
-        assert np.abs(static - _eager(pipe, **kw)).max() <= 1e-5
+        assert np.abs(static - run_eagerly(pipe, **kw)).max() <= 1e-5
     finally:
         pipe.scheduler_config = before
 

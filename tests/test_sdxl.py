@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import assert_close_abs, assert_close_rel
+from conftest import assert_close_abs, assert_close_rel, run_eagerly
 
 IMAGE_ATOL = 2e-3  # float32; images are in [0, 1]
 LATENT_REL = 1e-4  # float32 latents after a few steps, ‖ours − ref‖ / ‖ref‖
@@ -355,14 +355,6 @@ def base_static(sdxl_base_folder):
     return _ours(sdxl_base_folder[0])
 
 
-def _eager(pipe, **kw):
-    runtime, pipe.runtime = pipe.runtime, None
-    try:
-        return pipe(**kw)
-    finally:
-        pipe.runtime = runtime
-
-
 @pytest.mark.parametrize("sampler,extra", [
     ("dpmpp_2m", dict(negative_prompt=NEGATIVE)),
     ("euler_a", dict(negative_prompt=NEGATIVE, **MICRO)),  # per-call time ids, step noise
@@ -377,6 +369,6 @@ def test_static_plan_equals_eager(base_static, sampler, extra):
               sampler=sampler, guidance_scale=5.0, seed=4, prompt_syntax="plain",
               output_type="np", **extra)
     static = pipe(**kw)
-    eager = _eager(pipe, **kw)
+    eager = run_eagerly(pipe, **kw)
     assert list(pipe.runtime.plans.values()) == [plan], "the call did not use the built plan"
     assert_close_abs(static, eager, STATIC_ATOL, f"static plan vs eager, {sampler} {sorted(extra)}")

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_eagerly
 from sdrt.engine import Pipeline
 
 pytestmark = pytest.mark.gpu
@@ -20,14 +21,6 @@ def folders(tmp_path_factory):
     return out
 
 
-def _eager(pipe, **kw):
-    runtime, pipe.runtime = pipe.runtime, None
-    try:
-        return pipe(**kw)
-    finally:
-        pipe.runtime = runtime
-
-
 def test_sdxl_graph_replays_equal_eager_and_do_not_grow_memory(folders):
     pipe = Pipeline.from_pretrained(folders["sdxl"], device="cuda", dtype=torch.float16)
     pipe.compile(height=64, width=64, batch_size=1, num_inference_steps=4, sampler="euler_a")
@@ -38,7 +31,7 @@ def test_sdxl_graph_replays_equal_eager_and_do_not_grow_memory(folders):
                   original_size=(64 + 8 * i, 64), negative_prompt=None if i % 2 else "blurry")
         static = pipe(**kw)
         if i % 5 == 0:
-            assert np.abs(static - _eager(pipe, **kw)).max() <= 2e-3, f"replay {i}"
+            assert np.abs(static - run_eagerly(pipe, **kw)).max() <= 2e-3, f"replay {i}"
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     for i in range(200):
