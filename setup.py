@@ -48,8 +48,12 @@ setup(
             "sd-parsers>=0.6",
             "psutil>=5.9",
         ],
-        # onnxscript: torch.onnx.export(dynamo=True) translates the graph with it.
+        # onnxscript: torch.onnx.export(dynamo=True) translates the graph with it. onnxruntime
+        # also brings the transformers optimizer that --optimize ort runs.
         "onnx": ["onnx>=1.15", "onnxruntime>=1.17", "onnxscript>=0.5"],
+        # Optimum's ORTStableDiffusionPipeline, which loads sdrt's export; optimum-onnx needs
+        # transformers < 4.58, so not in the same environment as [test] (CI: .venv-optimum).
+        "optimum": ["optimum-onnx[onnxruntime]>=0.1", "diffusers>=0.34"],
         # sdrt serve: the HTTP app (FastAPI on uvicorn, pydantic request models, Prometheus
         # metrics); [ray] adds Ray Serve for replicas across GPUs.
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "pydantic>=2.6", "prometheus-client>=0.19"],

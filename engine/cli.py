@@ -147,8 +147,9 @@ def _parser():
     formats = e.add_subparsers(dest="format", required=True, metavar="FORMAT")
     o = formats.add_parser("onnx", help="text encoder, UNet, VAE decoder and encoder to ONNX",
                            description="Export the text encoder, UNet, VAE decoder and VAE "
-                                       "encoder to ONNX files, with an sdrt_export.json "
-                                       "manifest.")
+                                       "encoder to ONNX, in the folder layout Optimum's "
+                                       "ORTStableDiffusionPipeline loads, with an "
+                                       "sdrt_export.json manifest.")
     o.add_argument("--model", metavar="PATH", required=True,
                    help="diffusers folder or single-file .safetensors")
     o.add_argument("--out", metavar="DIR", required=True,
@@ -162,6 +163,8 @@ def _parser():
                    help="images per call; the UNet is exported at twice this, for guidance")
     o.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
                    help="precision of the exported weights")
+    o.add_argument("--fp16", dest="dtype", action="store_const", const="fp16",
+                   help="the same as --dtype fp16")
     o.add_argument("--opset", metavar="N", type=int, default=None,
                    help="ONNX opset, 18 to 23 (default: 18)")
     o.add_argument("--dynamic", action="store_true",
@@ -171,6 +174,14 @@ def _parser():
     o.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
                    help="override the scheduler's prediction type; for an SD 2.x single file, "
                         "epsilon also selects the 512-base configs")
+    o.add_argument("--optimize", choices=("ort",), default=None,
+                   help="run ONNX Runtime's Stable Diffusion optimizer on every network (with "
+                        "--fp16: then its float16 conversion, float32 inputs and outputs kept), "
+                        "and check the result against sdrt where --target runs here")
+    o.add_argument("--target", choices=("cuda", "cpu"), default="cuda",
+                   help="with --optimize: the execution provider to fuse for. cuda: all of "
+                        "ORT's fusions (GroupNorm, BiasSplitGelu, NhwcConv... run only on "
+                        "CUDA); cpu: those the CPU provider runs")
 
     c = sub.add_parser("check-onnx", help="compare an ONNX export with sdrt's own networks",
                        description="Run each exported network in onnxruntime and in sdrt, on "
@@ -306,14 +317,27 @@ def cmd_export(a):
     check_new_folder(a.out)
     from sdrt.export.onnx_export import DEFAULT_OPSET, export_onnx
     t0 = time.perf_counter()
+    if "target" in a.given and a.optimize is None:
+        warnings.warn("--target does nothing without --optimize ort")
     manifest = export_onnx(a.model, a.out, height=a.height, width=a.width, batch=a.batch,
                            dtype=a.dtype, opset=DEFAULT_OPSET if a.opset is None else a.opset,
-                           dynamic=a.dynamic, config=a.config, prediction_type=a.prediction_type)
+                           dynamic=a.dynamic, config=a.config, prediction_type=a.prediction_type,
+                           optimize=a.optimize, target=a.target)
     shapes = "dynamic batch and size" if a.dynamic else \
         f"{manifest['width']}x{manifest['height']}, batch {manifest['batch']}"
     print(f"exported {', '.join(m['file'] for m in manifest['models'].values())} "
           f"({shapes}, {manifest['dtype']}, opset {manifest['opset']}) to {a.out} "
           f"in {time.perf_counter() - t0:.1f} s")
+    optimized = manifest["optimized"]
+    if optimized:
+        fused = {op: sum(counts[op] for counts in optimized["fused"].values())
+                 for op in ("GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd",
+                            "Attention", "MultiHeadAttention")}
+        print(f"optimized by ONNX Runtime {optimized['onnxruntime_version']} for "
+              f"{optimized['target']}: " + ", ".join(f"{n} {op}" for op, n in fused.items()) +
+              ("; checked against sdrt" if optimized["checked"] else
+               f"; not checked: {optimized['target']} does not run here (check-onnx it where "
+               "it does)"))
 
 
 def check_export_folder(path, option):

@@ -20,7 +20,8 @@ import torch
 
 from sdrt.engine.errors import SdrtError
 
-from .onnx_manifest import NAMES
+from .onnx_export import vae_moments
+from .onnx_manifest import MODELS, NUM_TIME_IDS
 from .onnx_runtime import load_sessions
 
 TOLERANCES = {"fp32": 1e-4, "fp16": 1e-2}
@@ -53,16 +54,17 @@ def compare(model, inputs, ours, ref, tol):
 
 
 class _Recorder:
-    """Calls a module and keeps its last inputs and outputs."""
+    """Calls a module and keeps its last inputs, by the names ``names`` of its positional
+    arguments and its keyword arguments."""
 
-    def __init__(self, module):
-        self.module, self.config = module, module.config
+    def __init__(self, module, names):
+        self.module, self.config, self.names = module, module.config, names
         self.last = None
 
     def __call__(self, *args, **kwargs):
-        out = self.module(*args, **kwargs)
-        self.last = (args, out)
-        return out
+        self.last = {**dict(zip(self.names, args)),
+                     **{k: v for k, v in kwargs.items() if v is not None}}
+        return self.module(*args, **kwargs)
 
 
 class _VAERecorder:
@@ -79,7 +81,7 @@ class _VAERecorder:
         return self.vae.encode(image)
 
 
-def _random_inputs(manifest, configs, device, g):
+def _random_inputs(manifest, configs, unet_names, device, g):
     """Fresh inputs at the export's shapes: (B images, guidance doubles the UNet's batch)."""
     n, f = manifest["batch"], configs["vae"].scale_factor
     h, w = manifest["height"] // f, manifest["width"] // f
@@ -89,18 +91,29 @@ def _random_inputs(manifest, configs, device, g):
     def randn(*shape, mean=0.0, std=1.0):
         return (mean + std * torch.randn(shape, generator=g)).to(device)
 
+    unet_feeds = {"sample": randn(2 * n, unet.in_channels, h, w, mean=-0.3),
+                  "timestep": torch.tensor(float(torch.randint(1, 999, (1,), generator=g)) + 0.5,
+                                           device=device),
+                  "encoder_hidden_states": randn(2 * n, seq, unet.cross_attention_dim, mean=0.1)}
+    if "timestep_cond" in unet_names:
+        unet_feeds["timestep_cond"] = randn(2 * n, unet.time_cond_proj_dim, mean=0.2)
+    if "text_embeds" in unet_names:
+        width = unet.projection_class_embeddings_input_dim - \
+            unet.addition_time_embed_dim * NUM_TIME_IDS
+        unet_feeds["text_embeds"] = randn(2 * n, width, mean=0.1)
+        # Sizes and a crop corner, in pixels.
+        unet_feeds["time_ids"] = torch.tensor([[h * f, w * f, 0, 0, h * f, w * f]] * (2 * n),
+                                              dtype=torch.float32, device=device)
     return {
         # One prompt and its negative, as a guided generation encodes them.
         "text_encoder": {"input_ids": torch.randint(0, text.vocab_size, (2, seq),
                                                     generator=g).to(device)},
-        "unet": {"sample": randn(2 * n, unet.in_channels, h, w, mean=-0.3),
-                 "timestep": torch.tensor([float(torch.randint(1, 999, (1,), generator=g)) + 0.5],
-                                          device=device),
-                 "encoder_hidden_states": randn(2 * n, seq, unet.cross_attention_dim, mean=0.1)},
+        "unet": unet_feeds,
         # Unscaled latents, as the decoder sees them: ~N(0, 1) / 0.18215 for SD.
-        "vae_decoder": {"latent": randn(n, vae.latent_channels, h, w, mean=0.5, std=3.0)},
-        "vae_encoder": {"image": randn(n, vae.in_channels, h * f, w * f, mean=-0.1,
-                                       std=0.5).clamp(-1, 1)},
+        "vae_decoder": {"latent_sample": randn(n, vae.latent_channels, h, w, mean=0.5,
+                                               std=3.0)},
+        "vae_encoder": {"sample": randn(n, vae.in_channels, h * f, w * f, mean=-0.1,
+                                        std=0.5).clamp(-1, 1)},
     }
 
 
@@ -108,30 +121,36 @@ def _generation_inputs(c, manifest, device):
     """The inputs each network saw in a 2-step guided generation at the export's shapes."""
     from sdrt.engine.loading import Components
     from sdrt.engine.pipeline import Pipeline
-    text, unet, vae = _Recorder(c.text_encoder), _Recorder(c.unet), _VAERecorder(c.vae)
+    text = _Recorder(c.text_encoder, ("input_ids",))
+    unet = _Recorder(c.unet, ("sample", "timestep", "encoder_hidden_states"))
+    vae = _VAERecorder(c.vae)
     pipe = Pipeline(Components(text, unet, vae, c.tokenizer, c.scheduler_config, c.source),
                     device, torch.float32)
     pipe(PROMPT, height=manifest["height"], width=manifest["width"], num_inference_steps=2,
          guidance_scale=7.5, seed=0, num_images_per_prompt=manifest["batch"], output_type="np")
-    (ids,), _ = text.last
-    (sample, t, states), _ = unet.last
     (z,), image = vae.last_decode
-    return {"text_encoder": {"input_ids": ids},
-            "unet": {"sample": sample, "timestep": t.reshape(-1)[:1].float(),
-                     "encoder_hidden_states": states},
-            "vae_decoder": {"latent": z},
-            "vae_encoder": {"image": image.clamp(-1, 1)}}
+    unet_feeds = dict(unet.last)
+    unet_feeds["timestep"] = unet_feeds["timestep"].reshape(-1)[0].float()
+    return {"text_encoder": {"input_ids": text.last["input_ids"]},
+            "unet": unet_feeds,
+            "vae_decoder": {"latent_sample": z},
+            "vae_encoder": {"sample": image.clamp(-1, 1)}}
 
 
-def _reference(c, name, feeds):
+def reference(c, name, feeds):
     """sdrt's outputs for one network, as a tuple in the export's output order."""
     if name == "text_encoder":
-        return (c.text_encoder(feeds["input_ids"]),)
+        ids = feeds["input_ids"]
+        states = c.text_encoder(ids)
+        return states, states[torch.arange(len(ids), device=ids.device), ids.argmax(dim=-1)]
     if name == "unet":
-        return (c.unet(feeds["sample"], feeds["timestep"], feeds["encoder_hidden_states"]),)
+        extra = {k: v for k, v in feeds.items()
+                 if k not in ("sample", "timestep", "encoder_hidden_states")}
+        return (c.unet(feeds["sample"], feeds["timestep"], feeds["encoder_hidden_states"],
+                       **extra),)
     if name == "vae_decoder":
-        return (c.vae.decode(feeds["latent"]),)
-    return tuple(c.vae.encode(feeds["image"]))
+        return (c.vae.decode(feeds["latent_sample"]),)
+    return (vae_moments(c.vae, feeds["sample"]),)
 
 
 class _NoTF32:
@@ -163,14 +182,15 @@ def check_onnx(onnx_dir, model_path=None, device=None, seed=0):
     g = torch.Generator().manual_seed(seed)
     rows = []
     with _NoTF32():
-        input_sets = {"random": _random_inputs(manifest, configs, device, g),
+        input_sets = {"random": _random_inputs(manifest, configs, sessions["unet"].inputs,
+                                               device, g),
                       "generation": _generation_inputs(c, manifest, device)}
-        for name in NAMES:
+        for name in MODELS:
             for kind, inputs in input_sets.items():
                 feeds = inputs[name]
                 ours = sessions[name](**feeds)
-                ref = _reference(c, name, feeds)
-                outputs = NAMES[name][1]
+                ref = reference(c, name, feeds)
+                outputs = sessions[name].output_names
                 for out_name, o, r in zip(outputs, ours, ref):
                     label = name if len(outputs) == 1 else f"{name}.{out_name}"
                     rows.append(compare(label, kind, o, r, tol))

@@ -1,5 +1,11 @@
 """Export sdrt's own text encoder, UNet and VAE to ONNX: ``sdrt export onnx``.
 
+The folder is Optimum's Stable Diffusion layout (``onnx_manifest``), so Optimum's
+``ORTStableDiffusionPipeline`` and ONNX Runtime's Stable Diffusion optimizer read it as they
+read ``optimum-cli``'s export. After the exporter, ``onnx_ort_patterns.rewrite_for_ort``
+rewrites GroupNorm, GEGLU and attention into the node forms ORT's optimizer fuses; with
+``optimize="ort"`` that optimizer then runs (``onnx_optimize``).
+
 The exporter is ``torch.onnx.export(..., dynamo=True)``: torch.export captures the modules, and
 onnxscript translates the graph. The legacy TorchScript exporter (``dynamo=False``) still ships
 with torch 2.13 but is deprecated, and it cannot export sdrt's UNet: the tracer records
@@ -8,12 +14,14 @@ is not a constant.
 
 The modules run their plain-PyTorch ops while exporting (``SDRT_BACKEND=torch``): the Triton
 kernels are not ONNX operators. Each file is written into a temporary folder beside the target,
-checked with ``onnx.checker``, and the folder renamed into place only once all four files and
+checked with ``onnx.checker``, and the folder renamed into place only once every file and
 ``sdrt_export.json`` are there.
 """
 import contextlib
+import json
 import logging
 import os
+import shutil
 import time
 import warnings
 from dataclasses import asdict
@@ -24,16 +32,18 @@ from torch import nn
 from sdrt.engine.atomic import check_new_folder, write_folder
 from sdrt.engine.errors import SdrtError
 
-from .onnx_manifest import DTYPES, FILES, MODELS, NAMES, sdrt_version, write_manifest
+from .onnx_manifest import (DTYPES, FILES, MODELS, NAMES, sdrt_version, unet_inputs,
+                            write_manifest)
 
 # The dynamo exporter implements its operators at opset 18; asking for less runs onnx's version
 # converter, which wrote invalid models (Split with num_outputs at opset 17) in our tests.
 # torch 2.13's exporter knows no operator set past 23.
 MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 18, 23, 18
 # A protobuf message cannot pass 2 GiB: past this many bytes of weights (SD 1.5's fp32 UNet has
-# 3.4 GB) the weights go to ``<name>.onnx.data`` beside the graph.
+# 3.4 GB) the weights go to ``model.onnx.data`` beside the graph.
 EXTERNAL_DATA_BYTES = int(1.8e9)
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+OPTIMIZERS = (None, "ort")
 
 
 class _TextEncoder(nn.Module):
@@ -41,17 +51,23 @@ class _TextEncoder(nn.Module):
         super().__init__()
         self.text_encoder = text_encoder
 
-    def forward(self, input_ids):  # (B, 77) int64 → (B, 77, D)
-        return self.text_encoder(input_ids)
+    def forward(self, input_ids):  # (B, 77) int64 → (B, 77, D), (B, D)
+        states = self.text_encoder(input_ids)
+        # CLIP's pooled output: the final state at the end-of-text token, the largest id of
+        # CLIP's vocabulary (transformers' rule for these configs; argmax takes the first).
+        rows = torch.arange(states.shape[0], device=states.device)
+        return states, states[rows, input_ids.argmax(dim=-1)]
 
 
 class _UNet(nn.Module):
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
+    """The UNet with its inputs in ``unet_inputs(config)`` order, passed by name."""
 
-    def forward(self, sample, timestep, encoder_hidden_states):  # timestep: (1,) float32
-        return self.unet(sample, timestep, encoder_hidden_states)
+    def __init__(self, unet, names):
+        super().__init__()
+        self.unet, self.extra = unet, names[3:]
+
+    def forward(self, sample, timestep, encoder_hidden_states, *extra):  # timestep: () float32
+        return self.unet(sample, timestep, encoder_hidden_states, **dict(zip(self.extra, extra)))
 
 
 class _VAEDecoder(nn.Module):
@@ -59,8 +75,15 @@ class _VAEDecoder(nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, latent):  # unscaled latents (B, 4, h, w) → image (B, 3, H, W)
-        return self.vae.decode(latent)
+    def forward(self, latent_sample):  # unscaled latents (B, 4, h, w) → image (B, 3, H, W)
+        return self.vae.decode(latent_sample)
+
+
+def vae_moments(vae, sample):
+    """Image (B, 3, H, W) → the latent Gaussian's parameters (B, 2·latent_channels, h, w), mean
+    then log-variance: diffusers' encoder output, which Optimum's pipeline takes."""
+    moments = vae.encoder(sample)
+    return moments if vae.quant_conv is None else vae.quant_conv(moments)
 
 
 class _VAEEncoder(nn.Module):
@@ -68,11 +91,17 @@ class _VAEEncoder(nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, image):  # image (B, 3, H, W) in [-1, 1] → (mean, std), each (B, 4, h, w)
-        return self.vae.encode(image)
+    def forward(self, sample):  # image (B, 3, H, W) in [-1, 1] → (B, 8, h, w)
+        return vae_moments(self.vae, sample)
 
 
-def _check_args(model_path, out_dir, height, width, batch, dtype, opset, prediction_type):
+def _check_args(model_path, out_dir, height, width, batch, dtype, opset, prediction_type,
+                optimize, target):
+    if optimize not in OPTIMIZERS:
+        raise SdrtError(f"unknown optimizer {optimize!r}: use ort")
+    if optimize is not None:
+        from .onnx_optimize import check_optimize_args
+        check_optimize_args(target)
     if not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise SdrtError(f"unsupported opset {opset}: the exporter writes opsets "
                         f"{MIN_OPSET} to {MAX_OPSET}")
@@ -119,7 +148,7 @@ def _exporting():
 
 
 def _specs(c, height, width, batch, dtype, dynamic):
-    """For each network: (wrapper module, example inputs, dynamic_shapes or None)."""
+    """For each network: (wrapper module, example inputs, dynamic_shapes or None, input names)."""
     from torch.export import Dim
     f = c.vae.config.scale_factor
     h, w = height // f, width // f
@@ -131,29 +160,37 @@ def _specs(c, height, width, batch, dtype, dynamic):
     # image: static exports take one at a time (the runtime splits larger batches into calls).
     one = n if dynamic else 1
     ids = torch.randint(0, vocab, (one, seq), generator=g)
-    states = torch.randn(2 * n, seq, c.unet.config.cross_attention_dim, generator=g).to(dtype)
-    sample = torch.randn(2 * n, c.unet.config.in_channels, h, w, generator=g).to(dtype)
-    timestep = torch.tensor([999.0])
+    unet_names = tuple(unet_inputs(c.unet.config))
+    unet_args = []
+    for name, shape in unet_inputs(c.unet.config).items():
+        if name == "timestep":
+            unet_args.append(torch.tensor(999.0))
+        else:
+            shape = {"sample": (c.unet.config.in_channels, h, w),
+                     "encoder_hidden_states": (seq, c.unet.config.cross_attention_dim)}.get(
+                         name, shape)
+            unet_args.append(torch.randn(2 * n, *shape, generator=g).to(dtype))
     latent = torch.randn(n, c.vae.config.latent_channels, h, w, generator=g).to(dtype)
     image = torch.rand(one, c.vae.config.in_channels, height, width, generator=g).to(dtype) * 2 - 1
     specs = {
-        "text_encoder": (_TextEncoder(c.text_encoder), (ids,)),
-        "unet": (_UNet(c.unet), (sample, timestep, states)),
-        "vae_decoder": (_VAEDecoder(c.vae), (latent,)),
-        "vae_encoder": (_VAEEncoder(c.vae), (image,)),
+        "text_encoder": (_TextEncoder(c.text_encoder), (ids,), NAMES["text_encoder"][0]),
+        "unet": (_UNet(c.unet, unet_names), tuple(unet_args), unet_names),
+        "vae_decoder": (_VAEDecoder(c.vae), (latent,), NAMES["vae_decoder"][0]),
+        "vae_encoder": (_VAEEncoder(c.vae), (image,), NAMES["vae_encoder"][0]),
     }
     if not dynamic:
-        return {m: (module, args, None) for m, (module, args) in specs.items()}
+        return {m: (module, args, None, names) for m, (module, args, names) in specs.items()}
     batch_dim = Dim("batch", min=1, max=1024)
     lh, lw = Dim("latent_height", min=1, max=4096 // f), Dim("latent_width", min=1, max=4096 // f)
+    unet_shapes = {name: None if name == "timestep" else {0: batch_dim} for name in unet_names}
+    unet_shapes["sample"] = {0: batch_dim, 2: lh, 3: lw}
     shapes = {
         "text_encoder": {"input_ids": {0: batch_dim}},
-        "unet": {"sample": {0: batch_dim, 2: lh, 3: lw}, "timestep": None,
-                 "encoder_hidden_states": {0: batch_dim}},
-        "vae_decoder": {"latent": {0: batch_dim, 2: lh, 3: lw}},
-        "vae_encoder": {"image": {0: batch_dim, 2: f * lh, 3: f * lw}},
+        "unet": unet_shapes,
+        "vae_decoder": {"latent_sample": {0: batch_dim, 2: lh, 3: lw}},
+        "vae_encoder": {"sample": {0: batch_dim, 2: f * lh, 3: f * lw}},
     }
-    return {m: (module, args, shapes[m]) for m, (module, args) in specs.items()}
+    return {m: (module, args, shapes[m], names) for m, (module, args, names) in specs.items()}
 
 
 def _value_info(values):
@@ -169,10 +206,13 @@ def _value_info(values):
     return out
 
 
-def _export_one(name, module, args, dynamic_shapes, folder, opset, external_data_bytes):
+def _export_one(name, module, args, dynamic_shapes, input_names, folder, opset,
+                external_data_bytes):
     import onnx
-    inputs, outputs = NAMES[name]
-    program = torch.onnx.export(module, args, input_names=list(inputs),
+
+    from .onnx_ort_patterns import rewrite_for_ort
+    outputs = NAMES[name][1]
+    program = torch.onnx.export(module, args, input_names=list(input_names),
                                 output_names=list(outputs), opset_version=opset, dynamo=True,
                                 dynamic_shapes=dynamic_shapes, optimize=True, verbose=False)
     # The weights the graph kept: the VAE's decoder export holds none of its encoder's.
@@ -180,44 +220,127 @@ def _export_one(name, module, args, dynamic_shapes, folder, opset, external_data
                   if v.const_value is not None)
     external = n_bytes > external_data_bytes
     path = os.path.join(folder, FILES[name])
-    # ONNXProgram.save streams initializers to ``<file>.data`` when asked: going through
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    # ONNXProgram.save streams initializers to ``model.onnx.data`` when asked: going through
     # onnx.save would first build the whole ModelProto in memory, twice the weights' size.
     program.save(path, external_data=external)
+    del program
+    # The graph alone (external weights stay where they are) through the ORT-form rewrite.
+    model = onnx.load(path, load_external_data=False)
+    rewritten = rewrite_for_ort(model)
+    onnx.save(model, path)
     # The path form reads external data from beside the file, and has no 2 GiB limit.
     onnx.checker.check_model(path)
-    graph = onnx.load(path, load_external_data=False).graph
-    side = sorted(f for f in os.listdir(folder) if f.startswith(FILES[name] + "."))
+    side = sorted(f for f in os.listdir(os.path.dirname(path)) if f.startswith("model.onnx."))
     return {"file": FILES[name], "external_data": side[0] if side else None,
-            "weight_bytes": n_bytes, "inputs": _value_info(graph.input),
-            "outputs": _value_info(graph.output)}
+            "weight_bytes": _initializer_bytes(model.graph), "ort_forms": rewritten,
+            "inputs": _value_info(model.graph.input), "outputs": _value_info(model.graph.output)}
+
+
+def _initializer_bytes(graph):
+    """Bytes of every initializer, from its shape and type (its data may be external)."""
+    import numpy as np
+    import onnx
+    return sum(int(np.prod(t.dims, dtype=np.int64)) *
+               onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+               for t in graph.initializer)
 
 
 def export_onnx(model_path, out_dir, height=None, width=None, batch=1, dtype="fp32",
                 opset=DEFAULT_OPSET, dynamic=False, external_data_bytes=EXTERNAL_DATA_BYTES,
-                config=None, prediction_type=None):
-    """Export a model's text encoder, UNet, VAE decoder and VAE encoder to ``out_dir``.
+                config=None, prediction_type=None, optimize=None, target="cuda"):
+    """Export a model's text encoder, UNet, VAE decoder and VAE encoder to ``out_dir``, in
+    Optimum's Stable Diffusion layout.
 
     ``height``/``width`` (pixels, default: the UNet's native size) and ``batch`` (images) fix
     the shapes of a static export, and are the example shapes of a ``dynamic`` one, whose
     batch, height and width axes are free. ``external_data_bytes``: networks with more bytes
-    of weights than this keep them in a ``.onnx.data`` file. ``config`` (a diffusers folder
-    whose configs a single-file checkpoint takes) and ``prediction_type`` are passed to
-    ``sdrt.engine.loading.load``, as ``sdrt generate`` passes them. Returns the manifest
-    written to ``sdrt_export.json``.
+    of weights than this keep them in a ``model.onnx.data`` file. ``config`` (a diffusers
+    folder whose configs a single-file checkpoint takes) and ``prediction_type`` are passed to
+    ``sdrt.engine.loading.load``, as ``sdrt generate`` passes them.
+
+    ``optimize="ort"`` runs ONNX Runtime's Stable Diffusion optimizer on every network for the
+    execution provider ``target`` ("cuda": ORT's full set of fusions, whose operators only the
+    CUDA provider runs; "cpu": those the CPU provider runs), converting to float16 when
+    ``dtype="fp16"`` (the export itself is then float32, as ORT's pipeline wants), and checks
+    the result against sdrt where ``target`` can run here. Returns the manifest written to
+    ``sdrt_export.json``.
     """
     model_path, out_dir = os.fspath(model_path), os.fspath(out_dir)
-    _check_args(model_path, out_dir, height, width, batch, dtype, opset, prediction_type)
+    _check_args(model_path, out_dir, height, width, batch, dtype, opset, prediction_type,
+                optimize, target)
     return write_folder(out_dir, lambda tmp: _export_all(
         model_path, tmp, height, width, batch, dtype, opset, dynamic, external_data_bytes,
-        config, prediction_type))
+        config, prediction_type, optimize, target))
+
+
+def _source_file(model_path, config, *parts):
+    """``parts`` inside the model folder, or the --config folder of a single file; None when
+    neither has it."""
+    for folder in (model_path if os.path.isdir(model_path) else None, config):
+        if folder and os.path.isfile(os.path.join(folder, *parts)):
+            return os.path.join(folder, *parts)
+    return None
+
+
+def _write_json(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2)
+        fh.write("\n")
+
+
+def _write_pipeline_files(c, folder, model_path, config):
+    """model_index.json, each network's config.json, tokenizer/ and scheduler/: what Optimum's
+    pipeline reads beside the ONNX files. Configs are the source model's own files where it
+    has them (a diffusers folder, or the --config folder of a single file), else sdrt's."""
+    from sdrt.engine.tokenizer import write_clip_tokenizer
+    scheduler = c.scheduler_config
+    _write_json(os.path.join(folder, "model_index.json"), {
+        "_class_name": "StableDiffusionPipeline",
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", scheduler.get("_class_name", "PNDMScheduler")],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    })
+    for name, component in (("text_encoder", "text_encoder"), ("unet", "unet"),
+                            ("vae_decoder", "vae"), ("vae_encoder", "vae")):
+        source = _source_file(model_path, config, component, "config.json")
+        target = os.path.join(folder, name, "config.json")
+        if source:
+            shutil.copyfile(source, target)
+            continue
+        # transformers names a model class its own way; diffusers by _class_name.
+        naming = ({"architectures": ["CLIPTextModel"], "model_type": "clip_text_model"}
+                  if component == "text_encoder" else
+                  {"_class_name": "UNet2DConditionModel" if component == "unet"
+                   else "AutoencoderKL"})
+        _write_json(target, {**asdict(getattr(c, component).config), **naming})
+    _write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), scheduler)
+    # The source's tokenizer where it has the vocab.json/merges.txt pair that transformers'
+    # CLIPTokenizer of any version reads (transformers 5 saves only tokenizer.json); else
+    # CLIP's vocabulary, which every SD 1.x/2.x tokenizer is, with the model's pad token.
+    tokenizer = _source_file(model_path, config, "tokenizer", "vocab.json")
+    if tokenizer and os.path.isfile(os.path.join(os.path.dirname(tokenizer), "merges.txt")):
+        shutil.copytree(os.path.dirname(tokenizer), os.path.join(folder, "tokenizer"))
+    else:
+        write_clip_tokenizer(os.path.join(folder, "tokenizer"),
+                             pad_token=getattr(c.tokenizer, "pad_token", None) or "<|endoftext|>")
 
 
 def _export_all(model_path, folder, height, width, batch, dtype, opset, dynamic,
-                external_data_bytes, config, prediction_type):
-    """Write the four networks and the manifest into ``folder``; returns the manifest."""
+                external_data_bytes, config, prediction_type, optimize=None, target="cuda"):
+    """Write the networks, the pipeline files and the manifest into ``folder``; returns the
+    manifest."""
     from sdrt.engine.loading import load
     t0 = time.perf_counter()
-    torch_dtype = TORCH_DTYPES[dtype]
+    # ORT optimizes float32 graphs and converts the result to float16 itself.
+    export_dtype = "fp32" if optimize else dtype
+    torch_dtype = TORCH_DTYPES[export_dtype]
     # Exported on the CPU whatever the target: the graph does not depend on the device.
     c = load(model_path, "cpu", torch_dtype, config=config, prediction_type=prediction_type)
     f = c.vae.config.scale_factor
@@ -228,19 +351,21 @@ def _export_all(model_path, folder, height, width, batch, dtype, opset, dynamic,
             raise SdrtError(f"{name} {v} is not a multiple of the VAE's scale factor {f}")
     models = {}
     with _exporting(), torch.no_grad():
-        for name, (module, args, shapes) in _specs(c, height, width, batch, torch_dtype,
-                                                    dynamic).items():
-            models[name] = _export_one(name, module.eval(), args, shapes, folder, opset,
+        for name, (module, args, shapes, names) in _specs(c, height, width, batch, torch_dtype,
+                                                           dynamic).items():
+            models[name] = _export_one(name, module.eval(), args, shapes, names, folder, opset,
                                        external_data_bytes)
+    _write_pipeline_files(c, folder, model_path, config)
     manifest = {
         "sdrt_version": sdrt_version(),
         "torch_version": torch.__version__,
         "exporter": "torch.onnx.export(dynamo=True)",
+        "layout": "optimum",
         "source": os.path.abspath(model_path),
         # What load() was given besides the path; check-onnx and the runtime load alike.
         "config": config and os.path.abspath(config),
         "prediction_type": prediction_type,
-        "dtype": dtype,
+        "dtype": export_dtype,
         "opset": opset,
         "dynamic": bool(dynamic),
         # Static: the shapes of every file (each network's own batch is in its "inputs").
@@ -253,10 +378,16 @@ def _export_all(model_path, folder, height, width, batch, dtype, opset, dynamic,
                     "text_encoder": asdict(c.text_encoder.config)},
         "scheduler_config": c.scheduler_config,
         "pad_token": getattr(c.tokenizer, "pad_token", None),
+        "optimized": None,
         "models": models,
     }
     write_manifest(folder, manifest)
+    del c
+    if optimize:
+        from .onnx_optimize import optimize_folder
+        manifest = optimize_folder(folder, manifest, target, fp16=dtype == "fp16")
     return manifest
+
 
 __all__ = ["DEFAULT_OPSET", "EXTERNAL_DATA_BYTES", "MAX_OPSET", "MIN_OPSET", "MODELS",
            "export_onnx"]

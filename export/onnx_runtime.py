@@ -3,9 +3,11 @@
 Each stand-in has the call interface of the module it replaces:
 
 - ``OnnxTextEncoder``: ``text_encoder(ids, clip_skip=0)`` → states (B, 77, D);
-- ``OnnxUNet``: ``unet(sample, timestep, states)`` → prediction, with ``.config`` (UNetConfig);
+- ``OnnxUNet``: ``unet(sample, timestep, encoder_hidden_states, **extra)`` → prediction, with
+  ``.config`` (UNetConfig); ``extra`` are the inputs its config adds (``unet_inputs``);
 - ``OnnxVAE``: ``vae.encode(image)`` → (mean, std) and ``vae.decode(z)`` → image, with
-  ``.config`` (VAEConfig).
+  ``.config`` (VAEConfig). The encoder file gives the latent Gaussian's parameters (Optimum's
+  ``latent_parameters``); mean and std are taken from them as sdrt's VAE does.
 
 Tensors go in and come out as torch tensors on the pipeline's device; they pass through numpy
 on the CPU, so on a GPU each call copies its inputs and outputs across once.
@@ -65,7 +67,7 @@ class OrtModel:
         want = tuple(d if isinstance(d, int) else None for d in shape)
         if len(want) != t.dim() or any(w is not None and w != s for w, s in zip(want, t.shape)):
             exported = tuple(d if isinstance(d, int) else "?" for d in shape)
-            raise SdrtError(f"{os.path.basename(self.path)} was exported for {name} of shape "
+            raise SdrtError(f"the {self.name} file was exported for {name} of shape "
                             f"{exported}, got {tuple(t.shape)}: export again at this size, "
                             "or with --dynamic")
         return t.detach().to("cpu").numpy().astype(np_dtype, copy=False)
@@ -93,7 +95,7 @@ class OnnxTextEncoder:
     def __call__(self, ids, clip_skip=0):
         if clip_skip:
             raise SdrtError("the exported text encoder has no clip skip: use --runtime torch")
-        (states,) = self.model(input_ids=ids.long())
+        states = self.model(input_ids=ids.long())[0]  # also pooler_output: unused by SD 1.x/2.x
         return states
 
 
@@ -101,14 +103,21 @@ class OnnxUNet:
     def __init__(self, model: OrtModel, config: UNetConfig):
         self.model, self.config = model, config
 
-    def __call__(self, sample, timestep, encoder_hidden_states):
+    def __call__(self, sample, timestep, encoder_hidden_states, **extra):
         t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1)
         if t.numel() != 1:
             if not bool((t == t[0]).all()):
                 raise SdrtError("the exported UNet takes one timestep for the whole batch")
             t = t[:1]
+        if not self.model.inputs["timestep"][0]:  # Optimum's UNet takes a scalar timestep
+            t = t.reshape(())
+        given = {k: v for k, v in extra.items() if v is not None}
+        unknown = sorted(set(given) - set(self.model.inputs))
+        if unknown:
+            raise SdrtError(f"the exported UNet has no input {', '.join(unknown)}: export the "
+                            "model again")
         (out,) = self.model(sample=sample, timestep=t,
-                            encoder_hidden_states=encoder_hidden_states)
+                            encoder_hidden_states=encoder_hidden_states, **given)
         return out
 
 
@@ -117,16 +126,18 @@ class OnnxVAE:
         self.decoder, self.encoder, self.config = decoder, encoder, config
 
     def decode(self, z):
-        (image,) = self.decoder(latent=z)
+        (image,) = self.decoder(latent_sample=z)
         return image
 
     def encode(self, image):
-        mean, std = self.encoder(image=image)
-        return mean, std
+        (moments,) = self.encoder(sample=image)
+        mean, logvar = moments.float().chunk(2, dim=1)
+        # As AutoencoderKL.encode: std of the clamped log-variance.
+        return mean.to(moments.dtype), torch.exp(0.5 * logvar.clamp(-30.0, 20.0)).to(moments.dtype)
 
 
 def load_sessions(onnx_dir, device, tf32=True):
-    """{network: OrtModel} for the four files of an export folder, and its manifest."""
+    """{network: OrtModel} for the four networks of an export folder, and its manifest."""
     manifest = read_manifest(onnx_dir)
     models = {name: OrtModel(os.path.join(onnx_dir, FILES[name]), name, device, tf32)
               for name in NAMES}
@@ -134,9 +145,10 @@ def load_sessions(onnx_dir, device, tf32=True):
 
 
 def _tokenizer_and_scheduler(model_path, manifest):
-    """From the model folder when it has them; otherwise (a single-file checkpoint, or no
-    model given) the export's config folder's tokenizer or the bundled CLIP one, and the
-    scheduler config recorded at export."""
+    """From the model folder (a diffusers folder, or the export's own, which has tokenizer/
+    and scheduler/ too) when it has them; otherwise (a single-file checkpoint) the export's
+    config folder's tokenizer or the bundled CLIP one, and the scheduler config recorded at
+    export."""
     from sdrt.engine.loading import _tokenizer
     from sdrt.engine.tokenizer import EOS
     from sdrt.engine.weights import read_json
@@ -144,7 +156,8 @@ def _tokenizer_and_scheduler(model_path, manifest):
     if model_path and not os.path.exists(model_path):
         raise SdrtError(f"model path {model_path} does not exist")
     # As load() picks it: a single file takes the tokenizer of its --config folder, if any.
-    tokenizer = _tokenizer(folder or manifest.get("config"), manifest.get("pad_token") or EOS)
+    tokenizer = _tokenizer(folder or manifest.get("config"), "tokenizer",
+                           manifest.get("pad_token") or EOS)
     scheduler = manifest["scheduler_config"]
     path = os.path.join(folder, "scheduler", "scheduler_config.json") if folder else None
     if path and os.path.isfile(path):
@@ -157,13 +170,14 @@ def _tokenizer_and_scheduler(model_path, manifest):
 def onnx_components(onnx_dir, model_path=None, device="cpu"):
     """``Components`` whose three networks run the ONNX files of ``onnx_dir`` in onnxruntime.
 
-    The tokenizer and scheduler config come from ``model_path`` (default: the model the export
-    was made from). Use with ``Pipeline(components, device, dtype)``, dtype the export's.
+    The tokenizer and scheduler config come from ``model_path`` (default: the export's own
+    tokenizer/ and scheduler/). Use with ``Pipeline(components, device, dtype)``, dtype the
+    export's.
     """
     onnx_dir = os.fspath(onnx_dir)
     models, manifest = load_sessions(onnx_dir, device)
-    if model_path is None and os.path.exists(manifest.get("source", "")):
-        model_path = manifest["source"]
+    if model_path is None:
+        model_path = onnx_dir
     tokenizer, scheduler = _tokenizer_and_scheduler(model_path, manifest)
     configs = manifest["configs"]
     return Components(

@@ -4,6 +4,10 @@ Each family is exported once per session, in a different mode, so two exports co
 - sd1: static shapes (16×24, batch 1; the UNet at batch 2 for guidance), weights inline;
 - sd2: dynamic batch/height/width axes, every weight forced into external data (the path a
   3.4 GB SD 1.5 fp32 UNet takes), traced at 16×16 and run at other sizes below.
+
+The folder is Optimum's layout (tests/test_export_optimum.py loads it with Optimum itself, in
+its own environment); ONNX Runtime's optimizer is run on it below and its fusions counted
+against diffusers' networks exported by the TorchScript exporter.
 """
 import os
 
@@ -17,6 +21,7 @@ from sdrt.engine import Pipeline, SdrtError
 from sdrt.engine.cli import main
 from sdrt.export import check_onnx, export_onnx, onnx_components
 from sdrt.export import onnx_export
+from sdrt.export.onnx_check import reference
 from sdrt.export.onnx_manifest import FILES, MANIFEST, MODELS, NAMES
 from sdrt.export.onnx_runtime import OrtModel
 
@@ -40,16 +45,6 @@ def exported(tiny_model, tmp_path_factory):
     return family, folder, out, manifest, ours
 
 
-def _sdrt(pipe, name, feeds):
-    if name == "text_encoder":
-        return [pipe.text_encoder(feeds["input_ids"])]
-    if name == "unet":
-        return [pipe.unet(feeds["sample"], feeds["timestep"], feeds["encoder_hidden_states"])]
-    if name == "vae_decoder":
-        return [pipe.vae.decode(feeds["latent"])]
-    return list(pipe.vae.encode(feeds["image"]))
-
-
 def _inputs(pipe, name, batch, height, width, seed):
     """Fresh non-zero-mean inputs (a dropped bias or offset cannot hide behind zero means)."""
     g = torch.Generator().manual_seed(seed)
@@ -60,11 +55,11 @@ def _inputs(pipe, name, batch, height, width, seed):
         return {"input_ids": torch.randint(0, 49408, (batch, 77), generator=g)}
     if name == "unet":
         d = pipe.unet.config.cross_attention_dim
-        return {"sample": randn(2 * batch, 4, h, w, mean=-0.7), "timestep": torch.tensor([417.5]),
+        return {"sample": randn(2 * batch, 4, h, w, mean=-0.7), "timestep": torch.tensor(417.5),
                 "encoder_hidden_states": randn(2 * batch, 77, d, mean=0.3)}
     if name == "vae_decoder":
-        return {"latent": randn(batch, 4, h, w, mean=1.3)}
-    return {"image": randn(batch, 3, height, width, mean=-0.2).clamp(-1, 1)}
+        return {"latent_sample": randn(batch, 4, h, w, mean=1.3)}
+    return {"sample": randn(batch, 3, height, width, mean=-0.2).clamp(-1, 1)}
 
 
 def _assert_onnx_matches(out, pipe, name, batch, height, width, seed, where):
@@ -72,18 +67,48 @@ def _assert_onnx_matches(out, pipe, name, batch, height, width, seed, where):
     feeds = _inputs(pipe, name, batch, height, width, seed)
     got = session(**{k: v.clone() for k, v in feeds.items()})
     with torch.no_grad():
-        ref = _sdrt(pipe, name, feeds)
-    for out_name, o, r in zip(NAMES[name][1], got, ref):
+        ref = reference(pipe, name, feeds)
+    assert session.output_names == list(NAMES[name][1])
+    for out_name, o, r in zip(session.output_names, got, ref):
         assert_close_rel(o, r, REL_TOL, f"{where}: {name}.{out_name} at batch {batch}, "
                                         f"{height}×{width}")
+
+
+def _files(folder):
+    return sorted(os.path.relpath(os.path.join(d, f), folder)
+                  for d, _, files in os.walk(folder) for f in files)
+
+
+def test_the_folder_is_optimums_layout(exported):
+    # What optimum-cli writes for SD 1.x/2.x and ORTStableDiffusionPipeline reads.
+    import json
+    from sdrt.engine.tokenizer import ClipTokenizer
+    family, folder, out, manifest, ours = exported
+    external = MODES[family][4]
+    files = _files(out)
+    assert [f for f in files if not f.startswith("tokenizer/")] == sorted(
+        [MANIFEST, "model_index.json", "scheduler/scheduler_config.json"] +
+        [f"{m}/{f}" for m in MODELS for f in ("model.onnx", "config.json")] +
+        ([f"{m}/model.onnx.data" for m in MODELS] if external == 0 else [])), family
+    # The slow CLIPTokenizer's files (transformers < 5, which Optimum needs), the same tokens.
+    assert {"tokenizer/vocab.json", "tokenizer/merges.txt"} <= set(files), files
+    exported_tokenizer = ClipTokenizer.from_folder(os.path.join(out, "tokenizer"))
+    for text in ("a red fox, (masterpiece)", ""):
+        assert torch.equal(exported_tokenizer(text), ours.tokenizer(text)), f"{family}: {text!r}"
+    with open(os.path.join(out, "model_index.json")) as fh:
+        index = json.load(fh)
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    assert index["scheduler"][1] == manifest["scheduler_config"]["_class_name"]
+    for m, source in (("unet", "unet"), ("vae_decoder", "vae"), ("vae_encoder", "vae"),
+                      ("text_encoder", "text_encoder")):
+        with open(os.path.join(out, m, "config.json")) as a, \
+                open(os.path.join(folder, source, "config.json")) as b:
+            assert json.load(a) == json.load(b), f"{family}: {m}/config.json"
 
 
 def test_every_file_passes_the_checker(exported):
     family, folder, out, manifest, _ = exported
     h, w, batch, dynamic, external = MODES[family]
-    assert sorted(os.listdir(out)) == sorted(
-        [MANIFEST] + [FILES[m] for m in MODELS] +
-        ([FILES[m] + ".data" for m in MODELS] if external == 0 else []))
     for name in MODELS:
         path = os.path.join(out, FILES[name])
         onnx.checker.check_model(path)  # the path form: it follows external data
@@ -101,8 +126,10 @@ def test_every_file_passes_the_checker(exported):
     unet_in = manifest["models"]["unet"]["inputs"]["sample"]["shape"]
     assert unet_in == (["batch", 4, "latent_height", "latent_width"] if dynamic else
                        [2 * batch, 4, h // 2, w // 2]), f"{family}: UNet sample shape {unet_in}"
+    assert manifest["models"]["unet"]["inputs"]["timestep"]["shape"] == [], \
+        f"{family}: Optimum's UNet takes a scalar timestep"
     if not dynamic:
-        image_in = manifest["models"]["vae_encoder"]["inputs"]["image"]["shape"]
+        image_in = manifest["models"]["vae_encoder"]["inputs"]["sample"]["shape"]
         assert image_in == [1, 3, h, w], f"{family}: VAE encoder image shape {image_in}"
     assert manifest["config"] is None and manifest["prediction_type"] is None
 
@@ -256,7 +283,8 @@ def test_a_failed_export_leaves_nothing(tiny_sd1, tmp_path, monkeypatch):
     # folder may remain.
     folder, _ = tiny_sd1
 
-    def crash(name, module, args, shapes, tmp, opset, external_data_bytes):
+    def crash(name, module, args, shapes, names, tmp, opset, external_data_bytes):
+        os.makedirs(os.path.join(tmp, name))
         with open(os.path.join(tmp, FILES[name]), "wb") as fh:
             fh.write(b"half a protobuf")
         raise RuntimeError("simulated exporter crash")
@@ -294,13 +322,14 @@ def test_static_batch_exports_the_encoders_at_batch_1(tiny_sd1):
     folder, _ = tiny_sd1
     c = load(folder, "cpu", torch.float32)
     specs = onnx_export._specs(c, 16, 24, 2, torch.float32, dynamic=False)
-    batches = {name: args[0].shape[0] for name, (_, args, _) in specs.items()}
+    batches = {name: args[0].shape[0] for name, (_, args, _, _) in specs.items()}
     assert batches == {"text_encoder": 1, "unet": 4, "vae_decoder": 2, "vae_encoder": 1}, batches
 
 
 def _stub_export(monkeypatch):
     """_export_one writes empty files: for tests of what surrounds the exporter."""
-    def stub(name, module, args, shapes, tmp, opset, external_data_bytes):
+    def stub(name, module, args, shapes, names, tmp, opset, external_data_bytes):
+        os.makedirs(os.path.join(tmp, name))
         open(os.path.join(tmp, FILES[name]), "wb").close()
         return {"file": FILES[name], "external_data": None, "weight_bytes": 0, "inputs": {},
                 "outputs": {}}
@@ -339,3 +368,140 @@ def test_malformed_scheduler_config_at_run_time(tiny_sd1, tmp_path):
     with pytest.raises(SdrtError, match="scheduler_config.json") as err:
         _tokenizer_and_scheduler(str(other), {"scheduler_config": {}, "pad_token": None})
     assert "\n" not in str(err.value)
+
+
+# ONNX Runtime's optimizer on the export: fusions counted against diffusers' networks exported
+# by the TorchScript exporter (what ORT's patterns were written for), and the result checked.
+
+# What ORT's SD fusions produce, and what the issue counted on diffusers' legacy export.
+FUSED = {"unet": ("GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd", "attention"),
+         "vae_decoder": ("GroupNorm", "SkipGroupNorm"),
+         "vae_encoder": ("GroupNorm", "SkipGroupNorm")}
+
+
+def _legacy_diffusers(pipe, name, h, w, path):
+    """diffusers' network exported by torch.onnx's TorchScript exporter (dynamo=False) at
+    static shapes, with Optimum's names: the baseline ORT's fusions were written against
+    (static: its dynamic UNet makes ORT's attention fusion fail on NumPy ≥ 2.4)."""
+    import warnings
+
+    class Decoder(torch.nn.Module):
+        def __init__(self, vae):
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, z):
+            return self.vae.decode(z).sample
+
+    class Encoder(torch.nn.Module):
+        def __init__(self, vae):
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, x):
+            return self.vae.quant_conv(self.vae.encoder(x))
+
+    g = torch.Generator().manual_seed(0)
+    module, args = {
+        "unet": lambda: (pipe.unet, (torch.randn(2, 4, h // 2, w // 2, generator=g),
+                                     torch.tensor(999.0),
+                                     torch.randn(2, 77, pipe.unet.config.cross_attention_dim,
+                                                 generator=g))),
+        "vae_decoder": lambda: (Decoder(pipe.vae), (torch.randn(1, 4, h // 2, w // 2,
+                                                                generator=g),)),
+        "vae_encoder": lambda: (Encoder(pipe.vae), (torch.randn(1, 3, h, w, generator=g),)),
+    }[name]()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), args, path, dynamo=False, opset_version=17)
+    return path
+
+
+def _fused(counts):
+    return {**counts, "attention": counts["Attention"] + counts["MultiHeadAttention"]}
+
+
+@pytest.fixture(scope="module")
+def optimized_for_cuda(exported, tmp_path_factory):
+    """The module's export through ORT's optimizer for the CUDA provider (all its fusions);
+    not run: this machine may have no CUDA, and the fusions are counted on the graph."""
+    import shutil
+
+    from sdrt.export.onnx_manifest import read_manifest
+    from sdrt.export.onnx_optimize import optimize_folder
+    family, _, out, _, _ = exported
+    copy = str(tmp_path_factory.mktemp(f"ort-cuda-{family}") / "export")
+    shutil.copytree(out, copy)
+    return copy, optimize_folder(copy, read_manifest(copy), "cuda", fp16=False, check=False)
+
+
+@pytest.mark.parametrize("name", sorted(FUSED))
+def test_ort_fuses_at_least_what_it_fuses_in_diffusers_legacy_export(
+        exported, optimized_for_cuda, tiny_model, tmp_path, name):
+    # Both exports of both families: sd1 static, sd2 dynamic (and its linear projections and
+    # per-level head counts). Every fused operator counts at least as often as in diffusers'
+    # legacy export of the same networks, and the UNet's GroupNorm, GEGLU and attention are
+    # all fused (none left for ORT's generic kernels).
+    from sdrt.export.onnx_optimize import optimize_file
+    family, _, _, manifest, _ = exported
+    _, _, diffusers_pipe = tiny_model
+    ours = _fused(optimized_for_cuda[1]["optimized"]["fused"][name])
+    h, w = manifest["height"], manifest["width"]
+    legacy = _fused(optimize_file(_legacy_diffusers(diffusers_pipe, name, h, w,
+                                                    str(tmp_path / "legacy.onnx")),
+                                  "unet" if name == "unet" else "vae", "cuda", False,
+                                  external=False))
+    short = {op: (ours[op], legacy[op]) for op in FUSED[name] if ours[op] < legacy[op]}
+    assert not short, f"{family} {name}: ORT fused fewer (sdrt, diffusers legacy): {short}"
+    if name == "unet":
+        cfg = diffusers_pipe.unet.config
+        blocks = sum(1 for b in cfg.down_block_types if b.startswith("CrossAttn")) * \
+            cfg.layers_per_block + sum(1 for b in cfg.up_block_types
+                                       if b.startswith("CrossAttn")) * \
+            (cfg.layers_per_block + 1) + 1  # + the mid block's
+        assert ours["BiasSplitGelu"] == ours["BiasAdd"] == blocks, (family, ours)
+        # Float32: the self-attention of each block (ORT fuses cross-attention only with
+        # packed K/V, which its float16 path turns on).
+        assert ours["Attention"] == blocks, (family, ours)
+        assert ours["GroupNorm"] + ours["SkipGroupNorm"] > 0
+
+
+def test_optimize_ort_for_the_cpu_passes_check_onnx(tiny_sd1, tmp_path, capsys):
+    # The CLI path: export, ORT's optimizer for the CPU provider, and check_onnx against sdrt
+    # inside the export, which fails past tolerance (1e-4 for float32).
+    import json
+    folder, _ = tiny_sd1
+    out = str(tmp_path / "ort")
+    assert main(["export", "onnx", "--model", folder, "--out", out, "--height", "16",
+                 "--width", "16", "--optimize", "ort", "--target", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "optimized by ONNX Runtime" in printed and "checked against sdrt" in printed, printed
+    with open(os.path.join(out, MANIFEST)) as fh:
+        optimized = json.load(fh)["optimized"]
+    assert optimized["target"] == "cpu" and optimized["checked"] is True
+    unet = optimized["fused"]["unet"]
+    assert unet["Attention"] + unet["MultiHeadAttention"] > 0 and unet["GroupNorm"] == 0, unet
+
+
+def test_optimize_ort_fp16_for_cuda_without_a_gpu_is_not_checked(exported, tmp_path,
+                                                                 monkeypatch):
+    # Where the CUDA provider cannot run, the manifest says the files were not checked; they
+    # hold ORT's CUDA-only operators, float16 inside and float32 at the inputs and outputs.
+    import shutil
+
+    from sdrt.export import onnx_optimize
+    from sdrt.export.onnx_manifest import read_manifest
+    family, _, out, _, _ = exported
+    monkeypatch.setattr(onnx_optimize, "can_run", lambda target: target == "cpu")
+    copy = str(tmp_path / "export")
+    shutil.copytree(out, copy)
+    manifest = onnx_optimize.optimize_folder(copy, read_manifest(copy), "cuda", fp16=True)
+    assert manifest["optimized"]["checked"] is False and manifest["dtype"] == "fp16"
+    assert read_manifest(copy)["optimized"] == manifest["optimized"]
+    model = onnx.load(os.path.join(copy, FILES["unet"]))
+    ops = {n.op_type for n in model.graph.node}
+    assert {"GroupNorm", "BiasSplitGelu", "NhwcConv", "MultiHeadAttention"} <= ops, \
+        f"{family}: {sorted(ops)}"
+    assert {i.name: i.type.tensor_type.elem_type for i in model.graph.input}["sample"] == \
+        onnx.TensorProto.FLOAT
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
