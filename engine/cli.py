@@ -145,10 +145,11 @@ def _parser():
 
     e = sub.add_parser("export", help="export the networks to another format")
     formats = e.add_subparsers(dest="format", required=True, metavar="FORMAT")
-    o = formats.add_parser("onnx", help="text encoder, UNet, VAE decoder and encoder to ONNX",
-                           description="Export the text encoder, UNet, VAE decoder and VAE "
+    o = formats.add_parser("onnx", help="text encoder(s), UNet, VAE decoder and encoder to ONNX",
+                           description="Export the text encoder(s), UNet, VAE decoder and VAE "
                                        "encoder to ONNX, in the folder layout Optimum's "
-                                       "ORTStableDiffusionPipeline loads, with an "
+                                       "ORTStableDiffusionPipeline (SDXL: "
+                                       "ORTStableDiffusionXLPipeline) loads, with an "
                                        "sdrt_export.json manifest.")
     o.add_argument("--model", metavar="PATH", required=True,
                    help="diffusers folder or single-file .safetensors")

@@ -8,6 +8,10 @@ Each network runs in onnxruntime and in sdrt (float32, the reference) on two set
   (its token ids, the last UNet call, the final latents, and the decoded image for the
   encoder).
 
+An SDXL text encoder is compared output by output: every layer's states (``hidden_states.k``
+against sdrt's ``encoder(ids, clip_skip=L - k, final_norm=False)``), the final states and the
+pooled (projected) output against ``encode``: the calls the pipeline makes.
+
 The error of each output is ‖onnx − sdrt‖ / ‖sdrt‖ (and its max abs difference).
 Tolerances: float32 exports 1e-4 (reordered float32 arithmetic is good to ~1e-6 per op; a
 wrong op is off by ≥ 1e-2); float16 exports 1e-2 (fp16 rounding, 2⁻¹¹ per op, compounded
@@ -21,7 +25,7 @@ import torch
 from sdrt.engine.errors import SdrtError
 
 from .onnx_export import vae_moments
-from .onnx_manifest import MODELS, NUM_TIME_IDS
+from .onnx_manifest import manifest_family, models_of, unet_inputs
 from .onnx_runtime import load_sessions
 
 TOLERANCES = {"fp32": 1e-4, "fp16": 1e-2}
@@ -67,6 +71,17 @@ class _Recorder:
         return self.module(*args, **kwargs)
 
 
+class _TextRecorder(_Recorder):
+    """A text encoder's last token ids, through ``forward`` or ``encode``."""
+
+    def __init__(self, module):
+        super().__init__(module, ("input_ids",))
+
+    def encode(self, ids, *args, **kwargs):
+        self.last = {"input_ids": ids}
+        return self.module.encode(ids, *args, **kwargs)
+
+
 class _VAERecorder:
     def __init__(self, vae):
         self.vae, self.config = vae, vae.config
@@ -81,12 +96,13 @@ class _VAERecorder:
         return self.vae.encode(image)
 
 
-def _random_inputs(manifest, configs, unet_names, device, g):
+def _random_inputs(manifest, configs, unet_names, device, g, family):
     """Fresh inputs at the export's shapes: (B images, guidance doubles the UNet's batch)."""
     n, f = manifest["batch"], configs["vae"].scale_factor
     h, w = manifest["height"] // f, manifest["width"] // f
-    unet, text, vae = configs["unet"], configs["text_encoder"], configs["vae"]
-    seq = text.max_position_embeddings
+    unet, vae = configs["unet"], configs["vae"]
+    texts = {name: configs[name] for name in configs if name.startswith("text_encoder")}
+    seq = next(iter(texts.values())).max_position_embeddings
 
     def randn(*shape, mean=0.0, std=1.0):
         return (mean + std * torch.randn(shape, generator=g)).to(device)
@@ -98,16 +114,18 @@ def _random_inputs(manifest, configs, unet_names, device, g):
     if "timestep_cond" in unet_names:
         unet_feeds["timestep_cond"] = randn(2 * n, unet.time_cond_proj_dim, mean=0.2)
     if "text_embeds" in unet_names:
-        width = unet.projection_class_embeddings_input_dim - \
-            unet.addition_time_embed_dim * NUM_TIME_IDS
+        (width,) = unet_inputs(unet, family.num_time_ids)["text_embeds"]
         unet_feeds["text_embeds"] = randn(2 * n, width, mean=0.1)
-        # Sizes and a crop corner, in pixels.
-        unet_feeds["time_ids"] = torch.tensor([[h * f, w * f, 0, 0, h * f, w * f]] * (2 * n),
+        # Sizes and a crop corner in pixels, and the refiner's aesthetic score.
+        values = {"original_size": (h * f, w * f), "crops_coords_top_left": (16, 8),
+                  "target_size": (h * f, w * f), "aesthetic_score": 6.0}
+        unet_feeds["time_ids"] = torch.tensor([family.time_ids_of(values)] * (2 * n),
                                               dtype=torch.float32, device=device)
     return {
         # One prompt and its negative, as a guided generation encodes them.
-        "text_encoder": {"input_ids": torch.randint(0, text.vocab_size, (2, seq),
-                                                    generator=g).to(device)},
+        **{name: {"input_ids": torch.randint(0, text.vocab_size, (2, seq),
+                                             generator=g).to(device)}
+           for name, text in texts.items()},
         "unet": unet_feeds,
         # Unscaled latents, as the decoder sees them: ~N(0, 1) / 0.18215 for SD.
         "vae_decoder": {"latent_sample": randn(n, vae.latent_channels, h, w, mean=0.5,
@@ -121,27 +139,45 @@ def _generation_inputs(c, manifest, device):
     """The inputs each network saw in a 2-step guided generation at the export's shapes."""
     from sdrt.engine.loading import Components
     from sdrt.engine.pipeline import Pipeline
-    text = _Recorder(c.text_encoder, ("input_ids",))
+    texts = {name: _TextRecorder(getattr(c, name)) for name in c.family.text_encoders}
     unet = _Recorder(c.unet, ("sample", "timestep", "encoder_hidden_states"))
     vae = _VAERecorder(c.vae)
-    pipe = Pipeline(Components(text, unet, vae, c.tokenizer, c.scheduler_config, c.source),
+    pipe = Pipeline(Components(texts.get("text_encoder"), unet, vae, c.tokenizer,
+                               c.scheduler_config, c.source, texts.get("text_encoder_2"),
+                               c.tokenizer_2, c.family, c.model_index),
                     device, torch.float32)
     pipe(PROMPT, height=manifest["height"], width=manifest["width"], num_inference_steps=2,
          guidance_scale=7.5, seed=0, num_images_per_prompt=manifest["batch"], output_type="np")
     (z,), image = vae.last_decode
     unet_feeds = dict(unet.last)
     unet_feeds["timestep"] = unet_feeds["timestep"].reshape(-1)[0].float()
-    return {"text_encoder": {"input_ids": text.last["input_ids"]},
+    return {**{name: {"input_ids": text.last["input_ids"]} for name, text in texts.items()},
             "unet": unet_feeds,
             "vae_decoder": {"latent_sample": z},
             "vae_encoder": {"sample": image.clamp(-1, 1)}}
 
 
+def _layer_states(encoder, ids):
+    """sdrt's outputs for an SDXL text encoder, in Optimum's order (``output_names``), through
+    the calls the pipeline makes: ``encode`` for the final states and the pooled output, and
+    ``encoder(ids, clip_skip=L - k, final_norm=False)`` for the states after layer k."""
+    layers = encoder.config.num_hidden_layers
+    last, pooled = encoder.encode(ids)
+    states = [encoder.text_model.embeddings(ids)]  # hidden_states.0: before the first layer
+    states += [encoder(ids, clip_skip=layers - k, final_norm=False) for k in range(1, layers)]
+    states.append(encoder.encode(ids, final_norm=False)[0])  # after the last layer, no norm
+    head = (pooled, last) if encoder.config.with_projection else (last, pooled)
+    return (*head, *states)
+
+
 def reference(c, name, feeds):
     """sdrt's outputs for one network, as a tuple in the export's output order."""
-    if name == "text_encoder":
+    if name.startswith("text_encoder"):
         ids = feeds["input_ids"]
-        states = c.text_encoder(ids)
+        encoder = getattr(c, name)
+        if c.family.penultimate:
+            return _layer_states(encoder, ids)
+        states = encoder(ids)
         return states, states[torch.arange(len(ids), device=ids.device), ids.argmax(dim=-1)]
     if name == "unet":
         extra = {k: v for k, v in feeds.items()
@@ -177,15 +213,18 @@ def check_onnx(onnx_dir, model_path=None, device=None, seed=0):
         raise SdrtError("no model to compare with: pass --model")
     c = load(model_path, device, torch.float32, config=manifest.get("config"),
              prediction_type=manifest.get("prediction_type"))
-    configs = {"unet": c.unet.config, "vae": c.vae.config, "text_encoder": c.text_encoder.config}
+    if c.family != manifest_family(manifest):
+        raise SdrtError(f"{model_path} is an {c.family.label} model; the export is of an "
+                        f"{manifest_family(manifest).label} one")
+    configs = {name: getattr(c, name).config for name in ("unet", "vae", *c.family.text_encoders)}
     tol = TOLERANCES[manifest["dtype"]]
     g = torch.Generator().manual_seed(seed)
     rows = []
     with _NoTF32():
         input_sets = {"random": _random_inputs(manifest, configs, sessions["unet"].inputs,
-                                               device, g),
+                                               device, g, c.family),
                       "generation": _generation_inputs(c, manifest, device)}
-        for name in MODELS:
+        for name in models_of(c.family):
             for kind, inputs in input_sets.items():
                 feeds = inputs[name]
                 ours = sessions[name](**feeds)

@@ -1,8 +1,8 @@
-"""Export sdrt's own text encoder, UNet and VAE to ONNX: ``sdrt export onnx``.
+"""Export sdrt's own text encoders, UNet and VAE to ONNX: ``sdrt export onnx``.
 
-The folder is Optimum's Stable Diffusion layout (``onnx_manifest``), so Optimum's
-``ORTStableDiffusionPipeline`` and ONNX Runtime's Stable Diffusion optimizer read it as they
-read ``optimum-cli``'s export. After the exporter, ``onnx_ort_patterns.rewrite_for_ort``
+The folder is Optimum's Stable Diffusion (SDXL) layout (``onnx_manifest``), so Optimum's
+``ORTStableDiffusionPipeline`` (``ORTStableDiffusionXLPipeline``, ``...XLImg2ImgPipeline``) and
+ONNX Runtime's Stable Diffusion optimizer read it as they read ``optimum-cli``'s export. After the exporter, ``onnx_ort_patterns.rewrite_for_ort``
 rewrites GroupNorm, GEGLU and attention into the node forms ORT's optimizer fuses; with
 ``optimize="ort"`` that optimizer then runs (``onnx_optimize``).
 
@@ -32,8 +32,8 @@ from torch import nn
 from sdrt.engine.atomic import check_new_folder, write_folder
 from sdrt.engine.errors import SdrtError
 
-from .onnx_manifest import (DTYPES, FILES, MODELS, NAMES, sdrt_version, unet_inputs,
-                            write_manifest)
+from .onnx_manifest import (DTYPES, FILES, MODELS, NAMES, output_names, sdrt_version,
+                            unet_inputs, write_manifest)
 
 # The dynamo exporter implements its operators at opset 18; asking for less runs onnx's version
 # converter, which wrote invalid models (Split with num_outputs at opset 17) in our tests.
@@ -57,6 +57,33 @@ class _TextEncoder(nn.Module):
         # CLIP's vocabulary (transformers' rule for these configs; argmax takes the first).
         rows = torch.arange(states.shape[0], device=states.device)
         return states, states[rows, input_ids.argmax(dim=-1)]
+
+
+class _LayerStates(nn.Module):
+    """An SDXL text encoder with Optimum's outputs: CLIPTextModel's (last_hidden_state,
+    pooler_output) or CLIPTextModelWithProjection's (text_embeds, last_hidden_state), then
+    ``hidden_states.0`` (the embeddings) to ``hidden_states.{L}`` (after layer L, before the
+    final LayerNorm), transformers' ``output_hidden_states``. The pooled row is at
+    ``eos_positions``, as sdrt's ``encode`` takes it."""
+
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):  # (B, 77) int64 → (B, 77, D) ×2, (B, D or P), (B, 77, D) × L+1
+        te = self.text_encoder
+        tm = te.text_model
+        x = tm.embeddings(input_ids)
+        states = [x]
+        for layer in tm.encoder.layers:
+            x = layer(x)
+            states.append(x)
+        last = tm.final_layer_norm(x)
+        rows = torch.arange(x.shape[0], device=x.device)
+        pooled = last[rows, te.eos_positions(input_ids)]
+        if te.config.with_projection:
+            return (te.text_projection(pooled), last, *states)
+        return (last, pooled, *states)
 
 
 class _UNet(nn.Module):
@@ -148,21 +175,24 @@ def _exporting():
 
 
 def _specs(c, height, width, batch, dtype, dynamic):
-    """For each network: (wrapper module, example inputs, dynamic_shapes or None, input names)."""
+    """For each network: (wrapper module, example inputs, dynamic_shapes or None, input names,
+    output names)."""
     from torch.export import Dim
     f = c.vae.config.scale_factor
     h, w = height // f, width // f
     # torch.export specialises an axis whose example size is 1: dynamic examples use batch ≥ 2.
     n = max(batch, 2) if dynamic else batch
     g = torch.Generator().manual_seed(0)
-    seq, vocab = c.text_encoder.config.max_position_embeddings, c.text_encoder.config.vocab_size
+    family = c.family
+    texts = {name: getattr(c, name) for name in family.text_encoders}
+    seq = next(iter(texts.values())).config.max_position_embeddings
     # The pipeline encodes each prompt and each init image once, then repeats the result per
     # image: static exports take one at a time (the runtime splits larger batches into calls).
     one = n if dynamic else 1
-    ids = torch.randint(0, vocab, (one, seq), generator=g)
-    unet_names = tuple(unet_inputs(c.unet.config))
+    unet_spec = unet_inputs(c.unet.config, family.num_time_ids)
+    unet_names = tuple(unet_spec)
     unet_args = []
-    for name, shape in unet_inputs(c.unet.config).items():
+    for name, shape in unet_spec.items():
         if name == "timestep":
             unet_args.append(torch.tensor(999.0))
         else:
@@ -172,25 +202,35 @@ def _specs(c, height, width, batch, dtype, dynamic):
             unet_args.append(torch.randn(2 * n, *shape, generator=g).to(dtype))
     latent = torch.randn(n, c.vae.config.latent_channels, h, w, generator=g).to(dtype)
     image = torch.rand(one, c.vae.config.in_channels, height, width, generator=g).to(dtype) * 2 - 1
-    specs = {
-        "text_encoder": (_TextEncoder(c.text_encoder), (ids,), NAMES["text_encoder"][0]),
+    specs = {}
+    for name, encoder in texts.items():
+        ids = torch.randint(0, encoder.config.vocab_size, (one, seq), generator=g)
+        wrapper = _LayerStates(encoder) if family.penultimate else _TextEncoder(encoder)
+        specs[name] = (wrapper, (ids,), NAMES[name][0])
+    specs.update({
         "unet": (_UNet(c.unet, unet_names), tuple(unet_args), unet_names),
         "vae_decoder": (_VAEDecoder(c.vae), (latent,), NAMES["vae_decoder"][0]),
         "vae_encoder": (_VAEEncoder(c.vae), (image,), NAMES["vae_encoder"][0]),
-    }
+    })
+    outputs = {m: output_names(m, family, getattr(texts.get(m), "config", None)) for m in specs}
     if not dynamic:
-        return {m: (module, args, None, names) for m, (module, args, names) in specs.items()}
+        return {m: (module, args, None, names, outputs[m])
+                for m, (module, args, names) in specs.items()}
     batch_dim = Dim("batch", min=1, max=1024)
     lh, lw = Dim("latent_height", min=1, max=4096 // f), Dim("latent_width", min=1, max=4096 // f)
     unet_shapes = {name: None if name == "timestep" else {0: batch_dim} for name in unet_names}
     unet_shapes["sample"] = {0: batch_dim, 2: lh, 3: lw}
     shapes = {
-        "text_encoder": {"input_ids": {0: batch_dim}},
-        "unet": unet_shapes,
+        **{name: {"input_ids": {0: batch_dim}} for name in texts},
+        # By _UNet's arguments: the inputs past the third, where there are some, are its
+        # *extra, one tuple.
+        "unet": tuple(unet_shapes[name] for name in unet_names[:3]) + (
+            (tuple(unet_shapes[name] for name in unet_names[3:]),) if unet_names[3:] else ()),
         "vae_decoder": {"latent_sample": {0: batch_dim, 2: lh, 3: lw}},
         "vae_encoder": {"sample": {0: batch_dim, 2: f * lh, 3: f * lw}},
     }
-    return {m: (module, args, shapes[m], names) for m, (module, args, names) in specs.items()}
+    return {m: (module, args, shapes[m], names, outputs[m])
+            for m, (module, args, names) in specs.items()}
 
 
 def _value_info(values):
@@ -207,11 +247,11 @@ def _value_info(values):
 
 
 def _export_one(name, module, args, dynamic_shapes, input_names, folder, opset,
-                external_data_bytes):
+                external_data_bytes, outputs=None):
     import onnx
 
     from .onnx_ort_patterns import rewrite_for_ort
-    outputs = NAMES[name][1]
+    outputs = outputs or NAMES[name][1]
     program = torch.onnx.export(module, args, input_names=list(input_names),
                                 output_names=list(outputs), opset_version=opset, dynamo=True,
                                 dynamic_shapes=dynamic_shapes, optimize=True, verbose=False)
@@ -249,8 +289,8 @@ def _initializer_bytes(graph):
 def export_onnx(model_path, out_dir, height=None, width=None, batch=1, dtype="fp32",
                 opset=DEFAULT_OPSET, dynamic=False, external_data_bytes=EXTERNAL_DATA_BYTES,
                 config=None, prediction_type=None, optimize=None, target="cuda"):
-    """Export a model's text encoder, UNet, VAE decoder and VAE encoder to ``out_dir``, in
-    Optimum's Stable Diffusion layout.
+    """Export a model's text encoder(s), UNet, VAE decoder and VAE encoder to ``out_dir``, in
+    Optimum's Stable Diffusion (or SDXL) layout.
 
     ``height``/``width`` (pixels, default: the UNet's native size) and ``batch`` (images) fix
     the shapes of a static export, and are the example shapes of a ``dynamic`` one, whose
@@ -290,46 +330,75 @@ def _write_json(path, obj):
         fh.write("\n")
 
 
+# model_index.json's class of each component, as diffusers' repositories name them.
+_INDEX_CLASSES = {"text_encoder": ["transformers", "CLIPTextModel"],
+                  "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                  "tokenizer": ["transformers", "CLIPTokenizer"],
+                  "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                  "unet": ["diffusers", "UNet2DConditionModel"],
+                  "vae": ["diffusers", "AutoencoderKL"]}
+_PIPELINES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
+              "sdxl": "StableDiffusionXLPipeline",
+              "sdxl-refiner": "StableDiffusionXLImg2ImgPipeline"}
+
+
+def _model_index(c):
+    """model_index.json: the pipeline class Optimum maps to its ORT pipeline, the components
+    (one the family lacks, the refiner's text_encoder, is [null, null] as diffusers writes
+    it), and SDXL's options, the source's where it has them (the pipeline reads them too)."""
+    family = c.family
+    present = {"unet", "vae", *family.text_encoders, *family.tokenizers}
+    wanted = ("text_encoder", "tokenizer") + (
+        ("text_encoder_2", "tokenizer_2") if family.pooled else ())
+    index = {"_class_name": _PIPELINES[family.name],
+             **{k: _INDEX_CLASSES[k] if k in present else [None, None] for k in wanted},
+             "unet": _INDEX_CLASSES["unet"], "vae": _INDEX_CLASSES["vae"],
+             "scheduler": ["diffusers", c.scheduler_config.get("_class_name", "PNDMScheduler")]}
+    if family.pooled is None:
+        return {**index, "safety_checker": [None, None], "feature_extractor": [None, None],
+                "requires_safety_checker": False}
+    source = c.model_index or {}
+    return {**index,
+            "force_zeros_for_empty_prompt": bool(source.get("force_zeros_for_empty_prompt",
+                                                            True)),
+            "requires_aesthetics_score": bool(source.get("requires_aesthetics_score",
+                                                         "aesthetic_score" in family.time_ids))}
+
+
 def _write_pipeline_files(c, folder, model_path, config):
-    """model_index.json, each network's config.json, tokenizer/ and scheduler/: what Optimum's
-    pipeline reads beside the ONNX files. Configs are the source model's own files where it
-    has them (a diffusers folder, or the --config folder of a single file), else sdrt's."""
+    """model_index.json, each network's config.json, the tokenizers and scheduler/: what
+    Optimum's pipeline reads beside the ONNX files. Configs are the source model's own files
+    where it has them (a diffusers folder, or the --config folder of a single file), else
+    sdrt's."""
     from sdrt.engine.tokenizer import write_clip_tokenizer
-    scheduler = c.scheduler_config
-    _write_json(os.path.join(folder, "model_index.json"), {
-        "_class_name": "StableDiffusionPipeline",
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "scheduler": ["diffusers", scheduler.get("_class_name", "PNDMScheduler")],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-    })
-    for name, component in (("text_encoder", "text_encoder"), ("unet", "unet"),
-                            ("vae_decoder", "vae"), ("vae_encoder", "vae")):
+    family = c.family
+    _write_json(os.path.join(folder, "model_index.json"), _model_index(c))
+    networks = [(t, t) for t in family.text_encoders] + [
+        ("unet", "unet"), ("vae_decoder", "vae"), ("vae_encoder", "vae")]
+    for name, component in networks:
         source = _source_file(model_path, config, component, "config.json")
         target = os.path.join(folder, name, "config.json")
         if source:
             shutil.copyfile(source, target)
             continue
         # transformers names a model class its own way; diffusers by _class_name.
-        naming = ({"architectures": ["CLIPTextModel"], "model_type": "clip_text_model"}
-                  if component == "text_encoder" else
-                  {"_class_name": "UNet2DConditionModel" if component == "unet"
-                   else "AutoencoderKL"})
+        naming = ({"architectures": [_INDEX_CLASSES[component][1]],
+                   "model_type": "clip_text_model"}
+                  if component.startswith("text_encoder") else
+                  {"_class_name": _INDEX_CLASSES[component][1]})
         _write_json(target, {**asdict(getattr(c, component).config), **naming})
-    _write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), scheduler)
+    _write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), c.scheduler_config)
     # The source's tokenizer where it has the vocab.json/merges.txt pair that transformers'
     # CLIPTokenizer of any version reads (transformers 5 saves only tokenizer.json); else
-    # CLIP's vocabulary, which every SD 1.x/2.x tokenizer is, with the model's pad token.
-    tokenizer = _source_file(model_path, config, "tokenizer", "vocab.json")
-    if tokenizer and os.path.isfile(os.path.join(os.path.dirname(tokenizer), "merges.txt")):
-        shutil.copytree(os.path.dirname(tokenizer), os.path.join(folder, "tokenizer"))
-    else:
-        write_clip_tokenizer(os.path.join(folder, "tokenizer"),
-                             pad_token=getattr(c.tokenizer, "pad_token", None) or "<|endoftext|>")
+    # CLIP's vocabulary, which every SD and SDXL tokenizer is, with the model's pad token.
+    for name in family.tokenizers:
+        tokenizer = _source_file(model_path, config, name, "vocab.json")
+        if tokenizer and os.path.isfile(os.path.join(os.path.dirname(tokenizer), "merges.txt")):
+            shutil.copytree(os.path.dirname(tokenizer), os.path.join(folder, name))
+        else:
+            write_clip_tokenizer(os.path.join(folder, name),
+                                 pad_token=getattr(getattr(c, name), "pad_token", None)
+                                 or "<|endoftext|>")
 
 
 def _export_all(model_path, folder, height, width, batch, dtype, opset, dynamic,
@@ -351,10 +420,10 @@ def _export_all(model_path, folder, height, width, batch, dtype, opset, dynamic,
             raise SdrtError(f"{name} {v} is not a multiple of the VAE's scale factor {f}")
     models = {}
     with _exporting(), torch.no_grad():
-        for name, (module, args, shapes, names) in _specs(c, height, width, batch, torch_dtype,
-                                                           dynamic).items():
+        for name, (module, args, shapes, names, outputs) in _specs(
+                c, height, width, batch, torch_dtype, dynamic).items():
             models[name] = _export_one(name, module.eval(), args, shapes, names, folder, opset,
-                                       external_data_bytes)
+                                       external_data_bytes, outputs)
     _write_pipeline_files(c, folder, model_path, config)
     manifest = {
         "sdrt_version": sdrt_version(),
@@ -374,10 +443,13 @@ def _export_all(model_path, folder, height, width, batch, dtype, opset, dynamic,
         "width": width,
         "batch": batch,
         "export_seconds": round(time.perf_counter() - t0, 2),
+        "family": c.family.name,
         "configs": {"unet": asdict(c.unet.config), "vae": asdict(c.vae.config),
-                    "text_encoder": asdict(c.text_encoder.config)},
+                    **{t: asdict(getattr(c, t).config) for t in c.family.text_encoders}},
         "scheduler_config": c.scheduler_config,
+        "model_index": _model_index(c),
         "pad_token": getattr(c.tokenizer, "pad_token", None),
+        "pad_token_2": getattr(c.tokenizer_2, "pad_token", None),
         "optimized": None,
         "models": models,
     }

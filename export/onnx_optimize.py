@@ -27,11 +27,11 @@ import shutil
 
 from sdrt.engine.errors import SdrtError
 
-from .onnx_manifest import FILES, MODELS, write_manifest
+from .onnx_manifest import FILES, manifest_family, models_of, write_manifest
 
 TARGETS = ("cuda", "cpu")
-MODEL_TYPES = {"text_encoder": "clip", "unet": "unet", "vae_decoder": "vae",
-               "vae_encoder": "vae"}
+MODEL_TYPES = {"text_encoder": "clip", "text_encoder_2": "clip", "unet": "unet",
+               "vae_decoder": "vae", "vae_encoder": "vae"}
 # What ORT's optimizer reports per model type (get_fused_operator_statistics).
 FUSED_OPS = ("GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd", "Attention",
              "MultiHeadAttention", "LayerNormalization", "SkipLayerNormalization", "NhwcConv",
@@ -115,7 +115,7 @@ def optimize_folder(folder, manifest, target, fp16, check=True):
 
     from .onnx_export import _value_info
     fused = {}
-    for name in MODELS:
+    for name in models_of(manifest_family(manifest)):
         path = os.path.join(folder, FILES[name])
         info = manifest["models"][name]
         fused[name] = optimize_file(path, MODEL_TYPES[name], target, fp16,

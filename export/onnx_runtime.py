@@ -2,7 +2,10 @@
 
 Each stand-in has the call interface of the module it replaces:
 
-- ``OnnxTextEncoder``: ``text_encoder(ids, clip_skip=0)`` → states (B, 77, D);
+- ``OnnxTextEncoder``: ``text_encoder(ids, clip_skip=0, final_norm=True)`` → states
+  (B, 77, D) and ``.encode(...)`` → (states, pooled), from the exported outputs: an SD export
+  has the final states only; an SDXL one every layer's (``hidden_states.k``), so any
+  ``clip_skip`` without the final LayerNorm, as SDXL reads them;
 - ``OnnxUNet``: ``unet(sample, timestep, encoder_hidden_states, **extra)`` → prediction, with
   ``.config`` (UNetConfig); ``extra`` are the inputs its config adds (``unet_inputs``);
 - ``OnnxVAE``: ``vae.encode(image)`` → (mean, std) and ``vae.decode(z)`` → image, with
@@ -24,7 +27,7 @@ from sdrt.engine.loading import Components
 from sdrt.engine.unet import UNetConfig
 from sdrt.engine.vae import VAEConfig
 
-from .onnx_manifest import BATCHED, FILES, NAMES, read_manifest
+from .onnx_manifest import BATCHED, FILES, manifest_family, models_of, read_manifest
 
 _NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
           "tensor(int64)": np.int64, "tensor(int32)": np.int32}
@@ -91,12 +94,35 @@ class OrtModel:
 class OnnxTextEncoder:
     def __init__(self, model: OrtModel, config: TextConfig):
         self.model, self.config = model, config
+        names = model.output_names
+        self.layer_states = any(name.startswith("hidden_states.") for name in names)
+        # Optimum's pooled output: CLIPTextModel's pooler_output, or the projected text_embeds.
+        self.pooled_name = "text_embeds" if "text_embeds" in names else "pooler_output"
 
-    def __call__(self, ids, clip_skip=0):
-        if clip_skip:
-            raise SdrtError("the exported text encoder has no clip skip: use --runtime torch")
-        states = self.model(input_ids=ids.long())[0]  # also pooler_output: unused by SD 1.x/2.x
-        return states
+    def _outputs(self, ids):
+        return dict(zip(self.model.output_names, self.model(input_ids=ids.long())))
+
+    def _states(self, outputs, clip_skip, final_norm):
+        if final_norm and not clip_skip:
+            return outputs["last_hidden_state"]
+        if final_norm or not self.layer_states:
+            raise SdrtError("the exported text encoder gives the final layer's states only: "
+                            "no clip skip; use --runtime torch")
+        layers = self.config.num_hidden_layers
+        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or \
+                not 0 <= clip_skip < layers:
+            raise SdrtError(f"clip_skip must be an integer from 0 to {layers - 1} (the text "
+                            f"encoder has {layers} layers), got {clip_skip!r}")
+        return outputs[f"hidden_states.{layers - clip_skip}"]
+
+    def __call__(self, ids, clip_skip=0, final_norm=True):
+        return self._states(self._outputs(ids), clip_skip, final_norm)
+
+    def encode(self, ids, clip_skip=0, final_norm=True):
+        """(states, pooled): the pooled output is the exported one (SDXL's second encoder:
+        projected), whatever layer the states are read at."""
+        outputs = self._outputs(ids)
+        return self._states(outputs, clip_skip, final_norm), outputs[self.pooled_name]
 
 
 class OnnxUNet:
@@ -137,51 +163,58 @@ class OnnxVAE:
 
 
 def load_sessions(onnx_dir, device, tf32=True):
-    """{network: OrtModel} for the four networks of an export folder, and its manifest."""
+    """{network: OrtModel} for the networks of an export folder, and its manifest."""
     manifest = read_manifest(onnx_dir)
     models = {name: OrtModel(os.path.join(onnx_dir, FILES[name]), name, device, tf32)
-              for name in NAMES}
+              for name in models_of(manifest_family(manifest))}
     return models, manifest
 
 
-def _tokenizer_and_scheduler(model_path, manifest):
-    """From the model folder (a diffusers folder, or the export's own, which has tokenizer/
-    and scheduler/ too) when it has them; otherwise (a single-file checkpoint) the export's
-    config folder's tokenizer or the bundled CLIP one, and the scheduler config recorded at
-    export."""
+def _tokenizers_and_scheduler(model_path, manifest, family=None):
+    """From the model folder (a diffusers folder, or the export's own, which has the tokenizer
+    folders and scheduler/ too) when it has them; otherwise (a single-file checkpoint) the
+    export's config folder's tokenizers or the bundled CLIP one, and the scheduler config
+    recorded at export."""
     from sdrt.engine.loading import _tokenizer
-    from sdrt.engine.tokenizer import EOS
     from sdrt.engine.weights import read_json
+    family = family or manifest_family(manifest)
     folder = model_path if model_path and os.path.isdir(model_path) else None
     if model_path and not os.path.exists(model_path):
         raise SdrtError(f"model path {model_path} does not exist")
-    # As load() picks it: a single file takes the tokenizer of its --config folder, if any.
-    tokenizer = _tokenizer(folder or manifest.get("config"), "tokenizer",
-                           manifest.get("pad_token") or EOS)
+    # As load() picks them: a single file takes the tokenizers of its --config folder, if any.
+    recorded = {"tokenizer": manifest.get("pad_token"), "tokenizer_2": manifest.get("pad_token_2")}
+    tokenizers = {name: _tokenizer(folder or manifest.get("config"), name,
+                                   recorded[name] or default)
+                  for name, default in zip(family.tokenizers, family.pad_tokens)}
     scheduler = manifest["scheduler_config"]
     path = os.path.join(folder, "scheduler", "scheduler_config.json") if folder else None
     if path and os.path.isfile(path):
         scheduler = read_json(path, "scheduler config")
         if manifest.get("prediction_type") is not None:  # the export's override, as load applies it
             scheduler = {**scheduler, "prediction_type": manifest["prediction_type"]}
-    return tokenizer, scheduler
+    return tokenizers, scheduler
 
 
 def onnx_components(onnx_dir, model_path=None, device="cpu"):
-    """``Components`` whose three networks run the ONNX files of ``onnx_dir`` in onnxruntime.
+    """``Components`` whose networks run the ONNX files of ``onnx_dir`` in onnxruntime.
 
-    The tokenizer and scheduler config come from ``model_path`` (default: the export's own
-    tokenizer/ and scheduler/). Use with ``Pipeline(components, device, dtype)``, dtype the
-    export's.
+    The tokenizers and scheduler config come from ``model_path`` (default: the export's own
+    tokenizer folders and scheduler/). Use with ``Pipeline(components, device, dtype)``, dtype
+    the export's.
     """
     onnx_dir = os.fspath(onnx_dir)
     models, manifest = load_sessions(onnx_dir, device)
+    family = manifest_family(manifest)
     if model_path is None:
         model_path = onnx_dir
-    tokenizer, scheduler = _tokenizer_and_scheduler(model_path, manifest)
+    tokenizers, scheduler = _tokenizers_and_scheduler(model_path, manifest, family)
     configs = manifest["configs"]
+    texts = {name: OnnxTextEncoder(models[name], TextConfig.from_dict(configs[name]))
+             for name in family.text_encoders}
     return Components(
-        OnnxTextEncoder(models["text_encoder"], TextConfig.from_dict(configs["text_encoder"])),
+        texts.get("text_encoder"),
         OnnxUNet(models["unet"], UNetConfig.from_dict(configs["unet"])),
         OnnxVAE(models["vae_decoder"], models["vae_encoder"], VAEConfig.from_dict(configs["vae"])),
-        tokenizer, scheduler, f"{onnx_dir} (ONNX of {manifest.get('source')})")
+        tokenizers.get("tokenizer"), scheduler, f"{onnx_dir} (ONNX of {manifest.get('source')})",
+        texts.get("text_encoder_2"), tokenizers.get("tokenizer_2"), family,
+        manifest.get("model_index") or {})

@@ -283,7 +283,7 @@ def test_a_failed_export_leaves_nothing(tiny_sd1, tmp_path, monkeypatch):
     # folder may remain.
     folder, _ = tiny_sd1
 
-    def crash(name, module, args, shapes, names, tmp, opset, external_data_bytes):
+    def crash(name, module, args, shapes, names, tmp, opset, external_data_bytes, outputs):
         os.makedirs(os.path.join(tmp, name))
         with open(os.path.join(tmp, FILES[name]), "wb") as fh:
             fh.write(b"half a protobuf")
@@ -322,13 +322,13 @@ def test_static_batch_exports_the_encoders_at_batch_1(tiny_sd1):
     folder, _ = tiny_sd1
     c = load(folder, "cpu", torch.float32)
     specs = onnx_export._specs(c, 16, 24, 2, torch.float32, dynamic=False)
-    batches = {name: args[0].shape[0] for name, (_, args, _, _) in specs.items()}
+    batches = {name: args[0].shape[0] for name, (_, args, *_) in specs.items()}
     assert batches == {"text_encoder": 1, "unet": 4, "vae_decoder": 2, "vae_encoder": 1}, batches
 
 
 def _stub_export(monkeypatch):
     """_export_one writes empty files: for tests of what surrounds the exporter."""
-    def stub(name, module, args, shapes, names, tmp, opset, external_data_bytes):
+    def stub(name, module, args, shapes, names, tmp, opset, external_data_bytes, outputs):
         os.makedirs(os.path.join(tmp, name))
         open(os.path.join(tmp, FILES[name]), "wb").close()
         return {"file": FILES[name], "external_data": None, "weight_bytes": 0, "inputs": {},
@@ -340,7 +340,7 @@ def test_single_file_export_takes_config_and_prediction_type(tiny_model, tmp_pat
     # A single-file checkpoint loads only with the configs of its folder; the prediction type
     # overrides the scheduler config's, and both reach the manifest for check-onnx and the
     # runtime.
-    from sdrt.export.onnx_runtime import _tokenizer_and_scheduler
+    from sdrt.export.onnx_runtime import _tokenizers_and_scheduler
     from test_loading import _write_ldm_file
     _, folder, _ = tiny_model
     path = _write_ldm_file(tiny_model, tmp_path)
@@ -351,7 +351,7 @@ def test_single_file_export_takes_config_and_prediction_type(tiny_model, tmp_pat
     assert manifest["prediction_type"] == "v_prediction"
     assert manifest["scheduler_config"]["prediction_type"] == "v_prediction"
     for model in (path, folder):  # the file, or the folder the configs came from
-        _, scheduler = _tokenizer_and_scheduler(model, manifest)
+        _, scheduler = _tokenizers_and_scheduler(model, manifest)
         assert scheduler["prediction_type"] == "v_prediction", model
     with pytest.raises(SdrtError, match="prediction_type must be"):
         export_onnx(path, tmp_path / "other", config=folder, prediction_type="eps")
@@ -361,12 +361,12 @@ def test_malformed_scheduler_config_at_run_time(tiny_sd1, tmp_path):
     # The runtime reads the model folder's scheduler config itself: a malformed one is named.
     import shutil
 
-    from sdrt.export.onnx_runtime import _tokenizer_and_scheduler
+    from sdrt.export.onnx_runtime import _tokenizers_and_scheduler
     folder, _ = tiny_sd1
     other = shutil.copytree(folder, tmp_path / "model")
     (other / "scheduler" / "scheduler_config.json").write_text("{not json")
     with pytest.raises(SdrtError, match="scheduler_config.json") as err:
-        _tokenizer_and_scheduler(str(other), {"scheduler_config": {}, "pad_token": None})
+        _tokenizers_and_scheduler(str(other), {"scheduler_config": {}, "pad_token": None})
     assert "\n" not in str(err.value)
 
 
@@ -505,3 +505,161 @@ def test_optimize_ort_fp16_for_cuda_without_a_gpu_is_not_checked(exported, tmp_p
     assert {i.name: i.type.tensor_type.elem_type for i in model.graph.input}["sample"] == \
         onnx.TensorProto.FLOAT
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+
+
+# -- SDXL ---------------------------------------------------------------------------------------
+# The tiny SDXL base (two text encoders, six time ids) and refiner (text encoder 2 only, an
+# aesthetic score), written by sdrt's writer, each exported once at a non-square size (a
+# height/width swap in the time ids or the latents shows): the base static, as Optimum's test
+# exports it too, the refiner with dynamic axes (the UNet's extra inputs take the batch axis
+# too; its text encoder is the one fewer to export).
+SDXL_H, SDXL_W = 32, 48
+SDXL_DYNAMIC = {"sdxl": False, "sdxl-refiner": True}
+
+
+def tiny_sdxl_config(family):
+    """The tiny config with a two-level VAE (scale factor 2): each VAE export takes half the
+    time of the four-level one's, and the VAE is not what sets SDXL apart."""
+    from sdrt.engine.tiny import tiny_config
+    config = tiny_config(family)
+    vae = config["vae"]
+    config["vae"] = {**vae, "block_out_channels": vae["block_out_channels"][:2],
+                     "down_block_types": vae["down_block_types"][:2],
+                     "up_block_types": vae["up_block_types"][:2]}
+    return config
+
+
+@pytest.fixture(scope="module", params=["sdxl", "sdxl-refiner"])
+def sdxl_exported(request, tmp_path_factory):
+    from sdrt.engine.tiny import write_model
+    root = tmp_path_factory.mktemp(f"onnx-{request.param}")
+    folder, out = str(root / "model"), str(root / "export")
+    write_model(folder, tiny_sdxl_config(request.param))
+    manifest = export_onnx(folder, out, height=SDXL_H, width=SDXL_W,
+                           dynamic=SDXL_DYNAMIC[request.param])
+    ours = Pipeline.from_pretrained(folder, device="cpu", dtype="fp32")
+    return request.param, folder, out, manifest, ours
+
+
+def test_sdxl_folder_is_optimums_sdxl_layout(sdxl_exported):
+    # What optimum-cli writes for SDXL and ORTStableDiffusionXL(Img2Img)Pipeline reads: the
+    # refiner has no text_encoder/; each encoder gives every layer's states, the UNet takes
+    # the pooled text_embeds and the time ids by name.
+    import json
+    from sdrt.engine.tokenizer import ClipTokenizer
+    from sdrt.export.onnx_manifest import models_of
+    family, folder, out, manifest, ours = sdxl_exported
+    networks = models_of(ours.family)
+    assert networks == (("text_encoder", "text_encoder_2") if family == "sdxl" else
+                        ("text_encoder_2",)) + ("unet", "vae_decoder", "vae_encoder")
+    files = _files(out)
+    assert [f for f in files if not f.startswith("tokenizer")] == sorted(
+        [MANIFEST, "model_index.json", "scheduler/scheduler_config.json"] +
+        [f"{m}/{f}" for m in networks for f in ("model.onnx", "config.json")]), family
+    with open(os.path.join(out, "model_index.json")) as fh:
+        index = json.load(fh)
+    with open(os.path.join(folder, "model_index.json")) as fh:
+        source = json.load(fh)
+    for key in ("_class_name", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
+                "force_zeros_for_empty_prompt", "requires_aesthetics_score"):
+        assert index.get(key) == source.get(key, index.get(key)), f"{family}: {key}"
+    assert index["requires_aesthetics_score"] is (family == "sdxl-refiner")
+    for tokenizer in ours.family.tokenizers:
+        exported_tokenizer = ClipTokenizer.from_folder(os.path.join(out, tokenizer))
+        for text in ("a red fox, (masterpiece)", ""):
+            assert torch.equal(exported_tokenizer(text), getattr(ours, tokenizer)(text)), \
+                f"{family} {tokenizer}: {text!r}"
+    for name in ours.family.text_encoders:
+        head = ["text_embeds", "last_hidden_state"] if name == "text_encoder_2" else \
+            ["last_hidden_state", "pooler_output"]
+        layers = getattr(ours, name).config.num_hidden_layers
+        assert list(manifest["models"][name]["outputs"]) == \
+            head + [f"hidden_states.{i}" for i in range(layers + 1)], f"{family} {name}"
+    unet = manifest["models"]["unet"]["inputs"]
+    time_ids, f = ours.family.num_time_ids, ours.vae_scale_factor
+    b, h, w = ("batch", "latent_height", "latent_width") if SDXL_DYNAMIC[family] else \
+        (2, SDXL_H // f, SDXL_W // f)
+    assert {k: v["shape"] for k, v in unet.items()} == {
+        "sample": [b, 4, h, w], "timestep": [],
+        "encoder_hidden_states": [b, 77, ours.unet.config.cross_attention_dim],
+        "text_embeds": [b, 32], "time_ids": [b, time_ids]}, family
+
+
+def test_sdxl_onnx_text_encoders_answer_the_pipelines_calls(sdxl_exported):
+    # encode_text's calls, answered from the exported layer states: the penultimate layer
+    # without the final norm (clip skip 0), the first layer (clip skip 1), and encode's pooled.
+    family, folder, out, _, ours = sdxl_exported
+    c = onnx_components(out, folder, "cpu")
+    ids = torch.randint(0, 49408, (2, 77), generator=torch.Generator().manual_seed(4))
+    for name in ours.family.text_encoders:
+        onnx_encoder, encoder = getattr(c, name), getattr(ours, name)
+        with torch.no_grad():
+            for skip in (1, 0):
+                assert_close_rel(onnx_encoder(ids, clip_skip=skip, final_norm=False),
+                                 encoder(ids, clip_skip=skip, final_norm=False), REL_TOL,
+                                 f"{family} {name} clip_skip {skip}")
+            for got, ref, what in zip(onnx_encoder.encode(ids, clip_skip=1, final_norm=False),
+                                      encoder.encode(ids, clip_skip=1, final_norm=False),
+                                      ("states", "pooled")):
+                assert_close_rel(got, ref, REL_TOL, f"{family} {name} encode {what}")
+            assert_close_rel(onnx_encoder(ids), encoder(ids), REL_TOL, f"{family} {name} final")
+        with pytest.raises(SdrtError, match="final layer's states only"):
+            onnx_encoder(ids, clip_skip=1)
+
+
+def test_sdxl_check_onnx_passes(sdxl_exported):
+    family, folder, out, manifest, ours = sdxl_exported
+    rows = check_onnx(out, folder)
+    expected = {(f"{m}.{o}" if len(v["outputs"]) > 1 else m, k)
+                for m, v in manifest["models"].items() for o in v["outputs"]
+                for k in ("random", "generation")}
+    assert {(r.model, r.inputs) for r in rows} == expected, family
+    for r in rows:
+        assert r.passed and r.rel <= REL_TOL, \
+            f"{family} check-onnx: {r.model} on {r.inputs} inputs: relative error {r.rel:.3e}, " \
+            f"max abs {r.max_abs:.3e}"
+
+
+def test_sdxl_image_matches_the_torch_runtime(sdxl_exported):
+    # The base (static) text-to-image, without and with a negative prompt (zeros for an absent
+    # one); the refiner (dynamic) image-to-image (the VAE encoder, the aesthetic scores) for
+    # two images at a size it was not traced at.
+    family, folder, out, manifest, ours = sdxl_exported
+    onnx_pipe = Pipeline(onnx_components(out, folder, "cpu"), torch.device("cpu"),
+                         torch.float32)
+    assert onnx_pipe.force_zeros_for_empty_prompt == ours.force_zeros_for_empty_prompt
+    kw = dict(num_inference_steps=4, guidance_scale=6.0, output_type="np")
+    if family == "sdxl":
+        cases = [(["a red fox"], dict(seed=3, height=SDXL_H, width=SDXL_W)),
+                 (["a red fox"], dict(seed=4, negative_prompt="blurry", height=SDXL_H,
+                                      width=SDXL_W))]
+    else:
+        h, w = SDXL_W, SDXL_H - 8
+        init = np.random.default_rng(3).random((h, w, 3), dtype=np.float32)
+        cases = [(["a red fox", "a lighthouse at dusk"],
+                  dict(image=init, strength=0.75, seed=7, negative_prompt="blurry",
+                       aesthetic_score=7.0, height=h, width=w))]
+    for prompts, case in cases:
+        expected = ours(prompts, **kw, **case)
+        assert expected.std() > 0.01, f"{family}: the reference image is flat"
+        got = onnx_pipe(prompts, **kw, **case)
+        assert_close_abs(got, expected, IMAGE_ATOL,
+                         f"{family} ONNX-run image vs torch-run image, {sorted(case)}")
+
+
+def test_sdxl_cli_generate_with_onnx_runtime(sdxl_exported, tmp_path):
+    from PIL import Image
+    family, folder, out, _, _ = sdxl_exported
+    if family != "sdxl":
+        pytest.skip("the refiner's image-to-image is compared above; one CLI run is enough")
+    images = {}
+    for runtime in ("torch", "onnx"):
+        png = str(tmp_path / f"{runtime}.png")
+        extra = ["--onnx-dir", out] if runtime == "onnx" else []
+        rc = main(["generate", "a red fox", "--model", folder, "--runtime", runtime, *extra,
+                   "--steps", "3", "--seed", "5", "--height", str(SDXL_H), "--width",
+                   str(SDXL_W), "--device", "cpu", "-o", png])
+        assert rc == 0, f"{family}: generate --runtime {runtime} exited {rc}"
+        images[runtime] = np.asarray(Image.open(png), dtype=np.int16)
+    diff = np.abs(images["onnx"] - images["torch"]).max()
+    assert diff <= 1, f"{family}: PNGs differ by up to {diff} levels between runtimes"

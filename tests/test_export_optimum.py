@@ -1,4 +1,5 @@
-"""Optimum loads sdrt's ONNX export unmodified and draws the image sdrt draws.
+"""Optimum loads sdrt's ONNX export unmodified and draws the image sdrt draws (SD 1.x/2.x with
+``ORTStableDiffusionPipeline``, SDXL with ``ORTStableDiffusionXLPipeline``).
 
 ``optimum-onnx`` needs transformers < 4.58, which the rest of the suite does not run with: CI
 runs this file alone in its own environment (``.venv-optimum``, made by ``.ci/run``); in the
@@ -9,6 +10,7 @@ every weight in external data (DDIM, v-prediction, linear projections). Optimum'
 ``ORTStableDiffusionPipeline`` (diffusers' pipeline code, the ONNX files in onnxruntime) and
 sdrt's own pipeline (torch) start from the same latents.
 """
+import numpy as np
 import pytest
 import torch
 
@@ -67,3 +69,66 @@ def test_optimum_reads_the_export_as_its_own(optimum_export):
         "vae_encoder": (["sample"], ["latent_parameters"]),
     }, family
     assert pipe.unet.session.get_inputs()[1].shape == [], "timestep: a scalar, as Optimum's"
+
+
+# -- SDXL: Optimum's SDXL pipelines on sdrt's export of the tiny SDXL base and refiner ----------
+SDXL_H, SDXL_W = 32, 48  # static; non-square, so a height/width swap in the time ids shows
+
+
+# The refiner's image-to-image through Optimum's Img2Img pipeline passed too (same image within
+# 2e-3); only the base runs in CI, to keep the job's time down (the refiner's export itself is
+# checked against sdrt in tests/test_export_onnx.py).
+@pytest.fixture(scope="module", params=["sdxl"])
+def sdxl_export(request, tmp_path_factory):
+    from sdrt.engine.tiny import tiny_config, write_model
+    root = tmp_path_factory.mktemp(f"optimum-{request.param}")
+    folder, out = str(root / "model"), str(root / "export")
+    config = tiny_config(request.param)
+    # A two-level VAE (scale factor 2), as in test_export_onnx.py: half the export time.
+    vae = config["vae"]
+    config["vae"] = {**vae, "block_out_channels": vae["block_out_channels"][:2],
+                     "down_block_types": vae["down_block_types"][:2],
+                     "up_block_types": vae["up_block_types"][:2]}
+    write_model(folder, config)
+    export_onnx(folder, out, height=SDXL_H, width=SDXL_W)
+    return request.param, folder, out
+
+
+def test_optimum_sdxl_generates_sdrts_image(sdxl_export):
+    # Optimum reads the penultimate layer's states of each encoder (hidden_states.L-1), the
+    # projected pooled output of the second (text_embeds, its first output), and feeds the
+    # UNet text_embeds and time_ids by name. The base: text-to-image from the same latents,
+    # with a negative prompt and without (zeros: force_zeros_for_empty_prompt). The refiner
+    # (no text_encoder/, aesthetic scores): image-to-image from the same seed (the VAE's
+    # posterior draw, then the noise).
+    from PIL import Image
+
+    from optimum.onnxruntime import (ORTDiffusionPipeline, ORTStableDiffusionXLImg2ImgPipeline,
+                                     ORTStableDiffusionXLPipeline)
+    family, folder, out = sdxl_export
+    theirs = ORTDiffusionPipeline.from_pretrained(out, provider="CPUExecutionProvider")
+    want = ORTStableDiffusionXLPipeline if family == "sdxl" else \
+        ORTStableDiffusionXLImg2ImgPipeline
+    assert type(theirs) is want, type(theirs)
+    ours = Pipeline.from_pretrained(folder, device="cpu", dtype="fp32")
+    kw = dict(num_inference_steps=4, guidance_scale=6.0, output_type="np")
+    if family == "sdxl":
+        f = ours.vae_scale_factor
+        latents = torch.randn(1, 4, SDXL_H // f, SDXL_W // f,
+                              generator=torch.Generator().manual_seed(3))
+        cases = [(dict(negative_prompt=negative, latents=latents, height=SDXL_H,
+                       width=SDXL_W), {}) for negative in ("blurry", None)]
+    else:
+        pixels = np.random.default_rng(3).integers(0, 256, (SDXL_H, SDXL_W, 3), dtype=np.uint8)
+        init = Image.fromarray(pixels)
+        cases = [(dict(image=init, strength=0.75, negative_prompt="blurry",
+                       aesthetic_score=7.0, negative_aesthetic_score=2.0), dict(seed=7))]
+    for case, ours_only in cases:
+        expected = ours("a red fox", prompt_syntax="plain", **kw, **case, **ours_only)
+        assert expected.std() > 0.01, f"{family}: the reference image is flat"
+        theirs_case = {k: v.clone() if torch.is_tensor(v) else v for k, v in case.items()}
+        if ours_only:
+            theirs_case["generator"] = torch.Generator().manual_seed(ours_only["seed"])
+        got = theirs("a red fox", **kw, **theirs_case).images
+        assert_close_abs(got, expected, IMAGE_ATOL,
+                         f"{family} {sorted(case)}: Optimum's pipeline on sdrt's export vs sdrt")
