@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from .request import SAMPLER_NAMES
 
-BUILT_IN = "sdrt-tiny"  # the built-in model's name in PNG info and the APIs
+BUILT_IN = "sdrt-demo"  # the built-in (demo) model's name in PNG info and the APIs
 
 # sdrt sampler id -> A1111's label. A1111 names PNDM "PLMS"; it is accepted as an alias.
 SAMPLER_LABELS = {

@@ -11,10 +11,11 @@ log = logging.getLogger("sdrt.serve")
 
 
 def builtin_pipeline(device, dtype):
-    """The built-in model: one call, so a trained demo model can replace it here."""
+    """The built-in model: the trained demo model shipped in the package (32×32 pictures of
+    coloured shapes, ``sdrt.engine.demo``)."""
+    from sdrt.engine.demo.model import demo_components
     from sdrt.engine.pipeline import Pipeline
-    from sdrt.engine.tiny import tiny_components
-    return Pipeline(tiny_components(), device, dtype)
+    return Pipeline(demo_components(device=device, dtype=dtype), device, dtype)
 
 
 class Runner:

@@ -21,7 +21,7 @@ from PIL import Image
 
 from sdrt.engine.cli import _parser, main
 
-SMALL = ["--steps", "1", "--height", "64", "--width", "64"]  # a fast run of the tiny model
+SMALL = ["--steps", "1", "--height", "64", "--width", "64"]  # a fast run of the built-in model
 
 
 @pytest.fixture(scope="module")
@@ -257,13 +257,13 @@ def test_interrupt_prints_on_its_own_line(tmp_path):
 
 # -- generation --------------------------------------------------------------------------------
 
-def test_generate_builtin_tiny_model_writes_png_with_parameters(tmp_path, capsys):
+def test_generate_builtin_model_writes_png_with_parameters(tmp_path, capsys):
     out = tmp_path / "fox.png"
     code, stdout, err = _run(["generate", "a red fox", "--steps", "2", "--seed", "3",
                               "-o", str(out)], capsys)
     assert code == 0, err
     with Image.open(out) as im:
-        assert im.size == (128, 128)
+        assert im.size == (32, 32)  # the built-in demo model's size
         params = im.text["parameters"]
     assert params.startswith("a red fox\n") and "Steps: 2" in params and "Seed: 3" in params
     assert "denoise" in stdout and str(out) in stdout
@@ -300,11 +300,13 @@ def test_make_tiny_refuses_a_file_and_a_non_empty_folder(tmp_path, capsys):
     assert (tmp_path / "file").read_text() == "x" and (tmp_path / "full" / "keep").exists()
 
 
-def test_make_tiny_folder_loads_and_reproduces_builtin(tiny_dir, tmp_path, capsys):
+def test_make_demo_folder_loads_and_reproduces_builtin(tmp_path, capsys):
+    demo_dir = str(tmp_path / "demo")
+    assert _run(["make-demo", demo_dir], capsys)[0] == 0
     a, b = tmp_path / "a.png", tmp_path / "b.png"
     args = ["generate", "a red fox", "--steps", "2", "--seed", "9", "--negative", "blur"]
     assert _run(args + ["-o", str(a)], capsys)[0] == 0
-    assert _run(args + ["--model", tiny_dir, "-o", str(b)], capsys)[0] == 0
+    assert _run(args + ["--model", demo_dir, "-o", str(b)], capsys)[0] == 0
     assert np.array_equal(_pixels(a), _pixels(b))
 
 
@@ -335,9 +337,12 @@ def test_each_image_of_a_batch_records_its_own_seed_and_regenerates(tmp_path, ca
     again = tmp_path / "again.png"
     assert _run(["generate", "a red fox", *SMALL, "--seed", "6", "--clip-skip", "1",
                  "-o", str(again)], capsys)[0] == 0
-    assert np.array_equal(_pixels(second), _pixels(again))
+    # Within one level: a batch of 2 and a batch of 1 run different CPU matmul shapes
+    # (~1e-6 apart), which can round a pixel the other way (test_serve's assert_same_image).
+    diff = np.abs(_pixels(second).astype(np.int16) - _pixels(again).astype(np.int16))
+    assert diff.max() <= 1, f"seed 6 alone differs from image 1 of the batch by {diff.max()}"
     params = _parameters(second)
-    assert params.endswith("Model: sdrt-tiny, Clip skip: 2"), params
+    assert params.endswith("Model: sdrt-demo, Clip skip: 2"), params
     assert re.search(r"Model hash: [0-9a-f]{10}, ", params), params
 
 
@@ -356,7 +361,7 @@ def test_png_info_reads_back_with_sd_parsers(tmp_path, capsys):
     sampler = info.samplers[0]
     assert sampler.name == "Euler a"
     assert sampler.parameters["seed"] == "8" and sampler.parameters["cfg_scale"] == "6.5"
-    assert sampler.model.name == "sdrt-tiny"
+    assert sampler.model.name == "sdrt-demo"
 
 
 def test_from_png_regenerates_the_same_image(tmp_path, capsys):
@@ -402,7 +407,7 @@ def test_16_bit_init_image_is_scaled_like_its_8_bit_twin(tmp_path, capsys):
     outs = {}
     for name in ("g8", "g16"):
         outs[name] = tmp_path / f"out-{name}.png"
-        code, _, err = _run(["generate", "a red fox", "--steps", "2", "--seed", "4",
+        code, _, err = _run(["generate", "a red fox", "--steps", "4", "--seed", "4",
                              "--init-image", str(tmp_path / f"{name}.png"), "--strength", "0.3",
                              "-o", str(outs[name])], capsys)
         assert code == 0, err
@@ -592,7 +597,7 @@ def _edit_config(path, **changes):
     json.dump(cfg, open(path, "w"))
 
 
-# Each case: extra CLI arguments (with {model} for a broken copy of the tiny model), a broken
+# Each case: extra CLI arguments (with {model} for the tiny model, or its broken copy), a broken
 # model edit or None, and a fragment the one-line message must contain.
 BAD = {
     "folder without model_index": (["--model", "{tmp}"], None, "model_index.json"),
@@ -631,10 +636,12 @@ BAD = {
     "clip skip past the text encoder": (["--clip-skip", "2"], None,
                                         "--clip-skip must be from 0 to 1 (the text encoder has "
                                         "2 layers), got 2"),
-    "init image smaller than a latent pixel": (["--init-image", "{tmp}/dot.png"], None,
+    "init image smaller than a latent pixel": (["--init-image", "{tmp}/dot.png",
+                                                "--model", "{model}"], None,
                                                "image must be at least 8 pixels high and "
                                                "wide (the VAE's scale factor), got 4x4"),
-    "height not multiple of 8": (["--height", "100"], None, "--height must be a multiple of 8"),
+    "height not multiple of 8": (["--height", "100", "--model", "{model}"], None,
+                                 "--height must be a multiple of 8"),
     "truncated init image": (["--init-image", "{tmp}/cut.png"], None,
                              "cannot read init image {tmp}/cut.png: the file is damaged or "
                              "truncated"),
@@ -649,7 +656,7 @@ def test_bad_input_is_one_line_and_exit_2(case, tiny_dir, tmp_path, capsys):
     Image.fromarray(noise).save(tmp_path / "cut.png")
     _truncate(tmp_path / "cut.png")
     (tmp_path / "model.ckpt").write_bytes(b"PK\x03\x04 pickle")
-    model = _broken_copy(tiny_dir, tmp_path, edit) if edit else None
+    model = _broken_copy(tiny_dir, tmp_path, edit) if edit else tiny_dir
     extra = [e.format(model=model, tmp=tmp_path) for e in extra]
     out = tmp_path / "out.png"
     code, _, err = _run(["generate", "a red fox", "--steps", "2", "-o", str(out)] + extra,

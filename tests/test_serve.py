@@ -287,7 +287,7 @@ def test_a_client_that_disconnects_frees_its_slot(ref_pipe):
 
         def run_slow():  # occupies the worker for a few seconds
             slow["r"] = httpx.post(f"{url}/sdapi/v1/txt2img", timeout=TIMEOUT, json={
-                "prompt": "slow", "width": 128, "height": 128, "steps": 100, "seed": 1})
+                "prompt": "slow", "width": 64, "height": 64, "steps": 100, "seed": 1})
         thread = threading.Thread(target=run_slow)
         thread.start()
         deadline = time.monotonic() + 30
@@ -336,7 +336,7 @@ MALFORMED = [  # (endpoint, body: dict or raw bytes, what the message must name)
     (GEN, {"prompt": "a", "size": "0x0"}, "size"),
     (GEN, {"prompt": "a", "size": "99999x99999"}, "size"),
     (GEN, {"prompt": "a", "size": "64"}, "size"),
-    (GEN, {"prompt": "a", "size": "60x60"}, "size"),
+    (GEN, {"prompt": "a", "size": "61x61"}, "size"),
     (GEN, {"prompt": "a", "size": 64}, "size"),
     (GEN, {"prompt": "a", "response_format": "url"}, "response_format"),
     (GEN, {"prompt": "a", "response_format": "jpeg"}, "response_format"),

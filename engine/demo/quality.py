@@ -135,6 +135,16 @@ def image_to_image(pipe, scenes, settings, seed, strength=0.3):
     return [check(im, s) for im, s in zip(images, scenes)]
 
 
+@torch.no_grad()
+def reconstruction(vae, scenes):
+    """The checker's verdicts on the VAE's reconstructions (the latent mean, decoded) of the
+    rendered scenes: the ceiling of what the UNet can reach through this VAE."""
+    x = torch.from_numpy(np.stack([world.render(s) for s in scenes])).permute(0, 3, 1, 2)
+    mean, _ = vae.encode(x.float() / 127.5 - 1)
+    images = to_uint8(((vae.decode(mean) + 1) / 2).permute(0, 2, 3, 1).numpy())
+    return [check(im, s) for im, s in zip(images, scenes)]
+
+
 def negative_colour(pipe, scenes, settings, seed):
     """The shape colour's share of the pixels with and without that colour as the negative
     prompt (same noise)."""
@@ -200,22 +210,40 @@ def choose_defaults(model_folder, seed=0, threads=1, guidances=(3.0, 5.0, 7.5)):
     return rows
 
 
+def cli_settings(pipe):
+    """What ``sdrt generate PROMPT`` runs on ``pipe`` without options: the CLI's default steps
+    and guidance, the sampler of the model's scheduler, the model's default size."""
+    from ..cli import _parser
+    from ..samplers import default_sampler
+    a = _parser().parse_args(["generate", "x"])
+    height, width = pipe.default_size()
+    return {"sampler": default_sampler(pipe.scheduler_config), "num_inference_steps": a.steps,
+            "guidance_scale": a.guidance, "height": height, "width": width}
+
+
+TARGETS = {"shape_colour": 0.9, "background": 0.9, "position": 0.8, "shape": 0.8}
+
+
 def run(model_folder, out, seed=0, count=54, threads=1,
         command="python -m sdrt.engine.demo.quality"):
-    """Measure the model in ``model_folder`` on ``count`` held-out prompts; write
-    ``demo_quality.json``, ``demo_quality.md`` and ``demo_grid.png`` under ``out``."""
+    """Measure the model in ``model_folder`` on ``count`` held-out prompts at the CLI's defaults
+    (text-to-image, img2img at strength 0.3, a negative prompt naming the shape's colour) and,
+    text-to-image only, at the model's ``demo_defaults``; with the VAE's reconstructions as the
+    ceiling. Write ``demo_quality.json``, ``demo_quality.md`` and ``demo_grid.png`` (the CLI
+    defaults' images) under ``out``."""
     from PIL import Image
 
     from ..pipeline import Pipeline
     from .model import demo_components, demo_config
     torch.set_num_threads(threads)
     config = demo_config(os.path.join(model_folder, "demo.json"))
-    settings = config["demo_defaults"]
     pipe = Pipeline(demo_components(model_folder), "cpu", torch.float32)
+    settings = cli_settings(pipe)
     scenes = world.held_out_scenes(count)
     start = time.perf_counter()
     images, t2i = text_to_image(pipe, scenes, settings, seed)
     t2i_seconds = time.perf_counter() - start
+    _, t2i_demo = text_to_image(pipe, scenes, config["demo_defaults"], seed)
     i2i = image_to_image(pipe, scenes, settings, seed)
     neg = negative_colour(pipe, scenes, settings, seed)
     pairs = world.validation_scenes(9, shapes=2)
@@ -223,10 +251,11 @@ def run(model_folder, out, seed=0, count=54, threads=1,
     wall = time.perf_counter() - start
     report = {
         "model": "built-in demo model", "weights": "engine/data/demo.safetensors",
-        "held_out_prompts": count, "seed": seed, "settings": settings,
-        "text_to_image": {"accuracy": accuracy(t2i),
-                          "targets": {"shape_colour": 0.9, "background": 0.9,
-                                      "position": 0.8, "shape": 0.8}},
+        "held_out_prompts": count, "seed": seed, "settings": settings, "targets": TARGETS,
+        "text_to_image": {"accuracy": accuracy(t2i)},
+        "text_to_image_demo_defaults": {"settings": config["demo_defaults"],
+                                        "accuracy": accuracy(t2i_demo)},
+        "vae_reconstruction": {"accuracy": accuracy(reconstruction(pipe.vae, scenes))},
         "image_to_image_strength_0.3": {"accuracy_against_input": accuracy(i2i)},
         "negative_prompt_colour": {
             "mean_share_without": float(np.mean([r["share_without"] for r in neg])),
@@ -235,6 +264,7 @@ def run(model_folder, out, seed=0, count=54, threads=1,
                                                for r in neg]))},
         "per_prompt": [{"prompt": s.caption, **{a: r[a] for a in ATTRIBUTES}}
                        for s, r in zip(scenes, t2i)],
+        "grid_two_shape_prompts": [s.caption for s in pairs],
         "training": config.get("training"),
         "defaults_sweep": config.get("demo_defaults_sweep"),
         "cpu": cpu_name(), "threads": threads, "torch": torch.__version__,
@@ -246,7 +276,6 @@ def run(model_folder, out, seed=0, count=54, threads=1,
     with open(os.path.join(out, "demo_quality.json"), "w", encoding="utf-8") as fh:
         json.dump(report, fh, indent=2)
     columns = 9
-    report["grid_two_shape_prompts"] = [s.caption for s in pairs]
     Image.fromarray(grid(np.concatenate([images, pair_images]), columns)).save(
         os.path.join(out, "demo_grid.png"))
     with open(os.path.join(out, "demo_quality.md"), "w", encoding="utf-8") as fh:
@@ -255,24 +284,30 @@ def run(model_folder, out, seed=0, count=54, threads=1,
 
 
 def _markdown(r, columns):
-    acc, tgt = r["text_to_image"]["accuracy"], r["text_to_image"]["targets"]
+    acc, tgt = r["text_to_image"]["accuracy"], r["targets"]
+    demo = r["text_to_image_demo_defaults"]
+    vae = r["vae_reconstruction"]["accuracy"]
     i2i = r["image_to_image_strength_0.3"]["accuracy_against_input"]
     neg = r["negative_prompt_colour"]
-    s = r["settings"]
+    s, d = r["settings"], demo["settings"]
     lines = [
         "# Demo model quality",
         "",
         f"{r['held_out_prompts']} held-out prompts (colour/shape/background combinations never "
-        f"rendered in training), {s['sampler']}, {s['num_inference_steps']} steps, guidance "
-        f"{s['guidance_scale']}, {s['height']}×{s['width']}, seed {r['seed']}. CPU: {r['cpu']} "
-        f"({r['threads']} thread), torch {r['torch']}. Text-to-image {r['text_to_image_seconds']} s, "
-        f"all three measurements {r['wall_seconds']} s. Command: `{r['command']}`.",
+        f"rendered in training), seed {r['seed']}, at what `sdrt generate PROMPT` runs without "
+        f"options: {s['sampler']}, {s['num_inference_steps']} steps, guidance "
+        f"{s['guidance_scale']}, {s['height']}×{s['width']}. CPU: {r['cpu']} "
+        f"({r['threads']} thread), torch {r['torch']}. Text-to-image {r['text_to_image_seconds']} "
+        f"s, all measurements {r['wall_seconds']} s. Command: `{r['command']}`.",
         "",
-        "| attribute | text-to-image accuracy | target | img2img 0.3, kept from the input |",
-        "|---|---|---|---|",
+        f"| attribute | text-to-image accuracy | target | at the model's demo defaults "
+        f"({d['num_inference_steps']} steps, guidance {d['guidance_scale']}) | VAE "
+        f"reconstruction of the rendered scene | img2img 0.3, kept from the input |",
+        "|---|---|---|---|---|---|",
     ]
     for a in ATTRIBUTES:
-        lines.append(f"| {a} | {acc[a]:.1%} | ≥ {tgt[a]:.0%} | {i2i[a]:.1%} |")
+        lines.append(f"| {a} | {acc[a]:.1%} | ≥ {tgt[a]:.0%} | {demo['accuracy'][a]:.1%} | "
+                     f"{vae[a]:.1%} | {i2i[a]:.1%} |")
     lines += [
         "",
         f"Negative prompt naming the shape's colour: that colour's share of the pixels goes "
@@ -310,7 +345,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     r = run(a.model, a.out, a.seed, a.count, a.threads,
             " ".join(["python -m sdrt.engine.demo.quality", *argv]))
-    print(json.dumps({k: r[k] for k in ("text_to_image", "image_to_image_strength_0.3",
+    print(json.dumps({k: r[k] for k in ("text_to_image", "text_to_image_demo_defaults",
+                                        "vae_reconstruction", "image_to_image_strength_0.3",
                                         "negative_prompt_colour", "wall_seconds")}, indent=2))
 
 

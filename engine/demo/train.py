@@ -1,20 +1,44 @@
 """Train the demo model: ``python -m sdrt.engine.demo.train --out engine/data``.
 
-Three stages on scenes rendered on the fly by ``world``: the VAE (a weighted reconstruction loss
-+ a small KL term); the UNet and the text encoder together on the frozen VAE's latents with the
-SD 1.x noise schedule (scaled_linear betas, epsilon prediction); then the VAE decoder alone,
-sharpened with the encoder (so the latent space) frozen. 10% of the captions are replaced by
-the empty prompt, so the model also learns the unconditional prediction that classifier-free
-guidance and negative prompts use. Everything is seeded. ``--resume`` runs more UNet steps on a
-saved model, ``--decoder-only`` the last stage alone.
+Three stages on scenes rendered on the fly by ``world``, each seeded on its own (``seed``,
+``seed + 1``, ``seed + 3``) and each saving the model, so a run may be split into stages
+(``--stages vae``, then ``--stages unet,decoder``) and give the same weights as one run:
 
-The shipped weights (``engine/data/demo.*``; ``demo.json`` records the steps run):
+1. the VAE (a reconstruction loss weighted towards the shapes and their edges + a small KL
+   term), stored rounded to fp16 as it ships;
+2. the UNet and the text encoder together, from their seeded initialisation, on the frozen VAE's
+   latents with the SD 1.x noise schedule (scaled_linear betas). 10% of the captions are
+   replaced by the empty prompt, so the model also learns the unconditional prediction that
+   classifier-free guidance and negative prompts use;
+3. the VAE decoder alone, sharpened with the encoder (so the latent space) frozen.
 
-    python -m sdrt.engine.demo.train --out engine/data --vae-steps 1000 --unet-steps 1100 \
-        --decoder-steps 0 --time-limit 2640
-    python -m sdrt.engine.demo.train --out engine/data --decoder-only --decoder-steps 500
-    python -m sdrt.engine.demo.train --out engine/data --resume --unet-steps 380 --lr 5e-4 \
-        --time-limit 660
+``--resume`` runs more UNet steps on a saved model, optionally switching what the UNet predicts
+(``--prediction-type v_prediction``).
+
+The VAE downsamples 2× (16×16×4 latents for 32×32 images): with 4× (8×8 latents) even a
+perfect reconstruction rounds the corners of 8-pixel shapes; with 2×, the checker finds the
+described shape in 96% of the VAE's reconstructions of the held-out scenes. The UNet's 16×16 level has no attention (256-token
+attention, measured, doubles a training step); cross-attention works at 8×8 and 4×4.
+
+The shipped weights (``engine/data/demo.*``; ``demo.json`` records each stage's and each
+resumption's steps, seed and wall time), on one thread of a 2-core machine shared with other
+work (and with this work's own measurements), 3925 s (65 minutes) in all:
+
+    python -m sdrt.engine.demo.train --out engine/data --stages vae --vae-steps 600
+    python -m sdrt.engine.demo.train --out engine/data --stages unet --unet-steps 1100 \
+        --time-limit 3000
+    python -m sdrt.engine.demo.train --out engine/data --resume --unet-steps 600 --lr 1e-3 \
+        --prediction-type v_prediction --time-limit 1800
+    python -m sdrt.engine.demo.train --out engine/data --resume --unet-steps 600 --lr 5e-4 \
+        --seed 1 --time-limit 1200
+
+(No time limit was reached: every stage ran all its steps.)
+
+The UNet stage predicts the noise (ε), as SD 1.x does; measured on 18 held-out prompts, that
+model drew the background's colour right in 1 of 18 pictures: with ε-prediction the colour of
+the whole picture, decided at high noise, weighs almost nothing in the loss. The resumptions
+switch to v-prediction (the scheduler config says so; diffusers and sdrt both sample it).
+Training v-prediction from the first UNet step is the obvious next run.
 """
 import argparse
 import json
@@ -30,16 +54,16 @@ from ..loading import build
 from ..tokenizer import ClipTokenizer
 from . import world
 
-LATENT_SIDE = world.SIDE // 4
+LATENT_SIDE = world.SIDE // 2
 
 DEMO = {
-    "unet": {**SD15["unet"], "block_out_channels": [64, 128], "attention_head_dim": 8,
-             "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-             "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "unet": {**SD15["unet"], "block_out_channels": [32, 64, 128], "attention_head_dim": 8,
+             "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+             "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
              "cross_attention_dim": 64, "layers_per_block": 1, "sample_size": LATENT_SIDE},
-    "vae": {**SD15["vae"], "block_out_channels": [16, 32, 32], "layers_per_block": 1,
-            "down_block_types": ["DownEncoderBlock2D"] * 3,
-            "up_block_types": ["UpDecoderBlock2D"] * 3, "norm_num_groups": 8,
+    "vae": {**SD15["vae"], "block_out_channels": [16, 32], "layers_per_block": 1,
+            "down_block_types": ["DownEncoderBlock2D"] * 2,
+            "up_block_types": ["UpDecoderBlock2D"] * 2, "norm_num_groups": 8,
             "sample_size": world.SIDE},
     "text_encoder": {**SD15["text_encoder"], "hidden_size": 64, "intermediate_size": 128,
                      "num_attention_heads": 2, "num_hidden_layers": 2, "projection_dim": 64},
@@ -55,6 +79,10 @@ DEMO = {
     "demo_defaults": {"sampler": "dpmpp_2m_karras", "num_inference_steps": 20,
                       "guidance_scale": 5.0, "height": world.SIDE, "width": world.SIDE},
 }
+STAGES = ("vae", "unet", "decoder")
+# Which seed offset initialises which network, and which one draws each stage's scenes.
+_INIT_SEEDS = {"text_encoder": 0, "unet": 1, "vae": 2}
+_STAGE_SEEDS = {"vae": 0, "unet": 1, "decoder": 3, "resume": 4}
 
 
 def _init_(module, seed):
@@ -72,18 +100,28 @@ def _alphas_cumprod(sched):
     return torch.cumprod(1 - betas, 0).float()
 
 
-def train_vae(vae, steps, batch_size, rng, log, lr=3e-3):
+def _round_fp16_(module):
+    """Round the weights to fp16, as ``save`` stores them, so that the next stage starts from
+    what a saved model holds (a run split into stages gives the same weights as one run)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(p.half().float())
+    return module
+
+
+def train_vae(vae, steps, batch_size, rng, log, lr=3e-3, edge=20.0):
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=max(steps, 1), pct_start=0.1)
+    gen = torch.Generator().manual_seed(int(rng.integers(2 ** 31)))
     vae.train()
     for step in range(steps):
         images, _ = world.batch(rng, batch_size)
         x = torch.from_numpy(images)
         mean, std = vae.encode(x)
-        z = mean + std * torch.randn_like(std)
+        z = mean + std * torch.randn(std.shape, generator=gen)
         recon = vae.decode(z)
         kl = 0.5 * (mean ** 2 + std ** 2 - 1 - 2 * torch.log(std)).mean()
-        loss = _weighted_error(recon, x) + 1e-6 * kl
+        loss = _weighted_error(recon, x, edge) + 1e-6 * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -111,13 +149,12 @@ def _weighted_error(recon, x, edge=0.0):
     return (_pixel_weights(x, edge) * (error.abs() + error ** 2)).mean()
 
 
-def finetune_decoder(vae, steps, batch_size, rng, log, lr=1e-3):
+def finetune_decoder(vae, steps, batch_size, rng, log, lr=1e-3, latent_noise=0.3):
     """Sharpen the decoder with the encoder frozen: the latent space the UNet learned stays
-    the same, so this stage may run after the UNet's. It starts from the weights rounded to
-    fp16, as ``save`` stores them, so that it gives the same result on a saved model."""
-    with torch.no_grad():
-        for p in vae.parameters():
-            p.copy_(p.half().float())
+    the same, so this stage may run after the UNet's. The latents get extra Gaussian noise, of
+    a standard deviation drawn per image up to ``latent_noise`` (in the UNet's scaled units):
+    the UNet's latents are never exact, and a decoder that maps nearby latents to the same flat
+    picture turns the UNet's small errors into nothing instead of texture."""
     params = list(vae.decoder.parameters()) + (
         list(vae.post_quant_conv.parameters()) if vae.post_quant_conv is not None else [])
     for p in params:
@@ -131,7 +168,10 @@ def finetune_decoder(vae, steps, batch_size, rng, log, lr=1e-3):
         x = torch.from_numpy(images)
         with torch.no_grad():
             mean, std = vae.encode(x)
-        recon = vae.decode(mean + std * torch.randn(std.shape, generator=gen))
+            sigma = latent_noise / vae.config.scaling_factor * torch.rand(
+                (batch_size, 1, 1, 1), generator=gen)
+            z = mean + (std ** 2 + sigma ** 2).sqrt() * torch.randn(mean.shape, generator=gen)
+        recon = vae.decode(z)
         loss = _weighted_error(recon, x, edge=20.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -177,8 +217,12 @@ def train_unet(unet, text_encoder, vae, tokenizer, scheduler, steps, batch_size,
         noise = torch.randn(latents.shape, generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        # v-prediction (v = √ᾱ ε − √(1−ᾱ) x0) asks, at high noise, for the picture itself: with
+        # ε-prediction the background's colour, decided there, weighs almost nothing in the loss.
+        target = noise if scheduler["prediction_type"] == "epsilon" else \
+            a.sqrt() * noise - (1 - a).sqrt() * latents
         states = text_encoder(tokenizer(captions))
-        loss = F.mse_loss(unet(noisy, t, states), noise)
+        loss = F.mse_loss(unet(noisy, t, states), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -188,6 +232,8 @@ def train_unet(unet, text_encoder, vae, tokenizer, scheduler, steps, batch_size,
             log(f"unet step {step} loss {loss.item():.4f}")
         if checkpoint is not None and step % 100 == 99:
             checkpoint(step + 1)
+    unet.eval()
+    text_encoder.eval()
     return step + 1
 
 
@@ -203,90 +249,101 @@ def save(out, config, text_encoder, unet, vae):
         json.dump(config, fh, indent=2)
 
 
-def train(out, vae_steps=1000, unet_steps=1100, decoder_steps=500, batch_size=64,
+def _fresh(config, name, seed):
+    return _init_(build(name, config[name], "cpu"), seed + _INIT_SEEDS[name])
+
+
+def train(out, stages=STAGES, vae_steps=600, unet_steps=1100, decoder_steps=200, batch_size=64,
           vae_batch_size=32, seed=0, threads=1, log=print, time_limit=None):
-    """Train the demo model and save it under ``out``. ``time_limit`` (seconds from the start)
-    stops the UNet stage early, with the learning-rate schedule as if all steps ran; the steps
-    actually run are recorded in the config's ``training``. Returns the config.
+    """Run ``stages`` (in the order of ``STAGES``) and save the model under ``out`` after each;
+    a stage after the first of a run reads the model the earlier stages saved there. The text
+    encoder and UNet always start from their seeded initialisation. ``time_limit`` (seconds from
+    the start) stops the UNet stage early, with the learning-rate schedule as if all steps ran.
+    Each stage's steps, seed and wall time go into the config's ``training``. Returns the
+    config.
 
     One thread by default: on a shared machine, two threads that wait on each other run the
     small ops of these networks an order of magnitude slower than one thread does."""
-    torch.set_num_threads(threads)
-    config = json.loads(json.dumps(DEMO))
-    rng = np.random.default_rng(seed)
-    tokenizer = ClipTokenizer.bundled(pad_token=config["pad_token"])
-    text_encoder = _init_(build("text_encoder", config["text_encoder"], "cpu"), seed)
-    unet = _init_(build("unet", config["unet"], "cpu"), seed + 1)
-    vae = _init_(build("vae", config["vae"], "cpu"), seed + 2)
-    start = time.perf_counter()
-    deadline = None if time_limit is None else start + time_limit
-    train_vae(vae, vae_steps, vae_batch_size, rng, log)
-    for p in vae.parameters():
-        p.requires_grad_(False)
-    config["vae"]["scaling_factor"] = round(latent_scale(vae, rng), 5)
-    vae.config.scaling_factor = config["vae"]["scaling_factor"]
-    log(f"vae done in {time.perf_counter() - start:.0f} s, scaling_factor "
-        f"{config['vae']['scaling_factor']}")
-
-    def record(done):
-        config["training"] = {"seed": seed, "vae_steps": vae_steps, "vae_batch_size": vae_batch_size,
-                              "unet_steps_planned": unet_steps, "unet_steps": done,
-                              "batch_size": batch_size, "threads": threads,
-                              "torch": torch.__version__,
-                              "wall_seconds": round(time.perf_counter() - start, 1)}
-        save(out, config, text_encoder, unet, vae)
-
-    done = train_unet(unet, text_encoder, vae, tokenizer, config["scheduler"], unet_steps,
-                      batch_size, rng, log, deadline=deadline, checkpoint=record)
-    unet.eval()
-    text_encoder.eval()
-    record(done)
-    finetune_decoder(vae, decoder_steps, vae_batch_size, np.random.default_rng(seed + 3), log)
-    config["training"]["decoder_steps"] = decoder_steps
-    config["training"]["wall_seconds"] = round(time.perf_counter() - start, 1)
-    save(out, config, text_encoder, unet, vae)
-    log(f"saved to {out} after {time.perf_counter() - start:.0f} s")
-    return config
-
-
-def finetune_saved_decoder(folder, decoder_steps=500, vae_batch_size=32, seed=0, threads=1,
-                           log=print):
-    """The decoder stage alone, on a model ``train`` saved (its networks and config in
-    ``folder``), seeded as ``train`` seeds it: a run stopped after the UNet stage, then this,
-    gives the same weights as one ``train`` call."""
     from .model import demo_components, demo_config
     torch.set_num_threads(threads)
+    stages = [s for s in STAGES if s in stages]
     start = time.perf_counter()
-    config = demo_config(os.path.join(folder, "demo.json"))
-    c = demo_components(folder)
-    finetune_decoder(c.vae, decoder_steps, vae_batch_size, np.random.default_rng(seed + 3), log)
-    config["training"]["decoder_steps"] = decoder_steps
-    config["training"]["wall_seconds"] = round(config["training"]["wall_seconds"]
-                                               + time.perf_counter() - start, 1)
-    save(folder, config, c.text_encoder, c.unet, c.vae)
-    log(f"saved to {folder}")
+    deadline = None if time_limit is None else start + time_limit
+    tokenizer = ClipTokenizer.bundled(pad_token=DEMO["pad_token"])
+    if stages[0] == "vae":
+        config = json.loads(json.dumps(DEMO))
+        config["training"] = {"seed": seed, "threads": threads, "torch": torch.__version__,
+                              "stages": {}}
+        vae = _fresh(config, "vae", seed)
+        text_encoder, unet = _fresh(config, "text_encoder", seed), _fresh(config, "unet", seed)
+    else:
+        config = demo_config(os.path.join(out, "demo.json"))
+        c = demo_components(out)
+        text_encoder, unet, vae = c.text_encoder, c.unet, c.vae
+    for p in vae.parameters():
+        p.requires_grad_(False)
+
+    def record(stage, **fields):
+        config["training"]["stages"][stage] = {
+            "seed": seed + _STAGE_SEEDS[stage], **fields,
+            "wall_seconds": round(time.perf_counter() - stage_start, 1)}
+        config["training"]["wall_seconds"] = round(sum(
+            s["wall_seconds"] for s in config["training"]["stages"].values()), 1)
+        save(out, config, text_encoder, unet, vae)
+
+    for stage in stages:
+        stage_start = time.perf_counter()
+        rng = np.random.default_rng(seed + _STAGE_SEEDS[stage])
+        if stage == "vae":
+            for p in vae.parameters():
+                p.requires_grad_(True)
+            train_vae(vae, vae_steps, vae_batch_size, rng, log)
+            for p in vae.parameters():
+                p.requires_grad_(False)
+            _round_fp16_(vae)
+            config["vae"]["scaling_factor"] = round(latent_scale(vae, rng), 5)
+            vae.config.scaling_factor = config["vae"]["scaling_factor"]
+            record("vae", steps=vae_steps, batch_size=vae_batch_size)
+        elif stage == "unet":
+            text_encoder, unet = _fresh(config, "text_encoder", seed), _fresh(config, "unet", seed)
+            done = train_unet(
+                unet, text_encoder, vae, tokenizer, config["scheduler"], unet_steps, batch_size,
+                rng, log, deadline=deadline,
+                checkpoint=lambda n: record("unet", steps_planned=unet_steps, steps=n,
+                                            batch_size=batch_size))
+            record("unet", steps_planned=unet_steps, steps=done, batch_size=batch_size)
+        else:
+            finetune_decoder(vae, decoder_steps, vae_batch_size, rng, log)
+            record("decoder", steps=decoder_steps, batch_size=vae_batch_size)
+        log(f"{stage} stage done in {time.perf_counter() - stage_start:.0f} s, saved to {out}")
     return config
 
 
 def resume_unet(folder, unet_steps, batch_size=64, seed=0, threads=1, lr=5e-4, log=print,
-                time_limit=None):
+                time_limit=None, prediction_type=None):
     """More UNet and text-encoder steps, with a fresh one-cycle schedule peaking at ``lr``, on
-    a model ``train`` saved in ``folder`` (the VAE is untouched); seeded by ``seed``."""
+    a model ``train`` saved in ``folder`` (the VAE is untouched); seeded by ``seed``. A
+    ``prediction_type`` other than the model's switches what the UNet learns to predict."""
     from .model import demo_components, demo_config
     torch.set_num_threads(threads)
     start = time.perf_counter()
     deadline = None if time_limit is None else start + time_limit
     config = demo_config(os.path.join(folder, "demo.json"))
+    if prediction_type is not None:
+        config["scheduler"]["prediction_type"] = prediction_type
     c = demo_components(folder)
     for p in c.vae.parameters():
         p.requires_grad_(False)
     done = train_unet(c.unet, c.text_encoder, c.vae, c.tokenizer, config["scheduler"],
-                      unet_steps, batch_size, np.random.default_rng(seed + 4), log, lr=lr,
+                      unet_steps, batch_size,
+                      np.random.default_rng(seed + _STAGE_SEEDS["resume"]), log, lr=lr,
                       deadline=deadline)
     config["training"].setdefault("resumed", []).append(
-        {"unet_steps_planned": unet_steps, "unet_steps": done, "lr": lr, "seed": seed + 4,
+        {"unet_steps_planned": unet_steps, "unet_steps": done, "lr": lr,
+         "prediction_type": config["scheduler"]["prediction_type"],
+         "seed": seed + _STAGE_SEEDS["resume"],
          "wall_seconds": round(time.perf_counter() - start, 1)})
-    save(folder, config, c.text_encoder.eval(), c.unet.eval(), c.vae)
+    save(folder, config, c.text_encoder, c.unet, c.vae)
     log(f"saved to {folder}")
     return config
 
@@ -294,31 +351,36 @@ def resume_unet(folder, unet_steps, batch_size=64, seed=0, threads=1, lr=5e-4, l
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "data"))
-    p.add_argument("--vae-steps", type=int, default=1000)
+    p.add_argument("--stages", default=",".join(STAGES),
+                   help="comma-separated, of " + ", ".join(STAGES) + "; a run that does not "
+                        "start with vae continues the model saved in --out")
+    p.add_argument("--vae-steps", type=int, default=600)
     p.add_argument("--unet-steps", type=int, default=1100)
-    p.add_argument("--decoder-steps", type=int, default=500)
+    p.add_argument("--decoder-steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--vae-batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--time-limit", type=float, default=None,
                    help="seconds; the UNet stage stops when they have passed")
-    p.add_argument("--decoder-only", action="store_true",
-                   help="run only the decoder stage, on the model already saved in --out")
     p.add_argument("--resume", action="store_true",
                    help="run --unet-steps more UNet steps (peak learning rate --lr) on the "
                         "model already saved in --out")
     p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of --resume")
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
+                   help="with --resume: what the UNet learns to predict from now on")
     a = p.parse_args(argv)
     log = lambda s: print(time.strftime("%H:%M:%S"), s, flush=True)
     if a.resume:
         resume_unet(a.out, a.unet_steps, a.batch_size, a.seed, a.threads, a.lr, log,
-                    a.time_limit)
-    elif a.decoder_only:
-        finetune_saved_decoder(a.out, a.decoder_steps, a.vae_batch_size, a.seed, a.threads, log)
-    else:
-        train(a.out, a.vae_steps, a.unet_steps, a.decoder_steps, a.batch_size,
-              a.vae_batch_size, a.seed, a.threads, log=log, time_limit=a.time_limit)
+                    a.time_limit, a.prediction_type)
+        return
+    stages = a.stages.split(",")
+    unknown = set(stages) - set(STAGES)
+    if unknown or not stages:
+        p.error(f"--stages: unknown {sorted(unknown)}; choose from {', '.join(STAGES)}")
+    train(a.out, stages, a.vae_steps, a.unet_steps, a.decoder_steps, a.batch_size,
+          a.vae_batch_size, a.seed, a.threads, log=log, time_limit=a.time_limit)
 
 
 if __name__ == "__main__":

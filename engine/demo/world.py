@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SIDE = 32  # pixels; the latents are SIDE / 4 = 8 on a side
+SIDE = 32  # pixels; the latents are SIDE / 2 = 16 on a side
 
 # Palette, RGB 0-255. Far apart in RGB, so the checker can classify each pixel by nearest colour.
 COLOURS = {
@@ -84,13 +84,17 @@ def describe(shape: Shape, rng, size_word=True, position=True):
 
 
 def caption(shapes, background, rng=None):
-    """A caption from the templates; ``rng`` picks the paraphrase (None: the first of each)."""
+    """A caption from the templates; ``rng`` picks the paraphrase and whether the size and the
+    position are named (None: the first paraphrase of each, naming both)."""
     pick = (lambda n: 0) if rng is None else (lambda n: int(rng.integers(n)))
     bg = [f"on a {background} background", f"on {background}",
           f"with a {background} background"][pick(3)]
     if len(shapes) == 1:
         s = shapes[0]
-        body = describe(s, rng, size_word=pick(2) == 0 or rng is None)
+        # A quarter of the one-shape captions name no position ("a red circle on a blue
+        # background"): the model then learns to place the shape anywhere.
+        body = describe(s, rng, size_word=pick(2) == 0 or rng is None,
+                        position=pick(4) != 0 or rng is None)
         return [f"{body} {bg}", f"{body} {bg}", f"a picture of {body} {bg}"][pick(3)]
     a, b = shapes
     return f"{describe(a, rng, False)} and {describe(b, rng, False)} {bg}"
