@@ -134,7 +134,7 @@ def _parser():
                     "in a 'parameters' text chunk. Without --model it runs the built-in tiny "
                     "model, whose pictures are noise."))
 
-    t = sub.add_parser("make-tiny", help="write the built-in tiny model as a diffusers folder")
+    t = sub.add_parser("make-tiny", help="write the random tiny test model as a diffusers folder")
     t.add_argument("dir", metavar="DIR", help="folder to create (must not exist, or be empty)")
 
     d = sub.add_parser("make-demo", help="write the small trained demo model as a diffusers folder")
@@ -210,7 +210,7 @@ def _generate_options(g):
                         "given as well overrides the PNG's")
     g.add_argument("--model", metavar="PATH",
                    help="diffusers folder or single-file .safetensors checkpoint (default: the "
-                        "built-in tiny model)")
+                        "built-in demo model)")
     g.add_argument("--negative", metavar="TEXT", default=None,
                    help="negative prompt: what to steer away from (used when --guidance is "
                         "above 1)")

@@ -31,7 +31,7 @@ def add_parser(subparsers):
                     "pip install \"sdrt[serve]\" (\"sdrt[ray]\" for --ray).")
     s.add_argument("--model", metavar="PATH", default=None,
                    help="diffusers folder or single-file .safetensors checkpoint (default: the "
-                        "built-in tiny model)")
+                        "built-in demo model)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on")
     s.add_argument("--port", type=int_arg, default=DEFAULT_PORT, help="port to listen on")
     s.add_argument("--device", choices=("cpu", "cuda"), default=None,
