@@ -13,10 +13,11 @@ A prompt goes through three steps, each a function here, as stable-diffusion-web
                         weight per id (1.0 on BOS, EOS and padding). A chunk is closed early
                         by BREAK, or at the last comma when that comma is at most 20 tokens
                         back (the text after it moves to the next chunk whole).
-    encode_chunks       every chunk through the text encoder as its own 77-token sequence,
-                        states × weights, then each chunk rescaled so that the mean of its
-                        (77, D) states is the unweighted one; chunks concatenated along the
-                        sequence: (B, 77·n, D).
+    apply_weights       every chunk goes through the text encoder as its own 77-token
+                        sequence (``conditioning.encode_text``, for each encoder of the
+                        family), states × weights, then each chunk rescaled so that the mean
+                        of its (77, D) states is the unweighted one; chunks are concatenated
+                        along the sequence: (B, 77·n, D).
 
 Prompts of a batch, and the positive and negative prompts of a CFG batch, must have the same
 number of chunks: the shorter ones are padded with empty chunks (the ids of "", weights 1),
@@ -278,20 +279,3 @@ def apply_weights(states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     scale = torch.where(usable, mean / torch.where(usable, new_mean, 1.0), 1.0)
     unweighted = (w == 1).all(dim=1)[:, None, None]
     return torch.where(unweighted, z, weighted * scale).to(states.dtype)
-
-
-def encode_chunks(text_encoder, batch: WeightedIds, clip_skip: int = 0) -> torch.Tensor:
-    """Chunks (on the text encoder's device) -> text states (B, 77·n, D) in the text encoder's
-    dtype: all B·n chunks through
-    the encoder as one batch of 77-token sequences, weighted, then each prompt's chunks joined
-    along the sequence."""
-    b, n, length = batch.ids.shape
-    states = text_encoder(batch.ids.reshape(b * n, length), clip_skip=clip_skip)
-    states = apply_weights(states, batch.weights.reshape(b * n, length))  # (B·n, 77, D)
-    return states.reshape(b, n * length, states.shape[-1])
-
-
-def encode_weighted(text_encoder, tokenizer, prompts: str | list[str], clip_skip: int = 0,
-                    num_chunks: int | None = None) -> torch.Tensor:
-    """Prompts in A1111 syntax -> text states (B, 77·n, D); see ``tokenize_prompts`` for n."""
-    return encode_chunks(text_encoder, tokenize_prompts(tokenizer, prompts, num_chunks), clip_skip)

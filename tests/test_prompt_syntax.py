@@ -7,13 +7,22 @@ import numpy as np
 import pytest
 import torch
 
+from sdrt.engine.conditioning import TextInputs, encode_text
 from sdrt.engine.errors import SdrtError
+from sdrt.engine.families import SD1
 from sdrt.engine.prompt_syntax import (BREAK, COMMA_BACKTRACK, WeightedIds, apply_weights,
-                                       empty_chunk, encode_weighted, fragment_ids,
-                                       match_chunks, parse_attention, tokenize_prompts,
-                                       tokenize_weighted)
+                                       empty_chunk, fragment_ids, match_chunks,
+                                       parse_attention, tokenize_prompts, tokenize_weighted)
 from sdrt.engine.tiny import tiny_components
 from sdrt.engine.tokenizer import ClipTokenizer
+
+
+def encode_weighted(text_encoder, tokenizer, prompts, clip_skip=0):
+    """Prompts in A1111 syntax → SD 1.x text states (B, 77·n, D), as the pipeline encodes them."""
+    inputs = TextInputs({"tokenizer": tokenize_prompts(tokenizer, prompts)})
+    states, _ = encode_text(SD1, {"text_encoder": text_encoder}, inputs, clip_skip)
+    return states
+
 
 pytest.importorskip("hypothesis")  # in the "test" extra; absent on a bare GPU machine
 from hypothesis import HealthCheck, given, settings  # noqa: E402
