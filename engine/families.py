@@ -17,6 +17,9 @@ class Family:
     label: str                       # for people: "SDXL refiner"
     text_encoders: tuple[str, ...]   # components, in the order their states are concatenated
     tokenizers: tuple[str, ...]      # the tokenizer of each text encoder
+    # The padding token of each tokenizer where no tokenizer folder says (a single file):
+    # OpenCLIP's tokenizers pad with "!", CLIP's with its end token.
+    pad_tokens: tuple[str, ...]
     penultimate: bool = False        # states: hidden_states[-(clip_skip + 2)], no final norm
     pooled: str | None = None        # the encoder whose projected pooled output is text_embeds
     # The UNet's micro-conditioning inputs, in order, named as diffusers' call arguments: pairs
@@ -28,13 +31,6 @@ class Family:
     def num_time_ids(self) -> int:
         return sum(1 if name == "aesthetic_score" else 2 for name in self.time_ids)
 
-    @property
-    def pad_tokens(self) -> tuple[str, ...]:
-        """The padding token of each tokenizer where no tokenizer folder says (a single file):
-        OpenCLIP's tokenizers pad with "!", CLIP's with its end token."""
-        return tuple("!" if name == "tokenizer_2" or self.name == "sd2" else "<|endoftext|>"
-                     for name in self.tokenizers)
-
     def time_ids_of(self, values: dict) -> list[float]:
         """The UNet's micro-conditioning numbers for one image from ``{name: value}``, laid out
         as diffusers' ``_get_add_time_ids`` does."""
@@ -45,14 +41,16 @@ class Family:
         return [float(v) for v in out]
 
 
-SD1 = Family("sd1", "SD 1.x", ("text_encoder",), ("tokenizer",), single_file="sd15")
-SD2 = Family("sd2", "SD 2.x", ("text_encoder",), ("tokenizer",), single_file="sd21")
+CLIP_PAD, OPENCLIP_PAD = "<|endoftext|>", "!"
+SD1 = Family("sd1", "SD 1.x", ("text_encoder",), ("tokenizer",), (CLIP_PAD,), single_file="sd15")
+SD2 = Family("sd2", "SD 2.x", ("text_encoder",), ("tokenizer",), (OPENCLIP_PAD,),
+             single_file="sd21")
 SDXL = Family("sdxl", "SDXL", ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2"),
-              penultimate=True, pooled="text_encoder_2",
+              (CLIP_PAD, OPENCLIP_PAD), penultimate=True, pooled="text_encoder_2",
               time_ids=("original_size", "crops_coords_top_left", "target_size"),
               single_file="sdxl")
 SDXL_REFINER = Family("sdxl-refiner", "SDXL refiner", ("text_encoder_2",), ("tokenizer_2",),
-                      penultimate=True, pooled="text_encoder_2",
+                      (OPENCLIP_PAD,), penultimate=True, pooled="text_encoder_2",
                       time_ids=("original_size", "crops_coords_top_left", "aesthetic_score"),
                       single_file="sdxl-refiner")
 
