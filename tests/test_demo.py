@@ -9,14 +9,8 @@ from sdrt.engine.demo.model import WEIGHTS, demo_components, demo_config, write_
 from sdrt.engine.demo.train import train
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These networks are small: on a shared CPU, two threads waiting on each other run their
-    # ops an order of magnitude slower than one thread does.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Small networks on a shared CPU: one torch thread (conftest.py says why).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
