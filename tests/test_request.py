@@ -71,6 +71,14 @@ BAD = [
     ("sampler", "lms", "one of ddim, pndm, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, lcm, got 'lms'"),
     ("sampler", 3, "one of ddim, .*, got 3"),
     ("output_type", "tensor", "one of pil, np, latent, got 'tensor'"),
+    ("original_size", (0, 3), "a pair \\(height, width\\) of integers from 1 to 65536, got \\(0, 3\\)"),
+    ("target_size", (512, 2 ** 17), "a pair \\(height, width\\) of integers from 1 to 65536"),
+    ("negative_original_size", (512,), "a pair \\(height, width\\) of integers"),
+    ("original_size", (512.0, 512), "a pair \\(height, width\\) of integers"),
+    ("original_size", "512x512", "a pair \\(height, width\\) of integers"),
+    ("crops_coords_top_left", (-1, 0), "a pair \\(top, left\\) of integers from 0 to 65536"),
+    ("aesthetic_score", math.nan, "a finite number from -1000 to 1000, got nan"),
+    ("negative_aesthetic_score", 1e6, "a finite number from -1000 to 1000"),
 ]
 
 

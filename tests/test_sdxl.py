@@ -302,6 +302,17 @@ def test_refiner_refuses_prompt_2(refiner):
              num_inference_steps=2, prompt_syntax="plain")
 
 
+@pytest.mark.parametrize("field,value", [("original_size", (0, 3)), ("target_size", (64,)),
+                                         ("crops_coords_top_left", (-8, 0)),
+                                         ("negative_original_size", (64.5, 64))])
+def test_base_refuses_bad_micro_conditioning(base, field, value):
+    # Through the API, before any text encoding: one error naming the field.
+    from sdrt.engine import SdrtError
+    ours, _ = base
+    with pytest.raises(SdrtError, match=f"^{field} must be a pair"):
+        ours(PROMPTS[0], num_inference_steps=2, prompt_syntax="plain", **{field: value})
+
+
 def test_base_to_refiner_hand_off_matches_diffusers(base, refiner):
     # The base stops at denoising_end=0.8 and returns its latents; the refiner takes them as
     # `image` and runs the remaining timesteps (denoising_start=0.8) without adding noise.
