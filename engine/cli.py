@@ -237,10 +237,13 @@ def _generate_options(g):
     g.add_argument("--refiner-start", metavar="F", type=float_arg, default=0.8,
                    help="with --refiner: the fraction of the schedule where the refiner takes "
                         "over, in (0, 1) (A1111's 'Refiner switch at')")
-    g.add_argument("--steps", metavar="N", type=int_arg, default=50, help="denoising steps")
+    g.add_argument("--steps", metavar="N", type=int_arg, default=50,
+                   help="denoising steps (without --model, the built-in model's own number "
+                        "instead)")
     g.add_argument("--guidance", metavar="G", type=float_arg, default=7.5,
                    help="classifier-free guidance scale; 1 or less turns guidance off (one "
-                        "UNet pass per step instead of two)")
+                        "UNet pass per step instead of two; without --model, the built-in "
+                        "model's own scale instead)")
     g.add_argument("--sampler", metavar="NAME", default=None,
                    help=f"one of {', '.join(SAMPLER_NAMES)} (default: the one matching the "
                         "model's scheduler)")

@@ -31,6 +31,7 @@ OPTION_NAMES = {"num_inference_steps": "--steps", "guidance_scale": "--guidance"
 
 
 def generate(a):
+    _built_in_defaults(a)
     png_model = _apply_png(a) if a.from_png is not None else None
     if a.prompt is None:
         raise SdrtError("a prompt is needed (or --from-png IMAGE.png to take it from a PNG)")
@@ -175,6 +176,20 @@ def _prompt_loras(a):
     recorded = " ".join([a.prompt] + [f"<lora:{_stem(path)}:{number(scale)}>"
                                       for path, scale in loras if _stem(path) not in scales])
     return prompt, loras, recorded
+
+
+def _built_in_defaults(a):
+    """Without --model, the built-in demo model runs at the settings it was tuned for (its
+    ``demo_defaults``: fewer steps and a lower guidance than diffusers' 50 and 7.5) where
+    --steps, --guidance and --sampler are not given; --from-png's settings still win."""
+    if a.model is not None or a.runtime != "torch":
+        return
+    from .demo.model import demo_config
+    defaults = demo_config()["demo_defaults"]
+    for attr, key in (("steps", "num_inference_steps"), ("guidance", "guidance_scale"),
+                      ("sampler", "sampler")):
+        if attr not in a.given:
+            setattr(a, attr, defaults[key])
 
 
 # PNG info key → (option, its attribute, how the value reads)

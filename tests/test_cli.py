@@ -304,10 +304,33 @@ def test_make_demo_folder_loads_and_reproduces_builtin(tmp_path, capsys):
     demo_dir = str(tmp_path / "demo")
     assert _run(["make-demo", demo_dir], capsys)[0] == 0
     a, b = tmp_path / "a.png", tmp_path / "b.png"
-    args = ["generate", "a red fox", "--steps", "2", "--seed", "9", "--negative", "blur"]
+    args = ["generate", "a red fox", "--steps", "2", "--seed", "9", "--negative", "blur",
+            "--guidance", "6", "--sampler", "euler"]
     assert _run(args + ["-o", str(a)], capsys)[0] == 0
     assert _run(args + ["--model", demo_dir, "-o", str(b)], capsys)[0] == 0
     assert np.array_equal(_pixels(a), _pixels(b))
+
+
+def test_builtin_model_runs_at_its_own_defaults(tmp_path, capsys):
+    """Without --model, the options not given take the demo model's demo_defaults (not 50
+    steps and guidance 7.5); options given, and --from-png's settings, still win."""
+    from sdrt.engine.demo.model import demo_config
+    from sdrt.engine.infotext import SAMPLER_LABELS, number, parse
+    d = demo_config()["demo_defaults"]
+    out = tmp_path / "d.png"
+    assert _run(["generate", "a red circle", "--seed", "1", "-o", str(out)], capsys)[0] == 0
+    _, _, pairs = parse(_parameters(out))
+    assert (pairs["Steps"], pairs["CFG scale"], pairs["Sampler"], pairs["Size"]) == (
+        str(d["num_inference_steps"]), number(d["guidance_scale"]), SAMPLER_LABELS[d["sampler"]],
+        f"{d['width']}x{d['height']}")
+    given = tmp_path / "g.png"
+    assert _run(["generate", "a red circle", "--seed", "1", "--steps", "3", "--guidance", "2",
+                 "--sampler", "euler", "-o", str(given)], capsys)[0] == 0
+    _, _, pairs = parse(_parameters(given))
+    assert (pairs["Steps"], pairs["CFG scale"], pairs["Sampler"]) == ("3", "2", "Euler")
+    again = tmp_path / "again.png"
+    assert _run(["generate", "--from-png", str(given), "-o", str(again)], capsys)[0] == 0
+    assert np.array_equal(_pixels(given), _pixels(again))
 
 
 def test_batch_img2img_and_sampler(tiny_dir, tmp_path, capsys):

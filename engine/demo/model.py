@@ -1,14 +1,11 @@
 """The shipped demo model: ``engine/data/demo.safetensors`` (fp16, keys prefixed by component)
 with its configs in ``engine/data/demo.json``, loaded by ``demo_components()`` and written as a
-diffusers folder by ``write_demo(folder)``."""
+diffusers folder by ``write_demo(folder)``. Importing it does not import torch, so that the CLI
+can read ``demo_defaults`` before checking a request."""
 import json
 import os
 
-import torch
-from safetensors.torch import load_file
-
 from ..errors import SdrtError
-from ..loading import Components, build
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 WEIGHTS = os.path.join(DATA, "demo.safetensors")
@@ -27,10 +24,16 @@ def demo_config(path=CONFIG) -> dict:
         raise SdrtError(f"cannot read the demo model's config {path}: {e}") from None
 
 
-def demo_components(folder=DATA, device="cpu", dtype=torch.float32) -> Components:
-    """The demo model's networks (weights cast to ``dtype``), tokenizer and scheduler config,
-    from ``folder``'s ``demo.safetensors`` and ``demo.json`` (default: the shipped ones)."""
+def demo_components(folder=DATA, device="cpu", dtype=None):
+    """The demo model's networks (weights cast to ``dtype``, default float32), tokenizer and
+    scheduler config (``loading.Components``), from ``folder``'s ``demo.safetensors`` and
+    ``demo.json`` (default: the shipped ones)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from ..loading import Components, build
     from ..tokenizer import ClipTokenizer
+    dtype = torch.float32 if dtype is None else dtype
     config = demo_config(os.path.join(folder, "demo.json"))
     weights = os.path.join(folder, "demo.safetensors")
     if not os.path.isfile(weights):
