@@ -175,22 +175,29 @@ def grid(images, columns, scale=4):
     return out
 
 
-def sweep(pipe, settings, seed=0, guidances=(3.0, 5.0, 7.5), steps=(20,)):
-    """Mean accuracy over the attributes on ``world.validation_scenes()`` (training-distribution
-    prompts, not the held-out ones) for each guidance scale and step count."""
+def sweep(pipe, settings, seed=0, guidances=(3.0, 4.0, 5.0, 7.5), steps=(20,)):
+    """Mean accuracy on ``world.validation_scenes()`` (training-distribution prompts, not the
+    held-out ones) for each guidance scale and step count, over two phrasings of each scene:
+    naming its size and position, and naming neither ("a red circle on a blue background", the
+    README's first command; the position is then not scored)."""
     scenes = world.validation_scenes()
+    plain = [world.Scene(s.shapes, s.background, world.plain_caption(s.shapes[0], s.background))
+             for s in scenes]
     out = []
     for g in guidances:
         for n in steps:
-            _, results = text_to_image(pipe, scenes, {**settings, "guidance_scale": g,
-                                                      "num_inference_steps": n}, seed)
-            acc = accuracy(results)
+            run = {**settings, "guidance_scale": g, "num_inference_steps": n}
+            acc = accuracy(text_to_image(pipe, scenes, run, seed)[1])
+            plain_acc = accuracy(text_to_image(pipe, plain, run, seed)[1])
+            del plain_acc["position"]
+            scores = list(acc.values()) + list(plain_acc.values())
             out.append({"guidance_scale": g, "num_inference_steps": n, **acc,
-                        "mean": sum(acc.values()) / len(acc)})
+                        "without_size_and_position": plain_acc,
+                        "mean": sum(scores) / len(scores)})
     return out
 
 
-def choose_defaults(model_folder, seed=0, threads=1, guidances=(3.0, 5.0, 7.5)):
+def choose_defaults(model_folder, seed=0, threads=1, guidances=(3.0, 4.0, 5.0, 7.5)):
     """Pick the guidance scale of ``demo_defaults`` by ``sweep`` on the validation prompts (never
     the held-out ones) and write it, with the sweep, into the folder's ``demo.json``."""
     from ..pipeline import Pipeline
@@ -203,16 +210,42 @@ def choose_defaults(model_folder, seed=0, threads=1, guidances=(3.0, 5.0, 7.5)):
     best = max(rows, key=lambda r: r["mean"])  # the first of equals: the smallest scale
     config["demo_defaults"]["guidance_scale"] = best["guidance_scale"]
     config["demo_defaults"]["num_inference_steps"] = best["num_inference_steps"]
-    config["demo_defaults_sweep"] = {"prompts": "world.validation_scenes()", "seed": seed,
+    config["demo_defaults_sweep"] = {"prompts": "world.validation_scenes(), with captions naming "
+                                                "size and position and with plain_caption",
+                                     "seed": seed,
                                      "results": rows}
     with open(path, "w", encoding="utf-8") as fh:
         json.dump(config, fh, indent=2)
     return rows
 
 
+FIRST_COMMAND = "a red circle on a blue background"  # the README's first `sdrt generate`
+
+
+def first_command(pipe, settings, seeds=range(1, 33)):
+    """The README's first command over ``seeds`` (as ``--seed``): per seed, whether the picture
+    has the blue background and a red region the checker calls a circle (at least 30% of a
+    small circle's area)."""
+    red, rows = NAMES.index("red"), []
+    minimum = 0.3 * world.shape_mask("circle", world.SIZES["small"], 16, 16).sum()
+    for seed in seeds:
+        image = to_uint8(pipe(FIRST_COMMAND, height=settings["height"], width=settings["width"],
+                              num_inference_steps=settings["num_inference_steps"],
+                              guidance_scale=settings["guidance_scale"],
+                              sampler=settings["sampler"], seed=seed, output_type="np")[0])
+        lab = labels(image)
+        region = largest_component(lab == red)
+        background = NAMES[np.bincount(lab.ravel(), minlength=len(NAMES)).argmax()]
+        rows.append({"seed": seed, "background": background,
+                     "circle": bool(region.sum() >= minimum and classify_shape(region) == "circle")})
+    return rows
+
+
 def cli_settings(pipe):
-    """What ``sdrt generate PROMPT`` runs on ``pipe`` without options: the CLI's default steps
-    and guidance, the sampler of the model's scheduler, the model's default size."""
+    """What ``sdrt generate --model FOLDER PROMPT`` runs on ``pipe`` (for instance the folder
+    ``sdrt make-demo`` writes) without options: the CLI's general default steps and guidance
+    (diffusers' 50 and 7.5), the sampler of the model's scheduler, the model's default size.
+    Without ``--model``, the built-in model runs at its own ``demo_defaults`` instead."""
     from ..cli import _parser
     from ..samplers import default_sampler
     a = _parser().parse_args(["generate", "x"])
@@ -226,11 +259,12 @@ TARGETS = {"shape_colour": 0.9, "background": 0.9, "position": 0.8, "shape": 0.8
 
 def run(model_folder, out, seed=0, count=54, threads=1,
         command="python -m sdrt.engine.demo.quality"):
-    """Measure the model in ``model_folder`` on ``count`` held-out prompts at the CLI's defaults
-    (text-to-image, img2img at strength 0.3, a negative prompt naming the shape's colour) and,
-    text-to-image only, at the model's ``demo_defaults``; with the VAE's reconstructions as the
-    ceiling. Write ``demo_quality.json``, ``demo_quality.md`` and ``demo_grid.png`` (the CLI
-    defaults' images) under ``out``."""
+    """Measure the model in ``model_folder`` on ``count`` held-out prompts at its
+    ``demo_defaults``, what ``sdrt generate PROMPT`` runs (text-to-image, img2img at strength
+    0.3, a negative prompt naming the shape's colour) and, text-to-image only, at the CLI's
+    general defaults (``cli_settings``); with the VAE's reconstructions as the ceiling. Write
+    ``demo_quality.json``, ``demo_quality.md`` and ``demo_grid.png`` (the text-to-image images
+    at ``demo_defaults``) under ``out``."""
     from PIL import Image
 
     from ..pipeline import Pipeline
@@ -238,14 +272,15 @@ def run(model_folder, out, seed=0, count=54, threads=1,
     torch.set_num_threads(threads)
     config = demo_config(os.path.join(model_folder, "demo.json"))
     pipe = Pipeline(demo_components(model_folder), "cpu", torch.float32)
-    settings = cli_settings(pipe)
+    settings, general = config["demo_defaults"], cli_settings(pipe)
     scenes = world.held_out_scenes(count)
     start = time.perf_counter()
     images, t2i = text_to_image(pipe, scenes, settings, seed)
     t2i_seconds = time.perf_counter() - start
-    _, t2i_demo = text_to_image(pipe, scenes, config["demo_defaults"], seed)
+    _, t2i_general = text_to_image(pipe, scenes, general, seed)
     i2i = image_to_image(pipe, scenes, settings, seed)
     neg = negative_colour(pipe, scenes, settings, seed)
+    first = first_command(pipe, settings)
     pairs = world.validation_scenes(9, shapes=2)
     pair_images = generate(pipe, [s.caption for s in pairs], settings, seed)
     wall = time.perf_counter() - start
@@ -253,8 +288,8 @@ def run(model_folder, out, seed=0, count=54, threads=1,
         "model": "built-in demo model", "weights": "engine/data/demo.safetensors",
         "held_out_prompts": count, "seed": seed, "settings": settings, "targets": TARGETS,
         "text_to_image": {"accuracy": accuracy(t2i)},
-        "text_to_image_demo_defaults": {"settings": config["demo_defaults"],
-                                        "accuracy": accuracy(t2i_demo)},
+        "text_to_image_cli_general_defaults": {"settings": general,
+                                               "accuracy": accuracy(t2i_general)},
         "vae_reconstruction": {"accuracy": accuracy(reconstruction(pipe.vae, scenes))},
         "image_to_image_strength_0.3": {"accuracy_against_input": accuracy(i2i)},
         "negative_prompt_colour": {
@@ -262,6 +297,10 @@ def run(model_folder, out, seed=0, count=54, threads=1,
             "mean_share_with": float(np.mean([r["share_with"] for r in neg])),
             "fraction_lowered": float(np.mean([r["share_with"] < r["share_without"]
                                                for r in neg]))},
+        "first_command": {
+            "prompt": FIRST_COMMAND, "seeds": [r["seed"] for r in first],
+            "drawn_right": sum(r["background"] == "blue" and r["circle"] for r in first),
+            "per_seed": first},
         "per_prompt": [{"prompt": s.caption, **{a: r[a] for a in ATTRIBUTES}}
                        for s, r in zip(scenes, t2i)],
         "grid_two_shape_prompts": [s.caption for s in pairs],
@@ -285,34 +324,44 @@ def run(model_folder, out, seed=0, count=54, threads=1,
 
 def _markdown(r, columns):
     acc, tgt = r["text_to_image"]["accuracy"], r["targets"]
-    demo = r["text_to_image_demo_defaults"]
+    other = r["text_to_image_cli_general_defaults"]
     vae = r["vae_reconstruction"]["accuracy"]
     i2i = r["image_to_image_strength_0.3"]["accuracy_against_input"]
     neg = r["negative_prompt_colour"]
-    s, d = r["settings"], demo["settings"]
+    s, d = r["settings"], other["settings"]
     lines = [
         "# Demo model quality",
         "",
         f"{r['held_out_prompts']} held-out prompts (colour/shape/background combinations never "
         f"rendered in training), seed {r['seed']}, at what `sdrt generate PROMPT` runs without "
-        f"options: {s['sampler']}, {s['num_inference_steps']} steps, guidance "
-        f"{s['guidance_scale']}, {s['height']}×{s['width']}. CPU: {r['cpu']} "
+        f"options (the built-in model's own defaults): {s['sampler']}, "
+        f"{s['num_inference_steps']} steps, guidance {s['guidance_scale']}, "
+        f"{s['height']}×{s['width']}. CPU: {r['cpu']} "
         f"({r['threads']} thread), torch {r['torch']}. Text-to-image {r['text_to_image_seconds']} "
         f"s, all measurements {r['wall_seconds']} s. Command: `{r['command']}`.",
         "",
-        f"| attribute | text-to-image accuracy | target | at the model's demo defaults "
-        f"({d['num_inference_steps']} steps, guidance {d['guidance_scale']}) | VAE "
+        f"| attribute | text-to-image accuracy | target | at diffusers' defaults, as "
+        f"`sdrt generate --model` runs a `make-demo` folder ({d['num_inference_steps']} steps, "
+        f"guidance {d['guidance_scale']}) | VAE "
         f"reconstruction of the rendered scene | img2img 0.3, kept from the input |",
         "|---|---|---|---|---|---|",
     ]
     for a in ATTRIBUTES:
-        lines.append(f"| {a} | {acc[a]:.1%} | ≥ {tgt[a]:.0%} | {demo['accuracy'][a]:.1%} | "
+        lines.append(f"| {a} | {acc[a]:.1%} | ≥ {tgt[a]:.0%} | {other['accuracy'][a]:.1%} | "
                      f"{vae[a]:.1%} | {i2i[a]:.1%} |")
+    first = r["first_command"]
+    wrong = [f"{p['seed']} ({p['background']} background{'' if p['circle'] else ', no red circle'})"
+             for p in first["per_seed"] if not (p["background"] == "blue" and p["circle"])]
     lines += [
         "",
         f"Negative prompt naming the shape's colour: that colour's share of the pixels goes "
         f"from {neg['mean_share_without']:.2%} to {neg['mean_share_with']:.2%} on average, "
         f"lower in {neg['fraction_lowered']:.0%} of the prompts.",
+        "",
+        f"The README's first command, `sdrt generate \"{first['prompt']}\"`, at seeds "
+        f"{first['seeds'][0]}–{first['seeds'][-1]}: a red circle on a blue background in "
+        f"{first['drawn_right']} of {len(first['seeds'])}"
+        + (f"; not at seeds {', '.join(wrong)}." if wrong else "."),
         "",
         f"`demo_grid.png` (written by the same command): the text-to-image outputs, {columns} "
         f"per row, in this order (✓/✗: colour, background, position, shape):",
@@ -345,7 +394,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     r = run(a.model, a.out, a.seed, a.count, a.threads,
             " ".join(["python -m sdrt.engine.demo.quality", *argv]))
-    print(json.dumps({k: r[k] for k in ("text_to_image", "text_to_image_demo_defaults",
+    print(json.dumps({k: r[k] for k in ("text_to_image", "text_to_image_cli_general_defaults",
                                         "vae_reconstruction", "image_to_image_strength_0.3",
                                         "negative_prompt_colour", "wall_seconds")}, indent=2))
 

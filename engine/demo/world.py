@@ -100,6 +100,12 @@ def caption(shapes, background, rng=None):
     return f"{describe(a, rng, False)} and {describe(b, rng, False)} {bg}"
 
 
+def plain_caption(shape: Shape, background):
+    """The shortest caption, naming neither size nor position: "a red circle on a blue
+    background" (a quarter of the training captions name no position, half no size)."""
+    return f"{describe(shape, None, size_word=False, position=False)} on a {background} background"
+
+
 def random_scene(rng, allow_held_out=False) -> Scene:
     """A scene of one shape (70%) or two shapes in different cells, with its caption."""
     while True:
