@@ -236,8 +236,8 @@ def first_command(pipe, settings, seeds=range(1, 33)):
         lab = labels(image)
         region = largest_component(lab == red)
         background = NAMES[np.bincount(lab.ravel(), minlength=len(NAMES)).argmax()]
-        rows.append({"seed": seed, "background": background,
-                     "circle": bool(region.sum() >= minimum and classify_shape(region) == "circle")})
+        circle = region.sum() >= minimum and classify_shape(region) == "circle"
+        rows.append({"seed": seed, "background": background, "circle": bool(circle)})
     return rows
 
 

@@ -223,10 +223,11 @@ def latent_scale(vae, rng, n=256):
 def train_unet(unet, text_encoder, vae, tokenizer, scheduler, steps, batch_size, rng, log,
                lr=1e-3, drop=0.1, deadline=None, checkpoint=None, shape_weighted=False):
     """Returns the number of steps run: ``steps``, or fewer when ``time.perf_counter()``
-    passes ``deadline``. ``checkpoint(step)`` is called every 100 steps. ``shape_weighted`` weights each latent
-    pixel's error by the VAE loss's pixel weights (``_pixel_weights``: the shapes and their
-    edges above the background) pooled to the latents' size, normalised to a mean of 1 per
-    image: the shapes cover a tenth of the picture, and their outlines decide what they are."""
+    passes ``deadline``. ``checkpoint(step)`` is called every 100 steps. ``shape_weighted``
+    weights each latent pixel's error by the VAE loss's pixel weights (``_pixel_weights``: the
+    shapes and their edges above the background) pooled to the latents' size, normalised to a
+    mean of 1 per image: the shapes cover a tenth of the picture, and their outlines decide
+    what they are."""
     params = list(unet.parameters()) + list(text_encoder.parameters())
     alphas = _alphas_cumprod(scheduler)
     scale = vae.config.scaling_factor
