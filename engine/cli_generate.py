@@ -361,11 +361,8 @@ def _pipeline(a):
     if a.model is not None:
         return Pipeline.from_pretrained(a.model, device, dtype, variant=a.variant,
                                         config=a.config, prediction_type=a.prediction_type)
-    from .demo.model import demo_components
-    c = demo_components(device=device, dtype=dtype)
-    if a.prediction_type is not None:  # as for the same model written by make-demo
-        c.scheduler_config = {**c.scheduler_config, "prediction_type": a.prediction_type}
-    return Pipeline(c, device, dtype)
+    from .demo.model import demo_pipeline
+    return demo_pipeline(device, dtype, a.prediction_type)
 
 
 def _onnx_pipeline(a):

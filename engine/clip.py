@@ -189,6 +189,15 @@ class CLIPTextTransformer(nn.Module):
         self.final_layer_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
 
+
+def kept_layers(clip_skip, n):
+    """How many of a text encoder's ``n`` layers run for diffusers' ``clip_skip`` (all but
+    ``clip_skip``); ``SdrtError`` naming the field if it is not an integer from 0 to n - 1."""
+    if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 0 <= clip_skip < n:
+        raise SdrtError(f"clip_skip must be an integer from 0 to {n - 1} (the text encoder "
+                        f"has {n} layers), got {clip_skip!r}")
+    return n - clip_skip
+
 class CLIPTextModel(nn.Module):
     """Token ids (B, S) → hidden states (B, S, D) after the final LayerNorm; ``encode`` adds
     the pooled output (B, D) at each row's end-of-text token."""
@@ -217,12 +226,7 @@ class CLIPTextModel(nn.Module):
         return range(n, n + len(vectors))
 
     def _kept_layers(self, clip_skip):
-        n = len(self.text_model.encoder.layers)
-        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or \
-                not 0 <= clip_skip < n:
-            raise SdrtError(f"clip_skip must be an integer from 0 to {n - 1} (the text encoder "
-                            f"has {n} layers), got {clip_skip!r}")
-        return n - clip_skip
+        return kept_layers(clip_skip, len(self.text_model.encoder.layers))
 
     def forward(self, ids, clip_skip=0, final_norm=True):
         """The states after all but ``clip_skip`` layers (diffusers' ``clip_skip``), through

@@ -141,6 +141,16 @@ def _tokenizer(folder, name, pad_token):
     return ClipTokenizer.bundled(pad_token=pad_token)
 
 
+def family_tokenizers(folder, family, pad_tokens=None):
+    """``{"tokenizer": ..., "tokenizer_2": ...}`` as ``family`` has them: each from ``folder``
+    (a diffusers folder or None) where it holds one, else the bundled CLIP vocabulary padded
+    with ``pad_tokens[name]`` where that is given and not None, else the family's own pad
+    token."""
+    pad_tokens = pad_tokens or {}
+    return {name: _tokenizer(folder, name, pad_tokens.get(name) or default)
+            for name, default in zip(family.tokenizers, family.pad_tokens)}
+
+
 def _present(model_index, folder):
     """The components a diffusers folder holds: those model_index.json names with a class
     (``[null, null]`` marks one the pipeline runs without), or, for an index that does not
@@ -193,8 +203,7 @@ def load_folder(path, device, dtype, variant=None, limits=None):
                                                 device, dtype, folder)
     scheduler = read_json(os.path.join(path, "scheduler", "scheduler_config.json"),
                           "scheduler config")
-    tokenizers = {t: _tokenizer(path, t, pad) for t, pad in
-                  zip(family.tokenizers, family.pad_tokens)}
+    tokenizers = family_tokenizers(path, family)
     return _components(modules, tokenizers, scheduler, path, family, model_index)
 
 
@@ -243,8 +252,7 @@ def load_single_file(path, device, dtype, config=None, prediction_type=None, lim
                       plan[component].items()}
             modules[component] = load_component(component, checked[component], source, device,
                                                  dtype, f"{path} ({component})")
-    tokenizers = {t: _tokenizer(config, t, pad) for t, pad in
-                  zip(family.tokenizers, family.pad_tokens)}
+    tokenizers = family_tokenizers(config, family)
     return _components(modules, tokenizers, configs["scheduler"], path, family,
                        configs.get("model_index", {}))
 

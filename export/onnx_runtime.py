@@ -21,7 +21,7 @@ import warnings
 import numpy as np
 import torch
 
-from sdrt.engine.clip import TextConfig
+from sdrt.engine.clip import TextConfig, kept_layers
 from sdrt.engine.errors import SdrtError
 from sdrt.engine.loading import Components
 from sdrt.engine.unet import UNetConfig
@@ -108,12 +108,7 @@ class OnnxTextEncoder:
         if final_norm or not self.layer_states:
             raise SdrtError("the exported text encoder gives the final layer's states only: "
                             "no clip skip; use --runtime torch")
-        layers = self.config.num_hidden_layers
-        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or \
-                not 0 <= clip_skip < layers:
-            raise SdrtError(f"clip_skip must be an integer from 0 to {layers - 1} (the text "
-                            f"encoder has {layers} layers), got {clip_skip!r}")
-        return outputs[f"hidden_states.{layers - clip_skip}"]
+        return outputs[f"hidden_states.{kept_layers(clip_skip, self.config.num_hidden_layers)}"]
 
     def __call__(self, ids, clip_skip=0, final_norm=True):
         return self._states(self._outputs(ids), clip_skip, final_norm)
@@ -175,17 +170,15 @@ def _tokenizers_and_scheduler(model_path, manifest, family=None):
     folders and scheduler/ too) when it has them; otherwise (a single-file checkpoint) the
     export's config folder's tokenizers or the bundled CLIP one, and the scheduler config
     recorded at export."""
-    from sdrt.engine.loading import _tokenizer
+    from sdrt.engine.loading import family_tokenizers
     from sdrt.engine.weights import read_json
     family = family or manifest_family(manifest)
     folder = model_path if model_path and os.path.isdir(model_path) else None
     if model_path and not os.path.exists(model_path):
         raise SdrtError(f"model path {model_path} does not exist")
     # As load() picks them: a single file takes the tokenizers of its --config folder, if any.
-    recorded = {"tokenizer": manifest.get("pad_token"), "tokenizer_2": manifest.get("pad_token_2")}
-    tokenizers = {name: _tokenizer(folder or manifest.get("config"), name,
-                                   recorded[name] or default)
-                  for name, default in zip(family.tokenizers, family.pad_tokens)}
+    tokenizers = family_tokenizers(folder or manifest.get("config"), family, {
+        "tokenizer": manifest.get("pad_token"), "tokenizer_2": manifest.get("pad_token_2")})
     scheduler = manifest["scheduler_config"]
     path = os.path.join(folder, "scheduler", "scheduler_config.json") if folder else None
     if path and os.path.isfile(path):

@@ -352,8 +352,8 @@ def create_app(config: ServeConfig = None) -> FastAPI:
         req = server.check(
             _OPENAI_NAMES, prompt=body.prompt, negative_prompt=body.negative_prompt,
             height=height, width=width,
-            num_inference_steps=body.steps if body.steps is not None else config.default_steps,
-            guidance_scale=7.5 if body.guidance_scale is None else body.guidance_scale,
+            num_inference_steps=_given(body.steps, server.runner.default_steps),
+            guidance_scale=_given(body.guidance_scale, server.runner.default_guidance, 7.5),
             sampler=server.sampler(body.sampler, "sampler"), seed=body.seed,
             num_images_per_prompt=body.n)
         seeds = server.seeds(req.seed, body.n, "seed")
@@ -395,8 +395,9 @@ def create_app(config: ServeConfig = None) -> FastAPI:
         req = server.check(
             _A1111_NAMES, prompt=body.prompt, negative_prompt=body.negative_prompt or None,
             height=height, width=width,
-            num_inference_steps=body.steps if body.steps is not None else config.default_steps,
-            guidance_scale=body.cfg_scale, sampler=sampler, seed=body.seed,
+            num_inference_steps=_given(body.steps, server.runner.default_steps),
+            guidance_scale=_given(body.cfg_scale, server.runner.default_guidance, 7.0),
+            sampler=sampler, seed=body.seed,
             num_images_per_prompt=body.batch_size * body.n_iter, clip_skip=clip_skip,
             strength=strength if strength is not None else 0.8,
             has_image=init_images is not None)
@@ -490,6 +491,11 @@ def create_app(config: ServeConfig = None) -> FastAPI:
         return Response(server_of(request).metrics.text(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _given(value, *defaults):
+    """``value``, or else the first default that is not None."""
+    return next(v for v in (value, *defaults) if v is not None)
 
 
 def _size(size, server):

@@ -48,8 +48,9 @@ def add_parser(subparsers):
                    help="build static plans for these sizes at start-up (batch 1 and "
                         "--max-batch, --steps, the default sampler, with guidance); /health "
                         "answers 200 only once they are built")
-    s.add_argument("--steps", metavar="N", type=int_arg, default=20,
-                   help="denoising steps of a request that does not say")
+    s.add_argument("--steps", metavar="N", type=int_arg, default=None,
+                   help="denoising steps of a request that does not say (default: 20, or the "
+                        "built-in model's own steps without --model)")
     s.add_argument("--timeout", metavar="S", type=float_arg, default=300.0,
                    help="a request not answered after this many seconds gets 503")
     s.add_argument("--api-key", metavar="KEY", default=None,

@@ -21,7 +21,7 @@ class ServeConfig:
     api_key: str = field(default=None, repr=False)
     request_timeout_s: float = 300.0   # a request still unanswered after this gets 503
     max_body_bytes: int = 50 * 2 ** 20  # base64 init images make img2img bodies large
-    default_steps: int = 20        # A1111's UI default; requests may say otherwise
+    default_steps: int = None      # None: the model's (built-in: its tuned steps, else 20)
     threads: int = None            # torch CPU threads; None: torch's default
 
     def __post_init__(self):
@@ -31,8 +31,10 @@ class ServeConfig:
             if isinstance(v, bool) or not ok or not v > 0:
                 raise SdrtError(f"{name.replace('_', '-')} must be a positive "
                                 f"{'integer' if integer else 'number'}, got {v!r}")
-        for name in ("max_batch", "max_queue", "max_body_bytes", "default_steps"):
+        for name in ("max_batch", "max_queue", "max_body_bytes"):
             positive(name)
+        if self.default_steps is not None:
+            positive("default_steps")
         positive("request_timeout_s", integer=False)
         if self.threads is not None:
             positive("threads")

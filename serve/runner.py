@@ -8,14 +8,7 @@ from sdrt.engine.infotext import model_identity
 from .scheduler import BatchKey
 
 log = logging.getLogger("sdrt.serve")
-
-
-def builtin_pipeline(device, dtype):
-    """The built-in model: the trained demo model shipped in the package (32×32 pictures of
-    coloured shapes, ``sdrt.engine.demo``)."""
-    from sdrt.engine.demo.model import demo_components
-    from sdrt.engine.pipeline import Pipeline
-    return Pipeline(demo_components(device=device, dtype=dtype), device, dtype)
+DEFAULT_STEPS = 20  # A1111's UI default, for a model given with --model
 
 
 class Runner:
@@ -26,20 +19,31 @@ class Runner:
         self.pipe = None
         self.model_name = self.model_hash = self.model_sha256 = None
         self.planned = {}  # BatchKey without batch -> batch sizes with a static plan
+        # A request's steps and guidance when it gives none; guidance None: the API's own
+        # default (7.5 for OpenAI's, 7 for A1111's).
+        self.default_steps = self.default_guidance = None
         self._plans_seen = set()
 
     def load(self):
         import torch
 
+        from sdrt.engine.demo.model import demo_config, demo_pipeline
         from sdrt.engine.pipeline import Pipeline, resolve_device
         from sdrt.engine.samplers import default_sampler
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
         device, dtype = resolve_device(self.config.device, self.config.dtype)
         if self.config.model is None:
-            pipe = builtin_pipeline(device, dtype)
+            # The built-in model runs at the settings it was tuned for, as in `sdrt generate`.
+            pipe = demo_pipeline(device, dtype)
+            tuned = demo_config()["demo_defaults"]
+            self.default_steps = tuned["num_inference_steps"]
+            self.default_guidance = tuned["guidance_scale"]
         else:
             pipe = Pipeline.from_pretrained(self.config.model, device=device, dtype=dtype)
+            self.default_steps, self.default_guidance = DEFAULT_STEPS, None
+        if self.config.default_steps is not None:
+            self.default_steps = self.config.default_steps
         self.model_name, self.model_hash, self.model_sha256 = model_identity(
             self.config.model, pipe)
         self.pipe = pipe
@@ -60,7 +64,7 @@ class Runner:
         for w, h in sizes:
             for b in batches:
                 self.pipe.compile(height=h, width=w, batch_size=b,
-                                  num_inference_steps=self.config.default_steps,
+                                  num_inference_steps=self.default_steps,
                                   sampler=self.default_sampler, guidance=True,
                                   max_shapes=len(sizes) * len(batches) + 4)
         self._count_plans()

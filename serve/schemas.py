@@ -29,7 +29,8 @@ class ImageGenerationRequest(BaseModel):
     # sdrt's extras (the OpenAI SDK sends them with extra_body=...)
     negative_prompt: Optional[str] = None
     steps: Optional[int] = Field(None, description="denoising steps (default: the server's)")
-    guidance_scale: Optional[float] = Field(None, description="CFG scale (default 7.5)")
+    guidance_scale: Optional[float] = Field(
+        None, description="CFG scale (default 7.5, or the built-in model's own without --model)")
     sampler: Optional[str] = Field(None, description="an sdrt sampler id or an A1111 label")
     seed: Optional[int] = Field(None, description="seed of the first image, the i-th image "
                                                   "uses seed + i; -1 or absent: random")
@@ -60,7 +61,8 @@ class Txt2ImgRequest(BaseModel):
     batch_size: int = 1
     n_iter: int = 1
     steps: Optional[int] = None
-    cfg_scale: float = 7.0
+    cfg_scale: Optional[float] = Field(
+        None, description="default 7 (A1111's), or the built-in model's own without --model")
     width: Optional[int] = Field(None, description="default: the model's native size")
     height: Optional[int] = Field(None, description="default: the model's native size")
     override_settings: Optional[Dict[str, object]] = Field(

@@ -25,10 +25,10 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
+from sdrt.engine.demo.model import demo_config, demo_pipeline  # noqa: E402
 from sdrt.engine.infotext import SAMPLER_LABELS  # noqa: E402
 from sdrt.serve.config import ServeConfig  # noqa: E402
 from sdrt.serve.local import LocalServer, free_port, wait_healthy  # noqa: E402
-from sdrt.serve.runner import builtin_pipeline  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 120  # seconds any one HTTP call may take on a loaded 2-core machine
@@ -41,7 +41,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def ref_pipe():
     """The built-in model called directly, for the images the API must reproduce."""
-    return builtin_pipeline(torch.device("cpu"), torch.float32)
+    return demo_pipeline(torch.device("cpu"), torch.float32)
 
 
 def config(**kw):
@@ -102,14 +102,15 @@ def test_openai_sdk_gets_the_images_the_library_makes(main_server, ref_pipe):
                            timeout=TIMEOUT)
     res = client.images.generate(prompt="a red fox", n=2, size="64x64",
                                  response_format="b64_json",
-                                 extra_body={"steps": 2, "seed": 11, "negative_prompt": "blur"})
+                                 extra_body={"steps": 2, "seed": 11, "negative_prompt": "blur",
+                                             "guidance_scale": 6.5})
     assert isinstance(res.created, int) and abs(res.created - time.time()) < 3600
     assert len(res.data) == 2
     for i, item in enumerate(res.data):
         got = png(item.b64_json, (64, 64))
         # Image i uses seed + i, as the library called alone with that seed.
-        assert_same_image(got, reference(ref_pipe, "a red fox", 11 + i, negative="blur"),
-                          f"image {i}")
+        assert_same_image(got, reference(ref_pipe, "a red fox", 11 + i, guidance=6.5,
+                                         negative="blur"), f"image {i}")
         assert "Seed: " + str(11 + i) in got.info["parameters"]
 
     with pytest.raises(openai.BadRequestError) as e:
@@ -156,6 +157,39 @@ def test_a1111_txt2img_fields_round_trip(main_server, ref_pipe):
                       reference(ref_pipe, "x", 6, (32, 32), 1, 1.0, clip_skip=1), "clip skip")
 
 
+def test_builtin_model_requests_run_at_its_own_defaults(ref_pipe):
+    """Without --model and --steps, a request that gives no steps or guidance runs at the
+    built-in model's demo_defaults (as `sdrt generate`); what a request gives still wins."""
+    tuned = demo_config()["demo_defaults"]
+    steps, guidance = tuned["num_inference_steps"], tuned["guidance_scale"]
+    assert (steps, guidance) != (20, 7.0) and guidance != 7.5, "the test would not tell"
+    label = SAMPLER_LABELS[tuned["sampler"]]
+    with LocalServer(config(default_steps=None)) as url:
+        r = httpx.post(f"{url}/sdapi/v1/txt2img", timeout=TIMEOUT,
+                       json={"prompt": "a red circle on a blue background", "seed": 3})
+        assert r.status_code == 200, r.text
+        text = json.loads(r.json()["info"])["infotexts"][0]
+        assert f"Steps: {steps}, Sampler: {label}, CFG scale: {guidance:g}, Seed: 3," in text
+        assert_same_image(png(r.json()["images"][0]), reference(
+            ref_pipe, "a red circle on a blue background", 3, (32, 32), steps, guidance),
+            "A1111 at the built-in defaults")
+
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
+                               timeout=TIMEOUT)
+        res = client.images.generate(prompt="a green square", size="32x32",
+                                     response_format="b64_json", extra_body={"seed": 4})
+        got = png(res.data[0].b64_json, (32, 32))
+        assert f"Steps: {steps}, Sampler: {label}, CFG scale: {guidance:g}, Seed: 4," \
+            in got.info["parameters"]
+        assert_same_image(got, reference(ref_pipe, "a green square", 4, (32, 32), steps,
+                                         guidance), "OpenAI at the built-in defaults")
+
+        r = httpx.post(f"{url}/sdapi/v1/txt2img", timeout=TIMEOUT, json={
+            "prompt": "x", "seed": 3, "steps": 2, "cfg_scale": 7, "width": 32, "height": 32})
+        assert "Steps: 2, Sampler: " in json.loads(r.json()["info"])["infotexts"][0]
+        assert "CFG scale: 7, " in json.loads(r.json()["info"])["infotexts"][0]
+
+
 def test_a1111_img2img(main_server, ref_pipe):
     url, _ = main_server
     rng = np.random.default_rng(0)
@@ -166,7 +200,7 @@ def test_a1111_img2img(main_server, ref_pipe):
     for encoded in (b64, "data:image/png;base64," + b64):  # both forms A1111 accepts
         r = httpx.post(f"{url}/sdapi/v1/img2img", timeout=TIMEOUT, json={
             "prompt": "a fox", "init_images": [encoded], "denoising_strength": 0.5,
-            "steps": 2, "seed": 7, "width": 64, "height": 64})
+            "steps": 2, "cfg_scale": 7, "seed": 7, "width": 64, "height": 64})
         assert r.status_code == 200, r.text
         out = r.json()
         assert out["parameters"]["init_images"] is None  # not echoed back, as A1111

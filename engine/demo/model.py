@@ -1,7 +1,7 @@
 """The shipped demo model: ``engine/data/demo.safetensors`` (fp16, keys prefixed by component)
-with its configs in ``engine/data/demo.json``, loaded by ``demo_components()`` and written as a
-diffusers folder by ``write_demo(folder)``. Importing it does not import torch, so that the CLI
-can read ``demo_defaults`` before checking a request."""
+with its configs in ``engine/data/demo.json``, loaded by ``demo_components()``, run by
+``demo_pipeline()`` and written as a diffusers folder by ``write_demo(folder)``. Importing it
+does not import torch, so that the CLI can read ``demo_defaults`` before checking a request."""
 import json
 import os
 
@@ -50,6 +50,20 @@ def demo_components(folder=DATA, device="cpu", dtype=None):
     return Components(modules["text_encoder"], modules["unet"], modules["vae"],
                       ClipTokenizer.bundled(pad_token=config["pad_token"]), config["scheduler"],
                       "built-in demo model")
+
+
+def demo_pipeline(device="cpu", dtype=None, prediction_type=None):
+    """A ``Pipeline`` of the shipped demo model, what ``sdrt generate`` and ``sdrt serve`` run
+    without ``--model``; ``prediction_type`` overrides its scheduler's (as for the same model
+    written by ``write_demo``)."""
+    import torch
+
+    from ..pipeline import Pipeline
+    dtype = torch.float32 if dtype is None else dtype
+    c = demo_components(device=device, dtype=dtype)
+    if prediction_type is not None:
+        c.scheduler_config = {**c.scheduler_config, "prediction_type": prediction_type}
+    return Pipeline(c, device, dtype)
 
 
 def write_demo(folder, source=DATA):
