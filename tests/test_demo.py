@@ -39,6 +39,32 @@ def test_held_out_prompts_never_appear_in_training():
     assert not {s.caption for s in held} & {s.caption for s in training}
 
 
+def test_plain_captions_name_neither_size_nor_position():
+    # --plain: that share of one-shape captions names only colour, shape and background; 0
+    # leaves the templates' own mix.
+    def captions(plain, n=400):
+        rng = np.random.default_rng(5)
+        scenes = [world.random_scene(rng, plain=plain) for _ in range(n)]
+        return [(s.caption, s.shapes[0]) for s in scenes if len(s.shapes) == 1]
+
+    def bare(caption, shape):
+        return shape.size not in caption.split() and \
+            not any(p in caption for ps in world.POSITIONS.values() for p in ps)
+
+    assert all(bare(*c) for c in captions(1.0))
+    share = np.mean([bare(*c) for c in captions(0.0)])
+    assert 0.05 < share < 0.25, share  # the templates' own: about 1 in 8
+    mixed = np.mean([bare(*c) for c in captions(0.5)])
+    assert 0.45 < mixed < 0.65, mixed  # 0.5 + 0.5 × (1/8)
+
+
+def test_training_cli_refuses_a_bad_plain_share(capsys):
+    from sdrt.engine.demo.train import main
+    with pytest.raises(SystemExit) as e:
+        main(["--resume", "--plain", "1.5", "--out", "/nonexistent"])
+    assert e.value.code == 2 and "--plain" in capsys.readouterr().err
+
+
 def test_demo_config_has_defaults():
     config = demo_config()
     assert config["scheduler"]["beta_schedule"] == "scaled_linear"
@@ -115,8 +141,9 @@ def test_training_script_runs(tmp_path):
         assert all(torch.equal(ours[k], theirs[k]) for k in theirs), f"{name} differs"
     # A resumption with the loss weightings changes the UNet, not the VAE, and is recorded.
     config = resume_unet(tmp_path / "split", 2, batch_size=2, lr=1e-2,
-                         shape_weighted=True, log=lambda _: None)
+                         shape_weighted=True, plain=0.5, log=lambda _: None)
     assert config["training"]["resumed"][-1]["unet_steps"] == 2
+    assert config["training"]["resumed"][-1]["plain"] == 0.5
     resumed = demo_components(tmp_path / "split")
     assert not torch.equal(resumed.unet.conv_in.weight, split.unet.conv_in.weight)
     assert all(torch.equal(v, split.vae.state_dict()[k])

@@ -221,20 +221,22 @@ def latent_scale(vae, rng, n=256):
 
 
 def train_unet(unet, text_encoder, vae, tokenizer, scheduler, steps, batch_size, rng, log,
-               lr=1e-3, drop=0.1, deadline=None, checkpoint=None, shape_weighted=False):
+               lr=1e-3, drop=0.1, deadline=None, checkpoint=None, shape_weighted=False,
+               plain=0.0):
     """Returns the number of steps run: ``steps``, or fewer when ``time.perf_counter()``
     passes ``deadline``. ``checkpoint(step)`` is called every 100 steps. ``shape_weighted``
     weights each latent pixel's error by the VAE loss's pixel weights (``_pixel_weights``: the
     shapes and their edges above the background) pooled to the latents' size, normalised to a
     mean of 1 per image: the shapes cover a tenth of the picture, and their outlines decide
-    what they are."""
+    what they are. ``plain`` is the share of one-shape captions that name neither size nor
+    position, beyond the templates' own (``world.caption``)."""
     params = list(unet.parameters()) + list(text_encoder.parameters())
     alphas = _alphas_cumprod(scheduler)
     scale = vae.config.scaling_factor
     gen = torch.Generator().manual_seed(int(rng.integers(2 ** 31)))
 
     def step_loss():
-        images, captions = world.batch(rng, batch_size)
+        images, captions = world.batch(rng, batch_size, plain)
         captions = ["" if rng.random() < drop else c for c in captions]
         x = torch.from_numpy(images)
         with torch.no_grad():
@@ -352,7 +354,7 @@ def train(out, stages=STAGES, vae_steps=600, unet_steps=4600, decoder_steps=200,
 
 
 def resume_unet(folder, unet_steps, batch_size=32, seed=0, threads=1, lr=5e-4, log=print,
-                time_limit=None, prediction_type=None, shape_weighted=False):
+                time_limit=None, prediction_type=None, shape_weighted=False, plain=0.0):
     """More UNet and text-encoder steps, with a fresh one-cycle schedule peaking at ``lr``, on
     a model ``train`` saved in ``folder`` (the VAE is untouched); seeded by ``seed``. A
     ``prediction_type`` other than the model's switches what the UNet learns to predict."""
@@ -369,11 +371,11 @@ def resume_unet(folder, unet_steps, batch_size=32, seed=0, threads=1, lr=5e-4, l
     done = train_unet(c.unet, c.text_encoder, c.vae, c.tokenizer, config["scheduler"],
                       unet_steps, batch_size,
                       np.random.default_rng(seed + _STAGE_SEEDS["resume"]), log, lr=lr,
-                      deadline=deadline, shape_weighted=shape_weighted)
+                      deadline=deadline, shape_weighted=shape_weighted, plain=plain)
     config["training"].setdefault("resumed", []).append(
         {"unet_steps_planned": unet_steps, "unet_steps": done, "lr": lr,
          "prediction_type": config["scheduler"]["prediction_type"],
-         "shape_weighted": shape_weighted, "seed": seed + _STAGE_SEEDS["resume"],
+         "shape_weighted": shape_weighted, "plain": plain, "seed": seed + _STAGE_SEEDS["resume"],
          "wall_seconds": round(time.perf_counter() - start, 1)})
     save(folder, config, c.text_encoder, c.unet, c.vae)
     log(f"saved to {folder}")
@@ -403,14 +405,19 @@ def main(argv=None):
                         "(default 5e-4)")
     p.add_argument("--shape-weighted", action="store_true",
                    help="weight the UNet's loss towards the shapes and their edges")
+    p.add_argument("--plain", type=float, default=0.0, metavar="P",
+                   help="with --resume: the share (0 to 1) of one-shape captions that name "
+                        "neither size nor position, beyond the templates' own")
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
                    help="with --resume: what the UNet learns to predict from now on")
     a = p.parse_args(argv)
+    if not 0.0 <= a.plain <= 1.0:
+        p.error(f"--plain: {a.plain} is not between 0 and 1")
     log = lambda s: print(time.strftime("%H:%M:%S"), s, flush=True)
     if a.resume:
         resume_unet(a.out, a.unet_steps, a.batch_size, a.seed, a.threads,
                     5e-4 if a.lr is None else a.lr, log, a.time_limit, a.prediction_type,
-                    a.shape_weighted)
+                    a.shape_weighted, a.plain)
         return
     stages = a.stages.split(",")
     unknown = set(stages) - set(STAGES)

@@ -83,9 +83,10 @@ def describe(shape: Shape, rng, size_word=True, position=True):
     return phrase
 
 
-def caption(shapes, background, rng=None):
+def caption(shapes, background, rng=None, plain=0.0):
     """A caption from the templates; ``rng`` picks the paraphrase and whether the size and the
-    position are named (None: the first paraphrase of each, naming both)."""
+    position are named (None: the first paraphrase of each, naming both). A one-shape caption
+    names neither with probability ``plain`` on top of the templates' own mix."""
     pick = (lambda n: 0) if rng is None else (lambda n: int(rng.integers(n)))
     bg = [f"on a {background} background", f"on {background}",
           f"with a {background} background"][pick(3)]
@@ -93,8 +94,9 @@ def caption(shapes, background, rng=None):
         s = shapes[0]
         # A quarter of the one-shape captions name no position ("a red circle on a blue
         # background"): the model then learns to place the shape anywhere.
-        body = describe(s, rng, size_word=pick(2) == 0 or rng is None,
-                        position=pick(4) != 0 or rng is None)
+        bare = plain > 0 and rng is not None and rng.random() < plain
+        body = describe(s, rng, size_word=(pick(2) == 0 or rng is None) and not bare,
+                        position=(pick(4) != 0 or rng is None) and not bare)
         return [f"{body} {bg}", f"{body} {bg}", f"a picture of {body} {bg}"][pick(3)]
     a, b = shapes
     return f"{describe(a, rng, False)} and {describe(b, rng, False)} {bg}"
@@ -106,8 +108,9 @@ def plain_caption(shape: Shape, background):
     return f"{describe(shape, None, size_word=False, position=False)} on a {background} background"
 
 
-def random_scene(rng, allow_held_out=False) -> Scene:
-    """A scene of one shape (70%) or two shapes in different cells, with its caption."""
+def random_scene(rng, allow_held_out=False, plain=0.0) -> Scene:
+    """A scene of one shape (70%) or two shapes in different cells, with its caption
+    (``plain``: see ``caption``)."""
     while True:
         names = list(COLOURS)
         background = names[rng.integers(len(names))]
@@ -118,7 +121,7 @@ def random_scene(rng, allow_held_out=False) -> Scene:
         shapes = tuple(Shape(str(colours[i]), SHAPES[rng.integers(3)],
                              "small" if n == 2 else list(SIZES)[rng.integers(2)], cells[i])
                        for i in range(n))
-        scene = Scene(shapes, background, caption(shapes, background, rng))
+        scene = Scene(shapes, background, caption(shapes, background, rng, plain))
         if allow_held_out or not scene.held_out():
             return scene
 
@@ -152,9 +155,10 @@ def render(scene: Scene) -> np.ndarray:
     return image
 
 
-def batch(rng, n):
-    """``n`` training scenes: images float32 (n, 3, SIDE, SIDE) in [-1, 1] and captions."""
-    scenes = [random_scene(rng) for _ in range(n)]
+def batch(rng, n, plain=0.0):
+    """``n`` training scenes: images float32 (n, 3, SIDE, SIDE) in [-1, 1] and captions
+    (``plain``: see ``caption``)."""
+    scenes = [random_scene(rng, plain=plain) for _ in range(n)]
     images = np.stack([render(s) for s in scenes]).astype(np.float32) / 127.5 - 1.0
     return images.transpose(0, 3, 1, 2), [s.caption for s in scenes]
 
