@@ -84,8 +84,9 @@ def classify_shape(region):
 
 def check(image, scene):
     """Per-attribute verdicts on a uint8 image of a one-shape ``scene``, plus the background
-    found and each colour's share of the pixels. A shape whose cell is None (a caption naming
-    no position) fails the position."""
+    found, how many regions of the shape's colour are big enough to count (``regions``) and
+    each colour's share of the pixels. A shape whose cell is None (a caption naming no
+    position) fails the position."""
     (shape,) = scene.shapes
     lab = labels(image)
     counts = np.bincount(lab.ravel(), minlength=len(NAMES))
@@ -96,8 +97,17 @@ def check(image, scene):
     expected = world.shape_mask(shape.kind, world.SIZES[shape.size],
                                 *world.cell_centre(shape.cell or (1, 1))).sum()
     found = region.sum() >= 0.3 * expected and order[1] == shape.colour
+    regions = 0
+    if region.any():
+        rest = lab == NAMES.index(shape.colour)
+        while rest.any():
+            part = largest_component(rest)
+            if part.sum() < 0.3 * expected:
+                break
+            regions, rest = regions + 1, rest & ~part
     result = {"background": background == scene.background, "shape_colour": bool(found),
               "position": False, "shape": False, "background_found": background,
+              "regions": regions,
               "share": {n: float(c) / lab.size for n, c in zip(NAMES, counts)}}
     if region.any():
         ys, xs = np.nonzero(region)
@@ -176,12 +186,15 @@ def grid(images, columns, scale=4):
     return out
 
 
+VALIDATION_PROMPTS = 63  # 27 left the means one prompt apart; one call takes at most 64
+
+
 def sweep(pipe, settings, seed=0, guidances=(3.0, 4.0, 5.0, 7.5), steps=(20,)):
-    """Mean accuracy on ``world.validation_scenes()`` (training-distribution prompts, not the
-    held-out ones) for each guidance scale and step count, over two phrasings of each scene:
-    naming its size and position, and naming neither ("a red circle on a blue background", the
-    README's first command; the position is then not scored)."""
-    scenes = world.validation_scenes()
+    """Mean accuracy on ``world.validation_scenes(VALIDATION_PROMPTS)`` (training-distribution
+    prompts, not the held-out ones) for each guidance scale and step count, over two phrasings
+    of each scene: naming its size and position, and naming neither ("a red circle on a blue
+    background", the README's first command; the position is then not scored)."""
+    scenes = world.validation_scenes(VALIDATION_PROMPTS)
     plain = [world.Scene(s.shapes, s.background, world.plain_caption(s.shapes[0], s.background))
              for s in scenes]
     out = []
@@ -211,8 +224,9 @@ def choose_defaults(model_folder, seed=0, threads=1, guidances=(3.0, 4.0, 5.0, 7
     best = max(rows, key=lambda r: r["mean"])  # the first of equals: the smallest scale
     config["demo_defaults"]["guidance_scale"] = best["guidance_scale"]
     config["demo_defaults"]["num_inference_steps"] = best["num_inference_steps"]
-    config["demo_defaults_sweep"] = {"prompts": "world.validation_scenes(), with captions naming "
-                                                "size and position and with plain_caption",
+    config["demo_defaults_sweep"] = {"prompts": f"world.validation_scenes({VALIDATION_PROMPTS}), "
+                                                "with captions naming size and position and "
+                                                "with plain_caption",
                                      "seed": seed,
                                      "results": rows}
     with open(path, "w", encoding="utf-8") as fh:
@@ -226,8 +240,9 @@ _FIRST_SCENE = world.Scene((world.Shape("red", "circle", "small", None),), "blue
 
 def first_command(pipe, settings, seeds=range(1, 33)):
     """The README's first command over ``seeds`` (as ``--seed``): per seed, the background
-    ``check`` finds and whether it finds a red circle (at least 30% of a small circle's area,
-    red the second colour) on blue."""
+    ``check`` finds, whether it finds a red circle (at least 30% of a small circle's area, red
+    the second colour) and how many red regions of that size it finds. Drawn right: one red
+    circle on blue."""
     rows = []
     for seed in seeds:
         image = to_uint8(pipe(FIRST_COMMAND, height=settings["height"], width=settings["width"],
@@ -236,8 +251,12 @@ def first_command(pipe, settings, seeds=range(1, 33)):
                               sampler=settings["sampler"], seed=seed, output_type="np")[0])
         r = check(image, _FIRST_SCENE)
         rows.append({"seed": seed, "background": r["background_found"],
-                     "circle": r["shape_colour"] and r["shape"]})
+                     "circle": r["shape_colour"] and r["shape"], "red_regions": r["regions"]})
     return rows
+
+
+def _drawn_right(row):
+    return row["background"] == "blue" and row["circle"] and row["red_regions"] == 1
 
 
 def cli_settings(pipe):
@@ -286,7 +305,8 @@ def run(model_folder, out, seed=0, count=54, threads=1,
     report = {
         "model": "built-in demo model", "weights": "engine/data/demo.safetensors",
         "held_out_prompts": count, "seed": seed, "settings": settings, "targets": TARGETS,
-        "text_to_image": {"accuracy": accuracy(t2i)},
+        "text_to_image": {"accuracy": accuracy(t2i),
+                          "more_than_one_region": sum(r["regions"] > 1 for r in t2i)},
         "text_to_image_cli_general_defaults": {"settings": general,
                                                "accuracy": accuracy(t2i_general)},
         "vae_reconstruction": {"accuracy": accuracy(reconstruction(pipe.vae, scenes))},
@@ -298,7 +318,7 @@ def run(model_folder, out, seed=0, count=54, threads=1,
                                                for r in neg]))},
         "first_command": {
             "prompt": FIRST_COMMAND, "seeds": [r["seed"] for r in first],
-            "drawn_right": sum(r["background"] == "blue" and r["circle"] for r in first),
+            "drawn_right": sum(_drawn_right(r) for r in first),
             "per_seed": first},
         "per_prompt": [{"prompt": s.caption, **{a: r[a] for a in ATTRIBUTES}}
                        for s, r in zip(scenes, t2i)],
@@ -349,16 +369,23 @@ def _markdown(r, columns):
         lines.append(f"| {a} | {acc[a]:.1%} | ≥ {tgt[a]:.0%} | {other['accuracy'][a]:.1%} | "
                      f"{vae[a]:.1%} | {i2i[a]:.1%} |")
     first = r["first_command"]
-    wrong = [f"{p['seed']} ({p['background']} background{'' if p['circle'] else ', no red circle'})"
-             for p in first["per_seed"] if not (p["background"] == "blue" and p["circle"])]
+    wrong = [f"{p['seed']} ({p['background']} background, "
+             f"{'a red circle' if p['circle'] else 'no red circle'}, {p['red_regions']} red "
+             f"region{'' if p['red_regions'] == 1 else 's'})"
+             for p in first["per_seed"] if not _drawn_right(p)]
     lines += [
+        "",
+        f"Text-to-image pictures with more than one region of the shape's colour (each at least "
+        f"30% of the shape's area): {r['text_to_image']['more_than_one_region']} of "
+        f"{r['held_out_prompts']}.",
         "",
         f"Negative prompt naming the shape's colour: that colour's share of the pixels goes "
         f"from {neg['mean_share_without']:.2%} to {neg['mean_share_with']:.2%} on average, "
         f"lower in {neg['fraction_lowered']:.0%} of the prompts.",
         "",
         f"The README's first command, `sdrt generate \"{first['prompt']}\"`, at seeds "
-        f"{first['seeds'][0]}–{first['seeds'][-1]}: a red circle on a blue background in "
+        f"{first['seeds'][0]}–{first['seeds'][-1]}: one red circle (and no other red region of "
+        f"that size) on a blue background in "
         f"{first['drawn_right']} of {len(first['seeds'])}"
         + (f"; not at seeds {', '.join(wrong)}." if wrong else "."),
         "",

@@ -13,8 +13,10 @@ Stages on scenes rendered on the fly by ``world``, each seeded on its own (``see
 3. ``decoder`` (not run by default, not in the shipped weights): the VAE decoder alone,
    sharpened with the encoder (so the latent space) frozen.
 
-``--resume`` runs more UNet steps on a saved model (a fresh one-cycle schedule), optionally
-with the loss weighted towards the shapes and their edges (``--shape-weighted``).
+``--resume`` runs more UNet steps on a saved model (a fresh one-cycle schedule). Either UNet
+run may weight the loss towards the shapes and their edges (``--shape-weighted``), name
+neither size nor position in more one-shape captions (``--plain``) and draw the shape of a
+caption naming no position in the centre (``--unplaced centre``).
 
 The VAE downsamples 2× (16×16×4 latents for 32×32 images): with 4× (8×8 latents) even a
 perfect reconstruction rounds the corners of 8-pixel shapes; with 2×, the checker finds the
@@ -31,15 +33,25 @@ every held-out prompt, but the shape on about 70% (squares drawn round, circles 
 (both at guidance 3, 20 steps, measured during development on the held-out prompts; the
 shipped figures are in ``benchmarks/results/demo_quality.md``).
 
-The shipped weights (``engine/data/demo.*``; ``demo.json`` records each stage's and the
+Why the centre: with the shape of a caption naming no position drawn in any cell, "a red circle
+on a blue background" drew not one red region but mostly two or three red circles at 28 of
+seeds 1–32 (guidance 4, 20 DPM++ 2M Karras steps), and at 11 to 28 of them over guidance 1–4,
+20 or 50 steps and four samplers (measured during development): the model hedged between
+places. Whoever names no position usually means the middle; trained so, the model draws one.
+
+The shipped weights (``engine/data/demo.*``; ``demo.json`` records each stage's and each
 resumption's steps, seed and wall time), each command on one thread of a 2-core machine
-shared with other work (another training ran on the second core), 5161 s (86 minutes) in all:
+shared with other work (another training ran on the second core), 8629 s (144 minutes) in all:
 
     python -m sdrt.engine.demo.train --out engine/data --stages vae --vae-steps 600
     python -m sdrt.engine.demo.train --out engine/data --stages unet --unet-steps 4600 \
         --batch-size 32 --time-limit 4500
     python -m sdrt.engine.demo.train --out engine/data --resume --unet-steps 2400 \
         --batch-size 32 --lr 3e-4 --shape-weighted
+    python -m sdrt.engine.demo.train --out engine/data --resume --unet-steps 2400 \
+        --batch-size 32 --lr 3e-4 --shape-weighted --plain 0.25
+    python -m sdrt.engine.demo.train --out engine/data --resume --unet-steps 2400 \
+        --batch-size 32 --lr 3e-4 --shape-weighted --plain 0.25 --unplaced centre --seed 1
     python -m sdrt.engine.demo.quality --choose-defaults
 
 (No time limit was reached. The last command picks the default guidance scale on
@@ -222,21 +234,22 @@ def latent_scale(vae, rng, n=256):
 
 def train_unet(unet, text_encoder, vae, tokenizer, scheduler, steps, batch_size, rng, log,
                lr=1e-3, drop=0.1, deadline=None, checkpoint=None, shape_weighted=False,
-               plain=0.0):
+               plain=0.0, unplaced="anywhere"):
     """Returns the number of steps run: ``steps``, or fewer when ``time.perf_counter()``
     passes ``deadline``. ``checkpoint(step)`` is called every 100 steps. ``shape_weighted``
     weights each latent pixel's error by the VAE loss's pixel weights (``_pixel_weights``: the
     shapes and their edges above the background) pooled to the latents' size, normalised to a
     mean of 1 per image: the shapes cover a tenth of the picture, and their outlines decide
     what they are. ``plain`` is the share of one-shape captions that name neither size nor
-    position, beyond the templates' own (``world.caption``)."""
+    position, beyond the templates' own (``world.caption``); ``unplaced`` says where such a
+    caption's shape is drawn (``world.random_scene``)."""
     params = list(unet.parameters()) + list(text_encoder.parameters())
     alphas = _alphas_cumprod(scheduler)
     scale = vae.config.scaling_factor
     gen = torch.Generator().manual_seed(int(rng.integers(2 ** 31)))
 
     def step_loss():
-        images, captions = world.batch(rng, batch_size, plain)
+        images, captions = world.batch(rng, batch_size, plain, unplaced)
         captions = ["" if rng.random() < drop else c for c in captions]
         x = torch.from_numpy(images)
         with torch.no_grad():
@@ -284,11 +297,13 @@ def _fresh(config, name, seed):
 
 
 def train(out, stages=STAGES, vae_steps=600, unet_steps=4600, decoder_steps=200, batch_size=32,
-          vae_batch_size=32, seed=0, threads=1, log=print, time_limit=None, lr=1e-3):
+          vae_batch_size=32, seed=0, threads=1, log=print, time_limit=None, lr=1e-3,
+          shape_weighted=False, plain=0.0, unplaced="anywhere"):
     """Run ``stages`` (in the order of ``STAGES``) and save the model under ``out`` after each;
     a stage after the first of a run reads the model the earlier stages saved there. The text
     encoder and UNet always start from their seeded initialisation. ``time_limit`` (seconds from
     the start) stops the UNet stage early, with the learning-rate schedule as if all steps ran.
+    ``shape_weighted``, ``plain`` and ``unplaced`` are the UNet stage's (``train_unet``).
     Each stage's steps, seed and wall time go into the config's ``training``. Returns the
     config.
 
@@ -341,10 +356,13 @@ def train(out, stages=STAGES, vae_steps=600, unet_steps=4600, decoder_steps=200,
             config["scheduler"]["prediction_type"] = DEMO["scheduler"]["prediction_type"]
             fields = dict(steps_planned=unet_steps, batch_size=batch_size, lr=lr,
                           prediction_type=config["scheduler"]["prediction_type"])
+            mix = dict(shape_weighted=shape_weighted, plain=plain, unplaced=unplaced)
+            if mix != dict(shape_weighted=False, plain=0.0, unplaced="anywhere"):
+                fields.update(mix)  # recorded where they differ from the shipped stage's
             done = train_unet(
                 unet, text_encoder, vae, tokenizer, config["scheduler"], unet_steps, batch_size,
                 rng, log, lr=lr, deadline=deadline,
-                checkpoint=lambda n: record("unet", steps=n, **fields))
+                checkpoint=lambda n: record("unet", steps=n, **fields), **mix)
             record("unet", steps=done, **fields)
         else:
             finetune_decoder(vae, decoder_steps, vae_batch_size, rng, log)
@@ -354,7 +372,8 @@ def train(out, stages=STAGES, vae_steps=600, unet_steps=4600, decoder_steps=200,
 
 
 def resume_unet(folder, unet_steps, batch_size=32, seed=0, threads=1, lr=5e-4, log=print,
-                time_limit=None, prediction_type=None, shape_weighted=False, plain=0.0):
+                time_limit=None, prediction_type=None, shape_weighted=False, plain=0.0,
+                unplaced="anywhere"):
     """More UNet and text-encoder steps, with a fresh one-cycle schedule peaking at ``lr``, on
     a model ``train`` saved in ``folder`` (the VAE is untouched); seeded by ``seed``. A
     ``prediction_type`` other than the model's switches what the UNet learns to predict."""
@@ -371,11 +390,13 @@ def resume_unet(folder, unet_steps, batch_size=32, seed=0, threads=1, lr=5e-4, l
     done = train_unet(c.unet, c.text_encoder, c.vae, c.tokenizer, config["scheduler"],
                       unet_steps, batch_size,
                       np.random.default_rng(seed + _STAGE_SEEDS["resume"]), log, lr=lr,
-                      deadline=deadline, shape_weighted=shape_weighted, plain=plain)
+                      deadline=deadline, shape_weighted=shape_weighted, plain=plain,
+                      unplaced=unplaced)
     config["training"].setdefault("resumed", []).append(
         {"unet_steps_planned": unet_steps, "unet_steps": done, "lr": lr,
          "prediction_type": config["scheduler"]["prediction_type"],
-         "shape_weighted": shape_weighted, "plain": plain, "seed": seed + _STAGE_SEEDS["resume"],
+         "shape_weighted": shape_weighted, "plain": plain,
+         "unplaced": unplaced, "seed": seed + _STAGE_SEEDS["resume"],
          "wall_seconds": round(time.perf_counter() - start, 1)})
     save(folder, config, c.text_encoder, c.unet, c.vae)
     log(f"saved to {folder}")
@@ -406,8 +427,11 @@ def main(argv=None):
     p.add_argument("--shape-weighted", action="store_true",
                    help="weight the UNet's loss towards the shapes and their edges")
     p.add_argument("--plain", type=float, default=0.0, metavar="P",
-                   help="with --resume: the share (0 to 1) of one-shape captions that name "
+                   help="the share (0 to 1) of the UNet's one-shape captions that name "
                         "neither size nor position, beyond the templates' own")
+    p.add_argument("--unplaced", choices=world.UNPLACED, default="anywhere",
+                   help="where the shape of a one-shape caption naming no position is drawn: "
+                        "in any cell (as the shipped unet stage) or the centre")
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
                    help="with --resume: what the UNet learns to predict from now on")
     a = p.parse_args(argv)
@@ -417,7 +441,7 @@ def main(argv=None):
     if a.resume:
         resume_unet(a.out, a.unet_steps, a.batch_size, a.seed, a.threads,
                     5e-4 if a.lr is None else a.lr, log, a.time_limit, a.prediction_type,
-                    a.shape_weighted, a.plain)
+                    a.shape_weighted, a.plain, a.unplaced)
         return
     stages = a.stages.split(",")
     unknown = set(stages) - set(STAGES)
@@ -425,7 +449,8 @@ def main(argv=None):
         p.error(f"--stages: unknown {sorted(unknown)}; choose from {', '.join(STAGES)}")
     train(a.out, stages, a.vae_steps, a.unet_steps, a.decoder_steps, a.batch_size,
           a.vae_batch_size, a.seed, a.threads, log=log, time_limit=a.time_limit,
-          lr=1e-3 if a.lr is None else a.lr)
+          lr=1e-3 if a.lr is None else a.lr, shape_weighted=a.shape_weighted, plain=a.plain,
+          unplaced=a.unplaced)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ Scenes are drawn from a seeded ``numpy`` generator and rendered on the fly. ``HE
 the evaluation prompts from them, so every evaluated prompt is a new combination of words the
 model has seen.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -108,9 +108,14 @@ def plain_caption(shape: Shape, background):
     return f"{describe(shape, None, size_word=False, position=False)} on a {background} background"
 
 
-def random_scene(rng, allow_held_out=False, plain=0.0) -> Scene:
+UNPLACED = ("anywhere", "centre")
+
+
+def random_scene(rng, allow_held_out=False, plain=0.0, unplaced="anywhere") -> Scene:
     """A scene of one shape (70%) or two shapes in different cells, with its caption
-    (``plain``: see ``caption``)."""
+    (``plain``: see ``caption``). A one-shape caption that names no position leaves its shape
+    in the cell drawn (``unplaced="anywhere"``) or moves it to the centre (``"centre"``: the
+    model then draws one shape where it would otherwise hedge between places)."""
     while True:
         names = list(COLOURS)
         background = names[rng.integers(len(names))]
@@ -121,7 +126,11 @@ def random_scene(rng, allow_held_out=False, plain=0.0) -> Scene:
         shapes = tuple(Shape(str(colours[i]), SHAPES[rng.integers(3)],
                              "small" if n == 2 else list(SIZES)[rng.integers(2)], cells[i])
                        for i in range(n))
-        scene = Scene(shapes, background, caption(shapes, background, rng, plain))
+        text = caption(shapes, background, rng, plain)
+        if unplaced == "centre" and n == 1 and not any(p in text for p in
+                                                       POSITIONS[shapes[0].cell]):
+            shapes = (replace(shapes[0], cell=(1, 1)),)
+        scene = Scene(shapes, background, text)
         if allow_held_out or not scene.held_out():
             return scene
 
@@ -155,10 +164,10 @@ def render(scene: Scene) -> np.ndarray:
     return image
 
 
-def batch(rng, n, plain=0.0):
+def batch(rng, n, plain=0.0, unplaced="anywhere"):
     """``n`` training scenes: images float32 (n, 3, SIDE, SIDE) in [-1, 1] and captions
-    (``plain``: see ``caption``)."""
-    scenes = [random_scene(rng, plain=plain) for _ in range(n)]
+    (``plain``, ``unplaced``: see ``random_scene``)."""
+    scenes = [random_scene(rng, plain=plain, unplaced=unplaced) for _ in range(n)]
     images = np.stack([render(s) for s in scenes]).astype(np.float32) / 127.5 - 1.0
     return images.transpose(0, 3, 1, 2), [s.caption for s in scenes]
 
