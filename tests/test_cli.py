@@ -231,7 +231,10 @@ def test_every_option_explains_itself(capsys):
 def test_interrupt_prints_on_its_own_line(tmp_path):
     argv = ["generate", "a red fox", "--steps", "400", "--height", "64", "--width", "64",
             "--guidance", "1", "-o", str(tmp_path / "o.png")]
-    p = subprocess.Popen([sys.executable, "-c", CHILD, *argv], cwd=tmp_path,
+    # Ctrl-C as at a terminal: a shell without job control starts background commands with
+    # SIGINT ignored, and Python then keeps ignoring it, so the child restores the default.
+    child = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n" + CHILD
+    p = subprocess.Popen([sys.executable, "-c", child, *argv], cwd=tmp_path,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     err = b""
     deadline = time.monotonic() + 120

@@ -288,6 +288,8 @@ def run(model_folder, out, seed=0, count=54, threads=1,
     from ..pipeline import Pipeline
     from .model import demo_components, demo_config
     torch.set_num_threads(threads)
+    from .model import DATA
+    shipped = os.path.samefile(model_folder, DATA)
     config = demo_config(os.path.join(model_folder, "demo.json"))
     pipe = Pipeline(demo_components(model_folder), "cpu", torch.float32)
     settings, general = config["demo_defaults"], cli_settings(pipe)
@@ -303,7 +305,9 @@ def run(model_folder, out, seed=0, count=54, threads=1,
     pair_images = generate(pipe, [s.caption for s in pairs], settings, seed)
     wall = time.perf_counter() - start
     report = {
-        "model": "built-in demo model", "weights": "engine/data/demo.safetensors",
+        "model": "built-in demo model" if shipped else "demo model trained elsewhere",
+        "weights": "engine/data/demo.safetensors" if shipped else
+        os.path.join(model_folder, "demo.safetensors"),
         "held_out_prompts": count, "seed": seed, "settings": settings, "targets": TARGETS,
         "text_to_image": {"accuracy": accuracy(t2i),
                           "more_than_one_region": sum(r["regions"] > 1 for r in t2i)},
@@ -350,6 +354,8 @@ def _markdown(r, columns):
     s, d = r["settings"], other["settings"]
     lines = [
         "# Demo model quality",
+        "",
+        f"Model: {r['model']}, `{r['weights']}`.",
         "",
         f"{r['held_out_prompts']} held-out prompts (colour/shape/background combinations never "
         f"rendered in training), seed {r['seed']}, at what `sdrt generate PROMPT` runs without "

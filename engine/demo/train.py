@@ -55,7 +55,10 @@ shared with other work (another training ran on the second core), 8629 s (144 mi
     python -m sdrt.engine.demo.quality --choose-defaults
 
 (No time limit was reached. The last command picks the default guidance scale on
-training-distribution prompts, then measures the held-out ones.)
+training-distribution prompts, then measures the held-out ones.) One run of the last recipe
+from scratch, ``--stages unet --shape-weighted --plain 0.25 --unplaced centre`` after the same
+VAE stage, took 63 minutes in all and falls two held-out prompts short on the shape
+(``benchmarks/results/demo_one_hour/``).
 """
 import argparse
 import json

@@ -93,7 +93,7 @@ def caption(shapes, background, rng=None, plain=0.0):
     if len(shapes) == 1:
         s = shapes[0]
         # A quarter of the one-shape captions name no position ("a red circle on a blue
-        # background"): the model then learns to place the shape anywhere.
+        # background"); ``random_scene`` decides where such a shape is drawn.
         bare = plain > 0 and rng is not None and rng.random() < plain
         body = describe(s, rng, size_word=(pick(2) == 0 or rng is None) and not bare,
                         position=(pick(4) != 0 or rng is None) and not bare)
