@@ -46,11 +46,12 @@ def labels(image):
     return d.argmin(-1)
 
 
-def largest_component(mask):
-    """The largest 4-connected region of a boolean mask (a breadth-first walk; images are 32²)."""
+def components(mask):
+    """The 4-connected regions of a boolean mask as boolean masks, largest first (equal sizes in
+    scan order; a breadth-first walk: images are 32²)."""
     seen = np.zeros_like(mask, bool)
-    best = np.zeros_like(mask, bool)
     h, w = mask.shape
+    parts = []
     for y0, x0 in zip(*np.nonzero(mask)):
         if seen[y0, x0]:
             continue
@@ -63,10 +64,10 @@ def largest_component(mask):
                 if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not seen[ny, nx]:
                     seen[ny, nx] = True
                     stack.append((ny, nx))
-        if len(region) > best.sum():
-            best[:] = False
-            best[tuple(np.array(region).T)] = True
-    return best
+        part = np.zeros_like(mask, bool)
+        part[tuple(np.array(region).T)] = True
+        parts.append(part)
+    return sorted(parts, key=lambda p: -p.sum())
 
 
 def classify_shape(region):
@@ -92,19 +93,12 @@ def check(image, scene):
     counts = np.bincount(lab.ravel(), minlength=len(NAMES))
     order = [NAMES[i] for i in np.argsort(-counts, kind="stable")]
     background = order[0]
-    region = largest_component(lab == NAMES.index(shape.colour)) \
-        if shape.colour != background else np.zeros(lab.shape, bool)
+    parts = components(lab == NAMES.index(shape.colour)) if shape.colour != background else []
+    region = parts[0] if parts else np.zeros(lab.shape, bool)
     expected = world.shape_mask(shape.kind, world.SIZES[shape.size],
                                 *world.cell_centre(shape.cell or (1, 1))).sum()
     found = region.sum() >= 0.3 * expected and order[1] == shape.colour
-    regions = 0
-    if region.any():
-        rest = lab == NAMES.index(shape.colour)
-        while rest.any():
-            part = largest_component(rest)
-            if part.sum() < 0.3 * expected:
-                break
-            regions, rest = regions + 1, rest & ~part
+    regions = sum(p.sum() >= 0.3 * expected for p in parts)
     result = {"background": background == scene.background, "shape_colour": bool(found),
               "position": False, "shape": False, "background_found": background,
               "regions": regions,
