@@ -18,7 +18,10 @@ repeat (``common.cuda_time``). Reported: the time, achieved GB/s (the fewest byt
 move: inputs read once, output written once) and TFLOP/s, the share of the roofline (the floor
 max(bytes / measured copy bandwidth, FLOPs / measured matmul rate) over the time), the
 speed-up over the baseline, the first-call (compile) time apart, and the largest difference
-between the two outputs. Per network, Σ count × time gives the op's share of one call.
+between the two outputs. Where the attention kernel splits the head dim in two pieces (SD
+1.5's 40, 80, 160: ``attention.pieces``), ``padded_d_ms`` times the same kernel with the head
+dim padded to the next power of two instead; where it splits the cross path's keys (77 = 64 +
+16), ``padded_keys_ms`` times it with them padded to 128: one run says what each split buys. Per network, Σ count × time gives the op's share of one call.
 
 Shapes, layouts and call counts come from one walk of the engine's own modules at the model's
 size (``launches.record_launches``: meta tensors, every launch recorded, nothing computed),
@@ -33,6 +36,7 @@ Writes ``benchmarks/results/bench_kernels_<gpu>.json`` and ``.md``.
 import argparse
 import collections
 import dataclasses
+import importlib
 import math
 
 import torch
@@ -40,6 +44,8 @@ import torch.nn.functional as F
 
 from sdrt.benchmarks import common, launches
 from sdrt.kernels import attention, geglu, group_norm, layer_norm
+
+attention_module = importlib.import_module("sdrt.kernels.attention")
 
 OPS = ("group_norm", "layer_norm", "geglu", "attention")
 # At their native sizes (launches.MODEL_SIZES): 512², 768², 1024², 512².
@@ -113,6 +119,19 @@ class Problem:
     baselines: dict              # name → (() → output)
     bytes: int                   # fewest bytes moved: inputs read once, output written once
     flops: int
+    variants: dict = dataclasses.field(default_factory=dict)  # column → sdrt's other form
+
+
+def _unsplit(flag, fn):
+    """``fn`` run with the attention kernel's ``flag`` (SPLIT_HEAD_DIM or SPLIT_KEYS) off: the
+    same kernel padding to a power of two what it would split in two pieces."""
+    def run():
+        setattr(attention_module, flag, False)
+        try:
+            return fn()
+        finally:
+            setattr(attention_module, flag, True)
+    return run
 
 
 def make_problem(case: Case) -> Problem:
@@ -164,9 +183,17 @@ def make_problem(case: Case) -> Problem:
                 with sdpa_kernel(backend):
                     return F.scaled_dot_product_attention(q, k, v)
             return run
+        variants = {}
+        split_d = attention_module.pieces(d)[1] > 0
+        split_keys = t <= attention_module.CROSS_MAX_T and attention_module.pieces(t)[1] > 0
+        for column, flag, applies in (("padded_d_ms", "SPLIT_HEAD_DIM", split_d),
+                                      ("padded_keys_ms", "SPLIT_KEYS", split_keys)):
+            if applies:
+                variants[column] = _unsplit(flag, lambda: attention(q, k, v, out=out))
         return Problem(lambda: attention(q, k, v, out=out),
                        {f"SDPA {n}": sdpa(be) for n, be in _sdpa_backends().items()},
-                       (2 * q.numel() + k.numel() + v.numel()) * es, 4 * b * n_heads * s * t * d)
+                       (2 * q.numel() + k.numel() + v.numel()) * es, 4 * b * n_heads * s * t * d,
+                       variants)
     raise ValueError(f"unknown op {case.op!r}")
 
 
@@ -196,11 +223,16 @@ def measure(case: Case, ceiling: dict, warmup: int, repeats: int, flush_l2: bool
     if best is not None:
         row.update({"base_ms": best.median_ms, "base_roof_%": 100 * floor_ms / best.median_ms,
                     "speedup": best.median_ms / ours.median_ms})
+    for column, fn in p.variants.items():
+        fn()  # compiled outside the timing
+        row[column] = common.cuda_time(fn, warmup=warmup, repeats=repeats,
+                                       flush_l2=flush_l2).median_ms
     return row
 
 
 COLUMNS = ["case", "used in", "sdrt_ms", "base_ms", "speedup", "GB/s", "TFLOP/s", "sdrt_roof_%",
-           "base_roof_%", "baseline", "sdrt_first_call_ms", "max_abs_diff"]
+           "base_roof_%", "baseline", "sdrt_first_call_ms", "max_abs_diff", "padded_d_ms",
+           "padded_keys_ms"]
 
 
 def main(argv=None):

@@ -19,16 +19,27 @@ Two specialisations, chosen by ``tl.constexpr`` switches:
   block, so the softmax is exact in one pass (no running max, no rescaling);
 - the key loop runs over whole blocks with no key mask; only a ragged last block is masked.
 
-Head dims that are not powers of two (SD 1.5's 40, 80, 160) are padded inside the kernel to
-BLOCK_D (64, 128, 256) with masked loads; memory is never padded. The padding costs tensor-
-core work (62.5% of it is useful at each of 40, 80 and 160): splitting D into power-of-two
-pieces (32 + 16, 64 + 16, 128 + 32) is the next step once there is a GPU to measure on.
+Head dims that are not powers of two are split into two power-of-two pieces of columns
+(``pieces``): SD 1.5's 40 = 32 + 16 (8 columns of padding), 80 = 64 + 16 and 160 = 128 + 32
+(none). The scores are the sum of one MMA per piece, and each piece has its own accumulator
+and store. The cross path's keys split the same way: 77 = 64 + 16, so the softmax and both
+MMAs run over 80 key columns, not 128. Padded to one power of two instead (head dims 64, 128,
+256; 128 keys: as ``SPLIT_HEAD_DIM = False`` and ``SPLIT_KEYS = False`` still do), only 62.5%
+of the tensor-core work at those head dims, and 60% of the key columns, was useful.
+Compiled for sm_90 at SD 1.5's launches (``benchmarks/results/sm90_report.md``, Triton 3.9),
+the splits also take fewer registers a thread (padded in brackets): self-attention at head
+dim 40 214 (224), 80 140 (168), 160 155 (198); cross-attention 74 (123), 100 (178), 167
+(187), and 76 (125) at SD 2.x's 64. Loads stay 16 bytes wide but for 2 scalar ones in the
+16 × 16 corner tile of the cross path (padding is masked in memory, never read). Whether the
+splits are faster on a GPU is for ``bench_kernels`` to measure: it times the padded forms
+too (``padded_d_ms``, ``padded_keys_ms``).
 
 On the Triton path fp16 and bf16 run the kernel; float32 inputs, and head dims over 256 (the
 VAE's single 512-wide head), run ``attention_reference`` (``F.scaled_dot_product_attention``)
 instead.
 """
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -46,12 +57,14 @@ MAX_HEAD_DIM = 256
 CROSS_MAX_T = 128
 
 # Starting points for Hopper (H100/H200), fp16/bf16; not yet tuned on a GPU.
-# (path, BLOCK_D) → (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_N = None: the next power
-# of two ≥ T (cross path). Register budget: the fp32 accumulator is BLOCK_M × BLOCK_D, so at
+# (path, BLOCK_D) → (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_N = None: all T keys as
+# ``pieces(T)`` (cross path). Register budget: the fp32 accumulator is BLOCK_M × BLOCK_D, so at
 # BLOCK_D = 256 (head dim 160) BLOCK_M drops to 64 and 8 warps share it. Compiled for sm_90
-# without a GPU at SD 1.5's launches (benchmarks/sm90_report.py, Triton 3.9): wgmma
-# throughout, 123-224 registers a thread, no stack, 16-byte loads only, a cp.async pipeline
-# on the self path, at most 160 KB of shared memory (head dim 160, self path).
+# without a GPU at SD 1.5's launches (benchmarks/sm90_report.py, Triton 3.9), split: wgmma
+# throughout, 74-226 registers a thread, no stack, 16-byte loads (2 scalar ones at most), a
+# cp.async pipeline on the self path, at most 100 KB of shared memory (head dim 160, self
+# path). The table is keyed by the head dim padded to a power of two, split or not; the
+# cross path's BLOCK_N comes from the keys (``pieces``).
 _BLOCKS = {
     ("self", 16): (128, 64, 4, 3),
     ("self", 32): (128, 64, 4, 3),
@@ -65,6 +78,12 @@ _BLOCKS = {
     ("cross", 256): (64, None, 8, 1),
 }
 
+# Split head dims, and the cross path's keys, that are not a power of two into two pieces
+# (``pieces``) instead of padding them to the next one. False restores the padded kernel
+# (``bench_kernels`` times both).
+SPLIT_HEAD_DIM = True
+SPLIT_KEYS = True
+
 _LOG2E = 1.4426950408889634
 
 
@@ -74,25 +93,60 @@ def attention_reference(q, k, v, scale=None):
 
 if triton is not None:
     @triton.jit
-    def _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start, T, stride_kt, stride_vt,
-                      qk_scale, offs_n, d_ok, MASK_KEYS: tl.constexpr):
+    def _scores(q, q2, k_ptrs, k2_ptrs, rows, n_ok, d_ok, d2_ok, BLOCK_D2: tl.constexpr,
+                MASK_KEYS: tl.constexpr):
+        """q·kᵀ for the keys at row offsets ``rows`` (masked by ``n_ok`` when MASK_KEYS): one
+        MMA per piece of the head dim, summed."""
+        if MASK_KEYS:
+            k_mask = n_ok[:, None] & d_ok[None, :]
+            k2_mask = n_ok[:, None] & d2_ok[None, :]
+        else:
+            k_mask = d_ok[None, :]
+            k2_mask = d2_ok[None, :]
+        k = tl.load(k_ptrs + rows, mask=k_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k))
+        if BLOCK_D2 > 0:
+            k2 = tl.load(k2_ptrs + rows, mask=k2_mask, other=0.0)
+            s = tl.dot(q2, tl.trans(k2), s)
+        return s
+
+    @triton.jit
+    def _weigh(p, acc, acc2, v_ptrs, v2_ptrs, rows, n_ok, d_ok, d2_ok, BLOCK_D2: tl.constexpr,
+               MASK_KEYS: tl.constexpr):
+        """acc + p·v for the values at row offsets ``rows``, per piece of the head dim."""
+        if MASK_KEYS:
+            v_mask = n_ok[:, None] & d_ok[None, :]
+            v2_mask = n_ok[:, None] & d2_ok[None, :]
+        else:
+            v_mask = d_ok[None, :]
+            v2_mask = d2_ok[None, :]
+        v = tl.load(v_ptrs + rows, mask=v_mask, other=0.0)
+        p = p.to(v.dtype)
+        acc = tl.dot(p, v, acc)
+        if BLOCK_D2 > 0:
+            v2 = tl.load(v2_ptrs + rows, mask=v2_mask, other=0.0)
+            acc2 = tl.dot(p, v2, acc2)
+        return acc, acc2
+
+    @triton.jit
+    def _attend_block(acc, acc2, l_i, m_i, q, q2, k_ptrs, v_ptrs, k2_ptrs, v2_ptrs, start, T,
+                      stride_kt, stride_vt, qk_scale, offs_n, d_ok, d2_ok,
+                      BLOCK_D2: tl.constexpr, MASK_KEYS: tl.constexpr):
         """One step of the online softmax over keys start … start + BLOCK_N."""
         n = start + offs_n
+        n_ok = n < T
+        s = _scores(q, q2, k_ptrs, k2_ptrs, n.to(tl.int64)[:, None] * stride_kt, n_ok, d_ok,
+                    d2_ok, BLOCK_D2, MASK_KEYS) * qk_scale  # BLOCK_M × BLOCK_N, log2 units
         if MASK_KEYS:
-            kv_mask = (n < T)[:, None] & d_ok[None, :]
-        else:
-            kv_mask = d_ok[None, :]
-        k = tl.load(k_ptrs + n.to(tl.int64)[:, None] * stride_kt, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # BLOCK_M × BLOCK_N, log2 units
-        if MASK_KEYS:
-            s = tl.where((n < T)[None, :], s, float("-inf"))
+            s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)  # 0 on the first block, where m_i = −inf
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptrs + n.to(tl.int64)[:, None] * stride_vt, mask=kv_mask, other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        return acc, l_i, m_new
+        acc, acc2 = _weigh(p, acc * alpha[:, None], acc2 * alpha[:, None], v_ptrs, v2_ptrs,
+                           n.to(tl.int64)[:, None] * stride_vt, n_ok, d_ok, d2_ok, BLOCK_D2,
+                           MASK_KEYS)
+        return acc, acc2, l_i, m_new
 
     # H, S and T only index and bound: a variant per divisibility of the sequence lengths
     # would buy nothing.
@@ -103,7 +157,8 @@ if triton is not None:
                           stride_vb, stride_vh, stride_vt,
                           stride_ob, stride_oh, stride_os,
                           HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_D: tl.constexpr, ONE_KEY_BLOCK: tl.constexpr,
+                          BLOCK_N2: tl.constexpr, BLOCK_D: tl.constexpr,
+                          BLOCK_D2: tl.constexpr, ONE_KEY_BLOCK: tl.constexpr,
                           STRIDE_UNIT: tl.constexpr):
         # Strides arrive in units of STRIDE_UNIT elements (see ``_stride_unit``): multiplying
         # by the constant here is what tells Triton they are multiples of it, so that a head
@@ -121,55 +176,128 @@ if triton is not None:
         h = (bh % H).to(tl.int64)
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
+        # Head-dim columns: [0, BLOCK_D) and, split, [BLOCK_D, BLOCK_D + BLOCK_D2); what lies
+        # past HEAD_D is padding in registers only (masked loads, never stored).
         offs_d = tl.arange(0, BLOCK_D)
-        d_ok = offs_d < HEAD_D  # head dim padded to BLOCK_D in registers only
+        d_ok = offs_d < HEAD_D
+        if BLOCK_D2 > 0:
+            offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+            d2_ok = offs_d2 < HEAD_D
+        else:
+            offs_d2 = offs_d
+            d2_ok = d_ok
         m_ok = offs_m < S
 
-        q_ptrs = (Q + b * stride_qb + h * stride_qh
-                  + offs_m.to(tl.int64)[:, None] * stride_qs + offs_d[None, :])
-        q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        k_ptrs = K + b * stride_kb + h * stride_kh + offs_d[None, :]
-        v_ptrs = V + b * stride_vb + h * stride_vh + offs_d[None, :]
+        q_rows = Q + b * stride_qb + h * stride_qh + offs_m.to(tl.int64)[:, None] * stride_qs
+        q = tl.load(q_rows + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        if BLOCK_D2 > 0:
+            q2 = tl.load(q_rows + offs_d2[None, :], mask=m_ok[:, None] & d2_ok[None, :],
+                         other=0.0)
+        else:
+            q2 = q
+        k_head = K + b * stride_kb + h * stride_kh
+        v_head = V + b * stride_vb + h * stride_vh
+        k_ptrs = k_head + offs_d[None, :]
+        v_ptrs = v_head + offs_d[None, :]
+        k2_ptrs = k_head + offs_d2[None, :]
+        v2_ptrs = v_head + offs_d2[None, :]
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        # Unsplit, acc2 is never touched and the compiler drops it.
+        if BLOCK_D2 > 0:
+            acc2 = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)
+        else:
+            acc2 = tl.zeros([BLOCK_M, 16], tl.float32)
 
         if ONE_KEY_BLOCK:
-            # All T keys in one block: plain softmax, no running max or rescaling.
+            # All T keys at once, as one block of BLOCK_N or, split, BLOCK_N + BLOCK_N2 (77 =
+            # 64 + 13 of 16): a plain softmax, no running max or rescaling.
             n_ok = offs_n < T
-            kv_mask = n_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_ptrs + offs_n[:, None] * stride_kt, mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            s = tl.where(n_ok[None, :], s, float("-inf"))
-            p = tl.exp2(s - tl.max(s, axis=1)[:, None])
+            s = _scores(q, q2, k_ptrs, k2_ptrs, offs_n[:, None] * stride_kt, n_ok, d_ok, d2_ok,
+                        BLOCK_D2, MASK_KEYS=True)
+            s = tl.where(n_ok[None, :], s * qk_scale, float("-inf"))
+            m_i = tl.max(s, axis=1)
+            if BLOCK_N2 > 0:
+                offs_n2 = BLOCK_N + tl.arange(0, BLOCK_N2)
+                n2_ok = offs_n2 < T
+                s2 = _scores(q, q2, k_ptrs, k2_ptrs, offs_n2[:, None] * stride_kt, n2_ok, d_ok,
+                             d2_ok, BLOCK_D2, MASK_KEYS=True)
+                s2 = tl.where(n2_ok[None, :], s2 * qk_scale, float("-inf"))
+                m_i = tl.maximum(m_i, tl.max(s2, axis=1))
+            p = tl.exp2(s - m_i[:, None])
             l_i = tl.sum(p, axis=1)
-            v = tl.load(v_ptrs + offs_n[:, None] * stride_vt, mask=kv_mask, other=0.0)
-            acc = tl.dot(p.to(v.dtype), v)
+            acc, acc2 = _weigh(p, acc, acc2, v_ptrs, v2_ptrs, offs_n[:, None] * stride_vt, n_ok,
+                               d_ok, d2_ok, BLOCK_D2, MASK_KEYS=True)
+            if BLOCK_N2 > 0:
+                p2 = tl.exp2(s2 - m_i[:, None])
+                l_i += tl.sum(p2, axis=1)
+                acc, acc2 = _weigh(p2, acc, acc2, v_ptrs, v2_ptrs, offs_n2[:, None] * stride_vt,
+                                   n2_ok, d_ok, d2_ok, BLOCK_D2, MASK_KEYS=True)
         else:
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
-            acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
             t_full = (T // BLOCK_N) * BLOCK_N
             for start in range(0, t_full, BLOCK_N):
-                acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start, T,
-                                              stride_kt, stride_vt, qk_scale, offs_n, d_ok,
-                                              MASK_KEYS=False)
+                acc, acc2, l_i, m_i = _attend_block(
+                    acc, acc2, l_i, m_i, q, q2, k_ptrs, v_ptrs, k2_ptrs, v2_ptrs, start, T,
+                    stride_kt, stride_vt, qk_scale, offs_n, d_ok, d2_ok, BLOCK_D2,
+                    MASK_KEYS=False)
             if t_full < T:
-                acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, t_full, T,
-                                              stride_kt, stride_vt, qk_scale, offs_n, d_ok,
-                                              MASK_KEYS=True)
+                acc, acc2, l_i, m_i = _attend_block(
+                    acc, acc2, l_i, m_i, q, q2, k_ptrs, v_ptrs, k2_ptrs, v2_ptrs, t_full, T,
+                    stride_kt, stride_vt, qk_scale, offs_n, d_ok, d2_ok, BLOCK_D2,
+                    MASK_KEYS=True)
 
-        o = acc / l_i[:, None]
-        o_ptrs = (O + b * stride_ob + h * stride_oh
-                  + offs_m.to(tl.int64)[:, None] * stride_os + offs_d[None, :])
-        tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+        o_rows = O + b * stride_ob + h * stride_oh + offs_m.to(tl.int64)[:, None] * stride_os
+        tl.store(o_rows + offs_d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty),
+                 mask=m_ok[:, None] & d_ok[None, :])
+        if BLOCK_D2 > 0:
+            tl.store(o_rows + offs_d2[None, :], (acc2 / l_i[:, None]).to(O.dtype.element_ty),
+                     mask=m_ok[:, None] & d2_ok[None, :])
+
+
+class Blocks(NamedTuple):
+    """One launch's tiling: BLOCK_M queries; BLOCK_N keys a step or, on the cross path, all of
+    them as one block of BLOCK_N or two, BLOCK_N + BLOCK_N2; the head dim as one BLOCK_D-wide
+    piece or two, BLOCK_D + BLOCK_D2; ``one_key_block``: the cross path."""
+    block_m: int
+    block_n: int
+    block_n2: int
+    block_d: int
+    block_d2: int
+    warps: int
+    stages: int
+    one_key_block: bool
+
+
+def pieces(n, split=True):
+    """(first, second): n columns (head dims, or keys on the cross path) padded to one power of
+    two (second = 0) or, where that needs fewer, split into two, the first exactly a power of
+    two ≤ n: 40 → 32 + 16 (48 columns, not 64), 77 → 64 + 16, 80 → 64 + 16, 160 → 128 + 32;
+    64 stays whole, as does 100 (64 + 64 is no better than 128). A piece is at least 16 wide
+    (the MMA's K step)."""
+    whole = max(16, triton.next_power_of_2(n))
+    first = 1 << (n.bit_length() - 1)
+    if not split or first == n or first < 16:
+        return whole, 0
+    second = max(16, triton.next_power_of_2(n - first))
+    return (first, second) if first + second < whole else (whole, 0)
+
+
+def head_dim_pieces(head_dim, split=None):
+    """(BLOCK_D, BLOCK_D2) of a head dim: ``pieces``, split unless ``SPLIT_HEAD_DIM`` is off."""
+    return pieces(head_dim, SPLIT_HEAD_DIM if split is None else split)
 
 
 def _blocks(head_dim, t):
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages, one_key_block) for a problem."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    """The ``Blocks`` of a problem: the table's row for its path and padded head dim."""
+    block_d, block_d2 = head_dim_pieces(head_dim)
+    padded = max(16, triton.next_power_of_2(head_dim))
     cross = t <= CROSS_MAX_T
-    block_m, block_n, warps, stages = _BLOCKS[("cross" if cross else "self", block_d)]
+    block_m, block_n, warps, stages = _BLOCKS[("cross" if cross else "self", padded)]
+    block_n2 = 0
     if cross:
-        block_n = max(16, triton.next_power_of_2(t))
-    return block_m, block_n, block_d, warps, stages, cross
+        block_n, block_n2 = pieces(t, SPLIT_KEYS)
+    return Blocks(block_m, block_n, block_n2, block_d, block_d2, warps, stages, cross)
 
 
 def _attention_triton(q, k, v, scale, out=None):
@@ -190,14 +318,15 @@ def _attention_triton(q, k, v, scale, out=None):
         return out
     if t == 0:
         raise ValueError("attention: k and v have no keys")
-    block_m, block_n, block_d, warps, stages, cross = _blocks(d, t)
+    blk = _blocks(d, t)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3])
     unit = _stride_unit(strides)
-    grid = (triton.cdiv(s, block_m), b * h)
+    grid = (triton.cdiv(s, blk.block_m), b * h)
     _attention_kernel[grid](
         q, k, v, out, scale * _LOG2E, h, s, t, *(st // unit for st in strides),
-        HEAD_D=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, ONE_KEY_BLOCK=cross,
-        STRIDE_UNIT=unit, num_warps=warps, num_stages=stages)
+        HEAD_D=d, BLOCK_M=blk.block_m, BLOCK_N=blk.block_n, BLOCK_N2=blk.block_n2,
+        BLOCK_D=blk.block_d, BLOCK_D2=blk.block_d2, ONE_KEY_BLOCK=blk.one_key_block, STRIDE_UNIT=unit,
+        num_warps=blk.warps, num_stages=blk.stages)
     return out
 
 

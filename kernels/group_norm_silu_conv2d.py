@@ -192,42 +192,59 @@ if triton is not None:
 
 
 if triton is not None:
-    # A tiny kernel (N·G programs): one binary for all channel and group counts
+    # A tiny kernel (N·G programs): one binary per power of two of channels a group
     @triton.jit(do_not_specialize=["C", "HW", "CHUNK", "SPLITS", "G", "CPG"])
     def _group_stats_finalize_kernel(pmean_ptr, pm2_ptr, gamma_ptr, beta_ptr,
                                      mean_ptr, rstd_ptr, scale_ptr, shift_ptr,
                                      C, HW, CHUNK, SPLITS, G, eps, CPG,
-                                     BLOCK_S: tl.constexpr,
-                                     BLOCK_CG: tl.constexpr,
+                                     BLOCK_S: tl.constexpr, BLOCK_CG: tl.constexpr,
+                                     BLOCK_C: tl.constexpr,
                                      HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr):
         """Merges the chunks' per-channel statistics into one (sample, group)'s mean and rstd, and
         writes ``scale = rstd·γ`` and ``shift = β − mean·rstd·γ`` for the group's channels.
 
-        Grid (N·G,); BLOCK_S ≥ SPLITS. Over the group's CPG channels and SPLITS chunks
-        (chunk i has n_i = min(CHUNK, HW − i·CHUNK) pixels): mean = Σ_i n_i·mean_i / n and
-        M2 = Σ_i M2_i + n_i·(mean_i − mean)².
+        Grid (N·G,); BLOCK_S ≥ SPLITS, BLOCK_C ≥ CPG. The statistics of the group's CPG channels
+        are merged BLOCK_CG channels at a time (SPLITS × BLOCK_CG tiles), so the registers a
+        thread needs do not grow with the channel count; scale and shift are one BLOCK_C
+        vector. Within a block of channels, over its SPLITS chunks (chunk i has n_i =
+        min(CHUNK, HW − i·CHUNK) pixels): mean_b = Σ n_i·mean_i / n_b and M2_b = Σ M2_i +
+        n_i·(mean_i − mean_b)²; the blocks are merged with Chan's formula, as the statistics
+        kernel merges its tiles.
         """
         ng = tl.program_id(0)
         n = ng // G
         g = ng % G
         s = tl.arange(0, BLOCK_S)
         j = tl.arange(0, BLOCK_CG)
-        c = g * CPG + j
-        mask = (s < SPLITS)[:, None] & (j < CPG)[None, :]
-        offs = (n * SPLITS + s)[:, None] * C + c[None, :]
-        pmean = tl.load(pmean_ptr + offs, mask=mask, other=0.0)
-        pm2 = tl.load(pm2_ptr + offs, mask=mask, other=0.0)
-        cnt = tl.where(mask, tl.minimum(CHUNK, HW - s * CHUNK).to(tl.float32)[:, None], 0.0)
-        total = (HW * CPG) * 1.0
-        mean = tl.sum(tl.sum(cnt * pmean, axis=1), axis=0) / total
-        d = pmean - mean
-        m2 = tl.sum(tl.sum(pm2 + cnt * d * d, axis=1), axis=0)
-        rstd = 1.0 / tl.sqrt(m2 / total + eps)
+        s_ok = s < SPLITS
+        rows = (n * SPLITS + s)[:, None] * C + g * CPG
+        pixels = tl.minimum(CHUNK, HW - s * CHUNK).to(tl.float32)[:, None]
+
+        count = 0.0
+        mean = 0.0
+        m2 = 0.0
+        for c0 in range(0, CPG, BLOCK_CG):
+            mask = s_ok[:, None] & (c0 + j < CPG)[None, :]
+            offs = rows + (c0 + j)[None, :]
+            pmean = tl.load(pmean_ptr + offs, mask=mask, other=0.0)
+            pm2 = tl.load(pm2_ptr + offs, mask=mask, other=0.0)
+            cnt = tl.where(mask, pixels, 0.0)
+            b_count = tl.sum(tl.sum(cnt, axis=1), axis=0)
+            b_mean = tl.sum(tl.sum(cnt * pmean, axis=1), axis=0) / b_count
+            d = pmean - b_mean
+            b_m2 = tl.sum(tl.sum(pm2 + cnt * d * d, axis=1), axis=0)
+            new_count = count + b_count
+            delta = b_mean - mean
+            mean += delta * (b_count / new_count)
+            m2 += b_m2 + delta * delta * (count * b_count / new_count)
+            count = new_count
+        rstd = 1.0 / tl.sqrt(m2 / count + eps)
         tl.store(mean_ptr + ng, mean)
         tl.store(rstd_ptr + ng, rstd)
 
-        c_mask = j < CPG
-        scale = tl.full([BLOCK_CG], 1.0, tl.float32) * rstd
+        c = g * CPG + tl.arange(0, BLOCK_C)
+        c_mask = tl.arange(0, BLOCK_C) < CPG
+        scale = tl.full([BLOCK_C], 1.0, tl.float32) * rstd
         if HAS_GAMMA:
             scale *= tl.load(gamma_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
         shift = -mean * scale
@@ -235,6 +252,12 @@ if triton is not None:
             shift += tl.load(beta_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
         tl.store(scale_ptr + n * C + c, scale, mask=c_mask)
         tl.store(shift_ptr + n * C + c, shift, mask=c_mask)
+
+
+# Channels the finalize kernel merges at a time. One tile of 64 chunks × all the group's
+# channels took 255 registers a thread at 80 channels a group (SD's 2560-channel convs; sm_90,
+# Triton 3.9) and would spill beyond; at most 32 at a time take at most 128 at any count.
+FINALIZE_BLOCK_CG = 32
 
 
 def _pixel_stride(x):
@@ -297,8 +320,10 @@ def _group_stats(x, num_groups, weight, bias, eps, cfg, copy=None):
         mean, rstd, scale, shift, c, h * w, chunk, splits, num_groups, eps, cpg,
         # BLOCK_S from the config, not from this shape's splits: one binary for all image sizes
         BLOCK_S=triton.next_power_of_2(cfg.stats_max_splits),
-        BLOCK_CG=triton.next_power_of_2(cpg),
-        HAS_GAMMA=weight is not None, HAS_BETA=bias is not None)
+        BLOCK_CG=min(FINALIZE_BLOCK_CG, triton.next_power_of_2(cpg)),
+        BLOCK_C=triton.next_power_of_2(cpg), HAS_GAMMA=weight is not None,
+        HAS_BETA=bias is not None,
+        num_stages=1)  # its loop is a few steps: no software pipeline, no copies of it
     return mean, rstd, scale, shift
 
 

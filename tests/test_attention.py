@@ -4,6 +4,7 @@ bfloat16 runs only on a GPU: Triton's interpreter multiplies bfloat16 bit patter
 in ``tl.dot`` (triton-lang/triton#11584; the maintainers answered that the interpreter does
 not support bfloat16 yet).
 """
+import importlib
 import math
 import os
 
@@ -11,7 +12,10 @@ import pytest
 import torch
 from hopper_compile import assert_compiles_for_hopper, compile_sm90
 
-from sdrt.kernels.attention import _blocks, attention, attention_reference
+from sdrt.kernels.attention import _blocks, attention, attention_reference, pieces
+
+# the module, not the function ``sdrt.kernels.attention`` that the package exports
+attention_module = importlib.import_module("sdrt.kernels.attention")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -41,6 +45,10 @@ SHAPES = [
     (1, 1, 17, 129, 40),    # T = 129: one key past the cross path, a 1-key masked last block
     (1, 2, 50, 1, 64),      # a single key: the output is v
     (1, 2, 33, 140, 36),    # head dim 36: strides not multiples of 8 (STRIDE_UNIT 1), self path
+    (1, 1, 40, 200, 100),   # head dim 100: 64 + 64 is no better than 128, so one padded piece
+    (1, 2, 30, 60, 24),     # head dim 24: 16 + 16 = 32, one piece
+    (1, 2, 40, 33, 64),     # 33 keys on the cross path: 32 + 16, the second piece 1 key
+    (2, 1, 20, 20, 40),     # 20 keys: one piece of 32 (16 + 16 would save nothing)
 ]
 
 
@@ -124,12 +132,44 @@ def test_attention_float32_runs_the_reference(triton_backend):
 
 
 def test_attention_block_table():
-    # The cross path takes every key in one block; the self path streams BLOCK_N at a time.
-    assert _blocks(40, 77)[1] == 128 and _blocks(40, 77)[-1]
-    assert _blocks(160, 4096)[2] == 256 and not _blocks(160, 4096)[-1]
+    # The cross path takes every key at once, SD's 77 as 64 + 16; the self path streams
+    # BLOCK_N at a time.
+    cross = _blocks(40, 77)
+    assert cross.one_key_block and (cross.block_n, cross.block_n2) == (64, 16)
+    assert (cross.block_d, cross.block_d2) == (32, 16)
+    assert not _blocks(160, 4096).one_key_block and _blocks(160, 4096).block_n2 == 0
     for d in (40, 64, 80, 160):
-        block_m, block_n, block_d, _, _, _ = _blocks(d, 4096)
-        assert block_d >= d and block_m % 16 == 0 and block_n % 16 == 0
+        blk = _blocks(d, 4096)
+        assert blk.block_d + blk.block_d2 >= d and blk.block_m % 16 == 0
+        assert blk.block_n % 16 == 0
+
+
+@pytest.mark.parametrize("n, split, padded", [
+    (40, (32, 16), (64, 0)), (80, (64, 16), (128, 0)), (160, (128, 32), (256, 0)),
+    (77, (64, 16), (128, 0)), (64, (64, 0), (64, 0)), (36, (32, 16), (64, 0)),
+    (72, (64, 16), (128, 0)), (96, (64, 32), (128, 0)), (100, (128, 0), (128, 0)),
+    (24, (32, 0), (32, 0)), (8, (16, 0), (16, 0)), (1, (16, 0), (16, 0)), (256, (256, 0), (256, 0)),
+])
+def test_pieces(n, split, padded):
+    # SD 1.5's head dims 40, 80 and 160 and its 77 text keys lose no more than 8 columns of 48
+    # (3 keys of 80) to padding, split.
+    assert pieces(n, split=True) == split
+    assert pieces(n, split=False) == padded
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 130, 150, 40), (2, 1, 70, 77, 80),
+                                   (1, 1, 65, 150, 160)])
+def test_attention_padded(triton_backend, monkeypatch, shape):
+    # The kernel without the splits (what benchmarks time it against) stays right.
+    monkeypatch.setattr(attention_module, "SPLIT_HEAD_DIM", False)
+    monkeypatch.setattr(attention_module, "SPLIT_KEYS", False)
+    blk = _blocks(shape[-1], shape[3])
+    assert blk.block_d2 == 0 and blk.block_n2 == 0
+    q, k, v = _qkv(*shape, torch.float16, fused=True)
+    _last_key_decides(q, k, v)
+    out = torch.full_like(q, float("nan"))
+    torch.testing.assert_close(attention(q, k, v, out=out), _exact(q, k, v), atol=5e-3,
+                               rtol=5e-3)
 
 
 @pytest.mark.parametrize("case", ["rank", "head dims differ", "k and v differ", "dtypes differ",
@@ -184,14 +224,16 @@ def compile_for_hopper():
     mod = importlib.import_module("sdrt.kernels.attention")
     fn = mod._attention_kernel
     ints = [n for n in fn.arg_names if n.startswith("stride_")] + ["H", "S", "T"]
-    # Head dim 40 (self, with a masked tail; cross) and 160 (the largest block).
-    for d, t in ((40, 4100), (40, 77), (160, 4100)):
-        block_m, block_n, block_d, warps, stages, cross = mod._blocks(d, t)
-        consts = {"HEAD_D": d, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d,
-                  "ONE_KEY_BLOCK": cross, "STRIDE_UNIT": 8}
+    # Head dim 40 (self, with a masked tail; cross over 77 keys, split too), 160 (the largest
+    # block), each split into two pieces, and 64 (one piece).
+    for d, t in ((40, 4100), (40, 77), (160, 4100), (64, 4100)):
+        blk = mod._blocks(d, t)
+        consts = {"HEAD_D": d, "BLOCK_M": blk.block_m, "BLOCK_N": blk.block_n,
+                  "BLOCK_N2": blk.block_n2, "BLOCK_D": blk.block_d, "BLOCK_D2": blk.block_d2,
+                  "ONE_KEY_BLOCK": blk.one_key_block, "STRIDE_UNIT": 8}
         sig = {n: "i32" if n in ints else "fp32" if n == "qk_scale" else "*fp16"
                for n in fn.arg_names}
-        compile_sm90(fn, sig, consts, num_warps=warps, num_stages=stages)
+        compile_sm90(fn, sig, consts, num_warps=blk.warps, num_stages=blk.stages)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other tests compile it")

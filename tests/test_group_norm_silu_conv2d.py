@@ -138,19 +138,28 @@ def test_float32_falls_back_to_reference(monkeypatch):
 
 
 @pytest.mark.parametrize("offset", [-2.3, 300.0], ids=["sd_like", "large_mean"])
-def test_group_stats_are_stable(offset):
+@pytest.mark.parametrize("c, g", [(12, 3), (160, 2)], ids=["4_per_group", "80_per_group"])
+def test_group_stats_are_stable(offset, c, g):
     # fp32 input with a mean far above its spread: E[x²] − E[x]² would lose the variance
     # (x² ≈ 9·10⁴ with fp32 ulp ~0.008 per element); the merged per-tile statistics do not.
-    n, c, h, w, g = 2, 12, 9, 7, 3
+    # 80 channels a group: the finalize kernel merges them in three blocks, the last ragged;
+    # each channel's mean differs, so a block dropped or counted twice moves the group's.
+    n, h, w = 2, 9, 7
     gen = torch.Generator().manual_seed(3)
-    x = (offset + 0.5 * torch.randn(n, c, h, w, generator=gen)).to(DEVICE)
-    mean, rstd, scale, shift = _group_stats(x, g, None, None, 1e-5, SMALL)
+    x = offset + 0.5 * torch.randn(n, c, h, w, generator=gen)
+    x = (x + torch.linspace(-1, 1, c)[None, :, None, None]).to(DEVICE)
+    gamma = (1 + 0.2 * torch.randn(c, generator=gen)).to(DEVICE)
+    beta = (0.2 * torch.randn(c, generator=gen)).to(DEVICE)
+    mean, rstd, scale, shift = _group_stats(x, g, gamma, beta, 1e-5, SMALL)
     xd = x.double().reshape(n, g, -1)
     want_mean = xd.mean(-1)
     want_rstd = (xd.var(-1, unbiased=False) + 1e-5).rsqrt()
     torch.testing.assert_close(mean.double(), want_mean, atol=1e-5 * abs(offset), rtol=1e-6)
     torch.testing.assert_close(rstd.double(), want_rstd, atol=0, rtol=1e-4)
-    torch.testing.assert_close(scale, rstd.repeat_interleave(c // g, dim=1), atol=0, rtol=0)
+    per_channel = rstd.repeat_interleave(c // g, dim=1) * gamma
+    torch.testing.assert_close(scale, per_channel, atol=0, rtol=1e-6)
+    torch.testing.assert_close(shift, beta - mean.repeat_interleave(c // g, dim=1) * per_channel,
+                               atol=1e-6 * abs(offset), rtol=1e-5)
 
 
 def test_conv_config_fits_small_shapes():
