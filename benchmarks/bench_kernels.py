@@ -3,6 +3,7 @@
     python -m sdrt.benchmarks.bench_kernels                  # SD 1.5 at 512², SD 2.1 at 768²
     python -m sdrt.benchmarks.bench_kernels --models sdxl    # SDXL at 1024² (128² latents)
     python -m sdrt.benchmarks.bench_kernels --ops attention --repeats 200
+    python -m sdrt.benchmarks.bench_kernels --models sd15 --ops attention --sweep
 
 GPU only: without CUDA it exits with a message. For each distinct (op, shape, dtype), in the
 dtype the engine runs it (fp16; the float32 GroupNorms of SDXL's upcast VAE decoder):
@@ -21,7 +22,11 @@ speed-up over the baseline, the first-call (compile) time apart, and the largest
 between the two outputs. Where the attention kernel splits the head dim in two pieces (SD
 1.5's 40, 80, 160: ``attention.pieces``), ``padded_d_ms`` times the same kernel with the head
 dim padded to the next power of two instead; where it splits the cross path's keys (77 = 64 +
-16), ``padded_keys_ms`` times it with them padded to 128: one run says what each split buys. Per network, Σ count × time gives the op's share of one call.
+16), ``padded_keys_ms`` times it with them padded to 128: one run says what each split buys.
+``--sweep`` also times each attention shape at every block configuration of
+``attention.sweep_blocks`` (the table's first, then ``SWEEP_BLOCKS``) and reports the fastest
+(``sweep_best_config``, ``sweep_best_ms``; every config's time under ``sweep_ms``): what the
+block table should hold on this GPU. Per network, Σ count × time gives the op's share of one call.
 
 Shapes, layouts and call counts come from one walk of the engine's own modules at the model's
 size (``launches.record_launches``: meta tensors, every launch recorded, nothing computed),
@@ -36,6 +41,7 @@ Writes ``benchmarks/results/bench_kernels_<gpu>.json`` and ``.md``.
 import argparse
 import collections
 import dataclasses
+import functools
 import importlib
 import math
 
@@ -120,6 +126,14 @@ class Problem:
     bytes: int                   # fewest bytes moved: inputs read once, output written once
     flops: int
     variants: dict = dataclasses.field(default_factory=dict)  # column → sdrt's other form
+    sweep: dict = dataclasses.field(default_factory=dict)  # block config label → sdrt with it
+
+
+def _blocks_label(blk):
+    """An attention ``Blocks`` as 'M128 N64(+16) D32+16 w4 s3'."""
+    n = f"N{blk.block_n}" + (f"+{blk.block_n2}" if blk.block_n2 else "")
+    d = f"D{blk.block_d}" + (f"+{blk.block_d2}" if blk.block_d2 else "")
+    return f"M{blk.block_m} {n} {d} w{blk.warps} s{blk.stages}"
 
 
 def _unsplit(flag, fn):
@@ -190,14 +204,19 @@ def make_problem(case: Case) -> Problem:
                                       ("padded_keys_ms", "SPLIT_KEYS", split_keys)):
             if applies:
                 variants[column] = _unsplit(flag, lambda: attention(q, k, v, out=out))
+        scale = 1.0 / math.sqrt(d)
+        sweep = {_blocks_label(blk): functools.partial(attention_module._attention_triton, q, k,
+                                                       v, scale, out, blk)
+                 for blk in attention_module.sweep_blocks(d, t)}
         return Problem(lambda: attention(q, k, v, out=out),
                        {f"SDPA {n}": sdpa(be) for n, be in _sdpa_backends().items()},
                        (2 * q.numel() + k.numel() + v.numel()) * es, 4 * b * n_heads * s * t * d,
-                       variants)
+                       variants, sweep)
     raise ValueError(f"unknown op {case.op!r}")
 
 
-def measure(case: Case, ceiling: dict, warmup: int, repeats: int, flush_l2: bool) -> dict:
+def measure(case: Case, ceiling: dict, warmup: int, repeats: int, flush_l2: bool,
+            sweep: bool = False) -> dict:
     p = make_problem(case)
     compile_ms = common.first_call_ms(p.sdrt)
     ours = common.cuda_time(p.sdrt, warmup=warmup, repeats=repeats, flush_l2=flush_l2)
@@ -227,9 +246,23 @@ def measure(case: Case, ceiling: dict, warmup: int, repeats: int, flush_l2: bool
         fn()  # compiled outside the timing
         row[column] = common.cuda_time(fn, warmup=warmup, repeats=repeats,
                                        flush_l2=flush_l2).median_ms
+    if sweep and p.sweep:
+        timed = {}
+        for label, fn in p.sweep.items():
+            try:
+                fn()  # compiled outside the timing
+            except Exception:  # noqa: BLE001 - a config may not fit in shared memory: skip it
+                continue
+            timed[label] = common.cuda_time(fn, warmup=warmup, repeats=repeats,
+                                            flush_l2=flush_l2).median_ms
+        if timed:
+            best = min(timed, key=timed.get)
+            row.update({"table_config": next(iter(p.sweep)), "sweep_best_config": best,
+                        "sweep_best_ms": timed[best], "sweep_ms": timed})
     return row
 
 
+SWEEP_COLUMNS = ["case", "sdrt_ms", "table_config", "sweep_best_ms", "sweep_best_config"]
 COLUMNS = ["case", "used in", "sdrt_ms", "base_ms", "speedup", "GB/s", "TFLOP/s", "sdrt_roof_%",
            "base_roof_%", "baseline", "sdrt_first_call_ms", "max_abs_diff", "padded_d_ms",
            "padded_keys_ms"]
@@ -242,6 +275,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=25)
     ap.add_argument("--repeats", type=int, default=100)
     ap.add_argument("--no-flush", action="store_true", help="keep L2 warm between repeats")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time the attention kernel's SWEEP_BLOCKS per attention shape")
     args = ap.parse_args(argv)
     common.require_cuda("bench_kernels")
 
@@ -256,7 +291,7 @@ def main(argv=None):
 
     rows = {}
     for case in sorted(uses, key=lambda c: (OPS.index(c.op), c.shape)):
-        row = measure(case, ceiling, args.warmup, args.repeats, not args.no_flush)
+        row = measure(case, ceiling, args.warmup, args.repeats, not args.no_flush, args.sweep)
         row["used in"] = ", ".join(f"{m} {n} ×{k}" for m, n, k in uses[case])
         rows[case] = row
         print(f"{row['case']:<44} sdrt {row['sdrt_ms']:8.4f} ms   base "
@@ -278,12 +313,16 @@ def main(argv=None):
              "bytes are the fewest the op must move.",
              "Totals: Σ calls × median time over one forward of each network (UNet: one "
              "step, batch 2 with CFG, 1 for SDXL-Turbo)."]
-    json_path, md_path = common.write_report(
-        "bench_kernels", info, ceiling,
-        {"Kernels": (list(rows.values()), COLUMNS),
-         "Per network": (total_rows, ["model", "network", "op", "sdrt_ms", "base_ms",
-                                      "saved_ms"])},
-        notes)
+    sections = {"Kernels": (list(rows.values()), COLUMNS),
+                "Per network": (total_rows, ["model", "network", "op", "sdrt_ms", "base_ms",
+                                             "saved_ms"])}
+    swept = [row for row in rows.values() if "sweep_best_config" in row]
+    if swept:
+        sections["Attention block sweep"] = (swept, SWEEP_COLUMNS)
+        notes.append("Attention block sweep: the table's config (sdrt_ms) and the fastest of "
+                     "attention.SWEEP_BLOCKS at the same pieces; every config's time is in the "
+                     "JSON (sweep_ms).")
+    json_path, md_path = common.write_report("bench_kernels", info, ceiling, sections, notes)
     print(common.markdown_table(total_rows, ["model", "network", "op", "sdrt_ms", "base_ms",
                                              "saved_ms"]))
     print(f"wrote {json_path} and {md_path}")

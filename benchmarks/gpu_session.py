@@ -31,7 +31,9 @@ Stages, in order (``--stage`` picks some; the extras run only when the budget st
 - ``conv`` (c): ``bench_conv --sweep``, and the best block configuration per shape;
 - ``pipeline`` (d): ``bench_pipeline``, SD 1.5 512², sdrt (Triton + CUDA graphs) against
   diffusers eager when diffusers is installed (else against sdrt on the PyTorch ops);
-- extras: ``pipeline-compile`` (diffusers + torch.compile max-autotune, SD 1.5),
+- extras: ``kernels-sweep`` (``bench_kernels --ops attention --sweep``: the attention block
+  table against ``attention.SWEEP_BLOCKS`` at each SD 1.5 shape, the fastest per shape in its
+  report), ``pipeline-compile`` (diffusers + torch.compile max-autotune, SD 1.5),
   ``pipeline-sd21`` (SD 2.1 768²), and SDXL's four (``--stage sdxl`` names them all):
   ``kernels-sdxl`` (bench_kernels at SDXL's shapes: 128² latents, head dim 64, the 1024² VAE
   decoder's float32 GroupNorms), ``conv-sdxl`` (bench_conv --sweep over SDXL's UNet and fp16
@@ -103,6 +105,8 @@ STAGES = (
     Stage("kernels", "(c) bench_kernels, SD 1.5 shapes", 90, 40),
     Stage("conv", "(c) bench_conv --sweep, SD 1.5 shapes", 120, 50),
     Stage("pipeline", "(d) SD 1.5 512² pipeline: sdrt vs diffusers eager", 200, 120),
+    Stage("kernels-sweep", "bench_kernels --ops attention --sweep, SD 1.5 shapes", 150, 60,
+          extra=True),
     Stage("pipeline-compile", "diffusers + torch.compile (max-autotune), SD 1.5", 400, 240,
           extra=True, dry=False),
     Stage("pipeline-sd21", "SD 2.1 768² pipeline: sdrt vs diffusers eager", 240, 150,
@@ -165,6 +169,8 @@ def stage_command(stage: Stage, work: Path, dry_run: bool, timeout: int) -> tupl
     # reports into a folder of its own (work / stage name).
     if stage.kind == "kernels":
         cmd = py + ["-m", "sdrt.benchmarks.bench_kernels", "--models", stage.model]
+        if stage.name == "kernels-sweep":
+            cmd += ["--ops", "attention", "--sweep"]
         if dry_run:
             return cmd + ["--help"], {}
         return cmd, {"SDRT_RESULTS_DIR": str(work / stage.name)}
@@ -408,11 +414,11 @@ def first_compile(stages: dict) -> dict:
         out[f"cold Triton compile, {probe['kernel']} (first call)"] = probe["first_call_s"]
     for name in (s.name for s in STAGES if s.kind == "kernels"):
         for report in stages.get(name, {}).get("results", {}).get("reports", []):
-            rows = [r for rows in report.get("sections", {}).values() for r in rows]
+            rows = report.get("sections", {}).get("Kernels", [])  # other sections repeat them
             firsts = [r["sdrt_first_call_ms"] for r in rows if r.get("sdrt_first_call_ms")]
             if firsts:
-                out[f"bench_kernels ({BY_NAME[name].model}): Σ sdrt kernels' first calls "
-                    "(session cache)"] = sum(firsts) / 1e3
+                out[f"bench_kernels ({name}, {BY_NAME[name].model}): Σ sdrt kernels' first "
+                    "calls (session cache)"] = sum(firsts) / 1e3
     for name in (s.name for s in STAGES if s.kind == "pipeline"):
         for report in stages.get(name, {}).get("results", {}).get("reports", []):
             for rows in report.get("sections", {}).values():

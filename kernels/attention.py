@@ -84,6 +84,14 @@ _BLOCKS = {
 SPLIT_HEAD_DIM = True
 SPLIT_KEYS = True
 
+# What ``bench_kernels --sweep`` tries per attention shape besides the table's row, as
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); the cross path takes its BLOCK_N from the keys.
+SWEEP_BLOCKS = {
+    "self": ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
+             (64, 128, 4, 2), (128, 32, 4, 3)),
+    "cross": ((128, None, 8, 1), (128, None, 4, 1), (64, None, 4, 1), (64, None, 8, 1)),
+}
+
 _LOG2E = 1.4426950408889634
 
 
@@ -300,7 +308,23 @@ def _blocks(head_dim, t):
     return Blocks(block_m, block_n, block_n2, block_d, block_d2, warps, stages, cross)
 
 
-def _attention_triton(q, k, v, scale, out=None):
+def sweep_blocks(head_dim, t):
+    """The table's ``Blocks`` for a problem, then each ``SWEEP_BLOCKS`` row for its path that
+    differs from it (same head-dim and key pieces)."""
+    table = _blocks(head_dim, t)
+    rows = [table]
+    for block_m, block_n, warps, stages in SWEEP_BLOCKS["cross" if table.one_key_block
+                                                       else "self"]:
+        blk = table._replace(block_m=block_m, warps=warps, stages=stages,
+                             block_n=table.block_n if block_n is None else block_n)
+        if blk not in rows:
+            rows.append(blk)
+    return rows
+
+
+def _attention_triton(q, k, v, scale, out=None, blocks=None):
+    """The kernel's launch; ``blocks``: a ``Blocks`` to launch with instead of the table's
+    (``sweep_blocks``' rows, timed by ``bench_kernels --sweep``)."""
     if triton is None:
         raise ValueError("attention: the Triton backend was asked for but triton is not "
                          "installed")
@@ -318,7 +342,7 @@ def _attention_triton(q, k, v, scale, out=None):
         return out
     if t == 0:
         raise ValueError("attention: k and v have no keys")
-    blk = _blocks(d, t)
+    blk = _blocks(d, t) if blocks is None else blocks
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3])
     unit = _stride_unit(strides)
     grid = (triton.cdiv(s, blk.block_m), b * h)

@@ -144,6 +144,28 @@ def test_attention_block_table():
         assert blk.block_n % 16 == 0
 
 
+def test_sweep_blocks_start_with_the_table_and_keep_the_pieces():
+    for d, t in ((40, 4096), (40, 77), (160, 256), (64, 9216)):
+        rows = attention_module.sweep_blocks(d, t)
+        assert rows[0] == _blocks(d, t) and len(set(rows)) == len(rows) > 3
+        assert {(r.block_d, r.block_d2, r.one_key_block) for r in rows} == {
+            (rows[0].block_d, rows[0].block_d2, rows[0].one_key_block)}
+        if rows[0].one_key_block:  # all keys at once: the key pieces cannot change
+            assert {(r.block_n, r.block_n2, r.stages) for r in rows} == {(64, 16, 1)}
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 130, 150, 40), (1, 1, 40, 77, 80)])
+def test_attention_with_swept_blocks(triton_backend, shape):
+    # Every block config the GPU sweep may pick computes the same attention.
+    q, k, v = _qkv(*shape, torch.float16, fused=True)
+    _last_key_decides(q, k, v)
+    expected = _exact(q, k, v)
+    for blk in attention_module.sweep_blocks(shape[-1], shape[3]):
+        out = torch.full_like(q, float("nan"))
+        y = attention_module._attention_triton(q, k, v, shape[-1] ** -0.5, out, blk)
+        torch.testing.assert_close(y, expected, atol=5e-3, rtol=5e-3, msg=lambda m: f"{blk}: {m}")
+
+
 @pytest.mark.parametrize("n, split, padded", [
     (40, (32, 16), (64, 0)), (80, (64, 16), (128, 0)), (160, (128, 32), (256, 0)),
     (77, (64, 16), (128, 0)), (64, (64, 0), (64, 0)), (36, (32, 16), (64, 0)),

@@ -107,6 +107,7 @@ def test_dry_run_stage_results(dry_run):
     # bench_kernels' and bench_conv's command lines took SDXL.
     for name in ("kernels-sdxl", "conv-sdxl"):
         assert "--models sdxl" in stages[name]["command"], stages[name]
+    assert "--ops attention --sweep" in stages["kernels-sweep"]["command"]
 
 
 def test_carried_triton_cache_is_unpacked_and_packed_again(dry_run):
