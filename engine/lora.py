@@ -30,11 +30,22 @@ File layouts, told apart by their keys:
     older diffusers   <module>.lora.down.weight / .lora.up.weight, .lora_linear_layer.*,
                       attention processors' ``processor.to_q_lora.down.weight``
 
+    LyCORIS (kohya)   lora_unet_<module>.hada_w1_a / hada_w1_b / hada_w2_a / hada_w2_b
+                      [/ hada_t1 / hada_t2] / .alpha                                  LoHa
+                      lora_unet_<module>.lokr_w1 | lokr_w1_a + lokr_w1_b,
+                      lokr_w2 | lokr_w2_a + lokr_w2_b [+ lokr_t2] / .alpha            LoKr
+                      lora_unet_<module>.lora_down / lora_mid / lora_up       LoCon (Tucker)
+
+LoHa, LoKr and LoCon with a Tucker core update a weight by something other than one up @ down
+(``RebuiltLayer``: a Hadamard or Kronecker product of factors, Tucker cores on convs); their ΔW
+is formed from the factors at each patch and added like a LoRA's, with α / r (r: LoHa's and
+LoCon's rank; LoKr's decomposed factor's rank, w2's first, and no scaling when both factors
+are whole, as LyCORIS, A1111 and ComfyUI apply them).
+
 A text encoder's modules are found with or without transformers' ``text_model.`` prefix. An
 SDXL LoRA given to an SD 1.x/2.x model, weights for a text encoder the model does not have (a
-base LoRA's text_encoder weights on the refiner), LyCORIS variants other than LoCon (LoHa,
-LoKr, Tucker ``lora_mid``), DoRA and pickled files are refused with an ``SdrtError`` saying
-so. A LoRA weight with no place in the model is an error naming the first unmatched keys; a
+base LoRA's text_encoder weights on the refiner), OFT, DoRA, LoRA with biases and pickled
+files are refused with an ``SdrtError`` saying so. A LoRA weight with no place in the model is an error naming the first unmatched keys; a
 LoRA whose shapes do not fit is refused naming the key and both shapes (a LoRA for another
 model family). Everything is checked before any weight is touched.
 """
@@ -61,12 +72,18 @@ _KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder",
 # Keys only an SDXL LoRA has: refused, as such, by an SD 1.x/2.x model.
 _SDXL_MARKS = ("lora_te1_", "lora_te2_", "text_encoder_2.", "lora_unet_label_emb",
                "unet.add_embedding.")
-# LyCORIS algorithms whose update is not up @ down, and DoRA's magnitude vectors.
-_UNSUPPORTED = {"hada_": "LoHa", "lokr_": "LoKr", "lora_mid": "LoCon with Tucker (lora_mid)",
-                "oft_": "OFT", "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA",
-                "lora_B.bias": "LoRA with bias (lora_bias)"}
+# LyCORIS algorithms sdrt does not apply, and DoRA's magnitude vectors.
+_UNSUPPORTED = {"oft_": "OFT", "boft_": "BOFT", "dora_scale": "DoRA",
+                "lora_magnitude_vector": "DoRA", "lora_B.bias": "LoRA with bias (lora_bias)"}
+# LyCORIS's tensors (kohya layout), each its own role: LoHa's two Hadamard factors (with
+# Tucker cores t1, t2 on convs), LoKr's two Kronecker factors (each whole or a product of
+# two, w2 with a Tucker core t2).
+_LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+_LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 # The part of a key after the layer's name, and what it holds.
-_KOHYA_SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+_KOHYA_SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up",
+                   "lora_mid.weight": "mid", "alpha": "alpha",
+                   **{name: name for name in _LOHA + _LOKR}}
 _DIFFUSERS_SUFFIXES = ((".lora_A.weight", "down"), (".lora_B.weight", "up"),
                        (".lora.down.weight", "down"), (".lora.up.weight", "up"),
                        (".lora_linear_layer.down.weight", "down"),
@@ -93,6 +110,63 @@ class LoraLayer:
     up: torch.Tensor      # (out, r) float32, on the weight's device
     down: torch.Tensor    # (r, in·kh·kw) float32, on the weight's device
     factor: float         # α / r
+
+    def add_to(self, flat, alpha):
+        """flat (out, in·kh·kw) += alpha · up @ down."""
+        flat.addmm_(self.up, self.down, alpha=alpha)
+
+
+@dataclass
+class RebuiltLayer:
+    """A LyCORIS update that is not one product up @ down, rebuilt from its factors at each
+    patch (float32, on the weight's device; nothing weight-sized is kept):
+
+        LoHa   ΔW = (w1_a @ w1_b) ⊙ (w2_a @ w2_b)       with Tucker cores on convs:
+               ΔW = T(t1, w1_a, w1_b) ⊙ T(t2, w2_a, w2_b),  T(t, a, b)[p, q] = Σ t[i, j] a[i, p] b[j, q]
+        LoKr   ΔW = w1 ⊗ w2 (Kronecker), w1 = lokr_w1 or w1_a @ w1_b, w2 = lokr_w2, w2_a @ w2_b
+               or T(t2, w2_a, w2_b); a conv's kernel is in w2
+        LoCon with a Tucker core (lora_mid): ΔW[p, q] = Σ up[p, i] mid[i, j] down[j, q]
+
+    (t, mid: r × r × kh × kw; products over the kernel are per tap)."""
+    kind: str             # "LoHa", "LoKr" or "LoCon (Tucker)"
+    tensors: dict         # role → float32 tensor
+    factor: float         # α / r (LoKr with no decomposed factor: 1)
+    shape: tuple          # the weight's
+
+    def delta(self):
+        """ΔW as (out, in·kh·kw), float32."""
+        t = self.tensors
+        if self.kind == "LoHa":
+            return _hadamard_factor(t, 1) * _hadamard_factor(t, 2)
+        if self.kind == "LoKr":
+            w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
+            if "lokr_w2" in t:
+                w2 = t["lokr_w2"]
+            elif "lokr_t2" in t:
+                w2 = _tucker(t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"])
+            else:
+                w2 = t["lokr_w2_a"] @ t["lokr_w2_b"]
+            return torch.kron(w1, w2.reshape(w2.shape[0], -1))
+        mid = t["mid"]  # LoCon with a Tucker core: up (out, r), mid (r, r, kh, kw), down (r, in)
+        return torch.einsum("ijkl,pi,jq->pqkl", mid, t["up"], t["down"]).reshape(
+            self.shape[0], -1)
+
+    def add_to(self, flat, alpha):
+        flat.add_(self.delta(), alpha=alpha)
+
+
+def _tucker(core, a, b):
+    """T(core, a, b)[p, q, k, l] = Σ_ij core[i, j, k, l] a[i, p] b[j, q]: a (r, out), b (r, in)."""
+    return torch.einsum("ijkl,ip,jq->pqkl", core, a, b)
+
+
+def _hadamard_factor(t, i):
+    """LoHa's factor i (1 or 2) as (out, in·kh·kw)."""
+    a, b = t[f"hada_w{i}_a"], t[f"hada_w{i}_b"]
+    if f"hada_t{i}" in t:
+        w = _tucker(t[f"hada_t{i}"], a, b)
+        return w.reshape(w.shape[0], -1)
+    return a @ b
 
 
 @dataclass
@@ -222,9 +296,14 @@ class LoraManager:
                 # 16 B per element (W0 copied in, then addmm reads and writes it).
                 out = weight.view(rows, -1)
                 (alpha, first), rest = updates[0], updates[1:]
-                torch.addmm(original.view(rows, -1), first.up, first.down, alpha=alpha, out=out)
+                if isinstance(first, LoraLayer):
+                    torch.addmm(original.view(rows, -1), first.up, first.down, alpha=alpha,
+                                out=out)
+                else:
+                    out.copy_(original.view(rows, -1))
+                    first.add_to(out, alpha)
                 for alpha, layer in rest:
-                    out.addmm_(layer.up, layer.down, alpha=alpha)
+                    layer.add_to(out, alpha)
             else:
                 # A float32 accumulator: W0, then one addmm per adapter, then one rounding
                 # into the weight's dtype (and layout: channels_last convs) as it is copied.
@@ -232,7 +311,7 @@ class LoraManager:
                 acc.copy_(original)
                 flat = acc.view(rows, -1)
                 for alpha, layer in updates:
-                    flat.addmm_(layer.up, layer.down, alpha=alpha)
+                    layer.add_to(flat, alpha)
                 weight.copy_(acc)
 
     # -- reading a file --------------------------------------------------------------------
@@ -258,8 +337,7 @@ class LoraManager:
         absent = {}
         for (component, _, _), roles in groups.items():
             if component not in self.modules:
-                absent.setdefault(component, []).append(
-                    roles.get("down") or roles.get("up") or roles["alpha"])
+                absent.setdefault(component, []).append(_any_key(roles))
         for component, keys in absent.items():
             has = ", ".join(c for c in _TEXT if c in self.modules) or "none"
             raise SdrtError(f"{where}: {len(keys)} LoRA layer(s) are for {component} "
@@ -268,20 +346,20 @@ class LoraManager:
                             f"text encoders: {has})")
         layers, unmatched = {}, []
         for (component, module, layout), roles in groups.items():
-            if "down" not in roles or "up" not in roles:
-                if set(roles) == {"alpha"}:
-                    notes.append(roles["alpha"])
-                else:
-                    unmatched.append(f"{roles.get('down') or roles['up']} (no "
-                                     f"{'up' if 'down' in roles else 'down'} weight)")
+            if set(roles) == {"alpha"}:
+                notes.append(roles["alpha"])
+                continue
+            missing = _missing(roles, where)
+            if missing:
+                unmatched.append(f"{_any_key(roles)} (no {missing})")
                 continue
             target = self._resolve(component, module, layout)
             if target is None:
-                unmatched.append(roles["down"])
+                unmatched.append(_any_key(roles))
                 continue
             if (component, target) in layers:
                 raise SdrtError(f"{where}: LoRA patches {component} {target} twice (again in "
-                                f"{roles['down']})")
+                                f"{_any_key(roles)})")
             layers[(component, target)] = self._layer(state, roles, component, module, target,
                                                       metadata, where)
         unmatched += unknown
@@ -340,6 +418,9 @@ class LoraManager:
         return None
 
     def _layer(self, state, roles, component, module, target, metadata, where):
+        if _kind(roles) != "LoRA" or "mid" in roles:
+            return self._rebuilt_layer(state, roles, component, module, target, metadata,
+                                       where)
         weight = self._targets[component][target].weight
         down, up = state[roles["down"]], state[roles["up"]]
         for key, t in ((roles["down"], down), (roles["up"], up)):
@@ -362,6 +443,87 @@ class LoraManager:
             raise SdrtError(f"{where}: LoRA {roles['down']} holds inf or NaN values")
         factor = _alpha_over_rank(state, roles, component, module, rank, metadata, where)
         return LoraLayer(up.contiguous(), down.contiguous(), factor)
+
+
+    def _rebuilt_layer(self, state, roles, component, module, target, metadata, where):
+        """A ``RebuiltLayer`` (LoHa, LoKr, LoCon with lora_mid), its tensors checked and its
+        ΔW formed once to check that it fits the weight."""
+        weight = self._targets[component][target].weight
+        kind = _kind(roles)
+        tensors = {}
+        for role, key in roles.items():
+            if role == "alpha":
+                continue
+            t = state[key]
+            if not t.is_floating_point() or t.dim() not in (2, 4) or not t.numel():
+                raise SdrtError(f"{where}: {kind} weight {key} must be a non-empty 2-d or 4-d "
+                                f"float tensor, got {_describe(t)}")
+            t = t.to(weight.device, torch.float32)
+            if not torch.isfinite(t).all():
+                raise SdrtError(f"{where}: {kind} weight {key} holds inf or NaN values")
+            tensors[role] = t
+        if kind == "LoRA":  # a Tucker core: up (out, r, 1, 1) and down (r, in, 1, 1) as 2-d
+            kind = "LoCon (Tucker)"
+            tensors["up"] = tensors["up"].reshape(tensors["up"].shape[0], -1)
+            tensors["down"] = tensors["down"].reshape(tensors["down"].shape[0], -1)
+            rank = tensors["down"].shape[0]
+        elif kind == "LoHa":
+            rank = tensors["hada_w1_b"].shape[0]
+        else:  # LoKr: α / r only when a factor is a product (w2's rank wins, as in LyCORIS)
+            rank = next((tensors[f"lokr_w{i}_b"].shape[0] for i in (2, 1)
+                         if f"lokr_w{i}" not in tensors and f"lokr_w{i}_b" in tensors), None)
+        layer = RebuiltLayer(kind, tensors, 1.0, tuple(weight.shape))
+        rows, cols = weight.shape[0], weight[0].numel()
+        try:
+            got = tuple(layer.delta().shape)
+        except RuntimeError:  # factors whose inner sizes do not chain
+            got = None
+        # A 4-d factor or Tucker core carries the conv's kernel: the weight's own, or it does
+        # not fit (ΔW's numbers could still match, a 1×1 core on in·kh·kw channels).
+        kernels = {_kernel(t.shape) for t in tensors.values() if t.dim() == 4}
+        if got != (rows, cols) or kernels - {_kernel(weight.shape)}:
+            shapes = ", ".join(f"{r} {tuple(t.shape)}" for r, t in tensors.items())
+            raise SdrtError(f"{where}: {kind} {_any_key(roles).rsplit('.', 1)[0]} does not fit "
+                            f"this {self._model()}: {shapes} cannot update {component} {target}"
+                            f".weight {tuple(weight.shape)} (a LoRA for another model family?)")
+        if rank is not None:
+            layer.factor = _alpha_over_rank(state, roles, component, module, rank, metadata,
+                                            where)
+        return layer
+
+
+def _kind(roles):
+    """"LoRA" (LoCon), "LoHa" or "LoKr": which algorithm a layer's tensors are of."""
+    return next((kind for kind, names in (("LoHa", _LOHA), ("LoKr", _LOKR))
+                 if any(r in names for r in roles)), "LoRA")
+
+
+def _missing(roles, where):
+    """What a layer's tensors lack to make its update (None when complete): "up weight",
+    "hada_w2_b", ...; tensors of two algorithms in one layer are refused."""
+    kinds = {"LoHa" if r in _LOHA else "LoKr" if r in _LOKR else "LoRA"
+             for r in roles if r != "alpha"}
+    if len(kinds) > 1:
+        raise SdrtError(f"{where}: {_any_key(roles).rsplit('.', 1)[0]} mixes "
+                        f"{' and '.join(sorted(kinds))} tensors")
+    kind = _kind(roles)
+    if kind == "LoRA":
+        need = [f"{r} weight" for r in ("down", "up") if r not in roles]
+    elif kind == "LoHa":
+        need = [r for r in _LOHA[:4] if r not in roles]
+        if ("hada_t1" in roles) != ("hada_t2" in roles):
+            need.append("hada_t2" if "hada_t1" in roles else "hada_t1")
+    else:
+        need = []
+        for i in (1, 2):
+            if f"lokr_w{i}" not in roles:
+                need += [r for r in (f"lokr_w{i}_a", f"lokr_w{i}_b") if r not in roles]
+    return " and ".join(need) or None
+
+
+def _any_key(roles):
+    """A layer's first weight key (its alpha's when it has nothing else), for messages."""
+    return next((k for r, k in roles.items() if r != "alpha"), roles.get("alpha"))
 
 
 def _check_scale(scale):
