@@ -268,6 +268,10 @@ def _generate_options(g):
                    help="default: cuda if a GPU is available, else cpu")
     g.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
                    help="default: fp16 on cuda, fp32 on cpu")
+    g.add_argument("--vae-dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
+                   help="the VAE's precision; auto: as diffusers (fp32 for SDXL's VAE in an "
+                        "fp16 run, else --dtype); bf16 keeps fp32's range at half the bytes "
+                        "(ComfyUI's --bf16-vae)")
     g.add_argument("--variant", metavar="NAME", default=None,
                    help="load a diffusers folder's *.VARIANT.safetensors weights, e.g. fp16")
     g.add_argument("--config", metavar="DIR", default=None,

@@ -143,7 +143,7 @@ def _refiner(a, pipe):
     if pipe.family.name != "sdxl":
         raise SdrtError(f"--refiner continues an SDXL base model's latents; --model is "
                         f"{pipe.family.label}")
-    refiner = Pipeline.from_pretrained(a.refiner, pipe.device, pipe.dtype)
+    refiner = Pipeline.from_pretrained(a.refiner, pipe.device, pipe.dtype, vae_dtype=a.vae_dtype)
     if refiner.unet.config.in_channels != pipe.unet.config.in_channels or \
             refiner.vae_scale_factor != pipe.vae_scale_factor:
         raise SdrtError(f"--refiner {a.refiner} does not take {a.model}'s latents "
@@ -298,6 +298,9 @@ def _check_sources(a):
         if a.dtype == "bf16":  # onnxruntime takes numpy arrays, and numpy has no bfloat16
             raise SdrtError("--runtime onnx runs in the export's dtype (fp32 or fp16), not "
                             "--dtype bf16")
+        if a.vae_dtype != "auto":
+            raise SdrtError("--runtime onnx runs the exported VAE in the export's dtype; "
+                            "--vae-dtype applies to sdrt's own VAE")
     elif a.onnx_dir is not None:
         raise SdrtError("--onnx-dir is only used with --runtime onnx")
 
@@ -360,9 +363,10 @@ def _pipeline(a):
     device, dtype = resolve_device(a.device, a.dtype)
     if a.model is not None:
         return Pipeline.from_pretrained(a.model, device, dtype, variant=a.variant,
-                                        config=a.config, prediction_type=a.prediction_type)
+                                        config=a.config, prediction_type=a.prediction_type,
+                                        vae_dtype=a.vae_dtype)
     from .demo.model import demo_pipeline
-    return demo_pipeline(device, dtype, a.prediction_type)
+    return demo_pipeline(device, dtype, a.prediction_type, a.vae_dtype)
 
 
 def _onnx_pipeline(a):

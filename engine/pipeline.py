@@ -32,6 +32,15 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
 _DEVICES = "'cpu', 'cuda' or 'cuda:N'"
 
 
+def _vae_dtype(value):
+    """A ``vae_dtype`` ("fp32", "fp16", "bf16" or the torch dtype) as a torch dtype."""
+    dtype = DTYPES.get(value) if isinstance(value, str) else value
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise SdrtError(f"vae_dtype must be auto, fp32, fp16 or bf16 (or torch.float32, "
+                        f"torch.float16, torch.bfloat16), got {short_repr(value)}")
+    return dtype
+
+
 def resolve_device(device=None, dtype=None):
     """(device, dtype): CUDA and fp16 when a GPU is there, else CPU and fp32."""
     if device is None:
@@ -118,8 +127,10 @@ class Pipeline:
     for, and ``pipe.last_seed`` / ``pipe.num_timesteps`` describe the last call.
     """
 
-    def __init__(self, components: Components, device, dtype, limits: Limits = None):
+    def __init__(self, components: Components, device, dtype, limits: Limits = None,
+                 vae_dtype=None):
         device, dtype = resolve_device(device, dtype)
+        self.vae_dtype = None if vae_dtype in (None, "auto") else _vae_dtype(vae_dtype)
         self.family = components.family
         self.text_encoder = components.text_encoder
         self.text_encoder_2 = components.text_encoder_2
@@ -145,9 +156,10 @@ class Pipeline:
         self.last_seed = None
         self.num_timesteps = None  # denoising steps of the current (or last) call
         self.runtime = None  # set by compile()
-        # A float32 copy of the VAE: made for an upcast SDXL VAE, or on the first
-        # low-precision decode that overflows.
-        self._vae_fp32 = None
+        # Copies of the VAE in other dtypes (dtype → module), made when first needed: float32
+        # for an upcast SDXL VAE or after a low-precision decode that overflows, and the
+        # ``vae_dtype`` asked for.
+        self._vae_copies = {}
         self._loras = None  # a LoraManager, made by the first LoRA call
         self._embeddings = {}  # token -> {text encoder: (n, D) float32 CPU}, load_textual_inversion
         if device.type == "cuda":
@@ -162,7 +174,7 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None, variant=None, config=None,
-                        prediction_type=None, limits: Limits = None):
+                        prediction_type=None, limits: Limits = None, vae_dtype=None):
         """Load a diffusers folder or a single-file ``.safetensors`` checkpoint (LDM layout for
         SD 1.x/2.x, SGM layout for SDXL base and refiner).
 
@@ -172,11 +184,17 @@ class Pipeline:
         512-base configs). Every config value is checked, and the model's size (counted from
         the configs) is checked against ``limits.max_parameters`` and the device's memory,
         before anything is built.
+
+        ``vae_dtype`` ("fp32", "fp16", "bf16" or a torch dtype; None or "auto": diffusers'
+        choice) is the dtype the VAE encodes and decodes in. diffusers' choice is float32 for
+        an fp16 SDXL pipeline whose VAE sets ``force_upcast`` (SDXL's VAE overflows in fp16),
+        else the pipeline's dtype; bf16 has float32's range at half its bytes.
         """
         device, dtype = resolve_device(device, dtype)
+        vae_dtype = None if vae_dtype in (None, "auto") else _vae_dtype(vae_dtype)
         limits = Limits.from_env() if limits is None else limits
         return cls(load(path, device, dtype, variant, config, prediction_type, limits), device,
-                   dtype, limits)
+                   dtype, limits, vae_dtype)
 
     def compile(self, height=None, width=None, batch_size=1, num_inference_steps=50,
                 sampler=None, guidance=True, strict=False, max_shapes=4, num_chunks=1):
@@ -208,11 +226,10 @@ class Pipeline:
 
     def model_spec(self) -> ModelSpec:
         """The family and networks a static plan runs (the plan holds no pipeline)."""
-        upcast = self._upcast_vae()
-        return ModelSpec(self.family, self.text_encoders, self.unet,
-                         self._fp32_vae() if upcast else self.vae, self.device, self.dtype,
-                         self.tokenizers[self.family.tokenizers[0]].max_length,
-                         torch.float32 if upcast else self.dtype)
+        vae_dtype = self.vae_run_dtype()
+        return ModelSpec(self.family, self.text_encoders, self.unet, self._vae_in(vae_dtype),
+                         self.device, self.dtype,
+                         self.tokenizers[self.family.tokenizers[0]].max_length, vae_dtype)
 
     @property
     def text_encoders(self) -> dict:
@@ -350,7 +367,7 @@ class Pipeline:
             [e.config for e in self.text_encoders.values()], request.height,
             request.width, request.batch_size, self._cfg(request), self.dtype,
             fused_attention(self.unet, self.device, self.dtype), request.has_image, num_chunks,
-            torch.float32 if self._upcast_vae() else None)
+            self.vae_run_dtype())
         images = request.batch_size
         check_request_fits(need, what, f"a request for {images} image{'s' * (images > 1)} of "
                            f"{request.width}x{request.height}"
@@ -572,7 +589,9 @@ class Pipeline:
         """Image (B, 3, H, W) in [-1, 1] → scaled latents, sampled from the VAE's Gaussian, each
         image repeated to ``batch`` rows. With a list of generators (one per row), row i's
         sample is drawn from generator i."""
-        mean, std = self.vae.encode(image)
+        vae_dtype = self.vae_run_dtype()
+        mean, std = (t.to(self.dtype) for t in self._vae_in(vae_dtype).encode(
+            image.to(vae_dtype)))
         batch = batch or mean.shape[0]
         if isinstance(generator, list):
             mean, std = (m.repeat_interleave(batch // m.shape[0], dim=0) for m in (mean, std))
@@ -588,31 +607,40 @@ class Pipeline:
         A low-precision decode that overflows (inf/NaN: the known fp16 VAE failure) is done
         again in float32, so no request returns a black or NaN image.
         """
-        if self._upcast_vae():
-            return to_unit_images(vae_decode(self._fp32_vae(), latents.float())).cpu().numpy()
-        image = vae_decode(self.vae, latents)
-        if not torch.isfinite(image).all() and self.dtype != torch.float32:
-            return self._decode_fp32(latents)
+        vae_dtype = self.vae_run_dtype()
+        image = vae_decode(self._vae_in(vae_dtype), latents.to(vae_dtype))
+        if not torch.isfinite(image).all() and vae_dtype != torch.float32:
+            return self._decode_fp32(latents, vae_dtype)
         return to_unit_images(image).cpu().numpy()
 
-    def _upcast_vae(self):
-        """Whether the VAE decodes in float32 whatever the pipeline's dtype: as diffusers' SDXL
-        pipelines do for an fp16 VAE whose config sets ``force_upcast`` (SDXL's VAE overflows in
-        fp16; a fixed VAE sets it false)."""
-        return (self.family.pooled is not None and self.dtype == torch.float16
-                and self.vae.config.force_upcast and isinstance(self.vae, nn.Module))
+    def vae_run_dtype(self):
+        """The dtype the VAE encodes and decodes in: ``vae_dtype`` when one was given, else
+        diffusers' choice: float32 for an fp16 SDXL pipeline whose VAE config sets
+        ``force_upcast`` (SDXL's VAE overflows in fp16; a fixed VAE sets it false), else the
+        pipeline's dtype."""
+        if not isinstance(self.vae, nn.Module):  # onnxruntime runs the export's own dtype
+            return self.dtype
+        if self.vae_dtype is not None:
+            return self.vae_dtype
+        upcast = (self.family.pooled is not None and self.dtype == torch.float16
+                  and self.vae.config.force_upcast)
+        return torch.float32 if upcast else self.dtype
 
-    def _fp32_vae(self):
-        if self._vae_fp32 is None:
-            self._vae_fp32 = copy.deepcopy(self.vae).float()
-        return self._vae_fp32
+    def _vae_in(self, dtype):
+        """The VAE in ``dtype``: the pipeline's own, or a copy made once."""
+        if dtype == self.dtype or not isinstance(self.vae, nn.Module):
+            return self.vae
+        if dtype not in self._vae_copies:
+            self._vae_copies[dtype] = copy.deepcopy(self.vae).to(dtype)
+        return self._vae_copies[dtype]
 
-    def _decode_fp32(self, latents):
+    def _decode_fp32(self, latents, dtype):
         if not isinstance(self.vae, nn.Module):
-            raise SdrtError(f"the VAE decode overflowed in {self.dtype}; use a float32 VAE "
+            raise SdrtError(f"the VAE decode overflowed in {dtype}; use a float32 VAE "
                             "(for ONNX, export with --dtype fp32)")
-        warnings.warn(f"VAE decode overflowed in {self.dtype}; decoding again in float32")
-        return to_unit_images(vae_decode(self._fp32_vae(), latents.float())).cpu().numpy()
+        warnings.warn(f"VAE decode overflowed in {dtype}; decoding again in float32")
+        return to_unit_images(vae_decode(self._vae_in(torch.float32),
+                                         latents.float())).cpu().numpy()
 
     def _clock(self):
         if self.device.type == "cuda":
@@ -837,8 +865,9 @@ class Pipeline:
         if request.output_type == "latent":
             return plan.latents.clone()
         if not plan.decode_finite():
-            # The graph decoded in the pipeline's dtype and overflowed (clamping would have
+            # The graph decoded in the VAE's low precision and overflowed (clamping would have
             # turned inf into white and NaN into black): decode again in float32.
-            return self._format(self._decode_fp32(plan.latents), request.output_type)
+            return self._format(self._decode_fp32(plan.latents, self.vae_run_dtype()),
+                                request.output_type)
         images = plan.image.to("cpu", copy=True).numpy()  # the plan's buffer is reused
         return self._format(images, request.output_type)

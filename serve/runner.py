@@ -35,12 +35,13 @@ class Runner:
         device, dtype = resolve_device(self.config.device, self.config.dtype)
         if self.config.model is None:
             # The built-in model runs at the settings it was tuned for, as in `sdrt generate`.
-            pipe = demo_pipeline(device, dtype)
+            pipe = demo_pipeline(device, dtype, vae_dtype=self.config.vae_dtype)
             tuned = demo_config()["demo_defaults"]
             self.default_steps = tuned["num_inference_steps"]
             self.default_guidance = tuned["guidance_scale"]
         else:
-            pipe = Pipeline.from_pretrained(self.config.model, device=device, dtype=dtype)
+            pipe = Pipeline.from_pretrained(self.config.model, device=device, dtype=dtype,
+                                            vae_dtype=self.config.vae_dtype)
             self.default_steps, self.default_guidance = DEFAULT_STEPS, None
         if self.config.default_steps is not None:
             self.default_steps = self.config.default_steps

@@ -45,7 +45,7 @@ def test_base_to_refiner_in_fp16_with_the_vae_upcast(folders):
     base = Pipeline.from_pretrained(folders["sdxl"], device="cuda", dtype=torch.float16)
     refiner = Pipeline.from_pretrained(folders["sdxl-refiner"], device="cuda",
                                        dtype=torch.float16)
-    assert base.vae.config.force_upcast and base._upcast_vae()
+    assert base.vae.config.force_upcast and base.vae_run_dtype() == torch.float32
     latents = base("a fox", height=64, width=64, num_inference_steps=5, seed=1,
                    denoising_end=0.8, output_type="latent")
     image = refiner("a fox", image=latents, num_inference_steps=5, denoising_start=0.8,
@@ -53,6 +53,6 @@ def test_base_to_refiner_in_fp16_with_the_vae_upcast(folders):
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all() and image.std() > 0.01
     # The upcast decode is the float32 VAE's: the same image as a float32 decode.
     decoded = base.decode_latents(latents)
-    reference = base._fp32_vae().decode(latents.float() / base.vae.config.scaling_factor)
+    reference = base._vae_in(torch.float32).decode(latents.float() / base.vae.config.scaling_factor)
     reference = (reference.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
     assert np.abs(decoded - reference).max() <= 1e-5

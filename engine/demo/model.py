@@ -52,10 +52,10 @@ def demo_components(folder=DATA, device="cpu", dtype=None):
                       "built-in demo model")
 
 
-def demo_pipeline(device="cpu", dtype=None, prediction_type=None):
+def demo_pipeline(device="cpu", dtype=None, prediction_type=None, vae_dtype=None):
     """A ``Pipeline`` of the shipped demo model, what ``sdrt generate`` and ``sdrt serve`` run
     without ``--model``; ``prediction_type`` overrides its scheduler's (as for the same model
-    written by ``write_demo``)."""
+    written by ``write_demo``), ``vae_dtype`` is the Pipeline's."""
     import torch
 
     from ..pipeline import Pipeline
@@ -63,7 +63,7 @@ def demo_pipeline(device="cpu", dtype=None, prediction_type=None):
     c = demo_components(device=device, dtype=dtype)
     if prediction_type is not None:
         c.scheduler_config = {**c.scheduler_config, "prediction_type": prediction_type}
-    return Pipeline(c, device, dtype)
+    return Pipeline(c, device, dtype, vae_dtype=vae_dtype)
 
 
 def write_demo(folder, source=DATA):
