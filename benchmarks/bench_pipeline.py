@@ -12,7 +12,10 @@ the sdrt systems run without diffusers installed); then each system runs in a fr
 - ``diffusers-compile``: the same with ``torch.compile`` on the UNet and VAE decoder,
   channels_last (compile time reported);
 - ``sdrt-torch``: sdrt's static runtime (CUDA graphs) over the plain-PyTorch ops;
-- ``sdrt-triton``: the same over sdrt's Triton kernels.
+- ``sdrt-triton``: the same over sdrt's Triton kernels;
+- ``sdrt-triton-bf16vae``: the same with the VAE in bf16 (``vae_dtype="bf16"``) where the
+  others decode as diffusers does (SDXL's ``force_upcast`` VAE in float32): what the float32
+  decode costs, and how far bf16's picture is from diffusers'.
 
 Measured per system: UNet iterations per second (from the difference of the 50- and 20-step
 latencies, which cancels text encoding and decoding), end-to-end latency at each step count
@@ -46,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-SYSTEMS = ("diffusers", "diffusers-compile", "sdrt-torch", "sdrt-triton")
+SYSTEMS = ("diffusers", "diffusers-compile", "sdrt-torch", "sdrt-triton", "sdrt-triton-bf16vae")
 MODELS = {
     # name: (config: engine.configs.MODELS name or a tiny one, image side, step counts,
     #        guidance scale)
@@ -203,7 +206,8 @@ def _load(system, family, folder, side, steps, guidance, compile_mode, device, d
     os.environ["SDRT_BACKEND"] = ("torch" if system == "sdrt-torch" else
                                   "auto" if device == "cuda" else "triton")
     from sdrt.engine import Pipeline
-    pipe = Pipeline.from_pretrained(folder, device=device, dtype=dtype)
+    pipe = Pipeline.from_pretrained(folder, device=device, dtype=dtype,
+                                    vae_dtype="bf16" if system.endswith("-bf16vae") else None)
     t0 = time.perf_counter()
     for n in steps:
         pipe.compile(side, side, batch_size=1, num_inference_steps=n, guidance=guidance > 1)
@@ -286,7 +290,7 @@ def run_system(model, system, folder, parts, repeats, compile_mode, timeout, dev
            "--models", model, "--folder", str(folder), "--out-dir", str(parts),
            "--repeats", str(repeats), "--compile-mode", compile_mode, "--device", device]
     env = dict(os.environ)
-    if device != "cuda" and system == "sdrt-triton":
+    if device != "cuda" and system.startswith("sdrt-triton"):
         env["TRITON_INTERPRET"] = "1"  # read when triton is imported: before the child starts
     status, out, err = run_group(cmd, timeout, env=env)
     if status is None:  # the child was killed; keep the other rows
@@ -334,7 +338,8 @@ def ablation(rows):
     steps = {m: MODELS[m][2][0] for m, _ in by}
     chain = [("diffusers", "diffusers-compile", "torch.compile (max-autotune), channels_last"),
              ("diffusers", "sdrt-torch", "sdrt modules, static shapes, CUDA graphs"),
-             ("sdrt-torch", "sdrt-triton", "sdrt Triton kernels")]
+             ("sdrt-torch", "sdrt-triton", "sdrt Triton kernels"),
+             ("sdrt-triton", "sdrt-triton-bf16vae", "VAE in bf16 (not diffusers' choice)")]
     out = []
     for model in sorted(steps):
         n = steps[model]

@@ -39,7 +39,8 @@ Stages, in order (``--stage`` picks some; the extras run only when the budget st
   decoder's float32 GroupNorms), ``conv-sdxl`` (bench_conv --sweep over SDXL's UNet and fp16
   VAE decoder convs), ``pipeline-sdxl`` (SDXL 1024², 50 and 20 steps with CFG) and
   ``pipeline-sdxl-turbo`` (512², 4 and 1 steps without CFG), each sdrt (Triton + CUDA graphs)
-  against diffusers' StableDiffusionXLPipeline eager (else against sdrt on the PyTorch ops).
+  against diffusers' StableDiffusionXLPipeline eager (else against sdrt on the PyTorch ops);
+  Turbo also with the VAE in bf16 (``sdrt-triton-bf16vae``) instead of float32.
 
 Named extras keep their floors in reserve as core stages do; extras not named take only what
 the core stages leave. ``--stage env,sdxl --budget 540`` fits one device call: the SDXL
@@ -187,6 +188,10 @@ def stage_command(stage: Stage, work: Path, dry_run: bool, timeout: int) -> tupl
         systems = ["diffusers", "sdrt-triton"]
     else:
         systems = ["sdrt-torch", "sdrt-triton"]
+    if stage.name == "pipeline-sdxl-turbo":
+        # At 1 step the VAE's float32 decode weighs most: time the bf16 VAE too, last (the
+        # rows before it are kept if the stage's limit cuts it).
+        systems.append("sdrt-triton-bf16vae")
     args = ["--out-dir", str(work / "pipeline"), "--cache", str(work / "models")]
     if dry_run:  # the model's tiny stand-in of the same family (bench_pipeline's)
         args += ["--dry-run", "--models", model, "--systems", "sdrt-torch"]
