@@ -132,7 +132,7 @@ def engine_convs(model="sd15"):
     (``force_upcast`` false, a fixed fp16 SDXL VAE), the one a fused kernel can serve."""
     from sdrt.benchmarks.launches import op_calls, record_launches
     calls = op_calls(record_launches(model, networks=NETWORKS, conv_path="fused",
-                                     upcast_vae=False))
+                                     vae_dtype=torch.float16))
     table = {net: collections.Counter() for net in NETWORKS}
     for c in calls:
         if c.op == "group_norm_silu_conv2d":

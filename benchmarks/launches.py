@@ -444,7 +444,7 @@ def conditioning(model, batch, dtype):
         torch.empty(batch, fam.num_time_ids, **meta) if fam.time_ids else None)
 
 
-def _networks(model, dtype, upcast_vae=None):
+def _networks(model, dtype, vae_dtype=None):
     """{network: () → (module, forward, args, kwargs)} on the meta device at the model's
     benchmark size, each called as the pipeline calls it."""
     from sdrt.engine.configs import model_config
@@ -454,9 +454,8 @@ def _networks(model, dtype, upcast_vae=None):
     side = MODEL_SIZES[model]
     batch = UNET_BATCH if uses_guidance(model) else 1
     meta = dict(device="meta", dtype=dtype)
-    if upcast_vae is None:
-        upcast_vae = vae_upcast(model, dtype)
-    vae_dtype = torch.float32 if upcast_vae else dtype
+    if vae_dtype is None:
+        vae_dtype = torch.float32 if vae_upcast(model, dtype) else dtype
 
     def unet():
         m = build("unet", cfg["unet"]).to(dtype)
@@ -487,23 +486,24 @@ def _networks(model, dtype, upcast_vae=None):
 
 
 def record_launches(model="sd15", networks=None, conv_path="fused", dtype=torch.float16,
-                    cache_dir=None, upcast_vae=None):
+                    cache_dir=None, vae_dtype=None):
     """Every Triton launch of one forward of each of ``networks`` (default: the model's,
     ``model_networks``) of ``model`` (a name in ``MODEL_SIZES``), in launch order, with
     ``conv_path`` ("fused" or "unfused") for the GroupNorm+SiLU+conv of every ResNet block and
     output head.
 
     The UNet runs at batch 2 (1 for a model without guidance) with the family's conditioning
-    (``conditioning``); the VAE decoder in float32 where the pipeline upcasts it
-    (``vae_upcast``; ``upcast_vae=False`` walks it in ``dtype``, as a VAE with
-    ``force_upcast`` false runs), else in ``dtype``.
+    (``conditioning``); the VAE decoder in ``vae_dtype`` or, by default, as the pipeline runs
+    it by default: in float32 where it upcasts it (``vae_upcast``), else in ``dtype``
+    (``vae_dtype=dtype`` walks it as a VAE with ``force_upcast`` false runs; bf16 as
+    ``--vae-dtype bf16`` does).
 
     Compiles each distinct specialisation for sm_90 on the way (``cache_dir``: Triton's
     cache to use; None keeps the default). Needs triton and a process without
     TRITON_INTERPRET.
     """
     from sdrt.engine.layers import use_conv_chooser
-    makers = _networks(model, dtype, upcast_vae)
+    makers = _networks(model, dtype, vae_dtype)
     networks = model_networks(model) if networks is None else tuple(networks)
     bad = [n for n in networks if n not in makers]
     if bad:

@@ -11,7 +11,8 @@ with the family's conditioning; the VAE decoder; each of the family's text encod
 two), once per conv path (``fused``: sdrt's GroupNorm+SiLU+conv kernel; ``unfused``: sdrt's
 group_norm then cuDNN: ``ConvPathChooser`` may take either per shape on a GPU, so both are
 covered). SDXL's VAE, which the pipeline decodes in float32 (``force_upcast``), is walked in
-float32 and in float16 (a VAE with ``force_upcast`` false). Every distinct kernel
+float32, in float16 (a VAE with ``force_upcast`` false) and in bfloat16 (``--vae-dtype
+bf16``). Every distinct kernel
 specialisation is compiled by the real Triton compiler and ptxas, into a fresh Triton cache
 unless ``--warm-cache``, and its cubin read with the ``cuobjdump`` that ships in Triton's
 wheel (``triton/backends/nvidia/bin``).
@@ -56,6 +57,8 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 from sdrt.benchmarks.launches import (CONV_PATHS, MODEL_SIZES, UNET_BATCH, model_networks,
                                       record_launches, uses_guidance, vae_upcast)
@@ -127,15 +130,18 @@ def _example(launch):
 
 
 def walks(model):
-    """(label, network, upcast_vae) of each walk a report makes of ``model``: its networks
-    (``launches.model_networks``); a VAE the pipeline decodes in float32 (SDXL's,
-    ``force_upcast``) is walked in float32 (``vae_decoder fp32``: what runs by default) and
-    in float16 (``vae_decoder fp16``: a VAE with ``force_upcast`` false, e.g. a fixed fp16
-    SDXL VAE), since the fused convolution runs only in fp16/bf16."""
+    """(label, network, VAE dtype or None) of each walk a report makes of ``model``: its
+    networks (``launches.model_networks``); a VAE the pipeline decodes in float32 (SDXL's,
+    ``force_upcast``) is walked in float32 (``vae_decoder fp32``: what runs by default), in
+    float16 (``vae_decoder fp16``: a VAE with ``force_upcast`` false, e.g. a fixed fp16 SDXL
+    VAE) and in bfloat16 (``vae_decoder bf16``: ``--vae-dtype bf16``), since the fused
+    convolution runs only in fp16/bf16."""
     out = []
     for network in model_networks(model):
         if network == "vae_decoder" and vae_upcast(model):
-            out += [("vae_decoder fp32", network, True), ("vae_decoder fp16", network, False)]
+            out += [(f"vae_decoder {name}", network, dtype) for name, dtype in
+                    (("fp32", torch.float32), ("fp16", torch.float16),
+                     ("bf16", torch.bfloat16))]
         else:
             out.append((network, network, None))
     return out
@@ -148,12 +154,12 @@ def collect(models, paths=CONV_PATHS, cache_dir=None):
     errors = []
     for model in models:
         for path in paths:
-            for label, network, upcast_vae in walks(model):
+            for label, network, vae_dtype in walks(model):
                 if path != paths[0] and network not in _CONV_NETWORKS:
                     continue  # no convolution: the same launches under every conv path
                 try:
                     launches = record_launches(model, (network,), conv_path=path,
-                                               cache_dir=cache_dir, upcast_vae=upcast_vae)
+                                               cache_dir=cache_dir, vae_dtype=vae_dtype)
                 except Exception as e:  # a network that does not run is a finding, reported
                     errors.append({"model": model, "conv path": path, "network": label,
                                    "error": f"{type(e).__name__}: {e}"})

@@ -36,9 +36,11 @@ OP_FAMILIES = {
 WALKS = {
     "sd15": ("unet fused", "unet unfused", "vae_decoder fused", "vae_decoder unfused",
              "text_encoder"),
-    # SDXL's VAE decodes in float32 (force_upcast); a fixed fp16 VAE runs the fused conv.
+    # SDXL's VAE decodes in float32 (force_upcast); a fixed fp16 VAE, or --vae-dtype bf16,
+    # runs the fused conv.
     "sdxl": ("unet fused", "unet unfused", "vae_decoder fp32 unfused", "vae_decoder fp16 fused",
-             "vae_decoder fp16 unfused", "text_encoder", "text_encoder_2"),
+             "vae_decoder fp16 unfused", "vae_decoder bf16 fused", "vae_decoder bf16 unfused",
+             "text_encoder", "text_encoder_2"),
 }
 # Attention head dims of each model's UNet: SD 1.5 has 40/80/160 by level, SDXL 64 throughout
 # (5, 10, 20 heads over 320, 640, 1280 channels).
