@@ -34,6 +34,12 @@ dim 40 214 (224), 80 140 (168), 160 155 (198); cross-attention 74 (123), 100 (17
 splits are faster on a GPU is for ``bench_kernels`` to measure: it times the padded forms
 too (``padded_d_ms``, ``padded_keys_ms``).
 
+Every wgmma is waited to completion (``wgmma: sync`` in the compile report): each block's
+scores feed its softmax at once, and P·V's accumulator is rescaled before the next. Issuing
+the next block's q·kᵀ before this block's softmax (FlashAttention-3's overlap within a warp
+group) was tried: Triton 3.9 still waited on it at once, and at head dim 64 with 4 warps the
+second score tile took 255 registers and spilled, so the loop stays as it is.
+
 On the Triton path fp16 and bf16 run the kernel; float32 inputs, and head dims over 256 (the
 VAE's single 512-wide head), run ``attention_reference`` (``F.scaled_dot_product_attention``)
 instead.
