@@ -45,9 +45,10 @@ are whole, as LyCORIS, A1111 and ComfyUI apply them).
 A text encoder's modules are found with or without transformers' ``text_model.`` prefix. An
 SDXL LoRA given to an SD 1.x/2.x model, weights for a text encoder the model does not have (a
 base LoRA's text_encoder weights on the refiner), OFT, DoRA, LoRA with biases and pickled
-files are refused with an ``SdrtError`` saying so. A LoRA weight with no place in the model is an error naming the first unmatched keys; a
-LoRA whose shapes do not fit is refused naming the key and both shapes (a LoRA for another
-model family). Everything is checked before any weight is touched.
+files are refused with an ``SdrtError`` saying so. A LoRA weight with no place in the model is
+an error naming the first unmatched keys; a LoRA whose shapes do not fit is refused naming the
+key and both shapes (a LoRA for another model family). Everything is checked before any weight
+is touched.
 """
 import json
 import math
@@ -443,7 +444,6 @@ class LoraManager:
             raise SdrtError(f"{where}: LoRA {roles['down']} holds inf or NaN values")
         factor = _alpha_over_rank(state, roles, component, module, rank, metadata, where)
         return LoraLayer(up.contiguous(), down.contiguous(), factor)
-
 
     def _rebuilt_layer(self, state, roles, component, module, target, metadata, where):
         """A ``RebuiltLayer`` (LoHa, LoKr, LoCon with lora_mid), its tensors checked and its

@@ -588,15 +588,15 @@ class Pipeline:
     def encode_image(self, image, generator, batch=None):
         """Image (B, 3, H, W) in [-1, 1] → scaled latents, sampled from the VAE's Gaussian, each
         image repeated to ``batch`` rows. With a list of generators (one per row), row i's
-        sample is drawn from generator i."""
+        sample is drawn from generator i. The sample is drawn in the VAE's dtype (float32 for
+        an upcast SDXL VAE) and then cast to the pipeline's, as diffusers does."""
         vae_dtype = self.vae_run_dtype()
-        mean, std = (t.to(self.dtype) for t in self._vae_in(vae_dtype).encode(
-            image.to(vae_dtype)))
+        mean, std = self._vae_in(vae_dtype).encode(image.to(vae_dtype))
         batch = batch or mean.shape[0]
         if isinstance(generator, list):
             mean, std = (m.repeat_interleave(batch // m.shape[0], dim=0) for m in (mean, std))
-        z = mean + std * cpu_randn(mean.shape, generator, self.dtype).to(self.device)
-        z = z.repeat_interleave(batch // z.shape[0], dim=0)
+        z = mean + std * cpu_randn(mean.shape, generator, mean.dtype).to(self.device)
+        z = z.to(self.dtype).repeat_interleave(batch // z.shape[0], dim=0)
         shift = self.vae.config.shift_factor or 0.0
         return (z - shift) * self.vae.config.scaling_factor
 

@@ -80,8 +80,10 @@ def test_img2img_encodes_in_the_vae_dtype(tiny_sd1_folder):
     assert latents.dtype == torch.float32  # handed on in the pipeline's dtype
     with torch.no_grad():
         mean, std = pipe._vae_in(torch.bfloat16).encode((image * 2 - 1).to(torch.bfloat16))
-    noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(3))
-    expected = (mean.float() + std.float() * noise) * pipe.vae.config.scaling_factor
+    # The sample is drawn in the VAE's dtype, then cast (as diffusers does).
+    noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(3),
+                        dtype=torch.bfloat16)
+    expected = (mean + std * noise).float() * pipe.vae.config.scaling_factor
     torch.testing.assert_close(latents, expected, atol=1e-6, rtol=1e-6)
     out = pipe("a fox", image=image.permute(0, 2, 3, 1).numpy(), strength=0.5, output_type="np",
                **CALL)
