@@ -663,3 +663,46 @@ def test_sdxl_cli_generate_with_onnx_runtime(sdxl_exported, tmp_path):
         images[runtime] = np.asarray(Image.open(png), dtype=np.int16)
     diff = np.abs(images["onnx"] - images["torch"]).max()
     assert diff <= 1, f"{family}: PNGs differ by up to {diff} levels between runtimes"
+
+
+def test_sdxl_optimize_ort_for_the_cpu_passes_check_onnx(sdxl_exported, tmp_path):
+    # ORT's optimizer on both text encoders (CLIP and bigG with its projection), SDXL's UNet
+    # (text_embeds, time ids) and the VAE, for the CPU provider, then check_onnx against sdrt
+    # inside optimize_folder (it raises past tolerance) and here.
+    import shutil
+
+    from sdrt.export import onnx_optimize
+    from sdrt.export.onnx_manifest import read_manifest
+    family, folder, out, _, _ = sdxl_exported
+    copy = str(tmp_path / "export")
+    shutil.copytree(out, copy)
+    manifest = onnx_optimize.optimize_folder(copy, read_manifest(copy), "cpu", fp16=False)
+    assert manifest["optimized"]["checked"] is True, family
+    unet = manifest["optimized"]["fused"]["unet"]
+    assert unet["Attention"] + unet["MultiHeadAttention"] > 0, (family, unet)
+    for r in check_onnx(copy, folder):
+        assert r.passed and r.rel <= REL_TOL, \
+            f"{family} optimized: {r.model} on {r.inputs} inputs: relative error {r.rel:.3e}"
+
+
+def test_sdxl_fp16_export_within_fp16_tolerance(tmp_path):
+    # The base in float16 (CLI --fp16): float16 inputs and outputs but the ids and timestep,
+    # compared with sdrt in float32 at check_onnx's fp16 tolerance.
+    from sdrt.engine.tiny import write_model
+    from sdrt.export.onnx_check import TOLERANCES
+    folder, out = str(tmp_path / "model"), str(tmp_path / "fp16")
+    write_model(folder, tiny_sdxl_config("sdxl"))
+    assert main(["export", "onnx", "--model", folder, "--out", out, "--height", str(SDXL_H),
+                 "--width", str(SDXL_W), "--fp16"]) == 0
+    from sdrt.export.onnx_manifest import read_manifest
+    manifest = read_manifest(out)
+    assert manifest["dtype"] == "fp16"
+    unet_inputs = manifest["models"]["unet"]["inputs"]
+    assert {k: v["dtype"] for k, v in unet_inputs.items()} == {
+        "sample": "float16", "timestep": "float32", "encoder_hidden_states": "float16",
+        "text_embeds": "float16", "time_ids": "float16"}, unet_inputs
+    rows = check_onnx(out, folder)
+    assert rows
+    for r in rows:
+        assert r.passed and r.tol == TOLERANCES["fp16"], \
+            f"sdxl fp16: {r.model} on {r.inputs} inputs: relative error {r.rel:.3e} > {r.tol:.0e}"
