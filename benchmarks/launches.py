@@ -419,12 +419,12 @@ def uses_guidance(model):
 
 def vae_upcast(model, dtype=torch.float16):
     """Whether the pipeline decodes ``model``'s latents in float32 although it runs in
-    ``dtype``: as ``Pipeline.vae_run_dtype`` decides with no ``vae_dtype`` given, for a family
-    with pooled embeddings (SDXL) in float16 whose VAE config sets ``force_upcast`` (SDXL's VAE
-    overflows in fp16)."""
+    ``dtype``, as it does with no ``vae_dtype`` given (``pipeline.default_vae_dtype``: SDXL's
+    VAE, ``force_upcast``, in a float16 run)."""
     from sdrt.engine.configs import model_config
-    return (family(model).pooled is not None and dtype == torch.float16
-            and model_config(model)["vae"].get("force_upcast", True))
+    from sdrt.engine.pipeline import default_vae_dtype
+    force_upcast = model_config(model)["vae"].get("force_upcast", True)
+    return default_vae_dtype(family(model), dtype, force_upcast) != dtype
 
 
 def conditioning(model, batch, dtype):

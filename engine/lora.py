@@ -122,8 +122,9 @@ class RebuiltLayer:
     """A LyCORIS update that is not one product up @ down, rebuilt from its factors at each
     patch (float32, on the weight's device; nothing weight-sized is kept):
 
-        LoHa   ΔW = (w1_a @ w1_b) ⊙ (w2_a @ w2_b)       with Tucker cores on convs:
-               ΔW = T(t1, w1_a, w1_b) ⊙ T(t2, w2_a, w2_b),  T(t, a, b)[p, q] = Σ t[i, j] a[i, p] b[j, q]
+        LoHa   ΔW = (w1_a @ w1_b) ⊙ (w2_a @ w2_b), with Tucker cores on convs:
+               ΔW = T(t1, w1_a, w1_b) ⊙ T(t2, w2_a, w2_b),
+               T(t, a, b)[p, q] = Σ t[i, j] a[i, p] b[j, q]
         LoKr   ΔW = w1 ⊗ w2 (Kronecker), w1 = lokr_w1 or w1_a @ w1_b, w2 = lokr_w2, w2_a @ w2_b
                or T(t2, w2_a, w2_b); a conv's kernel is in w2
         LoCon with a Tucker core (lora_mid): ΔW[p, q] = Σ up[p, i] mid[i, j] down[j, q]
@@ -492,21 +493,24 @@ class LoraManager:
         return layer
 
 
+def _role_kind(role):
+    """"LoRA" (LoCon), "LoHa" or "LoKr": the algorithm a tensor's role belongs to."""
+    return "LoHa" if role in _LOHA else "LoKr" if role in _LOKR else "LoRA"
+
+
 def _kind(roles):
-    """"LoRA" (LoCon), "LoHa" or "LoKr": which algorithm a layer's tensors are of."""
-    return next((kind for kind, names in (("LoHa", _LOHA), ("LoKr", _LOKR))
-                 if any(r in names for r in roles)), "LoRA")
+    """The algorithm of a layer's tensors (one, as ``_missing`` has checked)."""
+    return _role_kind(next(r for r in roles if r != "alpha"))
 
 
 def _missing(roles, where):
     """What a layer's tensors lack to make its update (None when complete): "up weight",
     "hada_w2_b", ...; tensors of two algorithms in one layer are refused."""
-    kinds = {"LoHa" if r in _LOHA else "LoKr" if r in _LOKR else "LoRA"
-             for r in roles if r != "alpha"}
+    kinds = {_role_kind(r) for r in roles if r != "alpha"}
     if len(kinds) > 1:
         raise SdrtError(f"{where}: {_any_key(roles).rsplit('.', 1)[0]} mixes "
                         f"{' and '.join(sorted(kinds))} tensors")
-    kind = _kind(roles)
+    (kind,) = kinds
     if kind == "LoRA":
         need = [f"{r} weight" for r in ("down", "up") if r not in roles]
     elif kind == "LoHa":

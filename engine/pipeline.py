@@ -32,8 +32,19 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
 _DEVICES = "'cpu', 'cuda' or 'cuda:N'"
 
 
+def default_vae_dtype(family, dtype, force_upcast):
+    """diffusers' choice of the dtype a VAE runs in: float32 for an fp16 pipeline of a family
+    with pooled text (SDXL) whose VAE config sets ``force_upcast`` (SDXL's VAE overflows in
+    fp16; a fixed VAE sets it false), else the pipeline's dtype."""
+    upcast = family.pooled is not None and dtype == torch.float16 and force_upcast
+    return torch.float32 if upcast else dtype
+
+
 def _vae_dtype(value):
-    """A ``vae_dtype`` ("fp32", "fp16", "bf16" or the torch dtype) as a torch dtype."""
+    """A ``vae_dtype`` ("fp32", "fp16", "bf16" or the torch dtype) as a torch dtype; None for
+    None or "auto" (``default_vae_dtype``)."""
+    if value is None or value == "auto":
+        return None
     dtype = DTYPES.get(value) if isinstance(value, str) else value
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise SdrtError(f"vae_dtype must be auto, fp32, fp16 or bf16 (or torch.float32, "
@@ -130,7 +141,7 @@ class Pipeline:
     def __init__(self, components: Components, device, dtype, limits: Limits = None,
                  vae_dtype=None):
         device, dtype = resolve_device(device, dtype)
-        self.vae_dtype = None if vae_dtype in (None, "auto") else _vae_dtype(vae_dtype)
+        self.vae_dtype = _vae_dtype(vae_dtype)
         self.family = components.family
         self.text_encoder = components.text_encoder
         self.text_encoder_2 = components.text_encoder_2
@@ -191,7 +202,7 @@ class Pipeline:
         else the pipeline's dtype; bf16 has float32's range at half its bytes.
         """
         device, dtype = resolve_device(device, dtype)
-        vae_dtype = None if vae_dtype in (None, "auto") else _vae_dtype(vae_dtype)
+        vae_dtype = _vae_dtype(vae_dtype)  # refused before anything is loaded
         limits = Limits.from_env() if limits is None else limits
         return cls(load(path, device, dtype, variant, config, prediction_type, limits), device,
                    dtype, limits, vae_dtype)
@@ -615,20 +626,17 @@ class Pipeline:
 
     def vae_run_dtype(self):
         """The dtype the VAE encodes and decodes in: ``vae_dtype`` when one was given, else
-        diffusers' choice: float32 for an fp16 SDXL pipeline whose VAE config sets
-        ``force_upcast`` (SDXL's VAE overflows in fp16; a fixed VAE sets it false), else the
-        pipeline's dtype."""
+        diffusers' choice (``default_vae_dtype``)."""
         if not isinstance(self.vae, nn.Module):  # onnxruntime runs the export's own dtype
             return self.dtype
         if self.vae_dtype is not None:
             return self.vae_dtype
-        upcast = (self.family.pooled is not None and self.dtype == torch.float16
-                  and self.vae.config.force_upcast)
-        return torch.float32 if upcast else self.dtype
+        return default_vae_dtype(self.family, self.dtype, self.vae.config.force_upcast)
 
     def _vae_in(self, dtype):
-        """The VAE in ``dtype``: the pipeline's own, or a copy made once."""
-        if dtype == self.dtype or not isinstance(self.vae, nn.Module):
+        """The VAE in ``dtype`` (one ``vae_run_dtype`` gives, or float32 for an sdrt VAE): the
+        pipeline's own, or a copy made once."""
+        if dtype == self.dtype:
             return self.vae
         if dtype not in self._vae_copies:
             self._vae_copies[dtype] = copy.deepcopy(self.vae).to(dtype)

@@ -107,16 +107,23 @@ def attention_reference(q, k, v, scale=None):
 
 if triton is not None:
     @triton.jit
+    def _row_masks(n_ok, d_ok, d2_ok, MASK_KEYS: tl.constexpr):
+        """The load masks of a block of key (or value) rows, for each piece of the head dim:
+        its columns, and its rows too when MASK_KEYS."""
+        if MASK_KEYS:
+            mask = n_ok[:, None] & d_ok[None, :]
+            mask2 = n_ok[:, None] & d2_ok[None, :]
+        else:
+            mask = d_ok[None, :]
+            mask2 = d2_ok[None, :]
+        return mask, mask2
+
+    @triton.jit
     def _scores(q, q2, k_ptrs, k2_ptrs, rows, n_ok, d_ok, d2_ok, BLOCK_D2: tl.constexpr,
                 MASK_KEYS: tl.constexpr):
         """q·kᵀ for the keys at row offsets ``rows`` (masked by ``n_ok`` when MASK_KEYS): one
         MMA per piece of the head dim, summed."""
-        if MASK_KEYS:
-            k_mask = n_ok[:, None] & d_ok[None, :]
-            k2_mask = n_ok[:, None] & d2_ok[None, :]
-        else:
-            k_mask = d_ok[None, :]
-            k2_mask = d2_ok[None, :]
+        k_mask, k2_mask = _row_masks(n_ok, d_ok, d2_ok, MASK_KEYS)
         k = tl.load(k_ptrs + rows, mask=k_mask, other=0.0)
         s = tl.dot(q, tl.trans(k))
         if BLOCK_D2 > 0:
@@ -128,12 +135,7 @@ if triton is not None:
     def _weigh(p, acc, acc2, v_ptrs, v2_ptrs, rows, n_ok, d_ok, d2_ok, BLOCK_D2: tl.constexpr,
                MASK_KEYS: tl.constexpr):
         """acc + p·v for the values at row offsets ``rows``, per piece of the head dim."""
-        if MASK_KEYS:
-            v_mask = n_ok[:, None] & d_ok[None, :]
-            v2_mask = n_ok[:, None] & d2_ok[None, :]
-        else:
-            v_mask = d_ok[None, :]
-            v2_mask = d2_ok[None, :]
+        v_mask, v2_mask = _row_masks(n_ok, d_ok, d2_ok, MASK_KEYS)
         v = tl.load(v_ptrs + rows, mask=v_mask, other=0.0)
         p = p.to(v.dtype)
         acc = tl.dot(p, v, acc)
@@ -297,15 +299,10 @@ def pieces(n, split=True):
     return (first, second) if first + second < whole else (whole, 0)
 
 
-def head_dim_pieces(head_dim, split=None):
-    """(BLOCK_D, BLOCK_D2) of a head dim: ``pieces``, split unless ``SPLIT_HEAD_DIM`` is off."""
-    return pieces(head_dim, SPLIT_HEAD_DIM if split is None else split)
-
-
 def _blocks(head_dim, t):
     """The ``Blocks`` of a problem: the table's row for its path and padded head dim."""
-    block_d, block_d2 = head_dim_pieces(head_dim)
-    padded = max(16, triton.next_power_of_2(head_dim))
+    block_d, block_d2 = pieces(head_dim, SPLIT_HEAD_DIM)
+    padded = pieces(head_dim, split=False)[0]
     cross = t <= CROSS_MAX_T
     block_m, block_n, warps, stages = _BLOCKS[("cross" if cross else "self", padded)]
     block_n2 = 0
@@ -355,8 +352,8 @@ def _attention_triton(q, k, v, scale, out=None, blocks=None):
     _attention_kernel[grid](
         q, k, v, out, scale * _LOG2E, h, s, t, *(st // unit for st in strides),
         HEAD_D=d, BLOCK_M=blk.block_m, BLOCK_N=blk.block_n, BLOCK_N2=blk.block_n2,
-        BLOCK_D=blk.block_d, BLOCK_D2=blk.block_d2, ONE_KEY_BLOCK=blk.one_key_block, STRIDE_UNIT=unit,
-        num_warps=blk.warps, num_stages=blk.stages)
+        BLOCK_D=blk.block_d, BLOCK_D2=blk.block_d2, ONE_KEY_BLOCK=blk.one_key_block,
+        STRIDE_UNIT=unit, num_warps=blk.warps, num_stages=blk.stages)
     return out
 
 

@@ -121,14 +121,8 @@ def test_graph_replays_with_changing_prompts_equal_eager_and_do_not_grow_memory(
 
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
 def test_fp16_vae_overflow_is_decoded_again_in_fp32(static):
-    from sdrt.engine.tiny import tiny_components
-    c = tiny_components()
-    with torch.no_grad():
-        # Weights stay finite in fp16 (~6e3) but outputs reach ~1e5, past fp16's 65504.
-        c.vae.decoder.conv_out.weight.mul_(2e5)
-    for m in (c.text_encoder, c.unet, c.vae):
-        m.to(torch.float16)
-    pipe = Pipeline(c, torch.device("cpu"), torch.float16)
+    from test_vae_dtype import overflowing_fp16_pipe
+    pipe = overflowing_fp16_pipe()
     if static:
         pipe.compile(height=64, width=64, num_inference_steps=2, sampler="euler")
     with pytest.warns(UserWarning, match="overflowed in torch.float16"):

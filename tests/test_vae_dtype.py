@@ -15,9 +15,9 @@ from sdrt.engine.stages import to_unit_images, vae_decode
 CALL = dict(height=64, width=64, num_inference_steps=2, sampler="euler", seed=0)
 
 
-def _overflowing_fp16_pipe(vae_dtype=None):
+def overflowing_fp16_pipe(vae_dtype=None):
     """The tiny model in fp16 with a VAE whose last conv's outputs (~1e5) pass fp16's 65504
-    while its weights stay finite in fp16 (as in test_runtime)."""
+    while its weights stay finite in fp16 (~6e3)."""
     c = tiny_components()
     with torch.no_grad():
         c.vae.decoder.conv_out.weight.mul_(2e5)
@@ -30,7 +30,7 @@ def _overflowing_fp16_pipe(vae_dtype=None):
 def test_bf16_vae_decodes_what_fp16_overflows(static):
     # bf16 has float32's range: the decode that overflows in fp16 (and is done again in
     # float32, with a warning) stays finite in bf16, with no second decode.
-    pipe = _overflowing_fp16_pipe("bf16")
+    pipe = overflowing_fp16_pipe("bf16")
     assert pipe.vae_run_dtype() == torch.bfloat16
     if static:
         pipe.compile(**{k: v for k, v in CALL.items() if k != "seed"})
@@ -48,7 +48,7 @@ def test_bf16_vae_decodes_what_fp16_overflows(static):
     np.testing.assert_array_equal(image, expected.numpy())
     # With diffusers' choice (the pipeline's fp16 here) the same call overflows.
     with pytest.warns(UserWarning, match="overflowed in torch.float16"):
-        _overflowing_fp16_pipe()("a fox", output_type="np", **CALL)
+        overflowing_fp16_pipe()("a fox", output_type="np", **CALL)
 
 
 @pytest.fixture(scope="module")
