@@ -144,11 +144,11 @@ def _refiner(a, pipe):
         raise SdrtError(f"--refiner continues an SDXL base model's latents; --model is "
                         f"{pipe.family.label}")
     refiner = Pipeline.from_pretrained(a.refiner, pipe.device, pipe.dtype, vae_dtype=a.vae_dtype)
-    if refiner.unet.config.in_channels != pipe.unet.config.in_channels or \
+    if refiner.unet.config.out_channels != pipe.unet.config.out_channels or \
             refiner.vae_scale_factor != pipe.vae_scale_factor:
         raise SdrtError(f"--refiner {a.refiner} does not take {a.model}'s latents "
-                        f"({refiner.unet.config.in_channels} latent channels against "
-                        f"{pipe.unet.config.in_channels})")
+                        f"({refiner.unet.config.out_channels} latent channels against "
+                        f"{pipe.unet.config.out_channels})")
     return refiner
 
 

@@ -63,9 +63,14 @@ def check_compatible(configs, where, tokenizers=None, family=None):
     texts = [c for c in TEXT_ENCODERS if c in configs]
     width = sum(configs[c].hidden_size for c in texts)
     what = " + ".join(f"{c} config hidden_size ({configs[c].hidden_size})" for c in texts)
+    latent = vae.latent_channels
+    # An inpainting UNet also takes the mask and the masked image's latents.
+    inpainting = unet.in_channels == 2 * latent + 1
     pairs = [("unet", "cross_attention_dim", unet.cross_attention_dim, what, width),
              ("unet", "in_channels", unet.in_channels,
-              f"vae config latent_channels ({vae.latent_channels})", vae.latent_channels),
+              f"vae config latent_channels ({latent}) or, for an inpainting UNet, "
+              f"{2 * latent + 1} (the latents, a mask and the masked image's latents)",
+              2 * latent + 1 if inpainting else latent),
              ("unet", "out_channels", unet.out_channels,
               f"vae config latent_channels ({vae.latent_channels})", vae.latent_channels)]
     if family is not None and family.pooled is not None:
@@ -217,6 +222,22 @@ def _components(modules, tokenizers, scheduler, source, family, model_index):
                       model_index)
 
 
+def single_file_configs(family, prediction_type, source):
+    """The real configs of a single file's family, with the UNet's input channels read from
+    its first convolution: an inpainting checkpoint's takes 9 (latents, mask, masked image).
+    For SD 2.x, "epsilon" picks the 512-base configs over the 768-v ones, and an inpainting
+    file defaults to them (SD 2's inpainting model is a 512 epsilon one)."""
+    from .convert_ldm import UNET_PREFIX, family_configs
+    configs = family_configs(family, prediction_type)
+    key = f"{UNET_PREFIX}input_blocks.0.0.weight"
+    in_channels = source[key]().shape[1] if key in source else None
+    if in_channels == 2 * configs["vae"]["latent_channels"] + 1:
+        if family == "sd2" and prediction_type is None:
+            configs = family_configs(family, "epsilon")
+        configs["unet"]["in_channels"] = in_channels
+    return configs
+
+
 def load_single_file(path, device, dtype, config=None, prediction_type=None, limits=None):
     """An original LDM/CompVis (SD 1.x/2.x) or SGM (SDXL base and refiner) checkpoint in one
     ``.safetensors`` file.
@@ -240,8 +261,7 @@ def load_single_file(path, device, dtype, config=None, prediction_type=None, lim
             if prediction_type is not None:
                 configs["scheduler"] = {**configs["scheduler"], "prediction_type": prediction_type}
         else:
-            # For SD 2.x, "epsilon" also picks the 512-base configs over the 768-v ones.
-            configs = family_configs(family.name, prediction_type)
+            configs = single_file_configs(family.name, prediction_type, f.source)
         checked = parse_configs({c: configs[c] for c in components}, device, dtype,
                                 lambda c: f"{path} ({c} config)" if c else path, limits, family)
         plan = ldm_to_diffusers(keys, family.name, {c: configs[c] for c in components})

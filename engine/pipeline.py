@@ -1,7 +1,9 @@
-"""Text-to-image and image-to-image Stable Diffusion, in plain PyTorch over sdrt's modules.
+"""Text-to-image, image-to-image and inpainting Stable Diffusion, in plain PyTorch over sdrt's
+modules.
 
-Semantics follow diffusers' StableDiffusionPipeline / StableDiffusionImg2ImgPipeline: the same
-``latents`` (or the same seed on a CPU generator) give the same image. One deliberate
+Semantics follow diffusers' StableDiffusionPipeline / StableDiffusionImg2ImgPipeline /
+StableDiffusionInpaintPipeline: the same ``latents`` (or the same seed on a CPU generator)
+give the same image. One deliberate
 difference: with several init images and several images per prompt, each init image serves
 its own prompt's images (diffusers' deprecated path cycles the images instead).
 """
@@ -24,8 +26,8 @@ from .prompt_syntax import WeightedIds, tokenize_prompts
 from .request import MICRO_CONDITIONING, GenerationRequest, Limits, short_repr
 from .runtime import ModelSpec, StaticRuntime, StaticShape
 from .samplers import SchedulerConfig, default_sampler, make_schedule, sample
-from .stages import (cpu_randn, guidance_embedding, guided, row_scales, to_unit_images,
-                     vae_decode)
+from .stages import (blank_inpaint_conditioning, cpu_randn, guidance_embedding, guided,
+                     inpaint_conditioning, row_scales, scale_latents, to_unit_images, vae_decode)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -121,14 +123,67 @@ def _image_tensor(item):
     else:
         t = item.detach().to("cpu", torch.float32)
         t = t.reshape(-1, *t.shape[-3:])
+    return _unit_range(t, "image").contiguous()
+
+
+def _unit_range(t, field):
+    """``t``, checked to hold finite values in [0, 1]."""
     if t.numel() and (not torch.isfinite(t).all() or t.min() < 0 or t.max() > 1):
         finite = t[torch.isfinite(t)]
         span = (f"values from {finite.min().item():.4g} to {finite.max().item():.4g}"
                 if finite.numel() else "no finite value")
         bad = t.numel() - finite.numel()
-        raise SdrtError(f"image values must be finite and in [0, 1], got {span}"
+        raise SdrtError(f"{field} values must be finite and in [0, 1], got {span}"
                         f"{f' and {bad} inf/NaN' if bad else ''}")
-    return t.contiguous()
+    return t
+
+
+def _mask_tensor(item):
+    """One inpainting mask (or batch) → float32 (B, 1, H, W) in [0, 1] on the CPU: a PIL
+    image (made greyscale, as diffusers does), a float array (H, W) or (B, H, W), or
+    channels-last with one channel or three (RGB, made greyscale), or a float tensor (H, W),
+    (1, H, W) or (B, 1, H, W)."""
+    from PIL import Image
+    if isinstance(item, Image.Image):
+        t = torch.from_numpy(np.asarray(item.convert("L"), dtype=np.float32) / 255.0)
+        return t[None, None].contiguous()
+    if isinstance(item, np.ndarray):
+        what, floating = "array", np.issubdtype(item.dtype, np.floating)
+        shape_ok = item.ndim in (2, 3, 4) and (item.ndim < 4 or item.shape[-1] in (1, 3))
+        layout = "(H, W), (B, H, W), or (H, W, C) or (B, H, W, C) with C 1 or 3"
+        if shape_ok and floating and item.ndim > 2 and item.shape[-1] in (1, 3):
+            # Channels last: grey, or RGB weighted as PIL makes an image greyscale.
+            item = (item[..., 0] if item.shape[-1] == 1 else
+                    item.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))
+    elif isinstance(item, torch.Tensor):
+        what, floating = "tensor", item.is_floating_point()
+        shape_ok = item.dim() == 2 or (item.dim() in (3, 4) and item.shape[-3] == 1)
+        layout = "(H, W), (1, H, W) or (B, 1, H, W)"
+    else:
+        raise SdrtError(f"mask_image must be a PIL image, a float array (H, W) or a float "
+                        f"tensor (B, 1, H, W) in [0, 1], or a list of them, got "
+                        f"{type(item).__name__}")
+    if not shape_ok:
+        raise SdrtError(f"a mask_image {what} must be {layout}, got shape {tuple(item.shape)}")
+    if not floating:
+        raise SdrtError(f"a mask_image {what} must hold floats in [0, 1], got dtype "
+                        f"{item.dtype} (divide by 255, or pass a PIL image)")
+    t = (torch.from_numpy(np.ascontiguousarray(item, dtype=np.float32)) if what == "array"
+         else item.detach().to("cpu", torch.float32))
+    return _unit_range(t.reshape(-1, 1, *t.shape[-2:]), "mask_image").contiguous()
+
+
+def _keep_unmasked(schedule, x0, noise, mask, step_end):
+    """The sampler's per-step hook for inpainting with a UNet that sees no mask (diffusers'
+    4-channel path): after step i, where ``mask`` is 0 the latents become the init image's
+    ``x0`` noised along ``noise`` to step i + 1's level (the clean ``x0`` after the last
+    step); then ``step_end``, the caller's hook, sees them."""
+    def keep(i, t, x):
+        known = schedule.noise_to(x0, noise, i + 1).float()
+        x = (1 - mask) * known + mask * x
+        out = None if step_end is None else step_end(i, t, x)
+        return x if out is None else out
+    return keep
 
 
 class Pipeline:
@@ -545,24 +600,12 @@ class Pipeline:
         Every image is resized to (height, width), by default the first image's size cut down
         to a multiple of the VAE's scale factor; a resize is reported with one warning.
         """
-        from PIL import Image
         items = list(image) if isinstance(image, (list, tuple)) else [image]
         if not items:
             raise SdrtError("image must be a PIL image, a float array or tensor, or a non-empty "
                             "list of them, got an empty list")
         limit = self.limits.max_side
-        for item in items:
-            if isinstance(item, Image.Image):
-                w0, h0 = item.size
-            elif isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim in (3, 4):
-                h0, w0 = (item.shape[-3:-1] if isinstance(item, np.ndarray)
-                          else item.shape[-2:])
-            else:
-                continue  # refused below, with the type or shape
-            # Bounded before any conversion: a float copy takes 12 bytes a pixel.
-            if h0 * w0 > (2 * limit) ** 2:
-                raise SdrtError(f"image must be at most {(2 * limit) ** 2} pixels "
-                                f"((2 × SDRT_MAX_SIDE)²), got {w0}x{h0}")
+        self._bound_pixels(items, "image")
         tensors = [_image_tensor(item) for item in items]
         h0, w0 = tensors[0].shape[2:]
         f = self.vae_scale_factor
@@ -575,6 +618,25 @@ class Pipeline:
                 raise SdrtError(f"image {field} must be at most {limit} pixels (SDRT_MAX_SIDE), "
                                 f"got {w0}x{h0}: pass height and width to resize it")
         return self._resize_all(tensors, size, height is None and width is None)
+
+    def _bound_pixels(self, items, field):
+        """Each image (or mask) of ``items`` is at most (2 × SDRT_MAX_SIDE)² pixels, checked
+        before any conversion (a float copy takes 12 bytes a pixel)."""
+        from PIL import Image
+        limit = (2 * self.limits.max_side) ** 2
+        for item in items:
+            if isinstance(item, Image.Image):
+                w0, h0 = item.size
+            elif isinstance(item, torch.Tensor) and item.ndim >= 2:
+                h0, w0 = item.shape[-2:]
+            elif isinstance(item, np.ndarray) and item.ndim >= 2:
+                channels_last = item.ndim >= 3 and item.shape[-1] in (1, 3)
+                h0, w0 = item.shape[-3:-1] if channels_last else item.shape[-2:]
+            else:
+                continue  # refused later, with the type or shape
+            if h0 * w0 > limit:
+                raise SdrtError(f"{field} must be at most {limit} pixels "
+                                f"((2 × SDRT_MAX_SIDE)²), got {w0}x{h0}")
 
     def _resize_all(self, tensors, size, to_multiple):
         """The images, each resized to ``size`` where it differs (one warning for all)."""
@@ -607,9 +669,47 @@ class Pipeline:
         if isinstance(generator, list):
             mean, std = (m.repeat_interleave(batch // m.shape[0], dim=0) for m in (mean, std))
         z = mean + std * cpu_randn(mean.shape, generator, mean.dtype).to(self.device)
-        z = z.to(self.dtype).repeat_interleave(batch // z.shape[0], dim=0)
-        shift = self.vae.config.shift_factor or 0.0
-        return (z - shift) * self.vae.config.scaling_factor
+        return scale_latents(self.vae, z.to(self.dtype).repeat_interleave(batch // z.shape[0],
+                                                                          dim=0))
+
+    def _inpainting_unet(self):
+        """Whether the UNet takes a mask and masked-image latents besides the latents."""
+        return self.unet.config.in_channels != self.unet.config.out_channels
+
+    def _check_mask_request(self, image, denoising_start):
+        if image is None:
+            raise SdrtError("mask_image needs image, the init image to inpaint")
+        if self._image_latents(image) is not None:
+            raise SdrtError("mask_image needs image as pixels (a PIL image, array or tensor "
+                            "of RGB values), got latents")
+        if denoising_start is not None:
+            raise SdrtError(f"mask_image cannot be combined with denoising_start (a refiner's "
+                            f"hand-off), got denoising_start={denoising_start}")
+
+    def _mask(self, mask_image, size, rows):
+        """The mask as diffusers binarizes it: float32 (1 or ``rows``, 1, H, W) on the device,
+        1 where the image is repainted (values ≥ 0.5), each mask resized to ``size``."""
+        items = list(mask_image) if isinstance(mask_image, (list, tuple)) else [mask_image]
+        if not items:
+            raise SdrtError("mask_image must be a PIL image, a float array or tensor, or a "
+                            "non-empty list of them, got an empty list")
+        self._bound_pixels(items, "mask_image")
+        masks = []
+        for t in map(_mask_tensor, items):
+            if tuple(t.shape[2:]) != size:
+                t = torch.nn.functional.interpolate(t, size=size, mode="bilinear",
+                                                    antialias=True)
+            masks.append(t)
+        mask = torch.cat(masks)
+        if mask.shape[0] not in (1, rows):
+            raise SdrtError(f"mask_image must hold one mask or one per init image ({rows}), "
+                            f"got {mask.shape[0]}")
+        return (mask >= 0.5).float().to(self.device)
+
+    def _blank_image_cond(self, batch, height, width):
+        vae_dtype = self.vae_run_dtype()
+        return blank_inpaint_conditioning(self._vae_in(vae_dtype), vae_dtype, self.device,
+                                          batch, height, width, self.dtype)
 
     @torch.no_grad()
     def decode_latents(self, latents):
@@ -723,7 +823,8 @@ class Pipeline:
                  original_size=None, crops_coords_top_left=None, target_size=None,
                  negative_original_size=None, negative_crops_coords_top_left=None,
                  negative_target_size=None, aesthetic_score=None,
-                 negative_aesthetic_score=None, denoising_start=None, denoising_end=None):
+                 negative_aesthetic_score=None, denoising_start=None, denoising_end=None,
+                 mask_image=None):
         """Generate images; see the README for each argument.
 
         Returns a list of PIL images (``"pil"``), a float32 array (B, H, W, 3) in [0, 1]
@@ -739,6 +840,16 @@ class Pipeline:
         base with ``denoising_end=0.8, output_type="latent"`` stops at that fraction of the
         noise schedule, and the refiner with ``image=those latents, denoising_start=0.8``
         takes over from there (the latents are used as they are: not encoded, not noised).
+
+        Inpainting, as diffusers' inpainting pipeline: ``mask_image`` (a PIL image, made
+        greyscale, or floats in [0, 1]: one mask, or one per init image, each resized to the
+        init image's size) is 1 (white) where ``image`` is repainted and 0 where it is kept;
+        values ≥ 0.5 count as 1. An inpainting UNet (9 input channels: the latents, the mask
+        and the masked image's latents) sees the mask on every call, and at ``strength=1`` it
+        starts from pure noise. Any other UNet keeps the unmasked latents: after each step
+        they are reset to the init image's, noised to the next step's level (the last step
+        to the clean ones). An inpainting UNet given no mask (text to image, or image to
+        image) runs with everything masked and a blank masked image, as A1111 runs it.
 
         Every argument is checked before any work (``SdrtError``, a ``ValueError``, naming the
         argument, its value and what is allowed), including the request's estimated peak
@@ -771,7 +882,9 @@ class Pipeline:
         for field in ("height", "width"):
             if getattr(request, field) is not None:
                 self._check_side(field, getattr(request, field), {})
-        init = init_latents = None
+        init = init_latents = mask = None
+        if mask_image is not None:
+            self._check_mask_request(image, denoising_start)
         if image is not None:
             init_latents = self._image_latents(image)
             if init_latents is None:
@@ -783,6 +896,8 @@ class Pipeline:
                 raise SdrtError(f"image must hold one image or one per prompt (a count that "
                                 f"divides the batch of {request.batch_size}), got {rows}")
             request = dataclasses.replace(request, height=int(size[0]), width=int(size[1]))
+        if mask_image is not None:
+            mask = self._mask(mask_image, tuple(init.shape[2:]), init.shape[0])
         # [negative..., positive...] as diffusers orders them, tokenised once; with A1111
         # syntax both halves (and both tokenizers) get the same number of chunks.
         texts, texts_2 = self._texts(request)
@@ -790,7 +905,7 @@ class Pipeline:
         request = self.check(request, num_chunks=inputs.num_chunks)
         generator = self._generator(generator, request)
         batch, sampler = request.batch_size, request.sampler
-        shape = (batch, self.unet.config.in_channels, request.height // self.vae_scale_factor,
+        shape = (batch, self.unet.config.out_channels, request.height // self.vae_scale_factor,
                  request.width // self.vae_scale_factor)
         if latents is not None:
             latents = self._noise(latents, shape, None)  # checked before any work
@@ -809,20 +924,39 @@ class Pipeline:
         cond = self.conditioning(request, inputs, request.clip_skip)
         t1 = self._clock()
 
-        # diffusers' order of draws: the VAE's posterior sample, then the noise.
-        if init is not None:
+        # diffusers' order of draws: the VAE's posterior sample, then the noise (then, when
+        # inpainting, the masked image's sample). Inpainting at full strength starts from pure
+        # noise; an inpainting UNet then needs no init image latents.
+        full = mask is not None and request.strength == 1.0
+        if init is not None and not (full and self._inpainting_unet()):
             x0 = self.encode_image(init, generator, batch)
         elif init_latents is not None:
             x0 = init_latents.repeat_interleave(batch // init_latents.shape[0], dim=0)
-        if not image_input:
-            x = schedule.noise_latents(self._noise(latents, shape, generator))
+        noise = self._noise(latents, shape, generator)
+        if not image_input or full:
+            x = schedule.noise_latents(noise)
         elif request.denoising_start is not None:
             x = x0  # the base's partly denoised latents, taken as they are (diffusers' refiner)
         else:
-            x = schedule.noise_image(x0, self._noise(latents, shape, generator))
+            x = schedule.noise_image(x0, noise)
+        image_cond = None
+        if mask is not None:
+            small = torch.nn.functional.interpolate(mask, size=shape[2:])  # nearest: diffusers'
+            small = small.repeat_interleave(batch // small.shape[0], dim=0)
+            if self._inpainting_unet():
+                masked = self.encode_image(init * (mask < 0.5).to(init.dtype), generator, batch)
+                image_cond = inpaint_conditioning(small, masked)
+            else:
+                # The draw diffusers' encode of the masked image makes, which this path
+                # does not use: the sampler's later draws (euler_a) stay in step.
+                rows = batch if isinstance(generator, list) else max(len(init), len(mask))
+                cpu_randn((rows, *shape[1:]), generator)
+                step_end = _keep_unmasked(schedule, x0, noise, small, step_end)
+        elif self._inpainting_unet():
+            image_cond = self._blank_image_cond(batch, request.height, request.width)
 
         model = guided(self.unet, cond, row_scales(request.row_scales(), self.device),
-                       self._cfg(request), self.dtype, self._timestep_cond(request))
+                       self._cfg(request), self.dtype, self._timestep_cond(request), image_cond)
         x = sample(sampler, model, x, schedule, generator=generator, step_end=step_end)
         t2 = self._clock()
         self.timings = {"text": t1 - t0, "denoise": t2 - t1, "decode": 0.0,
@@ -837,7 +971,7 @@ class Pipeline:
         """``image`` when it is latents (a float tensor (B, C, h, w) with the UNet's C latent
         channels, the base's ``output_type="latent"``) on the pipeline's device and dtype;
         None when it is an image to encode."""
-        channels = self.unet.config.in_channels
+        channels = self.unet.config.out_channels
         if not (isinstance(image, torch.Tensor) and image.dim() == 4
                 and image.shape[1] == channels and channels != 3):
             return None

@@ -24,7 +24,7 @@ from .errors import SdrtError
 from .families import Family
 from .prompt_syntax import WeightedIds
 from .samplers import make_schedule, sample
-from .stages import guided, to_unit_images, vae_decode
+from .stages import blank_inpaint_conditioning, guided, to_unit_images, vae_decode
 
 log = logging.getLogger("sdrt")
 
@@ -71,7 +71,7 @@ class StaticPlan:
         dev, dtype = model.device, model.dtype
         unet, family = model.unet, model.family
         f = model.vae.config.scale_factor
-        self.latent_shape = (shape.batch_size, unet.config.in_channels,
+        self.latent_shape = (shape.batch_size, unet.config.out_channels,
                              shape.height // f, shape.width // f)
         rows = shape.batch_size * (2 if shape.guidance else 1)
         self.rows = rows
@@ -106,6 +106,14 @@ class StaticPlan:
             torch.zeros(rows, pooled, dtype=dtype, device=dev) if pooled else None,
             torch.zeros(rows, family.num_time_ids, dtype=dtype, device=dev)
             if family.time_ids else None)
+        # An inpainting UNet's mask and masked-image latents: everything masked, a blank image
+        # (A1111's text to image with such a model), the same for every request of the shape.
+        self.image_cond = None
+        if unet.config.in_channels != unet.config.out_channels:
+            with torch.no_grad():
+                self.image_cond = blank_inpaint_conditioning(
+                    model.vae, model.vae_dtype or dtype, dev, shape.batch_size, shape.height,
+                    shape.width, dtype)
         # Outputs.
         self.latents = torch.zeros(self.latent_shape, dtype=dtype, device=dev)
         self.image = torch.zeros(shape.batch_size, shape.height, shape.width, 3,
@@ -131,7 +139,7 @@ class StaticPlan:
 
     def _denoise(self, step_end=None):
         model = guided(self.model.unet, self.cond, self.guidance_scale, self.shape.guidance,
-                       self.model.dtype, self.timestep_cond)
+                       self.model.dtype, self.timestep_cond, self.image_cond)
         x = self.schedule.noise_latents(self.noise)
         x = sample(self.shape.sampler, model, x, self.schedule, noise=self.step_noise,
                    step_end=step_end)

@@ -318,16 +318,22 @@ class Schedule:
 
     def noise_image(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Image-to-image start: clean latents ``x0`` noised to the level of the first call."""
+        return self.noise_to(x0, noise, 0)
+
+    def noise_to(self, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
+        """Clean latents ``x0`` noised along ``noise`` to the level call ``i`` starts from (the
+        scheduler's ``add_noise`` at ``timesteps[i]``); past the last call, ``x0`` itself."""
+        if i >= len(self.timesteps):
+            return x0
         if self.sigmas is None:
-            a = self.alphas_cumprod[self.timesteps[:1]]  # (1,): a tensor index, no host sync
+            a = self.alphas_cumprod[self.timesteps[i:i + 1]]  # (1,): a tensor index, no sync
             x = a.sqrt() * x0.float() + (1 - a).sqrt() * noise.float()
         elif self.sampler.startswith("dpmpp_2m"):
-            alpha, sigma = vp_alpha_sigma(self.sigmas[0])
+            alpha, sigma = vp_alpha_sigma(self.sigmas[i])
             x = alpha * x0.float() + sigma * noise.float()
         else:
-            x = x0.float() + self.sigmas[0] * noise.float()
+            x = x0.float() + self.sigmas[i] * noise.float()
         return x.to(x0.dtype)
-
 
     def window(self, start: int, stop: int) -> "Schedule":
         """Calls ``start`` to ``stop`` (exclusive) of this schedule: the part of the run the

@@ -4,12 +4,16 @@ import torch
 from .errors import SdrtError
 
 
-def guided(unet, cond, guidance_scale, cfg, dtype, timestep_cond=None):
+def guided(unet, cond, guidance_scale, cfg, dtype, timestep_cond=None, image_cond=None):
     """The model a sampler calls: the UNet on the ``Conditioning`` ``cond`` (its fields as the
     UNet's named inputs), with classifier-free guidance when ``cfg``.
 
     A guidance-distilled UNet (LCM) instead takes its scales as ``timestep_cond``, the
     (B, time_cond_proj_dim) ``guidance_embedding``, and runs without ``cfg``.
+
+    An inpainting UNet also takes ``image_cond``, (B, C, h, w) in ``dtype``: the mask and the
+    masked image's latents (``inpaint_conditioning``), joined to the sampler's (scaled) input
+    along the channels on every call, as diffusers' inpainting pipeline joins them.
 
     With guidance, one UNet call runs the unconditional and conditional halves of ``cond``
     (``[negative..., positive...]``, diffusers' order) and combines them as
@@ -19,14 +23,26 @@ def guided(unet, cond, guidance_scale, cfg, dtype, timestep_cond=None):
     """
     inputs = cond.unet_inputs()
 
+    def joined(x, rows):
+        x = x.to(dtype)
+        if image_cond is None:
+            return x
+        return torch.cat([x, image_cond.repeat(rows, 1, 1, 1)], dim=1)
+
     def model(x, t):
         if timestep_cond is not None:
-            return unet(x.to(dtype), t, **inputs, timestep_cond=timestep_cond)
+            return unet(joined(x, 1), t, **inputs, timestep_cond=timestep_cond)
         if not cfg:
-            return unet(x.to(dtype), t, **inputs)
-        uncond, positive = unet(torch.cat([x, x]).to(dtype), t, **inputs).chunk(2)
+            return unet(joined(x, 1), t, **inputs)
+        uncond, positive = unet(joined(torch.cat([x, x]), 2), t, **inputs).chunk(2)
         return uncond + guidance_scale * (positive - uncond)
     return model
+
+
+def inpaint_conditioning(mask, masked_latents):
+    """An inpainting UNet's extra input: the (B, 1, h, w) mask (1 where the image is
+    repainted) at the latents' size, then the (B, C, h, w) latents of the masked image."""
+    return torch.cat([mask.to(masked_latents.dtype), masked_latents], dim=1)
 
 
 def row_scales(scales, device):
@@ -47,6 +63,21 @@ def guidance_embedding(scales, dim):
     emb = w[:, None] * freq[None, :]
     emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
     return torch.nn.functional.pad(emb, (0, dim % 2))  # an odd dim gets a zero column
+
+
+def blank_inpaint_conditioning(vae, vae_dtype, device, batch, height, width, dtype):
+    """An inpainting UNet's ``image_cond`` when nothing is given to inpaint (text to image, as
+    A1111 runs such a model): everything masked, and the latents of a mid-grey image (0 in
+    [-1, 1]; the VAE posterior's mean, so no draw), (batch, 1 + C, h, w) in ``dtype``."""
+    mean, _ = vae.encode(torch.zeros(1, 3, height, width, dtype=vae_dtype, device=device))
+    latents = scale_latents(vae, mean)
+    mask = torch.ones(1, 1, *latents.shape[2:], device=device)
+    return inpaint_conditioning(mask, latents).to(dtype).repeat(batch, 1, 1, 1)
+
+
+def scale_latents(vae, z):
+    """The VAE's latents (a posterior sample or mean) → the scaled latents the UNet denoises."""
+    return (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
 
 
 def vae_decode(vae, latents):

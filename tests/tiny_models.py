@@ -61,8 +61,9 @@ def sdrt_config(family):
     return cfg
 
 
-def build_diffusers_pipeline(family, tokenizer_dir, seed=0):
-    """A StableDiffusionPipeline with random weights and CLIP's real tokenizer files."""
+def build_diffusers_pipeline(family, tokenizer_dir, seed=0, in_channels=4):
+    """A StableDiffusionPipeline with random weights and CLIP's real tokenizer files;
+    ``in_channels=9`` makes its UNet an inpainting one."""
     from diffusers import (AutoencoderKL, DDIMScheduler, PNDMScheduler,
                            StableDiffusionPipeline, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -70,7 +71,7 @@ def build_diffusers_pipeline(family, tokenizer_dir, seed=0):
     from sdrt.engine.tokenizer import write_clip_tokenizer
     write_clip_tokenizer(tokenizer_dir, pad_token=_pad_token(family))
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**unet_kwargs(family))
+    unet = UNet2DConditionModel(**{**unet_kwargs(family), "in_channels": in_channels})
     vae = AutoencoderKL(**VAE)
     text = CLIPTextModel(CLIPTextConfig(**TEXT, hidden_act=_hidden_act(family)))
     if family == "sd2":
@@ -84,10 +85,10 @@ def build_diffusers_pipeline(family, tokenizer_dir, seed=0):
                                    feature_extractor=None, requires_safety_checker=False)
 
 
-def save_diffusers_folder(folder, family, seed=0):
+def save_diffusers_folder(folder, family, seed=0, in_channels=4):
     """Write a tiny diffusers folder and return the reference pipeline loaded back from it."""
     from diffusers import StableDiffusionPipeline
-    pipe = build_diffusers_pipeline(family, f"{folder}-tokenizer", seed)
+    pipe = build_diffusers_pipeline(family, f"{folder}-tokenizer", seed, in_channels)
     pipe.save_pretrained(folder, safe_serialization=True)
     return StableDiffusionPipeline.from_pretrained(folder, safety_checker=None,
                                                    requires_safety_checker=False)

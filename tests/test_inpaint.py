@@ -1,0 +1,247 @@
+"""Inpainting against diffusers' StableDiffusionInpaintPipeline on the same folder and seeds:
+an inpainting UNet (9 input channels: latents, mask, masked-image latents) and a plain UNet
+(diffusers' 4-channel path, which keeps the unmasked latents after every step)."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import assert_close_abs
+from sdrt.engine import Pipeline, SdrtError
+from sdrt.engine.stages import blank_inpaint_conditioning, scale_latents
+
+IMAGE_ATOL = 2e-3  # float32; images are in [0, 1]
+PROMPT = "a red fox in the snow, 35mm photo"
+
+
+@pytest.fixture(scope="module")
+def inpainting(tmp_path_factory):
+    """(ours, diffusers' inpainting pipeline) over a tiny SD 1-like inpainting model."""
+    pytest.importorskip("diffusers")
+    from diffusers import StableDiffusionInpaintPipeline
+
+    from tiny_models import save_diffusers_folder
+    folder = str(tmp_path_factory.mktemp("tiny-inpainting") / "model")
+    ref = save_diffusers_folder(folder, "sd1", seed=4, in_channels=9)
+    ref = StableDiffusionInpaintPipeline(**ref.components)
+    ref.set_progress_bar_config(disable=True)
+    ref.original_scheduler_config = dict(ref.scheduler.config)
+    return Pipeline.from_pretrained(folder, device="cpu"), ref
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_sd1):
+    """(ours, diffusers' inpainting pipeline) over the tiny SD 1-like text-to-image model."""
+    from diffusers import StableDiffusionInpaintPipeline
+    folder, ref = tiny_sd1
+    ref = StableDiffusionInpaintPipeline(**ref.components)
+    ref.set_progress_bar_config(disable=True)
+    ref.original_scheduler_config = dict(ref.scheduler.config)
+    return Pipeline.from_pretrained(folder, device="cpu"), ref
+
+
+def _scheduler(ref, sampler):
+    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                           EulerAncestralDiscreteScheduler, PNDMScheduler)
+    cls = {"ddim": DDIMScheduler, "pndm": PNDMScheduler, "euler": EulerDiscreteScheduler,
+           "euler_a": EulerAncestralDiscreteScheduler,
+           "dpmpp_2m": DPMSolverMultistepScheduler}[sampler]
+    return cls.from_config(ref.original_scheduler_config)
+
+
+def _image(seed, size=(24, 16)):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def _mask(size=(24, 16)):
+    """White (repaint) over a rectangle that crosses latent cells, black elsewhere."""
+    m = np.zeros((size[1], size[0]), dtype=np.uint8)
+    m[3:13, 5:18] = 255
+    return Image.fromarray(m)
+
+
+def _both(pair, sampler, **kw):
+    ours, ref = pair
+    ref.scheduler = _scheduler(ref, sampler)
+    args = dict(prompt=PROMPT, image=_image(3), mask_image=_mask(), num_inference_steps=6,
+                guidance_scale=6.0, negative_prompt="ugly", output_type="np", height=16,
+                width=24, **kw)
+    expected = ref(**args, generator=torch.Generator().manual_seed(11)).images
+    got = ours(**args, seed=11, sampler=sampler)
+    assert got.shape == expected.shape == (1, 16, 24, 3)
+    assert expected.std() > 0.01, "reference image is flat"
+    return got, expected
+
+
+@pytest.mark.parametrize("sampler,strength", [("ddim", 1.0), ("euler", 0.7), ("euler_a", 1.0),
+                                              ("dpmpp_2m", 0.6), ("pndm", 1.0)])
+def test_inpainting_unet_matches_diffusers(inpainting, sampler, strength):
+    got, expected = _both(inpainting, sampler, strength=strength)
+    assert_close_abs(got, expected, IMAGE_ATOL, f"9-channel inpaint {sampler} {strength}")
+
+
+@pytest.mark.parametrize("sampler,strength", [("ddim", 1.0), ("euler_a", 0.75),
+                                              ("dpmpp_2m", 1.0), ("pndm", 0.8)])
+def test_plain_unet_inpaint_matches_diffusers(plain, sampler, strength):
+    got, expected = _both(plain, sampler, strength=strength)
+    assert_close_abs(got, expected, IMAGE_ATOL, f"4-channel inpaint {sampler} {strength}")
+
+
+def test_plain_unet_keeps_the_unmasked_latents(plain):
+    # After the last step the unmasked latents are the init image's, clean: decoding them
+    # alone gives what the whole image decodes to there, whatever the prompt.
+    ours, _ = plain
+    run = lambda prompt: ours(prompt, image=_image(3), mask_image=_mask(), strength=1.0,
+                              num_inference_steps=3, seed=2, output_type="latent")
+    a, b = run(PROMPT), run("a lighthouse at dusk")
+    keep = torch.nn.functional.interpolate(
+        torch.from_numpy(np.asarray(_mask(), dtype=np.float32) / 255)[None, None],
+        size=a.shape[2:]) < 0.5
+    keep = keep.expand_as(a)
+    assert torch.equal(a[keep], b[keep])
+    assert (a[~keep] - b[~keep]).abs().max() > 1e-3, "the masked latents ignored the prompt"
+
+
+def test_mask_forms_agree(inpainting):
+    ours, _ = inpainting
+    white = np.asarray(_mask(), dtype=np.float32) / 255
+    kw = dict(image=_image(3), num_inference_steps=2, seed=5, output_type="np")
+    base = ours(PROMPT, mask_image=_mask(), **kw)
+    for form in (white, white[..., None], white[None], white[..., None].repeat(3, -1),
+                 torch.from_numpy(white)[None],
+                 torch.from_numpy(white)[None, None], [_mask()],
+                 _mask().convert("RGB"), _mask().resize((48, 32), Image.NEAREST)):
+        assert np.array_equal(ours(PROMPT, mask_image=form, **kw), base), type(form)
+    inverted = ours(PROMPT, mask_image=1 - white, **kw)
+    assert np.abs(inverted - base).max() > 1e-3, "the mask made no difference"
+
+
+def test_one_mask_per_init_image(inpainting):
+    ours, _ = inpainting
+    images, masks = [_image(3), _image(4)], [_mask(), _mask().transpose(Image.FLIP_TOP_BOTTOM)]
+    kw = dict(num_inference_steps=2, seed=5, output_type="np")
+    both = ours([PROMPT, PROMPT], image=images, mask_image=masks, **kw)
+    assert both.shape == (2, 16, 24, 3)
+    second = ours([PROMPT, PROMPT], image=[images[1]] * 2, mask_image=[masks[1]] * 2, **kw)
+    assert_close_abs(both[1], second[1], 1e-5, "second image with its own mask")
+    assert np.abs(both[0] - both[1]).max() > 1e-3
+
+
+def test_blank_conditioning_is_a_full_mask_over_grey(inpainting):
+    ours, _ = inpainting
+    cond = blank_inpaint_conditioning(ours.vae, torch.float32, ours.device, 2, 16, 24,
+                                      torch.float32)
+    mean, _ = ours.vae.encode(torch.zeros(1, 3, 16, 24))
+    h, w = 16 // ours.vae_scale_factor, 24 // ours.vae_scale_factor
+    assert cond.shape == (2, 5, h, w)
+    assert torch.equal(cond[:, :1], torch.ones(2, 1, h, w))
+    assert torch.equal(cond[:, 1:], scale_latents(ours.vae, mean).expand(2, -1, -1, -1))
+
+
+def test_inpainting_unet_text_to_image_static_matches_eager(inpainting, tmp_path_factory):
+    # An inpainting model without a mask runs everything masked (A1111's way); the static
+    # plan (eager over its buffers on a CPU) must give what the eager path gives.
+    ours, _ = inpainting
+    kw = dict(height=16, width=24, num_inference_steps=3, seed=7, output_type="np",
+              guidance_scale=5.0, sampler="euler")
+    eager = ours(PROMPT, **kw)
+    assert eager.std() > 0.01
+    static = Pipeline.from_pretrained(ours.source, device="cpu")
+    static.compile(height=16, width=24, num_inference_steps=3, sampler="euler")
+    assert static.runtime.plan_for is not None
+    got = static(PROMPT, **kw)
+    assert_close_abs(got, eager, 1e-5, "static plan of an inpainting UNet")
+
+
+def test_inpainting_unet_img2img_without_mask(inpainting):
+    ours, _ = inpainting
+    out = ours(PROMPT, image=_image(3), strength=0.7, num_inference_steps=3, seed=1,
+               output_type="np")
+    assert out.shape == (1, 16, 24, 3) and np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(mask_image=_mask()), "mask_image needs image"),
+    (dict(image=torch.zeros(1, 4, 2, 3), mask_image=_mask()), "got latents"),
+    (dict(image=_image(3), mask_image=[]), "non-empty list"),
+    (dict(image=_image(3), mask_image=[_mask()] * 2), "one mask or one per init image (1)"),
+    (dict(image=_image(3), mask_image=np.ones((16, 24), dtype=np.uint8)), "floats in [0, 1]"),
+    (dict(image=_image(3), mask_image=np.full((16, 24), 2.0)), "mask_image values must be"),
+    (dict(image=_image(3), mask_image=np.full((16, 24), np.nan)), "inf/NaN"),
+    (dict(image=_image(3), mask_image=np.ones((2, 16, 24, 2))), "must be (H, W)"),
+    (dict(image=_image(3), mask_image=torch.ones(2, 16, 24)), "must be (H, W)"),
+    (dict(image=_image(3), mask_image="mask.png"), "mask_image must be a PIL image"),
+])
+def test_bad_masks_raise(inpainting, kwargs, message):
+    ours, _ = inpainting
+    with pytest.raises(SdrtError) as e:
+        ours(PROMPT, num_inference_steps=2, **kwargs)
+    assert message in str(e.value)
+
+
+def test_huge_mask_refused_before_conversion(inpainting):
+    ours, _ = inpainting
+    huge = Image.new("L", (2 * ours.limits.max_side + 1, 2 * ours.limits.max_side + 1))
+    with pytest.raises(SdrtError, match="mask_image must be at most"):
+        ours(PROMPT, image=_image(3), mask_image=huge, num_inference_steps=2)
+
+
+def test_mask_with_denoising_start_refused(sdxl_base_folder):
+    folder, _ = sdxl_base_folder
+    ours = Pipeline.from_pretrained(folder, device="cpu")
+    with pytest.raises(SdrtError, match="denoising_start"):
+        ours(PROMPT, image=_image(3, (64, 64)), mask_image=_mask((64, 64)),
+             denoising_start=0.5, num_inference_steps=2)
+
+
+@pytest.mark.parametrize("family,in_channels,prediction_type,expected", [
+    ("sd1", 9, None, ("epsilon", 9)), ("sd1", 4, None, ("epsilon", 4)),
+    ("sd2", 9, None, ("epsilon", 9)), ("sd2", 4, None, ("v_prediction", 4)),
+    ("sd2", 9, "v_prediction", ("v_prediction", 9)), ("sdxl", 9, None, ("epsilon", 9))])
+def test_single_file_configs_read_the_input_channels(family, in_channels, prediction_type,
+                                                     expected):
+    from sdrt.engine.convert_ldm import UNET_PREFIX
+    from sdrt.engine.loading import single_file_configs
+    conv = torch.randn(320, in_channels, 3, 3)
+    configs = single_file_configs(family, prediction_type,
+                                  {f"{UNET_PREFIX}input_blocks.0.0.weight": lambda: conv})
+    assert (configs["scheduler"].get("prediction_type", "epsilon"),
+            configs["unet"]["in_channels"]) == expected
+    # SD 2's inpainting model is the 512-base one (epsilon); 768-v otherwise.
+    if family == "sd2":
+        assert configs["unet"]["sample_size"] == (64 if expected[0] == "epsilon" else 96)
+
+
+def test_single_file_inpainting_checkpoint_loads(inpainting, tmp_path):
+    from safetensors.torch import save_file
+
+    from test_convert_ldm import to_ldm
+    ours, ref = inpainting
+    cfgs = {"unet": dict(ref.unet.config), "vae": dict(ref.vae.config),
+            "text_encoder": ref.text_encoder.config.to_dict()}
+    ldm, _ = to_ldm("sd1", (ref.unet, ref.vae, ref.text_encoder), cfgs)
+    path = str(tmp_path / "inpainting.safetensors")
+    save_file({k: v.contiguous() for k, v in ldm.items()}, path)
+    from_file = Pipeline.from_pretrained(path, device="cpu", config=ours.source)
+    assert from_file.unet.config.in_channels == 9
+    kw = dict(image=_image(3), mask_image=_mask(), num_inference_steps=2, seed=3,
+              output_type="np")
+    assert np.array_equal(from_file(PROMPT, **kw), ours(PROMPT, **kw))
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.7])
+def test_sdxl_inpaint_matches_diffusers(sdxl_base_folder, strength):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLInpaintPipeline
+    folder, base = sdxl_base_folder
+    ref = StableDiffusionXLInpaintPipeline(**base.components)
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = EulerDiscreteScheduler.from_config(base.original_scheduler_config)
+    ours = Pipeline.from_pretrained(folder, device="cpu")
+    args = dict(prompt=PROMPT, image=_image(3, (64, 48)), mask_image=_mask((64, 48)),
+                num_inference_steps=4, guidance_scale=5.0, strength=strength,
+                height=48, width=64, output_type="np")
+    expected = ref(**args, generator=torch.Generator().manual_seed(6)).images
+    got = ours(**args, seed=6, sampler="euler")
+    assert expected.std() > 0.01
+    assert_close_abs(got, expected, IMAGE_ATOL, f"SDXL inpaint {strength}")
