@@ -264,6 +264,16 @@ def _generate_options(g):
     g.add_argument("--strength", metavar="S", type=float_arg, default=0.8,
                    help="with --init-image: how much of the image to repaint, in (0, 1]; 1 "
                         "keeps nothing of it")
+    g.add_argument("--mask", metavar="PATH", default=None,
+                   help="with --init-image: inpaint, repainting where this mask is white (or, "
+                        "in a PNG with transparency, opaque: A1111's masks) and keeping the "
+                        "rest; resized to the init image")
+    g.add_argument("--mask-blur", metavar="PX", type=int_arg, default=4,
+                   help="blur the mask by a Gaussian of this many pixels before it is cut at "
+                        "half (A1111's mask blur; 0: none)")
+    g.add_argument("--invert-mask", action="store_true",
+                   help="repaint where --mask is black instead (A1111's 'inpaint not "
+                        "masked')")
     g.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda if a GPU is available, else cpu")
     g.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,

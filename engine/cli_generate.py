@@ -45,10 +45,19 @@ def generate(a):
     ).check(names=OPTION_NAMES, limits=Limits.from_env())
     output = _output_path(a)
     _check_sources(a)
-    init = None
+    init = mask = None
     if a.init_image is not None:
         from .images import read_image
         init = read_image(a.init_image, "init image")
+    if a.mask is not None:
+        from .images import MAX_MASK_BLUR, blur_mask, mask_to_float, read_image
+        if init is None:
+            raise SdrtError("--mask needs --init-image, the image to inpaint")
+        if not 0 <= a.mask_blur <= MAX_MASK_BLUR:
+            raise SdrtError(f"--mask-blur must be an integer from 0 to {MAX_MASK_BLUR}, got "
+                            f"{a.mask_blur}")
+        mask = mask_to_float(read_image(a.mask, "mask"))
+        mask = blur_mask(1 - mask if a.invert_mask else mask, a.mask_blur)
     _warn_unused_options(a)
 
     pipe = _pipeline(a)  # imports torch
@@ -78,7 +87,8 @@ def generate(a):
                 prompt_syntax=a.prompt_syntax, num_images_per_prompt=a.batch)
     with _Progress() as progress:
         images = pipe(prompt, height=request.height, width=request.width, sampler=sampler,
-                      image=init, strength=a.strength, callback=None if plan else progress,
+                      image=init, mask_image=mask, strength=a.strength,
+                      callback=None if plan else progress,
                       output_type="latent" if refiner else "pil", **_sdxl_fields(a), **call)
     if refiner is not None:
         # The base's partly denoised latents, one row per image, finished by the refiner.
@@ -112,6 +122,7 @@ def generate(a):
                           width=width, height=height, model_name=name, model_hash=short_hash,
                           denoising_strength=a.strength if init is not None else None,
                           clip_skip=a.clip_skip, lora_hashes=lora_hashes,
+                          mask_blur=a.mask_blur if mask is not None else None,
                           ti_hashes=ti_hashes, **refined))
              for s in seeds]
     paths, taken = _save_pngs(images, output, infos, a.overwrite)
@@ -199,6 +210,7 @@ _PNG_SETTINGS = {
     "CFG scale": ("--guidance", "guidance", float),
     "Seed": ("--seed", "seed", int),
     "Clip skip": ("--clip-skip", "clip_skip", lambda v: int(v) - 1),  # A1111 counts from 1
+    "Mask blur": ("--mask-blur", "mask_blur", int),
 }
 
 
@@ -248,6 +260,9 @@ def _apply_png(a):
         warnings.warn(f"--from-png {a.from_png} was made from an init image (Denoising "
                       f"strength {pairs['Denoising strength']}); without --init-image this is "
                       "text-to-image")
+    if "Mask blur" in pairs and a.mask is None:
+        warnings.warn(f"--from-png {a.from_png} was inpainted (Mask blur "
+                      f"{pairs['Mask blur']}); without --mask this is not")
     return pairs.get("Model"), pairs.get("Model hash")
 
 
@@ -312,6 +327,11 @@ def _warn_unused_options(a):
 
     if "strength" in a.given and a.init_image is None:
         unused("--strength", "it applies to --init-image")
+    if a.mask is None:
+        if a.invert_mask:
+            unused("--invert-mask", "it applies to --mask")
+        if "mask_blur" in a.given:
+            unused("--mask-blur", "it applies to --mask")
     if a.negative is not None and a.guidance <= 1:
         unused("--negative", f"--guidance {a.guidance:g} (1 or less) turns off the guidance "
                              "that uses it")

@@ -1,4 +1,5 @@
-"""Reading init images from disk, and turning any PIL image into float RGB in [0, 1].
+"""Reading init images from disk, and turning any PIL image into float RGB in [0, 1] (and any
+inpainting mask into floats in [0, 1]).
 
 ``read_image`` applies the EXIF orientation (a phone's JPEG is stored sideways with a tag
 saying how to turn it) and reports a file it cannot read in plain words naming the path.
@@ -25,6 +26,7 @@ import numpy as np
 
 from .errors import SdrtError
 
+MAX_MASK_BLUR = 64  # pixels, A1111's slider's end
 _UINT16 = ("I;16", "I;16L", "I;16B", "I;16N")
 _ALPHA = ("RGBA", "RGBa", "LA", "La", "PA")
 _INT32_MIN, _INT32_MAX = -(2 ** 31), 2 ** 31 - 1
@@ -99,3 +101,38 @@ def _float_to_unit(a):
         return a.astype(np.float32) / 255
     lo = min(0.0, lo)
     return ((a.astype(np.float64) - lo) / (hi - lo)).astype(np.float32)
+
+
+def mask_to_float(image):
+    """A PIL inpainting mask → float32 array (H, W) in [0, 1], 1 where the image is repainted,
+    read as A1111 reads a mask: by its alpha where it has transparency (opaque: repaint), else
+    by its brightness (white: repaint; RGB weighted as PIL makes an image greyscale)."""
+    if image.mode in _ALPHA or (image.mode == "P" and "transparency" in image.info):
+        alpha = np.asarray(image.convert("RGBA"))[..., 3]
+        if alpha.min() < 255:
+            return alpha.astype(np.float32) / 255
+        image = image.convert("RGB")
+    rgb = pil_to_float(image)
+    return rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def blur_mask(mask, sigma):
+    """A float mask (H, W) blurred as A1111 blurs one (``mask_blur``): a Gaussian of standard
+    deviation ``sigma`` pixels along each axis, cut at 2.5 sigma, the border reflected (OpenCV's
+    default). A blurred mask, binarized at 0.5 later, has rounded corners and no specks."""
+    if sigma <= 0:
+        return mask
+    import torch
+    radius = int(2.5 * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    kernel = (kernel / kernel.sum()).float()
+    t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+    for dim in (3, 2):  # along x, then y
+        pad = [0, 0, 0, 0]
+        pad[0 if dim == 3 else 2:2 if dim == 3 else 4] = [radius, radius]
+        mode = "reflect" if min(t.shape[2:]) > radius else "replicate"
+        t = torch.nn.functional.pad(t, pad, mode=mode)
+        weight = kernel.view(1, 1, 1, -1) if dim == 3 else kernel.view(1, 1, -1, 1)
+        t = torch.nn.functional.conv2d(t, weight)
+    return t[0, 0].clamp(0, 1).numpy()

@@ -87,6 +87,7 @@ class Infotext:
     model_hash: str = None     # A1111's short hash: the first 10 hex digits of the sha256
     denoising_strength: float = None  # image-to-image only
     clip_skip: int = 0         # sdrt's count of skipped layers
+    mask_blur: int = None      # inpainting only: the mask's blur, in pixels
     version: str = None
     lora_hashes: tuple = ()    # ((name, A1111 short hash), ...) of the LoRAs applied
     ti_hashes: tuple = ()      # ((token, A1111 short hash), ...) of the embeddings loaded
@@ -106,6 +107,7 @@ class Infotext:
             "Denoising strength": (None if self.denoising_strength is None
                                    else number(self.denoising_strength)),
             "Clip skip": self.clip_skip + 1 if self.clip_skip else None,
+            "Mask blur": self.mask_blur,
             "Refiner": self.refiner,
             "Refiner switch at": (None if self.refiner_switch_at is None
                                   else number(self.refiner_switch_at)),

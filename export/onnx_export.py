@@ -340,6 +340,11 @@ _INDEX_CLASSES = {"text_encoder": ["transformers", "CLIPTextModel"],
 _PIPELINES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
               "sdxl": "StableDiffusionXLPipeline",
               "sdxl-refiner": "StableDiffusionXLImg2ImgPipeline"}
+# A UNet that takes a mask and masked-image latents: diffusers' (and Optimum's) inpainting
+# pipelines.
+_INPAINT_PIPELINES = {"sd1": "StableDiffusionInpaintPipeline",
+                      "sd2": "StableDiffusionInpaintPipeline",
+                      "sdxl": "StableDiffusionXLInpaintPipeline"}
 
 
 def _model_index(c):
@@ -350,7 +355,9 @@ def _model_index(c):
     present = {"unet", "vae", *family.text_encoders, *family.tokenizers}
     wanted = ("text_encoder", "tokenizer") + (
         ("text_encoder_2", "tokenizer_2") if family.pooled else ())
-    index = {"_class_name": _PIPELINES[family.name],
+    unet = c.unet.config
+    pipelines = _INPAINT_PIPELINES if unet.in_channels != unet.out_channels else _PIPELINES
+    index = {"_class_name": pipelines.get(family.name, _PIPELINES[family.name]),
              **{k: _INDEX_CLASSES[k] if k in present else [None, None] for k in wanted},
              "unet": _INDEX_CLASSES["unet"], "vae": _INDEX_CLASSES["vae"],
              "scheduler": ["diffusers", c.scheduler_config.get("_class_name", "PNDMScheduler")]}

@@ -161,7 +161,7 @@ class Server:
             steps=key.steps, sampler=key.sampler, cfg_scale=row.guidance_scale, seed=row.seed,
             width=key.width, height=key.height, model_name=self.runner.model_name,
             model_hash=self.runner.model_hash, denoising_strength=key.strength,
-            clip_skip=key.clip_skip))
+            clip_skip=key.clip_skip, mask_blur=row.mask_blur))
 
     async def encode(self, images, texts):
         t0 = time.perf_counter()
@@ -369,7 +369,8 @@ def create_app(config: ServeConfig = None) -> FastAPI:
 
     # -- AUTOMATIC1111 --------------------------------------------------------------------------
 
-    async def a1111(request, body: schemas.Txt2ImgRequest, init_images=None, strength=None):
+    async def a1111(request, body: schemas.Txt2ImgRequest, init_images=None, strength=None,
+                    mask=None):
         server = server_of(request)
         server.require_ready()
         t0 = time.perf_counter()
@@ -404,9 +405,10 @@ def create_app(config: ServeConfig = None) -> FastAPI:
         seeds = server.seeds(req.seed, n, "seed")
         key = BatchKey(req.height, req.width, req.num_inference_steps, req.sampler,
                        req.guidance, req.strength if init_images else None, req.clip_skip,
-                       server.chunks(req))
+                       server.chunks(req), inpaint=mask is not None)
+        mask_blur = body.mask_blur if mask is not None else None
         rows = [Row(body.prompt, body.negative_prompt, req.guidance_scale, s,
-                    init_images[i % len(init_images)] if init_images else None)
+                    init_images[i % len(init_images)] if init_images else None, mask, mask_blur)
                 for i, s in enumerate(seeds)]
         images = await server.generate(request, key, rows)
         texts = [server.infotext(key, r) for r in rows]
@@ -425,9 +427,12 @@ def create_app(config: ServeConfig = None) -> FastAPI:
             "restore_faces": False, "sd_model_name": server.runner.model_name,
             "sd_model_hash": server.runner.model_hash,
             "denoising_strength": req.strength if init_images else None,
-            "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": texts,
+            "extra_generation_params": {} if mask is None else {"Mask blur": mask_blur},
+            "index_of_first_image": 0, "infotexts": texts,
             "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
-            "clip_skip": req.clip_skip + 1, "is_using_inpainting_conditioning": False,
+            "clip_skip": req.clip_skip + 1,
+            "is_using_inpainting_conditioning": server.runner.pipe.unet.config.in_channels
+            != server.runner.pipe.unet.config.out_channels,
             "version": "sdrt 0.1.0",
         }
         server.metrics.stage_seconds.labels("total").observe(time.perf_counter() - t0)
@@ -442,17 +447,18 @@ def create_app(config: ServeConfig = None) -> FastAPI:
     @app.post("/sdapi/v1/img2img", response_model=schemas.A1111Response, responses=errors,
               tags=["AUTOMATIC1111"])
     async def img2img(body: schemas.Img2ImgRequest, request: Request):
-        """A1111's image-to-image (no inpainting: ``mask`` is refused)."""
+        """A1111's image-to-image, and inpainting with a ``mask``."""
         server = server_of(request)
         server.require_ready()
-        if body.mask is not None:
-            raise ApiError(400, "mask must be null: inpainting is not supported, got a mask",
-                           "bad_request", "mask")
         if not body.init_images:
             raise ApiError(400, "init_images must hold at least one image, got []",
                            "bad_request", "init_images")
+        mask = None
+        if body.mask is not None:
+            _check_inpaint_fields(body)
+            mask = await run_in_threadpool(_read_mask, body, server.limits)
         images = await run_in_threadpool(_decode_images, body.init_images, server.limits)
-        return await a1111(request, body, images, body.denoising_strength)
+        return await a1111(request, body, images, body.denoising_strength, mask)
 
     @app.get("/sdapi/v1/samplers", response_model=list[schemas.SamplerItem],
              tags=["AUTOMATIC1111"])
@@ -523,30 +529,54 @@ def _clip_skip(settings, layers):
     return value - 1
 
 
-def _decode_images(items, limits):
+def _check_inpaint_fields(body):
+    """The A1111 inpainting settings sdrt runs: the others are refused, not ignored."""
+    from sdrt.engine.images import MAX_MASK_BLUR
+    for field, ok, allowed in (
+            ("mask_blur", 0 <= body.mask_blur <= MAX_MASK_BLUR,
+             f"an integer from 0 to {MAX_MASK_BLUR}"),
+            ("inpainting_mask_invert", body.inpainting_mask_invert in (0, 1), "0 or 1"),
+            ("inpainting_fill", body.inpainting_fill == 1,
+             "1 (original; fill, latent noise and latent nothing are not supported)"),
+            ("inpaint_full_res", not body.inpaint_full_res,
+             "false (inpainting only the masked area is not supported)")):
+        if not ok:
+            raise ApiError(400, f"{field} must be {allowed}, got "
+                                f"{short_repr(getattr(body, field))}", "bad_request", field)
+
+
+def _read_mask(body, limits):
+    """The request's mask as the pipeline takes it: float (H, W), 1 where repainted, read as
+    A1111 reads one (alpha where transparent, else brightness), inverted and blurred."""
+    from sdrt.engine.images import blur_mask, mask_to_float
+    mask = mask_to_float(_decode_images([body.mask], limits, "mask")[0])
+    return blur_mask(1 - mask if body.inpainting_mask_invert else mask, body.mask_blur)
+
+
+def _decode_images(items, limits, field="init_images"):
     """Base64 images (optionally ``data:image/...;base64,`` URLs) -> PIL images, EXIF
     orientation applied, each checked against the pixel limit before it is decoded."""
     from PIL import Image, ImageOps, UnidentifiedImageError
     out = []
     for i, text in enumerate(items):
-        name = f"init_images[{i}]"
+        name = f"{field}[{i}]" if field == "init_images" else field
         data = text.split(",", 1)[1] if text.startswith("data:") and "," in text else text
         try:
             raw = base64.b64decode(data, validate=True)
         except (binascii.Error, ValueError):
             raise ApiError(400, f"{name} must be a base64-encoded image, got "
-                                f"{short_repr(text, 40)}", "bad_request", "init_images")
+                                f"{short_repr(text, 40)}", "bad_request", field)
         try:
             im = Image.open(io.BytesIO(raw))
             if im.width * im.height > (2 * limits.max_side) ** 2:
                 raise ApiError(400, f"{name} must be at most {(2 * limits.max_side) ** 2} "
                                     f"pixels, got {im.width}x{im.height}", "bad_request",
-                               "init_images")
+                               field)
             im.load()
             out.append(ImageOps.exif_transpose(im))
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
                 Image.DecompressionBombError) as e:
             raise ApiError(400, f"{name} must be a base64-encoded image (PNG, JPEG, WebP, "
                                 f"...), got bytes PIL cannot read ({type(e).__name__})",
-                           "bad_request", "init_images")
+                           "bad_request", field)
     return out

@@ -105,12 +105,14 @@ class Runner:
         guidance = guidance[0] if len(set(guidance)) == 1 else guidance
         negatives = [r.negative_prompt for r in rows]
         images = [r.init_image for r in rows] if key.strength is not None else None
+        masks = [r.mask for r in rows] if key.inpaint else None
         out = self.pipe(
             [r.prompt for r in rows],
             negative_prompt=(negatives[0] if one else negatives) if key.guidance else None,
             height=key.height, width=key.width, num_inference_steps=key.steps,
             guidance_scale=guidance, sampler=key.sampler,
             image=(images[0] if one else images) if images else None,
+            mask_image=(masks[0] if one else masks) if masks else None,
             strength=key.strength if key.strength is not None else 0.8,
             clip_skip=key.clip_skip, output_type="pil", **seeds)
         timings = self.pipe.timings

@@ -47,6 +47,7 @@ class BatchKey:
     # 77-token text chunks of the prompts (A1111 syntax): a batch pads every prompt to its
     # longest, which would change a shorter prompt's image, so only equal counts batch.
     chunks: int = 1
+    inpaint: bool = False  # whether the rows carry masks
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ class Row:
     guidance_scale: float
     seed: int
     init_image: object = None  # a PIL image, for image-to-image
+    mask: object = None  # inpainting: a float array (H, W) in [0, 1], 1 where repainted
+    mask_blur: int = None  # the blur that mask had, for the PNG info
 
 
 class Job:

@@ -75,7 +75,16 @@ class Img2ImgRequest(Txt2ImgRequest):
     init_images: List[str] = Field(..., description="base64 images (a data: URL prefix is "
                                                     "allowed); image i serves image i mod n")
     denoising_strength: float = 0.75
-    mask: Optional[str] = Field(None, description="refused: inpainting is not supported")
+    mask: Optional[str] = Field(None, description="base64 mask: inpaint, repainting where it "
+                                                  "is white (or opaque, in a PNG with "
+                                                  "transparency)")
+    mask_blur: int = Field(4, description="the mask's Gaussian blur, in pixels (0 to 64)")
+    inpainting_mask_invert: int = Field(0, description="1: repaint where the mask is black")
+    inpainting_fill: int = Field(1, description="1 (original: the masked part starts from the "
+                                                "init image) only; 0, 2 and 3 are refused")
+    inpaint_full_res: bool = Field(False, description="false only (the whole picture is "
+                                                      "inpainted); true is refused")
+    inpaint_full_res_padding: int = 0
 
 
 class A1111Response(BaseModel):

@@ -126,6 +126,8 @@ REFUSED_EARLY = {
                            "cannot read init image notes.png: not an image file"),
     "init image missing": (["generate", "x", "--init-image", "nope.png"],
                            "cannot read init image nope.png: no such file"),
+    "mask without init image": (["generate", "x", "--mask", "mask.png"],
+                                "--mask needs --init-image, the image to inpaint"),
     "output not png": (["generate", "x", "-o", "out.jpg"], "-o out.jpg must end in .png"),
     "output folder missing": (["generate", "x", "-o", "no/such/dir/out.png"], "cannot write to"),
     "outdir is a file": (["generate", "x", "--outdir", "file.txt"],
@@ -353,6 +355,36 @@ def test_batch_img2img_and_sampler(tiny_dir, tmp_path, capsys):
         with Image.open(p) as im:
             assert im.size == (64, 48)
             assert "Sampler: DPM++ 2M," in im.text["parameters"]  # A1111's label
+
+
+def test_inpaint_with_a_mask(tiny_dir, tmp_path, capsys):
+    # The same mask as white-on-black, as A1111's transparent PNG (opaque = repaint), and as
+    # its inverse with --invert-mask gives the same image; without the mask, another.
+    rng = np.random.default_rng(2)
+    Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(tmp_path / "i.png")
+    white = np.zeros((48, 64), dtype=np.uint8)
+    white[8:40, 16:48] = 255
+    Image.fromarray(white).save(tmp_path / "m.png")
+    Image.fromarray(255 - white).save(tmp_path / "inverse.png")
+    rgba = np.zeros((48, 64, 4), dtype=np.uint8)
+    rgba[..., 3] = white  # colour left black: only the alpha may decide
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    outs = {}
+    for name, extra in (("m", ["--mask", "m.png"]), ("alpha", ["--mask", "alpha.png"]),
+                        ("inverse", ["--mask", "inverse.png", "--invert-mask"]), ("none", [])):
+        out = tmp_path / f"out-{name}.png"
+        extra = [str(tmp_path / e) if e.endswith(".png") else e for e in extra]
+        code, _, err = _run(["generate", "a red fox", "--model", tiny_dir, "--steps", "2",
+                             "--init-image", str(tmp_path / "i.png"), "--strength", "1",
+                             "--seed", "3", "-o", str(out), *extra], capsys)
+        assert code == 0, err
+        outs[name] = _pixels(out)
+    assert outs["m"].shape == (48, 64, 3)
+    assert np.array_equal(outs["m"], outs["alpha"])
+    assert np.array_equal(outs["m"], outs["inverse"])
+    assert np.abs(outs["m"].astype(int) - outs["none"]).max() > 8
+    from sdrt.engine.infotext import parse
+    assert parse(_parameters(tmp_path / "out-m.png"))[2]["Mask blur"] == "4"
 
 
 def test_each_image_of_a_batch_records_its_own_seed_and_regenerates(tmp_path, capsys):
@@ -676,6 +708,11 @@ BAD = {
     "truncated init image": (["--init-image", "{tmp}/cut.png"], None,
                              "cannot read init image {tmp}/cut.png: the file is damaged or "
                              "truncated"),
+    "mask missing": (["--init-image", "{tmp}/dot.png", "--mask", "{tmp}/nope.png"], None,
+                     "cannot read mask {tmp}/nope.png: no such file"),
+    "negative mask blur": (["--init-image", "{tmp}/dot.png", "--mask", "{tmp}/dot.png",
+                            "--mask-blur", "-1"], None,
+                           "--mask-blur must be an integer from 0 to 64, got -1"),
 }
 
 

@@ -132,3 +132,35 @@ def test_optimum_sdxl_generates_sdrts_image(sdxl_export):
         got = theirs("a red fox", **kw, **theirs_case).images
         assert_close_abs(got, expected, IMAGE_ATOL,
                          f"{family} {sorted(case)}: Optimum's pipeline on sdrt's export vs sdrt")
+
+
+def test_optimum_inpaints_as_sdrt(tmp_path):
+    # An inpainting model's export (a 9-channel UNet) is Optimum's inpainting pipeline, and it
+    # draws sdrt's image from the same seed: the mask and the masked image's latents on every
+    # UNet call, pure noise at strength 1.
+    from PIL import Image
+
+    from optimum.onnxruntime import ORTDiffusionPipeline, ORTStableDiffusionInpaintPipeline
+    from sdrt.engine.tiny import tiny_config, write_model
+    folder, out = str(tmp_path / "model"), str(tmp_path / "export")
+    config = tiny_config("sd1")
+    config["unet"]["in_channels"] = 9
+    write_model(folder, config)
+    export_onnx(folder, out, height=16, width=24)
+    theirs = ORTDiffusionPipeline.from_pretrained(out, provider="CPUExecutionProvider")
+    assert type(theirs) is ORTStableDiffusionInpaintPipeline, type(theirs)
+    ours = Pipeline.from_pretrained(folder, device="cpu", dtype="fp32")
+    rng = np.random.default_rng(3)
+    init = Image.fromarray(rng.integers(0, 256, (16, 24, 3), dtype=np.uint8))
+    mask = np.zeros((16, 24), dtype=np.uint8)
+    mask[3:13, 5:18] = 255
+    kw = dict(image=init, mask_image=Image.fromarray(mask), height=16, width=24,
+              negative_prompt="blurry", num_inference_steps=4, guidance_scale=6.0,
+              output_type="np")
+    for strength in (1.0, 0.7):
+        expected = ours("a red fox", strength=strength, seed=5, **kw)
+        assert expected.std() > 0.01, "the reference image is flat"
+        got = theirs("a red fox", strength=strength,
+                     generator=torch.Generator().manual_seed(5), **kw).images
+        assert_close_abs(got, expected, IMAGE_ATOL,
+                         f"inpainting at strength {strength}: Optimum on sdrt's export vs sdrt")

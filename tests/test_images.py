@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from sdrt.engine.errors import SdrtError
-from sdrt.engine.images import pil_to_float, read_image
+from sdrt.engine.images import blur_mask, mask_to_float, pil_to_float, read_image
 
 RNG = np.random.default_rng(0)
 
@@ -204,3 +204,69 @@ def test_read_errors_in_plain_words(case, tmp_path):
     assert message.startswith(f"cannot read init image {path}: {reason}"), message
     assert "\n" not in message
     assert not re.search(r"\b\w+(Error|Exception)\b", message), f"class name in {message!r}"
+
+
+def _mask_values():
+    rng = np.random.default_rng(9)
+    return rng.integers(0, 256, (6, 7), dtype=np.uint8)
+
+
+def test_mask_by_brightness():
+    v = _mask_values()
+    np.testing.assert_allclose(mask_to_float(Image.fromarray(v)), v / 255, atol=1e-6)
+    rgb = np.stack([v, np.zeros_like(v), 255 - v], axis=-1)
+    expected = (0.299 * v + 0.114 * (255 - v.astype(np.float32))) / 255
+    np.testing.assert_allclose(mask_to_float(Image.fromarray(rgb)), expected, atol=1e-6)
+    sixteen = Image.fromarray(v.astype(np.uint16) * 257).convert("I;16")
+    np.testing.assert_allclose(mask_to_float(sixteen), v / 255, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_mask_by_alpha_where_transparent(mode):
+    # A1111's rule: a mask with transparency is its alpha (opaque = repaint), whatever the
+    # colour; a fully opaque one is read by brightness.
+    v = _mask_values()
+    colour = np.full((6, 7, 3 if mode == "RGBA" else 1), 255, dtype=np.uint8)
+    image = Image.fromarray(np.concatenate([colour, v[..., None]], axis=-1).squeeze(), mode)
+    assert np.array_equal(mask_to_float(image), v.astype(np.float32) / 255)
+    opaque = np.concatenate([np.zeros_like(colour), np.full_like(v, 255)[..., None]], axis=-1)
+    assert np.array_equal(mask_to_float(Image.fromarray(opaque.squeeze(), mode)),
+                          np.zeros((6, 7), dtype=np.float32))
+
+
+def test_palette_mask_with_a_transparent_index():
+    image = Image.new("P", (4, 2), 0)
+    image.putpalette([0, 0, 0, 255, 255, 255])
+    image.putpixel((1, 0), 1)
+    image.info["transparency"] = 0  # index 0 transparent, index 1 (white) opaque
+    expected = np.zeros((2, 4), dtype=np.float32)
+    expected[0, 1] = 1
+    assert np.array_equal(mask_to_float(image), expected)
+
+
+def _reference_blur(mask, sigma):
+    """A1111's blur (OpenCV's GaussianBlur, kernel cut at 2.5 sigma, border reflected
+    without repeating the edge) written out pixel by pixel in float64."""
+    r = int(2.5 * sigma + 0.5)
+    k = np.exp(-np.arange(-r, r + 1) ** 2 / (2 * sigma ** 2))
+    k /= k.sum()
+
+    def reflect(i, n):
+        while not 0 <= i < n:
+            i = -i if i < 0 else 2 * (n - 1) - i
+        return i
+
+    def along_x(m):
+        h, w = m.shape
+        return np.array([[sum(k[j + r] * m[y, reflect(x + j, w)] for j in range(-r, r + 1))
+                          for x in range(w)] for y in range(h)])
+    return along_x(along_x(mask.astype(np.float64)).T).T
+
+
+@pytest.mark.parametrize("sigma", [1, 3])
+def test_blur_mask_is_a1111s_gaussian(sigma):
+    rng = np.random.default_rng(sigma)
+    mask = (rng.random((13, 17)) > 0.5).astype(np.float32)
+    got = blur_mask(mask, sigma)
+    np.testing.assert_allclose(got, _reference_blur(mask, sigma), atol=1e-6)
+    assert np.array_equal(blur_mask(mask, 0), mask)

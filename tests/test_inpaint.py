@@ -245,3 +245,24 @@ def test_sdxl_inpaint_matches_diffusers(sdxl_base_folder, strength):
     got = ours(**args, seed=6, sampler="euler")
     assert expected.std() > 0.01
     assert_close_abs(got, expected, IMAGE_ATOL, f"SDXL inpaint {strength}")
+
+
+def test_onnx_export_of_an_inpainting_model(inpainting, tmp_path):
+    # The 9-channel UNet exports, check-onnx passes, the folder names diffusers' inpainting
+    # pipeline, and inpainting in onnxruntime gives the torch runtime's image.
+    import json
+    import os
+
+    from sdrt.export import check_onnx, export_onnx, onnx_components
+    ours, _ = inpainting
+    out = str(tmp_path / "export")
+    export_onnx(ours.source, out, height=16, width=24, batch=1)
+    assert all(r.passed for r in check_onnx(out, ours.source))
+    with open(os.path.join(out, "model_index.json")) as f:
+        assert json.load(f)["_class_name"] == "StableDiffusionInpaintPipeline"
+    onnx_pipe = Pipeline(onnx_components(out, ours.source, "cpu"), torch.device("cpu"),
+                         torch.float32)
+    kw = dict(image=_image(3), mask_image=_mask(), num_inference_steps=3, seed=2,
+              guidance_scale=6.0, output_type="np")
+    assert_close_abs(onnx_pipe(PROMPT, **kw), ours(PROMPT, **kw), IMAGE_ATOL,
+                     "inpainting in onnxruntime vs torch")

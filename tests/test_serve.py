@@ -211,6 +211,37 @@ def test_a1111_img2img(main_server, ref_pipe):
                           "img2img")
 
 
+def test_a1111_inpaint(main_server, ref_pipe):
+    # A1111's inpainting fields: the mask (here as A1111's canvas sends it, opaque where
+    # painted), inverted, blurred, at the strength given; the image is the library's.
+    from sdrt.engine.images import blur_mask
+    url, _ = main_server
+    rng = np.random.default_rng(1)
+    init = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    painted = np.zeros((64, 64, 4), dtype=np.uint8)
+    painted[16:48, 8:40, 3] = 255
+
+    def b64(im):
+        buffer = io.BytesIO()
+        im.save(buffer, format="PNG")
+        return _b64(buffer.getvalue())
+    r = httpx.post(f"{url}/sdapi/v1/img2img", timeout=TIMEOUT, json={
+        "prompt": "a fox", "init_images": [b64(init)], "mask": b64(Image.fromarray(painted)),
+        "inpainting_mask_invert": 1, "mask_blur": 2, "inpainting_fill": 1,
+        "inpaint_full_res": False, "denoising_strength": 0.9, "steps": 2, "cfg_scale": 7,
+        "seed": 5, "width": 64, "height": 64})
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert "Mask blur: 2" in info["infotexts"][0]
+    repaint = np.ones((64, 64), dtype=np.float32)
+    repaint[16:48, 8:40] = 0  # inverted: all but the painted part
+    expected = reference(ref_pipe, "a fox", 5, guidance=7.0, image=init, strength=0.9,
+                         mask_image=blur_mask(repaint, 2))
+    assert_same_image(png(r.json()["images"][0], (64, 64)), expected, "inpaint")
+    plain = reference(ref_pipe, "a fox", 5, guidance=7.0, image=init, strength=0.9)
+    assert np.abs(np.asarray(expected, dtype=int) - np.asarray(plain)).max() > 8
+
+
 def test_a1111_samplers_and_models(main_server):
     url, _ = main_server
     samplers = httpx.get(f"{url}/sdapi/v1/samplers", timeout=TIMEOUT).json()
@@ -398,7 +429,16 @@ MALFORMED = [  # (endpoint, body: dict or raw bytes, what the message must name)
     (I2I, {"prompt": "a", "init_images": [_b64(b"hello, not an image")]}, "init_images"),
     (I2I, {"prompt": "a", "init_images": [_tiny_png()], "denoising_strength": 0},
      "denoising_strength"),
-    (I2I, {"prompt": "a", "init_images": [_tiny_png()], "mask": _tiny_png()}, "mask"),
+    (I2I, {"prompt": "a", "init_images": [_tiny_png()], "mask": "not base64!!"}, "mask"),
+    (I2I, {"prompt": "a", "init_images": [_tiny_png()], "mask": _b64(b"text")}, "mask"),
+    (I2I, {"prompt": "a", "init_images": [_tiny_png()], "mask": _tiny_png(),
+           "inpainting_fill": 0}, "inpainting_fill"),
+    (I2I, {"prompt": "a", "init_images": [_tiny_png()], "mask": _tiny_png(),
+           "inpaint_full_res": True}, "inpaint_full_res"),
+    (I2I, {"prompt": "a", "init_images": [_tiny_png()], "mask": _tiny_png(),
+           "mask_blur": -1}, "mask_blur"),
+    (I2I, {"prompt": "a", "init_images": [_tiny_png()], "mask": _tiny_png(),
+           "inpainting_mask_invert": 2}, "inpainting_mask_invert"),
 ]
 
 
