@@ -55,10 +55,12 @@ setup(
         # transformers < 4.58, so not in the same environment as [test] (CI: .venv-optimum).
         "optimum": ["optimum-onnx[onnxruntime]>=0.1", "diffusers>=0.34"],
         # sdrt serve: the HTTP app (FastAPI on uvicorn, pydantic request models, Prometheus
-        # metrics); [ray] adds Ray Serve for replicas across GPUs.
-        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "pydantic>=2.6", "prometheus-client>=0.19"],
+        # metrics, python-multipart for the image edits' file uploads); [ray] adds Ray Serve
+        # for replicas across GPUs.
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "pydantic>=2.6", "prometheus-client>=0.19",
+                  "python-multipart>=0.0.9"],
         "ray": ["fastapi>=0.110", "uvicorn>=0.29", "pydantic>=2.6", "prometheus-client>=0.19",
-                "ray[serve]>=2.40"],
+                "python-multipart>=0.0.9", "ray[serve]>=2.40"],
     },
     entry_points={"console_scripts": ["sdrt=sdrt.engine.cli:main"]},
 )

@@ -274,6 +274,12 @@ def _generate_options(g):
     g.add_argument("--invert-mask", action="store_true",
                    help="repaint where --mask is black instead (A1111's 'inpaint not "
                         "masked')")
+    g.add_argument("--inpaint-area", choices=("whole", "masked"), default="whole",
+                   help="whole: inpaint the whole picture; masked: only the mask's region, "
+                        "grown by --masked-padding, cut out and inpainted at --width × "
+                        "--height, then pasted back (A1111's 'Only masked')")
+    g.add_argument("--masked-padding", metavar="PX", type=int_arg, default=32,
+                   help="with --inpaint-area masked: pixels of context around the mask")
     g.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda if a GPU is available, else cpu")
     g.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,

@@ -53,9 +53,14 @@ def generate(a):
         from .images import MAX_MASK_BLUR, blur_mask, mask_to_float, read_image
         if init is None:
             raise SdrtError("--mask needs --init-image, the image to inpaint")
-        if not 0 <= a.mask_blur <= MAX_MASK_BLUR:
-            raise SdrtError(f"--mask-blur must be an integer from 0 to {MAX_MASK_BLUR}, got "
-                            f"{a.mask_blur}")
+        from .inpaint import MAX_PADDING
+        if a.refiner is not None:
+            raise SdrtError("--mask cannot be combined with --refiner (the refiner continues "
+                            "a text-to-image run)")
+        for option, value, top in (("--mask-blur", a.mask_blur, MAX_MASK_BLUR),
+                                   ("--masked-padding", a.masked_padding, MAX_PADDING)):
+            if not 0 <= value <= top:
+                raise SdrtError(f"{option} must be an integer from 0 to {top}, got {value}")
         mask = mask_to_float(read_image(a.mask, "mask"))
         mask = blur_mask(1 - mask if a.invert_mask else mask, a.mask_blur)
     _warn_unused_options(a)
@@ -75,6 +80,15 @@ def generate(a):
         from .samplers import default_sampler
         sampler = a.sampler or default_sampler(pipe.scheduler_config)
     plan = _static_plan(a, pipe, request if init is None else None)
+    inpaint = None
+    if mask is not None:  # A1111's framing: the overlay, and only the masked area if asked
+        from .inpaint import prepare
+        f = pipe.vae_scale_factor
+        width = request.width or init.width - init.width % f
+        height = request.height or init.height - init.height % f
+        inpaint = prepare(init, mask, width, height, a.inpaint_area == "masked",
+                          a.masked_padding)
+        init, mask = inpaint.image, inpaint.mask
     # Image i of a batch is drawn from its own generator, seeded seed + i, as A1111 does: its
     # PNG records that seed, and --seed with it regenerates that image alone.
     seed = request.draw_seed()
@@ -102,7 +116,9 @@ def generate(a):
         timings = {k: pipe.timings.get(k, 0) + refiner.timings.get(k, 0)
                    for k in ("text", "denoise", "decode", "unet_calls")}
         pipe.timings = timings
-    width, height = images[0].size
+    width, height = images[0].size  # the size the model drew at, which the PNG records
+    if inpaint is not None:
+        images = [inpaint.finish(im) for im in images]
     if a.runtime == "onnx":  # networks in onnxruntime: named by the export, not hashed
         name, short_hash = os.path.basename(os.path.normpath(a.onnx_dir)), None
     else:
@@ -123,6 +139,8 @@ def generate(a):
                           denoising_strength=a.strength if init is not None else None,
                           clip_skip=a.clip_skip, lora_hashes=lora_hashes,
                           mask_blur=a.mask_blur if mask is not None else None,
+                          masked_padding=(a.masked_padding if mask is not None
+                                          and a.inpaint_area == "masked" else None),
                           ti_hashes=ti_hashes, **refined))
              for s in seeds]
     paths, taken = _save_pngs(images, output, infos, a.overwrite)
@@ -211,6 +229,9 @@ _PNG_SETTINGS = {
     "Seed": ("--seed", "seed", int),
     "Clip skip": ("--clip-skip", "clip_skip", lambda v: int(v) - 1),  # A1111 counts from 1
     "Mask blur": ("--mask-blur", "mask_blur", int),
+    "Inpaint area": ("--inpaint-area", "inpaint_area",
+                     {"Only masked": "masked", "Whole picture": "whole"}.get),
+    "Masked area padding": ("--masked-padding", "masked_padding", int),
 }
 
 
@@ -330,8 +351,11 @@ def _warn_unused_options(a):
     if a.mask is None:
         if a.invert_mask:
             unused("--invert-mask", "it applies to --mask")
-        if "mask_blur" in a.given:
-            unused("--mask-blur", "it applies to --mask")
+        for option in ("mask_blur", "inpaint_area", "masked_padding"):
+            if option in a.given:
+                unused(f"--{option.replace('_', '-')}", "it applies to --mask")
+    elif "masked_padding" in a.given and a.inpaint_area != "masked":
+        unused("--masked-padding", "it applies to --inpaint-area masked")
     if a.negative is not None and a.guidance <= 1:
         unused("--negative", f"--guidance {a.guidance:g} (1 or less) turns off the guidance "
                              "that uses it")

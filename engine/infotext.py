@@ -88,6 +88,7 @@ class Infotext:
     denoising_strength: float = None  # image-to-image only
     clip_skip: int = 0         # sdrt's count of skipped layers
     mask_blur: int = None      # inpainting only: the mask's blur, in pixels
+    masked_padding: int = None  # inpainting only the masked area: its padding, in pixels
     version: str = None
     lora_hashes: tuple = ()    # ((name, A1111 short hash), ...) of the LoRAs applied
     ti_hashes: tuple = ()      # ((token, A1111 short hash), ...) of the embeddings loaded
@@ -108,6 +109,8 @@ class Infotext:
                                    else number(self.denoising_strength)),
             "Clip skip": self.clip_skip + 1 if self.clip_skip else None,
             "Mask blur": self.mask_blur,
+            "Inpaint area": None if self.masked_padding is None else "Only masked",
+            "Masked area padding": self.masked_padding,
             "Refiner": self.refiner,
             "Refiner switch at": (None if self.refiner_switch_at is None
                                   else number(self.refiner_switch_at)),

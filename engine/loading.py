@@ -225,14 +225,15 @@ def _components(modules, tokenizers, scheduler, source, family, model_index):
 def single_file_configs(family, prediction_type, source):
     """The real configs of a single file's family, with the UNet's input channels read from
     its first convolution: an inpainting checkpoint's takes 9 (latents, mask, masked image).
-    For SD 2.x, "epsilon" picks the 512-base configs over the 768-v ones, and an inpainting
-    file defaults to them (SD 2's inpainting model is a 512 epsilon one)."""
+    For SD 2.x, "epsilon" picks the 512-base configs over the 768-v ones. An inpainting file
+    is taken as epsilon unless told otherwise: every published one is (SD 1.5's, SD 2's 512
+    one, SDXL's)."""
     from .convert_ldm import UNET_PREFIX, family_configs
     configs = family_configs(family, prediction_type)
     key = f"{UNET_PREFIX}input_blocks.0.0.weight"
     in_channels = source[key]().shape[1] if key in source else None
     if in_channels == 2 * configs["vae"]["latent_channels"] + 1:
-        if family == "sd2" and prediction_type is None:
+        if prediction_type is None:
             configs = family_configs(family, "epsilon")
         configs["unet"]["in_channels"] = in_channels
     return configs

@@ -3,9 +3,9 @@ modules.
 
 Semantics follow diffusers' StableDiffusionPipeline / StableDiffusionImg2ImgPipeline /
 StableDiffusionInpaintPipeline: the same ``latents`` (or the same seed on a CPU generator)
-give the same image. One deliberate
-difference: with several init images and several images per prompt, each init image serves
-its own prompt's images (diffusers' deprecated path cycles the images instead).
+give the same image. One deliberate difference: with several init images and several images
+per prompt, each init image serves its own prompt's images (diffusers' deprecated path cycles
+the images instead).
 """
 import copy
 import dataclasses

@@ -50,7 +50,8 @@ _A1111_NAMES = {"num_inference_steps": "steps", "guidance_scale": "cfg_scale",
                 "sampler": "sampler_name", "strength": "denoising_strength",
                 "num_images_per_prompt": "batch_size",
                 "clip_skip": "override_settings.CLIP_stop_at_last_layers"}
-_ENDPOINTS = ("/v1/images/generations", "/sdapi/v1/txt2img", "/sdapi/v1/img2img",
+_ENDPOINTS = ("/v1/images/generations", "/v1/images/edits", "/sdapi/v1/txt2img",
+              "/sdapi/v1/img2img",
               "/sdapi/v1/samplers", "/sdapi/v1/sd-models", "/health", "/metrics")
 _OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/docs/oauth2-redirect")
 _POLL_S = 0.25  # how often a waiting request checks its client and its deadline
@@ -161,7 +162,8 @@ class Server:
             steps=key.steps, sampler=key.sampler, cfg_scale=row.guidance_scale, seed=row.seed,
             width=key.width, height=key.height, model_name=self.runner.model_name,
             model_hash=self.runner.model_hash, denoising_strength=key.strength,
-            clip_skip=key.clip_skip, mask_blur=row.mask_blur))
+            clip_skip=key.clip_skip, mask_blur=row.mask_blur,
+            masked_padding=row.masked_padding))
 
     async def encode(self, images, texts):
         t0 = time.perf_counter()
@@ -342,12 +344,7 @@ def create_app(config: ServeConfig = None) -> FastAPI:
         server = server_of(request)
         server.require_ready()
         t0 = time.perf_counter()
-        if body.response_format == "url":
-            raise ApiError(400, "response_format must be b64_json: this server keeps no "
-                                "images to link to, got 'url'", "bad_request", "response_format")
-        if body.output_format not in (None, "png"):
-            raise ApiError(400, f"output_format must be png, got {short_repr(body.output_format)}",
-                           "bad_request", "output_format")
+        _check_openai_formats(body)
         width, height = _size(body.size, server)
         req = server.check(
             _OPENAI_NAMES, prompt=body.prompt, negative_prompt=body.negative_prompt,
@@ -362,6 +359,57 @@ def create_app(config: ServeConfig = None) -> FastAPI:
         rows = [Row(body.prompt, body.negative_prompt or "", req.guidance_scale, s)
                 for s in seeds]
         images = await server.generate(request, key, rows)
+        pngs = await server.encode(images, [server.infotext(key, r) for r in rows])
+        server.metrics.stage_seconds.labels("total").observe(time.perf_counter() - t0)
+        return schemas.ImagesResponse(created=int(time.time()),
+                                      data=[schemas.ImageData(b64_json=p) for p in pngs])
+
+    @app.post("/v1/images/edits", response_model=schemas.ImagesResponse, responses=errors,
+              tags=["OpenAI"])
+    async def images_edits(request: Request):
+        """OpenAI's image edit, multipart/form-data: ``image`` (one file) and ``prompt``, and
+        an optional ``mask`` PNG whose transparent pixels mark what is repainted
+        (inpainting); ``openai.OpenAI(base_url=...).images.edit(...)``. Without a mask the
+        whole image is redrawn (image-to-image at ``strength``)."""
+        server = server_of(request)
+        server.require_ready()
+        t0 = time.perf_counter()
+        form = await _read_form(request)
+        body = _form_body(form)
+        _check_openai_formats(body)
+        image = _one_file(form, "image")
+        raw_mask = _one_file(form, "mask", required=False)
+        image = (await run_in_threadpool(_decode_bytes, await image.read(), "image",
+                                         server.limits))
+        mask = None
+        if raw_mask is not None:
+            mask = await run_in_threadpool(_openai_mask, await raw_mask.read(), image.size,
+                                           server.limits)
+        width, height = _size(body.size, server)
+        if width is None:
+            f = server.runner.pipe.vae_scale_factor
+            width, height = image.width - image.width % f, image.height - image.height % f
+        strength = _given(body.strength, 1.0 if mask is not None else 0.8)
+        req = server.check(
+            _OPENAI_NAMES, prompt=body.prompt, negative_prompt=body.negative_prompt,
+            height=height, width=width,
+            num_inference_steps=_given(body.steps, server.runner.default_steps),
+            guidance_scale=_given(body.guidance_scale, server.runner.default_guidance, 7.5),
+            sampler=server.sampler(body.sampler, "sampler"), seed=body.seed,
+            num_images_per_prompt=body.n, strength=strength, has_image=True)
+        seeds = server.seeds(req.seed, body.n, "seed")
+        job = None
+        if mask is not None:  # pasted back through the mask: the kept pixels stay exact
+            job = (await run_in_threadpool(_inpaint_jobs, [image], mask, req, False, 0))[0]
+            image, mask = job.image, job.mask
+        key = BatchKey(req.height, req.width, req.num_inference_steps, req.sampler,
+                       req.guidance, req.strength, 0, server.chunks(req),
+                       inpaint=mask is not None)
+        rows = [Row(body.prompt, body.negative_prompt or "", req.guidance_scale, s, image, mask)
+                for s in seeds]
+        images = await server.generate(request, key, rows)
+        if job is not None:
+            images = await run_in_threadpool(lambda: [job.finish(im) for im in images])
         pngs = await server.encode(images, [server.infotext(key, r) for r in rows])
         server.metrics.stage_seconds.labels("total").observe(time.perf_counter() - t0)
         return schemas.ImagesResponse(created=int(time.time()),
@@ -406,11 +454,25 @@ def create_app(config: ServeConfig = None) -> FastAPI:
         key = BatchKey(req.height, req.width, req.num_inference_steps, req.sampler,
                        req.guidance, req.strength if init_images else None, req.clip_skip,
                        server.chunks(req), inpaint=mask is not None)
-        mask_blur = body.mask_blur if mask is not None else None
+        extra, jobs = {}, None
+        if mask is not None:  # one job per init image; image i inpaints init image i mod n
+            only = body.inpaint_full_res
+            jobs = await run_in_threadpool(_inpaint_jobs, init_images, mask, req, only,
+                                           body.inpaint_full_res_padding)
+            init_images = [job.image for job in jobs]
+            extra = {"Mask blur": body.mask_blur}
+            if only:
+                extra.update({"Inpaint area": "Only masked",
+                              "Masked area padding": body.inpaint_full_res_padding})
         rows = [Row(body.prompt, body.negative_prompt, req.guidance_scale, s,
-                    init_images[i % len(init_images)] if init_images else None, mask, mask_blur)
+                    init_images[i % len(init_images)] if init_images else None,
+                    jobs[i % len(jobs)].mask if jobs else None, extra.get("Mask blur"),
+                    extra.get("Masked area padding"))
                 for i, s in enumerate(seeds)]
         images = await server.generate(request, key, rows)
+        if jobs:
+            images = await run_in_threadpool(
+                lambda: [jobs[i % len(jobs)].finish(im) for i, im in enumerate(images)])
         texts = [server.infotext(key, r) for r in rows]
         pngs = await server.encode(images, texts) if body.send_images else []
         parameters = body.model_dump()
@@ -427,7 +489,7 @@ def create_app(config: ServeConfig = None) -> FastAPI:
             "restore_faces": False, "sd_model_name": server.runner.model_name,
             "sd_model_hash": server.runner.model_hash,
             "denoising_strength": req.strength if init_images else None,
-            "extra_generation_params": {} if mask is None else {"Mask blur": mask_blur},
+            "extra_generation_params": extra,
             "index_of_first_image": 0, "infotexts": texts,
             "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
             "clip_skip": req.clip_skip + 1,
@@ -499,6 +561,71 @@ def create_app(config: ServeConfig = None) -> FastAPI:
     return app
 
 
+def _check_openai_formats(body):
+    if body.response_format == "url":
+        raise ApiError(400, "response_format must be b64_json: this server keeps no images to "
+                            "link to, got 'url'", "bad_request", "response_format")
+    if body.output_format not in (None, "png"):
+        raise ApiError(400, f"output_format must be png, got {short_repr(body.output_format)}",
+                       "bad_request", "output_format")
+
+
+async def _read_form(request):
+    """The multipart form of an edit; 400 for any other body."""
+    kind = request.headers.get("content-type", "")
+    if not kind.startswith("multipart/form-data"):
+        raise ApiError(400, f"the request body must be multipart/form-data (the image and mask "
+                            f"are files), got {short_repr(kind or 'no content-type')}",
+                       "bad_request", None)
+    try:
+        return await request.form()
+    except (ValueError, KeyError, AssertionError) as e:
+        raise ApiError(400, f"the request body must be a valid multipart form ({e})",
+                       "bad_request", None)
+
+
+def _form_body(form):
+    """The form's text fields, checked as an ``ImageEditRequest`` (422 naming the field)."""
+    from pydantic import ValidationError
+    fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+    try:
+        return schemas.ImageEditRequest.model_validate(fields)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors()) from None
+
+
+def _one_file(form, field, required=True):
+    """The one uploaded file of ``field`` (OpenAI's SDK sends a list as ``field[]``)."""
+    from starlette.datastructures import UploadFile
+    items = form.getlist(field) + form.getlist(f"{field}[]")
+    files = [f for f in items if isinstance(f, UploadFile)]
+    if len(files) != len(items):
+        raise ApiError(400, f"{field} must be an uploaded file, got a text field",
+                       "bad_request", field)
+    if not files and not required:
+        return None
+    if len(files) != 1:
+        raise ApiError(400, f"{field} must be one image file, got {len(files)}",
+                       "bad_request", field)
+    return files[0]
+
+
+def _openai_mask(raw, size, limits):
+    """OpenAI's mask: a PNG of the image's size whose transparent pixels (alpha 0) mark what
+    is repainted → float (H, W), 1 there."""
+    im = _decode_bytes(raw, "mask", limits)
+    if im.mode not in ("RGBA", "LA", "PA") and not (im.mode == "P"
+                                                    and "transparency" in im.info):
+        raise ApiError(400, f"mask must be a PNG with an alpha channel (transparent where the "
+                            f"image is edited), got mode {im.mode}", "bad_request", "mask")
+    if im.size != size:
+        raise ApiError(400, f"mask must have the image's size {size[0]}x{size[1]}, got "
+                            f"{im.width}x{im.height}", "bad_request", "mask")
+    import numpy as np
+    alpha = np.asarray(im.convert("RGBA"))[..., 3]
+    return 1 - alpha.astype(np.float32) / 255
+
+
 def _given(value, *defaults):
     """``value``, or else the first default that is not None."""
     return next(v for v in (value, *defaults) if v is not None)
@@ -532,17 +659,28 @@ def _clip_skip(settings, layers):
 def _check_inpaint_fields(body):
     """The A1111 inpainting settings sdrt runs: the others are refused, not ignored."""
     from sdrt.engine.images import MAX_MASK_BLUR
+    from sdrt.engine.inpaint import MAX_PADDING
     for field, ok, allowed in (
             ("mask_blur", 0 <= body.mask_blur <= MAX_MASK_BLUR,
              f"an integer from 0 to {MAX_MASK_BLUR}"),
             ("inpainting_mask_invert", body.inpainting_mask_invert in (0, 1), "0 or 1"),
             ("inpainting_fill", body.inpainting_fill == 1,
              "1 (original; fill, latent noise and latent nothing are not supported)"),
-            ("inpaint_full_res", not body.inpaint_full_res,
-             "false (inpainting only the masked area is not supported)")):
+            ("inpaint_full_res_padding", 0 <= body.inpaint_full_res_padding <= MAX_PADDING,
+             f"an integer from 0 to {MAX_PADDING}")):
         if not ok:
             raise ApiError(400, f"{field} must be {allowed}, got "
                                 f"{short_repr(getattr(body, field))}", "bad_request", field)
+
+
+def _inpaint_jobs(init_images, mask, req, only_masked, padding):
+    """A1111's framing of each init image and the mask (``sdrt.engine.inpaint``)."""
+    from sdrt.engine.inpaint import prepare
+    try:
+        return [prepare(im, mask, req.width, req.height, only_masked, padding)
+                for im in init_images]
+    except SdrtError as e:
+        raise ApiError(400, str(e), "bad_request", "mask") from None
 
 
 def _read_mask(body, limits):
@@ -556,7 +694,6 @@ def _read_mask(body, limits):
 def _decode_images(items, limits, field="init_images"):
     """Base64 images (optionally ``data:image/...;base64,`` URLs) -> PIL images, EXIF
     orientation applied, each checked against the pixel limit before it is decoded."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
     out = []
     for i, text in enumerate(items):
         name = f"{field}[{i}]" if field == "init_images" else field
@@ -566,17 +703,24 @@ def _decode_images(items, limits, field="init_images"):
         except (binascii.Error, ValueError):
             raise ApiError(400, f"{name} must be a base64-encoded image, got "
                                 f"{short_repr(text, 40)}", "bad_request", field)
-        try:
-            im = Image.open(io.BytesIO(raw))
-            if im.width * im.height > (2 * limits.max_side) ** 2:
-                raise ApiError(400, f"{name} must be at most {(2 * limits.max_side) ** 2} "
-                                    f"pixels, got {im.width}x{im.height}", "bad_request",
-                               field)
-            im.load()
-            out.append(ImageOps.exif_transpose(im))
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
-                Image.DecompressionBombError) as e:
-            raise ApiError(400, f"{name} must be a base64-encoded image (PNG, JPEG, WebP, "
-                                f"...), got bytes PIL cannot read ({type(e).__name__})",
-                           "bad_request", field)
+        out.append(_decode_bytes(raw, name, limits, field))
     return out
+
+
+def _decode_bytes(raw, name, limits, field=None):
+    """An image file's bytes -> a PIL image, EXIF orientation applied, checked against the
+    pixel limit before it is decoded."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+    field = field or name
+    try:
+        im = Image.open(io.BytesIO(raw))
+        if im.width * im.height > (2 * limits.max_side) ** 2:
+            raise ApiError(400, f"{name} must be at most {(2 * limits.max_side) ** 2} pixels, "
+                                f"got {im.width}x{im.height}", "bad_request", field)
+        im.load()
+        return ImageOps.exif_transpose(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+            Image.DecompressionBombError) as e:
+        raise ApiError(400, f"{name} must be an image file (PNG, JPEG, WebP, ...), got "
+                            f"bytes PIL cannot read ({type(e).__name__})", "bad_request",
+                       field)

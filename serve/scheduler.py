@@ -60,6 +60,7 @@ class Row:
     init_image: object = None  # a PIL image, for image-to-image
     mask: object = None  # inpainting: a float array (H, W) in [0, 1], 1 where repainted
     mask_blur: int = None  # the blur that mask had, for the PNG info
+    masked_padding: int = None  # inpainting only the masked area: its padding, for the same
 
 
 class Job:

@@ -1,6 +1,7 @@
 """Pydantic models of every request and response body (what ``/docs`` shows).
 
-Types are strict (``"7"`` is not a number, ``true`` is not an integer); ranges and everything
+Types are strict (``"7"`` is not a number, ``true`` is not an integer; form fields, which are
+text, excepted); ranges and everything
 else are checked once, by ``GenerationRequest.check`` and the pipeline's model checks, with the
 API's own field names in the messages. Fields a client may send that sdrt does not use
 (A1111's ``restore_faces``, OpenAI's ``quality``, ...) are accepted and ignored.
@@ -34,6 +35,18 @@ class ImageGenerationRequest(BaseModel):
     sampler: Optional[str] = Field(None, description="an sdrt sampler id or an A1111 label")
     seed: Optional[int] = Field(None, description="seed of the first image, the i-th image "
                                                   "uses seed + i; -1 or absent: random")
+
+
+class ImageEditRequest(ImageGenerationRequest):
+    """``POST /v1/images/edits`` (multipart/form-data): OpenAI's fields besides the ``image``
+    and ``mask`` files, and sdrt's extras. Form fields arrive as text, so numbers are read
+    from it (``"25"`` is 25)."""
+    model_config = ConfigDict(strict=False, extra="ignore")
+    size: Optional[str] = Field(None, description="'WIDTHxHEIGHT', or 'auto' (the image's "
+                                                  "size)")
+    strength: Optional[float] = Field(
+        None, description="how much of the image to repaint, in (0, 1]; default 1 with a "
+                          "mask (the masked part is drawn anew), 0.8 without one")
 
 
 class ImageData(BaseModel):
@@ -82,9 +95,12 @@ class Img2ImgRequest(Txt2ImgRequest):
     inpainting_mask_invert: int = Field(0, description="1: repaint where the mask is black")
     inpainting_fill: int = Field(1, description="1 (original: the masked part starts from the "
                                                 "init image) only; 0, 2 and 3 are refused")
-    inpaint_full_res: bool = Field(False, description="false only (the whole picture is "
-                                                      "inpainted); true is refused")
-    inpaint_full_res_padding: int = 0
+    inpaint_full_res: bool = Field(True, description="true: inpaint only the mask's region "
+                                                     "(grown by inpaint_full_res_padding) at "
+                                                     "width x height and paste it back; false: "
+                                                     "the whole picture")
+    inpaint_full_res_padding: int = Field(0, description="pixels of context around the mask "
+                                                         "(0 to 256)")
 
 
 class A1111Response(BaseModel):

@@ -385,6 +385,26 @@ def test_inpaint_with_a_mask(tiny_dir, tmp_path, capsys):
     assert np.abs(outs["m"].astype(int) - outs["none"]).max() > 8
     from sdrt.engine.infotext import parse
     assert parse(_parameters(tmp_path / "out-m.png"))[2]["Mask blur"] == "4"
+    # A1111's overlay: away from the mask (and its blur) every pixel is the init image's.
+    init = np.asarray(Image.open(tmp_path / "i.png"))
+    assert np.array_equal(outs["m"][:, :4], init[:, :4])
+    assert not np.array_equal(outs["none"][:, :4], init[:, :4])
+
+    # Only the masked area: cut out with 8 pixels of padding, drawn at 32x32, pasted back.
+    out = tmp_path / "only.png"
+    code, _, err = _run(["generate", "a red fox", "--model", tiny_dir, "--steps", "2",
+                         "--init-image", str(tmp_path / "i.png"), "--mask",
+                         str(tmp_path / "m.png"), "--inpaint-area", "masked",
+                         "--masked-padding", "8", "--width", "32", "--height", "32",
+                         "--strength", "1", "--seed", "3", "-o", str(out)], capsys)
+    assert code == 0, err
+    only = _pixels(out)
+    assert only.shape == (48, 64, 3)
+    assert np.array_equal(only[:, :4], init[:, :4])
+    assert np.abs(only[16:32, 24:40].astype(int) - init[16:32, 24:40]).max() > 8
+    pairs = parse(_parameters(out))[2]
+    assert (pairs["Inpaint area"], pairs["Masked area padding"], pairs["Size"]) == \
+        ("Only masked", "8", "32x32")
 
 
 def test_each_image_of_a_batch_records_its_own_seed_and_regenerates(tmp_path, capsys):
@@ -710,6 +730,9 @@ BAD = {
                              "truncated"),
     "mask missing": (["--init-image", "{tmp}/dot.png", "--mask", "{tmp}/nope.png"], None,
                      "cannot read mask {tmp}/nope.png: no such file"),
+    "empty mask, only masked": (["--init-image", "{tmp}/dot.png", "--mask", "{tmp}/dot.png",
+                                 "--inpaint-area", "masked"], None,
+                                "mask must mark something to inpaint"),
     "negative mask blur": (["--init-image", "{tmp}/dot.png", "--mask", "{tmp}/dot.png",
                             "--mask-blur", "-1"], None,
                            "--mask-blur must be an integer from 0 to 64, got -1"),

@@ -27,6 +27,7 @@ openai = pytest.importorskip("openai")
 
 from sdrt.engine.demo.model import demo_config, demo_pipeline  # noqa: E402
 from sdrt.engine.infotext import SAMPLER_LABELS  # noqa: E402
+from sdrt.engine.inpaint import prepare  # noqa: E402
 from sdrt.serve.config import ServeConfig  # noqa: E402
 from sdrt.serve.local import LocalServer, free_port, wait_healthy  # noqa: E402
 
@@ -116,6 +117,62 @@ def test_openai_sdk_gets_the_images_the_library_makes(main_server, ref_pipe):
     with pytest.raises(openai.BadRequestError) as e:
         client.images.generate(prompt="a fox", size="64x64", response_format="url")
     assert "response_format" in str(e.value)
+
+
+def test_openai_sdk_edits_inpaint_and_redraw(main_server, ref_pipe):
+    # images.edit with a mask (transparent = repaint, OpenAI's convention) inpaints; without
+    # one it redraws the whole image; both are the library's images for the same seeds.
+    url, _ = main_server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
+                           timeout=TIMEOUT)
+    rng = np.random.default_rng(4)
+    init = Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    rgba = np.full((48, 64, 4), 255, dtype=np.uint8)
+    rgba[8:40, 16:48, 3] = 0  # transparent: repaint here
+    mask = Image.fromarray(rgba, "RGBA")
+    extra = {"steps": 2, "seed": 9, "guidance_scale": 6.0}
+    res = client.images.edit(image=("in.png", _png_file(init), "image/png"),
+                             mask=("mask.png", _png_file(mask), "image/png"),
+                             prompt="a red fox", n=2, extra_body=extra)
+    # The library's inpainting, pasted over the image through the mask (engine.inpaint).
+    job = prepare(init, 1 - rgba[..., 3].astype(np.float32) / 255, 64, 48)
+    for i, item in enumerate(res.data):
+        want = job.finish(reference(ref_pipe, "a red fox", 9 + i, size=(64, 48), guidance=6.0,
+                                    image=job.image, mask_image=job.mask, strength=1.0))
+        got = png(item.b64_json, (64, 48))
+        assert_same_image(got, want, f"inpainted image {i}")
+        assert np.array_equal(np.asarray(got)[:8], np.asarray(init)[:8])  # kept: exact
+    res = client.images.edit(image=("in.png", _png_file(init), "image/png"), prompt="a fox",
+                             size="32x32", extra_body={**extra, "strength": 0.6})
+    want = reference(ref_pipe, "a fox", 9, size=(32, 32), guidance=6.0, image=init,
+                     strength=0.6)
+    assert_same_image(png(res.data[0].b64_json, (32, 32)), want, "redrawn image")
+
+    def refused(**kw):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.images.edit(**{"prompt": "a fox", "extra_body": extra, **kw})
+        return str(e.value)
+    image = ("in.png", _png_file(init), "image/png")
+    assert "mask must be a PNG with an alpha channel" in refused(
+        image=image, mask=("m.png", _png_file(init), "image/png"))
+    assert "mask must have the image's size 64x48" in refused(
+        image=image, mask=("m.png", _png_file(mask.resize((32, 24))), "image/png"))
+    assert "image must be an image file" in refused(image=("in.png", b"text", "image/png"))
+    assert "image must be one image file, got 2" in refused(image=[image, image])
+    assert "strength" in refused(image=image, extra_body={**extra, "strength": 0})
+
+
+def test_edits_need_a_multipart_body(main_server):
+    url, _ = main_server
+    r = httpx.post(f"{url}/v1/images/edits", json={"prompt": "a fox"}, timeout=TIMEOUT)
+    assert r.status_code == 400 and "multipart/form-data" in r.json()["error"]["message"]
+    r = httpx.post(f"{url}/v1/images/edits", data={"prompt": "a fox", "steps": "two"},
+                   files={"image": ("i.png", _png_file(Image.new("RGB", (32, 32))))},
+                   timeout=TIMEOUT)
+    assert r.status_code == 422 and r.json()["error"]["param"] == "steps", r.text
+    r = httpx.post(f"{url}/v1/images/edits", data={"prompt": "a fox"}, timeout=TIMEOUT,
+                   files={"mask": ("m.png", _png_file(Image.new("RGBA", (32, 32))))})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "image", r.text
 
 
 # -- A1111's API -------------------------------------------------------------------------------
@@ -213,7 +270,8 @@ def test_a1111_img2img(main_server, ref_pipe):
 
 def test_a1111_inpaint(main_server, ref_pipe):
     # A1111's inpainting fields: the mask (here as A1111's canvas sends it, opaque where
-    # painted), inverted, blurred, at the strength given; the image is the library's.
+    # painted), inverted, blurred, at the strength given; the image is the library's, framed
+    # as A1111 frames it (engine.inpaint): over the whole picture, and only the masked area.
     from sdrt.engine.images import blur_mask
     url, _ = main_server
     rng = np.random.default_rng(1)
@@ -225,21 +283,36 @@ def test_a1111_inpaint(main_server, ref_pipe):
         buffer = io.BytesIO()
         im.save(buffer, format="PNG")
         return _b64(buffer.getvalue())
-    r = httpx.post(f"{url}/sdapi/v1/img2img", timeout=TIMEOUT, json={
-        "prompt": "a fox", "init_images": [b64(init)], "mask": b64(Image.fromarray(painted)),
-        "inpainting_mask_invert": 1, "mask_blur": 2, "inpainting_fill": 1,
-        "inpaint_full_res": False, "denoising_strength": 0.9, "steps": 2, "cfg_scale": 7,
-        "seed": 5, "width": 64, "height": 64})
+    body = {"prompt": "a fox", "init_images": [b64(init)], "mask": b64(Image.fromarray(painted)),
+            "inpainting_mask_invert": 1, "mask_blur": 2, "inpainting_fill": 1,
+            "inpaint_full_res": False, "denoising_strength": 0.9, "steps": 2, "cfg_scale": 7,
+            "seed": 5, "width": 64, "height": 64}
+    r = httpx.post(f"{url}/sdapi/v1/img2img", timeout=TIMEOUT, json=body)
     assert r.status_code == 200, r.text
     info = json.loads(r.json()["info"])
     assert "Mask blur: 2" in info["infotexts"][0]
     repaint = np.ones((64, 64), dtype=np.float32)
     repaint[16:48, 8:40] = 0  # inverted: all but the painted part
-    expected = reference(ref_pipe, "a fox", 5, guidance=7.0, image=init, strength=0.9,
-                         mask_image=blur_mask(repaint, 2))
+    job = prepare(init, blur_mask(repaint, 2), 64, 64)
+    expected = job.finish(reference(ref_pipe, "a fox", 5, guidance=7.0, image=job.image,
+                                    strength=0.9, mask_image=job.mask))
     assert_same_image(png(r.json()["images"][0], (64, 64)), expected, "inpaint")
     plain = reference(ref_pipe, "a fox", 5, guidance=7.0, image=init, strength=0.9)
     assert np.abs(np.asarray(expected, dtype=int) - np.asarray(plain)).max() > 8
+
+    # Only the masked area (A1111's default), here the painted part at 32x32, padding 4.
+    body.update(inpainting_mask_invert=0, inpaint_full_res=True, inpaint_full_res_padding=4,
+                width=32, height=32)
+    r = httpx.post(f"{url}/sdapi/v1/img2img", timeout=TIMEOUT, json=body)
+    assert r.status_code == 200, r.text
+    assert "Inpaint area: Only masked, Masked area padding: 4" in \
+        json.loads(r.json()["info"])["infotexts"][0]
+    job = prepare(init, blur_mask(1 - repaint, 2), 32, 32, only_masked=True, padding=4)
+    expected = job.finish(reference(ref_pipe, "a fox", 5, size=(32, 32), guidance=7.0,
+                                    image=job.image, strength=0.9, mask_image=job.mask))
+    got = png(r.json()["images"][0], (64, 64))  # the init image's size
+    assert_same_image(got, expected, "inpaint only masked")
+    assert np.array_equal(np.asarray(got)[:, 56:], np.asarray(init)[:, 56:])
 
 
 def test_a1111_samplers_and_models(main_server):
@@ -377,6 +450,12 @@ def _b64(data):
     return base64.b64encode(data).decode()
 
 
+def _png_file(im):
+    buffer = io.BytesIO()
+    im.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def _tiny_png():
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), (200, 30, 30)).save(buffer, format="PNG")
@@ -434,7 +513,9 @@ MALFORMED = [  # (endpoint, body: dict or raw bytes, what the message must name)
     (I2I, {"prompt": "a", "init_images": [_tiny_png()], "mask": _tiny_png(),
            "inpainting_fill": 0}, "inpainting_fill"),
     (I2I, {"prompt": "a", "init_images": [_tiny_png()], "mask": _tiny_png(),
-           "inpaint_full_res": True}, "inpaint_full_res"),
+           "inpaint_full_res_padding": -1}, "inpaint_full_res_padding"),
+    (I2I, {"prompt": "a", "init_images": [_tiny_png()], "mask": _b64(_png_file(
+        Image.new("L", (64, 64)))), "inpaint_full_res": True}, "mask"),  # nothing masked
     (I2I, {"prompt": "a", "init_images": [_tiny_png()], "mask": _tiny_png(),
            "mask_blur": -1}, "mask_blur"),
     (I2I, {"prompt": "a", "init_images": [_tiny_png()], "mask": _tiny_png(),

@@ -1,0 +1,109 @@
+"""Inpainting as AUTOMATIC1111 frames it around the pipeline: the CLI and the A1111 API use it.
+
+The pipeline inpaints as diffusers does: the whole image goes through the VAE and comes back
+as the model drew it. A1111 adds two things, both here:
+
+- **The overlay:** the result is pasted over the init image through the (blurred) mask, so
+  every pixel outside the mask is the init image's own. Over the whole picture A1111 pastes
+  through twice the mask (clipped to 1), so the blur's soft edge leans to the new pixels.
+- **"Only masked"** (``inpaint_full_res``): the mask's bounding box, grown by ``padding``
+  pixels and then to the output's aspect ratio, is cut out of the image and the mask,
+  resized to the output size and inpainted there (more pixels for a small region), and the
+  result is resized back into its place in the full-size image.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import SdrtError
+
+MAX_PADDING = 256  # pixels, A1111's slider's end
+
+
+@dataclass
+class Inpaint:
+    """An init image and mask prepared for the pipeline, and how to finish its results."""
+    image: object  # PIL RGB: what the pipeline inpaints (the cut-out region, resized)
+    mask: np.ndarray  # float32 (height, width) in [0, 1]: the pipeline's mask_image
+    original: object  # PIL RGB: the picture the result is pasted into
+    overlay: np.ndarray  # float32 (H, W) in [0, 1], the original's size: the result's weight
+    region: tuple = None  # (x1, y1, x2, y2) of the cut-out region in the original
+
+    def finish(self, result):
+        """A pipeline result (PIL) → the final picture: resized into its region (only
+        masked) and pasted over the original through the overlay mask."""
+        from PIL import Image
+        if self.region is not None:
+            x1, y1, x2, y2 = self.region
+            canvas = self.original.copy()
+            canvas.paste(result.convert("RGB").resize((x2 - x1, y2 - y1), Image.LANCZOS),
+                         (x1, y1))
+            result = canvas
+        new = np.asarray(result.convert("RGB"), dtype=np.float32)
+        old = np.asarray(self.original, dtype=np.float32)
+        a = self.overlay[..., None]
+        return Image.fromarray(np.rint(new * a + old * (1 - a)).clip(0, 255).astype(np.uint8))
+
+
+def prepare(image, mask, width, height, only_masked=False, padding=32):
+    """``image`` (PIL) and its ``mask`` (float (H, W) in [0, 1], 1 where repainted, already
+    blurred; resized to the image's size if it differs) → an ``Inpaint`` for an output of
+    ``width`` × ``height`` pixels. With ``only_masked`` the region around the mask, grown by
+    ``padding`` pixels, is inpainted at the output size; an empty mask is refused there (there
+    is no region)."""
+    from PIL import Image
+    original = image.convert("RGB")
+    if mask.shape != (original.height, original.width):
+        mask = _resize(mask, original.width, original.height)
+    if not only_masked:
+        if original.size != (width, height):
+            original = original.resize((width, height), Image.LANCZOS)
+            mask = _resize(mask, width, height)
+        return Inpaint(original, mask, original, np.clip(mask * 2, 0, 1))
+    region = crop_region(mask, padding)
+    if region is None:
+        raise SdrtError("mask must mark something to inpaint when only the masked area is "
+                        "inpainted, got an empty mask")
+    region = expand_region(region, width, height, original.width, original.height)
+    x1, y1, x2, y2 = region
+    cut = original.crop(region).resize((width, height), Image.LANCZOS)
+    return Inpaint(cut, _resize(mask[y1:y2, x1:x2], width, height), original, mask, region)
+
+
+def crop_region(mask, padding):
+    """(x1, y1, x2, y2), x2 and y2 exclusive: the bounding box of the mask's non-zero pixels
+    (as 8 bits would store them) grown by ``padding`` on each side within the image; None
+    for an empty mask."""
+    ys, xs = np.nonzero(mask * 255 >= 0.5)
+    if not len(xs):
+        return None
+    h, w = mask.shape
+    return (max(int(xs.min()) - padding, 0), max(int(ys.min()) - padding, 0),
+            min(int(xs.max()) + 1 + padding, w), min(int(ys.max()) + 1 + padding, h))
+
+
+def expand_region(region, width, height, image_width, image_height):
+    """``region`` grown along one axis, centred where it can be, to the aspect ratio of
+    ``width`` × ``height``, and kept inside the image (A1111's expand_crop_region)."""
+    x1, y1, x2, y2 = region
+    if (x2 - x1) / (y2 - y1) > width / height:
+        y1, y2 = _grow(y1, y2, int((x2 - x1) * height / width - (y2 - y1)), image_height)
+    else:
+        x1, x2 = _grow(x1, x2, int((y2 - y1) * width / height - (x2 - x1)), image_width)
+    return x1, y1, x2, y2
+
+
+def _grow(lo, hi, by, size):
+    """[lo, hi) grown by ``by``, half each side, then shifted back inside [0, size)."""
+    lo, hi = lo - by // 2, hi + by - by // 2
+    if hi > size:
+        lo, hi = lo - (hi - size), size
+    if lo < 0:
+        lo, hi = 0, min(hi - lo, size)
+    return lo, hi
+
+
+def _resize(mask, width, height):
+    from PIL import Image
+    image = Image.fromarray(np.asarray(mask, dtype=np.float32), "F")
+    return np.asarray(image.resize((width, height), Image.BILINEAR), dtype=np.float32).clip(0, 1)

@@ -1,0 +1,93 @@
+"""A1111's framing of inpainting (engine/inpaint.py): the overlay that keeps every unmasked
+pixel, and "only masked", which inpaints the mask's region at the output size and pastes it
+back. A1111's own examples (its docstrings) and hand-worked cases are the reference."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdrt.engine.errors import SdrtError
+from sdrt.engine.inpaint import crop_region, expand_region, prepare
+
+
+def _picture(w=96, h=64, seed=0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def test_crop_region_is_the_padded_bounding_box():
+    mask = np.zeros((64, 96), dtype=np.float32)
+    mask[10:20, 30:41] = 1
+    assert crop_region(mask, 0) == (30, 10, 41, 20)
+    assert crop_region(mask, 5) == (25, 5, 46, 25)
+    assert crop_region(mask, 50) == (0, 0, 91, 64)  # clamped to the image
+    mask[63, 95] = 1 / 255  # one 8-bit level counts
+    assert crop_region(mask, 0) == (30, 10, 96, 64)
+    mask[63, 95] = 0.4 / 255  # below one level does not
+    assert crop_region(mask, 0) == (30, 10, 41, 20)
+    assert crop_region(np.zeros((8, 8), np.float32), 4) is None
+
+
+@pytest.mark.parametrize("region,size,image,expected", [
+    # A1111's docstring: a 128x32 region processed at 512x512 becomes 128x128.
+    ((0, 0, 128, 32), (512, 512), (512, 512), (0, 0, 128, 128)),
+    ((100, 200, 228, 232), (512, 512), (512, 512), (100, 152, 228, 280)),  # centred
+    ((100, 480, 228, 512), (512, 512), (512, 512), (100, 384, 228, 512)),  # at the bottom
+    ((10, 10, 20, 50), (64, 32), (200, 100), (0, 10, 80, 50)),  # wider, at the left
+    ((0, 0, 100, 100), (64, 64), (100, 100), (0, 0, 100, 100)),  # already square
+])
+def test_expand_region_to_the_output_ratio(region, size, image, expected):
+    assert expand_region(region, *size, *image) == expected
+
+
+def test_whole_picture_pastes_through_twice_the_mask():
+    picture = _picture()
+    mask = np.zeros((64, 96), dtype=np.float32)
+    mask[:, 48:] = 1
+    mask[:, 40:48] = 0.25
+    job = prepare(picture, mask, 96, 64)
+    assert job.image.size == (96, 64) and job.region is None
+    assert np.array_equal(job.mask, mask)
+    white = Image.new("RGB", (96, 64), (255, 255, 255))
+    out = np.asarray(job.finish(white), dtype=np.float32)
+    old = np.asarray(picture, dtype=np.float32)
+    assert np.array_equal(out[:, :40], old[:, :40])  # unmasked: the original, exactly
+    assert np.array_equal(out[:, 48:], np.full_like(out[:, 48:], 255))
+    np.testing.assert_allclose(out[:, 40:48], np.rint(255 * 0.5 + old[:, 40:48] * 0.5))
+
+
+def test_whole_picture_at_another_size():
+    job = prepare(_picture(), np.ones((32, 48), dtype=np.float32), 48, 32)
+    assert job.image.size == job.original.size == (48, 32)
+    assert job.mask.shape == job.overlay.shape == (32, 48)
+
+
+def test_only_masked_cuts_resizes_and_pastes_back():
+    picture = _picture(seed=1)
+    mask = np.zeros((64, 96), dtype=np.float32)
+    mask[20:30, 40:50] = 1
+    job = prepare(picture, mask, 32, 32, only_masked=True, padding=3)
+    assert job.region == (37, 17, 53, 33)  # 10x10 grown by 3, already square
+    assert job.image.size == (32, 32) and job.mask.shape == (32, 32)
+    # The cut-out mask at 2x: the masked block spans the middle 20x20 pixels.
+    assert job.mask[16, 16] == 1 and job.mask[1, 1] == 0
+    black = Image.new("RGB", (32, 32))
+    out = np.asarray(job.finish(black))
+    old = np.asarray(picture)
+    assert out.shape == old.shape  # the original's size
+    assert np.array_equal(out[20:30, 40:50], np.zeros((10, 10, 3)))
+    outside = np.ones((64, 96), dtype=bool)
+    outside[20:30, 40:50] = False
+    assert np.array_equal(out[outside], old[outside])
+
+
+def test_only_masked_refuses_an_empty_mask():
+    with pytest.raises(SdrtError, match="empty mask"):
+        prepare(_picture(), np.zeros((64, 96), dtype=np.float32), 32, 32, only_masked=True)
+
+
+def test_a_mask_of_another_size_is_resized_to_the_image():
+    mask = np.zeros((32, 48), dtype=np.float32)
+    mask[:, 24:] = 1
+    job = prepare(_picture(), mask, 96, 64)
+    assert job.mask.shape == (64, 96)
+    assert job.mask[:, :46].max() == 0 and job.mask[:, 50:].min() == 1
