@@ -112,11 +112,7 @@ def _image_tensor(item):
         raise SdrtError(f"image must be a PIL image, a float array (H, W, 3) or a float "
                         f"tensor (B, 3, H, W) in [0, 1], or a list of them, got "
                         f"{type(item).__name__}")
-    if not shape_ok:
-        raise SdrtError(f"an image {what} must be {layout}, got shape {tuple(item.shape)}")
-    if not floating:
-        raise SdrtError(f"an image {what} must hold floats in [0, 1], got dtype "
-                        f"{item.dtype} (divide by 255, or pass a PIL image)")
+    _check_layout(item, f"an image {what}", layout, shape_ok, floating)
     if what == "array":
         t = torch.from_numpy(np.ascontiguousarray(item, dtype=np.float32))
         t = t.reshape(-1, *t.shape[-3:]).permute(0, 3, 1, 2)
@@ -124,6 +120,15 @@ def _image_tensor(item):
         t = item.detach().to("cpu", torch.float32)
         t = t.reshape(-1, *t.shape[-3:])
     return _unit_range(t, "image").contiguous()
+
+
+def _check_layout(item, what, layout, shape_ok, floating):
+    """An array or tensor input is of an allowed ``layout`` and holds floats."""
+    if not shape_ok:
+        raise SdrtError(f"{what} must be {layout}, got shape {tuple(item.shape)}")
+    if not floating:
+        raise SdrtError(f"{what} must hold floats in [0, 1], got dtype {item.dtype} (divide "
+                        f"by 255, or pass a PIL image)")
 
 
 def _unit_range(t, field):
@@ -163,11 +168,7 @@ def _mask_tensor(item):
         raise SdrtError(f"mask_image must be a PIL image, a float array (H, W) or a float "
                         f"tensor (B, 1, H, W) in [0, 1], or a list of them, got "
                         f"{type(item).__name__}")
-    if not shape_ok:
-        raise SdrtError(f"a mask_image {what} must be {layout}, got shape {tuple(item.shape)}")
-    if not floating:
-        raise SdrtError(f"a mask_image {what} must hold floats in [0, 1], got dtype "
-                        f"{item.dtype} (divide by 255, or pass a PIL image)")
+    _check_layout(item, f"a mask_image {what}", layout, shape_ok, floating)
     t = (torch.from_numpy(np.ascontiguousarray(item, dtype=np.float32)) if what == "array"
          else item.detach().to("cpu", torch.float32))
     return _unit_range(t.reshape(-1, 1, *t.shape[-2:]), "mask_image").contiguous()

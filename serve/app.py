@@ -345,24 +345,13 @@ def create_app(config: ServeConfig = None) -> FastAPI:
         server.require_ready()
         t0 = time.perf_counter()
         _check_openai_formats(body)
-        width, height = _size(body.size, server)
-        req = server.check(
-            _OPENAI_NAMES, prompt=body.prompt, negative_prompt=body.negative_prompt,
-            height=height, width=width,
-            num_inference_steps=_given(body.steps, server.runner.default_steps),
-            guidance_scale=_given(body.guidance_scale, server.runner.default_guidance, 7.5),
-            sampler=server.sampler(body.sampler, "sampler"), seed=body.seed,
-            num_images_per_prompt=body.n)
+        req = _openai_request(server, body, *_size(body.size, server))
         seeds = server.seeds(req.seed, body.n, "seed")
         key = BatchKey(req.height, req.width, req.num_inference_steps, req.sampler,
                        req.guidance, None, 0, server.chunks(req))
         rows = [Row(body.prompt, body.negative_prompt or "", req.guidance_scale, s)
                 for s in seeds]
-        images = await server.generate(request, key, rows)
-        pngs = await server.encode(images, [server.infotext(key, r) for r in rows])
-        server.metrics.stage_seconds.labels("total").observe(time.perf_counter() - t0)
-        return schemas.ImagesResponse(created=int(time.time()),
-                                      data=[schemas.ImageData(b64_json=p) for p in pngs])
+        return await _openai_images(server, request, t0, key, rows)
 
     @app.post("/v1/images/edits", response_model=schemas.ImagesResponse, responses=errors,
               tags=["OpenAI"])
@@ -389,14 +378,8 @@ def create_app(config: ServeConfig = None) -> FastAPI:
         if width is None:
             f = server.runner.pipe.vae_scale_factor
             width, height = image.width - image.width % f, image.height - image.height % f
-        strength = _given(body.strength, 1.0 if mask is not None else 0.8)
-        req = server.check(
-            _OPENAI_NAMES, prompt=body.prompt, negative_prompt=body.negative_prompt,
-            height=height, width=width,
-            num_inference_steps=_given(body.steps, server.runner.default_steps),
-            guidance_scale=_given(body.guidance_scale, server.runner.default_guidance, 7.5),
-            sampler=server.sampler(body.sampler, "sampler"), seed=body.seed,
-            num_images_per_prompt=body.n, strength=strength, has_image=True)
+        req = _openai_request(server, body, width, height, has_image=True,
+                              strength=_given(body.strength, 1.0 if mask is not None else 0.8))
         seeds = server.seeds(req.seed, body.n, "seed")
         job = None
         if mask is not None:  # pasted back through the mask: the kept pixels stay exact
@@ -407,13 +390,8 @@ def create_app(config: ServeConfig = None) -> FastAPI:
                        inpaint=mask is not None)
         rows = [Row(body.prompt, body.negative_prompt or "", req.guidance_scale, s, image, mask)
                 for s in seeds]
-        images = await server.generate(request, key, rows)
-        if job is not None:
-            images = await run_in_threadpool(lambda: [job.finish(im) for im in images])
-        pngs = await server.encode(images, [server.infotext(key, r) for r in rows])
-        server.metrics.stage_seconds.labels("total").observe(time.perf_counter() - t0)
-        return schemas.ImagesResponse(created=int(time.time()),
-                                      data=[schemas.ImageData(b64_json=p) for p in pngs])
+        return await _openai_images(server, request, t0, key, rows,
+                                    job.finish if job is not None else None)
 
     # -- AUTOMATIC1111 --------------------------------------------------------------------------
 
@@ -559,6 +537,29 @@ def create_app(config: ServeConfig = None) -> FastAPI:
         return Response(server_of(request).metrics.text(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _openai_request(server, body, width, height, **image_fields):
+    """The checked request of an OpenAI body: its fields, and sdrt's extras."""
+    return server.check(
+        _OPENAI_NAMES, prompt=body.prompt, negative_prompt=body.negative_prompt,
+        height=height, width=width,
+        num_inference_steps=_given(body.steps, server.runner.default_steps),
+        guidance_scale=_given(body.guidance_scale, server.runner.default_guidance, 7.5),
+        sampler=server.sampler(body.sampler, "sampler"), seed=body.seed,
+        num_images_per_prompt=body.n, **image_fields)
+
+
+async def _openai_images(server, request, t0, key, rows, finish=None):
+    """Generate ``rows`` and answer as OpenAI does; ``finish`` (an inpainting job's) turns
+    each image into the one returned."""
+    images = await server.generate(request, key, rows)
+    if finish is not None:
+        images = await run_in_threadpool(lambda: [finish(im) for im in images])
+    pngs = await server.encode(images, [server.infotext(key, r) for r in rows])
+    server.metrics.stage_seconds.labels("total").observe(time.perf_counter() - t0)
+    return schemas.ImagesResponse(created=int(time.time()),
+                                  data=[schemas.ImageData(b64_json=p) for p in pngs])
 
 
 def _check_openai_formats(body):
