@@ -261,9 +261,10 @@ def _generate_options(g):
     g.add_argument("--init-image", metavar="PATH", default=None,
                    help="start from this image (image-to-image); its EXIF orientation is "
                         "applied and transparency is composited onto white")
-    g.add_argument("--strength", metavar="S", type=float_arg, default=0.8,
+    g.add_argument("--strength", metavar="S", type=float_arg, default=None,
                    help="with --init-image: how much of the image to repaint, in (0, 1]; 1 "
-                        "keeps nothing of it")
+                        "keeps nothing of it; the hires fix's is 0.75 unless given "
+                        "(default: 0.8)")
     g.add_argument("--mask", metavar="PATH", default=None,
                    help="with --init-image: inpaint, repainting where this mask is white (or, "
                         "in a PNG with transparency, opaque: A1111's masks) and keeping the "
@@ -280,6 +281,25 @@ def _generate_options(g):
                         "--height, then pasted back (A1111's 'Only masked')")
     g.add_argument("--masked-padding", metavar="PX", type=int_arg, default=32,
                    help="with --inpaint-area masked: pixels of context around the mask")
+    g.add_argument("--hr-scale", metavar="F", type=float_arg, default=None,
+                   help="hires fix (A1111's): draw at --width × --height, upscale by F and "
+                        "redraw at that size with image-to-image at --strength (default 0.75 "
+                        "here)")
+    g.add_argument("--hr-resize", metavar="WxH", type=size_arg, default=None,
+                   help="hires fix to this size instead of --hr-scale (A1111's 'resize "
+                        "width/height to')")
+    g.add_argument("--hr-upscaler", metavar="NAME", default="Latent",
+                   help="how the hires fix upscales: Latent, Latent (antialiased), Latent "
+                        "(bicubic), Latent (bicubic antialiased), Latent (nearest), Latent "
+                        "(nearest-exact), Lanczos or Nearest")
+    g.add_argument("--hr-steps", metavar="N", type=int_arg, default=0,
+                   help="the hires fix's steps (0: --steps)")
+    g.add_argument("--hr-sampler", metavar="NAME", default=None,
+                   help="the hires fix's sampler (default: --sampler)")
+    g.add_argument("--hr-prompt", metavar="TEXT", default="",
+                   help="the hires fix's prompt (default: the prompt)")
+    g.add_argument("--hr-negative", metavar="TEXT", default="",
+                   help="the hires fix's negative prompt (default: --negative)")
     g.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda if a GPU is available, else cpu")
     g.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,

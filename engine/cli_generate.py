@@ -7,6 +7,7 @@ warning line each. On CUDA a text-to-image request runs through a static plan (C
 built first and timed apart. Output files never replace an existing file unless
 ``--overwrite`` is given: an image takes the next free name instead.
 """
+import argparse
 import itertools
 import os
 import sys
@@ -16,6 +17,7 @@ from .atomic import write_file
 from .errors import SdrtError
 from .infotext import Infotext, lora_tags, model_identity, number, png_bytes
 from .infotext import short_hash as file_hash
+from .cli import size_arg
 from .request import MAX_SEED, GenerationRequest, Limits
 
 # Request field → the option that sets it, so that a message names what the user typed.
@@ -36,6 +38,8 @@ def generate(a):
     if a.prompt is None:
         raise SdrtError("a prompt is needed (or --from-png IMAGE.png to take it from a PNG)")
     prompt, loras, recorded_prompt = _prompt_loras(a)
+    if a.strength is None:  # A1111's defaults: image to image 0.8, the hires fix 0.75
+        a.strength = 0.75 if a.hr_scale is not None or a.hr_resize is not None else 0.8
     request = GenerationRequest(
         prompt=prompt, negative_prompt=a.negative, height=a.height, width=a.width,
         num_inference_steps=a.steps, guidance_scale=a.guidance, sampler=a.sampler, seed=a.seed,
@@ -43,6 +47,7 @@ def generate(a):
         output_type="pil", has_image=a.init_image is not None, prompt_syntax=a.prompt_syntax,
         **_sdxl_fields(a),
     ).check(names=OPTION_NAMES, limits=Limits.from_env())
+    hires = _hires(a, request)
     output = _output_path(a)
     _check_sources(a)
     init = mask = None
@@ -100,10 +105,18 @@ def generate(a):
                 guidance_scale=a.guidance, generator=generators, clip_skip=a.clip_skip,
                 prompt_syntax=a.prompt_syntax, num_images_per_prompt=a.batch)
     with _Progress() as progress:
-        images = pipe(prompt, height=request.height, width=request.width, sampler=sampler,
-                      image=init, mask_image=mask, strength=a.strength,
-                      callback=None if plan else progress,
-                      output_type="latent" if refiner else "pil", **_sdxl_fields(a), **call)
+        if hires is not None:
+            from .hires import generate as hires_generate
+            images = hires_generate(pipe, hires, prompt, call.pop("negative_prompt"),
+                                    request.height, request.width, call.pop("num_inference_steps"),
+                                    sampler, call.pop("generator"), **_sdxl_fields(a), **call,
+                                    callback=None if plan else progress)
+        else:
+            images = pipe(prompt, height=request.height, width=request.width, sampler=sampler,
+                          image=init, mask_image=mask, strength=a.strength,
+                          callback=None if plan else progress,
+                          output_type="latent" if refiner else "pil", **_sdxl_fields(a),
+                          **call)
     if refiner is not None:
         # The base's partly denoised latents, one row per image, finished by the refiner.
         with _Progress() as progress:
@@ -116,7 +129,8 @@ def generate(a):
         timings = {k: pipe.timings.get(k, 0) + refiner.timings.get(k, 0)
                    for k in ("text", "denoise", "decode", "unet_calls")}
         pipe.timings = timings
-    width, height = images[0].size  # the size the model drew at, which the PNG records
+    # The size the model drew at (a hires fix's first pass), which the PNG records.
+    width, height = (request.width, request.height) if hires else images[0].size
     if inpaint is not None:
         images = [inpaint.finish(im) for im in images]
     if a.runtime == "onnx":  # networks in onnxruntime: named by the export, not hashed
@@ -136,7 +150,9 @@ def generate(a):
     infos = [str(Infotext(prompt=recorded_prompt, negative_prompt=a.negative or "",
                           steps=a.steps, sampler=sampler, cfg_scale=a.guidance, seed=s,
                           width=width, height=height, model_name=name, model_hash=short_hash,
-                          denoising_strength=a.strength if init is not None else None,
+                          denoising_strength=(hires.strength if hires else a.strength
+                                              if init is not None else None),
+                          hires=tuple(hires.params().items()) if hires else (),
                           clip_skip=a.clip_skip, lora_hashes=lora_hashes,
                           mask_blur=a.mask_blur if mask is not None else None,
                           masked_padding=(a.masked_padding if mask is not None
@@ -145,6 +161,35 @@ def generate(a):
              for s in seeds]
     paths, taken = _save_pngs(images, output, infos, a.overwrite)
     print(_summary(pipe.timings, plan, seed, paths, taken))
+
+
+def _hires(a, request):
+    """The hires fix asked for (--hr-scale or --hr-resize), checked; None without one."""
+    if a.hr_scale is None and a.hr_resize is None:
+        return None
+    from .hires import Hires
+    for option, value in (("--init-image", a.init_image), ("--refiner", a.refiner)):
+        if value is not None:
+            raise SdrtError(f"--hr-scale/--hr-resize (the hires fix) redraws a text-to-image "
+                            f"run; it cannot be combined with {option}")
+    h, w = a.hr_resize or (0, 0)
+    hires = Hires(scale=a.hr_scale if a.hr_scale is not None else 2.0,
+                  upscaler=a.hr_upscaler, steps=a.hr_steps,
+                  strength=a.strength, resize_x=w,
+                  resize_y=h, sampler=a.hr_sampler, prompt=a.hr_prompt,
+                  negative_prompt=a.hr_negative)
+    limits = Limits.from_env()
+    names = {"scale": "--hr-scale", "upscaler": "--hr-upscaler", "steps": "--hr-steps",
+             "strength": "--strength", "resize_x": "--hr-resize", "resize_y": "--hr-resize",
+             "sampler": "--hr-sampler", "prompt": "--hr-prompt",
+             "negative_prompt": "--hr-negative"}
+    hires.check(names, limits.max_side, limits.max_steps)
+    width, height = request.width or 512, request.height or 512
+    for option, side in zip(("width", "height"), hires.target(width, height)[:2]):
+        if side > limits.max_side:
+            raise SdrtError(f"the hires fix's {option} must be at most {limits.max_side} "
+                            f"pixels (SDRT_MAX_SIDE), got {side}")
+    return hires
 
 
 # -- checks before torch is imported -----------------------------------------------------------
@@ -232,6 +277,12 @@ _PNG_SETTINGS = {
     "Inpaint area": ("--inpaint-area", "inpaint_area",
                      {"Only masked": "masked", "Whole picture": "whole"}.get),
     "Masked area padding": ("--masked-padding", "masked_padding", int),
+    "Hires upscale": ("--hr-scale", "hr_scale", float),
+    "Hires steps": ("--hr-steps", "hr_steps", int),
+    "Hires upscaler": ("--hr-upscaler", "hr_upscaler", str),
+    "Hires sampler": ("--hr-sampler", "hr_sampler", "sampler"),
+    "Hires prompt": ("--hr-prompt", "hr_prompt", str),
+    "Hires negative prompt": ("--hr-negative", "hr_negative", str),
 }
 
 
@@ -277,7 +328,20 @@ def _apply_png(a):
                 warnings.warn(f"--from-png {a.from_png} used {name} [{recorded}], but "
                               f"{given[name]} is [{file_hash(given[name])}]: the image will "
                               "differ")
-    if "Denoising strength" in pairs and a.init_image is None:
+    if "Hires resize" in pairs and "hr_resize" not in a.given:
+        try:
+            a.hr_resize = size_arg(pairs["Hires resize"])
+        except argparse.ArgumentTypeError:
+            raise SdrtError(f"--from-png {a.from_png}: Hires resize "
+                            f"{pairs['Hires resize']!r} is not WxH") from None
+    hires = any(k.startswith("Hires ") for k in pairs)
+    if hires and "Denoising strength" in pairs and "strength" not in a.given:
+        try:
+            a.strength = float(pairs["Denoising strength"])
+        except ValueError:
+            raise SdrtError(f"--from-png {a.from_png}: Denoising strength "
+                            f"{pairs['Denoising strength']!r} is not a number") from None
+    if "Denoising strength" in pairs and a.init_image is None and not hires:
         warnings.warn(f"--from-png {a.from_png} was made from an init image (Denoising "
                       f"strength {pairs['Denoising strength']}); without --init-image this is "
                       "text-to-image")
@@ -346,8 +410,14 @@ def _warn_unused_options(a):
     def unused(option, why):
         warnings.warn(f"{option} does nothing here: {why}")
 
-    if "strength" in a.given and a.init_image is None:
-        unused("--strength", "it applies to --init-image")
+    if "strength" in a.given and a.init_image is None and a.hr_scale is None and \
+            a.hr_resize is None:
+        unused("--strength", "it applies to --init-image and the hires fix")
+    if a.hr_scale is None and a.hr_resize is None:
+        for option in ("hr_upscaler", "hr_steps", "hr_sampler", "hr_prompt", "hr_negative"):
+            if option in a.given:
+                unused(f"--{option.replace('_', '-')}", "it applies to --hr-scale or "
+                                                        "--hr-resize")
     if a.mask is None:
         if a.invert_mask:
             unused("--invert-mask", "it applies to --mask")
@@ -460,6 +530,8 @@ class _Progress:
             from tqdm import tqdm
             self.bar = tqdm(total=pipe.num_timesteps, desc="denoising", unit="step",
                             file=sys.stderr, leave=False)
+        elif step_index == 0:  # a second pass (the hires fix) starts its own count
+            self.bar.reset(total=pipe.num_timesteps)
         self.bar.update(1)
         return None
 

@@ -89,6 +89,7 @@ class Infotext:
     clip_skip: int = 0         # sdrt's count of skipped layers
     mask_blur: int = None      # inpainting only: the mask's blur, in pixels
     masked_padding: int = None  # inpainting only the masked area: its padding, in pixels
+    hires: tuple = ()          # ((key, value), ...): a hires fix's pairs (hires.Hires.params)
     version: str = None
     lora_hashes: tuple = ()    # ((name, A1111 short hash), ...) of the LoRAs applied
     ti_hashes: tuple = ()      # ((token, A1111 short hash), ...) of the embeddings loaded
@@ -111,6 +112,9 @@ class Infotext:
             "Mask blur": self.mask_blur,
             "Inpaint area": None if self.masked_padding is None else "Only masked",
             "Masked area padding": self.masked_padding,
+            **{k: (number(v) if isinstance(v, float) else
+                   SAMPLER_LABELS.get(v, v) if k == "Hires sampler" else v)
+               for k, v in self.hires},
             "Refiner": self.refiner,
             "Refiner switch at": (None if self.refiner_switch_at is None
                                   else number(self.refiner_switch_at)),

@@ -163,7 +163,8 @@ class Server:
             width=key.width, height=key.height, model_name=self.runner.model_name,
             model_hash=self.runner.model_hash, denoising_strength=key.strength,
             clip_skip=key.clip_skip, mask_blur=row.mask_blur,
-            masked_padding=row.masked_padding))
+            masked_padding=row.masked_padding,
+            hires=tuple(key.hires.params().items()) if key.hires else ()))
 
     async def encode(self, images, texts):
         t0 = time.perf_counter()
@@ -395,11 +396,12 @@ def create_app(config: ServeConfig = None) -> FastAPI:
 
     # -- AUTOMATIC1111 --------------------------------------------------------------------------
 
-    async def a1111(request, body: schemas.Txt2ImgRequest, init_images=None, strength=None,
+    async def a1111(request, body: schemas.A1111Request, init_images=None, strength=None,
                     mask=None):
         server = server_of(request)
         server.require_ready()
         t0 = time.perf_counter()
+        _check_unsupported(body)
         sampler = server.sampler(body.sampler_name or body.sampler_index, "sampler_name")
         clip_skip = _clip_skip(body.override_settings,
                                min(e.config.num_hidden_layers for e in
@@ -428,17 +430,19 @@ def create_app(config: ServeConfig = None) -> FastAPI:
             num_images_per_prompt=body.batch_size * body.n_iter, clip_skip=clip_skip,
             strength=strength if strength is not None else 0.8,
             has_image=init_images is not None)
+        enable_hr = isinstance(body, schemas.Txt2ImgRequest) and body.enable_hr
+        hires = _hires(server, body, req) if enable_hr else None
         seeds = server.seeds(req.seed, n, "seed")
         key = BatchKey(req.height, req.width, req.num_inference_steps, req.sampler,
                        req.guidance, req.strength if init_images else None, req.clip_skip,
-                       server.chunks(req), inpaint=mask is not None)
-        extra, jobs = {}, None
+                       server.chunks(req), inpaint=mask is not None, hires=hires)
+        extra, jobs = dict(hires.params()) if hires else {}, None
         if mask is not None:  # one job per init image; image i inpaints init image i mod n
             only = body.inpaint_full_res
             jobs = await run_in_threadpool(_inpaint_jobs, init_images, mask, req, only,
                                            body.inpaint_full_res_padding)
             init_images = [job.image for job in jobs]
-            extra = {"Mask blur": body.mask_blur}
+            extra["Mask blur"] = body.mask_blur
             if only:
                 extra.update({"Inpaint area": "Only masked",
                               "Masked area padding": body.inpaint_full_res_padding})
@@ -466,7 +470,8 @@ def create_app(config: ServeConfig = None) -> FastAPI:
             "steps": req.num_inference_steps, "batch_size": body.batch_size,
             "restore_faces": False, "sd_model_name": server.runner.model_name,
             "sd_model_hash": server.runner.model_hash,
-            "denoising_strength": req.strength if init_images else None,
+            "denoising_strength": (hires.strength if hires else
+                                   req.strength if init_images else None),
             "extra_generation_params": extra,
             "index_of_first_image": 0, "infotexts": texts,
             "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
@@ -672,6 +677,70 @@ def _check_inpaint_fields(body):
         if not ok:
             raise ApiError(400, f"{field} must be {allowed}, got "
                                 f"{short_repr(getattr(body, field))}", "bad_request", field)
+
+
+# A1111 fields of features sdrt does not have, and the values that leave them off.
+_OFF_VALUES = {"restore_faces": (None, False), "tiling": (None, False),
+               "subseed_strength": (None, 0), "seed_resize_from_h": (None, -1, 0),
+               "seed_resize_from_w": (None, -1, 0), "styles": (None, []),
+               "script_name": (None, "", "None"), "refiner_checkpoint": (None, "", "None")}
+_FEATURES = {"restore_faces": "face restoration", "tiling": "tiling",
+             "subseed_strength": "variation seeds", "seed_resize_from_h": "seed resizing",
+             "seed_resize_from_w": "seed resizing", "styles": "styles",
+             "script_name": "scripts", "refiner_checkpoint": "A1111's refiner switch",
+             "alwayson_scripts": "always-on scripts (ControlNet, ...)"}
+
+
+def _check_unsupported(body):
+    """A field of a feature sdrt does not have is refused unless it leaves the feature off:
+    silently ignoring it would return a different picture than the client asked for."""
+    for field, off in _OFF_VALUES.items():
+        value = getattr(body, field)
+        if value not in off:
+            raise ApiError(400, f"{field} must be off ({' or '.join(map(json.dumps, off))}): "
+                                f"{_FEATURES[field]} is not supported, got {short_repr(value)}",
+                           "bad_request", field)
+    for name, script in (body.alwayson_scripts or {}).items():
+        if not isinstance(script, dict) or script.get("args"):
+            raise ApiError(400, f"alwayson_scripts must hold no script with arguments: "
+                                f"{_FEATURES['alwayson_scripts']} are not supported, got "
+                                f"{short_repr(name)}", "bad_request", "alwayson_scripts")
+
+
+def _hires(server, body, req):
+    """A txt2img request's hires fix (``enable_hr``), checked, its second pass's size and
+    memory too."""
+    from sdrt.engine.hires import Hires
+    if body.hr_checkpoint_name not in (None, "", "Use same checkpoint"):
+        raise ApiError(400, f"hr_checkpoint_name must be null, '' or 'Use same checkpoint' "
+                            f"(the server runs one model), got "
+                            f"{short_repr(body.hr_checkpoint_name)}", "bad_request",
+                       "hr_checkpoint_name")
+    names = {"scale": "hr_scale", "upscaler": "hr_upscaler", "steps": "hr_second_pass_steps",
+             "strength": "denoising_strength", "resize_x": "hr_resize_x",
+             "resize_y": "hr_resize_y", "sampler": "hr_sampler_name", "prompt": "hr_prompt",
+             "negative_prompt": "hr_negative_prompt"}
+    try:
+        hires = Hires(scale=body.hr_scale, upscaler=body.hr_upscaler or "Latent",
+                      steps=body.hr_second_pass_steps,
+                      strength=_given(body.denoising_strength, 0.75),
+                      resize_x=body.hr_resize_x, resize_y=body.hr_resize_y,
+                      sampler=server.sampler(body.hr_sampler_name or None, "hr_sampler_name"),
+                      prompt=body.hr_prompt, negative_prompt=body.hr_negative_prompt,
+                      ).check(names, server.limits.max_side, server.limits.max_steps)
+    except SdrtError as e:
+        raise ApiError(400, str(e), "bad_request", _param_of(str(e)))
+    width, height, _, _ = hires.target(req.width, req.height,
+                                       server.runner.pipe.vae_scale_factor)
+    steps, _ = hires.schedule_steps(req.num_inference_steps)
+    second = {"height": "hr_scale", "width": "hr_scale",
+              "num_inference_steps": "hr_second_pass_steps"}
+    server.check({**_A1111_NAMES, **second}, prompt=hires.prompt or req.prompt,
+                 height=height, width=width, num_inference_steps=steps,
+                 guidance_scale=req.guidance_scale,
+                 num_images_per_prompt=req.num_images_per_prompt, strength=hires.strength,
+                 has_image=True)
+    return hires
 
 
 def _inpaint_jobs(init_images, mask, req, only_masked, padding):

@@ -97,24 +97,30 @@ class Runner:
         generator, seeded with its seed, and its own guidance scale."""
         import torch
         one = len(rows) == 1
-        if one:
+        if one and key.hires is None:
             seeds = dict(seed=rows[0].seed)
-        else:
+        else:  # (a hires fix's second pass goes on drawing from the first pass's generators)
             seeds = dict(generator=[torch.Generator("cpu").manual_seed(r.seed) for r in rows])
         guidance = [r.guidance_scale for r in rows]
         guidance = guidance[0] if len(set(guidance)) == 1 else guidance
         negatives = [r.negative_prompt for r in rows]
         images = [r.init_image for r in rows] if key.strength is not None else None
         masks = [r.mask for r in rows] if key.inpaint else None
-        out = self.pipe(
-            [r.prompt for r in rows],
-            negative_prompt=(negatives[0] if one else negatives) if key.guidance else None,
-            height=key.height, width=key.width, num_inference_steps=key.steps,
-            guidance_scale=guidance, sampler=key.sampler,
-            image=(images[0] if one else images) if images else None,
-            mask_image=(masks[0] if one else masks) if masks else None,
-            strength=key.strength if key.strength is not None else 0.8,
-            clip_skip=key.clip_skip, output_type="pil", **seeds)
+        negative = (negatives[0] if one else negatives) if key.guidance else None
+        if key.hires is not None:
+            from sdrt.engine.hires import generate
+            out = generate(self.pipe, key.hires, [r.prompt for r in rows], negative,
+                           key.height, key.width, key.steps, key.sampler, seeds["generator"],
+                           guidance_scale=guidance, clip_skip=key.clip_skip)
+        else:
+            out = self.pipe(
+                [r.prompt for r in rows], negative_prompt=negative,
+                height=key.height, width=key.width, num_inference_steps=key.steps,
+                guidance_scale=guidance, sampler=key.sampler,
+                image=(images[0] if one else images) if images else None,
+                mask_image=(masks[0] if one else masks) if masks else None,
+                strength=key.strength if key.strength is not None else 0.8,
+                clip_skip=key.clip_skip, output_type="pil", **seeds)
         timings = self.pipe.timings
         for stage in ("text", "denoise", "decode"):
             if stage in timings:

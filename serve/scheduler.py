@@ -48,6 +48,7 @@ class BatchKey:
     # longest, which would change a shorter prompt's image, so only equal counts batch.
     chunks: int = 1
     inpaint: bool = False  # whether the rows carry masks
+    hires: object = None  # a text-to-image request's hires fix (engine.hires.Hires)
 
 
 @dataclass(frozen=True)

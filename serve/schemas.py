@@ -3,8 +3,10 @@
 Types are strict (``"7"`` is not a number, ``true`` is not an integer; form fields, which are
 text, excepted); ranges and everything
 else are checked once, by ``GenerationRequest.check`` and the pipeline's model checks, with the
-API's own field names in the messages. Fields a client may send that sdrt does not use
-(A1111's ``restore_faces``, OpenAI's ``quality``, ...) are accepted and ignored.
+API's own field names in the messages. Fields a client may send that do not change the
+picture (OpenAI's ``quality``, A1111's ``do_not_save_samples``, ...) are accepted and ignored;
+those of A1111 features sdrt does not have (``restore_faces``, ``tiling``, ``styles``, scripts,
+...) are accepted at their "off" values and refused otherwise.
 """
 from typing import Dict, List, Literal, Optional
 
@@ -63,8 +65,9 @@ class ImagesResponse(BaseModel):
 
 # -- AUTOMATIC1111 API ---------------------------------------------------------------------------
 
-class Txt2ImgRequest(BaseModel):
-    """``POST /sdapi/v1/txt2img``, with A1111's field names and defaults."""
+class A1111Request(BaseModel):
+    """What ``POST /sdapi/v1/txt2img`` and ``/img2img`` share, with A1111's field names and
+    defaults."""
     model_config = _REQUEST
     prompt: str = ""
     negative_prompt: str = ""
@@ -81,9 +84,40 @@ class Txt2ImgRequest(BaseModel):
     override_settings: Optional[Dict[str, object]] = Field(
         None, description="CLIP_stop_at_last_layers is honoured (A1111's clip skip)")
     send_images: bool = True
+    # A1111 features that change the picture and that sdrt does not have: accepted at their
+    # "off" values (false, null, 0, -1, empty), refused with a 400 naming the field otherwise.
+    restore_faces: Optional[bool] = None
+    tiling: Optional[bool] = None
+    subseed_strength: Optional[float] = None
+    seed_resize_from_h: Optional[int] = None
+    seed_resize_from_w: Optional[int] = None
+    styles: Optional[List[str]] = None
+    script_name: Optional[str] = None
+    alwayson_scripts: Optional[Dict[str, object]] = None
+    refiner_checkpoint: Optional[str] = None
 
 
-class Img2ImgRequest(Txt2ImgRequest):
+class Txt2ImgRequest(A1111Request):
+    """``POST /sdapi/v1/txt2img``, with A1111's hires fix (``enable_hr``)."""
+    enable_hr: bool = False
+    denoising_strength: Optional[float] = Field(None, description="the hires fix's (0.75)")
+    hr_scale: float = 2.0
+    hr_upscaler: Optional[str] = Field(None, description="Latent (default), Latent "
+                                                         "(antialiased), Latent (bicubic), "
+                                                         "Latent (bicubic antialiased), Latent "
+                                                         "(nearest), Latent (nearest-exact), "
+                                                         "Lanczos or Nearest")
+    hr_second_pass_steps: int = Field(0, description="0: steps")
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_sampler_name: Optional[str] = Field(None, description="null or '': sampler_name")
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+    hr_checkpoint_name: Optional[str] = Field(None, description="null, '' or 'Use same "
+                                                                "checkpoint' only")
+
+
+class Img2ImgRequest(A1111Request):
     """``POST /sdapi/v1/img2img``: as txt2img, plus the init images and strength."""
     init_images: List[str] = Field(..., description="base64 images (a data: URL prefix is "
                                                     "allowed); image i serves image i mod n")

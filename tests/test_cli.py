@@ -128,6 +128,15 @@ REFUSED_EARLY = {
                            "cannot read init image nope.png: no such file"),
     "mask without init image": (["generate", "x", "--mask", "mask.png"],
                                 "--mask needs --init-image, the image to inpaint"),
+    "hires with a model upscaler": (["generate", "x", "--hr-scale", "2", "--hr-upscaler",
+                                     "R-ESRGAN 4x+"], "--hr-upscaler must be one of Latent"),
+    "hires scale below 1": (["generate", "x", "--hr-scale", "0.5"],
+                            "--hr-scale must be a number from 1 to 8"),
+    "hires past the side limit": (["generate", "x", "--width", "4096", "--height", "512",
+                                   "--hr-scale", "2"],
+                                  "the hires fix's width must be at most 4096"),
+    "hires of an init image": (["generate", "x", "--hr-scale", "2", "--init-image", "i.png"],
+                               "it cannot be combined with --init-image"),
     "output not png": (["generate", "x", "-o", "out.jpg"], "-o out.jpg must end in .png"),
     "output folder missing": (["generate", "x", "-o", "no/such/dir/out.png"], "cannot write to"),
     "outdir is a file": (["generate", "x", "--outdir", "file.txt"],
@@ -405,6 +414,31 @@ def test_inpaint_with_a_mask(tiny_dir, tmp_path, capsys):
     pairs = parse(_parameters(out))[2]
     assert (pairs["Inpaint area"], pairs["Masked area padding"], pairs["Size"]) == \
         ("Only masked", "8", "32x32")
+
+
+def test_hires_fix_and_its_png_info(tiny_dir, tmp_path, capsys):
+    # A1111's hires fix: 32x32, then 2x by the latent upscaler with 2 steps at strength 0.6;
+    # the PNG says so as A1111 writes it, and --from-png draws the same picture again.
+    from sdrt.engine.infotext import parse
+    out = tmp_path / "hr.png"
+    code, _, err = _run(["generate", "a red fox", "--model", tiny_dir, "--steps", "3",
+                         "--width", "32", "--height", "32", "--hr-scale", "2", "--hr-steps",
+                         "2", "--strength", "0.6", "--seed", "4", "-o", str(out)], capsys)
+    assert code == 0, err
+    assert _pixels(out).shape == (64, 64, 3)
+    pairs = parse(_parameters(out))[2]
+    assert {k: pairs[k] for k in ("Size", "Denoising strength", "Hires upscale", "Hires steps",
+                                  "Hires upscaler")} == \
+        {"Size": "32x32", "Denoising strength": "0.6", "Hires upscale": "2",
+         "Hires steps": "2", "Hires upscaler": "Latent"}
+    again = tmp_path / "again.png"
+    assert _run(["generate", "--from-png", str(out), "--model", tiny_dir, "-o", str(again)],
+                capsys)[0] == 0
+    assert np.array_equal(_pixels(out), _pixels(again))
+    plain = tmp_path / "plain.png"
+    assert _run(["generate", "a red fox", "--model", tiny_dir, "--steps", "3", "--width", "64",
+                 "--height", "64", "--seed", "4", "-o", str(plain)], capsys)[0] == 0
+    assert not np.array_equal(_pixels(out), _pixels(plain))
 
 
 def test_each_image_of_a_batch_records_its_own_seed_and_regenerates(tmp_path, capsys):

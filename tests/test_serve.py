@@ -315,6 +315,32 @@ def test_a1111_inpaint(main_server, ref_pipe):
     assert np.array_equal(np.asarray(got)[:, 56:], np.asarray(init)[:, 56:])
 
 
+def test_a1111_hires_fix(main_server, ref_pipe):
+    # enable_hr with A1111's fields: the library's two passes (engine.hires) for the same
+    # seeds; the "off" values of what sdrt does not have are accepted.
+    from sdrt.engine.hires import Hires, generate
+    url, _ = main_server
+    body = {"prompt": "a fox", "seed": 21, "steps": 2, "cfg_scale": 7, "width": 32,
+            "height": 32, "batch_size": 2, "enable_hr": True, "hr_scale": 1.5,
+            "hr_upscaler": "Latent", "hr_second_pass_steps": 2, "denoising_strength": 0.55,
+            "hr_sampler_name": "", "hr_checkpoint_name": "Use same checkpoint",
+            "restore_faces": False, "tiling": None, "subseed_strength": 0, "styles": [],
+            "seed_resize_from_h": -1, "script_name": None,
+            "alwayson_scripts": {"controlnet": {"args": []}}}
+    r = httpx.post(f"{url}/sdapi/v1/txt2img", timeout=TIMEOUT, json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    info = json.loads(out["info"])
+    assert info["width"] == 32 and info["denoising_strength"] == 0.55
+    assert "Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Latent" in info["infotexts"][0]
+    hires = Hires(scale=1.5, steps=2, strength=0.55)
+    for i in range(2):
+        g = [torch.Generator().manual_seed(21 + i)]
+        want = generate(ref_pipe, hires, ["a fox"], "", 32, 32, 2, None, g,
+                        guidance_scale=7.0)[0]
+        assert_same_image(png(out["images"][i], (48, 48)), want, f"hires image {i}")
+
+
 def test_a1111_samplers_and_models(main_server):
     url, _ = main_server
     samplers = httpx.get(f"{url}/sdapi/v1/samplers", timeout=TIMEOUT).json()
@@ -502,6 +528,20 @@ MALFORMED = [  # (endpoint, body: dict or raw bytes, what the message must name)
      "CLIP_stop_at_last_layers"),
     (T2I, {"prompt": "a", "override_settings": {"CLIP_stop_at_last_layers": 3}},
      "CLIP_stop_at_last_layers"),  # the tiny text encoder has 2 layers
+    (T2I, {"prompt": "a", "restore_faces": True}, "restore_faces"),
+    (T2I, {"prompt": "a", "tiling": True}, "tiling"),
+    (T2I, {"prompt": "a", "subseed_strength": 0.3}, "subseed_strength"),
+    (T2I, {"prompt": "a", "styles": ["cinematic"]}, "styles"),
+    (T2I, {"prompt": "a", "script_name": "x/y/z plot"}, "script_name"),
+    (T2I, {"prompt": "a", "alwayson_scripts": {"controlnet": {"args": [{"enabled": True}]}}},
+     "alwayson_scripts"),
+    (T2I, {"prompt": "a", "enable_hr": True, "hr_upscaler": "4x-UltraSharp"}, "hr_upscaler"),
+    (T2I, {"prompt": "a", "enable_hr": True, "hr_scale": 0.5}, "hr_scale"),
+    (T2I, {"prompt": "a", "enable_hr": True, "hr_resize_x": 5000}, "hr_resize_x"),
+    (T2I, {"prompt": "a", "enable_hr": True, "hr_sampler_name": "Heun"}, "hr_sampler_name"),
+    (T2I, {"prompt": "a", "enable_hr": True, "hr_checkpoint_name": "other.safetensors"},
+     "hr_checkpoint_name"),
+    (T2I, {"prompt": "a", "enable_hr": True, "denoising_strength": 0}, "denoising_strength"),
     (I2I, {"prompt": "a"}, "init_images"),
     (I2I, {"prompt": "a", "init_images": []}, "init_images"),
     (I2I, {"prompt": "a", "init_images": ["not base64!!"]}, "init_images"),

@@ -1,0 +1,147 @@
+"""AUTOMATIC1111's "Hires. fix": text to image at a first size, upscaled, then redrawn at the
+larger size by image-to-image. The CLI (``--hr-scale`` ...) and the A1111 API (``enable_hr``
+...) use it; no torch at import, so a request is checked before torch loads.
+
+The upscale is A1111's: a "Latent" upscaler resizes the first pass's latents (no VAE round
+trip), an image upscaler ("Lanczos", "Nearest") resizes its decoded picture, which the second
+pass encodes again. The second pass runs ``steps`` UNet calls (default: the first pass's) at
+``strength``, as A1111's does: its schedule is ``ceil(steps / strength)`` steps long and it
+runs the last ``steps`` of them.
+"""
+import math
+from dataclasses import dataclass
+
+from .errors import SdrtError
+from .request import SAMPLER_NAMES, short_repr
+
+# A1111's upscaler names: latent ones → (torch interpolate mode, antialias); image ones.
+LATENT_UPSCALERS = {"Latent": ("bilinear", False), "Latent (antialiased)": ("bilinear", True),
+                    "Latent (bicubic)": ("bicubic", False),
+                    "Latent (bicubic antialiased)": ("bicubic", True),
+                    "Latent (nearest)": ("nearest", False),
+                    "Latent (nearest-exact)": ("nearest-exact", False)}
+IMAGE_UPSCALERS = ("Lanczos", "Nearest")
+UPSCALERS = (*LATENT_UPSCALERS, *IMAGE_UPSCALERS)
+MAX_SCALE = 8.0
+
+
+@dataclass(frozen=True)
+class Hires:
+    """A second pass's settings, with A1111's names in the comments (``hr_*``)."""
+    scale: float = 2.0         # hr_scale: the second pass's size over the first's
+    upscaler: str = "Latent"   # hr_upscaler
+    steps: int = 0             # hr_second_pass_steps; 0: the first pass's
+    strength: float = 0.75     # denoising_strength
+    resize_x: int = 0          # hr_resize_x / hr_resize_y: a size in pixels instead of scale
+    resize_y: int = 0
+    sampler: str = None        # hr_sampler_name; None: the first pass's
+    prompt: str = ""           # hr_prompt / hr_negative_prompt; "": the first pass's
+    negative_prompt: str = ""
+
+    def check(self, names, max_side, max_steps):
+        """Every model-free check; ``names`` maps a field to the name a message uses."""
+        def refuse(field, allowed, value):
+            raise SdrtError(f"{names.get(field, field)} must be {allowed}, got "
+                            f"{short_repr(value)}")
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+        if not (number(self.scale) and math.isfinite(self.scale)
+                and 1 <= self.scale <= MAX_SCALE):
+            refuse("scale", f"a number from 1 to {MAX_SCALE:g}", self.scale)
+        if self.upscaler not in UPSCALERS:
+            refuse("upscaler", f"one of {', '.join(UPSCALERS)} (model upscalers such as "
+                               f"ESRGAN are not supported)", self.upscaler)
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or \
+                not 0 <= self.steps <= max_steps:
+            refuse("steps", f"an integer from 0 (the first pass's) to {max_steps}", self.steps)
+        if not (number(self.strength) and 0 < self.strength <= 1):
+            refuse("strength", "a number in (0, 1]", self.strength)
+        for field in ("resize_x", "resize_y"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or \
+                    not 0 <= value <= max_side:
+                refuse(field, f"an integer from 0 (use the scale) to {max_side}", value)
+        if self.sampler is not None and self.sampler not in SAMPLER_NAMES:
+            refuse("sampler", f"one of {', '.join(SAMPLER_NAMES)}", self.sampler)
+        for field in ("prompt", "negative_prompt"):
+            if not isinstance(getattr(self, field), str):
+                refuse(field, "a string", getattr(self, field))
+        return self
+
+    def target(self, width, height, factor=8):
+        """(width, height, cut_x, cut_y) of the second pass for a first pass of ``width`` ×
+        ``height``, in multiples of the VAE's ``factor``. With both resize sides given and
+        another aspect ratio, the upscale keeps the first pass's ratio and covers the asked
+        size, and ``cut_x`` / ``cut_y`` latent columns / rows are cropped from it, half from
+        each side (A1111's truncate)."""
+        cut_x = cut_y = 0
+        x, y = self.resize_x, self.resize_y
+        if not x and not y:
+            w, h = int(width * self.scale), int(height * self.scale)
+        elif not y:
+            w, h = x, x * height // width
+        elif not x:
+            w, h = y * width // height, y
+        elif width / height < x / y:
+            w, h = x, x * height // width
+            cut_y = (h - y) // factor
+        else:
+            w, h = y * width // height, y
+            cut_x = (w - x) // factor
+        return (w // factor - cut_x) * factor, (h // factor - cut_y) * factor, cut_x, cut_y
+
+    def schedule_steps(self, first_steps):
+        """(num_inference_steps, UNet calls) of the second pass: A1111 runs exactly the calls
+        asked for, out of a schedule that long over the strength."""
+        calls = self.steps or first_steps
+        return max(calls, math.ceil(calls / self.strength - 1e-9)), calls
+
+    def params(self):
+        """The PNG info pairs A1111 writes for a hires fix."""
+        pairs = {"Hires upscale": self.scale if not (self.resize_x or self.resize_y) else None,
+                 "Hires resize": (f"{self.resize_x}x{self.resize_y}"
+                                  if self.resize_x or self.resize_y else None),
+                 "Hires steps": self.steps or None, "Hires upscaler": self.upscaler,
+                 "Hires sampler": self.sampler, "Hires prompt": self.prompt or None,
+                 "Hires negative prompt": self.negative_prompt or None}
+        return {k: v for k, v in pairs.items() if v is not None}
+
+
+def generate(pipe, hires: Hires, prompt, negative_prompt, height, width, num_inference_steps,
+             sampler, generator, **call):
+    """Both passes: the first at ``height`` × ``width`` (a static plan where one applies), the
+    second at ``hires.target``; returns PIL images. ``generator`` (one CPU generator per image)
+    draws the first pass's noise and then, going on, the second's. ``call`` holds the other
+    pipeline arguments both passes share (guidance scale, images per prompt, clip skip ...)."""
+    import torch
+    from PIL import Image
+    w, h, cut_x, cut_y = hires.target(width, height, pipe.vae_scale_factor)
+    latent = hires.upscaler in LATENT_UPSCALERS
+    first = pipe(prompt, negative_prompt=negative_prompt, height=height, width=width,
+                 num_inference_steps=num_inference_steps, sampler=sampler,
+                 generator=generator, output_type="latent" if latent else "pil", **call)
+    if latent:
+        mode, antialias = LATENT_UPSCALERS[hires.upscaler]
+        f = pipe.vae_scale_factor
+        size = (h // f + cut_y, w // f + cut_x)
+        image = torch.nn.functional.interpolate(first.float(), size=size, mode=mode,
+                                                antialias=antialias).to(first.dtype)
+        image = image[:, :, cut_y // 2:image.shape[2] - (cut_y + 1) // 2,
+                      cut_x // 2:image.shape[3] - (cut_x + 1) // 2]
+    else:
+        resample = Image.LANCZOS if hires.upscaler == "Lanczos" else Image.NEAREST
+        image = [im.resize((w, h), resample) for im in first]
+    timings = dict(pipe.timings)
+    steps, _ = hires.schedule_steps(num_inference_steps)
+    # The second pass takes one row per image: each its own prompt, scale and picture.
+    rows = len(first)
+    per_row = lambda v: [v[i * len(v) // rows] for i in range(rows)] if isinstance(v, list) \
+        else v
+    call = dict(call, num_images_per_prompt=1,
+                guidance_scale=per_row(call.get("guidance_scale", 7.5)))
+    images = pipe(per_row(hires.prompt or prompt),
+                  negative_prompt=per_row(hires.negative_prompt or negative_prompt),
+                  image=image, strength=hires.strength, num_inference_steps=steps,
+                  sampler=hires.sampler or sampler, generator=generator, output_type="pil",
+                  **call)
+    pipe.timings = {k: timings.get(k, 0) + v for k, v in pipe.timings.items()}  # both passes
+    return images
