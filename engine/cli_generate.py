@@ -8,6 +8,7 @@ built first and timed apart. Output files never replace an existing file unless
 ``--overwrite`` is given: an image takes the next free name instead.
 """
 import argparse
+import dataclasses
 import itertools
 import os
 import sys
@@ -84,7 +85,7 @@ def generate(a):
     else:
         from .samplers import default_sampler
         sampler = a.sampler or default_sampler(pipe.scheduler_config)
-    plan = _static_plan(a, pipe, request if init is None else None)
+    plans = _static_plans(a, pipe, request if init is None else None, hires)
     inpaint = None
     if mask is not None:  # A1111's framing: the overlay, and only the masked area if asked
         from .inpaint import prepare
@@ -110,11 +111,11 @@ def generate(a):
             images = hires_generate(pipe, hires, prompt, call.pop("negative_prompt"),
                                     request.height, request.width, call.pop("num_inference_steps"),
                                     sampler, call.pop("generator"), **_sdxl_fields(a), **call,
-                                    callback=None if plan else progress)
+                                    callback=None if plans else progress)
         else:
             images = pipe(prompt, height=request.height, width=request.width, sampler=sampler,
                           image=init, mask_image=mask, strength=a.strength,
-                          callback=None if plan else progress,
+                          callback=None if plans else progress,
                           output_type="latent" if refiner else "pil", **_sdxl_fields(a),
                           **call)
     if refiner is not None:
@@ -160,7 +161,7 @@ def generate(a):
                           ti_hashes=ti_hashes, **refined))
              for s in seeds]
     paths, taken = _save_pngs(images, output, infos, a.overwrite)
-    print(_summary(pipe.timings, plan, seed, paths, taken))
+    print(_summary(pipe.timings, plans, seed, paths, taken))
 
 
 def _hires(a, request):
@@ -496,24 +497,38 @@ def _onnx_pipeline(a):
     return Pipeline(c, device, dtype)
 
 
-def _static_plan(a, pipe, request):
-    """The static plan of a checked text-to-image ``request`` (None for image-to-image), built
-    on CUDA unless --no-compile; None where the request runs eagerly. Static plans run
-    text-to-image with the final text layer, in sdrt's own networks."""
+def _static_plans(a, pipe, request, hires=None):
+    """The static plans of a checked text-to-image ``request`` (None for image-to-image) and
+    of its hires fix's second pass, built on CUDA unless --no-compile; [] where the request
+    runs eagerly. Here static plans run text-to-image with the final text layer, in sdrt's
+    own networks."""
     static = (request is not None and request.clip_skip == 0 and a.runtime == "torch"
               and request.denoising_end is None and pipe.device.type == "cuda")
     if a.no_compile:
         if not static:
             warnings.warn("--no-compile does nothing here: only text-to-image on CUDA, without "
                           "--clip-skip or --runtime onnx, runs a static plan")
-        return None
+        return []
     if not static:
-        return None
+        return []
     chunks = pipe.text_inputs(request.texts(), request.prompt_syntax,
                               request.texts_2()).num_chunks
-    return pipe.compile(request.height, request.width, request.batch_size,
-                        request.num_inference_steps, request.sampler, guidance=request.guidance,
-                        num_chunks=chunks)
+    plans = [pipe.compile(request.height, request.width, request.batch_size,
+                          request.num_inference_steps, request.sampler,
+                          guidance=request.guidance, num_chunks=chunks)]
+    if hires is not None:  # the second pass: one prompt per image, at the upscaled size
+        width, height, _, _ = hires.target(request.width, request.height, pipe.vae_scale_factor)
+        steps, _ = hires.schedule_steps(request.num_inference_steps)
+        second = dataclasses.replace(
+            request, prompt=[hires.prompt] if hires.prompt else request.prompt,
+            negative_prompt=([hires.negative_prompt] if hires.negative_prompt
+                             else request.negative_prompt))
+        chunks = pipe.text_inputs(second.texts(), request.prompt_syntax,
+                                  second.texts_2()).num_chunks
+        plans.append(pipe.compile(height, width, request.batch_size, steps,
+                                  hires.sampler or request.sampler, guidance=request.guidance,
+                                  num_chunks=chunks, strength=hires.strength))
+    return plans
 
 
 class _Progress:
@@ -580,9 +595,11 @@ def _save_pngs(images, path, infotexts, overwrite):
     return written, taken
 
 
-def _summary(t, plan, seed, paths, taken):
-    """One line: what the build and each stage of the request took, the seed, the files."""
-    parts = [] if plan is None else [f"build {plan.build_seconds:.2f} s (static plan)"]
+def _summary(t, plans, seed, paths, taken):
+    """One line: what the builds and each stage of the request took, the seed, the files."""
+    built = sum(plan.build_seconds for plan in plans)
+    parts = [f"build {built:.2f} s (static plan{'s' if len(plans) > 1 else ''})"] \
+        if plans else []
     parts += [f"text {t['text']:.2f} s",
               f"denoise {t['denoise']:.2f} s "
               f"({t['unet_calls'] / max(t['denoise'], 1e-9):.1f} UNet calls/s)",

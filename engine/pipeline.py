@@ -27,7 +27,8 @@ from .request import MICRO_CONDITIONING, GenerationRequest, Limits, short_repr
 from .runtime import ModelSpec, StaticRuntime, StaticShape
 from .samplers import SchedulerConfig, default_sampler, make_schedule, sample
 from .stages import (blank_inpaint_conditioning, cpu_randn, guidance_embedding, guided,
-                     inpaint_conditioning, row_scales, scale_latents, to_unit_images, vae_decode)
+                     inpaint_conditioning, keep_unmasked, row_scales, scale_latents,
+                     to_unit_images, vae_decode)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -174,17 +175,18 @@ def _mask_tensor(item):
     return _unit_range(t.reshape(-1, 1, *t.shape[-2:]), "mask_image").contiguous()
 
 
-def _keep_unmasked(schedule, x0, noise, mask, step_end):
-    """The sampler's per-step hook for inpainting with a UNet that sees no mask (diffusers'
-    4-channel path): after step i, where ``mask`` is 0 the latents become the init image's
-    ``x0`` noised along ``noise`` to step i + 1's level (the clean ``x0`` after the last
-    step); then ``step_end``, the caller's hook, sees them."""
-    def keep(i, t, x):
-        known = schedule.noise_to(x0, noise, i + 1).float()
-        x = (1 - mask) * known + mask * x
-        out = None if step_end is None else step_end(i, t, x)
-        return x if out is None else out
-    return keep
+@dataclasses.dataclass
+class _Start:
+    """Where a request's denoising starts (``Pipeline._start``)."""
+    x0: torch.Tensor  # image to image: the init image's scaled latents (batch rows); or None
+    noise: torch.Tensor
+    mask: torch.Tensor  # inpainting with a UNet that sees no mask: (B, 1, h, w); or None
+    image_cond: torch.Tensor  # an inpainting UNet's mask and masked-image latents; or None
+    pure_noise: bool  # text to image, or inpainting at full strength
+
+    @property
+    def masked(self):
+        return self.mask is not None or self.image_cond is not None
 
 
 class Pipeline:
@@ -264,21 +266,28 @@ class Pipeline:
                    dtype, limits, vae_dtype)
 
     def compile(self, height=None, width=None, batch_size=1, num_inference_steps=50,
-                sampler=None, guidance=True, strict=False, max_shapes=4, num_chunks=1):
+                sampler=None, guidance=True, strict=False, max_shapes=4, num_chunks=1,
+                strength=None, masked=False):
         """Build the static plan (buffers, schedule, CUDA graphs on a GPU) for one shape.
 
         ``num_chunks``: the prompts' number of 77-token chunks (A1111 syntax: a prompt past
-        75 tokens, or with ``BREAK``, takes more than one).
+        75 tokens, or with ``BREAK``, takes more than one). ``strength``: a plan for image to
+        image at that strength (the init image is encoded before the replay); with
+        ``masked=True``, for inpainting.
 
-        From then on, text-to-image calls run through static plans: a call of a shape that
-        was built replays it; any other shape is built on the spot and cached (at most
-        ``max_shapes``, least recently used dropped), or, with ``strict=True``, refused with
-        ``SdrtError``. Returns the plan (its ``build_seconds`` says what the build cost).
+        From then on, calls run through static plans (all but ``clip_skip`` and a refiner's
+        part of the schedule): a call of a shape that was built replays it; any other shape
+        is built on the spot and cached (at most ``max_shapes``, least recently used
+        dropped), or, with ``strict=True``, refused with ``SdrtError``. Returns the plan (its
+        ``build_seconds`` says what the build cost).
         """
+        if not isinstance(masked, bool) or (masked and strength is None):
+            raise SdrtError(f"masked must be True (with a strength) or False, got {masked!r}")
         request = GenerationRequest(
             prompt="", height=height, width=width, num_inference_steps=num_inference_steps,
             sampler=sampler, num_images_per_prompt=batch_size,
-            guidance_scale=7.5 if guidance else 1.0,
+            guidance_scale=7.5 if guidance else 1.0, has_image=strength is not None,
+            strength=0.8 if strength is None else strength,
         ).check(names={"num_images_per_prompt": "batch_size"}, limits=self.limits)
         if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or \
                 not 1 <= num_chunks <= 64:
@@ -289,7 +298,8 @@ class Pipeline:
             self.runtime = StaticRuntime(self.model_spec(), max_shapes=max_shapes, strict=strict)
         else:
             self.runtime.configure(max_shapes=max_shapes, strict=strict)
-        return self.runtime.build(self._shape(request, num_chunks), self.scheduler_config)
+        return self.runtime.build(self._shape(request, num_chunks, masked),
+                                  self.scheduler_config)
 
     def model_spec(self) -> ModelSpec:
         """The family and networks a static plan runs (the plan holds no pipeline)."""
@@ -465,10 +475,10 @@ class Pipeline:
             raise SdrtError(f"{names.get(field, field)} must be a multiple of {f} (the VAE's "
                             f"scale factor), got {value}")
 
-    def _shape(self, request, num_chunks=1):
+    def _shape(self, request, num_chunks=1, masked=False):
         return StaticShape(request.height, request.width, request.batch_size,
                            request.num_inference_steps, request.sampler, self._cfg(request),
-                           num_chunks)
+                           num_chunks, request.strength if request.has_image else None, masked)
 
     def _guidance_distilled(self):
         """Whether the UNet takes its guidance scale as an input (an LCM-distilled UNet, config
@@ -489,10 +499,11 @@ class Pipeline:
         return list(request.prompt), request.texts_2()[-len(request.prompt):]
 
     def _static(self, request):
-        """Whether a request runs through the static plans: text-to-image over the whole
-        schedule, with the final text layer, once ``compile`` has made a runtime."""
-        return (self.runtime is not None and not request.has_image and request.clip_skip == 0
-                and request.denoising_end is None)
+        """Whether a request runs through the static plans, once ``compile`` has made a
+        runtime: text to image, image to image and inpainting with the final text layer,
+        not a part of the schedule (a refiner's hand-off)."""
+        return (self.runtime is not None and request.clip_skip == 0
+                and request.denoising_end is None and request.denoising_start is None)
 
     def _keep(self, request):
         """(rows,) float32: 0 on the rows whose text conditioning is zeros (SDXL's absent
@@ -911,62 +922,69 @@ class Pipeline:
         if latents is not None:
             latents = self._noise(latents, shape, None)  # checked before any work
         step_end = self._step_end(callback)
+        t0 = self._clock()
+        start = self._start(request, init, init_latents, mask, latents, shape, generator)
         if self._static(request):
-            return self._run_static(request, inputs, self._noise(latents, shape, generator),
-                                    generator, step_end)
+            return self._run_static(request, inputs, start, generator, step_end,
+                                    self._clock() - t0)
 
-        image_input = init is not None or init_latents is not None
         schedule = make_schedule(self.scheduler_config, sampler, request.num_inference_steps,
-                                 strength=request.strength if image_input else 1.0,
+                                 strength=request.strength if request.has_image else 1.0,
                                  device=self.device, denoising_start=request.denoising_start,
                                  denoising_end=request.denoising_end)
         self.num_timesteps = len(schedule.timesteps)
-        t0 = self._clock()
-        cond = self.conditioning(request, inputs, request.clip_skip)
         t1 = self._clock()
+        cond = self.conditioning(request, inputs, request.clip_skip)
+        t2 = self._clock()
+        if start.pure_noise:
+            x = schedule.noise_latents(start.noise)
+        elif request.denoising_start is not None:
+            x = start.x0  # the base's partly denoised latents, as they are (diffusers' refiner)
+        else:
+            x = schedule.noise_image(start.x0, start.noise)
+        if start.mask is not None:
+            step_end = keep_unmasked(schedule, start.x0, start.noise, start.mask, step_end)
+        image_cond = start.image_cond
+        if image_cond is None and self._inpainting_unet():
+            image_cond = self._blank_image_cond(batch, request.height, request.width)
+        model = guided(self.unet, cond, row_scales(request.row_scales(), self.device),
+                       self._cfg(request), self.dtype, self._timestep_cond(request), image_cond)
+        x = sample(sampler, model, x, schedule, generator=generator, step_end=step_end)
+        t3 = self._clock()
+        # The init image's encoding counts as denoising.
+        self.timings = {"text": t2 - t1, "denoise": t3 - t2 + t1 - t0, "decode": 0.0,
+                        "unet_calls": len(schedule.timesteps)}
+        if request.output_type == "latent":
+            return x
+        images = self.decode_latents(x.to(self.dtype))
+        self.timings["decode"] = self._clock() - t3
+        return self._format(images, request.output_type)
 
-        # diffusers' order of draws: the VAE's posterior sample, then the noise (then, when
-        # inpainting, the masked image's sample). Inpainting at full strength starts from pure
-        # noise; an inpainting UNet then needs no init image latents.
-        full = mask is not None and request.strength == 1.0
-        if init is not None and not (full and self._inpainting_unet()):
+    def _start(self, request, init, init_latents, mask, latents, shape, generator):
+        """Where a request's denoising starts, drawn in diffusers' order: the init image's
+        posterior sample, the noise, then (inpainting) the masked image's sample. Inpainting
+        at full strength starts from pure noise, and an inpainting UNet then encodes no init
+        image."""
+        batch = shape[0]
+        pure_noise = not request.has_image or (mask is not None and request.strength == 1.0)
+        x0 = small = image_cond = None
+        if init is not None and not (pure_noise and self._inpainting_unet()):
             x0 = self.encode_image(init, generator, batch)
         elif init_latents is not None:
             x0 = init_latents.repeat_interleave(batch // init_latents.shape[0], dim=0)
         noise = self._noise(latents, shape, generator)
-        if not image_input or full:
-            x = schedule.noise_latents(noise)
-        elif request.denoising_start is not None:
-            x = x0  # the base's partly denoised latents, taken as they are (diffusers' refiner)
-        else:
-            x = schedule.noise_image(x0, noise)
-        image_cond = None
         if mask is not None:
             small = torch.nn.functional.interpolate(mask, size=shape[2:])  # nearest: diffusers'
             small = small.repeat_interleave(batch // small.shape[0], dim=0)
             if self._inpainting_unet():
                 masked = self.encode_image(init * (mask < 0.5).to(init.dtype), generator, batch)
-                image_cond = inpaint_conditioning(small, masked)
+                image_cond, small = inpaint_conditioning(small, masked), None
             else:
                 # The draw diffusers' encode of the masked image makes, which this path
                 # does not use: the sampler's later draws (euler_a) stay in step.
                 rows = batch if isinstance(generator, list) else max(len(init), len(mask))
                 cpu_randn((rows, *shape[1:]), generator)
-                step_end = _keep_unmasked(schedule, x0, noise, small, step_end)
-        elif self._inpainting_unet():
-            image_cond = self._blank_image_cond(batch, request.height, request.width)
-
-        model = guided(self.unet, cond, row_scales(request.row_scales(), self.device),
-                       self._cfg(request), self.dtype, self._timestep_cond(request), image_cond)
-        x = sample(sampler, model, x, schedule, generator=generator, step_end=step_end)
-        t2 = self._clock()
-        self.timings = {"text": t1 - t0, "denoise": t2 - t1, "decode": 0.0,
-                        "unet_calls": len(schedule.timesteps)}
-        if request.output_type == "latent":
-            return x
-        images = self.decode_latents(x.to(self.dtype))
-        self.timings["decode"] = self._clock() - t2
-        return self._format(images, request.output_type)
+        return _Start(x0, noise, small, image_cond, pure_noise)
 
     def _image_latents(self, image):
         """``image`` when it is latents (a float tensor (B, C, h, w) with the UNet's C latent
@@ -988,9 +1006,11 @@ class Pipeline:
         from PIL import Image
         return [Image.fromarray((i * 255).round().astype(np.uint8)) for i in images]
 
-    def _run_static(self, request, inputs, noise, generator, step_end):
-        """One text-to-image request through the static plan of its shape."""
-        plan = self.runtime.plan_for(self._shape(request, inputs.num_chunks),
+    def _run_static(self, request, inputs, start, generator, step_end, encode_seconds):
+        """One request through the static plan of its shape; ``start`` is where it starts
+        (``_start``), drawn before the sampler's own draws."""
+        plan = self.runtime.plan_for(self._shape(request, inputs.num_chunks,
+                                                 masked=start.masked),
                                      self.scheduler_config)
         self.num_timesteps = len(plan.schedule.timesteps)
         inputs = inputs.repeat_interleave(request.num_images_per_prompt)
@@ -1000,10 +1020,13 @@ class Pipeline:
             step_noise = torch.stack([cpu_randn(plan.latent_shape, generator)
                                       for _ in range(plan.step_noise.shape[0])])
         keep, time_ids = self._keep(request), self._time_ids(request)
-        self.timings = plan.run(inputs, noise, row_scales(request.row_scales(), self.device),
-                                step_noise, clock=self._clock, step_end=step_end,
+        self.timings = plan.run(inputs, start.noise,
+                                row_scales(request.row_scales(), self.device), step_noise,
+                                clock=self._clock, step_end=step_end,
                                 timestep_cond=self._timestep_cond(request), keep=keep,
-                                time_ids=time_ids)
+                                time_ids=time_ids, x0=start.x0, mask=start.mask,
+                                image_cond=start.image_cond)
+        self.timings["denoise"] += encode_seconds  # the init image's, as the eager path counts
         self.timings["unet_calls"] = len(plan.schedule.timesteps)
         if request.output_type == "latent":
             return plan.latents.clone()

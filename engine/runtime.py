@@ -24,7 +24,8 @@ from .errors import SdrtError
 from .families import Family
 from .prompt_syntax import WeightedIds
 from .samplers import make_schedule, sample
-from .stages import blank_inpaint_conditioning, guided, to_unit_images, vae_decode
+from .stages import (blank_inpaint_conditioning, guided, inpainting_unet, keep_unmasked,
+                     to_unit_images, vae_decode)
 
 log = logging.getLogger("sdrt")
 
@@ -39,12 +40,18 @@ class StaticShape:
     sampler: str
     guidance: bool  # whether the request batches an unconditional pass (CFG)
     num_chunks: int = 1  # 77-token text chunks per prompt (A1111 syntax: BREAK, > 75 tokens)
+    # Image to image: the strength (which of the schedule's steps run); None: text to image.
+    strength: float = None
+    masked: bool = False  # inpainting: the request carries a mask
 
     def describe(self):
         chunks = f", {self.num_chunks} text chunks" if self.num_chunks > 1 else ""
+        image = ("" if self.strength is None else
+                 f", {'inpainting' if self.masked else 'image to image'} at strength "
+                 f"{self.strength:g}")
         return (f"{self.width}x{self.height}, batch {self.batch_size}, "
                 f"{self.num_inference_steps} steps of {self.sampler}, "
-                f"{'with' if self.guidance else 'without'} CFG{chunks}")
+                f"{'with' if self.guidance else 'without'} CFG{chunks}{image}")
 
 
 @dataclass(frozen=True)
@@ -76,7 +83,9 @@ class StaticPlan:
         rows = shape.batch_size * (2 if shape.guidance else 1)
         self.rows = rows
         self.schedule = make_schedule(scheduler_config, shape.sampler,
-                                      shape.num_inference_steps, device=dev)
+                                      shape.num_inference_steps,
+                                      strength=1.0 if shape.strength is None else shape.strength,
+                                      device=dev)
         # Inputs, written before each replay: token ids and weights (rows·n, 77) per tokenizer,
         n, length = shape.num_chunks, model.text_length
         self.ids = {t: torch.zeros(rows * n, length, dtype=torch.long, device=dev)
@@ -86,6 +95,15 @@ class StaticPlan:
         # 0 on the rows whose conditioning is zeros (SDXL's empty negative prompt), else 1,
         self.keep = torch.ones(rows, dtype=torch.float32, device=dev)
         self.noise = torch.zeros(self.latent_shape, dtype=dtype, device=dev)
+        # Inpainting with a UNet that sees no mask: the mask at the latents' size (1 where
+        # repainted). Image to image: the init image's latents (encoded before the replay),
+        # unless inpainting starts from pure noise (full strength) and keeps nothing.
+        self.mask = (torch.zeros(shape.batch_size, 1, *self.latent_shape[2:], device=dev)
+                     if shape.masked and not inpainting_unet(unet) else None)
+        self.pure_noise = shape.strength is None or (shape.masked and shape.strength == 1.0)
+        self.x0 = (torch.zeros(self.latent_shape, dtype=dtype, device=dev)
+                   if shape.strength is not None and (not self.pure_noise or self.mask is not None)
+                   else None)
         self.guidance_scale = torch.ones(shape.batch_size, 1, 1, 1, dtype=torch.float32,
                                          device=dev)  # one scale per image
         # The unit noise a stochastic sampler (euler_a, lcm) draws as it goes, drawn beforehand.
@@ -106,10 +124,15 @@ class StaticPlan:
             torch.zeros(rows, pooled, dtype=dtype, device=dev) if pooled else None,
             torch.zeros(rows, family.num_time_ids, dtype=dtype, device=dev)
             if family.time_ids else None)
-        # An inpainting UNet's mask and masked-image latents: everything masked, a blank image
-        # (A1111's text to image with such a model), the same for every request of the shape.
+        # An inpainting UNet's mask and masked-image latents: a request's own when it has a
+        # mask; otherwise everything masked over a blank image (A1111's way), the same for
+        # every request of the shape.
         self.image_cond = None
-        if unet.config.in_channels != unet.config.out_channels:
+        if inpainting_unet(unet) and shape.masked:
+            self.image_cond = torch.zeros(shape.batch_size, unet.config.in_channels
+                                          - unet.config.out_channels, *self.latent_shape[2:],
+                                          dtype=dtype, device=dev)
+        elif inpainting_unet(unet):
             with torch.no_grad():
                 self.image_cond = blank_inpaint_conditioning(
                     model.vae, model.vae_dtype or dtype, dev, shape.batch_size, shape.height,
@@ -140,7 +163,12 @@ class StaticPlan:
     def _denoise(self, step_end=None):
         model = guided(self.model.unet, self.cond, self.guidance_scale, self.shape.guidance,
                        self.model.dtype, self.timestep_cond, self.image_cond)
-        x = self.schedule.noise_latents(self.noise)
+        if self.pure_noise:
+            x = self.schedule.noise_latents(self.noise)
+        else:
+            x = self.schedule.noise_image(self.x0, self.noise)
+        if self.mask is not None:
+            step_end = keep_unmasked(self.schedule, self.x0, self.noise, self.mask, step_end)
         x = sample(self.shape.sampler, model, x, self.schedule, noise=self.step_noise,
                    step_end=step_end)
         self.latents.copy_(x)
@@ -183,7 +211,7 @@ class StaticPlan:
     @torch.no_grad()
     def run(self, inputs: TextInputs, noise, guidance_scale, step_noise=None,
             clock=time.perf_counter, step_end=None, timestep_cond=None, keep=None,
-            time_ids=None):
+            time_ids=None, x0=None, mask=None, image_cond=None):
         """Copy the request's inputs in, run (replay) the three stages.
 
         ``inputs``: token ids and weights (rows, n, 77) per tokenizer, one row per image and
@@ -191,7 +219,10 @@ class StaticPlan:
         1); ``time_ids`` (rows, K): the micro-conditioning numbers of a family that has them.
         ``step_noise`` (``schedule.noise_draws`` unit-noise tensors, stacked) is the noise of
         a sampler that draws as it goes; ``timestep_cond`` (B, time_cond_proj_dim) the
-        guidance embedding of a guidance-distilled UNet.
+        guidance embedding of a guidance-distilled UNet. Image to image: ``x0`` the init
+        image's latents (B, C, h, w); inpainting: ``mask`` (B, 1, h, w), 1 where repainted, for
+        a UNet that sees no mask, or ``image_cond`` (the mask and the masked image's latents)
+        for one that does.
 
         Returns the seconds each stage took, read with ``clock`` between stages. The results
         stay in the plan's buffers: ``latents`` and ``image`` (float32 (B, H, W, 3) in [0, 1]).
@@ -215,6 +246,13 @@ class StaticPlan:
             self.step_noise.copy_(step_noise)
         if self.timestep_cond is not None:
             self.timestep_cond.copy_(timestep_cond)
+        for buffer, value, name in ((self.x0, x0, "x0"), (self.mask, mask, "mask")):
+            if buffer is not None:
+                if value is None:
+                    raise SdrtError(f"a plan for {self.shape.describe()} needs {name}")
+                buffer.copy_(value)
+        if self.shape.masked and image_cond is not None:
+            self.image_cond.copy_(image_cond)
         runs = [g.replay for g in self.graphs] if self.graphs else list(self._stages())
         if step_end is not None:
             runs[1] = lambda: self._denoise(step_end)

@@ -39,10 +39,28 @@ def guided(unet, cond, guidance_scale, cfg, dtype, timestep_cond=None, image_con
     return model
 
 
+def inpainting_unet(unet):
+    """Whether ``unet`` takes a mask and masked-image latents besides the latents."""
+    return unet.config.in_channels != unet.config.out_channels
+
+
 def inpaint_conditioning(mask, masked_latents):
     """An inpainting UNet's extra input: the (B, 1, h, w) mask (1 where the image is
     repainted) at the latents' size, then the (B, C, h, w) latents of the masked image."""
     return torch.cat([mask.to(masked_latents.dtype), masked_latents], dim=1)
+
+
+def keep_unmasked(schedule, x0, noise, mask, step_end):
+    """The sampler's per-step hook for inpainting with a UNet that sees no mask (diffusers'
+    4-channel path): after step i, where ``mask`` is 0 the latents become the init image's
+    ``x0`` noised along ``noise`` to step i + 1's level (the clean ``x0`` after the last
+    step); then ``step_end``, the caller's hook, sees them."""
+    def keep(i, t, x):
+        known = schedule.noise_to(x0, noise, i + 1).float()
+        x = (1 - mask) * known + mask * x
+        out = None if step_end is None else step_end(i, t, x)
+        return x if out is None else out
+    return keep
 
 
 def row_scales(scales, device):

@@ -831,6 +831,24 @@ def test_cuda_text_to_image_builds_a_static_plan(tmp_path, capsys):
     assert diff.max() <= 1, f"static and eager images differ by up to {diff.max()} / 255"
 
 
+@pytest.mark.gpu
+def test_cuda_hires_fix_builds_both_plans(tmp_path, capsys):
+    # Both passes replay static plans built up front (no plan built on demand, so no
+    # warning), and give the eager run's picture.
+    base = ["generate", "a red fox", "--steps", "3", "--seed", "5", "--device", "cuda",
+            "--dtype", "fp32", "--sampler", "euler_a", "--width", "64", "--height", "64",
+            "--hr-scale", "1.5", "--hr-steps", "2"]
+    code, stdout, err = _run(base + ["-o", str(tmp_path / "static.png")], capsys)
+    assert code == 0, err
+    assert re.match(r"build \d+\.\d\d s \(static plans\) · text ", stdout), stdout
+    assert _warnings(err) == [], err
+    code, stdout, err = _run(base + ["--no-compile", "-o", str(tmp_path / "eager.png")], capsys)
+    assert code == 0, err
+    diff = np.abs(_pixels(tmp_path / "static.png").astype(int) -
+                  _pixels(tmp_path / "eager.png").astype(int))
+    assert diff.max() <= 1, f"static and eager hires images differ by up to {diff.max()} / 255"
+
+
 def test_embedding_option(tmp_path, capsys):
     # An A1111 embedding for the built-in model (hidden size 64), named by its file.
     from safetensors.torch import save_file
