@@ -93,7 +93,7 @@ def generate(a):
         width = request.width or init.width - init.width % f
         height = request.height or init.height - init.height % f
         inpaint = prepare(init, mask, width, height, a.inpaint_area == "masked",
-                          a.masked_padding)
+                          a.masked_padding, fill=a.masked_content == "fill")
         init, mask = inpaint.image, inpaint.mask
     # Image i of a batch is drawn from its own generator, seeded seed + i, as A1111 does: its
     # PNG records that seed, and --seed with it regenerates that image alone.
@@ -158,6 +158,8 @@ def generate(a):
                           mask_blur=a.mask_blur if mask is not None else None,
                           masked_padding=(a.masked_padding if mask is not None
                                           and a.inpaint_area == "masked" else None),
+                          masked_content=("fill" if mask is not None
+                                          and a.masked_content == "fill" else None),
                           ti_hashes=ti_hashes, **refined))
              for s in seeds]
     paths, taken = _save_pngs(images, output, infos, a.overwrite)
@@ -278,6 +280,8 @@ _PNG_SETTINGS = {
     "Inpaint area": ("--inpaint-area", "inpaint_area",
                      {"Only masked": "masked", "Whole picture": "whole"}.get),
     "Masked area padding": ("--masked-padding", "masked_padding", int),
+    "Masked content": ("--masked-content", "masked_content",
+                       {"fill": "fill", "original": "original"}.get),
     "Hires upscale": ("--hr-scale", "hr_scale", float),
     "Hires steps": ("--hr-steps", "hr_steps", int),
     "Hires upscaler": ("--hr-upscaler", "hr_upscaler", str),
@@ -422,7 +426,7 @@ def _warn_unused_options(a):
     if a.mask is None:
         if a.invert_mask:
             unused("--invert-mask", "it applies to --mask")
-        for option in ("mask_blur", "inpaint_area", "masked_padding"):
+        for option in ("mask_blur", "inpaint_area", "masked_padding", "masked_content"):
             if option in a.given:
                 unused(f"--{option.replace('_', '-')}", "it applies to --mask")
     elif "masked_padding" in a.given and a.inpaint_area != "masked":

@@ -89,6 +89,7 @@ class Infotext:
     clip_skip: int = 0         # sdrt's count of skipped layers
     mask_blur: int = None      # inpainting only: the mask's blur, in pixels
     masked_padding: int = None  # inpainting only the masked area: its padding, in pixels
+    masked_content: str = None  # inpainting: "fill" where the masked part was filled first
     hires: tuple = ()          # ((key, value), ...): a hires fix's pairs (hires.Hires.params)
     version: str = None
     lora_hashes: tuple = ()    # ((name, A1111 short hash), ...) of the LoRAs applied
@@ -110,6 +111,7 @@ class Infotext:
                                    else number(self.denoising_strength)),
             "Clip skip": self.clip_skip + 1 if self.clip_skip else None,
             "Mask blur": self.mask_blur,
+            "Masked content": self.masked_content,
             "Inpaint area": None if self.masked_padding is None else "Only masked",
             "Masked area padding": self.masked_padding,
             **{k: (number(v) if isinstance(v, float) else

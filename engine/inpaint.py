@@ -10,6 +10,10 @@ as the model drew it. A1111 adds two things, both here:
   pixels and then to the output's aspect ratio, is cut out of the image and the mask,
   resized to the output size and inpainted there (more pixels for a small region), and the
   result is resized back into its place in the full-size image.
+- **"fill"** (masked content, ``inpainting_fill=0``): before it is encoded, the masked part
+  of the image is painted over with its surroundings' colours, blurred from coarse to fine,
+  so that the denoising starts from the neighbourhood's colours rather than from what was
+  masked.
 """
 from dataclasses import dataclass
 
@@ -45,12 +49,20 @@ class Inpaint:
         return Image.fromarray(np.rint(new * a + old * (1 - a)).clip(0, 255).astype(np.uint8))
 
 
-def prepare(image, mask, width, height, only_masked=False, padding=32):
+def prepare(image, mask, width, height, only_masked=False, padding=32, fill=False):
     """``image`` (PIL) and its ``mask`` (float (H, W) in [0, 1], 1 where repainted, already
     blurred; resized to the image's size if it differs) → an ``Inpaint`` for an output of
     ``width`` × ``height`` pixels. With ``only_masked`` the region around the mask, grown by
     ``padding`` pixels, is inpainted at the output size; an empty mask is refused there (there
-    is no region)."""
+    is no region). With ``fill`` the image the pipeline gets is filled under the mask
+    (``fill_masked``); the result is still pasted over the original."""
+    job = _frame(image, mask, width, height, only_masked, padding)
+    if fill:
+        job.image = fill_masked(job.image, job.mask)
+    return job
+
+
+def _frame(image, mask, width, height, only_masked, padding):
     from PIL import Image
     original = image.convert("RGB")
     if mask.shape != (original.height, original.width):
@@ -68,6 +80,39 @@ def prepare(image, mask, width, height, only_masked=False, padding=32):
     x1, y1, x2, y2 = region
     cut = original.crop(region).resize((width, height), Image.LANCZOS)
     return Inpaint(cut, _resize(mask[y1:y2, x1:x2], width, height), original, mask, region)
+
+
+# Coarse to fine: (Gaussian radius in pixels, times the layer is laid on), A1111's sequence.
+_FILL_LAYERS = ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1))
+
+
+def fill_masked(image, mask):
+    """``image`` (PIL) with its masked part (``mask`` float (H, W), 1 where repainted) painted
+    over with the colours around it: each layer is the kept pixels blurred by a Gaussian and
+    normalised by the blurred coverage (premultiplied alpha), laid over the layers before it
+    with that coverage as its alpha; the last layer, unblurred, puts every kept pixel back
+    exactly. Blurs run on 8-bit planes, as PIL blurs them."""
+    from PIL import Image, ImageFilter
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
+    keep = np.rint((1 - mask) * 255) / 255  # the coverage, on 8 bits as the image is
+    planes = [keep] + [rgb[..., c] * keep for c in range(3)]  # alpha, then premultiplied RGB
+
+    def blurred(plane, radius):
+        if radius == 0:
+            return plane
+        image = Image.fromarray(np.rint(plane * 255).astype(np.uint8), "L")
+        return np.asarray(image.filter(ImageFilter.GaussianBlur(radius)),
+                          dtype=np.float32) / 255
+    out, out_alpha = np.zeros_like(rgb), np.zeros_like(keep)
+    for radius, times in _FILL_LAYERS:
+        alpha, *colour = (blurred(p, radius) for p in planes)
+        colour = np.stack(colour, axis=-1) / np.maximum(alpha, 1 / 255)[..., None]
+        for _ in range(times):  # "over", in straight alpha
+            total = alpha + out_alpha * (1 - alpha)
+            out = (colour * alpha[..., None] + out * (out_alpha * (1 - alpha))[..., None]) \
+                / np.maximum(total, 1e-6)[..., None]
+            out_alpha = total
+    return Image.fromarray(np.rint(out.clip(0, 1) * 255).astype(np.uint8))
 
 
 def crop_region(mask, padding):

@@ -163,7 +163,7 @@ class Server:
             width=key.width, height=key.height, model_name=self.runner.model_name,
             model_hash=self.runner.model_hash, denoising_strength=key.strength,
             clip_skip=key.clip_skip, mask_blur=row.mask_blur,
-            masked_padding=row.masked_padding,
+            masked_padding=row.masked_padding, masked_content=row.masked_content,
             hires=tuple(key.hires.params().items()) if key.hires else ()))
 
     async def encode(self, images, texts):
@@ -439,17 +439,20 @@ def create_app(config: ServeConfig = None) -> FastAPI:
         extra, jobs = dict(hires.params()) if hires else {}, None
         if mask is not None:  # one job per init image; image i inpaints init image i mod n
             only = body.inpaint_full_res
+            fill = body.inpainting_fill == 0
             jobs = await run_in_threadpool(_inpaint_jobs, init_images, mask, req, only,
-                                           body.inpaint_full_res_padding)
+                                           body.inpaint_full_res_padding, fill)
             init_images = [job.image for job in jobs]
             extra["Mask blur"] = body.mask_blur
+            if fill:
+                extra["Masked content"] = "fill"
             if only:
                 extra.update({"Inpaint area": "Only masked",
                               "Masked area padding": body.inpaint_full_res_padding})
         rows = [Row(body.prompt, body.negative_prompt, req.guidance_scale, s,
                     init_images[i % len(init_images)] if init_images else None,
                     jobs[i % len(jobs)].mask if jobs else None, extra.get("Mask blur"),
-                    extra.get("Masked area padding"))
+                    extra.get("Masked area padding"), extra.get("Masked content"))
                 for i, s in enumerate(seeds)]
         images = await server.generate(request, key, rows)
         if jobs:
@@ -670,8 +673,8 @@ def _check_inpaint_fields(body):
             ("mask_blur", 0 <= body.mask_blur <= MAX_MASK_BLUR,
              f"an integer from 0 to {MAX_MASK_BLUR}"),
             ("inpainting_mask_invert", body.inpainting_mask_invert in (0, 1), "0 or 1"),
-            ("inpainting_fill", body.inpainting_fill == 1,
-             "1 (original; fill, latent noise and latent nothing are not supported)"),
+            ("inpainting_fill", body.inpainting_fill in (0, 1),
+             "0 (fill) or 1 (original; latent noise and latent nothing are not supported)"),
             ("inpaint_full_res_padding", 0 <= body.inpaint_full_res_padding <= MAX_PADDING,
              f"an integer from 0 to {MAX_PADDING}")):
         if not ok:
@@ -743,11 +746,11 @@ def _hires(server, body, req):
     return hires
 
 
-def _inpaint_jobs(init_images, mask, req, only_masked, padding):
+def _inpaint_jobs(init_images, mask, req, only_masked, padding, fill=False):
     """A1111's framing of each init image and the mask (``sdrt.engine.inpaint``)."""
     from sdrt.engine.inpaint import prepare
     try:
-        return [prepare(im, mask, req.width, req.height, only_masked, padding)
+        return [prepare(im, mask, req.width, req.height, only_masked, padding, fill)
                 for im in init_images]
     except SdrtError as e:
         raise ApiError(400, str(e), "bad_request", "mask") from None

@@ -62,6 +62,7 @@ class Row:
     mask: object = None  # inpainting: a float array (H, W) in [0, 1], 1 where repainted
     mask_blur: int = None  # the blur that mask had, for the PNG info
     masked_padding: int = None  # inpainting only the masked area: its padding, for the same
+    masked_content: str = None  # "fill" where the masked part was filled first, for the same
 
 
 class Job:

@@ -127,8 +127,10 @@ class Img2ImgRequest(A1111Request):
                                                   "transparency)")
     mask_blur: int = Field(4, description="the mask's Gaussian blur, in pixels (0 to 64)")
     inpainting_mask_invert: int = Field(0, description="1: repaint where the mask is black")
-    inpainting_fill: int = Field(1, description="1 (original: the masked part starts from the "
-                                                "init image) only; 0, 2 and 3 are refused")
+    inpainting_fill: int = Field(0, description="what the masked part starts from: 0 fill (its "
+                                                "surroundings' colours), 1 original (the init "
+                                                "image); 2 and 3 (latent noise, latent "
+                                                "nothing) are refused")
     inpaint_full_res: bool = Field(True, description="true: inpaint only the mask's region "
                                                      "(grown by inpaint_full_res_padding) at "
                                                      "width x height and paste it back; false: "

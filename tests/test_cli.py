@@ -414,6 +414,14 @@ def test_inpaint_with_a_mask(tiny_dir, tmp_path, capsys):
     pairs = parse(_parameters(out))[2]
     assert (pairs["Inpaint area"], pairs["Masked area padding"], pairs["Size"]) == \
         ("Only masked", "8", "32x32")
+    assert "Masked content" not in pairs
+    filled = tmp_path / "filled.png"
+    code, _, err = _run(["generate", "a red fox", "--model", tiny_dir, "--steps", "2",
+                         "--init-image", str(tmp_path / "i.png"), "--mask",
+                         str(tmp_path / "m.png"), "--masked-content", "fill", "--strength",
+                         "0.5", "--seed", "3", "-o", str(filled)], capsys)
+    assert code == 0, err
+    assert parse(_parameters(filled))[2]["Masked content"] == "fill"
 
 
 def test_hires_fix_and_its_png_info(tiny_dir, tmp_path, capsys):

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from sdrt.engine.errors import SdrtError
-from sdrt.engine.inpaint import crop_region, expand_region, prepare
+from sdrt.engine.inpaint import crop_region, expand_region, fill_masked, prepare
 
 
 def _picture(w=96, h=64, seed=0):
@@ -91,3 +91,34 @@ def test_a_mask_of_another_size_is_resized_to_the_image():
     job = prepare(_picture(), mask, 96, 64)
     assert job.mask.shape == (64, 96)
     assert job.mask[:, :46].max() == 0 and job.mask[:, 50:].min() == 1
+
+
+def test_fill_paints_the_surroundings_over_the_mask():
+    # A uniform picture with a green block under the mask: filled, it is uniform again (to
+    # the 8-bit rounding of the premultiplied blurs), and every kept pixel is untouched.
+    a = np.zeros((64, 96, 3), np.uint8)
+    a[:] = (200, 40, 90)
+    a[20:40, 30:60] = (0, 255, 0)
+    mask = np.zeros((64, 96), np.float32)
+    mask[18:42, 28:62] = 1
+    out = np.asarray(fill_masked(Image.fromarray(a), mask)).astype(int)
+    assert np.abs(out - (200, 40, 90)).max() <= 6
+    # Two colours meeting under the mask: each side of it takes its own side's colour.
+    b = np.zeros((64, 96, 3), np.uint8)
+    b[:, :48], b[:, 48:] = (255, 0, 0), (0, 0, 255)
+    mask[:] = 0
+    mask[20:44, 40:56] = 1
+    out = np.asarray(fill_masked(Image.fromarray(b), mask)).astype(int)
+    assert np.array_equal(out[mask == 0], b[mask == 0])
+    assert out[32, 40, 0] > 200 and out[32, 55, 2] > 200
+    assert out[32, 40, 2] < 50 and out[32, 55, 0] < 50
+
+
+def test_prepare_fills_only_what_the_pipeline_gets():
+    picture = _picture(seed=3)
+    mask = np.zeros((64, 96), dtype=np.float32)
+    mask[10:30, 20:50] = 1
+    plain, filled = prepare(picture, mask, 96, 64), prepare(picture, mask, 96, 64, fill=True)
+    assert np.array_equal(np.asarray(filled.original), np.asarray(picture))
+    assert not np.array_equal(np.asarray(filled.image), np.asarray(plain.image))
+    assert np.array_equal(np.asarray(filled.image)[40:], np.asarray(picture)[40:])
