@@ -686,18 +686,23 @@ def _check_inpaint_fields(body):
 _OFF_VALUES = {"restore_faces": (None, False), "tiling": (None, False),
                "subseed_strength": (None, 0), "seed_resize_from_h": (None, -1, 0),
                "seed_resize_from_w": (None, -1, 0), "styles": (None, []),
-               "script_name": (None, "", "None"), "refiner_checkpoint": (None, "", "None")}
+               "script_name": (None, "", "None"), "refiner_checkpoint": (None, "", "None"),
+               "resize_mode": (None, 0), "initial_noise_multiplier": (None, 1)}
 _FEATURES = {"restore_faces": "face restoration", "tiling": "tiling",
              "subseed_strength": "variation seeds", "seed_resize_from_h": "seed resizing",
              "seed_resize_from_w": "seed resizing", "styles": "styles",
              "script_name": "scripts", "refiner_checkpoint": "A1111's refiner switch",
-             "alwayson_scripts": "always-on scripts (ControlNet, ...)"}
+             "alwayson_scripts": "always-on scripts (ControlNet, ...)",
+             "resize_mode": "resize modes other than 0 (just resize)",
+             "initial_noise_multiplier": "a noise multiplier"}
 
 
 def _check_unsupported(body):
     """A field of a feature sdrt does not have is refused unless it leaves the feature off:
     silently ignoring it would return a different picture than the client asked for."""
     for field, off in _OFF_VALUES.items():
+        if not hasattr(body, field):  # img2img's own (resize_mode, ...) on a txt2img body
+            continue
         value = getattr(body, field)
         if value not in off:
             raise ApiError(400, f"{field} must be off ({' or '.join(map(json.dumps, off))}): "

@@ -137,6 +137,10 @@ class Img2ImgRequest(A1111Request):
                                                      "the whole picture")
     inpaint_full_res_padding: int = Field(0, description="pixels of context around the mask "
                                                          "(0 to 256)")
+    # Accepted at their "off" values only, as A1111Request's unsupported features: resize_mode
+    # 0 (just resize), initial_noise_multiplier 1.
+    resize_mode: Optional[int] = None
+    initial_noise_multiplier: Optional[float] = None
 
 
 class A1111Response(BaseModel):
