@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sdrt.engine.errors import SdrtError
+from sdrt.engine.hires import IMAGE_UPSCALERS, LATENT_UPSCALERS
 from sdrt.engine.infotext import SAMPLER_ALIASES, SAMPLER_LABELS, Infotext, png_bytes, sampler_id
 from sdrt.engine.request import MAX_SEED, SAMPLER_NAMES, GenerationRequest, Limits, short_repr
 
@@ -51,7 +52,8 @@ _A1111_NAMES = {"num_inference_steps": "steps", "guidance_scale": "cfg_scale",
                 "num_images_per_prompt": "batch_size",
                 "clip_skip": "override_settings.CLIP_stop_at_last_layers"}
 _ENDPOINTS = ("/v1/images/generations", "/v1/images/edits", "/sdapi/v1/txt2img",
-              "/sdapi/v1/img2img",
+              "/sdapi/v1/img2img", "/sdapi/v1/upscalers", "/sdapi/v1/latent-upscale-modes",
+              "/sdapi/v1/options",
               "/sdapi/v1/samplers", "/sdapi/v1/sd-models", "/health", "/metrics")
 _OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/docs/oauth2-redirect")
 _POLL_S = 0.25  # how often a waiting request checks its client and its deadline
@@ -524,6 +526,29 @@ def create_app(config: ServeConfig = None) -> FastAPI:
                                     model_name=r.model_name, hash=r.model_hash,
                                     sha256=r.model_sha256,
                                     filename=config.model or "built-in")]
+
+    @app.get("/sdapi/v1/upscalers", response_model=list[schemas.UpscalerItem],
+             tags=["AUTOMATIC1111"])
+    async def upscalers():
+        """The hires fix's image upscalers (``hr_upscaler``); A1111 lists "None" first."""
+        return [schemas.UpscalerItem(name=name) for name in ("None", *IMAGE_UPSCALERS)]
+
+    @app.get("/sdapi/v1/latent-upscale-modes", response_model=list[schemas.LatentUpscaleModeItem],
+             tags=["AUTOMATIC1111"])
+    async def latent_upscale_modes():
+        """The hires fix's latent upscalers (``hr_upscaler``)."""
+        return [schemas.LatentUpscaleModeItem(name=name) for name in LATENT_UPSCALERS]
+
+    @app.get("/sdapi/v1/options", tags=["AUTOMATIC1111"])
+    async def options(request: Request):
+        """The A1111 settings clients read: the model loaded, clip skip (1: the last layer;
+        a request sets its own with override_settings), the image format."""
+        server = server_of(request)
+        server.require_ready()
+        r = server.runner
+        return {"sd_model_checkpoint": f"{r.model_name} [{r.model_hash}]",
+                "sd_checkpoint_hash": r.model_sha256, "CLIP_stop_at_last_layers": 1,
+                "samples_format": "png"}
 
     # -- the server's own -----------------------------------------------------------------------
 

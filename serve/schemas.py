@@ -155,6 +155,19 @@ class SamplerItem(BaseModel):
     options: Dict[str, str] = {}
 
 
+class UpscalerItem(BaseModel):
+    """An image upscaler, as A1111 lists them (sdrt's have no model file)."""
+    name: str
+    model_name: Optional[str] = None
+    model_path: Optional[str] = None
+    model_url: Optional[str] = None
+    scale: float = 4
+
+
+class LatentUpscaleModeItem(BaseModel):
+    name: str
+
+
 class SdModelItem(BaseModel):
     title: str
     model_name: str

@@ -361,6 +361,14 @@ def test_a1111_samplers_and_models(main_server):
     assert len(models) == 1 and len(models[0]["hash"]) == 10
     assert models[0]["title"] == f"{models[0]['model_name']} [{models[0]['hash']}]"
     assert "/v1/images/generations" in httpx.get(f"{url}/openapi.json", timeout=TIMEOUT).text
+    # What A1111 clients read to fill their menus, each name one the hires fix takes.
+    from sdrt.engine.hires import UPSCALERS
+    upscalers = httpx.get(f"{url}/sdapi/v1/upscalers", timeout=TIMEOUT).json()
+    latent = httpx.get(f"{url}/sdapi/v1/latent-upscale-modes", timeout=TIMEOUT).json()
+    assert upscalers[0]["name"] == "None"
+    assert set(u["name"] for u in upscalers[1:]) | {m["name"] for m in latent} == set(UPSCALERS)
+    options = httpx.get(f"{url}/sdapi/v1/options", timeout=TIMEOUT).json()
+    assert options["sd_model_checkpoint"] == models[0]["title"]
 
 
 # -- the scheduler -----------------------------------------------------------------------------
