@@ -275,9 +275,11 @@ def _generate_options(g):
     g.add_argument("--invert-mask", action="store_true",
                    help="repaint where --mask is black instead (A1111's 'inpaint not "
                         "masked')")
-    g.add_argument("--masked-content", choices=("original", "fill"), default="original",
-                   help="what the masked part starts from: the init image, or its "
-                        "surroundings' colours blurred over it (A1111's 'fill')")
+    g.add_argument("--masked-content", default="original",
+                   choices=("original", "fill", "latent-noise", "latent-nothing"),
+                   help="what the masked part starts from (A1111's 'masked content'): the init "
+                        "image; its surroundings' colours blurred over it; or, in the "
+                        "latents, unit noise or zeros"),
     g.add_argument("--inpaint-area", choices=("whole", "masked"), default="whole",
                    help="whole: inpaint the whole picture; masked: only the mask's region, "
                         "grown by --masked-padding, cut out and inpainted at --width × "

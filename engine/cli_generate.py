@@ -93,7 +93,7 @@ def generate(a):
         width = request.width or init.width - init.width % f
         height = request.height or init.height - init.height % f
         inpaint = prepare(init, mask, width, height, a.inpaint_area == "masked",
-                          a.masked_padding, fill=a.masked_content == "fill")
+                          a.masked_padding, fill=a.masked_content != "original")
         init, mask = inpaint.image, inpaint.mask
     # Image i of a batch is drawn from its own generator, seeded seed + i, as A1111 does: its
     # PNG records that seed, and --seed with it regenerates that image alone.
@@ -115,6 +115,9 @@ def generate(a):
         else:
             images = pipe(prompt, height=request.height, width=request.width, sampler=sampler,
                           image=init, mask_image=mask, strength=a.strength,
+                          masked_content=(a.masked_content.replace("-", "_")
+                                          if a.masked_content.startswith("latent")
+                                          else "original"),
                           callback=None if plans else progress,
                           output_type="latent" if refiner else "pil", **_sdxl_fields(a),
                           **call)
@@ -158,8 +161,9 @@ def generate(a):
                           mask_blur=a.mask_blur if mask is not None else None,
                           masked_padding=(a.masked_padding if mask is not None
                                           and a.inpaint_area == "masked" else None),
-                          masked_content=("fill" if mask is not None
-                                          and a.masked_content == "fill" else None),
+                          masked_content=(a.masked_content.replace("-", " ")
+                                          if mask is not None
+                                          and a.masked_content != "original" else None),
                           ti_hashes=ti_hashes, **refined))
              for s in seeds]
     paths, taken = _save_pngs(images, output, infos, a.overwrite)
@@ -281,7 +285,8 @@ _PNG_SETTINGS = {
                      {"Only masked": "masked", "Whole picture": "whole"}.get),
     "Masked area padding": ("--masked-padding", "masked_padding", int),
     "Masked content": ("--masked-content", "masked_content",
-                       {"fill": "fill", "original": "original"}.get),
+                       {"fill": "fill", "original": "original", "latent noise": "latent-noise",
+                        "latent nothing": "latent-nothing"}.get),
     "Hires upscale": ("--hr-scale", "hr_scale", float),
     "Hires steps": ("--hr-steps", "hr_steps", int),
     "Hires upscaler": ("--hr-upscaler", "hr_upscaler", str),

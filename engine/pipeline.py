@@ -30,6 +30,9 @@ from .stages import (blank_inpaint_conditioning, cpu_randn, guidance_embedding, 
                      inpaint_conditioning, keep_unmasked, row_scales, scale_latents,
                      to_unit_images, vae_decode)
 
+# What the masked latents start from when inpainting (A1111's "masked content" in latent
+# space): the init image's, unit noise, or zeros.
+MASKED_CONTENT = ("original", "latent_noise", "latent_nothing")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _DEVICES = "'cpu', 'cuda' or 'cuda:N'"
@@ -836,7 +839,7 @@ class Pipeline:
                  negative_original_size=None, negative_crops_coords_top_left=None,
                  negative_target_size=None, aesthetic_score=None,
                  negative_aesthetic_score=None, denoising_start=None, denoising_end=None,
-                 mask_image=None):
+                 mask_image=None, masked_content="original"):
         """Generate images; see the README for each argument.
 
         Returns a list of PIL images (``"pil"``), a float32 array (B, H, W, 3) in [0, 1]
@@ -862,6 +865,10 @@ class Pipeline:
         they are reset to the init image's, noised to the next step's level (the last step
         to the clean ones). An inpainting UNet given no mask (text to image, or image to
         image) runs with everything masked and a blank masked image, as A1111 runs it.
+        ``masked_content`` (A1111's "masked content" in latent space) sets what the masked
+        init latents hold before they are noised: ``"original"`` (the init image's),
+        ``"latent_noise"`` (unit noise, drawn after the masked image's sample) or
+        ``"latent_nothing"`` (zeros); it matters below full strength.
 
         Every argument is checked before any work (``SdrtError``, a ``ValueError``, naming the
         argument, its value and what is allowed), including the request's estimated peak
@@ -895,6 +902,9 @@ class Pipeline:
             if getattr(request, field) is not None:
                 self._check_side(field, getattr(request, field), {})
         init = init_latents = mask = None
+        if masked_content not in MASKED_CONTENT:
+            raise SdrtError(f"masked_content must be one of {', '.join(MASKED_CONTENT)}, got "
+                            f"{short_repr(masked_content)}")
         if mask_image is not None:
             self._check_mask_request(image, denoising_start)
         if image is not None:
@@ -923,7 +933,8 @@ class Pipeline:
             latents = self._noise(latents, shape, None)  # checked before any work
         step_end = self._step_end(callback)
         t0 = self._clock()
-        start = self._start(request, init, init_latents, mask, latents, shape, generator)
+        start = self._start(request, init, init_latents, mask, latents, shape, generator,
+                            masked_content)
         if self._static(request):
             return self._run_static(request, inputs, start, generator, step_end,
                                     self._clock() - t0)
@@ -960,11 +971,12 @@ class Pipeline:
         self.timings["decode"] = self._clock() - t3
         return self._format(images, request.output_type)
 
-    def _start(self, request, init, init_latents, mask, latents, shape, generator):
+    def _start(self, request, init, init_latents, mask, latents, shape, generator,
+               masked_content="original"):
         """Where a request's denoising starts, drawn in diffusers' order: the init image's
-        posterior sample, the noise, then (inpainting) the masked image's sample. Inpainting
-        at full strength starts from pure noise, and an inpainting UNet then encodes no init
-        image."""
+        posterior sample, the noise, then (inpainting) the masked image's sample, then
+        ``masked_content``'s noise. Inpainting at full strength starts from pure noise, and an
+        inpainting UNet then encodes no init image."""
         batch = shape[0]
         pure_noise = not request.has_image or (mask is not None and request.strength == 1.0)
         x0 = small = image_cond = None
@@ -973,18 +985,24 @@ class Pipeline:
         elif init_latents is not None:
             x0 = init_latents.repeat_interleave(batch // init_latents.shape[0], dim=0)
         noise = self._noise(latents, shape, generator)
-        if mask is not None:
-            small = torch.nn.functional.interpolate(mask, size=shape[2:])  # nearest: diffusers'
-            small = small.repeat_interleave(batch // small.shape[0], dim=0)
-            if self._inpainting_unet():
-                masked = self.encode_image(init * (mask < 0.5).to(init.dtype), generator, batch)
-                image_cond, small = inpaint_conditioning(small, masked), None
-            else:
-                # The draw diffusers' encode of the masked image makes, which this path
-                # does not use: the sampler's later draws (euler_a) stay in step.
-                rows = batch if isinstance(generator, list) else max(len(init), len(mask))
-                cpu_randn((rows, *shape[1:]), generator)
-        return _Start(x0, noise, small, image_cond, pure_noise)
+        if mask is None:
+            return _Start(x0, noise, None, None, pure_noise)
+        small = torch.nn.functional.interpolate(mask, size=shape[2:])  # nearest: diffusers'
+        small = small.repeat_interleave(batch // small.shape[0], dim=0)
+        if self._inpainting_unet():
+            masked = self.encode_image(init * (mask < 0.5).to(init.dtype), generator, batch)
+            image_cond = inpaint_conditioning(small, masked)
+        else:
+            # The draw diffusers' encode of the masked image makes, which this path does not
+            # use: the sampler's later draws (euler_a) stay in step.
+            rows = batch if isinstance(generator, list) else max(len(init), len(mask))
+            cpu_randn((rows, *shape[1:]), generator)
+        if masked_content != "original" and x0 is not None:
+            fill = (cpu_randn(x0.shape, generator, x0.dtype).to(self.device)
+                    if masked_content == "latent_noise" else torch.zeros_like(x0))
+            x0 = torch.where(small.to(torch.bool), fill, x0)
+        return _Start(x0, noise, None if image_cond is not None else small, image_cond,
+                      pure_noise)
 
     def _image_latents(self, image):
         """``image`` when it is latents (a float tensor (B, C, h, w) with the UNet's C latent

@@ -437,17 +437,20 @@ def create_app(config: ServeConfig = None) -> FastAPI:
         seeds = server.seeds(req.seed, n, "seed")
         key = BatchKey(req.height, req.width, req.num_inference_steps, req.sampler,
                        req.guidance, req.strength if init_images else None, req.clip_skip,
-                       server.chunks(req), inpaint=mask is not None, hires=hires)
+                       server.chunks(req), inpaint=mask is not None, hires=hires,
+                       masked_content=_MASKED_CONTENT[body.inpainting_fill].replace(" ", "_")
+                       if mask is not None and body.inpainting_fill > 1 else "original")
         extra, jobs = dict(hires.params()) if hires else {}, None
         if mask is not None:  # one job per init image; image i inpaints init image i mod n
             only = body.inpaint_full_res
-            fill = body.inpainting_fill == 0
+            content = _MASKED_CONTENT[body.inpainting_fill]
             jobs = await run_in_threadpool(_inpaint_jobs, init_images, mask, req, only,
-                                           body.inpaint_full_res_padding, fill)
+                                           body.inpaint_full_res_padding,
+                                           content != "original")
             init_images = [job.image for job in jobs]
             extra["Mask blur"] = body.mask_blur
-            if fill:
-                extra["Masked content"] = "fill"
+            if content != "original":
+                extra["Masked content"] = content
             if only:
                 extra.update({"Inpaint area": "Only masked",
                               "Masked area padding": body.inpaint_full_res_padding})
@@ -698,8 +701,8 @@ def _check_inpaint_fields(body):
             ("mask_blur", 0 <= body.mask_blur <= MAX_MASK_BLUR,
              f"an integer from 0 to {MAX_MASK_BLUR}"),
             ("inpainting_mask_invert", body.inpainting_mask_invert in (0, 1), "0 or 1"),
-            ("inpainting_fill", body.inpainting_fill in (0, 1),
-             "0 (fill) or 1 (original; latent noise and latent nothing are not supported)"),
+            ("inpainting_fill", body.inpainting_fill in (0, 1, 2, 3),
+             "0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing)"),
             ("inpaint_full_res_padding", 0 <= body.inpaint_full_res_padding <= MAX_PADDING,
              f"an integer from 0 to {MAX_PADDING}")):
         if not ok:
@@ -720,6 +723,11 @@ _FEATURES = {"restore_faces": "face restoration", "tiling": "tiling",
              "alwayson_scripts": "always-on scripts (ControlNet, ...)",
              "resize_mode": "resize modes other than 0 (just resize)",
              "initial_noise_multiplier": "a noise multiplier"}
+
+
+# A1111's inpainting_fill: what the masked part starts from ("fill" is done on the picture,
+# the latent ones by the pipeline's masked_content).
+_MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
 
 
 def _check_unsupported(body):

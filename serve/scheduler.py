@@ -49,6 +49,7 @@ class BatchKey:
     chunks: int = 1
     inpaint: bool = False  # whether the rows carry masks
     hires: object = None  # a text-to-image request's hires fix (engine.hires.Hires)
+    masked_content: str = "original"  # inpainting: the pipeline's masked_content
 
 
 @dataclass(frozen=True)

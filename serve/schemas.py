@@ -129,8 +129,7 @@ class Img2ImgRequest(A1111Request):
     inpainting_mask_invert: int = Field(0, description="1: repaint where the mask is black")
     inpainting_fill: int = Field(0, description="what the masked part starts from: 0 fill (its "
                                                 "surroundings' colours), 1 original (the init "
-                                                "image); 2 and 3 (latent noise, latent "
-                                                "nothing) are refused")
+                                                "image), 2 latent noise, 3 latent nothing")
     inpaint_full_res: bool = Field(True, description="true: inpaint only the mask's region "
                                                      "(grown by inpaint_full_res_padding) at "
                                                      "width x height and paste it back; false: "

@@ -266,3 +266,28 @@ def test_onnx_export_of_an_inpainting_model(inpainting, tmp_path):
               guidance_scale=6.0, output_type="np")
     assert_close_abs(onnx_pipe(PROMPT, **kw), ours(PROMPT, **kw), IMAGE_ATOL,
                      "inpainting in onnxruntime vs torch")
+
+
+@pytest.mark.parametrize("content", ["latent_noise", "latent_nothing"])
+def test_masked_content_in_latent_space(plain, content):
+    # A1111's latent masked content: the masked init latents become unit noise or zeros
+    # before they are noised; the kept latents end as the init image's all the same.
+    ours, _ = plain
+    kw = dict(image=_image(3), mask_image=_mask(), strength=0.6, num_inference_steps=4,
+              sampler="ddim", seed=7, output_type="latent")
+    original = ours(PROMPT, **kw)
+    got = ours(PROMPT, masked_content=content, **kw)
+    keep = torch.nn.functional.interpolate(
+        torch.from_numpy(np.asarray(_mask(), dtype=np.float32) / 255)[None, None],
+        size=got.shape[2:]) < 0.5
+    keep = keep.expand_as(got)
+    assert torch.equal(got[keep], original[keep])
+    assert (got[~keep] - original[~keep]).abs().max() > 1e-2
+    assert torch.equal(got, ours(PROMPT, masked_content=content, **kw))  # seeded
+
+
+def test_masked_content_is_checked(plain):
+    ours, _ = plain
+    with pytest.raises(SdrtError, match="masked_content must be one of original"):
+        ours(PROMPT, image=_image(3), mask_image=_mask(), masked_content="fill",
+             num_inference_steps=2)

@@ -83,6 +83,16 @@ def test_inpainting_plan_equals_eager(pipe, sampler, strength):
     assert plan.mask is not None
 
 
+@pytest.mark.parametrize("content", ["latent_noise", "latent_nothing"])
+def test_masked_content_plan_equals_eager(pipe, content):
+    _assert_plan_equals_eager(
+        pipe, dict(height=16, width=24, num_inference_steps=4, sampler="euler_a",
+                   strength=0.7, masked=True),
+        dict(prompt=PROMPTS[0], image=_images(1), mask_image=_mask(), strength=0.7,
+             masked_content=content, num_inference_steps=4, sampler="euler_a",
+             guidance_scale=6.0, output_type="np"), f"masked content {content}")
+
+
 @pytest.mark.parametrize("strength", [1.0, 0.7])
 def test_inpainting_unet_plan_equals_eager(inpainting_pipe, strength):
     plan = _assert_plan_equals_eager(

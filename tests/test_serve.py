@@ -326,6 +326,16 @@ def test_a1111_inpaint(main_server, ref_pipe):
     assert_same_image(png(r.json()["images"][0], (64, 64)), filled, "inpaint with fill")
     assert np.abs(np.asarray(filled, dtype=int) - np.asarray(expected)).max() > 8
 
+    # Latent noise: the filled picture encoded, its masked latents then unit noise.
+    r = httpx.post(f"{url}/sdapi/v1/img2img", timeout=TIMEOUT,
+                   json={**body, "inpainting_fill": 2})
+    assert r.status_code == 200, r.text
+    assert "Masked content: latent noise" in json.loads(r.json()["info"])["infotexts"][0]
+    noised = job.finish(reference(ref_pipe, "a fox", 5, size=(32, 32), guidance=7.0,
+                                  image=job.image, strength=0.9, mask_image=job.mask,
+                                  masked_content="latent_noise"))
+    assert_same_image(png(r.json()["images"][0], (64, 64)), noised, "inpaint, latent noise")
+
 
 def test_a1111_hires_fix(main_server, ref_pipe):
     # enable_hr with A1111's fields: the library's two passes (engine.hires) for the same
@@ -574,7 +584,7 @@ MALFORMED = [  # (endpoint, body: dict or raw bytes, what the message must name)
     (I2I, {"prompt": "a", "init_images": [_tiny_png()], "mask": "not base64!!"}, "mask"),
     (I2I, {"prompt": "a", "init_images": [_tiny_png()], "mask": _b64(b"text")}, "mask"),
     (I2I, {"prompt": "a", "init_images": [_tiny_png()], "mask": _tiny_png(),
-           "inpainting_fill": 2}, "inpainting_fill"),
+           "inpainting_fill": 4}, "inpainting_fill"),
     (I2I, {"prompt": "a", "init_images": [_tiny_png()], "mask": _tiny_png(),
            "inpaint_full_res_padding": -1}, "inpaint_full_res_padding"),
     (I2I, {"prompt": "a", "init_images": [_tiny_png()], "mask": _b64(_png_file(
