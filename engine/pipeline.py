@@ -27,8 +27,8 @@ from .request import MICRO_CONDITIONING, GenerationRequest, Limits, short_repr
 from .runtime import ModelSpec, StaticRuntime, StaticShape
 from .samplers import SchedulerConfig, default_sampler, make_schedule, sample
 from .stages import (blank_inpaint_conditioning, cpu_randn, guidance_embedding, guided,
-                     inpaint_conditioning, keep_unmasked, row_scales, scale_latents,
-                     to_unit_images, vae_decode)
+                     inpaint_conditioning, inpainting_unet, keep_unmasked, row_scales,
+                     scale_latents, to_unit_images, vae_decode)
 
 # What the masked latents start from when inpainting (A1111's "masked content" in latent
 # space): the init image's, unit noise, or zeros.
@@ -687,10 +687,6 @@ class Pipeline:
         return scale_latents(self.vae, z.to(self.dtype).repeat_interleave(batch // z.shape[0],
                                                                           dim=0))
 
-    def _inpainting_unet(self):
-        """Whether the UNet takes a mask and masked-image latents besides the latents."""
-        return self.unet.config.in_channels != self.unet.config.out_channels
-
     def _check_mask_request(self, image, denoising_start):
         if image is None:
             raise SdrtError("mask_image needs image, the init image to inpaint")
@@ -905,6 +901,9 @@ class Pipeline:
         if masked_content not in MASKED_CONTENT:
             raise SdrtError(f"masked_content must be one of {', '.join(MASKED_CONTENT)}, got "
                             f"{short_repr(masked_content)}")
+        if masked_content != "original" and mask_image is None:
+            raise SdrtError(f"masked_content={masked_content!r} needs mask_image (it sets what "
+                            f"the masked latents start from)")
         if mask_image is not None:
             self._check_mask_request(image, denoising_start)
         if image is not None:
@@ -956,7 +955,7 @@ class Pipeline:
         if start.mask is not None:
             step_end = keep_unmasked(schedule, start.x0, start.noise, start.mask, step_end)
         image_cond = start.image_cond
-        if image_cond is None and self._inpainting_unet():
+        if image_cond is None and inpainting_unet(self.unet):
             image_cond = self._blank_image_cond(batch, request.height, request.width)
         model = guided(self.unet, cond, row_scales(request.row_scales(), self.device),
                        self._cfg(request), self.dtype, self._timestep_cond(request), image_cond)
@@ -980,7 +979,7 @@ class Pipeline:
         batch = shape[0]
         pure_noise = not request.has_image or (mask is not None and request.strength == 1.0)
         x0 = small = image_cond = None
-        if init is not None and not (pure_noise and self._inpainting_unet()):
+        if init is not None and not (pure_noise and inpainting_unet(self.unet)):
             x0 = self.encode_image(init, generator, batch)
         elif init_latents is not None:
             x0 = init_latents.repeat_interleave(batch // init_latents.shape[0], dim=0)
@@ -989,7 +988,7 @@ class Pipeline:
             return _Start(x0, noise, None, None, pure_noise)
         small = torch.nn.functional.interpolate(mask, size=shape[2:])  # nearest: diffusers'
         small = small.repeat_interleave(batch // small.shape[0], dim=0)
-        if self._inpainting_unet():
+        if inpainting_unet(self.unet):
             masked = self.encode_image(init * (mask < 0.5).to(init.dtype), generator, batch)
             image_cond = inpaint_conditioning(small, masked)
         else:

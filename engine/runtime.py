@@ -246,13 +246,14 @@ class StaticPlan:
             self.step_noise.copy_(step_noise)
         if self.timestep_cond is not None:
             self.timestep_cond.copy_(timestep_cond)
-        for buffer, value, name in ((self.x0, x0, "x0"), (self.mask, mask, "mask")):
+        # (A plan without a mask keeps its blank image_cond: it is not a request's.)
+        given = {"x0": (self.x0, x0), "mask": (self.mask, mask),
+                 "image_cond": (self.image_cond if self.shape.masked else None, image_cond)}
+        for name, (buffer, value) in given.items():
             if buffer is not None:
                 if value is None:
                     raise SdrtError(f"a plan for {self.shape.describe()} needs {name}")
                 buffer.copy_(value)
-        if self.shape.masked and image_cond is not None:
-            self.image_cond.copy_(image_cond)
         runs = [g.replay for g in self.graphs] if self.graphs else list(self._stages())
         if step_end is not None:
             runs[1] = lambda: self._denoise(step_end)

@@ -291,3 +291,5 @@ def test_masked_content_is_checked(plain):
     with pytest.raises(SdrtError, match="masked_content must be one of original"):
         ours(PROMPT, image=_image(3), mask_image=_mask(), masked_content="fill",
              num_inference_steps=2)
+    with pytest.raises(SdrtError, match="masked_content='latent_noise' needs mask_image"):
+        ours(PROMPT, image=_image(3), masked_content="latent_noise", num_inference_steps=2)
