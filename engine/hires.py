@@ -132,14 +132,18 @@ def generate(pipe, hires: Hires, prompt, negative_prompt, height, width, num_inf
         image = [im.resize((w, h), resample) for im in first]
     timings = dict(pipe.timings)
     steps, _ = hires.schedule_steps(num_inference_steps)
-    # The second pass takes one row per image: each its own prompt, scale and picture.
+    # The second pass takes one row per image: each its own prompt, scale and picture (a
+    # list of one value per prompt is spread over that prompt's images).
     rows = len(first)
-    per_row = lambda v: [v[i * len(v) // rows] for i in range(rows)] if isinstance(v, list) \
-        else v
+
+    def per_row(v, text=False):
+        if isinstance(v, list):
+            return [v[i * len(v) // rows] for i in range(rows)]
+        return [v] * rows if text and v is not None else v
     call = dict(call, num_images_per_prompt=1,
                 guidance_scale=per_row(call.get("guidance_scale", 7.5)))
-    images = pipe(per_row(hires.prompt or prompt),
-                  negative_prompt=per_row(hires.negative_prompt or negative_prompt),
+    images = pipe(per_row(hires.prompt or prompt, text=True),
+                  negative_prompt=per_row(hires.negative_prompt or negative_prompt, text=True),
                   image=image, strength=hires.strength, num_inference_steps=steps,
                   sampler=hires.sampler or sampler, generator=generator, output_type="pil",
                   **call)

@@ -116,3 +116,15 @@ def test_timings_add_up_both_passes(pipe):
              _generators([0]))
     assert pipe.timings["unet_calls"] == 3 + 2
     assert math.isfinite(pipe.timings["denoise"])
+
+
+def test_images_per_prompt(pipe):
+    # One prompt, two images (the CLI's --batch): each image's second pass is its own row.
+    hires = Hires(scale=1.5, steps=2, strength=0.5)
+    got = generate(pipe, hires, PROMPTS[0], "blurry", 32, 32, 3, "euler", _generators([3, 4]),
+                   num_images_per_prompt=2, guidance_scale=6.0)
+    alone = generate(pipe, hires, PROMPTS[0], "blurry", 32, 32, 3, "euler", _generators([4]),
+                     guidance_scale=6.0)
+    assert len(got) == 2
+    diff = np.abs(np.asarray(got[1], dtype=int) - np.asarray(alone[0], dtype=int)).max()
+    assert diff <= 1, f"the second image changed by {diff} levels in a batch"
