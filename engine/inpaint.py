@@ -64,7 +64,10 @@ def prepare(image, mask, width, height, only_masked=False, padding=32, fill=Fals
 
 def _frame(image, mask, width, height, only_masked, padding):
     from PIL import Image
-    original = image.convert("RGB")
+
+    from .images import pil_to_float
+    # RGB as the pipeline reads any image (16-bit kept to its range, alpha on white).
+    original = Image.fromarray(np.rint(pil_to_float(image) * 255).astype(np.uint8))
     if mask.shape != (original.height, original.width):
         mask = _resize(mask, original.width, original.height)
     if not only_masked:

@@ -122,3 +122,13 @@ def test_prepare_fills_only_what_the_pipeline_gets():
     assert np.array_equal(np.asarray(filled.original), np.asarray(picture))
     assert not np.array_equal(np.asarray(filled.image), np.asarray(plain.image))
     assert np.array_equal(np.asarray(filled.image)[40:], np.asarray(picture)[40:])
+
+
+def test_the_picture_is_read_as_the_pipeline_reads_it():
+    # Transparency on white, as the pipeline composites an init image's alpha.
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[..., 0] = 255
+    rgba[:4, :, 3] = 255  # top half opaque red, bottom half transparent
+    job = prepare(Image.fromarray(rgba, "RGBA"), np.zeros((8, 8), np.float32), 8, 8)
+    pixels = np.asarray(job.original)
+    assert (pixels[:4] == (255, 0, 0)).all() and (pixels[4:] == 255).all()
