@@ -3,6 +3,8 @@ pixel, and "only masked", which inpaints the mask's region at the output size an
 back. A1111's own examples (its docstrings) and hand-worked cases are the reference."""
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from sdrt.engine.errors import SdrtError
@@ -132,3 +134,21 @@ def test_the_picture_is_read_as_the_pipeline_reads_it():
     job = prepare(Image.fromarray(rgba, "RGBA"), np.zeros((8, 8), np.float32), 8, 8)
     pixels = np.asarray(job.original)
     assert (pixels[:4] == (255, 0, 0)).all() and (pixels[4:] == 255).all()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 300), st.data())
+def test_expanded_region_stays_inside_and_keeps_the_mask(image_w, image_h, data):
+    # Whatever the mask's box and the output's ratio: the grown region lies in the image,
+    # still holds the box, and has the output's ratio wherever the image leaves room for it.
+    x1 = data.draw(st.integers(0, image_w - 1))
+    x2 = data.draw(st.integers(x1 + 1, image_w))
+    y1 = data.draw(st.integers(0, image_h - 1))
+    y2 = data.draw(st.integers(y1 + 1, image_h))
+    width, height = data.draw(st.sampled_from([(512, 512), (768, 512), (512, 768), (64, 32)]))
+    ex1, ey1, ex2, ey2 = expand_region((x1, y1, x2, y2), width, height, image_w, image_h)
+    assert 0 <= ex1 <= x1 and x2 <= ex2 <= image_w
+    assert 0 <= ey1 <= y1 and y2 <= ey2 <= image_h
+    w, h = ex2 - ex1, ey2 - ey1
+    if w < image_w and h < image_h:  # not clipped by the image: the ratio is the output's
+        assert abs(w / h - width / height) <= max(1 / h, width / height / w) * 1.01
