@@ -1,7 +1,9 @@
 """sdrt against diffusers, end to end, on the same random-weight model and the same latents.
 
 For each model (SD 1.5 at 512², SD 2.1 at 768², SD-Turbo-style 1 step without CFG, SDXL base
-at 1024² with CFG, SDXL-Turbo at 512² with 4 and 1 steps without CFG) a random-weight model
+at 1024² with CFG, SDXL-Turbo at 512² with 4 and 1 steps without CFG, SD 1.5 inpainting at
+512²: an image and a mask, strength 1, diffusers' StableDiffusionInpaintPipeline against
+sdrt's inpainting plan) a random-weight model
 with the real config is written once, in diffusers format, to a cache
 folder by sdrt's own writer (``engine.tiny.write_model``; diffusers loads the same folder, and
 the sdrt systems run without diffusers installed); then each system runs in a fresh process
@@ -60,6 +62,10 @@ MODELS = {
     # 4 and 1 steps without guidance (its Euler ancestral sampler, from its scheduler config).
     "sdxl": ("sdxl", 1024, (50, 20), 5.0),
     "sdxl-turbo": ("sdxl-turbo", 512, (4, 1), 0.0),
+    # SD 1.5 inpainting at 512² (diffusers' StableDiffusionInpaintPipeline on the same
+    # random-weight SD 1.5 UNet, which keeps the unmasked latents after every step): a
+    # centred mask, strength 1, so every step runs on both sides.
+    "sd15-inpaint": ("sd15", 512, (50, 20), 7.5),
     # Tiny models with the real architectures, for dry runs on the CPU: SD 1.x and 2.x
     # (engine.tiny), SDXL (``tiny_sdxl_config``), and the Turbo ones with their schedulers.
     "tiny": ("tiny", 64, (2, 1), 7.5),
@@ -67,10 +73,13 @@ MODELS = {
     "tiny-sd-turbo": ("tiny-sd-turbo", 64, (2, 1), 0.0),
     "tiny-sdxl": ("tiny-sdxl", 64, (2, 1), 5.0),
     "tiny-sdxl-turbo": ("tiny-sdxl-turbo", 64, (2, 1), 0.0),
+    "tiny-inpaint": ("tiny", 64, (2, 1), 7.5),
 }
+INPAINT_MODELS = ("sd15-inpaint", "tiny-inpaint")
 # What a dry run runs in place of each real model: the tiny model of its family and mode.
 DRY_RUN_STANDINS = {"sd15": "tiny", "sd21": "tiny-sd2", "sd-turbo": "tiny-sd-turbo",
-                    "sdxl": "tiny-sdxl", "sdxl-turbo": "tiny-sdxl-turbo"}
+                    "sdxl": "tiny-sdxl", "sdxl-turbo": "tiny-sdxl-turbo",
+                    "sd15-inpaint": "tiny-inpaint"}
 DRY_RUN_MODELS = ("tiny", "tiny-sd2", "tiny-sd-turbo", "tiny-sdxl", "tiny-sdxl-turbo")
 PARTS = "bench_pipeline_parts"  # + _<gpu>: per-system results and images, as each ends
 PROMPT = "a photograph of a red fox in the snow, highly detailed"
@@ -135,10 +144,10 @@ def write_model(cache: Path, name: str, device: str = "cuda") -> Path:
     import torch
 
     from sdrt.engine.tiny import write_model as write_folder
-    folder = cache / name
+    folder = cache / MODELS[name][0]  # one folder per config: sd15-inpaint uses sd15's
     if (folder / "model_index.json").is_file():
         return folder
-    tiny = name in DRY_RUN_MODELS
+    tiny = MODELS[name][0] in DRY_RUN_MODELS
     cfg = _config(name)
     tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{name}-"))
     try:
@@ -163,11 +172,25 @@ def _sync(device):
 DIFFUSERS_PIPELINES = {"sd1": ("StableDiffusionPipeline", {"safety_checker": None}),
                        "sd2": ("StableDiffusionPipeline", {"safety_checker": None}),
                        "sdxl": ("StableDiffusionXLPipeline", {})}
+DIFFUSERS_INPAINT = "StableDiffusionInpaintPipeline"
 
 
-def _load(system, family, folder, side, steps, guidance, compile_mode, device, dtype):
+def inpaint_inputs(side):
+    """The inpainting benchmark's init image (seeded noise) and mask (its centre half)."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
+    mask = np.zeros((side, side), dtype=np.uint8)
+    mask[side // 4:3 * side // 4, side // 4:3 * side // 4] = 255
+    return image, Image.fromarray(mask)
+
+
+def _load(system, family, folder, side, steps, guidance, compile_mode, device, dtype,
+          inpaint=False):
     """The system's pipeline as ``run(steps, latents, output_type) -> images`` and the seconds
-    spent compiling or capturing (None where nothing is).
+    spent compiling or capturing (None where nothing is). With ``inpaint``, both sides inpaint
+    ``inpaint_inputs`` at strength 1 (the init image and the masked one encoded, then the
+    latents as the noise).
 
     Both sides get the same latents and the same seed for a sampler's own noise (SDXL-Turbo's
     Euler ancestral): diffusers a CPU generator seeded 0, sdrt ``seed=0``, which draws as
@@ -175,11 +198,15 @@ def _load(system, family, folder, side, steps, guidance, compile_mode, device, d
     first), the micro-conditioning (original and target size = the image's, no crop) and the
     empty negative prompt (zeros, ``force_zeros_for_empty_prompt``) on both sides."""
     import torch
+    image = dict(zip(("image", "mask_image"), inpaint_inputs(side)), strength=1.0) \
+        if inpaint else {}
     if system.startswith("diffusers"):
         import diffusers
         name, extra = DIFFUSERS_PIPELINES[family]
         pipe = getattr(diffusers, name).from_pretrained(folder, torch_dtype=dtype,
                                                         **extra).to(device)
+        if inpaint:  # the same components (from_pretrained wants diffusers' own version tag)
+            pipe = getattr(diffusers, DIFFUSERS_INPAINT)(**pipe.components)
         pipe.set_progress_bar_config(disable=True)
         build = None
         if system == "diffusers-compile":
@@ -191,7 +218,7 @@ def _load(system, family, folder, side, steps, guidance, compile_mode, device, d
         def run(n, latents, output_type="np"):
             out = pipe(PROMPT, height=side, width=side, num_inference_steps=n,
                        guidance_scale=guidance, latents=latents, output_type=output_type,
-                       generator=torch.Generator().manual_seed(0))
+                       generator=torch.Generator().manual_seed(0), **image)
             return out.images
         if system == "diffusers-compile":
             t0 = time.perf_counter()
@@ -210,13 +237,15 @@ def _load(system, family, folder, side, steps, guidance, compile_mode, device, d
                                     vae_dtype="bf16" if system.endswith("-bf16vae") else None)
     t0 = time.perf_counter()
     for n in steps:
-        pipe.compile(side, side, batch_size=1, num_inference_steps=n, guidance=guidance > 1)
+        pipe.compile(side, side, batch_size=1, num_inference_steps=n, guidance=guidance > 1,
+                     strength=1.0 if inpaint else None, masked=inpaint)
     _sync(device)
     build = time.perf_counter() - t0
 
     def run(n, latents, output_type="np"):
         return pipe(PROMPT, height=side, width=side, num_inference_steps=n,
-                    guidance_scale=guidance, latents=latents, seed=0, output_type=output_type)
+                    guidance_scale=guidance, latents=latents, seed=0, output_type=output_type,
+                    **image)
     return run, build
 
 
@@ -248,7 +277,7 @@ def worker(system, model, folder, parts, repeats, compile_mode, device):
         torch.set_num_threads(1)
     cfg = _config(model)
     run, build = _load(system, model_family(model), folder, side, steps, guidance,
-                       compile_mode, device, dtype)
+                       compile_mode, device, dtype, inpaint=model in INPAINT_MODELS)
     # (1, 4, side/8, side/8): SDXL's VAE has SD's 4 latent channels and factor 8 too.
     channels, factor = cfg["unet"]["in_channels"], 2 ** (len(cfg["vae"]["block_out_channels"]) - 1)
     latents = torch.randn(1, channels, side // factor, side // factor,

@@ -34,7 +34,9 @@ Stages, in order (``--stage`` picks some; the extras run only when the budget st
 - extras: ``kernels-sweep`` (``bench_kernels --ops attention --sweep``: the attention block
   table against ``attention.SWEEP_BLOCKS`` at each SD 1.5 shape, the fastest per shape in its
   report), ``pipeline-compile`` (diffusers + torch.compile max-autotune, SD 1.5),
-  ``pipeline-sd21`` (SD 2.1 768²), and SDXL's four (``--stage sdxl`` names them all):
+  ``pipeline-sd21`` (SD 2.1 768²), ``pipeline-inpaint`` (SD 1.5 512² inpainting, 50 and 20
+  steps at strength 1: sdrt's inpainting plan against diffusers' StableDiffusionInpaintPipeline
+  eager, the same UNet), and SDXL's four (``--stage sdxl`` names them all):
   ``kernels-sdxl`` (bench_kernels at SDXL's shapes: 128² latents, head dim 64, the 1024² VAE
   decoder's float32 GroupNorms), ``conv-sdxl`` (bench_conv --sweep over SDXL's UNet and fp16
   VAE decoder convs), ``pipeline-sdxl`` (SDXL 1024², 50 and 20 steps with CFG) and
@@ -121,6 +123,8 @@ STAGES = (
           extra=True, model="sdxl", setup_s=90),
     Stage("pipeline-sdxl-turbo", "SDXL-Turbo 512², 4 and 1 steps: sdrt vs diffusers eager",
           240, 150, extra=True, model="sdxl-turbo", setup_s=90),
+    Stage("pipeline-inpaint", "SD 1.5 512² inpainting: sdrt's plan vs diffusers eager", 200,
+          120, extra=True, model="sd15-inpaint"),
 )
 BY_NAME = {s.name: s for s in STAGES}
 DRY_BUDGET_S = 240
