@@ -44,8 +44,8 @@ are whole, as LyCORIS, A1111 and ComfyUI apply them).
 
 A text encoder's modules are found with or without transformers' ``text_model.`` prefix. An
 SDXL LoRA given to an SD 1.x/2.x model, weights for a text encoder the model does not have (a
-base LoRA's text_encoder weights on the refiner), OFT, DoRA, LoRA with biases and pickled
-files are refused with an ``SdrtError`` saying so. A LoRA weight with no place in the model is
+base LoRA's text_encoder weights on the refiner), OFT, DoRA on LoHa/LoKr, LoRA with biases and
+pickled files are refused with an ``SdrtError`` saying so. A LoRA weight with no place in the model is
 an error naming the first unmatched keys; a LoRA whose shapes do not fit is refused naming the
 key and both shapes (a LoRA for another model family). Everything is checked before any weight
 is touched.
@@ -73,9 +73,8 @@ _KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder",
 # Keys only an SDXL LoRA has: refused, as such, by an SD 1.x/2.x model.
 _SDXL_MARKS = ("lora_te1_", "lora_te2_", "text_encoder_2.", "lora_unet_label_emb",
                "unet.add_embedding.")
-# LyCORIS algorithms sdrt does not apply, and DoRA's magnitude vectors.
-_UNSUPPORTED = {"oft_": "OFT", "boft_": "BOFT", "dora_scale": "DoRA",
-                "lora_magnitude_vector": "DoRA", "lora_B.bias": "LoRA with bias (lora_bias)"}
+# LyCORIS algorithms sdrt does not apply.
+_UNSUPPORTED = {"oft_": "OFT", "boft_": "BOFT", "lora_B.bias": "LoRA with bias (lora_bias)"}
 # LyCORIS's tensors (kohya layout), each its own role: LoHa's two Hadamard factors (with
 # Tucker cores t1, t2 on convs), LoKr's two Kronecker factors (each whole or a product of
 # two, w2 with a Tucker core t2).
@@ -83,14 +82,15 @@ _LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2
 _LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 # The part of a key after the layer's name, and what it holds.
 _KOHYA_SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up",
-                   "lora_mid.weight": "mid", "alpha": "alpha",
+                   "lora_mid.weight": "mid", "alpha": "alpha", "dora_scale": "dora",
                    **{name: name for name in _LOHA + _LOKR}}
 _DIFFUSERS_SUFFIXES = ((".lora_A.weight", "down"), (".lora_B.weight", "up"),
                        (".lora.down.weight", "down"), (".lora.up.weight", "up"),
                        (".lora_linear_layer.down.weight", "down"),
                        (".lora_linear_layer.up.weight", "up"),
                        ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),
-                       (".alpha", "alpha"))
+                       (".lora_magnitude_vector.weight", "dora"),
+                       (".lora_magnitude_vector", "dora"), (".alpha", "alpha"))
 # Older diffusers files name the attention processor's LoRA (``attn1.processor.to_q_lora``,
 # ``self_attn.to_out_lora``), not the linear layer it patches.
 _OLD_TEXT = ((re.compile(r"\.self_attn\.to_(q|k|v)$"), r".self_attn.\1_proj"),
@@ -107,14 +107,36 @@ _SHOWN = 5  # unmatched keys named in an error
 
 @dataclass
 class LoraLayer:
-    """The update of one weight: ΔW = scale · factor · up @ down, reshaped to the weight."""
+    """The update of one weight: ΔW = scale · factor · up @ down, reshaped to the weight.
+
+    DoRA (a ``magnitude``, kohya's ``dora_scale`` / PEFT's ``lora_magnitude_vector``): the
+    merged weight W0 + factor · up @ down is scaled to the magnitude's norms, along the
+    output axis (a magnitude of shape (out, 1, ...): each output row's norm, as PEFT and
+    LyCORIS do by default) or the input axis ((1, in, ...): each input channel's, as older
+    LyCORIS files and A1111 do), and the update is scale · (that − W0): at scale 1 the DoRA
+    weight, in between a blend, as A1111 and ComfyUI apply a DoRA's strength."""
     up: torch.Tensor      # (out, r) float32, on the weight's device
     down: torch.Tensor    # (r, in·kh·kw) float32, on the weight's device
     factor: float         # α / r
+    magnitude: torch.Tensor = None  # DoRA: (out, 1) or (1, in) float32
+    kernel: int = 1       # kh·kw: how the input axis is laid out in a row
 
-    def add_to(self, flat, alpha):
-        """flat (out, in·kh·kw) += alpha · up @ down."""
-        flat.addmm_(self.up, self.down, alpha=alpha)
+    def add_to(self, flat, scale, base=None):
+        """flat (out, in·kh·kw) += scale · factor · up @ down; DoRA: += scale · (the DoRA
+        weight − base), ``base`` the original weight (float32, flat)."""
+        if self.magnitude is None:
+            flat.addmm_(self.up, self.down, alpha=scale * self.factor)
+            return
+        merged = torch.addmm(base, self.up, self.down, alpha=self.factor)
+        if self.magnitude.shape[0] == merged.shape[0]:  # per output row
+            norm = merged.norm(dim=1, keepdim=True)
+        else:  # per input channel, over the output rows and the kernel's taps
+            rows = merged.view(merged.shape[0], -1, self.kernel)
+            norm = rows.square().sum(dim=(0, 2)).sqrt().repeat_interleave(self.kernel)[None]
+        dora = merged * (self.magnitude.repeat_interleave(self.kernel, dim=1)
+                         if self.magnitude.shape[0] == 1 else self.magnitude) \
+            / norm.clamp_min(torch.finfo(torch.float32).eps)
+        flat.add_(dora - base, alpha=scale)
 
 
 @dataclass
@@ -153,8 +175,8 @@ class RebuiltLayer:
         return torch.einsum("ijkl,pi,jq->pqkl", mid, t["up"], t["down"]).reshape(
             self.shape[0], -1)
 
-    def add_to(self, flat, alpha):
-        flat.add_(self.delta(), alpha=alpha)
+    def add_to(self, flat, scale, base=None):
+        flat.add_(self.delta(), alpha=scale * self.factor)
 
 
 def _tucker(core, a, b):
@@ -287,33 +309,35 @@ class LoraManager:
             if key not in self._originals:
                 self._originals[key] = _cpu_copy(weight)
             original = self._originals[key]
-            updates = [(a.scale * a.layers[key].factor, a.layers[key]) for a in touching
-                       if a.scale]
+            updates = [(a.scale, a.layers[key]) for a in touching if a.scale]
             rows = weight.shape[0]
+            # DoRA scales the merged weight by its norms: it needs W0 itself, in float32.
+            dora = any(getattr(layer, "magnitude", None) is not None for _, layer in updates)
             if not updates:
                 weight.copy_(original)
             elif weight.dtype == torch.float32 and weight.is_contiguous() and \
-                    original.device == weight.device:
+                    original.device == weight.device and not dora:
                 # float32 on the CPU: W0 + ΔW straight into the weight, nothing to round:
                 # 16 B per element (W0 copied in, then addmm reads and writes it).
                 out = weight.view(rows, -1)
-                (alpha, first), rest = updates[0], updates[1:]
+                (scale, first), rest = updates[0], updates[1:]
                 if isinstance(first, LoraLayer):
-                    torch.addmm(original.view(rows, -1), first.up, first.down, alpha=alpha,
-                                out=out)
+                    torch.addmm(original.view(rows, -1), first.up, first.down,
+                                alpha=scale * first.factor, out=out)
                 else:
                     out.copy_(original.view(rows, -1))
-                    first.add_to(out, alpha)
-                for alpha, layer in rest:
-                    layer.add_to(out, alpha)
+                    first.add_to(out, scale)
+                for scale, layer in rest:
+                    layer.add_to(out, scale)
             else:
                 # A float32 accumulator: W0, then one addmm per adapter, then one rounding
                 # into the weight's dtype (and layout: channels_last convs) as it is copied.
                 acc = _scratch(scratch, weight)
                 acc.copy_(original)
                 flat = acc.view(rows, -1)
-                for alpha, layer in updates:
-                    layer.add_to(flat, alpha)
+                base = flat.clone() if dora else None
+                for scale, layer in updates:
+                    layer.add_to(flat, scale, base)
                 weight.copy_(acc)
 
     # -- reading a file --------------------------------------------------------------------
@@ -444,7 +468,10 @@ class LoraManager:
         if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
             raise SdrtError(f"{where}: LoRA {roles['down']} holds inf or NaN values")
         factor = _alpha_over_rank(state, roles, component, module, rank, metadata, where)
-        return LoraLayer(up.contiguous(), down.contiguous(), factor)
+        magnitude = (_magnitude(state[roles["dora"]], roles["dora"], weight, where)
+                     if "dora" in roles else None)
+        return LoraLayer(up.contiguous(), down.contiguous(), factor, magnitude,
+                         weight[0, 0].numel() if weight.dim() == 4 else 1)
 
     def _rebuilt_layer(self, state, roles, component, module, target, metadata, where):
         """A ``RebuiltLayer`` (LoHa, LoKr, LoCon with lora_mid), its tensors checked and its
@@ -500,17 +527,23 @@ def _role_kind(role):
 
 def _kind(roles):
     """The algorithm of a layer's tensors (one, as ``_missing`` has checked)."""
-    return _role_kind(next(r for r in roles if r != "alpha"))
+    return _role_kind(next(r for r in roles if r not in ("alpha", "dora")))
 
 
 def _missing(roles, where):
     """What a layer's tensors lack to make its update (None when complete): "up weight",
     "hada_w2_b", ...; tensors of two algorithms in one layer are refused."""
-    kinds = {_role_kind(r) for r in roles if r != "alpha"}
+    kinds = {_role_kind(r) for r in roles if r not in ("alpha", "dora")}
     if len(kinds) > 1:
         raise SdrtError(f"{where}: {_any_key(roles).rsplit('.', 1)[0]} mixes "
                         f"{' and '.join(sorted(kinds))} tensors")
+    if not kinds:
+        return "down weight and up weight"  # a DoRA magnitude alone
     (kind,) = kinds
+    if "dora" in roles and (kind != "LoRA" or "mid" in roles):
+        raise SdrtError(f"{where}: DoRA on {kind if kind != 'LoRA' else 'a Tucker LoCon'} "
+                        f"({roles['dora']}) is not supported; sdrt applies DoRA to LoRA and "
+                        f"LoCon (up @ down) layers")
     if kind == "LoRA":
         need = [f"{r} weight" for r in ("down", "up") if r not in roles]
     elif kind == "LoHa":
@@ -528,6 +561,34 @@ def _missing(roles, where):
 def _any_key(roles):
     """A layer's first weight key (its alpha's when it has nothing else), for messages."""
     return next((k for r, k in roles.items() if r != "alpha"), roles.get("alpha"))
+
+
+def _magnitude(t, key, weight, where):
+    """A DoRA magnitude as ``LoraLayer`` takes it: (out, 1) for the output axis, (1, in) for
+    the input axis, float32 on the weight's device. kohya/LyCORIS ``dora_scale`` says its axis
+    by its shape ((out, 1, ...) or (1, in, ...)); PEFT's ``lora_magnitude_vector`` is always
+    per output row ((out,), or (1, out, 1, 1) for a conv)."""
+    out, inp = weight.shape[0], weight.shape[1]
+    ok = t.is_floating_point() and t.numel() > 0
+    if ok and key.endswith("dora_scale") and t.dim() == weight.dim():
+        if t.shape[0] == out and t[0].numel() == 1:
+            m = t.reshape(out, 1)
+        elif t.shape[1] == inp and t.numel() == inp:
+            m = t.reshape(1, inp)
+        else:
+            ok = False
+    elif ok and not key.endswith("dora_scale") and t.numel() == out:
+        m = t.reshape(out, 1)
+    else:
+        ok = False
+    if not ok:
+        raise SdrtError(f"{where}: DoRA magnitude {key} must be a float tensor of shape "
+                        f"(out, 1, ...) or (1, in, ...) for {tuple(weight.shape)}, got "
+                        f"{_describe(t)}")
+    m = m.to(weight.device, torch.float32)
+    if not torch.isfinite(m).all():
+        raise SdrtError(f"{where}: DoRA magnitude {key} holds inf or NaN values")
+    return m
 
 
 def _check_scale(scale):
@@ -680,8 +741,6 @@ def _metadata(path):
         if component in COMPONENTS and field_name:
             by_component.setdefault(component, {})[field_name] = value
     for component, config in by_component.items():
-        if config.get("use_dora"):
-            raise SdrtError(f"{path}: DoRA adapters are not supported ({component}.use_dora)")
         if not isinstance(config.get("alpha_pattern") or {}, dict):
             raise SdrtError(f"{path}: {_METADATA_KEY}: {component}.alpha_pattern must be an "
                             "object")

@@ -457,7 +457,7 @@ def test_wrong_family_is_refused(tiny_model, tmp_path):
     ("lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight", "SDXL LoRA"),
     ("lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight", "SDXL LoRA"),
     ("lora_unet_down_blocks_0_resnets_0_conv1.oft_blocks", "OFT adapters are not supported"),
-    ("lora_unet_down_blocks_0_resnets_0_conv1.dora_scale", "DoRA"),
+    ("lora_unet_down_blocks_0_resnets_0_conv1.dora_scale", "no down weight and up weight"),
 ])
 def test_other_adapter_kinds_are_refused(tiny_sd1_folder, key, message):
     ours = sdrt_models(tiny_sd1_folder)

@@ -69,16 +69,18 @@ def peft_adapter(pipe, kind, seed):
     return state
 
 
-@pytest.mark.parametrize("kind", ["loha", "loha-tucker", "lokr", "lokr-tucker", "lokr-both"])
-def test_lycoris_matches_peft(tiny_sd1, tmp_path, kind):
+def against_peft(folder):
+    """(sdrt's modules, inputs, their weights, their outputs, diffusers' pipeline) for a
+    comparison with a PEFT adapter on the model in ``folder``."""
     pytest.importorskip("peft")
-    folder, _ = tiny_sd1
     ours = sdrt_models(folder)
     x = make_inputs(ours, seed=7)
-    before = snapshot(ours)
-    base = run_sdrt(ours, x)
+    return ours, x, snapshot(ours), run_sdrt(ours, x), diffusers_pipe(folder)
 
-    ref = diffusers_pipe(folder)
+
+@pytest.mark.parametrize("kind", ["loha", "loha-tucker", "lokr", "lokr-tucker", "lokr-both"])
+def test_lycoris_matches_peft(tiny_sd1, tmp_path, kind):
+    ours, x, before, base, ref = against_peft(tiny_sd1[0])
     state = peft_adapter(ref, kind, seed=21)
     roles = {k.rsplit(".", 1)[1] for k in state}
     if kind.endswith("tucker"):  # the 3×3 convs carry a Tucker core
