@@ -246,7 +246,7 @@ def load_single_file(path, device, dtype, config=None, prediction_type=None, lim
     The configs come from ``config`` (a diffusers folder, for non-standard sizes) or from the
     real configs of the family that the checkpoint's keys point to.
     """
-    from .convert_ldm import detect_family, family_configs, ldm_to_diffusers
+    from .convert_ldm import detect_family, ldm_to_diffusers
     with SafetensorsFiles([path]) as f:
         keys = list(f.source)
         family = families.get(detect_family(keys))
