@@ -25,9 +25,11 @@ def _fp16(t):
     return t.half().float()
 
 
-def peft_dora(pipe, seed):
+def peft_dora(pipe, seed, layout="kohya"):
     """Wrap ``pipe`` in a PEFT DoRA adapter with seeded tensors (exact in fp16); returns the
-    kohya/LyCORIS file's state dict of the same adapter."""
+    state dict of the same adapter as a kohya/LyCORIS file (``dora_scale`` (out, 1, ...)) or
+    as a diffusers/PEFT one (``lora_A``/``lora_B``, ``lora_magnitude_vector`` in PEFT's
+    shapes)."""
     from peft import LoraConfig, inject_adapter_in_model
     g = torch.Generator().manual_seed(seed)
     state = {}
@@ -39,9 +41,11 @@ def peft_dora(pipe, seed):
             if not hasattr(module, "lora_magnitude_vector") or \
                     "x" not in module.lora_magnitude_vector:
                 continue
-            stem = _kohya_name(component, name)
+            kohya = layout == "kohya"
+            stem = _kohya_name(component, name) if kohya else f"{component}.{name}"
             a, b = module.lora_A["x"].weight, module.lora_B["x"].weight
-            for p, role in ((a, "lora_down"), (b, "lora_up")):
+            for p, role in ((a, "lora_down" if kohya else "lora_A"),
+                            (b, "lora_up" if kohya else "lora_B")):
                 fan = max(p[0].numel(), 1)
                 p.data.copy_(_fp16((0.2 + torch.randn(p.shape, generator=g)) / fan ** 0.5))
                 state[f"{stem}.{role}.weight"] = p.detach().half().contiguous()
@@ -50,17 +54,21 @@ def peft_dora(pipe, seed):
             magnitude.data.copy_(_fp16(magnitude * (1 + 0.3 * torch.rand(
                 magnitude.shape, generator=g))))
             weight = module.base_layer.weight
-            lyco = magnitude.detach().reshape(weight.shape[0], *[1] * (weight.dim() - 1))
-            state[f"{stem}.dora_scale"] = lyco.half().contiguous()
+            if kohya:
+                lyco = magnitude.detach().reshape(weight.shape[0], *[1] * (weight.dim() - 1))
+                state[f"{stem}.dora_scale"] = lyco.half().contiguous()
+            else:
+                state[f"{stem}.lora_magnitude_vector"] = magnitude.detach().half().contiguous()
             state[f"{stem}.alpha"] = torch.tensor(ALPHA, dtype=torch.float16)
     return state
 
 
-def test_dora_matches_peft(tiny_sd1, tmp_path):
+@pytest.mark.parametrize("layout", ["kohya", "peft"])
+def test_dora_matches_peft(tiny_sd1, tmp_path, layout):
     ours, x, before, base, ref = against_peft(tiny_sd1[0])
-    state = peft_dora(ref, seed=23)
+    state = peft_dora(ref, seed=23, layout=layout)
     assert any(t.dim() == 4 and t.shape[2:] == (1, 1) for k, t in state.items()
-               if k.endswith("dora_scale")), "no conv layer carries a DoRA magnitude"
+               if "dora_scale" in k or "magnitude" in k), "no conv layer has a DoRA magnitude"
     path = str(tmp_path / "dora.safetensors")
     save_file(state, path)
     expected = run_diffusers(ref, x)
