@@ -42,6 +42,11 @@ is formed from the factors at each patch and added like a LoRA's, with α / r (r
 LoCon's rank; LoKr's decomposed factor's rank, w2's first, and no scaling when both factors
 are whole, as LyCORIS, A1111 and ComfyUI apply them).
 
+DoRA (a LoRA or LoCon layer with a magnitude: kohya/LyCORIS ``<module>.dora_scale``, PEFT's
+``<module>.lora_magnitude_vector``) is not a sum: the merged W0 + (α / r) · up @ down is
+rescaled to the magnitude's norms (``LoraLayer``), and its term in W is s · (that − W0), W0
+the original weight whatever other adapters add.
+
 A text encoder's modules are found with or without transformers' ``text_model.`` prefix. An
 SDXL LoRA given to an SD 1.x/2.x model, weights for a text encoder the model does not have (a
 base LoRA's text_encoder weights on the refiner), OFT, DoRA on LoHa/LoKr, LoRA with biases and
