@@ -86,14 +86,15 @@ def generate(a):
         from .samplers import default_sampler
         sampler = a.sampler or default_sampler(pipe.scheduler_config)
     plans = _static_plans(a, pipe, request if init is None else None, hires)
-    inpaint = None
+    inpaint, masked_content = None, "original"
     if mask is not None:  # A1111's framing: the overlay, and only the masked area if asked
-        from .inpaint import prepare
+        from .inpaint import MASKED_CONTENT, prepare
+        fill, masked_content = MASKED_CONTENT[a.masked_content.replace("-", " ")]
         f = pipe.vae_scale_factor
         width = request.width or init.width - init.width % f
         height = request.height or init.height - init.height % f
         inpaint = prepare(init, mask, width, height, a.inpaint_area == "masked",
-                          a.masked_padding, fill=a.masked_content != "original")
+                          a.masked_padding, fill=fill)
         init, mask = inpaint.image, inpaint.mask
     # Image i of a batch is drawn from its own generator, seeded seed + i, as A1111 does: its
     # PNG records that seed, and --seed with it regenerates that image alone.
@@ -115,9 +116,7 @@ def generate(a):
         else:
             images = pipe(prompt, height=request.height, width=request.width, sampler=sampler,
                           image=init, mask_image=mask, strength=a.strength,
-                          masked_content=(a.masked_content.replace("-", "_")
-                                          if a.masked_content.startswith("latent")
-                                          else "original"),
+                          masked_content=masked_content,
                           callback=None if plans else progress,
                           output_type="latent" if refiner else "pil", **_sdxl_fields(a),
                           **call)

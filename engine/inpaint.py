@@ -22,6 +22,13 @@ import numpy as np
 from .errors import SdrtError
 
 MAX_PADDING = 256  # pixels, A1111's slider's end
+# A1111's "masked content", by the name its PNG info writes, in the order its API's
+# inpainting_fill numbers them: whether the picture is filled under the mask before it is
+# encoded (``fill_masked``), and the pipeline's ``masked_content`` (what the masked latents
+# then start from).
+MASKED_CONTENT = {"fill": (True, "original"), "original": (False, "original"),
+                  "latent noise": (True, "latent_noise"),
+                  "latent nothing": (True, "latent_nothing")}
 
 
 @dataclass

@@ -134,13 +134,12 @@ class LoraLayer:
             return
         merged = torch.addmm(base, self.up, self.down, alpha=self.factor)
         if self.magnitude.shape[0] == merged.shape[0]:  # per output row
-            norm = merged.norm(dim=1, keepdim=True)
+            norm, magnitude = merged.norm(dim=1, keepdim=True), self.magnitude
         else:  # per input channel, over the output rows and the kernel's taps
             rows = merged.view(merged.shape[0], -1, self.kernel)
             norm = rows.square().sum(dim=(0, 2)).sqrt().repeat_interleave(self.kernel)[None]
-        dora = merged * (self.magnitude.repeat_interleave(self.kernel, dim=1)
-                         if self.magnitude.shape[0] == 1 else self.magnitude) \
-            / norm.clamp_min(torch.finfo(torch.float32).eps)
+            magnitude = self.magnitude.repeat_interleave(self.kernel, dim=1)
+        dora = merged * magnitude / norm.clamp_min(torch.finfo(torch.float32).eps)
         flat.add_(dora - base, alpha=scale)
 
 

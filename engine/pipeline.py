@@ -28,7 +28,7 @@ from .runtime import ModelSpec, StaticRuntime, StaticShape
 from .samplers import SchedulerConfig, default_sampler, make_schedule, sample
 from .stages import (blank_inpaint_conditioning, cpu_randn, guidance_embedding, guided,
                      inpaint_conditioning, inpainting_unet, keep_unmasked, row_scales,
-                     scale_latents, to_unit_images, vae_decode)
+                     scale_latents, starts_from_noise, to_unit_images, vae_decode)
 
 # What the masked latents start from when inpainting (A1111's "masked content" in latent
 # space): the init image's, unit noise, or zeros.
@@ -977,7 +977,8 @@ class Pipeline:
         ``masked_content``'s noise. Inpainting at full strength starts from pure noise, and an
         inpainting UNet then encodes no init image."""
         batch = shape[0]
-        pure_noise = not request.has_image or (mask is not None and request.strength == 1.0)
+        pure_noise = starts_from_noise(request.strength if request.has_image else None,
+                                       mask is not None)
         x0 = small = image_cond = None
         if init is not None and not (pure_noise and inpainting_unet(self.unet)):
             x0 = self.encode_image(init, generator, batch)

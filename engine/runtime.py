@@ -25,7 +25,7 @@ from .families import Family
 from .prompt_syntax import WeightedIds
 from .samplers import make_schedule, sample
 from .stages import (blank_inpaint_conditioning, guided, inpainting_unet, keep_unmasked,
-                     to_unit_images, vae_decode)
+                     starts_from_noise, to_unit_images, vae_decode)
 
 log = logging.getLogger("sdrt")
 
@@ -100,7 +100,7 @@ class StaticPlan:
         # unless inpainting starts from pure noise (full strength) and keeps nothing.
         self.mask = (torch.zeros(shape.batch_size, 1, *self.latent_shape[2:], device=dev)
                      if shape.masked and not inpainting_unet(unet) else None)
-        self.pure_noise = shape.strength is None or (shape.masked and shape.strength == 1.0)
+        self.pure_noise = starts_from_noise(shape.strength, shape.masked)
         self.x0 = (torch.zeros(self.latent_shape, dtype=dtype, device=dev)
                    if shape.strength is not None and (not self.pure_noise or self.mask is not None)
                    else None)

@@ -44,6 +44,12 @@ def inpainting_unet(unet):
     return unet.config.in_channels != unet.config.out_channels
 
 
+def starts_from_noise(strength, masked):
+    """Whether denoising starts from pure noise: text to image (``strength`` None), or
+    inpainting (``masked``) at full strength, as diffusers' inpainting pipelines start."""
+    return strength is None or (masked and strength == 1.0)
+
+
 def inpaint_conditioning(mask, masked_latents):
     """An inpainting UNet's extra input: the (B, 1, h, w) mask (1 where the image is
     repainted) at the latents' size, then the (B, C, h, w) latents of the masked image."""

@@ -435,18 +435,20 @@ def create_app(config: ServeConfig = None) -> FastAPI:
         enable_hr = isinstance(body, schemas.Txt2ImgRequest) and body.enable_hr
         hires = _hires(server, body, req) if enable_hr else None
         seeds = server.seeds(req.seed, n, "seed")
+        from sdrt.engine.inpaint import MASKED_CONTENT  # (numpy: imported once serving)
+        from sdrt.engine.stages import inpainting_unet
+        # inpainting_fill numbers A1111's masked content in MASKED_CONTENT's order.
+        content = list(MASKED_CONTENT)[body.inpainting_fill] if mask is not None else "original"
+        fill, masked_content = MASKED_CONTENT[content]
         key = BatchKey(req.height, req.width, req.num_inference_steps, req.sampler,
                        req.guidance, req.strength if init_images else None, req.clip_skip,
                        server.chunks(req), inpaint=mask is not None, hires=hires,
-                       masked_content=_MASKED_CONTENT[body.inpainting_fill].replace(" ", "_")
-                       if mask is not None and body.inpainting_fill > 1 else "original")
+                       masked_content=masked_content)
         extra, jobs = dict(hires.params()) if hires else {}, None
         if mask is not None:  # one job per init image; image i inpaints init image i mod n
             only = body.inpaint_full_res
-            content = _MASKED_CONTENT[body.inpainting_fill]
             jobs = await run_in_threadpool(_inpaint_jobs, init_images, mask, req, only,
-                                           body.inpaint_full_res_padding,
-                                           content != "original")
+                                           body.inpaint_full_res_padding, fill)
             init_images = [job.image for job in jobs]
             extra["Mask blur"] = body.mask_blur
             if content != "original":
@@ -484,8 +486,7 @@ def create_app(config: ServeConfig = None) -> FastAPI:
             "index_of_first_image": 0, "infotexts": texts,
             "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
             "clip_skip": req.clip_skip + 1,
-            "is_using_inpainting_conditioning": server.runner.pipe.unet.config.in_channels
-            != server.runner.pipe.unet.config.out_channels,
+            "is_using_inpainting_conditioning": inpainting_unet(server.runner.pipe.unet),
             "version": "sdrt 0.1.0",
         }
         server.metrics.stage_seconds.labels("total").observe(time.perf_counter() - t0)
@@ -723,11 +724,6 @@ _FEATURES = {"restore_faces": "face restoration", "tiling": "tiling",
              "alwayson_scripts": "always-on scripts (ControlNet, ...)",
              "resize_mode": "resize modes other than 0 (just resize)",
              "initial_noise_multiplier": "a noise multiplier"}
-
-
-# A1111's inpainting_fill: what the masked part starts from ("fill" is done on the picture,
-# the latent ones by the pipeline's masked_content).
-_MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
 
 
 def _check_unsupported(body):
