@@ -265,6 +265,13 @@ def _generate_options(g):
                    help="with --init-image: how much of the image to repaint, in (0, 1]; 1 "
                         "keeps nothing of it; the hires fix's is 0.75 unless given "
                         "(default: 0.8)")
+    g.add_argument("--resize-mode", default="resize",
+                   choices=("resize", "crop", "fill", "latent"),
+                   help="how --init-image is brought to --width × --height (A1111's resize "
+                        "mode): resize: stretch it; crop: keep its aspect ratio, cover the "
+                        "size and cut the overflow; fill: keep it, fit inside and stretch the "
+                        "edges over the bands left; latent: encode it at its own size and "
+                        "resize the latents (A1111's latent upscale)")
     g.add_argument("--mask", metavar="PATH", default=None,
                    help="with --init-image: inpaint, repainting where this mask is white (or, "
                         "in a PNG with transparency, opaque: A1111's masks) and keeping the "

@@ -63,6 +63,9 @@ def generate(a):
         if a.refiner is not None:
             raise SdrtError("--mask cannot be combined with --refiner (the refiner continues "
                             "a text-to-image run)")
+        if a.resize_mode == "latent" and a.inpaint_area == "whole":
+            raise SdrtError("--resize-mode latent (A1111's latent upscale) cannot inpaint the "
+                            "whole picture: use resize, crop or fill, or --inpaint-area masked")
         for option, value, top in (("--mask-blur", a.mask_blur, MAX_MASK_BLUR),
                                    ("--masked-padding", a.masked_padding, MAX_PADDING)):
             if not 0 <= value <= top:
@@ -87,15 +90,22 @@ def generate(a):
         sampler = a.sampler or default_sampler(pipe.scheduler_config)
     plans = _static_plans(a, pipe, request if init is None else None, hires)
     inpaint, masked_content = None, "original"
-    if mask is not None:  # A1111's framing: the overlay, and only the masked area if asked
-        from .inpaint import MASKED_CONTENT, prepare
-        fill, masked_content = MASKED_CONTENT[a.masked_content.replace("-", " ")]
+    if init is not None:  # the size asked for, or the image's cut to the VAE's scale factor
         f = pipe.vae_scale_factor
         width = request.width or init.width - init.width % f
         height = request.height or init.height - init.height % f
+        if min(width, height) < f:
+            raise SdrtError(f"init image must be at least {f} pixels high and wide (the VAE's "
+                            f"scale factor), got {init.width}x{init.height}")
+    if mask is not None:  # A1111's framing: the overlay, and only the masked area if asked
+        from .inpaint import MASKED_CONTENT, prepare
+        fill, masked_content = MASKED_CONTENT[a.masked_content.replace("-", " ")]
         inpaint = prepare(init, mask, width, height, a.inpaint_area == "masked",
-                          a.masked_padding, fill=fill)
+                          a.masked_padding, fill=fill, resize_mode=a.resize_mode)
         init, mask = inpaint.image, inpaint.mask
+    elif init is not None:  # A1111's resize mode
+        from .images import frame_init_image
+        init = frame_init_image(init, width, height, a.resize_mode)
     # Image i of a batch is drawn from its own generator, seeded seed + i, as A1111 does: its
     # PNG records that seed, and --seed with it regenerates that image alone.
     seed = request.draw_seed()
@@ -117,6 +127,7 @@ def generate(a):
             images = pipe(prompt, height=request.height, width=request.width, sampler=sampler,
                           image=init, mask_image=mask, strength=a.strength,
                           masked_content=masked_content,
+                          latent_resize=init is not None and a.resize_mode == "latent",
                           callback=None if plans else progress,
                           output_type="latent" if refiner else "pil", **_sdxl_fields(a),
                           **call)
@@ -427,6 +438,12 @@ def _warn_unused_options(a):
             if option in a.given:
                 unused(f"--{option.replace('_', '-')}", "it applies to --hr-scale or "
                                                         "--hr-resize")
+    if "resize_mode" in a.given:
+        if a.init_image is None:
+            unused("--resize-mode", "it applies to --init-image")
+        elif a.mask is not None and a.inpaint_area == "masked":
+            unused("--resize-mode", "with --inpaint-area masked the masked region is resized "
+                                    "to the size (A1111's 'Only masked')")
     if a.mask is None:
         if a.invert_mask:
             unused("--invert-mask", "it applies to --mask")

@@ -27,6 +27,12 @@ import numpy as np
 from .errors import SdrtError
 
 MAX_MASK_BLUR = 64  # pixels, A1111's slider's end
+# A1111's img2img resize modes, in the order its API's resize_mode numbers them, by the
+# names sdrt's CLI takes: "resize" (stretch to the size), "crop" (keep the aspect ratio,
+# cover the size, cut the overflow), "fill" (keep it, fit inside, stretch the edge rows or
+# columns into the bands left) and "latent" (encode at the image's own size, then resize the
+# latents bilinearly: the pipeline's ``latent_resize``).
+RESIZE_MODES = ("resize", "crop", "fill", "latent")
 _UINT16 = ("I;16", "I;16L", "I;16B", "I;16N")
 _ALPHA = ("RGBA", "RGBa", "LA", "La", "PA")
 _INT32_MIN, _INT32_MAX = -(2 ** 31), 2 ** 31 - 1
@@ -101,6 +107,57 @@ def _float_to_unit(a):
         return a.astype(np.float32) / 255
     lo = min(0.0, lo)
     return ((a.astype(np.float64) - lo) / (hi - lo)).astype(np.float32)
+
+
+def fit_image(image, width, height, mode="resize", resample=None):
+    """A PIL image (any mode) brought to ``width`` × ``height`` as A1111's resize ``mode``
+    (``RESIZE_MODES``, "latent" excepted: that one is the pipeline's) does it, resampled
+    with Lanczos unless ``resample`` says otherwise. "crop" and "fill" centre the image,
+    offsets rounded as A1111 rounds them; "fill" stretches the image's first and last row
+    (or column) over each band it leaves (the far band as wide as the near one, cut at the
+    edge, as A1111 pastes it, stretched with PIL's default filter as A1111 stretches it)."""
+    from PIL import Image
+    resample = Image.LANCZOS if resample is None else resample
+    if mode not in RESIZE_MODES[:3]:
+        raise SdrtError(f"resize mode must be one of {', '.join(RESIZE_MODES[:3])}, got {mode!r}")
+    if mode == "resize" or image.size == (width, height):
+        return image if image.size == (width, height) else image.resize((width, height),
+                                                                        resample)
+    ratio, src_ratio = width / height, image.width / image.height
+    # "crop" covers the size (the longer side overflows), "fill" fits inside it.
+    wide = ratio > src_ratio if mode == "crop" else ratio < src_ratio
+    src_w = width if wide else max(image.width * height // image.height, 1)
+    src_h = height if not wide else max(image.height * width // image.width, 1)
+    resized = image.resize((src_w, src_h), resample)
+    x, y = width // 2 - src_w // 2, height // 2 - src_h // 2
+    out = Image.new(image.mode, (width, height))
+    out.paste(resized, (x, y))
+    if mode == "fill" and ratio != src_ratio:
+        if ratio < src_ratio and y > 0:  # bands above and below
+            out.paste(resized.resize((width, y), box=(0, 0, width, 0)), (0, 0))
+            out.paste(resized.resize((width, y), box=(0, src_h, width, src_h)),
+                      (0, y + src_h))
+        elif ratio > src_ratio and x > 0:  # bands left and right
+            out.paste(resized.resize((x, height), box=(0, 0, 0, height)), (0, 0))
+            out.paste(resized.resize((x, height), box=(src_w, 0, src_w, height)),
+                      (x + src_w, 0))
+    return out
+
+
+def frame_init_image(image, width, height, mode="resize"):
+    """An init image brought to ``width`` × ``height`` by A1111's resize ``mode``: made 8-bit
+    RGB as the pipeline reads it (``to_rgb8``) and fitted (``fit_image``) where its size
+    differs; as it is for "latent" (the pipeline's ``latent_resize`` resizes its latents)."""
+    if mode == "latent" or image.size == (width, height):
+        return image
+    return fit_image(to_rgb8(image), width, height, mode)
+
+
+def to_rgb8(image):
+    """A PIL image of any mode → 8-bit RGB, scaled as ``pil_to_float`` scales it (16 bits to
+    their range, transparency onto white)."""
+    from PIL import Image
+    return Image.fromarray(np.rint(pil_to_float(image) * 255).astype(np.uint8))
 
 
 def mask_to_float(image):

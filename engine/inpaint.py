@@ -56,31 +56,39 @@ class Inpaint:
         return Image.fromarray(np.rint(new * a + old * (1 - a)).clip(0, 255).astype(np.uint8))
 
 
-def prepare(image, mask, width, height, only_masked=False, padding=32, fill=False):
+def prepare(image, mask, width, height, only_masked=False, padding=32, fill=False,
+            resize_mode="resize"):
     """``image`` (PIL) and its ``mask`` (float (H, W) in [0, 1], 1 where repainted, already
     blurred; resized to the image's size if it differs) → an ``Inpaint`` for an output of
-    ``width`` × ``height`` pixels. With ``only_masked`` the region around the mask, grown by
-    ``padding`` pixels, is inpainted at the output size; an empty mask is refused there (there
-    is no region). With ``fill`` the image the pipeline gets is filled under the mask
-    (``fill_masked``); the result is still pasted over the original."""
-    job = _frame(image, mask, width, height, only_masked, padding)
+    ``width`` × ``height`` pixels. Over the whole picture both are brought to that size by
+    A1111's ``resize_mode`` ("resize", "crop" or "fill": ``images.fit_image``; "latent" is
+    refused, the mask being drawn at the output size). With ``only_masked`` the region around
+    the mask, grown by ``padding`` pixels, is inpainted at the output size (the resize mode
+    does not apply, as in A1111); an empty mask is refused there (there is no region). With
+    ``fill`` the image the pipeline gets is filled under the mask (``fill_masked``); the
+    result is still pasted over the original."""
+    job = _frame(image, mask, width, height, only_masked, padding, resize_mode)
     if fill:
         job.image = fill_masked(job.image, job.mask)
     return job
 
 
-def _frame(image, mask, width, height, only_masked, padding):
+def _frame(image, mask, width, height, only_masked, padding, resize_mode):
     from PIL import Image
 
-    from .images import pil_to_float
-    # RGB as the pipeline reads any image (16-bit kept to its range, alpha on white).
-    original = Image.fromarray(np.rint(pil_to_float(image) * 255).astype(np.uint8))
+    from .images import fit_image, to_rgb8
+    original = to_rgb8(image)  # RGB as the pipeline reads any image
     if mask.shape != (original.height, original.width):
         mask = _resize(mask, original.width, original.height)
     if not only_masked:
+        if resize_mode == "latent":
+            raise SdrtError("resize mode 'latent' (A1111's latent upscale) cannot inpaint the "
+                            "whole picture: use resize, crop or fill, or only the masked area")
         if original.size != (width, height):
-            original = original.resize((width, height), Image.LANCZOS)
-            mask = _resize(mask, width, height)
+            original = fit_image(original, width, height, resize_mode)
+            mask = np.asarray(fit_image(Image.fromarray(mask.astype(np.float32), "F"), width,
+                                        height, resize_mode, Image.BILINEAR),
+                              dtype=np.float32).clip(0, 1)
         return Inpaint(original, mask, original, np.clip(mask * 2, 0, 1))
     region = crop_region(mask, padding)
     if region is None:

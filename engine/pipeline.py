@@ -687,6 +687,22 @@ class Pipeline:
         return scale_latents(self.vae, z.to(self.dtype).repeat_interleave(batch // z.shape[0],
                                                                           dim=0))
 
+    @staticmethod
+    def _check_latent_resize(latent_resize, image, mask_image, denoising_start):
+        if not isinstance(latent_resize, bool):
+            raise SdrtError(f"latent_resize must be True or False, got "
+                            f"{short_repr(latent_resize)}")
+        if not latent_resize:
+            return
+        for bad, why in (
+                (image is None, "needs image, the init image whose latents are resized"),
+                (mask_image is not None, "cannot be combined with mask_image (the mask is "
+                 "drawn at the size asked for, the image at its own)"),
+                (denoising_start is not None, "cannot be combined with denoising_start (a "
+                 "refiner's hand-off takes the latents as they are)")):
+            if bad:
+                raise SdrtError(f"latent_resize=True {why}")
+
     def _check_mask_request(self, image, denoising_start):
         if image is None:
             raise SdrtError("mask_image needs image, the init image to inpaint")
@@ -835,7 +851,7 @@ class Pipeline:
                  negative_original_size=None, negative_crops_coords_top_left=None,
                  negative_target_size=None, aesthetic_score=None,
                  negative_aesthetic_score=None, denoising_start=None, denoising_end=None,
-                 mask_image=None, masked_content="original"):
+                 mask_image=None, masked_content="original", latent_resize=False):
         """Generate images; see the README for each argument.
 
         Returns a list of PIL images (``"pil"``), a float32 array (B, H, W, 3) in [0, 1]
@@ -865,6 +881,11 @@ class Pipeline:
         init latents hold before they are noised: ``"original"`` (the init image's),
         ``"latent_noise"`` (unit noise, drawn after the masked image's sample) or
         ``"latent_nothing"`` (zeros); it matters below full strength.
+
+        ``latent_resize=True`` is A1111's "Just resize (latent upscale)": the init images are
+        encoded at the first one's size (cut down to a multiple of the VAE's scale factor)
+        and their latents are resized bilinearly to ``height`` × ``width`` (by default that
+        size, a no-op); without it each image is resized to that size in pixels first.
 
         Every argument is checked before any work (``SdrtError``, a ``ValueError``, naming the
         argument, its value and what is allowed), including the request's estimated peak
@@ -906,16 +927,20 @@ class Pipeline:
                             f"the masked latents start from)")
         if mask_image is not None:
             self._check_mask_request(image, denoising_start)
+        self._check_latent_resize(latent_resize, image, mask_image, denoising_start)
         if image is not None:
             init_latents = self._image_latents(image)
             if init_latents is None:
-                init = self._preprocess(image, request.height, request.width)
+                init = (self._preprocess(image, None, None) if latent_resize else
+                        self._preprocess(image, request.height, request.width))
             rows, size = ((init.shape[0], init.shape[2:]) if init is not None else
                           (init_latents.shape[0],
                            [s * self.vae_scale_factor for s in init_latents.shape[2:]]))
             if request.batch_size % rows:
                 raise SdrtError(f"image must hold one image or one per prompt (a count that "
                                 f"divides the batch of {request.batch_size}), got {rows}")
+            if latent_resize:  # the size asked for; the latents are resized to it (_start)
+                size = (request.height or size[0], request.width or size[1])
             request = dataclasses.replace(request, height=int(size[0]), width=int(size[1]))
         if mask_image is not None:
             mask = self._mask(mask_image, tuple(init.shape[2:]), init.shape[0])
@@ -984,6 +1009,8 @@ class Pipeline:
             x0 = self.encode_image(init, generator, batch)
         elif init_latents is not None:
             x0 = init_latents.repeat_interleave(batch // init_latents.shape[0], dim=0)
+        if x0 is not None and tuple(x0.shape[2:]) != tuple(shape[2:]):  # latent_resize
+            x0 = torch.nn.functional.interpolate(x0, size=shape[2:], mode="bilinear")
         noise = self._noise(latents, shape, generator)
         if mask is None:
             return _Start(x0, noise, None, None, pure_noise)

@@ -435,20 +435,25 @@ def create_app(config: ServeConfig = None) -> FastAPI:
         enable_hr = isinstance(body, schemas.Txt2ImgRequest) and body.enable_hr
         hires = _hires(server, body, req) if enable_hr else None
         seeds = server.seeds(req.seed, n, "seed")
-        from sdrt.engine.inpaint import MASKED_CONTENT  # (numpy: imported once serving)
+        from sdrt.engine.images import RESIZE_MODES  # (numpy: imported once serving)
+        from sdrt.engine.inpaint import MASKED_CONTENT
         from sdrt.engine.stages import inpainting_unet
+        resize = RESIZE_MODES[body.resize_mode] if init_images else None
         # inpainting_fill numbers A1111's masked content in MASKED_CONTENT's order.
         content = list(MASKED_CONTENT)[body.inpainting_fill] if mask is not None else "original"
         fill, masked_content = MASKED_CONTENT[content]
+        latent_size = None
+        if resize == "latent" and mask is None:  # the latents are resized: a key per size
+            latent_size = _one_size(init_images)
         key = BatchKey(req.height, req.width, req.num_inference_steps, req.sampler,
                        req.guidance, req.strength if init_images else None, req.clip_skip,
                        server.chunks(req), inpaint=mask is not None, hires=hires,
-                       masked_content=masked_content)
+                       masked_content=masked_content, latent_resize_from=latent_size)
         extra, jobs = dict(hires.params()) if hires else {}, None
         if mask is not None:  # one job per init image; image i inpaints init image i mod n
             only = body.inpaint_full_res
             jobs = await run_in_threadpool(_inpaint_jobs, init_images, mask, req, only,
-                                           body.inpaint_full_res_padding, fill)
+                                           body.inpaint_full_res_padding, fill, resize)
             init_images = [job.image for job in jobs]
             extra["Mask blur"] = body.mask_blur
             if content != "original":
@@ -456,6 +461,8 @@ def create_app(config: ServeConfig = None) -> FastAPI:
             if only:
                 extra.update({"Inpaint area": "Only masked",
                               "Masked area padding": body.inpaint_full_res_padding})
+        elif init_images:  # A1111's resize mode
+            init_images = await run_in_threadpool(_frame_images, init_images, req, resize)
         rows = [Row(body.prompt, body.negative_prompt, req.guidance_scale, s,
                     init_images[i % len(init_images)] if init_images else None,
                     jobs[i % len(jobs)].mask if jobs else None, extra.get("Mask blur"),
@@ -507,6 +514,10 @@ def create_app(config: ServeConfig = None) -> FastAPI:
         if not body.init_images:
             raise ApiError(400, "init_images must hold at least one image, got []",
                            "bad_request", "init_images")
+        if body.resize_mode not in (0, 1, 2, 3):
+            raise ApiError(400, f"resize_mode must be 0 (just resize), 1 (crop and resize), 2 "
+                                f"(resize and fill) or 3 (just resize, latent upscale), got "
+                                f"{short_repr(body.resize_mode)}", "bad_request", "resize_mode")
         mask = None
         if body.mask is not None:
             _check_inpaint_fields(body)
@@ -709,6 +720,10 @@ def _check_inpaint_fields(body):
         if not ok:
             raise ApiError(400, f"{field} must be {allowed}, got "
                                 f"{short_repr(getattr(body, field))}", "bad_request", field)
+    if body.resize_mode == 3 and not body.inpaint_full_res:
+        raise ApiError(400, "resize_mode 3 (latent upscale) cannot inpaint the whole picture "
+                            "(inpaint_full_res false): use resize_mode 0, 1 or 2, or inpaint "
+                            "only the masked area", "bad_request", "resize_mode")
 
 
 # A1111 fields of features sdrt does not have, and the values that leave them off.
@@ -716,13 +731,12 @@ _OFF_VALUES = {"restore_faces": (None, False), "tiling": (None, False),
                "subseed_strength": (None, 0), "seed_resize_from_h": (None, -1, 0),
                "seed_resize_from_w": (None, -1, 0), "styles": (None, []),
                "script_name": (None, "", "None"), "refiner_checkpoint": (None, "", "None"),
-               "resize_mode": (None, 0), "initial_noise_multiplier": (None, 1)}
+               "initial_noise_multiplier": (None, 1)}
 _FEATURES = {"restore_faces": "face restoration", "tiling": "tiling",
              "subseed_strength": "variation seeds", "seed_resize_from_h": "seed resizing",
              "seed_resize_from_w": "seed resizing", "styles": "styles",
              "script_name": "scripts", "refiner_checkpoint": "A1111's refiner switch",
              "alwayson_scripts": "always-on scripts (ControlNet, ...)",
-             "resize_mode": "resize modes other than 0 (just resize)",
              "initial_noise_multiplier": "a noise multiplier"}
 
 
@@ -730,7 +744,7 @@ def _check_unsupported(body):
     """A field of a feature sdrt does not have is refused unless it leaves the feature off:
     silently ignoring it would return a different picture than the client asked for."""
     for field, off in _OFF_VALUES.items():
-        if not hasattr(body, field):  # img2img's own (resize_mode, ...) on a txt2img body
+        if not hasattr(body, field):  # img2img's own (initial_noise_multiplier) on txt2img
             continue
         value = getattr(body, field)
         if value not in off:
@@ -780,14 +794,32 @@ def _hires(server, body, req):
     return hires
 
 
-def _inpaint_jobs(init_images, mask, req, only_masked, padding, fill=False):
+def _inpaint_jobs(init_images, mask, req, only_masked, padding, fill=False,
+                  resize_mode="resize"):
     """A1111's framing of each init image and the mask (``sdrt.engine.inpaint``)."""
     from sdrt.engine.inpaint import prepare
     try:
-        return [prepare(im, mask, req.width, req.height, only_masked, padding, fill)
-                for im in init_images]
+        return [prepare(im, mask, req.width, req.height, only_masked, padding, fill,
+                        resize_mode) for im in init_images]
     except SdrtError as e:
         raise ApiError(400, str(e), "bad_request", "mask") from None
+
+
+def _frame_images(init_images, req, resize_mode):
+    """Each init image brought to the request's size by A1111's resize mode."""
+    from sdrt.engine.images import frame_init_image
+    return [frame_init_image(im, req.width, req.height, resize_mode) for im in init_images]
+
+
+def _one_size(init_images):
+    """The init images' one size: resize mode 3 encodes them at it, in one batch."""
+    sizes = {im.size for im in init_images}
+    if len(sizes) > 1:
+        raise ApiError(400, f"init_images must all be the same size with resize_mode 3 (they "
+                            f"are encoded together at their own size), got "
+                            f"{', '.join(f'{w}x{h}' for w, h in sorted(sizes))}", "bad_request",
+                       "init_images")
+    return sizes.pop()
 
 
 def _read_mask(body, limits):

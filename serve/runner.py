@@ -120,6 +120,7 @@ class Runner:
                 image=(images[0] if one else images) if images else None,
                 mask_image=(masks[0] if one else masks) if masks else None,
                 masked_content=key.masked_content,
+                latent_resize=key.latent_resize_from is not None,
                 strength=key.strength if key.strength is not None else 0.8,
                 clip_skip=key.clip_skip, output_type="pil", **seeds)
         timings = self.pipe.timings

@@ -50,6 +50,9 @@ class BatchKey:
     inpaint: bool = False  # whether the rows carry masks
     hires: object = None  # a text-to-image request's hires fix (engine.hires.Hires)
     masked_content: str = "original"  # inpainting: the pipeline's masked_content
+    # A1111's resize mode 3: the init images' (width, height), encoded at that size and their
+    # latents resized (the pipeline's latent_resize); None when they come at the key's size.
+    latent_resize_from: tuple = None
 
 
 @dataclass(frozen=True)

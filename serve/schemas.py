@@ -136,9 +136,11 @@ class Img2ImgRequest(A1111Request):
                                                      "the whole picture")
     inpaint_full_res_padding: int = Field(0, description="pixels of context around the mask "
                                                          "(0 to 256)")
-    # Accepted at their "off" values only, as A1111Request's unsupported features: resize_mode
-    # 0 (just resize), initial_noise_multiplier 1.
-    resize_mode: Optional[int] = None
+    resize_mode: int = Field(0, description="how each init image is brought to width x "
+                                            "height: 0 just resize, 1 crop and resize, 2 "
+                                            "resize and fill, 3 just resize (latent "
+                                            "upscale)")
+    # Accepted at its "off" value only, as A1111Request's unsupported features: 1.
     initial_noise_multiplier: Optional[float] = None
 
 

@@ -4,6 +4,7 @@ In-process calls of ``main`` where the exit status and the captured output are e
 processes where what matters is the process itself: its exit status and stderr as a user sees
 them, whether torch was imported, how long a refusal took, what Ctrl-C prints.
 """
+import itertools
 import json
 import os
 import re
@@ -424,6 +425,35 @@ def test_inpaint_with_a_mask(tiny_dir, tmp_path, capsys):
     assert parse(_parameters(filled))[2]["Masked content"] == "fill"
 
 
+def test_resize_modes_frame_the_init_image(tiny_dir, tmp_path, capsys):
+    # --resize-mode crop/fill frames the 64x48 init image into 32x32 before anything else:
+    # the same picture as the framed image given as it is. latent draws from the image's own
+    # size, resized in the latents: 32x32 too, another picture.
+    from sdrt.engine.images import fit_image
+    init = Image.fromarray(np.random.default_rng(7).integers(0, 256, (48, 64, 3),
+                                                             dtype=np.uint8))
+    init.save(tmp_path / "i.png")
+    common = ["generate", "a red fox", "--model", tiny_dir, "--steps", "2", "--strength",
+              "0.6", "--seed", "5", "--width", "32", "--height", "32"]
+    outs = {}
+    for mode in ("resize", "crop", "fill", "latent"):
+        out = tmp_path / f"{mode}.png"
+        code, _, err = _run([*common, "--init-image", str(tmp_path / "i.png"), "--resize-mode",
+                             mode, "-o", str(out)], capsys)
+        assert code == 0, err
+        assert _warnings(err) == [], err
+        outs[mode] = _pixels(out)
+        assert outs[mode].shape == (32, 32, 3)
+        if mode != "latent":
+            fit_image(init, 32, 32, mode).save(tmp_path / f"framed-{mode}.png")
+            out = tmp_path / f"framed-{mode}-out.png"
+            assert _run([*common, "--init-image", str(tmp_path / f"framed-{mode}.png"), "-o",
+                         str(out)], capsys)[0] == 0
+            assert np.array_equal(outs[mode], _pixels(out)), mode
+    for a, b in itertools.combinations(outs, 2):
+        assert np.abs(outs[a].astype(int) - outs[b]).max() > 8, (a, b)
+
+
 def test_hires_fix_and_its_png_info(tiny_dir, tmp_path, capsys):
     # A1111's hires fix: 32x32, then 2x by the latent upscaler with 2 steps at strength 0.6;
     # the PNG says so as A1111 writes it, and --from-png draws the same picture again.
@@ -658,6 +688,10 @@ def test_options_that_do_nothing_warn_once_each(tiny_dir, tmp_path, capsys):
     for option in ("--strength", "--negative", "--config", "--variant", "--no-compile"):
         assert len([w for w in warned if w.startswith(option + " ")]) == 1, (option, warned)
     assert len(warned) == 5, warned
+    code, _, err = _run(["generate", "x", *SMALL, "--resize-mode", "crop", "-o",
+                         str(tmp_path / "c.png")], capsys)
+    assert code == 0, err
+    assert _warnings(err) == ["--resize-mode does nothing here: it applies to --init-image"]
 
     code, _, err = _run(["generate", "x", *SMALL, "--model", tiny_dir, "--variant", "fp16",
                          "--config", tiny_dir, "-o", str(tmp_path / "b.png")], capsys)
@@ -778,6 +812,11 @@ BAD = {
     "masked padding past 256": (["--init-image", "{tmp}/dot.png", "--mask", "{tmp}/dot.png",
                                  "--masked-padding", "300"], None,
                                 "--masked-padding must be an integer from 0 to 256, got 300"),
+    "latent resize mode over a whole inpainted picture": (
+        ["--init-image", "{tmp}/dot.png", "--mask", "{tmp}/dot.png", "--resize-mode", "latent"],
+        None, "--resize-mode latent (A1111's latent upscale) cannot inpaint the whole picture"),
+    "unknown resize mode": (["--init-image", "{tmp}/dot.png", "--resize-mode", "pad"], None,
+                            "argument --resize-mode: invalid choice: 'pad'"),
     "negative mask blur": (["--init-image", "{tmp}/dot.png", "--mask", "{tmp}/dot.png",
                             "--mask-blur", "-1"], None,
                            "--mask-blur must be an integer from 0 to 64, got -1"),

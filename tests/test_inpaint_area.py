@@ -63,6 +63,32 @@ def test_whole_picture_at_another_size():
     assert job.mask.shape == job.overlay.shape == (32, 48)
 
 
+@pytest.mark.parametrize("mode", ["crop", "fill"])
+def test_whole_picture_by_a_resize_mode(mode):
+    """The picture and its mask framed alike by A1111's resize mode: a 96x64 picture in a
+    square, the mask's masked column landing where the picture's does."""
+    from sdrt.engine.images import fit_image
+    picture = _picture(seed=4)
+    mask = np.zeros((64, 96), dtype=np.float32)
+    mask[:, 60:70] = 1
+    job = prepare(picture, mask, 48, 48, resize_mode=mode)
+    assert np.array_equal(np.asarray(job.image), np.asarray(fit_image(picture, 48, 48, mode)))
+    assert job.original is job.image and job.mask.shape == (48, 48)
+    # The masked column's centre, 65/96 across the picture, in the framed square:
+    x = 65 * 48 / 64 - 12 if mode == "crop" else 65 * 48 / 96
+    assert job.mask[24, int(x)] > 0.9 and job.mask[24, :int(x) - 6].max() < 0.1
+    if mode == "fill":  # the picture's 48x32 in the middle; bands above and below
+        assert job.mask[:8, int(x)].min() > 0.9  # the edge row stretched: masked there too
+
+
+def test_whole_picture_refuses_the_latent_resize_mode():
+    with pytest.raises(SdrtError, match="resize mode 'latent'.*cannot inpaint the whole"):
+        prepare(_picture(), np.ones((64, 96), dtype=np.float32), 48, 48, resize_mode="latent")
+    job = prepare(_picture(), np.ones((64, 96), dtype=np.float32), 48, 48, only_masked=True,
+                  resize_mode="latent")  # only masked: the resize mode does not apply
+    assert job.image.size == (48, 48)
+
+
 def test_only_masked_cuts_resizes_and_pastes_back():
     picture = _picture(seed=1)
     mask = np.zeros((64, 96), dtype=np.float32)

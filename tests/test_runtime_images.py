@@ -71,6 +71,16 @@ def test_image_to_image_plan_equals_eager(pipe, sampler, strength):
         f"image to image {sampler} {strength}")
 
 
+def test_latent_resize_plan_equals_eager(pipe):
+    """A1111's latent upscale: 16×8 images encoded, their latents resized to 24×16."""
+    _assert_plan_equals_eager(
+        pipe, dict(height=16, width=24, batch_size=2, num_inference_steps=5, sampler="euler_a",
+                   strength=0.7),
+        dict(prompt=PROMPTS, image=_images(2, size=(16, 8)), strength=0.7, height=16, width=24,
+             latent_resize=True, num_inference_steps=5, sampler="euler_a", output_type="np"),
+        "latent resize")
+
+
 @pytest.mark.parametrize("sampler,strength", [("euler_a", 1.0), ("ddim", 0.6)])
 def test_inpainting_plan_equals_eager(pipe, sampler, strength):
     # A UNet that sees no mask: the plan keeps the unmasked latents after every step.

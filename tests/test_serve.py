@@ -268,6 +268,43 @@ def test_a1111_img2img(main_server, ref_pipe):
                           "img2img")
 
 
+def test_a1111_img2img_resize_modes(main_server, ref_pipe):
+    # resize_mode 1 and 2 frame a 96x48 init image into 64x64 (engine.images.fit_image, A1111's
+    # crop and fill), 3 encodes a 32x32 one and resizes its latents; over a whole inpainted
+    # picture the mask is framed with the image.
+    from sdrt.engine.images import blur_mask, fit_image
+    url, _ = main_server
+    rng = np.random.default_rng(2)
+    wide = Image.fromarray(rng.integers(0, 256, (48, 96, 3), dtype=np.uint8))
+    small = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    body = {"prompt": "a fox", "denoising_strength": 0.6, "steps": 2, "cfg_scale": 7,
+            "seed": 3, "width": 64, "height": 64}
+    got = {}
+    for mode, init in ((1, wide), (2, wide), (3, small)):
+        r = httpx.post(f"{url}/sdapi/v1/img2img", timeout=TIMEOUT, json={
+            **body, "init_images": [_b64(_png_file(init))], "resize_mode": mode})
+        assert r.status_code == 200, r.text
+        assert r.json()["parameters"]["resize_mode"] == mode
+        got[mode] = png(r.json()["images"][0], (64, 64))
+        call = (dict(image=init, latent_resize=True) if mode == 3 else
+                dict(image=fit_image(wide, 64, 64, ("crop", "fill")[mode - 1])))
+        assert_same_image(got[mode], reference(ref_pipe, "a fox", 3, guidance=7.0,
+                                               strength=0.6, **call), f"resize mode {mode}")
+    assert np.abs(np.asarray(got[1], dtype=int) - np.asarray(got[2])).max() > 8
+
+    mask = np.zeros((48, 96), dtype=np.float32)
+    mask[:, 60:80] = 1
+    r = httpx.post(f"{url}/sdapi/v1/img2img", timeout=TIMEOUT, json={
+        **body, "init_images": [_b64(_png_file(wide))], "resize_mode": 2, "mask_blur": 0,
+        "mask": _b64(_png_file(Image.fromarray((mask * 255).astype(np.uint8)))),
+        "inpainting_fill": 1, "inpaint_full_res": False})
+    assert r.status_code == 200, r.text
+    job = prepare(wide, blur_mask(mask, 0), 64, 64, resize_mode="fill")
+    expected = job.finish(reference(ref_pipe, "a fox", 3, guidance=7.0, image=job.image,
+                                    strength=0.6, mask_image=job.mask))
+    assert_same_image(png(r.json()["images"][0], (64, 64)), expected, "inpaint, fill")
+
+
 def test_a1111_inpaint(main_server, ref_pipe):
     # A1111's inpainting fields: the mask (here as A1111's canvas sends it, opaque where
     # painted), inverted, blurred, at the strength given; the image is the library's, framed
@@ -572,7 +609,13 @@ MALFORMED = [  # (endpoint, body: dict or raw bytes, what the message must name)
     (T2I, {"prompt": "a", "enable_hr": True, "hr_checkpoint_name": "other.safetensors"},
      "hr_checkpoint_name"),
     (T2I, {"prompt": "a", "enable_hr": True, "denoising_strength": 0}, "denoising_strength"),
-    (I2I, {"prompt": "a", "init_images": [_tiny_png()], "resize_mode": 1}, "resize_mode"),
+    (I2I, {"prompt": "a", "init_images": [_tiny_png()], "resize_mode": 4}, "resize_mode"),
+    (I2I, {"prompt": "a", "init_images": [_tiny_png()], "resize_mode": "crop"}, "resize_mode"),
+    (I2I, {"prompt": "a", "init_images": [_tiny_png()], "mask": _tiny_png(), "resize_mode": 3,
+           "inpaint_full_res": False}, "resize_mode"),
+    (I2I, {"prompt": "a", "resize_mode": 3,
+           "init_images": [_tiny_png(), _b64(_png_file(Image.new("RGB", (32, 64))))]},
+     "init_images"),
     (I2I, {"prompt": "a", "init_images": [_tiny_png()], "initial_noise_multiplier": 0.9},
      "initial_noise_multiplier"),
     (I2I, {"prompt": "a"}, "init_images"),
