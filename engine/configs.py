@@ -201,8 +201,24 @@ SDXL_TURBO = {**SDXL, "unet": {**SDXL["unet"], "sample_size": 64},
               "scheduler": {"_class_name": "EulerAncestralDiscreteScheduler", **_SD_BETAS,
                             "prediction_type": "epsilon", "timestep_spacing": "trailing"}}
 
+# Playground v2.5: the SDXL base architecture trained with EDM's preconditioning (sigma_data
+# 0.5, Karras sigmas from 80 to 0.002, DPM-Solver++ 2M) on latents standardised per channel.
+PLAYGROUND_SCHEDULER = {"_class_name": "EDMDPMSolverMultistepScheduler",
+                        "algorithm_type": "dpmsolver++", "euler_at_final": False,
+                        "final_sigmas_type": "zero", "lower_order_final": True,
+                        "num_train_timesteps": 1000, "prediction_type": "epsilon", "rho": 7.0,
+                        "sigma_data": 0.5, "sigma_max": 80.0, "sigma_min": 0.002,
+                        "sigma_schedule": "karras", "solver_order": 2,
+                        "solver_type": "midpoint", "thresholding": False}
+PLAYGROUND_V25 = {**SDXL,
+                  "vae": {**_SDXL_VAE, "scaling_factor": 0.5,
+                          "latents_mean": [-1.6574, 1.886, -1.383, 2.5155],
+                          "latents_std": [8.4927, 5.9022, 6.5498, 5.2299]},
+                  "scheduler": PLAYGROUND_SCHEDULER}
+
 MODELS = {"sd15": SD15, "sd21": SD21, "sd21-base": SD21_BASE, "sd-turbo": SD_TURBO,
-          "sdxl": SDXL, "sdxl-refiner": SDXL_REFINER, "sdxl-turbo": SDXL_TURBO}
+          "sdxl": SDXL, "sdxl-refiner": SDXL_REFINER, "sdxl-turbo": SDXL_TURBO,
+          "playground-v2.5": PLAYGROUND_V25}
 
 
 def model_config(name: str) -> dict:

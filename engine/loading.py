@@ -236,7 +236,31 @@ def single_file_configs(family, prediction_type, source):
         if prediction_type is None:
             configs = family_configs(family, "epsilon")
         configs["unet"]["in_channels"] = in_channels
+    _edm_configs(configs, source, prediction_type)
     return configs
+
+
+def _edm_configs(configs, source, prediction_type):
+    """An EDM-trained checkpoint says so by marker tensors, as ComfyUI reads them:
+    ``edm_mean``/``edm_std`` (Playground v2.5: its EDM scheduler, the latents standardised by
+    those per-channel statistics at scaling factor 0.5) or ``edm_vpred.sigma_max`` (and
+    ``edm_vpred.sigma_min``: EDM v-prediction, CosXL's kind, sigma_data 1). Without them the
+    file would run as the plain family, a picture of noise."""
+    from .configs import PLAYGROUND_SCHEDULER
+    if "edm_mean" in source and "edm_std" in source:
+        mean, std = (source[k]().float().flatten().tolist() for k in ("edm_mean", "edm_std"))
+        configs["vae"].update(scaling_factor=0.5, latents_mean=mean, latents_std=std)
+        configs["scheduler"] = dict(PLAYGROUND_SCHEDULER)
+    elif "edm_vpred.sigma_max" in source:
+        sigma_min = (float(source["edm_vpred.sigma_min"]()) if "edm_vpred.sigma_min" in source
+                     else 0.002)
+        configs["scheduler"] = {"_class_name": "EDMEulerScheduler", "sigma_data": 1.0,
+                                "prediction_type": "v_prediction", "sigma_min": sigma_min,
+                                "sigma_max": float(source["edm_vpred.sigma_max"]())}
+    else:
+        return
+    if prediction_type is not None:
+        configs["scheduler"]["prediction_type"] = prediction_type
 
 
 def load_single_file(path, device, dtype, config=None, prediction_type=None, limits=None):

@@ -41,6 +41,23 @@ def _x0_ve(out, x, sigma, prediction_type):
     return out
 
 
+def _denoised(model, x, t, sigma, sched):
+    """The clean latents predicted from variance-exploding latents x = x0 + sigma eps. A model
+    trained on alpha-bars sees x / sqrt(sigma^2 + 1) (``_x0_ve``); an EDM model (the schedule
+    has a ``sigma_data``) sees c_in x and its output F gives c_skip x + c_out F, EDM's
+    preconditioning (Karras et al. 2022, table 1; c_out negated for v_prediction, as
+    diffusers' EDM schedulers)."""
+    if sched.sigma_data is None:
+        out = model(x / (sigma**2 + 1) ** 0.5, t)
+        return _x0_ve(out, x, sigma, sched.config.prediction_type)
+    var = sigma**2 + sched.sigma_data**2
+    out = model(x / var**0.5, t)
+    c_out = sigma * sched.sigma_data / var**0.5
+    if sched.config.prediction_type == "v_prediction":
+        c_out = -c_out
+    return sched.sigma_data**2 / var * x + c_out * out
+
+
 def _after_step(step_end, i, t, x):
     """``step_end(i, t, x)`` after step ``i``; a tensor it returns replaces the latents."""
     replaced = step_end(i, t, x)
@@ -131,10 +148,9 @@ def sample_pndm(model, x, sched: Schedule, step_end=None):
 def sample_euler(model, x, sched: Schedule, step_end=None):
     """Euler's method on the probability-flow ODE dx/dsigma = (x - x0) / sigma (Karras et al. 2022,
     "Elucidating the Design Space of Diffusion-Based Generative Models", alg. 2 without churn)."""
-    kind = sched.config.prediction_type
     for i, t in enumerate(sched.timesteps):
         sigma, sigma_next = sched.sigmas[i], sched.sigmas[i + 1]
-        x0 = _x0_ve(model(x / (sigma**2 + 1) ** 0.5, t), x, sigma, kind)
+        x0 = _denoised(model, x, t, sigma, sched)
         x = x + (x - x0) / sigma * (sigma_next - sigma)
         if step_end is not None:
             x = _after_step(step_end, i, t, x)
@@ -159,10 +175,9 @@ def sample_euler_ancestral(model, x, sched: Schedule, generator=None, noise=None
     The noise is drawn from ``generator``, or taken from ``noise`` (N, *x.shape), unit noise drawn
     beforehand so a captured CUDA graph holds no RNG call.
     """
-    kind = sched.config.prediction_type
     for i, t in enumerate(sched.timesteps):
         sigma, sigma_next = sched.sigmas[i], sched.sigmas[i + 1]
-        x0 = _x0_ve(model(x / (sigma**2 + 1) ** 0.5, t), x, sigma, kind)
+        x0 = _denoised(model, x, t, sigma, sched)
         sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
         sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
         x = x + (x - x0) / sigma * (sigma_down - sigma)
@@ -187,19 +202,25 @@ def sample_dpmpp_2m(model, x, sched: Schedule, step_end=None):
     """
     kind = sched.config.prediction_type
     n = len(sched.timesteps)
+    edm = sched.sigma_data is not None
+    # EDM's latents are variance-exploding (alpha = 1), the others variance-preserving.
+    alpha_sigma = (lambda s: (torch.ones_like(s), s)) if edm else vp_alpha_sigma
     x0_prev = lam_prev = None
     for i, t in enumerate(sched.timesteps):
-        alpha_s, sigma_s = vp_alpha_sigma(sched.sigmas[i])
-        alpha_t, sigma_t = vp_alpha_sigma(sched.sigmas[i + 1])
+        alpha_s, sigma_s = alpha_sigma(sched.sigmas[i])
+        alpha_t, sigma_t = alpha_sigma(sched.sigmas[i + 1])
         lam_s, lam_t = alpha_s.log() - sigma_s.log(), alpha_t.log() - sigma_t.log()
         h = lam_t - lam_s
-        out = model(x, t)
-        if kind == "epsilon":
-            x0 = (x - sigma_s * out) / alpha_s
-        elif kind == "v_prediction":
-            x0 = alpha_s * x - sigma_s * out
+        if edm:
+            x0 = _denoised(model, x, t, sched.sigmas[i], sched)
         else:
-            x0 = out
+            out = model(x, t)
+            if kind == "epsilon":
+                x0 = (x - sigma_s * out) / alpha_s
+            elif kind == "v_prediction":
+                x0 = alpha_s * x - sigma_s * out
+            else:
+                x0 = out
         if i == 0 or (i == n - 1 and sched.final_step_first_order):
             d = x0
         else:
@@ -308,8 +329,11 @@ def default_sampler(cfg: SchedulerConfig) -> str:
     only DPM-Solver++(2M) midpoint. Asking for dpmpp_2m explicitly always means that variant,
     whatever the config says, and warns about nothing.
     """
-    if cfg.class_name == "DPMSolverMultistepScheduler":
-        sampler = "dpmpp_2m_karras" if cfg.use_karras_sigmas else "dpmpp_2m"
+    if cfg.class_name == "EDMEulerScheduler":
+        return "euler"
+    if cfg.class_name in ("DPMSolverMultistepScheduler", "EDMDPMSolverMultistepScheduler"):
+        sampler = ("dpmpp_2m_karras" if cfg.use_karras_sigmas and not cfg.edm else
+                   "dpmpp_2m")
         other = {k: getattr(cfg, k) for k, v in _DPMPP_2M.items() if getattr(cfg, k) != v}
         if other:
             settings = ", ".join(f"{k}={v!r}" for k, v in other.items())

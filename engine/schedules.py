@@ -30,6 +30,12 @@ SAMPLER_CLASSES = {
     "dpmpp_2m_karras": "DPMSolverMultistepScheduler",
     "lcm": "LCMScheduler",
 }
+# A model trained with EDM's preconditioning (Karras et al. 2022) ships one of these: its
+# sigmas, the UNet's input scale, timestep and output all follow EDM. euler and dpmpp_2m
+# reproduce them; euler_a runs k-diffusion's ancestral step over the same denoiser.
+EDM_CLASSES = {"euler": "EDMEulerScheduler", "dpmpp_2m": "EDMDPMSolverMultistepScheduler",
+               "dpmpp_2m_karras": "EDMDPMSolverMultistepScheduler"}
+EDM_SAMPLERS = ("euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras")
 
 # Defaults that differ between those classes (every other field has one default shared by all of
 # them: the dataclass default). The two DPM-Solver++ samplers fix use_karras_sigmas themselves.
@@ -50,6 +56,7 @@ _CHOICES = {
     "interpolation_type": ("linear", "log_linear"),
     "timestep_type": ("discrete", "continuous"),
     "final_sigmas_type": ("zero", "sigma_min"),
+    "sigma_schedule": ("karras", "exponential"),
 }
 
 # Options of the diffusers classes that no sampler here implements, with their neutral value: a
@@ -127,6 +134,11 @@ class SchedulerConfig:
     # apart) that the inference steps are picked from, and the boundary-condition time scale.
     original_inference_steps: int = 50
     timestep_scaling: float = 10.0
+    # EDM (EDM_CLASSES): sigma_min/sigma_max above (default 0.002 and 80), the data's std the
+    # preconditioning assumes, and the sigma spacing.
+    sigma_data: float = 0.5
+    sigma_schedule: str = "karras"
+    rho: float = 7.0
 
     @classmethod
     def from_dict(cls, d: dict) -> "SchedulerConfig":
@@ -167,6 +179,11 @@ class SchedulerConfig:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise SdrtError(f"cannot read scheduler config {path}: {e}") from None
         return cls.from_dict(d)
+
+    @property
+    def edm(self) -> bool:
+        """Whether the model was trained with EDM's preconditioning (its config's class)."""
+        return self.class_name in EDM_CLASSES.values()
 
     def for_sampler(self, sampler: str) -> "SchedulerConfig":
         """This config as ``XScheduler.from_config`` sees it, X being the sampler's class."""
@@ -311,6 +328,9 @@ class Schedule:
     # euler_a, lcm: how many unit-noise tensors the sampler draws (one per step that draws),
     # so the static runtime can draw them beforehand
     noise_draws: int = 0
+    # EDM: the preconditioning's sigma_data (the sigmas are then EDM's, the latents
+    # variance-exploding for every sampler); None for the models trained on alpha-bars
+    sigma_data: float | None = None
 
     def noise_latents(self, noise: torch.Tensor) -> torch.Tensor:
         """The text-to-image starting latents for unit-variance ``noise``."""
@@ -328,7 +348,7 @@ class Schedule:
         if self.sigmas is None:
             a = self.alphas_cumprod[self.timesteps[i:i + 1]]  # (1,): a tensor index, no sync
             x = a.sqrt() * x0.float() + (1 - a).sqrt() * noise.float()
-        elif self.sampler.startswith("dpmpp_2m"):
+        elif self.sampler.startswith("dpmpp_2m") and self.sigma_data is None:
             alpha, sigma = vp_alpha_sigma(self.sigmas[i])
             x = alpha * x0.float() + sigma * noise.float()
         else:
@@ -507,6 +527,40 @@ def _lcm_schedule(cfg, alphas_cumprod, steps, strength, device) -> Schedule:
                     c_skip=c_skip.to(**f32), c_out=c_out.to(**f32), noise_draws=len(calls) - 1)
 
 
+def _edm_schedule(cfg, sampler, steps, start, device) -> Schedule:
+    """EDMEulerScheduler's (euler, euler_a) or EDMDPMSolverMultistepScheduler's (dpmpp_2m*;
+    dpmpp_2m_karras on Karras sigmas whatever the config says) schedule: ``steps`` sigmas
+    from sigma_max down to sigma_min, Karras-spaced (``rho``) or log-spaced, then 0 or
+    sigma_min; the UNet's timestep is 0.25 ln sigma. Euler spaces its ramp in float64, DPM in
+    float32, as diffusers does."""
+    lo = 0.002 if cfg.sigma_min is None else cfg.sigma_min
+    hi = 80.0 if cfg.sigma_max is None else cfg.sigma_max
+    for key, value in (("sigma_min", lo), ("sigma_max", hi), ("sigma_data", cfg.sigma_data),
+                       ("rho", cfg.rho)):
+        if not value > 0:
+            raise SdrtError(f"scheduler config: {key} must be positive, got {value}")
+    if lo >= hi:
+        raise SdrtError(f"scheduler config: sigma_min ({lo}) must be below sigma_max ({hi})")
+    dpm = sampler.startswith("dpmpp_2m")
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float32 if dpm else torch.float64)
+    if cfg.sigma_schedule == "karras" or sampler == "dpmpp_2m_karras":
+        top, bottom = hi ** (1 / cfg.rho), lo ** (1 / cfg.rho)
+        sigmas = (top + ramp * (bottom - top)) ** cfg.rho
+    else:
+        sigmas = torch.linspace(math.log(lo), math.log(hi), steps).exp().flip(0)
+    sigmas = sigmas.to(torch.float32)
+    timesteps = 0.25 * sigmas.log()
+    last = 0.0 if cfg.final_sigmas_type == "zero" else (lo if dpm else float(sigmas[-1]))
+    sigmas = torch.cat([sigmas, torch.tensor([last], dtype=torch.float32)])
+    first_order_last = dpm and (cfg.euler_at_final or (cfg.lower_order_final and steps < 15)
+                                or cfg.final_sigmas_type == "zero")
+    calls = len(timesteps) - start
+    return Schedule(sampler, cfg, timesteps[start:].to(device), (hi ** 2 + 1) ** 0.5,
+                    sigmas=sigmas[start:].to(device), final_step_first_order=first_order_last,
+                    noise_draws=calls if sampler == "euler_a" else 0,
+                    sigma_data=float(cfg.sigma_data))
+
+
 def _img2img_start(steps: int, strength: float) -> int:
     """How many leading steps image-to-image skips (diffusers' img2img ``get_timesteps``; every
     scheduler here has order 1, so steps and calls are skipped alike)."""
@@ -525,6 +579,9 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_inference_steps: int, 
     base/refiner split; ``denoising_start`` replaces ``strength``) keep the calls before or
     after the cutoff timestep, as diffusers' SDXL pipelines do."""
     if denoising_start is not None or denoising_end is not None:
+        if cfg.edm:
+            raise SdrtError(f"an EDM model ({cfg.class_name}) cannot split its schedule "
+                            f"(denoising_start/denoising_end count discrete timesteps)")
         full = make_schedule(cfg, sampler, num_inference_steps, device=device)
         ts = full.timesteps.cpu()
         n = len(ts)
@@ -545,6 +602,13 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_inference_steps: int, 
     if not 0 < strength <= 1:
         raise SdrtError(f"strength must be in (0, 1], got {strength}")
     cfg = cfg.for_sampler(sampler)
+    if cfg.edm:
+        if sampler not in EDM_SAMPLERS:
+            raise SdrtError(f"sampler {sampler} does not run an EDM model ({cfg.class_name}); "
+                            f"pick {', '.join(EDM_SAMPLERS)}")
+        if cfg.prediction_type == "sample":
+            raise SdrtError(f"an EDM model ({cfg.class_name}) predicts epsilon or "
+                            f"v_prediction, not 'sample' (as diffusers' EDM schedulers)")
     if cfg.prediction_type == "sample" and sampler in ("pndm", "euler_a"):
         raise SdrtError(f"sampler {sampler} does not support prediction_type 'sample' (neither does "
                         f"diffusers' {SAMPLER_CLASSES[sampler]}); pick ddim, euler or dpmpp_2m")
@@ -556,7 +620,9 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_inference_steps: int, 
     alphas_cumprod = train_alphas_cumprod(cfg)
     f32 = {"dtype": torch.float32, "device": device}
 
-    if sampler == "lcm":
+    if cfg.edm:
+        sched = _edm_schedule(cfg, sampler, steps, start, device)
+    elif sampler == "lcm":
         sched = _lcm_schedule(cfg, alphas_cumprod, steps, strength, device)
     elif sampler in ("ddim", "pndm"):
         if sampler == "ddim":

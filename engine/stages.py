@@ -1,4 +1,6 @@
 """The pieces of a request that the eager pipeline and the static runtime both run."""
+import functools
+
 import torch
 
 from .errors import SdrtError
@@ -99,15 +101,35 @@ def blank_inpaint_conditioning(vae, vae_dtype, device, batch, height, width, dty
     return inpaint_conditioning(mask, latents).to(dtype).repeat(batch, 1, 1, 1)
 
 
+def _latent_stats(vae, like):
+    """The VAE's (shift, scale) of its latents, broadcastable over ``like`` (B, C, h, w):
+    per channel with latents_mean/latents_std (as diffusers' SDXL pipelines apply them),
+    else the shift_factor and scaling_factor."""
+    cfg = vae.config
+    if cfg.latents_mean is None:
+        return cfg.shift_factor or 0.0, cfg.scaling_factor
+    return _channel_stats(cfg.latents_mean, cfg.latents_std, cfg.scaling_factor, like.dtype,
+                          like.device)
+
+
+@functools.lru_cache(maxsize=16)
+def _channel_stats(mean, std, scaling_factor, dtype, device):
+    """(mean, scaling_factor / std) as (1, C, 1, 1) tensors, made once per dtype and device:
+    a static plan's warm-up makes them, so its CUDA graph capture copies nothing in."""
+    stats = torch.tensor([mean, std], dtype=torch.float64).view(2, 1, -1, 1, 1)
+    return stats[0].to(device, dtype), (scaling_factor / stats[1]).to(device, dtype)
+
+
 def scale_latents(vae, z):
     """The VAE's latents (a posterior sample or mean) → the scaled latents the UNet denoises."""
-    return (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+    shift, scale = _latent_stats(vae, z)
+    return (z - shift) * scale
 
 
 def vae_decode(vae, latents):
     """Scaled latents → image (B, 3, H, W), nominally in [-1, 1]."""
-    shift = vae.config.shift_factor or 0.0
-    return vae.decode(latents / vae.config.scaling_factor + shift)
+    shift, scale = _latent_stats(vae, latents)
+    return vae.decode(latents / scale + shift)
 
 
 def to_unit_images(image):

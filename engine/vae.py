@@ -12,11 +12,6 @@ from .layers import (Downsample2D, GroupNorm, Ops, ResnetBlock2D, SpatialSelfAtt
 _EPS = 1e-6  # diffusers' VAE uses 1e-6 in every norm
 
 
-# AutoencoderKL config keys that sdrt accepts only at the value that leaves the computation as
-# it implements it.
-_FIXED = {"latents_mean": None, "latents_std": None}
-
-
 @dataclass
 class VAEConfig:
     in_channels: int = 3
@@ -31,6 +26,10 @@ class VAEConfig:
     sample_size: int = 512
     scaling_factor: float = 0.18215
     shift_factor: float = None
+    # Per-channel statistics the latents are standardised with before scaling_factor
+    # (Playground v2.5's VAE): (z - mean) * scaling_factor / std.
+    latents_mean: tuple = None
+    latents_std: tuple = None
     force_upcast: bool = True
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
@@ -45,11 +44,8 @@ class VAEConfig:
         for key, value in check.dict(d).items():
             if key in names or key.startswith("_"):
                 continue
-            if key in _FIXED and value == _FIXED[key]:
-                continue
-            # A key diffusers' AutoencoderKL reads that changes the computation (latents_mean
-            # and latents_std rescale the latents), or one sdrt does not know: refused, not
-            # dropped, so no model decodes differently from how it was trained.
+            # A key sdrt does not know: refused, not dropped, so no model decodes differently
+            # from how it was trained.
             raise SdrtError(f"vae config: unsupported setting {key}={value!r} (sdrt runs "
                             f"AutoencoderKL without it)")
         cfg = cls(**{k: v for k, v in d.items() if k in names})
@@ -71,6 +67,23 @@ class VAEConfig:
         check.number("scaling_factor", cfg.scaling_factor, positive=True)
         if cfg.shift_factor is not None:
             check.number("shift_factor", cfg.shift_factor)
+        if (cfg.latents_mean is None) != (cfg.latents_std is None):
+            given = "latents_mean" if cfg.latents_std is None else "latents_std"
+            check.fail(given, "given with " + ({"latents_mean": "latents_std",
+                                                 "latents_std": "latents_mean"}[given]),
+                       getattr(cfg, given))
+        if cfg.latents_mean is not None:
+            if cfg.shift_factor is not None:
+                check.fail("shift_factor", "null with latents_mean", cfg.shift_factor)
+            for key in ("latents_mean", "latents_std"):
+                value = getattr(cfg, key)
+                if not isinstance(value, (list, tuple)) or len(value) != cfg.latent_channels:
+                    check.fail(key, f"a list of {cfg.latent_channels} numbers (one per latent "
+                                    f"channel)", value)
+                for v in value:
+                    check.number(key, v, positive=key == "latents_std")
+            cfg.latents_mean = tuple(float(v) for v in cfg.latents_mean)
+            cfg.latents_std = tuple(float(v) for v in cfg.latents_std)
         for key in ("force_upcast", "use_quant_conv", "use_post_quant_conv",
                     "mid_block_add_attention"):
             check.flag(key, getattr(cfg, key))
