@@ -203,11 +203,16 @@ def _parser():
 
 def _generate_options(g):
     g.add_argument("prompt", nargs="?", default=None,
-                   help="what to draw (may come from --from-png instead)")
+                   help="what to draw (may come from --from-png or --workflow instead)")
     g.add_argument("--from-png", metavar="IMAGE.png", default=None,
                    help="regenerate from the settings in a PNG's A1111 PNG info (prompt, negative "
                         "prompt, steps, sampler, guidance, seed, size, clip skip); any option "
                         "given as well overrides the PNG's")
+    g.add_argument("--workflow", metavar="FILE", default=None,
+                   help="run a ComfyUI workflow's settings: a .json saved with 'Save (API "
+                        "Format)' or a PNG ComfyUI saved (a plain checkpoint → LoRAs → "
+                        "KSampler → VAEDecode graph); --model, --lora and --init-image give "
+                        "the files it names, and any option given overrides its value")
     g.add_argument("--model", metavar="PATH",
                    help="diffusers folder or single-file .safetensors checkpoint (default: the "
                         "built-in demo model)")

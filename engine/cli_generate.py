@@ -35,7 +35,11 @@ OPTION_NAMES = {"num_inference_steps": "--steps", "guidance_scale": "--guidance"
 
 def generate(a):
     _built_in_defaults(a)
+    if a.from_png is not None and a.workflow is not None:
+        raise SdrtError("--from-png and --workflow both give the settings: pass one")
     png_model = _apply_png(a) if a.from_png is not None else None
+    if a.workflow is not None:
+        _apply_workflow(a)
     if a.prompt is None:
         raise SdrtError("a prompt is needed (or --from-png IMAGE.png to take it from a PNG)")
     prompt, loras, recorded_prompt = _prompt_loras(a)
@@ -311,9 +315,12 @@ def _apply_png(a):
     the command line. Returns the (name, hash) of the model it records."""
     from .images import read_image
     from .infotext import parse, sampler_id
-    text = read_image(a.from_png, "--from-png image").info.get("parameters")
+    info = read_image(a.from_png, "--from-png image").info
+    text = info.get("parameters")
     if not isinstance(text, str) or not text.strip():
-        raise SdrtError(f"--from-png {a.from_png} has no PNG info (no 'parameters' text)")
+        comfy = "; it holds a ComfyUI workflow: pass it as --workflow" if "prompt" in info else ""
+        raise SdrtError(f"--from-png {a.from_png} has no PNG info (no 'parameters' text)"
+                        f"{comfy}")
     prompt, negative, pairs = parse(text)
     if a.prompt is None:
         a.prompt = prompt
@@ -369,6 +376,36 @@ def _apply_png(a):
         warnings.warn(f"--from-png {a.from_png} was inpainted (Mask blur "
                       f"{pairs['Mask blur']}); without --mask this is not")
     return pairs.get("Model"), pairs.get("Model hash")
+
+
+def _apply_workflow(a):
+    """--workflow: a ComfyUI workflow's settings (``comfy.read``) for each option not given on
+    the command line; the files it names (checkpoint, LoRAs, init image) must be given."""
+    from . import comfy
+    flow = comfy.read(comfy.load(a.workflow))
+    where = f"--workflow {a.workflow}"
+    if a.model is None:
+        raise SdrtError(f"{where} loads checkpoint {flow.checkpoint!r}: pass --model PATH (that "
+                        f"file, or its diffusers folder)")
+    if flow.init_image is not None and a.init_image is None:
+        raise SdrtError(f"{where} starts from image {flow.init_image!r} (image to image): pass "
+                        f"--init-image PATH")
+    if a.prompt is None:
+        a.prompt = flow.prompt
+    if "negative" not in a.given and flow.negative:
+        a.negative = flow.negative
+    for attr in ("seed", "steps", "guidance", "sampler", "clip_skip", "batch", "width",
+                 "height", "strength"):
+        value = getattr(flow, attr)
+        if value is not None and attr not in a.given:
+            setattr(a, attr, value)
+    given = {_stem(path): i for i, (path, _) in enumerate(a.lora)}
+    for name, strength in flow.loras:
+        stem = _stem(str(name))
+        if stem not in given:
+            raise SdrtError(f"{where} applies LoRA {name!r} at {number(strength)}: pass --lora "
+                            f"PATH/{stem}.safetensors")
+        a.lora[given[stem]] = (a.lora[given[stem]][0], strength)
 
 
 def _output_path(a):

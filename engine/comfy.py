@@ -1,0 +1,239 @@
+"""ComfyUI workflows in API format, read into the settings ``sdrt generate`` runs.
+
+ComfyUI's "Save (API Format)" writes, and every PNG it saves embeds (its "prompt" text
+chunk), a graph ``{node_id: {"class_type": ..., "inputs": {...}}}`` in which an input that
+comes from another node is a link ``[node_id, output_slot]``. sdrt runs the graph of a
+plain text-to-image or image-to-image workflow: the one SaveImage/PreviewImage node is
+followed back through VAEDecode to one KSampler, whose model, prompts and latent come from
+
+- CheckpointLoaderSimple (the model; its VAE decodes), through any LoraLoader nodes (one
+  strength for the UNet and the text encoder, as sdrt applies a LoRA);
+- CLIPTextEncode nodes (the prompt and negative prompt), their CLIP through
+  CLIPSetLastLayer (``stop_at_clip_layer`` -N is sdrt's clip skip N - 1) and the same LoRAs;
+- EmptyLatentImage (size and batch), or VAEEncode of a LoadImage (image to image at the
+  KSampler's ``denoise``).
+
+Any other node on that path is refused by name, never skipped: a workflow that upscales,
+masks or chains samplers would otherwise give another picture than it asks for. ComfyUI's
+sampler and scheduler pairs map onto sdrt's samplers (``SAMPLERS``); the settings are the
+same, the pixels are not (ComfyUI samples on k-diffusion's sigma tables and draws a batch's
+noise from one generator, sdrt follows the model's diffusers scheduler and seeds image i with
+seed + i).
+"""
+import json
+from dataclasses import dataclass, field
+
+from .errors import SdrtError
+from .request import short_repr
+
+# (ComfyUI sampler_name, scheduler) → sdrt's sampler. ComfyUI's "normal", "simple" and
+# "sgm_uniform" space the steps evenly, as the model's own scheduler config does here.
+_EVEN = ("normal", "simple", "sgm_uniform")
+SAMPLERS = {
+    **{("euler", s): "euler" for s in _EVEN},
+    **{("euler_ancestral", s): "euler_a" for s in _EVEN},
+    **{("dpmpp_2m", s): "dpmpp_2m" for s in _EVEN},
+    ("dpmpp_2m", "karras"): "dpmpp_2m_karras",
+    **{("ddim", s): "ddim" for s in (*_EVEN, "ddim_uniform")},
+    **{("lcm", s): "lcm" for s in _EVEN},
+}
+_OUTPUTS = ("SaveImage", "PreviewImage")
+
+
+@dataclass
+class Workflow:
+    """What a workflow asks ``sdrt generate`` for."""
+    prompt: str
+    negative: str
+    seed: int
+    steps: int
+    guidance: float
+    sampler: str
+    width: int = None  # text to image: EmptyLatentImage's; image to image: the image's
+    height: int = None
+    batch: int = 1
+    strength: float = None  # image to image: the KSampler's denoise
+    init_image: str = None  # image to image: LoadImage's file name (ComfyUI's input folder)
+    clip_skip: int = 0
+    checkpoint: str = None  # CheckpointLoaderSimple's ckpt_name
+    loras: list = field(default_factory=list)  # [(lora_name, strength)], in load order
+
+
+def load(path):
+    """The API-format graph of a workflow file (.json) or of a ComfyUI PNG's "prompt"
+    chunk."""
+    if path.lower().endswith(".png"):
+        from .images import read_image
+        text = read_image(path, "workflow image").info.get("prompt")
+        if not isinstance(text, str):
+            raise SdrtError(f"{path} holds no ComfyUI workflow (no 'prompt' text chunk)")
+    else:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SdrtError(f"cannot read workflow {path}: {e}") from None
+    try:
+        graph = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SdrtError(f"workflow {path} is not JSON ({e})") from None
+    if isinstance(graph, dict) and "nodes" in graph and "links" in graph:
+        raise SdrtError(f"workflow {path} is in ComfyUI's UI format: save it with 'Save (API "
+                        f"Format)' (or give the PNG ComfyUI saved)")
+    return graph
+
+
+def read(graph) -> Workflow:
+    """The settings of an API-format ``graph`` (see the module docstring); ``SdrtError``
+    naming the node for anything sdrt would not run as ComfyUI does."""
+    if not isinstance(graph, dict) or not graph:
+        raise SdrtError(f"workflow must be a JSON object of nodes, got {short_repr(graph)}")
+    nodes = _Nodes(graph)
+    outputs = [i for i, n in graph.items()
+               if isinstance(n, dict) and n.get("class_type") in _OUTPUTS]
+    if len(outputs) != 1:
+        raise SdrtError(f"workflow must have one SaveImage or PreviewImage node, got "
+                        f"{len(outputs)}")
+    decode = nodes.follow(outputs[0], "images", ("VAEDecode",))
+    sampler_id = nodes.follow(decode, "samples", ("KSampler",))
+    k = nodes.inputs(sampler_id)
+    pair = (k.get("sampler_name"), k.get("scheduler"))
+    if pair not in SAMPLERS:
+        raise SdrtError(f"workflow node {sampler_id} (KSampler): sampler_name "
+                        f"{short_repr(pair[0])} with scheduler {short_repr(pair[1])} has no sdrt "
+                        f"sampler; sdrt runs euler, euler_ancestral, dpmpp_2m, ddim and lcm on "
+                        f"normal, simple or sgm_uniform steps, and dpmpp_2m on karras")
+    checkpoint, loras = nodes.model_chain(nodes.link(sampler_id, "model"))
+    if nodes.follow(decode, "vae", ("CheckpointLoaderSimple",)) != checkpoint:
+        raise SdrtError(f"workflow node {decode} (VAEDecode) must decode with the sampled "
+                        f"model's checkpoint VAE")
+    texts, skips = {}, set()
+    for side in ("positive", "negative"):
+        text_id = nodes.follow(sampler_id, side, ("CLIPTextEncode",))
+        texts[side] = nodes.inputs(text_id).get("text")
+        if not isinstance(texts[side], str):
+            raise SdrtError(f"workflow node {text_id} (CLIPTextEncode): text must be a string, "
+                            f"got {short_repr(texts[side])}")
+        skip, clip_loras = nodes.clip_chain(nodes.link(text_id, "clip"), checkpoint)
+        if clip_loras != loras:
+            raise SdrtError(f"workflow node {text_id} (CLIPTextEncode) must encode with the "
+                            f"LoRAs the sampled model has ({_names(loras)}), got "
+                            f"{_names(clip_loras)}")
+        skips.add(skip)
+    if len(skips) > 1:
+        raise SdrtError("workflow encodes the prompt and the negative prompt with different "
+                        "CLIPSetLastLayer settings; sdrt takes one clip skip")
+    flow = Workflow(prompt=texts["positive"], negative=texts["negative"],
+                    seed=_number(nodes, sampler_id, "seed", int),
+                    steps=_number(nodes, sampler_id, "steps", int),
+                    guidance=float(_number(nodes, sampler_id, "cfg", float)),
+                    sampler=SAMPLERS[pair], clip_skip=skips.pop(),
+                    checkpoint=nodes.inputs(checkpoint).get("ckpt_name"), loras=loras)
+    denoise = float(_number(nodes, sampler_id, "denoise", float, default=1.0))
+    latent = nodes.follow(sampler_id, "latent_image", ("EmptyLatentImage", "VAEEncode"))
+    if nodes.kind(latent) == "EmptyLatentImage":
+        if denoise != 1:
+            raise SdrtError(f"workflow node {sampler_id} (KSampler): denoise {denoise:g} on an "
+                            f"empty latent; sdrt runs text to image at denoise 1")
+        flow.width = _number(nodes, latent, "width", int)
+        flow.height = _number(nodes, latent, "height", int)
+        flow.batch = _number(nodes, latent, "batch_size", int, default=1)
+    else:
+        if nodes.follow(latent, "vae", ("CheckpointLoaderSimple",)) != checkpoint:
+            raise SdrtError(f"workflow node {latent} (VAEEncode) must encode with the sampled "
+                            f"model's checkpoint VAE")
+        image = nodes.follow(latent, "pixels", ("LoadImage",))
+        flow.init_image = nodes.inputs(image).get("image")
+        flow.strength = denoise
+    return flow
+
+
+def _names(loras):
+    return ", ".join(name for name, _ in loras) or "none"
+
+
+def _number(nodes, node_id, key, kind, default=None):
+    value = nodes.inputs(node_id).get(key, default)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or (kind is int and value != int(value)):
+        raise SdrtError(f"workflow node {node_id} ({nodes.kind(node_id)}): {key} must be "
+                        f"{'an integer' if kind is int else 'a number'}, got {short_repr(value)}")
+    return kind(value)
+
+
+class _Nodes:
+    """The graph, with links followed and checked."""
+
+    def __init__(self, graph):
+        self.graph = graph
+
+    def kind(self, node_id):
+        return self.graph[node_id].get("class_type")
+
+    def inputs(self, node_id):
+        inputs = self.graph[node_id].get("inputs")
+        if not isinstance(inputs, dict):
+            raise SdrtError(f"workflow node {node_id} has no inputs object")
+        return inputs
+
+    def link(self, node_id, key):
+        """The node ``key`` of ``node_id`` comes from: (id, output slot)."""
+        value = self.inputs(node_id).get(key)
+        if not (isinstance(value, list) and len(value) == 2 and isinstance(value[1], int)):
+            raise SdrtError(f"workflow node {node_id} ({self.kind(node_id)}): {key} must be a "
+                            f"link [node, output], got {short_repr(value)}")
+        source = str(value[0])
+        if not isinstance(self.graph.get(source), dict):
+            raise SdrtError(f"workflow node {node_id} ({self.kind(node_id)}): {key} links to "
+                            f"node {source}, which the workflow does not have")
+        return source, value[1]
+
+    def follow(self, node_id, key, kinds):
+        """The node ``key`` comes from, which must be one of ``kinds``."""
+        source, _ = self.link(node_id, key)
+        if self.kind(source) not in kinds:
+            raise SdrtError(f"workflow node {source} ({self.kind(source)}) is not supported as "
+                            f"{self.kind(node_id)}'s {key}: sdrt takes {' or '.join(kinds)} "
+                            f"there")
+        return source
+
+    def model_chain(self, link):
+        """(checkpoint node, [(lora_name, strength)] in load order) of a MODEL link."""
+        loras = []
+        node_id, _ = link
+        while self.kind(node_id) == "LoraLoader":
+            inputs = self.inputs(node_id)
+            strength = _number(self, node_id, "strength_model", float)
+            if _number(self, node_id, "strength_clip", float) != strength:
+                raise SdrtError(f"workflow node {node_id} (LoraLoader): strength_model and "
+                                f"strength_clip differ; sdrt applies one strength to both")
+            loras.append((inputs.get("lora_name"), float(strength)))
+            node_id, _ = self.link(node_id, "model")
+        if self.kind(node_id) != "CheckpointLoaderSimple":
+            raise SdrtError(f"workflow node {node_id} ({self.kind(node_id)}) is not supported "
+                            f"as the sampled model: sdrt takes CheckpointLoaderSimple and "
+                            f"LoraLoader there")
+        return node_id, loras[::-1]
+
+    def clip_chain(self, link, checkpoint):
+        """(clip skip, [(lora_name, strength)]) of a CLIP link that leads to ``checkpoint``."""
+        node_id, _ = link
+        skip = 0
+        if self.kind(node_id) == "CLIPSetLastLayer":
+            layer = _number(self, node_id, "stop_at_clip_layer", int)
+            if layer > -1:
+                raise SdrtError(f"workflow node {node_id} (CLIPSetLastLayer): "
+                                f"stop_at_clip_layer must be -1 or below, got {layer}")
+            skip = -layer - 1
+            node_id, _ = self.link(node_id, "clip")
+        loras = []
+        while self.kind(node_id) == "LoraLoader":
+            inputs = self.inputs(node_id)
+            loras.append((inputs.get("lora_name"), float(_number(self, node_id,
+                                                                 "strength_clip", float))))
+            node_id, _ = self.link(node_id, "clip")
+        if node_id != checkpoint:
+            raise SdrtError(f"workflow node {node_id} ({self.kind(node_id)}) is not supported "
+                            f"as a text encoder: sdrt takes the sampled model's checkpoint, "
+                            f"CLIPSetLastLayer and LoraLoader there")
+        return skip, loras[::-1]

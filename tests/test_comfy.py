@@ -1,0 +1,229 @@
+"""ComfyUI workflows (API format) read into ``sdrt generate``'s settings: ComfyUI's own default
+graph and its usual variations (LoRAs, CLIPSetLastLayer, image to image), the refusals of what
+sdrt would not run as ComfyUI does, and the CLI end to end (a .json and a ComfyUI PNG)."""
+import copy
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from sdrt.engine import comfy
+from sdrt.engine.errors import SdrtError
+from test_cli import _run, tiny_dir  # noqa: F401  (tiny_dir: the fixture)
+
+# ComfyUI's default text-to-image workflow as "Save (API Format)" writes it.
+DEFAULT = {
+    "3": {"class_type": "KSampler",
+          "inputs": {"cfg": 8, "denoise": 1, "latent_image": ["5", 0], "model": ["4", 0],
+                     "negative": ["7", 0], "positive": ["6", 0], "sampler_name": "euler",
+                     "scheduler": "normal", "seed": 8566257, "steps": 20}},
+    "4": {"class_type": "CheckpointLoaderSimple",
+          "inputs": {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}},
+    "5": {"class_type": "EmptyLatentImage",
+          "inputs": {"batch_size": 1, "height": 512, "width": 512}},
+    "6": {"class_type": "CLIPTextEncode",
+          "inputs": {"clip": ["4", 1], "text": "beautiful scenery nature glass bottle"}},
+    "7": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": "text, watermark"}},
+    "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+    "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "ComfyUI", "images": ["8", 0]}},
+}
+
+
+def _with_loras():
+    """Two LoraLoaders chained after the checkpoint and CLIPSetLastLayer -2 before the
+    encoders, dpmpp_2m on karras steps."""
+    g = copy.deepcopy(DEFAULT)
+    g["10"] = {"class_type": "LoraLoader",
+               "inputs": {"lora_name": "styles/ink.safetensors", "strength_model": 0.8,
+                          "strength_clip": 0.8, "model": ["4", 0], "clip": ["4", 1]}}
+    g["11"] = {"class_type": "LoraLoader",
+               "inputs": {"lora_name": "detail.safetensors", "strength_model": 0.5,
+                          "strength_clip": 0.5, "model": ["10", 0], "clip": ["10", 1]}}
+    g["12"] = {"class_type": "CLIPSetLastLayer",
+               "inputs": {"stop_at_clip_layer": -2, "clip": ["11", 1]}}
+    g["3"]["inputs"].update(model=["11", 0], sampler_name="dpmpp_2m", scheduler="karras")
+    g["6"]["inputs"]["clip"] = g["7"]["inputs"]["clip"] = ["12", 0]
+    return g
+
+
+def _img2img():
+    g = copy.deepcopy(DEFAULT)
+    g["10"] = {"class_type": "LoadImage", "inputs": {"image": "photo.png", "upload": "image"}}
+    g["11"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["4", 2]}}
+    g["3"]["inputs"].update(latent_image=["11", 0], denoise=0.6)
+    del g["5"]
+    return g
+
+
+def test_default_workflow():
+    flow = comfy.read(DEFAULT)
+    assert flow == comfy.Workflow(
+        prompt="beautiful scenery nature glass bottle", negative="text, watermark",
+        seed=8566257, steps=20, guidance=8.0, sampler="euler", width=512, height=512, batch=1,
+        checkpoint="v1-5-pruned-emaonly.safetensors")
+
+
+def test_loras_and_clip_skip():
+    flow = comfy.read(_with_loras())
+    assert flow.loras == [("styles/ink.safetensors", 0.8), ("detail.safetensors", 0.5)]
+    assert (flow.clip_skip, flow.sampler) == (1, "dpmpp_2m_karras")
+
+
+def test_image_to_image():
+    flow = comfy.read(_img2img())
+    assert (flow.init_image, flow.strength, flow.width, flow.height) == \
+        ("photo.png", 0.6, None, None)
+
+
+@pytest.mark.parametrize("sampler,scheduler,ours", [
+    ("euler_ancestral", "normal", "euler_a"), ("ddim", "ddim_uniform", "ddim"),
+    ("lcm", "sgm_uniform", "lcm"), ("dpmpp_2m", "simple", "dpmpp_2m")])
+def test_sampler_pairs(sampler, scheduler, ours):
+    g = copy.deepcopy(DEFAULT)
+    g["3"]["inputs"].update(sampler_name=sampler, scheduler=scheduler)
+    assert comfy.read(g).sampler == ours
+
+
+def _edit(edit):
+    g = copy.deepcopy(DEFAULT)
+    edit(g)
+    return g
+
+
+REFUSED = {
+    "upscaled latent": (lambda g: g.update({
+        "20": {"class_type": "LatentUpscale", "inputs": {"samples": ["3", 0]}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["20", 0], "vae": ["4", 2]}}}),
+        "node 20 (LatentUpscale) is not supported as VAEDecode's samples"),
+    "advanced sampler": (lambda g: g["3"].update(class_type="KSamplerAdvanced"),
+                         "node 3 (KSamplerAdvanced) is not supported"),
+    "separate VAE": (lambda g: g.update({
+        "20": {"class_type": "VAELoader", "inputs": {"vae_name": "vae.safetensors"}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["20", 0]}}}),
+        "node 20 (VAELoader) is not supported as VAEDecode's vae"),
+    "unknown sampler pair": (lambda g: g["3"]["inputs"].update(scheduler="exponential"),
+                             "sampler_name 'euler' with scheduler 'exponential' has no sdrt"),
+    "two outputs": (lambda g: g.update({"20": copy.deepcopy(g["9"])}),
+                    "one SaveImage or PreviewImage node, got 2"),
+    "denoise on empty latent": (lambda g: g["3"]["inputs"].update(denoise=0.5),
+                                "denoise 0.5 on an empty latent"),
+    "missing node": (lambda g: g["3"]["inputs"].update(positive=["99", 0]),
+                     "positive links to node 99, which the workflow does not have"),
+    "text not a string": (lambda g: g["6"]["inputs"].update(text=["30", 0]),
+                          "text must be a string"),
+    "steps not an integer": (lambda g: g["3"]["inputs"].update(steps=2.5),
+                             "steps must be an integer, got 2.5"),
+    "split LoRA strengths": (lambda g: g.update({
+        "20": {"class_type": "LoraLoader", "inputs": {
+            "lora_name": "a.safetensors", "strength_model": 1.0, "strength_clip": 0.5,
+            "model": ["4", 0], "clip": ["4", 1]}},
+        "3": {**g["3"], "inputs": {**g["3"]["inputs"], "model": ["20", 0]}}}),
+        "strength_model and strength_clip differ"),
+    "LoRA on the model only": (lambda g: g.update({
+        "20": {"class_type": "LoraLoader", "inputs": {
+            "lora_name": "a.safetensors", "strength_model": 1.0, "strength_clip": 1.0,
+            "model": ["4", 0], "clip": ["4", 1]}},
+        "3": {**g["3"], "inputs": {**g["3"]["inputs"], "model": ["20", 0]}}}),
+        "must encode with the LoRAs the sampled model has"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_refusals_name_the_node(case):
+    edit, message = REFUSED[case]
+    with pytest.raises(SdrtError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        comfy.read(_edit(edit))
+
+
+def test_ui_format_is_refused(tmp_path):
+    path = tmp_path / "workflow.json"
+    path.write_text(json.dumps({"nodes": [], "links": [], "version": 0.4}))
+    with pytest.raises(SdrtError, match="in ComfyUI's UI format: save it with 'Save"):
+        comfy.load(str(path))
+    path.write_text("{not json")
+    with pytest.raises(SdrtError, match="is not JSON"):
+        comfy.load(str(path))
+
+
+# -- the CLI -----------------------------------------------------------------------------------
+
+def _small(graph, seed=4, sampler="euler_ancestral"):
+    g = copy.deepcopy(graph)
+    g["3"]["inputs"].update(seed=seed, steps=3, cfg=6.5, sampler_name=sampler,
+                            scheduler="normal")
+    if "5" in g:
+        g["5"]["inputs"].update(width=32, height=24)
+    return g
+
+
+def _pixels(path):
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def test_cli_workflow_json_and_png_equal_the_options(tiny_dir, tmp_path, capsys):
+    graph = _small(DEFAULT)
+    (tmp_path / "wf.json").write_text(json.dumps(graph))
+    info = PngInfo()  # a ComfyUI PNG: the API-format graph in its "prompt" text chunk
+    info.add_text("prompt", json.dumps(graph))
+    info.add_text("workflow", json.dumps({"nodes": [], "links": []}))
+    Image.new("RGB", (8, 8)).save(tmp_path / "comfy.png", pnginfo=info)
+    outs = {}
+    for name, source in (("json", ["--workflow", str(tmp_path / "wf.json")]),
+                         ("png", ["--workflow", str(tmp_path / "comfy.png")]),
+                         ("options", ["beautiful scenery nature glass bottle", "--negative",
+                                      "text, watermark", "--seed", "4", "--steps", "3",
+                                      "--guidance", "6.5", "--sampler", "euler_a", "--width",
+                                      "32", "--height", "24"])):
+        out = tmp_path / f"{name}.png"
+        code, _, err = _run(["generate", *source, "--model", tiny_dir, "-o", str(out)], capsys)
+        assert code == 0, err
+        outs[name] = _pixels(out)
+    assert outs["json"].shape == (24, 32, 3) and outs["json"].std() > 5
+    assert np.array_equal(outs["json"], outs["options"])
+    assert np.array_equal(outs["png"], outs["options"])
+    code, _, err = _run(["generate", "--from-png", str(tmp_path / "comfy.png"), "--model",
+                         tiny_dir, "-o", str(tmp_path / "no.png")], capsys)
+    assert code == 2 and "holds a ComfyUI workflow: pass it as --workflow" in err, err
+    # An option given on the command line wins over the workflow's value.
+    out = tmp_path / "seed.png"
+    assert _run(["generate", "--workflow", str(tmp_path / "wf.json"), "--seed", "5", "--model",
+                 tiny_dir, "-o", str(out)], capsys)[0] == 0
+    assert not np.array_equal(_pixels(out), outs["json"])
+
+
+def test_cli_workflow_image_to_image(tiny_dir, tmp_path, capsys):
+    (tmp_path / "wf.json").write_text(json.dumps(_small(_img2img(), sampler="euler")))
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+                    ).save(tmp_path / "photo.png")
+    out, ref = tmp_path / "out.png", tmp_path / "ref.png"
+    code, _, err = _run(["generate", "--workflow", str(tmp_path / "wf.json"), "--model",
+                         tiny_dir, "--init-image", str(tmp_path / "photo.png"), "-o", str(out)],
+                        capsys)
+    assert code == 0, err
+    code, _, err = _run(["generate", "beautiful scenery nature glass bottle", "--negative",
+                         "text, watermark", "--seed", "4", "--steps", "3", "--guidance", "6.5",
+                         "--sampler", "euler", "--strength", "0.6", "--init-image",
+                         str(tmp_path / "photo.png"), "--model", tiny_dir, "-o", str(ref)],
+                        capsys)
+    assert code == 0, err
+    assert np.array_equal(_pixels(out), _pixels(ref))
+
+
+@pytest.mark.parametrize("graph,extra,message", [
+    (DEFAULT, [], "loads checkpoint 'v1-5-pruned-emaonly.safetensors': pass --model PATH"),
+    (_with_loras(), ["--model", "{tiny}"],
+     "applies LoRA 'styles/ink.safetensors' at 0.8: pass --lora PATH/ink.safetensors"),
+    (_img2img(), ["--model", "{tiny}"],
+     "starts from image 'photo.png' (image to image): pass --init-image PATH"),
+    (DEFAULT, ["--model", "{tiny}", "--from-png", "{tmp}/x.png"],
+     "--from-png and --workflow both give the settings"),
+])
+def test_cli_workflow_refusals_are_one_line(tiny_dir, tmp_path, capsys, graph, extra, message):
+    (tmp_path / "wf.json").write_text(json.dumps(graph))
+    extra = [e.format(tiny=tiny_dir, tmp=tmp_path) for e in extra]
+    code, _, err = _run(["generate", "--workflow", str(tmp_path / "wf.json"), *extra, "-o",
+                         str(tmp_path / "o.png")], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
