@@ -57,6 +57,8 @@ class Workflow:
     clip_skip: int = 0
     checkpoint: str = None  # CheckpointLoaderSimple's ckpt_name
     loras: list = field(default_factory=list)  # [(lora_name, strength)], in load order
+    output: str = None  # the SaveImage/PreviewImage node's id
+    filename_prefix: str = "ComfyUI"  # SaveImage's
 
 
 def load(path):
@@ -128,7 +130,11 @@ def read(graph) -> Workflow:
                     steps=_number(nodes, sampler_id, "steps", int),
                     guidance=float(_number(nodes, sampler_id, "cfg", float)),
                     sampler=SAMPLERS[pair], clip_skip=skips.pop(),
-                    checkpoint=nodes.inputs(checkpoint).get("ckpt_name"), loras=loras)
+                    checkpoint=nodes.inputs(checkpoint).get("ckpt_name"), loras=loras,
+                    output=outputs[0])
+    prefix = nodes.inputs(outputs[0]).get("filename_prefix", "ComfyUI")
+    if isinstance(prefix, str) and prefix:
+        flow.filename_prefix = prefix
     denoise = float(_number(nodes, sampler_id, "denoise", float, default=1.0))
     latent = nodes.follow(sampler_id, "latent_image", ("EmptyLatentImage", "VAEEncode"))
     if nodes.kind(latent) == "EmptyLatentImage":

@@ -161,13 +161,16 @@ def parse(text):
     return "\n".join(prompt), "\n".join(negative), pairs
 
 
-def png_bytes(image, parameters):
-    """A PIL image as PNG bytes with ``parameters`` in a text chunk of that name."""
+def png_bytes(image, parameters, chunks=None):
+    """A PIL image as PNG bytes with ``parameters`` in a text chunk of that name, and each
+    of ``chunks`` ({name: text}, such as ComfyUI's "prompt") in its own."""
     import io
 
     from PIL import PngImagePlugin
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
+    for name, text in (chunks or {}).items():
+        info.add_text(name, text)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()

@@ -1,4 +1,5 @@
-"""The FastAPI app: OpenAI's Images API, A1111's ``/sdapi/v1``, ``/health`` and ``/metrics``.
+"""The FastAPI app: OpenAI's Images API, A1111's ``/sdapi/v1``, ComfyUI's ``/prompt`` API
+(``comfy_api.py``), ``/health`` and ``/metrics``.
 
 ``create_app(config)`` returns an app that holds no model yet: its lifespan starts a
 ``Server`` (model loading in a background thread, then the scheduler's worker), so the same
@@ -54,7 +55,8 @@ _A1111_NAMES = {"num_inference_steps": "steps", "guidance_scale": "cfg_scale",
 _ENDPOINTS = ("/v1/images/generations", "/v1/images/edits", "/sdapi/v1/txt2img",
               "/sdapi/v1/img2img", "/sdapi/v1/upscalers", "/sdapi/v1/latent-upscale-modes",
               "/sdapi/v1/options",
-              "/sdapi/v1/samplers", "/sdapi/v1/sd-models", "/health", "/metrics")
+              "/sdapi/v1/samplers", "/sdapi/v1/sd-models", "/prompt", "/view", "/queue",
+              "/upload/image", "/health", "/metrics")
 _OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/docs/oauth2-redirect")
 _POLL_S = 0.25  # how often a waiting request checks its client and its deadline
 
@@ -120,8 +122,9 @@ class Server:
                     "shutting down", "failed": f"the model failed to load ({self.failure})"}
             raise ApiError(503, what[self.status], "not_ready", headers={"Retry-After": "5"})
 
-    async def generate(self, request: Request, key: BatchKey, rows):
-        """Queue one job, wait for its images (watching the client and the deadline)."""
+    async def generate(self, request, key: BatchKey, rows):
+        """Queue one job, wait for its images (watching the client, unless ``request`` is
+        None for a job no client waits on, and the deadline)."""
         job = Job(key, rows, self.config.request_timeout_s)
         try:
             self.scheduler.submit(job)
@@ -135,7 +138,7 @@ class Server:
                 done, _ = await asyncio.wait({waiter}, timeout=_POLL_S)
                 if done:
                     break
-                if await request.is_disconnected():
+                if request is not None and await request.is_disconnected():
                     self.scheduler.cancel(job)
                     raise ApiError(499, "the client disconnected", "disconnected")
                 if time.monotonic() > job.deadline and self.scheduler.cancel(job):
@@ -337,6 +340,9 @@ def create_app(config: ServeConfig = None) -> FastAPI:
 
     def server_of(request) -> Server:
         return request.app.state.server
+
+    from .comfy_api import register as register_comfy  # ComfyUI's /prompt, /history, /view
+    register_comfy(app, server_of, ApiError)
 
     # -- OpenAI ---------------------------------------------------------------------------------
 

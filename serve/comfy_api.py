@@ -1,0 +1,234 @@
+"""ComfyUI's HTTP API over the server's model, as ComfyUI's own script examples and the
+clients built on them use it:
+
+- ``POST /prompt`` ``{"prompt": <API-format workflow>, "client_id", "prompt_id"}`` queues the
+  workflow (the graphs ``sdrt.engine.comfy`` reads; checked before it is queued, a 400 naming
+  the node otherwise) and answers ``{"prompt_id", "number", "node_errors": {}}`` at once;
+- ``GET /history/{prompt_id}`` is ``{}`` until the prompt is done, then ComfyUI's entry: the
+  prompt, ``outputs`` (the save node's images by file name) and ``status``; ``GET /history``
+  holds the newest ones;
+- ``GET /view?filename=...&type=output`` returns an image (a PNG with the workflow in its
+  "prompt" chunk, as ComfyUI writes it, and A1111's "parameters");
+- ``POST /upload/image`` (multipart ``image``) takes an init image a workflow's LoadImage
+  names; ``GET /queue`` lists what is running; ``GET /models/checkpoints`` the one model.
+
+There is no progress websocket (``/ws``): poll ``/history/{prompt_id}``. The server runs its
+one model (``ckpt_name`` must name it) and loads no LoRAs. History, images and uploads are
+kept in memory, the newest ``MAX_HISTORY`` prompts and ``MAX_UPLOADS`` uploads.
+"""
+import asyncio
+import json
+import os
+import time
+import uuid
+from collections import OrderedDict
+
+from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
+
+from sdrt.engine import comfy
+from sdrt.engine.errors import SdrtError
+from sdrt.engine.infotext import png_bytes
+from sdrt.engine.request import short_repr
+
+from .scheduler import BatchKey, Row
+
+MAX_HISTORY = 64
+MAX_UPLOADS = 32
+_NAMES = {"num_inference_steps": "steps", "guidance_scale": "cfg", "sampler": "sampler_name",
+          "strength": "denoise", "num_images_per_prompt": "batch_size",
+          "clip_skip": "stop_at_clip_layer"}
+
+
+class ComfyJobs:
+    """The prompts queued through ComfyUI's API, their outputs, and the uploaded images."""
+
+    def __init__(self):
+        self.number = 0
+        self.running = OrderedDict()  # prompt_id → ComfyUI's queue item
+        self.history = OrderedDict()  # prompt_id → ComfyUI's history entry
+        self.files = {}  # output file name → PNG bytes
+        self.outputs = {}  # prompt_id → its file names
+        self.uploads = OrderedDict()  # input file name → PIL image
+        self.tasks = set()
+
+    def finish(self, prompt_id, entry, files):
+        self.running.pop(prompt_id, None)
+        self.history[prompt_id] = entry
+        self.files.update(files)
+        self.outputs[prompt_id] = list(files)
+        while len(self.history) > MAX_HISTORY:
+            old, _ = self.history.popitem(last=False)
+            for name in self.outputs.pop(old, ()):
+                self.files.pop(name, None)
+
+    def upload(self, name, image, overwrite):
+        """Store an upload under ``name`` (as ComfyUI, "name (1).png" and on when taken)."""
+        stem, ext = os.path.splitext(name)
+        n = 1
+        while name in self.uploads and not overwrite:
+            name, n = f"{stem} ({n}){ext}", n + 1
+        self.uploads.pop(name, None)
+        self.uploads[name] = image
+        while len(self.uploads) > MAX_UPLOADS:
+            self.uploads.popitem(last=False)
+        return name
+
+
+def register(app, server_of, api_error):
+    """Add the routes to ``app``; ``api_error(status, message, kind, param)`` builds the
+    app's ``ApiError``."""
+    jobs = ComfyJobs()
+
+    def bad(message, param="prompt"):
+        return api_error(400, " ".join(message.split()), "bad_request", param)
+
+    @app.post("/prompt", tags=["ComfyUI"])
+    async def post_prompt(request: Request):
+        """Queue an API-format workflow; its images appear in /history/{prompt_id}."""
+        server = server_of(request)
+        server.require_ready()
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise bad(f"the request body must be valid JSON ({e})", None)
+        if not isinstance(body, dict) or not isinstance(body.get("prompt"), dict):
+            raise bad(f"prompt must be a workflow in API format (an object of nodes), got "
+                      f"{short_repr(body.get('prompt') if isinstance(body, dict) else body)}")
+        graph = body["prompt"]
+        try:
+            flow = comfy.read(graph)
+        except SdrtError as e:
+            raise bad(f"prompt: {e}")
+        _check_model(flow, server.runner.model_name, bad)
+        init = None
+        if flow.init_image is not None:
+            init = jobs.uploads.get(flow.init_image)
+            if init is None:
+                raise bad(f"prompt: workflow loads image {short_repr(flow.init_image)}, which "
+                          f"was not uploaded (POST /upload/image first)")
+        width, height = flow.width, flow.height
+        if init is not None:
+            f = server.runner.pipe.vae_scale_factor
+            width, height = init.width - init.width % f, init.height - init.height % f
+        req = server.check(_NAMES, prompt=flow.prompt, negative_prompt=flow.negative or None,
+                           height=height, width=width, num_inference_steps=flow.steps,
+                           guidance_scale=flow.guidance, sampler=flow.sampler, seed=flow.seed,
+                           num_images_per_prompt=flow.batch, clip_skip=flow.clip_skip,
+                           strength=flow.strength if init is not None else 0.8,
+                           has_image=init is not None)
+        seeds = server.seeds(req.seed, flow.batch, "seed")
+        key = BatchKey(req.height, req.width, req.num_inference_steps, req.sampler,
+                       req.guidance, req.strength if init is not None else None,
+                       req.clip_skip, server.chunks(req))
+        rows = [Row(flow.prompt, flow.negative, req.guidance_scale, s, init) for s in seeds]
+        prompt_id = body.get("prompt_id") or str(uuid.uuid4())
+        if not isinstance(prompt_id, str) or prompt_id in jobs.running or \
+                prompt_id in jobs.history:
+            raise bad(f"prompt_id must be a new string, got {short_repr(prompt_id)}",
+                      "prompt_id")
+        jobs.number += 1
+        item = [jobs.number, prompt_id, graph, body.get("extra_data") or {}, [flow.output]]
+        jobs.running[prompt_id] = item
+        task = asyncio.create_task(_run(server, jobs, item, flow, key, rows))
+        jobs.tasks.add(task)
+        task.add_done_callback(jobs.tasks.discard)
+        return {"prompt_id": prompt_id, "number": jobs.number, "node_errors": {}}
+
+    @app.get("/history/{prompt_id}", tags=["ComfyUI"])
+    async def history_of(prompt_id: str):
+        entry = jobs.history.get(prompt_id)
+        return {prompt_id: entry} if entry is not None else {}
+
+    @app.get("/history", tags=["ComfyUI"])
+    async def history(max_items: int = MAX_HISTORY):
+        items = list(jobs.history.items())
+        return dict(items[-max_items:] if max_items > 0 else [])
+
+    @app.get("/queue", tags=["ComfyUI"])
+    async def queue():
+        return {"queue_running": list(jobs.running.values()), "queue_pending": []}
+
+    @app.get("/view", tags=["ComfyUI"])
+    async def view(filename: str, type: str = "output", subfolder: str = ""):
+        if subfolder:
+            raise api_error(404, f"subfolder must be empty (sdrt keeps no folders), got "
+                                 f"{short_repr(subfolder)}", "not_found", "subfolder")
+        if type == "input" and filename in jobs.uploads:
+            data = await run_in_threadpool(_png, jobs.uploads[filename])
+        elif type == "output" and filename in jobs.files:
+            data = jobs.files[filename]
+        else:
+            raise api_error(404, f"filename {short_repr(filename)} of type {short_repr(type)} "
+                                 f"is not here (outputs are kept for the newest {MAX_HISTORY} "
+                                 f"prompts)", "not_found", "filename")
+        return Response(data, media_type="image/png")
+
+    @app.post("/upload/image", tags=["ComfyUI"])
+    async def upload_image(request: Request):
+        """Multipart ``image`` (and ``overwrite``): an init image for LoadImage."""
+        from .app import _decode_bytes
+        server = server_of(request)
+        form = await request.form()
+        upload = form.get("image")
+        if upload is None or not hasattr(upload, "read"):
+            raise bad("image must be an uploaded file (multipart form field 'image')", "image")
+        name = os.path.basename(upload.filename or "") or "image.png"
+        image = await run_in_threadpool(_decode_bytes, await upload.read(), "image",
+                                        server.limits)
+        overwrite = str(form.get("overwrite", "")).lower() in ("true", "1")
+        name = jobs.upload(name, image.convert("RGB"), overwrite)
+        return {"name": name, "subfolder": "", "type": "input"}
+
+    @app.get("/models/checkpoints", tags=["ComfyUI"])
+    async def checkpoints(request: Request):
+        return [server_of(request).runner.model_name]
+
+    return jobs
+
+
+def _check_model(flow, model_name, bad):
+    def stem(name):
+        return os.path.splitext(os.path.basename(str(name)))[0]
+    if stem(flow.checkpoint) != stem(model_name):
+        raise bad(f"prompt: ckpt_name must name the server's model {model_name!r} (GET "
+                  f"/models/checkpoints), got {short_repr(flow.checkpoint)}")
+    if flow.loras:
+        raise bad(f"prompt: workflow applies LoRA {short_repr(flow.loras[0][0])}; the server "
+                  f"loads no LoRAs")
+
+
+def _png(image):
+    import io
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+async def _run(server, jobs, item, flow, key, rows):
+    """One queued prompt: its images into the history, or its error."""
+    number, prompt_id, graph = item[:3]
+    started = int(time.time() * 1000)
+    messages = [["execution_start", {"prompt_id": prompt_id, "timestamp": started}]]
+    try:
+        images = await server.generate(None, key, rows)
+        texts = [server.infotext(key, r) for r in rows]
+        chunks = {"prompt": json.dumps(graph)}
+        pngs = await run_in_threadpool(
+            lambda: [png_bytes(im, t, chunks) for im, t in zip(images, texts)])
+    except Exception as e:  # an ApiError (queue full, deadline, ...) or a failure
+        messages.append(["execution_error", {"prompt_id": prompt_id,
+                                             "exception_message": str(e),
+                                             "exception_type": type(e).__name__}])
+        jobs.finish(prompt_id, {"prompt": item, "outputs": {}, "status": {
+            "status_str": "error", "completed": False, "messages": messages}}, {})
+        return
+    prefix = os.path.basename(flow.filename_prefix) or "ComfyUI"
+    files = {f"{prefix}_{number:05}_{i}_.png": data for i, data in enumerate(pngs)}
+    messages.append(["execution_success", {"prompt_id": prompt_id,
+                                           "timestamp": int(time.time() * 1000)}])
+    outputs = {flow.output: {"images": [{"filename": name, "subfolder": "", "type": "output"}
+                                        for name in files]}}
+    jobs.finish(prompt_id, {"prompt": item, "outputs": outputs, "status": {
+        "status_str": "success", "completed": True, "messages": messages}}, files)

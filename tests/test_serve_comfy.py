@@ -1,0 +1,155 @@
+"""ComfyUI's HTTP API on ``sdrt serve`` over real HTTP on 127.0.0.1, driven as ComfyUI's own
+script example (``script_examples/basic_api_example.py``) drives ComfyUI: ``urllib`` posts the
+API-format workflow to /prompt, then /history/{prompt_id} is polled and /view fetches the
+image. The image is the library's for the same settings; the refusals are 400s naming the
+node or field."""
+import copy
+import io
+import json
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+from sdrt.engine.demo.model import demo_pipeline  # noqa: E402
+from sdrt.engine.images import to_rgb8  # noqa: E402
+from sdrt.serve.local import LocalServer  # noqa: E402
+from test_comfy import DEFAULT, _img2img  # noqa: E402
+from test_serve import TIMEOUT, assert_same_image, config  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def server():
+    with LocalServer(config()) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def ref_pipe():
+    return demo_pipeline(torch.device("cpu"), torch.float32)
+
+
+def _queue(url, graph, **extra):
+    """basic_api_example.py's queue_prompt: urllib, a JSON body."""
+    data = json.dumps({"prompt": graph, "client_id": str(uuid.uuid4()), **extra}).encode()
+    request = urllib.request.Request(f"{url}/prompt", data=data)
+    with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+        return json.loads(response.read())
+
+
+def _history(url, prompt_id):
+    """Polled until the prompt is done (bounded)."""
+    for _ in range(int(TIMEOUT / 0.1)):
+        with urllib.request.urlopen(f"{url}/history/{prompt_id}", timeout=TIMEOUT) as r:
+            entry = json.loads(r.read())
+        if entry:
+            return entry[prompt_id]
+        time.sleep(0.1)
+    raise AssertionError(f"prompt {prompt_id} did not finish")
+
+
+def _view(url, image):
+    query = urllib.parse.urlencode(image)
+    with urllib.request.urlopen(f"{url}/view?{query}", timeout=TIMEOUT) as r:
+        return r.read()
+
+
+def _workflow(url, graph, seed=11, batch=1):
+    g = copy.deepcopy(graph)
+    g["4"]["inputs"]["ckpt_name"] = httpx.get(f"{url}/models/checkpoints").json()[0]
+    g["3"]["inputs"].update(seed=seed, steps=2, cfg=7.0, sampler_name="euler_ancestral")
+    if "5" in g:
+        g["5"]["inputs"].update(width=64, height=64, batch_size=batch)
+    return g
+
+
+def test_text_to_image_as_comfyuis_script_example(server, ref_pipe):
+    url = server
+    graph = _workflow(url, DEFAULT, batch=2)
+    queued = _queue(url, graph)
+    assert set(queued) == {"prompt_id", "number", "node_errors"} and queued["node_errors"] == {}
+    entry = _history(url, queued["prompt_id"])
+    assert entry["status"]["status_str"] == "success" and entry["status"]["completed"]
+    assert entry["prompt"][1] == queued["prompt_id"] and entry["prompt"][2] == graph
+    images = entry["outputs"]["9"]["images"]
+    assert [im["type"] for im in images] == ["output", "output"]
+    assert images[0]["filename"].startswith("ComfyUI_") and images[0]["filename"].endswith(".png")
+    for i, image in enumerate(images):
+        png = Image.open(io.BytesIO(_view(url, image)))
+        png.load()
+        assert json.loads(png.text["prompt"]) == graph  # reopens in ComfyUI, and --workflow
+        assert "Seed: %d" % (11 + i) in png.text["parameters"]
+        want = ref_pipe("beautiful scenery nature glass bottle", negative_prompt="text, watermark",
+                        height=64, width=64, num_inference_steps=2, guidance_scale=7.0,
+                        sampler="euler_a", seed=11 + i)[0]
+        assert_same_image(png, want, f"ComfyUI prompt, image {i}")
+    assert httpx.get(f"{url}/queue").json() == {"queue_running": [], "queue_pending": []}
+    assert queued["prompt_id"] in httpx.get(f"{url}/history").json()
+
+
+def test_image_to_image_with_an_upload(server, ref_pipe):
+    url = server
+    init = Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 3), np.uint8))
+    buffer = io.BytesIO()
+    init.save(buffer, format="PNG")
+    files = {"image": ("photo.png", buffer.getvalue(), "image/png")}
+    first = httpx.post(f"{url}/upload/image", files=files).json()
+    assert first == {"name": "photo.png", "subfolder": "", "type": "input"}
+    again = httpx.post(f"{url}/upload/image", files=files).json()
+    assert again["name"] == "photo (1).png"  # taken: renamed, as ComfyUI does
+    graph = _workflow(url, _img2img(), seed=5)
+    graph["3"]["inputs"]["denoise"] = 0.7
+    entry = _history(url, _queue(url, graph)["prompt_id"])
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    png = Image.open(io.BytesIO(_view(url, entry["outputs"]["9"]["images"][0])))
+    want = ref_pipe("beautiful scenery nature glass bottle", negative_prompt="text, watermark",
+                    image=to_rgb8(init), strength=0.7, num_inference_steps=2,
+                    guidance_scale=7.0, sampler="euler_a", seed=5)[0]
+    assert_same_image(png, want, "ComfyUI image to image")
+
+
+@pytest.mark.parametrize("edit,param,fragment", [
+    (lambda g: g["4"]["inputs"].update(ckpt_name="sd_xl_base_1.0.safetensors"), "prompt",
+     "ckpt_name must name the server's model"),
+    (lambda g: g["3"].update(class_type="KSamplerAdvanced"), "prompt",
+     "node 3 (KSamplerAdvanced) is not supported"),
+    (lambda g: g["5"]["inputs"].update(width=65), "width", "width must be a multiple of"),
+    (lambda g: g["3"]["inputs"].update(steps=0), "steps", "steps"),
+    (lambda g: g["6"]["inputs"].update(text=5), "prompt", "text must be a string"),
+    (lambda g: g["5"]["inputs"].update(batch_size=500), "batch_size", "batch_size"),
+])
+def test_bad_workflows_are_400s_naming_the_field(server, edit, param, fragment):
+    url = server
+    graph = _workflow(url, DEFAULT)
+    edit(graph)
+    r = httpx.post(f"{url}/prompt", json={"prompt": graph}, timeout=TIMEOUT)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert fragment in error["message"] and error["param"] == param, error
+    assert httpx.get(f"{url}/queue").json()["queue_running"] == []
+
+
+def test_malformed_requests(server):
+    url = server
+    for body in (b"{not json", b"[]", json.dumps({"prompt": "a cat"}).encode()):
+        r = httpx.post(f"{url}/prompt", content=body, timeout=TIMEOUT)
+        assert r.status_code == 400 and "error" in r.json(), r.text
+    graph = _workflow(url, _img2img())
+    graph["10"]["inputs"]["image"] = "never-uploaded.png"
+    r = httpx.post(f"{url}/prompt", json={"prompt": graph}, timeout=TIMEOUT)
+    assert r.status_code == 400 and "was not uploaded" in r.json()["error"]["message"]
+    assert httpx.get(f"{url}/history/no-such-id").json() == {}
+    r = httpx.get(f"{url}/view", params={"filename": "nope.png", "type": "output"})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "filename"
+    with pytest.raises(urllib.error.HTTPError):
+        _queue(url, _workflow(url, DEFAULT), prompt_id=123)
