@@ -55,7 +55,8 @@ _A1111_NAMES = {"num_inference_steps": "steps", "guidance_scale": "cfg_scale",
 _ENDPOINTS = ("/v1/images/generations", "/v1/images/edits", "/sdapi/v1/txt2img",
               "/sdapi/v1/img2img", "/sdapi/v1/upscalers", "/sdapi/v1/latent-upscale-modes",
               "/sdapi/v1/options",
-              "/sdapi/v1/samplers", "/sdapi/v1/sd-models", "/prompt", "/view", "/queue",
+              "/sdapi/v1/samplers", "/sdapi/v1/sd-models", "/sdapi/v1/loras", "/prompt",
+              "/view", "/queue",
               "/upload/image", "/health", "/metrics")
 _OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/docs/oauth2-redirect")
 _POLL_S = 0.25  # how often a waiting request checks its client and its deadline
@@ -161,9 +162,13 @@ class Server:
             (job.started or job.enqueued) - job.enqueued)
         return images
 
-    def infotext(self, key, row):
+    def infotext(self, key, row, prompt=None):
+        """A1111's PNG info of a row; ``prompt``: the prompt as given (with its LoRA tags),
+        when it differs from the row's."""
         return str(Infotext(
-            prompt=row.prompt, negative_prompt=row.negative_prompt if key.guidance else "",
+            prompt=row.prompt if prompt is None else prompt,
+            negative_prompt=row.negative_prompt if key.guidance else "",
+            lora_hashes=tuple((name, self.runner.lora_hash(name)) for name, _ in key.loras),
             steps=key.steps, sampler=key.sampler, cfg_scale=row.guidance_scale, seed=row.seed,
             width=key.width, height=key.height, model_name=self.runner.model_name,
             model_hash=self.runner.model_hash, denoising_strength=key.strength,
@@ -423,6 +428,7 @@ def create_app(config: ServeConfig = None) -> FastAPI:
             raise ApiError(400, f"batch_size × n_iter must be at most {server.limits.max_images} "
                                 f"images (SDRT_MAX_IMAGES), got {body.batch_size} × "
                                 f"{body.n_iter}", "bad_request", "batch_size")
+        prompt, loras = _prompt_loras(server, body.prompt)
         width, height = body.width, body.height
         if init_images and width is None and height is None:
             # The first init image's size, cut to the VAE's scale factor (as the pipeline).
@@ -430,7 +436,7 @@ def create_app(config: ServeConfig = None) -> FastAPI:
             w0, h0 = init_images[0].size
             width, height = w0 - w0 % f, h0 - h0 % f
         req = server.check(
-            _A1111_NAMES, prompt=body.prompt, negative_prompt=body.negative_prompt or None,
+            _A1111_NAMES, prompt=prompt, negative_prompt=body.negative_prompt or None,
             height=height, width=width,
             num_inference_steps=_given(body.steps, server.runner.default_steps),
             guidance_scale=_given(body.cfg_scale, server.runner.default_guidance, 7.0),
@@ -454,7 +460,8 @@ def create_app(config: ServeConfig = None) -> FastAPI:
         key = BatchKey(req.height, req.width, req.num_inference_steps, req.sampler,
                        req.guidance, req.strength if init_images else None, req.clip_skip,
                        server.chunks(req), inpaint=mask is not None, hires=hires,
-                       masked_content=masked_content, latent_resize_from=latent_size)
+                       masked_content=masked_content, latent_resize_from=latent_size,
+                       loras=loras)
         extra, jobs = dict(hires.params()) if hires else {}, None
         if mask is not None:  # one job per init image; image i inpaints init image i mod n
             only = body.inpaint_full_res
@@ -469,7 +476,7 @@ def create_app(config: ServeConfig = None) -> FastAPI:
                               "Masked area padding": body.inpaint_full_res_padding})
         elif init_images:  # A1111's resize mode
             init_images = await run_in_threadpool(_frame_images, init_images, req, resize)
-        rows = [Row(body.prompt, body.negative_prompt, req.guidance_scale, s,
+        rows = [Row(prompt, body.negative_prompt, req.guidance_scale, s,
                     init_images[i % len(init_images)] if init_images else None,
                     jobs[i % len(jobs)].mask if jobs else None, extra.get("Mask blur"),
                     extra.get("Masked area padding"), extra.get("Masked content"))
@@ -478,7 +485,7 @@ def create_app(config: ServeConfig = None) -> FastAPI:
         if jobs:
             images = await run_in_threadpool(
                 lambda: [jobs[i % len(jobs)].finish(im) for i, im in enumerate(images)])
-        texts = [server.infotext(key, r) for r in rows]
+        texts = [server.infotext(key, r, body.prompt) for r in rows]
         pngs = await server.encode(images, texts) if body.send_images else []
         parameters = body.model_dump()
         if "init_images" in parameters:  # as A1111: not echoed back
@@ -547,6 +554,13 @@ def create_app(config: ServeConfig = None) -> FastAPI:
                                     model_name=r.model_name, hash=r.model_hash,
                                     sha256=r.model_sha256,
                                     filename=config.model or "built-in")]
+
+    @app.get("/sdapi/v1/loras", tags=["AUTOMATIC1111"])
+    async def loras(request: Request):
+        """The LoRAs prompts may name with ``<lora:NAME:SCALE>`` (--lora-dir's files)."""
+        runner = server_of(request).runner
+        return [{"name": name, "alias": name, "path": runner.lora_path(name), "metadata": {}}
+                for name in await run_in_threadpool(runner.lora_names)]
 
     @app.get("/sdapi/v1/upscalers", response_model=list[schemas.UpscalerItem],
              tags=["AUTOMATIC1111"])
@@ -709,6 +723,42 @@ def _clip_skip(settings, layers):
                             f"from 1 to {layers} (the text encoder has {layers} layers), got "
                             f"{short_repr(value)}", "bad_request", "override_settings")
     return value - 1
+
+
+def _prompt_loras(server, prompt):
+    """A1111's ``<lora:NAME:SCALE>`` tags of a prompt → (the prompt without them, the
+    LoRAs checked by ``check_loras``)."""
+    from sdrt.engine.infotext import lora_tags
+    try:
+        text, tags = lora_tags(prompt)
+    except ValueError:
+        raise ApiError(400, f"prompt has a <lora:...> tag whose scale is not a number, got "
+                            f"{short_repr(prompt)}", "bad_request", "prompt") from None
+    return text, check_loras(server, tags, "prompt")
+
+
+def check_loras(server, loras, field):
+    """[(name, scale), ...] → ((name, scale), ...): each a LoRA file of --lora-dir, named
+    once, its scale finite, at most ``max_loras`` of them; a 400 naming ``field`` else."""
+    import math
+    out = {}
+    for name, scale in loras:
+        if server.config.lora_dir is None:
+            raise ApiError(400, f"{field} applies LoRA {name!r}, but the server has no LoRAs "
+                                f"(sdrt serve --lora-dir DIR)", "bad_request", field)
+        if server.runner.lora_path(name) is None:
+            raise ApiError(400, f"{field} applies LoRA {name!r}, which --lora-dir does not "
+                                f"have (GET /sdapi/v1/loras lists them)", "bad_request", field)
+        if name in out:
+            raise ApiError(400, f"{field} applies LoRA {name!r} twice", "bad_request", field)
+        if not math.isfinite(scale) or abs(scale) > 100:
+            raise ApiError(400, f"{field} applies LoRA {name!r} at a scale that must be a "
+                                f"number from -100 to 100, got {scale}", "bad_request", field)
+        out[name] = float(scale)
+    if len(out) > server.config.max_loras:
+        raise ApiError(400, f"{field} applies {len(out)} LoRAs, more than the "
+                            f"{server.config.max_loras} a request may", "bad_request", field)
+    return tuple(out.items())
 
 
 def _check_inpaint_fields(body):

@@ -59,6 +59,10 @@ def add_parser(subparsers):
     s.add_argument("--api-key", metavar="KEY", default=None,
                    help="require 'Authorization: Bearer KEY' on every path but /health and "
                         "/docs (default: $SDRT_API_KEY if set, else no key)")
+    s.add_argument("--lora-dir", metavar="DIR", default=None,
+                   help="LoRA files (.safetensors, searched recursively) that requests apply by "
+                        "file name: A1111's <lora:NAME:SCALE> prompt tags, ComfyUI's "
+                        "LoraLoader")
     s.add_argument("--threads", metavar="N", type=int_arg, default=None,
                    help="torch CPU threads (default: torch's choice)")
     s.add_argument("--ray", action="store_true",
@@ -89,7 +93,7 @@ def config_from(a):
                        batch_window_ms=a.batch_window_ms, compile=a.compile,
                        api_key=a.api_key or os.environ.get("SDRT_API_KEY") or None,
                        request_timeout_s=a.timeout,
-                       default_steps=a.steps, threads=a.threads)
+                       default_steps=a.steps, threads=a.threads, lora_dir=a.lora_dir)
 
 
 def _check_port(host, port):

@@ -13,7 +13,8 @@ clients built on them use it:
   names; ``GET /queue`` lists what is running; ``GET /models/checkpoints`` the one model.
 
 There is no progress websocket (``/ws``): poll ``/history/{prompt_id}``. The server runs its
-one model (``ckpt_name`` must name it) and loads no LoRAs. History, images and uploads are
+one model (``ckpt_name`` must name it); LoraLoader's files come from ``--lora-dir``, by
+file name. History, images and uploads are
 kept in memory, the newest ``MAX_HISTORY`` prompts and ``MAX_UPLOADS`` uploads.
 """
 import asyncio
@@ -102,6 +103,8 @@ def register(app, server_of, api_error):
         except SdrtError as e:
             raise bad(f"prompt: {e}")
         _check_model(flow, server.runner.model_name, bad)
+        from .app import check_loras
+        loras = check_loras(server, [(_stem(name), s) for name, s in flow.loras], "prompt")
         init = None
         if flow.init_image is not None:
             init = jobs.uploads.get(flow.init_image)
@@ -121,7 +124,7 @@ def register(app, server_of, api_error):
         seeds = server.seeds(req.seed, flow.batch, "seed")
         key = BatchKey(req.height, req.width, req.num_inference_steps, req.sampler,
                        req.guidance, req.strength if init is not None else None,
-                       req.clip_skip, server.chunks(req))
+                       req.clip_skip, server.chunks(req), loras=loras)
         rows = [Row(flow.prompt, flow.negative, req.guidance_scale, s, init) for s in seeds]
         prompt_id = body.get("prompt_id") or str(uuid.uuid4())
         if not isinstance(prompt_id, str) or prompt_id in jobs.running or \
@@ -185,18 +188,24 @@ def register(app, server_of, api_error):
     async def checkpoints(request: Request):
         return [server_of(request).runner.model_name]
 
+    @app.get("/models/loras", tags=["ComfyUI"])
+    async def loras(request: Request):
+        """--lora-dir's files by name, as LoraLoader's lora_name takes them."""
+        runner = server_of(request).runner
+        names = await run_in_threadpool(runner.lora_names)
+        return [os.path.basename(runner.lora_path(n)) for n in names]
+
     return jobs
 
 
+def _stem(name):
+    return os.path.splitext(os.path.basename(str(name)))[0]
+
+
 def _check_model(flow, model_name, bad):
-    def stem(name):
-        return os.path.splitext(os.path.basename(str(name)))[0]
-    if stem(flow.checkpoint) != stem(model_name):
+    if _stem(flow.checkpoint) != _stem(model_name):
         raise bad(f"prompt: ckpt_name must name the server's model {model_name!r} (GET "
                   f"/models/checkpoints), got {short_repr(flow.checkpoint)}")
-    if flow.loras:
-        raise bad(f"prompt: workflow applies LoRA {short_repr(flow.loras[0][0])}; the server "
-                  f"loads no LoRAs")
 
 
 def _png(image):

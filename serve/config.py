@@ -1,5 +1,6 @@
 """The server's settings, one dataclass passed explicitly from the CLI (or a Ray Serve config)
 to the app, the scheduler and the runner. No torch here: the CLI checks these first."""
+import os
 from dataclasses import dataclass, field
 
 from sdrt.engine.errors import SdrtError
@@ -24,6 +25,8 @@ class ServeConfig:
     max_body_bytes: int = 50 * 2 ** 20  # base64 init images make img2img bodies large
     default_steps: int = None      # None: the model's (built-in: its tuned steps, else 20)
     threads: int = None            # torch CPU threads; None: torch's default
+    lora_dir: str = None           # folder of LoRA .safetensors that requests may name
+    max_loras: int = 8             # LoRAs one request may apply
 
     def __post_init__(self):
         def positive(name, integer=True):
@@ -39,6 +42,9 @@ class ServeConfig:
         positive("request_timeout_s", integer=False)
         if self.threads is not None:
             positive("threads")
+        positive("max_loras")
+        if self.lora_dir is not None and not os.path.isdir(self.lora_dir):
+            raise SdrtError(f"lora-dir {self.lora_dir} is not a folder")
         if not 0 <= self.batch_window_ms <= 10_000:
             raise SdrtError(f"batch-window-ms must be from 0 to 10000, got "
                             f"{self.batch_window_ms!r}")

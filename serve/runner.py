@@ -1,6 +1,7 @@
 """The pipeline's owner: loads the model, builds the planned static shapes, and runs one batch
 of rows as one pipeline call (only ever from the scheduler's worker thread)."""
 import logging
+import os
 
 from sdrt.engine.errors import SdrtError
 from sdrt.engine.infotext import model_identity
@@ -23,6 +24,8 @@ class Runner:
         # default (7.5 for OpenAI's, 7 for A1111's).
         self.default_steps = self.default_guidance = None
         self._plans_seen = set()
+        self._lora_files = None  # LoRA name (file stem) → path, in --lora-dir
+        self._lora_hashes = {}  # path → A1111's short hash
 
     def load(self):
         import torch
@@ -92,6 +95,59 @@ class Runner:
         return tuple(self.planned.get((key.height, key.width, key.steps, key.sampler,
                                        key.guidance, key.chunks), ()))
 
+    # -- LoRAs from --lora-dir --------------------------------------------------------------
+
+    def lora_names(self):
+        """The LoRAs requests may name: the stems of --lora-dir's .safetensors files."""
+        return sorted(self._lora_index())
+
+    def lora_path(self, name):
+        """LoRA ``name``'s file, or None; the folder is read again for a name it lacked."""
+        path = self._lora_index().get(name)
+        if path is None or not os.path.isfile(path):
+            self._lora_files = None
+            path = self._lora_index().get(name)
+        return path
+
+    def lora_hash(self, name):
+        """A1111's short hash of LoRA ``name``'s file (its PNG info's ``Lora hashes``)."""
+        from sdrt.engine.infotext import short_hash
+        path = self.lora_path(name)
+        if path not in self._lora_hashes:
+            self._lora_hashes[path] = short_hash(path)
+        return self._lora_hashes[path]
+
+    def _lora_index(self):
+        if self._lora_files is None:
+            files = {}
+            if self.config.lora_dir is not None:
+                for folder, dirs, names in sorted(os.walk(self.config.lora_dir)):
+                    dirs.sort()
+                    for n in sorted(names):
+                        stem, ext = os.path.splitext(n)
+                        if ext.lower() == ".safetensors":
+                            files.setdefault(stem, os.path.join(folder, n))
+            self._lora_files = files
+        return self._lora_files
+
+    def _apply_loras(self, loras):
+        """Patch the batch's LoRAs in (``Pipeline.load_lora``), unloading those it lacks: a
+        LoRA kept loaded only changes scale; one loaded again is read from its file."""
+        wanted = dict(loras)
+        for name in list(self.pipe.loras):
+            if name not in wanted:
+                self.pipe.unload_lora(name)
+        for name, scale in wanted.items():
+            if name not in self.pipe.loras:
+                path = self.lora_path(name)
+                if path is None:
+                    raise SdrtError(f"prompt names LoRA {name!r}, which --lora-dir no longer "
+                                    f"has")
+                self.pipe.load_lora(path, scale=scale, name=name)
+                self.lora_hash(name)  # hashed here, off the event loop, for the PNG info
+            elif self.pipe.loras[name] != scale:
+                self.pipe.set_lora_scale(name, scale)
+
     def run(self, key: BatchKey, rows):
         """One pipeline call for ``rows`` -> one PIL image per row. Each row has its own CPU
         generator, seeded with its seed, and its own guidance scale."""
@@ -107,6 +163,7 @@ class Runner:
         images = [r.init_image for r in rows] if key.strength is not None else None
         masks = [r.mask for r in rows] if key.inpaint else None
         negative = (negatives[0] if one else negatives) if key.guidance else None
+        self._apply_loras(key.loras)
         if key.hires is not None:
             from sdrt.engine.hires import generate
             out = generate(self.pipe, key.hires, [r.prompt for r in rows], negative,

@@ -53,6 +53,7 @@ class BatchKey:
     # A1111's resize mode 3: the init images' (width, height), encoded at that size and their
     # latents resized (the pipeline's latent_resize); None when they come at the key's size.
     latent_resize_from: tuple = None
+    loras: tuple = ()  # ((name, scale), ...) the rows' LoRAs (Runner.lora_path names them)
 
 
 @dataclass(frozen=True)
