@@ -696,7 +696,7 @@ def test_cli_refuses_bad_options_before_importing_torch():
         "from sdrt.serve.cli import main\n"
         "cases = [['--max-batch', '0'], ['--compile', '10x10'], ['--port', 'x'],\n"
         "         ['--model', '/no/such/model'], ['--replicas', '2'], ['--batch-window-ms', '-1'],\n"
-        "         ['--max-queue', '0'], ['--timeout', '0']]\n"
+        "         ['--max-queue', '0'], ['--timeout', '0'], ['--lora-dir', '/no/such/dir']]\n"
         "for argv in cases:\n"
         "    err = io.StringIO()\n"
         "    with contextlib.redirect_stderr(err):\n"
@@ -711,6 +711,7 @@ def test_cli_refuses_bad_options_before_importing_torch():
     assert out.returncode == 0, out.stderr[-2000:]
     assert "max-batch must be a positive integer, got 0" in out.stdout
     assert "model path /no/such/model does not exist" in out.stdout
+    assert "lora-dir /no/such/dir is not a folder" in out.stdout
 
 
 def _rss(pid):
