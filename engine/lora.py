@@ -42,14 +42,14 @@ is formed from the factors at each patch and added like a LoRA's, with α / r (r
 LoCon's rank; LoKr's decomposed factor's rank, w2's first, and no scaling when both factors
 are whole, as LyCORIS, A1111 and ComfyUI apply them).
 
-DoRA (a LoRA or LoCon layer with a magnitude: kohya/LyCORIS ``<module>.dora_scale``, PEFT's
-``<module>.lora_magnitude_vector``) is not a sum: the merged W0 + (α / r) · up @ down is
-rescaled to the magnitude's norms (``LoraLayer``), and its term in W is s · (that − W0), W0
-the original weight whatever other adapters add.
+DoRA (any layer with a magnitude: kohya/LyCORIS ``<module>.dora_scale``, PEFT's
+``<module>.lora_magnitude_vector``) is not a sum: the merged W0 + (α / r) · ΔW (up @ down,
+or a LyCORIS layer's rebuilt ΔW) is rescaled to the magnitude's norms (``LoraLayer``), and its
+term in W is s · (that − W0), W0 the original weight whatever other adapters add.
 
 A text encoder's modules are found with or without transformers' ``text_model.`` prefix. An
 SDXL LoRA given to an SD 1.x/2.x model, weights for a text encoder the model does not have (a
-base LoRA's text_encoder weights on the refiner), OFT, DoRA on LoHa/LoKr, LoRA with biases and
+base LoRA's text_encoder weights on the refiner), OFT, LoRA with biases and
 pickled files are refused with an ``SdrtError`` saying so. A LoRA weight with no place in the model is
 an error naming the first unmatched keys; a LoRA whose shapes do not fit is refused naming the
 key and both shapes (a LoRA for another model family). Everything is checked before any weight
@@ -133,14 +133,21 @@ class LoraLayer:
             flat.addmm_(self.up, self.down, alpha=scale * self.factor)
             return
         merged = torch.addmm(base, self.up, self.down, alpha=self.factor)
-        if self.magnitude.shape[0] == merged.shape[0]:  # per output row
-            norm, magnitude = merged.norm(dim=1, keepdim=True), self.magnitude
-        else:  # per input channel, over the output rows and the kernel's taps
-            rows = merged.view(merged.shape[0], -1, self.kernel)
-            norm = rows.square().sum(dim=(0, 2)).sqrt().repeat_interleave(self.kernel)[None]
-            magnitude = self.magnitude.repeat_interleave(self.kernel, dim=1)
-        dora = merged * magnitude / norm.clamp_min(torch.finfo(torch.float32).eps)
-        flat.add_(dora - base, alpha=scale)
+        _add_dora(flat, merged, base, self.magnitude, self.kernel, scale)
+
+
+def _add_dora(flat, merged, base, magnitude, kernel, scale):
+    """flat += scale · (DoRA − base): the ``merged`` weight (float32, flat) scaled to the
+    ``magnitude``'s norms, per output row ((out, 1)) or per input channel ((1, in): over the
+    output rows and the kernel's ``kernel`` taps)."""
+    if magnitude.shape[0] == merged.shape[0]:  # per output row
+        norm = merged.norm(dim=1, keepdim=True)
+    else:
+        rows = merged.view(merged.shape[0], -1, kernel)
+        norm = rows.square().sum(dim=(0, 2)).sqrt().repeat_interleave(kernel)[None]
+        magnitude = magnitude.repeat_interleave(kernel, dim=1)
+    dora = merged * magnitude / norm.clamp_min(torch.finfo(torch.float32).eps)
+    flat.add_(dora - base, alpha=scale)
 
 
 @dataclass
@@ -155,11 +162,19 @@ class RebuiltLayer:
                or T(t2, w2_a, w2_b); a conv's kernel is in w2
         LoCon with a Tucker core (lora_mid): ΔW[p, q] = Σ up[p, i] mid[i, j] down[j, q]
 
-    (t, mid: r × r × kh × kw; products over the kernel are per tap)."""
+    (t, mid: r × r × kh × kw; products over the kernel are per tap). With a DoRA
+    ``magnitude`` the merged W0 + factor · ΔW is rescaled as a LoRA layer's (``LoraLayer``),
+    as LyCORIS and A1111 apply DoRA to every algorithm."""
     kind: str             # "LoHa", "LoKr" or "LoCon (Tucker)"
     tensors: dict         # role → float32 tensor
     factor: float         # α / r (LoKr with no decomposed factor: 1)
     shape: tuple          # the weight's
+    magnitude: torch.Tensor = None  # DoRA: (out, 1) or (1, in) float32
+
+    @property
+    def kernel(self):
+        """kh·kw: how the input axis is laid out in a row (as ``LoraLayer.kernel``)."""
+        return math.prod(self.shape[2:])
 
     def delta(self):
         """ΔW as (out, in·kh·kw), float32."""
@@ -180,7 +195,11 @@ class RebuiltLayer:
             self.shape[0], -1)
 
     def add_to(self, flat, scale, base=None):
-        flat.add_(self.delta(), alpha=scale * self.factor)
+        if self.magnitude is None:
+            flat.add_(self.delta(), alpha=scale * self.factor)
+            return
+        merged = torch.add(base, self.delta(), alpha=self.factor)
+        _add_dora(flat, merged, base, self.magnitude, self.kernel, scale)
 
 
 def _tucker(core, a, b):
@@ -484,7 +503,7 @@ class LoraManager:
         kind = _kind(roles)
         tensors = {}
         for role, key in roles.items():
-            if role == "alpha":
+            if role in ("alpha", "dora"):
                 continue
             t = state[key]
             if not t.is_floating_point() or t.dim() not in (2, 4) or not t.numel():
@@ -521,6 +540,8 @@ class LoraManager:
         if rank is not None:
             layer.factor = _alpha_over_rank(state, roles, component, module, rank, metadata,
                                             where)
+        if "dora" in roles:
+            layer.magnitude = _magnitude(state[roles["dora"]], roles["dora"], weight, where)
         return layer
 
 
@@ -544,10 +565,6 @@ def _missing(roles, where):
     if not kinds:
         return "down weight and up weight"  # a DoRA magnitude alone
     (kind,) = kinds
-    if "dora" in roles and (kind != "LoRA" or "mid" in roles):
-        raise SdrtError(f"{where}: DoRA on {kind if kind != 'LoRA' else 'a Tucker LoCon'} "
-                        f"({roles['dora']}) is not supported; sdrt applies DoRA to LoRA and "
-                        f"LoCon (up @ down) layers")
     if kind == "LoRA":
         need = [f"{r} weight" for r in ("down", "up") if r not in roles]
     elif kind == "LoHa":

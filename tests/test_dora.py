@@ -80,11 +80,13 @@ def test_dora_matches_peft(tiny_sd1, tmp_path, layout):
     assert_restored(ours, before, "DoRA unload")
 
 
-def _dora_by_hand(w0, up, down, alpha_over_rank, magnitude, strength, axis):
-    """W0 + strength · (m · M / ‖M‖ − W0), M = W0 + (α/r) · up @ down, in float64; the norm
-    per output row (axis 0) or per input channel (axis 1)."""
-    w0, up, down, m = (t.double() for t in (w0, up, down, magnitude))
-    merged = w0 + alpha_over_rank * (up.flatten(1) @ down.flatten(1)).reshape(w0.shape)
+def _dora_by_hand(w0, up, down, alpha_over_rank, magnitude, strength, axis, delta=None):
+    """W0 + strength · (m · M / ‖M‖ − W0), M = W0 + (α/r) · ΔW (up @ down, or ``delta``), in
+    float64; the norm per output row (axis 0) or per input channel (axis 1)."""
+    w0, m = w0.double(), magnitude.double()
+    if delta is None:
+        delta = up.double().flatten(1) @ down.double().flatten(1)
+    merged = w0 + alpha_over_rank * delta.double().reshape(w0.shape)
     dims = tuple(d for d in range(w0.dim()) if d != axis)
     norm = merged.pow(2).sum(dim=dims, keepdim=True).sqrt()
     return w0 + strength * (m * merged / norm - w0)
@@ -160,11 +162,57 @@ def test_bad_dora_magnitudes_are_refused(tiny_sd1_folder, magnitude, message):
         LoraManager(ours, family="sd1").load(lora)
 
 
-def test_dora_on_loha_is_refused(tiny_sd1_folder):
+def _lycoris_factors(kind, w, g):
+    """A LyCORIS layer's tensors for weight ``w`` (LyCORIS's names) and its ΔW, written out
+    independently of engine/lora.py: LoHa (w1_a @ w1_b) ⊙ (w2_a @ w2_b), LoKr w1 ⊗ (w2_a @
+    w2_b), LoCon with a Tucker core Σ up[p, i] mid[i, j, k, l] down[j, q]."""
+    out, inp = w.shape[0], w[0].numel()
+    r = RANK
+
+    def rand(*shape):
+        return 0.1 + torch.randn(*shape, generator=g) / 3
+    if kind == "LoHa":
+        t = {"hada_w1_a": rand(out, r), "hada_w1_b": rand(r, inp), "hada_w2_a": rand(out, r),
+             "hada_w2_b": rand(r, inp)}
+        return t, (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"])
+    if kind == "LoKr":  # w1 (4, 4) whole, w2 (out/4, in/4) as a rank-r product
+        t = {"lokr_w1": rand(4, 4), "lokr_w2_a": rand(out // 4, r),
+             "lokr_w2_b": rand(r, inp // 4)}
+        return t, torch.kron(t["lokr_w1"], t["lokr_w2_a"] @ t["lokr_w2_b"])
+    kh, kw = w.shape[2:]
+    t = {"lora_up.weight": rand(out, r, 1, 1), "lora_mid.weight": rand(r, r, kh, kw),
+         "lora_down.weight": rand(r, w.shape[1], 1, 1)}
+    delta = torch.einsum("pi,ijkl,jq->pqkl", t["lora_up.weight"].flatten(1),
+                         t["lora_mid.weight"], t["lora_down.weight"].flatten(1))
+    return t, delta
+
+
+@pytest.mark.parametrize("kind,module,axis", [
+    ("LoHa", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", 0),
+    ("LoHa", "down_blocks.0.resnets.0.conv1", 1),
+    ("LoKr", "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2", 0),
+    ("LoCon (Tucker)", "down_blocks.0.resnets.0.conv2", 0),
+])
+def test_dora_on_lycoris_layers(tiny_sd1_folder, kind, module, axis):
+    # LyCORIS and A1111 decompose every algorithm's merged weight, as a LoRA's; the file's
+    # alpha over the algorithm's rank, both axes, a 0.35 strength, against float64 by hand.
     ours = sdrt_models(tiny_sd1_folder)
-    stem = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
-    lora = {f"{stem}.{r}": torch.ones(2, 2) for r in ("hada_w1_a", "hada_w1_b", "hada_w2_a",
-                                                       "hada_w2_b")}
-    lora[f"{stem}.dora_scale"] = torch.ones(2, 1)
-    with pytest.raises(SdrtError, match="DoRA on LoHa .* is not supported"):
-        LoraManager(ours, family="sd1").load(lora)
+    w = ours["unet"].get_submodule(module).weight
+    w0 = w.detach().clone()
+    g = torch.Generator().manual_seed(13 + axis)
+    tensors, delta = _lycoris_factors(kind, w, g)
+    shape = [1] * w.dim()
+    shape[axis] = w.shape[axis]
+    magnitude = 0.5 + torch.rand(shape, generator=g)
+    stem = "lora_unet_" + module.replace(".", "_")
+    lora = {f"{stem}.{role}": t for role, t in tensors.items()}
+    lora.update({f"{stem}.alpha": torch.tensor(2.0), f"{stem}.dora_scale": magnitude})
+    manager = LoraManager(ours, family="sd1")
+    name = manager.load(lora, name="d")
+    for strength in (1.0, 0.35):
+        manager.set_scale(name, strength)
+        want = _dora_by_hand(w0, None, None, 2.0 / RANK, magnitude, strength, axis, delta)
+        torch.testing.assert_close(w.double(), want, atol=2e-6, rtol=1e-5)
+    assert (w - w0).abs().max() > 1e-2
+    manager.unload()
+    assert torch.equal(w, w0)
