@@ -42,10 +42,12 @@ setup(
             "peft>=0.17",  # diffusers loads LoRAs through it (the LoRA parity tests)
             "transformers>=4.40",
             # the serve tests' clients and checks: real HTTP, the official OpenAI SDK, an
-            # A1111 PNG-info parser, the server process's memory
+            # A1111 PNG-info parser, the websocket client ComfyUI's API examples use, the
+            # server process's memory
             "httpx>=0.27",
             "openai>=1.40",
             "sd-parsers>=0.6",
+            "websocket-client>=1.6",
             "psutil>=5.9",
         ],
         # onnxscript: torch.onnx.export(dynamo=True) translates the graph with it. onnxruntime
@@ -55,12 +57,12 @@ setup(
         # transformers < 4.58, so not in the same environment as [test] (CI: .venv-optimum).
         "optimum": ["optimum-onnx[onnxruntime]>=0.1", "diffusers>=0.34"],
         # sdrt serve: the HTTP app (FastAPI on uvicorn, pydantic request models, Prometheus
-        # metrics, python-multipart for the image edits' file uploads); [ray] adds Ray Serve
-        # for replicas across GPUs.
+        # metrics, python-multipart for file uploads, websockets for ComfyUI's /ws); [ray]
+        # adds Ray Serve for replicas across GPUs.
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "pydantic>=2.6", "prometheus-client>=0.19",
-                  "python-multipart>=0.0.9"],
+                  "python-multipart>=0.0.9", "websockets>=12"],
         "ray": ["fastapi>=0.110", "uvicorn>=0.29", "pydantic>=2.6", "prometheus-client>=0.19",
-                "python-multipart>=0.0.9", "ray[serve]>=2.40"],
+                "python-multipart>=0.0.9", "websockets>=12", "ray[serve]>=2.40"],
     },
     entry_points={"console_scripts": ["sdrt=sdrt.engine.cli:main"]},
 )

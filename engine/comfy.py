@@ -58,6 +58,7 @@ class Workflow:
     checkpoint: str = None  # CheckpointLoaderSimple's ckpt_name
     loras: list = field(default_factory=list)  # [(lora_name, strength)], in load order
     output: str = None  # the SaveImage/PreviewImage node's id
+    sampler_node: str = None  # the KSampler's id
     filename_prefix: str = "ComfyUI"  # SaveImage's
 
 
@@ -131,7 +132,7 @@ def read(graph) -> Workflow:
                     guidance=float(_number(nodes, sampler_id, "cfg", float)),
                     sampler=SAMPLERS[pair], clip_skip=skips.pop(),
                     checkpoint=nodes.inputs(checkpoint).get("ckpt_name"), loras=loras,
-                    output=outputs[0])
+                    output=outputs[0], sampler_node=sampler_id)
     prefix = nodes.inputs(outputs[0]).get("filename_prefix", "ComfyUI")
     if isinstance(prefix, str) and prefix:
         flow.filename_prefix = prefix

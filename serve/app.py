@@ -229,7 +229,17 @@ class _Guard:
     def __init__(self, app, config: ServeConfig):
         self.app, self.config = app, config
 
+    def _authorized(self, scope):
+        """No API key set, an open path, or 'Authorization: Bearer <key>' (websockets too)."""
+        if self.config.api_key is None or scope["path"] in _OPEN_PATHS:
+            return True
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        return hmac.compare_digest(given, f"Bearer {self.config.api_key}".encode())
+
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "websocket" and not self._authorized(scope):
+            await receive()  # the handshake, refused: the client sees HTTP 403
+            return await send({"type": "websocket.close", "code": 1008})
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         server = getattr(scope["app"].state, "server", None)
@@ -247,16 +257,13 @@ class _Guard:
             return _error_json(status, message, kind,
                                headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
 
-        if self.config.api_key is not None and path not in _OPEN_PATHS:
-            headers = dict(scope["headers"])
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            expected = f"Bearer {self.config.api_key}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
-                what = "missing" if not given else "wrong"
-                response = refuse(401, f"Authorization must be 'Bearer <API key>' (the key "
-                                       f"given to sdrt serve --api-key), got a {what} one",
-                                  "unauthorized")
-                return await response(scope, receive, counted_send)
+        if not self._authorized(scope):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            what = "missing" if not given else "wrong"
+            response = refuse(401, f"Authorization must be 'Bearer <API key>' (the key given "
+                                   f"to sdrt serve --api-key), got a {what} one",
+                              "unauthorized")
+            return await response(scope, receive, counted_send)
         limit = self.config.max_body_bytes
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:

@@ -10,9 +10,15 @@ clients built on them use it:
 - ``GET /view?filename=...&type=output`` returns an image (a PNG with the workflow in its
   "prompt" chunk, as ComfyUI writes it, and A1111's "parameters");
 - ``POST /upload/image`` (multipart ``image``) takes an init image a workflow's LoadImage
-  names; ``GET /queue`` lists what is running; ``GET /models/checkpoints`` the one model.
+  names; ``GET /queue`` lists what is running; ``GET /models/checkpoints`` the one model;
+- ``/ws?clientId=...`` (a websocket) tells a client ``status`` (the queue's length) on
+  connecting and whenever it changes, and of each of its prompts (those queued with its
+  ``client_id``; all, for a prompt queued without one) ``execution_start``, ``executing``
+  (the KSampler), ``executed`` (the save node's images), ``execution_success`` or
+  ``execution_error``, then ``executing`` with node null: done, as ComfyUI's
+  ``websockets_api_example.py`` waits for it. No per-step ``progress`` is sent.
 
-There is no progress websocket (``/ws``): poll ``/history/{prompt_id}``. The server runs its
+The server runs its
 one model (``ckpt_name`` must name it); LoraLoader's files come from ``--lora-dir``, by
 file name. History, images and uploads are
 kept in memory, the newest ``MAX_HISTORY`` prompts and ``MAX_UPLOADS`` uploads.
@@ -24,7 +30,7 @@ import time
 import uuid
 from collections import OrderedDict
 
-from fastapi import Request
+from fastapi import Request, WebSocket, WebSocketDisconnect
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
@@ -53,6 +59,22 @@ class ComfyJobs:
         self.outputs = {}  # prompt_id → its file names
         self.uploads = OrderedDict()  # input file name → PIL image
         self.tasks = set()
+        self.sockets = {}  # client id → its open websockets
+
+    async def emit(self, client_id, kind, data):
+        """Send ComfyUI's message ``{"type": kind, "data": data}`` to ``client_id``'s
+        websockets (every client's when None); a socket that fails is dropped."""
+        targets = ([s for group in self.sockets.values() for s in group] if client_id is None
+                   else list(self.sockets.get(client_id, ())))
+        for socket in targets:
+            try:
+                await socket.send_json({"type": kind, "data": data})
+            except Exception:  # closed under us: its handler removes it
+                pass
+
+    async def emit_status(self):
+        await self.emit(None, "status", {"status": {"exec_info": {
+            "queue_remaining": len(self.running)}}})
 
     def finish(self, prompt_id, entry, files):
         self.running.pop(prompt_id, None)
@@ -131,9 +153,14 @@ def register(app, server_of, api_error):
                 prompt_id in jobs.history:
             raise bad(f"prompt_id must be a new string, got {short_repr(prompt_id)}",
                       "prompt_id")
+        client_id = body.get("client_id")
+        if client_id is not None and not isinstance(client_id, str):
+            raise bad(f"client_id must be a string, got {short_repr(client_id)}", "client_id")
         jobs.number += 1
-        item = [jobs.number, prompt_id, graph, body.get("extra_data") or {}, [flow.output]]
+        item = [jobs.number, prompt_id, graph, {**(body.get("extra_data") or {}),
+                                                 "client_id": client_id}, [flow.output]]
         jobs.running[prompt_id] = item
+        await jobs.emit_status()
         task = asyncio.create_task(_run(server, jobs, item, flow, key, rows))
         jobs.tasks.add(task)
         task.add_done_callback(jobs.tasks.discard)
@@ -184,6 +211,24 @@ def register(app, server_of, api_error):
         name = jobs.upload(name, image.convert("RGB"), overwrite)
         return {"name": name, "subfolder": "", "type": "input"}
 
+    @app.websocket("/ws")
+    async def ws(websocket: WebSocket, clientId: str = None):  # noqa: N803 (ComfyUI's name)
+        await websocket.accept()
+        sid = clientId or uuid.uuid4().hex
+        jobs.sockets.setdefault(sid, set()).add(websocket)
+        try:
+            await websocket.send_json({"type": "status", "data": {"status": {"exec_info": {
+                "queue_remaining": len(jobs.running)}}, "sid": sid}})
+            while True:  # clients send nothing that matters; wait for them to leave
+                await websocket.receive_text()
+        except WebSocketDisconnect:
+            pass
+        finally:
+            group = jobs.sockets.get(sid, set())
+            group.discard(websocket)
+            if not group:
+                jobs.sockets.pop(sid, None)
+
     @app.get("/models/checkpoints", tags=["ComfyUI"])
     async def checkpoints(request: Request):
         return [server_of(request).runner.model_name]
@@ -216,10 +261,25 @@ def _png(image):
 
 
 async def _run(server, jobs, item, flow, key, rows):
-    """One queued prompt: its images into the history, or its error."""
-    number, prompt_id, graph = item[:3]
+    """One queued prompt: its images into the history, or its error; its client told each
+    step as ComfyUI tells it."""
+    prompt_id, client = item[1], item[3]["client_id"]
     started = int(time.time() * 1000)
     messages = [["execution_start", {"prompt_id": prompt_id, "timestamp": started}]]
+    await jobs.emit(client, *messages[0])
+    await jobs.emit(client, "executing", {"node": flow.sampler_node,
+                                          "display_node": flow.sampler_node,
+                                          "prompt_id": prompt_id})
+    try:
+        await _generate(server, jobs, item, flow, key, rows, messages)
+    finally:
+        await jobs.emit(client, *messages[-1])
+        await jobs.emit(client, "executing", {"node": None, "prompt_id": prompt_id})
+        await jobs.emit_status()
+
+
+async def _generate(server, jobs, item, flow, key, rows, messages):
+    number, prompt_id, graph = item[:3]
     try:
         images = await server.generate(None, key, rows)
         texts = [server.infotext(key, r) for r in rows]
@@ -235,9 +295,12 @@ async def _run(server, jobs, item, flow, key, rows):
         return
     prefix = os.path.basename(flow.filename_prefix) or "ComfyUI"
     files = {f"{prefix}_{number:05}_{i}_.png": data for i, data in enumerate(pngs)}
+    output = {"images": [{"filename": name, "subfolder": "", "type": "output"}
+                         for name in files]}
     messages.append(["execution_success", {"prompt_id": prompt_id,
                                            "timestamp": int(time.time() * 1000)}])
-    outputs = {flow.output: {"images": [{"filename": name, "subfolder": "", "type": "output"}
-                                        for name in files]}}
-    jobs.finish(prompt_id, {"prompt": item, "outputs": outputs, "status": {
+    jobs.finish(prompt_id, {"prompt": item, "outputs": {flow.output: output}, "status": {
         "status_str": "success", "completed": True, "messages": messages}}, files)
+    await jobs.emit(item[3]["client_id"], "executed", {
+        "node": flow.output, "display_node": flow.output, "output": output,
+        "prompt_id": prompt_id})

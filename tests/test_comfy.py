@@ -62,7 +62,8 @@ def test_default_workflow():
     assert flow == comfy.Workflow(
         prompt="beautiful scenery nature glass bottle", negative="text, watermark",
         seed=8566257, steps=20, guidance=8.0, sampler="euler", width=512, height=512, batch=1,
-        checkpoint="v1-5-pruned-emaonly.safetensors", output="9", filename_prefix="ComfyUI")
+        checkpoint="v1-5-pruned-emaonly.safetensors", output="9", filename_prefix="ComfyUI",
+        sampler_node="3")
 
 
 def test_loras_and_clip_skip():

@@ -153,3 +153,51 @@ def test_malformed_requests(server):
     assert r.status_code == 404 and r.json()["error"]["param"] == "filename"
     with pytest.raises(urllib.error.HTTPError):
         _queue(url, _workflow(url, DEFAULT), prompt_id=123)
+
+
+def test_websocket_as_comfyuis_websockets_example(server, ref_pipe):
+    """websockets_api_example.py: connect /ws with a clientId (websocket-client), queue with
+    that client_id, read messages until ``executing`` with node null for the prompt, then the
+    history and the images."""
+    websocket = pytest.importorskip("websocket")
+    url = server
+    client_id = str(uuid.uuid4())
+    ws = websocket.WebSocket()
+    ws.connect(f"ws{url[4:]}/ws?clientId={client_id}", timeout=TIMEOUT)
+    try:
+        first = json.loads(ws.recv())
+        assert first["type"] == "status" and first["data"]["sid"] == client_id
+        graph = _workflow(url, DEFAULT, seed=21)
+        prompt_id = _queue(url, graph, client_id=client_id)["prompt_id"]
+        seen = []
+        for _ in range(100):  # bounded
+            message = json.loads(ws.recv())
+            seen.append(message["type"])
+            data = message["data"]
+            if message["type"] == "executing" and data["node"] is None and \
+                    data["prompt_id"] == prompt_id:
+                break
+        else:
+            raise AssertionError(f"no end of execution in {seen}")
+    finally:
+        ws.close()
+    kinds = [k for k in seen if k != "status"]
+    assert kinds == ["execution_start", "executing", "executed", "execution_success",
+                     "executing"], seen
+    entry = _history(url, prompt_id)
+    png = Image.open(io.BytesIO(_view(url, entry["outputs"]["9"]["images"][0])))
+    want = ref_pipe("beautiful scenery nature glass bottle", negative_prompt="text, watermark",
+                    height=64, width=64, num_inference_steps=2, guidance_scale=7.0,
+                    sampler="euler_a", seed=21)[0]
+    assert_same_image(png, want, "ComfyUI over the websocket")
+
+
+def test_websocket_needs_the_api_key():
+    websocket = pytest.importorskip("websocket")
+    with LocalServer(config(api_key="s3cret")) as url:
+        with pytest.raises(websocket.WebSocketBadStatusException):
+            websocket.create_connection(f"ws{url[4:]}/ws?clientId=x", timeout=TIMEOUT)
+        ws = websocket.create_connection(f"ws{url[4:]}/ws?clientId=x", timeout=TIMEOUT,
+                                         header=["Authorization: Bearer s3cret"])
+        assert json.loads(ws.recv())["type"] == "status"
+        ws.close()
