@@ -60,17 +60,21 @@ class ComfyJobs:
         self.uploads = OrderedDict()  # input file name → PIL image
         self.tasks = set()
         self.sockets = {}  # client id → its open websockets
+        self._sending = None  # one send at a time: prompts finish concurrently
 
     async def emit(self, client_id, kind, data):
         """Send ComfyUI's message ``{"type": kind, "data": data}`` to ``client_id``'s
         websockets (every client's when None); a socket that fails is dropped."""
         targets = ([s for group in self.sockets.values() for s in group] if client_id is None
                    else list(self.sockets.get(client_id, ())))
-        for socket in targets:
-            try:
-                await socket.send_json({"type": kind, "data": data})
-            except Exception:  # closed under us: its handler removes it
-                pass
+        if self._sending is None:  # made on the server's event loop
+            self._sending = asyncio.Lock()
+        async with self._sending:
+            for socket in targets:
+                try:
+                    await socket.send_json({"type": kind, "data": data})
+                except Exception:  # closed under us: its handler removes it
+                    pass
 
     async def emit_status(self):
         await self.emit(None, "status", {"status": {"exec_info": {
