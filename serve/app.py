@@ -54,10 +54,9 @@ _A1111_NAMES = {"num_inference_steps": "steps", "guidance_scale": "cfg_scale",
                 "clip_skip": "override_settings.CLIP_stop_at_last_layers"}
 _ENDPOINTS = ("/v1/images/generations", "/v1/images/edits", "/sdapi/v1/txt2img",
               "/sdapi/v1/img2img", "/sdapi/v1/upscalers", "/sdapi/v1/latent-upscale-modes",
-              "/sdapi/v1/options",
-              "/sdapi/v1/samplers", "/sdapi/v1/sd-models", "/sdapi/v1/loras", "/prompt",
-              "/view", "/queue",
-              "/upload/image", "/health", "/metrics")
+              "/sdapi/v1/options", "/sdapi/v1/samplers", "/sdapi/v1/sd-models",
+              "/sdapi/v1/loras", "/prompt", "/view", "/queue", "/upload/image", "/health",
+              "/metrics")
 _OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/docs/oauth2-redirect")
 _POLL_S = 0.25  # how often a waiting request checks its client and its deadline
 
