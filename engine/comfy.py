@@ -204,23 +204,28 @@ class _Nodes:
                             f"there")
         return source
 
-    def model_chain(self, link):
-        """(checkpoint node, [(lora_name, strength)] in load order) of a MODEL link."""
+    def lora_chain(self, node_id, key):
+        """The LoraLoader nodes from ``node_id`` back along their ``key`` ("model" or "clip")
+        links: (the node past them, [(lora_name, strength)] in load order), one strength for
+        the model and the CLIP as sdrt applies a LoRA."""
         loras = []
-        node_id, _ = link
         while self.kind(node_id) == "LoraLoader":
-            inputs = self.inputs(node_id)
             strength = _number(self, node_id, "strength_model", float)
             if _number(self, node_id, "strength_clip", float) != strength:
                 raise SdrtError(f"workflow node {node_id} (LoraLoader): strength_model and "
                                 f"strength_clip differ; sdrt applies one strength to both")
-            loras.append((inputs.get("lora_name"), float(strength)))
-            node_id, _ = self.link(node_id, "model")
+            loras.append((self.inputs(node_id).get("lora_name"), strength))
+            node_id, _ = self.link(node_id, key)
+        return node_id, loras[::-1]
+
+    def model_chain(self, link):
+        """(checkpoint node, [(lora_name, strength)] in load order) of a MODEL link."""
+        node_id, loras = self.lora_chain(link[0], "model")
         if self.kind(node_id) != "CheckpointLoaderSimple":
             raise SdrtError(f"workflow node {node_id} ({self.kind(node_id)}) is not supported "
                             f"as the sampled model: sdrt takes CheckpointLoaderSimple and "
                             f"LoraLoader there")
-        return node_id, loras[::-1]
+        return node_id, loras
 
     def clip_chain(self, link, checkpoint):
         """(clip skip, [(lora_name, strength)]) of a CLIP link that leads to ``checkpoint``."""
@@ -233,14 +238,9 @@ class _Nodes:
                                 f"stop_at_clip_layer must be -1 or below, got {layer}")
             skip = -layer - 1
             node_id, _ = self.link(node_id, "clip")
-        loras = []
-        while self.kind(node_id) == "LoraLoader":
-            inputs = self.inputs(node_id)
-            loras.append((inputs.get("lora_name"), float(_number(self, node_id,
-                                                                 "strength_clip", float))))
-            node_id, _ = self.link(node_id, "clip")
+        node_id, loras = self.lora_chain(node_id, "clip")
         if node_id != checkpoint:
             raise SdrtError(f"workflow node {node_id} ({self.kind(node_id)}) is not supported "
                             f"as a text encoder: sdrt takes the sampled model's checkpoint, "
                             f"CLIPSetLastLayer and LoraLoader there")
-        return skip, loras[::-1]
+        return skip, loras

@@ -86,9 +86,7 @@ def _frame(image, mask, width, height, only_masked, padding, resize_mode):
                             "whole picture: use resize, crop or fill, or only the masked area")
         if original.size != (width, height):
             original = fit_image(original, width, height, resize_mode)
-            mask = np.asarray(fit_image(Image.fromarray(mask.astype(np.float32), "F"), width,
-                                        height, resize_mode, Image.BILINEAR),
-                              dtype=np.float32).clip(0, 1)
+            mask = _resize(mask, width, height, resize_mode)
         return Inpaint(original, mask, original, np.clip(mask * 2, 0, 1))
     region = crop_region(mask, padding)
     if region is None:
@@ -166,7 +164,12 @@ def _grow(lo, hi, by, size):
     return lo, hi
 
 
-def _resize(mask, width, height):
+def _resize(mask, width, height, mode="resize"):
+    """A float mask brought to ``width`` × ``height`` by the resize ``mode`` (``fit_image``),
+    bilinear, as the picture it goes with."""
     from PIL import Image
+
+    from .images import fit_image
     image = Image.fromarray(np.asarray(mask, dtype=np.float32), "F")
-    return np.asarray(image.resize((width, height), Image.BILINEAR), dtype=np.float32).clip(0, 1)
+    return np.asarray(fit_image(image, width, height, mode, Image.BILINEAR),
+                      dtype=np.float32).clip(0, 1)

@@ -11,8 +11,8 @@ import warnings
 import torch
 
 from .errors import SdrtError
-from .schedules import (SAMPLER_CLASSES, SAMPLERS, Schedule, SchedulerConfig, make_schedule,
-                        vp_alpha_sigma)
+from .schedules import (EDM_CLASSES, SAMPLER_CLASSES, SAMPLERS, Schedule, SchedulerConfig,
+                        make_schedule, vp_alpha_sigma)
 
 __all__ = ["SAMPLERS", "Schedule", "SchedulerConfig", "default_sampler", "make_schedule", "sample",
            "sample_ddim", "sample_pndm", "sample_euler", "sample_euler_ancestral", "sample_dpmpp_2m",
@@ -312,9 +312,10 @@ def sample(sampler: str, model, x: torch.Tensor, sched: Schedule, generator=None
     return _SAMPLE_FNS[sampler](model_f32, x.float(), sched, step_end=step_end, **extra).to(dtype)
 
 
-# The inverse of SAMPLER_CLASSES: the first sampler listed for each class (Euler's
+# The inverse of SAMPLER_CLASSES and EDM_CLASSES: the first sampler listed for each class (Euler's
 # use_karras_sigmas is honoured by make_schedule; DPM-Solver's picks dpmpp_2m_karras instead).
-_CLASS_SAMPLERS = {cls: name for name, cls in reversed(SAMPLER_CLASSES.items())}
+_CLASS_SAMPLERS = {cls: name for table in (SAMPLER_CLASSES, EDM_CLASSES)
+                   for name, cls in reversed(table.items())}
 
 # The DPM-Solver variant sample_dpmpp_2m is: DPMSolverMultistepScheduler's defaults.
 _DPMPP_2M = {"algorithm_type": "dpmsolver++", "solver_order": 2, "solver_type": "midpoint"}
@@ -329,9 +330,7 @@ def default_sampler(cfg: SchedulerConfig) -> str:
     only DPM-Solver++(2M) midpoint. Asking for dpmpp_2m explicitly always means that variant,
     whatever the config says, and warns about nothing.
     """
-    if cfg.class_name == "EDMEulerScheduler":
-        return "euler"
-    if cfg.class_name in ("DPMSolverMultistepScheduler", "EDMDPMSolverMultistepScheduler"):
+    if _CLASS_SAMPLERS.get(cfg.class_name) == "dpmpp_2m":  # DPM-Solver, EDM's or not
         sampler = ("dpmpp_2m_karras" if cfg.use_karras_sigmas and not cfg.edm else
                    "dpmpp_2m")
         other = {k: getattr(cfg, k) for k, v in _DPMPP_2M.items() if getattr(cfg, k) != v}

@@ -19,6 +19,7 @@ import hmac
 import io
 import json
 import logging
+import math
 import os
 import random
 import threading
@@ -160,6 +161,12 @@ class Server:
         self.metrics.stage_seconds.labels("queue").observe(
             (job.started or job.enqueued) - job.enqueued)
         return images
+
+    def image_size(self, image):
+        """(width, height) of an init image cut down to multiples of the VAE's scale factor:
+        a request's size when it gives none, as the pipeline takes it."""
+        f = self.runner.pipe.vae_scale_factor
+        return image.width - image.width % f, image.height - image.height % f
 
     def infotext(self, key, row, prompt=None):
         """A1111's PNG info of a row; ``prompt``: the prompt as given (with its LoRA tags),
@@ -396,8 +403,7 @@ def create_app(config: ServeConfig = None) -> FastAPI:
                                            server.limits)
         width, height = _size(body.size, server)
         if width is None:
-            f = server.runner.pipe.vae_scale_factor
-            width, height = image.width - image.width % f, image.height - image.height % f
+            width, height = server.image_size(image)
         req = _openai_request(server, body, width, height, has_image=True,
                               strength=_given(body.strength, 1.0 if mask is not None else 0.8))
         seeds = server.seeds(req.seed, body.n, "seed")
@@ -437,10 +443,7 @@ def create_app(config: ServeConfig = None) -> FastAPI:
         prompt, loras = _prompt_loras(server, body.prompt)
         width, height = body.width, body.height
         if init_images and width is None and height is None:
-            # The first init image's size, cut to the VAE's scale factor (as the pipeline).
-            f = server.runner.pipe.vae_scale_factor
-            w0, h0 = init_images[0].size
-            width, height = w0 - w0 % f, h0 - h0 % f
+            width, height = server.image_size(init_images[0])
         req = server.check(
             _A1111_NAMES, prompt=prompt, negative_prompt=body.negative_prompt or None,
             height=height, width=width,
@@ -746,7 +749,6 @@ def _prompt_loras(server, prompt):
 def check_loras(server, loras, field):
     """[(name, scale), ...] → ((name, scale), ...): each a LoRA file of --lora-dir, named
     once, its scale finite, at most ``max_loras`` of them; a 400 naming ``field`` else."""
-    import math
     out = {}
     for name, scale in loras:
         if server.config.lora_dir is None:

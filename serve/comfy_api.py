@@ -139,8 +139,7 @@ def register(app, server_of, api_error):
                           f"was not uploaded (POST /upload/image first)")
         width, height = flow.width, flow.height
         if init is not None:
-            f = server.runner.pipe.vae_scale_factor
-            width, height = init.width - init.width % f, init.height - init.height % f
+            width, height = server.image_size(init)
         req = server.check(_NAMES, prompt=flow.prompt, negative_prompt=flow.negative or None,
                            height=height, width=width, num_inference_steps=flow.steps,
                            guidance_scale=flow.guidance, sampler=flow.sampler, seed=flow.seed,
