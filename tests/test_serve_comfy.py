@@ -153,6 +153,10 @@ def test_malformed_requests(server):
     assert r.status_code == 404 and r.json()["error"]["param"] == "filename"
     with pytest.raises(urllib.error.HTTPError):
         _queue(url, _workflow(url, DEFAULT), prompt_id=123)
+    r = httpx.post(f"{url}/upload/image", files={"image": ("x.png", b"not an image", "image/png")})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "image", r.text
+    r = httpx.post(f"{url}/upload/image", files={"other": ("x.png", b"", "image/png")})
+    assert r.status_code == 400 and "multipart form field 'image'" in r.text, r.text
 
 
 def test_websocket_as_comfyuis_websockets_example(server, ref_pipe):
