@@ -288,7 +288,7 @@ def _built_in_defaults(a):
 
 
 # PNG info key → (option, its attribute, how the value reads)
-_PNG_SETTINGS = {
+_PNG_SETTINGS = {  # a sampler reads with its schedule type (_SCHEDULE_TYPE_KEYS)
     "Steps": ("--steps", "steps", int),
     "Sampler": ("--sampler", "sampler", "sampler"),
     "CFG scale": ("--guidance", "guidance", float),
@@ -308,6 +308,8 @@ _PNG_SETTINGS = {
     "Hires prompt": ("--hr-prompt", "hr_prompt", str),
     "Hires negative prompt": ("--hr-negative", "hr_negative", str),
 }
+# A1111 1.9 on writes "Sampler: DPM++ 2M, Schedule type: Karras" (before: "DPM++ 2M Karras").
+_SCHEDULE_TYPE_KEYS = {"Sampler": "Schedule type", "Hires sampler": "Hires schedule type"}
 
 
 def _apply_png(a):
@@ -329,14 +331,16 @@ def _apply_png(a):
     for key, (option, attr, read) in _PNG_SETTINGS.items():
         if key not in pairs or attr in a.given:
             continue
-        value = pairs[key]
+        value, schedule_type = pairs[key], pairs.get(_SCHEDULE_TYPE_KEYS.get(key))
         try:
-            value = sampler_id(value) if read == "sampler" else read(value)
+            value = sampler_id(value, schedule_type) if read == "sampler" else read(value)
         except ValueError:
             value = None
         if value is None:
-            raise SdrtError(f"--from-png {a.from_png}: {key} {pairs[key]!r} is not a value "
-                            f"{option} takes")
+            schedule = (f" with {_SCHEDULE_TYPE_KEYS[key]} {schedule_type!r}"
+                        if read == "sampler" and schedule_type else "")
+            raise SdrtError(f"--from-png {a.from_png}: {key} {pairs[key]!r}{schedule} is not a "
+                            f"value {option} takes")
         setattr(a, attr, value)
     if "Size" in pairs and not {"height", "width"} & a.given:
         w, _, h = pairs["Size"].partition("x")

@@ -28,14 +28,19 @@ from .request import short_repr
 
 # (ComfyUI sampler_name, scheduler) → sdrt's sampler. ComfyUI's "normal", "simple" and
 # "sgm_uniform" space the steps evenly, as the model's own scheduler config does here.
+# "karras" is the sampler's Karras variant. dpmpp_2m_sde_gpu differs from dpmpp_2m_sde only
+# in where ComfyUI draws its noise.
 _EVEN = ("normal", "simple", "sgm_uniform")
+_SAMPLER_NAMES = {"euler": "euler", "euler_ancestral": "euler_a", "heun": "heun",
+                  "dpm_2": "dpm2", "dpm_2_ancestral": "dpm2_a", "dpmpp_2m": "dpmpp_2m",
+                  "dpmpp_2m_sde": "dpmpp_2m_sde", "dpmpp_2m_sde_gpu": "dpmpp_2m_sde",
+                  "ddim": "ddim", "lcm": "lcm"}
+_KARRAS = ("euler", "heun", "dpm2", "dpm2_a", "dpmpp_2m", "dpmpp_2m_sde")
 SAMPLERS = {
-    **{("euler", s): "euler" for s in _EVEN},
-    **{("euler_ancestral", s): "euler_a" for s in _EVEN},
-    **{("dpmpp_2m", s): "dpmpp_2m" for s in _EVEN},
-    ("dpmpp_2m", "karras"): "dpmpp_2m_karras",
-    **{("ddim", s): "ddim" for s in (*_EVEN, "ddim_uniform")},
-    **{("lcm", s): "lcm" for s in _EVEN},
+    **{(comfy, s): sid for comfy, sid in _SAMPLER_NAMES.items() for s in _EVEN},
+    **{(comfy, "karras"): f"{sid}_karras" for comfy, sid in _SAMPLER_NAMES.items()
+       if sid in _KARRAS},
+    ("ddim", "ddim_uniform"): "ddim",
 }
 _OUTPUTS = ("SaveImage", "PreviewImage")
 
@@ -104,8 +109,9 @@ def read(graph) -> Workflow:
     if pair not in SAMPLERS:
         raise SdrtError(f"workflow node {sampler_id} (KSampler): sampler_name "
                         f"{short_repr(pair[0])} with scheduler {short_repr(pair[1])} has no sdrt "
-                        f"sampler; sdrt runs euler, euler_ancestral, dpmpp_2m, ddim and lcm on "
-                        f"normal, simple or sgm_uniform steps, and dpmpp_2m on karras")
+                        f"sampler; sdrt runs {', '.join(_SAMPLER_NAMES)} on normal, simple or "
+                        f"sgm_uniform steps, and all but euler_ancestral, ddim and lcm on "
+                        f"karras")
     checkpoint, loras = nodes.model_chain(nodes.link(sampler_id, "model"))
     if nodes.follow(decode, "vae", ("CheckpointLoaderSimple",)) != checkpoint:
         raise SdrtError(f"workflow node {decode} (VAEDecode) must decode with the sampled "

@@ -30,10 +30,19 @@ BUILT_IN = "sdrt-demo"  # the built-in (demo) model's name in PNG info and the A
 SAMPLER_LABELS = {
     "euler_a": "Euler a",
     "euler": "Euler",
+    "euler_karras": "Euler Karras",
+    "heun": "Heun",
+    "heun_karras": "Heun Karras",
+    "dpm2": "DPM2",
+    "dpm2_karras": "DPM2 Karras",
+    "dpm2_a": "DPM2 a",
+    "dpm2_a_karras": "DPM2 a Karras",
     "ddim": "DDIM",
     "pndm": "PNDM",
     "dpmpp_2m": "DPM++ 2M",
     "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras",
     "lcm": "LCM",
 }
 assert set(SAMPLER_LABELS) == set(SAMPLER_NAMES)
@@ -41,20 +50,41 @@ assert set(SAMPLER_LABELS) == set(SAMPLER_NAMES)
 SAMPLER_ALIASES = {
     "euler_a": ("k_euler_a", "k_euler_ancestral"),
     "euler": ("k_euler",),
+    "euler_karras": (),
+    "heun": ("k_heun",),
+    "heun_karras": (),
+    "dpm2": ("k_dpm_2",),
+    "dpm2_karras": ("k_dpm_2_ka",),
+    "dpm2_a": ("k_dpm_2_a",),
+    "dpm2_a_karras": ("k_dpm_2_a_ka",),
     "ddim": (),
     "pndm": ("PLMS", "k_plms"),
     "dpmpp_2m": ("k_dpmpp_2m",),
     "dpmpp_2m_karras": ("k_dpmpp_2m_ka",),
+    "dpmpp_2m_sde": ("k_dpmpp_2m_sde",),
+    "dpmpp_2m_sde_karras": ("k_dpmpp_2m_sde_ka",),
     "lcm": (),
 }
+assert set(SAMPLER_ALIASES) == set(SAMPLER_NAMES)
 _BY_NAME = {name.lower(): sid for sid in SAMPLER_NAMES
             for name in (SAMPLER_LABELS[sid], sid, *SAMPLER_ALIASES[sid])}
+# A1111's "Schedule type" (from 1.9 on a setting of its own, ``scheduler`` in its API) that
+# sdrt has: the sampler's own spacing, or Karras et al.'s sigmas (a sampler's "X Karras").
+SCHEDULE_TYPES = ("Automatic", "Karras")
 
 
-def sampler_id(label):
+def sampler_id(label, schedule_type=None):
     """An A1111 sampler label or alias (case-insensitive), or an sdrt id -> the sdrt id; None
-    for a name that is neither."""
-    return _BY_NAME.get(label.lower()) if isinstance(label, str) else None
+    for a name that is neither. With A1111's ``schedule_type`` ("Automatic" or none: the
+    label as it is; "Karras": its Karras variant), None where sdrt has no such pair."""
+    sid = _BY_NAME.get(label.lower()) if isinstance(label, str) else None
+    if sid is None or schedule_type in (None, "") or (
+            isinstance(schedule_type, str) and schedule_type.lower() == "automatic"):
+        return sid
+    if isinstance(schedule_type, str) and schedule_type.lower() == "karras":
+        karras = sid if sid.endswith("_karras") else f"{sid}_karras"
+        return karras if karras in SAMPLER_NAMES else None
+    return None
 
 
 def quote(value):

@@ -11,12 +11,12 @@ import warnings
 import torch
 
 from .errors import SdrtError
-from .schedules import (EDM_CLASSES, SAMPLER_CLASSES, SAMPLERS, Schedule, SchedulerConfig,
-                        make_schedule, vp_alpha_sigma)
+from .schedules import (EDM_CLASSES, SAMPLER_CLASSES, SAMPLERS, TWO_CALL_SAMPLERS, Schedule,
+                        SchedulerConfig, make_schedule, vp_alpha_sigma)
 
 __all__ = ["SAMPLERS", "Schedule", "SchedulerConfig", "default_sampler", "make_schedule", "sample",
-           "sample_ddim", "sample_pndm", "sample_euler", "sample_euler_ancestral", "sample_dpmpp_2m",
-           "sample_lcm"]
+           "sample_ddim", "sample_pndm", "sample_euler", "sample_euler_ancestral", "sample_two_call",
+           "sample_dpmpp_2m", "sample_lcm"]
 
 
 # --- model output conversions ---------------------------------------------------------------
@@ -189,9 +189,55 @@ def sample_euler_ancestral(model, x, sched: Schedule, generator=None, noise=None
     return x
 
 
-def sample_dpmpp_2m(model, x, sched: Schedule, step_end=None):
+def sample_two_call(model, x, sched: Schedule, generator=None, noise=None, step_end=None):
+    """Heun's method (heun*: Karras et al. 2022, alg. 1 without churn), DPM-Solver-2 (dpm2*:
+    Lu et al. 2022, "DPM-Solver", alg. 1 with r = 1/2 in log sigma; k-diffusion's
+    sample_dpm_2) and its ancestral form (dpm2_a*), as diffusers' HeunDiscreteScheduler and
+    KDPM2(Ancestral)DiscreteScheduler run them: two model calls a step, the last step one.
+
+    A step's first call takes an Euler step from x at sigma to a trial point; its second,
+    there, redoes the step from x with the mean of both slopes (Heun) or with the trial
+    point's slope (DPM2), to the next sigma, or for dpm2_a to sigma_down and then fresh
+    noise of std sigma_up (drawn from ``generator``, or taken from ``noise``: one unit-noise
+    tensor per second call). The schedule lays the sigmas out per call (``sigmas_in``,
+    ``sigmas_to``, ``sigmas_up``); calls alternate first and second from its start.
+    ``step_end`` sees every call, as diffusers' pipelines call back after every scheduler
+    step.
+    """
+    cfg = sched.config
+    heun = sched.sampler.startswith("heun")
+    draws = 0
+    for i, t in enumerate(sched.timesteps):
+        sigma = sched.sigmas_in[i]
+        x0 = _denoised(model, x, t, sigma, sched)
+        if cfg.clip_sample:
+            x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+        slope = (x - x0) / sigma
+        if i % 2 == 0:  # the trial step
+            x_start, sigma_start, first_slope = x, sigma, slope
+            x = x + slope * (sched.sigmas_to[i] - sigma)
+        else:
+            if heun:
+                slope = (first_slope + slope) / 2
+            elif sched.sigmas_up is not None:  # a step down to sigma 0 keeps its Euler slope
+                slope = torch.where(sigma > 0, slope, first_slope)
+            x = x_start + slope * (sched.sigmas_to[i] - sigma_start)
+            if sched.sigmas_up is not None:
+                z = _randn(x, generator) if noise is None else noise[draws].to(x.dtype)
+                x = x + z * sched.sigmas_up[i]
+                draws += 1
+        if step_end is not None:
+            x = _after_step(step_end, i, t, x)
+    return x
+
+
+def sample_dpmpp_2m(model, x, sched: Schedule, generator=None, noise=None, step_end=None):
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of
-    Diffusion Probabilistic Models", alg. 2), midpoint form.
+    Diffusion Probabilistic Models", alg. 2), midpoint form; dpmpp_2m_sde* is its SDE form
+    (diffusers' algorithm_type "sde-dpmsolver++"; the paper's appendix, Gonzalez et al.'s
+    derivation in k-diffusion's sample_dpmpp_2m_sde with eta = 1): the same extrapolated x0,
+    the sample kept with weight sigma_t/sigma_s e^-h, and fresh noise of std sigma_t
+    sqrt(1 - e^-2h) every step (from ``generator``, or ``noise``: one tensor per step).
 
     Exact in the linear part of the variance-preserving ODE, it integrates the x0 prediction over
     log-SNR lambda, extrapolating it linearly from the previous step's. The first step, and the
@@ -203,6 +249,7 @@ def sample_dpmpp_2m(model, x, sched: Schedule, step_end=None):
     kind = sched.config.prediction_type
     n = len(sched.timesteps)
     edm = sched.sigma_data is not None
+    sde = sched.sampler.startswith("dpmpp_2m_sde")
     # EDM's latents are variance-exploding (alpha = 1), the others variance-preserving.
     alpha_sigma = (lambda s: (torch.ones_like(s), s)) if edm else vp_alpha_sigma
     x0_prev = lam_prev = None
@@ -226,7 +273,12 @@ def sample_dpmpp_2m(model, x, sched: Schedule, step_end=None):
         else:
             r = (lam_s - lam_prev) / h
             d = x0 + 0.5 / r * (x0 - x0_prev)
-        x = (sigma_t / sigma_s) * x - (alpha_t * (torch.exp(-h) - 1.0)) * d
+        if sde:
+            z = _randn(x, generator) if noise is None else noise[i].to(x.dtype)
+            x = ((sigma_t / sigma_s * torch.exp(-h)) * x + (alpha_t * (1 - torch.exp(-2.0 * h)))
+                 * d + sigma_t * torch.sqrt(1.0 - torch.exp(-2.0 * h)) * z)
+        else:
+            x = (sigma_t / sigma_s) * x - (alpha_t * (torch.exp(-h) - 1.0)) * d
         x0_prev, lam_prev = x0, lam_s
         if step_end is not None:
             x = _after_step(step_end, i, t, x)
@@ -264,14 +316,18 @@ _SAMPLE_FNS = {
     "ddim": sample_ddim,
     "pndm": sample_pndm,
     "euler": sample_euler,
+    "euler_karras": sample_euler,
     "euler_a": sample_euler_ancestral,
-    "dpmpp_2m": sample_dpmpp_2m,
-    "dpmpp_2m_karras": sample_dpmpp_2m,
+    **{name: sample_two_call for name in TWO_CALL_SAMPLERS},
+    **{name: sample_dpmpp_2m for name in ("dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde",
+                                          "dpmpp_2m_sde_karras")},
     "lcm": sample_lcm,
 }
+assert set(_SAMPLE_FNS) == set(SAMPLERS)
 
 # The samplers that draw fresh noise as they go (``Schedule.noise_draws`` tensors a run).
-_NOISE_SAMPLERS = ("euler_a", "lcm")
+_NOISE_SAMPLERS = ("euler_a", "dpm2_a", "dpm2_a_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras",
+                   "lcm")
 
 
 def sample(sampler: str, model, x: torch.Tensor, sched: Schedule, generator=None, callback=None,
@@ -279,9 +335,9 @@ def sample(sampler: str, model, x: torch.Tensor, sched: Schedule, generator=None
     """Run ``sampler`` from latents ``x`` (already noised: ``sched.noise_latents`` or
     ``sched.noise_image``) and return the denoised latents in x's dtype.
 
-    The model sees inputs in x's dtype; the loop itself runs in float32. euler_a's and lcm's
-    noise comes from ``generator``, or from ``noise`` when given: ``sched.noise_draws``
-    unit-noise tensors, stacked.
+    The model sees inputs in x's dtype; the loop itself runs in float32. The stochastic
+    samplers' noise (euler_a, dpm2_a*, dpmpp_2m_sde*, lcm) comes from ``generator``, or from
+    ``noise`` when given: ``sched.noise_draws`` unit-noise tensors, stacked.
     After each model call's step, ``callback(step_index, num_steps)`` reports progress and
     ``step_end(step_index, timestep, x)`` sees the float32 latents; a tensor it returns
     replaces them (diffusers' ``callback_on_step_end``).
@@ -325,19 +381,24 @@ def default_sampler(cfg: SchedulerConfig) -> str:
     """The sampler matching the scheduler class a model ships with; dpmpp_2m, with a warning, for
     a class sdrt does not reproduce.
 
-    A DPMSolverMultistepScheduler config gives dpmpp_2m (or dpmpp_2m_karras), with a warning when
-    it asks for another variant (algorithm_type, solver_order, solver_type): sdrt implements
-    only DPM-Solver++(2M) midpoint. Asking for dpmpp_2m explicitly always means that variant,
-    whatever the config says, and warns about nothing.
+    A DPMSolverMultistepScheduler config gives dpmpp_2m (or dpmpp_2m_karras; with
+    algorithm_type "sde-dpmsolver++", dpmpp_2m_sde or dpmpp_2m_sde_karras), with a warning
+    when it asks for another variant (algorithm_type, solver_order, solver_type): sdrt
+    implements only DPM-Solver++(2M) midpoint, as an ODE or an SDE. Asking for dpmpp_2m
+    explicitly always means that variant, whatever the config says, and warns about nothing.
     """
     if _CLASS_SAMPLERS.get(cfg.class_name) == "dpmpp_2m":  # DPM-Solver, EDM's or not
-        sampler = ("dpmpp_2m_karras" if cfg.use_karras_sigmas and not cfg.edm else
-                   "dpmpp_2m")
-        other = {k: getattr(cfg, k) for k, v in _DPMPP_2M.items() if getattr(cfg, k) != v}
+        sde = cfg.algorithm_type == "sde-dpmsolver++" and not cfg.edm
+        sampler = "dpmpp_2m_sde" if sde else "dpmpp_2m"
+        if cfg.use_karras_sigmas and not cfg.edm:
+            sampler += "_karras"
+        other = {k: getattr(cfg, k) for k, v in _DPMPP_2M.items()
+                 if getattr(cfg, k) != v and not (sde and k == "algorithm_type")}
         if other:
             settings = ", ".join(f"{k}={v!r}" for k, v in other.items())
             warnings.warn(f"scheduler config sets {settings}, which sdrt does not implement; using "
-                          f"{sampler} (DPM-Solver++ 2M, midpoint)", stacklevel=2)
+                          f"{sampler} (DPM-Solver++ 2M{' SDE' if sde else ''}, midpoint)",
+                          stacklevel=2)
         return sampler
     if cfg.class_name in _CLASS_SAMPLERS:
         return _CLASS_SAMPLERS[cfg.class_name]

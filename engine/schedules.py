@@ -25,11 +25,29 @@ SAMPLER_CLASSES = {
     "ddim": "DDIMScheduler",
     "pndm": "PNDMScheduler",
     "euler": "EulerDiscreteScheduler",
+    "euler_karras": "EulerDiscreteScheduler",
     "euler_a": "EulerAncestralDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "heun_karras": "HeunDiscreteScheduler",
+    "dpm2": "KDPM2DiscreteScheduler",
+    "dpm2_karras": "KDPM2DiscreteScheduler",
+    "dpm2_a": "KDPM2AncestralDiscreteScheduler",
+    "dpm2_a_karras": "KDPM2AncestralDiscreteScheduler",
     "dpmpp_2m": "DPMSolverMultistepScheduler",
     "dpmpp_2m_karras": "DPMSolverMultistepScheduler",
+    "dpmpp_2m_sde": "DPMSolverMultistepScheduler",  # algorithm_type="sde-dpmsolver++"
+    "dpmpp_2m_sde_karras": "DPMSolverMultistepScheduler",
     "lcm": "LCMScheduler",
 }
+# The samplers that take two model calls per step (diffusers' ``order = 2``: Heun's method and
+# DPM-Solver-2, k-diffusion's sample_heun and sample_dpm_2): a step's first call is an Euler
+# step to a trial point, its second corrects it; the last step, to sigma = 0, is the first
+# call alone. Their schedules count calls (2 * steps - 1).
+TWO_CALL_SAMPLERS = ("heun", "heun_karras", "dpm2", "dpm2_karras", "dpm2_a", "dpm2_a_karras")
+# ``X_karras`` is sampler X on Karras et al.'s sigmas (use_karras_sigmas=True, as A1111's "X
+# Karras"); plain X takes the config's use_karras_sigmas, except DPM-Solver's, which is off.
+KARRAS_SAMPLERS = {name[:-len("_karras")]: name for name in SAMPLER_CLASSES
+                   if name.endswith("_karras")}
 # A model trained with EDM's preconditioning (Karras et al. 2022) ships one of these: its
 # sigmas, the UNet's input scale, timestep and output all follow EDM. euler and dpmpp_2m
 # reproduce them; euler_a runs k-diffusion's ancestral step over the same denoiser.
@@ -38,16 +56,24 @@ EDM_CLASSES = {"euler": "EDMEulerScheduler", "dpmpp_2m": "EDMDPMSolverMultistepS
 EDM_SAMPLERS = ("euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras")
 
 # Defaults that differ between those classes (every other field has one default shared by all of
-# them: the dataclass default). The two DPM-Solver++ samplers fix use_karras_sigmas themselves.
+# them: the dataclass default). The DPM-Solver++ and "_karras" samplers fix use_karras_sigmas
+# themselves.
+_BETAS = {"beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
+_K_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "linear"}  # Heun, KDPM2
 _CLASS_DEFAULTS = {
-    "ddim": {"timestep_spacing": "leading", "set_alpha_to_one": True, "clip_sample": True},
-    "pndm": {"timestep_spacing": "leading", "set_alpha_to_one": False, "clip_sample": False},
-    "euler": {"timestep_spacing": "linspace"},
-    "euler_a": {"timestep_spacing": "linspace"},
-    "dpmpp_2m": {"timestep_spacing": "linspace"},
-    "dpmpp_2m_karras": {"timestep_spacing": "linspace"},
-    "lcm": {"timestep_spacing": "leading", "set_alpha_to_one": True, "clip_sample": False},
+    "ddim": {**_BETAS, "timestep_spacing": "leading", "set_alpha_to_one": True,
+             "clip_sample": True},
+    "pndm": {**_BETAS, "timestep_spacing": "leading", "set_alpha_to_one": False,
+             "clip_sample": False},
+    **{name: {**_BETAS, "timestep_spacing": "linspace"}
+       for name in ("euler", "euler_karras", "euler_a", "dpmpp_2m", "dpmpp_2m_karras",
+                    "dpmpp_2m_sde", "dpmpp_2m_sde_karras")},
+    **{name: {**_K_BETAS, "timestep_spacing": "linspace", "clip_sample": False}
+       for name in TWO_CALL_SAMPLERS},  # (KDPM2 has no clip_sample: for_sampler drops it)
+    "lcm": {"timestep_spacing": "leading", "set_alpha_to_one": True, "clip_sample": False,
+            "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"},
 }
+assert set(_CLASS_DEFAULTS) == set(SAMPLERS)
 
 _CHOICES = {
     "beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
@@ -98,9 +124,9 @@ class SchedulerConfig:
 
     class_name: str | None = None
     num_train_timesteps: int = 1000
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
-    beta_schedule: str = "linear"
+    beta_start: float | None = None
+    beta_end: float | None = None
+    beta_schedule: str | None = None
     trained_betas: tuple | None = None
     prediction_type: str = "epsilon"
     timestep_spacing: str | None = None
@@ -191,8 +217,18 @@ class SchedulerConfig:
         if sampler == "pndm":
             # PNDMScheduler has no such option: the field is dropped by from_config.
             resolved["rescale_betas_zero_snr"] = False
+        if sampler in TWO_CALL_SAMPLERS:
+            # Fields HeunDiscreteScheduler and the KDPM2 classes do not have: from_config
+            # drops them, and those classes act as their neutral values.
+            resolved.update(rescale_betas_zero_snr=False, interpolation_type="linear",
+                            timestep_type="discrete", sigma_min=None, sigma_max=None,
+                            final_sigmas_type="zero")
+            if sampler.startswith("dpm2"):
+                resolved["clip_sample"] = False
         if sampler.startswith("dpmpp_2m"):
-            resolved["use_karras_sigmas"] = sampler == "dpmpp_2m_karras"
+            resolved["use_karras_sigmas"] = sampler.endswith("_karras")
+        elif sampler.endswith("_karras"):
+            resolved["use_karras_sigmas"] = True
         return replace(self, **resolved)
 
 
@@ -292,6 +328,7 @@ def sigma_to_timestep(sigmas: np.ndarray, train_sigmas: np.ndarray) -> np.ndarra
     # train_sigmas ascend with t: `low` is the last level at or below each sigma.
     low = np.clip(np.searchsorted(log_train, log_s, side="right") - 1, 0, len(log_train) - 2)
     w = np.clip((log_train[low] - log_s) / (log_train[low] - log_train[low + 1]), 0, 1)
+    low = low.astype(w.dtype)  # float32 sigmas interpolate in float32, as diffusers does
     return (1 - w) * low + w * (low + 1)
 
 
@@ -318,14 +355,20 @@ class Schedule:
     alphas_cumprod: torch.Tensor | None = None  # (num_train_timesteps,) ddim, pndm, lcm
     alphas: torch.Tensor | None = None  # (N,) ddim, pndm, lcm: alpha-bar a step starts from
     alphas_prev: torch.Tensor | None = None  # (N,) ddim, pndm, lcm: alpha-bar it lands on
-    # (N + 1,) euler, euler_a, dpmpp_2m*: the sigma before each call, then where the last lands
+    # (N + 1,) euler*, euler_a, dpmpp_2m*: the sigma before each call, then where the last
+    # lands; heun*, dpm2*: diffusers' per-call sigmas (``add_noise``'s)
     sigmas: torch.Tensor | None = None
+    # (N,) heun*, dpm2* (TWO_CALL_SAMPLERS): the sigma of each call's input, where its update
+    # lands (a step's trial point, or its end), and dpm2_a's fresh noise's std there
+    sigmas_in: torch.Tensor | None = None
+    sigmas_to: torch.Tensor | None = None
+    sigmas_up: torch.Tensor | None = None
     prk_calls: int = 0  # pndm: how many leading calls are Runge-Kutta warm-up
     final_step_first_order: bool = False  # dpmpp_2m*: whether the last step drops to first order
     # (N,) lcm: the consistency model's boundary-condition weights of x and of the x0 prediction
     c_skip: torch.Tensor | None = None
     c_out: torch.Tensor | None = None
-    # euler_a, lcm: how many unit-noise tensors the sampler draws (one per step that draws),
+    # euler_a, dpm2_a*, dpmpp_2m_sde*, lcm: how many unit-noise tensors the sampler draws,
     # so the static runtime can draw them beforehand
     noise_draws: int = 0
     # EDM: the preconditioning's sigma_data (the sigmas are then EDM's, the latents
@@ -364,7 +407,7 @@ class Schedule:
         if not 0 <= start < stop <= n:
             raise SdrtError(f"a schedule window must lie within the {n} steps, got "
                             f"{start} to {stop}")
-        if self.prk_calls or self.sampler == "lcm":
+        if self.prk_calls or self.sampler == "lcm" or self.sampler in TWO_CALL_SAMPLERS:
             raise SdrtError(f"{self.sampler} cannot run part of its schedule "
                             f"(denoising_start/denoising_end); pick ddim, euler, euler_a or "
                             f"dpmpp_2m")
@@ -436,8 +479,9 @@ def _pndm_tables(cfg, alphas_cumprod, calls, prk, steps):
     return alphas, prev
 
 
-def _euler_tables(cfg, alphas_cumprod, steps):
-    """EulerDiscreteScheduler's (timesteps, sigmas); EulerAncestral's is the plain case of it."""
+def _euler_tables(cfg, alphas_cumprod, steps, round_karras=False):
+    """EulerDiscreteScheduler's (timesteps, sigmas); EulerAncestral's is the plain case of it,
+    and Heun's and KDPM2's steps are its (``round_karras``: KDPM2 rounds Karras timesteps)."""
     train = _train_sigmas(_finite_snr(cfg, alphas_cumprod))
     t = spaced_timesteps(cfg.timestep_spacing, cfg.num_train_timesteps, steps, cfg.steps_offset)
     if cfg.timestep_spacing != "linspace":
@@ -453,7 +497,8 @@ def _euler_tables(cfg, alphas_cumprod, steps):
         lo = cfg.sigma_min if cfg.sigma_min is not None else float(sigmas[-1])
         hi = cfg.sigma_max if cfg.sigma_max is not None else float(sigmas[0])
         sigmas = karras_sigmas(lo, hi, steps)
-        t = sigma_to_timestep(sigmas, train).astype(np.float32)
+        t = sigma_to_timestep(sigmas, train)
+        t = (np.round(t) if round_karras else t).astype(np.float32)
     sigmas = torch.from_numpy(np.append(sigmas, _final_sigma(cfg, alphas_cumprod)).astype(np.float32))
     if cfg.timestep_type == "continuous" and cfg.prediction_type == "v_prediction":
         timesteps = 0.25 * sigmas[:-1].log()
@@ -466,6 +511,75 @@ def _euler_a_tables(cfg, alphas_cumprod, steps):
     plain = replace(cfg, interpolation_type="linear", use_karras_sigmas=False, timestep_type="discrete",
                     final_sigmas_type="zero")
     return _euler_tables(plain, alphas_cumprod, steps)
+
+
+def _per_call(steps_table):
+    """diffusers' layout of a two-call sampler's per-step table: the first entry, then each
+    later one twice (the second call of a step and the first of the next)."""
+    return torch.cat([steps_table[:1], steps_table[1:].repeat_interleave(2), steps_table[-1:]])
+
+
+def _two_call_schedule(cfg, sampler, alphas_cumprod, steps, start, device) -> Schedule:
+    """HeunDiscreteScheduler's (heun*), KDPM2DiscreteScheduler's (dpm2*) or
+    KDPM2AncestralDiscreteScheduler's (dpm2_a*) schedule, laid out per model call.
+
+    Each step from sigma s to the next s' takes two calls, the last step (to 0) one. Heun:
+    an Euler step to s' and a call there, the step redone with the mean of both slopes.
+    DPM2: an Euler step to the geometric mean of s and s', and the step taken with the slope
+    there. DPM2 a: the same towards sigma_down, then fresh noise of std sigma_up (euler_a's
+    split of s'). ``start``: image to image's skipped steps, two calls each."""
+    t, sigmas = _euler_tables(cfg, alphas_cumprod, steps, round_karras=sampler.startswith("dpm2"))
+    up = torch.zeros_like(sigmas)
+    if sampler.startswith("heun"):
+        mid = t_mid = None
+        calls = torch.cat([t[:1], t[1:].repeat_interleave(2)])
+        n = len(calls)
+        per_call = _per_call(sigmas)[:n + 1]  # a second call lands where the next first starts
+        sigmas_in, sigmas_to = per_call[:n], per_call[1:]
+    else:
+        if sampler.startswith("dpm2_a"):
+            following = torch.cat([sigmas[1:], sigmas.new_zeros(1)])
+            up = (following**2 * (sigmas**2 - following**2) / sigmas**2) ** 0.5
+            # At most the next sigma, as k-diffusion's get_ancestral_step: where rounding puts
+            # it above (huge sigmas, squared-cosine betas), diffusers' sigma_down is NaN.
+            up = torch.minimum(up, following)
+            down = (following**2 - up**2) ** 0.5
+            down[-1] = 0.0
+            mid = sigmas.log().lerp(down.log(), 0.5).exp()
+            # A step all noise (sigma_down 0, k-diffusion's Euler case): NaN in diffusers; a
+            # call at sigma 0 here, whose slope the sampler does not use.
+            mid = torch.where(down > 0, mid, 0.0)
+            mid[-2:] = 0.0
+            t_mid, shift = mid[:-2], 1  # a step's second call is at its own midpoint
+        else:
+            down = sigmas  # the step lands where the next begins
+            mid = sigmas.log().lerp(sigmas.roll(1).log(), 0.5).exp()  # mid[i]: s[i - 1] to s[i]
+            t_mid, shift = mid[1:-1], 0
+        train = _train_sigmas(alphas_cumprod)
+        t_mid = torch.from_numpy(sigma_to_timestep(t_mid.numpy(), train).astype(np.float32))
+        calls = torch.cat([t[:1], torch.stack([t_mid, t[1:]], dim=1).flatten()])
+        s_call, mid_call = _per_call(sigmas), _per_call(mid)
+        down_call, up_call = _per_call(down), _per_call(up)
+        n = len(calls)
+        first = torch.arange(n) % 2 == 0
+        # First calls (c even) start at s[c] and step to the midpoint; second calls are at the
+        # midpoint, and their step, from the first call's sigma, lands on s' (or sigma_down).
+        sigmas_in = torch.where(first, s_call[:n], mid_call[torch.arange(n) - shift])
+        sigmas_to = torch.where(first, mid_call[torch.arange(n) + 1 - shift],
+                                (down_call if shift else s_call)[torch.arange(n) - shift])
+        up = torch.where(first, 0.0, up_call[torch.arange(n) - 1])
+        per_call = s_call[:n + 1]
+    f32 = {"dtype": torch.float32, "device": device}
+    top = sigmas.max()
+    init = top if cfg.timestep_spacing in ("linspace", "trailing") else (top**2 + 1) ** 0.5
+    first_call = 2 * start
+    ancestral = sampler.startswith("dpm2_a")
+    return Schedule(sampler, cfg, calls[first_call:].to(device), float(init),
+                    sigmas=per_call[first_call:].to(**f32),
+                    sigmas_in=sigmas_in[first_call:].to(**f32),
+                    sigmas_to=sigmas_to[first_call:].to(**f32),
+                    sigmas_up=up[first_call:].to(**f32) if ancestral else None,
+                    noise_draws=(len(calls) - first_call) // 2 if ancestral else 0)
 
 
 def _dpm_tables(cfg, alphas_cumprod, steps):
@@ -562,8 +676,8 @@ def _edm_schedule(cfg, sampler, steps, start, device) -> Schedule:
 
 
 def _img2img_start(steps: int, strength: float) -> int:
-    """How many leading steps image-to-image skips (diffusers' img2img ``get_timesteps``; every
-    scheduler here has order 1, so steps and calls are skipped alike)."""
+    """How many leading steps image-to-image skips (diffusers' img2img ``get_timesteps``; a
+    two-call sampler skips two calls a step, ``_two_call_schedule``)."""
     init_timestep = min(int(steps * strength), steps)
     return max(steps - init_timestep, 0)
 
@@ -609,7 +723,8 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_inference_steps: int, 
         if cfg.prediction_type == "sample":
             raise SdrtError(f"an EDM model ({cfg.class_name}) predicts epsilon or "
                             f"v_prediction, not 'sample' (as diffusers' EDM schedulers)")
-    if cfg.prediction_type == "sample" and sampler in ("pndm", "euler_a"):
+    if cfg.prediction_type == "sample" and (sampler in ("pndm", "euler_a")
+                                            or sampler.startswith("dpm2")):
         raise SdrtError(f"sampler {sampler} does not support prediction_type 'sample' (neither does "
                         f"diffusers' {SAMPLER_CLASSES[sampler]}); pick ddim, euler or dpmpp_2m")
     if sampler == "pndm" and not cfg.skip_prk_steps and steps < 4:
@@ -638,8 +753,10 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_inference_steps: int, 
         sched = Schedule(sampler, cfg, torch.from_numpy(calls).to(device), 1.0,
                          alphas_cumprod=alphas_cumprod.to(device), alphas=torch.tensor(alphas, **f32),
                          alphas_prev=torch.tensor(prev, **f32), prk_calls=prk_calls)
-    elif sampler in ("euler", "euler_a"):
-        tables = _euler_tables if sampler == "euler" else _euler_a_tables
+    elif sampler in TWO_CALL_SAMPLERS:
+        sched = _two_call_schedule(cfg, sampler, alphas_cumprod, steps, start, device)
+    elif sampler in ("euler", "euler_karras", "euler_a"):
+        tables = _euler_a_tables if sampler == "euler_a" else _euler_tables
         timesteps, sigmas = tables(cfg, alphas_cumprod, steps)
         # diffusers' init_noise_sigma: sigma_max, except on "leading" grids where it is
         # sqrt(sigma_max^2 + 1), the std of x0 + sigma_max * eps for unit-variance x0.
@@ -655,8 +772,10 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_inference_steps: int, 
         # takes a first-order step last in those cases.
         last_first_order = (cfg.euler_at_final or (cfg.lower_order_final and n < 15)
                             or cfg.final_sigmas_type == "zero")
+        sde = sampler.startswith("dpmpp_2m_sde")  # one unit-noise draw per step
         sched = Schedule(sampler, cfg, timesteps[start:].to(device), 1.0,
-                         sigmas=sigmas[start:].to(**f32), final_step_first_order=last_first_order)
+                         sigmas=sigmas[start:].to(**f32), final_step_first_order=last_first_order,
+                         noise_draws=len(timesteps[start:]) if sde else 0)
     if len(sched.timesteps) == 0:
         raise SdrtError(f"{sampler} with {steps} steps and strength {strength} leaves no denoising "
                         f"step; raise steps or strength")

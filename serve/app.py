@@ -34,7 +34,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sdrt.engine.errors import SdrtError
 from sdrt.engine.hires import IMAGE_UPSCALERS, LATENT_UPSCALERS
-from sdrt.engine.infotext import SAMPLER_ALIASES, SAMPLER_LABELS, Infotext, png_bytes, sampler_id
+from sdrt.engine.infotext import (SAMPLER_ALIASES, SAMPLER_LABELS, SCHEDULE_TYPES, Infotext,
+                                  png_bytes, sampler_id)
 from sdrt.engine.request import MAX_SEED, SAMPLER_NAMES, GenerationRequest, Limits, short_repr
 
 from . import schemas
@@ -55,7 +56,8 @@ _A1111_NAMES = {"num_inference_steps": "steps", "guidance_scale": "cfg_scale",
                 "clip_skip": "override_settings.CLIP_stop_at_last_layers"}
 _ENDPOINTS = ("/v1/images/generations", "/v1/images/edits", "/sdapi/v1/txt2img",
               "/sdapi/v1/img2img", "/sdapi/v1/upscalers", "/sdapi/v1/latent-upscale-modes",
-              "/sdapi/v1/options", "/sdapi/v1/samplers", "/sdapi/v1/sd-models",
+              "/sdapi/v1/options", "/sdapi/v1/samplers", "/sdapi/v1/schedulers",
+              "/sdapi/v1/sd-models",
               "/sdapi/v1/loras", "/prompt", "/view", "/queue", "/upload/image", "/health",
               "/metrics")
 _OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/docs/oauth2-redirect")
@@ -215,16 +217,29 @@ class Server:
                                 f"uses {name} + i), got {base}", "bad_request", name)
         return [base + i for i in range(n)]
 
-    def sampler(self, name, field):
-        if name is None:
+    def sampler(self, name, field, schedule_type=None, schedule_field="scheduler"):
+        """The sdrt sampler an A1111 sampler name and schedule type (1.9's ``scheduler``) ask
+        for; None for the model's own. A schedule type without a sampler applies to the
+        model's own sampler."""
+        if name is None and sampler_id("euler", schedule_type) == "euler":  # none, Automatic
             return None
-        sid = sampler_id(name)
-        if sid is None:
+        sid = sampler_id(name) if name is not None else None
+        if name is not None and sid is None:
             labels = ", ".join(SAMPLER_LABELS[s] for s in SAMPLER_NAMES)
             raise ApiError(400, f"{field} must be one of {labels} (or sdrt's "
                                 f"{', '.join(SAMPLER_NAMES)}), got {short_repr(name)}",
                            "bad_request", field)
-        return sid
+        if name is None:
+            from sdrt.engine.samplers import default_sampler
+            sid = default_sampler(self.runner.pipe.scheduler_config)
+        if sampler_id(sid, schedule_type) is None:
+            if sampler_id("euler", schedule_type) is None:
+                reason = f"must be {' or '.join(SCHEDULE_TYPES)}"
+            else:
+                reason = f"Karras has no variant of sampler {SAMPLER_LABELS[sid]}; use Automatic"
+            raise ApiError(400, f"{schedule_field} {reason}, got {short_repr(schedule_type)}",
+                           "bad_request", schedule_field)
+        return sampler_id(sid, schedule_type)
 
 
 # -- the app ---------------------------------------------------------------------------------------
@@ -427,7 +442,8 @@ def create_app(config: ServeConfig = None) -> FastAPI:
         server.require_ready()
         t0 = time.perf_counter()
         _check_unsupported(body)
-        sampler = server.sampler(body.sampler_name or body.sampler_index, "sampler_name")
+        sampler = server.sampler(body.sampler_name or body.sampler_index, "sampler_name",
+                                 body.scheduler)
         clip_skip = _clip_skip(body.override_settings,
                                min(e.config.num_hidden_layers for e in
                                    server.runner.pipe.text_encoders.values()))
@@ -552,6 +568,15 @@ def create_app(config: ServeConfig = None) -> FastAPI:
     async def samplers():
         return [schemas.SamplerItem(name=SAMPLER_LABELS[s], aliases=[s, *SAMPLER_ALIASES[s]])
                 for s in SAMPLER_NAMES]
+
+    @app.get("/sdapi/v1/schedulers", response_model=list[schemas.SchedulerItem],
+             tags=["AUTOMATIC1111"])
+    async def schedulers():
+        """A1111 1.9's schedule types (``scheduler``) sdrt has: the sampler's own spacing, and
+        Karras sigmas for the samplers with a Karras variant."""
+        return [schemas.SchedulerItem(name=label.lower(), label=label,
+                                      default_rho=7.0 if label == "Karras" else -1.0)
+                for label in SCHEDULE_TYPES]
 
     @app.get("/sdapi/v1/sd-models", response_model=list[schemas.SdModelItem],
              tags=["AUTOMATIC1111"])
@@ -835,12 +860,20 @@ def _hires(server, body, req):
              "strength": "denoising_strength", "resize_x": "hr_resize_x",
              "resize_y": "hr_resize_y", "sampler": "hr_sampler_name", "prompt": "hr_prompt",
              "negative_prompt": "hr_negative_prompt"}
+    # A1111 1.9: the second pass's sampler and schedule type, each the first pass's unless
+    # given (no hr_sampler: the first pass's sampler, its schedule type applied).
+    hr_sampler, hr_scheduler = body.hr_sampler_name or None, body.hr_scheduler
+    if hr_scheduler in (None, "Use same scheduler"):
+        hr_scheduler = body.scheduler if hr_sampler else None
+    elif hr_sampler is None:
+        hr_sampler = body.sampler_name or body.sampler_index
     try:
         hires = Hires(scale=body.hr_scale, upscaler=body.hr_upscaler or "Latent",
                       steps=body.hr_second_pass_steps,
                       strength=_given(body.denoising_strength, 0.75),
                       resize_x=body.hr_resize_x, resize_y=body.hr_resize_y,
-                      sampler=server.sampler(body.hr_sampler_name or None, "hr_sampler_name"),
+                      sampler=server.sampler(hr_sampler, "hr_sampler_name", hr_scheduler,
+                                             "hr_scheduler"),
                       prompt=body.hr_prompt, negative_prompt=body.hr_negative_prompt,
                       ).check(names, server.limits.max_side, server.limits.max_steps)
     except SdrtError as e:

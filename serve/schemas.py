@@ -74,6 +74,8 @@ class A1111Request(BaseModel):
     seed: int = Field(-1, description="-1: random; the i-th image uses seed + i")
     sampler_name: Optional[str] = Field(None, description="an A1111 label, e.g. 'Euler a'")
     sampler_index: Optional[str] = Field(None, description="older name of sampler_name")
+    scheduler: Optional[str] = Field(None, description="A1111 1.9's schedule type: Automatic "
+                                                       "(the sampler's own) or Karras")
     batch_size: int = 1
     n_iter: int = 1
     steps: Optional[int] = None
@@ -111,6 +113,9 @@ class Txt2ImgRequest(A1111Request):
     hr_resize_x: int = 0
     hr_resize_y: int = 0
     hr_sampler_name: Optional[str] = Field(None, description="null or '': sampler_name")
+    hr_scheduler: Optional[str] = Field(None, description="the second pass's schedule type "
+                                                          "(Automatic, Karras or Use same "
+                                                          "scheduler)")
     hr_prompt: str = ""
     hr_negative_prompt: str = ""
     hr_checkpoint_name: Optional[str] = Field(None, description="null, '' or 'Use same "
@@ -154,6 +159,15 @@ class SamplerItem(BaseModel):
     name: str
     aliases: List[str]
     options: Dict[str, str] = {}
+
+
+class SchedulerItem(BaseModel):
+    """As A1111's ``GET /sdapi/v1/schedulers``."""
+    name: str
+    label: str
+    aliases: Optional[List[str]] = None
+    default_rho: float = -1.0
+    need_inner_model: bool = False
 
 
 class UpscalerItem(BaseModel):

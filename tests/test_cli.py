@@ -541,6 +541,31 @@ def test_from_png_regenerates_the_same_image(tmp_path, capsys):
     assert not np.array_equal(_pixels(out), _pixels(other))
 
 
+def test_from_png_reads_a1111_schedule_type(tmp_path, capsys):
+    # A1111 1.9 on writes the sampler and its schedule type apart; sdrt writes its pair back
+    # as the one label older A1111 wrote ("DPM++ 2M SDE Karras"), which newer ones split.
+    from PIL.PngImagePlugin import PngInfo
+
+    def made_by_a1111(schedule_type):
+        meta = PngInfo()
+        meta.add_text("parameters", "a fox\nSteps: 2, Sampler: DPM++ 2M SDE, Schedule type: "
+                      f"{schedule_type}, CFG scale: 5, Seed: 3, Size: 64x48")
+        path = tmp_path / f"{schedule_type}.png"
+        Image.new("RGB", (64, 48)).save(path, pnginfo=meta)
+        return path
+
+    out = tmp_path / "o.png"
+    code, _, err = _run(["generate", "--from-png", str(made_by_a1111("Karras")), "-o",
+                         str(out)], capsys)
+    assert code == 0, err
+    assert "Sampler: DPM++ 2M SDE Karras," in _parameters(out), _parameters(out)
+    code, _, err = _run(["generate", "--from-png", str(made_by_a1111("Exponential")), "-o",
+                         str(tmp_path / "e.png")], capsys)
+    assert code == 2 and len(_stderr_lines(err)) == 1, err
+    assert "Sampler 'DPM++ 2M SDE' with Schedule type 'Exponential' is not a value --sampler " \
+           "takes" in err, err
+
+
 def test_from_png_refuses_an_image_without_png_info(tmp_path, capsys):
     plain = tmp_path / "plain.png"
     Image.new("RGB", (8, 8)).save(plain)

@@ -119,4 +119,22 @@ def test_sampler_labels_and_aliases():
         assert sampler_id(sid) == sid
     assert sampler_id("k_euler_a") == "euler_a"
     assert sampler_id("PLMS") == "pndm"
-    assert sampler_id("Heun") is None and sampler_id(None) is None
+    assert sampler_id("k_dpm_2_a_ka") == "dpm2_a_karras"
+    assert sampler_id("LMS") is None and sampler_id(None) is None
+
+
+@pytest.mark.parametrize("label,schedule_type,expected", [
+    ("DPM++ 2M", "Karras", "dpmpp_2m_karras"),    # A1111 1.9+: the pair
+    ("DPM++ 2M Karras", "Karras", "dpmpp_2m_karras"),  # the old label with it
+    ("DPM++ 2M SDE", "karras", "dpmpp_2m_sde_karras"),
+    ("Euler", "Karras", "euler_karras"),
+    ("DPM2 a", "Automatic", "dpm2_a"),
+    ("Heun", None, "heun"),
+    ("Heun", "", "heun"),
+    ("Euler a", "Karras", None),  # no Karras variant
+    ("Euler", "Exponential", None),  # a schedule type sdrt does not have
+    ("LMS", "Karras", None),
+    ("Euler", 3, None),
+])
+def test_sampler_with_schedule_type(label, schedule_type, expected):
+    assert sampler_id(label, schedule_type) == expected

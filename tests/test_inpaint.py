@@ -42,11 +42,15 @@ def plain(tiny_sd1):
 
 def _scheduler(ref, sampler):
     from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                           EulerAncestralDiscreteScheduler, PNDMScheduler)
+                           EulerAncestralDiscreteScheduler, HeunDiscreteScheduler,
+                           KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, PNDMScheduler)
     cls = {"ddim": DDIMScheduler, "pndm": PNDMScheduler, "euler": EulerDiscreteScheduler,
-           "euler_a": EulerAncestralDiscreteScheduler,
-           "dpmpp_2m": DPMSolverMultistepScheduler}[sampler]
-    return cls.from_config(ref.original_scheduler_config)
+           "euler_a": EulerAncestralDiscreteScheduler, "heun": HeunDiscreteScheduler,
+           "dpm2": KDPM2DiscreteScheduler, "dpm2_a": KDPM2AncestralDiscreteScheduler,
+           "dpmpp_2m": DPMSolverMultistepScheduler, "dpmpp_2m_sde": DPMSolverMultistepScheduler,
+           }[sampler]
+    sde = {"algorithm_type": "sde-dpmsolver++"} if sampler == "dpmpp_2m_sde" else {}
+    return cls.from_config(ref.original_scheduler_config, **sde)
 
 
 def _image(seed, size=(24, 16)):
@@ -75,14 +79,16 @@ def _both(pair, sampler, **kw):
 
 
 @pytest.mark.parametrize("sampler,strength", [("ddim", 1.0), ("euler", 0.7), ("euler_a", 1.0),
-                                              ("dpmpp_2m", 0.6), ("pndm", 1.0)])
+                                              ("dpmpp_2m", 0.6), ("pndm", 1.0), ("heun", 0.7),
+                                              ("dpm2_a", 1.0)])
 def test_inpainting_unet_matches_diffusers(inpainting, sampler, strength):
     got, expected = _both(inpainting, sampler, strength=strength)
     assert_close_abs(got, expected, IMAGE_ATOL, f"9-channel inpaint {sampler} {strength}")
 
 
 @pytest.mark.parametrize("sampler,strength", [("ddim", 1.0), ("euler_a", 0.75),
-                                              ("dpmpp_2m", 1.0), ("pndm", 0.8)])
+                                              ("dpmpp_2m", 1.0), ("pndm", 0.8), ("dpm2", 0.75),
+                                              ("dpmpp_2m_sde", 0.8), ("heun", 1.0)])
 def test_plain_unet_inpaint_matches_diffusers(plain, sampler, strength):
     got, expected = _both(plain, sampler, strength=strength)
     assert_close_abs(got, expected, IMAGE_ATOL, f"4-channel inpaint {sampler} {strength}")

@@ -16,11 +16,14 @@ def _diffusers_scheduler(ref, sampler):
     """The diffusers scheduler a sampler name stands for, from the folder's own scheduler config
     (never from whatever scheduler an earlier test left on the shared reference pipeline)."""
     from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                           PNDMScheduler)
+                           HeunDiscreteScheduler, KDPM2DiscreteScheduler, PNDMScheduler)
     cls, kw = {"ddim": (DDIMScheduler, {}), "pndm": (PNDMScheduler, {}),
                "euler": (EulerDiscreteScheduler, {}),
                "dpmpp_2m": (DPMSolverMultistepScheduler, {"use_karras_sigmas": False}),
                "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+               "euler_karras": (EulerDiscreteScheduler, {"use_karras_sigmas": True}),
+               "heun": (HeunDiscreteScheduler, {}),
+               "dpm2_karras": (KDPM2DiscreteScheduler, {"use_karras_sigmas": True}),
                }[sampler]
     return cls.from_config(ref.original_scheduler_config, **kw)
 
@@ -39,7 +42,8 @@ def _assert_lively(image, what):
     assert image.std() > 0.01 and inside > 0.5, f"{what}: reference image is degenerate"
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "pndm", "euler", "dpmpp_2m", "dpmpp_2m_karras"])
+@pytest.mark.parametrize("sampler", ["ddim", "pndm", "euler", "dpmpp_2m", "dpmpp_2m_karras",
+                                     "euler_karras", "heun", "dpm2_karras"])
 def test_txt2img_matches_diffusers(pipes, sampler):
     family, ours, ref = pipes
     ref.scheduler = _diffusers_scheduler(ref, sampler)

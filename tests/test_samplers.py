@@ -85,9 +85,20 @@ def _diffusers_scheduler(sampler, cfg):
         "ddim": ("DDIMScheduler", {}),
         "pndm": ("PNDMScheduler", {}),
         "euler": ("EulerDiscreteScheduler", {}),
+        "euler_karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
         "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+        "heun": ("HeunDiscreteScheduler", {}),
+        "heun_karras": ("HeunDiscreteScheduler", {"use_karras_sigmas": True}),
+        "dpm2": ("KDPM2DiscreteScheduler", {}),
+        "dpm2_karras": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}),
+        "dpm2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+        "dpm2_a_karras": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}),
         "dpmpp_2m": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": False}),
         "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+        "dpmpp_2m_sde": ("DPMSolverMultistepScheduler",
+                         {"use_karras_sigmas": False, "algorithm_type": "sde-dpmsolver++"}),
+        "dpmpp_2m_sde_karras": ("DPMSolverMultistepScheduler",
+                                {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"}),
     }[sampler]
     cls = getattr(diffusers, name)
     with warnings.catch_warnings():
@@ -165,11 +176,15 @@ def _compare(sampler, cfg, steps, x0=None, strength=1.0, gen_seed=None):
     ref_model, ref_x, ref_sigma = _run_diffusers(sampler, cfg, steps, noise, x0, strength, gens[0])
     our_model, our_x, sched = _run_ours(sampler, cfg, steps, noise, x0, strength, gens[1])
     ref_t = torch.stack([t for _, t in ref_model.calls])
+    if sampler.startswith("dpm2") and ref_t.dtype == torch.float64:
+        # KDPM2 keeps rounded Karras timesteps in float64; the UNet's timestep embedding
+        # reads them as float32 (diffusers' get_timestep_embedding), as sdrt holds them.
+        ref_t = ref_t.float()
     our_t = torch.stack([t for _, t in our_model.calls])
     assert our_t.dtype == ref_t.dtype, f"timestep dtype {our_t.dtype} vs diffusers {ref_t.dtype}"
     assert torch.equal(our_t, ref_t), \
         f"timesteps differ:\n ours      {our_t.tolist()}\n diffusers {ref_t.tolist()}"
-    assert torch.equal(sched.timesteps, ref_t), "sched.timesteps is not the list of model calls"
+    assert torch.equal(sched.timesteps, our_t), "sched.timesteps is not the list of model calls"
     if x0 is None:
         assert sched.init_noise_sigma == pytest.approx(ref_sigma, rel=1e-6), \
             f"init_noise_sigma {sched.init_noise_sigma} vs diffusers {ref_sigma}"
@@ -249,6 +264,106 @@ def test_img2img_matches_diffusers(sampler, config, steps, strength):
              gen_seed=11 if sampler == "euler_a" else None)
 
 
+# --- Heun, DPM2 (two calls a step), DPM++ 2M SDE, Karras variants ------------------------------
+
+TWO_CALL = ("heun", "heun_karras", "dpm2", "dpm2_karras")
+NOISY = ("dpm2_a", "dpm2_a_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras")
+
+
+def _diverges(sampler, config, steps):
+    """Where diffusers cannot be the reference: why, or None."""
+    if config == "zsnr_cosine" and sampler.endswith("_karras"):
+        # Squared-cosine betas: the first Karras timesteps can repeat (see
+        # test_dpm_karras_repeated_first_timestep); KDPM2 then starts at the second
+        # occurrence, DPM-Solver runs off its sigmas. Checked below to run finitely.
+        t = make_schedule(SchedulerConfig.from_dict(EXTRA_CONFIGS[config]), sampler,
+                          steps).timesteps
+        step_starts = t[0::2] if sampler.startswith("dpm2") else t
+        if len(step_starts) > 1 and step_starts[0] == step_starts[1]:
+            return "repeated first timestep"
+    if sampler.startswith("dpm2_a"):
+        sched = make_schedule(SchedulerConfig.from_dict({**CONFIGS, **EXTRA_CONFIGS}[config]),
+                              sampler, steps)
+        if (sched.sigmas_in[1::2] == 0).any():
+            return "a sigma_down of 0, diffusers' midpoint NaN"
+    return None
+
+
+@pytest.mark.parametrize("steps", [1, 4, 10, 25])
+@pytest.mark.parametrize("config", list(CONFIGS) + list(EXTRA_CONFIGS))
+@pytest.mark.parametrize("sampler", ("euler_karras",) + TWO_CALL + NOISY)
+def test_k_samplers_match_diffusers(sampler, config, steps):
+    # Heun and KDPM2 lay out 2 * steps - 1 calls; their second calls' timesteps, KDPM2's
+    # interpolated in log sigma, are compared exactly. The noisy ones draw the same noise
+    # from the same seed on both sides.
+    cfg = {**CONFIGS, **EXTRA_CONFIGS}[config]
+    if cfg.get("prediction_type") == "sample" and sampler.startswith("dpm2"):
+        with pytest.raises(SdrtError, match="prediction_type 'sample'"):
+            make_schedule(SchedulerConfig.from_dict(cfg), sampler, steps)
+        return
+    seed = 5 if sampler in NOISY else None
+    if _diverges(sampler, config, steps):
+        sched = make_schedule(SchedulerConfig.from_dict(cfg), sampler, steps)
+        x = sample(sampler, LinearModel(), sched.noise_latents(_latents(1)), sched,
+                   generator=torch.Generator().manual_seed(5) if seed else None)
+        assert torch.isfinite(x).all(), f"{_diverges(sampler, config, steps)}: not finite"
+        return
+    _compare(sampler, cfg, steps, gen_seed=seed)
+
+
+@pytest.mark.parametrize("steps,strength", [(10, 0.75), (25, 0.3), (4, 1.0)])
+@pytest.mark.parametrize("config", ["sd15", "turbo", "sd21"])
+@pytest.mark.parametrize("sampler", ("euler_karras",) + TWO_CALL + NOISY)
+def test_k_samplers_img2img_match_diffusers(sampler, config, steps, strength):
+    # A two-call sampler skips two calls a skipped step (diffusers' order 2).
+    _compare(sampler, CONFIGS[config], steps, x0=0.5 * _latents(7), strength=strength,
+             gen_seed=3 if sampler in NOISY else None)
+
+
+def test_two_call_layout():
+    sched = make_schedule(SchedulerConfig.from_dict(CONFIGS["sd15"]), "dpm2", 6)
+    assert len(sched.timesteps) == 11 and len(sched.sigmas) == 12
+    assert (sched.sigmas_in > 0).all() and sched.sigmas_to[-1] == 0
+    # Second calls sit at the geometric mean of their step's sigmas.
+    steps = sched.sigmas_in[0::2]
+    mid = (steps[:-1] * steps[1:]) ** 0.5
+    assert torch.allclose(sched.sigmas_in[1::2], mid, rtol=1e-5)
+    with pytest.raises(SdrtError, match="cannot run part of its schedule"):
+        sched.window(0, 4)
+
+
+@pytest.mark.parametrize("sampler", NOISY)
+def test_noisy_samplers_predrawn_noise(sampler):
+    # The static runtime's pre-drawn noise, in draw order, gives the generator's result.
+    sched = make_schedule(SchedulerConfig.from_dict(CONFIGS["sd15"]), sampler, 5)
+    x = sched.noise_latents(_latents(2))
+    assert sched.noise_draws == (4 if sampler.startswith("dpm2_a") else 5)
+    g = torch.Generator().manual_seed(9)
+    noise = torch.stack([torch.randn(x.shape, generator=g) for _ in range(sched.noise_draws)])
+    a = sample(sampler, LinearModel(), x, sched, generator=torch.Generator().manual_seed(9))
+    b = sample(sampler, LinearModel(), x, sched, noise=noise)
+    assert torch.equal(a, b), f"pre-drawn noise differs by {(a - b).abs().max().item():.3g}"
+    c = sample(sampler, LinearModel(), x, sched, generator=torch.Generator().manual_seed(10))
+    assert (a - c).abs().max() > 1e-3, "the noise does not reach the result"
+
+
+@pytest.mark.parametrize("class_name", ["HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
+                                        "LCMScheduler", "EulerDiscreteScheduler"])
+def test_class_beta_defaults(class_name):
+    # A config without its betas takes the sampler class's defaults (Heun's and KDPM2's are
+    # SD's 0.00085..0.012, LCM's also scaled_linear), as XScheduler.from_config does.
+    diffusers = pytest.importorskip("diffusers")
+    sampler = default_sampler(SchedulerConfig.from_dict({"_class_name": class_name}))
+    ours = make_schedule(SchedulerConfig.from_dict({"_class_name": class_name}), sampler, 4)
+    theirs = getattr(diffusers, class_name)()
+    theirs.set_timesteps(4)
+    if ours.sigmas is not None:
+        assert torch.allclose(ours.sigmas, theirs.sigmas[:len(ours.sigmas)].float(), rtol=1e-6)
+    else:
+        assert torch.equal(ours.timesteps, theirs.timesteps)
+        assert torch.allclose(ours.alphas, theirs.alphas_cumprod[theirs.timesteps], rtol=1e-6)
+
+
 # --- euler_a ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("config", ["sd15", "turbo", "sd21"])
@@ -312,6 +427,12 @@ def test_low_precision_input_keeps_dtype():
     ("EulerAncestralDiscreteScheduler", {}, "euler_a"),
     ("DPMSolverMultistepScheduler", {}, "dpmpp_2m"),
     ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "dpmpp_2m_karras"),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, "dpmpp_2m_sde"),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++",
+                                     "use_karras_sigmas": True}, "dpmpp_2m_sde_karras"),
+    ("HeunDiscreteScheduler", {"use_karras_sigmas": True}, "heun"),  # honours karras itself
+    ("KDPM2DiscreteScheduler", {}, "dpm2"),
+    ("KDPM2AncestralDiscreteScheduler", {}, "dpm2_a"),
 ])
 def test_default_sampler(class_name, extra, expected):
     cfg = SchedulerConfig.from_dict({"_class_name": class_name, **_SD_BETAS, **extra})
@@ -325,7 +446,6 @@ def test_default_sampler_unknown_class_warns():
 
 
 @pytest.mark.parametrize("extra,settings", [
-    ({"algorithm_type": "sde-dpmsolver++"}, "algorithm_type='sde-dpmsolver++'"),
     ({"algorithm_type": "dpmsolver"}, "algorithm_type='dpmsolver'"),
     ({"solver_order": 3, "solver_type": "heun"}, "solver_order=3, solver_type='heun'"),
 ])
@@ -350,8 +470,9 @@ def test_from_file(tmp_path):
     cfg = SchedulerConfig.from_file(path)
     assert cfg.class_name == "PNDMScheduler" and cfg.steps_offset == 1 and cfg.skip_prk_steps
     assert cfg.timestep_spacing is None, "absent field must stay unset for the class default"
-    assert SAMPLERS == ("ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras",
-                        "lcm")
+    assert SAMPLERS == ("ddim", "pndm", "euler", "euler_karras", "euler_a", "heun", "heun_karras",
+                        "dpm2", "dpm2_karras", "dpm2_a", "dpm2_a_karras", "dpmpp_2m",
+                        "dpmpp_2m_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "lcm")
 
 
 @pytest.mark.parametrize("content,match", [
@@ -384,7 +505,7 @@ def test_from_file_errors(tmp_path, content, match):
 
 
 @pytest.mark.parametrize("sampler,steps,strength,match", [
-    ("heun", 10, 1.0, "unknown sampler.*ddim, pndm"),
+    ("lms", 10, 1.0, "unknown sampler.*ddim, pndm"),
     ("ddim", 0, 1.0, "steps"),
     ("ddim", 1001, 1.0, "steps"),     # more steps than training timesteps
     ("euler", 10, 0.0, "strength"),
@@ -392,6 +513,8 @@ def test_from_file_errors(tmp_path, content, match):
     ("euler", 10, 0.05, "no denoising step"),  # int(10 * 0.05) = 0 steps left
     ("pndm", 10, 1.0, "prediction_type 'sample'"),
     ("euler_a", 10, 1.0, "prediction_type 'sample'"),
+    ("dpm2", 10, 1.0, "prediction_type 'sample'"),
+    ("dpm2_a_karras", 10, 1.0, "prediction_type 'sample'"),
 ])
 def test_make_schedule_errors(sampler, steps, strength, match):
     cfg = SchedulerConfig.from_dict({**CONFIGS["sd15"],

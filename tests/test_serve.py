@@ -418,6 +418,40 @@ def test_a1111_samplers_and_models(main_server):
     assert options["sd_model_checkpoint"] == models[0]["title"]
 
 
+def test_a1111_schedule_types(main_server, ref_pipe):
+    # A1111 1.9 sends a sampler and a schedule type apart: the pair is the old "X Karras"
+    # label, and the PNG info writes it so. A hires pass takes the first pass's pair, or its
+    # own.
+    url, _ = main_server
+    schedulers = httpx.get(f"{url}/sdapi/v1/schedulers", timeout=TIMEOUT).json()
+    assert [(s["name"], s["label"]) for s in schedulers] == [("automatic", "Automatic"),
+                                                             ("karras", "Karras")]
+    base = {"prompt": "a fox", "seed": 9, "steps": 3, "width": 32, "height": 32,
+            "cfg_scale": 6}
+
+    def run(**fields):
+        r = httpx.post(f"{url}/sdapi/v1/txt2img", json={**base, **fields}, timeout=TIMEOUT)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    pair = run(sampler_name="DPM++ 2M SDE", scheduler="Karras")
+    infotext = json.loads(pair["info"])["infotexts"][0]
+    assert "Sampler: DPM++ 2M SDE Karras," in infotext, infotext
+    assert_same_image(png(pair["images"][0]),
+                      reference(ref_pipe, "a fox", 9, (32, 32), 3, 6.0,
+                                sampler="dpmpp_2m_sde_karras"), "DPM++ 2M SDE + Karras")
+    assert run(sampler_name="DPM++ 2M SDE Karras")["images"] == pair["images"]
+    automatic = run(sampler_name="Heun", scheduler="Automatic")
+    assert_same_image(png(automatic["images"][0]),
+                      reference(ref_pipe, "a fox", 9, (32, 32), 3, 6.0, sampler="heun"),
+                      "Heun")
+    hires = run(sampler_name="DPM2", scheduler="Karras", enable_hr=True, hr_scale=1.5,
+                hr_second_pass_steps=2, hr_sampler_name="Euler", hr_scheduler="Karras")
+    infotext = json.loads(hires["info"])["infotexts"][0]
+    assert "Sampler: DPM2 Karras," in infotext and "Hires sampler: Euler Karras" in infotext, \
+        infotext
+
+
 # -- the scheduler -----------------------------------------------------------------------------
 
 def test_concurrent_mixed_requests_batch_without_changing_images(main_server, ref_pipe):
@@ -571,7 +605,7 @@ MALFORMED = [  # (endpoint, body: dict or raw bytes, what the message must name)
     (GEN, {"prompt": "a", "size": 64}, "size"),
     (GEN, {"prompt": "a", "response_format": "url"}, "response_format"),
     (GEN, {"prompt": "a", "response_format": "jpeg"}, "response_format"),
-    (GEN, {"prompt": "a", "sampler": "heun"}, "sampler"),
+    (GEN, {"prompt": "a", "sampler": "lms"}, "sampler"),
     (GEN, b'{"prompt": "a", "guidance_scale": NaN}', "guidance_scale"),
     (GEN, b'{"prompt": "a", "guidance_scale": Infinity}', "guidance_scale"),
     (GEN, {"prompt": "a", "guidance_scale": -1}, "guidance_scale"),
@@ -586,7 +620,11 @@ MALFORMED = [  # (endpoint, body: dict or raw bytes, what the message must name)
     (GEN, b"[1, 2]", "request body"),
     (GEN, b"", "request body"),
     (T2I, {"prompt": "a", "cfg_scale": "7"}, "cfg_scale"),
-    (T2I, {"prompt": "a", "sampler_name": "Heun"}, "sampler_name"),
+    (T2I, {"prompt": "a", "sampler_name": "LMS"}, "sampler_name"),
+    (T2I, {"prompt": "a", "sampler_name": "Euler a", "scheduler": "Karras"}, "scheduler"),
+    (T2I, {"prompt": "a", "sampler_name": "Euler", "scheduler": "Exponential"}, "scheduler"),
+    (T2I, {"prompt": "a", "scheduler": "Align Your Steps"}, "scheduler"),
+    (T2I, {"prompt": "a", "scheduler": 7}, "scheduler"),
     (T2I, {"prompt": "a", "width": 65, "height": 64}, "width"),
     (T2I, {"prompt": "a", "batch_size": 0}, "batch_size"),
     (T2I, {"prompt": "a", "batch_size": 40, "n_iter": 40}, "batch_size"),
@@ -605,7 +643,8 @@ MALFORMED = [  # (endpoint, body: dict or raw bytes, what the message must name)
     (T2I, {"prompt": "a", "enable_hr": True, "hr_upscaler": "4x-UltraSharp"}, "hr_upscaler"),
     (T2I, {"prompt": "a", "enable_hr": True, "hr_scale": 0.5}, "hr_scale"),
     (T2I, {"prompt": "a", "enable_hr": True, "hr_resize_x": 5000}, "hr_resize_x"),
-    (T2I, {"prompt": "a", "enable_hr": True, "hr_sampler_name": "Heun"}, "hr_sampler_name"),
+    (T2I, {"prompt": "a", "enable_hr": True, "hr_sampler_name": "LMS"}, "hr_sampler_name"),
+    (T2I, {"prompt": "a", "enable_hr": True, "hr_scheduler": "Beta"}, "hr_scheduler"),
     (T2I, {"prompt": "a", "enable_hr": True, "hr_checkpoint_name": "other.safetensors"},
      "hr_checkpoint_name"),
     (T2I, {"prompt": "a", "enable_hr": True, "denoising_strength": 0}, "denoising_strength"),
