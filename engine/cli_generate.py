@@ -92,7 +92,6 @@ def generate(a):
     else:
         from .samplers import default_sampler
         sampler = a.sampler or default_sampler(pipe.scheduler_config)
-    plans = _static_plans(a, pipe, request if init is None else None, hires)
     inpaint, masked_content = None, "original"
     if init is not None:  # the size asked for, or the image's cut to the VAE's scale factor
         f = pipe.vae_scale_factor
@@ -110,6 +109,8 @@ def generate(a):
     elif init is not None:  # A1111's resize mode
         from .images import frame_init_image
         init = frame_init_image(init, width, height, a.resize_mode)
+    plans = _static_plans(a, pipe, request, sampler, hires,
+                          None if init is None else (width, height, mask is not None))
     # Image i of a batch is drawn from its own generator, seeded seed + i, as A1111 does: its
     # PNG records that seed, and --seed with it regenerates that image alone.
     seed = request.draw_seed()
@@ -563,25 +564,28 @@ def _onnx_pipeline(a):
     return Pipeline(c, device, dtype)
 
 
-def _static_plans(a, pipe, request, hires=None):
-    """The static plans of a checked text-to-image ``request`` (None for image-to-image) and
-    of its hires fix's second pass, built on CUDA unless --no-compile; [] where the request
-    runs eagerly. Here static plans run text-to-image with the final text layer, in sdrt's
-    own networks."""
-    static = (request is not None and request.clip_skip == 0 and a.runtime == "torch"
+def _static_plans(a, pipe, request, sampler, hires=None, image=None):
+    """The static plans of a checked ``request`` run with ``sampler`` and of its hires fix's
+    second pass, built on CUDA unless --no-compile; [] where the request runs eagerly.
+    ``image``: an image-to-image request's (width, height, masked), the framed init image's
+    size and whether it inpaints; its plan runs at --strength. Static plans run with the
+    final text layer, in sdrt's own networks, the whole schedule (no refiner's hand-off)."""
+    static = (request.clip_skip == 0 and a.runtime == "torch"
               and request.denoising_end is None and pipe.device.type == "cuda")
     if a.no_compile:
         if not static:
-            warnings.warn("--no-compile does nothing here: only text-to-image on CUDA, without "
-                          "--clip-skip or --runtime onnx, runs a static plan")
+            warnings.warn("--no-compile does nothing here: only CUDA runs a static plan, and "
+                          "not with --clip-skip, --refiner or --runtime onnx")
         return []
     if not static:
         return []
     chunks = pipe.text_inputs(request.texts(), request.prompt_syntax,
                               request.texts_2()).num_chunks
-    plans = [pipe.compile(request.height, request.width, request.batch_size,
-                          request.num_inference_steps, request.sampler,
-                          guidance=request.guidance, num_chunks=chunks)]
+    width, height, masked = image or (request.width, request.height, False)
+    plans = [pipe.compile(height, width, request.batch_size, request.num_inference_steps,
+                          sampler, guidance=request.guidance, num_chunks=chunks,
+                          strength=None if image is None else request.strength,
+                          masked=masked)]
     if hires is not None:  # the second pass: one prompt per image, at the upscaled size
         width, height, _, _ = hires.target(request.width, request.height, pipe.vae_scale_factor)
         steps, _ = hires.schedule_steps(request.num_inference_steps)

@@ -15,8 +15,8 @@ from .schedules import (EDM_CLASSES, SAMPLER_CLASSES, SAMPLERS, TWO_CALL_SAMPLER
                         SchedulerConfig, make_schedule, vp_alpha_sigma)
 
 __all__ = ["SAMPLERS", "Schedule", "SchedulerConfig", "default_sampler", "make_schedule", "sample",
-           "sample_ddim", "sample_pndm", "sample_euler", "sample_euler_ancestral", "sample_two_call",
-           "sample_dpmpp_2m", "sample_lcm"]
+           "sample_ddim", "sample_pndm", "sample_euler", "sample_euler_ancestral",
+           "sample_two_call", "sample_dpmpp_2m", "sample_lcm"]
 
 
 # --- model output conversions ---------------------------------------------------------------
