@@ -43,6 +43,8 @@ SAMPLER_LABELS = {
     "dpmpp_2m_karras": "DPM++ 2M Karras",
     "dpmpp_2m_sde": "DPM++ 2M SDE",
     "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras",
+    "unipc": "UniPC",
+    "unipc_karras": "UniPC Karras",
     "lcm": "LCM",
 }
 assert set(SAMPLER_LABELS) == set(SAMPLER_NAMES)
@@ -63,6 +65,8 @@ SAMPLER_ALIASES = {
     "dpmpp_2m_karras": ("k_dpmpp_2m_ka",),
     "dpmpp_2m_sde": ("k_dpmpp_2m_sde",),
     "dpmpp_2m_sde_karras": ("k_dpmpp_2m_sde_ka",),
+    "unipc": (),
+    "unipc_karras": (),
     "lcm": (),
 }
 assert set(SAMPLER_ALIASES) == set(SAMPLER_NAMES)

@@ -11,12 +11,13 @@ import warnings
 import torch
 
 from .errors import SdrtError
-from .schedules import (EDM_CLASSES, SAMPLER_CLASSES, SAMPLERS, TWO_CALL_SAMPLERS, Schedule,
-                        SchedulerConfig, make_schedule, vp_alpha_sigma)
+from .schedules import (EDM_CLASSES, KARRAS_OFF, KARRAS_SAMPLERS, SAMPLER_CLASSES, SAMPLERS,
+                        TWO_CALL_SAMPLERS, Schedule, SchedulerConfig, make_schedule,
+                        vp_alpha_sigma)
 
 __all__ = ["SAMPLERS", "Schedule", "SchedulerConfig", "default_sampler", "make_schedule", "sample",
            "sample_ddim", "sample_pndm", "sample_euler", "sample_euler_ancestral",
-           "sample_two_call", "sample_dpmpp_2m", "sample_lcm"]
+           "sample_two_call", "sample_dpmpp_2m", "sample_unipc", "sample_lcm"]
 
 
 # --- model output conversions ---------------------------------------------------------------
@@ -285,6 +286,38 @@ def sample_dpmpp_2m(model, x, sched: Schedule, generator=None, noise=None, step_
     return x
 
 
+def sample_unipc(model, x, sched: Schedule, step_end=None):
+    """UniPC (Zhao et al. 2023), as diffusers' UniPCMultistepScheduler runs it: at each step
+    the model's output (as x0, or as the noise without predict_x0) first corrects the
+    latents the previous step predicted (UniC, reusing this call: no extra model call), then
+    a multistep predictor (UniP) extrapolates the next latents from this and earlier
+    outputs. Both are linear in the latents and the outputs; the schedule holds their
+    coefficients (``Schedule.unipc``, solved per step on the host) and orders.
+    """
+    kind = sched.config.prediction_type
+    history = []  # converted model outputs, newest first
+    x_prev = None
+    for i, t in enumerate(sched.timesteps):
+        alpha, sigma = vp_alpha_sigma(sched.sigmas[i])
+        out = model(x, t)
+        if sched.config.predict_x0:
+            m = ((x - sigma * out) / alpha if kind == "epsilon" else
+                 alpha * x - sigma * out if kind == "v_prediction" else out)
+        else:
+            m = (out if kind == "epsilon" else alpha * out + sigma * x if kind == "v_prediction"
+                 else (x - alpha * out) / sigma)
+        history = [m] + history[:sched.config.solver_order]
+        corrector, predictor = sched.unipc_orders[i]
+        c = sched.unipc[i]
+        if corrector:
+            x = c[0, 0] * x_prev + sum(c[0, 1 + k] * history[k] for k in range(corrector + 1))
+        x_prev = x
+        x = c[1, 0] * x + sum(c[1, 1 + k] * history[k] for k in range(predictor))
+        if step_end is not None:
+            x = _after_step(step_end, i, t, x)
+    return x
+
+
 def sample_lcm(model, x, sched: Schedule, generator=None, noise=None, step_end=None):
     """Multistep latent consistency sampling (Luo et al. 2023, "Latent Consistency Models",
     alg. 1; diffusers' LCMScheduler).
@@ -321,6 +354,8 @@ _SAMPLE_FNS = {
     **{name: sample_two_call for name in TWO_CALL_SAMPLERS},
     **{name: sample_dpmpp_2m for name in ("dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde",
                                           "dpmpp_2m_sde_karras")},
+    "unipc": sample_unipc,
+    "unipc_karras": sample_unipc,
     "lcm": sample_lcm,
 }
 assert set(_SAMPLE_FNS) == set(SAMPLERS)
@@ -401,6 +436,9 @@ def default_sampler(cfg: SchedulerConfig) -> str:
                           stacklevel=2)
         return sampler
     if cfg.class_name in _CLASS_SAMPLERS:
-        return _CLASS_SAMPLERS[cfg.class_name]
+        sampler = _CLASS_SAMPLERS[cfg.class_name]
+        # A sampler that does not read the config's Karras switch has its own Karras variant.
+        return (KARRAS_SAMPLERS[sampler] if cfg.use_karras_sigmas and not cfg.edm
+                and sampler in KARRAS_OFF else sampler)
     warnings.warn(f"scheduler class {cfg.class_name} has no sdrt sampler; using dpmpp_2m", stacklevel=2)
     return "dpmpp_2m"

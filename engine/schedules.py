@@ -37,6 +37,8 @@ SAMPLER_CLASSES = {
     "dpmpp_2m_karras": "DPMSolverMultistepScheduler",
     "dpmpp_2m_sde": "DPMSolverMultistepScheduler",  # algorithm_type="sde-dpmsolver++"
     "dpmpp_2m_sde_karras": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "unipc_karras": "UniPCMultistepScheduler",
     "lcm": "LCMScheduler",
 }
 # The samplers that take two model calls per step (diffusers' ``order = 2``: Heun's method and
@@ -45,7 +47,8 @@ SAMPLER_CLASSES = {
 # call alone. Their schedules count calls (2 * steps - 1).
 TWO_CALL_SAMPLERS = ("heun", "heun_karras", "dpm2", "dpm2_karras", "dpm2_a", "dpm2_a_karras")
 # ``X_karras`` is sampler X on Karras et al.'s sigmas (use_karras_sigmas=True, as A1111's "X
-# Karras"); plain X takes the config's use_karras_sigmas, except DPM-Solver's, which is off.
+# Karras"); plain X takes the config's use_karras_sigmas, except these, where it is off.
+KARRAS_OFF = ("dpmpp_2m", "dpmpp_2m_sde", "unipc")
 KARRAS_SAMPLERS = {name[:-len("_karras")]: name for name in SAMPLER_CLASSES
                    if name.endswith("_karras")}
 # A model trained with EDM's preconditioning (Karras et al. 2022) ships one of these: its
@@ -67,7 +70,7 @@ _CLASS_DEFAULTS = {
              "clip_sample": False},
     **{name: {**_BETAS, "timestep_spacing": "linspace"}
        for name in ("euler", "euler_karras", "euler_a", "dpmpp_2m", "dpmpp_2m_karras",
-                    "dpmpp_2m_sde", "dpmpp_2m_sde_karras")},
+                    "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "unipc", "unipc_karras")},
     **{name: {**_K_BETAS, "timestep_spacing": "linspace", "clip_sample": False}
        for name in TWO_CALL_SAMPLERS},  # (KDPM2 has no clip_sample: for_sampler drops it)
     "lcm": {"timestep_spacing": "leading", "set_alpha_to_one": True, "clip_sample": False,
@@ -154,8 +157,11 @@ class SchedulerConfig:
     # DPM-Solver: the variant asked for. Only dpmsolver++, 2, midpoint is implemented (dpmpp_2m);
     # default_sampler warns about others.
     algorithm_type: str = "dpmsolver++"
-    solver_order: int = 2
-    solver_type: str = "midpoint"
+    solver_order: int = 2  # DPM-Solver's and UniPC's
+    solver_type: str = "midpoint"  # UniPC: "bh1" or "bh2" (DPM-Solver's names read as bh2)
+    # UniPC: whether it extrapolates x0 (else the noise), and the steps it does not correct
+    predict_x0: bool = True
+    disable_corrector: tuple = ()
     # LCM: the distillation's timestep grid (num_train_timesteps // original_inference_steps
     # apart) that the inference steps are picked from, and the boundary-condition time scale.
     original_inference_steps: int = 50
@@ -191,6 +197,7 @@ class SchedulerConfig:
                 raise SdrtError(f"scheduler config: trained_betas has {len(cfg.trained_betas)} "
                                 f"values, num_train_timesteps is {cfg.num_train_timesteps}")
             cfg = replace(cfg, trained_betas=tuple(float(b) for b in cfg.trained_betas))
+        cfg = replace(cfg, disable_corrector=tuple(int(i) for i in cfg.disable_corrector))
         for key, allowed in _CHOICES.items():
             value = getattr(cfg, key)
             if value is not None and value not in allowed:
@@ -225,7 +232,13 @@ class SchedulerConfig:
                             final_sigmas_type="zero")
             if sampler.startswith("dpm2"):
                 resolved["clip_sample"] = False
-        if sampler.startswith("dpmpp_2m"):
+        if sampler.startswith("unipc"):
+            # UniPCMultistepScheduler has no lambda clip, and reads DPM-Solver's solver types
+            # as bh2.
+            resolved["lambda_min_clipped"] = -math.inf
+            if self.solver_type not in ("bh1", "bh2"):
+                resolved["solver_type"] = "bh2"
+        if sampler.startswith(KARRAS_OFF):
             resolved["use_karras_sigmas"] = sampler.endswith("_karras")
         elif sampler.endswith("_karras"):
             resolved["use_karras_sigmas"] = True
@@ -371,6 +384,12 @@ class Schedule:
     # euler_a, dpm2_a*, dpmpp_2m_sde*, lcm: how many unit-noise tensors the sampler draws,
     # so the static runtime can draw them beforehand
     noise_draws: int = 0
+    # unipc*: per step, the coefficients of the corrector (row 0: of the previous step's
+    # latents, then of the model outputs newest first) and of the predictor (row 1: of the
+    # latents, then of the outputs); (N, 2, solver_order + 2). unipc_orders: per step, the
+    # corrector's order (0: none) and the predictor's.
+    unipc: torch.Tensor | None = None
+    unipc_orders: tuple = ()
     # EDM: the preconditioning's sigma_data (the sigmas are then EDM's, the latents
     # variance-exploding for every sampler); None for the models trained on alpha-bars
     sigma_data: float | None = None
@@ -391,7 +410,7 @@ class Schedule:
         if self.sigmas is None:
             a = self.alphas_cumprod[self.timesteps[i:i + 1]]  # (1,): a tensor index, no sync
             x = a.sqrt() * x0.float() + (1 - a).sqrt() * noise.float()
-        elif self.sampler.startswith("dpmpp_2m") and self.sigma_data is None:
+        elif self.sampler.startswith(("dpmpp_2m", "unipc")) and self.sigma_data is None:
             alpha, sigma = vp_alpha_sigma(self.sigmas[i])
             x = alpha * x0.float() + sigma * noise.float()
         else:
@@ -407,7 +426,8 @@ class Schedule:
         if not 0 <= start < stop <= n:
             raise SdrtError(f"a schedule window must lie within the {n} steps, got "
                             f"{start} to {stop}")
-        if self.prk_calls or self.sampler == "lcm" or self.sampler in TWO_CALL_SAMPLERS:
+        if (self.prk_calls or self.sampler == "lcm" or self.sampler in TWO_CALL_SAMPLERS
+                or self.unipc is not None):
             raise SdrtError(f"{self.sampler} cannot run part of its schedule "
                             f"(denoising_start/denoising_end); pick ddim, euler, euler_a or "
                             f"dpmpp_2m")
@@ -582,8 +602,92 @@ def _two_call_schedule(cfg, sampler, alphas_cumprod, steps, start, device) -> Sc
                     noise_draws=(len(calls) - first_call) // 2 if ancestral else 0)
 
 
-def _dpm_tables(cfg, alphas_cumprod, steps):
-    """DPMSolverMultistepScheduler's (timesteps, sigmas)."""
+def _unipc_coefficients(cfg, sigmas, start):
+    """UniPC's (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework for Fast
+    Sampling of Diffusion Models") predictor and corrector at each step of a run starting at
+    step ``start``, as linear combinations of the latents and the model outputs: the
+    B(h) (bh1: h, bh2: e^h - 1) coefficient systems of UniPCMultistepScheduler solved on the
+    host, in float64. Orders warm up from 1 and, with lower_order_final, wind down at the
+    end; a step in disable_corrector is not corrected at the next."""
+    n = len(sigmas) - 1
+    s = sigmas.double().numpy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        alpha = 1 / np.sqrt(s**2 + 1)
+        sig = s * alpha
+        lam = np.log(alpha) - np.log(sig)
+    k_max = cfg.solver_order
+    table = np.zeros((n - start, 2, k_max + 2))
+    orders = []
+
+    def update(g_from, g_to):
+        """A B(h) step from step g_from to g_to: h, the exponent, B(h), and the weights of
+        the latents, of the newest output and of the extrapolated differences."""
+        h = lam[g_to] - lam[g_from]
+        hh = -h if cfg.predict_x0 else h
+        h_phi_1 = np.expm1(hh)
+        b_h = hh if cfg.solver_type == "bh1" else np.expm1(hh)
+        if cfg.predict_x0:
+            a, c0, scale = sig[g_to] / sig[g_from], -alpha[g_to] * h_phi_1, -alpha[g_to] * b_h
+        elif sig[g_to] > 0:
+            a, c0, scale = alpha[g_to] / alpha[g_from], -sig[g_to] * h_phi_1, -sig[g_to] * b_h
+        else:  # to sigma 0: sigma_t (e^h - 1) -> alpha_t sigma_s / alpha_s, sigma_t h -> 0
+            a = alpha[g_to] / alpha[g_from]
+            c0 = -alpha[g_to] * sig[g_from] / alpha[g_from]
+            scale = c0 if cfg.solver_type == "bh2" else 0.0
+        return h, hh, b_h, a, c0, scale
+
+    def rhs(hh, b_h, order):
+        b, h_phi_k, factorial = [], np.expm1(hh) / hh - 1, 1
+        for i in range(1, order + 1):
+            b.append(h_phi_k * factorial / b_h)
+            factorial *= i + 1
+            h_phi_k = h_phi_k / hh - 1 / factorial
+        return np.array(b)
+
+    predictor_order = 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for j in range(n - start):
+            g = start + j
+            row = table[j]
+            # The corrector: x_g from x_(g-1) with the outputs of g, g - 1, ..., at the order
+            # the predictor that made x_g ran.
+            corrector_order = (predictor_order if j > 0 and g - 1 not in cfg.disable_corrector
+                               else 0)
+            if corrector_order:
+                p = corrector_order
+                h, hh, b_h, a, c0, scale = update(g - 1, g)
+                rks = np.array([(lam[g - 1 - k] - lam[g - 1]) / h for k in range(1, p)] + [1.0])
+                rho = (np.array([0.5]) if p == 1 else
+                       np.linalg.solve(np.stack([rks**i for i in range(p)]), rhs(hh, b_h, p)))
+                row[0, 0] = a
+                row[0, 1] = scale * rho[-1]  # the new output, m_g
+                row[0, 2] = c0 - scale * rho[-1]  # m_(g-1)
+                for k in range(1, p):
+                    row[0, 2 + k] = scale * rho[k - 1] / rks[k - 1]
+                    row[0, 2] -= scale * rho[k - 1] / rks[k - 1]
+            # The predictor: x_(g+1) from the (corrected) x_g and the outputs of g, g - 1, ...
+            p = cfg.solver_order
+            if cfg.lower_order_final:
+                p = min(p, n - g)
+            p = predictor_order = min(p, j + 1)
+            h, hh, b_h, a, c0, scale = update(g, g + 1)
+            rks = np.array([(lam[g - k] - lam[g]) / h for k in range(1, p)] + [1.0])
+            rho = (np.array([]) if p == 1 else np.array([0.5]) if p == 2 else
+                   np.linalg.solve(np.stack([rks**i for i in range(p)])[:-1, :-1],
+                                   rhs(hh, b_h, p)[:-1]))
+            row[1, 0] = a
+            row[1, 1] = c0
+            for k in range(1, p):
+                row[1, 1 + k] = scale * rho[k - 1] / rks[k - 1]
+                row[1, 1] -= scale * rho[k - 1] / rks[k - 1]
+            orders.append((corrector_order, p))
+    return torch.from_numpy(table).float(), tuple(orders)
+
+
+def _dpm_tables(cfg, alphas_cumprod, steps, unipc=False):
+    """DPMSolverMultistepScheduler's (timesteps, sigmas); with ``unipc``,
+    UniPCMultistepScheduler's, which rounds Karras timesteps whatever the betas and ends
+    Karras sigmas at their own last for final_sigmas_type "sigma_min"."""
     finite = _finite_snr(cfg, alphas_cumprod)
     train = _train_sigmas(finite)
     t = _dpm_timesteps(cfg, finite, steps)
@@ -592,12 +696,14 @@ def _dpm_tables(cfg, alphas_cumprod, steps):
         hi = cfg.sigma_max if cfg.sigma_max is not None else float(train[-1])
         sigmas = karras_sigmas(lo, hi, steps)
         t = sigma_to_timestep(sigmas, train)
-        if cfg.beta_schedule != "squaredcos_cap_v2":
+        if cfg.beta_schedule != "squaredcos_cap_v2" or unipc:
             t = t.round()
         t = t.astype(np.int64)
     else:
         sigmas = train[t]
-    sigmas = np.append(sigmas.astype(np.float64), _final_sigma(cfg, alphas_cumprod)).astype(np.float32)
+    last = (sigmas[-1] if unipc and cfg.use_karras_sigmas and cfg.final_sigmas_type == "sigma_min"
+            else _final_sigma(cfg, alphas_cumprod))
+    sigmas = np.append(sigmas.astype(np.float64), last).astype(np.float32)
     return torch.from_numpy(t), torch.from_numpy(sigmas)
 
 
@@ -765,6 +871,12 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_inference_steps: int, 
         sched = Schedule(sampler, cfg, timesteps[start:].to(device), float(init),
                          sigmas=sigmas[start:].to(**f32),
                          noise_draws=len(timesteps[start:]) if sampler == "euler_a" else 0)
+    elif sampler.startswith("unipc"):
+        timesteps, sigmas = _dpm_tables(cfg, alphas_cumprod, steps, unipc=True)
+        coefficients, orders = _unipc_coefficients(cfg, sigmas, start)
+        sched = Schedule(sampler, cfg, timesteps[start:].to(device), 1.0,
+                         sigmas=sigmas[start:].to(**f32), unipc=coefficients.to(**f32),
+                         unipc_orders=orders)
     else:
         timesteps, sigmas = _dpm_tables(cfg, alphas_cumprod, steps)
         n = len(timesteps)

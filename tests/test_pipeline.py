@@ -16,7 +16,8 @@ def _diffusers_scheduler(ref, sampler):
     """The diffusers scheduler a sampler name stands for, from the folder's own scheduler config
     (never from whatever scheduler an earlier test left on the shared reference pipeline)."""
     from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                           HeunDiscreteScheduler, KDPM2DiscreteScheduler, PNDMScheduler)
+                           HeunDiscreteScheduler, KDPM2DiscreteScheduler, PNDMScheduler,
+                           UniPCMultistepScheduler)
     cls, kw = {"ddim": (DDIMScheduler, {}), "pndm": (PNDMScheduler, {}),
                "euler": (EulerDiscreteScheduler, {}),
                "dpmpp_2m": (DPMSolverMultistepScheduler, {"use_karras_sigmas": False}),
@@ -24,6 +25,7 @@ def _diffusers_scheduler(ref, sampler):
                "euler_karras": (EulerDiscreteScheduler, {"use_karras_sigmas": True}),
                "heun": (HeunDiscreteScheduler, {}),
                "dpm2_karras": (KDPM2DiscreteScheduler, {"use_karras_sigmas": True}),
+               "unipc_karras": (UniPCMultistepScheduler, {"use_karras_sigmas": True}),
                }[sampler]
     return cls.from_config(ref.original_scheduler_config, **kw)
 
@@ -43,7 +45,7 @@ def _assert_lively(image, what):
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "pndm", "euler", "dpmpp_2m", "dpmpp_2m_karras",
-                                     "euler_karras", "heun", "dpm2_karras"])
+                                     "euler_karras", "heun", "dpm2_karras", "unipc_karras"])
 def test_txt2img_matches_diffusers(pipes, sampler):
     family, ours, ref = pipes
     ref.scheduler = _diffusers_scheduler(ref, sampler)
