@@ -40,6 +40,7 @@ setup(
             "hypothesis>=6.0",
             "diffusers>=0.34",
             "peft>=0.17",  # diffusers loads LoRAs through it (the LoRA parity tests)
+            "scipy>=1.10",  # diffusers' LMSDiscreteScheduler integrates with it (lms's reference)
             "transformers>=4.40",
             # the serve tests' clients and checks: real HTTP, the official OpenAI SDK, an
             # A1111 PNG-info parser, the websocket client ComfyUI's API examples use, the

@@ -17,7 +17,7 @@ from .schedules import (EDM_CLASSES, KARRAS_OFF, KARRAS_SAMPLERS, SAMPLER_CLASSE
 
 __all__ = ["SAMPLERS", "Schedule", "SchedulerConfig", "default_sampler", "make_schedule", "sample",
            "sample_ddim", "sample_pndm", "sample_euler", "sample_euler_ancestral",
-           "sample_two_call", "sample_dpmpp_2m", "sample_unipc", "sample_lcm"]
+           "sample_two_call", "sample_dpmpp_2m", "sample_lms", "sample_unipc", "sample_lcm"]
 
 
 # --- model output conversions ---------------------------------------------------------------
@@ -286,13 +286,29 @@ def sample_dpmpp_2m(model, x, sched: Schedule, generator=None, noise=None, step_
     return x
 
 
+def sample_lms(model, x, sched: Schedule, step_end=None):
+    """The linear multistep method (lms*: k-diffusion's sample_lms, diffusers'
+    LMSDiscreteScheduler): each step extrapolates the probability-flow ODE's slope
+    (x - x0) / sigma from up to four recent slopes, weighted by the integrals of their
+    Lagrange polynomials over the step (``Schedule.coefficients``)."""
+    slopes = []  # newest first
+    for i, t in enumerate(sched.timesteps):
+        sigma = sched.sigmas[i]
+        x0 = _denoised(model, x, t, sigma, sched)
+        slopes = [(x - x0) / sigma] + slopes[:3]
+        x = x + sum(sched.coefficients[i, k] * slopes[k] for k in range(sched.orders[i]))
+        if step_end is not None:
+            x = _after_step(step_end, i, t, x)
+    return x
+
+
 def sample_unipc(model, x, sched: Schedule, step_end=None):
     """UniPC (Zhao et al. 2023), as diffusers' UniPCMultistepScheduler runs it: at each step
     the model's output (as x0, or as the noise without predict_x0) first corrects the
     latents the previous step predicted (UniC, reusing this call: no extra model call), then
     a multistep predictor (UniP) extrapolates the next latents from this and earlier
     outputs. Both are linear in the latents and the outputs; the schedule holds their
-    coefficients (``Schedule.unipc``, solved per step on the host) and orders.
+    coefficients (``Schedule.coefficients``, solved per step on the host) and orders.
     """
     kind = sched.config.prediction_type
     history = []  # converted model outputs, newest first
@@ -307,8 +323,8 @@ def sample_unipc(model, x, sched: Schedule, step_end=None):
             m = (out if kind == "epsilon" else alpha * out + sigma * x if kind == "v_prediction"
                  else (x - alpha * out) / sigma)
         history = [m] + history[:sched.config.solver_order]
-        corrector, predictor = sched.unipc_orders[i]
-        c = sched.unipc[i]
+        corrector, predictor = sched.orders[i]
+        c = sched.coefficients[i]
         if corrector:
             x = c[0, 0] * x_prev + sum(c[0, 1 + k] * history[k] for k in range(corrector + 1))
         x_prev = x
@@ -354,6 +370,8 @@ _SAMPLE_FNS = {
     **{name: sample_two_call for name in TWO_CALL_SAMPLERS},
     **{name: sample_dpmpp_2m for name in ("dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde",
                                           "dpmpp_2m_sde_karras")},
+    "lms": sample_lms,
+    "lms_karras": sample_lms,
     "unipc": sample_unipc,
     "unipc_karras": sample_unipc,
     "lcm": sample_lcm,

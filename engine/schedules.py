@@ -37,6 +37,8 @@ SAMPLER_CLASSES = {
     "dpmpp_2m_karras": "DPMSolverMultistepScheduler",
     "dpmpp_2m_sde": "DPMSolverMultistepScheduler",  # algorithm_type="sde-dpmsolver++"
     "dpmpp_2m_sde_karras": "DPMSolverMultistepScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "lms_karras": "LMSDiscreteScheduler",
     "unipc": "UniPCMultistepScheduler",
     "unipc_karras": "UniPCMultistepScheduler",
     "lcm": "LCMScheduler",
@@ -49,6 +51,8 @@ TWO_CALL_SAMPLERS = ("heun", "heun_karras", "dpm2", "dpm2_karras", "dpm2_a", "dp
 # ``X_karras`` is sampler X on Karras et al.'s sigmas (use_karras_sigmas=True, as A1111's "X
 # Karras"); plain X takes the config's use_karras_sigmas, except these, where it is off.
 KARRAS_OFF = ("dpmpp_2m", "dpmpp_2m_sde", "unipc")
+# The classes that lack the fields Euler's has beyond the betas, spacing and Karras switch.
+_K_CLASS = TWO_CALL_SAMPLERS + ("lms", "lms_karras")
 KARRAS_SAMPLERS = {name[:-len("_karras")]: name for name in SAMPLER_CLASSES
                    if name.endswith("_karras")}
 # A model trained with EDM's preconditioning (Karras et al. 2022) ships one of these: its
@@ -70,7 +74,8 @@ _CLASS_DEFAULTS = {
              "clip_sample": False},
     **{name: {**_BETAS, "timestep_spacing": "linspace"}
        for name in ("euler", "euler_karras", "euler_a", "dpmpp_2m", "dpmpp_2m_karras",
-                    "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "unipc", "unipc_karras")},
+                    "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "unipc", "unipc_karras", "lms",
+                    "lms_karras")},
     **{name: {**_K_BETAS, "timestep_spacing": "linspace", "clip_sample": False}
        for name in TWO_CALL_SAMPLERS},  # (KDPM2 has no clip_sample: for_sampler drops it)
     "lcm": {"timestep_spacing": "leading", "set_alpha_to_one": True, "clip_sample": False,
@@ -224,13 +229,13 @@ class SchedulerConfig:
         if sampler == "pndm":
             # PNDMScheduler has no such option: the field is dropped by from_config.
             resolved["rescale_betas_zero_snr"] = False
-        if sampler in TWO_CALL_SAMPLERS:
-            # Fields HeunDiscreteScheduler and the KDPM2 classes do not have: from_config
-            # drops them, and those classes act as their neutral values.
+        if sampler in _K_CLASS:
+            # Fields HeunDiscreteScheduler, the KDPM2 classes and LMSDiscreteScheduler do not
+            # have: from_config drops them, and those classes act as their neutral values.
             resolved.update(rescale_betas_zero_snr=False, interpolation_type="linear",
                             timestep_type="discrete", sigma_min=None, sigma_max=None,
                             final_sigmas_type="zero")
-            if sampler.startswith("dpm2"):
+            if not sampler.startswith("heun"):
                 resolved["clip_sample"] = False
         if sampler.startswith("unipc"):
             # UniPCMultistepScheduler has no lambda clip, and reads DPM-Solver's solver types
@@ -384,12 +389,13 @@ class Schedule:
     # euler_a, dpm2_a*, dpmpp_2m_sde*, lcm: how many unit-noise tensors the sampler draws,
     # so the static runtime can draw them beforehand
     noise_draws: int = 0
-    # unipc*: per step, the coefficients of the corrector (row 0: of the previous step's
-    # latents, then of the model outputs newest first) and of the predictor (row 1: of the
-    # latents, then of the outputs); (N, 2, solver_order + 2). unipc_orders: per step, the
-    # corrector's order (0: none) and the predictor's.
-    unipc: torch.Tensor | None = None
-    unipc_orders: tuple = ()
+    # Multistep samplers' per-step linear combinations, solved on the host. unipc*: the
+    # corrector's (row 0: of the previous step's latents, then of the model outputs newest
+    # first) and the predictor's (row 1: of the latents, then of the outputs), (N, 2,
+    # solver_order + 2), and ``orders`` (corrector's, 0 for none; predictor's). lms*: the
+    # weights of the slopes newest first, (N, 4), and ``orders`` how many are known.
+    coefficients: torch.Tensor | None = None
+    orders: tuple = ()
     # EDM: the preconditioning's sigma_data (the sigmas are then EDM's, the latents
     # variance-exploding for every sampler); None for the models trained on alpha-bars
     sigma_data: float | None = None
@@ -427,7 +433,7 @@ class Schedule:
             raise SdrtError(f"a schedule window must lie within the {n} steps, got "
                             f"{start} to {stop}")
         if (self.prk_calls or self.sampler == "lcm" or self.sampler in TWO_CALL_SAMPLERS
-                or self.unipc is not None):
+                or self.coefficients is not None):
             raise SdrtError(f"{self.sampler} cannot run part of its schedule "
                             f"(denoising_start/denoising_end); pick ddim, euler, euler_a or "
                             f"dpmpp_2m")
@@ -600,6 +606,28 @@ def _two_call_schedule(cfg, sampler, alphas_cumprod, steps, start, device) -> Sc
                     sigmas_to=sigmas_to[first_call:].to(**f32),
                     sigmas_up=up[first_call:].to(**f32) if ancestral else None,
                     noise_draws=(len(calls) - first_call) // 2 if ancestral else 0)
+
+
+def _lms_coefficients(sigmas, start):
+    """LMSDiscreteScheduler's linear multistep weights at each step of a run starting at step
+    ``start``: slope k back (k < order, the order min(step + 1, 4) counted from the schedule's
+    start, as diffusers does even for image to image) weighs the integral over the step of
+    its Lagrange basis polynomial in sigma, exact here (diffusers integrates with quad)."""
+    s = sigmas.double().numpy()
+    n = len(s) - 1
+    table, known = np.zeros((n - start, 4)), []
+    for j in range(n - start):
+        g = start + j
+        order = min(g + 1, 4)
+        for k in range(order):
+            basis = np.polynomial.Polynomial([1.0])
+            for m in range(order):
+                if m != k:
+                    basis = basis * np.polynomial.Polynomial([-s[g - m], 1.0]) / (s[g - k] - s[g - m])
+            integral = basis.integ()
+            table[j, k] = integral(s[g + 1]) - integral(s[g])
+        known.append(min(j + 1, order))  # the slopes of steps run before this one, and its own
+    return torch.from_numpy(table).float(), tuple(known)
 
 
 def _unipc_coefficients(cfg, sigmas, start):
@@ -861,22 +889,25 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_inference_steps: int, 
                          alphas_prev=torch.tensor(prev, **f32), prk_calls=prk_calls)
     elif sampler in TWO_CALL_SAMPLERS:
         sched = _two_call_schedule(cfg, sampler, alphas_cumprod, steps, start, device)
-    elif sampler in ("euler", "euler_karras", "euler_a"):
+    elif sampler in ("euler", "euler_karras", "euler_a", "lms", "lms_karras"):
         tables = _euler_a_tables if sampler == "euler_a" else _euler_tables
         timesteps, sigmas = tables(cfg, alphas_cumprod, steps)
         # diffusers' init_noise_sigma: sigma_max, except on "leading" grids where it is
         # sqrt(sigma_max^2 + 1), the std of x0 + sigma_max * eps for unit-variance x0.
         top = sigmas.max()
         init = top if cfg.timestep_spacing in ("linspace", "trailing") else (top**2 + 1) ** 0.5
+        lms = _lms_coefficients(sigmas, start) if sampler.startswith("lms") else (None, ())
         sched = Schedule(sampler, cfg, timesteps[start:].to(device), float(init),
                          sigmas=sigmas[start:].to(**f32),
-                         noise_draws=len(timesteps[start:]) if sampler == "euler_a" else 0)
+                         noise_draws=len(timesteps[start:]) if sampler == "euler_a" else 0,
+                         coefficients=None if lms[0] is None else lms[0].to(**f32),
+                         orders=lms[1])
     elif sampler.startswith("unipc"):
         timesteps, sigmas = _dpm_tables(cfg, alphas_cumprod, steps, unipc=True)
         coefficients, orders = _unipc_coefficients(cfg, sigmas, start)
         sched = Schedule(sampler, cfg, timesteps[start:].to(device), 1.0,
-                         sigmas=sigmas[start:].to(**f32), unipc=coefficients.to(**f32),
-                         unipc_orders=orders)
+                         sigmas=sigmas[start:].to(**f32), coefficients=coefficients.to(**f32),
+                         orders=orders)
     else:
         timesteps, sigmas = _dpm_tables(cfg, alphas_cumprod, steps)
         n = len(timesteps)

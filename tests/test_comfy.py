@@ -83,7 +83,8 @@ def test_image_to_image():
     ("lcm", "sgm_uniform", "lcm"), ("dpmpp_2m", "simple", "dpmpp_2m"),
     ("dpmpp_2m_sde_gpu", "karras", "dpmpp_2m_sde_karras"), ("dpm_2_ancestral", "normal", "dpm2_a"),
     ("heun", "karras", "heun_karras"), ("euler", "karras", "euler_karras"),
-    ("dpm_2", "simple", "dpm2"), ("uni_pc_bh2", "karras", "unipc_karras")])
+    ("dpm_2", "simple", "dpm2"), ("uni_pc_bh2", "karras", "unipc_karras"),
+    ("lms", "karras", "lms_karras")])
 def test_sampler_pairs(sampler, scheduler, ours):
     g = copy.deepcopy(DEFAULT)
     g["3"]["inputs"].update(sampler_name=sampler, scheduler=scheduler)

@@ -120,7 +120,7 @@ def test_sampler_labels_and_aliases():
     assert sampler_id("k_euler_a") == "euler_a"
     assert sampler_id("PLMS") == "pndm"
     assert sampler_id("k_dpm_2_a_ka") == "dpm2_a_karras"
-    assert sampler_id("LMS") is None and sampler_id(None) is None
+    assert sampler_id("DPM++ SDE") is None and sampler_id(None) is None
 
 
 @pytest.mark.parametrize("label,schedule_type,expected", [
@@ -133,7 +133,8 @@ def test_sampler_labels_and_aliases():
     ("Heun", "", "heun"),
     ("Euler a", "Karras", None),  # no Karras variant
     ("Euler", "Exponential", None),  # a schedule type sdrt does not have
-    ("LMS", "Karras", None),
+    ("LMS", "Karras", "lms_karras"),
+    ("DPM++ SDE", "Karras", None),
     ("Euler", 3, None),
 ])
 def test_sampler_with_schedule_type(label, schedule_type, expected):

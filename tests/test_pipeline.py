@@ -16,8 +16,8 @@ def _diffusers_scheduler(ref, sampler):
     """The diffusers scheduler a sampler name stands for, from the folder's own scheduler config
     (never from whatever scheduler an earlier test left on the shared reference pipeline)."""
     from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                           HeunDiscreteScheduler, KDPM2DiscreteScheduler, PNDMScheduler,
-                           UniPCMultistepScheduler)
+                           HeunDiscreteScheduler, KDPM2DiscreteScheduler,
+                           LMSDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
     cls, kw = {"ddim": (DDIMScheduler, {}), "pndm": (PNDMScheduler, {}),
                "euler": (EulerDiscreteScheduler, {}),
                "dpmpp_2m": (DPMSolverMultistepScheduler, {"use_karras_sigmas": False}),
@@ -26,6 +26,7 @@ def _diffusers_scheduler(ref, sampler):
                "heun": (HeunDiscreteScheduler, {}),
                "dpm2_karras": (KDPM2DiscreteScheduler, {"use_karras_sigmas": True}),
                "unipc_karras": (UniPCMultistepScheduler, {"use_karras_sigmas": True}),
+               "lms": (LMSDiscreteScheduler, {}),
                }[sampler]
     return cls.from_config(ref.original_scheduler_config, **kw)
 
@@ -45,7 +46,8 @@ def _assert_lively(image, what):
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "pndm", "euler", "dpmpp_2m", "dpmpp_2m_karras",
-                                     "euler_karras", "heun", "dpm2_karras", "unipc_karras"])
+                                     "euler_karras", "heun", "dpm2_karras", "unipc_karras",
+                                     "lms"])
 def test_txt2img_matches_diffusers(pipes, sampler):
     family, ours, ref = pipes
     ref.scheduler = _diffusers_scheduler(ref, sampler)
@@ -116,7 +118,7 @@ def test_output_types(pipes):
     (dict(height=17), "height must be a multiple of 2"),
     (dict(width=0), "width must be an integer from 1 to 4096, got 0"),
     (dict(num_inference_steps=0), "num_inference_steps must be an integer from 1 to 1000"),
-    (dict(sampler="lms"), "sampler must be one of ddim, .*, got 'lms'"),
+    (dict(sampler="dpmpp_sde"), "sampler must be one of ddim, .*, got 'dpmpp_sde'"),
     (dict(output_type="tensor"), "output_type must be one of pil, np, latent, got 'tensor'"),
     (dict(negative_prompt=["a", "b", "c"]), "negative_prompt must be one string or a list of 1"),
     (dict(latents=torch.zeros(1, 4, 3, 3)), "latents have shape"),

@@ -99,6 +99,8 @@ def _diffusers_scheduler(sampler, cfg):
                          {"use_karras_sigmas": False, "algorithm_type": "sde-dpmsolver++"}),
         "dpmpp_2m_sde_karras": ("DPMSolverMultistepScheduler",
                                 {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"}),
+        "lms": ("LMSDiscreteScheduler", {}),
+        "lms_karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
         "unipc": ("UniPCMultistepScheduler", {"use_karras_sigmas": False}),
         "unipc_karras": ("UniPCMultistepScheduler", {"use_karras_sigmas": True}),
     }[sampler]
@@ -274,7 +276,7 @@ def test_img2img_matches_diffusers(sampler, config, steps, strength):
 # --- Heun, DPM2 (two calls a step), DPM++ 2M SDE, Karras variants ------------------------------
 
 TWO_CALL = ("heun", "heun_karras", "dpm2", "dpm2_karras")
-MULTISTEP = ("unipc", "unipc_karras")
+MULTISTEP = ("lms", "lms_karras", "unipc", "unipc_karras")
 NOISY = ("dpm2_a", "dpm2_a_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras")
 
 
@@ -465,6 +467,7 @@ def test_low_precision_input_keeps_dtype():
     ("KDPM2DiscreteScheduler", {}, "dpm2"),
     ("KDPM2AncestralDiscreteScheduler", {}, "dpm2_a"),
     ("UniPCMultistepScheduler", {"use_karras_sigmas": True}, "unipc_karras"),
+    ("LMSDiscreteScheduler", {}, "lms"),
 ])
 def test_default_sampler(class_name, extra, expected):
     cfg = SchedulerConfig.from_dict({"_class_name": class_name, **_SD_BETAS, **extra})
@@ -472,8 +475,8 @@ def test_default_sampler(class_name, extra, expected):
 
 
 def test_default_sampler_unknown_class_warns():
-    cfg = SchedulerConfig.from_dict({"_class_name": "LMSDiscreteScheduler", **_SD_BETAS})
-    with pytest.warns(UserWarning, match="LMSDiscreteScheduler"):
+    cfg = SchedulerConfig.from_dict({"_class_name": "DEISMultistepScheduler", **_SD_BETAS})
+    with pytest.warns(UserWarning, match="DEISMultistepScheduler"):
         assert default_sampler(cfg) == "dpmpp_2m"
 
 
@@ -504,8 +507,8 @@ def test_from_file(tmp_path):
     assert cfg.timestep_spacing is None, "absent field must stay unset for the class default"
     assert SAMPLERS == ("ddim", "pndm", "euler", "euler_karras", "euler_a", "heun", "heun_karras",
                         "dpm2", "dpm2_karras", "dpm2_a", "dpm2_a_karras", "dpmpp_2m",
-                        "dpmpp_2m_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "unipc",
-                        "unipc_karras", "lcm")
+                        "dpmpp_2m_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "lms",
+                        "lms_karras", "unipc", "unipc_karras", "lcm")
 
 
 @pytest.mark.parametrize("content,match", [
@@ -538,7 +541,7 @@ def test_from_file_errors(tmp_path, content, match):
 
 
 @pytest.mark.parametrize("sampler,steps,strength,match", [
-    ("lms", 10, 1.0, "unknown sampler.*ddim, pndm"),
+    ("deis", 10, 1.0, "unknown sampler.*ddim, pndm"),
     ("ddim", 0, 1.0, "steps"),
     ("ddim", 1001, 1.0, "steps"),     # more steps than training timesteps
     ("euler", 10, 0.0, "strength"),
