@@ -623,7 +623,8 @@ def _lms_coefficients(sigmas, start):
             basis = np.polynomial.Polynomial([1.0])
             for m in range(order):
                 if m != k:
-                    basis = basis * np.polynomial.Polynomial([-s[g - m], 1.0]) / (s[g - k] - s[g - m])
+                    factor = np.polynomial.Polynomial([-s[g - m], 1.0]) / (s[g - k] - s[g - m])
+                    basis = basis * factor
             integral = basis.integ()
             table[j, k] = integral(s[g + 1]) - integral(s[g])
         known.append(min(j + 1, order))  # the slopes of steps run before this one, and its own
