@@ -57,9 +57,9 @@ _A1111_NAMES = {"num_inference_steps": "steps", "guidance_scale": "cfg_scale",
 _ENDPOINTS = ("/v1/images/generations", "/v1/images/edits", "/sdapi/v1/txt2img",
               "/sdapi/v1/img2img", "/sdapi/v1/upscalers", "/sdapi/v1/latent-upscale-modes",
               "/sdapi/v1/options", "/sdapi/v1/samplers", "/sdapi/v1/schedulers",
-              "/sdapi/v1/sd-models",
-              "/sdapi/v1/loras", "/prompt", "/view", "/queue", "/upload/image", "/health",
-              "/metrics")
+              "/sdapi/v1/sd-models", "/sdapi/v1/loras", "/sdapi/v1/png-info",
+              "/sdapi/v1/progress", "/prompt", "/view", "/queue", "/upload/image",
+              "/object_info", "/system_stats", "/health", "/metrics")
 _OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/docs/oauth2-redirect")
 _POLL_S = 0.25  # how often a waiting request checks its client and its deadline
 
@@ -95,6 +95,7 @@ class Server:
                                    config.batch_window_ms / 1000, self.runner.planned_sizes,
                                    self.metrics)
         self.limits = Limits.from_env()
+        self.options = {}  # A1111's settings set with POST /sdapi/v1/options
         self.status, self.failure = "loading", None
         self._loader = threading.Thread(target=self._load, name="sdrt-load", daemon=True)
 
@@ -118,6 +119,10 @@ class Server:
             self.status = "stopping"
         self.metrics.ready.set(0)
         self.scheduler.close()
+
+    def text_layers(self):
+        """How many layers the text encoders have (the shallowest's): clip skip's reach."""
+        return min(e.config.num_hidden_layers for e in self.runner.pipe.text_encoders.values())
 
     def require_ready(self):
         if self.status != "ok":
@@ -376,6 +381,8 @@ def create_app(config: ServeConfig = None) -> FastAPI:
 
     from .comfy_api import register as register_comfy  # ComfyUI's /prompt, /history, /view
     register_comfy(app, server_of, ApiError)
+    from .a1111_extras import register as register_a1111_extras  # options, PNG info, lists
+    register_a1111_extras(app, server_of, ApiError, Server.text_layers)
 
     # -- OpenAI ---------------------------------------------------------------------------------
 
@@ -444,9 +451,8 @@ def create_app(config: ServeConfig = None) -> FastAPI:
         _check_unsupported(body)
         sampler = server.sampler(body.sampler_name or body.sampler_index, "sampler_name",
                                  body.scheduler)
-        clip_skip = _clip_skip(body.override_settings,
-                               min(e.config.num_hidden_layers for e in
-                                   server.runner.pipe.text_encoders.values()))
+        clip_skip = _clip_skip(body.override_settings, server.text_layers(),
+                               server.options.get("CLIP_stop_at_last_layers", 1))
         if not 1 <= body.n_iter <= server.limits.max_images:
             raise ApiError(400, f"n_iter must be an integer from 1 to "
                                 f"{server.limits.max_images}, got {body.n_iter}", "bad_request",
@@ -610,13 +616,15 @@ def create_app(config: ServeConfig = None) -> FastAPI:
 
     @app.get("/sdapi/v1/options", tags=["AUTOMATIC1111"])
     async def options(request: Request):
-        """The A1111 settings clients read: the model loaded, clip skip (1: the last layer;
-        a request sets its own with override_settings), the image format."""
+        """The A1111 settings clients read: the model loaded, clip skip (the server's,
+        POST /sdapi/v1/options sets it; 1: the last layer; a request sets its own with
+        override_settings), the image format."""
         server = server_of(request)
         server.require_ready()
         r = server.runner
         return {"sd_model_checkpoint": f"{r.model_name} [{r.model_hash}]",
-                "sd_checkpoint_hash": r.model_sha256, "CLIP_stop_at_last_layers": 1,
+                "sd_checkpoint_hash": r.model_sha256,
+                "CLIP_stop_at_last_layers": server.options.get("CLIP_stop_at_last_layers", 1),
                 "samples_format": "png"}
 
     # -- the server's own -----------------------------------------------------------------------
@@ -748,10 +756,11 @@ def _size(size, server):
     return int(w), int(h)
 
 
-def _clip_skip(settings, layers):
-    """A1111's ``CLIP_stop_at_last_layers`` (1 = the last of the text encoder's ``layers``)
-    -> sdrt's count of layers to skip."""
-    value = (settings or {}).get("CLIP_stop_at_last_layers", 1)
+def _clip_skip(settings, layers, default=1):
+    """A1111's ``CLIP_stop_at_last_layers`` (1 = the last of the text encoder's ``layers``;
+    ``default``: the server's, set with POST /sdapi/v1/options) -> sdrt's count of layers to
+    skip."""
+    value = (settings or {}).get("CLIP_stop_at_last_layers", default)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= layers:
         raise ApiError(400, f"override_settings.CLIP_stop_at_last_layers must be an integer "
                             f"from 1 to {layers} (the text encoder has {layers} layers), got "

@@ -16,7 +16,11 @@ clients built on them use it:
   ``client_id``; all, for a prompt queued without one) ``execution_start``, ``executing``
   (the KSampler), ``executed`` (the save node's images), ``execution_success`` or
   ``execution_error``, then ``executing`` with node null: done, as ComfyUI's
-  ``websockets_api_example.py`` waits for it. No per-step ``progress`` is sent.
+  ``websockets_api_example.py`` waits for it. No per-step ``progress`` is sent;
+- ``GET /object_info`` (and ``/object_info/{node_class}``) describes the nodes sdrt runs, as
+  ComfyUI does, with the names their menus take (the checkpoint, --lora-dir's files, the
+  uploaded images, the sampler and scheduler names); ``GET /system_stats`` the Python,
+  torch and the device; ``/embeddings`` and ``/extensions`` are empty.
 
 The server runs its
 one model (``ckpt_name`` must name it); LoraLoader's files come from ``--lora-dir``, by
@@ -26,6 +30,7 @@ kept in memory, the newest ``MAX_HISTORY`` prompts and ``MAX_UPLOADS`` uploads.
 import asyncio
 import json
 import os
+import sys
 import time
 import uuid
 from collections import OrderedDict
@@ -101,6 +106,80 @@ class ComfyJobs:
         while len(self.uploads) > MAX_UPLOADS:
             self.uploads.popitem(last=False)
         return name
+
+
+def _node_specs(server, checkpoints, loras, images):
+    """ComfyUI's ``/object_info`` entries for the nodes ``engine.comfy`` reads: each node's
+    required inputs (a type, or a list of the names it takes, with ComfyUI's bounds) and its
+    outputs."""
+    limits = server.limits
+
+    def number(kind, default, low, high, step):
+        return [kind, {"default": default, "min": low, "max": high, "step": step}]
+
+    side = number("INT", 512, 16, limits.max_side, 8)
+    strength = number("FLOAT", 1.0, -100.0, 100.0, 0.01)
+    nodes = {  # class: (category, required inputs, outputs)
+        "CheckpointLoaderSimple": ("loaders", {"ckpt_name": [checkpoints]},
+                                   ["MODEL", "CLIP", "VAE"]),
+        "LoraLoader": ("loaders", {"model": ["MODEL"], "clip": ["CLIP"], "lora_name": [loras],
+                                   "strength_model": strength, "strength_clip": strength},
+                       ["MODEL", "CLIP"]),
+        "CLIPSetLastLayer": ("conditioning", {"clip": ["CLIP"], "stop_at_clip_layer": number(
+            "INT", -1, -server.text_layers(), -1, 1)}, ["CLIP"]),
+        "CLIPTextEncode": ("conditioning", {"text": ["STRING", {"multiline": True}],
+                                            "clip": ["CLIP"]}, ["CONDITIONING"]),
+        "EmptyLatentImage": ("latent", {"width": side, "height": side, "batch_size": number(
+            "INT", 1, 1, limits.max_images, 1)}, ["LATENT"]),
+        "LoadImage": ("image", {"image": [images, {"image_upload": True}]}, ["IMAGE", "MASK"]),
+        "VAEEncode": ("latent", {"pixels": ["IMAGE"], "vae": ["VAE"]}, ["LATENT"]),
+        "KSampler": ("sampling", {
+            "model": ["MODEL"], "seed": number("INT", 0, 0, 2 ** 64 - 1, 1),
+            "steps": number("INT", 20, 1, limits.max_steps, 1),
+            "cfg": number("FLOAT", 8.0, 0.0, limits.max_guidance, 0.1),
+            "sampler_name": [sorted({name for name, _ in comfy.SAMPLERS})],
+            "scheduler": [sorted({scheduler for _, scheduler in comfy.SAMPLERS})],
+            "positive": ["CONDITIONING"], "negative": ["CONDITIONING"],
+            "latent_image": ["LATENT"], "denoise": number("FLOAT", 1.0, 0.0, 1.0, 0.01)},
+            ["LATENT"]),
+        "VAEDecode": ("latent", {"samples": ["LATENT"], "vae": ["VAE"]}, ["IMAGE"]),
+        "SaveImage": ("image", {"images": ["IMAGE"], "filename_prefix": [
+            "STRING", {"default": "ComfyUI"}]}, []),
+        "PreviewImage": ("image", {"images": ["IMAGE"]}, []),
+    }
+    return {name: {"input": {"required": required}, "input_order": {"required": list(required)},
+                   "output": outputs, "output_is_list": [False] * len(outputs),
+                   "output_name": outputs, "name": name, "display_name": name,
+                   "description": "", "python_module": "nodes", "category": category,
+                   "output_node": name in ("SaveImage", "PreviewImage")}
+            for name, (category, required, outputs) in nodes.items()}
+
+
+def _system_stats(server):
+    """ComfyUI's ``/system_stats``: the OS, Python and torch, and the device the model runs
+    on with its memory (a CPU's: the machine's)."""
+    import torch
+    device = server.runner.pipe.device
+    try:  # Linux and most Unixes
+        page = os.sysconf("SC_PAGE_SIZE")
+        ram_total, ram_free = (page * os.sysconf("SC_PHYS_PAGES"),
+                               page * os.sysconf("SC_AVPHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        ram_total = ram_free = 0
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        name = torch.cuda.get_device_name(device)
+        torch_total = torch.cuda.memory_reserved(device)
+        torch_free = torch_total - torch.cuda.memory_allocated(device)
+    else:
+        free, total, name, torch_total, torch_free = ram_free, ram_total, "cpu", 0, 0
+    return {"system": {"os": os.name, "ram_total": ram_total, "ram_free": ram_free,
+                       "comfyui_version": "sdrt", "python_version": sys.version,
+                       "pytorch_version": torch.__version__, "embedded_python": False,
+                       "argv": sys.argv},
+            "devices": [{"name": name, "type": device.type, "index": device.index or 0,
+                         "vram_total": total, "vram_free": free,
+                         "torch_vram_total": torch_total, "torch_vram_free": torch_free}]}
 
 
 def register(app, server_of, api_error):
@@ -231,6 +310,40 @@ def register(app, server_of, api_error):
             group.discard(websocket)
             if not group:
                 jobs.sockets.pop(sid, None)
+
+    async def specs(request):
+        server = server_of(request)
+        server.require_ready()
+        runner = server.runner
+        names = await run_in_threadpool(runner.lora_names)
+        return _node_specs(server, [runner.model_name],
+                           [os.path.basename(runner.lora_path(n)) for n in names],
+                           list(jobs.uploads))
+
+    @app.get("/object_info", tags=["ComfyUI"])
+    async def object_info(request: Request):
+        """The nodes sdrt runs, as ComfyUI describes its nodes."""
+        return await specs(request)
+
+    @app.get("/object_info/{node_class}", tags=["ComfyUI"])
+    async def object_info_one(request: Request, node_class: str):
+        """One node's description; ``{}`` for a node sdrt does not run (as ComfyUI)."""
+        spec = (await specs(request)).get(node_class)
+        return {} if spec is None else {node_class: spec}
+
+    @app.get("/system_stats", tags=["ComfyUI"])
+    async def system_stats(request: Request):
+        server = server_of(request)
+        server.require_ready()
+        return _system_stats(server)
+
+    @app.get("/embeddings", tags=["ComfyUI"])
+    async def embeddings():
+        return []
+
+    @app.get("/extensions", tags=["ComfyUI"])
+    async def extensions():
+        return []
 
     @app.get("/models/checkpoints", tags=["ComfyUI"])
     async def checkpoints(request: Request):

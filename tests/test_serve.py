@@ -452,6 +452,59 @@ def test_a1111_schedule_types(main_server, ref_pipe):
         infotext
 
 
+def test_a1111_options_png_info_and_lists(main_server, ref_pipe):
+    # What A1111 clients call around generating: setting the model (only the loaded one) and
+    # a server-wide clip skip, reading an image's PNG info back, the queue's state, and the
+    # lists sdrt has nothing in.
+    url, _ = main_server
+    with httpx.Client(base_url=url, timeout=TIMEOUT) as client:
+        title = client.get("/sdapi/v1/options").json()["sd_model_checkpoint"]
+        assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": title}
+                           ).status_code == 200
+        for body, param in (({"sd_model_checkpoint": "v1-5-pruned.safetensors"},
+                             "sd_model_checkpoint"),
+                            ({"sd_vae": "vae-ft-mse.safetensors"}, "sd_vae"),
+                            ({"CLIP_stop_at_last_layers": 3}, "CLIP_stop_at_last_layers"),
+                            ({"samples_format": "jpg"}, "samples_format")):
+            r = client.post("/sdapi/v1/options", json=body)
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        body = {"prompt": "x", "seed": 5, "steps": 1, "width": 32, "height": 32,
+                "cfg_scale": 1}
+        try:
+            assert client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 2}
+                               ).status_code == 200
+            assert client.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 2
+            out = client.post("/sdapi/v1/txt2img", json=body).json()
+        finally:
+            client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 1})
+        infotext = json.loads(out["info"])["infotexts"][0]
+        assert "Clip skip: 2" in infotext
+        assert_same_image(png(out["images"][0]),
+                          reference(ref_pipe, "x", 5, (32, 32), 1, 1.0, clip_skip=1),
+                          "server-wide clip skip")
+        assert "Clip skip" not in json.loads(client.post("/sdapi/v1/txt2img", json=body)
+                                             .json()["info"])["infotexts"][0]
+        # PNG info, as A1111's "PNG Info" tab reads it.
+        info = client.post("/sdapi/v1/png-info", json={"image": out["images"][0]}).json()
+        assert info["info"] == infotext
+        p = info["parameters"]
+        assert (p["Prompt"], p["Steps"], p["Seed"], p["Clip skip"]) == ("x", "1", "5", "2")
+        assert (p["Size-1"], p["Size-2"]) == ("32", "32")
+        plain = base64.b64encode(_png_file(Image.new("RGB", (8, 8)))).decode()
+        assert client.post("/sdapi/v1/png-info", json={"image": plain}).json() == {
+            "info": "", "items": {}, "parameters": {}}
+        for bad in ({"image": "not base64!!"}, {"image": base64.b64encode(b"text").decode()},
+                    {}):
+            r = client.post("/sdapi/v1/png-info", json=bad)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "image", r.text
+        state = client.get("/sdapi/v1/progress").json()
+        assert state["progress"] == 0 and state["state"]["job_count"] >= 0
+        assert client.get("/sdapi/v1/sd-vae").json() == []
+        assert client.get("/sdapi/v1/prompt-styles").json() == []
+        assert client.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
+        assert client.post("/sdapi/v1/refresh-loras").status_code == 200
+
+
 # -- the scheduler -----------------------------------------------------------------------------
 
 def test_concurrent_mixed_requests_batch_without_changing_images(main_server, ref_pipe):

@@ -97,6 +97,38 @@ def test_text_to_image_as_comfyuis_script_example(server, ref_pipe):
     assert queued["prompt_id"] in httpx.get(f"{url}/history").json()
 
 
+def test_object_info_drives_a_workflow(server, ref_pipe):
+    # A client that builds its workflow from /object_info's menus (the checkpoint, a sampler
+    # and scheduler pair) gets a workflow sdrt runs; every pair the menus offer together is
+    # one sdrt has (KSampler's two lists are ComfyUI's, not sdrt's: checked per pair).
+    url = server
+    info = httpx.get(f"{url}/object_info", timeout=TIMEOUT).json()
+    assert set(info) >= {"CheckpointLoaderSimple", "KSampler", "VAEDecode", "SaveImage"}
+    assert info["SaveImage"]["output_node"] and info["KSampler"]["output"] == ["LATENT"]
+    ckpt = info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
+    assert ckpt == httpx.get(f"{url}/models/checkpoints", timeout=TIMEOUT).json()
+    k = info["KSampler"]["input"]["required"]
+    assert "dpmpp_2m_sde_gpu" in k["sampler_name"][0] and "karras" in k["scheduler"][0]
+    assert k["steps"][1]["min"] == 1 and info["KSampler"]["input_order"]["required"][0] == "model"
+    graph = _workflow(url, DEFAULT)
+    graph["4"]["inputs"]["ckpt_name"] = ckpt[0]
+    graph["3"]["inputs"].update(sampler_name="heun", scheduler="karras")
+    entry = _history(url, _queue(url, graph)["prompt_id"])
+    png = Image.open(io.BytesIO(_view(url, entry["outputs"]["9"]["images"][0])))
+    want = ref_pipe("beautiful scenery nature glass bottle", negative_prompt="text, watermark",
+                    height=64, width=64, num_inference_steps=2, guidance_scale=7.0,
+                    sampler="heun_karras", seed=11)[0]
+    assert_same_image(png, want, "heun on karras from /object_info")
+    one = httpx.get(f"{url}/object_info/KSampler", timeout=TIMEOUT).json()
+    assert one == {"KSampler": info["KSampler"]}
+    assert httpx.get(f"{url}/object_info/LatentUpscale", timeout=TIMEOUT).json() == {}
+    stats = httpx.get(f"{url}/system_stats", timeout=TIMEOUT).json()
+    assert stats["devices"][0]["type"] == "cpu" and stats["system"]["pytorch_version"]
+    assert stats["system"]["ram_total"] >= stats["system"]["ram_free"] > 0
+    for path in ("/embeddings", "/extensions"):
+        assert httpx.get(f"{url}{path}", timeout=TIMEOUT).json() == []
+
+
 def test_image_to_image_with_an_upload(server, ref_pipe):
     url = server
     init = Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 3), np.uint8))

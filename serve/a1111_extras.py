@@ -1,0 +1,147 @@
+"""The rest of AUTOMATIC1111's API that its clients call besides generating: setting the
+options they read (``POST /sdapi/v1/options``), reading an image's PNG info
+(``/sdapi/v1/png-info``), the queue's state (``/sdapi/v1/progress``), and the lists and
+refreshes of things sdrt's server has none of (VAEs apart from the checkpoint's, embeddings,
+styles).
+
+Options are the server's, as A1111's are: ``CLIP_stop_at_last_layers`` set here is the clip
+skip of every later request that does not set its own in ``override_settings``. Only the
+settings sdrt has are taken; any other is refused with a 400 naming it, never ignored.
+``/sdapi/v1/progress`` tells how many requests are queued or running; it does not follow
+the steps of one (a replayed CUDA graph cannot report them), so ``progress`` stays 0 until
+the request is answered.
+"""
+import base64
+import binascii
+import io
+
+from fastapi import Request
+
+from sdrt.engine.request import short_repr
+
+# The settings POST /sdapi/v1/options takes, and GET returns.
+OPTIONS = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "samples_format")
+
+
+def model_titles(runner, model_path):
+    """What names the loaded model in A1111's settings: its title "NAME [HASH]", its name,
+    its short hash, its file name."""
+    import os
+    names = {f"{runner.model_name} [{runner.model_hash}]", runner.model_name, runner.model_hash}
+    if model_path:
+        names.add(os.path.basename(os.path.normpath(model_path)))
+    return names - {None}
+
+
+def register(app, server_of, api_error, text_layers):
+    """Add the routes to ``app``; ``api_error(status, message, kind, param)`` builds the
+    app's error; ``text_layers(server)`` is how many layers clip skip can reach."""
+
+    def bad(message, param):
+        return api_error(400, message, "bad_request", param)
+
+    @app.post("/sdapi/v1/options", tags=["AUTOMATIC1111"])
+    async def set_options(request: Request):
+        """Set the settings sdrt has: ``sd_model_checkpoint`` (only the loaded model: the
+        server runs one), ``CLIP_stop_at_last_layers`` (the default clip skip) and
+        ``samples_format`` ("png")."""
+        server = server_of(request)
+        server.require_ready()
+        try:
+            body = await request.json()
+        except ValueError as e:
+            raise bad(f"the request body must be valid JSON ({e})", None)
+        if not isinstance(body, dict):
+            raise bad(f"the request body must be an object of settings, got "
+                      f"{short_repr(body)}", None)
+        for key in body:
+            if key not in OPTIONS:
+                raise bad(f"{key} is not a setting sdrt has; it takes {', '.join(OPTIONS)}",
+                          key)
+        model = body.get("sd_model_checkpoint")
+        titles = model_titles(server.runner, server.config.model)
+        if model is not None and model not in titles:
+            raise bad(f"sd_model_checkpoint must name the loaded model, "
+                      f"{server.runner.model_name} [{server.runner.model_hash}] (the server "
+                      f"runs one model), got {short_repr(model)}", "sd_model_checkpoint")
+        if body.get("samples_format", "png") != "png":
+            raise bad(f"samples_format must be png, got {short_repr(body['samples_format'])}",
+                      "samples_format")
+        layers = body.get("CLIP_stop_at_last_layers")
+        if layers is not None:
+            top = text_layers(server)
+            if isinstance(layers, bool) or not isinstance(layers, int) or \
+                    not 1 <= layers <= top:
+                raise bad(f"CLIP_stop_at_last_layers must be an integer from 1 to {top} (the "
+                          f"text encoder has {top} layers), got {short_repr(layers)}",
+                          "CLIP_stop_at_last_layers")
+            server.options["CLIP_stop_at_last_layers"] = layers
+        return None
+
+    @app.post("/sdapi/v1/png-info", tags=["AUTOMATIC1111"])
+    async def png_info(request: Request):
+        """An image's generation settings: ``info`` (its ``parameters`` text), ``items``
+        (its other text chunks) and ``parameters`` (the text read as A1111 reads it)."""
+        from PIL import Image, UnidentifiedImageError
+
+        from sdrt.engine.infotext import parse
+        try:
+            body = await request.json()
+        except ValueError as e:
+            raise bad(f"the request body must be valid JSON ({e})", None)
+        text = body.get("image") if isinstance(body, dict) else None
+        if not isinstance(text, str) or not text:
+            raise bad(f"image must be a base64-encoded image, got {short_repr(text, 40)}",
+                      "image")
+        data = text.split(",", 1)[1] if text.startswith("data:") and "," in text else text
+        try:
+            with Image.open(io.BytesIO(base64.b64decode(data, validate=True))) as im:
+                info = dict(im.info)
+        except (binascii.Error, ValueError, UnidentifiedImageError, OSError):
+            raise bad(f"image must be a base64-encoded image, got {short_repr(text, 40)}",
+                      "image")
+        geninfo = info.pop("parameters", "")
+        geninfo = geninfo if isinstance(geninfo, str) else ""
+        items = {k: v for k, v in info.items() if isinstance(v, str)}
+        parameters = {}
+        if geninfo:
+            prompt, negative, pairs = parse(geninfo)
+            parameters = {"Prompt": prompt, "Negative prompt": negative, **pairs}
+            width, _, height = pairs.get("Size", "").partition("x")
+            if width.isdigit() and height.isdigit():
+                parameters.update({"Size-1": width, "Size-2": height})
+        return {"info": geninfo, "items": items, "parameters": parameters}
+
+    @app.get("/sdapi/v1/progress", tags=["AUTOMATIC1111"])
+    async def progress(request: Request):
+        """The queue's state: ``state.job_count`` requests queued or running. Steps are
+        not followed: ``progress`` is 0 and ``current_image`` null."""
+        scheduler = server_of(request).scheduler
+        count = scheduler.depth() + scheduler.running()
+        return {"progress": 0.0, "eta_relative": 0.0, "current_image": None, "textinfo": None,
+                "state": {"skipped": False, "interrupted": False,
+                          "stopping_generation": False, "job": "", "job_count": count,
+                          "job_timestamp": "0", "job_no": 0, "sampling_step": 0,
+                          "sampling_steps": 0}}
+
+    @app.get("/sdapi/v1/sd-vae", tags=["AUTOMATIC1111"])
+    async def sd_vae():
+        """Separate VAE files: none (the checkpoint's own VAE decodes)."""
+        return []
+
+    @app.get("/sdapi/v1/embeddings", tags=["AUTOMATIC1111"])
+    async def embeddings():
+        """Textual-inversion embeddings: none loaded by the server."""
+        return {"loaded": {}, "skipped": {}}
+
+    @app.get("/sdapi/v1/prompt-styles", tags=["AUTOMATIC1111"])
+    async def prompt_styles():
+        """Saved styles: none (a request's ``styles`` are refused)."""
+        return []
+
+    for path in ("/sdapi/v1/refresh-checkpoints", "/sdapi/v1/refresh-loras",
+                 "/sdapi/v1/refresh-vae"):
+        @app.post(path, tags=["AUTOMATIC1111"])
+        async def refresh():
+            """Nothing to refresh: --lora-dir is read at every request, the model is one."""
+            return None
