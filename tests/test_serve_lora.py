@@ -87,6 +87,13 @@ def test_a1111_lora_tags(server, ref_pipe, lora_dir):
     got, info = _a1111(url, PROMPT, seed=3)
     assert_same_image(got, plain, "no LoRA after LoRAs")
     assert "Lora hashes" not in info
+    # Switching from one LoRA to another (the new one takes the old one's place in one
+    # pass), and back, gives each one's image.
+    for name, path, scale in (both[0], both[1], both[0], both[1]):
+        got, _ = _a1111(url, f"{PROMPT} <lora:{name}:{scale}>", seed=4)
+        assert_same_image(got, _reference(ref_pipe, [(name, path, scale)], 4), f"{name} alone")
+    got, _ = _a1111(url, f"{PROMPT} <lora:paper:-0.4> <lora:ink:0.7>", seed=3)
+    assert_same_image(got, _reference(ref_pipe, both, 3), "paper kept, ink in again")
 
 
 def test_comfyui_lora_loader(server, ref_pipe, lora_dir):
