@@ -35,8 +35,9 @@ _EVEN = ("normal", "simple", "sgm_uniform")
 _SAMPLER_NAMES = {"euler": "euler", "euler_ancestral": "euler_a", "heun": "heun",
                   "dpm_2": "dpm2", "dpm_2_ancestral": "dpm2_a", "dpmpp_2m": "dpmpp_2m",
                   "dpmpp_2m_sde": "dpmpp_2m_sde", "dpmpp_2m_sde_gpu": "dpmpp_2m_sde",
-                  "lms": "lms", "uni_pc_bh2": "unipc", "ddim": "ddim", "lcm": "lcm"}
-_KARRAS = ("euler", "heun", "dpm2", "dpm2_a", "dpmpp_2m", "dpmpp_2m_sde", "lms", "unipc")
+                  "lms": "lms", "uni_pc_bh2": "unipc", "deis": "deis", "ddim": "ddim",
+                  "lcm": "lcm"}
+_KARRAS = ("euler", "heun", "dpm2", "dpm2_a", "dpmpp_2m", "dpmpp_2m_sde", "lms", "unipc", "deis")
 SAMPLERS = {
     **{(comfy, s): sid for comfy, sid in _SAMPLER_NAMES.items() for s in _EVEN},
     **{(comfy, "karras"): f"{sid}_karras" for comfy, sid in _SAMPLER_NAMES.items()

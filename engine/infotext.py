@@ -47,6 +47,8 @@ SAMPLER_LABELS = {
     "lms_karras": "LMS Karras",
     "unipc": "UniPC",
     "unipc_karras": "UniPC Karras",
+    "deis": "DEIS",
+    "deis_karras": "DEIS Karras",
     "lcm": "LCM",
 }
 assert set(SAMPLER_LABELS) == set(SAMPLER_NAMES)
@@ -71,6 +73,8 @@ SAMPLER_ALIASES = {
     "lms_karras": ("k_lms_ka",),
     "unipc": (),
     "unipc_karras": (),
+    "deis": (),
+    "deis_karras": (),
     "lcm": (),
 }
 assert set(SAMPLER_ALIASES) == set(SAMPLER_NAMES)

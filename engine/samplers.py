@@ -17,7 +17,8 @@ from .schedules import (EDM_CLASSES, KARRAS_OFF, KARRAS_SAMPLERS, SAMPLER_CLASSE
 
 __all__ = ["SAMPLERS", "Schedule", "SchedulerConfig", "default_sampler", "make_schedule", "sample",
            "sample_ddim", "sample_pndm", "sample_euler", "sample_euler_ancestral",
-           "sample_two_call", "sample_dpmpp_2m", "sample_lms", "sample_unipc", "sample_lcm"]
+           "sample_two_call", "sample_dpmpp_2m", "sample_lms", "sample_unipc", "sample_deis",
+           "sample_lcm"]
 
 
 # --- model output conversions ---------------------------------------------------------------
@@ -302,6 +303,31 @@ def sample_lms(model, x, sched: Schedule, step_end=None):
     return x
 
 
+def sample_deis(model, x, sched: Schedule, step_end=None):
+    """DEIS (Zhang & Chen 2023), as diffusers' DEISMultistepScheduler runs it: each step's
+    latents are the last ones plus the step's exponential-integrator weights
+    (``Schedule.coefficients``, see ``schedules._deis_coefficients``) of the last one to
+    three noise predictions."""
+    kind = sched.config.prediction_type
+    history = []  # noise predictions, newest first
+    for i, t in enumerate(sched.timesteps):
+        alpha, sigma = vp_alpha_sigma(sched.sigmas[i])
+        out = model(x, t)
+        # Through x0, as diffusers converts: the first steps of a huge sigma multiply the
+        # rounding of this conversion by thousands.
+        x0 = ((x - sigma * out) / alpha if kind == "epsilon" else
+              alpha * x - sigma * out if kind == "v_prediction" else out)
+        history = [(x - alpha * x0) / sigma] + history[:2]
+        c, order = sched.coefficients[i], sched.orders[i]
+        if order == 1:
+            x = c[1] * x + c[2] * history[0]
+        else:
+            x = c[0] * (x / c[1] + sum(c[2 + k] * history[k] for k in range(order)))
+        if step_end is not None:
+            x = _after_step(step_end, i, t, x)
+    return x
+
+
 def sample_unipc(model, x, sched: Schedule, step_end=None):
     """UniPC (Zhao et al. 2023), as diffusers' UniPCMultistepScheduler runs it: at each step
     the model's output (as x0, or as the noise without predict_x0) first corrects the
@@ -374,6 +400,8 @@ _SAMPLE_FNS = {
     "lms_karras": sample_lms,
     "unipc": sample_unipc,
     "unipc_karras": sample_unipc,
+    "deis": sample_deis,
+    "deis_karras": sample_deis,
     "lcm": sample_lcm,
 }
 assert set(_SAMPLE_FNS) == set(SAMPLERS)

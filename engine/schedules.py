@@ -41,6 +41,8 @@ SAMPLER_CLASSES = {
     "lms_karras": "LMSDiscreteScheduler",
     "unipc": "UniPCMultistepScheduler",
     "unipc_karras": "UniPCMultistepScheduler",
+    "deis": "DEISMultistepScheduler",
+    "deis_karras": "DEISMultistepScheduler",
     "lcm": "LCMScheduler",
 }
 # The samplers that take two model calls per step (diffusers' ``order = 2``: Heun's method and
@@ -50,7 +52,7 @@ SAMPLER_CLASSES = {
 TWO_CALL_SAMPLERS = ("heun", "heun_karras", "dpm2", "dpm2_karras", "dpm2_a", "dpm2_a_karras")
 # ``X_karras`` is sampler X on Karras et al.'s sigmas (use_karras_sigmas=True, as A1111's "X
 # Karras"); plain X takes the config's use_karras_sigmas, except these, where it is off.
-KARRAS_OFF = ("dpmpp_2m", "dpmpp_2m_sde", "unipc")
+KARRAS_OFF = ("dpmpp_2m", "dpmpp_2m_sde", "unipc", "deis")
 # The classes that lack the fields Euler's has beyond the betas, spacing and Karras switch.
 _K_CLASS = TWO_CALL_SAMPLERS + ("lms", "lms_karras")
 KARRAS_SAMPLERS = {name[:-len("_karras")]: name for name in SAMPLER_CLASSES
@@ -75,7 +77,7 @@ _CLASS_DEFAULTS = {
     **{name: {**_BETAS, "timestep_spacing": "linspace"}
        for name in ("euler", "euler_karras", "euler_a", "dpmpp_2m", "dpmpp_2m_karras",
                     "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "unipc", "unipc_karras", "lms",
-                    "lms_karras")},
+                    "lms_karras", "deis", "deis_karras")},
     **{name: {**_K_BETAS, "timestep_spacing": "linspace", "clip_sample": False}
        for name in TWO_CALL_SAMPLERS},  # (KDPM2 has no clip_sample: for_sampler drops it)
     "lcm": {"timestep_spacing": "leading", "set_alpha_to_one": True, "clip_sample": False,
@@ -243,6 +245,10 @@ class SchedulerConfig:
             resolved["lambda_min_clipped"] = -math.inf
             if self.solver_type not in ("bh1", "bh2"):
                 resolved["solver_type"] = "bh2"
+        if sampler.startswith("deis"):
+            # DEISMultistepScheduler has no zero-SNR rescale, lambda clip or final sigma type.
+            resolved.update(rescale_betas_zero_snr=False, lambda_min_clipped=-math.inf,
+                            final_sigmas_type="sigma_min")
         if sampler.startswith(KARRAS_OFF):
             resolved["use_karras_sigmas"] = sampler.endswith("_karras")
         elif sampler.endswith("_karras"):
@@ -416,7 +422,7 @@ class Schedule:
         if self.sigmas is None:
             a = self.alphas_cumprod[self.timesteps[i:i + 1]]  # (1,): a tensor index, no sync
             x = a.sqrt() * x0.float() + (1 - a).sqrt() * noise.float()
-        elif self.sampler.startswith(("dpmpp_2m", "unipc")) and self.sigma_data is None:
+        elif self.sampler.startswith(("dpmpp_2m", "unipc", "deis")) and self.sigma_data is None:
             alpha, sigma = vp_alpha_sigma(self.sigmas[i])
             x = alpha * x0.float() + sigma * noise.float()
         else:
@@ -629,6 +635,56 @@ def _lms_coefficients(sigmas, start):
             table[j, k] = integral(s[g + 1]) - integral(s[g])
         known.append(min(j + 1, order))  # the slopes of steps run before this one, and its own
     return torch.from_numpy(table).float(), tuple(known)
+
+
+def _deis_coefficients(cfg, sigmas, start):
+    """DEIS's (Zhang & Chen 2023, "Fast Sampling of Diffusion Models with Exponential
+    Integrator"; diffusers' DEISMultistepScheduler, log-rho) step at each step of a run
+    starting at ``start``, over the last (up to three) noise predictions e0, e1, e2, newest
+    first: ``w[1] x + w[2] e0`` at order 1, else ``w[0] (x / w[1] + w[2] e0 + w[3] e1 (+
+    w[4] e2))``, each weight of a higher order the exact integral over the step of its
+    Lagrange polynomial in log rho (rho = sigma / alpha); in float32 and grouped as diffusers
+    computes them (the first steps of a huge sigma multiply rounding by thousands). Orders
+    warm up from 1 and, under 15 steps, wind down at the end."""
+    s = sigmas.float()
+    alpha = 1 / (s**2 + 1) ** 0.5
+    sig, n = s * alpha, len(s) - 1
+    lam = alpha.log() - sig.log()
+    rho = sig / alpha
+    low = cfg.lower_order_final and n < 15
+
+    def log(v):  # numpy's float32 logarithm, which diffusers' np.log on a tensor takes
+        return torch.from_numpy(np.asarray(np.log(v.numpy())))
+
+    def ind2(t, b, c):  # the integral of (log t - log c) / (log b - log c)
+        return t * (-log(c) + log(t) - 1) / (log(b) - log(c))
+
+    def ind3(t, b, c, d):  # of (log t - log c)(log t - log d) / ((log b - log c)(log b - log d))
+        lt, lc, ld = log(t), log(c), log(d)
+        return (t * (lc * (ld - lt + 1) - ld * lt + ld + lt**2 - 2 * lt + 2)
+                / ((log(b) - lc) * (log(b) - ld)))
+
+    table, orders = torch.zeros(n - start, 5), []
+    for j in range(n - start):
+        g = start + j
+        if cfg.solver_order == 1 or j < 1 or (low and g == n - 1):
+            order = 1
+            h = lam[g + 1] - lam[g]
+            table[j, :3] = torch.stack([torch.ones(()), alpha[g + 1] / alpha[g],
+                                        -(sig[g + 1] * (torch.exp(h) - 1.0))])
+        else:
+            order = 2 if cfg.solver_order == 2 or j < 2 or (low and g == n - 2) else 3
+            t, r = rho[g + 1], [rho[g - k] for k in range(order)]
+            if order == 2:
+                weights = [ind2(t, r[0], r[1]) - ind2(r[0], r[0], r[1]),
+                           ind2(t, r[1], r[0]) - ind2(r[0], r[1], r[0])]
+            else:
+                weights = [ind3(t, r[0], r[1], r[2]) - ind3(r[0], r[0], r[1], r[2]),
+                           ind3(t, r[1], r[2], r[0]) - ind3(r[0], r[1], r[2], r[0]),
+                           ind3(t, r[2], r[0], r[1]) - ind3(r[0], r[2], r[0], r[1])]
+            table[j, :2 + order] = torch.stack([alpha[g + 1], alpha[g], *weights])
+        orders.append(order)
+    return table, tuple(orders)
 
 
 def _unipc_coefficients(cfg, sigmas, start):
@@ -903,6 +959,14 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_inference_steps: int, 
                          noise_draws=len(timesteps[start:]) if sampler == "euler_a" else 0,
                          coefficients=None if lms[0] is None else lms[0].to(**f32),
                          orders=lms[1])
+    elif sampler.startswith("deis"):
+        timesteps, sigmas = _dpm_tables(cfg, alphas_cumprod, steps, unipc=True)
+        if cfg.use_karras_sigmas:  # DEIS ends Karras sigmas where they end (a last step of 0)
+            sigmas[-1] = sigmas[-2]
+        coefficients, orders = _deis_coefficients(cfg, sigmas, start)
+        sched = Schedule(sampler, cfg, timesteps[start:].to(device), 1.0,
+                         sigmas=sigmas[start:].to(**f32), coefficients=coefficients.to(**f32),
+                         orders=orders)
     elif sampler.startswith("unipc"):
         timesteps, sigmas = _dpm_tables(cfg, alphas_cumprod, steps, unipc=True)
         coefficients, orders = _unipc_coefficients(cfg, sigmas, start)

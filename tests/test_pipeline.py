@@ -17,7 +17,8 @@ def _diffusers_scheduler(ref, sampler):
     (never from whatever scheduler an earlier test left on the shared reference pipeline)."""
     from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
                            HeunDiscreteScheduler, KDPM2DiscreteScheduler,
-                           LMSDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
+                           DEISMultistepScheduler, LMSDiscreteScheduler, PNDMScheduler,
+                           UniPCMultistepScheduler)
     cls, kw = {"ddim": (DDIMScheduler, {}), "pndm": (PNDMScheduler, {}),
                "euler": (EulerDiscreteScheduler, {}),
                "dpmpp_2m": (DPMSolverMultistepScheduler, {"use_karras_sigmas": False}),
@@ -27,6 +28,7 @@ def _diffusers_scheduler(ref, sampler):
                "dpm2_karras": (KDPM2DiscreteScheduler, {"use_karras_sigmas": True}),
                "unipc_karras": (UniPCMultistepScheduler, {"use_karras_sigmas": True}),
                "lms": (LMSDiscreteScheduler, {}),
+               "deis": (DEISMultistepScheduler, {"use_karras_sigmas": False}),
                }[sampler]
     return cls.from_config(ref.original_scheduler_config, **kw)
 
@@ -47,7 +49,7 @@ def _assert_lively(image, what):
 
 @pytest.mark.parametrize("sampler", ["ddim", "pndm", "euler", "dpmpp_2m", "dpmpp_2m_karras",
                                      "euler_karras", "heun", "dpm2_karras", "unipc_karras",
-                                     "lms"])
+                                     "lms", "deis"])
 def test_txt2img_matches_diffusers(pipes, sampler):
     family, ours, ref = pipes
     ref.scheduler = _diffusers_scheduler(ref, sampler)
