@@ -892,16 +892,22 @@ def test_cuda_without_gpu_through_console_script(tmp_path):
 
 @pytest.mark.gpu
 def test_cuda_text_to_image_builds_a_static_plan(tmp_path, capsys):
-    base = ["generate", "a red fox", "--steps", "4", "--seed", "5", "--device", "cuda",
-            "--dtype", "fp32", "--sampler", "euler_a"]
-    code, stdout, err = _run(base + ["-o", str(tmp_path / "static.png")], capsys)
+    _static_equals_eager(["generate", "a red fox", "--steps", "4", "--seed", "5", "--device",
+                          "cuda", "--dtype", "fp32", "--sampler", "euler_a"], tmp_path, capsys)
+
+
+def _static_equals_eager(args, tmp_path, capsys, plans="static plan"):
+    """``args`` run twice: first building its static plans up front (the summary says so,
+    and no plan is built on demand, which would warn), then with --no-compile; the replayed
+    graphs and the eager loop give the same image (fp32; the convolution algorithms cuDNN
+    picks may differ between the two, hence one level of 255)."""
+    code, stdout, err = _run(args + ["-o", str(tmp_path / "static.png")], capsys)
     assert code == 0, err
-    assert re.match(r"build \d+\.\d\d s \(static plan\) · text ", stdout), stdout
-    code, stdout, err = _run(base + ["--no-compile", "-o", str(tmp_path / "eager.png")], capsys)
+    assert re.match(rf"build \d+\.\d\d s \({plans}\) · text ", stdout), stdout
+    assert _warnings(err) == [], err
+    code, stdout, err = _run(args + ["--no-compile", "-o", str(tmp_path / "eager.png")], capsys)
     assert code == 0, err
     assert not stdout.startswith("build") and _warnings(err) == []  # (tmp paths say "build")
-    # The replayed graphs and the eager loop compute the same image (fp32; the convolution
-    # algorithms cuDNN picks may differ between the two, hence one level of 255).
     diff = np.abs(_pixels(tmp_path / "static.png").astype(int) -
                   _pixels(tmp_path / "eager.png").astype(int))
     assert diff.max() <= 1, f"static and eager images differ by up to {diff.max()} / 255"
@@ -909,20 +915,11 @@ def test_cuda_text_to_image_builds_a_static_plan(tmp_path, capsys):
 
 @pytest.mark.gpu
 def test_cuda_hires_fix_builds_both_plans(tmp_path, capsys):
-    # Both passes replay static plans built up front (no plan built on demand, so no
-    # warning), and give the eager run's picture.
-    base = ["generate", "a red fox", "--steps", "3", "--seed", "5", "--device", "cuda",
-            "--dtype", "fp32", "--sampler", "euler_a", "--width", "64", "--height", "64",
-            "--hr-scale", "1.5", "--hr-steps", "2"]
-    code, stdout, err = _run(base + ["-o", str(tmp_path / "static.png")], capsys)
-    assert code == 0, err
-    assert re.match(r"build \d+\.\d\d s \(static plans\) · text ", stdout), stdout
-    assert _warnings(err) == [], err
-    code, stdout, err = _run(base + ["--no-compile", "-o", str(tmp_path / "eager.png")], capsys)
-    assert code == 0, err
-    diff = np.abs(_pixels(tmp_path / "static.png").astype(int) -
-                  _pixels(tmp_path / "eager.png").astype(int))
-    assert diff.max() <= 1, f"static and eager hires images differ by up to {diff.max()} / 255"
+    # Both passes replay static plans built up front, and give the eager run's picture.
+    _static_equals_eager(["generate", "a red fox", "--steps", "3", "--seed", "5", "--device",
+                          "cuda", "--dtype", "fp32", "--sampler", "euler_a", "--width", "64",
+                          "--height", "64", "--hr-scale", "1.5", "--hr-steps", "2"],
+                         tmp_path, capsys, plans="static plans")
 
 
 @pytest.mark.gpu
@@ -933,26 +930,17 @@ def test_cuda_hires_fix_builds_both_plans(tmp_path, capsys):
     ["--strength", "1.0", "--mask", "MASK", "--sampler", "heun"],
 ])
 def test_cuda_image_to_image_builds_its_static_plan(tmp_path, capsys, extra):
-    # Image to image and inpainting replay a plan built up front for the framed init image
-    # (no plan built on demand, so no warning), and give the eager run's picture.
+    # Image to image and inpainting replay a plan built up front for the framed init image.
     rng = np.random.default_rng(3)
     Image.fromarray(rng.integers(0, 256, (48, 80, 3), dtype=np.uint8)).save(tmp_path / "i.png")
     mask = np.zeros((48, 80), dtype=np.uint8)
     mask[10:30, 20:50] = 255
     Image.fromarray(mask).save(tmp_path / "m.png")
     extra = [str(tmp_path / "m.png") if e == "MASK" else e for e in extra]
-    base = ["generate", "a red fox", "--steps", "4", "--seed", "5", "--device", "cuda",
-            "--dtype", "fp32", "--sampler", "euler_a", "--init-image", str(tmp_path / "i.png"),
-            "--width", "64", "--height", "64", *extra]
-    code, stdout, err = _run(base + ["-o", str(tmp_path / "static.png")], capsys)
-    assert code == 0, err
-    assert re.match(r"build \d+\.\d\d s \(static plan\) · text ", stdout), stdout
-    assert _warnings(err) == [], err
-    code, stdout, err = _run(base + ["--no-compile", "-o", str(tmp_path / "eager.png")], capsys)
-    assert code == 0, err
-    diff = np.abs(_pixels(tmp_path / "static.png").astype(int) -
-                  _pixels(tmp_path / "eager.png").astype(int))
-    assert diff.max() <= 1, f"static and eager images differ by up to {diff.max()} / 255"
+    _static_equals_eager(["generate", "a red fox", "--steps", "4", "--seed", "5", "--device",
+                          "cuda", "--dtype", "fp32", "--sampler", "euler_a", "--init-image",
+                          str(tmp_path / "i.png"), "--width", "64", "--height", "64", *extra],
+                         tmp_path, capsys)
 
 
 def test_embedding_option(tmp_path, capsys):

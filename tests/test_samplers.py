@@ -335,39 +335,33 @@ def test_k_samplers_img2img_match_diffusers(sampler, config, steps, strength):
              gen_seed=3 if sampler in NOISY else None)
 
 
+# Settings of the multistep classes, each where it changes the weights the host solves.
+MULTISTEP_VARIANTS = [
+    ("unipc", {"solver_order": 3}),  # a solved predictor and corrector
+    ("unipc", {"solver_order": 3, "solver_type": "bh1"}),
+    ("unipc", {"solver_order": 1}),
+    ("unipc", {"predict_x0": False}),  # extrapolates the noise
+    ("unipc", {"disable_corrector": [0, 2]}),
+    ("unipc", {"lower_order_final": False, "final_sigmas_type": "sigma_min"}),
+    ("unipc", {"solver_type": "midpoint"}),  # DPM-Solver's name: read as bh2
+    ("unipc", {"solver_order": 3, "use_karras_sigmas": True,
+               "prediction_type": "v_prediction"}),
+    ("deis", {"solver_order": 3}),  # DEIS's third order (its class's default is 2)
+    ("deis", {"solver_order": 1}),
+    ("deis", {"solver_order": 3, "lower_order_final": False}),
+    ("deis", {"solver_order": 3, "prediction_type": "v_prediction", "use_karras_sigmas": True}),
+]
+
+
 @pytest.mark.parametrize("steps", [1, 3, 8, 20])
-@pytest.mark.parametrize("variant", [
-    {"solver_order": 3},                                   # a solved predictor and corrector
-    {"solver_order": 3, "solver_type": "bh1"},
-    {"solver_order": 1},
-    {"predict_x0": False},                                 # extrapolates the noise
-    {"disable_corrector": [0, 2]},
-    {"lower_order_final": False, "final_sigmas_type": "sigma_min"},
-    {"solver_type": "midpoint"},                           # DPM-Solver's name: read as bh2
-    {"solver_order": 3, "use_karras_sigmas": True, "prediction_type": "v_prediction"},
-])
-def test_unipc_variants_match_diffusers(variant, steps):
-    # UniPC's settings, each where it changes the coefficients the host solves.
-    cfg = {**CONFIGS["sd15"], "_class_name": "UniPCMultistepScheduler", **variant}
-    sampler = "unipc_karras" if variant.get("use_karras_sigmas") else "unipc"
+@pytest.mark.parametrize("family,variant", MULTISTEP_VARIANTS)
+def test_multistep_variants_match_diffusers(family, variant, steps):
+    cls = {"unipc": "UniPCMultistepScheduler", "deis": "DEISMultistepScheduler"}[family]
+    cfg = {**CONFIGS["sd15"], "_class_name": cls, **variant}
+    sampler = family + ("_karras" if variant.get("use_karras_sigmas") else "")
     _compare(sampler, cfg, steps)
     if steps == 8:
         _compare(sampler, cfg, steps, x0=0.5 * _latents(7), strength=0.6)
-
-
-@pytest.mark.parametrize("steps", [2, 5, 20])
-@pytest.mark.parametrize("variant", [{"solver_order": 3}, {"solver_order": 1},
-                                     {"solver_order": 3, "lower_order_final": False},
-                                     {"solver_order": 3, "prediction_type": "v_prediction",
-                                      "use_karras_sigmas": True}])
-def test_deis_orders_match_diffusers(variant, steps):
-    # DEIS's third order (diffusers' default for its class is 2), its first, and without the
-    # wind-down at the end.
-    cfg = {**CONFIGS["sd15"], "_class_name": "DEISMultistepScheduler", **variant}
-    sampler = "deis_karras" if variant.get("use_karras_sigmas") else "deis"
-    _compare(sampler, cfg, steps)
-    if steps == 20:
-        _compare(sampler, cfg, steps, x0=0.5 * _latents(7), strength=0.45)
 
 
 def test_two_call_layout():
