@@ -236,8 +236,8 @@ def sample_two_call(model, x, sched: Schedule, generator=None, noise=None, step_
 def sample_dpmpp_2m(model, x, sched: Schedule, generator=None, noise=None, step_end=None):
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of
     Diffusion Probabilistic Models", alg. 2), midpoint form; dpmpp_2m_sde* is its SDE form
-    (diffusers' algorithm_type "sde-dpmsolver++"; the paper's appendix, Gonzalez et al.'s
-    derivation in k-diffusion's sample_dpmpp_2m_sde with eta = 1): the same extrapolated x0,
+    (diffusers' algorithm_type "sde-dpmsolver++", k-diffusion's sample_dpmpp_2m_sde with
+    eta = 1 and Gaussian noise): the same extrapolated x0,
     the sample kept with weight sigma_t/sigma_s e^-h, and fresh noise of std sigma_t
     sqrt(1 - e^-2h) every step (from ``generator``, or ``noise``: one tensor per step).
 

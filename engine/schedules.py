@@ -161,8 +161,8 @@ class SchedulerConfig:
     lower_order_final: bool = True
     euler_at_final: bool = False
     lambda_min_clipped: float = -math.inf
-    # DPM-Solver: the variant asked for. Only dpmsolver++, 2, midpoint is implemented (dpmpp_2m);
-    # default_sampler warns about others.
+    # DPM-Solver: the variant asked for. Only dpmsolver++ (dpmpp_2m) and sde-dpmsolver++
+    # (dpmpp_2m_sde), order 2, midpoint are implemented; default_sampler warns about others.
     algorithm_type: str = "dpmsolver++"
     solver_order: int = 2  # DPM-Solver's and UniPC's
     solver_type: str = "midpoint"  # UniPC: "bh1" or "bh2" (DPM-Solver's names read as bh2)
@@ -399,7 +399,8 @@ class Schedule:
     # corrector's (row 0: of the previous step's latents, then of the model outputs newest
     # first) and the predictor's (row 1: of the latents, then of the outputs), (N, 2,
     # solver_order + 2), and ``orders`` (corrector's, 0 for none; predictor's). lms*: the
-    # weights of the slopes newest first, (N, 4), and ``orders`` how many are known.
+    # weights of the slopes newest first, (N, 4), and ``orders`` how many are known. deis*:
+    # (N, 5), see ``_deis_coefficients``, and ``orders`` each step's.
     coefficients: torch.Tensor | None = None
     orders: tuple = ()
     # EDM: the preconditioning's sigma_data (the sigmas are then EDM's, the latents
@@ -563,7 +564,6 @@ def _two_call_schedule(cfg, sampler, alphas_cumprod, steps, start, device) -> Sc
     t, sigmas = _euler_tables(cfg, alphas_cumprod, steps, round_karras=sampler.startswith("dpm2"))
     up = torch.zeros_like(sigmas)
     if sampler.startswith("heun"):
-        mid = t_mid = None
         calls = torch.cat([t[:1], t[1:].repeat_interleave(2)])
         n = len(calls)
         per_call = _per_call(sigmas)[:n + 1]  # a second call lands where the next first starts
@@ -771,8 +771,9 @@ def _unipc_coefficients(cfg, sigmas, start):
 
 def _dpm_tables(cfg, alphas_cumprod, steps, unipc=False):
     """DPMSolverMultistepScheduler's (timesteps, sigmas); with ``unipc``,
-    UniPCMultistepScheduler's, which rounds Karras timesteps whatever the betas and ends
-    Karras sigmas at their own last for final_sigmas_type "sigma_min"."""
+    UniPCMultistepScheduler's and DEISMultistepScheduler's, which round Karras timesteps
+    whatever the betas and end Karras sigmas at their own last for final_sigmas_type
+    "sigma_min" (DEIS's only kind: a last step of no length)."""
     finite = _finite_snr(cfg, alphas_cumprod)
     train = _train_sigmas(finite)
     t = _dpm_timesteps(cfg, finite, steps)
@@ -961,8 +962,6 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_inference_steps: int, 
                          orders=lms[1])
     elif sampler.startswith("deis"):
         timesteps, sigmas = _dpm_tables(cfg, alphas_cumprod, steps, unipc=True)
-        if cfg.use_karras_sigmas:  # DEIS ends Karras sigmas where they end (a last step of 0)
-            sigmas[-1] = sigmas[-2]
         coefficients, orders = _deis_coefficients(cfg, sigmas, start)
         sched = Schedule(sampler, cfg, timesteps[start:].to(device), 1.0,
                          sigmas=sigmas[start:].to(**f32), coefficients=coefficients.to(**f32),
