@@ -28,16 +28,18 @@ from .request import short_repr
 
 # (ComfyUI sampler_name, scheduler) → sdrt's sampler. ComfyUI's "normal", "simple" and
 # "sgm_uniform" space the steps evenly, as the model's own scheduler config does here.
-# "karras" is the sampler's Karras variant. dpmpp_2m_sde_gpu differs from dpmpp_2m_sde only
-# in where ComfyUI draws its noise; uni_pc_bh2 is diffusers' default UniPC (ComfyUI's uni_pc,
+# "karras" is the sampler's Karras variant. The _gpu SDE samplers differ from the others only
+# in where ComfyUI draws their noise; uni_pc_bh2 is diffusers' default UniPC (ComfyUI's uni_pc,
 # B(h) = h, is not).
 _EVEN = ("normal", "simple", "sgm_uniform")
 _SAMPLER_NAMES = {"euler": "euler", "euler_ancestral": "euler_a", "heun": "heun",
                   "dpm_2": "dpm2", "dpm_2_ancestral": "dpm2_a", "dpmpp_2m": "dpmpp_2m",
                   "dpmpp_2m_sde": "dpmpp_2m_sde", "dpmpp_2m_sde_gpu": "dpmpp_2m_sde",
+                  "dpmpp_3m_sde": "dpmpp_3m_sde", "dpmpp_3m_sde_gpu": "dpmpp_3m_sde",
                   "lms": "lms", "uni_pc_bh2": "unipc", "deis": "deis", "ddim": "ddim",
                   "lcm": "lcm"}
-_KARRAS = ("euler", "heun", "dpm2", "dpm2_a", "dpmpp_2m", "dpmpp_2m_sde", "lms", "unipc", "deis")
+_KARRAS = ("euler", "heun", "dpm2", "dpm2_a", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "lms",
+           "unipc", "deis")
 SAMPLERS = {
     **{(comfy, s): sid for comfy, sid in _SAMPLER_NAMES.items() for s in _EVEN},
     **{(comfy, "karras"): f"{sid}_karras" for comfy, sid in _SAMPLER_NAMES.items()

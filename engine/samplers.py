@@ -240,6 +240,8 @@ def sample_dpmpp_2m(model, x, sched: Schedule, generator=None, noise=None, step_
     eta = 1 and Gaussian noise): the same extrapolated x0,
     the sample kept with weight sigma_t/sigma_s e^-h, and fresh noise of std sigma_t
     sqrt(1 - e^-2h) every step (from ``generator``, or ``noise``: one tensor per step).
+    dpmpp_3m_sde* extrapolates x0 from the last three steps (diffusers' solver_order 3), its
+    second to last step second order under 15 steps.
 
     Exact in the linear part of the variance-preserving ODE, it integrates the x0 prediction over
     log-SNR lambda, extrapolating it linearly from the previous step's. The first step, and the
@@ -251,10 +253,11 @@ def sample_dpmpp_2m(model, x, sched: Schedule, generator=None, noise=None, step_
     kind = sched.config.prediction_type
     n = len(sched.timesteps)
     edm = sched.sigma_data is not None
-    sde = sched.sampler.startswith("dpmpp_2m_sde")
+    sde = "_sde" in sched.sampler
+    third = sched.sampler.startswith("dpmpp_3m")
     # EDM's latents are variance-exploding (alpha = 1), the others variance-preserving.
     alpha_sigma = (lambda s: (torch.ones_like(s), s)) if edm else vp_alpha_sigma
-    x0_prev = lam_prev = None
+    x0_prev = lam_prev = x0_prev2 = lam_prev2 = None
     for i, t in enumerate(sched.timesteps):
         alpha_s, sigma_s = alpha_sigma(sched.sigmas[i])
         alpha_t, sigma_t = alpha_sigma(sched.sigmas[i + 1])
@@ -270,18 +273,32 @@ def sample_dpmpp_2m(model, x, sched: Schedule, generator=None, noise=None, step_
                 x0 = alpha_s * x - sigma_s * out
             else:
                 x0 = out
+        d2 = None
         if i == 0 or (i == n - 1 and sched.final_step_first_order):
             d = x0
-        else:
+        elif not third or i == 1 or (i == n - 2 and sched.second_last_lower):
             r = (lam_s - lam_prev) / h
             d = x0 + 0.5 / r * (x0 - x0_prev)
+        else:  # third order: the first and second divided differences in lambda
+            r0, r1 = (lam_s - lam_prev) / h, (lam_prev - lam_prev2) / h
+            d1_0, d1_1 = (x0 - x0_prev) / r0, (x0_prev - x0_prev2) / r1
+            d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+            d2 = (d1_0 - d1_1) / (r0 + r1)
         if sde:
             z = _randn(x, generator) if noise is None else noise[i].to(x.dtype)
-            x = ((sigma_t / sigma_s * torch.exp(-h)) * x + (alpha_t * (1 - torch.exp(-2.0 * h)))
-                 * d + sigma_t * torch.sqrt(1.0 - torch.exp(-2.0 * h)) * z)
+            e = torch.exp(-2.0 * h)
+            if d2 is None:
+                x = ((sigma_t / sigma_s * torch.exp(-h)) * x + (alpha_t * (1 - e)) * d
+                     + sigma_t * torch.sqrt(1.0 - e) * z)
+            else:  # (a step of no length, Karras sigmas ending on sigma_min: x as it is)
+                x = torch.where(h == 0, x, (
+                    (sigma_t / sigma_s * torch.exp(-h)) * x + (alpha_t * (1.0 - e)) * x0
+                    + (alpha_t * ((1.0 - e) / (-2.0 * h) + 1.0)) * d1
+                    + (alpha_t * ((1.0 - e - 2.0 * h) / (2.0 * h) ** 2 - 0.5)) * d2
+                    + sigma_t * torch.sqrt(1.0 - e) * z))
         else:
             x = (sigma_t / sigma_s) * x - (alpha_t * (torch.exp(-h) - 1.0)) * d
-        x0_prev, lam_prev = x0, lam_s
+        x0_prev2, lam_prev2, x0_prev, lam_prev = x0_prev, lam_prev, x0, lam_s
         if step_end is not None:
             x = _after_step(step_end, i, t, x)
     return x
@@ -395,7 +412,8 @@ _SAMPLE_FNS = {
     "euler_a": sample_euler_ancestral,
     **{name: sample_two_call for name in TWO_CALL_SAMPLERS},
     **{name: sample_dpmpp_2m for name in ("dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde",
-                                          "dpmpp_2m_sde_karras")},
+                                          "dpmpp_2m_sde_karras", "dpmpp_3m_sde",
+                                          "dpmpp_3m_sde_karras")},
     "lms": sample_lms,
     "lms_karras": sample_lms,
     "unipc": sample_unipc,
@@ -408,7 +426,7 @@ assert set(_SAMPLE_FNS) == set(SAMPLERS)
 
 # The samplers that draw fresh noise as they go (``Schedule.noise_draws`` tensors a run).
 _NOISE_SAMPLERS = ("euler_a", "dpm2_a", "dpm2_a_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras",
-                   "lcm")
+                   "dpmpp_3m_sde", "dpmpp_3m_sde_karras", "lcm")
 
 
 def sample(sampler: str, model, x: torch.Tensor, sched: Schedule, generator=None, callback=None,
@@ -470,15 +488,18 @@ def default_sampler(cfg: SchedulerConfig) -> str:
     """
     if _CLASS_SAMPLERS.get(cfg.class_name) == "dpmpp_2m":  # DPM-Solver, EDM's or not
         sde = cfg.algorithm_type == "sde-dpmsolver++" and not cfg.edm
-        sampler = "dpmpp_2m_sde" if sde else "dpmpp_2m"
+        third = sde and cfg.solver_order == 3
+        sampler = "dpmpp_3m_sde" if third else "dpmpp_2m_sde" if sde else "dpmpp_2m"
         if cfg.use_karras_sigmas and not cfg.edm:
             sampler += "_karras"
         other = {k: getattr(cfg, k) for k, v in _DPMPP_2M.items()
-                 if getattr(cfg, k) != v and not (sde and k == "algorithm_type")}
+                 if getattr(cfg, k) != v and not (sde and k == "algorithm_type")
+                 and not (third and k == "solver_order")}
         if other:
             settings = ", ".join(f"{k}={v!r}" for k, v in other.items())
             warnings.warn(f"scheduler config sets {settings}, which sdrt does not implement; using "
-                          f"{sampler} (DPM-Solver++ 2M{' SDE' if sde else ''}, midpoint)",
+                          f"{sampler} (DPM-Solver++ {'3' if third else '2'}M"
+                          f"{' SDE' if sde else ''}, midpoint)",
                           stacklevel=2)
         return sampler
     if cfg.class_name in _CLASS_SAMPLERS:

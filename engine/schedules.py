@@ -37,6 +37,8 @@ SAMPLER_CLASSES = {
     "dpmpp_2m_karras": "DPMSolverMultistepScheduler",
     "dpmpp_2m_sde": "DPMSolverMultistepScheduler",  # algorithm_type="sde-dpmsolver++"
     "dpmpp_2m_sde_karras": "DPMSolverMultistepScheduler",
+    "dpmpp_3m_sde": "DPMSolverMultistepScheduler",  # and solver_order=3
+    "dpmpp_3m_sde_karras": "DPMSolverMultistepScheduler",
     "lms": "LMSDiscreteScheduler",
     "lms_karras": "LMSDiscreteScheduler",
     "unipc": "UniPCMultistepScheduler",
@@ -52,7 +54,7 @@ SAMPLER_CLASSES = {
 TWO_CALL_SAMPLERS = ("heun", "heun_karras", "dpm2", "dpm2_karras", "dpm2_a", "dpm2_a_karras")
 # ``X_karras`` is sampler X on Karras et al.'s sigmas (use_karras_sigmas=True, as A1111's "X
 # Karras"); plain X takes the config's use_karras_sigmas, except these, where it is off.
-KARRAS_OFF = ("dpmpp_2m", "dpmpp_2m_sde", "unipc", "deis")
+KARRAS_OFF = ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "unipc", "deis")
 # The classes that lack the fields Euler's has beyond the betas, spacing and Karras switch.
 _K_CLASS = TWO_CALL_SAMPLERS + ("lms", "lms_karras")
 KARRAS_SAMPLERS = {name[:-len("_karras")]: name for name in SAMPLER_CLASSES
@@ -76,7 +78,8 @@ _CLASS_DEFAULTS = {
              "clip_sample": False},
     **{name: {**_BETAS, "timestep_spacing": "linspace"}
        for name in ("euler", "euler_karras", "euler_a", "dpmpp_2m", "dpmpp_2m_karras",
-                    "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "unipc", "unipc_karras", "lms",
+                    "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "dpmpp_3m_sde",
+                    "dpmpp_3m_sde_karras", "unipc", "unipc_karras", "lms",
                     "lms_karras", "deis", "deis_karras")},
     **{name: {**_K_BETAS, "timestep_spacing": "linspace", "clip_sample": False}
        for name in TWO_CALL_SAMPLERS},  # (KDPM2 has no clip_sample: for_sampler drops it)
@@ -161,8 +164,9 @@ class SchedulerConfig:
     lower_order_final: bool = True
     euler_at_final: bool = False
     lambda_min_clipped: float = -math.inf
-    # DPM-Solver: the variant asked for. Only dpmsolver++ (dpmpp_2m) and sde-dpmsolver++
-    # (dpmpp_2m_sde), order 2, midpoint are implemented; default_sampler warns about others.
+    # DPM-Solver: the variant asked for. dpmsolver++ order 2 (dpmpp_2m) and sde-dpmsolver++
+    # order 2 or 3 (dpmpp_2m_sde, dpmpp_3m_sde), midpoint, are implemented; default_sampler
+    # warns about others.
     algorithm_type: str = "dpmsolver++"
     solver_order: int = 2  # DPM-Solver's and UniPC's
     solver_type: str = "midpoint"  # UniPC: "bh1" or "bh2" (DPM-Solver's names read as bh2)
@@ -249,6 +253,8 @@ class SchedulerConfig:
             # DEISMultistepScheduler has no zero-SNR rescale, lambda clip or final sigma type.
             resolved.update(rescale_betas_zero_snr=False, lambda_min_clipped=-math.inf,
                             final_sigmas_type="sigma_min")
+        if sampler.startswith("dpmpp_"):
+            resolved["solver_order"] = 3 if sampler.startswith("dpmpp_3m") else 2
         if sampler.startswith(KARRAS_OFF):
             resolved["use_karras_sigmas"] = sampler.endswith("_karras")
         elif sampler.endswith("_karras"):
@@ -388,7 +394,8 @@ class Schedule:
     sigmas_to: torch.Tensor | None = None
     sigmas_up: torch.Tensor | None = None
     prk_calls: int = 0  # pndm: how many leading calls are Runge-Kutta warm-up
-    final_step_first_order: bool = False  # dpmpp_2m*: whether the last step drops to first order
+    final_step_first_order: bool = False  # dpmpp_*: whether the last step drops to first order
+    second_last_lower: bool = False  # dpmpp_3m_sde*: whether the step before drops to second
     # (N,) lcm: the consistency model's boundary-condition weights of x and of the x0 prediction
     c_skip: torch.Tensor | None = None
     c_out: torch.Tensor | None = None
@@ -423,7 +430,7 @@ class Schedule:
         if self.sigmas is None:
             a = self.alphas_cumprod[self.timesteps[i:i + 1]]  # (1,): a tensor index, no sync
             x = a.sqrt() * x0.float() + (1 - a).sqrt() * noise.float()
-        elif self.sampler.startswith(("dpmpp_2m", "unipc", "deis")) and self.sigma_data is None:
+        elif self.sampler.startswith(("dpmpp_", "unipc", "deis")) and self.sigma_data is None:
             alpha, sigma = vp_alpha_sigma(self.sigmas[i])
             x = alpha * x0.float() + sigma * noise.float()
         else:
@@ -450,6 +457,7 @@ class Schedule:
         sigmas = None if self.sigmas is None else self.sigmas[start:stop + 1]
         return replace(self, **per_call, sigmas=sigmas,
                        final_step_first_order=self.final_step_first_order and stop == n,
+                       second_last_lower=self.second_last_lower and stop == n,
                        noise_draws=stop - start if self.noise_draws else 0)
 
 
@@ -979,9 +987,10 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_inference_steps: int, 
         # takes a first-order step last in those cases.
         last_first_order = (cfg.euler_at_final or (cfg.lower_order_final and n < 15)
                             or cfg.final_sigmas_type == "zero")
-        sde = sampler.startswith("dpmpp_2m_sde")  # one unit-noise draw per step
+        sde = "_sde" in sampler  # one unit-noise draw per step
         sched = Schedule(sampler, cfg, timesteps[start:].to(device), 1.0,
                          sigmas=sigmas[start:].to(**f32), final_step_first_order=last_first_order,
+                         second_last_lower=cfg.lower_order_final and n < 15,
                          noise_draws=len(timesteps[start:]) if sde else 0)
     if len(sched.timesteps) == 0:
         raise SdrtError(f"{sampler} with {steps} steps and strength {strength} leaves no denoising "

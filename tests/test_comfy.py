@@ -84,7 +84,7 @@ def test_image_to_image():
     ("dpmpp_2m_sde_gpu", "karras", "dpmpp_2m_sde_karras"), ("dpm_2_ancestral", "normal", "dpm2_a"),
     ("heun", "karras", "heun_karras"), ("euler", "karras", "euler_karras"),
     ("dpm_2", "simple", "dpm2"), ("uni_pc_bh2", "karras", "unipc_karras"),
-    ("lms", "karras", "lms_karras")])
+    ("lms", "karras", "lms_karras"), ("dpmpp_3m_sde_gpu", "karras", "dpmpp_3m_sde_karras")])
 def test_sampler_pairs(sampler, scheduler, ours):
     g = copy.deepcopy(DEFAULT)
     g["3"]["inputs"].update(sampler_name=sampler, scheduler=scheduler)

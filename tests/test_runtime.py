@@ -18,7 +18,7 @@ def pipe(tiny_sd1_folder):
 
 @pytest.mark.parametrize("sampler", ["ddim", "pndm", "euler_a", "dpmpp_2m_karras", "heun",
                                      "dpm2_a_karras", "dpmpp_2m_sde", "unipc", "lms_karras",
-                                     "deis"])
+                                     "deis", "dpmpp_3m_sde_karras"])
 def test_static_plan_equalsrun_eagerly(pipe, sampler):
     pipe.runtime = None
     pipe.compile(height=16, width=24, batch_size=2, num_inference_steps=5, sampler=sampler)
