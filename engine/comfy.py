@@ -38,7 +38,7 @@ _SAMPLER_NAMES = {"euler": "euler", "euler_ancestral": "euler_a", "heun": "heun"
                   "dpmpp_3m_sde": "dpmpp_3m_sde", "dpmpp_3m_sde_gpu": "dpmpp_3m_sde",
                   "lms": "lms", "uni_pc_bh2": "unipc", "deis": "deis", "ddim": "ddim",
                   "lcm": "lcm"}
-_KARRAS = ("euler", "heun", "dpm2", "dpm2_a", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "lms",
+_KARRAS = ("euler", "euler_a", "heun", "dpm2", "dpm2_a", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "lms",
            "unipc", "deis")
 SAMPLERS = {
     **{(comfy, s): sid for comfy, sid in _SAMPLER_NAMES.items() for s in _EVEN},
@@ -114,8 +114,7 @@ def read(graph) -> Workflow:
         raise SdrtError(f"workflow node {sampler_id} (KSampler): sampler_name "
                         f"{short_repr(pair[0])} with scheduler {short_repr(pair[1])} has no sdrt "
                         f"sampler; sdrt runs {', '.join(_SAMPLER_NAMES)} on normal, simple or "
-                        f"sgm_uniform steps, and all but euler_ancestral, ddim and lcm on "
-                        f"karras")
+                        f"sgm_uniform steps, and all but ddim and lcm on karras")
     checkpoint, loras = nodes.model_chain(nodes.link(sampler_id, "model"))
     if nodes.follow(decode, "vae", ("CheckpointLoaderSimple",)) != checkpoint:
         raise SdrtError(f"workflow node {decode} (VAEDecode) must decode with the sampled "

@@ -410,6 +410,7 @@ _SAMPLE_FNS = {
     "euler": sample_euler,
     "euler_karras": sample_euler,
     "euler_a": sample_euler_ancestral,
+    "euler_a_karras": sample_euler_ancestral,
     **{name: sample_two_call for name in TWO_CALL_SAMPLERS},
     **{name: sample_dpmpp_2m for name in ("dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde",
                                           "dpmpp_2m_sde_karras", "dpmpp_3m_sde",
@@ -425,7 +426,7 @@ _SAMPLE_FNS = {
 assert set(_SAMPLE_FNS) == set(SAMPLERS)
 
 # The samplers that draw fresh noise as they go (``Schedule.noise_draws`` tensors a run).
-_NOISE_SAMPLERS = ("euler_a", "dpm2_a", "dpm2_a_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras",
+_NOISE_SAMPLERS = ("euler_a", "euler_a_karras", "dpm2_a", "dpm2_a_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras",
                    "dpmpp_3m_sde", "dpmpp_3m_sde_karras", "lcm")
 
 

@@ -27,6 +27,7 @@ SAMPLER_CLASSES = {
     "euler": "EulerDiscreteScheduler",
     "euler_karras": "EulerDiscreteScheduler",
     "euler_a": "EulerAncestralDiscreteScheduler",
+    "euler_a_karras": "EulerAncestralDiscreteScheduler",  # on EulerDiscreteScheduler's Karras
     "heun": "HeunDiscreteScheduler",
     "heun_karras": "HeunDiscreteScheduler",
     "dpm2": "KDPM2DiscreteScheduler",
@@ -77,7 +78,8 @@ _CLASS_DEFAULTS = {
     "pndm": {**_BETAS, "timestep_spacing": "leading", "set_alpha_to_one": False,
              "clip_sample": False},
     **{name: {**_BETAS, "timestep_spacing": "linspace"}
-       for name in ("euler", "euler_karras", "euler_a", "dpmpp_2m", "dpmpp_2m_karras",
+       for name in ("euler", "euler_karras", "euler_a", "euler_a_karras", "dpmpp_2m",
+                    "dpmpp_2m_karras",
                     "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "dpmpp_3m_sde",
                     "dpmpp_3m_sde_karras", "unipc", "unipc_karras", "lms",
                     "lms_karras", "deis", "deis_karras")},
@@ -548,9 +550,13 @@ def _euler_tables(cfg, alphas_cumprod, steps, round_karras=False):
     return timesteps, sigmas
 
 
-def _euler_a_tables(cfg, alphas_cumprod, steps):
-    plain = replace(cfg, interpolation_type="linear", use_karras_sigmas=False, timestep_type="discrete",
-                    final_sigmas_type="zero")
+def _euler_a_tables(cfg, alphas_cumprod, steps, karras=False):
+    """EulerAncestralDiscreteScheduler's; with ``karras``, EulerDiscreteScheduler's Karras
+    sigmas over the schedule's own range (the ancestral class has no Karras switch: A1111's
+    and ComfyUI's Euler a on Karras sigmas)."""
+    plain = replace(cfg, interpolation_type="linear", use_karras_sigmas=karras,
+                    timestep_type="discrete", final_sigmas_type="zero", sigma_min=None,
+                    sigma_max=None)
     return _euler_tables(plain, alphas_cumprod, steps)
 
 
@@ -923,8 +929,8 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_inference_steps: int, 
         if cfg.prediction_type == "sample":
             raise SdrtError(f"an EDM model ({cfg.class_name}) predicts epsilon or "
                             f"v_prediction, not 'sample' (as diffusers' EDM schedulers)")
-    if cfg.prediction_type == "sample" and (sampler in ("pndm", "euler_a")
-                                            or sampler.startswith("dpm2")):
+    if cfg.prediction_type == "sample" and (sampler == "pndm"
+                                            or sampler.startswith(("euler_a", "dpm2"))):
         raise SdrtError(f"sampler {sampler} does not support prediction_type 'sample' (neither does "
                         f"diffusers' {SAMPLER_CLASSES[sampler]}); pick ddim, euler or dpmpp_2m")
     if sampler == "pndm" and not cfg.skip_prk_steps and steps < 4:
@@ -955,9 +961,11 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_inference_steps: int, 
                          alphas_prev=torch.tensor(prev, **f32), prk_calls=prk_calls)
     elif sampler in TWO_CALL_SAMPLERS:
         sched = _two_call_schedule(cfg, sampler, alphas_cumprod, steps, start, device)
-    elif sampler in ("euler", "euler_karras", "euler_a", "lms", "lms_karras"):
-        tables = _euler_a_tables if sampler == "euler_a" else _euler_tables
-        timesteps, sigmas = tables(cfg, alphas_cumprod, steps)
+    elif sampler in ("euler", "euler_karras", "euler_a", "euler_a_karras", "lms", "lms_karras"):
+        ancestral = sampler.startswith("euler_a")
+        timesteps, sigmas = (
+            _euler_a_tables(cfg, alphas_cumprod, steps, karras=sampler.endswith("_karras"))
+            if ancestral else _euler_tables(cfg, alphas_cumprod, steps))
         # diffusers' init_noise_sigma: sigma_max, except on "leading" grids where it is
         # sqrt(sigma_max^2 + 1), the std of x0 + sigma_max * eps for unit-variance x0.
         top = sigmas.max()
@@ -965,7 +973,7 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_inference_steps: int, 
         lms = _lms_coefficients(sigmas, start) if sampler.startswith("lms") else (None, ())
         sched = Schedule(sampler, cfg, timesteps[start:].to(device), float(init),
                          sigmas=sigmas[start:].to(**f32),
-                         noise_draws=len(timesteps[start:]) if sampler == "euler_a" else 0,
+                         noise_draws=len(timesteps[start:]) if ancestral else 0,
                          coefficients=None if lms[0] is None else lms[0].to(**f32),
                          orders=lms[1])
     elif sampler.startswith("deis"):

@@ -84,7 +84,7 @@ def test_image_to_image():
     ("dpmpp_2m_sde_gpu", "karras", "dpmpp_2m_sde_karras"), ("dpm_2_ancestral", "normal", "dpm2_a"),
     ("heun", "karras", "heun_karras"), ("euler", "karras", "euler_karras"),
     ("dpm_2", "simple", "dpm2"), ("uni_pc_bh2", "karras", "unipc_karras"),
-    ("lms", "karras", "lms_karras"), ("dpmpp_3m_sde_gpu", "karras", "dpmpp_3m_sde_karras")])
+    ("lms", "karras", "lms_karras"), ("euler_ancestral", "karras", "euler_a_karras"), ("dpmpp_3m_sde_gpu", "karras", "dpmpp_3m_sde_karras")])
 def test_sampler_pairs(sampler, scheduler, ours):
     g = copy.deepcopy(DEFAULT)
     g["3"]["inputs"].update(sampler_name=sampler, scheduler=scheduler)
@@ -110,9 +110,9 @@ REFUSED = {
         "node 20 (VAELoader) is not supported as VAEDecode's vae"),
     "unknown sampler pair": (lambda g: g["3"]["inputs"].update(scheduler="exponential"),
                              "sampler_name 'euler' with scheduler 'exponential' has no sdrt"),
-    "no karras variant": (lambda g: g["3"]["inputs"].update(sampler_name="euler_ancestral",
+    "no karras variant": (lambda g: g["3"]["inputs"].update(sampler_name="ddim",
                                                             scheduler="karras"),
-                          "'euler_ancestral' with scheduler 'karras' has no sdrt sampler"),
+                          "'ddim' with scheduler 'karras' has no sdrt sampler"),
     "two outputs": (lambda g: g.update({"20": copy.deepcopy(g["9"])}),
                     "one SaveImage or PreviewImage node, got 2"),
     "denoise on empty latent": (lambda g: g["3"]["inputs"].update(denoise=0.5),

@@ -131,7 +131,8 @@ def test_sampler_labels_and_aliases():
     ("DPM2 a", "Automatic", "dpm2_a"),
     ("Heun", None, "heun"),
     ("Heun", "", "heun"),
-    ("Euler a", "Karras", None),  # no Karras variant
+    ("Euler a", "Karras", "euler_a_karras"),
+    ("DDIM", "Karras", None),  # no Karras variant
     ("Euler", "Exponential", None),  # a schedule type sdrt does not have
     ("LMS", "Karras", "lms_karras"),
     ("DPM++ SDE", "Karras", None),

@@ -371,6 +371,39 @@ def test_multistep_variants_match_diffusers(family, variant, steps):
         _compare(sampler, cfg, steps, x0=0.5 * _latents(7), strength=0.6)
 
 
+@pytest.mark.parametrize("config", ["sd15", "turbo", "sd21", "linspace"])
+@pytest.mark.parametrize("steps,strength", [(1, 1.0), (6, 1.0), (20, 1.0), (10, 0.6)])
+def test_euler_a_karras_is_euler_a_on_eulers_karras_sigmas(config, steps, strength):
+    # diffusers' ancestral class has no Karras switch: the reference is its step run on
+    # EulerDiscreteScheduler's Karras table (A1111's and ComfyUI's Euler a on Karras sigmas).
+    diffusers = pytest.importorskip("diffusers")
+    cfg = CONFIGS[config]
+    euler = diffusers.EulerDiscreteScheduler.from_config(cfg, use_karras_sigmas=True)
+    euler.set_timesteps(steps)
+    ref = diffusers.EulerAncestralDiscreteScheduler.from_config(cfg)
+    ref.set_timesteps(steps)
+    ref.sigmas, ref.timesteps = euler.sigmas.clone(), euler.timesteps.clone()
+    noise, x0 = _latents(1), 0.5 * _latents(7)
+    timesteps = ref.timesteps
+    if strength < 1:
+        t_start = steps - int(steps * strength)
+        timesteps = timesteps[t_start:]
+        ref.set_begin_index(t_start)
+        x = ref.add_noise(x0, noise, timesteps[:1])
+    else:
+        x = noise * ref.init_noise_sigma
+    model, g = LinearModel(), torch.Generator().manual_seed(4)
+    for t in timesteps:
+        x = ref.step(model(ref.scale_model_input(x, t), t), t, x, generator=g).prev_sample
+    ours, our_x, sched = _run_ours("euler_a_karras", cfg, steps, noise,
+                                   x0 if strength < 1 else None, strength,
+                                   torch.Generator().manual_seed(4))
+    assert torch.equal(sched.timesteps, timesteps.float())
+    for i, ((a, _), (b, t)) in enumerate(zip(ours.calls, model.calls)):
+        _assert_close(a, b, f"model input of call {i} (t={t.item()})")
+    _assert_close(our_x, x, "final latents")
+
+
 def test_two_call_layout():
     sched = make_schedule(SchedulerConfig.from_dict(CONFIGS["sd15"]), "dpm2", 6)
     assert len(sched.timesteps) == 11 and len(sched.sigmas) == 12
@@ -530,7 +563,8 @@ def test_from_file(tmp_path):
     cfg = SchedulerConfig.from_file(path)
     assert cfg.class_name == "PNDMScheduler" and cfg.steps_offset == 1 and cfg.skip_prk_steps
     assert cfg.timestep_spacing is None, "absent field must stay unset for the class default"
-    assert SAMPLERS == ("ddim", "pndm", "euler", "euler_karras", "euler_a", "heun", "heun_karras",
+    assert SAMPLERS == ("ddim", "pndm", "euler", "euler_karras", "euler_a", "euler_a_karras",
+                        "heun", "heun_karras",
                         "dpm2", "dpm2_karras", "dpm2_a", "dpm2_a_karras", "dpmpp_2m",
                         "dpmpp_2m_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras",
                         "dpmpp_3m_sde", "dpmpp_3m_sde_karras", "lms",
@@ -575,6 +609,7 @@ def test_from_file_errors(tmp_path, content, match):
     ("euler", 10, 0.05, "no denoising step"),  # int(10 * 0.05) = 0 steps left
     ("pndm", 10, 1.0, "prediction_type 'sample'"),
     ("euler_a", 10, 1.0, "prediction_type 'sample'"),
+    ("euler_a_karras", 10, 1.0, "prediction_type 'sample'"),
     ("dpm2", 10, 1.0, "prediction_type 'sample'"),
     ("dpm2_a_karras", 10, 1.0, "prediction_type 'sample'"),
 ])

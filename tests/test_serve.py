@@ -674,7 +674,7 @@ MALFORMED = [  # (endpoint, body: dict or raw bytes, what the message must name)
     (GEN, b"", "request body"),
     (T2I, {"prompt": "a", "cfg_scale": "7"}, "cfg_scale"),
     (T2I, {"prompt": "a", "sampler_name": "DPM++ SDE"}, "sampler_name"),
-    (T2I, {"prompt": "a", "sampler_name": "Euler a", "scheduler": "Karras"}, "scheduler"),
+    (T2I, {"prompt": "a", "sampler_name": "DDIM", "scheduler": "Karras"}, "scheduler"),
     (T2I, {"prompt": "a", "sampler_name": "Euler", "scheduler": "Exponential"}, "scheduler"),
     (T2I, {"prompt": "a", "scheduler": "Align Your Steps"}, "scheduler"),
     (T2I, {"prompt": "a", "scheduler": 7}, "scheduler"),
