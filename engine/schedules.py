@@ -211,6 +211,9 @@ class SchedulerConfig:
                                 f"values, num_train_timesteps is {cfg.num_train_timesteps}")
             cfg = replace(cfg, trained_betas=tuple(float(b) for b in cfg.trained_betas))
         cfg = replace(cfg, disable_corrector=tuple(int(i) for i in cfg.disable_corrector))
+        if cfg.solver_order < 1:
+            raise SdrtError(f"scheduler config: solver_order must be at least 1, got "
+                            f"{cfg.solver_order}")
         for key, allowed in _CHOICES.items():
             value = getattr(cfg, key)
             if value is not None and value not in allowed:

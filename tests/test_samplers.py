@@ -590,6 +590,7 @@ def test_from_file(tmp_path):
     ('{"_class_name": ["DDIMScheduler"]}', "_class_name must be a string"),
     ('{"trained_betas": [0.1, "x"]}', "trained_betas must be a list of numbers"),
     ('{"num_train_timesteps": 10, "trained_betas": [0.1, 0.2]}', "trained_betas has 2 values"),
+    ('{"_class_name": "UniPCMultistepScheduler", "solver_order": 0}', "solver_order must be at"),
 ])
 def test_from_file_errors(tmp_path, content, match):
     path = tmp_path / "scheduler_config.json"
