@@ -979,15 +979,10 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_inference_steps: int, 
                          noise_draws=len(timesteps[start:]) if ancestral else 0,
                          coefficients=None if lms[0] is None else lms[0].to(**f32),
                          orders=lms[1])
-    elif sampler.startswith("deis"):
+    elif sampler.startswith(("unipc", "deis")):
         timesteps, sigmas = _dpm_tables(cfg, alphas_cumprod, steps, unipc=True)
-        coefficients, orders = _deis_coefficients(cfg, sigmas, start)
-        sched = Schedule(sampler, cfg, timesteps[start:].to(device), 1.0,
-                         sigmas=sigmas[start:].to(**f32), coefficients=coefficients.to(**f32),
-                         orders=orders)
-    elif sampler.startswith("unipc"):
-        timesteps, sigmas = _dpm_tables(cfg, alphas_cumprod, steps, unipc=True)
-        coefficients, orders = _unipc_coefficients(cfg, sigmas, start)
+        solve = _unipc_coefficients if sampler.startswith("unipc") else _deis_coefficients
+        coefficients, orders = solve(cfg, sigmas, start)
         sched = Schedule(sampler, cfg, timesteps[start:].to(device), 1.0,
                          sigmas=sigmas[start:].to(**f32), coefficients=coefficients.to(**f32),
                          orders=orders)
