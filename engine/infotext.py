@@ -91,15 +91,24 @@ _BY_NAME = {name.lower(): sid for sid in SAMPLER_NAMES
 SCHEDULE_TYPES = ("Automatic", "Karras")
 
 
+def schedule_kind(schedule_type):
+    """A1111's schedule type -> "automatic" (also for none given) or "karras", any case; None
+    for one sdrt does not have."""
+    if schedule_type in (None, ""):
+        return "automatic"
+    kind = schedule_type.lower() if isinstance(schedule_type, str) else None
+    return kind if kind in ("automatic", "karras") else None
+
+
 def sampler_id(label, schedule_type=None):
     """An A1111 sampler label or alias (case-insensitive), or an sdrt id -> the sdrt id; None
     for a name that is neither. With A1111's ``schedule_type`` ("Automatic" or none: the
     label as it is; "Karras": its Karras variant), None where sdrt has no such pair."""
     sid = _BY_NAME.get(label.lower()) if isinstance(label, str) else None
-    if sid is None or schedule_type in (None, "") or (
-            isinstance(schedule_type, str) and schedule_type.lower() == "automatic"):
+    kind = schedule_kind(schedule_type)
+    if sid is None or kind == "automatic":
         return sid
-    if isinstance(schedule_type, str) and schedule_type.lower() == "karras":
+    if kind == "karras":
         karras = sid if sid.endswith("_karras") else f"{sid}_karras"
         return karras if karras in SAMPLER_NAMES else None
     return None

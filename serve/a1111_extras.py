@@ -11,8 +11,6 @@ settings sdrt has are taken; any other is refused with a 400 naming it, never ig
 the steps of one (a replayed CUDA graph cannot report them), so ``progress`` stays 0 until
 the request is answered.
 """
-import base64
-import binascii
 import io
 
 from fastapi import Request
@@ -85,6 +83,8 @@ def register(app, server_of, api_error, text_layers):
         from PIL import Image, UnidentifiedImageError
 
         from sdrt.engine.infotext import parse
+
+        from .app import b64_bytes
         try:
             body = await request.json()
         except ValueError as e:
@@ -93,11 +93,11 @@ def register(app, server_of, api_error, text_layers):
         if not isinstance(text, str) or not text:
             raise bad(f"image must be a base64-encoded image, got {short_repr(text, 40)}",
                       "image")
-        data = text.split(",", 1)[1] if text.startswith("data:") and "," in text else text
+        raw = b64_bytes(text, "image", "image")
         try:
-            with Image.open(io.BytesIO(base64.b64decode(data, validate=True))) as im:
+            with Image.open(io.BytesIO(raw)) as im:
                 info = dict(im.info)
-        except (binascii.Error, ValueError, UnidentifiedImageError, OSError):
+        except (UnidentifiedImageError, OSError):
             raise bad(f"image must be a base64-encoded image, got {short_repr(text, 40)}",
                       "image")
         geninfo = info.pop("parameters", "")

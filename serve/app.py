@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from sdrt.engine.errors import SdrtError
 from sdrt.engine.hires import IMAGE_UPSCALERS, LATENT_UPSCALERS
 from sdrt.engine.infotext import (SAMPLER_ALIASES, SAMPLER_LABELS, SCHEDULE_TYPES, Infotext,
-                                  png_bytes, sampler_id)
+                                  png_bytes, sampler_id, schedule_kind)
 from sdrt.engine.request import MAX_SEED, SAMPLER_NAMES, GenerationRequest, Limits, short_repr
 
 from . import schemas
@@ -226,7 +226,8 @@ class Server:
         """The sdrt sampler an A1111 sampler name and schedule type (1.9's ``scheduler``) ask
         for; None for the model's own. A schedule type without a sampler applies to the
         model's own sampler."""
-        if name is None and sampler_id("euler", schedule_type) == "euler":  # none, Automatic
+        kind = schedule_kind(schedule_type)
+        if name is None and kind == "automatic":
             return None
         sid = sampler_id(name) if name is not None else None
         if name is not None and sid is None:
@@ -234,17 +235,18 @@ class Server:
             raise ApiError(400, f"{field} must be one of {labels} (or sdrt's "
                                 f"{', '.join(SAMPLER_NAMES)}), got {short_repr(name)}",
                            "bad_request", field)
+        if kind is None:
+            raise ApiError(400, f"{schedule_field} must be {' or '.join(SCHEDULE_TYPES)}, got "
+                                f"{short_repr(schedule_type)}", "bad_request", schedule_field)
         if name is None:
             from sdrt.engine.samplers import default_sampler
             sid = default_sampler(self.runner.pipe.scheduler_config)
-        if sampler_id(sid, schedule_type) is None:
-            if sampler_id("euler", schedule_type) is None:
-                reason = f"must be {' or '.join(SCHEDULE_TYPES)}"
-            else:
-                reason = f"Karras has no variant of sampler {SAMPLER_LABELS[sid]}; use Automatic"
-            raise ApiError(400, f"{schedule_field} {reason}, got {short_repr(schedule_type)}",
-                           "bad_request", schedule_field)
-        return sampler_id(sid, schedule_type)
+        resolved = sampler_id(sid, schedule_type)
+        if resolved is None:
+            raise ApiError(400, f"{schedule_field} Karras has no variant of sampler "
+                                f"{SAMPLER_LABELS[sid]}; use Automatic, got "
+                                f"{short_repr(schedule_type)}", "bad_request", schedule_field)
+        return resolved
 
 
 # -- the app ---------------------------------------------------------------------------------------
@@ -942,14 +944,19 @@ def _decode_images(items, limits, field="init_images"):
     out = []
     for i, text in enumerate(items):
         name = f"{field}[{i}]" if field == "init_images" else field
-        data = text.split(",", 1)[1] if text.startswith("data:") and "," in text else text
-        try:
-            raw = base64.b64decode(data, validate=True)
-        except (binascii.Error, ValueError):
-            raise ApiError(400, f"{name} must be a base64-encoded image, got "
-                                f"{short_repr(text, 40)}", "bad_request", field)
-        out.append(_decode_bytes(raw, name, limits, field))
+        out.append(_decode_bytes(b64_bytes(text, name, field), name, limits, field))
     return out
+
+
+def b64_bytes(text, name, field):
+    """A base64 string (optionally a ``data:image/...;base64,`` URL) -> its bytes; a 400
+    naming ``field`` when it is not base64."""
+    data = text.split(",", 1)[1] if text.startswith("data:") and "," in text else text
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"{name} must be a base64-encoded image, got "
+                            f"{short_repr(text, 40)}", "bad_request", field) from None
 
 
 def _decode_bytes(raw, name, limits, field=None):

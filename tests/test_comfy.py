@@ -97,6 +97,15 @@ def _edit(edit):
     return g
 
 
+def _lora_on_model(g, strength_clip):
+    """A LoraLoader (model strength 1) between the checkpoint and the KSampler's model only:
+    the prompts still encode with the checkpoint's own CLIP."""
+    g["20"] = {"class_type": "LoraLoader", "inputs": {
+        "lora_name": "a.safetensors", "strength_model": 1.0, "strength_clip": strength_clip,
+        "model": ["4", 0], "clip": ["4", 1]}}
+    g["3"]["inputs"]["model"] = ["20", 0]
+
+
 REFUSED = {
     "upscaled latent": (lambda g: g.update({
         "20": {"class_type": "LatentUpscale", "inputs": {"samples": ["3", 0]}},
@@ -123,18 +132,10 @@ REFUSED = {
                           "text must be a string"),
     "steps not an integer": (lambda g: g["3"]["inputs"].update(steps=2.5),
                              "steps must be an integer, got 2.5"),
-    "split LoRA strengths": (lambda g: g.update({
-        "20": {"class_type": "LoraLoader", "inputs": {
-            "lora_name": "a.safetensors", "strength_model": 1.0, "strength_clip": 0.5,
-            "model": ["4", 0], "clip": ["4", 1]}},
-        "3": {**g["3"], "inputs": {**g["3"]["inputs"], "model": ["20", 0]}}}),
-        "strength_model and strength_clip differ"),
-    "LoRA on the model only": (lambda g: g.update({
-        "20": {"class_type": "LoraLoader", "inputs": {
-            "lora_name": "a.safetensors", "strength_model": 1.0, "strength_clip": 1.0,
-            "model": ["4", 0], "clip": ["4", 1]}},
-        "3": {**g["3"], "inputs": {**g["3"]["inputs"], "model": ["20", 0]}}}),
-        "must encode with the LoRAs the sampled model has"),
+    "split LoRA strengths": (lambda g: _lora_on_model(g, strength_clip=0.5),
+                             "strength_model and strength_clip differ"),
+    "LoRA on the model only": (lambda g: _lora_on_model(g, strength_clip=1.0),
+                               "must encode with the LoRAs the sampled model has"),
 }
 
 
