@@ -335,6 +335,37 @@ def _unet_plan(keys: list[str], cfg: dict) -> dict[str, Recipe]:
             for k in keys if k.startswith(UNET_PREFIX)}
 
 
+def controlnet_plan(keys: list[str], prefix: str, cfg: dict) -> dict[str, Recipe]:
+    """A ControlNet file of the original ControlNet repository (``prefix`` is
+    ``control_model.`` or empty): its down path and mid block named as the UNet's, and
+
+        input_hint_block.0 / .2k / .{2m}    controlnet_cond_embedding.conv_in / .blocks.(k-1)
+                                            / .conv_out (the odd indices are SiLUs)
+        zero_convs.i.0                      controlnet_down_blocks.i
+        middle_block_out.0                  controlnet_mid_block
+    """
+    modules = _unet_modules({**cfg, "up_block_types": []})
+    hints = sorted(int(k[len(prefix):].split(".")[1]) for k in keys
+                   if k.startswith(prefix + "input_hint_block.") and k.endswith(".weight"))
+    for n, i in enumerate(hints):
+        modules[f"input_hint_block.{i}"] = (
+            "controlnet_cond_embedding." + ("conv_in" if n == 0 else "conv_out"
+                                            if n == len(hints) - 1 else f"blocks.{n - 1}"),
+            _SAME)
+    modules["middle_block_out.0"] = ("controlnet_mid_block", _SAME)
+    plan = {}
+    for k in keys:
+        if not k.startswith(prefix):
+            continue
+        name = k[len(prefix):]
+        if name.startswith("zero_convs."):
+            i, rest = name[len("zero_convs."):].split(".0.", 1)
+            plan[f"controlnet_down_blocks.{i}.{rest}"] = Recipe(k)
+        else:
+            plan[_rename(name, modules, "ControlNet")] = Recipe(k)
+    return plan
+
+
 def _vae_plan(keys: list[str], cfg: dict) -> dict[str, Recipe]:
     modules = _vae_modules(cfg)
     plan = {}

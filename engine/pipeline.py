@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .conditioning import Conditioning, TextInputs, encode_text
+from .control import ControlRequest, control_batch, control_scales, select
 from .errors import SdrtError
 from .layers import use_conv_chooser
 from .loading import Components, check_compatible, load
@@ -26,7 +27,7 @@ from .prompt_syntax import WeightedIds, tokenize_prompts
 from .request import MICRO_CONDITIONING, GenerationRequest, Limits, short_repr
 from .runtime import ModelSpec, StaticRuntime, StaticShape
 from .samplers import SchedulerConfig, default_sampler, make_schedule, sample
-from .stages import (blank_inpaint_conditioning, cpu_randn, guidance_embedding, guided,
+from .stages import (Control, blank_inpaint_conditioning, cpu_randn, guidance_embedding, guided,
                      inpaint_conditioning, inpainting_unet, keep_unmasked, row_scales,
                      scale_latents, starts_from_noise, to_unit_images, vae_decode)
 
@@ -95,8 +96,8 @@ def _conv_cache_file():
     return os.path.join(root, "conv_paths.json")
 
 
-def _image_tensor(item):
-    """One init image (or batch) → float32 (B, 3, H, W) in [0, 1] on the CPU."""
+def _image_tensor(item, field="image"):
+    """One init (or control) image, or a batch → float32 (B, 3, H, W) in [0, 1] on the CPU."""
     from PIL import Image
 
     from .images import pil_to_float
@@ -113,17 +114,18 @@ def _image_tensor(item):
             item.is_floating_point()
         shape_ok = item.dim() in (3, 4) and item.shape[-3] == 3
     else:
-        raise SdrtError(f"image must be a PIL image, a float array (H, W, 3) or a float "
+        raise SdrtError(f"{field} must be a PIL image, a float array (H, W, 3) or a float "
                         f"tensor (B, 3, H, W) in [0, 1], or a list of them, got "
                         f"{type(item).__name__}")
-    _check_layout(item, f"an image {what}", layout, shape_ok, floating)
+    _check_layout(item, f"{'an image' if field == 'image' else field} {what}", layout, shape_ok,
+                  floating)
     if what == "array":
         t = torch.from_numpy(np.ascontiguousarray(item, dtype=np.float32))
         t = t.reshape(-1, *t.shape[-3:]).permute(0, 3, 1, 2)
     else:
         t = item.detach().to("cpu", torch.float32)
         t = t.reshape(-1, *t.shape[-3:])
-    return _unit_range(t, "image").contiguous()
+    return _unit_range(t, field).contiguous()
 
 
 def _check_layout(item, what, layout, shape_ok, floating):
@@ -234,6 +236,7 @@ class Pipeline:
         self._vae_copies = {}
         self._loras = None  # a LoraManager, made by the first LoRA call
         self._embeddings = {}  # token -> {text encoder: (n, D) float32 CPU}, load_textual_inversion
+        self._controlnets = {}  # name -> ControlNetModel, load_controlnet (in load order)
         if device.type == "cuda":
             # Time the fused GroupNorm+SiLU conv against group_norm + cuDNN once per shape and
             # keep the faster, so no shape gets slower than the unfused path. (Networks run by
@@ -270,7 +273,7 @@ class Pipeline:
 
     def compile(self, height=None, width=None, batch_size=1, num_inference_steps=50,
                 sampler=None, guidance=True, strict=False, max_shapes=4, num_chunks=1,
-                strength=None, masked=False):
+                strength=None, masked=False, controlnet=None, guess_mode=False):
         """Build the static plan (buffers, schedule, CUDA graphs on a GPU) for one shape.
 
         ``num_chunks``: the prompts' number of 77-token chunks (A1111 syntax: a prompt past
@@ -297,11 +300,15 @@ class Pipeline:
             raise SdrtError(f"num_chunks must be an integer from 1 to 64, got {num_chunks!r}")
         request = self.check(request, names={"num_images_per_prompt": "batch_size"},
                              num_chunks=num_chunks)
+        controls = () if controlnet is None else select(self._controlnets, controlnet)
+        if not isinstance(guess_mode, bool) or (guess_mode and not controls):
+            raise SdrtError(f"guess_mode must be False, or True with controlnet (the "
+                            f"ControlNets the plan runs), got {short_repr(guess_mode)}")
         if self.runtime is None:
             self.runtime = StaticRuntime(self.model_spec(), max_shapes=max_shapes, strict=strict)
         else:
             self.runtime.configure(max_shapes=max_shapes, strict=strict)
-        return self.runtime.build(self._shape(request, num_chunks, masked),
+        return self.runtime.build(self._shape(request, num_chunks, masked, controls, guess_mode),
                                   self.scheduler_config)
 
     def model_spec(self) -> ModelSpec:
@@ -309,7 +316,8 @@ class Pipeline:
         vae_dtype = self.vae_run_dtype()
         return ModelSpec(self.family, self.text_encoders, self.unet, self._vae_in(vae_dtype),
                          self.device, self.dtype,
-                         self.tokenizers[self.family.tokenizers[0]].max_length, vae_dtype)
+                         self.tokenizers[self.family.tokenizers[0]].max_length, vae_dtype,
+                         self._controlnets)
 
     @property
     def text_encoders(self) -> dict:
@@ -378,6 +386,53 @@ class Pipeline:
         # A static plan captured the old token table's storage (and its CUDA graph its address).
         self.runtime = None
         return token
+
+    # -- ControlNet ----------------------------------------------------------------------------
+
+    @property
+    def controlnets(self) -> dict:
+        """``{name: ControlNetModel}`` of the loaded ControlNets, in load order."""
+        return dict(self._controlnets)
+
+    def load_controlnet(self, path, name=None, variant=None):
+        """Load a ControlNet for this model: a diffusers folder, or a ``.safetensors`` file in
+        diffusers' names or the original ControlNet layout (A1111's and ComfyUI's files,
+        built in this UNet's architecture). ``name`` (default: the file or folder name) is
+        what calls pass as ``controlnet``; loading under a loaded name replaces that one.
+        Returns the name."""
+        from .controlnet import check_fits, load_controlnet
+        if not isinstance(self.unet, nn.Module):
+            raise SdrtError("ControlNets feed sdrt's own UNet; this one runs in another runtime")
+        if not isinstance(path, (str, os.PathLike)):
+            raise SdrtError(f"controlnet path must be a folder or a .safetensors file, got "
+                            f"{short_repr(path)}")
+        if name is None:
+            name = os.path.splitext(os.path.basename(os.fspath(path).rstrip(os.sep)))[0]
+        if not isinstance(name, str) or not name.strip():
+            raise SdrtError(f"controlnet name must be a non-empty string, got {short_repr(name)}")
+        net = load_controlnet(path, self.device, self.dtype, dataclasses.asdict(self.unet.config),
+                              variant)
+        check_fits(net.config, self.unet.config, os.fspath(path))
+        if self.device.type == "cuda":
+            use_conv_chooser(net, self.conv_chooser)
+        self._forget_controlnet(name)
+        self._controlnets[name] = net
+        return name
+
+    def unload_controlnet(self, name=None):
+        """Remove ControlNet ``name`` (all when None)."""
+        names = list(self._controlnets) if name is None else [name]
+        for n in names:
+            if n not in self._controlnets:
+                raise SdrtError(f"controlnet {n!r} is not loaded (loaded: "
+                                f"{', '.join(self._controlnets) or 'none'})")
+            self._forget_controlnet(n)
+
+    def _forget_controlnet(self, name):
+        """Drop ControlNet ``name`` and the static plans that ran it."""
+        self._controlnets.pop(name, None)
+        if self.runtime is not None:
+            self.runtime.drop(lambda shape: name in shape.controls)
 
     # -- LoRA ----------------------------------------------------------------------------------
 
@@ -478,10 +533,11 @@ class Pipeline:
             raise SdrtError(f"{names.get(field, field)} must be a multiple of {f} (the VAE's "
                             f"scale factor), got {value}")
 
-    def _shape(self, request, num_chunks=1, masked=False):
+    def _shape(self, request, num_chunks=1, masked=False, controls=(), guess_mode=False):
         return StaticShape(request.height, request.width, request.batch_size,
                            request.num_inference_steps, request.sampler, self._cfg(request),
-                           num_chunks, request.strength if request.has_image else None, masked)
+                           num_chunks, request.strength if request.has_image else None, masked,
+                           controls, guess_mode)
 
     def _guidance_distilled(self):
         """Whether the UNet takes its guidance scale as an input (an LCM-distilled UNet, config
@@ -632,7 +688,8 @@ class Pipeline:
             if given is None and side > limit:
                 raise SdrtError(f"image {field} must be at most {limit} pixels (SDRT_MAX_SIDE), "
                                 f"got {w0}x{h0}: pass height and width to resize it")
-        return self._resize_all(tensors, size, height is None and width is None)
+        batch = self._resize_all(tensors, size, height is None and width is None)
+        return (batch * 2 - 1).to(self.device, self.dtype)
 
     def _bound_pixels(self, items, field):
         """Each image (or mask) of ``items`` is at most (2 × SDRT_MAX_SIDE)² pixels, checked
@@ -653,8 +710,9 @@ class Pipeline:
                 raise SdrtError(f"{field} must be at most {limit} pixels "
                                 f"((2 × SDRT_MAX_SIDE)²), got {w0}x{h0}")
 
-    def _resize_all(self, tensors, size, to_multiple):
-        """The images, each resized to ``size`` where it differs (one warning for all)."""
+    def _resize_all(self, tensors, size, to_multiple, field="init image", warn=True):
+        """The images, each resized to ``size`` where it differs (one warning for all, when
+        ``warn``), as one float32 batch in [0, 1] on the CPU."""
         out, changed = [], []
         for t in tensors:
             if tuple(t.shape[2:]) != size:
@@ -662,15 +720,16 @@ class Pipeline:
                 t = torch.nn.functional.interpolate(t, size=size, mode="bicubic",
                                                     antialias=True).clamp_(0, 1)
             out.append(t)
-        if changed:
+        if changed and warn:
             why = (f"a multiple of the VAE's scale factor {self.vae_scale_factor}" if to_multiple
                    else "the height and width asked for")
-            warnings.warn(f"init image resized from {', '.join(sorted(set(changed)))} to "
+            warnings.warn(f"{field} resized from {', '.join(sorted(set(changed)))} to "
                           f"{size[1]}x{size[0]} ({why})", stacklevel=5)
         batch = torch.cat(out)
         if batch.shape[0] == 0:
-            raise SdrtError("image must hold at least one image, got a batch of 0")
-        return (batch * 2 - 1).to(self.device, self.dtype)
+            raise SdrtError(f"{field.split()[-1] if field == 'init image' else field} must hold "
+                            f"at least one image, got a batch of 0")
+        return batch
 
     @torch.no_grad()
     def encode_image(self, image, generator, batch=None):
@@ -851,7 +910,9 @@ class Pipeline:
                  negative_original_size=None, negative_crops_coords_top_left=None,
                  negative_target_size=None, aesthetic_score=None,
                  negative_aesthetic_score=None, denoising_start=None, denoising_end=None,
-                 mask_image=None, masked_content="original", latent_resize=False):
+                 mask_image=None, masked_content="original", latent_resize=False,
+                 control_image=None, controlnet=None, controlnet_conditioning_scale=1.0,
+                 control_guidance_start=0.0, control_guidance_end=1.0, guess_mode=False):
         """Generate images; see the README for each argument.
 
         Returns a list of PIL images (``"pil"``), a float32 array (B, H, W, 3) in [0, 1]
@@ -892,6 +953,18 @@ class Pipeline:
         memory against the device's; ``pipe.limits`` sets the bounds. An argument this
         model's family does not use is refused, not ignored.
 
+        ControlNet, as diffusers' ControlNet pipelines (text to image, image to image and
+        inpainting): ``control_image`` (an image, or a list of images: one, or one per
+        prompt) is what the ControlNet loaded with ``load_controlnet`` follows, resized to
+        the output size (which it sets when neither an init image nor height and width do).
+        With several loaded, ``controlnet`` names those to run (default: all, in load order)
+        and ``control_image`` is a list with one entry per ControlNet; their residuals add
+        up. ``controlnet_conditioning_scale`` scales a ControlNet's residuals, and it runs on
+        the UNet calls within [``control_guidance_start``, ``control_guidance_end``] of the
+        schedule (each one value, or a list with one per ControlNet). ``guess_mode`` runs
+        the ControlNets on the conditional half only, their residuals ramped from 0.1× at
+        the first skip to 1× at the mid block.
+
         ``callback(pipe, step_index, timestep, callback_kwargs)`` is called after each
         denoising step, as diffusers calls ``callback_on_step_end``: ``callback_kwargs`` is
         ``{"latents": x}`` (float32), and a returned dict with ``"latents"`` replaces them.
@@ -928,6 +1001,14 @@ class Pipeline:
         if mask_image is not None:
             self._check_mask_request(image, denoising_start)
         self._check_latent_resize(latent_resize, image, mask_image, denoising_start)
+        control = ControlRequest.parse(list(self._controlnets), control_image, controlnet,
+                                       controlnet_conditioning_scale, control_guidance_start,
+                                       control_guidance_end, guess_mode)
+        hints = self._control_tensors(control)
+        if hints and image is None and request.height is None and request.width is None:
+            # diffusers' ControlNet pipelines: the control image sets the size.
+            f, (h0, w0) = self.vae_scale_factor, hints[0][0].shape[2:]
+            request = dataclasses.replace(request, height=h0 - h0 % f, width=w0 - w0 % f)
         if image is not None:
             init_latents = self._image_latents(image)
             if init_latents is None:
@@ -955,13 +1036,18 @@ class Pipeline:
                  request.width // self.vae_scale_factor)
         if latents is not None:
             latents = self._noise(latents, shape, None)  # checked before any work
+        if control is not None:
+            # Resized without a word, as diffusers' ControlNet pipelines resize them.
+            hints = [control_batch(self._resize_all(t, (request.height, request.width), False,
+                                                    "control_image", warn=False), batch,
+                                   self.dtype, self.device) for t in hints]
         step_end = self._step_end(callback)
         t0 = self._clock()
         start = self._start(request, init, init_latents, mask, latents, shape, generator,
                             masked_content)
         if self._static(request):
             return self._run_static(request, inputs, start, generator, step_end,
-                                    self._clock() - t0)
+                                    self._clock() - t0, control, hints)
 
         schedule = make_schedule(self.scheduler_config, sampler, request.num_inference_steps,
                                  strength=request.strength if request.has_image else 1.0,
@@ -983,7 +1069,8 @@ class Pipeline:
         if image_cond is None and inpainting_unet(self.unet):
             image_cond = self._blank_image_cond(batch, request.height, request.width)
         model = guided(self.unet, cond, row_scales(request.row_scales(), self.device),
-                       self._cfg(request), self.dtype, self._timestep_cond(request), image_cond)
+                       self._cfg(request), self.dtype, self._timestep_cond(request), image_cond,
+                       self._control(control, hints, len(schedule.timesteps)))
         x = sample(sampler, model, x, schedule, generator=generator, step_end=step_end)
         t3 = self._clock()
         # The init image's encoding counts as denoising.
@@ -994,6 +1081,30 @@ class Pipeline:
         images = self.decode_latents(x.to(self.dtype))
         self.timings["decode"] = self._clock() - t3
         return self._format(images, request.output_type)
+
+    def _control_tensors(self, control):
+        """Each ControlNet's control images as float32 (r, 3, H, W) lists on the CPU, checked
+        (empty without ``control``)."""
+        if control is None:
+            return []
+        out = []
+        for entry in control.images:
+            items = list(entry) if isinstance(entry, (list, tuple)) else [entry]
+            self._bound_pixels(items, "control_image")
+            out.append([_image_tensor(item, "control_image") for item in items])
+        return out
+
+    def _control_table(self, control, calls):
+        """``Control.scales`` of a request over ``calls`` UNet calls, on the CPU."""
+        return control_scales([self._controlnets[n] for n in control.names], control.scales,
+                              control.starts, control.ends, control.guess_mode, calls)
+
+    def _control(self, control, hints, calls):
+        """The eager ``Control`` stage of a request (None without ControlNets)."""
+        if control is None:
+            return None
+        return Control([self._controlnets[n] for n in control.names], hints,
+                       self._control_table(control, calls).to(self.device), control.guess_mode)
 
     def _start(self, request, init, init_latents, mask, latents, shape, generator,
                masked_content="original"):
@@ -1051,12 +1162,14 @@ class Pipeline:
         from PIL import Image
         return [Image.fromarray((i * 255).round().astype(np.uint8)) for i in images]
 
-    def _run_static(self, request, inputs, start, generator, step_end, encode_seconds):
+    def _run_static(self, request, inputs, start, generator, step_end, encode_seconds,
+                    control=None, hints=None):
         """One request through the static plan of its shape; ``start`` is where it starts
-        (``_start``), drawn before the sampler's own draws."""
-        plan = self.runtime.plan_for(self._shape(request, inputs.num_chunks,
-                                                 masked=start.masked),
-                                     self.scheduler_config)
+        (``_start``), drawn before the sampler's own draws; ``control`` and ``hints`` its
+        ControlNets' settings and control images."""
+        controls = () if control is None else (control.names, control.guess_mode)
+        plan = self.runtime.plan_for(self._shape(request, inputs.num_chunks, start.masked,
+                                                 *controls), self.scheduler_config)
         self.num_timesteps = len(plan.schedule.timesteps)
         inputs = inputs.repeat_interleave(request.num_images_per_prompt)
         step_noise = None
@@ -1070,7 +1183,9 @@ class Pipeline:
                                 clock=self._clock, step_end=step_end,
                                 timestep_cond=self._timestep_cond(request), keep=keep,
                                 time_ids=time_ids, x0=start.x0, mask=start.mask,
-                                image_cond=start.image_cond)
+                                image_cond=start.image_cond, control_images=hints,
+                                control_scales=None if control is None else
+                                self._control_table(control, len(plan.schedule.timesteps)))
         self.timings["denoise"] += encode_seconds  # the init image's, as the eager path counts
         self.timings["unet_calls"] = len(plan.schedule.timesteps)
         if request.output_type == "latent":

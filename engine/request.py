@@ -39,6 +39,9 @@ MICRO_CONDITIONING = ("original_size", "crops_coords_top_left", "target_size",
 MAX_MICRO_SIZE = 2 ** 16  # pixels: far past any training image
 MAX_SEED = 2 ** 64 - 1  # torch.Generator.manual_seed takes any 64-bit value
 RANDOM_SEED = -1        # seed=-1: draw one, as A1111 users expect
+# A ControlNet's largest conditioning scale: A1111's weight slider ends at 2; past 10 the
+# residuals swamp the UNet's own features.
+MAX_CONTROL_SCALE = 10.0
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from .errors import SdrtError
 from .families import Family
 from .prompt_syntax import WeightedIds
 from .samplers import make_schedule, sample
-from .stages import (blank_inpaint_conditioning, guided, inpainting_unet, keep_unmasked,
-                     starts_from_noise, to_unit_images, vae_decode)
+from .stages import (Control, blank_inpaint_conditioning, guided, inpainting_unet,
+                     keep_unmasked, starts_from_noise, to_unit_images, vae_decode)
 
 log = logging.getLogger("sdrt")
 
@@ -43,15 +43,19 @@ class StaticShape:
     # Image to image: the strength (which of the schedule's steps run); None: text to image.
     strength: float = None
     masked: bool = False  # inpainting: the request carries a mask
+    controls: tuple = ()  # the names of the ControlNets it runs, in order
+    guess_mode: bool = False  # ControlNets on the conditional half only
 
     def describe(self):
         chunks = f", {self.num_chunks} text chunks" if self.num_chunks > 1 else ""
         image = ("" if self.strength is None else
                  f", {'inpainting' if self.masked else 'image to image'} at strength "
                  f"{self.strength:g}")
+        control = (f", ControlNet {' + '.join(self.controls)}"
+                   f"{' in guess mode' if self.guess_mode else ''}" if self.controls else "")
         return (f"{self.width}x{self.height}, batch {self.batch_size}, "
                 f"{self.num_inference_steps} steps of {self.sampler}, "
-                f"{'with' if self.guidance else 'without'} CFG{chunks}{image}")
+                f"{'with' if self.guidance else 'without'} CFG{chunks}{image}{control}")
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,7 @@ class ModelSpec:
     dtype: torch.dtype
     text_length: int = 77  # tokens per chunk
     vae_dtype: torch.dtype = None  # the VAE's, where it differs (an upcast SDXL VAE)
+    controlnets: dict = None  # name -> ControlNetModel: those a shape's ``controls`` name
 
 
 class StaticPlan:
@@ -137,6 +142,16 @@ class StaticPlan:
                 self.image_cond = blank_inpaint_conditioning(
                     model.vae, model.vae_dtype or dtype, dev, shape.batch_size, shape.height,
                     shape.width, dtype)
+        # ControlNets: each one's control images (B, 3, H, W) and the per-call factors of
+        # their residuals (stages.Control).
+        self.control = None
+        if shape.controls:
+            nets = [model.controlnets[name] for name in shape.controls]
+            self.control = Control(
+                nets, [torch.zeros(shape.batch_size, 3, shape.height, shape.width, dtype=dtype,
+                                   device=dev) for _ in nets],
+                torch.zeros(len(self.schedule.timesteps), len(nets), nets[0].num_residuals + 1,
+                            device=dev), shape.guess_mode)
         # Outputs.
         self.latents = torch.zeros(self.latent_shape, dtype=dtype, device=dev)
         self.image = torch.zeros(shape.batch_size, shape.height, shape.width, 3,
@@ -162,7 +177,7 @@ class StaticPlan:
 
     def _denoise(self, step_end=None):
         model = guided(self.model.unet, self.cond, self.guidance_scale, self.shape.guidance,
-                       self.model.dtype, self.timestep_cond, self.image_cond)
+                       self.model.dtype, self.timestep_cond, self.image_cond, self.control)
         if self.pure_noise:
             x = self.schedule.noise_latents(self.noise)
         else:
@@ -211,7 +226,8 @@ class StaticPlan:
     @torch.no_grad()
     def run(self, inputs: TextInputs, noise, guidance_scale, step_noise=None,
             clock=time.perf_counter, step_end=None, timestep_cond=None, keep=None,
-            time_ids=None, x0=None, mask=None, image_cond=None):
+            time_ids=None, x0=None, mask=None, image_cond=None, control_images=None,
+            control_scales=None):
         """Copy the request's inputs in, run (replay) the three stages.
 
         ``inputs``: token ids and weights (rows, n, 77) per tokenizer, one row per image and
@@ -222,7 +238,8 @@ class StaticPlan:
         guidance embedding of a guidance-distilled UNet. Image to image: ``x0`` the init
         image's latents (B, C, h, w); inpainting: ``mask`` (B, 1, h, w), 1 where repainted, for
         a UNet that sees no mask, or ``image_cond`` (the mask and the masked image's latents)
-        for one that does.
+        for one that does. ControlNets: ``control_images``, one (B, 3, H, W) batch per net,
+        and ``control_scales``, their factors per UNet call (``stages.Control``).
 
         Returns the seconds each stage took, read with ``clock`` between stages. The results
         stay in the plan's buffers: ``latents`` and ``image`` (float32 (B, H, W, 3) in [0, 1]).
@@ -249,6 +266,11 @@ class StaticPlan:
         # (A plan without a mask keeps its blank image_cond: it is not a request's.)
         given = {"x0": (self.x0, x0), "mask": (self.mask, mask),
                  "image_cond": (self.image_cond if self.shape.masked else None, image_cond)}
+        if self.control is not None:
+            given["control_scales"] = (self.control.scales, control_scales)
+            for k, image in enumerate(self.control.images):
+                given[f"control_images[{k}]"] = (image, None if control_images is None
+                                                 else control_images[k])
         for name, (buffer, value) in given.items():
             if buffer is not None:
                 if value is None:
@@ -303,6 +325,12 @@ class StaticRuntime:
             log.info("sdrt: built a static plan for %s in %.2f s", shape.describe(),
                      plan.build_seconds)
         return plan
+
+    def drop(self, which):
+        """Drop the plans whose shape ``which(shape)`` picks (their networks changed)."""
+        for shape in [s for s in self.plans if which(s)]:
+            del self.plans[shape]
+            log.info("sdrt: dropped the static plan for %s", shape.describe())
 
     def plan_for(self, shape: StaticShape, scheduler_config) -> StaticPlan:
         """The plan of a request's shape: built before, built now (with a warning saying what

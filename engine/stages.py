@@ -1,12 +1,54 @@
 """The pieces of a request that the eager pipeline and the static runtime both run."""
 import functools
+import itertools
+from dataclasses import dataclass
 
 import torch
 
 from .errors import SdrtError
 
 
-def guided(unet, cond, guidance_scale, cfg, dtype, timestep_cond=None, image_cond=None):
+@dataclass
+class Control:
+    """ControlNets applied on every UNet call (diffusers' ControlNet pipelines, several
+    ControlNets as its ``MultiControlNetModel``: their residuals summed).
+
+    ``images``: per net, its control image (B, 3, H, W) in [0, 1], in the UNet's dtype;
+    ``scales`` (calls, nets, n + 1) float32: for UNet call i of the request and net k, the
+    factors of its residuals (``controlnet.residual_scales``, zero where call i is outside
+    the net's part of the schedule: ``control_scales``). In guess mode (with CFG) the nets
+    see only the conditional half and the unconditional half gets no residuals."""
+    nets: list
+    images: list
+    scales: torch.Tensor
+    guess_mode: bool = False
+
+    def residuals(self, call, x, t, inputs, rows):
+        """The summed residuals for UNet call ``call`` on latents ``x`` (rows·B, C, h, w),
+        ``rows`` the CFG halves in ``x`` and in ``inputs`` (the UNet's conditioning)."""
+        if call >= self.scales.shape[0]:
+            raise SdrtError(f"ControlNet scales cover {self.scales.shape[0]} UNet calls; the "
+                            f"sampler made more")
+        half = rows == 2 and self.guess_mode
+        if half:  # the conditional rows only
+            x = x.chunk(2)[1]
+            inputs = {k: v.chunk(2)[1] for k, v in inputs.items()}
+        copies = 1 if half else rows
+        down = mid = None
+        for k, (net, image) in enumerate(zip(self.nets, self.images)):
+            d, m = net(x, t, inputs["encoder_hidden_states"], image.repeat(copies, 1, 1, 1),
+                       self.scales[call, k], text_embeds=inputs.get("text_embeds"),
+                       time_ids=inputs.get("time_ids"))
+            down = d if down is None else [a + b for a, b in zip(down, d)]
+            mid = m if mid is None else mid + m
+        if half:
+            down = [torch.cat([torch.zeros_like(d), d]) for d in down]
+            mid = torch.cat([torch.zeros_like(mid), mid])
+        return {"down_residuals": down, "mid_residual": mid}
+
+
+def guided(unet, cond, guidance_scale, cfg, dtype, timestep_cond=None, image_cond=None,
+           control: Control = None):
     """The model a sampler calls: the UNet on the ``Conditioning`` ``cond`` (its fields as the
     UNet's named inputs), with classifier-free guidance when ``cfg``.
 
@@ -17,6 +59,9 @@ def guided(unet, cond, guidance_scale, cfg, dtype, timestep_cond=None, image_con
     masked image's latents (``inpaint_conditioning``), joined to the sampler's (scaled) input
     along the channels on every call, as diffusers' inpainting pipeline joins them.
 
+    ``control``: ControlNets whose residuals the UNet adds on every call (``Control``); they
+    see the latents without ``image_cond``. Its calls are counted from this model's first.
+
     With guidance, one UNet call runs the unconditional and conditional halves of ``cond``
     (``[negative..., positive...]``, diffusers' order) and combines them as
     ``uncond + scale · (cond − uncond)``. ``guidance_scale`` is a float32 device tensor of
@@ -24,19 +69,22 @@ def guided(unet, cond, guidance_scale, cfg, dtype, timestep_cond=None, image_con
     needs no recapture); the combination is computed in float32.
     """
     inputs = cond.unet_inputs()
+    calls = itertools.count()
 
-    def joined(x, rows):
+    def run(x, t, rows, **extra):
         x = x.to(dtype)
-        if image_cond is None:
-            return x
-        return torch.cat([x, image_cond.repeat(rows, 1, 1, 1)], dim=1)
+        if control is not None:
+            extra.update(control.residuals(next(calls), x, t, inputs, rows))
+        if image_cond is not None:
+            x = torch.cat([x, image_cond.repeat(rows, 1, 1, 1)], dim=1)
+        return unet(x, t, **inputs, **extra)
 
     def model(x, t):
         if timestep_cond is not None:
-            return unet(joined(x, 1), t, **inputs, timestep_cond=timestep_cond)
+            return run(x, t, 1, timestep_cond=timestep_cond)
         if not cfg:
-            return unet(joined(x, 1), t, **inputs)
-        uncond, positive = unet(joined(torch.cat([x, x]), 2), t, **inputs).chunk(2)
+            return run(x, t, 1)
+        uncond, positive = run(torch.cat([x, x]), t, 2).chunk(2)
         return uncond + guidance_scale * (positive - uncond)
     return model
 

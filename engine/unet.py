@@ -97,6 +97,8 @@ class UNetConfig:
     ``from_dict`` accepts a whole ``config.json``: diffusers' settings sdrt does not implement
     are accepted only where they leave the computation unchanged (``_FIXED``, ``_NO_EFFECT``,
     keys starting with "_"); any other key is refused by name."""
+    COMPONENT = "unet"  # the name its refusals start with
+    MODEL_CLASS = "UNet2DConditionModel"
     in_channels: int = 4
     out_channels: int = 4
     sample_size: int = 64
@@ -133,42 +135,43 @@ class UNetConfig:
     def from_dict(cls, d):
         """The config of a ``config.json`` dict, every value checked before anything is built
         (``SdrtError`` naming the key)."""
-        d = ConfigCheck("unet").dict(d)
+        what = cls.COMPONENT
+        d = ConfigCheck(what).dict(d)
         names = {f.name for f in fields(cls)}
         for key, value in d.items():
             if not isinstance(key, str):
-                raise SdrtError(f"unet config: key {key!r} is not a string")
+                raise SdrtError(f"{what} config: key {key!r} is not a string")
             if key.startswith("_") or key in names:
                 continue
             if key in _NO_EFFECT:
                 if key == "dropout":
-                    ConfigCheck("unet").number(key, value)
+                    ConfigCheck(what).number(key, value)
                 continue
             if key not in _FIXED:
-                raise SdrtError(f"unet config: unsupported setting {key} (not a "
-                                f"UNet2DConditionModel setting sdrt knows; it may change the "
+                raise SdrtError(f"{what} config: unsupported setting {key} (not a "
+                                f"{cls.MODEL_CLASS} setting sdrt knows; it may change the "
                                 f"computation)")
             allowed, ok = _FIXED[key]
             if not ok(value):
-                raise SdrtError(f"unet config: unsupported setting {key}={value!r} (sdrt "
+                raise SdrtError(f"{what} config: unsupported setting {key}={value!r} (sdrt "
                                 f"implements only {allowed})")
         only = d.get("only_cross_attention", False)
         if isinstance(only, list) and len(only) != len(d.get("down_block_types",
                                                              cls.down_block_types)):
-            ConfigCheck("unet").fail("only_cross_attention", "false or a list with one entry "
+            ConfigCheck(what).fail("only_cross_attention", "false or a list with one entry "
                                      "per down block", only)
         cfg = cls(**{k: v for k, v in d.items() if k in names})
         cfg._check()
         return cfg
 
     def _check(self):
-        check = ConfigCheck("unet")
+        check = ConfigCheck(self.COMPONENT)
         if self.addition_embed_type not in (None, "text_time"):
-            raise SdrtError(f"unet config: unsupported setting addition_embed_type="
+            raise SdrtError(f"{self.COMPONENT} config: unsupported setting addition_embed_type="
                             f"{self.addition_embed_type!r} (sdrt implements only null or "
                             f"'text_time')")
         if self.mid_block_type not in ("UNetMidBlock2DCrossAttn", None):
-            raise SdrtError(f"unet config: unsupported setting mid_block_type="
+            raise SdrtError(f"{self.COMPONENT} config: unsupported setting mid_block_type="
                             f"{self.mid_block_type!r} (sdrt implements only "
                             f"'UNetMidBlock2DCrossAttn' or null)")
         check.names("down_block_types", self.down_block_types,
@@ -205,7 +208,8 @@ class UNetConfig:
             if self.addition_embed_type == "text_time":
                 check.integer(key, getattr(self, key))
             elif getattr(self, key) is not None:
-                raise SdrtError(f"unet config: unsupported setting {key}={getattr(self, key)!r} "
+                raise SdrtError(f"{self.COMPONENT} config: unsupported setting "
+                                f"{key}={getattr(self, key)!r} "
                                 f"without addition_embed_type 'text_time'")
 
     def _check_transformer_layers(self, check, n):
@@ -401,10 +405,9 @@ class UNetMidBlock(nn.Module):
         return self.resnets[1](self.attentions[0](x, context), temb)
 
 
-class UNet2DConditionModel(nn.Module):
-    """Predicts noise (or v) from latents (B, 4, h, w), timesteps and text states (B, T, D);
-    SDXL's UNets (``addition_embed_type="text_time"``) also take the pooled text embedding and
-    the micro-conditioning numbers (``text_embeds``, ``time_ids``)."""
+class UNetEncoder(nn.Module):
+    """The part of the UNet a ControlNet copies: the time (and SDXL's added) embedding,
+    ``conv_in``, the down path and the mid block, with diffusers' names."""
 
     def __init__(self, cfg: UNetConfig, ops: Ops = None):
         """``ops``: the kernel paths its modules run (``layers.Ops``; default: a new one)."""
@@ -414,7 +417,7 @@ class UNet2DConditionModel(nn.Module):
         ch = list(cfg.block_out_channels)
         n = len(ch)
         heads = cfg.heads
-        down_layers, mid_layers, up_layers = cfg.transformer_layers
+        down_layers, mid_layers, _ = cfg.transformer_layers
         temb = ch[0] * 4
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = (TimestepEmbedding(ch[0], temb) if cfg.time_cond_proj_dim is None
@@ -439,32 +442,9 @@ class UNet2DConditionModel(nn.Module):
         self.mid_block = (UNetMidBlock(ch[-1], temb, cfg, heads[-1], mid_layers, ops)
                           if cfg.mid_block_type else None)
 
-        rch, rheads = ch[::-1], heads[::-1]
-        self.up_blocks = nn.ModuleList()
-        prev = rch[0]
-        for i, kind in enumerate(cfg.up_block_types):
-            out, skip_in = rch[i], rch[min(i + 1, n - 1)]
-            k = cfg.layers_per_block + 1
-            # Skip channels: the down path's outputs in reverse; the last one of each level
-            # comes from the level below (or conv_in).
-            resnet_in = [(prev if j == 0 else out) + (skip_in if j == k - 1 else out)
-                         for j in range(k)]
-            self.up_blocks.append(UNetBlock(
-                resnet_in, out, temb, cfg, rheads[i], up_layers[i],
-                kind.startswith("CrossAttn"), "up" if i < n - 1 else None, ops))
-            prev = out
-
-        self.conv_norm_out = GroupNorm(cfg.norm_num_groups, ch[0], cfg.norm_eps)
-        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
-
-    def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None,
-                text_embeds=None, time_ids=None):
-        """sample (B, C, h, w); timestep 0-d or (B,); encoder_hidden_states (B, T, D);
-        timestep_cond (B, time_cond_proj_dim), the guidance-scale embedding of a
-        guidance-distilled UNet (config ``time_cond_proj_dim``), or None; text_embeds (B, P)
-        and time_ids (B, K), required by (and only by) an SDXL UNet
-        (``addition_embed_type="text_time"``): the pooled text embedding and the
-        micro-conditioning numbers."""
+    def embed(self, sample, timestep, timestep_cond=None, text_embeds=None, time_ids=None):
+        """The time embedding (B, 4·C0) of each row, SDXL's added embedding included (see
+        ``UNet2DConditionModel.forward`` for the inputs)."""
         cfg = self.config
         t = timestep.reshape(-1).expand(sample.shape[0])
         emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos,
@@ -484,22 +464,19 @@ class UNet2DConditionModel(nn.Module):
                     raise SdrtError(f"{name} was given, but this UNet has no added text-time "
                                     f"embedding (config addition_embed_type is "
                                     f"{cfg.addition_embed_type!r}, not 'text_time')")
-        if cfg.center_input_sample:
-            sample = 2 * sample - 1.0
-        x = self.conv_in(sample)
+        return emb
+
+    def encode(self, x, emb, context):
+        """``conv_in``'s output ``x`` (B, C0, h, w) through the down path and the mid block:
+        the result and the skip tensors, in the order the down path makes them (diffusers'
+        ``down_block_res_samples``)."""
         skips = [x]
         for block in self.down_blocks:
-            x, s = block.down(x, emb, encoder_hidden_states)
+            x, s = block.down(x, emb, context)
             skips += s
         if self.mid_block is not None:
-            x = self.mid_block(x, emb, encoder_hidden_states)
-        for block in self.up_blocks:
-            level = skips[-len(block.resnets):]
-            del skips[-len(block.resnets):]
-            # Upsample to the next skip's size so odd latent sizes line up with the down path.
-            size = skips[-1].shape[2:] if skips else None
-            x = block.up(x, level, emb, encoder_hidden_states, size)
-        return norm_silu_conv(self.ops, self.conv_norm_out, self.conv_out, x)
+            x = self.mid_block(x, emb, context)
+        return x, skips
 
     def _added_embedding(self, batch, text_embeds, time_ids, dtype):
         """SDXL's added embedding (B, 4·C0): ``add_embedding`` of the pooled text (B, P) and
@@ -526,3 +503,65 @@ class UNet2DConditionModel(nn.Module):
         # Each cast on its own rounds every element as diffusers' cast of the concatenation.
         add = torch.cat([text_embeds.to(dtype), time_embeds.to(dtype)], dim=-1)
         return self.add_embedding(add)
+
+
+class UNet2DConditionModel(UNetEncoder):
+    """Predicts noise (or v) from latents (B, 4, h, w), timesteps and text states (B, T, D);
+    SDXL's UNets (``addition_embed_type="text_time"``) also take the pooled text embedding and
+    the micro-conditioning numbers (``text_embeds``, ``time_ids``)."""
+
+    def __init__(self, cfg: UNetConfig, ops: Ops = None):
+        """``ops``: the kernel paths its modules run (``layers.Ops``; default: a new one)."""
+        super().__init__(cfg, ops)
+        ch = list(cfg.block_out_channels)
+        n = len(ch)
+        _, _, up_layers = cfg.transformer_layers
+        temb = ch[0] * 4
+        rch, rheads = ch[::-1], cfg.heads[::-1]
+        self.up_blocks = nn.ModuleList()
+        prev = rch[0]
+        for i, kind in enumerate(cfg.up_block_types):
+            out, skip_in = rch[i], rch[min(i + 1, n - 1)]
+            k = cfg.layers_per_block + 1
+            # Skip channels: the down path's outputs in reverse; the last one of each level
+            # comes from the level below (or conv_in).
+            resnet_in = [(prev if j == 0 else out) + (skip_in if j == k - 1 else out)
+                         for j in range(k)]
+            self.up_blocks.append(UNetBlock(
+                resnet_in, out, temb, cfg, rheads[i], up_layers[i],
+                kind.startswith("CrossAttn"), "up" if i < n - 1 else None, self.ops))
+            prev = out
+
+        self.conv_norm_out = GroupNorm(cfg.norm_num_groups, ch[0], cfg.norm_eps)
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+
+    def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None,
+                text_embeds=None, time_ids=None, down_residuals=None, mid_residual=None):
+        """sample (B, C, h, w); timestep 0-d or (B,); encoder_hidden_states (B, T, D);
+        timestep_cond (B, time_cond_proj_dim), the guidance-scale embedding of a
+        guidance-distilled UNet (config ``time_cond_proj_dim``), or None; text_embeds (B, P)
+        and time_ids (B, K), required by (and only by) an SDXL UNet
+        (``addition_embed_type="text_time"``): the pooled text embedding and the
+        micro-conditioning numbers. ``down_residuals`` (one tensor per skip tensor of the
+        down path) and ``mid_residual`` are a ControlNet's outputs, added to the skip tensors
+        and to the mid block's output (diffusers' ``down_block_additional_residuals`` and
+        ``mid_block_additional_residual``)."""
+        emb = self.embed(sample, timestep, timestep_cond, text_embeds, time_ids)
+        if self.config.center_input_sample:
+            sample = 2 * sample - 1.0
+        x, skips = self.encode(self.conv_in(sample), emb, encoder_hidden_states)
+        if down_residuals is not None:
+            if len(down_residuals) != len(skips):
+                raise SdrtError(f"down_residuals holds {len(down_residuals)} tensors, but this "
+                                f"UNet's down path makes {len(skips)} (a ControlNet for "
+                                f"another architecture?)")
+            skips = [s + r for s, r in zip(skips, down_residuals)]
+        if mid_residual is not None:
+            x = x + mid_residual
+        for block in self.up_blocks:
+            level = skips[-len(block.resnets):]
+            del skips[-len(block.resnets):]
+            # Upsample to the next skip's size so odd latent sizes line up with the down path.
+            size = skips[-1].shape[2:] if skips else None
+            x = block.up(x, level, emb, encoder_hidden_states, size)
+        return norm_silu_conv(self.ops, self.conv_norm_out, self.conv_out, x)

@@ -1,0 +1,129 @@
+"""A request's ControlNet part, checked once: which loaded ControlNets run, each one's control
+image, conditioning scale and share of the schedule, and guess mode (diffusers'
+``controlnet_conditioning_scale``, ``control_guidance_start``/``_end`` and ``guess_mode``).
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .controlnet import residual_scales
+from .errors import SdrtError
+from .request import MAX_CONTROL_SCALE, short_repr
+
+
+def _per_net(field, value, n, check):
+    """One value for every net, or a list with one per net; each passed through ``check``."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise SdrtError(f"{field} must be one value or a list of {n} (one per ControlNet), "
+                            f"got {len(value)} values")
+        return tuple(check(field, v) for v in value)
+    return (check(field, value),) * n
+
+
+def _number(lo, hi):
+    def check(field, v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                or not lo <= v <= hi:
+            raise SdrtError(f"{field} must be a number from {lo:g} to {hi:g}, got "
+                            f"{short_repr(v)}")
+        return float(v)
+    return check
+
+
+def select(loaded, controlnet):
+    """The names of the ControlNets a request runs: ``controlnet`` (a loaded one's name or a
+    list of them) or, when None, all of ``loaded``, in load order."""
+    if controlnet is None:
+        return tuple(loaded)
+    names = (controlnet,) if isinstance(controlnet, str) else controlnet
+    if not isinstance(names, (list, tuple)) or not names or \
+            not all(isinstance(n, str) for n in names):
+        raise SdrtError(f"controlnet must be a loaded ControlNet's name or a non-empty list of "
+                        f"them, got {short_repr(controlnet)}")
+    for name in names:
+        if name not in loaded:
+            raise SdrtError(f"controlnet {name!r} is not loaded (loaded: "
+                            f"{', '.join(loaded) or 'none'})")
+    if len(set(names)) != len(names):
+        raise SdrtError(f"controlnet names a ControlNet twice: {', '.join(names)}")
+    return tuple(names)
+
+
+@dataclass(frozen=True)
+class ControlRequest:
+    """The ControlNets (by name, in order) a request runs and each one's settings;
+    ``images`` holds each net's control images as given (checked, not yet resized)."""
+    names: tuple
+    images: tuple
+    scales: tuple
+    starts: tuple
+    ends: tuple
+    guess_mode: bool
+
+    @classmethod
+    def parse(cls, loaded, control_image, controlnet=None, scale=1.0, start=0.0, end=1.0,
+              guess_mode=False):
+        """Checked settings, or None for a request without ``control_image``; ``loaded``
+        the names of the loaded ControlNets, in load order."""
+        if control_image is None:
+            unset = lambda v, default: type(v) in (int, float) and v == default
+            given = {"controlnet": controlnet is not None, "guess_mode": guess_mode is not False,
+                     "controlnet_conditioning_scale": not unset(scale, 1.0),
+                     "control_guidance_start": not unset(start, 0.0),
+                     "control_guidance_end": not unset(end, 1.0)}
+            for field, set_ in given.items():
+                if set_:
+                    raise SdrtError(f"{field} was given without control_image (the image a "
+                                    f"ControlNet follows)")
+            return None
+        if not loaded:
+            raise SdrtError("control_image was given, but no ControlNet is loaded "
+                            "(Pipeline.load_controlnet)")
+        names = select(loaded, controlnet)
+        n = len(names)
+        if n == 1:
+            images = (control_image,)
+        elif not isinstance(control_image, (list, tuple)) or len(control_image) != n:
+            raise SdrtError(f"control_image must be a list of {n} entries, one per ControlNet "
+                            f"({', '.join(names)}), each an image or a list of images")
+        else:
+            images = tuple(control_image)
+        for entry in images:
+            if isinstance(entry, (list, tuple)) and not entry:
+                raise SdrtError("control_image holds an empty list")
+        if not isinstance(guess_mode, bool):
+            raise SdrtError(f"guess_mode must be true or false, got {short_repr(guess_mode)}")
+        scales = _per_net("controlnet_conditioning_scale", scale, n, _number(0.0, MAX_CONTROL_SCALE))
+        starts = _per_net("control_guidance_start", start, n, _number(0.0, 1.0))
+        ends = _per_net("control_guidance_end", end, n, _number(0.0, 1.0))
+        for s, e in zip(starts, ends):
+            if s >= e:
+                raise SdrtError(f"control_guidance_start must be below control_guidance_end, "
+                                f"got {s:g} and {e:g}")
+        return cls(names, images, scales, starts, ends, guess_mode)
+
+
+def control_batch(tensors, batch, dtype, device):
+    """One net's control images (float32 (r, 3, H, W) on the CPU, at the request's size) as
+    (batch, 3, H, W) in ``dtype``: one image for every row, or one per prompt, each repeated
+    for its images (``r`` divides ``batch``)."""
+    rows = tensors.shape[0]
+    if batch % rows:
+        raise SdrtError(f"control_image must hold one image or one per prompt (a count that "
+                        f"divides the batch of {batch}), got {rows}")
+    return tensors.repeat_interleave(batch // rows, dim=0).to(device, dtype)
+
+
+def control_scales(nets, scales, starts, ends, guess_mode, calls):
+    """``Control.scales`` (calls, nets, n + 1) on the CPU: net k's ``residual_scales`` at
+    ``scales[k]`` on the UNet calls i whose share of the schedule, [i/calls, (i+1)/calls],
+    lies within [``starts[k]``, ``ends[k]``], and zero on the others (diffusers'
+    ``controlnet_keep``)."""
+    table = torch.zeros(calls, len(nets), nets[0].num_residuals + 1)
+    for i in range(calls):
+        for k, net in enumerate(nets):
+            on = not (i / calls < starts[k] or (i + 1) / calls > ends[k])
+            table[i, k] = residual_scales(net, scales[k] * float(on), guess_mode)
+    return table
