@@ -338,6 +338,23 @@ def _generate_options(g):
     g.add_argument("--lora", metavar="PATH[:SCALE]", type=_lora_option, action="append",
                    default=[], help="apply a LoRA (kohya/A1111 or diffusers .safetensors) at "
                                     "SCALE (default 1); repeat for several")
+    g.add_argument("--controlnet", metavar="PATH[:WEIGHT]", type=_lora_option, action="append",
+                   default=[], help="a ControlNet (diffusers folder, or .safetensors as A1111 "
+                   "and ComfyUI use them) and its weight (default 1); repeat it for several, "
+                   "each with its --control-image")
+    g.add_argument("--control-image", metavar="PATH", action="append", default=[],
+                   help="the image (edges, depth, pose ...) the --controlnet of the same place "
+                   "follows; it sets the size when neither --init-image nor --width/--height do")
+    g.add_argument("--control-resize", choices=("resize", "crop", "fill"), default="crop",
+                   help="how a control image is brought to the output size, as "
+                   "--resize-mode (A1111's ControlNet default: crop, 'Crop and Resize')")
+    g.add_argument("--control-start", metavar="F", type=float_arg, default=0.0,
+                   help="the fraction of the steps after which the ControlNets start")
+    g.add_argument("--control-end", metavar="F", type=float_arg, default=1.0,
+                   help="the fraction of the steps after which they stop")
+    g.add_argument("--guess-mode", action="store_true",
+                   help="diffusers' guess mode: the ControlNets see only the prompt's half, "
+                   "their residuals ramped from 0.1x to 1x towards the mid block")
     g.add_argument("--embedding", metavar="PATH", action="append", default=[],
                    help="textual-inversion embedding (.safetensors, A1111 or diffusers layout); "
                         "write its token in the prompt: the file's name for A1111 files, the "

@@ -14,6 +14,7 @@ import os
 import sys
 import warnings
 
+from . import cli_control
 from .atomic import write_file
 from .errors import SdrtError
 from .infotext import Infotext, lora_tags, model_identity, number, png_bytes
@@ -76,6 +77,8 @@ def generate(a):
                 raise SdrtError(f"{option} must be an integer from 0 to {top}, got {value}")
         mask = mask_to_float(read_image(a.mask, "mask"))
         mask = blur_mask(1 - mask if a.invert_mask else mask, a.mask_blur)
+    cli_control.check(a)
+    hints = cli_control.read_images(a)
     _warn_unused_options(a)
 
     pipe = _pipeline(a)  # imports torch
@@ -83,6 +86,12 @@ def generate(a):
     for path, scale in loras:
         pipe.load_lora(path, scale=scale)
     tokens = [pipe.load_textual_inversion(path) for path in a.embedding]
+    controls = cli_control.load(a, pipe)
+    if init is None and hints and request.height is None and request.width is None:
+        # As diffusers' ControlNet pipelines: the control image sets the size.
+        f = pipe.vae_scale_factor
+        request = dataclasses.replace(request, height=hints[0].height - hints[0].height % f,
+                                      width=hints[0].width - hints[0].width % f)
     if init is None:
         # What depends on the model (sizes against the VAE, --clip-skip against the text
         # encoder, the request's memory against the device's), named as the options are.
@@ -110,7 +119,9 @@ def generate(a):
         from .images import frame_init_image
         init = frame_init_image(init, width, height, a.resize_mode)
     plans = _static_plans(a, pipe, request, sampler, hires,
-                          None if init is None else (width, height, mask is not None))
+                          None if init is None else (width, height, mask is not None), controls)
+    control = cli_control.call(a, hints, controls, *((width, height) if init is not None else
+                                                     (request.width, request.height)))
     # Image i of a batch is drawn from its own generator, seeded seed + i, as A1111 does: its
     # PNG records that seed, and --seed with it regenerates that image alone.
     seed = request.draw_seed()
@@ -127,7 +138,7 @@ def generate(a):
             images = hires_generate(pipe, hires, prompt, call.pop("negative_prompt"),
                                     request.height, request.width, call.pop("num_inference_steps"),
                                     sampler, call.pop("generator"), **_sdxl_fields(a), **call,
-                                    callback=None if plans else progress)
+                                    **control, callback=None if plans else progress)
         else:
             images = pipe(prompt, height=request.height, width=request.width, sampler=sampler,
                           image=init, mask_image=mask, strength=a.strength,
@@ -135,7 +146,7 @@ def generate(a):
                           latent_resize=init is not None and a.resize_mode == "latent",
                           callback=None if plans else progress,
                           output_type="latent" if refiner else "pil", **_sdxl_fields(a),
-                          **call)
+                          **control, **call)
     if refiner is not None:
         # The base's partly denoised latents, one row per image, finished by the refiner.
         with _Progress() as progress:
@@ -160,6 +171,8 @@ def generate(a):
         warnings.warn(f"--from-png {a.from_png} was made with model {png_model[0]} "
                       f"[{png_model[1]}], this is {name} [{short_hash}]: the image will differ")
     lora_hashes = tuple((_stem(path), file_hash(path)) for path, _ in loras)
+    units = cli_control.infotext(a, [(name, file_hash(path) if os.path.isfile(path) else None)
+                                     for (path, _), name in zip(a.controlnet, controls)])
     ti_hashes = tuple((token, file_hash(path)) for token, path in zip(tokens, a.embedding))
     refined = {}
     if refiner is not None:
@@ -179,7 +192,7 @@ def generate(a):
                           masked_content=(a.masked_content.replace("-", " ")
                                           if mask is not None
                                           and a.masked_content != "original" else None),
-                          ti_hashes=ti_hashes, **refined))
+                          ti_hashes=ti_hashes, controlnets=units, **refined))
              for s in seeds]
     paths, taken = _save_pngs(images, output, infos, a.overwrite)
     print(_summary(pipe.timings, plans, seed, paths, taken))
@@ -509,6 +522,7 @@ def _warn_unused_options(a):
         _warn_unused_variant(a, unused)
     if "refiner_start" in a.given and a.refiner is None:
         unused("--refiner-start", "it applies to --refiner")
+    cli_control.warn_unused(a, unused)
 
 
 def _warn_unused_variant(a, unused):
@@ -564,12 +578,13 @@ def _onnx_pipeline(a):
     return Pipeline(c, device, dtype)
 
 
-def _static_plans(a, pipe, request, sampler, hires=None, image=None):
+def _static_plans(a, pipe, request, sampler, hires=None, image=None, controls=()):
     """The static plans of a checked ``request`` run with ``sampler`` and of its hires fix's
     second pass, built on CUDA unless --no-compile; [] where the request runs eagerly.
     ``image``: an image-to-image request's (width, height, masked), the framed init image's
-    size and whether it inpaints; its plan runs at --strength. Static plans run with the
-    final text layer, in sdrt's own networks, the whole schedule (no refiner's hand-off)."""
+    size and whether it inpaints; its plan runs at --strength. ``controls``: the names of
+    the ControlNets loaded for it. Static plans run with the final text layer, in sdrt's own
+    networks, the whole schedule (no refiner's hand-off)."""
     static = (request.clip_skip == 0 and a.runtime == "torch"
               and request.denoising_end is None and pipe.device.type == "cuda")
     if a.no_compile:
@@ -582,10 +597,11 @@ def _static_plans(a, pipe, request, sampler, hires=None, image=None):
     chunks = pipe.text_inputs(request.texts(), request.prompt_syntax,
                               request.texts_2()).num_chunks
     width, height, masked = image or (request.width, request.height, False)
+    control = dict(controlnet=controls or None, guess_mode=a.guess_mode and bool(controls))
     plans = [pipe.compile(height, width, request.batch_size, request.num_inference_steps,
                           sampler, guidance=request.guidance, num_chunks=chunks,
                           strength=None if image is None else request.strength,
-                          masked=masked)]
+                          masked=masked, **control)]
     if hires is not None:  # the second pass: one prompt per image, at the upscaled size
         width, height, _, _ = hires.target(request.width, request.height, pipe.vae_scale_factor)
         steps, _ = hires.schedule_steps(request.num_inference_steps)
@@ -597,7 +613,7 @@ def _static_plans(a, pipe, request, sampler, hires=None, image=None):
                                   second.texts_2()).num_chunks
         plans.append(pipe.compile(height, width, request.batch_size, steps,
                                   hires.sampler or request.sampler, guidance=request.guidance,
-                                  num_chunks=chunks, strength=hires.strength))
+                                  num_chunks=chunks, strength=hires.strength, **control))
     return plans
 
 

@@ -129,6 +129,21 @@ def number(value):
     return str(value)
 
 
+# A1111's ControlNet extension's resize modes, by the name sdrt's --resize-mode gives them.
+CONTROL_RESIZE_LABELS = {"resize": "Just Resize", "crop": "Crop and Resize",
+                         "fill": "Resize and Fill"}
+
+
+def controlnet_unit(model, weight, resize_mode, start, end, guess_mode=False):
+    """One ControlNet unit as A1111's extension writes it in a PNG's ``ControlNet N`` value;
+    ``model`` "NAME [HASH]" or "NAME", ``resize_mode`` a ``CONTROL_RESIZE_LABELS`` key.
+    diffusers' guess mode is none of the extension's control modes: it is named as itself."""
+    return ", ".join(("Module: none", f"Model: {model}", f"Weight: {number(weight)}",
+                      f"Resize Mode: {CONTROL_RESIZE_LABELS[resize_mode]}",
+                      f"Guidance Start: {number(start)}", f"Guidance End: {number(end)}",
+                      "Guess Mode: True" if guess_mode else "Control Mode: Balanced"))
+
+
 @dataclass(frozen=True)
 class Infotext:
     """The settings of one image; ``str(info)`` is its ``parameters`` text."""
@@ -153,6 +168,7 @@ class Infotext:
     ti_hashes: tuple = ()      # ((token, A1111 short hash), ...) of the embeddings loaded
     refiner: str = None        # "NAME [short hash]" of an SDXL refiner that finished the image
     refiner_switch_at: float = None  # where in the schedule the refiner took over
+    controlnets: tuple = ()    # (("ControlNet 0", "Module: none, Model: ..."), ...) per unit
 
     def params(self):
         """The ``Key: value`` pairs in A1111's order, without the ones that are not set."""
@@ -177,6 +193,7 @@ class Infotext:
             "Refiner": self.refiner,
             "Refiner switch at": (None if self.refiner_switch_at is None
                                   else number(self.refiner_switch_at)),
+            **dict(self.controlnets),
             "Lora hashes": ", ".join(f"{n}: {h}" for n, h in self.lora_hashes) or None,
             "TI hashes": ", ".join(f"{n}: {h}" for n, h in self.ti_hashes) or None,
             "Version": self.version,

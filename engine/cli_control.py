@@ -1,0 +1,91 @@
+"""``sdrt generate``'s ControlNet options, as A1111's ControlNet extension offers them:
+``--controlnet PATH[:WEIGHT]`` (repeatable: several ControlNets, their residuals summed), one
+``--control-image`` per ControlNet, framed to the output size by ``--control-resize``
+(A1111's "Crop and Resize" by default), ``--control-start``/``--control-end`` (its guidance
+start and end) and ``--guess-mode``. Checked before torch is imported; the PNG records each
+unit as A1111's extension writes it (``ControlNet 0: "Module: none, Model: ..."``).
+"""
+import os
+
+from .errors import SdrtError
+from .infotext import controlnet_unit
+from .request import MAX_CONTROL_SCALE
+
+
+def check(a):
+    """The ControlNet options fit together and with the others; their files exist."""
+    if not a.controlnet:
+        if a.control_image:
+            raise SdrtError("--control-image needs --controlnet (the ControlNet that follows it)")
+        return
+    if len(a.control_image) != len(a.controlnet):
+        raise SdrtError(f"--control-image: give one per --controlnet ({len(a.controlnet)} "
+                        f"ControlNet{'s' * (len(a.controlnet) > 1)}, {len(a.control_image)} "
+                        f"image{'s' * (len(a.control_image) != 1)})")
+    for path, weight in a.controlnet:
+        if not os.path.exists(path):
+            raise SdrtError(f"--controlnet {path} does not exist")
+        if not 0 <= weight <= MAX_CONTROL_SCALE:
+            raise SdrtError(f"--controlnet {path}: the weight must be from 0 to "
+                            f"{MAX_CONTROL_SCALE:g}, got {weight:g}")
+    for option, value in (("--control-start", a.control_start),
+                          ("--control-end", a.control_end)):
+        if not 0 <= value <= 1:
+            raise SdrtError(f"{option} must be from 0 to 1, got {value:g}")
+    if a.control_start >= a.control_end:
+        raise SdrtError(f"--control-start must be below --control-end, got "
+                        f"{a.control_start:g} and {a.control_end:g}")
+    if a.runtime == "onnx":
+        raise SdrtError("--controlnet feeds sdrt's own UNet; --runtime onnx runs the exported "
+                        "one")
+    if a.mask is not None and a.inpaint_area == "masked":
+        raise SdrtError("--controlnet cannot be combined with --inpaint-area masked (the "
+                        "control image would need the same framing): inpaint the whole picture")
+
+
+def warn_unused(a, unused):
+    if not a.controlnet:
+        for option in ("control_resize", "control_start", "control_end"):
+            if option in a.given:
+                unused(f"--{option.replace('_', '-')}", "it applies to --controlnet")
+        if a.guess_mode:
+            unused("--guess-mode", "it applies to --controlnet")
+
+
+def read_images(a):
+    from .images import read_image
+    return [read_image(path, "control image") for path in a.control_image]
+
+
+def names(a):
+    """The name each --controlnet is loaded under: its file or folder name, numbered where
+    two are the same."""
+    stems = [os.path.splitext(os.path.basename(os.path.normpath(p)))[0] for p, _ in a.controlnet]
+    return [s if stems.count(s) == 1 else f"{s}-{i}" for i, s in enumerate(stems)]
+
+
+def load(a, pipe):
+    return [pipe.load_controlnet(path, name=name)
+            for (path, _), name in zip(a.controlnet, names(a))]
+
+
+def call(a, images, loaded, width, height):
+    """The pipeline arguments of the ControlNets ``loaded`` (their names), each image framed
+    to ``width`` × ``height`` by --control-resize; {} without --controlnet."""
+    if not a.controlnet:
+        return {}
+    from .images import frame_init_image
+    framed = [frame_init_image(im, width, height, a.control_resize) for im in images]
+    return dict(control_image=framed if len(framed) > 1 else framed[0], controlnet=loaded,
+                controlnet_conditioning_scale=[w for _, w in a.controlnet],
+                control_guidance_start=a.control_start, control_guidance_end=a.control_end,
+                guess_mode=a.guess_mode)
+
+
+def infotext(a, identities):
+    """(("ControlNet 0", text), ...) for the PNG; ``identities`` the (name, short hash) of
+    each --controlnet (hash None for a folder)."""
+    return tuple((f"ControlNet {i}", controlnet_unit(
+        f"{name} [{short[:8]}]" if short else name, weight, a.control_resize, a.control_start,
+        a.control_end, a.guess_mode))
+        for i, ((_, weight), (name, short)) in enumerate(zip(a.controlnet, identities)))
