@@ -12,6 +12,39 @@ from .infotext import controlnet_unit
 from .request import MAX_CONTROL_SCALE
 
 
+def _at(value, i):
+    """Unit i's value of --control-start/--control-end: the option's, or a workflow's own per
+    unit (a list)."""
+    return value[i] if isinstance(value, list) else value
+
+
+def from_workflow(a, units, where):
+    """A ComfyUI workflow's ControlNetApplyAdvanced nodes (``comfy.Control``) as the options:
+    each ControlNet is the --controlnet of its file name, at the node's strength, with the
+    --control-image of its image's file name (or the one given, for one node); its start and
+    end, unless --control-start/--control-end are given."""
+    stem = lambda p: os.path.splitext(os.path.basename(os.path.normpath(p)))[0]
+    nets = {stem(path): path for path, _ in a.controlnet}
+    images = {os.path.basename(p): p for p in a.control_image}
+    chosen, pictures = [], []
+    for unit in units:
+        if stem(unit.name) not in nets:
+            raise SdrtError(f"{where} applies ControlNet {unit.name!r}: pass --controlnet "
+                            f"PATH/{stem(unit.name)}.safetensors (or its folder)")
+        picture = images.get(os.path.basename(unit.image))
+        if picture is None and len(units) == len(a.control_image) == 1:
+            picture = a.control_image[0]
+        if picture is None:
+            raise SdrtError(f"{where} conditions a ControlNet on image {unit.image!r}: pass "
+                            f"--control-image PATH/{os.path.basename(unit.image)}")
+        chosen.append((nets[stem(unit.name)], unit.strength))
+        pictures.append(picture)
+    a.controlnet, a.control_image = chosen, pictures
+    for option, attr in (("control_start", "start"), ("control_end", "end")):
+        if option not in a.given:
+            setattr(a, option, [getattr(unit, attr) for unit in units])
+
+
 def check(a):
     """The ControlNet options fit together and with the others; their files exist."""
     if not a.controlnet:
@@ -28,13 +61,14 @@ def check(a):
         if not 0 <= weight <= MAX_CONTROL_SCALE:
             raise SdrtError(f"--controlnet {path}: the weight must be from 0 to "
                             f"{MAX_CONTROL_SCALE:g}, got {weight:g}")
-    for option, value in (("--control-start", a.control_start),
-                          ("--control-end", a.control_end)):
-        if not 0 <= value <= 1:
-            raise SdrtError(f"{option} must be from 0 to 1, got {value:g}")
-    if a.control_start >= a.control_end:
-        raise SdrtError(f"--control-start must be below --control-end, got "
-                        f"{a.control_start:g} and {a.control_end:g}")
+    for i in range(len(a.controlnet)):
+        start, end = _at(a.control_start, i), _at(a.control_end, i)
+        for option, value in (("--control-start", start), ("--control-end", end)):
+            if not 0 <= value <= 1:
+                raise SdrtError(f"{option} must be from 0 to 1, got {value:g}")
+        if start >= end:
+            raise SdrtError(f"--control-start must be below --control-end, got {start:g} and "
+                            f"{end:g}")
     if a.runtime == "onnx":
         raise SdrtError("--controlnet feeds sdrt's own UNet; --runtime onnx runs the exported "
                         "one")
@@ -86,6 +120,6 @@ def infotext(a, identities):
     """(("ControlNet 0", text), ...) for the PNG; ``identities`` the (name, short hash) of
     each --controlnet (hash None for a folder)."""
     return tuple((f"ControlNet {i}", controlnet_unit(
-        f"{name} [{short[:8]}]" if short else name, weight, a.control_resize, a.control_start,
-        a.control_end, a.guess_mode))
+        f"{name} [{short[:8]}]" if short else name, weight, a.control_resize,
+        _at(a.control_start, i), _at(a.control_end, i), a.guess_mode))
         for i, ((_, weight), (name, short)) in enumerate(zip(a.controlnet, identities)))

@@ -424,6 +424,8 @@ def _apply_workflow(a):
             raise SdrtError(f"{where} applies LoRA {name!r} at {number(strength)}: pass --lora "
                             f"PATH/{stem}.safetensors")
         a.lora[given[stem]] = (a.lora[given[stem]][0], strength)
+    if flow.controlnets:
+        cli_control.from_workflow(a, flow.controlnets, where)
 
 
 def _output_path(a):

@@ -11,7 +11,11 @@ followed back through VAEDecode to one KSampler, whose model, prompts and latent
 - CLIPTextEncode nodes (the prompt and negative prompt), their CLIP through
   CLIPSetLastLayer (``stop_at_clip_layer`` -N is sdrt's clip skip N - 1) and the same LoRAs;
 - EmptyLatentImage (size and batch), or VAEEncode of a LoadImage (image to image at the
-  KSampler's ``denoise``).
+  KSampler's ``denoise``);
+- between the prompts and the KSampler, any ControlNetApplyAdvanced nodes (each conditioning
+  both prompts, as sdrt applies a ControlNet: its ControlNetLoader's ``control_net_name``,
+  a LoadImage's image, ``strength``, ``start_percent`` and ``end_percent``; sdrt counts the
+  percentages in steps where ComfyUI counts them in the noise schedule).
 
 Any other node on that path is refused by name, never skipped: a workflow that upscales,
 masks or chains samplers would otherwise give another picture than it asks for. ComfyUI's
@@ -47,6 +51,17 @@ SAMPLERS = {
     ("ddim", "ddim_uniform"): "ddim",
 }
 _OUTPUTS = ("SaveImage", "PreviewImage")
+_APPLY = "ControlNetApplyAdvanced"
+
+
+@dataclass(frozen=True)
+class Control:
+    """A ControlNetApplyAdvanced node's settings."""
+    name: str  # ControlNetLoader's control_net_name
+    image: str  # LoadImage's file name (ComfyUI's input folder)
+    strength: float
+    start: float  # start_percent
+    end: float  # end_percent
 
 
 @dataclass
@@ -68,6 +83,7 @@ class Workflow:
     loras: list = field(default_factory=list)  # [(lora_name, strength)], in load order
     output: str = None  # the SaveImage/PreviewImage node's id
     sampler_node: str = None  # the KSampler's id
+    controlnets: list = field(default_factory=list)  # [Control], nearest the prompts first
     filename_prefix: str = "ComfyUI"  # SaveImage's
 
 
@@ -120,8 +136,8 @@ def read(graph) -> Workflow:
         raise SdrtError(f"workflow node {decode} (VAEDecode) must decode with the sampled "
                         f"model's checkpoint VAE")
     texts, skips = {}, set()
-    for side in ("positive", "negative"):
-        text_id = nodes.follow(sampler_id, side, ("CLIPTextEncode",))
+    text_ids, controls = _controls(nodes, sampler_id)
+    for side, text_id in text_ids.items():
         texts[side] = nodes.inputs(text_id).get("text")
         if not isinstance(texts[side], str):
             raise SdrtError(f"workflow node {text_id} (CLIPTextEncode): text must be a string, "
@@ -141,7 +157,7 @@ def read(graph) -> Workflow:
                     guidance=float(_number(nodes, sampler_id, "cfg", float)),
                     sampler=SAMPLERS[pair], clip_skip=skips.pop(),
                     checkpoint=nodes.inputs(checkpoint).get("ckpt_name"), loras=loras,
-                    output=outputs[0], sampler_node=sampler_id)
+                    output=outputs[0], sampler_node=sampler_id, controlnets=controls)
     prefix = nodes.inputs(outputs[0]).get("filename_prefix", "ComfyUI")
     if isinstance(prefix, str) and prefix:
         flow.filename_prefix = prefix
@@ -162,6 +178,45 @@ def read(graph) -> Workflow:
         flow.init_image = nodes.inputs(image).get("image")
         flow.strength = denoise
     return flow
+
+
+def _controls(nodes, sampler_id):
+    """The KSampler's prompts through any ControlNetApplyAdvanced nodes: ({"positive": text
+    node, "negative": text node}, [Control] nearest the prompts first). Each such node must
+    condition both prompts (its outputs 0 and 1 to the next node's positive and negative)."""
+    links = {side: nodes.link(sampler_id, side) for side in ("positive", "negative")}
+    controls = []
+    while any(nodes.kind(node) in (_APPLY, "ControlNetApply") for node, _ in links.values()):
+        (pos, pos_slot), (neg, neg_slot) = links["positive"], links["negative"]
+        node = pos if nodes.kind(pos) in (_APPLY, "ControlNetApply") else neg
+        if nodes.kind(node) == "ControlNetApply" or pos != neg or (pos_slot, neg_slot) != (0, 1):
+            raise SdrtError(f"workflow node {node} ({nodes.kind(node)}) must condition both the "
+                            f"positive and the negative prompt, as sdrt applies a ControlNet: "
+                            f"use ControlNetApplyAdvanced with its two outputs to the positive "
+                            f"and negative inputs")
+        loader = nodes.follow(node, "control_net", ("ControlNetLoader",))
+        image = nodes.follow(node, "image", ("LoadImage",))
+        name, picture = (nodes.inputs(loader).get("control_net_name"),
+                         nodes.inputs(image).get("image"))
+        for what, value in (("control_net_name", name), ("image", picture)):
+            if not isinstance(value, str) or not value:
+                raise SdrtError(f"workflow node {loader if what == 'control_net_name' else image}"
+                                f": {what} must be a file name, got {short_repr(value)}")
+        control = Control(name, picture, _number(nodes, node, "strength", float),
+                          _number(nodes, node, "start_percent", float, default=0.0),
+                          _number(nodes, node, "end_percent", float, default=1.0))
+        if not 0 <= control.start < control.end <= 1:
+            raise SdrtError(f"workflow node {node} ({_APPLY}): start_percent and end_percent "
+                            f"must satisfy 0 <= start < end <= 1, got {control.start:g} and "
+                            f"{control.end:g}")
+        controls.append(control)
+        links = {side: nodes.link(node, side) for side in ("positive", "negative")}
+    for side, (node, _) in links.items():
+        if nodes.kind(node) != "CLIPTextEncode":
+            raise SdrtError(f"workflow node {node} ({nodes.kind(node)}) is not supported as "
+                            f"KSampler's {side}: sdrt takes CLIPTextEncode, through "
+                            f"{_APPLY} nodes, there")
+    return {side: node for side, (node, _) in links.items()}, controls[::-1]
 
 
 def _names(loras):

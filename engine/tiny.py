@@ -184,3 +184,31 @@ def write_model(folder, config: dict, components: Components = None, dtype=None,
 def write_tiny(folder):
     """Write the built-in tiny model as a diffusers folder (model_index.json, unet/, vae/, ...)."""
     write_model(folder, TINY, tiny_components())
+
+
+def controlnet_config(unet_config: dict, vae_scale_factor: int, widths=None) -> dict:
+    """The diffusers config of a ControlNet for a UNet of ``unet_config``: its down path and
+    mid block, and a hint encoder that downsamples by ``vae_scale_factor`` (``widths``,
+    default ControlNet's own (16, 32, 96, 256) cut or grown to that factor)."""
+    n = vae_scale_factor.bit_length()  # log2(factor) + 1 widths
+    widths = list(widths or [16, 32, 96, 256][:n] + [256] * max(0, n - 4))
+    config = {k: v for k, v in unet_config.items() if k not in (
+        "_class_name", "up_block_types", "out_channels", "sample_size", "center_input_sample",
+        "reverse_transformer_layers_per_block", "time_cond_proj_dim", "conv_out_kernel")}
+    return {**config, "_class_name": "ControlNetModel",
+            "conditioning_embedding_out_channels": widths}
+
+
+def write_controlnet(folder, config: dict, seed=0, dtype=None, device="cpu"):
+    """A ControlNet of ``config`` (``controlnet_config``) with ``_init_``'s random weights
+    (its zero convolutions too, so its residuals are not zero), as a diffusers folder."""
+    from .controlnet import ControlNetConfig, ControlNetModel
+    with torch.device(device):
+        net = _init_(ControlNetModel(ControlNetConfig.from_dict(config)), seed)
+    os.makedirs(folder, exist_ok=True)
+    tensors = {k: (v if dtype is None else v.to(dtype)).contiguous().cpu()
+               for k, v in net.state_dict().items()}
+    save_file(tensors, os.path.join(folder, "diffusion_pytorch_model.safetensors"),
+              metadata={"format": "pt"})
+    _write_json(os.path.join(folder, "config.json"), config)
+    return folder

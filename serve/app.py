@@ -39,6 +39,8 @@ from sdrt.engine.infotext import (SAMPLER_ALIASES, SAMPLER_LABELS, SCHEDULE_TYPE
 from sdrt.engine.request import MAX_SEED, SAMPLER_NAMES, GenerationRequest, Limits, short_repr
 
 from . import schemas
+from .a1111_controlnet import parse as parse_controlnet
+from .a1111_controlnet import script_args
 from .config import ServeConfig
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .runner import Runner
@@ -59,7 +61,7 @@ _ENDPOINTS = ("/v1/images/generations", "/v1/images/edits", "/sdapi/v1/txt2img",
               "/sdapi/v1/options", "/sdapi/v1/samplers", "/sdapi/v1/schedulers",
               "/sdapi/v1/sd-models", "/sdapi/v1/loras", "/sdapi/v1/png-info",
               "/sdapi/v1/progress", "/prompt", "/view", "/queue", "/upload/image",
-              "/object_info", "/system_stats", "/health", "/metrics")
+              "/object_info", "/system_stats", "/controlnet/model_list", "/health", "/metrics")
 _OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/docs/oauth2-redirect")
 _POLL_S = 0.25  # how often a waiting request checks its client and its deadline
 
@@ -187,7 +189,8 @@ class Server:
             model_hash=self.runner.model_hash, denoising_strength=key.strength,
             clip_skip=key.clip_skip, mask_blur=row.mask_blur,
             masked_padding=row.masked_padding, masked_content=row.masked_content,
-            hires=tuple(key.hires.params().items()) if key.hires else ()))
+            hires=tuple(key.hires.params().items()) if key.hires else (),
+            controlnets=row.control_info))
 
     async def encode(self, images, texts):
         t0 = time.perf_counter()
@@ -385,6 +388,8 @@ def create_app(config: ServeConfig = None) -> FastAPI:
     register_comfy(app, server_of, ApiError)
     from .a1111_extras import register as register_a1111_extras  # options, PNG info, lists
     register_a1111_extras(app, server_of, ApiError, Server.text_layers)
+    from .a1111_controlnet import register as register_controlnet  # the extension's lists
+    register_controlnet(app, server_of)
 
     # -- OpenAI ---------------------------------------------------------------------------------
 
@@ -490,11 +495,20 @@ def create_app(config: ServeConfig = None) -> FastAPI:
         latent_size = None
         if resize == "latent" and mask is None:  # the latents are resized: a key per size
             latent_size = _one_size(init_images)
+        controls = hints = units = ()
+        args = script_args(body.alwayson_scripts)
+        if args is not None:
+            if mask is not None and body.inpaint_full_res:
+                raise ApiError(400, "inpaint_full_res must be false with ControlNet units (the "
+                                    "control images would need the same framing)",
+                               "bad_request", "inpaint_full_res")
+            controls, hints, units = await run_in_threadpool(
+                parse_controlnet, server, args, init_images, req.width, req.height, ApiError)
         key = BatchKey(req.height, req.width, req.num_inference_steps, req.sampler,
                        req.guidance, req.strength if init_images else None, req.clip_skip,
                        server.chunks(req), inpaint=mask is not None, hires=hires,
                        masked_content=masked_content, latent_resize_from=latent_size,
-                       loras=loras)
+                       loras=loras, controls=controls)
         extra, jobs = dict(hires.params()) if hires else {}, None
         if mask is not None:  # one job per init image; image i inpaints init image i mod n
             only = body.inpaint_full_res
@@ -512,8 +526,10 @@ def create_app(config: ServeConfig = None) -> FastAPI:
         rows = [Row(prompt, body.negative_prompt, req.guidance_scale, s,
                     init_images[i % len(init_images)] if init_images else None,
                     jobs[i % len(jobs)].mask if jobs else None, extra.get("Mask blur"),
-                    extra.get("Masked area padding"), extra.get("Masked content"))
+                    extra.get("Masked area padding"), extra.get("Masked content"),
+                    hints, units)
                 for i, s in enumerate(seeds)]
+        extra.update(units)
         images = await server.generate(request, key, rows)
         if jobs:
             images = await run_in_threadpool(
@@ -852,6 +868,8 @@ def _check_unsupported(body):
                                 f"{_FEATURES[field]} is not supported, got {short_repr(value)}",
                            "bad_request", field)
     for name, script in (body.alwayson_scripts or {}).items():
+        if isinstance(name, str) and name.lower() == "controlnet":
+            continue  # a1111_controlnet reads its units
         if not isinstance(script, dict) or script.get("args"):
             raise ApiError(400, f"alwayson_scripts must hold no script with arguments: "
                                 f"{_FEATURES['alwayson_scripts']} are not supported, got "

@@ -63,6 +63,9 @@ def add_parser(subparsers):
                    help="LoRA files (.safetensors, searched recursively) that requests apply by "
                         "file name: A1111's <lora:NAME:SCALE> prompt tags, ComfyUI's "
                         "LoraLoader")
+    s.add_argument("--controlnet-dir", metavar="DIR", default=None,
+                   help="ControlNets (.safetensors files and diffusers folders) that A1111 "
+                        "requests name in alwayson_scripts.controlnet, by file or folder name")
     s.add_argument("--threads", metavar="N", type=int_arg, default=None,
                    help="torch CPU threads (default: torch's choice)")
     s.add_argument("--ray", action="store_true",
@@ -93,7 +96,8 @@ def config_from(a):
                        batch_window_ms=a.batch_window_ms, compile=a.compile,
                        api_key=a.api_key or os.environ.get("SDRT_API_KEY") or None,
                        request_timeout_s=a.timeout,
-                       default_steps=a.steps, threads=a.threads, lora_dir=a.lora_dir)
+                       default_steps=a.steps, threads=a.threads, lora_dir=a.lora_dir,
+                       controlnet_dir=a.controlnet_dir)
 
 
 def _check_port(host, port):

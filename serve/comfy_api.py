@@ -23,8 +23,8 @@ clients built on them use it:
   torch and the device; ``/embeddings`` and ``/extensions`` are empty.
 
 The server runs its
-one model (``ckpt_name`` must name it); LoraLoader's files come from ``--lora-dir``, by
-file name. History, images and uploads are
+one model (``ckpt_name`` must name it); LoraLoader's files come from ``--lora-dir`` and
+ControlNetLoader's from ``--controlnet-dir``, by file name. History, images and uploads are
 kept in memory, the newest ``MAX_HISTORY`` prompts and ``MAX_UPLOADS`` uploads.
 """
 import asyncio
@@ -42,7 +42,7 @@ from fastapi.responses import Response
 from sdrt.engine import comfy
 from sdrt.engine.errors import SdrtError
 from sdrt.engine.infotext import png_bytes
-from sdrt.engine.request import short_repr
+from sdrt.engine.request import MAX_CONTROL_SCALE, short_repr
 
 from .scheduler import BatchKey, Row
 
@@ -108,7 +108,7 @@ class ComfyJobs:
         return name
 
 
-def _node_specs(server, checkpoints, loras, images):
+def _node_specs(server, checkpoints, loras, images, controlnets):
     """ComfyUI's ``/object_info`` entries for the nodes ``engine.comfy`` reads: each node's
     required inputs (a type, or a list of the names it takes, with ComfyUI's bounds) and its
     outputs."""
@@ -143,6 +143,14 @@ def _node_specs(server, checkpoints, loras, images):
             "latent_image": ["LATENT"], "denoise": number("FLOAT", 1.0, 0.0, 1.0, 0.01)},
             ["LATENT"]),
         "VAEDecode": ("latent", {"samples": ["LATENT"], "vae": ["VAE"]}, ["IMAGE"]),
+        "ControlNetLoader": ("loaders", {"control_net_name": [controlnets]}, ["CONTROL_NET"]),
+        "ControlNetApplyAdvanced": ("conditioning/controlnet", {
+            "positive": ["CONDITIONING"], "negative": ["CONDITIONING"],
+            "control_net": ["CONTROL_NET"], "image": ["IMAGE"],
+            "strength": number("FLOAT", 1.0, 0.0, MAX_CONTROL_SCALE, 0.01),
+            "start_percent": number("FLOAT", 0.0, 0.0, 1.0, 0.001),
+            "end_percent": number("FLOAT", 1.0, 0.0, 1.0, 0.001)},
+            ["CONDITIONING", "CONDITIONING"]),
         "SaveImage": ("image", {"images": ["IMAGE"], "filename_prefix": [
             "STRING", {"default": "ComfyUI"}]}, []),
         "PreviewImage": ("image", {"images": ["IMAGE"]}, []),
@@ -226,10 +234,13 @@ def register(app, server_of, api_error):
                            strength=flow.strength if init is not None else 0.8,
                            has_image=init is not None)
         seeds = server.seeds(req.seed, flow.batch, "seed")
+        controls, hints, units = await run_in_threadpool(
+            _controls, server, flow, jobs.uploads, req.width, req.height, bad)
         key = BatchKey(req.height, req.width, req.num_inference_steps, req.sampler,
                        req.guidance, req.strength if init is not None else None,
-                       req.clip_skip, server.chunks(req), loras=loras)
-        rows = [Row(flow.prompt, flow.negative, req.guidance_scale, s, init) for s in seeds]
+                       req.clip_skip, server.chunks(req), loras=loras, controls=controls)
+        rows = [Row(flow.prompt, flow.negative, req.guidance_scale, s, init,
+                    control_images=hints, control_info=units) for s in seeds]
         prompt_id = body.get("prompt_id") or str(uuid.uuid4())
         if not isinstance(prompt_id, str) or prompt_id in jobs.running or \
                 prompt_id in jobs.history:
@@ -318,7 +329,7 @@ def register(app, server_of, api_error):
         names = await run_in_threadpool(runner.lora_names)
         return _node_specs(server, [runner.model_name],
                            [os.path.basename(runner.lora_path(n)) for n in names],
-                           list(jobs.uploads))
+                           list(jobs.uploads), await run_in_threadpool(_controlnet_files, runner))
 
     @app.get("/object_info", tags=["ComfyUI"])
     async def object_info(request: Request):
@@ -356,7 +367,45 @@ def register(app, server_of, api_error):
         names = await run_in_threadpool(runner.lora_names)
         return [os.path.basename(runner.lora_path(n)) for n in names]
 
+    @app.get("/models/controlnet", tags=["ComfyUI"])
+    async def controlnets(request: Request):
+        """--controlnet-dir's ControlNets, as ControlNetLoader's control_net_name takes them."""
+        return await run_in_threadpool(_controlnet_files, server_of(request).runner)
+
     return jobs
+
+
+def _controlnet_files(runner):
+    """--controlnet-dir's ControlNets by file name (a diffusers folder by its name)."""
+    return [os.path.basename(runner.controlnet_path(n)) for n in runner.controlnet_names()]
+
+
+def _controls(server, flow, uploads, width, height, bad):
+    """A workflow's ControlNetApplyAdvanced nodes → (``BatchKey.controls``, the control images
+    framed to ``width`` × ``height`` as ComfyUI centres and crops them, the PNG info's units).
+    """
+    from sdrt.engine.images import frame_init_image
+    from sdrt.engine.infotext import controlnet_unit
+    controls, images, info = [], [], []
+    for i, unit in enumerate(flow.controlnets):
+        name = _stem(unit.name)
+        if server.runner.controlnet_path(name) is None:
+            raise bad(f"prompt: ControlNetLoader loads {short_repr(unit.name)}, which "
+                      f"--controlnet-dir does not have (GET /models/controlnet)")
+        if name in [c[0] for c in controls]:
+            raise bad(f"prompt: ControlNet {short_repr(unit.name)} is applied twice; sdrt "
+                      f"applies each once")
+        picture = uploads.get(unit.image)
+        if picture is None:
+            raise bad(f"prompt: workflow loads image {short_repr(unit.image)}, which was not "
+                      f"uploaded (POST /upload/image first)")
+        images.append(frame_init_image(picture, width, height, "crop"))
+        controls.append((name, unit.strength, unit.start, unit.end))
+        short = server.runner.controlnet_hash(name)
+        info.append((f"ControlNet {i}", controlnet_unit(
+            f"{name} [{short}]" if short else name, unit.strength, "crop", unit.start,
+            unit.end)))
+    return tuple(controls), tuple(images), tuple(info)
 
 
 def _stem(name):

@@ -27,6 +27,7 @@ class ServeConfig:
     threads: int = None            # torch CPU threads; None: torch's default
     lora_dir: str = None           # folder of LoRA .safetensors that requests may name
     max_loras: int = 8             # LoRAs one request may apply
+    controlnet_dir: str = None     # folder of ControlNets (files or diffusers folders)
 
     def __post_init__(self):
         def positive(name, integer=True):
@@ -43,8 +44,10 @@ class ServeConfig:
         if self.threads is not None:
             positive("threads")
         positive("max_loras")
-        if self.lora_dir is not None and not os.path.isdir(self.lora_dir):
-            raise SdrtError(f"lora-dir {self.lora_dir} is not a folder")
+        for name in ("lora_dir", "controlnet_dir"):
+            folder = getattr(self, name)
+            if folder is not None and not os.path.isdir(folder):
+                raise SdrtError(f"{name.replace('_', '-')} {folder} is not a folder")
         if not 0 <= self.batch_window_ms <= 10_000:
             raise SdrtError(f"batch-window-ms must be from 0 to 10000, got "
                             f"{self.batch_window_ms!r}")

@@ -26,6 +26,7 @@ class Runner:
         self._plans_seen = set()
         self._lora_files = None  # LoRA name (file stem) → path, in --lora-dir
         self._lora_hashes = {}  # path → A1111's short hash
+        self._controlnet_hashes = {}  # path → the first 8 hex digits of its file's sha256
 
     def load(self):
         import torch
@@ -79,6 +80,8 @@ class Runner:
             return
         self.planned = {}
         for shape, plan in runtime.plans.items():
+            if shape.controls:  # not a plan the scheduler cuts batches for
+                continue
             key = (shape.height, shape.width, shape.num_inference_steps, shape.sampler,
                    shape.guidance, shape.num_chunks)
             self.planned.setdefault(key, set()).add(shape.batch_size)
@@ -90,7 +93,7 @@ class Runner:
     def planned_sizes(self, key: BatchKey):
         """Batch sizes with a static plan for this key (static plans are text-to-image with
         the final text layer only)."""
-        if key.strength is not None or key.clip_skip:
+        if key.strength is not None or key.clip_skip or key.controls:
             return ()
         return tuple(self.planned.get((key.height, key.width, key.steps, key.sampler,
                                        key.guidance, key.chunks), ()))
@@ -130,6 +133,58 @@ class Runner:
             self._lora_files = files
         return self._lora_files
 
+    # -- ControlNets from --controlnet-dir ---------------------------------------------------
+
+    def controlnet_names(self):
+        """The ControlNets requests may name: --controlnet-dir's .safetensors files (by
+        stem) and diffusers folders (those with a config.json, by folder name)."""
+        return sorted(self._controlnet_index())
+
+    def controlnet_path(self, name):
+        return self._controlnet_index().get(name)
+
+    def controlnet_hash(self, name):
+        """The first 8 hex digits of ControlNet ``name``'s file's sha256 (None for a
+        folder), as A1111's ControlNet extension shows a model: "NAME [HASH]"."""
+        from sdrt.engine.infotext import short_hash
+        path = self.controlnet_path(name)
+        if path is None or os.path.isdir(path):
+            return None
+        if path not in self._controlnet_hashes:
+            self._controlnet_hashes[path] = short_hash(path)[:8]
+        return self._controlnet_hashes[path]
+
+    def _controlnet_index(self):
+        """Read afresh each time: a folder of a few files, and a file added while serving is
+        found at once."""
+        found = {}
+        if self.config.controlnet_dir is not None:
+            for folder, dirs, names in sorted(os.walk(self.config.controlnet_dir)):
+                dirs.sort()
+                if "config.json" in names and folder != self.config.controlnet_dir:
+                    found.setdefault(os.path.basename(folder), folder)
+                    dirs[:] = []
+                    continue
+                for n in sorted(names):
+                    stem, ext = os.path.splitext(n)
+                    if ext.lower() == ".safetensors":
+                        found.setdefault(stem, os.path.join(folder, n))
+        return found
+
+    def _apply_controlnets(self, controls):
+        """Load the batch's ControlNets (those loaded already stay), unload the others."""
+        wanted = [c[0] for c in controls]
+        for name in list(self.pipe.controlnets):
+            if name not in wanted:
+                self.pipe.unload_controlnet(name)
+        for name in wanted:
+            if name not in self.pipe.controlnets:
+                path = self.controlnet_path(name)
+                if path is None:
+                    raise SdrtError(f"the request names ControlNet {name!r}, which "
+                                    f"--controlnet-dir no longer has")
+                self.pipe.load_controlnet(path, name=name)
+
     def _apply_loras(self, loras):
         """Patch the batch's LoRAs in (``Pipeline.load_lora``), unloading those it lacks: a
         LoRA kept loaded only changes scale; one loaded again is read from its file. A new
@@ -168,11 +223,22 @@ class Runner:
         masks = [r.mask for r in rows] if key.inpaint else None
         negative = (negatives[0] if one else negatives) if key.guidance else None
         self._apply_loras(key.loras)
+        self._apply_controlnets(key.controls)
+        control = {}
+        if key.controls:  # per ControlNet, one control image per row
+            images_per_net = [[r.control_images[k] for r in rows]
+                              for k in range(len(key.controls))]
+            control = dict(
+                control_image=images_per_net if len(key.controls) > 1 else images_per_net[0],
+                controlnet=[c[0] for c in key.controls],
+                controlnet_conditioning_scale=[c[1] for c in key.controls],
+                control_guidance_start=[c[2] for c in key.controls],
+                control_guidance_end=[c[3] for c in key.controls])
         if key.hires is not None:
             from sdrt.engine.hires import generate
             out = generate(self.pipe, key.hires, [r.prompt for r in rows], negative,
                            key.height, key.width, key.steps, key.sampler, seeds["generator"],
-                           guidance_scale=guidance, clip_skip=key.clip_skip)
+                           guidance_scale=guidance, clip_skip=key.clip_skip, **control)
         else:
             out = self.pipe(
                 [r.prompt for r in rows], negative_prompt=negative,
@@ -183,7 +249,7 @@ class Runner:
                 masked_content=key.masked_content,
                 latent_resize=key.latent_resize_from is not None,
                 strength=key.strength if key.strength is not None else 0.8,
-                clip_skip=key.clip_skip, output_type="pil", **seeds)
+                clip_skip=key.clip_skip, output_type="pil", **seeds, **control)
         timings = self.pipe.timings
         for stage in ("text", "denoise", "decode"):
             if stage in timings:

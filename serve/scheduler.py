@@ -54,6 +54,9 @@ class BatchKey:
     # latents resized (the pipeline's latent_resize); None when they come at the key's size.
     latent_resize_from: tuple = None
     loras: tuple = ()  # ((name, scale), ...) the rows' LoRAs (Runner.lora_path names them)
+    # ((name, weight, start, end), ...): the rows' ControlNets (Runner.controlnet_path names
+    # them), their scales and shares of the schedule; each row brings its control images.
+    controls: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,8 @@ class Row:
     mask_blur: int = None  # the blur that mask had, for the PNG info
     masked_padding: int = None  # inpainting only the masked area: its padding, for the same
     masked_content: str = None  # "fill" where the masked part was filled first, for the same
+    control_images: tuple = ()  # one PIL image per ControlNet of the key, at the key's size
+    control_info: tuple = ()  # (("ControlNet 0", text), ...) for the PNG info
 
 
 class Job:

@@ -1,39 +1,17 @@
 """``sdrt generate --controlnet``: the image equals the library call's, the PNG records each
 unit as A1111's ControlNet extension does, the control image sets the size, bad options are
 one line, and on CUDA the static plan equals the eager run. The ControlNets are written by
-sdrt itself (no diffusers: the GPU machine has none)."""
+sdrt itself (``engine.tiny.write_controlnet``; no diffusers: the GPU machine has none)."""
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
-from sdrt.engine.controlnet import ControlNetConfig, ControlNetModel
+from sdrt.engine.tiny import controlnet_config, write_controlnet
 from test_cli import SMALL, _assert_one_error_line, _parameters, _pixels, _run, \
     _static_equals_eager, _warnings
-
-
-def write_controlnet(folder, unet_config, vae_scale_factor, seed):
-    """A diffusers ControlNet folder for a UNet of ``unet_config`` (a diffusers dict), with
-    random weights; its hint encoder downsamples by ``vae_scale_factor``."""
-    widths = [8 * 2 ** i for i in range(int(np.log2(vae_scale_factor)) + 1)]
-    config = {k: v for k, v in unet_config.items() if k not in (
-        "_class_name", "up_block_types", "out_channels", "sample_size", "center_input_sample")}
-    config.update(_class_name="ControlNetModel", conditioning_embedding_out_channels=widths)
-    with torch.device("meta"):
-        net = ControlNetModel(ControlNetConfig.from_dict(config))
-    g = torch.Generator().manual_seed(seed)
-    weights = {k: (0.2 * torch.randn(p.shape, generator=g)) + (k.endswith("norm1.weight") or
-                                                               k.endswith("norm2.weight"))
-               for k, p in net.named_parameters()}
-    os.makedirs(folder)
-    save_file(weights, os.path.join(folder, "diffusion_pytorch_model.safetensors"))
-    with open(os.path.join(folder, "config.json"), "w") as fh:
-        json.dump(config, fh)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +21,7 @@ def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli-controlnet")
     cfg = demo_config()
     factor = 2 ** (len(cfg["vae"]["block_out_channels"]) - 1)
-    net = write_controlnet(str(root / "cn_edges"), cfg["unet"], factor, 3)
+    net = write_controlnet(str(root / "cn_edges"), controlnet_config(cfg["unet"], factor), 3)
     rng = np.random.default_rng(4)
     for name, (w, h) in (("hint.png", (64, 48)), ("small.png", (48, 40))):
         a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
@@ -140,3 +118,58 @@ def test_cuda_controlnet_builds_its_static_plan(assets, tmp_path, capsys):
                           "cuda", "--dtype", "fp32", "--sampler", "euler_a", "--controlnet",
                           f"{net}:0.9", "--control-image", str(root / "hint.png"),
                           "--control-start", "0.25"], tmp_path, capsys)
+
+
+def test_workflow_controlnets_equal_the_options(tmp_path, capsys):
+    # ComfyUI's ControlNetApplyAdvanced nodes: the --controlnet of the loader's file name at
+    # the node's strength, the --control-image of the LoadImage's name, each node's share of
+    # the steps; the same image as the options give.
+    from sdrt.engine.cli import main
+    from test_comfy import DEFAULT, _small, with_controlnets
+    model = str(tmp_path / "tiny")
+    assert main(["make-tiny", model]) == 0
+    unet = json.load(open(f"{model}/unet/config.json"))
+    factor = 2 ** (len(json.load(open(f"{model}/vae/config.json"))["block_out_channels"]) - 1)
+    nets = [write_controlnet(str(tmp_path / name), controlnet_config(unet, factor), seed)
+            for name, seed in (("canny", 8), ("depth", 9))]
+    rng = np.random.default_rng(5)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(tmp_path / name)
+    graph = with_controlnets(_small(DEFAULT, sampler="euler"), (
+        ("canny.safetensors", "input/a.png", 0.7, 0.0, 0.6),
+        ("depth", "b.png", 1.2, 0.3, 1.0)))
+    (tmp_path / "wf.json").write_text(json.dumps(graph))
+    out, ref = tmp_path / "out.png", tmp_path / "ref.png"
+    code, _, err = _run(["generate", "--workflow", str(tmp_path / "wf.json"), "--model", model,
+                         "--controlnet", nets[1], "--controlnet", nets[0], "--control-image",
+                         str(tmp_path / "b.png"), "--control-image", str(tmp_path / "a.png"),
+                         "-o", str(out)], capsys)
+    assert code == 0, err
+    params = _parameters(out)
+    assert "Model: canny, Weight: 0.7" in params and "Guidance End: 0.6" in params
+    # The options: one --control-start/--control-end for all, so the second node's share is
+    # the first's here; compare with a workflow whose nodes share one.
+    same = with_controlnets(_small(DEFAULT, sampler="euler"), (
+        ("canny.safetensors", "a.png", 0.7, 0.2, 0.9), ("depth", "b.png", 1.2, 0.2, 0.9)))
+    (tmp_path / "same.json").write_text(json.dumps(same))
+    code, _, err = _run(["generate", "--workflow", str(tmp_path / "same.json"), "--model",
+                         model, "--controlnet", nets[0], "--controlnet", nets[1],
+                         "--control-image", str(tmp_path / "a.png"), "--control-image",
+                         str(tmp_path / "b.png"), "-o", str(tmp_path / "same.png")], capsys)
+    assert code == 0, err
+    code, _, err = _run(["generate", "beautiful scenery nature glass bottle", "--negative",
+                         "text, watermark", "--seed", "4", "--steps", "3", "--guidance", "6.5",
+                         "--sampler", "euler", "--width", "32", "--height", "24", "--model",
+                         model, "--controlnet", f"{nets[0]}:0.7", "--controlnet",
+                         f"{nets[1]}:1.2", "--control-image", str(tmp_path / "a.png"),
+                         "--control-image", str(tmp_path / "b.png"), "--control-start", "0.2",
+                         "--control-end", "0.9", "-o", str(ref)], capsys)
+    assert code == 0, err
+    assert np.array_equal(_pixels(tmp_path / "same.png"), _pixels(ref))
+    assert not np.array_equal(_pixels(out), _pixels(ref))
+    code, _, err = _run(["generate", "--workflow", str(tmp_path / "wf.json"), "--model", model,
+                         "--controlnet", nets[0], "--control-image", str(tmp_path / "a.png"),
+                         "-o", str(tmp_path / "x.png")], capsys)
+    assert code == 2
+    _assert_one_error_line(err, "applies ControlNet 'depth': pass --controlnet "
+                                "PATH/depth.safetensors")

@@ -97,6 +97,47 @@ def _edit(edit):
     return g
 
 
+def with_controlnets(graph=DEFAULT, units=(("control_v11p_sd15_canny.safetensors", "edges.png",
+                                             0.7, 0.1, 0.8),)):
+    """``graph`` with a ControlNetApplyAdvanced node per unit (name, image, strength, start,
+    end) chained between the prompts and the KSampler, the first nearest the prompts."""
+    g = copy.deepcopy(graph)
+    positive, negative = g["3"]["inputs"]["positive"], g["3"]["inputs"]["negative"]
+    for i, (name, image, strength, start, end) in enumerate(units):
+        loader, picture, apply = (str(30 + 3 * i + k) for k in range(3))
+        g[loader] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": name}}
+        g[picture] = {"class_type": "LoadImage", "inputs": {"image": image}}
+        g[apply] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
+            "positive": positive, "negative": negative, "control_net": [loader, 0],
+            "image": [picture, 0], "strength": strength, "start_percent": start,
+            "end_percent": end}}
+        positive, negative = [apply, 0], [apply, 1]
+    g["3"]["inputs"].update(positive=positive, negative=negative)
+    return g
+
+
+def test_controlnet_nodes():
+    units = (("canny.safetensors", "a.png", 0.7, 0.1, 0.8), ("depth", "b.png", 1.2, 0.0, 1.0))
+    flow = comfy.read(with_controlnets(units=units))
+    assert flow.controlnets == [comfy.Control(*u) for u in units]
+    assert (flow.prompt, flow.negative) == ("beautiful scenery nature glass bottle",
+                                            "text, watermark")
+
+
+def _positive_only(g):
+    """The old ControlNetApply: the positive prompt only."""
+    g["20"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "c"}}
+    g["21"] = {"class_type": "LoadImage", "inputs": {"image": "a.png"}}
+    g["22"] = {"class_type": "ControlNetApply", "inputs": {
+        "conditioning": ["6", 0], "control_net": ["20", 0], "image": ["21", 0], "strength": 1}}
+    g["3"]["inputs"]["positive"] = ["22", 0]
+
+
+def _swapped_outputs(g):
+    g.update(with_controlnets(g))
+    g["3"]["inputs"].update(positive=["32", 1], negative=["32", 0])
+
+
 def _lora_on_model(g, strength_clip):
     """A LoraLoader (model strength 1) between the checkpoint and the KSampler's model only:
     the prompts still encode with the checkpoint's own CLIP."""
@@ -136,6 +177,18 @@ REFUSED = {
                              "strength_model and strength_clip differ"),
     "LoRA on the model only": (lambda g: _lora_on_model(g, strength_clip=1.0),
                                "must encode with the LoRAs the sampled model has"),
+    "ControlNet on the positive prompt only": (
+        _positive_only, "node 22 (ControlNetApply) must condition both the positive and the "
+                        "negative prompt"),
+    "ControlNet outputs swapped": (_swapped_outputs, "node 32 (ControlNetApplyAdvanced) must "
+                                                     "condition both"),
+    "ControlNet shares out of order": (
+        lambda g: g.update(with_controlnets(g, (("c", "a.png", 1.0, 0.6, 0.5),))),
+        "start_percent and end_percent must satisfy 0 <= start < end <= 1"),
+    "ControlNet preprocessor": (
+        lambda g: g.update({**with_controlnets(g), "31": {
+            "class_type": "Canny", "inputs": {"image": ["40", 0]}}}),
+        "node 31 (Canny) is not supported as ControlNetApplyAdvanced's image"),
 }
 
 

@@ -1,0 +1,153 @@
+"""A1111's ControlNet extension over the server: the units of a txt2img/img2img request's
+``alwayson_scripts.controlnet.args``, and the extension's ``/controlnet/model_list``,
+``/controlnet/module_list`` and ``/controlnet/version``.
+
+A unit names a ControlNet of ``--controlnet-dir`` by ``model`` ("NAME [HASH]" as
+``model_list`` gives it, or "NAME") and brings its control image (``image``, base64; an
+img2img unit without one takes the first init image, as the extension does), its ``weight``,
+``resize_mode``, ``guidance_start`` and ``guidance_end``. sdrt runs no preprocessor: ``module``
+must be "none" (send the processed map). Fields that would change the picture in ways sdrt
+does not implement (another ``control_mode``, a unit mask, ``hr_option`` other than "Both")
+are refused with a 400 naming the field; the preprocessor's own settings (``processor_res``,
+``threshold_a``/``_b``, ``pixel_perfect``) and ``low_vram`` do nothing without a preprocessor
+and are accepted.
+"""
+import math
+import re
+
+from fastapi import Request
+
+from sdrt.engine.infotext import controlnet_unit
+from sdrt.engine.request import MAX_CONTROL_SCALE, short_repr
+
+MAX_UNITS = 8
+# The extension's resize modes, by label and by number, as sdrt's framing calls them.
+RESIZE = {"Just Resize": "resize", "Crop and Resize": "crop", "Resize and Fill": "fill",
+          0: "resize", 1: "crop", 2: "fill", "Envelope (Outer Fit)": "fill",
+          "Scale to Fit (Inner Fit)": "crop"}
+_HASHED = re.compile(r"^(.*) \[[0-9a-fA-F]+\]$")
+# field → the values that leave sdrt's computation as it is (anything else is refused)
+_OFF = {"control_mode": ("Balanced", 0), "guessmode": (False,), "hr_option": ("Both",),
+        "mask": (None, ""), "mask_image": (None, "")}
+
+
+def script_args(scripts):
+    """The ControlNet extension's args of ``alwayson_scripts`` (its key in any case), or
+    None."""
+    for name, script in (scripts or {}).items():
+        if isinstance(name, str) and name.lower() == "controlnet":
+            return script.get("args") if isinstance(script, dict) else script
+    return None
+
+
+def parse(server, args, init_images, width, height, api_error):
+    """The enabled units → (``BatchKey.controls``, the control images framed to
+    ``width`` × ``height``, the PNG info's (("ControlNet 0", text), ...)). A 400 naming
+    ``alwayson_scripts.controlnet.args[i].FIELD`` for a unit sdrt cannot run."""
+    from sdrt.engine.images import frame_init_image
+
+    from .app import _decode_bytes, b64_bytes
+
+    where = "alwayson_scripts.controlnet.args"
+
+    def bad(message, field=None):
+        return api_error(400, message, "bad_request", f"{where}{field or ''}")
+
+    if not isinstance(args, list):
+        raise bad(f"{where} must be a list of ControlNet units, got {short_repr(args)}")
+    units = [(i, u) for i, u in enumerate(args)
+             if not (isinstance(u, dict) and u.get("enabled", True) is False)]
+    if len(units) > MAX_UNITS:
+        raise bad(f"{where} may enable at most {MAX_UNITS} units, got {len(units)}")
+    controls, images, info = [], [], []
+    for i, (index, unit) in enumerate(units):
+        at = f"[{index}]"
+        if not isinstance(unit, dict):
+            raise bad(f"{where}{at} must be an object, got {short_repr(unit)}", at)
+        if unit.get("module", "none") not in ("none", "None", None, ""):
+            raise bad(f"{where}{at}.module must be none: sdrt runs no preprocessor (send the "
+                      f"processed image), got {short_repr(unit['module'])}", f"{at}.module")
+        for field, off in _OFF.items():
+            if unit.get(field, off[0]) not in off:
+                raise bad(f"{where}{at}.{field} must be {' or '.join(map(repr, off))}, got "
+                          f"{short_repr(unit[field])}", f"{at}.{field}")
+        model = unit.get("model")
+        name = _HASHED.sub(r"\1", model) if isinstance(model, str) else None
+        if not name or server.runner.controlnet_path(name) is None:
+            known = ", ".join(server.runner.controlnet_names()) or "none: sdrt serve " \
+                                                                   "--controlnet-dir DIR"
+            raise bad(f"{where}{at}.model must name a ControlNet of --controlnet-dir (GET "
+                      f"/controlnet/model_list; have {known}), got {short_repr(model)}",
+                      f"{at}.model")
+        if name in [c[0] for c in controls]:
+            raise bad(f"{where}{at}.model: ControlNet {name!r} is in two units; give each "
+                      f"unit its own", f"{at}.model")
+        numbers = {}
+        for field, default, top in (("weight", 1.0, MAX_CONTROL_SCALE),
+                                    ("guidance_start", 0.0, 1.0), ("guidance_end", 1.0, 1.0)):
+            v = unit.get(field, default)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or \
+                    not math.isfinite(v) or not 0 <= v <= top:
+                raise bad(f"{where}{at}.{field} must be a number from 0 to {top:g}, got "
+                          f"{short_repr(v)}", f"{at}.{field}")
+            numbers[field] = float(v)
+        if numbers["guidance_start"] >= numbers["guidance_end"]:
+            raise bad(f"{where}{at}.guidance_start must be below guidance_end, got "
+                      f"{numbers['guidance_start']:g} and {numbers['guidance_end']:g}",
+                      f"{at}.guidance_start")
+        mode = unit.get("resize_mode", "Crop and Resize")
+        if isinstance(mode, bool) or not isinstance(mode, (int, str)) or mode not in RESIZE:
+            raise bad(f"{where}{at}.resize_mode must be Just Resize, Crop and Resize or Resize "
+                      f"and Fill (or 0, 1, 2), got {short_repr(mode)}", f"{at}.resize_mode")
+        image = unit.get("image", unit.get("input_image"))
+        if isinstance(image, dict):  # {"image": base64, "mask": ...} of newer extensions
+            if image.get("mask") not in (None, ""):
+                raise bad(f"{where}{at}.image.mask must be null: unit masks are not supported",
+                          f"{at}.image")
+            image = image.get("image")
+        if image in (None, ""):
+            if not init_images:
+                raise bad(f"{where}{at}.image is missing: a txt2img unit needs its control "
+                          f"image", f"{at}.image")
+            picture = init_images[0]
+        elif isinstance(image, str):
+            field = f"{where}{at}.image"
+            picture = _decode_bytes(b64_bytes(image, field, field), field, server.limits)
+        else:
+            raise bad(f"{where}{at}.image must be a base64-encoded image, got "
+                      f"{short_repr(image, 40)}", f"{at}.image")
+        images.append(frame_init_image(picture.convert("RGB"), width, height, RESIZE[mode]))
+        controls.append((name, numbers["weight"], numbers["guidance_start"],
+                         numbers["guidance_end"]))
+        short = server.runner.controlnet_hash(name)
+        info.append((f"ControlNet {i}", controlnet_unit(
+            f"{name} [{short}]" if short else name, numbers["weight"], RESIZE[mode],
+            numbers["guidance_start"], numbers["guidance_end"])))
+    return tuple(controls), tuple(images), tuple(info)
+
+
+def register(app, server_of):
+    """The extension's listing routes."""
+
+    @app.get("/controlnet/model_list", tags=["AUTOMATIC1111"])
+    async def model_list(request: Request):
+        """--controlnet-dir's ControlNets, "NAME [HASH]" (the first 8 hex digits of the
+        file's sha256; a diffusers folder by its name alone), as units' ``model`` takes
+        them."""
+        from fastapi.concurrency import run_in_threadpool
+        runner = server_of(request).runner
+
+        def titles():
+            return [f"{n} [{h}]" if (h := runner.controlnet_hash(n)) else n
+                    for n in runner.controlnet_names()]
+        return {"model_list": await run_in_threadpool(titles)}
+
+    @app.get("/controlnet/module_list", tags=["AUTOMATIC1111"])
+    async def module_list():
+        """The preprocessors: none (send the processed image)."""
+        return {"module_list": ["none"], "module_detail": {"none": {"sliders": []}}}
+
+    @app.get("/controlnet/version", tags=["AUTOMATIC1111"])
+    async def version():
+        """The extension API's version, as clients check it (its units' fields as above)."""
+        return {"version": 2}

@@ -1,0 +1,228 @@
+"""A1111's ControlNet extension API on ``sdrt serve --controlnet-dir`` over real HTTP on
+127.0.0.1: units in ``alwayson_scripts.controlnet.args`` give the library's image with the
+same ControlNet, image and settings, rows batch with their own control images, the PNG info
+records each unit, the listing routes answer as the extension's, and what sdrt cannot run is a
+400 naming the field."""
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+from sdrt.engine.demo.model import demo_config, demo_pipeline  # noqa: E402
+from sdrt.engine.images import frame_init_image  # noqa: E402
+from sdrt.engine.infotext import short_hash  # noqa: E402
+from sdrt.serve.local import LocalServer  # noqa: E402
+from sdrt.engine.tiny import controlnet_config, write_controlnet  # noqa: E402
+from test_serve import TIMEOUT, assert_same_image, config  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+PROMPT = "a red fox in the snow"
+
+
+@pytest.fixture(scope="module")
+def ref_pipe():
+    return demo_pipeline(torch.device("cpu"), torch.float32)
+
+
+def _png(image):
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """--controlnet-dir with one ControlNet as a diffusers folder ("depthy") and one as a
+    single .safetensors file ("edges"); two control images of other sizes than 64×64."""
+    from safetensors.torch import load_file, save_file
+    root = tmp_path_factory.mktemp("serve-controlnet")
+    cfg = demo_config()
+    factor = 2 ** (len(cfg["vae"]["block_out_channels"]) - 1)
+    config = controlnet_config(cfg["unet"], factor)
+    write_controlnet(str(root / "nets" / "depthy"), config, 5)
+    folder = write_controlnet(str(root / "edges-folder"), config, 6)
+    save_file(load_file(f"{folder}/diffusion_pytorch_model.safetensors"),
+              str(root / "nets" / "edges.safetensors"))
+    rng = np.random.default_rng(7)
+    hints = []
+    for w, h in ((80, 64), (64, 96)):
+        a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        a[h // 4: h // 2] = 255
+        hints.append(Image.fromarray(a))
+    return root, hints
+
+
+@pytest.fixture(scope="module")
+def server(assets):
+    root, _ = assets
+    with LocalServer(config(controlnet_dir=str(root / "nets"), max_batch=4)) as url:
+        yield url
+
+
+def _txt2img(url, units, seed=3, **extra):
+    return httpx.post(f"{url}/sdapi/v1/txt2img", timeout=TIMEOUT, json={
+        "prompt": PROMPT, "negative_prompt": "blurry", "steps": 2, "cfg_scale": 7, "seed": seed,
+        "width": 64, "height": 64, "alwayson_scripts": {"controlnet": {"args": units}},
+        **extra})
+
+
+def _images(r):
+    assert r.status_code == 200, r.text
+    out = []
+    for b64 in r.json()["images"]:
+        im = Image.open(io.BytesIO(base64.b64decode(b64)))
+        im.load()
+        out.append(im)
+    return out, json.loads(r.json()["info"])
+
+
+def _reference(pipe, root, nets, seed, images, prompt=PROMPT, negative="blurry", **kw):
+    for name in nets:
+        path = root / "nets" / name if name == "depthy" else root / "nets" / f"{name}.safetensors"
+        pipe.load_controlnet(str(path), name=name)
+    try:
+        return pipe(prompt, negative_prompt=negative, height=64, width=64,
+                    num_inference_steps=2, guidance_scale=7.0, seed=seed, controlnet=list(nets),
+                    control_image=images if len(nets) > 1 else images[0], **kw)[0]
+    finally:
+        pipe.unload_controlnet()
+
+
+def test_lists(server, assets):
+    root, _ = assets
+    models = httpx.get(f"{server}/controlnet/model_list").json()["model_list"]
+    edges_hash = short_hash(str(root / "nets" / "edges.safetensors"))[:8]
+    assert models == ["depthy", f"edges [{edges_hash}]"]
+    assert httpx.get(f"{server}/controlnet/module_list").json()["module_list"] == ["none"]
+    assert httpx.get(f"{server}/controlnet/version").json() == {"version": 2}
+
+
+def test_units_give_the_library_image(server, assets, ref_pipe):
+    root, hints = assets
+    edges_hash = short_hash(str(root / "nets" / "edges.safetensors"))[:8]
+    units = [{"enabled": True, "module": "none", "model": f"edges [{edges_hash}]",
+              "image": _png(hints[0]), "weight": 0.8, "resize_mode": "Crop and Resize",
+              "guidance_start": 0.0, "guidance_end": 0.6, "control_mode": "Balanced",
+              "pixel_perfect": False, "processor_res": 512, "threshold_a": 64},
+             {"enabled": False, "model": "nothing-loaded"},
+             {"model": "depthy", "image": _png(hints[1]), "resize_mode": 0, "weight": 1.3}]
+    (got,), info = _images(_txt2img(server, units))
+    framed = [frame_init_image(hints[0], 64, 64, "crop"), frame_init_image(hints[1], 64, 64,
+                                                                         "resize")]
+    want = _reference(ref_pipe, root, ["edges", "depthy"], 3, framed,
+                      controlnet_conditioning_scale=[0.8, 1.3], control_guidance_end=[0.6, 1.0])
+    assert_same_image(got, want, "two ControlNet units")
+    text = info["infotexts"][0]
+    assert (f'ControlNet 0: "Module: none, Model: edges [{edges_hash}], Weight: 0.8, Resize '
+            f'Mode: Crop and Resize, Guidance Start: 0, Guidance End: 0.6, Control Mode: '
+            f'Balanced", ControlNet 1: "Module: none, Model: depthy, Weight: 1.3, Resize Mode: '
+            f'Just Resize') in text
+    assert info["extra_generation_params"]["ControlNet 1"].startswith("Module: none, Model: "
+                                                                     "depthy")
+    # Without units the plain model answers (the ControlNets are unloaded, not left on).
+    r = httpx.post(f"{server}/sdapi/v1/txt2img", timeout=TIMEOUT, json={
+        "prompt": PROMPT, "negative_prompt": "blurry", "steps": 2, "cfg_scale": 7, "seed": 3,
+        "width": 64, "height": 64})
+    (plain,), _ = _images(r)
+    assert_same_image(plain, ref_pipe(PROMPT, negative_prompt="blurry", height=64, width=64,
+                                      num_inference_steps=2, guidance_scale=7.0, seed=3)[0],
+                      "no units")
+
+
+def test_img2img_unit_without_image_takes_the_init_image(server, assets, ref_pipe):
+    root, hints = assets
+    init = frame_init_image(hints[1], 64, 64, "resize")
+    r = httpx.post(f"{server}/sdapi/v1/img2img", timeout=TIMEOUT, json={
+        "prompt": PROMPT, "negative_prompt": "blurry", "steps": 4, "cfg_scale": 7, "seed": 9,
+        "width": 64, "height": 64, "init_images": [_png(hints[1])], "denoising_strength": 0.6,
+        "alwayson_scripts": {"ControlNet": {"args": [{"model": "edges",
+                                                      "resize_mode": "Just Resize"}]}}})
+    (got,), _ = _images(r)
+    pipe = ref_pipe
+    pipe.load_controlnet(str(root / "nets" / "edges.safetensors"), name="edges")
+    try:
+        want = pipe(PROMPT, negative_prompt="blurry", image=init, strength=0.6,
+                    num_inference_steps=4, guidance_scale=7.0, seed=9, control_image=init)[0]
+    finally:
+        pipe.unload_controlnet()
+    assert_same_image(got, want, "img2img unit on the init image")
+
+
+@pytest.mark.parametrize("unit,field,message", [
+    ({"model": "edges", "module": "canny"}, ".module", "sdrt runs no preprocessor"),
+    ({"model": "sketch"}, ".model", "must name a ControlNet of --controlnet-dir"),
+    ({"model": "edges", "image": "IMG", "weight": 12}, ".weight", "from 0 to 10"),
+    ({"model": "edges", "image": "IMG", "guidance_start": 0.5, "guidance_end": 0.2},
+     ".guidance_start", "must be below guidance_end"),
+    ({"model": "edges", "image": "IMG", "control_mode": "My prompt is more important"},
+     ".control_mode", "must be 'Balanced' or 0"),
+    ({"model": "edges", "image": "IMG", "resize_mode": "Stretch"}, ".resize_mode",
+     "Just Resize, Crop and Resize or Resize and Fill"),
+    ({"model": "edges"}, ".image", "a txt2img unit needs its control image"),
+    ({"model": "edges", "image": "not base64!"}, ".image", "must be a base64-encoded image"),
+])
+def test_bad_units_are_400s(server, assets, unit, field, message):
+    _, hints = assets
+    unit = {k: (_png(hints[0]) if v == "IMG" else v) for k, v in unit.items()}
+    r = _txt2img(server, [unit])
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert message in error["message"]
+    assert error["param"] == f"alwayson_scripts.controlnet.args[0]{field}"
+
+
+def test_the_same_controlnet_twice_and_other_scripts(server, assets):
+    _, hints = assets
+    unit = {"model": "edges", "image": _png(hints[0])}
+    r = _txt2img(server, [unit, unit])
+    assert r.status_code == 400 and "is in two units" in r.json()["error"]["message"]
+    r = httpx.post(f"{server}/sdapi/v1/txt2img", timeout=TIMEOUT, json={
+        "prompt": PROMPT, "steps": 2, "width": 64, "height": 64,
+        "alwayson_scripts": {"ADetailer": {"args": [{"ad_model": "face_yolov8n.pt"}]}}})
+    assert r.status_code == 400 and "alwayson_scripts" in r.json()["error"]["message"]
+
+
+def test_server_without_controlnet_dir(tmp_path):
+    with LocalServer(config()) as url:
+        assert httpx.get(f"{url}/controlnet/model_list").json() == {"model_list": []}
+        r = _txt2img(url, [{"model": "edges", "image": "x"}])
+        assert r.status_code == 400
+        assert "--controlnet-dir" in r.json()["error"]["message"]
+
+
+def test_comfyui_controlnet_nodes(server, assets, ref_pipe):
+    # ComfyUI's ControlNetLoader (--controlnet-dir's file names, /models/controlnet and the
+    # node's menu in /object_info) and ControlNetApplyAdvanced on an uploaded image.
+    from test_comfy import DEFAULT, with_controlnets
+    from test_serve_comfy import _history, _queue, _view, _workflow
+    root, hints = assets
+    files = httpx.get(f"{server}/models/controlnet", timeout=TIMEOUT).json()
+    assert files == ["depthy", "edges.safetensors"]
+    info = httpx.get(f"{server}/object_info/ControlNetLoader", timeout=TIMEOUT).json()
+    assert info["ControlNetLoader"]["input"]["required"]["control_net_name"][0] == files
+    r = httpx.post(f"{server}/upload/image", timeout=TIMEOUT,
+                   files={"image": ("edges.png", base64.b64decode(_png(hints[0])), "image/png")})
+    assert r.status_code == 200, r.text
+    name = r.json()["name"]
+    graph = with_controlnets(_workflow(server, DEFAULT), (("edges.safetensors", name, 0.9, 0.0,
+                                                           0.5),))
+    entry = _history(server, _queue(server, graph)["prompt_id"])
+    png = Image.open(io.BytesIO(_view(server, entry["outputs"]["9"]["images"][0])))
+    want = _reference(ref_pipe, root, ["edges"], 11, [frame_init_image(hints[0], 64, 64, "crop")],
+                      prompt="beautiful scenery nature glass bottle",
+                      negative="text, watermark", sampler="euler_a",
+                      controlnet_conditioning_scale=0.9,
+                      control_guidance_end=0.5)
+    assert_same_image(png, want, "ComfyUI ControlNetApplyAdvanced")
+    assert 'ControlNet 0: "Module: none, Model: edges [' in png.text["parameters"]
+    graph = with_controlnets(_workflow(server, DEFAULT), (("sketch.safetensors", name, 1.0, 0.0,
+                                                           1.0),))
+    r = httpx.post(f"{server}/prompt", timeout=TIMEOUT, json={"prompt": graph})
+    assert r.status_code == 400 and "--controlnet-dir does not have" in r.text
