@@ -66,6 +66,10 @@ MODELS = {
     # random-weight SD 1.5 UNet, which keeps the unmasked latents after every step): a
     # centred mask, strength 1, so every step runs on both sides.
     "sd15-inpaint": ("sd15", 512, (50, 20), 7.5),
+    # SD 1.5 512² with one random-weight ControlNet of SD 1.5's architecture (its hint
+    # encoder's real widths) on a seeded control image: diffusers' ControlNet pipeline
+    # against sdrt's plan with the ControlNet inside the captured loop.
+    "sd15-controlnet": ("sd15", 512, (50, 20), 7.5),
     # Tiny models with the real architectures, for dry runs on the CPU: SD 1.x and 2.x
     # (engine.tiny), SDXL (``tiny_sdxl_config``), and the Turbo ones with their schedulers.
     "tiny": ("tiny", 64, (2, 1), 7.5),
@@ -74,12 +78,14 @@ MODELS = {
     "tiny-sdxl": ("tiny-sdxl", 64, (2, 1), 5.0),
     "tiny-sdxl-turbo": ("tiny-sdxl-turbo", 64, (2, 1), 0.0),
     "tiny-inpaint": ("tiny", 64, (2, 1), 7.5),
+    "tiny-controlnet": ("tiny", 64, (2, 1), 7.5),
 }
 INPAINT_MODELS = ("sd15-inpaint", "tiny-inpaint")
+CONTROLNET_MODELS = ("sd15-controlnet", "tiny-controlnet")
 # What a dry run runs in place of each real model: the tiny model of its family and mode.
 DRY_RUN_STANDINS = {"sd15": "tiny", "sd21": "tiny-sd2", "sd-turbo": "tiny-sd-turbo",
                     "sdxl": "tiny-sdxl", "sdxl-turbo": "tiny-sdxl-turbo",
-                    "sd15-inpaint": "tiny-inpaint"}
+                    "sd15-inpaint": "tiny-inpaint", "sd15-controlnet": "tiny-controlnet"}
 DRY_RUN_MODELS = ("tiny", "tiny-sd2", "tiny-sd-turbo", "tiny-sdxl", "tiny-sdxl-turbo")
 PARTS = "bench_pipeline_parts"  # + _<gpu>: per-system results and images, as each ends
 PROMPT = "a photograph of a red fox in the snow, highly detailed"
@@ -159,6 +165,33 @@ def write_model(cache: Path, name: str, device: str = "cuda") -> Path:
     return folder
 
 
+def controlnet_folder(folder: Path) -> Path:
+    """Where the ControlNet of the model in ``folder`` is (``write_controlnet``)."""
+    return folder.parent / f"{folder.name}-controlnet"
+
+
+def write_controlnet(folder: Path, name: str, device: str = "cuda") -> Path:
+    """The model's random-weight ControlNet, beside its folder, written once."""
+    import torch
+
+    from sdrt.engine.tiny import controlnet_config
+    from sdrt.engine.tiny import write_controlnet as write_net
+    target = controlnet_folder(folder)
+    if (target / "config.json").is_file():
+        return target
+    tiny = MODELS[name][0] in DRY_RUN_MODELS
+    cfg = _config(name)
+    factor = 2 ** (len(cfg["vae"]["block_out_channels"]) - 1)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{name}-"))
+    try:
+        write_net(tmp / "net", controlnet_config(cfg["unet"], factor), seed=1,
+                  dtype=None if tiny else torch.float16, device="cpu" if tiny else device)
+        (tmp / "net").rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 # -- one system, in its own process -------------------------------------------------------------
 
 def _sync(device):
@@ -175,6 +208,14 @@ DIFFUSERS_PIPELINES = {"sd1": ("StableDiffusionPipeline", {"safety_checker": Non
 DIFFUSERS_INPAINT = "StableDiffusionInpaintPipeline"
 
 
+def control_image(side):
+    """The ControlNet benchmark's control image: seeded noise with a bright band (edges)."""
+    from PIL import Image
+    a = np.random.default_rng(1).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    a[side // 3:side // 2] = 255
+    return Image.fromarray(a)
+
+
 def inpaint_inputs(side):
     """The inpainting benchmark's init image (seeded noise) and mask (its centre half)."""
     from PIL import Image
@@ -186,7 +227,7 @@ def inpaint_inputs(side):
 
 
 def _load(system, family, folder, side, steps, guidance, compile_mode, device, dtype,
-          inpaint=False):
+          inpaint=False, controlnet=None):
     """The system's pipeline as ``run(steps, latents, output_type) -> images`` and the seconds
     spent compiling or capturing (None where nothing is). With ``inpaint``, both sides inpaint
     ``inpaint_inputs`` at strength 1 (the init image and the masked one encoded, then the
@@ -194,7 +235,8 @@ def _load(system, family, folder, side, steps, guidance, compile_mode, device, d
 
     Both sides get the same latents and the same seed for a sampler's own noise (SDXL-Turbo's
     Euler ancestral): diffusers a CPU generator seeded 0, sdrt ``seed=0``, which draws as
-    that generator does. An SDXL pipeline takes its defaults for the second prompt (the
+    that generator does. ``controlnet`` (a ControlNet folder): both sides run it on
+    ``control_image`` at scale 1 (sdrt's inside its static plan). An SDXL pipeline takes its defaults for the second prompt (the
     first), the micro-conditioning (original and target size = the image's, no crop) and the
     empty negative prompt (zeros, ``force_zeros_for_empty_prompt``) on both sides."""
     import torch
@@ -207,6 +249,11 @@ def _load(system, family, folder, side, steps, guidance, compile_mode, device, d
                                                         **extra).to(device)
         if inpaint:  # the same components (from_pretrained wants diffusers' own version tag)
             pipe = getattr(diffusers, DIFFUSERS_INPAINT)(**pipe.components)
+        if controlnet is not None:
+            net = diffusers.ControlNetModel.from_pretrained(controlnet, torch_dtype=dtype)
+            pipe = diffusers.StableDiffusionControlNetPipeline(**pipe.components,
+                                                               controlnet=net.to(device))
+            image = {"image": control_image(side)}
         pipe.set_progress_bar_config(disable=True)
         build = None
         if system == "diffusers-compile":
@@ -235,10 +282,14 @@ def _load(system, family, folder, side, steps, guidance, compile_mode, device, d
     from sdrt.engine import Pipeline
     pipe = Pipeline.from_pretrained(folder, device=device, dtype=dtype,
                                     vae_dtype="bf16" if system.endswith("-bf16vae") else None)
+    if controlnet is not None:
+        image = {"control_image": control_image(side),
+                 "controlnet": pipe.load_controlnet(controlnet, name="controlnet")}
     t0 = time.perf_counter()
     for n in steps:
         pipe.compile(side, side, batch_size=1, num_inference_steps=n, guidance=guidance > 1,
-                     strength=1.0 if inpaint else None, masked=inpaint)
+                     strength=1.0 if inpaint else None, masked=inpaint,
+                     controlnet=image.get("controlnet"))
     _sync(device)
     build = time.perf_counter() - t0
 
@@ -277,7 +328,9 @@ def worker(system, model, folder, parts, repeats, compile_mode, device):
         torch.set_num_threads(1)
     cfg = _config(model)
     run, build = _load(system, model_family(model), folder, side, steps, guidance,
-                       compile_mode, device, dtype, inpaint=model in INPAINT_MODELS)
+                       compile_mode, device, dtype, inpaint=model in INPAINT_MODELS,
+                       controlnet=(controlnet_folder(Path(folder)) if model in CONTROLNET_MODELS
+                                   else None))
     # (1, 4, side/8, side/8): SDXL's VAE has SD's 4 latent channels and factor 8 too.
     channels, factor = cfg["unet"]["in_channels"], 2 ** (len(cfg["vae"]["block_out_channels"]) - 1)
     latents = torch.randn(1, channels, side // factor, side // factor,
@@ -474,6 +527,8 @@ def main(argv=None):
     parts.mkdir(parents=True, exist_ok=True)
     for model in models:
         folder = write_model(cache, model, device)
+        if model in CONTROLNET_MODELS:
+            write_controlnet(folder, model, device)
         for system in systems:
             row = run_system(model, system, folder, parts, repeats, a.compile_mode, a.timeout,
                              device)

@@ -36,7 +36,9 @@ Stages, in order (``--stage`` picks some; the extras run only when the budget st
   report), ``pipeline-compile`` (diffusers + torch.compile max-autotune, SD 1.5),
   ``pipeline-sd21`` (SD 2.1 768²), ``pipeline-inpaint`` (SD 1.5 512² inpainting, 50 and 20
   steps at strength 1: sdrt's inpainting plan against diffusers' StableDiffusionInpaintPipeline
-  eager, the same UNet), and SDXL's four (``--stage sdxl`` names them all):
+  eager, the same UNet), ``pipeline-controlnet`` (SD 1.5 512², 50 and 20 steps with one
+  random-weight SD 1.5 ControlNet: sdrt's plan with the ControlNet in its captured loop
+  against diffusers' StableDiffusionControlNetPipeline eager), and SDXL's four (``--stage sdxl`` names them all):
   ``kernels-sdxl`` (bench_kernels at SDXL's shapes: 128² latents, head dim 64, the 1024² VAE
   decoder's float32 GroupNorms), ``conv-sdxl`` (bench_conv --sweep over SDXL's UNet and fp16
   VAE decoder convs), ``pipeline-sdxl`` (SDXL 1024², 50 and 20 steps with CFG) and
@@ -125,6 +127,8 @@ STAGES = (
           240, 150, extra=True, model="sdxl-turbo", setup_s=90),
     Stage("pipeline-inpaint", "SD 1.5 512² inpainting: sdrt's plan vs diffusers eager", 200,
           120, extra=True, model="sd15-inpaint"),
+    Stage("pipeline-controlnet", "SD 1.5 512² with one ControlNet: sdrt's plan vs diffusers "
+          "eager", 220, 130, extra=True, model="sd15-controlnet", setup_s=60),
 )
 BY_NAME = {s.name: s for s in STAGES}
 DRY_BUDGET_S = 240

@@ -71,7 +71,8 @@ def test_dry_run_names_every_stage_with_a_status(dry_run):
     # form would repeat ``pipeline``'s) are for a GPU.
     ran = {n: st for n, st in session["stages"].items() if gpu_session.BY_NAME[n].dry}
     assert {"env", "tests", "kernels", "conv", "pipeline", "kernels-sdxl", "conv-sdxl",
-            "pipeline-sdxl", "pipeline-sdxl-turbo", "pipeline-inpaint"} <= set(ran)
+            "pipeline-sdxl", "pipeline-sdxl-turbo", "pipeline-inpaint",
+            "pipeline-controlnet"} <= set(ran)
     failed = {n: (st["status"], st.get("tail")) for n, st in ran.items() if st["status"] != "ok"}
     assert not failed, failed
     assert all(st["label"] == "dry run, not a measurement" for st in ran.values())
@@ -108,6 +109,11 @@ def test_dry_run_stage_results(dry_run):
     (report,) = stages["pipeline-inpaint"]["results"]["reports"]
     rows = report["sections"]["Side by side (fp16, batch 1, same latents)"]
     assert [(r["model"], r["system"]) for r in rows][-1] == ("tiny-inpaint", "sdrt-torch")
+    assert "error" not in rows[-1] and rows[-1]["1 steps ms"] > 0, rows
+    # And the ControlNet stage its tiny stand-in's (SD 1.x with one ControlNet).
+    (report,) = stages["pipeline-controlnet"]["results"]["reports"]
+    rows = report["sections"]["Side by side (fp16, batch 1, same latents)"]
+    assert [(r["model"], r["system"]) for r in rows][-1] == ("tiny-controlnet", "sdrt-torch")
     assert "error" not in rows[-1] and rows[-1]["1 steps ms"] > 0, rows
     # bench_kernels' and bench_conv's command lines took SDXL.
     for name in ("kernels-sdxl", "conv-sdxl"):
