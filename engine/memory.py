@@ -210,8 +210,10 @@ def _halve(side):
     return (side + 1) // 2  # a stride-2 3×3 conv with padding 1, or the VAE's (0, 1) padding
 
 
-def _unet_phase(cfg, h, w, rows, size, fused, keys=TEXT_TOKENS):
-    """(bytes, what dominates) of one UNet call on ``rows`` latents of h×w."""
+def _unet_phase(cfg, h, w, rows, size, fused, keys=TEXT_TOKENS, controlled=False):
+    """(bytes, what dominates) of one UNet call on ``rows`` latents of h×w; ``controlled``:
+    with ControlNets, whose residuals (one per skip tensor, summed over the nets) wait for
+    the UNet while a ControlNet's own down path holds as many again."""
     ch, n = list(cfg.block_out_channels), len(cfg.block_out_channels)
     heads = cfg.heads
     sides = [(h, w)]
@@ -235,7 +237,7 @@ def _unet_phase(cfg, h, w, rows, size, fused, keys=TEXT_TOKENS):
             if not fused:
                 scores = max(scores, rows * heads[i] * p * max(p, keys) * 4)
         work = max(work, level)
-    activations = rows * size * (skips + work)
+    activations = rows * size * (skips * (3 if controlled else 1) + work)
     if scores > activations:
         return activations + scores, f"the UNet's attention scores at {h}x{w} latents"
     return activations + scores, "the UNet's activations"
@@ -272,7 +274,8 @@ def _text_phase(cfg, rows, size):
 
 
 def request_bytes(unet_cfg, vae_cfg, text_cfg, height, width, batch, guidance, dtype,
-                  fused_attention=False, has_image=False, num_chunks=1, vae_dtype=None):
+                  fused_attention=False, has_image=False, num_chunks=1, vae_dtype=None,
+                  controlled=False):
     """(bytes, what dominates): an upper estimate of a request's peak memory beyond the
     weights; ``vae_dtype`` is the VAE's where it differs (an SDXL VAE upcast to float32). ``text_cfg``: the text encoder's config, or a list of them (SDXL's two run one
     after the other; their states are held side by side). ``num_chunks``: 77-token text
@@ -280,7 +283,7 @@ def request_bytes(unet_cfg, vae_cfg, text_cfg, height, width, batch, guidance, d
     cross-attention. ``fused_attention``: whether the UNet's attention runs a fused kernel that never
     holds the score matrix (sdrt's Triton flash attention on a GPU); otherwise each attention's
     scores are counted once, in float32, as ``F.scaled_dot_product_attention``'s math path
-    holds them."""
+    holds them. ``controlled``: the UNet's calls run with ControlNets (``_unet_phase``)."""
     size = torch.empty((), dtype=dtype).element_size()
     f = vae_cfg.scale_factor
     h, w = height // f, width // f
@@ -288,7 +291,8 @@ def request_bytes(unet_cfg, vae_cfg, text_cfg, height, width, batch, guidance, d
     texts = list(text_cfg) if isinstance(text_cfg, (list, tuple)) else [text_cfg]
     vae_size = size if vae_dtype is None else torch.empty((), dtype=vae_dtype).element_size()
     phases = [max(_text_phase(t, rows * num_chunks, size) for t in texts),
-              _unet_phase(unet_cfg, h, w, rows, size, fused_attention, TEXT_TOKENS * num_chunks),
+              _unet_phase(unet_cfg, h, w, rows, size, fused_attention, TEXT_TOKENS * num_chunks,
+                          controlled),
               _vae_phase(vae_cfg, h, w, batch, vae_size, encode=False)]
     if has_image:
         phases.append(_vae_phase(vae_cfg, h, w, batch, vae_size, encode=True))

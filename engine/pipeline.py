@@ -298,12 +298,12 @@ class Pipeline:
         if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or \
                 not 1 <= num_chunks <= 64:
             raise SdrtError(f"num_chunks must be an integer from 1 to 64, got {num_chunks!r}")
-        request = self.check(request, names={"num_images_per_prompt": "batch_size"},
-                             num_chunks=num_chunks)
         controls = () if controlnet is None else select(self._controlnets, controlnet)
         if not isinstance(guess_mode, bool) or (guess_mode and not controls):
             raise SdrtError(f"guess_mode must be False, or True with controlnet (the "
                             f"ControlNets the plan runs), got {short_repr(guess_mode)}")
+        request = self.check(request, names={"num_images_per_prompt": "batch_size"},
+                             num_chunks=num_chunks, controlled=bool(controls))
         if self.runtime is None:
             self.runtime = StaticRuntime(self.model_spec(), max_shapes=max_shapes, strict=strict)
         else:
@@ -465,12 +465,13 @@ class Pipeline:
             self._loras = LoraManager(modules, family=self.family.name)
         return self._loras
 
-    def check(self, request: GenerationRequest, names=None, num_chunks=1):
+    def check(self, request: GenerationRequest, names=None, num_chunks=1, controlled=False):
         """The checks of a request (already through ``GenerationRequest.check``) that depend on
         the model: sizes (default: the UNet's ``sample_size``) against the VAE's scale factor,
         ``clip_skip`` against the text encoder's depth, and the request's estimated peak memory
-        against the device's (unless a static plan of its shape is built already). Returns the
-        request with height, width and sampler filled in."""
+        against the device's (unless a static plan of its shape is built already; with
+        ``controlled``, ControlNets' residuals counted in). Returns the request with height,
+        width and sampler filled in."""
         names = names or {}
         f = self.vae_scale_factor
         sizes = {}
@@ -502,7 +503,7 @@ class Pipeline:
             [e.config for e in self.text_encoders.values()], request.height,
             request.width, request.batch_size, self._cfg(request), self.dtype,
             fused_attention(self.unet, self.device, self.dtype), request.has_image, num_chunks,
-            self.vae_run_dtype())
+            self.vae_run_dtype(), controlled)
         images = request.batch_size
         check_request_fits(need, what, f"a request for {images} image{'s' * (images > 1)} of "
                            f"{request.width}x{request.height}"
@@ -1029,7 +1030,8 @@ class Pipeline:
         # syntax both halves (and both tokenizers) get the same number of chunks.
         texts, texts_2 = self._texts(request)
         inputs = self.text_inputs(texts, request.prompt_syntax, texts_2)
-        request = self.check(request, num_chunks=inputs.num_chunks)
+        request = self.check(request, num_chunks=inputs.num_chunks,
+                             controlled=control is not None)
         generator = self._generator(generator, request)
         batch, sampler = request.batch_size, request.sampler
         shape = (batch, self.unet.config.out_channels, request.height // self.vae_scale_factor,

@@ -352,3 +352,17 @@ def test_sdxl_matches_diffusers(sdxl_base_folder, tmp_path):
         got = ours(PROMPTS[0], control_image=hint, controlnet_conditioning_scale=0.9,
                    sampler="euler", **kw)
         assert_close_abs(got, expected, IMAGE_ATOL, f"SDXL ControlNet, guess {guess_mode}")
+
+
+def test_memory_estimate_counts_the_residuals():
+    # A request with ControlNets holds their residuals and one ControlNet's down path beside
+    # the UNet's skips: the UNet phase of the estimate a request is checked with grows by
+    # that (SD 1.5 at 512², CFG, fused attention), and so does the whole estimate where that
+    # phase is the peak (not at SD 1.5's sizes, where the VAE decoder's is).
+    from sdrt.engine.configs import model_config
+    from sdrt.engine.memory import _unet_phase
+    from sdrt.engine.unet import UNetConfig
+    unet = UNetConfig.from_dict(model_config("sd15")["unet"])
+    plain = _unet_phase(unet, 64, 64, 2, 2, fused=True)
+    controlled = _unet_phase(unet, 64, 64, 2, 2, fused=True, controlled=True)
+    assert controlled[0] > plain[0] * 1.3, (plain, controlled)
