@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from conftest import assert_close_abs, assert_close_rel, run_eagerly
 from sdrt.engine import Pipeline, SdrtError
 from sdrt.engine.controlnet import load_controlnet, residual_scales
+from sdrt.engine.request import SAMPLER_NAMES
 from sdxl_models import randomize
 from test_pipeline import PROMPTS, _assert_lively, _diffusers_scheduler
 
@@ -366,3 +367,36 @@ def test_memory_estimate_counts_the_residuals():
     plain = _unet_phase(unet, 64, 64, 2, 2, fused=True)
     controlled = _unet_phase(unet, 64, 64, 2, 2, fused=True, controlled=True)
     assert controlled[0] > plain[0] * 1.3, (plain, controlled)
+
+
+@pytest.fixture(scope="module")
+def demo_with_controlnet(tmp_path_factory):
+    """The built-in model with a random ControlNet of its architecture (no diffusers)."""
+    from sdrt.engine.demo.model import demo_config, demo_pipeline
+    from sdrt.engine.tiny import controlnet_config, write_controlnet
+    folder = str(tmp_path_factory.mktemp("demo-controlnet") / "net")
+    write_controlnet(folder, controlnet_config(demo_config()["unet"], 2), seed=4)
+    pipe = demo_pipeline()
+    pipe.load_controlnet(folder, name="net")
+    return pipe
+
+
+@pytest.mark.parametrize("sampler", SAMPLER_NAMES)
+def test_every_sampler_under_a_static_plan(demo_with_controlnet, sampler):
+    # The residual factors are indexed by UNet call, counted from the model's first call: every
+    # sampler (two-call ones included, and image to image, which runs part of the schedule)
+    # makes exactly as many calls as its schedule has timesteps, under the plan as eagerly.
+    pipe = demo_with_controlnet
+    hint = _hint(25, 32, 32)
+    kw = dict(prompt="a red fox", control_image=hint, control_guidance_start=0.3,
+              num_inference_steps=4, sampler=sampler, seed=3, height=32, width=32,
+              output_type="np")
+    try:
+        for extra in ({}, {"image": _hint(26, 32, 32), "strength": 0.6}):
+            pipe.compile(32, 32, num_inference_steps=4, sampler=sampler,
+                         strength=extra.get("strength"), controlnet="net")
+            got = pipe(**kw, **extra)
+            assert_close_abs(got, run_eagerly(pipe, **kw, **extra), 1e-5,
+                             f"{sampler} {extra and 'img2img'}")
+    finally:
+        pipe.runtime = None
