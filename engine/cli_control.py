@@ -12,6 +12,11 @@ from .infotext import controlnet_unit
 from .request import MAX_CONTROL_SCALE
 
 
+def _stem(path):
+    """A ControlNet's name: its file's name without the extension, or its folder's."""
+    return os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+
+
 def _at(value, i):
     """Unit i's value of --control-start/--control-end: the option's, or a workflow's own per
     unit (a list)."""
@@ -23,21 +28,20 @@ def from_workflow(a, units, where):
     each ControlNet is the --controlnet of its file name, at the node's strength, with the
     --control-image of its image's file name (or the one given, for one node); its start and
     end, unless --control-start/--control-end are given."""
-    stem = lambda p: os.path.splitext(os.path.basename(os.path.normpath(p)))[0]
-    nets = {stem(path): path for path, _ in a.controlnet}
+    nets = {_stem(path): path for path, _ in a.controlnet}
     images = {os.path.basename(p): p for p in a.control_image}
     chosen, pictures = [], []
     for unit in units:
-        if stem(unit.name) not in nets:
+        if _stem(unit.name) not in nets:
             raise SdrtError(f"{where} applies ControlNet {unit.name!r}: pass --controlnet "
-                            f"PATH/{stem(unit.name)}.safetensors (or its folder)")
+                            f"PATH/{_stem(unit.name)}.safetensors (or its folder)")
         picture = images.get(os.path.basename(unit.image))
         if picture is None and len(units) == len(a.control_image) == 1:
             picture = a.control_image[0]
         if picture is None:
             raise SdrtError(f"{where} conditions a ControlNet on image {unit.image!r}: pass "
                             f"--control-image PATH/{os.path.basename(unit.image)}")
-        chosen.append((nets[stem(unit.name)], unit.strength))
+        chosen.append((nets[_stem(unit.name)], unit.strength))
         pictures.append(picture)
     a.controlnet, a.control_image = chosen, pictures
     for option, attr in (("control_start", "start"), ("control_end", "end")):
@@ -94,7 +98,7 @@ def read_images(a):
 def names(a):
     """The name each --controlnet is loaded under: its file or folder name, numbered where
     two are the same."""
-    stems = [os.path.splitext(os.path.basename(os.path.normpath(p)))[0] for p, _ in a.controlnet]
+    stems = [_stem(p) for p, _ in a.controlnet]
     return [s if stems.count(s) == 1 else f"{s}-{i}" for i, s in enumerate(stems)]
 
 

@@ -156,7 +156,8 @@ def single_file_config(keys, shape_of, unet_config: dict, where):
     """The ControlNet config of one ``.safetensors`` file holding no config: the base UNet's
     (``unet_config``, a diffusers dict) for its down path and mid block, with the input
     channels, the hint encoder's and the added embedding's settings read from the weights.
-    Returns (config dict, layout), layout ``"diffusers"`` or ``"ldm"``."""
+    Returns (config dict, layout, key prefix): layout ``"diffusers"`` or ``"ldm"``, the
+    prefix ``control_model.`` (the original repository's .pth files) or empty."""
     keyset = set(keys)
     for marker, what in _OTHER_CONTROLS:
         if any(marker in k for k in keys):

@@ -711,9 +711,9 @@ class Pipeline:
                 raise SdrtError(f"{field} must be at most {limit} pixels "
                                 f"((2 × SDRT_MAX_SIDE)²), got {w0}x{h0}")
 
-    def _resize_all(self, tensors, size, to_multiple, field="init image", warn=True):
-        """The images, each resized to ``size`` where it differs (one warning for all, when
-        ``warn``), as one float32 batch in [0, 1] on the CPU."""
+    def _resize_all(self, tensors, size, to_multiple, field="image", warn=True):
+        """The images of ``field``, each resized to ``size`` where it differs (init images: one
+        warning for all, when ``warn``), as one float32 batch in [0, 1] on the CPU."""
         out, changed = [], []
         for t in tensors:
             if tuple(t.shape[2:]) != size:
@@ -724,12 +724,11 @@ class Pipeline:
         if changed and warn:
             why = (f"a multiple of the VAE's scale factor {self.vae_scale_factor}" if to_multiple
                    else "the height and width asked for")
-            warnings.warn(f"{field} resized from {', '.join(sorted(set(changed)))} to "
+            warnings.warn(f"init image resized from {', '.join(sorted(set(changed)))} to "
                           f"{size[1]}x{size[0]} ({why})", stacklevel=5)
         batch = torch.cat(out)
         if batch.shape[0] == 0:
-            raise SdrtError(f"{field.split()[-1] if field == 'init image' else field} must hold "
-                            f"at least one image, got a batch of 0")
+            raise SdrtError(f"{field} must hold at least one image, got a batch of 0")
         return batch
 
     @torch.no_grad()

@@ -44,8 +44,6 @@ def parse(server, args, init_images, width, height, api_error):
     """The enabled units → (``BatchKey.controls``, the control images framed to
     ``width`` × ``height``, the PNG info's (("ControlNet 0", text), ...)). A 400 naming
     ``alwayson_scripts.controlnet.args[i].FIELD`` for a unit sdrt cannot run."""
-    from sdrt.engine.images import frame_init_image
-
     from .app import _decode_bytes, b64_bytes
 
     where = "alwayson_scripts.controlnet.args"
@@ -116,14 +114,23 @@ def parse(server, args, init_images, width, height, api_error):
         else:
             raise bad(f"{where}{at}.image must be a base64-encoded image, got "
                       f"{short_repr(image, 40)}", f"{at}.image")
-        images.append(frame_init_image(picture.convert("RGB"), width, height, RESIZE[mode]))
-        controls.append((name, numbers["weight"], numbers["guidance_start"],
-                         numbers["guidance_end"]))
-        short = server.runner.controlnet_hash(name)
-        info.append((f"ControlNet {i}", controlnet_unit(
-            f"{name} [{short}]" if short else name, numbers["weight"], RESIZE[mode],
-            numbers["guidance_start"], numbers["guidance_end"])))
+        for out, value in zip((controls, images, info), unit_parts(
+                server, i, name, picture, numbers["weight"], RESIZE[mode],
+                numbers["guidance_start"], numbers["guidance_end"], width, height)):
+            out.append(value)
     return tuple(controls), tuple(images), tuple(info)
+
+
+def unit_parts(server, index, name, picture, weight, resize, start, end, width, height):
+    """One unit's (``BatchKey.controls`` entry, control image framed to ``width`` ×
+    ``height`` by ``resize``, ("ControlNet {index}", its PNG info text)), for A1111's units
+    and ComfyUI's nodes alike."""
+    from sdrt.engine.images import frame_init_image
+    short = server.runner.controlnet_hash(name)
+    return ((name, weight, start, end),
+            frame_init_image(picture.convert("RGB"), width, height, resize),
+            (f"ControlNet {index}", controlnet_unit(f"{name} [{short}]" if short else name,
+                                                    weight, resize, start, end)))
 
 
 def register(app, server_of):

@@ -384,8 +384,7 @@ def _controls(server, flow, uploads, width, height, bad):
     """A workflow's ControlNetApplyAdvanced nodes → (``BatchKey.controls``, the control images
     framed to ``width`` × ``height`` as ComfyUI centres and crops them, the PNG info's units).
     """
-    from sdrt.engine.images import frame_init_image
-    from sdrt.engine.infotext import controlnet_unit
+    from .a1111_controlnet import unit_parts
     controls, images, info = [], [], []
     for i, unit in enumerate(flow.controlnets):
         name = _stem(unit.name)
@@ -399,12 +398,10 @@ def _controls(server, flow, uploads, width, height, bad):
         if picture is None:
             raise bad(f"prompt: workflow loads image {short_repr(unit.image)}, which was not "
                       f"uploaded (POST /upload/image first)")
-        images.append(frame_init_image(picture, width, height, "crop"))
-        controls.append((name, unit.strength, unit.start, unit.end))
-        short = server.runner.controlnet_hash(name)
-        info.append((f"ControlNet {i}", controlnet_unit(
-            f"{name} [{short}]" if short else name, unit.strength, "crop", unit.start,
-            unit.end)))
+        for out, value in zip((controls, images, info), unit_parts(
+                server, i, name, picture, unit.strength, "crop", unit.start, unit.end, width,
+                height)):
+            out.append(value)
     return tuple(controls), tuple(images), tuple(info)
 
 

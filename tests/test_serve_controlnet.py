@@ -9,26 +9,20 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from sdrt.engine.demo.model import demo_config, demo_pipeline  # noqa: E402
+from sdrt.engine.demo.model import demo_config  # noqa: E402
 from sdrt.engine.images import frame_init_image  # noqa: E402
 from sdrt.engine.infotext import short_hash  # noqa: E402
-from sdrt.serve.local import LocalServer  # noqa: E402
 from sdrt.engine.tiny import controlnet_config, write_controlnet  # noqa: E402
-from test_serve import TIMEOUT, assert_same_image, config  # noqa: E402
+from sdrt.serve.local import LocalServer  # noqa: E402
+from test_serve import TIMEOUT, assert_same_image, config, ref_pipe  # noqa: E402,F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT = "a red fox in the snow"
-
-
-@pytest.fixture(scope="module")
-def ref_pipe():
-    return demo_pipeline(torch.device("cpu"), torch.float32)
 
 
 def _png(image):
