@@ -26,7 +26,8 @@ from .memory import check_request_fits, fused_attention, request_bytes
 from .prompt_syntax import WeightedIds, tokenize_prompts
 from .request import MICRO_CONDITIONING, GenerationRequest, Limits, short_repr
 from .runtime import ModelSpec, StaticRuntime, StaticShape
-from .samplers import SchedulerConfig, default_sampler, make_schedule, sample
+from .samplers import (SchedulerConfig, brownian_noise, default_sampler, make_schedule,
+                       sample)
 from .stages import (Control, blank_inpaint_conditioning, cpu_randn, guidance_embedding, guided,
                      inpaint_conditioning, inpainting_unet, keep_unmasked, row_scales,
                      scale_latents, starts_from_noise, to_unit_images, vae_decode)
@@ -1175,9 +1176,12 @@ class Pipeline:
         inputs = inputs.repeat_interleave(request.num_images_per_prompt)
         step_noise = None
         if plan.step_noise is not None:
-            # The same CPU draws, in the same order, as the eager sampler (euler_a, lcm) makes.
-            step_noise = torch.stack([cpu_randn(plan.latent_shape, generator)
-                                      for _ in range(plan.step_noise.shape[0])])
+            # The same CPU draws, in the same order, as the eager sampler makes (euler_a, lcm:
+            # unit noise; dpmpp_sde: Brownian-tree increments).
+            step_noise = (brownian_noise(plan.schedule, plan.latent_shape, generator)
+                          if plan.schedule.noise_points is not None else
+                          torch.stack([cpu_randn(plan.latent_shape, generator)
+                                       for _ in range(plan.step_noise.shape[0])]))
         keep, time_ids = self._keep(request), self._time_ids(request)
         self.timings = plan.run(inputs, start.noise,
                                 row_scales(request.row_scales(), self.device), step_noise,

@@ -13,6 +13,7 @@ Every message has the form ``"<name> must be <what is allowed>, got <value>"``, 
 is the API argument's name or the caller's own (the CLI passes ``{"guidance_scale":
 "--guidance", ...}``).
 """
+import importlib.util
 import math
 import numbers
 import os
@@ -24,7 +25,7 @@ from .errors import SdrtError
 # The samplers sdrt implements (``schedules.SAMPLERS`` is the same tuple), here so that a
 # sampler name can be checked without importing torch.
 SAMPLER_NAMES = ("ddim", "pndm", "euler", "euler_karras", "euler_a", "euler_a_karras", "heun",
-                 "heun_karras", "dpm2", "dpm2_karras", "dpm2_a", "dpm2_a_karras", "dpmpp_2m",
+                 "heun_karras", "dpm2", "dpm2_karras", "dpm2_a", "dpm2_a_karras", "dpmpp_sde", "dpmpp_sde_karras", "dpmpp_2m",
                  "dpmpp_2m_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "dpmpp_3m_sde",
                  "dpmpp_3m_sde_karras", "lms", "lms_karras", "unipc", "unipc_karras", "deis",
                  "deis_karras", "lcm")
@@ -114,6 +115,17 @@ def short_repr(value, width=80):
     """``repr(value)``, cut to ``width`` characters (a 10 MB prompt is not echoed)."""
     text = repr(value)
     return text if len(text) <= width else text[:width - 5] + "…" + text[-4:]
+
+
+def sampler_installed(sampler):
+    """Whether what ``sampler`` needs beyond torch is installed: torchsde for dpmpp_sde*
+    (looked up, not imported)."""
+    if not sampler.startswith("dpmpp_sde"):
+        return True
+    try:
+        return importlib.util.find_spec("torchsde") is not None
+    except ValueError:  # a module set to None in sys.modules: not importable
+        return False
 
 
 def check_text(text, name):
@@ -208,6 +220,9 @@ class GenerationRequest:
         clip_skip = integer("clip_skip", 0, 10 ** 6, "an integer of 0 or more")
         if self.sampler is not None and self.sampler not in SAMPLER_NAMES:
             fail("sampler", f"one of {', '.join(SAMPLER_NAMES)}", self.sampler)
+        if self.sampler is not None and not sampler_installed(self.sampler):
+            fail("sampler", f"a sampler whose package is installed ({self.sampler} draws its "
+                 f"Brownian-tree noise with torchsde: pip install 'sdrt[sde]')", self.sampler)
         if self.output_type not in OUTPUT_TYPES:
             fail("output_type", f"one of {', '.join(OUTPUT_TYPES)}", self.output_type)
         if self.prompt_syntax not in PROMPT_SYNTAXES:

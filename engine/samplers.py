@@ -404,6 +404,67 @@ def sample_lcm(model, x, sched: Schedule, generator=None, noise=None, step_end=N
     return x
 
 
+def sample_dpmpp_sde(model, x, sched: Schedule, generator=None, noise=None, step_end=None):
+    """DPM-Solver++(2S) as an SDE with Brownian-tree noise (Lu et al. 2022, "DPM-Solver++",
+    alg. 1 with r = 1/2, eta = 1; k-diffusion's sample_dpmpp_sde, A1111's "DPM++ SDE"), as
+    diffusers' DPMSolverSDEScheduler runs it: a step's first call takes an ancestral step
+    from x to the midpoint sqrt(s s'), its second takes the step from x to s' with the
+    midpoint's x0 (``_dpmpp_sde_schedule``'s coefficients), each adding a Brownian-tree
+    increment; the last step is one call, to its x0. ``noise``: the increments
+    (``Schedule.noise_draws`` of them, ``brownian_noise``), else drawn here from trees
+    seeded by ``generator``."""
+    if noise is None:
+        noise = brownian_noise(sched, x.shape, generator).to(x.device)
+    coef, last = sched.coefficients, len(sched.timesteps) - 1
+    for i, t in enumerate(sched.timesteps):
+        sigma = sched.sigmas_in[i]
+        x0 = _denoised(model, x, t, sigma, sched)
+        if i % 2 == 0:
+            x_start = x
+        if i == last:  # an Euler step to sigma 0, rounded as diffusers rounds it
+            x = x + (x - x0) / sigma * (0 - sigma)
+        else:
+            x = coef[i, 0] * x_start - coef[i, 1] * x0 + noise[i].to(x.dtype) * coef[i, 2]
+        if step_end is not None:
+            x = _after_step(step_end, i, t, x)
+    return x
+
+
+def brownian_seeds(generator, rows):
+    """One Brownian-tree seed per row, drawn from the row's CPU generator (a list of
+    ``rows``), or in turn from the one generator of all rows."""
+    generators = generator if isinstance(generator, list) else [generator] * rows
+    return [int(torch.randint(0, 2**63 - 1, (), generator=g)) for g in generators]
+
+
+def brownian_noise(sched: Schedule, shape, generator):
+    """A dpmpp_sde* run's noise (draws, *shape), float32 on the CPU: for each of
+    ``sched.noise_points`` (s, s'), the increment of a Brownian motion over [s', s] divided by
+    sqrt(s - s'), one tree per row over the schedule's sigma range, seeded from ``generator``
+    (``brownian_seeds``), as diffusers' BrownianTreeNoiseSampler draws it. Needs torchsde
+    (the ``sde`` extra)."""
+    try:
+        import torchsde
+    except ImportError:
+        raise SdrtError(f"sampler {sched.sampler} needs torchsde (its Brownian-tree noise): "
+                        f"pip install 'sdrt[sde]'") from None
+    lo, hi = sched.noise_range
+    w0 = torch.zeros(shape[1:])
+    trees = [torchsde.BrownianTree(lo, w0, hi, entropy=seed)
+             for seed in brownian_seeds(generator, shape[0])]
+    out = torch.empty(sched.noise_draws, *shape)
+    with warnings.catch_warnings():
+        # A query a float32 rounding outside the tree's range (exp(log(s)) for s): torchsde
+        # warns and clamps, as it does under diffusers.
+        warnings.filterwarnings("ignore", "Should have", UserWarning)
+        for i, (a, b) in enumerate(sched.noise_points):
+            # Queried from the lower sigma up; over a descending step the increment is negated.
+            low, high = (a, b) if a < b else (b, a)
+            w = torch.stack([tree(low, high) for tree in trees]) * (1.0 if a < b else -1.0)
+            out[i] = w / (high - low).abs().sqrt()
+    return out
+
+
 _SAMPLE_FNS = {
     "ddim": sample_ddim,
     "pndm": sample_pndm,
@@ -412,6 +473,8 @@ _SAMPLE_FNS = {
     "euler_a": sample_euler_ancestral,
     "euler_a_karras": sample_euler_ancestral,
     **{name: sample_two_call for name in TWO_CALL_SAMPLERS},
+    "dpmpp_sde": sample_dpmpp_sde,
+    "dpmpp_sde_karras": sample_dpmpp_sde,
     **{name: sample_dpmpp_2m for name in ("dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde",
                                           "dpmpp_2m_sde_karras", "dpmpp_3m_sde",
                                           "dpmpp_3m_sde_karras")},
@@ -426,8 +489,9 @@ _SAMPLE_FNS = {
 assert set(_SAMPLE_FNS) == set(SAMPLERS)
 
 # The samplers that draw fresh noise as they go (``Schedule.noise_draws`` tensors a run).
-_NOISE_SAMPLERS = ("euler_a", "euler_a_karras", "dpm2_a", "dpm2_a_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras",
-                   "dpmpp_3m_sde", "dpmpp_3m_sde_karras", "lcm")
+_NOISE_SAMPLERS = ("euler_a", "euler_a_karras", "dpm2_a", "dpm2_a_karras", "dpmpp_sde",
+                   "dpmpp_sde_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "dpmpp_3m_sde",
+                   "dpmpp_3m_sde_karras", "lcm")
 
 
 def sample(sampler: str, model, x: torch.Tensor, sched: Schedule, generator=None, callback=None,
@@ -436,8 +500,9 @@ def sample(sampler: str, model, x: torch.Tensor, sched: Schedule, generator=None
     ``sched.noise_image``) and return the denoised latents in x's dtype.
 
     The model sees inputs in x's dtype; the loop itself runs in float32. The stochastic
-    samplers' noise (euler_a, dpm2_a*, dpmpp_2m_sde*, lcm) comes from ``generator``, or from
-    ``noise`` when given: ``sched.noise_draws`` unit-noise tensors, stacked.
+    samplers' noise (euler_a, dpm2_a*, dpmpp_sde*, dpmpp_2m_sde*, dpmpp_3m_sde*, lcm) comes
+    from ``generator``, or from ``noise`` when given: ``sched.noise_draws`` unit-noise tensors
+    (dpmpp_sde*: Brownian increments, ``brownian_noise``), stacked.
     After each model call's step, ``callback(step_index, num_steps)`` reports progress and
     ``step_end(step_index, timestep, x)`` sees the float32 latents; a tensor it returns
     replaces them (diffusers' ``callback_on_step_end``).

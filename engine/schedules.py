@@ -19,6 +19,7 @@ import torch
 
 from .errors import SdrtError
 from .request import SAMPLER_NAMES as SAMPLERS  # the one list, importable without torch
+from .request import sampler_installed
 
 # The diffusers class each sampler reproduces step by step.
 SAMPLER_CLASSES = {
@@ -34,6 +35,8 @@ SAMPLER_CLASSES = {
     "dpm2_karras": "KDPM2DiscreteScheduler",
     "dpm2_a": "KDPM2AncestralDiscreteScheduler",
     "dpm2_a_karras": "KDPM2AncestralDiscreteScheduler",
+    "dpmpp_sde": "DPMSolverSDEScheduler",
+    "dpmpp_sde_karras": "DPMSolverSDEScheduler",
     "dpmpp_2m": "DPMSolverMultistepScheduler",
     "dpmpp_2m_karras": "DPMSolverMultistepScheduler",
     "dpmpp_2m_sde": "DPMSolverMultistepScheduler",  # algorithm_type="sde-dpmsolver++"
@@ -51,8 +54,10 @@ SAMPLER_CLASSES = {
 # The samplers that take two model calls per step (diffusers' ``order = 2``: Heun's method and
 # DPM-Solver-2, k-diffusion's sample_heun and sample_dpm_2): a step's first call is an Euler
 # step to a trial point, its second corrects it; the last step, to sigma = 0, is the first
-# call alone. Their schedules count calls (2 * steps - 1).
-TWO_CALL_SAMPLERS = ("heun", "heun_karras", "dpm2", "dpm2_karras", "dpm2_a", "dpm2_a_karras")
+# call alone. Their schedules count calls (2 * steps - 1). DPM++ SDE (DPM-Solver++(2S) with
+# Brownian-tree noise, k-diffusion's sample_dpmpp_sde) is laid out the same way.
+TWO_CALL_SAMPLERS = ("heun", "heun_karras", "dpm2", "dpm2_karras", "dpm2_a", "dpm2_a_karras",
+                     "dpmpp_sde", "dpmpp_sde_karras")
 # ``X_karras`` is sampler X on Karras et al.'s sigmas (use_karras_sigmas=True, as A1111's "X
 # Karras"); plain X takes the config's use_karras_sigmas, except these, where it is off.
 KARRAS_OFF = ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "unipc", "deis")
@@ -405,14 +410,19 @@ class Schedule:
     c_skip: torch.Tensor | None = None
     c_out: torch.Tensor | None = None
     # euler_a, dpm2_a*, dpmpp_2m_sde*, lcm: how many unit-noise tensors the sampler draws,
-    # so the static runtime can draw them beforehand
+    # so the static runtime can draw them beforehand; dpmpp_sde*: how many Brownian
+    # increments it takes, over the sigma pairs ``noise_points`` (draws, 2) of a Brownian
+    # tree spanning ``noise_range`` (sigma_min, sigma_max), both on the host (float32)
     noise_draws: int = 0
+    noise_points: torch.Tensor | None = None
+    noise_range: tuple = ()
     # Multistep samplers' per-step linear combinations, solved on the host. unipc*: the
     # corrector's (row 0: of the previous step's latents, then of the model outputs newest
     # first) and the predictor's (row 1: of the latents, then of the outputs), (N, 2,
     # solver_order + 2), and ``orders`` (corrector's, 0 for none; predictor's). lms*: the
     # weights of the slopes newest first, (N, 4), and ``orders`` how many are known. deis*:
-    # (N, 5), see ``_deis_coefficients``, and ``orders`` each step's.
+    # (N, 5), see ``_deis_coefficients``, and ``orders`` each step's. dpmpp_sde*: (N, 3), see
+    # ``_dpmpp_sde_schedule``.
     coefficients: torch.Tensor | None = None
     orders: tuple = ()
     # EDM: the preconditioning's sigma_data (the sigmas are then EDM's, the latents
@@ -435,7 +445,8 @@ class Schedule:
         if self.sigmas is None:
             a = self.alphas_cumprod[self.timesteps[i:i + 1]]  # (1,): a tensor index, no sync
             x = a.sqrt() * x0.float() + (1 - a).sqrt() * noise.float()
-        elif self.sampler.startswith(("dpmpp_", "unipc", "deis")) and self.sigma_data is None:
+        elif (self.sampler.startswith(("dpmpp_2m", "dpmpp_3m", "unipc", "deis"))
+              and self.sigma_data is None):
             alpha, sigma = vp_alpha_sigma(self.sigmas[i])
             x = alpha * x0.float() + sigma * noise.float()
         else:
@@ -629,6 +640,62 @@ def _two_call_schedule(cfg, sampler, alphas_cumprod, steps, start, device) -> Sc
                     sigmas_to=sigmas_to[first_call:].to(**f32),
                     sigmas_up=up[first_call:].to(**f32) if ancestral else None,
                     noise_draws=(len(calls) - first_call) // 2 if ancestral else 0)
+
+
+def _dpmpp_sde_schedule(cfg, sampler, alphas_cumprod, steps, start, device) -> Schedule:
+    """DPMSolverSDEScheduler's (dpmpp_sde*) schedule, laid out per model call as diffusers
+    does: each step from sigma s to s' takes a call at s, an ancestral step to the midpoint
+    m = sqrt(s s') (halfway in log sigma) and a call there, then the ancestral step from s to
+    s' with the midpoint's x0; the last step, to 0, is one call and an Euler step.
+
+    An ancestral step from s towards sigma_to with x0 lands on a·x - c·x0 + sigma_up·z: with
+    sigma_up = min(sigma_to, sigma_to·sqrt(s² - sigma_to²)/s) and sigma_down =
+    sqrt(sigma_to² - sigma_up²), a = sigma_down/s and c = expm1(log(sigma_down/s)); x is the
+    step's start (its first call's latents) and z the Brownian tree's increment over [s,
+    sigma_to], scaled to unit variance. ``coefficients`` holds (a, c, sigma_up) per call (the
+    last call's Euler step to 0 reads none), each computed from float32 sigmas in diffusers'
+    order of operations; ``noise_points`` the (s, sigma_to) of each increment."""
+    train = _train_sigmas(alphas_cumprod)
+    t = spaced_timesteps(cfg.timestep_spacing, cfg.num_train_timesteps, steps, cfg.steps_offset)
+    sigmas = np.interp(t, np.arange(len(train)), train)  # float64, at float64 timesteps
+    if cfg.use_karras_sigmas:
+        sigmas = karras_sigmas(float(sigmas[-1]), float(sigmas[0]), steps)
+        t = sigma_to_timestep(sigmas, train)
+    log_t = -np.log(sigmas)  # the midpoints' timesteps, in float64 as diffusers takes them
+    t_mid = sigma_to_timestep(np.exp(-(log_t[:-1] + np.diff(log_t) * 0.5)), train)
+    calls = np.empty(2 * steps - 1)
+    calls[0::2], calls[1::2] = t, t_mid
+    s32 = torch.from_numpy(np.append(sigmas, 0.0).astype(np.float32))
+    coefficients, points, inputs = [], [], []
+    for c in range(len(calls)):
+        k = c // 2
+        s, s_next = s32[k], s32[k + 1]
+        if s_next == 0:  # the last call
+            inputs.append(s)
+            coefficients.append(torch.zeros(3))
+            continue
+        t_s, t_next = s.log().neg(), s_next.log().neg()
+        t_proposed = t_s + (t_next - t_s) * 0.5
+        inputs.append(s if c % 2 == 0 else t_proposed.neg().exp())
+        sigma_from = t_s.neg().exp()
+        sigma_to = (t_proposed if c % 2 == 0 else t_next).neg().exp()
+        up = min(sigma_to, (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
+        down_t = ((sigma_to**2 - up**2) ** 0.5).log().neg()
+        coefficients.append(torch.stack([down_t.neg().exp() / sigma_from,
+                                         (t_s - down_t).expm1(), up]))
+        points.append(torch.stack([sigma_from, sigma_to]))
+    per_call = _per_call(s32)[:len(calls) + 1]
+    f32 = {"dtype": torch.float32, "device": device}
+    top = s32.max()
+    init = top if cfg.timestep_spacing in ("linspace", "trailing") else (top**2 + 1) ** 0.5
+    first = 2 * start
+    return Schedule(sampler, cfg, torch.from_numpy(calls[first:].astype(np.float32)).to(device),
+                    float(init), sigmas=per_call[first:].to(**f32),
+                    sigmas_in=torch.stack(inputs)[first:].to(**f32),
+                    coefficients=torch.stack(coefficients)[first:].to(**f32),
+                    noise_draws=len(points) - first,
+                    noise_points=(torch.stack(points) if points else torch.zeros(0, 2))[first:],
+                    noise_range=(per_call[per_call > 0].min(), per_call.max()))
 
 
 def _lms_coefficients(sigmas, start):
@@ -932,14 +999,17 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_inference_steps: int, 
         if cfg.prediction_type == "sample":
             raise SdrtError(f"an EDM model ({cfg.class_name}) predicts epsilon or "
                             f"v_prediction, not 'sample' (as diffusers' EDM schedulers)")
-    if cfg.prediction_type == "sample" and (sampler == "pndm"
-                                            or sampler.startswith(("euler_a", "dpm2"))):
+    if cfg.prediction_type == "sample" and (sampler == "pndm" or sampler.startswith(
+            ("euler_a", "dpm2", "dpmpp_sde"))):
         raise SdrtError(f"sampler {sampler} does not support prediction_type 'sample' (neither does "
                         f"diffusers' {SAMPLER_CLASSES[sampler]}); pick ddim, euler or dpmpp_2m")
     if sampler == "pndm" and not cfg.skip_prk_steps and steps < 4:
         # PRK spans the 4 largest timesteps; diffusers fails to build it for fewer.
         raise SdrtError(f"pndm with the Runge-Kutta warm-up (skip_prk_steps false or absent) needs "
                         f"at least 4 steps, got {steps}")
+    if not sampler_installed(sampler):
+        raise SdrtError(f"sampler {sampler} draws its Brownian-tree noise with torchsde, which "
+                        f"is not installed: pip install 'sdrt[sde]'")
     start = _img2img_start(steps, strength)
     alphas_cumprod = train_alphas_cumprod(cfg)
     f32 = {"dtype": torch.float32, "device": device}
@@ -962,6 +1032,8 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_inference_steps: int, 
         sched = Schedule(sampler, cfg, torch.from_numpy(calls).to(device), 1.0,
                          alphas_cumprod=alphas_cumprod.to(device), alphas=torch.tensor(alphas, **f32),
                          alphas_prev=torch.tensor(prev, **f32), prk_calls=prk_calls)
+    elif sampler.startswith("dpmpp_sde"):
+        sched = _dpmpp_sde_schedule(cfg, sampler, alphas_cumprod, steps, start, device)
     elif sampler in TWO_CALL_SAMPLERS:
         sched = _two_call_schedule(cfg, sampler, alphas_cumprod, steps, start, device)
     elif sampler in ("euler", "euler_karras", "euler_a", "euler_a_karras", "lms", "lms_karras"):

@@ -120,7 +120,8 @@ def test_sampler_labels_and_aliases():
     assert sampler_id("k_euler_a") == "euler_a"
     assert sampler_id("PLMS") == "pndm"
     assert sampler_id("k_dpm_2_a_ka") == "dpm2_a_karras"
-    assert sampler_id("DPM++ SDE") is None and sampler_id(None) is None
+    assert sampler_id("k_dpmpp_sde_ka") == "dpmpp_sde_karras"
+    assert sampler_id("DPM++ 2S a") is None and sampler_id(None) is None
 
 
 @pytest.mark.parametrize("label,schedule_type,expected", [
@@ -135,7 +136,8 @@ def test_sampler_labels_and_aliases():
     ("DDIM", "Karras", None),  # no Karras variant
     ("Euler", "Exponential", None),  # a schedule type sdrt does not have
     ("LMS", "Karras", "lms_karras"),
-    ("DPM++ SDE", "Karras", None),
+    ("DPM++ SDE", "Karras", "dpmpp_sde_karras"),
+    ("DPM++ 2S a", "Karras", None),  # a sampler sdrt does not have
     ("Euler", 3, None),
 ])
 def test_sampler_with_schedule_type(label, schedule_type, expected):

@@ -66,6 +66,30 @@ def test_txt2img_matches_diffusers(pipes, sampler):
     assert_close_abs(got, expected, IMAGE_ATOL, f"{family} txt2img with {sampler}")
 
 
+@pytest.mark.parametrize("sampler", ["dpmpp_sde", "dpmpp_sde_karras"])
+def test_dpmpp_sde_matches_diffusers(pipes, sampler):
+    # DPMSolverSDEScheduler seeds its Brownian trees from its config: given the seeds sdrt
+    # draws from the request's generator (one per image), it gives sdrt's image.
+    pytest.importorskip("torchsde")
+    from diffusers import DPMSolverSDEScheduler
+
+    from sdrt.engine.samplers import brownian_seeds
+    family, ours, ref = pipes
+    seeds = brownian_seeds(torch.Generator().manual_seed(5), len(PROMPTS))
+    ref.scheduler = DPMSolverSDEScheduler.from_config(
+        ref.original_scheduler_config, use_karras_sigmas=sampler.endswith("_karras"),
+        noise_sampler_seed=seeds)
+    latents = torch.randn(2, 4, 8, 12, generator=torch.Generator().manual_seed(7))
+    kw = dict(height=16, width=24, num_inference_steps=STEPS, guidance_scale=7.5,
+              latents=latents, output_type="np")
+    expected = ref(PROMPTS, negative_prompt=["blurry, low quality"] * 2, **kw).images
+    _assert_lively(expected, f"{family}/{sampler}")
+    got = ours(PROMPTS, negative_prompt="blurry, low quality", sampler=sampler, seed=5, **kw)
+    assert_close_abs(got, expected, IMAGE_ATOL, f"{family} txt2img with {sampler}")
+    other = ours(PROMPTS, negative_prompt="blurry, low quality", sampler=sampler, seed=6, **kw)
+    assert np.abs(other - got).max() > 10 * IMAGE_ATOL, "the seed does not reach the noise"
+
+
 def test_no_guidance_and_images_per_prompt(pipes):
     # guidance ≤ 1 skips the unconditional pass; two images per prompt, as diffusers repeats.
     family, ours, ref = pipes
@@ -120,7 +144,7 @@ def test_output_types(pipes):
     (dict(height=17), "height must be a multiple of 2"),
     (dict(width=0), "width must be an integer from 1 to 4096, got 0"),
     (dict(num_inference_steps=0), "num_inference_steps must be an integer from 1 to 1000"),
-    (dict(sampler="dpmpp_sde"), "sampler must be one of ddim, .*, got 'dpmpp_sde'"),
+    (dict(sampler="dpmpp_2s_a"), "sampler must be one of ddim, .*, got 'dpmpp_2s_a'"),
     (dict(output_type="tensor"), "output_type must be one of pil, np, latent, got 'tensor'"),
     (dict(negative_prompt=["a", "b", "c"]), "negative_prompt must be one string or a list of 1"),
     (dict(latents=torch.zeros(1, 4, 3, 3)), "latents have shape"),

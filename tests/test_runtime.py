@@ -18,7 +18,7 @@ def pipe(tiny_sd1_folder):
 
 @pytest.mark.parametrize("sampler", ["ddim", "pndm", "euler_a", "dpmpp_2m_karras", "heun",
                                      "dpm2_a_karras", "dpmpp_2m_sde", "unipc", "lms_karras",
-                                     "deis", "dpmpp_3m_sde_karras"])
+                                     "deis", "dpmpp_3m_sde_karras", "dpmpp_sde_karras"])
 def test_static_plan_equalsrun_eagerly(pipe, sampler):
     pipe.runtime = None
     pipe.compile(height=16, width=24, batch_size=2, num_inference_steps=5, sampler=sampler)
@@ -91,7 +91,7 @@ def test_strict_mode_refuses_unbuilt_shape(pipe):
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(height=13), "height must be a multiple of 2"),
-    (dict(sampler="dpmpp_sde"), "sampler must be one of"),
+    (dict(sampler="dpmpp_2s_a"), "sampler must be one of"),
     (dict(batch_size=0), "batch_size must be an integer from 1 to 64 .*, got 0"),
     (dict(num_inference_steps=0), "num_inference_steps must be an integer from 1 to 1000"),
     (dict(max_shapes=0), "max_shapes"),

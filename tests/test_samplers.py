@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from sdrt.engine.errors import SdrtError
-from sdrt.engine.samplers import SAMPLERS, SchedulerConfig, default_sampler, make_schedule, sample
+from sdrt.engine.samplers import (SAMPLERS, SchedulerConfig, brownian_noise, brownian_seeds,
+                                  default_sampler, make_schedule, sample)
 
 RTOL = 1e-5
 
@@ -109,6 +110,8 @@ def _diffusers_scheduler(sampler, cfg):
         "unipc_karras": ("UniPCMultistepScheduler", {"use_karras_sigmas": True}),
         "deis": ("DEISMultistepScheduler", {"use_karras_sigmas": False}),
         "deis_karras": ("DEISMultistepScheduler", {"use_karras_sigmas": True}),
+        "dpmpp_sde": ("DPMSolverSDEScheduler", {}),
+        "dpmpp_sde_karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
     }[sampler]
     cls = getattr(diffusers, name)
     with warnings.catch_warnings():
@@ -141,6 +144,13 @@ def _latents(seed, shape=(1, 4, 8, 8)):
 
 def _run_diffusers(sampler, cfg, steps, noise, x0=None, strength=1.0, generator=None):
     """diffusers' pipeline loop: returns (model, final latents, init_noise_sigma)."""
+    step_kw = {"generator": generator} if generator is not None else {}
+    if sampler.startswith("dpmpp_sde"):
+        # DPMSolverSDEScheduler draws from Brownian trees seeded by its config, not from a
+        # generator: seeded as sdrt seeds them from the same generator.
+        pytest.importorskip("torchsde")
+        cfg = {**cfg, "noise_sampler_seed": brownian_seeds(generator, noise.shape[0])}
+        step_kw = {}
     sch = _diffusers_scheduler(sampler, cfg)
     sch.set_timesteps(steps)
     timesteps = sch.timesteps
@@ -154,7 +164,6 @@ def _run_diffusers(sampler, cfg, steps, noise, x0=None, strength=1.0, generator=
             sch.set_begin_index(t_start * sch.order)
         x = sch.add_noise(x0, noise, timesteps[:1])
     model = LinearModel()
-    step_kw = {"generator": generator} if generator is not None else {}
     for t in timesteps:
         out = model(sch.scale_model_input(x, t), t)
         x = sch.step(out, t, x, **step_kw).prev_sample
@@ -186,9 +195,10 @@ def _compare(sampler, cfg, steps, x0=None, strength=1.0, gen_seed=None, rtol=RTO
     ref_model, ref_x, ref_sigma = _run_diffusers(sampler, cfg, steps, noise, x0, strength, gens[0])
     our_model, our_x, sched = _run_ours(sampler, cfg, steps, noise, x0, strength, gens[1])
     ref_t = torch.stack([t for _, t in ref_model.calls])
-    if sampler.startswith("dpm2") and ref_t.dtype == torch.float64:
-        # KDPM2 keeps rounded Karras timesteps in float64; the UNet's timestep embedding
-        # reads them as float32 (diffusers' get_timestep_embedding), as sdrt holds them.
+    if sampler.startswith(("dpm2", "dpmpp_sde")) and ref_t.dtype == torch.float64:
+        # KDPM2 keeps rounded Karras timesteps in float64, DPMSolverSDE all of them; the
+        # UNet's timestep embedding reads them as float32 (diffusers'
+        # get_timestep_embedding), as sdrt holds them.
         ref_t = ref_t.float()
     our_t = torch.stack([t for _, t in our_model.calls])
     assert our_t.dtype == ref_t.dtype, f"timestep dtype {our_t.dtype} vs diffusers {ref_t.dtype}"
@@ -286,7 +296,7 @@ def test_img2img_matches_diffusers(sampler, config, steps, strength):
 TWO_CALL = ("heun", "heun_karras", "dpm2", "dpm2_karras")
 MULTISTEP = ("lms", "lms_karras", "unipc", "unipc_karras", "deis", "deis_karras")
 NOISY = ("dpm2_a", "dpm2_a_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "dpmpp_3m_sde",
-         "dpmpp_3m_sde_karras")
+         "dpmpp_3m_sde_karras", "dpmpp_sde", "dpmpp_sde_karras")
 
 
 def _diverges(sampler, config, steps):
@@ -316,7 +326,7 @@ def test_k_samplers_match_diffusers(sampler, config, steps):
     # interpolated in log sigma, are compared exactly. The noisy ones draw the same noise
     # from the same seed on both sides.
     cfg = {**CONFIGS, **EXTRA_CONFIGS}[config]
-    if cfg.get("prediction_type") == "sample" and sampler.startswith("dpm2"):
+    if cfg.get("prediction_type") == "sample" and sampler.startswith(("dpm2", "dpmpp_sde")):
         with pytest.raises(SdrtError, match="prediction_type 'sample'"):
             make_schedule(SchedulerConfig.from_dict(cfg), sampler, steps)
         return
@@ -421,13 +431,16 @@ def test_two_call_layout():
 
 @pytest.mark.parametrize("sampler", NOISY)
 def test_noisy_samplers_predrawn_noise(sampler):
-    # The static runtime's pre-drawn noise, in draw order, gives the generator's result.
+    # The static runtime's pre-drawn noise, in draw order, gives the generator's result
+    # (dpmpp_sde: its Brownian increments, one per call but the last).
     sched = make_schedule(SchedulerConfig.from_dict(CONFIGS["sd15"]), sampler, 5)
     x = sched.noise_latents(_latents(2))
-    assert sched.noise_draws == (4 if sampler.startswith("dpm2_a") else 5)
-    assert sched.second_last_lower == sampler.startswith("dpmpp")
+    brownian = sampler.startswith("dpmpp_sde")
+    assert sched.noise_draws == (4 if sampler.startswith("dpm2_a") else 8 if brownian else 5)
+    assert sched.second_last_lower == sampler.startswith(("dpmpp_2m", "dpmpp_3m"))
     g = torch.Generator().manual_seed(9)
-    noise = torch.stack([torch.randn(x.shape, generator=g) for _ in range(sched.noise_draws)])
+    noise = (brownian_noise(sched, x.shape, g) if brownian else
+             torch.stack([torch.randn(x.shape, generator=g) for _ in range(sched.noise_draws)]))
     a = sample(sampler, LinearModel(), x, sched, generator=torch.Generator().manual_seed(9))
     b = sample(sampler, LinearModel(), x, sched, noise=noise)
     assert torch.equal(a, b), f"pre-drawn noise differs by {(a - b).abs().max().item():.3g}"
@@ -533,9 +546,36 @@ def test_default_sampler(class_name, extra, expected):
 
 
 def test_default_sampler_unknown_class_warns():
-    cfg = SchedulerConfig.from_dict({"_class_name": "DPMSolverSDEScheduler", **_SD_BETAS})
-    with pytest.warns(UserWarning, match="DPMSolverSDEScheduler"):
+    cfg = SchedulerConfig.from_dict({"_class_name": "DPMSolverSinglestepScheduler", **_SD_BETAS})
+    with pytest.warns(UserWarning, match="DPMSolverSinglestepScheduler"):
         assert default_sampler(cfg) == "dpmpp_2m"
+
+
+def test_dpmpp_sde_without_torchsde_is_refused_up_front(monkeypatch):
+    # Named in the request (one line naming the field, before any work), and as a model's
+    # default sampler when its schedule is made.
+    import sys
+
+    from sdrt.engine.request import GenerationRequest
+    monkeypatch.setitem(sys.modules, "torchsde", None)  # as if it were not installed
+    with pytest.raises(SdrtError, match=r"sampler must be a sampler whose package is "
+                                        r"installed .*pip install 'sdrt\[sde\]'"):
+        GenerationRequest(prompt="a fox", sampler="dpmpp_sde_karras").check()
+    with pytest.raises(SdrtError, match="torchsde, which is not installed"):
+        make_schedule(SchedulerConfig.from_dict(CONFIGS["sd15"]), "dpmpp_sde", 4)
+    GenerationRequest(prompt="a fox", sampler="dpmpp_2m_sde").check()  # needs nothing more
+
+
+@pytest.mark.parametrize("karras", [False, True])
+def test_default_sampler_of_dpm_sde_configs(karras):
+    # DPMSolverSDEScheduler configs (A1111's "DPM++ SDE Karras" models ship them) run
+    # dpmpp_sde, which reads the config's Karras switch as heun does.
+    cfg = SchedulerConfig.from_dict({"_class_name": "DPMSolverSDEScheduler", **_SD_BETAS,
+                                     "use_karras_sigmas": karras})
+    assert default_sampler(cfg) == "dpmpp_sde"
+    sched = make_schedule(cfg, "dpmpp_sde", 6)
+    karras_sched = make_schedule(cfg, "dpmpp_sde_karras", 6)
+    assert torch.equal(sched.sigmas, karras_sched.sigmas) == karras
 
 
 @pytest.mark.parametrize("extra,settings", [
@@ -565,7 +605,8 @@ def test_from_file(tmp_path):
     assert cfg.timestep_spacing is None, "absent field must stay unset for the class default"
     assert SAMPLERS == ("ddim", "pndm", "euler", "euler_karras", "euler_a", "euler_a_karras",
                         "heun", "heun_karras",
-                        "dpm2", "dpm2_karras", "dpm2_a", "dpm2_a_karras", "dpmpp_2m",
+                        "dpm2", "dpm2_karras", "dpm2_a", "dpm2_a_karras", "dpmpp_sde",
+                        "dpmpp_sde_karras", "dpmpp_2m",
                         "dpmpp_2m_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras",
                         "dpmpp_3m_sde", "dpmpp_3m_sde_karras", "lms",
                         "lms_karras", "unipc", "unipc_karras", "deis", "deis_karras", "lcm")
@@ -602,7 +643,7 @@ def test_from_file_errors(tmp_path, content, match):
 
 
 @pytest.mark.parametrize("sampler,steps,strength,match", [
-    ("dpmpp_sde", 10, 1.0, "unknown sampler.*ddim, pndm"),
+    ("dpmpp_2s_a", 10, 1.0, "unknown sampler.*ddim, pndm"),
     ("ddim", 0, 1.0, "steps"),
     ("ddim", 1001, 1.0, "steps"),     # more steps than training timesteps
     ("euler", 10, 0.0, "strength"),
@@ -613,6 +654,7 @@ def test_from_file_errors(tmp_path, content, match):
     ("euler_a_karras", 10, 1.0, "prediction_type 'sample'"),
     ("dpm2", 10, 1.0, "prediction_type 'sample'"),
     ("dpm2_a_karras", 10, 1.0, "prediction_type 'sample'"),
+    ("dpmpp_sde_karras", 10, 1.0, "prediction_type 'sample'"),
 ])
 def test_make_schedule_errors(sampler, steps, strength, match):
     cfg = SchedulerConfig.from_dict({**CONFIGS["sd15"],
