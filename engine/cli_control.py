@@ -8,7 +8,7 @@ unit as A1111's extension writes it (``ControlNet 0: "Module: none, Model: ..."`
 import os
 
 from .errors import SdrtError
-from .infotext import controlnet_unit
+from .infotext import CONTROL_RESIZE_LABELS, controlnet_unit
 from .request import MAX_CONTROL_SCALE
 
 
@@ -47,6 +47,57 @@ def from_workflow(a, units, where):
     for option, attr in (("control_start", "start"), ("control_end", "end")):
         if option not in a.given:
             setattr(a, option, [getattr(unit, attr) for unit in units])
+
+
+def _unit_fields(text):
+    """A PNG's ``ControlNet N`` value ("Module: none, Model: NAME [HASH], Weight: 1, ...") as
+    {field: value}."""
+    fields = {}
+    for part in text.split(", "):
+        key, sep, value = part.partition(": ")
+        if sep:
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+def from_png(a, pairs, where):
+    """--from-png: the ControlNet units A1111's extension (or sdrt) recorded, applied to the
+    --controlnet files of the same names (weight, resize mode, guidance start and end, guess
+    mode) unless those options are given; a unit whose ControlNet is not given is named in a
+    warning, as is a preprocessor (its processed image is the --control-image to pass)."""
+    import re
+    import warnings
+    units = [_unit_fields(v) for k, v in sorted(pairs.items())
+             if re.fullmatch(r"ControlNet \d+", k) and isinstance(v, str)]
+    if not units:
+        return
+    index = {_stem(path): i for i, (path, _) in enumerate(a.controlnet)}
+    starts, ends = [a.control_start] * len(a.controlnet), [a.control_end] * len(a.controlnet)
+    resize = {v: k for k, v in CONTROL_RESIZE_LABELS.items()}
+    for unit in units:
+        model = re.sub(r" \[[0-9a-fA-F]+\]$", "", unit.get("Model", ""))
+        if unit.get("Module", "none").lower() not in ("none", ""):
+            warnings.warn(f"{where} ran preprocessor {unit['Module']} for ControlNet {model}: "
+                          f"pass its processed image as --control-image")
+        if model not in index:
+            warnings.warn(f"{where} used ControlNet {model}: pass --controlnet FILE for it and "
+                          f"its --control-image, or the image will differ")
+            continue
+        i = index[model]
+        try:
+            a.controlnet[i] = (a.controlnet[i][0], float(unit.get("Weight", 1)))
+            starts[i] = float(unit.get("Guidance Start", 0))
+            ends[i] = float(unit.get("Guidance End", 1))
+        except ValueError:
+            raise SdrtError(f"{where}: ControlNet unit {unit} has a value that is not a "
+                            f"number") from None
+        if unit.get("Resize Mode") in resize and "control_resize" not in a.given:
+            a.control_resize = resize[unit["Resize Mode"]]
+        if unit.get("Guess Mode") == "True":
+            a.guess_mode = True
+    for option, values in (("control_start", starts), ("control_end", ends)):
+        if option not in a.given:
+            setattr(a, option, values)
 
 
 def check(a):

@@ -393,6 +393,7 @@ def _apply_png(a):
     if "Mask blur" in pairs and a.mask is None:
         warnings.warn(f"--from-png {a.from_png} was inpainted (Mask blur "
                       f"{pairs['Mask blur']}); without --mask this is not")
+    cli_control.from_png(a, pairs, f"--from-png {a.from_png}")
     return pairs.get("Model"), pairs.get("Model hash")
 
 

@@ -173,3 +173,27 @@ def test_workflow_controlnets_equal_the_options(tmp_path, capsys):
     assert code == 2
     _assert_one_error_line(err, "applies ControlNet 'depth': pass --controlnet "
                                 "PATH/depth.safetensors")
+
+
+def test_from_png_reads_the_units_back(assets, tmp_path, capsys):
+    # A1111's ControlNet units in the PNG info: --from-png with the same ControlNet file and
+    # control image regenerates the image (weight, guidance end and resize mode from the
+    # PNG); without them it warns that the image will differ.
+    root, net = assets
+    first = tmp_path / "first.png"
+    code, _, err = _run(["generate", "a red fox", *SMALL, "--seed", "8", "--steps", "3",
+                         "--controlnet", f"{net}:0.6", "--control-image", str(root / "hint.png"),
+                         "--control-end", "0.5", "--control-resize", "fill", "-o", str(first)],
+                        capsys)
+    assert code == 0, err
+    again = tmp_path / "again.png"
+    code, _, err = _run(["generate", "--from-png", str(first), "--controlnet", net,
+                         "--control-image", str(root / "hint.png"), "-o", str(again)], capsys)
+    assert code == 0, err
+    assert _warnings(err) == []
+    assert np.array_equal(_pixels(again), _pixels(first))
+    assert _parameters(again) == _parameters(first)
+    code, _, err = _run(["generate", "--from-png", str(first), "-o", str(tmp_path / "x.png")],
+                        capsys)
+    assert code == 0, err
+    assert any("used ControlNet cn_edges: pass --controlnet FILE" in w for w in _warnings(err))
