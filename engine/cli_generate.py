@@ -120,8 +120,12 @@ def generate(a):
         init = frame_init_image(init, width, height, a.resize_mode)
     plans = _static_plans(a, pipe, request, sampler, hires,
                           None if init is None else (width, height, mask is not None), controls)
-    control = cli_control.call(a, hints, controls, *((width, height) if init is not None else
-                                                     (request.width, request.height)))
+    # The control images at the size drawn at: a hires fix's larger one (the first pass gets
+    # them resized down), else the request's.
+    drawn = ((width, height) if init is not None else
+             hires.target(request.width, request.height, pipe.vae_scale_factor)[:2]
+             if hires is not None else (request.width, request.height))
+    control = cli_control.call(a, hints, controls, *drawn)
     # Image i of a batch is drawn from its own generator, seeded seed + i, as A1111 does: its
     # PNG records that seed, and --seed with it regenerates that image alone.
     seed = request.draw_seed()

@@ -197,3 +197,20 @@ def test_from_png_reads_the_units_back(assets, tmp_path, capsys):
                         capsys)
     assert code == 0, err
     assert any("used ControlNet cn_edges: pass --controlnet FILE" in w for w in _warnings(err))
+
+
+def test_hires_fix_runs_the_controlnet_in_both_passes(assets, tmp_path, capsys):
+    # The control image is framed at the second pass's size; the first pass gets it resized.
+    root, net = assets
+    base = ["generate", "a red fox", *SMALL, "--seed", "2", "--hr-scale", "1.5", "--hr-steps",
+            "1"]
+    code, _, err = _run(base + ["--controlnet", net, "--control-image", str(root / "hint.png"),
+                                "-o", str(tmp_path / "cn.png")], capsys)
+    assert code == 0, err
+    assert _warnings(err) == []
+    assert _run(base + ["-o", str(tmp_path / "plain.png")], capsys)[0] == 0
+    with Image.open(tmp_path / "cn.png") as im:
+        assert im.size == (96, 96)
+    diff = np.abs(_pixels(tmp_path / "cn.png").astype(int) -
+                  _pixels(tmp_path / "plain.png").astype(int))
+    assert diff.max() > 10, "the ControlNet changed nothing"
