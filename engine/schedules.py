@@ -661,8 +661,10 @@ def _dpmpp_sde_schedule(cfg, sampler, alphas_cumprod, steps, start, device) -> S
     if cfg.use_karras_sigmas:
         sigmas = karras_sigmas(float(sigmas[-1]), float(sigmas[0]), steps)
         t = sigma_to_timestep(sigmas, train)
-    log_t = -np.log(sigmas)  # the midpoints' timesteps, in float64 as diffusers takes them
-    t_mid = sigma_to_timestep(np.exp(-(log_t[:-1] + np.diff(log_t) * 0.5)), train)
+    # The midpoints' timesteps, from float64 sigmas as diffusers takes them (DPM-Solver's
+    # time is -log sigma).
+    neg_log = -np.log(sigmas)
+    t_mid = sigma_to_timestep(np.exp(-(neg_log[:-1] + np.diff(neg_log) * 0.5)), train)
     calls = np.empty(2 * steps - 1)
     calls[0::2], calls[1::2] = t, t_mid
     s32 = torch.from_numpy(np.append(sigmas, 0.0).astype(np.float32))
