@@ -127,9 +127,6 @@ def check(a):
     if a.runtime == "onnx":
         raise SdrtError("--controlnet feeds sdrt's own UNet; --runtime onnx runs the exported "
                         "one")
-    if a.mask is not None and a.inpaint_area == "masked":
-        raise SdrtError("--controlnet cannot be combined with --inpaint-area masked (the "
-                        "control image would need the same framing): inpaint the whole picture")
 
 
 def warn_unused(a, unused):
@@ -158,13 +155,15 @@ def load(a, pipe):
             for (path, _), name in zip(a.controlnet, names(a))]
 
 
-def call(a, images, loaded, width, height):
+def call(a, images, loaded, width, height, inpaint=None):
     """The pipeline arguments of the ControlNets ``loaded`` (their names), each image framed
-    to ``width`` × ``height`` by --control-resize; {} without --controlnet."""
+    to ``width`` × ``height`` by --control-resize, or as ``inpaint`` (an ``inpaint.Inpaint``)
+    frames the init image; {} without --controlnet."""
     if not a.controlnet:
         return {}
     from .images import frame_init_image
-    framed = [frame_init_image(im, width, height, a.control_resize) for im in images]
+    framed = [inpaint.frame_like(im, a.control_resize) if inpaint is not None else
+              frame_init_image(im, width, height, a.control_resize) for im in images]
     return dict(control_image=framed if len(framed) > 1 else framed[0], controlnet=loaded,
                 controlnet_conditioning_scale=[w for _, w in a.controlnet],
                 control_guidance_start=a.control_start, control_guidance_end=a.control_end,

@@ -40,6 +40,22 @@ class Inpaint:
     overlay: np.ndarray  # float32 (H, W) in [0, 1], the original's size: the result's weight
     region: tuple = None  # (x1, y1, x2, y2) of the cut-out region in the original
 
+    def frame_like(self, picture, resize_mode):
+        """Another picture (a ControlNet's control image) framed as this job's init image:
+        fitted by ``resize_mode`` to the output size, or for only the masked area to the
+        original's size and then cut to the same region and resized to the output size, so
+        that it lines up with what the pipeline inpaints (as A1111's ControlNet extension
+        crops its images for "Only masked")."""
+        from PIL import Image
+
+        from .images import fit_image, to_rgb8
+        picture, size = to_rgb8(picture), self.image.size
+        if self.region is None:
+            return picture if picture.size == size else fit_image(picture, *size, resize_mode)
+        if picture.size != self.original.size:
+            picture = fit_image(picture, *self.original.size, resize_mode)
+        return picture.crop(self.region).resize(size, Image.LANCZOS)
+
     def finish(self, result):
         """A pipeline result (PIL) → the final picture: resized into its region (only
         masked) and pasted over the original through the overlay mask."""

@@ -42,7 +42,9 @@ def script_args(scripts):
 
 def parse(server, args, init_images, width, height, api_error):
     """The enabled units → (``BatchKey.controls``, the control images framed to
-    ``width`` × ``height``, the PNG info's (("ControlNet 0", text), ...)). A 400 naming
+    ``width`` × ``height``, the PNG info's (("ControlNet 0", text), ...), each unit's
+    (picture, resize mode) for an inpainting job to frame as its init image,
+    ``inpaint.Inpaint.frame_like``). A 400 naming
     ``alwayson_scripts.controlnet.args[i].FIELD`` for a unit sdrt cannot run."""
     from .app import _decode_bytes, b64_bytes
 
@@ -57,7 +59,7 @@ def parse(server, args, init_images, width, height, api_error):
              if not (isinstance(u, dict) and u.get("enabled", True) is False)]
     if len(units) > MAX_UNITS:
         raise bad(f"{where} may enable at most {MAX_UNITS} units, got {len(units)}")
-    controls, images, info = [], [], []
+    controls, images, info, sources = [], [], [], []
     for i, (index, unit) in enumerate(units):
         at = f"[{index}]"
         if not isinstance(unit, dict):
@@ -118,7 +120,8 @@ def parse(server, args, init_images, width, height, api_error):
                 server, i, name, picture, numbers["weight"], RESIZE[mode],
                 numbers["guidance_start"], numbers["guidance_end"], width, height)):
             out.append(value)
-    return tuple(controls), tuple(images), tuple(info)
+        sources.append((picture, RESIZE[mode]))
+    return tuple(controls), tuple(images), tuple(info), tuple(sources)
 
 
 def unit_parts(server, index, name, picture, weight, resize, start, end, width, height):

@@ -495,14 +495,10 @@ def create_app(config: ServeConfig = None) -> FastAPI:
         latent_size = None
         if resize == "latent" and mask is None:  # the latents are resized: a key per size
             latent_size = _one_size(init_images)
-        controls = hints = units = ()
+        controls = hints = units = sources = ()
         args = script_args(body.alwayson_scripts)
         if args is not None:
-            if mask is not None and body.inpaint_full_res:
-                raise ApiError(400, "inpaint_full_res must be false with ControlNet units (the "
-                                    "control images would need the same framing)",
-                               "bad_request", "inpaint_full_res")
-            controls, hints, units = await run_in_threadpool(
+            controls, hints, units, sources = await run_in_threadpool(
                 parse_controlnet, server, args, init_images, req.width, req.height, ApiError)
         key = BatchKey(req.height, req.width, req.num_inference_steps, req.sampler,
                        req.guidance, req.strength if init_images else None, req.clip_skip,
@@ -515,6 +511,9 @@ def create_app(config: ServeConfig = None) -> FastAPI:
             jobs = await run_in_threadpool(_inpaint_jobs, init_images, mask, req, only,
                                            body.inpaint_full_res_padding, fill, resize)
             init_images = [job.image for job in jobs]
+            if sources:  # each job's control images, framed (and cut) as its init image
+                hints = await run_in_threadpool(lambda: [
+                    tuple(job.frame_like(p, m) for p, m in sources) for job in jobs])
             extra["Mask blur"] = body.mask_blur
             if content != "original":
                 extra["Masked content"] = content
@@ -527,7 +526,7 @@ def create_app(config: ServeConfig = None) -> FastAPI:
                     init_images[i % len(init_images)] if init_images else None,
                     jobs[i % len(jobs)].mask if jobs else None, extra.get("Mask blur"),
                     extra.get("Masked area padding"), extra.get("Masked content"),
-                    hints, units)
+                    hints[i % len(jobs)] if jobs and sources else hints, units)
                 for i, s in enumerate(seeds)]
         extra.update(units)
         images = await server.generate(request, key, rows)

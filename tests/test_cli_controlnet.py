@@ -88,8 +88,6 @@ def test_control_image_sets_the_size_and_two_units(assets, tmp_path, capsys):
     (["--controlnet", "NET", "--control-image", "HINT", "--control-end", "1.5"],
      "--control-end must be from 0 to 1"),
     (["--controlnet", "NET", "--control-image", "nothing.png"], "cannot read control image"),
-    (["--controlnet", "NET", "--control-image", "HINT", "--init-image", "HINT", "--mask", "HINT",
-      "--inpaint-area", "masked"], "cannot be combined with --inpaint-area masked"),
 ])
 def test_bad_options_are_one_line(assets, tmp_path, capsys, extra, message):
     root, net = assets
@@ -214,3 +212,32 @@ def test_hires_fix_runs_the_controlnet_in_both_passes(assets, tmp_path, capsys):
     diff = np.abs(_pixels(tmp_path / "cn.png").astype(int) -
                   _pixels(tmp_path / "plain.png").astype(int))
     assert diff.max() > 10, "the ControlNet changed nothing"
+
+
+def test_only_masked_inpainting_cuts_the_control_image_as_the_init_image(assets, tmp_path,
+                                                                        capsys):
+    # --inpaint-area masked: the control image is fitted to the init image's size and cut to
+    # the same region (a control image that is the init image itself frames exactly as it).
+    from sdrt.engine.inpaint import prepare
+    root, net = assets
+    with Image.open(root / "hint.png") as im:
+        init = im.convert("RGB")
+    mask = np.zeros((48, 64), np.float32)
+    mask[10:22, 30:44] = 1
+    for only_masked in (False, True):
+        job = prepare(init, mask, 32, 32, only_masked, padding=4, resize_mode="crop")
+        framed = job.frame_like(init, "crop")
+        assert framed.size == job.image.size == (32, 32)
+        assert np.array_equal(np.asarray(framed), np.asarray(job.image)), only_masked
+    Image.fromarray((mask * 255).astype(np.uint8)).save(tmp_path / "mask.png")
+    base = ["generate", "a red fox", "--steps", "2", "--seed", "3", "--width", "32", "--height",
+            "32", "--init-image", str(root / "hint.png"), "--mask", str(tmp_path / "mask.png"),
+            "--inpaint-area", "masked", "--mask-blur", "0"]
+    code, _, err = _run(base + ["--controlnet", f"{net}:2", "--control-image",
+                                str(root / "small.png"), "-o", str(tmp_path / "cn.png")], capsys)
+    assert code == 0, err
+    assert _run(base + ["-o", str(tmp_path / "plain.png")], capsys)[0] == 0
+    diff = np.abs(_pixels(tmp_path / "cn.png").astype(int) -
+                  _pixels(tmp_path / "plain.png").astype(int))
+    assert diff.max() > 3, "the ControlNet changed nothing"
+    assert diff[:8].max() == 0, "pixels away from the mask changed"

@@ -220,3 +220,26 @@ def test_comfyui_controlnet_nodes(server, assets, ref_pipe):
                                                            1.0),))
     r = httpx.post(f"{server}/prompt", timeout=TIMEOUT, json={"prompt": graph})
     assert r.status_code == 400 and "--controlnet-dir does not have" in r.text
+
+
+def test_only_masked_inpainting_cuts_each_control_image_as_its_init_image(server, assets):
+    # inpaint_full_res: each init image's job frames the unit's control image as that init
+    # image (fitted to its size, cut to its mask's region), so the ControlNet lines up with
+    # what is inpainted; the pixels away from the mask stay the init image's.
+    _, hints = assets
+    mask = np.zeros((96, 64), np.uint8)
+    mask[30:60, 20:44] = 255
+    body = {"prompt": PROMPT, "steps": 2, "cfg_scale": 7, "seed": 4, "width": 64, "height": 64,
+            "init_images": [_png(hints[1])], "denoising_strength": 0.9,
+            "mask": _png(Image.fromarray(mask)), "mask_blur": 0, "inpaint_full_res": True,
+            "inpaint_full_res_padding": 8}
+    runs = {}
+    for name, units in (("plain", None), ("control", [{"model": "edges", "weight": 2.0,
+                                                       "image": _png(hints[0])}])):
+        extra = {"alwayson_scripts": {"controlnet": {"args": units}}} if units else {}
+        r = httpx.post(f"{server}/sdapi/v1/img2img", timeout=TIMEOUT, json={**body, **extra})
+        (runs[name],), _ = _images(r)
+    a, b = (np.asarray(runs[k].convert("RGB"), dtype=int) for k in ("plain", "control"))
+    assert a.shape == (96, 64, 3)
+    assert np.abs(a - b).max() > 3, "the ControlNet changed nothing"
+    assert np.abs(a - b)[:20].max() == 0, "pixels away from the mask changed"
