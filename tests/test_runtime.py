@@ -121,6 +121,44 @@ def test_graph_replays_with_changing_prompts_equal_eager_and_do_not_grow_memory(
     assert torch.cuda.memory_allocated() <= before, "memory grew over 200 replays"
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("guess_mode", [False, True])
+def test_controlnet_graph_replays_equal_eager_and_do_not_grow_memory(tiny_sd1_folder, tmp_path,
+                                                                     guess_mode):
+    # Two ControlNets inside the captured loop: new control images, scales and shares of the
+    # schedule are buffer writes; each replay equals the eager run, memory stays put.
+    import json
+
+    from sdrt.engine.tiny import controlnet_config, write_controlnet
+    pipe = Pipeline.from_pretrained(tiny_sd1_folder, device="cuda", dtype=torch.float16)
+    with open(f"{tiny_sd1_folder}/unet/config.json") as fh:
+        config = controlnet_config(json.load(fh), pipe.vae_scale_factor)
+    for name, seed in (("a", 1), ("b", 2)):
+        pipe.load_controlnet(write_controlnet(str(tmp_path / name), config, seed), name=name)
+    pipe.compile(height=16, width=24, num_inference_steps=4, sampler="dpmpp_2m",
+                 controlnet=["a", "b"], guess_mode=guess_mode)
+
+    def call(i):
+        g = torch.Generator().manual_seed(i)
+        hints = [torch.rand(1, 3, 16, 24, generator=g) for _ in range(2)]
+        return dict(prompt=f"a fox number {i}", height=16, width=24, seed=i,
+                    num_inference_steps=4, sampler="dpmpp_2m", output_type="np",
+                    control_image=hints, controlnet=["a", "b"], guess_mode=guess_mode,
+                    controlnet_conditioning_scale=[0.5 + i % 3, 1.0],
+                    control_guidance_end=[1.0, 0.5 + 0.1 * (i % 5)])
+    for i in range(20):
+        static = pipe(**call(i))
+        if i % 5 == 0:
+            assert np.abs(static - run_eagerly(pipe, **call(i))).max() <= 2e-3, f"replay {i}"
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    for i in range(100):
+        pipe(**call(i))
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() <= before, "memory grew over 100 replays"
+    assert len(pipe.runtime.plans) == 1, "a new image or scale built another plan"
+
+
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
 def test_fp16_vae_overflow_is_decoded_again_in_fp32(static):
     from test_vae_dtype import overflowing_fp16_pipe
