@@ -574,6 +574,14 @@ def _euler_a_tables(cfg, alphas_cumprod, steps, karras=False):
     return _euler_tables(plain, alphas_cumprod, steps)
 
 
+def _init_noise_sigma(cfg, sigmas) -> float:
+    """diffusers' init_noise_sigma of the sigma-based schedulers: sigma_max, except on
+    "leading" grids where it is sqrt(sigma_max^2 + 1), the std of x0 + sigma_max * eps for
+    unit-variance x0."""
+    top = sigmas.max()
+    return float(top if cfg.timestep_spacing in ("linspace", "trailing") else (top**2 + 1) ** 0.5)
+
+
 def _per_call(steps_table):
     """diffusers' layout of a two-call sampler's per-step table: the first entry, then each
     later one twice (the second call of a step and the first of the next)."""
@@ -630,11 +638,10 @@ def _two_call_schedule(cfg, sampler, alphas_cumprod, steps, start, device) -> Sc
         up = torch.where(first, 0.0, up_call[torch.arange(n) - 1])
         per_call = s_call[:n + 1]
     f32 = {"dtype": torch.float32, "device": device}
-    top = sigmas.max()
-    init = top if cfg.timestep_spacing in ("linspace", "trailing") else (top**2 + 1) ** 0.5
     first_call = 2 * start
     ancestral = sampler.startswith("dpm2_a")
-    return Schedule(sampler, cfg, calls[first_call:].to(device), float(init),
+    return Schedule(sampler, cfg, calls[first_call:].to(device),
+                    _init_noise_sigma(cfg, sigmas),
                     sigmas=per_call[first_call:].to(**f32),
                     sigmas_in=sigmas_in[first_call:].to(**f32),
                     sigmas_to=sigmas_to[first_call:].to(**f32),
@@ -688,11 +695,9 @@ def _dpmpp_sde_schedule(cfg, sampler, alphas_cumprod, steps, start, device) -> S
         points.append(torch.stack([sigma_from, sigma_to]))
     per_call = _per_call(s32)[:len(calls) + 1]
     f32 = {"dtype": torch.float32, "device": device}
-    top = s32.max()
-    init = top if cfg.timestep_spacing in ("linspace", "trailing") else (top**2 + 1) ** 0.5
     first = 2 * start
     return Schedule(sampler, cfg, torch.from_numpy(calls[first:].astype(np.float32)).to(device),
-                    float(init), sigmas=per_call[first:].to(**f32),
+                    _init_noise_sigma(cfg, s32), sigmas=per_call[first:].to(**f32),
                     sigmas_in=torch.stack(inputs)[first:].to(**f32),
                     coefficients=torch.stack(coefficients)[first:].to(**f32),
                     noise_draws=len(points) - first,
@@ -1043,12 +1048,9 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_inference_steps: int, 
         timesteps, sigmas = (
             _euler_a_tables(cfg, alphas_cumprod, steps, karras=sampler.endswith("_karras"))
             if ancestral else _euler_tables(cfg, alphas_cumprod, steps))
-        # diffusers' init_noise_sigma: sigma_max, except on "leading" grids where it is
-        # sqrt(sigma_max^2 + 1), the std of x0 + sigma_max * eps for unit-variance x0.
-        top = sigmas.max()
-        init = top if cfg.timestep_spacing in ("linspace", "trailing") else (top**2 + 1) ** 0.5
         lms = _lms_coefficients(sigmas, start) if sampler.startswith("lms") else (None, ())
-        sched = Schedule(sampler, cfg, timesteps[start:].to(device), float(init),
+        sched = Schedule(sampler, cfg, timesteps[start:].to(device),
+                         _init_noise_sigma(cfg, sigmas),
                          sigmas=sigmas[start:].to(**f32),
                          noise_draws=len(timesteps[start:]) if ancestral else 0,
                          coefficients=None if lms[0] is None else lms[0].to(**f32),
