@@ -9,12 +9,8 @@ import os
 
 from .errors import SdrtError
 from .infotext import CONTROL_RESIZE_LABELS, controlnet_unit
+from .infotext import file_stem
 from .request import MAX_CONTROL_SCALE
-
-
-def _stem(path):
-    """A ControlNet's name: its file's name without the extension, or its folder's."""
-    return os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
 
 
 def _at(value, i):
@@ -28,20 +24,20 @@ def from_workflow(a, units, where):
     each ControlNet is the --controlnet of its file name, at the node's strength, with the
     --control-image of its image's file name (or the one given, for one node); its start and
     end, unless --control-start/--control-end are given."""
-    nets = {_stem(path): path for path, _ in a.controlnet}
+    nets = {file_stem(path): path for path, _ in a.controlnet}
     images = {os.path.basename(p): p for p in a.control_image}
     chosen, pictures = [], []
     for unit in units:
-        if _stem(unit.name) not in nets:
+        if file_stem(unit.name) not in nets:
             raise SdrtError(f"{where} applies ControlNet {unit.name!r}: pass --controlnet "
-                            f"PATH/{_stem(unit.name)}.safetensors (or its folder)")
+                            f"PATH/{file_stem(unit.name)}.safetensors (or its folder)")
         picture = images.get(os.path.basename(unit.image))
         if picture is None and len(units) == len(a.control_image) == 1:
             picture = a.control_image[0]
         if picture is None:
             raise SdrtError(f"{where} conditions a ControlNet on image {unit.image!r}: pass "
                             f"--control-image PATH/{os.path.basename(unit.image)}")
-        chosen.append((nets[_stem(unit.name)], unit.strength))
+        chosen.append((nets[file_stem(unit.name)], unit.strength))
         pictures.append(picture)
     a.controlnet, a.control_image = chosen, pictures
     for option, attr in (("control_start", "start"), ("control_end", "end")):
@@ -71,7 +67,7 @@ def from_png(a, pairs, where):
              if re.fullmatch(r"ControlNet \d+", k) and isinstance(v, str)]
     if not units:
         return
-    index = {_stem(path): i for i, (path, _) in enumerate(a.controlnet)}
+    index = {file_stem(path): i for i, (path, _) in enumerate(a.controlnet)}
     starts, ends = [a.control_start] * len(a.controlnet), [a.control_end] * len(a.controlnet)
     resize = {v: k for k, v in CONTROL_RESIZE_LABELS.items()}
     for unit in units:
@@ -146,7 +142,7 @@ def read_images(a):
 def names(a):
     """The name each --controlnet is loaded under: its file or folder name, numbered where
     two are the same."""
-    stems = [_stem(p) for p, _ in a.controlnet]
+    stems = [file_stem(p) for p, _ in a.controlnet]
     return [s if stems.count(s) == 1 else f"{s}-{i}" for i, s in enumerate(stems)]
 
 

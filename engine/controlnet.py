@@ -143,6 +143,19 @@ def residual_scales(net: ControlNetModel, scale, guess_mode):
     return torch.full((n,), float(scale))
 
 
+# UNet settings a ControlNet does not have: its up path and output, and what only the UNet
+# applies (the input's centring, the guidance embedding) or reads (the default image size).
+_UNET_ONLY = ("up_block_types", "out_channels", "reverse_transformer_layers_per_block",
+              "time_cond_proj_dim", "center_input_sample", "sample_size", "conv_out_kernel")
+
+
+def unet_part(unet_config: dict) -> dict:
+    """The settings of a UNet's diffusers config dict that a ControlNet for it shares (its
+    down path and mid block), without the private ``_`` keys."""
+    return {k: v for k, v in unet_config.items()
+            if not k.startswith("_") and k not in _UNET_ONLY}
+
+
 def _hint_widths(shape_of, conv):
     """The hint encoder's widths from its conv weights (``conv(i)``: the key of conv i)."""
     widths, i = [shape_of(conv(0))[0]], 1
@@ -178,9 +191,7 @@ def single_file_config(keys, shape_of, unet_config: dict, where):
     present = lambda k: k if prefix + k in keyset else None
     shape = lambda k: shape_of(prefix + k)
     widths = _hint_widths(shape, lambda i: present(hint(i)))
-    cfg = {k: v for k, v in unet_config.items() if not k.startswith("_") and k not in (
-        "up_block_types", "out_channels", "reverse_transformer_layers_per_block",
-        "time_cond_proj_dim", "center_input_sample", "sample_size", "conv_out_kernel")}
+    cfg = unet_part(unet_config)
     cfg.update(in_channels=shape(conv_in)[1], conditioning_channels=shape(hint(0))[1],
                conditioning_embedding_out_channels=widths)
     if present(label) is None:

@@ -293,6 +293,12 @@ def _file_sha256(path):
     return h
 
 
+def file_stem(path):
+    """The name a model file or folder goes by (a ControlNet's, as A1111 lists it): the
+    file's name without its extension, or the folder's name."""
+    return os.path.splitext(os.path.basename(os.path.normpath(os.fspath(path))))[0]
+
+
 def short_hash(path):
     """A1111's short hash of a LoRA or embedding file (its ``Lora hashes`` / ``TI hashes``):
     the first 12 hex digits of the file's sha256."""

@@ -20,6 +20,7 @@ from torch import nn
 from .conditioning import Conditioning, TextInputs, encode_text
 from .control import ControlRequest, control_batch, control_scales, select
 from .errors import SdrtError
+from .infotext import file_stem
 from .layers import use_conv_chooser
 from .loading import Components, check_compatible, load
 from .memory import check_request_fits, fused_attention, request_bytes
@@ -408,7 +409,7 @@ class Pipeline:
             raise SdrtError(f"controlnet path must be a folder or a .safetensors file, got "
                             f"{short_repr(path)}")
         if name is None:
-            name = os.path.splitext(os.path.basename(os.fspath(path).rstrip(os.sep)))[0]
+            name = file_stem(path)
         if not isinstance(name, str) or not name.strip():
             raise SdrtError(f"controlnet name must be a non-empty string, got {short_repr(name)}")
         net = load_controlnet(path, self.device, self.dtype, dataclasses.asdict(self.unet.config),

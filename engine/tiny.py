@@ -190,12 +190,10 @@ def controlnet_config(unet_config: dict, vae_scale_factor: int, widths=None) -> 
     """The diffusers config of a ControlNet for a UNet of ``unet_config``: its down path and
     mid block, and a hint encoder that downsamples by ``vae_scale_factor`` (``widths``,
     default ControlNet's own (16, 32, 96, 256) cut or grown to that factor)."""
+    from .controlnet import unet_part
     n = vae_scale_factor.bit_length()  # log2(factor) + 1 widths
     widths = list(widths or [16, 32, 96, 256][:n] + [256] * max(0, n - 4))
-    config = {k: v for k, v in unet_config.items() if k not in (
-        "_class_name", "up_block_types", "out_channels", "sample_size", "center_input_sample",
-        "reverse_transformer_layers_per_block", "time_cond_proj_dim", "conv_out_kernel")}
-    return {**config, "_class_name": "ControlNetModel",
+    return {**unet_part(unet_config), "_class_name": "ControlNetModel",
             "conditioning_embedding_out_channels": widths}
 
 
