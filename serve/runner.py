@@ -25,8 +25,7 @@ class Runner:
         self.default_steps = self.default_guidance = None
         self._plans_seen = set()
         self._lora_files = None  # LoRA name (file stem) → path, in --lora-dir
-        self._lora_hashes = {}  # path → A1111's short hash
-        self._controlnet_hashes = {}  # path → the first 8 hex digits of its file's sha256
+        self._hashes = {}  # path → A1111's short hash of the file (LoRAs, ControlNets)
 
     def load(self):
         import torch
@@ -114,23 +113,18 @@ class Runner:
 
     def lora_hash(self, name):
         """A1111's short hash of LoRA ``name``'s file (its PNG info's ``Lora hashes``)."""
+        return self._file_hash(self.lora_path(name))
+
+    def _file_hash(self, path):
+        """A1111's short hash of the file at ``path``, hashed once."""
         from sdrt.engine.infotext import short_hash
-        path = self.lora_path(name)
-        if path not in self._lora_hashes:
-            self._lora_hashes[path] = short_hash(path)
-        return self._lora_hashes[path]
+        if path not in self._hashes:
+            self._hashes[path] = short_hash(path)
+        return self._hashes[path]
 
     def _lora_index(self):
         if self._lora_files is None:
-            files = {}
-            if self.config.lora_dir is not None:
-                for folder, dirs, names in sorted(os.walk(self.config.lora_dir)):
-                    dirs.sort()
-                    for n in sorted(names):
-                        stem, ext = os.path.splitext(n)
-                        if ext.lower() == ".safetensors":
-                            files.setdefault(stem, os.path.join(folder, n))
-            self._lora_files = files
+            self._lora_files = _by_name(self.config.lora_dir)
         return self._lora_files
 
     # -- ControlNets from --controlnet-dir ---------------------------------------------------
@@ -146,30 +140,15 @@ class Runner:
     def controlnet_hash(self, name):
         """The first 8 hex digits of ControlNet ``name``'s file's sha256 (None for a
         folder), as A1111's ControlNet extension shows a model: "NAME [HASH]"."""
-        from sdrt.engine.infotext import short_hash
         path = self.controlnet_path(name)
         if path is None or os.path.isdir(path):
             return None
-        if path not in self._controlnet_hashes:
-            self._controlnet_hashes[path] = short_hash(path)[:8]
-        return self._controlnet_hashes[path]
+        return self._file_hash(path)[:8]
 
     def _controlnet_index(self):
         """Read afresh each time: a folder of a few files, and a file added while serving is
         found at once."""
-        found = {}
-        if self.config.controlnet_dir is not None:
-            for folder, dirs, names in sorted(os.walk(self.config.controlnet_dir)):
-                dirs.sort()
-                if "config.json" in names and folder != self.config.controlnet_dir:
-                    found.setdefault(os.path.basename(folder), folder)
-                    dirs[:] = []
-                    continue
-                for n in sorted(names):
-                    stem, ext = os.path.splitext(n)
-                    if ext.lower() == ".safetensors":
-                        found.setdefault(stem, os.path.join(folder, n))
-        return found
+        return _by_name(self.config.controlnet_dir, model_folders=True)
 
     def _apply_controlnets(self, controls):
         """Load the batch's ControlNets (those loaded already stay), unload the others."""
@@ -264,3 +243,23 @@ class Runner:
             raise SdrtError("the model is still loading")
         return self.pipe.check(request, names=names)
 
+
+def _by_name(root, model_folders=False):
+    """{name: path} of the ``.safetensors`` files under ``root`` (None: none), searched
+    recursively in sorted order, each named by its stem, the first of a name kept; with
+    ``model_folders``, also each folder below ``root`` holding a ``config.json`` (a diffusers
+    model, named by the folder, not searched further)."""
+    found = {}
+    if root is None:
+        return found
+    for folder, dirs, names in sorted(os.walk(root)):
+        dirs.sort()
+        if model_folders and "config.json" in names and folder != root:
+            found.setdefault(os.path.basename(folder), folder)
+            dirs[:] = []
+            continue
+        for n in sorted(names):
+            stem, ext = os.path.splitext(n)
+            if ext.lower() == ".safetensors":
+                found.setdefault(stem, os.path.join(folder, n))
+    return found
