@@ -143,26 +143,37 @@ def _config(name: str) -> dict:
     return model_config(config_name)
 
 
+def _written_once(target: Path, marker: str, name: str, write) -> Path:
+    """``target``, unless it holds ``marker`` already written by ``write(folder)`` into a
+    temporary folder beside it and renamed, so a run stopped half-way leaves nothing half
+    written there."""
+    if (target / marker).is_file():
+        return target
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
+    try:
+        write(tmp / "out")
+        (tmp / "out").rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _weights(name: str, device: str) -> dict:
+    """How a model's random weights are written: fp16 drawn on ``device`` (the GPU) for the
+    real models, fp32 on the CPU for the tiny ones."""
+    import torch
+    tiny = MODELS[name][0] in DRY_RUN_MODELS
+    return dict(dtype=None if tiny else torch.float16, device="cpu" if tiny else device)
+
+
 def write_model(cache: Path, name: str, device: str = "cuda") -> Path:
     """The model's diffusers folder, written once by sdrt's own writer with random weights and
     the real config (fp16; fp32 for the tiny model); speed does not depend on the weights'
     values. The real models' weights are drawn on ``device`` (the GPU), not on the CPU."""
-    import torch
-
     from sdrt.engine.tiny import write_model as write_folder
-    folder = cache / MODELS[name][0]  # one folder per config: sd15-inpaint uses sd15's
-    if (folder / "model_index.json").is_file():
-        return folder
-    tiny = MODELS[name][0] in DRY_RUN_MODELS
-    cfg = _config(name)
-    tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{name}-"))
-    try:
-        write_folder(tmp, cfg, dtype=None if tiny else torch.float16,
-                     device="cpu" if tiny else device)
-        tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    # One folder per config: sd15-inpaint uses sd15's.
+    return _written_once(cache / MODELS[name][0], "model_index.json", name,
+                         lambda out: write_folder(out, _config(name), **_weights(name, device)))
 
 
 def controlnet_folder(folder: Path) -> Path:
@@ -172,24 +183,12 @@ def controlnet_folder(folder: Path) -> Path:
 
 def write_controlnet(folder: Path, name: str, device: str = "cuda") -> Path:
     """The model's random-weight ControlNet, beside its folder, written once."""
-    import torch
-
     from sdrt.engine.tiny import controlnet_config
     from sdrt.engine.tiny import write_controlnet as write_net
-    target = controlnet_folder(folder)
-    if (target / "config.json").is_file():
-        return target
-    tiny = MODELS[name][0] in DRY_RUN_MODELS
     cfg = _config(name)
     factor = 2 ** (len(cfg["vae"]["block_out_channels"]) - 1)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{name}-"))
-    try:
-        write_net(tmp / "net", controlnet_config(cfg["unet"], factor), seed=1,
-                  dtype=None if tiny else torch.float16, device="cpu" if tiny else device)
-        (tmp / "net").rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return _written_once(controlnet_folder(folder), "config.json", name, lambda out: write_net(
+        out, controlnet_config(cfg["unet"], factor), seed=1, **_weights(name, device)))
 
 
 # -- one system, in its own process -------------------------------------------------------------
