@@ -400,3 +400,19 @@ def test_every_sampler_under_a_static_plan(demo_with_controlnet, sampler):
                              f"{sampler} {extra and 'img2img'}")
     finally:
         pipe.runtime = None
+
+
+def test_bad_names_and_paths_are_refused(setup, tmp_path):
+    _, ours, _, _, folders = setup
+    with pytest.raises(SdrtError, match="controlnet 'c' is not loaded \\(loaded: a, b\\)"):
+        ours.unload_controlnet("c")
+    with pytest.raises(SdrtError, match="controlnet name must be a non-empty string, got ''"):
+        ours.load_controlnet(folders["a"], name="")
+    with pytest.raises(SdrtError, match="controlnet path must be a folder or a .safetensors"):
+        ours.load_controlnet(3)
+    with pytest.raises(SdrtError, match="expected a ControlNet folder or .safetensors file"):
+        (tmp_path / "net.json").write_text("{}")
+        ours.load_controlnet(str(tmp_path / "net.json"))
+    with pytest.raises(SdrtError, match="controlnet must be a loaded ControlNet's name"):
+        ours.compile(H, W, num_inference_steps=2, sampler="euler", controlnet=[3])
+    assert list(ours.controlnets) == ["a", "b"]

@@ -243,3 +243,16 @@ def test_only_masked_inpainting_cuts_each_control_image_as_its_init_image(server
     assert a.shape == (96, 64, 3)
     assert np.abs(a - b).max() > 3, "the ControlNet changed nothing"
     assert np.abs(a - b)[:20].max() == 0, "pixels away from the mask changed"
+
+
+def test_bad_unit_lists_and_folders(server, tmp_path):
+    from sdrt.engine.errors import SdrtError
+    from sdrt.serve.config import ServeConfig
+    r = _txt2img(server, {"model": "edges"})
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "alwayson_scripts.controlnet.args"
+    assert "must be a list of ControlNet units" in r.json()["error"]["message"]
+    r = _txt2img(server, ["edges"])
+    assert r.status_code == 400 and "args[0] must be an object" in r.json()["error"]["message"]
+    with pytest.raises(SdrtError, match="controlnet-dir .* is not a folder"):
+        ServeConfig(controlnet_dir=str(tmp_path / "missing"))
