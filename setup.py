@@ -42,6 +42,7 @@ setup(
             "peft>=0.17",  # diffusers loads LoRAs through it (the LoRA parity tests)
             "scipy>=1.10",  # diffusers' LMSDiscreteScheduler integrates with it (lms's reference)
             "torchsde>=0.2.6",  # the dpmpp_sde sampler's Brownian-tree noise (and diffusers')
+            "opencv-python-headless>=4.8",  # the ControlNet preprocessors (the control extra)
             "transformers>=4.40",
             # the serve tests' clients and checks: real HTTP, the official OpenAI SDK, an
             # A1111 PNG-info parser, the websocket client ComfyUI's API examples use, the
@@ -58,6 +59,9 @@ setup(
         # Optimum's ORTStableDiffusionPipeline, which loads sdrt's export; optimum-onnx needs
         # transformers < 4.58, so not in the same environment as [test] (CI: .venv-optimum).
         "optimum": ["optimum-onnx[onnxruntime]>=0.1", "diffusers>=0.34"],
+        # the ControlNet preprocessors (canny, invert, threshold, ...): OpenCV, as A1111's
+        # ControlNet extension runs them
+        "control": ["opencv-python-headless>=4.8"],
         # the dpmpp_sde samplers (A1111's "DPM++ SDE"): their Brownian-tree noise
         "sde": ["torchsde>=0.2.6"],
         # sdrt serve: the HTTP app (FastAPI on uvicorn, pydantic request models, Prometheus

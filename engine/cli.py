@@ -348,6 +348,23 @@ def _generate_options(g):
     g.add_argument("--control-resize", choices=("resize", "crop", "fill"), default="crop",
                    help="how a control image is brought to the output size, as "
                    "--resize-mode (A1111's ControlNet default: crop, 'Crop and Resize')")
+    g.add_argument("--control-module", metavar="NAME", action="append", default=[],
+                   help="the preprocessor that makes the --control-image into the ControlNet's "
+                   "map, as A1111's ControlNet extension names them (canny, invert, threshold, "
+                   "blur_gaussian, scribble_xdog, lineart_standard, tile_resample, color, "
+                   "recolor_luminance, recolor_intensity; needs sdrt[control]); one for every "
+                   "--controlnet, or one per --controlnet (default: none, the image is the map)")
+    g.add_argument("--control-res", metavar="N", type=int_arg, default=None,
+                   help="the preprocessor's resolution: the picture's short side, in pixels, "
+                   "when it runs (64 to 2048; default 512)")
+    g.add_argument("--control-threshold-a", metavar="F", type=float_arg, default=None,
+                   help="the preprocessor's first setting (canny: the low threshold, 100; "
+                   "threshold: the level, 127; ...; default: the preprocessor's)")
+    g.add_argument("--control-threshold-b", metavar="F", type=float_arg, default=None,
+                   help="its second setting (canny: the high threshold, 200)")
+    g.add_argument("--pixel-perfect", action="store_true",
+                   help="run the preprocessor at the resolution at which its map fits the "
+                   "output without scaling (A1111's 'Pixel Perfect'), not --control-res")
     g.add_argument("--control-start", metavar="F", type=float_arg, default=0.0,
                    help="the fraction of the steps after which the ControlNets start")
     g.add_argument("--control-end", metavar="F", type=float_arg, default=1.0,

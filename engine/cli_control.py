@@ -2,8 +2,10 @@
 ``--controlnet PATH[:WEIGHT]`` (repeatable: several ControlNets, their residuals summed), one
 ``--control-image`` per ControlNet, framed to the output size by ``--control-resize``
 (A1111's "Crop and Resize" by default), ``--control-start``/``--control-end`` (its guidance
-start and end) and ``--guess-mode``. Checked before torch is imported; the PNG records each
-unit as A1111's extension writes it (``ControlNet 0: "Module: none, Model: ..."``).
+start and end), ``--guess-mode``, and a preprocessor per ControlNet (``--control-module``,
+with ``--control-res``, ``--control-threshold-a``/``-b``, ``--pixel-perfect``;
+``engine.preprocess``). Checked before torch is imported; the PNG records each unit as A1111's
+extension writes it (``ControlNet 0: "Module: canny, Model: ..."``).
 """
 import os
 
@@ -59,22 +61,26 @@ def _unit_fields(text):
 def from_png(a, pairs, where):
     """--from-png: the ControlNet units A1111's extension (or sdrt) recorded, applied to the
     --controlnet files of the same names (weight, resize mode, guidance start and end, guess
-    mode) unless those options are given; a unit whose ControlNet is not given is named in a
-    warning, as is a preprocessor (its processed image is the --control-image to pass)."""
+    mode, preprocessor and its settings) unless those options are given; a unit whose
+    ControlNet is not given is named in a warning, as is a preprocessor sdrt does not run (its
+    map is the --control-image to pass)."""
     import re
     import warnings
+
+    from .preprocess import get
     units = [_unit_fields(v) for k, v in sorted(pairs.items())
              if re.fullmatch(r"ControlNet \d+", k) and isinstance(v, str)]
     if not units:
         return
+    n = len(a.controlnet)
     index = {file_stem(path): i for i, (path, _) in enumerate(a.controlnet)}
-    starts, ends = [a.control_start] * len(a.controlnet), [a.control_end] * len(a.controlnet)
+    starts, ends = [a.control_start] * n, [a.control_end] * n
+    modules = ["none"] * n
+    settings = {o: [getattr(a, o)] * n for o in ("control_res", "control_threshold_a",
+                                                 "control_threshold_b")}
     resize = {v: k for k, v in CONTROL_RESIZE_LABELS.items()}
     for unit in units:
         model = re.sub(r" \[[0-9a-fA-F]+\]$", "", unit.get("Model", ""))
-        if unit.get("Module", "none").lower() not in ("none", ""):
-            warnings.warn(f"{where} ran preprocessor {unit['Module']} for ControlNet {model}: "
-                          f"pass its processed image as --control-image")
         if model not in index:
             warnings.warn(f"{where} used ControlNet {model}: pass --controlnet FILE for it and "
                           f"its --control-image, or the image will differ")
@@ -84,16 +90,30 @@ def from_png(a, pairs, where):
             a.controlnet[i] = (a.controlnet[i][0], float(unit.get("Weight", 1)))
             starts[i] = float(unit.get("Guidance Start", 0))
             ends[i] = float(unit.get("Guidance End", 1))
+            for option, field in (("control_res", "Processor Res"),
+                                  ("control_threshold_a", "Threshold A"),
+                                  ("control_threshold_b", "Threshold B")):
+                if field in unit and option not in a.given:
+                    settings[option][i] = float(unit[field])
         except ValueError:
             raise SdrtError(f"{where}: ControlNet unit {unit} has a value that is not a "
                             f"number") from None
+        try:
+            modules[i] = get(unit.get("Module", "none")).name
+        except SdrtError:
+            warnings.warn(f"{where} ran preprocessor {unit['Module']} for ControlNet {model}: "
+                          f"sdrt does not run it; pass its map as --control-image")
+        if unit.get("Pixel Perfect") == "True" and modules[i] != "none":
+            a.pixel_perfect = True
         if unit.get("Resize Mode") in resize and "control_resize" not in a.given:
             a.control_resize = resize[unit["Resize Mode"]]
         if unit.get("Guess Mode") == "True":
             a.guess_mode = True
-    for option, values in (("control_start", starts), ("control_end", ends)):
+    for option, values in (("control_start", starts), ("control_end", ends), *settings.items()):
         if option not in a.given:
             setattr(a, option, values)
+    if not a.control_module:
+        a.control_module = modules
 
 
 def check(a):
@@ -123,6 +143,29 @@ def check(a):
     if a.runtime == "onnx":
         raise SdrtError("--controlnet feeds sdrt's own UNet; --runtime onnx runs the exported "
                         "one")
+    preprocessors(a)
+
+
+_OPTIONS = ("--control-res", "--control-threshold-a", "--control-threshold-b")
+
+
+def preprocessors(a):
+    """Each --controlnet's preprocessor and its checked (resolution, threshold A, threshold
+    B): --control-module (one for all, or one per ControlNet) with the settings given."""
+    from .preprocess import available, get, settings
+    n, modules = len(a.controlnet), a.control_module or ["none"]
+    if len(modules) not in (1, n):
+        raise SdrtError(f"--control-module: give one for every --controlnet or one per "
+                        f"--controlnet ({n} ControlNets, {len(modules)} modules)")
+    out = []
+    for i, module in enumerate(modules * n if len(modules) == 1 else modules):
+        pre = get(module, "--control-module")
+        if pre.name != "none" and not available():
+            raise SdrtError(f"--control-module {pre.name} needs OpenCV: pip install "
+                            f"'sdrt[control]' (opencv-python-headless)")
+        values = (a.control_res, a.control_threshold_a, a.control_threshold_b)
+        out.append((pre, *settings(pre, *(_at(v, i) for v in values), names=_OPTIONS)))
+    return out
 
 
 def warn_unused(a, unused):
@@ -132,6 +175,14 @@ def warn_unused(a, unused):
                 unused(f"--{option.replace('_', '-')}", "it applies to --controlnet")
         if a.guess_mode:
             unused("--guess-mode", "it applies to --controlnet")
+        if a.control_module:
+            unused("--control-module", "it applies to --controlnet")
+    elif all(m.lower() in ("none", "") for m in a.control_module or ["none"]):
+        for option in ("control_res", "control_threshold_a", "control_threshold_b"):
+            if option in a.given:
+                unused(f"--{option.replace('_', '-')}", "it applies to --control-module")
+        if a.pixel_perfect:
+            unused("--pixel-perfect", "it applies to --control-module")
 
 
 def read_images(a):
@@ -151,15 +202,27 @@ def load(a, pipe):
             for (path, _), name in zip(a.controlnet, names(a))]
 
 
-def call(a, images, loaded, width, height, inpaint=None):
-    """The pipeline arguments of the ControlNets ``loaded`` (their names), each image framed
-    to ``width`` × ``height`` by --control-resize, or as ``inpaint`` (an ``inpaint.Inpaint``)
-    frames the init image; {} without --controlnet."""
+def call(a, images, loaded, width, height, first=None, inpaint=None):
+    """The pipeline arguments of the ControlNets ``loaded`` (their names), each image made
+    the map by its preprocessor and framed to ``width`` × ``height`` by --control-resize, or
+    as ``inpaint`` (an ``inpaint.Inpaint``) frames the init image; {} without --controlnet.
+    ``first``: the first pass's (width, height), which --pixel-perfect fits the map to (a
+    hires fix's is smaller). Records the preprocessors run in ``a.control_processors``."""
+    a.control_processors = []
     if not a.controlnet:
         return {}
     from .images import frame_init_image
+    from .preprocess import pixel_perfect_resolution, run
+    maps = []
+    for im, (pre, res, ta, tb) in zip(images, preprocessors(a)):
+        if pre.name != "none" and a.pixel_perfect and pre.resolution:
+            res = pixel_perfect_resolution(im.size, *(first or (width, height)),
+                                           a.control_resize)
+        maps.append(run(pre, im, res, ta, tb) if pre.name != "none" else im)
+        a.control_processors.append(None if pre.name == "none" else
+                                    (pre.name, res, ta, tb, a.pixel_perfect))
     framed = [inpaint.frame_like(im, a.control_resize) if inpaint is not None else
-              frame_init_image(im, width, height, a.control_resize) for im in images]
+              frame_init_image(im, width, height, a.control_resize) for im in maps]
     return dict(control_image=framed if len(framed) > 1 else framed[0], controlnet=loaded,
                 controlnet_conditioning_scale=[w for _, w in a.controlnet],
                 control_guidance_start=a.control_start, control_guidance_end=a.control_end,
@@ -171,5 +234,6 @@ def infotext(a, identities):
     each --controlnet (hash None for a folder)."""
     return tuple((f"ControlNet {i}", controlnet_unit(
         f"{name} [{short[:8]}]" if short else name, weight, a.control_resize,
-        _at(a.control_start, i), _at(a.control_end, i), a.guess_mode))
-        for i, ((_, weight), (name, short)) in enumerate(zip(a.controlnet, identities)))
+        _at(a.control_start, i), _at(a.control_end, i), a.guess_mode, processor))
+        for i, ((_, weight), (name, short), processor) in enumerate(zip(
+            a.controlnet, identities, a.control_processors)))

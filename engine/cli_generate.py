@@ -125,7 +125,8 @@ def generate(a):
     drawn = ((width, height) if init is not None else
              hires.target(request.width, request.height, pipe.vae_scale_factor)[:2]
              if hires is not None else (request.width, request.height))
-    control = cli_control.call(a, hints, controls, *drawn, inpaint=inpaint)
+    control = cli_control.call(a, hints, controls, *drawn, first=(request.width, request.height)
+                               if init is None else None, inpaint=inpaint)
     # Image i of a batch is drawn from its own generator, seeded seed + i, as A1111 does: its
     # PNG records that seed, and --seed with it regenerates that image alone.
     seed = request.draw_seed()

@@ -138,13 +138,21 @@ CONTROL_RESIZE_LABELS = {"resize": "Just Resize", "crop": "Crop and Resize",
                          "fill": "Resize and Fill"}
 
 
-def controlnet_unit(model, weight, resize_mode, start, end, guess_mode=False):
+def controlnet_unit(model, weight, resize_mode, start, end, guess_mode=False, processor=None):
     """One ControlNet unit as A1111's extension writes it in a PNG's ``ControlNet N`` value;
-    ``model`` "NAME [HASH]" or "NAME", ``resize_mode`` a ``CONTROL_RESIZE_LABELS`` key.
+    ``model`` "NAME [HASH]" or "NAME", ``resize_mode`` a ``CONTROL_RESIZE_LABELS`` key,
+    ``processor`` the (module, resolution, threshold A, threshold B, pixel perfect) of a
+    preprocessor that ran (a setting it lacks None, written -1 as the extension reads it).
     diffusers' guess mode is none of the extension's control modes: it is named as itself."""
-    return ", ".join(("Module: none", f"Model: {model}", f"Weight: {number(weight)}",
-                      f"Resize Mode: {CONTROL_RESIZE_LABELS[resize_mode]}",
+    module, settings = "none", ()
+    if processor is not None:
+        module, res, a, b, perfect = processor
+        settings = tuple(f"{k}: {number(-1 if v is None else v)}" for k, v in (
+            ("Processor Res", res), ("Threshold A", a), ("Threshold B", b)))
+    return ", ".join((f"Module: {module}", f"Model: {model}", f"Weight: {number(weight)}",
+                      f"Resize Mode: {CONTROL_RESIZE_LABELS[resize_mode]}", *settings,
                       f"Guidance Start: {number(start)}", f"Guidance End: {number(end)}",
+                      *((f"Pixel Perfect: {bool(perfect)}",) if processor else ()),
                       "Guess Mode: True" if guess_mode else "Control Mode: Balanced"))
 
 

@@ -5,18 +5,21 @@
 A unit names a ControlNet of ``--controlnet-dir`` by ``model`` ("NAME [HASH]" as
 ``model_list`` gives it, or "NAME") and brings its control image (``image``, base64; an
 img2img unit without one takes the first init image, as the extension does), its ``weight``,
-``resize_mode``, ``guidance_start`` and ``guidance_end``. sdrt runs no preprocessor: ``module``
-must be "none" (send the processed map). Fields that would change the picture in ways sdrt
-does not implement (another ``control_mode``, a unit mask, ``hr_option`` other than "Both")
-are refused with a 400 naming the field; the preprocessor's own settings (``processor_res``,
-``threshold_a``/``_b``, ``pixel_perfect``) and ``low_vram`` do nothing without a preprocessor
-and are accepted.
+``resize_mode``, ``guidance_start`` and ``guidance_end``, and its ``module``: "none" (the image
+is the map) or a preprocessor that needs no network (``engine.preprocess``: canny, invert,
+threshold, ...) with its ``processor_res``, ``threshold_a``/``_b`` (-1: the defaults) and
+``pixel_perfect``, run on the image before it is framed. Fields that would change the picture
+in ways sdrt does not implement (a preprocessor that runs a network, another
+``control_mode``, a unit mask, ``hr_option`` other than "Both") are refused with a 400 naming
+the field; ``low_vram`` is accepted and does nothing. ``POST /controlnet/detect`` returns a
+preprocessor's maps, as the extension's does.
 """
 import math
 import re
 
 from fastapi import Request
 
+from sdrt.engine.errors import SdrtError
 from sdrt.engine.infotext import controlnet_unit
 from sdrt.engine.request import MAX_CONTROL_SCALE, short_repr
 
@@ -46,6 +49,8 @@ def parse(server, args, init_images, width, height, api_error):
     (picture, resize mode) for an inpainting job to frame as its init image,
     ``inpaint.Inpaint.frame_like``). A 400 naming
     ``alwayson_scripts.controlnet.args[i].FIELD`` for a unit sdrt cannot run."""
+    from sdrt.engine.preprocess import pixel_perfect_resolution, run
+
     from .app import _decode_bytes, b64_bytes
 
     where = "alwayson_scripts.controlnet.args"
@@ -64,9 +69,14 @@ def parse(server, args, init_images, width, height, api_error):
         at = f"[{index}]"
         if not isinstance(unit, dict):
             raise bad(f"{where}{at} must be an object, got {short_repr(unit)}", at)
-        if unit.get("module", "none") not in ("none", "None", None, ""):
-            raise bad(f"{where}{at}.module must be none: sdrt runs no preprocessor (send the "
-                      f"processed image), got {short_repr(unit['module'])}", f"{at}.module")
+        try:
+            pre, res, a, b = _processor(unit, f"{where}{at}")
+        except SdrtError as e:
+            raise bad(str(e), f"{at}.{getattr(e, 'field', 'module')}") from None
+        perfect = unit.get("pixel_perfect", False)
+        if not isinstance(perfect, bool):
+            raise bad(f"{where}{at}.pixel_perfect must be true or false, got "
+                      f"{short_repr(perfect)}", f"{at}.pixel_perfect")
         for field, off in _OFF.items():
             if unit.get(field, off[0]) not in off:
                 raise bad(f"{where}{at}.{field} must be {' or '.join(map(repr, off))}, got "
@@ -116,24 +126,44 @@ def parse(server, args, init_images, width, height, api_error):
         else:
             raise bad(f"{where}{at}.image must be a base64-encoded image, got "
                       f"{short_repr(image, 40)}", f"{at}.image")
+        processor = None
+        if pre.name != "none":
+            if perfect and pre.resolution:
+                res = pixel_perfect_resolution(picture.size, width, height, RESIZE[mode])
+            try:
+                picture = run(pre, picture, res, a, b)
+            except SdrtError as e:
+                raise bad(str(e), f"{at}.module") from None
+            processor = (pre.name, res, a, b, perfect)
         for out, value in zip((controls, images, info), unit_parts(
                 server, i, name, picture, numbers["weight"], RESIZE[mode],
-                numbers["guidance_start"], numbers["guidance_end"], width, height)):
+                numbers["guidance_start"], numbers["guidance_end"], width, height,
+                processor)):
             out.append(value)
         sources.append((picture, RESIZE[mode]))
     return tuple(controls), tuple(images), tuple(info), tuple(sources)
 
 
-def unit_parts(server, index, name, picture, weight, resize, start, end, width, height):
+def _processor(unit, where):
+    """A unit's preprocessor and its checked (resolution, threshold A, threshold B)."""
+    from sdrt.engine.preprocess import FIELDS, get, settings
+    pre = get(unit.get("module", "none"), f"{where}.module")
+    return (pre, *settings(pre, *(unit.get(f) for f in FIELDS),
+                           names=tuple(f"{where}.{f}" for f in FIELDS)))
+
+
+def unit_parts(server, index, name, picture, weight, resize, start, end, width, height,
+               processor=None):
     """One unit's (``BatchKey.controls`` entry, control image framed to ``width`` ×
     ``height`` by ``resize``, ("ControlNet {index}", its PNG info text)), for A1111's units
-    and ComfyUI's nodes alike."""
+    and ComfyUI's nodes alike; ``processor`` as ``infotext.controlnet_unit`` takes it."""
     from sdrt.engine.images import frame_init_image
     short = server.runner.controlnet_hash(name)
     return ((name, weight, start, end),
             frame_init_image(picture.convert("RGB"), width, height, resize),
             (f"ControlNet {index}", controlnet_unit(f"{name} [{short}]" if short else name,
-                                                    weight, resize, start, end)))
+                                                    weight, resize, start, end,
+                                                    processor=processor)))
 
 
 def register(app, server_of):
@@ -153,11 +183,73 @@ def register(app, server_of):
         return {"model_list": await run_in_threadpool(titles)}
 
     @app.get("/controlnet/module_list", tags=["AUTOMATIC1111"])
-    async def module_list():
-        """The preprocessors: none (send the processed image)."""
-        return {"module_list": ["none"], "module_detail": {"none": {"sliders": []}}}
+    async def module_list(alias_names: bool = False):
+        """The preprocessors units' ``module`` takes: "none" (send the map) and, where
+        OpenCV is installed (``sdrt[control]``), those that need no network; each one's
+        sliders (resolution, thresholds) as the extension lists them. ``alias_names``: by
+        the extension's display names."""
+        from sdrt.engine.preprocess import PREPROCESSORS, RESOLUTION, available
+        shown = [p for p in PREPROCESSORS.values() if p.name == "none" or available()]
+        key = (lambda p: p.label or p.name) if alias_names else (lambda p: p.name)
+        return {"module_list": [key(p) for p in shown],
+                "module_detail": {key(p): {"model_free": p.name == "none", "sliders": [
+                    s.api_json() for s in ((RESOLUTION if p.resolution and p.name != "none"
+                                            else None), p.a, p.b) if s is not None]}
+                    for p in shown}}
+
+    @app.post("/controlnet/detect", tags=["AUTOMATIC1111"])
+    async def detect(request: Request):
+        """A preprocessor's maps of ``controlnet_input_images`` (base64), as the extension's
+        route returns them: {"images": [base64 PNG, ...], "info": "Success"}; its
+        ``controlnet_module``, ``controlnet_processor_res``, ``controlnet_threshold_a``/``_b``
+        (-1: the defaults). A 400 naming the field for a bad one."""
+        from fastapi.concurrency import run_in_threadpool
+        from .app import json_body
+        return await run_in_threadpool(_detect, server_of(request), await json_body(request))
 
     @app.get("/controlnet/version", tags=["AUTOMATIC1111"])
     async def version():
         """The extension API's version, as clients check it (its units' fields as above)."""
         return {"version": 2}
+
+
+def _detect(server, body):
+    """``POST /controlnet/detect``'s work (in a worker thread: decoding and OpenCV)."""
+    import base64
+    import io
+
+    from sdrt.engine.preprocess import FIELDS, get, run, settings
+
+    from .app import ApiError, _decode_bytes, b64_bytes
+
+    def bad(message, field):
+        return ApiError(400, message, "bad_request", field)
+
+    if not isinstance(body, dict):
+        raise bad(f"the request body must be a JSON object, got {short_repr(body)}", None)
+    try:
+        pre = get(body.get("controlnet_module", "none"), "controlnet_module")
+        names = tuple(f"controlnet_{f}" for f in FIELDS)
+        res, a, b = settings(pre, *(body.get(n) for n in names), names=names)
+    except SdrtError as e:
+        field = getattr(e, "field", None)
+        raise bad(str(e), f"controlnet_{field}" if field else "controlnet_module") from None
+    images = body.get("controlnet_input_images")
+    if not isinstance(images, list) or not images or len(images) > MAX_UNITS:
+        raise bad(f"controlnet_input_images must be a list of 1 to {MAX_UNITS} base64 images, "
+                  f"got {short_repr(images, 40)}", "controlnet_input_images")
+    maps = []
+    for i, image in enumerate(images):
+        field = f"controlnet_input_images[{i}]"
+        if not isinstance(image, str):
+            raise bad(f"{field} must be a base64-encoded image, got {short_repr(image, 40)}",
+                      field)
+        picture = _decode_bytes(b64_bytes(image, field, field), field, server.limits)
+        try:
+            out = run(pre, picture, res, a, b)
+        except SdrtError as e:
+            raise bad(str(e), "controlnet_module") from None
+        buffer = io.BytesIO()
+        out.save(buffer, format="PNG")
+        maps.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
+    return {"images": maps, "info": "Success"}

@@ -43,12 +43,10 @@ def register(app, server_of, api_error, text_layers):
         """Set the settings sdrt has: ``sd_model_checkpoint`` (only the loaded model: the
         server runs one), ``CLIP_stop_at_last_layers`` (the default clip skip) and
         ``samples_format`` ("png")."""
+        from .app import json_body
         server = server_of(request)
         server.require_ready()
-        try:
-            body = await request.json()
-        except ValueError as e:
-            raise bad(f"the request body must be valid JSON ({e})", None)
+        body = await json_body(request)
         if not isinstance(body, dict):
             raise bad(f"the request body must be an object of settings, got "
                       f"{short_repr(body)}", None)
@@ -84,11 +82,8 @@ def register(app, server_of, api_error, text_layers):
 
         from sdrt.engine.infotext import parse
 
-        from .app import b64_bytes
-        try:
-            body = await request.json()
-        except ValueError as e:
-            raise bad(f"the request body must be valid JSON ({e})", None)
+        from .app import b64_bytes, json_body
+        body = await json_body(request)
         text = body.get("image") if isinstance(body, dict) else None
         if not isinstance(text, str) or not text:
             raise bad(f"image must be a base64-encoded image, got {short_repr(text, 40)}",

@@ -965,6 +965,15 @@ def _decode_images(items, limits, field="init_images"):
     return out
 
 
+async def json_body(request):
+    """A request's JSON body; a 400 where it is not valid JSON."""
+    try:
+        return await request.json()
+    except ValueError as e:
+        raise ApiError(400, f"the request body must be valid JSON ({e})", "bad_request") \
+            from None
+
+
 def b64_bytes(text, name, field):
     """A base64 string (optionally a ``data:image/...;base64,`` URL) -> its bytes; a 400
     naming ``field`` when it is not base64."""

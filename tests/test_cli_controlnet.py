@@ -88,6 +88,17 @@ def test_control_image_sets_the_size_and_two_units(assets, tmp_path, capsys):
     (["--controlnet", "NET", "--control-image", "HINT", "--control-end", "1.5"],
      "--control-end must be from 0 to 1"),
     (["--controlnet", "NET", "--control-image", "nothing.png"], "cannot read control image"),
+    (["--controlnet", "NET", "--control-image", "HINT", "--control-module", "depth_zoe"],
+     "--control-module: sdrt does not run preprocessor 'depth_zoe'"),
+    (["--controlnet", "NET", "--control-image", "HINT", "--control-module", "canny",
+      "--control-module", "invert", "--control-module", "none"],
+     "--control-module: give one for every --controlnet or one per --controlnet (1 "
+     "ControlNets, 3 modules)"),
+    (["--controlnet", "NET", "--control-image", "HINT", "--control-module", "canny",
+      "--control-threshold-a", "0"], "--control-threshold-a (canny's Low Threshold) must be "
+                                     "from 1 to 255"),
+    (["--controlnet", "NET", "--control-image", "HINT", "--control-module", "canny",
+      "--control-res", "4096"], "--control-res (canny's Resolution) must be from 64 to 2048"),
 ])
 def test_bad_options_are_one_line(assets, tmp_path, capsys, extra, message):
     root, net = assets
@@ -98,6 +109,54 @@ def test_bad_options_are_one_line(assets, tmp_path, capsys, extra, message):
     assert code == 2
     _assert_one_error_line(err, message)
     assert not (tmp_path / "x.png").exists()
+
+
+def test_preprocessors(assets, tmp_path, capsys):
+    # --control-module makes the --control-image into the map before it is framed: the PNG is
+    # the one made from the library's map with module none, and records the preprocessor and
+    # its settings as A1111's extension does; --from-png runs it again.
+    pytest.importorskip("cv2")
+    from sdrt.engine.preprocess import preprocess
+    root, net = assets
+    base = ["generate", "a red fox", *SMALL, "--seed", "2", "--steps", "2", "--controlnet", net]
+    canny, by_hand = tmp_path / "canny.png", tmp_path / "map.png"
+    code, _, err = _run(base + ["--control-image", str(root / "hint.png"), "--control-module",
+                                "canny", "--control-threshold-a", "60", "--pixel-perfect",
+                                "-o", str(canny)], capsys)
+    assert code == 0, err
+    assert _warnings(err) == []
+    with Image.open(root / "hint.png") as im:  # 64 × 48 cropped to 64 × 64: resolution 64
+        preprocess(im, "canny", 64, 60, 200).save(tmp_path / "edges.png")
+    code, _, err = _run(base + ["--control-image", str(tmp_path / "edges.png"), "-o",
+                                str(by_hand)], capsys)
+    assert code == 0, err
+    assert np.array_equal(_pixels(canny), _pixels(by_hand))
+    assert ('ControlNet 0: "Module: canny, Model: cn_edges, Weight: 1, Resize Mode: Crop and '
+            'Resize, Processor Res: 64, Threshold A: 60, Threshold B: 200, Guidance Start: 0, '
+            'Guidance End: 1, Pixel Perfect: True, Control Mode: Balanced"') in \
+        _parameters(canny)
+    again = tmp_path / "again.png"
+    code, _, err = _run(["generate", "--from-png", str(canny), "--controlnet", net,
+                         "--control-image", str(root / "hint.png"), "-o", str(again)], capsys)
+    assert code == 0, err
+    assert _warnings(err) == []
+    assert np.array_equal(_pixels(again), _pixels(canny))
+    assert _parameters(again) == _parameters(canny)
+    from PIL import PngImagePlugin
+    info = PngImagePlugin.PngInfo()  # a unit whose preprocessor runs a network: named
+    info.add_text("parameters", _parameters(canny).replace("Module: canny", "Module: depth"))
+    Image.open(canny).save(tmp_path / "depth.png", pnginfo=info)
+    code, _, err = _run(["generate", "--from-png", str(tmp_path / "depth.png"), "--controlnet",
+                         net, "--control-image", str(root / "hint.png"), "-o", str(again)],
+                        capsys)
+    assert code == 0, err
+    assert _warnings(err) == [f"--from-png {tmp_path / 'depth.png'} ran preprocessor depth for "
+                              f"ControlNet cn_edges: sdrt does not run it; pass its map as "
+                              f"--control-image"]
+    code, _, err = _run(base + ["--control-image", str(root / "hint.png"), "--control-res",
+                                "128", "-o", str(tmp_path / "x.png")], capsys)
+    assert code == 0, err
+    assert _warnings(err) == ["--control-res does nothing here: it applies to --control-module"]
 
 
 def test_control_options_without_a_controlnet_warn(tmp_path, capsys):

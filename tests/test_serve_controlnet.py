@@ -94,7 +94,15 @@ def test_lists(server, assets):
     models = httpx.get(f"{server}/controlnet/model_list").json()["model_list"]
     edges_hash = short_hash(str(root / "nets" / "edges.safetensors"))[:8]
     assert models == ["depthy", f"edges [{edges_hash}]"]
-    assert httpx.get(f"{server}/controlnet/module_list").json()["module_list"] == ["none"]
+    modules = httpx.get(f"{server}/controlnet/module_list").json()
+    assert modules["module_list"][:3] == ["none", "canny", "invert"]
+    assert modules["module_detail"]["canny"]["sliders"] == [
+        {"name": "Resolution", "value": 512, "min": 64, "max": 2048, "step": 8},
+        {"name": "Low Threshold", "value": 100, "min": 1, "max": 255, "step": 1},
+        {"name": "High Threshold", "value": 200, "min": 1, "max": 255, "step": 1}]
+    assert modules["module_detail"]["none"] == {"model_free": True, "sliders": []}
+    aliases = httpx.get(f"{server}/controlnet/module_list?alias_names=true").json()
+    assert "invert (from white bg & black line)" in aliases["module_list"]
     assert httpx.get(f"{server}/controlnet/version").json() == {"version": 2}
 
 
@@ -149,8 +157,72 @@ def test_img2img_unit_without_image_takes_the_init_image(server, assets, ref_pip
     assert_same_image(got, want, "img2img unit on the init image")
 
 
+def test_preprocessor_units(server, assets, ref_pipe):
+    # A unit's module makes its image into the map before it is framed: canny at its
+    # processor_res and thresholds, threshold at the "pixel perfect" resolution (the 64 × 96
+    # image just resized to 64 × 64: its short side stays 64).
+    from sdrt.engine.preprocess import preprocess
+    root, hints = assets
+    units = [{"model": "edges", "image": _png(hints[0]), "module": "canny",
+              "processor_res": 256, "threshold_a": 50, "threshold_b": 150},
+             {"model": "depthy", "image": _png(hints[1]), "module": "threshold",
+              "pixel_perfect": True, "resize_mode": "Just Resize", "threshold_a": -1}]
+    (got,), info = _images(_txt2img(server, units, seed=5))
+    maps = [frame_init_image(preprocess(hints[0], "canny", 256, 50, 150), 64, 64, "crop"),
+            frame_init_image(preprocess(hints[1], "threshold", 64), 64, 64, "resize")]
+    want = _reference(ref_pipe, root, ["edges", "depthy"], 5, maps)
+    assert_same_image(got, want, "canny and threshold units")
+    units_text = info["extra_generation_params"]
+    assert units_text["ControlNet 0"].startswith(
+        "Module: canny, Model: edges [") and ", Resize Mode: Crop and Resize, Processor Res: " \
+        "256, Threshold A: 50, Threshold B: 150, Guidance Start: 0, Guidance End: 1, Pixel " \
+        "Perfect: False, Control Mode: Balanced" in units_text["ControlNet 0"]
+    assert "Module: threshold, Model: depthy, Weight: 1, Resize Mode: Just Resize, Processor " \
+        "Res: 64, Threshold A: 127, Threshold B: -1, Guidance Start: 0, Guidance End: 1, " \
+        "Pixel Perfect: True" in units_text["ControlNet 1"]
+
+
+def test_detect(server, assets):
+    # The extension's POST /controlnet/detect: each input image's map, as the library makes it.
+    from sdrt.engine.preprocess import preprocess
+    _, hints = assets
+    r = httpx.post(f"{server}/controlnet/detect", timeout=TIMEOUT, json={
+        "controlnet_module": "canny", "controlnet_input_images": [_png(h) for h in hints],
+        "controlnet_processor_res": 128, "controlnet_threshold_a": 80,
+        "controlnet_threshold_b": -1})
+    assert r.status_code == 200, r.text
+    assert r.json()["info"] == "Success"
+    for b64, hint in zip(r.json()["images"], hints, strict=True):
+        got = Image.open(io.BytesIO(base64.b64decode(b64)))
+        want = preprocess(hint, "canny", 128, 80, 200)
+        assert got.size == want.size and np.array_equal(np.asarray(got), np.asarray(want))
+    for body, param, message in (
+            ({"controlnet_module": "openpose"}, "controlnet_module", "does not run"),
+            ({"controlnet_module": "canny", "controlnet_input_images": [_png(hints[0])],
+              "controlnet_threshold_a": 0}, "controlnet_threshold_a",
+             "controlnet_threshold_a (canny's Low Threshold) must be from 1 to 255"),
+            ({"controlnet_module": "canny", "controlnet_input_images": []},
+             "controlnet_input_images", "must be a list of 1 to 8 base64 images"),
+            ({"controlnet_module": "canny", "controlnet_input_images": ["%%%"]},
+             "controlnet_input_images[0]", "must be a base64-encoded image"),
+            (["canny"], None, "must be a JSON object")):
+        r = httpx.post(f"{server}/controlnet/detect", timeout=TIMEOUT, json=body)
+        assert r.status_code == 400, r.text
+        assert message in r.json()["error"]["message"] and r.json()["error"]["param"] == param
+    r = httpx.post(f"{server}/controlnet/detect", timeout=TIMEOUT, content=b"{",
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "must be valid JSON" in r.json()["error"]["message"]
+
+
 @pytest.mark.parametrize("unit,field,message", [
-    ({"model": "edges", "module": "canny"}, ".module", "sdrt runs no preprocessor"),
+    ({"model": "edges", "image": "IMG", "module": "depth_midas"}, ".module",
+     "sdrt does not run preprocessor 'depth_midas'"),
+    ({"model": "edges", "image": "IMG", "module": "canny", "threshold_b": 400},
+     ".threshold_b", "args[0].threshold_b (canny's High Threshold) must be from 1 to 255"),
+    ({"model": "edges", "image": "IMG", "module": "canny", "processor_res": 10},
+     ".processor_res", "must be from 64 to 2048"),
+    ({"model": "edges", "image": "IMG", "module": "canny", "pixel_perfect": "yes"},
+     ".pixel_perfect", "must be true or false"),
     ({"model": "sketch"}, ".model", "must name a ControlNet of --controlnet-dir"),
     ({"model": "edges", "image": "IMG", "weight": 12}, ".weight", "from 0 to 10"),
     ({"model": "edges", "image": "IMG", "guidance_start": 0.5, "guidance_end": 0.2},

@@ -1,0 +1,265 @@
+"""Control-image preprocessors that need no network, as A1111's ControlNet extension runs them:
+each turns a picture into the map a ControlNet follows (``canny``'s edges for a canny
+ControlNet, ``invert``'s white lines for a lineart or scribble one, ...).
+
+A preprocessor that takes a resolution ("Processor Res", 64 to 2048, 512 by default) first
+scales the picture so that its short side has that many pixels (cubic up, area down), pads it
+to a multiple of 64 by repeating its edge, runs, and cuts the padding off, as the extension
+does; "pixel perfect" picks the resolution at which the map needs no further scaling
+(``pixel_perfect_resolution``). The map is then framed to the output size like any control
+image (``images.frame_init_image``, by the unit's resize mode). OpenCV does the image work, as in
+the extension (the ``control`` extra: ``pip install 'sdrt[control]'``), so a map is the
+extension's map pixel for pixel (its OpenCV calls, on the same 8-bit RGB picture).
+
+Preprocessors that run a network (depth, openpose, hed, lineart, segmentation, ...) are
+refused by name (``NOT_RUN``): sdrt downloads nothing. Run them elsewhere and send their map
+with "none".
+"""
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .errors import SdrtError
+from .request import short_repr
+
+
+@dataclass(frozen=True)
+class Slider:
+    """One of a preprocessor's settings, as the extension's ``module_detail`` lists it."""
+    label: str
+    minimum: float
+    maximum: float
+    value: float
+    step: float = 1.0
+
+    def api_json(self):
+        return {"name": self.label, "value": self.value, "min": self.minimum,
+                "max": self.maximum, "step": self.step}
+
+
+RESOLUTION = Slider("Resolution", 64, 2048, 512, 8)
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """``run(cv2, rgb, resolution, a, b)``: an 8-bit RGB array (H, W, 3) → the map, 8-bit
+    (h, w, 3). ``label`` is the extension's display name, which units may give instead of
+    ``name``; ``a`` and ``b`` its "Threshold A"/"Threshold B" sliders (None: it has none)."""
+    name: str
+    run: Callable
+    resolution: bool = True
+    a: Slider = None
+    b: Slider = None
+    label: str = None
+
+
+def _pad64(n):
+    return int(np.ceil(n / 64.0) * 64 - n)
+
+
+def _scaled(cv2, rgb, resolution):
+    """The picture with its short side scaled to ``resolution`` and edge-padded to multiples of
+    64, and the (height, width) to cut the result back to."""
+    h, w = rgb.shape[:2]
+    k = resolution / min(h, w)
+    th, tw = int(np.round(h * k)), int(np.round(w * k))
+    rgb = cv2.resize(rgb, (tw, th), interpolation=cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA)
+    return np.pad(rgb, [[0, _pad64(th)], [0, _pad64(tw)], [0, 0]], mode="edge"), (th, tw)
+
+
+def _gray3(x):
+    return np.repeat(x[:, :, None], 3, axis=2) if x.ndim == 2 else x
+
+
+def _canny(cv2, rgb, res, low, high):
+    padded, (h, w) = _scaled(cv2, rgb, res)
+    return _gray3(cv2.Canny(padded, int(low), int(high)))[:h, :w]
+
+
+def _invert(cv2, rgb, res, a, b):
+    return 255 - rgb
+
+
+def _threshold(cv2, rgb, res, level, b):
+    padded, (h, w) = _scaled(cv2, rgb, res)
+    out = np.zeros_like(padded)
+    out[padded.min(axis=2) > level] = 255
+    return out[:h, :w]
+
+
+def _blur_gaussian(cv2, rgb, res, sigma, b):
+    padded, (h, w) = _scaled(cv2, rgb, res)
+    return cv2.GaussianBlur(np.ascontiguousarray(padded[:h, :w]), (0, 0), float(sigma))
+
+
+def _scribble_xdog(cv2, rgb, res, level, b):
+    """Difference of Gaussians (sigma 0.5 and 5): white where the darkest channel's
+    difference passes ``level``."""
+    padded, (h, w) = _scaled(cv2, rgb, res)
+    x = padded.astype(np.float32)
+    dog = (255 - np.min(cv2.GaussianBlur(x, (0, 0), 5.0) - cv2.GaussianBlur(x, (0, 0), 0.5),
+                        axis=2)).clip(0, 255).astype(np.uint8)
+    out = np.zeros_like(padded)
+    out[2 * (255 - dog) > level] = 255
+    return out[:h, :w]
+
+
+def _lineart_standard(cv2, rgb, res, a, b):
+    """Dark lines on a light ground → white lines: how much darker each pixel is than its
+    surroundings (a Gaussian of sigma 6), scaled by the median of the clear lines."""
+    padded, (h, w) = _scaled(cv2, rgb, res)
+    x = padded.astype(np.float32)
+    intensity = np.min(cv2.GaussianBlur(x, (0, 0), 6.0) - x, axis=2).clip(0, 255)
+    lines = intensity[intensity > 8]
+    intensity /= max(16.0, float(np.median(lines))) if lines.size else 16.0
+    return _gray3((intensity * 127).clip(0, 255).astype(np.uint8))[:h, :w]
+
+
+def _tile_resample(cv2, rgb, res, rate, b):
+    if rate < 1.1:
+        return rgb
+    h, w = rgb.shape[:2]
+    return cv2.resize(rgb, (int(w / rate), int(h / rate)), interpolation=cv2.INTER_AREA)
+
+
+def _color_grid(cv2, rgb, res, a, b):
+    """The picture's colours averaged over a 64-pixel grid (T2I-Adapter's colour map)."""
+    h, w = rgb.shape[:2]
+    th, tw = (res, int(round(w / h * res))) if h < w else (int(round(h / w * res)), res)
+    rgb = cv2.resize(rgb, (tw, th), interpolation=cv2.INTER_AREA)
+    coarse = cv2.resize(rgb, (tw // 64, th // 64), interpolation=cv2.INTER_CUBIC)
+    return cv2.resize(coarse, (tw, th), interpolation=cv2.INTER_NEAREST)
+
+
+def _recolor(space):
+    """One channel of ``space`` (OpenCV's conversion from BGR, given the RGB picture as the
+    extension gives it) raised to the power ``gamma``, as grey."""
+    def run(cv2, rgb, res, gamma, b):
+        code, channel = {"lab": (cv2.COLOR_BGR2LAB, 0), "hsv": (cv2.COLOR_BGR2HSV, 2)}[space]
+        x = cv2.cvtColor(rgb, code)[:, :, channel].astype(np.float32) / 255.0
+        return _gray3((x ** gamma * 255.0).clip(0, 255).astype(np.uint8))
+    return run
+
+
+_GAMMA = Slider("Gamma Correction", 0.1, 2.0, 1.0, 0.001)
+PREPROCESSORS = {p.name: p for p in (
+    Preprocessor("none", lambda cv2, rgb, res, a, b: rgb, resolution=False),
+    Preprocessor("canny", _canny, a=Slider("Low Threshold", 1, 255, 100),
+                 b=Slider("High Threshold", 1, 255, 200)),
+    Preprocessor("invert", _invert, resolution=False,
+                 label="invert (from white bg & black line)"),
+    Preprocessor("threshold", _threshold, a=Slider("Binarization Threshold", 0, 255, 127)),
+    Preprocessor("blur_gaussian", _blur_gaussian, a=Slider("Sigma", 0.01, 64.0, 9.0, 0.01)),
+    Preprocessor("scribble_xdog", _scribble_xdog, a=Slider("XDoG Threshold", 1, 64, 32)),
+    Preprocessor("lineart_standard", _lineart_standard,
+                 label="lineart_standard (from white bg & black line)"),
+    Preprocessor("tile_resample", _tile_resample, resolution=False,
+                 a=Slider("Down Sampling Rate", 1.0, 8.0, 1.0, 0.01)),
+    Preprocessor("color", _color_grid, label="t2ia_color_grid"),
+    Preprocessor("recolor_luminance", _recolor("lab"), resolution=False, a=_GAMMA),
+    Preprocessor("recolor_intensity", _recolor("hsv"), resolution=False, a=_GAMMA),
+)}
+_BY_LABEL = {p.label: p for p in PREPROCESSORS.values() if p.label}
+# The extension's preprocessors sdrt does not run (a prefix names a family of them): most run a
+# network; the rest hook into sampling (reference, inpaint, tile_colorfix) or draw noise.
+NOT_RUN = ("depth", "openpose", "dw_openpose", "animal_openpose", "densepose", "hed",
+           "pidinet", "scribble_hed", "scribble_pidinet", "softedge", "lineart_anime",
+           "lineart_coarse", "lineart_realistic", "lineart", "mlsd", "normal", "seg",
+           "segmentation", "oneformer", "anime_face_segment", "mediapipe_face", "clip_vision",
+           "ip-adapter", "instant_id", "revision", "reference", "inpaint", "lama", "shuffle",
+           "tile_colorfix", "te_hed", "teed", "mobile_sam", "pulid", "sparsectrl")
+
+
+def get(module, field="module"):
+    """The preprocessor a unit's ``module`` names (its name or its label, any case; "None"
+    or "" is "none"); ``SdrtError`` naming ``field`` for any other."""
+    if module is None or (isinstance(module, str) and module.strip().lower() in ("", "none")):
+        return PREPROCESSORS["none"]
+    if isinstance(module, str):
+        key = module.strip()
+        found = PREPROCESSORS.get(key.lower()) or _BY_LABEL.get(key)
+        if found is not None:
+            return found
+        if key.lower().startswith(NOT_RUN):
+            raise SdrtError(f"{field}: sdrt does not run preprocessor {key!r} (it runs a network "
+                            f"or hooks into sampling); run it elsewhere and send its map with "
+                            f"module none")
+    raise SdrtError(f"{field} must be one of {', '.join(PREPROCESSORS)}, got "
+                    f"{short_repr(module)}")
+
+
+FIELDS = ("processor_res", "threshold_a", "threshold_b")
+
+
+def settings(pre, resolution=None, a=None, b=None, names=FIELDS):
+    """(resolution, a, b) for ``pre``: each given value checked against its slider's range
+    (None or -1: the slider's default, as the extension reads -1); a value for a slider the
+    preprocessor lacks is ignored, as there. ``SdrtError`` naming the value by its name in
+    ``names`` (and its ``field`` attribute: its name in ``FIELDS``)."""
+    out = []
+    sliders = (RESOLUTION if pre.resolution else None, pre.a, pre.b)
+    for field, name, value, slider in zip(FIELDS, names, (resolution, a, b), sliders):
+        if slider is None:
+            out.append(None)
+        elif value is None or (type(value) in (int, float) and value == -1):
+            out.append(slider.value)
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not np.isfinite(value) or not slider.minimum <= value <= slider.maximum:
+            error = SdrtError(f"{name} ({pre.name}'s {slider.label}) must be from "
+                              f"{slider.minimum:g} to {slider.maximum:g} (or -1: "
+                              f"{slider.value:g}), got {short_repr(value)}")
+            error.field = field
+            raise error
+        else:
+            out.append(int(value) if slider is RESOLUTION else value)
+    return tuple(out)
+
+
+def pixel_perfect_resolution(size, width, height, resize):
+    """The resolution at which a picture of ``size`` (w, h) is preprocessed so that its map
+    needs no scaling to be framed at ``width`` × ``height`` by ``resize`` ("fill" fits it
+    inside, the other modes cover the frame), as the extension's "Pixel Perfect" picks it."""
+    w, h = size
+    k = (min if resize == "fill" else max)(height / h, width / w)
+    return int(np.round(k * min(w, h)))
+
+
+def _cv2(name):
+    try:
+        import cv2
+    except ImportError:
+        raise SdrtError(f"preprocessor {name} needs OpenCV: pip install 'sdrt[control]' "
+                        f"(opencv-python-headless)") from None
+    return cv2
+
+
+def available():
+    """Whether the preprocessors beyond "none" can run here (OpenCV is installed)."""
+    try:
+        import cv2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run(pre, image, resolution, a, b):
+    """``pre``'s map of the PIL ``image`` at checked settings (``settings``), a PIL RGB
+    image; the picture made 8-bit RGB first, transparency onto white, as the extension does."""
+    from PIL import Image
+
+    from .images import to_rgb8
+    rgb = np.asarray(to_rgb8(image))
+    if pre.name != "none":
+        rgb = pre.run(_cv2(pre.name), np.ascontiguousarray(rgb), resolution, a, b)
+    return Image.fromarray(np.ascontiguousarray(rgb))
+
+
+def preprocess(image, module="canny", resolution=None, threshold_a=None, threshold_b=None):
+    """The control map (a PIL RGB image) preprocessor ``module`` makes of the PIL ``image``,
+    at ``resolution`` (see the module docstring) with its ``threshold_a``/``_b`` (None:
+    its defaults). For a ControlNet's ``control_image``: ``pipe(prompt,
+    control_image=preprocess(photo, "canny"))``."""
+    pre = get(module)
+    return run(pre, image, *settings(pre, resolution, threshold_a, threshold_b,
+                                     names=("resolution", "threshold_a", "threshold_b")))
