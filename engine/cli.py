@@ -369,6 +369,12 @@ def _generate_options(g):
                    help="the fraction of the steps after which the ControlNets start")
     g.add_argument("--control-end", metavar="F", type=float_arg, default=1.0,
                    help="the fraction of the steps after which they stop")
+    g.add_argument("--control-mode", choices=("balanced", "prompt", "controlnet"),
+                   action="append", default=[],
+                   help="A1111's ControlNet control mode, one for every --controlnet or one per "
+                   "--controlnet: prompt ('My prompt is more important') softens the residuals "
+                   "towards the first skips, controlnet ('ControlNet is more important') also "
+                   "keeps them from CFG's unconditional half (default: balanced)")
     g.add_argument("--guess-mode", action="store_true",
                    help="diffusers' guess mode: the ControlNets see only the prompt's half, "
                    "their residuals ramped from 0.1x to 1x towards the mid block")

@@ -2,7 +2,8 @@
 ``--controlnet PATH[:WEIGHT]`` (repeatable: several ControlNets, their residuals summed), one
 ``--control-image`` per ControlNet, framed to the output size by ``--control-resize``
 (A1111's "Crop and Resize" by default), ``--control-start``/``--control-end`` (its guidance
-start and end), ``--guess-mode``, and a preprocessor per ControlNet (``--control-module``,
+start and end), ``--control-mode`` (its control modes), ``--guess-mode``, and a preprocessor
+per ControlNet (``--control-module``,
 with ``--control-res``, ``--control-threshold-a``/``-b``, ``--pixel-perfect``;
 ``engine.preprocess``). Checked before torch is imported; the PNG records each unit as A1111's
 extension writes it (``ControlNet 0: "Module: canny, Model: ..."``).
@@ -12,7 +13,7 @@ import os
 from .errors import SdrtError
 from .infotext import CONTROL_RESIZE_LABELS, controlnet_unit
 from .infotext import file_stem
-from .request import MAX_CONTROL_SCALE
+from .request import CONTROL_MODES, MAX_CONTROL_SCALE
 
 
 def _at(value, i):
@@ -61,7 +62,7 @@ def _unit_fields(text):
 def from_png(a, pairs, where):
     """--from-png: the ControlNet units A1111's extension (or sdrt) recorded, applied to the
     --controlnet files of the same names (weight, resize mode, guidance start and end, guess
-    mode, preprocessor and its settings) unless those options are given; a unit whose
+    mode, control mode, preprocessor and its settings) unless those options are given; a unit whose
     ControlNet is not given is named in a warning, as is a preprocessor sdrt does not run (its
     map is the --control-image to pass)."""
     import re
@@ -73,9 +74,10 @@ def from_png(a, pairs, where):
     if not units:
         return
     n = len(a.controlnet)
-    index = {file_stem(path): i for i, (path, _) in enumerate(a.controlnet)}
+    index = {name: i for i, name in enumerate(names(a))}  # as infotext names them
     starts, ends = [a.control_start] * n, [a.control_end] * n
-    modules = ["none"] * n
+    modules, control_modes = ["none"] * n, ["balanced"] * n
+    by_label = {label: name for name, (label, _) in CONTROL_MODES.items()}
     settings = {o: [getattr(a, o)] * n for o in ("control_res", "control_threshold_a",
                                                  "control_threshold_b")}
     resize = {v: k for k, v in CONTROL_RESIZE_LABELS.items()}
@@ -109,11 +111,14 @@ def from_png(a, pairs, where):
             a.control_resize = resize[unit["Resize Mode"]]
         if unit.get("Guess Mode") == "True":
             a.guess_mode = True
+        control_modes[i] = by_label.get(unit.get("Control Mode"), "balanced")
     for option, values in (("control_start", starts), ("control_end", ends), *settings.items()):
         if option not in a.given:
             setattr(a, option, values)
     if not a.control_module:
         a.control_module = modules
+    if not a.control_mode:
+        a.control_mode = control_modes
 
 
 def check(a):
@@ -143,7 +148,27 @@ def check(a):
     if a.runtime == "onnx":
         raise SdrtError("--controlnet feeds sdrt's own UNet; --runtime onnx runs the exported "
                         "one")
+    modes(a)
     preprocessors(a)
+
+
+def _per_net(a, option, values, default):
+    """An option given once for every --controlnet or once per --controlnet, as one value
+    per --controlnet."""
+    n, values = len(a.controlnet), values or [default]
+    if len(values) not in (1, n):
+        raise SdrtError(f"{option}: give one for every --controlnet or one per --controlnet "
+                        f"({n} ControlNets, {len(values)} given)")
+    return values * n if len(values) == 1 else list(values)
+
+
+def modes(a):
+    """Each --controlnet's control mode (--control-mode)."""
+    out = _per_net(a, "--control-mode", a.control_mode, "balanced")
+    if a.guess_mode and any(m != "balanced" for m in out):
+        raise SdrtError("--control-mode must be balanced with --guess-mode (guess mode ramps "
+                        "the residuals and keeps them from the unconditional half already)")
+    return out
 
 
 _OPTIONS = ("--control-res", "--control-threshold-a", "--control-threshold-b")
@@ -153,12 +178,8 @@ def preprocessors(a):
     """Each --controlnet's preprocessor and its checked (resolution, threshold A, threshold
     B): --control-module (one for all, or one per ControlNet) with the settings given."""
     from .preprocess import available, get, settings
-    n, modules = len(a.controlnet), a.control_module or ["none"]
-    if len(modules) not in (1, n):
-        raise SdrtError(f"--control-module: give one for every --controlnet or one per "
-                        f"--controlnet ({n} ControlNets, {len(modules)} modules)")
     out = []
-    for i, module in enumerate(modules * n if len(modules) == 1 else modules):
+    for i, module in enumerate(_per_net(a, "--control-module", a.control_module, "none")):
         pre = get(module, "--control-module")
         if pre.name != "none" and not available():
             raise SdrtError(f"--control-module {pre.name} needs OpenCV: pip install "
@@ -175,8 +196,9 @@ def warn_unused(a, unused):
                 unused(f"--{option.replace('_', '-')}", "it applies to --controlnet")
         if a.guess_mode:
             unused("--guess-mode", "it applies to --controlnet")
-        if a.control_module:
-            unused("--control-module", "it applies to --controlnet")
+        for option in ("control_module", "control_mode"):
+            if getattr(a, option):
+                unused(f"--{option.replace('_', '-')}", "it applies to --controlnet")
     elif all(m.lower() in ("none", "") for m in a.control_module or ["none"]):
         for option in ("control_res", "control_threshold_a", "control_threshold_b"):
             if option in a.given:
@@ -226,7 +248,7 @@ def call(a, images, loaded, width, height, first=None, inpaint=None):
     return dict(control_image=framed if len(framed) > 1 else framed[0], controlnet=loaded,
                 controlnet_conditioning_scale=[w for _, w in a.controlnet],
                 control_guidance_start=a.control_start, control_guidance_end=a.control_end,
-                guess_mode=a.guess_mode)
+                guess_mode=a.guess_mode, control_mode=modes(a))
 
 
 def infotext(a, identities):
@@ -234,6 +256,6 @@ def infotext(a, identities):
     each --controlnet (hash None for a folder)."""
     return tuple((f"ControlNet {i}", controlnet_unit(
         f"{name} [{short[:8]}]" if short else name, weight, a.control_resize,
-        _at(a.control_start, i), _at(a.control_end, i), a.guess_mode, processor))
-        for i, ((_, weight), (name, short), processor) in enumerate(zip(
-            a.controlnet, identities, a.control_processors)))
+        _at(a.control_start, i), _at(a.control_end, i), a.guess_mode, processor, mode))
+        for i, ((_, weight), (name, short), processor, mode) in enumerate(zip(
+            a.controlnet, identities, a.control_processors, modes(a))))

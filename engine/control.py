@@ -1,6 +1,7 @@
 """A request's ControlNet part, checked once: which loaded ControlNets run, each one's control
-image, conditioning scale and share of the schedule, and guess mode (diffusers'
-``controlnet_conditioning_scale``, ``control_guidance_start``/``_end`` and ``guess_mode``).
+image, conditioning scale, share of the schedule and control mode, and guess mode (diffusers'
+``controlnet_conditioning_scale``, ``control_guidance_start``/``_end`` and ``guess_mode``;
+A1111's control modes as ``control_mode``).
 """
 import math
 from dataclasses import dataclass
@@ -9,7 +10,7 @@ import torch
 
 from .controlnet import residual_scales
 from .errors import SdrtError
-from .request import MAX_CONTROL_SCALE, short_repr
+from .request import CONTROL_MODES, MAX_CONTROL_SCALE, short_repr
 
 
 def _per_net(field, value, n, check):
@@ -30,6 +31,16 @@ def _number(lo, hi):
                             f"{short_repr(v)}")
         return float(v)
     return check
+
+
+def _mode(field, v):
+    """A control mode by sdrt's name, A1111's label or A1111's number → sdrt's name."""
+    for name, (label, number) in CONTROL_MODES.items():
+        if v in (name, label) or (type(v) is int and v == number):
+            return name
+    raise SdrtError(f"{field} must be one of {', '.join(CONTROL_MODES)} (A1111's "
+                    f"{', '.join(repr(label) for label, _ in CONTROL_MODES.values())}), got "
+                    f"{short_repr(v)}")
 
 
 def select(loaded, controlnet):
@@ -61,10 +72,11 @@ class ControlRequest:
     starts: tuple
     ends: tuple
     guess_mode: bool
+    modes: tuple = ()  # per net: a CONTROL_MODES name
 
     @classmethod
     def parse(cls, loaded, control_image, controlnet=None, scale=1.0, start=0.0, end=1.0,
-              guess_mode=False):
+              guess_mode=False, mode="balanced"):
         """Checked settings, or None for a request without ``control_image``; ``loaded``
         the names of the loaded ControlNets, in load order."""
         if control_image is None:
@@ -72,7 +84,8 @@ class ControlRequest:
             given = {"controlnet": controlnet is not None, "guess_mode": guess_mode is not False,
                      "controlnet_conditioning_scale": not unset(scale, 1.0),
                      "control_guidance_start": not unset(start, 0.0),
-                     "control_guidance_end": not unset(end, 1.0)}
+                     "control_guidance_end": not unset(end, 1.0),
+                     "control_mode": mode not in ("balanced", "Balanced", 0)}
             for field, set_ in given.items():
                 if set_:
                     raise SdrtError(f"{field} was given without control_image (the image a "
@@ -102,7 +115,11 @@ class ControlRequest:
             if s >= e:
                 raise SdrtError(f"control_guidance_start must be below control_guidance_end, "
                                 f"got {s:g} and {e:g}")
-        return cls(names, images, scales, starts, ends, guess_mode)
+        modes = _per_net("control_mode", mode, n, _mode)
+        if guess_mode and any(m != "balanced" for m in modes):
+            raise SdrtError("control_mode must be balanced in guess mode (guess mode ramps the "
+                            "residuals and keeps them from the unconditional half already)")
+        return cls(names, images, scales, starts, ends, guess_mode, modes)
 
 
 def control_batch(tensors, batch, dtype, device):
@@ -116,14 +133,15 @@ def control_batch(tensors, batch, dtype, device):
     return tensors.repeat_interleave(batch // rows, dim=0).to(device, dtype)
 
 
-def control_scales(nets, scales, starts, ends, guess_mode, calls):
-    """``Control.scales`` (calls, nets, n + 1) on the CPU: net k's ``residual_scales`` at
-    ``scales[k]`` on the UNet calls i whose share of the schedule, [i/calls, (i+1)/calls],
-    lies within [``starts[k]``, ``ends[k]``], and zero on the others (diffusers'
-    ``controlnet_keep``)."""
-    table = torch.zeros(calls, len(nets), nets[0].num_residuals + 1)
+def control_scales(nets, scales, starts, ends, guess_mode, calls, modes=None):
+    """``Control.scales`` (calls, nets, 2, n + 1) on the CPU: net k's ``residual_scales`` at
+    ``scales[k]`` in control mode ``modes[k]`` (default balanced) on the UNet calls i whose
+    share of the schedule, [i/calls, (i+1)/calls], lies within [``starts[k]``, ``ends[k]``],
+    and zero on the others (diffusers' ``controlnet_keep``)."""
+    modes = modes or ("balanced",) * len(nets)
+    table = torch.zeros(calls, len(nets), 2, nets[0].num_residuals + 1)
     for i in range(calls):
         for k, net in enumerate(nets):
             on = not (i / calls < starts[k] or (i + 1) / calls > ends[k])
-            table[i, k] = residual_scales(net, scales[k] * float(on), guess_mode)
+            table[i, k] = residual_scales(net, scales[k] * float(on), guess_mode, modes[k])
     return table

@@ -110,15 +110,17 @@ class ControlNetModel(UNetEncoder):
                 text_embeds=None, time_ids=None):
         """sample (B, C, h, w), the UNet's latent input; controlnet_cond (B, 3, H, W), the
         control image in [0, 1] at the latents' size times the VAE's scale factor; ``scales``
-        (n + 1,), float32: the factor of each of the n down residuals and of the mid one
-        (``residual_scales``). Returns (down residuals, mid residual), in ``sample``'s dtype.
-        """
+        (n + 1,) or per sample (B, n + 1), float32: the factor of each of the n down residuals
+        and of the mid one (``residual_scales``). Returns (down residuals, mid residual), in
+        ``sample``'s dtype."""
         cfg = self.config
         if cfg.controlnet_conditioning_channel_order == "bgr":
             controlnet_cond = controlnet_cond.flip(1)
         emb = self.embed(sample, timestep, None, text_embeds, time_ids)
         x = self.conv_in(sample) + self.controlnet_cond_embedding(controlnet_cond)
         x, skips = self.encode(x, emb, encoder_hidden_states)
+        if scales.dim() == 2:  # (B, n + 1): one factor per sample
+            scales = scales.t()[:, :, None, None, None].to(sample.dtype)  # (n + 1, B, 1, 1, 1)
         down = [conv(s) * scales[i] for i, (conv, s) in
                 enumerate(zip(self.controlnet_down_blocks, skips))]
         mid = self.controlnet_mid_block(x) * scales[-1]
@@ -132,15 +134,27 @@ class ControlNetModel(UNetEncoder):
         return len(self.controlnet_down_blocks)
 
 
-def residual_scales(net: ControlNetModel, scale, guess_mode):
-    """The factors (n + 1,) of a ControlNet's n down residuals and its mid one at
-    conditioning scale ``scale``: all ``scale``, or in guess mode (without a pooled
-    ControlNet) diffusers' ramp from 0.1·scale at the first skip to ``scale`` at the mid
-    block, evenly spaced in log10."""
+_SOFT = 0.825  # the extension's factor per skip, from 0.825^12 at the first to 1 at the mid
+
+
+def residual_scales(net: ControlNetModel, scale, guess_mode, mode="balanced"):
+    """The factors (2, n + 1) of a ControlNet's n down residuals and its mid one at
+    conditioning scale ``scale``, for the unconditional (row 0) and the conditional (row 1)
+    half of a CFG batch: all ``scale``; in guess mode (without a pooled ControlNet)
+    diffusers' ramp from 0.1·scale at the first skip to ``scale`` at the mid block, evenly
+    spaced in log10; in control mode "prompt" or "controlnet" the extension's soft ramp,
+    ``scale``·0.825^(12 - i) at residual i (from the first skip; SDXL's ten stop at
+    0.825^3); in mode "controlnet" none for the unconditional half. A batch without CFG
+    takes row 1."""
     n = net.num_residuals + 1
-    if guess_mode and not net.config.global_pool_conditions:
-        return torch.logspace(-1, 0, n) * scale
-    return torch.full((n,), float(scale))
+    pooled = net.config.global_pool_conditions
+    if guess_mode and not pooled:
+        cond = torch.logspace(-1, 0, n) * scale
+    elif mode != "balanced":
+        cond = _SOFT ** (12.0 - torch.arange(n, dtype=torch.float64)).float() * scale
+    else:
+        cond = torch.full((n,), float(scale))
+    return torch.stack([torch.zeros(n) if mode == "controlnet" else cond, cond])
 
 
 # UNet settings a ControlNet does not have: its up path and output, and what only the UNet

@@ -22,7 +22,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from .request import SAMPLER_NAMES
+from .request import CONTROL_MODES, SAMPLER_NAMES
 
 BUILT_IN = "sdrt-demo"  # the built-in (demo) model's name in PNG info and the APIs
 
@@ -138,12 +138,14 @@ CONTROL_RESIZE_LABELS = {"resize": "Just Resize", "crop": "Crop and Resize",
                          "fill": "Resize and Fill"}
 
 
-def controlnet_unit(model, weight, resize_mode, start, end, guess_mode=False, processor=None):
+def controlnet_unit(model, weight, resize_mode, start, end, guess_mode=False, processor=None,
+                    mode="balanced"):
     """One ControlNet unit as A1111's extension writes it in a PNG's ``ControlNet N`` value;
     ``model`` "NAME [HASH]" or "NAME", ``resize_mode`` a ``CONTROL_RESIZE_LABELS`` key,
     ``processor`` the (module, resolution, threshold A, threshold B, pixel perfect) of a
-    preprocessor that ran (a setting it lacks None, written -1 as the extension reads it).
-    diffusers' guess mode is none of the extension's control modes: it is named as itself."""
+    preprocessor that ran (a setting it lacks None, written -1 as the extension reads it),
+    ``mode`` a ``controlnet.CONTROL_MODES`` name. diffusers' guess mode is none of the
+    extension's control modes: it is named as itself."""
     module, settings = "none", ()
     if processor is not None:
         module, res, a, b, perfect = processor
@@ -153,7 +155,8 @@ def controlnet_unit(model, weight, resize_mode, start, end, guess_mode=False, pr
                       f"Resize Mode: {CONTROL_RESIZE_LABELS[resize_mode]}", *settings,
                       f"Guidance Start: {number(start)}", f"Guidance End: {number(end)}",
                       *((f"Pixel Perfect: {bool(perfect)}",) if processor else ()),
-                      "Guess Mode: True" if guess_mode else "Control Mode: Balanced"))
+                      "Guess Mode: True" if guess_mode else
+                      f"Control Mode: {CONTROL_MODES[mode][0]}"))
 
 
 @dataclass(frozen=True)

@@ -914,7 +914,8 @@ class Pipeline:
                  negative_aesthetic_score=None, denoising_start=None, denoising_end=None,
                  mask_image=None, masked_content="original", latent_resize=False,
                  control_image=None, controlnet=None, controlnet_conditioning_scale=1.0,
-                 control_guidance_start=0.0, control_guidance_end=1.0, guess_mode=False):
+                 control_guidance_start=0.0, control_guidance_end=1.0, guess_mode=False,
+                 control_mode="balanced"):
         """Generate images; see the README for each argument.
 
         Returns a list of PIL images (``"pil"``), a float32 array (B, H, W, 3) in [0, 1]
@@ -965,7 +966,12 @@ class Pipeline:
         the UNet calls within [``control_guidance_start``, ``control_guidance_end``] of the
         schedule (each one value, or a list with one per ControlNet). ``guess_mode`` runs
         the ControlNets on the conditional half only, their residuals ramped from 0.1× at
-        the first skip to 1× at the mid block.
+        the first skip to 1× at the mid block. ``control_mode`` (one, or one per ControlNet)
+        is A1111's ControlNet extension's: "balanced"; "prompt" ("My prompt is more
+        important") ramps the residuals from 0.825^12× at the first skip to 1× at the mid
+        block; "controlnet" ("ControlNet is more important") does too and keeps them from the
+        unconditional half, so CFG pushes towards the ControlNet. A mode is data in the
+        plan's table: it needs no plan of its own.
 
         ``callback(pipe, step_index, timestep, callback_kwargs)`` is called after each
         denoising step, as diffusers calls ``callback_on_step_end``: ``callback_kwargs`` is
@@ -1005,7 +1011,7 @@ class Pipeline:
         self._check_latent_resize(latent_resize, image, mask_image, denoising_start)
         control = ControlRequest.parse(list(self._controlnets), control_image, controlnet,
                                        controlnet_conditioning_scale, control_guidance_start,
-                                       control_guidance_end, guess_mode)
+                                       control_guidance_end, guess_mode, control_mode)
         hints = self._control_tensors(control)
         if hints and image is None and request.height is None and request.width is None:
             # diffusers' ControlNet pipelines: the control image sets the size.
@@ -1100,7 +1106,8 @@ class Pipeline:
     def _control_table(self, control, calls):
         """``Control.scales`` of a request over ``calls`` UNet calls, on the CPU."""
         return control_scales([self._controlnets[n] for n in control.names], control.scales,
-                              control.starts, control.ends, control.guess_mode, calls)
+                              control.starts, control.ends, control.guess_mode, calls,
+                              control.modes)
 
     def _control(self, control, hints, calls):
         """The eager ``Control`` stage of a request (None without ControlNets)."""

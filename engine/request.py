@@ -43,6 +43,12 @@ RANDOM_SEED = -1        # seed=-1: draw one, as A1111 users expect
 # A ControlNet's largest conditioning scale: A1111's weight slider ends at 2; past 10 the
 # residuals swamp the UNet's own features.
 MAX_CONTROL_SCALE = 10.0
+# A1111's ControlNet extension's control modes, by sdrt's name: the extension's label and
+# number. "prompt" softens the residuals towards the first skips; "controlnet" does too, and
+# keeps them from the unconditional half of the CFG batch, so CFG pushes towards the
+# ControlNet (``controlnet.residual_scales``).
+CONTROL_MODES = {"balanced": ("Balanced", 0), "prompt": ("My prompt is more important", 1),
+                 "controlnet": ("ControlNet is more important", 2)}
 
 
 @dataclass(frozen=True)

@@ -150,8 +150,8 @@ class StaticPlan:
             self.control = Control(
                 nets, [torch.zeros(shape.batch_size, 3, shape.height, shape.width, dtype=dtype,
                                    device=dev) for _ in nets],
-                torch.zeros(len(self.schedule.timesteps), len(nets), nets[0].num_residuals + 1,
-                            device=dev), shape.guess_mode)
+                torch.zeros(len(self.schedule.timesteps), len(nets), 2,
+                            nets[0].num_residuals + 1, device=dev), shape.guess_mode)
         # Outputs.
         self.latents = torch.zeros(self.latent_shape, dtype=dtype, device=dev)
         self.image = torch.zeros(shape.batch_size, shape.height, shape.width, 3,

@@ -14,10 +14,11 @@ class Control:
     ControlNets as its ``MultiControlNetModel``: their residuals summed).
 
     ``images``: per net, its control image (B, 3, H, W) in [0, 1], in the UNet's dtype;
-    ``scales`` (calls, nets, n + 1) float32: for UNet call i of the request and net k, the
-    factors of its residuals (``controlnet.residual_scales``, zero where call i is outside
-    the net's part of the schedule: ``control_scales``). In guess mode (with CFG) the nets
-    see only the conditional half and the unconditional half gets no residuals."""
+    ``scales`` (calls, nets, 2, n + 1) float32: for UNet call i of the request and net k, the
+    factors of its residuals for the unconditional and the conditional half of the CFG batch
+    (``controlnet.residual_scales``, zero where call i is outside the net's part of the
+    schedule: ``control_scales``). In guess mode (with CFG) the nets see only the conditional
+    half and the unconditional half gets no residuals."""
     nets: list
     images: list
     scales: torch.Tensor
@@ -36,8 +37,11 @@ class Control:
         copies = 1 if half else rows
         down = mid = None
         for k, (net, image) in enumerate(zip(self.nets, self.images)):
+            # One factor per residual (a batch of one half), or per sample and residual.
+            scales = self.scales[call, k, 1] if copies == 1 else \
+                self.scales[call, k].repeat_interleave(x.shape[0] // 2, dim=0)
             d, m = net(x, t, inputs["encoder_hidden_states"], image.repeat(copies, 1, 1, 1),
-                       self.scales[call, k], text_embeds=inputs.get("text_embeds"),
+                       scales, text_embeds=inputs.get("text_embeds"),
                        time_ids=inputs.get("time_ids"))
             down = d if down is None else [a + b for a, b in zip(down, d)]
             mid = m if mid is None else mid + m

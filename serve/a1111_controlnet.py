@@ -8,11 +8,12 @@ img2img unit without one takes the first init image, as the extension does), its
 ``resize_mode``, ``guidance_start`` and ``guidance_end``, and its ``module``: "none" (the image
 is the map) or a preprocessor that needs no network (``engine.preprocess``: canny, invert,
 threshold, ...) with its ``processor_res``, ``threshold_a``/``_b`` (-1: the defaults) and
-``pixel_perfect``, run on the image before it is framed. Fields that would change the picture
-in ways sdrt does not implement (a preprocessor that runs a network, another
-``control_mode``, a unit mask, ``hr_option`` other than "Both") are refused with a 400 naming
-the field; ``low_vram`` is accepted and does nothing. ``POST /controlnet/detect`` returns a
-preprocessor's maps, as the extension's does.
+``pixel_perfect``, run on the image before it is framed, and its ``control_mode`` ("Balanced",
+"My prompt is more important", "ControlNet is more important", or 0 to 2). Fields that would
+change the picture in ways sdrt does not implement (a preprocessor that runs a network, a unit
+mask, ``hr_option`` other than "Both") are refused with a 400 naming the field; ``low_vram``
+is accepted and does nothing. ``POST /controlnet/detect`` returns a preprocessor's maps, as
+the extension's does.
 """
 import math
 import re
@@ -21,7 +22,7 @@ from fastapi import Request
 
 from sdrt.engine.errors import SdrtError
 from sdrt.engine.infotext import controlnet_unit
-from sdrt.engine.request import MAX_CONTROL_SCALE, short_repr
+from sdrt.engine.request import CONTROL_MODES, MAX_CONTROL_SCALE, short_repr
 
 MAX_UNITS = 8
 # The extension's resize modes, by label and by number, as sdrt's framing calls them.
@@ -30,8 +31,7 @@ RESIZE = {"Just Resize": "resize", "Crop and Resize": "crop", "Resize and Fill":
           "Scale to Fit (Inner Fit)": "crop"}
 _HASHED = re.compile(r"^(.*) \[[0-9a-fA-F]+\]$")
 # field → the values that leave sdrt's computation as it is (anything else is refused)
-_OFF = {"control_mode": ("Balanced", 0), "guessmode": (False,), "hr_option": ("Both",),
-        "mask": (None, ""), "mask_image": (None, "")}
+_OFF = {"guessmode": (False,), "hr_option": ("Both",), "mask": (None, ""), "mask_image": (None, "")}
 
 
 def script_args(scripts):
@@ -105,6 +105,14 @@ def parse(server, args, init_images, width, height, api_error):
             raise bad(f"{where}{at}.guidance_start must be below guidance_end, got "
                       f"{numbers['guidance_start']:g} and {numbers['guidance_end']:g}",
                       f"{at}.guidance_start")
+        control_mode = unit.get("control_mode", "Balanced")
+        modes = {k: name for name, (label, number) in CONTROL_MODES.items()
+                 for k in (label, number)}
+        if isinstance(control_mode, bool) or not isinstance(control_mode, (int, str)) or \
+                control_mode not in modes:
+            raise bad(f"{where}{at}.control_mode must be one of "
+                      f"{', '.join(label for label, _ in CONTROL_MODES.values())} (or 0 to 2), "
+                      f"got {short_repr(control_mode)}", f"{at}.control_mode")
         mode = unit.get("resize_mode", "Crop and Resize")
         if isinstance(mode, bool) or not isinstance(mode, (int, str)) or mode not in RESIZE:
             raise bad(f"{where}{at}.resize_mode must be Just Resize, Crop and Resize or Resize "
@@ -138,7 +146,7 @@ def parse(server, args, init_images, width, height, api_error):
         for out, value in zip((controls, images, info), unit_parts(
                 server, i, name, picture, numbers["weight"], RESIZE[mode],
                 numbers["guidance_start"], numbers["guidance_end"], width, height,
-                processor)):
+                processor, modes[control_mode])):
             out.append(value)
         sources.append((picture, RESIZE[mode]))
     return tuple(controls), tuple(images), tuple(info), tuple(sources)
@@ -153,17 +161,18 @@ def _processor(unit, where):
 
 
 def unit_parts(server, index, name, picture, weight, resize, start, end, width, height,
-               processor=None):
+               processor=None, mode="balanced"):
     """One unit's (``BatchKey.controls`` entry, control image framed to ``width`` ×
     ``height`` by ``resize``, ("ControlNet {index}", its PNG info text)), for A1111's units
-    and ComfyUI's nodes alike; ``processor`` as ``infotext.controlnet_unit`` takes it."""
+    and ComfyUI's nodes alike; ``processor`` and ``mode`` as ``infotext.controlnet_unit``
+    takes them."""
     from sdrt.engine.images import frame_init_image
     short = server.runner.controlnet_hash(name)
-    return ((name, weight, start, end),
+    return ((name, weight, start, end, mode),
             frame_init_image(picture.convert("RGB"), width, height, resize),
             (f"ControlNet {index}", controlnet_unit(f"{name} [{short}]" if short else name,
                                                     weight, resize, start, end,
-                                                    processor=processor)))
+                                                    processor=processor, mode=mode)))
 
 
 def register(app, server_of):

@@ -212,7 +212,8 @@ class Runner:
                 controlnet=[c[0] for c in key.controls],
                 controlnet_conditioning_scale=[c[1] for c in key.controls],
                 control_guidance_start=[c[2] for c in key.controls],
-                control_guidance_end=[c[3] for c in key.controls])
+                control_guidance_end=[c[3] for c in key.controls],
+                control_mode=[c[4] for c in key.controls])
         if key.hires is not None:
             from sdrt.engine.hires import generate
             out = generate(self.pipe, key.hires, [r.prompt for r in rows], negative,

@@ -93,7 +93,11 @@ def test_control_image_sets_the_size_and_two_units(assets, tmp_path, capsys):
     (["--controlnet", "NET", "--control-image", "HINT", "--control-module", "canny",
       "--control-module", "invert", "--control-module", "none"],
      "--control-module: give one for every --controlnet or one per --controlnet (1 "
-     "ControlNets, 3 modules)"),
+     "ControlNets, 3 given)"),
+    (["--controlnet", "NET", "--control-image", "HINT", "--control-mode", "prompt",
+      "--guess-mode"], "--control-mode must be balanced with --guess-mode"),
+    (["--controlnet", "NET", "--control-image", "HINT", "--control-mode", "soft"],
+     "argument --control-mode: invalid choice: 'soft'"),
     (["--controlnet", "NET", "--control-image", "HINT", "--control-module", "canny",
       "--control-threshold-a", "0"], "--control-threshold-a (canny's Low Threshold) must be "
                                      "from 1 to 255"),
@@ -157,6 +161,44 @@ def test_preprocessors(assets, tmp_path, capsys):
                                 "128", "-o", str(tmp_path / "x.png")], capsys)
     assert code == 0, err
     assert _warnings(err) == ["--control-res does nothing here: it applies to --control-module"]
+
+
+def test_control_mode(assets, tmp_path, capsys):
+    # --control-mode per ControlNet: the library's control_mode, recorded as A1111's label
+    # and read back by --from-png.
+    root, net = assets
+    out = tmp_path / "modes.png"
+    code, _, err = _run(["generate", "a red fox", *SMALL, "--seed", "3", "--steps", "2",
+                         "--controlnet", net, "--control-image", str(root / "hint.png"),
+                         "--controlnet", f"{net}:0.7", "--control-image", str(root / "small.png"),
+                         "--control-mode", "controlnet", "--control-mode", "prompt", "-o",
+                         str(out)], capsys)
+    assert code == 0, err
+    params = _parameters(out)
+    assert "Guidance End: 1, Control Mode: ControlNet is more important\"" in params
+    assert "Guidance End: 1, Control Mode: My prompt is more important\"" in params
+    from sdrt.engine.demo.model import demo_config, demo_pipeline
+    from sdrt.engine.images import frame_init_image
+    pipe = demo_pipeline()
+    pipe.load_controlnet(net, name="a")
+    pipe.load_controlnet(net, name="b")
+    hints = []
+    for name in ("hint.png", "small.png"):
+        with Image.open(root / name) as im:
+            hints.append(frame_init_image(im.convert("RGB"), 64, 64, "crop"))
+    defaults = demo_config()["demo_defaults"]
+    expected = pipe("a red fox", height=64, width=64, num_inference_steps=2,
+                    guidance_scale=defaults["guidance_scale"], sampler=defaults["sampler"],
+                    generator=[torch.Generator().manual_seed(3)], control_image=hints,
+                    controlnet_conditioning_scale=[1.0, 0.7],
+                    control_mode=["controlnet", "prompt"])[0]
+    assert np.abs(_pixels(out).astype(int) - np.asarray(expected).astype(int)).max() <= 1
+    again = tmp_path / "again.png"
+    code, _, err = _run(["generate", "--from-png", str(out), "--controlnet", net,
+                         "--control-image", str(root / "hint.png"), "--controlnet", net,
+                         "--control-image", str(root / "small.png"), "-o", str(again)], capsys)
+    assert code == 0, err
+    assert np.array_equal(_pixels(again), _pixels(out))
 
 
 def test_control_options_without_a_controlnet_warn(tmp_path, capsys):

@@ -95,7 +95,7 @@ def test_module_matches_diffusers(tiny_model, tmp_path, kw, guess_mode):
         down_ref, mid_ref = net(x, torch.tensor(601), ctx, hint, conditioning_scale=0.7,
                                 guess_mode=guess_mode, return_dict=False)
         down, mid = ours(x, torch.tensor(601), ctx, hint,
-                         residual_scales(ours, 0.7, guess_mode))
+                         residual_scales(ours, 0.7, guess_mode)[1])
     assert len(down) == len(down_ref) == 6
     for i, (a, b) in enumerate(zip(down + [mid], list(down_ref) + [mid_ref])):
         assert_close_rel(a, b, 1e-5, f"{family} {kw} residual {i}")
@@ -224,6 +224,44 @@ def test_several_controlnets_guess_mode_and_part_of_the_schedule(setup):
                          f"{family} two ControlNets, guess mode {guess_mode}")
 
 
+def _rescaled(net, factors):
+    """A copy of the diffusers ControlNet ``net`` whose residual i comes out ``factors[i]``
+    times as large (its 1×1 zero convs scaled: the reference for a control mode)."""
+    import copy
+    net = copy.deepcopy(net)
+    convs = list(net.controlnet_down_blocks) + [net.controlnet_mid_block]
+    assert len(convs) == len(factors)
+    with torch.no_grad():
+        for conv, f in zip(convs, factors):
+            conv.weight.mul_(f)
+            conv.bias.mul_(f)
+    return net
+
+
+def test_control_modes_match_diffusers_with_rescaled_residuals(setup):
+    # A1111's control modes: "prompt" is diffusers' ControlNet with residual i scaled by
+    # 0.825^(12 - i); "controlnet" also keeps them from the unconditional half, which is
+    # diffusers' guess mode with its log ramp divided out.
+    family, ours, ref, nets, _ = setup
+    n = len(nets["a"].controlnet_down_blocks) + 1
+    soft = 0.825 ** (12.0 - torch.arange(n, dtype=torch.float64))
+    hint = _hint(30)
+    kw = dict(height=H, width=W, num_inference_steps=4, guidance_scale=6.0,
+              latents=_latents(31, batch=1), output_type="np",
+              controlnet_conditioning_scale=1.5)
+    for mode, label, guess, factors in (
+            ("prompt", "My prompt is more important", False, soft),
+            ("controlnet", 2, True, soft / torch.logspace(-1, 0, n, dtype=torch.float64))):
+        pipe = _reference(ref, [_rescaled(nets["a"], factors.tolist())], "euler")
+        expected = pipe(PROMPTS[0], image=hint, guess_mode=guess, **kw).images
+        for given in (mode, label):
+            got = ours(PROMPTS[0], control_image=hint, controlnet="a", sampler="euler",
+                       control_mode=given, **kw)
+            assert_close_abs(got, expected, IMAGE_ATOL, f"{family} control mode {given!r}")
+        balanced = ours(PROMPTS[0], control_image=hint, controlnet="a", sampler="euler", **kw)
+        assert np.abs(balanced - got).max() > 20 * IMAGE_ATOL, f"mode {mode} changed nothing"
+
+
 def test_img2img_and_a_control_image_per_prompt(setup):
     family, ours, ref, nets, _ = setup
     pipe = _reference(ref, [nets["a"]], "ddim", "StableDiffusionControlNetImg2ImgPipeline")
@@ -272,11 +310,11 @@ def test_static_plan_matches_eager(setup):
         ours.compile(H, W, batch_size=1, num_inference_steps=4, sampler="dpmpp_2m")
         ours.compile(H, W, batch_size=1, num_inference_steps=4, sampler="dpmpp_2m",
                      controlnet=["a", "b"])
-        for scale, end in ((0.8, 1.0), (1.4, 0.5)):
+        for scale, end, mode in ((0.8, 1.0, "balanced"), (1.4, 0.5, ["controlnet", "prompt"])):
             kw = dict(prompt=PROMPTS[0], control_image=[_hint(19), _hint(20)],
                       controlnet=["a", "b"], controlnet_conditioning_scale=[scale, 0.5],
                       control_guidance_end=end, height=H, width=W, num_inference_steps=4,
-                      sampler="dpmpp_2m", seed=21, output_type="np")
+                      sampler="dpmpp_2m", seed=21, output_type="np", control_mode=mode)
             with warnings.catch_warnings():
                 warnings.simplefilter("error")  # no plan built on demand: compile built it
                 got = ours(**kw)
@@ -308,6 +346,11 @@ def test_static_plan_matches_eager(setup):
     (dict(control_image="IMG", controlnet="a", control_guidance_start=0.5,
           control_guidance_end=0.5), "control_guidance_start must be below"),
     (dict(control_image="IMG", controlnet="a", guess_mode="yes"), "guess_mode must be true"),
+    (dict(control_image="IMG", controlnet="a", control_mode="soft"),
+     "control_mode must be one of balanced, prompt, controlnet"),
+    (dict(control_image="IMG", controlnet="a", control_mode="prompt", guess_mode=True),
+     "control_mode must be balanced in guess mode"),
+    (dict(controlnet=None, control_mode="prompt"), "control_mode was given without"),
     (dict(control_image=["IMG", "IMG", "IMG"], controlnet="a", num_images_per_prompt=2),
      "one image or one per prompt"),
 ])

@@ -166,11 +166,13 @@ def test_preprocessor_units(server, assets, ref_pipe):
     units = [{"model": "edges", "image": _png(hints[0]), "module": "canny",
               "processor_res": 256, "threshold_a": 50, "threshold_b": 150},
              {"model": "depthy", "image": _png(hints[1]), "module": "threshold",
-              "pixel_perfect": True, "resize_mode": "Just Resize", "threshold_a": -1}]
+              "pixel_perfect": True, "resize_mode": "Just Resize", "threshold_a": -1,
+              "control_mode": "ControlNet is more important"}]
     (got,), info = _images(_txt2img(server, units, seed=5))
     maps = [frame_init_image(preprocess(hints[0], "canny", 256, 50, 150), 64, 64, "crop"),
             frame_init_image(preprocess(hints[1], "threshold", 64), 64, 64, "resize")]
-    want = _reference(ref_pipe, root, ["edges", "depthy"], 5, maps)
+    want = _reference(ref_pipe, root, ["edges", "depthy"], 5, maps,
+                      control_mode=["balanced", "controlnet"])
     assert_same_image(got, want, "canny and threshold units")
     units_text = info["extra_generation_params"]
     assert units_text["ControlNet 0"].startswith(
@@ -179,7 +181,8 @@ def test_preprocessor_units(server, assets, ref_pipe):
         "Perfect: False, Control Mode: Balanced" in units_text["ControlNet 0"]
     assert "Module: threshold, Model: depthy, Weight: 1, Resize Mode: Just Resize, Processor " \
         "Res: 64, Threshold A: 127, Threshold B: -1, Guidance Start: 0, Guidance End: 1, " \
-        "Pixel Perfect: True" in units_text["ControlNet 1"]
+        "Pixel Perfect: True, Control Mode: ControlNet is more important" in \
+        units_text["ControlNet 1"]
 
 
 def test_detect(server, assets):
@@ -227,8 +230,9 @@ def test_detect(server, assets):
     ({"model": "edges", "image": "IMG", "weight": 12}, ".weight", "from 0 to 10"),
     ({"model": "edges", "image": "IMG", "guidance_start": 0.5, "guidance_end": 0.2},
      ".guidance_start", "must be below guidance_end"),
-    ({"model": "edges", "image": "IMG", "control_mode": "My prompt is more important"},
-     ".control_mode", "must be 'Balanced' or 0"),
+    ({"model": "edges", "image": "IMG", "control_mode": "Prompt first"},
+     ".control_mode", "must be one of Balanced, My prompt is more important, ControlNet is "
+                      "more important (or 0 to 2)"),
     ({"model": "edges", "image": "IMG", "resize_mode": "Stretch"}, ".resize_mode",
      "Just Resize, Crop and Resize or Resize and Fill"),
     ({"model": "edges"}, ".image", "a txt2img unit needs its control image"),
