@@ -251,6 +251,15 @@ def call(a, images, loaded, width, height, first=None, inpaint=None):
                 guess_mode=a.guess_mode, control_mode=modes(a))
 
 
+def hires_units(a):
+    """Each ControlNet's part in a hires fix (``hires.pass_controls``' units): both passes,
+    a canny one softened in the second, as A1111's extension runs it; None without
+    --controlnet."""
+    if not a.controlnet:
+        return None
+    return [(True, True, p is not None and p[0] == "canny") for p in a.control_processors]
+
+
 def infotext(a, identities):
     """(("ControlNet 0", text), ...) for the PNG; ``identities`` the (name, short hash) of
     each --controlnet (hash None for a folder)."""

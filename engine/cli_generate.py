@@ -143,7 +143,8 @@ def generate(a):
             images = hires_generate(pipe, hires, prompt, call.pop("negative_prompt"),
                                     request.height, request.width, call.pop("num_inference_steps"),
                                     sampler, call.pop("generator"), **_sdxl_fields(a), **call,
-                                    **control, callback=None if plans else progress)
+                                    **control, control_units=cli_control.hires_units(a),
+                                    callback=None if plans else progress)
         else:
             images = pipe(prompt, height=request.height, width=request.width, sampler=sampler,
                           image=init, mask_image=mask, strength=a.strength,

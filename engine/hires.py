@@ -106,19 +106,63 @@ class Hires:
         return {k: v for k, v in pairs.items() if v is not None}
 
 
+# The pipeline's ControlNet arguments that hold one value per ControlNet (or one for all).
+_PER_NET = ("controlnet", "controlnet_conditioning_scale", "control_guidance_start",
+            "control_guidance_end", "control_mode")
+
+
+def pass_controls(control, units):
+    """(the first pass's, the second pass's) ControlNet arguments: ``control`` the pipeline's
+    (``controlnet`` a list of names; ``{}`` without ControlNets), ``units`` per ControlNet
+    (runs in the first pass, runs in the second, is softened in the second) as A1111's
+    ControlNet extension runs its units: ``hr_option`` "Low res only" or "High res only"
+    leaves a unit out of a pass, and a canny unit runs in the second pass with the control
+    mode "My prompt is more important" where it was balanced (outside guess mode)."""
+    if not control:
+        return {}, {}
+    names = control["controlnet"]
+    n = len(names)
+    per_net = {f: v if isinstance(v, (list, tuple)) else [v] * n
+               for f, v in control.items() if f in _PER_NET}
+    per_net["control_image"] = control["control_image"] if n > 1 else [control["control_image"]]
+    shared = {f: v for f, v in control.items() if f not in per_net}
+    out = []
+    for p in (0, 1):
+        keep = [k for k in range(n) if units[k][p]]
+        if not keep:
+            out.append({})
+            continue
+        this = {f: [v[k] for k in keep] for f, v in per_net.items()}
+        if p == 1 and not control.get("guess_mode"):
+            modes = this.get("control_mode", ["balanced"] * len(keep))
+            this["control_mode"] = ["prompt" if units[k][2] and m == "balanced" else m
+                                    for k, m in zip(keep, modes)]
+        if len(keep) == 1:
+            this["control_image"] = this["control_image"][0]
+        out.append({**shared, **this})
+    return tuple(out)
+
+
 def generate(pipe, hires: Hires, prompt, negative_prompt, height, width, num_inference_steps,
-             sampler, generator, **call):
+             sampler, generator, control_units=None, **call):
     """Both passes: the first at ``height`` × ``width`` (a static plan where one applies), the
     second at ``hires.target``; returns PIL images. ``generator`` (one CPU generator per image)
     draws the first pass's noise and then, going on, the second's. ``call`` holds the other
-    pipeline arguments both passes share (guidance scale, images per prompt, clip skip ...)."""
+    pipeline arguments both passes share (guidance scale, images per prompt, clip skip ...)
+    and the ControlNet arguments, which ``control_units`` (``pass_controls``' ``units``;
+    None: every ControlNet in both passes as given) divides between the passes."""
     import torch
     from PIL import Image
     w, h, cut_x, cut_y = hires.target(width, height, pipe.vae_scale_factor)
     latent = hires.upscaler in LATENT_UPSCALERS
+    control = {f: call.pop(f) for f in (*_PER_NET, "control_image", "guess_mode") if f in call}
+    controls = (control, control)
+    if control and control_units is not None:
+        controls = pass_controls(control, control_units)
     first = pipe(prompt, negative_prompt=negative_prompt, height=height, width=width,
                  num_inference_steps=num_inference_steps, sampler=sampler,
-                 generator=generator, output_type="latent" if latent else "pil", **call)
+                 generator=generator, output_type="latent" if latent else "pil", **call,
+                 **controls[0])
     if latent:
         mode, antialias = LATENT_UPSCALERS[hires.upscaler]
         f = pipe.vae_scale_factor
@@ -146,6 +190,6 @@ def generate(pipe, hires: Hires, prompt, negative_prompt, height, width, num_inf
                   negative_prompt=per_row(hires.negative_prompt or negative_prompt, text=True),
                   image=image, strength=hires.strength, num_inference_steps=steps,
                   sampler=hires.sampler or sampler, generator=generator, output_type="pil",
-                  **call)
+                  **call, **controls[1])
     pipe.timings = {k: timings.get(k, 0) + v for k, v in pipe.timings.items()}  # both passes
     return images

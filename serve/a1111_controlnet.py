@@ -9,10 +9,11 @@ img2img unit without one takes the first init image, as the extension does), its
 is the map) or a preprocessor that needs no network (``engine.preprocess``: canny, invert,
 threshold, ...) with its ``processor_res``, ``threshold_a``/``_b`` (-1: the defaults) and
 ``pixel_perfect``, run on the image before it is framed, and its ``control_mode`` ("Balanced",
-"My prompt is more important", "ControlNet is more important", or 0 to 2). Fields that would
-change the picture in ways sdrt does not implement (a preprocessor that runs a network, a unit
-mask, ``hr_option`` other than "Both") are refused with a 400 naming the field; ``low_vram``
-is accepted and does nothing. ``POST /controlnet/detect`` returns a preprocessor's maps, as
+"My prompt is more important", "ControlNet is more important", or 0 to 2) and ``hr_option``
+(in a hires fix: "Both" passes, "Low res only", "High res only"; a canny unit's second pass
+is softened, as the extension's is). Fields that would change the picture in ways sdrt does
+not implement (a preprocessor that runs a network, a unit mask) are refused with a 400 naming
+the field; ``low_vram`` is accepted and does nothing. ``POST /controlnet/detect`` returns a preprocessor's maps, as
 the extension's does.
 """
 import math
@@ -31,7 +32,9 @@ RESIZE = {"Just Resize": "resize", "Crop and Resize": "crop", "Resize and Fill":
           "Scale to Fit (Inner Fit)": "crop"}
 _HASHED = re.compile(r"^(.*) \[[0-9a-fA-F]+\]$")
 # field → the values that leave sdrt's computation as it is (anything else is refused)
-_OFF = {"guessmode": (False,), "hr_option": ("Both",), "mask": (None, ""), "mask_image": (None, "")}
+_OFF = {"guessmode": (False,), "mask": (None, ""), "mask_image": (None, "")}
+# hr_option → (runs in a hires fix's first pass, in its second)
+HR_OPTIONS = {"Both": (True, True), "Low res only": (True, False), "High res only": (False, True)}
 
 
 def script_args(scripts):
@@ -113,6 +116,10 @@ def parse(server, args, init_images, width, height, api_error):
             raise bad(f"{where}{at}.control_mode must be one of "
                       f"{', '.join(label for label, _ in CONTROL_MODES.values())} (or 0 to 2), "
                       f"got {short_repr(control_mode)}", f"{at}.control_mode")
+        hr_option = unit.get("hr_option", "Both")
+        if not isinstance(hr_option, str) or hr_option not in HR_OPTIONS:
+            raise bad(f"{where}{at}.hr_option must be one of {', '.join(HR_OPTIONS)}, got "
+                      f"{short_repr(hr_option)}", f"{at}.hr_option")
         mode = unit.get("resize_mode", "Crop and Resize")
         if isinstance(mode, bool) or not isinstance(mode, (int, str)) or mode not in RESIZE:
             raise bad(f"{where}{at}.resize_mode must be Just Resize, Crop and Resize or Resize "
@@ -146,7 +153,8 @@ def parse(server, args, init_images, width, height, api_error):
         for out, value in zip((controls, images, info), unit_parts(
                 server, i, name, picture, numbers["weight"], RESIZE[mode],
                 numbers["guidance_start"], numbers["guidance_end"], width, height,
-                processor, modes[control_mode])):
+                processor, modes[control_mode],
+                (*HR_OPTIONS[hr_option], pre.name == "canny"))):
             out.append(value)
         sources.append((picture, RESIZE[mode]))
     return tuple(controls), tuple(images), tuple(info), tuple(sources)
@@ -161,14 +169,14 @@ def _processor(unit, where):
 
 
 def unit_parts(server, index, name, picture, weight, resize, start, end, width, height,
-               processor=None, mode="balanced"):
+               processor=None, mode="balanced", passes=(True, True, False)):
     """One unit's (``BatchKey.controls`` entry, control image framed to ``width`` ×
     ``height`` by ``resize``, ("ControlNet {index}", its PNG info text)), for A1111's units
     and ComfyUI's nodes alike; ``processor`` and ``mode`` as ``infotext.controlnet_unit``
-    takes them."""
+    takes them, ``passes`` its part in a hires fix (``hires.pass_controls``' units)."""
     from sdrt.engine.images import frame_init_image
     short = server.runner.controlnet_hash(name)
-    return ((name, weight, start, end, mode),
+    return ((name, weight, start, end, mode, passes),
             frame_init_image(picture.convert("RGB"), width, height, resize),
             (f"ControlNet {index}", controlnet_unit(f"{name} [{short}]" if short else name,
                                                     weight, resize, start, end,

@@ -218,7 +218,8 @@ class Runner:
             from sdrt.engine.hires import generate
             out = generate(self.pipe, key.hires, [r.prompt for r in rows], negative,
                            key.height, key.width, key.steps, key.sampler, seeds["generator"],
-                           guidance_scale=guidance, clip_skip=key.clip_skip, **control)
+                           guidance_scale=guidance, clip_skip=key.clip_skip,
+                           control_units=[c[5] for c in key.controls], **control)
         else:
             out = self.pipe(
                 [r.prompt for r in rows], negative_prompt=negative,

@@ -54,9 +54,9 @@ class BatchKey:
     # latents resized (the pipeline's latent_resize); None when they come at the key's size.
     latent_resize_from: tuple = None
     loras: tuple = ()  # ((name, scale), ...) the rows' LoRAs (Runner.lora_path names them)
-    # ((name, weight, start, end, control mode), ...): the rows' ControlNets
-    # (Runner.controlnet_path names them), their scales, shares of the schedule and control
-    # modes; each row brings its control images.
+    # ((name, weight, start, end, control mode, hires passes), ...): the rows' ControlNets
+    # (Runner.controlnet_path names them), their scales, shares of the schedule, control
+    # modes and parts in a hires fix (hires.pass_controls); each row brings its control images.
     controls: tuple = ()
 
 

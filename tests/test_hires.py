@@ -128,3 +128,61 @@ def test_images_per_prompt(pipe):
     assert len(got) == 2
     diff = np.abs(np.asarray(got[1], dtype=int) - np.asarray(alone[0], dtype=int)).max()
     assert diff <= 1, f"the second image changed by {diff} levels in a batch"
+
+
+def test_pass_controls_divides_the_controlnets():
+    from sdrt.engine.hires import pass_controls
+    control = dict(control_image=["A", ["B1", "B2"]], controlnet=["a", "b"],
+                   controlnet_conditioning_scale=[0.5, 1.5], control_guidance_start=0.0,
+                   control_guidance_end=[1.0, 0.6], control_mode=["controlnet", "balanced"],
+                   guess_mode=False)
+    # "a" in the first pass only (A1111's "Low res only"); "b" in both, softened in the second
+    # (a canny unit): its balanced mode becomes "prompt" there.
+    first, second = pass_controls(control, [(True, False, False), (True, True, True)])
+    assert first == {**control, "control_guidance_start": [0.0, 0.0]}
+    assert second == dict(control_image=["B1", "B2"], controlnet=["b"],
+                          controlnet_conditioning_scale=[1.5], control_guidance_start=[0.0],
+                          control_guidance_end=[0.6], control_mode=["prompt"], guess_mode=False)
+    first, second = pass_controls({**control, "guess_mode": True, "control_mode": "balanced"},
+                                  [(False, True, True), (False, True, True)])
+    assert first == {}
+    assert second["control_mode"] == ["balanced", "balanced"]  # guess mode: not softened
+    assert pass_controls({}, []) == ({}, {})
+
+
+def test_controlnets_per_pass_are_the_librarys_calls(pipe, tiny_sd1_folder, tmp_path):
+    # A ControlNet in the first pass only, and one softened in the second: by hand, the
+    # first pass with it, then the second without it or with control mode "prompt".
+    import json
+
+    from PIL import Image
+
+    from sdrt.engine.tiny import controlnet_config, write_controlnet
+    with open(f"{tiny_sd1_folder}/unet/config.json") as f:
+        unet = json.load(f)
+    net = write_controlnet(str(tmp_path / "net"), controlnet_config(unet, pipe.vae_scale_factor),
+                           9)
+    pipe.load_controlnet(net, name="a")
+    try:
+        rng = np.random.default_rng(3)
+        hint = Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8))
+        hires = Hires(scale=1.5, steps=2, strength=0.7)
+        control = dict(control_image=hint, controlnet=["a"], controlnet_conditioning_scale=[2.0])
+        for units, second in (([(True, False, False)], {}),
+                              ([(True, True, True)], dict(control, control_mode=["prompt"]))):
+            got = generate(pipe, hires, PROMPTS[0], None, 32, 32, 3, "euler", _generators([7]),
+                           control_units=units, **control)
+            g = _generators([7])
+            first = pipe(PROMPTS[0], height=32, width=32, num_inference_steps=3, generator=g,
+                         sampler="euler", output_type="latent", **control)
+            f = pipe.vae_scale_factor
+            image = torch.nn.functional.interpolate(first, size=(48 // f, 48 // f),
+                                                    mode="bilinear")
+            want = pipe(PROMPTS[0], image=image, strength=0.7, num_inference_steps=3,
+                        generator=g, sampler="euler", output_type="pil", **second)
+            assert np.array_equal(np.asarray(got[0]), np.asarray(want[0])), units
+        both = generate(pipe, hires, PROMPTS[0], None, 32, 32, 3, "euler", _generators([7]),
+                        **control)
+        assert np.abs(np.asarray(both[0], dtype=int) - np.asarray(got[0], dtype=int)).max() > 3
+    finally:
+        pipe.unload_controlnet()

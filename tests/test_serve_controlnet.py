@@ -8,6 +8,7 @@ import io
 import json
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -217,6 +218,35 @@ def test_detect(server, assets):
     assert r.status_code == 400 and "must be valid JSON" in r.json()["error"]["message"]
 
 
+def test_hires_fix_options(server, assets, ref_pipe):
+    # enable_hr with a canny unit in both passes (softened in the second, as the extension
+    # does) and one in the first pass only: the library's hires.generate with those parts.
+    from sdrt.engine.hires import Hires, generate
+    from sdrt.engine.preprocess import preprocess
+    root, hints = assets
+    units = [{"model": "edges", "image": _png(hints[0]), "module": "canny"},
+             {"model": "depthy", "image": _png(hints[1]), "hr_option": "Low res only"}]
+    r = _txt2img(server, units, seed=6, enable_hr=True, hr_scale=1.5, hr_second_pass_steps=2,
+                 denoising_strength=0.6, steps=2)
+    (got,), _ = _images(r)
+    for name in ("edges", "depthy"):
+        path = root / "nets" / name if name == "depthy" else root / "nets" / f"{name}.safetensors"
+        ref_pipe.load_controlnet(str(path), name=name)
+    try:
+        maps = [frame_init_image(preprocess(hints[0], "canny"), 64, 64, "crop"),
+                frame_init_image(hints[1], 64, 64, "crop")]
+        want = generate(ref_pipe, Hires(scale=1.5, steps=2, strength=0.6), [PROMPT], "blurry",
+                        64, 64, 2, None, [torch.Generator().manual_seed(6)],
+                        guidance_scale=7.0, control_image=maps, controlnet=["edges", "depthy"],
+                        controlnet_conditioning_scale=[1.0, 1.0],
+                        control_guidance_start=[0.0, 0.0], control_guidance_end=[1.0, 1.0],
+                        control_mode=["balanced", "balanced"],
+                        control_units=[(True, True, True), (True, False, False)])[0]
+    finally:
+        ref_pipe.unload_controlnet()
+    assert_same_image(got, want, "hires fix with per-pass ControlNets")
+
+
 @pytest.mark.parametrize("unit,field,message", [
     ({"model": "edges", "image": "IMG", "module": "depth_midas"}, ".module",
      "sdrt does not run preprocessor 'depth_midas'"),
@@ -236,6 +266,8 @@ def test_detect(server, assets):
     ({"model": "edges", "image": "IMG", "resize_mode": "Stretch"}, ".resize_mode",
      "Just Resize, Crop and Resize or Resize and Fill"),
     ({"model": "edges"}, ".image", "a txt2img unit needs its control image"),
+    ({"model": "edges", "image": "IMG", "hr_option": "Low"}, ".hr_option",
+     "must be one of Both, Low res only, High res only"),
     ({"model": "edges", "image": "not base64!"}, ".image", "must be a base64-encoded image"),
 ])
 def test_bad_units_are_400s(server, assets, unit, field, message):
