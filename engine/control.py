@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .adapter import T2IAdapter, adapter_scales
 from .controlnet import residual_scales
 from .errors import SdrtError
 from .request import CONTROL_MODES, MAX_CONTROL_SCALE, short_repr
@@ -133,15 +134,27 @@ def control_batch(tensors, batch, dtype, device):
     return tensors.repeat_interleave(batch // rows, dim=0).to(device, dtype)
 
 
+def scale_count(net):
+    """How many factors a net's row of ``Control.scales`` uses: a ControlNet's residuals
+    and its mid one, an adapter's features."""
+    return net.num_features if isinstance(net, T2IAdapter) else net.num_residuals + 1
+
+
 def control_scales(nets, scales, starts, ends, guess_mode, calls, modes=None):
-    """``Control.scales`` (calls, nets, 2, n + 1) on the CPU: net k's ``residual_scales`` at
-    ``scales[k]`` in control mode ``modes[k]`` (default balanced) on the UNet calls i whose
-    share of the schedule, [i/calls, (i+1)/calls], lies within [``starts[k]``, ``ends[k]``],
-    and zero on the others (diffusers' ``controlnet_keep``)."""
+    """``Control.scales`` (calls, nets, 2, n + 1) on the CPU, n + 1 the most factors a net
+    has (``scale_count``; the rest zero): net k's ``residual_scales`` (an adapter's
+    ``adapter_scales``) at ``scales[k]`` in control mode ``modes[k]`` (default balanced) on
+    the UNet calls i whose share of the schedule, [i/calls, (i+1)/calls], lies within
+    [``starts[k]``, ``ends[k]``], and zero on the others (diffusers' ``controlnet_keep``).
+    Guess mode ramps the ControlNets only."""
     modes = modes or ("balanced",) * len(nets)
-    table = torch.zeros(calls, len(nets), 2, nets[0].num_residuals + 1)
+    table = torch.zeros(calls, len(nets), 2, max(scale_count(n) for n in nets))
     for i in range(calls):
         for k, net in enumerate(nets):
             on = not (i / calls < starts[k] or (i + 1) / calls > ends[k])
-            table[i, k] = residual_scales(net, scales[k] * float(on), guess_mode, modes[k])
+            if isinstance(net, T2IAdapter):
+                row = adapter_scales(net, scales[k] * float(on), modes[k])
+            else:
+                row = residual_scales(net, scales[k] * float(on), guess_mode, modes[k])
+            table[i, k, :, :row.shape[1]] = row
     return table

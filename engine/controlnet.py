@@ -31,6 +31,7 @@ _UP_BLOCK = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlo
 # Keys of control models sdrt does not run, by what they are.
 _OTHER_CONTROLS = (("lora_controlnet", "a Control-LoRA (Stability's low-rank ControlNet)"),
                    ("lllite", "a ControlNet-LLLite"),
+                   ("style_embedding", "a T2I style adapter (CLIP-vision tokens)"),
                    ("adapter.", "a T2I-Adapter"), ("body.0.", "a T2I-Adapter"))
 LDM_PREFIX = "control_model."
 
@@ -188,8 +189,8 @@ def single_file_config(keys, shape_of, unet_config: dict, where):
     keyset = set(keys)
     for marker, what in _OTHER_CONTROLS:
         if any(marker in k for k in keys):
-            raise SdrtError(f"{where}: this file is {what}, not a ControlNet; sdrt runs "
-                            f"ControlNets only")
+            raise SdrtError(f"{where}: this file is {what}, not a ControlNet or T2I-Adapter "
+                            f"sdrt runs")
     if "controlnet_cond_embedding.conv_in.weight" in keyset:
         layout, prefix = "diffusers", ""
         conv_in, label = "conv_in.weight", "add_embedding.linear_1.weight"

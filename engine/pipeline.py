@@ -399,9 +399,13 @@ class Pipeline:
     def load_controlnet(self, path, name=None, variant=None):
         """Load a ControlNet for this model: a diffusers folder, or a ``.safetensors`` file in
         diffusers' names or the original ControlNet layout (A1111's and ComfyUI's files,
-        built in this UNet's architecture). ``name`` (default: the file or folder name) is
-        what calls pass as ``controlnet``; loading under a loaded name replaces that one.
-        Returns the name."""
+        built in this UNet's architecture); or a T2I-Adapter (``engine.adapter``) in the
+        same forms, which calls then use as a ControlNet (as A1111 and ComfyUI load both).
+        ``name`` (default: the file or folder name) is what calls pass as ``controlnet``;
+        loading under a loaded name replaces that one. Returns the name."""
+        from .adapter import check_fits as adapter_fits
+        from .adapter import fits as adapter_ok
+        from .adapter import is_adapter, load_adapter
         from .controlnet import check_fits, load_controlnet
         if not isinstance(self.unet, nn.Module):
             raise SdrtError("ControlNets feed sdrt's own UNet; this one runs in another runtime")
@@ -412,9 +416,14 @@ class Pipeline:
             name = file_stem(path)
         if not isinstance(name, str) or not name.strip():
             raise SdrtError(f"controlnet name must be a non-empty string, got {short_repr(name)}")
-        net = load_controlnet(path, self.device, self.dtype, dataclasses.asdict(self.unet.config),
-                              variant)
-        check_fits(net.config, self.unet.config, os.fspath(path))
+        if is_adapter(path):
+            net = load_adapter(path, self.device, self.dtype, fits=lambda cfg: adapter_ok(
+                cfg, self.unet.config, self.vae_scale_factor))
+            adapter_fits(net.config, self.unet.config, self.vae_scale_factor, os.fspath(path))
+        else:
+            net = load_controlnet(path, self.device, self.dtype,
+                                  dataclasses.asdict(self.unet.config), variant)
+            check_fits(net.config, self.unet.config, os.fspath(path))
         if self.device.type == "cuda":
             use_conv_chooser(net, self.conv_chooser)
         self._forget_controlnet(name)
@@ -1039,6 +1048,8 @@ class Pipeline:
         inputs = self.text_inputs(texts, request.prompt_syntax, texts_2)
         request = self.check(request, num_chunks=inputs.num_chunks,
                              controlled=control is not None)
+        if control is not None:
+            self._check_adapter_size(control, request)
         generator = self._generator(generator, request)
         batch, sampler = request.batch_size, request.sampler
         shape = (batch, self.unet.config.out_channels, request.height // self.vae_scale_factor,
@@ -1102,6 +1113,17 @@ class Pipeline:
             self._bound_pixels(items, "control_image")
             out.append([_image_tensor(item, "control_image") for item in items])
         return out
+
+    def _check_adapter_size(self, control, request):
+        """The T2I-Adapters a request runs can unshuffle its size."""
+        from .adapter import T2IAdapter
+        for name in control.names:
+            net = self._controlnets[name]
+            f = net.config.downscale_factor if isinstance(net, T2IAdapter) else None
+            if f and (request.height % f or request.width % f):
+                raise SdrtError(f"height and width must be multiples of {f} for T2I-Adapter "
+                                f"{name!r} (it pixel-unshuffles the image by {f}), got "
+                                f"{request.width}x{request.height}")
 
     def _control_table(self, control, calls):
         """``Control.scales`` of a request over ``calls`` UNet calls, on the CPU."""

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .conditioning import Conditioning, TextInputs, encode_text
+from .control import scale_count
 from .errors import SdrtError
 from .families import Family
 from .prompt_syntax import WeightedIds
@@ -151,7 +152,7 @@ class StaticPlan:
                 nets, [torch.zeros(shape.batch_size, 3, shape.height, shape.width, dtype=dtype,
                                    device=dev) for _ in nets],
                 torch.zeros(len(self.schedule.timesteps), len(nets), 2,
-                            nets[0].num_residuals + 1, device=dev), shape.guess_mode)
+                            max(scale_count(n) for n in nets), device=dev), shape.guess_mode)
         # Outputs.
         self.latents = torch.zeros(self.latent_shape, dtype=dtype, device=dev)
         self.image = torch.zeros(shape.batch_size, shape.height, shape.width, 3,

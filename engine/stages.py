@@ -5,44 +5,84 @@ from dataclasses import dataclass
 
 import torch
 
+from .adapter import T2IAdapter
 from .errors import SdrtError
 
 
 @dataclass
 class Control:
-    """ControlNets applied on every UNet call (diffusers' ControlNet pipelines, several
-    ControlNets as its ``MultiControlNetModel``: their residuals summed).
+    """ControlNets and T2I-Adapters applied on every UNet call (diffusers' ControlNet and
+    adapter pipelines; several as its ``MultiControlNetModel``/``MultiAdapter``: their
+    residuals and features summed).
 
     ``images``: per net, its control image (B, 3, H, W) in [0, 1], in the UNet's dtype;
     ``scales`` (calls, nets, 2, n + 1) float32: for UNet call i of the request and net k, the
-    factors of its residuals for the unconditional and the conditional half of the CFG batch
-    (``controlnet.residual_scales``, zero where call i is outside the net's part of the
-    schedule: ``control_scales``). In guess mode (with CFG) the nets see only the conditional
-    half and the unconditional half gets no residuals."""
+    factors of its residuals (an adapter's features: its first ones) for the unconditional
+    and the conditional half of the CFG batch (``controlnet.residual_scales``,
+    ``adapter.adapter_scales``; zero where call i is outside the net's part of the schedule:
+    ``control_scales``). In guess mode (with CFG) the ControlNets see only the conditional
+    half and the unconditional half gets no residuals. An adapter's features do not depend
+    on the latents: computed on the first call, reused on the others."""
     nets: list
     images: list
     scales: torch.Tensor
     guess_mode: bool = False
+    _features: dict = None  # per adapter: its features of this request's images
 
     def residuals(self, call, x, t, inputs, rows):
-        """The summed residuals for UNet call ``call`` on latents ``x`` (rows·B, C, h, w),
-        ``rows`` the CFG halves in ``x`` and in ``inputs`` (the UNet's conditioning)."""
+        """The UNet's extra inputs for UNet call ``call`` on latents ``x`` (rows·B, C, h, w),
+        ``rows`` the CFG halves in ``x`` and in ``inputs`` (the UNet's conditioning): the
+        ControlNets' summed residuals, the adapters' summed features."""
         if call >= self.scales.shape[0]:
             raise SdrtError(f"ControlNet scales cover {self.scales.shape[0]} UNet calls; the "
                             f"sampler made more")
+        out = {}
+        nets = [(k, n) for k, n in enumerate(self.nets) if not isinstance(n, T2IAdapter)]
+        adapters = [(k, n) for k, n in enumerate(self.nets) if isinstance(n, T2IAdapter)]
+        if nets:
+            out.update(self._controlnets(nets, call, x, t, inputs, rows))
+        if adapters:
+            if call == 0:  # the features of this request's images
+                self._features = {k: a(self._adapter_input(a, self.images[k]))
+                                  for k, a in adapters}
+            summed = None
+            for k, _ in adapters:
+                scales = self._row_scales(call, k, rows, x.shape[0]).expand(x.shape[0], -1)
+                scales = scales.to(x.dtype)[:, :, None, None, None]  # (rows·B, n + 1, 1, 1, 1)
+                f = [feature.repeat(rows, 1, 1, 1) * scales[:, i]
+                     for i, feature in enumerate(self._features[k])]
+                summed = f if summed is None else [a + b for a, b in zip(summed, f)]
+            out["adapter_features"] = summed
+        return out
+
+    def _row_scales(self, call, k, rows, batch):
+        """Net k's factors on call ``call``: (n + 1,) for one half, else per sample."""
+        if rows == 1:
+            return self.scales[call, k, 1]
+        return self.scales[call, k].repeat_interleave(batch // 2, dim=0)
+
+    @staticmethod
+    def _adapter_input(adapter, image):
+        """A (B, 3, H, W) control image as the adapter reads it: a one-channel adapter gets
+        its grey (ITU-R 601 weights, as PIL's "L" conversion)."""
+        if adapter.config.in_channels == 1:
+            weights = image.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+            return (image * weights).sum(dim=1, keepdim=True)
+        return image
+
+    def _controlnets(self, nets, call, x, t, inputs, rows):
         half = rows == 2 and self.guess_mode
         if half:  # the conditional rows only
             x = x.chunk(2)[1]
             inputs = {k: v.chunk(2)[1] for k, v in inputs.items()}
         copies = 1 if half else rows
         down = mid = None
-        for k, (net, image) in enumerate(zip(self.nets, self.images)):
-            # One factor per residual (a batch of one half), or per sample and residual.
-            scales = self.scales[call, k, 1] if copies == 1 else \
-                self.scales[call, k].repeat_interleave(x.shape[0] // 2, dim=0)
-            d, m = net(x, t, inputs["encoder_hidden_states"], image.repeat(copies, 1, 1, 1),
-                       scales, text_embeds=inputs.get("text_embeds"),
-                       time_ids=inputs.get("time_ids"))
+        for k, net in nets:
+            scales = self._row_scales(call, k, copies, x.shape[0])
+            n = net.num_residuals + 1
+            d, m = net(x, t, inputs["encoder_hidden_states"],
+                       self.images[k].repeat(copies, 1, 1, 1), scales[..., :n],
+                       text_embeds=inputs.get("text_embeds"), time_ids=inputs.get("time_ids"))
             down = d if down is None else [a + b for a, b in zip(down, d)]
             mid = m if mid is None else mid + m
         if half:

@@ -372,15 +372,23 @@ class UNetBlock(nn.Module):
         x = self.resnets[i](x, temb)
         return x if self.attentions is None else self.attentions[i](x, context)
 
-    def down(self, x, temb, context):
-        """Returns the output and the skip tensors it hands to the up path."""
+    def down(self, x, temb, context, feature=None):
+        """Returns the output and the skip tensors it hands to the up path. ``feature``, a
+        T2I-Adapter's for this level, is added where diffusers adds it: in a block with
+        attention after its last layer (before the downsampler), in one without to its
+        output (which is also its last skip tensor)."""
         skips = []
+        attend = self.attentions is not None
         for i in range(len(self.resnets)):
             x = self._layer(i, x, temb, context)
+            if feature is not None and attend and i == len(self.resnets) - 1:
+                x = x + feature
             skips.append(x)
         if hasattr(self, "downsamplers"):
             x = self.downsamplers[0](x)
             skips.append(x)
+        if feature is not None and not attend:
+            x = skips[-1] = x + feature
         return x, skips
 
     def up(self, x, skips, temb, context, size=None):
@@ -466,16 +474,25 @@ class UNetEncoder(nn.Module):
                                     f"{cfg.addition_embed_type!r}, not 'text_time')")
         return emb
 
-    def encode(self, x, emb, context):
+    def encode(self, x, emb, context, features=()):
         """``conv_in``'s output ``x`` (B, C0, h, w) through the down path and the mid block:
         the result and the skip tensors, in the order the down path makes them (diffusers'
-        ``down_block_res_samples``)."""
+        ``down_block_res_samples``). ``features``: a T2I-Adapter's, one per down block and
+        (SDXL's) one for the mid block's output (diffusers'
+        ``down_intrablock_additional_residuals``)."""
         skips = [x]
+        features = list(features)
         for block in self.down_blocks:
-            x, s = block.down(x, emb, context)
+            x, s = block.down(x, emb, context, features.pop(0) if features else None)
             skips += s
         if self.mid_block is not None:
             x = self.mid_block(x, emb, context)
+        if features:
+            if features[0].shape != x.shape:
+                raise SdrtError(f"a T2I-Adapter feature of shape {tuple(features[0].shape)} is "
+                                f"left over for the mid block's output "
+                                f"{tuple(x.shape)} (an adapter for another architecture?)")
+            x = x + features.pop(0)
         return x, skips
 
     def _added_embedding(self, batch, text_embeds, time_ids, dtype):
@@ -536,7 +553,8 @@ class UNet2DConditionModel(UNetEncoder):
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
     def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None,
-                text_embeds=None, time_ids=None, down_residuals=None, mid_residual=None):
+                text_embeds=None, time_ids=None, down_residuals=None, mid_residual=None,
+                adapter_features=()):
         """sample (B, C, h, w); timestep 0-d or (B,); encoder_hidden_states (B, T, D);
         timestep_cond (B, time_cond_proj_dim), the guidance-scale embedding of a
         guidance-distilled UNet (config ``time_cond_proj_dim``), or None; text_embeds (B, P)
@@ -545,11 +563,13 @@ class UNet2DConditionModel(UNetEncoder):
         micro-conditioning numbers. ``down_residuals`` (one tensor per skip tensor of the
         down path) and ``mid_residual`` are a ControlNet's outputs, added to the skip tensors
         and to the mid block's output (diffusers' ``down_block_additional_residuals`` and
-        ``mid_block_additional_residual``)."""
+        ``mid_block_additional_residual``); ``adapter_features`` a T2I-Adapter's, added along
+        the down path (``encode``)."""
         emb = self.embed(sample, timestep, timestep_cond, text_embeds, time_ids)
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
-        x, skips = self.encode(self.conv_in(sample), emb, encoder_hidden_states)
+        x, skips = self.encode(self.conv_in(sample), emb, encoder_hidden_states,
+                               adapter_features)
         if down_residuals is not None:
             if len(down_residuals) != len(skips):
                 raise SdrtError(f"down_residuals holds {len(down_residuals)} tensors, but this "

@@ -201,6 +201,43 @@ def test_control_mode(assets, tmp_path, capsys):
     assert np.array_equal(_pixels(again), _pixels(out))
 
 
+def test_t2i_adapter(assets, tmp_path, capsys):
+    # A T2I-Adapter file (sdrt's module's weights, diffusers' names, no config) is a
+    # --controlnet like any other: the library's image, the unit in the PNG.
+    from safetensors.torch import save_file
+
+    from sdrt.engine.adapter import AdapterConfig, T2IAdapter
+    root, _ = assets
+    torch.manual_seed(5)
+    # The demo UNet's first level has no attention: an SDXL-layout adapter fits it.
+    adapter = T2IAdapter(AdapterConfig(channels=(32, 64, 128), num_res_blocks=1,
+                                       downscale_factor=4, adapter_type="full_adapter_xl"))
+    path = tmp_path / "t2i_sketch.safetensors"
+    save_file({k: v.contiguous() for k, v in adapter.state_dict().items()}, str(path))
+    out = tmp_path / "adapter.png"
+    code, _, err = _run(["generate", "a red fox", *SMALL, "--seed", "4", "--steps", "2",
+                         "--controlnet", f"{path}:0.8", "--control-image", str(root / "hint.png"),
+                         "-o", str(out)], capsys)
+    assert code == 0, err
+    assert 'ControlNet 0: "Module: none, Model: t2i_sketch [' in _parameters(out)
+    from sdrt.engine.demo.model import demo_config, demo_pipeline
+    from sdrt.engine.images import frame_init_image
+    pipe = demo_pipeline()
+    pipe.load_controlnet(str(path))
+    with Image.open(root / "hint.png") as im:
+        hint = frame_init_image(im.convert("RGB"), 64, 64, "crop")
+    defaults = demo_config()["demo_defaults"]
+    kw = dict(height=64, width=64, num_inference_steps=2,
+              guidance_scale=defaults["guidance_scale"], sampler=defaults["sampler"])
+    expected = pipe("a red fox", generator=[torch.Generator().manual_seed(4)], control_image=hint,
+                    controlnet_conditioning_scale=0.8, **kw)[0]
+    got = _pixels(out).astype(int)
+    assert np.abs(got - np.asarray(expected).astype(int)).max() <= 1
+    pipe.unload_controlnet()
+    plain = pipe("a red fox", generator=[torch.Generator().manual_seed(4)], **kw)[0]
+    assert np.abs(got - np.asarray(plain).astype(int)).max() > 3, "the adapter changed nothing"
+
+
 def test_control_options_without_a_controlnet_warn(tmp_path, capsys):
     code, _, err = _run(["generate", "a red fox", *SMALL, "--guess-mode", "--control-end", "0.5",
                          "-o", str(tmp_path / "x.png")], capsys)

@@ -169,10 +169,15 @@ def test_refusals_of_other_files(setup, tmp_path):
     wide.save_pretrained(tmp_path / "wide", safe_serialization=True)
     with pytest.raises(SdrtError, match="for another model: its block_out_channels"):
         ours.load_controlnet(tmp_path / "wide")
-    adapter = str(tmp_path / "t2iadapter_canny.safetensors")
+    adapter = str(tmp_path / "t2iadapter_canny.safetensors")  # (T2I-Adapters: test_adapter)
     save_file({"adapter.body.0.block1.weight": torch.zeros(4, 4, 3, 3)}, adapter)
-    with pytest.raises(SdrtError, match="a T2I-Adapter, not a ControlNet"):
+    with pytest.raises(SdrtError, match="not a T2I-Adapter .no body.N.block1 and conv_in"):
         ours.load_controlnet(adapter)
+    style = str(tmp_path / "t2iadapter_style.safetensors")
+    save_file({"style_embedding": torch.zeros(1, 8, 4)}, style)
+    with pytest.raises(SdrtError, match="a T2I style adapter .CLIP-vision tokens., not a "
+                                        "ControlNet or T2I-Adapter sdrt runs"):
+        ours.load_controlnet(style)
     bare = str(tmp_path / "unet.safetensors")
     save_file({"conv_in.weight": torch.zeros(32, 4, 3, 3)}, bare)
     with pytest.raises(SdrtError, match="not a ControlNet"):

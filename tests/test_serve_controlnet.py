@@ -45,6 +45,15 @@ def assets(tmp_path_factory):
     folder = write_controlnet(str(root / "edges-folder"), config, 6)
     save_file(load_file(f"{folder}/diffusion_pytorch_model.safetensors"),
               str(root / "nets" / "edges.safetensors"))
+    # A T2I-Adapter beside them, in the SDXL layout the demo UNet takes (its first level has
+    # no attention), as sdrt's module names its weights.
+    from sdrt.engine.adapter import AdapterConfig, T2IAdapter
+    torch.manual_seed(8)
+    adapter = T2IAdapter(AdapterConfig(channels=tuple(cfg["unet"]["block_out_channels"]),
+                                       num_res_blocks=1, downscale_factor=2 * factor,
+                                       adapter_type="full_adapter_xl"))
+    save_file({k: v.contiguous() for k, v in adapter.state_dict().items()},
+              str(root / "nets" / "t2i_sketch.safetensors"))
     rng = np.random.default_rng(7)
     hints = []
     for w, h in ((80, 64), (64, 96)):
@@ -94,7 +103,8 @@ def test_lists(server, assets):
     root, _ = assets
     models = httpx.get(f"{server}/controlnet/model_list").json()["model_list"]
     edges_hash = short_hash(str(root / "nets" / "edges.safetensors"))[:8]
-    assert models == ["depthy", f"edges [{edges_hash}]"]
+    sketch_hash = short_hash(str(root / "nets" / "t2i_sketch.safetensors"))[:8]
+    assert models == ["depthy", f"edges [{edges_hash}]", f"t2i_sketch [{sketch_hash}]"]
     modules = httpx.get(f"{server}/controlnet/module_list").json()
     assert modules["module_list"][:3] == ["none", "canny", "invert"]
     assert modules["module_detail"]["canny"]["sliders"] == [
@@ -184,6 +194,23 @@ def test_preprocessor_units(server, assets, ref_pipe):
         "Res: 64, Threshold A: 127, Threshold B: -1, Guidance Start: 0, Guidance End: 1, " \
         "Pixel Perfect: True, Control Mode: ControlNet is more important" in \
         units_text["ControlNet 1"]
+
+
+def test_a_t2i_adapter_unit(server, assets, ref_pipe):
+    # A unit's model may be a T2I-Adapter of --controlnet-dir, as in A1111's extension.
+    root, hints = assets
+    r = _txt2img(server, [{"model": "t2i_sketch", "image": _png(hints[0]), "weight": 1.5}],
+                 seed=12)
+    (got,), _ = _images(r)
+    ref_pipe.load_controlnet(str(root / "nets" / "t2i_sketch.safetensors"), name="t2i_sketch")
+    try:
+        want = ref_pipe(PROMPT, negative_prompt="blurry", height=64, width=64,
+                        num_inference_steps=2, guidance_scale=7.0, seed=12,
+                        control_image=frame_init_image(hints[0], 64, 64, "crop"),
+                        controlnet_conditioning_scale=1.5)[0]
+    finally:
+        ref_pipe.unload_controlnet()
+    assert_same_image(got, want, "T2I-Adapter unit")
 
 
 def test_detect(server, assets):
@@ -306,7 +333,7 @@ def test_comfyui_controlnet_nodes(server, assets, ref_pipe):
     from test_serve_comfy import _history, _queue, _view, _workflow
     root, hints = assets
     files = httpx.get(f"{server}/models/controlnet", timeout=TIMEOUT).json()
-    assert files == ["depthy", "edges.safetensors"]
+    assert files == ["depthy", "edges.safetensors", "t2i_sketch.safetensors"]
     info = httpx.get(f"{server}/object_info/ControlNetLoader", timeout=TIMEOUT).json()
     assert info["ControlNetLoader"]["input"]["required"]["control_net_name"][0] == files
     r = httpx.post(f"{server}/upload/image", timeout=TIMEOUT,
