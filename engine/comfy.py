@@ -40,11 +40,13 @@ _SAMPLER_NAMES = {"euler": "euler", "euler_ancestral": "euler_a", "heun": "heun"
                   "dpm_2": "dpm2", "dpm_2_ancestral": "dpm2_a", "dpmpp_sde": "dpmpp_sde",
                   "dpmpp_sde_gpu": "dpmpp_sde", "dpmpp_2m": "dpmpp_2m",
                   "dpmpp_2m_sde": "dpmpp_2m_sde", "dpmpp_2m_sde_gpu": "dpmpp_2m_sde",
+                  "dpmpp_2m_sde_heun": "dpmpp_2m_sde_heun",
+                  "dpmpp_2m_sde_heun_gpu": "dpmpp_2m_sde_heun",
                   "dpmpp_3m_sde": "dpmpp_3m_sde", "dpmpp_3m_sde_gpu": "dpmpp_3m_sde",
                   "lms": "lms", "uni_pc_bh2": "unipc", "deis": "deis", "ddim": "ddim",
                   "lcm": "lcm"}
 _KARRAS = ("euler", "euler_a", "heun", "dpm2", "dpm2_a", "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde",
-           "dpmpp_3m_sde", "lms", "unipc", "deis")
+           "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "lms", "unipc", "deis")
 SAMPLERS = {
     **{(comfy, s): sid for comfy, sid in _SAMPLER_NAMES.items() for s in _EVEN},
     **{(comfy, "karras"): f"{sid}_karras" for comfy, sid in _SAMPLER_NAMES.items()

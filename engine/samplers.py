@@ -240,8 +240,10 @@ def sample_dpmpp_2m(model, x, sched: Schedule, generator=None, noise=None, step_
     eta = 1 and Gaussian noise): the same extrapolated x0,
     the sample kept with weight sigma_t/sigma_s e^-h, and fresh noise of std sigma_t
     sqrt(1 - e^-2h) every step (from ``generator``, or ``noise``: one tensor per step).
-    dpmpp_3m_sde* extrapolates x0 from the last three steps (diffusers' solver_order 3), its
-    second to last step second order under 15 steps.
+    dpmpp_2m_sde_heun* weighs the extrapolation as the exact integral of a linear x0 over the
+    step (diffusers' solver_type "heun", k-diffusion's solver_type 'heun': A1111's "DPM++ 2M
+    SDE Heun"). dpmpp_3m_sde* extrapolates x0 from the last three steps (diffusers'
+    solver_order 3), its second to last step second order under 15 steps.
 
     Exact in the linear part of the variance-preserving ODE, it integrates the x0 prediction over
     log-SNR lambda, extrapolating it linearly from the previous step's. The first step, and the
@@ -255,6 +257,7 @@ def sample_dpmpp_2m(model, x, sched: Schedule, generator=None, noise=None, step_
     edm = sched.sigma_data is not None
     sde = "_sde" in sched.sampler
     third = sched.sampler.startswith("dpmpp_3m")
+    heun = "_heun" in sched.sampler
     # EDM's latents are variance-exploding (alpha = 1), the others variance-preserving.
     alpha_sigma = (lambda s: (torch.ones_like(s), s)) if edm else vp_alpha_sigma
     x0_prev = lam_prev = x0_prev2 = lam_prev2 = None
@@ -287,7 +290,12 @@ def sample_dpmpp_2m(model, x, sched: Schedule, generator=None, noise=None, step_
         if sde:
             z = _randn(x, generator) if noise is None else noise[i].to(x.dtype)
             e = torch.exp(-2.0 * h)
-            if d2 is None:
+            if heun and d is not x0:  # d = x0 + D1 / 2, D1 the scaled difference
+                x = torch.where(h == 0, x, (  # (a step of no length: x as it is)
+                    (sigma_t / sigma_s * torch.exp(-h)) * x + (alpha_t * (1 - e)) * x0
+                    + (alpha_t * ((1.0 - e) / (-2.0 * h) + 1.0)) * (2.0 * (d - x0))
+                    + sigma_t * torch.sqrt(1.0 - e) * z))
+            elif d2 is None:
                 x = ((sigma_t / sigma_s * torch.exp(-h)) * x + (alpha_t * (1 - e)) * d
                      + sigma_t * torch.sqrt(1.0 - e) * z)
             else:  # (a step of no length, Karras sigmas ending on sigma_min: x as it is)
@@ -476,7 +484,8 @@ _SAMPLE_FNS = {
     "dpmpp_sde": sample_dpmpp_sde,
     "dpmpp_sde_karras": sample_dpmpp_sde,
     **{name: sample_dpmpp_2m for name in ("dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde",
-                                          "dpmpp_2m_sde_karras", "dpmpp_3m_sde",
+                                          "dpmpp_2m_sde_karras", "dpmpp_2m_sde_heun",
+                                          "dpmpp_2m_sde_heun_karras", "dpmpp_3m_sde",
                                           "dpmpp_3m_sde_karras")},
     "lms": sample_lms,
     "lms_karras": sample_lms,
@@ -490,7 +499,8 @@ assert set(_SAMPLE_FNS) == set(SAMPLERS)
 
 # The samplers that draw fresh noise as they go (``Schedule.noise_draws`` tensors a run).
 _NOISE_SAMPLERS = ("euler_a", "euler_a_karras", "dpm2_a", "dpm2_a_karras", "dpmpp_sde",
-                   "dpmpp_sde_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "dpmpp_3m_sde",
+                   "dpmpp_sde_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras",
+                   "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_karras", "dpmpp_3m_sde",
                    "dpmpp_3m_sde_karras", "lcm")
 
 
@@ -555,12 +565,14 @@ def default_sampler(cfg: SchedulerConfig) -> str:
     if _CLASS_SAMPLERS.get(cfg.class_name) == "dpmpp_2m":  # DPM-Solver, EDM's or not
         sde = cfg.algorithm_type == "sde-dpmsolver++" and not cfg.edm
         third = sde and cfg.solver_order == 3
-        sampler = "dpmpp_3m_sde" if third else "dpmpp_2m_sde" if sde else "dpmpp_2m"
+        heun = sde and not third and cfg.solver_type == "heun"
+        sampler = ("dpmpp_3m_sde" if third else "dpmpp_2m_sde_heun" if heun else
+                   "dpmpp_2m_sde" if sde else "dpmpp_2m")
         if cfg.use_karras_sigmas and not cfg.edm:
             sampler += "_karras"
         other = {k: getattr(cfg, k) for k, v in _DPMPP_2M.items()
                  if getattr(cfg, k) != v and not (sde and k == "algorithm_type")
-                 and not (third and k == "solver_order")}
+                 and not (third and k == "solver_order") and not (heun and k == "solver_type")}
         if other:
             settings = ", ".join(f"{k}={v!r}" for k, v in other.items())
             warnings.warn(f"scheduler config sets {settings}, which sdrt does not implement; using "

@@ -41,6 +41,8 @@ SAMPLER_CLASSES = {
     "dpmpp_2m_karras": "DPMSolverMultistepScheduler",
     "dpmpp_2m_sde": "DPMSolverMultistepScheduler",  # algorithm_type="sde-dpmsolver++"
     "dpmpp_2m_sde_karras": "DPMSolverMultistepScheduler",
+    "dpmpp_2m_sde_heun": "DPMSolverMultistepScheduler",  # and solver_type="heun"
+    "dpmpp_2m_sde_heun_karras": "DPMSolverMultistepScheduler",
     "dpmpp_3m_sde": "DPMSolverMultistepScheduler",  # and solver_order=3
     "dpmpp_3m_sde_karras": "DPMSolverMultistepScheduler",
     "lms": "LMSDiscreteScheduler",
@@ -85,7 +87,8 @@ _CLASS_DEFAULTS = {
     **{name: {**_BETAS, "timestep_spacing": "linspace"}
        for name in ("euler", "euler_karras", "euler_a", "euler_a_karras", "dpmpp_2m",
                     "dpmpp_2m_karras",
-                    "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "dpmpp_3m_sde",
+                    "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "dpmpp_2m_sde_heun",
+                    "dpmpp_2m_sde_heun_karras", "dpmpp_3m_sde",
                     "dpmpp_3m_sde_karras", "unipc", "unipc_karras", "lms",
                     "lms_karras", "deis", "deis_karras")},
     **{name: {**_K_BETAS, "timestep_spacing": "linspace", "clip_sample": False}

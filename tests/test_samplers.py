@@ -100,6 +100,10 @@ def _diffusers_scheduler(sampler, cfg):
                          {"use_karras_sigmas": False, "algorithm_type": "sde-dpmsolver++"}),
         "dpmpp_2m_sde_karras": ("DPMSolverMultistepScheduler",
                                 {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"}),
+        "dpmpp_2m_sde_heun": ("DPMSolverMultistepScheduler", {
+            "use_karras_sigmas": False, "algorithm_type": "sde-dpmsolver++", "solver_type": "heun"}),
+        "dpmpp_2m_sde_heun_karras": ("DPMSolverMultistepScheduler", {
+            "use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++", "solver_type": "heun"}),
         "dpmpp_3m_sde": ("DPMSolverMultistepScheduler", {
             "use_karras_sigmas": False, "algorithm_type": "sde-dpmsolver++", "solver_order": 3}),
         "dpmpp_3m_sde_karras": ("DPMSolverMultistepScheduler", {
@@ -295,8 +299,9 @@ def test_img2img_matches_diffusers(sampler, config, steps, strength):
 
 TWO_CALL = ("heun", "heun_karras", "dpm2", "dpm2_karras")
 MULTISTEP = ("lms", "lms_karras", "unipc", "unipc_karras", "deis", "deis_karras")
-NOISY = ("dpm2_a", "dpm2_a_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "dpmpp_3m_sde",
-         "dpmpp_3m_sde_karras", "dpmpp_sde", "dpmpp_sde_karras")
+NOISY = ("dpm2_a", "dpm2_a_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "dpmpp_2m_sde_heun",
+         "dpmpp_2m_sde_heun_karras", "dpmpp_3m_sde", "dpmpp_3m_sde_karras", "dpmpp_sde",
+         "dpmpp_sde_karras")
 
 
 def _diverges(sampler, config, steps):
@@ -315,6 +320,11 @@ def _diverges(sampler, config, steps):
                               sampler, steps)
         if (sched.sigmas_in[1::2] == 0).any():
             return "a sigma_down of 0, diffusers' midpoint NaN"
+    if sampler.startswith("dpmpp_2m_sde_heun"):
+        sched = make_schedule(SchedulerConfig.from_dict({**CONFIGS, **EXTRA_CONFIGS}[config]),
+                              sampler, steps)
+        if (sched.sigmas[1:] == sched.sigmas[:-1]).any():
+            return "a step of no length, diffusers' Heun weight 0/0 NaN"
     return None
 
 
@@ -533,6 +543,8 @@ def test_low_precision_input_keeps_dtype():
                                      "use_karras_sigmas": True}, "dpmpp_2m_sde_karras"),
     ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3},
      "dpmpp_3m_sde"),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun",
+                                     "use_karras_sigmas": True}, "dpmpp_2m_sde_heun_karras"),
     ("HeunDiscreteScheduler", {"use_karras_sigmas": True}, "heun"),  # honours karras itself
     ("KDPM2DiscreteScheduler", {}, "dpm2"),
     ("KDPM2AncestralDiscreteScheduler", {}, "dpm2_a"),
