@@ -32,7 +32,8 @@ from .request import short_repr
 
 # (ComfyUI sampler_name, scheduler) → sdrt's sampler. ComfyUI's "normal", "simple" and
 # "sgm_uniform" space the steps evenly, as the model's own scheduler config does here.
-# "karras" is the sampler's Karras variant. The _gpu SDE samplers differ from the others only
+# "karras" is the sampler's Karras variant, "exponential" (the SDE DPM-Solvers') its
+# exponential one. The _gpu SDE samplers differ from the others only
 # in where ComfyUI draws their noise; uni_pc_bh2 is diffusers' default UniPC (ComfyUI's uni_pc,
 # B(h) = h, is not).
 _EVEN = ("normal", "simple", "sgm_uniform")
@@ -47,10 +48,13 @@ _SAMPLER_NAMES = {"euler": "euler", "euler_ancestral": "euler_a", "heun": "heun"
                   "lcm": "lcm"}
 _KARRAS = ("euler", "euler_a", "heun", "dpm2", "dpm2_a", "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde",
            "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "lms", "unipc", "deis")
+_EXPONENTIAL = ("dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde")
 SAMPLERS = {
     **{(comfy, s): sid for comfy, sid in _SAMPLER_NAMES.items() for s in _EVEN},
     **{(comfy, "karras"): f"{sid}_karras" for comfy, sid in _SAMPLER_NAMES.items()
        if sid in _KARRAS},
+    **{(comfy, "exponential"): f"{sid}_exponential" for comfy, sid in _SAMPLER_NAMES.items()
+       if sid in _EXPONENTIAL},
     ("ddim", "ddim_uniform"): "ddim",
 }
 _OUTPUTS = ("SaveImage", "PreviewImage")

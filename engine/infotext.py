@@ -46,10 +46,13 @@ SAMPLER_LABELS = {
     "dpmpp_2m_karras": "DPM++ 2M Karras",
     "dpmpp_2m_sde": "DPM++ 2M SDE",
     "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras",
+    "dpmpp_2m_sde_exponential": "DPM++ 2M SDE Exponential",
     "dpmpp_2m_sde_heun": "DPM++ 2M SDE Heun",
     "dpmpp_2m_sde_heun_karras": "DPM++ 2M SDE Heun Karras",
+    "dpmpp_2m_sde_heun_exponential": "DPM++ 2M SDE Heun Exponential",
     "dpmpp_3m_sde": "DPM++ 3M SDE",
     "dpmpp_3m_sde_karras": "DPM++ 3M SDE Karras",
+    "dpmpp_3m_sde_exponential": "DPM++ 3M SDE Exponential",
     "lms": "LMS",
     "lms_karras": "LMS Karras",
     "unipc": "UniPC",
@@ -79,10 +82,13 @@ SAMPLER_ALIASES = {
     "dpmpp_2m_karras": ("k_dpmpp_2m_ka",),
     "dpmpp_2m_sde": ("k_dpmpp_2m_sde",),
     "dpmpp_2m_sde_karras": ("k_dpmpp_2m_sde_ka",),
+    "dpmpp_2m_sde_exponential": ("k_dpmpp_2m_sde_exp",),
     "dpmpp_2m_sde_heun": ("k_dpmpp_2m_sde_heun",),
     "dpmpp_2m_sde_heun_karras": ("k_dpmpp_2m_sde_heun_ka",),
+    "dpmpp_2m_sde_heun_exponential": ("k_dpmpp_2m_sde_heun_exp",),
     "dpmpp_3m_sde": ("k_dpmpp_3m_sde",),
     "dpmpp_3m_sde_karras": ("k_dpmpp_3m_sde_ka",),
+    "dpmpp_3m_sde_exponential": ("k_dpmpp_3m_sde_exp",),
     "lms": ("k_lms",),
     "lms_karras": ("k_lms_ka",),
     "unipc": (),
@@ -95,31 +101,55 @@ assert set(SAMPLER_ALIASES) == set(SAMPLER_NAMES)
 _BY_NAME = {name.lower(): sid for sid in SAMPLER_NAMES
             for name in (SAMPLER_LABELS[sid], sid, *SAMPLER_ALIASES[sid])}
 # A1111's "Schedule type" (from 1.9 on a setting of its own, ``scheduler`` in its API) that
-# sdrt has: the sampler's own spacing, or Karras et al.'s sigmas (a sampler's "X Karras").
-SCHEDULE_TYPES = ("Automatic", "Karras")
+# sdrt has: the sampler's own default ("Automatic"), its spacing of the training timesteps
+# ("Uniform"), Karras et al.'s sigmas (a sampler's "X Karras") or exponentially spaced ones.
+SCHEDULE_TYPES = ("Automatic", "Uniform", "Karras", "Exponential")
+# A1111's samplers whose "Automatic" schedule is not Uniform (1.9 on): a request or a PNG that
+# names one of these labels without a schedule type gets it, as A1111 gives it.
+AUTOMATIC_SCHEDULES = {"DPM++ 2M": "karras", "DPM++ SDE": "karras", "DPM2": "karras",
+                       "DPM2 a": "karras", "DPM++ 2M SDE": "exponential",
+                       "DPM++ 2M SDE Heun": "exponential", "DPM++ 3M SDE": "exponential"}
+_AUTOMATIC = {label.lower(): kind for label, kind in AUTOMATIC_SCHEDULES.items()}
+_SUFFIX = {"karras": "_karras", "exponential": "_exponential"}
 
 
 def schedule_kind(schedule_type):
-    """A1111's schedule type -> "automatic" (also for none given) or "karras", any case; None
-    for one sdrt does not have."""
+    """A1111's schedule type -> "automatic" (also for none given), "uniform", "karras" or
+    "exponential", any case; None for one sdrt does not have."""
     if schedule_type in (None, ""):
         return "automatic"
     kind = schedule_type.lower() if isinstance(schedule_type, str) else None
-    return kind if kind in ("automatic", "karras") else None
+    return kind if kind in ("automatic", "uniform", "karras", "exponential") else None
 
 
 def sampler_id(label, schedule_type=None):
     """An A1111 sampler label or alias (case-insensitive), or an sdrt id -> the sdrt id; None
-    for a name that is neither. With A1111's ``schedule_type`` ("Automatic" or none: the
-    label as it is; "Karras": its Karras variant), None where sdrt has no such pair."""
+    for a name that is neither. With A1111's ``schedule_type``: "Automatic" (or none) gives
+    an A1111 label A1111's default schedule for it (``AUTOMATIC_SCHEDULES``: "DPM++ 2M" is
+    Karras, as in A1111 1.9 on) and anything else (an sdrt id too) as it is; "Uniform" the sampler on its own
+    spacing; "Karras"/"Exponential" its variant. None where sdrt has no such pair."""
     sid = _BY_NAME.get(label.lower()) if isinstance(label, str) else None
     kind = schedule_kind(schedule_type)
-    if sid is None or kind == "automatic":
-        return sid
-    if kind == "karras":
-        karras = sid if sid.endswith("_karras") else f"{sid}_karras"
-        return karras if karras in SAMPLER_NAMES else None
-    return None
+    if sid is None or kind is None:
+        return None
+    base = sid.removesuffix("_karras").removesuffix("_exponential")
+    if kind == "automatic":
+        # (an sdrt id, "dpm2" say, is the sampler itself, not A1111's label "DPM2")
+        kind = None if label in SAMPLER_NAMES else _AUTOMATIC.get(label.lower())
+        if kind is None:
+            return sid
+    if kind == "uniform":
+        return base
+    if sid != base and not sid.endswith(_SUFFIX[kind]):
+        return None  # "X Karras" with schedule type Exponential
+    variant = base + _SUFFIX[kind]
+    return variant if variant in SAMPLER_NAMES else None
+
+
+def written_schedule(sid):
+    """The "Schedule type" to write beside sampler ``sid``'s label: "Uniform" where A1111
+    would otherwise read the label with another default schedule; None elsewhere."""
+    return "Uniform" if SAMPLER_LABELS.get(sid, "").lower() in _AUTOMATIC else None
 
 
 def quote(value):
@@ -194,6 +224,7 @@ class Infotext:
         pairs = {
             "Steps": self.steps,
             "Sampler": SAMPLER_LABELS.get(self.sampler, self.sampler),
+            "Schedule type": written_schedule(self.sampler),
             "CFG scale": number(self.cfg_scale),
             "Seed": self.seed,
             "Size": f"{self.width}x{self.height}",
@@ -209,6 +240,7 @@ class Infotext:
             **{k: (number(v) if isinstance(v, float) else
                    SAMPLER_LABELS.get(v, v) if k == "Hires sampler" else v)
                for k, v in self.hires},
+            "Hires schedule type": written_schedule(dict(self.hires).get("Hires sampler")),
             "Refiner": self.refiner,
             "Refiner switch at": (None if self.refiner_switch_at is None
                                   else number(self.refiner_switch_at)),

@@ -27,8 +27,9 @@ from .errors import SdrtError
 SAMPLER_NAMES = ("ddim", "pndm", "euler", "euler_karras", "euler_a", "euler_a_karras", "heun",
                  "heun_karras", "dpm2", "dpm2_karras", "dpm2_a", "dpm2_a_karras", "dpmpp_sde",
                  "dpmpp_sde_karras", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde",
-                 "dpmpp_2m_sde_karras", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_karras",
-                 "dpmpp_3m_sde", "dpmpp_3m_sde_karras", "lms", "lms_karras", "unipc",
+                 "dpmpp_2m_sde_karras", "dpmpp_2m_sde_exponential", "dpmpp_2m_sde_heun",
+                 "dpmpp_2m_sde_heun_karras", "dpmpp_2m_sde_heun_exponential", "dpmpp_3m_sde",
+                 "dpmpp_3m_sde_karras", "dpmpp_3m_sde_exponential", "lms", "lms_karras", "unipc",
                  "unipc_karras", "deis", "deis_karras", "lcm")
 OUTPUT_TYPES = ("pil", "np", "latent")
 # How a prompt string is read: A1111's syntax (weights, BREAK, 75-token chunks past 77 tokens;

@@ -11,8 +11,8 @@ import warnings
 import torch
 
 from .errors import SdrtError
-from .schedules import (EDM_CLASSES, KARRAS_OFF, KARRAS_SAMPLERS, SAMPLER_CLASSES, SAMPLERS,
-                        TWO_CALL_SAMPLERS, Schedule, SchedulerConfig, make_schedule,
+from .schedules import (EDM_CLASSES, EXPONENTIAL, KARRAS_OFF, KARRAS_SAMPLERS, SAMPLER_CLASSES,
+                        SAMPLERS, TWO_CALL_SAMPLERS, Schedule, SchedulerConfig, make_schedule,
                         vp_alpha_sigma)
 
 __all__ = ["SAMPLERS", "Schedule", "SchedulerConfig", "default_sampler", "make_schedule", "sample",
@@ -486,7 +486,7 @@ _SAMPLE_FNS = {
     **{name: sample_dpmpp_2m for name in ("dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde",
                                           "dpmpp_2m_sde_karras", "dpmpp_2m_sde_heun",
                                           "dpmpp_2m_sde_heun_karras", "dpmpp_3m_sde",
-                                          "dpmpp_3m_sde_karras")},
+                                          "dpmpp_3m_sde_karras", *EXPONENTIAL)},
     "lms": sample_lms,
     "lms_karras": sample_lms,
     "unipc": sample_unipc,
@@ -500,7 +500,8 @@ assert set(_SAMPLE_FNS) == set(SAMPLERS)
 # The samplers that draw fresh noise as they go (``Schedule.noise_draws`` tensors a run).
 _NOISE_SAMPLERS = ("euler_a", "euler_a_karras", "dpm2_a", "dpm2_a_karras", "dpmpp_sde",
                    "dpmpp_sde_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras",
-                   "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_karras", "dpmpp_3m_sde",
+                   "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_karras", *EXPONENTIAL,
+                   "dpmpp_3m_sde",
                    "dpmpp_3m_sde_karras", "lcm")
 
 

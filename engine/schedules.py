@@ -43,6 +43,11 @@ SAMPLER_CLASSES = {
     "dpmpp_2m_sde_karras": "DPMSolverMultistepScheduler",
     "dpmpp_2m_sde_heun": "DPMSolverMultistepScheduler",  # and solver_type="heun"
     "dpmpp_2m_sde_heun_karras": "DPMSolverMultistepScheduler",
+    # X_exponential: on exponentially spaced sigmas (use_exponential_sigmas=True, A1111's
+    # schedule type Exponential, its default for these)
+    "dpmpp_2m_sde_exponential": "DPMSolverMultistepScheduler",
+    "dpmpp_2m_sde_heun_exponential": "DPMSolverMultistepScheduler",
+    "dpmpp_3m_sde_exponential": "DPMSolverMultistepScheduler",
     "dpmpp_3m_sde": "DPMSolverMultistepScheduler",  # and solver_order=3
     "dpmpp_3m_sde_karras": "DPMSolverMultistepScheduler",
     "lms": "LMSDiscreteScheduler",
@@ -67,6 +72,7 @@ KARRAS_OFF = ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "unipc", "deis")
 _K_CLASS = TWO_CALL_SAMPLERS + ("lms", "lms_karras")
 KARRAS_SAMPLERS = {name[:-len("_karras")]: name for name in SAMPLER_CLASSES
                    if name.endswith("_karras")}
+EXPONENTIAL = tuple(name for name in SAMPLER_CLASSES if name.endswith("_exponential"))
 # A model trained with EDM's preconditioning (Karras et al. 2022) ships one of these: its
 # sigmas, the UNet's input scale, timestep and output all follow EDM. euler and dpmpp_2m
 # reproduce them; euler_a runs k-diffusion's ancestral step over the same denoiser.
@@ -88,7 +94,8 @@ _CLASS_DEFAULTS = {
        for name in ("euler", "euler_karras", "euler_a", "euler_a_karras", "dpmpp_2m",
                     "dpmpp_2m_karras",
                     "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "dpmpp_2m_sde_heun",
-                    "dpmpp_2m_sde_heun_karras", "dpmpp_3m_sde",
+                    "dpmpp_2m_sde_heun_karras", "dpmpp_2m_sde_exponential",
+                    "dpmpp_2m_sde_heun_exponential", "dpmpp_3m_sde_exponential", "dpmpp_3m_sde",
                     "dpmpp_3m_sde_karras", "unipc", "unipc_karras", "lms",
                     "lms_karras", "deis", "deis_karras")},
     **{name: {**_K_BETAS, "timestep_spacing": "linspace", "clip_sample": False}
@@ -167,6 +174,8 @@ class SchedulerConfig:
     timestep_type: str = "discrete"
     # Euler and DPM-Solver++
     use_karras_sigmas: bool = False
+    # DPM-Solver++: set by the *_exponential samplers only (a config file setting it is refused)
+    use_exponential_sigmas: bool = False
     sigma_min: float | None = None
     sigma_max: float | None = None
     final_sigmas_type: str = "zero"
@@ -268,6 +277,8 @@ class SchedulerConfig:
                             final_sigmas_type="sigma_min")
         if sampler.startswith("dpmpp_"):
             resolved["solver_order"] = 3 if sampler.startswith("dpmpp_3m") else 2
+        if sampler.startswith("dpmpp_"):
+            resolved["use_exponential_sigmas"] = sampler.endswith("_exponential")
         if sampler.startswith(KARRAS_OFF):
             resolved["use_karras_sigmas"] = sampler.endswith("_karras")
         elif sampler.endswith("_karras"):
@@ -879,6 +890,11 @@ def _dpm_tables(cfg, alphas_cumprod, steps, unipc=False):
         if cfg.beta_schedule != "squaredcos_cap_v2" or unipc:
             t = t.round()
         t = t.astype(np.int64)
+    elif cfg.use_exponential_sigmas:  # evenly spaced in log sigma; timesteps truncated
+        lo = cfg.sigma_min if cfg.sigma_min is not None else float(train[0])
+        hi = cfg.sigma_max if cfg.sigma_max is not None else float(train[-1])
+        sigmas = np.exp(np.linspace(math.log(hi), math.log(lo), steps))
+        t = sigma_to_timestep(sigmas, train).astype(np.int64)
     else:
         sigmas = train[t]
     last = (sigmas[-1] if unipc and cfg.use_karras_sigmas and cfg.final_sigmas_type == "sigma_min"

@@ -244,10 +244,10 @@ class Server:
         if name is None:
             from sdrt.engine.samplers import default_sampler
             sid = default_sampler(self.runner.pipe.scheduler_config)
-        resolved = sampler_id(sid, schedule_type)
+        resolved = sampler_id(sid if name is None else name, schedule_type)
         if resolved is None:
-            raise ApiError(400, f"{schedule_field} Karras has no variant of sampler "
-                                f"{SAMPLER_LABELS[sid]}; use Automatic, got "
+            raise ApiError(400, f"{schedule_field}: sampler {SAMPLER_LABELS[sid]} has no "
+                                f"{schedule_type} variant in sdrt; use Automatic or Uniform, got "
                                 f"{short_repr(schedule_type)}", "bad_request", schedule_field)
         return resolved
 
@@ -595,8 +595,10 @@ def create_app(config: ServeConfig = None) -> FastAPI:
     @app.get("/sdapi/v1/schedulers", response_model=list[schemas.SchedulerItem],
              tags=["AUTOMATIC1111"])
     async def schedulers():
-        """A1111 1.9's schedule types (``scheduler``) sdrt has: the sampler's own spacing, and
-        Karras sigmas for the samplers with a Karras variant."""
+        """A1111 1.9's schedule types (``scheduler``) sdrt has: Automatic (each sampler's
+        default, as A1111's: Karras for DPM++ 2M, Exponential for the SDE DPM-Solvers ...),
+        Uniform (the sampler's own spacing), Karras and Exponential sigmas for the samplers
+        with such a variant."""
         return [schemas.SchedulerItem(name=label.lower(), label=label,
                                       default_rho=7.0 if label == "Karras" else -1.0)
                 for label in SCHEDULE_TYPES]

@@ -75,7 +75,8 @@ class A1111Request(BaseModel):
     sampler_name: Optional[str] = Field(None, description="an A1111 label, e.g. 'Euler a'")
     sampler_index: Optional[str] = Field(None, description="older name of sampler_name")
     scheduler: Optional[str] = Field(None, description="A1111 1.9's schedule type: Automatic "
-                                                       "(the sampler's own) or Karras")
+                                                       "(the sampler's default, as A1111's), "
+                                                       "Uniform, Karras or Exponential")
     batch_size: int = 1
     n_iter: int = 1
     steps: Optional[int] = None
@@ -114,8 +115,8 @@ class Txt2ImgRequest(A1111Request):
     hr_resize_y: int = 0
     hr_sampler_name: Optional[str] = Field(None, description="null or '': sampler_name")
     hr_scheduler: Optional[str] = Field(None, description="the second pass's schedule type "
-                                                          "(Automatic, Karras or Use same "
-                                                          "scheduler)")
+                                                          "(Automatic, Uniform, Karras, "
+                                                          "Exponential or Use same scheduler)")
     hr_prompt: str = ""
     hr_negative_prompt: str = ""
     hr_checkpoint_name: Optional[str] = Field(None, description="null, '' or 'Use same "

@@ -560,10 +560,18 @@ def test_from_png_reads_a1111_schedule_type(tmp_path, capsys):
                          str(out)], capsys)
     assert code == 0, err
     assert "Sampler: DPM++ 2M SDE Karras," in _parameters(out), _parameters(out)
-    code, _, err = _run(["generate", "--from-png", str(made_by_a1111("Exponential")), "-o",
+    for schedule_type, label in (("Exponential", "DPM++ 2M SDE Exponential,"),
+                                 ("Automatic", "DPM++ 2M SDE Exponential,"),  # A1111's default
+                                 ("Uniform", "DPM++ 2M SDE, Schedule type: Uniform,")):
+        again = tmp_path / f"{schedule_type}-again.png"
+        code, _, err = _run(["generate", "--from-png", str(made_by_a1111(schedule_type)), "-o",
+                             str(again)], capsys)
+        assert code == 0, err
+        assert f"Sampler: {label}" in _parameters(again), _parameters(again)
+    code, _, err = _run(["generate", "--from-png", str(made_by_a1111("Beta")), "-o",
                          str(tmp_path / "e.png")], capsys)
     assert code == 2 and len(_stderr_lines(err)) == 1, err
-    assert "Sampler 'DPM++ 2M SDE' with Schedule type 'Exponential' is not a value --sampler " \
+    assert "Sampler 'DPM++ 2M SDE' with Schedule type 'Beta' is not a value --sampler " \
            "takes" in err, err
 
 

@@ -8,7 +8,8 @@ import re
 import pytest
 from PIL import Image
 
-from sdrt.engine.infotext import (SAMPLER_LABELS, Infotext, png_bytes, quote, sampler_id)
+from sdrt.engine.infotext import (SAMPLER_LABELS, Infotext, parse, png_bytes, quote,
+                                  sampler_id, written_schedule)
 from sdrt.engine.request import SAMPLER_NAMES
 
 # A1111's modules/infotext_utils.py reads "Key: value" pairs with this pattern, then unquotes
@@ -114,8 +115,9 @@ def test_quoted_values_round_trip_through_a1111s_reader(model_name):
 def test_sampler_labels_and_aliases():
     assert set(SAMPLER_LABELS) == set(SAMPLER_NAMES)
     for sid, label in SAMPLER_LABELS.items():
-        assert sampler_id(label) == sid
-        assert sampler_id(label.upper()) == sid
+        # (A label without a schedule type means A1111's default schedule for it.)
+        assert sampler_id(label, "Uniform" if written_schedule(sid) else None) == sid
+        assert sampler_id(label.upper(), "uniform" if written_schedule(sid) else None) == sid
         assert sampler_id(sid) == sid
     assert sampler_id("k_euler_a") == "euler_a"
     assert sampler_id("PLMS") == "pndm"
@@ -129,12 +131,27 @@ def test_sampler_labels_and_aliases():
     ("DPM++ 2M Karras", "Karras", "dpmpp_2m_karras"),  # the old label with it
     ("DPM++ 2M SDE", "karras", "dpmpp_2m_sde_karras"),
     ("Euler", "Karras", "euler_karras"),
-    ("DPM2 a", "Automatic", "dpm2_a"),
+    # Automatic (or none given) is A1111 1.9's default of the label: Karras for DPM++ 2M,
+    # DPM++ SDE, DPM2 and DPM2 a, Exponential for the SDE DPM-Solvers, Uniform otherwise.
+    ("DPM2 a", "Automatic", "dpm2_a_karras"),
+    ("DPM++ 2M", None, "dpmpp_2m_karras"),
+    ("dpm++ 2m sde", "", "dpmpp_2m_sde_exponential"),
+    ("DPM++ 2M SDE Heun", None, "dpmpp_2m_sde_heun_exponential"),
+    ("DPM++ 3M SDE", "Automatic", "dpmpp_3m_sde_exponential"),
+    ("DPM++ 2M Karras", None, "dpmpp_2m_karras"),  # an old label names its schedule
+    ("dpmpp_2m", None, "dpmpp_2m"),  # sdrt's ids mean what they say
+    ("k_dpmpp_2m", None, "dpmpp_2m"),
     ("Heun", None, "heun"),
     ("Heun", "", "heun"),
+    ("Euler a", "Automatic", "euler_a"),
+    ("DPM++ 2M", "Uniform", "dpmpp_2m"),
+    ("DPM++ 2M SDE Karras", "uniform", "dpmpp_2m_sde"),
+    ("DPM++ 3M SDE", "Exponential", "dpmpp_3m_sde_exponential"),
     ("Euler a", "Karras", "euler_a_karras"),
     ("DDIM", "Karras", None),  # no Karras variant
-    ("Euler", "Exponential", None),  # a schedule type sdrt does not have
+    ("Euler", "Exponential", None),  # no exponential variant
+    ("DPM++ 2M SDE Karras", "Exponential", None),  # the label and the type disagree
+    ("Euler", "Beta", None),  # a schedule type sdrt does not have
     ("LMS", "Karras", "lms_karras"),
     ("DPM++ SDE", "Karras", "dpmpp_sde_karras"),
     ("DPM++ 2S a", "Karras", None),  # a sampler sdrt does not have
@@ -142,3 +159,12 @@ def test_sampler_labels_and_aliases():
 ])
 def test_sampler_with_schedule_type(label, schedule_type, expected):
     assert sampler_id(label, schedule_type) == expected
+
+
+@pytest.mark.parametrize("sampler", SAMPLER_NAMES)
+def test_every_sampler_reads_back_from_its_png_info(sampler):
+    # What sdrt writes (the label, and "Schedule type: Uniform" where A1111 would read the
+    # label with another default) is read back, as A1111 1.9 reads it, as the same sampler.
+    info = Infotext("a", "", 20, sampler, 7.0, 1, 64, 64)
+    _, _, pairs = parse(str(info))
+    assert sampler_id(pairs["Sampler"], pairs.get("Schedule type")) == sampler, str(info)

@@ -104,6 +104,11 @@ def _diffusers_scheduler(sampler, cfg):
             "use_karras_sigmas": False, "algorithm_type": "sde-dpmsolver++", "solver_type": "heun"}),
         "dpmpp_2m_sde_heun_karras": ("DPMSolverMultistepScheduler", {
             "use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++", "solver_type": "heun"}),
+        **{f"{name}_exponential": ("DPMSolverMultistepScheduler", {
+            "use_exponential_sigmas": True, "use_karras_sigmas": False,
+            "algorithm_type": "sde-dpmsolver++", **extra})
+           for name, extra in (("dpmpp_2m_sde", {}), ("dpmpp_2m_sde_heun", {"solver_type": "heun"}),
+                               ("dpmpp_3m_sde", {"solver_order": 3}))},
         "dpmpp_3m_sde": ("DPMSolverMultistepScheduler", {
             "use_karras_sigmas": False, "algorithm_type": "sde-dpmsolver++", "solver_order": 3}),
         "dpmpp_3m_sde_karras": ("DPMSolverMultistepScheduler", {
@@ -301,7 +306,8 @@ TWO_CALL = ("heun", "heun_karras", "dpm2", "dpm2_karras")
 MULTISTEP = ("lms", "lms_karras", "unipc", "unipc_karras", "deis", "deis_karras")
 NOISY = ("dpm2_a", "dpm2_a_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "dpmpp_2m_sde_heun",
          "dpmpp_2m_sde_heun_karras", "dpmpp_3m_sde", "dpmpp_3m_sde_karras", "dpmpp_sde",
-         "dpmpp_sde_karras")
+         "dpmpp_sde_karras", "dpmpp_2m_sde_exponential", "dpmpp_2m_sde_heun_exponential",
+         "dpmpp_3m_sde_exponential")
 
 
 def _diverges(sampler, config, steps):
@@ -320,6 +326,13 @@ def _diverges(sampler, config, steps):
                               sampler, steps)
         if (sched.sigmas_in[1::2] == 0).any():
             return "a sigma_down of 0, diffusers' midpoint NaN"
+    if config == "zsnr_cosine" and sampler.endswith("_exponential"):
+        # Exponential sigmas on zero-SNR squared-cosine betas truncate to repeated timesteps,
+        # on which DPMSolverMultistepScheduler's step index runs past its sigmas.
+        t = make_schedule(SchedulerConfig.from_dict(EXTRA_CONFIGS[config]), sampler,
+                          steps).timesteps
+        if (t[1:] == t[:-1]).any():
+            return "repeated timesteps"
     if sampler.startswith("dpmpp_2m_sde_heun"):
         sched = make_schedule(SchedulerConfig.from_dict({**CONFIGS, **EXTRA_CONFIGS}[config]),
                               sampler, steps)

@@ -424,8 +424,9 @@ def test_a1111_schedule_types(main_server, ref_pipe):
     # own.
     url, _ = main_server
     schedulers = httpx.get(f"{url}/sdapi/v1/schedulers", timeout=TIMEOUT).json()
-    assert [(s["name"], s["label"]) for s in schedulers] == [("automatic", "Automatic"),
-                                                             ("karras", "Karras")]
+    assert [(s["name"], s["label"]) for s in schedulers] == [
+        ("automatic", "Automatic"), ("uniform", "Uniform"), ("karras", "Karras"),
+        ("exponential", "Exponential")]
     base = {"prompt": "a fox", "seed": 9, "steps": 3, "width": 32, "height": 32,
             "cfg_scale": 6}
 
@@ -445,6 +446,17 @@ def test_a1111_schedule_types(main_server, ref_pipe):
     assert_same_image(png(automatic["images"][0]),
                       reference(ref_pipe, "a fox", 9, (32, 32), 3, 6.0, sampler="heun"),
                       "Heun")
+    # A1111 1.9's defaults: DPM++ 2M SDE is exponential unless Uniform is asked for, and the
+    # PNG says which.
+    exponential = run(sampler_name="DPM++ 2M SDE")
+    assert "Sampler: DPM++ 2M SDE Exponential," in json.loads(exponential["info"])["infotexts"][0]
+    assert_same_image(png(exponential["images"][0]),
+                      reference(ref_pipe, "a fox", 9, (32, 32), 3, 6.0,
+                                sampler="dpmpp_2m_sde_exponential"), "DPM++ 2M SDE automatic")
+    uniform = run(sampler_name="DPM++ 2M SDE", scheduler="Uniform")
+    assert "Sampler: DPM++ 2M SDE, Schedule type: Uniform," in \
+        json.loads(uniform["info"])["infotexts"][0]
+    assert uniform["images"] != exponential["images"]
     hires = run(sampler_name="DPM2", scheduler="Karras", enable_hr=True, hr_scale=1.5,
                 hr_second_pass_steps=2, hr_sampler_name="Euler", hr_scheduler="Karras")
     infotext = json.loads(hires["info"])["infotexts"][0]
@@ -676,6 +688,7 @@ MALFORMED = [  # (endpoint, body: dict or raw bytes, what the message must name)
     (T2I, {"prompt": "a", "sampler_name": "DPM++ 2S a"}, "sampler_name"),
     (T2I, {"prompt": "a", "sampler_name": "DDIM", "scheduler": "Karras"}, "scheduler"),
     (T2I, {"prompt": "a", "sampler_name": "Euler", "scheduler": "Exponential"}, "scheduler"),
+    (T2I, {"prompt": "a", "sampler_name": "Euler", "scheduler": "Beta"}, "scheduler"),
     (T2I, {"prompt": "a", "scheduler": "Align Your Steps"}, "scheduler"),
     (T2I, {"prompt": "a", "scheduler": 7}, "scheduler"),
     (T2I, {"prompt": "a", "width": 65, "height": 64}, "width"),
