@@ -237,11 +237,11 @@ def is_adapter(path):
         return isinstance(cfg, dict) and (cfg.get("_class_name") == "T2IAdapter"
                                           or "adapter_type" in cfg)
     if os.path.isfile(path) and path.endswith(".safetensors"):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
                 return is_adapter_file(list(f.keys()))
-        except Exception:  # not readable: the ControlNet loader names the problem
+        except (SafetensorError, OSError, ValueError):  # the ControlNet loader says why
             return False
     return False
 
@@ -260,6 +260,9 @@ def load_adapter(path, device, dtype, files=None, config=None, fits=None) -> T2I
         else:
             refuse_pickle(path)
             files = [path]
+            beside = os.path.join(os.path.dirname(path), "config.json")
+            if os.path.isfile(beside):
+                config = read_json(beside, "t2i-adapter config")
     with SafetensorsFiles(files) as f:
         source = f.source
         if not any(k.startswith("adapter.") and ".resnets." in k for k in source):

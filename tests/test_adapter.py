@@ -58,6 +58,10 @@ def _original_names(state, light):
 def test_module_and_files_match_diffusers(tmp_path, kw):
     ref = _adapter(1, **kw)
     ref.save_pretrained(tmp_path / "folder", safe_serialization=True)
+    # one .safetensors with the folder's config.json beside it
+    (tmp_path / "beside").mkdir()
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        (tmp_path / "beside" / name).write_bytes((tmp_path / "folder" / name).read_bytes())
     state = {k: v.contiguous() for k, v in ref.state_dict().items()}
     save_file(state, str(tmp_path / "diffusers.safetensors"))
     light = kw.get("adapter_type") == "light_adapter"
@@ -66,7 +70,10 @@ def test_module_and_files_match_diffusers(tmp_path, kw):
     x = torch.rand(2, kw["in_channels"], 64, 96, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         want = ref(x)
-    for path in sorted(tmp_path.iterdir()):
+    paths = sorted(tmp_path.iterdir())
+    paths[paths.index(tmp_path / "beside")] = tmp_path / "beside" / \
+        "diffusion_pytorch_model.safetensors"
+    for path in paths:
         ours = load_adapter(path, "cpu", torch.float32)
         assert ours.config.adapter_type == kw.get("adapter_type", "full_adapter"), path.name
         with torch.no_grad():
