@@ -26,7 +26,8 @@ def from_workflow(a, units, where):
     """A ComfyUI workflow's ControlNetApplyAdvanced nodes (``comfy.Control``) as the options:
     each ControlNet is the --controlnet of its file name, at the node's strength, with the
     --control-image of its image's file name (or the one given, for one node); its start and
-    end, unless --control-start/--control-end are given."""
+    end, unless --control-start/--control-end are given; its preprocessor node's module and
+    settings, unless --control-module is."""
     nets = {file_stem(path): path for path, _ in a.controlnet}
     images = {os.path.basename(p): p for p in a.control_image}
     chosen, pictures = [], []
@@ -46,6 +47,14 @@ def from_workflow(a, units, where):
     for option, attr in (("control_start", "start"), ("control_end", "end")):
         if option not in a.given:
             setattr(a, option, [getattr(unit, attr) for unit in units])
+    if any(unit.preprocessor for unit in units) and not a.control_module:
+        # a preprocessor node's module and settings, per unit
+        a.control_module = [u.preprocessor[0] if u.preprocessor else "none" for u in units]
+        for option, k in (("control_res", 1), ("control_threshold_a", 2),
+                          ("control_threshold_b", 3)):
+            if option not in a.given:
+                setattr(a, option, [u.preprocessor[k] if u.preprocessor else None
+                                    for u in units])
 
 
 def _unit_fields(text):
@@ -181,7 +190,7 @@ def preprocessors(a):
     out = []
     for i, module in enumerate(_per_net(a, "--control-module", a.control_module, "none")):
         pre = get(module, "--control-module")
-        if pre.name != "none" and not available():
+        if pre.opencv and not available():
             raise SdrtError(f"--control-module {pre.name} needs OpenCV: pip install "
                             f"'sdrt[control]' (opencv-python-headless)")
         values = (a.control_res, a.control_threshold_a, a.control_threshold_b)

@@ -15,7 +15,9 @@ followed back through VAEDecode to one KSampler, whose model, prompts and latent
 - between the prompts and the KSampler, any ControlNetApplyAdvanced nodes (each conditioning
   both prompts, as sdrt applies a ControlNet: its ControlNetLoader's ``control_net_name``,
   a LoadImage's image, ``strength``, ``start_percent`` and ``end_percent``; sdrt counts the
-  percentages in steps where ComfyUI counts them in the noise schedule).
+  percentages in steps where ComfyUI counts them in the noise schedule), the image perhaps
+  through one preprocessor node (``PREPROCESSOR_NODES``: comfyui_controlnet_aux's
+  CannyEdgePreprocessor, ComfyUI's ImageInvert), run as ``engine.preprocess`` runs it.
 
 Any other node on that path is refused by name, never skipped: a workflow that upscales,
 masks or chains samplers would otherwise give another picture than it asks for. ComfyUI's
@@ -59,6 +61,15 @@ SAMPLERS = {
 }
 _OUTPUTS = ("SaveImage", "PreviewImage")
 _APPLY = "ControlNetApplyAdvanced"
+# Preprocessor nodes between a LoadImage and a ControlNetApplyAdvanced: class → (sdrt's
+# preprocessor, {its input: the setting it is (engine.preprocess.FIELDS)}).
+# comfyui_controlnet_aux's CannyEdgePreprocessor runs the OpenCV canny of A1111's extension.
+PREPROCESSOR_NODES = {
+    "CannyEdgePreprocessor": ("canny", {"resolution": "processor_res",
+                                        "low_threshold": "threshold_a",
+                                        "high_threshold": "threshold_b"}),
+    "ImageInvert": ("invert", {}),
+}
 
 
 @dataclass(frozen=True)
@@ -69,6 +80,9 @@ class Control:
     strength: float
     start: float  # start_percent
     end: float  # end_percent
+    # a preprocessor node's (sdrt's preprocessor, resolution, threshold A, threshold B), as
+    # engine.preprocess.settings checks them
+    preprocessor: tuple = None
 
 
 @dataclass
@@ -202,7 +216,11 @@ def _controls(nodes, sampler_id):
                             f"use ControlNetApplyAdvanced with its two outputs to the positive "
                             f"and negative inputs")
         loader = nodes.follow(node, "control_net", ("ControlNetLoader",))
-        image = nodes.follow(node, "image", ("LoadImage",))
+        image = nodes.follow(node, "image", ("LoadImage", *PREPROCESSOR_NODES))
+        preprocessor = None
+        if nodes.kind(image) in PREPROCESSOR_NODES:
+            preprocessor = _preprocessor(nodes, image)
+            image = nodes.follow(image, "image", ("LoadImage",))
         name, picture = (nodes.inputs(loader).get("control_net_name"),
                          nodes.inputs(image).get("image"))
         for what, value in (("control_net_name", name), ("image", picture)):
@@ -211,7 +229,8 @@ def _controls(nodes, sampler_id):
                                 f": {what} must be a file name, got {short_repr(value)}")
         control = Control(name, picture, _number(nodes, node, "strength", float),
                           _number(nodes, node, "start_percent", float, default=0.0),
-                          _number(nodes, node, "end_percent", float, default=1.0))
+                          _number(nodes, node, "end_percent", float, default=1.0),
+                          preprocessor)
         if not 0 <= control.start < control.end <= 1:
             raise SdrtError(f"workflow node {node} ({_APPLY}): start_percent and end_percent "
                             f"must satisfy 0 <= start < end <= 1, got {control.start:g} and "
@@ -224,6 +243,19 @@ def _controls(nodes, sampler_id):
                             f"KSampler's {side}: sdrt takes CLIPTextEncode, through "
                             f"{_APPLY} nodes, there")
     return {side: node for side, (node, _) in links.items()}, controls[::-1]
+
+
+def _preprocessor(nodes, node_id):
+    """A preprocessor node's (sdrt's preprocessor name, resolution, threshold A, threshold
+    B), checked (``engine.preprocess.settings``)."""
+    from .preprocess import FIELDS, get, settings
+    module, inputs = PREPROCESSOR_NODES[nodes.kind(node_id)]
+    by_field = {field: key for key, field in inputs.items()}
+    values = nodes.inputs(node_id)
+    pre = get(module)
+    where = f"workflow node {node_id} ({nodes.kind(node_id)}): "
+    return (module, *settings(pre, *(values.get(by_field.get(f)) for f in FIELDS),
+                              names=tuple(where + by_field.get(f, f) for f in FIELDS)))
 
 
 def _names(loras):

@@ -45,13 +45,15 @@ RESOLUTION = Slider("Resolution", 64, 2048, 512, 8)
 class Preprocessor:
     """``run(cv2, rgb, resolution, a, b)``: an 8-bit RGB array (H, W, 3) → the map, 8-bit
     (h, w, 3). ``label`` is the extension's display name, which units may give instead of
-    ``name``; ``a`` and ``b`` its "Threshold A"/"Threshold B" sliders (None: it has none)."""
+    ``name``; ``a`` and ``b`` its "Threshold A"/"Threshold B" sliders (None: it has none);
+    ``opencv`` whether it needs OpenCV (``cv2`` is None for one that does not)."""
     name: str
     run: Callable
     resolution: bool = True
     a: Slider = None
     b: Slider = None
     label: str = None
+    opencv: bool = True
 
 
 def _pad64(n):
@@ -144,10 +146,10 @@ def _recolor(space):
 
 _GAMMA = Slider("Gamma Correction", 0.1, 2.0, 1.0, 0.001)
 PREPROCESSORS = {p.name: p for p in (
-    Preprocessor("none", lambda cv2, rgb, res, a, b: rgb, resolution=False),
+    Preprocessor("none", lambda cv2, rgb, res, a, b: rgb, resolution=False, opencv=False),
     Preprocessor("canny", _canny, a=Slider("Low Threshold", 1, 255, 100),
                  b=Slider("High Threshold", 1, 255, 200)),
-    Preprocessor("invert", _invert, resolution=False,
+    Preprocessor("invert", _invert, resolution=False, opencv=False,
                  label="invert (from white bg & black line)"),
     Preprocessor("threshold", _threshold, a=Slider("Binarization Threshold", 0, 255, 127)),
     Preprocessor("blur_gaussian", _blur_gaussian, a=Slider("Sigma", 0.01, 64.0, 9.0, 0.01)),
@@ -251,7 +253,8 @@ def run(pre, image, resolution, a, b):
     from .images import to_rgb8
     rgb = np.asarray(to_rgb8(image))
     if pre.name != "none":
-        rgb = pre.run(_cv2(pre.name), np.ascontiguousarray(rgb), resolution, a, b)
+        rgb = pre.run(_cv2(pre.name) if pre.opencv else None, np.ascontiguousarray(rgb),
+                      resolution, a, b)
     return Image.fromarray(np.ascontiguousarray(rgb))
 
 

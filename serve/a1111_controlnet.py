@@ -206,7 +206,7 @@ def register(app, server_of):
         sliders (resolution, thresholds) as the extension lists them. ``alias_names``: by
         the extension's display names."""
         from sdrt.engine.preprocess import PREPROCESSORS, RESOLUTION, available
-        shown = [p for p in PREPROCESSORS.values() if p.name == "none" or available()]
+        shown = [p for p in PREPROCESSORS.values() if not p.opencv or available()]
         key = (lambda p: p.label or p.name) if alias_names else (lambda p: p.name)
         return {"module_list": [key(p) for p in shown],
                 "module_detail": {key(p): {"model_free": p.name == "none", "sliders": [

@@ -112,7 +112,8 @@ def _node_specs(server, checkpoints, loras, images, controlnets):
     """ComfyUI's ``/object_info`` entries for the nodes ``engine.comfy`` reads: each node's
     required inputs (a type, or a list of the names it takes, with ComfyUI's bounds) and its
     outputs."""
-    limits = server.limits
+    from sdrt.engine.preprocess import available
+    limits, preprocessors = server.limits, available()
 
     def number(kind, default, low, high, step):
         return [kind, {"default": default, "min": low, "max": high, "step": step}]
@@ -151,6 +152,12 @@ def _node_specs(server, checkpoints, loras, images, controlnets):
             "start_percent": number("FLOAT", 0.0, 0.0, 1.0, 0.001),
             "end_percent": number("FLOAT", 1.0, 0.0, 1.0, 0.001)},
             ["CONDITIONING", "CONDITIONING"]),
+        # (the preprocessors run OpenCV: listed where the control extra is installed)
+        **({"CannyEdgePreprocessor": ("ControlNet Preprocessors/Line Extractors", {
+            "image": ["IMAGE"], "low_threshold": number("INT", 100, 1, 255, 1),
+            "high_threshold": number("INT", 200, 1, 255, 1),
+            "resolution": number("INT", 512, 64, 2048, 8)}, ["IMAGE"])} if preprocessors else {}),
+        "ImageInvert": ("image", {"image": ["IMAGE"]}, ["IMAGE"]),
         "SaveImage": ("image", {"images": ["IMAGE"], "filename_prefix": [
             "STRING", {"default": "ComfyUI"}]}, []),
         "PreviewImage": ("image", {"images": ["IMAGE"]}, []),
@@ -398,9 +405,18 @@ def _controls(server, flow, uploads, width, height, bad):
         if picture is None:
             raise bad(f"prompt: workflow loads image {short_repr(unit.image)}, which was not "
                       f"uploaded (POST /upload/image first)")
+        processor = None
+        if unit.preprocessor is not None:  # (a preprocessor node, checked when read)
+            from sdrt.engine.preprocess import get, run
+            module, res, a, b = unit.preprocessor
+            try:
+                picture = run(get(module), picture, res, a, b)
+            except SdrtError as e:
+                raise bad(f"prompt: {e}") from None
+            processor = (module, res, a, b, False)
         for out, value in zip((controls, images, info), unit_parts(
                 server, i, name, picture, unit.strength, "crop", unit.start, unit.end, width,
-                height)):
+                height, processor)):
             out.append(value)
     return tuple(controls), tuple(images), tuple(info)
 

@@ -311,6 +311,41 @@ def test_workflow_controlnets_equal_the_options(tmp_path, capsys):
                                 "PATH/depth.safetensors")
 
 
+def test_workflow_preprocessor_node_equals_control_module(assets, tmp_path, capsys):
+    # A CannyEdgePreprocessor node between the LoadImage and the ControlNetApplyAdvanced is
+    # --control-module canny with its thresholds and resolution.
+    pytest.importorskip("cv2")
+    from sdrt.engine.cli import main
+    from test_comfy import DEFAULT, _small, with_controlnets, with_preprocessor
+    root, _ = assets
+    model = str(tmp_path / "tiny")
+    assert main(["make-tiny", model]) == 0
+    unet = json.load(open(f"{model}/unet/config.json"))
+    factor = 2 ** (len(json.load(open(f"{model}/vae/config.json"))["block_out_channels"]) - 1)
+    net = write_controlnet(str(tmp_path / "cn_edges"), controlnet_config(unet, factor), 8)
+    graph = with_preprocessor(with_controlnets(_small(DEFAULT, sampler="euler"), (
+        ("cn_edges", "hint.png", 0.9, 0.0, 1.0),)), "CannyEdgePreprocessor", low_threshold=60,
+        high_threshold=180, resolution=128)
+    (tmp_path / "wf.json").write_text(json.dumps(graph))
+    out, ref = tmp_path / "out.png", tmp_path / "ref.png"
+    code, _, err = _run(["generate", "--workflow", str(tmp_path / "wf.json"), "--model", model,
+                         "--controlnet", net, "--control-image", str(root / "hint.png"), "-o",
+                         str(out)], capsys)
+    assert code == 0, err
+    assert "Module: canny" in _parameters(out) and "Processor Res: 128, Threshold A: 60, " \
+        "Threshold B: 180" in _parameters(out)
+    code, _, err = _run(["generate", "beautiful scenery nature glass bottle", "--negative",
+                         "text, watermark", "--seed", "4", "--steps", "3", "--guidance", "6.5",
+                         "--sampler", "euler", "--width", "32", "--height", "24", "--model",
+                         model, "--controlnet", f"{net}:0.9", "--control-image",
+                         str(root / "hint.png"),
+                         "--control-module", "canny", "--control-res", "128",
+                         "--control-threshold-a", "60", "--control-threshold-b", "180", "-o",
+                         str(ref)], capsys)
+    assert code == 0, err
+    assert np.array_equal(_pixels(out), _pixels(ref))
+
+
 def test_from_png_reads_the_units_back(assets, tmp_path, capsys):
     # A1111's ControlNet units in the PNG info: --from-png with the same ControlNet file and
     # control image regenerates the image (weight, guidance end and resize mode from the

@@ -124,6 +124,36 @@ def test_controlnet_nodes():
                                             "text, watermark")
 
 
+def with_preprocessor(graph, node_class, **inputs):
+    """``graph`` (``with_controlnets``' one unit) with a preprocessor node between its
+    LoadImage and its ControlNetApplyAdvanced."""
+    g = copy.deepcopy(graph)
+    g["40"] = {"class_type": node_class, "inputs": {"image": ["31", 0], **inputs}}
+    g["32"]["inputs"]["image"] = ["40", 0]
+    return g
+
+
+def test_preprocessor_nodes():
+    # comfyui_controlnet_aux's CannyEdgePreprocessor (its defaults where an input is absent)
+    # and ComfyUI's ImageInvert between the image and the ControlNet; their settings checked
+    # as the preprocessor's, a bad one naming the node.
+    canny = comfy.read(with_preprocessor(with_controlnets(), "CannyEdgePreprocessor",
+                                         low_threshold=50, high_threshold=150))
+    assert canny.controlnets[0].image == "edges.png"
+    assert canny.controlnets[0].preprocessor == ("canny", 512, 50, 150)
+    invert = comfy.read(with_preprocessor(with_controlnets(), "ImageInvert"))
+    assert invert.controlnets[0].preprocessor == ("invert", None, None, None)
+    with pytest.raises(SdrtError, match=r"workflow node 40 \(CannyEdgePreprocessor\): "
+                                        r"high_threshold \(canny's High Threshold\) must be from "
+                                        r"1 to 255"):
+        comfy.read(with_preprocessor(with_controlnets(), "CannyEdgePreprocessor",
+                                     high_threshold=300))
+    with pytest.raises(SdrtError, match=r"workflow node 40 \(Canny\) is not supported as "
+                                        r"ControlNetApplyAdvanced's image: sdrt takes LoadImage "
+                                        r"or CannyEdgePreprocessor or ImageInvert there"):
+        comfy.read(with_preprocessor(with_controlnets(), "Canny", low_threshold=0.4))
+
+
 def _positive_only(g):
     """The old ControlNetApply: the positive prompt only."""
     g["20"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "c"}}

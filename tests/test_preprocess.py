@@ -162,3 +162,5 @@ def test_without_opencv(monkeypatch):
     with pytest.raises(SdrtError, match=r"needs OpenCV: pip install 'sdrt\[control\]'"):
         preprocess(pic, "canny")
     np.testing.assert_array_equal(np.asarray(preprocess(pic, "none")), np.asarray(pic))
+    np.testing.assert_array_equal(np.asarray(preprocess(pic, "invert")),  # (no OpenCV in it)
+                                  255 - np.asarray(pic))

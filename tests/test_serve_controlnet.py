@@ -357,6 +357,32 @@ def test_comfyui_controlnet_nodes(server, assets, ref_pipe):
     assert r.status_code == 400 and "--controlnet-dir does not have" in r.text
 
 
+def test_comfyui_preprocessor_node(server, assets, ref_pipe):
+    # CannyEdgePreprocessor between the uploaded image and ControlNetApplyAdvanced: the
+    # library's image from preprocess's map; /object_info describes the node.
+    from sdrt.engine.preprocess import preprocess
+    from test_comfy import DEFAULT, with_controlnets, with_preprocessor
+    from test_serve_comfy import _history, _queue, _view, _workflow
+    root, hints = assets
+    info = httpx.get(f"{server}/object_info/CannyEdgePreprocessor", timeout=TIMEOUT).json()
+    assert info["CannyEdgePreprocessor"]["input"]["required"]["low_threshold"][1]["default"] \
+        == 100
+    r = httpx.post(f"{server}/upload/image", timeout=TIMEOUT,
+                   files={"image": ("photo.png", base64.b64decode(_png(hints[1])), "image/png")})
+    name = r.json()["name"]
+    graph = with_preprocessor(with_controlnets(_workflow(server, DEFAULT), (
+        ("edges.safetensors", name, 1.0, 0.0, 1.0),)), "CannyEdgePreprocessor",
+        low_threshold=40, high_threshold=120, resolution=64)
+    entry = _history(server, _queue(server, graph)["prompt_id"])
+    png = Image.open(io.BytesIO(_view(server, entry["outputs"]["9"]["images"][0])))
+    edges = frame_init_image(preprocess(hints[1], "canny", 64, 40, 120), 64, 64, "crop")
+    want = _reference(ref_pipe, root, ["edges"], 11, [edges],
+                      prompt="beautiful scenery nature glass bottle",
+                      negative="text, watermark", sampler="euler_a")
+    assert_same_image(png, want, "ComfyUI CannyEdgePreprocessor")
+    assert "Module: canny" in png.text["parameters"]
+
+
 def test_only_masked_inpainting_cuts_each_control_image_as_its_init_image(server, assets):
     # inpaint_full_res: each init image's job frames the unit's control image as that init
     # image (fitted to its size, cut to its mask's region), so the ControlNet lines up with
