@@ -126,8 +126,9 @@ def sampler_id(label, schedule_type=None):
     """An A1111 sampler label or alias (case-insensitive), or an sdrt id -> the sdrt id; None
     for a name that is neither. With A1111's ``schedule_type``: "Automatic" (or none) gives
     an A1111 label A1111's default schedule for it (``AUTOMATIC_SCHEDULES``: "DPM++ 2M" is
-    Karras, as in A1111 1.9 on) and anything else (an sdrt id too) as it is; "Uniform" the sampler on its own
-    spacing; "Karras"/"Exponential" its variant. None where sdrt has no such pair."""
+    Karras, as in A1111 1.9 on) and anything else (an sdrt id too) as it is; "Uniform" the
+    sampler on its own spacing; "Karras"/"Exponential" its variant. None where sdrt has no
+    such pair."""
     sid = _BY_NAME.get(label.lower()) if isinstance(label, str) else None
     kind = schedule_kind(schedule_type)
     if sid is None or kind is None:

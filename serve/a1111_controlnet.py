@@ -13,8 +13,8 @@ threshold, ...) with its ``processor_res``, ``threshold_a``/``_b`` (-1: the defa
 (in a hires fix: "Both" passes, "Low res only", "High res only"; a canny unit's second pass
 is softened, as the extension's is). Fields that would change the picture in ways sdrt does
 not implement (a preprocessor that runs a network, a unit mask) are refused with a 400 naming
-the field; ``low_vram`` is accepted and does nothing. ``POST /controlnet/detect`` returns a preprocessor's maps, as
-the extension's does.
+the field; ``low_vram`` is accepted and does nothing. ``POST /controlnet/detect`` returns a
+preprocessor's maps, as the extension's does.
 """
 import math
 import re

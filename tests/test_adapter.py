@@ -7,7 +7,6 @@ import re
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 
 from conftest import assert_close_abs, run_eagerly

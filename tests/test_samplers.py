@@ -101,13 +101,16 @@ def _diffusers_scheduler(sampler, cfg):
         "dpmpp_2m_sde_karras": ("DPMSolverMultistepScheduler",
                                 {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"}),
         "dpmpp_2m_sde_heun": ("DPMSolverMultistepScheduler", {
-            "use_karras_sigmas": False, "algorithm_type": "sde-dpmsolver++", "solver_type": "heun"}),
+            "use_karras_sigmas": False, "algorithm_type": "sde-dpmsolver++",
+            "solver_type": "heun"}),
         "dpmpp_2m_sde_heun_karras": ("DPMSolverMultistepScheduler", {
-            "use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++", "solver_type": "heun"}),
+            "use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++",
+            "solver_type": "heun"}),
         **{f"{name}_exponential": ("DPMSolverMultistepScheduler", {
             "use_exponential_sigmas": True, "use_karras_sigmas": False,
             "algorithm_type": "sde-dpmsolver++", **extra})
-           for name, extra in (("dpmpp_2m_sde", {}), ("dpmpp_2m_sde_heun", {"solver_type": "heun"}),
+           for name, extra in (("dpmpp_2m_sde", {}),
+                               ("dpmpp_2m_sde_heun", {"solver_type": "heun"}),
                                ("dpmpp_3m_sde", {"solver_order": 3}))},
         "dpmpp_3m_sde": ("DPMSolverMultistepScheduler", {
             "use_karras_sigmas": False, "algorithm_type": "sde-dpmsolver++", "solver_order": 3}),
