@@ -184,9 +184,9 @@ def get(module, field="module"):
         if found is not None:
             return found
         if key.lower().startswith(NOT_RUN):
-            raise SdrtError(f"{field}: sdrt does not run preprocessor {key!r} (it runs a network "
-                            f"or hooks into sampling); run it elsewhere and send its map with "
-                            f"module none")
+            raise SdrtError(f"{field}: sdrt does not run preprocessor {key!r} (it runs a "
+                            f"network, hooks into sampling or draws noise); run it elsewhere "
+                            f"and send its map with module none")
     raise SdrtError(f"{field} must be one of {', '.join(PREPROCESSORS)}, got "
                     f"{short_repr(module)}")
 
