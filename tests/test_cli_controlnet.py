@@ -14,6 +14,19 @@ from test_cli import SMALL, _assert_one_error_line, _parameters, _pixels, _run, 
     _static_equals_eager, _warnings
 
 
+def _regenerates(png, options, tmp_path, capsys):
+    """``--from-png png`` with ``options`` gives its pixels and PNG info, without a warning;
+    returns the new file's path."""
+    again = tmp_path / f"again-{png.stem}.png"
+    code, _, err = _run(["generate", "--from-png", str(png), *options, "-o", str(again)],
+                        capsys)
+    assert code == 0, err
+    assert _warnings(err) == []
+    assert np.array_equal(_pixels(again), _pixels(png))
+    assert _parameters(again) == _parameters(png)
+    return again
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """A ControlNet for the built-in model, and a control image of 64×48 and one of 48×40."""
@@ -139,13 +152,8 @@ def test_preprocessors(assets, tmp_path, capsys):
             'Resize, Processor Res: 64, Threshold A: 60, Threshold B: 200, Guidance Start: 0, '
             'Guidance End: 1, Pixel Perfect: True, Control Mode: Balanced"') in \
         _parameters(canny)
-    again = tmp_path / "again.png"
-    code, _, err = _run(["generate", "--from-png", str(canny), "--controlnet", net,
-                         "--control-image", str(root / "hint.png"), "-o", str(again)], capsys)
-    assert code == 0, err
-    assert _warnings(err) == []
-    assert np.array_equal(_pixels(again), _pixels(canny))
-    assert _parameters(again) == _parameters(canny)
+    again = _regenerates(canny, ["--controlnet", net, "--control-image",
+                                 str(root / "hint.png")], tmp_path, capsys)
     from PIL import PngImagePlugin
     info = PngImagePlugin.PngInfo()  # a unit whose preprocessor runs a network: named
     info.add_text("parameters", _parameters(canny).replace("Module: canny", "Module: depth"))
@@ -193,12 +201,9 @@ def test_control_mode(assets, tmp_path, capsys):
                     controlnet_conditioning_scale=[1.0, 0.7],
                     control_mode=["controlnet", "prompt"])[0]
     assert np.abs(_pixels(out).astype(int) - np.asarray(expected).astype(int)).max() <= 1
-    again = tmp_path / "again.png"
-    code, _, err = _run(["generate", "--from-png", str(out), "--controlnet", net,
-                         "--control-image", str(root / "hint.png"), "--controlnet", net,
-                         "--control-image", str(root / "small.png"), "-o", str(again)], capsys)
-    assert code == 0, err
-    assert np.array_equal(_pixels(again), _pixels(out))
+    _regenerates(out, ["--controlnet", net, "--control-image", str(root / "hint.png"),
+                       "--controlnet", net, "--control-image", str(root / "small.png")],
+                 tmp_path, capsys)
 
 
 def test_t2i_adapter(assets, tmp_path, capsys):
@@ -357,13 +362,8 @@ def test_from_png_reads_the_units_back(assets, tmp_path, capsys):
                          "--control-end", "0.5", "--control-resize", "fill", "-o", str(first)],
                         capsys)
     assert code == 0, err
-    again = tmp_path / "again.png"
-    code, _, err = _run(["generate", "--from-png", str(first), "--controlnet", net,
-                         "--control-image", str(root / "hint.png"), "-o", str(again)], capsys)
-    assert code == 0, err
-    assert _warnings(err) == []
-    assert np.array_equal(_pixels(again), _pixels(first))
-    assert _parameters(again) == _parameters(first)
+    _regenerates(first, ["--controlnet", net, "--control-image", str(root / "hint.png")],
+                 tmp_path, capsys)
     code, _, err = _run(["generate", "--from-png", str(first), "-o", str(tmp_path / "x.png")],
                         capsys)
     assert code == 0, err
