@@ -636,7 +636,9 @@ def test_from_file(tmp_path):
                         "dpm2", "dpm2_karras", "dpm2_a", "dpm2_a_karras", "dpmpp_sde",
                         "dpmpp_sde_karras", "dpmpp_2m",
                         "dpmpp_2m_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras",
-                        "dpmpp_3m_sde", "dpmpp_3m_sde_karras", "lms",
+                        "dpmpp_2m_sde_exponential", "dpmpp_2m_sde_heun",
+                        "dpmpp_2m_sde_heun_karras", "dpmpp_2m_sde_heun_exponential",
+                        "dpmpp_3m_sde", "dpmpp_3m_sde_karras", "dpmpp_3m_sde_exponential", "lms",
                         "lms_karras", "unipc", "unipc_karras", "deis", "deis_karras", "lcm")
 
 
