@@ -243,15 +243,13 @@ def call(a, images, loaded, width, height, first=None, inpaint=None):
     if not a.controlnet:
         return {}
     from .images import frame_init_image
-    from .preprocess import pixel_perfect_resolution, run
+    from .preprocess import apply
     maps = []
-    for im, (pre, res, ta, tb) in zip(images, preprocessors(a)):
-        if pre.name != "none" and a.pixel_perfect and pre.resolution:
-            res = pixel_perfect_resolution(im.size, *(first or (width, height)),
-                                           a.control_resize)
-        maps.append(run(pre, im, res, ta, tb) if pre.name != "none" else im)
-        a.control_processors.append(None if pre.name == "none" else
-                                    (pre.name, res, ta, tb, a.pixel_perfect))
+    for im, (pre, *values) in zip(images, preprocessors(a)):
+        image, record = apply(pre, im, *values, a.pixel_perfect,
+                              (*(first or (width, height)), a.control_resize))
+        maps.append(image)
+        a.control_processors.append(record)
     framed = [inpaint.frame_like(im, a.control_resize) if inpaint is not None else
               frame_init_image(im, width, height, a.control_resize) for im in maps]
     return dict(control_image=framed if len(framed) > 1 else framed[0], controlnet=loaded,

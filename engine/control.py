@@ -34,13 +34,18 @@ def _number(lo, hi):
     return check
 
 
-def _mode(field, v):
-    """A control mode by sdrt's name, A1111's label or A1111's number → sdrt's name."""
+def control_mode(field, v, labels=False):
+    """A control mode by sdrt's name, A1111's label or A1111's number → sdrt's name;
+    ``labels``: A1111's labels and numbers only, as its API takes them. ``SdrtError`` naming
+    ``field`` for anything else."""
     for name, (label, number) in CONTROL_MODES.items():
-        if v in (name, label) or (type(v) is int and v == number):
+        if (v == name and not labels) or v == label or (type(v) is int and v == number):
             return name
+    if labels:
+        raise SdrtError(f"{field} must be one of {', '.join(l for l, _ in CONTROL_MODES.values())}"
+                        f" (or 0 to 2), got {short_repr(v)}")
     raise SdrtError(f"{field} must be one of {', '.join(CONTROL_MODES)} (A1111's "
-                    f"{', '.join(repr(label) for label, _ in CONTROL_MODES.values())}), got "
+                    f"{', '.join(repr(l) for l, _ in CONTROL_MODES.values())}), got "
                     f"{short_repr(v)}")
 
 
@@ -116,7 +121,7 @@ class ControlRequest:
             if s >= e:
                 raise SdrtError(f"control_guidance_start must be below control_guidance_end, "
                                 f"got {s:g} and {e:g}")
-        modes = _per_net("control_mode", mode, n, _mode)
+        modes = _per_net("control_mode", mode, n, control_mode)
         if guess_mode and any(m != "balanced" for m in modes):
             raise SdrtError("control_mode must be balanced in guess mode (guess mode ramps the "
                             "residuals and keeps them from the unconditional half already)")

@@ -258,6 +258,18 @@ def run(pre, image, resolution, a, b):
     return Image.fromarray(np.ascontiguousarray(rgb))
 
 
+def apply(pre, image, resolution, a, b, perfect=False, frame=None):
+    """(``pre``'s map of the PIL ``image``, the record of what ran: (name, resolution, a, b,
+    perfect) as ``infotext.controlnet_unit`` writes it, or None for "none", whose map is the
+    image as given). ``perfect``: "Pixel Perfect" picks the resolution for ``frame``, the
+    (width, height, resize) the map is framed to (``pixel_perfect_resolution``)."""
+    if pre.name == "none":
+        return image, None
+    if perfect and pre.resolution:
+        resolution = pixel_perfect_resolution(image.size, *frame)
+    return run(pre, image, resolution, a, b), (pre.name, resolution, a, b, perfect)
+
+
 def preprocess(image, module="canny", resolution=None, threshold_a=None, threshold_b=None):
     """The control map (a PIL RGB image) preprocessor ``module`` makes of the PIL ``image``,
     at ``resolution`` (see the module docstring) with its ``threshold_a``/``_b`` (None:

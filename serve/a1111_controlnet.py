@@ -23,7 +23,7 @@ from fastapi import Request
 
 from sdrt.engine.errors import SdrtError
 from sdrt.engine.infotext import controlnet_unit
-from sdrt.engine.request import CONTROL_MODES, MAX_CONTROL_SCALE, short_repr
+from sdrt.engine.request import MAX_CONTROL_SCALE, short_repr
 
 MAX_UNITS = 8
 # The extension's resize modes, by label and by number, as sdrt's framing calls them.
@@ -52,7 +52,8 @@ def parse(server, args, init_images, width, height, api_error):
     (picture, resize mode) for an inpainting job to frame as its init image,
     ``inpaint.Inpaint.frame_like``). A 400 naming
     ``alwayson_scripts.controlnet.args[i].FIELD`` for a unit sdrt cannot run."""
-    from sdrt.engine.preprocess import pixel_perfect_resolution, run
+    from sdrt.engine.control import control_mode as checked_mode
+    from sdrt.engine.preprocess import apply
 
     from .app import _decode_bytes, b64_bytes
 
@@ -108,14 +109,11 @@ def parse(server, args, init_images, width, height, api_error):
             raise bad(f"{where}{at}.guidance_start must be below guidance_end, got "
                       f"{numbers['guidance_start']:g} and {numbers['guidance_end']:g}",
                       f"{at}.guidance_start")
-        control_mode = unit.get("control_mode", "Balanced")
-        modes = {k: name for name, (label, number) in CONTROL_MODES.items()
-                 for k in (label, number)}
-        if isinstance(control_mode, bool) or not isinstance(control_mode, (int, str)) or \
-                control_mode not in modes:
-            raise bad(f"{where}{at}.control_mode must be one of "
-                      f"{', '.join(label for label, _ in CONTROL_MODES.values())} (or 0 to 2), "
-                      f"got {short_repr(control_mode)}", f"{at}.control_mode")
+        try:
+            control_mode = checked_mode(f"{where}{at}.control_mode",
+                                        unit.get("control_mode", "Balanced"), labels=True)
+        except SdrtError as e:
+            raise bad(str(e), f"{at}.control_mode") from None
         hr_option = unit.get("hr_option", "Both")
         if not isinstance(hr_option, str) or hr_option not in HR_OPTIONS:
             raise bad(f"{where}{at}.hr_option must be one of {', '.join(HR_OPTIONS)}, got "
@@ -141,19 +139,15 @@ def parse(server, args, init_images, width, height, api_error):
         else:
             raise bad(f"{where}{at}.image must be a base64-encoded image, got "
                       f"{short_repr(image, 40)}", f"{at}.image")
-        processor = None
-        if pre.name != "none":
-            if perfect and pre.resolution:
-                res = pixel_perfect_resolution(picture.size, width, height, RESIZE[mode])
-            try:
-                picture = run(pre, picture, res, a, b)
-            except SdrtError as e:
-                raise bad(str(e), f"{at}.module") from None
-            processor = (pre.name, res, a, b, perfect)
+        try:
+            picture, processor = apply(pre, picture, res, a, b, perfect,
+                                       (width, height, RESIZE[mode]))
+        except SdrtError as e:
+            raise bad(str(e), f"{at}.module") from None
         for out, value in zip((controls, images, info), unit_parts(
                 server, i, name, picture, numbers["weight"], RESIZE[mode],
                 numbers["guidance_start"], numbers["guidance_end"], width, height,
-                processor, modes[control_mode],
+                processor, control_mode,
                 (*HR_OPTIONS[hr_option], pre.name == "canny"))):
             out.append(value)
         sources.append((picture, RESIZE[mode]))

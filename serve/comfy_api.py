@@ -407,13 +407,12 @@ def _controls(server, flow, uploads, width, height, bad):
                       f"uploaded (POST /upload/image first)")
         processor = None
         if unit.preprocessor is not None:  # (a preprocessor node, checked when read)
-            from sdrt.engine.preprocess import get, run
-            module, res, a, b = unit.preprocessor
+            from sdrt.engine.preprocess import apply, get
+            module, *settings = unit.preprocessor
             try:
-                picture = run(get(module), picture, res, a, b)
+                picture, processor = apply(get(module), picture, *settings)
             except SdrtError as e:
                 raise bad(f"prompt: {e}") from None
-            processor = (module, res, a, b, False)
         for out, value in zip((controls, images, info), unit_parts(
                 server, i, name, picture, unit.strength, "crop", unit.start, unit.end, width,
                 height, processor)):

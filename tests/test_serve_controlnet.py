@@ -290,6 +290,8 @@ def test_hires_fix_options(server, assets, ref_pipe):
     ({"model": "edges", "image": "IMG", "control_mode": "Prompt first"},
      ".control_mode", "must be one of Balanced, My prompt is more important, ControlNet is "
                       "more important (or 0 to 2)"),
+    ({"model": "edges", "image": "IMG", "control_mode": "prompt"},  # sdrt's name, not A1111's
+     ".control_mode", "must be one of Balanced"),
     ({"model": "edges", "image": "IMG", "resize_mode": "Stretch"}, ".resize_mode",
      "Just Resize, Crop and Resize or Resize and Fill"),
     ({"model": "edges"}, ".image", "a txt2img unit needs its control image"),
