@@ -247,7 +247,7 @@ def call(a, images, loaded, width, height, first=None, inpaint=None):
     maps = []
     for im, (pre, *values) in zip(images, preprocessors(a)):
         image, record = apply(pre, im, *values, a.pixel_perfect,
-                              (*(first or (width, height)), a.control_resize))
+                              (*(first or (width, height)), a.control_resize), "--control-res")
         maps.append(image)
         a.control_processors.append(record)
     framed = [inpaint.frame_like(im, a.control_resize) if inpaint is not None else

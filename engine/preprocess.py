@@ -39,6 +39,9 @@ class Slider:
 
 
 RESOLUTION = Slider("Resolution", 64, 2048, 512, 8)
+# The most pixels a picture scaled to its preprocessor's resolution may have (a 2048-pixel
+# short side at 4:1): a long thin picture would otherwise scale to gigabytes.
+MAX_MAP_PIXELS = 4096 * 4096
 
 
 @dataclass(frozen=True)
@@ -60,12 +63,20 @@ def _pad64(n):
     return int(np.ceil(n / 64.0) * 64 - n)
 
 
+def scaled_size(size, resolution):
+    """(width, height) of a picture of ``size`` (w, h) with its short side scaled to
+    ``resolution``."""
+    w, h = size
+    k = resolution / min(h, w)
+    return int(np.round(w * k)), int(np.round(h * k))
+
+
 def _scaled(cv2, rgb, resolution):
     """The picture with its short side scaled to ``resolution`` and edge-padded to multiples of
     64, and the (height, width) to cut the result back to."""
     h, w = rgb.shape[:2]
     k = resolution / min(h, w)
-    th, tw = int(np.round(h * k)), int(np.round(w * k))
+    tw, th = scaled_size((w, h), resolution)
     rgb = cv2.resize(rgb, (tw, th), interpolation=cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA)
     return np.pad(rgb, [[0, _pad64(th)], [0, _pad64(tw)], [0, 0]], mode="edge"), (th, tw)
 
@@ -122,7 +133,9 @@ def _tile_resample(cv2, rgb, res, rate, b):
     if rate < 1.1:
         return rgb
     h, w = rgb.shape[:2]
-    return cv2.resize(rgb, (int(w / rate), int(h / rate)), interpolation=cv2.INTER_AREA)
+    # (at least a pixel: the extension's resize fails on a picture smaller than the rate)
+    size = (max(1, int(w / rate)), max(1, int(h / rate)))
+    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
 
 
 def _color_grid(cv2, rgb, res, a, b):
@@ -245,12 +258,23 @@ def available():
     return True
 
 
-def run(pre, image, resolution, a, b):
+def run(pre, image, resolution, a, b, field="processor_res"):
     """``pre``'s map of the PIL ``image`` at checked settings (``settings``), a PIL RGB
-    image; the picture made 8-bit RGB first, transparency onto white, as the extension does."""
+    image; the picture made 8-bit RGB first, transparency onto white, as the extension does.
+    ``SdrtError`` naming ``field`` (its ``field`` attribute: "processor_res") where the
+    picture scaled to ``resolution`` would have more than ``MAX_MAP_PIXELS``."""
     from PIL import Image
 
     from .images import to_rgb8
+    if pre.resolution and pre.name != "none":
+        tw, th = scaled_size(image.size, resolution)
+        if tw * th > MAX_MAP_PIXELS:
+            error = SdrtError(
+                f"{field}: {pre.name} at resolution {resolution} would scale this "
+                f"{image.width}x{image.height} picture to {tw}x{th}, over the {MAX_MAP_PIXELS} "
+                f"pixels a map may have; give a lower resolution or a less elongated picture")
+            error.field = "processor_res"
+            raise error
     rgb = np.asarray(to_rgb8(image))
     if pre.name != "none":
         rgb = pre.run(_cv2(pre.name) if pre.opencv else None, np.ascontiguousarray(rgb),
@@ -258,16 +282,17 @@ def run(pre, image, resolution, a, b):
     return Image.fromarray(np.ascontiguousarray(rgb))
 
 
-def apply(pre, image, resolution, a, b, perfect=False, frame=None):
+def apply(pre, image, resolution, a, b, perfect=False, frame=None, field="processor_res"):
     """(``pre``'s map of the PIL ``image``, the record of what ran: (name, resolution, a, b,
     perfect) as ``infotext.controlnet_unit`` writes it, or None for "none", whose map is the
     image as given). ``perfect``: "Pixel Perfect" picks the resolution for ``frame``, the
-    (width, height, resize) the map is framed to (``pixel_perfect_resolution``)."""
+    (width, height, resize) the map is framed to (``pixel_perfect_resolution``); ``field``
+    as ``run`` takes it."""
     if pre.name == "none":
         return image, None
     if perfect and pre.resolution:
         resolution = pixel_perfect_resolution(image.size, *frame)
-    return run(pre, image, resolution, a, b), (pre.name, resolution, a, b, perfect)
+    return run(pre, image, resolution, a, b, field), (pre.name, resolution, a, b, perfect)
 
 
 def preprocess(image, module="canny", resolution=None, threshold_a=None, threshold_b=None):

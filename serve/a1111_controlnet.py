@@ -141,9 +141,10 @@ def parse(server, args, init_images, width, height, api_error):
                       f"{short_repr(image, 40)}", f"{at}.image")
         try:
             picture, processor = apply(pre, picture, res, a, b, perfect,
-                                       (width, height, RESIZE[mode]))
+                                       (width, height, RESIZE[mode]),
+                                       f"{where}{at}.processor_res")
         except SdrtError as e:
-            raise bad(str(e), f"{at}.module") from None
+            raise bad(str(e), f"{at}.{getattr(e, 'field', 'module')}") from None
         for out, value in zip((controls, images, info), unit_parts(
                 server, i, name, picture, numbers["weight"], RESIZE[mode],
                 numbers["guidance_start"], numbers["guidance_end"], width, height,
@@ -257,9 +258,9 @@ def _detect(server, body):
                       field)
         picture = _decode_bytes(b64_bytes(image, field, field), field, server.limits)
         try:
-            out = run(pre, picture, res, a, b)
+            out = run(pre, picture, res, a, b, f"{field} at controlnet_processor_res")
         except SdrtError as e:
-            raise bad(str(e), "controlnet_module") from None
+            raise bad(str(e), f"controlnet_{getattr(e, 'field', 'module')}") from None
         buffer = io.BytesIO()
         out.save(buffer, format="PNG")
         maps.append(base64.b64encode(buffer.getvalue()).decode("ascii"))

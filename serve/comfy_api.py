@@ -410,7 +410,8 @@ def _controls(server, flow, uploads, width, height, bad):
             from sdrt.engine.preprocess import apply, get
             module, *settings = unit.preprocessor
             try:
-                picture, processor = apply(get(module), picture, *settings)
+                picture, processor = apply(get(module), picture, *settings,
+                                           field="the preprocessor node's resolution")
             except SdrtError as e:
                 raise bad(f"prompt: {e}") from None
         for out, value in zip((controls, images, info), unit_parts(

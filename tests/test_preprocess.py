@@ -111,6 +111,23 @@ def test_line_preprocessors_find_dark_lines(cv2):
         assert out[~lines].mean() < out[lines].mean() / 4, name
 
 
+def test_tile_resample_of_a_picture_smaller_than_its_rate(cv2):
+    # The extension's resize would fail (a 0-pixel side); sdrt keeps a pixel of each side.
+    x = _picture(5, 20)
+    small = np.asarray(preprocess(Image.fromarray(x), "tile_resample", threshold_a=8.0))
+    np.testing.assert_array_equal(small, cv2.resize(x, (2, 1), interpolation=cv2.INTER_AREA))
+
+
+@pytest.mark.parametrize("size,resolution", [((3000, 2), 2048), ((2, 9000), 512)])
+def test_a_long_thin_picture_is_refused_before_it_is_scaled(cv2, size, resolution):
+    # Scaled to its short side it would be gigabytes: refused up front, naming the setting.
+    with pytest.raises(SdrtError, match="over the 16777216 pixels a map may have") as e:
+        preprocess(Image.new("RGB", size, (9, 90, 200)), "canny", resolution=resolution)
+    assert e.value.field == "processor_res" and "resolution" in str(e.value)
+    # at 4:1 the map is allowed (2048 × 512 at 512)
+    assert preprocess(Image.new("RGB", (400, 100)), "canny", resolution=512).size == (2048, 512)
+
+
 def test_pixel_perfect_resolution():
     # A 1024 × 768 picture to 512 × 512: covering the frame needs its short side at 512,
     # fitting inside it at 384.

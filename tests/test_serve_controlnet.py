@@ -232,6 +232,9 @@ def test_detect(server, assets):
             ({"controlnet_module": "canny", "controlnet_input_images": [_png(hints[0])],
               "controlnet_threshold_a": 0}, "controlnet_threshold_a",
              "controlnet_threshold_a (canny's Low Threshold) must be from 1 to 255"),
+            ({"controlnet_module": "canny", "controlnet_processor_res": 2048,
+              "controlnet_input_images": [_png(Image.new("RGB", (1200, 2)))]},
+             "controlnet_processor_res", "would scale this 1200x2 picture to 1228800x2048"),
             ({"controlnet_module": "canny", "controlnet_input_images": []},
              "controlnet_input_images", "must be a list of 1 to 8 base64 images"),
             ({"controlnet_module": "canny", "controlnet_input_images": ["%%%"]},
@@ -283,6 +286,9 @@ def test_hires_fix_options(server, assets, ref_pipe):
      ".processor_res", "must be from 64 to 2048"),
     ({"model": "edges", "image": "IMG", "module": "canny", "pixel_perfect": "yes"},
      ".pixel_perfect", "must be true or false"),
+    ({"model": "edges", "image": "THIN", "module": "canny", "pixel_perfect": True},  # 16000×2:
+     ".processor_res", "args[0].processor_res: canny at resolution 64 would scale this "
+                       "16000x2 picture to 512000x64"),  # (pixel perfect for 64 × 64)
     ({"model": "sketch"}, ".model", "must name a ControlNet of --controlnet-dir"),
     ({"model": "edges", "image": "IMG", "weight": 12}, ".weight", "from 0 to 10"),
     ({"model": "edges", "image": "IMG", "guidance_start": 0.5, "guidance_end": 0.2},
@@ -301,7 +307,8 @@ def test_hires_fix_options(server, assets, ref_pipe):
 ])
 def test_bad_units_are_400s(server, assets, unit, field, message):
     _, hints = assets
-    unit = {k: (_png(hints[0]) if v == "IMG" else v) for k, v in unit.items()}
+    pictures = {"IMG": _png(hints[0]), "THIN": _png(Image.new("RGB", (16000, 2)))}
+    unit = {k: pictures.get(v, v) if isinstance(v, str) else v for k, v in unit.items()}
     r = _txt2img(server, [unit])
     assert r.status_code == 400, r.text
     error = r.json()["error"]
