@@ -109,6 +109,11 @@ def _float_to_unit(a):
     return ((a.astype(np.float64) - lo) / (hi - lo)).astype(np.float32)
 
 
+# The most pixels fit_image resizes a whole picture to before cropping it (8192², the most a
+# server accepts); a picture that would need more is cropped as it is resized.
+MAX_FIT_PIXELS = 8192 * 8192
+
+
 def fit_image(image, width, height, mode="resize", resample=None):
     """A PIL image (any mode) brought to ``width`` × ``height`` as A1111's resize ``mode``
     (``RESIZE_MODES``, "latent" excepted: that one is the pipeline's) does it, resampled
@@ -128,8 +133,14 @@ def fit_image(image, width, height, mode="resize", resample=None):
     wide = ratio > src_ratio if mode == "crop" else ratio < src_ratio
     src_w = width if wide else max(image.width * height // image.height, 1)
     src_h = height if not wide else max(image.height * width // image.width, 1)
-    resized = image.resize((src_w, src_h), resample)
     x, y = width // 2 - src_w // 2, height // 2 - src_h // 2
+    if mode == "crop" and src_w * src_h > MAX_FIT_PIXELS:
+        # A long thin picture covering the frame: resize only what the frame shows (the same
+        # sampling positions: within two units of the last place of the whole resized picture).
+        sx, sy = image.width / src_w, image.height / src_h
+        return image.resize((width, height), resample,
+                            box=(-x * sx, -y * sy, (width - x) * sx, (height - y) * sy))
+    resized = image.resize((src_w, src_h), resample)
     out = Image.new(image.mode, (width, height))
     out.paste(resized, (x, y))
     if mode == "fill" and ratio != src_ratio:

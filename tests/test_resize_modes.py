@@ -56,6 +56,28 @@ def test_crop_and_fill_keep_the_aspect_ratio_and_centre():
     assert np.abs(fill[15].astype(int) - band[-1]).mean() > 20
 
 
+@pytest.mark.parametrize("source", SOURCES)
+def test_crop_of_a_picture_too_large_to_resize_whole(monkeypatch, source):
+    # Past MAX_FIT_PIXELS "crop" resizes only the framed part: the same sampling positions,
+    # so within two units of the last place of resizing the whole picture and cropping it
+    # (PIL rounds to 8 bits between its horizontal and vertical passes).
+    from sdrt.engine import images
+    image = _noise_image(*source, seed=7)
+    whole = {t: np.asarray(fit_image(image, *t, "crop"), dtype=int) for t in TARGETS}
+    monkeypatch.setattr(images, "MAX_FIT_PIXELS", 0)
+    for t in TARGETS:
+        part = np.asarray(fit_image(image, *t, "crop"), dtype=int)
+        assert part.shape == whole[t].shape and np.abs(part - whole[t]).max() <= 2, t
+
+
+def test_a_long_thin_picture_is_cropped_in_bounded_memory():
+    # 16000 × 2 covering 2048 × 2048 would be resized to 16384000 × 2048 (100 GB) first.
+    ramp = np.tile(np.linspace(0, 255, 16000).astype(np.uint8)[None, :, None], (2, 1, 3))
+    out = np.asarray(fit_image(Image.fromarray(ramp), 2048, 2048, "crop"))
+    assert out.shape == (2048, 2048, 3) and (out == out[:1]).all()
+    assert abs(int(out[0, 1024, 0]) - 127) <= 1  # the middle of the ramp
+
+
 @pytest.mark.parametrize("pil_mode", ["L", "F", "RGBA"])
 def test_fit_image_keeps_the_pil_mode(pil_mode):
     image = _noise_image(90, 30, seed=5, mode=pil_mode)
