@@ -10,6 +10,7 @@ max |theirs|) per call, float32 rounding of a few dozen steps.
 diffusers is imported where a scheduler is built (``_diffusers_scheduler``), so the file
 collects where it is not installed (the GPU machine), and the comparisons skip there.
 """
+import copy
 import json
 import re
 import warnings
@@ -125,10 +126,17 @@ def _diffusers_scheduler(sampler, cfg):
         "dpmpp_sde": ("DPMSolverSDEScheduler", {}),
         "dpmpp_sde_karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
     }[sampler]
-    cls = getattr(diffusers, name)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return cls.from_config(cfg, **extra)
+    key = (name, json.dumps({**cfg, **extra}, sort_keys=True))
+    if key not in _BUILT:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _BUILT[key] = getattr(diffusers, name).from_config(cfg, **extra)
+    return copy.deepcopy(_BUILT[key])
+
+
+# (class, config) → a scheduler as built, never stepped: KDPM2's constructor alone maps its
+# 1000 training sigmas to timesteps one by one (0.6 s), and hundreds of cases share a config.
+_BUILT = {}
 
 
 class LinearModel:
