@@ -37,6 +37,7 @@ setup(
     extras_require={
         "test": [
             "pytest>=7.0",
+            "pytest-xdist>=3.0",  # the README's test command runs on two processes
             "hypothesis>=6.0",
             "diffusers>=0.34",
             "peft>=0.17",  # diffusers loads LoRAs through it (the LoRA parity tests)

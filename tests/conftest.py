@@ -16,6 +16,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # One of several test processes (pytest -n): the cores shared out among them, for torch
+    # here and in the processes its tests start (on a 2-core machine two intra-op threads per
+    # process make tiny matmuls wait on each other).
+    _THREADS = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
+    torch.set_num_threads(_THREADS)
+
 import pytest  # noqa: E402
 
 
