@@ -41,12 +41,12 @@ def control_mode(field, v, labels=False):
     for name, (label, number) in CONTROL_MODES.items():
         if (v == name and not labels) or v == label or (type(v) is int and v == number):
             return name
+    a1111 = [label for label, _ in CONTROL_MODES.values()]
     if labels:
-        raise SdrtError(f"{field} must be one of {', '.join(l for l, _ in CONTROL_MODES.values())}"
-                        f" (or 0 to 2), got {short_repr(v)}")
+        raise SdrtError(f"{field} must be one of {', '.join(a1111)} (or 0 to 2), got "
+                        f"{short_repr(v)}")
     raise SdrtError(f"{field} must be one of {', '.join(CONTROL_MODES)} (A1111's "
-                    f"{', '.join(repr(l) for l, _ in CONTROL_MODES.values())}), got "
-                    f"{short_repr(v)}")
+                    f"{', '.join(map(repr, a1111))}), got {short_repr(v)}")
 
 
 def select(loaded, controlnet):
