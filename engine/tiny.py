@@ -203,9 +203,30 @@ def write_controlnet(folder, config: dict, seed=0, dtype=None, device="cpu"):
     from .controlnet import ControlNetConfig, ControlNetModel
     with torch.device(device):
         net = _init_(ControlNetModel(ControlNetConfig.from_dict(config)), seed)
+    return _write_module(folder, net, config, dtype)
+
+
+def adapter_config(unet_config: dict, vae_scale_factor: int, in_channels=3) -> dict:
+    """The diffusers config of a full T2I-Adapter for a UNet of ``unet_config`` (one feature
+    per UNet level, of its widths) over a VAE of ``vae_scale_factor``."""
+    return {"_class_name": "T2IAdapter", "in_channels": in_channels,
+            "channels": list(unet_config["block_out_channels"]), "num_res_blocks": 1,
+            "downscale_factor": vae_scale_factor, "adapter_type": "full_adapter"}
+
+
+def write_adapter(folder, config: dict, seed=0, dtype=None, device="cpu"):
+    """A T2I-Adapter of ``config`` (``adapter_config``) with ``_init_``'s random weights, as
+    a diffusers folder."""
+    from .adapter import AdapterConfig, T2IAdapter
+    with torch.device(device):
+        adapter = _init_(T2IAdapter(AdapterConfig.from_dict(config)), seed)
+    return _write_module(folder, adapter, config, dtype)
+
+
+def _write_module(folder, module, config, dtype):
     os.makedirs(folder, exist_ok=True)
     tensors = {k: (v if dtype is None else v.to(dtype)).contiguous().cpu()
-               for k, v in net.state_dict().items()}
+               for k, v in module.state_dict().items()}
     save_file(tensors, os.path.join(folder, "diffusion_pytorch_model.safetensors"),
               metadata={"format": "pt"})
     _write_json(os.path.join(folder, "config.json"), config)

@@ -27,6 +27,28 @@ def _adapter(seed, **kw):
     return adapter.eval()
 
 
+def test_sdrt_written_adapter_is_diffusers_adapter(tiny_sd1_folder, tmp_path):
+    # engine.tiny's adapter for a model (what the GPU tests load, where diffusers may be
+    # missing): diffusers reads the folder and computes the same features.
+    import json
+
+    from diffusers import T2IAdapter
+
+    from sdrt.engine.tiny import adapter_config, write_adapter
+    with open(f"{tiny_sd1_folder}/unet/config.json") as fh:
+        config = adapter_config(json.load(fh), 2)
+    folder = write_adapter(str(tmp_path / "adapter"), config, seed=3)
+    ours = load_adapter(folder, "cpu", torch.float32)
+    ref = T2IAdapter.from_pretrained(folder).eval()
+    x = torch.rand(1, 3, 16, 24, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        got, want = ours(x), ref(x)
+    assert len(got) == len(want) == len(config["channels"])
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert b.abs().mean() > 0.1, f"feature {i} is near zero"
+        assert_close_abs(a, b, 1e-5, f"feature {i}")
+
+
 def _original_names(state, light):
     """A diffusers adapter's state dict in the original T2I-Adapter repository's names."""
     n = 1 + max(int(m.group(1)) for k in state

@@ -121,22 +121,27 @@ def test_graph_replays_with_changing_prompts_equal_eager_and_do_not_grow_memory(
     assert torch.cuda.memory_allocated() <= before, "memory grew over 200 replays"
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("guess_mode", [False, True])
-def test_controlnet_graph_replays_equal_eager_and_do_not_grow_memory(tiny_sd1_folder, tmp_path,
-                                                                     guess_mode):
-    # Two ControlNets inside the captured loop: new control images, scales and shares of the
-    # schedule are buffer writes; each replay equals the eager run, memory stays put.
+def _control_replays(folder, tmp_path, device, guess_mode, replays, checks, adapter=False):
+    """Two ControlNets (or a T2I-Adapter and a ControlNet) inside the plan's loop: new control
+    images, scales, shares of the schedule and control modes are buffer writes, so every call
+    reuses the one plan; ``checks`` replays are compared with the eager run, then memory must
+    stay put over ``replays`` more (CUDA)."""
     import json
 
-    from sdrt.engine.tiny import controlnet_config, write_controlnet
-    pipe = Pipeline.from_pretrained(tiny_sd1_folder, device="cuda", dtype=torch.float16)
-    with open(f"{tiny_sd1_folder}/unet/config.json") as fh:
-        config = controlnet_config(json.load(fh), pipe.vae_scale_factor)
-    for name, seed in (("a", 1), ("b", 2)):
-        pipe.load_controlnet(write_controlnet(str(tmp_path / name), config, seed), name=name)
+    from sdrt.engine.tiny import (adapter_config, controlnet_config, write_adapter,
+                                  write_controlnet)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    pipe = Pipeline.from_pretrained(folder, device=device, dtype=dtype)
+    with open(f"{folder}/unet/config.json") as fh:
+        unet_config = json.load(fh)
+    write = {"a": (write_adapter, adapter_config) if adapter else
+             (write_controlnet, controlnet_config), "b": (write_controlnet, controlnet_config)}
+    for seed, (name, (writer, config)) in enumerate(write.items(), 1):
+        pipe.load_controlnet(writer(str(tmp_path / name), config(
+            unet_config, pipe.vae_scale_factor), seed), name=name)
     pipe.compile(height=16, width=24, num_inference_steps=4, sampler="dpmpp_2m",
                  controlnet=["a", "b"], guess_mode=guess_mode)
+    modes = ("balanced", "prompt", "controlnet")
 
     def call(i):
         g = torch.Generator().manual_seed(i)
@@ -145,18 +150,44 @@ def test_controlnet_graph_replays_equal_eager_and_do_not_grow_memory(tiny_sd1_fo
                     num_inference_steps=4, sampler="dpmpp_2m", output_type="np",
                     control_image=hints, controlnet=["a", "b"], guess_mode=guess_mode,
                     controlnet_conditioning_scale=[0.5 + i % 3, 1.0],
-                    control_guidance_end=[1.0, 0.5 + 0.1 * (i % 5)])
-    for i in range(20):
+                    control_guidance_end=[1.0, 0.5 + 0.1 * (i % 5)],
+                    control_mode="balanced" if guess_mode else
+                    [modes[i % 3], modes[(i + 1) % 3]])
+    tolerance = 2e-3 if device == "cuda" else 1e-5
+    first = None
+    for i in range(checks):
         static = pipe(**call(i))
-        if i % 5 == 0:
-            assert np.abs(static - run_eagerly(pipe, **call(i))).max() <= 2e-3, f"replay {i}"
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    for i in range(100):
-        pipe(**call(i))
-    torch.cuda.synchronize()
-    assert torch.cuda.memory_allocated() <= before, "memory grew over 100 replays"
-    assert len(pipe.runtime.plans) == 1, "a new image or scale built another plan"
+        first = static if first is None else first
+        assert np.abs(static - run_eagerly(pipe, **call(i))).max() <= tolerance, f"call {i}"
+    assert np.abs(pipe(**call(0)) - first).max() <= tolerance, "a replay of call 0 changed"
+    other = dict(call(0), control_image=[1 - h for h in call(0)["control_image"]])
+    assert np.abs(pipe(**other) - first).max() > 10 * tolerance, "the controls did nothing"
+    assert len(pipe.runtime.plans) == 1, "a new image, scale or mode built another plan"
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        for i in range(replays):
+            pipe(**call(i))
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated() <= before, f"memory grew over {replays} replays"
+        assert len(pipe.runtime.plans) == 1
+
+
+@pytest.mark.parametrize("adapter", [False, True], ids=["controlnets", "adapter"])
+def test_control_plan_reused_across_images_scales_and_modes(tiny_sd1_folder, tmp_path, adapter):
+    # The GPU test's calls, fewer of them, on the CPU (its plan runs eagerly over its buffers).
+    _control_replays(tiny_sd1_folder, tmp_path, "cpu", False, replays=0, checks=3,
+                     adapter=adapter)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("guess_mode,adapter", [(False, False), (True, False), (False, True)],
+                         ids=["controlnets", "guess-mode", "adapter"])
+def test_control_graph_replays_equal_eager_and_do_not_grow_memory(tiny_sd1_folder, tmp_path,
+                                                                  guess_mode, adapter):
+    # On CUDA the loop with the ControlNets (or adapter) is a captured graph.
+    _control_replays(tiny_sd1_folder, tmp_path, "cuda", guess_mode, replays=100, checks=4,
+                     adapter=adapter)
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
