@@ -66,12 +66,14 @@ setup(
         # the dpmpp_sde samplers (A1111's "DPM++ SDE"): their Brownian-tree noise
         "sde": ["torchsde>=0.2.6"],
         # sdrt serve: the HTTP app (FastAPI on uvicorn, pydantic request models, Prometheus
-        # metrics, python-multipart for file uploads, websockets for ComfyUI's /ws); [ray]
-        # adds Ray Serve for replicas across GPUs.
+        # metrics, python-multipart for file uploads, websockets for ComfyUI's /ws, OpenCV
+        # for A1111's ControlNet units, framed as its extension frames them); [ray] adds Ray
+        # Serve for replicas across GPUs.
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "pydantic>=2.6", "prometheus-client>=0.19",
-                  "python-multipart>=0.0.9", "websockets>=12"],
+                  "python-multipart>=0.0.9", "websockets>=12", "opencv-python-headless>=4.8"],
         "ray": ["fastapi>=0.110", "uvicorn>=0.29", "pydantic>=2.6", "prometheus-client>=0.19",
-                "python-multipart>=0.0.9", "websockets>=12", "ray[serve]>=2.40"],
+                "python-multipart>=0.0.9", "websockets>=12", "opencv-python-headless>=4.8",
+                "ray[serve]>=2.40"],
     },
     entry_points={"console_scripts": ["sdrt=sdrt.engine.cli:main"]},
 )

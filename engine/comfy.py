@@ -347,3 +347,26 @@ class _Nodes:
                             f"as a text encoder: sdrt takes the sampled model's checkpoint, "
                             f"CLIPSetLastLayer and LoraLoader there")
         return skip, loras
+
+
+def comfy_hint(image, width, height):
+    """A ControlNet's control image (PIL) as ComfyUI brings it to the latents' size in pixels
+    (``width`` × ``height``): cut to that aspect ratio about its centre (the cut rounded as
+    Python rounds), then nearest-exact scaled (torch's ``interpolate``, as ComfyUI's
+    ``common_upscale`` with its ControlNets' default ``nearest-exact``). A PIL RGB image."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from .images import to_rgb8
+    x = torch.from_numpy(np.array(to_rgb8(image))).permute(2, 0, 1)[None].float()
+    old_h, old_w = x.shape[-2:]
+    old_aspect, new_aspect = old_w / old_h, width / height
+    left = round((old_w - old_w * (new_aspect / old_aspect)) / 2) if old_aspect > new_aspect \
+        else 0
+    top = round((old_h - old_h * (old_aspect / new_aspect)) / 2) if old_aspect < new_aspect \
+        else 0
+    x = x[..., top:old_h - top, left:old_w - left]
+    x = torch.nn.functional.interpolate(x, size=(height, width), mode="nearest-exact")
+    return Image.fromarray(x[0].permute(1, 2, 0).to(torch.uint8).numpy())
+

@@ -6,8 +6,9 @@ A preprocessor that takes a resolution ("Processor Res", 64 to 2048, 512 by defa
 scales the picture so that its short side has that many pixels (cubic up, area down), pads it
 to a multiple of 64 by repeating its edge, runs, and cuts the padding off, as the extension
 does; "pixel perfect" picks the resolution at which the map needs no further scaling
-(``pixel_perfect_resolution``). The map is then framed to the output size like any control
-image (``images.frame_init_image``, by the unit's resize mode). OpenCV does the image work, as in
+(``pixel_perfect_resolution``). The map is then framed to the output size: as the extension
+frames it for A1111's API (``frame_map``), like an init image elsewhere
+(``images.frame_init_image``). OpenCV does the image work, as in
 the extension (the ``control`` extra: ``pip install 'sdrt[control]'``), so a map is the
 extension's map pixel for pixel (its OpenCV calls, on the same 8-bit RGB picture).
 
@@ -293,6 +294,105 @@ def apply(pre, image, resolution, a, b, perfect=False, frame=None, field="proces
     if perfect and pre.resolution:
         resolution = pixel_perfect_resolution(image.size, *frame)
     return run(pre, image, resolution, a, b, field), (pre.name, resolution, a, b, perfect)
+
+
+# The extension's edge thinning (Zhang's "High Quality Edge Thinning"): hit-or-miss patterns
+# (1: set, -1: clear, 0: either) of a pixel that can go without breaking a line, each in its
+# four rotations, removed until none matches; then, where a map was enlarged, one pass of
+# the spur patterns.
+_THIN = ("--- .#. ###", ".-- ##- .#.")
+_SPURS = ("--- -#- ..-", "--- -#- -..")
+# The four lines through a pixel: it survives the extension's non-maximum suppression where
+# it is the largest along one of them.
+_LINES = ("... ### ...", ".#. .#. .#.", "#.. .#. ..#", "..# .#. #..")
+
+
+def _kernels(patterns, values, rotations=4):
+    """3x3 arrays of ``patterns`` (rows apart by spaces), each in its ``rotations`` (by 90°
+    counter-clockwise, as numpy's rot90), rotation by rotation."""
+    raw = [np.array([[values[c] for c in row] for row in p.split()]) for p in patterns]
+    return [np.rot90(k, turns) for turns in range(rotations) for k in raw]
+
+
+def _thinned(cv2, x, spurs):
+    hit_or_miss = {"#": 1, "-": -1, ".": 0}
+    for _ in range(32):
+        removed = False
+        for k in _kernels(_THIN, hit_or_miss):
+            hits = cv2.morphologyEx(x, cv2.MORPH_HITMISS, k.astype(np.int32)) > 127
+            removed |= bool(hits.any())
+            x[hits] = 0
+        if not removed:
+            break
+    if spurs:
+        for k in _kernels(_SPURS, hit_or_miss):
+            x[cv2.morphologyEx(x, cv2.MORPH_HITMISS, k.astype(np.int32)) > 127] = 0
+    return x
+
+
+def _map_resize(cv2, x, size):
+    """The extension's resize of a map (H, W, 3) to ``size`` (w, h): nearest for a map of 3 to
+    199 colours (a segmentation), area down and cubic up otherwise; a black-and-white map is
+    made grey and split again by Otsu's threshold, and one of one-pixel lines (a canny map)
+    is kept to one-pixel lines (non-maximum suppression, then thinning)."""
+    w, h = size
+    if x.shape[:2] == (h, w):
+        return x
+    bigger = w * h > x.shape[0] * x.shape[1]  # (cubic where the area is kept too)
+    colours = len(np.unique(x.reshape(-1, 3), axis=0))
+    binary = colours == 2 and x.min() < 16 and x.max() > 240
+    thin = False
+    if binary:
+        square = np.ones((3, 3), np.uint8)
+        opened = cv2.dilate(cv2.erode(x, square), square)
+        thin = 2 * np.count_nonzero(opened < x) > np.count_nonzero(x > 127)
+    interpolation = cv2.INTER_NEAREST if 2 < colours < 200 else \
+        cv2.INTER_AREA if w * h < x.shape[0] * x.shape[1] else cv2.INTER_CUBIC
+    y = cv2.resize(x, (w, h), interpolation=interpolation)
+    if not binary:
+        return y
+    grey = y.astype(np.float32).mean(axis=2).clip(0, 255).astype(np.uint8)
+    if thin:
+        keep = np.zeros(grey.shape, bool)
+        for k in _kernels(_LINES, {"#": 1, ".": 0}, rotations=1):
+            keep |= cv2.dilate(grey, k.astype(np.uint8)) == grey
+        grey = np.where(keep, grey, 0).astype(np.uint8)
+    grey = cv2.threshold(grey, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)[1]
+    return _gray3(_thinned(cv2, grey, bigger) if thin else grey)
+
+
+def frame_map(image, width, height, resize="crop", field="image"):
+    """A control map (PIL) brought to ``width`` × ``height`` as A1111's ControlNet extension
+    frames every unit's map: "resize" stretches it, "crop" scales it to cover the frame and
+    cuts the middle out, "fill" scales it to fit and centres it on the median colour of its
+    border, each through the extension's map resize (``_map_resize``: edges stay one-pixel
+    lines, segmentations keep their colours). A PIL RGB image; ``SdrtError`` naming ``field``
+    where "crop" would scale the map past ``MAX_MAP_PIXELS``."""
+    from PIL import Image
+
+    from .images import to_rgb8
+    cv2 = _cv2("framing a control map")
+    x = np.asarray(to_rgb8(image))
+    if resize == "resize":
+        return Image.fromarray(_map_resize(cv2, x, (width, height)))
+    old_h, old_w = x.shape[:2]
+    k = (min if resize == "fill" else max)(height / old_h, width / old_w)
+    size = (max(1, int(np.round(old_w * k))), max(1, int(np.round(old_h * k))))
+    if size[0] * size[1] > MAX_MAP_PIXELS:
+        raise SdrtError(f"{field}: this {old_w}x{old_h} map would be scaled to "
+                        f"{size[0]}x{size[1]} to cover {width}x{height}, over the "
+                        f"{MAX_MAP_PIXELS} pixels a map may have; crop it closer to that shape")
+    y = _map_resize(cv2, x, size)
+    new_h, new_w = y.shape[:2]
+    if resize == "fill":
+        border = np.concatenate([x[0], x[-1], x[:, 0], x[:, -1]])  # (the map's, unscaled)
+        out = np.empty((height, width, 3), np.uint8)
+        out[:] = np.median(border, axis=0).astype(np.uint8)
+        top, left = max(0, (height - new_h) // 2), max(0, (width - new_w) // 2)
+        out[top:top + new_h, left:left + new_w] = y[:height, :width]
+        return Image.fromarray(out)
+    top, left = max(0, (new_h - height) // 2), max(0, (new_w - width) // 2)
+    return Image.fromarray(np.ascontiguousarray(y[top:top + height, left:left + width]))
 
 
 def preprocess(image, module="canny", resolution=None, threshold_a=None, threshold_b=None):

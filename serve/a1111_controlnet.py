@@ -8,7 +8,8 @@ img2img unit without one takes the first init image, as the extension does), its
 ``resize_mode``, ``guidance_start`` and ``guidance_end``, and its ``module``: "none" (the image
 is the map) or a preprocessor that needs no network (``engine.preprocess``: canny, invert,
 threshold, ...) with its ``processor_res``, ``threshold_a``/``_b`` (-1: the defaults) and
-``pixel_perfect``, run on the image before it is framed, and its ``control_mode`` ("Balanced",
+``pixel_perfect``, run on the image before it is framed (as the extension frames a map:
+``engine.preprocess.frame_map``), and its ``control_mode`` ("Balanced",
 "My prompt is more important", "ControlNet is more important", or 0 to 2) and ``hr_option``
 (in a hires fix: "Both" passes, "Low res only", "High res only"; a canny unit's second pass
 is softened, as the extension's is). Fields that would change the picture in ways sdrt does
@@ -53,7 +54,7 @@ def parse(server, args, init_images, width, height, api_error):
     ``inpaint.Inpaint.frame_like``). A 400 naming
     ``alwayson_scripts.controlnet.args[i].FIELD`` for a unit sdrt cannot run."""
     from sdrt.engine.control import control_mode as checked_mode
-    from sdrt.engine.preprocess import apply
+    from sdrt.engine.preprocess import apply, frame_map
 
     from .app import _decode_bytes, b64_bytes
 
@@ -145,10 +146,13 @@ def parse(server, args, init_images, width, height, api_error):
                                        f"{where}{at}.processor_res")
         except SdrtError as e:
             raise bad(str(e), f"{at}.{getattr(e, 'field', 'module')}") from None
+        try:  # (as the extension frames every unit's map)
+            framed = frame_map(picture, width, height, RESIZE[mode], f"{where}{at}.image")
+        except SdrtError as e:
+            raise bad(str(e), f"{at}.image") from None
         for out, value in zip((controls, images, info), unit_parts(
-                server, i, name, picture, numbers["weight"], RESIZE[mode],
-                numbers["guidance_start"], numbers["guidance_end"], width, height,
-                processor, control_mode,
+                server, i, name, framed, numbers["weight"], RESIZE[mode],
+                numbers["guidance_start"], numbers["guidance_end"], processor, control_mode,
                 (*HR_OPTIONS[hr_option], pre.name == "canny"))):
             out.append(value)
         sources.append((picture, RESIZE[mode]))
@@ -163,16 +167,14 @@ def _processor(unit, where):
                            names=tuple(f"{where}.{f}" for f in FIELDS)))
 
 
-def unit_parts(server, index, name, picture, weight, resize, start, end, width, height,
-               processor=None, mode="balanced", passes=(True, True, False)):
-    """One unit's (``BatchKey.controls`` entry, control image framed to ``width`` ×
-    ``height`` by ``resize``, ("ControlNet {index}", its PNG info text)), for A1111's units
-    and ComfyUI's nodes alike; ``processor`` and ``mode`` as ``infotext.controlnet_unit``
+def unit_parts(server, index, name, framed, weight, resize, start, end, processor=None,
+               mode="balanced", passes=(True, True, False)):
+    """One unit's (``BatchKey.controls`` entry, its ``framed`` control image, ("ControlNet
+    {index}", its PNG info text)), for A1111's units and ComfyUI's nodes alike; ``resize``
+    the mode it was framed by, ``processor`` and ``mode`` as ``infotext.controlnet_unit``
     takes them, ``passes`` its part in a hires fix (``hires.pass_controls``' units)."""
-    from sdrt.engine.images import frame_init_image
     short = server.runner.controlnet_hash(name)
-    return ((name, weight, start, end, mode, passes),
-            frame_init_image(picture.convert("RGB"), width, height, resize),
+    return ((name, weight, start, end, mode, passes), framed,
             (f"ControlNet {index}", controlnet_unit(f"{name} [{short}]" if short else name,
                                                     weight, resize, start, end,
                                                     processor=processor, mode=mode)))

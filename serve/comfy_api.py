@@ -391,6 +391,8 @@ def _controls(server, flow, uploads, width, height, bad):
     """A workflow's ControlNetApplyAdvanced nodes → (``BatchKey.controls``, the control images
     framed to ``width`` × ``height`` as ComfyUI centres and crops them, the PNG info's units).
     """
+    from sdrt.engine.comfy import comfy_hint
+
     from .a1111_controlnet import unit_parts
     controls, images, info = [], [], []
     for i, unit in enumerate(flow.controlnets):
@@ -415,8 +417,8 @@ def _controls(server, flow, uploads, width, height, bad):
             except SdrtError as e:
                 raise bad(f"prompt: {e}") from None
         for out, value in zip((controls, images, info), unit_parts(
-                server, i, name, picture, unit.strength, "crop", unit.start, unit.end, width,
-                height, processor)):
+                server, i, name, comfy_hint(picture, width, height), unit.strength, "crop",
+                unit.start, unit.end, processor)):
             out.append(value)
     return tuple(controls), tuple(images), tuple(info)
 

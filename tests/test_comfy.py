@@ -222,6 +222,27 @@ REFUSED = {
 }
 
 
+@pytest.mark.parametrize("size,crop", [
+    ((80, 50), (15, 0, 65, 50)),   # wide: (80 - 50) / 2 columns off each side
+    ((69, 40), (14, 0, 55, 40)),   # 14.5 rounds to 14, as Python rounds (to even)
+    ((40, 100), (0, 30, 40, 70)),  # tall
+    ((64, 64), (0, 0, 64, 64)),    # already square: scaled only
+])
+def test_control_hint_is_comfyuis_center_crop_and_nearest_exact(size, crop):
+    # What ComfyUI's ControlNet does to its hint for a 64 × 64 (pixels) latent: the middle
+    # of the aspect ratio, then torch's nearest-exact.
+    import torch
+    rng = np.random.default_rng(sum(size))
+    x = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    got = np.asarray(comfy.comfy_hint(Image.fromarray(x), 64, 64))
+    left, top, right, bottom = crop
+    cut = torch.from_numpy(x[top:bottom, left:right].copy()).permute(2, 0, 1)[None].float()
+    want = torch.nn.functional.interpolate(cut, size=(64, 64), mode="nearest-exact")
+    np.testing.assert_array_equal(got, want[0].permute(1, 2, 0).numpy().astype(np.uint8))
+    assert comfy.comfy_hint(Image.fromarray(x), 96, 48).size == (96, 48)
+
+
+
 @pytest.mark.parametrize("case", sorted(REFUSED))
 def test_refusals_name_the_node(case):
     edit, message = REFUSED[case]

@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from sdrt.engine.errors import SdrtError
-from sdrt.engine.preprocess import (PREPROCESSORS, get, pixel_perfect_resolution, preprocess,
-                                    settings)
+from sdrt.engine.preprocess import (PREPROCESSORS, frame_map, get, pixel_perfect_resolution,
+                                    preprocess, settings)
 
 
 @pytest.fixture
@@ -126,6 +126,95 @@ def test_a_long_thin_picture_is_refused_before_it_is_scaled(cv2, size, resolutio
     assert e.value.field == "processor_res" and "resolution" in str(e.value)
     # at 4:1 the map is allowed (2048 × 512 at 512)
     assert preprocess(Image.new("RGB", (400, 100)), "canny", resolution=512).size == (2048, 512)
+
+
+@pytest.mark.parametrize("h,w", [(60, 90), (200, 300), (90, 60)])
+def test_frame_map_of_a_photo_like_map(cv2, h, w):
+    # Many colours: OpenCV's cubic up, area down, to cover (crop: the middle kept), to fit
+    # (fill: centred on the median colour of the map's border) or stretched (resize).
+    x = _picture(h, w, seed=h)
+    for width, height in ((64, 64), (96, 48)):
+        def resized(size):
+            up = size[0] * size[1] >= h * w
+            return cv2.resize(x, size, interpolation=cv2.INTER_CUBIC if up else cv2.INTER_AREA)
+        np.testing.assert_array_equal(
+            np.asarray(frame_map(Image.fromarray(x), width, height, "resize")),
+            resized((width, height)))
+        k = max(height / h, width / w)
+        cover = resized((round(w * k), round(h * k)))
+        top, left = (cover.shape[0] - height) // 2, (cover.shape[1] - width) // 2
+        np.testing.assert_array_equal(
+            np.asarray(frame_map(Image.fromarray(x), width, height, "crop")),
+            cover[top:top + height, left:left + width])
+        k = min(height / h, width / w)
+        inside = resized((round(w * k), round(h * k)))
+        fill = np.asarray(frame_map(Image.fromarray(x), width, height, "fill"))
+        border = np.concatenate([x[0], x[-1], x[:, 0], x[:, -1]])
+        top, left = (height - inside.shape[0]) // 2, (width - inside.shape[1]) // 2
+        np.testing.assert_array_equal(fill[top:top + inside.shape[0],
+                                           left:left + inside.shape[1]], inside)
+        outside = np.ones((height, width), bool)
+        outside[top:top + inside.shape[0], left:left + inside.shape[1]] = False
+        assert outside.any()
+        assert (fill[outside] == np.median(border, axis=0).astype(np.uint8)).all()
+
+
+def test_frame_map_keeps_a_segmentations_colours(cv2):
+    # 3 to 199 colours: nearest, so no blended colour appears.
+    rng = np.random.default_rng(1)
+    palette = rng.integers(0, 256, (5, 3), dtype=np.uint8)
+    x = palette[np.kron(rng.integers(0, 5, (6, 9)), np.ones((8, 8), int))]
+    got = np.asarray(frame_map(Image.fromarray(x), 100, 64, "resize"))
+    np.testing.assert_array_equal(got, cv2.resize(x, (100, 64),
+                                                  interpolation=cv2.INTER_NEAREST))
+
+
+def test_frame_map_of_black_and_white_maps(cv2):
+    # Two colours, black and white: grey, then Otsu's split; thick shapes are not thinned.
+    yy, xx = np.mgrid[:48, :64]
+    disc = np.where(((yy - 24) ** 2 + (xx - 30) ** 2 < 15 ** 2)[..., None], 255, 0)
+    disc = np.repeat(disc, 3, axis=2).astype(np.uint8)
+    got = np.asarray(frame_map(Image.fromarray(disc), 160, 120, "resize"))
+    grey = cv2.resize(disc, (160, 120), interpolation=cv2.INTER_CUBIC).astype(np.float32)
+    grey = grey.mean(axis=2).clip(0, 255).astype(np.uint8)
+    want = cv2.threshold(grey, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)[1]
+    np.testing.assert_array_equal(got, np.repeat(want[..., None], 3, axis=2))
+    # A canny map enlarged stays one-pixel lines: black and white, hardly a 2 × 2 white
+    # square (a Lanczos resize gives grey edges two or three pixels wide: 28 times the
+    # pixels here), lines three times as long, not three times as thick too.
+    edges = preprocess(Image.fromarray(_picture(96, 128, seed=2)), "canny", 96)
+    x = np.asarray(edges)
+    big = np.asarray(frame_map(edges, 384, 288, "crop"))
+    assert set(np.unique(big)) == {0, 255} and (big == big[..., :1]).all()
+    white = big[..., 0] > 0
+    squares = white[1:, 1:] & white[:-1, 1:] & white[1:, :-1] & white[:-1, :-1]
+    assert squares.sum() < 0.05 * white.sum()
+    ratio = white.sum() / (x[..., 0] > 0).sum()
+    assert 2.5 < ratio < 4.5, ratio
+    # shrunk, the map stays black and white too
+    small = np.asarray(frame_map(edges, 64, 48, "resize"))
+    assert set(np.unique(small)) <= {0, 255}
+
+
+def test_thinning_leaves_a_bars_middle_line(cv2):
+    # The extension's thinning patterns, each in four rotations, applied until none matches:
+    # a bar three pixels thick becomes its middle row (its corners branch off, spurs the
+    # pruning pass of an enlarged map removes).
+    from sdrt.engine.preprocess import _thinned
+    x = np.zeros((9, 16), np.uint8)
+    x[3:6, 2:14] = 255
+    thin = _thinned(cv2, x.copy(), spurs=False) > 0
+    assert thin[4, 3:13].all() and not thin[3, 4:12].any() and not thin[5, 4:12].any()
+    assert thin.sum() <= 12 + 4
+    pruned = _thinned(cv2, x.copy(), spurs=True) > 0
+    assert pruned.sum() < thin.sum() and pruned[4, 4:12].all()
+
+
+def test_frame_map_of_a_long_thin_map_is_refused(cv2):
+    with pytest.raises(SdrtError, match="unit.image: this 16000x2 map would be scaled to "
+                                        "2048000x256 to cover 256x256"):
+        frame_map(Image.new("RGB", (16000, 2)), 256, 256, "crop", field="unit.image")
+    assert frame_map(Image.new("RGB", (16000, 2)), 256, 256, "fill").size == (256, 256)
 
 
 def test_pixel_perfect_resolution():

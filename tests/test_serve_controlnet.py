@@ -15,9 +15,11 @@ from PIL import Image
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
+from sdrt.engine.comfy import comfy_hint  # noqa: E402
 from sdrt.engine.demo.model import demo_config  # noqa: E402
 from sdrt.engine.images import frame_init_image  # noqa: E402
 from sdrt.engine.infotext import short_hash  # noqa: E402
+from sdrt.engine.preprocess import frame_map  # noqa: E402
 from sdrt.engine.tiny import controlnet_config, write_controlnet  # noqa: E402
 from sdrt.serve.local import LocalServer  # noqa: E402
 from test_serve import TIMEOUT, assert_same_image, config, ref_pipe  # noqa: E402,F401
@@ -127,7 +129,7 @@ def test_units_give_the_library_image(server, assets, ref_pipe):
              {"enabled": False, "model": "nothing-loaded"},
              {"model": "depthy", "image": _png(hints[1]), "resize_mode": 0, "weight": 1.3}]
     (got,), info = _images(_txt2img(server, units))
-    framed = [frame_init_image(hints[0], 64, 64, "crop"), frame_init_image(hints[1], 64, 64,
+    framed = [frame_map(hints[0], 64, 64, "crop"), frame_map(hints[1], 64, 64,
                                                                          "resize")]
     want = _reference(ref_pipe, root, ["edges", "depthy"], 3, framed,
                       controlnet_conditioning_scale=[0.8, 1.3], control_guidance_end=[0.6, 1.0])
@@ -162,7 +164,8 @@ def test_img2img_unit_without_image_takes_the_init_image(server, assets, ref_pip
     pipe.load_controlnet(str(root / "nets" / "edges.safetensors"), name="edges")
     try:
         want = pipe(PROMPT, negative_prompt="blurry", image=init, strength=0.6,
-                    num_inference_steps=4, guidance_scale=7.0, seed=9, control_image=init)[0]
+                    num_inference_steps=4, guidance_scale=7.0, seed=9,
+                    control_image=frame_map(hints[1], 64, 64, "resize"))[0]
     finally:
         pipe.unload_controlnet()
     assert_same_image(got, want, "img2img unit on the init image")
@@ -180,8 +183,8 @@ def test_preprocessor_units(server, assets, ref_pipe):
               "pixel_perfect": True, "resize_mode": "Just Resize", "threshold_a": -1,
               "control_mode": "ControlNet is more important"}]
     (got,), info = _images(_txt2img(server, units, seed=5))
-    maps = [frame_init_image(preprocess(hints[0], "canny", 256, 50, 150), 64, 64, "crop"),
-            frame_init_image(preprocess(hints[1], "threshold", 64), 64, 64, "resize")]
+    maps = [frame_map(preprocess(hints[0], "canny", 256, 50, 150), 64, 64, "crop"),
+            frame_map(preprocess(hints[1], "threshold", 64), 64, 64, "resize")]
     want = _reference(ref_pipe, root, ["edges", "depthy"], 5, maps,
                       control_mode=["balanced", "controlnet"])
     assert_same_image(got, want, "canny and threshold units")
@@ -206,7 +209,7 @@ def test_a_t2i_adapter_unit(server, assets, ref_pipe):
     try:
         want = ref_pipe(PROMPT, negative_prompt="blurry", height=64, width=64,
                         num_inference_steps=2, guidance_scale=7.0, seed=12,
-                        control_image=frame_init_image(hints[0], 64, 64, "crop"),
+                        control_image=frame_map(hints[0], 64, 64, "crop"),
                         controlnet_conditioning_scale=1.5)[0]
     finally:
         ref_pipe.unload_controlnet()
@@ -263,8 +266,8 @@ def test_hires_fix_options(server, assets, ref_pipe):
         path = root / "nets" / name if name == "depthy" else root / "nets" / f"{name}.safetensors"
         ref_pipe.load_controlnet(str(path), name=name)
     try:
-        maps = [frame_init_image(preprocess(hints[0], "canny"), 64, 64, "crop"),
-                frame_init_image(hints[1], 64, 64, "crop")]
+        maps = [frame_map(preprocess(hints[0], "canny"), 64, 64, "crop"),
+                frame_map(hints[1], 64, 64, "crop")]
         want = generate(ref_pipe, Hires(scale=1.5, steps=2, strength=0.6), [PROMPT], "blurry",
                         64, 64, 2, None, [torch.Generator().manual_seed(6)],
                         guidance_scale=7.0, control_image=maps, controlnet=["edges", "depthy"],
@@ -353,7 +356,7 @@ def test_comfyui_controlnet_nodes(server, assets, ref_pipe):
                                                            0.5),))
     entry = _history(server, _queue(server, graph)["prompt_id"])
     png = Image.open(io.BytesIO(_view(server, entry["outputs"]["9"]["images"][0])))
-    want = _reference(ref_pipe, root, ["edges"], 11, [frame_init_image(hints[0], 64, 64, "crop")],
+    want = _reference(ref_pipe, root, ["edges"], 11, [comfy_hint(hints[0], 64, 64)],
                       prompt="beautiful scenery nature glass bottle",
                       negative="text, watermark", sampler="euler_a",
                       controlnet_conditioning_scale=0.9,
@@ -384,7 +387,7 @@ def test_comfyui_preprocessor_node(server, assets, ref_pipe):
         low_threshold=40, high_threshold=120, resolution=64)
     entry = _history(server, _queue(server, graph)["prompt_id"])
     png = Image.open(io.BytesIO(_view(server, entry["outputs"]["9"]["images"][0])))
-    edges = frame_init_image(preprocess(hints[1], "canny", 64, 40, 120), 64, 64, "crop")
+    edges = comfy_hint(preprocess(hints[1], "canny", 64, 40, 120), 64, 64)
     want = _reference(ref_pipe, root, ["edges"], 11, [edges],
                       prompt="beautiful scenery nature glass bottle",
                       negative="text, watermark", sampler="euler_a")
