@@ -339,7 +339,8 @@ def _map_resize(cv2, x, size):
     if x.shape[:2] == (h, w):
         return x
     bigger = w * h > x.shape[0] * x.shape[1]  # (cubic where the area is kept too)
-    colours = len(np.unique(x.reshape(-1, 3), axis=0))
+    packed = (x[..., 0].astype(np.int32) << 16) | (x[..., 1].astype(np.int32) << 8) | x[..., 2]
+    colours = len(np.unique(packed))
     binary = colours == 2 and x.min() < 16 and x.max() > 240
     thin = False
     if binary:
