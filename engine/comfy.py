@@ -369,4 +369,3 @@ def comfy_hint(image, width, height):
     x = x[..., top:old_h - top, left:old_w - left]
     x = torch.nn.functional.interpolate(x, size=(height, width), mode="nearest-exact")
     return Image.fromarray(x[0].permute(1, 2, 0).to(torch.uint8).numpy())
-

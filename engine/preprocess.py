@@ -307,26 +307,31 @@ _SPURS = ("--- -#- ..-", "--- -#- -..")
 _LINES = ("... ### ...", ".#. .#. .#.", "#.. .#. ..#", "..# .#. #..")
 
 
-def _kernels(patterns, values, rotations=4):
-    """3x3 arrays of ``patterns`` (rows apart by spaces), each in its ``rotations`` (by 90°
-    counter-clockwise, as numpy's rot90), rotation by rotation."""
-    raw = [np.array([[values[c] for c in row] for row in p.split()]) for p in patterns]
-    return [np.rot90(k, turns) for turns in range(rotations) for k in raw]
+def _kernels(patterns, dtype, rotations=4):
+    """3x3 arrays of ``patterns`` (rows apart by spaces; "#" 1, "-" -1, "." 0), each in its
+    ``rotations`` (by 90° counter-clockwise, as numpy's rot90), rotation by rotation."""
+    values = {"#": 1, "-": -1, ".": 0}
+    raw = [np.array([[values[c] for c in row] for row in p.split()], dtype) for p in patterns]
+    return [np.ascontiguousarray(np.rot90(k, turns)) for turns in range(rotations) for k in raw]
+
+
+_THIN_KERNELS = _kernels(_THIN, np.int32)
+_SPUR_KERNELS = _kernels(_SPURS, np.int32)
+_LINE_KERNELS = _kernels(_LINES, np.uint8, rotations=1)
 
 
 def _thinned(cv2, x, spurs):
-    hit_or_miss = {"#": 1, "-": -1, ".": 0}
     for _ in range(32):
         removed = False
-        for k in _kernels(_THIN, hit_or_miss):
-            hits = cv2.morphologyEx(x, cv2.MORPH_HITMISS, k.astype(np.int32)) > 127
+        for k in _THIN_KERNELS:
+            hits = cv2.morphologyEx(x, cv2.MORPH_HITMISS, k) > 127
             removed |= bool(hits.any())
             x[hits] = 0
         if not removed:
             break
     if spurs:
-        for k in _kernels(_SPURS, hit_or_miss):
-            x[cv2.morphologyEx(x, cv2.MORPH_HITMISS, k.astype(np.int32)) > 127] = 0
+        for k in _SPUR_KERNELS:
+            x[cv2.morphologyEx(x, cv2.MORPH_HITMISS, k) > 127] = 0
     return x
 
 
@@ -338,7 +343,7 @@ def _map_resize(cv2, x, size):
     w, h = size
     if x.shape[:2] == (h, w):
         return x
-    bigger = w * h > x.shape[0] * x.shape[1]  # (cubic where the area is kept too)
+    area = x.shape[0] * x.shape[1]
     packed = (x[..., 0].astype(np.int32) << 16) | (x[..., 1].astype(np.int32) << 8) | x[..., 2]
     colours = len(np.unique(packed))
     binary = colours == 2 and x.min() < 16 and x.max() > 240
@@ -347,19 +352,20 @@ def _map_resize(cv2, x, size):
         square = np.ones((3, 3), np.uint8)
         opened = cv2.dilate(cv2.erode(x, square), square)
         thin = 2 * np.count_nonzero(opened < x) > np.count_nonzero(x > 127)
+    # (cubic where the area stays the same too)
     interpolation = cv2.INTER_NEAREST if 2 < colours < 200 else \
-        cv2.INTER_AREA if w * h < x.shape[0] * x.shape[1] else cv2.INTER_CUBIC
+        cv2.INTER_AREA if w * h < area else cv2.INTER_CUBIC
     y = cv2.resize(x, (w, h), interpolation=interpolation)
     if not binary:
         return y
     grey = y.astype(np.float32).mean(axis=2).clip(0, 255).astype(np.uint8)
     if thin:
         keep = np.zeros(grey.shape, bool)
-        for k in _kernels(_LINES, {"#": 1, ".": 0}, rotations=1):
-            keep |= cv2.dilate(grey, k.astype(np.uint8)) == grey
+        for k in _LINE_KERNELS:
+            keep |= cv2.dilate(grey, k) == grey
         grey = np.where(keep, grey, 0).astype(np.uint8)
     grey = cv2.threshold(grey, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)[1]
-    return _gray3(_thinned(cv2, grey, bigger) if thin else grey)
+    return _gray3(_thinned(cv2, grey, w * h > area) if thin else grey)
 
 
 def frame_map(image, width, height, resize="crop", field="image"):
