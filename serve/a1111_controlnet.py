@@ -47,12 +47,12 @@ def script_args(scripts):
     return None
 
 
-def parse(server, args, init_images, width, height, api_error):
+def parse(server, args, init_images, width, height, api_error, frame=True):
     """The enabled units → (``BatchKey.controls``, the control images framed to
-    ``width`` × ``height``, the PNG info's (("ControlNet 0", text), ...), each unit's
-    (picture, resize mode) for an inpainting job to frame as its init image,
-    ``inpaint.Inpaint.frame_like``). A 400 naming
-    ``alwayson_scripts.controlnet.args[i].FIELD`` for a unit sdrt cannot run."""
+    ``width`` × ``height`` (None without ``frame``: an inpainting request frames them per
+    job), the PNG info's (("ControlNet 0", text), ...), each unit's (picture, resize mode)
+    for an inpainting job to frame as its init image, ``inpaint.Inpaint.frame_like``). A 400
+    naming ``alwayson_scripts.controlnet.args[i].FIELD`` for a unit sdrt cannot run."""
     from sdrt.engine.control import control_mode as checked_mode
     from sdrt.engine.preprocess import apply, frame_map
 
@@ -146,8 +146,10 @@ def parse(server, args, init_images, width, height, api_error):
                                        f"{where}{at}.processor_res")
         except SdrtError as e:
             raise bad(str(e), f"{at}.{getattr(e, 'field', 'module')}") from None
+        framed = None
         try:  # (as the extension frames every unit's map)
-            framed = frame_map(picture, width, height, RESIZE[mode], f"{where}{at}.image")
+            if frame:
+                framed = frame_map(picture, width, height, RESIZE[mode], f"{where}{at}.image")
         except SdrtError as e:
             raise bad(str(e), f"{at}.image") from None
         for out, value in zip((controls, images, info), unit_parts(

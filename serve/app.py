@@ -499,7 +499,8 @@ def create_app(config: ServeConfig = None) -> FastAPI:
         args = script_args(body.alwayson_scripts)
         if args is not None:
             controls, hints, units, sources = await run_in_threadpool(
-                parse_controlnet, server, args, init_images, req.width, req.height, ApiError)
+                parse_controlnet, server, args, init_images, req.width, req.height, ApiError,
+                mask is None)
         key = BatchKey(req.height, req.width, req.num_inference_steps, req.sampler,
                        req.guidance, req.strength if init_images else None, req.clip_skip,
                        server.chunks(req), inpaint=mask is not None, hires=hires,
