@@ -293,6 +293,8 @@ def test_hires_fix_options(server, assets, ref_pipe):
      ".processor_res", "args[0].processor_res: canny at resolution 64 would scale this "
                        "16000x2 picture to 512000x64"),  # (pixel perfect for 64 × 64)
     ({"model": "sketch"}, ".model", "must name a ControlNet of --controlnet-dir"),
+    ({"model": "edges", "image": "THIN"}, ".image",  # framed to cover 64 × 64: 512000 × 64
+     "args[0].image: this 16000x2 map would be scaled to 512000x64 to cover 64x64"),
     ({"model": "edges", "image": "IMG", "weight": 12}, ".weight", "from 0 to 10"),
     ({"model": "edges", "image": "IMG", "guidance_start": 0.5, "guidance_end": 0.2},
      ".guidance_start", "must be below guidance_end"),
