@@ -41,7 +41,9 @@ setup(
             "hypothesis>=6.0",
             "diffusers>=0.34",
             "peft>=0.17",  # diffusers loads LoRAs through it (the LoRA parity tests)
-            "scipy>=1.10",  # diffusers' LMSDiscreteScheduler integrates with it (lms's reference)
+            # diffusers' LMSDiscreteScheduler integrates with it (lms's reference); the beta
+            # sigma schedules (the schedules extra)
+            "scipy>=1.10",
             "torchsde>=0.2.6",  # the dpmpp_sde sampler's Brownian-tree noise (and diffusers')
             "opencv-python-headless>=4.8",  # the ControlNet preprocessors (the control extra)
             "transformers>=4.40",
@@ -65,6 +67,9 @@ setup(
         "control": ["opencv-python-headless>=4.8"],
         # the dpmpp_sde samplers (A1111's "DPM++ SDE"): their Brownian-tree noise
         "sde": ["torchsde>=0.2.6"],
+        # the beta sigma schedules (A1111's "Beta", ComfyUI's "beta"): the beta
+        # distribution's quantiles
+        "schedules": ["scipy>=1.10"],
         # sdrt serve: the HTTP app (FastAPI on uvicorn, pydantic request models, Prometheus
         # metrics, python-multipart for file uploads, websockets for ComfyUI's /ws, OpenCV
         # for A1111's ControlNet units, framed as its extension frames them); [ray] adds Ray

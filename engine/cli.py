@@ -14,7 +14,7 @@ import warnings
 
 from .atomic import check_new_folder, write_folder
 from .errors import SdrtError
-from .request import SAMPLER_NAMES
+from .request import sampler_choices
 
 EXIT_BAD_INPUT = 2
 EXIT_CHECK_FAILED = 1  # check-onnx: an exported network is past its tolerance
@@ -250,8 +250,8 @@ def _generate_options(g):
                         "UNet pass per step instead of two; without --model, the built-in "
                         "model's own scale instead)")
     g.add_argument("--sampler", metavar="NAME", default=None,
-                   help=f"one of {', '.join(SAMPLER_NAMES)} (default: the one matching the "
-                        "model's scheduler)")
+                   help=f"{sampler_choices()}: sampler X along A1111's or ComfyUI's schedule "
+                        "S (default: the one matching the model's scheduler)")
     g.add_argument("--seed", metavar="S", type=int_arg, default=-1,
                    help="seed of the initial noise, from 0 to 2**64 - 1; -1 draws one at "
                         "random. The seed used is printed and stored in the PNG")

@@ -20,7 +20,7 @@ from .errors import SdrtError
 from .infotext import Infotext, lora_tags, model_identity, number, png_bytes
 from .infotext import short_hash as file_hash
 from .cli import size_arg
-from .request import MAX_SEED, GenerationRequest, Limits
+from .request import BETA_SHAPE, MAX_SEED, GenerationRequest, Limits
 
 # Request field → the option that sets it, so that a message names what the user typed.
 OPTION_NAMES = {"num_inference_steps": "--steps", "guidance_scale": "--guidance",
@@ -332,6 +332,13 @@ _PNG_SETTINGS = {  # a sampler reads with its schedule type (_SCHEDULE_TYPE_KEYS
 _SCHEDULE_TYPE_KEYS = {"Sampler": "Schedule type", "Hires sampler": "Hires schedule type"}
 
 
+def _float_or_none(text):
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
 def _apply_png(a):
     """--from-png: every setting the image's PNG info records, for each option not given on
     the command line. Returns the (name, hash) of the model it records."""
@@ -362,6 +369,10 @@ def _apply_png(a):
             raise SdrtError(f"--from-png {a.from_png}: {key} {pairs[key]!r}{schedule} is not a "
                             f"value {option} takes")
         setattr(a, attr, value)
+    for key, value in zip(("Beta schedule alpha", "Beta schedule beta"), BETA_SHAPE):
+        if key in pairs and _float_or_none(pairs[key]) != value:
+            raise SdrtError(f"--from-png {a.from_png}: {key} {pairs[key]!r} is not sdrt's: its "
+                            f"beta schedule is A1111's default, Beta{BETA_SHAPE}")
     if "Size" in pairs and not {"height", "width"} & a.given:
         w, _, h = pairs["Size"].partition("x")
         if not (w.isdigit() and h.isdigit()):

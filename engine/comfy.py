@@ -30,14 +30,16 @@ import json
 from dataclasses import dataclass, field
 
 from .errors import SdrtError
-from .request import short_repr
+from .request import SAMPLER_NAMES, SIGMA_SAMPLERS, short_repr
 
-# (ComfyUI sampler_name, scheduler) → sdrt's sampler. ComfyUI's "normal", "simple" and
-# "sgm_uniform" space the steps evenly, as the model's own scheduler config does here.
-# "karras" is the sampler's Karras variant, "exponential" (the SDE DPM-Solvers') its
-# exponential one. The _gpu SDE samplers differ from the others only
-# in where ComfyUI draws their noise; uni_pc_bh2 is diffusers' default UniPC (ComfyUI's uni_pc,
-# B(h) = h, is not).
+# (ComfyUI sampler_name, scheduler) → sdrt's sampler. "karras" is the sampler's Karras variant,
+# "exponential" (the SDE DPM-Solvers') its exponential one; ComfyUI's other schedulers are
+# sdrt's sigma schedules ("X_S"), beta and kl_optimal as ComfyUI computes them (comfy_beta,
+# comfy_kl_optimal). ComfyUI's ddim is Euler along the scheduler's sigmas: sdrt's euler there.
+# lcm, which steps along its own alpha-bar grid, is sdrt's lcm on "normal", "simple" and
+# "sgm_uniform" alike. The _gpu SDE samplers differ
+# from the others only in where ComfyUI draws their noise; uni_pc_bh2 is diffusers' default
+# UniPC (ComfyUI's uni_pc, B(h) = h, is not).
 _EVEN = ("normal", "simple", "sgm_uniform")
 _SAMPLER_NAMES = {"euler": "euler", "euler_ancestral": "euler_a", "heun": "heun",
                   "dpm_2": "dpm2", "dpm_2_ancestral": "dpm2_a", "dpmpp_sde": "dpmpp_sde",
@@ -46,18 +48,18 @@ _SAMPLER_NAMES = {"euler": "euler", "euler_ancestral": "euler_a", "heun": "heun"
                   "dpmpp_2m_sde_heun": "dpmpp_2m_sde_heun",
                   "dpmpp_2m_sde_heun_gpu": "dpmpp_2m_sde_heun",
                   "dpmpp_3m_sde": "dpmpp_3m_sde", "dpmpp_3m_sde_gpu": "dpmpp_3m_sde",
-                  "lms": "lms", "uni_pc_bh2": "unipc", "deis": "deis", "ddim": "ddim",
+                  "lms": "lms", "uni_pc_bh2": "unipc", "deis": "deis", "ddim": "euler",
                   "lcm": "lcm"}
-_KARRAS = ("euler", "euler_a", "heun", "dpm2", "dpm2_a", "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde",
-           "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "lms", "unipc", "deis")
-_EXPONENTIAL = ("dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde")
+# ComfyUI's scheduler → sdrt's sigma schedule
+_SCHEDULES = {"exponential": "exponential", "normal": "normal", "simple": "simple",
+              "sgm_uniform": "sgm_uniform", "ddim_uniform": "ddim_uniform", "beta": "comfy_beta",
+              "kl_optimal": "comfy_kl_optimal"}
 SAMPLERS = {
-    **{(comfy, s): sid for comfy, sid in _SAMPLER_NAMES.items() for s in _EVEN},
     **{(comfy, "karras"): f"{sid}_karras" for comfy, sid in _SAMPLER_NAMES.items()
-       if sid in _KARRAS},
-    **{(comfy, "exponential"): f"{sid}_exponential" for comfy, sid in _SAMPLER_NAMES.items()
-       if sid in _EXPONENTIAL},
-    ("ddim", "ddim_uniform"): "ddim",
+       if f"{sid}_karras" in SAMPLER_NAMES},
+    **{(comfy, scheduler): f"{sid}_{schedule}" for comfy, sid in _SAMPLER_NAMES.items()
+       for scheduler, schedule in _SCHEDULES.items() if sid in SIGMA_SAMPLERS},
+    **{("lcm", s): "lcm" for s in _EVEN},
 }
 _OUTPUTS = ("SaveImage", "PreviewImage")
 _APPLY = "ControlNetApplyAdvanced"
@@ -150,8 +152,8 @@ def read(graph) -> Workflow:
     if pair not in SAMPLERS:
         raise SdrtError(f"workflow node {sampler_id} (KSampler): sampler_name "
                         f"{short_repr(pair[0])} with scheduler {short_repr(pair[1])} has no sdrt "
-                        f"sampler; sdrt runs {', '.join(_SAMPLER_NAMES)} on normal, simple or "
-                        f"sgm_uniform steps, and all but ddim and lcm on karras")
+                        f"sampler; sdrt runs {', '.join(_SAMPLER_NAMES)} on "
+                        f"{', '.join(['karras', *_SCHEDULES])} (lcm on {', '.join(_EVEN)})")
     checkpoint, loras = nodes.model_chain(nodes.link(sampler_id, "model"))
     if nodes.follow(decode, "vae", ("CheckpointLoaderSimple",)) != checkpoint:
         raise SdrtError(f"workflow node {decode} (VAEDecode) must decode with the sampled "

@@ -11,6 +11,11 @@ from dataclasses import dataclass
 
 from .errors import SdrtError
 
+# https://research.nvidia.com/labs/toronto-ai/AlignYourSteps/howto.html
+AYS_SD15 = (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029)
+AYS_SDXL = (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029)
+
+
 @dataclass(frozen=True)
 class Family:
     name: str                        # "sd1", "sd2", "sdxl", "sdxl-refiner"
@@ -26,6 +31,10 @@ class Family:
     # (height, width) or (top, left), and the refiner's one aesthetic score.
     time_ids: tuple[str, ...] = ()
     single_file: str = ""            # configs.MODELS entry a single-file checkpoint uses
+    # NVIDIA's Align Your Steps noise levels (11, from sigma_max to sigma_min) as published for
+    # the family's base model: sampler X_align_your_steps takes them for 11 steps, else
+    # interpolates them (sigma_schedules.align_your_steps), then steps to 0.
+    align_your_steps: tuple[float, ...] = AYS_SD15
 
     @property
     def num_time_ids(self) -> int:
@@ -48,11 +57,11 @@ SD2 = Family("sd2", "SD 2.x", ("text_encoder",), ("tokenizer",), (OPENCLIP_PAD,)
 SDXL = Family("sdxl", "SDXL", ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2"),
               (CLIP_PAD, OPENCLIP_PAD), penultimate=True, pooled="text_encoder_2",
               time_ids=("original_size", "crops_coords_top_left", "target_size"),
-              single_file="sdxl")
+              single_file="sdxl", align_your_steps=AYS_SDXL)
 SDXL_REFINER = Family("sdxl-refiner", "SDXL refiner", ("text_encoder_2",), ("tokenizer_2",),
                       (OPENCLIP_PAD,), penultimate=True, pooled="text_encoder_2",
                       time_ids=("original_size", "crops_coords_top_left", "aesthetic_score"),
-                      single_file="sdxl-refiner")
+                      single_file="sdxl-refiner", align_your_steps=AYS_SDXL)
 
 FAMILIES = {f.name: f for f in (SD1, SD2, SDXL, SDXL_REFINER)}
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 
 from .errors import SdrtError
-from .request import SAMPLER_NAMES, short_repr
+from .request import sampler_choices, short_repr, split_sampler
 
 # A1111's upscaler names: latent ones → (torch interpolate mode, antialias); image ones.
 LATENT_UPSCALERS = {"Latent": ("bilinear", False), "Latent (antialiased)": ("bilinear", True),
@@ -60,8 +60,8 @@ class Hires:
             if isinstance(value, bool) or not isinstance(value, int) or \
                     not 0 <= value <= max_side:
                 refuse(field, f"an integer from 0 (use the scale) to {max_side}", value)
-        if self.sampler is not None and self.sampler not in SAMPLER_NAMES:
-            refuse("sampler", f"one of {', '.join(SAMPLER_NAMES)}", self.sampler)
+        if self.sampler is not None and split_sampler(self.sampler) is None:
+            refuse("sampler", sampler_choices(), self.sampler)
         for field in ("prompt", "negative_prompt"):
             if not isinstance(getattr(self, field), str):
                 refuse(field, "a string", getattr(self, field))

@@ -22,7 +22,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from .request import CONTROL_MODES, SAMPLER_NAMES
+from .request import BETA_SHAPE, CONTROL_MODES, SAMPLER_NAMES, SIGMA_SCHEDULES, split_sampler
 
 BUILT_IN = "sdrt-demo"  # the built-in (demo) model's name in PNG info and the APIs
 
@@ -100,26 +100,49 @@ SAMPLER_ALIASES = {
 assert set(SAMPLER_ALIASES) == set(SAMPLER_NAMES)
 _BY_NAME = {name.lower(): sid for sid in SAMPLER_NAMES
             for name in (SAMPLER_LABELS[sid], sid, *SAMPLER_ALIASES[sid])}
-# A1111's "Schedule type" (from 1.9 on a setting of its own, ``scheduler`` in its API) that
-# sdrt has: the sampler's own default ("Automatic"), its spacing of the training timesteps
-# ("Uniform"), Karras et al.'s sigmas (a sampler's "X Karras") or exponentially spaced ones.
-SCHEDULE_TYPES = ("Automatic", "Uniform", "Karras", "Exponential")
+# A1111's "Schedule type" (from 1.9 on a setting of its own, ``scheduler`` in its API): label
+# -> sdrt's kind. "Automatic" is the sampler's own default, "Uniform" its spacing of the
+# training timesteps, "Karras" Karras et al.'s sigmas (a sampler's "X Karras"); the others
+# are sigma schedules (``request.SIGMA_SCHEDULES``: sampler "X_S"). Polyexponential at its
+# default rho of 1 is Exponential.
+SCHEDULE_LABELS = {"Automatic": "automatic", "Uniform": "uniform", "Karras": "karras",
+                   "Exponential": "exponential", "Polyexponential": "exponential",
+                   "SGM Uniform": "sgm_uniform", "KL Optimal": "kl_optimal",
+                   "Align Your Steps": "align_your_steps", "Simple": "simple", "Normal": "normal",
+                   "DDIM": "ddim_uniform", "Beta": "beta"}
+SCHEDULE_TYPES = tuple(SCHEDULE_LABELS)
+# A1111's schedulers' names (its API takes a name or a label), its alias, and sdrt's kinds.
+_KINDS = {**{k.lower(): v for k, v in SCHEDULE_LABELS.items()},
+          **{v: v for v in SCHEDULE_LABELS.values()}, **{s: s for s in SIGMA_SCHEDULES},
+          "polyexponential": "exponential", "ddim": "ddim_uniform", "sgmuniform": "sgm_uniform"}
+# The label sdrt writes for a kind: A1111's, or for ComfyUI's own variants sdrt's name.
+_WRITTEN = {**{s: s for s in SIGMA_SCHEDULES},
+            **{v: k for k, v in reversed(SCHEDULE_LABELS.items())}}
 # A1111's samplers whose "Automatic" schedule is not Uniform (1.9 on): a request or a PNG that
 # names one of these labels without a schedule type gets it, as A1111 gives it.
 AUTOMATIC_SCHEDULES = {"DPM++ 2M": "karras", "DPM++ SDE": "karras", "DPM2": "karras",
                        "DPM2 a": "karras", "DPM++ 2M SDE": "exponential",
                        "DPM++ 2M SDE Heun": "exponential", "DPM++ 3M SDE": "exponential"}
 _AUTOMATIC = {label.lower(): kind for label, kind in AUTOMATIC_SCHEDULES.items()}
-_SUFFIX = {"karras": "_karras", "exponential": "_exponential"}
 
 
 def schedule_kind(schedule_type):
-    """A1111's schedule type -> "automatic" (also for none given), "uniform", "karras" or
-    "exponential", any case; None for one sdrt does not have."""
+    """A1111's schedule type (a label, its API's name, any case) or an sdrt sigma schedule ->
+    "automatic" (also for none given), "uniform", "karras" or a ``SIGMA_SCHEDULES`` name; None
+    for one sdrt does not have."""
     if schedule_type in (None, ""):
         return "automatic"
-    kind = schedule_type.lower() if isinstance(schedule_type, str) else None
-    return kind if kind in ("automatic", "uniform", "karras", "exponential") else None
+    return _KINDS.get(schedule_type.lower()) if isinstance(schedule_type, str) else None
+
+
+def _own_schedule(sid):
+    """An sdrt sampler id -> (the sampler on its own spacing, the schedule kind it names or
+    None)."""
+    base, schedule = split_sampler(sid)
+    for kind in ("karras", "exponential"):
+        if schedule is None and base.endswith("_" + kind):
+            return base.removesuffix("_" + kind), kind
+    return base, schedule
 
 
 def sampler_id(label, schedule_type=None):
@@ -127,13 +150,15 @@ def sampler_id(label, schedule_type=None):
     for a name that is neither. With A1111's ``schedule_type``: "Automatic" (or none) gives
     an A1111 label A1111's default schedule for it (``AUTOMATIC_SCHEDULES``: "DPM++ 2M" is
     Karras, as in A1111 1.9 on) and anything else (an sdrt id too) as it is; "Uniform" the
-    sampler on its own spacing; "Karras"/"Exponential" its variant. None where sdrt has no
-    such pair."""
-    sid = _BY_NAME.get(label.lower()) if isinstance(label, str) else None
+    sampler on its own spacing; any other the sampler on that schedule ("X Karras" and
+    "X_S" name theirs already: another is None). None where sdrt has no such pair."""
+    if not isinstance(label, str):
+        return None
+    sid = _BY_NAME.get(label.lower()) or (label if split_sampler(label) else None)
     kind = schedule_kind(schedule_type)
     if sid is None or kind is None:
         return None
-    base = sid.removesuffix("_karras").removesuffix("_exponential")
+    base, own = _own_schedule(sid)
     if kind == "automatic":
         # (an sdrt id, "dpm2" say, is the sampler itself, not A1111's label "DPM2")
         kind = None if label in SAMPLER_NAMES else _AUTOMATIC.get(label.lower())
@@ -141,16 +166,38 @@ def sampler_id(label, schedule_type=None):
             return sid
     if kind == "uniform":
         return base
-    if sid != base and not sid.endswith(_SUFFIX[kind]):
+    if own not in (None, kind):
         return None  # "X Karras" with schedule type Exponential
-    variant = base + _SUFFIX[kind]
-    return variant if variant in SAMPLER_NAMES else None
+    variant = f"{base}_{kind}"
+    return variant if split_sampler(variant) else None
+
+
+def sampler_label(sid):
+    """The A1111 sampler label of sdrt sampler ``sid`` (an X_S sampler's is X's); anything
+    else as it is."""
+    split = split_sampler(sid)
+    return sid if split is None else SAMPLER_LABELS[sid if split[1] is None else split[0]]
+
+
+def beta_shape(sid):
+    """The Beta distribution's parameters A1111 writes beside its Beta schedule type:
+    {"Beta schedule alpha": "0.6", "Beta schedule beta": "0.6"} for an X_beta sampler, else
+    {}."""
+    if sid is None or (split_sampler(sid) or (None, None))[1] != "beta":
+        return {}
+    return {f"Beta schedule {k}": number(v) for k, v in zip(("alpha", "beta"), BETA_SHAPE)}
 
 
 def written_schedule(sid):
-    """The "Schedule type" to write beside sampler ``sid``'s label: "Uniform" where A1111
-    would otherwise read the label with another default schedule; None elsewhere."""
-    return "Uniform" if SAMPLER_LABELS.get(sid, "").lower() in _AUTOMATIC else None
+    """The "Schedule type" to write beside sampler ``sid``'s label: an X_S sampler's schedule,
+    "Uniform" where A1111 would otherwise read the label with another default schedule; None
+    elsewhere."""
+    if sid is None or split_sampler(sid) is None:
+        return None
+    schedule = split_sampler(sid)[1]
+    if schedule is not None:
+        return _WRITTEN[schedule]
+    return "Uniform" if SAMPLER_LABELS[sid].lower() in _AUTOMATIC else None
 
 
 def quote(value):
@@ -224,8 +271,9 @@ class Infotext:
         """The ``Key: value`` pairs in A1111's order, without the ones that are not set."""
         pairs = {
             "Steps": self.steps,
-            "Sampler": SAMPLER_LABELS.get(self.sampler, self.sampler),
+            "Sampler": sampler_label(self.sampler),
             "Schedule type": written_schedule(self.sampler),
+            **beta_shape(self.sampler),
             "CFG scale": number(self.cfg_scale),
             "Seed": self.seed,
             "Size": f"{self.width}x{self.height}",
@@ -239,7 +287,7 @@ class Infotext:
             "Inpaint area": None if self.masked_padding is None else "Only masked",
             "Masked area padding": self.masked_padding,
             **{k: (number(v) if isinstance(v, float) else
-                   SAMPLER_LABELS.get(v, v) if k == "Hires sampler" else v)
+                   sampler_label(v) if k == "Hires sampler" else v)
                for k, v in self.hires},
             "Hires schedule type": written_schedule(dict(self.hires).get("Hires sampler")),
             "Refiner": self.refiner,

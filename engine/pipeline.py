@@ -1072,7 +1072,8 @@ class Pipeline:
         schedule = make_schedule(self.scheduler_config, sampler, request.num_inference_steps,
                                  strength=request.strength if request.has_image else 1.0,
                                  device=self.device, denoising_start=request.denoising_start,
-                                 denoising_end=request.denoising_end)
+                                 denoising_end=request.denoising_end,
+                                 align_your_steps=self.family.align_your_steps)
         self.num_timesteps = len(schedule.timesteps)
         t1 = self._clock()
         cond = self.conditioning(request, inputs, request.clip_skip)

@@ -31,6 +31,19 @@ SAMPLER_NAMES = ("ddim", "pndm", "euler", "euler_karras", "euler_a", "euler_a_ka
                  "dpmpp_2m_sde_heun_karras", "dpmpp_2m_sde_heun_exponential", "dpmpp_3m_sde",
                  "dpmpp_3m_sde_karras", "dpmpp_3m_sde_exponential", "lms", "lms_karras", "unipc",
                  "unipc_karras", "deis", "deis_karras", "lcm")
+# Sigma schedules beyond each sampler's own (its diffusers scheduler's spacing, or the Karras
+# and exponential variants above), built by ``sigma_schedules``: A1111's schedule types and
+# ComfyUI's schedulers, by ComfyUI's names (where the two differ, ComfyUI's is "comfy_X").
+# Sampler "X_S" is sampler X on schedule S; X is one of SIGMA_SAMPLERS.
+SIGMA_SCHEDULES = ("exponential", "sgm_uniform", "normal", "simple", "ddim_uniform", "beta",
+                   "kl_optimal", "align_your_steps", "comfy_beta", "comfy_kl_optimal")
+# The beta schedules' Beta(alpha, beta) (Lee et al. 2024, "Beta Sampling is All You Need"):
+# A1111's default setting and ComfyUI's fixed values.
+BETA_SHAPE = (0.6, 0.6)
+# The samplers that step along any table of noise levels (DDIM, PNDM and LCM step along
+# their alpha-bar grids).
+SIGMA_SAMPLERS = ("euler", "euler_a", "heun", "dpm2", "dpm2_a", "dpmpp_sde", "dpmpp_2m",
+                  "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "lms", "unipc", "deis")
 OUTPUT_TYPES = ("pil", "np", "latent")
 # How a prompt string is read: A1111's syntax (weights, BREAK, 75-token chunks past 77 tokens;
 # prompt_syntax.py) or as plain text (cut at 77 tokens, as diffusers does).
@@ -125,15 +138,44 @@ def short_repr(value, width=80):
     return text if len(text) <= width else text[:width - 5] + "…" + text[-4:]
 
 
-def sampler_installed(sampler):
-    """Whether what ``sampler`` needs beyond torch is installed: torchsde for dpmpp_sde*
-    (looked up, not imported)."""
-    if not sampler.startswith("dpmpp_sde"):
-        return True
-    try:
-        return importlib.util.find_spec("torchsde") is not None
-    except ValueError:  # a module set to None in sys.modules: not importable
-        return False
+def split_sampler(name):
+    """A sampler id → (the sampler that steps, the ``SIGMA_SCHEDULES`` entry it steps along,
+    None for its own); None for a name that is not a sampler id."""
+    if name in SAMPLER_NAMES:
+        return name, None
+    if not isinstance(name, str):
+        return None
+    for schedule in SIGMA_SCHEDULES:
+        base = name.removesuffix("_" + schedule)
+        if base != name and base in SIGMA_SAMPLERS:
+            return base, schedule
+    return None
+
+
+def sampler_choices():
+    """The sampler ids, said in one line for an error or a help text."""
+    return (f"one of {', '.join(SAMPLER_NAMES)}, or X_S for X one of "
+            f"{', '.join(SIGMA_SAMPLERS)} and S one of {', '.join(SIGMA_SCHEDULES)}")
+
+
+def sampler_missing(sampler):
+    """What ``sampler`` needs beyond torch that is not installed, as "what: the pip command"
+    (torchsde for dpmpp_sde*'s Brownian-tree noise, scipy for the beta schedules' quantiles;
+    looked up, not imported); None when nothing is missing."""
+    base, schedule = split_sampler(sampler) or (sampler, None)
+    needs = []
+    if base.startswith("dpmpp_sde"):
+        needs.append(("torchsde", "sde", "draws its Brownian-tree noise with torchsde"))
+    if schedule in ("beta", "comfy_beta"):
+        needs.append(("scipy", "schedules", "takes the beta distribution's quantiles from scipy"))
+    for module, extra, why in needs:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ValueError:  # a module set to None in sys.modules: not importable
+            found = False
+        if not found:
+            return f"{sampler} {why}: pip install 'sdrt[{extra}]'"
+    return None
 
 
 def check_text(text, name):
@@ -226,11 +268,11 @@ class GenerationRequest:
         guidance = self._guidance(fail, len(prompts), limits)
         strength = number("strength", lambda v: 0 < v <= 1, "a number in (0, 1]")
         clip_skip = integer("clip_skip", 0, 10 ** 6, "an integer of 0 or more")
-        if self.sampler is not None and self.sampler not in SAMPLER_NAMES:
-            fail("sampler", f"one of {', '.join(SAMPLER_NAMES)}", self.sampler)
-        if self.sampler is not None and not sampler_installed(self.sampler):
-            fail("sampler", f"a sampler whose package is installed ({self.sampler} draws its "
-                 f"Brownian-tree noise with torchsde: pip install 'sdrt[sde]')", self.sampler)
+        if self.sampler is not None and split_sampler(self.sampler) is None:
+            fail("sampler", sampler_choices(), self.sampler)
+        missing = None if self.sampler is None else sampler_missing(self.sampler)
+        if missing:
+            fail("sampler", f"a sampler whose package is installed ({missing})", self.sampler)
         if self.output_type not in OUTPUT_TYPES:
             fail("output_type", f"one of {', '.join(OUTPUT_TYPES)}", self.output_type)
         if self.prompt_syntax not in PROMPT_SYNTAXES:

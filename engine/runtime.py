@@ -91,7 +91,8 @@ class StaticPlan:
         self.schedule = make_schedule(scheduler_config, shape.sampler,
                                       shape.num_inference_steps,
                                       strength=1.0 if shape.strength is None else shape.strength,
-                                      device=dev)
+                                      device=dev,
+                                      align_your_steps=model.family.align_your_steps)
         # Inputs, written before each replay: token ids and weights (rows·n, 77) per tokenizer,
         n, length = shape.num_chunks, model.text_length
         self.ids = {t: torch.zeros(rows * n, length, dtype=torch.long, device=dev)

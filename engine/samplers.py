@@ -1,6 +1,8 @@
 """Samplers: the denoising loops, as plain functions over a model, latents and a ``Schedule``.
 
-Each one reproduces a diffusers scheduler step by step (``schedules.SAMPLER_CLASSES``).
+Each one reproduces a diffusers scheduler step by step (``schedules.SAMPLER_CLASSES``); those
+that step along noise levels also run along A1111's and ComfyUI's other schedules (sampler
+"X_S", ``sigma_schedules``).
 ``model(x, t)`` returns the raw UNet output for input ``x`` at timestep ``t``: the noise, the
 velocity or the clean latents, as the config's ``prediction_type`` says. The ``sample_*`` loops
 work in float32; ``sample`` casts at the boundary. Per-step numbers come from the schedule's
@@ -11,6 +13,7 @@ import warnings
 import torch
 
 from .errors import SdrtError
+from .request import split_sampler
 from .schedules import (EDM_CLASSES, EXPONENTIAL, KARRAS_OFF, KARRAS_SAMPLERS, SAMPLER_CLASSES,
                         SAMPLERS, TWO_CALL_SAMPLERS, Schedule, SchedulerConfig, make_schedule,
                         vp_alpha_sigma)
@@ -429,7 +432,7 @@ def sample_dpmpp_sde(model, x, sched: Schedule, generator=None, noise=None, step
         x0 = _denoised(model, x, t, sigma, sched)
         if i % 2 == 0:
             x_start = x
-        if i == last:  # an Euler step to sigma 0, rounded as diffusers rounds it
+        if i == last and i % 2 == 0:  # a one-call step to sigma 0, rounded as diffusers does
             x = x + (x - x0) / sigma * (0 - sigma)
         else:
             x = coef[i, 0] * x_start - coef[i, 1] * x0 + noise[i].to(x.dtype) * coef[i, 2]
@@ -520,8 +523,9 @@ def sample(sampler: str, model, x: torch.Tensor, sched: Schedule, generator=None
     """
     if sampler != sched.sampler:
         raise SdrtError(f"schedule was made for sampler {sched.sampler}, not {sampler}")
+    base = split_sampler(sampler)[0]
     if noise is not None:
-        if sampler not in _NOISE_SAMPLERS:
+        if base not in _NOISE_SAMPLERS:
             raise SdrtError(f"sampler {sampler} draws no noise; pass noise only to "
                             f"{' or '.join(_NOISE_SAMPLERS)}")
         if tuple(noise.shape) != (sched.noise_draws, *x.shape):
@@ -540,8 +544,8 @@ def sample(sampler: str, model, x: torch.Tensor, sched: Schedule, generator=None
             return None if inner is None else inner(i, t, x)
         step_end = report
 
-    extra = {"generator": generator, "noise": noise} if sampler in _NOISE_SAMPLERS else {}
-    return _SAMPLE_FNS[sampler](model_f32, x.float(), sched, step_end=step_end, **extra).to(dtype)
+    extra = {"generator": generator, "noise": noise} if base in _NOISE_SAMPLERS else {}
+    return _SAMPLE_FNS[base](model_f32, x.float(), sched, step_end=step_end, **extra).to(dtype)
 
 
 # The inverse of SAMPLER_CLASSES and EDM_CLASSES: the first sampler listed for each class (Euler's

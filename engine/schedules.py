@@ -19,7 +19,8 @@ import torch
 
 from .errors import SdrtError
 from .request import SAMPLER_NAMES as SAMPLERS  # the one list, importable without torch
-from .request import sampler_installed
+from .request import sampler_choices, sampler_missing, split_sampler
+from .sigma_schedules import levels
 
 # The diffusers class each sampler reproduces step by step.
 SAMPLER_CLASSES = {
@@ -476,7 +477,8 @@ class Schedule:
         if not 0 <= start < stop <= n:
             raise SdrtError(f"a schedule window must lie within the {n} steps, got "
                             f"{start} to {stop}")
-        if (self.prk_calls or self.sampler == "lcm" or self.sampler in TWO_CALL_SAMPLERS
+        base = split_sampler(self.sampler)[0]
+        if (self.prk_calls or base == "lcm" or base in TWO_CALL_SAMPLERS
                 or self.coefficients is not None):
             raise SdrtError(f"{self.sampler} cannot run part of its schedule "
                             f"(denoising_start/denoising_end); pick ddim, euler, euler_a or "
@@ -602,7 +604,8 @@ def _per_call(steps_table):
     return torch.cat([steps_table[:1], steps_table[1:].repeat_interleave(2), steps_table[-1:]])
 
 
-def _two_call_schedule(cfg, sampler, alphas_cumprod, steps, start, device) -> Schedule:
+def _two_call_schedule(cfg, sampler, alphas_cumprod, steps, start, device,
+                       tables=None) -> Schedule:
     """HeunDiscreteScheduler's (heun*), KDPM2DiscreteScheduler's (dpm2*) or
     KDPM2AncestralDiscreteScheduler's (dpm2_a*) schedule, laid out per model call.
 
@@ -610,8 +613,10 @@ def _two_call_schedule(cfg, sampler, alphas_cumprod, steps, start, device) -> Sc
     an Euler step to s' and a call there, the step redone with the mean of both slopes.
     DPM2: an Euler step to the geometric mean of s and s', and the step taken with the slope
     there. DPM2 a: the same towards sigma_down, then fresh noise of std sigma_up (euler_a's
-    split of s'). ``start``: image to image's skipped steps, two calls each."""
-    t, sigmas = _euler_tables(cfg, alphas_cumprod, steps, round_karras=sampler.startswith("dpm2"))
+    split of s'). ``start``: image to image's skipped steps, two calls each. ``tables``: the
+    (timesteps, sigmas) of a sigma schedule (``_schedule_tables``) instead of diffusers'."""
+    t, sigmas = tables or _euler_tables(cfg, alphas_cumprod, steps,
+                                        round_karras=sampler.startswith("dpm2"))
     up = torch.zeros_like(sigmas)
     if sampler.startswith("heun"):
         calls = torch.cat([t[:1], t[1:].repeat_interleave(2)])
@@ -655,7 +660,7 @@ def _two_call_schedule(cfg, sampler, alphas_cumprod, steps, start, device) -> Sc
     first_call = 2 * start
     ancestral = sampler.startswith("dpm2_a")
     return Schedule(sampler, cfg, calls[first_call:].to(device),
-                    _init_noise_sigma(cfg, sigmas),
+                    float(sigmas[0]) if tables else _init_noise_sigma(cfg, sigmas),
                     sigmas=per_call[first_call:].to(**f32),
                     sigmas_in=sigmas_in[first_call:].to(**f32),
                     sigmas_to=sigmas_to[first_call:].to(**f32),
@@ -663,7 +668,8 @@ def _two_call_schedule(cfg, sampler, alphas_cumprod, steps, start, device) -> Sc
                     noise_draws=(len(calls) - first_call) // 2 if ancestral else 0)
 
 
-def _dpmpp_sde_schedule(cfg, sampler, alphas_cumprod, steps, start, device) -> Schedule:
+def _dpmpp_sde_schedule(cfg, sampler, alphas_cumprod, steps, start, device,
+                        tables=None) -> Schedule:
     """DPMSolverSDEScheduler's (dpmpp_sde*) schedule, laid out per model call as diffusers
     does: each step from sigma s to s' takes a call at s, an ancestral step to the midpoint
     m = sqrt(s s') (halfway in log sigma) and a call there, then the ancestral step from s to
@@ -675,11 +681,14 @@ def _dpmpp_sde_schedule(cfg, sampler, alphas_cumprod, steps, start, device) -> S
     step's start (its first call's latents) and z the Brownian tree's increment over [s,
     sigma_to], scaled to unit variance. ``coefficients`` holds (a, c, sigma_up) per call (the
     last call's Euler step to 0 reads none), each computed from float32 sigmas in diffusers'
-    order of operations; ``noise_points`` the (s, sigma_to) of each increment."""
+    order of operations; ``noise_points`` the (s, sigma_to) of each increment. ``tables``: a
+    sigma schedule's float64 (timesteps, sigmas) instead of diffusers'."""
     train = _train_sigmas(alphas_cumprod)
     t = spaced_timesteps(cfg.timestep_spacing, cfg.num_train_timesteps, steps, cfg.steps_offset)
     sigmas = np.interp(t, np.arange(len(train)), train)  # float64, at float64 timesteps
-    if cfg.use_karras_sigmas:
+    if tables:
+        t, sigmas = tables[0], tables[1][:-1]  # (its last step lands on 0)
+    elif cfg.use_karras_sigmas:
         sigmas = karras_sigmas(float(sigmas[-1]), float(sigmas[0]), steps)
         t = sigma_to_timestep(sigmas, train)
     # The midpoints' timesteps, from float64 sigmas as diffusers takes them (DPM-Solver's
@@ -711,7 +720,8 @@ def _dpmpp_sde_schedule(cfg, sampler, alphas_cumprod, steps, start, device) -> S
     f32 = {"dtype": torch.float32, "device": device}
     first = 2 * start
     return Schedule(sampler, cfg, torch.from_numpy(calls[first:].astype(np.float32)).to(device),
-                    _init_noise_sigma(cfg, s32), sigmas=per_call[first:].to(**f32),
+                    float(s32[0]) if tables else _init_noise_sigma(cfg, s32),
+                    sigmas=per_call[first:].to(**f32),
                     sigmas_in=torch.stack(inputs)[first:].to(**f32),
                     coefficients=torch.stack(coefficients)[first:].to(**f32),
                     noise_draws=len(points) - first,
@@ -750,7 +760,8 @@ def _deis_coefficients(cfg, sigmas, start):
     w[4] e2))``, each weight of a higher order the exact integral over the step of its
     Lagrange polynomial in log rho (rho = sigma / alpha); in float32 and grouped as diffusers
     computes them (the first steps of a huge sigma multiply rounding by thousands). Orders
-    warm up from 1 and, under 15 steps, wind down at the end."""
+    warm up from 1 and, under 15 steps, wind down at the end; a step to sigma 0 (a sigma
+    schedule's last) is first order, its weight of e0 the limit -alpha' sigma / alpha."""
     s = sigmas.float()
     alpha = 1 / (s**2 + 1) ** 0.5
     sig, n = s * alpha, len(s) - 1
@@ -772,7 +783,11 @@ def _deis_coefficients(cfg, sigmas, start):
     table, orders = torch.zeros(n - start, 5), []
     for j in range(n - start):
         g = start + j
-        if cfg.solver_order == 1 or j < 1 or (low and g == n - 1):
+        if s[g + 1] == 0:
+            order = 1
+            table[j, :3] = torch.stack([torch.ones(()), alpha[g + 1] / alpha[g],
+                                        -(alpha[g + 1] * sig[g] / alpha[g])])
+        elif cfg.solver_order == 1 or j < 1 or (low and g == n - 1):
             order = 1
             h = lam[g + 1] - lam[g]
             table[j, :3] = torch.stack([torch.ones(()), alpha[g + 1] / alpha[g],
@@ -977,6 +992,64 @@ def _edm_schedule(cfg, sampler, steps, start, device) -> Schedule:
                     sigma_data=float(cfg.sigma_data))
 
 
+def _schedule_tables(cfg, alphas_cumprod, schedule, steps, align_your_steps):
+    """Sampler X_S's float64 (timesteps, sigmas): sigma schedule S's levels and where its last
+    step lands (``sigma_schedules.levels``), each level's fractional training timestep (0.25
+    ln sigma for a model of continuous timesteps)."""
+    train = _train_sigmas(_finite_snr(cfg, alphas_cumprod))
+    sigmas = levels(schedule, steps, train, align_your_steps)
+    if cfg.timestep_type == "continuous" and cfg.prediction_type == "v_prediction":
+        return 0.25 * np.log(sigmas[:-1]), sigmas
+    return sigma_to_timestep(sigmas[:-1], train), sigmas
+
+
+def _through_zero(tables, train):
+    """Tables whose last step lands above 0, one step to 0 added: the two-call samplers lay a
+    run out with its last step to 0 taking one call, which ``_cut_last_call`` then drops."""
+    t, sigmas = tables
+    return np.append(t, sigma_to_timestep(sigmas[-1:], train)), np.append(sigmas, 0.0)
+
+
+def _cut_last_call(sched: Schedule) -> Schedule:
+    """``sched`` without its last call (the step to 0 ``_through_zero`` added)."""
+    cut = {name: getattr(sched, name)[:-1]
+           for name in ("timesteps", "sigmas_in", "sigmas_to", "sigmas_up", "coefficients")
+           if getattr(sched, name) is not None}
+    return replace(sched, **cut, sigmas=sched.sigmas[:-1])
+
+
+def _one_call_schedule(cfg, sampler, timesteps, sigmas, init_noise_sigma, start,
+                       device) -> Schedule:
+    """The schedule of a sampler that calls the model once a step, from its (timesteps, sigmas)
+    tables; ``init_noise_sigma`` is Euler's and LMS's (the others step variance-preserving
+    latents, whose pure noise has std 1)."""
+    f32 = {"dtype": torch.float32, "device": device}
+    if sampler.startswith(("euler", "lms")):
+        ancestral = sampler.startswith("euler_a")
+        lms = _lms_coefficients(sigmas, start) if sampler.startswith("lms") else (None, ())
+        return Schedule(sampler, cfg, timesteps[start:].to(device), init_noise_sigma,
+                        sigmas=sigmas[start:].to(**f32),
+                        noise_draws=len(timesteps[start:]) if ancestral else 0,
+                        coefficients=None if lms[0] is None else lms[0].to(**f32),
+                        orders=lms[1])
+    if sampler.startswith(("unipc", "deis")):
+        solve = _unipc_coefficients if sampler.startswith("unipc") else _deis_coefficients
+        coefficients, orders = solve(cfg, sigmas, start)
+        return Schedule(sampler, cfg, timesteps[start:].to(device), 1.0,
+                        sigmas=sigmas[start:].to(**f32), coefficients=coefficients.to(**f32),
+                        orders=orders)
+    n = len(timesteps)
+    # Going to sigma = 0 (or a short run) with a second-order step is unstable; diffusers
+    # takes a first-order step last in those cases.
+    last_first_order = (cfg.euler_at_final or (cfg.lower_order_final and n < 15)
+                        or float(sigmas[-1]) == 0)
+    sde = "_sde" in sampler  # one unit-noise draw per step
+    return Schedule(sampler, cfg, timesteps[start:].to(device), 1.0,
+                    sigmas=sigmas[start:].to(**f32), final_step_first_order=last_first_order,
+                    second_last_lower=cfg.lower_order_final and n < 15,
+                    noise_draws=len(timesteps[start:]) if sde else 0)
+
+
 def _img2img_start(steps: int, strength: float) -> int:
     """How many leading steps image-to-image skips (diffusers' img2img ``get_timesteps``; a
     two-call sampler skips two calls a step, ``_two_call_schedule``)."""
@@ -986,19 +1059,25 @@ def _img2img_start(steps: int, strength: float) -> int:
 
 def make_schedule(cfg: SchedulerConfig, sampler: str, num_inference_steps: int, strength: float = 1.0,
                   device="cpu", denoising_start: float | None = None,
-                  denoising_end: float | None = None) -> Schedule:
+                  denoising_end: float | None = None, align_your_steps: tuple = ()) -> Schedule:
     """The schedule of ``sampler`` for ``num_inference_steps`` steps; ``strength`` < 1 keeps only
     the last steps, for image-to-image (lcm instead runs all its steps over the lower
     ``strength`` part of its timestep range, as LCMScheduler.set_timesteps(strength=) does).
 
     ``denoising_end`` / ``denoising_start`` (fractions of the noise schedule in (0, 1), SDXL's
     base/refiner split; ``denoising_start`` replaces ``strength``) keep the calls before or
-    after the cutoff timestep, as diffusers' SDXL pipelines do."""
+    after the cutoff timestep, as diffusers' SDXL pipelines do.
+
+    Sampler "X_S" (``request.split_sampler``) is sampler X along sigma schedule S
+    (``sigma_schedules``) instead of its diffusers scheduler's levels: a run of as many steps
+    as S's table has; ``align_your_steps`` is the model family's table for S =
+    align_your_steps."""
     if denoising_start is not None or denoising_end is not None:
         if cfg.edm:
             raise SdrtError(f"an EDM model ({cfg.class_name}) cannot split its schedule "
                             f"(denoising_start/denoising_end count discrete timesteps)")
-        full = make_schedule(cfg, sampler, num_inference_steps, device=device)
+        full = make_schedule(cfg, sampler, num_inference_steps, device=device,
+                             align_your_steps=align_your_steps)
         ts = full.timesteps.cpu()
         n = len(ts)
         # Timesteps fall: the calls at or above a cutoff come first.
@@ -1010,14 +1089,15 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_inference_steps: int, 
                             f"{denoising_start} and denoising_end {denoising_end} leaves no "
                             f"denoising step; raise steps or move the split")
         return full.window(start, stop)
-    if sampler not in SAMPLERS:
-        raise SdrtError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if split_sampler(sampler) is None:
+        raise SdrtError(f"unknown sampler {sampler!r}; choose {sampler_choices()}")
+    base, schedule = split_sampler(sampler)
     steps = num_inference_steps
     if not isinstance(steps, int) or not 1 <= steps <= cfg.num_train_timesteps:
         raise SdrtError(f"steps must be an integer in 1..{cfg.num_train_timesteps}, got {steps!r}")
     if not 0 < strength <= 1:
         raise SdrtError(f"strength must be in (0, 1], got {strength}")
-    cfg = cfg.for_sampler(sampler)
+    cfg = cfg.for_sampler(base)
     if cfg.edm:
         if sampler not in EDM_SAMPLERS:
             raise SdrtError(f"sampler {sampler} does not run an EDM model ({cfg.class_name}); "
@@ -1028,19 +1108,37 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_inference_steps: int, 
     if cfg.prediction_type == "sample" and (sampler == "pndm" or sampler.startswith(
             ("euler_a", "dpm2", "dpmpp_sde"))):
         raise SdrtError(f"sampler {sampler} does not support prediction_type 'sample' (neither does "
-                        f"diffusers' {SAMPLER_CLASSES[sampler]}); pick ddim, euler or dpmpp_2m")
+                        f"diffusers' {SAMPLER_CLASSES[base]}); pick ddim, euler or dpmpp_2m")
     if sampler == "pndm" and not cfg.skip_prk_steps and steps < 4:
         # PRK spans the 4 largest timesteps; diffusers fails to build it for fewer.
         raise SdrtError(f"pndm with the Runge-Kutta warm-up (skip_prk_steps false or absent) needs "
                         f"at least 4 steps, got {steps}")
-    if not sampler_installed(sampler):
-        raise SdrtError(f"sampler {sampler} draws its Brownian-tree noise with torchsde, which "
-                        f"is not installed: pip install 'sdrt[sde]'")
-    start = _img2img_start(steps, strength)
+    missing = sampler_missing(sampler)
+    if missing:
+        raise SdrtError(f"sampler {missing}")
     alphas_cumprod = train_alphas_cumprod(cfg)
     f32 = {"dtype": torch.float32, "device": device}
+    tables, through_zero = None, False
+    if schedule is not None:
+        tables = _schedule_tables(cfg, alphas_cumprod, schedule, steps, align_your_steps)
+        steps = len(tables[0])  # ddim_uniform's and comfy_beta's may differ from the steps
+        through_zero = tables[1][-1] > 0 and base in TWO_CALL_SAMPLERS + ("dpmpp_sde",)
+        if through_zero:
+            tables = _through_zero(tables, _train_sigmas(_finite_snr(cfg, alphas_cumprod)))
+    start = _img2img_start(steps, strength)
 
-    if cfg.edm:
+    if tables is not None and base.startswith("dpmpp_sde"):
+        sched = _dpmpp_sde_schedule(cfg, sampler, alphas_cumprod, len(tables[0]), start,
+                                    device, tables)
+    elif tables is not None and base in TWO_CALL_SAMPLERS:
+        as_f32 = tuple(torch.from_numpy(a.astype(np.float32)) for a in tables)
+        sched = _two_call_schedule(cfg, sampler, alphas_cumprod, len(tables[0]), start, device,
+                                   as_f32)
+    elif tables is not None:
+        timesteps, sigmas = (torch.from_numpy(a.astype(np.float32)) for a in tables)
+        sched = _one_call_schedule(cfg, sampler, timesteps, sigmas, float(sigmas[0]), start,
+                                   device)
+    elif cfg.edm:
         sched = _edm_schedule(cfg, sampler, steps, start, device)
     elif sampler == "lcm":
         sched = _lcm_schedule(cfg, alphas_cumprod, steps, strength, device)
@@ -1062,37 +1160,18 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_inference_steps: int, 
         sched = _dpmpp_sde_schedule(cfg, sampler, alphas_cumprod, steps, start, device)
     elif sampler in TWO_CALL_SAMPLERS:
         sched = _two_call_schedule(cfg, sampler, alphas_cumprod, steps, start, device)
-    elif sampler in ("euler", "euler_karras", "euler_a", "euler_a_karras", "lms", "lms_karras"):
-        ancestral = sampler.startswith("euler_a")
+    elif sampler.startswith(("euler", "lms")):
         timesteps, sigmas = (
             _euler_a_tables(cfg, alphas_cumprod, steps, karras=sampler.endswith("_karras"))
-            if ancestral else _euler_tables(cfg, alphas_cumprod, steps))
-        lms = _lms_coefficients(sigmas, start) if sampler.startswith("lms") else (None, ())
-        sched = Schedule(sampler, cfg, timesteps[start:].to(device),
-                         _init_noise_sigma(cfg, sigmas),
-                         sigmas=sigmas[start:].to(**f32),
-                         noise_draws=len(timesteps[start:]) if ancestral else 0,
-                         coefficients=None if lms[0] is None else lms[0].to(**f32),
-                         orders=lms[1])
-    elif sampler.startswith(("unipc", "deis")):
-        timesteps, sigmas = _dpm_tables(cfg, alphas_cumprod, steps, unipc=True)
-        solve = _unipc_coefficients if sampler.startswith("unipc") else _deis_coefficients
-        coefficients, orders = solve(cfg, sigmas, start)
-        sched = Schedule(sampler, cfg, timesteps[start:].to(device), 1.0,
-                         sigmas=sigmas[start:].to(**f32), coefficients=coefficients.to(**f32),
-                         orders=orders)
+            if sampler.startswith("euler_a") else _euler_tables(cfg, alphas_cumprod, steps))
+        sched = _one_call_schedule(cfg, sampler, timesteps, sigmas,
+                                   _init_noise_sigma(cfg, sigmas), start, device)
     else:
-        timesteps, sigmas = _dpm_tables(cfg, alphas_cumprod, steps)
-        n = len(timesteps)
-        # Going to sigma = 0 (or a short run) with a second-order step is unstable; diffusers
-        # takes a first-order step last in those cases.
-        last_first_order = (cfg.euler_at_final or (cfg.lower_order_final and n < 15)
-                            or cfg.final_sigmas_type == "zero")
-        sde = "_sde" in sampler  # one unit-noise draw per step
-        sched = Schedule(sampler, cfg, timesteps[start:].to(device), 1.0,
-                         sigmas=sigmas[start:].to(**f32), final_step_first_order=last_first_order,
-                         second_last_lower=cfg.lower_order_final and n < 15,
-                         noise_draws=len(timesteps[start:]) if sde else 0)
+        timesteps, sigmas = _dpm_tables(cfg, alphas_cumprod, steps,
+                                        unipc=sampler.startswith(("unipc", "deis")))
+        sched = _one_call_schedule(cfg, sampler, timesteps, sigmas, 1.0, start, device)
+    if through_zero:
+        sched = _cut_last_call(sched)
     if len(sched.timesteps) == 0:
         raise SdrtError(f"{sampler} with {steps} steps and strength {strength} leaves no denoising "
                         f"step; raise steps or strength")

@@ -35,8 +35,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from sdrt.engine.errors import SdrtError
 from sdrt.engine.hires import IMAGE_UPSCALERS, LATENT_UPSCALERS
 from sdrt.engine.infotext import (SAMPLER_ALIASES, SAMPLER_LABELS, SCHEDULE_TYPES, Infotext,
-                                  png_bytes, sampler_id, schedule_kind)
-from sdrt.engine.request import MAX_SEED, SAMPLER_NAMES, GenerationRequest, Limits, short_repr
+                                  png_bytes, sampler_id, sampler_label, schedule_kind)
+from sdrt.engine.request import (MAX_SEED, SAMPLER_NAMES, GenerationRequest, Limits,
+                                 sampler_choices, short_repr)
 
 from . import schemas
 from .a1111_controlnet import parse as parse_controlnet
@@ -236,7 +237,7 @@ class Server:
         if name is not None and sid is None:
             labels = ", ".join(SAMPLER_LABELS[s] for s in SAMPLER_NAMES)
             raise ApiError(400, f"{field} must be one of {labels} (or sdrt's "
-                                f"{', '.join(SAMPLER_NAMES)}), got {short_repr(name)}",
+                                f"{sampler_choices()}), got {short_repr(name)}",
                            "bad_request", field)
         if kind is None:
             raise ApiError(400, f"{schedule_field} must be {' or '.join(SCHEDULE_TYPES)}, got "
@@ -246,7 +247,7 @@ class Server:
             sid = default_sampler(self.runner.pipe.scheduler_config)
         resolved = sampler_id(sid if name is None else name, schedule_type)
         if resolved is None:
-            raise ApiError(400, f"{schedule_field}: sampler {SAMPLER_LABELS[sid]} has no "
+            raise ApiError(400, f"{schedule_field}: sampler {sampler_label(sid)} has no "
                                 f"{schedule_type} variant in sdrt; use Automatic or Uniform, got "
                                 f"{short_repr(schedule_type)}", "bad_request", schedule_field)
         return resolved
@@ -545,7 +546,7 @@ def create_app(config: ServeConfig = None) -> FastAPI:
             "all_negative_prompts": [body.negative_prompt] * n,
             "seed": seeds[0], "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * n,
             "subseed_strength": 0, "width": req.width, "height": req.height,
-            "sampler_name": SAMPLER_LABELS[req.sampler], "cfg_scale": req.guidance_scale,
+            "sampler_name": sampler_label(req.sampler), "cfg_scale": req.guidance_scale,
             "steps": req.num_inference_steps, "batch_size": body.batch_size,
             "restore_faces": False, "sd_model_name": server.runner.model_name,
             "sd_model_hash": server.runner.model_hash,
@@ -596,13 +597,18 @@ def create_app(config: ServeConfig = None) -> FastAPI:
     @app.get("/sdapi/v1/schedulers", response_model=list[schemas.SchedulerItem],
              tags=["AUTOMATIC1111"])
     async def schedulers():
-        """A1111 1.9's schedule types (``scheduler``) sdrt has: Automatic (each sampler's
-        default, as A1111's: Karras for DPM++ 2M, Exponential for the SDE DPM-Solvers ...),
-        Uniform (the sampler's own spacing), Karras and Exponential sigmas for the samplers
-        with such a variant."""
-        return [schemas.SchedulerItem(name=label.lower(), label=label,
-                                      default_rho=7.0 if label == "Karras" else -1.0)
-                for label in SCHEDULE_TYPES]
+        """A1111's schedule types (``scheduler``, from 1.9 on), by its names and labels:
+        Automatic (each sampler's default, as A1111's: Karras for DPM++ 2M, Exponential for
+        the SDE DPM-Solvers ...), Uniform (the sampler's own spacing), Karras (for the
+        samplers with such a variant) and the sigma schedules every sampler but DDIM, PLMS
+        and LCM runs along."""
+        return [schemas.SchedulerItem(
+            name=label.lower().replace(" ", "_"), label=label,
+            aliases=["SGMUniform"] if label == "SGM Uniform" else None,
+            default_rho={"Karras": 7.0, "Polyexponential": 1.0}.get(label, -1.0),
+            need_inner_model=label in ("Uniform", "SGM Uniform", "Simple", "Normal", "DDIM",
+                                       "Beta"))
+            for label in SCHEDULE_TYPES]
 
     @app.get("/sdapi/v1/sd-models", response_model=list[schemas.SdModelItem],
              tags=["AUTOMATIC1111"])

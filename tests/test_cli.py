@@ -547,11 +547,11 @@ def test_from_png_reads_a1111_schedule_type(tmp_path, capsys):
     # as the one label older A1111 wrote ("DPM++ 2M SDE Karras"), which newer ones split.
     from PIL.PngImagePlugin import PngInfo
 
-    def made_by_a1111(schedule_type):
+    def made_by_a1111(schedule_type, extra=""):
         meta = PngInfo()
         meta.add_text("parameters", "a fox\nSteps: 2, Sampler: DPM++ 2M SDE, Schedule type: "
-                      f"{schedule_type}, CFG scale: 5, Seed: 3, Size: 64x48")
-        path = tmp_path / f"{schedule_type}.png"
+                      f"{schedule_type}, CFG scale: 5, Seed: 3, Size: 64x48{extra}")
+        path = tmp_path / f"{schedule_type}{len(extra)}.png"
         Image.new("RGB", (64, 48)).save(path, pnginfo=meta)
         return path
 
@@ -562,17 +562,28 @@ def test_from_png_reads_a1111_schedule_type(tmp_path, capsys):
     assert "Sampler: DPM++ 2M SDE Karras," in _parameters(out), _parameters(out)
     for schedule_type, label in (("Exponential", "DPM++ 2M SDE Exponential,"),
                                  ("Automatic", "DPM++ 2M SDE Exponential,"),  # A1111's default
-                                 ("Uniform", "DPM++ 2M SDE, Schedule type: Uniform,")):
+                                 ("Uniform", "DPM++ 2M SDE, Schedule type: Uniform,"),
+                                 ("Beta", "DPM++ 2M SDE, Schedule type: Beta,")):
         again = tmp_path / f"{schedule_type}-again.png"
         code, _, err = _run(["generate", "--from-png", str(made_by_a1111(schedule_type)), "-o",
                              str(again)], capsys)
         assert code == 0, err
         assert f"Sampler: {label}" in _parameters(again), _parameters(again)
-    code, _, err = _run(["generate", "--from-png", str(made_by_a1111("Beta")), "-o",
-                         str(tmp_path / "e.png")], capsys)
+    # A1111 writes its Beta schedule's shape beside it: sdrt's, or refused by name
+    beta = ", Beta schedule alpha: 0.6, Beta schedule beta: 0.6"
+    code, _, err = _run(["generate", "--from-png", str(made_by_a1111("Beta", beta)), "-o",
+                         str(tmp_path / "beta.png")], capsys)
+    assert code == 0, err
+    assert "Schedule type: Beta" + beta in _parameters(tmp_path / "beta.png")
+    code, _, err = _run(["generate", "--from-png",
+                         str(made_by_a1111("Beta", beta.replace("beta: 0.6", "beta: 0.5"))),
+                         "-o", str(tmp_path / "beta2.png")], capsys)
+    assert code == 2 and "Beta schedule beta '0.5' is not sdrt's" in err, err
+    code, _, err = _run(["generate", "--from-png", str(made_by_a1111("Karras Exponential")),
+                         "-o", str(tmp_path / "e.png")], capsys)
     assert code == 2 and len(_stderr_lines(err)) == 1, err
-    assert "Sampler 'DPM++ 2M SDE' with Schedule type 'Beta' is not a value --sampler " \
-           "takes" in err, err
+    assert "Sampler 'DPM++ 2M SDE' with Schedule type 'Karras Exponential' is not a value " \
+           "--sampler takes" in err, err
 
 
 def test_from_png_refuses_an_image_without_png_info(tmp_path, capsys):

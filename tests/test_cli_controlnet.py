@@ -300,7 +300,7 @@ def test_workflow_controlnets_equal_the_options(tmp_path, capsys):
     assert code == 0, err
     code, _, err = _run(["generate", "beautiful scenery nature glass bottle", "--negative",
                          "text, watermark", "--seed", "4", "--steps", "3", "--guidance", "6.5",
-                         "--sampler", "euler", "--width", "32", "--height", "24", "--model",
+                         "--sampler", "euler_normal", "--width", "32", "--height", "24", "--model",
                          model, "--controlnet", f"{nets[0]}:0.7", "--controlnet",
                          f"{nets[1]}:1.2", "--control-image", str(tmp_path / "a.png"),
                          "--control-image", str(tmp_path / "b.png"), "--control-start", "0.2",
@@ -341,7 +341,7 @@ def test_workflow_preprocessor_node_equals_control_module(assets, tmp_path, caps
         "Threshold B: 180" in _parameters(out)
     code, _, err = _run(["generate", "beautiful scenery nature glass bottle", "--negative",
                          "text, watermark", "--seed", "4", "--steps", "3", "--guidance", "6.5",
-                         "--sampler", "euler", "--width", "32", "--height", "24", "--model",
+                         "--sampler", "euler_normal", "--width", "32", "--height", "24", "--model",
                          model, "--controlnet", f"{net}:0.9", "--control-image",
                          str(root / "hint.png"),
                          "--control-module", "canny", "--control-res", "128",

@@ -61,7 +61,8 @@ def test_default_workflow():
     flow = comfy.read(DEFAULT)
     assert flow == comfy.Workflow(
         prompt="beautiful scenery nature glass bottle", negative="text, watermark",
-        seed=8566257, steps=20, guidance=8.0, sampler="euler", width=512, height=512, batch=1,
+        seed=8566257, steps=20, guidance=8.0, sampler="euler_normal", width=512, height=512,
+        batch=1,
         checkpoint="v1-5-pruned-emaonly.safetensors", output="9", filename_prefix="ComfyUI",
         sampler_node="3")
 
@@ -79,12 +80,17 @@ def test_image_to_image():
 
 
 @pytest.mark.parametrize("sampler,scheduler,ours", [
-    ("euler_ancestral", "normal", "euler_a"), ("ddim", "ddim_uniform", "ddim"),
-    ("lcm", "sgm_uniform", "lcm"), ("dpmpp_2m", "simple", "dpmpp_2m"),
-    ("dpmpp_2m_sde_gpu", "karras", "dpmpp_2m_sde_karras"), ("dpm_2_ancestral", "normal", "dpm2_a"),
+    ("euler_ancestral", "normal", "euler_a_normal"),
+    ("ddim", "ddim_uniform", "euler_ddim_uniform"),
+    ("lcm", "sgm_uniform", "lcm"), ("dpmpp_2m", "simple", "dpmpp_2m_simple"),
+    ("dpmpp_2m_sde_gpu", "karras", "dpmpp_2m_sde_karras"),
+    ("dpm_2_ancestral", "normal", "dpm2_a_normal"),
     ("heun", "karras", "heun_karras"), ("euler", "karras", "euler_karras"),
-    ("dpm_2", "simple", "dpm2"), ("uni_pc_bh2", "karras", "unipc_karras"),
-    ("lms", "karras", "lms_karras"), ("euler_ancestral", "karras", "euler_a_karras"), ("dpmpp_3m_sde_gpu", "karras", "dpmpp_3m_sde_karras")])
+    ("dpm_2", "simple", "dpm2_simple"), ("uni_pc_bh2", "karras", "unipc_karras"),
+    ("euler", "beta", "euler_comfy_beta"),
+    ("dpmpp_2m", "kl_optimal", "dpmpp_2m_comfy_kl_optimal"),
+    ("lms", "karras", "lms_karras"), ("euler_ancestral", "karras", "euler_a_karras"),
+    ("dpmpp_3m_sde_gpu", "karras", "dpmpp_3m_sde_karras")])
 def test_sampler_pairs(sampler, scheduler, ours):
     g = copy.deepcopy(DEFAULT)
     g["3"]["inputs"].update(sampler_name=sampler, scheduler=scheduler)
@@ -188,11 +194,12 @@ REFUSED = {
         "20": {"class_type": "VAELoader", "inputs": {"vae_name": "vae.safetensors"}},
         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["20", 0]}}}),
         "node 20 (VAELoader) is not supported as VAEDecode's vae"),
-    "unknown sampler pair": (lambda g: g["3"]["inputs"].update(scheduler="exponential"),
-                             "sampler_name 'euler' with scheduler 'exponential' has no sdrt"),
-    "no karras variant": (lambda g: g["3"]["inputs"].update(sampler_name="ddim",
+    "unknown sampler pair": (lambda g: g["3"]["inputs"].update(scheduler="linear_quadratic"),
+                             "sampler_name 'euler' with scheduler 'linear_quadratic' has no "
+                             "sdrt"),
+    "no karras variant": (lambda g: g["3"]["inputs"].update(sampler_name="lcm",
                                                             scheduler="karras"),
-                          "'ddim' with scheduler 'karras' has no sdrt sampler"),
+                          "'lcm' with scheduler 'karras' has no sdrt sampler"),
     "two outputs": (lambda g: g.update({"20": copy.deepcopy(g["9"])}),
                     "one SaveImage or PreviewImage node, got 2"),
     "denoise on empty latent": (lambda g: g["3"]["inputs"].update(denoise=0.5),
@@ -288,7 +295,7 @@ def test_cli_workflow_json_and_png_equal_the_options(tiny_dir, tmp_path, capsys)
                          ("png", ["--workflow", str(tmp_path / "comfy.png")]),
                          ("options", ["beautiful scenery nature glass bottle", "--negative",
                                       "text, watermark", "--seed", "4", "--steps", "3",
-                                      "--guidance", "6.5", "--sampler", "euler_a", "--width",
+                                      "--guidance", "6.5", "--sampler", "euler_a_normal", "--width",
                                       "32", "--height", "24"])):
         out = tmp_path / f"{name}.png"
         code, _, err = _run(["generate", *source, "--model", tiny_dir, "-o", str(out)], capsys)
@@ -318,7 +325,7 @@ def test_cli_workflow_image_to_image(tiny_dir, tmp_path, capsys):
     assert code == 0, err
     code, _, err = _run(["generate", "beautiful scenery nature glass bottle", "--negative",
                          "text, watermark", "--seed", "4", "--steps", "3", "--guidance", "6.5",
-                         "--sampler", "euler", "--strength", "0.6", "--init-image",
+                         "--sampler", "euler_normal", "--strength", "0.6", "--init-image",
                          str(tmp_path / "photo.png"), "--model", tiny_dir, "-o", str(ref)],
                         capsys)
     assert code == 0, err

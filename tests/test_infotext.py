@@ -149,9 +149,10 @@ def test_sampler_labels_and_aliases():
     ("DPM++ 3M SDE", "Exponential", "dpmpp_3m_sde_exponential"),
     ("Euler a", "Karras", "euler_a_karras"),
     ("DDIM", "Karras", None),  # no Karras variant
-    ("Euler", "Exponential", None),  # no exponential variant
+    ("Euler", "Exponential", "euler_exponential"),  # the sigma schedule (request.py)
     ("DPM++ 2M SDE Karras", "Exponential", None),  # the label and the type disagree
-    ("Euler", "Beta", None),  # a schedule type sdrt does not have
+    ("Euler", "Beta", "euler_beta"),
+    ("Euler", "Karras Exponential", None),  # a schedule type sdrt does not have
     ("LMS", "Karras", "lms_karras"),
     ("DPM++ SDE", "Karras", "dpmpp_sde_karras"),
     ("DPM++ 2S a", "Karras", None),  # a sampler sdrt does not have

@@ -77,7 +77,8 @@ BAD = [
                        "dpmpp_2m_sde_heun_exponential, dpmpp_3m_sde, dpmpp_3m_sde_karras, "
                        "dpmpp_3m_sde_exponential, "
                        "lms, lms_karras, unipc, unipc_karras, "
-                       "deis, deis_karras, lcm, got 'dpmpp_2s_a'"),
+                       "deis, deis_karras, lcm, or X_S for X one of euler, .* and S one "
+                       "of exponential, .*, got 'dpmpp_2s_a'"),
     ("sampler", 3, "one of ddim, .*, got 3"),
     ("output_type", "tensor", "one of pil, np, latent, got 'tensor'"),
     ("original_size", (0, 3),

@@ -18,7 +18,13 @@ def pipe(tiny_sd1_folder):
 
 @pytest.mark.parametrize("sampler", ["ddim", "pndm", "euler_a", "dpmpp_2m_karras", "heun",
                                      "dpm2_a_karras", "dpmpp_2m_sde", "unipc", "lms_karras",
-                                     "deis", "dpmpp_3m_sde_karras", "dpmpp_sde_karras"])
+                                     "deis", "dpmpp_3m_sde_karras", "dpmpp_sde_karras",
+                                     # sigma schedules: a table of its own, fractional
+                                     # timesteps, a two-call run ending on sigma_min, a
+                                     # table longer than the steps
+                                     "euler_a_align_your_steps", "dpmpp_2m_sgm_uniform",
+                                     "heun_kl_optimal", "dpmpp_sde_comfy_beta",
+                                     "deis_ddim_uniform"])
 def test_static_plan_equalsrun_eagerly(pipe, sampler):
     pipe.runtime = None
     pipe.compile(height=16, width=24, batch_size=2, num_inference_steps=5, sampler=sampler)

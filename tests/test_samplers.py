@@ -597,7 +597,8 @@ def test_dpmpp_sde_without_torchsde_is_refused_up_front(monkeypatch):
     with pytest.raises(SdrtError, match=r"sampler must be a sampler whose package is "
                                         r"installed .*pip install 'sdrt\[sde\]'"):
         GenerationRequest(prompt="a fox", sampler="dpmpp_sde_karras").check()
-    with pytest.raises(SdrtError, match="torchsde, which is not installed"):
+    with pytest.raises(SdrtError, match=r"^sampler dpmpp_sde draws its Brownian-tree noise with "
+                                        r"torchsde: pip install 'sdrt\[sde\]'$"):
         make_schedule(SchedulerConfig.from_dict(CONFIGS["sd15"]), "dpmpp_sde", 4)
     GenerationRequest(prompt="a fox", sampler="dpmpp_2m_sde").check()  # needs nothing more
 

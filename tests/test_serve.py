@@ -426,7 +426,10 @@ def test_a1111_schedule_types(main_server, ref_pipe):
     schedulers = httpx.get(f"{url}/sdapi/v1/schedulers", timeout=TIMEOUT).json()
     assert [(s["name"], s["label"]) for s in schedulers] == [
         ("automatic", "Automatic"), ("uniform", "Uniform"), ("karras", "Karras"),
-        ("exponential", "Exponential")]
+        ("exponential", "Exponential"), ("polyexponential", "Polyexponential"),
+        ("sgm_uniform", "SGM Uniform"), ("kl_optimal", "KL Optimal"),
+        ("align_your_steps", "Align Your Steps"), ("simple", "Simple"), ("normal", "Normal"),
+        ("ddim", "DDIM"), ("beta", "Beta")]
     base = {"prompt": "a fox", "seed": 9, "steps": 3, "width": 32, "height": 32,
             "cfg_scale": 6}
 
@@ -442,6 +445,15 @@ def test_a1111_schedule_types(main_server, ref_pipe):
                       reference(ref_pipe, "a fox", 9, (32, 32), 3, 6.0,
                                 sampler="dpmpp_2m_sde_karras"), "DPM++ 2M SDE + Karras")
     assert run(sampler_name="DPM++ 2M SDE Karras")["images"] == pair["images"]
+    # the sigma schedules: A1111's own levels, written as A1111 writes them
+    for name, label, sid in (("align_your_steps", "Align Your Steps",
+                              "dpmpp_2m_align_your_steps"),
+                             ("SGM Uniform", "SGM Uniform", "dpmpp_2m_sgm_uniform")):
+        other = run(sampler_name="DPM++ 2M", scheduler=name)
+        infotext = json.loads(other["info"])["infotexts"][0]
+        assert f"Sampler: DPM++ 2M, Schedule type: {label}," in infotext, infotext
+        assert_same_image(png(other["images"][0]),
+                          reference(ref_pipe, "a fox", 9, (32, 32), 3, 6.0, sampler=sid), label)
     automatic = run(sampler_name="Heun", scheduler="Automatic")
     assert_same_image(png(automatic["images"][0]),
                       reference(ref_pipe, "a fox", 9, (32, 32), 3, 6.0, sampler="heun"),
@@ -687,8 +699,9 @@ MALFORMED = [  # (endpoint, body: dict or raw bytes, what the message must name)
     (T2I, {"prompt": "a", "cfg_scale": "7"}, "cfg_scale"),
     (T2I, {"prompt": "a", "sampler_name": "DPM++ 2S a"}, "sampler_name"),
     (T2I, {"prompt": "a", "sampler_name": "DDIM", "scheduler": "Karras"}, "scheduler"),
-    (T2I, {"prompt": "a", "sampler_name": "Euler", "scheduler": "Exponential"}, "scheduler"),
-    (T2I, {"prompt": "a", "sampler_name": "Euler", "scheduler": "Beta"}, "scheduler"),
+    (T2I, {"prompt": "a", "sampler_name": "Euler Karras", "scheduler": "Beta"}, "scheduler"),
+    (T2I, {"prompt": "a", "sampler_name": "Euler", "scheduler": "Karras Exponential"},
+     "scheduler"),
     (T2I, {"prompt": "a", "scheduler": "Align Your Steps"}, "scheduler"),
     (T2I, {"prompt": "a", "scheduler": 7}, "scheduler"),
     (T2I, {"prompt": "a", "width": 65, "height": 64}, "width"),
@@ -711,7 +724,8 @@ MALFORMED = [  # (endpoint, body: dict or raw bytes, what the message must name)
     (T2I, {"prompt": "a", "enable_hr": True, "hr_resize_x": 5000}, "hr_resize_x"),
     (T2I, {"prompt": "a", "enable_hr": True, "hr_sampler_name": "DPM++ 2S a"},
      "hr_sampler_name"),
-    (T2I, {"prompt": "a", "enable_hr": True, "hr_scheduler": "Beta"}, "hr_scheduler"),
+    (T2I, {"prompt": "a", "enable_hr": True, "hr_scheduler": "Karras Exponential"},
+     "hr_scheduler"),
     (T2I, {"prompt": "a", "enable_hr": True, "hr_checkpoint_name": "other.safetensors"},
      "hr_checkpoint_name"),
     (T2I, {"prompt": "a", "enable_hr": True, "denoising_strength": 0}, "denoising_strength"),

@@ -91,7 +91,7 @@ def test_text_to_image_as_comfyuis_script_example(server, ref_pipe):
         assert "Seed: %d" % (11 + i) in png.text["parameters"]
         want = ref_pipe("beautiful scenery nature glass bottle", negative_prompt="text, watermark",
                         height=64, width=64, num_inference_steps=2, guidance_scale=7.0,
-                        sampler="euler_a", seed=11 + i)[0]
+                        sampler="euler_a_normal", seed=11 + i)[0]
         assert_same_image(png, want, f"ComfyUI prompt, image {i}")
     assert httpx.get(f"{url}/queue").json() == {"queue_running": [], "queue_pending": []}
     assert queued["prompt_id"] in httpx.get(f"{url}/history").json()
@@ -146,7 +146,7 @@ def test_image_to_image_with_an_upload(server, ref_pipe):
     png = Image.open(io.BytesIO(_view(url, entry["outputs"]["9"]["images"][0])))
     want = ref_pipe("beautiful scenery nature glass bottle", negative_prompt="text, watermark",
                     image=to_rgb8(init), strength=0.7, num_inference_steps=2,
-                    guidance_scale=7.0, sampler="euler_a", seed=5)[0]
+                    guidance_scale=7.0, sampler="euler_a_normal", seed=5)[0]
     assert_same_image(png, want, "ComfyUI image to image")
 
 
@@ -224,7 +224,7 @@ def test_websocket_as_comfyuis_websockets_example(server, ref_pipe):
     png = Image.open(io.BytesIO(_view(url, entry["outputs"]["9"]["images"][0])))
     want = ref_pipe("beautiful scenery nature glass bottle", negative_prompt="text, watermark",
                     height=64, width=64, num_inference_steps=2, guidance_scale=7.0,
-                    sampler="euler_a", seed=21)[0]
+                    sampler="euler_a_normal", seed=21)[0]
     assert_same_image(png, want, "ComfyUI over the websocket")
 
 

@@ -360,7 +360,7 @@ def test_comfyui_controlnet_nodes(server, assets, ref_pipe):
     png = Image.open(io.BytesIO(_view(server, entry["outputs"]["9"]["images"][0])))
     want = _reference(ref_pipe, root, ["edges"], 11, [comfy_hint(hints[0], 64, 64)],
                       prompt="beautiful scenery nature glass bottle",
-                      negative="text, watermark", sampler="euler_a",
+                      negative="text, watermark", sampler="euler_a_normal",
                       controlnet_conditioning_scale=0.9,
                       control_guidance_end=0.5)
     assert_same_image(png, want, "ComfyUI ControlNetApplyAdvanced")
@@ -392,7 +392,7 @@ def test_comfyui_preprocessor_node(server, assets, ref_pipe):
     edges = comfy_hint(preprocess(hints[1], "canny", 64, 40, 120), 64, 64)
     want = _reference(ref_pipe, root, ["edges"], 11, [edges],
                       prompt="beautiful scenery nature glass bottle",
-                      negative="text, watermark", sampler="euler_a")
+                      negative="text, watermark", sampler="euler_a_normal")
     assert_same_image(png, want, "ComfyUI CannyEdgePreprocessor")
     assert "Module: canny" in png.text["parameters"]
 
