@@ -42,7 +42,8 @@ from .request import SAMPLER_NAMES, SIGMA_SAMPLERS, short_repr
 # UniPC (ComfyUI's uni_pc, B(h) = h, is not).
 _EVEN = ("normal", "simple", "sgm_uniform")
 _SAMPLER_NAMES = {"euler": "euler", "euler_ancestral": "euler_a", "heun": "heun",
-                  "dpm_2": "dpm2", "dpm_2_ancestral": "dpm2_a", "dpmpp_sde": "dpmpp_sde",
+                  "dpm_2": "dpm2", "dpm_2_ancestral": "dpm2_a",
+                  "dpmpp_2s_ancestral": "dpmpp_2s_a", "dpmpp_sde": "dpmpp_sde",
                   "dpmpp_sde_gpu": "dpmpp_sde", "dpmpp_2m": "dpmpp_2m",
                   "dpmpp_2m_sde": "dpmpp_2m_sde", "dpmpp_2m_sde_gpu": "dpmpp_2m_sde",
                   "dpmpp_2m_sde_heun": "dpmpp_2m_sde_heun",

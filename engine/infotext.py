@@ -38,6 +38,8 @@ SAMPLER_LABELS = {
     "dpm2_karras": "DPM2 Karras",
     "dpm2_a": "DPM2 a",
     "dpm2_a_karras": "DPM2 a Karras",
+    "dpmpp_2s_a": "DPM++ 2S a",
+    "dpmpp_2s_a_karras": "DPM++ 2S a Karras",
     "dpmpp_sde": "DPM++ SDE",
     "dpmpp_sde_karras": "DPM++ SDE Karras",
     "ddim": "DDIM",
@@ -74,6 +76,8 @@ SAMPLER_ALIASES = {
     "dpm2_karras": ("k_dpm_2_ka",),
     "dpm2_a": ("k_dpm_2_a",),
     "dpm2_a_karras": ("k_dpm_2_a_ka",),
+    "dpmpp_2s_a": ("k_dpmpp_2s_a",),
+    "dpmpp_2s_a_karras": ("k_dpmpp_2s_a_ka",),
     "dpmpp_sde": ("k_dpmpp_sde",),
     "dpmpp_sde_karras": ("k_dpmpp_sde_ka",),
     "ddim": (),
@@ -121,7 +125,7 @@ _WRITTEN = {**{s: s for s in SIGMA_SCHEDULES},
 # A1111's samplers whose "Automatic" schedule is not Uniform (1.9 on): a request or a PNG that
 # names one of these labels without a schedule type gets it, as A1111 gives it.
 AUTOMATIC_SCHEDULES = {"DPM++ 2M": "karras", "DPM++ SDE": "karras", "DPM2": "karras",
-                       "DPM2 a": "karras", "DPM++ 2M SDE": "exponential",
+                       "DPM2 a": "karras", "DPM++ 2S a": "karras", "DPM++ 2M SDE": "exponential",
                        "DPM++ 2M SDE Heun": "exponential", "DPM++ 3M SDE": "exponential"}
 _AUTOMATIC = {label.lower(): kind for label, kind in AUTOMATIC_SCHEDULES.items()}
 

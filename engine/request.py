@@ -25,7 +25,8 @@ from .errors import SdrtError
 # The samplers sdrt implements (``schedules.SAMPLERS`` is the same tuple), here so that a
 # sampler name can be checked without importing torch.
 SAMPLER_NAMES = ("ddim", "pndm", "euler", "euler_karras", "euler_a", "euler_a_karras", "heun",
-                 "heun_karras", "dpm2", "dpm2_karras", "dpm2_a", "dpm2_a_karras", "dpmpp_sde",
+                 "heun_karras", "dpm2", "dpm2_karras", "dpm2_a", "dpm2_a_karras", "dpmpp_2s_a",
+                 "dpmpp_2s_a_karras", "dpmpp_sde",
                  "dpmpp_sde_karras", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde",
                  "dpmpp_2m_sde_karras", "dpmpp_2m_sde_exponential", "dpmpp_2m_sde_heun",
                  "dpmpp_2m_sde_heun_karras", "dpmpp_2m_sde_heun_exponential", "dpmpp_3m_sde",
@@ -42,8 +43,9 @@ SIGMA_SCHEDULES = ("exponential", "sgm_uniform", "normal", "simple", "ddim_unifo
 BETA_SHAPE = (0.6, 0.6)
 # The samplers that step along any table of noise levels (DDIM, PNDM and LCM step along
 # their alpha-bar grids).
-SIGMA_SAMPLERS = ("euler", "euler_a", "heun", "dpm2", "dpm2_a", "dpmpp_sde", "dpmpp_2m",
-                  "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "lms", "unipc", "deis")
+SIGMA_SAMPLERS = ("euler", "euler_a", "heun", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde",
+                  "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "lms", "unipc",
+                  "deis")
 OUTPUT_TYPES = ("pil", "np", "latent")
 # How a prompt string is read: A1111's syntax (weights, BREAK, 75-token chunks past 77 tokens;
 # prompt_syntax.py) or as plain text (cut at 77 tokens, as diffusers does).

@@ -198,19 +198,26 @@ def sample_two_call(model, x, sched: Schedule, generator=None, noise=None, step_
     """Heun's method (heun*: Karras et al. 2022, alg. 1 without churn), DPM-Solver-2 (dpm2*:
     Lu et al. 2022, "DPM-Solver", alg. 1 with r = 1/2 in log sigma; k-diffusion's
     sample_dpm_2) and its ancestral form (dpm2_a*), as diffusers' HeunDiscreteScheduler and
-    KDPM2(Ancestral)DiscreteScheduler run them: two model calls a step, the last step one.
+    KDPM2(Ancestral)DiscreteScheduler run them: two model calls a step, the last step one;
+    and DPM-Solver++(2S) ancestral (dpmpp_2s_a*: Lu et al. 2022, "DPM-Solver++", alg. 1 with
+    r = 1/2; k-diffusion's sample_dpmpp_2s_ancestral), which no diffusers class has, on
+    DPM2 a's calls.
 
     A step's first call takes an Euler step from x at sigma to a trial point; its second,
     there, redoes the step from x with the mean of both slopes (Heun) or with the trial
     point's slope (DPM2), to the next sigma, or for dpm2_a to sigma_down and then fresh
     noise of std sigma_up (drawn from ``generator``, or taken from ``noise``: one unit-noise
-    tensor per second call). The schedule lays the sigmas out per call (``sigmas_in``,
+    tensor per second call). DPM++ 2S a's second call steps x from sigma to sigma_down
+    along the exponential integrator with the midpoint's x0: x' = (sigma_down / sigma) x +
+    (1 - sigma_down / sigma) x0_mid, the Euler step from x with the slope (x - x0_mid) / sigma;
+    then its noise, as DPM2 a's. The schedule lays the sigmas out per call (``sigmas_in``,
     ``sigmas_to``, ``sigmas_up``); calls alternate first and second from its start.
     ``step_end`` sees every call, as diffusers' pipelines call back after every scheduler
     step.
     """
     cfg = sched.config
     heun = sched.sampler.startswith("heun")
+    solver_pp = sched.sampler.startswith("dpmpp_2s_a")
     draws = 0
     for i, t in enumerate(sched.timesteps):
         sigma = sched.sigmas_in[i]
@@ -224,7 +231,9 @@ def sample_two_call(model, x, sched: Schedule, generator=None, noise=None, step_
         else:
             if heun:
                 slope = (first_slope + slope) / 2
-            elif sched.sigmas_up is not None:  # a step down to sigma 0 keeps its Euler slope
+            elif solver_pp:
+                slope = (x_start - x0) / sigma_start
+            if sched.sigmas_up is not None:  # a step down to sigma 0 keeps its Euler slope
                 slope = torch.where(sigma > 0, slope, first_slope)
             x = x_start + slope * (sched.sigmas_to[i] - sigma_start)
             if sched.sigmas_up is not None:
@@ -501,7 +510,8 @@ _SAMPLE_FNS = {
 assert set(_SAMPLE_FNS) == set(SAMPLERS)
 
 # The samplers that draw fresh noise as they go (``Schedule.noise_draws`` tensors a run).
-_NOISE_SAMPLERS = ("euler_a", "euler_a_karras", "dpm2_a", "dpm2_a_karras", "dpmpp_sde",
+_NOISE_SAMPLERS = ("euler_a", "euler_a_karras", "dpm2_a", "dpm2_a_karras", "dpmpp_2s_a",
+                   "dpmpp_2s_a_karras", "dpmpp_sde",
                    "dpmpp_sde_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras",
                    "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_karras", *EXPONENTIAL,
                    "dpmpp_3m_sde",

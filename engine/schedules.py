@@ -36,6 +36,10 @@ SAMPLER_CLASSES = {
     "dpm2_karras": "KDPM2DiscreteScheduler",
     "dpm2_a": "KDPM2AncestralDiscreteScheduler",
     "dpm2_a_karras": "KDPM2AncestralDiscreteScheduler",
+    # DPM-Solver++(2S) ancestral (k-diffusion's sample_dpmpp_2s_ancestral, A1111's "DPM++ 2S
+    # a"): no diffusers class has it; it runs on DPM2 a's layout of the Euler class's sigmas.
+    "dpmpp_2s_a": "KDPM2AncestralDiscreteScheduler",
+    "dpmpp_2s_a_karras": "KDPM2AncestralDiscreteScheduler",
     "dpmpp_sde": "DPMSolverSDEScheduler",
     "dpmpp_sde_karras": "DPMSolverSDEScheduler",
     "dpmpp_2m": "DPMSolverMultistepScheduler",
@@ -65,7 +69,10 @@ SAMPLER_CLASSES = {
 # call alone. Their schedules count calls (2 * steps - 1). DPM++ SDE (DPM-Solver++(2S) with
 # Brownian-tree noise, k-diffusion's sample_dpmpp_sde) is laid out the same way.
 TWO_CALL_SAMPLERS = ("heun", "heun_karras", "dpm2", "dpm2_karras", "dpm2_a", "dpm2_a_karras",
+                     "dpmpp_2s_a", "dpmpp_2s_a_karras",
                      "dpmpp_sde", "dpmpp_sde_karras")
+# The two-call samplers that split each step's landing level into sigma_down and fresh noise
+_ANCESTRAL_TWO_CALL = ("dpm2_a", "dpmpp_2s_a")
 # ``X_karras`` is sampler X on Karras et al.'s sigmas (use_karras_sigmas=True, as A1111's "X
 # Karras"); plain X takes the config's use_karras_sigmas, except these, where it is off.
 KARRAS_OFF = ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "unipc", "deis")
@@ -607,13 +614,15 @@ def _per_call(steps_table):
 def _two_call_schedule(cfg, sampler, alphas_cumprod, steps, start, device,
                        tables=None) -> Schedule:
     """HeunDiscreteScheduler's (heun*), KDPM2DiscreteScheduler's (dpm2*) or
-    KDPM2AncestralDiscreteScheduler's (dpm2_a*) schedule, laid out per model call.
+    KDPM2AncestralDiscreteScheduler's (dpm2_a*, and dpmpp_2s_a*) schedule, laid out per
+    model call.
 
     Each step from sigma s to the next s' takes two calls, the last step (to 0) one. Heun:
     an Euler step to s' and a call there, the step redone with the mean of both slopes.
     DPM2: an Euler step to the geometric mean of s and s', and the step taken with the slope
     there. DPM2 a: the same towards sigma_down, then fresh noise of std sigma_up (euler_a's
-    split of s'). ``start``: image to image's skipped steps, two calls each. ``tables``: the
+    split of s'); DPM++ 2S a makes the same calls (``sample_two_call`` takes its step).
+    ``start``: image to image's skipped steps, two calls each. ``tables``: the
     (timesteps, sigmas) of a sigma schedule (``_schedule_tables``) instead of diffusers'."""
     t, sigmas = tables or _euler_tables(cfg, alphas_cumprod, steps,
                                         round_karras=sampler.startswith("dpm2"))
@@ -624,7 +633,7 @@ def _two_call_schedule(cfg, sampler, alphas_cumprod, steps, start, device,
         per_call = _per_call(sigmas)[:n + 1]  # a second call lands where the next first starts
         sigmas_in, sigmas_to = per_call[:n], per_call[1:]
     else:
-        if sampler.startswith("dpm2_a"):
+        if sampler.startswith(_ANCESTRAL_TWO_CALL):
             following = torch.cat([sigmas[1:], sigmas.new_zeros(1)])
             up = (following**2 * (sigmas**2 - following**2) / sigmas**2) ** 0.5
             # At most the next sigma, as k-diffusion's get_ancestral_step: where rounding puts
@@ -658,7 +667,7 @@ def _two_call_schedule(cfg, sampler, alphas_cumprod, steps, start, device,
         per_call = s_call[:n + 1]
     f32 = {"dtype": torch.float32, "device": device}
     first_call = 2 * start
-    ancestral = sampler.startswith("dpm2_a")
+    ancestral = sampler.startswith(_ANCESTRAL_TWO_CALL)
     return Schedule(sampler, cfg, calls[first_call:].to(device),
                     float(sigmas[0]) if tables else _init_noise_sigma(cfg, sigmas),
                     sigmas=per_call[first_call:].to(**f32),

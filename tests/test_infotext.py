@@ -123,7 +123,8 @@ def test_sampler_labels_and_aliases():
     assert sampler_id("PLMS") == "pndm"
     assert sampler_id("k_dpm_2_a_ka") == "dpm2_a_karras"
     assert sampler_id("k_dpmpp_sde_ka") == "dpmpp_sde_karras"
-    assert sampler_id("DPM++ 2S a") is None and sampler_id(None) is None
+    assert sampler_id("Restart") is None and sampler_id(None) is None
+    assert sampler_id("DPM++ 2S a") == "dpmpp_2s_a_karras"  # A1111 1.9's default: Karras
 
 
 @pytest.mark.parametrize("label,schedule_type,expected", [
@@ -155,7 +156,9 @@ def test_sampler_labels_and_aliases():
     ("Euler", "Karras Exponential", None),  # a schedule type sdrt does not have
     ("LMS", "Karras", "lms_karras"),
     ("DPM++ SDE", "Karras", "dpmpp_sde_karras"),
-    ("DPM++ 2S a", "Karras", None),  # a sampler sdrt does not have
+    ("DPM++ 2S a", "Karras", "dpmpp_2s_a_karras"),
+    ("DPM++ 2S a", "Uniform", "dpmpp_2s_a"),
+    ("Restart", "Karras", None),  # a sampler sdrt does not have
     ("Euler", 3, None),
 ])
 def test_sampler_with_schedule_type(label, schedule_type, expected):

@@ -15,6 +15,7 @@ import json
 import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -642,7 +643,8 @@ def test_from_file(tmp_path):
     assert cfg.timestep_spacing is None, "absent field must stay unset for the class default"
     assert SAMPLERS == ("ddim", "pndm", "euler", "euler_karras", "euler_a", "euler_a_karras",
                         "heun", "heun_karras",
-                        "dpm2", "dpm2_karras", "dpm2_a", "dpm2_a_karras", "dpmpp_sde",
+                        "dpm2", "dpm2_karras", "dpm2_a", "dpm2_a_karras", "dpmpp_2s_a",
+                        "dpmpp_2s_a_karras", "dpmpp_sde",
                         "dpmpp_sde_karras", "dpmpp_2m",
                         "dpmpp_2m_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras",
                         "dpmpp_2m_sde_exponential", "dpmpp_2m_sde_heun",
@@ -682,7 +684,7 @@ def test_from_file_errors(tmp_path, content, match):
 
 
 @pytest.mark.parametrize("sampler,steps,strength,match", [
-    ("dpmpp_2s_a", 10, 1.0, "unknown sampler.*ddim, pndm"),
+    ("restart", 10, 1.0, "unknown sampler.*ddim, pndm"),
     ("ddim", 0, 1.0, "steps"),
     ("ddim", 1001, 1.0, "steps"),     # more steps than training timesteps
     ("euler", 10, 0.0, "strength"),
@@ -706,3 +708,67 @@ def test_sample_rejects_other_samplers_schedule():
     sched = make_schedule(SchedulerConfig.from_dict(CONFIGS["sd15"]), "euler", 4)
     with pytest.raises(SdrtError, match="made for sampler euler"):
         sample("ddim", LinearModel(), _latents(0), sched)
+
+
+# --- DPM++ 2S a, which no diffusers class has --------------------------------------------------
+
+def _dpmpp_2s_ancestral(model, x, sigmas, noises, train):
+    """DPM-Solver++(2S) ancestral (Lu et al. 2022, alg. 1 with r = 1/2, each step's landing
+    level split into sigma_down and fresh noise of std sigma_up as Euler a splits it), written
+    from the algorithm over a table of levels: the step from s to sigma_down takes x0 at s,
+    the exponential integrator's half step to sqrt(s sigma_down), x0 there, and the full step
+    with it; a step down to 0 is Euler's."""
+    from sdrt.engine.schedules import sigma_to_timestep
+
+    def denoise(x, s):  # an epsilon-predicting UNet fed x / sqrt(s^2 + 1) at s's timestep
+        t = torch.tensor(sigma_to_timestep(np.array([s]), train), dtype=torch.float32)
+        return x - s * model((x / (s**2 + 1) ** 0.5).float(), t.reshape(())).double()
+
+    k = 0
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        x0 = denoise(x, s)
+        up = min(s_next, (s_next**2 * (s**2 - s_next**2) / s**2) ** 0.5)
+        down = (s_next**2 - up**2) ** 0.5
+        if down == 0:
+            x = x0
+        else:
+            mid = (s * down) ** 0.5
+            x0_mid = denoise((mid / s) * x + (1 - mid / s) * x0, mid)
+            x = (down / s) * x + (1 - down / s) * x0_mid
+        if s_next > 0:
+            x = x + noises[k].double() * up
+            k += 1
+    return x
+
+
+@pytest.mark.parametrize("sampler,steps", [
+    ("dpmpp_2s_a", 1), ("dpmpp_2s_a", 4), ("dpmpp_2s_a", 12), ("dpmpp_2s_a_karras", 1),
+    ("dpmpp_2s_a_karras", 12),
+    # (one beta step: A1111's level is sigma_max, diffusers' sigma_min)
+    ("dpmpp_2s_a_beta", 2), ("dpmpp_2s_a_beta", 12)])
+def test_dpmpp_2s_ancestral_matches_the_algorithm(sampler, steps):
+    # Its levels are diffusers' Euler's (plain or Karras) or a sigma schedule's; the
+    # reference takes them from diffusers and scipy, the noise from the same draws.
+    from sdrt.engine.schedules import train_alphas_cumprod
+    from sdrt.engine.sigma_schedules import levels
+    cfg = CONFIGS["sd15"]
+    if sampler.endswith("_beta"):
+        pytest.importorskip("scipy")
+        sch = _diffusers_scheduler("euler", {**cfg, "use_beta_sigmas": True})
+    else:
+        sch = _diffusers_scheduler("euler_karras" if sampler.endswith("_karras") else "euler",
+                                   cfg)
+    sch.set_timesteps(steps)
+    table = sch.sigmas.double().tolist()
+    ac = train_alphas_cumprod(SchedulerConfig.from_dict(cfg).for_sampler("euler"))
+    train = (((1 - ac) / ac) ** 0.5).numpy()
+    if sampler.endswith("_beta"):
+        assert np.allclose(levels("beta", steps, train), table, rtol=1e-5)
+    sched = make_schedule(SchedulerConfig.from_dict(cfg), sampler, steps)
+    noise = _latents(2)
+    draws = (torch.stack([_latents(10 + k) for k in range(sched.noise_draws)])
+             if sched.noise_draws else torch.zeros(0, *noise.shape))
+    x = sched.noise_latents(noise)
+    ours = sample(sampler, LinearModel(), x, sched, noise=draws)
+    ref = _dpmpp_2s_ancestral(LinearModel(), x.double(), table, draws, train)
+    _assert_close(ours, ref, f"{sampler}, {steps} steps: final latents", rtol=1e-4)
