@@ -144,21 +144,28 @@ def pass_controls(control, units):
 
 
 def generate(pipe, hires: Hires, prompt, negative_prompt, height, width, num_inference_steps,
-             sampler, generator, control_units=None, **call):
+             sampler, generator, control_units=None, hires_control_image=None, **call):
     """Both passes: the first at ``height`` × ``width`` (a static plan where one applies), the
     second at ``hires.target``; returns PIL images. ``generator`` (one CPU generator per image)
     draws the first pass's noise and then, going on, the second's. ``call`` holds the other
     pipeline arguments both passes share (guidance scale, images per prompt, clip skip ...)
     and the ControlNet arguments, which ``control_units`` (``pass_controls``' ``units``;
-    None: every ControlNet in both passes as given) divides between the passes."""
+    None: every ControlNet in both passes as given) divides between the passes. The second
+    pass takes ``hires_control_image`` where given (laid out as ``control_image``: maps framed
+    at its size, as A1111's ControlNet extension frames a unit's map again for it), else the
+    first pass's control images, which the pipeline resizes."""
     import torch
     from PIL import Image
     w, h, cut_x, cut_y = hires.target(width, height, pipe.vae_scale_factor)
     latent = hires.upscaler in LATENT_UPSCALERS
     control = {f: call.pop(f) for f in (*_PER_NET, "control_image", "guess_mode") if f in call}
-    controls = (control, control)
+    second = control
+    if control and hires_control_image is not None:
+        second = {**control, "control_image": hires_control_image}
+    controls = (control, second)
     if control and control_units is not None:
-        controls = pass_controls(control, control_units)
+        controls = (pass_controls(control, control_units)[0],
+                    pass_controls(second, control_units)[1])
     first = pipe(prompt, negative_prompt=negative_prompt, height=height, width=width,
                  num_inference_steps=num_inference_steps, sampler=sampler,
                  generator=generator, output_type="latent" if latent else "pil", **call,

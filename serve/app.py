@@ -496,12 +496,15 @@ def create_app(config: ServeConfig = None) -> FastAPI:
         latent_size = None
         if resize == "latent" and mask is None:  # the latents are resized: a key per size
             latent_size = _one_size(init_images)
-        controls = hints = units = sources = ()
+        controls = hints = units = sources = hires_hints = ()
         args = script_args(body.alwayson_scripts)
         if args is not None:
             controls, hints, units, sources = await run_in_threadpool(
                 parse_controlnet, server, args, init_images, req.width, req.height, ApiError,
                 mask is None)
+        if hires and sources:  # the maps framed again at the second pass's size
+            hires_hints = await run_in_threadpool(
+                _hires_maps, sources, hires, req, server.runner.pipe.vae_scale_factor)
         key = BatchKey(req.height, req.width, req.num_inference_steps, req.sampler,
                        req.guidance, req.strength if init_images else None, req.clip_skip,
                        server.chunks(req), inpaint=mask is not None, hires=hires,
@@ -528,7 +531,7 @@ def create_app(config: ServeConfig = None) -> FastAPI:
                     init_images[i % len(init_images)] if init_images else None,
                     jobs[i % len(jobs)].mask if jobs else None, extra.get("Mask blur"),
                     extra.get("Masked area padding"), extra.get("Masked content"),
-                    hints[i % len(jobs)] if jobs and sources else hints, units)
+                    hints[i % len(jobs)] if jobs and sources else hints, units, hires_hints)
                 for i, s in enumerate(seeds)]
         extra.update(units)
         images = await server.generate(request, key, rows)
@@ -943,6 +946,17 @@ def _frame_images(init_images, req, resize_mode):
     """Each init image brought to the request's size by A1111's resize mode."""
     from sdrt.engine.images import frame_init_image
     return [frame_init_image(im, req.width, req.height, resize_mode) for im in init_images]
+
+
+def _hires_maps(sources, hires, req, factor):
+    """Each unit's map framed at a hires fix's second-pass size, as A1111's ControlNet
+    extension frames it again there (``preprocess.frame_map``)."""
+    from sdrt.engine.preprocess import frame_map
+    w, h, _, _ = hires.target(req.width, req.height, factor)
+    try:
+        return tuple(frame_map(p, w, h, m, "hires fix's control image") for p, m in sources)
+    except SdrtError as e:
+        raise ApiError(400, str(e), "bad_request", "alwayson_scripts") from None
 
 
 def _one_size(init_images):

@@ -216,10 +216,16 @@ class Runner:
                 control_mode=[c[4] for c in key.controls])
         if key.hires is not None:
             from sdrt.engine.hires import generate
+            second = None
+            if key.controls and rows[0].hires_control_images:
+                second = [[r.hires_control_images[k] for r in rows]
+                          for k in range(len(key.controls))]
+                second = second if len(key.controls) > 1 else second[0]
             out = generate(self.pipe, key.hires, [r.prompt for r in rows], negative,
                            key.height, key.width, key.steps, key.sampler, seeds["generator"],
                            guidance_scale=guidance, clip_skip=key.clip_skip,
-                           control_units=[c[5] for c in key.controls], **control)
+                           control_units=[c[5] for c in key.controls],
+                           hires_control_image=second, **control)
         else:
             out = self.pipe(
                 [r.prompt for r in rows], negative_prompt=negative,

@@ -74,6 +74,8 @@ class Row:
     masked_content: str = None  # "fill" where the masked part was filled first, for the same
     control_images: tuple = ()  # one PIL image per ControlNet of the key, at the key's size
     control_info: tuple = ()  # (("ControlNet 0", text), ...) for the PNG info
+    # with a hires fix: the control images framed at its second pass's size (A1111's units)
+    hires_control_images: tuple = ()
 
 
 class Job:

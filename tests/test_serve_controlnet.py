@@ -253,7 +253,8 @@ def test_detect(server, assets):
 
 def test_hires_fix_options(server, assets, ref_pipe):
     # enable_hr with a canny unit in both passes (softened in the second, as the extension
-    # does) and one in the first pass only: the library's hires.generate with those parts.
+    # does) and one in the first pass only: the library's hires.generate with those parts,
+    # each map framed again at the second pass's size, as the extension frames it.
     from sdrt.engine.hires import Hires, generate
     from sdrt.engine.preprocess import preprocess
     root, hints = assets
@@ -266,18 +267,24 @@ def test_hires_fix_options(server, assets, ref_pipe):
         path = root / "nets" / name if name == "depthy" else root / "nets" / f"{name}.safetensors"
         ref_pipe.load_controlnet(str(path), name=name)
     try:
-        maps = [frame_map(preprocess(hints[0], "canny"), 64, 64, "crop"),
-                frame_map(hints[1], 64, 64, "crop")]
-        want = generate(ref_pipe, Hires(scale=1.5, steps=2, strength=0.6), [PROMPT], "blurry",
-                        64, 64, 2, None, [torch.Generator().manual_seed(6)],
-                        guidance_scale=7.0, control_image=maps, controlnet=["edges", "depthy"],
-                        controlnet_conditioning_scale=[1.0, 1.0],
-                        control_guidance_start=[0.0, 0.0], control_guidance_end=[1.0, 1.0],
-                        control_mode=["balanced", "balanced"],
-                        control_units=[(True, True, True), (True, False, False)])[0]
+        maps, second = ([frame_map(preprocess(hints[0], "canny"), side, side, "crop"),
+                         frame_map(hints[1], side, side, "crop")] for side in (64, 96))
+        kw = dict(guidance_scale=7.0, control_image=maps, controlnet=["edges", "depthy"],
+                  controlnet_conditioning_scale=[1.0, 1.0],
+                  control_guidance_start=[0.0, 0.0], control_guidance_end=[1.0, 1.0],
+                  control_mode=["balanced", "balanced"],
+                  control_units=[(True, True, True), (True, False, False)])
+
+        def hires_fix(**extra):
+            return generate(ref_pipe, Hires(scale=1.5, steps=2, strength=0.6), [PROMPT],
+                            "blurry", 64, 64, 2, None, [torch.Generator().manual_seed(6)],
+                            **kw, **extra)[0]
+        want, resized = hires_fix(hires_control_image=second), hires_fix()
     finally:
         ref_pipe.unload_controlnet()
     assert_same_image(got, want, "hires fix with per-pass ControlNets")
+    diff = np.abs(np.asarray(want, np.int16) - np.asarray(resized, np.int16))
+    assert diff.max() > 2, "the second pass's framed maps changed nothing"
 
 
 @pytest.mark.parametrize("unit,field,message", [
