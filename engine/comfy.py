@@ -4,7 +4,9 @@ ComfyUI's "Save (API Format)" writes, and every PNG it saves embeds (its "prompt
 chunk), a graph ``{node_id: {"class_type": ..., "inputs": {...}}}`` in which an input that
 comes from another node is a link ``[node_id, output_slot]``. sdrt runs the graph of a
 plain text-to-image or image-to-image workflow: the one SaveImage/PreviewImage node is
-followed back through VAEDecode to one KSampler, whose model, prompts and latent come from
+followed back through VAEDecode to one KSampler (or a KSamplerAdvanced that adds noise and
+runs its schedule to the end: from step 0 on an empty latent, from ``start_at_step`` on an
+image, sdrt's image to image keeping those steps), whose model, prompts and latent come from
 
 - CheckpointLoaderSimple (the model; its VAE decodes), through any LoraLoader nodes (one
   strength for the UNet and the text encoder, as sdrt applies a LoRA);
@@ -27,6 +29,7 @@ noise from one generator, sdrt follows the model's diffusers scheduler and seeds
 seed + i).
 """
 import json
+import math
 from dataclasses import dataclass, field
 
 from .errors import SdrtError
@@ -147,11 +150,12 @@ def read(graph) -> Workflow:
         raise SdrtError(f"workflow must have one SaveImage or PreviewImage node, got "
                         f"{len(outputs)}")
     decode = nodes.follow(outputs[0], "images", ("VAEDecode",))
-    sampler_id = nodes.follow(decode, "samples", ("KSampler",))
+    sampler_id = nodes.follow(decode, "samples", ("KSampler", "KSamplerAdvanced"))
+    kind = nodes.kind(sampler_id)
     k = nodes.inputs(sampler_id)
     pair = (k.get("sampler_name"), k.get("scheduler"))
     if pair not in SAMPLERS:
-        raise SdrtError(f"workflow node {sampler_id} (KSampler): sampler_name "
+        raise SdrtError(f"workflow node {sampler_id} ({kind}): sampler_name "
                         f"{short_repr(pair[0])} with scheduler {short_repr(pair[1])} has no sdrt "
                         f"sampler; sdrt runs {', '.join(_SAMPLER_NAMES)} on "
                         f"{', '.join(['karras', *_SCHEDULES])} (lcm on {', '.join(_EVEN)})")
@@ -176,7 +180,8 @@ def read(graph) -> Workflow:
         raise SdrtError("workflow encodes the prompt and the negative prompt with different "
                         "CLIPSetLastLayer settings; sdrt takes one clip skip")
     flow = Workflow(prompt=texts["positive"], negative=texts["negative"],
-                    seed=_number(nodes, sampler_id, "seed", int),
+                    seed=_number(nodes, sampler_id,
+                                 "noise_seed" if kind == "KSamplerAdvanced" else "seed", int),
                     steps=_number(nodes, sampler_id, "steps", int),
                     guidance=float(_number(nodes, sampler_id, "cfg", float)),
                     sampler=SAMPLERS[pair], clip_skip=skips.pop(),
@@ -185,9 +190,13 @@ def read(graph) -> Workflow:
     prefix = nodes.inputs(outputs[0]).get("filename_prefix", "ComfyUI")
     if isinstance(prefix, str) and prefix:
         flow.filename_prefix = prefix
-    denoise = float(_number(nodes, sampler_id, "denoise", float, default=1.0))
     latent = nodes.follow(sampler_id, "latent_image", ("EmptyLatentImage", "VAEEncode"))
-    if nodes.kind(latent) == "EmptyLatentImage":
+    empty = nodes.kind(latent) == "EmptyLatentImage"
+    if kind == "KSamplerAdvanced":
+        denoise = _advanced(nodes, sampler_id, flow.steps, empty)
+    else:
+        denoise = float(_number(nodes, sampler_id, "denoise", float, default=1.0))
+    if empty:
         if denoise != 1:
             raise SdrtError(f"workflow node {sampler_id} (KSampler): denoise {denoise:g} on an "
                             f"empty latent; sdrt runs text to image at denoise 1")
@@ -202,6 +211,31 @@ def read(graph) -> Workflow:
         flow.init_image = nodes.inputs(image).get("image")
         flow.strength = denoise
     return flow
+
+
+def _advanced(nodes, sampler_id, steps, empty):
+    """A KSamplerAdvanced's part of its schedule as sdrt's strength: steps start_at_step to
+    the last of a ``steps``-step schedule, noise added, none left over. On an image that is
+    sdrt's image to image at strength (steps - start) / steps, which keeps those steps (to the
+    ulp above where int(steps * strength) would round down); on an empty latent, the whole
+    schedule from step 0."""
+    where = f"workflow node {sampler_id} (KSamplerAdvanced)"
+    k = nodes.inputs(sampler_id)
+    if k.get("add_noise", "enable") != "enable":
+        raise SdrtError(f"{where}: add_noise {short_repr(k.get('add_noise'))}: sdrt samples "
+                        f"from noise it adds (add_noise \"enable\")")
+    start = _number(nodes, sampler_id, "start_at_step", int, default=0)
+    end = _number(nodes, sampler_id, "end_at_step", int, default=10000)
+    if end < steps:
+        raise SdrtError(f"{where}: end_at_step {end} stops before the last of its {steps} "
+                        f"steps; sdrt runs a schedule to its end")
+    if not 0 <= start < steps or (empty and start):
+        raise SdrtError(f"{where}: start_at_step must be 0 on an empty latent and below steps "
+                        f"({steps}) on an image, got {start}")
+    strength = (steps - start) / steps
+    while int(steps * strength) < steps - start:
+        strength = math.nextafter(strength, 2.0)
+    return strength
 
 
 def _controls(nodes, sampler_id):

@@ -143,6 +143,20 @@ def _node_specs(server, checkpoints, loras, images, controlnets):
             "positive": ["CONDITIONING"], "negative": ["CONDITIONING"],
             "latent_image": ["LATENT"], "denoise": number("FLOAT", 1.0, 0.0, 1.0, 0.01)},
             ["LATENT"]),
+        # (noise added, the schedule run to its end: see engine/comfy.py)
+        "KSamplerAdvanced": ("sampling", {
+            "model": ["MODEL"], "add_noise": [["enable"]],
+            "noise_seed": number("INT", 0, 0, 2 ** 64 - 1, 1),
+            "steps": number("INT", 20, 1, limits.max_steps, 1),
+            "cfg": number("FLOAT", 8.0, 0.0, limits.max_guidance, 0.1),
+            "sampler_name": [sorted({name for name, _ in comfy.SAMPLERS})],
+            "scheduler": [sorted({scheduler for _, scheduler in comfy.SAMPLERS})],
+            "positive": ["CONDITIONING"], "negative": ["CONDITIONING"],
+            "latent_image": ["LATENT"],
+            "start_at_step": number("INT", 0, 0, limits.max_steps - 1, 1),
+            "end_at_step": number("INT", 10000, 0, 10000, 1),
+            "return_with_leftover_noise": [["disable"]]},
+            ["LATENT"]),
         "VAEDecode": ("latent", {"samples": ["LATENT"], "vae": ["VAE"]}, ["IMAGE"]),
         "ControlNetLoader": ("loaders", {"control_net_name": [controlnets]}, ["CONTROL_NET"]),
         "ControlNetApplyAdvanced": ("conditioning/controlnet", {

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
@@ -188,8 +189,8 @@ REFUSED = {
         "20": {"class_type": "LatentUpscale", "inputs": {"samples": ["3", 0]}},
         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["20", 0], "vae": ["4", 2]}}}),
         "node 20 (LatentUpscale) is not supported as VAEDecode's samples"),
-    "advanced sampler": (lambda g: g["3"].update(class_type="KSamplerAdvanced"),
-                         "node 3 (KSamplerAdvanced) is not supported"),
+    "custom sampler": (lambda g: g["3"].update(class_type="SamplerCustom"),
+                       "node 3 (SamplerCustom) is not supported"),
     "separate VAE": (lambda g: g.update({
         "20": {"class_type": "VAELoader", "inputs": {"vae_name": "vae.safetensors"}},
         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["20", 0]}}}),
@@ -255,6 +256,52 @@ def test_refusals_name_the_node(case):
     edit, message = REFUSED[case]
     with pytest.raises(SdrtError, match=message.replace("(", r"\(").replace(")", r"\)")):
         comfy.read(_edit(edit))
+
+
+def _advanced(graph, **inputs):
+    """``graph`` with its KSampler made a KSamplerAdvanced, as ComfyUI's node takes it."""
+    g = copy.deepcopy(graph)
+    k = g["3"]["inputs"]
+    g["3"] = {"class_type": "KSamplerAdvanced", "inputs": {
+        "add_noise": "enable", "noise_seed": k["seed"], "steps": k["steps"], "cfg": k["cfg"],
+        "sampler_name": k["sampler_name"], "scheduler": k["scheduler"],
+        "positive": k["positive"], "negative": k["negative"], "latent_image": k["latent_image"],
+        "model": k["model"], "start_at_step": 0, "end_at_step": 10000,
+        "return_with_leftover_noise": "disable", **inputs}}
+    return g
+
+
+def test_ksampler_advanced():
+    # Noise added, the whole schedule: the KSampler's settings.
+    assert comfy.read(_advanced(DEFAULT)) == comfy.read(DEFAULT)
+    # On an image from step 7 of 20: image to image keeping the last 13 steps, the same
+    # calls as the 20-step schedule's from the 8th (every step count and start, as int()
+    # rounds steps * strength).
+    from sdrt.engine.samplers import SchedulerConfig, make_schedule
+    flow = comfy.read(_advanced(_img2img(), start_at_step=7))
+    assert flow.init_image == "photo.png" and flow.strength == pytest.approx(13 / 20)
+    cfg = SchedulerConfig.from_dict({"_class_name": "EulerDiscreteScheduler"})
+    full = make_schedule(cfg, flow.sampler, 20)
+    assert torch.equal(make_schedule(cfg, flow.sampler, 20, flow.strength).timesteps,
+                       full.timesteps[7:])
+    for steps in range(1, 60):
+        for start in range(steps):
+            flow = comfy.read(_advanced(_img2img(), steps=steps, start_at_step=start))
+            assert int(steps * flow.strength) == steps - start, (steps, start)
+
+
+@pytest.mark.parametrize("inputs,message", [
+    ({"add_noise": "disable"}, "add_noise 'disable': sdrt samples from noise it adds"),
+    ({"end_at_step": 12}, "end_at_step 12 stops before the last of its 20 steps"),
+    ({"start_at_step": 3}, "start_at_step must be 0 on an empty latent"),
+    ({"noise_seed": "x"}, "noise_seed must be an integer"),
+])
+def test_ksampler_advanced_refusals(inputs, message):
+    with pytest.raises(SdrtError, match=f"workflow node 3 \\(KSamplerAdvanced\\).*{message}"):
+        comfy.read(_advanced(DEFAULT, **inputs))
+    with pytest.raises(SdrtError, match="start_at_step must be .* below steps \\(20\\) on an "
+                                        "image, got 20"):
+        comfy.read(_advanced(_img2img(), start_at_step=20))
 
 
 def test_ui_format_is_refused(tmp_path):

@@ -22,7 +22,7 @@ httpx = pytest.importorskip("httpx")
 from sdrt.engine.demo.model import demo_pipeline  # noqa: E402
 from sdrt.engine.images import to_rgb8  # noqa: E402
 from sdrt.serve.local import LocalServer  # noqa: E402
-from test_comfy import DEFAULT, _img2img  # noqa: E402
+from test_comfy import DEFAULT, _advanced, _img2img  # noqa: E402
 from test_serve import TIMEOUT, assert_same_image, config  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -148,6 +148,15 @@ def test_image_to_image_with_an_upload(server, ref_pipe):
                     image=to_rgb8(init), strength=0.7, num_inference_steps=2,
                     guidance_scale=7.0, sampler="euler_a_normal", seed=5)[0]
     assert_same_image(png, want, "ComfyUI image to image")
+    # The same through a KSamplerAdvanced from step 1 of 3: the last 2 steps of 3
+    graph = _advanced(_workflow(url, _img2img(), seed=5), steps=3, start_at_step=1)
+    entry = _history(url, _queue(url, graph)["prompt_id"])
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    png = Image.open(io.BytesIO(_view(url, entry["outputs"]["9"]["images"][0])))
+    want = ref_pipe("beautiful scenery nature glass bottle", negative_prompt="text, watermark",
+                    image=to_rgb8(init), strength=2 / 3, num_inference_steps=3,
+                    guidance_scale=7.0, sampler="euler_a_normal", seed=5)[0]
+    assert_same_image(png, want, "ComfyUI KSamplerAdvanced")
 
 
 @pytest.mark.parametrize("edit,param,fragment", [
