@@ -62,6 +62,8 @@ SAMPLER_LABELS = {
     "deis": "DEIS",
     "deis_karras": "DEIS Karras",
     "lcm": "LCM",
+    "restart": "Restart",
+    "restart_karras": "Restart Karras",
 }
 assert set(SAMPLER_LABELS) == set(SAMPLER_NAMES)
 # Other names A1111 (and its API clients) use for the same samplers: its k-diffusion aliases.
@@ -100,6 +102,8 @@ SAMPLER_ALIASES = {
     "deis": (),
     "deis_karras": (),
     "lcm": (),
+    "restart": (),
+    "restart_karras": (),
 }
 assert set(SAMPLER_ALIASES) == set(SAMPLER_NAMES)
 _BY_NAME = {name.lower(): sid for sid in SAMPLER_NAMES
@@ -125,7 +129,8 @@ _WRITTEN = {**{s: s for s in SIGMA_SCHEDULES},
 # A1111's samplers whose "Automatic" schedule is not Uniform (1.9 on): a request or a PNG that
 # names one of these labels without a schedule type gets it, as A1111 gives it.
 AUTOMATIC_SCHEDULES = {"DPM++ 2M": "karras", "DPM++ SDE": "karras", "DPM2": "karras",
-                       "DPM2 a": "karras", "DPM++ 2S a": "karras", "DPM++ 2M SDE": "exponential",
+                       "DPM2 a": "karras", "DPM++ 2S a": "karras", "Restart": "karras",
+                       "DPM++ 2M SDE": "exponential",
                        "DPM++ 2M SDE Heun": "exponential", "DPM++ 3M SDE": "exponential"}
 _AUTOMATIC = {label.lower(): kind for label, kind in AUTOMATIC_SCHEDULES.items()}
 

@@ -216,7 +216,7 @@ def sample_two_call(model, x, sched: Schedule, generator=None, noise=None, step_
     step.
     """
     cfg = sched.config
-    heun = sched.sampler.startswith("heun")
+    heun = sched.sampler.startswith(("heun", "restart"))
     solver_pp = sched.sampler.startswith("dpmpp_2s_a")
     draws = 0
     for i, t in enumerate(sched.timesteps):
@@ -511,7 +511,7 @@ assert set(_SAMPLE_FNS) == set(SAMPLERS)
 
 # The samplers that draw fresh noise as they go (``Schedule.noise_draws`` tensors a run).
 _NOISE_SAMPLERS = ("euler_a", "euler_a_karras", "dpm2_a", "dpm2_a_karras", "dpmpp_2s_a",
-                   "dpmpp_2s_a_karras", "dpmpp_sde",
+                   "dpmpp_2s_a_karras", "restart", "restart_karras", "dpmpp_sde",
                    "dpmpp_sde_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras",
                    "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_karras", *EXPONENTIAL,
                    "dpmpp_3m_sde",

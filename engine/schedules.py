@@ -62,6 +62,11 @@ SAMPLER_CLASSES = {
     "deis": "DEISMultistepScheduler",
     "deis_karras": "DEISMultistepScheduler",
     "lcm": "LCMScheduler",
+    # Restart sampling (Xu et al. 2023, "Restart Sampling for Improving Generative
+    # Processes"; A1111's "Restart"): Heun's steps, so Heun's class defaults; no diffusers
+    # class has it.
+    "restart": "HeunDiscreteScheduler",
+    "restart_karras": "HeunDiscreteScheduler",
 }
 # The samplers that take two model calls per step (diffusers' ``order = 2``: Heun's method and
 # DPM-Solver-2, k-diffusion's sample_heun and sample_dpm_2): a step's first call is an Euler
@@ -70,7 +75,7 @@ SAMPLER_CLASSES = {
 # Brownian-tree noise, k-diffusion's sample_dpmpp_sde) is laid out the same way.
 TWO_CALL_SAMPLERS = ("heun", "heun_karras", "dpm2", "dpm2_karras", "dpm2_a", "dpm2_a_karras",
                      "dpmpp_2s_a", "dpmpp_2s_a_karras",
-                     "dpmpp_sde", "dpmpp_sde_karras")
+                     "dpmpp_sde", "dpmpp_sde_karras", "restart", "restart_karras")
 # The two-call samplers that split each step's landing level into sigma_down and fresh noise
 _ANCESTRAL_TWO_CALL = ("dpm2_a", "dpmpp_2s_a")
 # ``X_karras`` is sampler X on Karras et al.'s sigmas (use_karras_sigmas=True, as A1111's "X
@@ -271,7 +276,7 @@ class SchedulerConfig:
             resolved.update(rescale_betas_zero_snr=False, interpolation_type="linear",
                             timestep_type="discrete", sigma_min=None, sigma_max=None,
                             final_sigmas_type="zero")
-            if not sampler.startswith("heun"):
+            if not sampler.startswith(("heun", "restart")):
                 resolved["clip_sample"] = False
         if sampler.startswith("unipc"):
             # UniPCMultistepScheduler has no lambda clip, and reads DPM-Solver's solver types
@@ -675,6 +680,62 @@ def _two_call_schedule(cfg, sampler, alphas_cumprod, steps, start, device,
                     sigmas_to=sigmas_to[first_call:].to(**f32),
                     sigmas_up=up[first_call:].to(**f32) if ancestral else None,
                     noise_draws=(len(calls) - first_call) // 2 if ancestral else 0)
+
+
+def restart_steps(levels):
+    """Restart sampling's (from, to) Heun steps over a table of ``levels`` (descending, then
+    where the last step lands), as A1111's Restart lays them out: under 20 steps the table's
+    own; from 20, the steps not spent restarting on Karras levels between the table's first
+    and its last above 0 (rho 7), and where they pass sigma 0.1, ``times`` restarts (1; 2 from
+    36 steps) of ``k`` steps (9; steps // 4 from 36) from sigma 2 down to there again, each
+    started by noise that brings the latents back up to sigma 2."""
+    levels = np.asarray(levels, dtype=np.float64)
+    n = len(levels) - 1
+    if n < 20:
+        return list(zip(levels[:-1], levels[1:]))
+    k, times = (n // 4, 2) if n >= 36 else (9, 1)
+    levels = np.append(karras_sigmas(levels[-2], levels[0], n - k * times), 0.0)
+    steps = list(zip(levels[:-1], levels[1:]))
+    low, high = (int(np.argmin(np.abs(levels - s))) for s in (0.1, 2.0))
+    if high < low:
+        again = karras_sigmas(levels[low], levels[high], k + 1)
+        steps[low:low] = list(zip(again[:-1], again[1:])) * times
+    return steps
+
+
+def _restart_schedule(cfg, sampler, alphas_cumprod, steps, start, device,
+                      tables=None) -> Schedule:
+    """Restart's schedule (``restart_steps``) laid out per model call as Heun's: a step's first
+    call at its start, its second at its end (none for the last step, to 0; a call at 0 whose
+    slope is not used for a step to 0 that a restart follows, where the table's lowest level
+    is nearer 0 than 0.1), that second call's ``sigmas_up`` the noise that raises the latents
+    to where the next step starts (0 but before a restart). Its levels: Euler's (plain or Karras), or a sigma schedule's
+    ``tables``; image to image drops the leading ``start`` levels first, as A1111 hands
+    Restart the rest of its table."""
+    if tables is not None:
+        levels = tables[1]
+    else:
+        levels = _euler_tables(cfg, alphas_cumprod, steps)[1].double().numpy()
+    levels = levels[start:]
+    train = _train_sigmas(_finite_snr(cfg, alphas_cumprod))
+    inputs, to, up = [], [], []
+    pairs = restart_steps(levels)
+    for k, (old, new) in enumerate(pairs):
+        following = pairs[k + 1][0] if k + 1 < len(pairs) else 0.0
+        inputs.append(old), to.append(new), up.append(0.0)
+        if new > 0 or k + 1 < len(pairs):
+            inputs.append(new), to.append(new)
+            up.append((following**2 - new**2) ** 0.5 if following > new else 0.0)
+    if cfg.timestep_type == "continuous" and cfg.prediction_type == "v_prediction":
+        calls = (0.25 * np.log(inputs)).astype(np.float32)
+    else:
+        calls = sigma_to_timestep(np.asarray(inputs), train).astype(np.float32)
+    f32 = {"dtype": torch.float32, "device": device}
+    as_tensor = lambda values: torch.tensor(values, **f32)  # noqa: E731
+    return Schedule(sampler, cfg, torch.from_numpy(calls).to(device), float(inputs[0]),
+                    sigmas=as_tensor(inputs + [to[-1]]), sigmas_in=as_tensor(inputs),
+                    sigmas_to=as_tensor(to), sigmas_up=as_tensor(up),
+                    noise_draws=len(inputs) // 2)  # one per second call
 
 
 def _dpmpp_sde_schedule(cfg, sampler, alphas_cumprod, steps, start, device,
@@ -1131,12 +1192,15 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_inference_steps: int, 
     if schedule is not None:
         tables = _schedule_tables(cfg, alphas_cumprod, schedule, steps, align_your_steps)
         steps = len(tables[0])  # ddim_uniform's and comfy_beta's may differ from the steps
-        through_zero = tables[1][-1] > 0 and base in TWO_CALL_SAMPLERS + ("dpmpp_sde",)
+        through_zero = (tables[1][-1] > 0 and base != "restart"
+                        and base in TWO_CALL_SAMPLERS + ("dpmpp_sde",))
         if through_zero:
             tables = _through_zero(tables, _train_sigmas(_finite_snr(cfg, alphas_cumprod)))
     start = _img2img_start(steps, strength)
 
-    if tables is not None and base.startswith("dpmpp_sde"):
+    if base == "restart" or sampler == "restart_karras":
+        sched = _restart_schedule(cfg, sampler, alphas_cumprod, steps, start, device, tables)
+    elif tables is not None and base.startswith("dpmpp_sde"):
         sched = _dpmpp_sde_schedule(cfg, sampler, alphas_cumprod, len(tables[0]), start,
                                     device, tables)
     elif tables is not None and base in TWO_CALL_SAMPLERS:

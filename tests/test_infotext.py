@@ -123,7 +123,8 @@ def test_sampler_labels_and_aliases():
     assert sampler_id("PLMS") == "pndm"
     assert sampler_id("k_dpm_2_a_ka") == "dpm2_a_karras"
     assert sampler_id("k_dpmpp_sde_ka") == "dpmpp_sde_karras"
-    assert sampler_id("Restart") is None and sampler_id(None) is None
+    assert sampler_id("DPM fast") is None and sampler_id(None) is None
+    assert sampler_id("Restart") == "restart_karras"  # A1111 1.9's default: Karras
     assert sampler_id("DPM++ 2S a") == "dpmpp_2s_a_karras"  # A1111 1.9's default: Karras
 
 
@@ -158,7 +159,8 @@ def test_sampler_labels_and_aliases():
     ("DPM++ SDE", "Karras", "dpmpp_sde_karras"),
     ("DPM++ 2S a", "Karras", "dpmpp_2s_a_karras"),
     ("DPM++ 2S a", "Uniform", "dpmpp_2s_a"),
-    ("Restart", "Karras", None),  # a sampler sdrt does not have
+    ("Restart", "Karras", "restart_karras"), ("Restart", "Beta", "restart_beta"),
+    ("DPM adaptive", "Karras", None),  # a sampler sdrt does not have
     ("Euler", 3, None),
 ])
 def test_sampler_with_schedule_type(label, schedule_type, expected):

@@ -68,8 +68,8 @@ BAD = [
     ("seed", "42", "-1 \\(random\\) or an integer .*, got '42'"),
     ("seed", -1.0, "-1 \\(random\\) or an integer .*, got -1.0"),
     ("seed", math.nan, "-1 \\(random\\) or an integer .*, got nan"),
-    ("sampler", "restart", "one of ddim, pndm, euler, euler_karras, euler_a, euler_a_karras, "
-                           "heun, heun_karras, "
+    ("sampler", "dpm_fast", "one of ddim, pndm, euler, euler_karras, euler_a, euler_a_karras, "
+                            "heun, heun_karras, "
                        "dpm2, dpm2_karras, dpm2_a, dpm2_a_karras, dpmpp_2s_a, dpmpp_2s_a_karras, "
                        "dpmpp_sde, dpmpp_sde_karras, "
                        "dpmpp_2m, dpmpp_2m_karras, "
@@ -78,8 +78,9 @@ BAD = [
                        "dpmpp_2m_sde_heun_exponential, dpmpp_3m_sde, dpmpp_3m_sde_karras, "
                        "dpmpp_3m_sde_exponential, "
                        "lms, lms_karras, unipc, unipc_karras, "
-                       "deis, deis_karras, lcm, or X_S for X one of euler, .* and S one "
-                       "of exponential, .*, got 'restart'"),
+                       "deis, deis_karras, lcm, restart, restart_karras, or X_S for X one "
+                       "of euler, .* and S one "
+                       "of exponential, .*, got 'dpm_fast'"),
     ("sampler", 3, "one of ddim, .*, got 3"),
     ("output_type", "tensor", "one of pil, np, latent, got 'tensor'"),
     ("original_size", (0, 3),

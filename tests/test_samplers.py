@@ -650,7 +650,8 @@ def test_from_file(tmp_path):
                         "dpmpp_2m_sde_exponential", "dpmpp_2m_sde_heun",
                         "dpmpp_2m_sde_heun_karras", "dpmpp_2m_sde_heun_exponential",
                         "dpmpp_3m_sde", "dpmpp_3m_sde_karras", "dpmpp_3m_sde_exponential", "lms",
-                        "lms_karras", "unipc", "unipc_karras", "deis", "deis_karras", "lcm")
+                        "lms_karras", "unipc", "unipc_karras", "deis", "deis_karras", "lcm",
+                        "restart", "restart_karras")
 
 
 @pytest.mark.parametrize("content,match", [
@@ -684,7 +685,7 @@ def test_from_file_errors(tmp_path, content, match):
 
 
 @pytest.mark.parametrize("sampler,steps,strength,match", [
-    ("restart", 10, 1.0, "unknown sampler.*ddim, pndm"),
+    ("dpm_fast", 10, 1.0, "unknown sampler.*ddim, pndm"),
     ("ddim", 0, 1.0, "steps"),
     ("ddim", 1001, 1.0, "steps"),     # more steps than training timesteps
     ("euler", 10, 0.0, "strength"),
@@ -772,3 +773,77 @@ def test_dpmpp_2s_ancestral_matches_the_algorithm(sampler, steps):
     ours = sample(sampler, LinearModel(), x, sched, noise=draws)
     ref = _dpmpp_2s_ancestral(LinearModel(), x.double(), table, draws, train)
     _assert_close(ours, ref, f"{sampler}, {steps} steps: final latents", rtol=1e-4)
+
+
+# --- Restart, which no diffusers class has -----------------------------------------------------
+
+def _restart(model, x, levels, noises, train):
+    """Restart sampling as A1111 runs it (Xu et al. 2023), written from its description: Heun
+    steps along the levels (Euler's for a step to 0); from 20 steps the levels are Karras'
+    over the table's range, less the restart steps, and where they reach sigma 0.1 the
+    latents are noised back up to sigma 2 and brought down again over Karras levels, once (9
+    steps) or, from 36 steps, twice (steps // 4 each). The noise before step j is sdrt's
+    draw j - 1 (one per step but the last)."""
+    from sdrt.engine.schedules import karras_sigmas, sigma_to_timestep
+
+    def denoise(x, s):
+        t = torch.tensor(sigma_to_timestep(np.array([s]), train), dtype=torch.float32)
+        return x - s * model((x / (s**2 + 1) ** 0.5).float(), t.reshape(())).double()
+
+    def heun(x, s, s_next):
+        d = (x - denoise(x, s)) / s
+        if s_next == 0:
+            return x + d * (s_next - s)
+        trial = x + d * (s_next - s)
+        return x + (d + (trial - denoise(trial, s_next)) / s_next) / 2 * (s_next - s)
+
+    n = len(levels) - 1
+    steps = list(zip(levels[:-1], levels[1:]))
+    if n >= 20:
+        k, times = (n // 4, 2) if n >= 36 else (9, 1)
+        levels = list(karras_sigmas(levels[-2], levels[0], n - k * times)) + [0.0]
+        steps = list(zip(levels[:-1], levels[1:]))
+        low = int(np.argmin([abs(s - 0.1) for s in levels]))
+        high = int(np.argmin([abs(s - 2.0) for s in levels]))
+        if high < low:
+            again = karras_sigmas(levels[low], levels[high], k + 1)
+            steps = steps[:low] + list(zip(again[:-1], again[1:])) * times + steps[low:]
+    last = steps[0][0]
+    for j, (s, s_next) in enumerate(steps):
+        if s > last:
+            x = x + noises[j - 1].double() * (s**2 - last**2) ** 0.5
+        x = heun(x, s, s_next)
+        last = s_next
+    return x
+
+
+@pytest.mark.parametrize("sampler,steps,strength", [
+    ("restart_karras", 8, 1.0),  # under 20 steps: Heun along the table
+    ("restart_karras", 20, 1.0),  # one restart of 9 steps
+    ("restart", 40, 1.0),  # two of 10
+    ("restart_karras", 30, 0.7),  # image to image: the rest of the table, 21 steps, restarted
+    # SGM Uniform's lowest level is nearer 0 than 0.1: the restart follows the step to 0
+    ("restart_sgm_uniform", 20, 1.0),
+])
+def test_restart_matches_the_algorithm(sampler, steps, strength):
+    from sdrt.engine.schedules import train_alphas_cumprod
+    from sdrt.engine.sigma_schedules import levels
+    cfg = CONFIGS["sd15"]
+    keep = int(steps * strength)
+    ac = train_alphas_cumprod(SchedulerConfig.from_dict(cfg).for_sampler("euler"))
+    train = (((1 - ac) / ac) ** 0.5).numpy()
+    if sampler.endswith("_sgm_uniform"):
+        table = levels("sgm_uniform", steps, train).tolist()
+    else:
+        sch = _diffusers_scheduler("euler_karras" if sampler.endswith("_karras") else "euler",
+                                   cfg)
+        sch.set_timesteps(steps)
+        table = sch.sigmas.double().tolist()
+    table = table[steps - keep:]
+    sched = make_schedule(SchedulerConfig.from_dict(cfg), sampler, steps, strength)
+    draws = torch.stack([_latents(10 + k) for k in range(sched.noise_draws)])
+    x = _latents(2) * table[0]
+    ours = sample(sampler, LinearModel(), x, sched, noise=draws)
+    ref = _restart(LinearModel(), x.double(), table, draws, train)
+    _assert_close(ours, ref, f"{sampler}, {steps} steps: final latents", rtol=1e-4)
+    assert (sched.sigmas_up > 0).sum() == (0 if steps < 20 else 1 if keep < 36 else 2)

@@ -197,6 +197,9 @@ def test_every_sampler_along_every_schedule_reaches_the_clean_latents(sampler, s
         out = sample(sid, model, x, sched, generator=torch.Generator().manual_seed(1)).double()
         assert torch.isfinite(out).all(), sid
         last = float(sched.sigmas[-1])
+        positive = sched.sigmas[sched.sigmas > 0]
+        if (positive < train[0] * (1 - 1e-6)).any():
+            continue  # below the training levels (a restart down to 0): the UNet sees t = 0
         if last == 0:
             err = (out - x0).abs().max().item()
             assert err <= 1e-4, f"{sid}, {steps} steps: {err:.3g} from x0"
