@@ -108,6 +108,7 @@ SAMPLER_ALIASES = {
 assert set(SAMPLER_ALIASES) == set(SAMPLER_NAMES)
 _BY_NAME = {name.lower(): sid for sid in SAMPLER_NAMES
             for name in (SAMPLER_LABELS[sid], sid, *SAMPLER_ALIASES[sid])}
+_LABELS = set(SAMPLER_LABELS.values())
 # A1111's "Schedule type" (from 1.9 on a setting of its own, ``scheduler`` in its API): label
 # -> sdrt's kind. "Automatic" is the sampler's own default, "Uniform" its spacing of the
 # training timesteps, "Karras" Karras et al.'s sigmas (a sampler's "X Karras"); the others
@@ -164,6 +165,12 @@ def sampler_id(label, schedule_type=None):
     if not isinstance(label, str):
         return None
     sid = _BY_NAME.get(label.lower()) or (label if split_sampler(label) else None)
+    if sid is None and schedule_kind(schedule_type) == "automatic":
+        # A1111 also reads a schedule type's label at the end of the sampler's ("DPM++ 2M
+        # SGM Uniform"), as it reads the old "DPM++ 2M Karras".
+        for name in _KINDS:
+            if label.lower().endswith(" " + name) and label[:-len(name) - 1] in _LABELS:
+                return sampler_id(label[:-len(name) - 1], name)
     kind = schedule_kind(schedule_type)
     if sid is None or kind is None:
         return None

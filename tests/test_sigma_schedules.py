@@ -297,6 +297,10 @@ def test_beta_schedules_without_scipy_are_refused_up_front(monkeypatch):
     ("DDIM", "Beta", None),  # DDIM, PLMS and LCM step along their own grids
     ("LCM", "Simple", None),
     ("Euler", "Karras Exponential", None),  # A1111's newest, not in sdrt
+    # a schedule type's label at the end of the sampler's, as A1111 reads "X Karras"
+    ("DPM++ 2M SGM Uniform", None, "dpmpp_2m_sgm_uniform"),
+    ("Euler a Align Your Steps", "Automatic", "euler_a_align_your_steps"),
+    ("DDIM Beta", None, None), ("Euler Bogus", None, None),
 ])
 def test_a1111_schedule_types(label, schedule_type, expected):
     assert sampler_id(label, schedule_type) == expected
