@@ -444,6 +444,16 @@ def _apply_workflow(a):
         a.lora[given[stem]] = (a.lora[given[stem]][0], strength)
     if flow.controlnets:
         cli_control.from_workflow(a, flow.controlnets, where)
+    if flow.hires is not None and not {"hr_scale", "hr_resize"} & a.given:
+        h = flow.hires
+        if h.resize_x or h.resize_y:
+            a.hr_resize = (h.resize_y, h.resize_x)
+        else:
+            a.hr_scale = h.scale
+        for attr, value in (("hr_upscaler", h.upscaler), ("hr_steps", h.steps),
+                            ("hr_sampler", h.sampler), ("strength", h.strength)):
+            if attr not in a.given:
+                setattr(a, attr, value)
 
 
 def _output_path(a):

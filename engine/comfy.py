@@ -8,6 +8,8 @@ followed back through VAEDecode to one KSampler (or a KSamplerAdvanced that adds
 runs its schedule to the end: from step 0 on an empty latent, from ``start_at_step`` on an
 image, sdrt's image to image keeping those steps), whose model, prompts and latent come from
 
+- (ComfyUI's latent hires fix) a LatentUpscale or LatentUpscaleBy of another such sampler's
+  latents, sampled again on the same model, prompts and cfg: sdrt's hires fix (``_hires``);
 - CheckpointLoaderSimple (the model; its VAE decodes), through any LoraLoader nodes (one
   strength for the UNet and the text encoder, as sdrt applies a LoRA);
 - CLIPTextEncode nodes (the prompt and negative prompt), their CLIP through
@@ -33,6 +35,7 @@ import math
 from dataclasses import dataclass, field
 
 from .errors import SdrtError
+from .hires import Hires
 from .request import SAMPLER_NAMES, SIGMA_SAMPLERS, short_repr
 
 # (ComfyUI sampler_name, scheduler) → sdrt's sampler. "karras" is the sampler's Karras variant,
@@ -66,6 +69,11 @@ SAMPLERS = {
     **{("lcm", s): "lcm" for s in _EVEN},
 }
 _OUTPUTS = ("SaveImage", "PreviewImage")
+_SAMPLER_NODES = ("KSampler", "KSamplerAdvanced")
+# LatentUpscale(By)'s upscale_method → sdrt's (A1111's) latent upscaler: the same
+# torch.nn.functional.interpolate mode, without antialiasing.
+LATENT_UPSCALES = {"nearest-exact": "Latent (nearest-exact)", "bilinear": "Latent",
+                   "bicubic": "Latent (bicubic)"}
 _APPLY = "ControlNetApplyAdvanced"
 # Preprocessor nodes between a LoadImage and a ControlNetApplyAdvanced: class → (sdrt's
 # preprocessor, {its input: the setting it is (engine.preprocess.FIELDS)}).
@@ -112,6 +120,7 @@ class Workflow:
     sampler_node: str = None  # the KSampler's id
     controlnets: list = field(default_factory=list)  # [Control], nearest the prompts first
     filename_prefix: str = "ComfyUI"  # SaveImage's
+    hires: Hires = None  # a latent upscale and a second sampler: sdrt's hires fix
 
 
 def load(path):
@@ -150,15 +159,15 @@ def read(graph) -> Workflow:
         raise SdrtError(f"workflow must have one SaveImage or PreviewImage node, got "
                         f"{len(outputs)}")
     decode = nodes.follow(outputs[0], "images", ("VAEDecode",))
-    sampler_id = nodes.follow(decode, "samples", ("KSampler", "KSamplerAdvanced"))
+    sampler_id = nodes.follow(decode, "samples", _SAMPLER_NODES)
+    second = None
+    if nodes.kind(nodes.link(sampler_id, "latent_image")[0]) in ("LatentUpscale",
+                                                                 "LatentUpscaleBy"):
+        second = sampler_id  # a hires fix: this samples the upscaled latents of another
+        sampler_id = nodes.follow(nodes.link(second, "latent_image")[0], "samples",
+                                  _SAMPLER_NODES)
     kind = nodes.kind(sampler_id)
-    k = nodes.inputs(sampler_id)
-    pair = (k.get("sampler_name"), k.get("scheduler"))
-    if pair not in SAMPLERS:
-        raise SdrtError(f"workflow node {sampler_id} ({kind}): sampler_name "
-                        f"{short_repr(pair[0])} with scheduler {short_repr(pair[1])} has no sdrt "
-                        f"sampler; sdrt runs {', '.join(_SAMPLER_NAMES)} on "
-                        f"{', '.join(['karras', *_SCHEDULES])} (lcm on {', '.join(_EVEN)})")
+    pair = _pair(nodes, sampler_id)
     checkpoint, loras = nodes.model_chain(nodes.link(sampler_id, "model"))
     if nodes.follow(decode, "vae", ("CheckpointLoaderSimple",)) != checkpoint:
         raise SdrtError(f"workflow node {decode} (VAEDecode) must decode with the sampled "
@@ -210,7 +219,67 @@ def read(graph) -> Workflow:
         image = nodes.follow(latent, "pixels", ("LoadImage",))
         flow.init_image = nodes.inputs(image).get("image")
         flow.strength = denoise
+    if second is not None:
+        flow.hires = _hires(nodes, sampler_id, second, flow)
     return flow
+
+
+def _pair(nodes, sampler_id):
+    """A sampler node's (sampler_name, scheduler), one sdrt runs."""
+    k = nodes.inputs(sampler_id)
+    pair = (k.get("sampler_name"), k.get("scheduler"))
+    if pair not in SAMPLERS:
+        raise SdrtError(f"workflow node {sampler_id} ({nodes.kind(sampler_id)}): sampler_name "
+                        f"{short_repr(pair[0])} with scheduler {short_repr(pair[1])} has no sdrt "
+                        f"sampler; sdrt runs {', '.join(_SAMPLER_NAMES)} on "
+                        f"{', '.join(['karras', *_SCHEDULES])} (lcm on {', '.join(_EVEN)})")
+    return pair
+
+
+def _hires(nodes, first, second, flow):
+    """ComfyUI's latent hires fix, first sampler → LatentUpscale(By) → second sampler, as
+    sdrt's (A1111's) hires fix: the second sampler's steps and denoise (or start_at_step) are
+    its steps and strength, its sampler the hires sampler; it must sample the first's model
+    with the same prompts and cfg (the second pass's noise comes from the first's generator,
+    as A1111 draws it, not from its own seed)."""
+    upscale = nodes.link(second, "latent_image")[0]
+    where = f"workflow node {second} ({nodes.kind(second)})"
+    for key in ("model", "positive", "negative"):
+        if nodes.link(second, key) != nodes.link(first, key):
+            raise SdrtError(f"{where}: a hires fix's second sampler must take the first's "
+                            f"{key} (node {first}'s), got {nodes.link(second, key)}")
+    if _number(nodes, second, "cfg", float) != flow.guidance:
+        raise SdrtError(f"{where}: a hires fix's second sampler must take the first's cfg "
+                        f"({flow.guidance:g})")
+    if flow.width is None:
+        raise SdrtError(f"{where}: sdrt's hires fix redraws text to image; node {first} samples "
+                        f"an image")
+    method = nodes.inputs(upscale).get("upscale_method")
+    if method not in LATENT_UPSCALES:
+        raise SdrtError(f"workflow node {upscale} ({nodes.kind(upscale)}): upscale_method "
+                        f"{short_repr(method)}: sdrt upscales latents by "
+                        f"{', '.join(LATENT_UPSCALES)}")
+    size = {}
+    if nodes.kind(upscale) == "LatentUpscaleBy":
+        size["scale"] = float(_number(nodes, upscale, "scale_by", float))
+    else:
+        w, h = (_number(nodes, upscale, key, int) for key in ("width", "height"))
+        crop = nodes.inputs(upscale).get("crop", "disabled")
+        if crop not in ("disabled", "center") or (
+                crop == "disabled" and w and h and w * flow.height != h * flow.width):
+            raise SdrtError(f"workflow node {upscale} (LatentUpscale): crop {short_repr(crop)} "
+                            f"to {w}x{h}: sdrt keeps the {flow.width}x{flow.height} image's "
+                            f"shape (crop \"center\" cuts it to another)")
+        size.update(resize_x=w, resize_y=h)
+    steps = _number(nodes, second, "steps", int)
+    if nodes.kind(second) == "KSamplerAdvanced":
+        strength = _advanced(nodes, second, steps, False)
+        steps -= _number(nodes, second, "start_at_step", int, default=0)  # the steps it runs
+    else:
+        strength = float(_number(nodes, second, "denoise", float, default=1.0))
+    sampler = SAMPLERS[_pair(nodes, second)]
+    return Hires(upscaler=LATENT_UPSCALES[method], steps=steps, strength=strength,
+                 sampler=None if sampler == flow.sampler else sampler, **size)
 
 
 def _advanced(nodes, sampler_id, steps, empty):

@@ -158,6 +158,15 @@ def _node_specs(server, checkpoints, loras, images, controlnets):
             "return_with_leftover_noise": [["disable"]]},
             ["LATENT"]),
         "VAEDecode": ("latent", {"samples": ["LATENT"], "vae": ["VAE"]}, ["IMAGE"]),
+        # between two samplers: the hires fix (engine/comfy.py)
+        "LatentUpscale": ("latent", {
+            "samples": ["LATENT"], "upscale_method": [list(comfy.LATENT_UPSCALES)],
+            "width": number("INT", 512, 0, limits.max_side, 8),
+            "height": number("INT", 512, 0, limits.max_side, 8),
+            "crop": [["disabled", "center"]]}, ["LATENT"]),
+        "LatentUpscaleBy": ("latent", {
+            "samples": ["LATENT"], "upscale_method": [list(comfy.LATENT_UPSCALES)],
+            "scale_by": number("FLOAT", 1.5, 1.0, 8.0, 0.01)}, ["LATENT"]),
         "ControlNetLoader": ("loaders", {"control_net_name": [controlnets]}, ["CONTROL_NET"]),
         "ControlNetApplyAdvanced": ("conditioning/controlnet", {
             "positive": ["CONDITIONING"], "negative": ["CONDITIONING"],
@@ -255,11 +264,13 @@ def register(app, server_of, api_error):
                            strength=flow.strength if init is not None else 0.8,
                            has_image=init is not None)
         seeds = server.seeds(req.seed, flow.batch, "seed")
+        hires = _hires(server, flow, req, bad) if flow.hires is not None else None
         controls, hints, units = await run_in_threadpool(
             _controls, server, flow, jobs.uploads, req.width, req.height, bad)
         key = BatchKey(req.height, req.width, req.num_inference_steps, req.sampler,
                        req.guidance, req.strength if init is not None else None,
-                       req.clip_skip, server.chunks(req), loras=loras, controls=controls)
+                       req.clip_skip, server.chunks(req), hires=hires, loras=loras,
+                       controls=controls)
         rows = [Row(flow.prompt, flow.negative, req.guidance_scale, s, init,
                     control_images=hints, control_info=units) for s in seeds]
         prompt_id = body.get("prompt_id") or str(uuid.uuid4())
@@ -439,6 +450,27 @@ def _controls(server, flow, uploads, width, height, bad):
 
 def _stem(name):
     return os.path.splitext(os.path.basename(str(name)))[0]
+
+
+def _hires(server, flow, req, bad):
+    """A workflow's hires fix (a latent upscale and a second sampler), checked as the A1111
+    API checks one, its second pass's size and steps too."""
+    names = {"scale": "scale_by", "upscaler": "upscale_method", "steps": "steps",
+             "strength": "denoise", "resize_x": "width", "resize_y": "height",
+             "sampler": "sampler_name"}
+    try:
+        hires = flow.hires.check(names, server.limits.max_side, server.limits.max_steps)
+        width, height, _, _ = hires.target(req.width, req.height,
+                                           server.runner.pipe.vae_scale_factor)
+        steps, _ = hires.schedule_steps(req.num_inference_steps)
+        server.check({**_NAMES, "height": "height", "width": "width"}, prompt=req.prompt,
+                     height=height, width=width, num_inference_steps=steps,
+                     guidance_scale=req.guidance_scale,
+                     num_images_per_prompt=req.num_images_per_prompt,
+                     strength=hires.strength, has_image=True)
+    except SdrtError as e:  # (the request's own checks answer 400s of their own)
+        raise bad(f"prompt: the hires fix's second pass: {e}")
+    return hires
 
 
 def _check_model(flow, model_name, bad):

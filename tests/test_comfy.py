@@ -2,7 +2,9 @@
 graph and its usual variations (LoRAs, CLIPSetLastLayer, image to image), the refusals of what
 sdrt would not run as ComfyUI does, and the CLI end to end (a .json and a ComfyUI PNG)."""
 import copy
+import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from sdrt.engine import comfy
 from sdrt.engine.errors import SdrtError
+from sdrt.engine.hires import Hires
 from test_cli import _run, tiny_dir  # noqa: F401  (tiny_dir: the fixture)
 
 # ComfyUI's default text-to-image workflow as "Save (API Format)" writes it.
@@ -304,6 +307,61 @@ def test_ksampler_advanced_refusals(inputs, message):
         comfy.read(_advanced(_img2img(), start_at_step=20))
 
 
+def _hires(graph=DEFAULT, upscale=None, **second):
+    """ComfyUI's latent hires fix (its "hiresfix" example): the KSampler's latents through a
+    LatentUpscaleBy (or ``upscale``) to a second KSampler on the same model and prompts."""
+    g = copy.deepcopy(graph)
+    g["20"] = upscale or {"class_type": "LatentUpscaleBy", "inputs": {
+        "samples": ["3", 0], "upscale_method": "nearest-exact", "scale_by": 1.5}}
+    g["21"] = {"class_type": "KSampler", "inputs": {
+        **g["3"]["inputs"], "latent_image": ["20", 0], "seed": 1, "steps": 14, "denoise": 0.5,
+        **second}}
+    g["8"]["inputs"]["samples"] = ["21", 0]
+    return g
+
+
+def test_hires_fix():
+    flow = comfy.read(_hires())
+    assert flow == dataclasses.replace(comfy.read(DEFAULT), hires=Hires(
+        scale=1.5, upscaler="Latent (nearest-exact)", steps=14, strength=0.5))
+    assert comfy.read(_hires(sampler_name="dpmpp_2m", scheduler="karras")).hires.sampler == \
+        "dpmpp_2m_karras"
+    sized = {"class_type": "LatentUpscale", "inputs": {
+        "samples": ["3", 0], "upscale_method": "bicubic", "width": 768, "height": 640,
+        "crop": "center"}}
+    assert comfy.read(_hires(upscale=sized)).hires == Hires(
+        upscaler="Latent (bicubic)", steps=14, strength=0.5, resize_x=768, resize_y=640)
+    advanced = _advanced(_hires(steps=20), start_at_step=12)
+    advanced["21"], advanced["3"] = advanced["3"], _hires()["3"]  # (the second one advanced)
+    advanced["21"]["inputs"]["latent_image"] = ["20", 0]
+    advanced["8"]["inputs"]["samples"] = ["21", 0]
+    hires = comfy.read(advanced).hires
+    assert (hires.steps, hires.schedule_steps(20)) == (8, (20, 8))
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda g: g["20"]["inputs"].update(upscale_method="bislerp"),
+     "node 20 (LatentUpscaleBy): upscale_method 'bislerp'"),
+    (lambda g: g["21"]["inputs"].update(positive=["7", 0]),
+     "node 21 (KSampler): a hires fix's second sampler must take the first's positive"),
+    (lambda g: g["21"]["inputs"].update(cfg=5),
+     "node 21 (KSampler): a hires fix's second sampler must take the first's cfg (8)"),
+    (lambda g: g.update({"20": {"class_type": "LatentUpscale", "inputs": {
+        "samples": ["3", 0], "upscale_method": "bilinear", "width": 768, "height": 512,
+        "crop": "disabled"}}}), "crop 'disabled' to 768x512: sdrt keeps the 512x512"),
+    (lambda g: g["20"]["inputs"].update(samples=["5", 0]),
+     "node 5 (EmptyLatentImage) is not supported as LatentUpscaleBy's samples"),
+])
+def test_hires_fix_refusals(edit, message):
+    g = _hires()
+    edit(g)
+    with pytest.raises(SdrtError, match=re.escape(message)):
+        comfy.read(g)
+    with pytest.raises(SdrtError, match=r"node 21 \(KSampler\): sdrt's hires fix redraws text "
+                                        r"to image"):
+        comfy.read(_hires(_img2img()))
+
+
 def test_ui_format_is_refused(tmp_path):
     path = tmp_path / "workflow.json"
     path.write_text(json.dumps({"nodes": [], "links": [], "version": 0.4}))
@@ -342,8 +400,8 @@ def test_cli_workflow_json_and_png_equal_the_options(tiny_dir, tmp_path, capsys)
                          ("png", ["--workflow", str(tmp_path / "comfy.png")]),
                          ("options", ["beautiful scenery nature glass bottle", "--negative",
                                       "text, watermark", "--seed", "4", "--steps", "3",
-                                      "--guidance", "6.5", "--sampler", "euler_a_normal", "--width",
-                                      "32", "--height", "24"])):
+                                      "--guidance", "6.5", "--sampler", "euler_a_normal",
+                                      "--width", "32", "--height", "24"])):
         out = tmp_path / f"{name}.png"
         code, _, err = _run(["generate", *source, "--model", tiny_dir, "-o", str(out)], capsys)
         assert code == 0, err
@@ -359,6 +417,30 @@ def test_cli_workflow_json_and_png_equal_the_options(tiny_dir, tmp_path, capsys)
     assert _run(["generate", "--workflow", str(tmp_path / "wf.json"), "--seed", "5", "--model",
                  tiny_dir, "-o", str(out)], capsys)[0] == 0
     assert not np.array_equal(_pixels(out), outs["json"])
+
+
+def test_cli_workflow_hires_fix_equals_the_options(tiny_dir, tmp_path, capsys):
+    graph = _hires(_small(DEFAULT), steps=2, denoise=0.6, sampler_name="euler",
+                   scheduler="karras")
+    (tmp_path / "wf.json").write_text(json.dumps(graph))
+    outs = {}
+    for name, source in (("json", ["--workflow", str(tmp_path / "wf.json")]),
+                         ("options", ["beautiful scenery nature glass bottle", "--negative",
+                                      "text, watermark", "--seed", "4", "--steps", "3",
+                                      "--guidance", "6.5", "--sampler", "euler_a_normal",
+                                      "--width", "32", "--height", "24", "--hr-scale", "1.5",
+                                      "--hr-upscaler", "Latent (nearest-exact)", "--hr-steps",
+                                      "2", "--strength", "0.6", "--hr-sampler",
+                                      "euler_karras"])):
+        out = tmp_path / f"{name}.png"
+        code, _, err = _run(["generate", *source, "--model", tiny_dir, "-o", str(out)], capsys)
+        assert code == 0, err
+        outs[name] = _pixels(out)
+    assert outs["json"].shape == (32, 48, 3) and outs["json"].std() > 5
+    assert np.array_equal(outs["json"], outs["options"])
+    with Image.open(tmp_path / "json.png") as im:
+        assert "Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Latent (nearest-exact), " \
+               "Hires sampler: Euler Karras" in im.text["parameters"], im.text["parameters"]
 
 
 def test_cli_workflow_image_to_image(tiny_dir, tmp_path, capsys):

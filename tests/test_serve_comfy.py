@@ -22,7 +22,7 @@ httpx = pytest.importorskip("httpx")
 from sdrt.engine.demo.model import demo_pipeline  # noqa: E402
 from sdrt.engine.images import to_rgb8  # noqa: E402
 from sdrt.serve.local import LocalServer  # noqa: E402
-from test_comfy import DEFAULT, _advanced, _img2img  # noqa: E402
+from test_comfy import DEFAULT, _advanced, _hires, _img2img  # noqa: E402
 from test_serve import TIMEOUT, assert_same_image, config  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -121,12 +121,38 @@ def test_object_info_drives_a_workflow(server, ref_pipe):
     assert_same_image(png, want, "heun on karras from /object_info")
     one = httpx.get(f"{url}/object_info/KSampler", timeout=TIMEOUT).json()
     assert one == {"KSampler": info["KSampler"]}
-    assert httpx.get(f"{url}/object_info/LatentUpscale", timeout=TIMEOUT).json() == {}
+    assert httpx.get(f"{url}/object_info/ImageScale", timeout=TIMEOUT).json() == {}
+    assert info["LatentUpscaleBy"]["input"]["required"]["upscale_method"][0] == [
+        "nearest-exact", "bilinear", "bicubic"]
     stats = httpx.get(f"{url}/system_stats", timeout=TIMEOUT).json()
     assert stats["devices"][0]["type"] == "cpu" and stats["system"]["pytorch_version"]
     assert stats["system"]["ram_total"] >= stats["system"]["ram_free"] > 0
     for path in ("/embeddings", "/extensions"):
         assert httpx.get(f"{url}{path}", timeout=TIMEOUT).json() == []
+
+
+def test_hires_fix_workflow(server, ref_pipe):
+    # ComfyUI's latent hires fix: the library's hires fix with its settings (the second
+    # sampler's noise drawn from the first's generator, as sdrt's hires fix draws it).
+    from sdrt.engine.hires import Hires, generate
+    url = server
+    graph = _hires(_workflow(url, DEFAULT, seed=7), steps=2, denoise=0.6,
+                   sampler_name="heun", scheduler="karras")
+    entry = _history(url, _queue(url, graph)["prompt_id"])
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    png = Image.open(io.BytesIO(_view(url, entry["outputs"]["9"]["images"][0])))
+    assert png.size == (96, 96)
+    assert "Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Latent (nearest-exact), " \
+           "Hires sampler: Heun Karras" in png.text["parameters"], png.text["parameters"]
+    want = generate(ref_pipe, Hires(scale=1.5, upscaler="Latent (nearest-exact)", steps=2,
+                                    strength=0.6, sampler="heun_karras"),
+                    ["beautiful scenery nature glass bottle"], "text, watermark", 64, 64, 2,
+                    "euler_a_normal", [torch.Generator().manual_seed(7)],
+                    guidance_scale=7.0)[0]
+    assert_same_image(png, want, "ComfyUI hires fix")
+    graph["21"]["inputs"]["steps"] = 10 ** 6
+    r = httpx.post(f"{url}/prompt", json={"prompt": graph}, timeout=TIMEOUT)
+    assert r.status_code == 400 and "steps" in r.text, r.text
 
 
 def test_image_to_image_with_an_upload(server, ref_pipe):
