@@ -335,6 +335,10 @@ def _generate_options(g):
                         "epsilon also selects the 512-base configs")
     g.add_argument("--clip-skip", metavar="N", type=int_arg, default=0,
                    help="skip the last N layers of the text encoder")
+    g.add_argument("--vae", metavar="PATH", default=None,
+                   help="decode (and encode) with this VAE instead of the model's, as A1111's "
+                        "SD VAE setting: a .safetensors file (original or diffusers layout) or "
+                        "a diffusers VAE folder; the PNG records it")
     g.add_argument("--lora", metavar="PATH[:SCALE]", type=_lora_option, action="append",
                    default=[], help="apply a LoRA (kohya/A1111 or diffusers .safetensors) at "
                                     "SCALE (default 1); repeat for several")

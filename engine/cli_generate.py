@@ -83,6 +83,9 @@ def generate(a):
 
     pipe = _pipeline(a)  # imports torch
     refiner = _refiner(a, pipe)
+    if a.vae is not None:  # (A1111 decodes with its SD VAE whichever model is loaded)
+        for model in filter(None, (pipe, refiner)):
+            model.load_vae(a.vae)
     for path, scale in loras:
         pipe.load_lora(path, scale=scale)
     tokens = [pipe.load_textual_inversion(path) for path in a.embedding]
@@ -180,6 +183,10 @@ def generate(a):
     units = cli_control.infotext(a, [(name, file_hash(path) if os.path.isfile(path) else None)
                                      for (path, _), name in zip(a.controlnet, controls)])
     ti_hashes = tuple((token, file_hash(path)) for token, path in zip(tokens, a.embedding))
+    vae = {}
+    if a.vae is not None:  # as A1111 names it: the file's name, the first 10 of its sha256
+        vae = dict(vae_name=os.path.basename(os.path.normpath(a.vae)),
+                   vae_hash=model_identity(a.vae, None)[1])
     refined = {}
     if refiner is not None:
         refiner_name, refiner_hash, _ = model_identity(a.refiner, refiner)
@@ -198,7 +205,7 @@ def generate(a):
                           masked_content=(a.masked_content.replace("-", " ")
                                           if mask is not None
                                           and a.masked_content != "original" else None),
-                          ti_hashes=ti_hashes, controlnets=units, **refined))
+                          ti_hashes=ti_hashes, controlnets=units, **refined, **vae))
              for s in seeds]
     paths, taken = _save_pngs(images, output, infos, a.overwrite)
     print(_summary(pipe.timings, plans, seed, paths, taken))
@@ -410,6 +417,13 @@ def _apply_png(a):
     if "Mask blur" in pairs and a.mask is None:
         warnings.warn(f"--from-png {a.from_png} was inpainted (Mask blur "
                       f"{pairs['Mask blur']}); without --mask this is not")
+    if "VAE" in pairs and a.vae is None:
+        warnings.warn(f"--from-png {a.from_png} was decoded with VAE {pairs['VAE']}: pass --vae "
+                      f"FILE for it, or the image will differ")
+    elif "VAE hash" in pairs and a.vae is not None and os.path.isfile(a.vae) and \
+            model_identity(a.vae, None)[1] != pairs["VAE hash"]:
+        warnings.warn(f"--from-png {a.from_png} was decoded with VAE {pairs.get('VAE')} "
+                      f"[{pairs['VAE hash']}], --vae {a.vae} is another: the image will differ")
     cli_control.from_png(a, pairs, f"--from-png {a.from_png}")
     return pairs.get("Model"), pairs.get("Model hash")
 
@@ -423,6 +437,8 @@ def _apply_workflow(a):
     if a.model is None:
         raise SdrtError(f"{where} loads checkpoint {flow.checkpoint!r}: pass --model PATH (that "
                         f"file, or its diffusers folder)")
+    if flow.vae is not None and a.vae is None:
+        raise SdrtError(f"{where} decodes with VAE {flow.vae!r}: pass --vae PATH (that file)")
     if flow.init_image is not None and a.init_image is None:
         raise SdrtError(f"{where} starts from image {flow.init_image!r} (image to image): pass "
                         f"--init-image PATH")
@@ -484,9 +500,12 @@ def _output_path(a):
 def _check_sources(a):
     """The model, config and ONNX folder named exist, and --runtime fits the other options."""
     for option, path in (("model path", a.model), ("--config", a.config),
-                         ("--refiner", a.refiner)):
+                         ("--refiner", a.refiner), ("--vae", a.vae)):
         if path is not None and not os.path.exists(path):
             raise SdrtError(f"{option} {path} does not exist")
+    if a.vae is not None and a.runtime == "onnx":
+        raise SdrtError("--vae changes sdrt's own VAE; with --runtime onnx export the model "
+                        "with that VAE instead")
     for option, path in [("--lora", p) for p, _ in a.lora] + [("--embedding", p)
                                                                for p in a.embedding]:
         if not os.path.isfile(path):

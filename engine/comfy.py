@@ -10,8 +10,9 @@ image, sdrt's image to image keeping those steps), whose model, prompts and late
 
 - (ComfyUI's latent hires fix) a LatentUpscale or LatentUpscaleBy of another such sampler's
   latents, sampled again on the same model, prompts and cfg: sdrt's hires fix (``_hires``);
-- CheckpointLoaderSimple (the model; its VAE decodes), through any LoraLoader nodes (one
-  strength for the UNet and the text encoder, as sdrt applies a LoRA);
+- CheckpointLoaderSimple (the model; its VAE decodes, or a VAELoader's: ``sdrt generate
+  --vae``), through any LoraLoader nodes (one strength for the UNet and the text encoder, as
+  sdrt applies a LoRA);
 - CLIPTextEncode nodes (the prompt and negative prompt), their CLIP through
   CLIPSetLastLayer (``stop_at_clip_layer`` -N is sdrt's clip skip N - 1) and the same LoRAs;
 - EmptyLatentImage (size and batch), or VAEEncode of a LoadImage (image to image at the
@@ -121,6 +122,7 @@ class Workflow:
     controlnets: list = field(default_factory=list)  # [Control], nearest the prompts first
     filename_prefix: str = "ComfyUI"  # SaveImage's
     hires: Hires = None  # a latent upscale and a second sampler: sdrt's hires fix
+    vae: str = None  # a VAELoader's vae_name, which decodes (and encodes) instead
 
 
 def load(path):
@@ -169,9 +171,10 @@ def read(graph) -> Workflow:
     kind = nodes.kind(sampler_id)
     pair = _pair(nodes, sampler_id)
     checkpoint, loras = nodes.model_chain(nodes.link(sampler_id, "model"))
-    if nodes.follow(decode, "vae", ("CheckpointLoaderSimple",)) != checkpoint:
+    vae = nodes.follow(decode, "vae", ("CheckpointLoaderSimple", "VAELoader"))
+    if nodes.kind(vae) == "CheckpointLoaderSimple" and vae != checkpoint:
         raise SdrtError(f"workflow node {decode} (VAEDecode) must decode with the sampled "
-                        f"model's checkpoint VAE")
+                        f"model's checkpoint VAE or a VAELoader's")
     texts, skips = {}, set()
     text_ids, controls = _controls(nodes, sampler_id)
     for side, text_id in text_ids.items():
@@ -213,14 +216,19 @@ def read(graph) -> Workflow:
         flow.height = _number(nodes, latent, "height", int)
         flow.batch = _number(nodes, latent, "batch_size", int, default=1)
     else:
-        if nodes.follow(latent, "vae", ("CheckpointLoaderSimple",)) != checkpoint:
-            raise SdrtError(f"workflow node {latent} (VAEEncode) must encode with the sampled "
-                            f"model's checkpoint VAE")
+        if nodes.follow(latent, "vae", ("CheckpointLoaderSimple", "VAELoader")) != vae:
+            raise SdrtError(f"workflow node {latent} (VAEEncode) must encode with the VAE that "
+                            f"decodes (node {vae}'s)")
         image = nodes.follow(latent, "pixels", ("LoadImage",))
         flow.init_image = nodes.inputs(image).get("image")
         flow.strength = denoise
     if second is not None:
         flow.hires = _hires(nodes, sampler_id, second, flow)
+    if nodes.kind(vae) == "VAELoader":
+        flow.vae = nodes.inputs(vae).get("vae_name")
+        if not isinstance(flow.vae, str) or not flow.vae:
+            raise SdrtError(f"workflow node {vae} (VAELoader): vae_name must be a file name, "
+                            f"got {short_repr(flow.vae)}")
     return flow
 
 

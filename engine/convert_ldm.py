@@ -225,7 +225,7 @@ def ldm_to_diffusers(keys: Iterable[str], family: str, model_configs: dict) -> P
             raise SdrtError(f"a {layout.name} checkpoint needs a {component} config")
         return model_configs[component]
 
-    plan = {"unet": _unet_plan(keys, config("unet")), "vae": _vae_plan(keys, config("vae"))}
+    plan = {"unet": _unet_plan(keys, config("unet")), "vae": vae_plan(keys, config("vae"))}
     for tower in layout.text:
         plan[tower.component] = _TEXT_PLANS[tower.kind](keys, tower, config(tower.component))
     return plan
@@ -366,7 +366,8 @@ def controlnet_plan(keys: list[str], prefix: str, cfg: dict) -> dict[str, Recipe
     return plan
 
 
-def _vae_plan(keys: list[str], cfg: dict) -> dict[str, Recipe]:
+def vae_plan(keys: list[str], cfg: dict) -> dict[str, Recipe]:
+    """``{diffusers_key: Recipe}`` of the VAE keys (``first_stage_model.*``) among ``keys``."""
     modules = _vae_modules(cfg)
     plan = {}
     for k in keys:

@@ -282,6 +282,8 @@ class Infotext:
     refiner: str = None        # "NAME [short hash]" of an SDXL refiner that finished the image
     refiner_switch_at: float = None  # where in the schedule the refiner took over
     controlnets: tuple = ()    # (("ControlNet 0", "Module: none, Model: ..."), ...) per unit
+    vae_name: str = None       # a VAE of its own (A1111's SD VAE): its file's name
+    vae_hash: str = None       # and A1111's short hash of it
 
     def params(self):
         """The ``Key: value`` pairs in A1111's order, without the ones that are not set."""
@@ -295,6 +297,8 @@ class Infotext:
             "Size": f"{self.width}x{self.height}",
             "Model hash": self.model_hash,
             "Model": self.model_name,
+            "VAE hash": self.vae_hash,
+            "VAE": self.vae_name,
             "Denoising strength": (None if self.denoising_strength is None
                                    else number(self.denoising_strength)),
             "Clip skip": self.clip_skip + 1 if self.clip_skip else None,

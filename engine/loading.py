@@ -331,3 +331,62 @@ def load(path, device, dtype, variant=None, config=None, prediction_type=None, l
         components.scheduler_config = {**components.scheduler_config,
                                        "prediction_type": prediction_type}
     return components
+
+
+# The parameter names a VAE has in its own file: diffusers' layout and the original LDM one
+# (a single-file checkpoint's VAE without its ``first_stage_model.`` prefix).
+_VAE_ROOTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+
+
+def load_vae_file(path, vae):
+    """A VAE on its own, as A1111's and ComfyUI's users download one
+    (``vae-ft-mse-840000-ema-pruned.safetensors``, ``sdxl_vae.safetensors``): a
+    ``.safetensors`` file in the original LDM layout (``decoder.up.0.block.0.conv1.weight``)
+    or diffusers' (``decoder.up_blocks.0.resnets.0.conv1.weight``), or a diffusers VAE folder.
+    Its weights replace those of ``vae`` (the model's, whose architecture it must have), in
+    place, so that built static plans decode with them; nothing is replaced unless every
+    weight is there with its shape. ``SdrtError`` naming the file otherwise."""
+    import dataclasses
+
+    from .convert_ldm import VAE_PREFIX, vae_plan
+    path = os.fspath(path)
+    file = os.path.join(path, "diffusion_pytorch_model.safetensors") if os.path.isdir(path) \
+        else path
+    refuse_pickle(file)
+    if not file.endswith(".safetensors") or not os.path.isfile(file):
+        raise SdrtError(f"VAE {path}: expected a .safetensors file or a diffusers VAE folder "
+                        f"(its diffusion_pytorch_model.safetensors)")
+    expected = vae.state_dict()
+    with SafetensorsFiles([file]) as f:
+        keys = [k for k in f.source if k.startswith(_VAE_ROOTS)]
+        if not keys and any(k.startswith(VAE_PREFIX) for k in f.source):  # a whole checkpoint
+            keys = [k for k in f.source if k.startswith(VAE_PREFIX)]
+        if any(k.removeprefix(VAE_PREFIX).startswith(("encoder.down.", "decoder.up.",
+                                                      "encoder.mid.", "decoder.mid."))
+               for k in keys):
+            stored = {VAE_PREFIX + k.removeprefix(VAE_PREFIX): k for k in keys}
+            plan = vae_plan(list(stored), dataclasses.asdict(vae.config))
+            source = {name: (lambda r=recipe: r.load(lambda key: f.source[stored[key]]()))
+                      for name, recipe in plan.items()}
+        else:
+            source = {k: f.source[k] for k in keys}
+        missing, unexpected = expected.keys() - source.keys(), source.keys() - expected.keys()
+        if missing or unexpected:
+            raise SdrtError(f"VAE {path} does not fit the model's VAE: "
+                            f"{len(missing)} weights missing ({_few(missing)}), "
+                            f"{len(unexpected)} unexpected ({_few(unexpected)})")
+        tensors = {}
+        for name, read in source.items():
+            t = read()
+            if tuple(t.shape) != tuple(expected[name].shape):
+                raise SdrtError(f"VAE {path}: {name} has shape {tuple(t.shape)}, the model's "
+                                f"VAE {tuple(expected[name].shape)} (another architecture)")
+            tensors[name] = t
+    with torch.no_grad():
+        for name, t in tensors.items():
+            expected[name].copy_(t.to(expected[name].dtype))
+
+
+def _few(names, limit=3):
+    names = sorted(names)
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "") if names else "none"

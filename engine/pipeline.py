@@ -396,6 +396,14 @@ class Pipeline:
         """``{name: ControlNetModel}`` of the loaded ControlNets, in load order."""
         return dict(self._controlnets)
 
+    def load_vae(self, path):
+        """Decode and encode with the VAE in ``path`` instead of the model's own, as A1111's
+        "SD VAE" setting does: a ``.safetensors`` file in the original or diffusers layout, or
+        a diffusers VAE folder, of the model's VAE architecture (``loading.load_vae_file``).
+        Its weights replace the VAE's in place: built static plans keep working."""
+        from .loading import load_vae_file
+        load_vae_file(path, self.vae)
+
     def load_controlnet(self, path, name=None, variant=None):
         """Load a ControlNet for this model: a diffusers folder, or a ``.safetensors`` file in
         diffusers' names or the original ControlNet layout (A1111's and ComfyUI's files,

@@ -246,6 +246,9 @@ def register(app, server_of, api_error):
         except SdrtError as e:
             raise bad(f"prompt: {e}")
         _check_model(flow, server.runner.model_name, bad)
+        if flow.vae is not None:
+            raise bad(f"prompt: workflow decodes with VAE {short_repr(flow.vae)} (a VAELoader); "
+                      f"the server decodes with its model's VAE")
         from .app import check_loras
         loras = check_loras(server, [(_stem(name), s) for name, s in flow.loras], "prompt")
         init = None

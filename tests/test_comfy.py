@@ -194,10 +194,15 @@ REFUSED = {
         "node 20 (LatentUpscale) is not supported as VAEDecode's samples"),
     "custom sampler": (lambda g: g["3"].update(class_type="SamplerCustom"),
                        "node 3 (SamplerCustom) is not supported"),
-    "separate VAE": (lambda g: g.update({
-        "20": {"class_type": "VAELoader", "inputs": {"vae_name": "vae.safetensors"}},
+    "VAE of another checkpoint": (lambda g: g.update({
+        "20": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "b.safetensors"}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["20", 2]}}}),
+        "node 8 (VAEDecode) must decode with the sampled model's checkpoint VAE or a "
+        "VAELoader's"),
+    "VAE from an unknown node": (lambda g: g.update({
+        "20": {"class_type": "VAELoaderPlus", "inputs": {"vae_name": "vae.safetensors"}},
         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["20", 0]}}}),
-        "node 20 (VAELoader) is not supported as VAEDecode's vae"),
+        "node 20 (VAELoaderPlus) is not supported as VAEDecode's vae"),
     "unknown sampler pair": (lambda g: g["3"]["inputs"].update(scheduler="linear_quadratic"),
                              "sampler_name 'euler' with scheduler 'linear_quadratic' has no "
                              "sdrt"),
@@ -360,6 +365,30 @@ def test_hires_fix_refusals(edit, message):
     with pytest.raises(SdrtError, match=r"node 21 \(KSampler\): sdrt's hires fix redraws text "
                                         r"to image"):
         comfy.read(_hires(_img2img()))
+
+
+def _with_vae(graph):
+    """``graph`` decoding (and encoding) with a VAELoader's VAE."""
+    g = copy.deepcopy(graph)
+    g["30"] = {"class_type": "VAELoader", "inputs": {"vae_name": "vae-ft-mse.safetensors"}}
+    for node in g.values():
+        if node["class_type"] in ("VAEDecode", "VAEEncode"):
+            node["inputs"]["vae"] = ["30", 0]
+    return g
+
+
+def test_vae_loader():
+    assert comfy.read(_with_vae(DEFAULT)).vae == "vae-ft-mse.safetensors"
+    assert comfy.read(_with_vae(_img2img())).vae == "vae-ft-mse.safetensors"
+    g = _with_vae(_img2img())
+    g["11"]["inputs"]["vae"] = ["4", 2]
+    with pytest.raises(SdrtError, match=r"node 11 \(VAEEncode\) must encode with the VAE that "
+                                        r"decodes \(node 30's\)"):
+        comfy.read(g)
+    g = _with_vae(DEFAULT)
+    g["30"]["inputs"]["vae_name"] = 3
+    with pytest.raises(SdrtError, match=r"node 30 \(VAELoader\): vae_name must be a file name"):
+        comfy.read(g)
 
 
 def test_ui_format_is_refused(tmp_path):

@@ -682,7 +682,7 @@ MALFORMED = [  # (endpoint, body: dict or raw bytes, what the message must name)
     (GEN, {"prompt": "a", "size": 64}, "size"),
     (GEN, {"prompt": "a", "response_format": "url"}, "response_format"),
     (GEN, {"prompt": "a", "response_format": "jpeg"}, "response_format"),
-    (GEN, {"prompt": "a", "sampler": "dpmpp_2s_a"}, "sampler"),
+    (GEN, {"prompt": "a", "sampler": "dpm_fast"}, "sampler"),
     (GEN, b'{"prompt": "a", "guidance_scale": NaN}', "guidance_scale"),
     (GEN, b'{"prompt": "a", "guidance_scale": Infinity}', "guidance_scale"),
     (GEN, {"prompt": "a", "guidance_scale": -1}, "guidance_scale"),
