@@ -1,11 +1,11 @@
 """The rest of AUTOMATIC1111's API that its clients call besides generating: setting the
 options they read (``POST /sdapi/v1/options``), reading an image's PNG info
 (``/sdapi/v1/png-info``), the queue's state (``/sdapi/v1/progress``), and the lists and
-refreshes of things sdrt's server has none of (VAEs apart from the checkpoint's, embeddings,
-styles).
+refreshes of things sdrt's server has none of (embeddings, styles), and --vae-dir's VAEs.
 
-Options are the server's, as A1111's are: ``CLIP_stop_at_last_layers`` set here is the clip
-skip of every later request that does not set its own in ``override_settings``. Only the
+Options are the server's, as A1111's are: ``CLIP_stop_at_last_layers`` and ``sd_vae`` set
+here are the clip skip and VAE of every later request that does not set its own in
+``override_settings``. Only the
 settings sdrt has are taken; any other is refused with a 400 naming it, never ignored.
 ``/sdapi/v1/progress`` tells how many requests are queued or running; it does not follow
 the steps of one (a replayed CUDA graph cannot report them), so ``progress`` stays 0 until
@@ -18,7 +18,7 @@ from fastapi import Request
 from sdrt.engine.request import short_repr
 
 # The settings POST /sdapi/v1/options takes, and GET returns.
-OPTIONS = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "samples_format")
+OPTIONS = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "sd_vae", "samples_format")
 
 
 def model_titles(runner, model_path):
@@ -41,8 +41,9 @@ def register(app, server_of, api_error, text_layers):
     @app.post("/sdapi/v1/options", tags=["AUTOMATIC1111"])
     async def set_options(request: Request):
         """Set the settings sdrt has: ``sd_model_checkpoint`` (only the loaded model: the
-        server runs one), ``CLIP_stop_at_last_layers`` (the default clip skip) and
-        ``samples_format`` ("png")."""
+        server runs one), ``CLIP_stop_at_last_layers`` (the default clip skip), ``sd_vae``
+        (the default VAE: "Automatic", "None" or one of --vae-dir's) and ``samples_format``
+        ("png")."""
         from .app import json_body
         server = server_of(request)
         server.require_ready()
@@ -72,6 +73,10 @@ def register(app, server_of, api_error, text_layers):
                           f"text encoder has {top} layers), got {short_repr(layers)}",
                           "CLIP_stop_at_last_layers")
             server.options["CLIP_stop_at_last_layers"] = layers
+        if "sd_vae" in body:
+            from .app import sd_vae as checked_vae
+            checked_vae(server, {"sd_vae": body["sd_vae"]}, "options")
+            server.options["sd_vae"] = body["sd_vae"]
         return None
 
     @app.post("/sdapi/v1/png-info", tags=["AUTOMATIC1111"])
@@ -120,9 +125,11 @@ def register(app, server_of, api_error, text_layers):
                           "sampling_steps": 0}}
 
     @app.get("/sdapi/v1/sd-vae", tags=["AUTOMATIC1111"])
-    async def sd_vae():
-        """Separate VAE files: none (the checkpoint's own VAE decodes)."""
-        return []
+    async def sd_vae(request: Request):
+        """The VAEs of --vae-dir that ``sd_vae`` names (none without it)."""
+        runner = server_of(request).runner
+        return [{"model_name": name, "filename": runner.vae_path(name)}
+                for name in runner.vae_names()]
 
     @app.get("/sdapi/v1/embeddings", tags=["AUTOMATIC1111"])
     async def embeddings():

@@ -191,7 +191,8 @@ class Server:
             clip_skip=key.clip_skip, mask_blur=row.mask_blur,
             masked_padding=row.masked_padding, masked_content=row.masked_content,
             hires=tuple(key.hires.params().items()) if key.hires else (),
-            controlnets=row.control_info))
+            controlnets=row.control_info, vae_name=key.vae,
+            vae_hash=self.runner.vae_hash(key.vae) if key.vae else None))
 
     async def encode(self, images, texts):
         t0 = time.perf_counter()
@@ -509,7 +510,8 @@ def create_app(config: ServeConfig = None) -> FastAPI:
                        req.guidance, req.strength if init_images else None, req.clip_skip,
                        server.chunks(req), inpaint=mask is not None, hires=hires,
                        masked_content=masked_content, latent_resize_from=latent_size,
-                       loras=loras, controls=controls)
+                       loras=loras, controls=controls,
+                       vae=sd_vae(server, body.override_settings, "override_settings"))
         extra, jobs = dict(hires.params()) if hires else {}, None
         if mask is not None:  # one job per init image; image i inpaints init image i mod n
             only = body.inpaint_full_res
@@ -645,8 +647,8 @@ def create_app(config: ServeConfig = None) -> FastAPI:
 
     @app.get("/sdapi/v1/options", tags=["AUTOMATIC1111"])
     async def options(request: Request):
-        """The A1111 settings clients read: the model loaded, clip skip (the server's,
-        POST /sdapi/v1/options sets it; 1: the last layer; a request sets its own with
+        """The A1111 settings clients read: the model loaded, clip skip and the VAE (the
+        server's, POST /sdapi/v1/options sets them; a request sets its own with
         override_settings), the image format."""
         server = server_of(request)
         server.require_ready()
@@ -654,6 +656,7 @@ def create_app(config: ServeConfig = None) -> FastAPI:
         return {"sd_model_checkpoint": f"{r.model_name} [{r.model_hash}]",
                 "sd_checkpoint_hash": r.model_sha256,
                 "CLIP_stop_at_last_layers": server.options.get("CLIP_stop_at_last_layers", 1),
+                "sd_vae": server.options.get("sd_vae", "Automatic"),
                 "samples_format": "png"}
 
     # -- the server's own -----------------------------------------------------------------------
@@ -783,6 +786,20 @@ def _size(size, server):
                             f"(multiples of 8), or 'auto', got {short_repr(size)}",
                        "bad_request", "size")
     return int(w), int(h)
+
+
+def sd_vae(server, settings, field):
+    """A1111's ``sd_vae`` (in ``settings``, else the server's, set with POST
+    /sdapi/v1/options): the --vae-dir VAE a request decodes with; None for the model's own
+    ("Automatic" or "None")."""
+    value = (settings or {}).get("sd_vae", server.options.get("sd_vae", "Automatic"))
+    if value in (None, "Automatic", "None"):
+        return None
+    if server.runner.vae_path(value) is None:
+        names = ", ".join(server.runner.vae_names()) or "none: the server has no --vae-dir"
+        raise ApiError(400, f"{field}.sd_vae must be Automatic, None or one of --vae-dir's "
+                            f"VAEs ({names}), got {short_repr(value)}", "bad_request", field)
+    return value
 
 
 def _clip_skip(settings, layers, default=1):

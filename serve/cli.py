@@ -66,6 +66,10 @@ def add_parser(subparsers):
     s.add_argument("--controlnet-dir", metavar="DIR", default=None,
                    help="ControlNets (.safetensors files and diffusers folders) that A1111 "
                         "requests name in alwayson_scripts.controlnet, by file or folder name")
+    s.add_argument("--vae-dir", metavar="DIR", default=None,
+                   help="VAEs (.safetensors files and diffusers folders) that A1111 requests "
+                        "name in sd_vae and ComfyUI workflows in VAELoader, by file or folder "
+                        "name")
     s.add_argument("--threads", metavar="N", type=int_arg, default=None,
                    help="torch CPU threads (default: torch's choice)")
     s.add_argument("--ray", action="store_true",
@@ -97,7 +101,7 @@ def config_from(a):
                        api_key=a.api_key or os.environ.get("SDRT_API_KEY") or None,
                        request_timeout_s=a.timeout,
                        default_steps=a.steps, threads=a.threads, lora_dir=a.lora_dir,
-                       controlnet_dir=a.controlnet_dir)
+                       controlnet_dir=a.controlnet_dir, vae_dir=a.vae_dir)
 
 
 def _check_port(host, port):

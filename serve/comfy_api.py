@@ -108,7 +108,7 @@ class ComfyJobs:
         return name
 
 
-def _node_specs(server, checkpoints, loras, images, controlnets):
+def _node_specs(server, checkpoints, loras, images, controlnets, vaes):
     """ComfyUI's ``/object_info`` entries for the nodes ``engine.comfy`` reads: each node's
     required inputs (a type, or a list of the names it takes, with ComfyUI's bounds) and its
     outputs."""
@@ -158,6 +158,7 @@ def _node_specs(server, checkpoints, loras, images, controlnets):
             "return_with_leftover_noise": [["disable"]]},
             ["LATENT"]),
         "VAEDecode": ("latent", {"samples": ["LATENT"], "vae": ["VAE"]}, ["IMAGE"]),
+        "VAELoader": ("loaders", {"vae_name": [vaes]}, ["VAE"]),
         # between two samplers: the hires fix (engine/comfy.py)
         "LatentUpscale": ("latent", {
             "samples": ["LATENT"], "upscale_method": [list(comfy.LATENT_UPSCALES)],
@@ -246,9 +247,9 @@ def register(app, server_of, api_error):
         except SdrtError as e:
             raise bad(f"prompt: {e}")
         _check_model(flow, server.runner.model_name, bad)
-        if flow.vae is not None:
-            raise bad(f"prompt: workflow decodes with VAE {short_repr(flow.vae)} (a VAELoader); "
-                      f"the server decodes with its model's VAE")
+        if flow.vae is not None and server.runner.vae_path(flow.vae) is None:
+            raise bad(f"prompt: workflow decodes with VAE {short_repr(flow.vae)} (a VAELoader), "
+                      f"which --vae-dir does not have (GET /models/vae lists those it has)")
         from .app import check_loras
         loras = check_loras(server, [(_stem(name), s) for name, s in flow.loras], "prompt")
         init = None
@@ -273,7 +274,7 @@ def register(app, server_of, api_error):
         key = BatchKey(req.height, req.width, req.num_inference_steps, req.sampler,
                        req.guidance, req.strength if init is not None else None,
                        req.clip_skip, server.chunks(req), hires=hires, loras=loras,
-                       controls=controls)
+                       controls=controls, vae=flow.vae)
         rows = [Row(flow.prompt, flow.negative, req.guidance_scale, s, init,
                     control_images=hints, control_info=units) for s in seeds]
         prompt_id = body.get("prompt_id") or str(uuid.uuid4())
@@ -364,7 +365,8 @@ def register(app, server_of, api_error):
         names = await run_in_threadpool(runner.lora_names)
         return _node_specs(server, [runner.model_name],
                            [os.path.basename(runner.lora_path(n)) for n in names],
-                           list(jobs.uploads), await run_in_threadpool(_controlnet_files, runner))
+                           list(jobs.uploads), await run_in_threadpool(_controlnet_files, runner),
+                           await run_in_threadpool(runner.vae_names))
 
     @app.get("/object_info", tags=["ComfyUI"])
     async def object_info(request: Request):
@@ -401,6 +403,11 @@ def register(app, server_of, api_error):
         runner = server_of(request).runner
         names = await run_in_threadpool(runner.lora_names)
         return [os.path.basename(runner.lora_path(n)) for n in names]
+
+    @app.get("/models/vae", tags=["ComfyUI"])
+    async def vaes(request: Request):
+        """--vae-dir's VAEs, as VAELoader's vae_name takes them."""
+        return await run_in_threadpool(server_of(request).runner.vae_names)
 
     @app.get("/models/controlnet", tags=["ComfyUI"])
     async def controlnets(request: Request):

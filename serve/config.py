@@ -28,6 +28,7 @@ class ServeConfig:
     lora_dir: str = None           # folder of LoRA .safetensors that requests may name
     max_loras: int = 8             # LoRAs one request may apply
     controlnet_dir: str = None     # folder of ControlNets (files or diffusers folders)
+    vae_dir: str = None            # folder of VAEs (A1111's sd_vae): files or diffusers folders
 
     def __post_init__(self):
         def positive(name, integer=True):
@@ -44,7 +45,7 @@ class ServeConfig:
         if self.threads is not None:
             positive("threads")
         positive("max_loras")
-        for name in ("lora_dir", "controlnet_dir"):
+        for name in ("lora_dir", "controlnet_dir", "vae_dir"):
             folder = getattr(self, name)
             if folder is not None and not os.path.isdir(folder):
                 raise SdrtError(f"{name.replace('_', '-')} {folder} is not a folder")

@@ -25,7 +25,9 @@ class Runner:
         self.default_steps = self.default_guidance = None
         self._plans_seen = set()
         self._lora_files = None  # LoRA name (file stem) → path, in --lora-dir
-        self._hashes = {}  # path → A1111's short hash of the file (LoRAs, ControlNets)
+        self._hashes = {}  # path → A1111's short hash of the file (LoRAs, ControlNets, VAEs)
+        self._vae = None  # the VAE file decoding now (None: the model's own)
+        self._own_vae = None  # the model's own VAE weights, on the host, once another loads
 
     def load(self):
         import torch
@@ -150,6 +152,50 @@ class Runner:
         found at once."""
         return _by_name(self.config.controlnet_dir, model_folders=True)
 
+    # -- VAEs from --vae-dir ---------------------------------------------------------------
+
+    def vae_names(self):
+        """The VAEs requests may name (A1111's ``sd_vae``): --vae-dir's .safetensors files,
+        by file name as A1111 names them, and diffusers VAE folders, by folder name."""
+        return sorted(self._vae_index())
+
+    def vae_path(self, name):
+        return self._vae_index().get(name) if isinstance(name, str) else None
+
+    def vae_hash(self, name):
+        """A1111's "VAE hash" of VAE ``name``: the first 10 hex digits of its file's sha256
+        (None for a folder); hashed when the worker first loads it."""
+        path = self.vae_path(name)
+        return None if path is None or os.path.isdir(path) else self._file_hash(path)[:10]
+
+    def _vae_index(self):
+        """Read afresh each time, as --controlnet-dir is."""
+        return {os.path.basename(path): path
+                for path in _by_name(self.config.vae_dir, model_folders=True).values()}
+
+    def _apply_vae(self, name):
+        """Decode the batch with VAE ``name``, None: the model's own, whose weights are kept
+        on the host the first time another replaces them (``Pipeline.load_vae`` copies in
+        place, so static plans stay valid)."""
+        if name == self._vae:
+            return
+        import torch
+        if self._own_vae is None:
+            self._own_vae = {k: v.detach().to("cpu", copy=True)
+                             for k, v in self.pipe.vae.state_dict().items()}
+        if name is None:
+            with torch.no_grad():
+                for k, v in self.pipe.vae.state_dict().items():
+                    v.copy_(self._own_vae[k])
+        else:
+            path = self.vae_path(name)
+            if path is None:
+                raise SdrtError(f"the request names VAE {name!r}, which --vae-dir no longer "
+                                f"has")
+            self.pipe.load_vae(path)
+            self.vae_hash(name)  # hashed here, off the event loop, for the PNG info
+        self._vae = name
+
     def _apply_controlnets(self, controls):
         """Load the batch's ControlNets (those loaded already stay), unload the others."""
         wanted = [c[0] for c in controls]
@@ -202,6 +248,7 @@ class Runner:
         masks = [r.mask for r in rows] if key.inpaint else None
         negative = (negatives[0] if one else negatives) if key.guidance else None
         self._apply_loras(key.loras)
+        self._apply_vae(key.vae)
         self._apply_controlnets(key.controls)
         control = {}
         if key.controls:  # per ControlNet, one control image per row

@@ -58,6 +58,7 @@ class BatchKey:
     # (Runner.controlnet_path names them), their scales, shares of the schedule, control
     # modes and parts in a hires fix (hires.pass_controls); each row brings its control images.
     controls: tuple = ()
+    vae: str = None  # the VAE the rows decode with (Runner.vae_path names it); None: the model's
 
 
 @dataclass(frozen=True)

@@ -154,3 +154,86 @@ def test_cli_workflow_vae_loader(tiny_sd1_folder, reference, tmp_path, capsys):
         with Image.open(out) as im:
             outs[name] = np.asarray(im.convert("RGB"))
     assert np.array_equal(outs["json"], outs["options"])
+
+
+def test_server_sd_vae(tiny_sd1_folder, reference, tmp_path):
+    # A1111's sd_vae (override_settings, or the server's option) and ComfyUI's VAELoader name
+    # a --vae-dir VAE; the picture is the library's with that VAE, and the model's own
+    # comes back for "Automatic"; a name --vae-dir lacks is a 400 naming the field.
+    import base64
+    import io
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+    from test_comfy import DEFAULT, _with_vae
+    from test_serve import config
+
+    from sdrt.serve.local import LocalServer
+    httpx = pytest.importorskip("httpx")
+    _, paths = reference
+    folder = tmp_path / "vaes"
+    folder.mkdir()
+    shutil.copy(paths["ldm"], folder / "vae-ft.safetensors")
+    shutil.copytree(paths["folder"], folder / "vae-folder")
+    pipe = Pipeline.from_pretrained(tiny_sd1_folder)
+
+    def library(vae):
+        if vae is not None:
+            pipe.load_vae(vae)
+        return np.asarray(pipe("a fox", height=32, width=32, num_inference_steps=2,
+                               guidance_scale=7.0, seed=5, sampler="euler")[0]).astype(int)
+
+    def picture(response):
+        assert response.status_code == 200, response.text
+        im = Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0])))
+        return np.asarray(im.convert("RGB")).astype(int), im.text["parameters"]
+
+    own, swapped = library(None), library(paths["ldm"])
+    body = {"prompt": "a fox", "seed": 5, "steps": 2, "width": 32, "height": 32,
+            "cfg_scale": 7, "sampler_name": "Euler"}
+    with LocalServer(config(model=tiny_sd1_folder, vae_dir=str(folder))) as url:
+        post = lambda **kw: httpx.post(f"{url}/sdapi/v1/txt2img", json={**body, **kw},  # noqa
+                                       timeout=120)
+        listed = httpx.get(f"{url}/sdapi/v1/sd-vae").json()
+        assert [v["model_name"] for v in listed] == ["vae-folder", "vae-ft.safetensors"]
+        got, text = picture(post(override_settings={"sd_vae": "vae-ft.safetensors"}))
+        assert np.abs(got - swapped).max() <= 1
+        sha = hashlib.sha256(open(paths["ldm"], "rb").read()).hexdigest()[:10]
+        assert f"VAE hash: {sha}, VAE: vae-ft.safetensors" in text, text
+        got, text = picture(post())
+        assert np.abs(got - own).max() <= 1 and "VAE" not in text
+        assert httpx.post(f"{url}/sdapi/v1/options", json={"sd_vae": "vae-folder"}
+                          ).status_code == 200
+        assert httpx.get(f"{url}/sdapi/v1/options").json()["sd_vae"] == "vae-folder"
+        got, _ = picture(post())
+        assert np.abs(got - swapped).max() <= 1
+        got, _ = picture(post(override_settings={"sd_vae": "Automatic"}))
+        assert np.abs(got - own).max() <= 1
+        for r, field in ((post(override_settings={"sd_vae": "other.pt"}), "override_settings"),
+                         (httpx.post(f"{url}/sdapi/v1/options", json={"sd_vae": 3}),
+                          "options")):
+            assert r.status_code == 400, r.text
+            error = r.json()["error"]
+            assert error["param"] == field and "sd_vae must be Automatic, None or one of " \
+                "--vae-dir's VAEs (vae-folder, vae-ft.safetensors)" in error["message"]
+        assert httpx.get(f"{url}/models/vae").json() == ["vae-folder", "vae-ft.safetensors"]
+        graph = _with_vae(DEFAULT)
+        graph["4"]["inputs"]["ckpt_name"] = "model"
+        graph["3"]["inputs"].update(steps=2, cfg=7, seed=5, sampler_name="euler",
+                                    scheduler="karras")
+        graph["5"]["inputs"].update(width=32, height=32)
+        graph["30"]["inputs"]["vae_name"] = "missing.safetensors"
+        r = httpx.post(f"{url}/prompt", json={"prompt": graph})
+        assert r.status_code == 400 and "which --vae-dir does not have" in r.text, r.text
+        graph["30"]["inputs"]["vae_name"] = "vae-ft.safetensors"
+        from test_serve_comfy import _history, _queue, _view
+        entry = _history(url, _queue(url, graph)["prompt_id"])
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        png = Image.open(io.BytesIO(_view(url, entry["outputs"]["9"]["images"][0])))
+        assert "VAE: vae-ft.safetensors" in png.text["parameters"]
+        want = np.asarray(pipe("beautiful scenery nature glass bottle",
+                               negative_prompt="text, watermark", height=32, width=32,
+                               num_inference_steps=2, guidance_scale=7.0, seed=5,
+                               sampler="euler_karras")[0]).astype(int)
+        assert np.abs(np.asarray(png.convert("RGB")).astype(int) - want).max() <= 1
