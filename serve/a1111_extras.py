@@ -75,7 +75,7 @@ def register(app, server_of, api_error, text_layers):
             server.options["CLIP_stop_at_last_layers"] = layers
         if "sd_vae" in body:
             from .app import sd_vae as checked_vae
-            checked_vae(server, {"sd_vae": body["sd_vae"]}, "options")
+            checked_vae(server, {"sd_vae": body["sd_vae"]})
             server.options["sd_vae"] = body["sd_vae"]
         return None
 

@@ -788,17 +788,18 @@ def _size(size, server):
     return int(w), int(h)
 
 
-def sd_vae(server, settings, field):
+def sd_vae(server, settings, field=None):
     """A1111's ``sd_vae`` (in ``settings``, else the server's, set with POST
     /sdapi/v1/options): the --vae-dir VAE a request decodes with; None for the model's own
-    ("Automatic" or "None")."""
+    ("Automatic" or "None"). A 400 names ``field`` (None: the setting itself)."""
     value = (settings or {}).get("sd_vae", server.options.get("sd_vae", "Automatic"))
     if value in (None, "Automatic", "None"):
         return None
     if server.runner.vae_path(value) is None:
         names = ", ".join(server.runner.vae_names()) or "none: the server has no --vae-dir"
-        raise ApiError(400, f"{field}.sd_vae must be Automatic, None or one of --vae-dir's "
-                            f"VAEs ({names}), got {short_repr(value)}", "bad_request", field)
+        raise ApiError(400, f"{field + '.' if field else ''}sd_vae must be Automatic, None or "
+                            f"one of --vae-dir's VAEs ({names}), got {short_repr(value)}",
+                       "bad_request", field or "sd_vae")
     return value
 
 

@@ -417,6 +417,24 @@ def _pixels(path):
         return np.asarray(im.convert("RGB"))
 
 
+# The options that ask for what _small(DEFAULT) does.
+SMALL_OPTIONS = ["beautiful scenery nature glass bottle", "--negative", "text, watermark",
+                 "--seed", "4", "--steps", "3", "--guidance", "6.5", "--sampler",
+                 "euler_a_normal", "--width", "32", "--height", "24"]
+
+
+def draw(sources, extra, tmp_path, capsys):
+    """{name: pixels} of ``sdrt generate`` with each source's arguments (``sources``: name →
+    arguments) and ``extra`` (the model ...)."""
+    outs = {}
+    for name, source in sources.items():
+        out = tmp_path / f"{name}.png"
+        code, _, err = _run(["generate", *source, *extra, "-o", str(out)], capsys)
+        assert code == 0, err
+        outs[name] = _pixels(out)
+    return outs
+
+
 def test_cli_workflow_json_and_png_equal_the_options(tiny_dir, tmp_path, capsys):
     graph = _small(DEFAULT)
     (tmp_path / "wf.json").write_text(json.dumps(graph))
@@ -424,17 +442,9 @@ def test_cli_workflow_json_and_png_equal_the_options(tiny_dir, tmp_path, capsys)
     info.add_text("prompt", json.dumps(graph))
     info.add_text("workflow", json.dumps({"nodes": [], "links": []}))
     Image.new("RGB", (8, 8)).save(tmp_path / "comfy.png", pnginfo=info)
-    outs = {}
-    for name, source in (("json", ["--workflow", str(tmp_path / "wf.json")]),
-                         ("png", ["--workflow", str(tmp_path / "comfy.png")]),
-                         ("options", ["beautiful scenery nature glass bottle", "--negative",
-                                      "text, watermark", "--seed", "4", "--steps", "3",
-                                      "--guidance", "6.5", "--sampler", "euler_a_normal",
-                                      "--width", "32", "--height", "24"])):
-        out = tmp_path / f"{name}.png"
-        code, _, err = _run(["generate", *source, "--model", tiny_dir, "-o", str(out)], capsys)
-        assert code == 0, err
-        outs[name] = _pixels(out)
+    outs = draw({"json": ["--workflow", str(tmp_path / "wf.json")],
+                 "png": ["--workflow", str(tmp_path / "comfy.png")], "options": SMALL_OPTIONS},
+                ["--model", tiny_dir], tmp_path, capsys)
     assert outs["json"].shape == (24, 32, 3) and outs["json"].std() > 5
     assert np.array_equal(outs["json"], outs["options"])
     assert np.array_equal(outs["png"], outs["options"])
@@ -452,19 +462,10 @@ def test_cli_workflow_hires_fix_equals_the_options(tiny_dir, tmp_path, capsys):
     graph = _hires(_small(DEFAULT), steps=2, denoise=0.6, sampler_name="euler",
                    scheduler="karras")
     (tmp_path / "wf.json").write_text(json.dumps(graph))
-    outs = {}
-    for name, source in (("json", ["--workflow", str(tmp_path / "wf.json")]),
-                         ("options", ["beautiful scenery nature glass bottle", "--negative",
-                                      "text, watermark", "--seed", "4", "--steps", "3",
-                                      "--guidance", "6.5", "--sampler", "euler_a_normal",
-                                      "--width", "32", "--height", "24", "--hr-scale", "1.5",
-                                      "--hr-upscaler", "Latent (nearest-exact)", "--hr-steps",
-                                      "2", "--strength", "0.6", "--hr-sampler",
-                                      "euler_karras"])):
-        out = tmp_path / f"{name}.png"
-        code, _, err = _run(["generate", *source, "--model", tiny_dir, "-o", str(out)], capsys)
-        assert code == 0, err
-        outs[name] = _pixels(out)
+    hires = ["--hr-scale", "1.5", "--hr-upscaler", "Latent (nearest-exact)", "--hr-steps", "2",
+             "--strength", "0.6", "--hr-sampler", "euler_karras"]
+    outs = draw({"json": ["--workflow", str(tmp_path / "wf.json")],
+                 "options": SMALL_OPTIONS + hires}, ["--model", tiny_dir], tmp_path, capsys)
     assert outs["json"].shape == (32, 48, 3) and outs["json"].std() > 5
     assert np.array_equal(outs["json"], outs["options"])
     with Image.open(tmp_path / "json.png") as im:

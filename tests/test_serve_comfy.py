@@ -192,7 +192,7 @@ def test_image_to_image_with_an_upload(server, ref_pipe):
      "node 3 (SamplerCustom) is not supported"),
     (lambda g: (g.update({"30": {"class_type": "VAELoader", "inputs": {"vae_name": "v.pt"}}}),
                 g["8"]["inputs"].update(vae=["30", 0])), "prompt",
-     "decodes with VAE 'v.pt' (a VAELoader); the server decodes with its model's VAE"),
+     "decodes with VAE 'v.pt' (a VAELoader), which --vae-dir does not have"),
     (lambda g: g["5"]["inputs"].update(width=65), "width", "width must be a multiple of"),
     (lambda g: g["3"]["inputs"].update(steps=0), "steps", "steps"),
     (lambda g: g["6"]["inputs"].update(text=5), "prompt", "text must be a string"),

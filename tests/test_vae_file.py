@@ -131,9 +131,8 @@ def test_cli_workflow_vae_loader(tiny_sd1_folder, reference, tmp_path, capsys):
     import json
 
     import numpy as np
-    from PIL import Image
     from test_cli import _run
-    from test_comfy import DEFAULT, _small, _with_vae
+    from test_comfy import DEFAULT, SMALL_OPTIONS, _small, _with_vae, draw
 
     _, paths = reference
     (tmp_path / "wf.json").write_text(json.dumps(_with_vae(_small(DEFAULT))))
@@ -141,18 +140,8 @@ def test_cli_workflow_vae_loader(tiny_sd1_folder, reference, tmp_path, capsys):
     code, _, err = _run(["generate", "--workflow", str(tmp_path / "wf.json"), *base, "-o",
                          str(tmp_path / "x.png")], capsys)
     assert code == 2 and "decodes with VAE 'vae-ft-mse.safetensors': pass --vae PATH" in err
-    outs = {}
-    for name, source in (("json", ["--workflow", str(tmp_path / "wf.json")]),
-                         ("options", ["beautiful scenery nature glass bottle", "--negative",
-                                      "text, watermark", "--seed", "4", "--steps", "3",
-                                      "--guidance", "6.5", "--sampler", "euler_a_normal",
-                                      "--width", "32", "--height", "24"])):
-        out = tmp_path / f"{name}.png"
-        code, _, err = _run(["generate", *source, *base, "--vae", paths["ldm"], "-o",
-                             str(out)], capsys)
-        assert code == 0, err
-        with Image.open(out) as im:
-            outs[name] = np.asarray(im.convert("RGB"))
+    outs = draw({"json": ["--workflow", str(tmp_path / "wf.json")], "options": SMALL_OPTIONS},
+                [*base, "--vae", paths["ldm"]], tmp_path, capsys)
     assert np.array_equal(outs["json"], outs["options"])
 
 
@@ -212,7 +201,7 @@ def test_server_sd_vae(tiny_sd1_folder, reference, tmp_path):
         assert np.abs(got - own).max() <= 1
         for r, field in ((post(override_settings={"sd_vae": "other.pt"}), "override_settings"),
                          (httpx.post(f"{url}/sdapi/v1/options", json={"sd_vae": 3}),
-                          "options")):
+                          "sd_vae")):
             assert r.status_code == 400, r.text
             error = r.json()["error"]
             assert error["param"] == field and "sd_vae must be Automatic, None or one of " \
