@@ -6,7 +6,7 @@ levels a run of ``steps`` steps visits, descending, and where its last step land
 A1111's KL Optimal the smallest training level). The model's levels are its training sigmas,
 sigma_t = sqrt((1 - alpha-bar_t) / alpha-bar_t), ascending in t; between two timesteps a
 level is interpolated in log sigma and the UNet sees the fractional timestep, as k-diffusion's
-discrete-time wrapper (A1111's and ComfyUI's) does.
+discrete-time wrapper (A1111's) does; ComfyUI feeds the nearest whole one.
 
 Most tables have ``steps`` levels; ``ddim_uniform`` and ``comfy_beta`` may have more or
 fewer (as in ComfyUI), and a run takes as many steps as its table has.

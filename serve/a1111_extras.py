@@ -31,6 +31,40 @@ def model_titles(runner, model_path):
     return names - {None}
 
 
+def check_settings(server, settings, bad, text_layers, where=""):
+    """A1111 settings (POST /sdapi/v1/options' body, or a request's ``override_settings``,
+    ``where`` its field then) as sdrt takes them: only ``OPTIONS``, ``sd_model_checkpoint``
+    naming the loaded model, ``samples_format`` png, ``CLIP_stop_at_last_layers`` within the
+    text encoder, ``sd_vae`` one of --vae-dir's (or Automatic, None); ``bad(message, param)``
+    the 400 of anything else."""
+    from .app import sd_vae
+    field = where + "." if where else ""
+    if not isinstance(settings, dict):
+        raise bad(f"{where or 'the request body'} must be an object of settings, got "
+                  f"{short_repr(settings)}", where or None)
+    for key in settings:
+        if key not in OPTIONS:
+            raise bad(f"{field}{key} is not a setting sdrt has; it takes {', '.join(OPTIONS)}",
+                      where or key)
+    model = settings.get("sd_model_checkpoint")
+    if model is not None and model not in model_titles(server.runner, server.config.model):
+        raise bad(f"{field}sd_model_checkpoint must name the loaded model, "
+                  f"{server.runner.model_name} [{server.runner.model_hash}] (the server "
+                  f"runs one model), got {short_repr(model)}", where or "sd_model_checkpoint")
+    if settings.get("samples_format", "png") != "png":
+        raise bad(f"{field}samples_format must be png, got "
+                  f"{short_repr(settings['samples_format'])}", where or "samples_format")
+    layers = settings.get("CLIP_stop_at_last_layers")
+    if layers is not None:
+        top = text_layers(server)
+        if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= top:
+            raise bad(f"{field}CLIP_stop_at_last_layers must be an integer from 1 to {top} "
+                      f"(the text encoder has {top} layers), got {short_repr(layers)}",
+                      where or "CLIP_stop_at_last_layers")
+    if "sd_vae" in settings:
+        sd_vae(server, {"sd_vae": settings["sd_vae"]}, where or None)
+
+
 def register(app, server_of, api_error, text_layers):
     """Add the routes to ``app``; ``api_error(status, message, kind, param)`` builds the
     app's error; ``text_layers(server)`` is how many layers clip skip can reach."""
@@ -48,35 +82,10 @@ def register(app, server_of, api_error, text_layers):
         server = server_of(request)
         server.require_ready()
         body = await json_body(request)
-        if not isinstance(body, dict):
-            raise bad(f"the request body must be an object of settings, got "
-                      f"{short_repr(body)}", None)
-        for key in body:
-            if key not in OPTIONS:
-                raise bad(f"{key} is not a setting sdrt has; it takes {', '.join(OPTIONS)}",
-                          key)
-        model = body.get("sd_model_checkpoint")
-        titles = model_titles(server.runner, server.config.model)
-        if model is not None and model not in titles:
-            raise bad(f"sd_model_checkpoint must name the loaded model, "
-                      f"{server.runner.model_name} [{server.runner.model_hash}] (the server "
-                      f"runs one model), got {short_repr(model)}", "sd_model_checkpoint")
-        if body.get("samples_format", "png") != "png":
-            raise bad(f"samples_format must be png, got {short_repr(body['samples_format'])}",
-                      "samples_format")
-        layers = body.get("CLIP_stop_at_last_layers")
-        if layers is not None:
-            top = text_layers(server)
-            if isinstance(layers, bool) or not isinstance(layers, int) or \
-                    not 1 <= layers <= top:
-                raise bad(f"CLIP_stop_at_last_layers must be an integer from 1 to {top} (the "
-                          f"text encoder has {top} layers), got {short_repr(layers)}",
-                          "CLIP_stop_at_last_layers")
-            server.options["CLIP_stop_at_last_layers"] = layers
-        if "sd_vae" in body:
-            from .app import sd_vae as checked_vae
-            checked_vae(server, {"sd_vae": body["sd_vae"]})
-            server.options["sd_vae"] = body["sd_vae"]
+        check_settings(server, body, bad, text_layers)
+        for key in ("CLIP_stop_at_last_layers", "sd_vae"):
+            if body.get(key) is not None:
+                server.options[key] = body[key]
         return None
 
     @app.post("/sdapi/v1/png-info", tags=["AUTOMATIC1111"])

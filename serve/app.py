@@ -42,6 +42,7 @@ from sdrt.engine.request import (MAX_SEED, SAMPLER_NAMES, GenerationRequest, Lim
 from . import schemas
 from .a1111_controlnet import parse as parse_controlnet
 from .a1111_controlnet import script_args
+from .a1111_extras import check_settings
 from .config import ServeConfig
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .runner import Runner
@@ -460,6 +461,10 @@ def create_app(config: ServeConfig = None) -> FastAPI:
         _check_unsupported(body)
         sampler = server.sampler(body.sampler_name or body.sampler_index, "sampler_name",
                                  body.scheduler)
+        if body.override_settings is not None:  # (refused, never ignored: as the options)
+            check_settings(server, body.override_settings,
+                           lambda message, param: ApiError(400, message, "bad_request", param),
+                           Server.text_layers, "override_settings")
         clip_skip = _clip_skip(body.override_settings, server.text_layers(),
                                server.options.get("CLIP_stop_at_last_layers", 1))
         if not 1 <= body.n_iter <= server.limits.max_images:

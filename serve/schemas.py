@@ -85,7 +85,10 @@ class A1111Request(BaseModel):
     width: Optional[int] = Field(None, description="default: the model's native size")
     height: Optional[int] = Field(None, description="default: the model's native size")
     override_settings: Optional[Dict[str, object]] = Field(
-        None, description="CLIP_stop_at_last_layers is honoured (A1111's clip skip)")
+        None, description="the A1111 settings sdrt has, for this request: "
+                          "CLIP_stop_at_last_layers (clip skip), sd_vae (a --vae-dir VAE), "
+                          "sd_model_checkpoint (the loaded model), samples_format (png); "
+                          "any other is a 400")
     send_images: bool = True
     # A1111 features that change the picture and that sdrt does not have: accepted at their
     # "off" values (false, null, 0, -1, empty), refused with a 400 naming the field otherwise.
