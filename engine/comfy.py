@@ -8,8 +8,9 @@ followed back through VAEDecode to one KSampler (or a KSamplerAdvanced that adds
 runs its schedule to the end: from step 0 on an empty latent, from ``start_at_step`` on an
 image, sdrt's image to image keeping those steps), whose model, prompts and latent come from
 
-- (ComfyUI's latent hires fix) a LatentUpscale or LatentUpscaleBy of another such sampler's
-  latents, sampled again on the same model, prompts and cfg: sdrt's hires fix (``_hires``);
+- (ComfyUI's hires fix) a LatentUpscale or LatentUpscaleBy of another such sampler's latents,
+  or its picture decoded, scaled by ImageScale(By) and encoded again, sampled again on the
+  same model, prompts and cfg: sdrt's hires fix (``_hires``);
 - CheckpointLoaderSimple (the model; its VAE decodes, or a VAELoader's: ``sdrt generate
   --vae``), through any LoraLoader nodes (one strength for the UNet and the text encoder, as
   sdrt applies a LoRA);
@@ -75,6 +76,10 @@ _SAMPLER_NODES = ("KSampler", "KSamplerAdvanced")
 # torch.nn.functional.interpolate mode, without antialiasing.
 LATENT_UPSCALES = {"nearest-exact": "Latent (nearest-exact)", "bilinear": "Latent",
                    "bicubic": "Latent (bicubic)"}
+# ImageScale(By)'s upscale_method → sdrt's image upscaler: PIL's Lanczos, as ComfyUI's.
+IMAGE_UPSCALES = {"lanczos": "Lanczos"}
+_UPSCALES = {"LatentUpscale": LATENT_UPSCALES, "LatentUpscaleBy": LATENT_UPSCALES,
+             "ImageScale": IMAGE_UPSCALES, "ImageScaleBy": IMAGE_UPSCALES}
 _APPLY = "ControlNetApplyAdvanced"
 # Preprocessor nodes between a LoadImage and a ControlNetApplyAdvanced: class → (sdrt's
 # preprocessor, {its input: the setting it is (engine.preprocess.FIELDS)}).
@@ -162,12 +167,22 @@ def read(graph) -> Workflow:
                         f"{len(outputs)}")
     decode = nodes.follow(outputs[0], "images", ("VAEDecode",))
     sampler_id = nodes.follow(decode, "samples", _SAMPLER_NODES)
-    second = None
-    if nodes.kind(nodes.link(sampler_id, "latent_image")[0]) in ("LatentUpscale",
-                                                                 "LatentUpscaleBy"):
-        second = sampler_id  # a hires fix: this samples the upscaled latents of another
-        sampler_id = nodes.follow(nodes.link(second, "latent_image")[0], "samples",
-                                  _SAMPLER_NODES)
+    second = upscale = None
+    latent = nodes.link(sampler_id, "latent_image")[0]
+    if nodes.kind(latent) == "VAEEncode" and nodes.kind(
+            nodes.link(latent, "pixels")[0]) in ("ImageScale", "ImageScaleBy"):
+        # a hires fix in pixels: this samples the upscaled image of another's latents
+        second, upscale = sampler_id, nodes.link(latent, "pixels")[0]
+        first_decode = nodes.follow(upscale, "image", ("VAEDecode",))
+        for node in (latent, first_decode):
+            if nodes.link(node, "vae") != nodes.link(decode, "vae"):
+                raise SdrtError(f"workflow node {node} ({nodes.kind(node)}) must take the VAE "
+                                f"that decodes the picture (node {decode}'s)")
+        sampler_id = nodes.follow(first_decode, "samples", _SAMPLER_NODES)
+    elif nodes.kind(latent) in ("LatentUpscale", "LatentUpscaleBy"):
+        # a hires fix: this samples the upscaled latents of another
+        second, upscale = sampler_id, latent
+        sampler_id = nodes.follow(upscale, "samples", _SAMPLER_NODES)
     kind = nodes.kind(sampler_id)
     pair = _pair(nodes, sampler_id)
     checkpoint, loras = nodes.model_chain(nodes.link(sampler_id, "model"))
@@ -223,7 +238,7 @@ def read(graph) -> Workflow:
         flow.init_image = nodes.inputs(image).get("image")
         flow.strength = denoise
     if second is not None:
-        flow.hires = _hires(nodes, sampler_id, second, flow)
+        flow.hires = _hires(nodes, sampler_id, second, upscale, flow)
     if nodes.kind(vae) == "VAELoader":
         flow.vae = nodes.inputs(vae).get("vae_name")
         if not isinstance(flow.vae, str) or not flow.vae:
@@ -244,13 +259,13 @@ def _pair(nodes, sampler_id):
     return pair
 
 
-def _hires(nodes, first, second, flow):
-    """ComfyUI's latent hires fix, first sampler → LatentUpscale(By) → second sampler, as
-    sdrt's (A1111's) hires fix: the second sampler's steps and denoise (or start_at_step) are
-    its steps and strength, its sampler the hires sampler; it must sample the first's model
-    with the same prompts and cfg (the second pass's noise comes from the first's generator,
-    as A1111 draws it, not from its own seed)."""
-    upscale = nodes.link(second, "latent_image")[0]
+def _hires(nodes, first, second, upscale, flow):
+    """ComfyUI's hires fix, first sampler → LatentUpscale(By) → second sampler (or in pixels:
+    VAEDecode → ImageScale(By) → VAEEncode), as sdrt's (A1111's) hires fix: the second
+    sampler's steps and denoise (or start_at_step) are its steps and strength, its sampler
+    the hires sampler; it must sample the first's model with the same prompts and cfg (the
+    second pass's noise comes from the first's generator, as A1111 draws it, not from its
+    own seed)."""
     where = f"workflow node {second} ({nodes.kind(second)})"
     for key in ("model", "positive", "negative"):
         if nodes.link(second, key) != nodes.link(first, key):
@@ -262,20 +277,23 @@ def _hires(nodes, first, second, flow):
     if flow.width is None:
         raise SdrtError(f"{where}: sdrt's hires fix redraws text to image; node {first} samples "
                         f"an image")
+    methods = _UPSCALES[nodes.kind(upscale)]
     method = nodes.inputs(upscale).get("upscale_method")
-    if method not in LATENT_UPSCALES:
+    if method not in methods:
         raise SdrtError(f"workflow node {upscale} ({nodes.kind(upscale)}): upscale_method "
-                        f"{short_repr(method)}: sdrt upscales latents by "
-                        f"{', '.join(LATENT_UPSCALES)}")
+                        f"{short_repr(method)}: sdrt upscales "
+                        f"{'latents' if methods is LATENT_UPSCALES else 'images'} by "
+                        f"{', '.join(methods)}")
     size = {}
-    if nodes.kind(upscale) == "LatentUpscaleBy":
+    if nodes.kind(upscale).endswith("By"):
         size["scale"] = float(_number(nodes, upscale, "scale_by", float))
     else:
         w, h = (_number(nodes, upscale, key, int) for key in ("width", "height"))
         crop = nodes.inputs(upscale).get("crop", "disabled")
         if crop not in ("disabled", "center") or (
                 crop == "disabled" and w and h and w * flow.height != h * flow.width):
-            raise SdrtError(f"workflow node {upscale} (LatentUpscale): crop {short_repr(crop)} "
+            raise SdrtError(f"workflow node {upscale} ({nodes.kind(upscale)}): crop "
+                            f"{short_repr(crop)} "
                             f"to {w}x{h}: sdrt keeps the {flow.width}x{flow.height} image's "
                             f"shape (crop \"center\" cuts it to another)")
         size.update(resize_x=w, resize_y=h)
@@ -286,7 +304,7 @@ def _hires(nodes, first, second, flow):
     else:
         strength = float(_number(nodes, second, "denoise", float, default=1.0))
     sampler = SAMPLERS[_pair(nodes, second)]
-    return Hires(upscaler=LATENT_UPSCALES[method], steps=steps, strength=strength,
+    return Hires(upscaler=methods[method], steps=steps, strength=strength,
                  sampler=None if sampler == flow.sampler else sampler, **size)
 
 

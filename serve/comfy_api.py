@@ -168,6 +168,15 @@ def _node_specs(server, checkpoints, loras, images, controlnets, vaes):
         "LatentUpscaleBy": ("latent", {
             "samples": ["LATENT"], "upscale_method": [list(comfy.LATENT_UPSCALES)],
             "scale_by": number("FLOAT", 1.5, 1.0, 8.0, 0.01)}, ["LATENT"]),
+        # (or in pixels, between a VAEDecode and a VAEEncode)
+        "ImageScale": ("image/upscaling", {
+            "image": ["IMAGE"], "upscale_method": [list(comfy.IMAGE_UPSCALES)],
+            "width": number("INT", 512, 0, limits.max_side, 1),
+            "height": number("INT", 512, 0, limits.max_side, 1),
+            "crop": [["disabled", "center"]]}, ["IMAGE"]),
+        "ImageScaleBy": ("image/upscaling", {
+            "image": ["IMAGE"], "upscale_method": [list(comfy.IMAGE_UPSCALES)],
+            "scale_by": number("FLOAT", 1.5, 1.0, 8.0, 0.01)}, ["IMAGE"]),
         "ControlNetLoader": ("loaders", {"control_net_name": [controlnets]}, ["CONTROL_NET"]),
         "ControlNetApplyAdvanced": ("conditioning/controlnet", {
             "positive": ["CONDITIONING"], "negative": ["CONDITIONING"],

@@ -325,6 +325,18 @@ def _hires(graph=DEFAULT, upscale=None, **second):
     return g
 
 
+def _pixel_hires(graph=DEFAULT, **second):
+    """ComfyUI's hires fix in pixels: the first picture decoded, scaled by ImageScaleBy
+    (lanczos) and encoded again for the second KSampler."""
+    g = _hires(graph, **second)
+    g["20"] = {"class_type": "ImageScaleBy", "inputs": {
+        "image": ["22", 0], "upscale_method": "lanczos", "scale_by": 1.5}}
+    g["22"] = {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}}
+    g["23"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["20", 0], "vae": ["4", 2]}}
+    g["21"]["inputs"]["latent_image"] = ["23", 0]
+    return g
+
+
 def test_hires_fix():
     flow = comfy.read(_hires())
     assert flow == dataclasses.replace(comfy.read(DEFAULT), hires=Hires(
@@ -342,6 +354,8 @@ def test_hires_fix():
     advanced["8"]["inputs"]["samples"] = ["21", 0]
     hires = comfy.read(advanced).hires
     assert (hires.steps, hires.schedule_steps(20)) == (8, (20, 8))
+    assert comfy.read(_pixel_hires()).hires == Hires(scale=1.5, upscaler="Lanczos", steps=14,
+                                                     strength=0.5)
 
 
 @pytest.mark.parametrize("edit,message", [
@@ -358,6 +372,17 @@ def test_hires_fix():
      "node 5 (EmptyLatentImage) is not supported as LatentUpscaleBy's samples"),
 ])
 def test_hires_fix_refusals(edit, message):
+    g = _pixel_hires()
+    g["20"]["inputs"]["upscale_method"] = "bicubic"
+    with pytest.raises(SdrtError, match=r"node 20 \(ImageScaleBy\): upscale_method 'bicubic': "
+                                        r"sdrt upscales images by lanczos"):
+        comfy.read(g)
+    g = _pixel_hires()
+    g["23"]["inputs"]["vae"] = ["30", 0]
+    g["30"] = {"class_type": "VAELoader", "inputs": {"vae_name": "v.safetensors"}}
+    with pytest.raises(SdrtError, match=r"node 23 \(VAEEncode\) must take the VAE that decodes "
+                                        r"the picture \(node 8's\)"):
+        comfy.read(g)
     g = _hires()
     edit(g)
     with pytest.raises(SdrtError, match=re.escape(message)):
@@ -471,6 +496,17 @@ def test_cli_workflow_hires_fix_equals_the_options(tiny_dir, tmp_path, capsys):
     with Image.open(tmp_path / "json.png") as im:
         assert "Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Latent (nearest-exact), " \
                "Hires sampler: Euler Karras" in im.text["parameters"], im.text["parameters"]
+
+
+def test_cli_workflow_pixel_hires_fix_equals_the_options(tiny_dir, tmp_path, capsys):
+    graph = _pixel_hires(_small(DEFAULT), steps=2, denoise=0.6)
+    (tmp_path / "wf.json").write_text(json.dumps(graph))
+    hires = ["--hr-scale", "1.5", "--hr-upscaler", "Lanczos", "--hr-steps", "2", "--strength",
+             "0.6"]
+    outs = draw({"json": ["--workflow", str(tmp_path / "wf.json")],
+                 "options": SMALL_OPTIONS + hires}, ["--model", tiny_dir], tmp_path, capsys)
+    assert outs["json"].shape == (32, 48, 3)
+    assert np.array_equal(outs["json"], outs["options"])
 
 
 def test_cli_workflow_image_to_image(tiny_dir, tmp_path, capsys):

@@ -22,7 +22,7 @@ httpx = pytest.importorskip("httpx")
 from sdrt.engine.demo.model import demo_pipeline  # noqa: E402
 from sdrt.engine.images import to_rgb8  # noqa: E402
 from sdrt.serve.local import LocalServer  # noqa: E402
-from test_comfy import DEFAULT, _advanced, _hires, _img2img  # noqa: E402
+from test_comfy import DEFAULT, _advanced, _hires, _img2img, _pixel_hires  # noqa: E402
 from test_serve import TIMEOUT, assert_same_image, config  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -121,7 +121,7 @@ def test_object_info_drives_a_workflow(server, ref_pipe):
     assert_same_image(png, want, "heun on karras from /object_info")
     one = httpx.get(f"{url}/object_info/KSampler", timeout=TIMEOUT).json()
     assert one == {"KSampler": info["KSampler"]}
-    assert httpx.get(f"{url}/object_info/ImageScale", timeout=TIMEOUT).json() == {}
+    assert httpx.get(f"{url}/object_info/UpscaleModelLoader", timeout=TIMEOUT).json() == {}
     assert info["LatentUpscaleBy"]["input"]["required"]["upscale_method"][0] == [
         "nearest-exact", "bilinear", "bicubic"]
     stats = httpx.get(f"{url}/system_stats", timeout=TIMEOUT).json()
@@ -150,6 +150,14 @@ def test_hires_fix_workflow(server, ref_pipe):
                     "euler_a_normal", [torch.Generator().manual_seed(7)],
                     guidance_scale=7.0)[0]
     assert_same_image(png, want, "ComfyUI hires fix")
+    pixels = _pixel_hires(_workflow(url, DEFAULT, seed=7), steps=2, denoise=0.6)
+    entry = _history(url, _queue(url, pixels)["prompt_id"])
+    png = Image.open(io.BytesIO(_view(url, entry["outputs"]["9"]["images"][0])))
+    want = generate(ref_pipe, Hires(scale=1.5, upscaler="Lanczos", steps=2, strength=0.6),
+                    ["beautiful scenery nature glass bottle"], "text, watermark", 64, 64, 2,
+                    "euler_a_normal", [torch.Generator().manual_seed(7)],
+                    guidance_scale=7.0)[0]
+    assert_same_image(png, want, "ComfyUI hires fix in pixels")
     graph["21"]["inputs"]["steps"] = 10 ** 6
     r = httpx.post(f"{url}/prompt", json={"prompt": graph}, timeout=TIMEOUT)
     assert r.status_code == 400 and "steps" in r.text, r.text
