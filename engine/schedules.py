@@ -709,9 +709,9 @@ def _restart_schedule(cfg, sampler, alphas_cumprod, steps, start, device,
     call at its start, its second at its end (none for the last step, to 0; a call at 0 whose
     slope is not used for a step to 0 that a restart follows, where the table's lowest level
     is nearer 0 than 0.1), that second call's ``sigmas_up`` the noise that raises the latents
-    to where the next step starts (0 but before a restart). Its levels: Euler's (plain or Karras), or a sigma schedule's
-    ``tables``; image to image drops the leading ``start`` levels first, as A1111 hands
-    Restart the rest of its table."""
+    to where the next step starts (0 but before a restart). Its levels: Euler's (plain or
+    Karras), or a sigma schedule's ``tables``; image to image drops the leading ``start``
+    levels first, as A1111 hands Restart the rest of its table."""
     if tables is not None:
         levels = tables[1]
     else:
