@@ -9,6 +9,7 @@ built first and timed apart. Output files never replace an existing file unless
 """
 import argparse
 import dataclasses
+import functools
 import itertools
 import os
 import sys
@@ -184,9 +185,8 @@ def generate(a):
                                      for (path, _), name in zip(a.controlnet, controls)])
     ti_hashes = tuple((token, file_hash(path)) for token, path in zip(tokens, a.embedding))
     vae = {}
-    if a.vae is not None:  # as A1111 names it: the file's name, the first 10 of its sha256
-        vae = dict(vae_name=os.path.basename(os.path.normpath(a.vae)),
-                   vae_hash=model_identity(a.vae, None)[1])
+    if a.vae is not None:
+        vae = dict(zip(("vae_name", "vae_hash"), _vae_identity(a.vae)))
     refined = {}
     if refiner is not None:
         refiner_name, refiner_hash, _ = model_identity(a.refiner, refiner)
@@ -339,6 +339,13 @@ _PNG_SETTINGS = {  # a sampler reads with its schedule type (_SCHEDULE_TYPE_KEYS
 _SCHEDULE_TYPE_KEYS = {"Sampler": "Schedule type", "Hires sampler": "Hires schedule type"}
 
 
+@functools.cache
+def _vae_identity(path):
+    """(name, hash) of a --vae file or folder as A1111 records it: the file's name and the
+    first 10 hex digits of its sha256; hashed once."""
+    return os.path.basename(os.path.normpath(path)), model_identity(path, None)[1]
+
+
 def _float_or_none(text):
     try:
         return float(text)
@@ -421,7 +428,7 @@ def _apply_png(a):
         warnings.warn(f"--from-png {a.from_png} was decoded with VAE {pairs['VAE']}: pass --vae "
                       f"FILE for it, or the image will differ")
     elif "VAE hash" in pairs and a.vae is not None and os.path.isfile(a.vae) and \
-            model_identity(a.vae, None)[1] != pairs["VAE hash"]:
+            _vae_identity(a.vae)[1] != pairs["VAE hash"]:
         warnings.warn(f"--from-png {a.from_png} was decoded with VAE {pairs.get('VAE')} "
                       f"[{pairs['VAE hash']}], --vae {a.vae} is another: the image will differ")
     cli_control.from_png(a, pairs, f"--from-png {a.from_png}")

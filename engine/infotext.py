@@ -165,13 +165,13 @@ def sampler_id(label, schedule_type=None):
     if not isinstance(label, str):
         return None
     sid = _BY_NAME.get(label.lower()) or (label if split_sampler(label) else None)
-    if sid is None and schedule_kind(schedule_type) == "automatic":
+    kind = schedule_kind(schedule_type)
+    if sid is None and kind == "automatic":
         # A1111 also reads a schedule type's label at the end of the sampler's ("DPM++ 2M
         # SGM Uniform"), as it reads the old "DPM++ 2M Karras".
         for name in _KINDS:
             if label.lower().endswith(" " + name) and label[:-len(name) - 1] in _LABELS:
                 return sampler_id(label[:-len(name) - 1], name)
-    kind = schedule_kind(schedule_type)
     if sid is None or kind is None:
         return None
     base, own = _own_schedule(sid)
@@ -199,7 +199,7 @@ def beta_shape(sid):
     """The Beta distribution's parameters A1111 writes beside its Beta schedule type:
     {"Beta schedule alpha": "0.6", "Beta schedule beta": "0.6"} for an X_beta sampler, else
     {}."""
-    if sid is None or (split_sampler(sid) or (None, None))[1] != "beta":
+    if (split_sampler(sid) or (None, None))[1] != "beta":
         return {}
     return {f"Beta schedule {k}": number(v) for k, v in zip(("alpha", "beta"), BETA_SHAPE)}
 
@@ -208,11 +208,11 @@ def written_schedule(sid):
     """The "Schedule type" to write beside sampler ``sid``'s label: an X_S sampler's schedule,
     "Uniform" where A1111 would otherwise read the label with another default schedule; None
     elsewhere."""
-    if sid is None or split_sampler(sid) is None:
+    split = split_sampler(sid)
+    if split is None:
         return None
-    schedule = split_sampler(sid)[1]
-    if schedule is not None:
-        return _WRITTEN[schedule]
+    if split[1] is not None:
+        return _WRITTEN[split[1]]
     return "Uniform" if SAMPLER_LABELS[sid].lower() in _AUTOMATIC else None
 
 

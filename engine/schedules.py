@@ -726,10 +726,8 @@ def _restart_schedule(cfg, sampler, alphas_cumprod, steps, start, device,
         if new > 0 or k + 1 < len(pairs):
             inputs.append(new), to.append(new)
             up.append((following**2 - new**2) ** 0.5 if following > new else 0.0)
-    if cfg.timestep_type == "continuous" and cfg.prediction_type == "v_prediction":
-        calls = (0.25 * np.log(inputs)).astype(np.float32)
-    else:
-        calls = sigma_to_timestep(np.asarray(inputs), train).astype(np.float32)
+    # (Heun's class has discrete timesteps only: for_sampler sets them)
+    calls = sigma_to_timestep(np.asarray(inputs), train).astype(np.float32)
     f32 = {"dtype": torch.float32, "device": device}
     as_tensor = lambda values: torch.tensor(values, **f32)  # noqa: E731
     return Schedule(sampler, cfg, torch.from_numpy(calls).to(device), float(inputs[0]),
@@ -1192,13 +1190,13 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_inference_steps: int, 
     if schedule is not None:
         tables = _schedule_tables(cfg, alphas_cumprod, schedule, steps, align_your_steps)
         steps = len(tables[0])  # ddim_uniform's and comfy_beta's may differ from the steps
-        through_zero = (tables[1][-1] > 0 and base != "restart"
-                        and base in TWO_CALL_SAMPLERS + ("dpmpp_sde",))
+        # (Restart lays out a last step above 0 itself)
+        through_zero = tables[1][-1] > 0 and base in TWO_CALL_SAMPLERS and base != "restart"
         if through_zero:
             tables = _through_zero(tables, _train_sigmas(_finite_snr(cfg, alphas_cumprod)))
     start = _img2img_start(steps, strength)
 
-    if base == "restart" or sampler == "restart_karras":
+    if base.startswith("restart"):
         sched = _restart_schedule(cfg, sampler, alphas_cumprod, steps, start, device, tables)
     elif tables is not None and base.startswith("dpmpp_sde"):
         sched = _dpmpp_sde_schedule(cfg, sampler, alphas_cumprod, len(tables[0]), start,

@@ -217,6 +217,17 @@ class Server:
             raise ApiError(400, " ".join(str(e).split()), "bad_request", _param_of(str(e)))
         return replace(checked, num_images_per_prompt=req.num_images_per_prompt)
 
+    def check_second_pass(self, hires, req, names):
+        """A hires fix's second pass checked as a request of its own (``check``: its size,
+        steps and memory); ``names`` name the fields that set them."""
+        width, height, _, _ = hires.target(req.width, req.height,
+                                           self.runner.pipe.vae_scale_factor)
+        steps, _ = hires.schedule_steps(req.num_inference_steps)
+        self.check(names, prompt=hires.prompt or req.prompt, height=height, width=width,
+                   num_inference_steps=steps, guidance_scale=req.guidance_scale,
+                   num_images_per_prompt=req.num_images_per_prompt, strength=hires.strength,
+                   has_image=True)
+
     def chunks(self, req):
         """The checked request's number of 77-token text chunks (part of its batch key)."""
         return self.runner.pipe.text_inputs(req.texts(), req.prompt_syntax).num_chunks
@@ -941,16 +952,9 @@ def _hires(server, body, req):
                       ).check(names, server.limits.max_side, server.limits.max_steps)
     except SdrtError as e:
         raise ApiError(400, str(e), "bad_request", _param_of(str(e)))
-    width, height, _, _ = hires.target(req.width, req.height,
-                                       server.runner.pipe.vae_scale_factor)
-    steps, _ = hires.schedule_steps(req.num_inference_steps)
     second = {"height": "hr_scale", "width": "hr_scale",
               "num_inference_steps": "hr_second_pass_steps"}
-    server.check({**_A1111_NAMES, **second}, prompt=hires.prompt or req.prompt,
-                 height=height, width=width, num_inference_steps=steps,
-                 guidance_scale=req.guidance_scale,
-                 num_images_per_prompt=req.num_images_per_prompt, strength=hires.strength,
-                 has_image=True)
+    server.check_second_pass(hires, req, {**_A1111_NAMES, **second})
     return hires
 
 

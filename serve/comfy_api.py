@@ -118,6 +118,17 @@ def _node_specs(server, checkpoints, loras, images, controlnets, vaes):
     def number(kind, default, low, high, step):
         return [kind, {"default": default, "min": low, "max": high, "step": step}]
 
+    def upscales(to_size, by, category, source, kind, methods, step):
+        """A hires fix's pair of nodes that scale a ``kind`` input: to a size, and by a
+        factor."""
+        common = {source: [kind], "upscale_method": [list(methods)]}
+        return {to_size: (category, {**common,
+                                     "width": number("INT", 512, 0, limits.max_side, step),
+                                     "height": number("INT", 512, 0, limits.max_side, step),
+                                     "crop": [["disabled", "center"]]}, [kind]),
+                by: (category, {**common, "scale_by": number("FLOAT", 1.5, 1.0, 8.0, 0.01)},
+                     [kind])}
+
     side = number("INT", 512, 16, limits.max_side, 8)
     strength = number("FLOAT", 1.0, -100.0, 100.0, 0.01)
     nodes = {  # class: (category, required inputs, outputs)
@@ -159,24 +170,12 @@ def _node_specs(server, checkpoints, loras, images, controlnets, vaes):
             ["LATENT"]),
         "VAEDecode": ("latent", {"samples": ["LATENT"], "vae": ["VAE"]}, ["IMAGE"]),
         "VAELoader": ("loaders", {"vae_name": [vaes]}, ["VAE"]),
-        # between two samplers: the hires fix (engine/comfy.py)
-        "LatentUpscale": ("latent", {
-            "samples": ["LATENT"], "upscale_method": [list(comfy.LATENT_UPSCALES)],
-            "width": number("INT", 512, 0, limits.max_side, 8),
-            "height": number("INT", 512, 0, limits.max_side, 8),
-            "crop": [["disabled", "center"]]}, ["LATENT"]),
-        "LatentUpscaleBy": ("latent", {
-            "samples": ["LATENT"], "upscale_method": [list(comfy.LATENT_UPSCALES)],
-            "scale_by": number("FLOAT", 1.5, 1.0, 8.0, 0.01)}, ["LATENT"]),
-        # (or in pixels, between a VAEDecode and a VAEEncode)
-        "ImageScale": ("image/upscaling", {
-            "image": ["IMAGE"], "upscale_method": [list(comfy.IMAGE_UPSCALES)],
-            "width": number("INT", 512, 0, limits.max_side, 1),
-            "height": number("INT", 512, 0, limits.max_side, 1),
-            "crop": [["disabled", "center"]]}, ["IMAGE"]),
-        "ImageScaleBy": ("image/upscaling", {
-            "image": ["IMAGE"], "upscale_method": [list(comfy.IMAGE_UPSCALES)],
-            "scale_by": number("FLOAT", 1.5, 1.0, 8.0, 0.01)}, ["IMAGE"]),
+        # between two samplers: the hires fix (engine/comfy.py), on latents or in pixels
+        # (between a VAEDecode and a VAEEncode)
+        **upscales("LatentUpscale", "LatentUpscaleBy", "latent", "samples", "LATENT",
+                   comfy.LATENT_UPSCALES, 8),
+        **upscales("ImageScale", "ImageScaleBy", "image/upscaling", "image", "IMAGE",
+                   comfy.IMAGE_UPSCALES, 1),
         "ControlNetLoader": ("loaders", {"control_net_name": [controlnets]}, ["CONTROL_NET"]),
         "ControlNetApplyAdvanced": ("conditioning/controlnet", {
             "positive": ["CONDITIONING"], "negative": ["CONDITIONING"],
@@ -479,16 +478,9 @@ def _hires(server, flow, req, bad):
              "sampler": "sampler_name"}
     try:
         hires = flow.hires.check(names, server.limits.max_side, server.limits.max_steps)
-        width, height, _, _ = hires.target(req.width, req.height,
-                                           server.runner.pipe.vae_scale_factor)
-        steps, _ = hires.schedule_steps(req.num_inference_steps)
-        server.check({**_NAMES, "height": "height", "width": "width"}, prompt=req.prompt,
-                     height=height, width=width, num_inference_steps=steps,
-                     guidance_scale=req.guidance_scale,
-                     num_images_per_prompt=req.num_images_per_prompt,
-                     strength=hires.strength, has_image=True)
-    except SdrtError as e:  # (the request's own checks answer 400s of their own)
+    except SdrtError as e:
         raise bad(f"prompt: the hires fix's second pass: {e}")
+    server.check_second_pass(hires, req, {**_NAMES, "height": "height", "width": "width"})
     return hires
 
 
