@@ -125,10 +125,13 @@ ACTIVATIONS = {
 
 
 class CLIPAttention(nn.Module):
-    def __init__(self, cfg):
+    """Multi-head self-attention: causal in the text tower, over every token in the vision
+    tower (``causal=False``)."""
+
+    def __init__(self, cfg, causal=True):
         super().__init__()
         d = cfg.hidden_size
-        self.heads = cfg.num_attention_heads
+        self.heads, self.causal = cfg.num_attention_heads, causal
         self.q_proj, self.k_proj = nn.Linear(d, d), nn.Linear(d, d)
         self.v_proj, self.out_proj = nn.Linear(d, d), nn.Linear(d, d)
 
@@ -136,8 +139,9 @@ class CLIPAttention(nn.Module):
         b, s, d = x.shape
         split = lambda t: t.view(b, s, self.heads, d // self.heads).transpose(1, 2)
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        # Causal attention over 77 tokens is ~0.01% of a request's FLOPs: no kernel of its own.
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        # Attention over 77 tokens (257 patches once per request for the vision tower) is
+        # ~0.01% of a request's FLOPs: no kernel of its own.
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.out_proj(o.transpose(1, 2).reshape(b, s, d))
 
 
@@ -153,9 +157,9 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, causal=True):
         super().__init__()
-        self.self_attn = CLIPAttention(cfg)
+        self.self_attn = CLIPAttention(cfg, causal)
         self.layer_norm1 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = CLIPMLP(cfg)
         self.layer_norm2 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
@@ -176,9 +180,10 @@ class CLIPEmbeddings(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, causal=True):
         super().__init__()
-        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg, causal)
+                                    for _ in range(cfg.num_hidden_layers))
 
 
 class CLIPTextTransformer(nn.Module):

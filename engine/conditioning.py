@@ -18,10 +18,14 @@ class Conditioning:
     states: torch.Tensor                     # (B, 77·n, D) text states, cross-attention keys
     text_embeds: torch.Tensor | None = None  # (B, P) pooled (projected) text embedding, SDXL
     time_ids: torch.Tensor | None = None     # (B, K) micro-conditioning numbers, SDXL
+    # IP-Adapters: per adapter, (B, n, D) image tokens (a tuple); their scales (B, adapters).
+    image_tokens: tuple | None = None
+    image_scales: torch.Tensor | None = None
 
     # The UNet's argument name of each field.
     UNET_NAMES = {"states": "encoder_hidden_states", "text_embeds": "text_embeds",
-                  "time_ids": "time_ids"}
+                  "time_ids": "time_ids", "image_tokens": "image_tokens",
+                  "image_scales": "image_scales"}
 
     def items(self):
         """(field name, tensor) of the fields this conditioning has."""
@@ -32,8 +36,9 @@ class Conditioning:
         return {self.UNET_NAMES[name]: t for name, t in self.items()}
 
     def map(self, fn) -> "Conditioning":
-        """``fn`` applied to each tensor this conditioning has."""
-        return Conditioning(**{name: fn(t) for name, t in self.items()})
+        """``fn`` applied to each tensor this conditioning has (each of a tuple's)."""
+        return Conditioning(**{name: tuple(map(fn, t)) if isinstance(t, tuple) else fn(t)
+                               for name, t in self.items()})
 
     def to(self, device=None, dtype=None) -> "Conditioning":
         return self.map(lambda t: t.to(device=device, dtype=dtype))
@@ -48,13 +53,20 @@ class Conditioning:
     @staticmethod
     def cat(parts) -> "Conditioning":
         """Rows of several conditionings, in order (all with the same fields)."""
-        names = [name for name, _ in parts[0].items()]
-        return Conditioning(**{n: torch.cat([getattr(p, n) for p in parts]) for n in names})
+        def cat(n):
+            first = getattr(parts[0], n)
+            if isinstance(first, tuple):
+                return tuple(torch.cat([getattr(p, n)[i] for p in parts])
+                             for i in range(len(first)))
+            return torch.cat([getattr(p, n) for p in parts])
+        return Conditioning(**{n: cat(n) for n, _ in parts[0].items()})
 
     def copy_(self, other: "Conditioning") -> None:
         """Copy ``other`` into these tensors (a static plan's buffers) in place."""
         for name, t in self.items():
-            t.copy_(getattr(other, name))
+            for mine, theirs in (zip(t, getattr(other, name)) if isinstance(t, tuple)
+                                 else [(t, getattr(other, name))]):
+                mine.copy_(theirs)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ Every GroupNorm, attention, LayerNorm and GEGLU goes through ``sdrt.kernels``, s
 Triton backend swaps in underneath without touching this file.
 """
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -156,10 +157,22 @@ class Upsample2D(nn.Module):
         return self.conv(x)
 
 
+@dataclass(frozen=True)
+class ImagePrompt:
+    """A cross-attention context with IP-Adapter image tokens: what a UNet whose attention
+    layers carry adapters (``ip_adapter.attach``) passes down in place of the text states."""
+    states: torch.Tensor  # (B, T, D) text states
+    tokens: tuple         # per adapter: (B, n, D) image tokens
+    scales: torch.Tensor  # (B, adapters): each adapter's scale, per row
+
+
 class Attention(nn.Module):
     """Multi-head attention with diffusers' names: to_q, to_k, to_v, to_out.0.
 
-    Self-attention when ``context`` is None, cross-attention over ``context`` otherwise.
+    Self-attention when ``context`` is None, cross-attention over ``context`` otherwise. An
+    ``ImagePrompt`` context adds, per IP-Adapter in ``image_kv`` (its ``to_k_ip``/``to_v_ip``
+    for this layer), ``scale · attention(q, image keys, image values)`` to the attention over
+    the text, before ``to_out`` (diffusers' ``IPAdapterAttnProcessor``).
     """
 
     def __init__(self, dim, heads, head_dim, context_dim=None, bias=False):
@@ -170,15 +183,26 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(context_dim or dim, inner, bias=bias)
         self.to_v = nn.Linear(context_dim or dim, inner, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
+        self.image_kv = None  # IP-Adapters' keys and values of this layer (ip_adapter.attach)
+
+    def _heads(self, t):  # (B, T, H·D) → (B, H, T, D)
+        return t.view(t.shape[0], t.shape[1], self.heads, self.head_dim).transpose(1, 2)
 
     def forward(self, x, context=None):  # x: (B, S, dim), context: (B, T, context_dim)
+        image = None
+        if isinstance(context, ImagePrompt):
+            image, context = context, context.states
         context = x if context is None else context
         b, s, _ = x.shape
-        t = context.shape[1]
-        q = self.to_q(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)  # (B, H, S, D)
-        k = self.to_k(context).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        v = self.to_v(context).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        o = kernels.attention(q, k, v, scale=self.head_dim ** -0.5)  # (B, H, S, D)
+        scale = self.head_dim ** -0.5
+        q = self._heads(self.to_q(x))  # (B, H, S, D)
+        o = kernels.attention(q, self._heads(self.to_k(context)),
+                              self._heads(self.to_v(context)), scale=scale)  # (B, H, S, D)
+        if image is not None and self.image_kv is not None:
+            for i, (kv, tokens) in enumerate(zip(self.image_kv, image.tokens)):
+                o_image = kernels.attention(q, self._heads(kv.to_k_ip(tokens)),
+                                            self._heads(kv.to_v_ip(tokens)), scale=scale)
+                o = o + image.scales[:, i, None, None, None].to(o.dtype) * o_image
         return self.to_out[0](o.transpose(1, 2).reshape(b, s, -1))
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from .conditioning import Conditioning, TextInputs, encode_text
 from .control import ControlRequest, control_batch, control_scales, select
 from .errors import SdrtError
+from .image_prompt import ImagePromptRequest
 from .infotext import file_stem
 from .layers import use_conv_chooser
 from .loading import Components, check_compatible, load
@@ -239,6 +240,10 @@ class Pipeline:
         self._loras = None  # a LoraManager, made by the first LoRA call
         self._embeddings = {}  # token -> {text encoder: (n, D) float32 CPU}, load_textual_inversion
         self._controlnets = {}  # name -> ControlNetModel, load_controlnet (in load order)
+        # name -> (IPAdapter, its image encoder's path), load_ip_adapter (in load order), and
+        # the image encoders by path (one module for every adapter that reads it).
+        self._ip_adapters = {}
+        self._image_encoders = {}
         if device.type == "cuda":
             # Time the fused GroupNorm+SiLU conv against group_norm + cuDNN once per shape and
             # keep the faster, so no shape gets slower than the unfused path. (Networks run by
@@ -453,6 +458,87 @@ class Pipeline:
         if self.runtime is not None:
             self.runtime.drop(lambda shape: name in shape.controls)
 
+    # -- IP-Adapter ----------------------------------------------------------------------------
+
+    @property
+    def ip_adapters(self) -> dict:
+        """``{name: IPAdapter}`` of the loaded IP-Adapters, in load order."""
+        return {name: adapter for name, (adapter, _) in self._ip_adapters.items()}
+
+    def load_ip_adapter(self, path, image_encoder=None, name=None):
+        """Load an IP-Adapter for this model: a ``.safetensors`` file in h94/IP-Adapter's
+        layout (plain, plus, plus-face, full-face; ``engine.ip_adapter``) and the CLIP image
+        encoder it reads: ``image_encoder``, a transformers folder or one ``.safetensors``
+        file (ComfyUI's ``clip_vision``), by default the ``image_encoder`` folder beside the
+        adapter (h94's layout, as diffusers' ``load_ip_adapter`` looks). ``name`` (default:
+        the file name) is what calls pass as ``ip_adapter``; loading under a loaded name
+        replaces that one. Returns the name."""
+        from .clip_vision import load_image_encoder
+        from .ip_adapter import check_encoder, check_fits, load_ip_adapter
+        if not isinstance(self.unet, nn.Module):
+            raise SdrtError("IP-Adapters feed sdrt's own UNet; this one runs in another runtime")
+        for field, value in (("ip_adapter path", path), ("image_encoder", image_encoder)):
+            if not isinstance(value, (str, os.PathLike)) and \
+                    (value is not None or field == "ip_adapter path"):
+                raise SdrtError(f"{field} must be a path, got {short_repr(value)}")
+        path = os.fspath(path)
+        name = file_stem(path) if name is None else name
+        if not isinstance(name, str) or not name.strip():
+            raise SdrtError(f"ip_adapter name must be a non-empty string, got {short_repr(name)}")
+        adapter = load_ip_adapter(path, self.device, self.dtype)
+        check_fits(adapter, self.unet, path)
+        if image_encoder is None:
+            image_encoder = os.path.join(os.path.dirname(os.path.abspath(path)), "image_encoder")
+            if not os.path.isdir(image_encoder):
+                raise SdrtError(f"{path}: no image_encoder folder beside it; pass image_encoder "
+                                f"(the CLIP vision model it reads: a transformers folder or "
+                                f"a .safetensors file)")
+        key = os.path.realpath(os.fspath(image_encoder))
+        encoder = self._image_encoders.get(key)
+        if encoder is None:
+            encoder = load_image_encoder(key, self.device, self.dtype)
+        check_encoder(adapter, encoder, path)
+        self._image_encoders[key] = encoder
+        self._forget_ip_adapter(name)
+        self._ip_adapters[name] = (adapter, key)
+        return name
+
+    def unload_ip_adapter(self, name=None):
+        """Remove IP-Adapter ``name`` (all when None), and image encoders no longer read."""
+        names = list(self._ip_adapters) if name is None else [name]
+        for n in names:
+            if n not in self._ip_adapters:
+                raise SdrtError(f"ip_adapter {n!r} is not loaded (loaded: "
+                                f"{', '.join(self._ip_adapters) or 'none'})")
+            self._forget_ip_adapter(n)
+
+    def _forget_ip_adapter(self, name):
+        """Drop IP-Adapter ``name``, its encoder if no other reads it, the static plans that
+        ran it, and every adapter's attention weights from the UNet (a request attaches its
+        own)."""
+        from .ip_adapter import attach
+        self._ip_adapters.pop(name, None)
+        used = {key for _, key in self._ip_adapters.values()}
+        for key in [k for k in self._image_encoders if k not in used]:
+            del self._image_encoders[key]
+        attach(self.unet, [])
+        if self.runtime is not None:
+            self.runtime.drop(lambda shape: name in dict(shape.image_prompts))
+
+    def _image_prompt(self, prompt, batch, cfg):
+        """The Conditioning fields of a request's IP-Adapters (``ImagePromptRequest``), with
+        their attention weights attached to the UNet; {} without."""
+        from .image_prompt import image_tokens
+        from .ip_adapter import attach
+        if prompt is None:
+            return {}
+        adapters = [self._ip_adapters[n][0] for n in prompt.names]
+        attach(self.unet, adapters)
+        encoders = [self._image_encoders[self._ip_adapters[n][1]] for n in prompt.names]
+        tokens, scales = image_tokens(adapters, encoders, prompt, batch, cfg, self.device)
+        return {"image_tokens": tuple(t.to(self.dtype) for t in tokens),
+                "image_scales": scales.to(self.dtype)}
+
     # -- LoRA ----------------------------------------------------------------------------------
 
     @property
@@ -553,11 +639,12 @@ class Pipeline:
             raise SdrtError(f"{names.get(field, field)} must be a multiple of {f} (the VAE's "
                             f"scale factor), got {value}")
 
-    def _shape(self, request, num_chunks=1, masked=False, controls=(), guess_mode=False):
+    def _shape(self, request, num_chunks=1, masked=False, controls=(), guess_mode=False,
+               image_prompts=()):
         return StaticShape(request.height, request.width, request.batch_size,
                            request.num_inference_steps, request.sampler, self._cfg(request),
                            num_chunks, request.strength if request.has_image else None, masked,
-                           controls, guess_mode)
+                           controls, guess_mode, image_prompts)
 
     def _guidance_distilled(self):
         """Whether the UNet takes its guidance scale as an input (an LCM-distilled UNet, config
@@ -932,7 +1019,8 @@ class Pipeline:
                  mask_image=None, masked_content="original", latent_resize=False,
                  control_image=None, controlnet=None, controlnet_conditioning_scale=1.0,
                  control_guidance_start=0.0, control_guidance_end=1.0, guess_mode=False,
-                 control_mode="balanced"):
+                 control_mode="balanced", ip_adapter_image=None, ip_adapter=None,
+                 ip_adapter_scale=1.0):
         """Generate images; see the README for each argument.
 
         Returns a list of PIL images (``"pil"``), a float32 array (B, H, W, 3) in [0, 1]
@@ -990,6 +1078,13 @@ class Pipeline:
         unconditional half, so CFG pushes towards the ControlNet. A mode is data in the
         plan's table: it needs no plan of its own.
 
+        IP-Adapter, as diffusers' ``ip_adapter_image``: with adapters loaded by
+        ``load_ip_adapter``, ``ip_adapter_image`` (an image or a list of images, whose tokens
+        are joined; with several adapters a list with one such entry per adapter) prompts every
+        image of the call; ``ip_adapter`` names the adapters to run (default: all, in load
+        order) and ``ip_adapter_scale`` (one number, or one per adapter; default 1) weighs
+        each one's attention.
+
         ``callback(pipe, step_index, timestep, callback_kwargs)`` is called after each
         denoising step, as diffusers calls ``callback_on_step_end``: ``callback_kwargs`` is
         ``{"latents": x}`` (float32), and a returned dict with ``"latents"`` replaces them.
@@ -1030,6 +1125,9 @@ class Pipeline:
                                        controlnet_conditioning_scale, control_guidance_start,
                                        control_guidance_end, guess_mode, control_mode)
         hints = self._control_tensors(control)
+        image_prompt = ImagePromptRequest.parse(list(self._ip_adapters), ip_adapter_image,
+                                                ip_adapter, ip_adapter_scale,
+                                                self._prompt_images)
         if hints and image is None and request.height is None and request.width is None:
             # diffusers' ControlNet pipelines: the control image sets the size.
             f, (h0, w0) = self.vae_scale_factor, hints[0][0].shape[2:]
@@ -1075,7 +1173,7 @@ class Pipeline:
                             masked_content)
         if self._static(request):
             return self._run_static(request, inputs, start, generator, step_end,
-                                    self._clock() - t0, control, hints)
+                                    self._clock() - t0, control, hints, image_prompt)
 
         schedule = make_schedule(self.scheduler_config, sampler, request.num_inference_steps,
                                  strength=request.strength if request.has_image else 1.0,
@@ -1085,6 +1183,8 @@ class Pipeline:
         self.num_timesteps = len(schedule.timesteps)
         t1 = self._clock()
         cond = self.conditioning(request, inputs, request.clip_skip)
+        cond = dataclasses.replace(cond, **self._image_prompt(image_prompt, batch,
+                                                              self._cfg(request)))
         t2 = self._clock()
         if start.pure_noise:
             x = schedule.noise_latents(start.noise)
@@ -1122,6 +1222,11 @@ class Pipeline:
             self._bound_pixels(items, "control_image")
             out.append([_image_tensor(item, "control_image") for item in items])
         return out
+
+    def _prompt_images(self, items):
+        """IP-Adapter reference images, checked, each as float32 (B, 3, H, W) in [0, 1]."""
+        self._bound_pixels(items, "ip_adapter_image")
+        return [_image_tensor(item, "ip_adapter_image") for item in items]
 
     def _check_adapter_size(self, control, request):
         """The T2I-Adapters a request runs can unshuffle its size."""
@@ -1204,13 +1309,19 @@ class Pipeline:
         return [Image.fromarray((i * 255).round().astype(np.uint8)) for i in images]
 
     def _run_static(self, request, inputs, start, generator, step_end, encode_seconds,
-                    control=None, hints=None):
+                    control=None, hints=None, image_prompt=None):
         """One request through the static plan of its shape; ``start`` is where it starts
         (``_start``), drawn before the sampler's own draws; ``control`` and ``hints`` its
-        ControlNets' settings and control images."""
+        ControlNets' settings and control images; ``image_prompt`` its IP-Adapters'."""
+        t0 = self._clock()
+        prompt = self._image_prompt(image_prompt, request.batch_size, self._cfg(request))
+        encode_seconds += self._clock() - t0
+        images = () if image_prompt is None else tuple(
+            (name, t.shape[1]) for name, t in zip(image_prompt.names, prompt["image_tokens"]))
         controls = () if control is None else (control.names, control.guess_mode)
         plan = self.runtime.plan_for(self._shape(request, inputs.num_chunks, start.masked,
-                                                 *controls), self.scheduler_config)
+                                                 *controls, image_prompts=images),
+                                     self.scheduler_config)
         self.num_timesteps = len(plan.schedule.timesteps)
         inputs = inputs.repeat_interleave(request.num_images_per_prompt)
         step_noise = None
@@ -1229,7 +1340,8 @@ class Pipeline:
                                 time_ids=time_ids, x0=start.x0, mask=start.mask,
                                 image_cond=start.image_cond, control_images=hints,
                                 control_scales=None if control is None else
-                                self._control_table(control, len(plan.schedule.timesteps)))
+                                self._control_table(control, len(plan.schedule.timesteps)),
+                                **prompt)
         self.timings["denoise"] += encode_seconds  # the init image's, as the eager path counts
         self.timings["unet_calls"] = len(plan.schedule.timesteps)
         if request.output_type == "latent":

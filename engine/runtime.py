@@ -46,6 +46,8 @@ class StaticShape:
     masked: bool = False  # inpainting: the request carries a mask
     controls: tuple = ()  # the names of the ControlNets it runs, in order
     guess_mode: bool = False  # ControlNets on the conditional half only
+    # IP-Adapters: (name, image tokens) of each one the request runs, in order.
+    image_prompts: tuple = ()
 
     def describe(self):
         chunks = f", {self.num_chunks} text chunks" if self.num_chunks > 1 else ""
@@ -122,7 +124,7 @@ class StaticPlan:
         self.timestep_cond = (torch.zeros(shape.batch_size, cond_dim, dtype=dtype, device=dev)
                               if cond_dim is not None else None)
         # The conditioning: the text stage writes states (and pooled embeddings); the time ids
-        # (SDXL's micro-conditioning) are an input.
+        # (SDXL's micro-conditioning) and the IP-Adapters' image tokens and scales are inputs.
         width = sum(e.config.hidden_size for e in model.text_encoders.values())
         pooled = (model.text_encoders[family.pooled].config.projection_dim
                   if family.pooled else None)
@@ -130,7 +132,11 @@ class StaticPlan:
             torch.zeros(rows, n * length, width, dtype=dtype, device=dev),
             torch.zeros(rows, pooled, dtype=dtype, device=dev) if pooled else None,
             torch.zeros(rows, family.num_time_ids, dtype=dtype, device=dev)
-            if family.time_ids else None)
+            if family.time_ids else None,
+            tuple(torch.zeros(rows, k, unet.config.cross_attention_dim, dtype=dtype, device=dev)
+                  for _, k in shape.image_prompts) or None,
+            torch.zeros(rows, len(shape.image_prompts), dtype=dtype, device=dev)
+            if shape.image_prompts else None)
         # An inpainting UNet's mask and masked-image latents: a request's own when it has a
         # mask; otherwise everything masked over a blank image (A1111's way), the same for
         # every request of the shape.
@@ -229,7 +235,7 @@ class StaticPlan:
     def run(self, inputs: TextInputs, noise, guidance_scale, step_noise=None,
             clock=time.perf_counter, step_end=None, timestep_cond=None, keep=None,
             time_ids=None, x0=None, mask=None, image_cond=None, control_images=None,
-            control_scales=None):
+            control_scales=None, image_tokens=None, image_scales=None):
         """Copy the request's inputs in, run (replay) the three stages.
 
         ``inputs``: token ids and weights (rows, n, 77) per tokenizer, one row per image and
@@ -268,6 +274,11 @@ class StaticPlan:
         # (A plan without a mask keeps its blank image_cond: it is not a request's.)
         given = {"x0": (self.x0, x0), "mask": (self.mask, mask),
                  "image_cond": (self.image_cond if self.shape.masked else None, image_cond)}
+        if self.cond.image_tokens is not None:
+            given["image_scales"] = (self.cond.image_scales, image_scales)
+            for k, tokens in enumerate(self.cond.image_tokens):
+                given[f"image_tokens[{k}]"] = (tokens, None if image_tokens is None
+                                               else image_tokens[k])
         if self.control is not None:
             given["control_scales"] = (self.control.scales, control_scales)
             for k, image in enumerate(self.control.images):

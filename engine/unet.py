@@ -8,8 +8,9 @@ from sdrt import kernels
 
 from .configs import MAX_LAYERS, MAX_POSITIONS, ConfigCheck
 from .errors import SdrtError
-from .layers import (Attention, Downsample2D, GroupNorm, LayerNorm, Ops, ResnetBlock2D,
-                     TimestepEmbedding, Upsample2D, norm_silu_conv, timestep_embedding)
+from .layers import (Attention, Downsample2D, GroupNorm, ImagePrompt, LayerNorm, Ops,
+                     ResnetBlock2D, TimestepEmbedding, Upsample2D, norm_silu_conv,
+                     timestep_embedding)
 
 
 class GuidedTimestepEmbedding(TimestepEmbedding):
@@ -551,10 +552,11 @@ class UNet2DConditionModel(UNetEncoder):
 
         self.conv_norm_out = GroupNorm(cfg.norm_num_groups, ch[0], cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+        self.image_adapters = 0  # IP-Adapters attached to its attention (ip_adapter.attach)
 
     def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None,
                 text_embeds=None, time_ids=None, down_residuals=None, mid_residual=None,
-                adapter_features=()):
+                adapter_features=(), image_tokens=None, image_scales=None):
         """sample (B, C, h, w); timestep 0-d or (B,); encoder_hidden_states (B, T, D);
         timestep_cond (B, time_cond_proj_dim), the guidance-scale embedding of a
         guidance-distilled UNet (config ``time_cond_proj_dim``), or None; text_embeds (B, P)
@@ -564,12 +566,19 @@ class UNet2DConditionModel(UNetEncoder):
         down path) and ``mid_residual`` are a ControlNet's outputs, added to the skip tensors
         and to the mid block's output (diffusers' ``down_block_additional_residuals`` and
         ``mid_block_additional_residual``); ``adapter_features`` a T2I-Adapter's, added along
-        the down path (``encode``)."""
+        the down path (``encode``). ``image_tokens`` (per attached IP-Adapter, (B, n, D)) and
+        ``image_scales`` (B, adapters) are the IP-Adapters' image prompt."""
         emb = self.embed(sample, timestep, timestep_cond, text_embeds, time_ids)
+        context = encoder_hidden_states
+        if image_tokens is not None:
+            if len(image_tokens) != self.image_adapters or image_scales is None:
+                raise SdrtError(f"image_tokens holds {len(image_tokens)} IP-Adapters' tokens "
+                                f"(with{'out' if image_scales is None else ''} image_scales) "
+                                f"for a UNet with {self.image_adapters} attached")
+            context = ImagePrompt(encoder_hidden_states, tuple(image_tokens), image_scales)
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
-        x, skips = self.encode(self.conv_in(sample), emb, encoder_hidden_states,
-                               adapter_features)
+        x, skips = self.encode(self.conv_in(sample), emb, context, adapter_features)
         if down_residuals is not None:
             if len(down_residuals) != len(skips):
                 raise SdrtError(f"down_residuals holds {len(down_residuals)} tensors, but this "
@@ -583,5 +592,5 @@ class UNet2DConditionModel(UNetEncoder):
             del skips[-len(block.resnets):]
             # Upsample to the next skip's size so odd latent sizes line up with the down path.
             size = skips[-1].shape[2:] if skips else None
-            x = block.up(x, level, emb, encoder_hidden_states, size)
+            x = block.up(x, level, emb, context, size)
         return norm_silu_conv(self.ops, self.conv_norm_out, self.conv_out, x)

@@ -1,0 +1,126 @@
+"""A request's IP-Adapter part, checked once, and its image tokens.
+
+diffusers' ``ip_adapter_image`` (an image per adapter; a list of images for one adapter
+joins their tokens) and a scale per adapter (diffusers' ``set_ip_adapter_scale``, A1111's
+unit weight, ComfyUI's ``weight``). The tokens are computed once per request, before the
+denoising loop: the conditional rows get the reference images', the unconditional rows those
+of a zero embedding (plain adapters) or of a zero image (plus and full), as diffusers.
+"""
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .clip_vision import clip_pixels
+from .errors import SdrtError
+from .request import MAX_CONTROL_SCALE, short_repr
+
+
+def select(loaded, names):
+    """The names of the IP-Adapters a request runs: ``names`` (a loaded one's name or a list
+    of them) or, when None, all of ``loaded``, in load order."""
+    if names is None:
+        if not loaded:
+            raise SdrtError("ip_adapter_image was given, but no IP-Adapter is loaded "
+                            "(load_ip_adapter)")
+        return tuple(loaded)
+    chosen = (names,) if isinstance(names, str) else names
+    if not isinstance(chosen, (list, tuple)) or not chosen or \
+            not all(isinstance(n, str) for n in chosen):
+        raise SdrtError(f"ip_adapter must be a loaded IP-Adapter's name or a non-empty list of "
+                        f"them, got {short_repr(names)}")
+    for name in chosen:
+        if name not in loaded:
+            raise SdrtError(f"ip_adapter {name!r} is not loaded (loaded: "
+                            f"{', '.join(loaded) or 'none'})")
+    if len(set(chosen)) != len(chosen):
+        raise SdrtError(f"ip_adapter names an IP-Adapter twice: {', '.join(chosen)}")
+    return tuple(chosen)
+
+
+def _scale(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not math.isfinite(value) or not 0 <= value <= MAX_CONTROL_SCALE:
+        raise SdrtError(f"ip_adapter_scale must be a number from 0 to {MAX_CONTROL_SCALE:g}, "
+                        f"got {short_repr(value)}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class ImagePromptRequest:
+    """The IP-Adapters (by name, in order) a request runs, each one's reference images
+    (float32 (3, H, W) CPU tensors in [0, 1]) and scale."""
+    names: tuple
+    images: tuple
+    scales: tuple
+
+    @classmethod
+    def parse(cls, loaded, image, names=None, scale=1.0, tensors=None):
+        """The request's IP-Adapter part, or None without ``image``. ``image``: for one
+        adapter an image or a list of images, for several a list with one entry (an image or
+        a list) per adapter; ``scale`` one number or one per adapter; ``tensors(items)``
+        checks a list of images and returns each as float32 (B, 3, H, W) in [0, 1]."""
+        if image is None:
+            if names is not None:
+                raise SdrtError("ip_adapter was given without ip_adapter_image")
+            return None
+        chosen = select(loaded, names)
+        n = len(chosen)
+        if n == 1:
+            entries = [image]
+        elif not isinstance(image, (list, tuple)) or len(image) != n:
+            raise SdrtError(f"ip_adapter_image must be a list of {n} entries (one image, or a "
+                            f"list of images, per IP-Adapter: {', '.join(chosen)}), got "
+                            f"{short_repr(image)}")
+        else:
+            entries = list(image)
+        images = []
+        for entry in entries:
+            items = list(entry) if isinstance(entry, (list, tuple)) else [entry]
+            if not items:
+                raise SdrtError("ip_adapter_image holds an empty list of images")
+            images.append(tuple(t for batch in tensors(items) for t in batch))
+        if isinstance(scale, (list, tuple)):
+            if len(scale) != n:
+                raise SdrtError(f"ip_adapter_scale must be one number or a list of {n} (one per "
+                                f"IP-Adapter), got {len(scale)} values")
+            scales = tuple(_scale(s) for s in scale)
+        else:
+            scales = (_scale(scale),) * n
+        return cls(chosen, tuple(images), scales)
+
+
+def _pil(image):
+    """A float32 (3, H, W) image in [0, 1] → a PIL image (8 bits a channel, as it came)."""
+    from PIL import Image
+    return Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+
+
+@torch.no_grad()
+def image_tokens(adapters, encoders, request: ImagePromptRequest, batch, cfg, device):
+    """(per adapter (rows, n, D) tokens, (rows, adapters) float32 scales) of ``request``:
+    ``adapters`` and ``encoders`` the modules of its adapters, in order; ``batch`` images,
+    with ``cfg`` the unconditional rows first."""
+    out = []
+    for adapter, encoder, images in zip(adapters, encoders, request.images):
+        pixels = clip_pixels([_pil(i) for i in images], encoder.config.image_size).to(device)
+        states = adapter.config.reads_states
+
+        def tokens(x):  # every image's tokens, joined: (1, images · tokens, D)
+            embeds, hidden = encoder(x, states_only=states)
+            return adapter.tokens(hidden if states else embeds).reshape(1, -1, adapter.config
+                                                                        .cross_attention_dim)
+        positive = tokens(pixels)
+        rows = [positive.expand(batch, -1, -1)]
+        if cfg:
+            if states:
+                negative = tokens(torch.zeros_like(pixels))
+            else:
+                zeros = torch.zeros(len(images), encoder.config.projection_dim, device=device)
+                negative = adapter.tokens(zeros).reshape(1, -1, adapter.config
+                                                         .cross_attention_dim)
+            rows.insert(0, negative.expand(batch, -1, -1))
+        out.append(torch.cat(rows).contiguous())
+    scales = torch.tensor(request.scales, dtype=torch.float32, device=device)
+    return tuple(out), scales.expand(out[0].shape[0], -1).contiguous()

@@ -1,0 +1,210 @@
+"""IP-Adapters against diffusers: the CLIP image encoder and its pixels against transformers',
+whole pipelines with plain, plus and full-face adapters in h94/IP-Adapter's file layout
+(one adapter, two at once, several images for one, under a static plan) on the same latents,
+and the refusals."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from conftest import assert_close_abs
+from sdrt.engine import Pipeline, SdrtError
+from sdrt.engine.clip_vision import clip_pixels, load_image_encoder
+from test_controlnet import IMAGE_ATOL, _latents
+from test_pipeline import _assert_lively, _diffusers_scheduler
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPT = "a red fox in the snow, 35mm photo"
+# The tiny image encoder: 30-pixel images in 6-pixel patches (26 tokens with the class token);
+# 64 channels a head, as a single file's weights are read (they do not give the head count).
+ENCODER = dict(hidden_size=128, intermediate_size=37, num_hidden_layers=3, num_attention_heads=2,
+               image_size=30, patch_size=6, projection_dim=24, hidden_act="gelu")
+
+
+def _picture(seed, w, h):
+    """A reference image: colour blocks on noise, of any size (the encoder crops it)."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    a[: h // 2, : w // 3] = (250, 40, 10)
+    return Image.fromarray(a)
+
+
+def _encoder(folder):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    torch.manual_seed(11)
+    ref = CLIPVisionModelWithProjection(CLIPVisionConfig(**ENCODER)).eval()
+    ref.save_pretrained(folder)
+    return ref
+
+
+def _weights(kind, seed, widths, cross=32, embed=24, hidden=128):
+    """An IP-Adapter's state dict in the original layout, every tensor drawn."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape, s=0.3: torch.randn(*shape, generator=g) * s
+    one = lambda n: 1 + r(n, s=0.1)
+    if kind == "plain":
+        proj = {"proj.weight": r(4 * cross, embed), "proj.bias": r(4 * cross),
+                "norm.weight": one(cross), "norm.bias": r(cross)}
+    elif kind == "full":
+        proj = {"proj.0.weight": r(hidden, hidden), "proj.0.bias": r(hidden),
+                "proj.2.weight": r(cross, hidden), "proj.2.bias": r(cross),
+                "proj.3.weight": one(cross), "proj.3.bias": r(cross)}
+    else:  # plus: width 16, one 64-channel head, depth 4 (diffusers assumes it), 5 queries
+        w = 16
+        proj = {"latents": r(1, 5, w, s=1.0), "proj_in.weight": r(w, hidden),
+                "proj_in.bias": r(w), "proj_out.weight": r(cross, w), "proj_out.bias": r(cross),
+                "norm_out.weight": one(cross), "norm_out.bias": r(cross)}
+        for i in range(4):
+            p = f"layers.{i}."
+            proj.update({p + "0.norm1.weight": one(w), p + "0.norm1.bias": r(w),
+                         p + "0.norm2.weight": one(w), p + "0.norm2.bias": r(w),
+                         p + "0.to_q.weight": r(64, w), p + "0.to_kv.weight": r(128, w),
+                         p + "0.to_out.weight": r(w, 64), p + "1.0.weight": one(w),
+                         p + "1.0.bias": r(w), p + "1.1.weight": r(4 * w, w),
+                         p + "1.3.weight": r(w, 4 * w)})
+    state = {f"image_proj.{k}": v for k, v in proj.items()}
+    for i, width in enumerate(widths):
+        state[f"ip_adapter.{2 * i + 1}.to_k_ip.weight"] = r(width, cross, s=0.5)
+        state[f"ip_adapter.{2 * i + 1}.to_v_ip.weight"] = r(width, cross, s=0.5)
+    return state
+
+
+# The tiny SD 1 UNet's cross-attention layers in diffusers' order: down level 0 (2 layers of
+# 32 channels), up level 1 (3 of 32), the mid block (1 of 64).
+WIDTHS = (32,) * 5 + (64,)
+
+
+@pytest.fixture(scope="module")
+def sd1(tiny_sd1, tmp_path_factory):
+    """(our pipeline with "plain", "plus" and "full" loaded, diffusers pipeline, folder)."""
+    folder, ref = tiny_sd1
+    if not hasattr(ref, "original_scheduler_config"):
+        ref.original_scheduler_config = dict(ref.scheduler.config)
+    root = tmp_path_factory.mktemp("ip-adapters")
+    _encoder(root / "image_encoder")
+    ours = Pipeline.from_pretrained(folder, device="cpu")
+    for seed, kind in enumerate(("plain", "plus", "full")):
+        save_file(_weights(kind, seed, WIDTHS), str(root / f"{kind}.safetensors"))
+        assert ours.load_ip_adapter(root / f"{kind}.safetensors") == kind
+    return ours, ref, root
+
+
+def _reference(ref, root, kinds, scales):
+    """A diffusers pipeline with ``kinds`` loaded, sharing ``ref``'s modules."""
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline(**{**ref.components, "unet": type(ref.unet).from_config(
+        ref.unet.config)}, requires_safety_checker=False)
+    pipe.unet.load_state_dict(ref.unet.state_dict())
+    pipe.unet.eval()
+    pipe.scheduler = _diffusers_scheduler(ref, "euler")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_ip_adapter(str(root), subfolder="", weight_name=[f"{k}.safetensors" for k in kinds],
+                         image_encoder_folder="image_encoder", low_cpu_mem_usage=False)
+    pipe.set_ip_adapter_scale(list(scales))
+    return pipe
+
+
+KW = dict(height=16, width=24, num_inference_steps=4, guidance_scale=6.0, output_type="np")
+
+
+def test_image_encoder_and_pixels_match_transformers(tmp_path):
+    from transformers import CLIPImageProcessor
+    ref = _encoder(tmp_path / "enc")
+    images = [_picture(1, 45, 61), _picture(2, 70, 33), _picture(3, 30, 30)]
+    want = CLIPImageProcessor(size=30, crop_size=30)(images, return_tensors="pt").pixel_values
+    got = clip_pixels(images, 30)
+    assert_close_abs(got, want, 1e-6, "pixels")
+    with torch.no_grad():
+        out = ref(want, output_hidden_states=True)
+    for path in (tmp_path / "enc", tmp_path / "enc" / "model.safetensors"):
+        ours = load_image_encoder(path, "cpu", torch.float32)
+        with torch.no_grad():
+            embeds, states = ours(want)
+        assert_close_abs(embeds, out.image_embeds, 1e-5, f"{path.name} image_embeds")
+        assert_close_abs(states, out.hidden_states[-2], 1e-5, f"{path.name} hidden_states[-2]")
+
+
+@pytest.mark.parametrize("kind", ["plain", "plus", "full"])
+def test_txt2img_matches_diffusers(sd1, kind):
+    ours, ref, root = sd1
+    picture = _picture(7, 40, 52)
+    pipe = _reference(ref, root, [kind], [0.8])
+    latents = _latents(8, batch=1)
+    expected = pipe(PROMPT, ip_adapter_image=picture, latents=latents, **KW).images
+    _assert_lively(expected, f"IP-Adapter {kind}")
+    got = ours(PROMPT, ip_adapter_image=picture, ip_adapter=kind, ip_adapter_scale=0.8,
+               sampler="euler", latents=latents, **KW)
+    assert_close_abs(got, expected, IMAGE_ATOL, f"IP-Adapter {kind}")
+    plain = ours(PROMPT, sampler="euler", latents=latents, **KW)
+    assert np.abs(plain - got).max() > 20 * IMAGE_ATOL, "the IP-Adapter changed nothing"
+    zero = ours(PROMPT, ip_adapter_image=picture, ip_adapter=kind, ip_adapter_scale=0.0,
+                sampler="euler", latents=latents, **KW)
+    assert_close_abs(zero, plain, 1e-6, f"IP-Adapter {kind} at scale 0")
+
+
+def test_two_adapters_and_several_images_match_diffusers(sd1):
+    # plain with two images (their tokens joined) and full with one, each with its own scale;
+    # and without CFG (only the conditional rows), under a static plan as well.
+    ours, ref, root = sd1
+    images = [[_picture(4, 33, 47), _picture(5, 64, 40)], _picture(6, 36, 36)]
+    pipe = _reference(ref, root, ["plain", "full"], [0.6, 1.3])
+    for guidance in (6.0, 1.0):
+        kw = {**KW, "guidance_scale": guidance, "latents": _latents(9, batch=1)}
+        expected = pipe(PROMPT, ip_adapter_image=images, **kw).images
+        _assert_lively(expected, "two IP-Adapters")
+        got = ours(PROMPT, ip_adapter_image=images, ip_adapter=["plain", "full"],
+                   ip_adapter_scale=[0.6, 1.3], sampler="euler", **kw)
+        assert_close_abs(got, expected, IMAGE_ATOL, f"two IP-Adapters at guidance {guidance}")
+    ours.compile(16, 24, num_inference_steps=4, sampler="euler")
+    try:
+        got = ours(PROMPT, ip_adapter_image=images, ip_adapter=["plain", "full"],
+                   ip_adapter_scale=[0.6, 1.3], sampler="euler", **kw)
+        assert_close_abs(got, expected, IMAGE_ATOL, "two IP-Adapters under a static plan")
+        assert any(s.image_prompts for s in ours.runtime.plans)
+    finally:
+        ours.runtime = None
+
+
+def test_refusals(sd1, tmp_path):
+    ours, _, root = sd1
+    picture = _picture(1, 30, 30)
+    cases = {
+        "ip_adapter 'nope' is not loaded": dict(ip_adapter="nope"),
+        "ip_adapter_scale must be a number from 0 to 10": dict(ip_adapter="plain",
+                                                               ip_adapter_scale=11),
+        "ip_adapter_scale must be one number or a list of 2": dict(
+            ip_adapter=["plain", "plus"], ip_adapter_image=[picture, picture],
+            ip_adapter_scale=[1.0]),
+        "ip_adapter_image must be a list of 2 entries": dict(ip_adapter=["plain", "plus"]),
+        "ip_adapter_image values must be finite and in [0, 1]": dict(
+            ip_adapter="plain", ip_adapter_image=torch.full((3, 8, 8), 2.0)),
+    }
+    for message, kw in cases.items():
+        kw.setdefault("ip_adapter_image", picture)
+        with pytest.raises(SdrtError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            ours(PROMPT, **KW, **kw)
+    with pytest.raises(SdrtError, match="ip_adapter was given without ip_adapter_image"):
+        ours(PROMPT, ip_adapter="plain", **KW)
+    faceid = {"image_proj.proj.0.weight": torch.zeros(64, 8), "image_proj.proj.0.bias":
+              torch.zeros(64), "image_proj.proj.2.weight": torch.zeros(128, 64),
+              "image_proj.norm.weight": torch.ones(32),
+              **{k: v for k, v in _weights("plain", 0, WIDTHS).items() if "ip_adapter" in k}}
+    files = {"faceid": faceid, "wrong_unet": _weights("plain", 0, (32,) * 6),
+             "wrong_encoder": _weights("plain", 0, WIDTHS, embed=16),
+             "extra": {**_weights("plain", 0, WIDTHS), "image_proj.pos_emb.weight":
+                       torch.zeros(2)}}
+    messages = {"faceid": "an IP-Adapter FaceID", "wrong_unet": "an IP-Adapter for another "
+                "model", "wrong_encoder": "reads 16-wide image embeddings, but the image "
+                "encoder's projection_dim is 24", "extra": "does not have: image_proj.pos_emb"}
+    for name, state in files.items():
+        save_file(state, str(root / f"{name}.safetensors"))
+        with pytest.raises(SdrtError, match=messages[name]):
+            ours.load_ip_adapter(root / f"{name}.safetensors")
+    (tmp_path / "a.safetensors").write_bytes((root / "plain.safetensors").read_bytes())
+    with pytest.raises(SdrtError, match="no image_encoder folder beside it"):
+        ours.load_ip_adapter(tmp_path / "a.safetensors")
+    with pytest.raises(SdrtError, match="pickle checkpoints are not loaded"):
+        ours.load_ip_adapter(tmp_path / "a.bin")
+    assert list(ours.ip_adapters) == ["plain", "plus", "full"]
