@@ -18,7 +18,8 @@ class Conditioning:
     states: torch.Tensor                     # (B, 77·n, D) text states, cross-attention keys
     text_embeds: torch.Tensor | None = None  # (B, P) pooled (projected) text embedding, SDXL
     time_ids: torch.Tensor | None = None     # (B, K) micro-conditioning numbers, SDXL
-    # IP-Adapters: per adapter, (B, n, D) image tokens (a tuple); their scales (B, adapters).
+    # IP-Adapters: per adapter, (B, n, D) image tokens (a tuple); their scales on each UNet
+    # call, (B, calls, adapters): the UNet gets call i's (B, adapters) (stages.guided).
     image_tokens: tuple | None = None
     image_scales: torch.Tensor | None = None
 

@@ -39,28 +39,43 @@ def select(loaded, names):
     return tuple(chosen)
 
 
-def _scale(value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-            not math.isfinite(value) or not 0 <= value <= MAX_CONTROL_SCALE:
-        raise SdrtError(f"ip_adapter_scale must be a number from 0 to {MAX_CONTROL_SCALE:g}, "
-                        f"got {short_repr(value)}")
-    return float(value)
+def _per_adapter(field, value, n, check):
+    """One value for every adapter, or a list with one per adapter, each through ``check``."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise SdrtError(f"{field} must be one number or a list of {n} (one per "
+                            f"IP-Adapter), got {len(value)} values")
+        return tuple(check(field, v) for v in value)
+    return (check(field, value),) * n
+
+
+def _number(hi):
+    def check(field, v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                or not 0 <= v <= hi:
+            raise SdrtError(f"{field} must be a number from 0 to {hi:g}, got {short_repr(v)}")
+        return float(v)
+    return check
 
 
 @dataclass(frozen=True)
 class ImagePromptRequest:
     """The IP-Adapters (by name, in order) a request runs, each one's reference images
-    (float32 (3, H, W) CPU tensors in [0, 1]) and scale."""
+    (float32 (3, H, W) CPU tensors in [0, 1]), scale and share of the schedule."""
     names: tuple
     images: tuple
     scales: tuple
+    starts: tuple
+    ends: tuple
 
     @classmethod
-    def parse(cls, loaded, image, names=None, scale=1.0, tensors=None):
+    def parse(cls, loaded, image, names=None, scale=1.0, start=0.0, end=1.0, tensors=None):
         """The request's IP-Adapter part, or None without ``image``. ``image``: for one
         adapter an image or a list of images, for several a list with one entry (an image or
-        a list) per adapter; ``scale`` one number or one per adapter; ``tensors(items)``
-        checks a list of images and returns each as float32 (B, 3, H, W) in [0, 1]."""
+        a list) per adapter; ``scale``, ``start`` and ``end`` one number or one per adapter
+        (the adapter runs on the UNet calls within [start, end] of the schedule, as a
+        ControlNet's ``control_guidance_start``/``_end``); ``tensors(items)`` checks a list
+        of images and returns each as float32 (B, 3, H, W) in [0, 1]."""
         if image is None:
             if names is not None:
                 raise SdrtError("ip_adapter was given without ip_adapter_image")
@@ -81,14 +96,26 @@ class ImagePromptRequest:
             if not items:
                 raise SdrtError("ip_adapter_image holds an empty list of images")
             images.append(tuple(t for batch in tensors(items) for t in batch))
-        if isinstance(scale, (list, tuple)):
-            if len(scale) != n:
-                raise SdrtError(f"ip_adapter_scale must be one number or a list of {n} (one per "
-                                f"IP-Adapter), got {len(scale)} values")
-            scales = tuple(_scale(s) for s in scale)
-        else:
-            scales = (_scale(scale),) * n
-        return cls(chosen, tuple(images), scales)
+        starts = _per_adapter("ip_adapter_guidance_start", start, n, _number(1))
+        ends = _per_adapter("ip_adapter_guidance_end", end, n, _number(1))
+        for k in range(n):
+            if starts[k] >= ends[k]:
+                raise SdrtError(f"ip_adapter_guidance_start must be below "
+                                f"ip_adapter_guidance_end, got {starts[k]:g} and {ends[k]:g}")
+        return cls(chosen, tuple(images),
+                   _per_adapter("ip_adapter_scale", scale, n, _number(MAX_CONTROL_SCALE)),
+                   starts, ends)
+
+    def scale_table(self, rows, calls):
+        """(rows, calls, adapters) float32 on the CPU: adapter k's scale on the UNet calls i
+        whose share of the schedule, [i/calls, (i+1)/calls], lies within [start, end], zero
+        on the others (the rule of diffusers' ``controlnet_keep``)."""
+        table = torch.zeros(calls, len(self.names))
+        for i in range(calls):
+            for k in range(len(self.names)):
+                if not (i / calls < self.starts[k] or (i + 1) / calls > self.ends[k]):
+                    table[i, k] = self.scales[k]
+        return table.expand(rows, -1, -1).contiguous()
 
 
 def _pil(image):
@@ -99,9 +126,9 @@ def _pil(image):
 
 @torch.no_grad()
 def image_tokens(adapters, encoders, request: ImagePromptRequest, batch, cfg, device):
-    """(per adapter (rows, n, D) tokens, (rows, adapters) float32 scales) of ``request``:
-    ``adapters`` and ``encoders`` the modules of its adapters, in order; ``batch`` images,
-    with ``cfg`` the unconditional rows first."""
+    """Per adapter, the (rows, n, D) image tokens of ``request``: ``adapters`` and
+    ``encoders`` the modules of its adapters, in order; ``batch`` images, with ``cfg`` the
+    unconditional rows first."""
     out = []
     for adapter, encoder, images in zip(adapters, encoders, request.images):
         pixels = clip_pixels([_pil(i) for i in images], encoder.config.image_size).to(device)
@@ -122,5 +149,4 @@ def image_tokens(adapters, encoders, request: ImagePromptRequest, batch, cfg, de
                                                          .cross_attention_dim)
             rows.insert(0, negative.expand(batch, -1, -1))
         out.append(torch.cat(rows).contiguous())
-    scales = torch.tensor(request.scales, dtype=torch.float32, device=device)
-    return tuple(out), scales.expand(out[0].shape[0], -1).contiguous()
+    return tuple(out)

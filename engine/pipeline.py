@@ -498,8 +498,8 @@ class Pipeline:
         if encoder is None:
             encoder = load_image_encoder(key, self.device, self.dtype)
         check_encoder(adapter, encoder, path)
-        self._image_encoders[key] = encoder
         self._forget_ip_adapter(name)
+        self._image_encoders[key] = encoder
         self._ip_adapters[name] = (adapter, key)
         return name
 
@@ -525,19 +525,19 @@ class Pipeline:
         if self.runtime is not None:
             self.runtime.drop(lambda shape: name in dict(shape.image_prompts))
 
-    def _image_prompt(self, prompt, batch, cfg):
-        """The Conditioning fields of a request's IP-Adapters (``ImagePromptRequest``), with
-        their attention weights attached to the UNet; {} without."""
+    def _image_tokens(self, prompt, batch, cfg):
+        """The image tokens of a request's IP-Adapters (``ImagePromptRequest``), in the
+        pipeline's dtype, with the adapters' attention weights attached to the UNet."""
         from .image_prompt import image_tokens
         from .ip_adapter import attach
-        if prompt is None:
-            return {}
         adapters = [self._ip_adapters[n][0] for n in prompt.names]
         attach(self.unet, adapters)
         encoders = [self._image_encoders[self._ip_adapters[n][1]] for n in prompt.names]
-        tokens, scales = image_tokens(adapters, encoders, prompt, batch, cfg, self.device)
-        return {"image_tokens": tuple(t.to(self.dtype) for t in tokens),
-                "image_scales": scales.to(self.dtype)}
+        tokens = image_tokens(adapters, encoders, prompt, batch, cfg, self.device)
+        return tuple(t.to(self.dtype) for t in tokens)
+
+    def _image_scales(self, prompt, rows, calls):
+        return prompt.scale_table(rows, calls).to(self.device, self.dtype)
 
     # -- LoRA ----------------------------------------------------------------------------------
 
@@ -1020,7 +1020,8 @@ class Pipeline:
                  control_image=None, controlnet=None, controlnet_conditioning_scale=1.0,
                  control_guidance_start=0.0, control_guidance_end=1.0, guess_mode=False,
                  control_mode="balanced", ip_adapter_image=None, ip_adapter=None,
-                 ip_adapter_scale=1.0):
+                 ip_adapter_scale=1.0, ip_adapter_guidance_start=0.0,
+                 ip_adapter_guidance_end=1.0):
         """Generate images; see the README for each argument.
 
         Returns a list of PIL images (``"pil"``), a float32 array (B, H, W, 3) in [0, 1]
@@ -1083,7 +1084,10 @@ class Pipeline:
         are joined; with several adapters a list with one such entry per adapter) prompts every
         image of the call; ``ip_adapter`` names the adapters to run (default: all, in load
         order) and ``ip_adapter_scale`` (one number, or one per adapter; default 1) weighs
-        each one's attention.
+        each one's attention, on the UNet calls within [``ip_adapter_guidance_start``,
+        ``ip_adapter_guidance_end``] of the schedule (each one number or one per adapter; a
+        ControlNet's rule), as A1111's ControlNet units and ComfyUI's IPAdapter nodes run
+        them.
 
         ``callback(pipe, step_index, timestep, callback_kwargs)`` is called after each
         denoising step, as diffusers calls ``callback_on_step_end``: ``callback_kwargs`` is
@@ -1125,9 +1129,9 @@ class Pipeline:
                                        controlnet_conditioning_scale, control_guidance_start,
                                        control_guidance_end, guess_mode, control_mode)
         hints = self._control_tensors(control)
-        image_prompt = ImagePromptRequest.parse(list(self._ip_adapters), ip_adapter_image,
-                                                ip_adapter, ip_adapter_scale,
-                                                self._prompt_images)
+        image_prompt = ImagePromptRequest.parse(
+            list(self._ip_adapters), ip_adapter_image, ip_adapter, ip_adapter_scale,
+            ip_adapter_guidance_start, ip_adapter_guidance_end, self._prompt_images)
         if hints and image is None and request.height is None and request.width is None:
             # diffusers' ControlNet pipelines: the control image sets the size.
             f, (h0, w0) = self.vae_scale_factor, hints[0][0].shape[2:]
@@ -1183,8 +1187,11 @@ class Pipeline:
         self.num_timesteps = len(schedule.timesteps)
         t1 = self._clock()
         cond = self.conditioning(request, inputs, request.clip_skip)
-        cond = dataclasses.replace(cond, **self._image_prompt(image_prompt, batch,
-                                                              self._cfg(request)))
+        if image_prompt is not None:
+            tokens = self._image_tokens(image_prompt, batch, self._cfg(request))
+            scales = self._image_scales(image_prompt, cond.states.shape[0],
+                                        len(schedule.timesteps))
+            cond = dataclasses.replace(cond, image_tokens=tokens, image_scales=scales)
         t2 = self._clock()
         if start.pure_noise:
             x = schedule.noise_latents(start.noise)
@@ -1313,16 +1320,19 @@ class Pipeline:
         """One request through the static plan of its shape; ``start`` is where it starts
         (``_start``), drawn before the sampler's own draws; ``control`` and ``hints`` its
         ControlNets' settings and control images; ``image_prompt`` its IP-Adapters'."""
-        t0 = self._clock()
-        prompt = self._image_prompt(image_prompt, request.batch_size, self._cfg(request))
+        t0, images, prompt = self._clock(), (), {}
+        if image_prompt is not None:
+            tokens = self._image_tokens(image_prompt, request.batch_size, self._cfg(request))
+            images = tuple((name, t.shape[1]) for name, t in zip(image_prompt.names, tokens))
         encode_seconds += self._clock() - t0
-        images = () if image_prompt is None else tuple(
-            (name, t.shape[1]) for name, t in zip(image_prompt.names, prompt["image_tokens"]))
         controls = () if control is None else (control.names, control.guess_mode)
         plan = self.runtime.plan_for(self._shape(request, inputs.num_chunks, start.masked,
                                                  *controls, image_prompts=images),
                                      self.scheduler_config)
         self.num_timesteps = len(plan.schedule.timesteps)
+        if image_prompt is not None:
+            prompt = {"image_tokens": tokens, "image_scales": self._image_scales(
+                image_prompt, plan.rows, self.num_timesteps)}
         inputs = inputs.repeat_interleave(request.num_images_per_prompt)
         step_noise = None
         if plan.step_noise is not None:

@@ -135,8 +135,8 @@ class StaticPlan:
             if family.time_ids else None,
             tuple(torch.zeros(rows, k, unet.config.cross_attention_dim, dtype=dtype, device=dev)
                   for _, k in shape.image_prompts) or None,
-            torch.zeros(rows, len(shape.image_prompts), dtype=dtype, device=dev)
-            if shape.image_prompts else None)
+            torch.zeros(rows, len(self.schedule.timesteps), len(shape.image_prompts),
+                        dtype=dtype, device=dev) if shape.image_prompts else None)
         # An inpainting UNet's mask and masked-image latents: a request's own when it has a
         # mask; otherwise everything masked over a blank image (A1111's way), the same for
         # every request of the shape.

@@ -104,7 +104,9 @@ def guided(unet, cond, guidance_scale, cfg, dtype, timestep_cond=None, image_con
     along the channels on every call, as diffusers' inpainting pipeline joins them.
 
     ``control``: ControlNets whose residuals the UNet adds on every call (``Control``); they
-    see the latents without ``image_cond``. Its calls are counted from this model's first.
+    see the latents without ``image_cond``. Its calls are counted from this model's first,
+    as are those of the IP-Adapters' scale table (``cond.image_scales``, (B, calls, adapters)):
+    call i gets its column.
 
     With guidance, one UNet call runs the unconditional and conditional halves of ``cond``
     (``[negative..., positive...]``, diffusers' order) and combines them as
@@ -113,12 +115,19 @@ def guided(unet, cond, guidance_scale, cfg, dtype, timestep_cond=None, image_con
     needs no recapture); the combination is computed in float32.
     """
     inputs = cond.unet_inputs()
+    table = inputs.pop("image_scales", None)
     calls = itertools.count()
 
     def run(x, t, rows, **extra):
         x = x.to(dtype)
+        call = next(calls)
+        if table is not None:
+            if call >= table.shape[1]:
+                raise SdrtError(f"IP-Adapter scales cover {table.shape[1]} UNet calls; the "
+                                f"sampler made more")
+            extra["image_scales"] = table[:, call]
         if control is not None:
-            extra.update(control.residuals(next(calls), x, t, inputs, rows))
+            extra.update(control.residuals(call, x, t, inputs, rows))
         if image_cond is not None:
             x = torch.cat([x, image_cond.repeat(rows, 1, 1, 1)], dim=1)
         return unet(x, t, **inputs, **extra)

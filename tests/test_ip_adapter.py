@@ -208,3 +208,74 @@ def test_refusals(sd1, tmp_path):
     with pytest.raises(SdrtError, match="pickle checkpoints are not loaded"):
         ours.load_ip_adapter(tmp_path / "a.bin")
     assert list(ours.ip_adapters) == ["plain", "plus", "full"]
+
+
+def test_share_of_the_schedule(sd1):
+    # The scale table: call i of 4 counts where [i/4, (i+1)/4] lies within [start, end].
+    from sdrt.engine.image_prompt import ImagePromptRequest
+    ours, _, _ = sd1
+    picture = _picture(3, 30, 30)
+    req = ImagePromptRequest.parse(["a", "b"], [picture, picture], None, [0.5, 2.0], [0.0, 0.3],
+                                   [0.5, 1.0], ours._prompt_images)
+    table = req.scale_table(3, 4)
+    assert table.shape == (3, 4, 2)
+    assert table[2].tolist() == [[0.5, 0.0], [0.5, 0.0], [0.0, 2.0], [0.0, 2.0]]
+    # No call inside [0, 0.2]: the image is the one without the adapter; the second half only
+    # differs from both that and the whole schedule; a static plan runs the same table.
+    kw = dict(KW, sampler="euler", latents=_latents(3, batch=1))
+    plain = ours(PROMPT, **kw)
+    ip = dict(ip_adapter_image=picture, ip_adapter="plus", ip_adapter_scale=1.5)
+    none = ours(PROMPT, **ip, ip_adapter_guidance_end=0.2, **kw)
+    assert_close_abs(none, plain, 1e-6, "an IP-Adapter on no call")
+    half = ours(PROMPT, **ip, ip_adapter_guidance_start=0.5, **kw)
+    whole = ours(PROMPT, **ip, **kw)
+    for other, what in ((plain, "no adapter"), (whole, "the whole schedule")):
+        assert np.abs(half - other).max() > 20 * IMAGE_ATOL, f"half the schedule = {what}"
+    ours.compile(16, 24, num_inference_steps=4, sampler="euler")
+    try:
+        static = ours(PROMPT, **ip, ip_adapter_guidance_start=0.5, **kw)
+    finally:
+        ours.runtime = None
+    assert_close_abs(static, half, 1e-5, "half the schedule under a static plan")
+    with pytest.raises(SdrtError, match="ip_adapter_guidance_start must be below "
+                                        "ip_adapter_guidance_end, got 0.6 and 0.5"):
+        ours(PROMPT, **ip, ip_adapter_guidance_start=0.6, ip_adapter_guidance_end=0.5, **kw)
+
+
+def test_sdxl_matches_diffusers(sdxl_base_folder, tmp_path):
+    # SDXL: several transformer layers a block and a mid block with attention, in diffusers'
+    # order (taken here from its attention processors, not from sdrt's walk).
+    from diffusers import StableDiffusionXLPipeline
+    folder, ref = sdxl_base_folder
+    if not hasattr(ref, "original_scheduler_config"):
+        ref.original_scheduler_config = dict(ref.scheduler.config)
+    names = [n for n in ref.unet.attn_processors if n.endswith("attn2.processor")]
+    modules = dict(ref.unet.named_modules())
+    widths = tuple(modules[n[:-len(".processor")]].to_q.out_features for n in names)
+    cross = ref.unet.config.cross_attention_dim
+    _encoder(tmp_path / "image_encoder")
+    save_file(_weights("plus", 5, widths, cross=cross), str(tmp_path / "xl.safetensors"))
+    pipe = StableDiffusionXLPipeline(**{**ref.components, "unet": type(ref.unet).from_config(
+        ref.unet.config)})
+    pipe.unet.load_state_dict(ref.unet.state_dict())
+    pipe.unet.eval()
+    pipe.scheduler = _diffusers_scheduler(ref, "euler")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_ip_adapter(str(tmp_path), subfolder="", weight_name="xl.safetensors",
+                         image_encoder_folder="image_encoder", low_cpu_mem_usage=False)
+    pipe.set_ip_adapter_scale(0.7)
+    ours = Pipeline.from_pretrained(folder, device="cpu")
+    ours.load_ip_adapter(tmp_path / "xl.safetensors", image_encoder=tmp_path / "image_encoder")
+    picture = _picture(8, 50, 40)
+    kw = dict(height=16, width=16, num_inference_steps=3, guidance_scale=5.0, output_type="np",
+              latents=torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4)))
+    expected = pipe(PROMPT, ip_adapter_image=picture, **kw).images
+    _assert_lively(expected, "SDXL IP-Adapter")
+    got = ours(PROMPT, ip_adapter_image=picture, ip_adapter_scale=0.7, sampler="euler", **kw)
+    assert_close_abs(got, expected, IMAGE_ATOL, "SDXL IP-Adapter plus")
+    ours.unload_ip_adapter("xl")
+    assert not ours.ip_adapters and not ours._image_encoders, "unloading kept the modules"
+    with pytest.raises(SdrtError, match="no IP-Adapter is loaded"):
+        ours(PROMPT, ip_adapter_image=picture, **kw)
+    with pytest.raises(SdrtError, match="ip_adapter 'xl' is not loaded"):
+        ours.unload_ip_adapter("xl")
