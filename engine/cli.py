@@ -382,6 +382,21 @@ def _generate_options(g):
     g.add_argument("--guess-mode", action="store_true",
                    help="diffusers' guess mode: the ControlNets see only the prompt's half, "
                    "their residuals ramped from 0.1x to 1x towards the mid block")
+    g.add_argument("--ip-adapter", metavar="PATH[:WEIGHT]", type=_lora_option,
+                   action="append", default=[],
+                   help="an IP-Adapter (.safetensors as h94/IP-Adapter ships them: plain, plus, "
+                   "plus-face, full-face) and its weight (default 1); repeat it for several, "
+                   "each with its --ip-adapter-image")
+    g.add_argument("--ip-adapter-image", metavar="PATH", action="append", default=[],
+                   help="the reference image the --ip-adapter of the same place reads")
+    g.add_argument("--image-encoder", metavar="PATH", default=None,
+                   help="the CLIP vision model the IP-Adapters read: a transformers folder or "
+                   "a .safetensors file (ComfyUI's clip_vision); default: the image_encoder "
+                   "folder beside each --ip-adapter (h94/IP-Adapter's layout)")
+    g.add_argument("--ip-adapter-start", metavar="F", type=float_arg, default=0.0,
+                   help="the fraction of the steps after which the IP-Adapters start")
+    g.add_argument("--ip-adapter-end", metavar="F", type=float_arg, default=1.0,
+                   help="the fraction of the steps after which they stop")
     g.add_argument("--embedding", metavar="PATH", action="append", default=[],
                    help="textual-inversion embedding (.safetensors, A1111 or diffusers layout); "
                         "write its token in the prompt: the file's name for A1111 files, the "

@@ -80,6 +80,7 @@ def generate(a):
         mask = blur_mask(1 - mask if a.invert_mask else mask, a.mask_blur)
     cli_control.check(a)
     hints = cli_control.read_images(a)
+    references = _reference_images(a)
     _warn_unused_options(a)
 
     pipe = _pipeline(a)  # imports torch
@@ -91,6 +92,7 @@ def generate(a):
         pipe.load_lora(path, scale=scale)
     tokens = [pipe.load_textual_inversion(path) for path in a.embedding]
     controls = cli_control.load(a, pipe)
+    image_prompt = _load_ip_adapters(a, pipe, references)
     if init is None and hints and request.height is None and request.width is None:
         # As diffusers' ControlNet pipelines: the control image sets the size.
         f = pipe.vae_scale_factor
@@ -140,7 +142,7 @@ def generate(a):
     # A callback would make a static plan run its denoising loop eagerly: no bar then.
     call = dict(negative_prompt=a.negative, num_inference_steps=a.steps,
                 guidance_scale=a.guidance, generator=generators, clip_skip=a.clip_skip,
-                prompt_syntax=a.prompt_syntax, num_images_per_prompt=a.batch)
+                prompt_syntax=a.prompt_syntax, num_images_per_prompt=a.batch, **image_prompt)
     with _Progress() as progress:
         if hires is not None:
             from .hires import generate as hires_generate
@@ -209,6 +211,35 @@ def generate(a):
              for s in seeds]
     paths, taken = _save_pngs(images, output, infos, a.overwrite)
     print(_summary(pipe.timings, plans, seed, paths, taken))
+
+
+def _reference_images(a):
+    """The --ip-adapter-image files, read and checked against --ip-adapter's count."""
+    if len(a.ip_adapter_image) != len(a.ip_adapter):
+        raise SdrtError(f"--ip-adapter-image must be given once per --ip-adapter (got "
+                        f"{len(a.ip_adapter_image)} for {len(a.ip_adapter)})")
+    if a.image_encoder is not None and not a.ip_adapter:
+        raise SdrtError("--image-encoder needs --ip-adapter (it is what IP-Adapters read)")
+    if not 0 <= a.ip_adapter_start < a.ip_adapter_end <= 1:
+        raise SdrtError(f"--ip-adapter-start and --ip-adapter-end must satisfy 0 <= start < "
+                        f"end <= 1, got {a.ip_adapter_start:g} and {a.ip_adapter_end:g}")
+    from .images import read_image
+    return [read_image(path, "ip-adapter image") for path in a.ip_adapter_image]
+
+
+def _load_ip_adapters(a, pipe, images):
+    """Load each --ip-adapter (named by its file, numbered where two are the same); the
+    pipeline arguments that run them, {} without."""
+    if not a.ip_adapter:
+        return {}
+    stems = [_stem(p) for p, _ in a.ip_adapter]
+    names = [s if stems.count(s) == 1 else f"{s}-{i}" for i, s in enumerate(stems)]
+    for (path, _), name in zip(a.ip_adapter, names):
+        pipe.load_ip_adapter(path, image_encoder=a.image_encoder, name=name)
+    return dict(ip_adapter=names, ip_adapter_image=images,
+                ip_adapter_scale=[w for _, w in a.ip_adapter],
+                ip_adapter_guidance_start=a.ip_adapter_start,
+                ip_adapter_guidance_end=a.ip_adapter_end)
 
 
 def _hires(a, request):

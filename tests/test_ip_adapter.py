@@ -279,3 +279,57 @@ def test_sdxl_matches_diffusers(sdxl_base_folder, tmp_path):
         ours(PROMPT, ip_adapter_image=picture, **kw)
     with pytest.raises(SdrtError, match="ip_adapter 'xl' is not loaded"):
         ours.unload_ip_adapter("xl")
+
+
+def _own_encoder(path):
+    """An image encoder written by sdrt alone (no transformers): one .safetensors file."""
+    from sdrt.engine.clip_vision import CLIPVisionModelWithProjection, VisionConfig
+    model = CLIPVisionModelWithProjection(VisionConfig.from_dict(ENCODER))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.2 if p.dim() > 1 else 1.0))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+def test_cli_equals_the_library(tmp_path, capsys):
+    # sdrt generate --ip-adapter on the built-in model: the library call's pixels; bad options
+    # are one line.
+    from sdrt.engine.demo.model import demo_config, demo_pipeline
+    from sdrt.engine.ip_adapter import cross_attentions
+    from test_cli import SMALL, _assert_one_error_line, _pixels, _run
+    pipe = demo_pipeline()
+    widths = tuple(a.to_q.out_features for a in cross_attentions(pipe.unet))
+    save_file(_weights("plus", 3, widths, cross=pipe.unet.config.cross_attention_dim),
+              str(tmp_path / "style.safetensors"))
+    _own_encoder(tmp_path / "clip_h.safetensors")
+    _picture(2, 50, 70).save(tmp_path / "ref.png")
+    out = tmp_path / "ip.png"
+    base = ["generate", "a red fox", *SMALL, "--seed", "6", "--steps", "3"]
+    options = ["--ip-adapter", f"{tmp_path / 'style.safetensors'}:0.7", "--ip-adapter-image",
+               str(tmp_path / "ref.png"), "--image-encoder", str(tmp_path / "clip_h.safetensors"),
+               "--ip-adapter-end", "0.7"]
+    code, _, err = _run(base + options + ["-o", str(out)], capsys)
+    assert code == 0, err
+    pipe.load_ip_adapter(tmp_path / "style.safetensors", tmp_path / "clip_h.safetensors")
+    defaults = demo_config()["demo_defaults"]
+    with Image.open(tmp_path / "ref.png") as im:
+        expected = pipe("a red fox", height=64, width=64, num_inference_steps=3,
+                        guidance_scale=defaults["guidance_scale"], sampler=defaults["sampler"],
+                        generator=[torch.Generator().manual_seed(6)],
+                        ip_adapter_image=im.convert("RGB"), ip_adapter_scale=0.7,
+                        ip_adapter_guidance_end=0.7)[0]
+    got = _pixels(out).astype(int)
+    assert np.abs(got - np.asarray(expected).astype(int)).max() <= 1
+    plain = tmp_path / "plain.png"
+    assert _run(base + ["-o", str(plain)], capsys)[0] == 0
+    assert np.abs(_pixels(plain).astype(int) - got).max() > 10, "the IP-Adapter changed nothing"
+    for extra, message in (
+            (options[:2], "--ip-adapter-image must be given once per --ip-adapter (got 0 for 1)"),
+            (options[:4] + ["--ip-adapter-start", "0.8", "--ip-adapter-end", "0.5"],
+             "--ip-adapter-start and --ip-adapter-end must satisfy 0 <= start < end <= 1"),
+            (options[:4], "no image_encoder folder beside it")):
+        code, _, err = _run(base + extra + ["-o", str(tmp_path / "x.png")], capsys)
+        assert code == 2
+        _assert_one_error_line(err, message)
+        assert not (tmp_path / "x.png").exists()
