@@ -175,6 +175,22 @@ def clip_pixels(images, size):
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
 
 
+def encoder_config(path) -> VisionConfig:
+    """The config of the image encoder in ``path`` (a folder's ``config.json``, or read from a
+    single file's tensor shapes without loading them)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return VisionConfig.from_dict(read_json(os.path.join(path, "config.json"),
+                                                "image encoder config"))
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            keys = set(f.keys())
+            return VisionConfig.from_weights(keys, lambda k: f.get_slice(k).get_shape(), path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise SdrtError(f"{path}: not a readable safetensors file ({e})") from None
+
+
 def load_image_encoder(path, device, dtype) -> CLIPVisionModelWithProjection:
     """A CLIP vision model from a transformers folder or one ``.safetensors`` file."""
     path = os.fspath(path)

@@ -207,6 +207,24 @@ def _config(keys, shape_of, where):
                     f"holds {', '.join(sorted(proj)[:4])}, ...)")
 
 
+def file_config(path) -> IPAdapterConfig:
+    """The config of the IP-Adapter file ``path``, read from its tensor shapes alone."""
+    from safetensors import SafetensorError, safe_open
+    path = os.fspath(path)
+    refuse_pickle(path)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return _config(set(f.keys()), lambda k: tuple(f.get_slice(k).get_shape()), path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise SdrtError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def encoder_fits(cfg: IPAdapterConfig, encoder_cfg) -> bool:
+    """Whether an image encoder of config ``encoder_cfg`` gives what ``cfg``'s adapter reads."""
+    return cfg.embed_dim == (encoder_cfg.hidden_size if cfg.reads_states
+                             else encoder_cfg.projection_dim)
+
+
 def load_ip_adapter(path, device, dtype) -> IPAdapter:
     """An IP-Adapter from one ``.safetensors`` file in the original layout. Every tensor of
     the file must be one of the adapter's: a file with more (a variant sdrt does not know)
@@ -245,7 +263,7 @@ def check_encoder(adapter: IPAdapter, encoder, where):
     cfg, enc = adapter.config, encoder.config
     width = enc.hidden_size if cfg.reads_states else enc.projection_dim
     what = "hidden size" if cfg.reads_states else "projection_dim"
-    if width != cfg.embed_dim:
+    if not encoder_fits(cfg, enc):
         raise SdrtError(f"{where}: the IP-Adapter reads {cfg.embed_dim}-wide "
                         f"{'states' if cfg.reads_states else 'image embeddings'}, but the image "
                         f"encoder's {what} is {width} (an adapter for another encoder: "

@@ -16,8 +16,14 @@ is softened, as the extension's is). Fields that would change the picture in way
 not implement (a preprocessor that runs a network, a unit mask) are refused with a 400 naming
 the field; ``low_vram`` is accepted and does nothing. ``POST /controlnet/detect`` returns a
 preprocessor's maps, as the extension's does.
+
+A unit whose ``module`` is one of the extension's IP-Adapter preprocessors (``IP_MODULES``)
+runs an IP-Adapter file of ``--controlnet-dir`` (``model``) with the CLIP image encoder of
+``--clip-vision-dir`` the module names (ViT-H or ViT-bigG, checked against what the adapter
+reads) on its ``image``, at its ``weight`` within ``guidance_start``/``guidance_end``.
 """
 import math
+import os
 import re
 
 from fastapi import Request
@@ -34,6 +40,11 @@ RESIZE = {"Just Resize": "resize", "Crop and Resize": "crop", "Resize and Fill":
 _HASHED = re.compile(r"^(.*) \[[0-9a-fA-F]+\]$")
 # field → the values that leave sdrt's computation as it is (anything else is refused)
 _OFF = {"guessmode": (False,), "mask": (None, ""), "mask_image": (None, "")}
+# The extension's IP-Adapter preprocessors → the image encoder each runs ("h": OpenCLIP
+# ViT-H/14, "g": ViT-bigG/14; None: whichever fits the adapter).
+IP_MODULES = {"ip-adapter_clip_sd15": "h", "ip-adapter_clip_h": "h",
+              "ip-adapter_clip_sdxl_plus_vith": "h", "ip-adapter_clip_sdxl": "g",
+              "ip-adapter_clip_g": "g", "ip-adapter-auto": None}
 # hr_option → (runs in a hires fix's first pass, in its second)
 HR_OPTIONS = {"Both": (True, True), "Low res only": (True, False), "High res only": (False, True)}
 
@@ -51,12 +62,11 @@ def parse(server, args, init_images, width, height, api_error, frame=True):
     """The enabled units → (``BatchKey.controls``, the control images framed to
     ``width`` × ``height`` (None without ``frame``: an inpainting request frames them per
     job), the PNG info's (("ControlNet 0", text), ...), each unit's (picture, resize mode)
-    for an inpainting job to frame as its init image, ``inpaint.Inpaint.frame_like``). A 400
+    for an inpainting job to frame as its init image, ``inpaint.Inpaint.frame_like``, and
+    the IP-Adapter units' (``BatchKey.image_prompts``, their reference pictures)). A 400
     naming ``alwayson_scripts.controlnet.args[i].FIELD`` for a unit sdrt cannot run."""
     from sdrt.engine.control import control_mode as checked_mode
     from sdrt.engine.preprocess import apply, frame_map
-
-    from .app import _decode_bytes, b64_bytes
 
     where = "alwayson_scripts.controlnet.args"
 
@@ -69,11 +79,21 @@ def parse(server, args, init_images, width, height, api_error, frame=True):
              if not (isinstance(u, dict) and u.get("enabled", True) is False)]
     if len(units) > MAX_UNITS:
         raise bad(f"{where} may enable at most {MAX_UNITS} units, got {len(units)}")
-    controls, images, info, sources = [], [], [], []
+    controls, images, info, sources, prompts, references = [], [], [], [], [], []
     for i, (index, unit) in enumerate(units):
         at = f"[{index}]"
         if not isinstance(unit, dict):
             raise bad(f"{where}{at} must be an object, got {short_repr(unit)}", at)
+        module = unit.get("module", "none")
+        if isinstance(module, str) and module.startswith("ip-adapter"):
+            prompt, picture, text = _ip_unit(server, unit, at, module, init_images, bad)
+            if prompt[0] in [p[0] for p in prompts]:
+                raise bad(f"{where}{at}.model: IP-Adapter {prompt[0]!r} is in two units; give "
+                          f"each unit its own", f"{at}.model")
+            prompts.append(prompt)
+            references.append(picture)
+            info.append((f"ControlNet {i}", text))
+            continue
         try:
             pre, res, a, b = _processor(unit, f"{where}{at}")
         except SdrtError as e:
@@ -97,19 +117,7 @@ def parse(server, args, init_images, width, height, api_error, frame=True):
         if name in [c[0] for c in controls]:
             raise bad(f"{where}{at}.model: ControlNet {name!r} is in two units; give each "
                       f"unit its own", f"{at}.model")
-        numbers = {}
-        for field, default, top in (("weight", 1.0, MAX_CONTROL_SCALE),
-                                    ("guidance_start", 0.0, 1.0), ("guidance_end", 1.0, 1.0)):
-            v = unit.get(field, default)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or \
-                    not math.isfinite(v) or not 0 <= v <= top:
-                raise bad(f"{where}{at}.{field} must be a number from 0 to {top:g}, got "
-                          f"{short_repr(v)}", f"{at}.{field}")
-            numbers[field] = float(v)
-        if numbers["guidance_start"] >= numbers["guidance_end"]:
-            raise bad(f"{where}{at}.guidance_start must be below guidance_end, got "
-                      f"{numbers['guidance_start']:g} and {numbers['guidance_end']:g}",
-                      f"{at}.guidance_start")
+        numbers = _numbers(unit, at, bad)
         try:
             control_mode = checked_mode(f"{where}{at}.control_mode",
                                         unit.get("control_mode", "Balanced"), labels=True)
@@ -123,23 +131,7 @@ def parse(server, args, init_images, width, height, api_error, frame=True):
         if isinstance(mode, bool) or not isinstance(mode, (int, str)) or mode not in RESIZE:
             raise bad(f"{where}{at}.resize_mode must be Just Resize, Crop and Resize or Resize "
                       f"and Fill (or 0, 1, 2), got {short_repr(mode)}", f"{at}.resize_mode")
-        image = unit.get("image", unit.get("input_image"))
-        if isinstance(image, dict):  # {"image": base64, "mask": ...} of newer extensions
-            if image.get("mask") not in (None, ""):
-                raise bad(f"{where}{at}.image.mask must be null: unit masks are not supported",
-                          f"{at}.image")
-            image = image.get("image")
-        if image in (None, ""):
-            if not init_images:
-                raise bad(f"{where}{at}.image is missing: a txt2img unit needs its control "
-                          f"image", f"{at}.image")
-            picture = init_images[0]
-        elif isinstance(image, str):
-            field = f"{where}{at}.image"
-            picture = _decode_bytes(b64_bytes(image, field, field), field, server.limits)
-        else:
-            raise bad(f"{where}{at}.image must be a base64-encoded image, got "
-                      f"{short_repr(image, 40)}", f"{at}.image")
+        picture = _picture(server, unit, at, init_images, bad)
         try:
             picture, processor = apply(pre, picture, res, a, b, perfect,
                                        (width, height, RESIZE[mode]),
@@ -158,7 +150,86 @@ def parse(server, args, init_images, width, height, api_error, frame=True):
                 (*HR_OPTIONS[hr_option], pre.name == "canny"))):
             out.append(value)
         sources.append((picture, RESIZE[mode]))
-    return tuple(controls), tuple(images), tuple(info), tuple(sources)
+    return (tuple(controls), tuple(images), tuple(info), tuple(sources),
+            (tuple(prompts), tuple(references)))
+
+
+def _numbers(unit, at, bad):
+    """A unit's checked weight, guidance_start and guidance_end."""
+    where = "alwayson_scripts.controlnet.args"
+    numbers = {}
+    for field, default, top in (("weight", 1.0, MAX_CONTROL_SCALE),
+                                ("guidance_start", 0.0, 1.0), ("guidance_end", 1.0, 1.0)):
+        v = unit.get(field, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or \
+                not math.isfinite(v) or not 0 <= v <= top:
+            raise bad(f"{where}{at}.{field} must be a number from 0 to {top:g}, got "
+                      f"{short_repr(v)}", f"{at}.{field}")
+        numbers[field] = float(v)
+    if numbers["guidance_start"] >= numbers["guidance_end"]:
+        raise bad(f"{where}{at}.guidance_start must be below guidance_end, got "
+                  f"{numbers['guidance_start']:g} and {numbers['guidance_end']:g}",
+                  f"{at}.guidance_start")
+    return numbers
+
+
+def _picture(server, unit, at, init_images, bad):
+    """A unit's image (base64), or an img2img request's first init image without one."""
+    from .app import _decode_bytes, b64_bytes
+    where = "alwayson_scripts.controlnet.args"
+    image = unit.get("image", unit.get("input_image"))
+    if isinstance(image, dict):  # {"image": base64, "mask": ...} of newer extensions
+        if image.get("mask") not in (None, ""):
+            raise bad(f"{where}{at}.image.mask must be null: unit masks are not supported",
+                      f"{at}.image")
+        image = image.get("image")
+    if image in (None, ""):
+        if not init_images:
+            raise bad(f"{where}{at}.image is missing: a txt2img unit needs its control "
+                      f"image", f"{at}.image")
+        return init_images[0]
+    if isinstance(image, str):
+        field = f"{where}{at}.image"
+        return _decode_bytes(b64_bytes(image, field, field), field, server.limits)
+    raise bad(f"{where}{at}.image must be a base64-encoded image, got "
+              f"{short_repr(image, 40)}", f"{at}.image")
+
+
+def _ip_unit(server, unit, at, module, init_images, bad):
+    """An IP-Adapter unit → (its ``BatchKey.image_prompts`` entry, its reference picture, its
+    PNG info text). Its ``module`` names the image encoder the extension runs (ViT-H or
+    ViT-bigG, or "ip-adapter-auto"), found in --clip-vision-dir; its ``model`` an IP-Adapter
+    file of --controlnet-dir."""
+    import hashlib
+    where = "alwayson_scripts.controlnet.args"
+    if module not in IP_MODULES:
+        faceid = ("; FaceID reads an insightface embedding, which sdrt does not compute"
+                  if "face_id" in module or "faceid" in module else "")
+        raise bad(f"{where}{at}.module must be one of {', '.join(IP_MODULES)} for an "
+                  f"IP-Adapter{faceid}, got {short_repr(module)}", f"{at}.module")
+    model = unit.get("model")
+    name = _HASHED.sub(r"\1", model) if isinstance(model, str) else None
+    path = server.runner.controlnet_path(name) if name else None
+    if path is None or os.path.isdir(path):
+        raise bad(f"{where}{at}.model must name an IP-Adapter file of --controlnet-dir (GET "
+                  f"/controlnet/model_list), got {short_repr(model)}", f"{at}.model")
+    try:
+        encoder = server.runner.ip_encoder(path, IP_MODULES[module])
+    except SdrtError as e:
+        raise bad(f"{where}{at}.model: {e}", f"{at}.model") from None
+    if encoder is None:
+        raise bad(f"{where}{at}.module: no image encoder of --clip-vision-dir gives what "
+                  f"IP-Adapter {name!r} reads (sdrt serve --clip-vision-dir DIR with its "
+                  f"CLIP vision model)", f"{at}.module")
+    numbers = _numbers(unit, at, bad)
+    picture = _picture(server, unit, at, init_images, bad)
+    digest = hashlib.sha256(picture.tobytes() + repr((picture.mode, picture.size)).encode())
+    short = server.runner.controlnet_hash(name)
+    text = controlnet_unit(f"{name} [{short}]" if short else name, numbers["weight"], "crop",
+                           numbers["guidance_start"], numbers["guidance_end"],
+                           processor=(module, None, None, None, False))
+    return ((name, numbers["weight"], numbers["guidance_start"], numbers["guidance_end"],
+             encoder, digest.hexdigest()), picture, text)
 
 
 def _processor(unit, where):
@@ -207,11 +278,12 @@ def register(app, server_of):
         from sdrt.engine.preprocess import PREPROCESSORS, RESOLUTION, available
         shown = [p for p in PREPROCESSORS.values() if not p.opencv or available()]
         key = (lambda p: p.label or p.name) if alias_names else (lambda p: p.name)
-        return {"module_list": [key(p) for p in shown],
-                "module_detail": {key(p): {"model_free": p.name == "none", "sliders": [
-                    s.api_json() for s in ((RESOLUTION if p.resolution and p.name != "none"
-                                            else None), p.a, p.b) if s is not None]}
-                    for p in shown}}
+        detail = {key(p): {"model_free": p.name == "none", "sliders": [
+            s.api_json() for s in ((RESOLUTION if p.resolution and p.name != "none" else None),
+                                   p.a, p.b) if s is not None]} for p in shown}
+        detail.update({m: {"model_free": False, "sliders": []} for m in IP_MODULES})
+        return {"module_list": [key(p) for p in shown] + list(IP_MODULES),
+                "module_detail": detail}
 
     @app.post("/controlnet/detect", tags=["AUTOMATIC1111"])
     async def detect(request: Request):

@@ -514,9 +514,10 @@ def create_app(config: ServeConfig = None) -> FastAPI:
         if resize == "latent" and mask is None:  # the latents are resized: a key per size
             latent_size = _one_size(init_images)
         controls = hints = units = sources = hires_hints = ()
+        prompts = ((), ())
         args = script_args(body.alwayson_scripts)
         if args is not None:
-            controls, hints, units, sources = await run_in_threadpool(
+            controls, hints, units, sources, prompts = await run_in_threadpool(
                 parse_controlnet, server, args, init_images, req.width, req.height, ApiError,
                 mask is None)
         if hires and sources:  # the maps framed again at the second pass's size
@@ -527,7 +528,8 @@ def create_app(config: ServeConfig = None) -> FastAPI:
                        server.chunks(req), inpaint=mask is not None, hires=hires,
                        masked_content=masked_content, latent_resize_from=latent_size,
                        loras=loras, controls=controls,
-                       vae=sd_vae(server, body.override_settings, "override_settings"))
+                       vae=sd_vae(server, body.override_settings, "override_settings"),
+                       image_prompts=prompts[0])
         extra, jobs = dict(hires.params()) if hires else {}, None
         if mask is not None:  # one job per init image; image i inpaints init image i mod n
             only = body.inpaint_full_res
@@ -549,7 +551,8 @@ def create_app(config: ServeConfig = None) -> FastAPI:
                     init_images[i % len(init_images)] if init_images else None,
                     jobs[i % len(jobs)].mask if jobs else None, extra.get("Mask blur"),
                     extra.get("Masked area padding"), extra.get("Masked content"),
-                    hints[i % len(jobs)] if jobs and sources else hints, units, hires_hints)
+                    hints[i % len(jobs)] if jobs and sources else hints, units, hires_hints,
+                    prompts[1])
                 for i, s in enumerate(seeds)]
         extra.update(units)
         images = await server.generate(request, key, rows)

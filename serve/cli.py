@@ -70,6 +70,11 @@ def add_parser(subparsers):
                    help="VAEs (.safetensors files and diffusers folders) that A1111 requests "
                         "name in sd_vae and ComfyUI workflows in VAELoader, by file or folder "
                         "name")
+    s.add_argument("--clip-vision-dir", metavar="DIR", default=None,
+                   help="CLIP image encoders (.safetensors files, transformers folders) that "
+                        "the IP-Adapters of --controlnet-dir read in A1111 units; a unit's "
+                        "module picks ViT-H (clip_h) or ViT-bigG (clip_g) by name, else the "
+                        "first that fits")
     s.add_argument("--threads", metavar="N", type=int_arg, default=None,
                    help="torch CPU threads (default: torch's choice)")
     s.add_argument("--ray", action="store_true",
@@ -101,7 +106,8 @@ def config_from(a):
                        api_key=a.api_key or os.environ.get("SDRT_API_KEY") or None,
                        request_timeout_s=a.timeout,
                        default_steps=a.steps, threads=a.threads, lora_dir=a.lora_dir,
-                       controlnet_dir=a.controlnet_dir, vae_dir=a.vae_dir)
+                       controlnet_dir=a.controlnet_dir, vae_dir=a.vae_dir,
+                       clip_vision_dir=a.clip_vision_dir)
 
 
 def _check_port(host, port):

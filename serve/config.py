@@ -29,6 +29,7 @@ class ServeConfig:
     max_loras: int = 8             # LoRAs one request may apply
     controlnet_dir: str = None     # folder of ControlNets (files or diffusers folders)
     vae_dir: str = None            # folder of VAEs (A1111's sd_vae): files or diffusers folders
+    clip_vision_dir: str = None    # folder of CLIP image encoders, for IP-Adapter units
 
     def __post_init__(self):
         def positive(name, integer=True):
@@ -45,7 +46,7 @@ class ServeConfig:
         if self.threads is not None:
             positive("threads")
         positive("max_loras")
-        for name in ("lora_dir", "controlnet_dir", "vae_dir"):
+        for name in ("lora_dir", "controlnet_dir", "vae_dir", "clip_vision_dir"):
             folder = getattr(self, name)
             if folder is not None and not os.path.isdir(folder):
                 raise SdrtError(f"{name.replace('_', '-')} {folder} is not a folder")

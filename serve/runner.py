@@ -28,6 +28,7 @@ class Runner:
         self._hashes = {}  # path → A1111's short hash of the file (LoRAs, ControlNets, VAEs)
         self._vae = None  # the VAE file decoding now (None: the model's own)
         self._own_vae = None  # the model's own VAE weights, on the host, once another loads
+        self._ip_encoders = {}  # loaded IP-Adapter name → the image encoder path it reads
 
     def load(self):
         import torch
@@ -152,6 +153,57 @@ class Runner:
         found at once."""
         return _by_name(self.config.controlnet_dir, model_folders=True)
 
+    # -- IP-Adapters from --controlnet-dir, image encoders from --clip-vision-dir -------------
+
+    def ip_encoder(self, adapter_path, prefer=None):
+        """The --clip-vision-dir encoder that IP-Adapter ``adapter_path`` reads: the first whose
+        output fits it, those named for ``prefer`` ("h": ViT-H, "g": ViT-bigG) first; None if
+        none fits. ``SdrtError`` if the file is not an IP-Adapter sdrt runs. Read from the
+        files' headers, nothing loaded."""
+        from sdrt.engine.clip_vision import encoder_config
+        from sdrt.engine.ip_adapter import encoder_fits, file_config
+        cfg = file_config(adapter_path)
+        marks = {"h": ("clip_h", "vit-h"), "g": ("clip_g", "bigg")}.get(prefer, ())
+        paths = sorted(_by_name(self.config.clip_vision_dir, model_folders=True).values(),
+                       key=lambda p: not any(m in os.path.basename(p).lower() for m in marks))
+        for path in paths:
+            try:
+                if encoder_fits(cfg, encoder_config(path)):
+                    return path
+            except SdrtError:  # not an image encoder: look further
+                continue
+        return None
+
+    def _apply_ip_adapters(self, prompts):
+        """Load the batch's IP-Adapters with their encoders (those loaded already stay),
+        unload the others."""
+        wanted = {p[0]: p[4] for p in prompts}
+        loaded = self.pipe.ip_adapters
+        for name in list(loaded):
+            if wanted.get(name) != self._ip_encoders.get(name):
+                self.pipe.unload_ip_adapter(name)
+                self._ip_encoders.pop(name, None)
+        for name, encoder in wanted.items():
+            if name not in self.pipe.ip_adapters:
+                path = self.controlnet_path(name)
+                if path is None:
+                    raise SdrtError(f"the request names IP-Adapter {name!r}, which "
+                                    f"--controlnet-dir no longer has")
+                self.pipe.load_ip_adapter(path, image_encoder=encoder, name=name)
+                self._ip_encoders[name] = encoder
+
+    def _image_prompt(self, key, rows):
+        """The pipeline arguments of the batch's IP-Adapters ({} without)."""
+        self._apply_ip_adapters(key.image_prompts)
+        if not key.image_prompts:
+            return {}
+        images = list(rows[0].ip_images)
+        return dict(ip_adapter_image=images if len(images) > 1 else images[0],
+                    ip_adapter=[p[0] for p in key.image_prompts],
+                    ip_adapter_scale=[p[1] for p in key.image_prompts],
+                    ip_adapter_guidance_start=[p[2] for p in key.image_prompts],
+                    ip_adapter_guidance_end=[p[3] for p in key.image_prompts])
+
     # -- VAEs from --vae-dir ---------------------------------------------------------------
 
     def vae_names(self):
@@ -250,11 +302,11 @@ class Runner:
         self._apply_loras(key.loras)
         self._apply_vae(key.vae)
         self._apply_controlnets(key.controls)
-        control = {}
+        control = self._image_prompt(key, rows)
         if key.controls:  # per ControlNet, one control image per row
             images_per_net = [[r.control_images[k] for r in rows]
                               for k in range(len(key.controls))]
-            control = dict(
+            control.update(
                 control_image=images_per_net if len(key.controls) > 1 else images_per_net[0],
                 controlnet=[c[0] for c in key.controls],
                 controlnet_conditioning_scale=[c[1] for c in key.controls],

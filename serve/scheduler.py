@@ -59,6 +59,9 @@ class BatchKey:
     # modes and parts in a hires fix (hires.pass_controls); each row brings its control images.
     controls: tuple = ()
     vae: str = None  # the VAE the rows decode with (Runner.vae_path names it); None: the model's
+    # ((name, weight, start, end, image encoder path, reference digest), ...): the rows'
+    # IP-Adapters (Runner.controlnet_path names them); rows share their reference images.
+    image_prompts: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ class Row:
     control_info: tuple = ()  # (("ControlNet 0", text), ...) for the PNG info
     # with a hires fix: the control images framed at its second pass's size (A1111's units)
     hires_control_images: tuple = ()
+    ip_images: tuple = ()  # one PIL reference image per IP-Adapter of the key
 
 
 class Job:

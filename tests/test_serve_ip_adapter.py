@@ -1,0 +1,110 @@
+"""IP-Adapter units of A1111's ControlNet extension API on ``sdrt serve --controlnet-dir
+--clip-vision-dir`` over real HTTP on 127.0.0.1: a unit gives the library's image with the
+same adapter, encoder, reference image and settings, the module picks the encoder (the one
+that fits when its name does not), the PNG info records the unit, and what sdrt cannot run
+is a 400 naming the field."""
+import base64
+import io
+import json
+
+import pytest
+from PIL import Image
+from safetensors.torch import save_file
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+from sdrt.engine.infotext import short_hash  # noqa: E402
+from sdrt.engine.ip_adapter import cross_attentions  # noqa: E402
+from sdrt.serve.local import LocalServer  # noqa: E402
+from test_ip_adapter import ENCODER, _own_encoder, _picture, _weights  # noqa: E402
+from test_serve import TIMEOUT, assert_same_image, config, ref_pipe  # noqa: E402,F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+PROMPT = "a red fox in the snow"
+
+
+def _png(image):
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, ref_pipe):
+    """--controlnet-dir with a plain IP-Adapter ("style") and a plus one that reads a width
+    no encoder has ("wide"); --clip-vision-dir with an encoder named for ViT-bigG that does
+    not fit "style" and one with a neutral name that does."""
+    root = tmp_path_factory.mktemp("serve-ip-adapter")
+    (root / "nets").mkdir()
+    (root / "clip").mkdir()
+    widths = tuple(a.to_q.out_features for a in cross_attentions(ref_pipe.unet))
+    cross = ref_pipe.unet.config.cross_attention_dim
+    save_file(_weights("plain", 4, widths, cross=cross), str(root / "nets" / "style.safetensors"))
+    save_file(_weights("plus", 5, widths, cross=cross, hidden=999),
+              str(root / "nets" / "wide.safetensors"))
+    _own_encoder(root / "clip" / "vision.safetensors")
+    other = dict(ENCODER, projection_dim=16)
+    from sdrt.engine.clip_vision import CLIPVisionModelWithProjection, VisionConfig
+    model = CLIPVisionModelWithProjection(VisionConfig.from_dict(other))
+    save_file({k: v.detach().contiguous().normal_() for k, v in model.state_dict().items()},
+              str(root / "clip" / "clip_g.safetensors"))
+    return root, _picture(9, 40, 56)
+
+
+@pytest.fixture(scope="module")
+def server(assets):
+    root, _ = assets
+    with LocalServer(config(controlnet_dir=str(root / "nets"),
+                            clip_vision_dir=str(root / "clip"), max_batch=4)) as url:
+        yield url
+
+
+def _txt2img(url, units, seed=3):
+    return httpx.post(f"{url}/sdapi/v1/txt2img", timeout=TIMEOUT, json={
+        "prompt": PROMPT, "negative_prompt": "blurry", "steps": 2, "cfg_scale": 7, "seed": seed,
+        "width": 64, "height": 64, "alwayson_scripts": {"controlnet": {"args": units}}})
+
+
+def test_a_unit_gives_the_library_image(server, assets, ref_pipe):
+    root, picture = assets
+    digest = short_hash(str(root / "nets" / "style.safetensors"))[:8]
+    modules = httpx.get(f"{server}/controlnet/module_list").json()
+    assert "ip-adapter_clip_sd15" in modules["module_list"]
+    unit = {"module": "ip-adapter_clip_sdxl", "model": f"style [{digest}]",
+            "image": _png(picture), "weight": 0.7, "guidance_end": 0.8}
+    r = _txt2img(server, [unit])
+    assert r.status_code == 200, r.text
+    got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+    ref_pipe.load_ip_adapter(root / "nets" / "style.safetensors",
+                             image_encoder=root / "clip" / "vision.safetensors", name="style")
+    try:
+        want = ref_pipe(PROMPT, negative_prompt="blurry", height=64, width=64,
+                        num_inference_steps=2, guidance_scale=7.0, seed=3,
+                        ip_adapter_image=picture, ip_adapter_scale=0.7,
+                        ip_adapter_guidance_end=0.8)[0]
+    finally:
+        ref_pipe.unload_ip_adapter()
+    assert_same_image(got, want, "an IP-Adapter unit")
+    text = json.loads(r.json()["info"])["infotexts"][0]
+    assert (f'ControlNet 0: "Module: ip-adapter_clip_sdxl, Model: style [{digest}], Weight: '
+            f'0.7, Resize Mode: Crop and Resize') in text
+
+
+@pytest.mark.parametrize("unit, field, message", [
+    ({"module": "ip-adapter_face_id_plus", "model": "style"}, "[0].module",
+     "FaceID reads an insightface embedding"),
+    ({"module": "ip-adapter_clip_sd15", "model": "nothing"}, "[0].model",
+     "must name an IP-Adapter file of --controlnet-dir"),
+    ({"module": "ip-adapter-auto", "model": "wide"}, "[0].module",
+     "no image encoder of --clip-vision-dir gives what IP-Adapter 'wide' reads"),
+    ({"module": "ip-adapter_clip_sd15", "model": "style", "weight": 11}, "[0].weight",
+     "must be a number from 0 to 10"),
+])
+def test_bad_units_are_400s(server, assets, unit, field, message):
+    _, picture = assets
+    r = _txt2img(server, [{"image": _png(picture), **unit}])
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == f"alwayson_scripts.controlnet.args{field}"
+    assert message in error["message"]
