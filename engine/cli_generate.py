@@ -125,7 +125,8 @@ def generate(a):
         from .images import frame_init_image
         init = frame_init_image(init, width, height, a.resize_mode)
     plans = _static_plans(a, pipe, request, sampler, hires,
-                          None if init is None else (width, height, mask is not None), controls)
+                          None if init is None else (width, height, mask is not None), controls,
+                          image_prompt.get("ip_adapter"))
     # The control images at the size drawn at: a hires fix's larger one (the first pass gets
     # them resized down), else the request's.
     drawn = ((width, height) if init is not None else
@@ -665,12 +666,13 @@ def _onnx_pipeline(a):
     return Pipeline(c, device, dtype)
 
 
-def _static_plans(a, pipe, request, sampler, hires=None, image=None, controls=()):
+def _static_plans(a, pipe, request, sampler, hires=None, image=None, controls=(),
+                  ip_adapters=None):
     """The static plans of a checked ``request`` run with ``sampler`` and of its hires fix's
     second pass, built on CUDA unless --no-compile; [] where the request runs eagerly.
     ``image``: an image-to-image request's (width, height, masked), the framed init image's
     size and whether it inpaints; its plan runs at --strength. ``controls``: the names of
-    the ControlNets loaded for it. Static plans run with the final text layer, in sdrt's own
+    the ControlNets loaded for it, ``ip_adapters`` of its IP-Adapters (one image each). Static plans run with the final text layer, in sdrt's own
     networks, the whole schedule (no refiner's hand-off)."""
     static = (request.clip_skip == 0 and a.runtime == "torch"
               and request.denoising_end is None and pipe.device.type == "cuda")
@@ -684,7 +686,8 @@ def _static_plans(a, pipe, request, sampler, hires=None, image=None, controls=()
     chunks = pipe.text_inputs(request.texts(), request.prompt_syntax,
                               request.texts_2()).num_chunks
     width, height, masked = image or (request.width, request.height, False)
-    control = dict(controlnet=controls or None, guess_mode=a.guess_mode and bool(controls))
+    control = dict(controlnet=controls or None, guess_mode=a.guess_mode and bool(controls),
+                   ip_adapter=ip_adapters)
     plans = [pipe.compile(height, width, request.batch_size, request.num_inference_steps,
                           sampler, guidance=request.guidance, num_chunks=chunks,
                           strength=None if image is None else request.strength,

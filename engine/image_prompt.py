@@ -16,6 +16,8 @@ from .clip_vision import clip_pixels
 from .errors import SdrtError
 from .request import MAX_CONTROL_SCALE, short_repr
 
+MAX_IMAGES = 16  # reference images per adapter in one request (their tokens are joined)
+
 
 def select(loaded, names):
     """The names of the IP-Adapters a request runs: ``names`` (a loaded one's name or a list
@@ -93,8 +95,9 @@ class ImagePromptRequest:
         images = []
         for entry in entries:
             items = list(entry) if isinstance(entry, (list, tuple)) else [entry]
-            if not items:
-                raise SdrtError("ip_adapter_image holds an empty list of images")
+            if not 1 <= len(items) <= MAX_IMAGES:
+                raise SdrtError(f"ip_adapter_image must hold 1 to {MAX_IMAGES} images per "
+                                f"IP-Adapter, got {len(items)}")
             images.append(tuple(t for batch in tensors(items) for t in batch))
         starts = _per_adapter("ip_adapter_guidance_start", start, n, _number(1))
         ends = _per_adapter("ip_adapter_guidance_end", end, n, _number(1))

@@ -225,6 +225,14 @@ def encoder_fits(cfg: IPAdapterConfig, encoder_cfg) -> bool:
                              else encoder_cfg.projection_dim)
 
 
+def tokens_per_image(cfg: IPAdapterConfig, encoder_cfg) -> int:
+    """How many tokens one reference image gives: the adapter's own count, or for a full-face
+    adapter one per encoder token (the patches and the class token)."""
+    if cfg.kind == "full":
+        return (encoder_cfg.image_size // encoder_cfg.patch_size) ** 2 + 1
+    return cfg.tokens
+
+
 def load_ip_adapter(path, device, dtype) -> IPAdapter:
     """An IP-Adapter from one ``.safetensors`` file in the original layout. Every tensor of
     the file must be one of the adapter's: a file with more (a variant sdrt does not know)

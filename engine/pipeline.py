@@ -280,13 +280,16 @@ class Pipeline:
 
     def compile(self, height=None, width=None, batch_size=1, num_inference_steps=50,
                 sampler=None, guidance=True, strict=False, max_shapes=4, num_chunks=1,
-                strength=None, masked=False, controlnet=None, guess_mode=False):
+                strength=None, masked=False, controlnet=None, guess_mode=False,
+                ip_adapter=None, ip_adapter_images=1):
         """Build the static plan (buffers, schedule, CUDA graphs on a GPU) for one shape.
 
         ``num_chunks``: the prompts' number of 77-token chunks (A1111 syntax: a prompt past
         75 tokens, or with ``BREAK``, takes more than one). ``strength``: a plan for image to
         image at that strength (the init image is encoded before the replay); with
-        ``masked=True``, for inpainting.
+        ``masked=True``, for inpainting. ``controlnet`` and ``guess_mode``: the ControlNets
+        it runs; ``ip_adapter``: the IP-Adapters it runs (a loaded one's name or a list),
+        with ``ip_adapter_images`` reference images each (one number, or one per adapter).
 
         From then on, calls run through static plans (all but ``clip_skip`` and a refiner's
         part of the schedule): a call of a shape that was built replays it; any other shape
@@ -311,12 +314,32 @@ class Pipeline:
                             f"ControlNets the plan runs), got {short_repr(guess_mode)}")
         request = self.check(request, names={"num_images_per_prompt": "batch_size"},
                              num_chunks=num_chunks, controlled=bool(controls))
+        images = self._compiled_image_prompts(ip_adapter, ip_adapter_images)
         if self.runtime is None:
             self.runtime = StaticRuntime(self.model_spec(), max_shapes=max_shapes, strict=strict)
         else:
             self.runtime.configure(max_shapes=max_shapes, strict=strict)
-        return self.runtime.build(self._shape(request, num_chunks, masked, controls, guess_mode),
-                                  self.scheduler_config)
+        return self.runtime.build(self._shape(request, num_chunks, masked, controls, guess_mode,
+                                              images), self.scheduler_config)
+
+    def _compiled_image_prompts(self, names, counts):
+        """``StaticShape.image_prompts`` of ``compile``'s IP-Adapters, attached to the UNet
+        (the plan captures their weights); () without."""
+        from .image_prompt import MAX_IMAGES
+        from .image_prompt import select as select_adapters
+        from .ip_adapter import attach, tokens_per_image
+        if names is None:
+            return ()
+        names = select_adapters(self._ip_adapters, names)
+        counts = counts if isinstance(counts, (list, tuple)) else [counts] * len(names)
+        if len(counts) != len(names) or not all(
+                type(c) is int and 1 <= c <= MAX_IMAGES for c in counts):
+            raise SdrtError(f"ip_adapter_images must be an integer from 1 to {MAX_IMAGES} or a "
+                            f"list of {len(names)}, got {short_repr(counts)}")
+        adapters = [self._ip_adapters[n][0] for n in names]
+        attach(self.unet, adapters)
+        return tuple((n, c * tokens_per_image(a.config, self._image_encoders[
+            self._ip_adapters[n][1]].config)) for n, a, c in zip(names, adapters, counts))
 
     def model_spec(self) -> ModelSpec:
         """The family and networks a static plan runs (the plan holds no pipeline)."""

@@ -157,12 +157,14 @@ def test_two_adapters_and_several_images_match_diffusers(sd1):
         got = ours(PROMPT, ip_adapter_image=images, ip_adapter=["plain", "full"],
                    ip_adapter_scale=[0.6, 1.3], sampler="euler", **kw)
         assert_close_abs(got, expected, IMAGE_ATOL, f"two IP-Adapters at guidance {guidance}")
-    ours.compile(16, 24, num_inference_steps=4, sampler="euler")
+    # (strict: the plan compile built is the one the call runs; full-face: 26 tokens an image)
+    plan = ours.compile(16, 24, num_inference_steps=4, sampler="euler", guidance=False,
+                        strict=True, ip_adapter=["plain", "full"], ip_adapter_images=[2, 1])
     try:
+        assert plan.shape.image_prompts == (("plain", 8), ("full", 26))
         got = ours(PROMPT, ip_adapter_image=images, ip_adapter=["plain", "full"],
                    ip_adapter_scale=[0.6, 1.3], sampler="euler", **kw)
         assert_close_abs(got, expected, IMAGE_ATOL, "two IP-Adapters under a static plan")
-        assert any(s.image_prompts for s in ours.runtime.plans)
     finally:
         ours.runtime = None
 
@@ -292,23 +294,40 @@ def _own_encoder(path):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
 
 
+def _cli_assets(tmp_path):
+    """An IP-Adapter for the built-in model, its encoder and a reference image, in tmp_path;
+    the options that run them."""
+    from sdrt.engine.demo.model import demo_pipeline
+    from sdrt.engine.ip_adapter import cross_attentions
+    unet = demo_pipeline().unet
+    widths = tuple(a.to_q.out_features for a in cross_attentions(unet))
+    save_file(_weights("plus", 3, widths, cross=unet.config.cross_attention_dim),
+              str(tmp_path / "style.safetensors"))
+    _own_encoder(tmp_path / "clip_h.safetensors")
+    _picture(2, 50, 70).save(tmp_path / "ref.png")
+    return ["--ip-adapter", f"{tmp_path / 'style.safetensors'}:0.7", "--ip-adapter-image",
+            str(tmp_path / "ref.png"), "--image-encoder", str(tmp_path / "clip_h.safetensors"),
+            "--ip-adapter-end", "0.7"]
+
+
+@pytest.mark.gpu
+def test_cuda_cli_builds_its_static_plan(tmp_path, capsys):
+    # The plan is built up front with the IP-Adapter in it, and replays the eager image.
+    from test_cli import _static_equals_eager
+    _static_equals_eager(["generate", "a red fox", "--steps", "4", "--seed", "5", "--device",
+                          "cuda", "--dtype", "fp32", "--sampler", "euler_a",
+                          *_cli_assets(tmp_path)], tmp_path, capsys)
+
+
 def test_cli_equals_the_library(tmp_path, capsys):
     # sdrt generate --ip-adapter on the built-in model: the library call's pixels; bad options
     # are one line.
     from sdrt.engine.demo.model import demo_config, demo_pipeline
-    from sdrt.engine.ip_adapter import cross_attentions
     from test_cli import SMALL, _assert_one_error_line, _pixels, _run
+    options = _cli_assets(tmp_path)
     pipe = demo_pipeline()
-    widths = tuple(a.to_q.out_features for a in cross_attentions(pipe.unet))
-    save_file(_weights("plus", 3, widths, cross=pipe.unet.config.cross_attention_dim),
-              str(tmp_path / "style.safetensors"))
-    _own_encoder(tmp_path / "clip_h.safetensors")
-    _picture(2, 50, 70).save(tmp_path / "ref.png")
     out = tmp_path / "ip.png"
     base = ["generate", "a red fox", *SMALL, "--seed", "6", "--steps", "3"]
-    options = ["--ip-adapter", f"{tmp_path / 'style.safetensors'}:0.7", "--ip-adapter-image",
-               str(tmp_path / "ref.png"), "--image-encoder", str(tmp_path / "clip_h.safetensors"),
-               "--ip-adapter-end", "0.7"]
     code, _, err = _run(base + options + ["-o", str(out)], capsys)
     assert code == 0, err
     pipe.load_ip_adapter(tmp_path / "style.safetensors", tmp_path / "clip_h.safetensors")
