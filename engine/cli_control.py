@@ -80,6 +80,9 @@ def from_png(a, pairs, where):
     from .preprocess import get
     units = [_unit_fields(v) for k, v in sorted(pairs.items())
              if re.fullmatch(r"ControlNet \d+", k) and isinstance(v, str)]
+    ip_units = [u for u in units if u.get("Module", "").startswith("ip-adapter")]
+    _ip_from_png(a, ip_units, where)
+    units = [u for u in units if u not in ip_units]
     if not units:
         return
     n = len(a.controlnet)
@@ -128,6 +131,31 @@ def from_png(a, pairs, where):
         a.control_module = modules
     if not a.control_mode:
         a.control_mode = control_modes
+
+
+def _ip_from_png(a, units, where):
+    """--from-png's IP-Adapter units, applied to the --ip-adapter files of the same names
+    (weight; guidance start and end, one for all, unless given); a unit whose adapter is not
+    given is named in a warning."""
+    import re
+    import warnings
+    index = {name: i for i, name in enumerate(ip_names(a))}
+    for unit in units:
+        model = re.sub(r" \[[0-9a-fA-F]+\]$", "", unit.get("Model", ""))
+        if model not in index:
+            warnings.warn(f"{where} used IP-Adapter {model}: pass --ip-adapter FILE for it and "
+                          f"its --ip-adapter-image, or the image will differ")
+            continue
+        i = index[model]
+        try:
+            a.ip_adapter[i] = (a.ip_adapter[i][0], float(unit.get("Weight", 1)))
+            for option, field, default in (("ip_adapter_start", "Guidance Start", 0),
+                                           ("ip_adapter_end", "Guidance End", 1)):
+                if option not in a.given:
+                    setattr(a, option, float(unit.get(field, default)))
+        except ValueError:
+            raise SdrtError(f"{where}: IP-Adapter unit {unit} has a value that is not a "
+                            f"number") from None
 
 
 def check(a):
@@ -265,6 +293,29 @@ def hires_units(a):
     if not a.controlnet:
         return None
     return [(True, True, p is not None and p[0] == "canny") for p in a.control_processors]
+
+
+def ip_names(a):
+    """The name each --ip-adapter is loaded under: its file name, numbered where two are the
+    same."""
+    stems = [file_stem(p) for p, _ in a.ip_adapter]
+    return [s if stems.count(s) == 1 else f"{s}-{i}" for i, s in enumerate(stems)]
+
+
+# The ControlNet extension's IP-Adapter preprocessor for an image encoder's width.
+_IP_MODULES = {1280: "ip-adapter_clip_h", 1664: "ip-adapter_clip_g"}
+
+
+def ip_infotext(a, identities, widths, first):
+    """(("ControlNet N", text), ...) of the --ip-adapter units, numbered from ``first``, as
+    the extension records an IP-Adapter unit; ``identities`` the (name, short hash) of each,
+    ``widths`` the hidden size of the encoder each reads (which names the module)."""
+    return tuple((f"ControlNet {first + i}", controlnet_unit(
+        f"{name} [{short[:8]}]" if short else name, weight, "crop", a.ip_adapter_start,
+        a.ip_adapter_end, processor=(_IP_MODULES.get(width, "ip-adapter-auto"), None, None,
+                                     None, False)))
+        for i, ((_, weight), (name, short), width) in enumerate(zip(a.ip_adapter, identities,
+                                                                     widths)))
 
 
 def infotext(a, identities):

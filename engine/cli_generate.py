@@ -186,6 +186,10 @@ def generate(a):
     lora_hashes = tuple((_stem(path), file_hash(path)) for path, _ in loras)
     units = cli_control.infotext(a, [(name, file_hash(path) if os.path.isfile(path) else None)
                                      for (path, _), name in zip(a.controlnet, controls)])
+    ip_names = cli_control.ip_names(a)
+    units += cli_control.ip_infotext(
+        a, [(name, file_hash(path)) for (path, _), name in zip(a.ip_adapter, ip_names)],
+        [pipe.image_encoder(n).config.hidden_size for n in ip_names], len(units))
     ti_hashes = tuple((token, file_hash(path)) for token, path in zip(tokens, a.embedding))
     vae = {}
     if a.vae is not None:
@@ -233,8 +237,7 @@ def _load_ip_adapters(a, pipe, images):
     pipeline arguments that run them, {} without."""
     if not a.ip_adapter:
         return {}
-    stems = [_stem(p) for p, _ in a.ip_adapter]
-    names = [s if stems.count(s) == 1 else f"{s}-{i}" for i, s in enumerate(stems)]
+    names = cli_control.ip_names(a)
     for (path, _), name in zip(a.ip_adapter, names):
         pipe.load_ip_adapter(path, image_encoder=a.image_encoder, name=name)
     return dict(ip_adapter=names, ip_adapter_image=images,

@@ -488,6 +488,13 @@ class Pipeline:
         """``{name: IPAdapter}`` of the loaded IP-Adapters, in load order."""
         return {name: adapter for name, (adapter, _) in self._ip_adapters.items()}
 
+    def image_encoder(self, name):
+        """The CLIP image encoder IP-Adapter ``name`` reads."""
+        if name not in self._ip_adapters:
+            raise SdrtError(f"ip_adapter {name!r} is not loaded (loaded: "
+                            f"{', '.join(self._ip_adapters) or 'none'})")
+        return self._image_encoders[self._ip_adapters[name][1]]
+
     def load_ip_adapter(self, path, image_encoder=None, name=None):
         """Load an IP-Adapter for this model: a ``.safetensors`` file in h94/IP-Adapter's
         layout (plain, plus, plus-face, full-face; ``engine.ip_adapter``) and the CLIP image

@@ -340,6 +340,21 @@ def test_cli_equals_the_library(tmp_path, capsys):
                         ip_adapter_guidance_end=0.7)[0]
     got = _pixels(out).astype(int)
     assert np.abs(got - np.asarray(expected).astype(int)).max() <= 1
+    # The PNG records the unit as A1111's ControlNet extension does, and --from-png reads its
+    # weight and share back for the --ip-adapter of that name.
+    from sdrt.engine.infotext import short_hash
+    from test_cli import _parameters
+    digest = short_hash(str(tmp_path / "style.safetensors"))[:8]
+    assert (f'ControlNet 0: "Module: ip-adapter-auto, Model: style [{digest}], Weight: 0.7, '
+            f'Resize Mode: Crop and Resize, Processor Res: -1, Threshold A: -1, Threshold B: '
+            f'-1, Guidance Start: 0, Guidance End: 0.7') in _parameters(out)
+    again = tmp_path / "again.png"
+    code, _, err = _run(["generate", "--from-png", str(out), "--ip-adapter",
+                         str(tmp_path / "style.safetensors"), *options[2:6], "-o", str(again)],
+                        capsys)
+    assert code == 0, err
+    assert np.array_equal(_pixels(again), _pixels(out)), "--from-png gave another image"
+    assert _parameters(again) == _parameters(out)
     plain = tmp_path / "plain.png"
     assert _run(base + ["-o", str(plain)], capsys)[0] == 0
     assert np.abs(_pixels(plain).astype(int) - got).max() > 10, "the IP-Adapter changed nothing"
