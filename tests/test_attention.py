@@ -49,6 +49,9 @@ SHAPES = [
     (1, 2, 30, 60, 24),     # head dim 24: 16 + 16 = 32, one piece
     (1, 2, 40, 33, 64),     # 33 keys on the cross path: 32 + 16, the second piece 1 key
     (2, 1, 20, 20, 40),     # 20 keys: one piece of 32 (16 + 16 would save nothing)
+    (2, 2, 70, 4, 40),      # an IP-Adapter's 4 image tokens: fewer keys than the least block
+    (1, 2, 40, 16, 80),     # IP-Adapter Plus's 16 tokens at head dim 80
+    (1, 1, 30, 257, 40),    # a full-face IP-Adapter's 257 tokens: the self path, 1 key past
 ]
 
 
@@ -218,6 +221,7 @@ def test_attention_bad_inputs(triton_backend, case):
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [
     (2, 8, 4096, 4096, 40), (2, 8, 4096, 77, 40),    # SD 1.5 level 1, self and cross
+    (2, 8, 4096, 4, 40), (2, 8, 4096, 16, 40),       # its IP-Adapter (Plus) image tokens
     (2, 8, 1024, 1024, 80), (2, 8, 256, 77, 160),    # SD 1.5 levels 2 and 3
     (2, 8, 64, 64, 160),                             # SD 1.5 mid block
     (2, 5, 9216, 9216, 64), (2, 20, 576, 77, 64),    # SD 2.1 at 768²
@@ -247,8 +251,8 @@ def compile_for_hopper():
     fn = mod._attention_kernel
     ints = [n for n in fn.arg_names if n.startswith("stride_")] + ["H", "S", "T"]
     # Head dim 40 (self, with a masked tail; cross over 77 keys, split too), 160 (the largest
-    # block), each split into two pieces, and 64 (one piece).
-    for d, t in ((40, 4100), (40, 77), (160, 4100), (64, 4100)):
+    # block), each split into two pieces, and 64 (one piece); an IP-Adapter's 4 image keys.
+    for d, t in ((40, 4100), (40, 77), (160, 4100), (64, 4100), (40, 4)):
         blk = mod._blocks(d, t)
         consts = {"HEAD_D": d, "BLOCK_M": blk.block_m, "BLOCK_N": blk.block_n,
                   "BLOCK_N2": blk.block_n2, "BLOCK_D": blk.block_d, "BLOCK_D2": blk.block_d2,
