@@ -182,7 +182,13 @@ def generate(pipe, hires: Hires, prompt, negative_prompt, height, width, num_inf
         resample = Image.LANCZOS if hires.upscaler == "Lanczos" else Image.NEAREST
         image = [im.resize((w, h), resample) for im in first]
     timings = dict(pipe.timings)
-    steps, _ = hires.schedule_steps(num_inference_steps)
+    steps, calls = hires.schedule_steps(num_inference_steps)
+    # A1111's prompt editing on the second pass: its own steps, after the first pass's.
+    from .prompt_schedule import editing_steps
+    from .samplers import default_sampler
+    first_sampler = sampler or default_sampler(pipe.scheduler_config)
+    edit_steps = (editing_steps(hires.sampler or first_sampler, calls),
+                  editing_steps(first_sampler, num_inference_steps))
     # The second pass takes one row per image: each its own prompt, scale and picture (a
     # list of one value per prompt is spread over that prompt's images).
     rows = len(first)
@@ -197,6 +203,6 @@ def generate(pipe, hires: Hires, prompt, negative_prompt, height, width, num_inf
                   negative_prompt=per_row(hires.negative_prompt or negative_prompt, text=True),
                   image=image, strength=hires.strength, num_inference_steps=steps,
                   sampler=hires.sampler or sampler, generator=generator, output_type="pil",
-                  **call, **controls[1])
+                  prompt_edit_steps=edit_steps, **call, **controls[1])
     pipe.timings = {k: timings.get(k, 0) + v for k, v in pipe.timings.items()}  # both passes
     return images

@@ -25,6 +25,8 @@ from .infotext import file_stem
 from .layers import use_conv_chooser
 from .loading import Components, check_compatible, load
 from .memory import check_request_fits, fused_attention, request_bytes
+from .prompt_schedule import edited, editing_steps, text_at
+from .prompt_schedule import schedule as schedule_prompt
 from .prompt_syntax import WeightedIds, tokenize_prompts
 from .request import MICRO_CONDITIONING, GenerationRequest, Limits, short_repr
 from .runtime import ModelSpec, StaticRuntime, StaticShape
@@ -1051,7 +1053,7 @@ class Pipeline:
                  control_guidance_start=0.0, control_guidance_end=1.0, guess_mode=False,
                  control_mode="balanced", ip_adapter_image=None, ip_adapter=None,
                  ip_adapter_scale=1.0, ip_adapter_guidance_start=0.0,
-                 ip_adapter_guidance_end=1.0):
+                 ip_adapter_guidance_end=1.0, prompt_edit_steps=None):
         """Generate images; see the README for each argument.
 
         Returns a list of PIL images (``"pil"``), a float32 array (B, H, W, 3) in [0, 1]
@@ -1119,6 +1121,12 @@ class Pipeline:
         ControlNet's rule), as A1111's ControlNet units and ComfyUI's IPAdapter nodes run
         them.
 
+        Prompts in A1111 syntax may edit and alternate (``[a:b:0.5]``, ``[a|b]``;
+        ``engine.prompt_schedule``): each UNet call gets its texts' conditioning. The editing
+        steps are the request's (twice them for a second-order sampler);
+        ``prompt_edit_steps`` = (steps, the first pass's steps) reads them as a hires fix's
+        second pass does (``engine.hires`` passes it).
+
         ``callback(pipe, step_index, timestep, callback_kwargs)`` is called after each
         denoising step, as diffusers calls ``callback_on_step_end``: ``callback_kwargs`` is
         ``{"latents": x}`` (float32), and a returned dict with ``"latents"`` replaces them.
@@ -1129,6 +1137,11 @@ class Pipeline:
         """
         if callback is not None and not callable(callback):
             raise SdrtError(f"callback must be callable or None, got {short_repr(callback)}")
+        if prompt_edit_steps is not None and not (
+                isinstance(prompt_edit_steps, tuple) and len(prompt_edit_steps) == 2 and
+                all(type(v) is int and v >= 1 for v in prompt_edit_steps)):
+            raise SdrtError(f"prompt_edit_steps must be None or (steps, the first pass's "
+                            f"steps), two positive integers, got {short_repr(prompt_edit_steps)}")
         request = GenerationRequest(
             prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
@@ -1185,6 +1198,7 @@ class Pipeline:
         # [negative..., positive...] as diffusers orders them, tokenised once; with A1111
         # syntax both halves (and both tokenizers) get the same number of chunks.
         texts, texts_2 = self._texts(request)
+        edits = request.prompt_syntax == "a1111" and any(map(edited, texts + texts_2))
         inputs = self.text_inputs(texts, request.prompt_syntax, texts_2)
         request = self.check(request, num_chunks=inputs.num_chunks,
                              controlled=control is not None)
@@ -1205,7 +1219,7 @@ class Pipeline:
         t0 = self._clock()
         start = self._start(request, init, init_latents, mask, latents, shape, generator,
                             masked_content)
-        if self._static(request):
+        if self._static(request) and not edits:
             return self._run_static(request, inputs, start, generator, step_end,
                                     self._clock() - t0, control, hints, image_prompt)
 
@@ -1216,12 +1230,17 @@ class Pipeline:
                                  align_your_steps=self.family.align_your_steps)
         self.num_timesteps = len(schedule.timesteps)
         t1 = self._clock()
-        cond = self.conditioning(request, inputs, request.clip_skip)
+        calls = len(schedule.timesteps)
+        if edits:  # a Conditioning per UNet call, one per text the prompts take
+            cond = self._edited_conditioning(request, texts, texts_2, calls, prompt_edit_steps)
+        else:
+            cond = self.conditioning(request, inputs, request.clip_skip)
         if image_prompt is not None:
-            tokens = self._image_tokens(image_prompt, batch, self._cfg(request))
-            scales = self._image_scales(image_prompt, cond.states.shape[0],
-                                        len(schedule.timesteps))
-            cond = dataclasses.replace(cond, image_tokens=tokens, image_scales=scales)
+            fields = dict(image_tokens=self._image_tokens(image_prompt, batch, self._cfg(request)),
+                          image_scales=self._image_scales(image_prompt, 2 * batch if
+                                                          self._cfg(request) else batch, calls))
+            cond = ([dataclasses.replace(c, **fields) for c in cond] if edits
+                    else dataclasses.replace(cond, **fields))
         t2 = self._clock()
         if start.pure_noise:
             x = schedule.noise_latents(start.noise)
@@ -1258,6 +1277,23 @@ class Pipeline:
             items = list(entry) if isinstance(entry, (list, tuple)) else [entry]
             self._bound_pixels(items, "control_image")
             out.append([_image_tensor(item, "control_image") for item in items])
+        return out
+
+    def _edited_conditioning(self, request, texts, texts_2, calls, steps=None):
+        """A1111's prompt editing and alternation: the Conditioning of each of ``calls`` UNet
+        calls, each distinct set of texts encoded once (``engine.prompt_schedule``). ``steps``:
+        (editing steps, the first pass's) of a hires fix's second pass; by default the
+        request's steps (twice them for a second-order sampler), as a first pass."""
+        if steps is None:
+            steps = (editing_steps(request.sampler, request.num_inference_steps), None)
+        schedules = [[schedule_prompt(t, *steps) for t in part] for part in (texts, texts_2)]
+        encoded, out = {}, []
+        for call in range(calls):
+            key = tuple(tuple(text_at(s, call) for s in part) for part in schedules)
+            if key not in encoded:
+                inputs = self.text_inputs(list(key[0]), request.prompt_syntax, list(key[1]))
+                encoded[key] = self.conditioning(request, inputs, request.clip_skip)
+            out.append(encoded[key])
         return out
 
     def _prompt_images(self, items):

@@ -94,7 +94,8 @@ class Control:
 def guided(unet, cond, guidance_scale, cfg, dtype, timestep_cond=None, image_cond=None,
            control: Control = None):
     """The model a sampler calls: the UNet on the ``Conditioning`` ``cond`` (its fields as the
-    UNet's named inputs), with classifier-free guidance when ``cfg``.
+    UNet's named inputs; a list: one per UNet call, A1111's prompt editing), with
+    classifier-free guidance when ``cfg``.
 
     A guidance-distilled UNet (LCM) instead takes its scales as ``timestep_cond``, the
     (B, time_cond_proj_dim) ``guidance_embedding``, and runs without ``cfg``.
@@ -114,13 +115,17 @@ def guided(unet, cond, guidance_scale, cfg, dtype, timestep_cond=None, image_con
     shape (B, 1, 1, 1), one scale per image (the static runtime's buffer, so a new scale
     needs no recapture); the combination is computed in float32.
     """
-    inputs = cond.unet_inputs()
-    table = inputs.pop("image_scales", None)
+    fixed = None if isinstance(cond, list) else cond.unet_inputs()
     calls = itertools.count()
 
     def run(x, t, rows, **extra):
         x = x.to(dtype)
         call = next(calls)
+        if fixed is None and call >= len(cond):
+            raise SdrtError(f"prompt editing covers {len(cond)} UNet calls; the sampler made "
+                            f"more")
+        inputs = dict(fixed if fixed is not None else cond[call].unet_inputs())
+        table = inputs.pop("image_scales", None)
         if table is not None:
             if call >= table.shape[1]:
                 raise SdrtError(f"IP-Adapter scales cover {table.shape[1]} UNet calls; the "

@@ -1,0 +1,149 @@
+"""A1111's prompt editing and alternation: the schedules its parser gives (written out here
+from A1111's rules), and whole images against diffusers whose text embeddings a step-end
+callback switches on the UNet calls the schedule says, for a first- and a second-order
+sampler, prompt and negative prompt; a hires fix's second-pass timeline; eager under a
+static-plan pipeline."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_close_abs
+from sdrt.engine.prompt_schedule import edited, editing_steps, schedule, text_at
+from test_pipeline import IMAGE_ATOL, _assert_lively, _diffusers_scheduler
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("prompt, steps, base, want", [
+    # a fraction of the steps, cut down to a step; the first text up to and with that step
+    ("a [cat:dog:0.5] b", 8, None, [(4, "a cat b"), (8, "a dog b")]),
+    ("a [cat:dog:0.55] b", 9, None, [(4, "a cat b"), (9, "a dog b")]),
+    # a step number past the steps: never switches
+    ("[cat:dog:10]", 8, None, [(8, "cat")]),
+    # removed after, added after, switched at 0 (from the first step on)
+    ("[cat::5]", 8, None, [(5, "cat"), (8, "")]),
+    ("[cat:5]", 8, None, [(5, ""), (8, "cat")]),
+    ("[cat:dog:0]", 8, None, [(8, "dog")]),
+    # alternation: a text per step, empty options too
+    ("a [b|c|d] e", 4, None, [(1, "a b e"), (2, "a c e"), (3, "a d e"), (4, "a b e")]),
+    ("[a|]", 3, None, [(1, "a"), (2, ""), (3, "a")]),
+    # inside emphasis (kept for the weights' parser), nested, with spaces around the number
+    ("(a [x:y:0.25]:1.2)", 8, None, [(2, "(a x:1.2)"), (8, "(a y:1.2)")]),
+    ("x [[a:b:3]:c:6]", 8, None, [(3, "x a"), (6, "x b"), (8, "x c")]),
+    ("a [x:y: 0.5 ] z", 8, None, [(4, "a x z"), (8, "a y z")]),
+    ("[a (b:1.1):c:2]", 4, None, [(2, "a (b:1.1)"), (4, "c")]),
+    # not editing: square brackets are emphasis, escaped ones are text, stray brackets and
+    # colons stay as they are
+    ("[a:b]", 8, None, [(8, "[a:b]")]),
+    ("[cat]", 8, None, [(8, "[cat]")]),
+    ("\\[a:b:1\\]", 8, None, [(8, "\\[a:b:1\\]")]),
+    ("a) [b:c:2", 4, None, [(4, "a) [b:c:2")]),
+    # unparsable as a whole (a stray |, a trailing backslash): the prompt on every step
+    ("a | [b:c:2]", 4, None, [(4, "a | [b:c:2]")]),
+    ("[b:c:2] tail\\", 4, None, [(4, "[b:c:2] tail\\")]),
+    # a hires fix's second pass of 10 steps after a first of 20: fractions past 1, steps past 20
+    ("[a:b:1.5]", 10, 20, [(5, "a"), (10, "b")]),
+    ("[a:b:25]", 10, 20, [(5, "a"), (10, "b")]),
+    ("[a:b:0.5]", 10, 20, [(10, "b")]),
+])
+def test_schedules(prompt, steps, base, want):
+    assert schedule(prompt, steps, base) == want
+    assert edited(prompt) == (len(want) > 1 or want[0][1] != prompt)
+
+
+def test_calls_and_steps():
+    entries = [(4, "a"), (8, "b")]
+    assert [text_at(entries, c) for c in range(10)] == ["a"] * 5 + ["b"] * 4 + ["a"]
+    assert editing_steps("heun_karras", 10) == 20 and editing_steps("restart_beta", 4) == 8
+    assert editing_steps("dpm2_a", 5) == 10 and editing_steps("dpmpp_2m_sde_heun", 5) == 5
+    assert editing_steps("euler_a", 7) == 7
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """(sdrt's pipeline, diffusers' pipeline) of the built-in model, whose pictures follow
+    their prompts closely (a tiny random model's barely do): diffusers reads the folder
+    ``write_demo`` writes."""
+    pytest.importorskip("diffusers")
+    from diffusers import StableDiffusionPipeline
+
+    from sdrt.engine.demo.model import demo_pipeline, write_demo
+    folder = str(tmp_path_factory.mktemp("demo") / "model")
+    write_demo(folder)
+    ref = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None,
+                                                  requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    ref.original_scheduler_config = dict(ref.scheduler.config)
+    return demo_pipeline(), ref
+
+
+FOX, HOUSE = "a red fox", "a blue house"
+
+
+@pytest.mark.parametrize("sampler, steps, prompt, negative, switch", [
+    # euler, 6 steps: [fox:house:0.25] is the fox on calls 0-1 (0.25 · 6 cut to step 1), the
+    # house on calls 2-5
+    ("euler", 6, f"[{FOX}:{HOUSE}:0.25]", "blurry", {2: (HOUSE, "blurry")}),
+    # heun, 3 steps (5 calls, 6 editing steps): the prompt switches after call 1, the
+    # negative prompt after call 2
+    ("heun", 3, f"[{FOX}:{HOUSE}:0.2]", "[blurry::2]", {2: (HOUSE, "blurry"), 3: (HOUSE, "")}),
+    # alternation: calls 0 and 1 on the first option, then one each
+    ("euler", 5, f"[{FOX}|{HOUSE}]", "blurry", {2: (HOUSE, "blurry"), 3: (FOX, "blurry"),
+                                                 4: (HOUSE, "blurry")}),
+])
+def test_images_match_diffusers_switching_embeddings(demo, sampler, steps, prompt, negative,
+                                                      switch):
+    ours, ref = demo
+    ref.scheduler = _diffusers_scheduler(ref, sampler)
+    embeds = {}
+
+    def encoded(positive, negative):
+        if (positive, negative) not in embeds:
+            p, n = ref.encode_prompt(positive, "cpu", 1, True, negative)
+            embeds[positive, negative] = torch.cat([n, p])
+        return embeds[positive, negative]
+
+    def callback(pipe, i, t, kw):
+        # After call i, the embeddings of call i + 1 (diffusers runs one UNet call a step).
+        if i + 1 in switch:
+            return {"prompt_embeds": encoded(*switch[i + 1])}
+        return {}
+    p0, n0 = ref.encode_prompt(FOX, "cpu", 1, True, "blurry")  # every case's call 0
+    f = ours.vae_scale_factor
+    latents = torch.randn(1, ours.unet.config.out_channels, 64 // f, 64 // f,
+                          generator=torch.Generator().manual_seed(7))
+    kw = dict(height=64, width=64, num_inference_steps=steps, guidance_scale=5.0,
+              latents=latents, output_type="np")
+    expected = ref(prompt_embeds=p0, negative_prompt_embeds=n0, callback_on_step_end=callback,
+                   callback_on_step_end_tensor_inputs=["prompt_embeds"], **kw).images
+    _assert_lively(expected, f"prompt editing with {sampler}")
+    got = ours(prompt, negative_prompt=negative, sampler=sampler, **kw)
+    assert_close_abs(got, expected, IMAGE_ATOL, f"{prompt!r} with {sampler}")
+    plain = ours(FOX, negative_prompt="blurry", sampler=sampler, **kw)
+    assert np.abs(plain - got).max() > 0.1, "the edit changed nothing"
+
+
+def test_hires_second_pass_and_static_pipelines(tmp_path):
+    # On the built-in model: "[fox:house:1.5]" is the fox on the first pass and switches
+    # half way through the second; "[fox:house:N]" with N the first pass's steps plus half
+    # the second's is the same image. A pipeline with static plans runs an edited prompt
+    # eagerly, to the same image.
+    from sdrt.engine.demo.model import demo_pipeline
+    from sdrt.engine.hires import Hires, generate
+    pipe = demo_pipeline()
+    hires = Hires(scale=1.5, upscaler="Latent", steps=4, strength=0.6)
+    kw = dict(guidance_scale=5.0, output_type="np")
+
+    def run(prompt):
+        images = generate(pipe, hires, prompt, None, 64, 64, 4, "euler",
+                          [torch.Generator().manual_seed(2)], guidance_scale=5.0)
+        return np.asarray(images[0], dtype=np.int16)
+    fraction, steps = run(f"[{FOX}:{HOUSE}:1.5]"), run(f"[{FOX}:{HOUSE}:6]")
+    assert np.array_equal(fraction, steps)
+    assert np.abs(fraction - run(FOX)).max() > 10 and np.abs(fraction - run(HOUSE)).max() > 10
+    eager = pipe(f"[{FOX}:{HOUSE}:0.5]", height=64, width=64, num_inference_steps=4,
+                 sampler="euler", seed=1, **kw)
+    pipe.compile(64, 64, num_inference_steps=4, sampler="euler")
+    static = pipe(f"[{FOX}:{HOUSE}:0.5]", height=64, width=64, num_inference_steps=4,
+                  sampler="euler", seed=1, **kw)
+    assert_close_abs(static, eager, 1e-6, "an edited prompt beside static plans")
