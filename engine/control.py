@@ -14,17 +14,19 @@ from .errors import SdrtError
 from .request import CONTROL_MODES, MAX_CONTROL_SCALE, short_repr
 
 
-def _per_net(field, value, n, check):
-    """One value for every net, or a list with one per net; each passed through ``check``."""
+def per_item(field, value, n, check, what="ControlNet"):
+    """One value for every net (``what``: the kind, in messages), or a list with one per net;
+    each passed through ``check``."""
     if isinstance(value, (list, tuple)):
         if len(value) != n:
-            raise SdrtError(f"{field} must be one value or a list of {n} (one per ControlNet), "
+            raise SdrtError(f"{field} must be one value or a list of {n} (one per {what}), "
                             f"got {len(value)} values")
         return tuple(check(field, v) for v in value)
     return (check(field, value),) * n
 
 
-def _number(lo, hi):
+def number(lo, hi):
+    """A ``per_item`` check: a number from ``lo`` to ``hi``, as a float."""
     def check(field, v):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
                 or not lo <= v <= hi:
@@ -49,22 +51,24 @@ def control_mode(field, v, labels=False):
                     f"{', '.join(map(repr, a1111))}), got {short_repr(v)}")
 
 
-def select(loaded, controlnet):
-    """The names of the ControlNets a request runs: ``controlnet`` (a loaded one's name or a
-    list of them) or, when None, all of ``loaded``, in load order."""
+def select(loaded, controlnet, field="controlnet", what="ControlNet"):
+    """The names of the ControlNets (``what``: the kind of net, ``field`` the argument) a
+    request runs: ``controlnet`` (a loaded one's name or a list of them) or, when None, all
+    of ``loaded``, in load order."""
     if controlnet is None:
         return tuple(loaded)
     names = (controlnet,) if isinstance(controlnet, str) else controlnet
     if not isinstance(names, (list, tuple)) or not names or \
             not all(isinstance(n, str) for n in names):
-        raise SdrtError(f"controlnet must be a loaded ControlNet's name or a non-empty list of "
+        raise SdrtError(f"{field} must be a loaded {what}'s name or a non-empty list of "
                         f"them, got {short_repr(controlnet)}")
     for name in names:
         if name not in loaded:
-            raise SdrtError(f"controlnet {name!r} is not loaded (loaded: "
+            raise SdrtError(f"{field} {name!r} is not loaded (loaded: "
                             f"{', '.join(loaded) or 'none'})")
     if len(set(names)) != len(names):
-        raise SdrtError(f"controlnet names a ControlNet twice: {', '.join(names)}")
+        raise SdrtError(f"{field} names a{'n' * what.startswith('I')} {what} twice: "
+                        f"{', '.join(names)}")
     return tuple(names)
 
 
@@ -114,14 +118,14 @@ class ControlRequest:
                 raise SdrtError("control_image holds an empty list")
         if not isinstance(guess_mode, bool):
             raise SdrtError(f"guess_mode must be true or false, got {short_repr(guess_mode)}")
-        scales = _per_net("controlnet_conditioning_scale", scale, n, _number(0.0, MAX_CONTROL_SCALE))
-        starts = _per_net("control_guidance_start", start, n, _number(0.0, 1.0))
-        ends = _per_net("control_guidance_end", end, n, _number(0.0, 1.0))
+        scales = per_item("controlnet_conditioning_scale", scale, n, number(0.0, MAX_CONTROL_SCALE))
+        starts = per_item("control_guidance_start", start, n, number(0.0, 1.0))
+        ends = per_item("control_guidance_end", end, n, number(0.0, 1.0))
         for s, e in zip(starts, ends):
             if s >= e:
                 raise SdrtError(f"control_guidance_start must be below control_guidance_end, "
                                 f"got {s:g} and {e:g}")
-        modes = _per_net("control_mode", mode, n, control_mode)
+        modes = per_item("control_mode", mode, n, control_mode)
         if guess_mode and any(m != "balanced" for m in modes):
             raise SdrtError("control_mode must be balanced in guess mode (guess mode ramps the "
                             "residuals and keeps them from the unconditional half already)")

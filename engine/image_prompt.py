@@ -6,58 +6,17 @@ unit weight, ComfyUI's ``weight``). The tokens are computed once per request, be
 denoising loop: the conditional rows get the reference images', the unconditional rows those
 of a zero embedding (plain adapters) or of a zero image (plus and full), as diffusers.
 """
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .clip_vision import clip_pixels
+from .control import number, per_item, select
 from .errors import SdrtError
 from .request import MAX_CONTROL_SCALE, short_repr
 
 MAX_IMAGES = 16  # reference images per adapter in one request (their tokens are joined)
-
-
-def select(loaded, names):
-    """The names of the IP-Adapters a request runs: ``names`` (a loaded one's name or a list
-    of them) or, when None, all of ``loaded``, in load order."""
-    if names is None:
-        if not loaded:
-            raise SdrtError("ip_adapter_image was given, but no IP-Adapter is loaded "
-                            "(load_ip_adapter)")
-        return tuple(loaded)
-    chosen = (names,) if isinstance(names, str) else names
-    if not isinstance(chosen, (list, tuple)) or not chosen or \
-            not all(isinstance(n, str) for n in chosen):
-        raise SdrtError(f"ip_adapter must be a loaded IP-Adapter's name or a non-empty list of "
-                        f"them, got {short_repr(names)}")
-    for name in chosen:
-        if name not in loaded:
-            raise SdrtError(f"ip_adapter {name!r} is not loaded (loaded: "
-                            f"{', '.join(loaded) or 'none'})")
-    if len(set(chosen)) != len(chosen):
-        raise SdrtError(f"ip_adapter names an IP-Adapter twice: {', '.join(chosen)}")
-    return tuple(chosen)
-
-
-def _per_adapter(field, value, n, check):
-    """One value for every adapter, or a list with one per adapter, each through ``check``."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != n:
-            raise SdrtError(f"{field} must be one number or a list of {n} (one per "
-                            f"IP-Adapter), got {len(value)} values")
-        return tuple(check(field, v) for v in value)
-    return (check(field, value),) * n
-
-
-def _number(hi):
-    def check(field, v):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-                or not 0 <= v <= hi:
-            raise SdrtError(f"{field} must be a number from 0 to {hi:g}, got {short_repr(v)}")
-        return float(v)
-    return check
 
 
 @dataclass(frozen=True)
@@ -79,10 +38,19 @@ class ImagePromptRequest:
         ControlNet's ``control_guidance_start``/``_end``); ``tensors(items)`` checks a list
         of images and returns each as float32 (B, 3, H, W) in [0, 1]."""
         if image is None:
-            if names is not None:
-                raise SdrtError("ip_adapter was given without ip_adapter_image")
+            unset = lambda v, default: type(v) in (int, float) and v == default
+            given = {"ip_adapter": names is not None, "ip_adapter_scale": not unset(scale, 1.0),
+                     "ip_adapter_guidance_start": not unset(start, 0.0),
+                     "ip_adapter_guidance_end": not unset(end, 1.0)}
+            for field, set_ in given.items():
+                if set_:
+                    raise SdrtError(f"{field} was given without ip_adapter_image (the image an "
+                                    f"IP-Adapter reads)")
             return None
-        chosen = select(loaded, names)
+        if not loaded:
+            raise SdrtError("ip_adapter_image was given, but no IP-Adapter is loaded "
+                            "(Pipeline.load_ip_adapter)")
+        chosen = select(loaded, names, "ip_adapter", "IP-Adapter")
         n = len(chosen)
         if n == 1:
             entries = [image]
@@ -99,15 +67,15 @@ class ImagePromptRequest:
                 raise SdrtError(f"ip_adapter_image must hold 1 to {MAX_IMAGES} images per "
                                 f"IP-Adapter, got {len(items)}")
             images.append(tuple(t for batch in tensors(items) for t in batch))
-        starts = _per_adapter("ip_adapter_guidance_start", start, n, _number(1))
-        ends = _per_adapter("ip_adapter_guidance_end", end, n, _number(1))
+        each = lambda field, value, check: per_item(field, value, n, check, "IP-Adapter")
+        starts = each("ip_adapter_guidance_start", start, number(0.0, 1.0))
+        ends = each("ip_adapter_guidance_end", end, number(0.0, 1.0))
         for k in range(n):
             if starts[k] >= ends[k]:
                 raise SdrtError(f"ip_adapter_guidance_start must be below "
                                 f"ip_adapter_guidance_end, got {starts[k]:g} and {ends[k]:g}")
         return cls(chosen, tuple(images),
-                   _per_adapter("ip_adapter_scale", scale, n, _number(MAX_CONTROL_SCALE)),
-                   starts, ends)
+                   each("ip_adapter_scale", scale, number(0.0, MAX_CONTROL_SCALE)), starts, ends)
 
     def scale_table(self, rows, calls):
         """(rows, calls, adapters) float32 on the CPU: adapter k's scale on the UNet calls i

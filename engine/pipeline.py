@@ -328,11 +328,10 @@ class Pipeline:
         """``StaticShape.image_prompts`` of ``compile``'s IP-Adapters, attached to the UNet
         (the plan captures their weights); () without."""
         from .image_prompt import MAX_IMAGES
-        from .image_prompt import select as select_adapters
         from .ip_adapter import attach, tokens_per_image
         if names is None:
             return ()
-        names = select_adapters(self._ip_adapters, names)
+        names = select(self._ip_adapters, names, "ip_adapter", "IP-Adapter")
         counts = counts if isinstance(counts, (list, tuple)) else [counts] * len(names)
         if len(counts) != len(names) or not all(
                 type(c) is int and 1 <= c <= MAX_IMAGES for c in counts):

@@ -176,7 +176,7 @@ def test_refusals(sd1, tmp_path):
         "ip_adapter 'nope' is not loaded": dict(ip_adapter="nope"),
         "ip_adapter_scale must be a number from 0 to 10": dict(ip_adapter="plain",
                                                                ip_adapter_scale=11),
-        "ip_adapter_scale must be one number or a list of 2": dict(
+        "ip_adapter_scale must be one value or a list of 2": dict(
             ip_adapter=["plain", "plus"], ip_adapter_image=[picture, picture],
             ip_adapter_scale=[1.0]),
         "ip_adapter_image must be a list of 2 entries": dict(ip_adapter=["plain", "plus"]),
@@ -187,8 +187,10 @@ def test_refusals(sd1, tmp_path):
         kw.setdefault("ip_adapter_image", picture)
         with pytest.raises(SdrtError, match=message.replace("[", r"\[").replace("]", r"\]")):
             ours(PROMPT, **KW, **kw)
-    with pytest.raises(SdrtError, match="ip_adapter was given without ip_adapter_image"):
-        ours(PROMPT, ip_adapter="plain", **KW)
+    for field, value in (("ip_adapter", "plain"), ("ip_adapter_scale", 0.5),
+                         ("ip_adapter_guidance_end", 0.5)):
+        with pytest.raises(SdrtError, match=f"{field} was given without ip_adapter_image"):
+            ours(PROMPT, **{field: value}, **KW)
     faceid = {"image_proj.proj.0.weight": torch.zeros(64, 8), "image_proj.proj.0.bias":
               torch.zeros(64), "image_proj.proj.2.weight": torch.zeros(128, 64),
               "image_proj.norm.weight": torch.ones(32),
