@@ -25,7 +25,7 @@ from .infotext import file_stem
 from .layers import use_conv_chooser
 from .loading import Components, check_compatible, load
 from .memory import check_request_fits, fused_attention, request_bytes
-from .prompt_schedule import edited, editing_steps, text_at
+from .prompt_schedule import composable_parts, edited, editing_steps, text_at
 from .prompt_schedule import schedule as schedule_prompt
 from .prompt_syntax import WeightedIds, tokenize_prompts
 from .request import MICRO_CONDITIONING, GenerationRequest, Limits, short_repr
@@ -1197,6 +1197,10 @@ class Pipeline:
         # [negative..., positive...] as diffusers orders them, tokenised once; with A1111
         # syntax both halves (and both tokenizers) get the same number of chunks.
         texts, texts_2 = self._texts(request)
+        parts = self._composable(request, control, image_prompt)
+        if parts is not None:  # the negatives, then every prompt's parts
+            n, flat = len(request.prompt), [t for p in parts for t, _ in p]
+            texts, texts_2 = texts[:n] + flat, texts_2[:n] + flat
         edits = request.prompt_syntax == "a1111" and any(map(edited, texts + texts_2))
         inputs = self.text_inputs(texts, request.prompt_syntax, texts_2)
         request = self.check(request, num_chunks=inputs.num_chunks,
@@ -1218,7 +1222,7 @@ class Pipeline:
         t0 = self._clock()
         start = self._start(request, init, init_latents, mask, latents, shape, generator,
                             masked_content)
-        if self._static(request) and not edits:
+        if self._static(request) and not edits and parts is None:
             return self._run_static(request, inputs, start, generator, step_end,
                                     self._clock() - t0, control, hints, image_prompt)
 
@@ -1230,10 +1234,17 @@ class Pipeline:
         self.num_timesteps = len(schedule.timesteps)
         t1 = self._clock()
         calls = len(schedule.timesteps)
+
+        def conditioning(texts, texts_2):
+            if parts is not None:
+                return self._composable_conditioning(request, texts, texts_2, parts)
+            return self.conditioning(request, self.text_inputs(texts, request.prompt_syntax,
+                                                               texts_2), request.clip_skip)
         if edits:  # a Conditioning per UNet call, one per text the prompts take
-            cond = self._edited_conditioning(request, texts, texts_2, calls, prompt_edit_steps)
+            cond = self._edited_conditioning(request, texts, texts_2, calls, conditioning,
+                                             prompt_edit_steps)
         else:
-            cond = self.conditioning(request, inputs, request.clip_skip)
+            cond = conditioning(texts, texts_2)
         if image_prompt is not None:
             fields = dict(image_tokens=self._image_tokens(image_prompt, batch, self._cfg(request)),
                           image_scales=self._image_scales(image_prompt, 2 * batch if
@@ -1254,7 +1265,8 @@ class Pipeline:
             image_cond = self._blank_image_cond(batch, request.height, request.width)
         model = guided(self.unet, cond, row_scales(request.row_scales(), self.device),
                        self._cfg(request), self.dtype, self._timestep_cond(request), image_cond,
-                       self._control(control, hints, len(schedule.timesteps)))
+                       self._control(control, hints, len(schedule.timesteps)),
+                       self._combination(request, parts))
         x = sample(sampler, model, x, schedule, generator=generator, step_end=step_end)
         t3 = self._clock()
         # The init image's encoding counts as denoising.
@@ -1278,11 +1290,67 @@ class Pipeline:
             out.append([_image_tensor(item, "control_image") for item in items])
         return out
 
-    def _edited_conditioning(self, request, texts, texts_2, calls, steps=None):
+    def _composable(self, request, control, image_prompt):
+        """A1111's composable diffusion: each prompt's parts [(text, weight), ...] where a
+        prompt has AND or a trailing ":weight" (A1111 syntax), else None. Refused where the
+        combination has no unconditional pass to build on, or beside what sdrt does not run
+        with it yet."""
+        if request.prompt_syntax != "a1111":
+            return None
+        parts = [composable_parts(p) for p in request.prompt]
+        if all(p == [(text, 1.0)] for p, text in zip(parts, request.prompt)):
+            return None
+        what = "prompt: A1111's AND and :weight (composable diffusion)"
+        if not self._cfg(request):
+            raise SdrtError(f"{what} need classifier-free guidance: guidance_scale above 1 and "
+                            f"a UNet that is not guidance-distilled")
+        others = {"prompt_2": request.prompt_2 is not None, "a ControlNet": control is not None,
+                  "an IP-Adapter": image_prompt is not None,
+                  "an inpainting UNet": inpainting_unet(self.unet)}
+        for name, given in others.items():
+            if given:
+                raise SdrtError(f"{what} cannot be combined with {name} yet")
+        return parts
+
+    def _composable_conditioning(self, request, texts, texts_2, parts):
+        """The rows of a composable request: the negatives, one per image, then each image's
+        parts, from ``texts`` (the negatives per prompt, then every prompt's parts)."""
+        inputs = self.text_inputs(texts, request.prompt_syntax, texts_2).to(self.device)
+        states, pooled = encode_text(self.family, self.text_encoders, inputs, request.clip_skip)
+        n, k, b = len(request.prompt), request.num_images_per_prompt, request.batch_size
+        first = np.cumsum([n] + [len(p) for p in parts])  # each prompt's first part's text
+        rows = [j for j in range(n) for _ in range(k)] + [
+            first[j] + q for j in range(n) for _ in range(k) for q in range(len(parts[j]))]
+        rows = torch.tensor(rows, device=self.device)
+        states = states[rows]
+        pooled = None if pooled is None else pooled[rows]
+        keep = self._keep(request)  # zeros: SDXL's absent negative prompt
+        if keep is not None:
+            states[:b] = 0
+            pooled[:b] = 0
+        time_ids = self._time_ids(request)
+        if time_ids is not None:
+            time_ids = torch.cat([time_ids[:b], time_ids[b:b + 1].expand(len(rows) - b, -1)])
+            time_ids = time_ids.to(self.device)
+        return Conditioning(states, pooled, time_ids).to(dtype=self.dtype)
+
+    def _combination(self, request, parts):
+        """``guided``'s ``combine`` of a composable request: each part row's image and weight
+        (None without parts)."""
+        if parts is None:
+            return None
+        k = request.num_images_per_prompt
+        image = [j * k + i for j, p in enumerate(parts) for i in range(k) for _ in p]
+        weight = [w for p in parts for _ in range(k) for _, w in p]
+        return (torch.tensor(image, device=self.device),
+                torch.tensor(weight, dtype=torch.float32, device=self.device).view(-1, 1, 1, 1))
+
+    def _edited_conditioning(self, request, texts, texts_2, calls, conditioning, steps=None):
         """A1111's prompt editing and alternation: the Conditioning of each of ``calls`` UNet
-        calls, each distinct set of texts encoded once (``engine.prompt_schedule``). ``steps``:
-        (editing steps, the first pass's) of a hires fix's second pass; by default the
-        request's steps (twice them for a second-order sampler), as a first pass."""
+        calls, each distinct set of texts encoded once by ``conditioning(texts, texts_2)``
+        (``engine.prompt_schedule``). ``steps``: (editing steps, the first pass's) of a hires
+        fix's second pass; by default the request's steps (twice them for a second-order
+        sampler), as a first pass."""
         if steps is None:
             steps = (editing_steps(request.sampler, request.num_inference_steps), None)
         schedules = [[schedule_prompt(t, *steps) for t in part] for part in (texts, texts_2)]
@@ -1290,8 +1358,7 @@ class Pipeline:
         for call in range(calls):
             key = tuple(tuple(text_at(s, call) for s in part) for part in schedules)
             if key not in encoded:
-                inputs = self.text_inputs(list(key[0]), request.prompt_syntax, list(key[1]))
-                encoded[key] = self.conditioning(request, inputs, request.clip_skip)
+                encoded[key] = conditioning(list(key[0]), list(key[1]))
             out.append(encoded[key])
         return out
 

@@ -183,3 +183,21 @@ def edited(prompt):
         return any(True for _ in _walk(_Parser(prompt).start()))
     except _Fail:
         return False
+
+
+# A1111's composable diffusion: a prompt's parts split at the word AND, each with an optional
+# trailing ":weight" (``prompt_parser.get_multicond_prompt_list``).
+_AND = re.compile(r"\bAND\b")
+_WEIGHT = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
+
+
+def composable_parts(prompt):
+    """[(text, weight), ...] of a prompt as A1111 reads it for composable diffusion: split at
+    each ``AND``, a part's trailing ``:number`` its weight (default 1), the rest its text.
+    A prompt without either is [(prompt, 1.0)]."""
+    parts = []
+    for part in _AND.split(prompt):
+        m = _WEIGHT.search(part)
+        text, weight = m.groups() if m else (part, None)
+        parts.append((text, 1.0 if weight is None else float(weight)))
+    return parts

@@ -92,7 +92,7 @@ class Control:
 
 
 def guided(unet, cond, guidance_scale, cfg, dtype, timestep_cond=None, image_cond=None,
-           control: Control = None):
+           control: Control = None, combine=None):
     """The model a sampler calls: the UNet on the ``Conditioning`` ``cond`` (its fields as the
     UNet's named inputs; a list: one per UNet call, A1111's prompt editing), with
     classifier-free guidance when ``cfg``.
@@ -111,7 +111,10 @@ def guided(unet, cond, guidance_scale, cfg, dtype, timestep_cond=None, image_con
 
     With guidance, one UNet call runs the unconditional and conditional halves of ``cond``
     (``[negative..., positive...]``, diffusers' order) and combines them as
-    ``uncond + scale · (cond − uncond)``. ``guidance_scale`` is a float32 device tensor of
+    ``uncond + scale · (cond − uncond)``. ``combine`` (A1111's composable diffusion): the
+    conditional rows are parts, ``(image, weight)`` device tensors of one entry per part, and
+    image i gets ``uncond_i + scale_i · Σ weight · (part − uncond_i)`` over its parts (one
+    UNet call runs the unconditional rows and every part). ``guidance_scale`` is a float32 device tensor of
     shape (B, 1, 1, 1), one scale per image (the static runtime's buffer, so a new scale
     needs no recapture); the combination is computed in float32.
     """
@@ -142,6 +145,12 @@ def guided(unet, cond, guidance_scale, cfg, dtype, timestep_cond=None, image_con
             return run(x, t, 1, timestep_cond=timestep_cond)
         if not cfg:
             return run(x, t, 1)
+        if combine is not None:
+            image, weight = combine
+            out = run(torch.cat([x, x[image]]), t, 2).float()
+            uncond, parts = out[:x.shape[0]], out[x.shape[0]:]
+            summed = torch.zeros_like(uncond).index_add_(0, image, (parts - uncond[image]) * weight)
+            return uncond + guidance_scale * summed
         uncond, positive = run(torch.cat([x, x]), t, 2).chunk(2)
         return uncond + guidance_scale * (positive - uncond)
     return model
