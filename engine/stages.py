@@ -114,9 +114,9 @@ def guided(unet, cond, guidance_scale, cfg, dtype, timestep_cond=None, image_con
     ``uncond + scale · (cond − uncond)``. ``combine`` (A1111's composable diffusion): the
     conditional rows are parts, ``(image, weight)`` device tensors of one entry per part, and
     image i gets ``uncond_i + scale_i · Σ weight · (part − uncond_i)`` over its parts (one
-    UNet call runs the unconditional rows and every part). ``guidance_scale`` is a float32 device tensor of
-    shape (B, 1, 1, 1), one scale per image (the static runtime's buffer, so a new scale
-    needs no recapture); the combination is computed in float32.
+    UNet call runs the unconditional rows and every part). ``guidance_scale`` is a float32
+    device tensor of shape (B, 1, 1, 1), one scale per image (the static runtime's buffer, so
+    a new scale needs no recapture); the combination is computed in float32.
     """
     fixed = None if isinstance(cond, list) else cond.unet_inputs()
     calls = itertools.count()
