@@ -671,11 +671,11 @@ class Pipeline:
                             f"scale factor), got {value}")
 
     def _shape(self, request, num_chunks=1, masked=False, controls=(), guess_mode=False,
-               image_prompts=()):
+               image_prompts=(), text_variants=1):
         return StaticShape(request.height, request.width, request.batch_size,
                            request.num_inference_steps, request.sampler, self._cfg(request),
                            num_chunks, request.strength if request.has_image else None, masked,
-                           controls, guess_mode, image_prompts)
+                           controls, guess_mode, image_prompts, text_variants)
 
     def _guidance_distilled(self):
         """Whether the UNet takes its guidance scale as an input (an LCM-distilled UNet, config
@@ -1222,9 +1222,10 @@ class Pipeline:
         t0 = self._clock()
         start = self._start(request, init, init_latents, mask, latents, shape, generator,
                             masked_content)
-        if self._static(request) and not edits and parts is None:
+        if self._static(request) and parts is None:
+            edit = (texts, texts_2, prompt_edit_steps) if edits else None
             return self._run_static(request, inputs, start, generator, step_end,
-                                    self._clock() - t0, control, hints, image_prompt)
+                                    self._clock() - t0, control, hints, image_prompt, edit)
 
         schedule = make_schedule(self.scheduler_config, sampler, request.num_inference_steps,
                                  strength=request.strength if request.has_image else 1.0,
@@ -1345,22 +1346,29 @@ class Pipeline:
         return (torch.tensor(image, device=self.device),
                 torch.tensor(weight, dtype=torch.float32, device=self.device).view(-1, 1, 1, 1))
 
-    def _edited_conditioning(self, request, texts, texts_2, calls, conditioning, steps=None):
-        """A1111's prompt editing and alternation: the Conditioning of each of ``calls`` UNet
-        calls, each distinct set of texts encoded once by ``conditioning(texts, texts_2)``
-        (``engine.prompt_schedule``). ``steps``: (editing steps, the first pass's) of a hires
-        fix's second pass; by default the request's steps (twice them for a second-order
-        sampler), as a first pass."""
+    def _edit_variants(self, request, texts, texts_2, steps=None):
+        """A1111's prompt editing and alternation (``engine.prompt_schedule``): the distinct
+        sets of (texts, texts_2) the UNet calls read, and a function from a call's index to
+        its set's. ``steps``: (editing steps, the first pass's) of a hires fix's second pass;
+        by default the request's steps (twice them for a second-order sampler), as a first
+        pass."""
         if steps is None:
             steps = (editing_steps(request.sampler, request.num_inference_steps), None)
         schedules = [[schedule_prompt(t, *steps) for t in part] for part in (texts, texts_2)]
-        encoded, out = {}, []
-        for call in range(calls):
-            key = tuple(tuple(text_at(s, call) for s in part) for part in schedules)
-            if key not in encoded:
-                encoded[key] = conditioning(list(key[0]), list(key[1]))
-            out.append(encoded[key])
-        return out
+
+        def key(call):
+            return tuple(tuple(text_at(s, call) for s in part) for part in schedules)
+        # Past the editing steps every text is back on its first entry, call 0's set.
+        variants = list(dict.fromkeys(key(call) for call in range(steps[0] + 1)))
+        index = {k: i for i, k in enumerate(variants)}
+        return variants, lambda call: index[key(call)]
+
+    def _edited_conditioning(self, request, texts, texts_2, calls, conditioning, steps=None):
+        """The Conditioning of each of ``calls`` UNet calls of an edited prompt, each set of
+        texts encoded once by ``conditioning(texts, texts_2)``."""
+        variants, at = self._edit_variants(request, texts, texts_2, steps)
+        encoded = [conditioning(list(t), list(t2)) for t, t2 in variants]
+        return [encoded[at(call)] for call in range(calls)]
 
     def _prompt_images(self, items):
         """IP-Adapter reference images, checked, each as float32 (B, 3, H, W) in [0, 1]."""
@@ -1448,23 +1456,34 @@ class Pipeline:
         return [Image.fromarray((i * 255).round().astype(np.uint8)) for i in images]
 
     def _run_static(self, request, inputs, start, generator, step_end, encode_seconds,
-                    control=None, hints=None, image_prompt=None):
+                    control=None, hints=None, image_prompt=None, edit=None):
         """One request through the static plan of its shape; ``start`` is where it starts
         (``_start``), drawn before the sampler's own draws; ``control`` and ``hints`` its
-        ControlNets' settings and control images; ``image_prompt`` its IP-Adapters'."""
-        t0, images, prompt = self._clock(), (), {}
+        ControlNets' settings and control images; ``image_prompt`` its IP-Adapters';
+        ``edit`` (texts, texts_2, prompt_edit_steps) its prompt editing: the plan encodes
+        every set of texts its calls read and picks one per call."""
+        t0, images, prompt, variants = self._clock(), (), {}, None
+        if edit is not None:
+            variants, at = self._edit_variants(request, *edit)
+            inputs = self.text_inputs([t for v, _ in variants for t in v],
+                                      request.prompt_syntax,
+                                      [t for _, v in variants for t in v])
         if image_prompt is not None:
             tokens = self._image_tokens(image_prompt, request.batch_size, self._cfg(request))
             images = tuple((name, t.shape[1]) for name, t in zip(image_prompt.names, tokens))
         encode_seconds += self._clock() - t0
         controls = () if control is None else (control.names, control.guess_mode)
         plan = self.runtime.plan_for(self._shape(request, inputs.num_chunks, start.masked,
-                                                 *controls, image_prompts=images),
+                                                 *controls, image_prompts=images,
+                                                 text_variants=len(variants or [None])),
                                      self.scheduler_config)
         self.num_timesteps = len(plan.schedule.timesteps)
+        if variants is not None:
+            prompt["variant_of_call"] = torch.tensor([at(c) for c in range(self.num_timesteps)],
+                                                     device=self.device)
         if image_prompt is not None:
-            prompt = {"image_tokens": tokens, "image_scales": self._image_scales(
-                image_prompt, plan.rows, self.num_timesteps)}
+            prompt.update(image_tokens=tokens, image_scales=self._image_scales(
+                image_prompt, plan.rows, self.num_timesteps))
         inputs = inputs.repeat_interleave(request.num_images_per_prompt)
         step_noise = None
         if plan.step_noise is not None:

@@ -11,6 +11,7 @@ same plan runs eagerly over the same buffers, which is how its logic is tested w
 Built plans are kept in a small LRU cache keyed by ``StaticShape``. A request whose shape was
 not built is built on the spot (logged), or refused with ``SdrtError`` in strict mode.
 """
+import dataclasses
 import logging
 import time
 import warnings
@@ -48,6 +49,8 @@ class StaticShape:
     guess_mode: bool = False  # ControlNets on the conditional half only
     # IP-Adapters: (name, image tokens) of each one the request runs, in order.
     image_prompts: tuple = ()
+    # A1111's prompt editing: how many distinct sets of texts the calls read (1: no editing).
+    text_variants: int = 1
 
     def describe(self):
         chunks = f", {self.num_chunks} text chunks" if self.num_chunks > 1 else ""
@@ -56,9 +59,13 @@ class StaticShape:
                  f"{self.strength:g}")
         control = (f", ControlNet {' + '.join(self.controls)}"
                    f"{' in guess mode' if self.guess_mode else ''}" if self.controls else "")
+        ip = (f", IP-Adapter {' + '.join(f'{n} ({k} tokens)' for n, k in self.image_prompts)}"
+              if self.image_prompts else "")
+        ip += (f", prompt editing over {self.text_variants} texts" if self.text_variants > 1
+               else "")
         return (f"{self.width}x{self.height}, batch {self.batch_size}, "
                 f"{self.num_inference_steps} steps of {self.sampler}, "
-                f"{'with' if self.guidance else 'without'} CFG{chunks}{image}{control}")
+                f"{'with' if self.guidance else 'without'} CFG{chunks}{image}{control}{ip}")
 
 
 @dataclass(frozen=True)
@@ -95,11 +102,12 @@ class StaticPlan:
                                       strength=1.0 if shape.strength is None else shape.strength,
                                       device=dev,
                                       align_your_steps=model.family.align_your_steps)
-        # Inputs, written before each replay: token ids and weights (rows·n, 77) per tokenizer,
-        n, length = shape.num_chunks, model.text_length
-        self.ids = {t: torch.zeros(rows * n, length, dtype=torch.long, device=dev)
+        # Inputs, written before each replay: token ids and weights (V·rows·n, 77) per
+        # tokenizer, V the distinct sets of texts of an edited prompt (else 1),
+        n, length, v = shape.num_chunks, model.text_length, shape.text_variants
+        self.ids = {t: torch.zeros(v * rows * n, length, dtype=torch.long, device=dev)
                     for t in family.tokenizers}
-        self.weights = {t: torch.ones(rows * n, length, dtype=torch.float32, device=dev)
+        self.weights = {t: torch.ones(v * rows * n, length, dtype=torch.float32, device=dev)
                         for t in family.tokenizers}
         # 0 on the rows whose conditioning is zeros (SDXL's empty negative prompt), else 1,
         self.keep = torch.ones(rows, dtype=torch.float32, device=dev)
@@ -137,6 +145,17 @@ class StaticPlan:
                   for _, k in shape.image_prompts) or None,
             torch.zeros(rows, len(self.schedule.timesteps), len(shape.image_prompts),
                         dtype=dtype, device=dev) if shape.image_prompts else None)
+        # Prompt editing: each set of texts' states and pooled embeddings (V, rows, ...), and
+        # which set each UNet call reads (gathered on the device, so a new prompt's edits
+        # need no new capture).
+        self.variants = self.variant_of_call = None
+        if v > 1:
+            self.variants = Conditioning(
+                torch.zeros(v, *self.cond.states.shape, dtype=dtype, device=dev),
+                None if pooled is None else torch.zeros(v, rows, pooled, dtype=dtype,
+                                                        device=dev))
+            self.variant_of_call = torch.zeros(len(self.schedule.timesteps), dtype=torch.long,
+                                               device=dev)
         # An inpainting UNet's mask and masked-image latents: a request's own when it has a
         # mask; otherwise everything masked over a blank image (A1111's way), the same for
         # every request of the shape.
@@ -173,18 +192,32 @@ class StaticPlan:
     # -- the three stages, each free of host synchronisation -----------------------------------
 
     def _encode(self):
-        # (rows, 77·n, D), weighted (A1111 emphasis; no host sync), joined per prompt
-        n, length = self.shape.num_chunks, self.model.text_length
-        inputs = TextInputs({t: WeightedIds(self.ids[t].view(self.rows, n, length),
-                                            self.weights[t].view(self.rows, n, length))
+        # (V·rows, 77·n, D), weighted (A1111 emphasis; no host sync), joined per prompt
+        n, length, v = self.shape.num_chunks, self.model.text_length, self.shape.text_variants
+        inputs = TextInputs({t: WeightedIds(self.ids[t].view(v * self.rows, n, length),
+                                            self.weights[t].view(v * self.rows, n, length))
                              for t in self.ids})
         states, pooled = encode_text(self.model.family, self.model.text_encoders, inputs)
-        self.cond.states.copy_(states * self.keep.to(states.dtype)[:, None, None])
+        keep = self.keep.repeat(v)
+        out = self.cond if v == 1 else self.variants.map(lambda t: t.flatten(0, 1))
+        out.states.copy_(states * keep.to(states.dtype)[:, None, None])
         if pooled is not None:
-            self.cond.text_embeds.copy_(pooled * self.keep.to(pooled.dtype)[:, None])
+            out.text_embeds.copy_(pooled * keep.to(pooled.dtype)[:, None])
+
+    def _cond_of_call(self, call):
+        """Prompt editing: the conditioning UNet call ``call`` reads (its set of texts
+        gathered by a device index: no host sync)."""
+        if call >= self.variant_of_call.shape[0]:
+            raise SdrtError(f"prompt editing covers {self.variant_of_call.shape[0]} UNet calls; "
+                            f"the sampler made more")
+        which = self.variant_of_call[call:call + 1]
+        pick = lambda t: None if t is None else t.index_select(0, which)[0]
+        return dataclasses.replace(self.cond, states=pick(self.variants.states),
+                                   text_embeds=pick(self.variants.text_embeds))
 
     def _denoise(self, step_end=None):
-        model = guided(self.model.unet, self.cond, self.guidance_scale, self.shape.guidance,
+        cond = self.cond if self.variants is None else self._cond_of_call
+        model = guided(self.model.unet, cond, self.guidance_scale, self.shape.guidance,
                        self.model.dtype, self.timestep_cond, self.image_cond, self.control)
         if self.pure_noise:
             x = self.schedule.noise_latents(self.noise)
@@ -235,7 +268,7 @@ class StaticPlan:
     def run(self, inputs: TextInputs, noise, guidance_scale, step_noise=None,
             clock=time.perf_counter, step_end=None, timestep_cond=None, keep=None,
             time_ids=None, x0=None, mask=None, image_cond=None, control_images=None,
-            control_scales=None, image_tokens=None, image_scales=None):
+            control_scales=None, image_tokens=None, image_scales=None, variant_of_call=None):
         """Copy the request's inputs in, run (replay) the three stages.
 
         ``inputs``: token ids and weights (rows, n, 77) per tokenizer, one row per image and
@@ -248,6 +281,10 @@ class StaticPlan:
         a UNet that sees no mask, or ``image_cond`` (the mask and the masked image's latents)
         for one that does. ControlNets: ``control_images``, one (B, 3, H, W) batch per net,
         and ``control_scales``, their factors per UNet call (``stages.Control``).
+        IP-Adapters: ``image_tokens`` (per adapter (rows, n, D)) and ``image_scales`` (rows,
+        UNet calls, adapters), the adapters attached to the UNet (``ip_adapter.attach``).
+        Prompt editing: ``inputs`` hold the V sets of texts one after another, and
+        ``variant_of_call`` (calls,) says which set each UNet call reads.
 
         Returns the seconds each stage took, read with ``clock`` between stages. The results
         stay in the plan's buffers: ``latents`` and ``image`` (float32 (B, H, W, 3) in [0, 1]).
@@ -279,6 +316,8 @@ class StaticPlan:
             for k, tokens in enumerate(self.cond.image_tokens):
                 given[f"image_tokens[{k}]"] = (tokens, None if image_tokens is None
                                                else image_tokens[k])
+        if self.variant_of_call is not None:
+            given["variant_of_call"] = (self.variant_of_call, variant_of_call)
         if self.control is not None:
             given["control_scales"] = (self.control.scales, control_scales)
             for k, image in enumerate(self.control.images):

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapter import T2IAdapter
+from .conditioning import Conditioning
 from .errors import SdrtError
 
 
@@ -94,8 +95,8 @@ class Control:
 def guided(unet, cond, guidance_scale, cfg, dtype, timestep_cond=None, image_cond=None,
            control: Control = None, combine=None):
     """The model a sampler calls: the UNet on the ``Conditioning`` ``cond`` (its fields as the
-    UNet's named inputs; a list: one per UNet call, A1111's prompt editing), with
-    classifier-free guidance when ``cfg``.
+    UNet's named inputs; for A1111's prompt editing a list with one per UNet call, or a
+    function of the call's index), with classifier-free guidance when ``cfg``.
 
     A guidance-distilled UNet (LCM) instead takes its scales as ``timestep_cond``, the
     (B, time_cond_proj_dim) ``guidance_embedding``, and runs without ``cfg``.
@@ -118,16 +119,17 @@ def guided(unet, cond, guidance_scale, cfg, dtype, timestep_cond=None, image_con
     device tensor of shape (B, 1, 1, 1), one scale per image (the static runtime's buffer, so
     a new scale needs no recapture); the combination is computed in float32.
     """
-    fixed = None if isinstance(cond, list) else cond.unet_inputs()
+    fixed = cond.unet_inputs() if isinstance(cond, Conditioning) else None
     calls = itertools.count()
 
     def run(x, t, rows, **extra):
         x = x.to(dtype)
         call = next(calls)
-        if fixed is None and call >= len(cond):
+        if isinstance(cond, list) and call >= len(cond):
             raise SdrtError(f"prompt editing covers {len(cond)} UNet calls; the sampler made "
                             f"more")
-        inputs = dict(fixed if fixed is not None else cond[call].unet_inputs())
+        inputs = dict(fixed if fixed is not None else
+                      (cond[call] if isinstance(cond, list) else cond(call)).unet_inputs())
         table = inputs.pop("image_scales", None)
         if table is not None:
             if call >= table.shape[1]:

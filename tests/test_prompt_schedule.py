@@ -124,16 +124,14 @@ def test_images_match_diffusers_switching_embeddings(demo, sampler, steps, promp
     assert np.abs(plain - got).max() > 0.1, "the edit changed nothing"
 
 
-def test_hires_second_pass_and_static_pipelines(tmp_path):
+def test_hires_second_pass(tmp_path):
     # On the built-in model: "[fox:house:1.5]" is the fox on the first pass and switches
     # half way through the second; "[fox:house:N]" with N the first pass's steps plus half
-    # the second's is the same image. A pipeline with static plans runs an edited prompt
-    # eagerly, to the same image.
+    # the second's is the same image.
     from sdrt.engine.demo.model import demo_pipeline
     from sdrt.engine.hires import Hires, generate
     pipe = demo_pipeline()
     hires = Hires(scale=1.5, upscaler="Latent", steps=4, strength=0.6)
-    kw = dict(guidance_scale=5.0, output_type="np")
 
     def run(prompt):
         images = generate(pipe, hires, prompt, None, 64, 64, 4, "euler",
@@ -142,12 +140,36 @@ def test_hires_second_pass_and_static_pipelines(tmp_path):
     fraction, steps = run(f"[{FOX}:{HOUSE}:1.5]"), run(f"[{FOX}:{HOUSE}:6]")
     assert np.array_equal(fraction, steps)
     assert np.abs(fraction - run(FOX)).max() > 10 and np.abs(fraction - run(HOUSE)).max() > 10
-    eager = pipe(f"[{FOX}:{HOUSE}:0.5]", height=64, width=64, num_inference_steps=4,
-                 sampler="euler", seed=1, **kw)
-    pipe.compile(64, 64, num_inference_steps=4, sampler="euler")
-    static = pipe(f"[{FOX}:{HOUSE}:0.5]", height=64, width=64, num_inference_steps=4,
-                  sampler="euler", seed=1, **kw)
-    assert_close_abs(static, eager, 1e-6, "an edited prompt beside static plans")
+
+
+@pytest.mark.parametrize("model", ["demo", "sdxl"])
+def test_static_plans_edit_as_the_eager_loop(model, request):
+    # A static plan encodes every set of texts the calls read and gathers one per call: the
+    # eager loop's image, for an edit in the prompt and one in the negative (the SDXL base:
+    # pooled embeddings too, and its absent negative prompt's zeros), alternation included;
+    # a plan of that many sets serves another prompt with as many.
+    import warnings
+
+    from sdrt.engine import Pipeline
+    if model == "demo":
+        from sdrt.engine.demo.model import demo_pipeline
+        pipe, side = demo_pipeline(), 64
+    else:
+        folder, _ = request.getfixturevalue("sdxl_base_folder")
+        pipe, side = Pipeline.from_pretrained(folder, device="cpu"), 16
+    kw = dict(height=side, width=side, num_inference_steps=4, sampler="euler_a",
+              guidance_scale=5.0, output_type="np")
+    cases = [(f"[{FOX}:{HOUSE}:0.5]", "[blurry|dark]"), (f"[{HOUSE}|{FOX}]", None),
+             (f"a [{FOX}::2]", "[dark:blurry:1]")]
+    eager = [pipe(p, negative_prompt=n, seed=5, **kw) for p, n in cases]
+    pipe.compile(side, side, num_inference_steps=4, sampler="euler_a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # plans built on demand say so
+        static = [pipe(p, negative_prompt=n, seed=5, **kw) for p, n in cases]
+    for (p, n), a, b in zip(cases, eager, static):
+        assert_close_abs(b, a, 1e-5, f"{p!r} / {n!r} under a static plan")
+    shapes = [s for s in pipe.runtime.plans if s.text_variants > 1]
+    assert shapes and all(s.text_variants <= 4 for s in shapes)
 
 
 @pytest.mark.parametrize("prompt, want", [
@@ -208,3 +230,26 @@ def test_composable_diffusion_matches_it_written_out(demo):
     from sdrt.engine import SdrtError
     with pytest.raises(SdrtError, match="composable diffusion\\) need classifier-free"):
         ours(f"{FOX} AND {HOUSE}", guidance_scale=1.0, **kw)
+
+
+@pytest.mark.gpu
+def test_cuda_static_plans_edit_as_the_eager_loop():
+    # Under CUDA graphs: the sets of texts gathered per call by a device index, replayed.
+    import warnings
+
+    from sdrt.engine.demo.model import demo_pipeline
+    pipe = demo_pipeline("cuda", torch.float32)
+    kw = dict(height=64, width=64, num_inference_steps=4, sampler="euler_a",
+              guidance_scale=5.0, output_type="np", seed=5)
+    prompt, negative = f"[{FOX}:{HOUSE}:0.5]", "[blurry|dark]"
+    eager = pipe(prompt, negative_prompt=negative, **kw)
+    pipe.compile(64, 64, num_inference_steps=4, sampler="euler_a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the plan is built on demand
+        first = pipe(prompt, negative_prompt=negative, **kw)
+        again = pipe(f"[{HOUSE}:{FOX}:0.25]", negative_prompt="[dark|blurry]", **kw)
+    assert any(s.text_variants > 1 for s in pipe.runtime.plans)
+    assert_close_abs(first, eager, 2e-3, "an edited prompt under CUDA graphs")
+    pipe.runtime = None
+    assert_close_abs(again, pipe(f"[{HOUSE}:{FOX}:0.25]", negative_prompt="[dark|blurry]", **kw),
+                     2e-3, "another edit replayed by the same graphs")
