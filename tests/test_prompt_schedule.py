@@ -253,3 +253,36 @@ def test_cuda_static_plans_edit_as_the_eager_loop():
     pipe.runtime = None
     assert_close_abs(again, pipe(f"[{HOUSE}:{FOX}:0.25]", negative_prompt="[dark|blurry]", **kw),
                      2e-3, "another edit replayed by the same graphs")
+
+
+def test_a1111_api_edits_and_alternates(tmp_path):
+    # Over real HTTP, two requests batched together (one edited, one composable) give the
+    # library's images, and the PNG info keeps each prompt as it was written.
+    import base64
+    import concurrent.futures
+    import io
+    import json
+
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    from PIL import Image
+
+    from sdrt.engine.demo.model import demo_pipeline
+    from sdrt.serve.local import LocalServer
+    from test_serve import TIMEOUT, assert_same_image, config
+    prompts = [f"[{FOX}:{HOUSE}:0.5]", f"{FOX} AND {HOUSE}:0.5"]
+    with LocalServer(config(max_batch=2, batch_window_ms=300)) as url:
+        def post(prompt):
+            return httpx.post(f"{url}/sdapi/v1/txt2img", timeout=TIMEOUT, json={
+                "prompt": prompt, "negative_prompt": "blurry", "steps": 3, "cfg_scale": 5,
+                "seed": 3, "width": 64, "height": 64})
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            responses = list(pool.map(post, prompts))
+    pipe = demo_pipeline()
+    for prompt, r in zip(prompts, responses):
+        assert r.status_code == 200, r.text
+        got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+        want = pipe(prompt, negative_prompt="blurry", num_inference_steps=3, guidance_scale=5.0,
+                    seed=3, height=64, width=64)[0]
+        assert_same_image(got, want, prompt)
+        assert json.loads(r.json()["info"])["infotexts"][0].startswith(prompt + "\n")
