@@ -70,6 +70,10 @@ MODELS = {
     # encoder's real widths) on a seeded control image: diffusers' ControlNet pipeline
     # against sdrt's plan with the ControlNet inside the captured loop.
     "sd15-controlnet": ("sd15", 512, (50, 20), 7.5),
+    # SD 1.5 512² with a random-weight plain IP-Adapter and a random-weight OpenCLIP ViT-H/14
+    # image encoder (h94's sizes) on a seeded reference image: diffusers' load_ip_adapter
+    # against sdrt's plan with the image tokens in its captured loop.
+    "sd15-ip-adapter": ("sd15", 512, (50, 20), 7.5),
     # Tiny models with the real architectures, for dry runs on the CPU: SD 1.x and 2.x
     # (engine.tiny), SDXL (``tiny_sdxl_config``), and the Turbo ones with their schedulers.
     "tiny": ("tiny", 64, (2, 1), 7.5),
@@ -79,13 +83,26 @@ MODELS = {
     "tiny-sdxl-turbo": ("tiny-sdxl-turbo", 64, (2, 1), 0.0),
     "tiny-inpaint": ("tiny", 64, (2, 1), 7.5),
     "tiny-controlnet": ("tiny", 64, (2, 1), 7.5),
+    "tiny-ip-adapter": ("tiny", 64, (2, 1), 7.5),
 }
 INPAINT_MODELS = ("sd15-inpaint", "tiny-inpaint")
 CONTROLNET_MODELS = ("sd15-controlnet", "tiny-controlnet")
+IP_ADAPTER_MODELS = ("sd15-ip-adapter", "tiny-ip-adapter")
+# The image encoders the IP-Adapter benchmark writes: OpenCLIP ViT-H/14 (h94's
+# models/image_encoder) and a tiny one of the same kind, as transformers' config.json has them.
+IP_ENCODERS = {
+    "real": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                 num_attention_heads=16, image_size=224, patch_size=14, projection_dim=1024,
+                 hidden_act="gelu"),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=1, image_size=28, patch_size=14, projection_dim=32,
+                 hidden_act="gelu"),
+}
 # What a dry run runs in place of each real model: the tiny model of its family and mode.
 DRY_RUN_STANDINS = {"sd15": "tiny", "sd21": "tiny-sd2", "sd-turbo": "tiny-sd-turbo",
                     "sdxl": "tiny-sdxl", "sdxl-turbo": "tiny-sdxl-turbo",
-                    "sd15-inpaint": "tiny-inpaint", "sd15-controlnet": "tiny-controlnet"}
+                    "sd15-inpaint": "tiny-inpaint", "sd15-controlnet": "tiny-controlnet",
+                    "sd15-ip-adapter": "tiny-ip-adapter"}
 DRY_RUN_MODELS = ("tiny", "tiny-sd2", "tiny-sd-turbo", "tiny-sdxl", "tiny-sdxl-turbo")
 PARTS = "bench_pipeline_parts"  # + _<gpu>: per-system results and images, as each ends
 PROMPT = "a photograph of a red fox in the snow, highly detailed"
@@ -191,6 +208,68 @@ def write_controlnet(folder: Path, name: str, device: str = "cuda") -> Path:
         out, controlnet_config(cfg["unet"], factor), seed=1, **_weights(name, device)))
 
 
+def ip_adapter_folder(folder: Path) -> Path:
+    """Where the IP-Adapter of the model in ``folder`` is (``write_ip_adapter``): h94's layout,
+    ``ip-adapter.safetensors`` beside ``image_encoder/``."""
+    return folder.parent / f"{folder.name}-ip-adapter"
+
+
+def write_ip_adapter(folder: Path, name: str, device: str = "cuda") -> Path:
+    """The model's random-weight plain IP-Adapter and its image encoder, written once: every
+    weight drawn from N(0, 0.02²), LayerNorms at 1 and 0."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sdrt.engine.clip_vision import CLIPVisionModelWithProjection, VisionConfig
+    from sdrt.engine.ip_adapter import cross_attentions
+    from sdrt.engine.unet import UNet2DConditionModel, UNetConfig
+    w = _weights(name, device)
+    dtype, dev = w["dtype"] or torch.float32, w["device"]
+    encoder = IP_ENCODERS["tiny" if MODELS[name][0] in DRY_RUN_MODELS else "real"]
+    unet_cfg = UNetConfig.from_dict(_config(name)["unet"])
+
+    def draw(module):
+        g = torch.Generator(dev).manual_seed(2)
+        norms = {f"{m}.{p}" if m else p for m, mod in module.named_modules()
+                 if isinstance(mod, torch.nn.LayerNorm) for p in ("weight", "bias")}
+        return {k: (torch.ones if k.endswith("weight") else torch.zeros)(
+                    p.shape, dtype=dtype, device=dev) if k in norms else
+                (torch.randn(p.shape, generator=g, device=dev) * 0.02).to(dtype)
+                for k, p in module.named_parameters()}
+
+    def write(out):
+        with torch.device("meta"):
+            model = CLIPVisionModelWithProjection(VisionConfig.from_dict(encoder))
+            unet = UNet2DConditionModel(unet_cfg)
+        (out / "image_encoder").mkdir(parents=True)
+        save_file(draw(model), str(out / "image_encoder" / "model.safetensors"))
+        (out / "image_encoder" / "config.json").write_text(json.dumps(
+            {"architectures": ["CLIPVisionModelWithProjection"],
+             "model_type": "clip_vision_model", **encoder}, indent=1))
+        cross = unet_cfg.cross_attention_dim
+        adapter = torch.nn.Module()
+        adapter.image_proj = torch.nn.Module()
+        adapter.image_proj.proj = torch.nn.Linear(encoder["projection_dim"], 4 * cross,
+                                                  device="meta")
+        adapter.image_proj.norm = torch.nn.LayerNorm(cross, device="meta")
+        adapter.ip_adapter = torch.nn.ModuleDict()
+        for i, attn in enumerate(cross_attentions(unet)):
+            layer = adapter.ip_adapter[str(2 * i + 1)] = torch.nn.Module()
+            width = attn.to_q.out_features
+            layer.to_k_ip = torch.nn.Linear(cross, width, bias=False, device="meta")
+            layer.to_v_ip = torch.nn.Linear(cross, width, bias=False, device="meta")
+        save_file(draw(adapter), str(out / "ip-adapter.safetensors"))
+    return _written_once(ip_adapter_folder(folder), "ip-adapter.safetensors", name, write)
+
+
+def reference_image(side):
+    """The IP-Adapter benchmark's reference image: seeded noise with a coloured block."""
+    from PIL import Image
+    a = np.random.default_rng(2).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    a[: side // 2, : side // 3] = (250, 40, 10)
+    return Image.fromarray(a)
+
+
 # -- one system, in its own process -------------------------------------------------------------
 
 def _sync(device):
@@ -226,7 +305,7 @@ def inpaint_inputs(side):
 
 
 def _load(system, family, folder, side, steps, guidance, compile_mode, device, dtype,
-          inpaint=False, controlnet=None):
+          inpaint=False, controlnet=None, ip_adapter=None):
     """The system's pipeline as ``run(steps, latents, output_type) -> images`` and the seconds
     spent compiling or capturing (None where nothing is). With ``inpaint``, both sides inpaint
     ``inpaint_inputs`` at strength 1 (the init image and the masked one encoded, then the
@@ -235,7 +314,9 @@ def _load(system, family, folder, side, steps, guidance, compile_mode, device, d
     Both sides get the same latents and the same seed for a sampler's own noise (SDXL-Turbo's
     Euler ancestral): diffusers a CPU generator seeded 0, sdrt ``seed=0``, which draws as
     that generator does. ``controlnet`` (a ControlNet folder): both sides run it on
-    ``control_image`` at scale 1 (sdrt's inside its static plan). An SDXL pipeline takes its defaults for the second prompt (the
+    ``control_image`` at scale 1 (sdrt's inside its static plan); ``ip_adapter`` (an
+    IP-Adapter folder): both sides prompt with ``reference_image`` at scale 1 (sdrt's tokens
+    in its plan's buffers). An SDXL pipeline takes its defaults for the second prompt (the
     first), the micro-conditioning (original and target size = the image's, no crop) and the
     empty negative prompt (zeros, ``force_zeros_for_empty_prompt``) on both sides."""
     import torch
@@ -253,6 +334,11 @@ def _load(system, family, folder, side, steps, guidance, compile_mode, device, d
             pipe = diffusers.StableDiffusionControlNetPipeline(**pipe.components,
                                                                controlnet=net.to(device))
             image = {"image": control_image(side)}
+        if ip_adapter is not None:
+            pipe.load_ip_adapter(str(ip_adapter), subfolder="",
+                                 weight_name="ip-adapter.safetensors",
+                                 image_encoder_folder="image_encoder")
+            image = {"ip_adapter_image": reference_image(side)}
         pipe.set_progress_bar_config(disable=True)
         build = None
         if system == "diffusers-compile":
@@ -284,11 +370,15 @@ def _load(system, family, folder, side, steps, guidance, compile_mode, device, d
     if controlnet is not None:
         image = {"control_image": control_image(side),
                  "controlnet": pipe.load_controlnet(controlnet, name="controlnet")}
+    if ip_adapter is not None:
+        image = {"ip_adapter_image": reference_image(side), "ip_adapter": pipe.load_ip_adapter(
+            Path(ip_adapter) / "ip-adapter.safetensors",
+            image_encoder=Path(ip_adapter) / "image_encoder", name="ip")}
     t0 = time.perf_counter()
     for n in steps:
         pipe.compile(side, side, batch_size=1, num_inference_steps=n, guidance=guidance > 1,
                      strength=1.0 if inpaint else None, masked=inpaint,
-                     controlnet=image.get("controlnet"))
+                     controlnet=image.get("controlnet"), ip_adapter=image.get("ip_adapter"))
     _sync(device)
     build = time.perf_counter() - t0
 
@@ -329,6 +419,8 @@ def worker(system, model, folder, parts, repeats, compile_mode, device):
     run, build = _load(system, model_family(model), folder, side, steps, guidance,
                        compile_mode, device, dtype, inpaint=model in INPAINT_MODELS,
                        controlnet=(controlnet_folder(Path(folder)) if model in CONTROLNET_MODELS
+                                   else None),
+                       ip_adapter=(ip_adapter_folder(Path(folder)) if model in IP_ADAPTER_MODELS
                                    else None))
     # (1, 4, side/8, side/8): SDXL's VAE has SD's 4 latent channels and factor 8 too.
     channels, factor = cfg["unet"]["in_channels"], 2 ** (len(cfg["vae"]["block_out_channels"]) - 1)
@@ -528,6 +620,8 @@ def main(argv=None):
         folder = write_model(cache, model, device)
         if model in CONTROLNET_MODELS:
             write_controlnet(folder, model, device)
+        if model in IP_ADAPTER_MODELS:
+            write_ip_adapter(folder, model, device)
         for system in systems:
             row = run_system(model, system, folder, parts, repeats, a.compile_mode, a.timeout,
                              device)

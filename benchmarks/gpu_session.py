@@ -38,7 +38,10 @@ Stages, in order (``--stage`` picks some; the extras run only when the budget st
   steps at strength 1: sdrt's inpainting plan against diffusers' StableDiffusionInpaintPipeline
   eager, the same UNet), ``pipeline-controlnet`` (SD 1.5 512², 50 and 20 steps with one
   random-weight SD 1.5 ControlNet: sdrt's plan with the ControlNet in its captured loop
-  against diffusers' StableDiffusionControlNetPipeline eager), and SDXL's four (``--stage sdxl`` names them all):
+  against diffusers' StableDiffusionControlNetPipeline eager), ``pipeline-ip-adapter`` (SD 1.5
+  512², 50 and 20 steps with a random-weight plain IP-Adapter and ViT-H/14 image encoder:
+  sdrt's plan with the image tokens in its buffers against diffusers' load_ip_adapter eager),
+  and SDXL's four (``--stage sdxl`` names them all):
   ``kernels-sdxl`` (bench_kernels at SDXL's shapes: 128² latents, head dim 64, the 1024² VAE
   decoder's float32 GroupNorms), ``conv-sdxl`` (bench_conv --sweep over SDXL's UNet and fp16
   VAE decoder convs), ``pipeline-sdxl`` (SDXL 1024², 50 and 20 steps with CFG) and
@@ -129,6 +132,8 @@ STAGES = (
           120, extra=True, model="sd15-inpaint"),
     Stage("pipeline-controlnet", "SD 1.5 512² with one ControlNet: sdrt's plan vs diffusers "
           "eager", 220, 130, extra=True, model="sd15-controlnet", setup_s=60),
+    Stage("pipeline-ip-adapter", "SD 1.5 512² with an IP-Adapter: sdrt's plan vs diffusers "
+          "eager", 220, 130, extra=True, model="sd15-ip-adapter", setup_s=70),
 )
 BY_NAME = {s.name: s for s in STAGES}
 DRY_BUDGET_S = 240
