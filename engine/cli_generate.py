@@ -225,6 +225,10 @@ def _reference_images(a):
                         f"{len(a.ip_adapter_image)} for {len(a.ip_adapter)})")
     if a.image_encoder is not None and not a.ip_adapter:
         raise SdrtError("--image-encoder needs --ip-adapter (it is what IP-Adapters read)")
+    for path in [p for p, _ in a.ip_adapter] + [a.image_encoder or "."]:
+        if not os.path.exists(path):
+            raise SdrtError(f"{'--image-encoder' if path == a.image_encoder else '--ip-adapter'} "
+                            f"{path}: no such file or folder")
     if not 0 <= a.ip_adapter_start < a.ip_adapter_end <= 1:
         raise SdrtError(f"--ip-adapter-start and --ip-adapter-end must satisfy 0 <= start < "
                         f"end <= 1, got {a.ip_adapter_start:g} and {a.ip_adapter_end:g}")

@@ -364,7 +364,9 @@ def test_cli_equals_the_library(tmp_path, capsys):
             (options[:2], "--ip-adapter-image must be given once per --ip-adapter (got 0 for 1)"),
             (options[:4] + ["--ip-adapter-start", "0.8", "--ip-adapter-end", "0.5"],
              "--ip-adapter-start and --ip-adapter-end must satisfy 0 <= start < end <= 1"),
-            (options[:4], "no image_encoder folder beside it")):
+            (options[:4], "no image_encoder folder beside it"),
+            (["--ip-adapter", str(tmp_path / "missing.safetensors"), *options[2:4]],
+             "--ip-adapter " + str(tmp_path / "missing.safetensors") + ": no such file")):
         code, _, err = _run(base + extra + ["-o", str(tmp_path / "x.png")], capsys)
         assert code == 2
         _assert_one_error_line(err, message)
