@@ -1236,16 +1236,16 @@ class Pipeline:
         t1 = self._clock()
         calls = len(schedule.timesteps)
 
-        def conditioning(texts, texts_2):
+        def conditioning(texts, texts_2, tokenized=None):
+            tokenized = tokenized or self.text_inputs(texts, request.prompt_syntax, texts_2)
             if parts is not None:
-                return self._composable_conditioning(request, texts, texts_2, parts)
-            return self.conditioning(request, self.text_inputs(texts, request.prompt_syntax,
-                                                               texts_2), request.clip_skip)
+                return self._composable_conditioning(request, tokenized, parts)
+            return self.conditioning(request, tokenized, request.clip_skip)
         if edits:  # a Conditioning per UNet call, one per text the prompts take
             cond = self._edited_conditioning(request, texts, texts_2, calls, conditioning,
                                              prompt_edit_steps)
-        else:
-            cond = conditioning(texts, texts_2)
+        else:  # (tokenized once: a truncation warning is said once)
+            cond = conditioning(texts, texts_2, inputs)
         if image_prompt is not None:
             fields = dict(image_tokens=self._image_tokens(image_prompt, batch, self._cfg(request)),
                           image_scales=self._image_scales(image_prompt, 2 * batch if
@@ -1299,7 +1299,8 @@ class Pipeline:
         if request.prompt_syntax != "a1111":
             return None
         parts = [composable_parts(p) for p in request.prompt]
-        if all(p == [(text, 1.0)] for p, text in zip(parts, request.prompt)):
+        # (one part at weight 1 is the prompt itself: A1111 strips only its end's spaces)
+        if all(len(p) == 1 and p[0][1] == 1.0 for p in parts):
             return None
         what = "prompt: A1111's AND and :weight (composable diffusion)"
         if not self._cfg(request):
@@ -1313,11 +1314,11 @@ class Pipeline:
                 raise SdrtError(f"{what} cannot be combined with {name} yet")
         return parts
 
-    def _composable_conditioning(self, request, texts, texts_2, parts):
+    def _composable_conditioning(self, request, inputs: TextInputs, parts):
         """The rows of a composable request: the negatives, one per image, then each image's
-        parts, from ``texts`` (the negatives per prompt, then every prompt's parts)."""
-        inputs = self.text_inputs(texts, request.prompt_syntax, texts_2).to(self.device)
-        states, pooled = encode_text(self.family, self.text_encoders, inputs, request.clip_skip)
+        parts, from ``inputs`` (the negatives per prompt, then every prompt's parts)."""
+        states, pooled = encode_text(self.family, self.text_encoders, inputs.to(self.device),
+                                     request.clip_skip)
         n, k, b = len(request.prompt), request.num_images_per_prompt, request.batch_size
         first = np.cumsum([n] + [len(p) for p in parts])  # each prompt's first part's text
         rows = [j for j in range(n) for _ in range(k)] + [
