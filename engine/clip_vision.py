@@ -18,7 +18,8 @@ from .clip import ACTIVATIONS, NO_EFFECT_KEYS, CLIPEncoder
 from .configs import MAX_CHANNELS, MAX_LAYERS, ConfigCheck
 from .errors import SdrtError
 from .layers import LayerNorm
-from .weights import SafetensorsFiles, component_weights, load_parameters, read_json
+from .weights import (SafetensorsFiles, component_weights, load_parameters, read_json,
+                      refuse_pickle)
 
 ARCHITECTURES = ("CLIPVisionModelWithProjection",)
 # OpenAI's CLIP mean and standard deviation per RGB channel, as every CLIP image processor
@@ -183,6 +184,7 @@ def encoder_config(path) -> VisionConfig:
         return VisionConfig.from_dict(read_json(os.path.join(path, "config.json"),
                                                 "image encoder config"))
     from safetensors import SafetensorError, safe_open
+    refuse_pickle(path)
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             keys = set(f.keys())
@@ -194,18 +196,11 @@ def encoder_config(path) -> VisionConfig:
 def load_image_encoder(path, device, dtype) -> CLIPVisionModelWithProjection:
     """A CLIP vision model from a transformers folder or one ``.safetensors`` file."""
     path = os.fspath(path)
-    if os.path.isdir(path):
-        cfg = VisionConfig.from_dict(read_json(os.path.join(path, "config.json"),
-                                               "image encoder config"))
-        files = component_weights(path, "model")
-    elif os.path.isfile(path):
-        cfg, files = None, [path]
-    else:
+    if not os.path.exists(path):
         raise SdrtError(f"image encoder {path}: no such file or folder")
+    cfg = encoder_config(path)
+    files = component_weights(path, "model") if os.path.isdir(path) else [path]
     with SafetensorsFiles(files) as f:
-        source = f.source
-        if cfg is None:
-            cfg = VisionConfig.from_weights(set(source), lambda k: source[k]().shape, path)
         with torch.device("meta"):
             model = CLIPVisionModelWithProjection(cfg)
-        return load_parameters(model, source, device, dtype, path)
+        return load_parameters(model, f.source, device, dtype, path)

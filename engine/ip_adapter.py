@@ -241,9 +241,9 @@ def load_ip_adapter(path, device, dtype) -> IPAdapter:
     refuse_pickle(path)
     if not os.path.isfile(path):
         raise SdrtError(f"IP-Adapter {path}: no such file")
+    cfg = file_config(path)  # from the header: no tensor read twice
     with SafetensorsFiles([path]) as f:
         source = f.source
-        cfg = _config(set(source), lambda k: tuple(source[k]().shape), path)
         with torch.device("meta"):
             adapter = IPAdapter(cfg)
         extra = sorted(set(source) - set(dict(adapter.named_parameters())))
