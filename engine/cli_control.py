@@ -57,6 +57,19 @@ def from_workflow(a, units, where):
                                     for u in units])
 
 
+def _unit_model(unit):
+    """A unit's model name, without the " [HASH]" the extension writes after it."""
+    import re
+    return re.sub(r" \[[0-9a-fA-F]+\]$", "", unit.get("Model", ""))
+
+
+def _numbered(paths):
+    """The name each file or folder is loaded under: its stem, numbered where two are the
+    same."""
+    stems = [file_stem(p) for p in paths]
+    return [s if stems.count(s) == 1 else f"{s}-{i}" for i, s in enumerate(stems)]
+
+
 def _unit_fields(text):
     """A PNG's ``ControlNet N`` value ("Module: none, Model: NAME [HASH], Weight: 1, ...") as
     {field: value}."""
@@ -94,7 +107,7 @@ def from_png(a, pairs, where):
                                                  "control_threshold_b")}
     resize = {v: k for k, v in CONTROL_RESIZE_LABELS.items()}
     for unit in units:
-        model = re.sub(r" \[[0-9a-fA-F]+\]$", "", unit.get("Model", ""))
+        model = _unit_model(unit)
         if model not in index:
             warnings.warn(f"{where} used ControlNet {model}: pass --controlnet FILE for it and "
                           f"its --control-image, or the image will differ")
@@ -137,11 +150,10 @@ def _ip_from_png(a, units, where):
     """--from-png's IP-Adapter units, applied to the --ip-adapter files of the same names
     (weight; guidance start and end, one for all, unless given); a unit whose adapter is not
     given is named in a warning."""
-    import re
     import warnings
     index = {name: i for i, name in enumerate(ip_names(a))}
     for unit in units:
-        model = re.sub(r" \[[0-9a-fA-F]+\]$", "", unit.get("Model", ""))
+        model = _unit_model(unit)
         if model not in index:
             warnings.warn(f"{where} used IP-Adapter {model}: pass --ip-adapter FILE for it and "
                           f"its --ip-adapter-image, or the image will differ")
@@ -252,8 +264,7 @@ def read_images(a):
 def names(a):
     """The name each --controlnet is loaded under: its file or folder name, numbered where
     two are the same."""
-    stems = [file_stem(p) for p, _ in a.controlnet]
-    return [s if stems.count(s) == 1 else f"{s}-{i}" for i, s in enumerate(stems)]
+    return _numbered(p for p, _ in a.controlnet)
 
 
 def load(a, pipe):
@@ -298,8 +309,7 @@ def hires_units(a):
 def ip_names(a):
     """The name each --ip-adapter is loaded under: its file name, numbered where two are the
     same."""
-    stems = [file_stem(p) for p, _ in a.ip_adapter]
-    return [s if stems.count(s) == 1 else f"{s}-{i}" for i, s in enumerate(stems)]
+    return _numbered(p for p, _ in a.ip_adapter)
 
 
 # The ControlNet extension's IP-Adapter preprocessor for an image encoder's width.

@@ -51,6 +51,19 @@ def control_mode(field, v, labels=False):
                     f"{', '.join(map(repr, a1111))}), got {short_repr(v)}")
 
 
+def unset(value, default):
+    """Whether a numeric setting was left at its default."""
+    return type(value) in (int, float) and value == default
+
+
+def refuse_without(image_field, what, given):
+    """Refuse the first setting ``given`` marks as set ({field: bool}) when ``image_field``
+    was not given: ``what`` (e.g. "the image a ControlNet follows") would not use it."""
+    for field, set_ in given.items():
+        if set_:
+            raise SdrtError(f"{field} was given without {image_field} ({what})")
+
+
 def select(loaded, controlnet, field="controlnet", what="ControlNet"):
     """The names of the ControlNets (``what``: the kind of net, ``field`` the argument) a
     request runs: ``controlnet`` (a loaded one's name or a list of them) or, when None, all
@@ -90,16 +103,12 @@ class ControlRequest:
         """Checked settings, or None for a request without ``control_image``; ``loaded``
         the names of the loaded ControlNets, in load order."""
         if control_image is None:
-            unset = lambda v, default: type(v) in (int, float) and v == default
-            given = {"controlnet": controlnet is not None, "guess_mode": guess_mode is not False,
-                     "controlnet_conditioning_scale": not unset(scale, 1.0),
-                     "control_guidance_start": not unset(start, 0.0),
-                     "control_guidance_end": not unset(end, 1.0),
-                     "control_mode": mode not in ("balanced", "Balanced", 0)}
-            for field, set_ in given.items():
-                if set_:
-                    raise SdrtError(f"{field} was given without control_image (the image a "
-                                    f"ControlNet follows)")
+            refuse_without("control_image", "the image a ControlNet follows", {
+                "controlnet": controlnet is not None, "guess_mode": guess_mode is not False,
+                "controlnet_conditioning_scale": not unset(scale, 1.0),
+                "control_guidance_start": not unset(start, 0.0),
+                "control_guidance_end": not unset(end, 1.0),
+                "control_mode": mode not in ("balanced", "Balanced", 0)})
             return None
         if not loaded:
             raise SdrtError("control_image was given, but no ControlNet is loaded "

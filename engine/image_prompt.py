@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .clip_vision import clip_pixels
-from .control import number, per_item, select
+from .control import number, per_item, refuse_without, select, unset
 from .errors import SdrtError
 from .request import MAX_CONTROL_SCALE, short_repr
 
@@ -38,14 +38,10 @@ class ImagePromptRequest:
         ControlNet's ``control_guidance_start``/``_end``); ``tensors(items)`` checks a list
         of images and returns each as float32 (B, 3, H, W) in [0, 1]."""
         if image is None:
-            unset = lambda v, default: type(v) in (int, float) and v == default
-            given = {"ip_adapter": names is not None, "ip_adapter_scale": not unset(scale, 1.0),
-                     "ip_adapter_guidance_start": not unset(start, 0.0),
-                     "ip_adapter_guidance_end": not unset(end, 1.0)}
-            for field, set_ in given.items():
-                if set_:
-                    raise SdrtError(f"{field} was given without ip_adapter_image (the image an "
-                                    f"IP-Adapter reads)")
+            refuse_without("ip_adapter_image", "the image an IP-Adapter reads", {
+                "ip_adapter": names is not None, "ip_adapter_scale": not unset(scale, 1.0),
+                "ip_adapter_guidance_start": not unset(start, 0.0),
+                "ip_adapter_guidance_end": not unset(end, 1.0)})
             return None
         if not loaded:
             raise SdrtError("ip_adapter_image was given, but no IP-Adapter is loaded "
