@@ -332,11 +332,12 @@ class Pipeline:
         if names is None:
             return ()
         names = select(self._ip_adapters, names, "ip_adapter", "IP-Adapter")
+        given = counts
         counts = counts if isinstance(counts, (list, tuple)) else [counts] * len(names)
         if len(counts) != len(names) or not all(
                 type(c) is int and 1 <= c <= MAX_IMAGES for c in counts):
             raise SdrtError(f"ip_adapter_images must be an integer from 1 to {MAX_IMAGES} or a "
-                            f"list of {len(names)}, got {short_repr(counts)}")
+                            f"list of {len(names)}, got {short_repr(given)}")
         adapters = [self._ip_adapters[n][0] for n in names]
         attach(self.unet, adapters)
         return tuple((n, c * tokens_per_image(a.config, self._image_encoders[

@@ -211,6 +211,18 @@ def test_refusals(sd1, tmp_path):
         ours.load_ip_adapter(tmp_path / "a.safetensors")
     with pytest.raises(SdrtError, match="pickle checkpoints are not loaded"):
         ours.load_ip_adapter(tmp_path / "a.bin")
+    for call, message in (
+            (lambda: ours.load_ip_adapter(123), "ip_adapter path must be a path, got 123"),
+            (lambda: ours.load_ip_adapter(root / "plain.safetensors", name=" "),
+             "ip_adapter name must be a non-empty string"),
+            (lambda: ours.compile(16, 24, num_inference_steps=2, ip_adapter="plain",
+                                  ip_adapter_images=17),
+             "ip_adapter_images must be an integer from 1 to 16 or a list of 1, got 17"),
+            (lambda: ours.compile(16, 24, num_inference_steps=2, ip_adapter="nope"),
+             "ip_adapter 'nope' is not loaded")):
+        with pytest.raises(SdrtError, match=message):
+            call()
+    assert ours.runtime is None  # nothing was built
     assert list(ours.ip_adapters) == ["plain", "plus", "full"]
 
 

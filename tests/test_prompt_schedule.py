@@ -230,6 +230,10 @@ def test_composable_diffusion_matches_it_written_out(demo):
     from sdrt.engine import SdrtError
     with pytest.raises(SdrtError, match="composable diffusion\\) need classifier-free"):
         ours(f"{FOX} AND {HOUSE}", guidance_scale=1.0, **kw)
+    for bad in ((4,), (4, 0), [4, 8], (4.0, 8)):
+        with pytest.raises(SdrtError, match="prompt_edit_steps must be None or \\(steps, the "
+                                            "first pass's steps\\)"):
+            ours(FOX, prompt_edit_steps=bad, **kw)
 
 
 @pytest.mark.gpu
