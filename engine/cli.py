@@ -308,7 +308,12 @@ def _generate_options(g):
     g.add_argument("--hr-upscaler", metavar="NAME", default="Latent",
                    help="how the hires fix upscales: Latent, Latent (antialiased), Latent "
                         "(bicubic), Latent (bicubic antialiased), Latent (nearest), Latent "
-                        "(nearest-exact), Lanczos or Nearest")
+                        "(nearest-exact), Lanczos, Nearest, or an upscale model (ESRGAN, "
+                        "Real-ESRGAN, compact Real-ESRGAN): a .safetensors file or a name in "
+                        "--upscaler-dir")
+    g.add_argument("--upscaler-dir", metavar="DIR", default=None,
+                   help="upscale models that --hr-upscaler and workflows name, by file stem "
+                        "(A1111's models/ESRGAN, ComfyUI's models/upscale_models)")
     g.add_argument("--hr-steps", metavar="N", type=int_arg, default=0,
                    help="the hires fix's steps (0: --steps)")
     g.add_argument("--hr-sampler", metavar="NAME", default=None,

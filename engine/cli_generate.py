@@ -147,10 +147,16 @@ def generate(a):
     with _Progress() as progress:
         if hires is not None:
             from .hires import generate as hires_generate
+            upscaler = None
+            if a.hr_upscaler_path is not None:
+                from .upscaler import load_upscaler
+                upscaler = load_upscaler(a.hr_upscaler_path, pipe.device, pipe.dtype,
+                                         name=hires.upscaler)
             images = hires_generate(pipe, hires, prompt, call.pop("negative_prompt"),
                                     request.height, request.width, call.pop("num_inference_steps"),
                                     sampler, call.pop("generator"), **_sdxl_fields(a), **call,
                                     **control, control_units=cli_control.hires_units(a),
+                                    upscaler=upscaler,
                                     callback=None if plans else progress)
         else:
             images = pipe(prompt, height=request.height, width=request.width, sampler=sampler,
@@ -250,6 +256,28 @@ def _load_ip_adapters(a, pipe, images):
                 ip_adapter_guidance_end=a.ip_adapter_end)
 
 
+def _upscale_models(a):
+    """{name: path} of the upscale models --hr-upscaler may name: --upscaler-dir's, and
+    --hr-upscaler itself where it is a file (named by its stem)."""
+    import os
+
+    from .hires import UPSCALERS
+    from .upscaler import upscaler_files
+    if a.upscaler_dir is not None and not os.path.isdir(a.upscaler_dir):
+        raise SdrtError(f"--upscaler-dir {a.upscaler_dir} is not a folder")
+    models = upscaler_files(a.upscaler_dir)
+    value = a.hr_upscaler
+    if value not in UPSCALERS and value not in models and (
+            os.path.splitext(value)[1].lower() in (".safetensors", ".pth", ".pt", ".ckpt",
+                                                   ".bin") or os.sep in value):
+        from .weights import refuse_pickle
+        refuse_pickle(value)
+        if not os.path.isfile(value):
+            raise SdrtError(f"--hr-upscaler {value}: no such file")
+        models[os.path.splitext(os.path.basename(value))[0]] = value
+    return models
+
+
 def _hires(a, request):
     """The hires fix asked for (--hr-scale or --hr-resize), checked; None without one."""
     if a.hr_scale is None and a.hr_resize is None:
@@ -260,8 +288,12 @@ def _hires(a, request):
             raise SdrtError(f"--hr-scale/--hr-resize (the hires fix) redraws a text-to-image "
                             f"run; it cannot be combined with {option}")
     h, w = a.hr_resize or (0, 0)
+    models = _upscale_models(a)
+    name = a.hr_upscaler
+    if name in models.values():  # a path: the PNG records the model's name, as A1111's
+        name = next(n for n, p in models.items() if p == name)
     hires = Hires(scale=a.hr_scale if a.hr_scale is not None else 2.0,
-                  upscaler=a.hr_upscaler, steps=a.hr_steps,
+                  upscaler=name, steps=a.hr_steps,
                   strength=a.strength, resize_x=w,
                   resize_y=h, sampler=a.hr_sampler, prompt=a.hr_prompt,
                   negative_prompt=a.hr_negative)
@@ -270,7 +302,11 @@ def _hires(a, request):
              "strength": "--strength", "resize_x": "--hr-resize", "resize_y": "--hr-resize",
              "sampler": "--hr-sampler", "prompt": "--hr-prompt",
              "negative_prompt": "--hr-negative"}
-    hires.check(names, limits.max_side, limits.max_steps)
+    hires.check(names, limits.max_side, limits.max_steps, model_upscalers=tuple(models))
+    if hires.upscaler in models:  # a file that is not an upscaler is refused before loading
+        from .upscaler import file_config
+        file_config(models[hires.upscaler])
+    a.hr_upscaler_path = models.get(hires.upscaler)
     width, height = request.width or 512, request.height or 512
     for option, side in zip(("width", "height"), hires.target(width, height)[:2]):
         if side > limits.max_side:

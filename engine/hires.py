@@ -4,9 +4,10 @@ larger size by image-to-image. The CLI (``--hr-scale`` ...) and the A1111 API (`
 
 The upscale is A1111's: a "Latent" upscaler resizes the first pass's latents (no VAE round
 trip), an image upscaler ("Lanczos", "Nearest") resizes its decoded picture, which the second
-pass encodes again. The second pass runs ``steps`` UNet calls (default: the first pass's) at
-``strength``, as A1111's does: its schedule is ``ceil(steps / strength)`` steps long and it
-runs the last ``steps`` of them.
+pass encodes again, and a model upscaler (an ESRGAN file, ``engine/upscaler.py``) runs over
+the decoded picture until it is large enough, then Lanczos to the exact size. The second pass
+runs ``steps`` UNet calls (default: the first pass's) at ``strength``, as A1111's does: its
+schedule is ``ceil(steps / strength)`` steps long and it runs the last ``steps`` of them.
 """
 import math
 from dataclasses import dataclass
@@ -38,8 +39,9 @@ class Hires:
     prompt: str = ""           # hr_prompt / hr_negative_prompt; "": the first pass's
     negative_prompt: str = ""
 
-    def check(self, names, max_side, max_steps):
-        """Every model-free check; ``names`` maps a field to the name a message uses."""
+    def check(self, names, max_side, max_steps, model_upscalers=()):
+        """Every model-free check; ``names`` maps a field to the name a message uses;
+        ``model_upscalers`` names the upscale models that ``upscaler`` may also name."""
         def refuse(field, allowed, value):
             raise SdrtError(f"{names.get(field, field)} must be {allowed}, got "
                             f"{short_repr(value)}")
@@ -47,9 +49,11 @@ class Hires:
         if not (number(self.scale) and math.isfinite(self.scale)
                 and 1 <= self.scale <= MAX_SCALE):
             refuse("scale", f"a number from 1 to {MAX_SCALE:g}", self.scale)
-        if self.upscaler not in UPSCALERS:
-            refuse("upscaler", f"one of {', '.join(UPSCALERS)} (model upscalers such as "
-                               f"ESRGAN are not supported)", self.upscaler)
+        if self.upscaler not in UPSCALERS and self.upscaler not in model_upscalers:
+            models = (f" or an upscale model: {', '.join(sorted(model_upscalers))}"
+                      if model_upscalers else " (an upscale model such as ESRGAN needs "
+                      "its file: none is given)")
+            refuse("upscaler", f"one of {', '.join(UPSCALERS)}{models}", self.upscaler)
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or \
                 not 0 <= self.steps <= max_steps:
             refuse("steps", f"an integer from 0 (the first pass's) to {max_steps}", self.steps)
@@ -144,7 +148,8 @@ def pass_controls(control, units):
 
 
 def generate(pipe, hires: Hires, prompt, negative_prompt, height, width, num_inference_steps,
-             sampler, generator, control_units=None, hires_control_image=None, **call):
+             sampler, generator, control_units=None, hires_control_image=None, upscaler=None,
+             **call):
     """Both passes: the first at ``height`` × ``width`` (a static plan where one applies), the
     second at ``hires.target``; returns PIL images. ``generator`` (one CPU generator per image)
     draws the first pass's noise and then, going on, the second's. ``call`` holds the other
@@ -153,7 +158,8 @@ def generate(pipe, hires: Hires, prompt, negative_prompt, height, width, num_inf
     None: every ControlNet in both passes as given) divides between the passes. The second
     pass takes ``hires_control_image`` where given (laid out as ``control_image``: maps framed
     at its size, as A1111's ControlNet extension frames a unit's map again for it), else the
-    first pass's control images, which the pipeline resizes."""
+    first pass's control images, which the pipeline resizes. ``upscaler`` is the loaded
+    ``Upscaler`` that ``hires.upscaler`` names where it names a model."""
     import torch
     from PIL import Image
     w, h, cut_x, cut_y = hires.target(width, height, pipe.vae_scale_factor)
@@ -178,9 +184,14 @@ def generate(pipe, hires: Hires, prompt, negative_prompt, height, width, num_inf
                                                 antialias=antialias).to(first.dtype)
         image = image[:, :, cut_y // 2:image.shape[2] - (cut_y + 1) // 2,
                       cut_x // 2:image.shape[3] - (cut_x + 1) // 2]
-    else:
+    elif hires.upscaler in IMAGE_UPSCALERS:
         resample = Image.LANCZOS if hires.upscaler == "Lanczos" else Image.NEAREST
         image = [im.resize((w, h), resample) for im in first]
+    else:
+        if upscaler is None or upscaler.name != hires.upscaler:
+            raise SdrtError(f"the hires fix's upscaler {hires.upscaler!r} is a model, and "
+                            f"generate was given {getattr(upscaler, 'name', None)!r}")
+        image = upscaler.resize(first, w, h)
     timings = dict(pipe.timings)
     steps, calls = hires.schedule_steps(num_inference_steps)
     # A1111's prompt editing on the second pass: its own steps, after the first pass's.

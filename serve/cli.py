@@ -75,6 +75,12 @@ def add_parser(subparsers):
                         "the IP-Adapters of --controlnet-dir read in A1111 units; a unit's "
                         "module picks ViT-H (clip_h) or ViT-bigG (clip_g) by name, else the "
                         "first that fits")
+    s.add_argument("--upscaler-dir", metavar="DIR", default=None,
+                   help="upscale models (ESRGAN, Real-ESRGAN and compact Real-ESRGAN "
+                        ".safetensors files) that A1111 requests name in hr_upscaler and "
+                        "the Extras endpoints, and ComfyUI workflows in UpscaleModelLoader, by "
+                        "file stem (Real-ESRGAN's released files also by A1111's names, "
+                        "R-ESRGAN 4x+ ...)")
     s.add_argument("--threads", metavar="N", type=int_arg, default=None,
                    help="torch CPU threads (default: torch's choice)")
     s.add_argument("--ray", action="store_true",
@@ -107,7 +113,7 @@ def config_from(a):
                        request_timeout_s=a.timeout,
                        default_steps=a.steps, threads=a.threads, lora_dir=a.lora_dir,
                        controlnet_dir=a.controlnet_dir, vae_dir=a.vae_dir,
-                       clip_vision_dir=a.clip_vision_dir)
+                       clip_vision_dir=a.clip_vision_dir, upscaler_dir=a.upscaler_dir)
 
 
 def _check_port(host, port):

@@ -30,6 +30,7 @@ class ServeConfig:
     controlnet_dir: str = None     # folder of ControlNets (files or diffusers folders)
     vae_dir: str = None            # folder of VAEs (A1111's sd_vae): files or diffusers folders
     clip_vision_dir: str = None    # folder of CLIP image encoders, for IP-Adapter units
+    upscaler_dir: str = None       # folder of upscale models (ESRGAN .safetensors files)
 
     def __post_init__(self):
         def positive(name, integer=True):
@@ -46,7 +47,7 @@ class ServeConfig:
         if self.threads is not None:
             positive("threads")
         positive("max_loras")
-        for name in ("lora_dir", "controlnet_dir", "vae_dir", "clip_vision_dir"):
+        for name in ("lora_dir", "controlnet_dir", "vae_dir", "clip_vision_dir", "upscaler_dir"):
             folder = getattr(self, name)
             if folder is not None and not os.path.isdir(folder):
                 raise SdrtError(f"{name.replace('_', '-')} {folder} is not a folder")

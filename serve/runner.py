@@ -29,6 +29,7 @@ class Runner:
         self._vae = None  # the VAE file decoding now (None: the model's own)
         self._own_vae = None  # the model's own VAE weights, on the host, once another loads
         self._ip_encoders = {}  # loaded IP-Adapter name → the image encoder path it reads
+        self._upscaler = None  # the upscale model loaded last (one at a time)
 
     def load(self):
         import torch
@@ -204,6 +205,35 @@ class Runner:
                     ip_adapter_guidance_start=[p[2] for p in key.image_prompts],
                     ip_adapter_guidance_end=[p[3] for p in key.image_prompts])
 
+    # -- upscale models from --upscaler-dir ------------------------------------------------
+
+    def upscaler_names(self):
+        """The upscale models requests may name: --upscaler-dir's .safetensors files by stem,
+        Real-ESRGAN's released files also by A1111's names (``upscaler_files``)."""
+        return sorted(self._upscaler_index())
+
+    def upscaler_path(self, name):
+        return self._upscaler_index().get(name) if isinstance(name, str) else None
+
+    def _upscaler_index(self):
+        """Read afresh each time, as --controlnet-dir is."""
+        from sdrt.engine.upscaler import upscaler_files
+        return upscaler_files(self.config.upscaler_dir)
+
+    def upscaler(self, name):
+        """Upscale model ``name``, loaded on the pipeline's device (in the worker thread; the
+        last one stays loaded)."""
+        if self._upscaler is not None and self._upscaler.name == name:
+            return self._upscaler
+        path = self.upscaler_path(name)
+        if path is None:
+            raise SdrtError(f"the request names upscaler {name!r}, which --upscaler-dir no "
+                            f"longer has")
+        from sdrt.engine.upscaler import load_upscaler
+        self._upscaler = None  # the old one freed before the new one loads
+        self._upscaler = load_upscaler(path, self.pipe.device, self.pipe.dtype, name=name)
+        return self._upscaler
+
     # -- VAEs from --vae-dir ---------------------------------------------------------------
 
     def vae_names(self):
@@ -314,17 +344,19 @@ class Runner:
                 control_guidance_end=[c[3] for c in key.controls],
                 control_mode=[c[4] for c in key.controls])
         if key.hires is not None:
-            from sdrt.engine.hires import generate
+            from sdrt.engine.hires import UPSCALERS, generate
             second = None
             if key.controls and rows[0].hires_control_images:
                 second = [[r.hires_control_images[k] for r in rows]
                           for k in range(len(key.controls))]
                 second = second if len(key.controls) > 1 else second[0]
+            model = key.hires.upscaler if key.hires.upscaler not in UPSCALERS else None
             out = generate(self.pipe, key.hires, [r.prompt for r in rows], negative,
                            key.height, key.width, key.steps, key.sampler, seeds["generator"],
                            guidance_scale=guidance, clip_skip=key.clip_skip,
                            control_units=[c[5] for c in key.controls],
-                           hires_control_image=second, **control)
+                           hires_control_image=second,
+                           upscaler=self.upscaler(model) if model else None, **control)
         else:
             out = self.pipe(
                 [r.prompt for r in rows], negative_prompt=negative,
