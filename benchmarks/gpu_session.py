@@ -41,6 +41,8 @@ Stages, in order (``--stage`` picks some; the extras run only when the budget st
   against diffusers' StableDiffusionControlNetPipeline eager), ``pipeline-ip-adapter`` (SD 1.5
   512², 50 and 20 steps with a random-weight plain IP-Adapter and ViT-H/14 image encoder:
   sdrt's plan with the image tokens in its buffers against diffusers' load_ip_adapter eager),
+  ``upscale`` (``bench_upscale``: the ESRGAN family's released configs at 512² and 1024²
+  inputs, fp16, whole picture vs NCHW vs tiled, conv TFLOP/s and peak memory),
   and SDXL's four (``--stage sdxl`` names them all):
   ``kernels-sdxl`` (bench_kernels at SDXL's shapes: 128² latents, head dim 64, the 1024² VAE
   decoder's float32 GroupNorms), ``conv-sdxl`` (bench_conv --sweep over SDXL's UNet and fp16
@@ -102,8 +104,8 @@ class Stage:
 
     @property
     def kind(self) -> str:
-        """What it runs: "env", "tests", "kernels", "conv" or "pipeline" (its name's first
-        word: ``kernels-sdxl`` is a ``kernels`` stage for another model)."""
+        """What it runs: "env", "tests", "kernels", "conv", "upscale" or "pipeline" (its
+        name's first word: ``kernels-sdxl`` is a ``kernels`` stage for another model)."""
         return self.name.split("-")[0]
 
 
@@ -134,6 +136,8 @@ STAGES = (
           "eager", 220, 130, extra=True, model="sd15-controlnet", setup_s=60),
     Stage("pipeline-ip-adapter", "SD 1.5 512² with an IP-Adapter: sdrt's plan vs diffusers "
           "eager", 220, 130, extra=True, model="sd15-ip-adapter", setup_s=70),
+    Stage("upscale", "bench_upscale: ESRGAN ×4, Real-ESRGAN ×2, compact ×4 at 512² and 1024²",
+          150, 60, extra=True, model="esrgan"),
 )
 BY_NAME = {s.name: s for s in STAGES}
 DRY_BUDGET_S = 240
@@ -188,6 +192,9 @@ def stage_command(stage: Stage, work: Path, dry_run: bool, timeout: int) -> tupl
         if dry_run:
             return cmd + ["--help"], {}
         return cmd, {"SDRT_RESULTS_DIR": str(work / stage.name)}
+    if stage.kind == "upscale":
+        cmd = py + ["-m", "sdrt.benchmarks.bench_upscale"]
+        return cmd + ["--dry-run"] * dry_run, {"SDRT_RESULTS_DIR": str(work / stage.name)}
     if stage.kind == "conv":
         cmd = py + ["-m", "sdrt.benchmarks.bench_conv", "--models", stage.model]
         if dry_run:
@@ -289,6 +296,8 @@ def collect(stage: Stage, work: Path, out: Path) -> dict:
         return _junit_summary(path)
     if stage.kind == "kernels":
         return _read_reports(work / stage.name, "bench_kernels")
+    if stage.kind == "upscale":
+        return _read_reports(work / stage.name, "bench_upscale")
     if stage.kind == "conv":
         found = _read_reports(work / stage.name, "bench_conv")
         # One file for every conv stage that has run (SD 1.5's and SDXL's shapes).

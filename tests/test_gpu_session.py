@@ -115,6 +115,12 @@ def test_dry_run_stage_results(dry_run):
     rows = report["sections"]["Side by side (fp16, batch 1, same latents)"]
     assert [(r["model"], r["system"]) for r in rows][-1] == ("tiny-controlnet", "sdrt-torch")
     assert "error" not in rows[-1] and rows[-1]["1 steps ms"] > 0, rows
+    # The upscale stage's report: every model at both dry-run sizes, whole and tiled.
+    (report,) = stages["upscale"]["results"]["reports"]
+    rows = report["sections"]["Upscale models"]
+    assert {(r["model"], r["path"].split(",")[0].split(" ")[0]) for r in rows} == {
+        (m, p) for m in ("esrgan-x4", "real-esrgan-x2", "compact-x4") for p in ("whole", "tiles")}
+    assert all(r["ms"] > 0 and r["conv_tflops"] >= 0 for r in rows), rows
     # bench_kernels' and bench_conv's command lines took SDXL.
     for name in ("kernels-sdxl", "conv-sdxl"):
         assert "--models sdxl" in stages[name]["command"], stages[name]
