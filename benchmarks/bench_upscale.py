@@ -107,7 +107,6 @@ def bench(models, sizes, device, dtype, repeats, dry_run):
                              "output_mpix_s": round((side * cfg.scale) ** 2 /
                                                     (t.median_ms * 1e-3) / 1e6, 2),
                              "peak_mb": None if mem is None else round(mem)})
-        del up
     return rows
 
 
