@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from sdrt.benchmarks.common import (ceilings, device_info, host_info, time_on, write_report)
-from sdrt.engine.upscaler import CompactNet, RRDBNet, Upscaler, UpscalerConfig
+from sdrt.engine.upscaler import CompactNet, RRDBNet, Upscaler
+from sdrt.engine.upscaler_config import UpscalerConfig
 
 MODELS = {
     "esrgan-x4": UpscalerConfig("esrgan", 3, 64, 23, 32, 2, 1, 4),

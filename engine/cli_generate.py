@@ -262,7 +262,7 @@ def _upscale_models(a):
     import os
 
     from .hires import UPSCALERS
-    from .upscaler import upscaler_files
+    from .upscaler_config import upscaler_files
     if a.upscaler_dir is not None and not os.path.isdir(a.upscaler_dir):
         raise SdrtError(f"--upscaler-dir {a.upscaler_dir} is not a folder")
     models = upscaler_files(a.upscaler_dir)
@@ -304,7 +304,7 @@ def _hires(a, request):
              "negative_prompt": "--hr-negative"}
     hires.check(names, limits.max_side, limits.max_steps, model_upscalers=tuple(models))
     if hires.upscaler in models:  # a file that is not an upscaler is refused before loading
-        from .upscaler import file_config
+        from .upscaler_config import file_config
         file_config(models[hires.upscaler])
     a.hr_upscaler_path = models.get(hires.upscaler)
     width, height = request.width or 512, request.height or 512

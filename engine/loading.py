@@ -6,13 +6,13 @@ import torch
 
 from . import families
 from .clip import CLIPTextModel, TextConfig, checkpoint_rename, text_model_class
-from .errors import SdrtError
+from .errors import PICKLE_SUFFIXES, SdrtError
 from .families import SD1, TEXT_ENCODERS, TOKENIZERS, Family
 from .memory import check_model_fits
 from .request import Limits
 from .unet import UNet2DConditionModel, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
-from .weights import (PICKLE_SUFFIXES, SafetensorsFiles, component_weights, load_parameters,
+from .weights import (SafetensorsFiles, component_weights, load_parameters,
                       read_json, refuse_pickle)
 
 MODEL_CLASSES = {

@@ -2,7 +2,8 @@
 ``UpscaleModelLoader`` run, from the ``.safetensors`` files people keep in
 ``models/ESRGAN`` / ``models/RealESRGAN`` / ``models/upscale_models``.
 
-Three architectures, recognised from the file's tensor names and shapes alone:
+Three architectures, recognised from the file's tensor names and shapes alone
+(``engine/upscaler_config.py``, which needs no torch):
 
 - ESRGAN's RRDBNet in the original layout (``model.0``, ``model.1.sub.N.RDB1.conv1.0``, ...:
   ESRGAN_4x, 4x-UltraSharp, Remacri, Siax and most community models), any number of
@@ -23,48 +24,21 @@ exactly as the whole image would give it where the network's reach is within the
 A1111's semantics are kept where they matter to a picture: ``Upscaler.upscale`` runs the
 model until the image is as large as asked (at most 3 passes) and resizes the result with
 Lanczos to the size asked, rounded down to a multiple of 8; the hires fix
-(``Upscaler.resize``) resizes to its exact target. Pickles (``.pth``) are refused, as
-everywhere in sdrt: convert them to ``.safetensors`` first.
+(``Upscaler.resize``) resizes to its exact target; ``Upscaler.one_pass`` is ComfyUI's
+ImageUpscaleWithModel (one pass, then its ImageScale: ``comfy_scale``). Pickles (``.pth``)
+are refused, as everywhere in sdrt: convert them to ``.safetensors`` first.
 """
-import math
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import SdrtError
-from .weights import SafetensorsFiles, load_parameters, refuse_pickle
+from .upscaler_config import UpscalerConfig, config_of, read_shapes
+from .weights import SafetensorsFiles, load_parameters
 
-# A1111 lists the Real-ESRGAN models it downloads under these names; a file of that stem
-# answers to both.
-A1111_NAMES = {"RealESRGAN_x4plus": "R-ESRGAN 4x+",
-               "RealESRGAN_x4plus_anime_6B": "R-ESRGAN 4x+ Anime6B",
-               "RealESRGAN_x2plus": "R-ESRGAN 2x+",
-               "realesr-general-x4v3": "R-ESRGAN General 4xV3",
-               "realesr-general-wdn-x4v3": "R-ESRGAN General WDN 4xV3",
-               "realesr-animevideov3": "R-ESRGAN AnimeVideo"}
 MAX_PASSES = 3  # A1111's: a ×2 model reaches at most ×8
-# Training checkpoints keep the weights under one of these prefixes.
-_PREFIXES = ("params_ema.", "params.", "module.")
-
-
-@dataclass(frozen=True)
-class UpscalerConfig:
-    arch: str               # "esrgan" (original layout), "real-esrgan" (BasicSR) or "compact"
-    channels: int           # image channels in and out (3: RGB)
-    features: int           # width of the network (nf)
-    blocks: int             # RRDB blocks, or the compact net's 3x3 convs between first and last
-    growth: int = 0         # RRDB's growth channels (gc)
-    upsamples: int = 0      # RRDBNet's nearest ×2 upsamples, each followed by a conv
-    unshuffle: int = 1      # pixel-unshuffle factor of the input (BasicSR's ×2: 2, ×1: 4)
-    scale: int = 4
-
-    @property
-    def description(self):
-        return {"esrgan": "ESRGAN", "real-esrgan": "Real-ESRGAN",
-                "compact": "Real-ESRGAN compact"}[self.arch] + f" x{self.scale}"
 
 
 # -- the networks ---------------------------------------------------------------------------
@@ -150,71 +124,6 @@ class CompactNet(nn.Module):
         return out + F.interpolate(x, scale_factor=self.scale, mode="nearest")
 
 
-# -- recognising a file ---------------------------------------------------------------------
-
-def _strip(key):
-    for p in _PREFIXES:
-        if key.startswith(p):
-            return key[len(p):]
-    return key
-
-
-def _count(keys, pattern, start=0):
-    """How many of ``pattern.format(start)``, ``pattern.format(start + 1)`` ... are keys."""
-    n = start
-    while pattern.format(n) in keys:
-        n += 1
-    return n - start
-
-
-def _config(keys, shape_of, where) -> UpscalerConfig:
-    """The config of an upscaler file from its (prefix-stripped) keys and ``shape_of(key)``."""
-    def square_scale(channels_out, channels):
-        s = math.isqrt(max(channels_out // channels, 1))
-        if s * s * channels != channels_out:
-            raise SdrtError(f"{where}: the last conv's {channels_out} outputs are not "
-                            f"{channels} channels times a square scale")
-        return s
-
-    if "model.0.weight" in keys and "model.1.sub.0.RDB1.conv1.0.weight" in keys:
-        blocks = _count(keys, "model.1.sub.{}.RDB1.conv1.0.weight")
-        tops = sorted(int(k.split(".")[1]) for k in keys
-                      if k.startswith("model.") and k.endswith(".weight") and k.count(".") == 2)
-        ups = len(tops) - 3  # besides model.0, the hr conv and the last conv
-        if ups < 0 or tops != [0] + [3 * k for k in range(1, ups + 1)] + \
-                [3 * ups + 2, 3 * ups + 4]:
-            raise SdrtError(f"{where}: an ESRGAN whose layers sdrt does not know "
-                            f"(model.{', model.'.join(map(str, tops))})")
-        nf, channels = shape_of("model.0.weight")[:2]
-        gc = shape_of("model.1.sub.0.RDB1.conv1.0.weight")[0]
-        return UpscalerConfig("esrgan", channels, nf, blocks, gc, ups, 1, 2 ** ups)
-    if "conv_first.weight" in keys and "body.0.rdb1.conv1.weight" in keys:
-        nf, cin = shape_of("conv_first.weight")[:2]
-        channels = shape_of("conv_last.weight")[0] if "conv_last.weight" in keys else 3
-        ups = _count(keys, "conv_up{}.weight", start=1)
-        u = square_scale(cin, channels)
-        if 2 ** ups % u:
-            raise SdrtError(f"{where}: a Real-ESRGAN that would scale by 2^{ups}/{u}")
-        return UpscalerConfig("real-esrgan", channels, nf,
-                              _count(keys, "body.{}.rdb1.conv1.weight"),
-                              shape_of("body.0.rdb1.conv1.weight")[0], ups, u, 2 ** ups // u)
-    if "body.0.weight" in keys and len(shape_of("body.0.weight")) == 4:
-        convs = sorted(int(k.split(".")[1]) for k in keys
-                       if k.startswith("body.") and k.endswith(".weight") and len(shape_of(k)) == 4)
-        if convs != list(range(0, 2 * len(convs), 2)) or len(convs) < 2:
-            raise SdrtError(f"{where}: a compact Real-ESRGAN whose layers sdrt does not know "
-                            f"(convs at body.{', body.'.join(map(str, convs))})")
-        if "body.1.weight" not in keys:
-            raise SdrtError(f"{where}: a compact Real-ESRGAN without PReLU weights (its "
-                            f"activation is not known from the file)")
-        nf, channels = shape_of("body.0.weight")[:2]
-        last = shape_of(f"body.{convs[-1]}.weight")
-        return UpscalerConfig("compact", channels, nf, len(convs) - 2, 0, 0, 1,
-                              square_scale(last[0], channels))
-    raise SdrtError(f"{where}: not an upscaler sdrt knows (ESRGAN, Real-ESRGAN or compact "
-                    f"Real-ESRGAN); its tensors start {', '.join(sorted(keys)[:3])}")
-
-
 def _file_key(cfg: UpscalerConfig):
     """Module parameter name → the file's (prefix-stripped) key."""
     if cfg.arch != "esrgan":
@@ -233,41 +142,10 @@ def _file_key(cfg: UpscalerConfig):
 
 
 def _open(path):
-    from safetensors import SafetensorError, safe_open
-    path = os.fspath(path)
-    refuse_pickle(path)
-    if not os.path.isfile(path):
-        raise SdrtError(f"upscaler {path}: no such file")
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            return {_strip(k): k for k in f.keys()}, \
-                {_strip(k): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise SdrtError(f"{path}: not a readable safetensors file ({e})") from None
-
-
-def file_config(path) -> UpscalerConfig:
-    """The config of upscaler file ``path``, read from its header alone."""
-    _, shapes = _open(path)
-    return _config(set(shapes), shapes.__getitem__, os.fspath(path))
-
-
-def upscaler_files(folder):
-    """{name: path} of the ``.safetensors`` files under ``folder`` (searched recursively in
-    sorted order, None: none), each by its stem and, for Real-ESRGAN's released files, also by
-    the name A1111 lists it under; the first file of a name is kept."""
-    found = {}
-    if folder is None:
-        return found
-    for root, dirs, names in sorted(os.walk(folder)):
-        dirs.sort()
-        for n in sorted(names):
-            stem, ext = os.path.splitext(n)
-            if ext.lower() == ".safetensors":
-                found.setdefault(stem, os.path.join(root, n))
-                if stem in A1111_NAMES:
-                    found.setdefault(A1111_NAMES[stem], os.path.join(root, n))
-    return found
+    """({stripped key: file key}, {stripped key: shape}) of upscaler file ``path``."""
+    found = read_shapes(path)
+    return ({k: key for k, (key, _) in found.items()},
+            {k: shape for k, (_, shape) in found.items()})
 
 
 # -- running one ----------------------------------------------------------------------------
@@ -328,6 +206,23 @@ class Upscaler:
         y = self.run(x)[0].permute(1, 2, 0).cpu().numpy()
         return Image.fromarray(np.rint(y * 255).astype(np.uint8))
 
+    def one_pass(self, images, method=None, width=None, height=None, crop="disabled"):
+        """ComfyUI's ImageUpscaleWithModel over PIL ``images``: exactly one pass of the model
+        (its own scale), then, with ``method``, the ImageScale after it to ``width`` ×
+        ``height`` (``comfy_scale``); PIL RGB images, rounded to 8 bits once, at the end."""
+        import numpy as np
+        from PIL import Image
+
+        from .images import pil_to_float
+        out = []
+        for im in images:
+            y = self.run(torch.from_numpy(pil_to_float(im)).permute(2, 0, 1)[None])
+            if method is not None:
+                y = comfy_scale(y, method, width, height, crop)
+            y = y[0].clamp(0, 1).permute(1, 2, 0).cpu().numpy()  # (H, W, 3)
+            out.append(Image.fromarray(np.rint(y * 255).astype(np.uint8)))
+        return out
+
     def _passes(self, image, width, height, at_least_one):
         """The model run over ``image`` until it covers ``width`` × ``height`` (A1111's loop:
         at most ``MAX_PASSES``, stopping early if a pass does not change the size)."""
@@ -373,7 +268,7 @@ def load_upscaler(path, device="cpu", dtype=torch.float32, name=None, tile=512,
     network's, or the file is refused by name."""
     path = os.fspath(path)
     keys, shapes = _open(path)
-    cfg = _config(set(shapes), shapes.__getitem__, path)
+    cfg = config_of(set(shapes), shapes.__getitem__, path)
     if cfg.scale < 1:
         raise SdrtError(f"{path}: the model shrinks images (scale {cfg.scale})")
     with torch.device("meta"):
@@ -392,3 +287,29 @@ def load_upscaler(path, device="cpu", dtype=torch.float32, name=None, tile=512,
     if name is None:
         name = os.path.splitext(os.path.basename(path))[0]
     return Upscaler(net, cfg, name, tile, tile_pad)
+
+
+# -- ComfyUI's ImageScale, after ImageUpscaleWithModel (Upscaler.one_pass) ------------------------
+
+def comfy_scale(x, method, width, height, crop="disabled"):
+    """ComfyUI's ImageScale (``comfy.utils.common_upscale``) of images ``x`` (B, C, H, W),
+    float in [0, 1], to ``width`` × ``height``: with ``crop`` "center" first cut to that aspect
+    ratio about the centre (the cut rounded as Python rounds), then "lanczos" as ComfyUI runs
+    it (to 8 bits, truncated, then PIL's Lanczos) or torch's ``interpolate`` in the mode named
+    ("nearest-exact", "bilinear", "area", "bicubic": no antialiasing, no clamp)."""
+    if crop == "center":
+        h, w = x.shape[-2:]
+        old, new = w / h, width / height
+        cut_x = round((w - w * (new / old)) / 2) if old > new else 0
+        cut_y = round((h - h * (old / new)) / 2) if old < new else 0
+        x = x[..., cut_y:h - cut_y, cut_x:w - cut_x]
+    if method != "lanczos":
+        return F.interpolate(x, size=(height, width), mode=method)
+    import numpy as np
+    from PIL import Image
+    out = []
+    for im in x:
+        pixels = np.clip(255.0 * im.permute(1, 2, 0).float().cpu().numpy(), 0, 255)
+        out.append(np.asarray(Image.fromarray(pixels.astype(np.uint8)).resize(
+            (width, height), Image.LANCZOS)))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).to(x.device, torch.float32) / 255

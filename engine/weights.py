@@ -13,18 +13,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .errors import SdrtError
+from .errors import SdrtError, refuse_pickle
 
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 
 # A tensor source: parameter name → a function that reads that tensor (on the CPU, any dtype).
 Source = Dict[str, Callable[[], torch.Tensor]]
-
-
-def refuse_pickle(path):
-    if path.endswith(PICKLE_SUFFIXES):
-        raise SdrtError(f"{path}: pickle checkpoints are not loaded (they can run code); "
-                        "convert it to .safetensors first")
 
 
 class SafetensorsFiles:

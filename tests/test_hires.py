@@ -46,7 +46,7 @@ def test_second_pass_runs_the_steps_asked_for(sampler, strength):
 @pytest.mark.parametrize("field,value,message", [
     ("scale", 0.5, "hr scale must be a number from 1 to 8"),
     ("scale", float("nan"), "hr scale must be a number from 1 to 8"),
-    ("upscaler", "R-ESRGAN 4x+", "model upscalers such as ESRGAN are not supported"),
+    ("upscaler", "R-ESRGAN 4x+", "an upscale model such as ESRGAN needs its file"),
     ("steps", -1, "hr steps must be an integer from 0"),
     ("strength", 0, "hr strength must be a number in (0, 1]"),
     ("resize_x", 99999, "hr resize_x must be an integer from 0"),

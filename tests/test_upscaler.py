@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from sdrt.engine.errors import SdrtError
-from sdrt.engine.upscaler import (A1111_NAMES, file_config, load_upscaler, upscaler_files)
+from sdrt.engine.upscaler import load_upscaler
+from sdrt.engine.upscaler_config import A1111_NAMES, file_config, upscaler_files
 from upscaler_files import compact_tensors, esrgan_tensors, reference, write
 
 # (layout, tensors, scale): every shape of network a file may hold.
