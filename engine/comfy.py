@@ -10,7 +10,8 @@ image, sdrt's image to image keeping those steps), whose model, prompts and late
 
 - (ComfyUI's hires fix) a LatentUpscale or LatentUpscaleBy of another such sampler's latents,
   or its picture decoded, scaled by ImageScale(By) and encoded again, sampled again on the
-  same model, prompts and cfg: sdrt's hires fix (``_hires``);
+  same model, prompts and cfg: sdrt's hires fix (``_hires``), the picture perhaps upscaled
+  by a model first (below);
 - CheckpointLoaderSimple (the model; its VAE decodes, or a VAELoader's: ``sdrt generate
   --vae``), through any LoraLoader nodes (one strength for the UNet and the text encoder, as
   sdrt applies a LoRA);
@@ -24,6 +25,15 @@ image, sdrt's image to image keeping those steps), whose model, prompts and late
   percentages in steps where ComfyUI counts them in the noise schedule), the image perhaps
   through one preprocessor node (``PREPROCESSOR_NODES``: comfyui_controlnet_aux's
   CannyEdgePreprocessor, ComfyUI's ImageInvert), run as ``engine.preprocess`` runs it.
+
+Between the VAEDecode and the save node, or the first VAEDecode and the VAEEncode of a hires
+fix in pixels, may stand ComfyUI's model upscale: an ImageUpscaleWithModel of an
+UpscaleModelLoader's model (one pass of the model, at its own scale), perhaps followed by an
+ImageScale or ImageScaleBy (``ModelUpscale``). sdrt runs it as ComfyUI does
+(``Upscaler.one_pass``, ``engine.upscaler.comfy_scale``): the hires fix's second pass at the
+size ComfyUI's VAEEncode gives, the saved images at the size the nodes give. The model is
+named by its file's stem, and its scale (which sets those sizes) comes from the caller of
+``read`` (``upscaler_scale``: ``sdrt generate --upscaler-dir``, the server's).
 
 Any other node on that path is refused by name, never skipped: a workflow that upscales,
 masks or chains samplers would otherwise give another picture than it asks for. ComfyUI's
@@ -81,6 +91,13 @@ IMAGE_UPSCALES = {"lanczos": "Lanczos"}
 _UPSCALES = {"LatentUpscale": LATENT_UPSCALES, "LatentUpscaleBy": LATENT_UPSCALES,
              "ImageScale": IMAGE_UPSCALES, "ImageScaleBy": IMAGE_UPSCALES}
 _APPLY = "ControlNetApplyAdvanced"
+# ComfyUI's model upscale: the node that runs a model, the scales that may follow it (with
+# ComfyUI's upscale_method list, each run by engine.upscaler.comfy_scale), and the extensions
+# an UpscaleModelLoader's model_name drops to name the model as --upscaler-dir does (by stem).
+_WITH_MODEL = "ImageUpscaleWithModel"
+_IMAGE_SCALES = ("ImageScale", "ImageScaleBy")
+SCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")
+_MODEL_EXTENSIONS = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
 # Preprocessor nodes between a LoadImage and a ControlNetApplyAdvanced: class → (sdrt's
 # preprocessor, {its input: the setting it is (engine.preprocess.FIELDS)}).
 # comfyui_controlnet_aux's CannyEdgePreprocessor runs the OpenCV canny of A1111's extension.
@@ -103,6 +120,38 @@ class Control:
     # a preprocessor node's (sdrt's preprocessor, resolution, threshold A, threshold B), as
     # engine.preprocess.settings checks them
     preprocessor: tuple = None
+
+
+@dataclass(frozen=True)
+class ModelUpscale:
+    """An ImageUpscaleWithModel (one pass of an upscale model, at its scale) and the ImageScale
+    or ImageScaleBy after it, if any."""
+    model: str  # the UpscaleModelLoader's model_name without its folder and extension
+    scale: int  # the model's, from its file (``read``'s upscaler_scale)
+    method: str = None  # the ImageScale(By)'s upscale_method; None: no ImageScale(By)
+    scale_by: float = None  # ImageScaleBy's
+    width: int = 0  # ImageScale's width and height (0: in proportion to the other)
+    height: int = 0
+    crop: str = "disabled"  # ImageScale's
+
+    def scaling(self, width, height):
+        """``Upscaler.one_pass``'s (method, width, height, crop) for a picture of ``width`` ×
+        ``height``: the size ComfyUI's ImageScale(By) takes the model's output to (method
+        None: that output as it is)."""
+        w, h = width * self.scale, height * self.scale
+        if self.method is None or (self.scale_by is None and not self.width and not self.height):
+            return None, w, h, "disabled"  # (an ImageScale to 0 x 0 passes the image on)
+        if self.scale_by is not None:
+            return self.method, round(w * self.scale_by), round(h * self.scale_by), "disabled"
+        return (self.method, self.width or max(1, round(w * self.height / h)),
+                self.height or max(1, round(h * self.width / w)), self.crop)
+
+    def run(self, upscaler, images):
+        """PIL ``images`` through the loaded model ``upscaler`` and the scale after it."""
+        if upscaler.scale != self.scale:
+            raise SdrtError(f"upscale model {self.model!r} is x{upscaler.scale} now, "
+                            f"x{self.scale} when the workflow was read: its file changed")
+        return [upscaler.one_pass([im], *self.scaling(*im.size))[0] for im in images]
 
 
 @dataclass
@@ -128,6 +177,8 @@ class Workflow:
     filename_prefix: str = "ComfyUI"  # SaveImage's
     hires: Hires = None  # a latent upscale and a second sampler: sdrt's hires fix
     vae: str = None  # a VAELoader's vae_name, which decodes (and encodes) instead
+    # a model upscale between the VAEDecode and the save node: the images upscaled after
+    upscale: ModelUpscale = None
 
 
 def load(path):
@@ -154,9 +205,12 @@ def load(path):
     return graph
 
 
-def read(graph) -> Workflow:
+def read(graph, upscaler_scale=None) -> Workflow:
     """The settings of an API-format ``graph`` (see the module docstring); ``SdrtError``
-    naming the node for anything sdrt would not run as ComfyUI does."""
+    naming the node for anything sdrt would not run as ComfyUI does. ``upscaler_scale(name)``
+    is the scale of the upscale model ``name`` (an UpscaleModelLoader's model_name without its
+    folder and extension; ``SdrtError`` saying why where there is none); without it, a
+    workflow that upscales with a model is refused."""
     if not isinstance(graph, dict) or not graph:
         raise SdrtError(f"workflow must be a JSON object of nodes, got {short_repr(graph)}")
     nodes = _Nodes(graph)
@@ -165,15 +219,22 @@ def read(graph) -> Workflow:
     if len(outputs) != 1:
         raise SdrtError(f"workflow must have one SaveImage or PreviewImage node, got "
                         f"{len(outputs)}")
-    decode = nodes.follow(outputs[0], "images", ("VAEDecode",))
+    final, image = None, outputs[0]
+    if nodes.kind(nodes.link(image, "images")[0]) in (_WITH_MODEL, *_IMAGE_SCALES):
+        # the decoded images upscaled by a model before they are saved
+        final, image = _model_upscale(nodes, nodes.link(image, "images")[0], upscaler_scale)
+    decode = nodes.follow(image, "image" if final else "images", ("VAEDecode",))
     sampler_id = nodes.follow(decode, "samples", _SAMPLER_NODES)
-    second = upscale = None
+    second = upscale = hires_model = None
     latent = nodes.link(sampler_id, "latent_image")[0]
     if nodes.kind(latent) == "VAEEncode" and nodes.kind(
-            nodes.link(latent, "pixels")[0]) in ("ImageScale", "ImageScaleBy"):
+            nodes.link(latent, "pixels")[0]) in (*_IMAGE_SCALES, _WITH_MODEL):
         # a hires fix in pixels: this samples the upscaled image of another's latents
         second, upscale = sampler_id, nodes.link(latent, "pixels")[0]
-        first_decode = nodes.follow(upscale, "image", ("VAEDecode",))
+        image = upscale
+        if _is_model_upscale(nodes, upscale):
+            hires_model, image = _model_upscale(nodes, upscale, upscaler_scale)
+        first_decode = nodes.follow(image, "image", ("VAEDecode",))
         for node in (latent, first_decode):
             if nodes.link(node, "vae") != nodes.link(decode, "vae"):
                 raise SdrtError(f"workflow node {node} ({nodes.kind(node)}) must take the VAE "
@@ -213,7 +274,8 @@ def read(graph) -> Workflow:
                     guidance=float(_number(nodes, sampler_id, "cfg", float)),
                     sampler=SAMPLERS[pair], clip_skip=skips.pop(),
                     checkpoint=nodes.inputs(checkpoint).get("ckpt_name"), loras=loras,
-                    output=outputs[0], sampler_node=sampler_id, controlnets=controls)
+                    output=outputs[0], sampler_node=sampler_id, controlnets=controls,
+                    upscale=final)
     prefix = nodes.inputs(outputs[0]).get("filename_prefix", "ComfyUI")
     if isinstance(prefix, str) and prefix:
         flow.filename_prefix = prefix
@@ -238,7 +300,7 @@ def read(graph) -> Workflow:
         flow.init_image = nodes.inputs(image).get("image")
         flow.strength = denoise
     if second is not None:
-        flow.hires = _hires(nodes, sampler_id, second, upscale, flow)
+        flow.hires = _hires(nodes, sampler_id, second, upscale, flow, hires_model)
     if nodes.kind(vae) == "VAELoader":
         flow.vae = nodes.inputs(vae).get("vae_name")
         if not isinstance(flow.vae, str) or not flow.vae:
@@ -259,13 +321,14 @@ def _pair(nodes, sampler_id):
     return pair
 
 
-def _hires(nodes, first, second, upscale, flow):
+def _hires(nodes, first, second, upscale, flow, model=None):
     """ComfyUI's hires fix, first sampler → LatentUpscale(By) → second sampler (or in pixels:
-    VAEDecode → ImageScale(By) → VAEEncode), as sdrt's (A1111's) hires fix: the second
-    sampler's steps and denoise (or start_at_step) are its steps and strength, its sampler
-    the hires sampler; it must sample the first's model with the same prompts and cfg (the
-    second pass's noise comes from the first's generator, as A1111 draws it, not from its
-    own seed)."""
+    VAEDecode → ImageScale(By), or ``model``'s upscale → VAEEncode), as sdrt's (A1111's) hires
+    fix: the second sampler's steps and denoise (or start_at_step) are its steps and strength,
+    its sampler the hires sampler; it must sample the first's model with the same prompts and
+    cfg (the second pass's noise comes from the first's generator, as A1111 draws it, not from
+    its own seed). With a model, the second pass is at the size VAEEncode cuts the upscaled
+    picture to (multiples of 8, about its centre)."""
     where = f"workflow node {second} ({nodes.kind(second)})"
     for key in ("model", "positive", "negative"):
         if nodes.link(second, key) != nodes.link(first, key):
@@ -277,6 +340,31 @@ def _hires(nodes, first, second, upscale, flow):
     if flow.width is None:
         raise SdrtError(f"{where}: sdrt's hires fix redraws text to image; node {first} samples "
                         f"an image")
+    if model is not None:
+        scaling = model.scaling(flow.width, flow.height)
+        w, h = scaling[1:3]
+        if w < 8 or h < 8:
+            raise SdrtError(f"workflow node {upscale} ({nodes.kind(upscale)}) makes the "
+                            f"{flow.width}x{flow.height} picture {w}x{h}, which VAEEncode "
+                            f"cuts to nothing (multiples of 8)")
+        size = dict(upscaler=model.model, resize_x=w // 8 * 8, resize_y=h // 8 * 8,
+                    comfy_upscale=scaling)
+    else:
+        size = _image_size(nodes, upscale, flow)
+    steps = _number(nodes, second, "steps", int)
+    if nodes.kind(second) == "KSamplerAdvanced":
+        strength = _advanced(nodes, second, steps, False)
+        steps -= _number(nodes, second, "start_at_step", int, default=0)  # the steps it runs
+    else:
+        strength = float(_number(nodes, second, "denoise", float, default=1.0))
+    sampler = SAMPLERS[_pair(nodes, second)]
+    return Hires(steps=steps, strength=strength,
+                 sampler=None if sampler == flow.sampler else sampler, **size)
+
+
+def _image_size(nodes, upscale, flow):
+    """The hires fix's upscaler and size (``Hires`` fields) of a LatentUpscale(By) or an
+    ImageScale(By) of the first picture."""
     methods = _UPSCALES[nodes.kind(upscale)]
     method = nodes.inputs(upscale).get("upscale_method")
     if method not in methods:
@@ -284,7 +372,7 @@ def _hires(nodes, first, second, upscale, flow):
                         f"{short_repr(method)}: sdrt upscales "
                         f"{'latents' if methods is LATENT_UPSCALES else 'images'} by "
                         f"{', '.join(methods)}")
-    size = {}
+    size = {"upscaler": methods[method]}
     if nodes.kind(upscale).endswith("By"):
         size["scale"] = float(_number(nodes, upscale, "scale_by", float))
     else:
@@ -297,15 +385,57 @@ def _hires(nodes, first, second, upscale, flow):
                             f"to {w}x{h}: sdrt keeps the {flow.width}x{flow.height} image's "
                             f"shape (crop \"center\" cuts it to another)")
         size.update(resize_x=w, resize_y=h)
-    steps = _number(nodes, second, "steps", int)
-    if nodes.kind(second) == "KSamplerAdvanced":
-        strength = _advanced(nodes, second, steps, False)
-        steps -= _number(nodes, second, "start_at_step", int, default=0)  # the steps it runs
-    else:
-        strength = float(_number(nodes, second, "denoise", float, default=1.0))
-    sampler = SAMPLERS[_pair(nodes, second)]
-    return Hires(upscaler=methods[method], steps=steps, strength=strength,
-                 sampler=None if sampler == flow.sampler else sampler, **size)
+    return size
+
+
+def _is_model_upscale(nodes, node_id):
+    """Whether ``node_id`` is an ImageUpscaleWithModel or an ImageScale(By) of one."""
+    if nodes.kind(node_id) in _IMAGE_SCALES:
+        node_id = nodes.link(node_id, "image")[0]
+    return nodes.kind(node_id) == _WITH_MODEL
+
+
+def _model_upscale(nodes, node_id, upscaler_scale):
+    """The model upscale that ends at ``node_id`` (an ImageUpscaleWithModel, or an ImageScale
+    or ImageScaleBy of one): (``ModelUpscale``, the ImageUpscaleWithModel node, whose image
+    input the picture comes from)."""
+    scale_node = None
+    if nodes.kind(node_id) in _IMAGE_SCALES:
+        scale_node, node_id = node_id, nodes.follow(node_id, "image", (_WITH_MODEL,))
+    loader = nodes.follow(node_id, "upscale_model", ("UpscaleModelLoader",))
+    where = f"workflow node {loader} (UpscaleModelLoader)"
+    file = nodes.inputs(loader).get("model_name")
+    if not isinstance(file, str) or not file.strip():
+        raise SdrtError(f"{where}: model_name must be a file name, got {short_repr(file)}")
+    name = file.replace("\\", "/").rsplit("/", 1)[-1]
+    if name.lower().endswith(_MODEL_EXTENSIONS):
+        name = name.rsplit(".", 1)[0]
+    if upscaler_scale is None:
+        raise SdrtError(f"{where} loads {file!r}: reading a workflow that upscales with a model "
+                        f"needs the upscale models, and none were given")
+    try:
+        scale = upscaler_scale(name)
+    except SdrtError as e:
+        raise SdrtError(f"{where}: model_name {short_repr(file)}: {e}") from None
+    if scale_node is None:
+        return ModelUpscale(name, scale), node_id
+    where = f"workflow node {scale_node} ({nodes.kind(scale_node)})"
+    values = nodes.inputs(scale_node)
+    method = values.get("upscale_method")
+    if method not in SCALE_METHODS:
+        raise SdrtError(f"{where}: upscale_method must be one of {', '.join(SCALE_METHODS)}, "
+                        f"got {short_repr(method)}")
+    if nodes.kind(scale_node) == "ImageScaleBy":
+        by = float(_number(nodes, scale_node, "scale_by", float))
+        if not (math.isfinite(by) and by > 0):
+            raise SdrtError(f"{where}: scale_by must be a positive number, got {by:g}")
+        return ModelUpscale(name, scale, method, scale_by=by), node_id
+    w, h = (_number(nodes, scale_node, key, int) for key in ("width", "height"))
+    crop = values.get("crop", "disabled")
+    if w < 0 or h < 0 or crop not in ("disabled", "center"):
+        raise SdrtError(f"{where}: width and height must be 0 or more and crop \"disabled\" or "
+                        f"\"center\", got {w}, {h} and {short_repr(crop)}")
+    return ModelUpscale(name, scale, method, width=w, height=h, crop=crop), node_id
 
 
 def _advanced(nodes, sampler_id, steps, empty):

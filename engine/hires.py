@@ -5,7 +5,8 @@ larger size by image-to-image. The CLI (``--hr-scale`` ...) and the A1111 API (`
 The upscale is A1111's: a "Latent" upscaler resizes the first pass's latents (no VAE round
 trip), an image upscaler ("Lanczos", "Nearest") resizes its decoded picture, which the second
 pass encodes again, and a model upscaler (an ESRGAN file, ``engine/upscaler.py``) runs over
-the decoded picture until it is large enough, then Lanczos to the exact size. The second pass
+the decoded picture until it is large enough, then Lanczos to the exact size (or, from a
+ComfyUI workflow, once and then ComfyUI's resize: ``Hires.comfy_upscale``). The second pass
 runs ``steps`` UNet calls (default: the first pass's) at ``strength``, as A1111's does: its
 schedule is ``ceil(steps / strength)`` steps long and it runs the last ``steps`` of them.
 """
@@ -38,6 +39,11 @@ class Hires:
     sampler: str = None        # hr_sampler_name; None: the first pass's
     prompt: str = ""           # hr_prompt / hr_negative_prompt; "": the first pass's
     negative_prompt: str = ""
+    # A model upscaler run as ComfyUI runs it (engine/comfy.py), not as A1111: the
+    # (upscale_method, width, height, crop) of the ``Upscaler.one_pass`` that takes the first
+    # picture to width × height (method None: the model's one pass alone), cut about its
+    # centre to the target, as ComfyUI's VAEEncode cuts a picture to multiples of 8.
+    comfy_upscale: tuple = None
 
     def check(self, names, max_side, max_steps, model_upscalers=()):
         """Every model-free check; ``names`` maps a field to the name a message uses;
@@ -147,6 +153,21 @@ def pass_controls(control, units):
     return tuple(out)
 
 
+def _comfy_upscale(upscaler, images, scaling, width, height):
+    """``Hires.comfy_upscale``: one pass of the model and ComfyUI's ImageScale, each picture
+    then cut about its centre to ``width`` × ``height`` (VAEEncode's cut)."""
+    if not (0 <= scaling[1] - width < 8 and 0 <= scaling[2] - height < 8):
+        raise SdrtError(f"the hires fix's {width}x{height} is not what VAEEncode cuts ComfyUI's "
+                        f"{scaling[1]}x{scaling[2]} upscale to")
+    out = upscaler.one_pass(images, *scaling)
+    if out[0].size != tuple(scaling[1:3]):
+        raise SdrtError(f"the hires fix's upscale model {upscaler.name!r} gives a "
+                        f"{out[0].width}x{out[0].height} picture where the workflow read "
+                        f"{scaling[1]}x{scaling[2]}: its file changed since")
+    left, top = (out[0].width - width) // 2, (out[0].height - height) // 2
+    return [im.crop((left, top, left + width, top + height)) for im in out]
+
+
 def generate(pipe, hires: Hires, prompt, negative_prompt, height, width, num_inference_steps,
              sampler, generator, control_units=None, hires_control_image=None, upscaler=None,
              **call):
@@ -159,7 +180,8 @@ def generate(pipe, hires: Hires, prompt, negative_prompt, height, width, num_inf
     pass takes ``hires_control_image`` where given (laid out as ``control_image``: maps framed
     at its size, as A1111's ControlNet extension frames a unit's map again for it), else the
     first pass's control images, which the pipeline resizes. ``upscaler`` is the loaded
-    ``Upscaler`` that ``hires.upscaler`` names where it names a model."""
+    ``Upscaler`` that ``hires.upscaler`` names where it names a model (run as A1111 runs it, or
+    once as ComfyUI does: ``hires.comfy_upscale``)."""
     import torch
     from PIL import Image
     w, h, cut_x, cut_y = hires.target(width, height, pipe.vae_scale_factor)
@@ -191,7 +213,8 @@ def generate(pipe, hires: Hires, prompt, negative_prompt, height, width, num_inf
         if upscaler is None or upscaler.name != hires.upscaler:
             raise SdrtError(f"the hires fix's upscaler {hires.upscaler!r} is a model, and "
                             f"generate was given {getattr(upscaler, 'name', None)!r}")
-        image = upscaler.resize(first, w, h)
+        image = upscaler.resize(first, w, h) if hires.comfy_upscale is None else \
+            _comfy_upscale(upscaler, first, hires.comfy_upscale, w, h)
     timings = dict(pipe.timings)
     steps, calls = hires.schedule_steps(num_inference_steps)
     # A1111's prompt editing on the second pass: its own steps, after the first pass's.

@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sdrt.engine.errors import SdrtError
-from sdrt.engine.hires import IMAGE_UPSCALERS, LATENT_UPSCALERS
+from sdrt.engine.hires import LATENT_UPSCALERS
 from sdrt.engine.infotext import (SAMPLER_ALIASES, SAMPLER_LABELS, SCHEDULE_TYPES, Infotext,
                                   png_bytes, sampler_id, sampler_label, schedule_kind)
 from sdrt.engine.request import (MAX_SEED, SAMPLER_NAMES, GenerationRequest, Limits,
@@ -62,7 +62,8 @@ _ENDPOINTS = ("/v1/images/generations", "/v1/images/edits", "/sdapi/v1/txt2img",
               "/sdapi/v1/img2img", "/sdapi/v1/upscalers", "/sdapi/v1/latent-upscale-modes",
               "/sdapi/v1/options", "/sdapi/v1/samplers", "/sdapi/v1/schedulers",
               "/sdapi/v1/sd-models", "/sdapi/v1/loras", "/sdapi/v1/png-info",
-              "/sdapi/v1/progress", "/prompt", "/view", "/queue", "/upload/image",
+              "/sdapi/v1/progress", "/sdapi/v1/extra-single-image",
+              "/sdapi/v1/extra-batch-images", "/prompt", "/view", "/queue", "/upload/image",
               "/object_info", "/system_stats", "/controlnet/model_list", "/health", "/metrics")
 _OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/docs/oauth2-redirect")
 _POLL_S = 0.25  # how often a waiting request checks its client and its deadline
@@ -95,8 +96,8 @@ class Server:
         self.config = config
         self.metrics = Metrics()
         self.runner = Runner(config, self.metrics)
-        self.scheduler = Scheduler(self.runner.run, config.max_batch, config.max_queue,
-                                   config.batch_window_ms / 1000, self.runner.planned_sizes,
+        self.scheduler = Scheduler(self._run_batch, config.max_batch, config.max_queue,
+                                   config.batch_window_ms / 1000, self._planned_sizes,
                                    self.metrics)
         self.limits = Limits.from_env()
         self.options = {}  # A1111's settings set with POST /sdapi/v1/options
@@ -105,6 +106,17 @@ class Server:
 
     def start(self):
         self._loader.start()
+
+    def _run_batch(self, key, rows):
+        """The worker's call: a generation batch (``BatchKey``) runs on the runner's
+        pipeline; any other key is work that runs itself with the runner in the same thread
+        (``key.run(runner, rows)``: an Extras upscale, ``a1111_upscale.Extras``)."""
+        if isinstance(key, BatchKey):
+            return self.runner.run(key, rows)
+        return key.run(self.runner, rows)
+
+    def _planned_sizes(self, key):
+        return self.runner.planned_sizes(key) if isinstance(key, BatchKey) else ()
 
     def _load(self):
         try:
@@ -404,6 +416,8 @@ def create_app(config: ServeConfig = None) -> FastAPI:
     register_a1111_extras(app, server_of, ApiError, Server.text_layers)
     from .a1111_controlnet import register as register_controlnet  # the extension's lists
     register_controlnet(app, server_of)
+    from .a1111_upscale import register as register_upscale  # upscalers, Extras
+    register_upscale(app, server_of, ApiError)
 
     # -- OpenAI ---------------------------------------------------------------------------------
 
@@ -651,12 +665,6 @@ def create_app(config: ServeConfig = None) -> FastAPI:
         runner = server_of(request).runner
         return [{"name": name, "alias": name, "path": runner.lora_path(name), "metadata": {}}
                 for name in await run_in_threadpool(runner.lora_names)]
-
-    @app.get("/sdapi/v1/upscalers", response_model=list[schemas.UpscalerItem],
-             tags=["AUTOMATIC1111"])
-    async def upscalers():
-        """The hires fix's image upscalers (``hr_upscaler``); A1111 lists "None" first."""
-        return [schemas.UpscalerItem(name=name) for name in ("None", *IMAGE_UPSCALERS)]
 
     @app.get("/sdapi/v1/latent-upscale-modes", response_model=list[schemas.LatentUpscaleModeItem],
              tags=["AUTOMATIC1111"])
@@ -926,8 +934,11 @@ def _check_unsupported(body):
 
 def _hires(server, body, req):
     """A txt2img request's hires fix (``enable_hr``), checked, its second pass's size and
-    memory too."""
-    from sdrt.engine.hires import Hires
+    memory too; an upscale model (``hr_upscaler`` naming a file of --upscaler-dir) from its
+    file's header."""
+    from sdrt.engine.hires import UPSCALERS, Hires
+
+    from .a1111_upscale import check_model
     if body.hr_checkpoint_name not in (None, "", "Use same checkpoint"):
         raise ApiError(400, f"hr_checkpoint_name must be null, '' or 'Use same checkpoint' "
                             f"(the server runs one model), got "
@@ -944,15 +955,19 @@ def _hires(server, body, req):
         hr_scheduler = body.scheduler if hr_sampler else None
     elif hr_sampler is None:
         hr_sampler = body.sampler_name or body.sampler_index
+    upscaler = body.hr_upscaler or "Latent"
+    models = () if upscaler in UPSCALERS else server.runner.upscaler_names()
+    if upscaler in models:
+        check_model(server, upscaler, "hr_upscaler")
     try:
-        hires = Hires(scale=body.hr_scale, upscaler=body.hr_upscaler or "Latent",
+        hires = Hires(scale=body.hr_scale, upscaler=upscaler,
                       steps=body.hr_second_pass_steps,
                       strength=_given(body.denoising_strength, 0.75),
                       resize_x=body.hr_resize_x, resize_y=body.hr_resize_y,
                       sampler=server.sampler(hr_sampler, "hr_sampler_name", hr_scheduler,
                                              "hr_scheduler"),
                       prompt=body.hr_prompt, negative_prompt=body.hr_negative_prompt,
-                      ).check(names, server.limits.max_side, server.limits.max_steps)
+                      ).check(names, server.limits.max_side, server.limits.max_steps, models)
     except SdrtError as e:
         raise ApiError(400, str(e), "bad_request", _param_of(str(e)))
     second = {"height": "hr_scale", "width": "hr_scale",

@@ -23,8 +23,12 @@ clients built on them use it:
   torch and the device; ``/embeddings`` and ``/extensions`` are empty.
 
 The server runs its
-one model (``ckpt_name`` must name it); LoraLoader's files come from ``--lora-dir`` and
-ControlNetLoader's from ``--controlnet-dir``, by file name. History, images and uploads are
+one model (``ckpt_name`` must name it); LoraLoader's files come from ``--lora-dir``,
+ControlNetLoader's from ``--controlnet-dir`` and UpscaleModelLoader's from ``--upscaler-dir``
+(``GET /models/upscale_models``), by file name. A model upscale (ImageUpscaleWithModel, perhaps
+then ImageScale(By)) runs in a hires fix in pixels, in the same job, or on the decoded images
+before they are saved, as a job of its own after theirs (``_FinalUpscale``), the model loaded
+in the worker thread either way (``Runner.upscaler``). History, images and uploads are
 kept in memory, the newest ``MAX_HISTORY`` prompts and ``MAX_UPLOADS`` uploads.
 """
 import asyncio
@@ -34,6 +38,7 @@ import sys
 import time
 import uuid
 from collections import OrderedDict
+from dataclasses import dataclass
 
 from fastapi import Request, WebSocket, WebSocketDisconnect
 from fastapi.concurrency import run_in_threadpool
@@ -108,7 +113,7 @@ class ComfyJobs:
         return name
 
 
-def _node_specs(server, checkpoints, loras, images, controlnets, vaes):
+def _node_specs(server, checkpoints, loras, images, controlnets, vaes, upscalers):
     """ComfyUI's ``/object_info`` entries for the nodes ``engine.comfy`` reads: each node's
     required inputs (a type, or a list of the names it takes, with ComfyUI's bounds) and its
     outputs."""
@@ -118,15 +123,15 @@ def _node_specs(server, checkpoints, loras, images, controlnets, vaes):
     def number(kind, default, low, high, step):
         return [kind, {"default": default, "min": low, "max": high, "step": step}]
 
-    def upscales(to_size, by, category, source, kind, methods, step):
-        """A hires fix's pair of nodes that scale a ``kind`` input: to a size, and by a
-        factor."""
+    def upscales(to_size, by, category, source, kind, methods, step, least):
+        """A pair of nodes that scale a ``kind`` input: to a size, and by a factor (at least
+        ``least``)."""
         common = {source: [kind], "upscale_method": [list(methods)]}
         return {to_size: (category, {**common,
                                      "width": number("INT", 512, 0, limits.max_side, step),
                                      "height": number("INT", 512, 0, limits.max_side, step),
                                      "crop": [["disabled", "center"]]}, [kind]),
-                by: (category, {**common, "scale_by": number("FLOAT", 1.5, 1.0, 8.0, 0.01)},
+                by: (category, {**common, "scale_by": number("FLOAT", 1.5, least, 8.0, 0.01)},
                      [kind])}
 
     side = number("INT", 512, 16, limits.max_side, 8)
@@ -171,11 +176,15 @@ def _node_specs(server, checkpoints, loras, images, controlnets, vaes):
         "VAEDecode": ("latent", {"samples": ["LATENT"], "vae": ["VAE"]}, ["IMAGE"]),
         "VAELoader": ("loaders", {"vae_name": [vaes]}, ["VAE"]),
         # between two samplers: the hires fix (engine/comfy.py), on latents or in pixels
-        # (between a VAEDecode and a VAEEncode)
+        # (between a VAEDecode and a VAEEncode: lanczos, or any method after a model); after
+        # an ImageUpscaleWithModel before the save node
         **upscales("LatentUpscale", "LatentUpscaleBy", "latent", "samples", "LATENT",
-                   comfy.LATENT_UPSCALES, 8),
+                   comfy.LATENT_UPSCALES, 8, 1.0),
         **upscales("ImageScale", "ImageScaleBy", "image/upscaling", "image", "IMAGE",
-                   comfy.IMAGE_UPSCALES, 1),
+                   comfy.SCALE_METHODS, 1, 0.01),
+        "UpscaleModelLoader": ("loaders", {"model_name": [upscalers]}, ["UPSCALE_MODEL"]),
+        "ImageUpscaleWithModel": ("image/upscaling", {"upscale_model": ["UPSCALE_MODEL"],
+                                                      "image": ["IMAGE"]}, ["IMAGE"]),
         "ControlNetLoader": ("loaders", {"control_net_name": [controlnets]}, ["CONTROL_NET"]),
         "ControlNetApplyAdvanced": ("conditioning/controlnet", {
             "positive": ["CONDITIONING"], "negative": ["CONDITIONING"],
@@ -251,7 +260,7 @@ def register(app, server_of, api_error):
                       f"{short_repr(body.get('prompt') if isinstance(body, dict) else body)}")
         graph = body["prompt"]
         try:
-            flow = comfy.read(graph)
+            flow = await run_in_threadpool(comfy.read, graph, _upscaler_scale(server.runner))
         except SdrtError as e:
             raise bad(f"prompt: {e}")
         _check_model(flow, server.runner.model_name, bad)
@@ -277,6 +286,10 @@ def register(app, server_of, api_error):
                            has_image=init is not None)
         seeds = server.seeds(req.seed, flow.batch, "seed")
         hires = _hires(server, flow, req, bad) if flow.hires is not None else None
+        if flow.upscale is not None:
+            _check_upscale(server, flow.upscale, *(
+                hires.target(req.width, req.height, server.runner.pipe.vae_scale_factor)[:2]
+                if hires else (req.width, req.height)), bad)
         controls, hints, units = await run_in_threadpool(
             _controls, server, flow, jobs.uploads, req.width, req.height, bad)
         key = BatchKey(req.height, req.width, req.num_inference_steps, req.sampler,
@@ -294,8 +307,8 @@ def register(app, server_of, api_error):
         if client_id is not None and not isinstance(client_id, str):
             raise bad(f"client_id must be a string, got {short_repr(client_id)}", "client_id")
         jobs.number += 1
-        item = [jobs.number, prompt_id, graph, {**(body.get("extra_data") or {}),
-                                                 "client_id": client_id}, [flow.output]]
+        extra = {**(body.get("extra_data") or {}), "client_id": client_id}
+        item = [jobs.number, prompt_id, graph, extra, [flow.output]]
         jobs.running[prompt_id] = item
         await jobs.emit_status()
         task = asyncio.create_task(_run(server, jobs, item, flow, key, rows))
@@ -348,6 +361,12 @@ def register(app, server_of, api_error):
         name = jobs.upload(name, image.convert("RGB"), overwrite)
         return {"name": name, "subfolder": "", "type": "input"}
 
+    @app.get("/models/upscale_models", tags=["ComfyUI"])
+    async def upscale_models(request: Request):
+        """--upscaler-dir's models by file name, as UpscaleModelLoader's model_name takes
+        them."""
+        return await run_in_threadpool(_upscaler_files, server_of(request).runner)
+
     @app.websocket("/ws")
     async def ws(websocket: WebSocket, clientId: str = None):  # noqa: N803 (ComfyUI's name)
         await websocket.accept()
@@ -374,7 +393,8 @@ def register(app, server_of, api_error):
         return _node_specs(server, [runner.model_name],
                            [os.path.basename(runner.lora_path(n)) for n in names],
                            list(jobs.uploads), await run_in_threadpool(_controlnet_files, runner),
-                           await run_in_threadpool(runner.vae_names))
+                           await run_in_threadpool(runner.vae_names),
+                           await run_in_threadpool(_upscaler_files, runner))
 
     @app.get("/object_info", tags=["ComfyUI"])
     async def object_info(request: Request):
@@ -430,6 +450,46 @@ def _controlnet_files(runner):
     return [os.path.basename(runner.controlnet_path(n)) for n in runner.controlnet_names()]
 
 
+def _upscaler_files(runner):
+    """--upscaler-dir's models by file name (each file once, though Real-ESRGAN's answer to
+    A1111's names too: ``comfy.read`` takes either, and the stem)."""
+    return sorted({os.path.basename(runner.upscaler_path(n)) for n in runner.upscaler_names()})
+
+
+def _upscaler_scale(runner):
+    """``comfy.read``'s upscaler_scale: the scale of --upscaler-dir's model ``name``, read from
+    its file's header."""
+    def scale(name):
+        path = runner.upscaler_path(name)
+        if path is None:
+            raise SdrtError("--upscaler-dir has no such model (GET /models/upscale_models lists "
+                            "those it has)")
+        from sdrt.engine.upscaler_config import file_config
+        return file_config(path).scale
+    return scale
+
+
+def _check_upscale(server, upscale, width, height, bad):
+    """The images a workflow saves after its model upscale (of ``width`` × ``height``
+    pictures): at least 1 and at most max_side pixels a side."""
+    _, w, h, _ = upscale.scaling(width, height)
+    top = server.limits.max_side
+    if not (1 <= w <= top and 1 <= h <= top):
+        raise bad(f"prompt: the model upscale of the saved images makes them {w}x{h} (from "
+                  f"{width}x{height}); each side must be from 1 to {top} pixels (SDRT_MAX_SIDE)")
+
+
+@dataclass(frozen=True)
+class _FinalUpscale:
+    """The scheduler's key of a workflow's model upscale of its decoded images (the job's rows:
+    the images): run in the worker thread (``key.run(runner, rows)``), the model loaded
+    there."""
+    upscale: comfy.ModelUpscale
+
+    def run(self, runner, images):
+        return self.upscale.run(runner.upscaler(self.upscale.model), images)
+
+
 def _controls(server, flow, uploads, width, height, bad):
     """A workflow's ControlNetApplyAdvanced nodes → (``BatchKey.controls``, the control images
     framed to ``width`` × ``height`` as ComfyUI centres and crops them, the PNG info's units).
@@ -471,13 +531,15 @@ def _stem(name):
 
 
 def _hires(server, flow, req, bad):
-    """A workflow's hires fix (a latent upscale and a second sampler), checked as the A1111
-    API checks one, its second pass's size and steps too."""
+    """A workflow's hires fix (a latent, image or model upscale and a second sampler), checked
+    as the A1111 API checks one, its second pass's size and steps too."""
     names = {"scale": "scale_by", "upscaler": "upscale_method", "steps": "steps",
              "strength": "denoise", "resize_x": "width", "resize_y": "height",
              "sampler": "sampler_name"}
+    model = (flow.hires.upscaler,) if flow.hires.comfy_upscale else ()  # (comfy.read found it)
     try:
-        hires = flow.hires.check(names, server.limits.max_side, server.limits.max_steps)
+        hires = flow.hires.check(names, server.limits.max_side, server.limits.max_steps,
+                                 model_upscalers=model)
     except SdrtError as e:
         raise bad(f"prompt: the hires fix's second pass: {e}")
     server.check_second_pass(hires, req, {**_NAMES, "height": "height", "width": "width"})
@@ -519,6 +581,8 @@ async def _generate(server, jobs, item, flow, key, rows, messages):
     number, prompt_id, graph = item[:3]
     try:
         images = await server.generate(None, key, rows)
+        if flow.upscale is not None:  # ImageUpscaleWithModel before the save node
+            images = await server.generate(None, _FinalUpscale(flow.upscale), images)
         texts = [server.infotext(key, r) for r in rows]
         chunks = {"prompt": json.dumps(graph)}
         pngs = await run_in_threadpool(

@@ -217,7 +217,7 @@ class Runner:
 
     def _upscaler_index(self):
         """Read afresh each time, as --controlnet-dir is."""
-        from sdrt.engine.upscaler import upscaler_files
+        from sdrt.engine.upscaler_config import upscaler_files
         return upscaler_files(self.config.upscaler_dir)
 
     def upscaler(self, name):

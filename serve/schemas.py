@@ -112,7 +112,9 @@ class Txt2ImgRequest(A1111Request):
                                                          "(antialiased), Latent (bicubic), "
                                                          "Latent (bicubic antialiased), Latent "
                                                          "(nearest), Latent (nearest-exact), "
-                                                         "Lanczos or Nearest")
+                                                         "Lanczos, Nearest or an upscale model "
+                                                         "of --upscaler-dir (GET "
+                                                         "/sdapi/v1/upscalers)")
     hr_second_pass_steps: int = Field(0, description="0: steps")
     hr_resize_x: int = 0
     hr_resize_y: int = 0
@@ -175,12 +177,66 @@ class SchedulerItem(BaseModel):
 
 
 class UpscalerItem(BaseModel):
-    """An image upscaler, as A1111 lists them (sdrt's have no model file)."""
+    """An upscaler, as A1111 lists them: an image upscaler (no model file), or an upscale model
+    of --upscaler-dir with its family (ESRGAN, RealESRGAN), file and scale (null where the file
+    is not one sdrt runs)."""
     name: str
     model_name: Optional[str] = None
     model_path: Optional[str] = None
     model_url: Optional[str] = None
-    scale: float = 4
+    scale: Optional[float] = 4
+
+
+class ExtrasRequest(BaseModel):
+    """A1111's Extras fields (``ExtrasBaseRequest``), with its defaults."""
+    model_config = _REQUEST
+    resize_mode: int = Field(0, description="0: scale by upscaling_resize; 1: scale to cover "
+                                            "upscaling_resize_w x upscaling_resize_h")
+    show_extras_results: bool = Field(True, description="ignored: the images are returned")
+    gfpgan_visibility: float = Field(0, description="0 only: face restoration is not "
+                                                    "supported")
+    codeformer_visibility: float = Field(0, description="0 only: face restoration is not "
+                                                        "supported")
+    codeformer_weight: float = Field(0, description="0 to 1; unused at visibility 0")
+    upscaling_resize: float = Field(2, description="the scale, 1 to 8 (resize_mode 0)")
+    upscaling_resize_w: int = Field(512, description="the width to cover (resize_mode 1)")
+    upscaling_resize_h: int = Field(512, description="the height to cover (resize_mode 1)")
+    upscaling_crop: bool = Field(True, description="resize_mode 1: cut the result to exactly "
+                                                   "w x h about its centre")
+    upscaler_1: str = Field("None", description="None (the image as it is), Lanczos, Nearest "
+                                                "or an upscale model of --upscaler-dir (GET "
+                                                "/sdapi/v1/upscalers)")
+    upscaler_2: str = Field("None", description="another upscaler, blended over upscaler_1's "
+                                                "result")
+    extras_upscaler_2_visibility: float = Field(0, description="upscaler_2's weight, 0 to 1")
+    upscale_first: bool = Field(False, description="ignored: there is no face restoration to "
+                                                   "order it with")
+
+
+class ExtrasSingleImageRequest(ExtrasRequest):
+    """``POST /sdapi/v1/extra-single-image``."""
+    image: str = Field("", description="a base64 image (a data: URL prefix is allowed)")
+
+
+class FileData(BaseModel):
+    model_config = _REQUEST
+    data: str = Field(..., description="a base64 image (a data: URL prefix is allowed)")
+    name: str
+
+
+class ExtrasBatchImagesRequest(ExtrasRequest):
+    """``POST /sdapi/v1/extra-batch-images``."""
+    imageList: List[FileData]
+
+
+class ExtrasSingleImageResponse(BaseModel):
+    html_info: str = Field(..., description="what was done, as A1111's HTML paragraph")
+    image: str = Field(..., description="a base64 PNG with A1111's postprocessing text")
+
+
+class ExtrasBatchImagesResponse(BaseModel):
+    html_info: str = Field(..., description="the last image's, as A1111's")
+    images: List[str]
 
 
 class LatentUpscaleModeItem(BaseModel):

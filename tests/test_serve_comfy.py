@@ -121,7 +121,7 @@ def test_object_info_drives_a_workflow(server, ref_pipe):
     assert_same_image(png, want, "heun on karras from /object_info")
     one = httpx.get(f"{url}/object_info/KSampler", timeout=TIMEOUT).json()
     assert one == {"KSampler": info["KSampler"]}
-    assert httpx.get(f"{url}/object_info/UpscaleModelLoader", timeout=TIMEOUT).json() == {}
+    assert httpx.get(f"{url}/object_info/SamplerCustom", timeout=TIMEOUT).json() == {}
     assert info["LatentUpscaleBy"]["input"]["required"]["upscale_method"][0] == [
         "nearest-exact", "bilinear", "bicubic"]
     stats = httpx.get(f"{url}/system_stats", timeout=TIMEOUT).json()
