@@ -140,6 +140,9 @@ def _parser():
     d = sub.add_parser("make-demo", help="write the small trained demo model as a diffusers folder")
     d.add_argument("dir", metavar="DIR", help="folder to create (must not exist, or be empty)")
 
+    from .cli_upscale import add_parser as add_upscale_parser
+    add_upscale_parser(sub, float_arg, size_arg)
+
     from sdrt.serve.cli import add_parser as add_serve_parser  # standard library only, no torch
     add_serve_parser(sub)
 
@@ -502,6 +505,11 @@ def cmd_generate(a):
     return generate(a)
 
 
+def cmd_upscale(a):
+    from .cli_upscale import upscale
+    return upscale(a)
+
+
 def cmd_make_demo(a):
     check_new_folder(a.dir)
     from .demo.model import write_demo
@@ -515,7 +523,7 @@ def cmd_serve(a):
 
 
 COMMANDS = {"generate": cmd_generate, "make-tiny": cmd_make_tiny, "export": cmd_export,
-            "make-demo": cmd_make_demo, "serve": cmd_serve,
+            "make-demo": cmd_make_demo, "serve": cmd_serve, "upscale": cmd_upscale,
             "check-onnx": cmd_check_onnx}
 
 

@@ -37,6 +37,8 @@ OPTION_NAMES = {"num_inference_steps": "--steps", "guidance_scale": "--guidance"
 
 def generate(a):
     _built_in_defaults(a)
+    # A workflow's model upscales: its hires fix's, as ComfyUI runs it, and its saved images'.
+    a.hr_comfy_upscale = a.final_upscale = None
     if a.from_png is not None and a.workflow is not None:
         raise SdrtError("--from-png and --workflow both give the settings: pass one")
     png_model = _apply_png(a) if a.from_png is not None else None
@@ -134,6 +136,12 @@ def generate(a):
              if hires is not None else (request.width, request.height))
     control = cli_control.call(a, hints, controls, *drawn, first=(request.width, request.height)
                                if init is None else None, inpaint=inpaint)
+    if a.final_upscale is not None:  # the saved size, checked before anything is drawn
+        for option, side in zip(("width", "height"), a.final_upscale.scaling(*drawn)[1:3]):
+            if not 1 <= side <= Limits.from_env().max_side:
+                raise SdrtError(f"--workflow {a.workflow} upscales the saved images to a "
+                                f"{option} of {side}; it must be from 1 to "
+                                f"{Limits.from_env().max_side} (SDRT_MAX_SIDE)")
     # Image i of a batch is drawn from its own generator, seeded seed + i, as A1111 does: its
     # PNG records that seed, and --seed with it regenerates that image alone.
     seed = request.draw_seed()
@@ -182,6 +190,13 @@ def generate(a):
     width, height = (request.width, request.height) if hires else images[0].size
     if inpaint is not None:
         images = [inpaint.finish(im) for im in images]
+    if a.final_upscale is not None:  # the workflow's upscale of its saved images
+        from .upscaler import load_upscaler
+        name = a.final_upscale.model
+        from .cli_upscale import folder_models
+        path = folder_models(a.upscaler_dir)[name]
+        images = a.final_upscale.run(load_upscaler(path, pipe.device, pipe.dtype, name=name),
+                                     images)
     if a.runtime == "onnx":  # networks in onnxruntime: named by the export, not hashed
         name, short_hash = os.path.basename(os.path.normpath(a.onnx_dir)), None
     else:
@@ -256,28 +271,6 @@ def _load_ip_adapters(a, pipe, images):
                 ip_adapter_guidance_end=a.ip_adapter_end)
 
 
-def _upscale_models(a):
-    """{name: path} of the upscale models --hr-upscaler may name: --upscaler-dir's, and
-    --hr-upscaler itself where it is a file (named by its stem)."""
-    import os
-
-    from .hires import UPSCALERS
-    from .upscaler_config import upscaler_files
-    if a.upscaler_dir is not None and not os.path.isdir(a.upscaler_dir):
-        raise SdrtError(f"--upscaler-dir {a.upscaler_dir} is not a folder")
-    models = upscaler_files(a.upscaler_dir)
-    value = a.hr_upscaler
-    if value not in UPSCALERS and value not in models and (
-            os.path.splitext(value)[1].lower() in (".safetensors", ".pth", ".pt", ".ckpt",
-                                                   ".bin") or os.sep in value):
-        from .weights import refuse_pickle
-        refuse_pickle(value)
-        if not os.path.isfile(value):
-            raise SdrtError(f"--hr-upscaler {value}: no such file")
-        models[os.path.splitext(os.path.basename(value))[0]] = value
-    return models
-
-
 def _hires(a, request):
     """The hires fix asked for (--hr-scale or --hr-resize), checked; None without one."""
     if a.hr_scale is None and a.hr_resize is None:
@@ -288,25 +281,24 @@ def _hires(a, request):
             raise SdrtError(f"--hr-scale/--hr-resize (the hires fix) redraws a text-to-image "
                             f"run; it cannot be combined with {option}")
     h, w = a.hr_resize or (0, 0)
-    models = _upscale_models(a)
-    name = a.hr_upscaler
-    if name in models.values():  # a path: the PNG records the model's name, as A1111's
-        name = next(n for n, p in models.items() if p == name)
+    from .cli_upscale import folder_models, model_choice
+    from .hires import UPSCALERS
+    models = folder_models(a.upscaler_dir)
+    # A file's model is named by its stem: the PNG records that name, as A1111's.
+    name, a.hr_upscaler_path = model_choice(a.hr_upscaler, models, "--hr-upscaler", UPSCALERS)
+    if a.hr_upscaler_path is not None:
+        models[name] = a.hr_upscaler_path
     hires = Hires(scale=a.hr_scale if a.hr_scale is not None else 2.0,
                   upscaler=name, steps=a.hr_steps,
                   strength=a.strength, resize_x=w,
                   resize_y=h, sampler=a.hr_sampler, prompt=a.hr_prompt,
-                  negative_prompt=a.hr_negative)
+                  negative_prompt=a.hr_negative, comfy_upscale=a.hr_comfy_upscale)
     limits = Limits.from_env()
     names = {"scale": "--hr-scale", "upscaler": "--hr-upscaler", "steps": "--hr-steps",
              "strength": "--strength", "resize_x": "--hr-resize", "resize_y": "--hr-resize",
              "sampler": "--hr-sampler", "prompt": "--hr-prompt",
              "negative_prompt": "--hr-negative"}
     hires.check(names, limits.max_side, limits.max_steps, model_upscalers=tuple(models))
-    if hires.upscaler in models:  # a file that is not an upscaler is refused before loading
-        from .upscaler_config import file_config
-        file_config(models[hires.upscaler])
-    a.hr_upscaler_path = models.get(hires.upscaler)
     width, height = request.width or 512, request.height or 512
     for option, side in zip(("width", "height"), hires.target(width, height)[:2]):
         if side > limits.max_side:
@@ -514,8 +506,18 @@ def _apply_workflow(a):
     """--workflow: a ComfyUI workflow's settings (``comfy.read``) for each option not given on
     the command line; the files it names (checkpoint, LoRAs, init image) must be given."""
     from . import comfy
-    flow = comfy.read(comfy.load(a.workflow))
+    from .upscaler_config import file_config
+    from .cli_upscale import folder_models
+    models = folder_models(a.upscaler_dir)
+
+    def upscaler_scale(name):
+        if name not in models:
+            raise SdrtError(f"pass --upscaler-dir DIR (the folder holding "
+                            f"{name}.safetensors)")
+        return file_config(models[name]).scale
+    flow = comfy.read(comfy.load(a.workflow), upscaler_scale=upscaler_scale)
     where = f"--workflow {a.workflow}"
+    a.final_upscale = flow.upscale
     if a.model is None:
         raise SdrtError(f"{where} loads checkpoint {flow.checkpoint!r}: pass --model PATH (that "
                         f"file, or its diffusers folder)")
@@ -552,6 +554,8 @@ def _apply_workflow(a):
                             ("hr_sampler", h.sampler), ("strength", h.strength)):
             if attr not in a.given:
                 setattr(a, attr, value)
+        if "hr_upscaler" not in a.given:
+            a.hr_comfy_upscale = h.comfy_upscale
 
 
 def _output_path(a):
@@ -653,6 +657,9 @@ def _warn_unused_options(a):
         _warn_unused_variant(a, unused)
     if "refiner_start" in a.given and a.refiner is None:
         unused("--refiner-start", "it applies to --refiner")
+    if a.upscaler_dir is not None and a.hr_scale is None and a.hr_resize is None and \
+            a.final_upscale is None:
+        unused("--upscaler-dir", "it applies to the hires fix and a workflow's upscale models")
     cli_control.warn_unused(a, unused)
 
 
@@ -791,16 +798,21 @@ def _candidates(path, n_images):
 
 
 def _save_pngs(images, path, infotexts, overwrite):
-    """Write each image atomically, with its PNG info, under its name; without ``overwrite``,
-    under the next name that is free (also against a file that appears meanwhile). Returns
-    (the paths written, the names skipped because they were taken)."""
+    """Each image as a PNG with its PNG info, written by ``write_pngs``."""
+    return write_pngs([png_bytes(image, infotext) for image, infotext in zip(images, infotexts)],
+                      path, overwrite)
+
+
+def write_pngs(blobs, path, overwrite):
+    """Write each PNG's bytes atomically under its name (``_candidates``); without
+    ``overwrite``, under the next name that is free (also against a file that appears
+    meanwhile). Returns (the paths written, the names skipped because they were taken)."""
     folder = os.path.dirname(path)
     if folder:
         os.makedirs(folder, exist_ok=True)  # --outdir
-    names = _candidates(path, len(images))
+    names = _candidates(path, len(blobs))
     written, taken = [], []
-    for image, infotext in zip(images, infotexts):
-        data = png_bytes(image, infotext)
+    for data in blobs:
         for name in names:
             try:
                 write_file(name, lambda fh: fh.write(data), overwrite)

@@ -7,18 +7,14 @@ name, each with its file, its family (``model_name``: "RealESRGAN" for the names
 Real-ESRGAN's released files, "ESRGAN" for the others, as A1111 files them) and its scale,
 read from the file's header.
 
-An Extras request runs as A1111's ``run_extras`` runs it (``modules/postprocessing.py`` and
-``scripts/postprocessing_upscale.py``): each image, made RGB, is upscaled by ``upscaler_1``
-by ``upscaling_resize`` (``resize_mode`` 0) or until it covers ``upscaling_resize_w`` ×
-``upscaling_resize_h`` (1), to that size rounded down to a multiple of 8 as A1111's
-``Upscaler.upscale`` rounds it, then, with ``upscaling_crop``, centred on a black canvas of
-exactly w × h. Where ``upscaler_2`` is named with ``extras_upscaler_2_visibility`` above 0,
-the image is upscaled by it too and blended over the first at that weight. "None" as
-``upscaler_1`` leaves the image as it is. Each PNG keeps the input's text chunks (its
-``parameters``) and gains A1111's ``postprocessing`` text ("Postprocess upscale by: 2.0,
-Postprocess upscaler: R-ESRGAN 4x+"), which ``html_info`` carries too, as A1111's HTML.
+An Extras request runs as A1111's ``run_extras`` runs it (``engine/extras.py``: ``upscaler_1``
+by ``upscaling_resize`` (``resize_mode`` 0) or to cover ``upscaling_resize_w`` ×
+``upscaling_resize_h`` (1), cut with ``upscaling_crop``, ``upscaler_2`` blended in at
+``extras_upscaler_2_visibility``). Each PNG keeps the input's text chunks (its
+``parameters``) and gains A1111's ``postprocessing`` text, which ``html_info`` carries too, as
+A1111's HTML.
 
-The upscale is a job of the scheduler (``Extras`` is its key, the images its rows): it runs in
+The upscale is a job of the scheduler (``ExtrasJob`` is its key, the images its rows): it runs in
 the worker thread that owns the device, queued with generation (429 when the queue is full,
 503 past the deadline), and a model upscaler loads there (``Runner.upscaler``). Every setting
 and every output size (at most the server's ``max_side``) is checked before the job is queued:
@@ -36,77 +32,21 @@ from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 
 from sdrt.engine.errors import SdrtError
+from sdrt.engine.extras import MAX_SCALE, Extras
 from sdrt.engine.hires import IMAGE_UPSCALERS
-from sdrt.engine.infotext import quote
 from sdrt.engine.request import short_repr
 
 from . import schemas
 
-MAX_SCALE = 8.0  # A1111's upscaling_resize: from 1 to 8
-
 
 @dataclass(frozen=True)
-class Extras:
-    """One Extras request's upscale, checked: the scheduler's key of its job, whose rows are
-    its images (PIL); requests with the same settings may share a call."""
-    upscaler_1: str            # "None": the image as it is
-    upscaler_2: str = "None"
-    visibility: float = 0.0    # extras_upscaler_2_visibility: upscaler_2's weight in the blend
-    scale: float = 2.0         # resize_mode 0's upscaling_resize; None for resize_mode 1
-    width: int = None          # resize_mode 1's upscaling_resize_w and _h
-    height: int = None
-    crop: bool = True          # resize_mode 1's upscaling_crop
-
-    def size(self, width, height):
-        """(the scale, the upscaled width and height) of an image of ``width`` × ``height``:
-        A1111's size rounded down to a multiple of 8, before any crop."""
-        by = self.scale if self.scale is not None else \
-            max(self.width / width, self.height / height)
-        return by, int(width * by // 8 * 8), int(height * by // 8 * 8)
+class ExtrasJob(Extras):
+    """An Extras request's upscale, checked: the scheduler's key of its job, whose rows are its
+    images (PIL); requests with the same settings may share a call."""
 
     def run(self, runner, images):
         """The worker's call: [(upscaled image, A1111's postprocessing text)], one per image."""
-        return [self._process(runner, im) for im in images]
-
-    def _process(self, runner, image):
-        from PIL import Image
-        image = image.convert("RGB")
-        if self.upscaler_1 == "None":
-            return image, ""
-        info = {}  # A1111's pp.info, in its order
-        out = self._upscale(runner, image, self.upscaler_1, "upscaler_1", info)
-        info["Postprocess upscaler"] = self.upscaler_1
-        if self.upscaler_2 != "None" and self.visibility > 0:
-            second = self._upscale(runner, image, self.upscaler_2, "upscaler_2", info)
-            out = Image.blend(out, second, self.visibility)
-            info["Postprocess upscaler 2"] = self.upscaler_2
-        return out, ", ".join(f"{k}: {quote(v)}" for k, v in info.items())
-
-    def _upscale(self, runner, image, name, field, info):
-        """A1111's ``ScriptPostprocessingUpscale.upscale``."""
-        from PIL import Image
-        by, w, h = self.size(image.width, image.height)
-        if self.scale is not None:
-            info["Postprocess upscale by"] = self.scale
-        else:
-            info["Postprocess upscale to"] = f"{self.width}x{self.height}"
-        if name in IMAGE_UPSCALERS:
-            # A1111's UpscalerLanczos / UpscalerNearest in its Upscaler.upscale loop: a resize
-            # by the scale unless the image already covers the size, then Lanczos to the size.
-            resample = Image.LANCZOS if name == "Lanczos" else Image.NEAREST
-            if image.width < w or image.height < h:
-                image = image.resize((int(image.width * by), int(image.height * by)), resample)
-            if image.size != (w, h):
-                image = image.resize((w, h), Image.LANCZOS)
-        else:
-            image = _model(runner, name, field).upscale([image], by)[0]
-        if self.scale is None and self.crop:
-            canvas = Image.new("RGB", (self.width, self.height))
-            canvas.paste(image, (self.width // 2 - image.width // 2,
-                                 self.height // 2 - image.height // 2))
-            image = canvas
-            info["Postprocess crop to"] = f"{self.width}x{self.height}"
-        return image
+        return self.apply(lambda name, field: _model(runner, name, field), images)
 
 
 def _model(runner, name, field):
@@ -147,8 +87,8 @@ def _choices(server):
     return f"None, {', '.join(IMAGE_UPSCALERS)} or {models}"
 
 
-def _check(server, body) -> Extras:
-    """The request's settings, every one checked (a 400 naming the field): its ``Extras``."""
+def _check(server, body) -> ExtrasJob:
+    """The request's settings, every one checked (a 400 naming the field): its job."""
     from .app import ApiError
 
     def refuse(field, allowed, value=None):
@@ -178,13 +118,13 @@ def _check(server, body) -> Extras:
         if not (math.isfinite(body.upscaling_resize) and 1 <= body.upscaling_resize
                 <= MAX_SCALE):
             refuse("upscaling_resize", f"a number from 1 to {MAX_SCALE:g}")
-        return Extras(body.upscaler_1, body.upscaler_2, visibility,
+        return ExtrasJob(body.upscaler_1, body.upscaler_2, visibility,
                       float(body.upscaling_resize))
     top = server.limits.max_side
     for field in ("upscaling_resize_w", "upscaling_resize_h"):
         if not 1 <= getattr(body, field) <= top:
             refuse(field, f"an integer from 1 to {top} (SDRT_MAX_SIDE)")
-    return Extras(body.upscaler_1, body.upscaler_2, visibility, None,
+    return ExtrasJob(body.upscaler_1, body.upscaler_2, visibility, None,
                   body.upscaling_resize_w, body.upscaling_resize_h, body.upscaling_crop)
 
 

@@ -169,6 +169,29 @@ REFUSED_EARLY = {
     "make-tiny over a file": (["make-tiny", "file.txt"], "exists and is not an empty folder"),
     "export of a missing model": (["export", "onnx", "--model", "nope", "--out", "o"],
                                   "model path nope does not exist"),
+    # sdrt upscale: every setting, image and size before torch
+    "upscale scale past 8": (["upscale", "init.png", "--scale", "9"],
+                             "--scale must be from 1 to 8, got 9"),
+    "upscale unknown upscaler": (["upscale", "init.png", "--upscaler", "R-ESRGAN 4x+"],
+                                 "--upscaler must be a .safetensors upscale model, None, "
+                                 "Lanczos, Nearest (or give --upscaler-dir); got 'R-ESRGAN 4x+'"),
+    "upscale with a pickle": (["upscale", "init.png", "--upscaler", "4x.pth"],
+                              "4x.pth: pickle checkpoints are not loaded"),
+    "upscale with a text file": (["upscale", "init.png", "--upscaler-2", "file.txt"],
+                                 "--upscaler-2 must be a .safetensors upscale model, None, "
+                                 "Lanczos, Nearest (or give --upscaler-dir); got 'file.txt'"),
+    "upscale a text file": (["upscale", "notes.png"], "cannot read image notes.png: not an "
+                                                      "image file"),
+    "upscale past the side limit": (["upscale", "init.png", "--scale", "8", "--resize", "9x9"],
+                                    "not allowed with argument"),
+    "upscale to a huge size": (["upscale", "init.png", "--resize", "5000x10"],
+                               "--resize sides must be from 1 to 4096"),
+    "upscale visibility": (["upscale", "init.png", "--upscaler-2", "Nearest",
+                            "--upscaler-2-visibility", "1.5"],
+                           "--upscaler-2-visibility must be from 0 to 1, got 1.5"),
+    "upscale no-crop without resize": (["upscale", "init.png", "--no-crop"],
+                                       "--no-crop applies to --resize"),
+    "upscale to a jpeg": (["upscale", "init.png", "-o", "x.jpg"], "-o x.jpg must end in .png"),
 }
 
 

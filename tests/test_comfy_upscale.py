@@ -19,6 +19,7 @@ from sdrt.engine.comfy import ModelUpscale
 from sdrt.engine.errors import SdrtError
 from sdrt.engine.hires import Hires, _comfy_upscale
 from sdrt.engine.upscaler import load_upscaler
+from test_cli import tiny_dir  # noqa: F401  (the fixture)
 from test_comfy import DEFAULT, _img2img, _pixel_hires
 from upscaler_files import compact_tensors, esrgan_tensors, reference, write
 
@@ -447,3 +448,65 @@ def test_bad_upscales_are_400s(server, graph, fragment):
     error = r.json()["error"]
     assert fragment in error["message"] and error["param"] == "prompt", error
     assert httpx.get(f"{url}/queue", timeout=TIMEOUT).json()["queue_running"] == []
+
+
+# -- sdrt generate --workflow --upscaler-dir -------------------------------------------------------
+
+def test_cli_workflow_upscales_as_comfyui(tiny_dir, tmp_path, capsys):
+    """The CLI runs both shapes as the server does: (a) a hires fix through the model, cut as
+    VAEEncode cuts, redrawn; (b) the saved images upscaled. Each against the library's calls
+    composed by hand; a workflow naming a model without --upscaler-dir is one line."""
+    import json
+
+    from sdrt.engine import Pipeline
+    from test_cli import _assert_one_error_line, _run
+    from test_comfy import _small
+    models = tmp_path / "upscale_models"
+    models.mkdir()
+    write(models / "4x-Tiny.safetensors", esrgan_tensors(blocks=1, seed=3))
+    write(models / "2x-Compact.safetensors", compact_tensors(scale=2, seed=4))
+    pipe = Pipeline.from_pretrained(tiny_dir, device="cpu")
+    common = dict(negative_prompt=[NEGATIVE], guidance_scale=6.5, sampler="euler_a_normal")
+
+    def cli(graph, name, *extra):
+        (tmp_path / f"{name}.json").write_text(json.dumps(graph))
+        out = tmp_path / f"{name}.png"
+        code, _, err = _run(["generate", "--workflow", str(tmp_path / f"{name}.json"), "--model",
+                             tiny_dir, *extra, "-o", str(out)], capsys)
+        return code, err, out
+
+    # (a) 32 x 24 drawn, ×4 (128 x 96), ImageScaleBy 0.37: 47 x 36, cut to 40 x 32 about the
+    # centre, redrawn over ceil(2 / 0.6) = 4 steps running the last 2.
+    graph = model_hires(_small(DEFAULT), model="4x-Tiny.safetensors", scale=by(0.37), steps=2,
+                        denoise=0.6)
+    code, err, out = cli(graph, "hires", "--upscaler-dir", str(models))
+    assert code == 0, err
+    png = Image.open(out)
+    assert png.size == (40, 32)
+    assert "Hires upscaler: 4x-Tiny" in png.text["parameters"], png.text["parameters"]
+    g = [torch.Generator().manual_seed(4)]
+    first = pipe([PROMPT], height=24, width=32, num_inference_steps=3, generator=g,
+                 output_type="pil", **common)[0]
+    big = to_pil(comfy_resize(_run_pass(load_upscaler(models / "4x-Tiny.safetensors"), first),
+                              "lanczos", 47, 36))
+    want = pipe([PROMPT], image=[big.crop((3, 2, 43, 34))], strength=0.6,
+                num_inference_steps=4, generator=g, output_type="pil", **common)[0]
+    assert_close(png, want, "the CLI's hires fix through a model")
+
+    # (b) 32 x 24 drawn, ×2 (64 x 48), ImageScaleBy 0.75 bicubic: 48 x 36 saved
+    graph = final_upscale(_small(DEFAULT), model="2x-Compact.safetensors",
+                          scale=by(0.75, "bicubic"))
+    code, err, out = cli(graph, "final", "--upscaler-dir", str(models))
+    assert code == 0, err
+    png = Image.open(out)
+    assert png.size == (48, 36) and "Size: 32x24" in png.text["parameters"]
+    drawn = pipe([PROMPT], height=24, width=32, num_inference_steps=3,
+                 generator=[torch.Generator().manual_seed(4)], output_type="pil", **common)[0]
+    up = load_upscaler(models / "2x-Compact.safetensors")
+    assert_close(png, to_pil(comfy_resize(_run_pass(up, drawn), "bicubic", 48, 36)),
+                 "the CLI's upscale of the saved image")
+
+    code, err, out = cli(graph, "no-dir")
+    assert code != 0 and not out.exists()
+    _assert_one_error_line(err, "pass --upscaler-dir DIR (the folder holding "
+                                "2x-Compact.safetensors)")

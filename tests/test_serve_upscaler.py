@@ -17,7 +17,7 @@ httpx = pytest.importorskip("httpx")
 
 from sdrt.engine.errors import SdrtError  # noqa: E402
 from sdrt.engine.upscaler import load_upscaler  # noqa: E402
-from sdrt.serve.a1111_upscale import Extras  # noqa: E402
+from sdrt.serve.a1111_upscale import ExtrasJob  # noqa: E402
 from sdrt.serve.local import LocalServer  # noqa: E402
 from test_serve import TIMEOUT, assert_same_image, config, png, ref_pipe  # noqa: E402,F401
 from upscaler_files import compact_tensors, esrgan_tensors, write  # noqa: E402
@@ -242,7 +242,7 @@ def test_a_model_lost_after_the_check_is_a_400_naming_the_field(served, monkeypa
     monkeypatch.setattr(runner, "upscaler_path", lambda name: None)
     with pytest.raises(SdrtError, match="^upscaler_2 names upscaler 'compact-x2', which "
                                         "--upscaler-dir no longer has$"):
-        Extras("Lanczos", "compact-x2", 0.5).run(runner, [_picture(8, 16, 16)])
+        ExtrasJob("Lanczos", "compact-x2", 0.5).run(runner, [_picture(8, 16, 16)])
     monkeypatch.undo()
 
     def broken(name):

@@ -312,3 +312,60 @@ def test_cli_bad_upscale_models(tiny_dir, tmp_path, capsys, case):
     lines = [line for line in err.strip().splitlines() if line]
     assert code != 0 and len(lines) == 1 and message in lines[0], err
     assert not (tmp_path / "o.png").exists()
+
+
+# -- sdrt upscale (A1111's Extras on files) ----------------------------------------------------
+
+def _picture_with_parameters(path, w, h, seed):
+    from PIL import PngImagePlugin
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", f"a fox\nSteps: 20, Seed: {seed}, Size: {w}x{h}")
+    _image(h, w, seed).save(path, pnginfo=info)
+    return Image.open(path)
+
+
+def test_cli_upscale_is_a1111s_extras(tmp_path, capsys):
+    """By a model file and by name in --upscaler-dir, to a scale and to a size (cut), blended
+    with a second upscaler: the library's Extras, image for image; each PNG keeps its
+    source's parameters and gains A1111's extras text."""
+    from sdrt.engine.extras import Extras
+    models = tmp_path / "ESRGAN"
+    models.mkdir()
+    path = write(models / "4x-Tiny.safetensors", esrgan_tensors(blocks=1))
+    up = load_upscaler(path, name="4x-Tiny")
+    a = _picture_with_parameters(tmp_path / "a.png", 20, 12, 1)
+    b = _picture_with_parameters(tmp_path / "b.png", 16, 16, 2)
+    runs = {
+        "by": (["--upscaler", path, "--scale", "2"], Extras("4x-Tiny", scale=2.0)),
+        "to": (["--upscaler", "4x-Tiny", "--upscaler-dir", models, "--resize", "40x30"],
+               Extras("4x-Tiny", scale=None, width=40, height=30, crop=True)),
+        "blend": (["--upscaler", "Lanczos", "--upscaler-2", path, "--upscaler-2-visibility",
+                   "0.3", "--scale", "1.5"], Extras("Lanczos", "4x-Tiny", 0.3, 1.5)),
+    }
+    for key, (options, extras) in runs.items():
+        code, err = _cli(["upscale", tmp_path / "a.png", tmp_path / "b.png", *options, "-o",
+                          tmp_path / f"{key}.png"], capsys)
+        assert code == 0, err
+        want = extras.apply(lambda name, field: up, [a, b])
+        for i, (source, (image, text)) in enumerate(zip((a, b), want)):
+            with Image.open(tmp_path / f"{key}-{i}.png") as got:
+                assert got.size == image.size
+                assert np.array_equal(np.asarray(got.convert("RGB")), np.asarray(image)), key
+                assert got.text["parameters"] == source.text["parameters"]
+                assert got.text["extras"] == text
+    with Image.open(tmp_path / "to-0.png") as got:
+        assert got.size == (40, 30)
+        assert got.text["extras"] == ("Postprocess upscale to: 40x30, Postprocess crop to: "
+                                      "40x30, Postprocess upscaler: 4x-Tiny")
+    with Image.open(tmp_path / "by-1.png") as got:
+        assert got.size == (32, 32)
+        assert got.text["extras"] == "Postprocess upscale by: 2.0, Postprocess upscaler: 4x-Tiny"
+
+
+def test_cli_upscale_refuses_an_output_past_the_side_limit(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SDRT_MAX_SIDE", "64")
+    _image(20, 40).save(tmp_path / "a.png")
+    code, err = _cli(["upscale", tmp_path / "a.png", "--scale", "2", "-o",
+                      tmp_path / "o.png"], capsys)
+    assert code == 2 and "would be upscaled to 80x40; each side must be from 8 to 64" in err
+    assert not (tmp_path / "o.png").exists()
