@@ -6,11 +6,11 @@ Extras result."""
 import os
 import time
 
-from .errors import SdrtError, refuse_pickle
+from .errors import PICKLE_SUFFIXES, SdrtError, refuse_pickle
 from .hires import IMAGE_UPSCALERS
 
-# The values an upscaler option takes besides a model (sdrt upscale's also "None").
-_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
+# What an upscaler option's value ends with where it names a model file.
+_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 
 
 def add_parser(sub, float_arg, size_arg):

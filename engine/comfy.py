@@ -46,7 +46,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from .errors import SdrtError
+from .errors import PICKLE_SUFFIXES, SdrtError
 from .hires import Hires
 from .request import SAMPLER_NAMES, SIGMA_SAMPLERS, short_repr
 
@@ -97,7 +97,7 @@ _APPLY = "ControlNetApplyAdvanced"
 _WITH_MODEL = "ImageUpscaleWithModel"
 _IMAGE_SCALES = ("ImageScale", "ImageScaleBy")
 SCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")
-_MODEL_EXTENSIONS = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
+_MODEL_EXTENSIONS = (".safetensors", *PICKLE_SUFFIXES)
 # Preprocessor nodes between a LoadImage and a ControlNetApplyAdvanced: class → (sdrt's
 # preprocessor, {its input: the setting it is (engine.preprocess.FIELDS)}).
 # comfyui_controlnet_aux's CannyEdgePreprocessor runs the OpenCV canny of A1111's extension.

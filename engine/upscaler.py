@@ -197,15 +197,6 @@ class Upscaler:
                     tile[..., (y0 - ya) * s:(y1 - ya) * s, (x0 - xa) * s:(x1 - xa) * s]
         return out.clamp_(0, 1)
 
-    def _image_pass(self, image):
-        import numpy as np
-        from PIL import Image
-
-        from .images import pil_to_float
-        x = torch.from_numpy(pil_to_float(image)).permute(2, 0, 1)[None]  # (1, 3, H, W)
-        y = self.run(x)[0].permute(1, 2, 0).cpu().numpy()
-        return Image.fromarray(np.rint(y * 255).astype(np.uint8))
-
     def one_pass(self, images, method=None, width=None, height=None, crop="disabled"):
         """ComfyUI's ImageUpscaleWithModel over PIL ``images``: exactly one pass of the model
         (its own scale), then, with ``method``, the ImageScale after it to ``width`` ×
@@ -230,7 +221,7 @@ class Upscaler:
             if image.width >= width and image.height >= height and (i or not at_least_one):
                 break
             size = image.size
-            image = self._image_pass(image)
+            image = self.one_pass([image])[0]
             if image.size == size:
                 break
         return image
@@ -269,8 +260,6 @@ def load_upscaler(path, device="cpu", dtype=torch.float32, name=None, tile=512,
     path = os.fspath(path)
     keys, shapes = _open(path)
     cfg = config_of(set(shapes), shapes.__getitem__, path)
-    if cfg.scale < 1:
-        raise SdrtError(f"{path}: the model shrinks images (scale {cfg.scale})")
     with torch.device("meta"):
         net = RRDBNet(cfg) if cfg.arch != "compact" else CompactNet(cfg)
     rename = _file_key(cfg)
@@ -289,7 +278,7 @@ def load_upscaler(path, device="cpu", dtype=torch.float32, name=None, tile=512,
     return Upscaler(net, cfg, name, tile, tile_pad)
 
 
-# -- ComfyUI's ImageScale, after ImageUpscaleWithModel (Upscaler.one_pass) ------------------------
+# -- ComfyUI's ImageScale, after ImageUpscaleWithModel (Upscaler.one_pass) --------------------
 
 def comfy_scale(x, method, width, height, crop="disabled"):
     """ComfyUI's ImageScale (``comfy.utils.common_upscale``) of images ``x`` (B, C, H, W),

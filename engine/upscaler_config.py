@@ -62,7 +62,30 @@ def _count(keys, pattern, start=0):
 
 
 def config_of(keys, shape_of, where) -> UpscalerConfig:
-    """The config of an upscaler file from its (prefix-stripped) keys and ``shape_of(key)``."""
+    """The config of an upscaler file from its (prefix-stripped) keys and ``shape_of(key)``;
+    only RGB models (3 channels in and out) are run."""
+    cfg = _recognise(keys, shape_of, where)
+    if cfg.channels != 3:
+        raise SdrtError(f"{where}: a {cfg.description} of {cfg.channels} image channels; sdrt "
+                        f"runs RGB upscale models (3 channels)")
+    return cfg
+
+
+def _index(key, prefix):
+    """N of a key ``{prefix}.N.weight`` (None for any other key)."""
+    parts = key.split(".")
+    return int(parts[1]) if len(parts) == 3 and parts[0] == prefix and parts[2] == "weight" \
+        and parts[1].isdigit() else None
+
+
+def _recognise(keys, shapes, where) -> UpscalerConfig:
+    """The architecture and sizes the tensor names and shapes say."""
+    def shape_of(key):  # a convolution's (out, in, kh, kw), each at least 1
+        shape = shapes(key)
+        if len(shape) != 4 or min(shape) < 1:
+            raise SdrtError(f"{where}: {key} has shape {shape}, not a convolution's")
+        return shape
+
     def square_scale(channels_out, channels):
         s = math.isqrt(max(channels_out // channels, 1))
         if s * s * channels != channels_out:
@@ -72,8 +95,7 @@ def config_of(keys, shape_of, where) -> UpscalerConfig:
 
     if "model.0.weight" in keys and "model.1.sub.0.RDB1.conv1.0.weight" in keys:
         blocks = _count(keys, "model.1.sub.{}.RDB1.conv1.0.weight")
-        tops = sorted(int(k.split(".")[1]) for k in keys
-                      if k.startswith("model.") and k.endswith(".weight") and k.count(".") == 2)
+        tops = sorted(i for i in (_index(k, "model") for k in keys) if i is not None)
         ups = len(tops) - 3  # besides model.0, the hr conv and the last conv
         if ups < 0 or tops != [0] + [3 * k for k in range(1, ups + 1)] + \
                 [3 * ups + 2, 3 * ups + 4]:
@@ -92,9 +114,9 @@ def config_of(keys, shape_of, where) -> UpscalerConfig:
         return UpscalerConfig("real-esrgan", channels, nf,
                               _count(keys, "body.{}.rdb1.conv1.weight"),
                               shape_of("body.0.rdb1.conv1.weight")[0], ups, u, 2 ** ups // u)
-    if "body.0.weight" in keys and len(shape_of("body.0.weight")) == 4:
-        convs = sorted(int(k.split(".")[1]) for k in keys
-                       if k.startswith("body.") and k.endswith(".weight") and len(shape_of(k)) == 4)
+    if "body.0.weight" in keys and len(shapes("body.0.weight")) == 4:
+        convs = sorted(i for i in (_index(k, "body") for k in keys)
+                       if i is not None and len(shapes(f"body.{i}.weight")) == 4)
         if convs != list(range(0, 2 * len(convs), 2)) or len(convs) < 2:
             raise SdrtError(f"{where}: a compact Real-ESRGAN whose layers sdrt does not know "
                             f"(convs at body.{', body.'.join(map(str, convs))})")
@@ -122,8 +144,11 @@ def read_shapes(path):
             if n > MAX_HEADER_BYTES:
                 raise ValueError(f"a header of {n} bytes")
             header = json.loads(f.read(n))
-        return {_strip(k): (k, tuple(v["shape"])) for k, v in header.items()
-                if k != "__metadata__"}
+        shapes = {_strip(k): (k, tuple(v["shape"])) for k, v in header.items()
+                  if k != "__metadata__"}
+        if not all(isinstance(d, int) and d >= 0 for _, shape in shapes.values() for d in shape):
+            raise ValueError("a tensor shape that is not a list of sizes")
+        return shapes
     except (OSError, ValueError, struct.error, TypeError, KeyError, AttributeError) as e:
         raise SdrtError(f"{path}: not a readable safetensors file "
                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None

@@ -119,13 +119,13 @@ def _check(server, body) -> ExtrasJob:
                 <= MAX_SCALE):
             refuse("upscaling_resize", f"a number from 1 to {MAX_SCALE:g}")
         return ExtrasJob(body.upscaler_1, body.upscaler_2, visibility,
-                      float(body.upscaling_resize))
+                         float(body.upscaling_resize))
     top = server.limits.max_side
     for field in ("upscaling_resize_w", "upscaling_resize_h"):
         if not 1 <= getattr(body, field) <= top:
             refuse(field, f"an integer from 1 to {top} (SDRT_MAX_SIDE)")
     return ExtrasJob(body.upscaler_1, body.upscaler_2, visibility, None,
-                  body.upscaling_resize_w, body.upscaling_resize_h, body.upscaling_crop)
+                     body.upscaling_resize_w, body.upscaling_resize_h, body.upscaling_crop)
 
 
 def _check_size(server, extras, image, name):

@@ -110,7 +110,8 @@ class Server:
     def _run_batch(self, key, rows):
         """The worker's call: a generation batch (``BatchKey``) runs on the runner's
         pipeline; any other key is work that runs itself with the runner in the same thread
-        (``key.run(runner, rows)``: an Extras upscale, ``a1111_upscale.Extras``)."""
+        (``key.run(runner, rows)``: an Extras upscale, ``a1111_upscale.ExtrasJob``; a
+        workflow's model upscale of its saved images, ``comfy_api._FinalUpscale``)."""
         if isinstance(key, BatchKey):
             return self.runner.run(key, rows)
         return key.run(self.runner, rows)

@@ -5,11 +5,14 @@ fix with an upscale model."""
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from sdrt.engine.errors import SdrtError
 from sdrt.engine.upscaler import load_upscaler
 from sdrt.engine.upscaler_config import A1111_NAMES, file_config, upscaler_files
+from test_cli import tiny_dir  # noqa: F401  (the fixture)
 from upscaler_files import compact_tensors, esrgan_tensors, reference, write
 
 # (layout, tensors, scale): every shape of network a file may hold.
@@ -118,12 +121,12 @@ def test_a1111_upscale_passes_and_sizes(tmp_path):
     im = _image(20, 28)
     # ×2 with a ×4 model: one pass to 112 x 80, then Lanczos to 56 x 40
     out = x4.upscale([im], 2)[0]
-    one = x4._image_pass(im)
+    one = x4.one_pass([im])[0]
     assert one.size == (112, 80)
     assert out.size == (56, 40)
     assert np.array_equal(np.asarray(out), np.asarray(one.resize((56, 40), Image.LANCZOS)))
     # ×5 with a ×2 model: three passes (×8), then down to the size rounded to a multiple of 8
-    passes = x2._image_pass(x2._image_pass(x2._image_pass(im)))
+    passes = x2.one_pass(x2.one_pass(x2.one_pass([im])))[0]
     out = x2.upscale([im], 5)[0]
     assert out.size == (140 // 8 * 8, 100 // 8 * 8)
     assert np.array_equal(np.asarray(out), np.asarray(passes.resize(out.size, Image.LANCZOS)))
@@ -132,7 +135,7 @@ def test_a1111_upscale_passes_and_sizes(tmp_path):
     # ×1 with a ×1 model: one pass (a filter), the size kept
     out = x1.upscale([_image(16, 24)], 1)[0]
     assert out.size == (24, 16)
-    assert np.array_equal(np.asarray(out), np.asarray(x1._image_pass(_image(16, 24))))
+    assert np.array_equal(np.asarray(out), np.asarray(x1.one_pass([_image(16, 24)])[0]))
     # the hires fix's resize: the exact size, not rounded to 8
     assert x4.resize([im], 45, 33)[0].size == (45, 33)
     assert x4.resize([im], 28, 20)[0].size == (28, 20)  # no upscale needed: Lanczos only
@@ -144,7 +147,7 @@ def test_images_round_to_8_bit(tmp_path):
     im = _image(10, 12, seed=5)
     x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1)[None]
     expect = np.rint(up.run(x)[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
-    assert np.array_equal(np.asarray(up._image_pass(im)), expect)
+    assert np.array_equal(np.asarray(up.one_pass([im])[0]), expect)
 
 
 def test_folder_names_and_a1111_aliases(tmp_path):
@@ -157,6 +160,46 @@ def test_folder_names_and_a1111_aliases(tmp_path):
                           A1111_NAMES["RealESRGAN_x4plus"]}
     assert names["R-ESRGAN 4x+"] == names["RealESRGAN_x4plus"]
     assert upscaler_files(None) == {}
+
+
+# A header: any JSON value, tensors with any shapes, or bytes that are not JSON at all.
+_json = st.recursive(st.none() | st.booleans() | st.integers(-3, 70) | st.text(max_size=8),
+                     lambda inner: st.lists(inner, max_size=4)
+                     | st.dictionaries(st.text(max_size=12), inner, max_size=4), max_leaves=12)
+_shape = st.sampled_from([[8, 3, 3, 3], [4, 8, 3, 3], [8, 8, 3, 3], [3, 8, 3, 3], [48, 8, 3, 3],
+                          [8, 12, 3, 3], [8], [], [0, 8, 3, 3], [8, 0, 3, 3], [1, 8, 3, 3]]) \
+    | st.lists(st.integers(-1, 70), max_size=4)
+_tensor = st.fixed_dictionaries({"dtype": st.just("F32"), "shape": _shape,
+                                 "data_offsets": st.just([0, 0])})
+_names = st.sampled_from(["model.0.weight", "model.1.sub.0.RDB1.conv1.0.weight", "model.3.weight",
+                          "model.x.weight", "conv_first.weight", "body.0.rdb1.conv1.weight",
+                          "conv_last.weight", "conv_up1.weight", "body.0.weight", "body.1.weight",
+                          "body.2.weight", "body.a.weight", "params_ema.body.0.weight"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=40).map(lambda b: ("raw", b)),
+                 _json.map(lambda j: ("json", j)),
+                 st.dictionaries(_names, _tensor, min_size=2, max_size=8).map(
+                     lambda j: ("json", j))))
+def test_any_header_is_read_or_refused(content):
+    """Whatever a file's header holds, reading its config answers or refuses it in one
+    SdrtError: never another exception."""
+    import json
+    import os
+    import struct
+    import tempfile
+    kind, value = content
+    data = value if kind == "raw" else json.dumps(value).encode()
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "m.safetensors")
+        with open(path, "wb") as f:
+            f.write((struct.pack("<Q", len(data)) if kind == "json" else b"") + data)
+        try:
+            cfg = file_config(path)
+        except SdrtError:
+            return
+        assert cfg.channels == 3 and cfg.scale >= 1
 
 
 def _refused(path, *words):
@@ -196,6 +239,11 @@ def test_refusals(tmp_path):
     # a compact model without its PReLU weights: relu or leaky relu, the file cannot say
     sd = {k: v for k, v in compact_tensors().items() if int(k.split(".")[1]) % 2 == 0}
     _refused(write(tmp_path / "relu.safetensors", sd), "PReLU")
+    # a grayscale (1-channel) ESRGAN
+    sd = esrgan_tensors(blocks=1)
+    sd["model.0.weight"] = sd["model.0.weight"][:, :1].contiguous()
+    sd["model.10.weight"], sd["model.10.bias"] = sd["model.10.weight"][:1], sd["model.10.bias"][:1]
+    _refused(write(tmp_path / "gray.safetensors", sd), "1 image channels", "RGB")
     for field, value in (("tile", 0), ("tile", 2.5), ("tile_pad", -1), ("tile", True)):
         with pytest.raises(SdrtError, match=field):
             load_upscaler(write(tmp_path / "ok.safetensors", compact_tensors()),
@@ -246,14 +294,6 @@ def test_hires_refuses_a_model_it_was_not_given(pipe, tmp_path):
 
 
 # -- sdrt generate --hr-upscaler ---------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from sdrt.engine.cli import main
-    folder = str(tmp_path_factory.mktemp("cli-upscale") / "tiny")
-    assert main(["make-tiny", folder]) == 0
-    return folder
-
 
 def _cli(argv, capsys):
     from sdrt.engine.cli import main
