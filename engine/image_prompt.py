@@ -2,7 +2,8 @@
 
 diffusers' ``ip_adapter_image`` (an image per adapter; a list of images for one adapter
 joins their tokens) and a scale per adapter (diffusers' ``set_ip_adapter_scale``, A1111's
-unit weight, ComfyUI's ``weight``). The tokens are computed once per request, before the
+unit weight, ComfyUI's ``weight``), one number or a scale per block (diffusers' dicts,
+InstantStyle's: ``ip_adapter.layer_scales``). The tokens are computed once per request, before the
 denoising loop: the conditional rows get the reference images', the unconditional rows those
 of a zero embedding (plain adapters) or of a zero image (plus and full), as diffusers.
 """
@@ -22,7 +23,8 @@ MAX_IMAGES = 16  # reference images per adapter in one request (their tokens are
 @dataclass(frozen=True)
 class ImagePromptRequest:
     """The IP-Adapters (by name, in order) a request runs, each one's reference images
-    (float32 (3, H, W) CPU tensors in [0, 1]), scale and share of the schedule."""
+    (float32 (3, H, W) CPU tensors in [0, 1]), scale (one per cross-attention layer) and share
+    of the schedule."""
     names: tuple
     images: tuple
     scales: tuple
@@ -30,13 +32,16 @@ class ImagePromptRequest:
     ends: tuple
 
     @classmethod
-    def parse(cls, loaded, image, names=None, scale=1.0, start=0.0, end=1.0, tensors=None):
+    def parse(cls, loaded, image, names=None, scale=1.0, start=0.0, end=1.0, tensors=None,
+              layers=None):
         """The request's IP-Adapter part, or None without ``image``. ``image``: for one
         adapter an image or a list of images, for several a list with one entry (an image or
-        a list) per adapter; ``scale``, ``start`` and ``end`` one number or one per adapter
+        a list) per adapter; ``scale``, ``start`` and ``end`` one value or one per adapter
         (the adapter runs on the UNet calls within [start, end] of the schedule, as a
         ControlNet's ``control_guidance_start``/``_end``); ``tensors(items)`` checks a list
-        of images and returns each as float32 (B, 3, H, W) in [0, 1]."""
+        of images and returns each as float32 (B, 3, H, W) in [0, 1]; ``layers(scale,
+        field, check)`` is an adapter's ``scale`` (a number, or diffusers' per-block dict)
+        as one per cross-attention layer (``ip_adapter.layer_scales`` of the UNet)."""
         if image is None:
             refuse_without("ip_adapter_image", "the image an IP-Adapter reads", {
                 "ip_adapter": names is not None, "ip_adapter_scale": not unset(scale, 1.0),
@@ -70,19 +75,22 @@ class ImagePromptRequest:
             if starts[k] >= ends[k]:
                 raise SdrtError(f"ip_adapter_guidance_start must be below "
                                 f"ip_adapter_guidance_end, got {starts[k]:g} and {ends[k]:g}")
-        return cls(chosen, tuple(images),
-                   each("ip_adapter_scale", scale, number(0.0, MAX_CONTROL_SCALE)), starts, ends)
+        check = number(0.0, MAX_CONTROL_SCALE)
+        scales = each("ip_adapter_scale", scale, lambda field, v: layers(v, field, check))
+        return cls(chosen, tuple(images), scales, starts, ends)
 
     def scale_table(self, rows, calls):
-        """(rows, calls, adapters) float32 on the CPU: adapter k's scale on the UNet calls i
-        whose share of the schedule, [i/calls, (i+1)/calls], lies within [start, end], zero
-        on the others (the rule of diffusers' ``controlnet_keep``)."""
-        table = torch.zeros(calls, len(self.names))
+        """(rows, calls, layers, adapters) float32 on the CPU: adapter k's scale of each
+        cross-attention layer on the UNet calls i whose share of the schedule, [i/calls,
+        (i+1)/calls], lies within [start, end], zero on the others (the rule of diffusers'
+        ``controlnet_keep``)."""
+        layers = torch.tensor(self.scales, dtype=torch.float32).T  # (layers, adapters)
+        table = torch.zeros(calls, *layers.shape)
         for i in range(calls):
             for k in range(len(self.names)):
                 if not (i / calls < self.starts[k] or (i + 1) / calls > self.ends[k]):
-                    table[i, k] = self.scales[k]
-        return table.expand(rows, -1, -1).contiguous()
+                    table[i, :, k] = layers[:, k]
+        return table.expand(rows, -1, -1, -1).contiguous()
 
 
 def _pil(image):

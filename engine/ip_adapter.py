@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import SdrtError
+from .request import short_repr
 from .weights import SafetensorsFiles, load_parameters, refuse_pickle
 
 KINDS = ("plain", "plus", "full")
@@ -162,11 +163,74 @@ def cross_attentions(unet):
     """The UNet's cross-attention modules in diffusers' ``attn_processors`` order (the order
     an IP-Adapter numbers its layers in): the down blocks, the up blocks, then the mid
     block."""
-    blocks = list(unet.down_blocks) + list(unet.up_blocks)
+    return [attn for attn, _ in _cross_attention_places(unet)]
+
+
+def _cross_attention_places(unet):
+    """(cross-attention module, (part, block, attention)) in ``cross_attentions``' order:
+    part "down", "up" or "mid", the block's index in its part and the attention's (a
+    Transformer2DModel's) in its block."""
+    parts = [("down", i, b) for i, b in enumerate(unet.down_blocks)] + \
+        [("up", i, b) for i, b in enumerate(unet.up_blocks)]
     if unet.mid_block is not None:
-        blocks.append(unet.mid_block)
-    return [tb.attn2 for block in blocks for t in (block.attentions or ())
-            for tb in t.transformer_blocks]
+        parts.append(("mid", 0, unet.mid_block))
+    return [(tb.attn2, (part, i, a)) for part, i, block in parts
+            for a, t in enumerate(block.attentions or ()) for tb in t.transformer_blocks]
+
+
+def layer_scales(unet, scale, field, check):
+    """One scale per cross-attention layer of ``unet`` (``cross_attentions``' order) of an
+    adapter's ``scale``: a number for every layer, or diffusers' per-block dict
+    (``set_ip_adapter_scale``, InstantStyle's): ``{"down": {"block_2": [0.0, 1.0]}, "up":
+    {"block_0": [0.0, 1.0, 0.0]}, "mid": 0.0}``, each part a number or a dict of its blocks
+    with attention layers ("block_N", N the block's index), each block a number or a list with
+    one per attention of the block (a Transformer2DModel: all its layers). What the dict does
+    not name is 0. ``check(field, value)`` checks each number; ``SdrtError`` naming ``field``
+    for a block or part the UNet does not have, or a list of the wrong length."""
+    places = [place for _, place in _cross_attention_places(unet)]
+    if not isinstance(scale, dict):
+        return (check(field, scale),) * len(places)
+    where = lambda *keys: f"{field}[{']['.join(map(repr, keys))}]"
+    unknown = set(scale) - {"down", "mid", "up"}
+    if unknown:
+        raise SdrtError(f"{field} may set 'down', 'mid' and 'up' (diffusers' per-block "
+                        f"scales), got {short_repr(sorted(unknown, key=str)[0])}")
+    attentions = {}  # (part, block) → attentions in that block
+    for part, i, a in places:
+        attentions[part, i] = max(attentions.get((part, i), 0), a + 1)
+    per_attention = {}  # (part, block, attention) → scale
+    if "mid" in scale:
+        mid = scale["mid"]
+        if isinstance(mid, (list, tuple)):
+            if len(mid) != 1:
+                raise SdrtError(f"{where('mid')} must be one number, got {len(mid)}")
+            mid = mid[0]
+        if ("mid", 0) not in attentions:
+            raise SdrtError(f"{where('mid')}: the UNet's mid block has no attention layers")
+        per_attention["mid", 0, 0] = check(where("mid"), mid)
+    for part in ("down", "up"):
+        if part not in scale:
+            continue
+        blocks = sorted(i for p, i in attentions if p == part)
+        given = scale[part]
+        if not isinstance(given, dict):
+            given = {f"block_{i}": given for i in blocks}
+        for key, value in given.items():
+            i = int(key[6:]) if isinstance(key, str) and key.startswith("block_") and \
+                key[6:].isdigit() else None
+            if i not in blocks:
+                raise SdrtError(f"{where(part, key)}: the UNet's {part} blocks with attention "
+                                f"layers are {', '.join(f'block_{b}' for b in blocks)}")
+            n = attentions[part, i]
+            values = list(value) if isinstance(value, (list, tuple)) else [value]
+            if len(values) == 1:
+                values *= n
+            if len(values) != n:
+                raise SdrtError(f"{where(part, key)} must be one number or a list of {n} (one "
+                                f"per attention of the block), got {len(values)}")
+            for a, v in enumerate(values):
+                per_attention[part, i, a] = check(where(part, key), v)
+    return tuple(per_attention.get(place, 0.0) for place in places)
 
 
 def _config(keys, shape_of, where):
@@ -288,4 +352,5 @@ def attach(unet, adapters):
     passes them (``ImagePrompt``)."""
     for i, attn in enumerate(cross_attentions(unet)):
         attn.image_kv = (nn.ModuleList(a.layers()[i] for a in adapters) if adapters else None)
+        attn.image_layer = i  # its row of the scale table (ImagePrompt.scales)
     unet.image_adapters = len(adapters)

@@ -163,7 +163,7 @@ class ImagePrompt:
     layers carry adapters (``ip_adapter.attach``) passes down in place of the text states."""
     states: torch.Tensor  # (B, T, D) text states
     tokens: tuple         # per adapter: (B, n, D) image tokens
-    scales: torch.Tensor  # (B, adapters): each adapter's scale, per row
+    scales: torch.Tensor  # (B, layers, adapters): each adapter's scale in each layer, per row
 
 
 class Attention(nn.Module):
@@ -172,7 +172,8 @@ class Attention(nn.Module):
     Self-attention when ``context`` is None, cross-attention over ``context`` otherwise. An
     ``ImagePrompt`` context adds, per IP-Adapter in ``image_kv`` (its ``to_k_ip``/``to_v_ip``
     for this layer), ``scale · attention(q, image keys, image values)`` to the attention over
-    the text, before ``to_out`` (diffusers' ``IPAdapterAttnProcessor``).
+    the text, before ``to_out`` (diffusers' ``IPAdapterAttnProcessor``), ``scale`` this
+    layer's (``image_layer``: its row of the scales).
     """
 
     def __init__(self, dim, heads, head_dim, context_dim=None, bias=False):
@@ -184,6 +185,7 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim or dim, inner, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
         self.image_kv = None  # IP-Adapters' keys and values of this layer (ip_adapter.attach)
+        self.image_layer = None  # and the layer's index among the UNet's cross-attentions
 
     def _heads(self, t):  # (B, T, H·D) → (B, H, T, D)
         return t.view(t.shape[0], t.shape[1], self.heads, self.head_dim).transpose(1, 2)
@@ -202,7 +204,8 @@ class Attention(nn.Module):
             for i, (kv, tokens) in enumerate(zip(self.image_kv, image.tokens)):
                 o_image = kernels.attention(q, self._heads(kv.to_k_ip(tokens)),
                                             self._heads(kv.to_v_ip(tokens)), scale=scale)
-                o = o + image.scales[:, i, None, None, None].to(o.dtype) * o_image
+                scales = image.scales[:, self.image_layer, i, None, None, None]
+                o = o + scales.to(o.dtype) * o_image
         return self.to_out[0](o.transpose(1, 2).reshape(b, s, -1))
 
 

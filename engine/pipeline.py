@@ -9,6 +9,7 @@ the images instead).
 """
 import copy
 import dataclasses
+import functools
 import os
 import time
 import warnings
@@ -22,6 +23,7 @@ from .control import ControlRequest, control_batch, control_scales, select
 from .errors import SdrtError
 from .image_prompt import ImagePromptRequest
 from .infotext import file_stem
+from .ip_adapter import layer_scales
 from .layers import use_conv_chooser
 from .loading import Components, check_compatible, load
 from .memory import check_request_fits, fused_attention, request_bytes
@@ -1115,8 +1117,10 @@ class Pipeline:
         ``load_ip_adapter``, ``ip_adapter_image`` (an image or a list of images, whose tokens
         are joined; with several adapters a list with one such entry per adapter) prompts every
         image of the call; ``ip_adapter`` names the adapters to run (default: all, in load
-        order) and ``ip_adapter_scale`` (one number, or one per adapter; default 1) weighs
-        each one's attention, on the UNet calls within [``ip_adapter_guidance_start``,
+        order) and ``ip_adapter_scale`` (one value, or one per adapter; default 1) weighs
+        each one's attention: a number, or diffusers' per-block dict (``set_ip_adapter_scale``,
+        InstantStyle's ``{"up": {"block_0": [0.0, 1.0, 0.0]}}``: what it leaves out is 0;
+        ``ip_adapter.layer_scales``), on the UNet calls within [``ip_adapter_guidance_start``,
         ``ip_adapter_guidance_end``] of the schedule (each one number or one per adapter; a
         ControlNet's rule), as A1111's ControlNet units and ComfyUI's IPAdapter nodes run
         them.
@@ -1174,7 +1178,8 @@ class Pipeline:
         hints = self._control_tensors(control)
         image_prompt = ImagePromptRequest.parse(
             list(self._ip_adapters), ip_adapter_image, ip_adapter, ip_adapter_scale,
-            ip_adapter_guidance_start, ip_adapter_guidance_end, self._prompt_images)
+            ip_adapter_guidance_start, ip_adapter_guidance_end, self._prompt_images,
+            functools.partial(layer_scales, self.unet))
         if hints and image is None and request.height is None and request.width is None:
             # diffusers' ControlNet pipelines: the control image sets the size.
             f, (h0, w0) = self.vae_scale_factor, hints[0][0].shape[2:]

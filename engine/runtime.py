@@ -24,6 +24,7 @@ from .conditioning import Conditioning, TextInputs, encode_text
 from .control import scale_count
 from .errors import SdrtError
 from .families import Family
+from .ip_adapter import cross_attentions
 from .prompt_syntax import WeightedIds
 from .samplers import make_schedule, sample
 from .stages import (Control, blank_inpaint_conditioning, guided, inpainting_unet,
@@ -143,8 +144,9 @@ class StaticPlan:
             if family.time_ids else None,
             tuple(torch.zeros(rows, k, unet.config.cross_attention_dim, dtype=dtype, device=dev)
                   for _, k in shape.image_prompts) or None,
-            torch.zeros(rows, len(self.schedule.timesteps), len(shape.image_prompts),
-                        dtype=dtype, device=dev) if shape.image_prompts else None)
+            torch.zeros(rows, len(self.schedule.timesteps), len(cross_attentions(unet)),
+                        len(shape.image_prompts), dtype=dtype, device=dev)
+            if shape.image_prompts else None)
         # Prompt editing: each set of texts' states and pooled embeddings (V, rows, ...), and
         # which set each UNet call reads (gathered on the device, so a new prompt's edits
         # need no new capture).
@@ -282,7 +284,8 @@ class StaticPlan:
         for one that does. ControlNets: ``control_images``, one (B, 3, H, W) batch per net,
         and ``control_scales``, their factors per UNet call (``stages.Control``).
         IP-Adapters: ``image_tokens`` (per adapter (rows, n, D)) and ``image_scales`` (rows,
-        UNet calls, adapters), the adapters attached to the UNet (``ip_adapter.attach``).
+        UNet calls, cross-attention layers, adapters), the adapters attached to the UNet
+        (``ip_adapter.attach``).
         Prompt editing: ``inputs`` hold the V sets of texts one after another, and
         ``variant_of_call`` (calls,) says which set each UNet call reads.
 

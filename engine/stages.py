@@ -107,7 +107,8 @@ def guided(unet, cond, guidance_scale, cfg, dtype, timestep_cond=None, image_con
 
     ``control``: ControlNets whose residuals the UNet adds on every call (``Control``); they
     see the latents without ``image_cond``. Its calls are counted from this model's first,
-    as are those of the IP-Adapters' scale table (``cond.image_scales``, (B, calls, adapters)):
+    as are those of the IP-Adapters' scale table (``cond.image_scales``, (B, calls, layers,
+    adapters)):
     call i gets its column.
 
     With guidance, one UNet call runs the unconditional and conditional halves of ``cond``

@@ -567,7 +567,8 @@ class UNet2DConditionModel(UNetEncoder):
         and to the mid block's output (diffusers' ``down_block_additional_residuals`` and
         ``mid_block_additional_residual``); ``adapter_features`` a T2I-Adapter's, added along
         the down path (``encode``). ``image_tokens`` (per attached IP-Adapter, (B, n, D)) and
-        ``image_scales`` (B, adapters) are the IP-Adapters' image prompt."""
+        ``image_scales`` (B, cross-attention layers, adapters) are the IP-Adapters' image
+        prompt."""
         emb = self.embed(sample, timestep, timestep_cond, text_embeds, time_ids)
         context = encoder_hidden_states
         if image_tokens is not None:

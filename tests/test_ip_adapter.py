@@ -144,6 +144,50 @@ def test_txt2img_matches_diffusers(sd1, kind):
     assert_close_abs(zero, plain, 1e-6, f"IP-Adapter {kind} at scale 0")
 
 
+@pytest.mark.parametrize("scale", [
+    {"up": {"block_1": [0.0, 1.2, 0.4]}},  # InstantStyle's shape: one up block, layer by layer
+    {"down": 0.7, "mid": [1.5]},            # a part as one number; the up blocks unset: 0
+])
+def test_per_block_scales_match_diffusers(sd1, scale):
+    # diffusers' set_ip_adapter_scale dicts: what they leave out is 0. Eager and under a plan.
+    ours, ref, root = sd1
+    picture = _picture(9, 44, 40)
+    pipe = _reference(ref, root, ["plus"], [scale])
+    kw = dict(KW, latents=_latents(12, batch=1))
+    expected = pipe(PROMPT, ip_adapter_image=picture, **kw).images
+    ip = dict(ip_adapter_image=picture, ip_adapter="plus", sampler="euler", **kw)
+    got = ours(PROMPT, ip_adapter_scale=scale, **ip)
+    assert_close_abs(got, expected, IMAGE_ATOL, f"per-block scales {scale}")
+    whole = ours(PROMPT, ip_adapter_scale=1.2, **ip)
+    assert np.abs(whole - got).max() > 20 * IMAGE_ATOL, "the per-block scales changed nothing"
+    ours.compile(16, 24, num_inference_steps=4, sampler="euler", ip_adapter=["plus"])
+    try:
+        static = ours(PROMPT, ip_adapter_scale=scale, **ip)
+    finally:
+        ours.runtime = None
+    assert_close_abs(static, got, 1e-5, f"per-block scales {scale} under a static plan")
+
+
+@pytest.mark.parametrize("scale, message", [
+    ({"left": 1.0}, "ip_adapter_scale may set 'down', 'mid' and 'up' (diffusers' per-block "
+                    "scales), got 'left'"),
+    ({"down": {"block_1": 1.0}}, "ip_adapter_scale['down']['block_1']: the UNet's down blocks "
+                                 "with attention layers are block_0"),
+    ({"up": {"block_1": [1.0, 0.5]}}, "ip_adapter_scale['up']['block_1'] must be one number or "
+                                      "a list of 3 (one per attention of the block), got 2"),
+    ({"mid": [1.0, 2.0]}, "ip_adapter_scale['mid'] must be one number, got 2"),
+    ({"up": {"block_1": [0.0, 11.0, 0.0]}}, "ip_adapter_scale['up']['block_1'] must be a "
+                                            "number from 0 to 10, got 11.0"),
+    ({"down": "strong"}, "ip_adapter_scale['down']['block_0'] must be a number from 0 to 10"),
+])
+def test_per_block_scale_refusals(sd1, scale, message):
+    ours, _, _ = sd1
+    with pytest.raises(SdrtError) as e:
+        ours(PROMPT, ip_adapter_image=_picture(1, 30, 30), ip_adapter="plus",
+             ip_adapter_scale=scale, **KW)
+    assert message in str(e.value), str(e.value)
+
+
 def test_two_adapters_and_several_images_match_diffusers(sd1):
     # plain with two images (their tokens joined) and full with one, each with its own scale;
     # and without CFG (only the conditional rows), under a static plan as well.
@@ -228,14 +272,19 @@ def test_refusals(sd1, tmp_path):
 
 def test_share_of_the_schedule(sd1):
     # The scale table: call i of 4 counts where [i/4, (i+1)/4] lies within [start, end].
+    import functools
+
     from sdrt.engine.image_prompt import ImagePromptRequest
+    from sdrt.engine.ip_adapter import layer_scales
     ours, _, _ = sd1
     picture = _picture(3, 30, 30)
     req = ImagePromptRequest.parse(["a", "b"], [picture, picture], None, [0.5, 2.0], [0.0, 0.3],
-                                   [0.5, 1.0], ours._prompt_images)
+                                   [0.5, 1.0], ours._prompt_images,
+                                   functools.partial(layer_scales, ours.unet))
     table = req.scale_table(3, 4)
-    assert table.shape == (3, 4, 2)
-    assert table[2].tolist() == [[0.5, 0.0], [0.5, 0.0], [0.0, 2.0], [0.0, 2.0]]
+    assert table.shape == (3, 4, len(WIDTHS), 2)  # (rows, calls, layers, adapters)
+    assert (table == table[:, :, :1]).all(), "one number: the same scale in every layer"
+    assert table[2, :, 0].tolist() == [[0.5, 0.0], [0.5, 0.0], [0.0, 2.0], [0.0, 2.0]]
     # No call inside [0, 0.2]: the image is the one without the adapter; the second half only
     # differs from both that and the whole schedule; a static plan runs the same table.
     kw = dict(KW, sampler="euler", latents=_latents(3, batch=1))
@@ -289,6 +338,15 @@ def test_sdxl_matches_diffusers(sdxl_base_folder, tmp_path):
     _assert_lively(expected, "SDXL IP-Adapter")
     got = ours(PROMPT, ip_adapter_image=picture, ip_adapter_scale=0.7, sampler="euler", **kw)
     assert_close_abs(got, expected, IMAGE_ATOL, "SDXL IP-Adapter plus")
+    # InstantStyle's style-only scales: the second attention of the first up block with
+    # attention layers (every transformer layer of it), nothing elsewhere.
+    up = next(i for i, b in enumerate(ref.unet.up_blocks) if getattr(b, "attentions", None))
+    n = len(ref.unet.up_blocks[up].attentions)
+    style = {"up": {f"block_{up}": [0.0, 1.0] + [0.0] * (n - 2)}}
+    pipe.set_ip_adapter_scale(style)
+    expected = pipe(PROMPT, ip_adapter_image=picture, **kw).images
+    got = ours(PROMPT, ip_adapter_image=picture, ip_adapter_scale=style, sampler="euler", **kw)
+    assert_close_abs(got, expected, IMAGE_ATOL, f"SDXL IP-Adapter plus at {style}")
     ours.unload_ip_adapter("xl")
     assert not ours.ip_adapters and not ours._image_encoders, "unloading kept the modules"
     with pytest.raises(SdrtError, match="no IP-Adapter is loaded"):
