@@ -315,8 +315,9 @@ def _generate_options(g):
                         "Real-ESRGAN, compact Real-ESRGAN): a .safetensors file or a name in "
                         "--upscaler-dir")
     g.add_argument("--upscaler-dir", metavar="DIR", default=None,
-                   help="upscale models that --hr-upscaler and workflows name, by file stem "
-                        "(A1111's models/ESRGAN, ComfyUI's models/upscale_models)")
+                   help="upscale models that --hr-upscaler, --sd-upscale-upscaler and "
+                        "workflows name, by file stem (A1111's models/ESRGAN, ComfyUI's "
+                        "models/upscale_models)")
     g.add_argument("--hr-steps", metavar="N", type=int_arg, default=0,
                    help="the hires fix's steps (0: --steps)")
     g.add_argument("--hr-sampler", metavar="NAME", default=None,
@@ -325,6 +326,18 @@ def _generate_options(g):
                    help="the hires fix's prompt (default: the prompt)")
     g.add_argument("--hr-negative", metavar="TEXT", default="",
                    help="the hires fix's negative prompt (default: --negative)")
+    g.add_argument("--sd-upscale", metavar="F", type=float_arg, default=None,
+                   help="A1111's SD upscale script: upscale --init-image by F (1 to 8) with "
+                        "--sd-upscale-upscaler, cut it into tiles of --width × --height "
+                        "(default 512x512, as A1111's) and redraw each by image-to-image at "
+                        "--strength, --batch tiles a call; one picture")
+    g.add_argument("--sd-upscale-overlap", metavar="PX", type=int_arg, default=64,
+                   help="with --sd-upscale: pixels by which neighbouring tiles overlap and are "
+                        "blended, 0 to 256 and below the tile's sides")
+    g.add_argument("--sd-upscale-upscaler", metavar="NAME", default="None",
+                   help="with --sd-upscale: None (the image as it is, A1111's default), "
+                        "Lanczos, Nearest, or an upscale model: a .safetensors file or a name "
+                        "in --upscaler-dir")
     g.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda if a GPU is available, else cpu")
     g.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,

@@ -22,6 +22,7 @@ from .infotext import Infotext, lora_tags, model_identity, number, png_bytes
 from .infotext import short_hash as file_hash
 from .cli import size_arg
 from .request import BETA_SHAPE, MAX_SEED, GenerationRequest, Limits
+from .sd_upscale import params as sd_upscale_params
 
 # Request field → the option that sets it, so that a message names what the user typed.
 OPTION_NAMES = {"num_inference_steps": "--steps", "guidance_scale": "--guidance",
@@ -47,6 +48,9 @@ def generate(a):
     if a.prompt is None:
         raise SdrtError("a prompt is needed (or --from-png IMAGE.png to take it from a PNG)")
     prompt, loras, recorded_prompt = _prompt_loras(a)
+    if a.sd_upscale is not None:  # its tiles: --width × --height, A1111's 512x512 by default
+        a.width = 512 if a.width is None else a.width
+        a.height = 512 if a.height is None else a.height
     if a.strength is None:  # A1111's defaults: image to image 0.8, the hires fix 0.75
         a.strength = 0.75 if a.hr_scale is not None or a.hr_resize is not None else 0.8
     request = GenerationRequest(
@@ -56,6 +60,7 @@ def generate(a):
         output_type="pil", has_image=a.init_image is not None, prompt_syntax=a.prompt_syntax,
         **_sdxl_fields(a),
     ).check(names=OPTION_NAMES, limits=Limits.from_env())
+    sd = _sd_upscale(a)
     hires = _hires(a, request)
     output = _output_path(a)
     _check_sources(a)
@@ -63,6 +68,9 @@ def generate(a):
     if a.init_image is not None:
         from .images import read_image
         init = read_image(a.init_image, "init image")
+    if sd is not None:  # no more tiles a call than there are
+        request = dataclasses.replace(request, num_images_per_prompt=min(
+            a.batch, _sd_upscale_tiles(a, init, sd[0])))
     if a.mask is not None:
         from .images import MAX_MASK_BLUR, blur_mask, mask_to_float, read_image
         if init is None:
@@ -100,16 +108,17 @@ def generate(a):
         f = pipe.vae_scale_factor
         request = dataclasses.replace(request, height=hints[0].height - hints[0].height % f,
                                       width=hints[0].width - hints[0].width % f)
-    if init is None:
+    if init is None or sd is not None:
         # What depends on the model (sizes against the VAE, --clip-skip against the text
         # encoder, the request's memory against the device's), named as the options are.
-        # An image-to-image request's size is the image's: the pipeline checks it.
+        # An image-to-image request's size is the image's: the pipeline checks it (an SD
+        # upscale's is its tiles').
         request = pipe.check(request, names=OPTION_NAMES)
         sampler = request.sampler
     else:
         from .samplers import default_sampler
         sampler = a.sampler or default_sampler(pipe.scheduler_config)
-    inpaint, masked_content = None, "original"
+    inpaint, masked_content, grid = None, "original", None
     if init is not None:  # the size asked for, or the image's cut to the VAE's scale factor
         f = pipe.vae_scale_factor
         width = request.width or init.width - init.width % f
@@ -123,12 +132,18 @@ def generate(a):
         inpaint = prepare(init, mask, width, height, a.inpaint_area == "masked",
                           a.masked_padding, fill=fill, resize_mode=a.resize_mode)
         init, mask = inpaint.image, inpaint.mask
+    elif sd is not None:  # the init image upscaled and cut into tiles of the size
+        grid = _sd_upscale_grid(a, sd, init, pipe)
     elif init is not None:  # A1111's resize mode
         from .images import frame_init_image
         init = frame_init_image(init, width, height, a.resize_mode)
     plans = _static_plans(a, pipe, request, sampler, hires,
                           None if init is None else (width, height, mask is not None), controls,
                           image_prompt.get("ip_adapter"))
+    left = len(grid.tiles()) % request.batch_size if grid is not None else 0
+    if plans and left:  # the SD upscale's last call, of fewer tiles
+        plans += _static_plans(a, pipe, dataclasses.replace(request, num_images_per_prompt=left),
+                               sampler, image=(width, height, False))
     # The control images at the size drawn at: a hires fix's larger one (the first pass gets
     # them resized down), else the request's.
     drawn = ((width, height) if init is not None else
@@ -145,7 +160,7 @@ def generate(a):
     # Image i of a batch is drawn from its own generator, seeded seed + i, as A1111 does: its
     # PNG records that seed, and --seed with it regenerates that image alone.
     seed = request.draw_seed()
-    seeds = [(seed + i) % (MAX_SEED + 1) for i in range(a.batch)]
+    seeds = [(seed + i) % (MAX_SEED + 1) for i in range(1 if grid else a.batch)]
     import torch
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     # A callback would make a static plan run its denoising loop eagerly: no bar then.
@@ -166,6 +181,14 @@ def generate(a):
                                     **control, control_units=cli_control.hires_units(a),
                                     upscaler=upscaler,
                                     callback=None if plans else progress)
+        elif grid is not None:  # A1111's SD upscale: one picture of --batch tiles a call
+            from .sd_upscale import redraw, tile_seeds
+            del call["generator"], call["num_images_per_prompt"]
+            tiles = [s % (MAX_SEED + 1) for s in tile_seeds(seed, len(grid.tiles()), a.batch,
+                                                            1)[0]]
+            images = [redraw(pipe, grid, tiles, a.batch, prompt=prompt, sampler=sampler,
+                             strength=a.strength, callback=None if plans else progress,
+                             **_sdxl_fields(a), **call)]
         else:
             images = pipe(prompt, height=request.height, width=request.width, sampler=sampler,
                           image=init, mask_image=mask, strength=a.strength,
@@ -186,8 +209,9 @@ def generate(a):
         timings = {k: pipe.timings.get(k, 0) + refiner.timings.get(k, 0)
                    for k in ("text", "denoise", "decode", "unet_calls")}
         pipe.timings = timings
-    # The size the model drew at (a hires fix's first pass), which the PNG records.
-    width, height = (request.width, request.height) if hires else images[0].size
+    # The size the model drew at (a hires fix's first pass, an SD upscale's tiles), which the
+    # PNG records.
+    width, height = (request.width, request.height) if hires or grid else images[0].size
     if inpaint is not None:
         images = [inpaint.finish(im) for im in images]
     if a.final_upscale is not None:  # the workflow's upscale of its saved images
@@ -220,12 +244,14 @@ def generate(a):
         refiner_name, refiner_hash, _ = model_identity(a.refiner, refiner)
         refined = dict(refiner=f"{refiner_name} [{refiner_hash}]" if refiner_hash
                        else refiner_name, refiner_switch_at=a.refiner_start)
+    script = tuple(sd_upscale_params(a.sd_upscale_overlap, sd[0]).items()) if grid else ()
     infos = [str(Infotext(prompt=recorded_prompt, negative_prompt=a.negative or "",
                           steps=a.steps, sampler=sampler, cfg_scale=a.guidance, seed=s,
                           width=width, height=height, model_name=name, model_hash=short_hash,
                           denoising_strength=(hires.strength if hires else a.strength
                                               if init is not None else None),
                           hires=tuple(hires.params().items()) if hires else (),
+                          script=script,
                           clip_skip=a.clip_skip, lora_hashes=lora_hashes,
                           mask_blur=a.mask_blur if mask is not None else None,
                           masked_padding=(a.masked_padding if mask is not None
@@ -305,6 +331,71 @@ def _hires(a, request):
             raise SdrtError(f"the hires fix's {option} must be at most {limits.max_side} "
                             f"pixels (SDRT_MAX_SIDE), got {side}")
     return hires
+
+
+def _sd_upscale(a):
+    """--sd-upscale (A1111's SD upscale script) checked: (its upscaler's name, the model file
+    or None); None without it. Its tiles are --width × --height, already filled in."""
+    if a.sd_upscale is None:
+        return None
+    from .cli_upscale import folder_models, model_choice
+    from .extras import MAX_SCALE, UPSCALER_NONE
+    from .hires import IMAGE_UPSCALERS
+    from .sd_upscale import MAX_OVERLAP
+    if not 1 <= a.sd_upscale <= MAX_SCALE:
+        raise SdrtError(f"--sd-upscale must be a number from 1 to {MAX_SCALE:g}, got "
+                        f"{a.sd_upscale:g}")
+    if a.init_image is None:
+        raise SdrtError("--sd-upscale upscales and redraws --init-image: pass it")
+    for option, value in (("--mask", a.mask), ("--hr-scale", a.hr_scale),
+                          ("--hr-resize", a.hr_resize), ("--refiner", a.refiner),
+                          ("--workflow", a.workflow), ("--controlnet", a.controlnet),
+                          ("--ip-adapter", a.ip_adapter)):
+        if value is not None and value != []:
+            raise SdrtError(f"--sd-upscale (A1111's SD upscale) redraws tiles of --init-image "
+                            f"by plain image to image; it cannot be combined with {option}")
+    top = min(MAX_OVERLAP, a.width - 1, a.height - 1)
+    if not 0 <= a.sd_upscale_overlap <= top:
+        raise SdrtError(f"--sd-upscale-overlap must be an integer from 0 to {top} (below the "
+                        f"tiles' sides, {a.width}x{a.height}), got {a.sd_upscale_overlap}")
+    models = folder_models(a.upscaler_dir)
+    builtins = (UPSCALER_NONE, *IMAGE_UPSCALERS)
+    name, path = model_choice(a.sd_upscale_upscaler, models, "--sd-upscale-upscaler", builtins)
+    if path is None and name not in builtins:
+        listed = f", or one of --upscaler-dir's: {', '.join(sorted(models))}" if models \
+            else " (or give --upscaler-dir)"
+        raise SdrtError(f"--sd-upscale-upscaler must be a .safetensors upscale model, "
+                        f"{', '.join(builtins)}{listed}; got {a.sd_upscale_upscaler!r}")
+    return name, path
+
+
+def _sd_upscale_tiles(a, init, upscaler):
+    """How many tiles --sd-upscale cuts the ``init`` image into once ``upscaler`` upscales
+    it; refused where that picture is smaller than a tile or past SDRT_MAX_SIDE."""
+    from .sd_upscale import check, tile_count, upscaled_size
+    width, height = upscaled_size(init.width, init.height, a.sd_upscale, upscaler)
+    where = (f"--init-image {a.init_image} ({init.width}x{init.height}) upscaled by "
+             f"{a.sd_upscale:g} with {upscaler}" if upscaler != "None" else
+             f"--init-image {a.init_image} (--sd-upscale-upscaler None: not upscaled)")
+    top = Limits.from_env().max_side
+    if max(width, height) > top:
+        raise SdrtError(f"{where} is {width}x{height}; each side must be at most {top} "
+                        f"(SDRT_MAX_SIDE)")
+    check(width, height, a.width, a.height, a.sd_upscale_overlap, where)
+    return tile_count(width, height, a.width, a.height, a.sd_upscale_overlap)
+
+
+def _sd_upscale_grid(a, sd, init, pipe):
+    """The --sd-upscale tiles (a ``sd_upscale.Grid``): the init image upscaled by its
+    upscaler (a model loaded on the pipeline's device, in its dtype) and cut up."""
+    from .sd_upscale import split, upscale
+    name, path = sd
+    model = None
+    if path is not None:
+        from .upscaler import load_upscaler
+        model = load_upscaler(path, pipe.device, pipe.dtype, name=name)
+    picture = upscale(init, a.sd_upscale, name, lambda _, field: model)
+    return split(picture, a.width, a.height, a.sd_upscale_overlap)
 
 
 # -- checks before torch is imported -----------------------------------------------------------
@@ -401,6 +492,8 @@ _PNG_SETTINGS = {  # a sampler reads with its schedule type (_SCHEDULE_TYPE_KEYS
     "Hires sampler": ("--hr-sampler", "hr_sampler", "sampler"),
     "Hires prompt": ("--hr-prompt", "hr_prompt", str),
     "Hires negative prompt": ("--hr-negative", "hr_negative", str),
+    "SD upscale overlap": ("--sd-upscale-overlap", "sd_upscale_overlap", int),
+    "SD upscale upscaler": ("--sd-upscale-upscaler", "sd_upscale_upscaler", str),
 }
 # A1111 1.9 on writes "Sampler: DPM++ 2M, Schedule type: Karras" (before: "DPM++ 2M Karras").
 _SCHEDULE_TYPE_KEYS = {"Sampler": "Schedule type", "Hires sampler": "Hires schedule type"}
@@ -478,13 +571,18 @@ def _apply_png(a):
             raise SdrtError(f"--from-png {a.from_png}: Hires resize "
                             f"{pairs['Hires resize']!r} is not WxH") from None
     hires = any(k.startswith("Hires ") for k in pairs)
-    if hires and "Denoising strength" in pairs and "strength" not in a.given:
+    sd_upscale = "SD upscale overlap" in pairs or "SD upscale upscaler" in pairs
+    if sd_upscale and a.sd_upscale is None:
+        warnings.warn(f"--from-png {a.from_png} was an SD upscale of an init image (SD upscale "
+                      f"upscaler {pairs.get('SD upscale upscaler')}), whose scale A1111 does "
+                      "not record: pass --init-image and --sd-upscale F, or this is not one")
+    if (hires or sd_upscale) and "Denoising strength" in pairs and "strength" not in a.given:
         try:
             a.strength = float(pairs["Denoising strength"])
         except ValueError:
             raise SdrtError(f"--from-png {a.from_png}: Denoising strength "
                             f"{pairs['Denoising strength']!r} is not a number") from None
-    if "Denoising strength" in pairs and a.init_image is None and not hires:
+    if "Denoising strength" in pairs and a.init_image is None and not (hires or sd_upscale):
         warnings.warn(f"--from-png {a.from_png} was made from an init image (Denoising "
                       f"strength {pairs['Denoising strength']}); without --init-image this is "
                       "text-to-image")
@@ -631,6 +729,9 @@ def _warn_unused_options(a):
     if "resize_mode" in a.given:
         if a.init_image is None:
             unused("--resize-mode", "it applies to --init-image")
+        elif a.sd_upscale is not None:
+            unused("--resize-mode", "--sd-upscale cuts tiles of the size out of the upscaled "
+                                    "image")
         elif a.mask is not None and a.inpaint_area == "masked":
             unused("--resize-mode", "with --inpaint-area masked the masked region is resized "
                                     "to the size (A1111's 'Only masked')")
@@ -657,9 +758,14 @@ def _warn_unused_options(a):
         _warn_unused_variant(a, unused)
     if "refiner_start" in a.given and a.refiner is None:
         unused("--refiner-start", "it applies to --refiner")
+    if a.sd_upscale is None:
+        for option in ("sd_upscale_overlap", "sd_upscale_upscaler"):
+            if option in a.given:
+                unused(f"--{option.replace('_', '-')}", "it applies to --sd-upscale")
     if a.upscaler_dir is not None and a.hr_scale is None and a.hr_resize is None and \
-            a.final_upscale is None:
-        unused("--upscaler-dir", "it applies to the hires fix and a workflow's upscale models")
+            a.final_upscale is None and a.sd_upscale is None:
+        unused("--upscaler-dir", "it applies to the hires fix, --sd-upscale and a workflow's "
+                                 "upscale models")
     cli_control.warn_unused(a, unused)
 
 

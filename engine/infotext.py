@@ -276,6 +276,7 @@ class Infotext:
     masked_padding: int = None  # inpainting only the masked area: its padding, in pixels
     masked_content: str = None  # inpainting: "fill" where the masked part was filled first
     hires: tuple = ()          # ((key, value), ...): a hires fix's pairs (hires.Hires.params)
+    script: tuple = ()         # ((key, value), ...): a script's (SD upscale: sd_upscale.params)
     version: str = None
     lora_hashes: tuple = ()    # ((name, A1111 short hash), ...) of the LoRAs applied
     ti_hashes: tuple = ()      # ((token, A1111 short hash), ...) of the embeddings loaded
@@ -310,6 +311,7 @@ class Infotext:
                    sampler_label(v) if k == "Hires sampler" else v)
                for k, v in self.hires},
             "Hires schedule type": written_schedule(dict(self.hires).get("Hires sampler")),
+            **dict(self.script),
             "Refiner": self.refiner,
             "Refiner switch at": (None if self.refiner_switch_at is None
                                   else number(self.refiner_switch_at)),

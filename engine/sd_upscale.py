@@ -109,3 +109,50 @@ def tile_seeds(seed, tiles, batch_size, n_iter):
 def params(overlap, upscaler):
     """The PNG info pairs the script adds (after the image-to-image request's own)."""
     return {"SD upscale overlap": overlap, "SD upscale upscaler": upscaler}
+
+
+def tile_count(width, height, tile_w, tile_h, overlap):
+    """How many tiles ``split`` cuts a ``width`` × ``height`` picture into (checked first)."""
+    check(width, height, tile_w, tile_h, overlap)
+    return len(_offsets(width, tile_w, overlap)) * len(_offsets(height, tile_h, overlap))
+
+
+def upscaled_size(width, height, scale, upscaler):
+    """The size the script upscales a ``width`` × ``height`` init image to (``upscale``'s):
+    A1111's size × ``scale`` rounded down to a multiple of 8; "None" keeps the image's."""
+    from .extras import UPSCALER_NONE, Extras
+    if upscaler == UPSCALER_NONE:
+        return width, height
+    return Extras(upscaler, scale=scale).size(width, height)[1:]
+
+
+def upscale(image, scale, upscaler, models=None):
+    """The script's first step: the PIL ``image`` flattened onto white (A1111's
+    ``img2img_background_color``) and upscaled by ``scale`` with ``upscaler`` (A1111's
+    ``Upscaler.upscale``: ``Extras``; "None" keeps it); ``models(name, field)`` is the loaded
+    ``Upscaler`` of a model name."""
+    from .extras import Extras
+    from .images import to_rgb8
+    return Extras(upscaler, scale=scale).apply(models, [to_rgb8(image)])[0][0]
+
+
+def redraw(pipe, grid, seeds, batch_size, **call):
+    """The picture of ``grid`` (``split``) with every tile redrawn by ``pipe``'s image to image
+    at the tile's size, ``batch_size`` tiles a call, and combined. Tile k is drawn from its own
+    CPU generator seeded ``seeds[k]`` (one picture's row of ``tile_seeds``), so the picture
+    depends on the seeds, not on how the tiles are batched. ``call``: the pipeline's other
+    arguments (the prompt, ``strength``, steps, sampler ...). ``pipe.timings`` sums the calls'."""
+    import torch
+    tiles = grid.tiles()
+    if len(seeds) != len(tiles):
+        raise SdrtError(f"seeds must hold one seed per tile ({len(tiles)}), got {len(seeds)}")
+    drawn, timings = [], {}
+    for start in range(0, len(tiles), batch_size):
+        batch = tiles[start:start + batch_size]
+        generators = [torch.Generator().manual_seed(s) for s in seeds[start:start + len(batch)]]
+        drawn += pipe(image=batch, height=grid.tile_h, width=grid.tile_w,
+                      num_images_per_prompt=len(batch), generator=generators, output_type="pil",
+                      **call)
+        timings = {k: timings.get(k, 0) + v for k, v in pipe.timings.items()}
+    pipe.timings = timings
+    return combine(grid.replace(drawn))

@@ -39,7 +39,7 @@ from sdrt.engine.infotext import (SAMPLER_ALIASES, SAMPLER_LABELS, SCHEDULE_TYPE
 from sdrt.engine.request import (MAX_SEED, SAMPLER_NAMES, GenerationRequest, Limits,
                                  sampler_choices, short_repr)
 
-from . import schemas
+from . import a1111_sd_upscale, schemas
 from .a1111_controlnet import parse as parse_controlnet
 from .a1111_controlnet import script_args
 from .a1111_extras import check_settings
@@ -192,9 +192,9 @@ class Server:
         f = self.runner.pipe.vae_scale_factor
         return image.width - image.width % f, image.height - image.height % f
 
-    def infotext(self, key, row, prompt=None):
+    def infotext(self, key, row, prompt=None, script=()):
         """A1111's PNG info of a row; ``prompt``: the prompt as given (with its LoRA tags),
-        when it differs from the row's."""
+        when it differs from the row's; ``script``: ((key, value), ...), a script's pairs."""
         return str(Infotext(
             prompt=row.prompt if prompt is None else prompt,
             negative_prompt=row.negative_prompt if key.guidance else "",
@@ -204,7 +204,9 @@ class Server:
             model_hash=self.runner.model_hash, denoising_strength=key.strength,
             clip_skip=key.clip_skip, mask_blur=row.mask_blur,
             masked_padding=row.masked_padding, masked_content=row.masked_content,
-            hires=tuple(key.hires.params().items()) if key.hires else (),
+            # (A1111's extra generation params, in the order it adds them: the hires fix's,
+            # a script's; Infotext writes both where A1111 writes that dict)
+            hires=tuple(key.hires.params().items()) if key.hires else (), script=tuple(script),
             controlnets=row.control_info, vae_name=key.vae,
             vae_hash=self.runner.vae_hash(key.vae) if key.vae else None))
 
@@ -517,7 +519,11 @@ def create_app(config: ServeConfig = None) -> FastAPI:
             has_image=init_images is not None)
         enable_hr = isinstance(body, schemas.Txt2ImgRequest) and body.enable_hr
         hires = _hires(server, body, req) if enable_hr else None
-        seeds = server.seeds(req.seed, n, "seed")
+        script = None  # A1111's SD upscale: req's size is its tiles'
+        if a1111_sd_upscale.named(body.script_name):
+            script = await run_in_threadpool(a1111_sd_upscale.check_request, server, body, req,
+                                             init_images, mask)
+        seeds = server.seeds(req.seed, script.seed_span() if script else n, "seed")
         from sdrt.engine.images import RESIZE_MODES  # (numpy: imported once serving)
         from sdrt.engine.inpaint import MASKED_CONTENT
         from sdrt.engine.stages import inpainting_unet
@@ -526,7 +532,7 @@ def create_app(config: ServeConfig = None) -> FastAPI:
         content = list(MASKED_CONTENT)[body.inpainting_fill] if mask is not None else "original"
         fill, masked_content = MASKED_CONTENT[content]
         latent_size = None
-        if resize == "latent" and mask is None:  # the latents are resized: a key per size
+        if resize == "latent" and mask is None and script is None:  # a key per size
             latent_size = _one_size(init_images)
         controls = hints = units = sources = hires_hints = ()
         prompts = ((), ())
@@ -560,21 +566,28 @@ def create_app(config: ServeConfig = None) -> FastAPI:
             if only:
                 extra.update({"Inpaint area": "Only masked",
                               "Masked area padding": body.inpaint_full_res_padding})
-        elif init_images:  # A1111's resize mode
+        elif init_images and script is None:  # A1111's resize mode (not for SD upscale's tiles)
             init_images = await run_in_threadpool(_frame_images, init_images, req, resize)
-        rows = [Row(prompt, body.negative_prompt, req.guidance_scale, s,
-                    init_images[i % len(init_images)] if init_images else None,
-                    jobs[i % len(jobs)].mask if jobs else None, extra.get("Mask blur"),
-                    extra.get("Masked area padding"), extra.get("Masked content"),
-                    hints[i % len(jobs)] if jobs and sources else hints, units, hires_hints,
-                    prompts[1])
-                for i, s in enumerate(seeds)]
-        extra.update(units)
-        images = await server.generate(request, key, rows)
-        if jobs:
-            images = await run_in_threadpool(
-                lambda: [jobs[i % len(jobs)].finish(im) for i, im in enumerate(images)])
-        texts = [server.infotext(key, r, body.prompt) for r in rows]
+        if script is not None:  # one picture per n_iter, blended from its redrawn tiles
+            first = Row(prompt, body.negative_prompt, req.guidance_scale, seeds[0])
+            images, texts, seeds = await a1111_sd_upscale.run(
+                server, request, script, key, first, init_images[0], body.prompt)
+            n = len(images)
+            extra.update(script.params())
+        else:
+            rows = [Row(prompt, body.negative_prompt, req.guidance_scale, s,
+                        init_images[i % len(init_images)] if init_images else None,
+                        jobs[i % len(jobs)].mask if jobs else None, extra.get("Mask blur"),
+                        extra.get("Masked area padding"), extra.get("Masked content"),
+                        hints[i % len(jobs)] if jobs and sources else hints, units,
+                        hires_hints, prompts[1])
+                    for i, s in enumerate(seeds)]
+            extra.update(units)
+            images = await server.generate(request, key, rows)
+            if jobs:
+                images = await run_in_threadpool(
+                    lambda: [jobs[i % len(jobs)].finish(im) for i, im in enumerate(images)])
+            texts = [server.infotext(key, r, body.prompt) for r in rows]
         pngs = await server.encode(images, texts) if body.send_images else []
         parameters = body.model_dump()
         if "init_images" in parameters:  # as A1111: not echoed back
@@ -908,7 +921,8 @@ _OFF_VALUES = {"restore_faces": (None, False), "tiling": (None, False),
 _FEATURES = {"restore_faces": "face restoration", "tiling": "tiling",
              "subseed_strength": "variation seeds", "seed_resize_from_h": "seed resizing",
              "seed_resize_from_w": "seed resizing", "styles": "styles",
-             "script_name": "scripts", "refiner_checkpoint": "A1111's refiner switch",
+             "script_name": "any script but SD upscale",
+             "refiner_checkpoint": "A1111's refiner switch",
              "alwayson_scripts": "always-on scripts (ControlNet, ...)",
              "initial_noise_multiplier": "a noise multiplier"}
 
@@ -919,6 +933,8 @@ def _check_unsupported(body):
     for field, off in _OFF_VALUES.items():
         if not hasattr(body, field):  # img2img's own (initial_noise_multiplier) on txt2img
             continue
+        if field == "script_name" and a1111_sd_upscale.named(body.script_name):
+            continue  # the one script sdrt runs: a1111_sd_upscale checks it
         value = getattr(body, field)
         if value not in off:
             raise ApiError(400, f"{field} must be off ({' or '.join(map(json.dumps, off))}): "

@@ -5,8 +5,8 @@ text, excepted); ranges and everything
 else are checked once, by ``GenerationRequest.check`` and the pipeline's model checks, with the
 API's own field names in the messages. Fields a client may send that do not change the
 picture (OpenAI's ``quality``, A1111's ``do_not_save_samples``, ...) are accepted and ignored;
-those of A1111 features sdrt does not have (``restore_faces``, ``tiling``, ``styles``, scripts,
-...) are accepted at their "off" values and refused otherwise.
+those of A1111 features sdrt does not have (``restore_faces``, ``tiling``, ``styles``, scripts
+but SD upscale, ...) are accepted at their "off" values and refused otherwise.
 """
 from typing import Dict, List, Literal, Optional
 
@@ -98,7 +98,11 @@ class A1111Request(BaseModel):
     seed_resize_from_h: Optional[int] = None
     seed_resize_from_w: Optional[int] = None
     styles: Optional[List[str]] = None
-    script_name: Optional[str] = None
+    script_name: Optional[str] = Field(None, description="'SD upscale' (img2img) or off")
+    script_args: Optional[List[object]] = Field(
+        None, description="SD upscale's [info (ignored), overlap (0 to 256 pixels), upscaler "
+                          "(an index into GET /sdapi/v1/upscalers or a name), scale (1 to 8)]; "
+                          "ignored without a script")
     alwayson_scripts: Optional[Dict[str, object]] = None
     refiner_checkpoint: Optional[str] = None
 

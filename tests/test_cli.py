@@ -192,6 +192,65 @@ REFUSED_EARLY = {
     "upscale no-crop without resize": (["upscale", "init.png", "--no-crop"],
                                        "--no-crop applies to --resize"),
     "upscale to a jpeg": (["upscale", "init.png", "-o", "x.jpg"], "-o x.jpg must end in .png"),
+    # sdrt generate --sd-upscale: the options, what it cannot be combined with, and the
+    # upscaled size (from the init image's) against the tiles
+    "sd upscale without init image": (["generate", "x", "--sd-upscale", "2"],
+                                      "--sd-upscale upscales and redraws --init-image: pass it"),
+    "sd upscale past 8": (["generate", "x", "--init-image", "init.png", "--sd-upscale", "9"],
+                          "--sd-upscale must be a number from 1 to 8, got 9"),
+    "sd upscale nan": (["generate", "x", "--init-image", "init.png", "--sd-upscale", "nan"],
+                       "--sd-upscale must be a number from 1 to 8, got nan"),
+    "sd upscale with a mask": (["generate", "x", "--init-image", "init.png", "--sd-upscale", "2",
+                                "--mask", "init.png"],
+                               "--sd-upscale (A1111's SD upscale) redraws tiles of --init-image "
+                               "by plain image to image; it cannot be combined with --mask"),
+    "sd upscale with the hires fix": (["generate", "x", "--init-image", "init.png",
+                                       "--sd-upscale", "2", "--hr-resize", "64x64"],
+                                      "it cannot be combined with --hr-resize"),
+    "sd upscale with a refiner": (["generate", "x", "--init-image", "init.png", "--sd-upscale",
+                                   "2", "--refiner", "a-folder"],
+                                  "it cannot be combined with --refiner"),
+    "sd upscale with a ControlNet": (["generate", "x", "--init-image", "init.png",
+                                      "--sd-upscale", "2", "--controlnet", "a-folder",
+                                      "--control-image", "init.png"],
+                                     "it cannot be combined with --controlnet"),
+    "sd upscale with an IP-Adapter": (["generate", "x", "--init-image", "init.png",
+                                       "--sd-upscale", "2", "--ip-adapter", "a-folder",
+                                       "--ip-adapter-image", "init.png"],
+                                      "it cannot be combined with --ip-adapter"),
+    "sd upscale overlap of a tile": (["generate", "x", "--init-image", "init.png",
+                                      "--sd-upscale", "2", "--width", "64", "--height", "32",
+                                      "--sd-upscale-overlap", "32"],
+                                     "--sd-upscale-overlap must be an integer from 0 to 31 "
+                                     "(below the tiles' sides, 64x32), got 32"),
+    "sd upscale overlap negative": (["generate", "x", "--init-image", "init.png",
+                                     "--sd-upscale", "2", "--sd-upscale-overlap", "-1"],
+                                    "--sd-upscale-overlap must be an integer from 0 to 256 "
+                                    "(below the tiles' sides, 512x512), got -1"),
+    "sd upscale bad tile size": (["generate", "x", "--init-image", "init.png", "--sd-upscale",
+                                  "2", "--width", "0"],
+                                 "--width must be an integer from 1 to 4096"),
+    "sd upscale unknown upscaler": (["generate", "x", "--init-image", "init.png",
+                                     "--sd-upscale", "2", "--sd-upscale-upscaler",
+                                     "R-ESRGAN 4x+"],
+                                    "--sd-upscale-upscaler must be a .safetensors upscale model, "
+                                    "None, Lanczos, Nearest (or give --upscaler-dir); got "
+                                    "'R-ESRGAN 4x+'"),
+    "sd upscale with a pickle": (["generate", "x", "--init-image", "init.png", "--sd-upscale",
+                                  "2", "--sd-upscale-upscaler", "4x.pth"],
+                                 "4x.pth: pickle checkpoints are not loaded"),
+    "sd upscale smaller than a tile": (["generate", "x", "--init-image", "init.png",
+                                        "--sd-upscale", "2", "--sd-upscale-upscaler",
+                                        "Lanczos"],
+                                       "--init-image init.png (32x32) upscaled by 2 with "
+                                       "Lanczos is 64x64, smaller than the SD upscale tile "
+                                       "512x512"),
+    "sd upscale of the image as it is": (["generate", "x", "--init-image", "init.png",
+                                          "--sd-upscale", "4", "--width", "64", "--height",
+                                          "64", "--sd-upscale-overlap", "16"],
+                                         "--init-image init.png (--sd-upscale-upscaler None: not "
+                                         "upscaled) is 32x32, smaller than the SD upscale tile "
+                                         "64x64"),
 }
 
 
