@@ -338,9 +338,8 @@ def _sd_upscale(a):
     or None); None without it. Its tiles are --width × --height, already filled in."""
     if a.sd_upscale is None:
         return None
-    from .cli_upscale import folder_models, model_choice
-    from .extras import MAX_SCALE, UPSCALER_NONE
-    from .hires import IMAGE_UPSCALERS
+    from .cli_upscale import folder_models, upscaler_option
+    from .extras import MAX_SCALE
     from .sd_upscale import MAX_OVERLAP
     if not 1 <= a.sd_upscale <= MAX_SCALE:
         raise SdrtError(f"--sd-upscale must be a number from 1 to {MAX_SCALE:g}, got "
@@ -358,15 +357,8 @@ def _sd_upscale(a):
     if not 0 <= a.sd_upscale_overlap <= top:
         raise SdrtError(f"--sd-upscale-overlap must be an integer from 0 to {top} (below the "
                         f"tiles' sides, {a.width}x{a.height}), got {a.sd_upscale_overlap}")
-    models = folder_models(a.upscaler_dir)
-    builtins = (UPSCALER_NONE, *IMAGE_UPSCALERS)
-    name, path = model_choice(a.sd_upscale_upscaler, models, "--sd-upscale-upscaler", builtins)
-    if path is None and name not in builtins:
-        listed = f", or one of --upscaler-dir's: {', '.join(sorted(models))}" if models \
-            else " (or give --upscaler-dir)"
-        raise SdrtError(f"--sd-upscale-upscaler must be a .safetensors upscale model, "
-                        f"{', '.join(builtins)}{listed}; got {a.sd_upscale_upscaler!r}")
-    return name, path
+    return upscaler_option(a.sd_upscale_upscaler, folder_models(a.upscaler_dir),
+                           "--sd-upscale-upscaler")
 
 
 def _sd_upscale_tiles(a, init, upscaler):

@@ -83,19 +83,28 @@ def model_choice(value, models, option, builtins=()):
     return value, path
 
 
+def upscaler_option(value, models, option):
+    """(name, path) of an Extras-style upscaler option: None, Lanczos, Nearest (path None), a
+    name in ``models`` or a model file; anything else refused, naming ``option``."""
+    from .extras import UPSCALER_NONE
+    builtins = (UPSCALER_NONE, *IMAGE_UPSCALERS)
+    name, path = model_choice(value, models, option, builtins)
+    if path is None and name not in builtins:
+        listed = f", or one of --upscaler-dir's: {', '.join(sorted(models))}" if models \
+            else " (or give --upscaler-dir)"
+        raise SdrtError(f"{option} must be a .safetensors upscale model, "
+                        f"{', '.join(builtins)}{listed}; got {value!r}")
+    return name, path
+
+
 def _extras(a, models):
     """The checked settings: (Extras, {name: path} of the models it runs)."""
-    from .extras import MAX_SCALE, UPSCALER_NONE, Extras
+    from .extras import MAX_SCALE, Extras
     from .request import Limits
     paths = {}
     names = []
     for option, value in (("--upscaler", a.upscaler), ("--upscaler-2", a.upscaler_2)):
-        name, path = model_choice(value, models, option, (UPSCALER_NONE, *IMAGE_UPSCALERS))
-        if path is None and name not in (UPSCALER_NONE, *IMAGE_UPSCALERS):
-            listed = f", or one of --upscaler-dir's: {', '.join(sorted(models))}" if models \
-                else " (or give --upscaler-dir)"
-            raise SdrtError(f"{option} must be a .safetensors upscale model, None, "
-                            f"{', '.join(IMAGE_UPSCALERS)}{listed}; got {value!r}")
+        name, path = upscaler_option(value, models, option)
         if path is not None:
             paths[name] = path
         names.append(name)
