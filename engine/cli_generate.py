@@ -364,7 +364,7 @@ def _sd_upscale(a):
 def _sd_upscale_tiles(a, init, upscaler):
     """How many tiles --sd-upscale cuts the ``init`` image into once ``upscaler`` upscales
     it; refused where that picture is smaller than a tile or past SDRT_MAX_SIDE."""
-    from .sd_upscale import check, tile_count, upscaled_size
+    from .sd_upscale import tile_count, upscaled_size
     width, height = upscaled_size(init.width, init.height, a.sd_upscale, upscaler)
     where = (f"--init-image {a.init_image} ({init.width}x{init.height}) upscaled by "
              f"{a.sd_upscale:g} with {upscaler}" if upscaler != "None" else
@@ -373,8 +373,7 @@ def _sd_upscale_tiles(a, init, upscaler):
     if max(width, height) > top:
         raise SdrtError(f"{where} is {width}x{height}; each side must be at most {top} "
                         f"(SDRT_MAX_SIDE)")
-    check(width, height, a.width, a.height, a.sd_upscale_overlap, where)
-    return tile_count(width, height, a.width, a.height, a.sd_upscale_overlap)
+    return tile_count(width, height, a.width, a.height, a.sd_upscale_overlap, where)
 
 
 def _sd_upscale_grid(a, sd, init, pipe):

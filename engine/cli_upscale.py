@@ -161,20 +161,7 @@ def upscale(a):
 def _save(results, sources, output, overwrite):
     """Each result written atomically as a PNG with its source's text chunks and the Extras
     text (``extras``), under the next free name unless ``overwrite``."""
-    import io
-
-    from PIL import PngImagePlugin
-
     from .cli_generate import write_pngs
-    blobs = []
-    for (image, text), source in zip(results, sources):
-        info = PngImagePlugin.PngInfo()
-        for k, v in source.info.items():
-            if isinstance(k, str) and isinstance(v, str) and k != "extras":
-                info.add_text(k, v)
-        if text:
-            info.add_text("extras", text)
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG", pnginfo=info)
-        blobs.append(buffer.getvalue())
-    return write_pngs(blobs, output, overwrite)
+    from .extras import png_with_text
+    return write_pngs([png_with_text(image, source, "extras", text or None)
+                       for (image, text), source in zip(results, sources)], output, overwrite)

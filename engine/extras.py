@@ -80,3 +80,22 @@ class Extras:
             image = canvas
             info["Postprocess crop to"] = f"{self.width}x{self.height}"
         return image
+
+
+def png_with_text(image, source, key, text):
+    """PIL ``image`` as PNG bytes with the text chunks of the image it was made from,
+    ``source`` (A1111's ``parameters``, ComfyUI's ``prompt`` ...), and ``text`` in chunk ``key``
+    in place of the source's (none where ``text`` is None): how A1111 keeps an Extras result's
+    info, in ``postprocessing`` (its API) or ``extras`` (its saved files)."""
+    import io
+
+    from PIL import PngImagePlugin
+    info = PngImagePlugin.PngInfo()
+    for k, v in source.info.items():
+        if isinstance(k, str) and isinstance(v, str) and k != key:
+            info.add_text(k, v)
+    if text is not None:
+        info.add_text(key, text)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()

@@ -111,9 +111,10 @@ def params(overlap, upscaler):
     return {"SD upscale overlap": overlap, "SD upscale upscaler": upscaler}
 
 
-def tile_count(width, height, tile_w, tile_h, overlap):
-    """How many tiles ``split`` cuts a ``width`` × ``height`` picture into (checked first)."""
-    check(width, height, tile_w, tile_h, overlap)
+def tile_count(width, height, tile_w, tile_h, overlap, where="the upscaled image"):
+    """How many tiles ``split`` cuts a ``width`` × ``height`` picture into, checked first
+    (``check``; ``where`` names the picture in its message)."""
+    check(width, height, tile_w, tile_h, overlap, where)
     return len(_offsets(width, tile_w, overlap)) * len(_offsets(height, tile_h, overlap))
 
 

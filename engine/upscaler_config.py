@@ -14,6 +14,7 @@ import struct
 from dataclasses import dataclass
 
 from .errors import SdrtError, refuse_pickle
+from .model_files import by_name
 
 MAX_HEADER_BYTES = 100 * 2 ** 20  # safetensors' own bound on a header
 
@@ -165,14 +166,8 @@ def upscaler_files(folder):
     sorted order, None: none), each by its stem and, for Real-ESRGAN's released files, also by
     the name A1111 lists it under; the first file of a name is kept."""
     found = {}
-    if folder is None:
-        return found
-    for root, dirs, names in sorted(os.walk(folder)):
-        dirs.sort()
-        for n in sorted(names):
-            stem, ext = os.path.splitext(n)
-            if ext.lower() == ".safetensors":
-                found.setdefault(stem, os.path.join(root, n))
-                if stem in A1111_NAMES:
-                    found.setdefault(A1111_NAMES[stem], os.path.join(root, n))
+    for stem, path in by_name(folder).items():  # (in the walk's order, as named there)
+        found.setdefault(stem, path)
+        if stem in A1111_NAMES:
+            found.setdefault(A1111_NAMES[stem], path)
     return found

@@ -26,12 +26,11 @@ from fastapi.concurrency import run_in_threadpool
 
 from sdrt.engine.errors import SdrtError
 from sdrt.engine.extras import MAX_SCALE, UPSCALER_NONE
-from sdrt.engine.hires import IMAGE_UPSCALERS
 from sdrt.engine.request import short_repr
 from sdrt.engine.sd_upscale import (NAME, check, combine, params, split, tile_count,
                                     tile_seeds, upscaled_size)
 
-from .a1111_upscale import ExtrasJob, check_model
+from .a1111_upscale import ExtrasJob, check_model, listed
 
 TILE_FACTOR = 16  # tiles × n_iter a request may redraw: at most this × SDRT_MAX_IMAGES
 ARGS = "[info, overlap, upscaler, scale]"  # script_args, as A1111's UI orders them
@@ -72,21 +71,20 @@ def _bad(field, message):
 def _upscaler(server, value):
     """``script_args[2]``, an index into A1111's list of upscalers or a name from it (any
     case) → the name as listed; a model's file is checked from its header."""
-    from sdrt.engine.upscaler_config import upscaler_files
     field = "script_args[2]"
-    models = sorted(upscaler_files(server.config.upscaler_dir), key=str.lower)
-    listed = [UPSCALER_NONE, *IMAGE_UPSCALERS, *models]  # GET /sdapi/v1/upscalers' order
+    models = server.runner.upscaler_names()
+    names = listed(models)  # GET /sdapi/v1/upscalers' order
     if isinstance(value, int) and not isinstance(value, bool):
-        if not 0 <= value < len(listed):
+        if not 0 <= value < len(names):
             raise _bad(field, f"{field} (the upscaler) must be an index from 0 to "
-                              f"{len(listed) - 1} into GET /sdapi/v1/upscalers "
-                              f"({', '.join(listed)}) or a name from it, got {value}")
-        name = listed[value]
-    elif isinstance(value, str) and value.lower() in [n.lower() for n in listed]:
-        name = listed[[n.lower() for n in listed].index(value.lower())]
+                              f"{len(names) - 1} into GET /sdapi/v1/upscalers "
+                              f"({', '.join(names)}) or a name from it, got {value}")
+        name = names[value]
+    elif isinstance(value, str) and value.lower() in [n.lower() for n in names]:
+        name = names[[n.lower() for n in names].index(value.lower())]
     else:
         raise _bad(field, f"{field} (the upscaler) must be one of GET /sdapi/v1/upscalers "
-                          f"({', '.join(listed)}), by name or index, got {short_repr(value)}")
+                          f"({', '.join(names)}), by name or index, got {short_repr(value)}")
     if name in models:
         check_model(server, name, field)
     return name
@@ -138,14 +136,13 @@ def check_request(server, body, req, init_images, mask):
         field = "script_args[3]"
         what = f"init_images[0] ({image.width}x{image.height}) upscaled by {scale:g}"
     try:
-        check(width, height, tile_w, tile_h, overlap, where=f"{field}: {what}")
+        tiles = tile_count(width, height, tile_w, tile_h, overlap, where=f"{field}: {what}")
     except SdrtError as e:
         raise _bad(field, str(e)) from None
     top = server.limits.max_side
     if max(width, height) > top:
         raise _bad(field, f"{field}: {what} is {width}x{height}; its sides must be at most "
                           f"{top} (SDRT_MAX_SIDE)")
-    tiles = tile_count(width, height, tile_w, tile_h, overlap)
     most = TILE_FACTOR * server.limits.max_images
     if tiles * body.n_iter > most:
         field = "n_iter" if tiles <= most else field

@@ -24,7 +24,6 @@ here (A1111's API returns the images either way).
 """
 import base64
 import html
-import io
 import math
 from dataclasses import dataclass
 
@@ -32,7 +31,7 @@ from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 
 from sdrt.engine.errors import SdrtError
-from sdrt.engine.extras import MAX_SCALE, Extras
+from sdrt.engine.extras import MAX_SCALE, UPSCALER_NONE, Extras
 from sdrt.engine.hires import IMAGE_UPSCALERS
 from sdrt.engine.request import short_repr
 
@@ -160,15 +159,8 @@ def _html(text):
 def _png(image, source, text):
     """``image`` as base64 PNG with ``source``'s text chunks (its ``parameters``) and A1111's
     ``postprocessing`` text, as A1111's API encodes an Extras result."""
-    from PIL import PngImagePlugin
-    chunks = {k: v for k, v in source.info.items() if isinstance(k, str) and isinstance(v, str)}
-    chunks["postprocessing"] = text
-    info = PngImagePlugin.PngInfo()
-    for k, v in chunks.items():
-        info.add_text(k, v)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    from sdrt.engine.extras import png_with_text
+    return base64.b64encode(png_with_text(image, source, "postprocessing", text)).decode("ascii")
 
 
 async def _upscale(server, request, body, items, names, field):
@@ -191,12 +183,23 @@ async def _upscale(server, request, body, items, names, field):
     return pngs, results[-1][1]
 
 
-def _listed_models(config):
-    """--upscaler-dir's models as A1111 lists them, by name (case aside)."""
+def listed(models):
+    """The upscalers in the order ``GET /sdapi/v1/upscalers`` lists them (an index into it
+    names one): "None", the image upscalers, then the names of ``models`` by name, case
+    aside."""
+    return [UPSCALER_NONE, *IMAGE_UPSCALERS, *sorted(models, key=str.lower)]
+
+
+def _listed_items(config):
+    """The list's items: the image upscalers by name, --upscaler-dir's models with their
+    family, file and scale."""
     from sdrt.engine.upscaler_config import A1111_NAMES, file_config, upscaler_files
-    items, scales = [], {}
-    for name, path in sorted(upscaler_files(config.upscaler_dir).items(),
-                             key=lambda item: item[0].lower()):
+    models = upscaler_files(config.upscaler_dir)
+    names = listed(models)
+    items = [schemas.UpscalerItem(name=n) for n in names[:1 + len(IMAGE_UPSCALERS)]]
+    scales = {}
+    for name in names[1 + len(IMAGE_UPSCALERS):]:
+        path = models[name]
         if path not in scales:
             try:
                 scales[path] = file_config(path).scale
@@ -217,10 +220,7 @@ def register(app, server_of, api_error):
     async def upscalers(request: Request):
         """What ``hr_upscaler`` and the Extras' ``upscaler_1``/``upscaler_2`` name: "None",
         the image upscalers, then --upscaler-dir's models with their scales."""
-        config = server_of(request).config
-        models = [] if config.upscaler_dir is None else \
-            await run_in_threadpool(_listed_models, config)
-        return [schemas.UpscalerItem(name=n) for n in ("None", *IMAGE_UPSCALERS)] + models
+        return await run_in_threadpool(_listed_items, server_of(request).config)
 
     @app.post("/sdapi/v1/extra-single-image", tags=["AUTOMATIC1111"],
               response_model=schemas.ExtrasSingleImageResponse)

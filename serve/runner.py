@@ -4,6 +4,7 @@ import logging
 import os
 
 from sdrt.engine.errors import SdrtError
+from sdrt.engine.model_files import by_name
 from sdrt.engine.infotext import model_identity
 
 from .scheduler import BatchKey
@@ -128,7 +129,7 @@ class Runner:
 
     def _lora_index(self):
         if self._lora_files is None:
-            self._lora_files = _by_name(self.config.lora_dir)
+            self._lora_files = by_name(self.config.lora_dir)
         return self._lora_files
 
     # -- ControlNets from --controlnet-dir ---------------------------------------------------
@@ -152,7 +153,7 @@ class Runner:
     def _controlnet_index(self):
         """Read afresh each time: a folder of a few files, and a file added while serving is
         found at once."""
-        return _by_name(self.config.controlnet_dir, model_folders=True)
+        return by_name(self.config.controlnet_dir, model_folders=True)
 
     # -- IP-Adapters from --controlnet-dir, image encoders from --clip-vision-dir -------------
 
@@ -165,7 +166,7 @@ class Runner:
         from sdrt.engine.ip_adapter import encoder_fits, file_config
         cfg = file_config(adapter_path)
         marks = {"h": ("clip_h", "vit-h"), "g": ("clip_g", "bigg")}.get(prefer, ())
-        paths = sorted(_by_name(self.config.clip_vision_dir, model_folders=True).values(),
+        paths = sorted(by_name(self.config.clip_vision_dir, model_folders=True).values(),
                        key=lambda p: not any(m in os.path.basename(p).lower() for m in marks))
         for path in paths:
             try:
@@ -253,7 +254,7 @@ class Runner:
     def _vae_index(self):
         """Read afresh each time, as --controlnet-dir is."""
         return {os.path.basename(path): path
-                for path in _by_name(self.config.vae_dir, model_folders=True).values()}
+                for path in by_name(self.config.vae_dir, model_folders=True).values()}
 
     def _apply_vae(self, name):
         """Decode the batch with VAE ``name``, None: the model's own, whose weights are kept
@@ -381,24 +382,3 @@ class Runner:
         if self.pipe is None:
             raise SdrtError("the model is still loading")
         return self.pipe.check(request, names=names)
-
-
-def _by_name(root, model_folders=False):
-    """{name: path} of the ``.safetensors`` files under ``root`` (None: none), searched
-    recursively in sorted order, each named by its stem, the first of a name kept; with
-    ``model_folders``, also each folder below ``root`` holding a ``config.json`` (a diffusers
-    model, named by the folder, not searched further)."""
-    found = {}
-    if root is None:
-        return found
-    for folder, dirs, names in sorted(os.walk(root)):
-        dirs.sort()
-        if model_folders and "config.json" in names and folder != root:
-            found.setdefault(os.path.basename(folder), folder)
-            dirs[:] = []
-            continue
-        for n in sorted(names):
-            stem, ext = os.path.splitext(n)
-            if ext.lower() == ".safetensors":
-                found.setdefault(stem, os.path.join(folder, n))
-    return found
