@@ -410,6 +410,10 @@ def _generate_options(g):
                    "each with its --ip-adapter-image")
     g.add_argument("--ip-adapter-image", metavar="PATH", action="append", default=[],
                    help="the reference image the --ip-adapter of the same place reads")
+    g.add_argument("--ip-adapter-mask", metavar="PATH", action="append", default=[],
+                   help="the region (white) the --ip-adapter of the same place acts in, as "
+                   "diffusers' ip_adapter_masks (binarized); give one per --ip-adapter, "
+                   "'none' for one without")
     g.add_argument("--image-encoder", metavar="PATH", default=None,
                    help="the CLIP vision model the IP-Adapters read: a transformers folder or "
                    "a .safetensors file (ComfyUI's clip_vision); default: the image_encoder "

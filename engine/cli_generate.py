@@ -266,10 +266,13 @@ def generate(a):
 
 
 def _reference_images(a):
-    """The --ip-adapter-image files, read and checked against --ip-adapter's count."""
-    if len(a.ip_adapter_image) != len(a.ip_adapter):
-        raise SdrtError(f"--ip-adapter-image must be given once per --ip-adapter (got "
-                        f"{len(a.ip_adapter_image)} for {len(a.ip_adapter)})")
+    """The --ip-adapter-image files and --ip-adapter-mask files (float32 (H, W) in [0, 1], or
+    None for 'none'), read and checked against --ip-adapter's count."""
+    for option, given in (("--ip-adapter-image", a.ip_adapter_image),
+                          ("--ip-adapter-mask", a.ip_adapter_mask)):
+        if len(given) != len(a.ip_adapter) and (given or option == "--ip-adapter-image"):
+            raise SdrtError(f"{option} must be given once per --ip-adapter (got "
+                            f"{len(given)} for {len(a.ip_adapter)})")
     if a.image_encoder is not None and not a.ip_adapter:
         raise SdrtError("--image-encoder needs --ip-adapter (it is what IP-Adapters read)")
     for path in [p for p, _ in a.ip_adapter] + [a.image_encoder or "."]:
@@ -279,11 +282,13 @@ def _reference_images(a):
     if not 0 <= a.ip_adapter_start < a.ip_adapter_end <= 1:
         raise SdrtError(f"--ip-adapter-start and --ip-adapter-end must satisfy 0 <= start < "
                         f"end <= 1, got {a.ip_adapter_start:g} and {a.ip_adapter_end:g}")
-    from .images import read_image
-    return [read_image(path, "ip-adapter image") for path in a.ip_adapter_image]
+    from .images import mask_to_float, read_image
+    masks = [None if path == "none" else mask_to_float(read_image(path, "ip-adapter mask"))
+             for path in a.ip_adapter_mask]
+    return [read_image(path, "ip-adapter image") for path in a.ip_adapter_image], masks
 
 
-def _load_ip_adapters(a, pipe, images):
+def _load_ip_adapters(a, pipe, references):
     """Load each --ip-adapter (named by its file, numbered where two are the same); the
     pipeline arguments that run them, {} without."""
     if not a.ip_adapter:
@@ -291,7 +296,9 @@ def _load_ip_adapters(a, pipe, images):
     names = cli_control.ip_names(a)
     for (path, _), name in zip(a.ip_adapter, names):
         pipe.load_ip_adapter(path, image_encoder=a.image_encoder, name=name)
-    return dict(ip_adapter=names, ip_adapter_image=images,
+    images, masks = references
+    regions = ({"ip_adapter_mask": masks} if any(m is not None for m in masks) else {})
+    return dict(ip_adapter=names, ip_adapter_image=images, **regions,
                 ip_adapter_scale=[w for _, w in a.ip_adapter],
                 ip_adapter_guidance_start=a.ip_adapter_start,
                 ip_adapter_guidance_end=a.ip_adapter_end)
@@ -835,6 +842,8 @@ def _static_plans(a, pipe, request, sampler, hires=None, image=None, controls=()
     width, height, masked = image or (request.width, request.height, False)
     control = dict(controlnet=controls or None, guess_mode=a.guess_mode and bool(controls),
                    ip_adapter=ip_adapters)
+    if ip_adapters and any(p != "none" for p in a.ip_adapter_mask):
+        control["ip_adapter_masks"] = [p != "none" for p in a.ip_adapter_mask]
     plans = [pipe.compile(height, width, request.batch_size, request.num_inference_steps,
                           sampler, guidance=request.guidance, num_chunks=chunks,
                           strength=None if image is None else request.strength,

@@ -22,11 +22,14 @@ class Conditioning:
     # call, (B, calls, adapters): the UNet gets call i's (B, adapters) (stages.guided).
     image_tokens: tuple | None = None
     image_scales: torch.Tensor | None = None
+    # Regional IP-Adapters: per adapter, (B, images, Σ h·w) mask weights at every UNet level's
+    # queries (``ImagePromptRequest.regions``); None when no adapter has masks.
+    image_regions: tuple | None = None
 
     # The UNet's argument name of each field.
     UNET_NAMES = {"states": "encoder_hidden_states", "text_embeds": "text_embeds",
                   "time_ids": "time_ids", "image_tokens": "image_tokens",
-                  "image_scales": "image_scales"}
+                  "image_scales": "image_scales", "image_regions": "image_regions"}
 
     def items(self):
         """(field name, tensor) of the fields this conditioning has."""

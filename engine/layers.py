@@ -12,6 +12,8 @@ from torch import nn
 
 from sdrt import kernels
 
+from .errors import SdrtError
+
 
 class GroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` parameters, computed by ``kernels.group_norm`` (optionally + SiLU)."""
@@ -164,6 +166,32 @@ class ImagePrompt:
     states: torch.Tensor  # (B, T, D) text states
     tokens: tuple         # per adapter: (B, n, D) image tokens
     scales: torch.Tensor  # (B, layers, adapters): each adapter's scale in each layer, per row
+    # Regional adapters: per adapter (B, images, Σ h·w), each image's weight at the queries
+    # of every level's (h, w) grid, in ``grids``' order (0 images: not regional); or ().
+    regions: tuple = ()
+    grids: tuple = ()
+
+    def region(self, adapter, queries):
+        """Adapter ``adapter``'s (B, images, queries) weights at a layer of ``queries``
+        queries, or None when it is not regional."""
+        if not self.regions or self.regions[adapter].shape[1] == 0:
+            return None
+        start = 0
+        for h, w in self.grids:
+            if h * w == queries:
+                return self.regions[adapter][:, :, start:start + queries]
+            start += h * w
+        raise SdrtError(f"no level of the UNet has {queries} queries (grids {self.grids})")
+
+
+def level_grids(height, width, levels):
+    """The (h, w) grid of each of a UNet's ``levels`` levels for a (height, width) sample:
+    each down level halves it, rounding up (a 3x3 convolution of stride 2, padding 1)."""
+    grids = [(height, width)]
+    for _ in range(levels - 1):
+        h, w = grids[-1]
+        grids.append(((h + 1) // 2, (w + 1) // 2))
+    return tuple(grids)
 
 
 class Attention(nn.Module):
@@ -202,10 +230,17 @@ class Attention(nn.Module):
                               self._heads(self.to_v(context)), scale=scale)  # (B, H, S, D)
         if image is not None and self.image_kv is not None:
             for i, (kv, tokens) in enumerate(zip(self.image_kv, image.tokens)):
-                o_image = kernels.attention(q, self._heads(kv.to_k_ip(tokens)),
-                                            self._heads(kv.to_v_ip(tokens)), scale=scale)
-                scales = image.scales[:, self.image_layer, i, None, None, None]
-                o = o + scales.to(o.dtype) * o_image
+                k_ip, v_ip = self._heads(kv.to_k_ip(tokens)), self._heads(kv.to_v_ip(tokens))
+                scales = image.scales[:, self.image_layer, i, None, None, None].to(o.dtype)
+                weights = image.region(i, s)  # (B, images, S) or None
+                if weights is None:
+                    o = o + scales * kernels.attention(q, k_ip, v_ip, scale=scale)
+                    continue
+                # Regional: each image's tokens attended alone, weighed at each query.
+                n = weights.shape[1]
+                for j, (k_j, v_j) in enumerate(zip(k_ip.chunk(n, dim=2), v_ip.chunk(n, dim=2))):
+                    o_j = kernels.attention(q, k_j.contiguous(), v_j.contiguous(), scale=scale)
+                    o = o + scales * weights[:, j, None, :, None].to(o.dtype) * o_j
         return self.to_out[0](o.transpose(1, 2).reshape(b, s, -1))
 
 

@@ -156,8 +156,9 @@ def _unit_range(t, field):
     return t
 
 
-def _mask_tensor(item):
-    """One inpainting mask (or batch) → float32 (B, 1, H, W) in [0, 1] on the CPU: a PIL
+def _mask_tensor(item, field="mask_image"):
+    """One inpainting mask (or batch; or another mask, ``field``) → float32 (B, 1, H, W) in
+    [0, 1] on the CPU: a PIL
     image (made greyscale, as diffusers does), a float array (H, W) or (B, H, W), or
     channels-last with one channel or three (RGB, made greyscale), or a float tensor (H, W),
     (1, H, W) or (B, 1, H, W)."""
@@ -178,13 +179,13 @@ def _mask_tensor(item):
         shape_ok = item.dim() == 2 or (item.dim() in (3, 4) and item.shape[-3] == 1)
         layout = "(H, W), (1, H, W) or (B, 1, H, W)"
     else:
-        raise SdrtError(f"mask_image must be a PIL image, a float array (H, W) or a float "
+        raise SdrtError(f"{field} must be a PIL image, a float array (H, W) or a float "
                         f"tensor (B, 1, H, W) in [0, 1], or a list of them, got "
                         f"{type(item).__name__}")
-    _check_layout(item, f"a mask_image {what}", layout, shape_ok, floating)
+    _check_layout(item, f"a {field} {what}", layout, shape_ok, floating)
     t = (torch.from_numpy(np.ascontiguousarray(item, dtype=np.float32)) if what == "array"
          else item.detach().to("cpu", torch.float32))
-    return _unit_range(t.reshape(-1, 1, *t.shape[-2:]), "mask_image").contiguous()
+    return _unit_range(t.reshape(-1, 1, *t.shape[-2:]), field).contiguous()
 
 
 @dataclasses.dataclass
@@ -285,7 +286,7 @@ class Pipeline:
     def compile(self, height=None, width=None, batch_size=1, num_inference_steps=50,
                 sampler=None, guidance=True, strict=False, max_shapes=4, num_chunks=1,
                 strength=None, masked=False, controlnet=None, guess_mode=False,
-                ip_adapter=None, ip_adapter_images=1):
+                ip_adapter=None, ip_adapter_images=1, ip_adapter_masks=False):
         """Build the static plan (buffers, schedule, CUDA graphs on a GPU) for one shape.
 
         ``num_chunks``: the prompts' number of 77-token chunks (A1111 syntax: a prompt past
@@ -293,7 +294,9 @@ class Pipeline:
         image at that strength (the init image is encoded before the replay); with
         ``masked=True``, for inpainting. ``controlnet`` and ``guess_mode``: the ControlNets
         it runs; ``ip_adapter``: the IP-Adapters it runs (a loaded one's name or a list),
-        with ``ip_adapter_images`` reference images each (one number, or one per adapter).
+        with ``ip_adapter_images`` reference images each (one number, or one per adapter),
+        regional where ``ip_adapter_masks`` (one bool, or one per adapter) is True (a mask
+        per image: ``ip_adapter_mask``).
 
         From then on, calls run through static plans (all but ``clip_skip`` and a refiner's
         part of the schedule): a call of a shape that was built replays it; any other shape
@@ -318,21 +321,26 @@ class Pipeline:
                             f"ControlNets the plan runs), got {short_repr(guess_mode)}")
         request = self.check(request, names={"num_images_per_prompt": "batch_size"},
                              num_chunks=num_chunks, controlled=bool(controls))
-        images = self._compiled_image_prompts(ip_adapter, ip_adapter_images)
+        images, regions = self._compiled_image_prompts(ip_adapter, ip_adapter_images,
+                                                       ip_adapter_masks)
         if self.runtime is None:
             self.runtime = StaticRuntime(self.model_spec(), max_shapes=max_shapes, strict=strict)
         else:
             self.runtime.configure(max_shapes=max_shapes, strict=strict)
         return self.runtime.build(self._shape(request, num_chunks, masked, controls, guess_mode,
-                                              images), self.scheduler_config)
+                                              images, image_regions=regions),
+                                  self.scheduler_config)
 
-    def _compiled_image_prompts(self, names, counts):
-        """``StaticShape.image_prompts`` of ``compile``'s IP-Adapters, attached to the UNet
-        (the plan captures their weights); () without."""
+    def _compiled_image_prompts(self, names, counts, masked):
+        """``StaticShape.image_prompts`` and ``image_regions`` of ``compile``'s IP-Adapters,
+        attached to the UNet (the plan captures their weights); ((), ()) without."""
         from .image_prompt import MAX_IMAGES
         from .ip_adapter import attach, tokens_per_image
         if names is None:
-            return ()
+            if masked is not False:
+                raise SdrtError("ip_adapter_masks was given without ip_adapter (the "
+                                "IP-Adapters the plan runs)")
+            return (), ()
         names = select(self._ip_adapters, names, "ip_adapter", "IP-Adapter")
         given = counts
         counts = counts if isinstance(counts, (list, tuple)) else [counts] * len(names)
@@ -340,10 +348,16 @@ class Pipeline:
                 type(c) is int and 1 <= c <= MAX_IMAGES for c in counts):
             raise SdrtError(f"ip_adapter_images must be an integer from 1 to {MAX_IMAGES} or a "
                             f"list of {len(names)}, got {short_repr(given)}")
+        flags = masked if isinstance(masked, (list, tuple)) else [masked] * len(names)
+        if len(flags) != len(names) or not all(isinstance(f, bool) for f in flags):
+            raise SdrtError(f"ip_adapter_masks must be True, False or a list of {len(names)} "
+                            f"of them, got {short_repr(masked)}")
         adapters = [self._ip_adapters[n][0] for n in names]
         attach(self.unet, adapters)
-        return tuple((n, c * tokens_per_image(a.config, self._image_encoders[
+        images = tuple((n, c * tokens_per_image(a.config, self._image_encoders[
             self._ip_adapters[n][1]].config)) for n, a, c in zip(names, adapters, counts))
+        return images, (tuple(c if f else 0 for c, f in zip(counts, flags)) if any(flags)
+                        else ())
 
     def model_spec(self) -> ModelSpec:
         """The family and networks a static plan runs (the plan holds no pipeline)."""
@@ -573,6 +587,16 @@ class Pipeline:
     def _image_scales(self, prompt, rows, calls):
         return prompt.scale_table(rows, calls).to(self.device, self.dtype)
 
+    def _image_regions(self, prompt, request, rows):
+        """The regional IP-Adapters' mask weights at the UNet's levels (``image_regions``), or
+        None when no adapter has masks."""
+        from .layers import level_grids
+        f = self.vae_scale_factor
+        grids = level_grids(request.height // f, request.width // f,
+                            len(self.unet.config.block_out_channels))
+        regions = prompt.regions((request.height, request.width), grids, rows)
+        return tuple(r.to(self.device, self.dtype) for r in regions) or None
+
     # -- LoRA ----------------------------------------------------------------------------------
 
     @property
@@ -674,11 +698,11 @@ class Pipeline:
                             f"scale factor), got {value}")
 
     def _shape(self, request, num_chunks=1, masked=False, controls=(), guess_mode=False,
-               image_prompts=(), text_variants=1):
+               image_prompts=(), text_variants=1, image_regions=()):
         return StaticShape(request.height, request.width, request.batch_size,
                            request.num_inference_steps, request.sampler, self._cfg(request),
                            num_chunks, request.strength if request.has_image else None, masked,
-                           controls, guess_mode, image_prompts, text_variants)
+                           controls, guess_mode, image_prompts, text_variants, image_regions)
 
     def _guidance_distilled(self):
         """Whether the UNet takes its guidance scale as an input (an LCM-distilled UNet, config
@@ -1055,7 +1079,8 @@ class Pipeline:
                  control_guidance_start=0.0, control_guidance_end=1.0, guess_mode=False,
                  control_mode="balanced", ip_adapter_image=None, ip_adapter=None,
                  ip_adapter_scale=1.0, ip_adapter_guidance_start=0.0,
-                 ip_adapter_guidance_end=1.0, prompt_edit_steps=None):
+                 ip_adapter_guidance_end=1.0, ip_adapter_mask=None,
+                 ip_adapter_mask_style="diffusers", prompt_edit_steps=None):
         """Generate images; see the README for each argument.
 
         Returns a list of PIL images (``"pil"``), a float32 array (B, H, W, 3) in [0, 1]
@@ -1123,7 +1148,13 @@ class Pipeline:
         ``ip_adapter.layer_scales``), on the UNet calls within [``ip_adapter_guidance_start``,
         ``ip_adapter_guidance_end``] of the schedule (each one number or one per adapter; a
         ControlNet's rule), as A1111's ControlNet units and ComfyUI's IPAdapter nodes run
-        them.
+        them. ``ip_adapter_mask`` (diffusers' ``ip_adapter_masks``; per adapter None, a mask
+        or one per image, or diffusers' (1, images, H, W) tensor) confines each image of an
+        adapter to its region: the image's tokens get an attention of their own, weighed at
+        each query by the mask at that layer's grid, read as ``ip_adapter_mask_style`` says
+        (``image_prompt.MASK_STYLES``: diffusers' binarized bicubic, or the A1111 ControlNet
+        extension's soft bilinear ``effective_region_mask``); a masked adapter's scale may be
+        a list with one per image.
 
         Prompts in A1111 syntax may edit and alternate (``[a:b:0.5]``, ``[a|b]``;
         ``engine.prompt_schedule``): each UNet call gets its texts' conditioning. The editing
@@ -1179,7 +1210,8 @@ class Pipeline:
         image_prompt = ImagePromptRequest.parse(
             list(self._ip_adapters), ip_adapter_image, ip_adapter, ip_adapter_scale,
             ip_adapter_guidance_start, ip_adapter_guidance_end, self._prompt_images,
-            functools.partial(layer_scales, self.unet))
+            functools.partial(layer_scales, self.unet), ip_adapter_mask,
+            ip_adapter_mask_style, self._prompt_masks)
         if hints and image is None and request.height is None and request.width is None:
             # diffusers' ControlNet pipelines: the control image sets the size.
             f, (h0, w0) = self.vae_scale_factor, hints[0][0].shape[2:]
@@ -1253,9 +1285,10 @@ class Pipeline:
         else:  # (tokenized once: a truncation warning is said once)
             cond = conditioning(texts, texts_2, inputs)
         if image_prompt is not None:
+            rows = 2 * batch if self._cfg(request) else batch
             fields = dict(image_tokens=self._image_tokens(image_prompt, batch, self._cfg(request)),
-                          image_scales=self._image_scales(image_prompt, 2 * batch if
-                                                          self._cfg(request) else batch, calls))
+                          image_scales=self._image_scales(image_prompt, rows, calls),
+                          image_regions=self._image_regions(image_prompt, request, rows))
             cond = ([dataclasses.replace(c, **fields) for c in cond] if edits
                     else dataclasses.replace(cond, **fields))
         t2 = self._clock()
@@ -1382,6 +1415,15 @@ class Pipeline:
         self._bound_pixels(items, "ip_adapter_image")
         return [_image_tensor(item, "ip_adapter_image") for item in items]
 
+    def _prompt_masks(self, items):
+        """One IP-Adapter's masks, checked: float32 (images, 1, H, W) in [0, 1]."""
+        self._bound_pixels(items, "ip_adapter_mask")
+        masks = [_mask_tensor(item, "ip_adapter_mask") for item in items]
+        if len({tuple(m.shape[2:]) for m in masks}) > 1:
+            raise SdrtError(f"ip_adapter_mask: one IP-Adapter's masks must share one size, got "
+                            f"{', '.join('x'.join(map(str, m.shape[:1:-1])) for m in masks)}")
+        return torch.cat(masks)
+
     def _check_adapter_size(self, control, request):
         """The T2I-Adapters a request runs can unshuffle its size."""
         from .adapter import T2IAdapter
@@ -1475,14 +1517,17 @@ class Pipeline:
             inputs = self.text_inputs([t for v, _ in variants for t in v],
                                       request.prompt_syntax,
                                       [t for _, v in variants for t in v])
+        regions = ()
         if image_prompt is not None:
             tokens = self._image_tokens(image_prompt, request.batch_size, self._cfg(request))
             images = tuple((name, t.shape[1]) for name, t in zip(image_prompt.names, tokens))
+            regions = tuple(0 if m is None else m.shape[0] for m in image_prompt.masks)
         encode_seconds += self._clock() - t0
         controls = () if control is None else (control.names, control.guess_mode)
         plan = self.runtime.plan_for(self._shape(request, inputs.num_chunks, start.masked,
                                                  *controls, image_prompts=images,
-                                                 text_variants=len(variants or [None])),
+                                                 text_variants=len(variants or [None]),
+                                                 image_regions=regions),
                                      self.scheduler_config)
         self.num_timesteps = len(plan.schedule.timesteps)
         if variants is not None:
@@ -1490,7 +1535,8 @@ class Pipeline:
                                                      device=self.device)
         if image_prompt is not None:
             prompt.update(image_tokens=tokens, image_scales=self._image_scales(
-                image_prompt, plan.rows, self.num_timesteps))
+                image_prompt, plan.rows, self.num_timesteps),
+                image_regions=self._image_regions(image_prompt, request, plan.rows))
         inputs = inputs.repeat_interleave(request.num_images_per_prompt)
         step_noise = None
         if plan.step_noise is not None:

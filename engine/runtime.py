@@ -25,6 +25,7 @@ from .control import scale_count
 from .errors import SdrtError
 from .families import Family
 from .ip_adapter import cross_attentions
+from .layers import level_grids
 from .prompt_syntax import WeightedIds
 from .samplers import make_schedule, sample
 from .stages import (Control, blank_inpaint_conditioning, guided, inpainting_unet,
@@ -52,6 +53,8 @@ class StaticShape:
     image_prompts: tuple = ()
     # A1111's prompt editing: how many distinct sets of texts the calls read (1: no editing).
     text_variants: int = 1
+    # Regional IP-Adapters: per adapter of image_prompts, its masks (0: none); () for none.
+    image_regions: tuple = ()
 
     def describe(self):
         chunks = f", {self.num_chunks} text chunks" if self.num_chunks > 1 else ""
@@ -62,6 +65,8 @@ class StaticShape:
                    f"{' in guess mode' if self.guess_mode else ''}" if self.controls else "")
         ip = (f", IP-Adapter {' + '.join(f'{n} ({k} tokens)' for n, k in self.image_prompts)}"
               if self.image_prompts else "")
+        ip += (f" with masks {'/'.join(map(str, self.image_regions))}" if self.image_regions
+               else "")
         ip += (f", prompt editing over {self.text_variants} texts" if self.text_variants > 1
                else "")
         return (f"{self.width}x{self.height}, batch {self.batch_size}, "
@@ -146,7 +151,10 @@ class StaticPlan:
                   for _, k in shape.image_prompts) or None,
             torch.zeros(rows, len(self.schedule.timesteps), len(cross_attentions(unet)),
                         len(shape.image_prompts), dtype=dtype, device=dev)
-            if shape.image_prompts else None)
+            if shape.image_prompts else None,
+            tuple(torch.zeros(rows, k, sum(h * w for h, w in level_grids(
+                *self.latent_shape[2:], len(unet.config.block_out_channels))),
+                dtype=dtype, device=dev) for k in shape.image_regions) or None)
         # Prompt editing: each set of texts' states and pooled embeddings (V, rows, ...), and
         # which set each UNet call reads (gathered on the device, so a new prompt's edits
         # need no new capture).
@@ -270,7 +278,8 @@ class StaticPlan:
     def run(self, inputs: TextInputs, noise, guidance_scale, step_noise=None,
             clock=time.perf_counter, step_end=None, timestep_cond=None, keep=None,
             time_ids=None, x0=None, mask=None, image_cond=None, control_images=None,
-            control_scales=None, image_tokens=None, image_scales=None, variant_of_call=None):
+            control_scales=None, image_tokens=None, image_scales=None, variant_of_call=None,
+            image_regions=None):
         """Copy the request's inputs in, run (replay) the three stages.
 
         ``inputs``: token ids and weights (rows, n, 77) per tokenizer, one row per image and
@@ -285,7 +294,8 @@ class StaticPlan:
         and ``control_scales``, their factors per UNet call (``stages.Control``).
         IP-Adapters: ``image_tokens`` (per adapter (rows, n, D)) and ``image_scales`` (rows,
         UNet calls, cross-attention layers, adapters), the adapters attached to the UNet
-        (``ip_adapter.attach``).
+        (``ip_adapter.attach``); regional ones' ``image_regions`` (per adapter (rows, masks,
+        Σ h·w), ``ImagePromptRequest.regions``).
         Prompt editing: ``inputs`` hold the V sets of texts one after another, and
         ``variant_of_call`` (calls,) says which set each UNet call reads.
 
@@ -319,6 +329,9 @@ class StaticPlan:
             for k, tokens in enumerate(self.cond.image_tokens):
                 given[f"image_tokens[{k}]"] = (tokens, None if image_tokens is None
                                                else image_tokens[k])
+            for k, weights in enumerate(self.cond.image_regions or ()):
+                given[f"image_regions[{k}]"] = (weights, None if image_regions is None
+                                                else image_regions[k])
         if self.variant_of_call is not None:
             given["variant_of_call"] = (self.variant_of_call, variant_of_call)
         if self.control is not None:

@@ -9,7 +9,7 @@ from sdrt import kernels
 from .configs import MAX_LAYERS, MAX_POSITIONS, ConfigCheck
 from .errors import SdrtError
 from .layers import (Attention, Downsample2D, GroupNorm, ImagePrompt, LayerNorm, Ops,
-                     ResnetBlock2D, TimestepEmbedding, Upsample2D, norm_silu_conv,
+                     ResnetBlock2D, TimestepEmbedding, Upsample2D, level_grids, norm_silu_conv,
                      timestep_embedding)
 
 
@@ -556,7 +556,8 @@ class UNet2DConditionModel(UNetEncoder):
 
     def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None,
                 text_embeds=None, time_ids=None, down_residuals=None, mid_residual=None,
-                adapter_features=(), image_tokens=None, image_scales=None):
+                adapter_features=(), image_tokens=None, image_scales=None,
+                image_regions=None):
         """sample (B, C, h, w); timestep 0-d or (B,); encoder_hidden_states (B, T, D);
         timestep_cond (B, time_cond_proj_dim), the guidance-scale embedding of a
         guidance-distilled UNet (config ``time_cond_proj_dim``), or None; text_embeds (B, P)
@@ -568,7 +569,8 @@ class UNet2DConditionModel(UNetEncoder):
         ``mid_block_additional_residual``); ``adapter_features`` a T2I-Adapter's, added along
         the down path (``encode``). ``image_tokens`` (per attached IP-Adapter, (B, n, D)) and
         ``image_scales`` (B, cross-attention layers, adapters) are the IP-Adapters' image
-        prompt."""
+        prompt; ``image_regions`` (per adapter, (B, images, Σ h·w) over the levels' grids,
+        ``ImagePromptRequest.regions``) confines regional adapters to their masks."""
         emb = self.embed(sample, timestep, timestep_cond, text_embeds, time_ids)
         context = encoder_hidden_states
         if image_tokens is not None:
@@ -576,7 +578,9 @@ class UNet2DConditionModel(UNetEncoder):
                 raise SdrtError(f"image_tokens holds {len(image_tokens)} IP-Adapters' tokens "
                                 f"(with{'out' if image_scales is None else ''} image_scales) "
                                 f"for a UNet with {self.image_adapters} attached")
-            context = ImagePrompt(encoder_hidden_states, tuple(image_tokens), image_scales)
+            grids = level_grids(*sample.shape[2:], len(self.config.block_out_channels))
+            context = ImagePrompt(encoder_hidden_states, tuple(image_tokens), image_scales,
+                                  tuple(image_regions or ()), grids if image_regions else ())
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
         x, skips = self.encode(self.conv_in(sample), emb, context, adapter_features)

@@ -39,7 +39,9 @@ RESIZE = {"Just Resize": "resize", "Crop and Resize": "crop", "Resize and Fill":
           "Scale to Fit (Inner Fit)": "crop"}
 _HASHED = re.compile(r"^(.*) \[[0-9a-fA-F]+\]$")
 # field → the values that leave sdrt's computation as it is (anything else is refused)
-_OFF = {"guessmode": (False,), "mask": (None, ""), "mask_image": (None, "")}
+# (A ControlNet unit's effective_region_mask is not run yet: an IP-Adapter unit's is.)
+_OFF = {"guessmode": (False,), "mask": (None, ""), "mask_image": (None, ""),
+        "effective_region_mask": (None, "")}
 # The extension's IP-Adapter preprocessors → the image encoder each runs ("h": OpenCLIP
 # ViT-H/14, "g": ViT-bigG/14; None: whichever fits the adapter).
 IP_MODULES = {"ip-adapter_clip_sd15": "h", "ip-adapter_clip_h": "h",
@@ -63,7 +65,8 @@ def parse(server, args, init_images, width, height, api_error, frame=True):
     ``width`` × ``height`` (None without ``frame``: an inpainting request frames them per
     job), the PNG info's (("ControlNet 0", text), ...), each unit's (picture, resize mode)
     for an inpainting job to frame as its init image, ``inpaint.Inpaint.frame_like``, and
-    the IP-Adapter units' (``BatchKey.image_prompts``, their reference pictures)). A 400
+    the IP-Adapter units' (``BatchKey.image_prompts``, their reference pictures, their
+    ``effective_region_mask`` arrays or None)). A 400
     naming ``alwayson_scripts.controlnet.args[i].FIELD`` for a unit sdrt cannot run."""
     from sdrt.engine.control import control_mode as checked_mode
     from sdrt.engine.preprocess import apply, frame_map
@@ -79,19 +82,20 @@ def parse(server, args, init_images, width, height, api_error, frame=True):
              if not (isinstance(u, dict) and u.get("enabled", True) is False)]
     if len(units) > MAX_UNITS:
         raise bad(f"{where} may enable at most {MAX_UNITS} units, got {len(units)}")
-    controls, images, info, sources, prompts, references = [], [], [], [], [], []
+    controls, images, info, sources, prompts, references, masks = [], [], [], [], [], [], []
     for i, (index, unit) in enumerate(units):
         at = f"[{index}]"
         if not isinstance(unit, dict):
             raise bad(f"{where}{at} must be an object, got {short_repr(unit)}", at)
         module = unit.get("module", "none")
         if isinstance(module, str) and module.startswith("ip-adapter"):
-            prompt, picture, text = _ip_unit(server, unit, at, module, init_images, bad)
+            prompt, picture, mask, text = _ip_unit(server, unit, at, module, init_images, bad)
             if prompt[0] in [p[0] for p in prompts]:
                 raise bad(f"{where}{at}.model: IP-Adapter {prompt[0]!r} is in two units; give "
                           f"each unit its own", f"{at}.model")
             prompts.append(prompt)
             references.append(picture)
+            masks.append(mask)
             info.append((f"ControlNet {i}", text))
             continue
         try:
@@ -151,7 +155,7 @@ def parse(server, args, init_images, width, height, api_error, frame=True):
             out.append(value)
         sources.append((picture, RESIZE[mode]))
     return (tuple(controls), tuple(images), tuple(info), tuple(sources),
-            (tuple(prompts), tuple(references)))
+            (tuple(prompts), tuple(references), tuple(masks)))
 
 
 def _numbers(unit, at, bad):
@@ -197,9 +201,11 @@ def _picture(server, unit, at, init_images, bad):
 
 def _ip_unit(server, unit, at, module, init_images, bad):
     """An IP-Adapter unit → (its ``BatchKey.image_prompts`` entry, its reference picture, its
-    PNG info text). Its ``module`` names the image encoder the extension runs (ViT-H or
-    ViT-bigG, or "ip-adapter-auto"), found in --clip-vision-dir; its ``model`` an IP-Adapter
-    file of --controlnet-dir."""
+    ``effective_region_mask`` or None, its PNG info text). Its ``module`` names the image
+    encoder the extension runs (ViT-H or ViT-bigG, or "ip-adapter-auto"), found in
+    --clip-vision-dir; its ``model`` an IP-Adapter file of --controlnet-dir. The mask is the
+    extension's: a base64 image whose red channel in [0, 1] weighs the unit's attention
+    (``ip_adapter_mask_style="a1111"``)."""
     import hashlib
     where = "alwayson_scripts.controlnet.args"
     if module not in IP_MODULES:
@@ -224,12 +230,31 @@ def _ip_unit(server, unit, at, module, init_images, bad):
     numbers = _numbers(unit, at, bad)
     picture = _picture(server, unit, at, init_images, bad)
     digest = hashlib.sha256(picture.tobytes() + repr((picture.mode, picture.size)).encode())
+    mask = _region_mask(server, unit.get("effective_region_mask"), at, bad)
+    if mask is not None:
+        digest.update(b"mask" + mask.tobytes() + repr(mask.shape).encode())
     short = server.runner.controlnet_hash(name)
     text = controlnet_unit(f"{name} [{short}]" if short else name, numbers["weight"], "crop",
                            numbers["guidance_start"], numbers["guidance_end"],
                            processor=(module, None, None, None, False))
     return ((name, numbers["weight"], numbers["guidance_start"], numbers["guidance_end"],
-             encoder, digest.hexdigest()), picture, text)
+             encoder, digest.hexdigest()), picture, mask, text)
+
+
+def _region_mask(server, value, at, bad):
+    """An IP-Adapter unit's ``effective_region_mask`` (a base64 image, or null) → its red
+    channel as float32 (H, W) in [0, 1], or None."""
+    import numpy as np
+
+    from .app import _decode_bytes, b64_bytes
+    if value in (None, ""):
+        return None
+    field = f"alwayson_scripts.controlnet.args{at}.effective_region_mask"
+    if not isinstance(value, str):
+        raise bad(f"{field} must be a base64-encoded image or null, got "
+                  f"{short_repr(value, 40)}", f"{at}.effective_region_mask")
+    picture = _decode_bytes(b64_bytes(value, field, field), field, server.limits)
+    return np.asarray(picture.convert("RGB"), dtype=np.float32)[..., 0] / 255.0
 
 
 def _processor(unit, where):

@@ -199,12 +199,17 @@ class Runner:
         self._apply_ip_adapters(key.image_prompts)
         if not key.image_prompts:
             return {}
-        images = list(rows[0].ip_images)
-        return dict(ip_adapter_image=images if len(images) > 1 else images[0],
+        images, masks = list(rows[0].ip_images), list(rows[0].ip_masks)
+        one = len(images) == 1
+        regions = {}
+        if any(m is not None for m in masks):  # the extension's effective_region_mask
+            regions = dict(ip_adapter_mask=masks[0] if one else masks,
+                           ip_adapter_mask_style="a1111")
+        return dict(ip_adapter_image=images[0] if one else images,
                     ip_adapter=[p[0] for p in key.image_prompts],
                     ip_adapter_scale=[p[1] for p in key.image_prompts],
                     ip_adapter_guidance_start=[p[2] for p in key.image_prompts],
-                    ip_adapter_guidance_end=[p[3] for p in key.image_prompts])
+                    ip_adapter_guidance_end=[p[3] for p in key.image_prompts], **regions)
 
     # -- upscale models from --upscaler-dir ------------------------------------------------
 

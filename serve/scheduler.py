@@ -60,7 +60,8 @@ class BatchKey:
     controls: tuple = ()
     vae: str = None  # the VAE the rows decode with (Runner.vae_path names it); None: the model's
     # ((name, weight, start, end, image encoder path, reference digest), ...): the rows'
-    # IP-Adapters (Runner.controlnet_path names them); rows share their reference images.
+    # IP-Adapters (Runner.controlnet_path names them); rows share their reference images
+    # and masks (the digest covers both).
     image_prompts: tuple = ()
 
 
@@ -81,6 +82,8 @@ class Row:
     # with a hires fix: the control images framed at its second pass's size (A1111's units)
     hires_control_images: tuple = ()
     ip_images: tuple = ()  # one PIL reference image per IP-Adapter of the key
+    # per IP-Adapter of the key: its effective_region_mask (float32 (H, W) in [0, 1]) or None
+    ip_masks: tuple = ()
 
 
 class Job:

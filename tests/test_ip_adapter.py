@@ -2,6 +2,8 @@
 whole pipelines with plain, plus and full-face adapters in h94/IP-Adapter's file layout
 (one adapter, two at once, several images for one, under a static plan) on the same latents,
 and the refusals."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -213,6 +215,83 @@ def test_two_adapters_and_several_images_match_diffusers(sd1):
         ours.runtime = None
 
 
+def _region(w, h, left, right):
+    """A greyscale mask of a w x h picture, white from column ``left`` to ``right``."""
+    a = np.zeros((h, w), np.uint8)
+    a[:, left:right] = 255
+    return Image.fromarray(a, "L")
+
+
+def test_regional_masks_match_diffusers(sd1):
+    # diffusers' ip_adapter_masks (IPAdapterMaskProcessor, binarized, bicubic at each layer):
+    # "plain" with two images, each in its own region with its own scale ([[0.7, 1.6]]), and
+    # "full" beside it without masks; eager and under a static plan. Masks at another size
+    # than the picture are resized to it first.
+    from diffusers.image_processor import IPAdapterMaskProcessor
+    ours, ref, root = sd1
+    images = [[_picture(4, 33, 47), _picture(5, 64, 40)], _picture(6, 36, 36)]
+    masks = [_region(24, 16, 0, 10), _region(24, 16, 9, 24)]
+    processed = IPAdapterMaskProcessor().preprocess(masks, height=16, width=24)
+    pipe = _reference(ref, root, ["plain", "full"], [[0.7, 1.6], 0.8])
+    kw = dict(KW, latents=_latents(21, batch=1))
+    expected = pipe(PROMPT, ip_adapter_image=images, cross_attention_kwargs={
+        "ip_adapter_masks": [processed.reshape(1, 2, 16, 24), None]}, **kw).images
+    _assert_lively(expected, "regional IP-Adapter")
+    ip = dict(ip_adapter_image=images, ip_adapter=["plain", "full"], sampler="euler", **kw)
+    got = ours(PROMPT, ip_adapter_scale=[[0.7, 1.6], 0.8], ip_adapter_mask=[masks, None], **ip)
+    assert_close_abs(got, expected, IMAGE_ATOL, "regional IP-Adapter")
+    joined = ours(PROMPT, ip_adapter_scale=[1.0, 0.8], **ip)
+    assert np.abs(joined - got).max() > 20 * IMAGE_ATOL, "the masks changed nothing"
+    large = [m.resize((48, 32), Image.NEAREST) for m in masks]
+    resized = ours(PROMPT, ip_adapter_scale=[[0.7, 1.6], 0.8], ip_adapter_mask=[large, None],
+                   **ip)
+    assert_close_abs(resized, got, 1e-6, "masks at twice the picture's size")
+    ours.compile(16, 24, num_inference_steps=4, sampler="euler", strict=True,
+                 ip_adapter=["plain", "full"], ip_adapter_images=[2, 1],
+                 ip_adapter_masks=[True, False])
+    try:
+        static = ours(PROMPT, ip_adapter_scale=[[0.7, 1.6], 0.8],
+                      ip_adapter_mask=[processed.reshape(1, 2, 16, 24), None], **ip)
+    finally:
+        ours.runtime = None
+    assert_close_abs(static, got, 1e-5, "regional IP-Adapter under a static plan")
+
+
+def test_a1111_region_masks(sd1):
+    # The A1111 ControlNet extension's effective_region_mask: the mask as it is (not
+    # binarized), bilinear to each layer's grid. A white mask is no mask; a black one no
+    # adapter; each level's weights are the extension's interpolation.
+    import functools
+
+    from sdrt.engine.image_prompt import ImagePromptRequest
+    from sdrt.engine.ip_adapter import layer_scales
+    from sdrt.engine.layers import level_grids
+    ours, _, _ = sd1
+    picture = _picture(8, 30, 30)
+    kw = dict(KW, sampler="euler", latents=_latents(22, batch=1))
+    ip = dict(ip_adapter_image=picture, ip_adapter="plus", ip_adapter_scale=1.3,
+              ip_adapter_mask_style="a1111")
+    whole = ours(PROMPT, **{**ip, "ip_adapter_mask_style": "diffusers"}, **kw)
+    white = ours(PROMPT, ip_adapter_mask=np.ones((5, 7), np.float32), **ip, **kw)
+    assert_close_abs(white, whole, 1e-5, "a white region mask")
+    black = ours(PROMPT, ip_adapter_mask=np.zeros((16, 24), np.float32), **ip, **kw)
+    assert_close_abs(black, ours(PROMPT, **kw), 1e-5, "a black region mask")
+    soft = np.random.default_rng(3).random((9, 13)).astype(np.float32)
+    req = ImagePromptRequest.parse(["plus"], picture, None, 1.0, 0.0, 1.0, ours._prompt_images,
+                                   functools.partial(layer_scales, ours.unet), soft, "a1111",
+                                   ours._prompt_masks)
+    grids = level_grids(8, 12, 2)
+    weights = req.regions((16, 24), grids, 3)[0]
+    assert weights.shape == (3, 1, 8 * 12 + 4 * 6)
+    mask = torch.from_numpy(soft)[None, None]
+    for (h, w), start in zip(grids, (0, 96)):
+        factor = (h * w / 96) ** 0.5  # the extension's grid: the latent's, scaled
+        want = torch.nn.functional.interpolate(mask, size=(int(8 * factor), int(12 * factor)),
+                                               mode="bilinear").flatten()
+        assert_close_abs(weights[2, 0, start:start + h * w], want, 1e-6, f"a1111 {h}x{w}")
+    assert weights.min() < 0.2 and weights.max() > 0.8, "not binarized"
+
+
 def test_refusals(sd1, tmp_path):
     ours, _, root = sd1
     picture = _picture(1, 30, 30)
@@ -226,12 +305,31 @@ def test_refusals(sd1, tmp_path):
         "ip_adapter_image must be a list of 2 entries": dict(ip_adapter=["plain", "plus"]),
         "ip_adapter_image values must be finite and in [0, 1]": dict(
             ip_adapter="plain", ip_adapter_image=torch.full((3, 8, 8), 2.0)),
+        "ip_adapter_mask must hold one mask per image of its IP-Adapter (2), got 1": dict(
+            ip_adapter="plain", ip_adapter_image=[picture, picture],
+            ip_adapter_mask=_region(8, 8, 0, 4)),
+        "ip_adapter_mask must be a list of 2 entries": dict(
+            ip_adapter=["plain", "plus"], ip_adapter_image=[picture, picture],
+            ip_adapter_mask=_region(8, 8, 0, 4)),
+        "ip_adapter_mask values must be finite and in [0, 1]": dict(
+            ip_adapter="plain", ip_adapter_mask=np.full((8, 8), 1.5, np.float32)),
+        "ip_adapter_mask: one IP-Adapter's masks must share one size, got 8x8, 9x8": dict(
+            ip_adapter="plain", ip_adapter_image=[picture, picture],
+            ip_adapter_mask=[_region(8, 8, 0, 4), _region(9, 8, 0, 4)]),
+        "ip_adapter_scale is a list (one scale per image), which only an IP-Adapter with "
+        "ip_adapter_mask takes": dict(ip_adapter="plain", ip_adapter_scale=[[0.5]]),
+        "ip_adapter_scale must be one value or a list of 2 (one per image of the IP-Adapter)":
+            dict(ip_adapter="plain", ip_adapter_image=[picture, picture],
+                 ip_adapter_mask=[_region(8, 8, 0, 4)] * 2, ip_adapter_scale=[[0.5]]),
+        "ip_adapter_mask_style must be one of diffusers, a1111, got 'comfy'": dict(
+            ip_adapter="plain", ip_adapter_mask_style="comfy"),
     }
     for message, kw in cases.items():
         kw.setdefault("ip_adapter_image", picture)
-        with pytest.raises(SdrtError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        with pytest.raises(SdrtError, match=re.escape(message)):
             ours(PROMPT, **KW, **kw)
     for field, value in (("ip_adapter", "plain"), ("ip_adapter_scale", 0.5),
+                         ("ip_adapter_mask", _region(8, 8, 0, 4)),
                          ("ip_adapter_guidance_end", 0.5)):
         with pytest.raises(SdrtError, match=f"{field} was given without ip_adapter_image"):
             ours(PROMPT, **{field: value}, **KW)
@@ -263,7 +361,12 @@ def test_refusals(sd1, tmp_path):
                                   ip_adapter_images=17),
              "ip_adapter_images must be an integer from 1 to 16 or a list of 1, got 17"),
             (lambda: ours.compile(16, 24, num_inference_steps=2, ip_adapter="nope"),
-             "ip_adapter 'nope' is not loaded")):
+             "ip_adapter 'nope' is not loaded"),
+            (lambda: ours.compile(16, 24, num_inference_steps=2, ip_adapter_masks=True),
+             "ip_adapter_masks was given without ip_adapter"),
+            (lambda: ours.compile(16, 24, num_inference_steps=2, ip_adapter="plain",
+                                  ip_adapter_masks=[True, False]),
+             "ip_adapter_masks must be True, False or a list of 1 of them")):
         with pytest.raises(SdrtError, match=message):
             call()
     assert ours.runtime is None  # nothing was built
@@ -430,8 +533,27 @@ def test_cli_equals_the_library(tmp_path, capsys):
     plain = tmp_path / "plain.png"
     assert _run(base + ["-o", str(plain)], capsys)[0] == 0
     assert np.abs(_pixels(plain).astype(int) - got).max() > 10, "the IP-Adapter changed nothing"
+    # --ip-adapter-mask: the library's ip_adapter_mask (white: the region), binarized.
+    _region(64, 64, 0, 30).save(tmp_path / "left.png")
+    regional = tmp_path / "regional.png"
+    code, _, err = _run(base + options + ["--ip-adapter-mask", str(tmp_path / "left.png"),
+                                          "-o", str(regional)], capsys)
+    assert code == 0, err
+    with Image.open(tmp_path / "ref.png") as im, Image.open(tmp_path / "left.png") as m:
+        expected = pipe("a red fox", height=64, width=64, num_inference_steps=3,
+                        guidance_scale=defaults["guidance_scale"], sampler=defaults["sampler"],
+                        generator=[torch.Generator().manual_seed(6)],
+                        ip_adapter_image=im.convert("RGB"), ip_adapter_scale=0.7,
+                        ip_adapter_guidance_end=0.7, ip_adapter_mask=m.copy())[0]
+    masked = _pixels(regional).astype(int)
+    assert np.abs(masked - np.asarray(expected).astype(int)).max() <= 1
+    assert np.abs(masked - got).max() > 10, "the mask changed nothing"
     for extra, message in (
             (options[:2], "--ip-adapter-image must be given once per --ip-adapter (got 0 for 1)"),
+            (options + ["--ip-adapter-mask", "none", "--ip-adapter-mask", "none"],
+             "--ip-adapter-mask must be given once per --ip-adapter (got 2 for 1)"),
+            (options + ["--ip-adapter-mask", str(tmp_path / "nothing.png")],
+             "cannot read ip-adapter mask"),
             (options[:4] + ["--ip-adapter-start", "0.8", "--ip-adapter-end", "0.5"],
              "--ip-adapter-start and --ip-adapter-end must satisfy 0 <= start < end <= 1"),
             (options[:4], "no image_encoder folder beside it"),

@@ -1,8 +1,9 @@
 """IP-Adapter units of A1111's ControlNet extension API on ``sdrt serve --controlnet-dir
 --clip-vision-dir`` over real HTTP on 127.0.0.1: a unit gives the library's image with the
 same adapter, encoder, reference image and settings, the module picks the encoder (the one
-that fits when its name does not), the PNG info records the unit, and what sdrt cannot run
-is a 400 naming the field."""
+that fits when its name does not), the PNG info records the unit, a unit's
+effective_region_mask gives the library's regional image, and what sdrt cannot run is a 400
+naming the field."""
 import base64
 import io
 import json
@@ -91,7 +92,40 @@ def test_a_unit_gives_the_library_image(server, assets, ref_pipe):
             f'0.7, Resize Mode: Crop and Resize') in text
 
 
+def test_effective_region_mask_gives_the_library_image(server, assets, ref_pipe):
+    # The unit's effective_region_mask: its red channel, soft, weighs the adapter's attention
+    # (the library's ip_adapter_mask_style="a1111").
+    import numpy as np
+    root, picture = assets
+    rng = np.random.default_rng(5)
+    rgb = rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    rgb[:, :20, 0] = 255  # the left half in, whatever the other channels say
+    rgb[:, 20:, 0] //= 4
+    unit = {"module": "ip-adapter_clip_sd15", "model": "style", "image": _png(picture),
+            "weight": 1.5, "effective_region_mask": _png(Image.fromarray(rgb))}
+    r = _txt2img(server, [unit], seed=4)
+    assert r.status_code == 200, r.text
+    got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+    ref_pipe.load_ip_adapter(root / "nets" / "style.safetensors",
+                             image_encoder=root / "clip" / "vision.safetensors", name="style")
+    try:
+        kw = dict(negative_prompt="blurry", height=64, width=64, num_inference_steps=2,
+                  guidance_scale=7.0, seed=4, ip_adapter_image=picture, ip_adapter_scale=1.5)
+        want = ref_pipe(PROMPT, ip_adapter_mask=rgb[..., 0].astype(np.float32) / 255,
+                        ip_adapter_mask_style="a1111", **kw)[0]
+        whole = ref_pipe(PROMPT, **kw)[0]
+    finally:
+        ref_pipe.unload_ip_adapter()
+    assert_same_image(got, want, "an IP-Adapter unit with an effective_region_mask")
+    assert np.abs(np.asarray(got, np.int16) - np.asarray(whole, np.int16)).max() > 8, \
+        "the mask changed nothing"
+
+
 @pytest.mark.parametrize("unit, field, message", [
+    ({"module": "ip-adapter_clip_sd15", "model": "style", "effective_region_mask": 3},
+     "[0].effective_region_mask", "must be a base64-encoded image or null, got 3"),
+    ({"module": "none", "model": "style", "effective_region_mask": "abc"},
+     "[0].effective_region_mask", "effective_region_mask must be None or ''"),
     ({"module": "ip-adapter_face_id_plus", "model": "style"}, "[0].module",
      "FaceID reads an insightface embedding"),
     ({"module": "ip-adapter_clip_sd15", "model": "nothing"}, "[0].model",
