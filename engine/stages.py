@@ -10,6 +10,10 @@ from .conditioning import Conditioning
 from .errors import SdrtError
 
 
+# The UNet inputs a ControlNet reads besides the latents and the timestep.
+CONTROLNET_INPUTS = ("encoder_hidden_states", "text_embeds", "time_ids")
+
+
 @dataclass
 class Control:
     """ControlNets and T2I-Adapters applied on every UNet call (diffusers' ControlNet and
@@ -73,9 +77,10 @@ class Control:
 
     def _controlnets(self, nets, call, x, t, inputs, rows):
         half = rows == 2 and self.guess_mode
-        if half:  # the conditional rows only
+        if half:  # the conditional rows only (of what a ControlNet reads: not image tokens)
             x = x.chunk(2)[1]
-            inputs = {k: v.chunk(2)[1] for k, v in inputs.items()}
+            inputs = {k: inputs[k].chunk(2)[1] for k in CONTROLNET_INPUTS
+                      if inputs.get(k) is not None}
         copies = 1 if half else rows
         down = mid = None
         for k, net in nets:

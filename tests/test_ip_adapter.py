@@ -215,6 +215,32 @@ def test_two_adapters_and_several_images_match_diffusers(sd1):
         ours.runtime = None
 
 
+def test_with_a_controlnet_in_guess_mode_matches_diffusers(sd1, tmp_path):
+    # diffusers' ControlNet pipeline with an IP-Adapter: the ControlNet (in guess mode: the
+    # conditional half only) sees the text, the UNet the text and the image tokens.
+    from diffusers import StableDiffusionControlNetPipeline
+    from test_controlnet import _controlnet, _hint
+    ours, ref, root = sd1
+    net = _controlnet(ref.unet, 3)
+    net.save_pretrained(tmp_path / "net", safe_serialization=True)
+    picture, hint = _picture(12, 40, 40), _hint(4)
+    base = _reference(ref, root, ["plus"], [0.9])
+    pipe = StableDiffusionControlNetPipeline(**base.components, controlnet=net,
+                                             requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(KW, latents=_latents(23, batch=1))
+    expected = pipe(PROMPT, image=hint, ip_adapter_image=picture, guess_mode=True, **kw).images
+    _assert_lively(expected, "ControlNet in guess mode with an IP-Adapter")
+    ours.load_controlnet(tmp_path / "net", name="net")
+    try:
+        got = ours(PROMPT, control_image=hint, controlnet="net", guess_mode=True,
+                   ip_adapter_image=picture, ip_adapter="plus", ip_adapter_scale=0.9,
+                   sampler="euler", **kw)
+    finally:
+        ours.unload_controlnet("net")
+    assert_close_abs(got, expected, IMAGE_ATOL, "ControlNet in guess mode with an IP-Adapter")
+
+
 def _region(w, h, left, right):
     """A greyscale mask of a w x h picture, white from column ``left`` to ``right``."""
     a = np.zeros((h, w), np.uint8)
