@@ -96,19 +96,25 @@ class ControlRequest:
     ends: tuple
     guess_mode: bool
     modes: tuple = ()  # per net: a CONTROL_MODES name
+    # per net: its region mask (float32 (1, 1, H, W) in [0, 1], as given) or None; () for none
+    masks: tuple = ()
 
     @classmethod
     def parse(cls, loaded, control_image, controlnet=None, scale=1.0, start=0.0, end=1.0,
-              guess_mode=False, mode="balanced"):
+              guess_mode=False, mode="balanced", mask=None, mask_tensor=None):
         """Checked settings, or None for a request without ``control_image``; ``loaded``
-        the names of the loaded ControlNets, in load order."""
+        the names of the loaded ControlNets, in load order. ``mask``: a net's region (the
+        A1111 ControlNet extension's ``effective_region_mask``), for several nets a list
+        with one (or None) per net; ``mask_tensor(item)`` checks one and returns it as
+        float32 (1, 1, H, W) in [0, 1]."""
         if control_image is None:
             refuse_without("control_image", "the image a ControlNet follows", {
                 "controlnet": controlnet is not None, "guess_mode": guess_mode is not False,
                 "controlnet_conditioning_scale": not unset(scale, 1.0),
                 "control_guidance_start": not unset(start, 0.0),
                 "control_guidance_end": not unset(end, 1.0),
-                "control_mode": mode not in ("balanced", "Balanced", 0)})
+                "control_mode": mode not in ("balanced", "Balanced", 0),
+                "control_mask": mask is not None})
             return None
         if not loaded:
             raise SdrtError("control_image was given, but no ControlNet is loaded "
@@ -138,7 +144,16 @@ class ControlRequest:
         if guess_mode and any(m != "balanced" for m in modes):
             raise SdrtError("control_mode must be balanced in guess mode (guess mode ramps the "
                             "residuals and keeps them from the unconditional half already)")
-        return cls(names, images, scales, starts, ends, guess_mode, modes)
+        masks = ()
+        if mask is not None:
+            if n > 1 and (not isinstance(mask, (list, tuple)) or len(mask) != n):
+                raise SdrtError(f"control_mask must be a list of {n} entries, one per "
+                                f"ControlNet ({', '.join(names)}), each a mask or None")
+            masks = tuple(None if m is None else mask_tensor(m)
+                          for m in (mask if n > 1 else [mask]))
+            if all(m is None for m in masks):
+                masks = ()
+        return cls(names, images, scales, starts, ends, guess_mode, modes, masks)
 
 
 def control_batch(tensors, batch, dtype, device):

@@ -118,7 +118,7 @@ class Hires:
 
 # The pipeline's ControlNet arguments that hold one value per ControlNet (or one for all).
 _PER_NET = ("controlnet", "controlnet_conditioning_scale", "control_guidance_start",
-            "control_guidance_end", "control_mode")
+            "control_guidance_end", "control_mode", "control_mask")
 
 
 def pass_controls(control, units):
@@ -149,6 +149,8 @@ def pass_controls(control, units):
                                     for k, m in zip(keep, modes)]
         if len(keep) == 1:
             this["control_image"] = this["control_image"][0]
+            if "control_mask" in this:
+                this["control_mask"] = this["control_mask"][0]
         out.append({**shared, **this})
     return tuple(out)
 

@@ -20,6 +20,7 @@ import torch
 from .clip_vision import clip_pixels
 from .control import number, per_item, refuse_without, select, unset
 from .errors import SdrtError
+from .layers import grid_weights
 from .request import MAX_CONTROL_SCALE, short_repr
 
 MAX_IMAGES = 16  # reference images per adapter in one request (their tokens are joined)
@@ -136,11 +137,8 @@ class ImagePromptRequest:
                 masks, mode = (masks >= 0.5).float(), "bicubic"
             else:
                 mode = "bilinear"
-            # Each grid straight from the mask (align_corners off, no antialiasing), as
-            # diffusers' IPAdapterMaskProcessor.downsample and the extension interpolate.
-            levels = [torch.nn.functional.interpolate(masks, size=g, mode=mode).flatten(1)
-                      for g in grids]
-            weights = torch.cat(levels, dim=1) * torch.tensor(scales)[:, None]
+            # (as diffusers' IPAdapterMaskProcessor.downsample and the extension interpolate)
+            weights = grid_weights(masks, grids, mode) * torch.tensor(scales)[:, None]
             out.append(weights.expand(rows, -1, -1).contiguous())
         return tuple(out)
 

@@ -176,12 +176,7 @@ class ImagePrompt:
         queries, or None when it is not regional."""
         if not self.regions or self.regions[adapter].shape[1] == 0:
             return None
-        start = 0
-        for h, w in self.grids:
-            if h * w == queries:
-                return self.regions[adapter][:, :, start:start + queries]
-            start += h * w
-        raise SdrtError(f"no level of the UNet has {queries} queries (grids {self.grids})")
+        return self.regions[adapter][..., grid_slice(self.grids, queries)]
 
 
 def level_grids(height, width, levels):
@@ -192,6 +187,24 @@ def level_grids(height, width, levels):
         h, w = grids[-1]
         grids.append(((h + 1) // 2, (w + 1) // 2))
     return tuple(grids)
+
+
+def grid_weights(masks, grids, mode):
+    """Masks (N, 1, H, W) brought to every grid of ``grids`` by ``mode`` ("bilinear" or
+    "bicubic"; align_corners off, no antialiasing, straight from the mask), flattened and
+    joined: (N, Σ h·w). A region mask's weights at every level of the UNet."""
+    return torch.cat([F.interpolate(masks, size=g, mode=mode).flatten(1) for g in grids], dim=1)
+
+
+def grid_slice(grids, size):
+    """The slice of ``grid_weights``' last axis that holds the grid of ``size`` positions
+    (h·w)."""
+    start = 0
+    for h, w in grids:
+        if h * w == size:
+            return slice(start, start + size)
+        start += h * w
+    raise SdrtError(f"no level of the UNet has {size} positions (grids {grids})")
 
 
 class Attention(nn.Module):

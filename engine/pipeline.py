@@ -286,14 +286,16 @@ class Pipeline:
     def compile(self, height=None, width=None, batch_size=1, num_inference_steps=50,
                 sampler=None, guidance=True, strict=False, max_shapes=4, num_chunks=1,
                 strength=None, masked=False, controlnet=None, guess_mode=False,
-                ip_adapter=None, ip_adapter_images=1, ip_adapter_masks=False):
+                control_masks=False, ip_adapter=None, ip_adapter_images=1,
+                ip_adapter_masks=False):
         """Build the static plan (buffers, schedule, CUDA graphs on a GPU) for one shape.
 
         ``num_chunks``: the prompts' number of 77-token chunks (A1111 syntax: a prompt past
         75 tokens, or with ``BREAK``, takes more than one). ``strength``: a plan for image to
         image at that strength (the init image is encoded before the replay); with
         ``masked=True``, for inpainting. ``controlnet`` and ``guess_mode``: the ControlNets
-        it runs; ``ip_adapter``: the IP-Adapters it runs (a loaded one's name or a list),
+        it runs, with region masks where ``control_masks`` (one bool, or one per net) is
+        True (``control_mask``); ``ip_adapter``: the IP-Adapters it runs (a loaded one's name or a list),
         with ``ip_adapter_images`` reference images each (one number, or one per adapter),
         regional where ``ip_adapter_masks`` (one bool, or one per adapter) is True (a mask
         per image: ``ip_adapter_mask``).
@@ -321,6 +323,12 @@ class Pipeline:
                             f"ControlNets the plan runs), got {short_repr(guess_mode)}")
         request = self.check(request, names={"num_images_per_prompt": "batch_size"},
                              num_chunks=num_chunks, controlled=bool(controls))
+        flags = (control_masks if isinstance(control_masks, (list, tuple))
+                 else [control_masks] * len(controls))
+        if len(flags) != len(controls) or not all(isinstance(f, bool) for f in flags) or \
+                (any(flags) and not controls):
+            raise SdrtError(f"control_masks must be True, False or a list of {len(controls)} of "
+                            f"them, with controlnet; got {short_repr(control_masks)}")
         images, regions = self._compiled_image_prompts(ip_adapter, ip_adapter_images,
                                                        ip_adapter_masks)
         if self.runtime is None:
@@ -328,7 +336,8 @@ class Pipeline:
         else:
             self.runtime.configure(max_shapes=max_shapes, strict=strict)
         return self.runtime.build(self._shape(request, num_chunks, masked, controls, guess_mode,
-                                              images, image_regions=regions),
+                                              images, image_regions=regions,
+                                              control_masks=tuple(flags) if any(flags) else ()),
                                   self.scheduler_config)
 
     def _compiled_image_prompts(self, names, counts, masked):
@@ -590,11 +599,7 @@ class Pipeline:
     def _image_regions(self, prompt, request, rows):
         """The regional IP-Adapters' mask weights at the UNet's levels (``image_regions``), or
         None when no adapter has masks."""
-        from .layers import level_grids
-        f = self.vae_scale_factor
-        grids = level_grids(request.height // f, request.width // f,
-                            len(self.unet.config.block_out_channels))
-        regions = prompt.regions((request.height, request.width), grids, rows)
+        regions = prompt.regions((request.height, request.width), self._grids(request), rows)
         return tuple(r.to(self.device, self.dtype) for r in regions) or None
 
     # -- LoRA ----------------------------------------------------------------------------------
@@ -698,11 +703,12 @@ class Pipeline:
                             f"scale factor), got {value}")
 
     def _shape(self, request, num_chunks=1, masked=False, controls=(), guess_mode=False,
-               image_prompts=(), text_variants=1, image_regions=()):
+               image_prompts=(), text_variants=1, image_regions=(), control_masks=()):
         return StaticShape(request.height, request.width, request.batch_size,
                            request.num_inference_steps, request.sampler, self._cfg(request),
                            num_chunks, request.strength if request.has_image else None, masked,
-                           controls, guess_mode, image_prompts, text_variants, image_regions)
+                           controls, guess_mode, image_prompts, text_variants, image_regions,
+                           control_masks)
 
     def _guidance_distilled(self):
         """Whether the UNet takes its guidance scale as an input (an LCM-distilled UNet, config
@@ -1077,7 +1083,8 @@ class Pipeline:
                  mask_image=None, masked_content="original", latent_resize=False,
                  control_image=None, controlnet=None, controlnet_conditioning_scale=1.0,
                  control_guidance_start=0.0, control_guidance_end=1.0, guess_mode=False,
-                 control_mode="balanced", ip_adapter_image=None, ip_adapter=None,
+                 control_mode="balanced", control_mask=None, ip_adapter_image=None,
+                 ip_adapter=None,
                  ip_adapter_scale=1.0, ip_adapter_guidance_start=0.0,
                  ip_adapter_guidance_end=1.0, ip_adapter_mask=None,
                  ip_adapter_mask_style="diffusers", prompt_edit_steps=None):
@@ -1136,7 +1143,9 @@ class Pipeline:
         important") ramps the residuals from 0.825^12× at the first skip to 1× at the mid
         block; "controlnet" ("ControlNet is more important") does too and keeps them from the
         unconditional half, so CFG pushes towards the ControlNet. A mode is data in the
-        plan's table: it needs no plan of its own.
+        plan's table: it needs no plan of its own. ``control_mask`` (a mask, or one or None
+        per net) confines a net to a region: its residuals times the mask (soft, as given)
+        bilinear at their size, the A1111 extension's ``effective_region_mask``.
 
         IP-Adapter, as diffusers' ``ip_adapter_image``: with adapters loaded by
         ``load_ip_adapter``, ``ip_adapter_image`` (an image or a list of images, whose tokens
@@ -1205,7 +1214,8 @@ class Pipeline:
         self._check_latent_resize(latent_resize, image, mask_image, denoising_start)
         control = ControlRequest.parse(list(self._controlnets), control_image, controlnet,
                                        controlnet_conditioning_scale, control_guidance_start,
-                                       control_guidance_end, guess_mode, control_mode)
+                                       control_guidance_end, guess_mode, control_mode,
+                                       control_mask, self._control_mask)
         hints = self._control_tensors(control)
         image_prompt = ImagePromptRequest.parse(
             list(self._ip_adapters), ip_adapter_image, ip_adapter, ip_adapter_scale,
@@ -1305,7 +1315,7 @@ class Pipeline:
             image_cond = self._blank_image_cond(batch, request.height, request.width)
         model = guided(self.unet, cond, row_scales(request.row_scales(), self.device),
                        self._cfg(request), self.dtype, self._timestep_cond(request), image_cond,
-                       self._control(control, hints, len(schedule.timesteps)),
+                       self._control(control, hints, len(schedule.timesteps), request),
                        self._combination(request, parts))
         x = sample(sampler, model, x, schedule, generator=generator, step_end=step_end)
         t3 = self._clock()
@@ -1441,12 +1451,40 @@ class Pipeline:
                               control.starts, control.ends, control.guess_mode, calls,
                               control.modes)
 
-    def _control(self, control, hints, calls):
+    def _control(self, control, hints, calls, request):
         """The eager ``Control`` stage of a request (None without ControlNets)."""
         if control is None:
             return None
+        grids = self._grids(request)
         return Control([self._controlnets[n] for n in control.names], hints,
-                       self._control_table(control, calls).to(self.device), control.guess_mode)
+                       self._control_table(control, calls).to(self.device), control.guess_mode,
+                       self._control_regions(control, grids) or (), grids)
+
+    def _control_mask(self, item):
+        """One ControlNet's region mask, checked: float32 (1, 1, H, W) in [0, 1]."""
+        self._bound_pixels([item], "control_mask")
+        mask = _mask_tensor(item, "control_mask")
+        if mask.shape[0] != 1:
+            raise SdrtError(f"control_mask must be one mask per ControlNet, got a batch of "
+                            f"{mask.shape[0]}")
+        return mask
+
+    def _grids(self, request):
+        """The (h, w) grid of each UNet level for the request's size (``layers.level_grids``)."""
+        from .layers import level_grids
+        f = self.vae_scale_factor
+        return level_grids(request.height // f, request.width // f,
+                           len(self.unet.config.block_out_channels))
+
+    def _control_regions(self, control, grids):
+        """Per ControlNet, its region mask's weights (1, Σ h·w) at the UNet's levels as the
+        A1111 extension interpolates them (bilinear, as given), or None; None without masks."""
+        from .layers import grid_weights
+        if not control.masks:
+            return None
+        return tuple(None if m is None else
+                     grid_weights(m, grids, "bilinear").to(self.device, self.dtype)
+                     for m in control.masks)
 
     def _start(self, request, init, init_latents, mask, latents, shape, generator,
                masked_content="original"):
@@ -1524,10 +1562,13 @@ class Pipeline:
             regions = tuple(0 if m is None else m.shape[0] for m in image_prompt.masks)
         encode_seconds += self._clock() - t0
         controls = () if control is None else (control.names, control.guess_mode)
+        control_masks = (() if control is None or not control.masks else
+                         tuple(m is not None for m in control.masks))
         plan = self.runtime.plan_for(self._shape(request, inputs.num_chunks, start.masked,
                                                  *controls, image_prompts=images,
                                                  text_variants=len(variants or [None]),
-                                                 image_regions=regions),
+                                                 image_regions=regions,
+                                                 control_masks=control_masks),
                                      self.scheduler_config)
         self.num_timesteps = len(plan.schedule.timesteps)
         if variants is not None:
@@ -1555,6 +1596,8 @@ class Pipeline:
                                 image_cond=start.image_cond, control_images=hints,
                                 control_scales=None if control is None else
                                 self._control_table(control, len(plan.schedule.timesteps)),
+                                control_regions=None if control is None else
+                                self._control_regions(control, self._grids(request)),
                                 **prompt)
         self.timings["denoise"] += encode_seconds  # the init image's, as the eager path counts
         self.timings["unet_calls"] = len(plan.schedule.timesteps)

@@ -55,6 +55,8 @@ class StaticShape:
     text_variants: int = 1
     # Regional IP-Adapters: per adapter of image_prompts, its masks (0: none); () for none.
     image_regions: tuple = ()
+    # Per ControlNet of controls, whether it has a region mask; () for none.
+    control_masks: tuple = ()
 
     def describe(self):
         chunks = f", {self.num_chunks} text chunks" if self.num_chunks > 1 else ""
@@ -62,6 +64,7 @@ class StaticShape:
                  f", {'inpainting' if self.masked else 'image to image'} at strength "
                  f"{self.strength:g}")
         control = (f", ControlNet {' + '.join(self.controls)}"
+                   f"{' with region masks' if any(self.control_masks) else ''}"
                    f"{' in guess mode' if self.guess_mode else ''}" if self.controls else "")
         ip = (f", IP-Adapter {' + '.join(f'{n} ({k} tokens)' for n, k in self.image_prompts)}"
               if self.image_prompts else "")
@@ -184,11 +187,15 @@ class StaticPlan:
         self.control = None
         if shape.controls:
             nets = [model.controlnets[name] for name in shape.controls]
+            grids = level_grids(*self.latent_shape[2:], len(unet.config.block_out_channels))
+            size = sum(h * w for h, w in grids)
             self.control = Control(
                 nets, [torch.zeros(shape.batch_size, 3, shape.height, shape.width, dtype=dtype,
                                    device=dev) for _ in nets],
                 torch.zeros(len(self.schedule.timesteps), len(nets), 2,
-                            max(scale_count(n) for n in nets), device=dev), shape.guess_mode)
+                            max(scale_count(n) for n in nets), device=dev), shape.guess_mode,
+                tuple(torch.zeros(1, size, dtype=dtype, device=dev) if masked else None
+                      for masked in shape.control_masks), grids)
         # Outputs.
         self.latents = torch.zeros(self.latent_shape, dtype=dtype, device=dev)
         self.image = torch.zeros(shape.batch_size, shape.height, shape.width, 3,
@@ -279,7 +286,7 @@ class StaticPlan:
             clock=time.perf_counter, step_end=None, timestep_cond=None, keep=None,
             time_ids=None, x0=None, mask=None, image_cond=None, control_images=None,
             control_scales=None, image_tokens=None, image_scales=None, variant_of_call=None,
-            image_regions=None):
+            image_regions=None, control_regions=None):
         """Copy the request's inputs in, run (replay) the three stages.
 
         ``inputs``: token ids and weights (rows, n, 77) per tokenizer, one row per image and
@@ -291,7 +298,8 @@ class StaticPlan:
         image's latents (B, C, h, w); inpainting: ``mask`` (B, 1, h, w), 1 where repainted, for
         a UNet that sees no mask, or ``image_cond`` (the mask and the masked image's latents)
         for one that does. ControlNets: ``control_images``, one (B, 3, H, W) batch per net,
-        and ``control_scales``, their factors per UNet call (``stages.Control``).
+        and ``control_scales``, their factors per UNet call (``stages.Control``), and
+        ``control_regions`` their region masks' weights (per net, (1, Σ h·w) or None).
         IP-Adapters: ``image_tokens`` (per adapter (rows, n, D)) and ``image_scales`` (rows,
         UNet calls, cross-attention layers, adapters), the adapters attached to the UNet
         (``ip_adapter.attach``); regional ones' ``image_regions`` (per adapter (rows, masks,
@@ -339,6 +347,9 @@ class StaticPlan:
             for k, image in enumerate(self.control.images):
                 given[f"control_images[{k}]"] = (image, None if control_images is None
                                                  else control_images[k])
+            for k, weights in enumerate(self.control.regions):
+                given[f"control_regions[{k}]"] = (weights, None if control_regions is None
+                                                  else control_regions[k])
         for name, (buffer, value) in given.items():
             if buffer is not None:
                 if value is None:

@@ -8,6 +8,7 @@ import torch
 from .adapter import T2IAdapter
 from .conditioning import Conditioning
 from .errors import SdrtError
+from .layers import grid_slice
 
 
 # The UNet inputs a ControlNet reads besides the latents and the timestep.
@@ -27,11 +28,18 @@ class Control:
     ``adapter.adapter_scales``; zero where call i is outside the net's part of the schedule:
     ``control_scales``). In guess mode (with CFG) the ControlNets see only the conditional
     half and the unconditional half gets no residuals. An adapter's features do not depend
-    on the latents: computed on the first call, reused on the others."""
+    on the latents: computed on the first call, reused on the others.
+
+    ``regions``: per net, None or its region mask's weights (1, Σ h·w) at every grid of
+    ``grids`` (the UNet's levels; ``layers.grid_weights``); a net with one has its residuals
+    (features) weighed by it, position by position, as the A1111 ControlNet extension's
+    ``effective_region_mask``."""
     nets: list
     images: list
     scales: torch.Tensor
     guess_mode: bool = False
+    regions: tuple = ()
+    grids: tuple = ()
     _features: dict = None  # per adapter: its features of this request's images
 
     def residuals(self, call, x, t, inputs, rows):
@@ -54,11 +62,19 @@ class Control:
             for k, _ in adapters:
                 scales = self._row_scales(call, k, rows, x.shape[0]).expand(x.shape[0], -1)
                 scales = scales.to(x.dtype)[:, :, None, None, None]  # (rows·B, n + 1, 1, 1, 1)
-                f = [feature.repeat(rows, 1, 1, 1) * scales[:, i]
+                f = [self._in_region(k, feature.repeat(rows, 1, 1, 1) * scales[:, i])
                      for i, feature in enumerate(self._features[k])]
                 summed = f if summed is None else [a + b for a, b in zip(summed, f)]
             out["adapter_features"] = summed
         return out
+
+    def _in_region(self, k, t):
+        """A residual (or feature) ``t`` (B, C, h, w) of net ``k`` weighed by its region."""
+        if not self.regions or self.regions[k] is None:
+            return t
+        h, w = t.shape[2:]
+        weights = self.regions[k][:, grid_slice(self.grids, h * w)]
+        return t * weights.view(1, 1, h, w).to(t.dtype)
 
     def _row_scales(self, call, k, rows, batch):
         """Net k's factors on call ``call``: (n + 1,) for one half, else per sample."""
@@ -89,6 +105,7 @@ class Control:
             d, m = net(x, t, inputs["encoder_hidden_states"],
                        self.images[k].repeat(copies, 1, 1, 1), scales[..., :n],
                        text_embeds=inputs.get("text_embeds"), time_ids=inputs.get("time_ids"))
+            d, m = [self._in_region(k, r) for r in d], self._in_region(k, m)
             down = d if down is None else [a + b for a, b in zip(down, d)]
             mid = m if mid is None else mid + m
         if half:

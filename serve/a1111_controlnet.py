@@ -39,9 +39,7 @@ RESIZE = {"Just Resize": "resize", "Crop and Resize": "crop", "Resize and Fill":
           "Scale to Fit (Inner Fit)": "crop"}
 _HASHED = re.compile(r"^(.*) \[[0-9a-fA-F]+\]$")
 # field → the values that leave sdrt's computation as it is (anything else is refused)
-# (A ControlNet unit's effective_region_mask is not run yet: an IP-Adapter unit's is.)
-_OFF = {"guessmode": (False,), "mask": (None, ""), "mask_image": (None, ""),
-        "effective_region_mask": (None, "")}
+_OFF = {"guessmode": (False,), "mask": (None, ""), "mask_image": (None, "")}
 # The extension's IP-Adapter preprocessors → the image encoder each runs ("h": OpenCLIP
 # ViT-H/14, "g": ViT-bigG/14; None: whichever fits the adapter).
 IP_MODULES = {"ip-adapter_clip_sd15": "h", "ip-adapter_clip_h": "h",
@@ -136,6 +134,7 @@ def parse(server, args, init_images, width, height, api_error, frame=True):
             raise bad(f"{where}{at}.resize_mode must be Just Resize, Crop and Resize or Resize "
                       f"and Fill (or 0, 1, 2), got {short_repr(mode)}", f"{at}.resize_mode")
         picture = _picture(server, unit, at, init_images, bad)
+        region = _region_mask(server, unit.get("effective_region_mask"), at, bad)
         try:
             picture, processor = apply(pre, picture, res, a, b, perfect,
                                        (width, height, RESIZE[mode]),
@@ -151,7 +150,7 @@ def parse(server, args, init_images, width, height, api_error, frame=True):
         for out, value in zip((controls, images, info), unit_parts(
                 server, i, name, framed, numbers["weight"], RESIZE[mode],
                 numbers["guidance_start"], numbers["guidance_end"], processor, control_mode,
-                (*HR_OPTIONS[hr_option], pre.name == "canny"))):
+                (*HR_OPTIONS[hr_option], pre.name == "canny"), region)):
             out.append(value)
         sources.append((picture, RESIZE[mode]))
     return (tuple(controls), tuple(images), tuple(info), tuple(sources),
@@ -241,9 +240,25 @@ def _ip_unit(server, unit, at, module, init_images, bad):
              encoder, digest.hexdigest()), picture, mask, text)
 
 
+class RegionMask:
+    """A unit's region mask in a ``BatchKey``: equal (and hashed) by its pixels, so requests
+    batch together only with the same mask; ``array`` is float32 (H, W) in [0, 1]."""
+
+    def __init__(self, array):
+        import hashlib
+        self.array = array
+        self._digest = hashlib.sha256(array.tobytes() + repr(array.shape).encode()).digest()
+
+    def __eq__(self, other):
+        return isinstance(other, RegionMask) and other._digest == self._digest
+
+    def __hash__(self):
+        return hash(self._digest)
+
+
 def _region_mask(server, value, at, bad):
-    """An IP-Adapter unit's ``effective_region_mask`` (a base64 image, or null) → its red
-    channel as float32 (H, W) in [0, 1], or None."""
+    """A unit's ``effective_region_mask`` (a base64 image, or null) → its red channel as
+    float32 (H, W) in [0, 1], or None."""
     import numpy as np
 
     from .app import _decode_bytes, b64_bytes
@@ -266,13 +281,15 @@ def _processor(unit, where):
 
 
 def unit_parts(server, index, name, framed, weight, resize, start, end, processor=None,
-               mode="balanced", passes=(True, True, False)):
+               mode="balanced", passes=(True, True, False), region=None):
     """One unit's (``BatchKey.controls`` entry, its ``framed`` control image, ("ControlNet
     {index}", its PNG info text)), for A1111's units and ComfyUI's nodes alike; ``resize``
     the mode it was framed by, ``processor`` and ``mode`` as ``infotext.controlnet_unit``
-    takes them, ``passes`` its part in a hires fix (``hires.pass_controls``' units)."""
+    takes them, ``passes`` its part in a hires fix (``hires.pass_controls``' units),
+    ``region`` its ``effective_region_mask`` (float32 (H, W), in the key as ``RegionMask``)."""
     short = server.runner.controlnet_hash(name)
-    return ((name, weight, start, end, mode, passes), framed,
+    return ((name, weight, start, end, mode, passes,
+             None if region is None else RegionMask(region)), framed,
             (f"ControlNet {index}", controlnet_unit(f"{name} [{short}]" if short else name,
                                                     weight, resize, start, end,
                                                     processor=processor, mode=mode)))

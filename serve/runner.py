@@ -349,6 +349,9 @@ class Runner:
                 control_guidance_start=[c[2] for c in key.controls],
                 control_guidance_end=[c[3] for c in key.controls],
                 control_mode=[c[4] for c in key.controls])
+            if any(c[6] is not None for c in key.controls):  # effective_region_mask
+                masks = [None if c[6] is None else c[6].array for c in key.controls]
+                control["control_mask"] = masks if len(masks) > 1 else masks[0]
         if key.hires is not None:
             from sdrt.engine.hires import UPSCALERS, generate
             second = None

@@ -54,9 +54,10 @@ class BatchKey:
     # latents resized (the pipeline's latent_resize); None when they come at the key's size.
     latent_resize_from: tuple = None
     loras: tuple = ()  # ((name, scale), ...) the rows' LoRAs (Runner.lora_path names them)
-    # ((name, weight, start, end, control mode, hires passes), ...): the rows' ControlNets
-    # (Runner.controlnet_path names them), their scales, shares of the schedule, control
-    # modes and parts in a hires fix (hires.pass_controls); each row brings its control images.
+    # ((name, weight, start, end, control mode, hires passes, region mask), ...): the rows'
+    # ControlNets (Runner.controlnet_path names them), their scales, shares of the schedule,
+    # control modes, parts in a hires fix (hires.pass_controls) and effective_region_masks
+    # (a1111_controlnet.RegionMask, or None); each row brings its control images.
     controls: tuple = ()
     vae: str = None  # the VAE the rows decode with (Runner.vae_path names it); None: the model's
     # ((name, weight, start, end, image encoder path, reference digest), ...): the rows'

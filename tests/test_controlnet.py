@@ -2,6 +2,7 @@
 original-layout single files), and whole pipelines (text to image, image to image,
 inpainting, SDXL, several ControlNets, guess mode, part of the schedule) on the same
 latents, plus the static plan against the eager path and the refusals."""
+import re
 import warnings
 
 import numpy as np
@@ -227,6 +228,65 @@ def test_several_controlnets_guess_mode_and_part_of_the_schedule(setup):
                    sampler="heun", **kw)
         assert_close_abs(got, expected, IMAGE_ATOL,
                          f"{family} two ControlNets, guess mode {guess_mode}")
+
+
+def _in_region(net, mask):
+    """``net`` with the A1111 ControlNet extension's effective_region_mask written over its
+    outputs, as the reference: each residual times the mask bilinear at its size."""
+    def hook(module, args, kwargs, out):
+        at = lambda r: r * torch.nn.functional.interpolate(mask, size=r.shape[2:],
+                                                           mode="bilinear").to(r.dtype)
+        return [at(r) for r in out[0]], at(out[1])
+    return net.register_forward_hook(hook, with_kwargs=True)
+
+
+def test_region_masks_match_the_extension(setup):
+    # A1111's effective_region_mask on a ControlNet (soft, the mask at each residual's size;
+    # "b" beside it without one), in guess mode too, against diffusers' ControlNets with the
+    # extension's rule written over their outputs; under a static plan; a white mask is no
+    # mask.
+    family, ours, ref, nets, _ = setup
+    hints = [_hint(11), _hint(12)]
+    soft = np.random.default_rng(4).random((5, 9)).astype(np.float32)
+    soft[:, :4] = 1.0
+    handle = _in_region(nets["a"], torch.from_numpy(soft)[None, None])
+    try:
+        for guess_mode in (False, True):
+            pipe = _reference(ref, [nets["a"], nets["b"]], "euler")
+            kw = dict(height=H, width=W, num_inference_steps=4, guidance_scale=5.0,
+                      latents=_latents(13, batch=1), output_type="np", guess_mode=guess_mode,
+                      controlnet_conditioning_scale=[1.2, 0.7])
+            expected = pipe(PROMPTS[0], image=hints, **kw).images
+            got = ours(PROMPTS[0], control_image=hints, controlnet=["a", "b"],
+                       control_mask=[soft, None], sampler="euler", **kw)
+            assert_close_abs(got, expected, IMAGE_ATOL,
+                             f"{family} ControlNet region mask, guess mode {guess_mode}")
+    finally:
+        handle.remove()
+    whole = ours(PROMPTS[0], control_image=hints, controlnet=["a", "b"], sampler="euler", **kw)
+    assert np.abs(whole - got).max() > 20 * IMAGE_ATOL, "the region mask changed nothing"
+    white = ours(PROMPTS[0], control_image=hints, controlnet=["a", "b"], sampler="euler",
+                 control_mask=[np.ones((3, 3), np.float32), None], **kw)
+    assert_close_abs(white, whole, 1e-5, f"{family} a white ControlNet region mask")
+    args = dict(prompt=PROMPTS[0], control_image=hints, controlnet=["a", "b"],
+                control_mask=[soft, None], sampler="euler", **kw)
+    ours.compile(H, W, num_inference_steps=4, sampler="euler", guess_mode=True, strict=True,
+                 controlnet=["a", "b"], control_masks=[True, False])
+    try:
+        static = ours(**args)
+    finally:
+        ours.runtime = None
+    assert_close_abs(static, got, 1e-5, f"{family} ControlNet region mask, static plan")
+    for kwargs, message in (
+            (dict(control_mask=soft), "control_mask must be a list of 2 entries"),
+            (dict(control_mask=[np.full((4, 4), 2.0, np.float32), None]),
+             "control_mask values must be finite and in [0, 1]"),
+            (dict(control_mask=[np.ones((2, 4, 4), np.float32), None]),
+             "control_mask must be one mask per ControlNet, got a batch of 2")):
+        with pytest.raises(SdrtError, match=re.escape(message)):
+            ours(**{**args, **kwargs})
+    with pytest.raises(SdrtError, match="control_mask was given without control_image"):
+        ours(PROMPTS[0], control_mask=soft, height=H, width=W, num_inference_steps=4)
 
 
 def _rescaled(net, factors):

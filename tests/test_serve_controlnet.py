@@ -287,6 +287,44 @@ def test_hires_fix_options(server, assets, ref_pipe):
     assert diff.max() > 2, "the second pass's framed maps changed nothing"
 
 
+def test_effective_region_mask_with_a_hires_fix(server, assets, ref_pipe):
+    # A unit's effective_region_mask (its red channel, soft: the library's control_mask)
+    # beside a unit without one that runs in the first pass only: the library's hires fix
+    # with the mask in both passes, at each pass's size.
+    from sdrt.engine.hires import Hires, generate
+    root, hints = assets
+    rng = np.random.default_rng(8)
+    rgb = rng.integers(0, 256, (20, 28, 3), dtype=np.uint8)
+    rgb[:, 14:, 0] = 0  # the right half out, whatever the other channels say
+    units = [{"model": "edges", "image": _png(hints[0]),
+              "effective_region_mask": _png(Image.fromarray(rgb))},
+             {"model": "depthy", "image": _png(hints[1]), "hr_option": "Low res only"}]
+    r = _txt2img(server, units, seed=7, enable_hr=True, hr_scale=1.5, hr_second_pass_steps=2,
+                 denoising_strength=0.6, steps=2)
+    (got,), _ = _images(r)
+    for name in ("edges", "depthy"):
+        path = root / "nets" / name if name == "depthy" else root / "nets" / f"{name}.safetensors"
+        ref_pipe.load_controlnet(str(path), name=name)
+    try:
+        maps, second = ([frame_map(hints[0], side, side, "crop"),
+                         frame_map(hints[1], side, side, "crop")] for side in (64, 96))
+
+        def hires_fix(mask):
+            return generate(ref_pipe, Hires(scale=1.5, steps=2, strength=0.6), [PROMPT],
+                            "blurry", 64, 64, 2, None, [torch.Generator().manual_seed(7)],
+                            guidance_scale=7.0, control_image=maps,
+                            controlnet=["edges", "depthy"], control_mask=mask,
+                            control_units=[(True, True, False), (True, False, False)],
+                            hires_control_image=second)[0]
+        want = hires_fix([rgb[..., 0].astype(np.float32) / 255, None])
+        whole = hires_fix(None)
+    finally:
+        ref_pipe.unload_controlnet()
+    assert_same_image(got, want, "a unit with an effective_region_mask, hires fix")
+    diff = np.abs(np.asarray(want, np.int16) - np.asarray(whole, np.int16))
+    assert diff.max() > 2, "the region mask changed nothing"
+
+
 @pytest.mark.parametrize("unit,field,message", [
     ({"model": "edges", "image": "IMG", "module": "depth_midas"}, ".module",
      "sdrt does not run preprocessor 'depth_midas'"),

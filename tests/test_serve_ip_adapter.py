@@ -124,8 +124,8 @@ def test_effective_region_mask_gives_the_library_image(server, assets, ref_pipe)
 @pytest.mark.parametrize("unit, field, message", [
     ({"module": "ip-adapter_clip_sd15", "model": "style", "effective_region_mask": 3},
      "[0].effective_region_mask", "must be a base64-encoded image or null, got 3"),
-    ({"module": "none", "model": "style", "effective_region_mask": "abc"},
-     "[0].effective_region_mask", "effective_region_mask must be None or ''"),
+    ({"module": "none", "model": "style", "effective_region_mask": [1]},
+     "[0].effective_region_mask", "must be a base64-encoded image or null, got [1]"),
     ({"module": "ip-adapter_face_id_plus", "model": "style"}, "[0].module",
      "FaceID reads an insightface embedding"),
     ({"module": "ip-adapter_clip_sd15", "model": "nothing"}, "[0].model",
