@@ -1295,8 +1295,12 @@ class Pipeline:
         else:  # (tokenized once: a truncation warning is said once)
             cond = conditioning(texts, texts_2, inputs)
         if image_prompt is not None:
-            rows = 2 * batch if self._cfg(request) else batch
-            fields = dict(image_tokens=self._image_tokens(image_prompt, batch, self._cfg(request)),
+            tokens = self._image_tokens(image_prompt, batch, self._cfg(request))
+            if parts is not None:  # the negatives' rows, then the image prompt on every part's
+                per_part = self._combination(request, parts)[0]
+                tokens = tuple(torch.cat([t[:batch], t[batch + per_part]]) for t in tokens)
+            rows = tokens[0].shape[0]
+            fields = dict(image_tokens=tokens,
                           image_scales=self._image_scales(image_prompt, rows, calls),
                           image_regions=self._image_regions(image_prompt, request, rows))
             cond = ([dataclasses.replace(c, **fields) for c in cond] if edits
@@ -1355,8 +1359,7 @@ class Pipeline:
         if not self._cfg(request):
             raise SdrtError(f"{what} need classifier-free guidance: guidance_scale above 1 and "
                             f"a UNet that is not guidance-distilled")
-        others = {"prompt_2": request.prompt_2 is not None, "a ControlNet": control is not None,
-                  "an IP-Adapter": image_prompt is not None,
+        others = {"prompt_2": request.prompt_2 is not None,
                   "an inpainting UNet": inpainting_unet(self.unet)}
         for name, given in others.items():
             if given:

@@ -42,10 +42,12 @@ class Control:
     grids: tuple = ()
     _features: dict = None  # per adapter: its features of this request's images
 
-    def residuals(self, call, x, t, inputs, rows):
+    def residuals(self, call, x, t, inputs, rows, parts=None):
         """The UNet's extra inputs for UNet call ``call`` on latents ``x`` (rows·B, C, h, w),
         ``rows`` the CFG halves in ``x`` and in ``inputs`` (the UNet's conditioning): the
-        ControlNets' summed residuals, the adapters' summed features."""
+        ControlNets' summed residuals, the adapters' summed features. With ``parts`` (A1111's
+        composable diffusion) the conditional half holds one row per part, ``parts`` the
+        image each one belongs to (a (P,) device tensor), after the B unconditional rows."""
         if call >= self.scales.shape[0]:
             raise SdrtError(f"ControlNet scales cover {self.scales.shape[0]} UNet calls; the "
                             f"sampler made more")
@@ -53,16 +55,16 @@ class Control:
         nets = [(k, n) for k, n in enumerate(self.nets) if not isinstance(n, T2IAdapter)]
         adapters = [(k, n) for k, n in enumerate(self.nets) if isinstance(n, T2IAdapter)]
         if nets:
-            out.update(self._controlnets(nets, call, x, t, inputs, rows))
+            out.update(self._controlnets(nets, call, x, t, inputs, rows, parts))
         if adapters:
             if call == 0:  # the features of this request's images
                 self._features = {k: a(self._adapter_input(a, self.images[k]))
                                   for k, a in adapters}
             summed = None
             for k, _ in adapters:
-                scales = self._row_scales(call, k, rows, x.shape[0]).expand(x.shape[0], -1)
+                scales = self._row_scales(call, k, rows, x.shape[0], parts).expand(x.shape[0], -1)
                 scales = scales.to(x.dtype)[:, :, None, None, None]  # (rows·B, n + 1, 1, 1, 1)
-                f = [self._in_region(k, feature.repeat(rows, 1, 1, 1) * scales[:, i])
+                f = [self._in_region(k, self._rows(feature, rows, parts) * scales[:, i])
                      for i, feature in enumerate(self._features[k])]
                 summed = f if summed is None else [a + b for a, b in zip(summed, f)]
             out["adapter_features"] = summed
@@ -76,11 +78,23 @@ class Control:
         weights = self.regions[k][:, grid_slice(self.grids, h * w)]
         return t * weights.view(1, 1, h, w).to(t.dtype)
 
-    def _row_scales(self, call, k, rows, batch):
+    def _row_scales(self, call, k, rows, batch, parts=None):
         """Net k's factors on call ``call``: (n + 1,) for one half, else per sample."""
         if rows == 1:
             return self.scales[call, k, 1]
+        if parts is not None:  # B unconditional rows, then one per part
+            factors = self.scales[call, k]
+            return torch.cat([factors[:1].expand(batch - len(parts), -1),
+                              factors[1:].expand(len(parts), -1)])
         return self.scales[call, k].repeat_interleave(batch // 2, dim=0)
+
+    @staticmethod
+    def _rows(t, rows, parts=None, conditional=False):
+        """Per-image ``t`` (B, ...) for each row of a UNet call of ``rows`` halves (only the
+        conditional one: ``conditional``), or of composable ``parts``."""
+        if parts is not None:
+            return t[parts] if conditional else torch.cat([t, t[parts]])
+        return t if conditional else t.repeat(rows, *(1,) * (t.dim() - 1))
 
     @staticmethod
     def _adapter_input(adapter, image):
@@ -91,26 +105,26 @@ class Control:
             return (image * weights).sum(dim=1, keepdim=True)
         return image
 
-    def _controlnets(self, nets, call, x, t, inputs, rows):
+    def _controlnets(self, nets, call, x, t, inputs, rows, parts=None):
         half = rows == 2 and self.guess_mode
+        b = self.images[0].shape[0]  # the unconditional rows come first, one per image
         if half:  # the conditional rows only (of what a ControlNet reads: not image tokens)
-            x = x.chunk(2)[1]
-            inputs = {k: inputs[k].chunk(2)[1] for k in CONTROLNET_INPUTS
-                      if inputs.get(k) is not None}
+            x = x[b:]
+            inputs = {k: inputs[k][b:] for k in CONTROLNET_INPUTS if inputs.get(k) is not None}
         copies = 1 if half else rows
         down = mid = None
         for k, net in nets:
-            scales = self._row_scales(call, k, copies, x.shape[0])
+            scales = self._row_scales(call, k, copies, x.shape[0], None if half else parts)
             n = net.num_residuals + 1
             d, m = net(x, t, inputs["encoder_hidden_states"],
-                       self.images[k].repeat(copies, 1, 1, 1), scales[..., :n],
+                       self._rows(self.images[k], copies, parts, half), scales[..., :n],
                        text_embeds=inputs.get("text_embeds"), time_ids=inputs.get("time_ids"))
             d, m = [self._in_region(k, r) for r in d], self._in_region(k, m)
             down = d if down is None else [a + b for a, b in zip(down, d)]
             mid = m if mid is None else mid + m
         if half:
-            down = [torch.cat([torch.zeros_like(d), d]) for d in down]
-            mid = torch.cat([torch.zeros_like(mid), mid])
+            down = [torch.cat([d.new_zeros((b, *d.shape[1:])), d]) for d in down]
+            mid = torch.cat([mid.new_zeros((b, *mid.shape[1:])), mid])
         return {"down_residuals": down, "mid_residual": mid}
 
 
@@ -145,7 +159,7 @@ def guided(unet, cond, guidance_scale, cfg, dtype, timestep_cond=None, image_con
     fixed = cond.unet_inputs() if isinstance(cond, Conditioning) else None
     calls = itertools.count()
 
-    def run(x, t, rows, **extra):
+    def run(x, t, rows, parts=None, **extra):
         x = x.to(dtype)
         call = next(calls)
         if isinstance(cond, list) and call >= len(cond):
@@ -160,7 +174,7 @@ def guided(unet, cond, guidance_scale, cfg, dtype, timestep_cond=None, image_con
                                 f"sampler made more")
             extra["image_scales"] = table[:, call]
         if control is not None:
-            extra.update(control.residuals(call, x, t, inputs, rows))
+            extra.update(control.residuals(call, x, t, inputs, rows, parts))
         if image_cond is not None:
             x = torch.cat([x, image_cond.repeat(rows, 1, 1, 1)], dim=1)
         return unet(x, t, **inputs, **extra)
@@ -172,7 +186,7 @@ def guided(unet, cond, guidance_scale, cfg, dtype, timestep_cond=None, image_con
             return run(x, t, 1)
         if combine is not None:
             image, weight = combine
-            out = run(torch.cat([x, x[image]]), t, 2).float()
+            out = run(torch.cat([x, x[image]]), t, 2, parts=image).float()
             uncond, parts = out[:x.shape[0]], out[x.shape[0]:]
             summed = torch.zeros_like(uncond).index_add_(0, image, (parts - uncond[image]) * weight)
             return uncond + guidance_scale * summed

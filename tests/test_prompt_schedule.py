@@ -236,6 +236,61 @@ def test_composable_diffusion_matches_it_written_out(demo):
             ours(FOX, prompt_edit_steps=bad, **kw)
 
 
+def test_composable_diffusion_with_controlnets_and_an_ip_adapter(demo, tmp_path):
+    # Each part's row gets its image's control image (a ControlNet, in guess mode too, and a
+    # T2I-Adapter) and the image prompt: one part weighed w is the prompt at w times the
+    # guidance, two equal halves the prompt, and a composable prompt beside a plain one keeps
+    # its own control image.
+    from safetensors.torch import save_file
+
+    from sdrt.engine.adapter import AdapterConfig, T2IAdapter
+    from sdrt.engine.demo.model import demo_config
+    from sdrt.engine.ip_adapter import cross_attentions
+    from sdrt.engine.tiny import controlnet_config, write_controlnet
+    from test_ip_adapter import _own_encoder, _picture, _weights
+    ours, _ = demo
+    cfg = demo_config()
+    factor = 2 ** (len(cfg["vae"]["block_out_channels"]) - 1)
+    write_controlnet(str(tmp_path / "net"), controlnet_config(cfg["unet"], factor), 6)
+    torch.manual_seed(9)
+    adapter = T2IAdapter(AdapterConfig(channels=tuple(cfg["unet"]["block_out_channels"]),
+                                       num_res_blocks=1, downscale_factor=2 * factor,
+                                       adapter_type="full_adapter_xl"))
+    save_file({k: v.contiguous() for k, v in adapter.state_dict().items()},
+              str(tmp_path / "t2i.safetensors"))
+    widths = tuple(a.to_q.out_features for a in cross_attentions(ours.unet))
+    save_file(_weights("plus", 5, widths, cross=ours.unet.config.cross_attention_dim),
+              str(tmp_path / "ip.safetensors"))
+    _own_encoder(tmp_path / "clip.safetensors")
+    ours.load_controlnet(str(tmp_path / "net"), name="net")
+    ours.load_controlnet(str(tmp_path / "t2i.safetensors"), name="t2i")
+    ours.load_ip_adapter(tmp_path / "ip.safetensors", tmp_path / "clip.safetensors", name="ip")
+    rng = np.random.default_rng(3)
+    hints = [rng.random((64, 64, 3)).astype(np.float32) for _ in range(2)]
+    kw = dict(height=64, width=64, num_inference_steps=3, sampler="euler", output_type="np",
+              negative_prompt="blurry", seed=8, ip_adapter_image=_picture(4, 40, 40),
+              ip_adapter="ip", ip_adapter_scale=1.5)
+    try:
+        for guess in (False, True):
+            control = dict(control_image=[hints[0], hints[1]], controlnet=["net", "t2i"],
+                           guess_mode=guess, controlnet_conditioning_scale=[1.3, 0.8])
+            plain = ours(FOX, guidance_scale=6.0, **control, **kw)
+            assert_close_abs(ours(f"{FOX}:1.2", guidance_scale=5.0, **control, **kw), plain,
+                             1e-5, f"one weighed part, guess mode {guess}")
+            assert_close_abs(ours(f"{FOX}:0.5 AND {FOX}:0.5", guidance_scale=6.0, **control,
+                                  **kw), plain, 1e-5, f"two halves, guess mode {guess}")
+        per_prompt = dict(control_image=[hints[1], hints[0]], controlnet="net")
+        both = ours([f"{HOUSE}:0.5 AND {HOUSE}:0.5", FOX], guidance_scale=6.0, **per_prompt, **kw)
+        alone = ours([HOUSE, FOX], guidance_scale=6.0, **per_prompt, **kw)
+        assert_close_abs(both, alone, 1e-5, "a control image per prompt beside parts")
+        assert np.abs(alone[0] - ours(HOUSE, guidance_scale=6.0, control_image=hints[0],
+                                      controlnet="net", **kw)[0]).max() > 0.02, \
+            "the control image changed nothing"
+    finally:
+        ours.unload_controlnet()
+        ours.unload_ip_adapter()
+
+
 @pytest.mark.gpu
 def test_cuda_static_plans_edit_as_the_eager_loop():
     # Under CUDA graphs: the sets of texts gathered per call by a device index, replayed.
