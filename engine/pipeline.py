@@ -1359,11 +1359,8 @@ class Pipeline:
         if not self._cfg(request):
             raise SdrtError(f"{what} need classifier-free guidance: guidance_scale above 1 and "
                             f"a UNet that is not guidance-distilled")
-        others = {"prompt_2": request.prompt_2 is not None,
-                  "an inpainting UNet": inpainting_unet(self.unet)}
-        for name, given in others.items():
-            if given:
-                raise SdrtError(f"{what} cannot be combined with {name} yet")
+        if request.prompt_2 is not None:
+            raise SdrtError(f"{what} cannot be combined with prompt_2 yet")
         return parts
 
     def _composable_conditioning(self, request, inputs: TextInputs, parts):

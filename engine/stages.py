@@ -176,7 +176,7 @@ def guided(unet, cond, guidance_scale, cfg, dtype, timestep_cond=None, image_con
         if control is not None:
             extra.update(control.residuals(call, x, t, inputs, rows, parts))
         if image_cond is not None:
-            x = torch.cat([x, image_cond.repeat(rows, 1, 1, 1)], dim=1)
+            x = torch.cat([x, Control._rows(image_cond, rows, parts)], dim=1)
         return unet(x, t, **inputs, **extra)
 
     def model(x, t):

@@ -4,7 +4,7 @@ an inpainting UNet (9 input channels: latents, mask, masked-image latents) and a
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from conftest import assert_close_abs
 from sdrt.engine import Pipeline, SdrtError
@@ -165,6 +165,21 @@ def test_inpainting_unet_img2img_without_mask(inpainting):
     out = ours(PROMPT, image=_image(3), strength=0.7, num_inference_steps=3, seed=1,
                output_type="np")
     assert out.shape == (1, 16, 24, 3) and np.isfinite(out).all()
+
+
+def test_composable_prompt_on_an_inpainting_unet(inpainting):
+    # A1111's AND: each part's row gets its image's mask and masked-image latents; two equal
+    # halves are the prompt, with a mask per init image for two prompts.
+    ours, _ = inpainting
+    kw = dict(image=[_image(3), _image(4)], mask_image=[_mask(), ImageOps.invert(_mask())],
+              num_inference_steps=3, guidance_scale=6.0, negative_prompt="ugly",
+              output_type="np", height=16, width=24, seed=5, sampler="euler")
+    halves = ours([f"{PROMPT}:0.5 AND {PROMPT}:0.5", "a house"], **kw)
+    plain = ours([PROMPT, "a house"], **kw)
+    assert_close_abs(halves, plain, 1e-5, "two halves on an inpainting UNet")
+    assert np.abs(plain[0] - ours(PROMPT, **{**kw, "image": _image(4), "mask_image":
+                                              _mask()})[0]).max() > 0.02, \
+        "the init image changed nothing"
 
 
 @pytest.mark.parametrize("kwargs,message", [
