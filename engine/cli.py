@@ -370,6 +370,10 @@ def _generate_options(g):
     g.add_argument("--control-image", metavar="PATH", action="append", default=[],
                    help="the image (edges, depth, pose ...) the --controlnet of the same place "
                    "follows; it sets the size when neither --init-image nor --width/--height do")
+    g.add_argument("--control-mask", metavar="PATH", action="append", default=[],
+                   help="the region (white; grey weighs it) the --controlnet of the same place "
+                   "acts in, as the A1111 extension's effective region mask; give one per "
+                   "--controlnet, 'none' for one without")
     g.add_argument("--control-resize", choices=("resize", "crop", "fill"), default="crop",
                    help="how a control image is brought to the output size, as "
                    "--resize-mode (A1111's ControlNet default: crop, 'Crop and Resize')")

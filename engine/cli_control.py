@@ -173,9 +173,14 @@ def _ip_from_png(a, units, where):
 def check(a):
     """The ControlNet options fit together and with the others; their files exist."""
     if not a.controlnet:
-        if a.control_image:
-            raise SdrtError("--control-image needs --controlnet (the ControlNet that follows it)")
+        for option, given in (("--control-image", a.control_image),
+                              ("--control-mask", a.control_mask)):
+            if given:
+                raise SdrtError(f"{option} needs --controlnet (the ControlNet that follows it)")
         return
+    if a.control_mask and len(a.control_mask) != len(a.controlnet):
+        raise SdrtError(f"--control-mask: give one per --controlnet ('none' for one without), "
+                        f"got {len(a.control_mask)} for {len(a.controlnet)}")
     if len(a.control_image) != len(a.controlnet):
         raise SdrtError(f"--control-image: give one per --controlnet ({len(a.controlnet)} "
                         f"ControlNet{'s' * (len(a.controlnet) > 1)}, {len(a.control_image)} "
@@ -257,7 +262,11 @@ def warn_unused(a, unused):
 
 
 def read_images(a):
-    from .images import read_image
+    """The --control-image files, and in ``a.control_masks`` the --control-mask files
+    (float32 (H, W) in [0, 1], None for 'none'; [] without)."""
+    from .images import mask_to_float, read_image
+    a.control_masks = [None if path == "none" else mask_to_float(read_image(path, "control mask"))
+                       for path in a.control_mask]
     return [read_image(path, "control image") for path in a.control_image]
 
 
@@ -291,10 +300,13 @@ def call(a, images, loaded, width, height, first=None, inpaint=None):
         a.control_processors.append(record)
     framed = [inpaint.frame_like(im, a.control_resize) if inpaint is not None else
               frame_init_image(im, width, height, a.control_resize) for im in maps]
+    masks = {}
+    if any(m is not None for m in a.control_masks):
+        masks["control_mask"] = a.control_masks if len(framed) > 1 else a.control_masks[0]
     return dict(control_image=framed if len(framed) > 1 else framed[0], controlnet=loaded,
                 controlnet_conditioning_scale=[w for _, w in a.controlnet],
                 control_guidance_start=a.control_start, control_guidance_end=a.control_end,
-                guess_mode=a.guess_mode, control_mode=modes(a))
+                guess_mode=a.guess_mode, control_mode=modes(a), **masks)
 
 
 def hires_units(a):

@@ -844,6 +844,8 @@ def _static_plans(a, pipe, request, sampler, hires=None, image=None, controls=()
                    ip_adapter=ip_adapters)
     if ip_adapters and any(p != "none" for p in a.ip_adapter_mask):
         control["ip_adapter_masks"] = [p != "none" for p in a.ip_adapter_mask]
+    if controls and any(p != "none" for p in a.control_mask):
+        control["control_masks"] = [p != "none" for p in a.control_mask]
     plans = [pipe.compile(height, width, request.batch_size, request.num_inference_steps,
                           sampler, guidance=request.guidance, num_chunks=chunks,
                           strength=None if image is None else request.strength,

@@ -71,6 +71,24 @@ def test_generate_matches_the_library_and_records_the_unit(assets, tmp_path, cap
     plain = tmp_path / "plain.png"
     assert _run(base + ["-o", str(plain)], capsys)[0] == 0
     assert np.abs(_pixels(plain).astype(int) - got).max() > 10, "the ControlNet changed nothing"
+    # --control-mask: the library's control_mask (grey weighs the region).
+    grey = np.zeros((64, 64), np.uint8)
+    grey[:, :24], grey[:, 24:40] = 255, 128
+    Image.fromarray(grey).save(tmp_path / "region.png")
+    regional = tmp_path / "regional.png"
+    code, _, err = _run(base + ["--controlnet", f"{net}:0.8", "--control-image",
+                                str(root / "hint.png"), "--control-end", "0.7",
+                                "--control-mask", str(tmp_path / "region.png"), "-o",
+                                str(regional)], capsys)
+    assert code == 0, err
+    expected = pipe("a red fox", height=64, width=64, num_inference_steps=3,
+                    guidance_scale=defaults["guidance_scale"], sampler=defaults["sampler"],
+                    generator=[torch.Generator().manual_seed(6)], control_image=hint,
+                    controlnet_conditioning_scale=0.8, control_guidance_end=0.7,
+                    control_mask=grey.astype(np.float32) / 255)[0]
+    masked = _pixels(regional).astype(int)
+    assert np.abs(masked - np.asarray(expected).astype(int)).max() <= 1
+    assert np.abs(masked - got).max() > 10, "the region mask changed nothing"
 
 
 def test_control_image_sets_the_size_and_two_units(assets, tmp_path, capsys):
@@ -101,6 +119,12 @@ def test_control_image_sets_the_size_and_two_units(assets, tmp_path, capsys):
     (["--controlnet", "NET", "--control-image", "HINT", "--control-end", "1.5"],
      "--control-end must be from 0 to 1"),
     (["--controlnet", "NET", "--control-image", "nothing.png"], "cannot read control image"),
+    (["--controlnet", "NET", "--control-image", "HINT", "--control-mask", "none",
+      "--control-mask", "none"], "--control-mask: give one per --controlnet ('none' for one "
+                                 "without), got 2 for 1"),
+    (["--control-mask", "HINT"], "--control-mask needs --controlnet"),
+    (["--controlnet", "NET", "--control-image", "HINT", "--control-mask", "nothing.png"],
+     "cannot read control mask"),
     (["--controlnet", "NET", "--control-image", "HINT", "--control-module", "depth_zoe"],
      "--control-module: sdrt does not run preprocessor 'depth_zoe'"),
     (["--controlnet", "NET", "--control-image", "HINT", "--control-module", "canny",
