@@ -4,13 +4,14 @@ ComfyUI's ImageUpscaleWithModel run most, at their released configs with random 
 - ``esrgan-x4``: RRDBNet, 64 features, 23 blocks, growth 32, ×4 (4x-UltraSharp,
   RealESRGAN_x4plus, ESRGAN_4x: one config);
 - ``real-esrgan-x2``: the same network behind a 2× pixel-unshuffle (RealESRGAN_x2plus);
-- ``compact-x4``: SRVGGNetCompact, 64 features, 32 convs, ×4 (realesr-general-x4v3).
+- ``compact-x4``: SRVGGNetCompact, 64 features, 32 convs, ×4 (realesr-general-x4v3);
+- ``span-x4``: SPAN, 48 features, ×4 (4x-ClearRealityV1), its convs fused as it runs.
 
 Each at a 512² input (a hires fix from 512²; the ×4 models write 2048²) and a 1024² one
 (A1111's Extras on a 1024² picture), fp16: the whole picture in one pass, channels-last (the
 engine's path), in NCHW (what channels-last buys), and in the default 512-pixel tiles with 32
 pixels of context (what tiling costs: the context is computed twice). Every conv's FLOPs are
-counted by hooks on one pass (2 · Cout · Cin · 9 · H_out · W_out each); the report states the
+counted by hooks on one pass (2 · Cout · Cin · k² · H_out · W_out each); the report states the
 rate against the measured fp16 matrix-product ceiling, and the peak memory of a pass.
 
     python -m sdrt.benchmarks.bench_upscale [--models esrgan-x4,compact-x4] [--sizes 512,1024]
@@ -24,28 +25,32 @@ import torch
 from torch import nn
 
 from sdrt.benchmarks.common import (ceilings, device_info, host_info, time_on, write_report)
-from sdrt.engine.upscaler import CompactNet, RRDBNet, Upscaler
+from sdrt.engine.upscaler import Conv3XC, SPANNet, Upscaler, network
 from sdrt.engine.upscaler_config import UpscalerConfig
 
 MODELS = {
     "esrgan-x4": UpscalerConfig("esrgan", 3, 64, 23, 32, 2, 1, 4),
     "real-esrgan-x2": UpscalerConfig("real-esrgan", 3, 64, 23, 32, 2, 2, 2),
     "compact-x4": UpscalerConfig("compact", 3, 64, 32, 0, 0, 1, 4),
+    "span-x4": UpscalerConfig("span", 3, 48, 6, scale=4),
 }
 # Dry runs: the same code path on networks and pictures small enough for a CPU.
 DRY = {"esrgan-x4": UpscalerConfig("esrgan", 3, 8, 1, 4, 2, 1, 4),
        "real-esrgan-x2": UpscalerConfig("real-esrgan", 3, 8, 1, 4, 2, 2, 2),
-       "compact-x4": UpscalerConfig("compact", 3, 8, 2, 0, 0, 1, 4)}
+       "compact-x4": UpscalerConfig("compact", 3, 8, 2, 0, 0, 1, 4),
+       "span-x4": UpscalerConfig("span", 3, 8, 6, scale=4)}
 TILE, TILE_PAD = 512, 32  # the engine's defaults
 
 
 def build(cfg: UpscalerConfig, device, dtype) -> Upscaler:
-    net = RRDBNet(cfg) if cfg.arch != "compact" else CompactNet(cfg)
+    net = network(cfg)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in net.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     net = net.to(device, dtype).eval()
+    if isinstance(net, SPANNet):
+        net.fuse()
     return Upscaler(net, cfg, "bench")
 
 
@@ -53,11 +58,14 @@ def conv_flops(up: Upscaler, x) -> float:
     """FLOPs of one whole-picture pass, counted over its convs."""
     total = [0.0]
 
-    def hook(m, _, out):
-        total[0] += 2 * m.in_channels * m.out_channels * m.kernel_size[0] * \
-            m.kernel_size[1] * out.numel() / m.out_channels
+    def hook(m, _, out):  # a Conv3XC runs as one 3x3 conv (its trained convs do not run)
+        cin, taps = (m.sk.in_channels, 9) if isinstance(m, Conv3XC) else \
+            (m.in_channels, m.kernel_size[0] * m.kernel_size[1])
+        total[0] += 2 * cin * taps * out.numel()
+    inner = {id(c) for m in up.net.modules() if isinstance(m, Conv3XC) for c in m.modules()
+             if c is not m}
     handles = [m.register_forward_hook(hook) for m in up.net.modules()
-               if isinstance(m, nn.Conv2d)]
+               if isinstance(m, (nn.Conv2d, Conv3XC)) and id(m) not in inner]
     with torch.inference_mode():
         up._forward(x)
     for h in handles:

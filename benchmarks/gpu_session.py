@@ -41,8 +41,8 @@ Stages, in order (``--stage`` picks some; the extras run only when the budget st
   against diffusers' StableDiffusionControlNetPipeline eager), ``pipeline-ip-adapter`` (SD 1.5
   512², 50 and 20 steps with a random-weight plain IP-Adapter and ViT-H/14 image encoder:
   sdrt's plan with the image tokens in its buffers against diffusers' load_ip_adapter eager),
-  ``upscale`` (``bench_upscale``: the ESRGAN family's released configs at 512² and 1024²
-  inputs, fp16, whole picture vs NCHW vs tiled, conv TFLOP/s and peak memory),
+  ``upscale`` (``bench_upscale``: the ESRGAN family's and SPAN's released configs at 512² and
+  1024² inputs, fp16, whole picture vs NCHW vs tiled, conv TFLOP/s and peak memory),
   and SDXL's four (``--stage sdxl`` names them all):
   ``kernels-sdxl`` (bench_kernels at SDXL's shapes: 128² latents, head dim 64, the 1024² VAE
   decoder's float32 GroupNorms), ``conv-sdxl`` (bench_conv --sweep over SDXL's UNet and fp16
@@ -136,7 +136,8 @@ STAGES = (
           "eager", 220, 130, extra=True, model="sd15-controlnet", setup_s=60),
     Stage("pipeline-ip-adapter", "SD 1.5 512² with an IP-Adapter: sdrt's plan vs diffusers "
           "eager", 220, 130, extra=True, model="sd15-ip-adapter", setup_s=70),
-    Stage("upscale", "bench_upscale: ESRGAN ×4, Real-ESRGAN ×2, compact ×4 at 512² and 1024²",
+    Stage("upscale", "bench_upscale: ESRGAN ×4, Real-ESRGAN ×2, compact ×4, SPAN ×4 at 512² "
+          "and 1024²",
           150, 60, extra=True, model="esrgan"),
 )
 BY_NAME = {s.name: s for s in STAGES}

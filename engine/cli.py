@@ -312,7 +312,7 @@ def _generate_options(g):
                    help="how the hires fix upscales: Latent, Latent (antialiased), Latent "
                         "(bicubic), Latent (bicubic antialiased), Latent (nearest), Latent "
                         "(nearest-exact), Lanczos, Nearest, or an upscale model (ESRGAN, "
-                        "Real-ESRGAN, compact Real-ESRGAN): a .safetensors file or a name in "
+                        "Real-ESRGAN, compact Real-ESRGAN, SPAN): a .safetensors file or a name in "
                         "--upscaler-dir")
     g.add_argument("--upscaler-dir", metavar="DIR", default=None,
                    help="upscale models that --hr-upscaler, --sd-upscale-upscaler and "

@@ -18,7 +18,7 @@ def add_parser(sub, float_arg, size_arg):
         "upscale", help="upscale images with an upscale model or Lanczos (A1111's Extras)",
         description="Upscale images as A1111's Extras tab does: by --scale, or to cover --resize "
                     "(cut to it about the centre unless --no-crop), with --upscaler (an ESRGAN, "
-                    "Real-ESRGAN or compact Real-ESRGAN .safetensors file, a name in "
+                    "Real-ESRGAN, compact Real-ESRGAN or SPAN .safetensors file, a name in "
                     "--upscaler-dir, Lanczos or Nearest), optionally blended with --upscaler-2.")
     u.add_argument("images", metavar="IMAGE", nargs="+", help="the images to upscale")
     u.add_argument("--upscaler", metavar="NAME", default="Lanczos",

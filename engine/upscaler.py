@@ -2,7 +2,7 @@
 ``UpscaleModelLoader`` run, from the ``.safetensors`` files people keep in
 ``models/ESRGAN`` / ``models/RealESRGAN`` / ``models/upscale_models``.
 
-Three architectures, recognised from the file's tensor names and shapes alone
+Four architectures, recognised from the file's tensor names and shapes alone
 (``engine/upscaler_config.py``, which needs no torch):
 
 - ESRGAN's RRDBNet in the original layout (``model.0``, ``model.1.sub.N.RDB1.conv1.0``, ...:
@@ -13,7 +13,10 @@ Three architectures, recognised from the file's tensor names and shapes alone
   input first;
 - Real-ESRGAN's SRVGGNetCompact (``body.0`` ... with PReLU: realesr-general-x4v3,
   realesr-animevideov3), a plain conv stack whose output is pixel-shuffled and added to the
-  nearest-upsampled input.
+  nearest-upsampled input;
+- SPAN (Wan et al. 2024, "Swift Parameter-free Attention Network": ``conv_1.sk``,
+  ``block_N.c1_r.conv.0`` ...: 4x-ClearRealityV1, 2xHFA2kSPAN and other community models), six
+  blocks of re-parameterised convs with a parameter-free attention, pixel-shuffled.
 
 Pixels go in as RGB in [0, 1] (the order the models were trained in; ComfyUI's and A1111's
 current order) and come out clamped to [0, 1]. A large image runs in tiles of ``tile``
@@ -122,6 +125,97 @@ class CompactNet(nn.Module):
     def forward(self, x):
         out = F.pixel_shuffle(self.body(x), self.scale)
         return out + F.interpolate(x, scale_factor=self.scale, mode="nearest")
+
+
+class Conv3XC(nn.Module):
+    """SPAN's re-parameterised 3x3 conv. Trained as a 1x1 → 3x3 (unpadded) → 1x1 chain that
+    widens by ``gain`` in the middle, plus a 1x1 skip (``sk``); run as the one padded 3x3
+    conv they add up to, whose weights ``fuse`` computes (a file's own ``eval_conv`` copy of
+    them may be stale, so it is not read)."""
+
+    def __init__(self, cin, cout, gain=2):
+        super().__init__()
+        self.sk = nn.Conv2d(cin, cout, 1)
+        self.conv = nn.Sequential(nn.Conv2d(cin, cin * gain, 1),
+                                  nn.Conv2d(cin * gain, cout * gain, 3),
+                                  nn.Conv2d(cout * gain, cout, 1))
+        self.register_buffer("weight", None)
+        self.register_buffer("bias", None)
+
+    @torch.no_grad()
+    def fuse(self):
+        """The chain and the skip as one 3x3 conv, composed in float32: the 1x1s are matrices
+        on each side of the 3x3 kernel; the first bias passes through the 3x3 as its sum."""
+        (w1, b1), (w2, b2), (w3, b3) = ((c.weight.float(), c.bias.float()) for c in self.conv)
+        w1, w3 = w1[:, :, 0, 0], w3[:, :, 0, 0]  # (mid, in), (out, mid')
+        weight = torch.einsum("om,mnyx,ni->oiyx", w3, w2, w1)
+        bias = w3 @ (w2.sum((2, 3)) @ b1 + b2) + b3
+        weight[:, :, 1, 1] += self.sk.weight.float()[:, :, 0, 0]
+        bias += self.sk.bias.float()
+        dtype = self.sk.weight.dtype
+        self.weight, self.bias = weight.to(dtype), bias.to(dtype)
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, self.bias, padding=1)
+
+
+class SPAB(nn.Module):
+    """SPAN's block: three Conv3XC (SiLU after the first two); the input plus the third's
+    output, weighed by sigmoid(third) − 0.5 (the parameter-free attention). Also returns the
+    first conv's output, which the network's last block hands on."""
+
+    def __init__(self, nf):
+        super().__init__()
+        self.c1_r, self.c2_r, self.c3_r = Conv3XC(nf, nf), Conv3XC(nf, nf), Conv3XC(nf, nf)
+
+    def forward(self, x):
+        first = self.c1_r(x)
+        third = self.c3_r(F.silu(self.c2_r(F.silu(first))))
+        return (third + x) * (torch.sigmoid(third) - 0.5), first
+
+
+class SPANNet(nn.Module):
+    """SPAN: a Conv3XC, six SPABs, then the first conv's features, the last block's (through
+    another Conv3XC), the first block's and the last block's first conv joined and mixed by a
+    1x1 conv; a 3x3 conv to channels × scale², pixel-shuffled. With ``norm`` the input is
+    first centred on SPAN's RGB mean and scaled by 255 (its output is not scaled back)."""
+
+    MEAN = (0.4488, 0.4371, 0.4040)
+
+    def __init__(self, cfg: UpscalerConfig):
+        super().__init__()
+        nf, s = cfg.features, cfg.scale
+        self.norm, self.scale = cfg.norm, s
+        self.conv_1 = Conv3XC(cfg.channels, nf)
+        for k in range(1, cfg.blocks + 1):
+            setattr(self, f"block_{k}", SPAB(nf))
+        self.blocks = cfg.blocks
+        self.conv_cat = nn.Conv2d(4 * nf, nf, 1)
+        self.conv_2 = Conv3XC(nf, nf)
+        self.upsampler = nn.Sequential(_conv(nf, cfg.channels * s * s))
+
+    def fuse(self):
+        for m in self.modules():
+            if isinstance(m, Conv3XC):
+                m.fuse()
+        return self
+
+    def forward(self, x):
+        if self.norm:
+            x = (x - x.new_tensor(self.MEAN).view(1, 3, 1, 1)) * 255.0
+        feat = self.conv_1(x)
+        out, first = feat, None
+        outs = []
+        for k in range(1, self.blocks + 1):
+            out, first = getattr(self, f"block_{k}")(out)
+            outs.append(out)
+        mixed = self.conv_cat(torch.cat([feat, self.conv_2(out), outs[0], first], 1))
+        return F.pixel_shuffle(self.upsampler(mixed), self.scale)
+
+
+def network(cfg: UpscalerConfig) -> nn.Module:
+    """The module of ``cfg``'s architecture (its weights to be loaded; SPAN's then fused)."""
+    return {"compact": CompactNet, "span": SPANNet}.get(cfg.arch, RRDBNet)(cfg)
 
 
 def _file_key(cfg: UpscalerConfig):
@@ -261,9 +355,13 @@ def load_upscaler(path, device="cpu", dtype=torch.float32, name=None, tile=512,
     keys, shapes = _open(path)
     cfg = config_of(set(shapes), shapes.__getitem__, path)
     with torch.device("meta"):
-        net = RRDBNet(cfg) if cfg.arch != "compact" else CompactNet(cfg)
+        net = network(cfg)
     rename = _file_key(cfg)
     wanted = {rename(n) for n, _ in net.named_parameters()}
+    if cfg.arch == "span":  # what SPAN's files also hold: the fused convs (made again) and
+        # the switch that turns the input's normalisation off
+        wanted |= {k for k in keys if k.endswith(("eval_conv.weight", "eval_conv.bias"))}
+        wanted |= {"no_norm"} & set(keys)
     extra = sorted(set(keys) - wanted)
     if extra:
         raise SdrtError(f"{path}: weights a {cfg.description} does not have: "
@@ -271,6 +369,8 @@ def load_upscaler(path, device="cpu", dtype=torch.float32, name=None, tile=512,
     with SafetensorsFiles([path]) as f:
         source = {k: f.source[keys[k]] for k in keys}
         net = load_parameters(net, source, device, dtype, path, rename)
+    if cfg.arch == "span":
+        net.fuse()
     if torch.device(device).type == "cuda":
         net = net.to(memory_format=torch.channels_last)
     if name is None:

@@ -2,10 +2,11 @@
 called: no torch here, so the CLI and the server check a request naming one before torch
 loads (``engine/upscaler.py`` builds and runs the networks).
 
-Three architectures are recognised from the tensor names and shapes: ESRGAN's RRDBNet in its
+Four architectures are recognised from the tensor names and shapes: ESRGAN's RRDBNet in its
 original layout (``model.0``, ``model.1.sub.N.RDB1.conv1.0``, ...), the same network in
 BasicSR's (``conv_first``, ``body.N.rdb1.conv1``, ``conv_up1``), whose ×2 and ×1 models
-pixel-unshuffle their input, and Real-ESRGAN's SRVGGNetCompact (``body.0`` ... with PReLU).
+pixel-unshuffle their input, Real-ESRGAN's SRVGGNetCompact (``body.0`` ... with PReLU) and
+SPAN (``conv_1.sk``, ``block_N.c1_r.conv.0``, ..., ``upsampler.0``).
 """
 import json
 import math
@@ -26,13 +27,15 @@ A1111_NAMES = {"RealESRGAN_x4plus": "R-ESRGAN 4x+",
                "realesr-general-x4v3": "R-ESRGAN General 4xV3",
                "realesr-general-wdn-x4v3": "R-ESRGAN General WDN 4xV3",
                "realesr-animevideov3": "R-ESRGAN AnimeVideo"}
+SPAN_BLOCKS = 6  # SPAN's attention blocks (block_1 ... block_6)
 # Training checkpoints keep the weights under one of these prefixes.
 _PREFIXES = ("params_ema.", "params.", "module.")
 
 
 @dataclass(frozen=True)
 class UpscalerConfig:
-    arch: str               # "esrgan" (original layout), "real-esrgan" (BasicSR) or "compact"
+    arch: str               # "esrgan" (original layout), "real-esrgan" (BasicSR), "compact"
+    #                         or "span"
     channels: int           # image channels in and out (3: RGB)
     features: int           # width of the network (nf)
     blocks: int             # RRDB blocks, or the compact net's 3x3 convs between first and last
@@ -40,11 +43,12 @@ class UpscalerConfig:
     upsamples: int = 0      # RRDBNet's nearest ×2 upsamples, each followed by a conv
     unshuffle: int = 1      # pixel-unshuffle factor of the input (BasicSR's ×2: 2, ×1: 4)
     scale: int = 4
+    norm: bool = True       # SPAN: the input centred on its mean and scaled by 255 first
 
     @property
     def description(self):
         return {"esrgan": "ESRGAN", "real-esrgan": "Real-ESRGAN",
-                "compact": "Real-ESRGAN compact"}[self.arch] + f" x{self.scale}"
+                "compact": "Real-ESRGAN compact", "span": "SPAN"}[self.arch] + f" x{self.scale}"
 
 
 def _strip(key):
@@ -115,6 +119,15 @@ def _recognise(keys, shapes, where) -> UpscalerConfig:
         return UpscalerConfig("real-esrgan", channels, nf,
                               _count(keys, "body.{}.rdb1.conv1.weight"),
                               shape_of("body.0.rdb1.conv1.weight")[0], ups, u, 2 ** ups // u)
+    if "conv_1.sk.weight" in keys and "block_1.c1_r.sk.weight" in keys:
+        blocks = _count(keys, "block_{}.c1_r.sk.weight", start=1)
+        if blocks != SPAN_BLOCKS:
+            raise SdrtError(f"{where}: a SPAN of {blocks} blocks; sdrt knows SPAN's "
+                            f"{SPAN_BLOCKS}")
+        nf, channels = shape_of("conv_1.sk.weight")[:2]
+        return UpscalerConfig("span", channels, nf, blocks,
+                              scale=square_scale(shape_of("upsampler.0.weight")[0], channels),
+                              norm="no_norm" not in keys)
     if "body.0.weight" in keys and len(shapes("body.0.weight")) == 4:
         convs = sorted(i for i in (_index(k, "body") for k in keys)
                        if i is not None and len(shapes(f"body.{i}.weight")) == 4)
@@ -128,8 +141,8 @@ def _recognise(keys, shapes, where) -> UpscalerConfig:
         last = shape_of(f"body.{convs[-1]}.weight")
         return UpscalerConfig("compact", channels, nf, len(convs) - 2, 0, 0, 1,
                               square_scale(last[0], channels))
-    raise SdrtError(f"{where}: not an upscaler sdrt knows (ESRGAN, Real-ESRGAN or compact "
-                    f"Real-ESRGAN); its tensors start {', '.join(sorted(keys)[:3])}")
+    raise SdrtError(f"{where}: not an upscaler sdrt knows (ESRGAN, Real-ESRGAN, compact "
+                    f"Real-ESRGAN or SPAN); its tensors start {', '.join(sorted(keys)[:3])}")
 
 
 def read_shapes(path):

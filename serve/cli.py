@@ -76,7 +76,7 @@ def add_parser(subparsers):
                         "module picks ViT-H (clip_h) or ViT-bigG (clip_g) by name, else the "
                         "first that fits")
     s.add_argument("--upscaler-dir", metavar="DIR", default=None,
-                   help="upscale models (ESRGAN, Real-ESRGAN and compact Real-ESRGAN "
+                   help="upscale models (ESRGAN, Real-ESRGAN, compact Real-ESRGAN and SPAN "
                         ".safetensors files) that A1111 requests name in hr_upscaler and "
                         "the Extras endpoints, and ComfyUI workflows in UpscaleModelLoader, by "
                         "file stem (Real-ESRGAN's released files also by A1111's names, "

@@ -119,7 +119,8 @@ def test_dry_run_stage_results(dry_run):
     (report,) = stages["upscale"]["results"]["reports"]
     rows = report["sections"]["Upscale models"]
     assert {(r["model"], r["path"].split(",")[0].split(" ")[0]) for r in rows} == {
-        (m, p) for m in ("esrgan-x4", "real-esrgan-x2", "compact-x4") for p in ("whole", "tiles")}
+        (m, p) for m in ("esrgan-x4", "real-esrgan-x2", "compact-x4", "span-x4")
+        for p in ("whole", "tiles")}
     assert all(r["ms"] > 0 and r["conv_tflops"] >= 0 for r in rows), rows
     # bench_kernels' and bench_conv's command lines took SDXL.
     for name in ("kernels-sdxl", "conv-sdxl"):

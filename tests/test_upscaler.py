@@ -13,7 +13,7 @@ from sdrt.engine.errors import SdrtError
 from sdrt.engine.upscaler import load_upscaler
 from sdrt.engine.upscaler_config import A1111_NAMES, file_config, upscaler_files
 from test_cli import tiny_dir  # noqa: F401  (the fixture)
-from upscaler_files import compact_tensors, esrgan_tensors, reference, write
+from upscaler_files import compact_tensors, esrgan_tensors, reference, span_tensors, write
 
 # (layout, tensors, scale): every shape of network a file may hold.
 NETWORKS = {
@@ -30,6 +30,9 @@ NETWORKS = {
     # realesr-general-x4v3 / animevideov3 (×4), and a ×2 compact model
     "compact-x4": ("compact", lambda: compact_tensors(), 4),
     "compact-x2": ("compact", lambda: compact_tensors(nf=12, convs=1, scale=2), 2),
+    # SPAN (4x-ClearRealityV1 and most SPAN models: ×4, input normalised), a ×2 without
+    "span-x4": ("span", lambda: span_tensors(), 4),
+    "span-x2": ("span", lambda: span_tensors(nf=6, scale=2, norm=False, seed=1), 2),
 }
 
 
@@ -80,6 +83,7 @@ def test_odd_sizes_pad_to_the_unshuffle_factor(tmp_path):
     ("esrgan-x2", 8),        # tiles of 8 over 20 x 27: ragged last tiles on both axes
     ("real-esrgan-x2", 10),  # tile edges at even offsets for the unshuffle
     ("compact-x4", 7),       # an odd tile side
+    ("span-x4", 9),          # 21 convs deep: a reach within the pad
 ])
 def test_tiles_give_the_whole_image(tmp_path, name, tile):
     """With a pad wider than the network's reach, tiled equals whole."""
@@ -94,7 +98,7 @@ def test_tiles_give_the_whole_image(tmp_path, name, tile):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["esrgan-x4", "real-esrgan-x2", "compact-x4"])
+@pytest.mark.parametrize("name", ["esrgan-x4", "real-esrgan-x2", "compact-x4", "span-x4"])
 def test_cuda_half_precision_matches_float32(tmp_path, name):
     """On a GPU: fp16, channels-last, tiled over 40 x 56, against float32 on the CPU."""
     layout, tensors, _ = NETWORKS[name]
@@ -244,6 +248,11 @@ def test_refusals(tmp_path):
     sd["model.0.weight"] = sd["model.0.weight"][:, :1].contiguous()
     sd["model.10.weight"], sd["model.10.bias"] = sd["model.10.weight"][:1], sd["model.10.bias"][:1]
     _refused(write(tmp_path / "gray.safetensors", sd), "1 image channels", "RGB")
+    # a SPAN of another depth, or with a tensor SPAN does not have
+    sd = {k: v for k, v in span_tensors().items() if not k.startswith("block_6.")}
+    _refused(write(tmp_path / "span5.safetensors", sd), "a SPAN of 5 blocks")
+    sd = {**span_tensors(), "block_1.attn.weight": torch.zeros(8, 8, 1, 1)}
+    _refused(write(tmp_path / "span-extra.safetensors", sd), "block_1.attn.weight")
     for field, value in (("tile", 0), ("tile", 2.5), ("tile_pad", -1), ("tile", True)):
         with pytest.raises(SdrtError, match=field):
             load_upscaler(write(tmp_path / "ok.safetensors", compact_tensors()),
