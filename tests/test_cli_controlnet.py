@@ -285,6 +285,19 @@ def test_cuda_controlnet_builds_its_static_plan(assets, tmp_path, capsys):
                           "--control-start", "0.25"], tmp_path, capsys)
 
 
+@pytest.mark.gpu
+def test_cuda_controlnet_region_mask_builds_its_static_plan(assets, tmp_path, capsys):
+    # With --control-mask the plan holds the mask's weights as a buffer, built up front.
+    root, net = assets
+    grey = np.zeros((48, 64), np.uint8)
+    grey[:, :20], grey[:, 20:40] = 255, 100
+    Image.fromarray(grey).save(tmp_path / "region.png")
+    _static_equals_eager(["generate", "a red fox", "--steps", "4", "--seed", "5", "--device",
+                          "cuda", "--dtype", "fp32", "--sampler", "euler_a", "--controlnet",
+                          f"{net}:0.9", "--control-image", str(root / "hint.png"),
+                          "--control-mask", str(tmp_path / "region.png")], tmp_path, capsys)
+
+
 def test_workflow_controlnets_equal_the_options(tmp_path, capsys):
     # ComfyUI's ControlNetApplyAdvanced nodes: the --controlnet of the loader's file name at
     # the node's strength, the --control-image of the LoadImage's name, each node's share of

@@ -520,6 +520,17 @@ def test_cuda_cli_builds_its_static_plan(tmp_path, capsys):
                           *_cli_assets(tmp_path)], tmp_path, capsys)
 
 
+@pytest.mark.gpu
+def test_cuda_cli_regional_plan(tmp_path, capsys):
+    # With --ip-adapter-mask the plan holds the mask's weights at every level as a buffer.
+    from test_cli import _static_equals_eager
+    _region(64, 64, 10, 40).save(tmp_path / "region.png")
+    _static_equals_eager(["generate", "a red fox", "--steps", "4", "--seed", "5", "--device",
+                          "cuda", "--dtype", "fp32", "--sampler", "euler_a",
+                          *_cli_assets(tmp_path), "--ip-adapter-mask",
+                          str(tmp_path / "region.png")], tmp_path, capsys)
+
+
 def test_cli_equals_the_library(tmp_path, capsys):
     # sdrt generate --ip-adapter on the built-in model: the library call's pixels; bad options
     # are one line.
