@@ -78,14 +78,8 @@ class ImagePromptRequest:
                             "(Pipeline.load_ip_adapter)")
         chosen = select(loaded, names, "ip_adapter", "IP-Adapter")
         n = len(chosen)
-        if n == 1:
-            entries = [image]
-        elif not isinstance(image, (list, tuple)) or len(image) != n:
-            raise SdrtError(f"ip_adapter_image must be a list of {n} entries (one image, or a "
-                            f"list of images, per IP-Adapter: {', '.join(chosen)}), got "
-                            f"{short_repr(image)}")
-        else:
-            entries = list(image)
+        entries = _per_adapter(image, n, "ip_adapter_image", f"one image, or a list of images, "
+                                                             f"per IP-Adapter: {', '.join(chosen)}")
         images = []
         for entry in entries:
             items = list(entry) if isinstance(entry, (list, tuple)) else [entry]
@@ -163,18 +157,23 @@ def _lanczos(plane, size):
     return torch.from_numpy(np.array(image, dtype=np.float32))
 
 
+def _per_adapter(value, n, field, what):
+    """``value`` as one entry per adapter: itself for one, else a list of ``n`` (``what``
+    says what each entry is, in the refusal)."""
+    if n == 1:
+        return [value]
+    if not isinstance(value, (list, tuple)) or len(value) != n:
+        raise SdrtError(f"{field} must be a list of {n} entries ({what}), got "
+                        f"{short_repr(value)}")
+    return list(value)
+
+
 def _masks(mask, n, counts, mask_tensors):
     """Per adapter, its masks as float32 (images, 1, H, W), or None (``parse``)."""
     if mask is None:
         return [None] * n
-    if n == 1:
-        entries = [mask]
-    elif not isinstance(mask, (list, tuple)) or len(mask) != n:
-        raise SdrtError(f"ip_adapter_mask must be a list of {n} entries (None, a mask or a "
-                        f"list of masks, one per image, for each IP-Adapter), got "
-                        f"{short_repr(mask)}")
-    else:
-        entries = list(mask)
+    entries = _per_adapter(mask, n, "ip_adapter_mask", "None, a mask or a list of masks, one "
+                                                       "per image, for each IP-Adapter")
     out = []
     for k, (entry, count) in enumerate(zip(entries, counts)):
         field = "ip_adapter_mask" + (f"[{k}]" if n > 1 else "")

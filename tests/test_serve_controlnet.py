@@ -89,10 +89,22 @@ def _images(r):
     return out, json.loads(r.json()["info"])
 
 
-def _reference(pipe, root, nets, seed, images, prompt=PROMPT, negative="blurry", **kw):
+def _load_nets(pipe, root, nets):
+    """Load the assets' ControlNets ``nets`` (by name) into ``pipe``."""
     for name in nets:
         path = root / "nets" / name if name == "depthy" else root / "nets" / f"{name}.safetensors"
         pipe.load_controlnet(str(path), name=name)
+
+
+def _hires_fix_image(server, units, seed):
+    """The picture of a txt2img request with ``units`` and a 1.5x hires fix of 2 steps."""
+    (image,), _ = _images(_txt2img(server, units, seed=seed, enable_hr=True, hr_scale=1.5,
+                                   hr_second_pass_steps=2, denoising_strength=0.6, steps=2))
+    return image
+
+
+def _reference(pipe, root, nets, seed, images, prompt=PROMPT, negative="blurry", **kw):
+    _load_nets(pipe, root, nets)
     try:
         return pipe(prompt, negative_prompt=negative, height=64, width=64,
                     num_inference_steps=2, guidance_scale=7.0, seed=seed, controlnet=list(nets),
@@ -260,12 +272,8 @@ def test_hires_fix_options(server, assets, ref_pipe):
     root, hints = assets
     units = [{"model": "edges", "image": _png(hints[0]), "module": "canny"},
              {"model": "depthy", "image": _png(hints[1]), "hr_option": "Low res only"}]
-    r = _txt2img(server, units, seed=6, enable_hr=True, hr_scale=1.5, hr_second_pass_steps=2,
-                 denoising_strength=0.6, steps=2)
-    (got,), _ = _images(r)
-    for name in ("edges", "depthy"):
-        path = root / "nets" / name if name == "depthy" else root / "nets" / f"{name}.safetensors"
-        ref_pipe.load_controlnet(str(path), name=name)
+    got = _hires_fix_image(server, units, 6)
+    _load_nets(ref_pipe, root, ("edges", "depthy"))
     try:
         maps, second = ([frame_map(preprocess(hints[0], "canny"), side, side, "crop"),
                          frame_map(hints[1], side, side, "crop")] for side in (64, 96))
@@ -299,12 +307,8 @@ def test_effective_region_mask_with_a_hires_fix(server, assets, ref_pipe):
     units = [{"model": "edges", "image": _png(hints[0]),
               "effective_region_mask": _png(Image.fromarray(rgb))},
              {"model": "depthy", "image": _png(hints[1]), "hr_option": "Low res only"}]
-    r = _txt2img(server, units, seed=7, enable_hr=True, hr_scale=1.5, hr_second_pass_steps=2,
-                 denoising_strength=0.6, steps=2)
-    (got,), _ = _images(r)
-    for name in ("edges", "depthy"):
-        path = root / "nets" / name if name == "depthy" else root / "nets" / f"{name}.safetensors"
-        ref_pipe.load_controlnet(str(path), name=name)
+    got = _hires_fix_image(server, units, 7)
+    _load_nets(ref_pipe, root, ("edges", "depthy"))
     try:
         maps, second = ([frame_map(hints[0], side, side, "crop"),
                          frame_map(hints[1], side, side, "crop")] for side in (64, 96))
