@@ -56,8 +56,9 @@ from .request import SAMPLER_NAMES, SIGMA_SAMPLERS, short_repr
 # comfy_kl_optimal). ComfyUI's ddim is Euler along the scheduler's sigmas: sdrt's euler there.
 # lcm, which steps along its own alpha-bar grid, is sdrt's lcm on "normal", "simple" and
 # "sgm_uniform" alike. The _gpu SDE samplers differ
-# from the others only in where ComfyUI draws their noise; uni_pc_bh2 is diffusers' default
-# UniPC (ComfyUI's uni_pc, B(h) = h, is not).
+# from the others only in where ComfyUI draws their noise; uni_pc_bh2 runs diffusers' default
+# UniPC (order 2; ComfyUI's runs order 3 and stops at sigma 0.001); ComfyUI's uni_pc, B(h) = h,
+# is not run.
 _EVEN = ("normal", "simple", "sgm_uniform")
 _SAMPLER_NAMES = {"euler": "euler", "euler_ancestral": "euler_a", "heun": "heun",
                   "dpm_2": "dpm2", "dpm_2_ancestral": "dpm2_a",
