@@ -56,9 +56,8 @@ from .request import SAMPLER_NAMES, SIGMA_SAMPLERS, short_repr
 # comfy_kl_optimal). ComfyUI's ddim is Euler along the scheduler's sigmas: sdrt's euler there.
 # lcm, which steps along its own alpha-bar grid, is sdrt's lcm on "normal", "simple" and
 # "sgm_uniform" alike. The _gpu SDE samplers differ
-# from the others only in where ComfyUI draws their noise; uni_pc_bh2 runs diffusers' default
-# UniPC (order 2; ComfyUI's runs order 3 and stops at sigma 0.001); ComfyUI's uni_pc, B(h) = h,
-# is not run.
+# from the others only in where ComfyUI draws their noise; uni_pc and uni_pc_bh2 are sdrt's
+# (UniPC of order 3 to sigma 0.001, as ComfyUI runs it).
 _EVEN = ("normal", "simple", "sgm_uniform")
 _SAMPLER_NAMES = {"euler": "euler", "euler_ancestral": "euler_a", "heun": "heun",
                   "dpm_2": "dpm2", "dpm_2_ancestral": "dpm2_a",
@@ -68,7 +67,8 @@ _SAMPLER_NAMES = {"euler": "euler", "euler_ancestral": "euler_a", "heun": "heun"
                   "dpmpp_2m_sde_heun": "dpmpp_2m_sde_heun",
                   "dpmpp_2m_sde_heun_gpu": "dpmpp_2m_sde_heun",
                   "dpmpp_3m_sde": "dpmpp_3m_sde", "dpmpp_3m_sde_gpu": "dpmpp_3m_sde",
-                  "lms": "lms", "uni_pc_bh2": "unipc", "deis": "deis", "ddim": "euler",
+                  "lms": "lms", "uni_pc": "uni_pc", "uni_pc_bh2": "uni_pc_bh2", "deis": "deis",
+                  "ddim": "euler",
                   "lcm": "lcm"}
 # ComfyUI's scheduler → sdrt's sigma schedule
 _SCHEDULES = {"exponential": "exponential", "normal": "normal", "simple": "simple",

@@ -64,6 +64,11 @@ SAMPLER_LABELS = {
     "lcm": "LCM",
     "restart": "Restart",
     "restart_karras": "Restart Karras",
+    # ComfyUI's UniPC: no A1111 label; sdrt's, read back by --from-png
+    "uni_pc": "UniPC ComfyUI",
+    "uni_pc_karras": "UniPC ComfyUI Karras",
+    "uni_pc_bh2": "UniPC bh2 ComfyUI",
+    "uni_pc_bh2_karras": "UniPC bh2 ComfyUI Karras",
 }
 assert set(SAMPLER_LABELS) == set(SAMPLER_NAMES)
 # Other names A1111 (and its API clients) use for the same samplers: its k-diffusion aliases.
@@ -104,6 +109,10 @@ SAMPLER_ALIASES = {
     "lcm": (),
     "restart": (),
     "restart_karras": (),
+    "uni_pc": (),
+    "uni_pc_karras": (),
+    "uni_pc_bh2": (),
+    "uni_pc_bh2_karras": (),
 }
 assert set(SAMPLER_ALIASES) == set(SAMPLER_NAMES)
 _BY_NAME = {name.lower(): sid for sid in SAMPLER_NAMES

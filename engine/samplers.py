@@ -505,6 +505,8 @@ _SAMPLE_FNS = {
     "unipc_karras": sample_unipc,
     "deis": sample_deis,
     "deis_karras": sample_deis,
+    **{name: sample_unipc for name in ("uni_pc", "uni_pc_karras", "uni_pc_bh2",
+                                       "uni_pc_bh2_karras")},
     "lcm": sample_lcm,
 }
 assert set(_SAMPLE_FNS) == set(SAMPLERS)

@@ -61,6 +61,12 @@ SAMPLER_CLASSES = {
     "unipc_karras": "UniPCMultistepScheduler",
     "deis": "DEISMultistepScheduler",
     "deis_karras": "DEISMultistepScheduler",
+    # ComfyUI's uni_pc (B(h) = h) and uni_pc_bh2: UniPC of order 3 along ComfyUI's sigmas,
+    # winding down at the end, its last step to sigma 0.001 (``comfy_unipc``).
+    "uni_pc": "UniPCMultistepScheduler",
+    "uni_pc_karras": "UniPCMultistepScheduler",
+    "uni_pc_bh2": "UniPCMultistepScheduler",
+    "uni_pc_bh2_karras": "UniPCMultistepScheduler",
     "lcm": "LCMScheduler",
     # Restart sampling (Xu et al. 2023, "Restart Sampling for Improving Generative
     # Processes"; A1111's "Restart"): Heun's steps, so Heun's class defaults; no diffusers
@@ -80,7 +86,9 @@ TWO_CALL_SAMPLERS = ("heun", "heun_karras", "dpm2", "dpm2_karras", "dpm2_a", "dp
 _ANCESTRAL_TWO_CALL = ("dpm2_a", "dpmpp_2s_a")
 # ``X_karras`` is sampler X on Karras et al.'s sigmas (use_karras_sigmas=True, as A1111's "X
 # Karras"); plain X takes the config's use_karras_sigmas, except these, where it is off.
-KARRAS_OFF = ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "unipc", "deis")
+KARRAS_OFF = ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "unipc", "deis", "uni_pc")
+# The UniPC samplers (diffusers' and ComfyUI's), which share its coefficient solver.
+UNIPC = ("unipc", "uni_pc")
 # The classes that lack the fields Euler's has beyond the betas, spacing and Karras switch.
 _K_CLASS = TWO_CALL_SAMPLERS + ("lms", "lms_karras")
 KARRAS_SAMPLERS = {name[:-len("_karras")]: name for name in SAMPLER_CLASSES
@@ -110,7 +118,8 @@ _CLASS_DEFAULTS = {
                     "dpmpp_2m_sde_heun_karras", "dpmpp_2m_sde_exponential",
                     "dpmpp_2m_sde_heun_exponential", "dpmpp_3m_sde_exponential", "dpmpp_3m_sde",
                     "dpmpp_3m_sde_karras", "unipc", "unipc_karras", "lms",
-                    "lms_karras", "deis", "deis_karras")},
+                    "lms_karras", "deis", "deis_karras", "uni_pc", "uni_pc_karras",
+                    "uni_pc_bh2", "uni_pc_bh2_karras")},
     **{name: {**_K_BETAS, "timestep_spacing": "linspace", "clip_sample": False}
        for name in TWO_CALL_SAMPLERS},  # (KDPM2 has no clip_sample: for_sampler drops it)
     "lcm": {"timestep_spacing": "leading", "set_alpha_to_one": True, "clip_sample": False,
@@ -278,12 +287,16 @@ class SchedulerConfig:
                             final_sigmas_type="zero")
             if not sampler.startswith(("heun", "restart")):
                 resolved["clip_sample"] = False
-        if sampler.startswith("unipc"):
+        if sampler.startswith(UNIPC):
             # UniPCMultistepScheduler has no lambda clip, and reads DPM-Solver's solver types
             # as bh2.
             resolved["lambda_min_clipped"] = -math.inf
             if self.solver_type not in ("bh1", "bh2"):
                 resolved["solver_type"] = "bh2"
+        if sampler.startswith("uni_pc"):  # ComfyUI's, whatever the model's config says
+            resolved.update(solver_order=3, predict_x0=True, lower_order_final=True,
+                            disable_corrector=(),
+                            solver_type="bh2" if sampler.startswith("uni_pc_bh2") else "bh1")
         if sampler.startswith("deis"):
             # DEISMultistepScheduler has no zero-SNR rescale, lambda clip or final sigma type.
             resolved.update(rescale_betas_zero_snr=False, lambda_min_clipped=-math.inf,
@@ -472,7 +485,7 @@ class Schedule:
         if self.sigmas is None:
             a = self.alphas_cumprod[self.timesteps[i:i + 1]]  # (1,): a tensor index, no sync
             x = a.sqrt() * x0.float() + (1 - a).sqrt() * noise.float()
-        elif (self.sampler.startswith(("dpmpp_2m", "dpmpp_3m", "unipc", "deis"))
+        elif (self.sampler.startswith(("dpmpp_2m", "dpmpp_3m", *UNIPC, "deis"))
               and self.sigma_data is None):
             alpha, sigma = vp_alpha_sigma(self.sigmas[i])
             x = alpha * x0.float() + sigma * noise.float()
@@ -957,6 +970,22 @@ def _unipc_coefficients(cfg, sigmas, start):
     return torch.from_numpy(table).float(), tuple(orders)
 
 
+# ComfyUI's UniPC steps to this level instead of 0, and divides the result by its alpha.
+COMFY_UNIPC_LAST_SIGMA = 0.001
+
+
+def _comfy_unipc_coefficients(cfg, sigmas, start):
+    """ComfyUI's uni_pc and uni_pc_bh2 (its ``sample_unipc``): ``_unipc_coefficients`` of
+    order 3 along ``sigmas`` whose last level, 0, is 0.001 instead, the last step's result
+    divided by that level's alpha (so the latents come back to sigma 0's scale)."""
+    if float(sigmas[-1]) == 0:
+        sigmas = sigmas.clone()
+        sigmas[-1] = COMFY_UNIPC_LAST_SIGMA
+    table, orders = _unipc_coefficients(cfg, sigmas, start)
+    table[-1, 1] *= (1 + float(sigmas[-1]) ** 2) ** 0.5  # / alpha = sqrt(sigma^2 + 1)
+    return table, orders
+
+
 def _dpm_tables(cfg, alphas_cumprod, steps, unipc=False):
     """DPMSolverMultistepScheduler's (timesteps, sigmas); with ``unipc``,
     UniPCMultistepScheduler's and DEISMultistepScheduler's, which round Karras timesteps
@@ -1100,8 +1129,9 @@ def _one_call_schedule(cfg, sampler, timesteps, sigmas, init_noise_sigma, start,
                         noise_draws=len(timesteps[start:]) if ancestral else 0,
                         coefficients=None if lms[0] is None else lms[0].to(**f32),
                         orders=lms[1])
-    if sampler.startswith(("unipc", "deis")):
-        solve = _unipc_coefficients if sampler.startswith("unipc") else _deis_coefficients
+    if sampler.startswith((*UNIPC, "deis")):
+        solve = (_comfy_unipc_coefficients if sampler.startswith("uni_pc") else
+                 _unipc_coefficients if sampler.startswith("unipc") else _deis_coefficients)
         coefficients, orders = solve(cfg, sigmas, start)
         return Schedule(sampler, cfg, timesteps[start:].to(device), 1.0,
                         sigmas=sigmas[start:].to(**f32), coefficients=coefficients.to(**f32),
@@ -1239,7 +1269,7 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_inference_steps: int, 
                                    _init_noise_sigma(cfg, sigmas), start, device)
     else:
         timesteps, sigmas = _dpm_tables(cfg, alphas_cumprod, steps,
-                                        unipc=sampler.startswith(("unipc", "deis")))
+                                        unipc=sampler.startswith((*UNIPC, "deis")))
         sched = _one_call_schedule(cfg, sampler, timesteps, sigmas, 1.0, start, device)
     if through_zero:
         sched = _cut_last_call(sched)

@@ -90,7 +90,7 @@ def test_image_to_image():
     ("dpmpp_2m_sde_gpu", "karras", "dpmpp_2m_sde_karras"),
     ("dpm_2_ancestral", "normal", "dpm2_a_normal"),
     ("heun", "karras", "heun_karras"), ("euler", "karras", "euler_karras"),
-    ("dpm_2", "simple", "dpm2_simple"), ("uni_pc_bh2", "karras", "unipc_karras"),
+    ("dpm_2", "simple", "dpm2_simple"), ("uni_pc_bh2", "karras", "uni_pc_bh2_karras"),
     ("euler", "beta", "euler_comfy_beta"), ("dpmpp_2s_ancestral", "karras", "dpmpp_2s_a_karras"),
     ("dpmpp_2m", "kl_optimal", "dpmpp_2m_comfy_kl_optimal"),
     ("lms", "karras", "lms_karras"), ("euler_ancestral", "karras", "euler_a_karras"),

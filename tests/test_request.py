@@ -78,7 +78,8 @@ BAD = [
                        "dpmpp_2m_sde_heun_exponential, dpmpp_3m_sde, dpmpp_3m_sde_karras, "
                        "dpmpp_3m_sde_exponential, "
                        "lms, lms_karras, unipc, unipc_karras, "
-                       "deis, deis_karras, lcm, restart, restart_karras, or X_S for X one "
+                       "deis, deis_karras, lcm, restart, restart_karras, uni_pc, uni_pc_karras, "
+                       "uni_pc_bh2, uni_pc_bh2_karras, or X_S for X one "
                        "of euler, .* and S one "
                        "of exponential, .*, got 'dpm_fast'"),
     ("sampler", 3, "one of ddim, .*, got 3"),

@@ -180,7 +180,8 @@ def test_every_sampler_along_every_schedule_reaches_the_clean_latents(sampler, s
     # ODE (or, ancestral and SDE samplers, its noise removed again) is exact: a run ending at
     # 0 returns x0, one ending at sigma_min (A1111's KL Optimal) the ODE's point there,
     # x0 + sigma_min (x_T - x0) / sigma_T, for the deterministic samplers (within float32's
-    # rounding of a step from sigma_max, magnified by a slope taken at sigma_min). Wrong
+    # rounding of a step from sigma_max, magnified by a slope taken at sigma_min; ComfyUI's
+    # UniPC, which stops at 0.001, the ODE's point there). Wrong
     # timesteps, levels or coefficients move it. (LMS's image to image counts its order from
     # the schedule's start, as diffusers' does: its first steps lack slopes, and are not exact.)
     train = _train(SD15).numpy()
@@ -200,7 +201,14 @@ def test_every_sampler_along_every_schedule_reaches_the_clean_latents(sampler, s
         positive = sched.sigmas[sched.sigmas > 0]
         if (positive < train[0] * (1 - 1e-6)).any():
             continue  # below the training levels (a restart down to 0): the UNet sees t = 0
-        if last == 0:
+        if last == 0 and sampler.startswith("uni_pc"):
+            # ComfyUI's UniPC stops at sigma 0.001: the ODE's point there, the noise read off
+            # the variance-preserving start x = (x0 + sigma eps) / sqrt(sigma^2 + 1)
+            top = float(sched.sigmas[0])
+            expected = x0 + 0.001 * (x.double() * (1 + top ** 2) ** 0.5 - x0) / top
+            err = (out - expected).abs().max().item()
+            assert err <= 1e-4, f"{sid}, {steps} steps: {err:.3g} from the ODE at 0.001"
+        elif last == 0:
             err = (out - x0).abs().max().item()
             assert err <= 1e-4, f"{sid}, {steps} steps: {err:.3g} from x0"
         elif sampler in ("euler", "heun", "dpm2", "lms") and strength == 1:
@@ -326,7 +334,7 @@ def test_infotext_round_trip():
     (("euler", "normal"), "euler_normal"), (("euler", "simple"), "euler_simple"),
     (("euler_ancestral", "sgm_uniform"), "euler_a_sgm_uniform"),
     (("dpmpp_2m", "beta"), "dpmpp_2m_comfy_beta"),
-    (("uni_pc_bh2", "kl_optimal"), "unipc_comfy_kl_optimal"),
+    (("uni_pc_bh2", "kl_optimal"), "uni_pc_bh2_comfy_kl_optimal"),
     (("dpmpp_2m_sde_gpu", "exponential"), "dpmpp_2m_sde_exponential"),
     (("euler", "exponential"), "euler_exponential"),
     (("ddim", "ddim_uniform"), "euler_ddim_uniform"),  # ComfyUI's ddim is Euler
