@@ -295,8 +295,9 @@ class Pipeline:
         image at that strength (the init image is encoded before the replay); with
         ``masked=True``, for inpainting. ``controlnet`` and ``guess_mode``: the ControlNets
         it runs, with region masks where ``control_masks`` (one bool, or one per net) is
-        True (``control_mask``); ``ip_adapter``: the IP-Adapters it runs (a loaded one's name or a list),
-        with ``ip_adapter_images`` reference images each (one number, or one per adapter),
+        True (``control_mask``); ``ip_adapter``: the IP-Adapters it runs (a loaded one's
+        name or a list), with ``ip_adapter_images`` reference images each (one number, or one
+        per adapter),
         regional where ``ip_adapter_masks`` (one bool, or one per adapter) is True (a mask
         per image: ``ip_adapter_mask``).
 
