@@ -158,10 +158,9 @@ def _unit_range(t, field):
 
 def _mask_tensor(item, field="mask_image"):
     """One inpainting mask (or batch; or another mask, ``field``) → float32 (B, 1, H, W) in
-    [0, 1] on the CPU: a PIL
-    image (made greyscale, as diffusers does), a float array (H, W) or (B, H, W), or
-    channels-last with one channel or three (RGB, made greyscale), or a float tensor (H, W),
-    (1, H, W) or (B, 1, H, W)."""
+    [0, 1] on the CPU: a PIL image (made greyscale, as diffusers does), a float array (H, W)
+    or (B, H, W), or channels-last with one channel or three (RGB, made greyscale), or a
+    float tensor (H, W), (1, H, W) or (B, 1, H, W)."""
     from PIL import Image
     if isinstance(item, Image.Image):
         t = torch.from_numpy(np.asarray(item.convert("L"), dtype=np.float32) / 255.0)
@@ -297,9 +296,8 @@ class Pipeline:
         it runs, with region masks where ``control_masks`` (one bool, or one per net) is
         True (``control_mask``); ``ip_adapter``: the IP-Adapters it runs (a loaded one's
         name or a list), with ``ip_adapter_images`` reference images each (one number, or one
-        per adapter),
-        regional where ``ip_adapter_masks`` (one bool, or one per adapter) is True (a mask
-        per image: ``ip_adapter_mask``).
+        per adapter), regional where ``ip_adapter_masks`` (one bool, or one per adapter) is
+        True (a mask per image: ``ip_adapter_mask``).
 
         From then on, calls run through static plans (all but ``clip_skip`` and a refiner's
         part of the schedule): a call of a shape that was built replays it; any other shape
@@ -324,12 +322,14 @@ class Pipeline:
                             f"ControlNets the plan runs), got {short_repr(guess_mode)}")
         request = self.check(request, names={"num_images_per_prompt": "batch_size"},
                              num_chunks=num_chunks, controlled=bool(controls))
+        if control_masks is not False and not controls:
+            raise SdrtError("control_masks was given without controlnet (the ControlNets the "
+                            "plan runs)")
         flags = (control_masks if isinstance(control_masks, (list, tuple))
                  else [control_masks] * len(controls))
-        if len(flags) != len(controls) or not all(isinstance(f, bool) for f in flags) or \
-                (any(flags) and not controls):
+        if len(flags) != len(controls) or not all(isinstance(f, bool) for f in flags):
             raise SdrtError(f"control_masks must be True, False or a list of {len(controls)} of "
-                            f"them, with controlnet; got {short_repr(control_masks)}")
+                            f"them, got {short_repr(control_masks)}")
         images, regions = self._compiled_image_prompts(ip_adapter, ip_adapter_images,
                                                        ip_adapter_masks)
         if self.runtime is None:
@@ -1085,8 +1085,7 @@ class Pipeline:
                  control_image=None, controlnet=None, controlnet_conditioning_scale=1.0,
                  control_guidance_start=0.0, control_guidance_end=1.0, guess_mode=False,
                  control_mode="balanced", control_mask=None, ip_adapter_image=None,
-                 ip_adapter=None,
-                 ip_adapter_scale=1.0, ip_adapter_guidance_start=0.0,
+                 ip_adapter=None, ip_adapter_scale=1.0, ip_adapter_guidance_start=0.0,
                  ip_adapter_guidance_end=1.0, ip_adapter_mask=None,
                  ip_adapter_mask_style="diffusers", prompt_edit_steps=None):
         """Generate images; see the README for each argument.

@@ -107,10 +107,11 @@ class Control:
 
     def _controlnets(self, nets, call, x, t, inputs, rows, parts=None):
         half = rows == 2 and self.guess_mode
-        b = self.images[0].shape[0]  # the unconditional rows come first, one per image
+        uncond = self.images[0].shape[0]  # the unconditional rows come first, one per image
         if half:  # the conditional rows only (of what a ControlNet reads: not image tokens)
-            x = x[b:]
-            inputs = {k: inputs[k][b:] for k in CONTROLNET_INPUTS if inputs.get(k) is not None}
+            x = x[uncond:]
+            inputs = {k: inputs[k][uncond:] for k in CONTROLNET_INPUTS
+                      if inputs.get(k) is not None}
         copies = 1 if half else rows
         down = mid = None
         for k, net in nets:
@@ -123,8 +124,8 @@ class Control:
             down = d if down is None else [a + b for a, b in zip(down, d)]
             mid = m if mid is None else mid + m
         if half:
-            down = [torch.cat([d.new_zeros((b, *d.shape[1:])), d]) for d in down]
-            mid = torch.cat([mid.new_zeros((b, *mid.shape[1:])), mid])
+            down = [torch.cat([d.new_zeros((uncond, *d.shape[1:])), d]) for d in down]
+            mid = torch.cat([mid.new_zeros((uncond, *mid.shape[1:])), mid])
         return {"down_residuals": down, "mid_residual": mid}
 
 

@@ -63,8 +63,7 @@ def parse(server, args, init_images, width, height, api_error, frame=True):
     ``width`` × ``height`` (None without ``frame``: an inpainting request frames them per
     job), the PNG info's (("ControlNet 0", text), ...), each unit's (picture, resize mode)
     for an inpainting job to frame as its init image, ``inpaint.Inpaint.frame_like``, and
-    the IP-Adapter units' (``BatchKey.image_prompts``, their reference pictures, their
-    ``effective_region_mask`` arrays or None)). A 400
+    the IP-Adapter units' (``BatchKey.image_prompts``, their reference pictures)). A 400
     naming ``alwayson_scripts.controlnet.args[i].FIELD`` for a unit sdrt cannot run."""
     from sdrt.engine.control import control_mode as checked_mode
     from sdrt.engine.preprocess import apply, frame_map
@@ -80,20 +79,19 @@ def parse(server, args, init_images, width, height, api_error, frame=True):
              if not (isinstance(u, dict) and u.get("enabled", True) is False)]
     if len(units) > MAX_UNITS:
         raise bad(f"{where} may enable at most {MAX_UNITS} units, got {len(units)}")
-    controls, images, info, sources, prompts, references, masks = [], [], [], [], [], [], []
+    controls, images, info, sources, prompts, references = [], [], [], [], [], []
     for i, (index, unit) in enumerate(units):
         at = f"[{index}]"
         if not isinstance(unit, dict):
             raise bad(f"{where}{at} must be an object, got {short_repr(unit)}", at)
         module = unit.get("module", "none")
         if isinstance(module, str) and module.startswith("ip-adapter"):
-            prompt, picture, mask, text = _ip_unit(server, unit, at, module, init_images, bad)
+            prompt, picture, text = _ip_unit(server, unit, at, module, init_images, bad)
             if prompt[0] in [p[0] for p in prompts]:
                 raise bad(f"{where}{at}.model: IP-Adapter {prompt[0]!r} is in two units; give "
                           f"each unit its own", f"{at}.model")
             prompts.append(prompt)
             references.append(picture)
-            masks.append(mask)
             info.append((f"ControlNet {i}", text))
             continue
         try:
@@ -154,7 +152,7 @@ def parse(server, args, init_images, width, height, api_error, frame=True):
             out.append(value)
         sources.append((picture, RESIZE[mode]))
     return (tuple(controls), tuple(images), tuple(info), tuple(sources),
-            (tuple(prompts), tuple(references), tuple(masks)))
+            (tuple(prompts), tuple(references)))
 
 
 def _numbers(unit, at, bad):
@@ -200,7 +198,7 @@ def _picture(server, unit, at, init_images, bad):
 
 def _ip_unit(server, unit, at, module, init_images, bad):
     """An IP-Adapter unit → (its ``BatchKey.image_prompts`` entry, its reference picture, its
-    ``effective_region_mask`` or None, its PNG info text). Its ``module`` names the image
+    PNG info text). Its ``module`` names the image
     encoder the extension runs (ViT-H or ViT-bigG, or "ip-adapter-auto"), found in
     --clip-vision-dir; its ``model`` an IP-Adapter file of --controlnet-dir. The mask is the
     extension's: a base64 image whose red channel in [0, 1] weighs the unit's attention
@@ -230,14 +228,13 @@ def _ip_unit(server, unit, at, module, init_images, bad):
     picture = _picture(server, unit, at, init_images, bad)
     digest = hashlib.sha256(picture.tobytes() + repr((picture.mode, picture.size)).encode())
     mask = _region_mask(server, unit.get("effective_region_mask"), at, bad)
-    if mask is not None:
-        digest.update(b"mask" + mask.tobytes() + repr(mask.shape).encode())
     short = server.runner.controlnet_hash(name)
     text = controlnet_unit(f"{name} [{short}]" if short else name, numbers["weight"], "crop",
                            numbers["guidance_start"], numbers["guidance_end"],
                            processor=(module, None, None, None, False))
     return ((name, numbers["weight"], numbers["guidance_start"], numbers["guidance_end"],
-             encoder, digest.hexdigest()), picture, mask, text)
+             encoder, digest.hexdigest(), None if mask is None else RegionMask(mask)), picture,
+            text)
 
 
 class RegionMask:

@@ -535,7 +535,7 @@ def create_app(config: ServeConfig = None) -> FastAPI:
         if resize == "latent" and mask is None and script is None:  # a key per size
             latent_size = _one_size(init_images)
         controls = hints = units = sources = hires_hints = ()
-        prompts = ((), (), ())
+        prompts = ((), ())
         args = script_args(body.alwayson_scripts)
         if args is not None:
             controls, hints, units, sources, prompts = await run_in_threadpool(
@@ -580,7 +580,7 @@ def create_app(config: ServeConfig = None) -> FastAPI:
                         jobs[i % len(jobs)].mask if jobs else None, extra.get("Mask blur"),
                         extra.get("Masked area padding"), extra.get("Masked content"),
                         hints[i % len(jobs)] if jobs and sources else hints, units,
-                        hires_hints, prompts[1], prompts[2])
+                        hires_hints, prompts[1])
                     for i, s in enumerate(seeds)]
             extra.update(units)
             images = await server.generate(request, key, rows)

@@ -199,10 +199,10 @@ class Runner:
         self._apply_ip_adapters(key.image_prompts)
         if not key.image_prompts:
             return {}
-        images, masks = list(rows[0].ip_images), list(rows[0].ip_masks)
-        one = len(images) == 1
+        images, one = list(rows[0].ip_images), len(key.image_prompts) == 1
         regions = {}
-        if any(m is not None for m in masks):  # the extension's effective_region_mask
+        if any(p[6] is not None for p in key.image_prompts):  # effective_region_masks
+            masks = [None if p[6] is None else p[6].array for p in key.image_prompts]
             regions = dict(ip_adapter_mask=masks[0] if one else masks,
                            ip_adapter_mask_style="a1111")
         return dict(ip_adapter_image=images[0] if one else images,

@@ -60,9 +60,9 @@ class BatchKey:
     # (a1111_controlnet.RegionMask, or None); each row brings its control images.
     controls: tuple = ()
     vae: str = None  # the VAE the rows decode with (Runner.vae_path names it); None: the model's
-    # ((name, weight, start, end, image encoder path, reference digest), ...): the rows'
-    # IP-Adapters (Runner.controlnet_path names them); rows share their reference images
-    # and masks (the digest covers both).
+    # ((name, weight, start, end, image encoder path, reference digest, region mask), ...):
+    # the rows' IP-Adapters (Runner.controlnet_path names them), rows sharing their reference
+    # images, and their effective_region_masks (a1111_controlnet.RegionMask, or None).
     image_prompts: tuple = ()
 
 
@@ -83,8 +83,6 @@ class Row:
     # with a hires fix: the control images framed at its second pass's size (A1111's units)
     hires_control_images: tuple = ()
     ip_images: tuple = ()  # one PIL reference image per IP-Adapter of the key
-    # per IP-Adapter of the key: its effective_region_mask (float32 (H, W) in [0, 1]) or None
-    ip_masks: tuple = ()
 
 
 class Job:

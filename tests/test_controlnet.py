@@ -285,6 +285,11 @@ def test_region_masks_match_the_extension(setup):
              "control_mask must be one mask per ControlNet, got a batch of 2")):
         with pytest.raises(SdrtError, match=re.escape(message)):
             ours(**{**args, **kwargs})
+    for flags, message in ((True, "control_masks was given without controlnet"),
+                           ([True], "control_masks must be True, False or a list of 2 of them")):
+        with pytest.raises(SdrtError, match=re.escape(message)):
+            ours.compile(H, W, num_inference_steps=4, sampler="euler",
+                         controlnet=None if flags is True else ["a", "b"], control_masks=flags)
     with pytest.raises(SdrtError, match="control_mask was given without control_image"):
         ours(PROMPTS[0], control_mask=soft, height=H, width=W, num_inference_steps=4)
 
