@@ -68,7 +68,7 @@ _SAMPLER_NAMES = {"euler": "euler", "euler_ancestral": "euler_a", "heun": "heun"
                   "dpmpp_2m_sde_heun_gpu": "dpmpp_2m_sde_heun",
                   "dpmpp_3m_sde": "dpmpp_3m_sde", "dpmpp_3m_sde_gpu": "dpmpp_3m_sde",
                   "lms": "lms", "uni_pc": "uni_pc", "uni_pc_bh2": "uni_pc_bh2", "deis": "deis",
-                  "ddim": "euler",
+                  "ddim": "euler", "ipndm": "ipndm",
                   "lcm": "lcm"}
 # ComfyUI's scheduler → sdrt's sigma schedule
 _SCHEDULES = {"exponential": "exponential", "normal": "normal", "simple": "simple",

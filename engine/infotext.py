@@ -69,6 +69,8 @@ SAMPLER_LABELS = {
     "uni_pc_karras": "UniPC ComfyUI Karras",
     "uni_pc_bh2": "UniPC bh2 ComfyUI",
     "uni_pc_bh2_karras": "UniPC bh2 ComfyUI Karras",
+    "ipndm": "iPNDM",
+    "ipndm_karras": "iPNDM Karras",
 }
 assert set(SAMPLER_LABELS) == set(SAMPLER_NAMES)
 # Other names A1111 (and its API clients) use for the same samplers: its k-diffusion aliases.
@@ -113,6 +115,8 @@ SAMPLER_ALIASES = {
     "uni_pc_karras": (),
     "uni_pc_bh2": (),
     "uni_pc_bh2_karras": (),
+    "ipndm": (),
+    "ipndm_karras": (),
 }
 assert set(SAMPLER_ALIASES) == set(SAMPLER_NAMES)
 _BY_NAME = {name.lower(): sid for sid in SAMPLER_NAMES

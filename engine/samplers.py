@@ -328,7 +328,8 @@ def sample_lms(model, x, sched: Schedule, step_end=None):
     """The linear multistep method (lms*: k-diffusion's sample_lms, diffusers'
     LMSDiscreteScheduler): each step extrapolates the probability-flow ODE's slope
     (x - x0) / sigma from up to four recent slopes, weighted by the integrals of their
-    Lagrange polynomials over the step (``Schedule.coefficients``)."""
+    Lagrange polynomials over the step (``Schedule.coefficients``). ComfyUI's ipndm* is the
+    same loop with Adams-Bashforth's fixed weights (``schedules._ipndm_coefficients``)."""
     slopes = []  # newest first
     for i, t in enumerate(sched.timesteps):
         sigma = sched.sigmas[i]
@@ -507,6 +508,8 @@ _SAMPLE_FNS = {
     "deis_karras": sample_deis,
     **{name: sample_unipc for name in ("uni_pc", "uni_pc_karras", "uni_pc_bh2",
                                        "uni_pc_bh2_karras")},
+    "ipndm": sample_lms,
+    "ipndm_karras": sample_lms,
     "lcm": sample_lcm,
 }
 assert set(_SAMPLE_FNS) == set(SAMPLERS)

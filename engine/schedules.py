@@ -67,6 +67,9 @@ SAMPLER_CLASSES = {
     "uni_pc_karras": "UniPCMultistepScheduler",
     "uni_pc_bh2": "UniPCMultistepScheduler",
     "uni_pc_bh2_karras": "UniPCMultistepScheduler",
+    # ComfyUI's ipndm (Zhang & Chen's improved PNDM): Adams-Bashforth on Euler's levels.
+    "ipndm": "EulerDiscreteScheduler",
+    "ipndm_karras": "EulerDiscreteScheduler",
     "lcm": "LCMScheduler",
     # Restart sampling (Xu et al. 2023, "Restart Sampling for Improving Generative
     # Processes"; A1111's "Restart"): Heun's steps, so Heun's class defaults; no diffusers
@@ -119,7 +122,7 @@ _CLASS_DEFAULTS = {
                     "dpmpp_2m_sde_heun_exponential", "dpmpp_3m_sde_exponential", "dpmpp_3m_sde",
                     "dpmpp_3m_sde_karras", "unipc", "unipc_karras", "lms",
                     "lms_karras", "deis", "deis_karras", "uni_pc", "uni_pc_karras",
-                    "uni_pc_bh2", "uni_pc_bh2_karras")},
+                    "uni_pc_bh2", "uni_pc_bh2_karras", "ipndm", "ipndm_karras")},
     **{name: {**_K_BETAS, "timestep_spacing": "linspace", "clip_sample": False}
        for name in TWO_CALL_SAMPLERS},  # (KDPM2 has no clip_sample: for_sampler drops it)
     "lcm": {"timestep_spacing": "leading", "set_alpha_to_one": True, "clip_sample": False,
@@ -833,6 +836,27 @@ def _lms_coefficients(sigmas, start):
     return torch.from_numpy(table).float(), tuple(known)
 
 
+# iPNDM's Adams-Bashforth weights of the newest slope and the older ones, by order.
+_ADAMS_BASHFORTH = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12),
+                    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+
+
+def _ipndm_coefficients(sigmas, start):
+    """ComfyUI's ipndm (Zhang & Chen 2023's improved PNDM, its ``sample_ipndm``) as
+    ``_lms_coefficients``' table: at run step j (counted from the run's start, as ComfyUI
+    counts the sigmas it is given), order min(j + 1, 4) Adams-Bashforth weights of the
+    slopes, times the step in sigma; a step to 0 lands on the clean latents (order 1)."""
+    s = sigmas.double().numpy()
+    n = len(s) - 1
+    table, orders = np.zeros((n - start, 4)), []
+    for j in range(n - start):
+        g = start + j
+        order = 1 if s[g + 1] == 0 else min(j + 1, 4)
+        table[j, :order] = np.array(_ADAMS_BASHFORTH[order]) * (s[g + 1] - s[g])
+        orders.append(order)
+    return torch.from_numpy(table).float(), tuple(orders)
+
+
 def _deis_coefficients(cfg, sigmas, start):
     """DEIS's (Zhang & Chen 2023, "Fast Sampling of Diffusion Models with Exponential
     Integrator"; diffusers' DEISMultistepScheduler, log-rho) step at each step of a run
@@ -1121,9 +1145,11 @@ def _one_call_schedule(cfg, sampler, timesteps, sigmas, init_noise_sigma, start,
     tables; ``init_noise_sigma`` is Euler's and LMS's (the others step variance-preserving
     latents, whose pure noise has std 1)."""
     f32 = {"dtype": torch.float32, "device": device}
-    if sampler.startswith(("euler", "lms")):
+    if sampler.startswith(("euler", "lms", "ipndm")):
         ancestral = sampler.startswith("euler_a")
-        lms = _lms_coefficients(sigmas, start) if sampler.startswith("lms") else (None, ())
+        lms = (_lms_coefficients(sigmas, start) if sampler.startswith("lms") else
+               _ipndm_coefficients(sigmas, start) if sampler.startswith("ipndm") else
+               (None, ()))
         return Schedule(sampler, cfg, timesteps[start:].to(device), init_noise_sigma,
                         sigmas=sigmas[start:].to(**f32),
                         noise_draws=len(timesteps[start:]) if ancestral else 0,
@@ -1261,7 +1287,7 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_inference_steps: int, 
         sched = _dpmpp_sde_schedule(cfg, sampler, alphas_cumprod, steps, start, device)
     elif sampler in TWO_CALL_SAMPLERS:
         sched = _two_call_schedule(cfg, sampler, alphas_cumprod, steps, start, device)
-    elif sampler.startswith(("euler", "lms")):
+    elif sampler.startswith(("euler", "lms", "ipndm")):
         timesteps, sigmas = (
             _euler_a_tables(cfg, alphas_cumprod, steps, karras=sampler.endswith("_karras"))
             if sampler.startswith("euler_a") else _euler_tables(cfg, alphas_cumprod, steps))

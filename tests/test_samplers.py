@@ -652,7 +652,7 @@ def test_from_file(tmp_path):
                         "dpmpp_3m_sde", "dpmpp_3m_sde_karras", "dpmpp_3m_sde_exponential", "lms",
                         "lms_karras", "unipc", "unipc_karras", "deis", "deis_karras", "lcm",
                         "restart", "restart_karras", "uni_pc", "uni_pc_karras", "uni_pc_bh2",
-                        "uni_pc_bh2_karras")
+                        "uni_pc_bh2_karras", "ipndm", "ipndm_karras")
 
 
 @pytest.mark.parametrize("content,match", [

@@ -1,9 +1,12 @@
-"""ComfyUI's uni_pc and uni_pc_bh2 (sdrt's samplers of those names) against its sampling loop
-written out here: UniPC (Zhao et al. 2023) predicting x0, of order min(3, steps - 1), each
+"""ComfyUI's samplers that sdrt runs under their own names against its sampling loops written
+out here.
+
+uni_pc and uni_pc_bh2: UniPC (Zhao et al. 2023) predicting x0, of order min(3, steps - 1), each
 update corrected with the model's output at the point it predicted (but the last), the
 orders winding down at the end, along the scheduler's sigmas with the last level, 0, replaced
-by 0.001 and the result divided by that level's alpha. Both sides run the same stand-in model
-from the same latents; the reference in float64."""
+by 0.001 and the result divided by that level's alpha. ipndm: Adams-Bashforth of order
+min(step + 1, 4) on the slope (x - x0) / sigma along the sigmas, the step to 0 landing on x0.
+Both sides run the same stand-in model from the same latents; the references in float64."""
 import math
 
 import pytest
@@ -105,3 +108,47 @@ def test_differs_from_diffusers_unipc():
         sched = make_schedule(cfg, name, 10)
         out[name] = sample(name, LinearModel(), sched.noise_latents(noise), sched)
     assert (out["uni_pc_bh2_karras"] - out["unipc_karras"]).abs().max() > 1e-3
+
+
+def _ipndm_reference(model, x, sched):
+    """ComfyUI's sample_ipndm over the schedule's calls, in float64 (VE latents)."""
+    s = sched.sigmas.double()
+    kind = sched.config.prediction_type
+    weights = {1: [1.0], 2: [3 / 2, -1 / 2], 3: [23 / 12, -16 / 12, 5 / 12],
+               4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
+    history = []  # slopes, newest last
+    x = x.double()
+    for i in range(len(s) - 1):
+        c_in = 1 / (s[i] ** 2 + 1) ** 0.5
+        out = model((x * c_in).float(), sched.timesteps[i]).double()
+        x0 = (x - s[i] * out if kind == "epsilon" else
+              out * (-s[i] * c_in) + x * c_in ** 2)  # v_prediction
+        d = (x - x0) / s[i]
+        order = min(4, i + 1)
+        if s[i + 1] == 0:
+            x = x0
+        else:
+            slopes = [d] + history[::-1]
+            x = x + (s[i + 1] - s[i]) * sum(w * g for w, g in zip(weights[order], slopes))
+        history = (history + [d])[-3:]
+    return x
+
+
+@pytest.mark.parametrize("steps,strength", [(1, 1.0), (3, 1.0), (7, 1.0), (12, 0.5)])
+@pytest.mark.parametrize("sampler", ["ipndm", "ipndm_karras", "ipndm_simple", "ipndm_beta"])
+@pytest.mark.parametrize("config", ["sd15", "sd21"])
+def test_ipndm_matches_comfyuis_loop(sampler, steps, strength, config):
+    if sampler.endswith("beta"):  # (its quantiles)
+        pytest.importorskip("scipy")
+    cfg = SchedulerConfig.from_dict(CONFIGS[config])
+    sched = make_schedule(cfg, sampler, steps, strength)
+    noise = _latents(steps)
+    x = sched.noise_latents(noise) if strength == 1 else sched.noise_image(_latents(99), noise)
+    theirs = _ipndm_reference(LinearModel(), x, sched)
+    model = LinearModel()
+    ours = torch.full_like(noise, math.nan)
+    ours.copy_(sample(sampler, model, x, sched))
+    assert len(model.calls) == len(sched.timesteps)
+    scale = max(1.0, theirs.abs().max().item())
+    err = (ours.double() - theirs).abs().max().item()
+    assert err <= 1e-5 * scale, f"{sampler}, {steps} steps: max abs diff {err:.3g}"
