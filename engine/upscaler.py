@@ -204,12 +204,11 @@ class SPANNet(nn.Module):
         if self.norm:
             x = (x - x.new_tensor(self.MEAN).view(1, 3, 1, 1)) * 255.0
         feat = self.conv_1(x)
-        out, first = feat, None
-        outs = []
-        for k in range(1, self.blocks + 1):
+        first_block, first = self.block_1(feat)  # (held to the end: the only one so held)
+        out = first_block
+        for k in range(2, self.blocks + 1):
             out, first = getattr(self, f"block_{k}")(out)
-            outs.append(out)
-        mixed = self.conv_cat(torch.cat([feat, self.conv_2(out), outs[0], first], 1))
+        mixed = self.conv_cat(torch.cat([feat, self.conv_2(out), first_block, first], 1))
         return F.pixel_shuffle(self.upsampler(mixed), self.scale)
 
 
