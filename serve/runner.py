@@ -200,11 +200,9 @@ class Runner:
         if not key.image_prompts:
             return {}
         images, one = list(rows[0].ip_images), len(key.image_prompts) == 1
-        regions = {}
-        if any(p[6] is not None for p in key.image_prompts):  # effective_region_masks
-            masks = [None if p[6] is None else p[6].array for p in key.image_prompts]
-            regions = dict(ip_adapter_mask=masks[0] if one else masks,
-                           ip_adapter_mask_style="a1111")
+        masks = _region_masks(key.image_prompts)
+        regions = {} if masks is None else dict(ip_adapter_mask=masks,
+                                                ip_adapter_mask_style="a1111")
         return dict(ip_adapter_image=images[0] if one else images,
                     ip_adapter=[p[0] for p in key.image_prompts],
                     ip_adapter_scale=[p[1] for p in key.image_prompts],
@@ -349,9 +347,9 @@ class Runner:
                 control_guidance_start=[c[2] for c in key.controls],
                 control_guidance_end=[c[3] for c in key.controls],
                 control_mode=[c[4] for c in key.controls])
-            if any(c[6] is not None for c in key.controls):  # effective_region_mask
-                masks = [None if c[6] is None else c[6].array for c in key.controls]
-                control["control_mask"] = masks if len(masks) > 1 else masks[0]
+            masks = _region_masks(key.controls)
+            if masks is not None:
+                control["control_mask"] = masks
         if key.hires is not None:
             from sdrt.engine.hires import UPSCALERS, generate
             second = None
@@ -390,3 +388,13 @@ class Runner:
         if self.pipe is None:
             raise SdrtError("the model is still loading")
         return self.pipe.check(request, names=names)
+
+
+def _region_masks(entries):
+    """The effective_region_masks of a key's units (``BatchKey.controls`` or
+    ``image_prompts``, each ending in its ``RegionMask`` or None) as a pipeline argument: one
+    array, or one (or None) per unit; None where no unit has one."""
+    masks = [None if e[6] is None else e[6].array for e in entries]
+    if all(m is None for m in masks):
+        return None
+    return masks if len(masks) > 1 else masks[0]
