@@ -371,10 +371,11 @@ def _sd_upscale(a):
 def _sd_upscale_tiles(a, init, upscaler):
     """How many tiles --sd-upscale cuts the ``init`` image into once ``upscaler`` upscales
     it; refused where that picture is smaller than a tile or past SDRT_MAX_SIDE."""
+    from .extras import UPSCALER_NONE
     from .sd_upscale import tile_count, upscaled_size
     width, height = upscaled_size(init.width, init.height, a.sd_upscale, upscaler)
     where = (f"--init-image {a.init_image} ({init.width}x{init.height}) upscaled by "
-             f"{a.sd_upscale:g} with {upscaler}" if upscaler != "None" else
+             f"{a.sd_upscale:g} with {upscaler}" if upscaler != UPSCALER_NONE else
              f"--init-image {a.init_image} (--sd-upscale-upscaler None: not upscaled)")
     top = Limits.from_env().max_side
     if max(width, height) > top:

@@ -7,6 +7,7 @@ import os
 import time
 
 from .errors import PICKLE_SUFFIXES, SdrtError, refuse_pickle
+from .extras import UPSCALER_NONE
 from .hires import IMAGE_UPSCALERS
 
 # What an upscaler option's value ends with where it names a model file.
@@ -86,7 +87,6 @@ def model_choice(value, models, option, builtins=()):
 def upscaler_option(value, models, option):
     """(name, path) of an Extras-style upscaler option: None, Lanczos, Nearest (path None), a
     name in ``models`` or a model file; anything else refused, naming ``option``."""
-    from .extras import UPSCALER_NONE
     builtins = (UPSCALER_NONE, *IMAGE_UPSCALERS)
     name, path = model_choice(value, models, option, builtins)
     if path is None and name not in builtins:
@@ -137,7 +137,7 @@ def upscale(a):
     top = Limits.from_env().max_side
     for path, im in zip(a.images, images):
         _, w, h = extras.size(im.width, im.height)
-        if extras.upscaler_1 != "None" and not (8 <= min(w, h) and max(w, h) <= top):
+        if extras.upscaler_1 != UPSCALER_NONE and not (8 <= min(w, h) and max(w, h) <= top):
             raise SdrtError(f"{path} ({im.width}x{im.height}) would be upscaled to {w}x{h}; "
                             f"each side must be from 8 to {top} (SDRT_MAX_SIDE)")
     loaded = {}

@@ -21,8 +21,8 @@ UPSCALER_NONE = "None"  # A1111's name for no upscale
 @dataclass(frozen=True)
 class Extras:
     """One Extras upscale's settings, checked by whoever builds it (the CLI, the server)."""
-    upscaler_1: str            # "None": the image as it is
-    upscaler_2: str = "None"
+    upscaler_1: str            # UPSCALER_NONE: the image as it is
+    upscaler_2: str = UPSCALER_NONE
     visibility: float = 0.0    # extras_upscaler_2_visibility: upscaler_2's weight in the blend
     scale: float = 2.0         # resize_mode 0's upscaling_resize; None for resize_mode 1
     width: int = None          # resize_mode 1's upscaling_resize_w and _h
@@ -44,12 +44,12 @@ class Extras:
     def _process(self, models, image):
         from PIL import Image
         image = image.convert("RGB")
-        if self.upscaler_1 == "None":
+        if self.upscaler_1 == UPSCALER_NONE:
             return image, ""
         info = {}  # A1111's pp.info, in its order
         out = self._upscale(models, image, self.upscaler_1, "upscaler_1", info)
         info["Postprocess upscaler"] = self.upscaler_1
-        if self.upscaler_2 != "None" and self.visibility > 0:
+        if self.upscaler_2 != UPSCALER_NONE and self.visibility > 0:
             second = self._upscale(models, image, self.upscaler_2, "upscaler_2", info)
             out = Image.blend(out, second, self.visibility)
             info["Postprocess upscaler 2"] = self.upscaler_2

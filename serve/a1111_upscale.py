@@ -108,7 +108,7 @@ def _check(server, body) -> ExtrasJob:
     visibility = fraction("extras_upscaler_2_visibility")
     for field in ("upscaler_1", "upscaler_2"):
         name = getattr(body, field)
-        if name not in ("None", *IMAGE_UPSCALERS):
+        if name not in (UPSCALER_NONE, *IMAGE_UPSCALERS):
             check_model(server, name, field)
     if body.resize_mode not in (0, 1):
         refuse("resize_mode", "0 (scale by upscaling_resize) or 1 (scale to "
@@ -131,7 +131,7 @@ def _check_size(server, extras, image, name):
     """A 400 unless ``image``'s upscale has sides from 8 to the server's ``max_side``: naming
     ``upscaling_resize``, or the side of resize_mode 1 that sets the scale."""
     from .app import ApiError
-    if extras.upscaler_1 == "None":
+    if extras.upscaler_1 == UPSCALER_NONE:
         return
     top = server.limits.max_side
     by, w, h = extras.size(image.width, image.height)
