@@ -654,6 +654,11 @@ def _b64(data):
     return base64.b64encode(data).decode()
 
 
+def b64_png(image):
+    """A PIL image as a base64 PNG, as request bodies carry images."""
+    return _b64(_png_file(image))
+
+
 def _png_file(im):
     buffer = io.BytesIO()
     im.save(buffer, format="PNG")

@@ -22,16 +22,10 @@ from sdrt.engine.infotext import short_hash  # noqa: E402
 from sdrt.engine.preprocess import frame_map  # noqa: E402
 from sdrt.engine.tiny import controlnet_config, write_controlnet  # noqa: E402
 from sdrt.serve.local import LocalServer  # noqa: E402
-from test_serve import TIMEOUT, assert_same_image, config, ref_pipe  # noqa: E402,F401
+from test_serve import TIMEOUT, assert_same_image, b64_png, config, ref_pipe  # noqa: E402,F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT = "a red fox in the snow"
-
-
-def _png(image):
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 @pytest.fixture(scope="module")
@@ -135,11 +129,11 @@ def test_units_give_the_library_image(server, assets, ref_pipe):
     root, hints = assets
     edges_hash = short_hash(str(root / "nets" / "edges.safetensors"))[:8]
     units = [{"enabled": True, "module": "none", "model": f"edges [{edges_hash}]",
-              "image": _png(hints[0]), "weight": 0.8, "resize_mode": "Crop and Resize",
+              "image": b64_png(hints[0]), "weight": 0.8, "resize_mode": "Crop and Resize",
               "guidance_start": 0.0, "guidance_end": 0.6, "control_mode": "Balanced",
               "pixel_perfect": False, "processor_res": 512, "threshold_a": 64},
              {"enabled": False, "model": "nothing-loaded"},
-             {"model": "depthy", "image": _png(hints[1]), "resize_mode": 0, "weight": 1.3}]
+             {"model": "depthy", "image": b64_png(hints[1]), "resize_mode": 0, "weight": 1.3}]
     (got,), info = _images(_txt2img(server, units))
     framed = [frame_map(hints[0], 64, 64, "crop"), frame_map(hints[1], 64, 64,
                                                                          "resize")]
@@ -168,7 +162,7 @@ def test_img2img_unit_without_image_takes_the_init_image(server, assets, ref_pip
     init = frame_init_image(hints[1], 64, 64, "resize")
     r = httpx.post(f"{server}/sdapi/v1/img2img", timeout=TIMEOUT, json={
         "prompt": PROMPT, "negative_prompt": "blurry", "steps": 4, "cfg_scale": 7, "seed": 9,
-        "width": 64, "height": 64, "init_images": [_png(hints[1])], "denoising_strength": 0.6,
+        "width": 64, "height": 64, "init_images": [b64_png(hints[1])], "denoising_strength": 0.6,
         "alwayson_scripts": {"ControlNet": {"args": [{"model": "edges",
                                                       "resize_mode": "Just Resize"}]}}})
     (got,), _ = _images(r)
@@ -189,9 +183,9 @@ def test_preprocessor_units(server, assets, ref_pipe):
     # image just resized to 64 × 64: its short side stays 64).
     from sdrt.engine.preprocess import preprocess
     root, hints = assets
-    units = [{"model": "edges", "image": _png(hints[0]), "module": "canny",
+    units = [{"model": "edges", "image": b64_png(hints[0]), "module": "canny",
               "processor_res": 256, "threshold_a": 50, "threshold_b": 150},
-             {"model": "depthy", "image": _png(hints[1]), "module": "threshold",
+             {"model": "depthy", "image": b64_png(hints[1]), "module": "threshold",
               "pixel_perfect": True, "resize_mode": "Just Resize", "threshold_a": -1,
               "control_mode": "ControlNet is more important"}]
     (got,), info = _images(_txt2img(server, units, seed=5))
@@ -214,7 +208,7 @@ def test_preprocessor_units(server, assets, ref_pipe):
 def test_a_t2i_adapter_unit(server, assets, ref_pipe):
     # A unit's model may be a T2I-Adapter of --controlnet-dir, as in A1111's extension.
     root, hints = assets
-    r = _txt2img(server, [{"model": "t2i_sketch", "image": _png(hints[0]), "weight": 1.5}],
+    r = _txt2img(server, [{"model": "t2i_sketch", "image": b64_png(hints[0]), "weight": 1.5}],
                  seed=12)
     (got,), _ = _images(r)
     ref_pipe.load_controlnet(str(root / "nets" / "t2i_sketch.safetensors"), name="t2i_sketch")
@@ -233,7 +227,7 @@ def test_detect(server, assets):
     from sdrt.engine.preprocess import preprocess
     _, hints = assets
     r = httpx.post(f"{server}/controlnet/detect", timeout=TIMEOUT, json={
-        "controlnet_module": "canny", "controlnet_input_images": [_png(h) for h in hints],
+        "controlnet_module": "canny", "controlnet_input_images": [b64_png(h) for h in hints],
         "controlnet_processor_res": 128, "controlnet_threshold_a": 80,
         "controlnet_threshold_b": -1})
     assert r.status_code == 200, r.text
@@ -244,11 +238,11 @@ def test_detect(server, assets):
         assert got.size == want.size and np.array_equal(np.asarray(got), np.asarray(want))
     for body, param, message in (
             ({"controlnet_module": "openpose"}, "controlnet_module", "does not run"),
-            ({"controlnet_module": "canny", "controlnet_input_images": [_png(hints[0])],
+            ({"controlnet_module": "canny", "controlnet_input_images": [b64_png(hints[0])],
               "controlnet_threshold_a": 0}, "controlnet_threshold_a",
              "controlnet_threshold_a (canny's Low Threshold) must be from 1 to 255"),
             ({"controlnet_module": "canny", "controlnet_processor_res": 2048,
-              "controlnet_input_images": [_png(Image.new("RGB", (1200, 2)))]},
+              "controlnet_input_images": [b64_png(Image.new("RGB", (1200, 2)))]},
              "controlnet_processor_res", "would scale this 1200x2 picture to 1228800x2048"),
             ({"controlnet_module": "canny", "controlnet_input_images": []},
              "controlnet_input_images", "must be a list of 1 to 8 base64 images"),
@@ -270,8 +264,8 @@ def test_hires_fix_options(server, assets, ref_pipe):
     from sdrt.engine.hires import Hires, generate
     from sdrt.engine.preprocess import preprocess
     root, hints = assets
-    units = [{"model": "edges", "image": _png(hints[0]), "module": "canny"},
-             {"model": "depthy", "image": _png(hints[1]), "hr_option": "Low res only"}]
+    units = [{"model": "edges", "image": b64_png(hints[0]), "module": "canny"},
+             {"model": "depthy", "image": b64_png(hints[1]), "hr_option": "Low res only"}]
     got = _hires_fix_image(server, units, 6)
     _load_nets(ref_pipe, root, ("edges", "depthy"))
     try:
@@ -304,9 +298,9 @@ def test_effective_region_mask_with_a_hires_fix(server, assets, ref_pipe):
     rng = np.random.default_rng(8)
     rgb = rng.integers(0, 256, (20, 28, 3), dtype=np.uint8)
     rgb[:, 14:, 0] = 0  # the right half out, whatever the other channels say
-    units = [{"model": "edges", "image": _png(hints[0]),
-              "effective_region_mask": _png(Image.fromarray(rgb))},
-             {"model": "depthy", "image": _png(hints[1]), "hr_option": "Low res only"}]
+    units = [{"model": "edges", "image": b64_png(hints[0]),
+              "effective_region_mask": b64_png(Image.fromarray(rgb))},
+             {"model": "depthy", "image": b64_png(hints[1]), "hr_option": "Low res only"}]
     got = _hires_fix_image(server, units, 7)
     _load_nets(ref_pipe, root, ("edges", "depthy"))
     try:
@@ -361,7 +355,7 @@ def test_effective_region_mask_with_a_hires_fix(server, assets, ref_pipe):
 ])
 def test_bad_units_are_400s(server, assets, unit, field, message):
     _, hints = assets
-    pictures = {"IMG": _png(hints[0]), "THIN": _png(Image.new("RGB", (16000, 2)))}
+    pictures = {"IMG": b64_png(hints[0]), "THIN": b64_png(Image.new("RGB", (16000, 2)))}
     unit = {k: pictures.get(v, v) if isinstance(v, str) else v for k, v in unit.items()}
     r = _txt2img(server, [unit])
     assert r.status_code == 400, r.text
@@ -372,7 +366,7 @@ def test_bad_units_are_400s(server, assets, unit, field, message):
 
 def test_the_same_controlnet_twice_and_other_scripts(server, assets):
     _, hints = assets
-    unit = {"model": "edges", "image": _png(hints[0])}
+    unit = {"model": "edges", "image": b64_png(hints[0])}
     r = _txt2img(server, [unit, unit])
     assert r.status_code == 400 and "is in two units" in r.json()["error"]["message"]
     r = httpx.post(f"{server}/sdapi/v1/txt2img", timeout=TIMEOUT, json={
@@ -400,7 +394,7 @@ def test_comfyui_controlnet_nodes(server, assets, ref_pipe):
     info = httpx.get(f"{server}/object_info/ControlNetLoader", timeout=TIMEOUT).json()
     assert info["ControlNetLoader"]["input"]["required"]["control_net_name"][0] == files
     r = httpx.post(f"{server}/upload/image", timeout=TIMEOUT,
-                   files={"image": ("edges.png", base64.b64decode(_png(hints[0])), "image/png")})
+                   files={"image": ("edges.png", base64.b64decode(b64_png(hints[0])), "image/png")})
     assert r.status_code == 200, r.text
     name = r.json()["name"]
     graph = with_controlnets(_workflow(server, DEFAULT), (("edges.safetensors", name, 0.9, 0.0,
@@ -431,7 +425,7 @@ def test_comfyui_preprocessor_node(server, assets, ref_pipe):
     assert info["CannyEdgePreprocessor"]["input"]["required"]["low_threshold"][1]["default"] \
         == 100
     r = httpx.post(f"{server}/upload/image", timeout=TIMEOUT,
-                   files={"image": ("photo.png", base64.b64decode(_png(hints[1])), "image/png")})
+                   files={"image": ("photo.png", base64.b64decode(b64_png(hints[1])), "image/png")})
     name = r.json()["name"]
     graph = with_preprocessor(with_controlnets(_workflow(server, DEFAULT), (
         ("edges.safetensors", name, 1.0, 0.0, 1.0),)), "CannyEdgePreprocessor",
@@ -454,12 +448,12 @@ def test_only_masked_inpainting_cuts_each_control_image_as_its_init_image(server
     mask = np.zeros((96, 64), np.uint8)
     mask[30:60, 20:44] = 255
     body = {"prompt": PROMPT, "steps": 2, "cfg_scale": 7, "seed": 4, "width": 64, "height": 64,
-            "init_images": [_png(hints[1])], "denoising_strength": 0.9,
-            "mask": _png(Image.fromarray(mask)), "mask_blur": 0, "inpaint_full_res": True,
+            "init_images": [b64_png(hints[1])], "denoising_strength": 0.9,
+            "mask": b64_png(Image.fromarray(mask)), "mask_blur": 0, "inpaint_full_res": True,
             "inpaint_full_res_padding": 8}
     runs = {}
     for name, units in (("plain", None), ("control", [{"model": "edges", "weight": 2.0,
-                                                       "image": _png(hints[0])}])):
+                                                       "image": b64_png(hints[0])}])):
         extra = {"alwayson_scripts": {"controlnet": {"args": units}}} if units else {}
         r = httpx.post(f"{server}/sdapi/v1/img2img", timeout=TIMEOUT, json={**body, **extra})
         (runs[name],), _ = _images(r)

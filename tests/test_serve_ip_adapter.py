@@ -19,16 +19,10 @@ from sdrt.engine.infotext import short_hash  # noqa: E402
 from sdrt.engine.ip_adapter import cross_attentions  # noqa: E402
 from sdrt.serve.local import LocalServer  # noqa: E402
 from test_ip_adapter import ENCODER, _own_encoder, _picture, _weights  # noqa: E402
-from test_serve import TIMEOUT, assert_same_image, config, ref_pipe  # noqa: E402,F401
+from test_serve import TIMEOUT, assert_same_image, b64_png, config, ref_pipe  # noqa: E402,F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT = "a red fox in the snow"
-
-
-def _png(image):
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +67,7 @@ def test_a_unit_gives_the_library_image(server, assets, ref_pipe):
     modules = httpx.get(f"{server}/controlnet/module_list").json()
     assert "ip-adapter_clip_sd15" in modules["module_list"]
     unit = {"module": "ip-adapter_clip_sdxl", "model": f"style [{digest}]",
-            "image": _png(picture), "weight": 0.7, "guidance_end": 0.8}
+            "image": b64_png(picture), "weight": 0.7, "guidance_end": 0.8}
     r = _txt2img(server, [unit])
     assert r.status_code == 200, r.text
     got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
@@ -101,8 +95,8 @@ def test_effective_region_mask_gives_the_library_image(server, assets, ref_pipe)
     rgb = rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)
     rgb[:, :20, 0] = 255  # the left half in, whatever the other channels say
     rgb[:, 20:, 0] //= 4
-    unit = {"module": "ip-adapter_clip_sd15", "model": "style", "image": _png(picture),
-            "weight": 1.5, "effective_region_mask": _png(Image.fromarray(rgb))}
+    unit = {"module": "ip-adapter_clip_sd15", "model": "style", "image": b64_png(picture),
+            "weight": 1.5, "effective_region_mask": b64_png(Image.fromarray(rgb))}
     r = _txt2img(server, [unit], seed=4)
     assert r.status_code == 200, r.text
     got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
@@ -137,7 +131,7 @@ def test_effective_region_mask_gives_the_library_image(server, assets, ref_pipe)
 ])
 def test_bad_units_are_400s(server, assets, unit, field, message):
     _, picture = assets
-    r = _txt2img(server, [{"image": _png(picture), **unit}])
+    r = _txt2img(server, [{"image": b64_png(picture), **unit}])
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == f"alwayson_scripts.controlnet.args{field}"

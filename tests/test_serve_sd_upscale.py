@@ -4,8 +4,6 @@ the library's image-to-image of each tile with A1111's seeds, the tiles blended 
 1/255, with A1111's PNG info; upscalers by name (any case) and by index into GET
 /sdapi/v1/upscalers, "None" meaning no upscale; and every bad input a 400 naming its field.
 Tiny pictures (32-pixel tiles) on the built-in model, 2 steps."""
-import base64
-import io
 import json
 
 import numpy as np
@@ -20,7 +18,8 @@ from sdrt.engine.extras import Extras  # noqa: E402
 from sdrt.engine.sd_upscale import combine, split, tile_seeds  # noqa: E402
 from sdrt.engine.upscaler import load_upscaler  # noqa: E402
 from sdrt.serve.local import LocalServer  # noqa: E402
-from test_serve import TIMEOUT, assert_same_image, config, png, ref_pipe  # noqa: E402,F401
+from test_serve import (TIMEOUT, assert_same_image, b64_png, config, png,  # noqa: E402,F401
+                        ref_pipe)
 from upscaler_files import compact_tensors, esrgan_tensors, write  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,12 +32,6 @@ BASE = {"prompt": "a fox", "steps": 2, "cfg_scale": 7, "width": 32, "height": 32
 def _picture(seed, width, height):
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def _b64(image):
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +78,7 @@ def test_lanczos_and_a_model_upscale_give_the_pieces_pictures(served, folder, re
     init = _picture(1, 48, 40)
     model = load_upscaler(folder / "4x-Tiny.safetensors")
     for upscaler, name, batch_size in (("lanczos", "Lanczos", 1), (3, "4x-Tiny", 2)):
-        out = _post(served, {**BASE, "init_images": [_b64(init)], "seed": 11,
+        out = _post(served, {**BASE, "init_images": [b64_png(init)], "seed": 11,
                              "batch_size": batch_size, "script_name": "SD upscale",
                              "script_args": ["", 8, upscaler, 2]})
         upscaled = Extras(name, scale=2).apply(lambda n, f: model, [init])[0][0]
@@ -112,7 +105,7 @@ def test_n_iter_gives_a_picture_per_start_seed(served, ref_pipe):
     # from seeds 5 and 6, tiles in batches of 2 (seeds 5, 6, 6, 7 and 6, 7, 7, 8); every PNG
     # carries the first tile's info, as A1111's script returns them.
     init = _picture(2, 32, 32)
-    out = _post(served, {**BASE, "init_images": [_b64(init)], "seed": 5, "n_iter": 2,
+    out = _post(served, {**BASE, "init_images": [b64_png(init)], "seed": 5, "n_iter": 2,
                          "batch_size": 2, "script_name": "sd UPSCALE",
                          "script_args": [None, 16, 2, 1.5]})
     upscaled = Extras("Nearest", scale=1.5).apply(None, [init])[0][0]
@@ -137,7 +130,7 @@ def test_upscaler_none_tiles_the_image_as_it_is(served, ref_pipe):
     rgba = rgb.copy()
     rgba.putalpha(Image.fromarray(alpha.astype(np.uint8)))
     over_white = np.where(alpha[..., None] == 255, np.asarray(rgb), 255).astype(np.uint8)
-    out = _post(served, {**BASE, "init_images": [_b64(rgba)], "seed": 9,
+    out = _post(served, {**BASE, "init_images": [b64_png(rgba)], "seed": 9,
                          "script_name": "SD upscale", "script_args": ["", 8, "None", 4]})
     want = _expected(ref_pipe, Image.fromarray(over_white), 8, 9)[0]
     got = png(out["images"][0], (40, 40))
@@ -145,9 +138,9 @@ def test_upscaler_none_tiles_the_image_as_it_is(served, ref_pipe):
     assert "SD upscale upscaler: None" in got.info["parameters"]
 
 
-_SMALL = _b64(_picture(5, 24, 24))
-_IMAGE = _b64(_picture(6, 32, 32))
-_LARGE = _b64(Image.new("RGB", (1100, 40), (90, 120, 30)))
+_SMALL = b64_png(_picture(5, 24, 24))
+_IMAGE = b64_png(_picture(6, 32, 32))
+_LARGE = b64_png(Image.new("RGB", (1100, 40), (90, 120, 30)))
 _SD = {**BASE, "init_images": [_IMAGE], "script_name": "SD upscale"}
 BAD = [
     (I2I, {**_SD, "script_name": "Loopback"}, "script_name"),
@@ -181,7 +174,7 @@ BAD = [
     # 8×8 tiles: 64 × 64 of them over 64×64 ×8 (4096, past 16 × SDRT_MAX_IMAGES = 1024), and
     # 32 × 32 over 32×32 ×8 (1024), twice.
     (I2I, {**_SD, "width": 8, "height": 8, "script_args": ["", 0, "Nearest", 8],
-           "init_images": [_b64(_picture(7, 64, 64))]}, "script_args[3]"),
+           "init_images": [b64_png(_picture(7, 64, 64))]}, "script_args[3]"),
     (I2I, {**_SD, "width": 8, "height": 8, "n_iter": 2, "script_args": ["", 0, "Nearest", 8]},
      "n_iter"),
 ]
