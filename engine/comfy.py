@@ -57,7 +57,9 @@ from .request import SAMPLER_NAMES, SIGMA_SAMPLERS, short_repr
 # lcm, which steps along its own alpha-bar grid, is sdrt's lcm on "normal", "simple" and
 # "sgm_uniform" alike. The _gpu SDE samplers differ
 # from the others only in where ComfyUI draws their noise; uni_pc and uni_pc_bh2 are sdrt's
-# (UniPC of order 3 to sigma 0.001, as ComfyUI runs it).
+# (UniPC of order 3 to sigma 0.001, as ComfyUI runs it), deis sdrt's comfy_deis (not
+# diffusers' DEIS, sdrt's deis), and ComfyUI's samplers no diffusers class has are sdrt's
+# own of those names (engine.comfy_samplers).
 _EVEN = ("normal", "simple", "sgm_uniform")
 _SAMPLER_NAMES = {"euler": "euler", "euler_ancestral": "euler_a", "heun": "heun",
                   "dpm_2": "dpm2", "dpm_2_ancestral": "dpm2_a",
@@ -67,9 +69,11 @@ _SAMPLER_NAMES = {"euler": "euler", "euler_ancestral": "euler_a", "heun": "heun"
                   "dpmpp_2m_sde_heun": "dpmpp_2m_sde_heun",
                   "dpmpp_2m_sde_heun_gpu": "dpmpp_2m_sde_heun",
                   "dpmpp_3m_sde": "dpmpp_3m_sde", "dpmpp_3m_sde_gpu": "dpmpp_3m_sde",
-                  "lms": "lms", "uni_pc": "uni_pc", "uni_pc_bh2": "uni_pc_bh2", "deis": "deis",
-                  "ddim": "euler", "ipndm": "ipndm",
-                  "lcm": "lcm"}
+                  "lms": "lms", "uni_pc": "uni_pc", "uni_pc_bh2": "uni_pc_bh2",
+                  "deis": "comfy_deis", "ddim": "euler", "ipndm": "ipndm", "ipndm_v": "ipndm_v",
+                  "gradient_estimation": "gradient_estimation",
+                  "res_multistep": "res_multistep", "res_multistep_ancestral": "res_multistep_a",
+                  "ddpm": "ddpm", "er_sde": "er_sde", "lcm": "lcm"}
 # ComfyUI's scheduler → sdrt's sigma schedule
 _SCHEDULES = {"exponential": "exponential", "normal": "normal", "simple": "simple",
               "sgm_uniform": "sgm_uniform", "ddim_uniform": "ddim_uniform", "beta": "comfy_beta",

@@ -71,6 +71,20 @@ SAMPLER_LABELS = {
     "uni_pc_bh2_karras": "UniPC bh2 ComfyUI Karras",
     "ipndm": "iPNDM",
     "ipndm_karras": "iPNDM Karras",
+    "ipndm_v": "iPNDM_v",
+    "ipndm_v_karras": "iPNDM_v Karras",
+    "gradient_estimation": "Gradient Estimation",
+    "gradient_estimation_karras": "Gradient Estimation Karras",
+    "comfy_deis": "DEIS ComfyUI",
+    "comfy_deis_karras": "DEIS ComfyUI Karras",
+    "res_multistep": "Res Multistep",
+    "res_multistep_karras": "Res Multistep Karras",
+    "res_multistep_a": "Res Multistep Ancestral",
+    "res_multistep_a_karras": "Res Multistep Ancestral Karras",
+    "ddpm": "DDPM",
+    "ddpm_karras": "DDPM Karras",
+    "er_sde": "ER SDE",
+    "er_sde_karras": "ER SDE Karras",
 }
 assert set(SAMPLER_LABELS) == set(SAMPLER_NAMES)
 # Other names A1111 (and its API clients) use for the same samplers: its k-diffusion aliases.
@@ -115,8 +129,9 @@ SAMPLER_ALIASES = {
     "uni_pc_karras": (),
     "uni_pc_bh2": (),
     "uni_pc_bh2_karras": (),
-    "ipndm": (),
-    "ipndm_karras": (),
+    **{name: () for base in ("ipndm", "ipndm_v", "gradient_estimation", "comfy_deis",
+                             "res_multistep", "res_multistep_a", "ddpm", "er_sde")
+       for name in (base, f"{base}_karras")},
 }
 assert set(SAMPLER_ALIASES) == set(SAMPLER_NAMES)
 _BY_NAME = {name.lower(): sid for sid in SAMPLER_NAMES

@@ -33,7 +33,10 @@ SAMPLER_NAMES = ("ddim", "pndm", "euler", "euler_karras", "euler_a", "euler_a_ka
                  "dpmpp_3m_sde_karras", "dpmpp_3m_sde_exponential", "lms", "lms_karras", "unipc",
                  "unipc_karras", "deis", "deis_karras", "lcm", "restart", "restart_karras",
                  "uni_pc", "uni_pc_karras", "uni_pc_bh2", "uni_pc_bh2_karras", "ipndm",
-                 "ipndm_karras")
+                 "ipndm_karras", "ipndm_v", "ipndm_v_karras", "gradient_estimation",
+                 "gradient_estimation_karras", "comfy_deis", "comfy_deis_karras",
+                 "res_multistep", "res_multistep_karras", "res_multistep_a",
+                 "res_multistep_a_karras", "ddpm", "ddpm_karras", "er_sde", "er_sde_karras")
 # Sigma schedules beyond each sampler's own (its diffusers scheduler's spacing, or the Karras
 # and exponential variants above), built by ``sigma_schedules``: A1111's schedule types and
 # ComfyUI's schedulers, by ComfyUI's names (where the two differ, ComfyUI's is "comfy_X").
@@ -47,7 +50,9 @@ BETA_SHAPE = (0.6, 0.6)
 # their alpha-bar grids).
 SIGMA_SAMPLERS = ("euler", "euler_a", "heun", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde",
                   "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "lms", "unipc",
-                  "deis", "restart", "uni_pc", "uni_pc_bh2", "ipndm")
+                  "deis", "restart", "uni_pc", "uni_pc_bh2", "ipndm", "ipndm_v",
+                  "gradient_estimation", "comfy_deis", "res_multistep", "res_multistep_a", "ddpm",
+                  "er_sde")
 OUTPUT_TYPES = ("pil", "np", "latent")
 # How a prompt string is read: A1111's syntax (weights, BREAK, 75-token chunks past 77 tokens;
 # prompt_syntax.py) or as plain text (cut at 77 tokens, as diffusers does).

@@ -12,6 +12,7 @@ import warnings
 
 import torch
 
+from .comfy_samplers import NOISY, SLOPE_WEIGHTS, X0_WEIGHTS
 from .errors import SdrtError
 from .request import split_sampler
 from .schedules import (EDM_CLASSES, EXPONENTIAL, KARRAS_OFF, KARRAS_SAMPLERS, SAMPLER_CLASSES,
@@ -21,7 +22,7 @@ from .schedules import (EDM_CLASSES, EXPONENTIAL, KARRAS_OFF, KARRAS_SAMPLERS, S
 __all__ = ["SAMPLERS", "Schedule", "SchedulerConfig", "default_sampler", "make_schedule", "sample",
            "sample_ddim", "sample_pndm", "sample_euler", "sample_euler_ancestral",
            "sample_two_call", "sample_dpmpp_2m", "sample_lms", "sample_unipc", "sample_deis",
-           "sample_lcm"]
+           "sample_lcm", "sample_x0_multistep"]
 
 
 # --- model output conversions ---------------------------------------------------------------
@@ -328,14 +329,35 @@ def sample_lms(model, x, sched: Schedule, step_end=None):
     """The linear multistep method (lms*: k-diffusion's sample_lms, diffusers'
     LMSDiscreteScheduler): each step extrapolates the probability-flow ODE's slope
     (x - x0) / sigma from up to four recent slopes, weighted by the integrals of their
-    Lagrange polynomials over the step (``Schedule.coefficients``). ComfyUI's ipndm* is the
-    same loop with Adams-Bashforth's fixed weights (``schedules._ipndm_coefficients``)."""
+    Lagrange polynomials over the step (``Schedule.coefficients``). ComfyUI's ipndm*,
+    ipndm_v*, gradient_estimation* and comfy_deis* (its deis) are the same loop with their own
+    weights (``comfy_samplers``)."""
     slopes = []  # newest first
     for i, t in enumerate(sched.timesteps):
         sigma = sched.sigmas[i]
         x0 = _denoised(model, x, t, sigma, sched)
         slopes = [(x - x0) / sigma] + slopes[:3]
         x = x + sum(sched.coefficients[i, k] * slopes[k] for k in range(sched.orders[i]))
+        if step_end is not None:
+            x = _after_step(step_end, i, t, x)
+    return x
+
+
+def sample_x0_multistep(model, x, sched: Schedule, generator=None, noise=None, step_end=None):
+    """ComfyUI's res_multistep*, res_multistep_a*, ddpm* and er_sde*: each step's latents are
+    a weighed sum of the latents, the clean latents predicted at this step and the two before,
+    and (for the stochastic ones) fresh unit noise, with the step's weights from
+    ``Schedule.coefficients`` (``comfy_samplers``). The noise is drawn from ``generator``, or
+    taken from ``noise`` (N, *x.shape), as euler_a's."""
+    x0_1 = x0_2 = torch.zeros_like(x)  # (weighed 0 until there are steps before)
+    for i, t in enumerate(sched.timesteps):
+        x0 = _denoised(model, x, t, sched.sigmas[i], sched)
+        c = sched.coefficients[i]
+        x_next = c[0] * x + c[1] * x0 + c[2] * x0_1 + c[3] * x0_2
+        if sched.noise_draws:
+            z = _randn(x, generator) if noise is None else noise[i].to(x.dtype)
+            x_next = x_next + c[4] * z
+        x, x0_1, x0_2 = x_next, x0, x0_1
         if step_end is not None:
             x = _after_step(step_end, i, t, x)
     return x
@@ -508,8 +530,8 @@ _SAMPLE_FNS = {
     "deis_karras": sample_deis,
     **{name: sample_unipc for name in ("uni_pc", "uni_pc_karras", "uni_pc_bh2",
                                        "uni_pc_bh2_karras")},
-    "ipndm": sample_lms,
-    "ipndm_karras": sample_lms,
+    **{name: sample_lms for base in SLOPE_WEIGHTS for name in (base, f"{base}_karras")},
+    **{name: sample_x0_multistep for base in X0_WEIGHTS for name in (base, f"{base}_karras")},
     "lcm": sample_lcm,
 }
 assert set(_SAMPLE_FNS) == set(SAMPLERS)
@@ -520,7 +542,8 @@ _NOISE_SAMPLERS = ("euler_a", "euler_a_karras", "dpm2_a", "dpm2_a_karras", "dpmp
                    "dpmpp_sde_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras",
                    "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_karras", *EXPONENTIAL,
                    "dpmpp_3m_sde",
-                   "dpmpp_3m_sde_karras", "lcm")
+                   "dpmpp_3m_sde_karras", "lcm",
+                   *(name for base in NOISY for name in (base, f"{base}_karras")))
 
 
 def sample(sampler: str, model, x: torch.Tensor, sched: Schedule, generator=None, callback=None,
@@ -529,7 +552,8 @@ def sample(sampler: str, model, x: torch.Tensor, sched: Schedule, generator=None
     ``sched.noise_image``) and return the denoised latents in x's dtype.
 
     The model sees inputs in x's dtype; the loop itself runs in float32. The stochastic
-    samplers' noise (euler_a, dpm2_a*, dpmpp_sde*, dpmpp_2m_sde*, dpmpp_3m_sde*, lcm) comes
+    samplers' noise (euler_a, dpm2_a*, dpmpp_sde*, dpmpp_2m_sde*, dpmpp_3m_sde*, lcm,
+    res_multistep_a*, ddpm*, er_sde*) comes
     from ``generator``, or from ``noise`` when given: ``sched.noise_draws`` unit-noise tensors
     (dpmpp_sde*: Brownian increments, ``brownian_noise``), stacked.
     After each model call's step, ``callback(step_index, num_steps)`` reports progress and

@@ -17,11 +17,17 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 import torch
 
+from . import comfy_samplers
 from .errors import SdrtError
 from .request import SAMPLER_NAMES as SAMPLERS  # the one list, importable without torch
 from .request import sampler_choices, sampler_missing, split_sampler
 from .sigma_schedules import levels
 
+# ComfyUI's samplers on Euler's levels, each run by sdrt's linear multistep loop on the slope
+# or on the clean latents, with its own weights (``comfy_samplers``)
+COMFY_EULER = (*comfy_samplers.SLOPE_WEIGHTS, *comfy_samplers.X0_WEIGHTS)
+# The samplers that step along EulerDiscreteScheduler's levels (by prefix)
+EULER_LEVELS = ("euler", "lms", *COMFY_EULER)
 # The diffusers class each sampler reproduces step by step.
 SAMPLER_CLASSES = {
     "ddim": "DDIMScheduler",
@@ -67,9 +73,12 @@ SAMPLER_CLASSES = {
     "uni_pc_karras": "UniPCMultistepScheduler",
     "uni_pc_bh2": "UniPCMultistepScheduler",
     "uni_pc_bh2_karras": "UniPCMultistepScheduler",
-    # ComfyUI's ipndm (Zhang & Chen's improved PNDM): Adams-Bashforth on Euler's levels.
-    "ipndm": "EulerDiscreteScheduler",
-    "ipndm_karras": "EulerDiscreteScheduler",
+    # ComfyUI's samplers that no diffusers class has, on Euler's levels: ipndm (Zhang &
+    # Chen's improved PNDM: Adams-Bashforth), ipndm_v (for uneven steps), gradient_estimation,
+    # comfy_deis (ComfyUI's deis), res_multistep, res_multistep_a (its ancestral form), ddpm,
+    # er_sde (``comfy_samplers``).
+    **{name: "EulerDiscreteScheduler" for base in COMFY_EULER
+       for name in (base, f"{base}_karras")},
     "lcm": "LCMScheduler",
     # Restart sampling (Xu et al. 2023, "Restart Sampling for Improving Generative
     # Processes"; A1111's "Restart"): Heun's steps, so Heun's class defaults; no diffusers
@@ -122,7 +131,8 @@ _CLASS_DEFAULTS = {
                     "dpmpp_2m_sde_heun_exponential", "dpmpp_3m_sde_exponential", "dpmpp_3m_sde",
                     "dpmpp_3m_sde_karras", "unipc", "unipc_karras", "lms",
                     "lms_karras", "deis", "deis_karras", "uni_pc", "uni_pc_karras",
-                    "uni_pc_bh2", "uni_pc_bh2_karras", "ipndm", "ipndm_karras")},
+                    "uni_pc_bh2", "uni_pc_bh2_karras",
+                    *(name for base in COMFY_EULER for name in (base, f"{base}_karras")))},
     **{name: {**_K_BETAS, "timestep_spacing": "linspace", "clip_sample": False}
        for name in TWO_CALL_SAMPLERS},  # (KDPM2 has no clip_sample: for_sampler drops it)
     "lcm": {"timestep_spacing": "leading", "set_alpha_to_one": True, "clip_sample": False,
@@ -463,7 +473,9 @@ class Schedule:
     # corrector's (row 0: of the previous step's latents, then of the model outputs newest
     # first) and the predictor's (row 1: of the latents, then of the outputs), (N, 2,
     # solver_order + 2), and ``orders`` (corrector's, 0 for none; predictor's). lms*: the
-    # weights of the slopes newest first, (N, 4), and ``orders`` how many are known. deis*:
+    # weights of the slopes newest first, (N, 4), and ``orders`` how many are known (ipndm*,
+    # ipndm_v*, gradient_estimation*, comfy_deis* too); res_multistep*, ddpm*, er_sde*: (N,
+    # 5), the weights of the latents, the last three clean latents and fresh noise. deis*:
     # (N, 5), see ``_deis_coefficients``, and ``orders`` each step's. dpmpp_sde*: (N, 3), see
     # ``_dpmpp_sde_schedule``.
     coefficients: torch.Tensor | None = None
@@ -836,27 +848,6 @@ def _lms_coefficients(sigmas, start):
     return torch.from_numpy(table).float(), tuple(known)
 
 
-# iPNDM's Adams-Bashforth weights of the newest slope and the older ones, by order.
-_ADAMS_BASHFORTH = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12),
-                    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
-
-
-def _ipndm_coefficients(sigmas, start):
-    """ComfyUI's ipndm (Zhang & Chen 2023's improved PNDM, its ``sample_ipndm``) as
-    ``_lms_coefficients``' table: at run step j (counted from the run's start, as ComfyUI
-    counts the sigmas it is given), order min(j + 1, 4) Adams-Bashforth weights of the
-    slopes, times the step in sigma; a step to 0 lands on the clean latents (order 1)."""
-    s = sigmas.double().numpy()
-    n = len(s) - 1
-    table, orders = np.zeros((n - start, 4)), []
-    for j in range(n - start):
-        g = start + j
-        order = 1 if s[g + 1] == 0 else min(j + 1, 4)
-        table[j, :order] = np.array(_ADAMS_BASHFORTH[order]) * (s[g + 1] - s[g])
-        orders.append(order)
-    return torch.from_numpy(table).float(), tuple(orders)
-
-
 def _deis_coefficients(cfg, sigmas, start):
     """DEIS's (Zhang & Chen 2023, "Fast Sampling of Diffusion Models with Exponential
     Integrator"; diffusers' DEISMultistepScheduler, log-rho) step at each step of a run
@@ -1145,16 +1136,20 @@ def _one_call_schedule(cfg, sampler, timesteps, sigmas, init_noise_sigma, start,
     tables; ``init_noise_sigma`` is Euler's and LMS's (the others step variance-preserving
     latents, whose pure noise has std 1)."""
     f32 = {"dtype": torch.float32, "device": device}
-    if sampler.startswith(("euler", "lms", "ipndm")):
-        ancestral = sampler.startswith("euler_a")
-        lms = (_lms_coefficients(sigmas, start) if sampler.startswith("lms") else
-               _ipndm_coefficients(sigmas, start) if sampler.startswith("ipndm") else
-               (None, ()))
+    if sampler.startswith(EULER_LEVELS):
+        family = split_sampler(sampler)[0].removesuffix("_karras")
+        noisy = family == "euler_a" or family in comfy_samplers.NOISY
+        weights = (_lms_coefficients(sigmas, start) if family == "lms" else
+                   comfy_samplers.SLOPE_WEIGHTS[family](sigmas, start)
+                   if family in comfy_samplers.SLOPE_WEIGHTS else
+                   (comfy_samplers.X0_WEIGHTS[family](sigmas, start), ())
+                   if family in comfy_samplers.X0_WEIGHTS else (None, ()))
         return Schedule(sampler, cfg, timesteps[start:].to(device), init_noise_sigma,
                         sigmas=sigmas[start:].to(**f32),
-                        noise_draws=len(timesteps[start:]) if ancestral else 0,
-                        coefficients=None if lms[0] is None else lms[0].to(**f32),
-                        orders=lms[1])
+                        noise_draws=len(timesteps[start:]) if noisy else 0,
+                        coefficients=None if weights[0] is None else
+                        torch.as_tensor(weights[0]).to(**f32),
+                        orders=weights[1])
     if sampler.startswith((*UNIPC, "deis")):
         solve = (_comfy_unipc_coefficients if sampler.startswith("uni_pc") else
                  _unipc_coefficients if sampler.startswith("unipc") else _deis_coefficients)
@@ -1287,7 +1282,7 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_inference_steps: int, 
         sched = _dpmpp_sde_schedule(cfg, sampler, alphas_cumprod, steps, start, device)
     elif sampler in TWO_CALL_SAMPLERS:
         sched = _two_call_schedule(cfg, sampler, alphas_cumprod, steps, start, device)
-    elif sampler.startswith(("euler", "lms", "ipndm")):
+    elif sampler.startswith(EULER_LEVELS):
         timesteps, sigmas = (
             _euler_a_tables(cfg, alphas_cumprod, steps, karras=sampler.endswith("_karras"))
             if sampler.startswith("euler_a") else _euler_tables(cfg, alphas_cumprod, steps))

@@ -652,7 +652,11 @@ def test_from_file(tmp_path):
                         "dpmpp_3m_sde", "dpmpp_3m_sde_karras", "dpmpp_3m_sde_exponential", "lms",
                         "lms_karras", "unipc", "unipc_karras", "deis", "deis_karras", "lcm",
                         "restart", "restart_karras", "uni_pc", "uni_pc_karras", "uni_pc_bh2",
-                        "uni_pc_bh2_karras", "ipndm", "ipndm_karras")
+                        "uni_pc_bh2_karras", "ipndm", "ipndm_karras", "ipndm_v",
+                        "ipndm_v_karras", "gradient_estimation", "gradient_estimation_karras",
+                        "comfy_deis", "comfy_deis_karras", "res_multistep",
+                        "res_multistep_karras", "res_multistep_a", "res_multistep_a_karras",
+                        "ddpm", "ddpm_karras", "er_sde", "er_sde_karras")
 
 
 @pytest.mark.parametrize("content,match", [

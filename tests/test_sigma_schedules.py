@@ -341,6 +341,12 @@ def test_infotext_round_trip():
     (("ddim", "karras"), "euler_karras"),
     (("lcm", "normal"), "lcm"),
     (("dpm_2", "karras"), "dpm2_karras"),
+    # ComfyUI's own samplers (tests/test_comfy_samplers.py), its deis not diffusers'
+    (("deis", "karras"), "comfy_deis_karras"), (("deis", "simple"), "comfy_deis_simple"),
+    (("res_multistep_ancestral", "karras"), "res_multistep_a_karras"),
+    (("ddpm", "beta"), "ddpm_comfy_beta"), (("er_sde", "normal"), "er_sde_normal"),
+    (("ipndm_v", "kl_optimal"), "ipndm_v_comfy_kl_optimal"),
+    (("gradient_estimation", "sgm_uniform"), "gradient_estimation_sgm_uniform"),
 ])
 def test_comfy_schedulers(pair, expected):
     assert comfy.SAMPLERS[pair] == expected

@@ -1,0 +1,240 @@
+"""The per-step weights of ComfyUI's samplers that sdrt runs with its own loops.
+
+Each of these samplers steps along a table of noise levels (``sigmas``, variance-exploding
+latents x = x0 + sigma eps, as k-diffusion's), and each of its steps is linear in what the
+loop holds. So the schedule carries one row of weights per step, solved here on the host in
+float64, and a captured CUDA graph replays the steps without a host decision:
+
+- on the slope d = (x - x0) / sigma (``samplers.sample_lms``: x + sum_k w_k d_k, newest
+  first; rows of 4, with how many are used): ``ipndm``, ``ipndm_v``, ``gradient_estimation``
+  and
+  ``comfy_deis`` (ComfyUI's ``deis``, which is not diffusers' DEIS that sdrt's ``deis`` runs);
+- on the clean latents (``samplers.sample_x0_multistep``: a x + b0 x0 + b1 x0' + b2 x0'' +
+  c z, x0' and x0'' the two steps before's, z fresh unit noise; rows of 5):
+  ``res_multistep``, ``res_multistep_a`` (ComfyUI's ``res_multistep_ancestral``), ``ddpm`` and
+  ``er_sde``.
+
+Steps count from the run's first (an image-to-image run starts part way down the levels), as
+ComfyUI counts the sigmas it is handed; a step to sigma 0 lands on the clean latents.
+"""
+import numpy as np
+
+
+def _slopes_table(sigmas, start, weights):
+    """Rows of ``weights(s, g, j)`` (the slope weights of step j, at level g of ``s``), times
+    the step's length in sigma, for ``sample_lms``; a step to 0 is x0 (weight 1 on d, times
+    -sigma)."""
+    s = sigmas.double().numpy()
+    n = len(s) - 1
+    table, orders = np.zeros((n - start, 4)), []
+    for j in range(n - start):
+        g = start + j
+        w = [1.0] if s[g + 1] == 0 else weights(s, g, j)
+        table[j, :len(w)] = np.asarray(w) * (s[g + 1] - s[g])
+        orders.append(len(w))
+    return table, tuple(orders)
+
+
+# Adams-Bashforth's weights of the newest slope and the older ones, by order
+ADAMS_BASHFORTH = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12),
+                   4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+
+
+def ipndm(sigmas, start):
+    """ComfyUI's ipndm (Zhang & Chen 2023's improved PNDM, its ``sample_ipndm``):
+    Adams-Bashforth of order min(step + 1, 4) on the slopes."""
+    return _slopes_table(sigmas, start, lambda s, g, j: ADAMS_BASHFORTH[min(j + 1, 4)])
+
+
+def ipndm_v(sigmas, start):
+    """ComfyUI's ipndm_v (Zhang & Chen's iPNDM for uneven steps): Adams-Bashforth-like weights
+    of up to four slopes from the lengths of the step (h) and of the three before it (h1, h2,
+    h3); at even steps orders 1 to 3 are Adams-Bashforth's. Its order-4 weights are ComfyUI's
+    as they are (they are not Adams-Bashforth's at even steps): this reproduces its
+    pictures."""
+    def weights(s, g, j):
+        order = min(j + 1, 4)
+        if order == 1:
+            return [1.0]
+        h, h1 = s[g + 1] - s[g], s[g] - s[g - 1]
+        r = h / h1
+        if order == 2:
+            return [1 + r / 2, -r / 2]
+        h2 = s[g - 1] - s[g - 2]
+        t1 = (1 - h * h / (3 * h1 * (h1 + h2))) / 2
+        if order == 3:
+            return [1 + r / 2 + t1, -r / 2 - (1 + h1 / h2) * t1, t1 * h1 / h2]
+        h3 = s[g - 2] - s[g - 3]
+        t2 = (((1 - h / (3 * (h + h1))) / 2 + (1 - h / (2 * (h + h1))) * h / (6 * (h + h1 + h2)))
+              * h * (h + h1) * (h + h1 + h2) / (h1 * (h1 + h2) * (h1 + h2 + h3)))
+        q = h1 * (h1 + h2) / (h2 * (h2 + h3))
+        return [1 + r / 2 + t1 + t2,
+                -r / 2 - (1 + h1 / h2) * t1 - (1 + h1 / h2 + q) * t2,
+                t1 * h1 / h2 + (h1 / h2 + q * (1 + h2 / h3)) * t2,
+                -t2 * q * h1 / h2]
+    return _slopes_table(sigmas, start, weights)
+
+
+# ComfyUI's sample_gradient_estimation's default gamma (Permenter & Yuan 2024)
+GRADIENT_ESTIMATION_GAMMA = 2.0
+
+
+def gradient_estimation(sigmas, start, gamma=GRADIENT_ESTIMATION_GAMMA):
+    """ComfyUI's gradient_estimation: Euler's step with the slope extrapolated by gamma - 1
+    times its change since the step before (from the run's second step)."""
+    return _slopes_table(sigmas, start,
+                         lambda s, g, j: [1.0] if j == 0 else [gamma, 1 - gamma])
+
+
+# ComfyUI's deis (the "tAB" DEIS of Zhang & Chen 2023, as zju-pi's diff-sampler computes it):
+# the sigmas go to the time of a VP SDE fitted to EDM's default range, the weights are the
+# integrals of the Lagrange polynomials through the last steps' times against the SDE's
+# integrand, summed at this many points, up to this order.
+DEIS_SIGMA_RANGE = (0.002, 80.0)
+DEIS_EPS_S = 1e-3
+DEIS_POINTS = 10000
+DEIS_ORDER = 3
+
+
+def _deis_vp():
+    """(beta_0, beta_1) of the VP SDE whose sigma runs over ``DEIS_SIGMA_RANGE`` on
+    [DEIS_EPS_S, 1]."""
+    lo, hi = (np.log(s * s + 1) for s in DEIS_SIGMA_RANGE)
+    beta_d = 2 * (lo / DEIS_EPS_S - hi) / (DEIS_EPS_S - 1)
+    beta_min = hi - 0.5 * beta_d
+    return beta_min, beta_min + beta_d
+
+
+def comfy_deis(sigmas, start):
+    """ComfyUI's deis: slope weights of order min(step + 1, 3), each the sum over
+    ``DEIS_POINTS`` even points of the step in VP time of the SDE's integrand times a Lagrange
+    basis polynomial, times the point spacing (ComfyUI's quadrature)."""
+    b0, b1 = _deis_vp()
+    s = sigmas.double().numpy()
+    # sigma -> VP time: the root of sigma^2 + 1 = exp(b0 t + (b1 - b0) t^2 / 2)
+    times = (np.sqrt(b0 * b0 + 2 * (b1 - b0) * np.log(s * s + 1)) - b0) / (b1 - b0)
+
+    def weights(_, g, j):
+        order = min(j + 1, DEIS_ORDER)
+        if order == 1:
+            return [1.0]
+        taus = np.linspace(times[g], times[g + 1], DEIS_POINTS)
+        alpha = np.exp(-0.5 * taus * taus * (b1 - b0) - taus * b0)
+        integrand = 0.5 * (taus * (b1 - b0) + b0) / np.sqrt(alpha * (1 - alpha))
+        nodes = times[[g - k for k in range(order)]]
+        dtau = (times[g + 1] - times[g]) / DEIS_POINTS
+        out = []
+        for k in range(order):
+            basis = np.ones_like(taus)
+            for m in range(order):
+                if m != k:
+                    basis *= (taus - nodes[m]) / (nodes[k] - nodes[m])
+            out.append(np.sum(integrand * basis) * dtau)
+        # (_slopes_table multiplies by the step in sigma: these weights are absolute)
+        return np.asarray(out) / (s[g + 1] - s[g])
+    return _slopes_table(sigmas, start, weights)
+
+
+def _x0_table(sigmas, start, row):
+    """Rows (a, b0, b1, b2, c) of ``row(s, g, j)`` for ``sample_x0_multistep``; a step to 0
+    is x0."""
+    s = sigmas.double().numpy()
+    n = len(s) - 1
+    table = np.zeros((n - start, 5))
+    for j in range(n - start):
+        g = start + j
+        table[j] = (0, 1, 0, 0, 0) if s[g + 1] == 0 else row(s, g, j)
+    return table
+
+
+def _ancestral(sigma, sigma_next, eta):
+    """k-diffusion's ancestral split of a step: (sigma_down, sigma_up)."""
+    if not eta:
+        return sigma_next, 0.0
+    up = min(sigma_next,
+             eta * np.sqrt(sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2))
+    return np.sqrt(sigma_next ** 2 - up ** 2), up
+
+
+def res_multistep(sigmas, start, eta=0.0):
+    """ComfyUI's res_multistep (eta 0) and res_multistep_ancestral (eta 1): the second-order
+    exponential multistep of Zhang et al. 2023 ("RES") in log sigma, the clean latents of this
+    step and the one before weighed by phi functions of the step; the first step Euler's. The
+    ancestral one steps to sigma_down and adds noise of std sigma_up."""
+    def row(s, g, j):
+        down, up = _ancestral(s[g], s[g + 1], eta)
+        if down == 0 or j == 0:
+            return (down / s[g], 1 - down / s[g], 0, 0, up)
+        down_before, _ = _ancestral(s[g - 1], s[g], eta)
+        h = np.log(s[g]) - np.log(down)
+        c2 = (np.log(down_before) - np.log(s[g - 1])) / h
+        phi1 = np.expm1(-h) / -h
+        phi2 = (phi1 - 1) / -h
+        with np.errstate(divide="ignore", invalid="ignore"):
+            b1, b2 = np.nan_to_num(phi1 - phi2 / c2, nan=0.0), np.nan_to_num(phi2 / c2, nan=0.0)
+        return (np.exp(-h), h * b1, h * b2, 0, up)
+    return _x0_table(sigmas, start, row)
+
+
+def ddpm(sigmas, start):
+    """ComfyUI's ddpm: DDPM's ancestral step (Ho et al. 2020, eq. 11 with sigma_t^2 = beta
+    tilde) between the alpha-bars of the two levels, on the variance-preserving latents."""
+    def row(s, g, _):
+        abar, abar_next = 1 / (s[g] ** 2 + 1), 1 / (s[g + 1] ** 2 + 1)
+        alpha = abar / abar_next
+        # eps = (x - x0) / sigma; mean = (x_vp - (1 - alpha) eps / sqrt(1 - abar)) / sqrt(alpha)
+        k = (1 - alpha) / (np.sqrt(alpha) * np.sqrt(1 - abar) * s[g])
+        back = np.sqrt(1 + s[g + 1] ** 2)  # to the next level's variance-exploding latents
+        std = np.sqrt((1 - alpha) * (1 - abar_next) / (1 - abar))
+        return ((np.sqrt(abar / alpha) - k) * back, k * back, 0, 0, std * back)
+    return _x0_table(sigmas, start, row)
+
+
+# ER-SDE-Solver-3 (Cui et al. 2023) as ComfyUI's sample_er_sde runs it: its default noise
+# scaler and the points of its integrals over a step.
+ER_SDE_POINTS = 200
+
+
+def _er_sde_scaler(x):
+    return x * (np.exp(x ** 0.3) + 10.0)
+
+
+def er_sde(sigmas, start):
+    """ComfyUI's er_sde (VP ER-SDE-Solver-3, sigma its lambda): the first-order update scaled
+    by the noise scaler's ratio r, then the first and second divided differences of the clean
+    latents over sigma, weighed by integrals of the scaler summed at ``ER_SDE_POINTS``
+    points (from the third step: stage 3); fresh noise of std sqrt(sigma'^2 - sigma^2 r^2)."""
+    def row(s, g, j):
+        sig, nxt = s[g], s[g + 1]
+        r = _er_sde_scaler(nxt) / _er_sde_scaler(sig)
+        a, b = r, [1 - r, 0.0, 0.0]
+        stage = min(3, j + 1)
+        if stage >= 2:
+            dt = nxt - sig
+            step = -dt / ER_SDE_POINTS
+            pos = nxt + np.arange(ER_SDE_POINTS) * step
+            scaled = _er_sde_scaler(pos)
+            w = (dt + np.sum(1 / scaled) * step * _er_sde_scaler(nxt)) / (sig - s[g - 1])
+            b[0] += w
+            b[1] -= w  # (x0 - x0') / (sigma - sigma')
+            if stage == 3:
+                w3 = ((dt * dt / 2 + np.sum((pos - sig) / scaled) * step * _er_sde_scaler(nxt))
+                      * 2 / (sig - s[g - 2]))
+                # ((x0 - x0') / (sigma - sigma') - (x0' - x0'') / (sigma' - sigma'')) * w3
+                d0, d1 = 1 / (sig - s[g - 1]), 1 / (s[g - 1] - s[g - 2])
+                b[0] += w3 * d0
+                b[1] -= w3 * (d0 + d1)
+                b[2] += w3 * d1
+        std = np.sqrt(max(nxt * nxt - sig * sig * r * r, 0.0))
+        return (a, *b, std)
+    return _x0_table(sigmas, start, row)
+
+
+# sdrt's sampler → its weights; which loop runs them is which table it is in.
+SLOPE_WEIGHTS = {"ipndm": ipndm, "ipndm_v": ipndm_v, "gradient_estimation": gradient_estimation,
+                 "comfy_deis": comfy_deis}
+X0_WEIGHTS = {"res_multistep": res_multistep,
+              "res_multistep_a": lambda sigmas, start: res_multistep(sigmas, start, eta=1.0),
+              "ddpm": ddpm, "er_sde": er_sde}
+# The ones that draw fresh noise each step
+NOISY = ("res_multistep_a", "ddpm", "er_sde")
