@@ -9,10 +9,13 @@ float64, and a captured CUDA graph replays the steps without a host decision:
   first; rows of 4, with how many are used): ``ipndm``, ``ipndm_v``, ``gradient_estimation``
   and
   ``comfy_deis`` (ComfyUI's ``deis``, which is not diffusers' DEIS that sdrt's ``deis`` runs);
-- on the clean latents (``samplers.sample_x0_multistep``: a x + b0 x0 + b1 x0' + b2 x0'' +
-  c z, x0' and x0'' the two steps before's, z fresh unit noise; rows of 5):
-  ``res_multistep``, ``res_multistep_a`` (ComfyUI's ``res_multistep_ancestral``), ``ddpm`` and
-  ``er_sde``.
+- on the clean latents (``samplers.sample_x0_multistep``: a x + b x0 + u x0u + b1 h' + b2 h''
+  + c z, where x0u is the unconditional half's clean latents, h' and h'' the two steps
+  before's x0 (x0u for the CFG++ ones), z fresh unit noise; rows of 6): ``res_multistep``,
+  ``res_multistep_a`` (ComfyUI's ``res_multistep_ancestral``), ``ddpm``, ``er_sde``, and
+  the CFG++ samplers (Chung et al. 2024, as ComfyUI's ``*_cfg_pp``: the step renoises along
+  the unconditional prediction) ``cfgpp_euler``, ``cfgpp_euler_a``, ``cfgpp_dpmpp_2m``,
+  ``cfgpp_res_multistep`` and ``cfgpp_res_multistep_a``.
 
 Steps count from the run's first (an image-to-image run starts part way down the levels), as
 ComfyUI counts the sigmas it is handed; a step to sigma 0 lands on the clean latents.
@@ -136,14 +139,14 @@ def comfy_deis(sigmas, start):
 
 
 def _x0_table(sigmas, start, row):
-    """Rows (a, b0, b1, b2, c) of ``row(s, g, j)`` for ``sample_x0_multistep``; a step to 0
+    """Rows (a, b, u, b1, b2, c) of ``row(s, g, j)`` for ``sample_x0_multistep``; a step to 0
     is x0."""
     s = sigmas.double().numpy()
     n = len(s) - 1
-    table = np.zeros((n - start, 5))
+    table = np.zeros((n - start, 6))
     for j in range(n - start):
         g = start + j
-        table[j] = (0, 1, 0, 0, 0) if s[g + 1] == 0 else row(s, g, j)
+        table[j] = (0, 1, 0, 0, 0, 0) if s[g + 1] == 0 else row(s, g, j)
     return table
 
 
@@ -156,15 +159,18 @@ def _ancestral(sigma, sigma_next, eta):
     return np.sqrt(sigma_next ** 2 - up ** 2), up
 
 
-def res_multistep(sigmas, start, eta=0.0):
+def res_multistep(sigmas, start, eta=0.0, cfg_pp=False):
     """ComfyUI's res_multistep (eta 0) and res_multistep_ancestral (eta 1): the second-order
     exponential multistep of Zhang et al. 2023 ("RES") in log sigma, the clean latents of this
     step and the one before weighed by phi functions of the step; the first step Euler's. The
-    ancestral one steps to sigma_down and adds noise of std sigma_up."""
+    ancestral one steps to sigma_down and adds noise of std sigma_up. ``cfg_pp`` (their
+    ``_cfg_pp`` forms): the guidance's difference x0 - x0u is added to the latents, and the
+    step runs on the unconditional x0u (its history too)."""
     def row(s, g, j):
         down, up = _ancestral(s[g], s[g + 1], eta)
+        r = down / s[g]
         if down == 0 or j == 0:
-            return (down / s[g], 1 - down / s[g], 0, 0, up)
+            return (r, 1, -r, 0, 0, up) if cfg_pp else (r, 1 - r, 0, 0, 0, up)
         down_before, _ = _ancestral(s[g - 1], s[g], eta)
         h = np.log(s[g]) - np.log(down)
         c2 = (np.log(down_before) - np.log(s[g - 1])) / h
@@ -172,7 +178,33 @@ def res_multistep(sigmas, start, eta=0.0):
         phi2 = (phi1 - 1) / -h
         with np.errstate(divide="ignore", invalid="ignore"):
             b1, b2 = np.nan_to_num(phi1 - phi2 / c2, nan=0.0), np.nan_to_num(phi2 / c2, nan=0.0)
-        return (np.exp(-h), h * b1, h * b2, 0, up)
+        if cfg_pp:  # e^-h (x + x0 - x0u) + h (b1 x0u + b2 x0u')
+            return (np.exp(-h), np.exp(-h), h * b1 - np.exp(-h), h * b2, 0, up)
+        return (np.exp(-h), h * b1, 0, h * b2, 0, up)
+    return _x0_table(sigmas, start, row)
+
+
+def cfgpp_euler(sigmas, start, eta=0.0):
+    """ComfyUI's euler_cfg_pp (eta 0) and euler_ancestral_cfg_pp (eta 1): from the guided x0,
+    renoised to sigma_down along the unconditional prediction's noise (x - x0u) / sigma, then
+    noise of std sigma_up."""
+    def row(s, g, _):
+        down, up = _ancestral(s[g], s[g + 1], eta)
+        return (down / s[g], 1, -down / s[g], 0, 0, up)
+    return _x0_table(sigmas, start, row)
+
+
+def cfgpp_dpmpp_2m(sigmas, start):
+    """ComfyUI's dpmpp_2m_cfg_pp: DPM-Solver++(2M) with the guided x0 as the step's target
+    and the unconditional x0u where the latents' own noise is taken out, the second-order
+    term the difference from the last step's x0u."""
+    def row(s, g, j):
+        e = s[g + 1] / s[g]  # e^-h
+        if j == 0:
+            return (e, 1, -e, 0, 0, 0)
+        r = (np.log(s[g - 1]) - np.log(s[g])) / (np.log(s[g]) - np.log(s[g + 1]))
+        k = np.expm1(np.log(e)) / (2 * r)
+        return (e, 1 - k, -e, k, 0, 0)
     return _x0_table(sigmas, start, row)
 
 
@@ -186,7 +218,7 @@ def ddpm(sigmas, start):
         k = (1 - alpha) / (np.sqrt(alpha) * np.sqrt(1 - abar) * s[g])
         back = np.sqrt(1 + s[g + 1] ** 2)  # to the next level's variance-exploding latents
         std = np.sqrt((1 - alpha) * (1 - abar_next) / (1 - abar))
-        return ((np.sqrt(abar / alpha) - k) * back, k * back, 0, 0, std * back)
+        return ((np.sqrt(abar / alpha) - k) * back, k * back, 0, 0, 0, std * back)
     return _x0_table(sigmas, start, row)
 
 
@@ -207,7 +239,7 @@ def er_sde(sigmas, start):
     def row(s, g, j):
         sig, nxt = s[g], s[g + 1]
         r = _er_sde_scaler(nxt) / _er_sde_scaler(sig)
-        a, b = r, [1 - r, 0.0, 0.0]
+        b = [1 - r, 0.0, 0.0]
         stage = min(3, j + 1)
         if stage >= 2:
             dt = nxt - sig
@@ -226,7 +258,7 @@ def er_sde(sigmas, start):
                 b[1] -= w3 * (d0 + d1)
                 b[2] += w3 * d1
         std = np.sqrt(max(nxt * nxt - sig * sig * r * r, 0.0))
-        return (a, *b, std)
+        return (r, b[0], 0, b[1], b[2], std)
     return _x0_table(sigmas, start, row)
 
 
@@ -235,6 +267,13 @@ SLOPE_WEIGHTS = {"ipndm": ipndm, "ipndm_v": ipndm_v, "gradient_estimation": grad
                  "comfy_deis": comfy_deis}
 X0_WEIGHTS = {"res_multistep": res_multistep,
               "res_multistep_a": lambda sigmas, start: res_multistep(sigmas, start, eta=1.0),
-              "ddpm": ddpm, "er_sde": er_sde}
+              "ddpm": ddpm, "er_sde": er_sde,
+              "cfgpp_euler": cfgpp_euler,
+              "cfgpp_euler_a": lambda sigmas, start: cfgpp_euler(sigmas, start, eta=1.0),
+              "cfgpp_dpmpp_2m": cfgpp_dpmpp_2m,
+              "cfgpp_res_multistep": lambda sigmas, start: res_multistep(sigmas, start,
+                                                                         cfg_pp=True),
+              "cfgpp_res_multistep_a": lambda sigmas, start: res_multistep(sigmas, start, 1.0,
+                                                                           cfg_pp=True)}
 # The ones that draw fresh noise each step
-NOISY = ("res_multistep_a", "ddpm", "er_sde")
+NOISY = ("res_multistep_a", "ddpm", "er_sde", "cfgpp_euler_a", "cfgpp_res_multistep_a")

@@ -85,6 +85,16 @@ SAMPLER_LABELS = {
     "ddpm_karras": "DDPM Karras",
     "er_sde": "ER SDE",
     "er_sde_karras": "ER SDE Karras",
+    "cfgpp_euler": "Euler CFG++",
+    "cfgpp_euler_karras": "Euler CFG++ Karras",
+    "cfgpp_euler_a": "Euler a CFG++",
+    "cfgpp_euler_a_karras": "Euler a CFG++ Karras",
+    "cfgpp_dpmpp_2m": "DPM++ 2M CFG++",
+    "cfgpp_dpmpp_2m_karras": "DPM++ 2M CFG++ Karras",
+    "cfgpp_res_multistep": "Res Multistep CFG++",
+    "cfgpp_res_multistep_karras": "Res Multistep CFG++ Karras",
+    "cfgpp_res_multistep_a": "Res Multistep Ancestral CFG++",
+    "cfgpp_res_multistep_a_karras": "Res Multistep Ancestral CFG++ Karras",
 }
 assert set(SAMPLER_LABELS) == set(SAMPLER_NAMES)
 # Other names A1111 (and its API clients) use for the same samplers: its k-diffusion aliases.
@@ -130,7 +140,9 @@ SAMPLER_ALIASES = {
     "uni_pc_bh2": (),
     "uni_pc_bh2_karras": (),
     **{name: () for base in ("ipndm", "ipndm_v", "gradient_estimation", "comfy_deis",
-                             "res_multistep", "res_multistep_a", "ddpm", "er_sde")
+                             "res_multistep", "res_multistep_a", "ddpm", "er_sde",
+                             "cfgpp_euler", "cfgpp_euler_a", "cfgpp_dpmpp_2m",
+                             "cfgpp_res_multistep", "cfgpp_res_multistep_a")
        for name in (base, f"{base}_karras")},
 }
 assert set(SAMPLER_ALIASES) == set(SAMPLER_NAMES)

@@ -665,6 +665,10 @@ class Pipeline:
         self._check_family_arguments(request, names)
         request = dataclasses.replace(request, sampler=request.sampler or
                                       default_sampler(self.scheduler_config), **sizes)
+        if request.cfg_pp and self._guidance_distilled():
+            raise SdrtError(f"{names.get('sampler', 'sampler')} {request.sampler} (CFG++) needs "
+                            f"the unconditional pass, which this guidance-distilled UNet "
+                            f"(time_cond_proj_dim) does not run; pick another sampler")
         if self._static(request) and self._shape(request, num_chunks) in self.runtime.plans:
             return request  # a built plan: its buffers and graphs are already allocated
         need, what = request_bytes(

@@ -36,7 +36,11 @@ SAMPLER_NAMES = ("ddim", "pndm", "euler", "euler_karras", "euler_a", "euler_a_ka
                  "ipndm_karras", "ipndm_v", "ipndm_v_karras", "gradient_estimation",
                  "gradient_estimation_karras", "comfy_deis", "comfy_deis_karras",
                  "res_multistep", "res_multistep_karras", "res_multistep_a",
-                 "res_multistep_a_karras", "ddpm", "ddpm_karras", "er_sde", "er_sde_karras")
+                 "res_multistep_a_karras", "ddpm", "ddpm_karras", "er_sde", "er_sde_karras",
+                 "cfgpp_euler", "cfgpp_euler_karras", "cfgpp_euler_a", "cfgpp_euler_a_karras",
+                 "cfgpp_dpmpp_2m", "cfgpp_dpmpp_2m_karras", "cfgpp_res_multistep",
+                 "cfgpp_res_multistep_karras", "cfgpp_res_multistep_a",
+                 "cfgpp_res_multistep_a_karras")
 # Sigma schedules beyond each sampler's own (its diffusers scheduler's spacing, or the Karras
 # and exponential variants above), built by ``sigma_schedules``: A1111's schedule types and
 # ComfyUI's schedulers, by ComfyUI's names (where the two differ, ComfyUI's is "comfy_X").
@@ -52,7 +56,12 @@ SIGMA_SAMPLERS = ("euler", "euler_a", "heun", "dpm2", "dpm2_a", "dpmpp_2s_a", "d
                   "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "lms", "unipc",
                   "deis", "restart", "uni_pc", "uni_pc_bh2", "ipndm", "ipndm_v",
                   "gradient_estimation", "comfy_deis", "res_multistep", "res_multistep_a", "ddpm",
-                  "er_sde")
+                  "er_sde", "cfgpp_euler", "cfgpp_euler_a", "cfgpp_dpmpp_2m", "cfgpp_res_multistep",
+                  "cfgpp_res_multistep_a")
+# The CFG++ samplers (Chung et al. 2024, ComfyUI's *_cfg_pp): each step also reads the
+# unconditional prediction, so they run the unconditional pass whatever the guidance scale
+# (ComfyUI's cfg 1 too), the scale as given (below 1 too).
+CFG_PP_PREFIX = "cfgpp_"
 OUTPUT_TYPES = ("pil", "np", "latent")
 # How a prompt string is read: A1111's syntax (weights, BREAK, 75-token chunks past 77 tokens;
 # prompt_syntax.py) or as plain text (cut at 77 tokens, as diffusers does).
@@ -368,8 +377,13 @@ class GenerationRequest:
     @property
     def guidance(self):
         """Whether the request batches an unconditional pass (classifier-free guidance): when
-        any of its scales is above 1."""
-        return max(self.scales()) > 1.0
+        any of its scales is above 1, or its sampler is a CFG++ one."""
+        return max(self.scales()) > 1.0 or self.cfg_pp
+
+    @property
+    def cfg_pp(self):
+        """Whether the request's sampler is a CFG++ one (``CFG_PP_PREFIX``)."""
+        return isinstance(self.sampler, str) and self.sampler.startswith(CFG_PP_PREFIX)
 
     def scales(self):
         """The guidance scale of each prompt (of a checked request)."""
@@ -379,8 +393,8 @@ class GenerationRequest:
     def row_scales(self):
         """The guidance scale of each image, prompt-major like the batch; a scale of 1 or less
         in a guided batch counts as 1 (the conditional prediction alone), which is what that
-        prompt gets in a call of its own."""
-        return [max(g, 1.0) if self.guidance else g
+        prompt gets in a call of its own (but with a CFG++ sampler, as ComfyUI's)."""
+        return [max(g, 1.0) if self.guidance and not self.cfg_pp else g
                 for g in self.scales() for _ in range(self.num_images_per_prompt)]
 
     @property

@@ -14,7 +14,7 @@ import torch
 
 from .comfy_samplers import NOISY, SLOPE_WEIGHTS, X0_WEIGHTS
 from .errors import SdrtError
-from .request import split_sampler
+from .request import CFG_PP_PREFIX, split_sampler
 from .schedules import (EDM_CLASSES, EXPONENTIAL, KARRAS_OFF, KARRAS_SAMPLERS, SAMPLER_CLASSES,
                         SAMPLERS, TWO_CALL_SAMPLERS, Schedule, SchedulerConfig, make_schedule,
                         vp_alpha_sigma)
@@ -47,15 +47,19 @@ def _x0_ve(out, x, sigma, prediction_type):
     return out
 
 
-def _denoised(model, x, t, sigma, sched):
+def _denoised(model, x, t, sigma, sched, uncond=False):
     """The clean latents predicted from variance-exploding latents x = x0 + sigma eps. A model
     trained on alpha-bars sees x / sqrt(sigma^2 + 1) (``_x0_ve``); an EDM model (the schedule
     has a ``sigma_data``) sees c_in x and its output F gives c_skip x + c_out F, EDM's
     preconditioning (Karras et al. 2022, table 1; c_out negated for v_prediction, as
-    diffusers' EDM schedulers)."""
+    diffusers' EDM schedulers). ``uncond``: (the guided ones, the unconditional half's)."""
     if sched.sigma_data is None:
+        kind = sched.config.prediction_type
+        if uncond:
+            out, negative = model(x / (sigma**2 + 1) ** 0.5, t, uncond=True)
+            return _x0_ve(out, x, sigma, kind), _x0_ve(negative, x, sigma, kind)
         out = model(x / (sigma**2 + 1) ** 0.5, t)
-        return _x0_ve(out, x, sigma, sched.config.prediction_type)
+        return _x0_ve(out, x, sigma, kind)
     var = sigma**2 + sched.sigma_data**2
     out = model(x / var**0.5, t)
     c_out = sigma * sched.sigma_data / var**0.5
@@ -344,20 +348,29 @@ def sample_lms(model, x, sched: Schedule, step_end=None):
 
 
 def sample_x0_multistep(model, x, sched: Schedule, generator=None, noise=None, step_end=None):
-    """ComfyUI's res_multistep*, res_multistep_a*, ddpm* and er_sde*: each step's latents are
-    a weighed sum of the latents, the clean latents predicted at this step and the two before,
-    and (for the stochastic ones) fresh unit noise, with the step's weights from
-    ``Schedule.coefficients`` (``comfy_samplers``). The noise is drawn from ``generator``, or
-    taken from ``noise`` (N, *x.shape), as euler_a's."""
-    x0_1 = x0_2 = torch.zeros_like(x)  # (weighed 0 until there are steps before)
+    """ComfyUI's res_multistep*, res_multistep_a*, ddpm*, er_sde* and the CFG++ samplers
+    (cfgpp_*): each step's latents are a weighed sum of the latents, the clean latents
+    predicted at this step (guided, and for CFG++ the unconditional half's too), two earlier
+    steps' clean latents (the unconditional ones for CFG++), and for the stochastic ones fresh
+    unit noise, with the step's weights from ``Schedule.coefficients`` (``comfy_samplers``).
+    The noise is drawn from ``generator``, or taken from ``noise`` (N, *x.shape), as
+    euler_a's."""
+    cfg_pp = sched.sampler.startswith(CFG_PP_PREFIX)
+    h1 = h2 = torch.zeros_like(x)  # (weighed 0 until there are steps before)
     for i, t in enumerate(sched.timesteps):
-        x0 = _denoised(model, x, t, sched.sigmas[i], sched)
         c = sched.coefficients[i]
-        x_next = c[0] * x + c[1] * x0 + c[2] * x0_1 + c[3] * x0_2
+        if cfg_pp:
+            x0, x0u = _denoised(model, x, t, sched.sigmas[i], sched, uncond=True)
+            x_next = c[0] * x + c[1] * x0 + c[2] * x0u + c[3] * h1 + c[4] * h2
+            h1, h2 = x0u, h1
+        else:
+            x0 = _denoised(model, x, t, sched.sigmas[i], sched)
+            x_next = c[0] * x + c[1] * x0 + c[3] * h1 + c[4] * h2
+            h1, h2 = x0, h1
         if sched.noise_draws:
             z = _randn(x, generator) if noise is None else noise[i].to(x.dtype)
-            x_next = x_next + c[4] * z
-        x, x0_1, x0_2 = x_next, x0, x0_1
+            x_next = x_next + c[5] * z
+        x = x_next
         if step_end is not None:
             x = _after_step(step_end, i, t, x)
     return x
@@ -572,8 +585,9 @@ def sample(sampler: str, model, x: torch.Tensor, sched: Schedule, generator=None
                             f"{(sched.noise_draws, *x.shape)}")
     dtype = x.dtype
 
-    def model_f32(x_in, t):
-        return model(x_in.to(dtype), t).float()
+    def model_f32(x_in, t, **uncond):
+        out = model(x_in.to(dtype), t, **uncond)
+        return tuple(o.float() for o in out) if uncond else out.float()
 
     if callback is not None:
         inner, n = step_end, len(sched.timesteps)

@@ -156,6 +156,9 @@ def guided(unet, cond, guidance_scale, cfg, dtype, timestep_cond=None, image_con
     UNet call runs the unconditional rows and every part). ``guidance_scale`` is a float32
     device tensor of shape (B, 1, 1, 1), one scale per image (the static runtime's buffer, so
     a new scale needs no recapture); the combination is computed in float32.
+
+    ``model(x, t, uncond=True)`` (for the CFG++ samplers) returns (the guided output, the
+    unconditional rows' output); it needs ``cfg``.
     """
     fixed = cond.unet_inputs() if isinstance(cond, Conditioning) else None
     calls = itertools.count()
@@ -180,7 +183,10 @@ def guided(unet, cond, guidance_scale, cfg, dtype, timestep_cond=None, image_con
             x = torch.cat([x, Control._rows(image_cond, rows, parts)], dim=1)
         return unet(x, t, **inputs, **extra)
 
-    def model(x, t):
+    def model(x, t, uncond=False):
+        if uncond and (timestep_cond is not None or not cfg):
+            raise SdrtError("a CFG++ sampler needs the unconditional pass; this model runs "
+                            "none (a guidance-distilled UNet, or no guidance)")
         if timestep_cond is not None:
             return run(x, t, 1, timestep_cond=timestep_cond)
         if not cfg:
@@ -188,11 +194,14 @@ def guided(unet, cond, guidance_scale, cfg, dtype, timestep_cond=None, image_con
         if combine is not None:
             image, weight = combine
             out = run(torch.cat([x, x[image]]), t, 2, parts=image).float()
-            uncond, parts = out[:x.shape[0]], out[x.shape[0]:]
-            summed = torch.zeros_like(uncond).index_add_(0, image, (parts - uncond[image]) * weight)
-            return uncond + guidance_scale * summed
-        uncond, positive = run(torch.cat([x, x]), t, 2).chunk(2)
-        return uncond + guidance_scale * (positive - uncond)
+            negative, parts = out[:x.shape[0]], out[x.shape[0]:]
+            summed = torch.zeros_like(negative).index_add_(0, image,
+                                                           (parts - negative[image]) * weight)
+        else:
+            negative, positive = run(torch.cat([x, x]), t, 2).chunk(2)
+            summed = positive - negative
+        out = negative + guidance_scale * summed
+        return (out, negative) if uncond else out
     return model
 
 

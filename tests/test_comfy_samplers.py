@@ -6,8 +6,10 @@ update corrected with the model's output at the point it predicted (but the last
 orders winding down at the end, along the scheduler's sigmas with the last level, 0, replaced
 by 0.001 and the result divided by that level's alpha. The samplers on Euler's levels
 (ipndm, ipndm_v, gradient_estimation, deis, res_multistep, res_multistep_ancestral, ddpm,
-er_sde): each loop as ComfyUI's k_diffusion/sampling.py steps it, in sigmas, the steps
-counted from the run's first.
+er_sde, and the CFG++ ones euler_cfg_pp, euler_ancestral_cfg_pp, dpmpp_2m_cfg_pp,
+res_multistep_cfg_pp, res_multistep_ancestral_cfg_pp on a stand-in with an unconditional
+half): each loop as ComfyUI's k_diffusion/sampling.py steps it, in sigmas, the steps counted
+from the run's first.
 Both sides run the same stand-in model from the same latents (and, for the stochastic ones,
 the same unit noise); the references in float64."""
 import math
@@ -250,16 +252,18 @@ def _ancestral_step(s_from, s_to, eta):
     return (s_to ** 2 - up ** 2) ** 0.5, up
 
 
-def _res_multistep(denoise, x, s, noise, eta=0.0):
+def _res_multistep(denoise, x, s, noise, eta=0.0, cfg_pp=False):
     t_fn = lambda sigma: -torch.log(sigma)  # noqa: E731
     phi1 = lambda t: torch.expm1(t) / t  # noqa: E731
     phi2 = lambda t: (phi1(t) - 1.0) / t  # noqa: E731
     old_down = old_x0 = None
     for i in range(len(s) - 1):
-        x0 = denoise(x, i)
+        x0, x0u = denoise(x, i, uncond=True) if cfg_pp else (denoise(x, i), None)
         down, up = _ancestral_step(s[i], s[i + 1], eta)
         down = torch.as_tensor(down, dtype=torch.float64)
-        if down == 0 or old_x0 is None:
+        if (down == 0 or old_x0 is None) and cfg_pp:
+            x = x0 + (x - x0u) / s[i] * down
+        elif down == 0 or old_x0 is None:
             x = x + (x - x0) / s[i] * (down - s[i])
         else:
             t, t_old, t_next, t_prev = t_fn(s[i]), t_fn(old_down), t_fn(down), t_fn(s[i - 1])
@@ -267,10 +271,46 @@ def _res_multistep(denoise, x, s, noise, eta=0.0):
             c2 = (t_prev - t_old) / h
             b1 = torch.nan_to_num(phi1(-h) - phi2(-h) / c2, nan=0.0)
             b2 = torch.nan_to_num(phi2(-h) / c2, nan=0.0)
-            x = torch.exp(-h) * x + h * (b1 * x0 + b2 * old_x0)
+            if cfg_pp:
+                x = x + (x0 - x0u)
+                x = torch.exp(-h) * x + h * (b1 * x0u + b2 * old_x0)
+            else:
+                x = torch.exp(-h) * x + h * (b1 * x0 + b2 * old_x0)
         if s[i + 1] > 0 and eta:
             x = x + noise[i] * up
-        old_x0, old_down = x0, down
+        old_x0, old_down = (x0u if cfg_pp else x0), down
+    return x
+
+
+def _euler_cfg_pp(denoise, x, s, noise, eta=0.0):
+    for i in range(len(s) - 1):
+        x0, x0u = denoise(x, i, uncond=True)
+        if s[i + 1] == 0:
+            x = x0
+        else:
+            alpha_s = s[i] * torch.exp(-torch.log(s[i]))  # sigma e^(half log SNR): 1
+            alpha_t = s[i + 1] * torch.exp(-torch.log(s[i + 1]))
+            d = (x - alpha_s * x0u) / s[i]
+            down, up = _ancestral_step(s[i] / alpha_s, s[i + 1] / alpha_t, eta)
+            x = alpha_t * x0 + alpha_t * down * d
+            if eta:
+                x = x + alpha_t * noise[i] * up
+    return x
+
+
+def _dpmpp_2m_cfg_pp(denoise, x, s, noise):
+    old_x0u = None
+    for i in range(len(s) - 1):
+        x0, x0u = denoise(x, i, uncond=True)
+        t, t_next = -torch.log(s[i]), -torch.log(s[i + 1])
+        h = t_next - t
+        if old_x0u is None or s[i + 1] == 0:
+            mix = -torch.exp(-h) * x0u
+        else:
+            r = (t + torch.log(s[i - 1])) / h
+            mix = -torch.exp(-h) * x0u - torch.expm1(-h) * (1 / (2 * r)) * (x0 - old_x0u)
+        x = x0 + mix + torch.exp(-h) * x
+        old_x0u = x0u
     return x
 
 
@@ -324,7 +364,24 @@ def _er_sde(denoise, x, s, noise):
 REFERENCES = {"ipndm": _ipndm, "ipndm_v": _ipndm_v, "gradient_estimation": _gradient_estimation,
               "comfy_deis": _deis, "res_multistep": _res_multistep,
               "res_multistep_a": lambda *a: _res_multistep(*a, eta=1.0), "ddpm": _ddpm,
-              "er_sde": _er_sde}
+              "er_sde": _er_sde, "cfgpp_euler": _euler_cfg_pp,
+              "cfgpp_euler_a": lambda *a: _euler_cfg_pp(*a, eta=1.0),
+              "cfgpp_dpmpp_2m": _dpmpp_2m_cfg_pp,
+              "cfgpp_res_multistep": lambda *a: _res_multistep(*a, cfg_pp=True),
+              "cfgpp_res_multistep_a": lambda *a: _res_multistep(*a, eta=1.0, cfg_pp=True)}
+
+
+class GuidedModel:
+    """A stand-in for the guided UNet of the CFG++ samplers: two stand-in UNets, the guided
+    output and the unconditional half's (``uncond=True`` returns both)."""
+
+    def __init__(self):
+        self.guided, self.negative = LinearModel(seed=0), LinearModel(seed=1)
+        self.calls = self.guided.calls
+
+    def __call__(self, x, t, uncond=False):
+        out = self.guided(x, t)
+        return (out, self.negative(x, t)) if uncond else out
 
 
 def _comfy_loop(family, model, x, sched, noise):
@@ -332,11 +389,14 @@ def _comfy_loop(family, model, x, sched, noise):
     s = sched.sigmas.double()
     kind = sched.config.prediction_type
 
-    def denoise(x, i):
+    def denoise(x, i, uncond=False):
         c_in = 1 / (s[i] ** 2 + 1) ** 0.5
-        out = model((x * c_in).float(), sched.timesteps[i]).double()
-        return (x - s[i] * out if kind == "epsilon" else
-                out * (-s[i] * c_in) + x * c_in ** 2)  # v_prediction
+        outs = model((x * c_in).float(), sched.timesteps[i], **({"uncond": True} if uncond
+                                                                 else {}))
+        x0s = [(x - s[i] * out.double() if kind == "epsilon" else
+                out.double() * (-s[i] * c_in) + x * c_in ** 2)  # v_prediction
+               for out in (outs if uncond else (outs,))]
+        return tuple(x0s) if uncond else x0s[0]
     return REFERENCES[family](denoise, x.double(), s, None if noise is None else noise.double())
 
 
@@ -346,7 +406,10 @@ def _comfy_loop(family, model, x, sched, noise):
                                      "gradient_estimation_sgm_uniform", "comfy_deis",
                                      "comfy_deis_karras", "res_multistep", "res_multistep_karras",
                                      "res_multistep_a", "res_multistep_a_exponential", "ddpm",
-                                     "ddpm_karras", "er_sde", "er_sde_karras", "er_sde_normal"])
+                                     "ddpm_karras", "er_sde", "er_sde_karras", "er_sde_normal",
+                                     "cfgpp_euler", "cfgpp_euler_a_karras", "cfgpp_dpmpp_2m",
+                                     "cfgpp_dpmpp_2m_karras", "cfgpp_res_multistep_simple",
+                                     "cfgpp_res_multistep_a"])
 @pytest.mark.parametrize("config", ["sd15", "sd21"])
 def test_matches_comfyuis_loops(sampler, steps, strength, config):
     from sdrt.engine.request import split_sampler
@@ -361,8 +424,9 @@ def test_matches_comfyuis_loops(sampler, steps, strength, config):
     if sched.noise_draws:
         g = torch.Generator().manual_seed(steps)
         draws = torch.randn((sched.noise_draws, *x.shape), generator=g)
-    theirs = _comfy_loop(family, LinearModel(), x, sched, draws)
-    model = LinearModel()
+    stand_in = GuidedModel if sampler.startswith("cfgpp_") else LinearModel
+    theirs = _comfy_loop(family, stand_in(), x, sched, draws)
+    model = stand_in()
     ours = torch.full_like(noise, math.nan)
     ours.copy_(sample(sampler, model, x, sched, noise=draws))
     assert len(model.calls) == len(sched.timesteps)
@@ -371,14 +435,16 @@ def test_matches_comfyuis_loops(sampler, steps, strength, config):
     assert err <= 1e-5 * scale, f"{sampler}, {steps} steps: max abs diff {err:.3g}"
 
 
-@pytest.mark.parametrize("sampler", ["res_multistep_a", "ddpm", "er_sde"])
+@pytest.mark.parametrize("sampler", ["res_multistep_a", "ddpm", "er_sde", "cfgpp_euler_a",
+                                     "cfgpp_res_multistep_a"])
 def test_stochastic_ones_draw_noise_from_the_generator(sampler):
     # Two generators seeded alike give one picture, another seed another: the noise is drawn
     # (and each step's weighs in).
     cfg = SchedulerConfig.from_dict(CONFIGS["sd15"])
     sched = make_schedule(cfg, sampler, 6)
     x = sched.noise_latents(_latents(1))
-    a, b, c = (sample(sampler, LinearModel(), x, sched, generator=torch.Generator().manual_seed(s))
+    model = GuidedModel()
+    a, b, c = (sample(sampler, model, x, sched, generator=torch.Generator().manual_seed(s))
                for s in (7, 7, 8))
     assert torch.equal(a, b)
     assert (a - c).abs().max() > 1e-3

@@ -172,6 +172,13 @@ def lcm_model(tmp_path_factory):
     return folder, ref, Pipeline.from_pretrained(folder, device="cpu")
 
 
+def test_cfg_pp_sampler_is_refused(lcm_model):
+    # A guidance-distilled UNet runs no unconditional pass for a CFG++ sampler to step along.
+    with pytest.raises(SdrtError, match="cfgpp_euler \\(CFG\\+\\+\\) needs the unconditional "
+                       "pass, which this guidance-distilled UNet"):
+        lcm_model[2]("a fox", height=32, width=32, num_inference_steps=2, sampler="cfgpp_euler")
+
+
 def test_unet_with_timestep_cond_matches_diffusers(lcm_model):
     _, ref, ours = lcm_model
     g = torch.Generator().manual_seed(0)

@@ -83,7 +83,10 @@ BAD = [
                        "ipndm_v_karras, gradient_estimation, gradient_estimation_karras, "
                        "comfy_deis, comfy_deis_karras, res_multistep, res_multistep_karras, "
                        "res_multistep_a, res_multistep_a_karras, ddpm, ddpm_karras, er_sde, "
-                       "er_sde_karras, or X_S for X one "
+                       "er_sde_karras, cfgpp_euler, cfgpp_euler_karras, cfgpp_euler_a, "
+                       "cfgpp_euler_a_karras, cfgpp_dpmpp_2m, cfgpp_dpmpp_2m_karras, "
+                       "cfgpp_res_multistep, cfgpp_res_multistep_karras, cfgpp_res_multistep_a, "
+                       "cfgpp_res_multistep_a_karras, or X_S for X one "
                        "of euler, .* and S one "
                        "of exponential, .*, got 'dpm_fast'"),
     ("sampler", 3, "one of ddim, .*, got 3"),

@@ -158,12 +158,14 @@ def test_euler_along_a_schedule_matches_diffusers_euler_along_its_sigmas(schedul
 
 def _perfect_denoiser(x0, train):
     """A model that knows the clean latents: the noise that takes x0 to its input at the
-    level of its timestep (``log_interp``, the inverse of the schedules' timesteps)."""
-    def model(x, t):
+    level of its timestep (``log_interp``, the inverse of the schedules' timesteps). For a
+    CFG++ sampler its unconditional prediction is the same."""
+    def model(x, t, uncond=False):
         s = torch.from_numpy(log_interp(t.double().numpy().reshape(-1), train))
         s = s.reshape(-1, 1, 1, 1)
         alpha = 1 / (s**2 + 1) ** 0.5
-        return ((x.double() - alpha * x0) / (s * alpha)).to(x.dtype)
+        out = ((x.double() - alpha * x0) / (s * alpha)).to(x.dtype)
+        return (out, out) if uncond else out
     return model
 
 
