@@ -76,7 +76,8 @@ _SAMPLER_NAMES = {"euler": "euler", "euler_ancestral": "euler_a", "heun": "heun"
                   "ddpm": "ddpm", "er_sde": "er_sde", "euler_cfg_pp": "cfgpp_euler",
                   "euler_ancestral_cfg_pp": "cfgpp_euler_a", "dpmpp_2m_cfg_pp": "cfgpp_dpmpp_2m",
                   "res_multistep_cfg_pp": "cfgpp_res_multistep",
-                  "res_multistep_ancestral_cfg_pp": "cfgpp_res_multistep_a", "lcm": "lcm"}
+                  "res_multistep_ancestral_cfg_pp": "cfgpp_res_multistep_a",
+                  "gradient_estimation_cfg_pp": "cfgpp_gradient_estimation", "lcm": "lcm"}
 # ComfyUI's scheduler → sdrt's sigma schedule
 _SCHEDULES = {"exponential": "exponential", "normal": "normal", "simple": "simple",
               "sgm_uniform": "sgm_uniform", "ddim_uniform": "ddim_uniform", "beta": "comfy_beta",

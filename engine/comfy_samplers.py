@@ -15,7 +15,8 @@ float64, and a captured CUDA graph replays the steps without a host decision:
   ``res_multistep_a`` (ComfyUI's ``res_multistep_ancestral``), ``ddpm``, ``er_sde``, and
   the CFG++ samplers (Chung et al. 2024, as ComfyUI's ``*_cfg_pp``: the step renoises along
   the unconditional prediction) ``cfgpp_euler``, ``cfgpp_euler_a``, ``cfgpp_dpmpp_2m``,
-  ``cfgpp_res_multistep`` and ``cfgpp_res_multistep_a``.
+  ``cfgpp_res_multistep``, ``cfgpp_res_multistep_a`` and ``cfgpp_gradient_estimation``
+  (whose history is of the unconditional slope (x - x0u) / sigma instead).
 
 Steps count from the run's first (an image-to-image run starts part way down the levels), as
 ComfyUI counts the sigmas it is handed; a step to sigma 0 lands on the clean latents.
@@ -194,6 +195,16 @@ def cfgpp_euler(sigmas, start, eta=0.0):
     return _x0_table(sigmas, start, row)
 
 
+def cfgpp_gradient_estimation(sigmas, start, gamma=GRADIENT_ESTIMATION_GAMMA):
+    """ComfyUI's gradient_estimation_cfg_pp: from the guided x0 along the unconditional
+    slope d = (x - x0u) / sigma, plus gamma - 1 times its change since the step before, times
+    the step (its history holds that slope: ``SLOPE_HISTORY``)."""
+    def row(s, g, j):
+        r, extra = s[g + 1] / s[g], 0 if j == 0 else (gamma - 1) * (s[g + 1] - s[g])
+        return (r + extra / s[g], 1, -r - extra / s[g], -extra, 0, 0)
+    return _x0_table(sigmas, start, row)
+
+
 def cfgpp_dpmpp_2m(sigmas, start):
     """ComfyUI's dpmpp_2m_cfg_pp: DPM-Solver++(2M) with the guided x0 as the step's target
     and the unconditional x0u where the latents' own noise is taken out, the second-order
@@ -271,9 +282,12 @@ X0_WEIGHTS = {"res_multistep": res_multistep,
               "cfgpp_euler": cfgpp_euler,
               "cfgpp_euler_a": lambda sigmas, start: cfgpp_euler(sigmas, start, eta=1.0),
               "cfgpp_dpmpp_2m": cfgpp_dpmpp_2m,
+              "cfgpp_gradient_estimation": cfgpp_gradient_estimation,
               "cfgpp_res_multistep": lambda sigmas, start: res_multistep(sigmas, start,
                                                                          cfg_pp=True),
               "cfgpp_res_multistep_a": lambda sigmas, start: res_multistep(sigmas, start, 1.0,
                                                                            cfg_pp=True)}
+# The CFG++ one whose history is of the unconditional slope rather than x0u
+SLOPE_HISTORY = ("cfgpp_gradient_estimation",)
 # The ones that draw fresh noise each step
 NOISY = ("res_multistep_a", "ddpm", "er_sde", "cfgpp_euler_a", "cfgpp_res_multistep_a")

@@ -95,6 +95,8 @@ SAMPLER_LABELS = {
     "cfgpp_res_multistep_karras": "Res Multistep CFG++ Karras",
     "cfgpp_res_multistep_a": "Res Multistep Ancestral CFG++",
     "cfgpp_res_multistep_a_karras": "Res Multistep Ancestral CFG++ Karras",
+    "cfgpp_gradient_estimation": "Gradient Estimation CFG++",
+    "cfgpp_gradient_estimation_karras": "Gradient Estimation CFG++ Karras",
 }
 assert set(SAMPLER_LABELS) == set(SAMPLER_NAMES)
 # Other names A1111 (and its API clients) use for the same samplers: its k-diffusion aliases.
@@ -142,7 +144,8 @@ SAMPLER_ALIASES = {
     **{name: () for base in ("ipndm", "ipndm_v", "gradient_estimation", "comfy_deis",
                              "res_multistep", "res_multistep_a", "ddpm", "er_sde",
                              "cfgpp_euler", "cfgpp_euler_a", "cfgpp_dpmpp_2m",
-                             "cfgpp_res_multistep", "cfgpp_res_multistep_a")
+                             "cfgpp_res_multistep", "cfgpp_res_multistep_a",
+                             "cfgpp_gradient_estimation")
        for name in (base, f"{base}_karras")},
 }
 assert set(SAMPLER_ALIASES) == set(SAMPLER_NAMES)

@@ -40,7 +40,8 @@ SAMPLER_NAMES = ("ddim", "pndm", "euler", "euler_karras", "euler_a", "euler_a_ka
                  "cfgpp_euler", "cfgpp_euler_karras", "cfgpp_euler_a", "cfgpp_euler_a_karras",
                  "cfgpp_dpmpp_2m", "cfgpp_dpmpp_2m_karras", "cfgpp_res_multistep",
                  "cfgpp_res_multistep_karras", "cfgpp_res_multistep_a",
-                 "cfgpp_res_multistep_a_karras")
+                 "cfgpp_res_multistep_a_karras", "cfgpp_gradient_estimation",
+                 "cfgpp_gradient_estimation_karras")
 # Sigma schedules beyond each sampler's own (its diffusers scheduler's spacing, or the Karras
 # and exponential variants above), built by ``sigma_schedules``: A1111's schedule types and
 # ComfyUI's schedulers, by ComfyUI's names (where the two differ, ComfyUI's is "comfy_X").
@@ -57,7 +58,7 @@ SIGMA_SAMPLERS = ("euler", "euler_a", "heun", "dpm2", "dpm2_a", "dpmpp_2s_a", "d
                   "deis", "restart", "uni_pc", "uni_pc_bh2", "ipndm", "ipndm_v",
                   "gradient_estimation", "comfy_deis", "res_multistep", "res_multistep_a", "ddpm",
                   "er_sde", "cfgpp_euler", "cfgpp_euler_a", "cfgpp_dpmpp_2m", "cfgpp_res_multistep",
-                  "cfgpp_res_multistep_a")
+                  "cfgpp_res_multistep_a", "cfgpp_gradient_estimation")
 # The CFG++ samplers (Chung et al. 2024, ComfyUI's *_cfg_pp): each step also reads the
 # unconditional prediction, so they run the unconditional pass whatever the guidance scale
 # (ComfyUI's cfg 1 too), the scale as given (below 1 too).

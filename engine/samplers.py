@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from .comfy_samplers import NOISY, SLOPE_WEIGHTS, X0_WEIGHTS
+from .comfy_samplers import NOISY, SLOPE_HISTORY, SLOPE_WEIGHTS, X0_WEIGHTS
 from .errors import SdrtError
 from .request import CFG_PP_PREFIX, split_sampler
 from .schedules import (EDM_CLASSES, EXPONENTIAL, KARRAS_OFF, KARRAS_SAMPLERS, SAMPLER_CLASSES,
@@ -352,17 +352,19 @@ def sample_x0_multistep(model, x, sched: Schedule, generator=None, noise=None, s
     (cfgpp_*): each step's latents are a weighed sum of the latents, the clean latents
     predicted at this step (guided, and for CFG++ the unconditional half's too), two earlier
     steps' clean latents (the unconditional ones for CFG++), and for the stochastic ones fresh
-    unit noise, with the step's weights from ``Schedule.coefficients`` (``comfy_samplers``).
+    unit noise, with the step's weights from ``Schedule.coefficients`` (``comfy_samplers``;
+    cfgpp_gradient_estimation* keeps the unconditional slope instead).
     The noise is drawn from ``generator``, or taken from ``noise`` (N, *x.shape), as
     euler_a's."""
     cfg_pp = sched.sampler.startswith(CFG_PP_PREFIX)
+    slopes = split_sampler(sched.sampler)[0].removesuffix("_karras") in SLOPE_HISTORY
     h1 = h2 = torch.zeros_like(x)  # (weighed 0 until there are steps before)
     for i, t in enumerate(sched.timesteps):
         c = sched.coefficients[i]
         if cfg_pp:
             x0, x0u = _denoised(model, x, t, sched.sigmas[i], sched, uncond=True)
             x_next = c[0] * x + c[1] * x0 + c[2] * x0u + c[3] * h1 + c[4] * h2
-            h1, h2 = x0u, h1
+            h1, h2 = ((x - x0u) / sched.sigmas[i] if slopes else x0u), h1
         else:
             x0 = _denoised(model, x, t, sched.sigmas[i], sched)
             x_next = c[0] * x + c[1] * x0 + c[3] * h1 + c[4] * h2

@@ -7,9 +7,9 @@ orders winding down at the end, along the scheduler's sigmas with the last level
 by 0.001 and the result divided by that level's alpha. The samplers on Euler's levels
 (ipndm, ipndm_v, gradient_estimation, deis, res_multistep, res_multistep_ancestral, ddpm,
 er_sde, and the CFG++ ones euler_cfg_pp, euler_ancestral_cfg_pp, dpmpp_2m_cfg_pp,
-res_multistep_cfg_pp, res_multistep_ancestral_cfg_pp on a stand-in with an unconditional
-half): each loop as ComfyUI's k_diffusion/sampling.py steps it, in sigmas, the steps counted
-from the run's first.
+res_multistep_cfg_pp, res_multistep_ancestral_cfg_pp, gradient_estimation_cfg_pp on a
+stand-in with an unconditional half): each loop as ComfyUI's k_diffusion/sampling.py steps
+it, in sigmas, the steps counted from the run's first.
 Both sides run the same stand-in model from the same latents (and, for the stochastic ones,
 the same unit noise); the references in float64."""
 import math
@@ -179,16 +179,16 @@ def _ipndm_v(denoise, x, s, noise):
     return x
 
 
-def _gradient_estimation(denoise, x, s, noise, gamma=2.0):
+def _gradient_estimation(denoise, x, s, noise, gamma=2.0, cfg_pp=False):
     old_d = None
     for i in range(len(s) - 1):
-        x0 = denoise(x, i)
-        d = (x - x0) / s[i]
+        x0, x0u = denoise(x, i, uncond=True) if cfg_pp else (denoise(x, i), None)
+        d = (x - (x0u if cfg_pp else x0)) / s[i]
         dt = s[i + 1] - s[i]
         if s[i + 1] == 0:
             x = x0
         else:
-            x = x + d * dt
+            x = x0 + d * s[i + 1] if cfg_pp else x + d * dt
             if i >= 1:
                 x = x + (gamma - 1) * (d - old_d) * dt
         old_d = d
@@ -368,7 +368,8 @@ REFERENCES = {"ipndm": _ipndm, "ipndm_v": _ipndm_v, "gradient_estimation": _grad
               "cfgpp_euler_a": lambda *a: _euler_cfg_pp(*a, eta=1.0),
               "cfgpp_dpmpp_2m": _dpmpp_2m_cfg_pp,
               "cfgpp_res_multistep": lambda *a: _res_multistep(*a, cfg_pp=True),
-              "cfgpp_res_multistep_a": lambda *a: _res_multistep(*a, eta=1.0, cfg_pp=True)}
+              "cfgpp_res_multistep_a": lambda *a: _res_multistep(*a, eta=1.0, cfg_pp=True),
+              "cfgpp_gradient_estimation": lambda *a: _gradient_estimation(*a, cfg_pp=True)}
 
 
 class GuidedModel:
@@ -409,7 +410,8 @@ def _comfy_loop(family, model, x, sched, noise):
                                      "ddpm_karras", "er_sde", "er_sde_karras", "er_sde_normal",
                                      "cfgpp_euler", "cfgpp_euler_a_karras", "cfgpp_dpmpp_2m",
                                      "cfgpp_dpmpp_2m_karras", "cfgpp_res_multistep_simple",
-                                     "cfgpp_res_multistep_a"])
+                                     "cfgpp_res_multistep_a", "cfgpp_gradient_estimation",
+                                     "cfgpp_gradient_estimation_beta"])
 @pytest.mark.parametrize("config", ["sd15", "sd21"])
 def test_matches_comfyuis_loops(sampler, steps, strength, config):
     from sdrt.engine.request import split_sampler

@@ -86,7 +86,8 @@ BAD = [
                        "er_sde_karras, cfgpp_euler, cfgpp_euler_karras, cfgpp_euler_a, "
                        "cfgpp_euler_a_karras, cfgpp_dpmpp_2m, cfgpp_dpmpp_2m_karras, "
                        "cfgpp_res_multistep, cfgpp_res_multistep_karras, cfgpp_res_multistep_a, "
-                       "cfgpp_res_multistep_a_karras, or X_S for X one "
+                       "cfgpp_res_multistep_a_karras, cfgpp_gradient_estimation, "
+                       "cfgpp_gradient_estimation_karras, or X_S for X one "
                        "of euler, .* and S one "
                        "of exponential, .*, got 'dpm_fast'"),
     ("sampler", 3, "one of ddim, .*, got 3"),

@@ -660,7 +660,8 @@ def test_from_file(tmp_path):
                         "cfgpp_euler_karras", "cfgpp_euler_a", "cfgpp_euler_a_karras",
                         "cfgpp_dpmpp_2m", "cfgpp_dpmpp_2m_karras", "cfgpp_res_multistep",
                         "cfgpp_res_multistep_karras", "cfgpp_res_multistep_a",
-                        "cfgpp_res_multistep_a_karras")
+                        "cfgpp_res_multistep_a_karras", "cfgpp_gradient_estimation",
+                        "cfgpp_gradient_estimation_karras")
 
 
 @pytest.mark.parametrize("content,match", [
