@@ -28,22 +28,12 @@ def from_workflow(a, units, where):
     --control-image of its image's file name (or the one given, for one node); its start and
     end, unless --control-start/--control-end are given; its preprocessor node's module and
     settings, unless --control-module is."""
-    nets = {file_stem(path): path for path, _ in a.controlnet}
-    images = {os.path.basename(p): p for p in a.control_image}
-    chosen, pictures = [], []
-    for unit in units:
-        if file_stem(unit.name) not in nets:
-            raise SdrtError(f"{where} applies ControlNet {unit.name!r}: pass --controlnet "
-                            f"PATH/{file_stem(unit.name)}.safetensors (or its folder)")
-        picture = images.get(os.path.basename(unit.image))
-        if picture is None and len(units) == len(a.control_image) == 1:
-            picture = a.control_image[0]
-        if picture is None:
-            raise SdrtError(f"{where} conditions a ControlNet on image {unit.image!r}: pass "
-                            f"--control-image PATH/{os.path.basename(unit.image)}")
-        chosen.append((nets[file_stem(unit.name)], unit.strength))
-        pictures.append(picture)
-    a.controlnet, a.control_image = chosen, pictures
+    a.controlnet, a.control_image = _given_files(
+        [(unit.name, unit.image, unit.strength) for unit in units], a.controlnet, a.control_image,
+        lambda name: f"{where} applies ControlNet {name!r}: pass --controlnet "
+                     f"PATH/{file_stem(name)}.safetensors (or its folder)",
+        lambda image: f"{where} conditions a ControlNet on image {image!r}: pass "
+                      f"--control-image PATH/{os.path.basename(image)}")
     for option, attr in (("control_start", "start"), ("control_end", "end")):
         if option not in a.given:
             setattr(a, option, [getattr(unit, attr) for unit in units])
@@ -55,6 +45,56 @@ def from_workflow(a, units, where):
             if option not in a.given:
                 setattr(a, option, [u.preprocessor[k] if u.preprocessor else None
                                     for u in units])
+
+
+def _given_files(nodes, models, images, no_model, no_image):
+    """A workflow's nodes, (model file name, image file name, weight) each, as options: the
+    given (model path, weight) and image path of each, matched by file name (for one node,
+    the one image given will do); ``SdrtError(no_model(name))`` or ``no_image(name)`` for one
+    not given."""
+    by_stem = {file_stem(path): path for path, _ in models}
+    by_name = {os.path.basename(p): p for p in images}
+    chosen, pictures = [], []
+    for name, image, weight in nodes:
+        if file_stem(name) not in by_stem:
+            raise SdrtError(no_model(name))
+        picture = by_name.get(os.path.basename(image))
+        if picture is None and len(nodes) == len(images) == 1:
+            picture = images[0]
+        if picture is None:
+            raise SdrtError(no_image(image))
+        chosen.append((by_stem[file_stem(name)], weight))
+        pictures.append(picture)
+    return chosen, pictures
+
+
+def ip_from_workflow(a, prompts, where):
+    """A ComfyUI workflow's IPAdapterAdvanced nodes (``comfy.ImagePrompt``) as the options:
+    each IP-Adapter the --ip-adapter of its file name at the node's weight, its reference the
+    --ip-adapter-image of its LoadImage's file name (or the one given, for one node), read by
+    --image-encoder (one for every node: its file name must be the CLIPVisionLoader's), from
+    and to the node's start_at and end_at unless --ip-adapter-start/--ip-adapter-end are
+    given; ``a.ip_adapter_prep`` says how each image is prepared (``comfy.clip_vision_image``).
+    """
+    if a.ip_adapter_mask:
+        raise SdrtError(f"{where} applies IP-Adapters without masks: drop --ip-adapter-mask")
+    encoders = sorted({p.encoder for p in prompts})
+    if len(encoders) > 1:
+        raise SdrtError(f"{where} reads its IP-Adapters' images with {' and '.join(encoders)}; "
+                        f"sdrt generate takes one --image-encoder")
+    if a.image_encoder is None or file_stem(a.image_encoder) != file_stem(encoders[0]):
+        raise SdrtError(f"{where} reads its IP-Adapters' images with {encoders[0]!r}: pass "
+                        f"--image-encoder PATH/{os.path.basename(encoders[0])}")
+    a.ip_adapter, a.ip_adapter_image = _given_files(
+        [(p.adapter, p.image, p.weight) for p in prompts], a.ip_adapter, a.ip_adapter_image,
+        lambda name: f"{where} applies IP-Adapter {name!r}: pass --ip-adapter "
+                     f"PATH/{os.path.basename(name)}",
+        lambda image: f"{where} gives an IP-Adapter image {image!r}: pass "
+                      f"--ip-adapter-image PATH/{os.path.basename(image)}")
+    a.ip_adapter_prep = [prompt.prep for prompt in prompts]
+    for option, attr in (("ip_adapter_start", "start"), ("ip_adapter_end", "end")):
+        if option not in a.given:
+            setattr(a, option, [getattr(prompt, attr) for prompt in prompts])
 
 
 def _unit_model(unit):
@@ -332,12 +372,13 @@ def ip_infotext(a, identities, widths, first):
     """(("ControlNet N", text), ...) of the --ip-adapter units, numbered from ``first``, as
     the extension records an IP-Adapter unit; ``identities`` the (name, short hash) of each,
     ``widths`` the hidden size of the encoder each reads (which names the module)."""
+    n = len(a.ip_adapter)
+    per = lambda v: v if isinstance(v, list) else [v] * n  # noqa: E731 (a workflow's: per node)
     return tuple((f"ControlNet {first + i}", controlnet_unit(
-        f"{name} [{short[:8]}]" if short else name, weight, "crop", a.ip_adapter_start,
-        a.ip_adapter_end, processor=(_IP_MODULES.get(width, "ip-adapter-auto"), None, None,
-                                     None, False)))
-        for i, ((_, weight), (name, short), width) in enumerate(zip(a.ip_adapter, identities,
-                                                                     widths)))
+        f"{name} [{short[:8]}]" if short else name, weight, "crop", start, end,
+        processor=(_IP_MODULES.get(width, "ip-adapter-auto"), None, None, None, False)))
+        for i, ((_, weight), (name, short), width, start, end) in enumerate(zip(
+            a.ip_adapter, identities, widths, per(a.ip_adapter_start), per(a.ip_adapter_end))))
 
 
 def infotext(a, identities):

@@ -279,13 +279,22 @@ def _reference_images(a):
         if not os.path.exists(path):
             raise SdrtError(f"{'--image-encoder' if path == a.image_encoder else '--ip-adapter'} "
                             f"{path}: no such file or folder")
-    if not 0 <= a.ip_adapter_start < a.ip_adapter_end <= 1:
-        raise SdrtError(f"--ip-adapter-start and --ip-adapter-end must satisfy 0 <= start < "
-                        f"end <= 1, got {a.ip_adapter_start:g} and {a.ip_adapter_end:g}")
+    per = lambda v: v if isinstance(v, list) else [v]  # noqa: E731 (a workflow's: per node)
+    for start, end in zip(per(a.ip_adapter_start), per(a.ip_adapter_end)):
+        if not 0 <= start < end <= 1:
+            raise SdrtError(f"--ip-adapter-start and --ip-adapter-end must satisfy 0 <= start < "
+                            f"end <= 1, got {start:g} and {end:g}")
     from .images import mask_to_float, read_image
     masks = [None if path == "none" else mask_to_float(read_image(path, "ip-adapter mask"))
              for path in a.ip_adapter_mask]
-    return [read_image(path, "ip-adapter image") for path in a.ip_adapter_image], masks
+    images = [read_image(path, "ip-adapter image") for path in a.ip_adapter_image]
+    preps = getattr(a, "ip_adapter_prep", None)
+    if preps is not None:  # a workflow's: each image as its IPAdapterAdvanced node prepares it
+        from .clip_vision import encoder_config
+        from .comfy import clip_vision_image
+        size = encoder_config(a.image_encoder).image_size
+        images = [clip_vision_image(im, size, prep) for im, prep in zip(images, preps)]
+    return images, masks
 
 
 def _load_ip_adapters(a, pipe, references):
@@ -641,6 +650,8 @@ def _apply_workflow(a):
         a.lora[given[stem]] = (a.lora[given[stem]][0], strength)
     if flow.controlnets:
         cli_control.from_workflow(a, flow.controlnets, where)
+    if flow.ip_adapters:
+        cli_control.ip_from_workflow(a, flow.ip_adapters, where)
     if flow.hires is not None and not {"hr_scale", "hr_resize"} & a.given:
         h = flow.hires
         if h.resize_x or h.resize_y:

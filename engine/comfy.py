@@ -14,7 +14,11 @@ image, sdrt's image to image keeping those steps), whose model, prompts and late
   by a model first (below);
 - CheckpointLoaderSimple (the model; its VAE decodes, or a VAELoader's: ``sdrt generate
   --vae``), through any LoraLoader nodes (one strength for the UNet and the text encoder, as
-  sdrt applies a LoRA);
+  sdrt applies a LoRA) and cubiq's IPAdapterAdvanced nodes (``ImagePrompt``: its
+  IPAdapterModelLoader's adapter, CLIPVisionLoader's encoder and LoadImage's reference,
+  perhaps through PrepImageForClipVision, prepared as ``clip_vision_image`` says; settings
+  beyond diffusers' IP-Adapter, ``IPADAPTER_PLAIN``, refused; ``start_at``/``end_at`` counted
+  in steps);
 - CLIPTextEncode nodes (the prompt and negative prompt), their CLIP through
   CLIPSetLastLayer (``stop_at_clip_layer`` -N is sdrt's clip skip N - 1) and the same LoRAs;
 - EmptyLatentImage (size and batch), or VAEEncode of a LoadImage (image to image at the
@@ -100,6 +104,18 @@ IMAGE_UPSCALES = {"lanczos": "Lanczos"}
 _UPSCALES = {"LatentUpscale": LATENT_UPSCALES, "LatentUpscaleBy": LATENT_UPSCALES,
              "ImageScale": IMAGE_UPSCALES, "ImageScaleBy": IMAGE_UPSCALES}
 _APPLY = "ControlNetApplyAdvanced"
+# cubiq's ComfyUI_IPAdapter_plus: the node that applies an IP-Adapter to the sampled model, and
+# the settings that leave it as sdrt runs one (diffusers' IP-Adapter: every layer at the
+# weight, the reference images' tokens joined, the weight on the attention's output); another
+# value is refused by name, as are its optional negative image and attention mask.
+IPADAPTER = "IPAdapterAdvanced"
+IPADAPTER_PLAIN = {"weight_type": "linear", "combine_embeds": "concat",
+                   "embeds_scaling": "V only"}
+# PrepImageForClipVision (between a LoadImage and the IPAdapterAdvanced): PIL's filters, and
+# where the square is cut
+PREP = "PrepImageForClipVision"
+PREP_FILTERS = ("LANCZOS", "BICUBIC", "HAMMING", "BILINEAR", "BOX", "NEAREST")
+PREP_CROPS = ("top", "bottom", "left", "right", "center", "pad")
 # ComfyUI's model upscale: the node that runs a model, the scales that may follow it (with
 # ComfyUI's upscale_method list, each run by engine.upscaler.comfy_scale), and the extensions
 # an UpscaleModelLoader's model_name drops to name the model as --upscaler-dir does (by stem).
@@ -129,6 +145,19 @@ class Control:
     # a preprocessor node's (sdrt's preprocessor, resolution, threshold A, threshold B), as
     # engine.preprocess.settings checks them
     preprocessor: tuple = None
+
+
+@dataclass(frozen=True)
+class ImagePrompt:
+    """An IPAdapterAdvanced node's adapter, encoder, reference image and settings."""
+    adapter: str  # IPAdapterModelLoader's ipadapter_file
+    encoder: str  # CLIPVisionLoader's clip_name
+    image: str  # LoadImage's file name
+    weight: float
+    start: float  # start_at
+    end: float  # end_at
+    # a PrepImageForClipVision node's (interpolation, crop_position, sharpening), or None
+    prep: tuple = None
 
 
 @dataclass(frozen=True)
@@ -188,6 +217,7 @@ class Workflow:
     vae: str = None  # a VAELoader's vae_name, which decodes (and encodes) instead
     # a model upscale between the VAEDecode and the save node: the images upscaled after
     upscale: ModelUpscale = None
+    ip_adapters: list = field(default_factory=list)  # [ImagePrompt], nearest the checkpoint first
 
 
 def load(path):
@@ -255,7 +285,7 @@ def read(graph, upscaler_scale=None) -> Workflow:
         sampler_id = nodes.follow(upscale, "samples", _SAMPLER_NODES)
     kind = nodes.kind(sampler_id)
     pair = _pair(nodes, sampler_id)
-    checkpoint, loras = nodes.model_chain(nodes.link(sampler_id, "model"))
+    checkpoint, loras, prompts = nodes.model_chain(nodes.link(sampler_id, "model"))
     vae = nodes.follow(decode, "vae", ("CheckpointLoaderSimple", "VAELoader"))
     if nodes.kind(vae) == "CheckpointLoaderSimple" and vae != checkpoint:
         raise SdrtError(f"workflow node {decode} (VAEDecode) must decode with the sampled "
@@ -284,7 +314,7 @@ def read(graph, upscaler_scale=None) -> Workflow:
                     sampler=SAMPLERS[pair], clip_skip=skips.pop(),
                     checkpoint=nodes.inputs(checkpoint).get("ckpt_name"), loras=loras,
                     output=outputs[0], sampler_node=sampler_id, controlnets=controls,
-                    upscale=final)
+                    upscale=final, ip_adapters=prompts)
     prefix = nodes.inputs(outputs[0]).get("filename_prefix", "ComfyUI")
     if isinstance(prefix, str) and prefix:
         flow.filename_prefix = prefix
@@ -516,6 +546,119 @@ def _controls(nodes, sampler_id):
     return {side: node for side, (node, _) in links.items()}, controls[::-1]
 
 
+def _image_prompt(nodes, node_id):
+    """An IPAdapterAdvanced node's ``ImagePrompt``, checked."""
+    where = f"workflow node {node_id} ({IPADAPTER})"
+    inputs = nodes.inputs(node_id)
+    for key, plain in IPADAPTER_PLAIN.items():
+        if inputs.get(key, plain) != plain:
+            raise SdrtError(f"{where}: {key} must be {plain!r} (sdrt runs diffusers' "
+                            f"IP-Adapter), got {short_repr(inputs.get(key))}")
+    for key in ("image_negative", "attn_mask"):
+        if inputs.get(key) is not None:
+            raise SdrtError(f"{where}: sdrt does not run an IP-Adapter's {key}; remove it")
+    loader = nodes.follow(node_id, "ipadapter", ("IPAdapterModelLoader",))
+    encoder = nodes.follow(node_id, "clip_vision", ("CLIPVisionLoader",))
+    image = nodes.follow(node_id, "image", ("LoadImage", PREP))
+    prep = None
+    if nodes.kind(image) == PREP:
+        values = nodes.inputs(image)
+        prep = (values.get("interpolation", "LANCZOS"), values.get("crop_position", "center"),
+                _number(nodes, image, "sharpening", float, default=0.0))
+        for key, value, allowed in (("interpolation", prep[0], PREP_FILTERS),
+                                    ("crop_position", prep[1], PREP_CROPS)):
+            if value not in allowed:
+                raise SdrtError(f"workflow node {image} ({PREP}): {key} must be one of "
+                                f"{', '.join(allowed)}, got {short_repr(value)}")
+        if not 0 <= prep[2] <= 1:
+            raise SdrtError(f"workflow node {image} ({PREP}): sharpening must be in [0, 1], "
+                            f"got {prep[2]:g}")
+        image = nodes.follow(image, "image", ("LoadImage",))
+    files = {}
+    for node, key in ((loader, "ipadapter_file"), (encoder, "clip_name"), (image, "image")):
+        files[key] = nodes.inputs(node).get(key)
+        if not isinstance(files[key], str) or not files[key]:
+            raise SdrtError(f"workflow node {node} ({nodes.kind(node)}): {key} must be a file "
+                            f"name, got {short_repr(files[key])}")
+    prompt = ImagePrompt(files["ipadapter_file"], files["clip_name"], files["image"],
+                         _number(nodes, node_id, "weight", float, default=1.0),
+                         _number(nodes, node_id, "start_at", float, default=0.0),
+                         _number(nodes, node_id, "end_at", float, default=1.0), prep)
+    if not 0 <= prompt.start < prompt.end <= 1:
+        raise SdrtError(f"{where}: start_at and end_at must satisfy 0 <= start < end <= 1, "
+                        f"got {prompt.start:g} and {prompt.end:g}")
+    return prompt
+
+
+def clip_vision_image(image, size, prep=None):
+    """A reference image (PIL) as cubiq's IPAdapterAdvanced hands it to the CLIP image encoder
+    of input ``size`` (224 for the real ones): ``prep`` (a PrepImageForClipVision's
+    (interpolation, crop_position, sharpening), or None) first, then ComfyUI's
+    ``clip_preprocess``: the shorter side to ``size`` (torch's antialiased bicubic), the
+    centre cut (the offsets floored), rounded to 8 bits. A ``size`` × ``size`` RGB image, which
+    the encoder's own preprocessing then takes as it is."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from .images import to_rgb8
+    x = torch.from_numpy(np.array(to_rgb8(image), np.float32) / 255).permute(2, 0, 1)[None]
+    if prep is not None:
+        x = _prep_for_clip_vision(x, size, *prep)
+    if x.shape[2:] != (size, size):
+        scale = size / min(x.shape[2:])
+        x = torch.nn.functional.interpolate(x, size=(round(scale * x.shape[2]),
+                                                     round(scale * x.shape[3])),
+                                            mode="bicubic", antialias=True)
+        top, left = (x.shape[2] - size) // 2, (x.shape[3] - size) // 2
+        x = x[:, :, top:top + size, left:left + size]
+    pixels = torch.clip(255 * x, 0, 255).round().to(torch.uint8)
+    return Image.fromarray(pixels[0].permute(1, 2, 0).numpy())
+
+
+def _prep_for_clip_vision(x, size, interpolation, crop, sharpening):
+    """PrepImageForClipVision on (1, 3, H, W) float32 in [0, 1]: the square cut at ``crop``
+    (or the image padded with black to a square: "pad"), PIL's ``interpolation`` to ``size``
+    (through 8 bits, as torchvision's ToPILImage truncates), then AMD's contrast-adaptive
+    sharpening by ``sharpening``."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    h, w = x.shape[2:]
+    if crop == "pad":
+        if h != w:
+            pad = abs(h - w) // 2
+            x = torch.nn.functional.pad(x, (pad, pad, 0, 0) if h > w else (0, 0, pad, pad))
+    else:
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        top = {"top": 0, "bottom": h - side}.get(crop, top)
+        left = {"left": 0, "right": w - side}.get(crop, left)
+        x = x[:, :, top:top + side, left:left + side]
+    picture = Image.fromarray((x[0] * 255).to(torch.uint8).permute(1, 2, 0).numpy())
+    picture = picture.resize((size, size), resample=getattr(Image.Resampling, interpolation))
+    x = torch.from_numpy(np.asarray(picture, np.float32) / 255).permute(2, 0, 1)[None]
+    return _sharpen(x, sharpening) if sharpening > 0 else x
+
+
+def _sharpen(x, amount):
+    """Contrast-adaptive sharpening (AMD FidelityFX CAS, as cubiq's nodes run it) of
+    (1, 3, H, W) in [0, 1]: each pixel's cross neighbours pulled by a weight that shrinks
+    where the 3×3 neighbourhood's contrast is high."""
+    import torch
+    p = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    h, w = x.shape[2:]
+    at = lambda dy, dx: p[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]  # noqa: E731
+    cross = torch.stack([at(-1, 0), at(0, -1), at(0, 0), at(0, 1), at(1, 0)])
+    diagonal = torch.stack([at(-1, -1), at(-1, 1), at(1, -1), at(1, 1)])
+    low = cross.min(0)[0].clamp(min=0) + diagonal.min(0)[0].clamp(min=0)
+    high = cross.max(0)[0].clamp(max=1) + diagonal.max(0)[0].clamp(max=1)
+    amp = torch.sqrt(torch.minimum(low, 2 - high) / high)
+    weight = -amp * (amount * (1 / 5 - 1 / 8) + 1 / 8)
+    out = ((at(-1, 0) + at(0, -1) + at(0, 1) + at(1, 0)) * weight + at(0, 0)) / (1 + 4 * weight)
+    return torch.nan_to_num(out).clamp(0, 1)
+
+
 def _preprocessor(nodes, node_id):
     """A preprocessor node's (sdrt's preprocessor name, resolution, threshold A, threshold
     B), checked (``engine.preprocess.settings``)."""
@@ -593,13 +736,22 @@ class _Nodes:
         return node_id, loras[::-1]
 
     def model_chain(self, link):
-        """(checkpoint node, [(lora_name, strength)] in load order) of a MODEL link."""
-        node_id, loras = self.lora_chain(link[0], "model")
+        """(checkpoint node, [(lora_name, strength)] in load order, [ImagePrompt] nearest the
+        checkpoint first) of a MODEL link."""
+        node_id, loras, prompts = link[0], [], []
+        while True:
+            node_id, more = self.lora_chain(node_id, "model")
+            loras = more + loras
+            if self.kind(node_id) != IPADAPTER:
+                break
+            prompts.append(_image_prompt(self, node_id))
+            node_id, _ = self.link(node_id, "model")
         if self.kind(node_id) != "CheckpointLoaderSimple":
             raise SdrtError(f"workflow node {node_id} ({self.kind(node_id)}) is not supported "
-                            f"as the sampled model: sdrt takes CheckpointLoaderSimple and "
-                            f"LoraLoader there")
-        return node_id, loras
+                            f"as the sampled model: sdrt takes CheckpointLoaderSimple, "
+                            f"LoraLoader and {IPADAPTER} (with IPAdapterModelLoader and "
+                            f"CLIPVisionLoader) there")
+        return node_id, loras, prompts[::-1]
 
     def clip_chain(self, link, checkpoint):
         """(clip skip, [(lora_name, strength)]) of a CLIP link that leads to ``checkpoint``."""

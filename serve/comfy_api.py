@@ -24,8 +24,10 @@ clients built on them use it:
 
 The server runs its
 one model (``ckpt_name`` must name it); LoraLoader's files come from ``--lora-dir``,
-ControlNetLoader's from ``--controlnet-dir`` and UpscaleModelLoader's from ``--upscaler-dir``
-(``GET /models/upscale_models``), by file name. A model upscale (ImageUpscaleWithModel, perhaps
+ControlNetLoader's and IPAdapterModelLoader's from ``--controlnet-dir`` (where the A1111 API's
+IP-Adapter units find theirs too), CLIPVisionLoader's from ``--clip-vision-dir`` (``GET
+/models/clip_vision``) and UpscaleModelLoader's from ``--upscaler-dir`` (``GET
+/models/upscale_models``), by file name. A model upscale (ImageUpscaleWithModel, perhaps
 then ImageScale(By)) runs in a hires fix in pixels, in the same job, or on the decoded images
 before they are saved, as a job of its own after theirs (``_FinalUpscale``), the model loaded
 in the worker thread either way (``Runner.upscaler``). History, images and uploads are
@@ -113,7 +115,8 @@ class ComfyJobs:
         return name
 
 
-def _node_specs(server, checkpoints, loras, images, controlnets, vaes, upscalers):
+def _node_specs(server, checkpoints, loras, images, controlnets, vaes, upscalers,
+                encoders=()):
     """ComfyUI's ``/object_info`` entries for the nodes ``engine.comfy`` reads: each node's
     required inputs (a type, or a list of the names it takes, with ComfyUI's bounds) and its
     outputs."""
@@ -193,6 +196,21 @@ def _node_specs(server, checkpoints, loras, images, controlnets, vaes, upscalers
             "start_percent": number("FLOAT", 0.0, 0.0, 1.0, 0.001),
             "end_percent": number("FLOAT", 1.0, 0.0, 1.0, 0.001)},
             ["CONDITIONING", "CONDITIONING"]),
+        # cubiq's IP-Adapter nodes, as sdrt runs them (engine/comfy.py: IPADAPTER_PLAIN)
+        "IPAdapterModelLoader": ("ipadapter", {"ipadapter_file": [controlnets]},
+                                 ["IPADAPTER"]),
+        "CLIPVisionLoader": ("loaders", {"clip_name": [list(encoders)]}, ["CLIP_VISION"]),
+        comfy.IPADAPTER: ("ipadapter", {
+            "model": ["MODEL"], "ipadapter": ["IPADAPTER"], "image": ["IMAGE"],
+            "weight": number("FLOAT", 1.0, -1.0, 5.0, 0.05),
+            **{k: [[v]] for k, v in comfy.IPADAPTER_PLAIN.items()},
+            "start_at": number("FLOAT", 0.0, 0.0, 1.0, 0.001),
+            "end_at": number("FLOAT", 1.0, 0.0, 1.0, 0.001), "clip_vision": ["CLIP_VISION"]},
+            ["MODEL"]),
+        comfy.PREP: ("ipadapter/utils", {
+            "image": ["IMAGE"], "interpolation": [list(comfy.PREP_FILTERS)],
+            "crop_position": [list(comfy.PREP_CROPS)],
+            "sharpening": number("FLOAT", 0.0, 0.0, 1.0, 0.05)}, ["IMAGE"]),
         # (the preprocessors run OpenCV: listed where the control extra is installed)
         **({"CannyEdgePreprocessor": ("ControlNet Preprocessors/Line Extractors", {
             "image": ["IMAGE"], "low_threshold": number("INT", 100, 1, 255, 1),
@@ -292,12 +310,15 @@ def register(app, server_of, api_error):
                 if hires else (req.width, req.height)), bad)
         controls, hints, units = await run_in_threadpool(
             _controls, server, flow, jobs.uploads, req.width, req.height, bad)
+        prompts, pictures, texts = await run_in_threadpool(
+            _image_prompts, server, flow, jobs.uploads, len(units), bad)
         key = BatchKey(req.height, req.width, req.num_inference_steps, req.sampler,
                        req.guidance, req.strength if init is not None else None,
                        req.clip_skip, server.chunks(req), hires=hires, loras=loras,
-                       controls=controls, vae=flow.vae)
+                       controls=controls, vae=flow.vae, image_prompts=prompts)
         rows = [Row(flow.prompt, flow.negative, req.guidance_scale, s, init,
-                    control_images=hints, control_info=units) for s in seeds]
+                    control_images=hints, control_info=units + texts, ip_images=pictures)
+                for s in seeds]
         prompt_id = body.get("prompt_id") or str(uuid.uuid4())
         if not isinstance(prompt_id, str) or prompt_id in jobs.running or \
                 prompt_id in jobs.history:
@@ -394,7 +415,8 @@ def register(app, server_of, api_error):
                            [os.path.basename(runner.lora_path(n)) for n in names],
                            list(jobs.uploads), await run_in_threadpool(_controlnet_files, runner),
                            await run_in_threadpool(runner.vae_names),
-                           await run_in_threadpool(_upscaler_files, runner))
+                           await run_in_threadpool(_upscaler_files, runner),
+                           await run_in_threadpool(_clip_vision_files, runner))
 
     @app.get("/object_info", tags=["ComfyUI"])
     async def object_info(request: Request):
@@ -437,12 +459,24 @@ def register(app, server_of, api_error):
         """--vae-dir's VAEs, as VAELoader's vae_name takes them."""
         return await run_in_threadpool(server_of(request).runner.vae_names)
 
+    @app.get("/models/clip_vision", tags=["ComfyUI"])
+    async def clip_visions(request: Request):
+        """--clip-vision-dir's image encoders, as CLIPVisionLoader's clip_name takes them."""
+        return await run_in_threadpool(_clip_vision_files, server_of(request).runner)
+
     @app.get("/models/controlnet", tags=["ComfyUI"])
     async def controlnets(request: Request):
         """--controlnet-dir's ControlNets, as ControlNetLoader's control_net_name takes them."""
         return await run_in_threadpool(_controlnet_files, server_of(request).runner)
 
     return jobs
+
+
+def _clip_vision_files(runner):
+    """--clip-vision-dir's image encoders by file name (a folder by its name)."""
+    from sdrt.engine.model_files import by_name
+    return [os.path.basename(p) for p in
+            by_name(runner.config.clip_vision_dir, model_folders=True).values()]
 
 
 def _controlnet_files(runner):
@@ -524,6 +558,53 @@ def _controls(server, flow, uploads, width, height, bad):
                 unit.start, unit.end, processor)):
             out.append(value)
     return tuple(controls), tuple(images), tuple(info)
+
+
+def _image_prompts(server, flow, uploads, first, bad):
+    """A workflow's IPAdapterAdvanced nodes → (``BatchKey.image_prompts``, each one's reference
+    picture as the node prepares it for its encoder, the PNG info's units numbered from
+    ``first``). The adapter is a file of --controlnet-dir (where the A1111 API's IP-Adapter
+    units find theirs), the CLIPVisionLoader's model one of --clip-vision-dir."""
+    import hashlib
+
+    from sdrt.engine.clip_vision import encoder_config
+    from sdrt.engine.comfy import IPADAPTER, clip_vision_image
+    from sdrt.engine.infotext import controlnet_unit
+    from sdrt.engine.ip_adapter import encoder_fits, file_config
+    prompts, pictures, texts = [], [], []
+    for i, prompt in enumerate(flow.ip_adapters):
+        name = _stem(prompt.adapter)
+        path = server.runner.controlnet_path(name)
+        if path is None or os.path.isdir(path):
+            raise bad(f"prompt: IPAdapterModelLoader loads {short_repr(prompt.adapter)}, which "
+                      f"--controlnet-dir does not have (GET /models/controlnet)")
+        if name in [p[0] for p in prompts]:
+            raise bad(f"prompt: IP-Adapter {short_repr(prompt.adapter)} is applied twice; sdrt "
+                      f"applies each once")
+        encoder = server.runner.clip_vision_path(_stem(prompt.encoder))
+        if encoder is None:
+            raise bad(f"prompt: CLIPVisionLoader loads {short_repr(prompt.encoder)}, which "
+                      f"--clip-vision-dir does not have (GET /models/clip_vision)")
+        try:
+            config = encoder_config(encoder)
+            if not encoder_fits(file_config(path), config):
+                raise SdrtError(f"IP-Adapter {name!r} does not read what {prompt.encoder!r} "
+                                f"gives")
+        except SdrtError as e:
+            raise bad(f"prompt: {IPADAPTER}: {e}") from None
+        picture = uploads.get(prompt.image)
+        if picture is None:
+            raise bad(f"prompt: workflow loads image {short_repr(prompt.image)}, which was not "
+                      f"uploaded (POST /upload/image first)")
+        picture = clip_vision_image(picture, config.image_size, prompt.prep)
+        digest = hashlib.sha256(picture.tobytes()).hexdigest()
+        prompts.append((name, prompt.weight, prompt.start, prompt.end, encoder, digest, None))
+        pictures.append(picture)
+        short = server.runner.controlnet_hash(name)
+        texts.append((f"ControlNet {first + i}", controlnet_unit(
+            f"{name} [{short}]" if short else name, prompt.weight, "crop", prompt.start,
+            prompt.end, processor=("ip-adapter-auto", None, None, None, False))))
+    return tuple(prompts), tuple(pictures), tuple(texts)
 
 
 def _stem(name):

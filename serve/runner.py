@@ -157,6 +157,11 @@ class Runner:
 
     # -- IP-Adapters from --controlnet-dir, image encoders from --clip-vision-dir -------------
 
+    def clip_vision_path(self, name):
+        """The --clip-vision-dir image encoder called ``name`` (a file's stem, a folder's
+        name), or None."""
+        return by_name(self.config.clip_vision_dir, model_folders=True).get(name)
+
     def ip_encoder(self, adapter_path, prefer=None):
         """The --clip-vision-dir encoder that IP-Adapter ``adapter_path`` reads: the first whose
         output fits it, those named for ``prefer`` ("h": ViT-H, "g": ViT-bigG) first; None if

@@ -136,3 +136,62 @@ def test_bad_units_are_400s(server, assets, unit, field, message):
     error = r.json()["error"]
     assert error["param"] == f"alwayson_scripts.controlnet.args{field}"
     assert message in error["message"]
+
+
+# -- cubiq's IPAdapterAdvanced node through the ComfyUI API ---------------------------------------
+
+def _comfy_graph(url, picture, prep=None, adapter="style.safetensors",
+                 encoder="vision.safetensors"):
+    """The default workflow with one IPAdapterAdvanced node (its image uploaded as ref.png)."""
+    from test_comfy_ip_adapter import with_ip_adapters
+    from test_serve_comfy import _workflow
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    r = httpx.post(f"{url}/upload/image", files={"image": ("ref.png", buffer.getvalue(),
+                                                           "image/png")})
+    unit = (adapter, r.json()["name"], 0.7, 0.0, 0.8, prep)
+    graph = _workflow(url, with_ip_adapters(units=(unit,)))
+    graph["40"]["inputs"]["clip_name"] = encoder
+    return graph
+
+
+def test_comfyui_ipadapter_node_gives_the_library_image(server, assets, ref_pipe):
+    # The reference image as the node and ComfyUI's CLIP preprocessing prepare it, the
+    # node's weight, start and end: the library's image with the same adapter and encoder.
+    from sdrt.engine.comfy import clip_vision_image
+    from test_serve_comfy import _history, _queue, _view
+    root, picture = assets
+    info = httpx.get(f"{server}/object_info/IPAdapterAdvanced").json()["IPAdapterAdvanced"]
+    assert info["input"]["required"]["weight_type"] == [["linear"]]
+    assert "vision.safetensors" in httpx.get(f"{server}/models/clip_vision").json()
+    prep = ("BICUBIC", "left", 0.25)
+    entry = _history(server, _queue(server, _comfy_graph(server, picture, prep))["prompt_id"])
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    png = Image.open(io.BytesIO(_view(server, entry["outputs"]["9"]["images"][0])))
+    ref_pipe.load_ip_adapter(root / "nets" / "style.safetensors",
+                             image_encoder=root / "clip" / "vision.safetensors", name="style")
+    try:
+        want = ref_pipe("beautiful scenery nature glass bottle", negative_prompt="text, watermark",
+                        height=64, width=64, num_inference_steps=2, guidance_scale=7.0,
+                        sampler="euler_a_normal", seed=11,
+                        ip_adapter_image=clip_vision_image(picture, ENCODER["image_size"], prep),
+                        ip_adapter_scale=0.7, ip_adapter_guidance_end=0.8)[0]
+    finally:
+        ref_pipe.unload_ip_adapter()
+    assert_same_image(png, want, "a ComfyUI IPAdapterAdvanced node")
+    assert "ControlNet 0: \"Module: ip-adapter-auto, Model: style [" in png.text["parameters"]
+
+
+@pytest.mark.parametrize("files,message", [
+    ({"adapter": "nothing.safetensors"}, "IPAdapterModelLoader loads 'nothing.safetensors', "
+                                         "which --controlnet-dir does not have"),
+    ({"encoder": "nothing.safetensors"}, "CLIPVisionLoader loads 'nothing.safetensors', which "
+                                         "--clip-vision-dir does not have"),
+    ({"encoder": "clip_g.safetensors"}, "IP-Adapter 'style' does not read what "
+                                        "'clip_g.safetensors' gives"),
+])
+def test_comfyui_ipadapter_bad_files_are_400s(server, assets, files, message):
+    _, picture = assets
+    r = httpx.post(f"{server}/prompt", json={"prompt": _comfy_graph(server, picture, **files)})
+    assert r.status_code == 400, r.text
+    assert message in r.json()["error"]["message"], r.text

@@ -1,0 +1,254 @@
+"""cubiq's ComfyUI_IPAdapter_plus nodes in ComfyUI workflows: IPAdapterAdvanced (with
+IPAdapterModelLoader and CLIPVisionLoader, its image perhaps through PrepImageForClipVision)
+read into sdrt's IP-Adapter settings, what sdrt does not run refused by node and field, the
+reference image prepared as the nodes and ComfyUI's CLIP preprocessing prepare it (against
+their steps written out here), and ``sdrt generate --workflow`` against the same settings
+given as options. The server's ComfyUI API runs them in test_serve_ip_adapter.py."""
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from sdrt.engine import comfy
+from sdrt.engine.errors import SdrtError
+from test_cli import _run, tiny_dir  # noqa: F401  (tiny_dir: the fixture)
+from test_comfy import DEFAULT, _pixels, _small
+from test_ip_adapter import _own_encoder, _picture, _weights
+
+ENCODER_FILE = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+
+
+def with_ip_adapters(graph=DEFAULT, units=(("ip-adapter_sd15.safetensors", "ref.png", 0.8, 0.0,
+                                            1.0, None),), **node):
+    """``graph`` with an IPAdapterAdvanced node per unit (file, image, weight, start, end,
+    PrepImageForClipVision's (interpolation, crop, sharpening) or None) chained between the
+    checkpoint and the KSampler, the first nearest the checkpoint; ``node`` overrides the
+    nodes' inputs."""
+    g = copy.deepcopy(graph)
+    model = g["3"]["inputs"]["model"]
+    g["40"] = {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": ENCODER_FILE}}
+    for i, (name, image, weight, start, end, prep) in enumerate(units):
+        loader, picture, apply, prepared = (str(41 + 4 * i + k) for k in range(4))
+        g[loader] = {"class_type": "IPAdapterModelLoader", "inputs": {"ipadapter_file": name}}
+        g[picture] = {"class_type": "LoadImage", "inputs": {"image": image, "upload": "image"}}
+        source = [picture, 0]
+        if prep is not None:
+            g[prepared] = {"class_type": "PrepImageForClipVision", "inputs": {
+                "image": source, "interpolation": prep[0], "crop_position": prep[1],
+                "sharpening": prep[2]}}
+            source = [prepared, 0]
+        g[apply] = {"class_type": "IPAdapterAdvanced", "inputs": {
+            "model": model, "ipadapter": [loader, 0], "image": source, "clip_vision": ["40", 0],
+            "weight": weight, "weight_type": "linear", "combine_embeds": "concat",
+            "start_at": start, "end_at": end, "embeds_scaling": "V only", **node}}
+        model = [apply, 0]
+    g["3"]["inputs"]["model"] = model
+    return g
+
+
+def test_ipadapter_nodes():
+    units = (("plus.safetensors", "a.png", 0.8, 0.0, 1.0, ("LANCZOS", "top", 0.15)),
+             ("plain.bin", "b.png", 0.5, 0.2, 0.9, None))
+    flow = comfy.read(with_ip_adapters(units=units))
+    assert flow.ip_adapters == [comfy.ImagePrompt(n, ENCODER_FILE, im, w, s, e, p)
+                                for n, im, w, s, e, p in units]
+    assert flow.checkpoint == "v1-5-pruned-emaonly.safetensors" and flow.loras == []
+
+
+def _unified(g):
+    g["50"] = {"class_type": "IPAdapterUnifiedLoader",
+               "inputs": {"model": g["3"]["inputs"]["model"], "preset": "PLUS (high strength)"}}
+    g["3"]["inputs"]["model"] = ["50", 0]
+
+
+REFUSED = {
+    "weight type": (lambda g: g["43"]["inputs"].update(weight_type="style transfer"),
+                    "node 43 (IPAdapterAdvanced): weight_type must be 'linear'"),
+    "combine": (lambda g: g["43"]["inputs"].update(combine_embeds="average"),
+                "combine_embeds must be 'concat'"),
+    "scaling": (lambda g: g["43"]["inputs"].update(embeds_scaling="K+V"),
+                "embeds_scaling must be 'V only'"),
+    "negative image": (lambda g: g["43"]["inputs"].update(image_negative=["42", 0]),
+                       "does not run an IP-Adapter's image_negative"),
+    "mask": (lambda g: g["43"]["inputs"].update(attn_mask=["42", 1]),
+             "does not run an IP-Adapter's attn_mask"),
+    "no encoder": (lambda g: g["43"]["inputs"].pop("clip_vision"),
+                   "clip_vision must be a link"),
+    "window": (lambda g: g["43"]["inputs"].update(start_at=0.5, end_at=0.5),
+               "start_at and end_at must satisfy 0 <= start < end <= 1"),
+    "unified loader": (_unified, "node 50 (IPAdapterUnifiedLoader) is not supported as the "
+                                 "sampled model: sdrt takes CheckpointLoaderSimple, LoraLoader "
+                                 "and IPAdapterAdvanced"),
+    "prep": (lambda g: g.__setitem__("44", {"class_type": "PrepImageForClipVision", "inputs": {
+        "image": ["42", 0], "interpolation": "LANCZOS", "crop_position": "middle",
+        "sharpening": 0.0}}) or g["43"]["inputs"].update(image=["44", 0]),
+        "node 44 (PrepImageForClipVision): crop_position must be one of top, bottom"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_refusals_name_the_node(case):
+    edit, message = REFUSED[case]
+    g = with_ip_adapters()
+    edit(g)
+    with pytest.raises(SdrtError, match=message.replace("(", r"\(").replace(")", r"\)")
+                       .replace("+", r"\+")):
+        comfy.read(g)
+
+
+# -- the reference image, as ComfyUI prepares it -----------------------------------------------
+
+def _comfy_clip_preprocess(x, size):
+    """ComfyUI's clip_preprocess (before normalising) on (1, H, W, 3) float32 in [0, 1]."""
+    image = x.movedim(-1, 1)
+    if not (image.shape[2] == size and image.shape[3] == size):
+        scale = size / min(image.shape[2], image.shape[3])
+        image = torch.nn.functional.interpolate(
+            image, size=(round(scale * image.shape[2]), round(scale * image.shape[3])),
+            mode="bicubic", antialias=True)
+        h, w = (image.shape[2] - size) // 2, (image.shape[3] - size) // 2
+        image = image[:, :, h:h + size, w:w + size]
+    return torch.clip(255. * image, 0, 255).round()
+
+
+def _cas(image, amount):
+    """cubiq's contrast_adaptive_sharpening, its steps as they are."""
+    img = torch.nn.functional.pad(image, (1, 1, 1, 1))
+    a, b, c = img[..., :-2, :-2], img[..., :-2, 1:-1], img[..., :-2, 2:]
+    d, e, f = img[..., 1:-1, :-2], img[..., 1:-1, 1:-1], img[..., 1:-1, 2:]
+    g, h, i = img[..., 2:, :-2], img[..., 2:, 1:-1], img[..., 2:, 2:]
+    mn = torch.stack((b, d, e, f, h)).min(axis=0)[0].clamp(min=0)
+    mx = torch.stack((b, d, e, f, h)).max(axis=0)[0].clamp(max=1)
+    mn2 = torch.stack((a, c, g, i)).min(axis=0)[0].clamp(min=0)
+    mx2 = torch.stack((a, c, g, i)).max(axis=0)[0].clamp(max=1)
+    mx, mn = mx + mx2, mn + mn2
+    amp = torch.sqrt(torch.reciprocal(mx) * torch.minimum(mn, (2 - mx)))
+    w = - amp * (amount * (1 / 5 - 1 / 8) + 1 / 8)
+    out = ((b + d + f + h) * w + e) * torch.reciprocal(1 + 4 * w)
+    return torch.nan_to_num(out).clamp(0, 1)
+
+
+def _prep(x, size, interpolation, crop_position, sharpening):
+    """PrepImageForClipVision's prep_image on (1, H, W, 3), at ``size`` (its 224)."""
+    _, oh, ow, _ = x.shape
+    output = x.permute([0, 3, 1, 2])
+    if crop_position == "pad":
+        if oh != ow:
+            pad = (oh - ow) // 2 if oh > ow else (ow - oh) // 2
+            # torchvision's pad (left, top, right, bottom)
+            sides = (pad, pad, 0, 0) if oh > ow else (0, 0, pad, pad)
+            output = torch.nn.functional.pad(output, sides)
+    else:
+        crop = min(oh, ow)
+        x0, y0 = (ow - crop) // 2, (oh - crop) // 2
+        if "top" in crop_position:
+            y0 = 0
+        elif "bottom" in crop_position:
+            y0 = oh - crop
+        elif "left" in crop_position:
+            x0 = 0
+        elif "right" in crop_position:
+            x0 = ow - crop
+        output = output[:, :, y0:y0 + crop, x0:x0 + crop]
+    pil = Image.fromarray(output[0].mul(255).byte().permute(1, 2, 0).numpy())  # ToPILImage
+    pil = pil.resize((size, size), resample=Image.Resampling[interpolation])
+    output = torch.from_numpy(np.asarray(pil, np.float32) / 255).permute(2, 0, 1)[None]
+    if sharpening > 0:
+        output = _cas(output, sharpening)
+    return output.permute([0, 2, 3, 1])
+
+
+@pytest.mark.parametrize("size,prep", [
+    ((70, 50), None), ((40, 96), None), ((30, 30), None),
+    ((70, 50), ("LANCZOS", "top", 0.15)), ((50, 90), ("BICUBIC", "right", 0.0)),
+    ((90, 50), ("NEAREST", "bottom", 1.0)), ((50, 70), ("BILINEAR", "pad", 0.4)),
+    ((70, 50), ("HAMMING", "pad", 0.0)), ((64, 64), ("BOX", "center", 0.6)),
+    ((50, 90), ("LANCZOS", "top", 0.0)), ((90, 50), ("LANCZOS", "left", 0.0))])
+def test_reference_image_is_prepared_as_comfyui_prepares_it(size, prep):
+    w, h = size
+    picture = _picture(7, w, h)
+    x = torch.from_numpy(np.asarray(picture, np.float32) / 255)[None]
+    if prep is not None:
+        x = _prep(x, 30, *prep)
+    want = _comfy_clip_preprocess(x, 30)[0].permute(1, 2, 0).numpy().astype(np.uint8)
+    got = np.full((30, 30, 3), 7, np.uint8)
+    got[:] = np.asarray(comfy.clip_vision_image(picture, 30, prep))
+    assert np.array_equal(got, want), np.abs(got.astype(int) - want).max()
+
+
+# -- the CLI -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ip_files(tiny_dir, tmp_path_factory):
+    """An IP-Adapter for the tiny model, a CLIP vision model under ComfyUI's usual name and a
+    reference image."""
+    from sdrt.engine import Pipeline
+    from sdrt.engine.ip_adapter import cross_attentions
+    root = tmp_path_factory.mktemp("comfy-ip")
+    unet = Pipeline.from_pretrained(tiny_dir, device="cpu", dtype="fp32").unet
+    widths = tuple(a.to_q.out_features for a in cross_attentions(unet))
+    save_file(_weights("plus", 6, widths, cross=unet.config.cross_attention_dim),
+              str(root / "ip-adapter-plus_sd15.safetensors"))
+    _own_encoder(root / ENCODER_FILE)
+    _picture(4, 60, 44).save(root / "warrior.png")
+    return root
+
+
+def test_cli_workflow_equals_the_options(tiny_dir, ip_files, tmp_path, capsys):
+    prep = ("LANCZOS", "top", 0.3)
+    graph = with_ip_adapters(_small(DEFAULT), units=(
+        ("ip-adapter-plus_sd15.safetensors", "warrior.png", 1.5, 0.1, 0.8, prep),))
+    (tmp_path / "wf.json").write_text(json.dumps(graph))
+    # The options: the reference image as the nodes prepare it for the encoder (30 pixels)
+    comfy.clip_vision_image(Image.open(ip_files / "warrior.png"), 30, prep).save(
+        tmp_path / "prepared.png")
+    files = ["--ip-adapter", str(ip_files / "ip-adapter-plus_sd15.safetensors"),
+             "--image-encoder", str(ip_files / ENCODER_FILE)]
+    outs = {}
+    from test_comfy import SMALL_OPTIONS
+    for name, argv in {
+            "json": ["--workflow", str(tmp_path / "wf.json"), *files, "--ip-adapter-image",
+                     str(ip_files / "warrior.png")],
+            "options": [*SMALL_OPTIONS, "--ip-adapter",
+                        f"{ip_files / 'ip-adapter-plus_sd15.safetensors'}:1.5",
+                        "--image-encoder", str(ip_files / ENCODER_FILE), "--ip-adapter-image",
+                        str(tmp_path / "prepared.png"), "--ip-adapter-start", "0.1",
+                        "--ip-adapter-end", "0.8"],
+            "without": SMALL_OPTIONS}.items():
+        out = tmp_path / f"{name}.png"
+        code, _, err = _run(["generate", *argv, "--model", tiny_dir, "-o", str(out)], capsys)
+        assert code == 0, err
+        outs[name] = _pixels(out)
+    assert np.array_equal(outs["json"], outs["options"])
+    assert np.abs(outs["json"].astype(int) - outs["without"]).max() > 10  # the adapter acts
+    with Image.open(tmp_path / "json.png") as im:
+        assert "ControlNet 0: \"Module: ip-adapter-auto, Model: ip-adapter-plus_sd15 [" \
+               in im.text["parameters"] and "Guidance Start: 0.1, Guidance End: 0.8" \
+               in im.text["parameters"], im.text["parameters"]
+
+
+@pytest.mark.parametrize("drop,message", [
+    ("--ip-adapter", "applies IP-Adapter 'ip-adapter-plus_sd15.safetensors': pass "
+                     "--ip-adapter PATH/ip-adapter-plus_sd15.safetensors"),
+    ("--image-encoder", f"reads its IP-Adapters' images with '{ENCODER_FILE}': pass "
+                        f"--image-encoder PATH/{ENCODER_FILE}"),
+    ("--ip-adapter-image", "gives an IP-Adapter image 'warrior.png': pass --ip-adapter-image "
+                           "PATH/warrior.png")])
+def test_cli_workflow_names_the_file_it_needs(tiny_dir, ip_files, tmp_path, capsys, drop,
+                                              message):
+    from test_cli import _assert_one_error_line
+    graph = with_ip_adapters(_small(DEFAULT), units=(
+        ("ip-adapter-plus_sd15.safetensors", "warrior.png", 1.0, 0.0, 1.0, None),))
+    (tmp_path / "wf.json").write_text(json.dumps(graph))
+    given = {"--ip-adapter": str(ip_files / "ip-adapter-plus_sd15.safetensors"),
+             "--image-encoder": str(ip_files / ENCODER_FILE),
+             "--ip-adapter-image": str(ip_files / "other.png")}
+    argv = [x for option, path in given.items() if option != drop for x in (option, path)]
+    code, _, err = _run(["generate", "--workflow", str(tmp_path / "wf.json"), *argv,
+                         "--model", tiny_dir, "-o", str(tmp_path / "x.png")], capsys)
+    assert code == 2
+    _assert_one_error_line(err, message)
