@@ -68,6 +68,27 @@ def _given_files(nodes, models, images, no_model, no_image):
     return chosen, pictures
 
 
+def _preset_files(a, prompt, where):
+    """``prompt`` (an IPAdapterUnifiedLoader's) with the files its preset finds among the
+    given --ip-adapter and --image-encoder files, by their names (for an SD 1.x model or an
+    SDXL one: sdrt generate reads the workflow before the model)."""
+    from dataclasses import replace
+
+    from .comfy import preset_files
+    adapters = [os.path.basename(p) for p, _ in a.ip_adapter]
+    encoders = None if prompt.encoder else (
+        [os.path.basename(a.image_encoder)] if a.image_encoder else [])
+    errors = []
+    for sdxl in (False, True):
+        try:
+            adapter, encoder = preset_files(prompt.preset, sdxl, adapters, encoders)
+            return replace(prompt, adapter=adapter, encoder=prompt.encoder or encoder)
+        except SdrtError as e:
+            errors.append(str(e))
+    raise SdrtError(f"{where}: {errors[0]}: pass it as --ip-adapter PATH or --image-encoder "
+                    f"PATH")
+
+
 def ip_from_workflow(a, prompts, where):
     """A ComfyUI workflow's IPAdapterAdvanced nodes (``comfy.ImagePrompt``) as the options:
     each IP-Adapter the --ip-adapter of its file name at the node's weight, its reference the
@@ -78,6 +99,7 @@ def ip_from_workflow(a, prompts, where):
     """
     if a.ip_adapter_mask:
         raise SdrtError(f"{where} applies IP-Adapters without masks: drop --ip-adapter-mask")
+    prompts = [_preset_files(a, p, where) if p.preset else p for p in prompts]
     encoders = sorted({p.encoder for p in prompts})
     if len(encoders) > 1:
         raise SdrtError(f"{where} reads its IP-Adapters' images with {' and '.join(encoders)}; "

@@ -14,8 +14,9 @@ image, sdrt's image to image keeping those steps), whose model, prompts and late
   by a model first (below);
 - CheckpointLoaderSimple (the model; its VAE decodes, or a VAELoader's: ``sdrt generate
   --vae``), through any LoraLoader nodes (one strength for the UNet and the text encoder, as
-  sdrt applies a LoRA) and cubiq's IPAdapterAdvanced nodes (``ImagePrompt``: its
-  IPAdapterModelLoader's adapter, CLIPVisionLoader's encoder and LoadImage's reference,
+  sdrt applies a LoRA) and cubiq's IPAdapterAdvanced and IPAdapter nodes (``ImagePrompt``:
+  its IPAdapterModelLoader's adapter and CLIPVisionLoader's encoder, or those an
+  IPAdapterUnifiedLoader's preset finds (``preset_files``), and LoadImage's reference,
   perhaps through PrepImageForClipVision, prepared as ``clip_vision_image`` says; settings
   beyond diffusers' IP-Adapter, ``IPADAPTER_PLAIN``, refused; ``start_at``/``end_at`` counted
   in steps);
@@ -111,6 +112,28 @@ _APPLY = "ControlNetApplyAdvanced"
 IPADAPTER = "IPAdapterAdvanced"
 IPADAPTER_PLAIN = {"weight_type": "linear", "combine_embeds": "concat",
                    "embeds_scaling": "V only"}
+# The plain IPAdapter node (its weight_type "standard" is linear), which takes its files from
+# an IPAdapterUnifiedLoader: a preset that names them by pattern, found among the files there
+# are (``preset_files``; cubiq's patterns, the first of the sorted names that matches).
+IPADAPTER_SIMPLE = "IPAdapter"
+UNIFIED = "IPAdapterUnifiedLoader"
+_ENCODER_H = r"(ViT.H.14.*s32B.b79K|ipadapter.*sd15|sd1.?5.*model)\.(bin|safetensors)"
+_ENCODER_G = r"(ViT.bigG.14.*39B.b160k|ipadapter.*sdxl|sdxl.*model)\.(bin|safetensors)"
+# preset → ((SD 1.x adapter pattern, SDXL's; None: none for that family), encoder pattern)
+PRESETS = {
+    "LIGHT - SD1.5 only (low strength)": ((r"sd15.light.v11\.(safetensors|bin)$", None),
+                                          _ENCODER_H),
+    "STANDARD (medium strength)": ((r"ip.adapter.sd15\.(safetensors|bin)$",
+                                    r"ip.adapter.sdxl.vit.h\.(safetensors|bin)$"), _ENCODER_H),
+    "VIT-G (medium strength)": ((r"sd15.vit.g\.(safetensors|bin)$",
+                                 r"ip.adapter.sdxl\.(safetensors|bin)$"), _ENCODER_G),
+    "PLUS (high strength)": ((r"ip.adapter.plus.sd15\.(safetensors|bin)$",
+                              r"plus.sdxl.vit.h\.(safetensors|bin)$"), _ENCODER_H),
+    "PLUS FACE (portraits)": ((r"plus.face.sd15\.(safetensors|bin)$",
+                               r"plus.face.sdxl.vit.h\.(safetensors|bin)$"), _ENCODER_H),
+    "FULL FACE - SD1.5 only (portraits stronger)": ((r"full.face.sd15\.(safetensors|bin)$",
+                                                     None), _ENCODER_H),
+}
 # PrepImageForClipVision (between a LoadImage and the IPAdapterAdvanced): PIL's filters, and
 # where the square is cut
 PREP = "PrepImageForClipVision"
@@ -150,14 +173,15 @@ class Control:
 @dataclass(frozen=True)
 class ImagePrompt:
     """An IPAdapterAdvanced node's adapter, encoder, reference image and settings."""
-    adapter: str  # IPAdapterModelLoader's ipadapter_file
-    encoder: str  # CLIPVisionLoader's clip_name
+    adapter: str  # IPAdapterModelLoader's ipadapter_file (None: the preset's)
+    encoder: str  # CLIPVisionLoader's clip_name (None: the preset's)
     image: str  # LoadImage's file name
     weight: float
     start: float  # start_at
     end: float  # end_at
     # a PrepImageForClipVision node's (interpolation, crop_position, sharpening), or None
     prep: tuple = None
+    preset: str = None  # an IPAdapterUnifiedLoader's, which finds the files not named
 
 
 @dataclass(frozen=True)
@@ -546,19 +570,65 @@ def _controls(nodes, sampler_id):
     return {side: node for side, (node, _) in links.items()}, controls[::-1]
 
 
+def _preset(nodes, node_id):
+    """An IPAdapterUnifiedLoader's preset, checked."""
+    where = f"workflow node {node_id} ({UNIFIED})"
+    preset = nodes.inputs(node_id).get("preset")
+    if preset not in PRESETS:
+        faceid = ("; FaceID reads an insightface embedding, which sdrt does not compute"
+                  if isinstance(preset, str) and "FACEID" in preset.upper() else "")
+        raise SdrtError(f"{where}: preset must be one of {', '.join(PRESETS)}{faceid}, got "
+                        f"{short_repr(preset)}")
+    if nodes.inputs(node_id).get("ipadapter") is not None:
+        raise SdrtError(f"{where}: sdrt does not chain unified loaders (its ipadapter input); "
+                        f"remove it")
+    return preset
+
+
+def preset_files(preset, sdxl, adapters, encoders=None):
+    """(adapter, encoder): the first of the sorted file names ``adapters`` and ``encoders``
+    that an IPAdapterUnifiedLoader ``preset`` finds for an SDXL model (``sdxl``) or an SD 1.x
+    one, as cubiq's loader searches ComfyUI's ipadapter and clip_vision folders (``encoders``
+    None: the encoder is not looked for, None)."""
+    import re
+    (sd1, xl), encoder = PRESETS[preset]
+    pattern = xl if sdxl else sd1
+    if pattern is None:
+        raise SdrtError(f"IPAdapterUnifiedLoader preset {preset!r} has no adapter for "
+                        f"{'SDXL' if sdxl else 'SD 1.x'} models")
+    found = []
+    for names, what, wanted in ((adapters, "adapter", pattern), (encoders, "encoder", encoder)):
+        if names is None:
+            found.append(None)
+            continue
+        match = [n for n in sorted(names) if re.search(wanted, n, re.IGNORECASE)]
+        if not match:
+            raise SdrtError(f"IPAdapterUnifiedLoader preset {preset!r} finds no {what} among "
+                            f"{', '.join(sorted(names)) or 'none'} (a name matching "
+                            f"{wanted!r})")
+        found.append(match[0])
+    return tuple(found)
+
+
 def _image_prompt(nodes, node_id):
-    """An IPAdapterAdvanced node's ``ImagePrompt``, checked."""
-    where = f"workflow node {node_id} ({IPADAPTER})"
+    """An IPAdapterAdvanced (or IPAdapter) node's ``ImagePrompt``, checked."""
+    kind = nodes.kind(node_id)
+    where = f"workflow node {node_id} ({kind})"
     inputs = nodes.inputs(node_id)
-    for key, plain in IPADAPTER_PLAIN.items():
-        if inputs.get(key, plain) != plain:
-            raise SdrtError(f"{where}: {key} must be {plain!r} (sdrt runs diffusers' "
+    plain = ({"weight_type": "standard"} if kind == IPADAPTER_SIMPLE else IPADAPTER_PLAIN)
+    for key, value in plain.items():
+        if inputs.get(key, value) != value:
+            raise SdrtError(f"{where}: {key} must be {value!r} (sdrt runs diffusers' "
                             f"IP-Adapter), got {short_repr(inputs.get(key))}")
     for key in ("image_negative", "attn_mask"):
         if inputs.get(key) is not None:
             raise SdrtError(f"{where}: sdrt does not run an IP-Adapter's {key}; remove it")
-    loader = nodes.follow(node_id, "ipadapter", ("IPAdapterModelLoader",))
-    encoder = nodes.follow(node_id, "clip_vision", ("CLIPVisionLoader",))
+    loaders = (UNIFIED,) if kind == IPADAPTER_SIMPLE else ("IPAdapterModelLoader", UNIFIED)
+    loader = nodes.follow(node_id, "ipadapter", loaders)
+    preset = _preset(nodes, loader) if nodes.kind(loader) == UNIFIED else None
+    encoder = None
+    if preset is None or inputs.get("clip_vision") is not None:
+        encoder = nodes.follow(node_id, "clip_vision", ("CLIPVisionLoader",))
     image = nodes.follow(node_id, "image", ("LoadImage", PREP))
     prep = None
     if nodes.kind(image) == PREP:
@@ -574,8 +644,10 @@ def _image_prompt(nodes, node_id):
             raise SdrtError(f"workflow node {image} ({PREP}): sharpening must be in [0, 1], "
                             f"got {prep[2]:g}")
         image = nodes.follow(image, "image", ("LoadImage",))
-    files = {}
+    files = {"ipadapter_file": None, "clip_name": None}
     for node, key in ((loader, "ipadapter_file"), (encoder, "clip_name"), (image, "image")):
+        if node is None or (key == "ipadapter_file" and preset is not None):
+            continue  # (the preset's)
         files[key] = nodes.inputs(node).get(key)
         if not isinstance(files[key], str) or not files[key]:
             raise SdrtError(f"workflow node {node} ({nodes.kind(node)}): {key} must be a file "
@@ -583,7 +655,7 @@ def _image_prompt(nodes, node_id):
     prompt = ImagePrompt(files["ipadapter_file"], files["clip_name"], files["image"],
                          _number(nodes, node_id, "weight", float, default=1.0),
                          _number(nodes, node_id, "start_at", float, default=0.0),
-                         _number(nodes, node_id, "end_at", float, default=1.0), prep)
+                         _number(nodes, node_id, "end_at", float, default=1.0), prep, preset)
     if not 0 <= prompt.start < prompt.end <= 1:
         raise SdrtError(f"{where}: start_at and end_at must satisfy 0 <= start < end <= 1, "
                         f"got {prompt.start:g} and {prompt.end:g}")
@@ -742,15 +814,17 @@ class _Nodes:
         while True:
             node_id, more = self.lora_chain(node_id, "model")
             loras = more + loras
-            if self.kind(node_id) != IPADAPTER:
+            if self.kind(node_id) in (IPADAPTER, IPADAPTER_SIMPLE):
+                prompts.append(_image_prompt(self, node_id))
+            elif self.kind(node_id) == UNIFIED:  # (the model passes through it)
+                _preset(self, node_id)
+            else:
                 break
-            prompts.append(_image_prompt(self, node_id))
             node_id, _ = self.link(node_id, "model")
         if self.kind(node_id) != "CheckpointLoaderSimple":
             raise SdrtError(f"workflow node {node_id} ({self.kind(node_id)}) is not supported "
                             f"as the sampled model: sdrt takes CheckpointLoaderSimple, "
-                            f"LoraLoader and {IPADAPTER} (with IPAdapterModelLoader and "
-                            f"CLIPVisionLoader) there")
+                            f"LoraLoader, {IPADAPTER}, {IPADAPTER_SIMPLE} and {UNIFIED} there")
         return node_id, loras, prompts[::-1]
 
     def clip_chain(self, link, checkpoint):

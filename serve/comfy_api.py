@@ -40,6 +40,7 @@ import sys
 import time
 import uuid
 from collections import OrderedDict
+import dataclasses
 from dataclasses import dataclass
 
 from fastapi import Request, WebSocket, WebSocketDisconnect
@@ -207,6 +208,14 @@ def _node_specs(server, checkpoints, loras, images, controlnets, vaes, upscalers
             "start_at": number("FLOAT", 0.0, 0.0, 1.0, 0.001),
             "end_at": number("FLOAT", 1.0, 0.0, 1.0, 0.001), "clip_vision": ["CLIP_VISION"]},
             ["MODEL"]),
+        comfy.UNIFIED: ("ipadapter", {"model": ["MODEL"], "preset": [list(comfy.PRESETS)]},
+                        ["MODEL", "IPADAPTER"]),
+        comfy.IPADAPTER_SIMPLE: ("ipadapter", {
+            "model": ["MODEL"], "ipadapter": ["IPADAPTER"], "image": ["IMAGE"],
+            "weight": number("FLOAT", 1.0, -1.0, 3.0, 0.05),
+            "start_at": number("FLOAT", 0.0, 0.0, 1.0, 0.001),
+            "end_at": number("FLOAT", 1.0, 0.0, 1.0, 0.001),
+            "weight_type": [["standard"]]}, ["MODEL"]),
         comfy.PREP: ("ipadapter/utils", {
             "image": ["IMAGE"], "interpolation": [list(comfy.PREP_FILTERS)],
             "crop_position": [list(comfy.PREP_CROPS)],
@@ -568,11 +577,21 @@ def _image_prompts(server, flow, uploads, first, bad):
     import hashlib
 
     from sdrt.engine.clip_vision import encoder_config
-    from sdrt.engine.comfy import IPADAPTER, clip_vision_image
+    from sdrt.engine.comfy import IPADAPTER, clip_vision_image, preset_files
     from sdrt.engine.infotext import controlnet_unit
     from sdrt.engine.ip_adapter import encoder_fits, file_config
     prompts, pictures, texts = [], [], []
     for i, prompt in enumerate(flow.ip_adapters):
+        if prompt.preset is not None:  # an IPAdapterUnifiedLoader's: its files by name
+            try:
+                adapter, encoder = preset_files(
+                    prompt.preset, server.runner.pipe.family.name.startswith("sdxl"),
+                    _controlnet_files(server.runner),
+                    None if prompt.encoder else _clip_vision_files(server.runner))
+            except SdrtError as e:
+                raise bad(f"prompt: {e} (--controlnet-dir, --clip-vision-dir)") from None
+            prompt = dataclasses.replace(prompt, adapter=adapter,
+                                         encoder=prompt.encoder or encoder)
         name = _stem(prompt.adapter)
         path = server.runner.controlnet_path(name)
         if path is None or os.path.isdir(path):

@@ -59,9 +59,9 @@ def test_ipadapter_nodes():
     assert flow.checkpoint == "v1-5-pruned-emaonly.safetensors" and flow.loras == []
 
 
-def _unified(g):
-    g["50"] = {"class_type": "IPAdapterUnifiedLoader",
-               "inputs": {"model": g["3"]["inputs"]["model"], "preset": "PLUS (high strength)"}}
+def _model_node(g):
+    g["50"] = {"class_type": "ModelSamplingDiscrete",
+               "inputs": {"model": g["3"]["inputs"]["model"], "sampling": "lcm", "zsnr": False}}
     g["3"]["inputs"]["model"] = ["50", 0]
 
 
@@ -80,9 +80,9 @@ REFUSED = {
                    "clip_vision must be a link"),
     "window": (lambda g: g["43"]["inputs"].update(start_at=0.5, end_at=0.5),
                "start_at and end_at must satisfy 0 <= start < end <= 1"),
-    "unified loader": (_unified, "node 50 (IPAdapterUnifiedLoader) is not supported as the "
-                                 "sampled model: sdrt takes CheckpointLoaderSimple, LoraLoader "
-                                 "and IPAdapterAdvanced"),
+    "model node": (_model_node, "node 50 (ModelSamplingDiscrete) is not supported as the "
+                                "sampled model: sdrt takes CheckpointLoaderSimple, LoraLoader, "
+                                "IPAdapterAdvanced, IPAdapter and IPAdapterUnifiedLoader there"),
     "prep": (lambda g: g.__setitem__("44", {"class_type": "PrepImageForClipVision", "inputs": {
         "image": ["42", 0], "interpolation": "LANCZOS", "crop_position": "middle",
         "sharpening": 0.0}}) or g["43"]["inputs"].update(image=["44", 0]),
@@ -252,3 +252,103 @@ def test_cli_workflow_names_the_file_it_needs(tiny_dir, ip_files, tmp_path, caps
                          "--model", tiny_dir, "-o", str(tmp_path / "x.png")], capsys)
     assert code == 2
     _assert_one_error_line(err, message)
+
+
+# -- IPAdapterUnifiedLoader and the plain IPAdapter node ----------------------------------------
+
+def with_unified(graph=DEFAULT, preset="PLUS (high strength)", image="ref.png", weight=0.8,
+                 start=0.0, end=1.0, **node):
+    """``graph`` as cubiq's simple example: checkpoint → IPAdapterUnifiedLoader → IPAdapter →
+    KSampler."""
+    g = copy.deepcopy(graph)
+    g["60"] = {"class_type": "IPAdapterUnifiedLoader",
+               "inputs": {"model": g["3"]["inputs"]["model"], "preset": preset}}
+    g["61"] = {"class_type": "LoadImage", "inputs": {"image": image, "upload": "image"}}
+    g["62"] = {"class_type": "IPAdapter", "inputs": {
+        "model": ["60", 0], "ipadapter": ["60", 1], "image": ["61", 0], "weight": weight,
+        "start_at": start, "end_at": end, "weight_type": "standard", **node}}
+    g["3"]["inputs"]["model"] = ["62", 0]
+    return g
+
+
+def test_unified_loader_and_ipadapter_nodes():
+    flow = comfy.read(with_unified(image="a.png", weight=0.6, start=0.1, end=0.7))
+    assert flow.ip_adapters == [comfy.ImagePrompt(None, None, "a.png", 0.6, 0.1, 0.7, None,
+                                                  "PLUS (high strength)")]
+    # IPAdapterAdvanced on the unified loader's files, its own CLIP vision model if it has one
+    g = with_ip_adapters(with_unified())
+    g["43"]["inputs"]["ipadapter"] = ["60", 1]
+    assert [p.preset for p in comfy.read(g).ip_adapters] == ["PLUS (high strength)"] * 2
+    assert comfy.read(g).ip_adapters[-1].encoder == ENCODER_FILE  # (nearest the sampler)
+    del g["43"]["inputs"]["clip_vision"]
+    assert comfy.read(g).ip_adapters[-1].encoder is None
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda g: g["62"]["inputs"].update(weight_type="style transfer"),
+     "node 62 (IPAdapter): weight_type must be 'standard'"),
+    (lambda g: g["60"]["inputs"].update(preset="FACEID PLUS V2"),
+     "node 60 (IPAdapterUnifiedLoader): preset must be one of LIGHT - SD1.5 only (low "
+     "strength), .*; FaceID reads an insightface embedding"),
+    (lambda g: g["60"]["inputs"].update(ipadapter=["60", 1]), "does not chain unified loaders"),
+    (lambda g: g.update({"63": {"class_type": "IPAdapterModelLoader",
+                                "inputs": {"ipadapter_file": "x.safetensors"}}})
+     or g["62"]["inputs"].update(ipadapter=["63", 0]),
+     "node 63 (IPAdapterModelLoader) is not supported as IPAdapter's ipadapter: sdrt takes "
+     "IPAdapterUnifiedLoader there"),
+])
+def test_unified_refusals(edit, message):
+    g = with_unified()
+    edit(g)
+    with pytest.raises(SdrtError, match=message.replace("(", r"\(").replace(")", r"\)")
+                       .replace(".*", "XX").replace(".", r"\.").replace("XX", ".*")):
+        comfy.read(g)
+
+
+def test_preset_files_are_cubiqs_patterns():
+    adapters = ["sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors", "ip-adapter_sd15.bin",
+                "ip-adapter_sd15_light_v11.bin", "b/ip-adapter-plus_sd15.safetensors",
+                "a/ip-adapter-plus_sd15.safetensors", "ip-adapter-full-face_sd15.safetensors",
+                "ip-adapter_sdxl.safetensors"]
+    encoders = ["CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors",
+                "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"]
+    found = lambda preset, sdxl: comfy.preset_files(preset, sdxl, adapters, encoders)  # noqa
+    assert found("PLUS (high strength)", False) == ("a/ip-adapter-plus_sd15.safetensors",
+                                                    encoders[1])  # the first, sorted
+    assert found("PLUS (high strength)", True) == (adapters[0], encoders[1])
+    assert found("STANDARD (medium strength)", False) == ("ip-adapter_sd15.bin", encoders[1])
+    assert found("VIT-G (medium strength)", True) == ("ip-adapter_sdxl.safetensors", encoders[0])
+    assert found("LIGHT - SD1.5 only (low strength)", False)[0] == adapters[2]
+    assert found("FULL FACE - SD1.5 only (portraits stronger)", False)[0] == adapters[5]
+    with pytest.raises(SdrtError, match="has no adapter for SDXL models"):
+        found("LIGHT - SD1.5 only (low strength)", True)
+    with pytest.raises(SdrtError, match="finds no adapter among ip-adapter_sdxl.safetensors"):
+        comfy.preset_files("PLUS FACE (portraits)", True, adapters[-1:], encoders)
+    with pytest.raises(SdrtError, match="finds no encoder among none"):
+        comfy.preset_files("PLUS (high strength)", False, adapters, [])
+
+
+def test_cli_unified_workflow_equals_the_advanced_one(tiny_dir, ip_files, tmp_path, capsys):
+    # The preset finds the given files by name; IPAdapter's "standard" is IPAdapterAdvanced's
+    # linear: one picture.
+    files = ["--ip-adapter", str(ip_files / "ip-adapter-plus_sd15.safetensors"),
+             "--image-encoder", str(ip_files / ENCODER_FILE), "--ip-adapter-image",
+             str(ip_files / "warrior.png")]
+    graphs = {"unified": with_unified(_small(DEFAULT), image="warrior.png", weight=1.2,
+                                      start=0.2, end=0.9),
+              "advanced": with_ip_adapters(_small(DEFAULT), units=(
+                  ("ip-adapter-plus_sd15.safetensors", "warrior.png", 1.2, 0.2, 0.9, None),))}
+    outs = {}
+    for name, graph in graphs.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(graph))
+        out = tmp_path / f"{name}.png"
+        code, _, err = _run(["generate", "--workflow", str(tmp_path / f"{name}.json"), *files,
+                             "--model", tiny_dir, "-o", str(out)], capsys)
+        assert code == 0, err
+        outs[name] = _pixels(out)
+    assert np.array_equal(outs["unified"], outs["advanced"])
+    code, _, err = _run(["generate", "--workflow", str(tmp_path / "unified.json"),
+                         *files[2:], "--ip-adapter", str(ip_files / ENCODER_FILE), "--model",
+                         tiny_dir, "-o", str(tmp_path / "x.png")], capsys)
+    assert code == 2 and "preset 'PLUS (high strength)' finds no adapter among " \
+                         f"{ENCODER_FILE}" in err, err

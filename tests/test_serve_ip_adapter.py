@@ -155,10 +155,25 @@ def _comfy_graph(url, picture, prep=None, adapter="style.safetensors",
     return graph
 
 
+def _comfy_want(ref_pipe, root, picture, prep=None):
+    """The library's image of ``_comfy_graph``'s workflow (weight 0.7, end 0.8) with the
+    "style" adapter, the "vision" encoder and ``picture`` as the nodes prepare it."""
+    from sdrt.engine.comfy import clip_vision_image
+    ref_pipe.load_ip_adapter(root / "nets" / "style.safetensors",
+                             image_encoder=root / "clip" / "vision.safetensors", name="style")
+    try:
+        return ref_pipe("beautiful scenery nature glass bottle", negative_prompt="text, watermark",
+                        height=64, width=64, num_inference_steps=2, guidance_scale=7.0,
+                        sampler="euler_a_normal", seed=11,
+                        ip_adapter_image=clip_vision_image(picture, ENCODER["image_size"], prep),
+                        ip_adapter_scale=0.7, ip_adapter_guidance_end=0.8)[0]
+    finally:
+        ref_pipe.unload_ip_adapter()
+
+
 def test_comfyui_ipadapter_node_gives_the_library_image(server, assets, ref_pipe):
     # The reference image as the node and ComfyUI's CLIP preprocessing prepare it, the
     # node's weight, start and end: the library's image with the same adapter and encoder.
-    from sdrt.engine.comfy import clip_vision_image
     from test_serve_comfy import _history, _queue, _view
     root, picture = assets
     info = httpx.get(f"{server}/object_info/IPAdapterAdvanced").json()["IPAdapterAdvanced"]
@@ -168,17 +183,8 @@ def test_comfyui_ipadapter_node_gives_the_library_image(server, assets, ref_pipe
     entry = _history(server, _queue(server, _comfy_graph(server, picture, prep))["prompt_id"])
     assert entry["status"]["status_str"] == "success", entry["status"]
     png = Image.open(io.BytesIO(_view(server, entry["outputs"]["9"]["images"][0])))
-    ref_pipe.load_ip_adapter(root / "nets" / "style.safetensors",
-                             image_encoder=root / "clip" / "vision.safetensors", name="style")
-    try:
-        want = ref_pipe("beautiful scenery nature glass bottle", negative_prompt="text, watermark",
-                        height=64, width=64, num_inference_steps=2, guidance_scale=7.0,
-                        sampler="euler_a_normal", seed=11,
-                        ip_adapter_image=clip_vision_image(picture, ENCODER["image_size"], prep),
-                        ip_adapter_scale=0.7, ip_adapter_guidance_end=0.8)[0]
-    finally:
-        ref_pipe.unload_ip_adapter()
-    assert_same_image(png, want, "a ComfyUI IPAdapterAdvanced node")
+    assert_same_image(png, _comfy_want(ref_pipe, root, picture, prep),
+                      "a ComfyUI IPAdapterAdvanced node")
     assert "ControlNet 0: \"Module: ip-adapter-auto, Model: style [" in png.text["parameters"]
 
 
@@ -195,3 +201,34 @@ def test_comfyui_ipadapter_bad_files_are_400s(server, assets, files, message):
     r = httpx.post(f"{server}/prompt", json={"prompt": _comfy_graph(server, picture, **files)})
     assert r.status_code == 400, r.text
     assert message in r.json()["error"]["message"], r.text
+
+
+def test_comfyui_unified_loader_finds_its_files_by_name(server, assets, ref_pipe):
+    # cubiq's simple example: IPAdapterUnifiedLoader's preset finds the adapter in
+    # --controlnet-dir and the encoder in --clip-vision-dir by their names.
+    import shutil
+
+    from test_comfy_ip_adapter import with_unified
+    from test_serve_comfy import _history, _queue, _view, _workflow
+    root, picture = assets
+    adapter = root / "nets" / "ip-adapter-plus_sd15.safetensors"
+    encoder = root / "clip" / "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    name = httpx.post(f"{server}/upload/image", files={
+        "image": ("ref.png", buffer.getvalue(), "image/png")}).json()["name"]
+    graph = _workflow(server, with_unified(image=name, weight=0.7, end=0.8))
+    r = httpx.post(f"{server}/prompt", json={"prompt": graph})
+    assert r.status_code == 400 and "preset 'PLUS (high strength)' finds no adapter among " \
+        "style.safetensors, wide.safetensors" in r.json()["error"]["message"], r.text
+    shutil.copy(root / "nets" / "style.safetensors", adapter)
+    shutil.copy(root / "clip" / "vision.safetensors", encoder)
+    try:
+        entry = _history(server, _queue(server, graph)["prompt_id"])
+    finally:
+        adapter.unlink()
+        encoder.unlink()
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    png = Image.open(io.BytesIO(_view(server, entry["outputs"]["9"]["images"][0])))
+    assert_same_image(png, _comfy_want(ref_pipe, root, picture),
+                      "cubiq's unified loader and IPAdapter node")
