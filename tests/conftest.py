@@ -150,6 +150,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def sampler_loops():
+    """One sampler id per sampling loop: every sampler but the ``X_karras`` ones (X's loop
+    along Karras levels, which tests/test_sigma_schedules.py and test_samplers.py check
+    level by level), and a few of those that stand for the rest (DPM2's rounds its Karras
+    timesteps, an ancestral one, a multistep one, Restart's)."""
+    from sdrt.engine.request import SAMPLER_NAMES
+    return [s for s in SAMPLER_NAMES if not s.endswith("_karras")] + [
+        "dpm2_karras", "euler_a_karras", "dpmpp_2m_karras", "restart_karras"]
+
+
 def run_eagerly(pipe, **kw):
     """``pipe(**kw)`` without its static plans (as if ``compile`` had not been called), for the
     plan-against-eager comparisons; the plans are kept for the next call."""

@@ -11,10 +11,9 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from conftest import assert_close_abs, assert_close_rel, run_eagerly
+from conftest import assert_close_abs, assert_close_rel, run_eagerly, sampler_loops
 from sdrt.engine import Pipeline, SdrtError
 from sdrt.engine.controlnet import load_controlnet, residual_scales
-from sdrt.engine.request import SAMPLER_NAMES
 from sdxl_models import randomize
 from test_pipeline import PROMPTS, _assert_lively, _diffusers_scheduler
 
@@ -494,7 +493,7 @@ def demo_with_controlnet(tmp_path_factory):
     return pipe
 
 
-@pytest.mark.parametrize("sampler", SAMPLER_NAMES)
+@pytest.mark.parametrize("sampler", sampler_loops())
 def test_every_sampler_under_a_static_plan(demo_with_controlnet, sampler):
     # The residual factors are indexed by UNet call, counted from the model's first call: every
     # sampler (two-call ones included, and image to image, which runs part of the schedule)

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import sampler_loops
 from sdrt.engine.demo import quality, world
 from sdrt.engine.demo.model import WEIGHTS, demo_components, demo_config, write_demo
 from sdrt.engine.demo.train import resume_unet, train
-from sdrt.engine.request import SAMPLER_NAMES
 
 
 # Small networks on a shared CPU: one torch thread (conftest.py says why).
@@ -127,7 +127,7 @@ def test_first_command_draws_one_red_circle_on_blue(demo_pipe):
     assert len(right) >= 7, rows
 
 
-@pytest.mark.parametrize("sampler", sorted(set(SAMPLER_NAMES) - {"lcm"}) + [
+@pytest.mark.parametrize("sampler", sorted(set(sampler_loops()) - {"lcm"}) + [
     # sigma schedules on samplers of each kind (tests/test_sigma_schedules.py checks each
     # schedule with each sampler)
     "euler_a_exponential", "dpmpp_2m_sgm_uniform", "unipc_simple", "heun_ddim_uniform",
