@@ -114,6 +114,7 @@ def ip_from_workflow(a, prompts, where):
         lambda image: f"{where} gives an IP-Adapter image {image!r}: pass "
                       f"--ip-adapter-image PATH/{os.path.basename(image)}")
     a.ip_adapter_prep = [prompt.prep for prompt in prompts]
+    a.ip_adapter_weight_types = [prompt.weight_type for prompt in prompts]
     for option, attr in (("ip_adapter_start", "start"), ("ip_adapter_end", "end")):
         if option not in a.given:
             setattr(a, option, [getattr(prompt, attr) for prompt in prompts])

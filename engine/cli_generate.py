@@ -307,8 +307,16 @@ def _load_ip_adapters(a, pipe, references):
         pipe.load_ip_adapter(path, image_encoder=a.image_encoder, name=name)
     images, masks = references
     regions = ({"ip_adapter_mask": masks} if any(m is not None for m in masks) else {})
+    scales = [w for _, w in a.ip_adapter]
+    types = getattr(a, "ip_adapter_weight_types", None)
+    if types is not None:  # a workflow's: its nodes' weight types, per transformer block
+        from .comfy import block_scales
+        from .ip_adapter import block_places, file_config
+        scales = [block_scales(t, w, block_places(pipe.unet),
+                               file_config(path).cross_attention_dim == 2048)
+                  for t, (path, w) in zip(types, a.ip_adapter)]
     return dict(ip_adapter=names, ip_adapter_image=images, **regions,
-                ip_adapter_scale=[w for _, w in a.ip_adapter],
+                ip_adapter_scale=scales,
                 ip_adapter_guidance_start=a.ip_adapter_start,
                 ip_adapter_guidance_end=a.ip_adapter_end)
 

@@ -17,7 +17,8 @@ image, sdrt's image to image keeping those steps), whose model, prompts and late
   sdrt applies a LoRA) and cubiq's IPAdapterAdvanced and IPAdapter nodes (``ImagePrompt``:
   its IPAdapterModelLoader's adapter and CLIPVisionLoader's encoder, or those an
   IPAdapterUnifiedLoader's preset finds (``preset_files``), and LoadImage's reference,
-  perhaps through PrepImageForClipVision, prepared as ``clip_vision_image`` says; settings
+  perhaps through PrepImageForClipVision, prepared as ``clip_vision_image`` says; the weight
+  spread over the transformer blocks as its ``weight_type`` says, ``block_scales``; settings
   beyond diffusers' IP-Adapter, ``IPADAPTER_PLAIN``, refused; ``start_at``/``end_at`` counted
   in steps);
 - CLIPTextEncode nodes (the prompt and negative prompt), their CLIP through
@@ -110,8 +111,26 @@ _APPLY = "ControlNetApplyAdvanced"
 # weight, the reference images' tokens joined, the weight on the attention's output); another
 # value is refused by name, as are its optional negative image and attention mask.
 IPADAPTER = "IPAdapterAdvanced"
-IPADAPTER_PLAIN = {"weight_type": "linear", "combine_embeds": "concat",
-                   "embeds_scaling": "V only"}
+IPADAPTER_PLAIN = {"combine_embeds": "concat", "embeds_scaling": "V only"}
+# cubiq's weight types: how the weight is spread over the UNet's transformer blocks, counted in
+# the order they run (``block_scales``); the two "precise" ones, which also swap the image
+# tokens in some blocks, are refused. The plain IPAdapter node's three name three of them.
+WEIGHT_TYPES = ("linear", "ease in", "ease out", "ease in-out", "reverse in-out", "weak input",
+                "weak output", "weak middle", "strong middle", "style transfer", "composition",
+                "strong style transfer", "style and composition")
+SIMPLE_WEIGHT_TYPES = {"standard": "linear", "prompt is more important": "ease out",
+                       "style transfer": "style transfer"}
+# The block-index tables of the "style"/"composition" types (weight w, w_c the composition
+# weight, 1 in IPAdapterAdvanced), for SD 1.x (16 transformer blocks) and SDXL (11).
+_W, _C = "w", "c"
+_STYLE_TABLES = {
+    "style transfer": ({i: _W for i in (0, 1, 2, 3, 9, 10, 11, 12, 13, 14, 15)}, {6: _W}),
+    "composition": ({4: (_W, 0.25), 5: _W}, {3: _W}),
+    "strong style transfer": ({i: _W for i in (0, 1, 2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)},
+                              {i: _W for i in (0, 1, 2, 4, 5, 6, 7, 8, 9, 10)}),
+    "style and composition": ({**{i: _W for i in (0, 1, 2, 3, 9, 10, 11, 12, 13, 14, 15)},
+                               4: (_C, 0.25), 5: _C}, {3: _C, 6: _W}),
+}
 # The plain IPAdapter node (its weight_type "standard" is linear), which takes its files from
 # an IPAdapterUnifiedLoader: a preset that names them by pattern, found among the files there
 # are (``preset_files``; cubiq's patterns, the first of the sorted names that matches).
@@ -182,6 +201,7 @@ class ImagePrompt:
     # a PrepImageForClipVision node's (interpolation, crop_position, sharpening), or None
     prep: tuple = None
     preset: str = None  # an IPAdapterUnifiedLoader's, which finds the files not named
+    weight_type: str = "linear"  # ``WEIGHT_TYPES``: the weight per block (``block_scales``)
 
 
 @dataclass(frozen=True)
@@ -615,11 +635,16 @@ def _image_prompt(nodes, node_id):
     kind = nodes.kind(node_id)
     where = f"workflow node {node_id} ({kind})"
     inputs = nodes.inputs(node_id)
-    plain = ({"weight_type": "standard"} if kind == IPADAPTER_SIMPLE else IPADAPTER_PLAIN)
+    plain = {} if kind == IPADAPTER_SIMPLE else IPADAPTER_PLAIN
     for key, value in plain.items():
         if inputs.get(key, value) != value:
             raise SdrtError(f"{where}: {key} must be {value!r} (sdrt runs diffusers' "
                             f"IP-Adapter), got {short_repr(inputs.get(key))}")
+    types = SIMPLE_WEIGHT_TYPES if kind == IPADAPTER_SIMPLE else {t: t for t in WEIGHT_TYPES}
+    weight_type = inputs.get("weight_type", "standard" if kind == IPADAPTER_SIMPLE else "linear")
+    if weight_type not in types:
+        raise SdrtError(f"{where}: weight_type must be one of {', '.join(types)}, got "
+                        f"{short_repr(weight_type)}")
     for key in ("image_negative", "attn_mask"):
         if inputs.get(key) is not None:
             raise SdrtError(f"{where}: sdrt does not run an IP-Adapter's {key}; remove it")
@@ -655,11 +680,44 @@ def _image_prompt(nodes, node_id):
     prompt = ImagePrompt(files["ipadapter_file"], files["clip_name"], files["image"],
                          _number(nodes, node_id, "weight", float, default=1.0),
                          _number(nodes, node_id, "start_at", float, default=0.0),
-                         _number(nodes, node_id, "end_at", float, default=1.0), prep, preset)
+                         _number(nodes, node_id, "end_at", float, default=1.0), prep, preset,
+                         types[weight_type])
     if not 0 <= prompt.start < prompt.end <= 1:
         raise SdrtError(f"{where}: start_at and end_at must satisfy 0 <= start < end <= 1, "
                         f"got {prompt.start:g} and {prompt.end:g}")
     return prompt
+
+
+def block_scales(weight_type, weight, places, sdxl):
+    """cubiq's ``weight_type`` at ``weight`` as diffusers' per-block scale dict (what
+    ``ip_adapter_scale`` takes) over the UNet's transformer blocks ``places`` ((part, block,
+    attention) of each, part "down", "mid" or "up"), counted in the order they run as cubiq
+    counts them (``layers`` 11 for an SDXL adapter, ``sdxl``, else 16); a plain number for
+    "linear". A block a "style"/"composition" table does not name gets 0."""
+    if weight_type == "linear":
+        return weight
+    order = sorted(set(places), key=lambda p: (("down", "mid", "up").index(p[0]), p[1], p[2]))
+    layers = 11 if sdxl else 16
+    weak = {"weak input": ("down",), "weak middle": ("mid",), "weak output": ("up",),
+            "strong middle": ("down", "up")}
+    ramps = {"ease in": lambda t: 1 - t / layers, "ease out": lambda t: t / layers,
+             "ease in-out": lambda t: 1 - abs(t - layers / 2) / (layers / 2),
+             "reverse in-out": lambda t: abs(t - layers / 2) / (layers / 2)}
+    out = {"down": {}, "up": {}}
+    for t, (part, block, _) in enumerate(order):
+        if weight_type in ramps:
+            value = weight * (0.05 + 0.95 * ramps[weight_type](t))
+        elif weight_type in weak:
+            value = weight * 0.2 if part in weak[weight_type] else weight
+        else:
+            entry = _STYLE_TABLES[weight_type][sdxl].get(t, 0.0)
+            kind, factor = entry if isinstance(entry, tuple) else (entry, 1.0)
+            value = 0.0 if kind == 0.0 else (weight if kind == _W else 1.0) * factor
+        if part == "mid":
+            out["mid"] = value
+        else:
+            out[part].setdefault(f"block_{block}", []).append(value)
+    return out
 
 
 def clip_vision_image(image, size, prep=None):

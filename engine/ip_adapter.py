@@ -178,6 +178,12 @@ def _cross_attention_places(unet):
             for a, t in enumerate(block.attentions or ()) for tb in t.transformer_blocks]
 
 
+def block_places(unet):
+    """(part, block, attention) of each cross-attention layer of ``unet``: where its
+    transformer block sits (the places ``layer_scales``' per-block dict names)."""
+    return [place for _, place in _cross_attention_places(unet)]
+
+
 def layer_scales(unet, scale, field, check):
     """One scale per cross-attention layer of ``unet`` (``cross_attentions``' order) of an
     adapter's ``scale``: a number for every layer, or diffusers' per-block dict

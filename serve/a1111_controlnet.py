@@ -237,6 +237,22 @@ def _ip_unit(server, unit, at, module, init_images, bad):
             text)
 
 
+class BlockScales:
+    """An IP-Adapter's per-block scales (diffusers' dict, ``value``) in a ``BatchKey``: equal
+    (and hashed) by their numbers."""
+
+    def __init__(self, value):
+        import json
+        self.value = value
+        self._key = json.dumps(value, sort_keys=True)
+
+    def __eq__(self, other):
+        return isinstance(other, BlockScales) and other._key == self._key
+
+    def __hash__(self):
+        return hash(self._key)
+
+
 class RegionMask:
     """A unit's region mask in a ``BatchKey``: equal (and hashed) by its pixels, so requests
     batch together only with the same mask; ``array`` is float32 (H, W) in [0, 1]."""

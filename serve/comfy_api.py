@@ -204,6 +204,7 @@ def _node_specs(server, checkpoints, loras, images, controlnets, vaes, upscalers
         comfy.IPADAPTER: ("ipadapter", {
             "model": ["MODEL"], "ipadapter": ["IPADAPTER"], "image": ["IMAGE"],
             "weight": number("FLOAT", 1.0, -1.0, 5.0, 0.05),
+            "weight_type": [list(comfy.WEIGHT_TYPES)],
             **{k: [[v]] for k, v in comfy.IPADAPTER_PLAIN.items()},
             "start_at": number("FLOAT", 0.0, 0.0, 1.0, 0.001),
             "end_at": number("FLOAT", 1.0, 0.0, 1.0, 0.001), "clip_vision": ["CLIP_VISION"]},
@@ -215,7 +216,7 @@ def _node_specs(server, checkpoints, loras, images, controlnets, vaes, upscalers
             "weight": number("FLOAT", 1.0, -1.0, 3.0, 0.05),
             "start_at": number("FLOAT", 0.0, 0.0, 1.0, 0.001),
             "end_at": number("FLOAT", 1.0, 0.0, 1.0, 0.001),
-            "weight_type": [["standard"]]}, ["MODEL"]),
+            "weight_type": [list(comfy.SIMPLE_WEIGHT_TYPES)]}, ["MODEL"]),
         comfy.PREP: ("ipadapter/utils", {
             "image": ["IMAGE"], "interpolation": [list(comfy.PREP_FILTERS)],
             "crop_position": [list(comfy.PREP_CROPS)],
@@ -577,9 +578,11 @@ def _image_prompts(server, flow, uploads, first, bad):
     import hashlib
 
     from sdrt.engine.clip_vision import encoder_config
-    from sdrt.engine.comfy import IPADAPTER, clip_vision_image, preset_files
+    from sdrt.engine.comfy import IPADAPTER, block_scales, clip_vision_image, preset_files
     from sdrt.engine.infotext import controlnet_unit
-    from sdrt.engine.ip_adapter import encoder_fits, file_config
+    from sdrt.engine.ip_adapter import block_places, encoder_fits, file_config
+
+    from .a1111_controlnet import BlockScales
     prompts, pictures, texts = [], [], []
     for i, prompt in enumerate(flow.ip_adapters):
         if prompt.preset is not None:  # an IPAdapterUnifiedLoader's: its files by name
@@ -617,7 +620,12 @@ def _image_prompts(server, flow, uploads, first, bad):
                       f"uploaded (POST /upload/image first)")
         picture = clip_vision_image(picture, config.image_size, prompt.prep)
         digest = hashlib.sha256(picture.tobytes()).hexdigest()
-        prompts.append((name, prompt.weight, prompt.start, prompt.end, encoder, digest, None))
+        scale = prompt.weight
+        if prompt.weight_type != "linear":  # the weight per transformer block
+            scale = BlockScales(block_scales(
+                prompt.weight_type, prompt.weight, block_places(server.runner.pipe.unet),
+                file_config(path).cross_attention_dim == 2048))
+        prompts.append((name, scale, prompt.start, prompt.end, encoder, digest, None))
         pictures.append(picture)
         short = server.runner.controlnet_hash(name)
         texts.append((f"ControlNet {first + i}", controlnet_unit(

@@ -210,7 +210,7 @@ class Runner:
                                                 ip_adapter_mask_style="a1111")
         return dict(ip_adapter_image=images[0] if one else images,
                     ip_adapter=[p[0] for p in key.image_prompts],
-                    ip_adapter_scale=[p[1] for p in key.image_prompts],
+                    ip_adapter_scale=[getattr(p[1], "value", p[1]) for p in key.image_prompts],
                     ip_adapter_guidance_start=[p[2] for p in key.image_prompts],
                     ip_adapter_guidance_end=[p[3] for p in key.image_prompts], **regions)
 

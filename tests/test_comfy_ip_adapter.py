@@ -66,8 +66,6 @@ def _model_node(g):
 
 
 REFUSED = {
-    "weight type": (lambda g: g["43"]["inputs"].update(weight_type="style transfer"),
-                    "node 43 (IPAdapterAdvanced): weight_type must be 'linear'"),
     "combine": (lambda g: g["43"]["inputs"].update(combine_embeds="average"),
                 "combine_embeds must be 'concat'"),
     "scaling": (lambda g: g["43"]["inputs"].update(embeds_scaling="K+V"),
@@ -285,8 +283,6 @@ def test_unified_loader_and_ipadapter_nodes():
 
 
 @pytest.mark.parametrize("edit,message", [
-    (lambda g: g["62"]["inputs"].update(weight_type="style transfer"),
-     "node 62 (IPAdapter): weight_type must be 'standard'"),
     (lambda g: g["60"]["inputs"].update(preset="FACEID PLUS V2"),
      "node 60 (IPAdapterUnifiedLoader): preset must be one of LIGHT - SD1.5 only (low "
      "strength), .*; FaceID reads an insightface embedding"),
@@ -352,3 +348,77 @@ def test_cli_unified_workflow_equals_the_advanced_one(tiny_dir, ip_files, tmp_pa
                          tiny_dir, "-o", str(tmp_path / "x.png")], capsys)
     assert code == 2 and "preset 'PLUS (high strength)' finds no adapter among " \
                          f"{ENCODER_FILE}" in err, err
+
+
+# -- weight types ------------------------------------------------------------------------------
+
+# The transformer blocks (part, block, attention) of SD 1.5's UNet (16) and SDXL's (11)
+SD15_PLACES = [("down", b, a) for b in range(3) for a in range(2)] + [("mid", 0, 0)] + \
+    [("up", b, a) for b in (1, 2, 3) for a in range(3)]
+SDXL_PLACES = [("down", b, a) for b in (1, 2) for a in range(2)] + [("mid", 0, 0)] + \
+    [("up", b, a) for b in (0, 1) for a in range(3)]
+
+
+def test_weight_types_by_transformer_block():
+    w = 0.8
+    # ComfyUI counts the transformer blocks as they run (down, mid, up); cubiq's SD 1.5
+    # style transfer is blocks 0-3 and 9-15 of those, its composition 4 (a quarter) and 5
+    assert comfy.block_scales("style transfer", w, SD15_PLACES[::-1], False) == {
+        "down": {"block_0": [w, w], "block_1": [w, w], "block_2": [0.0, 0.0]}, "mid": 0.0,
+        "up": {"block_1": [0.0, 0.0, w], "block_2": [w, w, w], "block_3": [w, w, w]}}
+    assert comfy.block_scales("composition", w, SD15_PLACES, False)["down"] == {
+        "block_0": [0.0, 0.0], "block_1": [0.0, 0.0], "block_2": [w * 0.25, w]}
+    # SDXL: InstantStyle's blocks (style up_blocks.0.attentions.1, layout
+    # down_blocks.2.attentions.1); "style and composition" takes the composition at 1
+    assert comfy.block_scales("style transfer", w, SDXL_PLACES, True) == {
+        "down": {"block_1": [0.0, 0.0], "block_2": [0.0, 0.0]}, "mid": 0.0,
+        "up": {"block_0": [0.0, w, 0.0], "block_1": [0.0, 0.0, 0.0]}}
+    both = comfy.block_scales("style and composition", w, SDXL_PLACES, True)
+    assert both["down"]["block_2"] == [0.0, 1.0] and both["up"]["block_0"][1] == w
+    # the ramps over 16 (SD 1.x) or 11 (SDXL) blocks, and the weak/strong parts
+    ease = comfy.block_scales("ease in", w, SD15_PLACES, False)
+    assert ease["down"]["block_0"][0] == w * 1.0
+    assert ease["up"]["block_3"][2] == pytest.approx(w * (0.05 + 0.95 * (1 - 15 / 16)))
+    middle = comfy.block_scales("reverse in-out", w, SDXL_PLACES, True)["mid"]
+    assert middle == pytest.approx(w * (0.05 + 0.95 * abs(4 - 5.5) / 5.5))
+    weak = comfy.block_scales("strong middle", w, SD15_PLACES, False)
+    assert weak["mid"] == w and weak["down"]["block_1"] == [w * 0.2] * 2
+    assert comfy.block_scales("linear", w, SD15_PLACES, False) == w
+
+
+def test_weight_type_names():
+    g = with_ip_adapters(units=(("a.safetensors", "a.png", 0.5, 0.0, 1.0, None),),
+                         weight_type="style transfer")
+    assert comfy.read(g).ip_adapters[0].weight_type == "style transfer"
+    g = with_unified(weight_type="prompt is more important")
+    assert comfy.read(g).ip_adapters[0].weight_type == "ease out"
+    for graph, precise in ((with_ip_adapters(weight_type="style transfer precise"), "43"),
+                           (with_unified(weight_type="linear"), "62")):
+        with pytest.raises(SdrtError, match=f"node {precise} .*: weight_type must be one of"):
+            comfy.read(graph)
+
+
+def test_cli_weight_type_is_the_librarys_block_scales(tiny_dir, ip_files, tmp_path, capsys):
+    from sdrt.engine import Pipeline
+    from sdrt.engine.ip_adapter import block_places
+    graph = with_ip_adapters(_small(DEFAULT), units=(
+        ("ip-adapter-plus_sd15.safetensors", "warrior.png", 1.5, 0.0, 1.0, None),),
+        weight_type="ease in")
+    (tmp_path / "wf.json").write_text(json.dumps(graph))
+    out = tmp_path / "wf.png"
+    code, _, err = _run(["generate", "--workflow", str(tmp_path / "wf.json"), "--ip-adapter",
+                         str(ip_files / "ip-adapter-plus_sd15.safetensors"), "--image-encoder",
+                         str(ip_files / ENCODER_FILE), "--ip-adapter-image",
+                         str(ip_files / "warrior.png"), "--model", tiny_dir, "-o", str(out)],
+                        capsys)
+    assert code == 0, err
+    pipe = Pipeline.from_pretrained(tiny_dir, device="cpu", dtype="fp32")
+    pipe.load_ip_adapter(ip_files / "ip-adapter-plus_sd15.safetensors",
+                         image_encoder=ip_files / ENCODER_FILE)
+    want = pipe("beautiful scenery nature glass bottle", negative_prompt="text, watermark",
+                seed=4, num_inference_steps=3, guidance_scale=6.5, sampler="euler_a_normal",
+                width=32, height=24, ip_adapter_image=comfy.clip_vision_image(
+                    Image.open(ip_files / "warrior.png"), 30),
+                ip_adapter_scale=comfy.block_scales("ease in", 1.5, block_places(pipe.unet),
+                                                    False))[0]
+    assert np.array_equal(_pixels(out), np.asarray(want))

@@ -141,7 +141,7 @@ def test_bad_units_are_400s(server, assets, unit, field, message):
 # -- cubiq's IPAdapterAdvanced node through the ComfyUI API ---------------------------------------
 
 def _comfy_graph(url, picture, prep=None, adapter="style.safetensors",
-                 encoder="vision.safetensors"):
+                 encoder="vision.safetensors", weight_type="linear"):
     """The default workflow with one IPAdapterAdvanced node (its image uploaded as ref.png)."""
     from test_comfy_ip_adapter import with_ip_adapters
     from test_serve_comfy import _workflow
@@ -150,15 +150,16 @@ def _comfy_graph(url, picture, prep=None, adapter="style.safetensors",
     r = httpx.post(f"{url}/upload/image", files={"image": ("ref.png", buffer.getvalue(),
                                                            "image/png")})
     unit = (adapter, r.json()["name"], 0.7, 0.0, 0.8, prep)
-    graph = _workflow(url, with_ip_adapters(units=(unit,)))
+    graph = _workflow(url, with_ip_adapters(units=(unit,), weight_type=weight_type))
     graph["40"]["inputs"]["clip_name"] = encoder
     return graph
 
 
-def _comfy_want(ref_pipe, root, picture, prep=None):
+def _comfy_want(ref_pipe, root, picture, prep=None, weight_type="linear"):
     """The library's image of ``_comfy_graph``'s workflow (weight 0.7, end 0.8) with the
     "style" adapter, the "vision" encoder and ``picture`` as the nodes prepare it."""
-    from sdrt.engine.comfy import clip_vision_image
+    from sdrt.engine.comfy import block_scales, clip_vision_image
+    from sdrt.engine.ip_adapter import block_places
     ref_pipe.load_ip_adapter(root / "nets" / "style.safetensors",
                              image_encoder=root / "clip" / "vision.safetensors", name="style")
     try:
@@ -166,25 +167,29 @@ def _comfy_want(ref_pipe, root, picture, prep=None):
                         height=64, width=64, num_inference_steps=2, guidance_scale=7.0,
                         sampler="euler_a_normal", seed=11,
                         ip_adapter_image=clip_vision_image(picture, ENCODER["image_size"], prep),
-                        ip_adapter_scale=0.7, ip_adapter_guidance_end=0.8)[0]
+                        ip_adapter_scale=block_scales(weight_type, 0.7,
+                                                      block_places(ref_pipe.unet), False),
+                        ip_adapter_guidance_end=0.8)[0]
     finally:
         ref_pipe.unload_ip_adapter()
 
 
-def test_comfyui_ipadapter_node_gives_the_library_image(server, assets, ref_pipe):
+@pytest.mark.parametrize("weight_type", ["linear", "style transfer"])
+def test_comfyui_ipadapter_node_gives_the_library_image(server, assets, ref_pipe, weight_type):
     # The reference image as the node and ComfyUI's CLIP preprocessing prepare it, the
     # node's weight, start and end: the library's image with the same adapter and encoder.
     from test_serve_comfy import _history, _queue, _view
     root, picture = assets
     info = httpx.get(f"{server}/object_info/IPAdapterAdvanced").json()["IPAdapterAdvanced"]
-    assert info["input"]["required"]["weight_type"] == [["linear"]]
+    assert "style transfer" in info["input"]["required"]["weight_type"][0]
     assert "vision.safetensors" in httpx.get(f"{server}/models/clip_vision").json()
     prep = ("BICUBIC", "left", 0.25)
-    entry = _history(server, _queue(server, _comfy_graph(server, picture, prep))["prompt_id"])
+    graph = _comfy_graph(server, picture, prep, weight_type=weight_type)
+    entry = _history(server, _queue(server, graph)["prompt_id"])
     assert entry["status"]["status_str"] == "success", entry["status"]
     png = Image.open(io.BytesIO(_view(server, entry["outputs"]["9"]["images"][0])))
-    assert_same_image(png, _comfy_want(ref_pipe, root, picture, prep),
-                      "a ComfyUI IPAdapterAdvanced node")
+    assert_same_image(png, _comfy_want(ref_pipe, root, picture, prep, weight_type),
+                      f"a ComfyUI IPAdapterAdvanced node, {weight_type}")
     assert "ControlNet 0: \"Module: ip-adapter-auto, Model: style [" in png.text["parameters"]
 
 
