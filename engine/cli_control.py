@@ -97,9 +97,14 @@ def ip_from_workflow(a, prompts, where):
     and to the node's start_at and end_at unless --ip-adapter-start/--ip-adapter-end are
     given; ``a.ip_adapter_prep`` says how each image is prepared (``comfy.clip_vision_image``).
     """
-    if a.ip_adapter_mask:
-        raise SdrtError(f"{where} applies IP-Adapters without masks: drop --ip-adapter-mask")
     prompts = [_preset_files(a, p, where) if p.preset else p for p in prompts]
+    masks = {os.path.basename(p): p for p in a.ip_adapter_mask}
+    for prompt in prompts:
+        if prompt.mask is not None and os.path.basename(prompt.mask[0]) not in masks:
+            raise SdrtError(f"{where} confines an IP-Adapter to mask {prompt.mask[0]!r}: pass "
+                            f"--ip-adapter-mask PATH/{os.path.basename(prompt.mask[0])}")
+    if not any(prompt.mask for prompt in prompts) and a.ip_adapter_mask:
+        raise SdrtError(f"{where} applies IP-Adapters without masks: drop --ip-adapter-mask")
     encoders = sorted({p.encoder for p in prompts})
     if len(encoders) > 1:
         raise SdrtError(f"{where} reads its IP-Adapters' images with {' and '.join(encoders)}; "
@@ -114,6 +119,10 @@ def ip_from_workflow(a, prompts, where):
         lambda image: f"{where} gives an IP-Adapter image {image!r}: pass "
                       f"--ip-adapter-image PATH/{os.path.basename(image)}")
     a.ip_adapter_prep = [prompt.prep for prompt in prompts]
+    # (each mask the file its node names, read from the channel it reads, as ComfyUI reads it)
+    a.ip_adapter_mask = [masks[os.path.basename(p.mask[0])] if p.mask else "none"
+                         for p in prompts] if any(p.mask for p in prompts) else []
+    a.ip_adapter_mask_channels = [p.mask[1] if p.mask else None for p in prompts]
     a.ip_adapter_weight_types = [prompt.weight_type for prompt in prompts]
     for option, attr in (("ip_adapter_start", "start"), ("ip_adapter_end", "end")):
         if option not in a.given:

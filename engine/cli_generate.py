@@ -285,8 +285,15 @@ def _reference_images(a):
             raise SdrtError(f"--ip-adapter-start and --ip-adapter-end must satisfy 0 <= start < "
                             f"end <= 1, got {start:g} and {end:g}")
     from .images import mask_to_float, read_image
-    masks = [None if path == "none" else mask_to_float(read_image(path, "ip-adapter mask"))
-             for path in a.ip_adapter_mask]
+    channels = getattr(a, "ip_adapter_mask_channels", None) or [None] * len(a.ip_adapter_mask)
+
+    def read_mask(path, channel):  # (a workflow's: its channel, as ComfyUI reads a MASK)
+        if channel is None:
+            return mask_to_float(read_image(path, "ip-adapter mask"))
+        from .comfy import comfy_mask
+        return comfy_mask(read_image(path, "ip-adapter mask"), channel)
+    masks = [None if path == "none" else read_mask(path, channel)
+             for path, channel in zip(a.ip_adapter_mask, channels)]
     images = [read_image(path, "ip-adapter image") for path in a.ip_adapter_image]
     preps = getattr(a, "ip_adapter_prep", None)
     if preps is not None:  # a workflow's: each image as its IPAdapterAdvanced node prepares it
@@ -307,6 +314,8 @@ def _load_ip_adapters(a, pipe, references):
         pipe.load_ip_adapter(path, image_encoder=a.image_encoder, name=name)
     images, masks = references
     regions = ({"ip_adapter_mask": masks} if any(m is not None for m in masks) else {})
+    if regions and getattr(a, "ip_adapter_prep", None) is not None:
+        regions["ip_adapter_mask_style"] = "a1111"  # (a workflow's: soft, bilinear, as cubiq's)
     scales = [w for _, w in a.ip_adapter]
     types = getattr(a, "ip_adapter_weight_types", None)
     if types is not None:  # a workflow's: its nodes' weight types, per transformer block

@@ -18,7 +18,8 @@ image, sdrt's image to image keeping those steps), whose model, prompts and late
   its IPAdapterModelLoader's adapter and CLIPVisionLoader's encoder, or those an
   IPAdapterUnifiedLoader's preset finds (``preset_files``), and LoadImage's reference,
   perhaps through PrepImageForClipVision, prepared as ``clip_vision_image`` says; the weight
-  spread over the transformer blocks as its ``weight_type`` says, ``block_scales``; settings
+  spread over the transformer blocks as its ``weight_type`` says, ``block_scales``; an
+  ``attn_mask`` read as ComfyUI reads a MASK, ``comfy_mask``; settings
   beyond diffusers' IP-Adapter, ``IPADAPTER_PLAIN``, refused; ``start_at``/``end_at`` counted
   in steps);
 - CLIPTextEncode nodes (the prompt and negative prompt), their CLIP through
@@ -202,6 +203,8 @@ class ImagePrompt:
     prep: tuple = None
     preset: str = None  # an IPAdapterUnifiedLoader's, which finds the files not named
     weight_type: str = "linear"  # ``WEIGHT_TYPES``: the weight per block (``block_scales``)
+    # attn_mask: (LoadImageMask's or LoadImage's file name, the channel read), or None
+    mask: tuple = None
 
 
 @dataclass(frozen=True)
@@ -645,9 +648,9 @@ def _image_prompt(nodes, node_id):
     if weight_type not in types:
         raise SdrtError(f"{where}: weight_type must be one of {', '.join(types)}, got "
                         f"{short_repr(weight_type)}")
-    for key in ("image_negative", "attn_mask"):
-        if inputs.get(key) is not None:
-            raise SdrtError(f"{where}: sdrt does not run an IP-Adapter's {key}; remove it")
+    if inputs.get("image_negative") is not None:
+        raise SdrtError(f"{where}: sdrt does not run an IP-Adapter's image_negative; remove it")
+    mask = None if inputs.get("attn_mask") is None else _attn_mask(nodes, node_id)
     loaders = (UNIFIED,) if kind == IPADAPTER_SIMPLE else ("IPAdapterModelLoader", UNIFIED)
     loader = nodes.follow(node_id, "ipadapter", loaders)
     preset = _preset(nodes, loader) if nodes.kind(loader) == UNIFIED else None
@@ -681,7 +684,7 @@ def _image_prompt(nodes, node_id):
                          _number(nodes, node_id, "weight", float, default=1.0),
                          _number(nodes, node_id, "start_at", float, default=0.0),
                          _number(nodes, node_id, "end_at", float, default=1.0), prep, preset,
-                         types[weight_type])
+                         types[weight_type], mask)
     if not 0 <= prompt.start < prompt.end <= 1:
         raise SdrtError(f"{where}: start_at and end_at must satisfy 0 <= start < end <= 1, "
                         f"got {prompt.start:g} and {prompt.end:g}")
@@ -720,6 +723,49 @@ def block_scales(weight_type, weight, places, sdxl):
     return out
 
 
+# The channels LoadImageMask reads (alpha inverted, as ComfyUI's: a MASK is 1 where it acts)
+MASK_CHANNELS = ("alpha", "red", "green", "blue")
+
+
+def _attn_mask(nodes, node_id):
+    """An IPAdapterAdvanced's attn_mask: (file name, channel) of a LoadImageMask, or of a
+    LoadImage's MASK output (its alpha)."""
+    source, slot = nodes.link(node_id, "attn_mask")
+    kind = nodes.kind(source)
+    if kind == "LoadImageMask":
+        channel = nodes.inputs(source).get("channel", "alpha")
+        if channel not in MASK_CHANNELS:
+            raise SdrtError(f"workflow node {source} (LoadImageMask): channel must be one of "
+                            f"{', '.join(MASK_CHANNELS)}, got {short_repr(channel)}")
+    elif kind == "LoadImage" and slot == 1:
+        channel = "alpha"
+    else:
+        raise SdrtError(f"workflow node {source} ({kind}) is not supported as "
+                        f"{nodes.kind(node_id)}'s attn_mask: sdrt takes LoadImageMask or "
+                        f"LoadImage's MASK there")
+    name = nodes.inputs(source).get("image")
+    if not isinstance(name, str) or not name:
+        raise SdrtError(f"workflow node {source} ({kind}): image must be a file name, got "
+                        f"{short_repr(name)}")
+    return name, channel
+
+
+def comfy_mask(image, channel):
+    """A MASK as ComfyUI's LoadImageMask (and LoadImage's MASK: ``channel`` "alpha") reads
+    it from a PIL image: the channel in [0, 1], the alpha inverted (an image without alpha
+    gives 0: the adapter acts nowhere). float32 (H, W)."""
+    import numpy as np
+    from PIL import ImageOps
+    image = ImageOps.exif_transpose(image)
+    if image.getbands() != ("R", "G", "B", "A"):
+        if image.mode == "I":
+            image = image.point(lambda v: v * (1 / 255))
+        image = image.convert("RGBA")  # (no alpha: opaque, a MASK of 0)
+    band = channel[0].upper()
+    mask = np.asarray(image.getchannel(band), np.float32) / 255
+    return 1 - mask if band == "A" else mask
+
+
 def clip_vision_image(image, size, prep=None):
     """A reference image (PIL) as cubiq's IPAdapterAdvanced hands it to the CLIP image encoder
     of input ``size`` (224 for the real ones): ``prep`` (a PrepImageForClipVision's
@@ -732,7 +778,9 @@ def clip_vision_image(image, size, prep=None):
     from PIL import Image
 
     from .images import to_rgb8
-    x = torch.from_numpy(np.array(to_rgb8(image), np.float32) / 255).permute(2, 0, 1)[None]
+    # (as ComfyUI's LoadImage: 16-bit greys scaled to 8 bits, an alpha channel dropped)
+    rgb = to_rgb8(image) if image.mode == "I" else image.convert("RGB")
+    x = torch.from_numpy(np.array(rgb, np.float32) / 255).permute(2, 0, 1)[None]
     if prep is not None:
         x = _prep_for_clip_vision(x, size, *prep)
     if x.shape[2:] != (size, size):

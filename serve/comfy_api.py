@@ -9,8 +9,9 @@ clients built on them use it:
   holds the newest ones;
 - ``GET /view?filename=...&type=output`` returns an image (a PNG with the workflow in its
   "prompt" chunk, as ComfyUI writes it, and A1111's "parameters");
-- ``POST /upload/image`` (multipart ``image``) takes an init image a workflow's LoadImage
-  names; ``GET /queue`` lists what is running; ``GET /models/checkpoints`` the one model;
+- ``POST /upload/image`` (multipart ``image``) takes an image a workflow's LoadImage (or
+  LoadImageMask) names, kept as sent (a MASK reads its alpha); ``GET /queue`` lists what is
+  running; ``GET /models/checkpoints`` the one model;
 - ``/ws?clientId=...`` (a websocket) tells a client ``status`` (the queue's length) on
   connecting and whenever it changes, and of each of its prompts (those queued with its
   ``client_id``; all, for a prompt queued without one) ``execution_start``, ``executing``
@@ -299,10 +300,7 @@ def register(app, server_of, api_error):
         loras = check_loras(server, [(_stem(name), s) for name, s in flow.loras], "prompt")
         init = None
         if flow.init_image is not None:
-            init = jobs.uploads.get(flow.init_image)
-            if init is None:
-                raise bad(f"prompt: workflow loads image {short_repr(flow.init_image)}, which "
-                          f"was not uploaded (POST /upload/image first)")
+            init = _uploaded(jobs.uploads, flow.init_image, bad).convert("RGB")
         width, height = flow.width, flow.height
         if init is not None:
             width, height = server.image_size(init)
@@ -389,7 +387,7 @@ def register(app, server_of, api_error):
         image = await run_in_threadpool(_decode_bytes, await upload.read(), "image",
                                         server.limits)
         overwrite = str(form.get("overwrite", "")).lower() in ("true", "1")
-        name = jobs.upload(name, image.convert("RGB"), overwrite)
+        name = jobs.upload(name, image, overwrite)  # (as sent: a MASK reads its alpha)
         return {"name": name, "subfolder": "", "type": "input"}
 
     @app.get("/models/upscale_models", tags=["ComfyUI"])
@@ -550,10 +548,7 @@ def _controls(server, flow, uploads, width, height, bad):
         if name in [c[0] for c in controls]:
             raise bad(f"prompt: ControlNet {short_repr(unit.name)} is applied twice; sdrt "
                       f"applies each once")
-        picture = uploads.get(unit.image)
-        if picture is None:
-            raise bad(f"prompt: workflow loads image {short_repr(unit.image)}, which was not "
-                      f"uploaded (POST /upload/image first)")
+        picture = _uploaded(uploads, unit.image, bad).convert("RGB")
         processor = None
         if unit.preprocessor is not None:  # (a preprocessor node, checked when read)
             from sdrt.engine.preprocess import apply, get
@@ -578,11 +573,12 @@ def _image_prompts(server, flow, uploads, first, bad):
     import hashlib
 
     from sdrt.engine.clip_vision import encoder_config
-    from sdrt.engine.comfy import IPADAPTER, block_scales, clip_vision_image, preset_files
+    from sdrt.engine.comfy import (IPADAPTER, block_scales, clip_vision_image, comfy_mask,
+                                   preset_files)
     from sdrt.engine.infotext import controlnet_unit
     from sdrt.engine.ip_adapter import block_places, encoder_fits, file_config
 
-    from .a1111_controlnet import BlockScales
+    from .a1111_controlnet import BlockScales, RegionMask
     prompts, pictures, texts = [], [], []
     for i, prompt in enumerate(flow.ip_adapters):
         if prompt.preset is not None:  # an IPAdapterUnifiedLoader's: its files by name
@@ -614,24 +610,34 @@ def _image_prompts(server, flow, uploads, first, bad):
                                 f"gives")
         except SdrtError as e:
             raise bad(f"prompt: {IPADAPTER}: {e}") from None
-        picture = uploads.get(prompt.image)
-        if picture is None:
-            raise bad(f"prompt: workflow loads image {short_repr(prompt.image)}, which was not "
-                      f"uploaded (POST /upload/image first)")
-        picture = clip_vision_image(picture, config.image_size, prompt.prep)
+        picture = clip_vision_image(_uploaded(uploads, prompt.image, bad), config.image_size,
+                                    prompt.prep)
         digest = hashlib.sha256(picture.tobytes()).hexdigest()
+        mask = None
+        if prompt.mask is not None:  # (its region: weighs the adapter's attention)
+            mask = RegionMask(comfy_mask(_uploaded(uploads, prompt.mask[0], bad),
+                                         prompt.mask[1]))
         scale = prompt.weight
         if prompt.weight_type != "linear":  # the weight per transformer block
             scale = BlockScales(block_scales(
                 prompt.weight_type, prompt.weight, block_places(server.runner.pipe.unet),
                 file_config(path).cross_attention_dim == 2048))
-        prompts.append((name, scale, prompt.start, prompt.end, encoder, digest, None))
+        prompts.append((name, scale, prompt.start, prompt.end, encoder, digest, mask))
         pictures.append(picture)
         short = server.runner.controlnet_hash(name)
         texts.append((f"ControlNet {first + i}", controlnet_unit(
             f"{name} [{short}]" if short else name, prompt.weight, "crop", prompt.start,
             prompt.end, processor=("ip-adapter-auto", None, None, None, False))))
     return tuple(prompts), tuple(pictures), tuple(texts)
+
+
+def _uploaded(uploads, name, bad):
+    """The uploaded image a LoadImage (or LoadImageMask) names, as it was sent."""
+    image = uploads.get(name)
+    if image is None:
+        raise bad(f"prompt: workflow loads image {short_repr(name)}, which was not uploaded "
+                  f"(POST /upload/image first)")
+    return image
 
 
 def _stem(name):
@@ -662,6 +668,8 @@ def _check_model(flow, model_name, bad):
 
 def _png(image):
     import io
+    if image.mode not in ("1", "L", "LA", "I", "P", "RGB", "RGBA"):  # (CMYK, YCbCr ...)
+        image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()

@@ -72,8 +72,12 @@ REFUSED = {
                 "embeds_scaling must be 'V only'"),
     "negative image": (lambda g: g["43"]["inputs"].update(image_negative=["42", 0]),
                        "does not run an IP-Adapter's image_negative"),
-    "mask": (lambda g: g["43"]["inputs"].update(attn_mask=["42", 1]),
-             "does not run an IP-Adapter's attn_mask"),
+    "mask": (lambda g: g["43"]["inputs"].update(attn_mask=["42", 0]),
+             "node 42 (LoadImage) is not supported as IPAdapterAdvanced's attn_mask: sdrt takes "
+             "LoadImageMask or LoadImage's MASK there"),
+    "mask channel": (lambda g: g.update({"45": {"class_type": "LoadImageMask", "inputs": {
+        "image": "m.png", "channel": "luma"}}}) or g["43"]["inputs"].update(attn_mask=["45", 0]),
+        "node 45 (LoadImageMask): channel must be one of alpha, red, green, blue"),
     "no encoder": (lambda g: g["43"]["inputs"].pop("clip_vision"),
                    "clip_vision must be a link"),
     "window": (lambda g: g["43"]["inputs"].update(start_at=0.5, end_at=0.5),
@@ -422,3 +426,72 @@ def test_cli_weight_type_is_the_librarys_block_scales(tiny_dir, ip_files, tmp_pa
                 ip_adapter_scale=comfy.block_scales("ease in", 1.5, block_places(pipe.unet),
                                                     False))[0]
     assert np.array_equal(_pixels(out), np.asarray(want))
+
+
+# -- attention masks ---------------------------------------------------------------------------
+
+def test_attn_mask_nodes():
+    g = with_ip_adapters()
+    g["45"] = {"class_type": "LoadImageMask", "inputs": {"image": "m.png", "channel": "red"}}
+    g["43"]["inputs"]["attn_mask"] = ["45", 0]
+    assert comfy.read(g).ip_adapters[0].mask == ("m.png", "red")
+    g["43"]["inputs"]["attn_mask"] = ["42", 1]  # LoadImage's MASK: its alpha
+    assert comfy.read(g).ip_adapters[0].mask == ("ref.png", "alpha")
+
+
+def test_masks_read_as_comfyui_reads_them():
+    rng = np.random.default_rng(3)
+    rgba = rng.integers(0, 256, (6, 5, 4), np.uint8)
+    image = Image.fromarray(rgba, "RGBA")
+    assert np.array_equal(comfy.comfy_mask(image, "alpha"), 1 - rgba[..., 3] / np.float32(255))
+    assert np.array_equal(comfy.comfy_mask(image, "green"), rgba[..., 1] / np.float32(255))
+    opaque = comfy.comfy_mask(image.convert("RGB"), "alpha")  # no alpha: acts nowhere
+    assert opaque.shape == (6, 5) and not opaque.any()
+    grey = comfy.comfy_mask(Image.fromarray(rgba[..., 0], "L"), "red")
+    assert np.array_equal(grey, rgba[..., 0] / np.float32(255))
+    with_transparency = Image.fromarray(rgba[..., 0] % 4, "P")
+    with_transparency.info["transparency"] = 2
+    holes = comfy.comfy_mask(with_transparency, "alpha")
+    assert np.array_equal(holes, (rgba[..., 0] % 4 == 2).astype(np.float32))
+
+
+def _region_png(path, w=44, h=60):
+    """A mask image: the left half red and opaque, the right transparent, soft in between."""
+    a = np.zeros((h, w, 4), np.uint8)
+    a[..., 0] = np.linspace(255, 0, w)[None].astype(np.uint8)
+    a[..., 3] = np.linspace(0, 255, w)[None].astype(np.uint8)
+    Image.fromarray(a, "RGBA").save(path)
+
+
+def test_cli_attn_mask_is_the_librarys_soft_region(tiny_dir, ip_files, tmp_path, capsys):
+    from sdrt.engine import Pipeline
+    _region_png(tmp_path / "region.png")
+    graph = with_ip_adapters(_small(DEFAULT), units=(
+        ("ip-adapter-plus_sd15.safetensors", "warrior.png", 1.5, 0.0, 1.0, None),))
+    graph["45"] = {"class_type": "LoadImageMask", "inputs": {"image": "region.png",
+                                                             "channel": "red"}}
+    graph["43"]["inputs"]["attn_mask"] = ["45", 0]
+    (tmp_path / "wf.json").write_text(json.dumps(graph))
+    out = tmp_path / "wf.png"
+    argv = ["generate", "--workflow", str(tmp_path / "wf.json"), "--ip-adapter",
+            str(ip_files / "ip-adapter-plus_sd15.safetensors"), "--image-encoder",
+            str(ip_files / ENCODER_FILE), "--ip-adapter-image", str(ip_files / "warrior.png"),
+            "--model", tiny_dir, "-o", str(out)]
+    code, _, err = _run(argv[:-2] + ["-o", str(tmp_path / "no.png")], capsys)
+    assert code == 2 and "confines an IP-Adapter to mask 'region.png': pass --ip-adapter-mask " \
+                         "PATH/region.png" in err, err
+    code, _, err = _run(argv + ["--ip-adapter-mask", str(tmp_path / "region.png")], capsys)
+    assert code == 0, err
+    pipe = Pipeline.from_pretrained(tiny_dir, device="cpu", dtype="fp32")
+    pipe.load_ip_adapter(ip_files / "ip-adapter-plus_sd15.safetensors",
+                         image_encoder=ip_files / ENCODER_FILE)
+    call = dict(seed=4, num_inference_steps=3, guidance_scale=6.5, sampler="euler_a_normal",
+                width=32, height=24, negative_prompt="text, watermark",
+                ip_adapter_image=comfy.clip_vision_image(Image.open(ip_files / "warrior.png"),
+                                                         30), ip_adapter_scale=1.5)
+    region = comfy.comfy_mask(Image.open(tmp_path / "region.png"), "red")
+    want = pipe("beautiful scenery nature glass bottle", **call, ip_adapter_mask=region,
+                ip_adapter_mask_style="a1111")[0]
+    assert np.array_equal(_pixels(out), np.asarray(want))
+    unmasked = pipe("beautiful scenery nature glass bottle", **call)[0]
+    assert np.abs(np.asarray(unmasked, int) - np.asarray(want)).max() > 10

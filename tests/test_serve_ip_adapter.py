@@ -155,7 +155,7 @@ def _comfy_graph(url, picture, prep=None, adapter="style.safetensors",
     return graph
 
 
-def _comfy_want(ref_pipe, root, picture, prep=None, weight_type="linear"):
+def _comfy_want(ref_pipe, root, picture, prep=None, weight_type="linear", mask=None):
     """The library's image of ``_comfy_graph``'s workflow (weight 0.7, end 0.8) with the
     "style" adapter, the "vision" encoder and ``picture`` as the nodes prepare it."""
     from sdrt.engine.comfy import block_scales, clip_vision_image
@@ -169,7 +169,9 @@ def _comfy_want(ref_pipe, root, picture, prep=None, weight_type="linear"):
                         ip_adapter_image=clip_vision_image(picture, ENCODER["image_size"], prep),
                         ip_adapter_scale=block_scales(weight_type, 0.7,
                                                       block_places(ref_pipe.unet), False),
-                        ip_adapter_guidance_end=0.8)[0]
+                        ip_adapter_guidance_end=0.8,
+                        **({} if mask is None else dict(ip_adapter_mask=mask,
+                                                        ip_adapter_mask_style="a1111")))[0]
     finally:
         ref_pipe.unload_ip_adapter()
 
@@ -237,3 +239,28 @@ def test_comfyui_unified_loader_finds_its_files_by_name(server, assets, ref_pipe
     png = Image.open(io.BytesIO(_view(server, entry["outputs"]["9"]["images"][0])))
     assert_same_image(png, _comfy_want(ref_pipe, root, picture),
                       "cubiq's unified loader and IPAdapter node")
+
+
+def test_comfyui_attn_mask_gives_the_librarys_region(server, assets, ref_pipe):
+    # The attn_mask from an uploaded RGBA image's alpha (LoadImage's MASK, inverted as ComfyUI
+    # reads it): the library's regional image, soft and bilinear as the extension's.
+    import numpy as np
+
+    from sdrt.engine.comfy import comfy_mask
+    from test_comfy_ip_adapter import _region_png
+    from test_serve_comfy import _history, _queue, _view
+    root, picture = assets
+    _region_png(root / "region.png")
+    with open(root / "region.png", "rb") as f:
+        name = httpx.post(f"{server}/upload/image", files={
+            "image": ("region.png", f.read(), "image/png")}).json()["name"]
+    graph = _comfy_graph(server, picture)
+    graph["43"]["inputs"]["attn_mask"] = ["70", 1]
+    graph["70"] = {"class_type": "LoadImage", "inputs": {"image": name}}
+    entry = _history(server, _queue(server, graph)["prompt_id"])
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    png = Image.open(io.BytesIO(_view(server, entry["outputs"]["9"]["images"][0])))
+    region = comfy_mask(Image.open(root / "region.png"), "alpha")
+    assert 0 < region.mean() < 1 and np.ptp(region) == 1
+    assert_same_image(png, _comfy_want(ref_pipe, root, picture, mask=region),
+                      "a ComfyUI IPAdapterAdvanced node with an attn_mask")
