@@ -568,7 +568,7 @@ def sample(sampler: str, model, x: torch.Tensor, sched: Schedule, generator=None
 
     The model sees inputs in x's dtype; the loop itself runs in float32. The stochastic
     samplers' noise (euler_a, dpm2_a*, dpmpp_sde*, dpmpp_2m_sde*, dpmpp_3m_sde*, lcm,
-    res_multistep_a*, ddpm*, er_sde*) comes
+    res_multistep_a*, ddpm*, er_sde*, cfgpp_euler_a*, cfgpp_res_multistep_a*) comes
     from ``generator``, or from ``noise`` when given: ``sched.noise_draws`` unit-noise tensors
     (dpmpp_sde*: Brownian increments, ``brownian_noise``), stacked.
     After each model call's step, ``callback(step_index, num_steps)`` reports progress and

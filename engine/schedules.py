@@ -76,7 +76,7 @@ SAMPLER_CLASSES = {
     # ComfyUI's samplers that no diffusers class has, on Euler's levels: ipndm (Zhang &
     # Chen's improved PNDM: Adams-Bashforth), ipndm_v (for uneven steps), gradient_estimation,
     # comfy_deis (ComfyUI's deis), res_multistep, res_multistep_a (its ancestral form), ddpm,
-    # er_sde (``comfy_samplers``).
+    # er_sde, and the CFG++ ones, cfgpp_* (``comfy_samplers``).
     **{name: "EulerDiscreteScheduler" for base in COMFY_EULER
        for name in (base, f"{base}_karras")},
     "lcm": "LCMScheduler",
@@ -474,8 +474,9 @@ class Schedule:
     # first) and the predictor's (row 1: of the latents, then of the outputs), (N, 2,
     # solver_order + 2), and ``orders`` (corrector's, 0 for none; predictor's). lms*: the
     # weights of the slopes newest first, (N, 4), and ``orders`` how many are known (ipndm*,
-    # ipndm_v*, gradient_estimation*, comfy_deis* too); res_multistep*, ddpm*, er_sde*: (N,
-    # 5), the weights of the latents, the last three clean latents and fresh noise. deis*:
+    # ipndm_v*, gradient_estimation*, comfy_deis* too); res_multistep*, res_multistep_a*, ddpm*,
+    # er_sde*, cfgpp_*: (N, 6), the weights of the latents, this step's clean latents (guided,
+    # unconditional), two earlier steps' and fresh noise (``comfy_samplers``). deis*:
     # (N, 5), see ``_deis_coefficients``, and ``orders`` each step's. dpmpp_sde*: (N, 3), see
     # ``_dpmpp_sde_schedule``.
     coefficients: torch.Tensor | None = None

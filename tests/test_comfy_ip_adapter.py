@@ -312,7 +312,7 @@ def test_preset_files_are_cubiqs_patterns():
                 "ip-adapter_sdxl.safetensors"]
     encoders = ["CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors",
                 "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"]
-    found = lambda preset, sdxl: comfy.preset_files(preset, sdxl, adapters, encoders)  # noqa
+    found = lambda preset, sdxl: comfy.preset_files(preset, sdxl, adapters, encoders)  # noqa: E731
     assert found("PLUS (high strength)", False) == ("a/ip-adapter-plus_sd15.safetensors",
                                                     encoders[1])  # the first, sorted
     assert found("PLUS (high strength)", True) == (adapters[0], encoders[1])
