@@ -108,11 +108,13 @@ _UPSCALES = {"LatentUpscale": LATENT_UPSCALES, "LatentUpscaleBy": LATENT_UPSCALE
              "ImageScale": IMAGE_UPSCALES, "ImageScaleBy": IMAGE_UPSCALES}
 _APPLY = "ControlNetApplyAdvanced"
 # cubiq's ComfyUI_IPAdapter_plus: the node that applies an IP-Adapter to the sampled model, and
-# the settings that leave it as sdrt runs one (diffusers' IP-Adapter: every layer at the
-# weight, the reference images' tokens joined, the weight on the attention's output); another
-# value is refused by name, as are its optional negative image and attention mask.
+# the settings sdrt runs (diffusers' IP-Adapter: the weight on the attention's output);
+# another value is refused by name, as is its optional negative image. ``combine_embeds``
+# combines the embeddings of a batch of reference images: with the one image of a LoadImage,
+# every way is the image's own.
 IPADAPTER = "IPAdapterAdvanced"
-IPADAPTER_PLAIN = {"combine_embeds": "concat", "embeds_scaling": "V only"}
+IPADAPTER_PLAIN = {"combine_embeds": ("concat", "add", "subtract", "average", "norm average"),
+                   "embeds_scaling": ("V only",)}
 # cubiq's weight types: how the weight is spread over the UNet's transformer blocks, counted in
 # the order they run (``block_scales``); the two "precise" ones, which also swap the image
 # tokens in some blocks, are refused. The plain IPAdapter node's three name three of them.
@@ -639,10 +641,10 @@ def _image_prompt(nodes, node_id):
     where = f"workflow node {node_id} ({kind})"
     inputs = nodes.inputs(node_id)
     plain = {} if kind == IPADAPTER_SIMPLE else IPADAPTER_PLAIN
-    for key, value in plain.items():
-        if inputs.get(key, value) != value:
-            raise SdrtError(f"{where}: {key} must be {value!r} (sdrt runs diffusers' "
-                            f"IP-Adapter), got {short_repr(inputs.get(key))}")
+    for key, values in plain.items():
+        if inputs.get(key, values[0]) not in values:
+            raise SdrtError(f"{where}: {key} must be {' or '.join(map(repr, values))} (sdrt "
+                            f"runs diffusers' IP-Adapter), got {short_repr(inputs.get(key))}")
     types = SIMPLE_WEIGHT_TYPES if kind == IPADAPTER_SIMPLE else {t: t for t in WEIGHT_TYPES}
     weight_type = inputs.get("weight_type", "standard" if kind == IPADAPTER_SIMPLE else "linear")
     if weight_type not in types:

@@ -206,7 +206,7 @@ def _node_specs(server, checkpoints, loras, images, controlnets, vaes, upscalers
             "model": ["MODEL"], "ipadapter": ["IPADAPTER"], "image": ["IMAGE"],
             "weight": number("FLOAT", 1.0, -1.0, 5.0, 0.05),
             "weight_type": [list(comfy.WEIGHT_TYPES)],
-            **{k: [[v]] for k, v in comfy.IPADAPTER_PLAIN.items()},
+            **{k: [list(v)] for k, v in comfy.IPADAPTER_PLAIN.items()},
             "start_at": number("FLOAT", 0.0, 0.0, 1.0, 0.001),
             "end_at": number("FLOAT", 1.0, 0.0, 1.0, 0.001), "clip_vision": ["CLIP_VISION"]},
             ["MODEL"]),

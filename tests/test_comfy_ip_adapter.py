@@ -56,6 +56,8 @@ def test_ipadapter_nodes():
     flow = comfy.read(with_ip_adapters(units=units))
     assert flow.ip_adapters == [comfy.ImagePrompt(n, ENCODER_FILE, im, w, s, e, p)
                                 for n, im, w, s, e, p in units]
+    # (one image per node: every way of combining a batch's embeddings is the image's own)
+    assert comfy.read(with_ip_adapters(units=units, combine_embeds="average")) == flow
     assert flow.checkpoint == "v1-5-pruned-emaonly.safetensors" and flow.loras == []
 
 
@@ -66,8 +68,9 @@ def _model_node(g):
 
 
 REFUSED = {
-    "combine": (lambda g: g["43"]["inputs"].update(combine_embeds="average"),
-                "combine_embeds must be 'concat'"),
+    "combine": (lambda g: g["43"]["inputs"].update(combine_embeds="median"),
+                "combine_embeds must be 'concat' or 'add' or 'subtract' or 'average' or 'norm "
+                "average'"),
     "scaling": (lambda g: g["43"]["inputs"].update(embeds_scaling="K+V"),
                 "embeds_scaling must be 'V only'"),
     "negative image": (lambda g: g["43"]["inputs"].update(image_negative=["42", 0]),
