@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from sdrt.benchmarks.common import (ceilings, device_info, host_info, time_on, write_report)
-from sdrt.engine.upscaler import Conv3XC, SPANNet, Upscaler, network
+from sdrt.engine.upscaler import Conv3XC, Upscaler, network, ready
 from sdrt.engine.upscaler_config import UpscalerConfig
 
 MODELS = {
@@ -48,10 +48,7 @@ def build(cfg: UpscalerConfig, device, dtype) -> Upscaler:
     with torch.no_grad():
         for p in net.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    net = net.to(device, dtype).eval()
-    if isinstance(net, SPANNet):
-        net.fuse()
-    return Upscaler(net, cfg, "bench")
+    return Upscaler(ready(net.to(device, dtype).eval()), cfg, "bench")
 
 
 def conv_flops(up: Upscaler, x) -> float:

@@ -213,8 +213,13 @@ class SPANNet(nn.Module):
 
 
 def network(cfg: UpscalerConfig) -> nn.Module:
-    """The module of ``cfg``'s architecture (its weights to be loaded; SPAN's then fused)."""
+    """The module of ``cfg``'s architecture (its weights to be loaded, then ``ready``)."""
     return {"compact": CompactNet, "span": SPANNet}.get(cfg.arch, RRDBNet)(cfg)
+
+
+def ready(net: nn.Module) -> nn.Module:
+    """A network whose weights are in, as it runs: SPAN's convs fused."""
+    return net.fuse() if isinstance(net, SPANNet) else net
 
 
 def _file_key(cfg: UpscalerConfig):
@@ -368,8 +373,7 @@ def load_upscaler(path, device="cpu", dtype=torch.float32, name=None, tile=512,
     with SafetensorsFiles([path]) as f:
         source = {k: f.source[keys[k]] for k in keys}
         net = load_parameters(net, source, device, dtype, path, rename)
-    if cfg.arch == "span":
-        net.fuse()
+    net = ready(net)
     if torch.device(device).type == "cuda":
         net = net.to(memory_format=torch.channels_last)
     if name is None:
