@@ -319,10 +319,9 @@ def _load_ip_adapters(a, pipe, references):
     scales = [w for _, w in a.ip_adapter]
     types = getattr(a, "ip_adapter_weight_types", None)
     if types is not None:  # a workflow's: its nodes' weight types, per transformer block
-        from .comfy import block_scales
-        from .ip_adapter import block_places, file_config
-        scales = [block_scales(t, w, block_places(pipe.unet),
-                               file_config(path).cross_attention_dim == 2048)
+        from .comfy import adapter_scale
+        from .ip_adapter import file_config
+        scales = [adapter_scale(t, w, pipe.unet, file_config(path))
                   for t, (path, w) in zip(types, a.ip_adapter)]
     return dict(ip_adapter=names, ip_adapter_image=images, **regions,
                 ip_adapter_scale=scales,

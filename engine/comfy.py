@@ -725,6 +725,17 @@ def block_scales(weight_type, weight, places, sdxl):
     return out
 
 
+def adapter_scale(weight_type, weight, unet, adapter):
+    """An IP-Adapter node's ``ip_adapter_scale`` on ``unet``: ``block_scales`` over its
+    transformer blocks, by cubiq's SDXL tables for an adapter (``ip_adapter.file_config``'s
+    config) of SDXL's cross-attention width, 2048."""
+    if weight_type == "linear":
+        return weight
+    from .ip_adapter import block_places
+    return block_scales(weight_type, weight, block_places(unet),
+                        adapter.cross_attention_dim == 2048)
+
+
 # The channels LoadImageMask reads (alpha inverted, as ComfyUI's: a MASK is 1 where it acts)
 MASK_CHANNELS = ("alpha", "red", "green", "blue")
 

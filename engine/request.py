@@ -171,6 +171,14 @@ def split_sampler(name):
     return None
 
 
+def sampler_family(name):
+    """The sampling loop a sampler id runs: the stepping sampler without its ``_karras``
+    levels or sigma schedule (``euler_a_karras`` and ``euler_a_beta`` → ``euler_a``); None for
+    a name that is not a sampler id."""
+    split = split_sampler(name)
+    return None if split is None else split[0].removesuffix("_karras")
+
+
 def sampler_choices():
     """The sampler ids, said in one line for an error or a help text."""
     return (f"one of {', '.join(SAMPLER_NAMES)}, or X_S for X one of "

@@ -14,7 +14,7 @@ import torch
 
 from .comfy_samplers import NOISY, SLOPE_HISTORY, SLOPE_WEIGHTS, X0_WEIGHTS
 from .errors import SdrtError
-from .request import CFG_PP_PREFIX, split_sampler
+from .request import CFG_PP_PREFIX, sampler_family, split_sampler
 from .schedules import (EDM_CLASSES, EXPONENTIAL, KARRAS_OFF, KARRAS_SAMPLERS, SAMPLER_CLASSES,
                         SAMPLERS, TWO_CALL_SAMPLERS, Schedule, SchedulerConfig, make_schedule,
                         vp_alpha_sigma)
@@ -357,7 +357,7 @@ def sample_x0_multistep(model, x, sched: Schedule, generator=None, noise=None, s
     The noise is drawn from ``generator``, or taken from ``noise`` (N, *x.shape), as
     euler_a's."""
     cfg_pp = sched.sampler.startswith(CFG_PP_PREFIX)
-    slopes = split_sampler(sched.sampler)[0].removesuffix("_karras") in SLOPE_HISTORY
+    slopes = sampler_family(sched.sampler) in SLOPE_HISTORY
     h1 = h2 = torch.zeros_like(x)  # (weighed 0 until there are steps before)
     for i, t in enumerate(sched.timesteps):
         c = sched.coefficients[i]

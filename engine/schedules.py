@@ -20,7 +20,7 @@ import torch
 from . import comfy_samplers
 from .errors import SdrtError
 from .request import SAMPLER_NAMES as SAMPLERS  # the one list, importable without torch
-from .request import sampler_choices, sampler_missing, split_sampler
+from .request import sampler_choices, sampler_family, sampler_missing, split_sampler
 from .sigma_schedules import levels
 
 # ComfyUI's samplers on Euler's levels, each run by sdrt's linear multistep loop on the slope
@@ -1138,7 +1138,7 @@ def _one_call_schedule(cfg, sampler, timesteps, sigmas, init_noise_sigma, start,
     latents, whose pure noise has std 1)."""
     f32 = {"dtype": torch.float32, "device": device}
     if sampler.startswith(EULER_LEVELS):
-        family = split_sampler(sampler)[0].removesuffix("_karras")
+        family = sampler_family(sampler)
         noisy = family == "euler_a" or family in comfy_samplers.NOISY
         weights = (_lms_coefficients(sigmas, start) if family == "lms" else
                    comfy_samplers.SLOPE_WEIGHTS[family](sigmas, start)

@@ -482,9 +482,7 @@ def register(app, server_of, api_error):
 
 def _clip_vision_files(runner):
     """--clip-vision-dir's image encoders by file name (a folder by its name)."""
-    from sdrt.engine.model_files import by_name
-    return [os.path.basename(p) for p in
-            by_name(runner.config.clip_vision_dir, model_folders=True).values()]
+    return [os.path.basename(runner.clip_vision_path(n)) for n in runner.clip_vision_names()]
 
 
 def _controlnet_files(runner):
@@ -573,10 +571,10 @@ def _image_prompts(server, flow, uploads, first, bad):
     import hashlib
 
     from sdrt.engine.clip_vision import encoder_config
-    from sdrt.engine.comfy import (IPADAPTER, block_scales, clip_vision_image, comfy_mask,
+    from sdrt.engine.comfy import (IPADAPTER, adapter_scale, clip_vision_image, comfy_mask,
                                    preset_files)
     from sdrt.engine.infotext import controlnet_unit
-    from sdrt.engine.ip_adapter import block_places, encoder_fits, file_config
+    from sdrt.engine.ip_adapter import encoder_fits, file_config
 
     from .a1111_controlnet import BlockScales, RegionMask
     prompts, pictures, texts = [], [], []
@@ -604,8 +602,8 @@ def _image_prompts(server, flow, uploads, first, bad):
             raise bad(f"prompt: CLIPVisionLoader loads {short_repr(prompt.encoder)}, which "
                       f"--clip-vision-dir does not have (GET /models/clip_vision)")
         try:
-            config = encoder_config(encoder)
-            if not encoder_fits(file_config(path), config):
+            config, adapter = encoder_config(encoder), file_config(path)
+            if not encoder_fits(adapter, config):
                 raise SdrtError(f"IP-Adapter {name!r} does not read what {prompt.encoder!r} "
                                 f"gives")
         except SdrtError as e:
@@ -617,11 +615,9 @@ def _image_prompts(server, flow, uploads, first, bad):
         if prompt.mask is not None:  # (its region: weighs the adapter's attention)
             mask = RegionMask(comfy_mask(_uploaded(uploads, prompt.mask[0], bad),
                                          prompt.mask[1]))
-        scale = prompt.weight
-        if prompt.weight_type != "linear":  # the weight per transformer block
-            scale = BlockScales(block_scales(
-                prompt.weight_type, prompt.weight, block_places(server.runner.pipe.unet),
-                file_config(path).cross_attention_dim == 2048))
+        scale = adapter_scale(prompt.weight_type, prompt.weight, server.runner.pipe.unet, adapter)
+        if isinstance(scale, dict):  # (the weight per transformer block, hashed in the key)
+            scale = BlockScales(scale)
         prompts.append((name, scale, prompt.start, prompt.end, encoder, digest, mask))
         pictures.append(picture)
         short = server.runner.controlnet_hash(name)

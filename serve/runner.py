@@ -157,10 +157,18 @@ class Runner:
 
     # -- IP-Adapters from --controlnet-dir, image encoders from --clip-vision-dir -------------
 
+    def _clip_vision_index(self):
+        """Read afresh each time, as ``_controlnet_index``."""
+        return by_name(self.config.clip_vision_dir, model_folders=True)
+
+    def clip_vision_names(self):
+        """The image encoders of --clip-vision-dir: .safetensors files (by stem) and
+        transformers folders (by name)."""
+        return sorted(self._clip_vision_index())
+
     def clip_vision_path(self, name):
-        """The --clip-vision-dir image encoder called ``name`` (a file's stem, a folder's
-        name), or None."""
-        return by_name(self.config.clip_vision_dir, model_folders=True).get(name)
+        """The --clip-vision-dir image encoder called ``name``, or None."""
+        return self._clip_vision_index().get(name)
 
     def ip_encoder(self, adapter_path, prefer=None):
         """The --clip-vision-dir encoder that IP-Adapter ``adapter_path`` reads: the first whose
@@ -171,7 +179,7 @@ class Runner:
         from sdrt.engine.ip_adapter import encoder_fits, file_config
         cfg = file_config(adapter_path)
         marks = {"h": ("clip_h", "vit-h"), "g": ("clip_g", "bigg")}.get(prefer, ())
-        paths = sorted(by_name(self.config.clip_vision_dir, model_folders=True).values(),
+        paths = sorted(self._clip_vision_index().values(),
                        key=lambda p: not any(m in os.path.basename(p).lower() for m in marks))
         for path in paths:
             try:

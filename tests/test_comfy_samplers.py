@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from sdrt.engine.request import sampler_family
 from sdrt.engine.samplers import SchedulerConfig, make_schedule, sample
 from test_samplers import CONFIGS, LinearModel, _latents
 
@@ -414,10 +415,9 @@ def _comfy_loop(family, model, x, sched, noise):
                                      "cfgpp_gradient_estimation_beta"])
 @pytest.mark.parametrize("config", ["sd15", "sd21"])
 def test_matches_comfyuis_loops(sampler, steps, strength, config):
-    from sdrt.engine.request import split_sampler
     if sampler.endswith("beta"):  # (its quantiles)
         pytest.importorskip("scipy")
-    family = split_sampler(sampler)[0].removesuffix("_karras")
+    family = sampler_family(sampler)
     cfg = SchedulerConfig.from_dict(CONFIGS[config])
     sched = make_schedule(cfg, sampler, steps, strength)
     noise = _latents(steps)
