@@ -178,6 +178,10 @@ def _parser():
     o.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
                    help="override the scheduler's prediction type; for an SD 2.x single file, "
                         "epsilon also selects the 512-base configs")
+    o.add_argument("--controlnet", metavar="PATH", action="append", default=[],
+                   help="a ControlNet (diffusers folder or .safetensors file) for the UNet to "
+                        "run on every call, its image and scale two more UNet inputs "
+                        "(controlnet_images, controlnet_scales); repeat for several")
     o.add_argument("--optimize", choices=("ort",), default=None,
                    help="run ONNX Runtime's Stable Diffusion optimizer on every network (with "
                         "--fp16: then its float16 conversion, float32 inputs and outputs kept), "
@@ -366,7 +370,8 @@ def _generate_options(g):
     g.add_argument("--controlnet", metavar="PATH[:WEIGHT]", type=_lora_option, action="append",
                    default=[], help="a ControlNet (diffusers folder, or .safetensors as A1111 "
                    "and ComfyUI use them) and its weight (default 1); repeat it for several, "
-                   "each with its --control-image")
+                   "each with its --control-image. With --runtime onnx: one the export runs, "
+                   "by its name or file")
     g.add_argument("--control-image", metavar="PATH", action="append", default=[],
                    help="the image (edges, depth, pose ...) the --controlnet of the same place "
                    "follows; it sets the size when neither --init-image nor --width/--height do")
@@ -471,11 +476,13 @@ def cmd_export(a):
     manifest = export_onnx(a.model, a.out, height=a.height, width=a.width, batch=a.batch,
                            dtype=a.dtype, opset=DEFAULT_OPSET if a.opset is None else a.opset,
                            dynamic=a.dynamic, config=a.config, prediction_type=a.prediction_type,
-                           optimize=a.optimize, target=a.target)
+                           optimize=a.optimize, target=a.target, controlnets=a.controlnet)
     shapes = "dynamic batch and size" if a.dynamic else \
         f"{manifest['width']}x{manifest['height']}, batch {manifest['batch']}"
+    nets = [e["name"] for e in manifest["controlnets"]]
     print(f"exported {', '.join(m['file'] for m in manifest['models'].values())} "
-          f"({shapes}, {manifest['dtype']}, opset {manifest['opset']}) to {a.out} "
+          f"({shapes}, {manifest['dtype']}, opset {manifest['opset']}"
+          f"{', ControlNets ' + ', '.join(nets) if nets else ''}) to {a.out} "
           f"in {time.perf_counter() - t0:.1f} s")
     optimized = manifest["optimized"]
     if optimized:

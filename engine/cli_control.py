@@ -12,7 +12,7 @@ import os
 
 from .errors import SdrtError
 from .infotext import CONTROL_RESIZE_LABELS, controlnet_unit
-from .infotext import file_stem
+from .infotext import file_stem, numbered_stems
 from .request import CONTROL_MODES, MAX_CONTROL_SCALE
 
 
@@ -135,13 +135,6 @@ def _unit_model(unit):
     return re.sub(r" \[[0-9a-fA-F]+\]$", "", unit.get("Model", ""))
 
 
-def _numbered(paths):
-    """The name each file or folder is loaded under: its stem, numbered where two are the
-    same."""
-    stems = [file_stem(p) for p in paths]
-    return [s if stems.count(s) == 1 else f"{s}-{i}" for i, s in enumerate(stems)]
-
-
 def _unit_fields(text):
     """A PNG's ``ControlNet N`` value ("Module: none, Model: NAME [HASH], Weight: 1, ...") as
     {field: value}."""
@@ -258,7 +251,8 @@ def check(a):
                         f"ControlNet{'s' * (len(a.controlnet) > 1)}, {len(a.control_image)} "
                         f"image{'s' * (len(a.control_image) != 1)})")
     for path, weight in a.controlnet:
-        if not os.path.exists(path):
+        # With --runtime onnx a ControlNet of the exported UNet, by name or by its file.
+        if not os.path.exists(path) and a.runtime != "onnx":
             raise SdrtError(f"--controlnet {path} does not exist")
         if not 0 <= weight <= MAX_CONTROL_SCALE:
             raise SdrtError(f"--controlnet {path}: the weight must be from 0 to "
@@ -271,9 +265,6 @@ def check(a):
         if start >= end:
             raise SdrtError(f"--control-start must be below --control-end, got {start:g} and "
                             f"{end:g}")
-    if a.runtime == "onnx":
-        raise SdrtError("--controlnet feeds sdrt's own UNet; --runtime onnx runs the exported "
-                        "one")
     modes(a)
     preprocessors(a)
 
@@ -345,7 +336,7 @@ def read_images(a):
 def names(a):
     """The name each --controlnet is loaded under: its file or folder name, numbered where
     two are the same."""
-    return _numbered(p for p, _ in a.controlnet)
+    return numbered_stems(p for p, _ in a.controlnet)
 
 
 def load(a, pipe):
@@ -393,7 +384,7 @@ def hires_units(a):
 def ip_names(a):
     """The name each --ip-adapter is loaded under: its file name, numbered where two are the
     same."""
-    return _numbered(p for p, _ in a.ip_adapter)
+    return numbered_stems(p for p, _ in a.ip_adapter)
 
 
 # The ControlNet extension's IP-Adapter preprocessor for an image encoder's width.

@@ -99,12 +99,7 @@ class ControlNetModel(UNetEncoder):
         ch = cfg.block_out_channels
         self.controlnet_cond_embedding = ControlNetConditioningEmbedding(
             ch[0], cfg.conditioning_channels, list(cfg.conditioning_embedding_out_channels))
-        # One 1×1 conv per skip tensor, in the down path's order: conv_in's, then per level
-        # one per ResNet and one for the downsampler.
-        widths = [ch[0]]
-        for i, c in enumerate(ch):
-            widths += [c] * (cfg.layers_per_block + (i < len(ch) - 1))
-        self.controlnet_down_blocks = nn.ModuleList(nn.Conv2d(c, c, 1) for c in widths)
+        self.controlnet_down_blocks = nn.ModuleList(nn.Conv2d(c, c, 1) for c in skip_widths(cfg))
         self.controlnet_mid_block = nn.Conv2d(ch[-1], ch[-1], 1)
 
     def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, scales,
@@ -133,6 +128,32 @@ class ControlNetModel(UNetEncoder):
     @property
     def num_residuals(self):
         return len(self.controlnet_down_blocks)
+
+
+def skip_widths(cfg: UNetConfig):
+    """The channels of each skip tensor of the down path, in its order (one ControlNet
+    residual each): conv_in's, then per level one per ResNet and one for the downsampler."""
+    ch = cfg.block_out_channels
+    widths = [ch[0]]
+    for i, c in enumerate(ch):
+        widths += [c] * (cfg.layers_per_block + (i < len(ch) - 1))
+    return widths
+
+
+@dataclass(frozen=True)
+class FusedControlNet:
+    """A ControlNet whose network is part of the UNet (an ONNX export's ``--controlnet``):
+    the UNet takes each such net's control image and one conditioning scale, and runs it on
+    every call. ``index``: its place among the ``count`` nets of that UNet. It stands where a
+    ``ControlNetModel`` does in a request's settings (``residual_scales``, ``Control``)."""
+    name: str
+    index: int
+    count: int
+    config: ControlNetConfig
+
+    @property
+    def num_residuals(self):
+        return len(skip_widths(self.config))
 
 
 _SOFT = 0.825  # the extension's factor per skip, from 0.825^12 at the first to 1 at the mid

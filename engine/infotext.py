@@ -460,6 +460,13 @@ def file_stem(path):
     return os.path.splitext(os.path.basename(os.path.normpath(os.fspath(path))))[0]
 
 
+def numbered_stems(paths):
+    """The name each file or folder of ``paths`` is loaded under: its ``file_stem``,
+    numbered where two are the same."""
+    stems = [file_stem(p) for p in paths]
+    return [s if stems.count(s) == 1 else f"{s}-{i}" for i, s in enumerate(stems)]
+
+
 def short_hash(path):
     """A1111's short hash of a LoRA or embedding file (its ``Lora hashes`` / ``TI hashes``):
     the first 12 hex digits of the file's sha256."""

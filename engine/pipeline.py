@@ -34,9 +34,10 @@ from .request import MICRO_CONDITIONING, GenerationRequest, Limits, short_repr
 from .runtime import ModelSpec, StaticRuntime, StaticShape
 from .samplers import (SchedulerConfig, brownian_noise, default_sampler, make_schedule,
                        sample)
-from .stages import (Control, blank_inpaint_conditioning, cpu_randn, guidance_embedding, guided,
-                     inpaint_conditioning, inpainting_unet, keep_unmasked, row_scales,
-                     scale_latents, starts_from_noise, to_unit_images, vae_decode)
+from .stages import (Control, blank_inpaint_conditioning, check_fused, cpu_randn,
+                     guidance_embedding, guided, inpaint_conditioning, inpainting_unet,
+                     keep_unmasked, row_scales, scale_latents, starts_from_noise,
+                     to_unit_images, vae_decode)
 
 # What the masked latents start from when inpainting (A1111's "masked content" in latent
 # space): the init image's, unit noise, or zeros.
@@ -466,13 +467,14 @@ class Pipeline:
         built in this UNet's architecture); or a T2I-Adapter (``engine.adapter``) in the
         same forms, which calls then use as a ControlNet (as A1111 and ComfyUI load both).
         ``name`` (default: the file or folder name) is what calls pass as ``controlnet``;
-        loading under a loaded name replaces that one. Returns the name."""
+        loading under a loaded name replaces that one. Returns the name.
+
+        A UNet exported with ControlNets (``sdrt export onnx --controlnet``) runs those only:
+        ``name``, else the stem of ``path`` (which need not exist), picks one of them."""
         from .adapter import check_fits as adapter_fits
         from .adapter import fits as adapter_ok
         from .adapter import is_adapter, load_adapter
         from .controlnet import check_fits, load_controlnet
-        if not isinstance(self.unet, nn.Module):
-            raise SdrtError("ControlNets feed sdrt's own UNet; this one runs in another runtime")
         if not isinstance(path, (str, os.PathLike)):
             raise SdrtError(f"controlnet path must be a folder or a .safetensors file, got "
                             f"{short_repr(path)}")
@@ -480,7 +482,9 @@ class Pipeline:
             name = file_stem(path)
         if not isinstance(name, str) or not name.strip():
             raise SdrtError(f"controlnet name must be a non-empty string, got {short_repr(name)}")
-        if is_adapter(path):
+        if not isinstance(self.unet, nn.Module):
+            net = self._fused_controlnet(path, name)
+        elif is_adapter(path):
             net = load_adapter(path, self.device, self.dtype, fits=lambda cfg: adapter_ok(
                 cfg, self.unet.config, self.vae_scale_factor))
             adapter_fits(net.config, self.unet.config, self.vae_scale_factor, os.fspath(path))
@@ -488,11 +492,25 @@ class Pipeline:
             net = load_controlnet(path, self.device, self.dtype,
                                   dataclasses.asdict(self.unet.config), variant)
             check_fits(net.config, self.unet.config, os.fspath(path))
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and isinstance(net, nn.Module):
             use_conv_chooser(net, self.conv_chooser)
         self._forget_controlnet(name)
         self._controlnets[name] = net
         return name
+
+    def _fused_controlnet(self, path, name):
+        """The ControlNet of a UNet run elsewhere (an ONNX export's) that ``name`` (else the
+        stem of ``path``) names: such a UNet runs only the ControlNets it was exported with."""
+        fused = getattr(self.unet, "controlnets", None)
+        if not fused:
+            raise SdrtError("ControlNets feed sdrt's own UNet; this one runs in another "
+                            "runtime and was exported without ControlNets (export it with "
+                            "--controlnet)")
+        net = fused.get(name) or fused.get(file_stem(path))
+        if net is None:
+            raise SdrtError(f"controlnet {name!r} is not one the exported UNet runs (it runs "
+                            f"{', '.join(fused)})")
+        return net
 
     def unload_controlnet(self, name=None):
         """Remove ControlNet ``name`` (all when None)."""
@@ -1220,6 +1238,9 @@ class Pipeline:
                                        controlnet_conditioning_scale, control_guidance_start,
                                        control_guidance_end, guess_mode, control_mode,
                                        control_mask, self._control_mask)
+        if control is not None:
+            check_fused([self._controlnets[n] for n in control.names], control.guess_mode,
+                        control.modes, control.masks)
         hints = self._control_tensors(control)
         image_prompt = ImagePromptRequest.parse(
             list(self._ip_adapters), ip_adapter_image, ip_adapter, ip_adapter_scale,

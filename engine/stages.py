@@ -7,6 +7,7 @@ import torch
 
 from .adapter import T2IAdapter
 from .conditioning import Conditioning
+from .controlnet import FusedControlNet
 from .errors import SdrtError
 from .layers import grid_slice
 
@@ -106,6 +107,8 @@ class Control:
         return image
 
     def _controlnets(self, nets, call, x, t, inputs, rows, parts=None):
+        if isinstance(nets[0][1], FusedControlNet):
+            return self._fused(nets, call, x, rows, parts)
         half = rows == 2 and self.guess_mode
         uncond = self.images[0].shape[0]  # the unconditional rows come first, one per image
         if half:  # the conditional rows only (of what a ControlNet reads: not image tokens)
@@ -127,6 +130,47 @@ class Control:
             down = [torch.cat([d.new_zeros((uncond, *d.shape[1:])), d]) for d in down]
             mid = torch.cat([mid.new_zeros((uncond, *mid.shape[1:])), mid])
         return {"down_residuals": down, "mid_residual": mid}
+
+    def _fused(self, nets, call, x, rows, parts=None):
+        """The inputs of a UNet that runs its ControlNets itself (``FusedControlNet``):
+        ``controlnet_images`` (count, rows·B, 3, H, W), each net's image for every row, and
+        ``controlnet_scales`` (count,), each one's scale on this call; a net of that UNet the
+        request does not run gets a zero scale (and a blank image)."""
+        count = nets[0][1].count
+        image = self.images[nets[0][0]]
+        images = image.new_zeros((count, x.shape[0], *image.shape[1:]))
+        scales = torch.zeros(count, dtype=image.dtype, device=image.device)
+        for k, net in nets:
+            factors = self._row_scales(call, k, rows, x.shape[0], parts)
+            factors = factors[..., :net.num_residuals + 1]
+            if not bool((factors == factors.reshape(-1)[0]).all()):
+                raise SdrtError(f"ControlNet {net.name!r} runs inside the exported UNet at one "
+                                "scale for every residual and row; these settings need "
+                                "another per row or residual: use --runtime torch")
+            images[net.index] = self._rows(self.images[k], rows, parts)
+            scales[net.index] = factors.reshape(-1)[0]
+        return {"controlnet_images": images, "controlnet_scales": scales}
+
+
+def check_fused(nets, guess_mode, modes, masks):
+    """A request's settings fit ControlNets that run inside the UNet (``FusedControlNet``):
+    one image and one scale per net for the whole batch, each net at most once."""
+    fused = [n for n in nets if isinstance(n, FusedControlNet)]
+    if not fused:
+        return
+    why = ("guess_mode" if guess_mode else
+           "control_mode" if any(m != "balanced" for m in modes) else
+           "control_mask" if any(m is not None for m in masks) else None)
+    if why:
+        raise SdrtError(f"{why} needs --runtime torch: the exported UNet runs each ControlNet "
+                        "at one scale on every row and position")
+    if len(fused) != len(nets):
+        raise SdrtError("the ControlNets run inside the exported UNet; a T2I-Adapter or "
+                        "ControlNet of sdrt's own cannot join them")
+    indices = [n.index for n in fused]
+    if len(set(indices)) != len(indices):
+        raise SdrtError("a ControlNet of the exported UNet runs once per call: the request "
+                        "names one of them twice")
 
 
 def guided(unet, cond, guidance_scale, cfg, dtype, timestep_cond=None, image_cond=None,

@@ -18,12 +18,14 @@ wrong op is off by ≥ 1e-2); float16 exports 1e-2 (fp16 rounding, 2⁻¹¹ per 
 over the depth; the tiny models measure ~1e-3).
 """
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 
 from sdrt.engine.errors import SdrtError
 
+from .onnx_controlnet import CONTROL_INPUTS, ControlledUNet, control_examples, load_controlnets
 from .onnx_export import vae_moments
 from .onnx_manifest import manifest_family, models_of, unet_inputs
 from .onnx_runtime import load_sessions
@@ -96,7 +98,14 @@ class _VAERecorder:
         return self.vae.encode(image)
 
 
-def _random_inputs(manifest, configs, unet_names, device, g, family):
+def _control_feeds(nets, rows, height, width, device, g):
+    """The UNet's ControlNet inputs: a random image per net and row, and scales from 0.5
+    to 1.5."""
+    images, scales = control_examples(nets, rows, height, width, torch.float32, g)
+    return {"controlnet_images": images.to(device), "controlnet_scales": scales.to(device)}
+
+
+def _random_inputs(manifest, configs, unet_names, device, g, family, nets=()):
     """Fresh inputs at the export's shapes: (B images, guidance doubles the UNet's batch)."""
     n, f = manifest["batch"], configs["vae"].scale_factor
     h, w = manifest["height"] // f, manifest["width"] // f
@@ -121,6 +130,8 @@ def _random_inputs(manifest, configs, unet_names, device, g, family):
                   "target_size": (h * f, w * f), "aesthetic_score": 6.0}
         unet_feeds["time_ids"] = torch.tensor([family.time_ids_of(values)] * (2 * n),
                                               dtype=torch.float32, device=device)
+    if nets:
+        unet_feeds.update(_control_feeds(nets, 2 * n, h * f, w * f, device, g))
     return {
         # One prompt and its negative, as a guided generation encodes them.
         **{name: {"input_ids": torch.randint(0, text.vocab_size, (2, seq),
@@ -135,8 +146,9 @@ def _random_inputs(manifest, configs, unet_names, device, g, family):
     }
 
 
-def _generation_inputs(c, manifest, device):
-    """The inputs each network saw in a 2-step guided generation at the export's shapes."""
+def _generation_inputs(c, manifest, device, nets=(), g=None):
+    """The inputs each network saw in a 2-step guided generation at the export's shapes
+    (the UNet's ControlNets, which that generation does not run, get random images)."""
     from sdrt.engine.loading import Components
     from sdrt.engine.pipeline import Pipeline
     texts = {name: _TextRecorder(getattr(c, name)) for name in c.family.text_encoders}
@@ -151,6 +163,8 @@ def _generation_inputs(c, manifest, device):
     (z,), image = vae.last_decode
     unet_feeds = dict(unet.last)
     unet_feeds["timestep"] = unet_feeds["timestep"].reshape(-1)[0].float()
+    if nets:
+        unet_feeds.update(_control_feeds(nets, image.shape[0] * 2, *image.shape[2:], device, g))
     return {**{name: {"input_ids": text.last["input_ids"]} for name, text in texts.items()},
             "unet": unet_feeds,
             "vae_decoder": {"latent_sample": z},
@@ -170,8 +184,9 @@ def _layer_states(encoder, ids):
     return (*head, *states)
 
 
-def reference(c, name, feeds):
-    """sdrt's outputs for one network, as a tuple in the export's output order."""
+def reference(c, name, feeds, nets=()):
+    """sdrt's outputs for one network, as a tuple in the export's output order; ``nets``:
+    the ControlNets the UNet runs."""
     if name.startswith("text_encoder"):
         ids = feeds["input_ids"]
         encoder = getattr(c, name)
@@ -181,12 +196,26 @@ def reference(c, name, feeds):
         return states, states[torch.arange(len(ids), device=ids.device), ids.argmax(dim=-1)]
     if name == "unet":
         extra = {k: v for k, v in feeds.items()
-                 if k not in ("sample", "timestep", "encoder_hidden_states")}
-        return (c.unet(feeds["sample"], feeds["timestep"], feeds["encoder_hidden_states"],
-                       **extra),)
+                 if k not in ("sample", "timestep", "encoder_hidden_states", *CONTROL_INPUTS)}
+        args = (feeds["sample"], feeds["timestep"], feeds["encoder_hidden_states"])
+        if nets:
+            unet = ControlledUNet(c.unet, nets, tuple(extra))
+            return (unet(*args, *extra.values(), *(feeds[k] for k in CONTROL_INPUTS)),)
+        return (c.unet(*args, **extra),)
     if name == "vae_decoder":
         return (c.vae.decode(feeds["latent_sample"]),)
     return (vae_moments(c.vae, feeds["sample"]),)
+
+
+def _controlnets(manifest, unet, device):
+    """The ControlNets the exported UNet runs, loaded from their sources for ``unet``."""
+    entries = manifest.get("controlnets") or []
+    for e in entries:
+        if not os.path.exists(e["source"]):
+            raise SdrtError(f"the exported UNet runs ControlNet {e['name']!r}, made from "
+                            f"{e['source']}, which is gone: check-onnx compares with it")
+    return [n.to(device) for n in load_controlnets([e["source"] for e in entries], unet,
+                                                   torch.float32)]
 
 
 class _NoTF32:
@@ -217,18 +246,19 @@ def check_onnx(onnx_dir, model_path=None, device=None, seed=0):
         raise SdrtError(f"{model_path} is an {c.family.label} model; the export is of an "
                         f"{manifest_family(manifest).label} one")
     configs = {name: getattr(c, name).config for name in ("unet", "vae", *c.family.text_encoders)}
+    nets = _controlnets(manifest, c.unet, device)
     tol = TOLERANCES[manifest["dtype"]]
     g = torch.Generator().manual_seed(seed)
     rows = []
     with _NoTF32():
         input_sets = {"random": _random_inputs(manifest, configs, sessions["unet"].inputs,
-                                               device, g, c.family),
-                      "generation": _generation_inputs(c, manifest, device)}
+                                               device, g, c.family, nets),
+                      "generation": _generation_inputs(c, manifest, device, nets, g)}
         for name in models_of(c.family):
             for kind, inputs in input_sets.items():
                 feeds = inputs[name]
                 ours = sessions[name](**feeds)
-                ref = reference(c, name, feeds)
+                ref = reference(c, name, feeds, nets)
                 outputs = sessions[name].output_names
                 for out_name, o, r in zip(outputs, ours, ref):
                     label = name if len(outputs) == 1 else f"{name}.{out_name}"

@@ -2,9 +2,10 @@
 
 The folder is Optimum's Stable Diffusion (SDXL) layout (``onnx_manifest``), so Optimum's
 ``ORTStableDiffusionPipeline`` (``ORTStableDiffusionXLPipeline``, ``...XLImg2ImgPipeline``) and
-ONNX Runtime's Stable Diffusion optimizer read it as they read ``optimum-cli``'s export. After the exporter, ``onnx_ort_patterns.rewrite_for_ort``
-rewrites GroupNorm, GEGLU and attention into the node forms ORT's optimizer fuses; with
-``optimize="ort"`` that optimizer then runs (``onnx_optimize``).
+ONNX Runtime's Stable Diffusion optimizer read it as they read ``optimum-cli``'s export. After
+the exporter, ``onnx_ort_patterns.rewrite_for_ort`` rewrites GroupNorm, GEGLU and attention
+into the node forms ORT's optimizer fuses; with ``optimize="ort"`` that optimizer then runs
+(``onnx_optimize``). ControlNets can run inside the UNet (``onnx_controlnet``).
 
 The exporter is ``torch.onnx.export(..., dynamo=True)``: torch.export captures the modules, and
 onnxscript translates the graph. The legacy TorchScript exporter (``dynamo=False``) still ships
@@ -32,6 +33,8 @@ from torch import nn
 from sdrt.engine.atomic import check_new_folder, write_folder
 from sdrt.engine.errors import SdrtError
 
+from .onnx_controlnet import (CONTROL_INPUTS, ControlledUNet, check_paths, control_examples,
+                              load_controlnets, manifest_entries)
 from .onnx_manifest import (DTYPES, FILES, MODELS, NAMES, output_names, sdrt_version,
                             unet_inputs, write_manifest)
 
@@ -123,7 +126,7 @@ class _VAEEncoder(nn.Module):
 
 
 def _check_args(model_path, out_dir, height, width, batch, dtype, opset, prediction_type,
-                optimize, target):
+                optimize, target, controlnets):
     if optimize not in OPTIMIZERS:
         raise SdrtError(f"unknown optimizer {optimize!r}: use ort")
     if optimize is not None:
@@ -143,6 +146,7 @@ def _check_args(model_path, out_dir, height, width, batch, dtype, opset, predict
         raise SdrtError(f"model path {model_path} does not exist")
     if prediction_type not in (None, "epsilon", "v_prediction"):
         raise SdrtError(f"prediction_type must be epsilon or v_prediction, got {prediction_type!r}")
+    check_paths(controlnets)
     check_new_folder(out_dir)
     for module in ("onnx", "onnxscript"):
         try:
@@ -174,9 +178,9 @@ def _exporting():
             os.environ["SDRT_BACKEND"] = old_backend
 
 
-def _specs(c, height, width, batch, dtype, dynamic):
+def _specs(c, height, width, batch, dtype, dynamic, nets=()):
     """For each network: (wrapper module, example inputs, dynamic_shapes or None, input names,
-    output names)."""
+    output names). ``nets``: the ControlNets the UNet runs (``onnx_controlnet``)."""
     from torch.export import Dim
     f = c.vae.config.scale_factor
     h, w = height // f, width // f
@@ -200,6 +204,11 @@ def _specs(c, height, width, batch, dtype, dynamic):
                      "encoder_hidden_states": (seq, c.unet.config.cross_attention_dim)}.get(
                          name, shape)
             unet_args.append(torch.randn(2 * n, *shape, generator=g).to(dtype))
+    unet_module = _UNet(c.unet, unet_names)
+    if nets:
+        unet_module = ControlledUNet(c.unet, nets, unet_names[3:])
+        unet_args += control_examples(nets, 2 * n, height, width, dtype, g)
+        unet_names += CONTROL_INPUTS
     latent = torch.randn(n, c.vae.config.latent_channels, h, w, generator=g).to(dtype)
     image = torch.rand(one, c.vae.config.in_channels, height, width, generator=g).to(dtype) * 2 - 1
     specs = {}
@@ -208,7 +217,7 @@ def _specs(c, height, width, batch, dtype, dynamic):
         wrapper = _LayerStates(encoder) if family.penultimate else _TextEncoder(encoder)
         specs[name] = (wrapper, (ids,), NAMES[name][0])
     specs.update({
-        "unet": (_UNet(c.unet, unet_names), tuple(unet_args), unet_names),
+        "unet": (unet_module, tuple(unet_args), unet_names),
         "vae_decoder": (_VAEDecoder(c.vae), (latent,), NAMES["vae_decoder"][0]),
         "vae_encoder": (_VAEEncoder(c.vae), (image,), NAMES["vae_encoder"][0]),
     })
@@ -218,8 +227,11 @@ def _specs(c, height, width, batch, dtype, dynamic):
                 for m, (module, args, names) in specs.items()}
     batch_dim = Dim("batch", min=1, max=1024)
     lh, lw = Dim("latent_height", min=1, max=4096 // f), Dim("latent_width", min=1, max=4096 // f)
-    unet_shapes = {name: None if name == "timestep" else {0: batch_dim} for name in unet_names}
+    unet_shapes = {name: None if name in ("timestep", "controlnet_scales") else {0: batch_dim}
+                   for name in unet_names}
     unet_shapes["sample"] = {0: batch_dim, 2: lh, 3: lw}
+    # The ControlNets' images: (N, batch, 3, H, W), the net axis fixed.
+    unet_shapes["controlnet_images"] = {1: batch_dim, 3: f * lh, 4: f * lw}
     shapes = {
         **{name: {"input_ids": {0: batch_dim}} for name in texts},
         # By _UNet's arguments: the inputs past the third, where there are some, are its
@@ -288,7 +300,8 @@ def _initializer_bytes(graph):
 
 def export_onnx(model_path, out_dir, height=None, width=None, batch=1, dtype="fp32",
                 opset=DEFAULT_OPSET, dynamic=False, external_data_bytes=EXTERNAL_DATA_BYTES,
-                config=None, prediction_type=None, optimize=None, target="cuda"):
+                config=None, prediction_type=None, optimize=None, target="cuda",
+                controlnets=()):
     """Export a model's text encoder(s), UNet, VAE decoder and VAE encoder to ``out_dir``, in
     Optimum's Stable Diffusion (or SDXL) layout.
 
@@ -303,15 +316,19 @@ def export_onnx(model_path, out_dir, height=None, width=None, batch=1, dtype="fp
     execution provider ``target`` ("cuda": ORT's full set of fusions, whose operators only the
     CUDA provider runs; "cpu": those the CPU provider runs), converting to float16 when
     ``dtype="fp16"`` (the export itself is then float32, as ORT's pipeline wants), and checks
-    the result against sdrt where ``target`` can run here. Returns the manifest written to
-    ``sdrt_export.json``.
+    the result against sdrt where ``target`` can run here.
+
+    ``controlnets``: ControlNets (diffusers folders or ``.safetensors`` files, as
+    ``Pipeline.load_controlnet`` takes them) that the exported UNet runs on every call; it
+    then takes their images and scales as two more inputs (``onnx_controlnet``). Returns the
+    manifest written to ``sdrt_export.json``.
     """
     model_path, out_dir = os.fspath(model_path), os.fspath(out_dir)
     _check_args(model_path, out_dir, height, width, batch, dtype, opset, prediction_type,
-                optimize, target)
+                optimize, target, controlnets)
     return write_folder(out_dir, lambda tmp: _export_all(
         model_path, tmp, height, width, batch, dtype, opset, dynamic, external_data_bytes,
-        config, prediction_type, optimize, target))
+        config, prediction_type, optimize, target, [os.fspath(p) for p in controlnets]))
 
 
 def _source_file(model_path, config, *parts):
@@ -345,19 +362,31 @@ _PIPELINES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline"
 _INPAINT_PIPELINES = {"sd1": "StableDiffusionInpaintPipeline",
                       "sd2": "StableDiffusionInpaintPipeline",
                       "sdxl": "StableDiffusionXLInpaintPipeline"}
+_CONTROLNET_PIPELINES = {
+    "StableDiffusionPipeline": "StableDiffusionControlNetPipeline",
+    "StableDiffusionXLPipeline": "StableDiffusionXLControlNetPipeline",
+    "StableDiffusionXLImg2ImgPipeline": "StableDiffusionXLControlNetImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline": "StableDiffusionControlNetInpaintPipeline",
+    "StableDiffusionXLInpaintPipeline": "StableDiffusionXLControlNetInpaintPipeline"}
 
 
-def _model_index(c):
+def _model_index(c, controlled=False):
     """model_index.json: the pipeline class Optimum maps to its ORT pipeline, the components
     (one the family lacks, the refiner's text_encoder, is [null, null] as diffusers writes
-    it), and SDXL's options, the source's where it has them (the pipeline reads them too)."""
+    it), and SDXL's options, the source's where it has them (the pipeline reads them too).
+    A UNet with ControlNets (``controlled``) names diffusers' ControlNet pipeline, for which
+    Optimum has no ORT pipeline: it refuses the folder rather than call that UNet without
+    its control inputs."""
     family = c.family
     present = {"unet", "vae", *family.text_encoders, *family.tokenizers}
     wanted = ("text_encoder", "tokenizer") + (
         ("text_encoder_2", "tokenizer_2") if family.pooled else ())
     unet = c.unet.config
     pipelines = _INPAINT_PIPELINES if unet.in_channels != unet.out_channels else _PIPELINES
-    index = {"_class_name": pipelines.get(family.name, _PIPELINES[family.name]),
+    name = pipelines.get(family.name, _PIPELINES[family.name])
+    if controlled:
+        name = _CONTROLNET_PIPELINES[name]
+    index = {"_class_name": name,
              **{k: _INDEX_CLASSES[k] if k in present else [None, None] for k in wanted},
              "unet": _INDEX_CLASSES["unet"], "vae": _INDEX_CLASSES["vae"],
              "scheduler": ["diffusers", c.scheduler_config.get("_class_name", "PNDMScheduler")]}
@@ -372,14 +401,14 @@ def _model_index(c):
                                                          "aesthetic_score" in family.time_ids))}
 
 
-def _write_pipeline_files(c, folder, model_path, config):
+def _write_pipeline_files(c, folder, model_path, config, controlled=False):
     """model_index.json, each network's config.json, the tokenizers and scheduler/: what
     Optimum's pipeline reads beside the ONNX files. Configs are the source model's own files
     where it has them (a diffusers folder, or the --config folder of a single file), else
     sdrt's."""
     from sdrt.engine.tokenizer import write_clip_tokenizer
     family = c.family
-    _write_json(os.path.join(folder, "model_index.json"), _model_index(c))
+    _write_json(os.path.join(folder, "model_index.json"), _model_index(c, controlled))
     networks = [(t, t) for t in family.text_encoders] + [
         ("unet", "unet"), ("vae_decoder", "vae"), ("vae_encoder", "vae")]
     for name, component in networks:
@@ -409,7 +438,8 @@ def _write_pipeline_files(c, folder, model_path, config):
 
 
 def _export_all(model_path, folder, height, width, batch, dtype, opset, dynamic,
-                external_data_bytes, config, prediction_type, optimize=None, target="cuda"):
+                external_data_bytes, config, prediction_type, optimize=None, target="cuda",
+                controlnets=()):
     """Write the networks, the pipeline files and the manifest into ``folder``; returns the
     manifest."""
     from sdrt.engine.loading import load
@@ -419,6 +449,7 @@ def _export_all(model_path, folder, height, width, batch, dtype, opset, dynamic,
     torch_dtype = TORCH_DTYPES[export_dtype]
     # Exported on the CPU whatever the target: the graph does not depend on the device.
     c = load(model_path, "cpu", torch_dtype, config=config, prediction_type=prediction_type)
+    nets = load_controlnets(controlnets, c.unet, torch_dtype)
     f = c.vae.config.scale_factor
     native = c.unet.config.sample_size * f
     height, width = height or native, width or native
@@ -428,10 +459,10 @@ def _export_all(model_path, folder, height, width, batch, dtype, opset, dynamic,
     models = {}
     with _exporting(), torch.no_grad():
         for name, (module, args, shapes, names, outputs) in _specs(
-                c, height, width, batch, torch_dtype, dynamic).items():
+                c, height, width, batch, torch_dtype, dynamic, nets).items():
             models[name] = _export_one(name, module.eval(), args, shapes, names, folder, opset,
                                        external_data_bytes, outputs)
-    _write_pipeline_files(c, folder, model_path, config)
+    _write_pipeline_files(c, folder, model_path, config, bool(nets))
     manifest = {
         "sdrt_version": sdrt_version(),
         "torch_version": torch.__version__,
@@ -454,14 +485,16 @@ def _export_all(model_path, folder, height, width, batch, dtype, opset, dynamic,
         "configs": {"unet": asdict(c.unet.config), "vae": asdict(c.vae.config),
                     **{t: asdict(getattr(c, t).config) for t in c.family.text_encoders}},
         "scheduler_config": c.scheduler_config,
-        "model_index": _model_index(c),
+        "model_index": _model_index(c, bool(nets)),
         "pad_token": getattr(c.tokenizer, "pad_token", None),
         "pad_token_2": getattr(c.tokenizer_2, "pad_token", None),
         "optimized": None,
+        # The ControlNets the UNet runs, in the order of its controlnet_* inputs.
+        "controlnets": manifest_entries(controlnets, nets),
         "models": models,
     }
     write_manifest(folder, manifest)
-    del c
+    del c, nets
     if optimize:
         from .onnx_optimize import optimize_folder
         manifest = optimize_folder(folder, manifest, target, fp16=dtype == "fp16")

@@ -47,7 +47,9 @@ NAMES = {
 }
 # The inputs whose first axis is the batch: the runtime splits these; the rest are shared.
 BATCHED = {"input_ids", "sample", "encoder_hidden_states", "latent_sample", "timestep_cond",
-           "text_embeds", "time_ids"}
+           "text_embeds", "time_ids", "controlnet_images"}
+# Batched inputs whose batch axis is not the first: the ControlNets' images (N, B, 3, H, W).
+BATCH_AXIS = {"controlnet_images": 1}
 # SDXL's micro-conditioning: original size, crop corner, target size (the refiner: original
 # size, crop corner, aesthetic score: ``Family.num_time_ids``, 5).
 NUM_TIME_IDS = 6
@@ -70,7 +72,6 @@ def unet_inputs(config, num_time_ids=NUM_TIME_IDS):
         inputs["text_embeds"] = (width,)
         inputs["time_ids"] = (num_time_ids,)
     return inputs
-
 
 
 def models_of(family):
@@ -128,7 +129,8 @@ def read_manifest(folder):
                         f"{', '.join(REQUIRED)}")
     if manifest["dtype"] not in DTYPES:
         raise SdrtError(f"{path}: unknown dtype {manifest['dtype']!r}")
-    missing = [FILES[m] for m in models_of(manifest_family(manifest)) if not os.path.isfile(os.path.join(folder, FILES[m]))]
+    missing = [FILES[m] for m in models_of(manifest_family(manifest))
+               if not os.path.isfile(os.path.join(folder, FILES[m]))]
     if missing:
         raise SdrtError(f"{folder} is missing {', '.join(missing)}: an export from before "
                         "sdrt wrote Optimum's layout? export it again")

@@ -7,7 +7,8 @@ Each stand-in has the call interface of the module it replaces:
   has the final states only; an SDXL one every layer's (``hidden_states.k``), so any
   ``clip_skip`` without the final LayerNorm, as SDXL reads them;
 - ``OnnxUNet``: ``unet(sample, timestep, encoder_hidden_states, **extra)`` → prediction, with
-  ``.config`` (UNetConfig); ``extra`` are the inputs its config adds (``unet_inputs``);
+  ``.config`` (UNetConfig); ``extra`` are the inputs its config adds (``unet_inputs``) and, for
+  an export with ControlNets, their images and scales (``onnx_controlnet``);
 - ``OnnxVAE``: ``vae.encode(image)`` → (mean, std) and ``vae.decode(z)`` → image, with
   ``.config`` (VAEConfig). The encoder file gives the latent Gaussian's parameters (Optimum's
   ``latent_parameters``); mean and std are taken from them as sdrt's VAE does.
@@ -27,7 +28,8 @@ from sdrt.engine.loading import Components
 from sdrt.engine.unet import UNetConfig
 from sdrt.engine.vae import VAEConfig
 
-from .onnx_manifest import BATCHED, FILES, manifest_family, models_of, read_manifest
+from .onnx_controlnet import fused_controlnets
+from .onnx_manifest import BATCH_AXIS, BATCHED, FILES, manifest_family, models_of, read_manifest
 
 _NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
           "tensor(int64)": np.int64, "tensor(int32)": np.int32}
@@ -83,11 +85,12 @@ class OrtModel:
     def __call__(self, **feeds):
         """Outputs in the order the export named them. A batch that is a multiple of a static
         network's batch runs as several exported-size calls."""
-        n = next(v.shape[0] for k, v in feeds.items() if k in BATCHED)
+        n = next(v.shape[BATCH_AXIS.get(k, 0)] for k, v in feeds.items() if k in BATCHED)
         if self.batch is None or n == self.batch or n % self.batch:
             return self._run_once(feeds)
-        parts = [self._run_once({k: v[i:i + self.batch] if k in BATCHED else v
-                                 for k, v in feeds.items()}) for i in range(0, n, self.batch)]
+        parts = [self._run_once({k: v.narrow(BATCH_AXIS.get(k, 0), i, self.batch)
+                                 if k in BATCHED else v for k, v in feeds.items()})
+                 for i in range(0, n, self.batch)]
         return [torch.cat(outs) for outs in zip(*parts)]
 
 
@@ -121,8 +124,14 @@ class OnnxTextEncoder:
 
 
 class OnnxUNet:
-    def __init__(self, model: OrtModel, config: UNetConfig):
+    """``controlnets``: {name: FusedControlNet} of the ControlNets the file runs (its
+    manifest's), whose images and scales a call passes as ``controlnet_images`` and
+    ``controlnet_scales``; a call without them runs them at scale 0. ``scale_factor``: the
+    VAE's, from the latents' size to the control images'."""
+
+    def __init__(self, model: OrtModel, config: UNetConfig, controlnets=None, scale_factor=8):
         self.model, self.config = model, config
+        self.controlnets, self.scale_factor = controlnets or {}, scale_factor
 
     def __call__(self, sample, timestep, encoder_hidden_states, **extra):
         t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1)
@@ -133,6 +142,11 @@ class OnnxUNet:
         if not self.model.inputs["timestep"][0]:  # Optimum's UNet takes a scalar timestep
             t = t.reshape(())
         given = {k: v for k, v in extra.items() if v is not None}
+        if self.controlnets and "controlnet_images" not in given:
+            f, n = self.scale_factor, len(self.controlnets)
+            given["controlnet_images"] = sample.new_zeros(
+                (n, sample.shape[0], 3, sample.shape[2] * f, sample.shape[3] * f))
+            given["controlnet_scales"] = sample.new_zeros(n)
         unknown = sorted(set(given) - set(self.model.inputs))
         if unknown:
             raise SdrtError(f"the exported UNet has no input {', '.join(unknown)}: export the "
@@ -206,7 +220,9 @@ def onnx_components(onnx_dir, model_path=None, device="cpu"):
              for name in family.text_encoders}
     return Components(
         texts.get("text_encoder"),
-        OnnxUNet(models["unet"], UNetConfig.from_dict(configs["unet"])),
+        OnnxUNet(models["unet"], UNetConfig.from_dict(configs["unet"]),
+                 fused_controlnets(manifest.get("controlnets") or []),
+                 VAEConfig.from_dict(configs["vae"]).scale_factor),
         OnnxVAE(models["vae_decoder"], models["vae_encoder"], VAEConfig.from_dict(configs["vae"])),
         tokenizers.get("tokenizer"), scheduler, f"{onnx_dir} (ONNX of {manifest.get('source')})",
         texts.get("text_encoder_2"), tokenizers.get("tokenizer_2"), family,
