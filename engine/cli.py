@@ -178,6 +178,9 @@ def _parser():
     o.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
                    help="override the scheduler's prediction type; for an SD 2.x single file, "
                         "epsilon also selects the 512-base configs")
+    o.add_argument("--lora", metavar="PATH[:SCALE]", type=_lora_option, action="append",
+                   default=[], help="merge a LoRA (kohya/A1111 or diffusers .safetensors) at SCALE "
+                                    "(default 1) into the exported weights; repeat for several")
     o.add_argument("--controlnet", metavar="PATH", action="append", default=[],
                    help="a ControlNet (diffusers folder or .safetensors file) for the UNet to "
                         "run on every call, its image and scale two more UNet inputs "
@@ -476,13 +479,15 @@ def cmd_export(a):
     manifest = export_onnx(a.model, a.out, height=a.height, width=a.width, batch=a.batch,
                            dtype=a.dtype, opset=DEFAULT_OPSET if a.opset is None else a.opset,
                            dynamic=a.dynamic, config=a.config, prediction_type=a.prediction_type,
-                           optimize=a.optimize, target=a.target, controlnets=a.controlnet)
+                           optimize=a.optimize, target=a.target, controlnets=a.controlnet,
+                           loras=a.lora)
     shapes = "dynamic batch and size" if a.dynamic else \
         f"{manifest['width']}x{manifest['height']}, batch {manifest['batch']}"
-    nets = [e["name"] for e in manifest["controlnets"]]
+    added = "".join(f", {what} " + ", ".join(e["name"] for e in manifest[field])
+                    for field, what in (("loras", "LoRAs"), ("controlnets", "ControlNets"))
+                    if manifest[field])
     print(f"exported {', '.join(m['file'] for m in manifest['models'].values())} "
-          f"({shapes}, {manifest['dtype']}, opset {manifest['opset']}"
-          f"{', ControlNets ' + ', '.join(nets) if nets else ''}) to {a.out} "
+          f"({shapes}, {manifest['dtype']}, opset {manifest['opset']}{added}) to {a.out} "
           f"in {time.perf_counter() - t0:.1f} s")
     optimized = manifest["optimized"]
     if optimized:

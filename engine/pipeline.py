@@ -412,7 +412,7 @@ class Pipeline:
         encoders = self.text_encoders
         if not all(isinstance(m, nn.Module) for m in encoders.values()):
             raise SdrtError("textual inversion extends sdrt's own text encoders; these run in "
-                            "another runtime (load the embedding before exporting to ONNX)")
+                            "another runtime (an ONNX export holds no embeddings yet)")
         if token is not None and not isinstance(token, str):
             raise SdrtError(f"token must be a string, got {type(token).__name__}")
         token, rows = read_embeddings(path_or_state_dict, token,
@@ -647,7 +647,7 @@ class Pipeline:
             modules = {"unet": self.unet, **self.text_encoders}
             if not all(isinstance(m, nn.Module) for m in modules.values()):
                 raise SdrtError("LoRAs patch sdrt's own networks; these run in another runtime "
-                                "(load the LoRA before exporting to ONNX instead)")
+                                "(merge the LoRA at export instead: sdrt export onnx --lora)")
             from .lora import LoraManager
             self._loras = LoraManager(modules, family=self.family.name)
         return self._loras

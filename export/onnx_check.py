@@ -26,7 +26,7 @@ import torch
 from sdrt.engine.errors import SdrtError
 
 from .onnx_controlnet import CONTROL_INPUTS, ControlledUNet, control_examples, load_controlnets
-from .onnx_export import vae_moments
+from .onnx_export import merge_loras, vae_moments
 from .onnx_manifest import manifest_family, models_of, unet_inputs
 from .onnx_runtime import load_sessions
 
@@ -207,13 +207,20 @@ def reference(c, name, feeds, nets=()):
     return (vae_moments(c.vae, feeds["sample"]),)
 
 
-def _controlnets(manifest, unet, device):
-    """The ControlNets the exported UNet runs, loaded from their sources for ``unet``."""
-    entries = manifest.get("controlnets") or []
+def _sources(manifest, field, what):
+    """The manifest's ``field`` entries (LoRAs merged, ControlNets run), each of whose
+    ``source`` the comparison needs."""
+    entries = manifest.get(field) or []
     for e in entries:
         if not os.path.exists(e["source"]):
-            raise SdrtError(f"the exported UNet runs ControlNet {e['name']!r}, made from "
-                            f"{e['source']}, which is gone: check-onnx compares with it")
+            raise SdrtError(f"the export holds {what} {e['name']!r}, made from {e['source']}, "
+                            "which is gone: check-onnx compares with it")
+    return entries
+
+
+def _controlnets(manifest, unet, device):
+    """The ControlNets the exported UNet runs, loaded from their sources for ``unet``."""
+    entries = _sources(manifest, "controlnets", "ControlNet")
     return [n.to(device) for n in load_controlnets([e["source"] for e in entries], unet,
                                                    torch.float32)]
 
@@ -242,6 +249,7 @@ def check_onnx(onnx_dir, model_path=None, device=None, seed=0):
         raise SdrtError("no model to compare with: pass --model")
     c = load(model_path, device, torch.float32, config=manifest.get("config"),
              prediction_type=manifest.get("prediction_type"))
+    merge_loras(c, [(e["source"], e["scale"]) for e in _sources(manifest, "loras", "LoRA")])
     if c.family != manifest_family(manifest):
         raise SdrtError(f"{model_path} is an {c.family.label} model; the export is of an "
                         f"{manifest_family(manifest).label} one")

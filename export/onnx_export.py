@@ -125,8 +125,20 @@ class _VAEEncoder(nn.Module):
         return vae_moments(self.vae, sample)
 
 
+def merge_loras(c, loras):
+    """Patch the LoRAs ``loras`` ((path, scale) pairs) into the text encoders and UNet of the
+    ``Components`` ``c``, as the pipeline does; the manifest's entries for them."""
+    if not loras:
+        return []
+    from sdrt.engine.lora import LoraManager
+    manager = LoraManager({"unet": c.unet, **{t: getattr(c, t) for t in c.family.text_encoders}},
+                          family=c.family.name)
+    return [{"name": manager.load(path, scale), "source": path, "scale": float(scale)}
+            for path, scale in loras]
+
+
 def _check_args(model_path, out_dir, height, width, batch, dtype, opset, prediction_type,
-                optimize, target, controlnets):
+                optimize, target, controlnets, loras):
     if optimize not in OPTIMIZERS:
         raise SdrtError(f"unknown optimizer {optimize!r}: use ort")
     if optimize is not None:
@@ -147,6 +159,15 @@ def _check_args(model_path, out_dir, height, width, batch, dtype, opset, predict
     if prediction_type not in (None, "epsilon", "v_prediction"):
         raise SdrtError(f"prediction_type must be epsilon or v_prediction, got {prediction_type!r}")
     check_paths(controlnets)
+    if isinstance(loras, (str, os.PathLike)) or not isinstance(loras, (list, tuple)):
+        raise SdrtError("loras must be a list of (.safetensors file, scale) pairs")
+    for entry in loras:
+        path = entry[0] if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
+        if not isinstance(path, (str, os.PathLike)):
+            raise SdrtError(f"loras must hold (.safetensors file, scale) pairs, got {entry!r}")
+        if not os.path.isfile(path):
+            raise SdrtError(f"LoRA {path} "
+                            f"{'is a folder' if os.path.isdir(path) else 'does not exist'}")
     check_new_folder(out_dir)
     for module in ("onnx", "onnxscript"):
         try:
@@ -301,7 +322,7 @@ def _initializer_bytes(graph):
 def export_onnx(model_path, out_dir, height=None, width=None, batch=1, dtype="fp32",
                 opset=DEFAULT_OPSET, dynamic=False, external_data_bytes=EXTERNAL_DATA_BYTES,
                 config=None, prediction_type=None, optimize=None, target="cuda",
-                controlnets=()):
+                controlnets=(), loras=()):
     """Export a model's text encoder(s), UNet, VAE decoder and VAE encoder to ``out_dir``, in
     Optimum's Stable Diffusion (or SDXL) layout.
 
@@ -320,15 +341,18 @@ def export_onnx(model_path, out_dir, height=None, width=None, batch=1, dtype="fp
 
     ``controlnets``: ControlNets (diffusers folders or ``.safetensors`` files, as
     ``Pipeline.load_controlnet`` takes them) that the exported UNet runs on every call; it
-    then takes their images and scales as two more inputs (``onnx_controlnet``). Returns the
-    manifest written to ``sdrt_export.json``.
+    then takes their images and scales as two more inputs (``onnx_controlnet``). ``loras``:
+    (``.safetensors`` file, scale) pairs merged into the text encoders' and the UNet's
+    weights before the export, as ``Pipeline.load_lora`` patches them. Returns the manifest
+    written to ``sdrt_export.json``.
     """
     model_path, out_dir = os.fspath(model_path), os.fspath(out_dir)
     _check_args(model_path, out_dir, height, width, batch, dtype, opset, prediction_type,
-                optimize, target, controlnets)
+                optimize, target, controlnets, loras)
     return write_folder(out_dir, lambda tmp: _export_all(
         model_path, tmp, height, width, batch, dtype, opset, dynamic, external_data_bytes,
-        config, prediction_type, optimize, target, [os.fspath(p) for p in controlnets]))
+        config, prediction_type, optimize, target, [os.fspath(p) for p in controlnets],
+        [(os.path.abspath(p), scale) for p, scale in loras]))
 
 
 def _source_file(model_path, config, *parts):
@@ -439,7 +463,7 @@ def _write_pipeline_files(c, folder, model_path, config, controlled=False):
 
 def _export_all(model_path, folder, height, width, batch, dtype, opset, dynamic,
                 external_data_bytes, config, prediction_type, optimize=None, target="cuda",
-                controlnets=()):
+                controlnets=(), loras=()):
     """Write the networks, the pipeline files and the manifest into ``folder``; returns the
     manifest."""
     from sdrt.engine.loading import load
@@ -449,6 +473,7 @@ def _export_all(model_path, folder, height, width, batch, dtype, opset, dynamic,
     torch_dtype = TORCH_DTYPES[export_dtype]
     # Exported on the CPU whatever the target: the graph does not depend on the device.
     c = load(model_path, "cpu", torch_dtype, config=config, prediction_type=prediction_type)
+    lora_entries = merge_loras(c, loras)
     nets = load_controlnets(controlnets, c.unet, torch_dtype)
     f = c.vae.config.scale_factor
     native = c.unet.config.sample_size * f
@@ -489,6 +514,8 @@ def _export_all(model_path, folder, height, width, batch, dtype, opset, dynamic,
         "pad_token": getattr(c.tokenizer, "pad_token", None),
         "pad_token_2": getattr(c.tokenizer_2, "pad_token", None),
         "optimized": None,
+        # The LoRAs merged into the weights: {"name", "source", "scale"} each.
+        "loras": lora_entries,
         # The ControlNets the UNet runs, in the order of its controlnet_* inputs.
         "controlnets": manifest_entries(controlnets, nets),
         "models": models,
