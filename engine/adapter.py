@@ -145,6 +145,21 @@ class T2IAdapter(nn.Module):
         return len(self.adapter.body)
 
 
+def runs_as_adapter(net):
+    """Whether a loaded control net is a T2I-Adapter: sdrt's, or one inside an exported
+    UNet (a ``controlnet.FusedControlNet`` of kind "adapter")."""
+    return isinstance(net, T2IAdapter) or getattr(net, "kind", None) == "adapter"
+
+
+def adapter_input(cfg: AdapterConfig, image):
+    """A (B, 3, H, W) control image as an adapter of ``cfg`` reads it: a one-channel adapter
+    gets its grey (ITU-R 601 weights, as PIL's "L" conversion)."""
+    if cfg.in_channels == 1:
+        weights = image.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        return (image * weights).sum(dim=1, keepdim=True)
+    return image
+
+
 # A1111's ControlNet extension's soft weights of an adapter's features, first level first
 # (control modes "My prompt is more important" and "ControlNet is more important").
 SOFT_WEIGHTS = (0.25, 0.62, 0.825, 1.0)

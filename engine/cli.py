@@ -182,9 +182,10 @@ def _parser():
                    default=[], help="merge a LoRA (kohya/A1111 or diffusers .safetensors) at SCALE "
                                     "(default 1) into the exported weights; repeat for several")
     o.add_argument("--controlnet", metavar="PATH", action="append", default=[],
-                   help="a ControlNet (diffusers folder or .safetensors file) for the UNet to "
-                        "run on every call, its image and scale two more UNet inputs "
-                        "(controlnet_images, controlnet_scales); repeat for several")
+                   help="a ControlNet or T2I-Adapter (diffusers folder or .safetensors file) "
+                        "for the UNet to run on every call, its image and scale two more UNet "
+                        "inputs (controlnet_images, controlnet_scales; adapter_*); repeat for "
+                        "several")
     o.add_argument("--optimize", choices=("ort",), default=None,
                    help="run ONNX Runtime's Stable Diffusion optimizer on every network (with "
                         "--fp16: then its float16 conversion, float32 inputs and outputs kept), "

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapter import T2IAdapter, adapter_scales
+from .adapter import T2IAdapter, adapter_scales, runs_as_adapter
 from .controlnet import residual_scales
 from .errors import SdrtError
 from .request import CONTROL_MODES, MAX_CONTROL_SCALE, short_repr
@@ -185,7 +185,7 @@ def control_scales(nets, scales, starts, ends, guess_mode, calls, modes=None):
     for i in range(calls):
         for k, net in enumerate(nets):
             on = not (i / calls < starts[k] or (i + 1) / calls > ends[k])
-            if isinstance(net, T2IAdapter):
+            if runs_as_adapter(net):
                 row = adapter_scales(net, scales[k] * float(on), modes[k])
             else:
                 row = residual_scales(net, scales[k] * float(on), guess_mode, modes[k])

@@ -140,20 +140,34 @@ def skip_widths(cfg: UNetConfig):
     return widths
 
 
+# The inputs of a UNet that runs its nets itself (FusedControlNet), per kind: the nets'
+# images (N, B, 3, H, W) and their scales (N,).
+FUSED_INPUTS = {"controlnet": ("controlnet_images", "controlnet_scales"),
+                "adapter": ("adapter_images", "adapter_scales")}
+
+
 @dataclass(frozen=True)
 class FusedControlNet:
-    """A ControlNet whose network is part of the UNet (an ONNX export's ``--controlnet``):
-    the UNet takes each such net's control image and one conditioning scale, and runs it on
-    every call. ``index``: its place among the ``count`` nets of that UNet. It stands where a
+    """A ControlNet or T2I-Adapter (``kind`` "controlnet" or "adapter") whose network is part
+    of the UNet (an ONNX export's ``--controlnet``): the UNet takes each such net's control
+    image and one conditioning scale, and runs it on every call. ``index``: its place among
+    the ``count`` nets of its kind in that UNet; ``factors``: how many outputs it scales (a
+    ControlNet's residuals and its mid one, an adapter's features). It stands where a
     ``ControlNetModel`` does in a request's settings (``residual_scales``, ``Control``)."""
     name: str
     index: int
     count: int
-    config: ControlNetConfig
+    config: object  # ControlNetConfig, or adapter.AdapterConfig
+    kind: str
+    factors: int
 
     @property
     def num_residuals(self):
-        return len(skip_widths(self.config))
+        return self.factors - 1
+
+    @property
+    def num_features(self):
+        return self.factors
 
 
 _SOFT = 0.825  # the extension's factor per skip, from 0.825^12 at the first to 1 at the mid

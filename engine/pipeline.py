@@ -1461,10 +1461,10 @@ class Pipeline:
 
     def _check_adapter_size(self, control, request):
         """The T2I-Adapters a request runs can unshuffle its size."""
-        from .adapter import T2IAdapter
+        from .adapter import runs_as_adapter
         for name in control.names:
             net = self._controlnets[name]
-            f = net.config.downscale_factor if isinstance(net, T2IAdapter) else None
+            f = net.config.downscale_factor if runs_as_adapter(net) else None
             if f and (request.height % f or request.width % f):
                 raise SdrtError(f"height and width must be multiples of {f} for T2I-Adapter "
                                 f"{name!r} (it pixel-unshuffles the image by {f}), got "

@@ -5,9 +5,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapter import T2IAdapter
+from .adapter import T2IAdapter, adapter_input
 from .conditioning import Conditioning
-from .controlnet import FusedControlNet
+from .controlnet import FUSED_INPUTS, FusedControlNet
 from .errors import SdrtError
 from .layers import grid_slice
 
@@ -59,7 +59,7 @@ class Control:
             out.update(self._controlnets(nets, call, x, t, inputs, rows, parts))
         if adapters:
             if call == 0:  # the features of this request's images
-                self._features = {k: a(self._adapter_input(a, self.images[k]))
+                self._features = {k: a(adapter_input(a.config, self.images[k]))
                                   for k, a in adapters}
             summed = None
             for k, _ in adapters:
@@ -97,15 +97,6 @@ class Control:
             return t[parts] if conditional else torch.cat([t, t[parts]])
         return t if conditional else t.repeat(rows, *(1,) * (t.dim() - 1))
 
-    @staticmethod
-    def _adapter_input(adapter, image):
-        """A (B, 3, H, W) control image as the adapter reads it: a one-channel adapter gets
-        its grey (ITU-R 601 weights, as PIL's "L" conversion)."""
-        if adapter.config.in_channels == 1:
-            weights = image.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-            return (image * weights).sum(dim=1, keepdim=True)
-        return image
-
     def _controlnets(self, nets, call, x, t, inputs, rows, parts=None):
         if isinstance(nets[0][1], FusedControlNet):
             return self._fused(nets, call, x, rows, parts)
@@ -132,24 +123,29 @@ class Control:
         return {"down_residuals": down, "mid_residual": mid}
 
     def _fused(self, nets, call, x, rows, parts=None):
-        """The inputs of a UNet that runs its ControlNets itself (``FusedControlNet``):
-        ``controlnet_images`` (count, rows·B, 3, H, W), each net's image for every row, and
-        ``controlnet_scales`` (count,), each one's scale on this call; a net of that UNet the
-        request does not run gets a zero scale (and a blank image)."""
-        count = nets[0][1].count
-        image = self.images[nets[0][0]]
-        images = image.new_zeros((count, x.shape[0], *image.shape[1:]))
-        scales = torch.zeros(count, dtype=image.dtype, device=image.device)
-        for k, net in nets:
-            factors = self._row_scales(call, k, rows, x.shape[0], parts)
-            factors = factors[..., :net.num_residuals + 1]
-            if not bool((factors == factors.reshape(-1)[0]).all()):
-                raise SdrtError(f"ControlNet {net.name!r} runs inside the exported UNet at one "
-                                "scale for every residual and row; these settings need "
-                                "another per row or residual: use --runtime torch")
-            images[net.index] = self._rows(self.images[k], rows, parts)
-            scales[net.index] = factors.reshape(-1)[0]
-        return {"controlnet_images": images, "controlnet_scales": scales}
+        """The inputs of a UNet that runs its ControlNets and T2I-Adapters itself
+        (``FusedControlNet``), per kind of net (``FUSED_INPUTS``): the images (count, rows·B,
+        3, H, W), each net's for every row, and the scales (count,), each one's on this call;
+        a net of that UNet the request does not run gets a zero scale (and a blank image)."""
+        out = {}
+        for kind, (images_name, scales_name) in FUSED_INPUTS.items():
+            of_kind = [(k, n) for k, n in nets if n.kind == kind]
+            if not of_kind:
+                continue
+            count, image = of_kind[0][1].count, self.images[of_kind[0][0]]
+            images = image.new_zeros((count, x.shape[0], *image.shape[1:]))
+            scales = torch.zeros(count, dtype=image.dtype, device=image.device)
+            for k, net in of_kind:
+                factors = self._row_scales(call, k, rows, x.shape[0], parts)
+                factors = factors[..., :net.factors]
+                if not bool((factors == factors.reshape(-1)[0]).all()):
+                    raise SdrtError(f"{net.name!r} runs inside the exported UNet at one scale "
+                                    "for every output and row; these settings need another "
+                                    "per row or output: use --runtime torch")
+                images[net.index] = self._rows(self.images[k], rows, parts)
+                scales[net.index] = factors.reshape(-1)[0]
+            out.update({images_name: images, scales_name: scales})
+        return out
 
 
 def check_fused(nets, guess_mode, modes, masks):
@@ -164,10 +160,7 @@ def check_fused(nets, guess_mode, modes, masks):
     if why:
         raise SdrtError(f"{why} needs --runtime torch: the exported UNet runs each ControlNet "
                         "at one scale on every row and position")
-    if len(fused) != len(nets):
-        raise SdrtError("the ControlNets run inside the exported UNet; a T2I-Adapter or "
-                        "ControlNet of sdrt's own cannot join them")
-    indices = [n.index for n in fused]
+    indices = [(n.kind, n.index) for n in fused]
     if len(set(indices)) != len(indices):
         raise SdrtError("a ControlNet of the exported UNet runs once per call: the request "
                         "names one of them twice")

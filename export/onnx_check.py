@@ -25,7 +25,8 @@ import torch
 
 from sdrt.engine.errors import SdrtError
 
-from .onnx_controlnet import CONTROL_INPUTS, ControlledUNet, control_examples, load_controlnets
+from .onnx_controlnet import (KINDS, ControlledUNet, control_examples, input_names,
+                              load_controlnets)
 from .onnx_export import merge_loras, vae_moments
 from .onnx_manifest import manifest_family, models_of, unet_inputs
 from .onnx_runtime import load_sessions
@@ -99,10 +100,14 @@ class _VAERecorder:
 
 
 def _control_feeds(nets, rows, height, width, device, g):
-    """The UNet's ControlNet inputs: a random image per net and row, and scales from 0.5
-    to 1.5."""
-    images, scales = control_examples(nets, rows, height, width, torch.float32, g)
-    return {"controlnet_images": images.to(device), "controlnet_scales": scales.to(device)}
+    """The UNet's ControlNet and adapter inputs (``nets``: the two lists): a random image
+    per net and row, and scales from 0.5 to 1.5."""
+    feeds = {}
+    for of_kind, names in zip(nets, (inputs for _, inputs in KINDS.values())):
+        if of_kind:
+            examples = control_examples(of_kind, rows, height, width, torch.float32, g)
+            feeds.update({k: v.to(device) for k, v in zip(names, examples)})
+    return feeds
 
 
 def _random_inputs(manifest, configs, unet_names, device, g, family, nets=()):
@@ -130,7 +135,7 @@ def _random_inputs(manifest, configs, unet_names, device, g, family, nets=()):
                   "target_size": (h * f, w * f), "aesthetic_score": 6.0}
         unet_feeds["time_ids"] = torch.tensor([family.time_ids_of(values)] * (2 * n),
                                               dtype=torch.float32, device=device)
-    if nets:
+    if any(nets):
         unet_feeds.update(_control_feeds(nets, 2 * n, h * f, w * f, device, g))
     return {
         # One prompt and its negative, as a guided generation encodes them.
@@ -163,7 +168,7 @@ def _generation_inputs(c, manifest, device, nets=(), g=None):
     (z,), image = vae.last_decode
     unet_feeds = dict(unet.last)
     unet_feeds["timestep"] = unet_feeds["timestep"].reshape(-1)[0].float()
-    if nets:
+    if any(nets):
         unet_feeds.update(_control_feeds(nets, image.shape[0] * 2, *image.shape[2:], device, g))
     return {**{name: {"input_ids": text.last["input_ids"]} for name, text in texts.items()},
             "unet": unet_feeds,
@@ -184,9 +189,9 @@ def _layer_states(encoder, ids):
     return (*head, *states)
 
 
-def reference(c, name, feeds, nets=()):
+def reference(c, name, feeds, nets=((), ())):
     """sdrt's outputs for one network, as a tuple in the export's output order; ``nets``:
-    the ControlNets the UNet runs."""
+    the ControlNets and the T2I-Adapters the UNet runs."""
     if name.startswith("text_encoder"):
         ids = feeds["input_ids"]
         encoder = getattr(c, name)
@@ -195,12 +200,13 @@ def reference(c, name, feeds, nets=()):
         states = encoder(ids)
         return states, states[torch.arange(len(ids), device=ids.device), ids.argmax(dim=-1)]
     if name == "unet":
+        control = input_names(*nets)
         extra = {k: v for k, v in feeds.items()
-                 if k not in ("sample", "timestep", "encoder_hidden_states", *CONTROL_INPUTS)}
+                 if k not in ("sample", "timestep", "encoder_hidden_states", *control)}
         args = (feeds["sample"], feeds["timestep"], feeds["encoder_hidden_states"])
-        if nets:
-            unet = ControlledUNet(c.unet, nets, tuple(extra))
-            return (unet(*args, *extra.values(), *(feeds[k] for k in CONTROL_INPUTS)),)
+        if control:
+            unet = ControlledUNet(c.unet, nets[0], tuple(extra), nets[1])
+            return (unet(*args, *extra.values(), *(feeds[k] for k in control)),)
         return (c.unet(*args, **extra),)
     if name == "vae_decoder":
         return (c.vae.decode(feeds["latent_sample"]),)
@@ -218,11 +224,14 @@ def _sources(manifest, field, what):
     return entries
 
 
-def _controlnets(manifest, unet, device):
-    """The ControlNets the exported UNet runs, loaded from their sources for ``unet``."""
-    entries = _sources(manifest, "controlnets", "ControlNet")
-    return [n.to(device) for n in load_controlnets([e["source"] for e in entries], unet,
-                                                   torch.float32)]
+def _controlnets(manifest, c, device):
+    """The ControlNets and the T2I-Adapters the exported UNet runs (two lists), loaded from
+    their sources for the model ``c``."""
+    paths = [e["source"] for field, what in (("controlnets", "ControlNet"),
+                                             ("adapters", "T2I-Adapter"))
+             for e in _sources(manifest, field, what)]
+    nets, adapters, _ = load_controlnets(paths, c.unet, torch.float32, c.vae.config.scale_factor)
+    return [n.to(device) for n in nets], [a.to(device) for a in adapters]
 
 
 class _NoTF32:
@@ -254,7 +263,7 @@ def check_onnx(onnx_dir, model_path=None, device=None, seed=0):
         raise SdrtError(f"{model_path} is an {c.family.label} model; the export is of an "
                         f"{manifest_family(manifest).label} one")
     configs = {name: getattr(c, name).config for name in ("unet", "vae", *c.family.text_encoders)}
-    nets = _controlnets(manifest, c.unet, device)
+    nets = _controlnets(manifest, c, device)
     tol = TOLERANCES[manifest["dtype"]]
     g = torch.Generator().manual_seed(seed)
     rows = []

@@ -12,6 +12,12 @@ _onnx.py``). Every net runs on every call; each one's residuals, times its scale
 into the UNet's skip tensors and mid block. A scale of 0 turns a net off for a call: that is
 how a runtime follows ``control_guidance_start``/``_end``, or leaves a net out of a request.
 The output stays Optimum's ``out_sample``.
+
+T2I-Adapters given the same way run inside the UNet too, with ``adapter_images`` (M, B, 3, H,
+W) and ``adapter_scales`` (M,) after the ControlNets' inputs: each adapter's features of its
+image (a one-channel adapter reads the image's grey), times its scale, summed and added
+along the UNet's down path. No demo has a convention for them; they follow the ControlNets'.
+The adapters run on every call, though their features depend on the image only.
 """
 import os
 from dataclasses import asdict
@@ -19,22 +25,50 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
+from sdrt.engine.adapter import adapter_input
+from sdrt.engine.controlnet import FUSED_INPUTS
 from sdrt.engine.errors import SdrtError
 
-CONTROL_INPUTS = ("controlnet_images", "controlnet_scales")
+CONTROL_INPUTS, ADAPTER_INPUTS = FUSED_INPUTS["controlnet"], FUSED_INPUTS["adapter"]
+# The manifest's field and the UNet's inputs of each kind of net.
+KINDS = {"controlnet": ("controlnets", CONTROL_INPUTS), "adapter": ("adapters", ADAPTER_INPUTS)}
+
+
+def input_names(nets, adapters):
+    """The UNet's inputs after its own for ``nets`` ControlNets and ``adapters``."""
+    return (CONTROL_INPUTS if nets else ()) + (ADAPTER_INPUTS if adapters else ())
 
 
 class ControlledUNet(nn.Module):
-    """The UNet with its ControlNets, inputs in ``unet_inputs`` order then
-    ``CONTROL_INPUTS``; ``names`` the UNet's inputs past the first three."""
+    """The UNet with its ControlNets and T2I-Adapters, inputs in ``unet_inputs`` order then
+    ``input_names(nets, adapters)``; ``names`` the UNet's inputs past the first three."""
 
-    def __init__(self, unet, nets, names):
+    def __init__(self, unet, nets, names, adapters=()):
         super().__init__()
         self.unet, self.nets, self.extra = unet, nn.ModuleList(nets), tuple(names)
+        self.adapters = nn.ModuleList(adapters)
 
     def forward(self, sample, timestep, encoder_hidden_states, *extra):
-        *extra, images, scales = extra
         named = dict(zip(self.extra, extra))
+        control = dict(zip(input_names(self.nets, self.adapters), extra[len(self.extra):]))
+        kwargs = {}
+        if self.nets:
+            kwargs["down_residuals"], kwargs["mid_residual"] = self._residuals(
+                sample, timestep, encoder_hidden_states, named, control["controlnet_images"],
+                control["controlnet_scales"])
+        if self.adapters:
+            kwargs["adapter_features"] = self._features(control["adapter_images"],
+                                                        control["adapter_scales"])
+        return self.unet(sample, timestep, encoder_hidden_states, **named, **kwargs)
+
+    def _features(self, images, scales):
+        summed = None
+        for k, adapter in enumerate(self.adapters):
+            f = [t * scales[k] for t in adapter(adapter_input(adapter.config, images[k]))]
+            summed = f if summed is None else [a + b for a, b in zip(summed, f)]
+        return summed
+
+    def _residuals(self, sample, timestep, encoder_hidden_states, named, images, scales):
         down = mid = None
         for k, net in enumerate(self.nets):
             # An inpainting UNet's sample also holds the mask and the masked image's latents;
@@ -44,8 +78,7 @@ class ControlledUNet(nn.Module):
                        text_embeds=named.get("text_embeds"), time_ids=named.get("time_ids"))
             down = d if down is None else [a + b for a, b in zip(down, d)]
             mid = m if mid is None else mid + m
-        return self.unet(sample, timestep, encoder_hidden_states, down_residuals=down,
-                         mid_residual=mid, **named)
+        return down, mid
 
 
 def check_paths(paths):
@@ -57,41 +90,50 @@ def check_paths(paths):
             raise SdrtError(f"controlnet {path} does not exist")
 
 
-def load_controlnets(paths, unet, dtype):
-    """The ControlNets of ``paths`` for ``unet`` (sdrt's), on the CPU in ``dtype``."""
-    from sdrt.engine.adapter import is_adapter
+def load_controlnets(paths, unet, dtype, vae_scale_factor):
+    """The ControlNets and the T2I-Adapters of ``paths`` for ``unet`` (sdrt's), on the CPU
+    in ``dtype``, each list in the order given; and the manifest's entries for them
+    ({"controlnets": [...], "adapters": [...]}: each net's name, what ``--controlnet`` picks
+    it by (its file or folder name, numbered where two are the same), source, config and
+    number of scaled outputs)."""
+    from sdrt.engine import adapter as t2i
     from sdrt.engine.controlnet import check_fits, load_controlnet
-    nets = []
-    for path in paths:
-        path = os.fspath(path)
-        if is_adapter(path):
-            raise SdrtError(f"controlnet {path} is a T2I-Adapter: only ControlNets are "
-                            "exported (run adapters in sdrt's own UNet, --runtime torch)")
-        net = load_controlnet(path, "cpu", dtype, asdict(unet.config))
-        check_fits(net.config, unet.config, path)
-        nets.append(net.eval())
-    return nets
+    from sdrt.engine.infotext import numbered_stems
+    nets, adapters, entries = [], [], {"controlnets": [], "adapters": []}
+    for name, path in zip(numbered_stems(paths), map(os.fspath, paths)):
+        if t2i.is_adapter(path):
+            net = t2i.load_adapter(path, "cpu", dtype, fits=lambda cfg: t2i.fits(
+                cfg, unet.config, vae_scale_factor))
+            t2i.check_fits(net.config, unet.config, vae_scale_factor, path)
+            adapters.append(net.eval())
+            field, factors = "adapters", net.num_features
+        else:
+            net = load_controlnet(path, "cpu", dtype, asdict(unet.config))
+            check_fits(net.config, unet.config, path)
+            nets.append(net.eval())
+            field, factors = "controlnets", net.num_residuals + 1
+        entries[field].append({"name": name, "source": os.path.abspath(path),
+                               "config": asdict(net.config), "factors": factors})
+    return nets, adapters, entries
 
 
 def control_examples(nets, rows, height, width, dtype, g):
-    """Example ``controlnet_images`` (N, rows, 3, height, width) and ``controlnet_scales``
-    (N,) in ``dtype``."""
+    """Example images (N, rows, 3, height, width) and scales (N,) in ``dtype`` for ``nets``
+    (ControlNets or adapters)."""
     images = torch.rand(len(nets), rows, 3, height, width, generator=g).to(dtype)
     return images, (0.5 + torch.rand(len(nets), generator=g)).to(dtype)
 
 
-def manifest_entries(paths, nets):
-    """The manifest's ``controlnets``: each net's name (what ``--controlnet`` picks it by:
-    its file or folder name, numbered where two are the same), source and config, in input
-    order."""
-    from sdrt.engine.infotext import numbered_stems
-    return [{"name": name, "source": os.path.abspath(path), "config": asdict(net.config)}
-            for name, path, net in zip(numbered_stems(paths), paths, nets)]
-
-
-def fused_controlnets(entries):
-    """{name: FusedControlNet} of an export's manifest entries."""
+def fused_controlnets(manifest):
+    """{name: FusedControlNet} of the ControlNets and adapters of an export's manifest."""
+    from sdrt.engine.adapter import AdapterConfig
     from sdrt.engine.controlnet import ControlNetConfig, FusedControlNet
-    return {e["name"]: FusedControlNet(e["name"], k, len(entries),
-                                       ControlNetConfig.from_dict(e["config"]))
-            for k, e in enumerate(entries)}
+    configs = {"controlnet": ControlNetConfig, "adapter": AdapterConfig}
+    out = {}
+    for kind, (field, _) in KINDS.items():
+        entries = manifest.get(field) or []
+        for k, e in enumerate(entries):
+            out[e["name"]] = FusedControlNet(e["name"], k, len(entries),
+                                             configs[kind].from_dict(e["config"]), kind,
+                                             e["factors"])
+    return out

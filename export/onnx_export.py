@@ -33,8 +33,8 @@ from torch import nn
 from sdrt.engine.atomic import check_new_folder, write_folder
 from sdrt.engine.errors import SdrtError
 
-from .onnx_controlnet import (CONTROL_INPUTS, ControlledUNet, check_paths, control_examples,
-                              load_controlnets, manifest_entries)
+from .onnx_controlnet import (ControlledUNet, check_paths, control_examples, input_names,
+                              load_controlnets)
 from .onnx_manifest import (DTYPES, FILES, MODELS, NAMES, output_names, sdrt_version,
                             unet_inputs, write_manifest)
 
@@ -199,9 +199,10 @@ def _exporting():
             os.environ["SDRT_BACKEND"] = old_backend
 
 
-def _specs(c, height, width, batch, dtype, dynamic, nets=()):
+def _specs(c, height, width, batch, dtype, dynamic, nets=(), adapters=()):
     """For each network: (wrapper module, example inputs, dynamic_shapes or None, input names,
-    output names). ``nets``: the ControlNets the UNet runs (``onnx_controlnet``)."""
+    output names). ``nets``, ``adapters``: the ControlNets and T2I-Adapters the UNet runs
+    (``onnx_controlnet``)."""
     from torch.export import Dim
     f = c.vae.config.scale_factor
     h, w = height // f, width // f
@@ -226,10 +227,12 @@ def _specs(c, height, width, batch, dtype, dynamic, nets=()):
                          name, shape)
             unet_args.append(torch.randn(2 * n, *shape, generator=g).to(dtype))
     unet_module = _UNet(c.unet, unet_names)
-    if nets:
-        unet_module = ControlledUNet(c.unet, nets, unet_names[3:])
-        unet_args += control_examples(nets, 2 * n, height, width, dtype, g)
-        unet_names += CONTROL_INPUTS
+    if nets or adapters:
+        unet_module = ControlledUNet(c.unet, nets, unet_names[3:], adapters)
+        for of_kind in (nets, adapters):
+            if of_kind:
+                unet_args += control_examples(of_kind, 2 * n, height, width, dtype, g)
+        unet_names += input_names(nets, adapters)
     latent = torch.randn(n, c.vae.config.latent_channels, h, w, generator=g).to(dtype)
     image = torch.rand(one, c.vae.config.in_channels, height, width, generator=g).to(dtype) * 2 - 1
     specs = {}
@@ -248,11 +251,12 @@ def _specs(c, height, width, batch, dtype, dynamic, nets=()):
                 for m, (module, args, names) in specs.items()}
     batch_dim = Dim("batch", min=1, max=1024)
     lh, lw = Dim("latent_height", min=1, max=4096 // f), Dim("latent_width", min=1, max=4096 // f)
-    unet_shapes = {name: None if name in ("timestep", "controlnet_scales") else {0: batch_dim}
-                   for name in unet_names}
+    unet_shapes = {name: None if name in ("timestep", "controlnet_scales", "adapter_scales")
+                   else {0: batch_dim} for name in unet_names}
     unet_shapes["sample"] = {0: batch_dim, 2: lh, 3: lw}
-    # The ControlNets' images: (N, batch, 3, H, W), the net axis fixed.
-    unet_shapes["controlnet_images"] = {1: batch_dim, 3: f * lh, 4: f * lw}
+    # The ControlNets' and adapters' images: (N, batch, 3, H, W), the net axis fixed.
+    for name in ("controlnet_images", "adapter_images"):
+        unet_shapes[name] = {1: batch_dim, 3: f * lh, 4: f * lw}
     shapes = {
         **{name: {"input_ids": {0: batch_dim}} for name in texts},
         # By _UNet's arguments: the inputs past the third, where there are some, are its
@@ -339,9 +343,9 @@ def export_onnx(model_path, out_dir, height=None, width=None, batch=1, dtype="fp
     ``dtype="fp16"`` (the export itself is then float32, as ORT's pipeline wants), and checks
     the result against sdrt where ``target`` can run here.
 
-    ``controlnets``: ControlNets (diffusers folders or ``.safetensors`` files, as
-    ``Pipeline.load_controlnet`` takes them) that the exported UNet runs on every call; it
-    then takes their images and scales as two more inputs (``onnx_controlnet``). ``loras``:
+    ``controlnets``: ControlNets and T2I-Adapters (diffusers folders or ``.safetensors``
+    files, as ``Pipeline.load_controlnet`` takes them) that the exported UNet runs on every
+    call; it then takes their images and scales as more inputs (``onnx_controlnet``). ``loras``:
     (``.safetensors`` file, scale) pairs merged into the text encoders' and the UNet's
     weights before the export, as ``Pipeline.load_lora`` patches them. Returns the manifest
     written to ``sdrt_export.json``.
@@ -392,15 +396,19 @@ _CONTROLNET_PIPELINES = {
     "StableDiffusionXLImg2ImgPipeline": "StableDiffusionXLControlNetImg2ImgPipeline",
     "StableDiffusionInpaintPipeline": "StableDiffusionControlNetInpaintPipeline",
     "StableDiffusionXLInpaintPipeline": "StableDiffusionXLControlNetInpaintPipeline"}
+# A UNet with T2I-Adapters only, where diffusers has a pipeline for them.
+_ADAPTER_PIPELINES = {"StableDiffusionPipeline": "StableDiffusionAdapterPipeline",
+                      "StableDiffusionXLPipeline": "StableDiffusionXLAdapterPipeline"}
 
 
-def _model_index(c, controlled=False):
+def _model_index(c, controlled=None):
     """model_index.json: the pipeline class Optimum maps to its ORT pipeline, the components
     (one the family lacks, the refiner's text_encoder, is [null, null] as diffusers writes
     it), and SDXL's options, the source's where it has them (the pipeline reads them too).
-    A UNet with ControlNets (``controlled``) names diffusers' ControlNet pipeline, for which
-    Optimum has no ORT pipeline: it refuses the folder rather than call that UNet without
-    its control inputs."""
+    A UNet with ControlNets (``controlled`` "controlnet") names diffusers' ControlNet
+    pipeline, one with T2I-Adapters only ("adapter") its adapter pipeline: Optimum has ORT
+    pipelines for neither, and refuses the folder rather than call that UNet without its
+    control inputs."""
     family = c.family
     present = {"unet", "vae", *family.text_encoders, *family.tokenizers}
     wanted = ("text_encoder", "tokenizer") + (
@@ -408,7 +416,9 @@ def _model_index(c, controlled=False):
     unet = c.unet.config
     pipelines = _INPAINT_PIPELINES if unet.in_channels != unet.out_channels else _PIPELINES
     name = pipelines.get(family.name, _PIPELINES[family.name])
-    if controlled:
+    if controlled == "adapter":
+        name = _ADAPTER_PIPELINES.get(name, _CONTROLNET_PIPELINES[name])
+    elif controlled:
         name = _CONTROLNET_PIPELINES[name]
     index = {"_class_name": name,
              **{k: _INDEX_CLASSES[k] if k in present else [None, None] for k in wanted},
@@ -425,7 +435,7 @@ def _model_index(c, controlled=False):
                                                          "aesthetic_score" in family.time_ids))}
 
 
-def _write_pipeline_files(c, folder, model_path, config, controlled=False):
+def _write_pipeline_files(c, folder, model_path, config, controlled=None):
     """model_index.json, each network's config.json, the tokenizers and scheduler/: what
     Optimum's pipeline reads beside the ONNX files. Configs are the source model's own files
     where it has them (a diffusers folder, or the --config folder of a single file), else
@@ -474,7 +484,8 @@ def _export_all(model_path, folder, height, width, batch, dtype, opset, dynamic,
     # Exported on the CPU whatever the target: the graph does not depend on the device.
     c = load(model_path, "cpu", torch_dtype, config=config, prediction_type=prediction_type)
     lora_entries = merge_loras(c, loras)
-    nets = load_controlnets(controlnets, c.unet, torch_dtype)
+    nets, adapters, control_entries = load_controlnets(controlnets, c.unet, torch_dtype,
+                                                       c.vae.config.scale_factor)
     f = c.vae.config.scale_factor
     native = c.unet.config.sample_size * f
     height, width = height or native, width or native
@@ -484,10 +495,11 @@ def _export_all(model_path, folder, height, width, batch, dtype, opset, dynamic,
     models = {}
     with _exporting(), torch.no_grad():
         for name, (module, args, shapes, names, outputs) in _specs(
-                c, height, width, batch, torch_dtype, dynamic, nets).items():
+                c, height, width, batch, torch_dtype, dynamic, nets, adapters).items():
             models[name] = _export_one(name, module.eval(), args, shapes, names, folder, opset,
                                        external_data_bytes, outputs)
-    _write_pipeline_files(c, folder, model_path, config, bool(nets))
+    controlled = "controlnet" if nets else "adapter" if adapters else None
+    _write_pipeline_files(c, folder, model_path, config, controlled)
     manifest = {
         "sdrt_version": sdrt_version(),
         "torch_version": torch.__version__,
@@ -510,18 +522,19 @@ def _export_all(model_path, folder, height, width, batch, dtype, opset, dynamic,
         "configs": {"unet": asdict(c.unet.config), "vae": asdict(c.vae.config),
                     **{t: asdict(getattr(c, t).config) for t in c.family.text_encoders}},
         "scheduler_config": c.scheduler_config,
-        "model_index": _model_index(c, bool(nets)),
+        "model_index": _model_index(c, controlled),
         "pad_token": getattr(c.tokenizer, "pad_token", None),
         "pad_token_2": getattr(c.tokenizer_2, "pad_token", None),
         "optimized": None,
         # The LoRAs merged into the weights: {"name", "source", "scale"} each.
         "loras": lora_entries,
-        # The ControlNets the UNet runs, in the order of its controlnet_* inputs.
-        "controlnets": manifest_entries(controlnets, nets),
+        # The ControlNets and T2I-Adapters the UNet runs, each list in the order of its
+        # controlnet_* (adapter_*) inputs.
+        **control_entries,
         "models": models,
     }
     write_manifest(folder, manifest)
-    del c, nets
+    del c, nets, adapters
     if optimize:
         from .onnx_optimize import optimize_folder
         manifest = optimize_folder(folder, manifest, target, fp16=dtype == "fp16")

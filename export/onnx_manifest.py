@@ -47,9 +47,10 @@ NAMES = {
 }
 # The inputs whose first axis is the batch: the runtime splits these; the rest are shared.
 BATCHED = {"input_ids", "sample", "encoder_hidden_states", "latent_sample", "timestep_cond",
-           "text_embeds", "time_ids", "controlnet_images"}
-# Batched inputs whose batch axis is not the first: the ControlNets' images (N, B, 3, H, W).
-BATCH_AXIS = {"controlnet_images": 1}
+           "text_embeds", "time_ids", "controlnet_images", "adapter_images"}
+# Batched inputs whose batch axis is not the first: the ControlNets' and adapters' images
+# (N, B, 3, H, W).
+BATCH_AXIS = {"controlnet_images": 1, "adapter_images": 1}
 # SDXL's micro-conditioning: original size, crop corner, target size (the refiner: original
 # size, crop corner, aesthetic score: ``Family.num_time_ids``, 5).
 NUM_TIME_IDS = 6

@@ -28,7 +28,7 @@ from sdrt.engine.loading import Components
 from sdrt.engine.unet import UNetConfig
 from sdrt.engine.vae import VAEConfig
 
-from .onnx_controlnet import fused_controlnets
+from .onnx_controlnet import KINDS, fused_controlnets
 from .onnx_manifest import BATCH_AXIS, BATCHED, FILES, manifest_family, models_of, read_manifest
 
 _NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
@@ -124,10 +124,11 @@ class OnnxTextEncoder:
 
 
 class OnnxUNet:
-    """``controlnets``: {name: FusedControlNet} of the ControlNets the file runs (its
-    manifest's), whose images and scales a call passes as ``controlnet_images`` and
-    ``controlnet_scales``; a call without them runs them at scale 0. ``scale_factor``: the
-    VAE's, from the latents' size to the control images'."""
+    """``controlnets``: {name: FusedControlNet} of the ControlNets and T2I-Adapters the file
+    runs (its manifest's), whose images and scales a call passes as ``controlnet_images`` and
+    ``controlnet_scales`` (``adapter_images``, ``adapter_scales``); a call without those of
+    a kind runs its nets at scale 0. ``scale_factor``: the VAE's, from the latents' size to
+    the control images'."""
 
     def __init__(self, model: OrtModel, config: UNetConfig, controlnets=None, scale_factor=8):
         self.model, self.config = model, config
@@ -142,11 +143,13 @@ class OnnxUNet:
         if not self.model.inputs["timestep"][0]:  # Optimum's UNet takes a scalar timestep
             t = t.reshape(())
         given = {k: v for k, v in extra.items() if v is not None}
-        if self.controlnets and "controlnet_images" not in given:
-            f, n = self.scale_factor, len(self.controlnets)
-            given["controlnet_images"] = sample.new_zeros(
-                (n, sample.shape[0], 3, sample.shape[2] * f, sample.shape[3] * f))
-            given["controlnet_scales"] = sample.new_zeros(n)
+        for kind, (_, (images, scales)) in KINDS.items():
+            n = sum(net.kind == kind for net in self.controlnets.values())
+            if n and images not in given:
+                f = self.scale_factor
+                given[images] = sample.new_zeros(
+                    (n, sample.shape[0], 3, sample.shape[2] * f, sample.shape[3] * f))
+                given[scales] = sample.new_zeros(n)
         unknown = sorted(set(given) - set(self.model.inputs))
         if unknown:
             raise SdrtError(f"the exported UNet has no input {', '.join(unknown)}: export the "
@@ -221,7 +224,7 @@ def onnx_components(onnx_dir, model_path=None, device="cpu"):
     return Components(
         texts.get("text_encoder"),
         OnnxUNet(models["unet"], UNetConfig.from_dict(configs["unet"]),
-                 fused_controlnets(manifest.get("controlnets") or []),
+                 fused_controlnets(manifest),
                  VAEConfig.from_dict(configs["vae"]).scale_factor),
         OnnxVAE(models["vae_decoder"], models["vae_encoder"], VAEConfig.from_dict(configs["vae"])),
         tokenizers.get("tokenizer"), scheduler, f"{onnx_dir} (ONNX of {manifest.get('source')})",

@@ -1,15 +1,15 @@
-"""ControlNets inside the exported UNet (``sdrt export onnx --controlnet``), in onnxruntime on
-the CPU, tiny models:
+"""ControlNets and T2I-Adapters inside the exported UNet (``sdrt export onnx --controlnet``),
+in onnxruntime on the CPU, tiny models:
 
 - the UNet file, fed as ONNX Runtime's Stable Diffusion demo feeds its UNet with ControlNets
-  (``controlnet_images`` (N, 2B, 3, H, W), ``controlnet_scales`` (N,)), against diffusers'
-  UNet and ControlNets with the same weights;
-- ``--runtime onnx`` with ControlNets against sdrt's own networks: several nets with their
-  scales and shares of the schedule, one of two, none; the CLI;
-- check-onnx, and the refusals.
+  (``controlnet_images`` (N, 2B, 3, H, W), ``controlnet_scales`` (N,); an adapter's alike),
+  against diffusers' UNet, ControlNets and T2I-Adapters with the same weights;
+- ``--runtime onnx`` with them against sdrt's own networks: several nets with their scales
+  and shares of the schedule, one of two, none; the CLI;
+- check-onnx, ONNX Runtime's optimizer, and the refusals.
 
-sd1 is exported static (16×24, batch 1) with two ControlNets; sd2 dynamic with one, and run
-at a batch and size it was not traced at.
+sd1 is exported static (16×24, batch 1) with two ControlNets; sd2 dynamic with one ControlNet
+and a one-channel T2I-Adapter, and run at a batch and size it was not traced at.
 """
 import json
 import os
@@ -24,15 +24,23 @@ from conftest import assert_close_abs, assert_close_rel
 from sdrt.engine import Pipeline, SdrtError
 from sdrt.engine.cli import main
 from sdrt.export import check_onnx, export_onnx, onnx_components
+from test_adapter import _adapter
 from test_controlnet import _controlnet, _hint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 REL_TOL = 1e-4  # float32 ONNX vs float32 reference, as test_export_onnx
 IMAGE_ATOL = 2e-3  # images in [0, 1]
-# family: (height, width, dynamic, ControlNets (name, seed))
+# family: (height, width, dynamic, nets (name, seed; "sketch": a one-channel T2I-Adapter))
 MODES = {"sd1": (16, 24, False, (("edges", 1), ("depth", 2))),
-         "sd2": (16, 16, True, (("edges", 3),))}
+         "sd2": (16, 16, True, (("edges", 3), ("sketch", 4)))}
+
+
+def _net(ref, name, seed):
+    if name == "sketch":  # the tiny VAE halves the size: an unshuffle by 2 meets the latents
+        return _adapter(seed, in_channels=1, channels=[32, 64], num_res_blocks=1,
+                        downscale_factor=2)
+    return _controlnet(ref.unet, seed)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +52,7 @@ def exported(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"onnx-controlnet-{family}")
     nets, folders = {}, {}
     for name, seed in specs:
-        nets[name] = _controlnet(ref.unet, seed)
+        nets[name] = _net(ref, name, seed)
         folders[name] = str(root / name)
         nets[name].save_pretrained(folders[name], safe_serialization=True)
     out = str(root / "export")
@@ -54,16 +62,33 @@ def exported(tiny_model, tmp_path_factory):
 
 
 def _diffusers_unet(ref, nets, sample, t, states, images, scales):
-    """diffusers' UNet with the residuals of ``nets``, each times its scale, summed: what
-    ONNX Runtime's demo exports as its UNet with ControlNets."""
-    down = mid = None
+    """diffusers' UNet with the residuals of the ControlNets of ``nets``, each times its
+    scale, summed (what ONNX Runtime's demo exports as its UNet with ControlNets), and the
+    adapters' features alike (as diffusers' adapter pipelines add them, a one-channel
+    adapter reading the image's grey)."""
+    down = mid = features = None
     for net, image, scale in zip(nets, images, scales):
+        if net.config.get("adapter_type"):
+            if net.config.in_channels == 1:
+                image = (image * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(
+                    dim=1, keepdim=True)
+            f = [a * float(scale) for a in net(image)]
+            features = f if features is None else [a + b for a, b in zip(features, f)]
+            continue
         d, m = net(sample, t, states, controlnet_cond=image, conditioning_scale=float(scale),
                    return_dict=False)
         down = list(d) if down is None else [a + b for a, b in zip(down, d)]
         mid = m if mid is None else mid + m
     return ref.unet(sample, t, states, down_block_additional_residuals=down,
-                    mid_block_additional_residual=mid, return_dict=False)[0]
+                    mid_block_additional_residual=mid,
+                    down_intrablock_additional_residuals=features, return_dict=False)[0]
+
+
+def _kinds(nets):
+    """{kind: names} of the nets, in the export's input order."""
+    return {kind: [n for n, net in nets.items()
+                   if bool(net.config.get("adapter_type")) == (kind == "adapter")]
+            for kind in ("controlnet", "adapter")}
 
 
 def test_the_unet_takes_the_demos_controlnet_inputs(exported):
@@ -72,17 +97,21 @@ def test_the_unet_takes_the_demos_controlnet_inputs(exported):
     session = ort.InferenceSession(os.path.join(out, "unet", "model.onnx"),
                                    providers=["CPUExecutionProvider"])
     inputs = {i.name: i.shape for i in session.get_inputs()}
+    kinds = _kinds(nets)
     assert list(inputs) == ["sample", "timestep", "encoder_hidden_states",
-                            "controlnet_images", "controlnet_scales"]
+                            "controlnet_images", "controlnet_scales"] + (
+                                ["adapter_images", "adapter_scales"] if kinds["adapter"] else [])
     assert [o.name for o in session.get_outputs()] == ["out_sample"]
-    n = len(nets)
-    if dynamic:
-        assert inputs["controlnet_images"][0] == n and inputs["controlnet_scales"] == [n]
-        assert all(isinstance(d, str) for d in inputs["controlnet_images"][1:2] +
-                   inputs["controlnet_images"][3:])
-    else:
-        assert inputs["controlnet_images"] == [n, 2, 3, h, w]
-    assert [e["name"] for e in manifest["controlnets"]] == list(nets)
+    for kind, names in kinds.items():
+        assert [e["name"] for e in manifest[f"{kind}s"]] == names
+        if not names:
+            continue
+        images, scales, n = inputs[f"{kind}_images"], inputs[f"{kind}_scales"], len(names)
+        if dynamic:
+            assert images[0] == n and scales == [n]
+            assert all(isinstance(d, str) for d in images[1:2] + images[3:])
+        else:
+            assert images == [n, 2, 3, h, w]
     with open(os.path.join(out, "model_index.json")) as fh:
         assert json.load(fh)["_class_name"] == "StableDiffusionControlNetPipeline"
 
@@ -98,15 +127,21 @@ def test_the_unet_file_matches_diffusers(exported):
     states = torch.randn(rows, 77, ref.unet.config.cross_attention_dim, generator=g) + 0.3
     images = torch.rand(len(nets), rows, 3, h, w, generator=g)
     t = torch.tensor(417.5)
+    kinds = _kinds(nets)
+    order = kinds["controlnet"] + kinds["adapter"]  # the export's, by kind
     outs = {}
     for scales in ([0.7, 1.3][:len(nets)], [0.0, 1.3][:len(nets)], [0.0] * len(nets)):
         feeds = {"sample": sample.numpy(), "timestep": t.numpy(),
-                 "encoder_hidden_states": states.numpy(), "controlnet_images": images.numpy(),
-                 "controlnet_scales": np.array(scales, dtype=np.float32)}
+                 "encoder_hidden_states": states.numpy()}
+        for kind, names in kinds.items():
+            at = [order.index(n) for n in names]
+            if at:
+                feeds[f"{kind}_images"] = images[at].numpy()
+                feeds[f"{kind}_scales"] = np.array([scales[i] for i in at], dtype=np.float32)
         (got,) = session.run(None, feeds)
         with torch.no_grad():
-            expected = _diffusers_unet(ref, list(nets.values()), sample, t, states, images,
-                                       scales)
+            expected = _diffusers_unet(ref, [nets[n] for n in order], sample, t, states,
+                                       images, scales)
         assert_close_rel(got, expected, REL_TOL, f"{family} UNet with ControlNets at {scales}")
         outs[tuple(scales)] = got
     # The residuals matter, and a zero scale turns a net off.
@@ -236,15 +271,14 @@ def test_cli_generate_with_exported_controlnets(exported, tmp_path, capsys):
 
 
 def test_export_refuses_what_it_cannot_export(tiny_sd1, tmp_path, capsys):
-    from diffusers import T2IAdapter
+    from safetensors.torch import save_file
     folder, ref = tiny_sd1
-    adapter = T2IAdapter(in_channels=3, channels=[32, 64], num_res_blocks=1, downscale_factor=2,
-                         adapter_type="full_adapter")
-    adapter.save_pretrained(tmp_path / "adapter", safe_serialization=True)
+    style = tmp_path / "t2iadapter_style.safetensors"
+    save_file({"style_embedding": torch.zeros(1, 8, 4)}, str(style))
     wide = _controlnet(ref.unet, 4, block_out_channels=[48, 64])
     wide.save_pretrained(tmp_path / "wide", safe_serialization=True)
     for net, message in ((tmp_path / "missing", "does not exist"),
-                         (tmp_path / "adapter", "is a T2I-Adapter"),
+                         (style, "a T2I style adapter"),
                          (tmp_path / "wide", "for another model")):
         out = tmp_path / "out"
         rc = main(["export", "onnx", "--model", folder, "--out", str(out), "--controlnet",
@@ -266,8 +300,8 @@ def test_sdxl_controlled_unet_matches_diffusers(sdxl_base_folder, tmp_path):
     net = _controlnet(ref.unet, 31)
     net.save_pretrained(tmp_path / "xl", safe_serialization=True)
     c = load(folder, "cpu", torch.float32)
-    ours = ControlledUNet(c.unet, load_controlnets([tmp_path / "xl"], c.unet, torch.float32),
-                          ("text_embeds", "time_ids"))
+    nets, _, _ = load_controlnets([tmp_path / "xl"], c.unet, torch.float32, 8)
+    ours = ControlledUNet(c.unet, nets, ("text_embeds", "time_ids"))
     g = torch.Generator().manual_seed(32)
     sample = torch.randn(2, 4, 8, 8, generator=g) + 0.2
     states = torch.randn(2, 77, ref.unet.config.cross_attention_dim, generator=g) - 0.1
@@ -298,8 +332,8 @@ def test_an_inpainting_unets_controlnets_read_the_latents_only(tmp_path):
     net = _controlnet(ref.unet, 33, in_channels=4)
     net.save_pretrained(tmp_path / "net", safe_serialization=True)
     c = load(str(tmp_path / "inpaint"), "cpu", torch.float32)
-    ours = ControlledUNet(c.unet, load_controlnets([tmp_path / "net"], c.unet, torch.float32),
-                          ())
+    nets, _, _ = load_controlnets([tmp_path / "net"], c.unet, torch.float32, 2)
+    ours = ControlledUNet(c.unet, nets, ())
     g = torch.Generator().manual_seed(34)
     sample = torch.randn(2, 9, 8, 12, generator=g) - 0.3
     states = torch.randn(2, 77, ref.unet.config.cross_attention_dim, generator=g)

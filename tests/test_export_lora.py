@@ -101,10 +101,13 @@ def test_onnx_runtime_draws_what_the_torch_runtime_draws_with_the_lora(exported,
     assert np.abs(images["onnx"] - images["torch"]).max() <= 1
     assert np.abs(images["plain"] - images["torch"]).max() > 2, "the LoRA changed nothing"
     capsys.readouterr()
-    rc = main([*args, "--runtime", "onnx", "--onnx-dir", out, "--lora", lora,
-               "-o", str(tmp_path / "refused.png")])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "export the model with --lora" in err[0], err
+    for option, message in (("--lora", "export the model with --lora"),
+                            ("--embedding", "it is not in the export")):
+        rc = main([*args, "--runtime", "onnx", "--onnx-dir", out, option, lora,
+                   "-o", str(tmp_path / "refused.png")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and message in err[0], (option, err)
+    assert not os.path.exists(tmp_path / "refused.png")
 
 
 def test_export_refuses_a_bad_lora(tiny_sd1, tmp_path, capsys):
