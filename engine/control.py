@@ -3,7 +3,9 @@ image, conditioning scale, share of the schedule and control mode, and guess mod
 ``controlnet_conditioning_scale``, ``control_guidance_start``/``_end`` and ``guess_mode``;
 A1111's control modes as ``control_mode``).
 """
+import dataclasses
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +14,23 @@ from .adapter import T2IAdapter, adapter_scales, runs_as_adapter
 from .controlnet import residual_scales
 from .errors import SdrtError
 from .request import CONTROL_MODES, MAX_CONTROL_SCALE, short_repr
+
+
+def load_control_net(path, unet_config, vae_scale_factor, device, dtype, variant=None):
+    """A ControlNet or a T2I-Adapter (told apart by its files) for a UNet of ``unet_config``,
+    checked to fit it: what ``Pipeline.load_controlnet`` and the ONNX export load."""
+    from .adapter import check_fits as adapter_fits
+    from .adapter import fits as adapter_ok
+    from .adapter import is_adapter, load_adapter
+    from .controlnet import check_fits, load_controlnet
+    if is_adapter(path):
+        net = load_adapter(path, device, dtype, fits=lambda cfg: adapter_ok(
+            cfg, unet_config, vae_scale_factor))
+        adapter_fits(net.config, unet_config, vae_scale_factor, os.fspath(path))
+    else:
+        net = load_controlnet(path, device, dtype, dataclasses.asdict(unet_config), variant)
+        check_fits(net.config, unet_config, os.fspath(path))
+    return net
 
 
 def per_item(field, value, n, check, what="ControlNet"):

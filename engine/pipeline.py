@@ -471,10 +471,7 @@ class Pipeline:
 
         A UNet exported with ControlNets (``sdrt export onnx --controlnet``) runs those only:
         ``name``, else the stem of ``path`` (which need not exist), picks one of them."""
-        from .adapter import check_fits as adapter_fits
-        from .adapter import fits as adapter_ok
-        from .adapter import is_adapter, load_adapter
-        from .controlnet import check_fits, load_controlnet
+        from .control import load_control_net
         if not isinstance(path, (str, os.PathLike)):
             raise SdrtError(f"controlnet path must be a folder or a .safetensors file, got "
                             f"{short_repr(path)}")
@@ -484,14 +481,9 @@ class Pipeline:
             raise SdrtError(f"controlnet name must be a non-empty string, got {short_repr(name)}")
         if not isinstance(self.unet, nn.Module):
             net = self._fused_controlnet(path, name)
-        elif is_adapter(path):
-            net = load_adapter(path, self.device, self.dtype, fits=lambda cfg: adapter_ok(
-                cfg, self.unet.config, self.vae_scale_factor))
-            adapter_fits(net.config, self.unet.config, self.vae_scale_factor, os.fspath(path))
         else:
-            net = load_controlnet(path, self.device, self.dtype,
-                                  dataclasses.asdict(self.unet.config), variant)
-            check_fits(net.config, self.unet.config, os.fspath(path))
+            net = load_control_net(path, self.unet.config, self.vae_scale_factor, self.device,
+                                   self.dtype, variant)
         if self.device.type == "cuda" and isinstance(net, nn.Module):
             use_conv_chooser(net, self.conv_chooser)
         self._forget_controlnet(name)

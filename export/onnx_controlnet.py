@@ -96,22 +96,15 @@ def load_controlnets(paths, unet, dtype, vae_scale_factor):
     ({"controlnets": [...], "adapters": [...]}: each net's name, what ``--controlnet`` picks
     it by (its file or folder name, numbered where two are the same), source, config and
     number of scaled outputs)."""
-    from sdrt.engine import adapter as t2i
-    from sdrt.engine.controlnet import check_fits, load_controlnet
+    from sdrt.engine.adapter import T2IAdapter
+    from sdrt.engine.control import load_control_net, scale_count
     from sdrt.engine.infotext import numbered_stems
     nets, adapters, entries = [], [], {"controlnets": [], "adapters": []}
     for name, path in zip(numbered_stems(paths), map(os.fspath, paths)):
-        if t2i.is_adapter(path):
-            net = t2i.load_adapter(path, "cpu", dtype, fits=lambda cfg: t2i.fits(
-                cfg, unet.config, vae_scale_factor))
-            t2i.check_fits(net.config, unet.config, vae_scale_factor, path)
-            adapters.append(net.eval())
-            field, factors = "adapters", net.num_features
-        else:
-            net = load_controlnet(path, "cpu", dtype, asdict(unet.config))
-            check_fits(net.config, unet.config, path)
-            nets.append(net.eval())
-            field, factors = "controlnets", net.num_residuals + 1
+        net = load_control_net(path, unet.config, vae_scale_factor, "cpu", dtype).eval()
+        adapter = isinstance(net, T2IAdapter)
+        (adapters if adapter else nets).append(net)
+        field, factors = "adapters" if adapter else "controlnets", scale_count(net)
         entries[field].append({"name": name, "source": os.path.abspath(path),
                                "config": asdict(net.config), "factors": factors})
     return nets, adapters, entries
