@@ -8,6 +8,10 @@ Each network runs in onnxruntime and in sdrt (float32, the reference) on two set
   (its token ids, the last UNet call, the final latents, and the decoded image for the
   encoder).
 
+The model is the export's with its LoRAs merged (``--lora``), the manifest's files; a UNet
+that runs ControlNets or T2I-Adapters (``--controlnet``) is compared with sdrt's UNet and those
+nets, loaded from their files, on random control images and scales in both input sets.
+
 An SDXL text encoder is compared output by output: every layer's states (``hidden_states.k``
 against sdrt's ``encoder(ids, clip_skip=L - k, final_norm=False)``), the final states and the
 pooled (projected) output against ``encode``: the calls the pipeline makes.
@@ -153,7 +157,8 @@ def _random_inputs(manifest, configs, unet_names, device, g, family, nets=()):
 
 def _generation_inputs(c, manifest, device, nets=(), g=None):
     """The inputs each network saw in a 2-step guided generation at the export's shapes
-    (the UNet's ControlNets, which that generation does not run, get random images)."""
+    (the UNet's ControlNets and adapters, which that generation does not run, get random
+    images)."""
     from sdrt.engine.loading import Components
     from sdrt.engine.pipeline import Pipeline
     texts = {name: _TextRecorder(getattr(c, name)) for name in c.family.text_encoders}
@@ -258,10 +263,10 @@ def check_onnx(onnx_dir, model_path=None, device=None, seed=0):
         raise SdrtError("no model to compare with: pass --model")
     c = load(model_path, device, torch.float32, config=manifest.get("config"),
              prediction_type=manifest.get("prediction_type"))
-    merge_loras(c, [(e["source"], e["scale"]) for e in _sources(manifest, "loras", "LoRA")])
     if c.family != manifest_family(manifest):
         raise SdrtError(f"{model_path} is an {c.family.label} model; the export is of an "
                         f"{manifest_family(manifest).label} one")
+    merge_loras(c, [(e["source"], e["scale"]) for e in _sources(manifest, "loras", "LoRA")])
     configs = {name: getattr(c, name).config for name in ("unet", "vae", *c.family.text_encoders)}
     nets = _controlnets(manifest, c, device)
     tol = TOLERANCES[manifest["dtype"]]

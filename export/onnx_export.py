@@ -5,7 +5,8 @@ The folder is Optimum's Stable Diffusion (SDXL) layout (``onnx_manifest``), so O
 ONNX Runtime's Stable Diffusion optimizer read it as they read ``optimum-cli``'s export. After
 the exporter, ``onnx_ort_patterns.rewrite_for_ort`` rewrites GroupNorm, GEGLU and attention
 into the node forms ORT's optimizer fuses; with ``optimize="ort"`` that optimizer then runs
-(``onnx_optimize``). ControlNets can run inside the UNet (``onnx_controlnet``).
+(``onnx_optimize``). ControlNets and T2I-Adapters can run inside the UNet
+(``onnx_controlnet``), and LoRAs can be merged into the weights (``merge_loras``).
 
 The exporter is ``torch.onnx.export(..., dynamo=True)``: torch.export captures the modules, and
 onnxscript translates the graph. The legacy TorchScript exporter (``dynamo=False``) still ships
