@@ -408,8 +408,8 @@ def _model_index(c, controlled=None):
     it), and SDXL's options, the source's where it has them (the pipeline reads them too).
     A UNet with ControlNets (``controlled`` "controlnet") names diffusers' ControlNet
     pipeline, one with T2I-Adapters only ("adapter") its adapter pipeline: Optimum has ORT
-    pipelines for neither, and refuses the folder rather than call that UNet without its
-    control inputs."""
+    pipelines for neither, and its ``ORTDiffusionPipeline`` refuses the folder rather than
+    call that UNet without its control inputs."""
     family = c.family
     present = {"unet", "vae", *family.text_encoders, *family.tokenizers}
     wanted = ("text_encoder", "tokenizer") + (
