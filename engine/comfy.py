@@ -84,11 +84,12 @@ _SAMPLER_NAMES = {"euler": "euler", "euler_ancestral": "euler_a", "heun": "heun"
                   "euler_ancestral_cfg_pp": "cfgpp_euler_a", "dpmpp_2m_cfg_pp": "cfgpp_dpmpp_2m",
                   "res_multistep_cfg_pp": "cfgpp_res_multistep",
                   "res_multistep_ancestral_cfg_pp": "cfgpp_res_multistep_a",
-                  "gradient_estimation_cfg_pp": "cfgpp_gradient_estimation", "lcm": "lcm"}
+                  "gradient_estimation_cfg_pp": "cfgpp_gradient_estimation", "lcm": "lcm",
+                  "dpm_fast": "dpm_fast", "heunpp2": "heunpp2"}
 # ComfyUI's scheduler → sdrt's sigma schedule
 _SCHEDULES = {"exponential": "exponential", "normal": "normal", "simple": "simple",
               "sgm_uniform": "sgm_uniform", "ddim_uniform": "ddim_uniform", "beta": "comfy_beta",
-              "kl_optimal": "comfy_kl_optimal"}
+              "kl_optimal": "comfy_kl_optimal", "linear_quadratic": "linear_quadratic"}
 SAMPLERS = {
     **{(comfy, "karras"): f"{sid}_karras" for comfy, sid in _SAMPLER_NAMES.items()
        if f"{sid}_karras" in SAMPLER_NAMES},

@@ -18,6 +18,11 @@ float64, and a captured CUDA graph replays the steps without a host decision:
   ``cfgpp_res_multistep``, ``cfgpp_res_multistep_a`` and ``cfgpp_gradient_estimation``
   (whose history is of the unconditional slope (x - x0u) / sigma instead).
 
+- over several calls a step (``samplers.sample_stages``: each point the step's start plus
+  weighed slopes of the step's calls; ``STAGES``): ``dpm_fast`` (k-diffusion's DPM-Solver-Fast,
+  which ComfyUI runs at eta 0), ``dpm_fast_a`` (the same at eta 1, A1111's "DPM fast") and
+  ``heunpp2``.
+
 Steps count from the run's first (an image-to-image run starts part way down the levels), as
 ComfyUI counts the sigmas it is handed; a step to sigma 0 lands on the clean latents.
 """
@@ -273,6 +278,94 @@ def er_sde(sigmas, start):
     return _x0_table(sigmas, start, row)
 
 
+# --- samplers of several calls a step (``samplers.sample_stages``) ---------------------------
+#
+# A step starts from latents x and makes up to three calls; each call's latents u_k (u_0 = x)
+# give a slope d_k = (u_k - x0_k) / sigma_k, and the point after call k, the next call's
+# latents or the step's end, is a x + w_0 d_0 + ... + w_k d_k (the step's end plus fresh
+# noise of std c). A layout is the calls' levels, a row (a, w_0, w_1, w_2, c) per call, which
+# calls end a step, and where the last step lands.
+
+
+def dpm_fast(sigmas, eta=0.0):
+    """k-diffusion's DPM-Solver-Fast (Lu et al. 2022, "DPM-Solver", sec. 3.4; its
+    ``sample_dpm_fast``, A1111's "DPM fast" and ComfyUI's dpm_fast): from the run's first
+    level to its last above 0, in as many calls as the run has steps, on floor(n / 3) + 1
+    steps evenly spaced in t = -log sigma: third-order steps (r1 = 1/3, r2 = 2/3), the last
+    one or two of lower order to spend exactly n calls. It ends on the last level above 0, not
+    on 0, as k-diffusion's does. With ``eta`` (A1111 runs it at its "Eta for ancestral
+    samplers", 1 by default), each step lands on sigma_down (not below the last level) and
+    fresh noise brings it up to the step's level."""
+    s = np.asarray(sigmas, dtype=np.float64)
+    nfe = len(s) - 1
+    positive = s[s > 0]
+    t_start, t_end = -np.log(s[0]), -np.log(positive[-1])
+    m = nfe // 3 + 1
+    ts = np.linspace(t_start, t_end, m + 1)
+    orders = [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
+    inputs, rows, ends = [], [], []
+    for i, order in enumerate(orders):
+        t, t_next = ts[i], ts[i + 1]
+        if eta:
+            down, _ = _ancestral(np.exp(-t), np.exp(-t_next), eta)
+            t_land = min(t_end, -np.log(down)) if down > 0 else t_end
+            up = np.sqrt(max(np.exp(-2 * t_next) - np.exp(-2 * t_land), 0.0))
+        else:
+            t_land, up = t_next, 0.0
+        h, sn = t_land - t, np.exp(-t_land)
+        em = np.expm1(h)
+        if order == 1:
+            inputs += [np.exp(-t)]
+            rows += [(1, -sn * em, 0, 0, up)]
+        elif order == 2:
+            r1 = 0.5
+            s1 = t + r1 * h
+            inputs += [np.exp(-t), np.exp(-s1)]
+            rows += [(1, -np.exp(-s1) * np.expm1(r1 * h), 0, 0, 0),
+                     (1, -sn * em + sn / (2 * r1) * em, -sn / (2 * r1) * em, 0, up)]
+        else:
+            r1, r2 = 1 / 3, 2 / 3
+            s1, s2 = t + r1 * h, t + r2 * h
+            # (a run whose first and last levels are one: h = 0, and so are these)
+            k2 = np.exp(-s2) * (r2 / r1) * (np.expm1(r2 * h) / (r2 * h) - 1) if h else 0.0
+            k3 = sn / r2 * (em / h - 1) if h else 0.0
+            inputs += [np.exp(-t), np.exp(-s1), np.exp(-s2)]
+            rows += [(1, -np.exp(-s1) * np.expm1(r1 * h), 0, 0, 0),
+                     (1, -np.exp(-s2) * np.expm1(r2 * h) + k2, -k2, 0, 0),
+                     (1, -sn * em + k3, 0, -k3, up)]
+        ends += [False] * (order - 1) + [True]
+    return np.array(inputs), np.array(rows, dtype=np.float64), tuple(ends), np.exp(-t_end)
+
+
+def heunpp2(sigmas):
+    """ComfyUI's heunpp2 (from Carzit's sd-webui-samplers-scheduler): Heun's trial Euler step
+    to the next level and a call there, then a second Euler step from there to the level after
+    and a call there; the step is taken with the three slopes weighed 1 - w2 - w3, w2 =
+    sigma' / (3 sigma_0), w3 = sigma'' / (3 sigma_0), sigma_0 the run's first level. The step
+    before the last is Heun's with weights 1 - w2, w2 = sigma' / (2 sigma_0); the last, Euler's."""
+    s = np.asarray(sigmas, dtype=np.float64)
+    end = s[-1]
+    inputs, rows, ends = [], [], []
+    for i in range(len(s) - 1):
+        dt = s[i + 1] - s[i]
+        if s[i + 1] == end:
+            inputs += [s[i]]
+            rows += [(1, dt, 0, 0, 0)]
+            ends += [True]
+        elif s[i + 2] == end:
+            w2 = s[i + 1] / (2 * s[0])
+            inputs += [s[i], s[i + 1]]
+            rows += [(1, dt, 0, 0, 0), (1, (1 - w2) * dt, w2 * dt, 0, 0)]
+            ends += [False, True]
+        else:
+            w2, w3 = s[i + 1] / (3 * s[0]), s[i + 2] / (3 * s[0])
+            inputs += [s[i], s[i + 1], s[i + 2]]
+            rows += [(1, dt, 0, 0, 0), (1, dt, s[i + 2] - s[i + 1], 0, 0),
+                     (1, (1 - w2 - w3) * dt, w2 * dt, w3 * dt, 0)]
+            ends += [False, False, True]
+    return np.array(inputs), np.array(rows, dtype=np.float64), tuple(ends), end
+
+
 # sdrt's sampler → its weights; which loop runs them is which table it is in.
 SLOPE_WEIGHTS = {"ipndm": ipndm, "ipndm_v": ipndm_v, "gradient_estimation": gradient_estimation,
                  "comfy_deis": comfy_deis}
@@ -289,5 +382,10 @@ X0_WEIGHTS = {"res_multistep": res_multistep,
                                                                            cfg_pp=True)}
 # The CFG++ one whose history is of the unconditional slope rather than x0u
 SLOPE_HISTORY = ("cfgpp_gradient_estimation",)
+# Several calls a step: the layout of a run over the levels it visits (from the first of the
+# run), see ``dpm_fast``
+STAGES = {"dpm_fast": dpm_fast, "dpm_fast_a": lambda sigmas: dpm_fast(sigmas, eta=1.0),
+          "heunpp2": heunpp2}
 # The ones that draw fresh noise each step
-NOISY = ("res_multistep_a", "ddpm", "er_sde", "cfgpp_euler_a", "cfgpp_res_multistep_a")
+NOISY = ("res_multistep_a", "ddpm", "er_sde", "cfgpp_euler_a", "cfgpp_res_multistep_a",
+         "dpm_fast_a")

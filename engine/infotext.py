@@ -97,6 +97,14 @@ SAMPLER_LABELS = {
     "cfgpp_res_multistep_a_karras": "Res Multistep Ancestral CFG++ Karras",
     "cfgpp_gradient_estimation": "Gradient Estimation CFG++",
     "cfgpp_gradient_estimation_karras": "Gradient Estimation CFG++ Karras",
+    # A1111's "DPM fast" runs at its eta for ancestral samplers, 1 by default; ComfyUI's
+    # dpm_fast at 0
+    "dpm_fast_a": "DPM fast",
+    "dpm_fast_a_karras": "DPM fast Karras",
+    "dpm_fast": "DPM fast ComfyUI",
+    "dpm_fast_karras": "DPM fast ComfyUI Karras",
+    "heunpp2": "HeunPP2",
+    "heunpp2_karras": "HeunPP2 Karras",
 }
 assert set(SAMPLER_LABELS) == set(SAMPLER_NAMES)
 # Other names A1111 (and its API clients) use for the same samplers: its k-diffusion aliases.
@@ -145,8 +153,10 @@ SAMPLER_ALIASES = {
                              "res_multistep", "res_multistep_a", "ddpm", "er_sde",
                              "cfgpp_euler", "cfgpp_euler_a", "cfgpp_dpmpp_2m",
                              "cfgpp_res_multistep", "cfgpp_res_multistep_a",
-                             "cfgpp_gradient_estimation")
+                             "cfgpp_gradient_estimation", "dpm_fast", "heunpp2")
        for name in (base, f"{base}_karras")},
+    "dpm_fast_a": ("k_dpm_fast",),
+    "dpm_fast_a_karras": (),
 }
 assert set(SAMPLER_ALIASES) == set(SAMPLER_NAMES)
 _BY_NAME = {name.lower(): sid for sid in SAMPLER_NAMES

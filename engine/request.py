@@ -41,13 +41,15 @@ SAMPLER_NAMES = ("ddim", "pndm", "euler", "euler_karras", "euler_a", "euler_a_ka
                  "cfgpp_dpmpp_2m", "cfgpp_dpmpp_2m_karras", "cfgpp_res_multistep",
                  "cfgpp_res_multistep_karras", "cfgpp_res_multistep_a",
                  "cfgpp_res_multistep_a_karras", "cfgpp_gradient_estimation",
-                 "cfgpp_gradient_estimation_karras")
+                 "cfgpp_gradient_estimation_karras", "dpm_fast", "dpm_fast_karras",
+                 "dpm_fast_a", "dpm_fast_a_karras", "heunpp2", "heunpp2_karras")
 # Sigma schedules beyond each sampler's own (its diffusers scheduler's spacing, or the Karras
 # and exponential variants above), built by ``sigma_schedules``: A1111's schedule types and
 # ComfyUI's schedulers, by ComfyUI's names (where the two differ, ComfyUI's is "comfy_X").
 # Sampler "X_S" is sampler X on schedule S; X is one of SIGMA_SAMPLERS.
 SIGMA_SCHEDULES = ("exponential", "sgm_uniform", "normal", "simple", "ddim_uniform", "beta",
-                   "kl_optimal", "align_your_steps", "comfy_beta", "comfy_kl_optimal")
+                   "kl_optimal", "align_your_steps", "comfy_beta", "comfy_kl_optimal",
+                   "linear_quadratic")
 # The beta schedules' Beta(alpha, beta) (Lee et al. 2024, "Beta Sampling is All You Need"):
 # A1111's default setting and ComfyUI's fixed values.
 BETA_SHAPE = (0.6, 0.6)
@@ -58,7 +60,8 @@ SIGMA_SAMPLERS = ("euler", "euler_a", "heun", "dpm2", "dpm2_a", "dpmpp_2s_a", "d
                   "deis", "restart", "uni_pc", "uni_pc_bh2", "ipndm", "ipndm_v",
                   "gradient_estimation", "comfy_deis", "res_multistep", "res_multistep_a", "ddpm",
                   "er_sde", "cfgpp_euler", "cfgpp_euler_a", "cfgpp_dpmpp_2m", "cfgpp_res_multistep",
-                  "cfgpp_res_multistep_a", "cfgpp_gradient_estimation")
+                  "cfgpp_res_multistep_a", "cfgpp_gradient_estimation", "dpm_fast",
+                  "dpm_fast_a", "heunpp2")
 # The CFG++ samplers (Chung et al. 2024, ComfyUI's *_cfg_pp): each step also reads the
 # unconditional prediction, so they run the unconditional pass whatever the guidance scale
 # (ComfyUI's cfg 1 too), the scale as given (below 1 too).

@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from .comfy_samplers import NOISY, SLOPE_HISTORY, SLOPE_WEIGHTS, X0_WEIGHTS
+from .comfy_samplers import NOISY, SLOPE_HISTORY, SLOPE_WEIGHTS, STAGES, X0_WEIGHTS
 from .errors import SdrtError
 from .request import CFG_PP_PREFIX, sampler_family, split_sampler
 from .schedules import (EDM_CLASSES, EXPONENTIAL, KARRAS_OFF, KARRAS_SAMPLERS, SAMPLER_CLASSES,
@@ -22,7 +22,7 @@ from .schedules import (EDM_CLASSES, EXPONENTIAL, KARRAS_OFF, KARRAS_SAMPLERS, S
 __all__ = ["SAMPLERS", "Schedule", "SchedulerConfig", "default_sampler", "make_schedule", "sample",
            "sample_ddim", "sample_pndm", "sample_euler", "sample_euler_ancestral",
            "sample_two_call", "sample_dpmpp_2m", "sample_lms", "sample_unipc", "sample_deis",
-           "sample_lcm", "sample_x0_multistep"]
+           "sample_lcm", "sample_x0_multistep", "sample_stages"]
 
 
 # --- model output conversions ---------------------------------------------------------------
@@ -378,6 +378,33 @@ def sample_x0_multistep(model, x, sched: Schedule, generator=None, noise=None, s
     return x
 
 
+def sample_stages(model, x, sched: Schedule, generator=None, noise=None, step_end=None):
+    """The samplers of several calls a step (dpm_fast*, dpm_fast_a*, heunpp2*;
+    ``comfy_samplers.STAGES``): each call's slope d_k = (u_k - x0_k) / sigma_k at its
+    latents u_k, and the point after it (the next call's latents, or the step's end) the
+    step's start x weighed with the step's slopes so far by the call's row of
+    ``Schedule.coefficients``; a step's end (``Schedule.orders``) adds fresh unit noise times
+    the row's last weight for the stochastic ones (from ``generator``, or ``noise``: one
+    tensor per step)."""
+    x_start, slopes, draws = x, [], 0
+    for i, t in enumerate(sched.timesteps):
+        sigma = sched.sigmas_in[i]
+        x0 = _denoised(model, x, t, sigma, sched)
+        slopes.append((x - x0) / sigma)
+        c = sched.coefficients[i]
+        x = c[0] * x_start + sum(c[1 + k] * d for k, d in enumerate(slopes))
+        if sched.orders[i]:  # the step's end
+            if sched.noise_draws:
+                z = _randn(x, generator) if noise is None else noise[draws].to(x.dtype)
+                x = x + c[4] * z
+                draws += 1
+        if step_end is not None:
+            x = _after_step(step_end, i, t, x)
+        if sched.orders[i]:
+            x_start, slopes = x, []
+    return x
+
+
 def sample_deis(model, x, sched: Schedule, step_end=None):
     """DEIS (Zhang & Chen 2023), as diffusers' DEISMultistepScheduler runs it: each step's
     latents are the last ones plus the step's exponential-integrator weights
@@ -547,6 +574,7 @@ _SAMPLE_FNS = {
                                        "uni_pc_bh2_karras")},
     **{name: sample_lms for base in SLOPE_WEIGHTS for name in (base, f"{base}_karras")},
     **{name: sample_x0_multistep for base in X0_WEIGHTS for name in (base, f"{base}_karras")},
+    **{name: sample_stages for base in STAGES for name in (base, f"{base}_karras")},
     "lcm": sample_lcm,
 }
 assert set(_SAMPLE_FNS) == set(SAMPLERS)

@@ -21,7 +21,7 @@ from . import comfy_samplers
 from .errors import SdrtError
 from .request import SAMPLER_NAMES as SAMPLERS  # the one list, importable without torch
 from .request import sampler_choices, sampler_family, sampler_missing, split_sampler
-from .sigma_schedules import levels
+from .sigma_schedules import levels, log_interp
 
 # ComfyUI's samplers on Euler's levels, each run by sdrt's linear multistep loop on the slope
 # or on the clean latents, with its own weights (``comfy_samplers``)
@@ -79,6 +79,11 @@ SAMPLER_CLASSES = {
     # er_sde, and the CFG++ ones, cfgpp_* (``comfy_samplers``).
     **{name: "EulerDiscreteScheduler" for base in COMFY_EULER
        for name in (base, f"{base}_karras")},
+    # Samplers of several calls a step that no diffusers class has (``comfy_samplers.STAGES``):
+    # DPM-Solver-Fast (k-diffusion's; dpm_fast_a with A1111's eta of 1: its "DPM fast") and
+    # ComfyUI's heunpp2.
+    **{name: "EulerDiscreteScheduler" for base in comfy_samplers.STAGES
+       for name in (base, f"{base}_karras")},
     "lcm": "LCMScheduler",
     # Restart sampling (Xu et al. 2023, "Restart Sampling for Improving Generative
     # Processes"; A1111's "Restart"): Heun's steps, so Heun's class defaults; no diffusers
@@ -132,7 +137,8 @@ _CLASS_DEFAULTS = {
                     "dpmpp_3m_sde_karras", "unipc", "unipc_karras", "lms",
                     "lms_karras", "deis", "deis_karras", "uni_pc", "uni_pc_karras",
                     "uni_pc_bh2", "uni_pc_bh2_karras",
-                    *(name for base in COMFY_EULER for name in (base, f"{base}_karras")))},
+                    *(name for base in (*COMFY_EULER, *comfy_samplers.STAGES)
+                      for name in (base, f"{base}_karras")))},
     **{name: {**_K_BETAS, "timestep_spacing": "linspace", "clip_sample": False}
        for name in TWO_CALL_SAMPLERS},  # (KDPM2 has no clip_sample: for_sampler drops it)
     "lcm": {"timestep_spacing": "leading", "set_alpha_to_one": True, "clip_sample": False,
@@ -452,7 +458,8 @@ class Schedule:
     # lands; heun*, dpm2*: diffusers' per-call sigmas (``add_noise``'s)
     sigmas: torch.Tensor | None = None
     # (N,) heun*, dpm2* (TWO_CALL_SAMPLERS): the sigma of each call's input, where its update
-    # lands (a step's trial point, or its end), and dpm2_a's fresh noise's std there
+    # lands (a step's trial point, or its end), and dpm2_a's fresh noise's std there;
+    # dpm_fast*, heunpp2*: the sigma of each call's input
     sigmas_in: torch.Tensor | None = None
     sigmas_to: torch.Tensor | None = None
     sigmas_up: torch.Tensor | None = None
@@ -478,7 +485,9 @@ class Schedule:
     # er_sde*, cfgpp_*: (N, 6), the weights of the latents, this step's clean latents (guided,
     # unconditional), two earlier steps' and fresh noise (``comfy_samplers``). deis*:
     # (N, 5), see ``_deis_coefficients``, and ``orders`` each step's. dpmpp_sde*: (N, 3), see
-    # ``_dpmpp_sde_schedule``.
+    # ``_dpmpp_sde_schedule``. dpm_fast*, dpm_fast_a*, heunpp2*: (N, 5), per call, the weights
+    # of the step's start, of its calls' slopes so far and of fresh noise, and ``orders`` 1
+    # where the call ends its step (``_stages_schedule``).
     coefficients: torch.Tensor | None = None
     orders: tuple = ()
     # EDM: the preconditioning's sigma_data (the sigmas are then EDM's, the latents
@@ -1170,6 +1179,40 @@ def _one_call_schedule(cfg, sampler, timesteps, sigmas, init_noise_sigma, start,
                     noise_draws=len(timesteps[start:]) if sde else 0)
 
 
+def _stages_schedule(cfg, sampler, alphas_cumprod, steps, start, device, tables=None):
+    """The schedule of a sampler of several calls a step (``comfy_samplers.STAGES``), laid out
+    per call over the levels of the run (the table's from ``start``): each call's level, its
+    row of weights (``coefficients``) and whether it ends a step (``orders``, 1 where it does).
+    Its levels: a sigma schedule's ``tables``; else Euler's, plain or Karras (heunpp2), and
+    for DPM-Solver-Fast, which reads only the run's first and last levels above 0, the model's
+    whole range (A1111 hands it the training sigmas' ends, whatever the config's spacing)."""
+    family = sampler_family(sampler)
+    train = _train_sigmas(_finite_snr(cfg, alphas_cumprod))
+    if tables is not None:
+        run = np.asarray(tables[1], dtype=np.float64)
+    elif family.startswith("dpm_fast"):
+        # k-diffusion's get_sigmas(steps) (A1111's Uniform) or Karras' over the model's
+        # range; for one step the range itself, as A1111's text to image
+        lo, hi = float(train[0]), float(train[-1])
+        run = (np.array([hi, lo]) if steps == 1 else
+               np.append(karras_sigmas(lo, hi, steps), 0.0) if sampler.endswith("_karras") else
+               np.append(log_interp(np.linspace(len(train) - 1, 0, steps), train), 0.0))
+    else:
+        run = _euler_tables(cfg, alphas_cumprod, steps)[1].double().numpy()
+    run = run[start:]
+    inputs, rows, ends, last = comfy_samplers.STAGES[family](run)
+    if cfg.timestep_type == "continuous" and cfg.prediction_type == "v_prediction":
+        calls = 0.25 * np.log(inputs)
+    else:
+        calls = sigma_to_timestep(inputs, train)
+    f32 = {"dtype": torch.float32, "device": device}
+    return Schedule(sampler, cfg, torch.from_numpy(calls.astype(np.float32)).to(device),
+                    float(run[0]), sigmas=torch.tensor(np.append(inputs, last), **f32),
+                    sigmas_in=torch.tensor(inputs, **f32),
+                    coefficients=torch.tensor(rows, **f32), orders=tuple(int(e) for e in ends),
+                    noise_draws=sum(ends) if family in comfy_samplers.NOISY else 0)
+
+
 def _img2img_start(steps: int, strength: float) -> int:
     """How many leading steps image-to-image skips (diffusers' img2img ``get_timesteps``; a
     two-call sampler skips two calls a step, ``_two_call_schedule``)."""
@@ -1248,7 +1291,9 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_inference_steps: int, 
             tables = _through_zero(tables, _train_sigmas(_finite_snr(cfg, alphas_cumprod)))
     start = _img2img_start(steps, strength)
 
-    if base.startswith("restart"):
+    if sampler_family(base) in comfy_samplers.STAGES:
+        sched = _stages_schedule(cfg, sampler, alphas_cumprod, steps, start, device, tables)
+    elif base.startswith("restart"):
         sched = _restart_schedule(cfg, sampler, alphas_cumprod, steps, start, device, tables)
     elif tables is not None and base.startswith("dpmpp_sde"):
         sched = _dpmpp_sde_schedule(cfg, sampler, alphas_cumprod, len(tables[0]), start,

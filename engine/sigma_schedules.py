@@ -101,6 +101,28 @@ def comfy_kl_optimal(steps, lo, hi):
     return _kl_optimal(np.arange(steps) / max(steps - 1, 1), lo, hi)
 
 
+# ComfyUI's linear_quadratic (from Genmo's Mochi): the first half of the steps falls
+# linearly by this fraction of sigma_max, the rest quadratically to 0.
+LINEAR_QUADRATIC_THRESHOLD = 0.025
+
+
+def linear_quadratic(steps, hi):
+    """ComfyUI's "linear_quadratic": ``steps`` levels, sigma_max times one minus a fraction
+    that climbs linearly to ``LINEAR_QUADRATIC_THRESHOLD`` over the first ``steps // 2`` steps,
+    then on the quadratic that reaches 1 (sigma 0) where the last step lands, continuing the
+    line at the join; linear in sigma, not in the model's timesteps."""
+    if steps == 1:
+        return np.array([hi])
+    lin, threshold = steps // 2, LINEAR_QUADRATIC_THRESHOLD
+    quad = steps - lin
+    gap = lin - threshold * steps
+    a = gap / (lin * quad ** 2)
+    b = threshold / lin - 2 * gap / quad ** 2
+    i = np.arange(steps, dtype=np.float64)
+    fraction = np.where(i < lin, i * threshold / lin, a * i * i + b * i + a * lin ** 2)
+    return (1 - fraction) * hi
+
+
 def align_your_steps(steps, table):
     """NVIDIA's Align Your Steps levels for the model's family (``families.Family``), A1111's
     way: as published for as many steps as the table has, else interpolated in log sigma at
@@ -126,6 +148,8 @@ def levels(schedule, steps, train, align_your_steps_table=()):
         out = globals()[schedule](steps, train)
     elif schedule in ("beta", "comfy_kl_optimal"):
         out = globals()[schedule](steps, lo, hi)
+    elif schedule == "linear_quadratic":
+        out = linear_quadratic(steps, hi)
     elif schedule == "kl_optimal":
         return kl_optimal(steps, lo, hi)  # its last step lands on sigma_min
     elif schedule == "align_your_steps":

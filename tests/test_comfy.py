@@ -203,9 +203,8 @@ REFUSED = {
         "20": {"class_type": "VAELoaderPlus", "inputs": {"vae_name": "vae.safetensors"}},
         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["20", 0]}}}),
         "node 20 (VAELoaderPlus) is not supported as VAEDecode's vae"),
-    "unknown sampler pair": (lambda g: g["3"]["inputs"].update(scheduler="linear_quadratic"),
-                             "sampler_name 'euler' with scheduler 'linear_quadratic' has no "
-                             "sdrt"),
+    "unknown sampler pair": (lambda g: g["3"]["inputs"].update(sampler_name="sa_solver"),
+                             "sampler_name 'sa_solver' with scheduler 'normal' has no sdrt"),
     "no karras variant": (lambda g: g["3"]["inputs"].update(sampler_name="lcm",
                                                             scheduler="karras"),
                           "'lcm' with scheduler 'karras' has no sdrt sampler"),

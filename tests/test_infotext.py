@@ -123,7 +123,8 @@ def test_sampler_labels_and_aliases():
     assert sampler_id("PLMS") == "pndm"
     assert sampler_id("k_dpm_2_a_ka") == "dpm2_a_karras"
     assert sampler_id("k_dpmpp_sde_ka") == "dpmpp_sde_karras"
-    assert sampler_id("DPM fast") is None and sampler_id(None) is None
+    assert sampler_id("DPM fast") == "dpm_fast_a"  # at A1111's eta for ancestral samplers, 1
+    assert sampler_id("DPM adaptive") is None and sampler_id(None) is None
     assert sampler_id("Restart") == "restart_karras"  # A1111 1.9's default: Karras
     assert sampler_id("DPM++ 2S a") == "dpmpp_2s_a_karras"  # A1111 1.9's default: Karras
 

@@ -25,7 +25,9 @@ def pipe(tiny_sd1_folder):
                                      "euler_a_align_your_steps", "dpmpp_2m_sgm_uniform",
                                      "heun_kl_optimal", "dpmpp_sde_comfy_beta",
                                      "deis_ddim_uniform", "dpmpp_2s_a_karras",
-                                     "restart_karras"])
+                                     "restart_karras",
+                                     # several calls a step, noise at a step's end
+                                     "dpm_fast_a", "heunpp2_linear_quadratic"])
 def test_static_plan_equalsrun_eagerly(pipe, sampler):
     pipe.runtime = None
     steps = 20 if sampler.startswith("restart") else 5  # (20: a restart, its noise drawn)

@@ -661,7 +661,8 @@ def test_from_file(tmp_path):
                         "cfgpp_dpmpp_2m", "cfgpp_dpmpp_2m_karras", "cfgpp_res_multistep",
                         "cfgpp_res_multistep_karras", "cfgpp_res_multistep_a",
                         "cfgpp_res_multistep_a_karras", "cfgpp_gradient_estimation",
-                        "cfgpp_gradient_estimation_karras")
+                        "cfgpp_gradient_estimation_karras", "dpm_fast", "dpm_fast_karras",
+                        "dpm_fast_a", "dpm_fast_a_karras", "heunpp2", "heunpp2_karras")
 
 
 @pytest.mark.parametrize("content,match", [
@@ -695,7 +696,7 @@ def test_from_file_errors(tmp_path, content, match):
 
 
 @pytest.mark.parametrize("sampler,steps,strength,match", [
-    ("dpm_fast", 10, 1.0, "unknown sampler.*ddim, pndm"),
+    ("dpm_adaptive", 10, 1.0, "unknown sampler.*ddim, pndm"),
     ("ddim", 0, 1.0, "steps"),
     ("ddim", 1001, 1.0, "steps"),     # more steps than training timesteps
     ("euler", 10, 0.0, "strength"),

@@ -89,6 +89,16 @@ def _reference(schedule, n, train, table=AYS_SD15):
     if schedule == "comfy_kl_optimal":
         i = torch.arange(n, dtype=torch.float).div_(max(n - 1, 1))
         return torch.cat([(i * math.atan(lo) + (1 - i) * math.atan(hi)).tan(), zero])
+    if schedule == "linear_quadratic":  # ComfyUI's (Genmo's Mochi), in Python floats
+        if n == 1:
+            return torch.tensor([hi, 0.0])
+        lin, threshold = n // 2, 0.025
+        gap, quad = lin - threshold * n, n - lin
+        qc = gap / (lin * quad ** 2)
+        lc = threshold / lin - 2 * gap / (quad ** 2)
+        fraction = ([i * threshold / lin for i in range(lin)]
+                    + [qc * i ** 2 + lc * i + qc * lin ** 2 for i in range(lin, n)] + [1.0])
+        return torch.tensor([1.0 - f for f in fraction]) * hi
     assert schedule == "align_your_steps"
     if n == len(table):
         return torch.tensor(list(table) + [0.0])
@@ -211,8 +221,11 @@ def test_every_sampler_along_every_schedule_reaches_the_clean_latents(sampler, s
             err = (out - expected).abs().max().item()
             assert err <= 1e-4, f"{sid}, {steps} steps: {err:.3g} from the ODE at 0.001"
         elif last == 0:
+            # (float32 latents of the size of the level the last step leaves, magnified by a
+            # multistep's weights: linear_quadratic's few steps end far above sigma 1)
+            tol = 1e-4 * max(1.0, float(positive[-1]))
             err = (out - x0).abs().max().item()
-            assert err <= 1e-4, f"{sid}, {steps} steps: {err:.3g} from x0"
+            assert err <= tol, f"{sid}, {steps} steps: {err:.3g} from x0"
         elif sampler in ("euler", "heun", "dpm2", "lms") and strength == 1:
             top = float(sched.sigmas[0])
             expected = x0 + last * (x.double() - x0) / top

@@ -1,0 +1,252 @@
+"""The samplers of several model calls a step against their loops written out here, as
+k-diffusion and ComfyUI step them: DPM-Solver-Fast (k-diffusion's ``DPMSolver.dpm_solver_fast``,
+A1111's "DPM fast" at eta 1, ComfyUI's dpm_fast at eta 0) and ComfyUI's heunpp2.
+
+The references run in float64 on their own levels: k-diffusion's uniform table
+(``get_sigmas``: timesteps 999 to 0, log sigma interpolated), Karras', or ComfyUI's scheduler
+tables (sdrt's ``sigma_schedules.levels``, checked against ComfyUI's in
+``test_sigma_schedules``), cut for image to image; each call's timestep is k-diffusion's
+``sigma_to_t``. Both sides run the same stand-in model from the same latents (and the same unit
+noise), so the calls' timesteps and the final latents must agree."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sdrt.engine import comfy
+from sdrt.engine.infotext import sampler_id, sampler_label
+from sdrt.engine.request import GenerationRequest, sampler_family, split_sampler
+from sdrt.engine.samplers import SchedulerConfig, make_schedule, sample
+from sdrt.engine.schedules import train_alphas_cumprod
+from sdrt.engine.sigma_schedules import levels
+from test_samplers import CONFIGS, LinearModel, _latents
+
+
+def _train(cfg):
+    ac = train_alphas_cumprod(cfg.for_sampler("euler")).double()
+    return ((1 - ac) / ac) ** 0.5  # ascending
+
+
+def _sigma_to_t(sigma, train):
+    """k-diffusion's DiscreteSchedule.sigma_to_t (fractional, log sigma interpolated)."""
+    log_sigmas = train.log()
+    log_sigma = torch.as_tensor(sigma, dtype=torch.float64).log()
+    dists = log_sigma - log_sigmas[:, None]
+    low = dists.ge(0).cumsum(dim=0).argmax(dim=0).clamp(max=len(log_sigmas) - 2)
+    w = ((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1])).clamp(0, 1)
+    return ((1 - w) * low + w * (low + 1)).reshape(())
+
+
+def _run_levels(sampler, cfg, steps, strength):
+    """The levels of the run, as the tools hand them to the sampler."""
+    base, schedule = split_sampler(sampler)
+    train = _train(cfg)
+    big_t = len(train)
+    if schedule is not None:
+        table = torch.from_numpy(levels(schedule, steps, train.float().numpy()))
+    elif base.startswith("dpm_fast") and steps == 1:
+        table = torch.stack([train[-1], train[0]])  # A1111: the model's range itself
+    elif base.endswith("_karras"):
+        # k-diffusion's get_sigmas_karras over the model's range (heunpp2: over Euler's
+        # levels', which for one step are the lowest alone)
+        lo, hi = train[0], train[-1] if steps > 1 or base.startswith("dpm_fast") else train[0]
+        ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+        table = (hi ** (1 / 7) + ramp * (lo ** (1 / 7) - hi ** (1 / 7))) ** 7
+        table = torch.cat([table, table.new_zeros(1)])
+    elif base.startswith("dpm_fast"):
+        t = torch.linspace(big_t - 1, 0, steps, dtype=torch.float64)
+        low, high, w = t.floor().long(), t.ceil().long(), t.frac()
+        table = ((1 - w) * train.log()[low] + w * train.log()[high]).exp()
+        table = torch.cat([table, table.new_zeros(1)])
+    else:  # heunpp2 on EulerDiscreteScheduler's linspace levels
+        t = torch.linspace(big_t - 1, 0, steps, dtype=torch.float64) if steps > 1 else \
+            torch.zeros(1, dtype=torch.float64)
+        low, high, w = t.floor().long(), t.ceil().long(), t.frac()
+        table = ((1 - w) * train.log()[low] + w * train.log()[high]).exp()
+        table = torch.cat([table, table.new_zeros(1)])
+    n = len(table) - 1
+    return table[n - min(int(n * strength), n):]
+
+
+def _dpm_fast(denoise, x, sigmas, eta, noise):
+    """k-diffusion's sample_dpm_fast from sigma_max = the run's first level to sigma_min = its
+    last above 0 (ComfyUI's and A1111's choice), n = the run's steps."""
+    sigma_min = sigmas[sigmas > 0][-1]
+    n = len(sigmas) - 1
+    t_of, sigma_of = (lambda s: -torch.log(s)), (lambda t: torch.exp(-t))
+
+    def eps(x, t):
+        return (x - denoise(x, sigma_of(t))) / sigma_of(t)
+
+    def step1(x, t, tn, e0):
+        return x - sigma_of(tn) * torch.expm1(tn - t) * e0
+
+    def step2(x, t, tn, e0, r1=0.5):
+        h = tn - t
+        s1 = t + r1 * h
+        u1 = x - sigma_of(s1) * torch.expm1(r1 * h) * e0
+        e1 = eps(u1, s1)
+        return (x - sigma_of(tn) * torch.expm1(h) * e0
+                - sigma_of(tn) / (2 * r1) * torch.expm1(h) * (e1 - e0))
+
+    def step3(x, t, tn, e0, r1=1 / 3, r2=2 / 3):
+        h = tn - t
+        s1, s2 = t + r1 * h, t + r2 * h
+        u1 = x - sigma_of(s1) * torch.expm1(r1 * h) * e0
+        e1 = eps(u1, s1)
+        u2 = (x - sigma_of(s2) * torch.expm1(r2 * h) * e0
+              - sigma_of(s2) * (r2 / r1) * (torch.expm1(r2 * h) / (r2 * h) - 1) * (e1 - e0))
+        e2 = eps(u2, s2)
+        return (x - sigma_of(tn) * torch.expm1(h) * e0
+                - sigma_of(tn) / r2 * (torch.expm1(h) / h - 1) * (e2 - e0))
+
+    t_start, t_end = t_of(sigmas[0]), t_of(sigma_min)
+    m = n // 3 + 1
+    ts = torch.linspace(float(t_start), float(t_end), m + 1, dtype=torch.float64)
+    orders = [3] * (m - 2) + [2, 1] if n % 3 == 0 else [3] * (m - 1) + [n % 3]
+    for i, order in enumerate(orders):
+        t, tn = ts[i], ts[i + 1]
+        if eta:
+            s, sn = sigma_of(t), sigma_of(tn)
+            up = min(sn, eta * (sn ** 2 * (s ** 2 - sn ** 2) / s ** 2) ** 0.5)
+            down = (sn ** 2 - up ** 2) ** 0.5
+            tn_ = torch.minimum(t_end, t_of(down))
+            up = (sn ** 2 - sigma_of(tn_) ** 2) ** 0.5
+        else:
+            tn_, up = tn, 0.0
+        e0 = eps(x, t)
+        x = (step1, step2, step3)[order - 1](x, t, tn_, e0)
+        if eta:
+            x = x + up * noise[i]
+    return x
+
+
+def _heunpp2(denoise, x, s):
+    """ComfyUI's sample_heunpp2 (no churn)."""
+    end = s[-1]
+    for i in range(len(s) - 1):
+        d = (x - denoise(x, s[i])) / s[i]
+        dt = s[i + 1] - s[i]
+        if s[i + 1] == end:
+            x = x + d * dt
+        elif s[i + 2] == end:
+            x2 = x + d * dt
+            d2 = (x2 - denoise(x2, s[i + 1])) / s[i + 1]
+            w2 = s[i + 1] / (2 * s[0])
+            x = x + (d * (1 - w2) + d2 * w2) * dt
+        else:
+            x2 = x + d * dt
+            d2 = (x2 - denoise(x2, s[i + 1])) / s[i + 1]
+            x3 = x2 + d2 * (s[i + 2] - s[i + 1])
+            d3 = (x3 - denoise(x3, s[i + 2])) / s[i + 2]
+            w2, w3 = s[i + 1] / (3 * s[0]), s[i + 2] / (3 * s[0])
+            x = x + ((1 - w2 - w3) * d + w2 * d2 + w3 * d3) * dt
+    return x
+
+
+def _reference(sampler, model, x, run, cfg, noise):
+    """The loop of ``sampler`` over the run's levels, float64; the model sees VE latents
+    scaled by 1 / sqrt(sigma^2 + 1) at k-diffusion's timestep of the call's sigma."""
+    train = _train(cfg)
+    kind = cfg.for_sampler("euler").prediction_type
+
+    def denoise(x, sigma):
+        c_in = 1 / (sigma ** 2 + 1) ** 0.5
+        out = model((x * c_in).float(), _sigma_to_t(sigma, train).float()).double()
+        return x - sigma * out if kind == "epsilon" else out * (-sigma * c_in) + x * c_in ** 2
+
+    family = sampler_family(sampler)
+    if family.startswith("dpm_fast"):
+        return _dpm_fast(denoise, x.double(), run, 1.0 if family == "dpm_fast_a" else 0.0,
+                         None if noise is None else noise.double())
+    return _heunpp2(denoise, x.double(), run)
+
+
+SAMPLERS = ["dpm_fast", "dpm_fast_a", "dpm_fast_karras", "dpm_fast_a_karras",
+            "dpm_fast_exponential", "dpm_fast_a_simple", "heunpp2", "heunpp2_karras",
+            "heunpp2_normal", "heunpp2_linear_quadratic"]
+
+
+@pytest.mark.parametrize("steps,strength", [(1, 1.0), (2, 1.0), (3, 1.0), (4, 1.0), (8, 1.0),
+                                            (10, 0.6)])
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("config", ["sd15", "sd21"])
+def test_matches_the_tools_loops(sampler, steps, strength, config):
+    cfg = SchedulerConfig.from_dict(CONFIGS[config])
+    sched = make_schedule(cfg, sampler, steps, strength)
+    run = _run_levels(sampler, cfg, steps, strength)
+    noise = _latents(steps)
+    x = sched.noise_latents(noise) if strength == 1 else sched.noise_image(_latents(99), noise)
+    assert float(sched.sigmas[0]) == pytest.approx(float(run[0]), rel=1e-5)
+    draws = None
+    if sched.noise_draws:
+        g = torch.Generator().manual_seed(steps)
+        draws = torch.randn((sched.noise_draws, *x.shape), generator=g)
+    theirs_model, model = LinearModel(), LinearModel()
+    theirs = _reference(sampler, theirs_model, x, run, cfg, draws)
+    ours = torch.full_like(noise, math.nan)
+    ours.copy_(sample(sampler, model, x, sched, noise=draws))
+    ref_t = torch.stack([t for _, t in theirs_model.calls]).double()
+    our_t = torch.stack([t for _, t in model.calls]).double()
+    assert len(our_t) == len(ref_t) == len(sched.timesteps)
+    np.testing.assert_allclose(our_t.numpy(), ref_t.numpy(), rtol=1e-4, atol=2e-3)
+    scale = max(1.0, theirs.abs().max().item())
+    err = (ours.double() - theirs).abs().max().item()
+    assert err <= 2e-5 * scale, f"{sampler}, {steps} steps: max abs diff {err:.3g}"
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5, 6, 9, 20])
+def test_dpm_fast_spends_exactly_its_steps_in_calls_and_ends_above_zero(steps):
+    # k-diffusion's DPM-Solver-Fast: n model calls for n steps, ending on sigma_min (A1111's
+    # and ComfyUI's pictures keep that last bit of noise).
+    cfg = SchedulerConfig.from_dict(CONFIGS["sd15"])
+    for sampler in ("dpm_fast", "dpm_fast_a"):
+        sched = make_schedule(cfg, sampler, steps)
+        assert len(sched.timesteps) == steps
+        assert float(sched.sigmas[-1]) == pytest.approx(float(_train(cfg)[0]), rel=1e-5)
+        assert float(sched.sigmas[0]) == pytest.approx(float(_train(cfg)[-1]), rel=1e-5)
+    # the ancestral one draws one noise tensor a step (floor(n / 3) + 1 steps, n > 2)
+    assert make_schedule(cfg, "dpm_fast_a", 9).noise_draws == 4
+
+
+def test_heunpp2_takes_three_calls_a_step_but_the_last_two():
+    cfg = SchedulerConfig.from_dict(CONFIGS["sd15"])
+    for steps in (1, 2, 5, 12):
+        sched = make_schedule(cfg, "heunpp2", steps)
+        assert len(sched.timesteps) == max(3 * steps - 3, 1)
+
+
+def test_dpm_fast_a_draws_its_noise_from_the_generator():
+    cfg = SchedulerConfig.from_dict(CONFIGS["sd15"])
+    sched = make_schedule(cfg, "dpm_fast_a", 8)
+    x = sched.noise_latents(_latents(1))
+    a, b, c = (sample("dpm_fast_a", LinearModel(), x, sched,
+                      generator=torch.Generator().manual_seed(s)) for s in (7, 7, 8))
+    assert torch.equal(a, b)
+    assert (a - c).abs().max() > 1e-3
+    ode = make_schedule(cfg, "dpm_fast", 8)
+    assert ode.noise_draws == 0
+
+
+def test_names_from_a1111_and_comfyui():
+    # A1111's "DPM fast" (and its API alias) is the eta-1 one; ComfyUI's dpm_fast the ODE one.
+    assert sampler_id("DPM fast") == "dpm_fast_a"
+    assert sampler_id("k_dpm_fast") == "dpm_fast_a"
+    assert sampler_id("DPM fast", "Karras") == "dpm_fast_a_karras"
+    assert sampler_id("DPM fast", "Exponential") == "dpm_fast_a_exponential"
+    assert sampler_label("dpm_fast_a_karras") == "DPM fast Karras"
+    assert comfy.SAMPLERS[("dpm_fast", "karras")] == "dpm_fast_karras"
+    assert comfy.SAMPLERS[("dpm_fast", "normal")] == "dpm_fast_normal"
+    assert comfy.SAMPLERS[("heunpp2", "simple")] == "heunpp2_simple"
+    assert comfy.SAMPLERS[("heunpp2", "linear_quadratic")] == "heunpp2_linear_quadratic"
+    assert comfy.SAMPLERS[("euler", "linear_quadratic")] == "euler_linear_quadratic"
+    GenerationRequest(prompt="a", sampler="heunpp2_beta")  # a request takes the ids
+
+
+def test_partial_runs_are_refused_in_one_line():
+    # A window of a several-calls-a-step run (SDXL's base/refiner split) is refused.
+    cfg = SchedulerConfig.from_dict(CONFIGS["sd15"])
+    from sdrt.engine.errors import SdrtError
+    with pytest.raises(SdrtError, match="cannot run part of its schedule"):
+        make_schedule(cfg, "heunpp2", 10, denoising_end=0.8)
