@@ -105,6 +105,8 @@ SAMPLER_LABELS = {
     "dpm_fast_karras": "DPM fast ComfyUI Karras",
     "heunpp2": "HeunPP2",
     "heunpp2_karras": "HeunPP2 Karras",
+    "cfgpp_dpmpp_2s_a": "DPM++ 2S a CFG++",
+    "cfgpp_dpmpp_2s_a_karras": "DPM++ 2S a CFG++ Karras",
 }
 assert set(SAMPLER_LABELS) == set(SAMPLER_NAMES)
 # Other names A1111 (and its API clients) use for the same samplers: its k-diffusion aliases.
@@ -153,7 +155,8 @@ SAMPLER_ALIASES = {
                              "res_multistep", "res_multistep_a", "ddpm", "er_sde",
                              "cfgpp_euler", "cfgpp_euler_a", "cfgpp_dpmpp_2m",
                              "cfgpp_res_multistep", "cfgpp_res_multistep_a",
-                             "cfgpp_gradient_estimation", "dpm_fast", "heunpp2")
+                             "cfgpp_gradient_estimation", "dpm_fast", "heunpp2",
+                             "cfgpp_dpmpp_2s_a")
        for name in (base, f"{base}_karras")},
     "dpm_fast_a": ("k_dpm_fast",),
     "dpm_fast_a_karras": (),

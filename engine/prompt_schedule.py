@@ -17,7 +17,8 @@ import re
 from dataclasses import dataclass
 
 # A1111's samplers with "second_order": their editing steps count two per sampler step.
-SECOND_ORDER = ("heun", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "restart")
+SECOND_ORDER = ("heun", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "restart",
+                "cfgpp_dpmpp_2s_a")
 _NUMBER = re.compile(r"\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*\]")
 _PLAIN = re.compile(r"(?:[^\\\[\]():|]|\\.)+", re.S)
 

@@ -222,17 +222,27 @@ def sample_two_call(model, x, sched: Schedule, generator=None, noise=None, step_
     """
     cfg = sched.config
     heun = sched.sampler.startswith(("heun", "restart"))
-    solver_pp = sched.sampler.startswith("dpmpp_2s_a")
+    cfg_pp = sched.sampler.startswith(CFG_PP_PREFIX)
+    solver_pp = sched.sampler.startswith(("dpmpp_2s_a", "cfgpp_dpmpp_2s_a"))
     draws = 0
+    n = len(sched.timesteps)
     for i, t in enumerate(sched.timesteps):
         sigma = sched.sigmas_in[i]
-        x0 = _denoised(model, x, t, sigma, sched)
+        if cfg_pp:  # the steps run on the unconditional x0; the guidance is added at the end
+            x0, x0u = _denoised(model, x, t, sigma, sched, uncond=True)
+            if i % 2 == 0:
+                guidance = x0 - x0u
+            x0 = x0u
+        else:
+            x0 = _denoised(model, x, t, sigma, sched)
         if cfg.clip_sample:
             x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
         slope = (x - x0) / sigma
         if i % 2 == 0:  # the trial step
             x_start, sigma_start, first_slope = x, sigma, slope
             x = x + slope * (sched.sigmas_to[i] - sigma)
+            if cfg_pp and i == n - 1:  # the last step, one call: to the guided x0
+                x = x + guidance
         else:
             if heun:
                 slope = (first_slope + slope) / 2
@@ -245,6 +255,8 @@ def sample_two_call(model, x, sched: Schedule, generator=None, noise=None, step_
                 z = _randn(x, generator) if noise is None else noise[draws].to(x.dtype)
                 x = x + z * sched.sigmas_up[i]
                 draws += 1
+            if cfg_pp:
+                x = x + guidance
         if step_end is not None:
             x = _after_step(step_end, i, t, x)
     return x
@@ -581,7 +593,7 @@ assert set(_SAMPLE_FNS) == set(SAMPLERS)
 
 # The samplers that draw fresh noise as they go (``Schedule.noise_draws`` tensors a run).
 _NOISE_SAMPLERS = ("euler_a", "euler_a_karras", "dpm2_a", "dpm2_a_karras", "dpmpp_2s_a",
-                   "dpmpp_2s_a_karras", "restart", "restart_karras", "dpmpp_sde",
+                   "dpmpp_2s_a_karras", "cfgpp_dpmpp_2s_a", "cfgpp_dpmpp_2s_a_karras", "restart", "restart_karras", "dpmpp_sde",
                    "dpmpp_sde_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras",
                    "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_karras", *EXPONENTIAL,
                    "dpmpp_3m_sde",

@@ -46,6 +46,9 @@ SAMPLER_CLASSES = {
     # a"): no diffusers class has it; it runs on DPM2 a's layout of the Euler class's sigmas.
     "dpmpp_2s_a": "KDPM2AncestralDiscreteScheduler",
     "dpmpp_2s_a_karras": "KDPM2AncestralDiscreteScheduler",
+    # ComfyUI's dpmpp_2s_ancestral_cfg_pp: the same calls, CFG++'s step (``sample_two_call``)
+    "cfgpp_dpmpp_2s_a": "KDPM2AncestralDiscreteScheduler",
+    "cfgpp_dpmpp_2s_a_karras": "KDPM2AncestralDiscreteScheduler",
     "dpmpp_sde": "DPMSolverSDEScheduler",
     "dpmpp_sde_karras": "DPMSolverSDEScheduler",
     "dpmpp_2m": "DPMSolverMultistepScheduler",
@@ -97,10 +100,11 @@ SAMPLER_CLASSES = {
 # call alone. Their schedules count calls (2 * steps - 1). DPM++ SDE (DPM-Solver++(2S) with
 # Brownian-tree noise, k-diffusion's sample_dpmpp_sde) is laid out the same way.
 TWO_CALL_SAMPLERS = ("heun", "heun_karras", "dpm2", "dpm2_karras", "dpm2_a", "dpm2_a_karras",
-                     "dpmpp_2s_a", "dpmpp_2s_a_karras",
+                     "dpmpp_2s_a", "dpmpp_2s_a_karras", "cfgpp_dpmpp_2s_a",
+                     "cfgpp_dpmpp_2s_a_karras",
                      "dpmpp_sde", "dpmpp_sde_karras", "restart", "restart_karras")
 # The two-call samplers that split each step's landing level into sigma_down and fresh noise
-_ANCESTRAL_TWO_CALL = ("dpm2_a", "dpmpp_2s_a")
+_ANCESTRAL_TWO_CALL = ("dpm2_a", "dpmpp_2s_a", "cfgpp_dpmpp_2s_a")
 # ``X_karras`` is sampler X on Karras et al.'s sigmas (use_karras_sigmas=True, as A1111's "X
 # Karras"); plain X takes the config's use_karras_sigmas, except these, where it is off.
 KARRAS_OFF = ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "unipc", "deis", "uni_pc")

@@ -116,7 +116,7 @@ REFUSED_EARLY = {
     "seed below -1": (["generate", "x", "--seed", "-2"], "--seed must be -1 (random) or"),
     "seed past 64 bits": (["generate", "x", "--seed", str(2 ** 64)], "--seed must be -1 (random)"),
     "negative clip skip": (["generate", "x", "--clip-skip", "-1"], "--clip-skip must be"),
-    "unknown sampler": (["generate", "x", "--sampler", "dpm_fast"],
+    "unknown sampler": (["generate", "x", "--sampler", "dpm_adaptive"],
                         "--sampler must be one of ddim"),
     "strength zero": (["generate", "x", "--init-image", "init.png", "--strength", "0"],
                       "--strength must be a number in (0, 1]"),

@@ -50,7 +50,7 @@ def test_second_pass_runs_the_steps_asked_for(sampler, strength):
     ("steps", -1, "hr steps must be an integer from 0"),
     ("strength", 0, "hr strength must be a number in (0, 1]"),
     ("resize_x", 99999, "hr resize_x must be an integer from 0"),
-    ("sampler", "dpm_fast", "hr sampler must be one of ddim"),
+    ("sampler", "dpm_adaptive", "hr sampler must be one of ddim"),
     ("prompt", None, "hr prompt must be a string"),
 ])
 def test_bad_settings_name_the_field(field, value, message):

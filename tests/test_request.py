@@ -68,7 +68,7 @@ BAD = [
     ("seed", "42", "-1 \\(random\\) or an integer .*, got '42'"),
     ("seed", -1.0, "-1 \\(random\\) or an integer .*, got -1.0"),
     ("seed", math.nan, "-1 \\(random\\) or an integer .*, got nan"),
-    ("sampler", "dpm_fast", "one of ddim, pndm, euler, euler_karras, euler_a, euler_a_karras, "
+    ("sampler", "dpm_adaptive", "one of ddim, pndm, euler, euler_karras, euler_a, euler_a_karras, "
                             "heun, heun_karras, "
                        "dpm2, dpm2_karras, dpm2_a, dpm2_a_karras, dpmpp_2s_a, dpmpp_2s_a_karras, "
                        "dpmpp_sde, dpmpp_sde_karras, "
@@ -87,9 +87,11 @@ BAD = [
                        "cfgpp_euler_a_karras, cfgpp_dpmpp_2m, cfgpp_dpmpp_2m_karras, "
                        "cfgpp_res_multistep, cfgpp_res_multistep_karras, cfgpp_res_multistep_a, "
                        "cfgpp_res_multistep_a_karras, cfgpp_gradient_estimation, "
-                       "cfgpp_gradient_estimation_karras, or X_S for X one "
+                       "cfgpp_gradient_estimation_karras, dpm_fast, dpm_fast_karras, "
+                       "dpm_fast_a, dpm_fast_a_karras, heunpp2, heunpp2_karras, "
+                       "cfgpp_dpmpp_2s_a, cfgpp_dpmpp_2s_a_karras, or X_S for X one "
                        "of euler, .* and S one "
-                       "of exponential, .*, got 'dpm_fast'"),
+                       "of exponential, .*, got 'dpm_adaptive'"),
     ("sampler", 3, "one of ddim, .*, got 3"),
     ("output_type", "tensor", "one of pil, np, latent, got 'tensor'"),
     ("original_size", (0, 3),

@@ -101,7 +101,7 @@ def test_strict_mode_refuses_unbuilt_shape(pipe):
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(height=13), "height must be a multiple of 2"),
-    (dict(sampler="dpm_fast"), "sampler must be one of"),
+    (dict(sampler="dpm_adaptive"), "sampler must be one of"),
     (dict(batch_size=0), "batch_size must be an integer from 1 to 64 .*, got 0"),
     (dict(num_inference_steps=0), "num_inference_steps must be an integer from 1 to 1000"),
     (dict(max_shapes=0), "max_shapes"),

@@ -250,3 +250,83 @@ def test_partial_runs_are_refused_in_one_line():
     from sdrt.engine.errors import SdrtError
     with pytest.raises(SdrtError, match="cannot run part of its schedule"):
         make_schedule(cfg, "heunpp2", 10, denoising_end=0.8)
+
+
+class GuidedModel:
+    """Two stand-in UNets: the guided output and the unconditional half's (``uncond=True``
+    returns both), as a CFG++ sampler reads them."""
+
+    def __init__(self):
+        self.guided, self.negative = LinearModel(seed=0), LinearModel(seed=1)
+        self.calls = self.guided.calls
+
+    def __call__(self, x, t, uncond=False):
+        out = self.guided(x, t)
+        return (out, self.negative(x, t)) if uncond else out
+
+
+def _dpmpp_2s_ancestral_cfg_pp(model, x, s, cfg, noise):
+    """ComfyUI's sample_dpmpp_2s_ancestral_cfg_pp over levels ``s`` (eta 1), float64: the
+    steps run on the unconditional x0, each step's guidance x0 - x0u (of its first call) added
+    after its noise."""
+    train = _train(cfg)
+    kind = cfg.for_sampler("euler").prediction_type
+
+    def denoise(x, sigma):
+        c_in = 1 / (sigma ** 2 + 1) ** 0.5
+        outs = model((x * c_in).float(), _sigma_to_t(sigma, train).float(), uncond=True)
+        return [x - sigma * o.double() if kind == "epsilon" else
+                o.double() * (-sigma * c_in) + x * c_in ** 2 for o in outs]
+
+    for i in range(len(s) - 1):
+        guided, uncond = denoise(x, s[i])
+        guidance = guided - uncond
+        up = min(s[i + 1], (s[i + 1] ** 2 * (s[i] ** 2 - s[i + 1] ** 2) / s[i] ** 2) ** 0.5)
+        down = (s[i + 1] ** 2 - up ** 2) ** 0.5
+        if down == 0:
+            x = x + (x - uncond) / s[i] * (down - s[i])
+        else:
+            t, t_next = -torch.log(s[i]), -torch.log(down)
+            h = t_next - t
+            mid = torch.exp(-(t + h / 2))
+            x2 = (mid / s[i]) * x - torch.expm1(-h / 2) * uncond
+            uncond2 = denoise(x2, mid)[1]
+            x = (down / s[i]) * x - torch.expm1(-h) * uncond2
+        if s[i + 1] > 0:
+            x = x + noise[i] * up
+        x = x + guidance
+    return x
+
+
+# (Not one step to sigma_min, nor two to 0: DPM2 a's float32 sigma_down of a step from
+# sigma_max to the last level cancels to a few digits, as diffusers' does, and the step
+# magnifies that.)
+@pytest.mark.parametrize("sampler,steps,strength", [
+    ("cfgpp_dpmpp_2s_a", 1, 1.0), ("cfgpp_dpmpp_2s_a", 3, 1.0), ("cfgpp_dpmpp_2s_a", 10, 0.6),
+    ("cfgpp_dpmpp_2s_a_karras", 5, 1.0), ("cfgpp_dpmpp_2s_a_karras", 10, 0.6),
+    ("cfgpp_dpmpp_2s_a_normal", 6, 1.0), ("cfgpp_dpmpp_2s_a_kl_optimal", 4, 1.0)])
+@pytest.mark.parametrize("config", ["sd15", "sd21"])
+def test_dpmpp_2s_ancestral_cfg_pp_matches_comfyuis_loop(sampler, steps, strength, config):
+    # Its levels are DPM++ 2S a's (test_samplers checks those): the first calls' levels, then
+    # where the last step lands.
+    cfg = SchedulerConfig.from_dict(CONFIGS[config])
+    sched = make_schedule(cfg, sampler, steps, strength)
+    last = 0.0 if len(sched.timesteps) % 2 else float(sched.sigmas[-1])
+    run = torch.cat([sched.sigmas_in[0::2].double(), torch.tensor([last], dtype=torch.float64)])
+    noise = _latents(steps)
+    x = sched.noise_latents(noise) if strength == 1 else sched.noise_image(_latents(99), noise)
+    g = torch.Generator().manual_seed(steps)
+    draws = torch.randn((sched.noise_draws, *x.shape), generator=g)
+    theirs_model, model = GuidedModel(), GuidedModel()
+    theirs = _dpmpp_2s_ancestral_cfg_pp(theirs_model, x.double(), run, cfg,
+                                        torch.cat([draws, draws[:1] * 0]).double())
+    ours = torch.full_like(noise, math.nan)
+    ours.copy_(sample(sampler, model, x, sched, noise=draws))
+    ref_t = torch.stack([t for _, t in theirs_model.calls]).double()
+    our_t = torch.stack([t for _, t in model.calls]).double()
+    assert len(our_t) == len(ref_t) == len(sched.timesteps)
+    np.testing.assert_allclose(our_t.numpy(), ref_t.numpy(), rtol=1e-4, atol=2e-3)
+    scale = max(1.0, theirs.abs().max().item())
+    err = (ours.double() - theirs).abs().max().item()
+    assert err <= 2e-5 * scale, f"{sampler}, {steps} steps: max abs diff {err:.3g}"
+    assert comfy.SAMPLERS[("dpmpp_2s_ancestral_cfg_pp", "karras")] == "cfgpp_dpmpp_2s_a_karras"
