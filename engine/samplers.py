@@ -593,7 +593,8 @@ assert set(_SAMPLE_FNS) == set(SAMPLERS)
 
 # The samplers that draw fresh noise as they go (``Schedule.noise_draws`` tensors a run).
 _NOISE_SAMPLERS = ("euler_a", "euler_a_karras", "dpm2_a", "dpm2_a_karras", "dpmpp_2s_a",
-                   "dpmpp_2s_a_karras", "cfgpp_dpmpp_2s_a", "cfgpp_dpmpp_2s_a_karras", "restart", "restart_karras", "dpmpp_sde",
+                   "dpmpp_2s_a_karras", "cfgpp_dpmpp_2s_a", "cfgpp_dpmpp_2s_a_karras", "restart",
+                   "restart_karras", "dpmpp_sde",
                    "dpmpp_sde_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras",
                    "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_karras", *EXPONENTIAL,
                    "dpmpp_3m_sde",
