@@ -181,6 +181,10 @@ def _parser():
     o.add_argument("--lora", metavar="PATH[:SCALE]", type=_lora_option, action="append",
                    default=[], help="merge a LoRA (kohya/A1111 or diffusers .safetensors) at SCALE "
                                     "(default 1) into the exported weights; repeat for several")
+    o.add_argument("--embedding", metavar="PATH", action="append", default=[],
+                   help="add a textual-inversion embedding (.safetensors, A1111 or diffusers "
+                        "layout) to the exported text encoders and tokenizers, its token the "
+                        "file's name; repeat for several")
     o.add_argument("--controlnet", metavar="PATH", action="append", default=[],
                    help="a ControlNet or T2I-Adapter (diffusers folder or .safetensors file) "
                         "for the UNet to run on every call, its image and scale two more UNet "
@@ -481,11 +485,13 @@ def cmd_export(a):
                            dtype=a.dtype, opset=DEFAULT_OPSET if a.opset is None else a.opset,
                            dynamic=a.dynamic, config=a.config, prediction_type=a.prediction_type,
                            optimize=a.optimize, target=a.target, controlnets=a.controlnet,
-                           loras=a.lora)
+                           loras=a.lora, embeddings=a.embedding)
     shapes = "dynamic batch and size" if a.dynamic else \
         f"{manifest['width']}x{manifest['height']}, batch {manifest['batch']}"
-    added = "".join(f", {what} " + ", ".join(e["name"] for e in manifest[field])
-                    for field, what in (("loras", "LoRAs"), ("controlnets", "ControlNets"))
+    added = "".join(f", {what} " + ", ".join(e[key] for e in manifest[field])
+                    for field, what, key in (("loras", "LoRAs", "name"),
+                                             ("embeddings", "embeddings", "token"),
+                                             ("controlnets", "ControlNets", "name"))
                     if manifest[field])
     print(f"exported {', '.join(m['file'] for m in manifest['models'].values())} "
           f"({shapes}, {manifest['dtype']}, opset {manifest['opset']}{added}) to {a.out} "

@@ -723,8 +723,7 @@ def _check_sources(a):
                             f"{'is a folder' if os.path.isdir(path) else 'does not exist'}")
         if a.runtime == "onnx":
             raise SdrtError(f"{option} changes sdrt's own networks; with --runtime onnx "
-                            + ("export the model with --lora instead" if option == "--lora"
-                               else "it is not in the export: use --runtime torch"))
+                            f"export the model with {option} instead")
     if a.runtime == "onnx":
         if a.onnx_dir is None:
             raise SdrtError("--runtime onnx needs --onnx-dir")

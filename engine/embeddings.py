@@ -145,3 +145,40 @@ def _checked(vectors, where, what, hidden_size, encoder="the text encoder"):
 def token_names(token: str, n: int) -> list[str]:
     """The tokens of an n-vector embedding, as diffusers names them: token, token_1, ..."""
     return [token] + [f"{token}_{i}" for i in range(1, n)]
+
+
+def add_embedding(tokenizers: dict, encoders: dict, family, path_or_state_dict,
+                  token: str | None, loaded: dict) -> str:
+    """Add one embedding to sdrt's ``tokenizers`` ({"tokenizer": ..., ...}) and text
+    ``encoders`` ({"text_encoder": ..., ...}) of a model of ``family``: its tokens, the same ids
+    in every tokenizer, and each text encoder's rows (see ``Pipeline.load_textual_inversion``).
+    ``loaded`` ({token: rows}) holds those added before and gets this one; the same token again
+    is a no-op with the same vectors, refused with others. Returns the token."""
+    if token is not None and not isinstance(token, str):
+        raise SdrtError(f"token must be a string, got {type(token).__name__}")
+    token, rows = read_embeddings(path_or_state_dict, token,
+                                  {c: m.config.hidden_size for c, m in encoders.items()},
+                                  family.label)
+    pairs = dict(zip(family.tokenizers, family.text_encoders))
+    for t, c in pairs.items():
+        if tokenizers[t].vocab_size != encoders[c].config.vocab_size:
+            raise SdrtError(f"cannot add embedding tokens: {t} has {tokenizers[t].vocab_size} "
+                            f"tokens but {c} {encoders[c].config.vocab_size} rows")
+    sizes = {t: tokenizers[t].vocab_size for t in pairs}
+    if len(set(sizes.values())) > 1:
+        raise SdrtError(f"cannot add embedding tokens: the tokenizers' vocabularies differ in "
+                        f"size ({sizes}), so one token would get different ids")
+    if token in loaded:
+        if all(torch.equal(loaded[token][c], rows[c]) for c in rows):
+            return token
+        raise SdrtError(f"embedding token {token!r} is already loaded with other vectors; "
+                        f"load this one under another token name")
+    # The new tokens' ids are the new rows: each table and its vocabulary had one size, the
+    # same for every tokenizer (which share CLIP's vocabulary), so the ids agree too.
+    names = token_names(token, len(rows[family.text_encoders[0]]))
+    for t in pairs:
+        tokenizers[t].add_embedding_tokens(names)
+    for c, vectors in rows.items():
+        encoders[c].add_token_embeddings(vectors)
+    loaded[token] = rows
+    return token

@@ -408,40 +408,14 @@ class Pipeline:
         vectors, refused with others. The vocabulary grows, so the text encoders' token tables
         are new tensors and the built static plans are dropped (``compile`` again). Returns
         the token."""
-        from .embeddings import read_embeddings, token_names
+        from .embeddings import add_embedding
         encoders = self.text_encoders
         if not all(isinstance(m, nn.Module) for m in encoders.values()):
             raise SdrtError("textual inversion extends sdrt's own text encoders; these run in "
-                            "another runtime (an ONNX export holds no embeddings yet)")
-        if token is not None and not isinstance(token, str):
-            raise SdrtError(f"token must be a string, got {type(token).__name__}")
-        token, rows = read_embeddings(path_or_state_dict, token,
-                                      {c: m.config.hidden_size for c, m in encoders.items()},
-                                      self.family.label)
-        pairs = {t: c for t, c in zip(self.family.tokenizers, self.family.text_encoders)}
-        for t, c in pairs.items():
-            if getattr(self, t).vocab_size != encoders[c].config.vocab_size:
-                raise SdrtError(f"cannot add embedding tokens: {t} has "
-                                f"{getattr(self, t).vocab_size} tokens but {c} "
-                                f"{encoders[c].config.vocab_size} rows")
-        sizes = {t: getattr(self, t).vocab_size for t in pairs}
-        if len(set(sizes.values())) > 1:
-            raise SdrtError(f"cannot add embedding tokens: the tokenizers' vocabularies differ in "
-                            f"size ({sizes}), so one token would get different ids")
-        if token in self._embeddings:
-            loaded = self._embeddings[token]
-            if all(torch.equal(loaded[c], rows[c]) for c in rows):
-                return token
-            raise SdrtError(f"embedding token {token!r} is already loaded with other vectors; "
-                            f"load this one under another token name")
-        # The new tokens' ids are the new rows: each table and its vocabulary had one size, the
-        # same for every tokenizer (which share CLIP's vocabulary), so the ids agree too.
-        names = token_names(token, len(rows[self.family.text_encoders[0]]))
-        for t in pairs:
-            getattr(self, t).add_embedding_tokens(names)
-        for c, vectors in rows.items():
-            encoders[c].add_token_embeddings(vectors)
-        self._embeddings[token] = rows
+                            "another runtime (export the model with --embedding instead)")
+        tokenizers = {t: getattr(self, t) for t in self.family.tokenizers}
+        token = add_embedding(tokenizers, encoders, self.family, path_or_state_dict, token,
+                              self._embeddings)
         # A static plan captured the old token table's storage (and its CUDA graph its address).
         self.runtime = None
         return token

@@ -83,10 +83,15 @@ class ClipTokenizer:
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], *,
                  pad_token: str = EOS, bos_token: str = BOS, eos_token: str = EOS,
                  unk_token: str = EOS, max_length: int = MAX_LENGTH,
-                 added_tokens: dict[str, bool] | None = None):
+                 added_tokens: dict[str, bool] | None = None,
+                 extra_tokens: dict[str, int] | None = None):
         """``added_tokens``: a tokenizer_config.json's added_tokens_decoder as {content:
-        normalized}; those tokens are matched whole too, and those marked normalized are matched
-        in the normalised (lowercased) prompt rather than verbatim."""
+        normalized}, for tokens of the vocabulary; those tokens are matched whole too, and those
+        marked normalized are matched in the normalised (lowercased) prompt rather than
+        verbatim. ``extra_tokens``: its tokens past the vocabulary, {content: id}, the ids
+        following it: textual-inversion tokens as ``add_embedding_tokens`` adds them (a
+        saved pipeline's or an ONNX export's), an n-vector one's ``token_1`` ... grouped with
+        its ``token`` by name, as diffusers' ``maybe_convert_prompt`` finds them."""
         added_tokens = added_tokens or {}
         for token in added_tokens:
             if token not in vocab:
@@ -123,13 +128,19 @@ class ClipTokenizer:
         self._tokenizer = tok
         self.max_length = max_length
         self.pad_token, self.bos_token, self.eos_token = pad_token, bos_token, eos_token
+        self.unk_token = unk_token
         self.pad_token_id = vocab[pad_token]
         self.bos_token_id = vocab[bos_token]
         self.eos_token_id = vocab[eos_token]
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         # Textual-inversion embeddings: a multi-vector embedding's first token -> the ids of all
-        # its vectors, which replace it wherever it is matched (diffusers' maybe_convert_prompt).
+        # its vectors, which replace it wherever it is matched (diffusers' maybe_convert_prompt);
+        # and every embedding token's id, in the order added.
         self._groups: dict[int, tuple[int, ...]] = {}
+        self.embedding_tokens: dict[str, int] = {}
+        self._base_vocab = vocab
+        for names in _embedding_groups(extra_tokens or {}, len(vocab)):
+            self.add_embedding_tokens(names)
 
     def add_embedding_tokens(self, names: list[str]) -> list[int]:
         """Add the tokens of one textual-inversion embedding (``name``, ``name_1``, ...) and
@@ -161,6 +172,7 @@ class ClipTokenizer:
         self.vocab_size = before + len(names)
         if len(ids) > 1:
             self._groups[ids[0]] = tuple(ids)
+        self.embedding_tokens.update(zip(names, ids))
         return ids
 
     def embedding_length(self, token_id: int) -> int:
@@ -209,7 +221,15 @@ class ClipTokenizer:
                 isinstance(t, dict) and isinstance(t.get("content"), str) for t in (added or {}).values()):
             raise SdrtError(f"{config_file}: added_tokens_decoder must map ids to objects with a "
                             f"'content' string")
-        added_tokens = {t["content"]: bool(t.get("normalized")) for t in (added or {}).values()}
+        entries = (added or {}).values()
+        added_tokens = {t["content"]: bool(t.get("normalized")) for t in entries
+                        if t["content"] in vocab}
+        try:
+            extra = {t["content"]: int(i) for i, t in (added or {}).items()
+                     if t["content"] not in vocab}
+        except ValueError:
+            raise SdrtError(f"{config_file}: added_tokens_decoder's keys must be token "
+                            f"ids") from None
         max_length = settings.get("model_max_length") or MAX_LENGTH
         if isinstance(max_length, bool) or not isinstance(max_length, (int, float)):
             raise SdrtError(f"{config_file}: model_max_length must be a number, got {max_length!r}")
@@ -220,7 +240,7 @@ class ClipTokenizer:
                    bos_token=_token_text(settings, "bos_token", BOS, path),
                    eos_token=_token_text(settings, "eos_token", EOS, path),
                    unk_token=_token_text(settings, "unk_token", EOS, path),
-                   added_tokens=added_tokens)
+                   added_tokens=added_tokens, extra_tokens=extra)
 
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:
         """Token ids, (B, max_length) int64; a single string gives B = 1.
@@ -289,6 +309,62 @@ def write_clip_tokenizer(folder: str | Path, pad_token: str = EOS) -> Path:
               "add_prefix_space": False, "errors": "replace", "tokenizer_class": "CLIPTokenizer"}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     return folder
+
+
+def _embedding_groups(tokens: dict[str, int], first: int) -> list[list[str]]:
+    """Tokens past a vocabulary of ``first`` entries ({content: id}), in id order from
+    ``first`` on without a gap, as the groups of one embedding each: a token and the
+    ``token_1``, ``token_2``, ... right after it."""
+    order = sorted(tokens, key=tokens.get)
+    if [tokens[t] for t in order] != list(range(first, first + len(order))):
+        raise SdrtError(f"CLIP tokenizer: the tokens past the vocabulary ({len(order)}) must "
+                        f"have the ids from {first} on, one after another; got "
+                        f"{sorted(tokens.values())[:8]}")
+    groups = []
+    for token in order:
+        if groups and token == f"{groups[-1][0]}_{len(groups[-1])}":
+            groups[-1].append(token)
+        else:
+            groups.append([token])
+    return groups
+
+
+def write_embedding_tokens(folder: str | Path, tokenizer: "ClipTokenizer") -> None:
+    """Record ``tokenizer``'s embedding tokens in the tokenizer folder ``folder`` (which holds
+    its vocabulary) as transformers' ``save_pretrained`` records added tokens: entries of
+    tokenizer_config.json's added_tokens_decoder, {id: {"content", ...}}, matched whole words
+    in the lowercased prompt as sdrt matches them; the special tokens (bos, eos, unk, pad) are
+    listed there too, since a config with an added_tokens_decoder is read without
+    special_tokens_map.json. transformers' CLIPTokenizer (4.x and 5) and
+    ``ClipTokenizer.from_folder`` then give the tokens their ids, and diffusers'
+    ``maybe_convert_prompt`` expands an n-vector token to its n tokens."""
+    if not tokenizer.embedding_tokens:
+        return
+    folder = Path(folder)
+    config_file = folder / "tokenizer_config.json"
+    settings = _read_optional_json(config_file, "tokenizer config")
+    decoder = settings.get("added_tokens_decoder")
+    if decoder is None:
+        settings.update(_read_optional_json(folder / "special_tokens_map.json",
+                                            "special tokens map"))
+        decoder = {}
+    vocab = tokenizer._base_vocab
+    for key, value in (("bos_token", tokenizer.bos_token), ("eos_token", tokenizer.eos_token),
+                       ("unk_token", tokenizer.unk_token),
+                       ("pad_token", tokenizer.pad_token)):
+        settings[key] = value
+        decoder.setdefault(str(vocab[value]), _added_entry(value, special=True))
+    for name, i in tokenizer.embedding_tokens.items():
+        decoder[str(i)] = _added_entry(name, special=False)
+    settings["added_tokens_decoder"] = dict(sorted(decoder.items(), key=lambda kv: int(kv[0])))
+    config_file.write_text(json.dumps(settings, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def _added_entry(content: str, special: bool) -> dict:
+    """An added_tokens_decoder entry as transformers writes it: a special token verbatim, an
+    embedding token a whole word of the lowercased prompt."""
+    return {"content": content, "lstrip": False, "normalized": not special, "rstrip": False,
+            "single_word": not special, "special": special}
 
 
 def _token_text(settings: dict, key: str, default: str, folder: Path) -> str:

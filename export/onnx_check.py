@@ -8,7 +8,8 @@ Each network runs in onnxruntime and in sdrt (float32, the reference) on two set
   (its token ids, the last UNet call, the final latents, and the decoded image for the
   encoder).
 
-The model is the export's with its LoRAs merged (``--lora``), the manifest's files; a UNet
+The model is the export's with its LoRAs merged (``--lora``) and its embeddings added
+(``--embedding``; the random token ids read their rows), the manifest's files; a UNet
 that runs ControlNets or T2I-Adapters (``--controlnet``) is compared with sdrt's UNet and those
 nets, loaded from their files, on random control images and scales in both input sets.
 
@@ -31,7 +32,7 @@ from sdrt.engine.errors import SdrtError
 
 from .onnx_controlnet import (KINDS, ControlledUNet, control_examples, input_names,
                               load_controlnets)
-from .onnx_export import merge_loras, vae_moments
+from .onnx_export import add_embeddings, merge_loras, vae_moments
 from .onnx_manifest import manifest_family, models_of, unet_inputs
 from .onnx_runtime import load_sessions
 
@@ -141,11 +142,15 @@ def _random_inputs(manifest, configs, unet_names, device, g, family, nets=()):
                                               dtype=torch.float32, device=device)
     if any(nets):
         unet_feeds.update(_control_feeds(nets, 2 * n, h * f, w * f, device, g))
+    ids = {name: torch.randint(0, text.vocab_size, (2, seq), generator=g)
+           for name, text in texts.items()}
+    # The embeddings' rows, the last of each table, read by the prompt's first tokens too.
+    added = sum(e["vectors"] for e in manifest.get("embeddings") or [])
+    for name, text in texts.items():
+        ids[name][0, 1:1 + added] = torch.arange(text.vocab_size - added, text.vocab_size)
     return {
         # One prompt and its negative, as a guided generation encodes them.
-        **{name: {"input_ids": torch.randint(0, text.vocab_size, (2, seq),
-                                             generator=g).to(device)}
-           for name, text in texts.items()},
+        **{name: {"input_ids": ids[name].to(device)} for name in texts},
         "unet": unet_feeds,
         # Unscaled latents, as the decoder sees them: ~N(0, 1) / 0.18215 for SD.
         "vae_decoder": {"latent_sample": randn(n, vae.latent_channels, h, w, mean=0.5,
@@ -219,13 +224,13 @@ def reference(c, name, feeds, nets=((), ())):
 
 
 def _sources(manifest, field, what):
-    """The manifest's ``field`` entries (LoRAs merged, ControlNets run), each of whose
-    ``source`` the comparison needs."""
+    """The manifest's ``field`` entries (LoRAs merged, embeddings added, ControlNets run),
+    each of whose ``source`` the comparison needs."""
     entries = manifest.get(field) or []
     for e in entries:
         if not os.path.exists(e["source"]):
-            raise SdrtError(f"the export holds {what} {e['name']!r}, made from {e['source']}, "
-                            "which is gone: check-onnx compares with it")
+            raise SdrtError(f"the export holds {what} {e.get('name', e.get('token'))!r}, made "
+                            f"from {e['source']}, which is gone: check-onnx compares with it")
     return entries
 
 
@@ -267,6 +272,7 @@ def check_onnx(onnx_dir, model_path=None, device=None, seed=0):
         raise SdrtError(f"{model_path} is an {c.family.label} model; the export is of an "
                         f"{manifest_family(manifest).label} one")
     merge_loras(c, [(e["source"], e["scale"]) for e in _sources(manifest, "loras", "LoRA")])
+    add_embeddings(c, [e["source"] for e in _sources(manifest, "embeddings", "embedding")])
     configs = {name: getattr(c, name).config for name in ("unet", "vae", *c.family.text_encoders)}
     nets = _controlnets(manifest, c, device)
     tol = TOLERANCES[manifest["dtype"]]

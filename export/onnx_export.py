@@ -33,6 +33,7 @@ from torch import nn
 
 from sdrt.engine.atomic import check_new_folder, write_folder
 from sdrt.engine.errors import SdrtError
+from sdrt.engine.weights import read_json
 
 from .onnx_controlnet import (ControlledUNet, check_paths, control_examples, input_names,
                               load_controlnets)
@@ -138,8 +139,23 @@ def merge_loras(c, loras):
             for path, scale in loras]
 
 
+def add_embeddings(c, paths):
+    """Add the textual-inversion embeddings in ``paths`` to the tokenizers and text encoders
+    of the ``Components`` ``c``, as the pipeline does; the manifest's entries for them."""
+    from sdrt.engine.embeddings import add_embedding
+    loaded = {}
+    tokenizers = {t: getattr(c, t) for t in c.family.tokenizers}
+    encoders = {t: getattr(c, t) for t in c.family.text_encoders}
+    entries = []
+    for path in paths:
+        token = add_embedding(tokenizers, encoders, c.family, path, None, loaded)
+        vectors = len(next(iter(loaded[token].values())))
+        entries.append({"token": token, "vectors": vectors, "source": path})
+    return entries
+
+
 def _check_args(model_path, out_dir, height, width, batch, dtype, opset, prediction_type,
-                optimize, target, controlnets, loras):
+                optimize, target, controlnets, loras, embeddings=()):
     if optimize not in OPTIMIZERS:
         raise SdrtError(f"unknown optimizer {optimize!r}: use ort")
     if optimize is not None:
@@ -169,6 +185,13 @@ def _check_args(model_path, out_dir, height, width, batch, dtype, opset, predict
         if not os.path.isfile(path):
             raise SdrtError(f"LoRA {path} "
                             f"{'is a folder' if os.path.isdir(path) else 'does not exist'}")
+    if isinstance(embeddings, (str, os.PathLike)) or not isinstance(embeddings, (list, tuple)):
+        raise SdrtError("embeddings must be a list of .safetensors files")
+    for path in embeddings:
+        if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
+            what = ("is a folder" if isinstance(path, (str, os.PathLike)) and os.path.isdir(path)
+                    else "does not exist")
+            raise SdrtError(f"embedding {path} {what}")
     check_new_folder(out_dir)
     for module in ("onnx", "onnxscript"):
         try:
@@ -327,7 +350,7 @@ def _initializer_bytes(graph):
 def export_onnx(model_path, out_dir, height=None, width=None, batch=1, dtype="fp32",
                 opset=DEFAULT_OPSET, dynamic=False, external_data_bytes=EXTERNAL_DATA_BYTES,
                 config=None, prediction_type=None, optimize=None, target="cuda",
-                controlnets=(), loras=()):
+                controlnets=(), loras=(), embeddings=()):
     """Export a model's text encoder(s), UNet, VAE decoder and VAE encoder to ``out_dir``, in
     Optimum's Stable Diffusion (or SDXL) layout.
 
@@ -348,16 +371,21 @@ def export_onnx(model_path, out_dir, height=None, width=None, batch=1, dtype="fp
     files, as ``Pipeline.load_controlnet`` takes them) that the exported UNet runs on every
     call; it then takes their images and scales as more inputs (``onnx_controlnet``). ``loras``:
     (``.safetensors`` file, scale) pairs merged into the text encoders' and the UNet's
-    weights before the export, as ``Pipeline.load_lora`` patches them. Returns the manifest
-    written to ``sdrt_export.json``.
+    weights before the export, as ``Pipeline.load_lora`` patches them. ``embeddings``:
+    textual-inversion ``.safetensors`` files (each named by its stem, as ``generate
+    --embedding`` names them) added as ``Pipeline.load_textual_inversion`` adds them: rows of
+    the exported text encoders' token tables, and tokens of the exported tokenizer folders
+    (``tokenizer.write_embedding_tokens``). Returns the manifest written to
+    ``sdrt_export.json``.
     """
     model_path, out_dir = os.fspath(model_path), os.fspath(out_dir)
     _check_args(model_path, out_dir, height, width, batch, dtype, opset, prediction_type,
-                optimize, target, controlnets, loras)
+                optimize, target, controlnets, loras, embeddings)
     return write_folder(out_dir, lambda tmp: _export_all(
         model_path, tmp, height, width, batch, dtype, opset, dynamic, external_data_bytes,
         config, prediction_type, optimize, target, [os.fspath(p) for p in controlnets],
-        [(os.path.abspath(p), scale) for p, scale in loras]))
+        [(os.path.abspath(p), scale) for p, scale in loras],
+        [os.path.abspath(p) for p in embeddings]))
 
 
 def _source_file(model_path, config, *parts):
@@ -441,7 +469,7 @@ def _write_pipeline_files(c, folder, model_path, config, controlled=None):
     Optimum's pipeline reads beside the ONNX files. Configs are the source model's own files
     where it has them (a diffusers folder, or the --config folder of a single file), else
     sdrt's."""
-    from sdrt.engine.tokenizer import write_clip_tokenizer
+    from sdrt.engine.tokenizer import write_clip_tokenizer, write_embedding_tokens
     family = c.family
     _write_json(os.path.join(folder, "model_index.json"), _model_index(c, controlled))
     networks = [(t, t) for t in family.text_encoders] + [
@@ -451,6 +479,11 @@ def _write_pipeline_files(c, folder, model_path, config, controlled=None):
         target = os.path.join(folder, name, "config.json")
         if source:
             shutil.copyfile(source, target)
+            if component.startswith("text_encoder"):  # its table grows with embeddings
+                settings = read_json(source, f"{component} config")
+                vocab_size = getattr(c, component).config.vocab_size
+                if settings.get("vocab_size") != vocab_size:
+                    _write_json(target, {**settings, "vocab_size": vocab_size})
             continue
         # transformers names a model class its own way; diffusers by _class_name.
         naming = ({"architectures": [_INDEX_CLASSES[component][1]],
@@ -470,11 +503,18 @@ def _write_pipeline_files(c, folder, model_path, config, controlled=None):
             write_clip_tokenizer(os.path.join(folder, name),
                                  pad_token=getattr(getattr(c, name), "pad_token", None)
                                  or "<|endoftext|>")
+        if getattr(c, name).embedding_tokens:
+            # (the added tokens live in tokenizer_config.json: a copied tokenizer.json, which
+            # transformers' fast tokenizer would read instead, would lack them)
+            json_file = os.path.join(folder, name, "tokenizer.json")
+            if os.path.exists(json_file):
+                os.remove(json_file)
+            write_embedding_tokens(os.path.join(folder, name), getattr(c, name))
 
 
 def _export_all(model_path, folder, height, width, batch, dtype, opset, dynamic,
                 external_data_bytes, config, prediction_type, optimize=None, target="cuda",
-                controlnets=(), loras=()):
+                controlnets=(), loras=(), embeddings=()):
     """Write the networks, the pipeline files and the manifest into ``folder``; returns the
     manifest."""
     from sdrt.engine.loading import load
@@ -485,6 +525,7 @@ def _export_all(model_path, folder, height, width, batch, dtype, opset, dynamic,
     # Exported on the CPU whatever the target: the graph does not depend on the device.
     c = load(model_path, "cpu", torch_dtype, config=config, prediction_type=prediction_type)
     lora_entries = merge_loras(c, loras)
+    embedding_entries = add_embeddings(c, embeddings)
     nets, adapters, control_entries = load_controlnets(controlnets, c.unet, torch_dtype,
                                                        c.vae.config.scale_factor)
     f = c.vae.config.scale_factor
@@ -529,6 +570,9 @@ def _export_all(model_path, folder, height, width, batch, dtype, opset, dynamic,
         "optimized": None,
         # The LoRAs merged into the weights: {"name", "source", "scale"} each.
         "loras": lora_entries,
+        # The textual-inversion embeddings added: {"token", "vectors", "source"} each, their
+        # tokens the ids after the vocabulary's, in this order.
+        "embeddings": embedding_entries,
         # The ControlNets and T2I-Adapters the UNet runs, each list in the order of its
         # controlnet_* (adapter_*) inputs.
         **control_entries,

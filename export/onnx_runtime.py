@@ -205,6 +205,29 @@ def _tokenizers_and_scheduler(model_path, manifest, family=None):
     return tokenizers, scheduler
 
 
+def _with_embeddings(tokenizers, entries, vocab_size):
+    """The export's embedding tokens (the manifest's ``entries``) in each tokenizer, with the
+    ids of their rows in the exported text encoders (``vocab_size`` rows, the last of them
+    the embeddings'): added to a tokenizer without them (the source model's), checked in one
+    that has them (the export's own folders)."""
+    from sdrt.engine.embeddings import token_names
+    next_id = vocab_size - sum(e["vectors"] for e in entries)
+    for e in entries:
+        names = token_names(e["token"], e["vectors"])
+        ids = list(range(next_id, next_id + len(names)))
+        next_id += len(names)
+        for name, tokenizer in tokenizers.items():
+            if not any(n in tokenizer.embedding_tokens for n in names):
+                if tokenizer.vocab_size != ids[0]:
+                    raise SdrtError(f"the export's embedding {e['token']!r} has the token ids "
+                                    f"from {ids[0]}, but {name} has {tokenizer.vocab_size} "
+                                    f"tokens before it: use the export's own tokenizers")
+                tokenizer.add_embedding_tokens(names)
+            elif [tokenizer.embedding_tokens.get(n) for n in names] != ids:
+                raise SdrtError(f"{name} holds the export's embedding {e['token']!r} under other "
+                                f"token ids than its text encoder's rows {ids[0]}..{ids[-1]}")
+
+
 def onnx_components(onnx_dir, model_path=None, device="cpu"):
     """``Components`` whose networks run the ONNX files of ``onnx_dir`` in onnxruntime.
 
@@ -219,6 +242,8 @@ def onnx_components(onnx_dir, model_path=None, device="cpu"):
         model_path = onnx_dir
     tokenizers, scheduler = _tokenizers_and_scheduler(model_path, manifest, family)
     configs = manifest["configs"]
+    _with_embeddings(tokenizers, manifest.get("embeddings") or [],
+                     configs[family.text_encoders[0]]["vocab_size"])
     texts = {name: OnnxTextEncoder(models[name], TextConfig.from_dict(configs[name]))
              for name in family.text_encoders}
     return Components(

@@ -29,15 +29,22 @@ MODES = {"sd1": dict(height=16, width=24, dynamic=False),
 
 @pytest.fixture(scope="module")
 def optimum_export(tiny_model, tmp_path_factory):
+    """(family, model folder, export folder, the embedding file the sd1 export holds)."""
+    from safetensors.torch import save_file
     family, folder, _ = tiny_model
-    out = str(tmp_path_factory.mktemp(f"optimum-{family}") / "export")
-    export_onnx(folder, out, **MODES[family])
-    return family, folder, out
+    root = tmp_path_factory.mktemp(f"optimum-{family}")
+    out, embedding = str(root / "export"), None
+    if family == "sd1":  # a three-vector A1111 embedding, its token the file's stem
+        embedding = str(root / "sdrtstyle.safetensors")
+        vectors = -0.3 + 0.8 * torch.randn(3, 32, generator=torch.Generator().manual_seed(4))
+        save_file({"emb_params": vectors}, embedding)
+    export_onnx(folder, out, **MODES[family], embeddings=[embedding] if embedding else [])
+    return family, folder, out, embedding
 
 
 def test_optimum_generates_sdrts_image(optimum_export):
     from optimum.onnxruntime import ORTStableDiffusionPipeline
-    family, folder, out = optimum_export
+    family, folder, out, embedding = optimum_export
     theirs = ORTStableDiffusionPipeline.from_pretrained(out, provider="CPUExecutionProvider")
     ours = Pipeline.from_pretrained(folder, device="cpu", dtype="fp32")
     # A dynamic export also runs at a size it was not traced at.
@@ -45,17 +52,27 @@ def test_optimum_generates_sdrts_image(optimum_export):
     latents = torch.randn(1, 4, h // 2, w // 2, generator=torch.Generator().manual_seed(3))
     kw = dict(negative_prompt="blurry", height=h, width=w, num_inference_steps=4,
               guidance_scale=7.5, output_type="np")
-    expected = ours("a red fox", latents=latents, **kw)
-    assert expected.std() > 0.01, f"{family}: the reference image is flat"
-    got = theirs("a red fox", latents=latents.clone(), **kw).images
-    assert_close_abs(got, expected, IMAGE_ATOL,
-                     f"{family}: Optimum's pipeline on sdrt's export vs sdrt")
+    prompts = ["a red fox"]
+    if embedding:
+        # The export's tokenizer holds the embedding's tokens (transformers 4.x reads them),
+        # and diffusers' prompt conversion in Optimum's pipeline expands the first to all 3.
+        ours.load_textual_inversion(embedding)
+        prompts.append("a sdrtstyle fox")
+    for prompt in prompts:
+        expected = ours(prompt, latents=latents, **kw)
+        assert expected.std() > 0.01, f"{family}: the reference image is flat"
+        got = theirs(prompt, latents=latents.clone(), **kw).images
+        assert_close_abs(got, expected, IMAGE_ATOL,
+                         f"{family}: Optimum's pipeline on sdrt's export vs sdrt, {prompt!r}")
+    if embedding:
+        plain = ours("a fox", latents=latents, **kw)
+        assert np.abs(plain - expected).max() > 1e-2, "the embedding changed nothing"
 
 
 def test_optimum_reads_the_export_as_its_own(optimum_export):
     # Input and output names as Optimum exports them: its pipeline calls each session by them.
     from optimum.onnxruntime import ORTStableDiffusionPipeline
-    family, _, out = optimum_export
+    family, _, out, _ = optimum_export
     pipe = ORTStableDiffusionPipeline.from_pretrained(out, provider="CPUExecutionProvider")
     names = {part: ([i.name for i in m.session.get_inputs()],
                     [o.name for o in m.session.get_outputs()])

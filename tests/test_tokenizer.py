@@ -292,3 +292,36 @@ def test_lone_surrogate_is_refused_with_its_position(ours, prompts, name, positi
     with pytest.raises(SdrtError, match=rf"{name} must be valid Unicode text, got '\\ud[8c]..' "
                                         rf"at position {position}"):
         ours(prompts)
+
+
+@pytest.mark.parametrize("pad", ["<|endoftext|>", "!"])
+def test_embedding_tokens_written_and_read_back(tmp_path, pad):
+    # An export's tokenizer folder: the bundled vocabulary and two embeddings' tokens (one of
+    # three vectors, one of one) recorded as transformers records added tokens; read back
+    # by sdrt (the three-vector one grouped by name again) and by transformers, the same ids.
+    from sdrt.engine.tokenizer import write_embedding_tokens
+    ours = ClipTokenizer.bundled(pad_token=pad)
+    ours.add_embedding_tokens(["styleq", "styleq_1", "styleq_2"])
+    ours.add_embedding_tokens(["neg_x"])
+    folder = write_clip_tokenizer(tmp_path / "tok", pad_token=pad)
+    write_embedding_tokens(folder, ours)
+    back = ClipTokenizer.from_folder(folder)
+    prompts = ["a styleq fox, neg_x", "styleq_1 alone", "Styleq!"]
+    assert back.embedding_tokens == ours.embedding_tokens == {
+        "styleq": 49408, "styleq_1": 49409, "styleq_2": 49410, "neg_x": 49411}
+    assert torch.equal(back(prompts), ours(prompts))
+    assert back(prompts)[0, :7].tolist() == [49406, 320, 49408, 49409, 49410, 3240, 267]
+    theirs = transformers.CLIPTokenizer.from_pretrained(folder)
+    expanded = ["a styleq styleq_1 styleq_2 fox, neg_x", "styleq_1 alone"]
+    assert theirs(expanded, padding="max_length", max_length=77,
+                  return_tensors="pt").input_ids.tolist() == ours(prompts[:2]).tolist()
+    assert theirs.pad_token == pad
+
+
+def test_embedding_tokens_past_the_vocabulary_must_follow_it(tmp_path):
+    folder = write_clip_tokenizer(tmp_path / "tok")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"] = {"49410": {"content": "zqxgapz", "normalized": True}}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(SdrtError, match="must have the ids from 49408 on"):
+        ClipTokenizer.from_folder(folder)
