@@ -107,6 +107,7 @@ SAMPLER_LABELS = {
     "heunpp2_karras": "HeunPP2 Karras",
     "cfgpp_dpmpp_2s_a": "DPM++ 2S a CFG++",
     "cfgpp_dpmpp_2s_a_karras": "DPM++ 2S a CFG++ Karras",
+    "cfgpp_ddim": "DDIM CFG++",
 }
 assert set(SAMPLER_LABELS) == set(SAMPLER_NAMES)
 # Other names A1111 (and its API clients) use for the same samplers: its k-diffusion aliases.
@@ -160,6 +161,7 @@ SAMPLER_ALIASES = {
        for name in (base, f"{base}_karras")},
     "dpm_fast_a": ("k_dpm_fast",),
     "dpm_fast_a_karras": (),
+    "cfgpp_ddim": ("ddim_cfgpp",),
 }
 assert set(SAMPLER_ALIASES) == set(SAMPLER_NAMES)
 _BY_NAME = {name.lower(): sid for sid in SAMPLER_NAMES

@@ -43,7 +43,7 @@ SAMPLER_NAMES = ("ddim", "pndm", "euler", "euler_karras", "euler_a", "euler_a_ka
                  "cfgpp_res_multistep_a_karras", "cfgpp_gradient_estimation",
                  "cfgpp_gradient_estimation_karras", "dpm_fast", "dpm_fast_karras",
                  "dpm_fast_a", "dpm_fast_a_karras", "heunpp2", "heunpp2_karras",
-                 "cfgpp_dpmpp_2s_a", "cfgpp_dpmpp_2s_a_karras")
+                 "cfgpp_dpmpp_2s_a", "cfgpp_dpmpp_2s_a_karras", "cfgpp_ddim")
 # Sigma schedules beyond each sampler's own (its diffusers scheduler's spacing, or the Karras
 # and exponential variants above), built by ``sigma_schedules``: A1111's schedule types and
 # ComfyUI's schedulers, by ComfyUI's names (where the two differ, ComfyUI's is "comfy_X").
@@ -63,10 +63,13 @@ SIGMA_SAMPLERS = ("euler", "euler_a", "heun", "dpm2", "dpm2_a", "dpmpp_2s_a", "d
                   "er_sde", "cfgpp_euler", "cfgpp_euler_a", "cfgpp_dpmpp_2m", "cfgpp_res_multistep",
                   "cfgpp_res_multistep_a", "cfgpp_gradient_estimation", "dpm_fast",
                   "dpm_fast_a", "heunpp2", "cfgpp_dpmpp_2s_a")
-# The CFG++ samplers (Chung et al. 2024, ComfyUI's *_cfg_pp): each step also reads the
-# unconditional prediction, so they run the unconditional pass whatever the guidance scale
-# (ComfyUI's cfg 1 too), the scale as given (below 1 too).
+# The CFG++ samplers (Chung et al. 2024, ComfyUI's *_cfg_pp, A1111's "DDIM CFG++"): each step
+# also reads the unconditional prediction, so they run the unconditional pass whatever the
+# guidance scale (ComfyUI's cfg 1 too), the scale as given (below 1 too).
 CFG_PP_PREFIX = "cfgpp_"
+# A1111's DDIM CFG++ guides with its CFG scale divided by this (scales 0 to 12.5 map to
+# CFG++'s lambda in [0, 1]); ComfyUI's CFG++ samplers take the scale as their lambda.
+A1111_CFG_PP_DIVISOR = 12.5
 OUTPUT_TYPES = ("pil", "np", "latent")
 # How a prompt string is read: A1111's syntax (weights, BREAK, 75-token chunks past 77 tokens;
 # prompt_syntax.py) or as plain text (cut at 77 tokens, as diffusers does).

@@ -14,7 +14,7 @@ import torch
 
 from .comfy_samplers import NOISY, SLOPE_HISTORY, SLOPE_WEIGHTS, STAGES, X0_WEIGHTS
 from .errors import SdrtError
-from .request import CFG_PP_PREFIX, sampler_family, split_sampler
+from .request import A1111_CFG_PP_DIVISOR, CFG_PP_PREFIX, sampler_family, split_sampler
 from .schedules import (EDM_CLASSES, EXPONENTIAL, KARRAS_OFF, KARRAS_SAMPLERS, SAMPLER_CLASSES,
                         SAMPLERS, TWO_CALL_SAMPLERS, Schedule, SchedulerConfig, make_schedule,
                         vp_alpha_sigma)
@@ -22,7 +22,7 @@ from .schedules import (EDM_CLASSES, EXPONENTIAL, KARRAS_OFF, KARRAS_SAMPLERS, S
 __all__ = ["SAMPLERS", "Schedule", "SchedulerConfig", "default_sampler", "make_schedule", "sample",
            "sample_ddim", "sample_pndm", "sample_euler", "sample_euler_ancestral",
            "sample_two_call", "sample_dpmpp_2m", "sample_lms", "sample_unipc", "sample_deis",
-           "sample_lcm", "sample_x0_multistep", "sample_stages"]
+           "sample_lcm", "sample_x0_multistep", "sample_stages", "sample_ddim_cfg_pp"]
 
 
 # --- model output conversions ---------------------------------------------------------------
@@ -90,6 +90,27 @@ def sample_ddim(model, x, sched: Schedule, step_end=None):
         if cfg.clip_sample:
             x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
         x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        if step_end is not None:
+            x = _after_step(step_end, i, t, x)
+    return x
+
+
+def sample_ddim_cfg_pp(model, x, sched: Schedule, step_end=None):
+    """A1111's "DDIM CFG++" (Chung et al. 2024, "CFG++: Manifold-constrained Classifier Free
+    Guidance"; A1111's ``ddim_cfgpp``, eta 0): DDIM's step from the guided x0, renoised to the
+    next alpha-bar along the unconditional prediction's noise, the guidance scale divided by
+    ``A1111_CFG_PP_DIVISOR`` (A1111's mapping of its CFG scale onto CFG++'s lambda). The
+    steps and clip_sample are DDIM's (``sample_ddim``)."""
+    cfg = sched.config
+    for i, t in enumerate(sched.timesteps):
+        a, a_prev = sched.alphas[i], sched.alphas_prev[i]
+        guided, uncond = model(x, t, uncond=True)
+        out = uncond + (guided - uncond) / A1111_CFG_PP_DIVISOR
+        x0, _ = _x0_and_eps(out, x, a, cfg.prediction_type)
+        _, eps_uncond = _x0_and_eps(uncond, x, a, cfg.prediction_type)
+        if cfg.clip_sample:
+            x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps_uncond
         if step_end is not None:
             x = _after_step(step_end, i, t, x)
     return x
@@ -564,6 +585,7 @@ def brownian_noise(sched: Schedule, shape, generator):
 
 _SAMPLE_FNS = {
     "ddim": sample_ddim,
+    "cfgpp_ddim": sample_ddim_cfg_pp,
     "pndm": sample_pndm,
     "euler": sample_euler,
     "euler_karras": sample_euler,

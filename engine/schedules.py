@@ -31,6 +31,8 @@ EULER_LEVELS = ("euler", "lms", *COMFY_EULER)
 # The diffusers class each sampler reproduces step by step.
 SAMPLER_CLASSES = {
     "ddim": "DDIMScheduler",
+    # A1111's "DDIM CFG++": DDIM's steps renoised along the unconditional noise
+    "cfgpp_ddim": "DDIMScheduler",
     "pndm": "PNDMScheduler",
     "euler": "EulerDiscreteScheduler",
     "euler_karras": "EulerDiscreteScheduler",
@@ -130,6 +132,9 @@ _K_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "linear"}
 _CLASS_DEFAULTS = {
     "ddim": {**_BETAS, "timestep_spacing": "leading", "set_alpha_to_one": True,
              "clip_sample": True},
+    # (A1111's DDIM CFG++ clips no x0: the class's default clip_sample is diffusers')
+    "cfgpp_ddim": {**_BETAS, "timestep_spacing": "leading", "set_alpha_to_one": True,
+                   "clip_sample": False},
     "pndm": {**_BETAS, "timestep_spacing": "leading", "set_alpha_to_one": False,
              "clip_sample": False},
     **{name: {**_BETAS, "timestep_spacing": "linspace"}
@@ -1314,8 +1319,8 @@ def make_schedule(cfg: SchedulerConfig, sampler: str, num_inference_steps: int, 
         sched = _edm_schedule(cfg, sampler, steps, start, device)
     elif sampler == "lcm":
         sched = _lcm_schedule(cfg, alphas_cumprod, steps, strength, device)
-    elif sampler in ("ddim", "pndm"):
-        if sampler == "ddim":
+    elif sampler in ("ddim", "pndm", "cfgpp_ddim"):
+        if sampler != "pndm":
             grid = spaced_timesteps(cfg.timestep_spacing, cfg.num_train_timesteps, steps, cfg.steps_offset)
             calls = np.round(grid).astype(np.int64)[start:]
             alphas, prev = _ddim_tables(cfg, alphas_cumprod, calls.tolist(), steps)

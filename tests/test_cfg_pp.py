@@ -1,7 +1,8 @@
-"""CFG++ samplers (cfgpp_*, ComfyUI's *_cfg_pp) in the pipeline: the unconditional pass runs
+"""CFG++ samplers (cfgpp_*, ComfyUI's *_cfg_pp, A1111's "DDIM CFG++") in the pipeline: the unconditional pass runs
 whatever the guidance scale (1 and below too, the scale as given), its prediction reaches the
-sampler, and the picture is diffusers' networks stepped by hand with CFG++'s rule. The
-samplers' steps themselves are checked against ComfyUI's loops in test_comfy_samplers.py."""
+sampler, and the picture is diffusers' networks stepped by hand with CFG++'s rule (ComfyUI's
+Euler CFG++, A1111's DDIM CFG++ with its scale divided by 12.5). The ComfyUI samplers' steps
+themselves are checked against ComfyUI's loops in test_comfy_samplers.py."""
 import numpy as np
 import pytest
 import torch
@@ -63,6 +64,34 @@ def test_image_is_diffusers_networks_stepped_by_hand(pipes, scale):
                      IMAGE_ATOL, f"cfgpp_euler at scale {scale}")
 
 
+def _ddim_by_hand(theirs, ours, scale):
+    """A1111's ddim_cfgpp (eta 0) over sdrt's DDIM schedule with diffusers' networks: the
+    noise guided at scale / 12.5, x0 from it, renoised along the unconditional noise."""
+    sched = make_schedule(ours.scheduler_config, "cfgpp_ddim", STEPS)
+    with torch.no_grad():
+        cond, uncond = theirs.encode_prompt(PROMPT, "cpu", 1, True, NEGATIVE)
+        x = _latents(ours).double()
+        for i, t in enumerate(sched.timesteps):
+            eps = theirs.unet(torch.cat([x, x]).float(), t,
+                              encoder_hidden_states=torch.cat([uncond, cond])).sample.double()
+            eps_u, eps_c = eps.chunk(2)
+            e_t = eps_u + scale / 12.5 * (eps_c - eps_u)
+            a, a_prev = sched.alphas[i].double(), sched.alphas_prev[i].double()
+            x0 = (x - (1 - a).sqrt() * e_t) / a.sqrt()
+            x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps_u
+        image = theirs.vae.decode(x.float() / theirs.vae.config.scaling_factor).sample
+    return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+@pytest.mark.parametrize("scale", [7.0, 12.5])
+def test_a1111_ddim_cfg_pp_is_diffusers_networks_stepped_by_hand(pipes, scale):
+    theirs, ours = pipes
+    assert_close_abs(_ours(ours, "cfgpp_ddim", scale), _ddim_by_hand(theirs, ours, scale),
+                     IMAGE_ATOL, f"cfgpp_ddim at scale {scale}")
+    from sdrt.engine.infotext import sampler_id
+    assert sampler_id("DDIM CFG++") == sampler_id("ddim_cfgpp") == "cfgpp_ddim"
+
+
 def test_negative_prompt_counts_at_scale_1(pipes):
     # At guidance 1 a plain sampler runs no unconditional pass (the negative prompt is
     # unused); a CFG++ one steps along it.
@@ -84,7 +113,7 @@ def test_request_runs_guidance_and_keeps_the_scale():
     assert not GenerationRequest(prompt="a", sampler="euler_cfgpp_x").cfg_pp
 
 
-@pytest.mark.parametrize("sampler", ["cfgpp_euler_a", "cfgpp_dpmpp_2m_karras"])
+@pytest.mark.parametrize("sampler", ["cfgpp_euler_a", "cfgpp_dpmpp_2m_karras", "cfgpp_ddim"])
 def test_static_plan_equals_eager(pipes, sampler):
     # The plan, compiled with guidance, serves a CFG++ request at scale 1.
     _, ours = pipes

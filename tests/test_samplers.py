@@ -663,7 +663,7 @@ def test_from_file(tmp_path):
                         "cfgpp_res_multistep_a_karras", "cfgpp_gradient_estimation",
                         "cfgpp_gradient_estimation_karras", "dpm_fast", "dpm_fast_karras",
                         "dpm_fast_a", "dpm_fast_a_karras", "heunpp2", "heunpp2_karras",
-                        "cfgpp_dpmpp_2s_a", "cfgpp_dpmpp_2s_a_karras")
+                        "cfgpp_dpmpp_2s_a", "cfgpp_dpmpp_2s_a_karras", "cfgpp_ddim")
 
 
 @pytest.mark.parametrize("content,match", [
