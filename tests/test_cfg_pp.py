@@ -1,8 +1,9 @@
-"""CFG++ samplers (cfgpp_*, ComfyUI's *_cfg_pp, A1111's "DDIM CFG++") in the pipeline: the unconditional pass runs
-whatever the guidance scale (1 and below too, the scale as given), its prediction reaches the
-sampler, and the picture is diffusers' networks stepped by hand with CFG++'s rule (ComfyUI's
-Euler CFG++, A1111's DDIM CFG++ with its scale divided by 12.5). The ComfyUI samplers' steps
-themselves are checked against ComfyUI's loops in test_comfy_samplers.py."""
+"""CFG++ samplers (cfgpp_*, ComfyUI's *_cfg_pp, A1111's "DDIM CFG++") in the pipeline: the
+unconditional pass runs whatever the guidance scale (1 and below too, the scale as given), its
+prediction reaches the sampler, and the picture is diffusers' networks stepped by hand with
+CFG++'s rule (ComfyUI's Euler CFG++, A1111's DDIM CFG++ with its scale divided by 12.5). The
+ComfyUI samplers' steps themselves are checked against ComfyUI's loops in
+test_comfy_samplers.py."""
 import numpy as np
 import pytest
 import torch
