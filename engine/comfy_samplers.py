@@ -20,8 +20,8 @@ float64, and a captured CUDA graph replays the steps without a host decision:
 
 - over several calls a step (``samplers.sample_stages``: each point the step's start plus
   weighed slopes of the step's calls; ``STAGES``): ``dpm_fast`` (k-diffusion's DPM-Solver-Fast,
-  which ComfyUI runs at eta 0), ``dpm_fast_a`` (the same at eta 1, A1111's "DPM fast") and
-  ``heunpp2``.
+  which ComfyUI runs at eta 0), ``dpm_fast_a`` (the same at eta 1, A1111's "DPM fast"),
+  ``heunpp2``, ``seeds_2`` and ``seeds_3``.
 
 Steps count from the run's first (an image-to-image run starts part way down the levels), as
 ComfyUI counts the sigmas it is handed; a step to sigma 0 lands on the clean latents.
@@ -280,11 +280,36 @@ def er_sde(sigmas, start):
 
 # --- samplers of several calls a step (``samplers.sample_stages``) ---------------------------
 #
-# A step starts from latents x and makes up to three calls; each call's latents u_k (u_0 = x)
-# give a slope d_k = (u_k - x0_k) / sigma_k, and the point after call k, the next call's
-# latents or the step's end, is a x + w_0 d_0 + ... + w_k d_k (the step's end plus fresh
-# noise of std c). A layout is the calls' levels, a row (a, w_0, w_1, w_2, c) per call, which
-# calls end a step, and where the last step lands.
+# A step starts from latents x and makes up to three calls, call k at latents u_k (u_0 = x)
+# and level sigma_k predicting x0_k; the point after call k (the next call's latents, or the
+# step's end) is a x + b_0 x0_0 + ... + b_k x0_k + c_0 z_0 + ... + c_k z_k, z_j the unit
+# noise drawn after call j (for the calls that draw). A layout is the calls' levels, a row
+# (a, b_0, b_1, b_2, c_0, c_1, c_2) per call, which calls end a step and which draw noise,
+# and where the last step lands. Samplers written on the slopes d_k = (u_k - x0_k) / sigma_k
+# give rows on x and the slopes (``_from_slopes`` rewrites them).
+STAGE_WIDTH = 7
+
+
+def _from_slopes(inputs, rows, ends, noise=None):
+    """Rows (a, w_0, w_1, w_2) of points a x + w_0 d_0 + ... on the step's slopes, and fresh
+    noise of std ``noise[i]`` after the calls i it names, as rows on x, the x0s and the noises
+    (see above); returns (rows, which calls draw)."""
+    noise = noise or {}
+    basis = np.eye(STAGE_WIDTH)
+    out, draws = [], []
+    for i, row in enumerate(rows):
+        if i == 0 or ends[i - 1]:
+            start, points = i, [basis[0]]  # points[j]: the latents of the step's call j
+        k = i - start
+        point = row[0] * basis[0]
+        for j in range(k + 1):
+            point = point + row[1 + j] * (points[j] - basis[1 + j]) / inputs[start + j]
+        if i in noise:
+            point = point + noise[i] * basis[4 + k]
+        draws.append(i in noise)
+        points.append(point)
+        out.append(point)
+    return np.array(out), tuple(draws)
 
 
 def dpm_fast(sigmas, eta=0.0):
@@ -303,7 +328,7 @@ def dpm_fast(sigmas, eta=0.0):
     m = nfe // 3 + 1
     ts = np.linspace(t_start, t_end, m + 1)
     orders = [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
-    inputs, rows, ends = [], [], []
+    inputs, rows, ends, noise = [], [], [], {}
     for i, order in enumerate(orders):
         t, t_next = ts[i], ts[i + 1]
         if eta:
@@ -316,13 +341,13 @@ def dpm_fast(sigmas, eta=0.0):
         em = np.expm1(h)
         if order == 1:
             inputs += [np.exp(-t)]
-            rows += [(1, -sn * em, 0, 0, up)]
+            rows += [(1, -sn * em, 0, 0)]
         elif order == 2:
             r1 = 0.5
             s1 = t + r1 * h
             inputs += [np.exp(-t), np.exp(-s1)]
-            rows += [(1, -np.exp(-s1) * np.expm1(r1 * h), 0, 0, 0),
-                     (1, -sn * em + sn / (2 * r1) * em, -sn / (2 * r1) * em, 0, up)]
+            rows += [(1, -np.exp(-s1) * np.expm1(r1 * h), 0, 0),
+                     (1, -sn * em + sn / (2 * r1) * em, -sn / (2 * r1) * em, 0)]
         else:
             r1, r2 = 1 / 3, 2 / 3
             s1, s2 = t + r1 * h, t + r2 * h
@@ -330,11 +355,14 @@ def dpm_fast(sigmas, eta=0.0):
             k2 = np.exp(-s2) * (r2 / r1) * (np.expm1(r2 * h) / (r2 * h) - 1) if h else 0.0
             k3 = sn / r2 * (em / h - 1) if h else 0.0
             inputs += [np.exp(-t), np.exp(-s1), np.exp(-s2)]
-            rows += [(1, -np.exp(-s1) * np.expm1(r1 * h), 0, 0, 0),
-                     (1, -np.exp(-s2) * np.expm1(r2 * h) + k2, -k2, 0, 0),
-                     (1, -sn * em + k3, 0, -k3, up)]
+            rows += [(1, -np.exp(-s1) * np.expm1(r1 * h), 0, 0),
+                     (1, -np.exp(-s2) * np.expm1(r2 * h) + k2, -k2, 0),
+                     (1, -sn * em + k3, 0, -k3)]
         ends += [False] * (order - 1) + [True]
-    return np.array(inputs), np.array(rows, dtype=np.float64), tuple(ends), np.exp(-t_end)
+        if eta:  # (drawn every step, as k-diffusion draws it; 0 wide on the last)
+            noise[len(rows) - 1] = up
+    rows, draws = _from_slopes(inputs, rows, ends, noise)
+    return np.array(inputs), rows, tuple(ends), draws, np.exp(-t_end)
 
 
 def heunpp2(sigmas):
@@ -350,20 +378,82 @@ def heunpp2(sigmas):
         dt = s[i + 1] - s[i]
         if s[i + 1] == end:
             inputs += [s[i]]
-            rows += [(1, dt, 0, 0, 0)]
+            rows += [(1, dt, 0, 0)]
             ends += [True]
         elif s[i + 2] == end:
             w2 = s[i + 1] / (2 * s[0])
             inputs += [s[i], s[i + 1]]
-            rows += [(1, dt, 0, 0, 0), (1, (1 - w2) * dt, w2 * dt, 0, 0)]
+            rows += [(1, dt, 0, 0), (1, (1 - w2) * dt, w2 * dt, 0)]
             ends += [False, True]
         else:
             w2, w3 = s[i + 1] / (3 * s[0]), s[i + 2] / (3 * s[0])
             inputs += [s[i], s[i + 1], s[i + 2]]
-            rows += [(1, dt, 0, 0, 0), (1, dt, s[i + 2] - s[i + 1], 0, 0),
-                     (1, (1 - w2 - w3) * dt, w2 * dt, w3 * dt, 0)]
+            rows += [(1, dt, 0, 0), (1, dt, s[i + 2] - s[i + 1], 0),
+                     (1, (1 - w2 - w3) * dt, w2 * dt, w3 * dt)]
             ends += [False, False, True]
-    return np.array(inputs), np.array(rows, dtype=np.float64), tuple(ends), end
+    rows, draws = _from_slopes(inputs, rows, ends)
+    return np.array(inputs), rows, tuple(ends), draws, end
+
+
+def _phi1(z):
+    """z phi_1(z) = e^z - 1 (ComfyUI's ei_h_phi_1)."""
+    return np.expm1(z)
+
+
+def _phi2(z):
+    """z phi_2(z) = (e^z - 1 - z) / z (ComfyUI's ei_h_phi_2)."""
+    return (np.expm1(z) - z) / z
+
+
+def seeds(sigmas, stages, eta=1.0):
+    """ComfyUI's seeds_2 (``stages`` 2: r = 1/2, its phi_1 solver) and seeds_3 (3: r1 = 1/3,
+    r2 = 2/3): SEEDS (Gonzalez et al. 2023, "SEEDS: Exponential SDE Solvers for Fast
+    High-Quality Sampling from Diffusion Models"), stochastic exponential Runge-Kutta steps in
+    data prediction over lambda = -log sigma, at eta 1: each stage's point keeps e^-(r h eta)
+    of x, takes the phi-weighted x0s, and carries the step's Brownian noise, which each stage
+    extends by a fresh draw; a step to 0 lands on x0."""
+    s = np.asarray(sigmas, dtype=np.float64)
+    inputs, rows, ends, draws = [], [], [], []
+    basis = np.eye(STAGE_WIDTH)
+    for i in range(len(s) - 1):
+        if s[i + 1] == 0:
+            inputs.append(s[i])
+            rows.append(basis[1])
+            ends.append(True)
+            draws.append(False)
+            continue
+        h = np.log(s[i]) - np.log(s[i + 1])
+        h_eta = h * (eta + 1)
+        r = (0.5,) if stages == 2 else (1 / 3, 2 / 3)
+        levels = [s[i]] + [s[i] * np.exp(-rk * h) for rk in r] + [s[i + 1]]
+        fractions = (0.0, *r, 1.0)
+        noise = np.zeros(3)  # the step's noise so far, over z_0, z_1, z_2 (in units of sigma)
+        for k in range(stages):
+            rk, level = fractions[k + 1], levels[k + 1]
+            row = np.zeros(STAGE_WIDTH)
+            row[0] = level / s[i] * np.exp(-rk * h * eta)
+            if k + 1 == stages:  # the step's end
+                if stages == 2:  # phi_1 on the midpoint's x0 (fac = 1 / (2 r) = 1)
+                    fac = 1 / (2 * r[0])
+                    row[1:3] = -_phi1(-h_eta) * (1 - fac), -_phi1(-h_eta) * fac
+                else:
+                    b3 = _phi2(-h_eta) / r[1]
+                    row[1], row[3] = -(_phi1(-h_eta) - b3), -b3
+            elif k == 0:
+                row[1] = -_phi1(-rk * h_eta)
+            else:  # seeds_3's second stage
+                a32 = r[1] / r[0] * _phi2(-r[1] * h_eta)
+                row[1], row[2] = -(_phi1(-r[1] * h_eta) - a32), -a32
+            # the Brownian noise: the last stage's, decayed over this stretch, plus fresh
+            segment = (fractions[k] - rk) * h * eta
+            noise *= np.exp(segment)
+            noise[k] = np.sqrt(-np.expm1(2 * segment))
+            row[4:] = level * noise
+            inputs.append(levels[k])
+            rows.append(row)
+            ends.append(k + 1 == stages)
+            draws.append(True)
+    return np.array(inputs), np.array(rows), tuple(ends), tuple(draws), s[-1]
 
 
 # sdrt's sampler → its weights; which loop runs them is which table it is in.
@@ -385,7 +475,8 @@ SLOPE_HISTORY = ("cfgpp_gradient_estimation",)
 # Several calls a step: the layout of a run over the levels it visits (from the first of the
 # run), see ``dpm_fast``
 STAGES = {"dpm_fast": dpm_fast, "dpm_fast_a": lambda sigmas: dpm_fast(sigmas, eta=1.0),
-          "heunpp2": heunpp2}
+          "heunpp2": heunpp2, "seeds_2": lambda sigmas: seeds(sigmas, 2),
+          "seeds_3": lambda sigmas: seeds(sigmas, 3)}
 # The ones that draw fresh noise each step
 NOISY = ("res_multistep_a", "ddpm", "er_sde", "cfgpp_euler_a", "cfgpp_res_multistep_a",
-         "dpm_fast_a")
+         "dpm_fast_a", "seeds_2", "seeds_3")

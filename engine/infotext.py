@@ -108,6 +108,10 @@ SAMPLER_LABELS = {
     "cfgpp_dpmpp_2s_a": "DPM++ 2S a CFG++",
     "cfgpp_dpmpp_2s_a_karras": "DPM++ 2S a CFG++ Karras",
     "cfgpp_ddim": "DDIM CFG++",
+    "seeds_2": "SEEDS-2",
+    "seeds_2_karras": "SEEDS-2 Karras",
+    "seeds_3": "SEEDS-3",
+    "seeds_3_karras": "SEEDS-3 Karras",
 }
 assert set(SAMPLER_LABELS) == set(SAMPLER_NAMES)
 # Other names A1111 (and its API clients) use for the same samplers: its k-diffusion aliases.
@@ -157,7 +161,7 @@ SAMPLER_ALIASES = {
                              "cfgpp_euler", "cfgpp_euler_a", "cfgpp_dpmpp_2m",
                              "cfgpp_res_multistep", "cfgpp_res_multistep_a",
                              "cfgpp_gradient_estimation", "dpm_fast", "heunpp2",
-                             "cfgpp_dpmpp_2s_a")
+                             "cfgpp_dpmpp_2s_a", "seeds_2", "seeds_3")
        for name in (base, f"{base}_karras")},
     "dpm_fast_a": ("k_dpm_fast",),
     "dpm_fast_a_karras": (),

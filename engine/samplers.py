@@ -412,29 +412,25 @@ def sample_x0_multistep(model, x, sched: Schedule, generator=None, noise=None, s
 
 
 def sample_stages(model, x, sched: Schedule, generator=None, noise=None, step_end=None):
-    """The samplers of several calls a step (dpm_fast*, dpm_fast_a*, heunpp2*;
-    ``comfy_samplers.STAGES``): each call's slope d_k = (u_k - x0_k) / sigma_k at its
-    latents u_k, and the point after it (the next call's latents, or the step's end) the
-    step's start x weighed with the step's slopes so far by the call's row of
-    ``Schedule.coefficients``; a step's end (``Schedule.orders``) adds fresh unit noise times
-    the row's last weight for the stochastic ones (from ``generator``, or ``noise``: one
-    tensor per step)."""
-    x_start, slopes, draws = x, [], 0
+    """The samplers of several calls a step (dpm_fast*, dpm_fast_a*, heunpp2*, seeds_2*,
+    seeds_3*; ``comfy_samplers.STAGES``): the point after each call (the next call's latents,
+    or the step's end) is the step's start x, the x0s its calls predicted so far and the unit
+    noise drawn after them (the calls ``Schedule.orders`` marks: from ``generator``, or
+    ``noise``, one tensor per draw) weighed by the call's row of ``Schedule.coefficients``."""
+    x_start, x0s, zs, draws = x, [], [], 0
     for i, t in enumerate(sched.timesteps):
-        sigma = sched.sigmas_in[i]
-        x0 = _denoised(model, x, t, sigma, sched)
-        slopes.append((x - x0) / sigma)
+        x0s.append(_denoised(model, x, t, sched.sigmas_in[i], sched))
+        zs.append(None)  # (by the call's place in the step, as the rows weigh them)
+        if sched.orders[i] & 2:
+            zs[-1] = _randn(x, generator) if noise is None else noise[draws].to(x.dtype)
+            draws += 1
         c = sched.coefficients[i]
-        x = c[0] * x_start + sum(c[1 + k] * d for k, d in enumerate(slopes))
-        if sched.orders[i]:  # the step's end
-            if sched.noise_draws:
-                z = _randn(x, generator) if noise is None else noise[draws].to(x.dtype)
-                x = x + c[4] * z
-                draws += 1
+        x = (c[0] * x_start + sum(c[1 + k] * x0 for k, x0 in enumerate(x0s))
+             + sum(c[4 + k] * z for k, z in enumerate(zs) if z is not None))
         if step_end is not None:
             x = _after_step(step_end, i, t, x)
-        if sched.orders[i]:
-            x_start, slopes = x, []
+        if sched.orders[i] & 1:  # the step's end
+            x_start, x0s, zs = x, [], []
     return x
 
 
@@ -631,7 +627,8 @@ def sample(sampler: str, model, x: torch.Tensor, sched: Schedule, generator=None
 
     The model sees inputs in x's dtype; the loop itself runs in float32. The stochastic
     samplers' noise (euler_a, dpm2_a*, dpmpp_sde*, dpmpp_2m_sde*, dpmpp_3m_sde*, lcm,
-    res_multistep_a*, ddpm*, er_sde*, cfgpp_euler_a*, cfgpp_res_multistep_a*) comes
+    res_multistep_a*, ddpm*, er_sde*, cfgpp_euler_a*, cfgpp_res_multistep_a*,
+    cfgpp_dpmpp_2s_a*, dpm_fast_a*, seeds_2*, seeds_3*) comes
     from ``generator``, or from ``noise`` when given: ``sched.noise_draws`` unit-noise tensors
     (dpmpp_sde*: Brownian increments, ``brownian_noise``), stacked.
     After each model call's step, ``callback(step_index, num_steps)`` reports progress and

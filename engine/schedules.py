@@ -494,9 +494,10 @@ class Schedule:
     # er_sde*, cfgpp_*: (N, 6), the weights of the latents, this step's clean latents (guided,
     # unconditional), two earlier steps' and fresh noise (``comfy_samplers``). deis*:
     # (N, 5), see ``_deis_coefficients``, and ``orders`` each step's. dpmpp_sde*: (N, 3), see
-    # ``_dpmpp_sde_schedule``. dpm_fast*, dpm_fast_a*, heunpp2*: (N, 5), per call, the weights
-    # of the step's start, of its calls' slopes so far and of fresh noise, and ``orders`` 1
-    # where the call ends its step (``_stages_schedule``).
+    # ``_dpmpp_sde_schedule``. dpm_fast*, dpm_fast_a*, heunpp2*, seeds_2*, seeds_3*: (N, 7), per
+    # call, the weights of the step's start, of its calls' x0s so far and of the noise drawn
+    # after them, and ``orders`` bit 1 where the call ends its step, bit 2 where it draws
+    # (``_stages_schedule``).
     coefficients: torch.Tensor | None = None
     orders: tuple = ()
     # EDM: the preconditioning's sigma_data (the sigmas are then EDM's, the latents
@@ -1191,7 +1192,8 @@ def _one_call_schedule(cfg, sampler, timesteps, sigmas, init_noise_sigma, start,
 def _stages_schedule(cfg, sampler, alphas_cumprod, steps, start, device, tables=None):
     """The schedule of a sampler of several calls a step (``comfy_samplers.STAGES``), laid out
     per call over the levels of the run (the table's from ``start``): each call's level, its
-    row of weights (``coefficients``) and whether it ends a step (``orders``, 1 where it does).
+    row of weights (``coefficients``), and whether it ends a step and draws noise (``orders``:
+    bit 1 ends, bit 2 draws).
     Its levels: a sigma schedule's ``tables``; else Euler's, plain or Karras (heunpp2), and
     for DPM-Solver-Fast, which reads only the run's first and last levels above 0, the model's
     whole range (A1111 hands it the training sigmas' ends, whatever the config's spacing)."""
@@ -1209,7 +1211,7 @@ def _stages_schedule(cfg, sampler, alphas_cumprod, steps, start, device, tables=
     else:
         run = _euler_tables(cfg, alphas_cumprod, steps)[1].double().numpy()
     run = run[start:]
-    inputs, rows, ends, last = comfy_samplers.STAGES[family](run)
+    inputs, rows, ends, draws, last = comfy_samplers.STAGES[family](run)
     if cfg.timestep_type == "continuous" and cfg.prediction_type == "v_prediction":
         calls = 0.25 * np.log(inputs)
     else:
@@ -1218,8 +1220,9 @@ def _stages_schedule(cfg, sampler, alphas_cumprod, steps, start, device, tables=
     return Schedule(sampler, cfg, torch.from_numpy(calls.astype(np.float32)).to(device),
                     float(run[0]), sigmas=torch.tensor(np.append(inputs, last), **f32),
                     sigmas_in=torch.tensor(inputs, **f32),
-                    coefficients=torch.tensor(rows, **f32), orders=tuple(int(e) for e in ends),
-                    noise_draws=sum(ends) if family in comfy_samplers.NOISY else 0)
+                    coefficients=torch.tensor(rows, **f32),
+                    orders=tuple(int(e) | 2 * int(d) for e, d in zip(ends, draws)),
+                    noise_draws=sum(draws))
 
 
 def _img2img_start(steps: int, strength: float) -> int:

@@ -1,6 +1,7 @@
 """The samplers of several model calls a step against their loops written out here, as
 k-diffusion and ComfyUI step them: DPM-Solver-Fast (k-diffusion's ``DPMSolver.dpm_solver_fast``,
-A1111's "DPM fast" at eta 1, ComfyUI's dpm_fast at eta 0) and ComfyUI's heunpp2.
+A1111's "DPM fast" at eta 1, ComfyUI's dpm_fast at eta 0), ComfyUI's heunpp2, seeds_2 and
+seeds_3, and ComfyUI's dpmpp_2s_ancestral_cfg_pp.
 
 The references run in float64 on their own levels: k-diffusion's uniform table
 (``get_sigmas``: timesteps 999 to 0, log sigma interpolated), Karras', or ComfyUI's scheduler
@@ -145,6 +146,58 @@ def _heunpp2(denoise, x, s):
     return x
 
 
+def _seeds(denoise, x, s, noise, stages, eta=1.0):
+    """ComfyUI's sample_seeds_2 (r 1/2, phi_1) and sample_seeds_3 (r 1/3, 2/3) for a model of
+    discrete levels (lambda = -log sigma, alpha 1), noise drawn in call order."""
+    def phi1(z):
+        return torch.expm1(z)
+
+    def phi2(z):
+        return (torch.expm1(z) - z) / z
+
+    draws = iter(noise)
+    for i in range(len(s) - 1):
+        x0 = denoise(x, s[i])
+        if s[i + 1] == 0:
+            x = x0
+            continue
+        h = torch.log(s[i]) - torch.log(s[i + 1])
+        h_eta = h * (eta + 1)
+        if stages == 2:
+            r = 0.5
+            s1 = s[i] * torch.exp(-r * h)
+            x2 = s1 / s[i] * torch.exp(-r * h * eta) * x - phi1(-r * h_eta) * x0
+            sde = torch.sqrt(-torch.expm1(-2 * r * h * eta)) * next(draws)
+            x2 = x2 + sde * s1
+            x0_2 = denoise(x2, s1)
+            mixed = torch.lerp(x0, x0_2, 1 / (2 * r))
+            x = s[i + 1] / s[i] * torch.exp(-h * eta) * x - phi1(-h_eta) * mixed
+            segment = (r - 1) * h * eta
+            sde = sde * segment.exp() + torch.sqrt(-torch.expm1(2 * segment)) * next(draws)
+            x = x + sde * s[i + 1]
+        else:
+            r1, r2 = 1 / 3, 2 / 3
+            s1, s2 = s[i] * torch.exp(-r1 * h), s[i] * torch.exp(-r2 * h)
+            x2 = s1 / s[i] * torch.exp(-r1 * h * eta) * x - phi1(-r1 * h_eta) * x0
+            sde = torch.sqrt(-torch.expm1(-2 * r1 * h * eta)) * next(draws)
+            x2 = x2 + sde * s1
+            x0_2 = denoise(x2, s1)
+            a32 = r2 / r1 * phi2(-r2 * h_eta)
+            a31 = phi1(-r2 * h_eta) - a32
+            x3 = s2 / s[i] * torch.exp(-r2 * h * eta) * x - (a31 * x0 + a32 * x0_2)
+            segment = (r1 - r2) * h * eta
+            sde = sde * segment.exp() + torch.sqrt(-torch.expm1(2 * segment)) * next(draws)
+            x3 = x3 + sde * s2
+            x0_3 = denoise(x3, s2)
+            b3 = phi2(-h_eta) / r2
+            b1 = phi1(-h_eta) - b3
+            x = s[i + 1] / s[i] * torch.exp(-h * eta) * x - (b1 * x0 + b3 * x0_3)
+            segment = (r2 - 1) * h * eta
+            sde = sde * segment.exp() + torch.sqrt(-torch.expm1(2 * segment)) * next(draws)
+            x = x + sde * s[i + 1]
+    return x
+
+
 def _reference(sampler, model, x, run, cfg, noise):
     """The loop of ``sampler`` over the run's levels, float64; the model sees VE latents
     scaled by 1 / sqrt(sigma^2 + 1) at k-diffusion's timestep of the call's sigma."""
@@ -157,6 +210,9 @@ def _reference(sampler, model, x, run, cfg, noise):
         return x - sigma * out if kind == "epsilon" else out * (-sigma * c_in) + x * c_in ** 2
 
     family = sampler_family(sampler)
+    if family.startswith("seeds"):
+        return _seeds(denoise, x.double(), run, () if noise is None else noise.double(),
+                      int(family[-1]))
     if family.startswith("dpm_fast"):
         return _dpm_fast(denoise, x.double(), run, 1.0 if family == "dpm_fast_a" else 0.0,
                          None if noise is None else noise.double())
@@ -165,7 +221,8 @@ def _reference(sampler, model, x, run, cfg, noise):
 
 SAMPLERS = ["dpm_fast", "dpm_fast_a", "dpm_fast_karras", "dpm_fast_a_karras",
             "dpm_fast_exponential", "dpm_fast_a_simple", "heunpp2", "heunpp2_karras",
-            "heunpp2_normal", "heunpp2_linear_quadratic"]
+            "heunpp2_normal", "heunpp2_linear_quadratic", "seeds_2", "seeds_2_karras",
+            "seeds_3", "seeds_3_beta"]
 
 
 @pytest.mark.parametrize("steps,strength", [(1, 1.0), (2, 1.0), (3, 1.0), (4, 1.0), (8, 1.0),
@@ -217,16 +274,19 @@ def test_heunpp2_takes_three_calls_a_step_but_the_last_two():
         assert len(sched.timesteps) == max(3 * steps - 3, 1)
 
 
-def test_dpm_fast_a_draws_its_noise_from_the_generator():
+@pytest.mark.parametrize("sampler,draws", [("dpm_fast_a", 3), ("seeds_2", 14), ("seeds_3", 21)])
+def test_stochastic_ones_draw_their_noise_from_the_generator(sampler, draws):
+    # One draw a step (dpm_fast_a: 8 calls in 3 steps), or one after each call but the last
+    # step's (SEEDS: 8 steps, the last to 0).
     cfg = SchedulerConfig.from_dict(CONFIGS["sd15"])
-    sched = make_schedule(cfg, "dpm_fast_a", 8)
+    sched = make_schedule(cfg, sampler, 8)
+    assert sched.noise_draws == draws
     x = sched.noise_latents(_latents(1))
-    a, b, c = (sample("dpm_fast_a", LinearModel(), x, sched,
+    a, b, c = (sample(sampler, LinearModel(), x, sched,
                       generator=torch.Generator().manual_seed(s)) for s in (7, 7, 8))
     assert torch.equal(a, b)
     assert (a - c).abs().max() > 1e-3
-    ode = make_schedule(cfg, "dpm_fast", 8)
-    assert ode.noise_draws == 0
+    assert make_schedule(cfg, "dpm_fast", 8).noise_draws == 0
 
 
 def test_names_from_a1111_and_comfyui():
