@@ -26,6 +26,8 @@ float64, and a captured CUDA graph replays the steps without a host decision:
 Steps count from the run's first (an image-to-image run starts part way down the levels), as
 ComfyUI counts the sigmas it is handed; a step to sigma 0 lands on the clean latents.
 """
+import math
+
 import numpy as np
 
 
@@ -454,6 +456,80 @@ def seeds(sigmas, stages, eta=1.0):
             ends.append(k + 1 == stages)
             draws.append(True)
     return np.array(inputs), np.array(rows), tuple(ends), tuple(draws), s[-1]
+
+
+# --- SA-Solver (``samplers.sample_sa_solver``) ------------------------------------------------
+#
+# ComfyUI's sa_solver: the stochastic Adams predictor of order 3 and corrector of order 4 (Xue
+# et al. 2023), in data prediction over lambda = -log sigma, stochastic (tau 1) where sigma
+# lies between the model's levels at 20% and 80% of its timesteps (as ComfyUI's default
+# tau_func reads them), an ODE elsewhere.
+SA_SOLVER_ORDERS = (3, 4)  # predictor's, corrector's
+SA_SOLVER_TAU_SPAN = (0.2, 0.8)  # ComfyUI's percent_to_sigma of the stochastic span's ends
+
+
+def _sa_exponential(s, t, order, tau):
+    """(1 + tau^2) times the integrals of exp((1 + tau^2) x) x^p over [s, t], p < ``order``,
+    exp((1 + tau^2) t) factored out (by parts, as ComfyUI's compute_exponential_coeffs)."""
+    mul = 1 + tau * tau
+    p = np.arange(order)
+    terms = t ** p - s ** p * np.exp(-mul * (t - s))
+    depth = p[:, None] - p[None, :]
+    log_fact = np.array([math.lgamma(k + 1) for k in p])
+    coeff = log_fact[:, None] - log_fact[None, :] - (depth * math.log(mul) if tau > 0 else 0)
+    signs = np.where(depth % 2 == 0, 1.0, -1.0)
+    return np.tril(np.exp(coeff) * signs) @ terms
+
+
+def _sa_b(lambdas, s, t, tau):
+    """The stochastic Adams weights of the x0s at ``lambdas`` (oldest first) for a step from
+    lambda ``s`` to ``t``: the Lagrange basis through them integrated against the step's
+    exponential (alpha_t = 1 for these latents)."""
+    n = len(lambdas)
+    vander = np.vander(np.asarray(lambdas, dtype=np.float64), n, increasing=True).T
+    return np.linalg.solve(vander, _sa_exponential(s, t, n, tau))
+
+
+def sa_solver(sigmas, start, span):
+    """Rows (c_xc, c_xp, c0, c1, c2, c3, c_zprev, p_xc, p0, p1, p2, p3, p_z) of ComfyUI's
+    sa_solver over the levels ``sigmas`` from ``start`` (its run): the corrected latents
+    x_c' = c_xc x_c + c_xp x_pred + sum c_k x0_k + c_zprev z_prev (the x0s newest first, x_pred
+    where the model was called, z_prev the predictor noise it carries), then the next call's
+    latents x_pred' = p_xc x_c' + sum p_k x0_k + p_z z (z fresh unit noise). ``span``: the
+    (high, low) sigmas between which it is stochastic. Returns (rows, which steps draw)."""
+    s = sigmas.double().numpy()[start:]
+    n = len(s) - 1
+    lam = -np.log(np.where(s > 0, s, 1.0))
+    to_end = s[-1] == 0
+    rows, draws = np.zeros((n, 13)), []
+    tau, h, kept = 0.0, 0.0, 0
+    for i in range(n):
+        kept = min(kept + 1, max(SA_SOLVER_ORDERS))
+        p_order = min(SA_SOLVER_ORDERS[0], kept)
+        c_order = 0 if i == 0 or s[i + 1] == 0 else min(SA_SOLVER_ORDERS[1], kept)
+        if to_end:
+            p_order, c_order = min(p_order, n - 1 - i), min(c_order, n - i)
+        row = rows[i]
+        if c_order == 0:
+            row[1] = 1.0
+        else:
+            b = _sa_b(lam[i - c_order + 1:i + 1], lam[i - 1], lam[i], tau)
+            row[0] = s[i] / s[i - 1] * np.exp(-tau * tau * h)
+            row[2:2 + c_order] = b[::-1]
+            row[6] = rows[i - 1][12]  # the noise the predictor added, again (0 if none)
+        if s[i + 1] == 0:
+            row[8] = 1.0  # the clean latents
+            draws.append(False)
+            continue
+        tau = 1.0 if span[0] >= s[i + 1] >= span[1] else 0.0
+        b = _sa_b(lam[i - p_order + 1:i + 1], lam[i], lam[i + 1], tau) if p_order else []
+        h = lam[i + 1] - lam[i]
+        row[7] = s[i + 1] / s[i] * np.exp(-tau * tau * h)
+        row[8:8 + p_order] = b[::-1]
+        if tau > 0:
+            row[12] = s[i + 1] * np.sqrt(-np.expm1(-2 * tau * tau * h))
+        draws.append(tau > 0)
+    return rows, tuple(draws)
 
 
 # sdrt's sampler → its weights; which loop runs them is which table it is in.

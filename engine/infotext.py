@@ -112,6 +112,8 @@ SAMPLER_LABELS = {
     "seeds_2_karras": "SEEDS-2 Karras",
     "seeds_3": "SEEDS-3",
     "seeds_3_karras": "SEEDS-3 Karras",
+    "sa_solver": "SA-Solver",
+    "sa_solver_karras": "SA-Solver Karras",
 }
 assert set(SAMPLER_LABELS) == set(SAMPLER_NAMES)
 # Other names A1111 (and its API clients) use for the same samplers: its k-diffusion aliases.
@@ -161,7 +163,7 @@ SAMPLER_ALIASES = {
                              "cfgpp_euler", "cfgpp_euler_a", "cfgpp_dpmpp_2m",
                              "cfgpp_res_multistep", "cfgpp_res_multistep_a",
                              "cfgpp_gradient_estimation", "dpm_fast", "heunpp2",
-                             "cfgpp_dpmpp_2s_a", "seeds_2", "seeds_3")
+                             "cfgpp_dpmpp_2s_a", "seeds_2", "seeds_3", "sa_solver")
        for name in (base, f"{base}_karras")},
     "dpm_fast_a": ("k_dpm_fast",),
     "dpm_fast_a_karras": (),

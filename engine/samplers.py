@@ -22,7 +22,8 @@ from .schedules import (EDM_CLASSES, EXPONENTIAL, KARRAS_OFF, KARRAS_SAMPLERS, S
 __all__ = ["SAMPLERS", "Schedule", "SchedulerConfig", "default_sampler", "make_schedule", "sample",
            "sample_ddim", "sample_pndm", "sample_euler", "sample_euler_ancestral",
            "sample_two_call", "sample_dpmpp_2m", "sample_lms", "sample_unipc", "sample_deis",
-           "sample_lcm", "sample_x0_multistep", "sample_stages", "sample_ddim_cfg_pp"]
+           "sample_lcm", "sample_x0_multistep", "sample_stages", "sample_ddim_cfg_pp",
+           "sample_sa_solver"]
 
 
 # --- model output conversions ---------------------------------------------------------------
@@ -434,6 +435,32 @@ def sample_stages(model, x, sched: Schedule, generator=None, noise=None, step_en
     return x
 
 
+def sample_sa_solver(model, x, sched: Schedule, generator=None, noise=None, step_end=None):
+    """ComfyUI's sa_solver* (SA-Solver, Xue et al. 2023): each call is at the predicted latents;
+    the corrector then redoes the step that led there with the x0s up to this call's, and the
+    predictor steps on from the corrected latents, with fresh noise where the step is
+    stochastic (``Schedule.orders``; from ``generator``, or ``noise``, one tensor per draw),
+    both by the step's row of ``Schedule.coefficients`` (``comfy_samplers.sa_solver``). The
+    predicted latents are the loop's (``step_end`` sees them)."""
+    corrected, history, z_prev, draws = x, [], None, 0
+    for i, t in enumerate(sched.timesteps):
+        history = [_denoised(model, x, t, sched.sigmas[i], sched)] + history[:3]
+        c = sched.coefficients[i]
+        corrected = (c[0] * corrected + c[1] * x
+                     + sum(c[2 + k] * x0 for k, x0 in enumerate(history)))
+        if z_prev is not None:
+            corrected = corrected + c[6] * z_prev
+        x = c[7] * corrected + sum(c[8 + k] * x0 for k, x0 in enumerate(history))
+        z_prev = None
+        if sched.orders[i]:
+            z_prev = _randn(x, generator) if noise is None else noise[draws].to(x.dtype)
+            x = x + c[12] * z_prev
+            draws += 1
+        if step_end is not None:
+            x = _after_step(step_end, i, t, x)
+    return x
+
+
 def sample_deis(model, x, sched: Schedule, step_end=None):
     """DEIS (Zhang & Chen 2023), as diffusers' DEISMultistepScheduler runs it: each step's
     latents are the last ones plus the step's exponential-integrator weights
@@ -604,6 +631,8 @@ _SAMPLE_FNS = {
                                        "uni_pc_bh2_karras")},
     **{name: sample_lms for base in SLOPE_WEIGHTS for name in (base, f"{base}_karras")},
     **{name: sample_x0_multistep for base in X0_WEIGHTS for name in (base, f"{base}_karras")},
+    "sa_solver": sample_sa_solver,
+    "sa_solver_karras": sample_sa_solver,
     **{name: sample_stages for base in STAGES for name in (base, f"{base}_karras")},
     "lcm": sample_lcm,
 }
@@ -617,7 +646,8 @@ _NOISE_SAMPLERS = ("euler_a", "euler_a_karras", "dpm2_a", "dpm2_a_karras", "dpmp
                    "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_karras", *EXPONENTIAL,
                    "dpmpp_3m_sde",
                    "dpmpp_3m_sde_karras", "lcm",
-                   *(name for base in NOISY for name in (base, f"{base}_karras")))
+                   *(name for base in NOISY for name in (base, f"{base}_karras")),
+                   "sa_solver", "sa_solver_karras")
 
 
 def sample(sampler: str, model, x: torch.Tensor, sched: Schedule, generator=None, callback=None,
@@ -628,7 +658,7 @@ def sample(sampler: str, model, x: torch.Tensor, sched: Schedule, generator=None
     The model sees inputs in x's dtype; the loop itself runs in float32. The stochastic
     samplers' noise (euler_a, dpm2_a*, dpmpp_sde*, dpmpp_2m_sde*, dpmpp_3m_sde*, lcm,
     res_multistep_a*, ddpm*, er_sde*, cfgpp_euler_a*, cfgpp_res_multistep_a*,
-    cfgpp_dpmpp_2s_a*, dpm_fast_a*, seeds_2*, seeds_3*) comes
+    cfgpp_dpmpp_2s_a*, dpm_fast_a*, seeds_2*, seeds_3*, sa_solver*) comes
     from ``generator``, or from ``noise`` when given: ``sched.noise_draws`` unit-noise tensors
     (dpmpp_sde*: Brownian increments, ``brownian_noise``), stacked.
     After each model call's step, ``callback(step_index, num_steps)`` reports progress and

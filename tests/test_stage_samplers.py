@@ -390,3 +390,91 @@ def test_dpmpp_2s_ancestral_cfg_pp_matches_comfyuis_loop(sampler, steps, strengt
     err = (ours.double() - theirs).abs().max().item()
     assert err <= 2e-5 * scale, f"{sampler}, {steps} steps: max abs diff {err:.3g}"
     assert comfy.SAMPLERS[("dpmpp_2s_ancestral_cfg_pp", "karras")] == "cfgpp_dpmpp_2s_a_karras"
+
+
+def _sa_weights(lambdas, s, t, tau):
+    """SA-Solver's b_k: (1 + tau^2) times the integral over [s, t] of exp(-(1 + tau^2)(t - l))
+    times the Lagrange basis polynomial k through ``lambdas`` (Xue et al. 2023, eqs. 15 and
+    18, data prediction), by 64-point Gauss-Legendre quadrature."""
+    nodes, weights = np.polynomial.legendre.leggauss(64)
+    lam = (t - s) / 2 * nodes + (t + s) / 2
+    kernel = (1 + tau ** 2) * np.exp(-(1 + tau ** 2) * (t - lam)) * (t - s) / 2
+    out = []
+    for k, lk in enumerate(lambdas):
+        basis = np.ones_like(lam)
+        for m, lm in enumerate(lambdas):
+            if m != k:
+                basis *= (lam - lm) / (lk - lm)
+        out.append(np.sum(weights * kernel * basis))
+    return out
+
+
+def _sa_solver(denoise, x, s, noise, span, orders=(3, 4)):
+    """ComfyUI's sample_sa_solver (not PECE) over levels ``s``: lambda = -log sigma, tau 1
+    between ``span``'s sigmas (its default tau_func), orders lowered towards a last level of 0."""
+    lam = [-math.log(float(v)) if v > 0 else 0.0 for v in s]
+    draws = iter(noise)
+    x_pred, x, history, tau, h, z = x, x, [], 0.0, 0.0, None
+    n = len(s) - 1
+    for i in range(n):
+        history = (history + [denoise(x_pred, s[i])])[-max(orders):]
+        p = min(orders[0], len(history))
+        c = 0 if i == 0 or s[i + 1] == 0 else min(orders[1], len(history))
+        if s[-1] == 0:
+            p, c = min(p, n - 1 - i), min(c, n - i)
+        if c == 0:
+            x = x_pred
+        else:
+            b = _sa_weights(lam[i - c + 1:i + 1], lam[i - 1], lam[i], tau)
+            x = (float(s[i] / s[i - 1]) * math.exp(-tau ** 2 * h) * x
+                 + sum(bk * x0 for bk, x0 in zip(b, history[-c:])))
+            if tau > 0:
+                x = x + z
+        if s[i + 1] == 0:
+            x_pred = history[-1]
+            continue
+        tau = 1.0 if span[0] >= s[i + 1] >= span[1] else 0.0
+        b = _sa_weights(lam[i - p + 1:i + 1], lam[i], lam[i + 1], tau)
+        h = lam[i + 1] - lam[i]
+        x_pred = (float(s[i + 1] / s[i]) * math.exp(-tau ** 2 * h) * x
+                  + sum(bk * x0 for bk, x0 in zip(b, history[-p:])))
+        if tau > 0:
+            z = next(draws) * float(s[i + 1]) * math.sqrt(-math.expm1(-2 * tau ** 2 * h))
+            x_pred = x_pred + z
+    return x_pred
+
+
+@pytest.mark.parametrize("steps,strength", [(1, 1.0), (2, 1.0), (3, 1.0), (6, 1.0), (12, 1.0),
+                                            (20, 0.5)])
+@pytest.mark.parametrize("sampler", ["sa_solver", "sa_solver_karras", "sa_solver_exponential"])
+@pytest.mark.parametrize("config", ["sd15", "sd21"])
+def test_sa_solver_matches_comfyuis_loop(sampler, steps, strength, config):
+    # Its levels are Euler's (or the schedule's), cut for image to image; the stochastic span
+    # is between the levels at 20% and 80% of the timesteps, as ComfyUI's percent_to_sigma.
+    cfg = SchedulerConfig.from_dict(CONFIGS[config])
+    sched = make_schedule(cfg, sampler, steps, strength)
+    train = _train(cfg)
+    span = tuple(float(torch.exp(torch.lerp(train.log()[int(t)], train.log()[int(t) + 1],
+                                            t - int(t)))) for t in (0.8 * 999, 0.2 * 999))
+    run = sched.sigmas.double()
+    noise = _latents(steps)
+    x = sched.noise_latents(noise) if strength == 1 else sched.noise_image(_latents(99), noise)
+    g = torch.Generator().manual_seed(steps)
+    draws = torch.randn((sched.noise_draws, *x.shape), generator=g)
+    theirs_model, model = LinearModel(), LinearModel()
+    kind = cfg.for_sampler("euler").prediction_type
+
+    def denoise(x, sigma):
+        c_in = 1 / (sigma ** 2 + 1) ** 0.5
+        out = theirs_model((x * c_in).float(), _sigma_to_t(sigma, train).float()).double()
+        return x - sigma * out if kind == "epsilon" else out * (-sigma * c_in) + x * c_in ** 2
+
+    theirs = _sa_solver(denoise, x.double(), run, draws.double(), span)
+    ours = torch.full_like(noise, math.nan)
+    ours.copy_(sample(sampler, model, x, sched, noise=draws))
+    assert len(model.calls) == len(theirs_model.calls) == len(sched.timesteps)
+    if steps >= 6 and strength == 1:
+        assert sched.noise_draws > 0, "no step in the stochastic span"
+    scale = max(1.0, theirs.abs().max().item())
+    err = (ours.double() - theirs).abs().max().item()
+    assert err <= 2e-5 * scale, f"{sampler}, {steps} steps: max abs diff {err:.3g}"
