@@ -6,7 +6,9 @@ comes from another node is a link ``[node_id, output_slot]``. sdrt runs the grap
 plain text-to-image or image-to-image workflow: the one SaveImage/PreviewImage node is
 followed back through VAEDecode to one KSampler (or a KSamplerAdvanced that adds noise and
 runs its schedule to the end: from step 0 on an empty latent, from ``start_at_step`` on an
-image, sdrt's image to image keeping those steps), whose model, prompts and latent come from
+image, sdrt's image to image keeping those steps; or a SamplerCustom(Advanced) of a
+KSamplerSelect and a scheduler node, read as a KSampler: ``_custom_samplers``), whose model,
+prompts and latent come from
 
 - (ComfyUI's hires fix) a LatentUpscale or LatentUpscaleBy of another such sampler's latents,
   or its picture decoded, scaled by ImageScale(By) and encoded again, sampled again on the
@@ -100,7 +102,15 @@ SAMPLERS = {
     **{("lcm", s): "lcm" for s in _EVEN},
 }
 _OUTPUTS = ("SaveImage", "PreviewImage")
-_SAMPLER_NODES = ("KSampler", "KSamplerAdvanced")
+_SAMPLER_NODES = ("KSampler", "KSamplerAdvanced", "SamplerCustom", "SamplerCustomAdvanced")
+# ComfyUI's custom sampling: a SamplerCustom(Advanced) takes its sampler from a KSamplerSelect
+# and its sigmas from a scheduler node, which sdrt reads as a KSampler's sampler_name,
+# scheduler, steps and denoise (``_custom_sampler``). The scheduler nodes it takes: ComfyUI's
+# BasicScheduler (any scheduler), KarrasScheduler at the SD models' range and rho (its
+# defaults: sdrt's karras), SDTurboScheduler for one step of the whole range (the "simple"
+# schedule's one step: sigma_max, then 0).
+_CUSTOM = ("SamplerCustom", "SamplerCustomAdvanced")
+KARRAS_DEFAULTS = {"sigma_max": 14.614642, "sigma_min": 0.0291675, "rho": 7.0}
 # LatentUpscale(By)'s upscale_method → sdrt's (A1111's) latent upscaler: the same
 # torch.nn.functional.interpolate mode, without antialiasing.
 LATENT_UPSCALES = {"nearest-exact": "Latent (nearest-exact)", "bilinear": "Latent",
@@ -304,6 +314,7 @@ def read(graph, upscaler_scale=None) -> Workflow:
     workflow that upscales with a model is refused."""
     if not isinstance(graph, dict) or not graph:
         raise SdrtError(f"workflow must be a JSON object of nodes, got {short_repr(graph)}")
+    graph = _custom_samplers(graph)
     nodes = _Nodes(graph)
     outputs = [i for i, n in graph.items()
                if isinstance(n, dict) and n.get("class_type") in _OUTPUTS]
@@ -398,6 +409,78 @@ def read(graph, upscaler_scale=None) -> Workflow:
             raise SdrtError(f"workflow node {vae} (VAELoader): vae_name must be a file name, "
                             f"got {short_repr(flow.vae)}")
     return flow
+
+
+def _custom_samplers(graph):
+    """``graph`` with each SamplerCustom(Advanced) node's inputs read as a KSampler's (model,
+    positive, negative, cfg, seed, sampler_name, scheduler, steps, denoise, latent_image; the
+    node and its class kept, the graph copied); ``SdrtError`` naming the node for parts sdrt
+    does not run."""
+    custom = [i for i, n in graph.items() if isinstance(n, dict) and n.get("class_type") in _CUSTOM]
+    if not custom:
+        return graph
+    graph = dict(graph)
+    nodes = _Nodes(graph)
+    for node_id, node in graph.items():  # a sampler's denoised_output is not its picture
+        for key, value in ((node.get("inputs") or {}).items() if isinstance(node, dict) else ()):
+            if (isinstance(value, list) and len(value) == 2 and str(value[0]) in custom
+                    and value[1] != 0):
+                raise SdrtError(f"workflow node {node_id} ({nodes.kind(node_id)}): {key} takes "
+                                f"node {value[0]}'s denoised_output; sdrt gives a sampler's "
+                                f"output")
+    for node_id in custom:
+        graph[node_id] = {**graph[node_id], "inputs": _custom_sampler(nodes, node_id)}
+    return graph
+
+
+def _custom_sampler(nodes, node_id):
+    """A SamplerCustom(Advanced)'s inputs as a KSampler's (see ``_custom_samplers``)."""
+    k, where = nodes.inputs(node_id), f"workflow node {node_id} ({nodes.kind(node_id)})"
+    if nodes.kind(node_id) == "SamplerCustom":
+        if k.get("add_noise", True) is not True:
+            raise SdrtError(f"{where}: add_noise {short_repr(k.get('add_noise'))}: sdrt samples "
+                            f"from noise it adds (add_noise true)")
+        out = {key: k.get(key) for key in ("model", "positive", "negative", "cfg")}
+        out["seed"] = k.get("noise_seed")
+    else:
+        noise = nodes.follow(node_id, "noise", ("RandomNoise",))
+        guider = nodes.follow(node_id, "guider", ("CFGGuider", "BasicGuider"))
+        g = nodes.inputs(guider)
+        if nodes.kind(guider) == "CFGGuider":
+            out = {key: g.get(key) for key in ("model", "positive", "negative", "cfg")}
+        else:  # no guidance: the prompt alone (its negative unused at cfg 1)
+            out = {"model": g.get("model"), "positive": g.get("conditioning"),
+                   "negative": g.get("conditioning"), "cfg": 1.0}
+        out["seed"] = nodes.inputs(noise).get("noise_seed")
+    select = nodes.follow(node_id, "sampler", ("KSamplerSelect",))
+    out["sampler_name"] = nodes.inputs(select).get("sampler_name")
+    sigmas = nodes.follow(node_id, "sigmas", ("BasicScheduler", "KarrasScheduler",
+                                              "SDTurboScheduler"))
+    s, kind = nodes.inputs(sigmas), nodes.kind(sigmas)
+    out.update(steps=s.get("steps"), denoise=s.get("denoise", 1.0))
+    if kind == "BasicScheduler":
+        if s.get("model") != out["model"]:
+            raise SdrtError(f"workflow node {sigmas} (BasicScheduler) must schedule the sampled "
+                            f"model (node {node_id}'s)")
+        out["scheduler"] = s.get("scheduler")
+    elif kind == "KarrasScheduler":
+        given = {key: s.get(key) for key in KARRAS_DEFAULTS}
+        if any(not isinstance(v, (int, float)) or not math.isclose(v, KARRAS_DEFAULTS[key],
+                                                                   rel_tol=1e-6)
+               for key, v in given.items()):
+            raise SdrtError(f"workflow node {sigmas} (KarrasScheduler): sdrt runs Karras "
+                            f"levels over the model's range, sigma_max "
+                            f"{KARRAS_DEFAULTS['sigma_max']}, sigma_min "
+                            f"{KARRAS_DEFAULTS['sigma_min']}, rho 7; got {given}")
+        out.update(scheduler="karras", denoise=1.0)
+    else:
+        if s.get("steps") != 1 or s.get("denoise", 1.0) != 1:
+            raise SdrtError(f"workflow node {sigmas} (SDTurboScheduler): sdrt runs its one "
+                            f"step of the whole range (steps 1, denoise 1), got steps "
+                            f"{short_repr(s.get('steps'))}, denoise {short_repr(s.get('denoise'))}")
+        out["scheduler"] = "simple"
+    out["latent_image"] = k.get("latent_image")
+    return out
 
 
 def _pair(nodes, sampler_id):

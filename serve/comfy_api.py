@@ -178,6 +178,31 @@ def _node_specs(server, checkpoints, loras, images, controlnets, vaes, upscalers
             "end_at_step": number("INT", 10000, 0, 10000, 1),
             "return_with_leftover_noise": [["disable"]]},
             ["LATENT"]),
+        # ComfyUI's custom sampling, read as a KSampler (engine/comfy.py: _custom_samplers)
+        "SamplerCustom": ("sampling/custom_sampling", {
+            "model": ["MODEL"], "add_noise": ["BOOLEAN", {"default": True}],
+            "noise_seed": number("INT", 0, 0, 2 ** 64 - 1, 1),
+            "cfg": number("FLOAT", 8.0, 0.0, limits.max_guidance, 0.1),
+            "positive": ["CONDITIONING"], "negative": ["CONDITIONING"],
+            "sampler": ["SAMPLER"], "sigmas": ["SIGMAS"], "latent_image": ["LATENT"]},
+            ["LATENT", "LATENT"]),
+        "SamplerCustomAdvanced": ("sampling/custom_sampling", {
+            "noise": ["NOISE"], "guider": ["GUIDER"], "sampler": ["SAMPLER"],
+            "sigmas": ["SIGMAS"], "latent_image": ["LATENT"]}, ["LATENT", "LATENT"]),
+        "RandomNoise": ("sampling/custom_sampling/noise", {
+            "noise_seed": number("INT", 0, 0, 2 ** 64 - 1, 1)}, ["NOISE"]),
+        "CFGGuider": ("sampling/custom_sampling/guiders", {
+            "model": ["MODEL"], "positive": ["CONDITIONING"], "negative": ["CONDITIONING"],
+            "cfg": number("FLOAT", 8.0, 0.0, limits.max_guidance, 0.1)}, ["GUIDER"]),
+        "BasicGuider": ("sampling/custom_sampling/guiders", {
+            "model": ["MODEL"], "conditioning": ["CONDITIONING"]}, ["GUIDER"]),
+        "KSamplerSelect": ("sampling/custom_sampling/samplers", {
+            "sampler_name": [sorted({name for name, _ in comfy.SAMPLERS})]}, ["SAMPLER"]),
+        "BasicScheduler": ("sampling/custom_sampling/schedulers", {
+            "model": ["MODEL"],
+            "scheduler": [sorted({scheduler for _, scheduler in comfy.SAMPLERS})],
+            "steps": number("INT", 20, 1, limits.max_steps, 1),
+            "denoise": number("FLOAT", 1.0, 0.0, 1.0, 0.01)}, ["SIGMAS"]),
         "VAEDecode": ("latent", {"samples": ["LATENT"], "vae": ["VAE"]}, ["IMAGE"]),
         "VAELoader": ("loaders", {"vae_name": [vaes]}, ["VAE"]),
         # between two samplers: the hires fix (engine/comfy.py), on latents or in pixels

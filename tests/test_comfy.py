@@ -192,8 +192,9 @@ REFUSED = {
         "20": {"class_type": "LatentUpscale", "inputs": {"samples": ["3", 0]}},
         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["20", 0], "vae": ["4", 2]}}}),
         "node 20 (LatentUpscale) is not supported as VAEDecode's samples"),
-    "custom sampler": (lambda g: g["3"].update(class_type="SamplerCustom"),
-                       "node 3 (SamplerCustom) is not supported"),
+    "custom sampler without its sampler node": (
+        lambda g: g["3"].update(class_type="SamplerCustom"),
+        "node 3 (SamplerCustom): sampler must be a link"),
     "VAE of another checkpoint": (lambda g: g.update({
         "20": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "b.safetensors"}},
         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["20", 2]}}}),
@@ -276,6 +277,87 @@ def _advanced(graph, **inputs):
         "model": k["model"], "start_at_step": 0, "end_at_step": 10000,
         "return_with_leftover_noise": "disable", **inputs}}
     return g
+
+
+def _custom(graph, advanced=True, scheduler=None):
+    """``graph`` with its KSampler made ComfyUI's custom sampling: a SamplerCustomAdvanced
+    (RandomNoise, CFGGuider) or a SamplerCustom, a KSamplerSelect and a BasicScheduler (or
+    the ``scheduler`` node given)."""
+    g = copy.deepcopy(graph)
+    k = g["3"]["inputs"]
+    g["20"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": k["sampler_name"]}}
+    g["21"] = scheduler or {"class_type": "BasicScheduler", "inputs": {
+        "model": k["model"], "scheduler": k["scheduler"], "steps": k["steps"],
+        "denoise": k.get("denoise", 1.0)}}
+    if advanced:
+        g["22"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": k["seed"]}}
+        g["23"] = {"class_type": "CFGGuider", "inputs": {
+            "model": k["model"], "positive": k["positive"], "negative": k["negative"],
+            "cfg": k["cfg"]}}
+        g["3"] = {"class_type": "SamplerCustomAdvanced", "inputs": {
+            "noise": ["22", 0], "guider": ["23", 0], "sampler": ["20", 0], "sigmas": ["21", 0],
+            "latent_image": k["latent_image"]}}
+    else:
+        g["3"] = {"class_type": "SamplerCustom", "inputs": {
+            "model": k["model"], "add_noise": True, "noise_seed": k["seed"], "cfg": k["cfg"],
+            "positive": k["positive"], "negative": k["negative"], "sampler": ["20", 0],
+            "sigmas": ["21", 0], "latent_image": k["latent_image"]}}
+    return g
+
+
+@pytest.mark.parametrize("advanced", [True, False])
+@pytest.mark.parametrize("graph", [DEFAULT, _with_loras(), _img2img()])
+def test_custom_sampling_reads_as_the_ksampler(graph, advanced):
+    # SamplerCustom(Advanced) with KSamplerSelect and BasicScheduler: the KSampler's settings.
+    assert comfy.read(_custom(graph, advanced)) == comfy.read(graph)
+
+
+def test_custom_sampling_schedulers():
+    karras = {"class_type": "KarrasScheduler",
+              "inputs": {"steps": 12, "sigma_max": 14.614642, "sigma_min": 0.0291675, "rho": 7.0}}
+    flow = comfy.read(_custom(DEFAULT, scheduler=karras))
+    assert (flow.sampler, flow.steps) == ("euler_karras", 12)
+    turbo = {"class_type": "SDTurboScheduler", "inputs": {"model": ["4", 0], "steps": 1,
+                                                          "denoise": 1.0}}
+    flow = comfy.read(_custom(DEFAULT, scheduler=turbo))
+    assert (flow.sampler, flow.steps) == ("euler_simple", 1)
+    # one step from sigma_max, the simple schedule's, is SDTurboScheduler's (timestep 999)
+    from sdrt.engine.samplers import SchedulerConfig, make_schedule
+    cfg = SchedulerConfig.from_dict({"num_train_timesteps": 1000, "beta_start": 0.00085,
+                                     "beta_end": 0.012, "beta_schedule": "scaled_linear"})
+    assert make_schedule(cfg, "euler_simple", 1).timesteps.tolist() == [999.0]
+    basic = _custom(DEFAULT)
+    basic["23"] = {"class_type": "BasicGuider", "inputs": {"model": ["4", 0],
+                                                          "conditioning": ["6", 0]}}
+    flow = comfy.read(basic)
+    assert (flow.guidance, flow.prompt) == (1.0, "beautiful scenery nature glass bottle")
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda g: g["21"]["inputs"].update(sigma_max=10.0),
+     "node 21 (KarrasScheduler): sdrt runs Karras levels over the model's range"),
+    (lambda g: g["21"]["inputs"].update(steps=2),
+     "node 21 (SDTurboScheduler): sdrt runs its one step"),
+    (lambda g: g["22"].update(class_type="DisableNoise"),
+     "node 22 (DisableNoise) is not supported as SamplerCustomAdvanced's noise"),
+    (lambda g: g["8"]["inputs"].update(samples=["3", 1]),
+     "node 8 (VAEDecode): samples takes node 3's denoised_output"),
+    (lambda g: g["20"]["inputs"].update(sampler_name="dpm_adaptive"),
+     "node 3 (SamplerCustomAdvanced): sampler_name 'dpm_adaptive'")])
+def test_custom_sampling_refusals(edit, message):
+    schedulers = {"KarrasScheduler": {"class_type": "KarrasScheduler", "inputs": {
+        "steps": 12, "sigma_max": 14.614642, "sigma_min": 0.0291675, "rho": 7.0}},
+        "SDTurboScheduler": {"class_type": "SDTurboScheduler", "inputs": {
+            "model": ["4", 0], "steps": 1, "denoise": 1.0}}}
+    name = re.search(r"\((\w+Scheduler)\)", message)
+    g = _custom(DEFAULT, scheduler=schedulers[name.group(1)] if name else None)
+    edit(g)
+    with pytest.raises(SdrtError, match=re.escape(message)):
+        comfy.read(g)
+    plain = _custom(DEFAULT, advanced=False)
+    plain["3"]["inputs"]["add_noise"] = False
+    with pytest.raises(SdrtError, match=re.escape("node 3 (SamplerCustom): add_noise False")):
+        comfy.read(plain)
 
 
 def test_ksampler_advanced():

@@ -22,7 +22,7 @@ httpx = pytest.importorskip("httpx")
 from sdrt.engine.demo.model import demo_pipeline  # noqa: E402
 from sdrt.engine.images import to_rgb8  # noqa: E402
 from sdrt.serve.local import LocalServer  # noqa: E402
-from test_comfy import DEFAULT, _advanced, _hires, _img2img, _pixel_hires  # noqa: E402
+from test_comfy import DEFAULT, _advanced, _custom, _hires, _img2img, _pixel_hires  # noqa: E402
 from test_serve import TIMEOUT, assert_same_image, config  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -119,9 +119,15 @@ def test_object_info_drives_a_workflow(server, ref_pipe):
                     height=64, width=64, num_inference_steps=2, guidance_scale=7.0,
                     sampler="heun_karras", seed=11)[0]
     assert_same_image(png, want, "heun on karras from /object_info")
+    # The same through ComfyUI's custom sampling nodes, which /object_info lists too
+    assert {"SamplerCustomAdvanced", "KSamplerSelect", "BasicScheduler", "CFGGuider",
+            "RandomNoise"} <= set(info)
+    entry = _history(url, _queue(url, _custom(graph))["prompt_id"])
+    png = Image.open(io.BytesIO(_view(url, entry["outputs"]["9"]["images"][0])))
+    assert_same_image(png, want, "heun on karras through SamplerCustomAdvanced")
     one = httpx.get(f"{url}/object_info/KSampler", timeout=TIMEOUT).json()
     assert one == {"KSampler": info["KSampler"]}
-    assert httpx.get(f"{url}/object_info/SamplerCustom", timeout=TIMEOUT).json() == {}
+    assert httpx.get(f"{url}/object_info/SamplerDPMPP_SDE", timeout=TIMEOUT).json() == {}
     assert info["LatentUpscaleBy"]["input"]["required"]["upscale_method"][0] == [
         "nearest-exact", "bilinear", "bicubic"]
     stats = httpx.get(f"{url}/system_stats", timeout=TIMEOUT).json()
