@@ -202,8 +202,8 @@ def test_image_to_image_with_an_upload(server, ref_pipe):
 @pytest.mark.parametrize("edit,param,fragment", [
     (lambda g: g["4"]["inputs"].update(ckpt_name="sd_xl_base_1.0.safetensors"), "prompt",
      "ckpt_name must name the server's model"),
-    (lambda g: g["3"].update(class_type="SamplerCustom"), "prompt",
-     "node 3 (SamplerCustom) is not supported"),
+    (lambda g: g["3"].update(class_type="SamplerDPMPP_SDE"), "prompt",
+     "node 3 (SamplerDPMPP_SDE) is not supported"),
     (lambda g: (g.update({"30": {"class_type": "VAELoader", "inputs": {"vae_name": "v.pt"}}}),
                 g["8"]["inputs"].update(vae=["30", 0])), "prompt",
      "decodes with VAE 'v.pt' (a VAELoader), which --vae-dir does not have"),
