@@ -18,7 +18,8 @@ import warnings
 from . import cli_control
 from .atomic import write_file
 from .errors import SdrtError
-from .infotext import Infotext, lora_tags, model_identity, number, png_bytes
+from .infotext import (Infotext, lora_tags, model_identity, number, png_bytes,
+                       sampler_label, sampler_setting_problem)
 from .infotext import short_hash as file_hash
 from .cli import size_arg
 from .request import BETA_SHAPE, MAX_SEED, GenerationRequest, Limits
@@ -571,6 +572,13 @@ def _apply_png(a):
         if key in pairs and _float_or_none(pairs[key]) != value:
             raise SdrtError(f"--from-png {a.from_png}: {key} {pairs[key]!r} is not sdrt's: its "
                             f"beta schedule is A1111's default, Beta{BETA_SHAPE}")
+    for key in ("Eta", "Eta DDIM"):  # (A1111 writes them where they are not its defaults)
+        problem = (sampler_setting_problem(a.sampler, eta=_float_or_none(pairs[key]))
+                   if key in pairs and a.sampler and "sampler" not in a.given else None)
+        if problem is not None:
+            raise SdrtError(f"--from-png {a.from_png}: {key} {pairs[key]!r} is not sdrt's: it "
+                            f"runs {sampler_label(a.sampler)} at A1111's default eta, "
+                            f"{problem[1]:g}")
     if "Size" in pairs and not {"height", "width"} & a.given:
         w, _, h = pairs["Size"].partition("x")
         if not (w.isdigit() and h.isdigit()):

@@ -200,6 +200,35 @@ AUTOMATIC_SCHEDULES = {"DPM++ 2M": "karras", "DPM++ SDE": "karras", "DPM2": "kar
 _AUTOMATIC = {label.lower(): kind for label, kind in AUTOMATIC_SCHEDULES.items()}
 
 
+# A1111's settings of a sampler beyond its name, where A1111's sampler reads them, and the
+# value sdrt runs: the eta of its k-diffusion samplers with noise ("Eta for ancestral
+# samplers", 1) and of DDIM ("Eta for DDIM", 0), and the churn and noise multiplier of Euler,
+# Heun and DPM2 (A1111's extra parameters of those: 0 and 1; DPM2 a, DPM++ 2S a, the SDE ones
+# and DPM fast take the noise multiplier too). Elsewhere A1111 ignores them, and so does sdrt.
+A1111_ETA = {**dict.fromkeys(("euler_a", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "dpmpp_2m_sde",
+                              "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "dpm_fast_a"), 1.0),
+             "ddim": 0.0, "cfgpp_ddim": 0.0}
+A1111_CHURN = ("euler", "heun", "dpm2")
+A1111_S_NOISE = ("euler", "heun", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "dpmpp_2m_sde",
+                 "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "dpm_fast_a")
+
+
+def sampler_setting_problem(sid, eta=None, s_churn=None, s_noise=None):
+    """(field, what sdrt runs) for the first of A1111's ``eta``, ``s_churn`` and ``s_noise``
+    (None: A1111's default) that sampler ``sid`` would read with another value than sdrt runs
+    it at; None when there is none."""
+    base = split_sampler(sid)[0] if split_sampler(sid) else sid
+    for suffix in ("_karras", "_exponential"):
+        base = base.removesuffix(suffix)
+    wanted = {"eta": A1111_ETA.get(base),
+              "s_churn": 0.0 if base in A1111_CHURN else None,
+              "s_noise": 1.0 if base in A1111_S_NOISE else None}
+    for field, value in (("eta", eta), ("s_churn", s_churn), ("s_noise", s_noise)):
+        if value is not None and wanted[field] is not None and value != wanted[field]:
+            return field, wanted[field]
+    return None
+
+
 def schedule_kind(schedule_type):
     """A1111's schedule type (a label, its API's name, any case) or an sdrt sigma schedule ->
     "automatic" (also for none given), "uniform", "karras" or a ``SIGMA_SCHEDULES`` name; None

@@ -489,6 +489,7 @@ def create_app(config: ServeConfig = None) -> FastAPI:
         _check_unsupported(body)
         sampler = server.sampler(body.sampler_name or body.sampler_index, "sampler_name",
                                  body.scheduler)
+        _check_sampler_settings(server, body, sampler)
         if body.override_settings is not None:  # (refused, never ignored: as the options)
             check_settings(server, body.override_settings,
                            lambda message, param: ApiError(400, message, "bad_request", param),
@@ -925,6 +926,24 @@ _FEATURES = {"restore_faces": "face restoration", "tiling": "tiling",
              "refiner_checkpoint": "A1111's refiner switch",
              "alwayson_scripts": "always-on scripts (ControlNet, ...)",
              "initial_noise_multiplier": "a noise multiplier"}
+
+
+def _check_sampler_settings(server, body, sampler):
+    """A1111's eta, s_churn and s_noise: refused where the sampler (the model's own for None,
+    and the hires fix's) reads another value than sdrt runs it at."""
+    from sdrt.engine.infotext import sampler_setting_problem
+    from sdrt.engine.samplers import default_sampler
+    samplers = [sampler or default_sampler(server.runner.pipe.scheduler_config)]
+    hires = getattr(body, "hr_sampler_name", None)
+    if getattr(body, "enable_hr", False) and hires:
+        samplers.append(server.sampler(hires, "hr_sampler_name"))
+    for sid in samplers:
+        problem = sampler_setting_problem(sid, body.eta, body.s_churn, body.s_noise)
+        if problem is not None:
+            field, runs = problem
+            raise ApiError(400, f"{field} must be {runs:g} (or null) for {sampler_label(sid)}: "
+                                f"sdrt runs it at A1111's default, got "
+                                f"{short_repr(getattr(body, field))}", "bad_request", field)
 
 
 def _check_unsupported(body):

@@ -90,6 +90,12 @@ class A1111Request(BaseModel):
                           "sd_model_checkpoint (the loaded model), samples_format (png); "
                           "any other is a 400")
     send_images: bool = True
+    # A1111's sampler settings: sdrt runs A1111's defaults (eta 1 for the samplers with noise,
+    # 0 for DDIM; no churn; noise multiplier 1), and refuses other values where the sampler
+    # reads them (engine/infotext.py: sampler_setting_problem)
+    eta: Optional[float] = None
+    s_churn: Optional[float] = None
+    s_noise: Optional[float] = None
     # A1111 features that change the picture and that sdrt does not have: accepted at their
     # "off" values (false, null, 0, -1, empty), refused with a 400 naming the field otherwise.
     restore_faces: Optional[bool] = None

@@ -661,6 +661,13 @@ def test_from_png_reads_a1111_schedule_type(tmp_path, capsys):
                          str(made_by_a1111("Beta", beta.replace("beta: 0.6", "beta: 0.5"))),
                          "-o", str(tmp_path / "beta2.png")], capsys)
     assert code == 2 and "Beta schedule beta '0.5' is not sdrt's" in err, err
+    # A1111 writes an eta other than its default beside the sampler: refused where the
+    # sampler reads it (DPM++ 2M SDE runs at eta 1)
+    code, _, err = _run(["generate", "--from-png", str(made_by_a1111("Karras", ", Eta: 0.5")),
+                         "-o", str(tmp_path / "eta.png")], capsys)
+    assert code == 2 and len(_stderr_lines(err)) == 1, err
+    assert "Eta '0.5' is not sdrt's: it runs DPM++ 2M SDE Karras at A1111's default eta, 1" \
+        in err, err
     code, _, err = _run(["generate", "--from-png", str(made_by_a1111("Karras Exponential")),
                          "-o", str(tmp_path / "e.png")], capsys)
     assert code == 2 and len(_stderr_lines(err)) == 1, err

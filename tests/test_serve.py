@@ -181,7 +181,10 @@ def test_a1111_txt2img_fields_round_trip(main_server, ref_pipe):
     url, _ = main_server
     body = {"prompt": "a fox, in snow: at night", "negative_prompt": "blurry, dark",
             "seed": 123, "sampler_name": "Euler", "cfg_scale": 5, "steps": 2, "width": 64,
-            "height": 32, "batch_size": 2, "n_iter": 1, "restore_faces": False}
+            "height": 32, "batch_size": 2, "n_iter": 1, "restore_faces": False,
+            # (what the webuiapi client sends: A1111's Euler reads no eta, and runs without
+            # churn at noise multiplier 1)
+            "eta": 1.0, "s_churn": 0, "s_tmin": 0, "s_tmax": 0, "s_noise": 1.0}
     r = httpx.post(f"{url}/sdapi/v1/txt2img", json=body, timeout=TIMEOUT)
     assert r.status_code == 200, r.text
     out = r.json()
@@ -726,6 +729,13 @@ MALFORMED = [  # (endpoint, body: dict or raw bytes, what the message must name)
      "CLIP_stop_at_last_layers"),
     (T2I, {"prompt": "a", "override_settings": {"CLIP_stop_at_last_layers": 3}},
      "CLIP_stop_at_last_layers"),  # the tiny text encoder has 2 layers
+    # A1111's sampler settings other than those sdrt runs, where the sampler reads them
+    (T2I, {"prompt": "a", "sampler_name": "Euler a", "eta": 0.5}, "eta"),
+    (T2I, {"prompt": "a", "sampler_name": "DDIM", "eta": 1.0}, "eta"),
+    (T2I, {"prompt": "a", "sampler_name": "Euler", "s_churn": 0.4}, "s_churn"),
+    (T2I, {"prompt": "a", "sampler_name": "DPM++ 2M SDE", "s_noise": 1.003}, "s_noise"),
+    (T2I, {"prompt": "a", "sampler_name": "Euler", "enable_hr": True,
+           "hr_sampler_name": "Euler a", "eta": 0.3}, "eta"),
     (T2I, {"prompt": "a", "restore_faces": True}, "restore_faces"),
     (T2I, {"prompt": "a", "tiling": True}, "tiling"),
     (T2I, {"prompt": "a", "subseed_strength": 0.3}, "subseed_strength"),
