@@ -18,8 +18,8 @@ import warnings
 from . import cli_control
 from .atomic import write_file
 from .errors import SdrtError
-from .infotext import (Infotext, lora_tags, model_identity, number, png_bytes,
-                       sampler_label, sampler_setting_problem)
+from .infotext import (Infotext, lora_tag, lora_tags, model_identity, png_bytes, sampler_label,
+                       sampler_setting_problem)
 from .infotext import short_hash as file_hash
 from .cli import size_arg
 from .request import BETA_SHAPE, MAX_SEED, GenerationRequest, Limits
@@ -468,9 +468,8 @@ def _prompt_loras(a):
     tag is added to the recorded prompt, as A1111 writes it."""
     try:
         prompt, tags = lora_tags(a.prompt)
-    except ValueError:
-        raise SdrtError(f"prompt has a <lora:...> tag whose scale is not a number: "
-                        f"{a.prompt!r}") from None
+    except ValueError as e:
+        raise SdrtError(f"prompt: {e}") from None
     files = {_stem(path): (path, scale) for path, scale in a.lora}
     for name, _ in tags:
         if name not in files:
@@ -478,7 +477,7 @@ def _prompt_loras(a):
                             f"{name}.safetensors; pass --lora PATH/{name}.safetensors")
     scales = dict(tags)
     loras = [(path, scales.get(_stem(path), scale)) for path, scale in a.lora]
-    recorded = " ".join([a.prompt] + [f"<lora:{_stem(path)}:{number(scale)}>"
+    recorded = " ".join([a.prompt] + [lora_tag(_stem(path), scale)
                                       for path, scale in loras if _stem(path) not in scales])
     return prompt, loras, recorded
 
@@ -669,8 +668,8 @@ def _apply_workflow(a):
     for name, strength in flow.loras:
         stem = _stem(str(name))
         if stem not in given:
-            raise SdrtError(f"{where} applies LoRA {name!r} at {number(strength)}: pass --lora "
-                            f"PATH/{stem}.safetensors")
+            raise SdrtError(f"{where} applies LoRA {name!r} ({lora_tag(stem, strength)}): pass "
+                            f"--lora PATH/{stem}.safetensors")
         a.lora[given[stem]] = (a.lora[given[stem]][0], strength)
     if flow.controlnets:
         cli_control.from_workflow(a, flow.controlnets, where)

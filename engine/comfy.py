@@ -15,9 +15,10 @@ prompts and latent come from
   same model, prompts and cfg: sdrt's hires fix (``_hires``), the picture perhaps upscaled
   by a model first (below);
 - CheckpointLoaderSimple (the model; its VAE decodes, or a VAELoader's: ``sdrt generate
-  --vae``), through any LoraLoader nodes (one strength for the UNet and the text encoder, as
-  sdrt applies a LoRA) and cubiq's IPAdapterAdvanced and IPAdapter nodes (``ImagePrompt``:
-  its IPAdapterModelLoader's adapter and CLIPVisionLoader's encoder, or those an
+  --vae``), through any LoraLoader nodes (strength_model for the UNet, strength_clip for the
+  text encoders) and LoraLoaderModelOnly nodes (the UNet's alone), and cubiq's
+  IPAdapterAdvanced and IPAdapter nodes (``ImagePrompt``: its IPAdapterModelLoader's adapter
+  and CLIPVisionLoader's encoder, or those an
   IPAdapterUnifiedLoader's preset finds (``preset_files``), and LoadImage's reference,
   perhaps through PrepImageForClipVision, prepared as ``clip_vision_image`` says; the weight
   spread over the transformer blocks as its ``weight_type`` says, ``block_scales``; an
@@ -361,9 +362,11 @@ def read(graph, upscaler_scale=None) -> Workflow:
             raise SdrtError(f"workflow node {text_id} (CLIPTextEncode): text must be a string, "
                             f"got {short_repr(texts[side])}")
         skip, clip_loras = nodes.clip_chain(nodes.link(text_id, "clip"), checkpoint)
-        if clip_loras != loras:
+        # the LoraLoaders of the model's chain (a LoraLoaderModelOnly leaves the CLIP alone)
+        wanted = [lora for lora in loras if nodes.kind(lora[0]) == "LoraLoader"]
+        if clip_loras != wanted:
             raise SdrtError(f"workflow node {text_id} (CLIPTextEncode) must encode with the "
-                            f"LoRAs the sampled model has ({_names(loras)}), got "
+                            f"LoraLoaders the sampled model has ({_names(wanted)}), got "
                             f"{_names(clip_loras)}")
         skips.add(skip)
     if len(skips) > 1:
@@ -375,7 +378,8 @@ def read(graph, upscaler_scale=None) -> Workflow:
                     steps=_number(nodes, sampler_id, "steps", int),
                     guidance=float(_number(nodes, sampler_id, "cfg", float)),
                     sampler=SAMPLERS[pair], clip_skip=skips.pop(),
-                    checkpoint=nodes.inputs(checkpoint).get("ckpt_name"), loras=loras,
+                    checkpoint=nodes.inputs(checkpoint).get("ckpt_name"),
+                    loras=[(name, scale) for _, name, scale in loras],
                     output=outputs[0], sampler_node=sampler_id, controlnets=controls,
                     upscale=final, ip_adapters=prompts)
     prefix = nodes.inputs(outputs[0]).get("filename_prefix", "ComfyUI")
@@ -950,7 +954,7 @@ def _preprocessor(nodes, node_id):
 
 
 def _names(loras):
-    return ", ".join(name for name, _ in loras) or "none"
+    return ", ".join(f"{name} (node {node})" for node, name, _ in loras) or "none"
 
 
 def _number(nodes, node_id, key, kind, default=None):
@@ -999,22 +1003,25 @@ class _Nodes:
         return source
 
     def lora_chain(self, node_id, key):
-        """The LoraLoader nodes from ``node_id`` back along their ``key`` ("model" or "clip")
-        links: (the node past them, [(lora_name, strength)] in load order), one strength for
-        the model and the CLIP as sdrt applies a LoRA."""
+        """The LoraLoader (and, along "model" links, LoraLoaderModelOnly) nodes from
+        ``node_id`` back along their ``key`` ("model" or "clip") links: (the node past them,
+        [(lora node, lora_name, scale)] in load order), the scale one number where the model's
+        and the CLIP's strengths agree, else (the model's, the CLIP's), as sdrt's LoRAs take
+        it (a LoraLoaderModelOnly's CLIP strength is 0)."""
         loras = []
-        while self.kind(node_id) == "LoraLoader":
-            strength = _number(self, node_id, "strength_model", float)
-            if _number(self, node_id, "strength_clip", float) != strength:
-                raise SdrtError(f"workflow node {node_id} (LoraLoader): strength_model and "
-                                f"strength_clip differ; sdrt applies one strength to both")
-            loras.append((self.inputs(node_id).get("lora_name"), strength))
+        kinds = ("LoraLoader", "LoraLoaderModelOnly") if key == "model" else ("LoraLoader",)
+        while self.kind(node_id) in kinds:
+            model = _number(self, node_id, "strength_model", float)
+            clip = (_number(self, node_id, "strength_clip", float)
+                    if self.kind(node_id) == "LoraLoader" else 0.0)
+            loras.append((node_id, self.inputs(node_id).get("lora_name"),
+                          model if model == clip else (model, clip)))
             node_id, _ = self.link(node_id, key)
         return node_id, loras[::-1]
 
     def model_chain(self, link):
-        """(checkpoint node, [(lora_name, strength)] in load order, [ImagePrompt] nearest the
-        checkpoint first) of a MODEL link."""
+        """(checkpoint node, [(lora node, lora_name, scale)] in load order, [ImagePrompt]
+        nearest the checkpoint first) of a MODEL link."""
         node_id, loras, prompts = link[0], [], []
         while True:
             node_id, more = self.lora_chain(node_id, "model")
@@ -1029,11 +1036,13 @@ class _Nodes:
         if self.kind(node_id) != "CheckpointLoaderSimple":
             raise SdrtError(f"workflow node {node_id} ({self.kind(node_id)}) is not supported "
                             f"as the sampled model: sdrt takes CheckpointLoaderSimple, "
-                            f"LoraLoader, {IPADAPTER}, {IPADAPTER_SIMPLE} and {UNIFIED} there")
+                            f"LoraLoader, LoraLoaderModelOnly, {IPADAPTER}, {IPADAPTER_SIMPLE} "
+                            f"and {UNIFIED} there")
         return node_id, loras, prompts[::-1]
 
     def clip_chain(self, link, checkpoint):
-        """(clip skip, [(lora_name, strength)]) of a CLIP link that leads to ``checkpoint``."""
+        """(clip skip, [(lora node, lora_name, scale)]) of a CLIP link that leads to
+        ``checkpoint``."""
         node_id, _ = link
         skip = 0
         if self.kind(node_id) == "CLIPSetLastLayer":

@@ -523,16 +523,43 @@ def short_hash(path):
     return _file_sha256(path).hexdigest()[:12]
 
 
-# A1111's LoRA tag in a prompt: <lora:NAME>, <lora:NAME:SCALE> (further fields are ignored).
-_LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
+# A1111's LoRA tag in a prompt: <lora:NAME>, <lora:NAME:SCALE>, <lora:NAME:TE:UNET>, fields
+# also named (te=, unet=).
+_LORA_TAG = re.compile(r"<lora:([^:>]+)((?::[^:>]*)*)>")
 
 
 def lora_tags(prompt):
-    """A prompt → (the prompt without its ``<lora:name:scale>`` tags, [(name, scale), ...]),
-    as A1111 reads them: the scale defaults to 1. Raises ``ValueError`` for a scale that is not
-    a number."""
+    """A prompt → (the prompt without its ``<lora:...>`` tags, [(name, scale), ...]), as A1111
+    reads them: the first number is the text encoders' multiplier (default 1), the second the
+    UNet's (default the first's), or named ``te=`` / ``unet=``; the scale one number where they
+    agree, else the pair (UNet's, text encoders') sdrt's LoRAs take. Raises ``ValueError``
+    saying why for a multiplier that is not a number, or A1111's dynamic rank (``dyn``, a
+    third number), which sdrt does not have."""
     tags = []
     for m in _LORA_TAG.finditer(prompt):
-        scale = m.group(2)
-        tags.append((m.group(1).strip(), float(scale) if scale and scale.strip() else 1.0))
+        fields = m.group(2).split(":")[1:]
+        positional = [f.strip() for f in fields if "=" not in f]
+        named = dict((k.strip(), v.strip()) for k, _, v in
+                     (f.partition("=") for f in fields if "=" in f))
+        name = m.group(1).strip()
+        if len(positional) > 2 or "dyn" in named or set(named) - {"te", "unet", "dyn"}:
+            raise ValueError(f"<lora:{name}:...> has fields sdrt does not take (A1111's te, "
+                             f"unet; not its dynamic rank dyn)")
+        try:
+            te = float(positional[0]) if positional and positional[0] else 1.0
+            te = float(named.get("te", te))
+            unet = float(positional[1]) if len(positional) > 1 and positional[1] else te
+            unet = float(named.get("unet", unet))
+        except ValueError:
+            raise ValueError(f"<lora:{name}:...> has a multiplier that is not a "
+                             f"number") from None
+        tags.append((name, te if te == unet else (unet, te)))
     return _LORA_TAG.sub("", prompt).strip(), tags
+
+
+def lora_tag(name, scale):
+    """The A1111 tag of LoRA ``name`` at ``scale`` (one number, or (UNet's, text
+    encoders')): ``<lora:name:s>`` or ``<lora:name:te:unet>``."""
+    if isinstance(scale, tuple):
+        return f"<lora:{name}:{number(scale[1])}:{number(scale[0])}>"
+    return f"<lora:{name}:{number(scale)}>"

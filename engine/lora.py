@@ -5,7 +5,9 @@ A LoRA adds a low-rank update to a Linear or Conv2d weight:
     W = W0 + Σ_i  s_i · (α_i / r_i) · up_i @ down_i        up (out, r), down (r, in·kh·kw)
 
 ``s_i`` is the adapter's scale (the user's weight, A1111's ``<lora:name:s>``), ``α_i`` the
-file's alpha and ``r_i`` its rank. The sum is formed in float32 from the saved original
+file's alpha and ``r_i`` its rank. A scale is one number for every component, or a pair
+(UNet's, text encoders') as A1111's ``<lora:name:te:unet>`` and ComfyUI's LoraLoader
+(strength_model, strength_clip) give them. The sum is formed in float32 from the saved original
 ``W0`` and rounded once into the weight's dtype, then written into the weight's own storage
 (``copy_``): the static runtime's buffers and CUDA graphs, which captured that storage, stay
 valid with no recapture. Each load, scale change or unload recomputes only the weights that
@@ -219,8 +221,19 @@ def _hadamard_factor(t, i):
 @dataclass
 class Adapter:
     name: str
-    scale: float
+    scale: float | tuple  # one for every component, or (UNet's, text encoders')
     layers: dict = field(default_factory=dict)  # (component, module name) → LoraLayer
+
+    def scale_of(self, component):
+        """The scale of ``component``'s weights."""
+        return scale_of(self.scale, component)
+
+
+def scale_of(scale, component):
+    """A LoRA scale (one number, or (UNet's, text encoders')) for ``component``."""
+    if isinstance(scale, tuple):
+        return scale[0] if component == "unet" else scale[1]
+    return scale
 
 
 class LoraManager:
@@ -332,7 +345,8 @@ class LoraManager:
             if key not in self._originals:
                 self._originals[key] = _cpu_copy(weight)
             original = self._originals[key]
-            updates = [(a.scale, a.layers[key]) for a in touching if a.scale]
+            updates = [(a.scale_of(key[0]), a.layers[key]) for a in touching
+                       if a.scale_of(key[0])]
             rows = weight.shape[0]
             # DoRA scales the merged weight by its norms: it needs W0 itself, in float32.
             dora = any(getattr(layer, "magnitude", None) is not None for _, layer in updates)
@@ -613,8 +627,14 @@ def _magnitude(t, key, weight, where):
 
 
 def _check_scale(scale):
+    """A scale as the manager keeps it: a float, or a (UNet's, text encoders') pair of floats
+    where the two differ."""
+    if isinstance(scale, (tuple, list)) and len(scale) == 2:
+        unet, te = (_check_scale(s) for s in scale)
+        return unet if unet == te else (unet, te)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise SdrtError(f"LoRA scale must be a finite number, got {scale!r}")
+        raise SdrtError(f"LoRA scale must be a finite number or a (UNet, text encoder) pair of "
+                        f"them, got {scale!r}")
     return float(scale)
 
 

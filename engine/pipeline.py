@@ -597,8 +597,9 @@ class Pipeline:
     def load_lora(self, path_or_state_dict, scale=1.0, name=None, replace=None):
         """Patch a LoRA (kohya/A1111 or diffusers/PEFT ``.safetensors``, or a state dict; for
         SDXL too) into the UNet and text-encoder weights in place, so static plans and their
-        CUDA graphs stay valid with no rebuild. ``replace`` names a loaded LoRA to swap out in
-        the same pass. Returns the adapter's name."""
+        CUDA graphs stay valid with no rebuild. ``scale``: one number, or (the UNet's, the text
+        encoders'). ``replace`` names a loaded LoRA to swap out in the same pass. Returns the
+        adapter's name."""
         return self._lora_manager().load(path_or_state_dict, scale, name, replace)
 
     def set_lora_scale(self, name, scale):

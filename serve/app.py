@@ -863,15 +863,15 @@ def _prompt_loras(server, prompt):
     from sdrt.engine.infotext import lora_tags
     try:
         text, tags = lora_tags(prompt)
-    except ValueError:
-        raise ApiError(400, f"prompt has a <lora:...> tag whose scale is not a number, got "
-                            f"{short_repr(prompt)}", "bad_request", "prompt") from None
+    except ValueError as e:
+        raise ApiError(400, f"prompt: {e}", "bad_request", "prompt") from None
     return text, check_loras(server, tags, "prompt")
 
 
 def check_loras(server, loras, field):
     """[(name, scale), ...] → ((name, scale), ...): each a LoRA file of --lora-dir, named
-    once, its scale finite, at most ``max_loras`` of them; a 400 naming ``field`` else."""
+    once, its scale (one number, or (UNet's, text encoders')) finite, at most ``max_loras``
+    of them; a 400 naming ``field`` else."""
     out = {}
     for name, scale in loras:
         if server.config.lora_dir is None:
@@ -882,10 +882,11 @@ def check_loras(server, loras, field):
                                 f"have (GET /sdapi/v1/loras lists them)", "bad_request", field)
         if name in out:
             raise ApiError(400, f"{field} applies LoRA {name!r} twice", "bad_request", field)
-        if not math.isfinite(scale) or abs(scale) > 100:
-            raise ApiError(400, f"{field} applies LoRA {name!r} at a scale that must be a "
-                                f"number from -100 to 100, got {scale}", "bad_request", field)
-        out[name] = float(scale)
+        for s in (scale if isinstance(scale, tuple) else (scale,)):
+            if not math.isfinite(s) or abs(s) > 100:
+                raise ApiError(400, f"{field} applies LoRA {name!r} at a scale that must be a "
+                                    f"number from -100 to 100, got {s}", "bad_request", field)
+        out[name] = tuple(map(float, scale)) if isinstance(scale, tuple) else float(scale)
     if len(out) > server.config.max_loras:
         raise ApiError(400, f"{field} applies {len(out)} LoRAs, more than the "
                             f"{server.config.max_loras} a request may", "bad_request", field)

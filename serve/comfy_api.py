@@ -147,6 +147,8 @@ def _node_specs(server, checkpoints, loras, images, controlnets, vaes, upscalers
         "LoraLoader": ("loaders", {"model": ["MODEL"], "clip": ["CLIP"], "lora_name": [loras],
                                    "strength_model": strength, "strength_clip": strength},
                        ["MODEL", "CLIP"]),
+        "LoraLoaderModelOnly": ("loaders", {"model": ["MODEL"], "lora_name": [loras],
+                                            "strength_model": strength}, ["MODEL"]),
         "CLIPSetLastLayer": ("conditioning", {"clip": ["CLIP"], "stop_at_clip_layer": number(
             "INT", -1, -server.text_layers(), -1, 1)}, ["CLIP"]),
         "CLIPTextEncode": ("conditioning", {"text": ["STRING", {"multiline": True}],

@@ -77,6 +77,18 @@ def test_loras_and_clip_skip():
     assert (flow.clip_skip, flow.sampler) == (1, "dpmpp_2m_karras")
 
 
+def test_lora_strengths_for_the_model_and_the_clip():
+    # LoraLoader's two strengths: one scale where they agree, else (UNet's, text encoders');
+    # LoraLoaderModelOnly patches the UNet alone.
+    g = _with_loras()
+    g["10"]["inputs"]["strength_clip"] = 0.3
+    g["13"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+        "lora_name": "hyper.safetensors", "strength_model": 0.9, "model": ["11", 0]}}
+    g["3"]["inputs"]["model"] = ["13", 0]
+    assert comfy.read(g).loras == [("styles/ink.safetensors", (0.8, 0.3)),
+                                   ("detail.safetensors", 0.5), ("hyper.safetensors", (0.9, 0.0))]
+
+
 def test_image_to_image():
     flow = comfy.read(_img2img())
     assert (flow.init_image, flow.strength, flow.width, flow.height) == \
@@ -219,10 +231,9 @@ REFUSED = {
                           "text must be a string"),
     "steps not an integer": (lambda g: g["3"]["inputs"].update(steps=2.5),
                              "steps must be an integer, got 2.5"),
-    "split LoRA strengths": (lambda g: _lora_on_model(g, strength_clip=0.5),
-                             "strength_model and strength_clip differ"),
     "LoRA on the model only": (lambda g: _lora_on_model(g, strength_clip=1.0),
-                               "must encode with the LoRAs the sampled model has"),
+                               "must encode with the LoraLoaders the sampled model has "
+                               "(a.safetensors (node 20)), got none"),
     "ControlNet on the positive prompt only": (
         _positive_only, "node 22 (ControlNetApply) must condition both the positive and the "
                         "negative prompt"),
@@ -611,7 +622,7 @@ def test_cli_workflow_image_to_image(tiny_dir, tmp_path, capsys):
 @pytest.mark.parametrize("graph,extra,message", [
     (DEFAULT, [], "loads checkpoint 'v1-5-pruned-emaonly.safetensors': pass --model PATH"),
     (_with_loras(), ["--model", "{tiny}"],
-     "applies LoRA 'styles/ink.safetensors' at 0.8: pass --lora PATH/ink.safetensors"),
+     "applies LoRA 'styles/ink.safetensors' (<lora:ink:0.8>): pass --lora PATH/ink.safetensors"),
     (_img2img(), ["--model", "{tiny}"],
      "starts from image 'photo.png' (image to image): pass --init-image PATH"),
     (DEFAULT, ["--model", "{tiny}", "--from-png", "{tmp}/x.png"],

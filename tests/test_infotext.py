@@ -175,3 +175,19 @@ def test_every_sampler_reads_back_from_its_png_info(sampler):
     info = Infotext("a", "", 20, sampler, 7.0, 1, 64, 64)
     _, _, pairs = parse(str(info))
     assert sampler_id(pairs["Sampler"], pairs.get("Schedule type")) == sampler, str(info)
+
+
+def test_lora_tags_as_a1111_reads_them():
+    from sdrt.engine.infotext import lora_tag, lora_tags
+    text, tags = lora_tags("a fox <lora:ink> <lora:a:0.5> <lora:b:0.2:0.9> <lora:c:te=0.3> "
+                           "<lora:d:1:unet=0.4> <lora:e:0.6:0.6>, snow")
+    assert text == "a fox      , snow"  # (the spaces around each tag stay)
+    # the first multiplier the text encoders', the second the UNet's; a pair (UNet's, text
+    # encoders') where they differ
+    assert tags == [("ink", 1.0), ("a", 0.5), ("b", (0.9, 0.2)), ("c", 0.3), ("d", (0.4, 1.0)),
+                    ("e", 0.6)]
+    assert [lora_tag(n, s) for n, s in tags[1:3]] == ["<lora:a:0.5>", "<lora:b:0.2:0.9>"]
+    for bad, why in (("<lora:x:y>", "not a number"), ("<lora:x:1:1:16>", "dynamic rank"),
+                     ("<lora:x:1:dyn=16>", "dynamic rank"), ("<lora:x:up=2>", "does not take")):
+        with pytest.raises(ValueError, match=why):
+            lora_tags(f"a {bad}")

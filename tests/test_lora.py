@@ -12,6 +12,7 @@ needed): storage kept, originals restored bit for bit, ``set_scale`` and ``repla
 a fresh load, one rounding into the weight's dtype, and the refusals.
 """
 import json
+import math
 
 import numpy as np
 import pytest
@@ -313,6 +314,36 @@ def test_set_scale_equals_fresh_load_and_unload_restores(tiny_sd1_folder, tmp_pa
     manager.unload("b")
     manager.unload("a")
     assert_restored(ours, before, "unload one by one")
+
+
+def test_unet_and_text_encoder_scales_of_their_own(tiny_sd1_folder, tmp_path):
+    # A (UNet's, text encoders') pair: each component's weights are those of a load at its
+    # scale, bit for bit (A1111's <lora:name:te:unet>, ComfyUI's two LoraLoader strengths);
+    # a text-encoder scale of 0 leaves the text encoder as it was (LoraLoaderModelOnly).
+    ours = sdrt_models(tiny_sd1_folder)
+    before = snapshot(ours)
+    path = write_kohya(random_lora(ours, seed=53), tmp_path / "a.safetensors")
+    manager = LoraManager(ours)
+    at = {}
+    for scale in (0.7, -0.3):
+        manager.load(path, scale=scale)
+        at[scale] = snapshot(ours)
+        manager.unload()
+    manager.load(path, scale=(0.7, -0.3))
+    assert manager.adapters == {"a": (0.7, -0.3)}
+    for (c, n), (value, _) in snapshot(ours).items():
+        want = at[0.7 if c == "unet" else -0.3][(c, n)][0]
+        assert torch.equal(value, want), f"{c} {n}"
+    manager.set_scale("a", (0.7, 0.0))
+    for (c, n), (value, _) in snapshot(ours).items():
+        want = (at[0.7] if c == "unet" else before)[(c, n)][0]
+        assert torch.equal(value, want), f"{c} {n} at (0.7, 0)"
+    manager.set_scale("a", [0.5, 0.5])  # one number where the two agree
+    assert manager.adapters == {"a": 0.5}
+    with pytest.raises(SdrtError, match="LoRA scale must be a finite number or a"):
+        manager.set_scale("a", (0.5, math.nan))
+    manager.unload()
+    assert_restored(ours, before, "unload")
 
 
 def test_switch_with_replace_equals_unload_then_load(tiny_sd1_folder, tmp_path):

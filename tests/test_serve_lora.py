@@ -94,6 +94,10 @@ def test_a1111_lora_tags(server, ref_pipe, lora_dir):
         assert_same_image(got, _reference(ref_pipe, [(name, path, scale)], 4), f"{name} alone")
     got, _ = _a1111(url, f"{PROMPT} <lora:paper:-0.4> <lora:ink:0.7>", seed=3)
     assert_same_image(got, _reference(ref_pipe, both, 3), "paper kept, ink in again")
+    # A1111's two multipliers, the text encoders' then the UNet's (named too)
+    for tag in ("<lora:ink:0.2:0.9>", "<lora:ink:te=0.2:unet=0.9>"):
+        got, _ = _a1111(url, f"{PROMPT} {tag}", seed=3)
+        assert_same_image(got, _reference(ref_pipe, [("ink", both[0][1], (0.9, 0.2))], 3), tag)
 
 
 def test_comfyui_lora_loader(server, ref_pipe, lora_dir):
@@ -110,11 +114,17 @@ def test_comfyui_lora_loader(server, ref_pipe, lora_dir):
     g["10"] = {"class_type": "LoraLoader",
                "inputs": {"lora_name": "styles/paper.safetensors", "strength_model": 0.6,
                           "strength_clip": 0.6, "model": ["4", 0], "clip": ["4", 1]}}
+    # and a LoraLoaderModelOnly after it: its LoRA patches the UNet alone
+    g["11"] = {"class_type": "LoraLoaderModelOnly",
+               "inputs": {"lora_name": "ink.safetensors", "strength_model": 0.5,
+                          "model": ["10", 0]}}
+    g["3"]["inputs"]["model"] = ["11", 0]
     entry = _history(url, _queue(url, g)["prompt_id"])
     assert entry["status"]["status_str"] == "success", entry["status"]
     got = Image.open(io.BytesIO(_view(url, entry["outputs"]["9"]["images"][0])))
     # ComfyUI's euler_ancestral on "normal" steps is sdrt's euler_a.
     ref_pipe.load_lora(str(lora_dir / "styles" / "paper.safetensors"), scale=0.6, name="paper")
+    ref_pipe.load_lora(str(lora_dir / "ink.safetensors"), scale=(0.5, 0.0), name="ink")
     try:
         want = ref_pipe(PROMPT, negative_prompt="blurry", height=64, width=64,
                         num_inference_steps=2, guidance_scale=7.0, sampler="euler_a", seed=5)[0]
@@ -125,7 +135,8 @@ def test_comfyui_lora_loader(server, ref_pipe, lora_dir):
 
 @pytest.mark.parametrize("prompt,fragment", [
     ("a cat <lora:nope:1>", "applies LoRA 'nope', which --lora-dir does not have"),
-    ("a cat <lora:ink:x>", "whose scale is not a number"),
+    ("a cat <lora:ink:x>", "has a multiplier that is not a number"),
+    ("a cat <lora:ink:1:1:8>", "not its dynamic rank dyn"),
     ("a cat <lora:ink:1> <lora:ink:0.5>", "applies LoRA 'ink' twice"),
     ("a cat <lora:ink:1e9>", "a number from -100 to 100"),
 ])
