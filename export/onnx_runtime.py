@@ -133,6 +133,19 @@ class OnnxUNet:
     def __init__(self, model: OrtModel, config: UNetConfig, controlnets=None, scale_factor=8):
         self.model, self.config = model, config
         self.controlnets, self.scale_factor = controlnets or {}, scale_factor
+        self._zeros = {}  # (shape, dtype, device) → the zero images and scales of unused nets
+
+    def _unused(self, n, sample):
+        """Zero images and scales for ``n`` nets of a call without them, kept per shape: the
+        same tensors for every call of a run (onnxruntime only reads them)."""
+        f = self.scale_factor
+        shape = (n, sample.shape[0], 3, sample.shape[2] * f, sample.shape[3] * f)
+        key = (shape, sample.dtype, sample.device)
+        if key not in self._zeros:
+            if len(self._zeros) >= 4:  # (a few sizes at most: forget the oldest)
+                self._zeros.pop(next(iter(self._zeros)))
+            self._zeros[key] = (sample.new_zeros(shape), sample.new_zeros(n))
+        return self._zeros[key]
 
     def __call__(self, sample, timestep, encoder_hidden_states, **extra):
         t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1)
@@ -146,10 +159,7 @@ class OnnxUNet:
         for kind, (_, (images, scales)) in KINDS.items():
             n = sum(net.kind == kind for net in self.controlnets.values())
             if n and images not in given:
-                f = self.scale_factor
-                given[images] = sample.new_zeros(
-                    (n, sample.shape[0], 3, sample.shape[2] * f, sample.shape[3] * f))
-                given[scales] = sample.new_zeros(n)
+                given[images], given[scales] = self._unused(n, sample)
         unknown = sorted(set(given) - set(self.model.inputs))
         if unknown:
             raise SdrtError(f"the exported UNet has no input {', '.join(unknown)}: export the "
