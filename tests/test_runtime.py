@@ -276,6 +276,21 @@ def test_callback_under_a_cuda_plan_runs_the_denoising_stage_eagerly():
 
 
 @pytest.mark.gpu
+def test_newer_sampler_loops_replay_as_cuda_graphs_equal_to_eager():
+    # The loops with several calls a step, noise drawn before the replay, or the
+    # unconditional prediction (CFG++), each captured once and replayed with new seeds.
+    pipe = _tiny_cuda_pipe()
+    for sampler in ("dpm_fast_a", "heunpp2_karras", "seeds_3", "sa_solver",
+                    "cfgpp_dpmpp_2s_a", "cfgpp_ddim"):
+        pipe.compile(height=64, width=64, num_inference_steps=6, sampler=sampler)
+        for seed in (1, 2):
+            kw = dict(prompt="a fox", negative_prompt="blurry", height=64, width=64,
+                      num_inference_steps=6, sampler=sampler, seed=seed, output_type="np")
+            assert np.abs(pipe(**kw) - run_eagerly(pipe, **kw)).max() <= 2e-3, (sampler, seed)
+        pipe.runtime = None
+
+
+@pytest.mark.gpu
 def test_memory_estimate_bounds_the_measured_peak_on_cuda():
     from sdrt.engine.memory import fused_attention, request_bytes
     pipe = _tiny_cuda_pipe()
