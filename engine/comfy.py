@@ -90,7 +90,8 @@ _SAMPLER_NAMES = {"euler": "euler", "euler_ancestral": "euler_a", "heun": "heun"
                   "gradient_estimation_cfg_pp": "cfgpp_gradient_estimation", "lcm": "lcm",
                   "dpm_fast": "dpm_fast", "heunpp2": "heunpp2",
                   "dpmpp_2s_ancestral_cfg_pp": "cfgpp_dpmpp_2s_a", "seeds_2": "seeds_2",
-                  "seeds_3": "seeds_3", "sa_solver": "sa_solver"}
+                  "seeds_3": "seeds_3", "sa_solver": "sa_solver",
+                  "sa_solver_pece": "sa_solver_pece"}
 # ComfyUI's scheduler → sdrt's sigma schedule
 _SCHEDULES = {"exponential": "exponential", "normal": "normal", "simple": "simple",
               "sgm_uniform": "sgm_uniform", "ddim_uniform": "ddim_uniform", "beta": "comfy_beta",

@@ -490,46 +490,60 @@ def _sa_b(lambdas, s, t, tau):
     return np.linalg.solve(vander, _sa_exponential(s, t, n, tau))
 
 
-def sa_solver(sigmas, start, span):
+def sa_solver(sigmas, start, span, pece=False):
     """Rows (c_xc, c_xp, c0, c1, c2, c3, c_zprev, p_xc, p0, p1, p2, p3, p_z) of ComfyUI's
-    sa_solver over the levels ``sigmas`` from ``start`` (its run): the corrected latents
-    x_c' = c_xc x_c + c_xp x_pred + sum c_k x0_k + c_zprev z_prev (the x0s newest first, x_pred
-    where the model was called, z_prev the predictor noise it carries), then the next call's
-    latents x_pred' = p_xc x_c' + sum p_k x0_k + p_z z (z fresh unit noise). ``span``: the
-    (high, low) sigmas between which it is stochastic. Returns (rows, which steps draw)."""
+    sa_solver over the levels ``sigmas`` from ``start`` (its run), one per model call: the
+    corrected latents x_c' = c_xc x_c + c_xp x_pred + sum c_k x0_k + c_zprev z_prev (the x0s
+    newest first, x_pred where the model was called, z_prev the predictor noise it carries),
+    then the next call's latents x_pred' = p_xc x_c' + sum p_k x0_k + p_z z (z fresh unit
+    noise). ``span``: the (high, low) sigmas between which it is stochastic. ``pece``
+    (sa_solver_pece): a step that corrects calls the model again at the corrected latents, its
+    x0 taking the newest's place, before the predictor (the last step, to 0, corrects too).
+    Returns (rows, flags, the level of each call): flags 1 where the call draws noise, 2 where
+    a PECE call follows it (its row the corrector's), 4 for that PECE call (its row the
+    predictor's)."""
     s = sigmas.double().numpy()[start:]
     n = len(s) - 1
     lam = -np.log(np.where(s > 0, s, 1.0))
     to_end = s[-1] == 0
-    rows, draws = np.zeros((n, 13)), []
-    tau, h, kept = 0.0, 0.0, 0
+    rows, flags, levels = [], [], []
+    tau, h, kept, noise = 0.0, 0.0, 0, 0.0
     for i in range(n):
         kept = min(kept + 1, max(SA_SOLVER_ORDERS))
         p_order = min(SA_SOLVER_ORDERS[0], kept)
-        c_order = 0 if i == 0 or s[i + 1] == 0 else min(SA_SOLVER_ORDERS[1], kept)
+        c_order = (0 if i == 0 or (s[i + 1] == 0 and not pece)
+                   else min(SA_SOLVER_ORDERS[1], kept))
         if to_end:
             p_order, c_order = min(p_order, n - 1 - i), min(c_order, n - i)
-        row = rows[i]
+        row, flag = np.zeros(13), 0
         if c_order == 0:
             row[1] = 1.0
         else:
             b = _sa_b(lam[i - c_order + 1:i + 1], lam[i - 1], lam[i], tau)
             row[0] = s[i] / s[i - 1] * np.exp(-tau * tau * h)
             row[2:2 + c_order] = b[::-1]
-            row[6] = rows[i - 1][12]  # the noise the predictor added, again (0 if none)
+            row[6] = noise  # the noise the predictor added, again (0 if none)
+            if pece:  # the corrected latents are the next call's; the predictor's row its
+                rows.append(row)
+                flags.append(2)
+                levels.append(i)
+                row, flag = np.zeros(13), 4
+        noise = 0.0
         if s[i + 1] == 0:
             row[8] = 1.0  # the clean latents
-            draws.append(False)
-            continue
-        tau = 1.0 if span[0] >= s[i + 1] >= span[1] else 0.0
-        b = _sa_b(lam[i - p_order + 1:i + 1], lam[i], lam[i + 1], tau) if p_order else []
-        h = lam[i + 1] - lam[i]
-        row[7] = s[i + 1] / s[i] * np.exp(-tau * tau * h)
-        row[8:8 + p_order] = b[::-1]
-        if tau > 0:
-            row[12] = s[i + 1] * np.sqrt(-np.expm1(-2 * tau * tau * h))
-        draws.append(tau > 0)
-    return rows, tuple(draws)
+        else:
+            tau = 1.0 if span[0] >= s[i + 1] >= span[1] else 0.0
+            b = _sa_b(lam[i - p_order + 1:i + 1], lam[i], lam[i + 1], tau) if p_order else []
+            h = lam[i + 1] - lam[i]
+            row[7] = s[i + 1] / s[i] * np.exp(-tau * tau * h)
+            row[8:8 + p_order] = b[::-1]
+            if tau > 0:
+                row[12] = noise = s[i + 1] * np.sqrt(-np.expm1(-2 * tau * tau * h))
+                flag |= 1
+        rows.append(row)
+        flags.append(flag)
+        levels.append(i)
+    return np.array(rows), tuple(flags), levels
 
 
 # sdrt's sampler → its weights; which loop runs them is which table it is in.

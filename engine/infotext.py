@@ -114,6 +114,8 @@ SAMPLER_LABELS = {
     "seeds_3_karras": "SEEDS-3 Karras",
     "sa_solver": "SA-Solver",
     "sa_solver_karras": "SA-Solver Karras",
+    "sa_solver_pece": "SA-Solver PECE",
+    "sa_solver_pece_karras": "SA-Solver PECE Karras",
 }
 assert set(SAMPLER_LABELS) == set(SAMPLER_NAMES)
 # Other names A1111 (and its API clients) use for the same samplers: its k-diffusion aliases.
@@ -163,7 +165,8 @@ SAMPLER_ALIASES = {
                              "cfgpp_euler", "cfgpp_euler_a", "cfgpp_dpmpp_2m",
                              "cfgpp_res_multistep", "cfgpp_res_multistep_a",
                              "cfgpp_gradient_estimation", "dpm_fast", "heunpp2",
-                             "cfgpp_dpmpp_2s_a", "seeds_2", "seeds_3", "sa_solver")
+                             "cfgpp_dpmpp_2s_a", "seeds_2", "seeds_3", "sa_solver",
+                             "sa_solver_pece")
        for name in (base, f"{base}_karras")},
     "dpm_fast_a": ("k_dpm_fast",),
     "dpm_fast_a_karras": (),

@@ -44,7 +44,8 @@ SAMPLER_NAMES = ("ddim", "pndm", "euler", "euler_karras", "euler_a", "euler_a_ka
                  "cfgpp_gradient_estimation_karras", "dpm_fast", "dpm_fast_karras",
                  "dpm_fast_a", "dpm_fast_a_karras", "heunpp2", "heunpp2_karras",
                  "cfgpp_dpmpp_2s_a", "cfgpp_dpmpp_2s_a_karras", "cfgpp_ddim", "seeds_2",
-                 "seeds_2_karras", "seeds_3", "seeds_3_karras", "sa_solver", "sa_solver_karras")
+                 "seeds_2_karras", "seeds_3", "seeds_3_karras", "sa_solver", "sa_solver_karras",
+                 "sa_solver_pece", "sa_solver_pece_karras")
 # Sigma schedules beyond each sampler's own (its diffusers scheduler's spacing, or the Karras
 # and exponential variants above), built by ``sigma_schedules``: A1111's schedule types and
 # ComfyUI's schedulers, by ComfyUI's names (where the two differ, ComfyUI's is "comfy_X").
@@ -64,7 +65,7 @@ SIGMA_SAMPLERS = ("euler", "euler_a", "heun", "dpm2", "dpm2_a", "dpmpp_2s_a", "d
                   "er_sde", "cfgpp_euler", "cfgpp_euler_a", "cfgpp_dpmpp_2m", "cfgpp_res_multistep",
                   "cfgpp_res_multistep_a", "cfgpp_gradient_estimation", "dpm_fast",
                   "dpm_fast_a", "heunpp2", "cfgpp_dpmpp_2s_a", "seeds_2", "seeds_3",
-                  "sa_solver")
+                  "sa_solver", "sa_solver_pece")
 # The CFG++ samplers (Chung et al. 2024, ComfyUI's *_cfg_pp, A1111's "DDIM CFG++"): each step
 # also reads the unconditional prediction, so they run the unconditional pass whatever the
 # guidance scale (ComfyUI's cfg 1 too), the scale as given (below 1 too).

@@ -436,26 +436,34 @@ def sample_stages(model, x, sched: Schedule, generator=None, noise=None, step_en
 
 
 def sample_sa_solver(model, x, sched: Schedule, generator=None, noise=None, step_end=None):
-    """ComfyUI's sa_solver* (SA-Solver, Xue et al. 2023): each call is at the predicted latents;
-    the corrector then redoes the step that led there with the x0s up to this call's, and the
-    predictor steps on from the corrected latents, with fresh noise where the step is
-    stochastic (``Schedule.orders``; from ``generator``, or ``noise``, one tensor per draw),
-    both by the step's row of ``Schedule.coefficients`` (``comfy_samplers.sa_solver``). The
-    predicted latents are the loop's (``step_end`` sees them)."""
+    """ComfyUI's sa_solver* (SA-Solver, Xue et al. 2023): each step's call is at the predicted
+    latents; the corrector then redoes the step that led there with the x0s up to this call's
+    (sa_solver_pece: and calls the model again at the corrected latents, that x0 replacing the
+    newest), and the predictor steps on from the corrected latents, with fresh noise where the
+    step is stochastic (from ``generator``, or ``noise``, one tensor per draw), all by the
+    call's row of ``Schedule.coefficients`` and its flags in ``Schedule.orders``
+    (``comfy_samplers.sa_solver``). ``step_end`` sees each call's next latents."""
     corrected, history, z_prev, draws = x, [], None, 0
     for i, t in enumerate(sched.timesteps):
-        history = [_denoised(model, x, t, sched.sigmas[i], sched)] + history[:3]
-        c = sched.coefficients[i]
-        corrected = (c[0] * corrected + c[1] * x
-                     + sum(c[2 + k] * x0 for k, x0 in enumerate(history)))
-        if z_prev is not None:
-            corrected = corrected + c[6] * z_prev
-        x = c[7] * corrected + sum(c[8 + k] * x0 for k, x0 in enumerate(history))
-        z_prev = None
-        if sched.orders[i]:
-            z_prev = _randn(x, generator) if noise is None else noise[draws].to(x.dtype)
-            x = x + c[12] * z_prev
-            draws += 1
+        flags, c = sched.orders[i], sched.coefficients[i]
+        x0 = _denoised(model, x, t, sched.sigmas[i], sched)
+        if flags & 4:  # the PECE call, at the corrected latents
+            history[0] = x0
+        else:
+            history = [x0] + history[:3]
+            corrected = (c[0] * corrected + c[1] * x
+                         + sum(c[2 + k] * x0 for k, x0 in enumerate(history)))
+            if z_prev is not None:
+                corrected = corrected + c[6] * z_prev
+        if flags & 2:  # a PECE call follows, at the corrected latents
+            x = corrected
+        else:
+            x = c[7] * corrected + sum(c[8 + k] * x0 for k, x0 in enumerate(history))
+            z_prev = None
+            if flags & 1:
+                z_prev = _randn(x, generator) if noise is None else noise[draws].to(x.dtype)
+                x = x + c[12] * z_prev
+                draws += 1
         if step_end is not None:
             x = _after_step(step_end, i, t, x)
     return x
@@ -631,8 +639,8 @@ _SAMPLE_FNS = {
                                        "uni_pc_bh2_karras")},
     **{name: sample_lms for base in SLOPE_WEIGHTS for name in (base, f"{base}_karras")},
     **{name: sample_x0_multistep for base in X0_WEIGHTS for name in (base, f"{base}_karras")},
-    "sa_solver": sample_sa_solver,
-    "sa_solver_karras": sample_sa_solver,
+    **{name: sample_sa_solver for name in ("sa_solver", "sa_solver_karras", "sa_solver_pece",
+                                           "sa_solver_pece_karras")},
     **{name: sample_stages for base in STAGES for name in (base, f"{base}_karras")},
     "lcm": sample_lcm,
 }
@@ -647,7 +655,7 @@ _NOISE_SAMPLERS = ("euler_a", "euler_a_karras", "dpm2_a", "dpm2_a_karras", "dpmp
                    "dpmpp_3m_sde",
                    "dpmpp_3m_sde_karras", "lcm",
                    *(name for base in NOISY for name in (base, f"{base}_karras")),
-                   "sa_solver", "sa_solver_karras")
+                   "sa_solver", "sa_solver_karras", "sa_solver_pece", "sa_solver_pece_karras")
 
 
 def sample(sampler: str, model, x: torch.Tensor, sched: Schedule, generator=None, callback=None,

@@ -25,7 +25,8 @@ from .sigma_schedules import levels, log_interp
 
 # ComfyUI's samplers on Euler's levels, each run by sdrt's linear multistep loop on the slope
 # or on the clean latents, with its own weights (``comfy_samplers``)
-COMFY_EULER = (*comfy_samplers.SLOPE_WEIGHTS, *comfy_samplers.X0_WEIGHTS, "sa_solver")
+COMFY_EULER = (*comfy_samplers.SLOPE_WEIGHTS, *comfy_samplers.X0_WEIGHTS, "sa_solver",
+               "sa_solver_pece")
 # The samplers that step along EulerDiscreteScheduler's levels (by prefix)
 EULER_LEVELS = ("euler", "lms", *COMFY_EULER)
 # The diffusers class each sampler reproduces step by step.
@@ -497,8 +498,8 @@ class Schedule:
     # ``_dpmpp_sde_schedule``. dpm_fast*, dpm_fast_a*, heunpp2*, seeds_2*, seeds_3*: (N, 7), per
     # call, the weights of the step's start, of its calls' x0s so far and of the noise drawn
     # after them, and ``orders`` bit 1 where the call ends its step, bit 2 where it draws
-    # (``_stages_schedule``). sa_solver*: (N, 13), see ``comfy_samplers.sa_solver``, and
-    # ``orders`` 1 where the step draws noise.
+    # (``_stages_schedule``). sa_solver*: (N, 13) per call, see ``comfy_samplers.sa_solver``,
+    # and ``orders`` its flags (1: draws noise; 2: a PECE call follows; 4: the PECE call).
     coefficients: torch.Tensor | None = None
     orders: tuple = ()
     # EDM: the preconditioning's sigma_data (the sigmas are then EDM's, the latents
@@ -1157,15 +1158,18 @@ def _one_call_schedule(cfg, sampler, timesteps, sigmas, init_noise_sigma, start,
     tables; ``init_noise_sigma`` is Euler's and LMS's (the others step variance-preserving
     latents, whose pure noise has std 1)."""
     f32 = {"dtype": torch.float32, "device": device}
-    if sampler_family(sampler) == "sa_solver":
+    if sampler_family(sampler) in ("sa_solver", "sa_solver_pece"):
         train = _train_sigmas(_finite_snr(cfg, train_alphas_cumprod(cfg)))
         # ComfyUI's percent_to_sigma: the level at fractional timestep (1 - percent) * (T - 1)
         span = tuple(float(log_interp(np.array([(1 - p) * (len(train) - 1)]), train)[0])
                      for p in comfy_samplers.SA_SOLVER_TAU_SPAN)
-        rows, draws = comfy_samplers.sa_solver(sigmas, start, span)
-        return Schedule(sampler, cfg, timesteps[start:].to(device), init_noise_sigma,
-                        sigmas=sigmas[start:].to(**f32), coefficients=torch.tensor(rows, **f32),
-                        orders=tuple(int(d) for d in draws), noise_draws=sum(draws))
+        rows, flags, levels = comfy_samplers.sa_solver(sigmas, start, span,
+                                                       pece=sampler.startswith("sa_solver_pece"))
+        calls = torch.tensor(levels) + start
+        return Schedule(sampler, cfg, timesteps[calls].to(device), init_noise_sigma,
+                        sigmas=torch.cat([sigmas[calls], sigmas[-1:]]).to(**f32),
+                        coefficients=torch.tensor(rows, **f32), orders=flags,
+                        noise_draws=sum(f & 1 for f in flags))
     if sampler.startswith(EULER_LEVELS):
         family = sampler_family(sampler)
         noisy = family == "euler_a" or family in comfy_samplers.NOISY

@@ -91,7 +91,7 @@ BAD = [
                        "dpm_fast_a, dpm_fast_a_karras, heunpp2, heunpp2_karras, "
                        "cfgpp_dpmpp_2s_a, cfgpp_dpmpp_2s_a_karras, cfgpp_ddim, seeds_2, "
                        "seeds_2_karras, seeds_3, seeds_3_karras, sa_solver, sa_solver_karras, "
-                       "or X_S for X one "
+                       "sa_solver_pece, sa_solver_pece_karras, or X_S for X one "
                        "of euler, .* and S one "
                        "of exponential, .*, got 'dpm_adaptive'"),
     ("sampler", 3, "one of ddim, .*, got 3"),

@@ -280,7 +280,7 @@ def test_newer_sampler_loops_replay_as_cuda_graphs_equal_to_eager():
     # The loops with several calls a step, noise drawn before the replay, or the
     # unconditional prediction (CFG++), each captured once and replayed with new seeds.
     pipe = _tiny_cuda_pipe()
-    for sampler in ("dpm_fast_a", "heunpp2_karras", "seeds_3", "sa_solver",
+    for sampler in ("dpm_fast_a", "heunpp2_karras", "seeds_3", "sa_solver", "sa_solver_pece",
                     "cfgpp_dpmpp_2s_a", "cfgpp_ddim"):
         pipe.compile(height=64, width=64, num_inference_steps=6, sampler=sampler)
         for seed in (1, 2):

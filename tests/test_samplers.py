@@ -665,7 +665,7 @@ def test_from_file(tmp_path):
                         "dpm_fast_a", "dpm_fast_a_karras", "heunpp2", "heunpp2_karras",
                         "cfgpp_dpmpp_2s_a", "cfgpp_dpmpp_2s_a_karras", "cfgpp_ddim",
                         "seeds_2", "seeds_2_karras", "seeds_3", "seeds_3_karras", "sa_solver",
-                        "sa_solver_karras")
+                        "sa_solver_karras", "sa_solver_pece", "sa_solver_pece_karras")
 
 
 @pytest.mark.parametrize("content,match", [

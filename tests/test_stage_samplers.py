@@ -409,9 +409,10 @@ def _sa_weights(lambdas, s, t, tau):
     return out
 
 
-def _sa_solver(denoise, x, s, noise, span, orders=(3, 4)):
-    """ComfyUI's sample_sa_solver (not PECE) over levels ``s``: lambda = -log sigma, tau 1
-    between ``span``'s sigmas (its default tau_func), orders lowered towards a last level of 0."""
+def _sa_solver(denoise, x, s, noise, span, pece=False, orders=(3, 4)):
+    """ComfyUI's sample_sa_solver (``pece``: sample_sa_solver_pece) over levels ``s``: lambda =
+    -log sigma, tau 1 between ``span``'s sigmas (its default tau_func), orders lowered towards
+    a last level of 0."""
     lam = [-math.log(float(v)) if v > 0 else 0.0 for v in s]
     draws = iter(noise)
     x_pred, x, history, tau, h, z = x, x, [], 0.0, 0.0, None
@@ -419,7 +420,7 @@ def _sa_solver(denoise, x, s, noise, span, orders=(3, 4)):
     for i in range(n):
         history = (history + [denoise(x_pred, s[i])])[-max(orders):]
         p = min(orders[0], len(history))
-        c = 0 if i == 0 or s[i + 1] == 0 else min(orders[1], len(history))
+        c = 0 if i == 0 or (s[i + 1] == 0 and not pece) else min(orders[1], len(history))
         if s[-1] == 0:
             p, c = min(p, n - 1 - i), min(c, n - i)
         if c == 0:
@@ -430,6 +431,8 @@ def _sa_solver(denoise, x, s, noise, span, orders=(3, 4)):
                  + sum(bk * x0 for bk, x0 in zip(b, history[-c:])))
             if tau > 0:
                 x = x + z
+            if pece:  # the corrected latents evaluated, that x0 the newest
+                history[-1] = denoise(x, s[i])
         if s[i + 1] == 0:
             x_pred = history[-1]
             continue
@@ -446,7 +449,8 @@ def _sa_solver(denoise, x, s, noise, span, orders=(3, 4)):
 
 @pytest.mark.parametrize("steps,strength", [(1, 1.0), (2, 1.0), (3, 1.0), (6, 1.0), (12, 1.0),
                                             (20, 0.5)])
-@pytest.mark.parametrize("sampler", ["sa_solver", "sa_solver_karras", "sa_solver_exponential"])
+@pytest.mark.parametrize("sampler", ["sa_solver", "sa_solver_karras", "sa_solver_exponential",
+                                     "sa_solver_pece", "sa_solver_pece_simple"])
 @pytest.mark.parametrize("config", ["sd15", "sd21"])
 def test_sa_solver_matches_comfyuis_loop(sampler, steps, strength, config):
     # Its levels are Euler's (or the schedule's), cut for image to image; the stochastic span
@@ -469,7 +473,10 @@ def test_sa_solver_matches_comfyuis_loop(sampler, steps, strength, config):
         out = theirs_model((x * c_in).float(), _sigma_to_t(sigma, train).float()).double()
         return x - sigma * out if kind == "epsilon" else out * (-sigma * c_in) + x * c_in ** 2
 
-    theirs = _sa_solver(denoise, x.double(), run, draws.double(), span)
+    if sampler.startswith("sa_solver_pece"):  # (the levels of the steps, not of the calls)
+        run = torch.cat([torch.unique_consecutive(run[:-1]), run[-1:]])
+    theirs = _sa_solver(denoise, x.double(), run, draws.double(), span,
+                        pece=sampler.startswith("sa_solver_pece"))
     ours = torch.full_like(noise, math.nan)
     ours.copy_(sample(sampler, model, x, sched, noise=draws))
     assert len(model.calls) == len(theirs_model.calls) == len(sched.timesteps)
