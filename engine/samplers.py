@@ -22,8 +22,7 @@ from .schedules import (EDM_CLASSES, EXPONENTIAL, KARRAS_OFF, KARRAS_SAMPLERS, S
 __all__ = ["SAMPLERS", "Schedule", "SchedulerConfig", "default_sampler", "make_schedule", "sample",
            "sample_ddim", "sample_pndm", "sample_euler", "sample_euler_ancestral",
            "sample_two_call", "sample_dpmpp_2m", "sample_lms", "sample_unipc", "sample_deis",
-           "sample_lcm", "sample_x0_multistep", "sample_stages", "sample_ddim_cfg_pp",
-           "sample_sa_solver"]
+           "sample_lcm", "sample_x0_multistep", "sample_stages", "sample_sa_solver"]
 
 
 # --- model output conversions ---------------------------------------------------------------
@@ -83,35 +82,26 @@ def sample_ddim(model, x, sched: Schedule, step_end=None):
     Each step predicts x0 and the noise at alpha-bar a, then re-noises x0 to the next alpha-bar
     along that same noise. With clip_sample, x0 is clamped but the noise is not recomputed from it
     (diffusers' default use_clipped_model_output=False).
+
+    cfgpp_ddim, A1111's "DDIM CFG++" (Chung et al. 2024, "CFG++: Manifold-constrained
+    Classifier Free Guidance"; A1111's ``ddim_cfgpp``, eta 0): x0 from the prediction guided
+    at the scale divided by ``A1111_CFG_PP_DIVISOR`` (A1111's mapping of its CFG scale onto
+    CFG++'s lambda), renoised along the unconditional prediction's noise.
     """
     cfg = sched.config
+    cfg_pp = sched.sampler == "cfgpp_ddim"
     for i, t in enumerate(sched.timesteps):
         a, a_prev = sched.alphas[i], sched.alphas_prev[i]
-        x0, eps = _x0_and_eps(model(x, t), x, a, cfg.prediction_type)
+        if cfg_pp:
+            guided, uncond = model(x, t, uncond=True)
+            x0, _ = _x0_and_eps(uncond + (guided - uncond) / A1111_CFG_PP_DIVISOR, x, a,
+                                cfg.prediction_type)
+            _, eps = _x0_and_eps(uncond, x, a, cfg.prediction_type)
+        else:
+            x0, eps = _x0_and_eps(model(x, t), x, a, cfg.prediction_type)
         if cfg.clip_sample:
             x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
         x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
-        if step_end is not None:
-            x = _after_step(step_end, i, t, x)
-    return x
-
-
-def sample_ddim_cfg_pp(model, x, sched: Schedule, step_end=None):
-    """A1111's "DDIM CFG++" (Chung et al. 2024, "CFG++: Manifold-constrained Classifier Free
-    Guidance"; A1111's ``ddim_cfgpp``, eta 0): DDIM's step from the guided x0, renoised to the
-    next alpha-bar along the unconditional prediction's noise, the guidance scale divided by
-    ``A1111_CFG_PP_DIVISOR`` (A1111's mapping of its CFG scale onto CFG++'s lambda). The
-    steps and clip_sample are DDIM's (``sample_ddim``)."""
-    cfg = sched.config
-    for i, t in enumerate(sched.timesteps):
-        a, a_prev = sched.alphas[i], sched.alphas_prev[i]
-        guided, uncond = model(x, t, uncond=True)
-        out = uncond + (guided - uncond) / A1111_CFG_PP_DIVISOR
-        x0, _ = _x0_and_eps(out, x, a, cfg.prediction_type)
-        _, eps_uncond = _x0_and_eps(uncond, x, a, cfg.prediction_type)
-        if cfg.clip_sample:
-            x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
-        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps_uncond
         if step_end is not None:
             x = _after_step(step_end, i, t, x)
     return x
@@ -616,7 +606,7 @@ def brownian_noise(sched: Schedule, shape, generator):
 
 _SAMPLE_FNS = {
     "ddim": sample_ddim,
-    "cfgpp_ddim": sample_ddim_cfg_pp,
+    "cfgpp_ddim": sample_ddim,
     "pndm": sample_pndm,
     "euler": sample_euler,
     "euler_karras": sample_euler,

@@ -21,6 +21,7 @@ from sdrt.engine.request import GenerationRequest, sampler_family, split_sampler
 from sdrt.engine.samplers import SchedulerConfig, make_schedule, sample
 from sdrt.engine.schedules import train_alphas_cumprod
 from sdrt.engine.sigma_schedules import levels
+from test_comfy_samplers import GuidedModel
 from test_samplers import CONFIGS, LinearModel, _latents
 
 
@@ -198,17 +199,27 @@ def _seeds(denoise, x, s, noise, stages, eta=1.0):
     return x
 
 
-def _reference(sampler, model, x, run, cfg, noise):
-    """The loop of ``sampler`` over the run's levels, float64; the model sees VE latents
-    scaled by 1 / sqrt(sigma^2 + 1) at k-diffusion's timestep of the call's sigma."""
+def _denoiser(model, cfg, uncond=False):
+    """The clean latents ``model`` predicts from VE latents x at ``sigma``, float64: it sees x
+    scaled by 1 / sqrt(sigma^2 + 1) at k-diffusion's timestep of sigma. ``uncond``: the model
+    answers (guided, unconditional), and so does the denoiser."""
     train = _train(cfg)
     kind = cfg.for_sampler("euler").prediction_type
 
     def denoise(x, sigma):
         c_in = 1 / (sigma ** 2 + 1) ** 0.5
-        out = model((x * c_in).float(), _sigma_to_t(sigma, train).float()).double()
-        return x - sigma * out if kind == "epsilon" else out * (-sigma * c_in) + x * c_in ** 2
+        outs = model((x * c_in).float(), _sigma_to_t(sigma, train).float(),
+                     **({"uncond": True} if uncond else {}))
+        x0s = [x - sigma * o.double() if kind == "epsilon" else
+               o.double() * (-sigma * c_in) + x * c_in ** 2
+               for o in (outs if uncond else (outs,))]
+        return x0s if uncond else x0s[0]
+    return denoise
 
+
+def _reference(sampler, model, x, run, cfg, noise):
+    """The loop of ``sampler`` over the run's levels, float64 (``_denoiser``)."""
+    denoise = _denoiser(model, cfg)
     family = sampler_family(sampler)
     if family.startswith("seeds"):
         return _seeds(denoise, x.double(), run, () if noise is None else noise.double(),
@@ -240,9 +251,15 @@ def test_matches_the_tools_loops(sampler, steps, strength, config):
     if sched.noise_draws:
         g = torch.Generator().manual_seed(steps)
         draws = torch.randn((sched.noise_draws, *x.shape), generator=g)
-    theirs_model, model = LinearModel(), LinearModel()
+    theirs_model = LinearModel()
     theirs = _reference(sampler, theirs_model, x, run, cfg, draws)
-    ours = torch.full_like(noise, math.nan)
+    _assert_ours_match(sampler, steps, sched, x, draws, LinearModel(), theirs_model, theirs)
+
+
+def _assert_ours_match(sampler, steps, sched, x, draws, model, theirs_model, theirs):
+    """sdrt's run of ``sampler`` from ``x`` (with the unit noise ``draws``) with ``model``
+    calls the model at the reference's timesteps and lands on its latents ``theirs``."""
+    ours = torch.full_like(x, math.nan)
     ours.copy_(sample(sampler, model, x, sched, noise=draws))
     ref_t = torch.stack([t for _, t in theirs_model.calls]).double()
     our_t = torch.stack([t for _, t in model.calls]).double()
@@ -312,31 +329,11 @@ def test_partial_runs_are_refused_in_one_line():
         make_schedule(cfg, "heunpp2", 10, denoising_end=0.8)
 
 
-class GuidedModel:
-    """Two stand-in UNets: the guided output and the unconditional half's (``uncond=True``
-    returns both), as a CFG++ sampler reads them."""
-
-    def __init__(self):
-        self.guided, self.negative = LinearModel(seed=0), LinearModel(seed=1)
-        self.calls = self.guided.calls
-
-    def __call__(self, x, t, uncond=False):
-        out = self.guided(x, t)
-        return (out, self.negative(x, t)) if uncond else out
-
-
 def _dpmpp_2s_ancestral_cfg_pp(model, x, s, cfg, noise):
     """ComfyUI's sample_dpmpp_2s_ancestral_cfg_pp over levels ``s`` (eta 1), float64: the
     steps run on the unconditional x0, each step's guidance x0 - x0u (of its first call) added
     after its noise."""
-    train = _train(cfg)
-    kind = cfg.for_sampler("euler").prediction_type
-
-    def denoise(x, sigma):
-        c_in = 1 / (sigma ** 2 + 1) ** 0.5
-        outs = model((x * c_in).float(), _sigma_to_t(sigma, train).float(), uncond=True)
-        return [x - sigma * o.double() if kind == "epsilon" else
-                o.double() * (-sigma * c_in) + x * c_in ** 2 for o in outs]
+    denoise = _denoiser(model, cfg, uncond=True)
 
     for i in range(len(s) - 1):
         guided, uncond = denoise(x, s[i])
@@ -377,18 +374,10 @@ def test_dpmpp_2s_ancestral_cfg_pp_matches_comfyuis_loop(sampler, steps, strengt
     x = sched.noise_latents(noise) if strength == 1 else sched.noise_image(_latents(99), noise)
     g = torch.Generator().manual_seed(steps)
     draws = torch.randn((sched.noise_draws, *x.shape), generator=g)
-    theirs_model, model = GuidedModel(), GuidedModel()
+    theirs_model = GuidedModel()
     theirs = _dpmpp_2s_ancestral_cfg_pp(theirs_model, x.double(), run, cfg,
                                         torch.cat([draws, draws[:1] * 0]).double())
-    ours = torch.full_like(noise, math.nan)
-    ours.copy_(sample(sampler, model, x, sched, noise=draws))
-    ref_t = torch.stack([t for _, t in theirs_model.calls]).double()
-    our_t = torch.stack([t for _, t in model.calls]).double()
-    assert len(our_t) == len(ref_t) == len(sched.timesteps)
-    np.testing.assert_allclose(our_t.numpy(), ref_t.numpy(), rtol=1e-4, atol=2e-3)
-    scale = max(1.0, theirs.abs().max().item())
-    err = (ours.double() - theirs).abs().max().item()
-    assert err <= 2e-5 * scale, f"{sampler}, {steps} steps: max abs diff {err:.3g}"
+    _assert_ours_match(sampler, steps, sched, x, draws, GuidedModel(), theirs_model, theirs)
     assert comfy.SAMPLERS[("dpmpp_2s_ancestral_cfg_pp", "karras")] == "cfgpp_dpmpp_2s_a_karras"
 
 
@@ -465,23 +454,11 @@ def test_sa_solver_matches_comfyuis_loop(sampler, steps, strength, config):
     x = sched.noise_latents(noise) if strength == 1 else sched.noise_image(_latents(99), noise)
     g = torch.Generator().manual_seed(steps)
     draws = torch.randn((sched.noise_draws, *x.shape), generator=g)
-    theirs_model, model = LinearModel(), LinearModel()
-    kind = cfg.for_sampler("euler").prediction_type
-
-    def denoise(x, sigma):
-        c_in = 1 / (sigma ** 2 + 1) ** 0.5
-        out = theirs_model((x * c_in).float(), _sigma_to_t(sigma, train).float()).double()
-        return x - sigma * out if kind == "epsilon" else out * (-sigma * c_in) + x * c_in ** 2
-
     if sampler.startswith("sa_solver_pece"):  # (the levels of the steps, not of the calls)
         run = torch.cat([torch.unique_consecutive(run[:-1]), run[-1:]])
-    theirs = _sa_solver(denoise, x.double(), run, draws.double(), span,
+    theirs_model = LinearModel()
+    theirs = _sa_solver(_denoiser(theirs_model, cfg), x.double(), run, draws.double(), span,
                         pece=sampler.startswith("sa_solver_pece"))
-    ours = torch.full_like(noise, math.nan)
-    ours.copy_(sample(sampler, model, x, sched, noise=draws))
-    assert len(model.calls) == len(theirs_model.calls) == len(sched.timesteps)
     if steps >= 6 and strength == 1:
         assert sched.noise_draws > 0, "no step in the stochastic span"
-    scale = max(1.0, theirs.abs().max().item())
-    err = (ours.double() - theirs).abs().max().item()
-    assert err <= 2e-5 * scale, f"{sampler}, {steps} steps: max abs diff {err:.3g}"
+    _assert_ours_match(sampler, steps, sched, x, draws, LinearModel(), theirs_model, theirs)
