@@ -660,7 +660,8 @@ def _apply_workflow(a):
     if "negative" not in a.given and flow.negative:
         a.negative = flow.negative
     for attr in ("seed", "steps", "guidance", "sampler", "clip_skip", "batch", "width",
-                 "height", "strength"):
+                 "height", "strength", "prompt_2", "negative_2", "original_size", "crop",
+                 "target_size"):
         value = getattr(flow, attr)
         if value is not None and attr not in a.given:
             setattr(a, attr, value)

@@ -25,7 +25,9 @@ prompts and latent come from
   ``attn_mask`` read as ComfyUI reads a MASK, ``comfy_mask``; settings
   beyond diffusers' IP-Adapter, ``IPADAPTER_PLAIN``, refused; ``start_at``/``end_at`` counted
   in steps);
-- CLIPTextEncode nodes (the prompt and negative prompt), their CLIP through
+- CLIPTextEncode nodes (the prompt and negative prompt), or SDXL's CLIPTextEncodeSDXL (text_l
+  the prompt, text_g the prompt_2, its sizes and crop the micro-conditioning; both prompts'
+  the same), their CLIP through
   CLIPSetLastLayer (``stop_at_clip_layer`` -N is sdrt's clip skip N - 1) and the same LoRAs;
 - EmptyLatentImage (size and batch), or VAEEncode of a LoadImage (image to image at the
   KSampler's ``denoise``);
@@ -112,6 +114,9 @@ _SAMPLER_NODES = ("KSampler", "KSamplerAdvanced", "SamplerCustom", "SamplerCusto
 # defaults: sdrt's karras), SDTurboScheduler for one step of the whole range (the "simple"
 # schedule's one step: sigma_max, then 0).
 _CUSTOM = ("SamplerCustom", "SamplerCustomAdvanced")
+# The prompt nodes: CLIPTextEncode, and SDXL's CLIPTextEncodeSDXL (text_l for CLIP ViT-L, text_g
+# for bigG: sdrt's prompt and prompt_2; its sizes the micro-conditioning, ``_sdxl_text``)
+_TEXT_NODES = ("CLIPTextEncode", "CLIPTextEncodeSDXL")
 KARRAS_DEFAULTS = {"sigma_max": 14.614642, "sigma_min": 0.0291675, "rho": 7.0}
 # LatentUpscale(By)'s upscale_method → sdrt's (A1111's) latent upscaler: the same
 # torch.nn.functional.interpolate mode, without antialiasing.
@@ -282,6 +287,13 @@ class Workflow:
     # a model upscale between the VAEDecode and the save node: the images upscaled after
     upscale: ModelUpscale = None
     ip_adapters: list = field(default_factory=list)  # [ImagePrompt], nearest the checkpoint first
+    # SDXL's CLIPTextEncodeSDXL: the bigG prompts where they differ from the ViT-L ones, and
+    # the micro-conditioning where it is not the default: (height, width), (top, left)
+    prompt_2: str = None
+    negative_2: str = None
+    original_size: tuple = None
+    crop: tuple = None
+    target_size: tuple = None
 
 
 def load(path):
@@ -355,13 +367,13 @@ def read(graph, upscaler_scale=None) -> Workflow:
     if nodes.kind(vae) == "CheckpointLoaderSimple" and vae != checkpoint:
         raise SdrtError(f"workflow node {decode} (VAEDecode) must decode with the sampled "
                         f"model's checkpoint VAE or a VAELoader's")
-    texts, skips = {}, set()
+    texts, texts_2, sizes, skips = {}, {}, {}, set()
     text_ids, controls = _controls(nodes, sampler_id)
     for side, text_id in text_ids.items():
-        texts[side] = nodes.inputs(text_id).get("text")
-        if not isinstance(texts[side], str):
-            raise SdrtError(f"workflow node {text_id} (CLIPTextEncode): text must be a string, "
-                            f"got {short_repr(texts[side])}")
+        if nodes.kind(text_id) == "CLIPTextEncodeSDXL":
+            texts[side], texts_2[side], sizes[side] = _sdxl_text(nodes, text_id)
+        else:
+            texts[side] = _text(nodes, text_id, "text")
         skip, clip_loras = nodes.clip_chain(nodes.link(text_id, "clip"), checkpoint)
         # the LoraLoaders of the model's chain (a LoraLoaderModelOnly leaves the CLIP alone)
         wanted = [lora for lora in loras if nodes.kind(lora[0]) == "LoraLoader"]
@@ -373,6 +385,12 @@ def read(graph, upscaler_scale=None) -> Workflow:
     if len(skips) > 1:
         raise SdrtError("workflow encodes the prompt and the negative prompt with different "
                         "CLIPSetLastLayer settings; sdrt takes one clip skip")
+    if sizes and (len(sizes) == 1 or sizes["positive"] != sizes["negative"]):
+        raise SdrtError(f"workflow node {text_ids['negative']} "
+                        f"({nodes.kind(text_ids['negative'])}) must condition on the sizes and "
+                        f"crop the positive prompt's node {text_ids['positive']} has: sdrt "
+                        f"conditions both halves on one set (use CLIPTextEncodeSDXL for both, "
+                        f"with the same sizes)")
     flow = Workflow(prompt=texts["positive"], negative=texts["negative"],
                     seed=_number(nodes, sampler_id,
                                  "noise_seed" if kind == "KSamplerAdvanced" else "seed", int),
@@ -386,6 +404,10 @@ def read(graph, upscaler_scale=None) -> Workflow:
     prefix = nodes.inputs(outputs[0]).get("filename_prefix", "ComfyUI")
     if isinstance(prefix, str) and prefix:
         flow.filename_prefix = prefix
+    if texts_2:  # (SDXL's second prompts where they say something else)
+        flow.prompt_2 = texts_2["positive"] if texts_2["positive"] != flow.prompt else None
+        flow.negative_2 = texts_2["negative"] if texts_2["negative"] != flow.negative else None
+        flow.original_size, flow.crop, flow.target_size = sizes["positive"]
     latent = nodes.follow(sampler_id, "latent_image", ("EmptyLatentImage", "VAEEncode"))
     empty = nodes.kind(latent) == "EmptyLatentImage"
     if kind == "KSamplerAdvanced":
@@ -406,6 +428,11 @@ def read(graph, upscaler_scale=None) -> Workflow:
         image = nodes.follow(latent, "pixels", ("LoadImage",))
         flow.init_image = nodes.inputs(image).get("image")
         flow.strength = denoise
+    if flow.width is not None:  # (sizes that are the image's and no crop: the defaults)
+        image = (flow.height, flow.width)
+        flow.original_size = None if flow.original_size == image else flow.original_size
+        flow.target_size = None if flow.target_size == image else flow.target_size
+        flow.crop = None if flow.crop == (0, 0) else flow.crop
     if second is not None:
         flow.hires = _hires(nodes, sampler_id, second, upscale, flow, hires_model)
     if nodes.kind(vae) == "VAELoader":
@@ -486,6 +513,24 @@ def _custom_sampler(nodes, node_id):
         out["scheduler"] = "simple"
     out["latent_image"] = k.get("latent_image")
     return out
+
+
+def _text(nodes, node_id, key):
+    text = nodes.inputs(node_id).get(key)
+    if not isinstance(text, str):
+        raise SdrtError(f"workflow node {node_id} ({nodes.kind(node_id)}): {key} must be a "
+                        f"string, got {short_repr(text)}")
+    return text
+
+
+def _sdxl_text(nodes, node_id):
+    """A CLIPTextEncodeSDXL's (text_l, text_g, ((height, width), (crop_h, crop_w),
+    (target_height, target_width))): sdrt's prompt, prompt_2 and SDXL micro-conditioning
+    (original_size, crops_coords_top_left, target_size), each in diffusers' order."""
+    number = lambda key: _number(nodes, node_id, key, int)  # noqa: E731
+    sizes = ((number("height"), number("width")), (number("crop_h"), number("crop_w")),
+             (number("target_height"), number("target_width")))
+    return _text(nodes, node_id, "text_l"), _text(nodes, node_id, "text_g"), sizes
 
 
 def _pair(nodes, sampler_id):
@@ -679,9 +724,9 @@ def _controls(nodes, sampler_id):
         controls.append(control)
         links = {side: nodes.link(node, side) for side in ("positive", "negative")}
     for side, (node, _) in links.items():
-        if nodes.kind(node) != "CLIPTextEncode":
+        if nodes.kind(node) not in _TEXT_NODES:
             raise SdrtError(f"workflow node {node} ({nodes.kind(node)}) is not supported as "
-                            f"KSampler's {side}: sdrt takes CLIPTextEncode, through "
+                            f"KSampler's {side}: sdrt takes {' or '.join(_TEXT_NODES)}, through "
                             f"{_APPLY} nodes, there")
     return {side: node for side, (node, _) in links.items()}, controls[::-1]
 

@@ -153,6 +153,14 @@ def _node_specs(server, checkpoints, loras, images, controlnets, vaes, upscalers
             "INT", -1, -server.text_layers(), -1, 1)}, ["CLIP"]),
         "CLIPTextEncode": ("conditioning", {"text": ["STRING", {"multiline": True}],
                                             "clip": ["CLIP"]}, ["CONDITIONING"]),
+        # (as CLIPTextEncode here: text_g as text_l, the image's sizes, no crop)
+        "CLIPTextEncodeSDXL": ("advanced/conditioning", {
+            "clip": ["CLIP"], "width": side, "height": side,
+            "crop_w": number("INT", 0, 0, limits.max_side, 1),
+            "crop_h": number("INT", 0, 0, limits.max_side, 1),
+            "target_width": side, "target_height": side,
+            "text_g": ["STRING", {"multiline": True}],
+            "text_l": ["STRING", {"multiline": True}]}, ["CONDITIONING"]),
         "EmptyLatentImage": ("latent", {"width": side, "height": side, "batch_size": number(
             "INT", 1, 1, limits.max_images, 1)}, ["LATENT"]),
         "LoadImage": ("image", {"image": [images, {"image_upload": True}]}, ["IMAGE", "MASK"]),
@@ -323,6 +331,13 @@ def register(app, server_of, api_error):
         if flow.vae is not None and server.runner.vae_path(flow.vae) is None:
             raise bad(f"prompt: workflow decodes with VAE {short_repr(flow.vae)} (a VAELoader), "
                       f"which --vae-dir does not have (GET /models/vae lists those it has)")
+        sdxl = [k for k in ("prompt_2", "negative_2", "original_size", "crop", "target_size")
+                if getattr(flow, k) is not None]
+        if sdxl:
+            raise bad(f"prompt: workflow's CLIPTextEncodeSDXL asks for {', '.join(sdxl)}; the "
+                      f"server conditions SDXL on one prompt and the image's size: give text_g "
+                      f"as text_l, the image's sizes and no crop (sdrt generate --workflow "
+                      f"runs the rest)")
         from .app import check_loras
         loras = check_loras(server, [(_stem(name), s) for name, s in flow.loras], "prompt")
         init = None

@@ -634,3 +634,55 @@ def test_cli_workflow_refusals_are_one_line(tiny_dir, tmp_path, capsys, graph, e
     code, _, err = _run(["generate", "--workflow", str(tmp_path / "wf.json"), *extra, "-o",
                          str(tmp_path / "o.png")], capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def _sdxl_text(g, node_id, text_l, text_g, size=(1024, 1024), crop=(0, 0), target=None):
+    """Node ``node_id``'s CLIPTextEncode made a CLIPTextEncodeSDXL (sizes as (width, height),
+    crop as (w, h): ComfyUI's inputs)."""
+    target = target or size
+    g[node_id] = {"class_type": "CLIPTextEncodeSDXL", "inputs": {
+        "clip": g[node_id]["inputs"]["clip"], "text_l": text_l, "text_g": text_g,
+        "width": size[0], "height": size[1], "crop_w": crop[0], "crop_h": crop[1],
+        "target_width": target[0], "target_height": target[1]}}
+
+
+def test_sdxl_text_nodes():
+    # text_l is the prompt (CLIP ViT-L's), text_g the prompt_2 (bigG's) where it differs; the
+    # sizes the micro-conditioning where they are not the image's and uncropped.
+    g = copy.deepcopy(DEFAULT)
+    _sdxl_text(g, "6", "a fox", "a red fox in snow", size=(2048, 1536), crop=(32, 16),
+               target=(512, 512))
+    _sdxl_text(g, "7", "blurry", "blurry", size=(2048, 1536), crop=(32, 16), target=(512, 512))
+    flow = comfy.read(g)
+    assert (flow.prompt, flow.prompt_2, flow.negative, flow.negative_2) == (
+        "a fox", "a red fox in snow", "blurry", None)
+    assert (flow.original_size, flow.crop, flow.target_size) == ((1536, 2048), (16, 32), None)
+    plain = copy.deepcopy(DEFAULT)
+    for node, text in (("6", "beautiful scenery nature glass bottle"),
+                       ("7", "text, watermark")):
+        _sdxl_text(plain, node, text, text, size=(512, 512))
+    assert comfy.read(plain) == comfy.read(DEFAULT)  # the defaults: a plain CLIPTextEncode's
+    mixed = copy.deepcopy(DEFAULT)
+    _sdxl_text(mixed, "6", "a", "a")
+    with pytest.raises(SdrtError, match="node 7 \\(CLIPTextEncode\\) must condition on the "
+                                        "sizes and crop the positive prompt's node 6 has"):
+        comfy.read(mixed)
+
+
+def test_cli_sdxl_text_workflow_equals_the_options(sdxl_base_folder, tmp_path, capsys):
+    # CLIPTextEncodeSDXL on an SDXL model: the image of --prompt-2, --negative-2 and the
+    # micro-conditioning options.
+    folder, _ = sdxl_base_folder
+    g = _small(DEFAULT)
+    _sdxl_text(g, "6", "a fox", "a red fox in snow", size=(64, 48), crop=(8, 4),
+               target=(40, 24))
+    _sdxl_text(g, "7", "blurry", "grey", size=(64, 48), crop=(8, 4), target=(40, 24))
+    (tmp_path / "wf.json").write_text(json.dumps(g))
+    options = ["a fox", "--prompt-2", "a red fox in snow", "--negative", "blurry",
+               "--negative-2", "grey", "--original-size", "64x48", "--crop", "8,4",
+               "--target-size", "40x24", *SMALL_OPTIONS[3:]]
+    outs = draw({"json": ["--workflow", str(tmp_path / "wf.json")], "options": options,
+                 "plain": ["a fox", "--negative", "blurry", *SMALL_OPTIONS[3:]]},
+                ["--model", folder], tmp_path, capsys)
+    assert np.array_equal(outs["json"], outs["options"])
+    assert not np.array_equal(outs["json"], outs["plain"])

@@ -22,7 +22,8 @@ httpx = pytest.importorskip("httpx")
 from sdrt.engine.demo.model import demo_pipeline  # noqa: E402
 from sdrt.engine.images import to_rgb8  # noqa: E402
 from sdrt.serve.local import LocalServer  # noqa: E402
-from test_comfy import DEFAULT, _advanced, _custom, _hires, _img2img, _pixel_hires  # noqa: E402
+from test_comfy import (DEFAULT, _advanced, _custom, _hires, _img2img, _pixel_hires,  # noqa: E402
+                        _sdxl_text)
 from test_serve import TIMEOUT, assert_same_image, config  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -211,6 +212,9 @@ def test_image_to_image_with_an_upload(server, ref_pipe):
     (lambda g: g["3"]["inputs"].update(steps=0), "steps", "steps"),
     (lambda g: g["6"]["inputs"].update(text=5), "prompt", "text must be a string"),
     (lambda g: g["5"]["inputs"].update(batch_size=500), "batch_size", "batch_size"),
+    (lambda g: [_sdxl_text(g, node, text, text + ", in snow", size=(64, 64))
+                for node, text in (("6", "a fox"), ("7", "blurry"))], "prompt",
+     "CLIPTextEncodeSDXL asks for prompt_2, negative_2"),
 ])
 def test_bad_workflows_are_400s_naming_the_field(server, edit, param, fragment):
     url = server
