@@ -30,6 +30,8 @@ import math
 
 import numpy as np
 
+from .errors import SdrtError
+
 
 def _slopes_table(sigmas, start, weights):
     """Rows of ``weights(s, g, j)`` (the slope weights of step j, at level g of ``s``), times
@@ -487,7 +489,11 @@ def _sa_b(lambdas, s, t, tau):
     exponential (alpha_t = 1 for these latents)."""
     n = len(lambdas)
     vander = np.vander(np.asarray(lambdas, dtype=np.float64), n, increasing=True).T
-    return np.linalg.solve(vander, _sa_exponential(s, t, n, tau))
+    try:
+        return np.linalg.solve(vander, _sa_exponential(s, t, n, tau))
+    except np.linalg.LinAlgError:
+        raise SdrtError("sa_solver: two of the last noise levels are one (no Adams weights "
+                        "through them): pick fewer steps or another schedule") from None
 
 
 def sa_solver(sigmas, start, span, pece=False):

@@ -1165,7 +1165,7 @@ def _one_call_schedule(cfg, sampler, timesteps, sigmas, init_noise_sigma, start,
                      for p in comfy_samplers.SA_SOLVER_TAU_SPAN)
         rows, flags, levels = comfy_samplers.sa_solver(sigmas, start, span,
                                                        pece=sampler.startswith("sa_solver_pece"))
-        calls = torch.tensor(levels) + start
+        calls = torch.tensor(levels, dtype=torch.long) + start
         return Schedule(sampler, cfg, timesteps[calls].to(device), init_noise_sigma,
                         sigmas=torch.cat([sigmas[calls], sigmas[-1:]]).to(**f32),
                         coefficients=torch.tensor(rows, **f32), orders=flags,
@@ -1225,6 +1225,9 @@ def _stages_schedule(cfg, sampler, alphas_cumprod, steps, start, device, tables=
     else:
         run = _euler_tables(cfg, alphas_cumprod, steps)[1].double().numpy()
     run = run[start:]
+    if len(run) < 2:  # no step left (make_schedule says so)
+        return Schedule(sampler, cfg, torch.zeros(0, device=device), float(run[0]) if len(run)
+                        else 1.0)
     inputs, rows, ends, draws, last = comfy_samplers.STAGES[family](run)
     if cfg.timestep_type == "continuous" and cfg.prediction_type == "v_prediction":
         calls = 0.25 * np.log(inputs)

@@ -462,3 +462,28 @@ def test_sa_solver_matches_comfyuis_loop(sampler, steps, strength, config):
     if steps >= 6 and strength == 1:
         assert sched.noise_draws > 0, "no step in the stochastic span"
     _assert_ours_match(sampler, steps, sched, x, draws, LinearModel(), theirs_model, theirs)
+
+
+@pytest.mark.parametrize("sampler", ["dpm_fast", "heunpp2_beta", "seeds_2", "sa_solver_karras",
+                                     "sa_solver_pece"])
+def test_a_run_with_no_step_left_is_refused_in_one_line(sampler):
+    # One step at strength 0.3 keeps none (as for every sampler); said, not an IndexError.
+    from sdrt.engine.errors import SdrtError
+    if sampler.endswith("beta"):
+        pytest.importorskip("scipy")
+    cfg = SchedulerConfig.from_dict(CONFIGS["sd15"])
+    with pytest.raises(SdrtError, match="leaves no denoising step"):
+        make_schedule(cfg, sampler, 1, 0.3)
+
+
+def test_sa_solver_refuses_levels_it_has_no_weights_through():
+    # A zero-terminal-SNR model's linear_quadratic table over 999 steps repeats a float32
+    # level: SA-Solver's Lagrange basis through it has no weights (ComfyUI's solve fails).
+    from sdrt.engine.errors import SdrtError
+    cfg = SchedulerConfig.from_dict({"_class_name": "DDIMScheduler", "beta_start": 0.00085,
+                                     "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                                     "prediction_type": "v_prediction",
+                                     "timestep_spacing": "trailing",
+                                     "rescale_betas_zero_snr": True})
+    with pytest.raises(SdrtError, match="two of the last noise levels are one"):
+        make_schedule(cfg, "sa_solver_linear_quadratic", 999)
