@@ -492,8 +492,9 @@ def _sa_b(lambdas, s, t, tau):
     try:
         return np.linalg.solve(vander, _sa_exponential(s, t, n, tau))
     except np.linalg.LinAlgError:
-        raise SdrtError("sa_solver: two of the last noise levels are one (no Adams weights "
-                        "through them): pick fewer steps or another schedule") from None
+        raise SdrtError("sa_solver: the last noise levels lie too close together in log sigma "
+                        "for its Adams weights (a singular system): pick fewer steps or another "
+                        "schedule") from None
 
 
 def sa_solver(sigmas, start, span, pece=False):
