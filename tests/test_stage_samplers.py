@@ -479,7 +479,7 @@ def test_a_run_with_no_step_left_is_refused_in_one_line(sampler):
 def test_sa_solver_refuses_levels_it_has_no_weights_through():
     # A zero-terminal-SNR model's linear_quadratic table over 999 steps starts with levels
     # about 4096 spaced by 0.2: in log sigma too close for the Vandermonde system of SA-Solver's
-    # weights, which float64 finds singular (ComfyUI's float32 solve fails too).
+    # weights, which float64 finds singular.
     from sdrt.engine.errors import SdrtError
     cfg = SchedulerConfig.from_dict({"_class_name": "DDIMScheduler", "beta_start": 0.00085,
                                      "beta_end": 0.012, "beta_schedule": "scaled_linear",
