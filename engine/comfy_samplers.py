@@ -18,10 +18,12 @@ float64, and a captured CUDA graph replays the steps without a host decision:
   ``cfgpp_res_multistep``, ``cfgpp_res_multistep_a`` and ``cfgpp_gradient_estimation``
   (whose history is of the unconditional slope (x - x0u) / sigma instead).
 
-- over several calls a step (``samplers.sample_stages``: each point the step's start plus
-  weighed slopes of the step's calls; ``STAGES``): ``dpm_fast`` (k-diffusion's DPM-Solver-Fast,
-  which ComfyUI runs at eta 0), ``dpm_fast_a`` (the same at eta 1, A1111's "DPM fast"),
-  ``heunpp2``, ``seeds_2`` and ``seeds_3``.
+- over several calls a step (``samplers.sample_stages``: each point a weighed sum of the
+  step's start, its calls' x0s and the noise drawn after them; ``STAGES``): ``dpm_fast``
+  (k-diffusion's DPM-Solver-Fast, which ComfyUI runs at eta 0), ``dpm_fast_a`` (the same at
+  eta 1, A1111's "DPM fast"), ``heunpp2``, ``seeds_2`` and ``seeds_3``;
+- SA-Solver's predictor and corrector (``samplers.sample_sa_solver``: ``sa_solver``, rows of
+  13): ``sa_solver`` and ``sa_solver_pece``.
 
 Steps count from the run's first (an image-to-image run starts part way down the levels), as
 ComfyUI counts the sigmas it is handed; a step to sigma 0 lands on the clean latents.

@@ -227,8 +227,11 @@ def sample_two_call(model, x, sched: Schedule, generator=None, noise=None, step_
     tensor per second call). DPM++ 2S a's second call steps x from sigma to sigma_down
     along the exponential integrator with the midpoint's x0: x' = (sigma_down / sigma) x +
     (1 - sigma_down / sigma) x0_mid, the Euler step from x with the slope (x - x0_mid) / sigma;
-    then its noise, as DPM2 a's. The schedule lays the sigmas out per call (``sigmas_in``,
-    ``sigmas_to``, ``sigmas_up``); calls alternate first and second from its start.
+    then its noise, as DPM2 a's. cfgpp_dpmpp_2s_a* (ComfyUI's dpmpp_2s_ancestral_cfg_pp)
+    takes DPM++ 2S a's steps on the unconditional x0 of each call, then adds the step's
+    guidance (its first call's x0 - x0u) after the noise. The schedule lays the sigmas out per
+    call (``sigmas_in``, ``sigmas_to``, ``sigmas_up``); calls alternate first and second from
+    its start.
     ``step_end`` sees every call, as diffusers' pipelines call back after every scheduler
     step.
     """

@@ -24,7 +24,8 @@ from .request import sampler_choices, sampler_family, sampler_missing, split_sam
 from .sigma_schedules import levels, log_interp
 
 # ComfyUI's samplers on Euler's levels, each run by sdrt's linear multistep loop on the slope
-# or on the clean latents, with its own weights (``comfy_samplers``)
+# or on the clean latents with its own weights, or (sa_solver*) by SA-Solver's loop
+# (``comfy_samplers``)
 COMFY_EULER = (*comfy_samplers.SLOPE_WEIGHTS, *comfy_samplers.X0_WEIGHTS, "sa_solver",
                "sa_solver_pece")
 # The samplers that step along EulerDiscreteScheduler's levels (by prefix)
@@ -86,8 +87,8 @@ SAMPLER_CLASSES = {
     **{name: "EulerDiscreteScheduler" for base in COMFY_EULER
        for name in (base, f"{base}_karras")},
     # Samplers of several calls a step that no diffusers class has (``comfy_samplers.STAGES``):
-    # DPM-Solver-Fast (k-diffusion's; dpm_fast_a with A1111's eta of 1: its "DPM fast") and
-    # ComfyUI's heunpp2.
+    # DPM-Solver-Fast (k-diffusion's; dpm_fast_a with A1111's eta of 1: its "DPM fast"),
+    # ComfyUI's heunpp2, seeds_2 and seeds_3.
     **{name: "EulerDiscreteScheduler" for base in comfy_samplers.STAGES
        for name in (base, f"{base}_karras")},
     "lcm": "LCMScheduler",
@@ -469,7 +470,7 @@ class Schedule:
     sigmas: torch.Tensor | None = None
     # (N,) heun*, dpm2* (TWO_CALL_SAMPLERS): the sigma of each call's input, where its update
     # lands (a step's trial point, or its end), and dpm2_a's fresh noise's std there;
-    # dpm_fast*, heunpp2*: the sigma of each call's input
+    # dpm_fast*, heunpp2*, seeds_*: the sigma of each call's input
     sigmas_in: torch.Tensor | None = None
     sigmas_to: torch.Tensor | None = None
     sigmas_up: torch.Tensor | None = None
@@ -1226,8 +1227,7 @@ def _stages_schedule(cfg, sampler, alphas_cumprod, steps, start, device, tables=
         run = _euler_tables(cfg, alphas_cumprod, steps)[1].double().numpy()
     run = run[start:]
     if len(run) < 2:  # no step left (make_schedule says so)
-        return Schedule(sampler, cfg, torch.zeros(0, device=device), float(run[0]) if len(run)
-                        else 1.0)
+        return Schedule(sampler, cfg, torch.zeros(0, device=device), 1.0)
     inputs, rows, ends, draws, last = comfy_samplers.STAGES[family](run)
     if cfg.timestep_type == "continuous" and cfg.prediction_type == "v_prediction":
         calls = 0.25 * np.log(inputs)
