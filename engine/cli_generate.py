@@ -96,6 +96,9 @@ def generate(a):
 
     pipe = _pipeline(a)  # imports torch
     refiner = _refiner(a, pipe)
+    if getattr(a, "refiner_steps", None) is not None:
+        a.refiner_start = switch_after(pipe.scheduler_config, a.sampler, a.steps,
+                                       a.refiner_steps)
     if a.vae is not None:  # (A1111 decodes with its SD VAE whichever model is loaded)
         for model in filter(None, (pipe, refiner)):
             model.load_vae(a.vae)
@@ -439,6 +442,28 @@ def _sdxl_fields(a):
     return fields
 
 
+def switch_after(scheduler_config, sampler, steps, base_steps):
+    """The --refiner-start (a fraction of the noise schedule, diffusers' denoising_end) at
+    which the base runs exactly its first ``base_steps`` of ``steps`` calls of ``sampler``
+    (ComfyUI's end_at_step): the cutoff timestep is the whole number at or below the last of
+    them, above the next."""
+    import math
+
+    from .samplers import default_sampler, make_schedule
+    sampler = sampler or default_sampler(scheduler_config)
+    ts = make_schedule(scheduler_config, sampler, steps).timesteps.double().tolist()
+    if len(ts) != steps or not 0 < base_steps < steps:
+        raise SdrtError(f"a refiner after {base_steps} of {steps} steps needs a sampler of one "
+                        f"call a step (ddim, euler, euler_a, dpmpp_2m and their schedules), "
+                        f"got {sampler}")
+    cutoff = math.floor(ts[base_steps - 1])
+    if cutoff <= ts[base_steps]:
+        raise SdrtError(f"steps {base_steps} and {base_steps + 1} of {sampler}'s {steps} are "
+                        f"less than a timestep apart: no switch falls between them")
+    total = scheduler_config.num_train_timesteps
+    return (total - cutoff) / total
+
+
 def _refiner(a, pipe):
     """The --refiner pipeline (None without one), on the base's device and dtype; it must be
     a model that continues the base's latents (an SDXL refiner for an SDXL base)."""
@@ -659,9 +684,15 @@ def _apply_workflow(a):
         a.prompt = flow.prompt
     if "negative" not in a.given and flow.negative:
         a.negative = flow.negative
+    if flow.refiner is not None:
+        if a.refiner is None:
+            raise SdrtError(f"{where} refines with checkpoint {flow.refiner!r}: pass --refiner "
+                            f"PATH (that file, or its diffusers folder)")
+        if "refiner_start" not in a.given:  # (the base's steps: set once the model is loaded)
+            a.refiner_steps = flow.refiner_steps
     for attr in ("seed", "steps", "guidance", "sampler", "clip_skip", "batch", "width",
                  "height", "strength", "prompt_2", "negative_2", "original_size", "crop",
-                 "target_size"):
+                 "target_size", "aesthetic_score", "negative_aesthetic_score"):
         value = getattr(flow, attr)
         if value is not None and attr not in a.given:
             setattr(a, attr, value)

@@ -7,7 +7,8 @@ plain text-to-image or image-to-image workflow: the one SaveImage/PreviewImage n
 followed back through VAEDecode to one KSampler (or a KSamplerAdvanced that adds noise and
 runs its schedule to the end: from step 0 on an empty latent, from ``start_at_step`` on an
 image, sdrt's image to image keeping those steps; or a SamplerCustom(Advanced) of a
-KSamplerSelect and a scheduler node, read as a KSampler: ``_custom_samplers``), whose model,
+KSamplerSelect and a scheduler node, read as a KSampler: ``_custom_samplers``; or SDXL's
+base KSamplerAdvanced and a refiner's after it, sdrt's --refiner: ``_refined``), whose model,
 prompts and latent come from
 
 - (ComfyUI's hires fix) a LatentUpscale or LatentUpscaleBy of another such sampler's latents,
@@ -117,6 +118,8 @@ _CUSTOM = ("SamplerCustom", "SamplerCustomAdvanced")
 # The prompt nodes: CLIPTextEncode, and SDXL's CLIPTextEncodeSDXL (text_l for CLIP ViT-L, text_g
 # for bigG: sdrt's prompt and prompt_2; its sizes the micro-conditioning, ``_sdxl_text``)
 _TEXT_NODES = ("CLIPTextEncode", "CLIPTextEncodeSDXL")
+# An SDXL refiner's: CLIPTextEncodeSDXLRefiner's ascore the aesthetic score (``_refined``)
+_REFINER_TEXT_NODES = ("CLIPTextEncode", "CLIPTextEncodeSDXLRefiner")
 KARRAS_DEFAULTS = {"sigma_max": 14.614642, "sigma_min": 0.0291675, "rho": 7.0}
 # LatentUpscale(By)'s upscale_method → sdrt's (A1111's) latent upscaler: the same
 # torch.nn.functional.interpolate mode, without antialiasing.
@@ -294,6 +297,12 @@ class Workflow:
     original_size: tuple = None
     crop: tuple = None
     target_size: tuple = None
+    # SDXL's base and refiner: the refiner's checkpoint name, the steps the base runs of the
+    # schedule (its end_at_step), and the refiner's aesthetic scores (None: the defaults)
+    refiner: str = None
+    refiner_steps: int = None
+    aesthetic_score: float = None
+    negative_aesthetic_score: float = None
 
 
 def load(path):
@@ -341,8 +350,12 @@ def read(graph, upscaler_scale=None) -> Workflow:
         final, image = _model_upscale(nodes, nodes.link(image, "images")[0], upscaler_scale)
     decode = nodes.follow(image, "image" if final else "images", ("VAEDecode",))
     sampler_id = nodes.follow(decode, "samples", _SAMPLER_NODES)
-    second = upscale = hires_model = None
+    second = upscale = hires_model = refiner = None
     latent = nodes.link(sampler_id, "latent_image")[0]
+    if nodes.kind(sampler_id) == "KSamplerAdvanced" and nodes.kind(latent) == "KSamplerAdvanced":
+        # SDXL's base and refiner: the refiner finishes the base's leftover noise
+        refiner, sampler_id = sampler_id, latent
+        latent = nodes.link(sampler_id, "latent_image")[0]
     if nodes.kind(latent) == "VAEEncode" and nodes.kind(
             nodes.link(latent, "pixels")[0]) in (*_IMAGE_SCALES, _WITH_MODEL):
         # a hires fix in pixels: this samples the upscaled image of another's latents
@@ -364,6 +377,12 @@ def read(graph, upscaler_scale=None) -> Workflow:
     pair = _pair(nodes, sampler_id)
     checkpoint, loras, prompts = nodes.model_chain(nodes.link(sampler_id, "model"))
     vae = nodes.follow(decode, "vae", ("CheckpointLoaderSimple", "VAELoader"))
+    if refiner is not None:  # (sdrt's refiner decodes, with its own VAE or --vae's)
+        refined = _refiner_chain(nodes, refiner, sampler_id)
+        if nodes.kind(vae) != "VAELoader" and vae != refined:
+            raise SdrtError(f"workflow node {decode} (VAEDecode) must decode with the "
+                            f"refiner's checkpoint VAE or a VAELoader's, as sdrt's refiner does")
+        vae = checkpoint if vae == refined else vae
     if nodes.kind(vae) == "CheckpointLoaderSimple" and vae != checkpoint:
         raise SdrtError(f"workflow node {decode} (VAEDecode) must decode with the sampled "
                         f"model's checkpoint VAE or a VAELoader's")
@@ -410,7 +429,10 @@ def read(graph, upscaler_scale=None) -> Workflow:
         flow.original_size, flow.crop, flow.target_size = sizes["positive"]
     latent = nodes.follow(sampler_id, "latent_image", ("EmptyLatentImage", "VAEEncode"))
     empty = nodes.kind(latent) == "EmptyLatentImage"
-    if kind == "KSamplerAdvanced":
+    if refiner is not None:
+        flow.refiner, flow.refiner_steps = _refined(nodes, refiner, sampler_id, flow, empty)
+        denoise = 1.0
+    elif kind == "KSamplerAdvanced":
         denoise = _advanced(nodes, sampler_id, flow.steps, empty)
     else:
         denoise = float(_number(nodes, sampler_id, "denoise", float, default=1.0))
@@ -428,6 +450,9 @@ def read(graph, upscaler_scale=None) -> Workflow:
         image = nodes.follow(latent, "pixels", ("LoadImage",))
         flow.init_image = nodes.inputs(image).get("image")
         flow.strength = denoise
+    if refiner is not None:
+        flow.aesthetic_score, flow.negative_aesthetic_score = _aesthetic_scores(
+            nodes, refiner, flow)
     if flow.width is not None:  # (sizes that are the image's and no crop: the defaults)
         image = (flow.height, flow.width)
         flow.original_size = None if flow.original_size == image else flow.original_size
@@ -531,6 +556,79 @@ def _sdxl_text(nodes, node_id):
     sizes = ((number("height"), number("width")), (number("crop_h"), number("crop_w")),
              (number("target_height"), number("target_width")))
     return _text(nodes, node_id, "text_l"), _text(nodes, node_id, "text_g"), sizes
+
+
+def _refiner_chain(nodes, refiner, base):
+    """The checkpoint node of an SDXL refiner's KSamplerAdvanced (``refiner``): its model
+    straight from a CheckpointLoaderSimple, its prompts through no ControlNet and with its CLIP,
+    the base's texts."""
+    where = f"workflow node {refiner} (KSamplerAdvanced)"
+    checkpoint, loras, prompts = nodes.model_chain(nodes.link(refiner, "model"))
+    if loras or prompts:
+        raise SdrtError(f"{where}: sdrt's refiner runs the refiner checkpoint as it is (no "
+                        f"LoRA or IP-Adapter on it)")
+    text_ids, controls = _controls(nodes, refiner, _REFINER_TEXT_NODES)
+    if controls:
+        raise SdrtError(f"{where}: sdrt's refiner runs no ControlNet")
+    base_ids, _ = _controls(nodes, base)
+    for side, text_id in text_ids.items():
+        base_text = nodes.inputs(base_ids[side]).get(
+            "text_l" if nodes.kind(base_ids[side]) == "CLIPTextEncodeSDXL" else "text")
+        if _text(nodes, text_id, "text") != base_text:
+            raise SdrtError(f"workflow node {text_id} ({nodes.kind(text_id)}): sdrt's refiner "
+                            f"takes the base's {side} prompt ({short_repr(base_text)})")
+        skip, _ = nodes.clip_chain(nodes.link(text_id, "clip"), checkpoint)
+        if skip:
+            raise SdrtError(f"workflow node {text_id} ({nodes.kind(text_id)}): sdrt's refiner "
+                            f"encodes with the refiner's last layer (no CLIPSetLastLayer)")
+    return checkpoint
+
+
+def _refined(nodes, refiner, base, flow, empty):
+    """(refiner checkpoint name, the base's steps) of an SDXL base KSamplerAdvanced that stops
+    at end_at_step E of its steps with its leftover noise, and a refiner KSamplerAdvanced that
+    adds none and runs the same schedule (steps, sampler, scheduler, cfg) from E to its end:
+    sdrt's --refiner, switching after the base's E steps."""
+    where = f"workflow node {refiner} (KSamplerAdvanced)"
+    b, r = nodes.inputs(base), nodes.inputs(refiner)
+    steps = flow.steps
+    end = _number(nodes, base, "end_at_step", int, default=10000)
+    if b.get("add_noise", "enable") != "enable" or b.get(
+            "return_with_leftover_noise") != "enable" or not 0 < end < steps or not empty or \
+            _number(nodes, base, "start_at_step", int, default=0):
+        raise SdrtError(f"workflow node {base} (KSamplerAdvanced): an SDXL base before a "
+                        f"refiner must add noise to an empty latent from step 0 and stop at "
+                        f"end_at_step, before its steps ({steps}), with its leftover noise")
+    if r.get("add_noise") != "disable" or _number(nodes, refiner, "start_at_step", int) != end \
+            or _number(nodes, refiner, "end_at_step", int, default=10000) < steps:
+        raise SdrtError(f"{where}: the refiner must add no noise and run from the base's "
+                        f"end_at_step ({end}) to the end")
+    for key, kind in (("steps", int), ("cfg", float)):
+        if _number(nodes, refiner, key, kind) != _number(nodes, base, key, kind):
+            raise SdrtError(f"{where}: {key} must be the base's ({b.get(key)})")
+    if _pair(nodes, refiner) != _pair(nodes, base):
+        raise SdrtError(f"{where}: sampler_name and scheduler must be the base's")
+    checkpoint = nodes.model_chain(nodes.link(refiner, "model"))[0]
+    return nodes.inputs(checkpoint).get("ckpt_name"), end
+
+
+def _aesthetic_scores(nodes, refiner, flow):
+    """The refiner's (aesthetic score, negative aesthetic score): a CLIPTextEncodeSDXLRefiner's
+    ascore (its sizes the image's), or None (sdrt's defaults, 6 and 2.5, as ComfyUI's)."""
+    text_ids, _ = _controls(nodes, refiner, _REFINER_TEXT_NODES)
+    scores = []
+    for side in ("positive", "negative"):
+        node = text_ids[side]
+        if nodes.kind(node) != "CLIPTextEncodeSDXLRefiner":
+            scores.append(None)
+            continue
+        size = (_number(nodes, node, "height", int), _number(nodes, node, "width", int))
+        if size != (flow.height, flow.width):
+            raise SdrtError(f"workflow node {node} (CLIPTextEncodeSDXLRefiner): width and "
+                            f"height must be the image's ({flow.width}x{flow.height}): sdrt's "
+                            f"refiner conditions on the image's size")
+        scores.append(float(_number(nodes, node, "ascore", float)))
+    return tuple(scores)
 
 
 def _pair(nodes, sampler_id):
@@ -687,10 +785,11 @@ def _advanced(nodes, sampler_id, steps, empty):
     return strength
 
 
-def _controls(nodes, sampler_id):
+def _controls(nodes, sampler_id, kinds=_TEXT_NODES):
     """The KSampler's prompts through any ControlNetApplyAdvanced nodes: ({"positive": text
     node, "negative": text node}, [Control] nearest the prompts first). Each such node must
-    condition both prompts (its outputs 0 and 1 to the next node's positive and negative)."""
+    condition both prompts (its outputs 0 and 1 to the next node's positive and negative), and
+    the prompts be nodes of ``kinds``."""
     links = {side: nodes.link(sampler_id, side) for side in ("positive", "negative")}
     controls = []
     while any(nodes.kind(node) in (_APPLY, "ControlNetApply") for node, _ in links.values()):
@@ -724,10 +823,10 @@ def _controls(nodes, sampler_id):
         controls.append(control)
         links = {side: nodes.link(node, side) for side in ("positive", "negative")}
     for side, (node, _) in links.items():
-        if nodes.kind(node) not in _TEXT_NODES:
+        if nodes.kind(node) not in kinds:
             raise SdrtError(f"workflow node {node} ({nodes.kind(node)}) is not supported as "
-                            f"KSampler's {side}: sdrt takes {' or '.join(_TEXT_NODES)}, through "
-                            f"{_APPLY} nodes, there")
+                            f"{nodes.kind(sampler_id)}'s {side}: sdrt takes "
+                            f"{' or '.join(kinds)}, through {_APPLY} nodes, there")
     return {side: node for side, (node, _) in links.items()}, controls[::-1]
 
 

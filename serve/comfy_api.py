@@ -331,6 +331,10 @@ def register(app, server_of, api_error):
         if flow.vae is not None and server.runner.vae_path(flow.vae) is None:
             raise bad(f"prompt: workflow decodes with VAE {short_repr(flow.vae)} (a VAELoader), "
                       f"which --vae-dir does not have (GET /models/vae lists those it has)")
+        if flow.refiner is not None:
+            raise bad(f"prompt: workflow refines with checkpoint {short_repr(flow.refiner)}; "
+                      f"the server runs its one model (sdrt generate --workflow --refiner runs "
+                      f"a base and a refiner)")
         sdxl = [k for k in ("prompt_2", "negative_2", "original_size", "crop", "target_size")
                 if getattr(flow, k) is not None]
         if sdxl:

@@ -686,3 +686,85 @@ def test_cli_sdxl_text_workflow_equals_the_options(sdxl_base_folder, tmp_path, c
                 ["--model", folder], tmp_path, capsys)
     assert np.array_equal(outs["json"], outs["options"])
     assert not np.array_equal(outs["json"], outs["plain"])
+
+
+def _refined(graph=DEFAULT, end=2, refiner_text=None):
+    """``graph`` as ComfyUI's SDXL example samples it: its KSampler the base's
+    KSamplerAdvanced, stopping at ``end`` with its leftover noise, then a refiner checkpoint's
+    KSamplerAdvanced from there (no noise added), the refiner's prompts CLIPTextEncode (or
+    CLIPTextEncodeSDXLRefiner, ``refiner_text``: {"ascore": ..., ...}), its VAE decoding."""
+    g = _advanced(graph, end_at_step=end, return_with_leftover_noise="enable")
+    k = g["3"]["inputs"]
+    g["12"] = {"class_type": "CheckpointLoaderSimple",
+               "inputs": {"ckpt_name": "sd_xl_refiner_1.0.safetensors"}}
+    for node, text_node in (("15", "6"), ("16", "7")):
+        g[node] = {"class_type": "CLIPTextEncode",
+                   "inputs": {"clip": ["12", 1], "text": g[text_node]["inputs"]["text"]}}
+        if refiner_text is not None:
+            g[node]["class_type"] = "CLIPTextEncodeSDXLRefiner"
+            g[node]["inputs"].update(refiner_text[node])
+    g["11"] = {"class_type": "KSamplerAdvanced", "inputs": {
+        **k, "add_noise": "disable", "noise_seed": 0, "start_at_step": end,
+        "end_at_step": 10000, "return_with_leftover_noise": "disable", "model": ["12", 0],
+        "positive": ["15", 0], "negative": ["16", 0], "latent_image": ["3", 0]}}
+    g["8"]["inputs"].update(samples=["11", 0], vae=["12", 2])
+    return g
+
+
+def test_sdxl_base_and_refiner():
+    g = _refined(_small(DEFAULT), end=2)
+    flow = comfy.read(g)
+    assert (flow.refiner, flow.refiner_steps, flow.steps) == ("sd_xl_refiner_1.0.safetensors",
+                                                              2, 3)
+    assert (flow.aesthetic_score, flow.negative_aesthetic_score) == (None, None)
+    assert flow.sampler_node == "3" and flow.checkpoint == "v1-5-pruned-emaonly.safetensors"
+    scores = {"15": {"ascore": 7.0, "width": 32, "height": 24},
+              "16": {"ascore": 2.0, "width": 32, "height": 24}}
+    flow = comfy.read(_refined(_small(DEFAULT), end=2, refiner_text=scores))
+    assert (flow.aesthetic_score, flow.negative_aesthetic_score) == (7.0, 2.0)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda g: g["11"]["inputs"].update(add_noise="enable"),
+     "node 11 (KSamplerAdvanced): the refiner must add no noise"),
+    (lambda g: g["11"]["inputs"].update(start_at_step=1),
+     "run from the base's end_at_step (2) to the end"),
+    (lambda g: g["3"]["inputs"].update(return_with_leftover_noise="disable"),
+     "node 3 (KSamplerAdvanced): an SDXL base before a refiner must add noise"),
+    (lambda g: g["11"]["inputs"].update(cfg=3.0), "cfg must be the base's"),
+    (lambda g: g["11"]["inputs"].update(scheduler="karras"),
+     "sampler_name and scheduler must be the base's"),
+    (lambda g: g["15"]["inputs"].update(text="another prompt"),
+     "sdrt's refiner takes the base's positive prompt"),
+    (lambda g: g["8"]["inputs"].update(vae=["4", 2]),
+     "node 8 (VAEDecode) must decode with the refiner's checkpoint VAE"),
+])
+def test_sdxl_refiner_refusals(edit, message):
+    g = _refined(_small(DEFAULT), end=2)
+    edit(g)
+    with pytest.raises(SdrtError, match=re.escape(message)):
+        comfy.read(g)
+
+
+def test_cli_sdxl_refiner_workflow_switches_after_the_base_steps(sdxl_base_folder,
+                                                                 sdxl_refiner_folder, tmp_path,
+                                                                 capsys):
+    # The base runs its end_at_step steps of the schedule, the refiner the rest: sdrt's
+    # --refiner at the --refiner-start that splits the schedule there.
+    from sdrt.engine.cli_generate import switch_after
+    from sdrt.engine.samplers import SchedulerConfig, make_schedule
+    base, _ = sdxl_base_folder
+    refiner, _ = sdxl_refiner_folder
+    cfg = SchedulerConfig.from_file(f"{base}/scheduler/scheduler_config.json")
+    start = switch_after(cfg, "euler_a_normal", 3, 2)
+    assert len(make_schedule(cfg, "euler_a_normal", 3, denoising_end=start).timesteps) == 2
+    assert len(make_schedule(cfg, "euler_a_normal", 3, denoising_start=start).timesteps) == 1
+    (tmp_path / "wf.json").write_text(json.dumps(_refined(_small(DEFAULT), end=2)))
+    outs = draw({"json": ["--workflow", str(tmp_path / "wf.json")],
+                 "options": [*SMALL_OPTIONS, "--refiner-start", repr(start)]},
+                ["--model", base, "--refiner", refiner], tmp_path, capsys)
+    assert np.array_equal(outs["json"], outs["options"])
+    code, _, err = _run(["generate", "--workflow", str(tmp_path / "wf.json"), "--model", base,
+                         "-o", str(tmp_path / "no.png")], capsys)
+    assert code == 2 and "refines with checkpoint 'sd_xl_refiner_1.0.safetensors': pass " \
+                         "--refiner PATH" in err, err

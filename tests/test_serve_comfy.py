@@ -23,7 +23,7 @@ from sdrt.engine.demo.model import demo_pipeline  # noqa: E402
 from sdrt.engine.images import to_rgb8  # noqa: E402
 from sdrt.serve.local import LocalServer  # noqa: E402
 from test_comfy import (DEFAULT, _advanced, _custom, _hires, _img2img, _pixel_hires,  # noqa: E402
-                        _sdxl_text)
+                        _refined, _sdxl_text)
 from test_serve import TIMEOUT, assert_same_image, config  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -215,6 +215,9 @@ def test_image_to_image_with_an_upload(server, ref_pipe):
     (lambda g: [_sdxl_text(g, node, text, text + ", in snow", size=(64, 64))
                 for node, text in (("6", "a fox"), ("7", "blurry"))], "prompt",
      "CLIPTextEncodeSDXL asks for prompt_2, negative_2"),
+    (lambda g: g.update(_refined(g, end=1)), "prompt",
+     "workflow refines with checkpoint 'sd_xl_refiner_1.0.safetensors'; the server runs its "
+     "one model"),
 ])
 def test_bad_workflows_are_400s_naming_the_field(server, edit, param, fragment):
     url = server
