@@ -99,6 +99,8 @@ _SAMPLER_NAMES = {"euler": "euler", "euler_ancestral": "euler_a", "heun": "heun"
 _SCHEDULES = {"exponential": "exponential", "normal": "normal", "simple": "simple",
               "sgm_uniform": "sgm_uniform", "ddim_uniform": "ddim_uniform", "beta": "comfy_beta",
               "kl_optimal": "comfy_kl_optimal", "linear_quadratic": "linear_quadratic"}
+# ComfyUI's AlignYourStepsScheduler node (custom sampling) by its model_type → sdrt's schedule
+AYS_SCHEDULES = {"SD1": "comfy_ays_sd1", "SDXL": "comfy_ays_sdxl"}
 SAMPLERS = {
     **{(comfy, "karras"): f"{sid}_karras" for comfy, sid in _SAMPLER_NAMES.items()
        if f"{sid}_karras" in SAMPLER_NAMES},
@@ -106,6 +108,11 @@ SAMPLERS = {
        for scheduler, schedule in _SCHEDULES.items() if sid in SIGMA_SAMPLERS},
     **{("lcm", s): "lcm" for s in _EVEN},
 }
+# (sampler_name, "AlignYourSteps <model_type>") → sdrt's sampler: what a SamplerCustom with an
+# AlignYourStepsScheduler reads as (not a KSampler's scheduler)
+_PAIRS = {**SAMPLERS, **{(comfy, f"AlignYourSteps {model_type}"): f"{sid}_{schedule}"
+                         for comfy, sid in _SAMPLER_NAMES.items() if sid in SIGMA_SAMPLERS
+                         for model_type, schedule in AYS_SCHEDULES.items()}}
 _OUTPUTS = ("SaveImage", "PreviewImage")
 _SAMPLER_NODES = ("KSampler", "KSamplerAdvanced", "SamplerCustom", "SamplerCustomAdvanced")
 # ComfyUI's custom sampling: a SamplerCustom(Advanced) takes its sampler from a KSamplerSelect
@@ -113,7 +120,8 @@ _SAMPLER_NODES = ("KSampler", "KSamplerAdvanced", "SamplerCustom", "SamplerCusto
 # scheduler, steps and denoise (``_custom_sampler``). The scheduler nodes it takes: ComfyUI's
 # BasicScheduler (any scheduler), KarrasScheduler at the SD models' range and rho (its
 # defaults: sdrt's karras), SDTurboScheduler for one step of the whole range (the "simple"
-# schedule's one step: sigma_max, then 0).
+# schedule's one step: sigma_max, then 0), AlignYourStepsScheduler (SD1's or SDXL's table:
+# sdrt's comfy_ays_sd1, comfy_ays_sdxl).
 _CUSTOM = ("SamplerCustom", "SamplerCustomAdvanced")
 # The prompt nodes: CLIPTextEncode, and SDXL's CLIPTextEncodeSDXL (text_l for CLIP ViT-L, text_g
 # for bigG: sdrt's prompt and prompt_2; its sizes the micro-conditioning, ``_sdxl_text``)
@@ -415,7 +423,7 @@ def read(graph, upscaler_scale=None) -> Workflow:
                                  "noise_seed" if kind == "KSamplerAdvanced" else "seed", int),
                     steps=_number(nodes, sampler_id, "steps", int),
                     guidance=float(_number(nodes, sampler_id, "cfg", float)),
-                    sampler=SAMPLERS[pair], clip_skip=skips.pop(),
+                    sampler=_PAIRS[pair], clip_skip=skips.pop(),
                     checkpoint=nodes.inputs(checkpoint).get("ckpt_name"),
                     loras=[(name, scale) for _, name, scale in loras],
                     output=outputs[0], sampler_node=sampler_id, controlnets=controls,
@@ -512,7 +520,7 @@ def _custom_sampler(nodes, node_id):
     select = nodes.follow(node_id, "sampler", ("KSamplerSelect",))
     out["sampler_name"] = nodes.inputs(select).get("sampler_name")
     sigmas = nodes.follow(node_id, "sigmas", ("BasicScheduler", "KarrasScheduler",
-                                              "SDTurboScheduler"))
+                                              "SDTurboScheduler", "AlignYourStepsScheduler"))
     s, kind = nodes.inputs(sigmas), nodes.kind(sigmas)
     out.update(steps=s.get("steps"), denoise=s.get("denoise", 1.0))
     if kind == "BasicScheduler":
@@ -530,6 +538,12 @@ def _custom_sampler(nodes, node_id):
                             f"{KARRAS_DEFAULTS['sigma_max']}, sigma_min "
                             f"{KARRAS_DEFAULTS['sigma_min']}, rho 7; got {given}")
         out.update(scheduler="karras", denoise=1.0)
+    elif kind == "AlignYourStepsScheduler":
+        if s.get("model_type") not in AYS_SCHEDULES:
+            raise SdrtError(f"workflow node {sigmas} (AlignYourStepsScheduler): model_type must "
+                            f"be {' or '.join(AYS_SCHEDULES)}, got "
+                            f"{short_repr(s.get('model_type'))}")
+        out["scheduler"] = f"AlignYourSteps {s['model_type']}"
     else:
         if s.get("steps") != 1 or s.get("denoise", 1.0) != 1:
             raise SdrtError(f"workflow node {sigmas} (SDTurboScheduler): sdrt runs its one "
@@ -635,7 +649,7 @@ def _pair(nodes, sampler_id):
     """A sampler node's (sampler_name, scheduler), one sdrt runs."""
     k = nodes.inputs(sampler_id)
     pair = (k.get("sampler_name"), k.get("scheduler"))
-    if pair not in SAMPLERS:
+    if pair not in _PAIRS:
         raise SdrtError(f"workflow node {sampler_id} ({nodes.kind(sampler_id)}): sampler_name "
                         f"{short_repr(pair[0])} with scheduler {short_repr(pair[1])} has no sdrt "
                         f"sampler; sdrt runs {', '.join(_SAMPLER_NAMES)} on "
@@ -679,7 +693,7 @@ def _hires(nodes, first, second, upscale, flow, model=None):
         steps -= _number(nodes, second, "start_at_step", int, default=0)  # the steps it runs
     else:
         strength = float(_number(nodes, second, "denoise", float, default=1.0))
-    sampler = SAMPLERS[_pair(nodes, second)]
+    sampler = _PAIRS[_pair(nodes, second)]
     return Hires(steps=steps, strength=strength,
                  sampler=None if sampler == flow.sampler else sampler, **size)
 

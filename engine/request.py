@@ -52,7 +52,7 @@ SAMPLER_NAMES = ("ddim", "pndm", "euler", "euler_karras", "euler_a", "euler_a_ka
 # Sampler "X_S" is sampler X on schedule S; X is one of SIGMA_SAMPLERS.
 SIGMA_SCHEDULES = ("exponential", "sgm_uniform", "normal", "simple", "ddim_uniform", "beta",
                    "kl_optimal", "align_your_steps", "comfy_beta", "comfy_kl_optimal",
-                   "linear_quadratic")
+                   "linear_quadratic", "comfy_ays_sd1", "comfy_ays_sdxl")
 # The beta schedules' Beta(alpha, beta) (Lee et al. 2024, "Beta Sampling is All You Need"):
 # A1111's default setting and ComfyUI's fixed values.
 BETA_SHAPE = (0.6, 0.6)

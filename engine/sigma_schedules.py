@@ -123,6 +123,29 @@ def linear_quadratic(steps, hi):
     return (1 - fraction) * hi
 
 
+# ComfyUI's AlignYourStepsScheduler's levels (its NOISE_LEVELS, more digits than A1111's),
+# by sdrt's schedule name
+COMFY_AYS = {
+    "comfy_ays_sd1": (14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177,
+                      1.3943805092, 0.9642583904, 0.6523686016, 0.3977456272, 0.1515232662,
+                      0.0291671582),
+    "comfy_ays_sdxl": (14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945,
+                       0.8620721141, 0.5550693289, 0.3798540708, 0.2332364134, 0.1114188177,
+                       0.0291671582)}
+
+
+def comfy_align_your_steps(steps, table):
+    """ComfyUI's AlignYourStepsScheduler: the table's levels interpolated in log sigma onto
+    ``steps`` + 1 evenly spaced positions (the table itself for as many), the last dropped for
+    the step to 0."""
+    table = np.asarray(table, dtype=np.float64)
+    if steps + 1 != len(table):
+        grid = np.linspace(0, 1, len(table))
+        table = np.exp(np.interp(np.linspace(0, 1, steps + 1), grid,
+                                 np.log(table[::-1])))[::-1]
+    return table[:-1].copy()
+
+
 def align_your_steps(steps, table):
     """NVIDIA's Align Your Steps levels for the model's family (``families.Family``), A1111's
     way: as published for as many steps as the table has, else interpolated in log sigma at
@@ -150,6 +173,8 @@ def levels(schedule, steps, train, align_your_steps_table=()):
         out = globals()[schedule](steps, lo, hi)
     elif schedule == "linear_quadratic":
         out = linear_quadratic(steps, hi)
+    elif schedule in COMFY_AYS:
+        out = comfy_align_your_steps(steps, COMFY_AYS[schedule])
     elif schedule == "kl_optimal":
         return kl_optimal(steps, lo, hi)  # its last step lands on sigma_min
     elif schedule == "align_your_steps":

@@ -213,6 +213,10 @@ def _node_specs(server, checkpoints, loras, images, controlnets, vaes, upscalers
             "scheduler": [sorted({scheduler for _, scheduler in comfy.SAMPLERS})],
             "steps": number("INT", 20, 1, limits.max_steps, 1),
             "denoise": number("FLOAT", 1.0, 0.0, 1.0, 0.01)}, ["SIGMAS"]),
+        "AlignYourStepsScheduler": ("sampling/custom_sampling/schedulers", {
+            "model_type": [list(comfy.AYS_SCHEDULES)],
+            "steps": number("INT", 10, 1, limits.max_steps, 1),
+            "denoise": number("FLOAT", 1.0, 0.0, 1.0, 0.01)}, ["SIGMAS"]),
         "VAEDecode": ("latent", {"samples": ["LATENT"], "vae": ["VAE"]}, ["IMAGE"]),
         "VAELoader": ("loaders", {"vae_name": [vaes]}, ["VAE"]),
         # between two samplers: the hires fix (engine/comfy.py), on latents or in pixels

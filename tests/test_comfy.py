@@ -337,6 +337,13 @@ def test_custom_sampling_schedulers():
     cfg = SchedulerConfig.from_dict({"num_train_timesteps": 1000, "beta_start": 0.00085,
                                      "beta_end": 0.012, "beta_schedule": "scaled_linear"})
     assert make_schedule(cfg, "euler_simple", 1).timesteps.tolist() == [999.0]
+    ays = {"class_type": "AlignYourStepsScheduler", "inputs": {"model_type": "SDXL",
+                                                                "steps": 10, "denoise": 1.0}}
+    flow = comfy.read(_custom(DEFAULT, scheduler=ays))
+    assert (flow.sampler, flow.steps) == ("euler_comfy_ays_sdxl", 10)
+    ays["inputs"]["model_type"] = "SVD"
+    with pytest.raises(SdrtError, match="model_type must be SD1 or SDXL, got 'SVD'"):
+        comfy.read(_custom(DEFAULT, scheduler=ays))
     basic = _custom(DEFAULT)
     basic["23"] = {"class_type": "BasicGuider", "inputs": {"model": ["4", 0],
                                                           "conditioning": ["6", 0]}}

@@ -51,6 +51,16 @@ def _t_to_sigma(t, train):
     return ((1 - w) * train.log()[low] + w * train.log()[high]).exp()
 
 
+# ComfyUI's NOISE_LEVELS of its AlignYourStepsScheduler
+COMFY_AYS_LEVELS = {
+    "comfy_ays_sd1": np.array([14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520,
+                               1.8841921177, 1.3943805092, 0.9642583904, 0.6523686016,
+                               0.3977456272, 0.1515232662, 0.0291671582]),
+    "comfy_ays_sdxl": np.array([14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769,
+                                1.3405244945, 0.8620721141, 0.5550693289, 0.3798540708,
+                                0.2332364134, 0.1114188177, 0.0291671582])}
+
+
 def _reference(schedule, n, train, table=AYS_SD15):
     """Schedule ``schedule``'s levels as A1111 (or, comfy_*, ComfyUI) computes them."""
     from scipy import stats
@@ -99,6 +109,13 @@ def _reference(schedule, n, train, table=AYS_SD15):
         fraction = ([i * threshold / lin for i in range(lin)]
                     + [qc * i ** 2 + lc * i + qc * lin ** 2 for i in range(lin, n)] + [1.0])
         return torch.tensor([1.0 - f for f in fraction]) * hi
+    if schedule.startswith("comfy_ays"):  # ComfyUI's AlignYourStepsScheduler, denoise 1
+        levels_ = COMFY_AYS_LEVELS[schedule]
+        if n + 1 != len(levels_):
+            xs = np.linspace(0, 1, len(levels_))
+            levels_ = np.exp(np.interp(np.linspace(0, 1, n + 1), xs,
+                                       np.log(levels_[::-1])))[::-1]
+        return torch.tensor(list(levels_[:-1]) + [0.0])
     assert schedule == "align_your_steps"
     if n == len(table):
         return torch.tensor(list(table) + [0.0])
