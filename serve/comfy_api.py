@@ -59,7 +59,9 @@ MAX_HISTORY = 64
 MAX_UPLOADS = 32
 _NAMES = {"num_inference_steps": "steps", "guidance_scale": "cfg", "sampler": "sampler_name",
           "strength": "denoise", "num_images_per_prompt": "batch_size",
-          "clip_skip": "stop_at_clip_layer"}
+          "clip_skip": "stop_at_clip_layer", "prompt_2": "text_g", "negative_prompt_2": "text_g",
+          "original_size": "width", "crops_coords_top_left": "crop_w",
+          "target_size": "target_width"}
 
 
 class ComfyJobs:
@@ -153,7 +155,7 @@ def _node_specs(server, checkpoints, loras, images, controlnets, vaes, upscalers
             "INT", -1, -server.text_layers(), -1, 1)}, ["CLIP"]),
         "CLIPTextEncode": ("conditioning", {"text": ["STRING", {"multiline": True}],
                                             "clip": ["CLIP"]}, ["CONDITIONING"]),
-        # (as CLIPTextEncode here: text_g as text_l, the image's sizes, no crop)
+        # (SDXL's second prompt and micro-conditioning; not beside a hires fix)
         "CLIPTextEncodeSDXL": ("advanced/conditioning", {
             "clip": ["CLIP"], "width": side, "height": side,
             "crop_w": number("INT", 0, 0, limits.max_side, 1),
@@ -341,11 +343,10 @@ def register(app, server_of, api_error):
                       f"a base and a refiner)")
         sdxl = [k for k in ("prompt_2", "negative_2", "original_size", "crop", "target_size")
                 if getattr(flow, k) is not None]
-        if sdxl:
-            raise bad(f"prompt: workflow's CLIPTextEncodeSDXL asks for {', '.join(sdxl)}; the "
-                      f"server conditions SDXL on one prompt and the image's size: give text_g "
-                      f"as text_l, the image's sizes and no crop (sdrt generate --workflow "
-                      f"runs the rest)")
+        if sdxl and flow.hires is not None:
+            raise bad(f"prompt: workflow's CLIPTextEncodeSDXL asks for {', '.join(sdxl)} with a "
+                      f"hires fix; the server's hires fix conditions SDXL on one prompt and the "
+                      f"image's size (sdrt generate --workflow runs it)")
         from .app import check_loras
         loras = check_loras(server, [(_stem(name), s) for name, s in flow.loras], "prompt")
         init = None
@@ -359,7 +360,9 @@ def register(app, server_of, api_error):
                            guidance_scale=flow.guidance, sampler=flow.sampler, seed=flow.seed,
                            num_images_per_prompt=flow.batch, clip_skip=flow.clip_skip,
                            strength=flow.strength if init is not None else 0.8,
-                           has_image=init is not None)
+                           has_image=init is not None, prompt_2=flow.prompt_2,
+                           negative_prompt_2=flow.negative_2, original_size=flow.original_size,
+                           crops_coords_top_left=flow.crop, target_size=flow.target_size)
         seeds = server.seeds(req.seed, flow.batch, "seed")
         hires = _hires(server, flow, req, bad) if flow.hires is not None else None
         if flow.upscale is not None:
@@ -373,9 +376,11 @@ def register(app, server_of, api_error):
         key = BatchKey(req.height, req.width, req.num_inference_steps, req.sampler,
                        req.guidance, req.strength if init is not None else None,
                        req.clip_skip, server.chunks(req), hires=hires, loras=loras,
-                       controls=controls, vae=flow.vae, image_prompts=prompts)
+                       controls=controls, vae=flow.vae, image_prompts=prompts,
+                       micro=(flow.original_size, flow.crop, flow.target_size))
         rows = [Row(flow.prompt, flow.negative, req.guidance_scale, s, init,
-                    control_images=hints, control_info=units + texts, ip_images=pictures)
+                    control_images=hints, control_info=units + texts, ip_images=pictures,
+                    prompt_2=flow.prompt_2, negative_prompt_2=flow.negative_2)
                 for s in seeds]
         prompt_id = body.get("prompt_id") or str(uuid.uuid4())
         if not isinstance(prompt_id, str) or prompt_id in jobs.running or \

@@ -378,6 +378,15 @@ class Runner:
                            hires_control_image=second,
                            upscaler=self.upscaler(model) if model else None, **control)
         else:
+            sdxl = dict(zip(("original_size", "crops_coords_top_left", "target_size"),
+                            key.micro))
+            for name, values in (("prompt_2", [r.prompt_2 for r in rows]),
+                                 ("negative_prompt_2", [r.negative_prompt_2 for r in rows])):
+                if any(v is not None for v in values) and (name == "prompt_2" or key.guidance):
+                    # (a row without one: its first prompt, as the pipeline's default)
+                    first = [r.prompt if name == "prompt_2" else r.negative_prompt for r in rows]
+                    values = [v if v is not None else f for v, f in zip(values, first)]
+                    sdxl[name] = values[0] if one else values
             out = self.pipe(
                 [r.prompt for r in rows], negative_prompt=negative,
                 height=key.height, width=key.width, num_inference_steps=key.steps,
@@ -387,7 +396,8 @@ class Runner:
                 masked_content=key.masked_content,
                 latent_resize=key.latent_resize_from is not None,
                 strength=key.strength if key.strength is not None else 0.8,
-                clip_skip=key.clip_skip, output_type="pil", **seeds, **control)
+                clip_skip=key.clip_skip, output_type="pil", **seeds, **control,
+                **{k: v for k, v in sdxl.items() if v is not None})
         timings = self.pipe.timings
         for stage in ("text", "denoise", "decode"):
             if stage in timings:

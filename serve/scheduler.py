@@ -60,6 +60,9 @@ class BatchKey:
     # (a1111_controlnet.RegionMask, or None); each row brings its control images.
     controls: tuple = ()
     vae: str = None  # the VAE the rows decode with (Runner.vae_path names it); None: the model's
+    # SDXL's micro-conditioning: (original_size, crops_coords_top_left, target_size), each
+    # (h, w) / (top, left) or None for the default
+    micro: tuple = (None, None, None)
     # ((name, weight, start, end, image encoder path, reference digest, region mask), ...):
     # the rows' IP-Adapters (Runner.controlnet_path names them), rows sharing their reference
     # images, and their effective_region_masks (a1111_controlnet.RegionMask, or None).
@@ -83,6 +86,10 @@ class Row:
     # with a hires fix: the control images framed at its second pass's size (A1111's units)
     hires_control_images: tuple = ()
     ip_images: tuple = ()  # one PIL reference image per IP-Adapter of the key
+    # SDXL: the second text encoder's prompts (None: the prompts), as ComfyUI's
+    # CLIPTextEncodeSDXL gives them
+    prompt_2: str = None
+    negative_prompt_2: str = None
 
 
 class Job:

@@ -213,8 +213,8 @@ def test_image_to_image_with_an_upload(server, ref_pipe):
     (lambda g: g["6"]["inputs"].update(text=5), "prompt", "text must be a string"),
     (lambda g: g["5"]["inputs"].update(batch_size=500), "batch_size", "batch_size"),
     (lambda g: [_sdxl_text(g, node, text, text + ", in snow", size=(64, 64))
-                for node, text in (("6", "a fox"), ("7", "blurry"))], "prompt",
-     "CLIPTextEncodeSDXL asks for prompt_2, negative_2"),
+                for node, text in (("6", "a fox"), ("7", "blurry"))], "text_g",
+     "text_g is not used by SD 1.x models"),
     (lambda g: g.update(_refined(g, end=1)), "prompt",
      "workflow refines with checkpoint 'sd_xl_refiner_1.0.safetensors'; the server runs its "
      "one model"),
@@ -296,3 +296,28 @@ def test_websocket_needs_the_api_key():
                                          header=["Authorization: Bearer s3cret"])
         assert json.loads(ws.recv())["type"] == "status"
         ws.close()
+
+
+def test_sdxl_text_workflow_on_an_sdxl_server(sdxl_base_folder):
+    # CLIPTextEncodeSDXL's second prompts and micro-conditioning reach the pipeline: the
+    # server's image is the library's with prompt_2, negative_prompt_2 and the sizes.
+    from sdrt.engine import Pipeline
+    folder, _ = sdxl_base_folder
+    with LocalServer(config(model=folder)) as url:
+        g = _workflow(url, DEFAULT)
+        g["5"]["inputs"].update(width=32, height=32)
+        _sdxl_text(g, "6", "a fox", "a red fox in snow", size=(64, 48), crop=(8, 4),
+                   target=(40, 24))
+        _sdxl_text(g, "7", "blurry", "grey", size=(64, 48), crop=(8, 4), target=(40, 24))
+        entry = _history(url, _queue(url, g)["prompt_id"])
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        png = Image.open(io.BytesIO(_view(url, entry["outputs"]["9"]["images"][0])))
+    pipe = Pipeline.from_pretrained(folder, device="cpu", dtype="fp32")
+    want = pipe("a fox", prompt_2="a red fox in snow", negative_prompt="blurry",
+                negative_prompt_2="grey", original_size=(48, 64), crops_coords_top_left=(4, 8),
+                target_size=(24, 40), height=32, width=32, num_inference_steps=2,
+                guidance_scale=7.0, sampler="euler_a_normal", seed=11)[0]
+    assert_same_image(png, want, "CLIPTextEncodeSDXL on the server")
+    plain = pipe("a fox", negative_prompt="blurry", height=32, width=32, num_inference_steps=2,
+                 guidance_scale=7.0, sampler="euler_a_normal", seed=11)[0]
+    assert np.abs(np.asarray(plain, dtype=int) - np.asarray(want, dtype=int)).max() > 2
