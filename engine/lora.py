@@ -278,7 +278,7 @@ class LoraManager:
         the weights both patch are recomputed once, without restoring their originals first.
         The new LoRA is read and checked before anything changes: if it is refused, the
         weights and the adapters stay as they were."""
-        scale = _check_scale(scale)
+        scale = check_scale(scale)
         if name is not None and (not isinstance(name, str) or not name):
             raise SdrtError(f"LoRA name must be a non-empty string, got {name!r}")
         state, metadata, where = _read(source)
@@ -298,7 +298,7 @@ class LoraManager:
 
     def set_scale(self, name, scale):
         """Change adapter ``name``'s scale; its weights are recomputed from the originals."""
-        scale = _check_scale(scale)
+        scale = check_scale(scale)
         with self._lock:
             adapter = self._adapter(name)
             adapter.scale = scale
@@ -626,11 +626,11 @@ def _magnitude(t, key, weight, where):
     return m
 
 
-def _check_scale(scale):
+def check_scale(scale):
     """A scale as the manager keeps it: a float, or a (UNet's, text encoders') pair of floats
     where the two differ."""
     if isinstance(scale, (tuple, list)) and len(scale) == 2:
-        unet, te = (_check_scale(s) for s in scale)
+        unet, te = (check_scale(s) for s in scale)
         return unet if unet == te else (unet, te)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise SdrtError(f"LoRA scale must be a finite number or a (UNet, text encoder) pair of "

@@ -33,6 +33,7 @@ from torch import nn
 
 from sdrt.engine.atomic import check_new_folder, write_folder
 from sdrt.engine.errors import SdrtError
+from sdrt.engine.lora import check_scale
 from sdrt.engine.weights import read_json
 
 from .onnx_controlnet import (ControlledUNet, check_paths, control_examples, input_names,
@@ -128,15 +129,21 @@ class _VAEEncoder(nn.Module):
 
 
 def merge_loras(c, loras):
-    """Patch the LoRAs ``loras`` ((path, scale) pairs) into the text encoders and UNet of the
-    ``Components`` ``c``, as the pipeline does; the manifest's entries for them."""
+    """Patch the LoRAs ``loras`` ((path, scale) pairs, a scale one number or (UNet's, text
+    encoders')) into the text encoders and UNet of the ``Components`` ``c``, as the pipeline
+    does; the manifest's entries for them (a pair as a list)."""
     if not loras:
         return []
     from sdrt.engine.lora import LoraManager
     manager = LoraManager({"unet": c.unet, **{t: getattr(c, t) for t in c.family.text_encoders}},
                           family=c.family.name)
-    return [{"name": manager.load(path, scale), "source": path, "scale": float(scale)}
-            for path, scale in loras]
+    entries = []
+    for path, scale in loras:
+        name = manager.load(path, scale)
+        scale = manager.adapters[name]  # one number, or (UNet's, text encoders')
+        entries.append({"name": name, "source": path,
+                        "scale": list(scale) if isinstance(scale, tuple) else scale})
+    return entries
 
 
 def add_embeddings(c, paths):
@@ -185,6 +192,7 @@ def _check_args(model_path, out_dir, height, width, batch, dtype, opset, predict
         if not os.path.isfile(path):
             raise SdrtError(f"LoRA {path} "
                             f"{'is a folder' if os.path.isdir(path) else 'does not exist'}")
+        check_scale(entry[1])
     if isinstance(embeddings, (str, os.PathLike)) or not isinstance(embeddings, (list, tuple)):
         raise SdrtError("embeddings must be a list of .safetensors files")
     for path in embeddings:

@@ -176,3 +176,16 @@ def test_export_refuses_a_bad_lora_or_embedding(tiny_sd1, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and message in err[0], (lora, rc, err)
         assert not out.exists()
+
+
+def test_export_refuses_a_bad_lora_scale_before_exporting(tiny_sd1, tmp_path):
+    # (the Python API takes one number or a (UNet, text encoders) pair, as load_lora does)
+    from sdrt.engine.errors import SdrtError
+    from sdrt.export import export_onnx
+    folder, _ = tiny_sd1
+    lora = tmp_path / "a.safetensors"
+    save_file({"x": torch.ones(1)}, str(lora))
+    for scale in ("big", (0.5, float("nan")), (1, 2, 3)):
+        with pytest.raises(SdrtError, match="LoRA scale must be a finite number or a"):
+            export_onnx(folder, tmp_path / "out", loras=[(lora, scale)])
+        assert not (tmp_path / "out").exists()
