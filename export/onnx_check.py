@@ -271,8 +271,7 @@ def check_onnx(onnx_dir, model_path=None, device=None, seed=0):
     if c.family != manifest_family(manifest):
         raise SdrtError(f"{model_path} is an {c.family.label} model; the export is of an "
                         f"{manifest_family(manifest).label} one")
-    merge_loras(c, [(e["source"], tuple(e["scale"]) if isinstance(e["scale"], list) else
-                     e["scale"]) for e in _sources(manifest, "loras", "LoRA")])
+    merge_loras(c, [(e["source"], e["scale"]) for e in _sources(manifest, "loras", "LoRA")])
     add_embeddings(c, [e["source"] for e in _sources(manifest, "embeddings", "embedding")])
     configs = {name: getattr(c, name).config for name in ("unet", "vae", *c.family.text_encoders)}
     nets = _controlnets(manifest, c, device)
