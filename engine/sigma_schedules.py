@@ -140,9 +140,7 @@ def comfy_align_your_steps(steps, table):
     the step to 0."""
     table = np.asarray(table, dtype=np.float64)
     if steps + 1 != len(table):
-        grid = np.linspace(0, 1, len(table))
-        table = np.exp(np.interp(np.linspace(0, 1, steps + 1), grid,
-                                 np.log(table[::-1])))[::-1]
+        table = _log_interp(table, steps + 1)
     return table[:-1].copy()
 
 
@@ -156,8 +154,14 @@ def align_your_steps(steps, table):
         return table
     if steps == 1:
         return table[:1]
+    return _log_interp(table, steps)
+
+
+def _log_interp(table, n):
+    """The descending levels ``table`` interpolated in log sigma onto ``n`` evenly spaced
+    positions (both ends kept)."""
     grid = np.linspace(0, 1, len(table))
-    return np.exp(np.interp(np.linspace(0, 1, steps), grid, np.log(table[::-1])))[::-1].copy()
+    return np.exp(np.interp(np.linspace(0, 1, n), grid, np.log(table[::-1])))[::-1].copy()
 
 
 def levels(schedule, steps, train, align_your_steps_table=()):
