@@ -486,12 +486,13 @@ def _write_pipeline_files(c, folder, model_path, config, controlled=None):
         source = _source_file(model_path, config, component, "config.json")
         target = os.path.join(folder, name, "config.json")
         if source:
-            shutil.copyfile(source, target)
             if component.startswith("text_encoder"):  # its table grows with embeddings
                 settings = read_json(source, f"{component} config")
                 vocab_size = getattr(c, component).config.vocab_size
                 if settings.get("vocab_size") != vocab_size:
                     _write_json(target, {**settings, "vocab_size": vocab_size})
+                    continue
+            shutil.copyfile(source, target)
             continue
         # transformers names a model class its own way; diffusers by _class_name.
         naming = ({"architectures": [_INDEX_CLASSES[component][1]],
