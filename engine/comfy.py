@@ -386,7 +386,7 @@ def read(graph, upscaler_scale=None) -> Workflow:
     checkpoint, loras, prompts = nodes.model_chain(nodes.link(sampler_id, "model"))
     vae = nodes.follow(decode, "vae", ("CheckpointLoaderSimple", "VAELoader"))
     if refiner is not None:  # (sdrt's refiner decodes, with its own VAE or --vae's)
-        refined = _refiner_chain(nodes, refiner, sampler_id)
+        refined, refiner_texts = _refiner_chain(nodes, refiner, sampler_id)
         if nodes.kind(vae) != "VAELoader" and vae != refined:
             raise SdrtError(f"workflow node {decode} (VAEDecode) must decode with the "
                             f"refiner's checkpoint VAE or a VAELoader's, as sdrt's refiner does")
@@ -438,7 +438,8 @@ def read(graph, upscaler_scale=None) -> Workflow:
     latent = nodes.follow(sampler_id, "latent_image", ("EmptyLatentImage", "VAEEncode"))
     empty = nodes.kind(latent) == "EmptyLatentImage"
     if refiner is not None:
-        flow.refiner, flow.refiner_steps = _refined(nodes, refiner, sampler_id, flow, empty)
+        flow.refiner = nodes.inputs(refined).get("ckpt_name")
+        flow.refiner_steps = _refined(nodes, refiner, sampler_id, flow, empty)
         denoise = 1.0
     elif kind == "KSamplerAdvanced":
         denoise = _advanced(nodes, sampler_id, flow.steps, empty)
@@ -460,7 +461,7 @@ def read(graph, upscaler_scale=None) -> Workflow:
         flow.strength = denoise
     if refiner is not None:
         flow.aesthetic_score, flow.negative_aesthetic_score = _aesthetic_scores(
-            nodes, refiner, flow)
+            nodes, refiner_texts, flow)
     if flow.width is not None:  # (sizes that are the image's and no crop: the defaults)
         image = (flow.height, flow.width)
         flow.original_size = None if flow.original_size == image else flow.original_size
@@ -573,9 +574,9 @@ def _sdxl_text(nodes, node_id):
 
 
 def _refiner_chain(nodes, refiner, base):
-    """The checkpoint node of an SDXL refiner's KSamplerAdvanced (``refiner``): its model
-    straight from a CheckpointLoaderSimple, its prompts through no ControlNet and with its CLIP,
-    the base's texts."""
+    """(checkpoint node, {side: text node}) of an SDXL refiner's KSamplerAdvanced
+    (``refiner``): its model straight from a CheckpointLoaderSimple, its prompts through no
+    ControlNet and with its CLIP, the base's texts."""
     where = f"workflow node {refiner} (KSamplerAdvanced)"
     checkpoint, loras, prompts = nodes.model_chain(nodes.link(refiner, "model"))
     if loras or prompts:
@@ -595,11 +596,11 @@ def _refiner_chain(nodes, refiner, base):
         if skip:
             raise SdrtError(f"workflow node {text_id} ({nodes.kind(text_id)}): sdrt's refiner "
                             f"encodes with the refiner's last layer (no CLIPSetLastLayer)")
-    return checkpoint
+    return checkpoint, text_ids
 
 
 def _refined(nodes, refiner, base, flow, empty):
-    """(refiner checkpoint name, the base's steps) of an SDXL base KSamplerAdvanced that stops
+    """The base's steps before the switch, of an SDXL base KSamplerAdvanced that stops
     at end_at_step E of its steps with its leftover noise, and a refiner KSamplerAdvanced that
     adds none and runs the same schedule (steps, sampler, scheduler, cfg) from E to its end:
     sdrt's --refiner, switching after the base's E steps."""
@@ -622,14 +623,13 @@ def _refined(nodes, refiner, base, flow, empty):
             raise SdrtError(f"{where}: {key} must be the base's ({b.get(key)})")
     if _pair(nodes, refiner) != _pair(nodes, base):
         raise SdrtError(f"{where}: sampler_name and scheduler must be the base's")
-    checkpoint = nodes.model_chain(nodes.link(refiner, "model"))[0]
-    return nodes.inputs(checkpoint).get("ckpt_name"), end
+    return end
 
 
-def _aesthetic_scores(nodes, refiner, flow):
-    """The refiner's (aesthetic score, negative aesthetic score): a CLIPTextEncodeSDXLRefiner's
-    ascore (its sizes the image's), or None (sdrt's defaults, 6 and 2.5, as ComfyUI's)."""
-    text_ids, _ = _controls(nodes, refiner, _REFINER_TEXT_NODES)
+def _aesthetic_scores(nodes, text_ids, flow):
+    """The refiner's (aesthetic score, negative aesthetic score) from its text nodes
+    (``text_ids``, by side): a CLIPTextEncodeSDXLRefiner's ascore (its sizes the image's), or
+    None (sdrt's defaults, 6 and 2.5, as ComfyUI's)."""
     scores = []
     for side in ("positive", "negative"):
         node = text_ids[side]
