@@ -17,7 +17,7 @@ import warnings
 
 from . import cli_control
 from .atomic import write_file
-from .errors import SdrtError
+from .errors import SdrtError, check_file
 from .infotext import (Infotext, lora_tag, lora_tags, model_identity, png_bytes, sampler_label,
                        sampler_setting_problem)
 from .infotext import short_hash as file_hash
@@ -757,9 +757,7 @@ def _check_sources(a):
                         "with that VAE instead")
     for option, path in [("--lora", p) for p, _ in a.lora] + [("--embedding", p)
                                                                for p in a.embedding]:
-        if not os.path.isfile(path):
-            raise SdrtError(f"{option} {path} "
-                            f"{'is a folder' if os.path.isdir(path) else 'does not exist'}")
+        check_file(path, option)
         if a.runtime == "onnx":
             raise SdrtError(f"{option} changes sdrt's own networks; with --runtime onnx "
                             f"export the model with {option} instead")

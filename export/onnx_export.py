@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from sdrt.engine.atomic import check_new_folder, write_folder
-from sdrt.engine.errors import SdrtError
+from sdrt.engine.errors import SdrtError, check_file
 from sdrt.engine.lora import check_scale
 from sdrt.engine.weights import read_json
 
@@ -189,17 +189,12 @@ def _check_args(model_path, out_dir, height, width, batch, dtype, opset, predict
         path = entry[0] if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
         if not isinstance(path, (str, os.PathLike)):
             raise SdrtError(f"loras must hold (.safetensors file, scale) pairs, got {entry!r}")
-        if not os.path.isfile(path):
-            raise SdrtError(f"LoRA {path} "
-                            f"{'is a folder' if os.path.isdir(path) else 'does not exist'}")
+        check_file(path, "LoRA")
         check_scale(entry[1])
     if isinstance(embeddings, (str, os.PathLike)) or not isinstance(embeddings, (list, tuple)):
         raise SdrtError("embeddings must be a list of .safetensors files")
     for path in embeddings:
-        if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
-            what = ("is a folder" if isinstance(path, (str, os.PathLike)) and os.path.isdir(path)
-                    else "does not exist")
-            raise SdrtError(f"embedding {path} {what}")
+        check_file(path, "embedding")
     check_new_folder(out_dir)
     for module in ("onnx", "onnxscript"):
         try:
