@@ -69,6 +69,9 @@ def generate(a):
     if a.init_image is not None:
         from .images import read_image
         init = read_image(a.init_image, "init image")
+        if a.workflow is not None:  # (as ComfyUI's LoadImage reads it)
+            from .comfy import comfy_image
+            init = comfy_image(init)
     if sd is not None:  # no more tiles a call than there are
         request = dataclasses.replace(request, num_images_per_prompt=min(
             a.batch, _sd_upscale_tiles(a, init, sd[0])))
@@ -87,7 +90,13 @@ def generate(a):
                                    ("--masked-padding", a.masked_padding, MAX_PADDING)):
             if not 0 <= value <= top:
                 raise SdrtError(f"{option} must be an integer from 0 to {top}, got {value}")
-        mask = mask_to_float(read_image(a.mask, "mask"))
+        mask = read_image(a.mask, "mask")
+        if getattr(a, "mask_channel", None) is None:
+            mask = mask_to_float(mask)
+        else:  # a workflow's: read and grown as ComfyUI does, at the init image's size
+            from .comfy import comfy_mask, inpaint_mask
+            mask = inpaint_mask(comfy_mask(mask, a.mask_channel), init.width, init.height,
+                                a.mask_grow)
         mask = blur_mask(1 - mask if a.invert_mask else mask, a.mask_blur)
     cli_control.check(a)
     hints = cli_control.read_images(a)
@@ -135,6 +144,8 @@ def generate(a):
         fill, masked_content = MASKED_CONTENT[a.masked_content.replace("-", " ")]
         inpaint = prepare(init, mask, width, height, a.inpaint_area == "masked",
                           a.masked_padding, fill=fill, resize_mode=a.resize_mode)
+        if not getattr(a, "inpaint_overlay", True):  # (a workflow's: decoded as it is)
+            inpaint.overlay = None
         init, mask = inpaint.image, inpaint.mask
     elif sd is not None:  # the init image upscaled and cut into tiles of the size
         grid = _sd_upscale_grid(a, sd, init, pipe)
@@ -680,6 +691,15 @@ def _apply_workflow(a):
     if flow.init_image is not None and a.init_image is None:
         raise SdrtError(f"{where} starts from image {flow.init_image!r} (image to image): pass "
                         f"--init-image PATH")
+    if flow.mask is not None:  # (read as ComfyUI reads it, its result not pasted over)
+        name, channel = flow.mask
+        if a.mask is None and name != flow.init_image:
+            raise SdrtError(f"{where} inpaints through the {channel} of image {name!r}: pass "
+                            f"--mask PATH")
+        a.mask = a.mask or a.init_image
+        a.mask_channel, a.mask_grow, a.inpaint_overlay = channel, flow.grow_mask, False
+        if "mask_blur" not in a.given:
+            a.mask_blur = 0
     if a.prompt is None:
         a.prompt = flow.prompt
     if "negative" not in a.given and flow.negative:

@@ -31,7 +31,11 @@ prompts and latent come from
   the same), their CLIP through
   CLIPSetLastLayer (``stop_at_clip_layer`` -N is sdrt's clip skip N - 1) and the same LoRAs;
 - EmptyLatentImage (size and batch), or VAEEncode of a LoadImage (image to image at the
-  KSampler's ``denoise``);
+  KSampler's ``denoise``), or ComfyUI's inpainting (``INPAINT_LATENTS``): VAEEncodeForInpaint
+  (at denoise 1), SetLatentNoiseMask on a VAEEncode, or InpaintModelConditioning between the
+  prompts and the sampler, the mask a LoadImageMask's or a LoadImage's MASK (its alpha):
+  sdrt's inpainting of the whole picture through the mask as ComfyUI reads and grows it
+  (``inpaint_mask``), its result decoded as it is, not pasted over the picture as A1111's;
 - between the prompts and the KSampler, any ControlNetApplyAdvanced nodes (each conditioning
   both prompts, as sdrt applies a ControlNet: its ControlNetLoader's ``control_net_name``,
   a LoadImage's image, ``strength``, ``start_percent`` and ``end_percent``; sdrt counts the
@@ -49,7 +53,7 @@ named by its file's stem, and its scale (which sets those sizes) comes from the 
 ``read`` (``upscaler_scale``: ``sdrt generate --upscaler-dir``, the server's).
 
 Any other node on that path is refused by name, never skipped: a workflow that upscales,
-masks or chains samplers would otherwise give another picture than it asks for. ComfyUI's
+masks or chains samplers another way would otherwise give another picture than it asks for. ComfyUI's
 sampler and scheduler pairs map onto sdrt's samplers (``SAMPLERS``); the settings are the
 same, the pixels are not (ComfyUI samples on k-diffusion's sigma tables and draws a batch's
 noise from one generator, sdrt follows the model's diffusers scheduler and seeds image i with
@@ -138,6 +142,17 @@ IMAGE_UPSCALES = {"lanczos": "Lanczos"}
 _UPSCALES = {"LatentUpscale": LATENT_UPSCALES, "LatentUpscaleBy": LATENT_UPSCALES,
              "ImageScale": IMAGE_UPSCALES, "ImageScaleBy": IMAGE_UPSCALES}
 _APPLY = "ControlNetApplyAdvanced"
+# ComfyUI's inpainting, the sampled latent (``_inpaint``): VAEEncodeForInpaint (the pixels
+# greyed under the mask before they are encoded, the mask grown by grow_mask_by; at denoise 1,
+# where the grey is noise), SetLatentNoiseMask on a VAEEncode, or InpaintModelConditioning
+# (between the prompts and the sampler, whose positive, negative and latent are its three
+# outputs; noise_mask true). Each one's mask is a LoadImageMask's or a LoadImage's MASK. The
+# sampler keeps the latents outside the mask, and an inpainting model sees the mask and the
+# masked picture: sdrt's inpainting of the whole picture, at the sampler's denoise, its result
+# decoded as it is (not pasted over the picture, as A1111 pastes it: ``Workflow.mask``).
+INPAINT_CONDITIONING = "InpaintModelConditioning"
+INPAINT_LATENTS = ("VAEEncodeForInpaint", "SetLatentNoiseMask", INPAINT_CONDITIONING)
+MAX_GROW_MASK = 64  # VAEEncodeForInpaint's grow_mask_by, at most
 # cubiq's ComfyUI_IPAdapter_plus: the node that applies an IP-Adapter to the sampled model, and
 # the settings sdrt runs (diffusers' IP-Adapter: the weight on the attention's output);
 # another value is refused by name, as is its optional negative image. ``combine_embeds``
@@ -311,6 +326,10 @@ class Workflow:
     refiner_steps: int = None
     aesthetic_score: float = None
     negative_aesthetic_score: float = None
+    # inpainting (``INPAINT_LATENTS``): the mask's (file name, channel), as ``comfy_mask``
+    # reads it, and the pixels a VAEEncodeForInpaint grows it by (None: no such node)
+    mask: tuple = None
+    grow_mask: int = None
 
 
 def load(path):
@@ -395,7 +414,9 @@ def read(graph, upscaler_scale=None) -> Workflow:
         raise SdrtError(f"workflow node {decode} (VAEDecode) must decode with the sampled "
                         f"model's checkpoint VAE or a VAELoader's")
     texts, texts_2, sizes, skips = {}, {}, {}, set()
-    text_ids, controls = _controls(nodes, sampler_id)
+    source = nodes.link(sampler_id, "latent_image")[0]  # (an InpaintModelConditioning's?)
+    text_ids, controls = _controls(nodes, sampler_id, inpaint=(
+        source if nodes.kind(source) == INPAINT_CONDITIONING else None))
     for side, text_id in text_ids.items():
         if nodes.kind(text_id) == "CLIPTextEncodeSDXL":
             texts[side], texts_2[side], sizes[side] = _sdxl_text(nodes, text_id)
@@ -435,7 +456,8 @@ def read(graph, upscaler_scale=None) -> Workflow:
         flow.prompt_2 = texts_2["positive"] if texts_2["positive"] != flow.prompt else None
         flow.negative_2 = texts_2["negative"] if texts_2["negative"] != flow.negative else None
         flow.original_size, flow.crop, flow.target_size = sizes["positive"]
-    latent = nodes.follow(sampler_id, "latent_image", ("EmptyLatentImage", "VAEEncode"))
+    latent = nodes.follow(sampler_id, "latent_image",
+                          ("EmptyLatentImage", "VAEEncode", *INPAINT_LATENTS))
     empty = nodes.kind(latent) == "EmptyLatentImage"
     if refiner is not None:
         flow.refiner = nodes.inputs(refined).get("ckpt_name")
@@ -453,12 +475,17 @@ def read(graph, upscaler_scale=None) -> Workflow:
         flow.height = _number(nodes, latent, "height", int)
         flow.batch = _number(nodes, latent, "batch_size", int, default=1)
     else:
-        if nodes.follow(latent, "vae", ("CheckpointLoaderSimple", "VAELoader")) != vae:
-            raise SdrtError(f"workflow node {latent} (VAEEncode) must encode with the VAE that "
-                            f"decodes (node {vae}'s)")
-        image = nodes.follow(latent, "pixels", ("LoadImage",))
+        encode = latent
+        if nodes.kind(latent) == "SetLatentNoiseMask":
+            encode = nodes.follow(latent, "samples", ("VAEEncode",))
+        if nodes.follow(encode, "vae", ("CheckpointLoaderSimple", "VAELoader")) != vae:
+            raise SdrtError(f"workflow node {encode} ({nodes.kind(encode)}) must encode with "
+                            f"the VAE that decodes (node {vae}'s)")
+        image = nodes.follow(encode, "pixels", ("LoadImage",))
         flow.init_image = nodes.inputs(image).get("image")
         flow.strength = denoise
+        if nodes.kind(latent) in INPAINT_LATENTS:
+            flow.mask, flow.grow_mask = _inpaint(nodes, latent, sampler_id, denoise)
     if refiner is not None:
         flow.aesthetic_score, flow.negative_aesthetic_score = _aesthetic_scores(
             nodes, refiner_texts, flow)
@@ -645,6 +672,54 @@ def _aesthetic_scores(nodes, text_ids, flow):
     return tuple(scores)
 
 
+def _inpaint(nodes, latent, sampler_id, denoise):
+    """The (mask file, channel) and grow_mask of an inpainting latent node (``latent``, of
+    ``INPAINT_LATENTS``), checked."""
+    kind = nodes.kind(latent)
+    where = f"workflow node {latent} ({kind})"
+    grow = None
+    if kind == "VAEEncodeForInpaint":
+        if denoise != 1:
+            raise SdrtError(f"workflow node {sampler_id} ({nodes.kind(sampler_id)}): denoise "
+                            f"{denoise:g} on {where}, whose masked pixels are greyed: sdrt "
+                            f"runs it at denoise 1 (SetLatentNoiseMask or "
+                            f"{INPAINT_CONDITIONING} keep the picture under a lower denoise)")
+        grow = _number(nodes, latent, "grow_mask_by", int, default=6)
+        if not 0 <= grow <= MAX_GROW_MASK:
+            raise SdrtError(f"{where}: grow_mask_by must be an integer from 0 to "
+                            f"{MAX_GROW_MASK}, got {grow}")
+    elif kind == INPAINT_CONDITIONING:
+        if nodes.inputs(latent).get("noise_mask", True) is not True:
+            raise SdrtError(f"{where}: noise_mask {short_repr(nodes.inputs(latent)['noise_mask'])}"
+                            f": sdrt keeps the latents outside the mask (noise_mask true)")
+        if nodes.link(sampler_id, "latent_image")[1] != 2:
+            raise SdrtError(f"workflow node {sampler_id} ({nodes.kind(sampler_id)}): "
+                            f"latent_image must be node {latent}'s latent (output 2)")
+    return _mask_file(nodes, latent, "mask"), grow
+
+
+def inpaint_mask(mask, width, height, grow=None):
+    """The mask an inpainting workflow repaints through, at the picture's ``width`` ×
+    ``height``: ``mask`` (float (H, W) in [0, 1], ``comfy_mask``'s) scaled there bilinearly
+    (torch's, without antialiasing, as ComfyUI scales a MASK to its image). With ``grow`` (a
+    VAEEncodeForInpaint's grow_mask_by), rounded and grown as that node grows it: a
+    ``grow`` × ``grow`` box summed over the rounded mask, padded by ceil((grow - 1) / 2) and
+    cut to the picture (so an even box grows it one pixel more down and right than up and
+    left), clipped to 1. float32 (height, width)."""
+    import numpy as np
+    import torch
+    x = torch.from_numpy(np.asarray(mask, np.float32))[None, None]
+    if x.shape[2:] != (height, width):
+        x = torch.nn.functional.interpolate(x, size=(height, width), mode="bilinear")
+    if grow:
+        x = torch.nn.functional.conv2d(x.round(), torch.ones(1, 1, grow, grow),
+                                       padding=math.ceil((grow - 1) / 2))
+        x = x[..., :height, :width].clamp(0, 1)
+    if grow is not None:
+        x = x.round()
+    return x[0, 0].numpy()
+
+
 def _pair(nodes, sampler_id):
     """A sampler node's (sampler_name, scheduler), one sdrt runs."""
     k = nodes.inputs(sampler_id)
@@ -799,16 +874,28 @@ def _advanced(nodes, sampler_id, steps, empty):
     return strength
 
 
-def _controls(nodes, sampler_id, kinds=_TEXT_NODES):
+def _controls(nodes, sampler_id, kinds=_TEXT_NODES, inpaint=None):
     """The KSampler's prompts through any ControlNetApplyAdvanced nodes: ({"positive": text
     node, "negative": text node}, [Control] nearest the prompts first). Each such node must
     condition both prompts (its outputs 0 and 1 to the next node's positive and negative), and
-    the prompts be nodes of ``kinds``."""
+    the prompts be nodes of ``kinds``. ``inpaint``: the sampler's InpaintModelConditioning,
+    which the prompts must pass through in the same way."""
     links = {side: nodes.link(sampler_id, side) for side in ("positive", "negative")}
-    controls = []
-    while any(nodes.kind(node) in (_APPLY, "ControlNetApply") for node, _ in links.values()):
+    controls, seen, through = [], set(), inpaint is None
+    while True:
         (pos, pos_slot), (neg, neg_slot) = links["positive"], links["negative"]
+        if not through and inpaint in (pos, neg):
+            if pos != neg or (pos_slot, neg_slot) != (0, 1):
+                raise SdrtError(f"workflow node {sampler_id} ({nodes.kind(sampler_id)}) must "
+                                f"take node {inpaint}'s ({INPAINT_CONDITIONING}) positive and "
+                                f"negative outputs as its positive and negative")
+            links, through = {side: nodes.link(inpaint, side) for side in links}, True
+            continue
+        if not any(nodes.kind(node) in (_APPLY, "ControlNetApply") and node not in seen
+                   for node in (pos, neg)):
+            break
         node = pos if nodes.kind(pos) in (_APPLY, "ControlNetApply") else neg
+        seen.add(node)
         if nodes.kind(node) == "ControlNetApply" or pos != neg or (pos_slot, neg_slot) != (0, 1):
             raise SdrtError(f"workflow node {node} ({nodes.kind(node)}) must condition both the "
                             f"positive and the negative prompt, as sdrt applies a ControlNet: "
@@ -836,6 +923,10 @@ def _controls(nodes, sampler_id, kinds=_TEXT_NODES):
                             f"{control.end:g}")
         controls.append(control)
         links = {side: nodes.link(node, side) for side in ("positive", "negative")}
+    if not through:
+        raise SdrtError(f"workflow node {sampler_id} ({nodes.kind(sampler_id)}) samples node "
+                        f"{inpaint}'s ({INPAINT_CONDITIONING}) latent, so its prompts must come "
+                        f"through that node's positive and negative outputs")
     for side, (node, _) in links.items():
         if nodes.kind(node) not in kinds:
             raise SdrtError(f"workflow node {node} ({nodes.kind(node)}) is not supported as "
@@ -901,7 +992,8 @@ def _image_prompt(nodes, node_id):
                         f"{short_repr(weight_type)}")
     if inputs.get("image_negative") is not None:
         raise SdrtError(f"{where}: sdrt does not run an IP-Adapter's image_negative; remove it")
-    mask = None if inputs.get("attn_mask") is None else _attn_mask(nodes, node_id)
+    mask = None if inputs.get("attn_mask") is None else _mask_file(nodes, node_id,
+                                                                 "attn_mask")
     loaders = (UNIFIED,) if kind == IPADAPTER_SIMPLE else ("IPAdapterModelLoader", UNIFIED)
     loader = nodes.follow(node_id, "ipadapter", loaders)
     preset = _preset(nodes, loader) if nodes.kind(loader) == UNIFIED else None
@@ -989,10 +1081,10 @@ def adapter_scale(weight_type, weight, unet, adapter):
 MASK_CHANNELS = ("alpha", "red", "green", "blue")
 
 
-def _attn_mask(nodes, node_id):
-    """An IPAdapterAdvanced's attn_mask: (file name, channel) of a LoadImageMask, or of a
+def _mask_file(nodes, node_id, key):
+    """(file name, channel) of the MASK a node's ``key`` takes: a LoadImageMask's, or a
     LoadImage's MASK output (its alpha)."""
-    source, slot = nodes.link(node_id, "attn_mask")
+    source, slot = nodes.link(node_id, key)
     kind = nodes.kind(source)
     if kind == "LoadImageMask":
         channel = nodes.inputs(source).get("channel", "alpha")
@@ -1003,7 +1095,7 @@ def _attn_mask(nodes, node_id):
         channel = "alpha"
     else:
         raise SdrtError(f"workflow node {source} ({kind}) is not supported as "
-                        f"{nodes.kind(node_id)}'s attn_mask: sdrt takes LoadImageMask or "
+                        f"{nodes.kind(node_id)}'s {key}: sdrt takes LoadImageMask or "
                         f"LoadImage's MASK there")
     name = nodes.inputs(source).get("image")
     if not isinstance(name, str) or not name:
@@ -1028,6 +1120,14 @@ def comfy_mask(image, channel):
     return 1 - mask if band == "A" else mask
 
 
+def comfy_image(image):
+    """A PIL image as ComfyUI's LoadImage gives its IMAGE: 8-bit RGB, 16-bit greys scaled to
+    8 bits, an alpha channel dropped (not laid over white: the pixels under a mask drawn in
+    the alpha stay what they were)."""
+    from .images import to_rgb8
+    return to_rgb8(image) if image.mode == "I" else image.convert("RGB")
+
+
 def clip_vision_image(image, size, prep=None):
     """A reference image (PIL) as cubiq's IPAdapterAdvanced hands it to the CLIP image encoder
     of input ``size`` (224 for the real ones): ``prep`` (a PrepImageForClipVision's
@@ -1039,10 +1139,7 @@ def clip_vision_image(image, size, prep=None):
     import torch
     from PIL import Image
 
-    from .images import to_rgb8
-    # (as ComfyUI's LoadImage: 16-bit greys scaled to 8 bits, an alpha channel dropped)
-    rgb = to_rgb8(image) if image.mode == "I" else image.convert("RGB")
-    x = torch.from_numpy(np.array(rgb, np.float32) / 255).permute(2, 0, 1)[None]
+    x = torch.from_numpy(np.array(comfy_image(image), np.float32) / 255).permute(2, 0, 1)[None]
     if prep is not None:
         x = _prep_for_clip_vision(x, size, *prep)
     if x.shape[2:] != (size, size):

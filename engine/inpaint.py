@@ -37,7 +37,9 @@ class Inpaint:
     image: object  # PIL RGB: what the pipeline inpaints (the cut-out region, resized)
     mask: np.ndarray  # float32 (height, width) in [0, 1]: the pipeline's mask_image
     original: object  # PIL RGB: the picture the result is pasted into
-    overlay: np.ndarray  # float32 (H, W) in [0, 1], the original's size: the result's weight
+    # float32 (H, W) in [0, 1], the original's size: the result's weight; None: not pasted
+    # over the original (a ComfyUI workflow's result, decoded as it is)
+    overlay: np.ndarray
     region: tuple = None  # (x1, y1, x2, y2) of the cut-out region in the original
 
     def frame_like(self, picture, resize_mode):
@@ -58,7 +60,7 @@ class Inpaint:
 
     def finish(self, result):
         """A pipeline result (PIL) → the final picture: resized into its region (only
-        masked) and pasted over the original through the overlay mask."""
+        masked) and pasted over the original through the overlay mask (if any)."""
         from PIL import Image
         if self.region is not None:
             x1, y1, x2, y2 = self.region
@@ -66,6 +68,8 @@ class Inpaint:
             canvas.paste(result.convert("RGB").resize((x2 - x1, y2 - y1), Image.LANCZOS),
                          (x1, y1))
             result = canvas
+        if self.overlay is None:
+            return result.convert("RGB")
         new = np.asarray(result.convert("RGB"), dtype=np.float32)
         old = np.asarray(self.original, dtype=np.float32)
         a = self.overlay[..., None]

@@ -167,6 +167,19 @@ def _node_specs(server, checkpoints, loras, images, controlnets, vaes, upscalers
             "INT", 1, 1, limits.max_images, 1)}, ["LATENT"]),
         "LoadImage": ("image", {"image": [images, {"image_upload": True}]}, ["IMAGE", "MASK"]),
         "VAEEncode": ("latent", {"pixels": ["IMAGE"], "vae": ["VAE"]}, ["LATENT"]),
+        # inpainting (engine/comfy.py: INPAINT_LATENTS), its mask a LoadImage's or these
+        "LoadImageMask": ("mask", {"image": [images, {"image_upload": True}],
+                                   "channel": [list(comfy.MASK_CHANNELS)]}, ["MASK"]),
+        "VAEEncodeForInpaint": ("latent/inpaint", {
+            "pixels": ["IMAGE"], "vae": ["VAE"], "mask": ["MASK"],
+            "grow_mask_by": number("INT", 6, 0, comfy.MAX_GROW_MASK, 1)}, ["LATENT"]),
+        "SetLatentNoiseMask": ("latent/inpaint", {"samples": ["LATENT"], "mask": ["MASK"]},
+                               ["LATENT"]),
+        comfy.INPAINT_CONDITIONING: ("conditioning/inpaint", {
+            "positive": ["CONDITIONING"], "negative": ["CONDITIONING"], "vae": ["VAE"],
+            "pixels": ["IMAGE"], "mask": ["MASK"],
+            "noise_mask": ["BOOLEAN", {"default": True}]},
+            ["CONDITIONING", "CONDITIONING", "LATENT"]),
         "KSampler": ("sampling", {
             "model": ["MODEL"], "seed": number("INT", 0, 0, 2 ** 64 - 1, 1),
             "steps": number("INT", 20, 1, limits.max_steps, 1),
@@ -349,9 +362,14 @@ def register(app, server_of, api_error):
                       f"image's size (sdrt generate --workflow runs it)")
         from .app import check_loras
         loras = check_loras(server, [(_stem(name), s) for name, s in flow.loras], "prompt")
-        init = None
+        init = mask = None
         if flow.init_image is not None:
-            init = _uploaded(jobs.uploads, flow.init_image, bad).convert("RGB")
+            init = comfy.comfy_image(_uploaded(jobs.uploads, flow.init_image, bad))
+        if flow.mask is not None:  # (read and grown as ComfyUI does; not pasted over after)
+            picture = _uploaded(jobs.uploads, flow.mask[0], bad)
+            mask = await run_in_threadpool(lambda: comfy.inpaint_mask(
+                comfy.comfy_mask(picture, flow.mask[1]), init.width, init.height,
+                flow.grow_mask))
         width, height = flow.width, flow.height
         if init is not None:
             width, height = server.image_size(init)
@@ -375,10 +393,11 @@ def register(app, server_of, api_error):
             _image_prompts, server, flow, jobs.uploads, len(units), bad)
         key = BatchKey(req.height, req.width, req.num_inference_steps, req.sampler,
                        req.guidance, req.strength if init is not None else None,
-                       req.clip_skip, server.chunks(req), hires=hires, loras=loras,
-                       controls=controls, vae=flow.vae, image_prompts=prompts,
+                       req.clip_skip, server.chunks(req), inpaint=mask is not None,
+                       hires=hires, loras=loras, controls=controls, vae=flow.vae,
+                       image_prompts=prompts,
                        micro=(flow.original_size, flow.crop, flow.target_size))
-        rows = [Row(flow.prompt, flow.negative, req.guidance_scale, s, init,
+        rows = [Row(flow.prompt, flow.negative, req.guidance_scale, s, init, mask,
                     control_images=hints, control_info=units + texts, ip_images=pictures,
                     prompt_2=flow.prompt_2, negative_prompt_2=flow.negative_2)
                 for s in seeds]

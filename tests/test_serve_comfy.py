@@ -200,6 +200,46 @@ def test_image_to_image_with_an_upload(server, ref_pipe):
     assert_same_image(png, want, "ComfyUI KSamplerAdvanced")
 
 
+def test_inpainting_with_an_uploaded_alpha_mask(server, ref_pipe):
+    # ComfyUI's inpainting example: one uploaded PNG, its alpha the mask (LoadImage's MASK),
+    # VAEEncodeForInpaint growing it by 6 pixels. The image is the library's inpainting of the
+    # picture without its alpha, through the mask grown as ComfyUI grows it, not pasted over
+    # the picture; /object_info lists the inpainting nodes.
+    from test_comfy_inpaint import grown, set_latent_noise_mask, vae_encode_for_inpaint
+    url = server
+    rng = np.random.default_rng(8)
+    rgba = rng.integers(0, 256, (64, 64, 4), np.uint8)
+    rgba[..., 3] = 255
+    rgba[20:40, 8:30, 3] = 0
+    buffer = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buffer, format="PNG")
+    name = httpx.post(f"{url}/upload/image",
+                      files={"image": ("hole.png", buffer.getvalue(), "image/png")}).json()["name"]
+    graph = _workflow(url, vae_encode_for_inpaint(), seed=6)
+    graph["10"]["inputs"]["image"] = name
+    entry = _history(url, _queue(url, graph)["prompt_id"])
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    png = Image.open(io.BytesIO(_view(url, entry["outputs"]["9"]["images"][0])))
+    mask = grown(1 - rgba[..., 3].astype(np.float32) / 255, 6)
+    want = ref_pipe("beautiful scenery nature glass bottle", negative_prompt="text, watermark",
+                    image=Image.fromarray(rgba[..., :3]), mask_image=mask, strength=1.0,
+                    num_inference_steps=2, guidance_scale=7.0, sampler="euler_a_normal",
+                    seed=6)[0]
+    assert_same_image(png, want, "ComfyUI VAEEncodeForInpaint")
+    # A LoadImageMask of a file never uploaded is a 400 naming it
+    graph = _workflow(url, set_latent_noise_mask(), seed=6)
+    graph["10"]["inputs"]["image"] = name
+    r = httpx.post(f"{url}/prompt", json={"prompt": graph}, timeout=TIMEOUT)
+    assert r.status_code == 400 and "workflow loads image 'mask.png', which was not uploaded" \
+        in r.json()["error"]["message"], r.text
+    info = httpx.get(f"{url}/object_info", timeout=TIMEOUT).json()
+    assert info["VAEEncodeForInpaint"]["input"]["required"]["grow_mask_by"][1]["default"] == 6
+    assert info["InpaintModelConditioning"]["output"] == ["CONDITIONING", "CONDITIONING",
+                                                          "LATENT"]
+    assert set(info["LoadImageMask"]["input"]["required"]["channel"][0]) == {
+        "alpha", "red", "green", "blue"}
+
+
 @pytest.mark.parametrize("edit,param,fragment", [
     (lambda g: g["4"]["inputs"].update(ckpt_name="sd_xl_base_1.0.safetensors"), "prompt",
      "ckpt_name must name the server's model"),

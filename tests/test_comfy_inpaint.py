@@ -1,0 +1,332 @@
+"""ComfyUI's inpainting workflows (VAEEncodeForInpaint, SetLatentNoiseMask, InpaintModelConditioning)
+read into sdrt's inpainting: the nodes' settings, the mask as ComfyUI reads and grows it (checked
+against the rule written out here), the refusals, and ``sdrt generate --workflow`` end to end
+against the same inpainting asked for by options and by the library (the result decoded as it
+is, not pasted over the picture as A1111 pastes it)."""
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdrt.engine import comfy
+from sdrt.engine.errors import SdrtError
+from test_cli import _run, tiny_dir  # noqa: F401  (tiny_dir: the fixture)
+from test_comfy import DEFAULT, _pixels, _small
+
+
+def vae_encode_for_inpaint(graph=DEFAULT, grow=6, mask=("10", 1)):
+    """ComfyUI's inpainting example: a LoadImage whose alpha is the mask, VAEEncodeForInpaint,
+    the KSampler at denoise 1."""
+    g = copy.deepcopy(graph)
+    g["10"] = {"class_type": "LoadImage", "inputs": {"image": "photo.png", "upload": "image"}}
+    g["11"] = {"class_type": "VAEEncodeForInpaint",
+               "inputs": {"pixels": ["10", 0], "vae": ["4", 2], "mask": list(mask),
+                          "grow_mask_by": grow}}
+    g["3"]["inputs"]["latent_image"] = ["11", 0]
+    del g["5"]
+    return g
+
+
+def set_latent_noise_mask(graph=DEFAULT, denoise=0.6):
+    """A VAEEncode's latents under SetLatentNoiseMask, the mask a LoadImageMask's red channel
+    of another file."""
+    g = copy.deepcopy(graph)
+    g["10"] = {"class_type": "LoadImage", "inputs": {"image": "photo.png", "upload": "image"}}
+    g["11"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["4", 2]}}
+    g["12"] = {"class_type": "LoadImageMask",
+               "inputs": {"image": "mask.png", "channel": "red", "upload": "image"}}
+    g["13"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["11", 0],
+                                                             "mask": ["12", 0]}}
+    g["3"]["inputs"].update(latent_image=["13", 0], denoise=denoise)
+    del g["5"]
+    return g
+
+
+def inpaint_conditioning(graph=DEFAULT, denoise=0.8, **inputs):
+    """InpaintModelConditioning between the prompts and the KSampler: its three outputs the
+    sampler's positive, negative and latent."""
+    g = copy.deepcopy(graph)
+    g["10"] = {"class_type": "LoadImage", "inputs": {"image": "photo.png", "upload": "image"}}
+    g["11"] = {"class_type": "InpaintModelConditioning",
+               "inputs": {"positive": ["6", 0], "negative": ["7", 0], "vae": ["4", 2],
+                          "pixels": ["10", 0], "mask": ["10", 1], "noise_mask": True,
+                          **inputs}}
+    g["3"]["inputs"].update(positive=["11", 0], negative=["11", 1], latent_image=["11", 2],
+                            denoise=denoise)
+    del g["5"]
+    return g
+
+
+def with_controlnet(g, before_inpaint):
+    """A ControlNetApplyAdvanced between the prompts and the InpaintModelConditioning
+    (``before_inpaint``) or between it and the sampler."""
+    g = copy.deepcopy(g)
+    g["20"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "canny.pth"}}
+    g["21"] = {"class_type": "LoadImage", "inputs": {"image": "edges.png"}}
+    g["22"] = {"class_type": "ControlNetApplyAdvanced",
+               "inputs": {"control_net": ["20", 0], "image": ["21", 0], "strength": 0.5,
+                          "start_percent": 0.0, "end_percent": 1.0}}
+    if before_inpaint:
+        g["22"]["inputs"].update(positive=["6", 0], negative=["7", 0])
+        g["11"]["inputs"].update(positive=["22", 0], negative=["22", 1])
+    else:
+        g["22"]["inputs"].update(positive=["11", 0], negative=["11", 1])
+        g["3"]["inputs"].update(positive=["22", 0], negative=["22", 1])
+    return g
+
+
+def test_inpainting_nodes_read_as_sdrts_inpainting():
+    flow = comfy.read(vae_encode_for_inpaint())
+    assert (flow.init_image, flow.mask, flow.grow_mask, flow.strength) == \
+        ("photo.png", ("photo.png", "alpha"), 6, 1.0)
+    assert flow.width is None and flow.prompt == "beautiful scenery nature glass bottle"
+    assert comfy.read(vae_encode_for_inpaint(grow=0)).grow_mask == 0
+    flow = comfy.read(set_latent_noise_mask())
+    assert (flow.init_image, flow.mask, flow.grow_mask, flow.strength) == \
+        ("photo.png", ("mask.png", "red"), None, 0.6)
+    flow = comfy.read(inpaint_conditioning())
+    assert (flow.init_image, flow.mask, flow.grow_mask, flow.strength) == \
+        ("photo.png", ("photo.png", "alpha"), None, 0.8)
+    assert (flow.prompt, flow.negative) == ("beautiful scenery nature glass bottle",
+                                            "text, watermark")
+    for before in (True, False):  # a ControlNet on either side of it
+        flow = comfy.read(with_controlnet(inpaint_conditioning(), before))
+        assert [c.strength for c in flow.controlnets] == [0.5] and flow.mask is not None
+        assert flow.prompt == "beautiful scenery nature glass bottle"
+    g = vae_encode_for_inpaint()  # the mask's default input: grow_mask_by 6
+    del g["11"]["inputs"]["grow_mask_by"]
+    assert comfy.read(g).grow_mask == 6
+
+
+def _edit(graph, edit):
+    g = copy.deepcopy(graph)
+    edit(g)
+    return g
+
+
+REFUSED = {
+    "greyed pixels under a lower denoise": (
+        _edit(vae_encode_for_inpaint(), lambda g: g["3"]["inputs"].update(denoise=0.5)),
+        "workflow node 3 (KSampler): denoise 0.5 on workflow node 11 (VAEEncodeForInpaint)"),
+    "grow_mask_by out of range": (
+        vae_encode_for_inpaint(grow=65),
+        "workflow node 11 (VAEEncodeForInpaint): grow_mask_by must be an integer from 0 to 64"),
+    "a mask from another node": (
+        _edit(vae_encode_for_inpaint(), lambda g: g.update({"30": {
+            "class_type": "GrowMask", "inputs": {"mask": ["10", 1], "expand": 4}}}) or
+            g["11"]["inputs"].update(mask=["30", 0])),
+        "workflow node 30 (GrowMask) is not supported as VAEEncodeForInpaint's mask: sdrt "
+        "takes LoadImageMask or LoadImage's MASK there"),
+    "LoadImage's IMAGE as the mask": (
+        vae_encode_for_inpaint(mask=("10", 0)),
+        "workflow node 10 (LoadImage) is not supported as VAEEncodeForInpaint's mask"),
+    "LoadImageMask's channel": (
+        _edit(set_latent_noise_mask(), lambda g: g["12"]["inputs"].update(channel="cyan")),
+        "workflow node 12 (LoadImageMask): channel must be one of alpha, red, green, blue"),
+    "SetLatentNoiseMask on an empty latent": (
+        _edit(set_latent_noise_mask(), lambda g: g.update({"5": DEFAULT["5"]}) or
+            g["13"]["inputs"].update(samples=["5", 0])),
+        "workflow node 5 (EmptyLatentImage) is not supported as SetLatentNoiseMask's samples"),
+    "noise_mask off": (
+        inpaint_conditioning(noise_mask=False),
+        "workflow node 11 (InpaintModelConditioning): noise_mask False: sdrt keeps the latents "
+        "outside the mask"),
+    "its latent without its prompts": (
+        _edit(inpaint_conditioning(), lambda g: g["3"]["inputs"].update(
+            positive=["6", 0], negative=["7", 0])),
+        "workflow node 3 (KSampler) samples node 11's (InpaintModelConditioning) latent, so "
+        "its prompts must come through that node's positive and negative outputs"),
+    "its outputs swapped": (
+        _edit(inpaint_conditioning(), lambda g: g["3"]["inputs"].update(
+            positive=["11", 1], negative=["11", 0])),
+        "workflow node 3 (KSampler) must take node 11's (InpaintModelConditioning) positive "
+        "and negative outputs as its positive and negative"),
+    "its positive as the latent": (
+        _edit(inpaint_conditioning(), lambda g: g["3"]["inputs"].update(
+            latent_image=["11", 0])),
+        "workflow node 3 (KSampler): latent_image must be node 11's latent (output 2)"),
+    "a hires fix of an inpainting": (
+        _edit(vae_encode_for_inpaint(), lambda g: g.update({
+            "30": {"class_type": "LatentUpscaleBy",
+                   "inputs": {"samples": ["3", 0], "upscale_method": "nearest-exact",
+                              "scale_by": 1.5}},
+            "31": {"class_type": "KSampler",
+                   "inputs": {**g["3"]["inputs"], "latent_image": ["30", 0], "denoise": 0.5}}})
+            or g["8"]["inputs"].update(samples=["31", 0])),
+        "sdrt's hires fix redraws text to image; node 3 samples an image"),
+    "a VAE that does not decode": (
+        _edit(vae_encode_for_inpaint(), lambda g: g.update({"30": {
+            "class_type": "VAELoader", "inputs": {"vae_name": "other.safetensors"}}}) or
+            g["11"]["inputs"].update(vae=["30", 0])),
+        "workflow node 11 (VAEEncodeForInpaint) must encode with the VAE that decodes"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_inpainting_refusals_name_the_node(case):
+    graph, message = REFUSED[case]
+    with pytest.raises(SdrtError) as e:
+        comfy.read(graph)
+    assert message in str(e.value), str(e.value)
+
+
+def grown(mask, grow):
+    """VAEEncodeForInpaint's mask written out: rounded (half to even), then each pixel set
+    where the ``grow`` × ``grow`` box whose top-left corner is ceil((grow - 1) / 2) pixels up
+    and left of it holds a set pixel."""
+    m = np.round(mask)
+    if not grow:
+        return m
+    pad = math.ceil((grow - 1) / 2)
+    h, w = m.shape
+    out = np.zeros_like(m)
+    for y in range(h):
+        for x in range(w):
+            box = m[max(y - pad, 0):max(y - pad + grow, 0), max(x - pad, 0):max(x - pad + grow, 0)]
+            out[y, x] = box.max() if box.size else 0
+    return out
+
+
+def bilinear(mask, height, width):
+    """torch's bilinear resize (align_corners False) written out: each output pixel's centre
+    mapped back to the input, clamped at the near edges, and its two neighbours blended along
+    each axis."""
+    def weights(n_out, n_in):
+        src = np.maximum((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0)
+        lo = np.minimum(np.floor(src).astype(int), n_in - 1)
+        hi = np.minimum(lo + 1, n_in - 1)
+        return lo, hi, src - lo
+    (y0, y1, fy), (x0, x1, fx) = weights(height, mask.shape[0]), weights(width, mask.shape[1])
+    rows = mask[y0] * (1 - fy)[:, None] + mask[y1] * fy[:, None]
+    return rows[:, x0] * (1 - fx) + rows[:, x1] * fx
+
+
+@pytest.mark.parametrize("grow", [None, 0, 1, 2, 5, 6, 7])
+def test_inpaint_mask_is_comfyuis(grow):
+    rng = np.random.default_rng(grow or 0)
+    mask = (rng.random((19, 23)) < 0.08).astype(np.float32)
+    mask[rng.random(mask.shape) < 0.1] = 0.5  # halves: rounded to even (0)
+    mask[3, 4] = 0.75
+    got = comfy.inpaint_mask(mask, 23, 19, grow)
+    want = mask if grow is None else grown(mask, grow)
+    assert got.dtype == np.float32 and got.shape == (19, 23)
+    assert np.array_equal(got, want), (grow, np.argwhere(got != want)[:5])
+    if grow:  # an even box reaches one pixel further down and right than up and left
+        one = np.zeros((9, 9), np.float32)
+        one[4, 4] = 1
+        ys, xs = np.nonzero(comfy.inpaint_mask(one, 9, 9, grow))
+        pad = math.ceil((grow - 1) / 2)
+        assert (ys.min(), ys.max(), xs.min(), xs.max()) == (
+            4 - (grow - 1 - pad), 4 + pad, 4 - (grow - 1 - pad), 4 + pad)
+    # At another size: scaled bilinearly first (then rounded and grown).
+    small = rng.random((5, 7)).astype(np.float32)
+    got = comfy.inpaint_mask(small, 16, 12, grow)
+    scaled = bilinear(small.astype(np.float64), 12, 16)
+    want = scaled if grow is None else grown(scaled, grow)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def _photo(tmp_path, seed=1):
+    """A 32x24 RGBA photo: random colours everywhere (under the mask too), the alpha 0 over
+    a rectangle (ComfyUI's MASK: 1 there), 100 and 200 in a few pixels (0.6 and 0.2: rounded to
+    1 and 0). Returns (its RGB, the MASK as ComfyUI reads it)."""
+    rng = np.random.default_rng(seed)
+    rgba = rng.integers(0, 256, (24, 32, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
+    rgba[6:14, 10:20, 3] = 0
+    rgba[18, 3, 3], rgba[20, 26, 3] = 100, 200
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "photo.png")
+    return rgba[..., :3], 1 - rgba[..., 3].astype(np.float32) / 255
+
+
+def _generate(args, out, capsys):
+    code, _, err = _run(["generate", *args, "-o", str(out)], capsys)
+    assert code == 0, err
+    return _pixels(out)
+
+
+def _options(tmp_path, rgb, mask, strength, sampler="euler_a_normal"):
+    """The options asking for the same inpainting: the photo without its alpha, the mask as
+    white-on-black, no mask blur."""
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    Image.fromarray((mask * 255).astype(np.uint8)).save(tmp_path / "mask-options.png")
+    return ["beautiful scenery nature glass bottle", "--negative", "text, watermark", "--seed",
+            "4", "--steps", "3", "--guidance", "6.5", "--sampler", sampler, "--init-image",
+            str(tmp_path / "rgb.png"), "--mask", str(tmp_path / "mask-options.png"),
+            "--mask-blur", "0", "--strength", str(strength)]
+
+
+def test_cli_vae_encode_for_inpaint(tiny_dir, tmp_path, capsys):
+    rgb, mask = _photo(tmp_path)
+    (tmp_path / "wf.json").write_text(json.dumps(_small(vae_encode_for_inpaint())))
+    got = _generate(["--workflow", str(tmp_path / "wf.json"), "--model", tiny_dir,
+                     "--init-image", str(tmp_path / "photo.png")], tmp_path / "wf.png", capsys)
+    repaint = grown(mask, 6)
+    assert repaint[5:16, 9:22].all() and repaint.sum() < 0.5 * repaint.size
+    want = _generate([*_options(tmp_path, rgb, repaint, 1), "--model", tiny_dir],
+                     tmp_path / "options.png", capsys)
+    inside, outside = repaint == 1, repaint == 0
+    # The same inpainting: equal where it repaints; the options paste the photo back outside
+    # the mask (A1111's overlay), the workflow keeps what the VAE decoded there (ComfyUI's).
+    assert np.array_equal(got[inside], want[inside])
+    assert np.array_equal(want[outside], rgb[outside])
+    assert np.abs(got[outside].astype(int) - rgb[outside]).mean() > 8
+    with Image.open(tmp_path / "wf.png") as im:
+        assert "Mask blur: 0" in im.text["parameters"], im.text["parameters"]
+
+
+def test_cli_set_latent_noise_mask_takes_the_mask_file(tiny_dir, tmp_path, capsys):
+    rgb, _ = _photo(tmp_path)
+    red = np.zeros((24, 32, 3), np.uint8)  # the mask in the red channel (LoadImageMask's)
+    red[4:12, 6:22, 0] = 255
+    red[..., 1] = 255  # (green and blue say otherwise: only red may decide)
+    Image.fromarray(red).save(tmp_path / "m.png")
+    (tmp_path / "wf.json").write_text(json.dumps(_small(set_latent_noise_mask(denoise=0.6),
+                                                        sampler="euler")))
+    base = ["--workflow", str(tmp_path / "wf.json"), "--model", tiny_dir, "--init-image",
+            str(tmp_path / "photo.png")]
+    code, _, err = _run(["generate", *base, "-o", str(tmp_path / "no.png")], capsys)
+    assert code == 2 and "inpaints through the red of image 'mask.png': pass --mask PATH" in err
+    assert len(err.strip().splitlines()) == 1, err
+    got = _generate([*base, "--mask", str(tmp_path / "m.png")], tmp_path / "wf.png", capsys)
+    repaint = red[..., 0].astype(np.float32) / 255
+    want = _generate([*_options(tmp_path, rgb, repaint, 0.6, "euler_normal"), "--model",
+                      tiny_dir], tmp_path / "options.png", capsys)
+    inside, outside = repaint == 1, repaint == 0
+    assert np.array_equal(got[inside], want[inside])
+    assert np.abs(got[inside].astype(int) - rgb[inside]).mean() > 8
+    assert np.abs(got[outside].astype(int) - rgb[outside]).mean() > 2  # (decoded, not pasted)
+
+
+@pytest.fixture(scope="module")
+def tiny_inpainting(tmp_path_factory):
+    """The tiny model with an inpainting UNet (9 input channels)."""
+    from sdrt.engine.tiny import TINY, write_model
+    folder = str(tmp_path_factory.mktemp("comfy-inpaint") / "model")
+    torch.manual_seed(5)
+    write_model(folder, {**TINY, "unet": {**TINY["unet"], "in_channels": 9}})
+    return folder
+
+
+def test_cli_inpaint_model_conditioning_on_an_inpainting_model(tiny_inpainting, tmp_path,
+                                                                capsys):
+    rgb, mask = _photo(tmp_path, seed=2)
+    (tmp_path / "wf.json").write_text(json.dumps(_small(inpaint_conditioning(denoise=0.8))))
+    got = _generate(["--workflow", str(tmp_path / "wf.json"), "--model", tiny_inpainting,
+                     "--init-image", str(tmp_path / "photo.png")], tmp_path / "wf.png", capsys)
+    repaint = mask  # (soft where the alpha is: the pipeline cuts it at half)
+    want = _generate([*_options(tmp_path, rgb, repaint, 0.8), "--model", tiny_inpainting],
+                     tmp_path / "options.png", capsys)
+    inside = repaint >= 0.5
+    assert np.array_equal(got[inside], want[inside])
+    # --mask names the file whose alpha the workflow's LoadImage MASK reads.
+    Image.fromarray(np.dstack([rgb, np.full((24, 32), 255, np.uint8)]), "RGBA").save(
+        tmp_path / "opaque.png")
+    again = _generate(["--workflow", str(tmp_path / "wf.json"), "--model", tiny_inpainting,
+                       "--init-image", str(tmp_path / "opaque.png"), "--mask",
+                       str(tmp_path / "photo.png")], tmp_path / "again.png", capsys)
+    assert np.array_equal(again, got)
