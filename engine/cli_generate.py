@@ -65,7 +65,7 @@ def generate(a):
     hires = _hires(a, request)
     output = _output_path(a)
     _check_sources(a)
-    init = mask = None
+    init = mask = composite = None
     if a.init_image is not None:
         from .images import read_image
         init = read_image(a.init_image, "init image")
@@ -95,8 +95,10 @@ def generate(a):
             mask = mask_to_float(mask)
         else:  # a workflow's: read and grown as ComfyUI does, at the init image's size
             from .comfy import comfy_mask, inpaint_mask
-            mask = inpaint_mask(comfy_mask(mask, a.mask_channel), init.width, init.height,
-                                a.mask_grow)
+            read = comfy_mask(mask, a.mask_channel)
+            mask = inpaint_mask(read, init.width, init.height, a.mask_grow)
+            if a.mask_composite:  # (the results laid over the init image through it, ungrown)
+                composite = (init, 1 - read if a.invert_mask else read)
         mask = blur_mask(1 - mask if a.invert_mask else mask, a.mask_blur)
     cli_control.check(a)
     hints = cli_control.read_images(a)
@@ -229,6 +231,9 @@ def generate(a):
     width, height = (request.width, request.height) if hires or grid else images[0].size
     if inpaint is not None:
         images = [inpaint.finish(im) for im in images]
+    if composite is not None:  # a workflow's ImageCompositeMasked
+        from .comfy import composite as lay_over
+        images = [lay_over(composite[0], im, composite[1]) for im in images]
     if a.final_upscale is not None:  # the workflow's upscale of its saved images
         from .upscaler import load_upscaler
         name = a.final_upscale.model
@@ -698,6 +703,7 @@ def _apply_workflow(a):
                             f"--mask PATH")
         a.mask = a.mask or a.init_image
         a.mask_channel, a.mask_grow, a.inpaint_overlay = channel, flow.grow_mask, False
+        a.mask_composite = flow.composite
         if "mask_blur" not in a.given:
             a.mask_blur = 0
     if a.prompt is None:

@@ -153,6 +153,10 @@ _APPLY = "ControlNetApplyAdvanced"
 INPAINT_CONDITIONING = "InpaintModelConditioning"
 INPAINT_LATENTS = ("VAEEncodeForInpaint", "SetLatentNoiseMask", INPAINT_CONDITIONING)
 MAX_GROW_MASK = 64  # VAEEncodeForInpaint's grow_mask_by, at most
+# After an inpainting's VAEDecode, before the save node: the result laid over the init image
+# through the inpainting's mask, ungrown, at x 0, y 0 (``composite``), as ComfyUI's inpainting
+# workflows keep the pixels outside the mask.
+COMPOSITE = "ImageCompositeMasked"
 # cubiq's ComfyUI_IPAdapter_plus: the node that applies an IP-Adapter to the sampled model, and
 # the settings sdrt runs (diffusers' IP-Adapter: the weight on the attention's output);
 # another value is refused by name, as is its optional negative image. ``combine_embeds``
@@ -330,6 +334,9 @@ class Workflow:
     # reads it, and the pixels a VAEEncodeForInpaint grows it by (None: no such node)
     mask: tuple = None
     grow_mask: int = None
+    # an ImageCompositeMasked between the VAEDecode and the save node: the result laid over the
+    # init image through that mask, ungrown (``composite``)
+    composite: bool = False
 
 
 def load(path):
@@ -371,11 +378,16 @@ def read(graph, upscaler_scale=None) -> Workflow:
     if len(outputs) != 1:
         raise SdrtError(f"workflow must have one SaveImage or PreviewImage node, got "
                         f"{len(outputs)}")
-    final, image = None, outputs[0]
-    if nodes.kind(nodes.link(image, "images")[0]) in (_WITH_MODEL, *_IMAGE_SCALES):
+    final, image, key = None, outputs[0], "images"
+    if nodes.kind(nodes.link(image, key)[0]) in (_WITH_MODEL, *_IMAGE_SCALES):
         # the decoded images upscaled by a model before they are saved
-        final, image = _model_upscale(nodes, nodes.link(image, "images")[0], upscaler_scale)
-    decode = nodes.follow(image, "image" if final else "images", ("VAEDecode",))
+        (final, image), key = _model_upscale(nodes, nodes.link(image, key)[0],
+                                             upscaler_scale), "image"
+    composite = None
+    if nodes.kind(nodes.link(image, key)[0]) == COMPOSITE:  # an inpainting laid over its image
+        composite = image = nodes.link(image, key)[0]
+        key = "source"
+    decode = nodes.follow(image, key, ("VAEDecode",))
     sampler_id = nodes.follow(decode, "samples", _SAMPLER_NODES)
     second = upscale = hires_model = refiner = None
     latent = nodes.link(sampler_id, "latent_image")[0]
@@ -486,6 +498,8 @@ def read(graph, upscaler_scale=None) -> Workflow:
         flow.strength = denoise
         if nodes.kind(latent) in INPAINT_LATENTS:
             flow.mask, flow.grow_mask = _inpaint(nodes, latent, sampler_id, denoise)
+    if composite is not None:
+        flow.composite = _composite(nodes, composite, image, flow)
     if refiner is not None:
         flow.aesthetic_score, flow.negative_aesthetic_score = _aesthetic_scores(
             nodes, refiner_texts, flow)
@@ -696,6 +710,43 @@ def _inpaint(nodes, latent, sampler_id, denoise):
             raise SdrtError(f"workflow node {sampler_id} ({nodes.kind(sampler_id)}): "
                             f"latent_image must be node {latent}'s latent (output 2)")
     return _mask_file(nodes, latent, "mask"), grow
+
+
+def _composite(nodes, node_id, image, flow):
+    """Checks an ImageCompositeMasked (``node_id``) of the decoded inpainting over its init
+    image (the LoadImage node ``image``) through its mask at x 0, y 0; True."""
+    where = f"workflow node {node_id} ({COMPOSITE})"
+    if flow.mask is None:
+        raise SdrtError(f"{where}: sdrt lays a result over its picture only when inpainting "
+                        f"(VAEEncodeForInpaint, SetLatentNoiseMask or {INPAINT_CONDITIONING})")
+    if nodes.link(node_id, "destination") != (image, 0):
+        raise SdrtError(f"{where}: destination must be the inpainted picture (node {image}'s "
+                        f"IMAGE)")
+    if nodes.inputs(node_id).get("mask") is None or _mask_file(nodes, node_id, "mask") != \
+            flow.mask:
+        raise SdrtError(f"{where}: mask must be the inpainting's ({flow.mask[0]!r}, "
+                        f"{flow.mask[1]})")
+    x, y = (_number(nodes, node_id, k, int, default=0) for k in ("x", "y"))
+    if x or y or nodes.inputs(node_id).get("resize_source", False) is not False:
+        raise SdrtError(f"{where}: sdrt lays the result at x 0, y 0 at its own size (x 0, y 0, "
+                        f"resize_source false), got x {x}, y {y}, resize_source "
+                        f"{short_repr(nodes.inputs(node_id).get('resize_source'))}")
+    return True
+
+
+def composite(destination, source, mask):
+    """ComfyUI's ImageCompositeMasked at x 0, y 0: ``source`` (PIL) laid over ``destination``
+    (PIL, read as LoadImage reads it) from its top-left corner through ``mask`` (float (H, W)
+    in [0, 1], ``comfy_mask``'s, scaled bilinearly to the source's size), within the
+    destination. An RGB image of the destination's size, rounded to 8 bits."""
+    import numpy as np
+    from PIL import Image
+    out = np.asarray(comfy_image(destination), np.float32).copy()
+    top = np.asarray(source.convert("RGB"), np.float32)
+    h, w = min(top.shape[0], out.shape[0]), min(top.shape[1], out.shape[1])
+    weight = inpaint_mask(mask, top.shape[1], top.shape[0])[:h, :w, None]
+    out[:h, :w] = top[:h, :w] * weight + out[:h, :w] * (1 - weight)
+    return Image.fromarray(np.rint(out).clip(0, 255).astype(np.uint8))
 
 
 def inpaint_mask(mask, width, height, grow=None):

@@ -170,6 +170,10 @@ def _node_specs(server, checkpoints, loras, images, controlnets, vaes, upscalers
         # inpainting (engine/comfy.py: INPAINT_LATENTS), its mask a LoadImage's or these
         "LoadImageMask": ("mask", {"image": [images, {"image_upload": True}],
                                    "channel": [list(comfy.MASK_CHANNELS)]}, ["MASK"]),
+        comfy.COMPOSITE: ("image", {
+            "destination": ["IMAGE"], "source": ["IMAGE"],
+            "x": number("INT", 0, 0, 0, 1), "y": number("INT", 0, 0, 0, 1),
+            "resize_source": ["BOOLEAN", {"default": False}], "mask": ["MASK"]}, ["IMAGE"]),
         "VAEEncodeForInpaint": ("latent/inpaint", {
             "pixels": ["IMAGE"], "vae": ["VAE"], "mask": ["MASK"],
             "grow_mask_by": number("INT", 6, 0, comfy.MAX_GROW_MASK, 1)}, ["LATENT"]),
@@ -362,14 +366,15 @@ def register(app, server_of, api_error):
                       f"image's size (sdrt generate --workflow runs it)")
         from .app import check_loras
         loras = check_loras(server, [(_stem(name), s) for name, s in flow.loras], "prompt")
-        init = mask = None
+        init = mask = overlay = None
         if flow.init_image is not None:
             init = comfy.comfy_image(_uploaded(jobs.uploads, flow.init_image, bad))
-        if flow.mask is not None:  # (read and grown as ComfyUI does; not pasted over after)
+        if flow.mask is not None:  # (read and grown as ComfyUI does; laid over by a composite)
             picture = _uploaded(jobs.uploads, flow.mask[0], bad)
-            mask = await run_in_threadpool(lambda: comfy.inpaint_mask(
-                comfy.comfy_mask(picture, flow.mask[1]), init.width, init.height,
-                flow.grow_mask))
+            read = await run_in_threadpool(comfy.comfy_mask, picture, flow.mask[1])
+            mask = await run_in_threadpool(comfy.inpaint_mask, read, init.width, init.height,
+                                           flow.grow_mask)
+            overlay = (init, read) if flow.composite else None
         width, height = flow.width, flow.height
         if init is not None:
             width, height = server.image_size(init)
@@ -414,7 +419,7 @@ def register(app, server_of, api_error):
         item = [jobs.number, prompt_id, graph, extra, [flow.output]]
         jobs.running[prompt_id] = item
         await jobs.emit_status()
-        task = asyncio.create_task(_run(server, jobs, item, flow, key, rows))
+        task = asyncio.create_task(_run(server, jobs, item, flow, key, rows, overlay))
         jobs.tasks.add(task)
         task.add_done_callback(jobs.tasks.discard)
         return {"prompt_id": prompt_id, "number": jobs.number, "node_errors": {}}
@@ -745,9 +750,10 @@ def _png(image):
     return buffer.getvalue()
 
 
-async def _run(server, jobs, item, flow, key, rows):
+async def _run(server, jobs, item, flow, key, rows, overlay=None):
     """One queued prompt: its images into the history, or its error; its client told each
-    step as ComfyUI tells it."""
+    step as ComfyUI tells it. ``overlay``: (init image, mask) an ImageCompositeMasked lays the
+    images over the init image through."""
     prompt_id, client = item[1], item[3]["client_id"]
     started = int(time.time() * 1000)
     messages = [["execution_start", {"prompt_id": prompt_id, "timestamp": started}]]
@@ -756,17 +762,20 @@ async def _run(server, jobs, item, flow, key, rows):
                                           "display_node": flow.sampler_node,
                                           "prompt_id": prompt_id})
     try:
-        await _generate(server, jobs, item, flow, key, rows, messages)
+        await _generate(server, jobs, item, flow, key, rows, messages, overlay)
     finally:
         await jobs.emit(client, *messages[-1])
         await jobs.emit(client, "executing", {"node": None, "prompt_id": prompt_id})
         await jobs.emit_status()
 
 
-async def _generate(server, jobs, item, flow, key, rows, messages):
+async def _generate(server, jobs, item, flow, key, rows, messages, overlay):
     number, prompt_id, graph = item[:3]
     try:
         images = await server.generate(None, key, rows)
+        if overlay is not None:  # ImageCompositeMasked after the VAEDecode
+            images = await run_in_threadpool(
+                lambda: [comfy.composite(overlay[0], im, overlay[1]) for im in images])
         if flow.upscale is not None:  # ImageUpscaleWithModel before the save node
             images = await server.generate(None, _FinalUpscale(flow.upscale), images)
         texts = [server.infotext(key, r) for r in rows]

@@ -79,6 +79,17 @@ def with_controlnet(g, before_inpaint):
     return g
 
 
+def with_composite(g, **inputs):
+    """An ImageCompositeMasked between the VAEDecode and the save node: the result laid over
+    the LoadImage's picture through its MASK."""
+    g = copy.deepcopy(g)
+    g["30"] = {"class_type": "ImageCompositeMasked",
+               "inputs": {"destination": ["10", 0], "source": ["8", 0], "x": 0, "y": 0,
+                          "resize_source": False, "mask": ["10", 1], **inputs}}
+    g["9"]["inputs"]["images"] = ["30", 0]
+    return g
+
+
 def test_inpainting_nodes_read_as_sdrts_inpainting():
     flow = comfy.read(vae_encode_for_inpaint())
     assert (flow.init_image, flow.mask, flow.grow_mask, flow.strength) == \
@@ -100,6 +111,9 @@ def test_inpainting_nodes_read_as_sdrts_inpainting():
     g = vae_encode_for_inpaint()  # the mask's default input: grow_mask_by 6
     del g["11"]["inputs"]["grow_mask_by"]
     assert comfy.read(g).grow_mask == 6
+    assert not comfy.read(vae_encode_for_inpaint()).composite
+    assert comfy.read(with_composite(vae_encode_for_inpaint())).composite
+    assert comfy.read(with_composite(inpaint_conditioning())).composite
 
 
 def _edit(graph, edit):
@@ -158,6 +172,33 @@ REFUSED = {
                    "inputs": {**g["3"]["inputs"], "latent_image": ["30", 0], "denoise": 0.5}}})
             or g["8"]["inputs"].update(samples=["31", 0])),
         "sdrt's hires fix redraws text to image; node 3 samples an image"),
+    "a composite of an image to image": (
+        _edit(with_composite(vae_encode_for_inpaint()), lambda g: g["11"].update(
+            class_type="VAEEncode")),
+        "workflow node 30 (ImageCompositeMasked): sdrt lays a result over its picture only "
+        "when inpainting"),
+    "a composite over another picture": (
+        _edit(with_composite(vae_encode_for_inpaint()), lambda g: g.update({"31": {
+            "class_type": "LoadImage", "inputs": {"image": "other.png"}}}) or
+            g["30"]["inputs"].update(destination=["31", 0])),
+        "workflow node 30 (ImageCompositeMasked): destination must be the inpainted picture "
+        "(node 10's IMAGE)"),
+    "a composite through another mask": (
+        _edit(with_composite(vae_encode_for_inpaint()), lambda g: g.update({"31": {
+            "class_type": "LoadImageMask", "inputs": {"image": "m.png", "channel": "red"}}})
+            or g["30"]["inputs"].update(mask=["31", 0])),
+        "workflow node 30 (ImageCompositeMasked): mask must be the inpainting's ('photo.png', "
+        "alpha)"),
+    "a composite without a mask": (
+        _edit(with_composite(vae_encode_for_inpaint()), lambda g: g["30"]["inputs"].pop("mask")),
+        "workflow node 30 (ImageCompositeMasked): mask must be the inpainting's"),
+    "a composite elsewhere": (
+        with_composite(vae_encode_for_inpaint(), x=8),
+        "workflow node 30 (ImageCompositeMasked): sdrt lays the result at x 0, y 0 at its own "
+        "size (x 0, y 0, resize_source false), got x 8, y 0, resize_source False"),
+    "a composite resized": (
+        with_composite(vae_encode_for_inpaint(), resize_source=True),
+        "got x 0, y 0, resize_source True"),
     "a VAE that does not decode": (
         _edit(vae_encode_for_inpaint(), lambda g: g.update({"30": {
             "class_type": "VAELoader", "inputs": {"vae_name": "other.safetensors"}}}) or
@@ -230,6 +271,28 @@ def test_inpaint_mask_is_comfyuis(grow):
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
+@pytest.mark.parametrize("source_size", [(30, 20), (24, 16)])
+def test_composite_is_comfyuis_at_the_corner(source_size):
+    # The source (the decoded picture) over the destination's top-left corner through the
+    # mask scaled bilinearly to the source; the rest of the destination as it was.
+    rng = np.random.default_rng(3)
+    destination = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    source = rng.integers(0, 256, (*source_size[::-1], 3), dtype=np.uint8)
+    mask = rng.random((7, 9)).astype(np.float32)
+    got = np.asarray(comfy.composite(Image.fromarray(destination), Image.fromarray(source),
+                                     mask))
+    w, h = source_size
+    weight = bilinear(mask.astype(np.float64), h, w)[..., None]
+    want = destination.astype(np.float64)
+    want[:h, :w] = source * weight + destination[:h, :w] * (1 - weight)
+    assert got.shape == destination.shape
+    assert np.abs(got.astype(int) - np.rint(want)).max() == 0
+    # The destination read as LoadImage reads it: its alpha dropped, not laid over white.
+    rgba = np.dstack([destination, np.zeros((20, 30), np.uint8)])
+    again = comfy.composite(Image.fromarray(rgba, "RGBA"), Image.fromarray(source), mask)
+    assert np.array_equal(np.asarray(again), got)
+
+
 def _photo(tmp_path, seed=1):
     """A 32x24 RGBA photo: random colours everywhere (under the mask too), the alpha 0 over
     a rectangle (ComfyUI's MASK: 1 there), 100 and 200 in a few pixels (0.6 and 0.2: rounded to
@@ -277,6 +340,23 @@ def test_cli_vae_encode_for_inpaint(tiny_dir, tmp_path, capsys):
     assert np.abs(got[outside].astype(int) - rgb[outside]).mean() > 8
     with Image.open(tmp_path / "wf.png") as im:
         assert "Mask blur: 0" in im.text["parameters"], im.text["parameters"]
+
+
+def test_cli_composite_lays_the_result_over_the_picture(tiny_dir, tmp_path, capsys):
+    rgb, mask = _photo(tmp_path)
+    paths = {}
+    for name, graph in (("plain", vae_encode_for_inpaint()),
+                        ("composite", with_composite(vae_encode_for_inpaint()))):
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(json.dumps(_small(graph)))
+    plain, got = (_generate(["--workflow", str(paths[name]), "--model", tiny_dir, "--init-image",
+                             str(tmp_path / "photo.png")], tmp_path / f"{name}.png", capsys)
+                  for name in ("plain", "composite"))
+    weight = mask[..., None]  # (the MASK ungrown, at the picture's size)
+    want = np.rint(plain * weight + rgb * (1 - weight))
+    assert np.array_equal(got, want)
+    assert np.array_equal(got[mask == 0], rgb[mask == 0])
+    assert np.array_equal(got[mask == 1], plain[mask == 1])
 
 
 def test_cli_set_latent_noise_mask_takes_the_mask_file(tiny_dir, tmp_path, capsys):

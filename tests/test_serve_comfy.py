@@ -205,7 +205,8 @@ def test_inpainting_with_an_uploaded_alpha_mask(server, ref_pipe):
     # VAEEncodeForInpaint growing it by 6 pixels. The image is the library's inpainting of the
     # picture without its alpha, through the mask grown as ComfyUI grows it, not pasted over
     # the picture; /object_info lists the inpainting nodes.
-    from test_comfy_inpaint import grown, set_latent_noise_mask, vae_encode_for_inpaint
+    from test_comfy_inpaint import (grown, set_latent_noise_mask, vae_encode_for_inpaint,
+                                    with_composite)
     url = server
     rng = np.random.default_rng(8)
     rgba = rng.integers(0, 256, (64, 64, 4), np.uint8)
@@ -226,6 +227,13 @@ def test_inpainting_with_an_uploaded_alpha_mask(server, ref_pipe):
                     num_inference_steps=2, guidance_scale=7.0, sampler="euler_a_normal",
                     seed=6)[0]
     assert_same_image(png, want, "ComfyUI VAEEncodeForInpaint")
+    # Laid over the picture by an ImageCompositeMasked through the MASK, ungrown
+    graph = with_composite(graph)
+    entry = _history(url, _queue(url, graph)["prompt_id"])
+    png = Image.open(io.BytesIO(_view(url, entry["outputs"]["9"]["images"][0])))
+    weight = 1 - rgba[..., 3:].astype(np.float32) / 255
+    laid = np.rint(np.asarray(want, np.float32) * weight + rgba[..., :3] * (1 - weight))
+    assert_same_image(png, Image.fromarray(laid.astype(np.uint8)), "ImageCompositeMasked")
     # A LoadImageMask of a file never uploaded is a 400 naming it
     graph = _workflow(url, set_latent_noise_mask(), seed=6)
     graph["10"]["inputs"]["image"] = name
