@@ -469,6 +469,34 @@ def register(app, server_of, api_error):
         name = jobs.upload(name, image, overwrite)  # (as sent: a MASK reads its alpha)
         return {"name": name, "subfolder": "", "type": "input"}
 
+    @app.post("/upload/mask", tags=["ComfyUI"])
+    async def upload_mask(request: Request):
+        """Multipart ``image`` (a mask drawn in its alpha), ``original_ref`` (JSON: the
+        ``filename`` and ``type``, "input" or "output", of an upload or an output) and
+        ``overwrite``: the original with the mask's alpha as its own, stored as an upload under
+        the mask's file name, as ComfyUI's mask editor saves a mask for LoadImage's MASK."""
+        from .app import _decode_bytes
+        server = server_of(request)
+        form = await request.form()
+        upload = form.get("image")
+        if upload is None or not hasattr(upload, "read"):
+            raise bad("image must be an uploaded file (multipart form field 'image')", "image")
+        original = _original(jobs, form.get("original_ref"), bad)
+        mask = await run_in_threadpool(_decode_bytes, await upload.read(), "image",
+                                       server.limits)
+        if isinstance(original, bytes):  # an output's PNG
+            original = await run_in_threadpool(_decode_bytes, original, "original_ref",
+                                               server.limits)
+        if mask.size != original.size:
+            raise bad(f"image must be the original's size, {original.width}x{original.height}, "
+                      f"got {mask.width}x{mask.height}", "image")
+        combined = original.convert("RGBA")
+        combined.putalpha(mask.convert("RGBA").getchannel("A"))
+        overwrite = str(form.get("overwrite", "")).lower() in ("true", "1")
+        name = jobs.upload(os.path.basename(upload.filename or "") or "image.png", combined,
+                           overwrite)
+        return {"name": name, "subfolder": "", "type": "input"}
+
     @app.get("/models/upscale_models", tags=["ComfyUI"])
     async def upscale_models(request: Request):
         """--upscaler-dir's models by file name, as UpscaleModelLoader's model_name takes
@@ -713,6 +741,33 @@ def _uploaded(uploads, name, bad):
         raise bad(f"prompt: workflow loads image {short_repr(name)}, which was not uploaded "
                   f"(POST /upload/image first)")
     return image
+
+
+def _original(jobs, text, bad):
+    """The image an /upload/mask's ``original_ref`` names: an upload (PIL) or an output's PNG
+    (bytes). Its filename may carry ComfyUI's " [input]"/" [output]" annotation, which gives the
+    type; the type is "output" when neither says."""
+    try:
+        ref = json.loads(text) if isinstance(text, str) else None
+    except json.JSONDecodeError:
+        ref = None
+    if not isinstance(ref, dict) or not isinstance(ref.get("filename"), str) or \
+            not ref["filename"]:
+        raise bad(f"original_ref must be JSON naming the original's filename (and type), got "
+                  f"{short_repr(text)}", "original_ref")
+    name, kind = ref["filename"], ref.get("type", "output")
+    for annotation in ("input", "output"):
+        if name.endswith(f" [{annotation}]"):
+            name, kind = name[:-len(annotation) - 3], annotation
+    if ref.get("subfolder", "") not in ("", None):
+        raise bad(f"original_ref's subfolder must be empty (sdrt keeps no folders), got "
+                  f"{short_repr(ref['subfolder'])}", "original_ref")
+    found = {"input": jobs.uploads, "output": jobs.files}.get(kind, {}).get(name)
+    if found is None:
+        raise bad(f"original_ref names {short_repr(name)} of type {short_repr(kind)}, which is "
+                  f"not here (an upload, or an output of the newest {MAX_HISTORY} prompts)",
+                  "original_ref")
+    return found
 
 
 def _stem(name):

@@ -248,6 +248,58 @@ def test_inpainting_with_an_uploaded_alpha_mask(server, ref_pipe):
         "alpha", "red", "green", "blue"}
 
 
+def _png_bytes(array, mode=None):
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_upload_mask_as_comfyuis_mask_editor(server):
+    # ComfyUI's mask editor: the mask drawn in an image's alpha, posted with original_ref; the
+    # upload is the original with that alpha (LoadImage's MASK), under the mask's name.
+    url = server
+    rng = np.random.default_rng(4)
+    rgb = rng.integers(0, 256, (16, 24, 3), np.uint8)
+    name = httpx.post(f"{url}/upload/image", files={
+        "image": ("base.png", _png_bytes(rgb), "image/png")}).json()["name"]
+    drawn = rng.integers(0, 256, (16, 24, 4), np.uint8)  # (its colours are not kept)
+    drawn[..., 3] = 255
+    drawn[4:10, 5:15, 3] = 0
+
+    def post(ref, mask=drawn, file="clipspace-mask.png"):
+        return httpx.post(f"{url}/upload/mask", timeout=TIMEOUT,
+                          files={"image": (file, _png_bytes(mask, "RGBA"), "image/png")},
+                          data={"original_ref": json.dumps(ref) if isinstance(ref, dict)
+                                else ref, "overwrite": "true"})
+    r = post({"filename": name, "type": "input", "subfolder": ""})
+    assert r.json() == {"name": "clipspace-mask.png", "subfolder": "", "type": "input"}, r.text
+    stored = np.asarray(Image.open(io.BytesIO(_view(url, {"filename": "clipspace-mask.png",
+                                                          "type": "input"}))))
+    assert stored.shape == (16, 24, 4)
+    assert np.array_equal(stored[..., :3], rgb) and np.array_equal(stored[..., 3], drawn[..., 3])
+    # An output as the original, named with ComfyUI's " [output]" annotation
+    entry = _history(url, _queue(url, _workflow(url, DEFAULT, seed=3))["prompt_id"])
+    out = entry["outputs"]["9"]["images"][0]["filename"]
+    big = np.zeros((64, 64, 4), np.uint8)
+    big[..., 3] = 128
+    assert post({"filename": f"{out} [output]"}, big, "m2.png").json()["name"] == "m2.png"
+    stored = np.asarray(Image.open(io.BytesIO(_view(url, {"filename": "m2.png",
+                                                          "type": "input"}))))
+    made = np.asarray(Image.open(io.BytesIO(_view(url, {"filename": out, "type": "output"}))))
+    assert np.array_equal(stored[..., :3], made[..., :3]) and (stored[..., 3] == 128).all()
+    for ref, mask, fragment in (
+            ("{not json", drawn, "original_ref must be JSON naming the original's filename"),
+            ({"type": "input"}, drawn, "original_ref must be JSON"),
+            ({"filename": "gone.png", "type": "input"}, drawn,
+             "original_ref names 'gone.png' of type 'input', which is not here"),
+            ({"filename": name, "type": "input", "subfolder": "clipspace"}, drawn,
+             "original_ref's subfolder must be empty"),
+            ({"filename": name, "type": "input"}, big, "image must be the original's size, "
+                                                       "24x16, got 64x64")):
+        r = post(ref, mask)
+        assert r.status_code == 400 and fragment in r.json()["error"]["message"], r.text
+
+
 @pytest.mark.parametrize("edit,param,fragment", [
     (lambda g: g["4"]["inputs"].update(ckpt_name="sd_xl_base_1.0.safetensors"), "prompt",
      "ckpt_name must name the server's model"),
