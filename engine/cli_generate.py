@@ -94,8 +94,8 @@ def generate(a):
         if getattr(a, "mask_channel", None) is None:
             mask = mask_to_float(mask)
         else:  # a workflow's: read and grown as ComfyUI does, at the init image's size
-            from .comfy import comfy_mask, inpaint_mask
-            read = comfy_mask(mask, a.mask_channel)
+            from .comfy import comfy_mask, inpaint_mask, mask_operations
+            read = mask_operations(comfy_mask(mask, a.mask_channel), a.mask_ops)
             mask = inpaint_mask(read, init.width, init.height, a.mask_grow)
             if a.mask_composite:  # (the results laid over the init image through it, ungrown)
                 composite = (init, 1 - read if a.invert_mask else read)
@@ -703,7 +703,7 @@ def _apply_workflow(a):
                             f"--mask PATH")
         a.mask = a.mask or a.init_image
         a.mask_channel, a.mask_grow, a.inpaint_overlay = channel, flow.grow_mask, False
-        a.mask_composite = flow.composite
+        a.mask_composite, a.mask_ops = flow.composite, flow.mask_ops
         if "mask_blur" not in a.given:
             a.mask_blur = 0
     if a.prompt is None:

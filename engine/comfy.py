@@ -153,6 +153,11 @@ _APPLY = "ControlNetApplyAdvanced"
 INPAINT_CONDITIONING = "InpaintModelConditioning"
 INPAINT_LATENTS = ("VAEEncodeForInpaint", "SetLatentNoiseMask", INPAINT_CONDITIONING)
 MAX_GROW_MASK = 64  # VAEEncodeForInpaint's grow_mask_by, at most
+# Between an inpainting's mask and its node: ComfyUI's InvertMask (1 - mask) and GrowMask
+# (``expand`` pixels of grey dilation, or erosion below 0, by a 3×3 cross, or square without
+# tapered_corners; at most MAX_EXPAND), run as ``mask_operations`` runs them.
+MASK_OPS = ("InvertMask", "GrowMask")
+MAX_EXPAND = 256
 # After an inpainting's VAEDecode, before the save node: the result laid over the init image
 # through the inpainting's mask, ungrown, at x 0, y 0 (``composite``), as ComfyUI's inpainting
 # workflows keep the pixels outside the mask.
@@ -334,6 +339,9 @@ class Workflow:
     # reads it, and the pixels a VAEEncodeForInpaint grows it by (None: no such node)
     mask: tuple = None
     grow_mask: int = None
+    # the InvertMask and GrowMask nodes on the mask's way, in the order they run
+    # (``mask_operations``): ("invert",) or ("grow", expand, tapered_corners)
+    mask_ops: tuple = ()
     # an ImageCompositeMasked between the VAEDecode and the save node: the result laid over the
     # init image through that mask, ungrown (``composite``)
     composite: bool = False
@@ -497,7 +505,8 @@ def read(graph, upscaler_scale=None) -> Workflow:
         flow.init_image = nodes.inputs(image).get("image")
         flow.strength = denoise
         if nodes.kind(latent) in INPAINT_LATENTS:
-            flow.mask, flow.grow_mask = _inpaint(nodes, latent, sampler_id, denoise)
+            flow.mask, flow.grow_mask, flow.mask_ops = _inpaint(nodes, latent, sampler_id,
+                                                                denoise)
     if composite is not None:
         flow.composite = _composite(nodes, composite, image, flow)
     if refiner is not None:
@@ -687,8 +696,8 @@ def _aesthetic_scores(nodes, text_ids, flow):
 
 
 def _inpaint(nodes, latent, sampler_id, denoise):
-    """The (mask file, channel) and grow_mask of an inpainting latent node (``latent``, of
-    ``INPAINT_LATENTS``), checked."""
+    """The (mask file, channel), grow_mask and mask operations of an inpainting latent node
+    (``latent``, of ``INPAINT_LATENTS``), checked."""
     kind = nodes.kind(latent)
     where = f"workflow node {latent} ({kind})"
     grow = None
@@ -709,7 +718,52 @@ def _inpaint(nodes, latent, sampler_id, denoise):
         if nodes.link(sampler_id, "latent_image")[1] != 2:
             raise SdrtError(f"workflow node {sampler_id} ({nodes.kind(sampler_id)}): "
                             f"latent_image must be node {latent}'s latent (output 2)")
-    return _mask_file(nodes, latent, "mask"), grow
+    file, channel, ops = _mask_chain(nodes, latent, "mask")
+    return (file, channel), grow, ops
+
+
+def _mask_chain(nodes, node_id, key):
+    """(file name, channel, operations) of the MASK a node's ``key`` takes through any
+    InvertMask and GrowMask nodes (``MASK_OPS``), the operations in the order they run."""
+    ops = []
+    while nodes.kind(nodes.link(node_id, key)[0]) in MASK_OPS:
+        node_id, key = nodes.link(node_id, key)[0], "mask"
+        if nodes.kind(node_id) == "InvertMask":
+            ops.append(("invert",))
+            continue
+        expand = _number(nodes, node_id, "expand", int, default=0)
+        tapered = nodes.inputs(node_id).get("tapered_corners", True)
+        if abs(expand) > MAX_EXPAND or not isinstance(tapered, bool):
+            raise SdrtError(f"workflow node {node_id} (GrowMask): expand must be an integer "
+                            f"from -{MAX_EXPAND} to {MAX_EXPAND} and tapered_corners true or "
+                            f"false, got {expand} and {short_repr(tapered)}")
+        ops.append(("grow", expand, tapered))
+    return (*_mask_file(nodes, node_id, key), tuple(ops[::-1]))
+
+
+def mask_operations(mask, ops):
+    """A MASK (float (H, W), ``comfy_mask``'s) through ComfyUI's InvertMask and GrowMask
+    nodes (``Workflow.mask_ops``): invert is 1 - mask; grow by e > 0 is e rounds of grey
+    dilation (the maximum over a 3×3 cross, or the whole 3×3 square without tapered corners;
+    outside the picture counts as its nearest edge pixel, as scipy's reflecting border),
+    e < 0 as many of erosion (the minimum). float32 (H, W)."""
+    import numpy as np
+    mask = np.asarray(mask, np.float32)
+    for op in ops:
+        if op[0] == "invert":
+            mask = 1 - mask
+            continue
+        _, expand, tapered = op
+        pick = np.maximum if expand > 0 else np.minimum
+        for _ in range(abs(expand)):
+            p = np.pad(mask, 1, mode="edge")
+            h, w = mask.shape
+            out = mask
+            for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)) + (
+                    () if tapered else ((-1, -1), (-1, 1), (1, -1), (1, 1))):
+                out = pick(out, p[1 + dy:1 + dy + h, 1 + dx:1 + dx + w])
+            mask = out
+    return mask
 
 
 def _composite(nodes, node_id, image, flow):
@@ -722,10 +776,10 @@ def _composite(nodes, node_id, image, flow):
     if nodes.link(node_id, "destination") != (image, 0):
         raise SdrtError(f"{where}: destination must be the inpainted picture (node {image}'s "
                         f"IMAGE)")
-    if nodes.inputs(node_id).get("mask") is None or _mask_file(nodes, node_id, "mask") != \
-            flow.mask:
+    if nodes.inputs(node_id).get("mask") is None or _mask_chain(nodes, node_id, "mask") != \
+            (*flow.mask, flow.mask_ops):
         raise SdrtError(f"{where}: mask must be the inpainting's ({flow.mask[0]!r}, "
-                        f"{flow.mask[1]})")
+                        f"{flow.mask[1]}, through the same mask nodes)")
     x, y = (_number(nodes, node_id, k, int, default=0) for k in ("x", "y"))
     if x or y or nodes.inputs(node_id).get("resize_source", False) is not False:
         raise SdrtError(f"{where}: sdrt lays the result at x 0, y 0 at its own size (x 0, y 0, "

@@ -177,6 +177,10 @@ def _node_specs(server, checkpoints, loras, images, controlnets, vaes, upscalers
         "VAEEncodeForInpaint": ("latent/inpaint", {
             "pixels": ["IMAGE"], "vae": ["VAE"], "mask": ["MASK"],
             "grow_mask_by": number("INT", 6, 0, comfy.MAX_GROW_MASK, 1)}, ["LATENT"]),
+        "InvertMask": ("mask", {"mask": ["MASK"]}, ["MASK"]),
+        "GrowMask": ("mask", {"mask": ["MASK"], "expand": number(
+            "INT", 0, -comfy.MAX_EXPAND, comfy.MAX_EXPAND, 1),
+            "tapered_corners": ["BOOLEAN", {"default": True}]}, ["MASK"]),
         "SetLatentNoiseMask": ("latent/inpaint", {"samples": ["LATENT"], "mask": ["MASK"]},
                                ["LATENT"]),
         comfy.INPAINT_CONDITIONING: ("conditioning/inpaint", {
@@ -371,7 +375,8 @@ def register(app, server_of, api_error):
             init = comfy.comfy_image(_uploaded(jobs.uploads, flow.init_image, bad))
         if flow.mask is not None:  # (read and grown as ComfyUI does; laid over by a composite)
             picture = _uploaded(jobs.uploads, flow.mask[0], bad)
-            read = await run_in_threadpool(comfy.comfy_mask, picture, flow.mask[1])
+            read = await run_in_threadpool(lambda: comfy.mask_operations(
+                comfy.comfy_mask(picture, flow.mask[1]), flow.mask_ops))
             mask = await run_in_threadpool(comfy.inpaint_mask, read, init.width, init.height,
                                            flow.grow_mask)
             overlay = (init, read) if flow.composite else None

@@ -90,6 +90,18 @@ def with_composite(g, **inputs):
     return g
 
 
+def with_mask_nodes(g):
+    """InvertMask, then GrowMask by 3 (square corners), then GrowMask by -1, between the
+    LoadImage's MASK and the inpainting node."""
+    g = copy.deepcopy(g)
+    g["40"] = {"class_type": "InvertMask", "inputs": {"mask": ["10", 1]}}
+    g["41"] = {"class_type": "GrowMask", "inputs": {"mask": ["40", 0], "expand": 3,
+                                                   "tapered_corners": False}}
+    g["42"] = {"class_type": "GrowMask", "inputs": {"mask": ["41", 0], "expand": -1}}
+    g["11"]["inputs"]["mask"] = ["42", 0]
+    return g
+
+
 def test_inpainting_nodes_read_as_sdrts_inpainting():
     flow = comfy.read(vae_encode_for_inpaint())
     assert (flow.init_image, flow.mask, flow.grow_mask, flow.strength) == \
@@ -114,6 +126,12 @@ def test_inpainting_nodes_read_as_sdrts_inpainting():
     assert not comfy.read(vae_encode_for_inpaint()).composite
     assert comfy.read(with_composite(vae_encode_for_inpaint())).composite
     assert comfy.read(with_composite(inpaint_conditioning())).composite
+    flow = comfy.read(with_mask_nodes(vae_encode_for_inpaint()))
+    assert flow.mask == ("photo.png", "alpha") and flow.mask_ops == (
+        ("invert",), ("grow", 3, False), ("grow", -1, True))
+    g = with_mask_nodes(vae_encode_for_inpaint())  # (the composite through the same nodes)
+    g = with_composite(g, mask=["42", 0])
+    assert comfy.read(g).composite
 
 
 def _edit(graph, edit):
@@ -131,10 +149,15 @@ REFUSED = {
         "workflow node 11 (VAEEncodeForInpaint): grow_mask_by must be an integer from 0 to 64"),
     "a mask from another node": (
         _edit(vae_encode_for_inpaint(), lambda g: g.update({"30": {
-            "class_type": "GrowMask", "inputs": {"mask": ["10", 1], "expand": 4}}}) or
+            "class_type": "FeatherMask", "inputs": {"mask": ["10", 1], "left": 4}}}) or
             g["11"]["inputs"].update(mask=["30", 0])),
-        "workflow node 30 (GrowMask) is not supported as VAEEncodeForInpaint's mask: sdrt "
+        "workflow node 30 (FeatherMask) is not supported as VAEEncodeForInpaint's mask: sdrt "
         "takes LoadImageMask or LoadImage's MASK there"),
+    "GrowMask past its bound": (
+        _edit(with_mask_nodes(vae_encode_for_inpaint()), lambda g: g["41"]["inputs"].update(
+            expand=-257)),
+        "workflow node 41 (GrowMask): expand must be an integer from -256 to 256 and "
+        "tapered_corners true or false, got -257 and False"),
     "LoadImage's IMAGE as the mask": (
         vae_encode_for_inpaint(mask=("10", 0)),
         "workflow node 10 (LoadImage) is not supported as VAEEncodeForInpaint's mask"),
@@ -188,7 +211,10 @@ REFUSED = {
             "class_type": "LoadImageMask", "inputs": {"image": "m.png", "channel": "red"}}})
             or g["30"]["inputs"].update(mask=["31", 0])),
         "workflow node 30 (ImageCompositeMasked): mask must be the inpainting's ('photo.png', "
-        "alpha)"),
+        "alpha, through the same mask nodes)"),
+    "a composite through fewer mask nodes": (
+        with_composite(with_mask_nodes(vae_encode_for_inpaint())),
+        "workflow node 30 (ImageCompositeMasked): mask must be the inpainting's"),
     "a composite without a mask": (
         _edit(with_composite(vae_encode_for_inpaint()), lambda g: g["30"]["inputs"].pop("mask")),
         "workflow node 30 (ImageCompositeMasked): mask must be the inpainting's"),
@@ -293,6 +319,26 @@ def test_composite_is_comfyuis_at_the_corner(source_size):
     assert np.array_equal(np.asarray(again), got)
 
 
+@pytest.mark.parametrize("tapered", [True, False])
+def test_mask_operations_are_comfyuis(tapered):
+    # GrowMask as ComfyUI runs it: scipy's grey dilation (erosion below 0) by a 3x3 cross (or
+    # square), once per pixel of expand; InvertMask 1 - mask.
+    ndimage = pytest.importorskip("scipy.ndimage")
+    rng = np.random.default_rng(7)
+    mask = ((rng.random((21, 17)) < 0.1) * rng.random((21, 17))).astype(np.float32)
+    mask[0, 5] = mask[20, 16] = 1  # at the edges
+    c = 0 if tapered else 1
+    footprint = np.array([[c, 1, c], [1, 1, 1], [c, 1, c]])
+    for expand in (1, 3, -1, -2):
+        step = ndimage.grey_dilation if expand > 0 else ndimage.grey_erosion
+        want = 1 - mask
+        for _ in range(abs(expand)):
+            want = step(want, footprint=footprint)
+        got = comfy.mask_operations(mask, (("invert",), ("grow", expand, tapered)))
+        assert got.dtype == np.float32 and np.array_equal(got, want), (expand, tapered)
+    assert np.array_equal(comfy.mask_operations(mask, ()), mask)
+
+
 def _photo(tmp_path, seed=1):
     """A 32x24 RGBA photo: random colours everywhere (under the mask too), the alpha 0 over
     a rectangle (ComfyUI's MASK: 1 there), 100 and 200 in a few pixels (0.6 and 0.2: rounded to
@@ -357,6 +403,30 @@ def test_cli_composite_lays_the_result_over_the_picture(tiny_dir, tmp_path, caps
     assert np.array_equal(got, want)
     assert np.array_equal(got[mask == 0], rgb[mask == 0])
     assert np.array_equal(got[mask == 1], plain[mask == 1])
+
+
+def test_cli_mask_nodes(tiny_dir, tmp_path, capsys):
+    # InvertMask and GrowMask before VAEEncodeForInpaint: the options' mask is the photo's
+    # MASK inverted, dilated by 3 (square), eroded by 1 (cross), then grown by 6 (its
+    # written-out rule, ``grown``).
+    ndimage = pytest.importorskip("scipy.ndimage")
+    rgb, mask = _photo(tmp_path, seed=3)
+    mask = 1 - mask  # (the alpha inverted, so that InvertMask gives the rectangle back)
+    Image.fromarray(np.dstack([rgb, np.rint(255 * (1 - mask)).astype(np.uint8)]), "RGBA").save(
+        tmp_path / "photo.png")
+    (tmp_path / "wf.json").write_text(json.dumps(_small(with_mask_nodes(
+        vae_encode_for_inpaint()))))
+    got = _generate(["--workflow", str(tmp_path / "wf.json"), "--model", tiny_dir,
+                     "--init-image", str(tmp_path / "photo.png")], tmp_path / "wf.png", capsys)
+    square, cross = np.ones((3, 3)), np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]])
+    m = 1 - mask
+    for _ in range(3):
+        m = ndimage.grey_dilation(m, footprint=square)
+    repaint = grown(ndimage.grey_erosion(m, footprint=cross), 6)
+    assert 0 < repaint.mean() < 1
+    want = _generate([*_options(tmp_path, rgb, repaint, 1), "--model", tiny_dir],
+                     tmp_path / "options.png", capsys)
+    assert np.array_equal(got[repaint == 1], want[repaint == 1])
 
 
 def test_cli_set_latent_noise_mask_takes_the_mask_file(tiny_dir, tmp_path, capsys):
