@@ -443,10 +443,11 @@ def _generate_options(g):
                    help="textual-inversion embedding (.safetensors, A1111 or diffusers layout); "
                         "write its token in the prompt: the file's name for A1111 files, the "
                         "token it holds for diffusers files (repeatable)")
-    g.add_argument("--prompt-syntax", choices=("a1111", "plain"), default="a1111",
+    g.add_argument("--prompt-syntax", choices=("a1111", "plain", "comfy"), default="a1111",
                    help="a1111: (word:1.2) weights, [word], BREAK, and prompts past 75 tokens "
                         "in chunks, as AUTOMATIC1111 reads them; plain: the text as it is, cut "
-                        "at 77 tokens (diffusers)")
+                        "at 77 tokens (diffusers); comfy: (word:1.2) weights and chunks as "
+                        "ComfyUI reads them, embedding:NAME (--workflow's default)")
     g.add_argument("-o", "--output", metavar="OUT.png", default="sdrt.png",
                    help="PNG to write. An existing file is kept: the first free name of "
                         "OUT-1.png, OUT-2.png, ... is used instead (for --batch N: of "

@@ -708,6 +708,8 @@ def _apply_workflow(a):
             a.mask_blur = 0
     if a.prompt is None:
         a.prompt = flow.prompt
+    if "prompt_syntax" not in a.given:  # (its prompts read as ComfyUI reads them)
+        a.prompt_syntax = "comfy"
     if "negative" not in a.given and flow.negative:
         a.negative = flow.negative
     if flow.refiner is not None:
@@ -940,7 +942,7 @@ def _static_plans(a, pipe, request, sampler, hires=None, image=None, controls=()
     plans = [pipe.compile(height, width, request.batch_size, request.num_inference_steps,
                           sampler, guidance=request.guidance, num_chunks=chunks,
                           strength=None if image is None else request.strength,
-                          masked=masked, **control)]
+                          masked=masked, prompt_syntax=request.prompt_syntax, **control)]
     if hires is not None:  # the second pass: one prompt per image, at the upscaled size
         width, height, _, _ = hires.target(request.width, request.height, pipe.vae_scale_factor)
         steps, _ = hires.schedule_steps(request.num_inference_steps)
@@ -952,7 +954,8 @@ def _static_plans(a, pipe, request, sampler, hires=None, image=None, controls=()
                                   second.texts_2()).num_chunks
         plans.append(pipe.compile(height, width, request.batch_size, steps,
                                   hires.sampler or request.sampler, guidance=request.guidance,
-                                  num_chunks=chunks, strength=hires.strength, **control))
+                                  num_chunks=chunks, strength=hires.strength,
+                                  prompt_syntax=request.prompt_syntax, **control))
     return plans
 
 

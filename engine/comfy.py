@@ -26,7 +26,8 @@ prompts and latent come from
   ``attn_mask`` read as ComfyUI reads a MASK, ``comfy_mask``; settings
   beyond diffusers' IP-Adapter, ``IPADAPTER_PLAIN``, refused; ``start_at``/``end_at`` counted
   in steps);
-- CLIPTextEncode nodes (the prompt and negative prompt), or SDXL's CLIPTextEncodeSDXL (text_l
+- CLIPTextEncode nodes (the prompt and negative prompt, read as ComfyUI reads them: sdrt's
+  ``prompt_syntax="comfy"``, ``engine.comfy_prompt``), or SDXL's CLIPTextEncodeSDXL (text_l
   the prompt, text_g the prompt_2, its sizes and crop the micro-conditioning; both prompts'
   the same), their CLIP through
   CLIPSetLastLayer (``stop_at_clip_layer`` -N is sdrt's clip skip N - 1) and the same LoRAs;

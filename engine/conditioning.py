@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from .comfy_prompt import apply_weights as comfy_weights
 from .prompt_syntax import WeightedIds, apply_weights
 
 
@@ -104,7 +105,8 @@ def encode_text(family, encoders: dict, inputs: TextInputs,
     the features (SDXL: CLIP ViT-L then OpenCLIP bigG), chunks joined along the sequence.
 
     ``encoders`` maps component names to modules; ``inputs`` (``TextInputs``) are on the
-    encoders' device. SD 1.x/2.x take the final layer (or
+    encoders' device (ComfyUI's weights, ``WeightedIds.empty``, encode the empty prompt's
+    chunk too, which they are relative to). SD 1.x/2.x take the final layer (or
     ``clip_skip`` from the end) through the final LayerNorm; SDXL takes the penultimate one
     (``hidden_states[-(clip_skip + 2)]`` in diffusers) without it. The pooled embedding is the
     first chunk's, as A1111 takes it.
@@ -114,15 +116,21 @@ def encode_text(family, encoders: dict, inputs: TextInputs,
         batch: WeightedIds = inputs[tokenizer]
         b, n, length = batch.ids.shape
         ids = batch.ids.reshape(b * n, length)
+        if batch.empty is not None:  # ComfyUI's weights: the empty prompt's chunk as well
+            ids = torch.cat([ids, batch.empty.to(ids.device)[None]])
         encoder = encoders[component]
         if family.penultimate and component == family.pooled:
             # The pooled output needs every layer; the states are taken on the way.
             states, pool = encoder.encode(ids, clip_skip=clip_skip + 1, final_norm=False)
-            pooled = pool.reshape(b, n, -1)[:, 0]
+            pooled = pool[:b * n].reshape(b, n, -1)[:, 0]
         elif family.penultimate:  # the layers past the one read are not run
             states = encoder(ids, clip_skip=clip_skip + 1, final_norm=False)
         else:
             states = encoder(ids, clip_skip=clip_skip)
-        states = apply_weights(states, batch.weights.reshape(b * n, length))
+        weights = batch.weights.reshape(b * n, length)
+        if batch.empty is None:
+            states = apply_weights(states, weights)
+        else:
+            states = comfy_weights(states[:b * n], weights, states[b * n:])
         parts.append(states.reshape(b, n * length, states.shape[-1]))
     return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0], pooled

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import comfy_prompt
 from .conditioning import Conditioning, TextInputs, encode_text
 from .control import ControlRequest, control_batch, control_scales, select
 from .errors import SdrtError
@@ -287,7 +288,7 @@ class Pipeline:
                 sampler=None, guidance=True, strict=False, max_shapes=4, num_chunks=1,
                 strength=None, masked=False, controlnet=None, guess_mode=False,
                 control_masks=False, ip_adapter=None, ip_adapter_images=1,
-                ip_adapter_masks=False):
+                ip_adapter_masks=False, prompt_syntax="a1111"):
         """Build the static plan (buffers, schedule, CUDA graphs on a GPU) for one shape.
 
         ``num_chunks``: the prompts' number of 77-token chunks (A1111 syntax: a prompt past
@@ -298,7 +299,8 @@ class Pipeline:
         True (``control_mask``); ``ip_adapter``: the IP-Adapters it runs (a loaded one's
         name or a list), with ``ip_adapter_images`` reference images each (one number, or one
         per adapter), regional where ``ip_adapter_masks`` (one bool, or one per adapter) is
-        True (a mask per image: ``ip_adapter_mask``).
+        True (a mask per image: ``ip_adapter_mask``). ``prompt_syntax``: the calls' (ComfyUI's,
+        "comfy", weighs the text states its own way, in a plan of its own).
 
         From then on, calls run through static plans (all but ``clip_skip`` and a refiner's
         part of the schedule): a call of a shape that was built replays it; any other shape
@@ -312,7 +314,7 @@ class Pipeline:
             prompt="", height=height, width=width, num_inference_steps=num_inference_steps,
             sampler=sampler, num_images_per_prompt=batch_size,
             guidance_scale=7.5 if guidance else 1.0, has_image=strength is not None,
-            strength=0.8 if strength is None else strength,
+            strength=0.8 if strength is None else strength, prompt_syntax=prompt_syntax,
         ).check(names={"num_images_per_prompt": "batch_size"}, limits=self.limits)
         if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or \
                 not 1 <= num_chunks <= 64:
@@ -698,7 +700,7 @@ class Pipeline:
                            request.num_inference_steps, request.sampler, self._cfg(request),
                            num_chunks, request.strength if request.has_image else None, masked,
                            controls, guess_mode, image_prompts, text_variants, image_regions,
-                           control_masks)
+                           control_masks, request.prompt_syntax == "comfy")
 
     def _guidance_distilled(self):
         """Whether the UNet takes its guidance scale as an input (an LCM-distilled UNet, config
@@ -773,13 +775,17 @@ class Pipeline:
         tokenizers: the first reads ``prompts``, the second ``prompts_2`` (default: the same
         prompts). ``"a1111"`` reads A1111's syntax (weights, ``BREAK``, 75-token chunks past
         77 tokens; every tokenizer gets as many chunks as the longest needs); ``"plain"`` is
-        one chunk, cut at 77 tokens with a warning, every weight 1."""
+        one chunk, cut at 77 tokens with a warning, every weight 1; ``"comfy"`` reads ComfyUI's
+        (``comfy_prompt``: its weights, chunks, and the rows' chunks repeated to one count)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if isinstance(prompts_2, str):
             prompts_2 = [prompts_2] * len(prompts)
         texts = [prompts, prompts_2 or prompts]
         names = self.family.tokenizers
+        if prompt_syntax == "comfy":
+            return TextInputs(dict(zip(names, comfy_prompt.tokenize_prompts(
+                [self.tokenizers[name] for name in names], texts[:len(names)]))))
 
         def tokenize(i, num_chunks=None):
             tokenizer = self.tokenizers[names[i]]

@@ -121,21 +121,25 @@ class Chunk:
 
 @dataclass(frozen=True)
 class WeightedIds:
-    """A batch of prompts as chunks: ``ids`` (B, n, 77) int64, ``weights`` (B, n, 77) float32."""
+    """A batch of prompts as chunks: ``ids`` (B, n, 77) int64, ``weights`` (B, n, 77) float32;
+    ``empty`` (77,) int64, the empty prompt's chunk, where the weights are ComfyUI's (relative
+    to its states: ``comfy_prompt.apply_weights``), else None (A1111's emphasis)."""
     ids: torch.Tensor
     weights: torch.Tensor
+    empty: torch.Tensor = None
 
     @property
     def num_chunks(self) -> int:
         return self.ids.shape[1]
 
     def to(self, device) -> "WeightedIds":
-        return WeightedIds(self.ids.to(device), self.weights.to(device))
+        return WeightedIds(self.ids.to(device), self.weights.to(device),
+                           None if self.empty is None else self.empty.to(device))
 
     def repeat_interleave(self, k: int) -> "WeightedIds":
         """Each prompt's row k times (``num_images_per_prompt``)."""
         return WeightedIds(self.ids.repeat_interleave(k, dim=0),
-                           self.weights.repeat_interleave(k, dim=0))
+                           self.weights.repeat_interleave(k, dim=0), self.empty)
 
 
 def fragment_ids(tokenizer, texts: list[str]) -> list[list[int]]:

@@ -75,8 +75,9 @@ CFG_PP_PREFIX = "cfgpp_"
 A1111_CFG_PP_DIVISOR = 12.5
 OUTPUT_TYPES = ("pil", "np", "latent")
 # How a prompt string is read: A1111's syntax (weights, BREAK, 75-token chunks past 77 tokens;
-# prompt_syntax.py) or as plain text (cut at 77 tokens, as diffusers does).
-PROMPT_SYNTAXES = ("a1111", "plain")
+# prompt_syntax.py), as plain text (cut at 77 tokens, as diffusers does), or as ComfyUI reads it
+# (its weights and chunks: comfy_prompt.py).
+PROMPT_SYNTAXES = ("a1111", "plain", "comfy")
 # The micro-conditioning arguments (SDXL), each a (height, width) or (top, left) pair, or a score.
 MICRO_CONDITIONING = ("original_size", "crops_coords_top_left", "target_size",
                       "negative_original_size", "negative_crops_coords_top_left",

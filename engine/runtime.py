@@ -57,6 +57,8 @@ class StaticShape:
     image_regions: tuple = ()
     # Per ControlNet of controls, whether it has a region mask; () for none.
     control_masks: tuple = ()
+    # ComfyUI's prompt weights (relative to the empty prompt's states, which are encoded too)
+    comfy_weights: bool = False
 
     def describe(self):
         chunks = f", {self.num_chunks} text chunks" if self.num_chunks > 1 else ""
@@ -118,6 +120,9 @@ class StaticPlan:
                     for t in family.tokenizers}
         self.weights = {t: torch.ones(v * rows * n, length, dtype=torch.float32, device=dev)
                         for t in family.tokenizers}
+        # ComfyUI's weights: the empty prompt's chunk (77,) per tokenizer; else None
+        self.empty = ({t: torch.zeros(length, dtype=torch.long, device=dev)
+                       for t in family.tokenizers} if shape.comfy_weights else None)
         # 0 on the rows whose conditioning is zeros (SDXL's empty negative prompt), else 1,
         self.keep = torch.ones(rows, dtype=torch.float32, device=dev)
         self.noise = torch.zeros(self.latent_shape, dtype=dtype, device=dev)
@@ -212,7 +217,8 @@ class StaticPlan:
         # (V·rows, 77·n, D), weighted (A1111 emphasis; no host sync), joined per prompt
         n, length, v = self.shape.num_chunks, self.model.text_length, self.shape.text_variants
         inputs = TextInputs({t: WeightedIds(self.ids[t].view(v * self.rows, n, length),
-                                            self.weights[t].view(v * self.rows, n, length))
+                                            self.weights[t].view(v * self.rows, n, length),
+                                            None if self.empty is None else self.empty[t])
                              for t in self.ids})
         states, pooled = encode_text(self.model.family, self.model.text_encoders, inputs)
         keep = self.keep.repeat(v)
@@ -317,6 +323,12 @@ class StaticPlan:
         for t, batch in inputs.items():
             self.ids[t].copy_(batch.ids.reshape(self.ids[t].shape))
             self.weights[t].copy_(batch.weights.reshape(self.weights[t].shape))
+            if (batch.empty is None) != (self.empty is None):
+                raise SdrtError("the prompts' weights are ComfyUI's where the plan's are not, or "
+                                "the other way round: build the plan with the request's "
+                                "prompt_syntax")
+            if self.empty is not None:
+                self.empty[t].copy_(batch.empty)
         if keep is None:
             self.keep.fill_(1.0)
         else:

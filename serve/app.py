@@ -244,8 +244,13 @@ class Server:
                    has_image=True)
 
     def chunks(self, req):
-        """The checked request's number of 77-token text chunks (part of its batch key)."""
-        return self.runner.pipe.text_inputs(req.texts(), req.prompt_syntax).num_chunks
+        """The checked request's number of 77-token text chunks (part of its batch key); a
+        prompt the syntax refuses (a weight that is not finite, an embedding not loaded) is a
+        400 naming the prompt."""
+        try:
+            return self.runner.pipe.text_inputs(req.texts(), req.prompt_syntax).num_chunks
+        except SdrtError as e:
+            raise ApiError(400, " ".join(str(e).split()), "bad_request", "prompt")
 
     def seeds(self, seed, n, name):
         base = random.randrange(_RANDOM_SEEDS) if seed is None or seed == -1 else seed

@@ -390,7 +390,8 @@ def register(app, server_of, api_error):
                            strength=flow.strength if init is not None else 0.8,
                            has_image=init is not None, prompt_2=flow.prompt_2,
                            negative_prompt_2=flow.negative_2, original_size=flow.original_size,
-                           crops_coords_top_left=flow.crop, target_size=flow.target_size)
+                           crops_coords_top_left=flow.crop, target_size=flow.target_size,
+                           prompt_syntax="comfy")
         seeds = server.seeds(req.seed, flow.batch, "seed")
         hires = _hires(server, flow, req, bad) if flow.hires is not None else None
         if flow.upscale is not None:
@@ -406,7 +407,8 @@ def register(app, server_of, api_error):
                        req.clip_skip, server.chunks(req), inpaint=mask is not None,
                        hires=hires, loras=loras, controls=controls, vae=flow.vae,
                        image_prompts=prompts,
-                       micro=(flow.original_size, flow.crop, flow.target_size))
+                       micro=(flow.original_size, flow.crop, flow.target_size),
+                       prompt_syntax="comfy")
         rows = [Row(flow.prompt, flow.negative, req.guidance_scale, s, init, mask,
                     control_images=hints, control_info=units + texts, ip_images=pictures,
                     prompt_2=flow.prompt_2, negative_prompt_2=flow.negative_2)

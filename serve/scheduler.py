@@ -67,6 +67,7 @@ class BatchKey:
     # the rows' IP-Adapters (Runner.controlnet_path names them), rows sharing their reference
     # images, and their effective_region_masks (a1111_controlnet.RegionMask, or None).
     image_prompts: tuple = ()
+    prompt_syntax: str = "a1111"  # how the rows' prompts are read (ComfyUI's API: "comfy")
 
 
 @dataclass(frozen=True)

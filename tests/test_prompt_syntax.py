@@ -488,5 +488,6 @@ def test_static_plan_keyed_by_chunks_equals_eager(pipe):
 
 
 def test_unknown_prompt_syntax_is_refused(pipe):
-    with pytest.raises(SdrtError, match="prompt_syntax must be one of a1111, plain, got 'comfy'"):
-        pipe("x", prompt_syntax="comfy", **PIPE_ARGS)
+    with pytest.raises(SdrtError,
+                       match="prompt_syntax must be one of a1111, plain, comfy, got 'compel'"):
+        pipe("x", prompt_syntax="compel", **PIPE_ARGS)

@@ -98,6 +98,32 @@ def test_text_to_image_as_comfyuis_script_example(server, ref_pipe):
     assert queued["prompt_id"] in httpx.get(f"{url}/history").json()
 
 
+def test_prompts_are_read_as_comfyui_reads_them(server, ref_pipe):
+    # ComfyUI's weights (relative to the empty prompt; (x:w) sets w) and its repetition of a
+    # shorter prompt's chunks: the library's prompt_syntax="comfy".
+    url = server
+    graph = _workflow(url, DEFAULT, seed=9)
+    long = "(a fox:1.3) in snow, " + ", ".join(f"word{i}" for i in range(30))
+    graph["6"]["inputs"]["text"] = long
+    graph["7"]["inputs"]["text"] = "(blurry:1.4)"
+    entry = _history(url, _queue(url, graph)["prompt_id"])
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    png = Image.open(io.BytesIO(_view(url, entry["outputs"]["9"]["images"][0])))
+    call = dict(negative_prompt="(blurry:1.4)", height=64, width=64, num_inference_steps=2,
+                guidance_scale=7.0, sampler="euler_a_normal", seed=9)
+    want = ref_pipe(long, prompt_syntax="comfy", **call)[0]
+    assert_same_image(png, want, "ComfyUI's prompt weights")
+    a1111 = ref_pipe(long, **call)[0]
+    assert np.abs(np.asarray(a1111, dtype=int) - np.asarray(want, dtype=int)).max() > 2
+    for text, fragment in (("a fox embedding:nothere", "prompt names embedding:nothere, which "
+                                                       "is not a loaded textual-inversion"),
+                           ("(a:inf) fox", "prompt weight of 'a' must be finite, got inf")):
+        graph["6"]["inputs"]["text"] = text
+        r = httpx.post(f"{url}/prompt", json={"prompt": graph}, timeout=TIMEOUT)
+        assert r.status_code == 400 and fragment in r.json()["error"]["message"], r.text
+        assert r.json()["error"]["param"] == "prompt"
+
+
 def test_object_info_drives_a_workflow(server, ref_pipe):
     # A client that builds its workflow from /object_info's menus (the checkpoint, a sampler
     # and scheduler pair) gets a workflow sdrt runs; every pair the menus offer together is
