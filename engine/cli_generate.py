@@ -65,17 +65,19 @@ def generate(a):
     hires = _hires(a, request)
     output = _output_path(a)
     _check_sources(a)
-    init = mask = composite = None
+    init = mask = composite = canvas_mask = None
     if a.init_image is not None:
         from .images import read_image
         init = read_image(a.init_image, "init image")
         if a.workflow is not None:  # (as ComfyUI's LoadImage reads it)
             from .comfy import comfy_image
             init = comfy_image(init)
+        if getattr(a, "outpaint", None) is not None:  # a workflow's ImagePadForOutpaint
+            init, canvas_mask = _outpaint(a, init)
     if sd is not None:  # no more tiles a call than there are
         request = dataclasses.replace(request, num_images_per_prompt=min(
             a.batch, _sd_upscale_tiles(a, init, sd[0])))
-    if a.mask is not None:
+    if a.mask is not None or canvas_mask is not None:
         from .images import MAX_MASK_BLUR, blur_mask, mask_to_float, read_image
         if init is None:
             raise SdrtError("--mask needs --init-image, the image to inpaint")
@@ -90,12 +92,13 @@ def generate(a):
                                    ("--masked-padding", a.masked_padding, MAX_PADDING)):
             if not 0 <= value <= top:
                 raise SdrtError(f"{option} must be an integer from 0 to {top}, got {value}")
-        mask = read_image(a.mask, "mask")
+        mask = None if a.mask is None else read_image(a.mask, "mask")
         if getattr(a, "mask_channel", None) is None:
             mask = mask_to_float(mask)
         else:  # a workflow's: read and grown as ComfyUI does, at the init image's size
             from .comfy import comfy_mask, inpaint_mask, mask_operations
-            read = mask_operations(comfy_mask(mask, a.mask_channel), a.mask_ops)
+            read = mask_operations(canvas_mask if mask is None else
+                                   comfy_mask(mask, a.mask_channel), a.mask_ops)
             mask = inpaint_mask(read, init.width, init.height, a.mask_grow)
             if a.mask_composite:  # (the results laid over the init image through it, ungrown)
                 composite = (init, 1 - read if a.invert_mask else read)
@@ -698,10 +701,14 @@ def _apply_workflow(a):
                         f"--init-image PATH")
     if flow.mask is not None:  # (read as ComfyUI reads it, its result not pasted over)
         name, channel = flow.mask
-        if a.mask is None and name != flow.init_image:
+        if name is None and a.mask is not None:
+            raise SdrtError(f"{where} outpaints through its ImagePadForOutpaint's mask: --mask "
+                            f"does not apply")
+        if a.mask is None and name not in (None, flow.init_image):
             raise SdrtError(f"{where} inpaints through the {channel} of image {name!r}: pass "
                             f"--mask PATH")
-        a.mask = a.mask or a.init_image
+        a.outpaint = flow.outpaint
+        a.mask = a.mask or (a.init_image if name is not None else None)
         a.mask_channel, a.mask_grow, a.inpaint_overlay = channel, flow.grow_mask, False
         a.mask_composite, a.mask_ops = flow.composite, flow.mask_ops
         if "mask_blur" not in a.given:
@@ -747,6 +754,20 @@ def _apply_workflow(a):
                 setattr(a, attr, value)
         if "hr_upscaler" not in a.given:
             a.hr_comfy_upscale = h.comfy_upscale
+
+
+def _outpaint(a, init):
+    """--workflow's ImagePadForOutpaint: (the init image on its canvas, the canvas's MASK),
+    the canvas's size checked against SDRT_MAX_SIDE first."""
+    from .comfy import outpaint
+    left, top, right, bottom, _ = a.outpaint
+    top_side = Limits.from_env().max_side
+    width, height = init.width + left + right, init.height + top + bottom
+    if max(width, height) > top_side:
+        raise SdrtError(f"--workflow {a.workflow} pads the {init.width}x{init.height} init image "
+                        f"to {width}x{height} (ImagePadForOutpaint); each side must be at most "
+                        f"{top_side} (SDRT_MAX_SIDE)")
+    return outpaint(init, a.outpaint)
 
 
 def _output_path(a):

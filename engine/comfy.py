@@ -154,6 +154,10 @@ _APPLY = "ControlNetApplyAdvanced"
 INPAINT_CONDITIONING = "InpaintModelConditioning"
 INPAINT_LATENTS = ("VAEEncodeForInpaint", "SetLatentNoiseMask", INPAINT_CONDITIONING)
 MAX_GROW_MASK = 64  # VAEEncodeForInpaint's grow_mask_by, at most
+# ComfyUI's outpainting: an ImagePadForOutpaint between the LoadImage and an inpainting node's
+# pixels, its MASK the inpainting's mask (``outpaint``); each side's pad at most MAX_PAD.
+OUTPAINT = "ImagePadForOutpaint"
+MAX_PAD = 8192
 # Between an inpainting's mask and its node: ComfyUI's InvertMask (1 - mask) and GrowMask
 # (``expand`` pixels of grey dilation, or erosion below 0, by a 3×3 cross, or square without
 # tapered_corners; at most MAX_EXPAND), run as ``mask_operations`` runs them.
@@ -346,6 +350,9 @@ class Workflow:
     # an ImageCompositeMasked between the VAEDecode and the save node: the result laid over the
     # init image through that mask, ungrown (``composite``)
     composite: bool = False
+    # an ImagePadForOutpaint's (left, top, right, bottom, feathering): the init image on its
+    # canvas (``outpaint``), whose MASK is the inpainting's (``mask`` (None, "outpaint"))
+    outpaint: tuple = None
 
 
 def load(path):
@@ -502,14 +509,24 @@ def read(graph, upscaler_scale=None) -> Workflow:
         if nodes.follow(encode, "vae", ("CheckpointLoaderSimple", "VAELoader")) != vae:
             raise SdrtError(f"workflow node {encode} ({nodes.kind(encode)}) must encode with "
                             f"the VAE that decodes (node {vae}'s)")
-        image = nodes.follow(encode, "pixels", ("LoadImage",))
+        image = pixels = nodes.follow(encode, "pixels", ("LoadImage", OUTPAINT))
+        if nodes.kind(pixels) == OUTPAINT:  # the picture on a larger canvas, to paint around
+            flow.outpaint = _outpaint(nodes, pixels, nodes.kind(latent) in INPAINT_LATENTS)
+            image = nodes.follow(pixels, "image", ("LoadImage",))
         flow.init_image = nodes.inputs(image).get("image")
         flow.strength = denoise
         if nodes.kind(latent) in INPAINT_LATENTS:
             flow.mask, flow.grow_mask, flow.mask_ops = _inpaint(nodes, latent, sampler_id,
                                                                 denoise)
+            if (flow.mask[0] is None) != (flow.outpaint is not None) or (
+                    flow.outpaint is not None and flow.mask[1] != pixels):
+                raise SdrtError(f"workflow node {latent} ({nodes.kind(latent)}): mask must be "
+                                f"the MASK of the {OUTPAINT} node its pixels come from, and "
+                                f"only then a {OUTPAINT}'s")
     if composite is not None:
-        flow.composite = _composite(nodes, composite, image, flow)
+        flow.composite = _composite(nodes, composite, pixels, flow)
+    if flow.outpaint is not None:  # (its MASK: no file)
+        flow.mask = (None, "outpaint")
     if refiner is not None:
         flow.aesthetic_score, flow.negative_aesthetic_score = _aesthetic_scores(
             nodes, refiner_texts, flow)
@@ -767,9 +784,50 @@ def mask_operations(mask, ops):
     return mask
 
 
+def _outpaint(nodes, node_id, inpainting):
+    """An ImagePadForOutpaint's (left, top, right, bottom, feathering), checked."""
+    where = f"workflow node {node_id} ({OUTPAINT})"
+    if not inpainting:
+        raise SdrtError(f"{where}: sdrt paints around a picture only when inpainting through "
+                        f"its MASK (VAEEncodeForInpaint, SetLatentNoiseMask or "
+                        f"{INPAINT_CONDITIONING})")
+    pad = tuple(_number(nodes, node_id, k, int, default=d) for k, d in (
+        ("left", 0), ("top", 0), ("right", 0), ("bottom", 0), ("feathering", 40)))
+    if not all(0 <= p <= MAX_PAD for p in pad):
+        raise SdrtError(f"{where}: left, top, right, bottom and feathering must be integers "
+                        f"from 0 to {MAX_PAD}, got {', '.join(map(str, pad))}")
+    return pad
+
+
+def outpaint(image, pad):
+    """ComfyUI's ImagePadForOutpaint on a PIL image (read as LoadImage reads it): (the picture
+    on a mid-grey canvas grown by ``pad``'s left, top, right and bottom pixels, PIL RGB (the
+    grey 8-bit 128), its MASK float32 (H, W)): 1 on the new pixels; on the picture's, where
+    ``pad``'s feathering f is under half its sides, ((f - d) / f)² within f of a padded side
+    (d the distance to it, counted from 0 at its first row or column on the top and left and
+    from 1 at its last on the bottom and right), else 0."""
+    import numpy as np
+    from PIL import Image
+    left, top, right, bottom, feathering = pad
+    picture = comfy_image(image)
+    w, h = picture.size
+    canvas = Image.new("RGB", (w + left + right, h + top + bottom), (128, 128, 128))
+    canvas.paste(picture, (left, top))
+    mask = np.ones((canvas.height, canvas.width), np.float32)
+    inner = np.zeros((h, w), np.float32)
+    if 0 < feathering and 2 * feathering < min(h, w):
+        rows, cols = np.arange(h)[:, None], np.arange(w)[None, :]
+        d = np.minimum(np.minimum(rows if top else h, h - rows if bottom else h),
+                       np.minimum(cols if left else w, w - cols if right else w))
+        inner = np.where(d < feathering, ((feathering - d) / feathering) ** 2, 0)
+    mask[top:top + h, left:left + w] = inner
+    return canvas, mask
+
+
 def _composite(nodes, node_id, image, flow):
     """Checks an ImageCompositeMasked (``node_id``) of the decoded inpainting over its init
-    image (the LoadImage node ``image``) through its mask at x 0, y 0; True."""
+    image (the LoadImage node ``image``, or the ImagePadForOutpaint's canvas) through its mask
+    at x 0, y 0; True."""
     where = f"workflow node {node_id} ({COMPOSITE})"
     if flow.mask is None:
         raise SdrtError(f"{where}: sdrt lays a result over its picture only when inpainting "
@@ -1199,6 +1257,8 @@ def _mask_file(nodes, node_id, key):
                             f"{', '.join(MASK_CHANNELS)}, got {short_repr(channel)}")
     elif kind == "LoadImage" and slot == 1:
         channel = "alpha"
+    elif kind == OUTPAINT and slot == 1 and key == "mask":  # (an inpainting's: its canvas)
+        return None, source
     else:
         raise SdrtError(f"workflow node {source} ({kind}) is not supported as "
                         f"{nodes.kind(node_id)}'s {key}: sdrt takes LoadImageMask or "

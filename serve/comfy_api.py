@@ -170,6 +170,10 @@ def _node_specs(server, checkpoints, loras, images, controlnets, vaes, upscalers
         # inpainting (engine/comfy.py: INPAINT_LATENTS), its mask a LoadImage's or these
         "LoadImageMask": ("mask", {"image": [images, {"image_upload": True}],
                                    "channel": [list(comfy.MASK_CHANNELS)]}, ["MASK"]),
+        comfy.OUTPAINT: ("image", {
+            "image": ["IMAGE"], **{side: number("INT", 0, 0, limits.max_side, 8)
+                                   for side in ("left", "top", "right", "bottom")},
+            "feathering": number("INT", 40, 0, limits.max_side, 1)}, ["IMAGE", "MASK"]),
         comfy.COMPOSITE: ("image", {
             "destination": ["IMAGE"], "source": ["IMAGE"],
             "x": number("INT", 0, 0, 0, 1), "y": number("INT", 0, 0, 0, 1),
@@ -370,13 +374,22 @@ def register(app, server_of, api_error):
                       f"image's size (sdrt generate --workflow runs it)")
         from .app import check_loras
         loras = check_loras(server, [(_stem(name), s) for name, s in flow.loras], "prompt")
-        init = mask = overlay = None
+        init = mask = overlay = canvas = None
         if flow.init_image is not None:
             init = comfy.comfy_image(_uploaded(jobs.uploads, flow.init_image, bad))
+            if flow.outpaint is not None:  # (ImagePadForOutpaint: the canvas and its MASK)
+                left, top, right, bottom, _ = flow.outpaint
+                w, h = init.width + left + right, init.height + top + bottom
+                if max(w, h) > server.limits.max_side:
+                    raise bad(f"prompt: ImagePadForOutpaint pads the {init.width}x{init.height} "
+                              f"image to {w}x{h}; each side must be at most "
+                              f"{server.limits.max_side} (SDRT_MAX_SIDE)")
+                init, canvas = await run_in_threadpool(comfy.outpaint, init, flow.outpaint)
         if flow.mask is not None:  # (read and grown as ComfyUI does; laid over by a composite)
-            picture = _uploaded(jobs.uploads, flow.mask[0], bad)
+            picture = None if canvas is not None else _uploaded(jobs.uploads, flow.mask[0], bad)
             read = await run_in_threadpool(lambda: comfy.mask_operations(
-                comfy.comfy_mask(picture, flow.mask[1]), flow.mask_ops))
+                canvas if picture is None else comfy.comfy_mask(picture, flow.mask[1]),
+                flow.mask_ops))
             mask = await run_in_threadpool(comfy.inpaint_mask, read, init.width, init.height,
                                            flow.grow_mask)
             overlay = (init, read) if flow.composite else None

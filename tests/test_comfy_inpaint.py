@@ -480,3 +480,102 @@ def test_cli_inpaint_model_conditioning_on_an_inpainting_model(tiny_inpainting, 
                        "--init-image", str(tmp_path / "opaque.png"), "--mask",
                        str(tmp_path / "photo.png")], tmp_path / "again.png", capsys)
     assert np.array_equal(again, got)
+
+
+def outpaint_workflow(pad=(16, 8, 0, 8), feathering=6, grow=8):
+    """ComfyUI's outpainting example: LoadImage → ImagePadForOutpaint → VAEEncodeForInpaint
+    (the pad's IMAGE and MASK)."""
+    g = vae_encode_for_inpaint(grow=grow, mask=("12", 1))
+    left, top, right, bottom = pad
+    g["12"] = {"class_type": "ImagePadForOutpaint",
+               "inputs": {"image": ["10", 0], "left": left, "top": top, "right": right,
+                          "bottom": bottom, "feathering": feathering}}
+    g["11"]["inputs"]["pixels"] = ["12", 0]
+    return g
+
+
+def comfy_pad(rgb, left, top, right, bottom, feathering):
+    """ImagePadForOutpaint written out as ComfyUI's loop: a 0.5 grey canvas, the picture at
+    (left, top), the MASK 1 outside it and, within it, ((f - d) / f)² where the distance d to
+    the nearest padded side (top/left: i, j; bottom/right: h - i, w - j) is under f."""
+    h, w = rgb.shape[:2]
+    canvas = np.full((h + top + bottom, w + left + right, 3), 128, np.uint8)
+    canvas[top:top + h, left:left + w] = rgb
+    mask = np.ones(canvas.shape[:2], np.float32)
+    inner = np.zeros((h, w), np.float32)
+    if feathering > 0 and feathering * 2 < h and feathering * 2 < w:
+        for i in range(h):
+            for j in range(w):
+                d = min(i if top else h, h - i if bottom else h, j if left else w,
+                        w - j if right else w)
+                if d < feathering:
+                    inner[i, j] = ((feathering - d) / feathering) ** 2
+    mask[top:top + h, left:left + w] = inner
+    return canvas, mask
+
+
+@pytest.mark.parametrize("pad,feathering", [((16, 8, 0, 8), 6), ((0, 0, 24, 0), 5),
+                                            ((8, 8, 8, 8), 0), ((8, 0, 0, 0), 12)])
+def test_outpaint_is_comfyuis(pad, feathering):
+    rgb = np.random.default_rng(5).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    canvas, mask = comfy.outpaint(Image.fromarray(rgb), (*pad, feathering))
+    want_canvas, want_mask = comfy_pad(rgb, *pad, feathering)
+    assert np.array_equal(np.asarray(canvas), want_canvas)
+    np.testing.assert_allclose(mask, want_mask, rtol=1e-6, atol=0)
+    assert mask.dtype == np.float32
+
+
+def test_outpaint_reads():
+    flow = comfy.read(outpaint_workflow())
+    assert (flow.outpaint, flow.mask, flow.grow_mask, flow.init_image) == (
+        (16, 8, 0, 8, 6), (None, "outpaint"), 8, "photo.png")
+    g = with_composite(outpaint_workflow(), destination=["12", 0], mask=["12", 1])
+    assert comfy.read(g).composite
+    refusals = [
+        (_edit(outpaint_workflow(), lambda g: g["11"].update(class_type="VAEEncode")),
+         "workflow node 12 (ImagePadForOutpaint): sdrt paints around a picture only when "
+         "inpainting"),
+        (_edit(outpaint_workflow(), lambda g: g["11"]["inputs"].update(mask=["10", 1])),
+         "workflow node 11 (VAEEncodeForInpaint): mask must be the MASK of the "
+         "ImagePadForOutpaint node its pixels come from"),
+        (_edit(outpaint_workflow(), lambda g: g["11"]["inputs"].update(pixels=["10", 0])),
+         "workflow node 11 (VAEEncodeForInpaint): mask must be the MASK of the "
+         "ImagePadForOutpaint"),
+        (_edit(outpaint_workflow(), lambda g: g["12"]["inputs"].update(left=-8)),
+         "workflow node 12 (ImagePadForOutpaint): left, top, right, bottom and feathering must "
+         "be integers from 0 to 8192, got -8, 8, 0, 8, 6"),
+        (with_composite(outpaint_workflow(), mask=["12", 1]),
+         "workflow node 30 (ImageCompositeMasked): destination must be the inpainted picture "
+         "(node 12's IMAGE)"),
+    ]
+    for graph, message in refusals:
+        with pytest.raises(SdrtError) as e:
+            comfy.read(graph)
+        assert message in str(e.value), str(e.value)
+
+
+def test_cli_outpaint(tiny_dir, tmp_path, capsys):
+    rgb = np.random.default_rng(6).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "photo.png")
+    (tmp_path / "wf.json").write_text(json.dumps(_small(outpaint_workflow())))
+    base = ["--workflow", str(tmp_path / "wf.json"), "--model", tiny_dir, "--init-image",
+            str(tmp_path / "photo.png")]
+    got = _generate(base, tmp_path / "wf.png", capsys)
+    canvas, mask = comfy_pad(rgb, 16, 8, 0, 8, 6)
+    assert got.shape == canvas.shape == (40, 48, 3)
+    repaint = grown(mask, 8)
+    want = _generate([*_options(tmp_path, canvas, repaint, 1), "--model", tiny_dir],
+                     tmp_path / "options.png", capsys)
+    assert np.array_equal(got[repaint == 1], want[repaint == 1])
+    assert repaint[:8].all() and repaint[:, :16].all() and not repaint[16:24, 24:48].any()
+    code, _, err = _run(["generate", *base, "--mask", str(tmp_path / "photo.png"), "-o",
+                         str(tmp_path / "no.png")], capsys)
+    assert code == 2 and "outpaints through its ImagePadForOutpaint's mask: --mask does not " \
+                         "apply" in err, err
+    # Laid over the canvas through the pad's MASK (ungrown)
+    (tmp_path / "laid.json").write_text(json.dumps(_small(with_composite(
+        outpaint_workflow(), destination=["12", 0], mask=["12", 1]))))
+    laid = _generate(["--workflow", str(tmp_path / "laid.json"), *base[2:]],
+                     tmp_path / "laid.png", capsys)
+    weight = mask[..., None]
+    assert np.array_equal(laid, np.rint(got * weight + canvas * (1 - weight)))

@@ -280,6 +280,33 @@ def _png_bytes(array, mode=None):
     return buffer.getvalue()
 
 
+def test_outpainting(server, ref_pipe):
+    # ImagePadForOutpaint → VAEEncodeForInpaint: the library's inpainting of the canvas
+    # (written out as ComfyUI's loop) through its MASK grown by 8; a canvas past
+    # SDRT_MAX_SIDE is a 400.
+    from test_comfy_inpaint import comfy_pad, grown, outpaint_workflow
+    url = server
+    rgb = np.random.default_rng(9).integers(0, 256, (48, 48, 3), np.uint8)
+    name = httpx.post(f"{url}/upload/image", files={
+        "image": ("wide.png", _png_bytes(rgb), "image/png")}).json()["name"]
+    graph = _workflow(url, outpaint_workflow(pad=(16, 0, 0, 16), feathering=8), seed=4)
+    graph["10"]["inputs"]["image"] = name
+    entry = _history(url, _queue(url, graph)["prompt_id"])
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    png = Image.open(io.BytesIO(_view(url, entry["outputs"]["9"]["images"][0])))
+    canvas, mask = comfy_pad(rgb, 16, 0, 0, 16, 8)
+    want = ref_pipe("beautiful scenery nature glass bottle", negative_prompt="text, watermark",
+                    image=Image.fromarray(canvas), mask_image=grown(mask, 8), strength=1.0,
+                    num_inference_steps=2, guidance_scale=7.0, sampler="euler_a_normal",
+                    seed=4)[0]
+    assert png.size == (64, 64)
+    assert_same_image(png, want, "ComfyUI ImagePadForOutpaint")
+    graph["12"]["inputs"]["right"] = 4096
+    r = httpx.post(f"{url}/prompt", json={"prompt": graph}, timeout=TIMEOUT)
+    assert r.status_code == 400 and "ImagePadForOutpaint pads the 48x48 image to 4160x64" in \
+        r.json()["error"]["message"], r.text
+
+
 def test_upload_mask_as_comfyuis_mask_editor(server):
     # ComfyUI's mask editor: the mask drawn in an image's alpha, posted with original_ref; the
     # upload is the original with that alpha (LoadImage's MASK), under the mask's name.
