@@ -54,6 +54,18 @@ def size_arg(text):
     return (h, w)
 
 
+def freeu_arg(text):
+    """``B1,B2,S1,S2`` → four numbers (FreeU's factors)."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError(f"expected B1,B2,S1,S2 such as 1.3,1.4,0.9,0.2, got "
+                                         f"{text!r}")
+    return values
+
+
 def crop_arg(text):
     """``LEFT,TOP`` → (top, left), diffusers' ``crops_coords_top_left`` order."""
     try:
@@ -368,6 +380,13 @@ def _generate_options(g):
                         "epsilon also selects the 512-base configs")
     g.add_argument("--clip-skip", metavar="N", type=int_arg, default=0,
                    help="skip the last N layers of the text encoder")
+    g.add_argument("--freeu", metavar="B1,B2,S1,S2", type=freeu_arg, default=None,
+                   help="FreeU on the UNet's up path: backbone factors B1, B2 and skip factors "
+                        "S1, S2 (SD 1.x: 1.5,1.6,0.9,0.2; SDXL: 1.3,1.4,0.9,0.2)")
+    g.add_argument("--freeu-style", choices=("diffusers", "comfy", "comfy_v2"),
+                   default="diffusers",
+                   help="where and how FreeU acts: as diffusers' enable_freeu, ComfyUI's FreeU "
+                        "node, or its FreeU_V2 (a --workflow's node sets it)")
     g.add_argument("--vae", metavar="PATH", default=None,
                    help="decode (and encode) with this VAE instead of the model's, as A1111's "
                         "SD VAE setting: a .safetensors file (original or diffusers layout) or "

@@ -118,6 +118,9 @@ def generate(a):
             model.load_vae(a.vae)
     for path, scale in loras:
         pipe.load_lora(path, scale=scale)
+    if a.freeu is not None:
+        b1, b2, s1, s2 = a.freeu
+        pipe.enable_freeu(s1, s2, b1, b2, a.freeu_style)
     tokens = [pipe.load_textual_inversion(path) for path in a.embedding]
     controls = cli_control.load(a, pipe)
     image_prompt = _load_ip_adapters(a, pipe, references)
@@ -725,6 +728,8 @@ def _apply_workflow(a):
                             f"PATH (that file, or its diffusers folder)")
         if "refiner_start" not in a.given:  # (the base's steps: set once the model is loaded)
             a.refiner_steps = flow.refiner_steps
+    if flow.freeu is not None and "freeu" not in a.given:
+        *a.freeu, a.freeu_style = flow.freeu
     for attr in ("seed", "steps", "guidance", "sampler", "clip_skip", "batch", "width",
                  "height", "strength", "prompt_2", "negative_2", "original_size", "crop",
                  "target_size", "aesthetic_score", "negative_aesthetic_score"):
@@ -847,6 +852,8 @@ def _warn_unused_options(a):
         elif a.mask is not None and a.inpaint_area == "masked":
             unused("--resize-mode", "with --inpaint-area masked the masked region is resized "
                                     "to the size (A1111's 'Only masked')")
+    if a.freeu is None and "freeu_style" in a.given:
+        unused("--freeu-style", "it applies to --freeu")
     if a.mask is None:
         if a.invert_mask:
             unused("--invert-mask", "it applies to --mask")

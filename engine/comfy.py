@@ -163,6 +163,10 @@ MAX_PAD = 8192
 # tapered_corners; at most MAX_EXPAND), run as ``mask_operations`` runs them.
 MASK_OPS = ("InvertMask", "GrowMask")
 MAX_EXPAND = 256
+# ComfyUI's FreeU nodes on the sampled model: class → (sdrt's FreeU style, its defaults of b1,
+# b2, s1, s2)
+FREEU_NODES = {"FreeU": ("comfy", (1.1, 1.2, 0.9, 0.2)),
+               "FreeU_V2": ("comfy_v2", (1.3, 1.4, 0.9, 0.2))}
 # After an inpainting's VAEDecode, before the save node: the result laid over the init image
 # through the inpainting's mask, ungrown, at x 0, y 0 (``composite``), as ComfyUI's inpainting
 # workflows keep the pixels outside the mask.
@@ -350,6 +354,8 @@ class Workflow:
     # an ImageCompositeMasked between the VAEDecode and the save node: the result laid over the
     # init image through that mask, ungrown (``composite``)
     composite: bool = False
+    # a FreeU or FreeU_V2 node's (b1, b2, s1, s2, sdrt's style: "comfy" or "comfy_v2")
+    freeu: tuple = None
     # an ImagePadForOutpaint's (left, top, right, bottom, feathering): the init image on its
     # canvas (``outpaint``), whose MASK is the inpainting's (``mask`` (None, "outpaint"))
     outpaint: tuple = None
@@ -430,7 +436,7 @@ def read(graph, upscaler_scale=None) -> Workflow:
         sampler_id = nodes.follow(upscale, "samples", _SAMPLER_NODES)
     kind = nodes.kind(sampler_id)
     pair = _pair(nodes, sampler_id)
-    checkpoint, loras, prompts = nodes.model_chain(nodes.link(sampler_id, "model"))
+    checkpoint, loras, prompts, freeu = nodes.model_chain(nodes.link(sampler_id, "model"))
     vae = nodes.follow(decode, "vae", ("CheckpointLoaderSimple", "VAELoader"))
     if refiner is not None:  # (sdrt's refiner decodes, with its own VAE or --vae's)
         refined, refiner_texts = _refiner_chain(nodes, refiner, sampler_id)
@@ -476,7 +482,7 @@ def read(graph, upscaler_scale=None) -> Workflow:
                     checkpoint=nodes.inputs(checkpoint).get("ckpt_name"),
                     loras=[(name, scale) for _, name, scale in loras],
                     output=outputs[0], sampler_node=sampler_id, controlnets=controls,
-                    upscale=final, ip_adapters=prompts)
+                    upscale=final, ip_adapters=prompts, freeu=freeu)
     prefix = nodes.inputs(outputs[0]).get("filename_prefix", "ComfyUI")
     if isinstance(prefix, str) and prefix:
         flow.filename_prefix = prefix
@@ -646,10 +652,10 @@ def _refiner_chain(nodes, refiner, base):
     (``refiner``): its model straight from a CheckpointLoaderSimple, its prompts through no
     ControlNet and with its CLIP, the base's texts."""
     where = f"workflow node {refiner} (KSamplerAdvanced)"
-    checkpoint, loras, prompts = nodes.model_chain(nodes.link(refiner, "model"))
-    if loras or prompts:
+    checkpoint, loras, prompts, freeu = nodes.model_chain(nodes.link(refiner, "model"))
+    if loras or prompts or freeu:
         raise SdrtError(f"{where}: sdrt's refiner runs the refiner checkpoint as it is (no "
-                        f"LoRA or IP-Adapter on it)")
+                        f"LoRA, IP-Adapter or FreeU on it)")
     text_ids, controls = _controls(nodes, refiner, _REFINER_TEXT_NODES)
     if controls:
         raise SdrtError(f"{where}: sdrt's refiner runs no ControlNet")
@@ -1375,6 +1381,19 @@ def _preprocessor(nodes, node_id):
                               names=tuple(where + by_field.get(f, f) for f in FIELDS)))
 
 
+def _freeu(nodes, node_id):
+    """A FreeU or FreeU_V2 node's ``Workflow.freeu``, checked (``freeu.FreeU``)."""
+    from .freeu import FreeU
+    kind = nodes.kind(node_id)
+    values = [_number(nodes, node_id, k, float, default=d)
+              for k, d in zip(("b1", "b2", "s1", "s2"), FREEU_NODES[kind][1])]
+    try:
+        FreeU(*values, FREEU_NODES[kind][0])
+    except SdrtError as e:
+        raise SdrtError(f"workflow node {node_id} ({kind}): {e}") from None
+    return (*values, FREEU_NODES[kind][0])
+
+
 def _names(loras):
     return ", ".join(f"{name} (node {node})" for node, name, _ in loras) or "none"
 
@@ -1443,8 +1462,9 @@ class _Nodes:
 
     def model_chain(self, link):
         """(checkpoint node, [(lora node, lora_name, scale)] in load order, [ImagePrompt]
-        nearest the checkpoint first) of a MODEL link."""
-        node_id, loras, prompts = link[0], [], []
+        nearest the checkpoint first, a FreeU node's ``Workflow.freeu`` or None) of a MODEL
+        link."""
+        node_id, loras, prompts, freeu = link[0], [], [], None
         while True:
             node_id, more = self.lora_chain(node_id, "model")
             loras = more + loras
@@ -1452,15 +1472,20 @@ class _Nodes:
                 prompts.append(_image_prompt(self, node_id))
             elif self.kind(node_id) == UNIFIED:  # (the model passes through it)
                 _preset(self, node_id)
+            elif self.kind(node_id) in FREEU_NODES:
+                if freeu is not None:
+                    raise SdrtError(f"workflow node {node_id} ({self.kind(node_id)}): sdrt runs "
+                                    f"one FreeU node on a model")
+                freeu = _freeu(self, node_id)
             else:
                 break
             node_id, _ = self.link(node_id, "model")
         if self.kind(node_id) != "CheckpointLoaderSimple":
             raise SdrtError(f"workflow node {node_id} ({self.kind(node_id)}) is not supported "
                             f"as the sampled model: sdrt takes CheckpointLoaderSimple, "
-                            f"LoraLoader, LoraLoaderModelOnly, {IPADAPTER}, {IPADAPTER_SIMPLE} "
-                            f"and {UNIFIED} there")
-        return node_id, loras, prompts[::-1]
+                            f"LoraLoader, LoraLoaderModelOnly, {IPADAPTER}, {IPADAPTER_SIMPLE}, "
+                            f"{UNIFIED}, FreeU and FreeU_V2 there")
+        return node_id, loras, prompts[::-1], freeu
 
     def clip_chain(self, link, checkpoint):
         """(clip skip, [(lora node, lora_name, scale)]) of a CLIP link that leads to

@@ -422,6 +422,22 @@ class Pipeline:
         self.runtime = None
         return token
 
+    # -- FreeU --------------------------------------------------------------------------------
+
+    def enable_freeu(self, s1, s2, b1, b2, style="diffusers"):
+        """FreeU on the UNet's up path (``engine/freeu.py``): backbone factors ``b1``, ``b2``
+        and skip factors ``s1``, ``s2`` (0 to 10), where ``style`` says: "diffusers" (as
+        diffusers' ``enable_freeu``, the same argument order), "comfy" (ComfyUI's FreeU node) or
+        "comfy_v2" (its FreeU_V2). Static plans are built per setting."""
+        from .freeu import FreeU
+        if not isinstance(self.unet, nn.Module):
+            raise SdrtError("FreeU changes sdrt's own UNet; this one runs in another runtime")
+        self.unet.freeu = FreeU(b1, b2, s1, s2, style)
+
+    def disable_freeu(self):
+        if isinstance(self.unet, nn.Module):
+            self.unet.freeu = None
+
     # -- ControlNet ----------------------------------------------------------------------------
 
     @property
@@ -700,7 +716,8 @@ class Pipeline:
                            request.num_inference_steps, request.sampler, self._cfg(request),
                            num_chunks, request.strength if request.has_image else None, masked,
                            controls, guess_mode, image_prompts, text_variants, image_regions,
-                           control_masks, request.prompt_syntax == "comfy")
+                           control_masks, request.prompt_syntax == "comfy",
+                           getattr(self.unet, "freeu", None))
 
     def _guidance_distilled(self):
         """Whether the UNet takes its guidance scale as an input (an LCM-distilled UNet, config

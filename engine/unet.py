@@ -392,9 +392,14 @@ class UNetBlock(nn.Module):
             x = skips[-1] = x + feature
         return x, skips
 
-    def up(self, x, skips, temb, context, size=None):
+    def up(self, x, skips, temb, context, size=None, freeu=None):
+        """``freeu``: (``freeu.FreeU``, this level's index from the bottom, the UNet's first
+        level's channels), applied to each ResNet's backbone and skip; or None."""
         for i in range(len(self.resnets)):
-            x = self._layer(i, torch.cat([x, skips.pop()], dim=1), temb, context)
+            skip = skips.pop()
+            if freeu is not None:
+                x, skip = freeu[0].apply(x, skip, *freeu[1:])
+            x = self._layer(i, torch.cat([x, skip], dim=1), temb, context)
         if hasattr(self, "upsamplers"):
             x = self.upsamplers[0](x, size)
         return x
@@ -553,6 +558,7 @@ class UNet2DConditionModel(UNetEncoder):
         self.conv_norm_out = GroupNorm(cfg.norm_num_groups, ch[0], cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
         self.image_adapters = 0  # IP-Adapters attached to its attention (ip_adapter.attach)
+        self.freeu = None  # freeu.FreeU on the up path, or None
 
     def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None,
                 text_embeds=None, time_ids=None, down_residuals=None, mid_residual=None,
@@ -592,10 +598,12 @@ class UNet2DConditionModel(UNetEncoder):
             skips = [s + r for s, r in zip(skips, down_residuals)]
         if mid_residual is not None:
             x = x + mid_residual
-        for block in self.up_blocks:
+        first = self.config.block_out_channels[0]
+        for i, block in enumerate(self.up_blocks):
             level = skips[-len(block.resnets):]
             del skips[-len(block.resnets):]
             # Upsample to the next skip's size so odd latent sizes line up with the down path.
             size = skips[-1].shape[2:] if skips else None
-            x = block.up(x, level, emb, context, size)
+            x = block.up(x, level, emb, context, size,
+                         None if self.freeu is None else (self.freeu, i, first))
         return norm_silu_conv(self.ops, self.conv_norm_out, self.conv_out, x)

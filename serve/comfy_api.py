@@ -170,6 +170,10 @@ def _node_specs(server, checkpoints, loras, images, controlnets, vaes, upscalers
         # inpainting (engine/comfy.py: INPAINT_LATENTS), its mask a LoadImage's or these
         "LoadImageMask": ("mask", {"image": [images, {"image_upload": True}],
                                    "channel": [list(comfy.MASK_CHANNELS)]}, ["MASK"]),
+        **{node: ("model_patches/unet", {
+            "model": ["MODEL"], **{k: number("FLOAT", d, 0.0, 10.0, 0.01)
+                                   for k, d in zip(("b1", "b2", "s1", "s2"), defaults)}},
+            ["MODEL"]) for node, (_, defaults) in comfy.FREEU_NODES.items()},
         comfy.OUTPAINT: ("image", {
             "image": ["IMAGE"], **{side: number("INT", 0, 0, limits.max_side, 8)
                                    for side in ("left", "top", "right", "bottom")},
@@ -421,7 +425,7 @@ def register(app, server_of, api_error):
                        hires=hires, loras=loras, controls=controls, vae=flow.vae,
                        image_prompts=prompts,
                        micro=(flow.original_size, flow.crop, flow.target_size),
-                       prompt_syntax="comfy")
+                       prompt_syntax="comfy", freeu=flow.freeu)
         rows = [Row(flow.prompt, flow.negative, req.guidance_scale, s, init, mask,
                     control_images=hints, control_info=units + texts, ip_images=pictures,
                     prompt_2=flow.prompt_2, negative_prompt_2=flow.negative_2)

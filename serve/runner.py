@@ -348,6 +348,11 @@ class Runner:
         negative = (negatives[0] if one else negatives) if key.guidance else None
         self._apply_loras(key.loras)
         self._apply_vae(key.vae)
+        if key.freeu is None:
+            self.pipe.disable_freeu()
+        else:
+            b1, b2, s1, s2, style = key.freeu
+            self.pipe.enable_freeu(s1, s2, b1, b2, style)
         self._apply_controlnets(key.controls)
         control = self._image_prompt(key, rows)
         if key.controls:  # per ControlNet, one control image per row

@@ -68,6 +68,7 @@ class BatchKey:
     # images, and their effective_region_masks (a1111_controlnet.RegionMask, or None).
     image_prompts: tuple = ()
     prompt_syntax: str = "a1111"  # how the rows' prompts are read (ComfyUI's API: "comfy")
+    freeu: tuple = None  # (b1, b2, s1, s2, style) of the UNet's FreeU (a workflow's), or None
 
 
 @dataclass(frozen=True)

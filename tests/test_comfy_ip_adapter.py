@@ -87,8 +87,8 @@ REFUSED = {
                "start_at and end_at must satisfy 0 <= start < end <= 1"),
     "model node": (_model_node, "node 50 (ModelSamplingDiscrete) is not supported as the "
                                 "sampled model: sdrt takes CheckpointLoaderSimple, LoraLoader, "
-                                "LoraLoaderModelOnly, IPAdapterAdvanced, IPAdapter and "
-                                "IPAdapterUnifiedLoader there"),
+                                "LoraLoaderModelOnly, IPAdapterAdvanced, IPAdapter, "
+                                "IPAdapterUnifiedLoader, FreeU and FreeU_V2 there"),
     "prep": (lambda g: g.__setitem__("44", {"class_type": "PrepImageForClipVision", "inputs": {
         "image": ["42", 0], "interpolation": "LANCZOS", "crop_position": "middle",
         "sharpening": 0.0}}) or g["43"]["inputs"].update(image=["44", 0]),

@@ -124,6 +124,31 @@ def test_prompts_are_read_as_comfyui_reads_them(server, ref_pipe):
         assert r.json()["error"]["param"] == "prompt"
 
 
+def test_freeu_node(server, ref_pipe):
+    # A FreeU_V2 node on the model: the library's image with enable_freeu(style="comfy_v2");
+    # the next prompt without one runs without it.
+    url = server
+    graph = _workflow(url, DEFAULT, seed=12)
+    graph["20"] = {"class_type": "FreeU_V2", "inputs": {"model": ["4", 0], "b1": 1.3, "b2": 1.4,
+                                                       "s1": 0.9, "s2": 0.2}}
+    graph["3"]["inputs"]["model"] = ["20", 0]
+    call = dict(negative_prompt="text, watermark", height=64, width=64, num_inference_steps=2,
+                guidance_scale=7.0, sampler="euler_a_normal", seed=12)
+    ref_pipe.enable_freeu(0.9, 0.2, 1.3, 1.4, "comfy_v2")
+    try:
+        want = ref_pipe("beautiful scenery nature glass bottle", **call)[0]
+    finally:
+        ref_pipe.disable_freeu()
+    plain = ref_pipe("beautiful scenery nature glass bottle", **call)[0]
+    assert np.abs(np.asarray(plain, dtype=int) - np.asarray(want, dtype=int)).max() > 2
+    for g, expected, what in ((graph, want, "FreeU_V2"),
+                              (_workflow(url, DEFAULT, seed=12), plain, "after FreeU")):
+        entry = _history(url, _queue(url, g)["prompt_id"])
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        png = Image.open(io.BytesIO(_view(url, entry["outputs"]["9"]["images"][0])))
+        assert_same_image(png, expected, what)
+
+
 def test_object_info_drives_a_workflow(server, ref_pipe):
     # A client that builds its workflow from /object_info's menus (the checkpoint, a sampler
     # and scheduler pair) gets a workflow sdrt runs; every pair the menus offer together is
