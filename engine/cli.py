@@ -380,6 +380,9 @@ def _generate_options(g):
                         "epsilon also selects the 512-base configs")
     g.add_argument("--clip-skip", metavar="N", type=int_arg, default=0,
                    help="skip the last N layers of the text encoder")
+    g.add_argument("--vae-tiling", action="store_true",
+                   help="encode and decode pictures past the VAE's sample size in overlapping "
+                        "tiles, as diffusers' enable_vae_tiling (less memory for large ones)")
     g.add_argument("--freeu", metavar="B1,B2,S1,S2", type=freeu_arg, default=None,
                    help="FreeU on the UNet's up path: backbone factors B1, B2 and skip factors "
                         "S1, S2 (SD 1.x: 1.5,1.6,0.9,0.2; SDXL: 1.3,1.4,0.9,0.2)")

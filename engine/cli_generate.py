@@ -118,6 +118,9 @@ def generate(a):
             model.load_vae(a.vae)
     for path, scale in loras:
         pipe.load_lora(path, scale=scale)
+    if a.vae_tiling:
+        for model in filter(None, (pipe, refiner)):
+            model.enable_vae_tiling()
     if a.freeu is not None:
         b1, b2, s1, s2 = a.freeu
         pipe.enable_freeu(s1, s2, b1, b2, a.freeu_style)

@@ -267,6 +267,18 @@ def _vae_phase(cfg, h, w, batch, size, encode):
     return activations + scores, f"the VAE {name}'s activations"
 
 
+def _vae_tiles(cfg, h, w, batch, size, encode, tile):
+    """``_vae_phase``, or with ``tile`` (the tiles' latent side) one tile's and every decoded
+    tile held at once before they are blended (each covers 4/3 of its share of each side, in
+    float32 at most)."""
+    if tile is None or max(h, w) <= tile:
+        return _vae_phase(cfg, h, w, batch, size, encode)
+    need, what = _vae_phase(cfg, min(h, tile), min(w, tile), batch, size, encode)
+    pixels = h * w * (1 if encode else cfg.scale_factor ** 2)
+    channels = 2 * cfg.latent_channels if encode else 3
+    return need + batch * channels * pixels * 16 // 9 * 4 * 2, what + " (tiled)"
+
+
 def _text_phase(cfg, rows, size):
     t = TEXT_TOKENS  # each chunk is its own row of 77 tokens
     return (rows * t * (cfg.intermediate_size + 4 * cfg.hidden_size) * size
@@ -275,7 +287,7 @@ def _text_phase(cfg, rows, size):
 
 def request_bytes(unet_cfg, vae_cfg, text_cfg, height, width, batch, guidance, dtype,
                   fused_attention=False, has_image=False, num_chunks=1, vae_dtype=None,
-                  controlled=False):
+                  controlled=False, vae_tile=None):
     """(bytes, what dominates): an upper estimate of a request's peak memory beyond the
     weights; ``vae_dtype`` is the VAE's where it differs (an SDXL VAE upcast to float32). ``text_cfg``: the text encoder's config, or a list of them (SDXL's two run one
     after the other; their states are held side by side). ``num_chunks``: 77-token text
@@ -283,7 +295,9 @@ def request_bytes(unet_cfg, vae_cfg, text_cfg, height, width, batch, guidance, d
     cross-attention. ``fused_attention``: whether the UNet's attention runs a fused kernel that never
     holds the score matrix (sdrt's Triton flash attention on a GPU); otherwise each attention's
     scores are counted once, in float32, as ``F.scaled_dot_product_attention``'s math path
-    holds them. ``controlled``: the UNet's calls run with ControlNets (``_unet_phase``)."""
+    holds them. ``controlled``: the UNet's calls run with ControlNets (``_unet_phase``).
+    ``vae_tile``: the latent side of the VAE's tiles when it runs tiled (``vae.tiled``), or
+    None."""
     size = torch.empty((), dtype=dtype).element_size()
     f = vae_cfg.scale_factor
     h, w = height // f, width // f
@@ -293,9 +307,9 @@ def request_bytes(unet_cfg, vae_cfg, text_cfg, height, width, batch, guidance, d
     phases = [max(_text_phase(t, rows * num_chunks, size) for t in texts),
               _unet_phase(unet_cfg, h, w, rows, size, fused_attention, TEXT_TOKENS * num_chunks,
                           controlled),
-              _vae_phase(vae_cfg, h, w, batch, vae_size, encode=False)]
+              _vae_tiles(vae_cfg, h, w, batch, vae_size, False, vae_tile)]
     if has_image:
-        phases.append(_vae_phase(vae_cfg, h, w, batch, vae_size, encode=True))
+        phases.append(_vae_tiles(vae_cfg, h, w, batch, vae_size, True, vae_tile))
     # Held throughout: noise, latents, the sampler's float32 copies and history, text states.
     held = rows * unet_cfg.in_channels * h * w * 4 * 8 + rows * num_chunks * TEXT_TOKENS * \
         sum(t.hidden_size for t in texts) * size

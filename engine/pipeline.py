@@ -243,6 +243,7 @@ class Pipeline:
         # for an upcast SDXL VAE or after a low-precision decode that overflows, and the
         # ``vae_dtype`` asked for.
         self._vae_copies = {}
+        self.vae_tiling = False  # enable_vae_tiling
         self._loras = None  # a LoraManager, made by the first LoRA call
         self._embeddings = {}  # token -> {text encoder: (n, D) float32 CPU}, load_textual_inversion
         self._controlnets = {}  # name -> ControlNetModel, load_controlnet (in load order)
@@ -437,6 +438,25 @@ class Pipeline:
     def disable_freeu(self):
         if isinstance(self.unet, nn.Module):
             self.unet.freeu = None
+
+    # -- VAE tiling ---------------------------------------------------------------------------
+
+    def enable_vae_tiling(self):
+        """Encode and decode pictures past the VAE config's ``sample_size`` in overlapping
+        tiles, blended as diffusers' ``enable_vae_tiling`` blends them (``vae.tiled``): less
+        memory for large pictures, the same picture as diffusers' tiled one. Static plans are
+        built per setting."""
+        if not isinstance(self.vae, nn.Module):
+            raise SdrtError("VAE tiling runs sdrt's own VAE; this one runs in another runtime")
+        self.vae_tiling = True
+        for vae in (self.vae, *self._vae_copies.values()):
+            vae.tiling = True
+
+    def disable_vae_tiling(self):
+        self.vae_tiling = False
+        for vae in (self.vae, *self._vae_copies.values()):
+            if isinstance(vae, nn.Module):
+                vae.tiling = False
 
     # -- ControlNet ----------------------------------------------------------------------------
 
@@ -679,7 +699,8 @@ class Pipeline:
             [e.config for e in self.text_encoders.values()], request.height,
             request.width, request.batch_size, self._cfg(request), self.dtype,
             fused_attention(self.unet, self.device, self.dtype), request.has_image, num_chunks,
-            self.vae_run_dtype(), controlled)
+            self.vae_run_dtype(), controlled,
+            self.vae.tile_latent if self.vae_tiling else None)
         images = request.batch_size
         check_request_fits(need, what, f"a request for {images} image{'s' * (images > 1)} of "
                            f"{request.width}x{request.height}"
@@ -717,7 +738,7 @@ class Pipeline:
                            num_chunks, request.strength if request.has_image else None, masked,
                            controls, guess_mode, image_prompts, text_variants, image_regions,
                            control_masks, request.prompt_syntax == "comfy",
-                           getattr(self.unet, "freeu", None))
+                           getattr(self.unet, "freeu", None), self.vae_tiling)
 
     def _guidance_distilled(self):
         """Whether the UNet takes its guidance scale as an input (an LCM-distilled UNet, config
@@ -1006,10 +1027,14 @@ class Pipeline:
         """The VAE in ``dtype`` (one ``vae_run_dtype`` gives, or float32 for an sdrt VAE): the
         pipeline's own, or a copy made once."""
         if dtype == self.dtype:
-            return self.vae
-        if dtype not in self._vae_copies:
-            self._vae_copies[dtype] = copy.deepcopy(self.vae).to(dtype)
-        return self._vae_copies[dtype]
+            vae = self.vae
+        else:
+            if dtype not in self._vae_copies:
+                self._vae_copies[dtype] = copy.deepcopy(self.vae).to(dtype)
+            vae = self._vae_copies[dtype]
+        if isinstance(vae, nn.Module):
+            vae.tiling = self.vae_tiling
+        return vae
 
     def _decode_fp32(self, latents, dtype):
         if not isinstance(self.vae, nn.Module):

@@ -60,6 +60,7 @@ class StaticShape:
     # ComfyUI's prompt weights (relative to the empty prompt's states, which are encoded too)
     comfy_weights: bool = False
     freeu: object = None  # the UNet's freeu.FreeU when the plan was built (its factors baked in)
+    vae_tiling: bool = False  # whether the VAE runs in tiles (pipe.enable_vae_tiling)
 
     def describe(self):
         chunks = f", {self.num_chunks} text chunks" if self.num_chunks > 1 else ""

@@ -185,17 +185,71 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(cfg, self.ops)
         self.quant_conv = nn.Conv2d(2 * lc, 2 * lc, 1) if cfg.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(lc, lc, 1) if cfg.use_post_quant_conv else None
+        # diffusers' enable_tiling: pictures past the config's sample_size (latents past it over
+        # the scale factor) go through the networks in overlapping tiles (``tiled``)
+        self.tiling = False
+        side = cfg.sample_size[0] if isinstance(cfg.sample_size, (list, tuple)) else \
+            cfg.sample_size
+        self.tile_sample, self.tile_latent = side, int(side / cfg.scale_factor)
 
     def encode(self, image):
         """Image (B, 3, H, W) in [-1, 1] → (mean, std) of the latent Gaussian, unscaled."""
-        moments = self.encoder(image)
-        if self.quant_conv is not None:
-            moments = self.quant_conv(moments)
+        if self.tiling and max(image.shape[2:]) > self.tile_sample:
+            moments = tiled(image, self._moments, self.tile_sample, self.tile_latent)
+        else:
+            moments = self._moments(image)
         mean, logvar = moments.chunk(2, dim=1)
         return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
 
+    def _moments(self, image):
+        moments = self.encoder(image)
+        return moments if self.quant_conv is None else self.quant_conv(moments)
+
     def decode(self, z):
         """Unscaled latents (B, 4, h, w) → image (B, 3, H, W), nominally in [-1, 1]."""
+        if self.tiling and max(z.shape[2:]) > self.tile_latent:
+            return tiled(z, self._decode, self.tile_latent, self.tile_sample)
+        return self._decode(z)
+
+    def _decode(self, z):
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)
+
+
+OVERLAP = 0.25  # of a tile, as diffusers' tile_overlap_factor
+
+
+def tiled(x, network, tile_in, tile_out):
+    """``network`` (tiles of ``tile_in`` → ``tile_out`` pixels) over ``x`` (B, C, H, W) as
+    diffusers' AutoencoderKL runs it tiled: tiles of ``tile_in`` starting every 3/4 of one
+    (the last ones cut by the border), each tile's first quarter (of ``tile_out``) blended
+    linearly into the tile above it and then into the one on its left (in place, so a tile's
+    blended rows and columns are what its neighbours below and right blend with), then the
+    first ``tile_out`` · 3/4 of each kept."""
+    stride = int(tile_in * (1 - OVERLAP))
+    blend, keep = int(tile_out * OVERLAP), tile_out - int(tile_out * OVERLAP)
+    rows = [[network(x[:, :, i:i + tile_in, j:j + tile_in])
+             for j in range(0, x.shape[3], stride)] for i in range(0, x.shape[2], stride)]
+    for i, row in enumerate(rows):
+        for j, tile in enumerate(row):
+            if i > 0:
+                _blend(rows[i - 1][j], tile, blend, 2)
+            if j > 0:
+                _blend(row[j - 1], tile, blend, 3)
+    return torch.cat([torch.cat([tile[:, :, :keep, :keep] for tile in row], dim=3)
+                      for row in rows], dim=2)
+
+
+def _blend(a, b, extent, dim):
+    """b's first ``extent`` rows (``dim`` 2) or columns (3) from a's last ones to its own,
+    linearly (weight i / extent on b's), in place."""
+    extent = min(a.shape[dim], b.shape[dim], extent)
+    if extent == 0:
+        return
+    shape = [1, 1, 1, 1]
+    shape[dim] = extent
+    w = (torch.arange(extent, device=b.device, dtype=torch.float32) / extent).view(shape)
+    mixed = a.narrow(dim, a.shape[dim] - extent, extent).float() * (1 - w) + \
+        b.narrow(dim, 0, extent).float() * w
+    b.narrow(dim, 0, extent).copy_(mixed)

@@ -41,6 +41,9 @@ def add_parser(subparsers):
     s.add_argument("--vae-dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
                    help="the VAE's precision; auto: as diffusers (fp32 for SDXL's VAE in an "
                         "fp16 run, else --dtype)")
+    s.add_argument("--vae-tiling", action="store_true",
+                   help="encode and decode large pictures in overlapping tiles, as diffusers' "
+                        "enable_vae_tiling (less memory)")
     s.add_argument("--max-batch", metavar="N", type=int_arg, default=4,
                    help="most images in one pipeline call")
     s.add_argument("--max-queue", metavar="N", type=int_arg, default=64,
@@ -106,7 +109,8 @@ def config_from(a):
     if not a.ray and (a.replicas != 1 or a.max_replicas or a.ray_address):
         raise SdrtError("--replicas, --max-replicas and --ray-address need --ray")
     return ServeConfig(model=a.model, host=a.host, port=a.port, device=a.device,
-                       dtype=a.dtype, vae_dtype=a.vae_dtype, max_batch=a.max_batch,
+                       dtype=a.dtype, vae_dtype=a.vae_dtype, vae_tiling=a.vae_tiling,
+                       max_batch=a.max_batch,
                        max_queue=a.max_queue,
                        batch_window_ms=a.batch_window_ms, compile=a.compile,
                        api_key=a.api_key or os.environ.get("SDRT_API_KEY") or None,

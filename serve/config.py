@@ -16,6 +16,7 @@ class ServeConfig:
     device: str = None             # None: cuda if there is a GPU, else cpu
     dtype: str = None              # None: fp16 on cuda, fp32 on cpu
     vae_dtype: str = "auto"        # the VAE's: auto (as diffusers), fp32, fp16 or bf16
+    vae_tiling: bool = False       # the VAE in tiles past its sample_size (enable_vae_tiling)
     max_batch: int = 4             # images in one pipeline call
     max_queue: int = 64            # requests waiting (not yet running); more get 429
     batch_window_ms: float = 10.0  # how long the oldest request waits for batch mates

@@ -56,6 +56,8 @@ class Runner:
         self.model_name, self.model_hash, self.model_sha256 = model_identity(
             self.config.model, pipe)
         self.pipe = pipe
+        if self.config.vae_tiling:
+            pipe.enable_vae_tiling()
         self.default_sampler = default_sampler(pipe.scheduler_config)
         self._build_plans()
 
