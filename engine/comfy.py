@@ -118,7 +118,10 @@ SAMPLERS = {
 _PAIRS = {**SAMPLERS, **{(comfy, f"AlignYourSteps {model_type}"): f"{sid}_{schedule}"
                          for comfy, sid in _SAMPLER_NAMES.items() if sid in SIGMA_SAMPLERS
                          for model_type, schedule in AYS_SCHEDULES.items()}}
-_OUTPUTS = ("SaveImage", "PreviewImage")
+# The save nodes; ComfyUI's SaveImageWebsocket (its websocket image example's) sends each
+# picture over the prompt's websocket instead of keeping a file (the CLI writes it as any other)
+SAVE_WEBSOCKET = "SaveImageWebsocket"
+_OUTPUTS = ("SaveImage", "PreviewImage", SAVE_WEBSOCKET)
 _SAMPLER_NODES = ("KSampler", "KSamplerAdvanced", "SamplerCustom", "SamplerCustomAdvanced")
 # ComfyUI's custom sampling: a SamplerCustom(Advanced) takes its sampler from a KSamplerSelect
 # and its sigmas from a scheduler node, which sdrt reads as a KSampler's sampler_name,
@@ -398,8 +401,8 @@ def read(graph, upscaler_scale=None) -> Workflow:
     outputs = [i for i, n in graph.items()
                if isinstance(n, dict) and n.get("class_type") in _OUTPUTS]
     if len(outputs) != 1:
-        raise SdrtError(f"workflow must have one SaveImage or PreviewImage node, got "
-                        f"{len(outputs)}")
+        raise SdrtError(f"workflow must have one SaveImage, PreviewImage or {SAVE_WEBSOCKET} "
+                        f"node, got {len(outputs)}")
     final, image, key = None, outputs[0], "images"
     if nodes.kind(nodes.link(image, key)[0]) in (_WITH_MODEL, *_IMAGE_SCALES):
         # the decoded images upscaled by a model before they are saved

@@ -37,6 +37,7 @@ kept in memory, the newest ``MAX_HISTORY`` prompts and ``MAX_UPLOADS`` uploads.
 import asyncio
 import json
 import os
+import struct
 import sys
 import time
 import uuid
@@ -81,6 +82,15 @@ class ComfyJobs:
     async def emit(self, client_id, kind, data):
         """Send ComfyUI's message ``{"type": kind, "data": data}`` to ``client_id``'s
         websockets (every client's when None); a socket that fails is dropped."""
+        await self._send(client_id, lambda socket: socket.send_json({"type": kind, "data": data}))
+
+    async def emit_image(self, client_id, png):
+        """ComfyUI's binary preview message: event 1 (a preview image), image type 2 (PNG),
+        both 4-byte big-endian, then the PNG."""
+        await self._send(client_id, lambda socket: socket.send_bytes(
+            struct.pack(">II", 1, 2) + png))
+
+    async def _send(self, client_id, send):
         targets = ([s for group in self.sockets.values() for s in group] if client_id is None
                    else list(self.sockets.get(client_id, ())))
         if self._sending is None:  # made on the server's event loop
@@ -88,7 +98,7 @@ class ComfyJobs:
         async with self._sending:
             for socket in targets:
                 try:
-                    await socket.send_json({"type": kind, "data": data})
+                    await send(socket)
                 except Exception:  # closed under us: its handler removes it
                     pass
 
@@ -298,6 +308,7 @@ def _node_specs(server, checkpoints, loras, images, controlnets, vaes, upscalers
             "high_threshold": number("INT", 200, 1, 255, 1),
             "resolution": number("INT", 512, 64, 2048, 8)}, ["IMAGE"])} if preprocessors else {}),
         "ImageInvert": ("image", {"image": ["IMAGE"]}, ["IMAGE"]),
+        comfy.SAVE_WEBSOCKET: ("api node/image", {"images": ["IMAGE"]}, []),
         "SaveImage": ("image", {"images": ["IMAGE"], "filename_prefix": [
             "STRING", {"default": "ComfyUI"}]}, []),
         "PreviewImage": ("image", {"images": ["IMAGE"]}, []),
@@ -306,7 +317,7 @@ def _node_specs(server, checkpoints, loras, images, controlnets, vaes, upscalers
                    "output": outputs, "output_is_list": [False] * len(outputs),
                    "output_name": outputs, "name": name, "display_name": name,
                    "description": "", "python_module": "nodes", "category": category,
-                   "output_node": name in ("SaveImage", "PreviewImage")}
+                   "output_node": name in ("SaveImage", "PreviewImage", comfy.SAVE_WEBSOCKET)}
             for name, (category, required, outputs) in nodes.items()}
 
 
@@ -820,6 +831,14 @@ def _check_model(flow, model_name, bad):
                   f"/models/checkpoints), got {short_repr(flow.checkpoint)}")
 
 
+def _plain_png(image):
+    """A picture as ComfyUI's previews encode it: PNG at compression level 1, no text."""
+    import io
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
 def _png(image):
     import io
     if image.mode not in ("1", "L", "LA", "I", "P", "RGB", "RGBA"):  # (CMYK, YCbCr ...)
@@ -857,16 +876,32 @@ async def _generate(server, jobs, item, flow, key, rows, messages, overlay):
                 lambda: [comfy.composite(overlay[0], im, overlay[1]) for im in images])
         if flow.upscale is not None:  # ImageUpscaleWithModel before the save node
             images = await server.generate(None, _FinalUpscale(flow.upscale), images)
-        texts = [server.infotext(key, r) for r in rows]
-        chunks = {"prompt": json.dumps(graph)}
-        pngs = await run_in_threadpool(
-            lambda: [png_bytes(im, t, chunks) for im, t in zip(images, texts)])
+        if graph[flow.output].get("class_type") == comfy.SAVE_WEBSOCKET:
+            pngs = await run_in_threadpool(lambda: [_plain_png(im) for im in images])
+        else:
+            texts = [server.infotext(key, r) for r in rows]
+            chunks = {"prompt": json.dumps(graph)}
+            pngs = await run_in_threadpool(
+                lambda: [png_bytes(im, t, chunks) for im, t in zip(images, texts)])
     except Exception as e:  # an ApiError (queue full, deadline, ...) or a failure
         messages.append(["execution_error", {"prompt_id": prompt_id,
                                              "exception_message": str(e),
                                              "exception_type": type(e).__name__}])
         jobs.finish(prompt_id, {"prompt": item, "outputs": {}, "status": {
             "status_str": "error", "completed": False, "messages": messages}}, {})
+        return
+    client = item[3]["client_id"]
+    if graph[flow.output].get("class_type") == comfy.SAVE_WEBSOCKET:
+        # As ComfyUI's SaveImageWebsocket: "executing" the node, then each picture as a
+        # binary message to the prompt's client; no file, no output in the history.
+        await jobs.emit(client, "executing", {"node": flow.output, "display_node": flow.output,
+                                              "prompt_id": prompt_id})
+        for png in pngs:
+            await jobs.emit_image(client, png)
+        messages.append(["execution_success", {"prompt_id": prompt_id,
+                                               "timestamp": int(time.time() * 1000)}])
+        jobs.finish(prompt_id, {"prompt": item, "outputs": {}, "status": {
+            "status_str": "success", "completed": True, "messages": messages}}, {})
         return
     prefix = os.path.basename(flow.filename_prefix) or "ComfyUI"
     files = {f"{prefix}_{number:05}_{i}_.png": data for i, data in enumerate(pngs)}
@@ -876,6 +911,6 @@ async def _generate(server, jobs, item, flow, key, rows, messages, overlay):
                                            "timestamp": int(time.time() * 1000)}])
     jobs.finish(prompt_id, {"prompt": item, "outputs": {flow.output: output}, "status": {
         "status_str": "success", "completed": True, "messages": messages}}, files)
-    await jobs.emit(item[3]["client_id"], "executed", {
+    await jobs.emit(client, "executed", {
         "node": flow.output, "display_node": flow.output, "output": output,
         "prompt_id": prompt_id})

@@ -222,7 +222,7 @@ REFUSED = {
                                                             scheduler="karras"),
                           "'lcm' with scheduler 'karras' has no sdrt sampler"),
     "two outputs": (lambda g: g.update({"20": copy.deepcopy(g["9"])}),
-                    "one SaveImage or PreviewImage node, got 2"),
+                    "one SaveImage, PreviewImage or SaveImageWebsocket node, got 2"),
     "denoise on empty latent": (lambda g: g["3"]["inputs"].update(denoise=0.5),
                                 "denoise 0.5 on an empty latent"),
     "missing node": (lambda g: g["3"]["inputs"].update(positive=["99", 0]),

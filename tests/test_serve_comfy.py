@@ -465,6 +465,51 @@ def test_websocket_as_comfyuis_websockets_example(server, ref_pipe):
     assert_same_image(png, want, "ComfyUI over the websocket")
 
 
+def test_save_image_websocket_as_comfyuis_ws_images_example(server, ref_pipe):
+    """websockets_api_example_ws_images.py: a SaveImageWebsocket node; the client keeps each
+    binary message (past its 8-byte header) that arrives while that node is executing, until
+    ``executing`` with node null. No file is kept and the history has no output for it."""
+    websocket = pytest.importorskip("websocket")
+    url = server
+    client_id = str(uuid.uuid4())
+    graph = _workflow(url, DEFAULT, seed=31, batch=2)
+    graph["save_image_websocket_node"] = {"class_type": "SaveImageWebsocket",
+                                          "inputs": {"images": ["8", 0]}}
+    del graph["9"]
+    ws = websocket.WebSocket()
+    ws.connect(f"ws{url[4:]}/ws?clientId={client_id}", timeout=TIMEOUT)
+    images, current = [], ""
+    try:
+        prompt_id = _queue(url, graph, client_id=client_id)["prompt_id"]
+        for _ in range(200):  # bounded
+            out = ws.recv()
+            if isinstance(out, str):
+                message = json.loads(out)
+                if message["type"] == "executing":
+                    data = message["data"]
+                    if data["node"] is None and data["prompt_id"] == prompt_id:
+                        break
+                    current = data["node"]
+            elif current == "save_image_websocket_node":
+                assert out[:8] == bytes([0, 0, 0, 1, 0, 0, 0, 2])  # preview image, PNG
+                images.append(out[8:])
+        else:
+            raise AssertionError("no end of execution")
+    finally:
+        ws.close()
+    assert len(images) == 2
+    for i, data in enumerate(images):
+        png = Image.open(io.BytesIO(data))
+        png.load()
+        assert not png.text  # (a preview: no metadata)
+        want = ref_pipe("beautiful scenery nature glass bottle", negative_prompt="text, watermark",
+                        height=64, width=64, num_inference_steps=2, guidance_scale=7.0,
+                        sampler="euler_a_normal", seed=31 + i)[0]
+        assert_same_image(png, want, f"SaveImageWebsocket image {i}")
+    entry = _history(url, prompt_id)
+    assert entry["status"]["status_str"] == "success" and entry["outputs"] == {}
+
+
 def test_websocket_needs_the_api_key():
     websocket = pytest.importorskip("websocket")
     with LocalServer(config(api_key="s3cret")) as url:
