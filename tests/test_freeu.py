@@ -16,8 +16,6 @@ from sdrt.engine.loading import build
 from test_cli import _run, tiny_dir  # noqa: F401  (tiny_dir: the fixture)
 from test_comfy import DEFAULT, _pixels, _small
 
-diffusers = pytest.importorskip("diffusers")
-
 # Three levels whose channels are 1×, 2× and 4× the first: where ComfyUI's rule finds both its
 # (b1, s1) and (b2, s2) places.
 CONFIG = dict(block_out_channels=(16, 32, 64), layers_per_block=2, sample_size=8,
@@ -31,6 +29,7 @@ ATOL = 1e-5
 @pytest.fixture(scope="module")
 def unets():
     """(sdrt's UNet, diffusers' UNet2DConditionModel) with the same random weights."""
+    diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
     ref = diffusers.UNet2DConditionModel(**CONFIG).eval()
     ours = build("unet", {"_class_name": "UNet2DConditionModel", **CONFIG}, device="cpu")
@@ -113,6 +112,7 @@ def test_comfy_styles_are_comfyuis_rule(unets, style, monkeypatch):
 @pytest.mark.parametrize("shape", [(2, 3, 8, 6), (1, 2, 16, 16), (1, 1, 1, 1), (1, 2, 5, 7)])
 @pytest.mark.parametrize("scale", [0.2, 1.0, 1.7])
 def test_fourier_filter_is_diffusers(shape, scale):
+    pytest.importorskip("diffusers")
     from diffusers.utils.torch_utils import fourier_filter as filter_ref
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
     got = fourier_filter(x, scale)

@@ -11,8 +11,6 @@ from sdrt.engine.loading import build
 from sdrt.engine.memory import request_bytes
 from sdrt.engine.tiny import tiny_components
 
-diffusers = pytest.importorskip("diffusers")
-
 # Three levels (scale factor 4) and a sample size of 32: tiles of 8 latent pixels, 32 image ones.
 CONFIG = dict(block_out_channels=(16, 32, 32), layers_per_block=1, sample_size=32,
               down_block_types=("DownEncoderBlock2D",) * 3,
@@ -21,6 +19,7 @@ CONFIG = dict(block_out_channels=(16, 32, 32), layers_per_block=1, sample_size=3
 
 @pytest.fixture(scope="module")
 def vaes():
+    diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
     ref = diffusers.AutoencoderKL(**CONFIG).eval()
     ours = build("vae", {"_class_name": "AutoencoderKL", **CONFIG}, device="cpu")
