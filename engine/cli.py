@@ -282,6 +282,12 @@ def _generate_options(g):
     g.add_argument("--seed", metavar="S", type=int_arg, default=-1,
                    help="seed of the initial noise, from 0 to 2**64 - 1; -1 draws one at "
                         "random. The seed used is printed and stored in the PNG")
+    g.add_argument("--subseed", metavar="S", type=int_arg, default=-1,
+                   help="A1111's variation seed: with --subseed-strength, image i's noise "
+                        "moves towards the noise of S + i (-1: one drawn at random)")
+    g.add_argument("--subseed-strength", metavar="F", type=float_arg, default=0.0,
+                   help="how far the noise moves towards the variation seed's, from 0 (not "
+                        "at all) to 1 (A1111's variation strength)")
     g.add_argument("--height", metavar="H", type=int_arg, default=None,
                    help="image height in pixels, a multiple of 8 (default: the model's native "
                         "size, or the init image's)")

@@ -34,7 +34,8 @@ OPTION_NAMES = {"num_inference_steps": "--steps", "guidance_scale": "--guidance"
                 "original_size": "--original-size", "target_size": "--target-size",
                 "crops_coords_top_left": "--crop", "aesthetic_score": "--aesthetic-score",
                 "negative_aesthetic_score": "--negative-aesthetic-score",
-                "denoising_end": "--refiner-start"}
+                "denoising_end": "--refiner-start", "subseed": "--subseed",
+                "subseed_strength": "--subseed-strength"}
 
 
 def generate(a):
@@ -59,9 +60,12 @@ def generate(a):
         num_inference_steps=a.steps, guidance_scale=a.guidance, sampler=a.sampler, seed=a.seed,
         strength=a.strength, num_images_per_prompt=a.batch, clip_skip=a.clip_skip,
         output_type="pil", has_image=a.init_image is not None, prompt_syntax=a.prompt_syntax,
-        **_sdxl_fields(a),
+        subseed=a.subseed, subseed_strength=a.subseed_strength, **_sdxl_fields(a),
     ).check(names=OPTION_NAMES, limits=Limits.from_env())
     sd = _sd_upscale(a)
+    if sd is not None and request.subseed_strength:
+        raise SdrtError("--subseed-strength cannot be combined with --sd-upscale yet (its tiles "
+                        "draw their own seeds)")
     hires = _hires(a, request)
     output = _output_path(a)
     _check_sources(a)
@@ -189,6 +193,11 @@ def generate(a):
     seeds = [(seed + i) % (MAX_SEED + 1) for i in range(1 if grid else a.batch)]
     import torch
     generators = [torch.Generator().manual_seed(s) for s in seeds]
+    # A1111's variation seed: image i's noise moves towards that of subseed + i.
+    subseeds = ([(request.draw_subseed() + i) % (MAX_SEED + 1) for i in range(a.batch)]
+                if request.subseed_strength else [None] * a.batch)
+    variation = (dict(subseed=subseeds, subseed_strength=request.subseed_strength)
+                 if request.subseed_strength else {})
     # A callback would make a static plan run its denoising loop eagerly: no bar then.
     call = dict(negative_prompt=a.negative, num_inference_steps=a.steps,
                 guidance_scale=a.guidance, generator=generators, clip_skip=a.clip_skip,
@@ -204,6 +213,7 @@ def generate(a):
             images = hires_generate(pipe, hires, prompt, call.pop("negative_prompt"),
                                     request.height, request.width, call.pop("num_inference_steps"),
                                     sampler, call.pop("generator"), **_sdxl_fields(a), **call,
+                                    **variation,
                                     **control, control_units=cli_control.hires_units(a),
                                     upscaler=upscaler,
                                     callback=None if plans else progress)
@@ -222,7 +232,7 @@ def generate(a):
                           latent_resize=init is not None and a.resize_mode == "latent",
                           callback=None if plans else progress,
                           output_type="latent" if refiner else "pil", **_sdxl_fields(a),
-                          **control, **call)
+                          **control, **call, **variation)
     if refiner is not None:
         # The base's partly denoised latents, one row per image, finished by the refiner.
         with _Progress() as progress:
@@ -288,8 +298,9 @@ def generate(a):
                           masked_content=(a.masked_content.replace("-", " ")
                                           if mask is not None
                                           and a.masked_content != "original" else None),
-                          ti_hashes=ti_hashes, controlnets=units, **refined, **vae))
-             for s in seeds]
+                          ti_hashes=ti_hashes, controlnets=units, subseed=ss,
+                          subseed_strength=request.subseed_strength, **refined, **vae))
+             for s, ss in zip(seeds, subseeds)]
     paths, taken = _save_pngs(images, output, infos, a.overwrite)
     print(_summary(pipe.timings, plans, seed, paths, taken))
 
@@ -552,6 +563,8 @@ _PNG_SETTINGS = {  # a sampler reads with its schedule type (_SCHEDULE_TYPE_KEYS
     "Sampler": ("--sampler", "sampler", "sampler"),
     "CFG scale": ("--guidance", "guidance", float),
     "Seed": ("--seed", "seed", int),
+    "Variation seed": ("--subseed", "subseed", int),
+    "Variation seed strength": ("--subseed-strength", "subseed_strength", float),
     "Clip skip": ("--clip-skip", "clip_skip", lambda v: int(v) - 1),  # A1111 counts from 1
     "Mask blur": ("--mask-blur", "mask_blur", int),
     "Inpaint area": ("--inpaint-area", "inpaint_area",
@@ -855,6 +868,8 @@ def _warn_unused_options(a):
         elif a.mask is not None and a.inpaint_area == "masked":
             unused("--resize-mode", "with --inpaint-area masked the masked region is resized "
                                     "to the size (A1111's 'Only masked')")
+    if not a.subseed_strength and "subseed" in a.given:
+        unused("--subseed", "it applies to --subseed-strength above 0")
     if a.freeu is None and "freeu_style" in a.given:
         unused("--freeu-style", "it applies to --freeu")
     if a.mask is None:

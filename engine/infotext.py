@@ -381,6 +381,8 @@ class Infotext:
     controlnets: tuple = ()    # (("ControlNet 0", "Module: none, Model: ..."), ...) per unit
     vae_name: str = None       # a VAE of its own (A1111's SD VAE): its file's name
     vae_hash: str = None       # and A1111's short hash of it
+    subseed: int = None        # this image's variation seed, where subseed_strength is > 0
+    subseed_strength: float = None
 
     def params(self):
         """The ``Key: value`` pairs in A1111's order, without the ones that are not set."""
@@ -396,6 +398,9 @@ class Infotext:
             "Model": self.model_name,
             "VAE hash": self.vae_hash,
             "VAE": self.vae_name,
+            "Variation seed": self.subseed if self.subseed_strength else None,
+            "Variation seed strength": (number(self.subseed_strength) if self.subseed_strength
+                                        else None),
             "Denoising strength": (None if self.denoising_strength is None
                                    else number(self.denoising_strength)),
             "Clip skip": self.clip_skip + 1 if self.clip_skip else None,

@@ -31,14 +31,14 @@ from .memory import check_request_fits, fused_attention, request_bytes
 from .prompt_schedule import composable_parts, edited, editing_steps, text_at
 from .prompt_schedule import schedule as schedule_prompt
 from .prompt_syntax import WeightedIds, tokenize_prompts
-from .request import MICRO_CONDITIONING, GenerationRequest, Limits, short_repr
+from .request import MAX_SEED, MICRO_CONDITIONING, GenerationRequest, Limits, short_repr
 from .runtime import ModelSpec, StaticRuntime, StaticShape
 from .samplers import (SchedulerConfig, brownian_noise, default_sampler, make_schedule,
                        sample)
 from .stages import (Control, blank_inpaint_conditioning, check_fused, cpu_randn,
                      guidance_embedding, guided, inpaint_conditioning, inpainting_unet,
                      keep_unmasked, row_scales, scale_latents, starts_from_noise,
-                     to_unit_images, vae_decode)
+                     to_unit_images, vae_decode, vary_noise)
 
 # What the masked latents start from when inpainting (A1111's "masked content" in latent
 # space): the init image's, unit noise, or zeros.
@@ -237,6 +237,7 @@ class Pipeline:
         self.vae_scale_factor = self.vae.config.scale_factor
         self.timings = {}
         self.last_seed = None
+        self.last_subseed = None  # a variation seed's (subseed_strength > 0), else None
         self.num_timesteps = None  # denoising steps of the current (or last) call
         self.runtime = None  # set by compile()
         # Copies of the VAE in other dtypes (dtype → module), made when first needed: float32
@@ -1063,9 +1064,23 @@ class Pipeline:
                             f"{'with inf or NaN' if latents.is_floating_point() else ''}".strip())
         return latents.to(self.device, self.dtype)
 
+    def _varied_noise(self, request, shape, generator):
+        """The noise of A1111's variation seed (``vary_noise``): image i's from the generator,
+        slerped towards subseed + i's (or the list's i-th) by ``subseed_strength``; sets
+        ``last_subseed``."""
+        subseed = self.last_subseed = request.draw_subseed()
+        subseeds = (subseed if isinstance(subseed, list) else
+                    [(subseed + i) % (MAX_SEED + 1) for i in range(shape[0])])
+        if len(subseeds) != shape[0]:
+            raise SdrtError(f"subseed must be one integer or a list of {shape[0]} (one per "
+                            f"image), got a list of {len(subseeds)}")
+        noise = vary_noise(cpu_randn(shape, generator), subseeds, request.subseed_strength)
+        return noise.to(self.device, self.dtype)
+
     def _generator(self, generator, request):
         """The CPU generator (or list of them, one per image) that draws the request's noise;
         sets ``last_seed``."""
+        self.last_subseed = None
         if generator is None:
             self.last_seed = request.draw_seed()
             return torch.Generator("cpu").manual_seed(self.last_seed)
@@ -1124,7 +1139,8 @@ class Pipeline:
                  control_mode="balanced", control_mask=None, ip_adapter_image=None,
                  ip_adapter=None, ip_adapter_scale=1.0, ip_adapter_guidance_start=0.0,
                  ip_adapter_guidance_end=1.0, ip_adapter_mask=None,
-                 ip_adapter_mask_style="diffusers", prompt_edit_steps=None):
+                 ip_adapter_mask_style="diffusers", prompt_edit_steps=None, subseed=None,
+                 subseed_strength=0.0):
         """Generate images; see the README for each argument.
 
         Returns a list of PIL images (``"pil"``), a float32 array (B, H, W, 3) in [0, 1]
@@ -1235,7 +1251,8 @@ class Pipeline:
             negative_crops_coords_top_left=negative_crops_coords_top_left,
             negative_target_size=negative_target_size, aesthetic_score=aesthetic_score,
             negative_aesthetic_score=negative_aesthetic_score, denoising_start=denoising_start,
-            denoising_end=denoising_end).check(limits=self.limits)
+            denoising_end=denoising_end, subseed=subseed,
+            subseed_strength=subseed_strength).check(limits=self.limits)
         for field in ("height", "width"):
             if getattr(request, field) is not None:
                 self._check_side(field, getattr(request, field), {})
@@ -1542,7 +1559,8 @@ class Pipeline:
             x0 = init_latents.repeat_interleave(batch // init_latents.shape[0], dim=0)
         if x0 is not None and tuple(x0.shape[2:]) != tuple(shape[2:]):  # latent_resize
             x0 = torch.nn.functional.interpolate(x0, size=shape[2:], mode="bilinear")
-        noise = self._noise(latents, shape, generator)
+        noise = self._varied_noise(request, shape, generator) if latents is None and \
+            request.subseed_strength else self._noise(latents, shape, generator)
         if mask is None:
             return _Start(x0, noise, None, None, pure_noise)
         small = torch.nn.functional.interpolate(mask, size=shape[2:])  # nearest: diffusers'

@@ -260,6 +260,11 @@ class GenerationRequest:
     # base stops at denoising_end and the refiner takes over at denoising_start.
     denoising_start: object = None
     denoising_end: object = None
+    # A1111's variation seed: the initial noise of image i slerped towards the noise of
+    # subseed + i (or of the list's i-th) by subseed_strength in [0, 1] (0: off; -1 or None
+    # with a strength: a random subseed)
+    subseed: object = None
+    subseed_strength: object = 0.0
 
     def check(self, names=None, limits=None):
         """Every model-free check; returns the request with its numbers as plain ``int`` and
@@ -346,6 +351,16 @@ class GenerationRequest:
         for field in ("denoising_start", "denoising_end"):
             if getattr(self, field) is not None:
                 extra[field] = number(field, lambda v: 0 < v < 1, "a number in (0, 1)")
+        extra["subseed_strength"] = number("subseed_strength", lambda v: 0 <= v <= 1,
+                                           "a number from 0 to 1")
+        subseeds = self.subseed
+        if subseeds is not None and not (_is_int(subseeds) and subseeds == RANDOM_SEED):
+            subseeds = subseeds if isinstance(subseeds, (list, tuple)) else [subseeds]
+            if not subseeds or not all(_is_int(v) and 0 <= v <= MAX_SEED for v in subseeds):
+                fail("subseed", "-1 (random), an integer from 0 to 2**64 - 1 or a list of them "
+                     "(one per image)", self.subseed)
+            extra["subseed"] = (int(subseeds[0]) if not isinstance(self.subseed, (list, tuple))
+                                else [int(v) for v in subseeds])
         if self.denoising_start is not None and not self.has_image:
             fail("denoising_start", "None without an image (it continues denoising an image's "
                  "latents, as the SDXL refiner after the base's denoising_end)",
@@ -449,3 +464,10 @@ class GenerationRequest:
         if self.seed is None or self.seed == RANDOM_SEED:
             return random.randrange(MAX_SEED + 1)
         return self.seed
+
+    def draw_subseed(self):
+        """The variation seed to use (an int, or a list of one per image): the request's, or a
+        random one for None and -1."""
+        if self.subseed is None or self.subseed == RANDOM_SEED:
+            return random.randrange(MAX_SEED + 1)
+        return self.subseed

@@ -338,6 +338,31 @@ def to_unit_images(image):
     return (image.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
 
 
+def slerp_a1111(val, low, high):
+    """A1111's ``slerp`` of two noise tensors of one image (C, H, W), as its variation seed
+    runs it: spherical interpolation by ``val`` (0: ``low``, 1: ``high``) of each column's
+    vector along H (the norms and angles are taken along dim 1, as A1111 takes them on an
+    unbatched tensor), or the linear one where the mean cosine is above 0.9995."""
+    low_norm = low / torch.norm(low, dim=1, keepdim=True)
+    high_norm = high / torch.norm(high, dim=1, keepdim=True)
+    dot = (low_norm * high_norm).sum(1)
+    if dot.mean() > 0.9995:
+        return low * val + high * (1 - val)
+    omega = torch.acos(dot)
+    so = torch.sin(omega)
+    return (torch.sin((1.0 - val) * omega) / so).unsqueeze(1) * low + \
+        (torch.sin(val * omega) / so).unsqueeze(1) * high
+
+
+def vary_noise(noise, subseeds, strength):
+    """A1111's variation seed on float32 unit noise (B, C, h, w): image i's slerped
+    (``slerp_a1111``) by ``strength`` towards the noise a fresh CPU generator seeded
+    ``subseeds[i]`` draws."""
+    return torch.stack([slerp_a1111(strength, n, torch.randn(
+        n.shape, generator=torch.Generator("cpu").manual_seed(s))) for n, s in
+        zip(noise, subseeds)])
+
+
 def cpu_randn(shape, generator, dtype=torch.float32):
     """Unit noise drawn on a CPU generator, as diffusers draws it with one: the same seed gives
     the same noise whatever device the model runs on.

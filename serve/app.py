@@ -208,7 +208,8 @@ class Server:
             # a script's; Infotext writes both where A1111 writes that dict)
             hires=tuple(key.hires.params().items()) if key.hires else (), script=tuple(script),
             controlnets=row.control_info, vae_name=key.vae,
-            vae_hash=self.runner.vae_hash(key.vae) if key.vae else None))
+            vae_hash=self.runner.vae_hash(key.vae) if key.vae else None, subseed=row.subseed,
+            subseed_strength=key.subseed_strength))
 
     async def encode(self, images, texts):
         t0 = time.perf_counter()
@@ -522,7 +523,8 @@ def create_app(config: ServeConfig = None) -> FastAPI:
             sampler=sampler, seed=body.seed,
             num_images_per_prompt=body.batch_size * body.n_iter, clip_skip=clip_skip,
             strength=strength if strength is not None else 0.8,
-            has_image=init_images is not None)
+            has_image=init_images is not None, subseed=body.subseed,
+            subseed_strength=body.subseed_strength)
         enable_hr = isinstance(body, schemas.Txt2ImgRequest) and body.enable_hr
         hires = _hires(server, body, req) if enable_hr else None
         script = None  # A1111's SD upscale: req's size is its tiles'
@@ -530,6 +532,11 @@ def create_app(config: ServeConfig = None) -> FastAPI:
             script = await run_in_threadpool(a1111_sd_upscale.check_request, server, body, req,
                                              init_images, mask)
         seeds = server.seeds(req.seed, script.seed_span() if script else n, "seed")
+        if script is not None and req.subseed_strength:
+            raise ApiError(400, "subseed_strength must be 0 with SD upscale (its tiles draw "
+                                "their own seeds)", "bad_request", "subseed_strength")
+        subseeds = (server.seeds(body.subseed, n, "subseed") if req.subseed_strength
+                    else [-1] * n)
         from sdrt.engine.images import RESIZE_MODES  # (numpy: imported once serving)
         from sdrt.engine.inpaint import MASKED_CONTENT
         from sdrt.engine.stages import inpainting_unet
@@ -556,7 +563,7 @@ def create_app(config: ServeConfig = None) -> FastAPI:
                        masked_content=masked_content, latent_resize_from=latent_size,
                        loras=loras, controls=controls,
                        vae=sd_vae(server, body.override_settings, "override_settings"),
-                       image_prompts=prompts[0])
+                       image_prompts=prompts[0], subseed_strength=req.subseed_strength)
         extra, jobs = dict(hires.params()) if hires else {}, None
         if mask is not None:  # one job per init image; image i inpaints init image i mod n
             only = body.inpaint_full_res
@@ -586,7 +593,7 @@ def create_app(config: ServeConfig = None) -> FastAPI:
                         jobs[i % len(jobs)].mask if jobs else None, extra.get("Mask blur"),
                         extra.get("Masked area padding"), extra.get("Masked content"),
                         hints[i % len(jobs)] if jobs and sources else hints, units,
-                        hires_hints, prompts[1])
+                        hires_hints, prompts[1], subseed=subseeds[i])
                     for i, s in enumerate(seeds)]
             extra.update(units)
             images = await server.generate(request, key, rows)
@@ -602,8 +609,9 @@ def create_app(config: ServeConfig = None) -> FastAPI:
             "prompt": body.prompt, "all_prompts": [body.prompt] * n,
             "negative_prompt": body.negative_prompt,
             "all_negative_prompts": [body.negative_prompt] * n,
-            "seed": seeds[0], "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * n,
-            "subseed_strength": 0, "width": req.width, "height": req.height,
+            "seed": seeds[0], "all_seeds": seeds, "subseed": subseeds[0],
+            "all_subseeds": subseeds, "subseed_strength": req.subseed_strength,
+            "width": req.width, "height": req.height,
             "sampler_name": sampler_label(req.sampler), "cfg_scale": req.guidance_scale,
             "steps": req.num_inference_steps, "batch_size": body.batch_size,
             "restore_faces": False, "sd_model_name": server.runner.model_name,
@@ -921,12 +929,12 @@ def _check_inpaint_fields(body):
 
 # A1111 fields of features sdrt does not have, and the values that leave them off.
 _OFF_VALUES = {"restore_faces": (None, False), "tiling": (None, False),
-               "subseed_strength": (None, 0), "seed_resize_from_h": (None, -1, 0),
+               "seed_resize_from_h": (None, -1, 0),
                "seed_resize_from_w": (None, -1, 0), "styles": (None, []),
                "script_name": (None, "", "None"), "refiner_checkpoint": (None, "", "None"),
                "initial_noise_multiplier": (None, 1)}
 _FEATURES = {"restore_faces": "face restoration", "tiling": "tiling",
-             "subseed_strength": "variation seeds", "seed_resize_from_h": "seed resizing",
+             "seed_resize_from_h": "seed resizing",
              "seed_resize_from_w": "seed resizing", "styles": "styles",
              "script_name": "any script but SD upscale",
              "refiner_checkpoint": "A1111's refiner switch",

@@ -342,6 +342,10 @@ class Runner:
             seeds = dict(seed=rows[0].seed)
         else:  # (a hires fix's second pass goes on drawing from the first pass's generators)
             seeds = dict(generator=[torch.Generator("cpu").manual_seed(r.seed) for r in rows])
+        # A1111's variation seed (the first pass's noise only: hires.generate drops it)
+        variation = (dict(subseed=[r.subseed for r in rows],
+                          subseed_strength=key.subseed_strength)
+                     if key.subseed_strength else {})
         guidance = [r.guidance_scale for r in rows]
         guidance = guidance[0] if len(set(guidance)) == 1 else guidance
         negatives = [r.negative_prompt for r in rows]
@@ -384,7 +388,8 @@ class Runner:
                            prompt_syntax=key.prompt_syntax,
                            control_units=[c[5] for c in key.controls],
                            hires_control_image=second,
-                           upscaler=self.upscaler(model) if model else None, **control)
+                           upscaler=self.upscaler(model) if model else None, **control,
+                           **variation)
         else:
             sdxl = dict(zip(("original_size", "crops_coords_top_left", "target_size"),
                             key.micro))
@@ -405,7 +410,7 @@ class Runner:
                 latent_resize=key.latent_resize_from is not None,
                 strength=key.strength if key.strength is not None else 0.8,
                 clip_skip=key.clip_skip, prompt_syntax=key.prompt_syntax, output_type="pil",
-                **seeds, **control,
+                **seeds, **control, **variation,
                 **{k: v for k, v in sdxl.items() if v is not None})
         timings = self.pipe.timings
         for stage in ("text", "denoise", "decode"):

@@ -69,6 +69,7 @@ class BatchKey:
     image_prompts: tuple = ()
     prompt_syntax: str = "a1111"  # how the rows' prompts are read (ComfyUI's API: "comfy")
     freeu: tuple = None  # (b1, b2, s1, s2, style) of the UNet's FreeU (a workflow's), or None
+    subseed_strength: float = 0.0  # A1111's variation strength (each row brings its subseed)
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ class Row:
     # CLIPTextEncodeSDXL gives them
     prompt_2: str = None
     negative_prompt_2: str = None
+    subseed: int = None  # A1111's variation seed, where the key's subseed_strength is above 0
 
 
 class Job:

@@ -72,6 +72,9 @@ class A1111Request(BaseModel):
     prompt: str = ""
     negative_prompt: str = ""
     seed: int = Field(-1, description="-1: random; the i-th image uses seed + i")
+    subseed: int = Field(-1, description="A1111's variation seed (-1: random); the i-th image's "
+                                         "noise moves towards subseed + i's")
+    subseed_strength: float = Field(0.0, description="how far (0: off, to 1)")
     sampler_name: Optional[str] = Field(None, description="an A1111 label, e.g. 'Euler a'")
     sampler_index: Optional[str] = Field(None, description="older name of sampler_name")
     scheduler: Optional[str] = Field(None, description="A1111 1.9's schedule type: Automatic "
@@ -100,7 +103,6 @@ class A1111Request(BaseModel):
     # "off" values (false, null, 0, -1, empty), refused with a 400 naming the field otherwise.
     restore_faces: Optional[bool] = None
     tiling: Optional[bool] = None
-    subseed_strength: Optional[float] = None
     seed_resize_from_h: Optional[int] = None
     seed_resize_from_w: Optional[int] = None
     styles: Optional[List[str]] = None
