@@ -54,8 +54,8 @@ named by its file's stem, and its scale (which sets those sizes) comes from the 
 ``read`` (``upscaler_scale``: ``sdrt generate --upscaler-dir``, the server's).
 
 Any other node on that path is refused by name, never skipped: a workflow that upscales,
-masks or chains samplers another way would otherwise give another picture than it asks for. ComfyUI's
-sampler and scheduler pairs map onto sdrt's samplers (``SAMPLERS``); the settings are the
+masks or chains samplers another way would otherwise give another picture than it asks for.
+ComfyUI's sampler and scheduler pairs map onto sdrt's samplers (``SAMPLERS``); the settings are the
 same, the pixels are not (ComfyUI samples on k-diffusion's sigma tables and draws a batch's
 noise from one generator, sdrt follows the model's diffusers scheduler and seeds image i with
 seed + i).
@@ -414,7 +414,7 @@ def read(graph, upscaler_scale=None) -> Workflow:
         key = "source"
     decode = nodes.follow(image, key, ("VAEDecode",))
     sampler_id = nodes.follow(decode, "samples", _SAMPLER_NODES)
-    second = upscale = hires_model = refiner = None
+    second = upscale = hires_model = refiner = pixels = None
     latent = nodes.link(sampler_id, "latent_image")[0]
     if nodes.kind(sampler_id) == "KSamplerAdvanced" and nodes.kind(latent) == "KSamplerAdvanced":
         # SDXL's base and refiner: the refiner finishes the base's leftover noise

@@ -13,9 +13,9 @@ It differs from A1111's syntax (``prompt_syntax.py``) in four places:
   Chunks hold 75 tokens between BOS and EOS; a group that does not fit in the open chunk moves
   whole to the next one when it is short (under 8 tokens), else fills the chunk and goes on in
   the next (no comma backtracking).
-- **Emphasis** (``apply_weights``): a token of weight w ≠ 1 becomes ``(z - e) · w + e``, with e the
-  state at the same position of the empty prompt's chunk (BOS, EOS, padding); tokens of
-  weight 1 are left alone, and nothing is rescaled afterwards.
+- **Emphasis** (``apply_weights``): a token of weight w ≠ 1 becomes ``(z - e) · w + e``, with
+  e the state at the same position of the empty prompt's chunk (BOS, EOS, padding); tokens
+  of weight 1 are left alone, and nothing is rescaled afterwards.
 - **Prompts of different lengths** (``tokenize_prompts``): ComfyUI repeats each prompt's chunks
   up to the least common multiple of the counts (attention over a repeated sequence is
   attention over the sequence), where A1111 pads with empty chunks. Within a prompt, SDXL's

@@ -1,8 +1,9 @@
-"""ComfyUI's inpainting workflows (VAEEncodeForInpaint, SetLatentNoiseMask, InpaintModelConditioning)
-read into sdrt's inpainting: the nodes' settings, the mask as ComfyUI reads and grows it (checked
-against the rule written out here), the refusals, and ``sdrt generate --workflow`` end to end
-against the same inpainting asked for by options and by the library (the result decoded as it
-is, not pasted over the picture as A1111 pastes it)."""
+"""ComfyUI's inpainting workflows (VAEEncodeForInpaint, SetLatentNoiseMask,
+InpaintModelConditioning, ImagePadForOutpaint, the mask nodes, ImageCompositeMasked) read into
+sdrt's inpainting: the nodes' settings, the mask as ComfyUI reads and grows it (checked against
+the rules written out here), the refusals, and ``sdrt generate --workflow`` end to end against
+the same inpainting asked for by options and by the library (the result decoded as it is, not
+pasted over the picture as A1111 pastes it)."""
 import copy
 import json
 import math
@@ -198,6 +199,11 @@ REFUSED = {
     "a composite of an image to image": (
         _edit(with_composite(vae_encode_for_inpaint()), lambda g: g["11"].update(
             class_type="VAEEncode")),
+        "workflow node 30 (ImageCompositeMasked): sdrt lays a result over its picture only "
+        "when inpainting"),
+    "a composite of a text to image": (
+        _edit(with_composite(DEFAULT), lambda g: g.update({"10": {
+            "class_type": "LoadImage", "inputs": {"image": "p.png"}}})),
         "workflow node 30 (ImageCompositeMasked): sdrt lays a result over its picture only "
         "when inpainting"),
     "a composite over another picture": (
