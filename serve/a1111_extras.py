@@ -1,7 +1,8 @@
 """The rest of AUTOMATIC1111's API that its clients call besides generating: setting the
 options they read (``POST /sdapi/v1/options``), reading an image's PNG info
 (``/sdapi/v1/png-info``), the queue's state (``/sdapi/v1/progress``), and the lists and
-refreshes of things sdrt's server has none of (embeddings, styles), and --vae-dir's VAEs.
+refreshes of things sdrt's server has none of (styles), --embedding-dir's embeddings and
+--vae-dir's VAEs.
 
 Options are the server's, as A1111's are: ``CLIP_stop_at_last_layers`` and ``sd_vae`` set
 here are the clip skip and VAE of every later request that does not set its own in
@@ -141,9 +142,18 @@ def register(app, server_of, api_error, text_layers):
                 for name in runner.vae_names()]
 
     @app.get("/sdapi/v1/embeddings", tags=["AUTOMATIC1111"])
-    async def embeddings():
-        """Textual-inversion embeddings: none loaded by the server."""
-        return {"loaded": {}, "skipped": {}}
+    async def embeddings(request: Request):
+        """The textual-inversion embeddings of --embedding-dir, as A1111 lists its own: those
+        loaded (their width and vectors) and those skipped (with the reason)."""
+        server = server_of(request)
+        server.require_ready()
+        runner = server.runner
+        width = next(iter(runner.pipe.text_encoders.values())).config.hidden_size
+        blank = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None}
+        return {"loaded": {name: {**blank, "shape": width, "vectors": vectors}
+                           for name, (_, vectors) in sorted(runner.embeddings.items())},
+                "skipped": {name: {**blank, "shape": None, "vectors": None, "reason": why}
+                            for name, why in sorted(runner.skipped_embeddings.items())}}
 
     @app.get("/sdapi/v1/prompt-styles", tags=["AUTOMATIC1111"])
     async def prompt_styles():

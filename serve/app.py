@@ -209,7 +209,10 @@ class Server:
             hires=tuple(key.hires.params().items()) if key.hires else (), script=tuple(script),
             controlnets=row.control_info, vae_name=key.vae,
             vae_hash=self.runner.vae_hash(key.vae) if key.vae else None, subseed=row.subseed,
-            subseed_strength=key.subseed_strength))
+            subseed_strength=key.subseed_strength,
+            ti_hashes=self.runner.embedding_hashes(
+                (row.prompt, row.negative_prompt if key.guidance else "", row.prompt_2,
+                 row.negative_prompt_2))))
 
     async def encode(self, images, texts):
         t0 = time.perf_counter()

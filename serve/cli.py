@@ -84,6 +84,10 @@ def add_parser(subparsers):
                         "the Extras endpoints, and ComfyUI workflows in UpscaleModelLoader, by "
                         "file stem (Real-ESRGAN's released files also by A1111's names, "
                         "R-ESRGAN 4x+ ...)")
+    s.add_argument("--embedding-dir", metavar="DIR", default=None,
+                   help="textual-inversion embeddings (.safetensors), loaded at start, as "
+                        "A1111 loads its embeddings folder: a prompt writes one by its file's "
+                        "stem (ComfyUI's embedding:NAME)")
     s.add_argument("--threads", metavar="N", type=int_arg, default=None,
                    help="torch CPU threads (default: torch's choice)")
     s.add_argument("--ray", action="store_true",
@@ -117,7 +121,8 @@ def config_from(a):
                        request_timeout_s=a.timeout,
                        default_steps=a.steps, threads=a.threads, lora_dir=a.lora_dir,
                        controlnet_dir=a.controlnet_dir, vae_dir=a.vae_dir,
-                       clip_vision_dir=a.clip_vision_dir, upscaler_dir=a.upscaler_dir)
+                       clip_vision_dir=a.clip_vision_dir, upscaler_dir=a.upscaler_dir,
+                       embedding_dir=a.embedding_dir)
 
 
 def _check_port(host, port):

@@ -21,7 +21,7 @@ clients built on them use it:
 - ``GET /object_info`` (and ``/object_info/{node_class}``) describes the nodes sdrt runs, as
   ComfyUI does, with the names their menus take (the checkpoint, --lora-dir's files, the
   uploaded images, the sampler and scheduler names); ``GET /system_stats`` the Python,
-  torch and the device; ``/embeddings`` and ``/extensions`` are empty.
+  torch and the device; ``/embeddings`` lists --embedding-dir's, ``/extensions`` is empty.
 
 The server runs its
 one model (``ckpt_name`` must name it); LoraLoader's files come from ``--lora-dir``,
@@ -586,8 +586,11 @@ def register(app, server_of, api_error):
         return _system_stats(server)
 
     @app.get("/embeddings", tags=["ComfyUI"])
-    async def embeddings():
-        return []
+    async def embeddings(request: Request):
+        """--embedding-dir's loaded embeddings, by name (a prompt's embedding:NAME)."""
+        server = server_of(request)
+        server.require_ready()
+        return sorted(server.runner.embeddings)
 
     @app.get("/extensions", tags=["ComfyUI"])
     async def extensions():

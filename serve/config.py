@@ -32,6 +32,7 @@ class ServeConfig:
     vae_dir: str = None            # folder of VAEs (A1111's sd_vae): files or diffusers folders
     clip_vision_dir: str = None    # folder of CLIP image encoders, for IP-Adapter units
     upscaler_dir: str = None       # folder of upscale models (ESRGAN .safetensors files)
+    embedding_dir: str = None      # folder of textual-inversion embeddings, loaded at start
 
     def __post_init__(self):
         def positive(name, integer=True):
@@ -48,7 +49,8 @@ class ServeConfig:
         if self.threads is not None:
             positive("threads")
         positive("max_loras")
-        for name in ("lora_dir", "controlnet_dir", "vae_dir", "clip_vision_dir", "upscaler_dir"):
+        for name in ("lora_dir", "controlnet_dir", "vae_dir", "clip_vision_dir", "upscaler_dir",
+                     "embedding_dir"):
             folder = getattr(self, name)
             if folder is not None and not os.path.isdir(folder):
                 raise SdrtError(f"{name.replace('_', '-')} {folder} is not a folder")

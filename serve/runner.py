@@ -58,6 +58,7 @@ class Runner:
         self.pipe = pipe
         if self.config.vae_tiling:
             pipe.enable_vae_tiling()
+        self.embeddings, self.skipped_embeddings = self._load_embeddings()
         self.default_sampler = default_sampler(pipe.scheduler_config)
         self._build_plans()
 
@@ -103,6 +104,43 @@ class Runner:
             return ()
         return tuple(self.planned.get((key.height, key.width, key.steps, key.sampler,
                                        key.guidance, key.chunks), ()))
+
+    # -- embeddings from --embedding-dir, loaded at start ------------------------------------
+
+    def _load_embeddings(self):
+        """Every embedding of --embedding-dir loaded under its file's stem, as A1111 loads its
+        embeddings folder: ({name: (path, vectors, width)}, {name: why it was skipped}) (a
+        pickle, one made for another model, a name that is a word of the vocabulary)."""
+        from sdrt.engine.errors import PICKLE_SUFFIXES, SdrtError
+        loaded, skipped = {}, {}
+        folder = self.config.embedding_dir
+        if folder is None:
+            return loaded, skipped
+        for root, dirs, names in sorted(os.walk(folder)):
+            dirs.sort()
+            for name in sorted(names):
+                stem, ext = os.path.splitext(name)
+                path = os.path.join(root, name)
+                if ext.lower() in PICKLE_SUFFIXES:
+                    skipped.setdefault(stem, f"{name} is a pickle, which sdrt does not load: "
+                                             f"convert it to .safetensors")
+                elif ext.lower() == ".safetensors" and stem not in loaded:
+                    try:
+                        token = self.pipe.load_textual_inversion(path, token=stem)
+                    except SdrtError as e:
+                        skipped.setdefault(stem, " ".join(str(e).split()))
+                        continue
+                    vectors = self.pipe.embeddings.get(token)
+                    loaded[stem] = (path, vectors)
+        return loaded, skipped
+
+    def embedding_hashes(self, texts):
+        """((name, A1111 short hash), ...) of the loaded embeddings ``texts`` write (as whole
+        words, in any case): the PNG info's ``TI hashes``."""
+        import re
+        words = {w.lower() for t in texts if t for w in re.findall(r"[\w.-]+", t)}
+        return tuple((name, self._file_hash(path)) for name, (path, _) in
+                     sorted(self.embeddings.items()) if name.lower() in words)
 
     # -- LoRAs from --lora-dir --------------------------------------------------------------
 
