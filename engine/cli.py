@@ -386,6 +386,10 @@ def _generate_options(g):
                         "epsilon also selects the 512-base configs")
     g.add_argument("--clip-skip", metavar="N", type=int_arg, default=0,
                    help="skip the last N layers of the text encoder")
+    g.add_argument("--pag-scale", metavar="F", type=float_arg, default=0.0,
+                   help="perturbed-attention guidance: the conditional pass again with the mid "
+                        "block's self-attention perturbed, this much of the difference added "
+                        "(diffusers' pag_scale, ComfyUI's PerturbedAttentionGuidance; e.g. 3)")
     g.add_argument("--vae-tiling", action="store_true",
                    help="encode and decode pictures past the VAE's sample size in overlapping "
                         "tiles, as diffusers' enable_vae_tiling (less memory for large ones)")

@@ -35,7 +35,7 @@ OPTION_NAMES = {"num_inference_steps": "--steps", "guidance_scale": "--guidance"
                 "crops_coords_top_left": "--crop", "aesthetic_score": "--aesthetic-score",
                 "negative_aesthetic_score": "--negative-aesthetic-score",
                 "denoising_end": "--refiner-start", "subseed": "--subseed",
-                "subseed_strength": "--subseed-strength"}
+                "subseed_strength": "--subseed-strength", "pag_scale": "--pag-scale"}
 
 
 def generate(a):
@@ -60,7 +60,8 @@ def generate(a):
         num_inference_steps=a.steps, guidance_scale=a.guidance, sampler=a.sampler, seed=a.seed,
         strength=a.strength, num_images_per_prompt=a.batch, clip_skip=a.clip_skip,
         output_type="pil", has_image=a.init_image is not None, prompt_syntax=a.prompt_syntax,
-        subseed=a.subseed, subseed_strength=a.subseed_strength, **_sdxl_fields(a),
+        subseed=a.subseed, subseed_strength=a.subseed_strength, pag_scale=a.pag_scale,
+        **_sdxl_fields(a),
     ).check(names=OPTION_NAMES, limits=Limits.from_env())
     sd = _sd_upscale(a)
     if sd is not None and request.subseed_strength:
@@ -201,7 +202,8 @@ def generate(a):
     # A callback would make a static plan run its denoising loop eagerly: no bar then.
     call = dict(negative_prompt=a.negative, num_inference_steps=a.steps,
                 guidance_scale=a.guidance, generator=generators, clip_skip=a.clip_skip,
-                prompt_syntax=a.prompt_syntax, num_images_per_prompt=a.batch, **image_prompt)
+                prompt_syntax=a.prompt_syntax, num_images_per_prompt=a.batch,
+                pag_scale=request.pag_scale, **image_prompt)
     with _Progress() as progress:
         if hires is not None:
             from .hires import generate as hires_generate
@@ -746,6 +748,8 @@ def _apply_workflow(a):
             a.refiner_steps = flow.refiner_steps
     if flow.freeu is not None and "freeu" not in a.given:
         *a.freeu, a.freeu_style = flow.freeu
+    if flow.pag_scale and "pag_scale" not in a.given:
+        a.pag_scale = flow.pag_scale
     for attr in ("seed", "steps", "guidance", "sampler", "clip_skip", "batch", "width",
                  "height", "strength", "prompt_2", "negative_2", "original_size", "crop",
                  "target_size", "aesthetic_score", "negative_aesthetic_score"):
@@ -988,7 +992,8 @@ def _static_plans(a, pipe, request, sampler, hires=None, image=None, controls=()
     plans = [pipe.compile(height, width, request.batch_size, request.num_inference_steps,
                           sampler, guidance=request.guidance, num_chunks=chunks,
                           strength=None if image is None else request.strength,
-                          masked=masked, prompt_syntax=request.prompt_syntax, **control)]
+                          masked=masked, prompt_syntax=request.prompt_syntax,
+                          pag_scale=request.pag_scale, **control)]
     if hires is not None:  # the second pass: one prompt per image, at the upscaled size
         width, height, _, _ = hires.target(request.width, request.height, pipe.vae_scale_factor)
         steps, _ = hires.schedule_steps(request.num_inference_steps)
@@ -1001,7 +1006,8 @@ def _static_plans(a, pipe, request, sampler, hires=None, image=None, controls=()
         plans.append(pipe.compile(height, width, request.batch_size, steps,
                                   hires.sampler or request.sampler, guidance=request.guidance,
                                   num_chunks=chunks, strength=hires.strength,
-                                  prompt_syntax=request.prompt_syntax, **control))
+                                  prompt_syntax=request.prompt_syntax,
+                                  pag_scale=request.pag_scale, **control))
     return plans
 
 

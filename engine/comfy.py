@@ -170,6 +170,9 @@ MAX_EXPAND = 256
 # b2, s1, s2)
 FREEU_NODES = {"FreeU": ("comfy", (1.1, 1.2, 0.9, 0.2)),
                "FreeU_V2": ("comfy_v2", (1.3, 1.4, 0.9, 0.2))}
+# ComfyUI's perturbed-attention guidance node (its "middle" block's self-attention: sdrt's
+# pag_scale, as diffusers' "mid" layers)
+PAG = "PerturbedAttentionGuidance"
 # After an inpainting's VAEDecode, before the save node: the result laid over the init image
 # through the inpainting's mask, ungrown, at x 0, y 0 (``composite``), as ComfyUI's inpainting
 # workflows keep the pixels outside the mask.
@@ -359,6 +362,7 @@ class Workflow:
     composite: bool = False
     # a FreeU or FreeU_V2 node's (b1, b2, s1, s2, sdrt's style: "comfy" or "comfy_v2")
     freeu: tuple = None
+    pag_scale: float = 0.0  # a PerturbedAttentionGuidance node's scale
     # an ImagePadForOutpaint's (left, top, right, bottom, feathering): the init image on its
     # canvas (``outpaint``), whose MASK is the inpainting's (``mask`` (None, "outpaint"))
     outpaint: tuple = None
@@ -439,7 +443,7 @@ def read(graph, upscaler_scale=None) -> Workflow:
         sampler_id = nodes.follow(upscale, "samples", _SAMPLER_NODES)
     kind = nodes.kind(sampler_id)
     pair = _pair(nodes, sampler_id)
-    checkpoint, loras, prompts, freeu = nodes.model_chain(nodes.link(sampler_id, "model"))
+    checkpoint, loras, prompts, patches = nodes.model_chain(nodes.link(sampler_id, "model"))
     vae = nodes.follow(decode, "vae", ("CheckpointLoaderSimple", "VAELoader"))
     if refiner is not None:  # (sdrt's refiner decodes, with its own VAE or --vae's)
         refined, refiner_texts = _refiner_chain(nodes, refiner, sampler_id)
@@ -485,7 +489,7 @@ def read(graph, upscaler_scale=None) -> Workflow:
                     checkpoint=nodes.inputs(checkpoint).get("ckpt_name"),
                     loras=[(name, scale) for _, name, scale in loras],
                     output=outputs[0], sampler_node=sampler_id, controlnets=controls,
-                    upscale=final, ip_adapters=prompts, freeu=freeu)
+                    upscale=final, ip_adapters=prompts, **patches)
     prefix = nodes.inputs(outputs[0]).get("filename_prefix", "ComfyUI")
     if isinstance(prefix, str) and prefix:
         flow.filename_prefix = prefix
@@ -655,10 +659,10 @@ def _refiner_chain(nodes, refiner, base):
     (``refiner``): its model straight from a CheckpointLoaderSimple, its prompts through no
     ControlNet and with its CLIP, the base's texts."""
     where = f"workflow node {refiner} (KSamplerAdvanced)"
-    checkpoint, loras, prompts, freeu = nodes.model_chain(nodes.link(refiner, "model"))
-    if loras or prompts or freeu:
+    checkpoint, loras, prompts, patches = nodes.model_chain(nodes.link(refiner, "model"))
+    if loras or prompts or patches:
         raise SdrtError(f"{where}: sdrt's refiner runs the refiner checkpoint as it is (no "
-                        f"LoRA, IP-Adapter or FreeU on it)")
+                        f"LoRA, IP-Adapter, FreeU or PAG on it)")
     text_ids, controls = _controls(nodes, refiner, _REFINER_TEXT_NODES)
     if controls:
         raise SdrtError(f"{where}: sdrt's refiner runs no ControlNet")
@@ -1397,6 +1401,17 @@ def _freeu(nodes, node_id):
     return (*values, FREEU_NODES[kind][0])
 
 
+def _pag_scale(nodes, node_id):
+    """A PerturbedAttentionGuidance node's scale (its "middle" block 0: sdrt's mid-block
+    perturbation), checked."""
+    from .request import MAX_PAG_SCALE
+    scale = _number(nodes, node_id, "scale", float, default=3.0)
+    if not (math.isfinite(scale) and 0 <= scale <= MAX_PAG_SCALE):
+        raise SdrtError(f"workflow node {node_id} ({PAG}): scale must be a number from 0 to "
+                        f"{MAX_PAG_SCALE:g}, got {scale:g}")
+    return scale
+
+
 def _names(loras):
     return ", ".join(f"{name} (node {node})" for node, name, _ in loras) or "none"
 
@@ -1465,9 +1480,9 @@ class _Nodes:
 
     def model_chain(self, link):
         """(checkpoint node, [(lora node, lora_name, scale)] in load order, [ImagePrompt]
-        nearest the checkpoint first, a FreeU node's ``Workflow.freeu`` or None) of a MODEL
-        link."""
-        node_id, loras, prompts, freeu = link[0], [], [], None
+        nearest the checkpoint first, {Workflow field: value} of the model patches: a FreeU
+        node's ``freeu``, a PerturbedAttentionGuidance's ``pag_scale``) of a MODEL link."""
+        node_id, loras, prompts, patches = link[0], [], [], {}
         while True:
             node_id, more = self.lora_chain(node_id, "model")
             loras = more + loras
@@ -1475,11 +1490,14 @@ class _Nodes:
                 prompts.append(_image_prompt(self, node_id))
             elif self.kind(node_id) == UNIFIED:  # (the model passes through it)
                 _preset(self, node_id)
-            elif self.kind(node_id) in FREEU_NODES:
-                if freeu is not None:
+            elif self.kind(node_id) in (*FREEU_NODES, PAG):
+                field = "pag_scale" if self.kind(node_id) == PAG else "freeu"
+                if field in patches:
                     raise SdrtError(f"workflow node {node_id} ({self.kind(node_id)}): sdrt runs "
-                                    f"one FreeU node on a model")
-                freeu = _freeu(self, node_id)
+                                    f"one {'FreeU' if field == 'freeu' else PAG} node on a "
+                                    f"model")
+                patches[field] = (_freeu(self, node_id) if field == "freeu" else
+                                  _pag_scale(self, node_id))
             else:
                 break
             node_id, _ = self.link(node_id, "model")
@@ -1487,8 +1505,8 @@ class _Nodes:
             raise SdrtError(f"workflow node {node_id} ({self.kind(node_id)}) is not supported "
                             f"as the sampled model: sdrt takes CheckpointLoaderSimple, "
                             f"LoraLoader, LoraLoaderModelOnly, {IPADAPTER}, {IPADAPTER_SIMPLE}, "
-                            f"{UNIFIED}, FreeU and FreeU_V2 there")
-        return node_id, loras, prompts[::-1], freeu
+                            f"{UNIFIED}, FreeU, FreeU_V2 and {PAG} there")
+        return node_id, loras, prompts[::-1], patches
 
     def clip_chain(self, link, checkpoint):
         """(clip skip, [(lora node, lora_name, scale)]) of a CLIP link that leads to

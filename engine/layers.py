@@ -227,6 +227,9 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
         self.image_kv = None  # IP-Adapters' keys and values of this layer (ip_adapter.attach)
         self.image_layer = None  # and the layer's index among the UNet's cross-attentions
+        # perturbed-attention guidance: (B,) bool, the rows whose self-attention gives the
+        # values as they are (an identity attention map), or None (set for one UNet call)
+        self.identity_rows = None
 
     def _heads(self, t):  # (B, T, H·D) → (B, H, T, D)
         return t.view(t.shape[0], t.shape[1], self.heads, self.head_dim).transpose(1, 2)
@@ -239,8 +242,10 @@ class Attention(nn.Module):
         b, s, _ = x.shape
         scale = self.head_dim ** -0.5
         q = self._heads(self.to_q(x))  # (B, H, S, D)
-        o = kernels.attention(q, self._heads(self.to_k(context)),
-                              self._heads(self.to_v(context)), scale=scale)  # (B, H, S, D)
+        v = self._heads(self.to_v(context))
+        o = kernels.attention(q, self._heads(self.to_k(context)), v, scale=scale)  # (B, H, S, D)
+        if self.identity_rows is not None:  # (PAG's perturbed rows: the values as they are)
+            o = torch.where(self.identity_rows[:, None, None, None], v, o)
         if image is not None and self.image_kv is not None:
             for i, (kv, tokens) in enumerate(zip(self.image_kv, image.tokens)):
                 k_ip, v_ip = self._heads(kv.to_k_ip(tokens)), self._heads(kv.to_v_ip(tokens))

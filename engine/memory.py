@@ -287,7 +287,7 @@ def _text_phase(cfg, rows, size):
 
 def request_bytes(unet_cfg, vae_cfg, text_cfg, height, width, batch, guidance, dtype,
                   fused_attention=False, has_image=False, num_chunks=1, vae_dtype=None,
-                  controlled=False, vae_tile=None):
+                  controlled=False, vae_tile=None, pag=False):
     """(bytes, what dominates): an upper estimate of a request's peak memory beyond the
     weights; ``vae_dtype`` is the VAE's where it differs (an SDXL VAE upcast to float32). ``text_cfg``: the text encoder's config, or a list of them (SDXL's two run one
     after the other; their states are held side by side). ``num_chunks``: 77-token text
@@ -297,16 +297,17 @@ def request_bytes(unet_cfg, vae_cfg, text_cfg, height, width, batch, guidance, d
     scores are counted once, in float32, as ``F.scaled_dot_product_attention``'s math path
     holds them. ``controlled``: the UNet's calls run with ControlNets (``_unet_phase``).
     ``vae_tile``: the latent side of the VAE's tiles when it runs tiled (``vae.tiled``), or
-    None."""
+    None. ``pag``: perturbed-attention guidance runs the conditional rows once more."""
     size = torch.empty((), dtype=dtype).element_size()
     f = vae_cfg.scale_factor
     h, w = height // f, width // f
     rows = batch * (2 if guidance else 1)
+    unet_rows = rows + (batch if pag else 0)
     texts = list(text_cfg) if isinstance(text_cfg, (list, tuple)) else [text_cfg]
     vae_size = size if vae_dtype is None else torch.empty((), dtype=vae_dtype).element_size()
     phases = [max(_text_phase(t, rows * num_chunks, size) for t in texts),
-              _unet_phase(unet_cfg, h, w, rows, size, fused_attention, TEXT_TOKENS * num_chunks,
-                          controlled),
+              _unet_phase(unet_cfg, h, w, unet_rows, size, fused_attention,
+                          TEXT_TOKENS * num_chunks, controlled),
               _vae_tiles(vae_cfg, h, w, batch, vae_size, False, vae_tile)]
     if has_image:
         phases.append(_vae_tiles(vae_cfg, h, w, batch, vae_size, True, vae_tile))

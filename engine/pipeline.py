@@ -290,7 +290,7 @@ class Pipeline:
                 sampler=None, guidance=True, strict=False, max_shapes=4, num_chunks=1,
                 strength=None, masked=False, controlnet=None, guess_mode=False,
                 control_masks=False, ip_adapter=None, ip_adapter_images=1,
-                ip_adapter_masks=False, prompt_syntax="a1111"):
+                ip_adapter_masks=False, prompt_syntax="a1111", pag_scale=0.0):
         """Build the static plan (buffers, schedule, CUDA graphs on a GPU) for one shape.
 
         ``num_chunks``: the prompts' number of 77-token chunks (A1111 syntax: a prompt past
@@ -302,7 +302,8 @@ class Pipeline:
         name or a list), with ``ip_adapter_images`` reference images each (one number, or one
         per adapter), regional where ``ip_adapter_masks`` (one bool, or one per adapter) is
         True (a mask per image: ``ip_adapter_mask``). ``prompt_syntax``: the calls' (ComfyUI's,
-        "comfy", weighs the text states its own way, in a plan of its own).
+        "comfy", weighs the text states its own way, in a plan of its own); ``pag_scale``: the
+        calls' perturbed-attention guidance (a plan per scale).
 
         From then on, calls run through static plans (all but ``clip_skip`` and a refiner's
         part of the schedule): a call of a shape that was built replays it; any other shape
@@ -317,6 +318,7 @@ class Pipeline:
             sampler=sampler, num_images_per_prompt=batch_size,
             guidance_scale=7.5 if guidance else 1.0, has_image=strength is not None,
             strength=0.8 if strength is None else strength, prompt_syntax=prompt_syntax,
+            pag_scale=pag_scale,
         ).check(names={"num_images_per_prompt": "batch_size"}, limits=self.limits)
         if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or \
                 not 1 <= num_chunks <= 64:
@@ -701,7 +703,7 @@ class Pipeline:
             request.width, request.batch_size, self._cfg(request), self.dtype,
             fused_attention(self.unet, self.device, self.dtype), request.has_image, num_chunks,
             self.vae_run_dtype(), controlled,
-            self.vae.tile_latent if self.vae_tiling else None)
+            self.vae.tile_latent if self.vae_tiling else None, bool(request.pag_scale))
         images = request.batch_size
         check_request_fits(need, what, f"a request for {images} image{'s' * (images > 1)} of "
                            f"{request.width}x{request.height}"
@@ -739,7 +741,8 @@ class Pipeline:
                            num_chunks, request.strength if request.has_image else None, masked,
                            controls, guess_mode, image_prompts, text_variants, image_regions,
                            control_masks, request.prompt_syntax == "comfy",
-                           getattr(self.unet, "freeu", None), self.vae_tiling)
+                           getattr(self.unet, "freeu", None), self.vae_tiling,
+                           request.pag_scale)
 
     def _guidance_distilled(self):
         """Whether the UNet takes its guidance scale as an input (an LCM-distilled UNet, config
@@ -1140,7 +1143,7 @@ class Pipeline:
                  ip_adapter=None, ip_adapter_scale=1.0, ip_adapter_guidance_start=0.0,
                  ip_adapter_guidance_end=1.0, ip_adapter_mask=None,
                  ip_adapter_mask_style="diffusers", prompt_edit_steps=None, subseed=None,
-                 subseed_strength=0.0):
+                 subseed_strength=0.0, pag_scale=0.0):
         """Generate images; see the README for each argument.
 
         Returns a list of PIL images (``"pil"``), a float32 array (B, H, W, 3) in [0, 1]
@@ -1252,7 +1255,7 @@ class Pipeline:
             negative_target_size=negative_target_size, aesthetic_score=aesthetic_score,
             negative_aesthetic_score=negative_aesthetic_score, denoising_start=denoising_start,
             denoising_end=denoising_end, subseed=subseed,
-            subseed_strength=subseed_strength).check(limits=self.limits)
+            subseed_strength=subseed_strength, pag_scale=pag_scale).check(limits=self.limits)
         for field in ("height", "width"):
             if getattr(request, field) is not None:
                 self._check_side(field, getattr(request, field), {})
@@ -1303,6 +1306,8 @@ class Pipeline:
         # syntax both halves (and both tokenizers) get the same number of chunks.
         texts, texts_2 = self._texts(request)
         parts = self._composable(request, control, image_prompt)
+        if request.pag_scale:
+            self._check_pag(control, image_prompt, parts)
         if parts is not None:  # the negatives, then every prompt's parts
             n, flat = len(request.prompt), [t for p in parts for t, _ in p]
             texts, texts_2 = texts[:n] + flat, texts_2[:n] + flat
@@ -1377,7 +1382,7 @@ class Pipeline:
         model = guided(self.unet, cond, row_scales(request.row_scales(), self.device),
                        self._cfg(request), self.dtype, self._timestep_cond(request), image_cond,
                        self._control(control, hints, len(schedule.timesteps), request),
-                       self._combination(request, parts))
+                       self._combination(request, parts), request.pag_scale)
         x = sample(sampler, model, x, schedule, generator=generator, step_end=step_end)
         t3 = self._clock()
         # The init image's encoding counts as denoising.
@@ -1441,6 +1446,17 @@ class Pipeline:
             time_ids = torch.cat([time_ids[:b], time_ids[b:b + 1].expand(len(rows) - b, -1)])
             time_ids = time_ids.to(self.device)
         return Conditioning(states, pooled, time_ids).to(dtype=self.dtype)
+
+    def _check_pag(self, control, image_prompt, parts):
+        """Perturbed-attention guidance runs the conditional rows once more with the same
+        inputs: refused beside what gives rows inputs of their own (not yet)."""
+        why = ("a ControlNet or T2I-Adapter" if control is not None else
+               "an IP-Adapter" if image_prompt is not None else
+               "A1111's AND (composable diffusion)" if parts is not None else
+               "a guidance-distilled UNet (time_cond_proj_dim)" if self._guidance_distilled()
+               else None)
+        if why:
+            raise SdrtError(f"pag_scale cannot be combined with {why} yet")
 
     def _combination(self, request, parts):
         """``guided``'s ``combine`` of a composable request: each part row's image and weight

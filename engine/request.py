@@ -84,6 +84,7 @@ MICRO_CONDITIONING = ("original_size", "crops_coords_top_left", "target_size",
                       "negative_target_size", "aesthetic_score", "negative_aesthetic_score")
 MAX_MICRO_SIZE = 2 ** 16  # pixels: far past any training image
 MAX_SEED = 2 ** 64 - 1  # torch.Generator.manual_seed takes any 64-bit value
+MAX_PAG_SCALE = 100.0  # ComfyUI's PerturbedAttentionGuidance's slider's end
 RANDOM_SEED = -1        # seed=-1: draw one, as A1111 users expect
 # A ControlNet's largest conditioning scale: A1111's weight slider ends at 2; past 10 the
 # residuals swamp the UNet's own features.
@@ -265,6 +266,8 @@ class GenerationRequest:
     # with a strength: a random subseed)
     subseed: object = None
     subseed_strength: object = 0.0
+    # perturbed-attention guidance's scale (diffusers' pag_scale; 0: off)
+    pag_scale: object = 0.0
 
     def check(self, names=None, limits=None):
         """Every model-free check; returns the request with its numbers as plain ``int`` and
@@ -353,6 +356,8 @@ class GenerationRequest:
                 extra[field] = number(field, lambda v: 0 < v < 1, "a number in (0, 1)")
         extra["subseed_strength"] = number("subseed_strength", lambda v: 0 <= v <= 1,
                                            "a number from 0 to 1")
+        extra["pag_scale"] = number("pag_scale", lambda v: 0 <= v <= MAX_PAG_SCALE,
+                                    f"a number from 0 to {MAX_PAG_SCALE:g}")
         subseeds = self.subseed
         if subseeds is not None and not (_is_int(subseeds) and subseeds == RANDOM_SEED):
             subseeds = subseeds if isinstance(subseeds, (list, tuple)) else [subseeds]

@@ -61,6 +61,7 @@ class StaticShape:
     comfy_weights: bool = False
     freeu: object = None  # the UNet's freeu.FreeU when the plan was built (its factors baked in)
     vae_tiling: bool = False  # whether the VAE runs in tiles (pipe.enable_vae_tiling)
+    pag_scale: float = 0.0  # perturbed-attention guidance's scale (0: off)
 
     def describe(self):
         chunks = f", {self.num_chunks} text chunks" if self.num_chunks > 1 else ""
@@ -243,7 +244,8 @@ class StaticPlan:
     def _denoise(self, step_end=None):
         cond = self.cond if self.variants is None else self._cond_of_call
         model = guided(self.model.unet, cond, self.guidance_scale, self.shape.guidance,
-                       self.model.dtype, self.timestep_cond, self.image_cond, self.control)
+                       self.model.dtype, self.timestep_cond, self.image_cond, self.control,
+                       pag_scale=self.shape.pag_scale)
         if self.pure_noise:
             x = self.schedule.noise_latents(self.noise)
         else:

@@ -167,7 +167,7 @@ def check_fused(nets, guess_mode, modes, masks):
 
 
 def guided(unet, cond, guidance_scale, cfg, dtype, timestep_cond=None, image_cond=None,
-           control: Control = None, combine=None):
+           control: Control = None, combine=None, pag_scale=0.0):
     """The model a sampler calls: the UNet on the ``Conditioning`` ``cond`` (its fields as the
     UNet's named inputs; for A1111's prompt editing a list with one per UNet call, or a
     function of the call's index), with classifier-free guidance when ``cfg``.
@@ -196,11 +196,17 @@ def guided(unet, cond, guidance_scale, cfg, dtype, timestep_cond=None, image_con
 
     ``model(x, t, uncond=True)`` (for the CFG++ samplers) returns (the guided output, the
     unconditional rows' output); it needs ``cfg``.
+
+    ``pag_scale`` above 0: perturbed-attention guidance (Ahn et al. 2024), as diffusers' PAG
+    pipelines and ComfyUI's PerturbedAttentionGuidance run it: the call also runs the
+    conditional rows again with the mid block's self-attentions giving their values
+    (``perturbed``), and adds ``pag_scale · (cond − perturbed)``. The call's inputs are the
+    conditional rows' once more (no ControlNet, IP-Adapter or composable parts with it).
     """
     fixed = cond.unet_inputs() if isinstance(cond, Conditioning) else None
     calls = itertools.count()
 
-    def run(x, t, rows, parts=None, **extra):
+    def run(x, t, rows, parts=None, perturb=False, **extra):
         x = x.to(dtype)
         call = next(calls)
         if isinstance(cond, list) and call >= len(cond):
@@ -208,6 +214,11 @@ def guided(unet, cond, guidance_scale, cfg, dtype, timestep_cond=None, image_con
                             f"more")
         inputs = dict(fixed if fixed is not None else
                       (cond[call] if isinstance(cond, list) else cond(call)).unet_inputs())
+        if perturb:  # (the conditional rows once more, their mid self-attentions perturbed)
+            b = x.shape[0] // rows
+            inputs = {k: torch.cat([v, v[-b:]]) if isinstance(v, torch.Tensor) else v
+                      for k, v in inputs.items()}
+            extra["perturbed"] = torch.arange(x.shape[0], device=x.device) >= x.shape[0] - b
         table = inputs.pop("image_scales", None)
         if table is not None:
             if call >= table.shape[1]:
@@ -226,6 +237,15 @@ def guided(unet, cond, guidance_scale, cfg, dtype, timestep_cond=None, image_con
                             "none (a guidance-distilled UNet, or no guidance)")
         if timestep_cond is not None:
             return run(x, t, 1, timestep_cond=timestep_cond)
+        if pag_scale:
+            if not cfg:
+                positive, perturbed = run(torch.cat([x, x]), t, 2, perturb=True).chunk(2)
+                return positive + pag_scale * (positive.float() - perturbed.float())
+            negative, positive, perturbed = run(torch.cat([x, x, x]), t, 3,
+                                                perturb=True).float().chunk(3)
+            out = negative + guidance_scale * (positive - negative) + \
+                pag_scale * (positive - perturbed)
+            return (out, negative) if uncond else out
         if not cfg:
             return run(x, t, 1)
         if combine is not None:

@@ -563,7 +563,7 @@ class UNet2DConditionModel(UNetEncoder):
     def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None,
                 text_embeds=None, time_ids=None, down_residuals=None, mid_residual=None,
                 adapter_features=(), image_tokens=None, image_scales=None,
-                image_regions=None):
+                image_regions=None, perturbed=None):
         """sample (B, C, h, w); timestep 0-d or (B,); encoder_hidden_states (B, T, D);
         timestep_cond (B, time_cond_proj_dim), the guidance-scale embedding of a
         guidance-distilled UNet (config ``time_cond_proj_dim``), or None; text_embeds (B, P)
@@ -576,7 +576,10 @@ class UNet2DConditionModel(UNetEncoder):
         the down path (``encode``). ``image_tokens`` (per attached IP-Adapter, (B, n, D)) and
         ``image_scales`` (B, cross-attention layers, adapters) are the IP-Adapters' image
         prompt; ``image_regions`` (per adapter, (B, images, Σ h·w) over the levels' grids,
-        ``ImagePromptRequest.regions``) confines regional adapters to their masks."""
+        ``ImagePromptRequest.regions``) confines regional adapters to their masks.
+        ``perturbed`` (B,) bool: the rows whose mid-block self-attentions give their values
+        as they are (perturbed-attention guidance, as diffusers' PAG and ComfyUI's
+        PerturbedAttentionGuidance perturb the "mid" layers)."""
         emb = self.embed(sample, timestep, timestep_cond, text_embeds, time_ids)
         context = encoder_hidden_states
         if image_tokens is not None:
@@ -589,7 +592,15 @@ class UNet2DConditionModel(UNetEncoder):
                                   tuple(image_regions or ()), grids if image_regions else ())
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
-        x, skips = self.encode(self.conv_in(sample), emb, context, adapter_features)
+        perturbing = [] if perturbed is None or self.mid_block is None else [
+            block.attn1 for t in self.mid_block.attentions for block in t.transformer_blocks]
+        for attention in perturbing:
+            attention.identity_rows = perturbed
+        try:
+            x, skips = self.encode(self.conv_in(sample), emb, context, adapter_features)
+        finally:
+            for attention in perturbing:
+                attention.identity_rows = None
         if down_residuals is not None:
             if len(down_residuals) != len(skips):
                 raise SdrtError(f"down_residuals holds {len(down_residuals)} tensors, but this "

@@ -184,6 +184,8 @@ def _node_specs(server, checkpoints, loras, images, controlnets, vaes, upscalers
             "model": ["MODEL"], **{k: number("FLOAT", d, 0.0, 10.0, 0.01)
                                    for k, d in zip(("b1", "b2", "s1", "s2"), defaults)}},
             ["MODEL"]) for node, (_, defaults) in comfy.FREEU_NODES.items()},
+        comfy.PAG: ("model_patches/unet", {"model": ["MODEL"], "scale": number(
+            "FLOAT", 3.0, 0.0, 100.0, 0.01)}, ["MODEL"]),
         comfy.OUTPAINT: ("image", {
             "image": ["IMAGE"], **{side: number("INT", 0, 0, limits.max_side, 8)
                                    for side in ("left", "top", "right", "bottom")},
@@ -419,7 +421,10 @@ def register(app, server_of, api_error):
                            has_image=init is not None, prompt_2=flow.prompt_2,
                            negative_prompt_2=flow.negative_2, original_size=flow.original_size,
                            crops_coords_top_left=flow.crop, target_size=flow.target_size,
-                           prompt_syntax="comfy")
+                           prompt_syntax="comfy", pag_scale=flow.pag_scale)
+        if flow.pag_scale and (flow.controlnets or flow.ip_adapters):
+            raise bad(f"prompt: workflow's {comfy.PAG} cannot be combined with "
+                      f"{'ControlNets' if flow.controlnets else 'IP-Adapters'} yet")
         seeds = server.seeds(req.seed, flow.batch, "seed")
         hires = _hires(server, flow, req, bad) if flow.hires is not None else None
         if flow.upscale is not None:
@@ -436,7 +441,7 @@ def register(app, server_of, api_error):
                        hires=hires, loras=loras, controls=controls, vae=flow.vae,
                        image_prompts=prompts,
                        micro=(flow.original_size, flow.crop, flow.target_size),
-                       prompt_syntax="comfy", freeu=flow.freeu)
+                       prompt_syntax="comfy", freeu=flow.freeu, pag_scale=flow.pag_scale)
         rows = [Row(flow.prompt, flow.negative, req.guidance_scale, s, init, mask,
                     control_images=hints, control_info=units + texts, ip_images=pictures,
                     prompt_2=flow.prompt_2, negative_prompt_2=flow.negative_2)

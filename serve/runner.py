@@ -423,7 +423,7 @@ class Runner:
             out = generate(self.pipe, key.hires, [r.prompt for r in rows], negative,
                            key.height, key.width, key.steps, key.sampler, seeds["generator"],
                            guidance_scale=guidance, clip_skip=key.clip_skip,
-                           prompt_syntax=key.prompt_syntax,
+                           prompt_syntax=key.prompt_syntax, pag_scale=key.pag_scale,
                            control_units=[c[5] for c in key.controls],
                            hires_control_image=second,
                            upscaler=self.upscaler(model) if model else None, **control,
@@ -448,7 +448,7 @@ class Runner:
                 latent_resize=key.latent_resize_from is not None,
                 strength=key.strength if key.strength is not None else 0.8,
                 clip_skip=key.clip_skip, prompt_syntax=key.prompt_syntax, output_type="pil",
-                **seeds, **control, **variation,
+                pag_scale=key.pag_scale, **seeds, **control, **variation,
                 **{k: v for k, v in sdxl.items() if v is not None})
         timings = self.pipe.timings
         for stage in ("text", "denoise", "decode"):

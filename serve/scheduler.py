@@ -70,6 +70,7 @@ class BatchKey:
     prompt_syntax: str = "a1111"  # how the rows' prompts are read (ComfyUI's API: "comfy")
     freeu: tuple = None  # (b1, b2, s1, s2, style) of the UNet's FreeU (a workflow's), or None
     subseed_strength: float = 0.0  # A1111's variation strength (each row brings its subseed)
+    pag_scale: float = 0.0  # perturbed-attention guidance (a workflow's), 0: off
 
 
 @dataclass(frozen=True)

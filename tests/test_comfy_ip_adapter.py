@@ -88,7 +88,8 @@ REFUSED = {
     "model node": (_model_node, "node 50 (ModelSamplingDiscrete) is not supported as the "
                                 "sampled model: sdrt takes CheckpointLoaderSimple, LoraLoader, "
                                 "LoraLoaderModelOnly, IPAdapterAdvanced, IPAdapter, "
-                                "IPAdapterUnifiedLoader, FreeU and FreeU_V2 there"),
+                                "IPAdapterUnifiedLoader, FreeU, FreeU_V2 and "
+                                "PerturbedAttentionGuidance there"),
     "prep": (lambda g: g.__setitem__("44", {"class_type": "PrepImageForClipVision", "inputs": {
         "image": ["42", 0], "interpolation": "LANCZOS", "crop_position": "middle",
         "sharpening": 0.0}}) or g["43"]["inputs"].update(image=["44", 0]),

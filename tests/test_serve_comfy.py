@@ -149,6 +149,21 @@ def test_freeu_node(server, ref_pipe):
         assert_same_image(png, expected, what)
 
 
+def test_perturbed_attention_guidance_node(server, ref_pipe):
+    url = server
+    graph = _workflow(url, DEFAULT, seed=13)
+    graph["20"] = {"class_type": "PerturbedAttentionGuidance",
+                   "inputs": {"model": ["4", 0], "scale": 3.0}}
+    graph["3"]["inputs"]["model"] = ["20", 0]
+    entry = _history(url, _queue(url, graph)["prompt_id"])
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    png = Image.open(io.BytesIO(_view(url, entry["outputs"]["9"]["images"][0])))
+    want = ref_pipe("beautiful scenery nature glass bottle", negative_prompt="text, watermark",
+                    height=64, width=64, num_inference_steps=2, guidance_scale=7.0,
+                    sampler="euler_a_normal", seed=13, pag_scale=3.0)[0]
+    assert_same_image(png, want, "PerturbedAttentionGuidance")
+
+
 def test_object_info_drives_a_workflow(server, ref_pipe):
     # A client that builds its workflow from /object_info's menus (the checkpoint, a sampler
     # and scheduler pair) gets a workflow sdrt runs; every pair the menus offer together is

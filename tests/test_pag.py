@@ -1,0 +1,104 @@
+"""Perturbed-attention guidance (``pag_scale``) against diffusers' StableDiffusionPAGPipeline
+(its default "mid" layers) on the same folder, latents and sampler, with and without
+classifier-free guidance; the static plan; what it is refused beside."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_close_abs
+from sdrt.engine import Pipeline, SdrtError
+from test_pipeline import IMAGE_ATOL, PROMPTS, _assert_lively, _diffusers_scheduler
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny_model):
+    from diffusers import StableDiffusionPAGPipeline
+    family, folder, ref = tiny_model
+    if not hasattr(ref, "original_scheduler_config"):
+        ref.original_scheduler_config = dict(ref.scheduler.config)
+    pag = StableDiffusionPAGPipeline(**ref.components, pag_applied_layers="mid")
+    pag.set_progress_bar_config(disable=True)
+    pag.original_scheduler_config = ref.original_scheduler_config
+    return family, Pipeline.from_pretrained(folder, device="cpu"), pag
+
+
+@pytest.mark.parametrize("sampler,guidance", [("euler", 7.5), ("ddim", 1.0), ("dpmpp_2m", 5.0)])
+def test_pag_matches_diffusers(pipes, sampler, guidance):
+    family, ours, ref = pipes
+    ref.scheduler = _diffusers_scheduler(ref, sampler)
+    h, w = 16, 24
+    latents = torch.randn(2, 4, h // 2, w // 2, generator=torch.Generator().manual_seed(7))
+    args = dict(height=h, width=w, num_inference_steps=5, guidance_scale=guidance,
+                latents=latents, output_type="np")
+    negative = "blurry, low quality" if guidance > 1 else None
+    expected = ref(PROMPTS, negative_prompt=[negative] * 2 if negative else None,
+                   pag_scale=8.0, **args).images
+    _assert_lively(expected, f"{family}/{sampler} PAG")
+    got = ours(PROMPTS, negative_prompt=negative, sampler=sampler, pag_scale=8.0, **args)
+    assert_close_abs(got, expected, IMAGE_ATOL, f"{family} PAG with {sampler}, cfg {guidance}")
+    plain = ours(PROMPTS, negative_prompt=negative, sampler=sampler, **args)
+    assert np.abs(plain - got).max() > 20 * IMAGE_ATOL, "PAG changed nothing"
+
+
+def test_static_plan_and_refusals(pipes):
+    _, ours, _ = pipes
+    args = dict(height=16, width=24, num_inference_steps=3, sampler="euler", seed=2,
+                output_type="np")
+    ours.runtime = None
+    eager = ours("a fox", pag_scale=3.0, **args)
+    ours.compile(height=16, width=24, num_inference_steps=3, sampler="euler", strict=True,
+                 pag_scale=3.0)
+    try:
+        assert np.abs(ours("a fox", pag_scale=3.0, **args) - eager).max() <= 1e-5
+        with pytest.raises(SdrtError, match="static plan"):  # (another scale: another plan)
+            ours("a fox", pag_scale=2.0, **args)
+    finally:
+        ours.runtime = None
+    with pytest.raises(SdrtError, match="pag_scale cannot be combined with A1111's AND"):
+        ours("a fox AND a cat", pag_scale=3.0, **args)
+    with pytest.raises(SdrtError, match="pag_scale must be a number from 0 to 100, got 101"):
+        ours("a fox", pag_scale=101, **args)
+
+
+def test_cli_and_workflow_node(tmp_path, capsys):
+    import copy
+    import json
+
+    from sdrt.engine import comfy
+    from sdrt.engine.cli import main
+    from test_cli import _run
+    from test_comfy import DEFAULT, _pixels, _small
+    folder = str(tmp_path / "tiny")
+    assert main(["make-tiny", folder]) == 0
+    graph = _small(DEFAULT)  # (at 128 x 96: the mid block's attention sees 4 x 3 pixels)
+    graph["5"]["inputs"].update(width=128, height=96)
+    graph["20"] = {"class_type": "PerturbedAttentionGuidance",
+                   "inputs": {"model": ["4", 0], "scale": 4.0}}
+    graph["3"]["inputs"]["model"] = ["20", 0]
+    (tmp_path / "wf.json").write_text(json.dumps(graph))
+    options = ["beautiful scenery nature glass bottle", "--negative", "text, watermark", "--seed",
+               "4", "--steps", "3", "--guidance", "6.5", "--sampler", "euler_a_normal",
+               "--width", "128", "--height", "96", "--model", folder]
+    outs = {}
+    for name, args in (("workflow", ["--workflow", str(tmp_path / "wf.json"), "--model",
+                                     folder]),
+                       ("options", options + ["--pag-scale", "4"]), ("plain", options)):
+        code, _, err = _run(["generate", *args, "-o", str(tmp_path / f"{name}.png")], capsys)
+        assert code == 0, err
+        outs[name] = _pixels(tmp_path / f"{name}.png").astype(int)
+    assert np.array_equal(outs["workflow"], outs["options"])
+    assert np.abs(outs["options"] - outs["plain"]).max() > 2
+    pipe = Pipeline.from_pretrained(folder, device="cpu")
+    want = pipe("beautiful scenery nature glass bottle", negative_prompt="text, watermark",
+                seed=4, num_inference_steps=3, guidance_scale=6.5, sampler="euler_a_normal",
+                width=128, height=96, pag_scale=4.0)[0]
+    assert np.abs(np.asarray(want, dtype=int) - outs["options"]).max() <= 1
+    two = copy.deepcopy(graph)
+    two["21"] = {"class_type": "PerturbedAttentionGuidance", "inputs": {"model": ["20", 0]}}
+    two["3"]["inputs"]["model"] = ["21", 0]
+    with pytest.raises(SdrtError, match="workflow node 20 \\(PerturbedAttentionGuidance\\): "
+                                        "sdrt runs one PerturbedAttentionGuidance node"):
+        comfy.read(two)
+    assert comfy.read(graph).pag_scale == 4.0
+    del graph["20"]["inputs"]["scale"]  # (its default, 3)
+    assert comfy.read(graph).pag_scale == 3.0
