@@ -102,3 +102,24 @@ def test_cli_and_workflow_node(tmp_path, capsys):
     assert comfy.read(graph).pag_scale == 4.0
     del graph["20"]["inputs"]["scale"]  # (its default, 3)
     assert comfy.read(graph).pag_scale == 3.0
+
+
+def test_sdxl_pag_matches_diffusers(sdxl_base_folder):
+    # SDXL's mid block holds several transformer layers: every self-attention of them.
+    from diffusers import StableDiffusionXLPAGPipeline
+
+    from test_sdxl import H, NEGATIVE, PROMPTS, W, _latents, _ours, _scheduler
+    folder, ref = sdxl_base_folder
+    pag = StableDiffusionXLPAGPipeline(**ref.components, pag_applied_layers="mid")
+    pag.set_progress_bar_config(disable=True)
+    pag.scheduler = _scheduler(ref, "euler")
+    kw = dict(height=H, width=W, num_inference_steps=4, guidance_scale=5.0,
+              latents=_latents(2, 3), output_type="np")
+    with torch.no_grad():
+        expected = pag(PROMPTS, negative_prompt=[NEGATIVE] * 2, pag_scale=6.0, **kw).images
+    ours = _ours(folder)
+    got = ours(PROMPTS, negative_prompt=NEGATIVE, sampler="euler", prompt_syntax="plain",
+               pag_scale=6.0, **kw)
+    assert_close_abs(got, expected, IMAGE_ATOL, "SDXL PAG")
+    plain = ours(PROMPTS, negative_prompt=NEGATIVE, sampler="euler", prompt_syntax="plain", **kw)
+    assert np.abs(plain - got).max() > 20 * IMAGE_ATOL, "PAG changed nothing"
