@@ -839,20 +839,13 @@ def _check_model(flow, model_name, bad):
                   f"/models/checkpoints), got {short_repr(flow.checkpoint)}")
 
 
-def _plain_png(image):
-    """A picture as ComfyUI's previews encode it: PNG at compression level 1, no text."""
-    import io
-    buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
-
-
-def _png(image):
+def _png(image, **save):
+    """An image as PNG bytes, without text (``save``: PIL's PNG options)."""
     import io
     if image.mode not in ("1", "L", "LA", "I", "P", "RGB", "RGBA"):  # (CMYK, YCbCr ...)
         image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", **save)
     return buffer.getvalue()
 
 
@@ -885,7 +878,9 @@ async def _generate(server, jobs, item, flow, key, rows, messages, overlay):
         if flow.upscale is not None:  # ImageUpscaleWithModel before the save node
             images = await server.generate(None, _FinalUpscale(flow.upscale), images)
         if graph[flow.output].get("class_type") == comfy.SAVE_WEBSOCKET:
-            pngs = await run_in_threadpool(lambda: [_plain_png(im) for im in images])
+            # (as ComfyUI's previews: compression level 1, no text)
+            pngs = await run_in_threadpool(
+                lambda: [_png(im.convert("RGB"), compress_level=1) for im in images])
         else:
             texts = [server.infotext(key, r) for r in rows]
             chunks = {"prompt": json.dumps(graph)}
