@@ -200,13 +200,14 @@ def guided(unet, cond, guidance_scale, cfg, dtype, timestep_cond=None, image_con
     ``pag_scale`` above 0: perturbed-attention guidance (Ahn et al. 2024), as diffusers' PAG
     pipelines and ComfyUI's PerturbedAttentionGuidance run it: the call also runs the
     conditional rows again with the mid block's self-attentions giving their values
-    (``perturbed``), and adds ``pag_scale · (cond − perturbed)``. The call's inputs are the
-    conditional rows' once more (no ControlNet, IP-Adapter or composable parts with it).
+    (``perturbed``), and adds ``pag_scale · (cond − perturbed)``. The call's inputs, and its
+    ControlNets' and adapters' (with guidance), are the conditional rows' once more (no
+    IP-Adapter or composable parts with it).
     """
     fixed = cond.unet_inputs() if isinstance(cond, Conditioning) else None
     calls = itertools.count()
 
-    def run(x, t, rows, parts=None, perturb=False, **extra):
+    def run(x, t, rows, parts=None, perturb=0, **extra):
         x = x.to(dtype)
         call = next(calls)
         if isinstance(cond, list) and call >= len(cond):
@@ -214,11 +215,11 @@ def guided(unet, cond, guidance_scale, cfg, dtype, timestep_cond=None, image_con
                             f"more")
         inputs = dict(fixed if fixed is not None else
                       (cond[call] if isinstance(cond, list) else cond(call)).unet_inputs())
-        if perturb:  # (the conditional rows once more, their mid self-attentions perturbed)
-            b = x.shape[0] // rows
-            inputs = {k: torch.cat([v, v[-b:]]) if isinstance(v, torch.Tensor) else v
+        if perturb:  # (the ``perturb`` conditional rows again, mid self-attentions perturbed)
+            inputs = {k: torch.cat([v, v[-perturb:]]) if isinstance(v, torch.Tensor) else v
                       for k, v in inputs.items()}
-            extra["perturbed"] = torch.arange(x.shape[0], device=x.device) >= x.shape[0] - b
+            extra["perturbed"] = torch.arange(x.shape[0], device=x.device) >= \
+                x.shape[0] - perturb
         table = inputs.pop("image_scales", None)
         if table is not None:
             if call >= table.shape[1]:
@@ -238,11 +239,15 @@ def guided(unet, cond, guidance_scale, cfg, dtype, timestep_cond=None, image_con
         if timestep_cond is not None:
             return run(x, t, 1, timestep_cond=timestep_cond)
         if pag_scale:
+            b = x.shape[0]
             if not cfg:
-                positive, perturbed = run(torch.cat([x, x]), t, 2, perturb=True).chunk(2)
+                positive, perturbed = run(torch.cat([x, x]), t, 2, perturb=b).chunk(2)
                 return positive + pag_scale * (positive.float() - perturbed.float())
-            negative, positive, perturbed = run(torch.cat([x, x, x]), t, 3,
-                                                perturb=True).float().chunk(3)
+            # (the conditional rows twice: composable parts of their own images, which a
+            # ControlNet's residuals follow)
+            twice = torch.arange(b, device=x.device).repeat(2)
+            negative, positive, perturbed = run(torch.cat([x, x, x]), t, 2, parts=twice,
+                                                perturb=b).float().chunk(3)
             out = negative + guidance_scale * (positive - negative) + \
                 pag_scale * (positive - perturbed)
             return (out, negative) if uncond else out

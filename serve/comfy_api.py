@@ -422,9 +422,9 @@ def register(app, server_of, api_error):
                            negative_prompt_2=flow.negative_2, original_size=flow.original_size,
                            crops_coords_top_left=flow.crop, target_size=flow.target_size,
                            prompt_syntax="comfy", pag_scale=flow.pag_scale)
-        if flow.pag_scale and (flow.controlnets or flow.ip_adapters):
+        if flow.pag_scale and (flow.ip_adapters or flow.controlnets and flow.guidance <= 1):
             raise bad(f"prompt: workflow's {comfy.PAG} cannot be combined with "
-                      f"{'ControlNets' if flow.controlnets else 'IP-Adapters'} yet")
+                      f"{'IP-Adapters' if flow.ip_adapters else 'ControlNets at cfg 1'} yet")
         seeds = server.seeds(req.seed, flow.batch, "seed")
         hires = _hires(server, flow, req, bad) if flow.hires is not None else None
         if flow.upscale is not None:

@@ -7,6 +7,7 @@ import torch
 
 from conftest import assert_close_abs
 from sdrt.engine import Pipeline, SdrtError
+from test_controlnet import setup  # noqa: F401  (the fixture)
 from test_pipeline import IMAGE_ATOL, PROMPTS, _assert_lively, _diffusers_scheduler
 
 
@@ -123,3 +124,22 @@ def test_sdxl_pag_matches_diffusers(sdxl_base_folder):
     assert_close_abs(got, expected, IMAGE_ATOL, "SDXL PAG")
     plain = ours(PROMPTS, negative_prompt=NEGATIVE, sampler="euler", prompt_syntax="plain", **kw)
     assert np.abs(plain - got).max() > 20 * IMAGE_ATOL, "PAG changed nothing"
+
+
+def test_pag_with_a_controlnet_matches_diffusers(setup):
+    # The ControlNet runs on every row of the call, the perturbed rows with the conditional
+    # rows' image and scale (diffusers' StableDiffusionControlNetPAGPipeline).
+    from test_controlnet import H, W, _hint, _latents, _reference
+    family, ours, ref, nets, _ = setup
+    pipe = _reference(ref, [nets["a"]], "euler", "StableDiffusionControlNetPAGPipeline")
+    pipe.set_pag_applied_layers("mid")
+    kw = dict(height=H, width=W, num_inference_steps=5, guidance_scale=6.0,
+              latents=_latents(7), output_type="np", controlnet_conditioning_scale=0.9)
+    expected = pipe(PROMPTS, negative_prompt=["blurry"] * 2, image=_hint(5), pag_scale=8.0,
+                    **kw).images
+    got = ours(PROMPTS, negative_prompt="blurry", control_image=_hint(5), controlnet="a",
+               sampler="euler", pag_scale=8.0, **kw)
+    assert_close_abs(got, expected, IMAGE_ATOL, f"{family} PAG with a ControlNet")
+    with pytest.raises(SdrtError, match="pag_scale cannot be combined with guess_mode yet"):
+        ours(PROMPTS, control_image=_hint(5), controlnet="a", sampler="euler", pag_scale=8.0,
+             guess_mode=True, **kw)
