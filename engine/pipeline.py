@@ -1451,7 +1451,8 @@ class Pipeline:
         """Perturbed-attention guidance runs the conditional rows once more with the same
         inputs: refused beside what gives rows inputs of their own (not yet)."""
         cfg = self._cfg(request)
-        why = ("ControlNets or T2I-Adapters without classifier-free guidance"
+        why = ("a UNet that runs in another runtime (ONNX)" if not isinstance(self.unet, nn.Module)
+               else "ControlNets or T2I-Adapters without classifier-free guidance"
                if control is not None and not cfg else
                "guess_mode" if control is not None and control.guess_mode else
                "an IP-Adapter" if image_prompt is not None else

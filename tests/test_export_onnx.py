@@ -218,6 +218,12 @@ def test_cli_generate_with_onnx_runtime(exported, tmp_path):
         images[runtime] = np.asarray(Image.open(png), dtype=np.int16)
     diff = np.abs(images["onnx"] - images["torch"]).max()
     assert diff <= 1, f"{family}: PNGs differ by up to {diff} levels between runtimes"
+    # What changes sdrt's own networks is refused with the ONNX runtime, in one line.
+    for option in (["--pag-scale", "3"], ["--freeu", "1.3,1.4,0.9,0.2"], ["--vae-tiling"]):
+        rc = main(["generate", "a red fox", "--model", folder, "--runtime", "onnx", "--onnx-dir",
+                   out, "--steps", "1", "--height", str(h), "--width", str(w), "--device", "cpu",
+                   *option, "-o", str(tmp_path / "refused.png")])
+        assert rc == 2, option
 
 
 def _bad_input_cases(folder, tmp):
