@@ -367,7 +367,8 @@ def slerp_a1111(val, low, high):
     """A1111's ``slerp`` of two noise tensors of one image (C, H, W), as its variation seed
     runs it: spherical interpolation by ``val`` (0: ``low``, 1: ``high``) of each column's
     vector along H (the norms and angles are taken along dim 1, as A1111 takes them on an
-    unbatched tensor), or the linear one where the mean cosine is above 0.9995."""
+    unbatched tensor); where the mean cosine is above 0.9995, A1111's linear blend, whose
+    weights run the other way: ``low · val + high · (1 − val)``."""
     low_norm = low / torch.norm(low, dim=1, keepdim=True)
     high_norm = high / torch.norm(high, dim=1, keepdim=True)
     dot = (low_norm * high_norm).sum(1)
