@@ -78,7 +78,11 @@ def generate(a):
             from .comfy import comfy_image
             init = comfy_image(init)
         if getattr(a, "outpaint", None) is not None:  # a workflow's ImagePadForOutpaint
-            init, canvas_mask = _outpaint(a, init)
+            from .comfy import outpaint
+            try:
+                init, canvas_mask = outpaint(init, a.outpaint, Limits.from_env().max_side)
+            except SdrtError as e:
+                raise SdrtError(f"--workflow {a.workflow}: {e}") from None
     if sd is not None:  # no more tiles a call than there are
         request = dataclasses.replace(request, num_images_per_prompt=min(
             a.batch, _sd_upscale_tiles(a, init, sd[0])))
@@ -101,10 +105,9 @@ def generate(a):
         if getattr(a, "mask_channel", None) is None:
             mask = mask_to_float(mask)
         else:  # a workflow's: read and grown as ComfyUI does, at the init image's size
-            from .comfy import comfy_mask, inpaint_mask, mask_operations
-            read = mask_operations(canvas_mask if mask is None else
-                                   comfy_mask(mask, a.mask_channel), a.mask_ops)
-            mask = inpaint_mask(read, init.width, init.height, a.mask_grow)
+            from .comfy import workflow_masks
+            read, mask = workflow_masks(canvas_mask if mask is None else mask, a.mask_channel,
+                                        a.mask_ops, init.width, init.height, a.mask_grow)
             if a.mask_composite:  # (the results laid over the init image through it, ungrown)
                 composite = (init, 1 - read if a.invert_mask else read)
         mask = blur_mask(1 - mask if a.invert_mask else mask, a.mask_blur)
@@ -779,20 +782,6 @@ def _apply_workflow(a):
                 setattr(a, attr, value)
         if "hr_upscaler" not in a.given:
             a.hr_comfy_upscale = h.comfy_upscale
-
-
-def _outpaint(a, init):
-    """--workflow's ImagePadForOutpaint: (the init image on its canvas, the canvas's MASK),
-    the canvas's size checked against SDRT_MAX_SIDE first."""
-    from .comfy import outpaint
-    left, top, right, bottom, _ = a.outpaint
-    top_side = Limits.from_env().max_side
-    width, height = init.width + left + right, init.height + top + bottom
-    if max(width, height) > top_side:
-        raise SdrtError(f"--workflow {a.workflow} pads the {init.width}x{init.height} init image "
-                        f"to {width}x{height} (ImagePadForOutpaint); each side must be at most "
-                        f"{top_side} (SDRT_MAX_SIDE)")
-    return outpaint(init, a.outpaint)
 
 
 def _output_path(a):

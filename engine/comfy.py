@@ -812,18 +812,23 @@ def _outpaint(nodes, node_id, inpainting):
     return pad
 
 
-def outpaint(image, pad):
+def outpaint(image, pad, max_side):
     """ComfyUI's ImagePadForOutpaint on a PIL image (read as LoadImage reads it): (the picture
     on a mid-grey canvas grown by ``pad``'s left, top, right and bottom pixels, PIL RGB (the
     grey 8-bit 128), its MASK float32 (H, W)): 1 on the new pixels; on the picture's, where
     ``pad``'s feathering f is under half its sides, ((f - d) / f)² within f of a padded side
     (d the distance to it, counted from 0 at its first row or column on the top and left and
-    from 1 at its last on the bottom and right), else 0."""
+    from 1 at its last on the bottom and right), else 0. A canvas with a side past
+    ``max_side`` is refused before it is made."""
     import numpy as np
     from PIL import Image
     left, top, right, bottom, feathering = pad
     picture = comfy_image(image)
     w, h = picture.size
+    if max(w + left + right, h + top + bottom) > max_side:
+        raise SdrtError(f"ImagePadForOutpaint pads the {w}x{h} image to "
+                        f"{w + left + right}x{h + top + bottom}; each side must be at most "
+                        f"{max_side} (SDRT_MAX_SIDE)")
     canvas = Image.new("RGB", (w + left + right, h + top + bottom), (128, 128, 128))
     canvas.paste(picture, (left, top))
     mask = np.ones((canvas.height, canvas.width), np.float32)
@@ -873,6 +878,16 @@ def composite(destination, source, mask):
     weight = inpaint_mask(mask, top.shape[1], top.shape[0])[:h, :w, None]
     out[:h, :w] = top[:h, :w] * weight + out[:h, :w] * (1 - weight)
     return Image.fromarray(np.rint(out).clip(0, 255).astype(np.uint8))
+
+
+def workflow_masks(source, channel, ops, width, height, grow=None):
+    """(the MASK as the workflow's mask nodes leave it, the mask its sampler repaints through
+    at ``width`` × ``height``): ``source`` a PIL image read by ``channel`` (``comfy_mask``) or
+    an outpainting canvas's MASK (float (H, W)), through ``ops`` (``mask_operations``), then
+    ``inpaint_mask`` with ``grow``."""
+    read = mask_operations(comfy_mask(source, channel) if hasattr(source, "getbands")
+                           else source, ops)
+    return read, inpaint_mask(read, width, height, grow)
 
 
 def inpaint_mask(mask, width, height, grow=None):

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 
 from .errors import SdrtError
+from .request import MAX_FREEU_FACTOR
 
 STYLES = ("diffusers", "comfy", "comfy_v2")
-MAX_FACTOR = 10.0  # ComfyUI's sliders' end
 
 
 @dataclass(frozen=True)
@@ -43,9 +43,9 @@ class FreeU:
         for name in ("b1", "b2", "s1", "s2"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                    not (math.isfinite(value) and 0 <= value <= MAX_FACTOR):
-                raise SdrtError(f"FreeU {name} must be a number from 0 to {MAX_FACTOR:g}, got "
-                                f"{value!r}")
+                    not (math.isfinite(value) and 0 <= value <= MAX_FREEU_FACTOR):
+                raise SdrtError(f"FreeU {name} must be a number from 0 to "
+                                f"{MAX_FREEU_FACTOR:g}, got {value!r}")
 
     def factors(self, level, channels, first_channels):
         """(b, s) at a ResNet of up level ``level`` whose backbone has ``channels`` channels

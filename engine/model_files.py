@@ -4,11 +4,11 @@ server's ``--lora-dir``, ``--controlnet-dir``, ``--vae-dir`` ... No torch here."
 import os
 
 
-def by_name(root, model_folders=False):
-    """{name: path} of the ``.safetensors`` files under ``root`` (None: none), searched
-    recursively in sorted order, each named by its stem, the first of a name kept; with
-    ``model_folders``, also each folder below ``root`` holding a ``config.json`` (a diffusers
-    model, named by the folder, not searched further)."""
+def by_name(root, model_folders=False, suffixes=(".safetensors",)):
+    """{name: path} of the ``.safetensors`` files (or those of ``suffixes``) under ``root``
+    (None: none), searched recursively in sorted order, each named by its stem, the first of a
+    name kept; with ``model_folders``, also each folder below ``root`` holding a
+    ``config.json`` (a diffusers model, named by the folder, not searched further)."""
     found = {}
     if root is None:
         return found
@@ -20,6 +20,6 @@ def by_name(root, model_folders=False):
             continue
         for n in sorted(names):
             stem, ext = os.path.splitext(n)
-            if ext.lower() == ".safetensors":
+            if ext.lower() in suffixes:
                 found.setdefault(stem, os.path.join(folder, n))
     return found

@@ -244,7 +244,6 @@ class Pipeline:
         # for an upcast SDXL VAE or after a low-precision decode that overflows, and the
         # ``vae_dtype`` asked for.
         self._vae_copies = {}
-        self.vae_tiling = False  # enable_vae_tiling
         self._loras = None  # a LoraManager, made by the first LoRA call
         self._embeddings = {}  # token -> {text encoder: (n, D) float32 CPU}, load_textual_inversion
         self._controlnets = {}  # name -> ControlNetModel, load_controlnet (in load order)
@@ -451,15 +450,18 @@ class Pipeline:
         built per setting."""
         if not isinstance(self.vae, nn.Module):
             raise SdrtError("VAE tiling runs sdrt's own VAE; this one runs in another runtime")
-        self.vae_tiling = True
-        for vae in (self.vae, *self._vae_copies.values()):
+        for vae in (self.vae, *self._vae_copies.values()):  # (a copy made later copies it)
             vae.tiling = True
 
     def disable_vae_tiling(self):
-        self.vae_tiling = False
         for vae in (self.vae, *self._vae_copies.values()):
             if isinstance(vae, nn.Module):
                 vae.tiling = False
+
+    @property
+    def vae_tiling(self):
+        """Whether the VAE runs in tiles (``enable_vae_tiling``)."""
+        return getattr(self.vae, "tiling", False)
 
     # -- ControlNet ----------------------------------------------------------------------------
 
@@ -1031,14 +1033,10 @@ class Pipeline:
         """The VAE in ``dtype`` (one ``vae_run_dtype`` gives, or float32 for an sdrt VAE): the
         pipeline's own, or a copy made once."""
         if dtype == self.dtype:
-            vae = self.vae
-        else:
-            if dtype not in self._vae_copies:
-                self._vae_copies[dtype] = copy.deepcopy(self.vae).to(dtype)
-            vae = self._vae_copies[dtype]
-        if isinstance(vae, nn.Module):
-            vae.tiling = self.vae_tiling
-        return vae
+            return self.vae
+        if dtype not in self._vae_copies:
+            self._vae_copies[dtype] = copy.deepcopy(self.vae).to(dtype)
+        return self._vae_copies[dtype]
 
     def _decode_fp32(self, latents, dtype):
         if not isinstance(self.vae, nn.Module):

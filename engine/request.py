@@ -85,6 +85,7 @@ MICRO_CONDITIONING = ("original_size", "crops_coords_top_left", "target_size",
 MAX_MICRO_SIZE = 2 ** 16  # pixels: far past any training image
 MAX_SEED = 2 ** 64 - 1  # torch.Generator.manual_seed takes any 64-bit value
 MAX_PAG_SCALE = 100.0  # ComfyUI's PerturbedAttentionGuidance's slider's end
+MAX_FREEU_FACTOR = 10.0  # ComfyUI's FreeU sliders' end
 RANDOM_SEED = -1        # seed=-1: draw one, as A1111 users expect
 # A ControlNet's largest conditioning scale: A1111's weight slider ends at 2; past 10 the
 # residuals swamp the UNet's own features.
@@ -466,13 +467,16 @@ class GenerationRequest:
 
     def draw_seed(self):
         """The seed to use: the request's, or a random one for None and -1."""
-        if self.seed is None or self.seed == RANDOM_SEED:
-            return random.randrange(MAX_SEED + 1)
-        return self.seed
+        return _drawn(self.seed)
 
     def draw_subseed(self):
         """The variation seed to use (an int, or a list of one per image): the request's, or a
         random one for None and -1."""
-        if self.subseed is None or self.subseed == RANDOM_SEED:
-            return random.randrange(MAX_SEED + 1)
-        return self.subseed
+        return _drawn(self.subseed)
+
+
+def _drawn(seed):
+    """``seed``, or a random one for None and ``RANDOM_SEED``."""
+    if seed is None or (not isinstance(seed, list) and seed == RANDOM_SEED):
+        return random.randrange(MAX_SEED + 1)
+    return seed

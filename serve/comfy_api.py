@@ -52,7 +52,7 @@ from fastapi.responses import Response
 from sdrt.engine import comfy
 from sdrt.engine.errors import SdrtError
 from sdrt.engine.infotext import png_bytes
-from sdrt.engine.request import MAX_CONTROL_SCALE, short_repr
+from sdrt.engine.request import MAX_CONTROL_SCALE, MAX_FREEU_FACTOR, MAX_PAG_SCALE, short_repr
 
 from .scheduler import BatchKey, Row
 
@@ -181,11 +181,11 @@ def _node_specs(server, checkpoints, loras, images, controlnets, vaes, upscalers
         "LoadImageMask": ("mask", {"image": [images, {"image_upload": True}],
                                    "channel": [list(comfy.MASK_CHANNELS)]}, ["MASK"]),
         **{node: ("model_patches/unet", {
-            "model": ["MODEL"], **{k: number("FLOAT", d, 0.0, 10.0, 0.01)
+            "model": ["MODEL"], **{k: number("FLOAT", d, 0.0, MAX_FREEU_FACTOR, 0.01)
                                    for k, d in zip(("b1", "b2", "s1", "s2"), defaults)}},
             ["MODEL"]) for node, (_, defaults) in comfy.FREEU_NODES.items()},
         comfy.PAG: ("model_patches/unet", {"model": ["MODEL"], "scale": number(
-            "FLOAT", 3.0, 0.0, 100.0, 0.01)}, ["MODEL"]),
+            "FLOAT", 3.0, 0.0, MAX_PAG_SCALE, 0.01)}, ["MODEL"]),
         comfy.OUTPAINT: ("image", {
             "image": ["IMAGE"], **{side: number("INT", 0, 0, limits.max_side, 8)
                                    for side in ("left", "top", "right", "bottom")},
@@ -395,20 +395,17 @@ def register(app, server_of, api_error):
         if flow.init_image is not None:
             init = comfy.comfy_image(_uploaded(jobs.uploads, flow.init_image, bad))
             if flow.outpaint is not None:  # (ImagePadForOutpaint: the canvas and its MASK)
-                left, top, right, bottom, _ = flow.outpaint
-                w, h = init.width + left + right, init.height + top + bottom
-                if max(w, h) > server.limits.max_side:
-                    raise bad(f"prompt: ImagePadForOutpaint pads the {init.width}x{init.height} "
-                              f"image to {w}x{h}; each side must be at most "
-                              f"{server.limits.max_side} (SDRT_MAX_SIDE)")
-                init, canvas = await run_in_threadpool(comfy.outpaint, init, flow.outpaint)
+                try:
+                    init, canvas = await run_in_threadpool(
+                        comfy.outpaint, init, flow.outpaint, server.limits.max_side)
+                except SdrtError as e:
+                    raise bad(f"prompt: {e}")
         if flow.mask is not None:  # (read and grown as ComfyUI does; laid over by a composite)
-            picture = None if canvas is not None else _uploaded(jobs.uploads, flow.mask[0], bad)
-            read = await run_in_threadpool(lambda: comfy.mask_operations(
-                canvas if picture is None else comfy.comfy_mask(picture, flow.mask[1]),
-                flow.mask_ops))
-            mask = await run_in_threadpool(comfy.inpaint_mask, read, init.width, init.height,
-                                           flow.grow_mask)
+            source = canvas if canvas is not None else _uploaded(jobs.uploads, flow.mask[0],
+                                                                 bad)
+            read, mask = await run_in_threadpool(comfy.workflow_masks, source, flow.mask[1],
+                                                 flow.mask_ops, init.width, init.height,
+                                                 flow.grow_mask)
             overlay = (init, read) if flow.composite else None
         width, height = flow.width, flow.height
         if init is not None:
@@ -870,6 +867,7 @@ async def _run(server, jobs, item, flow, key, rows, overlay=None):
 
 async def _generate(server, jobs, item, flow, key, rows, messages, overlay):
     number, prompt_id, graph = item[:3]
+    websocket = graph[flow.output].get("class_type") == comfy.SAVE_WEBSOCKET
     try:
         images = await server.generate(None, key, rows)
         if overlay is not None:  # ImageCompositeMasked after the VAEDecode
@@ -877,8 +875,7 @@ async def _generate(server, jobs, item, flow, key, rows, messages, overlay):
                 lambda: [comfy.composite(overlay[0], im, overlay[1]) for im in images])
         if flow.upscale is not None:  # ImageUpscaleWithModel before the save node
             images = await server.generate(None, _FinalUpscale(flow.upscale), images)
-        if graph[flow.output].get("class_type") == comfy.SAVE_WEBSOCKET:
-            # (as ComfyUI's previews: compression level 1, no text)
+        if websocket:  # (as ComfyUI's previews: compression level 1, no text)
             pngs = await run_in_threadpool(
                 lambda: [_png(im.convert("RGB"), compress_level=1) for im in images])
         else:
@@ -894,26 +891,24 @@ async def _generate(server, jobs, item, flow, key, rows, messages, overlay):
             "status_str": "error", "completed": False, "messages": messages}}, {})
         return
     client = item[3]["client_id"]
-    if graph[flow.output].get("class_type") == comfy.SAVE_WEBSOCKET:
+    if websocket:
         # As ComfyUI's SaveImageWebsocket: "executing" the node, then each picture as a
         # binary message to the prompt's client; no file, no output in the history.
         await jobs.emit(client, "executing", {"node": flow.output, "display_node": flow.output,
                                               "prompt_id": prompt_id})
         for png in pngs:
             await jobs.emit_image(client, png)
-        messages.append(["execution_success", {"prompt_id": prompt_id,
-                                               "timestamp": int(time.time() * 1000)}])
-        jobs.finish(prompt_id, {"prompt": item, "outputs": {}, "status": {
-            "status_str": "success", "completed": True, "messages": messages}}, {})
-        return
-    prefix = os.path.basename(flow.filename_prefix) or "ComfyUI"
-    files = {f"{prefix}_{number:05}_{i}_.png": data for i, data in enumerate(pngs)}
-    output = {"images": [{"filename": name, "subfolder": "", "type": "output"}
-                         for name in files]}
+        files, outputs = {}, {}
+    else:
+        prefix = os.path.basename(flow.filename_prefix) or "ComfyUI"
+        files = {f"{prefix}_{number:05}_{i}_.png": data for i, data in enumerate(pngs)}
+        outputs = {flow.output: {"images": [{"filename": name, "subfolder": "", "type": "output"}
+                                            for name in files]}}
     messages.append(["execution_success", {"prompt_id": prompt_id,
                                            "timestamp": int(time.time() * 1000)}])
-    jobs.finish(prompt_id, {"prompt": item, "outputs": {flow.output: output}, "status": {
+    jobs.finish(prompt_id, {"prompt": item, "outputs": outputs, "status": {
         "status_str": "success", "completed": True, "messages": messages}}, files)
-    await jobs.emit(client, "executed", {
-        "node": flow.output, "display_node": flow.output, "output": output,
-        "prompt_id": prompt_id})
+    if outputs:
+        await jobs.emit(client, "executed", {
+            "node": flow.output, "display_node": flow.output, "output": outputs[flow.output],
+            "prompt_id": prompt_id})

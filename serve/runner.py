@@ -109,29 +109,21 @@ class Runner:
 
     def _load_embeddings(self):
         """Every embedding of --embedding-dir loaded under its file's stem, as A1111 loads its
-        embeddings folder: ({name: (path, vectors, width)}, {name: why it was skipped}) (a
-        pickle, one made for another model, a name that is a word of the vocabulary)."""
+        embeddings folder: ({name: (path, vectors)}, {name: why it was skipped}) (a pickle,
+        one made for another model, a name that is a word of the vocabulary)."""
         from sdrt.engine.errors import PICKLE_SUFFIXES, SdrtError
-        loaded, skipped = {}, {}
         folder = self.config.embedding_dir
-        if folder is None:
-            return loaded, skipped
-        for root, dirs, names in sorted(os.walk(folder)):
-            dirs.sort()
-            for name in sorted(names):
-                stem, ext = os.path.splitext(name)
-                path = os.path.join(root, name)
-                if ext.lower() in PICKLE_SUFFIXES:
-                    skipped.setdefault(stem, f"{name} is a pickle, which sdrt does not load: "
-                                             f"convert it to .safetensors")
-                elif ext.lower() == ".safetensors" and stem not in loaded:
-                    try:
-                        token = self.pipe.load_textual_inversion(path, token=stem)
-                    except SdrtError as e:
-                        skipped.setdefault(stem, " ".join(str(e).split()))
-                        continue
-                    vectors = self.pipe.embeddings.get(token)
-                    loaded[stem] = (path, vectors)
+        skipped = {stem: f"{os.path.basename(path)} is a pickle, which sdrt does not load: "
+                         f"convert it to .safetensors"
+                   for stem, path in by_name(folder, suffixes=PICKLE_SUFFIXES).items()}
+        loaded = {}
+        for stem, path in by_name(folder).items():
+            try:
+                token = self.pipe.load_textual_inversion(path, token=stem)
+            except SdrtError as e:
+                skipped[stem] = " ".join(str(e).split())
+                continue
+            loaded[stem] = (path, self.pipe.embeddings[token])
         return loaded, skipped
 
     def embedding_hashes(self, texts):

@@ -524,11 +524,15 @@ def comfy_pad(rgb, left, top, right, bottom, feathering):
                                             ((8, 8, 8, 8), 0), ((8, 0, 0, 0), 12)])
 def test_outpaint_is_comfyuis(pad, feathering):
     rgb = np.random.default_rng(5).integers(0, 256, (24, 32, 3), dtype=np.uint8)
-    canvas, mask = comfy.outpaint(Image.fromarray(rgb), (*pad, feathering))
+    canvas, mask = comfy.outpaint(Image.fromarray(rgb), (*pad, feathering), 4096)
     want_canvas, want_mask = comfy_pad(rgb, *pad, feathering)
     assert np.array_equal(np.asarray(canvas), want_canvas)
     np.testing.assert_allclose(mask, want_mask, rtol=1e-6, atol=0)
     assert mask.dtype == np.float32
+    with pytest.raises(SdrtError, match=f"ImagePadForOutpaint pads the 32x24 image to "
+                                        f"{canvas.width}x{canvas.height}; each side must be at "
+                                        f"most {max(canvas.size) - 1} "):
+        comfy.outpaint(Image.fromarray(rgb), (*pad, feathering), max(canvas.size) - 1)
 
 
 def test_outpaint_reads():
