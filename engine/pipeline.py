@@ -473,10 +473,16 @@ class Pipeline:
     def load_vae(self, path):
         """Decode and encode with the VAE in ``path`` instead of the model's own, as A1111's
         "SD VAE" setting does: a ``.safetensors`` file in the original or diffusers layout, or
-        a diffusers VAE folder, of the model's VAE architecture (``loading.load_vae_file``).
+        a diffusers VAE folder, of the model's VAE architecture (``loading.load_vae_file``); or
+        a state dict of the VAE's own names (the model's own weights, kept to go back to).
         Its weights replace the VAE's in place: built static plans keep working."""
         from .loading import load_vae_file
-        load_vae_file(path, self.vae)
+        if isinstance(path, dict):
+            self.vae.load_state_dict(path)
+        else:
+            load_vae_file(path, self.vae)
+        for vae in self._vae_copies.values():  # (the copies run in other dtypes, in place too)
+            vae.load_state_dict(self.vae.state_dict())
 
     def load_controlnet(self, path, name=None, variant=None):
         """Load a ControlNet for this model: a diffusers folder, or a ``.safetensors`` file in

@@ -310,14 +310,11 @@ class Runner:
         place, so static plans stay valid)."""
         if name == self._vae:
             return
-        import torch
         if self._own_vae is None:
             self._own_vae = {k: v.detach().to("cpu", copy=True)
                              for k, v in self.pipe.vae.state_dict().items()}
         if name is None:
-            with torch.no_grad():
-                for k, v in self.pipe.vae.state_dict().items():
-                    v.copy_(self._own_vae[k])
+            self.pipe.load_vae(self._own_vae)
         else:
             path = self.vae_path(name)
             if path is None:

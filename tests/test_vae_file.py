@@ -226,3 +226,23 @@ def test_server_sd_vae(tiny_sd1_folder, reference, tmp_path):
                                num_inference_steps=2, guidance_scale=7.0, seed=5,
                                sampler="euler_karras")[0]).astype(int)
         assert np.abs(np.asarray(png.convert("RGB")).astype(int) - want).max() <= 1
+
+
+def test_a_vae_run_in_another_dtype_decodes_with_the_loaded_weights(tiny_sd1_folder, reference):
+    # A VAE run in another dtype than the pipeline's (vae_dtype, SDXL's float32 upcast) is a
+    # copy; a load_vae after that copy was made reaches it too (the server swaps VAEs per
+    # request after its first decode).
+    _, paths = reference
+    latents = -0.2 + torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    pipe = Pipeline.from_pretrained(tiny_sd1_folder, vae_dtype="bf16")
+    own = pipe.decode_latents(latents)  # (makes the bfloat16 copy)
+    weights = {k: v.clone() for k, v in pipe.vae.state_dict().items()}
+    pipe.load_vae(paths["ldm"])
+    fresh = Pipeline.from_pretrained(tiny_sd1_folder, vae_dtype="bf16")
+    fresh.load_vae(paths["ldm"])
+    want = fresh.decode_latents(latents)
+    got = pipe.decode_latents(latents)
+    assert abs(want - own).max() > 1e-2
+    assert abs(got - want).max() == 0
+    pipe.load_vae(weights)  # (the model's own again, as the server goes back to them)
+    assert abs(pipe.decode_latents(latents) - own).max() == 0
