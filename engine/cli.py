@@ -390,6 +390,16 @@ def _generate_options(g):
                    help="perturbed-attention guidance: the conditional pass again with the mid "
                         "block's self-attention perturbed, this much of the difference added "
                         "(diffusers' pag_scale, ComfyUI's PerturbedAttentionGuidance; e.g. 3)")
+    g.add_argument("--guidance-rescale", metavar="F", type=float_arg, default=0.0,
+                   help="rescale the guided prediction towards the conditional one's standard "
+                        "deviation by this fraction, 0 to 1 (diffusers' guidance_rescale, "
+                        "ComfyUI's RescaleCFG; e.g. 0.7 for zero-terminal-SNR v-prediction "
+                        "models)")
+    g.add_argument("--guidance-rescale-style", choices=("diffusers", "comfy"),
+                   default="diffusers",
+                   help="measure the deviations on the UNet's outputs (diffusers) or on the "
+                        "velocities they predict (comfy: ComfyUI's RescaleCFG); the same for "
+                        "a v-prediction model")
     g.add_argument("--vae-tiling", action="store_true",
                    help="encode and decode pictures past the VAE's sample size in overlapping "
                         "tiles, as diffusers' enable_vae_tiling (less memory for large ones)")

@@ -35,7 +35,9 @@ OPTION_NAMES = {"num_inference_steps": "--steps", "guidance_scale": "--guidance"
                 "crops_coords_top_left": "--crop", "aesthetic_score": "--aesthetic-score",
                 "negative_aesthetic_score": "--negative-aesthetic-score",
                 "denoising_end": "--refiner-start", "subseed": "--subseed",
-                "subseed_strength": "--subseed-strength", "pag_scale": "--pag-scale"}
+                "subseed_strength": "--subseed-strength", "pag_scale": "--pag-scale",
+                "guidance_rescale": "--guidance-rescale",
+                "guidance_rescale_style": "--guidance-rescale-style"}
 
 
 def generate(a):
@@ -61,6 +63,7 @@ def generate(a):
         strength=a.strength, num_images_per_prompt=a.batch, clip_skip=a.clip_skip,
         output_type="pil", has_image=a.init_image is not None, prompt_syntax=a.prompt_syntax,
         subseed=a.subseed, subseed_strength=a.subseed_strength, pag_scale=a.pag_scale,
+        guidance_rescale=a.guidance_rescale, guidance_rescale_style=a.guidance_rescale_style,
         **_sdxl_fields(a),
     ).check(names=OPTION_NAMES, limits=Limits.from_env())
     sd = _sd_upscale(a)
@@ -206,7 +209,7 @@ def generate(a):
     call = dict(negative_prompt=a.negative, num_inference_steps=a.steps,
                 guidance_scale=a.guidance, generator=generators, clip_skip=a.clip_skip,
                 prompt_syntax=a.prompt_syntax, num_images_per_prompt=a.batch,
-                pag_scale=request.pag_scale, **image_prompt)
+                **_guidance(request), **image_prompt)
     with _Progress() as progress:
         if hires is not None:
             from .hires import generate as hires_generate
@@ -753,6 +756,8 @@ def _apply_workflow(a):
         *a.freeu, a.freeu_style = flow.freeu
     if flow.pag_scale and "pag_scale" not in a.given:
         a.pag_scale = flow.pag_scale
+    if flow.guidance_rescale and "guidance_rescale" not in a.given:
+        a.guidance_rescale, a.guidance_rescale_style = flow.guidance_rescale, "comfy"
     for attr in ("seed", "steps", "guidance", "sampler", "clip_skip", "batch", "width",
                  "height", "strength", "prompt_2", "negative_2", "original_size", "crop",
                  "target_size", "aesthetic_score", "negative_aesthetic_score"):
@@ -865,6 +870,8 @@ def _warn_unused_options(a):
         unused("--subseed", "it applies to --subseed-strength above 0")
     if a.freeu is None and "freeu_style" in a.given:
         unused("--freeu-style", "it applies to --freeu")
+    if not a.guidance_rescale and "guidance_rescale_style" in a.given:
+        unused("--guidance-rescale-style", "it applies to --guidance-rescale above 0")
     if a.mask is None:
         if a.invert_mask:
             unused("--invert-mask", "it applies to --mask")
@@ -982,7 +989,7 @@ def _static_plans(a, pipe, request, sampler, hires=None, image=None, controls=()
                           sampler, guidance=request.guidance, num_chunks=chunks,
                           strength=None if image is None else request.strength,
                           masked=masked, prompt_syntax=request.prompt_syntax,
-                          pag_scale=request.pag_scale, **control)]
+                          **_guidance(request), **control)]
     if hires is not None:  # the second pass: one prompt per image, at the upscaled size
         width, height, _, _ = hires.target(request.width, request.height, pipe.vae_scale_factor)
         steps, _ = hires.schedule_steps(request.num_inference_steps)
@@ -996,8 +1003,15 @@ def _static_plans(a, pipe, request, sampler, hires=None, image=None, controls=()
                                   hires.sampler or request.sampler, guidance=request.guidance,
                                   num_chunks=chunks, strength=hires.strength,
                                   prompt_syntax=request.prompt_syntax,
-                                  pag_scale=request.pag_scale, **control))
+                                  **_guidance(request), **control))
     return plans
+
+
+def _guidance(request):
+    """The checked request's arguments that change how guidance combines the UNet's passes,
+    for the pipeline's calls and plans."""
+    return dict(pag_scale=request.pag_scale, guidance_rescale=request.guidance_rescale,
+                guidance_rescale_style=request.guidance_rescale_style)
 
 
 class _Progress:

@@ -25,7 +25,8 @@ prompts and latent come from
   spread over the transformer blocks as its ``weight_type`` says, ``block_scales``; an
   ``attn_mask`` read as ComfyUI reads a MASK, ``comfy_mask``; settings
   beyond diffusers' IP-Adapter, ``IPADAPTER_PLAIN``, refused; ``start_at``/``end_at`` counted
-  in steps);
+  in steps), and one of each of the model patches ``MODEL_PATCHES`` (FreeU or FreeU_V2,
+  PerturbedAttentionGuidance, RescaleCFG);
 - CLIPTextEncode nodes (the prompt and negative prompt, read as ComfyUI reads them: sdrt's
   ``prompt_syntax="comfy"``, ``engine.comfy_prompt``), or SDXL's CLIPTextEncodeSDXL (text_l
   the prompt, text_g the prompt_2, its sizes and crop the micro-conditioning; both prompts'
@@ -173,6 +174,12 @@ FREEU_NODES = {"FreeU": ("comfy", (1.1, 1.2, 0.9, 0.2)),
 # ComfyUI's perturbed-attention guidance node (its "middle" block's self-attention: sdrt's
 # pag_scale, as diffusers' "mid" layers)
 PAG = "PerturbedAttentionGuidance"
+# ComfyUI's rescale of classifier-free guidance (sdrt's guidance_rescale, "comfy" style: the
+# stds of the predicted velocities)
+RESCALE_CFG = "RescaleCFG"
+# The model patches sdrt runs, one of each on a model: class → the Workflow field it sets
+MODEL_PATCHES = {**{node: "freeu" for node in FREEU_NODES}, PAG: "pag_scale",
+                 RESCALE_CFG: "guidance_rescale"}
 # After an inpainting's VAEDecode, before the save node: the result laid over the init image
 # through the inpainting's mask, ungrown, at x 0, y 0 (``composite``), as ComfyUI's inpainting
 # workflows keep the pixels outside the mask.
@@ -363,6 +370,7 @@ class Workflow:
     # a FreeU or FreeU_V2 node's (b1, b2, s1, s2, sdrt's style: "comfy" or "comfy_v2")
     freeu: tuple = None
     pag_scale: float = 0.0  # a PerturbedAttentionGuidance node's scale
+    guidance_rescale: float = 0.0  # a RescaleCFG node's multiplier
     # an ImagePadForOutpaint's (left, top, right, bottom, feathering): the init image on its
     # canvas (``outpaint``), whose MASK is the inpainting's (``mask`` (None, "outpaint"))
     outpaint: tuple = None
@@ -662,7 +670,7 @@ def _refiner_chain(nodes, refiner, base):
     checkpoint, loras, prompts, patches = nodes.model_chain(nodes.link(refiner, "model"))
     if loras or prompts or patches:
         raise SdrtError(f"{where}: sdrt's refiner runs the refiner checkpoint as it is (no "
-                        f"LoRA, IP-Adapter, FreeU or PAG on it)")
+                        f"LoRA, IP-Adapter, FreeU, {PAG} or {RESCALE_CFG} on it)")
     text_ids, controls = _controls(nodes, refiner, _REFINER_TEXT_NODES)
     if controls:
         raise SdrtError(f"{where}: sdrt's refiner runs no ControlNet")
@@ -1416,15 +1424,20 @@ def _freeu(nodes, node_id):
     return (*values, FREEU_NODES[kind][0])
 
 
-def _pag_scale(nodes, node_id):
-    """A PerturbedAttentionGuidance node's scale (its "middle" block 0: sdrt's mid-block
-    perturbation), checked."""
+def _model_patch(nodes, node_id):
+    """The Workflow value of a MODEL_PATCHES node, checked: a FreeU node's ``freeu``, a
+    PerturbedAttentionGuidance's scale (its "middle" block 0: sdrt's mid-block perturbation),
+    a RescaleCFG's multiplier."""
     from .request import MAX_PAG_SCALE
-    scale = _number(nodes, node_id, "scale", float, default=3.0)
-    if not (math.isfinite(scale) and 0 <= scale <= MAX_PAG_SCALE):
-        raise SdrtError(f"workflow node {node_id} ({PAG}): scale must be a number from 0 to "
-                        f"{MAX_PAG_SCALE:g}, got {scale:g}")
-    return scale
+    kind = nodes.kind(node_id)
+    if kind in FREEU_NODES:
+        return _freeu(nodes, node_id)
+    key, default, top = ("scale", 3.0, MAX_PAG_SCALE) if kind == PAG else ("multiplier", 0.7, 1)
+    value = _number(nodes, node_id, key, float, default=default)
+    if not (math.isfinite(value) and 0 <= value <= top):
+        raise SdrtError(f"workflow node {node_id} ({kind}): {key} must be a number from 0 to "
+                        f"{top:g}, got {value:g}")
+    return value
 
 
 def _names(loras):
@@ -1495,8 +1508,8 @@ class _Nodes:
 
     def model_chain(self, link):
         """(checkpoint node, [(lora node, lora_name, scale)] in load order, [ImagePrompt]
-        nearest the checkpoint first, {Workflow field: value} of the model patches: a FreeU
-        node's ``freeu``, a PerturbedAttentionGuidance's ``pag_scale``) of a MODEL link."""
+        nearest the checkpoint first, {Workflow field: value} of the MODEL_PATCHES) of a MODEL
+        link."""
         node_id, loras, prompts, patches = link[0], [], [], {}
         while True:
             node_id, more = self.lora_chain(node_id, "model")
@@ -1505,14 +1518,13 @@ class _Nodes:
                 prompts.append(_image_prompt(self, node_id))
             elif self.kind(node_id) == UNIFIED:  # (the model passes through it)
                 _preset(self, node_id)
-            elif self.kind(node_id) in (*FREEU_NODES, PAG):
-                field = "pag_scale" if self.kind(node_id) == PAG else "freeu"
+            elif self.kind(node_id) in MODEL_PATCHES:
+                field = MODEL_PATCHES[self.kind(node_id)]
                 if field in patches:
                     raise SdrtError(f"workflow node {node_id} ({self.kind(node_id)}): sdrt runs "
-                                    f"one {'FreeU' if field == 'freeu' else PAG} node on a "
-                                    f"model")
-                patches[field] = (_freeu(self, node_id) if field == "freeu" else
-                                  _pag_scale(self, node_id))
+                                    f"one {'FreeU' if field == 'freeu' else self.kind(node_id)} "
+                                    f"node on a model")
+                patches[field] = _model_patch(self, node_id)
             else:
                 break
             node_id, _ = self.link(node_id, "model")
@@ -1520,7 +1532,7 @@ class _Nodes:
             raise SdrtError(f"workflow node {node_id} ({self.kind(node_id)}) is not supported "
                             f"as the sampled model: sdrt takes CheckpointLoaderSimple, "
                             f"LoraLoader, LoraLoaderModelOnly, {IPADAPTER}, {IPADAPTER_SIMPLE}, "
-                            f"{UNIFIED}, FreeU, FreeU_V2 and {PAG} there")
+                            f"{UNIFIED}, FreeU, FreeU_V2, {PAG} and {RESCALE_CFG} there")
         return node_id, loras, prompts[::-1], patches
 
     def clip_chain(self, link, checkpoint):

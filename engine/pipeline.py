@@ -36,9 +36,9 @@ from .runtime import ModelSpec, StaticRuntime, StaticShape
 from .samplers import (SchedulerConfig, brownian_noise, default_sampler, make_schedule,
                        sample)
 from .stages import (Control, blank_inpaint_conditioning, check_fused, cpu_randn,
-                     guidance_embedding, guided, inpaint_conditioning, inpainting_unet,
-                     keep_unmasked, row_scales, scale_latents, starts_from_noise,
-                     to_unit_images, vae_decode, vary_noise)
+                     guidance_embedding, guidance_rescaler, guided, inpaint_conditioning,
+                     inpainting_unet, keep_unmasked, row_scales, scale_latents,
+                     starts_from_noise, to_unit_images, vae_decode, vary_noise)
 
 # What the masked latents start from when inpainting (A1111's "masked content" in latent
 # space): the init image's, unit noise, or zeros.
@@ -289,7 +289,8 @@ class Pipeline:
                 sampler=None, guidance=True, strict=False, max_shapes=4, num_chunks=1,
                 strength=None, masked=False, controlnet=None, guess_mode=False,
                 control_masks=False, ip_adapter=None, ip_adapter_images=1,
-                ip_adapter_masks=False, prompt_syntax="a1111", pag_scale=0.0):
+                ip_adapter_masks=False, prompt_syntax="a1111", pag_scale=0.0,
+                guidance_rescale=0.0, guidance_rescale_style="diffusers"):
         """Build the static plan (buffers, schedule, CUDA graphs on a GPU) for one shape.
 
         ``num_chunks``: the prompts' number of 77-token chunks (A1111 syntax: a prompt past
@@ -302,7 +303,8 @@ class Pipeline:
         per adapter), regional where ``ip_adapter_masks`` (one bool, or one per adapter) is
         True (a mask per image: ``ip_adapter_mask``). ``prompt_syntax``: the calls' (ComfyUI's,
         "comfy", weighs the text states its own way, in a plan of its own); ``pag_scale``: the
-        calls' perturbed-attention guidance (a plan per scale).
+        calls' perturbed-attention guidance (a plan per scale); ``guidance_rescale`` and
+        ``guidance_rescale_style``: their rescale of the guidance (a plan per pair).
 
         From then on, calls run through static plans (all but ``clip_skip`` and a refiner's
         part of the schedule): a call of a shape that was built replays it; any other shape
@@ -317,7 +319,8 @@ class Pipeline:
             sampler=sampler, num_images_per_prompt=batch_size,
             guidance_scale=7.5 if guidance else 1.0, has_image=strength is not None,
             strength=0.8 if strength is None else strength, prompt_syntax=prompt_syntax,
-            pag_scale=pag_scale,
+            pag_scale=pag_scale, guidance_rescale=guidance_rescale,
+            guidance_rescale_style=guidance_rescale_style,
         ).check(names={"num_images_per_prompt": "batch_size"}, limits=self.limits)
         if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or \
                 not 1 <= num_chunks <= 64:
@@ -750,7 +753,14 @@ class Pipeline:
                            controls, guess_mode, image_prompts, text_variants, image_regions,
                            control_masks, request.prompt_syntax == "comfy",
                            getattr(self.unet, "freeu", None), self.vae_tiling,
-                           request.pag_scale)
+                           request.pag_scale, self._rescale(request))
+
+    def _rescale(self, request):
+        """(factor, style) of the request's guidance rescale; () where it has none (no
+        classifier-free guidance, or a factor of 0)."""
+        if not (request.guidance_rescale and self._cfg(request)):
+            return ()
+        return request.guidance_rescale, request.guidance_rescale_style
 
     def _guidance_distilled(self):
         """Whether the UNet takes its guidance scale as an input (an LCM-distilled UNet, config
@@ -1147,7 +1157,8 @@ class Pipeline:
                  ip_adapter=None, ip_adapter_scale=1.0, ip_adapter_guidance_start=0.0,
                  ip_adapter_guidance_end=1.0, ip_adapter_mask=None,
                  ip_adapter_mask_style="diffusers", prompt_edit_steps=None, subseed=None,
-                 subseed_strength=0.0, pag_scale=0.0):
+                 subseed_strength=0.0, pag_scale=0.0, guidance_rescale=0.0,
+                 guidance_rescale_style="diffusers"):
         """Generate images; see the README for each argument.
 
         Returns a list of PIL images (``"pil"``), a float32 array (B, H, W, 3) in [0, 1]
@@ -1259,7 +1270,9 @@ class Pipeline:
             negative_target_size=negative_target_size, aesthetic_score=aesthetic_score,
             negative_aesthetic_score=negative_aesthetic_score, denoising_start=denoising_start,
             denoising_end=denoising_end, subseed=subseed,
-            subseed_strength=subseed_strength, pag_scale=pag_scale).check(limits=self.limits)
+            subseed_strength=subseed_strength, pag_scale=pag_scale,
+            guidance_rescale=guidance_rescale,
+            guidance_rescale_style=guidance_rescale_style).check(limits=self.limits)
         for field in ("height", "width"):
             if getattr(request, field) is not None:
                 self._check_side(field, getattr(request, field), {})
@@ -1386,7 +1399,8 @@ class Pipeline:
         model = guided(self.unet, cond, row_scales(request.row_scales(), self.device),
                        self._cfg(request), self.dtype, self._timestep_cond(request), image_cond,
                        self._control(control, hints, len(schedule.timesteps), request),
-                       self._combination(request, parts), request.pag_scale)
+                       self._combination(request, parts), request.pag_scale,
+                       guidance_rescaler(schedule, *self._rescale(request) or (0,)))
         x = sample(sampler, model, x, schedule, generator=generator, step_end=step_end)
         t3 = self._clock()
         # The init image's encoding counts as denoising.

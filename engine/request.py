@@ -86,6 +86,9 @@ MAX_MICRO_SIZE = 2 ** 16  # pixels: far past any training image
 MAX_SEED = 2 ** 64 - 1  # torch.Generator.manual_seed takes any 64-bit value
 MAX_PAG_SCALE = 100.0  # ComfyUI's PerturbedAttentionGuidance's slider's end
 MAX_FREEU_FACTOR = 10.0  # ComfyUI's FreeU sliders' end
+# guidance_rescale's: the stds of the UNet's outputs (diffusers' pipelines) or of the
+# velocities they predict (ComfyUI's RescaleCFG)
+RESCALE_STYLES = ("diffusers", "comfy")
 RANDOM_SEED = -1        # seed=-1: draw one, as A1111 users expect
 # A ControlNet's largest conditioning scale: A1111's weight slider ends at 2; past 10 the
 # residuals swamp the UNet's own features.
@@ -269,6 +272,10 @@ class GenerationRequest:
     subseed_strength: object = 0.0
     # perturbed-attention guidance's scale (diffusers' pag_scale; 0: off)
     pag_scale: object = 0.0
+    # the rescale of classifier-free guidance (diffusers' guidance_rescale; 0: off), and
+    # whose: RESCALE_STYLES
+    guidance_rescale: object = 0.0
+    guidance_rescale_style: object = "diffusers"
 
     def check(self, names=None, limits=None):
         """Every model-free check; returns the request with its numbers as plain ``int`` and
@@ -359,6 +366,11 @@ class GenerationRequest:
                                            "a number from 0 to 1")
         extra["pag_scale"] = number("pag_scale", lambda v: 0 <= v <= MAX_PAG_SCALE,
                                     f"a number from 0 to {MAX_PAG_SCALE:g}")
+        extra["guidance_rescale"] = number("guidance_rescale", lambda v: 0 <= v <= 1,
+                                           "a number from 0 to 1")
+        if self.guidance_rescale_style not in RESCALE_STYLES:
+            fail("guidance_rescale_style", f"one of {', '.join(RESCALE_STYLES)}",
+                 self.guidance_rescale_style)
         subseeds = self.subseed
         if subseeds is not None and not (_is_int(subseeds) and subseeds == RANDOM_SEED):
             subseeds = subseeds if isinstance(subseeds, (list, tuple)) else [subseeds]

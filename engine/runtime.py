@@ -28,8 +28,8 @@ from .ip_adapter import cross_attentions
 from .layers import level_grids
 from .prompt_syntax import WeightedIds
 from .samplers import make_schedule, sample
-from .stages import (Control, blank_inpaint_conditioning, guided, inpainting_unet,
-                     keep_unmasked, starts_from_noise, to_unit_images, vae_decode)
+from .stages import (Control, blank_inpaint_conditioning, guidance_rescaler, guided,
+                     inpainting_unet, keep_unmasked, starts_from_noise, to_unit_images, vae_decode)
 
 log = logging.getLogger("sdrt")
 
@@ -62,6 +62,7 @@ class StaticShape:
     freeu: object = None  # the UNet's freeu.FreeU when the plan was built (its factors baked in)
     vae_tiling: bool = False  # whether the VAE runs in tiles (pipe.enable_vae_tiling)
     pag_scale: float = 0.0  # perturbed-attention guidance's scale (0: off)
+    rescale: tuple = ()  # the guidance's rescale (factor, style), () for none
 
     def describe(self):
         chunks = f", {self.num_chunks} text chunks" if self.num_chunks > 1 else ""
@@ -77,6 +78,9 @@ class StaticShape:
                else "")
         ip += (f", prompt editing over {self.text_variants} texts" if self.text_variants > 1
                else "")
+        ip += f", PAG {self.pag_scale:g}" if self.pag_scale else ""
+        ip += (f", guidance rescaled by {self.rescale[0]:g} ({self.rescale[1]}'s)"
+               if self.rescale else "")
         return (f"{self.width}x{self.height}, batch {self.batch_size}, "
                 f"{self.num_inference_steps} steps of {self.sampler}, "
                 f"{'with' if self.guidance else 'without'} CFG{chunks}{image}{control}{ip}")
@@ -245,7 +249,8 @@ class StaticPlan:
         cond = self.cond if self.variants is None else self._cond_of_call
         model = guided(self.model.unet, cond, self.guidance_scale, self.shape.guidance,
                        self.model.dtype, self.timestep_cond, self.image_cond, self.control,
-                       pag_scale=self.shape.pag_scale)
+                       pag_scale=self.shape.pag_scale,
+                       rescale=guidance_rescaler(self.schedule, *self.shape.rescale or (0,)))
         if self.pure_noise:
             x = self.schedule.noise_latents(self.noise)
         else:

@@ -167,7 +167,7 @@ def check_fused(nets, guess_mode, modes, masks):
 
 
 def guided(unet, cond, guidance_scale, cfg, dtype, timestep_cond=None, image_cond=None,
-           control: Control = None, combine=None, pag_scale=0.0):
+           control: Control = None, combine=None, pag_scale=0.0, rescale=None):
     """The model a sampler calls: the UNet on the ``Conditioning`` ``cond`` (its fields as the
     UNet's named inputs; for A1111's prompt editing a list with one per UNet call, or a
     function of the call's index), with classifier-free guidance when ``cfg``.
@@ -203,6 +203,10 @@ def guided(unet, cond, guidance_scale, cfg, dtype, timestep_cond=None, image_con
     (``perturbed``), and adds ``pag_scale · (cond − perturbed)``. The call's inputs, and its
     ControlNets' and adapters' (with guidance), are the conditional rows' once more (no
     IP-Adapter or composable parts with it).
+
+    ``rescale`` (with ``cfg``): ``guidance_rescaler``'s function, applied to the guided output
+    and the conditional one (with ``combine``: the parts' sum at scale 1); diffusers' PAG
+    pipelines rescale after adding PAG's term, ComfyUI's nodes before (``rescale.after_pag``).
     """
     fixed = cond.unet_inputs() if isinstance(cond, Conditioning) else None
     calls = itertools.count()
@@ -248,8 +252,12 @@ def guided(unet, cond, guidance_scale, cfg, dtype, timestep_cond=None, image_con
             twice = torch.arange(b, device=x.device).repeat(2)
             negative, positive, perturbed = run(torch.cat([x, x, x]), t, 2, parts=twice,
                                                 perturb=b).float().chunk(3)
-            out = negative + guidance_scale * (positive - negative) + \
-                pag_scale * (positive - perturbed)
+            out = negative + guidance_scale * (positive - negative)
+            if rescale is not None and not rescale.after_pag:
+                out = rescale(out, positive, x, t)
+            out = out + pag_scale * (positive - perturbed)
+            if rescale is not None and rescale.after_pag:
+                out = rescale(out, positive, x, t)
             return (out, negative) if uncond else out
         if not cfg:
             return run(x, t, 1)
@@ -263,8 +271,66 @@ def guided(unet, cond, guidance_scale, cfg, dtype, timestep_cond=None, image_con
             negative, positive = run(torch.cat([x, x]), t, 2).chunk(2)
             summed = positive - negative
         out = negative + guidance_scale * summed
+        if rescale is not None:
+            out = rescale(out, negative + summed if combine is not None else positive, x, t)
         return (out, negative) if uncond else out
     return model
+
+
+def guidance_rescaler(schedule, factor, style="diffusers"):
+    """The rescale of classifier-free guidance's output (Lin et al. 2023, "Common Diffusion
+    Noise Schedules and Sample Steps are Flawed", section 3.4) for ``guided``, None for a
+    ``factor`` of 0: the guided output scaled by ``factor · std(cond) / std(guided) + 1 −
+    factor``, each std over one image's values (Bessel-corrected).
+
+    ``style`` "diffusers" (its pipelines' ``guidance_rescale``): the stds of the UNet's own
+    outputs (noise or velocity). "comfy" (ComfyUI's RescaleCFG node): of the velocities the
+    outputs predict, whatever the model predicts, so a noise (x0) prediction ``o`` is shifted
+    by ``c·x`` first (c = −σ_t, −α_t at the call's timestep; alpha-bar interpolated in log
+    sigma between the training levels, as the samplers place fractional timesteps) and back
+    after: v = (o + c·x)/α_t for noise. The same as "diffusers" for a v-prediction UNet.
+    """
+    if not factor:
+        return None
+    cfg = schedule.config
+    shift = None
+    if style == "comfy" and cfg.prediction_type != "v_prediction":
+        if schedule.sigma_data is not None or cfg.timestep_type == "continuous":
+            raise SdrtError("guidance_rescale_style 'comfy' needs a model on discrete training "
+                            "timesteps (not an EDM or continuous-time one)")
+        shift = _velocity_shift(cfg, schedule.timesteps.device)
+
+    def rescale(out, cond, x, t):
+        if shift is not None:
+            c = shift(t) * x.float()
+            out, cond = out + c, cond + c
+        dims = tuple(range(1, out.ndim))
+        out = out * (factor * cond.std(dims, keepdim=True) / out.std(dims, keepdim=True)
+                     + (1 - factor))
+        return out if shift is None else out - c
+    rescale.after_pag = style == "diffusers"
+    return rescale
+
+
+def _velocity_shift(cfg, device):
+    """t → c, the factor of x that turns this config's UNet output into a multiple of the
+    velocity it predicts: −σ_t (noise) or −α_t (clean latents), for fractional t too."""
+    from .schedules import train_alphas_cumprod
+    a = train_alphas_cumprod(cfg).double().clamp(min=2**-24)
+    log_sigma = (0.5 * ((1 - a) / a).log()).float().to(device)
+    last = len(log_sigma) - 2
+    noise = cfg.prediction_type == "epsilon"
+
+    def shift(t):
+        # (one timestep or one per row; indexed by a tensor, so nothing waits on the device)
+        t = torch.as_tensor(t, dtype=torch.float32, device=device).reshape(-1)
+        low = t.floor().clamp(0, last)
+        w = (t - low).clamp(0, 1)
+        low = low.long()
+        # alpha_t² = sigmoid(−2 log σ), σ_t² = sigmoid(2 log σ) (x_vp = α_t x0 + σ_t eps)
+        two_log = 2 * ((1 - w) * log_sigma[low] + w * log_sigma[low + 1])
+        return -torch.sigmoid(two_log if noise else -two_log).sqrt().view(-1, 1, 1, 1)
+    return shift
 
 
 def inpainting_unet(unet):

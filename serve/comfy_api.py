@@ -62,7 +62,7 @@ _NAMES = {"num_inference_steps": "steps", "guidance_scale": "cfg", "sampler": "s
           "strength": "denoise", "num_images_per_prompt": "batch_size",
           "clip_skip": "stop_at_clip_layer", "prompt_2": "text_g", "negative_prompt_2": "text_g",
           "original_size": "width", "crops_coords_top_left": "crop_w",
-          "target_size": "target_width"}
+          "target_size": "target_width", "guidance_rescale": "multiplier"}
 
 
 class ComfyJobs:
@@ -186,6 +186,8 @@ def _node_specs(server, checkpoints, loras, images, controlnets, vaes, upscalers
             ["MODEL"]) for node, (_, defaults) in comfy.FREEU_NODES.items()},
         comfy.PAG: ("model_patches/unet", {"model": ["MODEL"], "scale": number(
             "FLOAT", 3.0, 0.0, MAX_PAG_SCALE, 0.01)}, ["MODEL"]),
+        comfy.RESCALE_CFG: ("advanced/model", {"model": ["MODEL"], "multiplier": number(
+            "FLOAT", 0.7, 0.0, 1.0, 0.01)}, ["MODEL"]),
         comfy.OUTPAINT: ("image", {
             "image": ["IMAGE"], **{side: number("INT", 0, 0, limits.max_side, 8)
                                    for side in ("left", "top", "right", "bottom")},
@@ -418,7 +420,9 @@ def register(app, server_of, api_error):
                            has_image=init is not None, prompt_2=flow.prompt_2,
                            negative_prompt_2=flow.negative_2, original_size=flow.original_size,
                            crops_coords_top_left=flow.crop, target_size=flow.target_size,
-                           prompt_syntax="comfy", pag_scale=flow.pag_scale)
+                           prompt_syntax="comfy", pag_scale=flow.pag_scale,
+                           guidance_rescale=flow.guidance_rescale,
+                           guidance_rescale_style="comfy")
         if flow.pag_scale and (flow.ip_adapters or flow.controlnets and flow.guidance <= 1):
             raise bad(f"prompt: workflow's {comfy.PAG} cannot be combined with "
                       f"{'IP-Adapters' if flow.ip_adapters else 'ControlNets at cfg 1'} yet")
@@ -438,7 +442,8 @@ def register(app, server_of, api_error):
                        hires=hires, loras=loras, controls=controls, vae=flow.vae,
                        image_prompts=prompts,
                        micro=(flow.original_size, flow.crop, flow.target_size),
-                       prompt_syntax="comfy", freeu=flow.freeu, pag_scale=flow.pag_scale)
+                       prompt_syntax="comfy", freeu=flow.freeu, pag_scale=flow.pag_scale,
+                       rescale=(flow.guidance_rescale, "comfy") if flow.guidance_rescale else ())
         rows = [Row(flow.prompt, flow.negative, req.guidance_scale, s, init, mask,
                     control_images=hints, control_info=units + texts, ip_images=pictures,
                     prompt_2=flow.prompt_2, negative_prompt_2=flow.negative_2)

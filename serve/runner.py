@@ -413,7 +413,7 @@ class Runner:
                            key.height, key.width, key.steps, key.sampler, seeds["generator"],
                            guidance_scale=guidance, clip_skip=key.clip_skip,
                            prompt_syntax=key.prompt_syntax, pag_scale=key.pag_scale,
-                           control_units=[c[5] for c in key.controls],
+                           **_rescale(key), control_units=[c[5] for c in key.controls],
                            hires_control_image=second,
                            upscaler=self.upscaler(model) if model else None, **control,
                            **variation)
@@ -437,7 +437,7 @@ class Runner:
                 latent_resize=key.latent_resize_from is not None,
                 strength=key.strength if key.strength is not None else 0.8,
                 clip_skip=key.clip_skip, prompt_syntax=key.prompt_syntax, output_type="pil",
-                pag_scale=key.pag_scale, **seeds, **control, **variation,
+                pag_scale=key.pag_scale, **_rescale(key), **seeds, **control, **variation,
                 **{k: v for k, v in sdxl.items() if v is not None})
         timings = self.pipe.timings
         for stage in ("text", "denoise", "decode"):
@@ -462,3 +462,8 @@ def _region_masks(entries):
     if all(m is None for m in masks):
         return None
     return masks if len(masks) > 1 else masks[0]
+
+
+def _rescale(key):
+    """The pipeline's guidance_rescale arguments of a batch's key (none without a rescale)."""
+    return dict(zip(("guidance_rescale", "guidance_rescale_style"), key.rescale))

@@ -71,6 +71,7 @@ class BatchKey:
     freeu: tuple = None  # (b1, b2, s1, s2, style) of the UNet's FreeU (a workflow's), or None
     subseed_strength: float = 0.0  # A1111's variation strength (each row brings its subseed)
     pag_scale: float = 0.0  # perturbed-attention guidance (a workflow's), 0: off
+    rescale: tuple = ()  # (factor, style) of the guidance's rescale (a workflow's), () for none
 
 
 @dataclass(frozen=True)

@@ -313,18 +313,22 @@ def test_memory_estimate_bounds_the_measured_peak_on_cuda():
 
 @pytest.mark.gpu
 def test_freeu_pag_and_comfy_weights_replay_as_cuda_graphs_equal_to_eager():
-    # FreeU's FFTs (each style), perturbed-attention guidance's third rows and ComfyUI's
-    # prompt weights (the empty prompt encoded with the chunks) inside captured graphs: the
-    # replay equals the eager run, new prompts too.
+    # FreeU's FFTs (each style), perturbed-attention guidance's third rows, the guidance's
+    # rescale (ComfyUI's: the timestep's sigma looked up on the device) and ComfyUI's prompt
+    # weights (the empty prompt encoded with the chunks) inside captured graphs: the replay
+    # equals the eager run, new prompts too.
     pipe = _tiny_cuda_pipe()
-    for style, pag in (("diffusers", 0.0), ("comfy", 3.0), ("comfy_v2", 0.0)):
+    for style, pag, rescale in (("diffusers", 0.0, 0.7), ("comfy", 3.0, 0.5),
+                                ("comfy_v2", 0.0, 0.0)):
         pipe.enable_freeu(0.9, 0.2, 1.3, 1.4, style)
-        pipe.compile(height=64, width=64, num_inference_steps=4, sampler="euler",
-                     prompt_syntax="comfy", pag_scale=pag)
+        guidance = dict(pag_scale=pag, guidance_rescale=rescale,
+                        guidance_rescale_style="diffusers" if pag else "comfy")
+        pipe.compile(height=64, width=64, num_inference_steps=4, sampler="euler_karras",
+                     prompt_syntax="comfy", **guidance)
         for prompt in ("a (red:1.3) fox", "((a blue bird))"):
             kw = dict(prompt=prompt, negative_prompt="(blurry:1.2)", height=64, width=64,
-                      num_inference_steps=4, sampler="euler", seed=1, output_type="np",
-                      prompt_syntax="comfy", pag_scale=pag)
+                      num_inference_steps=4, sampler="euler_karras", seed=1,
+                      output_type="np", prompt_syntax="comfy", **guidance)
             assert np.abs(pipe(**kw) - run_eagerly(pipe, **kw)).max() <= 2e-3, (style, prompt)
         pipe.runtime = None
     pipe.disable_freeu()

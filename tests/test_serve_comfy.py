@@ -164,6 +164,28 @@ def test_perturbed_attention_guidance_node(server, ref_pipe):
     assert_same_image(png, want, "PerturbedAttentionGuidance")
 
 
+def test_rescale_cfg_node(server, ref_pipe):
+    # On top of PAG: ComfyUI rescales the guided prediction before PAG's term is added.
+    url = server
+    graph = _workflow(url, DEFAULT, seed=14)
+    graph["20"] = {"class_type": "PerturbedAttentionGuidance",
+                   "inputs": {"model": ["4", 0], "scale": 2.0}}
+    graph["21"] = {"class_type": "RescaleCFG", "inputs": {"model": ["20", 0], "multiplier": 0.6}}
+    graph["3"]["inputs"]["model"] = ["21", 0]
+    entry = _history(url, _queue(url, graph)["prompt_id"])
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    png = Image.open(io.BytesIO(_view(url, entry["outputs"]["9"]["images"][0])))
+    want = ref_pipe("beautiful scenery nature glass bottle", negative_prompt="text, watermark",
+                    height=64, width=64, num_inference_steps=2, guidance_scale=7.0,
+                    sampler="euler_a_normal", seed=14, pag_scale=2.0, guidance_rescale=0.6,
+                    guidance_rescale_style="comfy")[0]
+    assert_same_image(png, want, "RescaleCFG")
+    graph["21"]["inputs"]["multiplier"] = 1.5
+    r = httpx.post(f"{url}/prompt", json={"prompt": graph}, timeout=TIMEOUT)
+    assert r.status_code == 400 and "multiplier must be a number from 0 to 1, got 1.5" in \
+        r.text, r.text
+
+
 def test_object_info_drives_a_workflow(server, ref_pipe):
     # A client that builds its workflow from /object_info's menus (the checkpoint, a sampler
     # and scheduler pair) gets a workflow sdrt runs; every pair the menus offer together is
