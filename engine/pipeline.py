@@ -22,6 +22,7 @@ from . import comfy_prompt
 from .conditioning import Conditioning, TextInputs, encode_text
 from .control import ControlRequest, control_batch, control_scales, select
 from .errors import SdrtError
+from .given_states import given_states
 from .image_prompt import ImagePromptRequest
 from .infotext import file_stem
 from .ip_adapter import layer_scales
@@ -830,13 +831,15 @@ class Pipeline:
 
     # -- pieces -------------------------------------------------------------------------------
 
-    def text_inputs(self, prompts, prompt_syntax="a1111", prompts_2=None) -> TextInputs:
+    def text_inputs(self, prompts, prompt_syntax="a1111", prompts_2=None,
+                    num_chunks=None) -> TextInputs:
         """Prompts → token ids and weights (B, n, 77) on the CPU, for each of the family's
         tokenizers: the first reads ``prompts``, the second ``prompts_2`` (default: the same
         prompts). ``"a1111"`` reads A1111's syntax (weights, ``BREAK``, 75-token chunks past
         77 tokens; every tokenizer gets as many chunks as the longest needs); ``"plain"`` is
         one chunk, cut at 77 tokens with a warning, every weight 1; ``"comfy"`` reads ComfyUI's
-        (``comfy_prompt``: its weights, chunks, and the rows' chunks repeated to one count)."""
+        (``comfy_prompt``: its weights, chunks, and the rows' chunks repeated to one count).
+        ``num_chunks``: A1111's chunks, at least as many as the prompts need."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if isinstance(prompts_2, str):
@@ -853,7 +856,7 @@ class Pipeline:
                 return tokenize_prompts(tokenizer, texts[i], num_chunks)
             ids = tokenizer(texts[i])[:, None]
             return WeightedIds(ids, torch.ones(ids.shape, dtype=torch.float32))
-        batches = [tokenize(i) for i in range(len(names))]
+        batches = [tokenize(i, num_chunks) for i in range(len(names))]
         most = max(b.num_chunks for b in batches)
         batches = [b if b.num_chunks == most else tokenize(i, most)
                    for i, b in enumerate(batches)]
@@ -874,10 +877,14 @@ class Pipeline:
         # One text-encoder call for both CFG halves and every chunk, then a row per image.
         states, pooled = encode_text(self.family, self.text_encoders, inputs.to(self.device),
                                      clip_skip)
+        return self._conditioning_rows(request, states, pooled, self._keep(request))
+
+    def _conditioning_rows(self, request, states, pooled, keep):
+        """``conditioning``'s from the states and pooled embeddings of each prompt's halves
+        (negatives first with CFG): a row per image, ``keep``'s rows zeroed, the time ids."""
         k = request.num_images_per_prompt
         states, pooled = (None if t is None else t.repeat_interleave(k, dim=0)
                           for t in (states, pooled))
-        keep = self._keep(request)
         if keep is not None:
             keep = keep.to(self.device)
             states = states * keep.to(states.dtype)[:, None, None]
@@ -1141,7 +1148,7 @@ class Pipeline:
     # -- the request --------------------------------------------------------------------------
 
     @torch.no_grad()
-    def __call__(self, prompt, negative_prompt=None, height=None, width=None,
+    def __call__(self, prompt=None, negative_prompt=None, height=None, width=None,
                  num_inference_steps=50, guidance_scale=7.5, sampler=None, seed=None,
                  latents=None, image=None, strength=0.8, num_images_per_prompt=1,
                  output_type="pil", generator=None, clip_skip=0, callback=None,
@@ -1158,7 +1165,9 @@ class Pipeline:
                  ip_adapter_guidance_end=1.0, ip_adapter_mask=None,
                  ip_adapter_mask_style="diffusers", prompt_edit_steps=None, subseed=None,
                  subseed_strength=0.0, pag_scale=0.0, guidance_rescale=0.0,
-                 guidance_rescale_style="diffusers"):
+                 guidance_rescale_style="diffusers", prompt_embeds=None,
+                 negative_prompt_embeds=None, pooled_prompt_embeds=None,
+                 negative_pooled_prompt_embeds=None):
         """Generate images; see the README for each argument.
 
         Returns a list of PIL images (``"pil"``), a float32 array (B, H, W, 3) in [0, 1]
@@ -1257,6 +1266,11 @@ class Pipeline:
                 all(type(v) is int and v >= 1 for v in prompt_edit_steps)):
             raise SdrtError(f"prompt_edit_steps must be None or (steps, the first pass's "
                             f"steps), two positive integers, got {short_repr(prompt_edit_steps)}")
+        given = given_states(self, prompt, prompt_2, negative_prompt, negative_prompt_2,
+                             prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+                             negative_pooled_prompt_embeds)
+        if given is not None and given.states is not None:
+            prompt = [""] * given.prompts  # (the batch's rows; the states replace their text)
         request = GenerationRequest(
             prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
@@ -1329,9 +1343,13 @@ class Pipeline:
             n, flat = len(request.prompt), [t for p in parts for t, _ in p]
             texts, texts_2 = texts[:n] + flat, texts_2[:n] + flat
         edits = request.prompt_syntax == "a1111" and any(map(edited, texts + texts_2))
-        inputs = self.text_inputs(texts, request.prompt_syntax, texts_2)
-        request = self.check(request, num_chunks=inputs.num_chunks,
-                             controlled=control is not None)
+        if given is None:
+            inputs = self.text_inputs(texts, request.prompt_syntax, texts_2)
+        else:
+            self._check_given(request, given, parts is not None or edits)
+            inputs = None
+        request = self.check(request, num_chunks=given.num_chunks if given else
+                             inputs.num_chunks, controlled=control is not None)
         if control is not None:
             self._check_adapter_size(control, request)
         generator = self._generator(generator, request)
@@ -1349,10 +1367,11 @@ class Pipeline:
         t0 = self._clock()
         start = self._start(request, init, init_latents, mask, latents, shape, generator,
                             masked_content)
-        if self._static(request) and parts is None:
+        if self._static(request) and parts is None and (given is None or given.tokens % 77 == 0):
             edit = (texts, texts_2, prompt_edit_steps) if edits else None
             return self._run_static(request, inputs, start, generator, step_end,
-                                    self._clock() - t0, control, hints, image_prompt, edit)
+                                    self._clock() - t0, control, hints, image_prompt, edit,
+                                    given)
 
         schedule = make_schedule(self.scheduler_config, sampler, request.num_inference_steps,
                                  strength=request.strength if request.has_image else 1.0,
@@ -1364,6 +1383,8 @@ class Pipeline:
         calls = len(schedule.timesteps)
 
         def conditioning(texts, texts_2, tokenized=None):
+            if given is not None:
+                return self._given_conditioning(request, given)
             tokenized = tokenized or self.text_inputs(texts, request.prompt_syntax, texts_2)
             if parts is not None:
                 return self._composable_conditioning(request, tokenized, parts)
@@ -1423,6 +1444,49 @@ class Pipeline:
             self._bound_pixels(items, "control_image")
             out.append([_image_tensor(item, "control_image") for item in items])
         return out
+
+    def _check_given(self, request, given, composed):
+        """Given text states (``given_states``) against the rest of the request."""
+        if composed:
+            raise SdrtError("prompt: A1111's prompt editing, alternation and AND cannot be "
+                            "combined with prompt_embeds or negative_prompt_embeds (the "
+                            "states are the whole prompt)")
+        if given.states is None and len(request.prompt) != given.prompts:
+            raise SdrtError(f"negative_prompt_embeds must have a row per prompt "
+                            f"({len(request.prompt)}), got {given.prompts}")
+
+    def _given_conditioning(self, request, given):
+        """``conditioning``'s of a request with given text states: each CFG half its states,
+        or its text encoded to as many tokens (``_encode_to``); an SDXL negative given as
+        states is never zeroed."""
+        n = len(request.prompt)
+        texts, texts_2 = self._texts(request)
+        halves = [("prompt", given.states, given.pooled, texts[-n:], texts_2[-n:])]
+        if self._cfg(request):
+            halves.insert(0, ("negative_prompt", given.negative, given.negative_pooled,
+                              texts[:n], texts_2[:n]))
+        rows = [(s, p) if s is not None else self._encode_to(request, t, t2, given.tokens, name)
+                for name, s, p, t, t2 in halves]
+        states = torch.cat([s for s, _ in rows])
+        pooled = None if rows[0][1] is None else torch.cat([p for _, p in rows])
+        return self._conditioning_rows(request, states, pooled,
+                                       self._keep(request) if given.negative is None else None)
+
+    def _encode_to(self, request, texts, texts_2, tokens, field):
+        """(states, pooled) of one CFG half's texts with ``tokens`` tokens, those of the other
+        half's given states: A1111 syntax pads a shorter prompt with empty chunks."""
+        length = self.tokenizers[self.family.tokenizers[0]].max_length
+        inputs = self.text_inputs(texts, request.prompt_syntax, texts_2)
+        have = inputs.num_chunks * length
+        if have != tokens:
+            if request.prompt_syntax != "a1111" or tokens % length or have > tokens:
+                other = "negative_prompt_embeds" if field == "prompt" else "prompt_embeds"
+                raise SdrtError(f"{field} encodes to {have} tokens where {other} has "
+                                f"{tokens}: give {field}_embeds of {tokens} tokens too")
+            inputs = self.text_inputs(texts, "a1111", texts_2, num_chunks=tokens // length)
+        states, pooled = encode_text(self.family, self.text_encoders, inputs.to(self.device),
+                                     request.clip_skip)
+        return states.to(self.dtype), None if pooled is None else pooled.to(self.dtype)
 
     def _composable(self, request, control, image_prompt):
         """A1111's composable diffusion: each prompt's parts [(text, weight), ...] where a
@@ -1639,13 +1703,20 @@ class Pipeline:
         return [Image.fromarray((i * 255).round().astype(np.uint8)) for i in images]
 
     def _run_static(self, request, inputs, start, generator, step_end, encode_seconds,
-                    control=None, hints=None, image_prompt=None, edit=None):
+                    control=None, hints=None, image_prompt=None, edit=None, given=None):
         """One request through the static plan of its shape; ``start`` is where it starts
         (``_start``), drawn before the sampler's own draws; ``control`` and ``hints`` its
         ControlNets' settings and control images; ``image_prompt`` its IP-Adapters';
         ``edit`` (texts, texts_2, prompt_edit_steps) its prompt editing: the plan encodes
-        every set of texts its calls read and picks one per call."""
+        every set of texts its calls read and picks one per call; ``given`` its text states
+        (``given_states``, of 77·n tokens), copied in where the plan's text stage would
+        write its own."""
         t0, images, prompt, variants = self._clock(), (), {}, None
+        if given is not None:
+            cond = self._given_conditioning(request, given)
+            prompt.update(states=cond.states, text_embeds=cond.text_embeds)
+            inputs, text_seconds = TextInputs({}), self._clock() - t0
+            t0 = self._clock()
         if edit is not None:
             variants, at = self._edit_variants(request, *edit)
             inputs = self.text_inputs([t for v, _ in variants for t in v],
@@ -1660,7 +1731,8 @@ class Pipeline:
         controls = () if control is None else (control.names, control.guess_mode)
         control_masks = (() if control is None or not control.masks else
                          tuple(m is not None for m in control.masks))
-        plan = self.runtime.plan_for(self._shape(request, inputs.num_chunks, start.masked,
+        chunks = inputs.num_chunks if given is None else given.num_chunks
+        plan = self.runtime.plan_for(self._shape(request, chunks, start.masked,
                                                  *controls, image_prompts=images,
                                                  text_variants=len(variants or [None]),
                                                  image_regions=regions,
@@ -1684,6 +1756,8 @@ class Pipeline:
                           torch.stack([cpu_randn(plan.latent_shape, generator)
                                        for _ in range(plan.step_noise.shape[0])]))
         keep, time_ids = self._keep(request), self._time_ids(request)
+        if given is not None:  # (in the states)
+            keep, time_ids = None, cond.time_ids
         self.timings = plan.run(inputs, start.noise,
                                 row_scales(request.row_scales(), self.device), step_noise,
                                 clock=self._clock, step_end=step_end,
@@ -1696,6 +1770,8 @@ class Pipeline:
                                 self._control_regions(control, self._grids(request)),
                                 **prompt)
         self.timings["denoise"] += encode_seconds  # the init image's, as the eager path counts
+        if given is not None:
+            self.timings["text"] += text_seconds
         self.timings["unet_calls"] = len(plan.schedule.timesteps)
         if request.output_type == "latent":
             return plan.latents.clone()

@@ -301,7 +301,7 @@ class StaticPlan:
             clock=time.perf_counter, step_end=None, timestep_cond=None, keep=None,
             time_ids=None, x0=None, mask=None, image_cond=None, control_images=None,
             control_scales=None, image_tokens=None, image_scales=None, variant_of_call=None,
-            image_regions=None, control_regions=None):
+            image_regions=None, control_regions=None, states=None, text_embeds=None):
         """Copy the request's inputs in, run (replay) the three stages.
 
         ``inputs``: token ids and weights (rows, n, 77) per tokenizer, one row per image and
@@ -321,6 +321,9 @@ class StaticPlan:
         Σ h·w), ``ImagePromptRequest.regions``).
         Prompt editing: ``inputs`` hold the V sets of texts one after another, and
         ``variant_of_call`` (calls,) says which set each UNet call reads.
+        Text states given (diffusers' ``prompt_embeds``): ``states`` (rows, 77·n, D) and, for
+        a family that pools, ``text_embeds`` (rows, P), zeros and all, copied where the text
+        stage writes; then the text stage does not run (``inputs`` empty).
 
         Returns the seconds each stage took, read with ``clock`` between stages. The results
         stay in the plan's buffers: ``latents`` and ``image`` (float32 (B, H, W, 3) in [0, 1]).
@@ -377,6 +380,13 @@ class StaticPlan:
                     raise SdrtError(f"a plan for {self.shape.describe()} needs {name}")
                 buffer.copy_(value)
         runs = [g.replay for g in self.graphs] if self.graphs else list(self._stages())
+        if states is not None:
+            if self.variants is not None:
+                raise SdrtError("a plan for prompt editing encodes its own texts")
+            self.cond.states.copy_(states)
+            if self.cond.text_embeds is not None:
+                self.cond.text_embeds.copy_(text_embeds)
+            runs[0] = lambda: None
         if step_end is not None:
             runs[1] = lambda: self._denoise(step_end)
         marks = [clock()]
