@@ -384,6 +384,11 @@ def _generate_options(g):
     g.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
                    help="override the scheduler's prediction type; for an SD 2.x single file, "
                         "epsilon also selects the 512-base configs")
+    g.add_argument("--zero-snr", action="store_true",
+                   help="a zero-terminal-SNR schedule: the betas rescaled so that the last "
+                        "level is pure noise, timesteps trailing (diffusers' "
+                        "rescale_betas_zero_snr, ComfyUI's zsnr) for models trained on it; a "
+                        "single file marked v_pred and ztsnr gets it without this")
     g.add_argument("--clip-skip", metavar="N", type=int_arg, default=0,
                    help="skip the last N layers of the text encoder")
     g.add_argument("--pag-scale", metavar="F", type=float_arg, default=0.0,

@@ -22,7 +22,7 @@ from .infotext import (Infotext, lora_tag, lora_tags, model_identity, png_bytes,
                        sampler_setting_problem)
 from .infotext import short_hash as file_hash
 from .cli import size_arg
-from .request import BETA_SHAPE, MAX_SEED, GenerationRequest, Limits
+from .request import BETA_SHAPE, MAX_SEED, ZERO_SNR, GenerationRequest, Limits
 from .sd_upscale import params as sd_upscale_params
 
 # Request field → the option that sets it, so that a message names what the user typed.
@@ -120,6 +120,8 @@ def generate(a):
     _warn_unused_options(a)
 
     pipe = _pipeline(a)  # imports torch
+    if a.zero_snr:
+        pipe.set_scheduler_config(**ZERO_SNR)
     refiner = _refiner(a, pipe)
     if getattr(a, "refiner_steps", None) is not None:
         a.refiner_start = switch_after(pipe.scheduler_config, a.sampler, a.steps,
@@ -756,6 +758,11 @@ def _apply_workflow(a):
         *a.freeu, a.freeu_style = flow.freeu
     if flow.pag_scale and "pag_scale" not in a.given:
         a.pag_scale = flow.pag_scale
+    if flow.sampling is not None:
+        kind, zsnr = flow.sampling
+        if kind != "lcm" and "prediction_type" not in a.given:
+            a.prediction_type = kind
+        a.zero_snr = a.zero_snr or zsnr
     if flow.guidance_rescale and "guidance_rescale" not in a.given:
         a.guidance_rescale, a.guidance_rescale_style = flow.guidance_rescale, "comfy"
     for attr in ("seed", "steps", "guidance", "sampler", "clip_skip", "batch", "width",

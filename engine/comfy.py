@@ -26,7 +26,7 @@ prompts and latent come from
   ``attn_mask`` read as ComfyUI reads a MASK, ``comfy_mask``; settings
   beyond diffusers' IP-Adapter, ``IPADAPTER_PLAIN``, refused; ``start_at``/``end_at`` counted
   in steps), and one of each of the model patches ``MODEL_PATCHES`` (FreeU or FreeU_V2,
-  PerturbedAttentionGuidance, RescaleCFG);
+  PerturbedAttentionGuidance, RescaleCFG, ModelSamplingDiscrete);
 - CLIPTextEncode nodes (the prompt and negative prompt, read as ComfyUI reads them: sdrt's
   ``prompt_syntax="comfy"``, ``engine.comfy_prompt``), or SDXL's CLIPTextEncodeSDXL (text_l
   the prompt, text_g the prompt_2, its sizes and crop the micro-conditioning; both prompts'
@@ -177,9 +177,14 @@ PAG = "PerturbedAttentionGuidance"
 # ComfyUI's rescale of classifier-free guidance (sdrt's guidance_rescale, "comfy" style: the
 # stds of the predicted velocities)
 RESCALE_CFG = "RescaleCFG"
+# ComfyUI's override of the model's objective and noise schedule: its sampling → sdrt's
+# prediction type ("lcm": LCM's boundary conditions, which sdrt's lcm sampler applies), and
+# zsnr → a zero-terminal-SNR schedule (``request.ZERO_SNR``)
+MODEL_SAMPLING = "ModelSamplingDiscrete"
+MODEL_SAMPLINGS = {"eps": "epsilon", "v_prediction": "v_prediction", "lcm": "lcm"}
 # The model patches sdrt runs, one of each on a model: class → the Workflow field it sets
 MODEL_PATCHES = {**{node: "freeu" for node in FREEU_NODES}, PAG: "pag_scale",
-                 RESCALE_CFG: "guidance_rescale"}
+                 RESCALE_CFG: "guidance_rescale", MODEL_SAMPLING: "sampling"}
 # After an inpainting's VAEDecode, before the save node: the result laid over the init image
 # through the inpainting's mask, ungrown, at x 0, y 0 (``composite``), as ComfyUI's inpainting
 # workflows keep the pixels outside the mask.
@@ -371,6 +376,8 @@ class Workflow:
     freeu: tuple = None
     pag_scale: float = 0.0  # a PerturbedAttentionGuidance node's scale
     guidance_rescale: float = 0.0  # a RescaleCFG node's multiplier
+    # a ModelSamplingDiscrete's (prediction type: MODEL_SAMPLINGS' values, zsnr)
+    sampling: tuple = None
     # an ImagePadForOutpaint's (left, top, right, bottom, feathering): the init image on its
     # canvas (``outpaint``), whose MASK is the inpainting's (``mask`` (None, "outpaint"))
     outpaint: tuple = None
@@ -498,6 +505,10 @@ def read(graph, upscaler_scale=None) -> Workflow:
                     loras=[(name, scale) for _, name, scale in loras],
                     output=outputs[0], sampler_node=sampler_id, controlnets=controls,
                     upscale=final, ip_adapters=prompts, **patches)
+    if (flow.sampling or ("",))[0] == "lcm" and flow.sampler != "lcm":
+        raise SdrtError(f"workflow node {sampler_id} ({kind}): a model sampled as lcm "
+                        f"({MODEL_SAMPLING}) runs sdrt's lcm sampler only (sampler_name lcm), "
+                        f"got {pair[0]}")
     prefix = nodes.inputs(outputs[0]).get("filename_prefix", "ComfyUI")
     if isinstance(prefix, str) and prefix:
         flow.filename_prefix = prefix
@@ -670,7 +681,7 @@ def _refiner_chain(nodes, refiner, base):
     checkpoint, loras, prompts, patches = nodes.model_chain(nodes.link(refiner, "model"))
     if loras or prompts or patches:
         raise SdrtError(f"{where}: sdrt's refiner runs the refiner checkpoint as it is (no "
-                        f"LoRA, IP-Adapter, FreeU, {PAG} or {RESCALE_CFG} on it)")
+                        f"LoRA, IP-Adapter or model patch on it)")
     text_ids, controls = _controls(nodes, refiner, _REFINER_TEXT_NODES)
     if controls:
         raise SdrtError(f"{where}: sdrt's refiner runs no ControlNet")
@@ -1427,17 +1438,38 @@ def _freeu(nodes, node_id):
 def _model_patch(nodes, node_id):
     """The Workflow value of a MODEL_PATCHES node, checked: a FreeU node's ``freeu``, a
     PerturbedAttentionGuidance's scale (its "middle" block 0: sdrt's mid-block perturbation),
-    a RescaleCFG's multiplier."""
+    a RescaleCFG's multiplier, a ModelSamplingDiscrete's ``Workflow.sampling``."""
     from .request import MAX_PAG_SCALE
     kind = nodes.kind(node_id)
     if kind in FREEU_NODES:
         return _freeu(nodes, node_id)
+    if kind == MODEL_SAMPLING:
+        inputs = nodes.inputs(node_id)
+        sampling, zsnr = inputs.get("sampling", "eps"), inputs.get("zsnr", False)
+        if sampling not in MODEL_SAMPLINGS:
+            raise SdrtError(f"workflow node {node_id} ({kind}): sdrt runs sampling "
+                            f"{', '.join(MODEL_SAMPLINGS)}, got {short_repr(sampling)}")
+        if not isinstance(zsnr, bool):
+            raise SdrtError(f"workflow node {node_id} ({kind}): zsnr must be true or false, "
+                            f"got {short_repr(zsnr)}")
+        return MODEL_SAMPLINGS[sampling], zsnr
     key, default, top = ("scale", 3.0, MAX_PAG_SCALE) if kind == PAG else ("multiplier", 0.7, 1)
     value = _number(nodes, node_id, key, float, default=default)
     if not (math.isfinite(value) and 0 <= value <= top):
         raise SdrtError(f"workflow node {node_id} ({kind}): {key} must be a number from 0 to "
                         f"{top:g}, got {value:g}")
     return value
+
+
+def scheduler_fields(sampling):
+    """((field, value), ...) of the scheduler config a ``Workflow.sampling`` sets (its
+    prediction type, a zero-terminal-SNR schedule); () for None."""
+    from .request import ZERO_SNR
+    if sampling is None:
+        return ()
+    kind, zsnr = sampling
+    fields = {} if kind == "lcm" else {"prediction_type": kind}
+    return tuple({**fields, **(ZERO_SNR if zsnr else {})}.items())
 
 
 def _names(loras):
@@ -1532,7 +1564,8 @@ class _Nodes:
             raise SdrtError(f"workflow node {node_id} ({self.kind(node_id)}) is not supported "
                             f"as the sampled model: sdrt takes CheckpointLoaderSimple, "
                             f"LoraLoader, LoraLoaderModelOnly, {IPADAPTER}, {IPADAPTER_SIMPLE}, "
-                            f"{UNIFIED}, FreeU, FreeU_V2, {PAG} and {RESCALE_CFG} there")
+                            f"{UNIFIED}, FreeU, FreeU_V2, {PAG}, {RESCALE_CFG} and "
+                            f"{MODEL_SAMPLING} there")
         return node_id, loras, prompts[::-1], patches
 
     def clip_chain(self, link, checkpoint):

@@ -9,7 +9,7 @@ from .clip import CLIPTextModel, TextConfig, checkpoint_rename, text_model_class
 from .errors import PICKLE_SUFFIXES, SdrtError
 from .families import SD1, TEXT_ENCODERS, TOKENIZERS, Family
 from .memory import check_model_fits
-from .request import Limits
+from .request import ZERO_SNR, Limits
 from .unet import UNet2DConditionModel, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
 from .weights import (SafetensorsFiles, component_weights, load_parameters,
@@ -236,7 +236,8 @@ def single_file_configs(family, prediction_type, source):
         if prediction_type is None:
             configs = family_configs(family, "epsilon")
         configs["unet"]["in_channels"] = in_channels
-    _edm_configs(configs, source, prediction_type)
+    if not _edm_configs(configs, source, prediction_type):
+        _v_prediction_marker(configs, source, prediction_type)
     return configs
 
 
@@ -245,7 +246,7 @@ def _edm_configs(configs, source, prediction_type):
     ``edm_mean``/``edm_std`` (Playground v2.5: its EDM scheduler, the latents standardised by
     those per-channel statistics at scaling factor 0.5) or ``edm_vpred.sigma_max`` (and
     ``edm_vpred.sigma_min``: EDM v-prediction, CosXL's kind, sigma_data 1). Without them the
-    file would run as the plain family, a picture of noise."""
+    file would run as the plain family, a picture of noise. Whether it was marked."""
     from .configs import PLAYGROUND_SCHEDULER
     if "edm_mean" in source and "edm_std" in source:
         mean, std = (source[k]().float().flatten().tolist() for k in ("edm_mean", "edm_std"))
@@ -258,9 +259,23 @@ def _edm_configs(configs, source, prediction_type):
                                 "prediction_type": "v_prediction", "sigma_min": sigma_min,
                                 "sigma_max": float(source["edm_vpred.sigma_max"]())}
     else:
-        return
+        return False
     if prediction_type is not None:
         configs["scheduler"]["prediction_type"] = prediction_type
+    return True
+
+
+def _v_prediction_marker(configs, source, prediction_type):
+    """A v-prediction fine-tune of a family trained on noise says so by a marker tensor, as
+    ComfyUI (and A1111) read it: ``v_pred`` (NoobAI-XL V-Pred's kind), and beside it
+    ``ztsnr`` for a zero-terminal-SNR schedule (diffusers' ``rescale_betas_zero_snr``, with
+    trailing timesteps so that the first step starts from pure noise, as ComfyUI's zsnr
+    sigmas do). An explicit ``prediction_type`` other than v-prediction drops the marker."""
+    if "v_pred" not in source or prediction_type not in (None, "v_prediction"):
+        return
+    configs["scheduler"]["prediction_type"] = "v_prediction"
+    if "ztsnr" in source:
+        configs["scheduler"].update(ZERO_SNR)
 
 
 def load_single_file(path, device, dtype, config=None, prediction_type=None, limits=None):

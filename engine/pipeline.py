@@ -445,6 +445,26 @@ class Pipeline:
         if isinstance(self.unet, nn.Module):
             self.unet.freeu = None
 
+    # -- the scheduler config -------------------------------------------------------------------
+
+    def set_scheduler_config(self, **fields):
+        """Replace fields of the model's scheduler config, as diffusers'
+        ``XScheduler.from_config(pipe.scheduler.config, **fields)`` does: e.g.
+        ``prediction_type="v_prediction"``, or a zero-terminal-SNR schedule with
+        ``rescale_betas_zero_snr=True, timestep_spacing="trailing"``. Checked as a
+        ``scheduler_config.json`` is; a static plan of the old config is rebuilt when next
+        used."""
+        current = {f.name: getattr(self.scheduler_config, f.name)
+                   for f in dataclasses.fields(self.scheduler_config)}
+        unknown = sorted(set(fields) - set(current) - {"class_name"})
+        if unknown:
+            raise SdrtError(f"set_scheduler_config: {unknown[0]} is not a scheduler config "
+                            f"field sdrt reads")
+        current["_class_name"] = current.pop("class_name")
+        if "class_name" in fields:
+            fields["_class_name"] = fields.pop("class_name")
+        self.scheduler_config = SchedulerConfig.from_dict({**current, **fields})
+
     # -- VAE tiling ---------------------------------------------------------------------------
 
     def enable_vae_tiling(self):

@@ -89,6 +89,10 @@ MAX_FREEU_FACTOR = 10.0  # ComfyUI's FreeU sliders' end
 # guidance_rescale's: the stds of the UNet's outputs (diffusers' pipelines) or of the
 # velocities they predict (ComfyUI's RescaleCFG)
 RESCALE_STYLES = ("diffusers", "comfy")
+# A zero-terminal-SNR schedule's scheduler config fields (Lin et al. 2023): the betas
+# rescaled so that the last training level is pure noise, and trailing timesteps so that the
+# first step starts there (diffusers' recipe; ComfyUI's zsnr, A1111's "Zero Terminal SNR").
+ZERO_SNR = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
 RANDOM_SEED = -1        # seed=-1: draw one, as A1111 users expect
 # A ControlNet's largest conditioning scale: A1111's weight slider ends at 2; past 10 the
 # residuals swamp the UNet's own features.

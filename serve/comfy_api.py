@@ -188,6 +188,9 @@ def _node_specs(server, checkpoints, loras, images, controlnets, vaes, upscalers
             "FLOAT", 3.0, 0.0, MAX_PAG_SCALE, 0.01)}, ["MODEL"]),
         comfy.RESCALE_CFG: ("advanced/model", {"model": ["MODEL"], "multiplier": number(
             "FLOAT", 0.7, 0.0, 1.0, 0.01)}, ["MODEL"]),
+        comfy.MODEL_SAMPLING: ("advanced/model", {
+            "model": ["MODEL"], "sampling": [list(comfy.MODEL_SAMPLINGS)],
+            "zsnr": ["BOOLEAN", {"default": False}]}, ["MODEL"]),
         comfy.OUTPAINT: ("image", {
             "image": ["IMAGE"], **{side: number("INT", 0, 0, limits.max_side, 8)
                                    for side in ("left", "top", "right", "bottom")},
@@ -443,7 +446,8 @@ def register(app, server_of, api_error):
                        image_prompts=prompts,
                        micro=(flow.original_size, flow.crop, flow.target_size),
                        prompt_syntax="comfy", freeu=flow.freeu, pag_scale=flow.pag_scale,
-                       rescale=(flow.guidance_rescale, "comfy") if flow.guidance_rescale else ())
+                       rescale=(flow.guidance_rescale, "comfy") if flow.guidance_rescale else (),
+                       scheduler=comfy.scheduler_fields(flow.sampling))
         rows = [Row(flow.prompt, flow.negative, req.guidance_scale, s, init, mask,
                     control_images=hints, control_info=units + texts, ip_images=pictures,
                     prompt_2=flow.prompt_2, negative_prompt_2=flow.negative_2)

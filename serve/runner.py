@@ -56,6 +56,7 @@ class Runner:
         self.model_name, self.model_hash, self.model_sha256 = model_identity(
             self.config.model, pipe)
         self.pipe = pipe
+        self.scheduler_config = pipe.scheduler_config  # the model's own (a batch may change it)
         if self.config.vae_tiling:
             pipe.enable_vae_tiling()
         self.embeddings, self.skipped_embeddings = self._load_embeddings()
@@ -381,6 +382,9 @@ class Runner:
         negative = (negatives[0] if one else negatives) if key.guidance else None
         self._apply_loras(key.loras)
         self._apply_vae(key.vae)
+        self.pipe.scheduler_config = self.scheduler_config
+        if key.scheduler:  # (a workflow's ModelSamplingDiscrete)
+            self.pipe.set_scheduler_config(**dict(key.scheduler))
         if key.freeu is None:
             self.pipe.disable_freeu()
         else:

@@ -72,6 +72,9 @@ class BatchKey:
     subseed_strength: float = 0.0  # A1111's variation strength (each row brings its subseed)
     pag_scale: float = 0.0  # perturbed-attention guidance (a workflow's), 0: off
     rescale: tuple = ()  # (factor, style) of the guidance's rescale (a workflow's), () for none
+    # ((field, value), ...) replacing the model's scheduler config's (a workflow's
+    # ModelSamplingDiscrete), () for none
+    scheduler: tuple = ()
 
 
 @dataclass(frozen=True)

@@ -282,6 +282,28 @@ def test_single_files_marked_edm_get_edm_configs():
         == "v_prediction"
 
 
+def test_single_files_marked_v_pred_get_v_prediction():
+    """ComfyUI's and A1111's v_pred marker (a v-prediction fine-tune of SDXL, NoobAI-XL
+    V-Pred's kind) and ztsnr beside it (zero terminal SNR: the rescaled betas, trailing
+    timesteps so that the first step starts at the last level, pure noise)."""
+    from sdrt.engine.configs import model_config
+    from sdrt.engine.loading import single_file_configs
+    marker = lambda: torch.zeros(0)
+    sdxl = model_config("sdxl")["scheduler"]
+    v = single_file_configs("sdxl", None, {"v_pred": marker})["scheduler"]
+    assert v == {**sdxl, "prediction_type": "v_prediction"}
+    z = single_file_configs("sdxl", None, {"v_pred": marker, "ztsnr": marker})["scheduler"]
+    assert z == {**sdxl, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
+                 "timestep_spacing": "trailing"}
+    cfg = SchedulerConfig.from_dict(z)
+    sched = make_schedule(cfg, "euler", 8)
+    assert int(sched.timesteps[0]) == 999 and float(sched.sigmas[0]) == pytest.approx(4096.0)
+    # ztsnr alone says nothing (ComfyUI reads it beside v_pred); an explicit epsilon wins.
+    assert single_file_configs("sdxl", None, {"ztsnr": marker})["scheduler"] == sdxl
+    assert single_file_configs("sdxl", "epsilon", {"v_pred": marker, "ztsnr": marker})[
+        "scheduler"] == {**sdxl, "prediction_type": "epsilon"}
+
+
 def test_playground_config_builds_and_runs_the_edm_path():
     """The real config (``playground-v2.5``) at toy widths: loads, and its schedule is EDM's."""
     from sdrt.engine.configs import model_config

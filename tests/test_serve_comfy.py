@@ -186,6 +186,35 @@ def test_rescale_cfg_node(server, ref_pipe):
         r.text, r.text
 
 
+def test_model_sampling_discrete_node(server, ref_pipe):
+    # The workflow's objective and zero-SNR schedule for its batch only: the next workflow
+    # runs the model's own.
+    url = server
+    graph = _workflow(url, DEFAULT, seed=15)
+    graph["20"] = {"class_type": "ModelSamplingDiscrete",
+                   "inputs": {"model": ["4", 0], "sampling": "v_prediction", "zsnr": True}}
+    graph["3"]["inputs"]["model"] = ["20", 0]
+    entry = _history(url, _queue(url, graph)["prompt_id"])
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    png = Image.open(io.BytesIO(_view(url, entry["outputs"]["9"]["images"][0])))
+    kw = dict(prompt="beautiful scenery nature glass bottle", negative_prompt="text, watermark",
+              height=64, width=64, num_inference_steps=2, guidance_scale=7.0,
+              sampler="euler_a_normal", seed=15)
+    own = ref_pipe.scheduler_config
+    ref_pipe.set_scheduler_config(prediction_type="v_prediction",
+                                  rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    try:
+        want = ref_pipe(**kw)[0]
+    finally:
+        ref_pipe.scheduler_config = own
+    assert_same_image(png, want, "ModelSamplingDiscrete")
+    del graph["20"]
+    graph["3"]["inputs"]["model"] = ["4", 0]
+    entry = _history(url, _queue(url, graph)["prompt_id"])
+    png = Image.open(io.BytesIO(_view(url, entry["outputs"]["9"]["images"][0])))
+    assert_same_image(png, ref_pipe(**kw)[0], "the model's own schedule after it")
+
+
 def test_object_info_drives_a_workflow(server, ref_pipe):
     # A client that builds its workflow from /object_info's menus (the checkpoint, a sampler
     # and scheduler pair) gets a workflow sdrt runs; every pair the menus offer together is
