@@ -23,6 +23,7 @@ from .conditioning import Conditioning, TextInputs, encode_text
 from .control import ControlRequest, control_batch, control_scales, select
 from .errors import SdrtError
 from .given_states import given_states
+from .output import ImageArray, ImageList
 from .image_prompt import ImagePromptRequest
 from .infotext import file_stem
 from .ip_adapter import layer_scales
@@ -264,7 +265,8 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None, variant=None, config=None,
-                        prediction_type=None, limits: Limits = None, vae_dtype=None):
+                        prediction_type=None, limits: Limits = None, vae_dtype=None,
+                        torch_dtype=None):
         """Load a diffusers folder or a single-file ``.safetensors`` checkpoint (LDM layout for
         SD 1.x/2.x, SGM layout for SDXL base and refiner).
 
@@ -279,7 +281,14 @@ class Pipeline:
         choice) is the dtype the VAE encodes and decodes in. diffusers' choice is float32 for
         an fp16 SDXL pipeline whose VAE sets ``force_upcast`` (SDXL's VAE overflows in fp16),
         else the pipeline's dtype; bf16 has float32's range at half its bytes.
+
+        ``torch_dtype`` is diffusers' name for ``dtype``.
         """
+        if torch_dtype is not None:
+            if dtype is not None:
+                raise SdrtError("dtype and torch_dtype cannot both be given (the same "
+                                "argument, sdrt's and diffusers' names)")
+            dtype = torch_dtype
         device, dtype = resolve_device(device, dtype)
         vae_dtype = _vae_dtype(vae_dtype)  # refused before anything is loaded
         limits = Limits.from_env() if limits is None else limits
@@ -444,6 +453,28 @@ class Pipeline:
     def disable_freeu(self):
         if isinstance(self.unet, nn.Module):
             self.unet.freeu = None
+
+    def to(self, device=None, dtype=None, torch_dtype=None):
+        """diffusers' ``pipe.to("cuda")``: the pipeline itself where it already is on that
+        device (and dtype). sdrt loads weights straight onto their device and dtype (a copy
+        elsewhere would hold every network twice on the way), so another is refused, naming
+        ``from_pretrained``'s arguments."""
+        if isinstance(device, torch.dtype) and dtype is None:
+            device, dtype = None, device
+        dtype = torch_dtype if dtype is None else dtype
+        dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+        try:
+            want = torch.device(device) if device is not None else self.device
+        except (RuntimeError, ValueError, TypeError):
+            raise SdrtError(f"Pipeline.to: device must be {_DEVICES}, got "
+                            f"{short_repr(device)}") from None
+        same = want.type == self.device.type and want.index in (None, self.device.index)
+        if not same or (dtype is not None and dtype != self.dtype):
+            raise SdrtError(f"Pipeline.to: this pipeline was loaded on {self.device} in "
+                            f"{self.dtype}; sdrt loads weights straight where they run: "
+                            f"load it with from_pretrained(..., device={str(want)!r}, "
+                            f"dtype={dtype or self.dtype})")
+        return self
 
     # -- the scheduler config -------------------------------------------------------------------
 
@@ -1187,13 +1218,16 @@ class Pipeline:
                  subseed_strength=0.0, pag_scale=0.0, guidance_rescale=0.0,
                  guidance_rescale_style="diffusers", prompt_embeds=None,
                  negative_prompt_embeds=None, pooled_prompt_embeds=None,
-                 negative_pooled_prompt_embeds=None):
+                 negative_pooled_prompt_embeds=None, return_dict=True,
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=None):
         """Generate images; see the README for each argument.
 
         Returns a list of PIL images (``"pil"``), a float32 array (B, H, W, 3) in [0, 1]
-        (``"np"``), or the final latents (``"latent"``). ``seed=-1`` (or None) draws a random
-        seed; ``pipe.last_seed`` records the seed used. ``generator`` (a CPU
-        ``torch.Generator``) may replace ``seed``.
+        (``"np"``), or the final latents (``"latent"``); the first two are also diffusers'
+        output (``.images``), and ``return_dict=False`` gives diffusers' tuple (images,
+        None). ``callback_on_step_end`` is diffusers' name for ``callback``. ``seed=-1`` (or
+        None) draws a random seed; ``pipe.last_seed`` records the seed used. ``generator`` (a
+        CPU ``torch.Generator``) may replace ``seed``.
 
         SDXL models take diffusers' SDXL arguments: ``prompt_2`` and ``negative_prompt_2``
         (the second text encoder's prompts, by default the first's), the micro-conditioning
@@ -1286,6 +1320,10 @@ class Pipeline:
                 all(type(v) is int and v >= 1 for v in prompt_edit_steps)):
             raise SdrtError(f"prompt_edit_steps must be None or (steps, the first pass's "
                             f"steps), two positive integers, got {short_repr(prompt_edit_steps)}")
+        callback = _diffusers_callback(callback, callback_on_step_end,
+                                       callback_on_step_end_tensor_inputs)
+        if not isinstance(return_dict, bool):
+            raise SdrtError(f"return_dict must be True or False, got {short_repr(return_dict)}")
         given = given_states(self, prompt, prompt_2, negative_prompt, negative_prompt_2,
                              prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
                              negative_pooled_prompt_embeds)
@@ -1389,9 +1427,10 @@ class Pipeline:
                             masked_content)
         if self._static(request) and parts is None and (given is None or given.tokens % 77 == 0):
             edit = (texts, texts_2, prompt_edit_steps) if edits else None
-            return self._run_static(request, inputs, start, generator, step_end,
-                                    self._clock() - t0, control, hints, image_prompt, edit,
-                                    given)
+            out = self._run_static(request, inputs, start, generator, step_end,
+                                   self._clock() - t0, control, hints, image_prompt, edit,
+                                   given)
+            return out if return_dict else (out, None)
 
         schedule = make_schedule(self.scheduler_config, sampler, request.num_inference_steps,
                                  strength=request.strength if request.has_image else 1.0,
@@ -1448,10 +1487,11 @@ class Pipeline:
         self.timings = {"text": t2 - t1, "denoise": t3 - t2 + t1 - t0, "decode": 0.0,
                         "unet_calls": len(schedule.timesteps)}
         if request.output_type == "latent":
-            return x
+            return x if return_dict else (x, None)
         images = self.decode_latents(x.to(self.dtype))
         self.timings["decode"] = self._clock() - t3
-        return self._format(images, request.output_type)
+        out = self._format(images, request.output_type)
+        return out if return_dict else (out, None)
 
     def _control_tensors(self, control):
         """Each ControlNet's control images as float32 (r, 3, H, W) lists on the CPU, checked
@@ -1718,9 +1758,9 @@ class Pipeline:
     @staticmethod
     def _format(images, output_type):
         if output_type == "np":
-            return images
+            return images.view(ImageArray)
         from PIL import Image
-        return [Image.fromarray((i * 255).round().astype(np.uint8)) for i in images]
+        return ImageList(Image.fromarray((i * 255).round().astype(np.uint8)) for i in images)
 
     def _run_static(self, request, inputs, start, generator, step_end, encode_seconds,
                     control=None, hints=None, image_prompt=None, edit=None, given=None):
@@ -1802,3 +1842,16 @@ class Pipeline:
                                 request.output_type)
         images = plan.image.to("cpu", copy=True).numpy()  # the plan's buffer is reused
         return self._format(images, request.output_type)
+
+
+def _diffusers_callback(callback, on_step_end, tensor_inputs):
+    """``callback``, or diffusers' ``callback_on_step_end`` (the same calls), whose
+    ``callback_kwargs`` hold the latents only."""
+    if callback is not None and on_step_end is not None:
+        raise SdrtError("callback and callback_on_step_end cannot both be given (the same "
+                        "hook, sdrt's and diffusers' names)")
+    if tensor_inputs is not None and (not isinstance(tensor_inputs, (list, tuple)) or
+                                      any(t != "latents" for t in tensor_inputs)):
+        raise SdrtError(f"callback_on_step_end_tensor_inputs: sdrt passes the latents only "
+                        f"(['latents']), got {short_repr(tensor_inputs)}")
+    return callback if callback is not None else on_step_end

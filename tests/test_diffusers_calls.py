@@ -1,0 +1,77 @@
+"""Code written for diffusers' pipelines runs on sdrt's: ``from_pretrained(torch_dtype=...)``,
+``pipe.to(...)`` where the pipeline is, ``pipe(...).images[0]``, ``return_dict=False`` and
+``callback_on_step_end``; and what does not fit is refused by name."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdrt.engine import Pipeline, SdrtError
+
+KW = dict(num_inference_steps=3, height=32, width=32, seed=5, sampler="euler")
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_sd1_folder):
+    return Pipeline.from_pretrained(tiny_sd1_folder, device="cpu", torch_dtype=torch.float32)
+
+
+def test_a_diffusers_script_runs_unchanged(tiny_sd1_folder):
+    pipe = Pipeline.from_pretrained(tiny_sd1_folder, torch_dtype=torch.float32)
+    pipe = pipe.to("cpu")
+    image = pipe("a red fox in the snow", num_inference_steps=3, height=32, width=32).images[0]
+    assert isinstance(image, Image.Image) and image.size == (32, 32)
+    with pytest.raises(SdrtError, match="dtype and torch_dtype cannot both be given"):
+        Pipeline.from_pretrained(tiny_sd1_folder, dtype="fp32", torch_dtype=torch.float32)
+
+
+def test_outputs_are_also_diffusers_outputs(pipe):
+    images = pipe("a fox", **KW)
+    assert images.images is images and images.nsfw_content_detected is None
+    assert isinstance(images, list) and isinstance(images[0], Image.Image)
+    array = pipe("a fox", output_type="np", **KW)
+    assert array.images is array and array.shape == (1, 32, 32, 3)
+    assert np.array_equal(np.asarray(images[0]), (array[0] * 255).round().astype(np.uint8))
+    # what is computed from it is a plain array or number
+    assert type(array - array) is np.ndarray and type(array.max()) is np.float32
+    pair = pipe("a fox", output_type="np", return_dict=False, **KW)
+    assert isinstance(pair, tuple) and pair[1] is None and np.array_equal(pair[0], array)
+    latents, nsfw = pipe("a fox", output_type="latent", return_dict=False, **KW)
+    assert isinstance(latents, torch.Tensor) and latents.shape[0] == 1 and nsfw is None
+    with pytest.raises(SdrtError, match="return_dict must be True or False, got 'yes'"):
+        pipe("a fox", return_dict="yes", **KW)
+
+
+def test_callback_on_step_end_is_callback(pipe):
+    def halve(p, i, t, kwargs):
+        seen.append((i, p.num_timesteps))
+        return {"latents": kwargs["latents"] * 0.9}
+    seen = []
+    a = pipe("a fox", output_type="np", callback_on_step_end=halve,
+             callback_on_step_end_tensor_inputs=["latents"], **KW)
+    assert seen == [(0, 3), (1, 3), (2, 3)]
+    seen = []
+    b = pipe("a fox", output_type="np", callback=halve, **KW)
+    assert np.array_equal(a, b) and len(seen) == 3
+    assert np.abs(a - pipe("a fox", output_type="np", **KW)).max() > 0.01
+    with pytest.raises(SdrtError, match="callback and callback_on_step_end cannot both be"):
+        pipe("a fox", callback=halve, callback_on_step_end=halve, **KW)
+    with pytest.raises(SdrtError, match="callback_on_step_end_tensor_inputs: sdrt passes the "
+                                        "latents only \\(\\['latents'\\]\\), got "
+                                        "\\['latents', 'prompt_embeds'\\]"):
+        pipe("a fox", callback_on_step_end=halve,
+             callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"], **KW)
+
+
+def test_to_is_where_the_pipeline_is(pipe):
+    assert pipe.to("cpu") is pipe and pipe.to(torch.device("cpu")) is pipe
+    assert pipe.to(torch.float32) is pipe and pipe.to("cpu", torch_dtype=torch.float32) is pipe
+    assert pipe.to("cpu", "fp32") is pipe
+    with pytest.raises(SdrtError, match="Pipeline.to: this pipeline was loaded on cpu in "
+                                        "torch.float32; .* from_pretrained\\(..., "
+                                        "device='cuda', dtype=torch.float32\\)"):
+        pipe.to("cuda")
+    with pytest.raises(SdrtError, match="dtype=torch.float16\\)"):
+        pipe.to(torch.float16)
+    with pytest.raises(SdrtError, match="Pipeline.to: device must be .*, got 'tpu:x'"):
+        pipe.to("tpu:x")
