@@ -332,3 +332,23 @@ def test_freeu_pag_and_comfy_weights_replay_as_cuda_graphs_equal_to_eager():
             assert np.abs(pipe(**kw) - run_eagerly(pipe, **kw)).max() <= 2e-3, (style, prompt)
         pipe.runtime = None
     pipe.disable_freeu()
+
+
+@pytest.mark.gpu
+def test_given_text_states_replay_as_cuda_graphs_equal_to_eager():
+    # prompt_embeds of 77·n tokens copied over the plan's text stage (not replayed), a text
+    # negative encoded beside them; then a prompt: the text graph runs again.
+    pipe = _tiny_cuda_pipe()
+    pipe.compile(height=64, width=64, batch_size=2, num_inference_steps=4, sampler="euler",
+                 num_chunks=2)
+    g = torch.Generator().manual_seed(3)
+    width = pipe.unet.config.cross_attention_dim
+    states = torch.randn(2, 154, width, generator=g).to("cuda", torch.float16)
+    kw = dict(height=64, width=64, num_inference_steps=4, sampler="euler", seed=1,
+              output_type="np")
+    for given in (dict(prompt_embeds=states, negative_prompt_embeds=states.flip(0)),
+                  dict(prompt_embeds=states, negative_prompt="blurry")):
+        assert np.abs(pipe(**given, **kw) - run_eagerly(pipe, **given, **kw)).max() <= 2e-3
+    prompts = dict(prompt=["a red fox", "a lighthouse"], **kw)
+    text = pipe(**prompts)
+    assert np.abs(text - run_eagerly(pipe, **prompts)).max() <= 2e-3
