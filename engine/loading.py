@@ -225,10 +225,17 @@ def _components(modules, tokenizers, scheduler, source, family, model_index):
 def single_file_configs(family, prediction_type, source):
     """The real configs of a single file's family, with the UNet's input channels read from
     its first convolution: an inpainting checkpoint's takes 9 (latents, mask, masked image).
-    For SD 2.x, "epsilon" picks the 512-base configs over the 768-v ones. An inpainting file
-    is taken as epsilon unless told otherwise: every published one is (SD 1.5's, SD 2's 512
-    one, SDXL's)."""
+    For SD 2.x, "epsilon" picks the 512-base configs over the 768-v ones; without a
+    ``prediction_type`` the weights decide, as ComfyUI decides. An inpainting file is taken as
+    epsilon unless told otherwise: every published one is (SD 1.5's, SD 2's 512 one,
+    SDXL's)."""
     from .convert_ldm import UNET_PREFIX, family_configs
+    if family == "sd2" and prediction_type is None and "v_pred" not in source:
+        # ComfyUI's test: a v-prediction SD 2.x's last attention block has spread-out norm
+        # biases (std > 0.09), an epsilon one's stay near 0 (without the key: 768-v)
+        bias = f"{UNET_PREFIX}output_blocks.11.1.transformer_blocks.0.norm1.bias"
+        if bias in source and float(source[bias]().float().std(unbiased=False)) <= 0.09:
+            prediction_type = "epsilon"
     configs = family_configs(family, prediction_type)
     key = f"{UNET_PREFIX}input_blocks.0.0.weight"
     in_channels = source[key]().shape[1] if key in source else None

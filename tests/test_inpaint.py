@@ -234,6 +234,24 @@ def test_single_file_configs_read_the_input_channels(family, in_channels, predic
         assert configs["unet"]["sample_size"] == (64 if expected[0] == "epsilon" else 96)
 
 
+@pytest.mark.parametrize("spread,expected", [(0.2, ("v_prediction", 96)), (0.05, ("epsilon", 64)),
+                                             (None, ("v_prediction", 96))])
+def test_sd2_single_files_objective_from_the_weights(spread, expected):
+    # ComfyUI's test: the last attention block's norm1 bias spread (std > 0.09: v-prediction,
+    # the 768-v configs; else epsilon, the 512-base ones); without the key, 768-v. A v_pred
+    # marker and an explicit prediction_type win.
+    from sdrt.engine.convert_ldm import UNET_PREFIX
+    from sdrt.engine.loading import single_file_configs
+    key = f"{UNET_PREFIX}output_blocks.11.1.transformer_blocks.0.norm1.bias"
+    bias = torch.randn(1280, generator=torch.Generator().manual_seed(0)) * (spread or 0)
+    source = {key: lambda: bias} if spread is not None else {}
+    configs = single_file_configs("sd2", None, source)
+    assert (configs["scheduler"]["prediction_type"], configs["unet"]["sample_size"]) == expected
+    for marked, given in (({"v_pred": lambda: torch.zeros(0)}, None), ({}, "v_prediction")):
+        configs = single_file_configs("sd2", given, {**source, **marked})
+        assert configs["scheduler"]["prediction_type"] == "v_prediction"
+
+
 def test_single_file_inpainting_checkpoint_loads(inpainting, tmp_path):
     from safetensors.torch import save_file
 
