@@ -1396,7 +1396,7 @@ class Pipeline:
         texts, texts_2 = self._texts(request)
         parts = self._composable(request, control, image_prompt)
         if request.pag_scale:
-            self._check_pag(request, control, image_prompt, parts)
+            self._check_pag(request, control, parts)
         if parts is not None:  # the negatives, then every prompt's parts
             n, flat = len(request.prompt), [t for p in parts for t, _ in p]
             texts, texts_2 = texts[:n] + flat, texts_2[:n] + flat
@@ -1589,7 +1589,7 @@ class Pipeline:
             time_ids = time_ids.to(self.device)
         return Conditioning(states, pooled, time_ids).to(dtype=self.dtype)
 
-    def _check_pag(self, request, control, image_prompt, parts):
+    def _check_pag(self, request, control, parts):
         """Perturbed-attention guidance runs the conditional rows once more with the same
         inputs: refused beside what gives rows inputs of their own (not yet)."""
         cfg = self._cfg(request)
@@ -1597,7 +1597,6 @@ class Pipeline:
                else "ControlNets or T2I-Adapters without classifier-free guidance"
                if control is not None and not cfg else
                "guess_mode" if control is not None and control.guess_mode else
-               "an IP-Adapter" if image_prompt is not None else
                "A1111's AND (composable diffusion)" if parts is not None else
                "a guidance-distilled UNet (time_cond_proj_dim)" if self._guidance_distilled()
                else None)

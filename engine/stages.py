@@ -200,9 +200,9 @@ def guided(unet, cond, guidance_scale, cfg, dtype, timestep_cond=None, image_con
     ``pag_scale`` above 0: perturbed-attention guidance (Ahn et al. 2024), as diffusers' PAG
     pipelines and ComfyUI's PerturbedAttentionGuidance run it: the call also runs the
     conditional rows again with the mid block's self-attentions giving their values
-    (``perturbed``), and adds ``pag_scale · (cond − perturbed)``. The call's inputs, and its
-    ControlNets' and adapters' (with guidance), are the conditional rows' once more (no
-    IP-Adapter or composable parts with it).
+    (``perturbed``), and adds ``pag_scale · (cond − perturbed)``. The call's inputs (the
+    IP-Adapters' image tokens too), and its ControlNets' and adapters' (with guidance), are
+    the conditional rows' once more (no composable parts with it).
 
     ``rescale`` (with ``cfg``): ``guidance_rescaler``'s function, applied to the guided output
     and the conditional one (with ``combine``: the parts' sum at scale 1); diffusers' PAG
@@ -220,8 +220,7 @@ def guided(unet, cond, guidance_scale, cfg, dtype, timestep_cond=None, image_con
         inputs = dict(fixed if fixed is not None else
                       (cond[call] if isinstance(cond, list) else cond(call)).unet_inputs())
         if perturb:  # (the ``perturb`` conditional rows again, mid self-attentions perturbed)
-            inputs = {k: torch.cat([v, v[-perturb:]]) if isinstance(v, torch.Tensor) else v
-                      for k, v in inputs.items()}
+            inputs = {k: _last_rows_again(v, perturb) for k, v in inputs.items()}
             extra["perturbed"] = torch.arange(x.shape[0], device=x.device) >= \
                 x.shape[0] - perturb
         table = inputs.pop("image_scales", None)
@@ -331,6 +330,16 @@ def _velocity_shift(cfg, device):
         two_log = 2 * ((1 - w) * log_sigma[low] + w * log_sigma[low + 1])
         return -torch.sigmoid(two_log if noise else -two_log).sqrt().view(-1, 1, 1, 1)
     return shift
+
+
+def _last_rows_again(value, k):
+    """A UNet input with its last ``k`` rows appended once more: a tensor, or each tensor of
+    a tuple (the IP-Adapters' image tokens and region weights, one per adapter)."""
+    if isinstance(value, torch.Tensor):
+        return torch.cat([value, value[-k:]])
+    if isinstance(value, tuple):
+        return tuple(_last_rows_again(v, k) for v in value)
+    return value
 
 
 def inpainting_unet(unet):

@@ -426,9 +426,9 @@ def register(app, server_of, api_error):
                            prompt_syntax="comfy", pag_scale=flow.pag_scale,
                            guidance_rescale=flow.guidance_rescale,
                            guidance_rescale_style="comfy")
-        if flow.pag_scale and (flow.ip_adapters or flow.controlnets and flow.guidance <= 1):
-            raise bad(f"prompt: workflow's {comfy.PAG} cannot be combined with "
-                      f"{'IP-Adapters' if flow.ip_adapters else 'ControlNets at cfg 1'} yet")
+        if flow.pag_scale and flow.controlnets and flow.guidance <= 1:
+            raise bad(f"prompt: workflow's {comfy.PAG} cannot be combined with ControlNets "
+                      f"at cfg 1 yet")
         seeds = server.seeds(req.seed, flow.batch, "seed")
         hires = _hires(server, flow, req, bad) if flow.hires is not None else None
         if flow.upscale is not None:

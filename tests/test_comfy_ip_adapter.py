@@ -62,8 +62,8 @@ def test_ipadapter_nodes():
 
 
 def _model_node(g):
-    g["50"] = {"class_type": "ModelSamplingDiscrete",
-               "inputs": {"model": g["3"]["inputs"]["model"], "sampling": "lcm", "zsnr": False}}
+    g["50"] = {"class_type": "TomePatchModel",
+               "inputs": {"model": g["3"]["inputs"]["model"], "ratio": 0.3}}
     g["3"]["inputs"]["model"] = ["50", 0]
 
 
@@ -85,11 +85,12 @@ REFUSED = {
                    "clip_vision must be a link"),
     "window": (lambda g: g["43"]["inputs"].update(start_at=0.5, end_at=0.5),
                "start_at and end_at must satisfy 0 <= start < end <= 1"),
-    "model node": (_model_node, "node 50 (ModelSamplingDiscrete) is not supported as the "
+    "model node": (_model_node, "node 50 (TomePatchModel) is not supported as the "
                                 "sampled model: sdrt takes CheckpointLoaderSimple, LoraLoader, "
                                 "LoraLoaderModelOnly, IPAdapterAdvanced, IPAdapter, "
-                                "IPAdapterUnifiedLoader, FreeU, FreeU_V2 and "
-                                "PerturbedAttentionGuidance there"),
+                                "IPAdapterUnifiedLoader, FreeU, FreeU_V2, "
+                                "PerturbedAttentionGuidance, RescaleCFG and ModelSamplingDiscrete "
+                                "there"),
     "prep": (lambda g: g.__setitem__("44", {"class_type": "PrepImageForClipVision", "inputs": {
         "image": ["42", 0], "interpolation": "LANCZOS", "crop_position": "middle",
         "sharpening": 0.0}}) or g["43"]["inputs"].update(image=["44", 0]),

@@ -8,6 +8,7 @@ import torch
 from conftest import assert_close_abs
 from sdrt.engine import Pipeline, SdrtError
 from test_controlnet import setup  # noqa: F401  (the fixture)
+from test_ip_adapter import sd1 as ip_sd1  # noqa: F401  (the fixture)
 from test_pipeline import IMAGE_ATOL, PROMPTS, _assert_lively, _diffusers_scheduler
 
 
@@ -143,3 +144,33 @@ def test_pag_with_a_controlnet_matches_diffusers(setup):
     with pytest.raises(SdrtError, match="pag_scale cannot be combined with guess_mode yet"):
         ours(PROMPTS, control_image=_hint(5), controlnet="a", sampler="euler", pag_scale=8.0,
              guess_mode=True, **kw)
+
+
+@pytest.mark.parametrize("kind,guidance", [("plain", 6.0), ("plus", 6.0), ("plain", 1.0)])
+def test_pag_with_an_ip_adapter_matches_diffusers(ip_sd1, kind, guidance):
+    # The perturbed rows take the conditional rows' image tokens, as diffusers' PAG
+    # pipelines give them the positive image embeddings.
+    from diffusers import StableDiffusionPAGPipeline
+
+    from test_ip_adapter import KW as IP_KW, PROMPT, _latents as ip_latents, _picture
+    ours, ref, root = ip_sd1
+    pipe = StableDiffusionPAGPipeline(**{**ref.components, "unet": type(ref.unet).from_config(
+        ref.unet.config)}, pag_applied_layers="mid")
+    pipe.unet.load_state_dict(ref.unet.state_dict())
+    pipe.unet.eval()
+    pipe.scheduler = _diffusers_scheduler(ref, "euler")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_ip_adapter(str(root), subfolder="", weight_name=f"{kind}.safetensors",
+                         image_encoder_folder="image_encoder", low_cpu_mem_usage=False)
+    pipe.set_ip_adapter_scale(0.8)
+    kw = {**IP_KW, "guidance_scale": guidance}
+    picture, latents = _picture(7, 40, 52), ip_latents(8, batch=1)
+    expected = pipe(PROMPT, ip_adapter_image=picture, latents=latents, pag_scale=5.0,
+                    **kw).images
+    _assert_lively(expected, f"PAG with IP-Adapter {kind}")
+    got = ours(PROMPT, ip_adapter_image=picture, ip_adapter=kind, ip_adapter_scale=0.8,
+               sampler="euler", latents=latents, pag_scale=5.0, **kw)
+    assert_close_abs(got, expected, IMAGE_ATOL, f"PAG with IP-Adapter {kind}, cfg {guidance}")
+    without = ours(PROMPT, ip_adapter_image=picture, ip_adapter=kind, ip_adapter_scale=0.8,
+                   sampler="euler", latents=latents, **kw)
+    assert np.abs(without - got).max() > 5 * IMAGE_ATOL, "PAG changed nothing"
