@@ -124,6 +124,7 @@ def generate(a):
         pipe.set_scheduler_config(**ZERO_SNR)
     refiner = _refiner(a, pipe)
     if getattr(a, "refiner_steps", None) is not None:
+        from .samplers import switch_after
         a.refiner_start = switch_after(pipe.scheduler_config, a.sampler, a.steps,
                                        a.refiner_steps)
     if a.vae is not None:  # (A1111 decodes with its SD VAE whichever model is loaded)
@@ -488,44 +489,13 @@ def _sdxl_fields(a):
     return fields
 
 
-def switch_after(scheduler_config, sampler, steps, base_steps):
-    """The --refiner-start (a fraction of the noise schedule, diffusers' denoising_end) at
-    which the base runs exactly its first ``base_steps`` of ``steps`` calls of ``sampler``
-    (ComfyUI's end_at_step): the cutoff timestep is the whole number at or below the last of
-    them, above the next."""
-    import math
-
-    from .samplers import default_sampler, make_schedule
-    sampler = sampler or default_sampler(scheduler_config)
-    ts = make_schedule(scheduler_config, sampler, steps).timesteps.double().tolist()
-    if len(ts) != steps or not 0 < base_steps < steps:
-        raise SdrtError(f"a refiner after {base_steps} of {steps} steps needs a sampler of one "
-                        f"call a step (ddim, euler, euler_a, dpmpp_2m and their schedules), "
-                        f"got {sampler}")
-    cutoff = math.floor(ts[base_steps - 1])
-    if cutoff <= ts[base_steps]:
-        raise SdrtError(f"steps {base_steps} and {base_steps + 1} of {sampler}'s {steps} are "
-                        f"less than a timestep apart: no switch falls between them")
-    total = scheduler_config.num_train_timesteps
-    return (total - cutoff) / total
-
-
 def _refiner(a, pipe):
     """The --refiner pipeline (None without one), on the base's device and dtype; it must be
     a model that continues the base's latents (an SDXL refiner for an SDXL base)."""
     if a.refiner is None:
         return None
-    from .pipeline import Pipeline
-    if pipe.family.name != "sdxl":
-        raise SdrtError(f"--refiner continues an SDXL base model's latents; --model is "
-                        f"{pipe.family.label}")
-    refiner = Pipeline.from_pretrained(a.refiner, pipe.device, pipe.dtype, vae_dtype=a.vae_dtype)
-    if refiner.unet.config.out_channels != pipe.unet.config.out_channels or \
-            refiner.vae_scale_factor != pipe.vae_scale_factor:
-        raise SdrtError(f"--refiner {a.refiner} does not take {a.model}'s latents "
-                        f"({refiner.unet.config.out_channels} latent channels against "
-                        f"{pipe.unet.config.out_channels})")
-    return refiner
+    from .pipeline import refiner_for
+    return refiner_for(pipe, a.refiner, a.vae_dtype, "--refiner", "--model")
 
 
 def _stem(path):

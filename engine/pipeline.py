@@ -1843,6 +1843,22 @@ class Pipeline:
         return self._format(images, request.output_type)
 
 
+def refiner_for(base, path, vae_dtype=None, option="refiner", model="the model"):
+    """The SDXL refiner at ``path`` loaded on ``base``'s device and dtype, checked to continue
+    ``base``'s latents (an SDXL refiner for an SDXL base); ``option`` and ``model`` name the
+    two in messages."""
+    if base.family.name != "sdxl":
+        raise SdrtError(f"{option} continues an SDXL base model's latents; {model} is "
+                        f"{base.family.label}")
+    refiner = Pipeline.from_pretrained(path, base.device, base.dtype, vae_dtype=vae_dtype)
+    if refiner.unet.config.out_channels != base.unet.config.out_channels or \
+            refiner.vae_scale_factor != base.vae_scale_factor:
+        raise SdrtError(f"{option} {path} does not take {model}'s latents "
+                        f"({refiner.unet.config.out_channels} latent channels against "
+                        f"{base.unet.config.out_channels})")
+    return refiner
+
+
 def _diffusers_callback(callback, on_step_end, tensor_inputs):
     """``callback``, or diffusers' ``callback_on_step_end`` (the same calls), whose
     ``callback_kwargs`` hold the latents only."""

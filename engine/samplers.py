@@ -8,6 +8,7 @@ velocity or the clean latents, as the config's ``prediction_type`` says. The ``s
 work in float32; ``sample`` casts at the boundary. Per-step numbers come from the schedule's
 tensors, so on a GPU nothing in a loop waits on the host.
 """
+import math
 import warnings
 
 import torch
@@ -22,7 +23,8 @@ from .schedules import (EDM_CLASSES, EXPONENTIAL, KARRAS_OFF, KARRAS_SAMPLERS, S
 __all__ = ["SAMPLERS", "Schedule", "SchedulerConfig", "default_sampler", "make_schedule", "sample",
            "sample_ddim", "sample_pndm", "sample_euler", "sample_euler_ancestral",
            "sample_two_call", "sample_dpmpp_2m", "sample_lms", "sample_unipc", "sample_deis",
-           "sample_lcm", "sample_x0_multistep", "sample_stages", "sample_sa_solver"]
+           "sample_lcm", "sample_x0_multistep", "sample_stages", "sample_sa_solver",
+           "switch_after"]
 
 
 # --- model output conversions ---------------------------------------------------------------
@@ -738,3 +740,22 @@ def default_sampler(cfg: SchedulerConfig) -> str:
                 and sampler in KARRAS_OFF else sampler)
     warnings.warn(f"scheduler class {cfg.class_name} has no sdrt sampler; using dpmpp_2m", stacklevel=2)
     return "dpmpp_2m"
+
+
+def switch_after(scheduler_config, sampler, steps, base_steps):
+    """The --refiner-start (a fraction of the noise schedule, diffusers' denoising_end) at
+    which the base runs exactly its first ``base_steps`` of ``steps`` calls of ``sampler``
+    (ComfyUI's end_at_step): the cutoff timestep is the whole number at or below the last of
+    them, above the next."""
+    sampler = sampler or default_sampler(scheduler_config)
+    ts = make_schedule(scheduler_config, sampler, steps).timesteps.double().tolist()
+    if len(ts) != steps or not 0 < base_steps < steps:
+        raise SdrtError(f"a refiner after {base_steps} of {steps} steps needs a sampler of one "
+                        f"call a step (ddim, euler, euler_a, dpmpp_2m and their schedules), "
+                        f"got {sampler}")
+    cutoff = math.floor(ts[base_steps - 1])
+    if cutoff <= ts[base_steps]:
+        raise SdrtError(f"steps {base_steps} and {base_steps + 1} of {sampler}'s {steps} are "
+                        f"less than a timestep apart: no switch falls between them")
+    total = scheduler_config.num_train_timesteps
+    return (total - cutoff) / total

@@ -210,6 +210,8 @@ class Server:
             controlnets=row.control_info, vae_name=key.vae,
             vae_hash=self.runner.vae_hash(key.vae) if key.vae else None, subseed=row.subseed,
             subseed_strength=key.subseed_strength,
+            refiner=self.runner.refiner_title() if key.refiner else None,
+            refiner_switch_at=key.refiner[0] if key.refiner else None,
             ti_hashes=self.runner.embedding_hashes(
                 (row.prompt, row.negative_prompt if key.guidance else "", row.prompt_2,
                  row.negative_prompt_2))))
@@ -534,6 +536,7 @@ def create_app(config: ServeConfig = None) -> FastAPI:
         if a1111_sd_upscale.named(body.script_name):
             script = await run_in_threadpool(a1111_sd_upscale.check_request, server, body, req,
                                              init_images, mask)
+        refiner = _refiner(server, body, hires or script or init_images)
         seeds = server.seeds(req.seed, script.seed_span() if script else n, "seed")
         if script is not None and req.subseed_strength:
             raise ApiError(400, "subseed_strength must be 0 with SD upscale (its tiles draw "
@@ -566,8 +569,12 @@ def create_app(config: ServeConfig = None) -> FastAPI:
                        masked_content=masked_content, latent_resize_from=latent_size,
                        loras=loras, controls=controls,
                        vae=sd_vae(server, body.override_settings, "override_settings"),
-                       image_prompts=prompts[0], subseed_strength=req.subseed_strength)
+                       image_prompts=prompts[0], subseed_strength=req.subseed_strength,
+                       refiner=refiner)
         extra, jobs = dict(hires.params()) if hires else {}, None
+        if refiner is not None:
+            extra.update({"Refiner": server.runner.refiner_title(),
+                          "Refiner switch at": refiner[0]})
         if mask is not None:  # one job per init image; image i inpaints init image i mod n
             only = body.inpaint_full_res
             jobs = await run_in_threadpool(_inpaint_jobs, init_images, mask, req, only,
@@ -685,10 +692,15 @@ def create_app(config: ServeConfig = None) -> FastAPI:
         server = server_of(request)
         server.require_ready()
         r = server.runner
-        return [schemas.SdModelItem(title=f"{r.model_name} [{r.model_hash}]",
-                                    model_name=r.model_name, hash=r.model_hash,
-                                    sha256=r.model_sha256,
-                                    filename=config.model or "built-in")]
+        models = [schemas.SdModelItem(title=f"{r.model_name} [{r.model_hash}]",
+                                      model_name=r.model_name, hash=r.model_hash,
+                                      sha256=r.model_sha256,
+                                      filename=config.model or "built-in")]
+        if r.refiner is not None:  # (what refiner_checkpoint names)
+            models.append(schemas.SdModelItem(title=f"{r.refiner_name} [{r.refiner_hash}]",
+                                              model_name=r.refiner_name, hash=r.refiner_hash,
+                                              sha256=r.refiner_sha256, filename=config.refiner))
+        return models
 
     @app.get("/sdapi/v1/loras", tags=["AUTOMATIC1111"])
     async def loras(request: Request):
@@ -934,15 +946,46 @@ def _check_inpaint_fields(body):
 _OFF_VALUES = {"restore_faces": (None, False), "tiling": (None, False),
                "seed_resize_from_h": (None, -1, 0),
                "seed_resize_from_w": (None, -1, 0), "styles": (None, []),
-               "script_name": (None, "", "None"), "refiner_checkpoint": (None, "", "None"),
-               "initial_noise_multiplier": (None, 1)}
+               "script_name": (None, "", "None"), "initial_noise_multiplier": (None, 1)}
 _FEATURES = {"restore_faces": "face restoration", "tiling": "tiling",
              "seed_resize_from_h": "seed resizing",
              "seed_resize_from_w": "seed resizing", "styles": "styles",
              "script_name": "any script but SD upscale",
-             "refiner_checkpoint": "A1111's refiner switch",
              "alwayson_scripts": "always-on scripts (ControlNet, ...)",
              "initial_noise_multiplier": "a noise multiplier"}
+
+
+def _refiner(server, body, other):
+    """A1111's refiner_checkpoint and refiner_switch_at → ``BatchKey.refiner`` (None without
+    a refiner): the checkpoint must be the server's --refiner (by name or title), the switch
+    a fraction of the noise schedule in (0, 1), A1111's 0.8 by default. ``other``: whether
+    the request also runs a hires fix, a script or image to image (not yet with it)."""
+    name = body.refiner_checkpoint
+    if name in (None, "", "None"):
+        return None
+    runner = server.runner
+    if runner.refiner is None:
+        raise ApiError(400, f"refiner_checkpoint: this server runs no refiner (sdrt serve "
+                            f"--refiner PATH), got {short_repr(name)}", "bad_request",
+                       "refiner_checkpoint")
+    title = runner.refiner_title()
+    if name not in (runner.refiner_name, title) and \
+            os.path.splitext(os.path.basename(name))[0] != runner.refiner_name:
+        raise ApiError(400, f"refiner_checkpoint must be the server's refiner {title!r}, got "
+                            f"{short_repr(name)}", "bad_request", "refiner_checkpoint")
+    switch = 0.8 if body.refiner_switch_at is None else body.refiner_switch_at
+    if not (isinstance(switch, (int, float)) and 0 < switch < 1):
+        raise ApiError(400, f"refiner_switch_at must be a number in (0, 1), got "
+                            f"{short_repr(switch)}", "bad_request", "refiner_switch_at")
+    if other:
+        raise ApiError(400, "refiner_checkpoint: the refiner finishes text to image only (not "
+                            "yet a hires fix, a script or image to image)", "bad_request",
+                       "refiner_checkpoint")
+    if sd_vae(server, body.override_settings, "override_settings") is not None:
+        raise ApiError(400, "override_settings.sd_vae: the refiner decodes with its own VAE "
+                            "(not yet another beside refiner_checkpoint)", "bad_request",
+                       "override_settings")
+    return float(switch), None, None
 
 
 def _check_sampler_settings(server, body, sampler):

@@ -88,6 +88,11 @@ def add_parser(subparsers):
                    help="textual-inversion embeddings (.safetensors), loaded at start, as "
                         "A1111 loads its embeddings folder: a prompt writes one by its file's "
                         "stem (ComfyUI's embedding:NAME)")
+    s.add_argument("--refiner", metavar="PATH", default=None,
+                   help="an SDXL refiner (diffusers folder or single file) for an SDXL --model: "
+                        "A1111 requests name it in refiner_checkpoint (refiner_switch_at: where "
+                        "it takes over) and ComfyUI workflows in their refiner's "
+                        "CheckpointLoaderSimple, by file or folder name")
     s.add_argument("--threads", metavar="N", type=int_arg, default=None,
                    help="torch CPU threads (default: torch's choice)")
     s.add_argument("--ray", action="store_true",
@@ -103,8 +108,9 @@ def add_parser(subparsers):
 
 def config_from(a):
     """The checked ``ServeConfig`` of parsed arguments (``SdrtError`` naming the option)."""
-    if a.model is not None and not os.path.exists(a.model):
-        raise SdrtError(f"model path {a.model} does not exist")
+    for option, path in (("model", a.model), ("refiner", a.refiner)):
+        if path is not None and not os.path.exists(path):
+            raise SdrtError(f"{option} path {path} does not exist")
     if not 1 <= a.replicas <= 1024:
         raise SdrtError(f"replicas must be from 1 to 1024, got {a.replicas}")
     if a.max_replicas is not None and a.max_replicas < a.replicas:
@@ -122,7 +128,7 @@ def config_from(a):
                        default_steps=a.steps, threads=a.threads, lora_dir=a.lora_dir,
                        controlnet_dir=a.controlnet_dir, vae_dir=a.vae_dir,
                        clip_vision_dir=a.clip_vision_dir, upscaler_dir=a.upscaler_dir,
-                       embedding_dir=a.embedding_dir)
+                       embedding_dir=a.embedding_dir, refiner=a.refiner)
 
 
 def _check_port(host, port):

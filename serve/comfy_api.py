@@ -384,10 +384,7 @@ def register(app, server_of, api_error):
         if flow.vae is not None and server.runner.vae_path(flow.vae) is None:
             raise bad(f"prompt: workflow decodes with VAE {short_repr(flow.vae)} (a VAELoader), "
                       f"which --vae-dir does not have (GET /models/vae lists those it has)")
-        if flow.refiner is not None:
-            raise bad(f"prompt: workflow refines with checkpoint {short_repr(flow.refiner)}; "
-                      f"the server runs its one model (sdrt generate --workflow --refiner runs "
-                      f"a base and a refiner)")
+        refiner = _refiner(server, flow, bad) if flow.refiner is not None else None
         sdxl = [k for k in ("prompt_2", "negative_2", "original_size", "crop", "target_size")
                 if getattr(flow, k) is not None]
         if sdxl and flow.hires is not None:
@@ -447,7 +444,7 @@ def register(app, server_of, api_error):
                        micro=(flow.original_size, flow.crop, flow.target_size),
                        prompt_syntax="comfy", freeu=flow.freeu, pag_scale=flow.pag_scale,
                        rescale=(flow.guidance_rescale, "comfy") if flow.guidance_rescale else (),
-                       scheduler=comfy.scheduler_fields(flow.sampling))
+                       scheduler=comfy.scheduler_fields(flow.sampling), refiner=refiner)
         rows = [Row(flow.prompt, flow.negative, req.guidance_scale, s, init, mask,
                     control_images=hints, control_info=units + texts, ip_images=pictures,
                     prompt_2=flow.prompt_2, negative_prompt_2=flow.negative_2)
@@ -572,7 +569,7 @@ def register(app, server_of, api_error):
         server.require_ready()
         runner = server.runner
         names = await run_in_threadpool(runner.lora_names)
-        return _node_specs(server, [runner.model_name],
+        return _node_specs(server, runner.checkpoint_names(),
                            [os.path.basename(runner.lora_path(n)) for n in names],
                            list(jobs.uploads), await run_in_threadpool(_controlnet_files, runner),
                            await run_in_threadpool(runner.vae_names),
@@ -609,7 +606,7 @@ def register(app, server_of, api_error):
 
     @app.get("/models/checkpoints", tags=["ComfyUI"])
     async def checkpoints(request: Request):
-        return [server_of(request).runner.model_name]
+        return server_of(request).runner.checkpoint_names()
 
     @app.get("/models/loras", tags=["ComfyUI"])
     async def loras(request: Request):
@@ -837,6 +834,34 @@ def _hires(server, flow, req, bad):
         raise bad(f"prompt: the hires fix's second pass: {e}")
     server.check_second_pass(hires, req, {**_NAMES, "height": "height", "width": "width"})
     return hires
+
+
+def _refiner(server, flow, bad):
+    """``BatchKey.refiner`` of an SDXL base-and-refiner workflow: the server's --refiner by
+    its checkpoint's name, taking over after the base's end_at_step (``switch_after``), at
+    its CLIPTextEncodeSDXLRefiner's aesthetic scores."""
+    import dataclasses
+
+    from sdrt.engine.samplers import switch_after
+    runner = server.runner
+    if runner.refiner is None:
+        raise bad(f"prompt: workflow refines with checkpoint {short_repr(flow.refiner)}; "
+                  f"the server runs no refiner (sdrt serve --refiner PATH)")
+    if _stem(flow.refiner) != _stem(runner.refiner_name):
+        raise bad(f"prompt: the refiner's ckpt_name must name the server's refiner "
+                  f"{runner.refiner_name!r} (GET /models/checkpoints), got "
+                  f"{short_repr(flow.refiner)}")
+    if flow.hires is not None or flow.init_image is not None or flow.vae is not None:
+        raise bad("prompt: the server's refiner finishes text to image decoded with its own "
+                  "VAE (not yet a hires fix, an init image or a VAELoader beside it; sdrt "
+                  "generate --workflow --refiner runs them)")
+    config = dataclasses.replace(runner.scheduler_config,
+                                 **dict(comfy.scheduler_fields(flow.sampling)))
+    try:
+        switch = switch_after(config, flow.sampler, flow.steps, flow.refiner_steps)
+    except SdrtError as e:
+        raise bad(f"prompt: {e}")
+    return switch, flow.aesthetic_score, flow.negative_aesthetic_score
 
 
 def _check_model(flow, model_name, bad):

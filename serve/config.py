@@ -33,6 +33,7 @@ class ServeConfig:
     clip_vision_dir: str = None    # folder of CLIP image encoders, for IP-Adapter units
     upscaler_dir: str = None       # folder of upscale models (ESRGAN .safetensors files)
     embedding_dir: str = None      # folder of textual-inversion embeddings, loaded at start
+    refiner: str = None            # an SDXL refiner (folder or file) that requests may name
 
     def __post_init__(self):
         def positive(name, integer=True):

@@ -18,8 +18,10 @@ class Runner:
 
     def __init__(self, config, metrics):
         self.config, self.metrics = config, metrics
-        self.pipe = None
+        self.pipe = self.refiner = None
         self.model_name = self.model_hash = self.model_sha256 = None
+        # --refiner's identity (what A1111's refiner_checkpoint names)
+        self.refiner_name = self.refiner_hash = self.refiner_sha256 = None
         self.planned = {}  # BatchKey without batch -> batch sizes with a static plan
         # A request's steps and guidance when it gives none; guidance None: the API's own
         # default (7.5 for OpenAI's, 7 for A1111's).
@@ -57,8 +59,15 @@ class Runner:
             self.config.model, pipe)
         self.pipe = pipe
         self.scheduler_config = pipe.scheduler_config  # the model's own (a batch may change it)
+        if self.config.refiner is not None:
+            from sdrt.engine.pipeline import refiner_for
+            self.refiner = refiner_for(pipe, self.config.refiner, self.config.vae_dtype,
+                                       "--refiner", "--model")
+            self.refiner_name, self.refiner_hash, self.refiner_sha256 = model_identity(
+                self.config.refiner, self.refiner)
         if self.config.vae_tiling:
-            pipe.enable_vae_tiling()
+            for model in filter(None, (pipe, self.refiner)):
+                model.enable_vae_tiling()
         self.embeddings, self.skipped_embeddings = self._load_embeddings()
         self.default_sampler = default_sampler(pipe.scheduler_config)
         self._build_plans()
@@ -366,7 +375,7 @@ class Runner:
         generator, seeded with its seed, and its own guidance scale."""
         import torch
         one = len(rows) == 1
-        if one and key.hires is None:
+        if one and key.hires is None and key.refiner is None:
             seeds = dict(seed=rows[0].seed)
         else:  # (a hires fix's second pass goes on drawing from the first pass's generators)
             seeds = dict(generator=[torch.Generator("cpu").manual_seed(r.seed) for r in rows])
@@ -440,16 +449,39 @@ class Runner:
                 masked_content=key.masked_content,
                 latent_resize=key.latent_resize_from is not None,
                 strength=key.strength if key.strength is not None else 0.8,
-                clip_skip=key.clip_skip, prompt_syntax=key.prompt_syntax, output_type="pil",
+                clip_skip=key.clip_skip, prompt_syntax=key.prompt_syntax,
+                output_type="pil" if key.refiner is None else "latent",
+                denoising_end=None if key.refiner is None else key.refiner[0],
                 pag_scale=key.pag_scale, **_rescale(key), **seeds, **control, **variation,
                 **{k: v for k, v in sdxl.items() if v is not None})
         timings = self.pipe.timings
+        if key.refiner is not None:  # the base's latents finished by --refiner
+            switch, score, negative_score = key.refiner
+            out = self.refiner(
+                [r.prompt for r in rows], negative_prompt=negative, image=out,
+                denoising_start=switch, num_inference_steps=key.steps,
+                guidance_scale=guidance, sampler=key.sampler, clip_skip=key.clip_skip,
+                prompt_syntax=key.prompt_syntax, pag_scale=key.pag_scale, **_rescale(key),
+                generator=seeds["generator"], aesthetic_score=score,
+                negative_aesthetic_score=negative_score,
+                original_size=sdxl["original_size"],
+                crops_coords_top_left=sdxl["crops_coords_top_left"])
+            timings = {k: v + self.refiner.timings.get(k, 0) for k, v in timings.items()
+                       if k in ("text", "denoise", "decode")}
         for stage in ("text", "denoise", "decode"):
             if stage in timings:
                 self.metrics.stage_seconds.labels(stage).observe(timings[stage])
         self.metrics.images.inc(len(out))
         self._count_plans()
         return out
+
+    def refiner_title(self):
+        """--refiner as A1111 names a checkpoint: "NAME [short hash]"."""
+        return f"{self.refiner_name} [{self.refiner_hash}]"
+
+    def checkpoint_names(self):
+        """The model's name, then --refiner's (the checkpoints requests may name)."""
+        return [self.model_name] + ([self.refiner_name] if self.refiner is not None else [])
 
     def check(self, request, names):
         """The model's checks of a request (sizes, clip skip, memory); ``SdrtError`` if not."""

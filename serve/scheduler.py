@@ -75,6 +75,9 @@ class BatchKey:
     # ((field, value), ...) replacing the model's scheduler config's (a workflow's
     # ModelSamplingDiscrete), () for none
     scheduler: tuple = ()
+    # --refiner finishing the rows: (where it takes over, a fraction of the noise schedule,
+    # its aesthetic score and negative one (None: the defaults)); None: the model alone
+    refiner: tuple = None
 
 
 @dataclass(frozen=True)

@@ -113,6 +113,7 @@ class A1111Request(BaseModel):
                           "ignored without a script")
     alwayson_scripts: Optional[Dict[str, object]] = None
     refiner_checkpoint: Optional[str] = None
+    refiner_switch_at: Optional[float] = None
 
 
 class Txt2ImgRequest(A1111Request):

@@ -758,7 +758,7 @@ def test_cli_sdxl_refiner_workflow_switches_after_the_base_steps(sdxl_base_folde
                                                                  capsys):
     # The base runs its end_at_step steps of the schedule, the refiner the rest: sdrt's
     # --refiner at the --refiner-start that splits the schedule there.
-    from sdrt.engine.cli_generate import switch_after
+    from sdrt.engine.samplers import switch_after
     from sdrt.engine.samplers import SchedulerConfig, make_schedule
     base, _ = sdxl_base_folder
     refiner, _ = sdxl_refiner_folder

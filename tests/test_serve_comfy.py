@@ -460,8 +460,8 @@ def test_upload_mask_as_comfyuis_mask_editor(server):
                 for node, text in (("6", "a fox"), ("7", "blurry"))], "text_g",
      "text_g is not used by SD 1.x models"),
     (lambda g: g.update(_refined(g, end=1)), "prompt",
-     "workflow refines with checkpoint 'sd_xl_refiner_1.0.safetensors'; the server runs its "
-     "one model"),
+     "workflow refines with checkpoint 'sd_xl_refiner_1.0.safetensors'; the server runs no "
+     "refiner (sdrt serve --refiner PATH)"),
 ])
 def test_bad_workflows_are_400s_naming_the_field(server, edit, param, fragment):
     url = server
