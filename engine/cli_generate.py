@@ -384,6 +384,9 @@ def _hires(a, request):
     """The hires fix asked for (--hr-scale or --hr-resize), checked; None without one."""
     if a.hr_scale is None and a.hr_resize is None:
         return None
+    if {"hr_scale", "hr_resize"} <= a.given:
+        raise SdrtError("--hr-scale and --hr-resize cannot both be given: the hires fix "
+                        "scales by one or resizes to the other")
     from .hires import Hires
     for option, value in (("--init-image", a.init_image), ("--refiner", a.refiner)):
         if value is not None:
@@ -545,7 +548,8 @@ _PNG_SETTINGS = {  # a sampler reads with its schedule type (_SCHEDULE_TYPE_KEYS
     "Seed": ("--seed", "seed", int),
     "Variation seed": ("--subseed", "subseed", int),
     "Variation seed strength": ("--subseed-strength", "subseed_strength", float),
-    "Clip skip": ("--clip-skip", "clip_skip", lambda v: int(v) - 1),  # A1111 counts from 1
+    "Clip skip": ("--clip-skip", "clip_skip", lambda v: int(v) - 1 if int(v) >= 1 else None),
+    # (A1111 counts from 1)
     "Mask blur": ("--mask-blur", "mask_blur", int),
     "Inpaint area": ("--inpaint-area", "inpaint_area",
                      {"Only masked": "masked", "Whole picture": "whole"}.get),

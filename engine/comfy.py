@@ -401,9 +401,15 @@ def load(path):
         graph = json.loads(text)
     except json.JSONDecodeError as e:
         raise SdrtError(f"workflow {path} is not JSON ({e})") from None
+    except RecursionError:
+        raise SdrtError(f"workflow {path} nests too deeply to be an API-format graph") \
+            from None
     if isinstance(graph, dict) and "nodes" in graph and "links" in graph:
         raise SdrtError(f"workflow {path} is in ComfyUI's UI format: save it with 'Save (API "
                         f"Format)' (or give the PNG ComfyUI saved)")
+    if isinstance(graph, dict) and isinstance(graph.get("prompt"), dict) and not any(
+            isinstance(node, dict) and "class_type" in node for node in graph.values()):
+        graph = graph["prompt"]  # (a /prompt body, as ComfyUI's script examples post it)
     return graph
 
 
@@ -1478,11 +1484,26 @@ def _names(loras):
 
 def _number(nodes, node_id, key, kind, default=None):
     value = nodes.inputs(node_id).get(key, default)
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value))
     if not ok or (kind is int and value != int(value)):
         raise SdrtError(f"workflow node {node_id} ({nodes.kind(node_id)}): {key} must be "
                         f"{'an integer' if kind is int else 'a number'}, got {short_repr(value)}")
     return kind(value)
+
+
+# The outputs of the nodes sdrt reads that have more than one, by slot (every other node's
+# is slot 0), and the type each input that links to one of them takes.
+_SLOTS = {"CheckpointLoaderSimple": ("MODEL", "CLIP", "VAE"), "LoraLoader": ("MODEL", "CLIP"),
+            "LoadImage": ("IMAGE", "MASK"), "ImagePadForOutpaint": ("IMAGE", "MASK"),
+            "InpaintModelConditioning": ("CONDITIONING", "CONDITIONING", "LATENT"),
+            "ControlNetApplyAdvanced": ("CONDITIONING", "CONDITIONING"),
+            "IPAdapterUnifiedLoader": ("MODEL", "IPADAPTER"),
+            "SamplerCustom": ("LATENT", "LATENT"), "SamplerCustomAdvanced": ("LATENT", "LATENT")}
+_LINK_TYPES = {"model": "MODEL", "clip": "CLIP", "vae": "VAE", "pixels": "IMAGE",
+               "image": "IMAGE", "source": "IMAGE", "destination": "IMAGE", "mask": "MASK",
+               "attn_mask": "MASK", "samples": "LATENT", "latent_image": "LATENT",
+               "ipadapter": "IPADAPTER"}
 
 
 class _Nodes:
@@ -1501,16 +1522,27 @@ class _Nodes:
         return inputs
 
     def link(self, node_id, key):
-        """The node ``key`` of ``node_id`` comes from: (id, output slot)."""
+        """The node ``key`` of ``node_id`` comes from: (id, output slot), an output that node
+        has, of the type ``key`` takes (``_SLOTS``, ``_LINK_TYPES``)."""
         value = self.inputs(node_id).get(key)
-        if not (isinstance(value, list) and len(value) == 2 and isinstance(value[1], int)):
+        if not (isinstance(value, list) and len(value) == 2 and isinstance(value[1], int)
+                and not isinstance(value[1], bool)):
             raise SdrtError(f"workflow node {node_id} ({self.kind(node_id)}): {key} must be a "
                             f"link [node, output], got {short_repr(value)}")
-        source = str(value[0])
+        source, slot = str(value[0]), value[1]
         if not isinstance(self.graph.get(source), dict):
             raise SdrtError(f"workflow node {node_id} ({self.kind(node_id)}): {key} links to "
                             f"node {source}, which the workflow does not have")
-        return source, value[1]
+        outputs = _SLOTS.get(self.kind(source))
+        want = _LINK_TYPES.get(key)
+        if not 0 <= slot < (len(outputs) if outputs else 1) or \
+                (outputs and want in outputs and outputs[slot] != want):
+            has = (", ".join(f"{i} {t}" for i, t in enumerate(outputs)) if outputs else
+                   "0 only")
+            raise SdrtError(f"workflow node {node_id} ({self.kind(node_id)}): {key} links to "
+                            f"output {slot} of node {source} ({self.kind(source)}), whose "
+                            f"outputs are {has}{f'; {key} takes its {want}' if want else ''}")
+        return source, slot
 
     def follow(self, node_id, key, kinds):
         """The node ``key`` comes from, which must be one of ``kinds``."""

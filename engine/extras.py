@@ -43,7 +43,9 @@ class Extras:
 
     def _process(self, models, image):
         from PIL import Image
-        image = image.convert("RGB")
+
+        from .images import rgb_image
+        image = rgb_image(image)
         if self.upscaler_1 == UPSCALER_NONE:
             return image, ""
         info = {}  # A1111's pp.info, in its order

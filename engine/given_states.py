@@ -16,6 +16,7 @@ from .errors import SdrtError
 from .request import short_repr
 
 MAX_TOKENS = 77 * 64  # as many as 64 chunks of a prompt
+MAX_STATE = 1e4  # far past any text encoder's states (tens at most), below fp16's overflow
 
 
 @dataclass
@@ -107,10 +108,18 @@ def _check(name, value, ndim, shape):
     if not isinstance(value, torch.Tensor) or value.ndim != ndim or \
             not value.dtype.is_floating_point:
         got = (f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-               if isinstance(value, torch.Tensor) else short_repr(value))
+               if isinstance(value, torch.Tensor) else
+               f"a {type(value).__module__}.{type(value).__name__} of shape {value.shape}"
+               if hasattr(value, "shape") else short_repr(value))
         raise SdrtError(f"{name} must be a float tensor of shape {shape}, got {got}")
+    if value.is_meta:
+        raise SdrtError(f"{name} must hold its values (a tensor on a device), got a meta "
+                        f"tensor")
     if not torch.isfinite(value).all():
         raise SdrtError(f"{name} must hold finite numbers (it has NaN or infinity)")
+    if value.numel() and value.abs().max() > MAX_STATE:
+        raise SdrtError(f"{name} must hold values within ±{MAX_STATE:g}, got "
+                        f"{value.abs().max().item():.3g}")
 
 
 def _pooled_dim(pipe):

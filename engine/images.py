@@ -171,6 +171,16 @@ def to_rgb8(image):
     return Image.fromarray(np.rint(pil_to_float(image) * 255).astype(np.uint8))
 
 
+def rgb_image(image):
+    """A PIL image as 8-bit RGB the way ``image.convert("RGB")`` makes it (alpha dropped, as
+    A1111 and ComfyUI convert), except that 16-bit, 32-bit integer and float pictures are
+    scaled to their range first (``to_rgb8``): PIL would clip their values to 0..255 (a float
+    picture in [0, 1] becomes black)."""
+    if image.mode in _UINT16 or image.mode in ("I", "F"):
+        return to_rgb8(image)
+    return image.convert("RGB")
+
+
 def mask_to_float(image):
     """A PIL inpainting mask → float32 array (H, W) in [0, 1], 1 where the image is repainted,
     read as A1111 reads a mask: by its alpha where it has transparency (opaque: repaint), else

@@ -632,9 +632,12 @@ def check_scale(scale):
     if isinstance(scale, (tuple, list)) and len(scale) == 2:
         unet, te = (check_scale(s) for s in scale)
         return unet if unet == te else (unet, te)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise SdrtError(f"LoRA scale must be a finite number or a (UNet, text encoder) pair of "
-                        f"them, got {scale!r}")
+    from .request import MAX_LORA_SCALE, short_repr
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or \
+            not math.isfinite(scale) or abs(scale) > MAX_LORA_SCALE:
+        raise SdrtError(f"LoRA scale must be a number from {-MAX_LORA_SCALE:g} to "
+                        f"{MAX_LORA_SCALE:g} or a (UNet, text encoder) pair of them, got "
+                        f"{short_repr(scale)}")
     return float(scale)
 
 

@@ -98,6 +98,11 @@ def resolve_device(device=None, dtype=None):
     return parsed, dtype
 
 
+# The largest magnitude given latents (unit noise) may hold: far past any Gaussian draw, far
+# below what overflows once scaled by the first sigma (fp16's 65504).
+MAX_LATENT = 1e3
+
+
 def _conv_cache_file():
     """Where the conv chooser keeps its per-shape decisions between processes (keyed inside by
     GPU, versions and shape): ``$SDRT_CACHE_DIR``, else ``$XDG_CACHE_HOME/sdrt``, else
@@ -140,9 +145,14 @@ def _image_tensor(item, field="image"):
 
 
 def _check_layout(item, what, layout, shape_ok, floating):
-    """An array or tensor input is of an allowed ``layout`` and holds floats."""
-    if not shape_ok:
-        raise SdrtError(f"{what} must be {layout}, got shape {tuple(item.shape)}")
+    """An array or tensor input is of an allowed ``layout``, not empty, and holds floats (in
+    memory: not a meta tensor)."""
+    if not shape_ok or 0 in item.shape:
+        raise SdrtError(f"{what} must be {layout} with no empty side, got shape "
+                        f"{tuple(item.shape)}")
+    if isinstance(item, torch.Tensor) and item.is_meta:
+        raise SdrtError(f"{what} must hold its values (a tensor on a device), got a meta "
+                        f"tensor")
     if not floating:
         raise SdrtError(f"{what} must hold floats in [0, 1], got dtype {item.dtype} (divide "
                         f"by 255, or pass a PIL image)")
@@ -1134,9 +1144,15 @@ class Pipeline:
                             f"{type(latents).__module__}.{type(latents).__name__}")
         if tuple(latents.shape) != shape:
             raise SdrtError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+        if latents.is_meta:
+            raise SdrtError("latents must hold their values (a tensor on a device), got a "
+                            "meta tensor")
         if not latents.is_floating_point() or not torch.isfinite(latents).all():
             raise SdrtError(f"latents must be finite floats, got {latents.dtype} values "
                             f"{'with inf or NaN' if latents.is_floating_point() else ''}".strip())
+        if latents.abs().max() > MAX_LATENT:
+            raise SdrtError(f"latents must be noise of unit scale (as diffusers takes them), "
+                            f"values within ±{MAX_LATENT:g}, got {latents.abs().max().item():.3g}")
         return latents.to(self.device, self.dtype)
 
     def _varied_noise(self, request, shape, generator):

@@ -86,6 +86,8 @@ MAX_MICRO_SIZE = 2 ** 16  # pixels: far past any training image
 MAX_SEED = 2 ** 64 - 1  # torch.Generator.manual_seed takes any 64-bit value
 MAX_PAG_SCALE = 100.0  # ComfyUI's PerturbedAttentionGuidance's slider's end
 MAX_FREEU_FACTOR = 10.0  # ComfyUI's FreeU sliders' end
+MAX_NESTING = 100  # a prompt's ( and [ nested deeper than any real prompt nests them
+MAX_LORA_SCALE = 100.0  # ComfyUI's LoraLoader strengths' end; past it a merge overflows fp16
 # guidance_rescale's: the stds of the UNet's outputs (diffusers' pipelines) or of the
 # velocities they predict (ComfyUI's RescaleCFG)
 RESCALE_STYLES = ("diffusers", "comfy")
@@ -172,8 +174,9 @@ def _is_real(value):
 
 
 def short_repr(value, width=80):
-    """``repr(value)``, cut to ``width`` characters (a 10 MB prompt is not echoed)."""
-    text = repr(value)
+    """``repr(value)`` on one line, cut to ``width`` characters (a 10 MB prompt is not
+    echoed, an array's rows not printed one under another)."""
+    text = " ".join(repr(value).splitlines())
     return text if len(text) <= width else text[:width - 5] + "…" + text[-4:]
 
 
@@ -227,12 +230,27 @@ def sampler_missing(sampler):
 
 def check_text(text, name):
     """Refuse a string Python cannot encode as UTF-8: a lone surrogate, which is what invalid
-    UTF-8 from the command line becomes (``'\\udcff'``), named with its position."""
+    UTF-8 from the command line becomes (``'\\udcff'``), named with its position; and
+    brackets nested past ``MAX_NESTING`` (the prompt parsers recurse per level)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:  # only a surrogate cannot be encoded
         raise SdrtError(f"{name} must be valid Unicode text, got {text[e.start]!r} at position "
                         f"{e.start} (a lone surrogate, e.g. a byte that is not UTF-8)") from None
+    depth = deepest = 0
+    escaped = False
+    for c in text:
+        if escaped:
+            escaped = False
+        elif c == "\\":
+            escaped = True
+        elif c in "([":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in ")]" and depth:
+            depth -= 1
+    if deepest > MAX_NESTING:
+        raise SdrtError(f"{name} must nest brackets at most {MAX_NESTING} deep, got {deepest}")
 
 
 @dataclass(frozen=True)

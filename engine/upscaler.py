@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import SdrtError
+from .images import rgb_image
 from .upscaler_config import UpscalerConfig, config_of, read_shapes
 from .weights import SafetensorsFiles, load_parameters
 
@@ -332,7 +333,7 @@ class Upscaler:
         out = []
         for im in images:
             w, h = int(im.width * scale // 8 * 8), int(im.height * scale // 8 * 8)
-            im = self._passes(im.convert("RGB"), w, h, at_least_one=scale == 1)
+            im = self._passes(rgb_image(im), w, h, at_least_one=scale == 1)
             out.append(im if im.size == (w, h) else im.resize((w, h), Image.LANCZOS))
         return out
 

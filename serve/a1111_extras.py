@@ -107,7 +107,7 @@ def register(app, server_of, api_error, text_layers):
         try:
             with Image.open(io.BytesIO(raw)) as im:
                 info = dict(im.info)
-        except (UnidentifiedImageError, OSError):
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
             raise bad(f"image must be a base64-encoded image, got {short_repr(text, 40)}",
                       "image")
         geninfo = info.pop("parameters", "")

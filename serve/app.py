@@ -36,8 +36,8 @@ from sdrt.engine.errors import SdrtError
 from sdrt.engine.hires import LATENT_UPSCALERS
 from sdrt.engine.infotext import (SAMPLER_ALIASES, SAMPLER_LABELS, SCHEDULE_TYPES, Infotext,
                                   png_bytes, sampler_id, sampler_label, schedule_kind)
-from sdrt.engine.request import (MAX_SEED, SAMPLER_NAMES, GenerationRequest, Limits,
-                                 sampler_choices, short_repr)
+from sdrt.engine.request import (MAX_LORA_SCALE, MAX_SEED, SAMPLER_NAMES, GenerationRequest,
+                                 Limits, sampler_choices, short_repr, split_sampler)
 
 from . import a1111_sd_upscale, schemas
 from .a1111_controlnet import parse as parse_controlnet
@@ -76,7 +76,8 @@ class ApiError(Exception):
 
 
 def _error_json(status, message, kind, param=None, headers=None):
-    kinds = {400: "invalid_request_error", 401: "authentication_error", 413:
+    kinds = {400: "invalid_request_error", 401: "authentication_error", 404:
+             "invalid_request_error", 413:
              "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error"}
     body = {"error": {"message": message, "type": kinds.get(status, "server_error"),
                       "param": param, "code": kind}, "detail": message}
@@ -84,9 +85,10 @@ def _error_json(status, message, kind, param=None, headers=None):
 
 
 def _param_of(message):
-    """The field an sdrt message names: its first word, without an index."""
-    word = message.split(" ", 1)[0]
-    return word.split("[", 1)[0] or None
+    """The field an sdrt message names: its first word, without an index, unless that is a
+    sampler's name (a message about what a sampler makes of the settings); else None."""
+    word = message.split(" ", 1)[0].split("[", 1)[0]
+    return word if word and split_sampler(word) is None else None
 
 
 # -- the server: model, scheduler, metrics ---------------------------------------------------------
@@ -186,10 +188,15 @@ class Server:
             (job.started or job.enqueued) - job.enqueued)
         return images
 
-    def image_size(self, image):
+    def image_size(self, image, field, what=None):
         """(width, height) of an init image cut down to multiples of the VAE's scale factor:
-        a request's size when it gives none, as the pipeline takes it."""
+        a request's size when it gives none, as the pipeline takes it; a 400 naming ``field``
+        (``what``: the image, in the message) where that leaves nothing."""
         f = self.runner.pipe.vae_scale_factor
+        if image.width < f or image.height < f:
+            raise ApiError(400, f"{what or field} must be at least {f} pixels high and wide "
+                                f"(the VAE's scale factor), got {image.width}x{image.height}",
+                           "bad_request", field)
         return image.width - image.width % f, image.height - image.height % f
 
     def infotext(self, key, row, prompt=None, script=()):
@@ -474,7 +481,7 @@ def create_app(config: ServeConfig = None) -> FastAPI:
                                            server.limits)
         width, height = _size(body.size, server)
         if width is None:
-            width, height = server.image_size(image)
+            width, height = server.image_size(image, "image")
         req = _openai_request(server, body, width, height, has_image=True,
                               strength=_given(body.strength, 1.0 if mask is not None else 0.8))
         seeds = server.seeds(req.seed, body.n, "seed")
@@ -519,7 +526,7 @@ def create_app(config: ServeConfig = None) -> FastAPI:
         prompt, loras = _prompt_loras(server, body.prompt)
         width, height = body.width, body.height
         if init_images and width is None and height is None:
-            width, height = server.image_size(init_images[0])
+            width, height = server.image_size(init_images[0], "init_images")
         req = server.check(
             _A1111_NAMES, prompt=prompt, negative_prompt=body.negative_prompt or None,
             height=height, width=width,
@@ -911,9 +918,10 @@ def check_loras(server, loras, field):
         if name in out:
             raise ApiError(400, f"{field} applies LoRA {name!r} twice", "bad_request", field)
         for s in (scale if isinstance(scale, tuple) else (scale,)):
-            if not math.isfinite(s) or abs(s) > 100:
+            if not math.isfinite(s) or abs(s) > MAX_LORA_SCALE:
                 raise ApiError(400, f"{field} applies LoRA {name!r} at a scale that must be a "
-                                    f"number from -100 to 100, got {s}", "bad_request", field)
+                                    f"number from {-MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g}, "
+                                    f"got {s}", "bad_request", field)
         out[name] = tuple(map(float, scale)) if isinstance(scale, tuple) else float(scale)
     if len(out) > server.config.max_loras:
         raise ApiError(400, f"{field} applies {len(out)} LoRAs, more than the "
@@ -1136,6 +1144,9 @@ async def json_body(request):
     except ValueError as e:
         raise ApiError(400, f"the request body must be valid JSON ({e})", "bad_request") \
             from None
+    except RecursionError:
+        raise ApiError(400, "the request body must be valid JSON (it nests too deeply)",
+                       "bad_request") from None
 
 
 def b64_bytes(text, name, field):

@@ -52,7 +52,8 @@ from fastapi.responses import Response
 from sdrt.engine import comfy
 from sdrt.engine.errors import SdrtError
 from sdrt.engine.infotext import png_bytes
-from sdrt.engine.request import MAX_CONTROL_SCALE, MAX_FREEU_FACTOR, MAX_PAG_SCALE, short_repr
+from sdrt.engine.request import (MAX_CONTROL_SCALE, MAX_FREEU_FACTOR, MAX_LORA_SCALE,
+                                 MAX_PAG_SCALE, short_repr)
 
 from .scheduler import BatchKey, Row
 
@@ -152,7 +153,7 @@ def _node_specs(server, checkpoints, loras, images, controlnets, vaes, upscalers
                      [kind])}
 
     side = number("INT", 512, 16, limits.max_side, 8)
-    strength = number("FLOAT", 1.0, -100.0, 100.0, 0.01)
+    strength = number("FLOAT", 1.0, -MAX_LORA_SCALE, MAX_LORA_SCALE, 0.01)
     nodes = {  # class: (category, required inputs, outputs)
         "CheckpointLoaderSimple": ("loaders", {"ckpt_name": [checkpoints]},
                                    ["MODEL", "CLIP", "VAE"]),
@@ -372,9 +373,12 @@ def register(app, server_of, api_error):
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise bad(f"the request body must be valid JSON ({e})", None)
+        except RecursionError:
+            raise bad("the request body must be valid JSON (it nests too deeply)", None)
         if not isinstance(body, dict) or not isinstance(body.get("prompt"), dict):
             raise bad(f"prompt must be a workflow in API format (an object of nodes), got "
                       f"{short_repr(body.get('prompt') if isinstance(body, dict) else body)}")
+        _check_ids(body, jobs, bad)
         graph = body["prompt"]
         try:
             flow = await run_in_threadpool(comfy.read, graph, _upscaler_scale(server.runner))
@@ -411,7 +415,9 @@ def register(app, server_of, api_error):
             overlay = (init, read) if flow.composite else None
         width, height = flow.width, flow.height
         if init is not None:
-            width, height = server.image_size(init)
+            width, height = server.image_size(init, "prompt",
+                                              f"prompt: the LoadImage's picture "
+                                              f"{short_repr(flow.init_image)}")
         req = server.check(_NAMES, prompt=flow.prompt, negative_prompt=flow.negative or None,
                            height=height, width=width, num_inference_steps=flow.steps,
                            guidance_scale=flow.guidance, sampler=flow.sampler, seed=flow.seed,
@@ -450,13 +456,10 @@ def register(app, server_of, api_error):
                     prompt_2=flow.prompt_2, negative_prompt_2=flow.negative_2)
                 for s in seeds]
         prompt_id = body.get("prompt_id") or str(uuid.uuid4())
-        if not isinstance(prompt_id, str) or prompt_id in jobs.running or \
-                prompt_id in jobs.history:
+        if prompt_id in jobs.running or prompt_id in jobs.history:  # (while this one waited)
             raise bad(f"prompt_id must be a new string, got {short_repr(prompt_id)}",
                       "prompt_id")
         client_id = body.get("client_id")
-        if client_id is not None and not isinstance(client_id, str):
-            raise bad(f"client_id must be a string, got {short_repr(client_id)}", "client_id")
         jobs.number += 1
         extra = {**(body.get("extra_data") or {}), "client_id": client_id}
         item = [jobs.number, prompt_id, graph, extra, [flow.output]]
@@ -834,6 +837,24 @@ def _hires(server, flow, req, bad):
         raise bad(f"prompt: the hires fix's second pass: {e}")
     server.check_second_pass(hires, req, {**_NAMES, "height": "height", "width": "width"})
     return hires
+
+
+def _check_ids(body, jobs, bad):
+    """A /prompt body's prompt_id (a new string that /history/{prompt_id} can name),
+    client_id (a string) and extra_data (an object)."""
+    prompt_id = body.get("prompt_id")
+    if prompt_id is not None and (
+            not isinstance(prompt_id, str) or not 0 < len(prompt_id) <= 256
+            or any(c in "/\\" or not c.isprintable() for c in prompt_id)
+            or prompt_id in jobs.running or prompt_id in jobs.history):
+        raise bad(f"prompt_id must be a new string of 1 to 256 printable characters without "
+                  f"/ or \\, got {short_repr(prompt_id)}", "prompt_id")
+    client_id = body.get("client_id")
+    if client_id is not None and not isinstance(client_id, str):
+        raise bad(f"client_id must be a string, got {short_repr(client_id)}", "client_id")
+    extra = body.get("extra_data")
+    if extra is not None and not isinstance(extra, dict):
+        raise bad(f"extra_data must be an object, got {short_repr(extra)}", "extra_data")
 
 
 def _refiner(server, flow, bad):

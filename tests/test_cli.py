@@ -954,6 +954,10 @@ BAD = {
     "negative mask blur": (["--init-image", "{tmp}/dot.png", "--mask", "{tmp}/dot.png",
                             "--mask-blur", "-1"], None,
                            "--mask-blur must be an integer from 0 to 64, got -1"),
+    "brackets nested past 100": (["--negative", "[" * 300 + "x" + "]" * 300], None,
+                                 "--negative must nest brackets at most 100 deep, got 300"),
+    "hires scale and resize": (["--hr-scale", "2", "--hr-resize", "64x64"], None,
+                               "--hr-scale and --hr-resize cannot both be given"),
 }
 
 

@@ -775,3 +775,35 @@ def test_cli_sdxl_refiner_workflow_switches_after_the_base_steps(sdxl_base_folde
                          "-o", str(tmp_path / "no.png")], capsys)
     assert code == 2 and "refines with checkpoint 'sd_xl_refiner_1.0.safetensors': pass " \
                          "--refiner PATH" in err, err
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda g: g["3"]["inputs"].update(model=["4", 17]),
+     "workflow node 3 (KSampler): model links to output 17 of node 4 (CheckpointLoaderSimple), "
+     "whose outputs are 0 MODEL, 1 CLIP, 2 VAE; model takes its MODEL"),
+    (lambda g: g["3"]["inputs"].update(model=["4", 2]), "model takes its MODEL"),
+    (lambda g: g["3"]["inputs"].update(model=["4", -1]), "links to output -1 of node 4"),
+    (lambda g: g["8"]["inputs"].update(samples=["3", 1]),
+     "workflow node 8 (VAEDecode): samples links to output 1 of node 3 (KSampler), whose "
+     "outputs are 0 only"),
+    (lambda g: g["3"]["inputs"].update(steps=float("nan")),
+     "workflow node 3 (KSampler): steps must be an integer, got nan"),
+    (lambda g: g["5"]["inputs"].update(width=float("inf")),
+     "workflow node 5 (EmptyLatentImage): width must be an integer, got inf"),
+    (lambda g: g["3"]["inputs"].update(cfg=float("nan")),
+     "workflow node 3 (KSampler): cfg must be a number, got nan"),
+])
+def test_links_to_outputs_a_node_lacks_and_non_finite_numbers_are_refused(edit, message):
+    g = copy.deepcopy(DEFAULT)
+    edit(g)
+    with pytest.raises(SdrtError, match=re.escape(message)):
+        comfy.read(g)
+
+
+def test_a_prompt_request_body_loads_as_its_workflow(tmp_path):
+    # What ComfyUI's script examples POST to /prompt: {"prompt": graph, "client_id": ...}
+    (tmp_path / "body.json").write_text(json.dumps({"prompt": DEFAULT, "client_id": "x"}))
+    assert comfy.load(str(tmp_path / "body.json")) == DEFAULT
+    (tmp_path / "deep.json").write_text('{"a":' * 5000 + "1" + "}" * 5000)
+    with pytest.raises(SdrtError, match="deep.json nests too deeply to be an API-format graph"):
+        comfy.load(str(tmp_path / "deep.json"))

@@ -161,7 +161,8 @@ REFUSED = {
         "tapered_corners true or false, got -257 and False"),
     "LoadImage's IMAGE as the mask": (
         vae_encode_for_inpaint(mask=("10", 0)),
-        "workflow node 10 (LoadImage) is not supported as VAEEncodeForInpaint's mask"),
+        "workflow node 11 (VAEEncodeForInpaint): mask links to output 0 of node 10 "
+        "(LoadImage), whose outputs are 0 IMAGE, 1 MASK; mask takes its MASK"),
     "LoadImageMask's channel": (
         _edit(set_latent_noise_mask(), lambda g: g["12"]["inputs"].update(channel="cyan")),
         "workflow node 12 (LoadImageMask): channel must be one of alpha, red, green, blue"),
@@ -186,7 +187,9 @@ REFUSED = {
     "its positive as the latent": (
         _edit(inpaint_conditioning(), lambda g: g["3"]["inputs"].update(
             latent_image=["11", 0])),
-        "workflow node 3 (KSampler): latent_image must be node 11's latent (output 2)"),
+        "workflow node 3 (KSampler): latent_image links to output 0 of node 11 "
+        "(InpaintModelConditioning), whose outputs are 0 CONDITIONING, 1 CONDITIONING, 2 "
+        "LATENT; latent_image takes its LATENT"),
     "a hires fix of an inpainting": (
         _edit(vae_encode_for_inpaint(), lambda g: g.update({
             "30": {"class_type": "LatentUpscaleBy",

@@ -76,8 +76,8 @@ REFUSED = {
     "negative image": (lambda g: g["43"]["inputs"].update(image_negative=["42", 0]),
                        "does not run an IP-Adapter's image_negative"),
     "mask": (lambda g: g["43"]["inputs"].update(attn_mask=["42", 0]),
-             "node 42 (LoadImage) is not supported as IPAdapterAdvanced's attn_mask: sdrt takes "
-             "LoadImageMask or LoadImage's MASK there"),
+             "node 43 (IPAdapterAdvanced): attn_mask links to output 0 of node 42 (LoadImage), "
+             "whose outputs are 0 IMAGE, 1 MASK; attn_mask takes its MASK"),
     "mask channel": (lambda g: g.update({"45": {"class_type": "LoadImageMask", "inputs": {
         "image": "m.png", "channel": "luma"}}}) or g["43"]["inputs"].update(attn_mask=["45", 0]),
         "node 45 (LoadImageMask): channel must be one of alpha, red, green, blue"),

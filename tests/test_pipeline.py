@@ -152,6 +152,19 @@ def test_output_types(pipes):
     (dict(clip_skip=3), r"clip_skip must be from 0 to 2 \(the text encoder has 3 layers\)"),
     (dict(seed=-5), r"seed must be -1 \(random\) or an integer from 0 to 2\*\*64 - 1, got -5"),
     (dict(image=np.zeros((16, 16), dtype=np.float32)), r"\(H, W, 3\) or \(B, H, W, 3\)"),
+    (dict(image=np.zeros((0, 0, 3), dtype=np.float32)),
+     r"an image array must be \(H, W, 3\) or \(B, H, W, 3\) with no empty side, got shape "
+     r"\(0, 0, 3\)"),
+    (dict(image=torch.zeros(1, 3, 0, 0)), "with no empty side, got shape \\(1, 3, 0, 0\\)"),
+    (dict(image=np.zeros((16, 16, 3), np.float32), mask_image=np.zeros((0, 0), np.float32)),
+     "a mask_image array must be .* with no empty side"),
+    (dict(image=torch.zeros(1, 3, 16, 16, device="meta")), "got a meta tensor"),
+    (dict(latents=torch.zeros(1, 4, 8, 8, device="meta"), height=16, width=16),
+     "latents must hold their values \\(a tensor on a device\\), got a meta tensor"),
+    (dict(latents=torch.full((1, 4, 8, 8), 1e38), height=16, width=16),
+     "latents must be noise of unit scale .* within ±1000, got 1e\\+38"),
+    (dict(negative_prompt="(" * 101 + "x" + ")" * 101),
+     "negative_prompt must nest brackets at most 100 deep, got 101"),
 ])
 def test_bad_arguments_raise_sdrt_error(pipes, kwargs, message):
     _, ours, _ = pipes

@@ -521,7 +521,7 @@ def test_a1111_options_png_info_and_lists(main_server, ref_pipe):
         assert client.post("/sdapi/v1/png-info", json={"image": plain}).json() == {
             "info": "", "items": {}, "parameters": {}}
         for bad in ({"image": "not base64!!"}, {"image": base64.b64encode(b"text").decode()},
-                    {}):
+                    {}, {"image": base64.b64encode(_bomb_png()).decode()}):
             r = client.post("/sdapi/v1/png-info", json=bad)
             assert r.status_code == 400 and r.json()["error"]["param"] == "image", r.text
         state = client.get("/sdapi/v1/progress").json()
@@ -921,3 +921,16 @@ def test_process_memory_is_flat_and_sigterm_loses_no_accepted_request():
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
+
+
+def _bomb_png(width=60000, height=60000):
+    """A PNG whose header claims a picture past PIL's decompression-bomb limit."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data +
+                struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b""))
+            + chunk(b"IEND", b""))

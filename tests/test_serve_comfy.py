@@ -444,6 +444,37 @@ def test_upload_mask_as_comfyuis_mask_editor(server):
         assert r.status_code == 400 and fragment in r.json()["error"]["message"], r.text
 
 
+def test_bad_bodies_are_400s_naming_the_field(server):
+    url = server
+    graph = _workflow(url, DEFAULT)
+    for body, param, fragment in (
+            ({"prompt": graph, "extra_data": "x"}, "extra_data",
+             "extra_data must be an object, got 'x'"),
+            ({"prompt": graph, "prompt_id": "../../etc/passwd"}, "prompt_id",
+             "prompt_id must be a new string of 1 to 256 printable characters without / or \\"),
+            ({"prompt": graph, "client_id": 5}, "client_id", "client_id must be a string")):
+        r = httpx.post(f"{url}/prompt", json=body, timeout=TIMEOUT)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert fragment in error["message"] and error["param"] == param, error
+    deep = '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    r = httpx.post(f"{url}/prompt", content=deep, timeout=TIMEOUT,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "nests too deeply" in r.json()["error"]["message"], r.text
+    tiny = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(tiny, format="PNG")
+    r = httpx.post(f"{url}/upload/image", files={"image": ("dot.png", tiny.getvalue())},
+                   timeout=TIMEOUT)
+    name = r.json()["name"]
+    graph = _workflow(url, DEFAULT)
+    graph["10"] = {"class_type": "LoadImage", "inputs": {"image": name}}
+    graph["11"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["4", 2]}}
+    graph["3"]["inputs"].update(latent_image=["11", 0], denoise=0.5)
+    r = httpx.post(f"{url}/prompt", json={"prompt": graph}, timeout=TIMEOUT)
+    assert r.status_code == 400 and "prompt: the LoadImage's picture" in r.text and \
+        "must be at least 2 pixels high and wide" in r.text, r.text  # (the tiny VAE's 2)
+
+
 @pytest.mark.parametrize("edit,param,fragment", [
     (lambda g: g["4"]["inputs"].update(ckpt_name="sd_xl_base_1.0.safetensors"), "prompt",
      "ckpt_name must name the server's model"),

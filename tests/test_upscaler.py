@@ -418,3 +418,21 @@ def test_cli_upscale_refuses_an_output_past_the_side_limit(tmp_path, capsys, mon
                       tmp_path / "o.png"], capsys)
     assert code == 2 and "would be upscaled to 80x40; each side must be from 8 to 64" in err
     assert not (tmp_path / "o.png").exists()
+
+
+def test_cli_upscale_scales_float_and_16_bit_pictures_to_their_range(tmp_path, capsys):
+    # PIL's convert("RGB") clips them to 0..255: a float picture in [0, 1] would be black.
+    from sdrt.engine.images import to_rgb8
+    values = np.random.default_rng(0).random((24, 16), dtype=np.float32)
+    pictures = {"f.tiff": Image.fromarray(values, mode="F"),
+                "i16.png": Image.fromarray((values * 65535).astype(np.uint16))}
+    for name, picture in pictures.items():
+        picture.save(tmp_path / name)
+        to_rgb8(picture).save(tmp_path / f"{name}.rgb8.png")
+        outs = []
+        for source in (name, f"{name}.rgb8.png"):
+            code, err = _cli(["upscale", tmp_path / source, "--scale", "2", "-o",
+                              tmp_path / f"{source}.out.png"], capsys)
+            assert code == 0, err
+            outs.append(np.asarray(Image.open(tmp_path / f"{source}.out.png")))
+        assert outs[0].std() > 20 and np.array_equal(outs[0], outs[1]), name
