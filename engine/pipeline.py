@@ -147,9 +147,10 @@ def _image_tensor(item, field="image"):
 def _check_layout(item, what, layout, shape_ok, floating):
     """An array or tensor input is of an allowed ``layout``, not empty, and holds floats (in
     memory: not a meta tensor)."""
-    if not shape_ok or 0 in item.shape:
-        raise SdrtError(f"{what} must be {layout} with no empty side, got shape "
-                        f"{tuple(item.shape)}")
+    if not shape_ok:
+        raise SdrtError(f"{what} must be {layout}, got shape {tuple(item.shape)}")
+    if 0 in item.shape:
+        raise SdrtError(f"{what} must have no empty side, got shape {tuple(item.shape)}")
     if isinstance(item, torch.Tensor) and item.is_meta:
         raise SdrtError(f"{what} must hold its values (a tensor on a device), got a meta "
                         f"tensor")

@@ -9,16 +9,9 @@ import torch
 from conftest import assert_close_abs
 from sdrt.engine import Pipeline, SdrtError
 from test_pipeline import IMAGE_ATOL, PROMPTS, _assert_lively, _diffusers_scheduler
+from test_pipeline import pipes  # noqa: F401  (the fixture)
 
 NEGATIVE = "blurry, low quality"
-
-
-@pytest.fixture(scope="module")
-def pipes(tiny_model):
-    family, folder, ref = tiny_model
-    if not hasattr(ref, "original_scheduler_config"):
-        ref.original_scheduler_config = dict(ref.scheduler.config)
-    return family, Pipeline.from_pretrained(folder, device="cpu"), ref
 
 
 def _latents(seed, h=16, w=24):

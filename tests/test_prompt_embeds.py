@@ -6,19 +6,12 @@ import pytest
 import torch
 
 from conftest import assert_close_abs
-from sdrt.engine import Pipeline, SdrtError
+from sdrt.engine import SdrtError
 from test_pipeline import IMAGE_ATOL, PROMPTS, _assert_lively, _diffusers_scheduler
+from test_pipeline import pipes  # noqa: F401  (the fixture)
 
 ARGS = dict(height=16, width=24, num_inference_steps=4, guidance_scale=7.0, output_type="np")
 LONG = ", ".join(["a very detailed oil painting of a red fox in fresh snow at dawn"] * 8)
-
-
-@pytest.fixture(scope="module")
-def pipes(tiny_model):
-    family, folder, ref = tiny_model
-    if not hasattr(ref, "original_scheduler_config"):
-        ref.original_scheduler_config = dict(ref.scheduler.config)
-    return family, Pipeline.from_pretrained(folder, device="cpu"), ref
 
 
 def _latents(seed, h=16, w=24):
