@@ -33,7 +33,8 @@ from .memory import check_request_fits, fused_attention, request_bytes
 from .prompt_schedule import composable_parts, edited, editing_steps, text_at
 from .prompt_schedule import schedule as schedule_prompt
 from .prompt_syntax import WeightedIds, tokenize_prompts
-from .request import MAX_SEED, MICRO_CONDITIONING, GenerationRequest, Limits, short_repr
+from .request import (MAX_SEED, MICRO_CONDITIONING, GenerationRequest, Limits, short_repr,
+                      split_sampler)
 from .runtime import ModelSpec, StaticRuntime, StaticShape
 from .samplers import (SchedulerConfig, brownian_noise, default_sampler, make_schedule,
                        sample)
@@ -1236,13 +1237,14 @@ class Pipeline:
                  guidance_rescale_style="diffusers", prompt_embeds=None,
                  negative_prompt_embeds=None, pooled_prompt_embeds=None,
                  negative_pooled_prompt_embeds=None, return_dict=True,
-                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=None):
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=None, eta=0.0):
         """Generate images; see the README for each argument.
 
         Returns a list of PIL images (``"pil"``), a float32 array (B, H, W, 3) in [0, 1]
         (``"np"``), or the final latents (``"latent"``); the first two are also diffusers'
         output (``.images``), and ``return_dict=False`` gives diffusers' tuple (images,
-        None). ``callback_on_step_end`` is diffusers' name for ``callback``. ``seed=-1`` (or
+        None). ``callback_on_step_end`` is diffusers' name for ``callback``; ``eta`` is
+        diffusers' DDIM noise (0 only; the other samplers do not read it). ``seed=-1`` (or
         None) draws a random seed; ``pipe.last_seed`` records the seed used. ``generator`` (a
         CPU ``torch.Generator``) may replace ``seed``.
 
@@ -1425,6 +1427,7 @@ class Pipeline:
             inputs = None
         request = self.check(request, num_chunks=given.num_chunks if given else
                              inputs.num_chunks, controlled=control is not None)
+        _check_eta(eta, request.sampler)
         if control is not None:
             self._check_adapter_size(control, request)
         generator = self._generator(generator, request)
@@ -1874,6 +1877,16 @@ def refiner_for(base, path, vae_dtype=None, option="refiner", model="the model")
                         f"({refiner.unet.config.out_channels} latent channels against "
                         f"{base.unet.config.out_channels})")
     return refiner
+
+
+def _check_eta(eta, sampler):
+    """diffusers' ``eta``: DDIM's share of fresh noise, which only its DDIM reads (the other
+    schedulers ignore it, and so does sdrt); sdrt's DDIM is the deterministic one, eta 0."""
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
+        raise SdrtError(f"eta must be a number from 0 to 1, got {short_repr(eta)}")
+    if eta and split_sampler(sampler)[0] in ("ddim", "cfgpp_ddim"):
+        raise SdrtError(f"eta above 0 (DDIM with fresh noise) is not supported yet: sdrt's "
+                        f"{sampler} is DDIM at eta 0, got {eta:g}")
 
 
 def _diffusers_callback(callback, on_step_end, tensor_inputs):

@@ -75,3 +75,17 @@ def test_to_is_where_the_pipeline_is(pipe):
         pipe.to(torch.float16)
     with pytest.raises(SdrtError, match="Pipeline.to: device must be .*, got 'tpu:x'"):
         pipe.to("tpu:x")
+
+
+def test_eta_as_diffusers_reads_it(pipe):
+    # Only diffusers' DDIM reads eta; the other samplers draw the same image whatever it is.
+    plain = pipe("a fox", output_type="np", **KW)
+    assert np.array_equal(pipe("a fox", output_type="np", eta=0.7, **KW), plain)
+    ddim = {**KW, "sampler": "ddim"}
+    assert np.array_equal(pipe("a fox", output_type="np", eta=0.0, **ddim),
+                          pipe("a fox", output_type="np", **ddim))
+    with pytest.raises(SdrtError, match="eta above 0 \\(DDIM with fresh noise\\) is not "
+                                        "supported yet: sdrt's ddim is DDIM at eta 0, got 0.5"):
+        pipe("a fox", eta=0.5, **ddim)
+    with pytest.raises(SdrtError, match="eta must be a number from 0 to 1, got -1"):
+        pipe("a fox", eta=-1, **KW)
