@@ -307,6 +307,7 @@ def load_single_file(path, device, dtype, config=None, prediction_type=None, lim
                                                "model index")
             if prediction_type is not None:
                 configs["scheduler"] = {**configs["scheduler"], "prediction_type": prediction_type}
+            _v_prediction_marker(configs, f.source, prediction_type)  # (the file's own word)
         else:
             configs = single_file_configs(family.name, prediction_type, f.source)
         checked = parse_configs({c: configs[c] for c in components}, device, dtype,

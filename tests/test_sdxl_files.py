@@ -7,6 +7,7 @@ made from. ``sdrt generate`` with ``--prompt-2``, the micro-conditioning options
 refiner in the PNG info as A1111 does.
 """
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -39,6 +40,35 @@ def test_base_single_file_equals_folder(sdxl_base_folder, tmp_path):
     a, b = from_folder(**kw), from_file(**kw)
     assert a.std() > 0.02, "a flat image proves nothing"
     assert np.abs(a - b).max() <= SAME, np.abs(a - b).max()
+
+
+def test_v_pred_marked_single_file_runs_zero_snr_v_prediction(sdxl_base_folder, tmp_path):
+    # NoobAI-XL V-Pred's kind: the markers ComfyUI and A1111 read, over --config's scheduler.
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from sdrt.engine.request import ZERO_SNR
+    folder, ref = sdxl_base_folder
+    path = _single_file(tmp_path, "sdxl", ref)
+    with safe_open(path, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    marked = str(tmp_path / "vpred.safetensors")
+    save_file({**tensors, "v_pred": torch.zeros(0), "ztsnr": torch.zeros(0)}, marked)
+    from_file = Pipeline.from_pretrained(marked, device="cpu", config=folder)
+    cfg = from_file.scheduler_config
+    assert (cfg.prediction_type, cfg.rescale_betas_zero_snr, cfg.timestep_spacing) == \
+        ("v_prediction", True, "trailing")
+    from_folder = Pipeline.from_pretrained(folder, device="cpu")
+    from_folder.set_scheduler_config(prediction_type="v_prediction", **ZERO_SNR)
+    kw = dict(prompt="a red fox", height=H, width=W, num_inference_steps=STEPS,
+              guidance_scale=5.0, seed=4, output_type="np", sampler="euler")
+    a, b = from_folder(**kw), from_file(**kw)
+    assert a.std() > 0.02, "a flat image proves nothing"
+    assert np.abs(a - b).max() <= SAME, np.abs(a - b).max()
+    plain = Pipeline.from_pretrained(folder, device="cpu")(**kw)
+    assert np.abs(plain - b).max() > 0.02
+    eps = Pipeline.from_pretrained(marked, device="cpu", config=folder, prediction_type="epsilon")
+    assert eps.scheduler_config.prediction_type == "epsilon"
 
 
 def test_refiner_single_file_equals_folder(sdxl_refiner_folder, tmp_path):
