@@ -88,6 +88,13 @@ def add_parser(subparsers):
                    help="textual-inversion embeddings (.safetensors), loaded at start, as "
                         "A1111 loads its embeddings folder: a prompt writes one by its file's "
                         "stem (ComfyUI's embedding:NAME)")
+    s.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
+                   help="override the model's prediction type (a v-prediction fine-tune its "
+                        "files do not mark); for an SD 2.x single file, epsilon also selects "
+                        "the 512-base configs")
+    s.add_argument("--zero-snr", action="store_true",
+                   help="a zero-terminal-SNR schedule (diffusers' rescale_betas_zero_snr with "
+                        "trailing timesteps) for a model trained on it")
     s.add_argument("--refiner", metavar="PATH", default=None,
                    help="an SDXL refiner (diffusers folder or single file) for an SDXL --model: "
                         "A1111 requests name it in refiner_checkpoint (refiner_switch_at: where "
@@ -128,7 +135,8 @@ def config_from(a):
                        default_steps=a.steps, threads=a.threads, lora_dir=a.lora_dir,
                        controlnet_dir=a.controlnet_dir, vae_dir=a.vae_dir,
                        clip_vision_dir=a.clip_vision_dir, upscaler_dir=a.upscaler_dir,
-                       embedding_dir=a.embedding_dir, refiner=a.refiner)
+                       embedding_dir=a.embedding_dir, refiner=a.refiner,
+                       prediction_type=a.prediction_type, zero_snr=a.zero_snr)
 
 
 def _check_port(host, port):

@@ -34,6 +34,8 @@ class ServeConfig:
     upscaler_dir: str = None       # folder of upscale models (ESRGAN .safetensors files)
     embedding_dir: str = None      # folder of textual-inversion embeddings, loaded at start
     refiner: str = None            # an SDXL refiner (folder or file) that requests may name
+    prediction_type: str = None    # the model's objective where its files do not say it
+    zero_snr: bool = False         # a zero-terminal-SNR schedule (request.ZERO_SNR)
 
     def __post_init__(self):
         def positive(name, integer=True):

@@ -45,19 +45,24 @@ class Runner:
         device, dtype = resolve_device(self.config.device, self.config.dtype)
         if self.config.model is None:
             # The built-in model runs at the settings it was tuned for, as in `sdrt generate`.
-            pipe = demo_pipeline(device, dtype, vae_dtype=self.config.vae_dtype)
+            pipe = demo_pipeline(device, dtype, self.config.prediction_type,
+                                 vae_dtype=self.config.vae_dtype)
             tuned = demo_config()["demo_defaults"]
             self.default_steps = tuned["num_inference_steps"]
             self.default_guidance = tuned["guidance_scale"]
         else:
             pipe = Pipeline.from_pretrained(self.config.model, device=device, dtype=dtype,
-                                            vae_dtype=self.config.vae_dtype)
+                                            vae_dtype=self.config.vae_dtype,
+                                            prediction_type=self.config.prediction_type)
             self.default_steps, self.default_guidance = DEFAULT_STEPS, None
         if self.config.default_steps is not None:
             self.default_steps = self.config.default_steps
         self.model_name, self.model_hash, self.model_sha256 = model_identity(
             self.config.model, pipe)
         self.pipe = pipe
+        if self.config.zero_snr:
+            from sdrt.engine.request import ZERO_SNR
+            pipe.set_scheduler_config(**ZERO_SNR)
         self.scheduler_config = pipe.scheduler_config  # the model's own (a batch may change it)
         if self.config.refiner is not None:
             from sdrt.engine.pipeline import refiner_for

@@ -842,7 +842,8 @@ def test_cli_refuses_bad_options_before_importing_torch():
         "from sdrt.serve.cli import main\n"
         "cases = [['--max-batch', '0'], ['--compile', '10x10'], ['--port', 'x'],\n"
         "         ['--model', '/no/such/model'], ['--replicas', '2'], ['--batch-window-ms', '-1'],\n"
-        "         ['--max-queue', '0'], ['--timeout', '0'], ['--lora-dir', '/no/such/dir']]\n"
+        "         ['--max-queue', '0'], ['--timeout', '0'], ['--lora-dir', '/no/such/dir'],\n"
+        "         ['--refiner', '/no/such/refiner'], ['--prediction-type', 'sample']]\n"
         "for argv in cases:\n"
         "    err = io.StringIO()\n"
         "    with contextlib.redirect_stderr(err):\n"
@@ -858,6 +859,8 @@ def test_cli_refuses_bad_options_before_importing_torch():
     assert "max-batch must be a positive integer, got 0" in out.stdout
     assert "model path /no/such/model does not exist" in out.stdout
     assert "lora-dir /no/such/dir is not a folder" in out.stdout
+    assert "refiner path /no/such/refiner does not exist" in out.stdout
+    assert "argument --prediction-type: invalid choice: 'sample'" in out.stdout
 
 
 def _rss(pid):

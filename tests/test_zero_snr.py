@@ -107,3 +107,34 @@ def test_cli_and_workflow_node(tmp_path, capsys):
     flow = comfy.read(graph)
     assert flow.sampling == ("lcm", False) and flow.sampler == "lcm"
     assert comfy.scheduler_fields(flow.sampling) == ()
+
+
+def test_server_prediction_type_and_zero_snr(tiny_sd1_folder):
+    # sdrt serve --prediction-type v_prediction --zero-snr: the library's image so set up.
+    pytest.importorskip("fastapi")
+    import base64
+    import io
+
+    import httpx
+    from PIL import Image
+
+    from sdrt.serve.config import ServeConfig
+    from sdrt.serve.local import LocalServer, free_port
+    config = ServeConfig(model=tiny_sd1_folder, port=free_port(), max_batch=1,
+                         prediction_type="v_prediction", zero_snr=True)
+    body = dict(prompt="a fox", steps=3, width=32, height=32, seed=5, cfg_scale=6,
+                sampler_name="Euler")
+    with LocalServer(config) as url:
+        r = httpx.post(f"{url}/sdapi/v1/txt2img", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))),
+                     dtype=np.int16)
+    pipe = Pipeline.from_pretrained(tiny_sd1_folder, device="cpu", prediction_type="v_prediction")
+    pipe.set_scheduler_config(**ZERO_SNR)
+    want = pipe("a fox", negative_prompt="", num_inference_steps=3, width=32, height=32, seed=5,
+                guidance_scale=6.0, sampler="euler")[0]
+    assert np.abs(got - np.asarray(want, dtype=np.int16)).max() <= 1
+    plain = Pipeline.from_pretrained(tiny_sd1_folder, device="cpu")(
+        "a fox", negative_prompt="", num_inference_steps=3, width=32, height=32, seed=5,
+        guidance_scale=6.0, sampler="euler")[0]
+    assert np.abs(got - np.asarray(plain, dtype=np.int16)).max() > 2
