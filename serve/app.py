@@ -453,7 +453,7 @@ def create_app(config: ServeConfig = None) -> FastAPI:
         req = _openai_request(server, body, *_size(body.size, server))
         seeds = server.seeds(req.seed, body.n, "seed")
         key = BatchKey(req.height, req.width, req.num_inference_steps, req.sampler,
-                       req.guidance, None, 0, server.chunks(req))
+                       req.guidance, None, 0, server.chunks(req), rescale=_rescale(req))
         rows = [Row(body.prompt, body.negative_prompt or "", req.guidance_scale, s)
                 for s in seeds]
         return await _openai_images(server, request, t0, key, rows)
@@ -491,7 +491,7 @@ def create_app(config: ServeConfig = None) -> FastAPI:
             image, mask = job.image, job.mask
         key = BatchKey(req.height, req.width, req.num_inference_steps, req.sampler,
                        req.guidance, req.strength, 0, server.chunks(req),
-                       inpaint=mask is not None)
+                       inpaint=mask is not None, rescale=_rescale(req))
         rows = [Row(body.prompt, body.negative_prompt or "", req.guidance_scale, s, image, mask)
                 for s in seeds]
         return await _openai_images(server, request, t0, key, rows,
@@ -766,7 +766,14 @@ def _openai_request(server, body, width, height, **image_fields):
         num_inference_steps=_given(body.steps, server.runner.default_steps),
         guidance_scale=_given(body.guidance_scale, server.runner.default_guidance, 7.5),
         sampler=server.sampler(body.sampler, "sampler"), seed=body.seed,
-        num_images_per_prompt=body.n, **image_fields)
+        num_images_per_prompt=body.n, guidance_rescale=_given(body.guidance_rescale, 0.0),
+        **image_fields)
+
+
+def _rescale(req):
+    """``BatchKey.rescale`` of a checked request: diffusers' guidance rescale where it has
+    one (and guidance to rescale)."""
+    return (req.guidance_rescale, "diffusers") if req.guidance_rescale and req.guidance else ()
 
 
 async def _openai_images(server, request, t0, key, rows, finish=None):

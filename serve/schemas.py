@@ -37,6 +37,8 @@ class ImageGenerationRequest(BaseModel):
     sampler: Optional[str] = Field(None, description="an sdrt sampler id or an A1111 label")
     seed: Optional[int] = Field(None, description="seed of the first image, the i-th image "
                                                   "uses seed + i; -1 or absent: random")
+    guidance_rescale: Optional[float] = Field(
+        None, description="diffusers' guidance_rescale, 0 to 1 (default 0: off)")
 
 
 class ImageEditRequest(ImageGenerationRequest):

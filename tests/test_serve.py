@@ -117,6 +117,16 @@ def test_openai_sdk_gets_the_images_the_library_makes(main_server, ref_pipe):
     with pytest.raises(openai.BadRequestError) as e:
         client.images.generate(prompt="a fox", size="64x64", response_format="url")
     assert "response_format" in str(e.value)
+    # diffusers' guidance_rescale, as an extra
+    res = client.images.generate(prompt="a red fox", size="64x64", extra_body={
+        "steps": 2, "seed": 12, "guidance_scale": 9.0, "guidance_rescale": 0.7})
+    assert_same_image(png(res.data[0].b64_json, (64, 64)),
+                      reference(ref_pipe, "a red fox", 12, guidance=9.0, negative="",
+                                guidance_rescale=0.7), "guidance_rescale")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.generate(prompt="a fox", size="64x64",
+                               extra_body={"guidance_rescale": 1.5})
+    assert "guidance_rescale must be a number from 0 to 1, got 1.5" in str(e.value)
 
 
 def test_openai_sdk_edits_inpaint_and_redraw(main_server, ref_pipe):
