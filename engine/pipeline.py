@@ -1241,7 +1241,8 @@ class Pipeline:
         """Generate images; see the README for each argument.
 
         Returns a list of PIL images (``"pil"``), a float32 array (B, H, W, 3) in [0, 1]
-        (``"np"``), or the final latents (``"latent"``); the first two are also diffusers'
+        (``"np"``), the same as a float32 tensor (B, 3, H, W) (``"pt"``, as diffusers'), or
+        the final latents (``"latent"``); the first two are also diffusers'
         output (``.images``), and ``return_dict=False`` gives diffusers' tuple (images,
         None). ``callback_on_step_end`` is diffusers' name for ``callback``; ``eta`` is
         diffusers' DDIM noise (0 only; the other samplers do not read it). ``seed=-1`` (or
@@ -1778,6 +1779,8 @@ class Pipeline:
     def _format(images, output_type):
         if output_type == "np":
             return images.view(ImageArray)
+        if output_type == "pt":  # (diffusers' torch output: (B, 3, H, W) in [0, 1])
+            return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
         from PIL import Image
         return ImageList(Image.fromarray((i * 255).round().astype(np.uint8)) for i in images)
 

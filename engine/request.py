@@ -73,7 +73,7 @@ CFG_PP_PREFIX = "cfgpp_"
 # A1111's DDIM CFG++ guides with its CFG scale divided by this (scales 0 to 12.5 map to
 # CFG++'s lambda in [0, 1]); ComfyUI's CFG++ samplers take the scale as their lambda.
 A1111_CFG_PP_DIVISOR = 12.5
-OUTPUT_TYPES = ("pil", "np", "latent")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # How a prompt string is read: A1111's syntax (weights, BREAK, 75-token chunks past 77 tokens;
 # prompt_syntax.py), as plain text (cut at 77 tokens, as diffusers does), or as ComfyUI reads it
 # (its weights and chunks: comfy_prompt.py).

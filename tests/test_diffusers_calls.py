@@ -34,6 +34,9 @@ def test_outputs_are_also_diffusers_outputs(pipe):
     assert np.array_equal(np.asarray(images[0]), (array[0] * 255).round().astype(np.uint8))
     # what is computed from it is a plain array or number
     assert type(array - array) is np.ndarray and type(array.max()) is np.float32
+    tensor = pipe("a fox", output_type="pt", **KW)  # diffusers' torch output
+    assert tensor.shape == (1, 3, 32, 32) and tensor.dtype == torch.float32
+    assert np.array_equal(tensor.permute(0, 2, 3, 1).numpy(), array)
     pair = pipe("a fox", output_type="np", return_dict=False, **KW)
     assert isinstance(pair, tuple) and pair[1] is None and np.array_equal(pair[0], array)
     latents, nsfw = pipe("a fox", output_type="latent", return_dict=False, **KW)

@@ -145,7 +145,7 @@ def test_output_types(pipes):
     (dict(width=0), "width must be an integer from 1 to 4096, got 0"),
     (dict(num_inference_steps=0), "num_inference_steps must be an integer from 1 to 1000"),
     (dict(sampler="dpm_adaptive"), "sampler must be one of ddim, .*, got 'dpm_adaptive'"),
-    (dict(output_type="tensor"), "output_type must be one of pil, np, latent, got 'tensor'"),
+    (dict(output_type="tensor"), "output_type must be one of pil, np, pt, latent, got 'tensor'"),
     (dict(negative_prompt=["a", "b", "c"]), "negative_prompt must be one string or a list of 1"),
     (dict(latents=torch.zeros(1, 4, 3, 3)), "latents have shape"),
     (dict(clip_skip=-1), "clip_skip must be an integer of 0 or more, got -1"),

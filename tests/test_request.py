@@ -95,7 +95,7 @@ BAD = [
                        "of euler, .* and S one "
                        "of exponential, .*, got 'dpm_adaptive'"),
     ("sampler", 3, "one of ddim, .*, got 3"),
-    ("output_type", "tensor", "one of pil, np, latent, got 'tensor'"),
+    ("output_type", "tensor", "one of pil, np, pt, latent, got 'tensor'"),
     ("original_size", (0, 3),
      "a pair \\(height, width\\) of integers from 1 to 65536, got \\(0, 3\\)"),
     ("target_size", (512, 2 ** 17), "a pair \\(height, width\\) of integers from 1 to 65536"),
