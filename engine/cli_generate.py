@@ -502,7 +502,8 @@ def _refiner(a, pipe):
 
 
 def _stem(path):
-    return os.path.splitext(os.path.basename(path))[0]
+    """A file name's stem, in a subfolder written either way (ComfyUI on Windows: "a\\b")."""
+    return os.path.splitext(os.path.basename(path.replace("\\", "/")))[0]
 
 
 def _prompt_loras(a):

@@ -425,9 +425,13 @@ def read(graph, upscaler_scale=None) -> Workflow:
     nodes = _Nodes(graph)
     outputs = [i for i, n in graph.items()
                if isinstance(n, dict) and n.get("class_type") in _OUTPUTS]
+    saved = [i for i in outputs if nodes.kind(i) != "PreviewImage"]
+    if len(saved) == 1:  # (previews beside it, e.g. of a hires fix's first pass: not drawn)
+        outputs = saved
     if len(outputs) != 1:
-        raise SdrtError(f"workflow must have one SaveImage, PreviewImage or {SAVE_WEBSOCKET} "
-                        f"node, got {len(outputs)}")
+        raise SdrtError(f"workflow must have one SaveImage or {SAVE_WEBSOCKET} node (and "
+                        f"any PreviewImage nodes, which sdrt does not draw), or one "
+                        f"PreviewImage, got {len(saved)} and {len(outputs) - len(saved)}")
     final, image, key = None, outputs[0], "images"
     if nodes.kind(nodes.link(image, key)[0]) in (_WITH_MODEL, *_IMAGE_SCALES):
         # the decoded images upscaled by a model before they are saved
@@ -475,7 +479,7 @@ def read(graph, upscaler_scale=None) -> Workflow:
     if nodes.kind(vae) == "CheckpointLoaderSimple" and vae != checkpoint:
         raise SdrtError(f"workflow node {decode} (VAEDecode) must decode with the sampled "
                         f"model's checkpoint VAE or a VAELoader's")
-    texts, texts_2, sizes, skips = {}, {}, {}, set()
+    texts, texts_2, sizes, skips, model_only = {}, {}, {}, set(), None
     source = nodes.link(sampler_id, "latent_image")[0]  # (an InpaintModelConditioning's?)
     text_ids, controls = _controls(nodes, sampler_id, inpaint=(
         source if nodes.kind(source) == INPAINT_CONDITIONING else None))
@@ -485,16 +489,23 @@ def read(graph, upscaler_scale=None) -> Workflow:
         else:
             texts[side] = _text(nodes, text_id, "text")
         skip, clip_loras = nodes.clip_chain(nodes.link(text_id, "clip"), checkpoint)
-        # the LoraLoaders of the model's chain (a LoraLoaderModelOnly leaves the CLIP alone)
+        # the LoraLoaders of the model's chain (a LoraLoaderModelOnly leaves the CLIP alone,
+        # and so does a LoraLoader whose CLIP output no prompt reads)
         wanted = [lora for lora in loras if nodes.kind(lora[0]) == "LoraLoader"]
-        if clip_loras != wanted:
+        read = {lora[0] for lora in clip_loras}
+        unread = tuple(lora[0] for lora in wanted if lora[0] not in read)
+        if clip_loras != [lora for lora in wanted if lora[0] in read] or \
+                model_only not in (None, unread):
             raise SdrtError(f"workflow node {text_id} (CLIPTextEncode) must encode with the "
                             f"LoraLoaders the sampled model has ({_names(wanted)}), got "
                             f"{_names(clip_loras)}")
+        model_only = unread
         skips.add(skip)
     if len(skips) > 1:
         raise SdrtError("workflow encodes the prompt and the negative prompt with different "
                         "CLIPSetLastLayer settings; sdrt takes one clip skip")
+    loras = [(node, name, ((scale if isinstance(scale, (int, float)) else scale[0]), 0.0)
+              if node in (model_only or ()) else scale) for node, name, scale in loras]
     if sizes and (len(sizes) == 1 or sizes["positive"] != sizes["negative"]):
         raise SdrtError(f"workflow node {text_ids['negative']} "
                         f"({nodes.kind(text_ids['negative'])}) must condition on the sizes and "

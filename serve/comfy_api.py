@@ -37,6 +37,7 @@ kept in memory, the newest ``MAX_HISTORY`` prompts and ``MAX_UPLOADS`` uploads.
 import asyncio
 import json
 import os
+import re
 import struct
 import sys
 import time
@@ -379,6 +380,10 @@ def register(app, server_of, api_error):
             raise bad(f"prompt must be a workflow in API format (an object of nodes), got "
                       f"{short_repr(body.get('prompt') if isinstance(body, dict) else body)}")
         _check_ids(body, jobs, bad)
+        if len(jobs.running) >= server.config.max_queue:  # (refused now, not failed later)
+            raise api_error(429, f"the queue is full ({len(jobs.running)} prompts queued or "
+                                 f"running); retry later", "queue_full", None,
+                            {"Retry-After": "1"})
         graph = body["prompt"]
         try:
             flow = await run_in_threadpool(comfy.read, graph, _upscaler_scale(server.runner))
@@ -784,11 +789,16 @@ def _image_prompts(server, flow, uploads, first, bad):
 
 
 def _uploaded(uploads, name, bad):
-    """The uploaded image a LoadImage (or LoadImageMask) names, as it was sent."""
+    """The uploaded image a LoadImage (or LoadImageMask) names, as it was sent. The name may
+    carry ComfyUI's annotation (" [input]") and a subfolder ("clipspace/...", the mask
+    editor's), as ComfyUI's own front end writes them; uploads are kept by file name."""
     image = uploads.get(name)
+    if image is None and isinstance(name, str):
+        bare = re.sub(r" \[(input|temp)\]$", "", name).replace("\\", "/").rsplit("/", 1)[-1]
+        image = uploads.get(bare)
     if image is None:
         raise bad(f"prompt: workflow loads image {short_repr(name)}, which was not uploaded "
-                  f"(POST /upload/image first)")
+                  f"(POST /upload/image first; this server's outputs are not inputs)")
     return image
 
 
@@ -820,7 +830,8 @@ def _original(jobs, text, bad):
 
 
 def _stem(name):
-    return os.path.splitext(os.path.basename(str(name)))[0]
+    """A file name's stem, in a subfolder written either way (ComfyUI on Windows: "a\\b")."""
+    return os.path.splitext(os.path.basename(str(name).replace("\\", "/")))[0]
 
 
 def _hires(server, flow, req, bad):

@@ -89,6 +89,32 @@ def test_lora_strengths_for_the_model_and_the_clip():
                                    ("detail.safetensors", 0.5), ("hyper.safetensors", (0.9, 0.0))]
 
 
+def test_a_lora_loader_whose_clip_no_prompt_reads_patches_the_unet_alone():
+    # ComfyUI then encodes the prompts without it: sdrt's (UNet's, 0) scale.
+    g = _with_loras()
+    g["12"]["inputs"]["clip"] = ["10", 1]  # (the second LoraLoader's CLIP output unread)
+    assert comfy.read(g).loras == [("styles/ink.safetensors", 0.8),
+                                   ("detail.safetensors", (0.5, 0.0))]
+    g["12"]["inputs"]["clip"] = ["4", 1]
+    assert comfy.read(g).loras == [("styles/ink.safetensors", (0.8, 0.0)),
+                                   ("detail.safetensors", (0.5, 0.0))]
+    g["7"]["inputs"]["clip"] = ["11", 1]  # one prompt with the LoRAs, the other without
+    with pytest.raises(SdrtError, match="must encode with the LoraLoaders"):
+        comfy.read(g)
+
+
+def test_previews_beside_the_saved_image_are_not_drawn():
+    g = copy.deepcopy(DEFAULT)
+    g["20"] = {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}}
+    assert comfy.read(g).output == "9"
+    g["21"] = {"class_type": "SaveImage", "inputs": {"images": ["8", 0]}}
+    with pytest.raises(SdrtError, match="must have one SaveImage or SaveImageWebsocket node .*"
+                                        "got 2 and 1"):
+        comfy.read(g)
+    del g["9"], g["21"]
+    assert comfy.read(g).output == "20"  # (a preview alone is the output)
+
+
 def test_image_to_image():
     flow = comfy.read(_img2img())
     assert (flow.init_image, flow.strength, flow.width, flow.height) == \
@@ -190,15 +216,6 @@ def _swapped_outputs(g):
     g["3"]["inputs"].update(positive=["32", 1], negative=["32", 0])
 
 
-def _lora_on_model(g, strength_clip):
-    """A LoraLoader (model strength 1) between the checkpoint and the KSampler's model only:
-    the prompts still encode with the checkpoint's own CLIP."""
-    g["20"] = {"class_type": "LoraLoader", "inputs": {
-        "lora_name": "a.safetensors", "strength_model": 1.0, "strength_clip": strength_clip,
-        "model": ["4", 0], "clip": ["4", 1]}}
-    g["3"]["inputs"]["model"] = ["20", 0]
-
-
 REFUSED = {
     "upscaled latent": (lambda g: g.update({
         "20": {"class_type": "LatentUpscale", "inputs": {"samples": ["3", 0]}},
@@ -222,7 +239,8 @@ REFUSED = {
                                                             scheduler="karras"),
                           "'lcm' with scheduler 'karras' has no sdrt sampler"),
     "two outputs": (lambda g: g.update({"20": copy.deepcopy(g["9"])}),
-                    "one SaveImage, PreviewImage or SaveImageWebsocket node, got 2"),
+                    "one SaveImage or SaveImageWebsocket node (and any PreviewImage nodes, "
+                    "which sdrt does not draw), or one PreviewImage, got 2 and 0"),
     "denoise on empty latent": (lambda g: g["3"]["inputs"].update(denoise=0.5),
                                 "denoise 0.5 on an empty latent"),
     "missing node": (lambda g: g["3"]["inputs"].update(positive=["99", 0]),
@@ -231,9 +249,6 @@ REFUSED = {
                           "text must be a string"),
     "steps not an integer": (lambda g: g["3"]["inputs"].update(steps=2.5),
                              "steps must be an integer, got 2.5"),
-    "LoRA on the model only": (lambda g: _lora_on_model(g, strength_clip=1.0),
-                               "must encode with the LoraLoaders the sampled model has "
-                               "(a.safetensors (node 20)), got none"),
     "ControlNet on the positive prompt only": (
         _positive_only, "node 22 (ControlNetApply) must condition both the positive and the "
                         "negative prompt"),

@@ -641,3 +641,30 @@ def test_sdxl_text_workflow_on_an_sdxl_server(sdxl_base_folder):
     plain = pipe("a fox", negative_prompt="blurry", height=32, width=32, num_inference_steps=2,
                  guidance_scale=7.0, sampler="euler_a_normal", seed=11)[0]
     assert np.abs(np.asarray(plain, dtype=int) - np.asarray(want, dtype=int)).max() > 2
+
+
+def test_names_as_comfyuis_front_end_writes_them(server, ref_pipe, tmp_path):
+    # LoadImage's " [input]" annotation and a subfolder (the mask editor's "clipspace/..."),
+    # and a LoraLoader's Windows subfolder ("SD1.5\\name"), as ComfyUI writes them.
+    url = server
+    rng = np.random.default_rng(3)
+    picture = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    name = httpx.post(f"{url}/upload/image", files={"image": ("front.png", buffer.getvalue())},
+                      timeout=TIMEOUT).json()["name"]
+    outs = []
+    for written in (name, f"{name} [input]", f"clipspace/{name} [input]"):
+        graph = _workflow(url, DEFAULT, seed=16)
+        graph["10"] = {"class_type": "LoadImage", "inputs": {"image": written}}
+        graph["11"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0],
+                                                              "vae": ["4", 2]}}
+        graph["3"]["inputs"].update(latent_image=["11", 0], denoise=0.5)
+        entry = _history(url, _queue(url, graph)["prompt_id"])
+        assert entry["status"]["status_str"] == "success", (written, entry["status"])
+        outs.append(np.asarray(Image.open(io.BytesIO(
+            _view(url, entry["outputs"]["9"]["images"][0])))))
+    assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
+    graph["10"]["inputs"]["image"] = "ComfyUI_00001_.png [output]"
+    r = httpx.post(f"{url}/prompt", json={"prompt": graph}, timeout=TIMEOUT)
+    assert r.status_code == 400 and "which was not uploaded" in r.text, r.text

@@ -112,7 +112,8 @@ def test_comfyui_lora_loader(server, ref_pipe, lora_dir):
     g["6"]["inputs"].update(text=PROMPT, clip=["10", 1])
     g["7"]["inputs"].update(text="blurry", clip=["10", 1])
     g["10"] = {"class_type": "LoraLoader",
-               "inputs": {"lora_name": "styles/paper.safetensors", "strength_model": 0.6,
+               # (its subfolder as ComfyUI on Windows writes it)
+               "inputs": {"lora_name": "styles\\paper.safetensors", "strength_model": 0.6,
                           "strength_clip": 0.6, "model": ["4", 0], "clip": ["4", 1]}}
     # and a LoraLoaderModelOnly after it: its LoRA patches the UNet alone
     g["11"] = {"class_type": "LoraLoaderModelOnly",
