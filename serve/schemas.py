@@ -13,6 +13,9 @@ from typing import Dict, List, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 _REQUEST = ConfigDict(strict=True, extra="ignore")
+# A1111's models coerce as its pydantic does: 0/1 for booleans, 5.0 or "5" for integers
+# (published payloads and client libraries send them so); a fraction for an integer is refused.
+_A1111_REQUEST = ConfigDict(strict=False, extra="ignore")
 
 
 # -- OpenAI Images API ---------------------------------------------------------------------------
@@ -70,7 +73,7 @@ class ImagesResponse(BaseModel):
 class A1111Request(BaseModel):
     """What ``POST /sdapi/v1/txt2img`` and ``/img2img`` share, with A1111's field names and
     defaults."""
-    model_config = _REQUEST
+    model_config = _A1111_REQUEST
     prompt: str = ""
     negative_prompt: str = ""
     seed: int = Field(-1, description="-1: random; the i-th image uses seed + i")
@@ -204,7 +207,7 @@ class UpscalerItem(BaseModel):
 
 class ExtrasRequest(BaseModel):
     """A1111's Extras fields (``ExtrasBaseRequest``), with its defaults."""
-    model_config = _REQUEST
+    model_config = _A1111_REQUEST
     resize_mode: int = Field(0, description="0: scale by upscaling_resize; 1: scale to cover "
                                             "upscaling_resize_w x upscaling_resize_h")
     show_extras_results: bool = Field(True, description="ignored: the images are returned")

@@ -214,6 +214,13 @@ def test_a1111_txt2img_fields_round_trip(main_server, ref_pipe):
         assert_same_image(got, reference(ref_pipe, body["prompt"], 123 + i, (64, 32),
                                          guidance=5.0, negative="blurry, dark",
                                          sampler="euler"), f"image {i}")
+    # Numbers as A1111's pydantic coerces them (published payloads send these): the same
+    loose = {**body, "seed": 123.0, "steps": "2", "width": 64.0, "cfg_scale": "5",
+             "restore_faces": 0, "batch_size": 1}
+    r = httpx.post(f"{url}/sdapi/v1/txt2img", json=loose, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    assert_same_image(png(r.json()["images"][0], (64, 32)), png(out["images"][0], (64, 32)),
+                      "coerced fields")
 
     # A1111's clip skip (override_settings), and batch_size x n_iter images.
     r = httpx.post(f"{url}/sdapi/v1/txt2img", timeout=TIMEOUT, json={
@@ -714,7 +721,8 @@ MALFORMED = [  # (endpoint, body: dict or raw bytes, what the message must name)
     (GEN, b'{"prompt": "a",', "JSON"),
     (GEN, b"[1, 2]", "request body"),
     (GEN, b"", "request body"),
-    (T2I, {"prompt": "a", "cfg_scale": "7"}, "cfg_scale"),
+    (T2I, {"prompt": "a", "cfg_scale": "high"}, "cfg_scale"),  # ("7" is 7, as A1111 reads it)
+    (T2I, {"prompt": "a", "steps": 2.5}, "steps"),
     (T2I, {"prompt": "a", "sampler_name": "DPM adaptive"}, "sampler_name"),
     (T2I, {"prompt": "a", "sampler_name": "DDIM", "scheduler": "Karras"}, "scheduler"),
     (T2I, {"prompt": "a", "sampler_name": "Euler Karras", "scheduler": "Beta"}, "scheduler"),

@@ -191,7 +191,7 @@ BAD = [
      "extras_upscaler_2_visibility"),
     (SINGLE, {"upscaler_1": "Lanczos", "upscaling_resize": 0}, "upscaling_resize"),
     (SINGLE, {"upscaler_1": "Lanczos", "upscaling_resize": 100}, "upscaling_resize"),
-    (SINGLE, {"upscaler_1": "Lanczos", "upscaling_resize": "2"}, "upscaling_resize"),
+    (SINGLE, {"upscaler_1": "Lanczos", "upscaling_resize": "two"}, "upscaling_resize"),
     (SINGLE, {"upscaler_1": "Lanczos", "resize_mode": 2}, "resize_mode"),
     (SINGLE, {"upscaler_1": "Lanczos", "resize_mode": 1, "upscaling_resize_w": 8192},
      "upscaling_resize_w"),
