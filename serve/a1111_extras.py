@@ -44,6 +44,8 @@ def check_settings(server, settings, bad, text_layers, where=""):
         raise bad(f"{where or 'the request body'} must be an object of settings, got "
                   f"{short_repr(settings)}", where or None)
     for key in settings:
+        if key == "sd_checkpoint_hash" and settings[key] in (None, server.runner.model_sha256):
+            continue  # (what GET /sdapi/v1/options returns, posted back as it was)
         if key not in OPTIONS:
             raise bad(f"{field}{key} is not a setting sdrt has; it takes {', '.join(OPTIONS)}",
                       where or key)

@@ -42,7 +42,7 @@ from sdrt.engine.request import (MAX_LORA_SCALE, MAX_SEED, SAMPLER_NAMES, Genera
 from . import a1111_sd_upscale, schemas
 from .a1111_controlnet import parse as parse_controlnet
 from .a1111_controlnet import script_args
-from .a1111_extras import check_settings
+from .a1111_extras import check_settings, model_titles
 from .config import ServeConfig
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .runner import Runner
@@ -66,6 +66,9 @@ _ENDPOINTS = ("/v1/images/generations", "/v1/images/edits", "/sdapi/v1/txt2img",
               "/sdapi/v1/extra-batch-images", "/prompt", "/view", "/queue", "/upload/image",
               "/object_info", "/system_stats", "/controlnet/model_list", "/health", "/metrics")
 _OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/docs/oauth2-redirect")
+# ComfyUI's routes, which its API also serves under /api/ (``_Guard`` maps them back)
+_COMFY_ROUTES = ("prompt", "history", "view", "queue", "upload", "object_info",
+                 "system_stats", "embeddings", "extensions", "models", "ws")
 _POLL_S = 0.25  # how often a waiting request checks its client and its deadline
 
 
@@ -315,6 +318,10 @@ class _Guard:
         return hmac.compare_digest(given, f"Bearer {self.config.api_key}".encode())
 
     async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if path.startswith("/api/") and path[4:].split("/", 2)[1] in _COMFY_ROUTES:
+            # ComfyUI serves every route under /api too, which its newer clients call
+            scope = {**scope, "path": path[4:], "raw_path": path[4:].encode()}
         if scope["type"] == "websocket" and not self._authorized(scope):
             await receive()  # the handshake, refused: the client sees HTTP 403
             return await send({"type": "websocket.close", "code": 1008})
@@ -420,7 +427,11 @@ def create_app(config: ServeConfig = None) -> FastAPI:
         kind = {413: "too_large", 404: "not_found", 405: "method_not_allowed"}.get(
             exc.status_code, "bad_request")
         request.app.state.server.metrics.errors.labels(kind).inc()
-        return _error_json(exc.status_code, str(exc.detail), kind, headers=exc.headers)
+        detail = str(exc.detail)
+        if exc.status_code in (404, 405) and detail in ("Not Found", "Method Not Allowed"):
+            detail = (f"{request.method} {request.url.path} is not served by sdrt: it serves "
+                      f"OpenAI's, A1111's and ComfyUI's endpoints listed at GET /docs")
+        return _error_json(exc.status_code, detail, kind, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def internal_error(request, exc: Exception):
@@ -479,6 +490,9 @@ def create_app(config: ServeConfig = None) -> FastAPI:
         if raw_mask is not None:
             mask = await run_in_threadpool(_openai_mask, await raw_mask.read(), image.size,
                                            server.limits)
+        elif _has_alpha(image) and image.getextrema()[-1][0] < 255:
+            # OpenAI: without a mask, the image's own transparency marks what is edited
+            mask = await run_in_threadpool(_alpha_mask, image)
         width, height = _size(body.size, server)
         if width is None:
             width, height = server.image_size(image, "image")
@@ -795,6 +809,9 @@ def _check_openai_formats(body):
     if body.output_format not in (None, "png"):
         raise ApiError(400, f"output_format must be png, got {short_repr(body.output_format)}",
                        "bad_request", "output_format")
+    if body.background not in (None, "auto", "opaque"):
+        raise ApiError(400, f"background must be auto or opaque (sdrt draws no transparency), "
+                            f"got {short_repr(body.background)}", "bad_request", "background")
 
 
 async def _read_form(request):
@@ -841,13 +858,21 @@ def _openai_mask(raw, size, limits):
     """OpenAI's mask: a PNG of the image's size whose transparent pixels (alpha 0) mark what
     is repainted → float (H, W), 1 there."""
     im = _decode_bytes(raw, "mask", limits)
-    if im.mode not in ("RGBA", "LA", "PA") and not (im.mode == "P"
-                                                    and "transparency" in im.info):
+    if not _has_alpha(im):
         raise ApiError(400, f"mask must be a PNG with an alpha channel (transparent where the "
                             f"image is edited), got mode {im.mode}", "bad_request", "mask")
     if im.size != size:
         raise ApiError(400, f"mask must have the image's size {size[0]}x{size[1]}, got "
                             f"{im.width}x{im.height}", "bad_request", "mask")
+    return _alpha_mask(im)
+
+
+def _has_alpha(im):
+    return im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
+
+
+def _alpha_mask(im):
+    """A picture's transparency as OpenAI's mask: float (H, W), 1 where alpha is 0."""
     import numpy as np
     alpha = np.asarray(im.convert("RGBA"))[..., 3]
     return 1 - alpha.astype(np.float32) / 255
@@ -1050,9 +1075,10 @@ def _hires(server, body, req):
     from sdrt.engine.hires import UPSCALERS, Hires
 
     from .a1111_upscale import check_model
-    if body.hr_checkpoint_name not in (None, "", "Use same checkpoint"):
+    if body.hr_checkpoint_name not in (None, "", "Use same checkpoint") and \
+            body.hr_checkpoint_name not in model_titles(server.runner, server.config.model):
         raise ApiError(400, f"hr_checkpoint_name must be null, '' or 'Use same checkpoint' "
-                            f"(the server runs one model), got "
+                            f"or name the loaded model (the server runs one model), got "
                             f"{short_repr(body.hr_checkpoint_name)}", "bad_request",
                        "hr_checkpoint_name")
     names = {"scale": "hr_scale", "upscaler": "hr_upscaler", "steps": "hr_second_pass_steps",

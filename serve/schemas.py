@@ -31,6 +31,8 @@ class ImageGenerationRequest(BaseModel):
     response_format: Optional[Literal["b64_json", "url"]] = Field(
         None, description="b64_json only: the server keeps no images to link to")
     output_format: Optional[str] = Field(None, description="png only")
+    background: Optional[str] = Field(None, description="auto or opaque (sdrt draws no "
+                                                        "transparency)")
     user: Optional[str] = None
     # sdrt's extras (the OpenAI SDK sends them with extra_body=...)
     negative_prompt: Optional[str] = None

@@ -117,6 +117,13 @@ def test_openai_sdk_gets_the_images_the_library_makes(main_server, ref_pipe):
     with pytest.raises(openai.BadRequestError) as e:
         client.images.generate(prompt="a fox", size="64x64", response_format="url")
     assert "response_format" in str(e.value)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.generate(prompt="a fox", size="64x64", extra_body={"background":
+                                                                         "transparent"})
+    assert "background must be auto or opaque" in str(e.value)
+    assert httpx.get(f"{url}/sdapi/v1/interrogate", timeout=TIMEOUT).json()["error"][
+        "message"] == ("GET /sdapi/v1/interrogate is not served by sdrt: it serves OpenAI's, "
+                       "A1111's and ComfyUI's endpoints listed at GET /docs")
     # diffusers' guidance_rescale, as an extra
     res = client.images.generate(prompt="a red fox", size="64x64", extra_body={
         "steps": 2, "seed": 12, "guidance_scale": 9.0, "guidance_rescale": 0.7})
@@ -157,6 +164,13 @@ def test_openai_sdk_edits_inpaint_and_redraw(main_server, ref_pipe):
     want = reference(ref_pipe, "a fox", 9, size=(32, 32), guidance=6.0, image=init,
                      strength=0.6)
     assert_same_image(png(res.data[0].b64_json, (32, 32)), want, "redrawn image")
+    # Without a mask, an image with transparency is its own mask (OpenAI's rule)
+    holed = _png_file(Image.fromarray(np.dstack([np.asarray(init), rgba[..., 3]]), "RGBA"))
+    own, given = (client.images.edit(image=("in.png", holed, "image/png"), prompt="a red fox",
+                                     extra_body=extra, **kw).data[0].b64_json
+                  for kw in ({}, {"mask": ("mask.png", _png_file(mask), "image/png")}))
+    assert np.array_equal(np.asarray(png(own, (64, 48))), np.asarray(png(given, (64, 48))))
+    assert np.array_equal(np.asarray(png(own, (64, 48)))[:8], np.asarray(init)[:8])
 
     def refused(**kw):
         with pytest.raises(openai.BadRequestError) as e:
@@ -505,6 +519,13 @@ def test_a1111_options_png_info_and_lists(main_server, ref_pipe):
         title = client.get("/sdapi/v1/options").json()["sd_model_checkpoint"]
         assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": title}
                            ).status_code == 200
+        # (webuiapi's set_options(get_options()): what GET returns posts back as it is)
+        assert client.post("/sdapi/v1/options", json=client.get("/sdapi/v1/options").json()
+                           ).status_code == 200
+        r = client.post("/sdapi/v1/txt2img", json={  # a hires fix naming the loaded model
+            "prompt": "x", "steps": 1, "width": 32, "height": 32, "enable_hr": True,
+            "hr_scale": 1.5, "hr_checkpoint_name": title})
+        assert r.status_code == 200, r.text
         for body, param in (({"sd_model_checkpoint": "v1-5-pruned.safetensors"},
                              "sd_model_checkpoint"),
                             ({"sd_vae": "vae-ft-mse.safetensors"}, "sd_vae"),

@@ -222,6 +222,8 @@ def test_object_info_drives_a_workflow(server, ref_pipe):
     url = server
     info = httpx.get(f"{url}/object_info", timeout=TIMEOUT).json()
     assert set(info) >= {"CheckpointLoaderSimple", "KSampler", "VAEDecode", "SaveImage"}
+    # (every route under /api/ too, as ComfyUI serves them to its newer clients)
+    assert httpx.get(f"{url}/api/object_info", timeout=TIMEOUT).json() == info
     assert info["SaveImage"]["output_node"] and info["KSampler"]["output"] == ["LATENT"]
     ckpt = info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
     assert ckpt == httpx.get(f"{url}/models/checkpoints", timeout=TIMEOUT).json()
@@ -231,7 +233,8 @@ def test_object_info_drives_a_workflow(server, ref_pipe):
     graph = _workflow(url, DEFAULT)
     graph["4"]["inputs"]["ckpt_name"] = ckpt[0]
     graph["3"]["inputs"].update(sampler_name="heun", scheduler="karras")
-    entry = _history(url, _queue(url, graph)["prompt_id"])
+    queued = httpx.post(f"{url}/api/prompt", json={"prompt": graph}, timeout=TIMEOUT).json()
+    entry = _history(url, queued["prompt_id"])
     png = Image.open(io.BytesIO(_view(url, entry["outputs"]["9"]["images"][0])))
     want = ref_pipe("beautiful scenery nature glass bottle", negative_prompt="text, watermark",
                     height=64, width=64, num_inference_steps=2, guidance_scale=7.0,
