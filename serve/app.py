@@ -1062,6 +1062,10 @@ def _check_unsupported(body):
     for name, script in (body.alwayson_scripts or {}).items():
         if isinstance(name, str) and name.lower() == "controlnet":
             continue  # a1111_controlnet reads its units
+        args = script.get("args") if isinstance(script, dict) else None
+        if isinstance(name, str) and name.lower() == "adetailer" and isinstance(args, list) \
+                and args and args[0] is False:
+            continue  # ADetailer's first argument switches it: off
         if not isinstance(script, dict) or script.get("args"):
             raise ApiError(400, f"alwayson_scripts must hold no script with arguments: "
                                 f"{_FEATURES['alwayson_scripts']} are not supported, got "

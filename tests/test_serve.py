@@ -524,7 +524,8 @@ def test_a1111_options_png_info_and_lists(main_server, ref_pipe):
                            ).status_code == 200
         r = client.post("/sdapi/v1/txt2img", json={  # a hires fix naming the loaded model
             "prompt": "x", "steps": 1, "width": 32, "height": 32, "enable_hr": True,
-            "hr_scale": 1.5, "hr_checkpoint_name": title})
+            "hr_scale": 1.5, "hr_checkpoint_name": title,
+            "alwayson_scripts": {"ADetailer": {"args": [False, False, {}]}}})  # (off)
         assert r.status_code == 200, r.text
         for body, param in (({"sd_model_checkpoint": "v1-5-pruned.safetensors"},
                              "sd_model_checkpoint"),
@@ -784,6 +785,8 @@ MALFORMED = [  # (endpoint, body: dict or raw bytes, what the message must name)
     (T2I, {"prompt": "a", "script_name": "x/y/z plot"}, "script_name"),
     (T2I, {"prompt": "a", "alwayson_scripts": {"controlnet": {"args": [{"enabled": True}]}}},
      "alwayson_scripts"),
+    (T2I, {"prompt": "a", "alwayson_scripts": {"ADetailer": {"args": [True, False]}}},
+     "alwayson_scripts"),  # (switched on; [False, ...] is its off value, accepted)
     (T2I, {"prompt": "a", "enable_hr": True, "hr_upscaler": "4x-UltraSharp"}, "hr_upscaler"),
     (T2I, {"prompt": "a", "enable_hr": True, "hr_scale": 0.5}, "hr_scale"),
     (T2I, {"prompt": "a", "enable_hr": True, "hr_resize_x": 5000}, "hr_resize_x"),
