@@ -384,6 +384,9 @@ def _generate_options(g):
     g.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
                    help="override the scheduler's prediction type; for an SD 2.x single file, "
                         "epsilon also selects the 512-base configs")
+    g.add_argument("--eta", metavar="F", type=float_arg, default=0.0,
+                   help="DDIM's share of fresh noise a step, 0 to 1 (diffusers' eta, A1111's "
+                        "Eta for DDIM; the other samplers do not read it)")
     g.add_argument("--zero-snr", action="store_true",
                    help="a zero-terminal-SNR schedule: the betas rescaled so that the last "
                         "level is pure noise, timesteps trailing (diffusers' "

@@ -383,6 +383,7 @@ class Infotext:
     vae_hash: str = None       # and A1111's short hash of it
     subseed: int = None        # this image's variation seed, where subseed_strength is > 0
     subseed_strength: float = None
+    eta_ddim: float = None     # A1111's eta of a DDIM run, where it is not A1111's default 0
 
     def params(self):
         """The ``Key: value`` pairs in A1111's order, without the ones that are not set."""
@@ -413,6 +414,7 @@ class Infotext:
                for k, v in self.hires},
             "Hires schedule type": written_schedule(dict(self.hires).get("Hires sampler")),
             **dict(self.script),
+            "Eta DDIM": None if self.eta_ddim is None else number(self.eta_ddim),
             "Refiner": self.refiner,
             "Refiner switch at": (None if self.refiner_switch_at is None
                                   else number(self.refiner_switch_at)),

@@ -10,6 +10,7 @@ the images instead).
 import copy
 import dataclasses
 import functools
+import math
 import os
 import time
 import warnings
@@ -38,6 +39,7 @@ from .request import (MAX_SEED, MICRO_CONDITIONING, GenerationRequest, Limits, s
 from .runtime import ModelSpec, StaticRuntime, StaticShape
 from .samplers import (SchedulerConfig, brownian_noise, default_sampler, make_schedule,
                        sample)
+from .schedules import with_eta
 from .stages import (Control, blank_inpaint_conditioning, check_fused, cpu_randn,
                      guidance_embedding, guidance_rescaler, guided, inpaint_conditioning,
                      inpainting_unet, keep_unmasked, row_scales, scale_latents,
@@ -1245,7 +1247,7 @@ class Pipeline:
         the final latents (``"latent"``); the first two are also diffusers'
         output (``.images``), and ``return_dict=False`` gives diffusers' tuple (images,
         None). ``callback_on_step_end`` is diffusers' name for ``callback``; ``eta`` is
-        diffusers' DDIM noise (0 only; the other samplers do not read it). ``seed=-1`` (or
+        diffusers' DDIM noise (the other samplers do not read it). ``seed=-1`` (or
         None) draws a random seed; ``pipe.last_seed`` records the seed used. ``generator`` (a
         CPU ``torch.Generator``) may replace ``seed``.
 
@@ -1446,18 +1448,19 @@ class Pipeline:
         t0 = self._clock()
         start = self._start(request, init, init_latents, mask, latents, shape, generator,
                             masked_content)
-        if self._static(request) and parts is None and (given is None or given.tokens % 77 == 0):
+        if self._static(request) and parts is None and not eta and \
+                (given is None or given.tokens % 77 == 0):
             edit = (texts, texts_2, prompt_edit_steps) if edits else None
             out = self._run_static(request, inputs, start, generator, step_end,
                                    self._clock() - t0, control, hints, image_prompt, edit,
                                    given)
             return out if return_dict else (out, None)
 
-        schedule = make_schedule(self.scheduler_config, sampler, request.num_inference_steps,
-                                 strength=request.strength if request.has_image else 1.0,
-                                 device=self.device, denoising_start=request.denoising_start,
-                                 denoising_end=request.denoising_end,
-                                 align_your_steps=self.family.align_your_steps)
+        schedule = with_eta(make_schedule(
+            self.scheduler_config, sampler, request.num_inference_steps,
+            strength=request.strength if request.has_image else 1.0, device=self.device,
+            denoising_start=request.denoising_start, denoising_end=request.denoising_end,
+            align_your_steps=self.family.align_your_steps), eta)
         self.num_timesteps = len(schedule.timesteps)
         t1 = self._clock()
         calls = len(schedule.timesteps)
@@ -1884,12 +1887,14 @@ def refiner_for(base, path, vae_dtype=None, option="refiner", model="the model")
 
 def _check_eta(eta, sampler):
     """diffusers' ``eta``: DDIM's share of fresh noise, which only its DDIM reads (the other
-    schedulers ignore it, and so does sdrt); sdrt's DDIM is the deterministic one, eta 0."""
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
+    schedulers ignore it, and so does sdrt; ``schedules.with_eta``). DDIM CFG++ is A1111's
+    at eta 0."""
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) \
+            or not 0 <= eta <= 1:
         raise SdrtError(f"eta must be a number from 0 to 1, got {short_repr(eta)}")
-    if eta and split_sampler(sampler)[0] in ("ddim", "cfgpp_ddim"):
-        raise SdrtError(f"eta above 0 (DDIM with fresh noise) is not supported yet: sdrt's "
-                        f"{sampler} is DDIM at eta 0, got {eta:g}")
+    if eta and split_sampler(sampler)[0] == "cfgpp_ddim":
+        raise SdrtError(f"eta above 0 is not supported with {sampler} (A1111's DDIM CFG++ runs "
+                        f"at eta 0), got {eta:g}")
 
 
 def _diffusers_callback(callback, on_step_end, tensor_inputs):

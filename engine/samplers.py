@@ -78,7 +78,7 @@ def _after_step(step_end, i, t, x):
 
 # --- samplers --------------------------------------------------------------------------------
 
-def sample_ddim(model, x, sched: Schedule, step_end=None):
+def sample_ddim(model, x, sched: Schedule, step_end=None, generator=None, noise=None):
     """Deterministic DDIM (Song et al. 2020, "Denoising Diffusion Implicit Models", eq. 12, eta = 0).
 
     Each step predicts x0 and the noise at alpha-bar a, then re-noises x0 to the next alpha-bar
@@ -89,6 +89,11 @@ def sample_ddim(model, x, sched: Schedule, step_end=None):
     Classifier Free Guidance"; A1111's ``ddim_cfgpp``, eta 0): x0 from the prediction guided
     at the scale divided by ``A1111_CFG_PP_DIVISOR`` (A1111's mapping of its CFG scale onto
     CFG++'s lambda), renoised along the unconditional prediction's noise.
+
+    ``sched.eta`` above 0 (``schedules.with_eta``): diffusers' DDIM with noise (eq. 12 at
+    eta): sigma_t = eta · sqrt((1 − a_prev)/(1 − a) · (1 − a/a_prev)), the direction to x_t
+    shortened to sqrt(1 − a_prev − sigma_t²), and sigma_t of fresh unit noise added (drawn
+    from ``generator`` as diffusers' step draws it, or ``noise[i]``).
     """
     cfg = sched.config
     cfg_pp = sched.sampler == "cfgpp_ddim"
@@ -103,7 +108,12 @@ def sample_ddim(model, x, sched: Schedule, step_end=None):
             x0, eps = _x0_and_eps(model(x, t), x, a, cfg.prediction_type)
         if cfg.clip_sample:
             x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
-        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        if sched.eta:
+            std = sched.eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
+            z = _randn(x, generator) if noise is None else noise[i].to(x.dtype)
+            x = a_prev.sqrt() * x0 + (1 - a_prev - std**2).sqrt() * eps + std * z
+        else:
+            x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
         if step_end is not None:
             x = _after_step(step_end, i, t, x)
     return x
@@ -642,7 +652,7 @@ _SAMPLE_FNS = {
 assert set(_SAMPLE_FNS) == set(SAMPLERS)
 
 # The samplers that draw fresh noise as they go (``Schedule.noise_draws`` tensors a run).
-_NOISE_SAMPLERS = ("euler_a", "euler_a_karras", "dpm2_a", "dpm2_a_karras", "dpmpp_2s_a",
+_NOISE_SAMPLERS = ("ddim", "euler_a", "euler_a_karras", "dpm2_a", "dpm2_a_karras", "dpmpp_2s_a",
                    "dpmpp_2s_a_karras", "cfgpp_dpmpp_2s_a", "cfgpp_dpmpp_2s_a_karras", "restart",
                    "restart_karras", "dpmpp_sde",
                    "dpmpp_sde_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras",
@@ -659,7 +669,7 @@ def sample(sampler: str, model, x: torch.Tensor, sched: Schedule, generator=None
     ``sched.noise_image``) and return the denoised latents in x's dtype.
 
     The model sees inputs in x's dtype; the loop itself runs in float32. The stochastic
-    samplers' noise (euler_a, dpm2_a*, dpmpp_sde*, dpmpp_2m_sde*, dpmpp_3m_sde*, lcm,
+    samplers' noise (ddim with an eta, euler_a, dpm2_a*, dpmpp_sde*, dpmpp_2m_sde*, dpmpp_3m_sde*, lcm,
     res_multistep_a*, ddpm*, er_sde*, cfgpp_euler_a*, cfgpp_res_multistep_a*,
     cfgpp_dpmpp_2s_a*, dpm_fast_a*, seeds_2*, seeds_3*, sa_solver*) comes
     from ``generator``, or from ``noise`` when given: ``sched.noise_draws`` unit-noise tensors
@@ -672,7 +682,7 @@ def sample(sampler: str, model, x: torch.Tensor, sched: Schedule, generator=None
         raise SdrtError(f"schedule was made for sampler {sched.sampler}, not {sampler}")
     base = split_sampler(sampler)[0]
     if noise is not None:
-        if base not in _NOISE_SAMPLERS:
+        if base not in _NOISE_SAMPLERS or (base == "ddim" and not sched.eta):
             raise SdrtError(f"sampler {sampler} draws no noise; pass noise only to "
                             f"{' or '.join(_NOISE_SAMPLERS)}")
         if tuple(noise.shape) != (sched.noise_draws, *x.shape):

@@ -487,6 +487,9 @@ class Schedule:
     noise_draws: int = 0
     noise_points: torch.Tensor | None = None
     noise_range: tuple = ()
+    # ddim: diffusers' eta, the share of fresh noise each step adds (0: deterministic; above,
+    # one unit-noise draw a call, ``with_eta``)
+    eta: float = 0.0
     # Multistep samplers' per-step linear combinations, solved on the host. unipc*: the
     # corrector's (row 0: of the previous step's latents, then of the model outputs newest
     # first) and the predictor's (row 1: of the latents, then of the outputs), (N, 2,
@@ -1247,6 +1250,15 @@ def _img2img_start(steps: int, strength: float) -> int:
     two-call sampler skips two calls a step, ``_two_call_schedule``)."""
     init_timestep = min(int(steps * strength), steps)
     return max(steps - init_timestep, 0)
+
+
+def with_eta(sched: Schedule, eta) -> Schedule:
+    """``sched`` with diffusers' DDIM ``eta`` (a number from 0 to 1): above 0 each step adds
+    that share of its variance as fresh noise, one unit-noise draw a call. Only ddim reads
+    it; any other sampler is returned as it is, as diffusers' schedulers ignore it."""
+    if not eta or sched.sampler != "ddim":
+        return sched
+    return replace(sched, eta=float(eta), noise_draws=len(sched.timesteps))
 
 
 def make_schedule(cfg: SchedulerConfig, sampler: str, num_inference_steps: int, strength: float = 1.0,

@@ -221,6 +221,7 @@ class Server:
             vae_hash=self.runner.vae_hash(key.vae) if key.vae else None, subseed=row.subseed,
             subseed_strength=key.subseed_strength,
             refiner=self.runner.refiner_title() if key.refiner else None,
+            eta_ddim=key.eta or None,
             refiner_switch_at=key.refiner[0] if key.refiner else None,
             ti_hashes=self.runner.embedding_hashes(
                 (row.prompt, row.negative_prompt if key.guidance else "", row.prompt_2,
@@ -591,7 +592,7 @@ def create_app(config: ServeConfig = None) -> FastAPI:
                        loras=loras, controls=controls,
                        vae=sd_vae(server, body.override_settings, "override_settings"),
                        image_prompts=prompts[0], subseed_strength=req.subseed_strength,
-                       refiner=refiner)
+                       refiner=refiner, eta=_ddim_eta(server, body, sampler))
         extra, jobs = dict(hires.params()) if hires else {}, None
         if refiner is not None:
             extra.update({"Refiner": server.runner.refiner_title(),
@@ -1028,6 +1029,21 @@ def _refiner(server, body, other):
     return float(switch), None, None
 
 
+def _ddim_eta(server, body, sampler):
+    """A1111's ``eta`` where a pass runs DDIM (which adds that share of fresh noise a step,
+    ``schedules.with_eta``; A1111's "Eta for DDIM" is 0 when none is given), else 0."""
+    from sdrt.engine.samplers import default_sampler
+    samplers = [sampler or default_sampler(server.runner.pipe.scheduler_config)]
+    if getattr(body, "enable_hr", False) and getattr(body, "hr_sampler_name", None):
+        samplers.append(server.sampler(body.hr_sampler_name, "hr_sampler_name"))
+    if not body.eta or all((split_sampler(s) or (s,))[0] != "ddim" for s in samplers):
+        return 0.0
+    if not (math.isfinite(body.eta) and 0 <= body.eta <= 1):
+        raise ApiError(400, f"eta must be a number from 0 to 1, got {short_repr(body.eta)}",
+                       "bad_request", "eta")
+    return float(body.eta)
+
+
 def _check_sampler_settings(server, body, sampler):
     """A1111's eta, s_churn and s_noise: refused where the sampler (the model's own for None,
     and the hires fix's) reads another value than sdrt runs it at."""
@@ -1038,7 +1054,9 @@ def _check_sampler_settings(server, body, sampler):
     if getattr(body, "enable_hr", False) and hires:
         samplers.append(server.sampler(hires, "hr_sampler_name"))
     for sid in samplers:
-        problem = sampler_setting_problem(sid, body.eta, body.s_churn, body.s_noise)
+        ddim = (split_sampler(sid) or (sid,))[0] == "ddim"  # (DDIM honours A1111's eta)
+        problem = sampler_setting_problem(sid, None if ddim else body.eta, body.s_churn,
+                                          body.s_noise)
         if problem is not None:
             field, runs = problem
             raise ApiError(400, f"{field} must be {runs:g} (or null) for {sampler_label(sid)}: "

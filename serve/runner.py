@@ -431,7 +431,7 @@ class Runner:
                            key.height, key.width, key.steps, key.sampler, seeds["generator"],
                            guidance_scale=guidance, clip_skip=key.clip_skip,
                            prompt_syntax=key.prompt_syntax, pag_scale=key.pag_scale,
-                           **_rescale(key), control_units=[c[5] for c in key.controls],
+                           eta=key.eta, **_rescale(key), control_units=[c[5] for c in key.controls],
                            hires_control_image=second,
                            upscaler=self.upscaler(model) if model else None, **control,
                            **variation)
@@ -457,7 +457,8 @@ class Runner:
                 clip_skip=key.clip_skip, prompt_syntax=key.prompt_syntax,
                 output_type="pil" if key.refiner is None else "latent",
                 denoising_end=None if key.refiner is None else key.refiner[0],
-                pag_scale=key.pag_scale, **_rescale(key), **seeds, **control, **variation,
+                pag_scale=key.pag_scale, eta=key.eta, **_rescale(key), **seeds, **control,
+                **variation,
                 **{k: v for k, v in sdxl.items() if v is not None})
         timings = self.pipe.timings
         if key.refiner is not None:  # the base's latents finished by --refiner
@@ -466,8 +467,8 @@ class Runner:
                 [r.prompt for r in rows], negative_prompt=negative, image=out,
                 denoising_start=switch, num_inference_steps=key.steps,
                 guidance_scale=guidance, sampler=key.sampler, clip_skip=key.clip_skip,
-                prompt_syntax=key.prompt_syntax, pag_scale=key.pag_scale, **_rescale(key),
-                generator=seeds["generator"], aesthetic_score=score,
+                prompt_syntax=key.prompt_syntax, pag_scale=key.pag_scale, eta=key.eta,
+                **_rescale(key), generator=seeds["generator"], aesthetic_score=score,
                 negative_aesthetic_score=negative_score,
                 original_size=sdxl["original_size"],
                 crops_coords_top_left=sdxl["crops_coords_top_left"])

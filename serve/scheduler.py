@@ -78,6 +78,7 @@ class BatchKey:
     # --refiner finishing the rows: (where it takes over, a fraction of the noise schedule,
     # its aesthetic score and negative one (None: the defaults)); None: the model alone
     refiner: tuple = None
+    eta: float = 0.0  # A1111's eta where the rows run DDIM (its share of fresh noise)
 
 
 @dataclass(frozen=True)

@@ -87,8 +87,55 @@ def test_eta_as_diffusers_reads_it(pipe):
     ddim = {**KW, "sampler": "ddim"}
     assert np.array_equal(pipe("a fox", output_type="np", eta=0.0, **ddim),
                           pipe("a fox", output_type="np", **ddim))
-    with pytest.raises(SdrtError, match="eta above 0 \\(DDIM with fresh noise\\) is not "
-                                        "supported yet: sdrt's ddim is DDIM at eta 0, got 0.5"):
-        pipe("a fox", eta=0.5, **ddim)
+    with pytest.raises(SdrtError, match="eta above 0 is not supported with cfgpp_ddim"):
+        pipe("a fox", eta=0.5, **{**ddim, "sampler": "cfgpp_ddim"})
     with pytest.raises(SdrtError, match="eta must be a number from 0 to 1, got -1"):
         pipe("a fox", eta=-1, **KW)
+
+
+@pytest.mark.parametrize("eta", [0.5, 1.0])
+def test_ddim_eta_matches_diffusers(tiny_sd1, eta):
+    # DDIM with fresh noise, drawn from the images' generators as diffusers' step draws it.
+    from diffusers import DDIMScheduler
+    folder, ref = tiny_sd1
+    ours = Pipeline.from_pretrained(folder, device="cpu")
+    scheduler = ref.scheduler
+    ref.scheduler = DDIMScheduler.from_config(scheduler.config)
+    try:
+        kw = dict(height=16, width=24, num_inference_steps=5, guidance_scale=6.0,
+                  output_type="np")
+        prompts = ["a red fox in the snow", "a lighthouse at dusk"]
+        expected = ref(prompts, eta=eta, generator=[torch.Generator().manual_seed(s)
+                                                    for s in (3, 4)], **kw).images
+        got = ours(prompts, eta=eta, sampler="ddim", generator=[
+            torch.Generator().manual_seed(s) for s in (3, 4)], **kw)
+        assert np.abs(got - expected).max() <= 2e-3, np.abs(got - expected).max()
+        plain = ours(prompts, sampler="ddim", generator=[
+            torch.Generator().manual_seed(s) for s in (3, 4)], **kw)
+        assert np.abs(plain - got).max() > 1e-2, "eta changed nothing"
+    finally:
+        ref.scheduler = scheduler
+
+
+def test_cli_eta_and_its_png_info(tiny_sd1_folder, tmp_path, capsys):
+    # --eta for DDIM: the library's image, written to the PNG as A1111 writes it ("Eta DDIM"),
+    # which --from-png reads back.
+    from sdrt.engine.cli import main
+    out = tmp_path / "eta.png"
+    argv = ["generate", "a red fox", "--model", tiny_sd1_folder, "--sampler", "ddim", "--eta",
+            "0.6", "--steps", "3", "--width", "32", "--height", "32", "--seed", "7", "-o",
+            str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    with Image.open(out) as im:
+        info, got = im.info["parameters"], np.asarray(im.convert("RGB"), dtype=np.int16)
+    assert "Eta DDIM: 0.6" in info, info
+    pipe = Pipeline.from_pretrained(tiny_sd1_folder, device="cpu")
+    want = pipe("a red fox", sampler="ddim", eta=0.6, num_inference_steps=3, width=32,
+                height=32, seed=7)[0]
+    assert np.abs(got - np.asarray(want, dtype=np.int16)).max() <= 1
+    again = tmp_path / "again.png"
+    assert main(["generate", "--from-png", str(out), "--model", tiny_sd1_folder, "-o",
+                 str(again)]) == 0, capsys.readouterr().err
+    assert np.array_equal(np.asarray(Image.open(again).convert("RGB"), dtype=np.int16), got)
+    assert main(argv[:-2] + ["--eta", "2", "-o", str(tmp_path / "bad.png")]) == 2
+    assert "--eta must be a number from 0 to 1, got 2" in capsys.readouterr().err

@@ -522,6 +522,24 @@ def test_euler_a_seeded():
     assert diff > 1e-3, f"different seeds agree to {diff:.3g}"
 
 
+def test_ddim_eta_predrawn_noise():
+    # DDIM with an eta draws one unit noise a call: pre-drawn, the generator's result; at eta
+    # 0 (or another sampler) with_eta changes nothing.
+    from sdrt.engine.schedules import with_eta
+    base = make_schedule(SchedulerConfig.from_dict(CONFIGS["sd15"]), "ddim", 4)
+    sched = with_eta(base, 0.5)
+    assert (sched.eta, sched.noise_draws) == (0.5, 4) and with_eta(base, 0) is base
+    euler = make_schedule(SchedulerConfig.from_dict(CONFIGS["sd15"]), "euler", 4)
+    assert with_eta(euler, 0.5) is euler
+    x = sched.noise_latents(_latents(2))
+    g = torch.Generator().manual_seed(9)
+    noise = torch.stack([torch.randn(x.shape, generator=g) for _ in range(4)])
+    a = sample("ddim", LinearModel(), x, sched, generator=torch.Generator().manual_seed(9))
+    b = sample("ddim", LinearModel(), x, sched, noise=noise)
+    assert torch.equal(a, b)
+    assert (a - sample("ddim", LinearModel(), x, base)).abs().max() > 1e-3
+
+
 def test_euler_a_predrawn_noise():
     # The static runtime passes the noise drawn beforehand (no RNG inside a CUDA graph): the same
     # draws, in call order, must give the same result as the generator.

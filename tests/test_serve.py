@@ -228,6 +228,14 @@ def test_a1111_txt2img_fields_round_trip(main_server, ref_pipe):
         assert_same_image(got, reference(ref_pipe, body["prompt"], 123 + i, (64, 32),
                                          guidance=5.0, negative="blurry, dark",
                                          sampler="euler"), f"image {i}")
+    # DDIM at A1111's eta (webuiapi sends 1.0): fresh noise a step, as the library's eta
+    r = httpx.post(f"{url}/sdapi/v1/txt2img", json={**body, "sampler_name": "DDIM",
+                                                   "batch_size": 1}, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    assert "Eta DDIM: 1" in json.loads(r.json()["info"])["infotexts"][0]
+    assert_same_image(png(r.json()["images"][0], (64, 32)), reference(
+        ref_pipe, body["prompt"], 123, (64, 32), guidance=5.0, negative="blurry, dark",
+        sampler="ddim", eta=1.0), "DDIM at eta 1")
     # Numbers as A1111's pydantic coerces them (published payloads send these): the same
     loose = {**body, "seed": 123.0, "steps": "2", "width": 64.0, "cfg_scale": "5",
              "restore_faces": 0, "batch_size": 1}
@@ -771,7 +779,8 @@ MALFORMED = [  # (endpoint, body: dict or raw bytes, what the message must name)
      "CLIP_stop_at_last_layers"),  # the tiny text encoder has 2 layers
     # A1111's sampler settings other than those sdrt runs, where the sampler reads them
     (T2I, {"prompt": "a", "sampler_name": "Euler a", "eta": 0.5}, "eta"),
-    (T2I, {"prompt": "a", "sampler_name": "DDIM", "eta": 1.0}, "eta"),
+    (T2I, {"prompt": "a", "sampler_name": "DDIM", "eta": 1.5}, "eta"),
+    (T2I, {"prompt": "a", "sampler_name": "DDIM CFG++", "eta": 0.5}, "eta"),
     (T2I, {"prompt": "a", "sampler_name": "Euler", "s_churn": 0.4}, "s_churn"),
     (T2I, {"prompt": "a", "sampler_name": "DPM++ 2M SDE", "s_noise": 1.003}, "s_noise"),
     (T2I, {"prompt": "a", "sampler_name": "Euler", "enable_hr": True,
