@@ -669,8 +669,8 @@ def sample(sampler: str, model, x: torch.Tensor, sched: Schedule, generator=None
     ``sched.noise_image``) and return the denoised latents in x's dtype.
 
     The model sees inputs in x's dtype; the loop itself runs in float32. The stochastic
-    samplers' noise (ddim with an eta, euler_a, dpm2_a*, dpmpp_sde*, dpmpp_2m_sde*, dpmpp_3m_sde*, lcm,
-    res_multistep_a*, ddpm*, er_sde*, cfgpp_euler_a*, cfgpp_res_multistep_a*,
+    samplers' noise (ddim with an eta, euler_a, dpm2_a*, dpmpp_sde*, dpmpp_2m_sde*,
+    dpmpp_3m_sde*, lcm, res_multistep_a*, ddpm*, er_sde*, cfgpp_euler_a*, cfgpp_res_multistep_a*,
     cfgpp_dpmpp_2s_a*, dpm_fast_a*, seeds_2*, seeds_3*, sa_solver*) comes
     from ``generator``, or from ``noise`` when given: ``sched.noise_draws`` unit-noise tensors
     (dpmpp_sde*: Brownian increments, ``brownian_noise``), stacked.
