@@ -22,7 +22,8 @@ from .infotext import (Infotext, lora_tag, lora_tags, model_identity, png_bytes,
                        sampler_setting_problem)
 from .infotext import short_hash as file_hash
 from .cli import size_arg
-from .request import BETA_SHAPE, MAX_SEED, ZERO_SNR, GenerationRequest, Limits, split_sampler
+from .request import (BETA_SHAPE, MAX_SEED, ZERO_SNR, GenerationRequest, Limits,
+                      sampler_family)
 from .sd_upscale import params as sd_upscale_params
 
 # Request field → the option that sets it, so that a message names what the user typed.
@@ -311,8 +312,8 @@ def generate(a):
                                           and a.masked_content != "original" else None),
                           ti_hashes=ti_hashes, controlnets=units, subseed=ss,
                           subseed_strength=request.subseed_strength,
-                          eta_ddim=(a.eta if a.eta and (split_sampler(sampler) or (sampler,))[0]
-                                    == "ddim" else None), **refined, **vae))
+                          eta_ddim=(a.eta if a.eta and sampler_family(sampler) == "ddim"
+                                    else None), **refined, **vae))
              for s, ss in zip(seeds, subseeds)]
     paths, taken = _save_pngs(images, output, infos, a.overwrite)
     print(_summary(pipe.timings, plans, seed, paths, taken))
@@ -621,16 +622,14 @@ def _apply_png(a):
         if key in pairs and _float_or_none(pairs[key]) != value:
             raise SdrtError(f"--from-png {a.from_png}: {key} {pairs[key]!r} is not sdrt's: its "
                             f"beta schedule is A1111's default, Beta{BETA_SHAPE}")
-    if "Eta DDIM" in pairs and "eta" not in a.given and a.sampler and \
-            (split_sampler(a.sampler) or (a.sampler,))[0] == "ddim":
+    if "Eta DDIM" in pairs and "eta" not in a.given and sampler_family(a.sampler) == "ddim":
         a.eta = _float_or_none(pairs["Eta DDIM"])  # (sdrt's DDIM takes A1111's eta)
         if a.eta is None:
             raise SdrtError(f"--from-png {a.from_png}: Eta DDIM {pairs['Eta DDIM']!r} is not "
                             f"a value --eta takes")
     for key in ("Eta", "Eta DDIM"):  # (A1111 writes them where they are not its defaults)
         problem = (sampler_setting_problem(a.sampler, eta=_float_or_none(pairs[key]))
-                   if key in pairs and a.sampler and "sampler" not in a.given
-                   and (split_sampler(a.sampler) or (a.sampler,))[0] != "ddim" else None)
+                   if key in pairs and a.sampler and "sampler" not in a.given else None)
         if problem is not None:
             raise SdrtError(f"--from-png {a.from_png}: {key} {pairs[key]!r} is not sdrt's: it "
                             f"runs {sampler_label(a.sampler)} at A1111's default eta, "
@@ -861,7 +860,7 @@ def _warn_unused_options(a):
         unused("--subseed", "it applies to --subseed-strength above 0")
     if a.freeu is None and "freeu_style" in a.given:
         unused("--freeu-style", "it applies to --freeu")
-    if a.eta and a.sampler and (split_sampler(a.sampler) or (a.sampler,))[0] != "ddim":
+    if a.eta and a.sampler and sampler_family(a.sampler) != "ddim":
         unused("--eta", "it applies to the ddim sampler")
     if not a.guidance_rescale and "guidance_rescale_style" in a.given:
         unused("--guidance-rescale-style", "it applies to --guidance-rescale above 0")

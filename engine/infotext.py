@@ -205,12 +205,13 @@ _AUTOMATIC = {label.lower(): kind for label, kind in AUTOMATIC_SCHEDULES.items()
 
 # A1111's settings of a sampler beyond its name, where A1111's sampler reads them, and the
 # value sdrt runs: the eta of its k-diffusion samplers with noise ("Eta for ancestral
-# samplers", 1) and of DDIM ("Eta for DDIM", 0), and the churn and noise multiplier of Euler,
+# samplers", 1) and of DDIM CFG++ (0; plain DDIM takes any eta: ``schedules.with_eta``), and
+# the churn and noise multiplier of Euler,
 # Heun and DPM2 (A1111's extra parameters of those: 0 and 1; DPM2 a, DPM++ 2S a, the SDE ones
 # and DPM fast take the noise multiplier too). Elsewhere A1111 ignores them, and so does sdrt.
 A1111_ETA = {**dict.fromkeys(("euler_a", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "dpmpp_2m_sde",
                               "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "dpm_fast_a"), 1.0),
-             "ddim": 0.0, "cfgpp_ddim": 0.0}
+             "cfgpp_ddim": 0.0}
 A1111_CHURN = ("euler", "heun", "dpm2")
 A1111_S_NOISE = ("euler", "heun", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "dpmpp_2m_sde",
                  "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "dpm_fast_a")

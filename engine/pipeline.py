@@ -10,7 +10,6 @@ the images instead).
 import copy
 import dataclasses
 import functools
-import math
 import os
 import time
 import warnings
@@ -34,8 +33,8 @@ from .memory import check_request_fits, fused_attention, request_bytes
 from .prompt_schedule import composable_parts, edited, editing_steps, text_at
 from .prompt_schedule import schedule as schedule_prompt
 from .prompt_syntax import WeightedIds, tokenize_prompts
-from .request import (MAX_SEED, MICRO_CONDITIONING, GenerationRequest, Limits, short_repr,
-                      split_sampler)
+from .request import (MAX_SEED, MICRO_CONDITIONING, GenerationRequest, Limits,
+                      sampler_family, short_repr)
 from .runtime import ModelSpec, StaticRuntime, StaticShape
 from .samplers import (SchedulerConfig, brownian_noise, default_sampler, make_schedule,
                        sample)
@@ -1840,9 +1839,8 @@ class Pipeline:
                           if plan.schedule.noise_points is not None else
                           torch.stack([cpu_randn(plan.latent_shape, generator)
                                        for _ in range(plan.step_noise.shape[0])]))
-        keep, time_ids = self._keep(request), self._time_ids(request)
-        if given is not None:  # (in the states)
-            keep, time_ids = None, cond.time_ids
+        keep, time_ids = ((self._keep(request), self._time_ids(request)) if given is None else
+                          (None, cond.time_ids))  # (given: the keep is in the states)
         self.timings = plan.run(inputs, start.noise,
                                 row_scales(request.row_scales(), self.device), step_noise,
                                 clock=self._clock, step_end=step_end,
@@ -1889,10 +1887,9 @@ def _check_eta(eta, sampler):
     """diffusers' ``eta``: DDIM's share of fresh noise, which only its DDIM reads (the other
     schedulers ignore it, and so does sdrt; ``schedules.with_eta``). DDIM CFG++ is A1111's
     at eta 0."""
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) \
-            or not 0 <= eta <= 1:
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
         raise SdrtError(f"eta must be a number from 0 to 1, got {short_repr(eta)}")
-    if eta and split_sampler(sampler)[0] == "cfgpp_ddim":
+    if eta and sampler_family(sampler) == "cfgpp_ddim":
         raise SdrtError(f"eta above 0 is not supported with {sampler} (A1111's DDIM CFG++ runs "
                         f"at eta 0), got {eta:g}")
 

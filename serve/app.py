@@ -37,7 +37,8 @@ from sdrt.engine.hires import LATENT_UPSCALERS
 from sdrt.engine.infotext import (SAMPLER_ALIASES, SAMPLER_LABELS, SCHEDULE_TYPES, Infotext,
                                   png_bytes, sampler_id, sampler_label, schedule_kind)
 from sdrt.engine.request import (MAX_LORA_SCALE, MAX_SEED, SAMPLER_NAMES, GenerationRequest,
-                                 Limits, sampler_choices, short_repr, split_sampler)
+                                 Limits, sampler_choices, sampler_family, short_repr,
+                                 split_sampler)
 
 from . import a1111_sd_upscale, schemas
 from .a1111_controlnet import parse as parse_controlnet
@@ -1029,16 +1030,24 @@ def _refiner(server, body, other):
     return float(switch), None, None
 
 
+def _pass_samplers(server, body, sampler):
+    """The samplers a request's passes run: its own (the model's for None), and the hires
+    fix's."""
+    from sdrt.engine.samplers import default_sampler
+    samplers = [sampler or default_sampler(server.runner.pipe.scheduler_config)]
+    hires = getattr(body, "hr_sampler_name", None)
+    if getattr(body, "enable_hr", False) and hires:
+        samplers.append(server.sampler(hires, "hr_sampler_name"))
+    return samplers
+
+
 def _ddim_eta(server, body, sampler):
     """A1111's ``eta`` where a pass runs DDIM (which adds that share of fresh noise a step,
     ``schedules.with_eta``; A1111's "Eta for DDIM" is 0 when none is given), else 0."""
-    from sdrt.engine.samplers import default_sampler
-    samplers = [sampler or default_sampler(server.runner.pipe.scheduler_config)]
-    if getattr(body, "enable_hr", False) and getattr(body, "hr_sampler_name", None):
-        samplers.append(server.sampler(body.hr_sampler_name, "hr_sampler_name"))
-    if not body.eta or all((split_sampler(s) or (s,))[0] != "ddim" for s in samplers):
+    if not body.eta or all(sampler_family(s) != "ddim"
+                           for s in _pass_samplers(server, body, sampler)):
         return 0.0
-    if not (math.isfinite(body.eta) and 0 <= body.eta <= 1):
+    if not 0 <= body.eta <= 1:
         raise ApiError(400, f"eta must be a number from 0 to 1, got {short_repr(body.eta)}",
                        "bad_request", "eta")
     return float(body.eta)
@@ -1048,15 +1057,8 @@ def _check_sampler_settings(server, body, sampler):
     """A1111's eta, s_churn and s_noise: refused where the sampler (the model's own for None,
     and the hires fix's) reads another value than sdrt runs it at."""
     from sdrt.engine.infotext import sampler_setting_problem
-    from sdrt.engine.samplers import default_sampler
-    samplers = [sampler or default_sampler(server.runner.pipe.scheduler_config)]
-    hires = getattr(body, "hr_sampler_name", None)
-    if getattr(body, "enable_hr", False) and hires:
-        samplers.append(server.sampler(hires, "hr_sampler_name"))
-    for sid in samplers:
-        ddim = (split_sampler(sid) or (sid,))[0] == "ddim"  # (DDIM honours A1111's eta)
-        problem = sampler_setting_problem(sid, None if ddim else body.eta, body.s_churn,
-                                          body.s_noise)
+    for sid in _pass_samplers(server, body, sampler):
+        problem = sampler_setting_problem(sid, body.eta, body.s_churn, body.s_noise)
         if problem is not None:
             field, runs = problem
             raise ApiError(400, f"{field} must be {runs:g} (or null) for {sampler_label(sid)}: "
