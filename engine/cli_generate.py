@@ -21,6 +21,7 @@ from .errors import SdrtError, check_file
 from .infotext import (Infotext, lora_tag, lora_tags, model_identity, png_bytes, sampler_label,
                        sampler_setting_problem)
 from .infotext import short_hash as file_hash
+from .model_files import file_stem
 from .cli import size_arg
 from .request import (BETA_SHAPE, MAX_SEED, ZERO_SNR, GenerationRequest, Limits,
                       sampler_family)
@@ -279,7 +280,7 @@ def generate(a):
     if png_model is not None and png_model[1] and short_hash and png_model[1] != short_hash:
         warnings.warn(f"--from-png {a.from_png} was made with model {png_model[0]} "
                       f"[{png_model[1]}], this is {name} [{short_hash}]: the image will differ")
-    lora_hashes = tuple((_stem(path), file_hash(path)) for path, _ in loras)
+    lora_hashes = tuple((file_stem(path), file_hash(path)) for path, _ in loras)
     units = cli_control.infotext(a, [(name, file_hash(path) if os.path.isfile(path) else None)
                                      for (path, _), name in zip(a.controlnet, controls)])
     ip_names = cli_control.ip_names(a)
@@ -504,11 +505,6 @@ def _refiner(a, pipe):
     return refiner_for(pipe, a.refiner, a.vae_dtype, "--refiner", "--model")
 
 
-def _stem(path):
-    """A file name's stem, in a subfolder written either way (ComfyUI on Windows: "a\\b")."""
-    return os.path.splitext(os.path.basename(path.replace("\\", "/")))[0]
-
-
 def _prompt_loras(a):
     """A1111's ``<lora:NAME:SCALE>`` tags in the prompt → (the prompt without them, the LoRAs
     to apply as [(path, scale)], the prompt the PNG records). A tag names a --lora file by its
@@ -518,15 +514,15 @@ def _prompt_loras(a):
         prompt, tags = lora_tags(a.prompt)
     except ValueError as e:
         raise SdrtError(f"prompt: {e}") from None
-    files = {_stem(path): (path, scale) for path, scale in a.lora}
+    files = {file_stem(path): (path, scale) for path, scale in a.lora}
     for name, _ in tags:
         if name not in files:
             raise SdrtError(f"prompt names <lora:{name}>, but no --lora file is named "
                             f"{name}.safetensors; pass --lora PATH/{name}.safetensors")
     scales = dict(tags)
-    loras = [(path, scales.get(_stem(path), scale)) for path, scale in a.lora]
-    recorded = " ".join([a.prompt] + [lora_tag(_stem(path), scale)
-                                      for path, scale in loras if _stem(path) not in scales])
+    loras = [(path, scales.get(file_stem(path), scale)) for path, scale in a.lora]
+    recorded = " ".join([a.prompt] + [lora_tag(file_stem(path), scale) for path, scale in loras
+                                      if file_stem(path) not in scales])
     return prompt, loras, recorded
 
 
@@ -639,7 +635,7 @@ def _apply_png(a):
         if not (w.isdigit() and h.isdigit()):
             raise SdrtError(f"--from-png {a.from_png}: Size {pairs['Size']!r} is not WxH")
         a.width, a.height = int(w), int(h)
-    given = {_stem(path): path for path in [p for p, _ in a.lora] + a.embedding}
+    given = {file_stem(path): path for path in [p for p, _ in a.lora] + a.embedding}
     for key, option in (("Lora hashes", "--lora"), ("TI hashes", "--embedding")):
         for entry in filter(None, (e.strip() for e in pairs.get(key, "").split(","))):
             name, _, recorded = (part.strip() for part in entry.partition(":"))
@@ -754,9 +750,9 @@ def _apply_workflow(a):
         value = getattr(flow, attr)
         if value is not None and attr not in a.given:
             setattr(a, attr, value)
-    given = {_stem(path): i for i, (path, _) in enumerate(a.lora)}
+    given = {file_stem(path): i for i, (path, _) in enumerate(a.lora)}
     for name, strength in flow.loras:
-        stem = _stem(str(name))
+        stem = file_stem(str(name))
         if stem not in given:
             raise SdrtError(f"{where} applies LoRA {name!r} ({lora_tag(stem, strength)}): pass "
                             f"--lora PATH/{stem}.safetensors")

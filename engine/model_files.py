@@ -4,6 +4,12 @@ server's ``--lora-dir``, ``--controlnet-dir``, ``--vae-dir`` ... No torch here."
 import os
 
 
+def file_stem(name):
+    """A file name's stem, its folders written either way (ComfyUI on Windows writes
+    "a\\b.safetensors"): what requests name model files by."""
+    return os.path.splitext(os.path.basename(str(name).replace("\\", "/")))[0]
+
+
 def by_name(root, model_folders=False, suffixes=(".safetensors",)):
     """{name: path} of the ``.safetensors`` files (or those of ``suffixes``) under ``root``
     (None: none), searched recursively in sorted order, each named by its stem, the first of a

@@ -53,6 +53,7 @@ from fastapi.responses import Response
 from sdrt.engine import comfy
 from sdrt.engine.errors import SdrtError
 from sdrt.engine.infotext import png_bytes
+from sdrt.engine.model_files import file_stem
 from sdrt.engine.request import (MAX_CONTROL_SCALE, MAX_FREEU_FACTOR, MAX_LORA_SCALE,
                                  MAX_PAG_SCALE, short_repr)
 
@@ -401,7 +402,7 @@ def register(app, server_of, api_error):
                       f"hires fix; the server's hires fix conditions SDXL on one prompt and the "
                       f"image's size (sdrt generate --workflow runs it)")
         from .app import check_loras
-        loras = check_loras(server, [(_stem(name), s) for name, s in flow.loras], "prompt")
+        loras = check_loras(server, [(file_stem(name), s) for name, s in flow.loras], "prompt")
         init = mask = overlay = canvas = None
         if flow.init_image is not None:
             init = comfy.comfy_image(_uploaded(jobs.uploads, flow.init_image, bad))
@@ -700,7 +701,7 @@ def _controls(server, flow, uploads, width, height, bad):
     from .a1111_controlnet import unit_parts
     controls, images, info = [], [], []
     for i, unit in enumerate(flow.controlnets):
-        name = _stem(unit.name)
+        name = file_stem(unit.name)
         if server.runner.controlnet_path(name) is None:
             raise bad(f"prompt: ControlNetLoader loads {short_repr(unit.name)}, which "
                       f"--controlnet-dir does not have (GET /models/controlnet)")
@@ -750,7 +751,7 @@ def _image_prompts(server, flow, uploads, first, bad):
                 raise bad(f"prompt: {e} (--controlnet-dir, --clip-vision-dir)") from None
             prompt = dataclasses.replace(prompt, adapter=adapter,
                                          encoder=prompt.encoder or encoder)
-        name = _stem(prompt.adapter)
+        name = file_stem(prompt.adapter)
         path = server.runner.controlnet_path(name)
         if path is None or os.path.isdir(path):
             raise bad(f"prompt: IPAdapterModelLoader loads {short_repr(prompt.adapter)}, which "
@@ -758,7 +759,7 @@ def _image_prompts(server, flow, uploads, first, bad):
         if name in [p[0] for p in prompts]:
             raise bad(f"prompt: IP-Adapter {short_repr(prompt.adapter)} is applied twice; sdrt "
                       f"applies each once")
-        encoder = server.runner.clip_vision_path(_stem(prompt.encoder))
+        encoder = server.runner.clip_vision_path(file_stem(prompt.encoder))
         if encoder is None:
             raise bad(f"prompt: CLIPVisionLoader loads {short_repr(prompt.encoder)}, which "
                       f"--clip-vision-dir does not have (GET /models/clip_vision)")
@@ -829,11 +830,6 @@ def _original(jobs, text, bad):
     return found
 
 
-def _stem(name):
-    """A file name's stem, in a subfolder written either way (ComfyUI on Windows: "a\\b")."""
-    return os.path.splitext(os.path.basename(str(name).replace("\\", "/")))[0]
-
-
 def _hires(server, flow, req, bad):
     """A workflow's hires fix (a latent, image or model upscale and a second sampler), checked
     as the A1111 API checks one, its second pass's size and steps too."""
@@ -879,7 +875,7 @@ def _refiner(server, flow, bad):
     if runner.refiner is None:
         raise bad(f"prompt: workflow refines with checkpoint {short_repr(flow.refiner)}; "
                   f"the server runs no refiner (sdrt serve --refiner PATH)")
-    if _stem(flow.refiner) != _stem(runner.refiner_name):
+    if file_stem(flow.refiner) != file_stem(runner.refiner_name):
         raise bad(f"prompt: the refiner's ckpt_name must name the server's refiner "
                   f"{runner.refiner_name!r} (GET /models/checkpoints), got "
                   f"{short_repr(flow.refiner)}")
@@ -897,7 +893,7 @@ def _refiner(server, flow, bad):
 
 
 def _check_model(flow, model_name, bad):
-    if _stem(flow.checkpoint) != _stem(model_name):
+    if file_stem(flow.checkpoint) != file_stem(model_name):
         raise bad(f"prompt: ckpt_name must name the server's model {model_name!r} (GET "
                   f"/models/checkpoints), got {short_repr(flow.checkpoint)}")
 
