@@ -52,15 +52,11 @@ def given_states(pipe, prompt, prompt_2, negative_prompt, negative_prompt_2, pro
                  negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
     if all(v is None for v in given.values()):
         return None
-    for text, name, states in (("prompt", "prompt_embeds", prompt_embeds),
-                               ("prompt_2", "prompt_embeds", prompt_embeds),
-                               ("negative_prompt", "negative_prompt_embeds",
-                                negative_prompt_embeds),
-                               ("negative_prompt_2", "negative_prompt_embeds",
-                                negative_prompt_embeds)):
-        value = {"prompt": prompt, "prompt_2": prompt_2, "negative_prompt": negative_prompt,
-                 "negative_prompt_2": negative_prompt_2}[text]
-        if states is not None and value is not None:
+    texts = dict(prompt=prompt, prompt_2=prompt_2, negative_prompt=negative_prompt,
+                 negative_prompt_2=negative_prompt_2)
+    for text, value in texts.items():
+        name = "negative_prompt_embeds" if text.startswith("negative") else "prompt_embeds"
+        if given[name] is not None and value is not None:
             raise SdrtError(f"{text} and {name} cannot both be given: {name} replaces it")
     pooled_dim = _pooled_dim(pipe)
     for states, pooled in (("prompt_embeds", "pooled_prompt_embeds"),
