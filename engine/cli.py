@@ -411,6 +411,9 @@ def _generate_options(g):
     g.add_argument("--vae-tiling", action="store_true",
                    help="encode and decode pictures past the VAE's sample size in overlapping "
                         "tiles, as diffusers' enable_vae_tiling (less memory for large ones)")
+    g.add_argument("--tiling", action="store_true",
+                   help="images that tile without seams: every padded convolution of the "
+                        "UNet and the VAE wraps around (A1111's Tiling)")
     g.add_argument("--freeu", metavar="B1,B2,S1,S2", type=freeu_arg, default=None,
                    help="FreeU on the UNet's up path: backbone factors B1, B2 and skip factors "
                         "S1, S2 (SD 1.x: 1.5,1.6,0.9,0.2; SDXL: 1.3,1.4,0.9,0.2)")

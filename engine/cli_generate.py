@@ -72,6 +72,9 @@ def generate(a):
     if sd is not None and request.subseed_strength:
         raise SdrtError("--subseed-strength cannot be combined with --sd-upscale yet (its tiles "
                         "draw their own seeds)")
+    if sd is not None and a.tiling:
+        raise SdrtError("--tiling cannot be combined with --sd-upscale yet (each of its tiles "
+                        "would wrap around itself, not the picture)")
     hires = _hires(a, request)
     output = _output_path(a)
     _check_sources(a)
@@ -137,6 +140,9 @@ def generate(a):
     if a.vae_tiling:
         for model in filter(None, (pipe, refiner)):
             model.enable_vae_tiling()
+    if a.tiling:
+        for model in filter(None, (pipe, refiner)):
+            model.enable_seamless_tiling()
     if a.freeu is not None:
         b1, b2, s1, s2 = a.freeu
         pipe.enable_freeu(s1, s2, b1, b2, a.freeu_style)
@@ -314,7 +320,7 @@ def generate(a):
                           ti_hashes=ti_hashes, controlnets=units, subseed=ss,
                           subseed_strength=request.subseed_strength,
                           eta_ddim=(a.eta if a.eta and sampler_family(sampler) == "ddim"
-                                    else None), **refined, **vae))
+                                    else None), tiling=a.tiling, **refined, **vae))
              for s, ss in zip(seeds, subseeds)]
     paths, taken = _save_pngs(images, output, infos, a.overwrite)
     print(_summary(pipe.timings, plans, seed, paths, taken))
@@ -549,6 +555,7 @@ _PNG_SETTINGS = {  # a sampler reads with its schedule type (_SCHEDULE_TYPE_KEYS
     "Variation seed": ("--subseed", "subseed", int),
     "Variation seed strength": ("--subseed-strength", "subseed_strength", float),
     "Clip skip": ("--clip-skip", "clip_skip", lambda v: int(v) - 1 if int(v) >= 1 else None),
+    "Tiling": ("--tiling", "tiling", {"True": True, "False": False}.get),
     # (A1111 counts from 1)
     "Mask blur": ("--mask-blur", "mask_blur", int),
     "Inpaint area": ("--inpaint-area", "inpaint_area",

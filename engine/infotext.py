@@ -385,6 +385,7 @@ class Infotext:
     subseed: int = None        # this image's variation seed, where subseed_strength is > 0
     subseed_strength: float = None
     eta_ddim: float = None     # A1111's eta of a DDIM run, where it is not A1111's default 0
+    tiling: bool = False       # A1111's Tiling (seamless: the convolutions wrap around)
 
     def params(self):
         """The ``Key: value`` pairs in A1111's order, without the ones that are not set."""
@@ -406,6 +407,7 @@ class Infotext:
             "Denoising strength": (None if self.denoising_strength is None
                                    else number(self.denoising_strength)),
             "Clip skip": self.clip_skip + 1 if self.clip_skip else None,
+            "Tiling": "True" if self.tiling else None,
             "Mask blur": self.mask_blur,
             "Masked content": self.masked_content,
             "Inpaint area": None if self.masked_padding is None else "Only masked",

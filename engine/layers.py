@@ -53,8 +53,9 @@ class Ops:
     one) and hands it to each module that runs a fused op, so the path is decided in one place
     instead of by rewriting module attributes.
 
-    ``gn_silu_conv(x, weight, bias, groups, conv_weight, conv_bias, eps=, add=, padding=)``
-    computes ``conv2d(silu(group_norm(x))) + add``. The default is
+    ``gn_silu_conv(x, weight, bias, groups, conv_weight, conv_bias, eps=, add=, padding=,
+    padding_mode=)`` computes ``conv2d(silu(group_norm(x))) + add``, padded as the conv
+    module's ``padding_mode`` says (``set_seamless``). The default is
     ``kernels.group_norm_silu_conv2d`` (the fused Triton kernel where it runs, plain PyTorch on
     the CPU); on a GPU the pipeline sets a per-shape chooser between it and group_norm + cuDNN
     (``use_conv_chooser``).
@@ -88,11 +89,12 @@ class ResnetBlock2D(nn.Module):
         if self.time_emb_proj is not None and temb is not None:
             t = self.time_emb_proj(F.silu(temb))[:, :, None, None]  # (B, C, 1, 1)
         h = self.ops.gn_silu_conv(x, self.norm1.weight, self.norm1.bias, self.groups,
-                                  self.conv1.weight, self.conv1.bias, eps=self.eps, add=t)
+                                  self.conv1.weight, self.conv1.bias, eps=self.eps, add=t,
+                                  padding_mode=self.conv1.padding_mode)
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return self.ops.gn_silu_conv(h, self.norm2.weight, self.norm2.bias, self.groups,
                                      self.conv2.weight, self.conv2.bias, eps=self.eps,
-                                     add=shortcut)
+                                     add=shortcut, padding_mode=self.conv2.padding_mode)
 
 
 def use_conv_chooser(model, chooser):
@@ -127,7 +129,19 @@ def norm_silu_conv(ops, norm, conv, x):
     """``conv(silu(norm(x)))`` through ``ops.gn_silu_conv``: the output head of the UNet and
     of the VAE's encoder and decoder."""
     return ops.gn_silu_conv(x, norm.weight, norm.bias, norm.num_groups, conv.weight,
-                            conv.bias, eps=norm.eps, padding=conv.padding[0])
+                            conv.bias, eps=norm.eps, padding=conv.padding[0],
+                            padding_mode=conv.padding_mode)
+
+
+def set_seamless(model, on):
+    """A1111's "Tiling": every ``nn.Conv2d`` of ``model`` pads circularly (``on``), reading
+    past a border from the opposite one, so that the picture the model makes tiles without
+    seams; or with zeros again. The fused GroupNorm+SiLU convolutions follow their conv
+    modules' ``padding_mode``. (Unpadded ones, 1×1 and the VAE encoder's explicitly padded
+    downsamplers, are left as they are: they read no border.)"""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and any(m.padding):
+            m.padding_mode = "circular" if on else "zeros"
 
 
 class Downsample2D(nn.Module):

@@ -27,7 +27,7 @@ from .output import ImageArray, ImageList
 from .image_prompt import ImagePromptRequest
 from .infotext import file_stem
 from .ip_adapter import layer_scales
-from .layers import use_conv_chooser
+from .layers import set_seamless, use_conv_chooser
 from .loading import Components, check_compatible, load
 from .memory import check_request_fits, fused_attention, request_bytes
 from .prompt_schedule import composable_parts, edited, editing_steps, text_at
@@ -50,6 +50,8 @@ MASKED_CONTENT = ("original", "latent_noise", "latent_nothing")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _DEVICES = "'cpu', 'cuda' or 'cuda:N'"
+_SEAMLESS_WITH_VAE_TILES = ("seamless tiling cannot be combined with VAE tiling yet (each VAE "
+                            "tile would wrap around itself, not the picture)")
 
 
 def default_vae_dtype(family, dtype, force_upcast):
@@ -518,6 +520,8 @@ class Pipeline:
         built per setting."""
         if not isinstance(self.vae, nn.Module):
             raise SdrtError("VAE tiling runs sdrt's own VAE; this one runs in another runtime")
+        if self.seamless_tiling:
+            raise SdrtError(_SEAMLESS_WITH_VAE_TILES)
         for vae in (self.vae, *self._vae_copies.values()):  # (a copy made later copies it)
             vae.tiling = True
 
@@ -530,6 +534,35 @@ class Pipeline:
     def vae_tiling(self):
         """Whether the VAE runs in tiles (``enable_vae_tiling``)."""
         return getattr(self.vae, "tiling", False)
+
+    # -- seamless tiling ----------------------------------------------------------------------
+
+    def enable_seamless_tiling(self):
+        """A1111's "Tiling": every padded convolution of the UNet and the VAE wraps around,
+        reading past a border from the opposite one (``padding_mode="circular"``, as A1111
+        sets it), so that the images tile without seams, left to right and top to bottom. A
+        ControlNet's or T2I-Adapter's convolutions keep zero padding, as A1111's do. Static
+        plans are built per setting."""
+        if not (isinstance(self.unet, nn.Module) and isinstance(self.vae, nn.Module)):
+            raise SdrtError("seamless tiling changes sdrt's own UNet and VAE; these run in "
+                            "another runtime")
+        if self.vae_tiling:
+            raise SdrtError(_SEAMLESS_WITH_VAE_TILES)
+        self._set_seamless(True)
+
+    def disable_seamless_tiling(self):
+        if isinstance(self.unet, nn.Module) and isinstance(self.vae, nn.Module):
+            self._set_seamless(False)
+
+    def _set_seamless(self, on):
+        for model in (self.unet, self.vae, *self._vae_copies.values()):
+            set_seamless(model, on)
+
+    @property
+    def seamless_tiling(self):
+        """Whether the images tile without seams (``enable_seamless_tiling``)."""
+        return getattr(self.unet, "conv_in", None) is not None and \
+            self.unet.conv_in.padding_mode == "circular"
 
     # -- ControlNet ----------------------------------------------------------------------------
 
@@ -818,7 +851,7 @@ class Pipeline:
                            controls, guess_mode, image_prompts, text_variants, image_regions,
                            control_masks, request.prompt_syntax == "comfy",
                            getattr(self.unet, "freeu", None), self.vae_tiling,
-                           request.pag_scale, self._rescale(request))
+                           request.pag_scale, self._rescale(request), self.seamless_tiling)
 
     def _rescale(self, request):
         """(factor, style) of the request's guidance rescale; () where it has none (no

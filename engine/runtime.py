@@ -63,6 +63,7 @@ class StaticShape:
     vae_tiling: bool = False  # whether the VAE runs in tiles (pipe.enable_vae_tiling)
     pag_scale: float = 0.0  # perturbed-attention guidance's scale (0: off)
     rescale: tuple = ()  # the guidance's rescale (factor, style), () for none
+    seamless: bool = False  # circular padding (pipe.enable_seamless_tiling)
 
     def describe(self):
         chunks = f", {self.num_chunks} text chunks" if self.num_chunks > 1 else ""
@@ -81,6 +82,7 @@ class StaticShape:
         ip += f", PAG {self.pag_scale:g}" if self.pag_scale else ""
         ip += (f", guidance rescaled by {self.rescale[0]:g} ({self.rescale[1]}'s)"
                if self.rescale else "")
+        ip += ", seamless" if self.seamless else ""
         return (f"{self.width}x{self.height}, batch {self.batch_size}, "
                 f"{self.num_inference_steps} steps of {self.sampler}, "
                 f"{'with' if self.guidance else 'without'} CFG{chunks}{image}{control}{ip}")

@@ -23,22 +23,21 @@ import statistics
 import tempfile
 
 import torch
-import torch.nn.functional as F
 
 from ._backend import use_triton
 from .group_norm import group_norm
 from .group_norm_silu_conv2d import (TRITON_DTYPES, _check, _group_norm_silu_conv2d_triton,
-                                     group_norm_silu_conv2d)
+                                     group_norm_silu_conv2d, padded_conv2d)
 
 FUSED, UNFUSED = "fused", "unfused"
 PATHS = (FUSED, UNFUSED)
 
 
 def group_norm_then_conv2d(x, norm_weight, norm_bias, num_groups, conv_weight, conv_bias=None,
-                           *, eps=1e-5, stride=1, padding=1, add=None):
+                           *, eps=1e-5, stride=1, padding=1, add=None, padding_mode="zeros"):
     """The unfused path: sdrt's GroupNorm+SiLU kernel, cuDNN's convolution, then ``+ add``."""
     h = group_norm(x, num_groups, norm_weight, norm_bias, eps, activation="silu")
-    y = F.conv2d(h, conv_weight, conv_bias, stride=stride, padding=padding)
+    y = padded_conv2d(h, conv_weight, conv_bias, stride, padding, padding_mode)
     return y if add is None else y.add_(add)  # y is fresh: add in place, no extra allocation
 
 
@@ -55,14 +54,15 @@ class ConvKey:
     stride: int
     padding: int
     device: str
+    padding_mode: str = "zeros"
 
     @classmethod
-    def of(cls, x, conv_weight, conv_bias, stride, padding, add):
+    def of(cls, x, conv_weight, conv_bias, stride, padding, add, padding_mode="zeros"):
         cl = torch.channels_last
         return cls(tuple(x.shape), x.is_contiguous(memory_format=cl), tuple(conv_weight.shape),
                    conv_weight.is_contiguous(memory_format=cl), conv_bias is not None,
                    None if add is None else tuple(add.shape), x.dtype, stride, padding,
-                   str(x.device))
+                   str(x.device), padding_mode)
 
     def cache_key(self, device_name):
         """This key as text for the ``cache_file``: with the GPU's name and the torch and triton
@@ -118,26 +118,27 @@ class ConvPathChooser:
         self._saved = None  # {ConvKey.cache_key: {"choice": ..., "times": ...}}, read lazily
 
     def choose(self, x, norm_weight, norm_bias, num_groups, conv_weight, conv_bias=None, *,
-               eps=1e-5, stride=1, padding=1, add=None):
+               eps=1e-5, stride=1, padding=1, add=None, padding_mode="zeros"):
         """``FUSED`` or ``UNFUSED`` for this call's shapes; times both the first time a shape
         is seen on a timed device."""
         if x.device.type not in self.timed_devices:
             return FUSED
         if x.dtype not in TRITON_DTYPES:
             return UNFUSED  # no fused kernel to time
-        key = ConvKey.of(x, conv_weight, conv_bias, stride, padding, add)
+        key = ConvKey.of(x, conv_weight, conv_bias, stride, padding, add, padding_mode)
         if key not in self.choices:
             if x.is_cuda and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError(f"ConvPathChooser: shape {key} was not planned before CUDA "
                                    "graph capture; call the chooser during warm-up")
             _check(x, norm_weight, norm_bias, num_groups, conv_weight, conv_bias, stride,
-                   padding, add)
+                   padding, add, padding_mode)
             saved = self._saved_entry(key, x.device)
             if saved is not None:
                 self.times[key], self.choices[key] = saved["times"], saved["choice"]
                 return self.choices[key]
             args = (x, norm_weight, norm_bias, num_groups, conv_weight, conv_bias)
-            kwargs = dict(eps=eps, stride=stride, padding=padding, add=add)
+            kwargs = dict(eps=eps, stride=stride, padding=padding, add=add,
+                          padding_mode=padding_mode)
             runs = {FUSED: _group_norm_silu_conv2d_triton, UNFUSED: group_norm_then_conv2d}
             times = {path: self.timer(lambda fn=runs[path]: fn(*args, **kwargs))
                      for path in PATHS}
@@ -189,10 +190,10 @@ class ConvPathChooser:
             raise
 
     def __call__(self, x, norm_weight, norm_bias, num_groups, conv_weight, conv_bias=None, *,
-                 eps=1e-5, stride=1, padding=1, add=None):
+                 eps=1e-5, stride=1, padding=1, add=None, padding_mode="zeros"):
         """``conv2d(silu(group_norm(x))) + add`` by the path ``choose`` picks."""
         args = (x, norm_weight, norm_bias, num_groups, conv_weight, conv_bias)
-        kwargs = dict(eps=eps, stride=stride, padding=padding, add=add)
+        kwargs = dict(eps=eps, stride=stride, padding=padding, add=add, padding_mode=padding_mode)
         if not use_triton(x):  # SDRT_BACKEND=torch (or CPU tensors): the reference, untimed
             return group_norm_silu_conv2d(*args, **kwargs)
         if self.choose(*args, **kwargs) == UNFUSED:

@@ -73,10 +73,23 @@ from .group_norm import group_norm_reference
 TRITON_DTYPES = (torch.float16, torch.bfloat16)
 
 
+PADDING_MODES = ("zeros", "circular")
+
+
+def padded_conv2d(h, conv_weight, conv_bias, stride, padding, padding_mode):
+    """``F.conv2d`` with ``nn.Conv2d``'s ``padding_mode``: "circular" wraps the picture around
+    (each border reads the opposite one, A1111's "Tiling"), "zeros" pads with zeros."""
+    if padding_mode == "circular" and padding:
+        h = F.pad(h, (padding,) * 4, mode="circular")
+        padding = 0
+    return F.conv2d(h, conv_weight, conv_bias, stride=stride, padding=padding)
+
+
 def group_norm_silu_conv2d_reference(x, norm_weight, norm_bias, num_groups, conv_weight,
-                                     conv_bias=None, *, eps=1e-5, stride=1, padding=1, add=None):
+                                     conv_bias=None, *, eps=1e-5, stride=1, padding=1, add=None,
+                                     padding_mode="zeros"):
     h = group_norm_reference(x, num_groups, norm_weight, norm_bias, eps, activation="silu")
-    y = F.conv2d(h, conv_weight, conv_bias, stride=stride, padding=padding)
+    y = padded_conv2d(h, conv_weight, conv_bias, stride, padding, padding_mode)
     return y if add is None else y + add
 
 
@@ -341,12 +354,13 @@ if triton is not None:
             san, sac, sah, saw,
             son, soc, soh, sow,
             KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-            HAS_BIAS: tl.constexpr, ADD_KIND: tl.constexpr, TILE_IN_ONE_SAMPLE: tl.constexpr,
+            CIRCULAR: tl.constexpr, HAS_BIAS: tl.constexpr, ADD_KIND: tl.constexpr, TILE_IN_ONE_SAMPLE: tl.constexpr,
             DOT_IN_FP32: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
         """out[m, co] = Σ_{kh,kw,ci} silu(x[n, ci, hi, wi]·scale[n, ci] + shift[n, ci])
         · w[co, ci, kh, kw] (+ bias[co]) (+ add), with (n, ho, wo) = m and
-        (hi, wi) = (ho, wo)·STRIDE − PAD + (kh, kw).
+        (hi, wi) = (ho, wo)·STRIDE − PAD + (kh, kw): outside the picture a zero, or with
+        CIRCULAR the pixel PAD ≤ H, W rows or columns in from the opposite border.
 
         x is dense channels_last (element (n, ci, hi, wi) at ((n·H + hi)·W + wi)·CIN + ci) and w
         dense channels_last ((co, ci, kh, kw) at ((co·KH + kh)·KW + kw)·CIN + ci): both tiles
@@ -396,7 +410,12 @@ if triton is not None:
             ci_mask = ci < CIN
             hi = ho * STRIDE - PAD + tap // KW
             wi = wo * STRIDE - PAD + tap % KW
-            inside = m_mask & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            if CIRCULAR:  # every tap reads a pixel, one wrap away at most (PAD ≤ H, W)
+                hi = tl.where(hi < 0, hi + H, tl.where(hi >= H, hi - H, hi))
+                wi = tl.where(wi < 0, wi + W, tl.where(wi >= W, wi - W, wi))
+                inside = m_mask
+            else:
+                inside = m_mask & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
             a_mask = inside[:, None] & ci_mask[None, :]
             a = tl.load((x_rows + (hi * W + wi) * CIN)[:, None] + ci[None, :], mask=a_mask,
                         other=0.0)
@@ -447,7 +466,8 @@ def _check_contiguous(where, name, p):
         raise ValueError(f"{where}: {name} must be contiguous, got stride {p.stride(0)}")
 
 
-def _check(x, norm_weight, norm_bias, num_groups, conv_weight, conv_bias, stride, padding, add):
+def _check(x, norm_weight, norm_bias, num_groups, conv_weight, conv_bias, stride, padding, add,
+           padding_mode="zeros"):
     where = "group_norm_silu_conv2d"
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"{where}: x must be an N×C×H×W tensor, got "
@@ -482,6 +502,12 @@ def _check(x, norm_weight, norm_bias, num_groups, conv_weight, conv_bias, stride
     if ho < 1 or wo < 1:
         raise ValueError(f"{where}: a {kh}×{kw} kernel with padding {padding} does not fit "
                          f"in {h}×{w}")
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"{where}: padding_mode must be one of {', '.join(PADDING_MODES)}, "
+                         f"got {padding_mode!r}")
+    if padding_mode == "circular" and padding > min(h, w):
+        raise ValueError(f"{where}: circular padding {padding} wraps past the other border "
+                         f"of {h}×{w}")
     if add is not None:
         try:
             shape = torch.broadcast_shapes(tuple(add.shape), (n, cout, ho, wo))
@@ -505,7 +531,8 @@ def _channels_last_weight(conv_weight):
     return conv_weight.contiguous(memory_format=torch.channels_last)
 
 
-def _conv_launch(x, scale, shift, weight, conv_bias, add, out, stride, padding, cfg):
+def _conv_launch(x, scale, shift, weight, conv_bias, add, out, stride, padding, cfg,
+                 padding_mode="zeros"):
     """``_gn_silu_conv2d_kernel``'s grid and keyword arguments (constexprs, num_warps and
     num_stages included) for dense channels_last x and weight."""
     n, cin, h, w = x.shape
@@ -526,7 +553,7 @@ def _conv_launch(x, scale, shift, weight, conv_bias, add, out, stride, padding, 
         san=add_strides[0], sac=add_strides[1], sah=add_strides[2], saw=add_strides[3],
         son=out.stride(0), soc=out.stride(1), soh=out.stride(2), sow=out.stride(3),
         KH=kh, KW=kw, STRIDE=stride, PAD=padding,
-        HAS_BIAS=conv_bias is not None, ADD_KIND=add_kind,
+        CIRCULAR=padding_mode == "circular" and padding > 0, HAS_BIAS=conv_bias is not None, ADD_KIND=add_kind,
         TILE_IN_ONE_SAMPLE=(ho * wo) % cfg.block_m == 0,
         DOT_IN_FP32=x.dtype == torch.bfloat16 and x.device.type == "cpu",
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
@@ -535,7 +562,7 @@ def _conv_launch(x, scale, shift, weight, conv_bias, add, out, stride, padding, 
 
 def _group_norm_silu_conv2d_triton(x, norm_weight, norm_bias, num_groups, conv_weight,
                                    conv_bias=None, *, eps=1e-5, stride=1, padding=1, add=None,
-                                   out=None, config=None):
+                                   padding_mode="zeros", out=None, config=None):
     """The Triton path: statistics kernels, then the fused implicit-GEMM convolution.
 
     x may have any strides: channels_last is read in place, anything else is copied to
@@ -548,7 +575,7 @@ def _group_norm_silu_conv2d_triton(x, norm_weight, norm_bias, num_groups, conv_w
         raise ValueError("group_norm_silu_conv2d: the Triton backend was asked for but triton "
                          "is not installed")
     n, cout, ho, wo = _check(x, norm_weight, norm_bias, num_groups, conv_weight, conv_bias,
-                             stride, padding, add)
+                             stride, padding, add, padding_mode)
     if x.dtype not in TRITON_DTYPES:
         raise ValueError(f"group_norm_silu_conv2d: the Triton path takes float16 or bfloat16, "
                          f"got {x.dtype}")
@@ -570,23 +597,24 @@ def _group_norm_silu_conv2d_triton(x, norm_weight, norm_bias, num_groups, conv_w
         copy = torch.empty_like(x, memory_format=torch.channels_last)
     _, _, scale, shift = _group_stats(x, num_groups, norm_weight, norm_bias, eps, cfg, copy)
     grid, kwargs = _conv_launch(x if copy is None else copy, scale, shift, weight, conv_bias, add,
-                                out, stride, padding, cfg)
+                                out, stride, padding, cfg, padding_mode)
     _gn_silu_conv2d_kernel[grid](**kwargs)
     return out
 
 
 def group_norm_silu_conv2d(x, norm_weight, norm_bias, num_groups, conv_weight, conv_bias=None,
-                           *, eps=1e-5, stride=1, padding=1, add=None):
+                           *, eps=1e-5, stride=1, padding=1, add=None, padding_mode="zeros"):
     """``conv2d(silu(group_norm(x)), conv_weight, conv_bias, stride, padding) + add``.
 
     ``add`` broadcasts to the output: a time embedding N×C×1×1 or a residual N×C×H×W.
+    ``padding_mode`` is ``nn.Conv2d``'s: "zeros", or "circular" (the borders wrap around).
     The Triton path (``use_triton(x)``) runs float16 and bfloat16; float32 runs the reference.
     """
-    _check(x, norm_weight, norm_bias, num_groups, conv_weight, conv_bias, stride, padding, add)
+    _check(x, norm_weight, norm_bias, num_groups, conv_weight, conv_bias, stride, padding, add,
+           padding_mode)
+    kwargs = dict(eps=eps, stride=stride, padding=padding, add=add, padding_mode=padding_mode)
     if use_triton(x) and x.dtype in TRITON_DTYPES:
         return _group_norm_silu_conv2d_triton(x, norm_weight, norm_bias, num_groups, conv_weight,
-                                              conv_bias, eps=eps, stride=stride, padding=padding,
-                                              add=add)
+                                              conv_bias, **kwargs)
     return group_norm_silu_conv2d_reference(x, norm_weight, norm_bias, num_groups, conv_weight,
-                                            conv_bias, eps=eps, stride=stride, padding=padding,
-                                            add=add)
+                                            conv_bias, **kwargs)

@@ -223,6 +223,7 @@ class Server:
             subseed_strength=key.subseed_strength,
             refiner=self.runner.refiner_title() if key.refiner else None,
             eta_ddim=key.eta or None,
+            tiling=key.tiling,
             refiner_switch_at=key.refiner[0] if key.refiner else None,
             ti_hashes=self.runner.embedding_hashes(
                 (row.prompt, row.negative_prompt if key.guidance else "", row.prompt_2,
@@ -593,7 +594,8 @@ def create_app(config: ServeConfig = None) -> FastAPI:
                        loras=loras, controls=controls,
                        vae=sd_vae(server, body.override_settings, "override_settings"),
                        image_prompts=prompts[0], subseed_strength=req.subseed_strength,
-                       refiner=refiner, eta=_ddim_eta(server, body, sampler))
+                       refiner=refiner, eta=_ddim_eta(server, body, sampler),
+                       tiling=_tiling(server, body, script))
         extra, jobs = dict(hires.params()) if hires else {}, None
         if refiner is not None:
             extra.update({"Refiner": server.runner.refiner_title(),
@@ -985,16 +987,29 @@ def _check_inpaint_fields(body):
 
 
 # A1111 fields of features sdrt does not have, and the values that leave them off.
-_OFF_VALUES = {"restore_faces": (None, False), "tiling": (None, False),
+_OFF_VALUES = {"restore_faces": (None, False),
                "seed_resize_from_h": (None, -1, 0),
                "seed_resize_from_w": (None, -1, 0), "styles": (None, []),
                "script_name": (None, "", "None"), "initial_noise_multiplier": (None, 1)}
-_FEATURES = {"restore_faces": "face restoration", "tiling": "tiling",
+_FEATURES = {"restore_faces": "face restoration",
              "seed_resize_from_h": "seed resizing",
              "seed_resize_from_w": "seed resizing", "styles": "styles",
              "script_name": "any script but SD upscale",
              "alwayson_scripts": "always-on scripts (ControlNet, ...)",
              "initial_noise_multiplier": "a noise multiplier"}
+
+
+def _tiling(server, body, script):
+    """A1111's ``tiling`` (seamless images: ``BatchKey.tiling``), refused where its pictures
+    are made of tiles, each of which would wrap around itself: VAE tiling, SD upscale."""
+    if not body.tiling:
+        return False
+    for clash, what in ((server.runner.config.vae_tiling, "this server's VAE tiling "
+                         "(sdrt serve --vae-tiling)"), (script is not None, "SD upscale")):
+        if clash:
+            raise ApiError(400, f"tiling cannot be combined with {what} yet (each tile would "
+                                f"wrap around itself, not the picture)", "bad_request", "tiling")
+    return True
 
 
 def _refiner(server, body, other):

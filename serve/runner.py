@@ -399,6 +399,11 @@ class Runner:
         self.pipe.scheduler_config = self.scheduler_config
         if key.scheduler:  # (a workflow's ModelSamplingDiscrete)
             self.pipe.set_scheduler_config(**dict(key.scheduler))
+        for model in filter(None, (self.pipe, self.refiner)):
+            if key.tiling:
+                model.enable_seamless_tiling()
+            else:
+                model.disable_seamless_tiling()
         if key.freeu is None:
             self.pipe.disable_freeu()
         else:

@@ -79,6 +79,7 @@ class BatchKey:
     # its aesthetic score and negative one (None: the defaults)); None: the model alone
     refiner: tuple = None
     eta: float = 0.0  # A1111's eta where the rows run DDIM (its share of fresh noise)
+    tiling: bool = False  # A1111's tiling: seamless images (pipe.enable_seamless_tiling)
 
 
 @dataclass(frozen=True)

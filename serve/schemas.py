@@ -5,7 +5,7 @@ text, excepted); ranges and everything
 else are checked once, by ``GenerationRequest.check`` and the pipeline's model checks, with the
 API's own field names in the messages. Fields a client may send that do not change the
 picture (OpenAI's ``quality``, A1111's ``do_not_save_samples``, ...) are accepted and ignored;
-those of A1111 features sdrt does not have (``restore_faces``, ``tiling``, ``styles``, scripts
+those of A1111 features sdrt does not have (``restore_faces``, ``styles``, scripts
 but SD upscale, ...) are accepted at their "off" values and refused otherwise.
 """
 from typing import Dict, List, Literal, Optional
@@ -106,10 +106,11 @@ class A1111Request(BaseModel):
     eta: Optional[float] = None
     s_churn: Optional[float] = None
     s_noise: Optional[float] = None
+    tiling: Optional[bool] = Field(None, description="seamless images: the UNet's and the VAE's "
+                                                     "convolutions wrap around")
     # A1111 features that change the picture and that sdrt does not have: accepted at their
     # "off" values (false, null, 0, -1, empty), refused with a 400 naming the field otherwise.
     restore_faces: Optional[bool] = None
-    tiling: Optional[bool] = None
     seed_resize_from_h: Optional[int] = None
     seed_resize_from_w: Optional[int] = None
     styles: Optional[List[str]] = None

@@ -431,7 +431,8 @@ def _engine_conv_calls():
     from sdrt.engine.loading import build
     calls = {}
 
-    def record(x, nw, nb, g, w, b=None, *, eps=1e-5, stride=1, padding=1, add=None):
+    def record(x, nw, nb, g, w, b=None, *, eps=1e-5, stride=1, padding=1, add=None,
+               padding_mode="zeros"):
         key = (tuple(x.shape), x.stride(), tuple(w.shape), w.stride(), b is not None,
                None if add is None else (tuple(add.shape), add.stride()), stride, padding, g)
         calls.setdefault(key, (x, nw, nb, g, w, b, dict(eps=eps, stride=stride,
@@ -459,8 +460,9 @@ def _engine_conv_calls():
 
 def sm90_conv_facts():
     """{kernel specialisation: cubin facts} for the engine's conv calls, each also with NCHW
-    input (the other input layout the kernel takes), plus a 1×1 and a stride-2 conv (not
-    engine calls: the kernel's other geometries). Runs in a process without TRITON_INTERPRET."""
+    input (the other input layout the kernel takes) and, where padded, circular padding
+    (seamless tiling), plus a 1×1 and a stride-2 conv (not engine calls: the kernel's other
+    geometries). Runs in a process without TRITON_INTERPRET."""
     from sdrt.benchmarks.launches import fake_hopper, unique
     calls = _engine_conv_calls()
     meta = dict(device="meta", dtype=torch.float16)
@@ -474,6 +476,9 @@ def sm90_conv_facts():
         for x, nw, nb, g, w, b, kwargs in calls:
             for x_in in (x, x.contiguous()):
                 _group_norm_silu_conv2d_triton(x_in, nw, nb, g, w, b, **kwargs)
+            if kwargs.get("padding", 1):  # seamless tiling's wrapped taps (engine layout)
+                _group_norm_silu_conv2d_triton(x, nw, nb, g, w, b, **kwargs,
+                                               padding_mode="circular")
         kernels = unique(rec.launches)
     return {f"{la.kernel} {dict(la.constants)} {dict(la.attrs)} w{la.num_warps} "
             f"s{la.num_stages}": dict(kernel=la.kernel, launches=n, **_cubin_facts(la.compiled))

@@ -786,7 +786,7 @@ MALFORMED = [  # (endpoint, body: dict or raw bytes, what the message must name)
     (T2I, {"prompt": "a", "sampler_name": "Euler", "enable_hr": True,
            "hr_sampler_name": "Euler a", "eta": 0.3}, "eta"),
     (T2I, {"prompt": "a", "restore_faces": True}, "restore_faces"),
-    (T2I, {"prompt": "a", "tiling": True}, "tiling"),
+    (T2I, {"prompt": "a", "tiling": 2}, "tiling"),
     (T2I, {"prompt": "a", "refiner_checkpoint": "sd_xl_refiner_1.0"}, "refiner_checkpoint"),
     (T2I, {"prompt": "a", "subseed_strength": 1.5}, "subseed_strength"),
     (T2I, {"prompt": "a", "subseed_strength": 0.3, "subseed": -5}, "subseed"),

@@ -177,6 +177,7 @@ BAD = [
            "init_images": [b64_png(_picture(7, 64, 64))]}, "script_args[3]"),
     (I2I, {**_SD, "width": 8, "height": 8, "n_iter": 2, "script_args": ["", 0, "Nearest", 8]},
      "n_iter"),
+    (I2I, {**_SD, "script_args": ["", 8, "Lanczos", 2], "tiling": True}, "tiling"),
 ]
 
 
