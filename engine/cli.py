@@ -288,6 +288,10 @@ def _generate_options(g):
     g.add_argument("--subseed-strength", metavar="F", type=float_arg, default=0.0,
                    help="how far the noise moves towards the variation seed's, from 0 (not "
                         "at all) to 1 (A1111's variation strength)")
+    g.add_argument("--seed-resize-from", metavar="WxH", type=size_arg, default=None,
+                   help="A1111's Resize seed from: centre the noise the seed draws at WxH in "
+                        "this size's, so that a seed found at one size keeps its composition at "
+                        "another")
     g.add_argument("--height", metavar="H", type=int_arg, default=None,
                    help="image height in pixels, a multiple of 8 (default: the model's native "
                         "size, or the init image's)")

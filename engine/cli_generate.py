@@ -38,6 +38,7 @@ OPTION_NAMES = {"num_inference_steps": "--steps", "guidance_scale": "--guidance"
                 "negative_aesthetic_score": "--negative-aesthetic-score",
                 "denoising_end": "--refiner-start", "subseed": "--subseed",
                 "subseed_strength": "--subseed-strength", "pag_scale": "--pag-scale",
+                "seed_resize_from": "--seed-resize-from",
                 "guidance_rescale": "--guidance-rescale",
                 "guidance_rescale_style": "--guidance-rescale-style"}
 
@@ -65,12 +66,16 @@ def generate(a):
         strength=a.strength, num_images_per_prompt=a.batch, clip_skip=a.clip_skip,
         output_type="pil", has_image=a.init_image is not None, prompt_syntax=a.prompt_syntax,
         subseed=a.subseed, subseed_strength=a.subseed_strength, pag_scale=a.pag_scale,
-        guidance_rescale=a.guidance_rescale, guidance_rescale_style=a.guidance_rescale_style,
+        seed_resize_from=a.seed_resize_from, guidance_rescale=a.guidance_rescale,
+        guidance_rescale_style=a.guidance_rescale_style,
         **_sdxl_fields(a),
     ).check(names=OPTION_NAMES, limits=Limits.from_env())
     sd = _sd_upscale(a)
     if sd is not None and request.subseed_strength:
         raise SdrtError("--subseed-strength cannot be combined with --sd-upscale yet (its tiles "
+                        "draw their own seeds)")
+    if sd is not None and request.seed_resize_from:
+        raise SdrtError("--seed-resize-from cannot be combined with --sd-upscale yet (its tiles "
                         "draw their own seeds)")
     if sd is not None and a.tiling:
         raise SdrtError("--tiling cannot be combined with --sd-upscale yet (each of its tiles "
@@ -216,6 +221,8 @@ def generate(a):
                 if request.subseed_strength else [None] * a.batch)
     variation = (dict(subseed=subseeds, subseed_strength=request.subseed_strength)
                  if request.subseed_strength else {})
+    if request.seed_resize_from:
+        variation["seed_resize_from"] = request.seed_resize_from
     # A callback would make a static plan run its denoising loop eagerly: no bar then.
     call = dict(negative_prompt=a.negative, num_inference_steps=a.steps,
                 guidance_scale=a.guidance, generator=generators, clip_skip=a.clip_skip,
@@ -319,6 +326,7 @@ def generate(a):
                                           and a.masked_content != "original" else None),
                           ti_hashes=ti_hashes, controlnets=units, subseed=ss,
                           subseed_strength=request.subseed_strength,
+                          seed_resize_from=request.seed_resize_from,
                           eta_ddim=(a.eta if a.eta and sampler_family(sampler) == "ddim"
                                     else None), tiling=a.tiling, **refined, **vae))
              for s, ss in zip(seeds, subseeds)]
@@ -546,6 +554,14 @@ def _built_in_defaults(a):
             setattr(a, attr, defaults[key])
 
 
+def _png_size(text):
+    """A PNG info's ``WxH`` → (height, width); ValueError where it is not one."""
+    try:
+        return size_arg(text)
+    except argparse.ArgumentTypeError:
+        raise ValueError(text) from None
+
+
 # PNG info key → (option, its attribute, how the value reads)
 _PNG_SETTINGS = {  # a sampler reads with its schedule type (_SCHEDULE_TYPE_KEYS)
     "Steps": ("--steps", "steps", int),
@@ -554,9 +570,10 @@ _PNG_SETTINGS = {  # a sampler reads with its schedule type (_SCHEDULE_TYPE_KEYS
     "Seed": ("--seed", "seed", int),
     "Variation seed": ("--subseed", "subseed", int),
     "Variation seed strength": ("--subseed-strength", "subseed_strength", float),
+    "Seed resize from": ("--seed-resize-from", "seed_resize_from", _png_size),
     "Clip skip": ("--clip-skip", "clip_skip", lambda v: int(v) - 1 if int(v) >= 1 else None),
-    "Tiling": ("--tiling", "tiling", {"True": True, "False": False}.get),
     # (A1111 counts from 1)
+    "Tiling": ("--tiling", "tiling", {"True": True, "False": False}.get),
     "Mask blur": ("--mask-blur", "mask_blur", int),
     "Inpaint area": ("--inpaint-area", "inpaint_area",
                      {"Only masked": "masked", "Whole picture": "whole"}.get),
@@ -573,6 +590,7 @@ _PNG_SETTINGS = {  # a sampler reads with its schedule type (_SCHEDULE_TYPE_KEYS
     "SD upscale overlap": ("--sd-upscale-overlap", "sd_upscale_overlap", int),
     "SD upscale upscaler": ("--sd-upscale-upscaler", "sd_upscale_upscaler", str),
 }
+
 # A1111 1.9 on writes "Sampler: DPM++ 2M, Schedule type: Karras" (before: "DPM++ 2M Karras").
 _SCHEDULE_TYPE_KEYS = {"Sampler": "Schedule type", "Hires sampler": "Hires schedule type"}
 

@@ -235,7 +235,8 @@ def generate(pipe, hires: Hires, prompt, negative_prompt, height, width, num_inf
         return [v] * rows if text and v is not None else v
     call = dict(call, num_images_per_prompt=1,
                 guidance_scale=per_row(call.get("guidance_scale", 7.5)))
-    for first_only in ("subseed", "subseed_strength"):  # (the first pass's noise, as A1111's)
+    # (the first pass's noise: the second's goes on from the first pass's generators)
+    for first_only in ("subseed", "subseed_strength", "seed_resize_from"):
         call.pop(first_only, None)
     images = pipe(per_row(hires.prompt or prompt, text=True),
                   negative_prompt=per_row(hires.negative_prompt or negative_prompt, text=True),

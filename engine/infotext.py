@@ -384,6 +384,7 @@ class Infotext:
     vae_hash: str = None       # and A1111's short hash of it
     subseed: int = None        # this image's variation seed, where subseed_strength is > 0
     subseed_strength: float = None
+    seed_resize_from: tuple = None  # (height, width) of A1111's "Resize seed from", or None
     eta_ddim: float = None     # A1111's eta of a DDIM run, where it is not A1111's default 0
     tiling: bool = False       # A1111's Tiling (seamless: the convolutions wrap around)
 
@@ -404,6 +405,8 @@ class Infotext:
             "Variation seed": self.subseed if self.subseed_strength else None,
             "Variation seed strength": (number(self.subseed_strength) if self.subseed_strength
                                         else None),
+            "Seed resize from": ("{1}x{0}".format(*self.seed_resize_from)
+                                 if self.seed_resize_from else None),
             "Denoising strength": (None if self.denoising_strength is None
                                    else number(self.denoising_strength)),
             "Clip skip": self.clip_skip + 1 if self.clip_skip else None,

@@ -39,10 +39,10 @@ from .runtime import ModelSpec, StaticRuntime, StaticShape
 from .samplers import (SchedulerConfig, brownian_noise, default_sampler, make_schedule,
                        sample)
 from .schedules import with_eta
-from .stages import (Control, blank_inpaint_conditioning, check_fused, cpu_randn,
-                     guidance_embedding, guidance_rescaler, guided, inpaint_conditioning,
-                     inpainting_unet, keep_unmasked, row_scales, scale_latents,
-                     starts_from_noise, to_unit_images, vae_decode, vary_noise)
+from .stages import (Control, blank_inpaint_conditioning, centred_noise, check_fused,
+                     copy_generator, cpu_randn, guidance_embedding, guidance_rescaler, guided,
+                     inpaint_conditioning, inpainting_unet, keep_unmasked, row_scales,
+                     scale_latents, starts_from_noise, to_unit_images, vae_decode, vary_noise)
 
 # What the masked latents start from when inpainting (A1111's "masked content" in latent
 # space): the init image's, unit noise, or zeros.
@@ -798,6 +798,7 @@ class Pipeline:
                             f"{most} (the text encoder has {layers} layers), got "
                             f"{request.clip_skip}")
         self._check_family_arguments(request, names)
+        self._check_seeded(request, None, names)
         request = dataclasses.replace(request, sampler=request.sampler or
                                       default_sampler(self.scheduler_config), **sizes)
         if request.cfg_pp and self._guidance_distilled():
@@ -836,6 +837,20 @@ class Pipeline:
                 raise SdrtError(f"{names.get(field, field)} is not used by {family.label} models "
                                 f"({os.path.basename(self.source.rstrip(os.sep)) or self.source})"
                                 f"{takes}")
+
+    def _check_seeded(self, request, latents, names):
+        """A1111's noise settings need noise the pipeline draws (not ``latents``), and a seed
+        resize a size of at least one latent pixel."""
+        name = lambda field: names.get(field, field)
+        for field in ("subseed_strength", "seed_resize_from"):
+            if getattr(request, field) and latents is not None:
+                raise SdrtError(f"{name(field)} changes the noise the seed draws; it cannot be "
+                                f"combined with latents (noise given)")
+        f = self.vae_scale_factor
+        if request.seed_resize_from is not None and min(request.seed_resize_from) < f:
+            raise SdrtError(f"{name('seed_resize_from')} must be at least {f} pixels (the VAE's "
+                            f"scale factor) wide and high, got "
+                            f"{request.seed_resize_from[1]}x{request.seed_resize_from[0]}")
 
     def _check_side(self, field, value, names):
         f = self.vae_scale_factor
@@ -1191,17 +1206,32 @@ class Pipeline:
                             f"values within ±{MAX_LATENT:g}, got {latents.abs().max().item():.3g}")
         return latents.to(self.device, self.dtype)
 
-    def _varied_noise(self, request, shape, generator):
-        """The noise of A1111's variation seed (``vary_noise``): image i's from the generator,
-        slerped towards subseed + i's (or the list's i-th) by ``subseed_strength``; sets
-        ``last_subseed``."""
-        subseed = self.last_subseed = request.draw_subseed()
-        subseeds = (subseed if isinstance(subseed, list) else
-                    [(subseed + i) % (MAX_SEED + 1) for i in range(shape[0])])
-        if len(subseeds) != shape[0]:
-            raise SdrtError(f"subseed must be one integer or a list of {shape[0]} (one per "
-                            f"image), got a list of {len(subseeds)}")
-        noise = vary_noise(cpu_randn(shape, generator), subseeds, request.subseed_strength)
+    def _seeded_noise(self, request, shape, generator):
+        """The noise of A1111's variation seed and seed resize, drawn from the generator: with
+        ``seed_resize_from``, what the generator would draw at that size (in latents) centred
+        in what it draws at this one (``centred_noise``; the generator then stands where the
+        plain draw leaves it); with a ``subseed_strength``, image i's noise at the size it is
+        drawn at (the resized one's, as A1111 slerps it) slerped towards subseed + i's (or the
+        list's i-th) by that strength (``vary_noise``), which sets ``last_subseed``."""
+        small = None
+        if request.seed_resize_from is not None:
+            h, w = request.seed_resize_from
+            f = self.vae_scale_factor
+            small = cpu_randn((*shape[:2], h // f, w // f), copy_generator(generator))
+        noise = cpu_randn(shape, generator)
+        if request.subseed_strength:
+            subseed = self.last_subseed = request.draw_subseed()
+            subseeds = (subseed if isinstance(subseed, list) else
+                        [(subseed + i) % (MAX_SEED + 1) for i in range(shape[0])])
+            if len(subseeds) != shape[0]:
+                raise SdrtError(f"subseed must be one integer or a list of {shape[0]} (one per "
+                                f"image), got a list of {len(subseeds)}")
+            if small is None:
+                noise = vary_noise(noise, subseeds, request.subseed_strength)
+            else:
+                small = vary_noise(small, subseeds, request.subseed_strength)
+        if small is not None:
+            noise = centred_noise(noise, small)
         return noise.to(self.device, self.dtype)
 
     def _generator(self, generator, request):
@@ -1271,7 +1301,8 @@ class Pipeline:
                  guidance_rescale_style="diffusers", prompt_embeds=None,
                  negative_prompt_embeds=None, pooled_prompt_embeds=None,
                  negative_pooled_prompt_embeds=None, return_dict=True,
-                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=None, eta=0.0):
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=None, eta=0.0,
+                 seed_resize_from=None):
         """Generate images; see the README for each argument.
 
         Returns a list of PIL images (``"pil"``), a float32 array (B, H, W, 3) in [0, 1]
@@ -1397,11 +1428,12 @@ class Pipeline:
             negative_aesthetic_score=negative_aesthetic_score, denoising_start=denoising_start,
             denoising_end=denoising_end, subseed=subseed,
             subseed_strength=subseed_strength, pag_scale=pag_scale,
-            guidance_rescale=guidance_rescale,
-            guidance_rescale_style=guidance_rescale_style).check(limits=self.limits)
+            guidance_rescale=guidance_rescale, guidance_rescale_style=guidance_rescale_style,
+            seed_resize_from=seed_resize_from).check(limits=self.limits)
         for field in ("height", "width"):
             if getattr(request, field) is not None:
                 self._check_side(field, getattr(request, field), {})
+        self._check_seeded(request, latents, {})
         init = init_latents = mask = None
         if masked_content not in MASKED_CONTENT:
             raise SdrtError(f"masked_content must be one of {', '.join(MASKED_CONTENT)}, got "
@@ -1776,8 +1808,9 @@ class Pipeline:
             x0 = init_latents.repeat_interleave(batch // init_latents.shape[0], dim=0)
         if x0 is not None and tuple(x0.shape[2:]) != tuple(shape[2:]):  # latent_resize
             x0 = torch.nn.functional.interpolate(x0, size=shape[2:], mode="bilinear")
-        noise = self._varied_noise(request, shape, generator) if latents is None and \
-            request.subseed_strength else self._noise(latents, shape, generator)
+        noise = (self._seeded_noise(request, shape, generator)
+                 if request.subseed_strength or request.seed_resize_from else
+                 self._noise(latents, shape, generator))
         if mask is None:
             return _Start(x0, noise, None, None, pure_noise)
         small = torch.nn.functional.interpolate(mask, size=shape[2:])  # nearest: diffusers'

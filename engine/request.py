@@ -292,6 +292,10 @@ class GenerationRequest:
     # with a strength: a random subseed)
     subseed: object = None
     subseed_strength: object = 0.0
+    # A1111's "Resize seed from": (height, width) of the picture whose noise is centred in this
+    # one's (the noise the seed draws at that size, cut or framed by what it draws at this
+    # one); None: off
+    seed_resize_from: object = None
     # perturbed-attention guidance's scale (diffusers' pag_scale; 0: off)
     pag_scale: object = 0.0
     # the rescale of classifier-free guidance (diffusers' guidance_rescale; 0: off), and
@@ -401,6 +405,13 @@ class GenerationRequest:
                      "(one per image)", self.subseed)
             extra["subseed"] = (int(subseeds[0]) if not isinstance(self.subseed, (list, tuple))
                                 else [int(v) for v in subseeds])
+        if self.seed_resize_from is not None:
+            value = self.seed_resize_from
+            if not isinstance(value, (list, tuple)) or len(value) != 2 or \
+                    not all(_is_int(v) and 1 <= v <= limits.max_side for v in value):
+                fail("seed_resize_from", f"None or a pair (height, width) of integers from 1 "
+                     f"to {limits.max_side}", value)
+            extra["seed_resize_from"] = (int(value[0]), int(value[1]))
         if self.denoising_start is not None and not self.has_image:
             fail("denoising_start", "None without an image (it continues denoising an image's "
                  "latents, as the SDXL refiner after the base's denoising_end)",

@@ -464,6 +464,30 @@ def vary_noise(noise, subseeds, strength):
         zip(noise, subseeds)])
 
 
+def centred_noise(noise, small):
+    """A1111's "Resize seed from" (``ImageRNG.first``): ``noise`` (B, C, H, W) with ``small``
+    (B, C, h, w), the noise the same seed drew at another size, pasted over its centre, the
+    offsets floored as A1111 floors them (a side larger than this one is cut to fit, an odd
+    difference one row or column short of filling it)."""
+    (height, width), (h, w) = noise.shape[2:], small.shape[2:]
+    dx, dy = (width - w) // 2, (height - h) // 2
+    w, h = (w if dx >= 0 else w + 2 * dx), (h if dy >= 0 else h + 2 * dy)
+    tx, ty, sx, sy = max(dx, 0), max(dy, 0), max(-dx, 0), max(-dy, 0)
+    out = noise.clone()
+    out[:, :, ty:ty + h, tx:tx + w] = small[:, :, sy:sy + h, sx:sx + w]
+    return out
+
+
+def copy_generator(generator):
+    """A CPU generator (or list of them) in the state ``generator`` is in: what it would draw,
+    drawn without moving it on."""
+    if isinstance(generator, list):
+        return [copy_generator(g) for g in generator]
+    twin = torch.Generator("cpu")
+    twin.set_state(generator.get_state())
+    return twin
+
+
 def cpu_randn(shape, generator, dtype=torch.float32):
     """Unit noise drawn on a CPU generator, as diffusers draws it with one: the same seed gives
     the same noise whatever device the model runs on.

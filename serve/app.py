@@ -224,6 +224,7 @@ class Server:
             refiner=self.runner.refiner_title() if key.refiner else None,
             eta_ddim=key.eta or None,
             tiling=key.tiling,
+            seed_resize_from=key.seed_resize_from,
             refiner_switch_at=key.refiner[0] if key.refiner else None,
             ti_hashes=self.runner.embedding_hashes(
                 (row.prompt, row.negative_prompt if key.guidance else "", row.prompt_2,
@@ -553,7 +554,8 @@ def create_app(config: ServeConfig = None) -> FastAPI:
             num_images_per_prompt=body.batch_size * body.n_iter, clip_skip=clip_skip,
             strength=strength if strength is not None else 0.8,
             has_image=init_images is not None, subseed=body.subseed,
-            subseed_strength=body.subseed_strength)
+            subseed_strength=body.subseed_strength,
+            seed_resize_from=_seed_resize(server, body))
         enable_hr = isinstance(body, schemas.Txt2ImgRequest) and body.enable_hr
         hires = _hires(server, body, req) if enable_hr else None
         script = None  # A1111's SD upscale: req's size is its tiles'
@@ -565,6 +567,9 @@ def create_app(config: ServeConfig = None) -> FastAPI:
         if script is not None and req.subseed_strength:
             raise ApiError(400, "subseed_strength must be 0 with SD upscale (its tiles draw "
                                 "their own seeds)", "bad_request", "subseed_strength")
+        if script is not None and req.seed_resize_from:
+            raise ApiError(400, "seed_resize_from_w must be -1 with SD upscale (its tiles draw "
+                                "their own seeds)", "bad_request", "seed_resize_from_w")
         subseeds = (server.seeds(body.subseed, n, "subseed") if req.subseed_strength
                     else [-1] * n)
         from sdrt.engine.images import RESIZE_MODES  # (numpy: imported once serving)
@@ -595,7 +600,7 @@ def create_app(config: ServeConfig = None) -> FastAPI:
                        vae=sd_vae(server, body.override_settings, "override_settings"),
                        image_prompts=prompts[0], subseed_strength=req.subseed_strength,
                        refiner=refiner, eta=_ddim_eta(server, body, sampler),
-                       tiling=_tiling(server, body, script))
+                       tiling=_tiling(server, body, script), seed_resize_from=req.seed_resize_from)
         extra, jobs = dict(hires.params()) if hires else {}, None
         if refiner is not None:
             extra.update({"Refiner": server.runner.refiner_title(),
@@ -650,6 +655,8 @@ def create_app(config: ServeConfig = None) -> FastAPI:
             "sampler_name": sampler_label(req.sampler), "cfg_scale": req.guidance_scale,
             "steps": req.num_inference_steps, "batch_size": body.batch_size,
             "restore_faces": False, "sd_model_name": server.runner.model_name,
+            "seed_resize_from_w": req.seed_resize_from[1] if req.seed_resize_from else -1,
+            "seed_resize_from_h": req.seed_resize_from[0] if req.seed_resize_from else -1,
             "sd_model_hash": server.runner.model_hash,
             "denoising_strength": (hires.strength if hires else
                                    req.strength if init_images else None),
@@ -987,16 +994,28 @@ def _check_inpaint_fields(body):
 
 
 # A1111 fields of features sdrt does not have, and the values that leave them off.
-_OFF_VALUES = {"restore_faces": (None, False),
-               "seed_resize_from_h": (None, -1, 0),
-               "seed_resize_from_w": (None, -1, 0), "styles": (None, []),
+_OFF_VALUES = {"restore_faces": (None, False), "styles": (None, []),
                "script_name": (None, "", "None"), "initial_noise_multiplier": (None, 1)}
-_FEATURES = {"restore_faces": "face restoration",
-             "seed_resize_from_h": "seed resizing",
-             "seed_resize_from_w": "seed resizing", "styles": "styles",
+_FEATURES = {"restore_faces": "face restoration", "styles": "styles",
              "script_name": "any script but SD upscale",
              "alwayson_scripts": "always-on scripts (ControlNet, ...)",
              "initial_noise_multiplier": "a noise multiplier"}
+
+
+def _seed_resize(server, body):
+    """A1111's ``seed_resize_from_h`` and ``_w`` → (height, width), or None where either is
+    unset or at most 0 (off, as A1111 reads them); a 400 naming the field outside
+    [the VAE's scale factor, SDRT_MAX_SIDE]."""
+    sides = {"seed_resize_from_h": body.seed_resize_from_h,
+             "seed_resize_from_w": body.seed_resize_from_w}
+    if any(v is None or v <= 0 for v in sides.values()):
+        return None
+    low, high = server.runner.pipe.vae_scale_factor, server.limits.max_side
+    for field, value in sides.items():
+        if not low <= value <= high:
+            raise ApiError(400, f"{field} must be -1 (off) or from {low} to {high} pixels, got "
+                                f"{value}", "bad_request", field)
+    return sides["seed_resize_from_h"], sides["seed_resize_from_w"]
 
 
 def _tiling(server, body, script):

@@ -388,6 +388,8 @@ class Runner:
         variation = (dict(subseed=[r.subseed for r in rows],
                           subseed_strength=key.subseed_strength)
                      if key.subseed_strength else {})
+        if key.seed_resize_from:  # (the first pass's noise too)
+            variation["seed_resize_from"] = key.seed_resize_from
         guidance = [r.guidance_scale for r in rows]
         guidance = guidance[0] if len(set(guidance)) == 1 else guidance
         negatives = [r.negative_prompt for r in rows]

@@ -80,6 +80,9 @@ class BatchKey:
     refiner: tuple = None
     eta: float = 0.0  # A1111's eta where the rows run DDIM (its share of fresh noise)
     tiling: bool = False  # A1111's tiling: seamless images (pipe.enable_seamless_tiling)
+    # A1111's seed resize: (height, width) whose noise is centred in the rows' (the pipeline's
+    # seed_resize_from), None for none
+    seed_resize_from: tuple = None
 
 
 @dataclass(frozen=True)

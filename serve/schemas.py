@@ -106,13 +106,16 @@ class A1111Request(BaseModel):
     eta: Optional[float] = None
     s_churn: Optional[float] = None
     s_noise: Optional[float] = None
+    # A1111 settings of the picture sdrt runs
     tiling: Optional[bool] = Field(None, description="seamless images: the UNet's and the VAE's "
                                                      "convolutions wrap around")
+    seed_resize_from_h: Optional[int] = Field(
+        None, description="with seed_resize_from_w: centre the noise the seed draws at that "
+                          "size in this one's (-1 or 0: off)")
+    seed_resize_from_w: Optional[int] = None
     # A1111 features that change the picture and that sdrt does not have: accepted at their
     # "off" values (false, null, 0, -1, empty), refused with a 400 naming the field otherwise.
     restore_faces: Optional[bool] = None
-    seed_resize_from_h: Optional[int] = None
-    seed_resize_from_w: Optional[int] = None
     styles: Optional[List[str]] = None
     script_name: Optional[str] = Field(None, description="'SD upscale' (img2img) or off")
     script_args: Optional[List[object]] = Field(

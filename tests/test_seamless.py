@@ -201,7 +201,7 @@ def test_a1111_api_tiling():
                            json={**body, "tiling": False})
     assert seamless.status_code == 200 and plain.status_code == 200, seamless.text + plain.text
     info = json.loads(seamless.json()["info"])
-    assert ", Tiling: True" in info["infotexts"][0]
+    assert ", Tiling: True" in info["infotexts"][0], info["infotexts"][0]
     assert "Tiling" not in json.loads(plain.json()["info"])["infotexts"][0]
     ref = demo_pipeline(torch.device("cpu"), torch.float32)
     want_plain = ref("a stone wall", height=32, width=32, num_inference_steps=2,
