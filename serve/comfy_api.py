@@ -862,6 +862,17 @@ def _check_ids(body, jobs, bad):
     extra = body.get("extra_data")
     if extra is not None and not isinstance(extra, dict):
         raise bad(f"extra_data must be an object, got {short_repr(extra)}", "extra_data")
+    pnginfo = (extra or {}).get("extra_pnginfo")
+    if pnginfo is not None and not (isinstance(pnginfo, dict) and all(map(_png_key, pnginfo))):
+        raise bad(f"extra_data.extra_pnginfo must be an object whose keys are PNG text keywords "
+                  f"(1 to 79 printable Latin-1 characters, no space at either end), got "
+                  f"{short_repr(pnginfo)}", "extra_data.extra_pnginfo")
+
+
+def _png_key(key):
+    """Whether ``key`` can name a PNG text chunk (the PNG spec's keyword)."""
+    return isinstance(key, str) and 0 < len(key) < 80 and key == key.strip() and \
+        all(" " <= c <= "~" or "\xa1" <= c <= "\xff" for c in key)
 
 
 def _refiner(server, flow, bad):
@@ -942,7 +953,11 @@ async def _generate(server, jobs, item, flow, key, rows, messages, overlay):
                 lambda: [_png(im.convert("RGB"), compress_level=1) for im in images])
         else:
             texts = [server.infotext(key, r) for r in rows]
-            chunks = {"prompt": json.dumps(graph)}
+            # As ComfyUI's SaveImage: the graph, then each of the client's extra_pnginfo (the
+            # web UI sends its "workflow", which it loads back from the PNG)
+            pnginfo = item[3].get("extra_pnginfo") or {}
+            chunks = {"prompt": json.dumps(graph),
+                      **{k: json.dumps(v) for k, v in pnginfo.items() if k != "prompt"}}
             pngs = await run_in_threadpool(
                 lambda: [png_bytes(im, t, chunks) for im, t in zip(images, texts)])
     except Exception as e:  # an ApiError (queue full, deadline, ...) or a failure

@@ -77,7 +77,8 @@ def _workflow(url, graph, seed=11, batch=1):
 def test_text_to_image_as_comfyuis_script_example(server, ref_pipe):
     url = server
     graph = _workflow(url, DEFAULT, batch=2)
-    queued = _queue(url, graph)
+    ui = {"last_node_id": 9, "nodes": [{"id": 3, "type": "KSampler", "title": "Ksampler — ü"}]}
+    queued = _queue(url, graph, extra_data={"extra_pnginfo": {"workflow": ui}})
     assert set(queued) == {"prompt_id", "number", "node_errors"} and queued["node_errors"] == {}
     entry = _history(url, queued["prompt_id"])
     assert entry["status"]["status_str"] == "success" and entry["status"]["completed"]
@@ -89,6 +90,7 @@ def test_text_to_image_as_comfyuis_script_example(server, ref_pipe):
         png = Image.open(io.BytesIO(_view(url, image)))
         png.load()
         assert json.loads(png.text["prompt"]) == graph  # reopens in ComfyUI, and --workflow
+        assert json.loads(png.text["workflow"]) == ui  # (the web UI's own, as SaveImage saves it)
         assert "Seed: %d" % (11 + i) in png.text["parameters"]
         want = ref_pipe("beautiful scenery nature glass bottle", negative_prompt="text, watermark",
                         height=64, width=64, num_inference_steps=2, guidance_scale=7.0,
@@ -455,7 +457,11 @@ def test_bad_bodies_are_400s_naming_the_field(server):
              "extra_data must be an object, got 'x'"),
             ({"prompt": graph, "prompt_id": "../../etc/passwd"}, "prompt_id",
              "prompt_id must be a new string of 1 to 256 printable characters without / or \\"),
-            ({"prompt": graph, "client_id": 5}, "client_id", "client_id must be a string")):
+            ({"prompt": graph, "client_id": 5}, "client_id", "client_id must be a string"),
+            ({"prompt": graph, "extra_data": {"extra_pnginfo": {"wörk flow\u2603": {}}}},
+             "extra_data.extra_pnginfo", "keys are PNG text keywords"),
+            ({"prompt": graph, "extra_data": {"extra_pnginfo": [1]}},
+             "extra_data.extra_pnginfo", "must be an object")):
         r = httpx.post(f"{url}/prompt", json=body, timeout=TIMEOUT)
         assert r.status_code == 400, r.text
         error = r.json()["error"]
