@@ -500,6 +500,13 @@ def _generate_options(g):
                    help="textual-inversion embedding (.safetensors, A1111 or diffusers layout); "
                         "write its token in the prompt: the file's name for A1111 files, the "
                         "token it holds for diffusers files (repeatable)")
+    g.add_argument("--styles-file", metavar="FILE", default=None,
+                   help="an A1111 styles.csv (name, prompt, negative_prompt) that --style "
+                        "names")
+    g.add_argument("--style", metavar="NAME", action="append", default=[],
+                   help="apply this style of --styles-file to the prompts, as A1111 does: its "
+                        "text with {prompt} replaced, else appended after ', ' (repeatable, in "
+                        "order)")
     g.add_argument("--prompt-syntax", choices=("a1111", "plain", "comfy"), default="a1111",
                    help="a1111: (word:1.2) weights, [word], BREAK, and prompts past 75 tokens "
                         "in chunks, as AUTOMATIC1111 reads them; plain: the text as it is, cut "

@@ -54,6 +54,8 @@ def generate(a):
         _apply_workflow(a)
     if a.prompt is None:
         raise SdrtError("a prompt is needed (or --from-png IMAGE.png to take it from a PNG)")
+    if a.style:  # (before the LoRA tags are read: a style may carry some)
+        _apply_styles(a)
     prompt, loras, recorded_prompt = _prompt_loras(a)
     if a.sd_upscale is not None:  # its tiles: --width × --height, A1111's 512x512 by default
         a.width = 512 if a.width is None else a.width
@@ -855,6 +857,22 @@ def _check_sources(a):
         raise SdrtError("--onnx-dir is only used with --runtime onnx")
 
 
+def _apply_styles(a):
+    """--style NAME ...: A1111's styles of --styles-file applied to the prompt, the negative
+    prompt and a hires fix's own (by default the first two as given, as A1111 styles all
+    four); the PNG records the result."""
+    from .styles import apply, read_styles
+    if a.styles_file is None:
+        raise SdrtError("--style needs --styles-file FILE (an A1111 styles.csv)")
+    styles = read_styles(a.styles_file)
+    prompt, negative = a.prompt, a.negative or ""
+    a.prompt, a.negative = apply(styles, a.style, prompt, negative, "--style")
+    if a.hr_prompt or a.hr_negative:  # (otherwise the second pass reads the first's)
+        a.hr_prompt, a.hr_negative = apply(styles, a.style, a.hr_prompt or prompt,
+                                           a.hr_negative or negative, "--style")
+    a.negative = a.negative or None
+
+
 def _warn_unused_options(a):
     """One warning per option given on the command line that does nothing in this call."""
     def unused(option, why):
@@ -877,6 +895,8 @@ def _warn_unused_options(a):
         elif a.mask is not None and a.inpaint_area == "masked":
             unused("--resize-mode", "with --inpaint-area masked the masked region is resized "
                                     "to the size (A1111's 'Only masked')")
+    if a.styles_file is not None and not a.style:
+        unused("--styles-file", "it applies to --style")
     if not a.subseed_strength and "subseed" in a.given:
         unused("--subseed", "it applies to --subseed-strength above 0")
     if a.freeu is None and "freeu_style" in a.given:

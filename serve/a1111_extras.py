@@ -1,8 +1,7 @@
 """The rest of AUTOMATIC1111's API that its clients call besides generating: setting the
 options they read (``POST /sdapi/v1/options``), reading an image's PNG info
 (``/sdapi/v1/png-info``), the queue's state (``/sdapi/v1/progress``), and the lists and
-refreshes of things sdrt's server has none of (styles), --embedding-dir's embeddings and
---vae-dir's VAEs.
+refreshes of --styles-file's styles, --embedding-dir's embeddings and --vae-dir's VAEs.
 
 Options are the server's, as A1111's are: ``CLIP_stop_at_last_layers`` and ``sd_vae`` set
 here are the clip skip and VAE of every later request that does not set its own in
@@ -17,6 +16,7 @@ import io
 from fastapi import Request
 
 from sdrt.engine.request import short_repr
+from . import schemas
 
 # The settings POST /sdapi/v1/options takes, and GET returns.
 OPTIONS = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "sd_vae", "samples_format")
@@ -157,10 +157,13 @@ def register(app, server_of, api_error, text_layers):
                 "skipped": {name: {**blank, "shape": None, "vectors": None, "reason": why}
                             for name, why in sorted(runner.skipped_embeddings.items())}}
 
-    @app.get("/sdapi/v1/prompt-styles", tags=["AUTOMATIC1111"])
-    async def prompt_styles():
-        """Saved styles: none (a request's ``styles`` are refused)."""
-        return []
+    @app.get("/sdapi/v1/prompt-styles", response_model=list[schemas.PromptStyleItem],
+             tags=["AUTOMATIC1111"])
+    async def prompt_styles(request: Request):
+        """The styles requests may name in ``styles`` (--styles-file's), in the file's order."""
+        return [schemas.PromptStyleItem(name=s.name, prompt=s.prompt,
+                                        negative_prompt=s.negative_prompt)
+                for s in server_of(request).styles.values()]
 
     for path in ("/sdapi/v1/refresh-checkpoints", "/sdapi/v1/refresh-loras",
                  "/sdapi/v1/refresh-vae"):

@@ -62,7 +62,8 @@ _A1111_NAMES = {"num_inference_steps": "steps", "guidance_scale": "cfg_scale",
 _ENDPOINTS = ("/v1/images/generations", "/v1/images/edits", "/sdapi/v1/txt2img",
               "/sdapi/v1/img2img", "/sdapi/v1/upscalers", "/sdapi/v1/latent-upscale-modes",
               "/sdapi/v1/options", "/sdapi/v1/samplers", "/sdapi/v1/schedulers",
-              "/sdapi/v1/sd-models", "/sdapi/v1/loras", "/sdapi/v1/png-info",
+              "/sdapi/v1/sd-models", "/sdapi/v1/loras", "/sdapi/v1/prompt-styles",
+              "/sdapi/v1/png-info",
               "/sdapi/v1/progress", "/sdapi/v1/extra-single-image",
               "/sdapi/v1/extra-batch-images", "/prompt", "/view", "/queue", "/upload/image",
               "/object_info", "/system_stats", "/controlnet/model_list", "/health", "/metrics")
@@ -107,6 +108,10 @@ class Server:
                                    self.metrics)
         self.limits = Limits.from_env()
         self.options = {}  # A1111's settings set with POST /sdapi/v1/options
+        self.styles = {}  # A1111's styles (--styles-file): {name: engine.styles.Style}
+        if config.styles_file is not None:
+            from sdrt.engine.styles import read_styles
+            self.styles = read_styles(config.styles_file)
         self.status, self.failure = "loading", None
         self._loader = threading.Thread(target=self._load, name="sdrt-load", daemon=True)
 
@@ -523,6 +528,8 @@ def create_app(config: ServeConfig = None) -> FastAPI:
         server.require_ready()
         t0 = time.perf_counter()
         _check_unsupported(body)
+        if body.styles:
+            body = _styled(server, body)
         sampler = server.sampler(body.sampler_name or body.sampler_index, "sampler_name",
                                  body.scheduler)
         _check_sampler_settings(server, body, sampler)
@@ -662,7 +669,7 @@ def create_app(config: ServeConfig = None) -> FastAPI:
                                    req.strength if init_images else None),
             "extra_generation_params": extra,
             "index_of_first_image": 0, "infotexts": texts,
-            "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+            "styles": body.styles or [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
             "clip_skip": req.clip_skip + 1,
             "is_using_inpainting_conditioning": inpainting_unet(server.runner.pipe.unet),
             "version": "sdrt 0.1.0",
@@ -994,12 +1001,33 @@ def _check_inpaint_fields(body):
 
 
 # A1111 fields of features sdrt does not have, and the values that leave them off.
-_OFF_VALUES = {"restore_faces": (None, False), "styles": (None, []),
+_OFF_VALUES = {"restore_faces": (None, False),
                "script_name": (None, "", "None"), "initial_noise_multiplier": (None, 1)}
-_FEATURES = {"restore_faces": "face restoration", "styles": "styles",
+_FEATURES = {"restore_faces": "face restoration",
              "script_name": "any script but SD upscale",
              "alwayson_scripts": "always-on scripts (ControlNet, ...)",
              "initial_noise_multiplier": "a noise multiplier"}
+
+
+def _styled(server, body):
+    """The request with A1111's ``styles`` (--styles-file's) applied to its prompts as A1111
+    applies them (``engine.styles``): the prompt, the negative prompt and a hires fix's own
+    where given (otherwise its second pass reads the styled first ones)."""
+    from sdrt.engine.styles import apply
+    if not server.styles:
+        raise ApiError(400, f"styles: this server has no styles (sdrt serve --styles-file FILE), "
+                            f"got {short_repr(body.styles)}", "bad_request", "styles")
+    prompt, negative = body.prompt, body.negative_prompt or ""
+    try:
+        update = dict(zip(("prompt", "negative_prompt"),
+                          apply(server.styles, body.styles, prompt, negative)))
+        hires = (getattr(body, "hr_prompt", ""), getattr(body, "hr_negative_prompt", ""))
+        if any(hires):
+            update.update(zip(("hr_prompt", "hr_negative_prompt"), apply(
+                server.styles, body.styles, hires[0] or prompt, hires[1] or negative)))
+    except SdrtError as e:
+        raise ApiError(400, str(e), "bad_request", "styles")
+    return body.model_copy(update=update)
 
 
 def _seed_resize(server, body):

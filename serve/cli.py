@@ -66,6 +66,9 @@ def add_parser(subparsers):
                    help="LoRA files (.safetensors, searched recursively) that requests apply by "
                         "file name: A1111's <lora:NAME:SCALE> prompt tags, ComfyUI's "
                         "LoraLoader")
+    s.add_argument("--styles-file", metavar="FILE", default=None,
+                   help="an A1111 styles.csv (name, prompt, negative_prompt): the styles A1111 "
+                        "requests name in styles (GET /sdapi/v1/prompt-styles lists them)")
     s.add_argument("--controlnet-dir", metavar="DIR", default=None,
                    help="ControlNets (.safetensors files and diffusers folders) that A1111 "
                         "requests name in alwayson_scripts.controlnet, by file or folder name")
@@ -135,7 +138,8 @@ def config_from(a):
                        default_steps=a.steps, threads=a.threads, lora_dir=a.lora_dir,
                        controlnet_dir=a.controlnet_dir, vae_dir=a.vae_dir,
                        clip_vision_dir=a.clip_vision_dir, upscaler_dir=a.upscaler_dir,
-                       embedding_dir=a.embedding_dir, refiner=a.refiner,
+                       embedding_dir=a.embedding_dir, styles_file=a.styles_file,
+                       refiner=a.refiner,
                        prediction_type=a.prediction_type, zero_snr=a.zero_snr)
 
 

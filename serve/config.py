@@ -33,6 +33,7 @@ class ServeConfig:
     clip_vision_dir: str = None    # folder of CLIP image encoders, for IP-Adapter units
     upscaler_dir: str = None       # folder of upscale models (ESRGAN .safetensors files)
     embedding_dir: str = None      # folder of textual-inversion embeddings, loaded at start
+    styles_file: str = None        # A1111's styles.csv: the styles requests may name
     refiner: str = None            # an SDXL refiner (folder or file) that requests may name
     prediction_type: str = None    # the model's objective where its files do not say it
     zero_snr: bool = False         # a zero-terminal-SNR schedule (request.ZERO_SNR)
@@ -57,6 +58,8 @@ class ServeConfig:
             folder = getattr(self, name)
             if folder is not None and not os.path.isdir(folder):
                 raise SdrtError(f"{name.replace('_', '-')} {folder} is not a folder")
+        if self.styles_file is not None and not os.path.isfile(self.styles_file):
+            raise SdrtError(f"styles-file {self.styles_file} is not a file")
         if not 0 <= self.batch_window_ms <= 10_000:
             raise SdrtError(f"batch-window-ms must be from 0 to 10000, got "
                             f"{self.batch_window_ms!r}")

@@ -5,7 +5,7 @@ text, excepted); ranges and everything
 else are checked once, by ``GenerationRequest.check`` and the pipeline's model checks, with the
 API's own field names in the messages. Fields a client may send that do not change the
 picture (OpenAI's ``quality``, A1111's ``do_not_save_samples``, ...) are accepted and ignored;
-those of A1111 features sdrt does not have (``restore_faces``, ``styles``, scripts
+those of A1111 features sdrt does not have (``restore_faces``, scripts
 but SD upscale, ...) are accepted at their "off" values and refused otherwise.
 """
 from typing import Dict, List, Literal, Optional
@@ -113,10 +113,12 @@ class A1111Request(BaseModel):
         None, description="with seed_resize_from_w: centre the noise the seed draws at that "
                           "size in this one's (-1 or 0: off)")
     seed_resize_from_w: Optional[int] = None
+    styles: Optional[List[str]] = Field(None, description="styles of the server's --styles-file "
+                                                         "(GET /sdapi/v1/prompt-styles), "
+                                                         "applied to the prompts in order")
     # A1111 features that change the picture and that sdrt does not have: accepted at their
     # "off" values (false, null, 0, -1, empty), refused with a 400 naming the field otherwise.
     restore_faces: Optional[bool] = None
-    styles: Optional[List[str]] = None
     script_name: Optional[str] = Field(None, description="'SD upscale' (img2img) or off")
     script_args: Optional[List[object]] = Field(
         None, description="SD upscale's [info (ignored), overlap (0 to 256 pixels), upscaler "
@@ -261,6 +263,12 @@ class ExtrasSingleImageResponse(BaseModel):
 class ExtrasBatchImagesResponse(BaseModel):
     html_info: str = Field(..., description="the last image's, as A1111's")
     images: List[str]
+
+
+class PromptStyleItem(BaseModel):
+    name: str
+    prompt: str
+    negative_prompt: str
 
 
 class LatentUpscaleModeItem(BaseModel):

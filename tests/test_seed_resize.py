@@ -166,7 +166,8 @@ def test_a1111_api_seed_resize():
     assert r.status_code == 200 and off.status_code == 200, r.text + off.text
     info = json.loads(r.json()["info"])
     assert (info["seed_resize_from_w"], info["seed_resize_from_h"]) == (48, 24)
-    assert info["infotexts"][1].endswith(", Seed resize from: 48x24") and "Seed: 22," in info["infotexts"][1]
+    text = info["infotexts"][1]
+    assert text.endswith(", Seed resize from: 48x24") and "Seed: 22," in text, text
     assert "Seed resize" not in json.loads(off.json()["info"])["infotexts"][0]
     for response, field in zip(bad, ("seed_resize_from_h", "seed_resize_from_w")):
         assert response.status_code == 400 and response.json()["error"]["param"] == field, \

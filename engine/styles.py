@@ -1,0 +1,69 @@
+"""A1111's prompt styles: a ``styles.csv`` of named prompt and negative-prompt snippets, applied
+to a request's prompts as A1111 applies them (``modules/styles.py``).
+
+A style's text holding ``{prompt}`` has the prompt put in its place; any other is appended
+after the prompt with ", " (either may be empty: then the other alone). Several styles apply
+in order, each to the result of the ones before. The negative prompt takes the styles'
+negative texts the same way."""
+import csv
+from dataclasses import dataclass
+
+from .errors import SdrtError
+
+MAX_STYLES_BYTES = 16 * 2 ** 20  # a styles file past this is refused, not read
+
+
+@dataclass(frozen=True)
+class Style:
+    name: str
+    prompt: str
+    negative_prompt: str
+
+
+def read_styles(path):
+    """{name: Style} of an A1111 ``styles.csv``: a header naming ``name``, ``prompt`` (or the
+    old ``text``) and optionally ``negative_prompt`` columns, UTF-8 (with or without a BOM);
+    a later row of the same name replaces an earlier one, as in A1111."""
+    import os
+    try:
+        if os.path.getsize(path) > MAX_STYLES_BYTES:
+            raise SdrtError(f"styles file {path} is larger than {MAX_STYLES_BYTES >> 20} MiB")
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            rows = list(csv.DictReader(f, skipinitialspace=True))
+    except UnicodeDecodeError as e:
+        raise SdrtError(f"styles file {path} is not UTF-8 text ({e.reason} at byte "
+                        f"{e.start})") from None
+    except (OSError, csv.Error) as e:
+        raise SdrtError(f"styles file {path} cannot be read: "
+                        f"{getattr(e, 'strerror', None) or e}") from None
+    styles = {}
+    for number, row in enumerate(rows, start=2):  # (line 1: the header)
+        text = row.get("prompt", row.get("text"))
+        name = row.get("name")
+        if not name or text is None:
+            raise SdrtError(f"styles file {path}, line {number}: a style needs a name and a "
+                            f"prompt (the header's name and prompt columns), got "
+                            f"{dict((k, v) for k, v in row.items() if k is not None)}")
+        styles[name] = Style(name, text, row.get("negative_prompt") or "")
+    return styles
+
+
+def merge(style_text, prompt):
+    """One style's text applied to a prompt, as A1111's ``merge_prompts``."""
+    if "{prompt}" in style_text:
+        return style_text.replace("{prompt}", prompt)
+    return ", ".join(part for part in (prompt.strip(), style_text.strip()) if part)
+
+
+def apply(styles, names, prompt, negative_prompt, field="styles"):
+    """(prompt, negative prompt) with the styles ``names`` (in order) applied to them; a name
+    ``styles`` does not hold is refused, naming ``field``."""
+    for name in names:
+        if name not in styles:
+            known = ", ".join(map(repr, sorted(styles)[:10])) or "none"
+            known += ", ..." if len(styles) > 10 else ""
+            raise SdrtError(f"{field} names {name!r}, which is not a style here (the styles "
+                            f"file holds {known})")
+        prompt = merge(styles[name].prompt, prompt)
+        negative_prompt = merge(styles[name].negative_prompt, negative_prompt)
+    return prompt, negative_prompt
