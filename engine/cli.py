@@ -307,6 +307,9 @@ def _generate_options(g):
                    help="with --init-image: how much of the image to repaint, in (0, 1]; 1 "
                         "keeps nothing of it; the hires fix's is 0.75 unless given "
                         "(default: 0.8)")
+    g.add_argument("--noise-multiplier", metavar="F", type=float_arg, default=1.0,
+                   help="with --init-image: multiply its initial noise by F, 0 to 10 (A1111's "
+                        "Noise multiplier for img2img; e.g. 1.05 for more detail)")
     g.add_argument("--resize-mode", default="resize",
                    choices=("resize", "crop", "fill", "latent"),
                    help="how --init-image is brought to --width × --height (A1111's resize "

@@ -39,6 +39,7 @@ OPTION_NAMES = {"num_inference_steps": "--steps", "guidance_scale": "--guidance"
                 "denoising_end": "--refiner-start", "subseed": "--subseed",
                 "subseed_strength": "--subseed-strength", "pag_scale": "--pag-scale",
                 "seed_resize_from": "--seed-resize-from",
+                "initial_noise_multiplier": "--noise-multiplier",
                 "guidance_rescale": "--guidance-rescale",
                 "guidance_rescale_style": "--guidance-rescale-style"}
 
@@ -69,6 +70,7 @@ def generate(a):
         output_type="pil", has_image=a.init_image is not None, prompt_syntax=a.prompt_syntax,
         subseed=a.subseed, subseed_strength=a.subseed_strength, pag_scale=a.pag_scale,
         seed_resize_from=a.seed_resize_from, guidance_rescale=a.guidance_rescale,
+        initial_noise_multiplier=a.noise_multiplier if a.init_image is not None else 1.0,
         guidance_rescale_style=a.guidance_rescale_style,
         **_sdxl_fields(a),
     ).check(names=OPTION_NAMES, limits=Limits.from_env())
@@ -230,6 +232,8 @@ def generate(a):
                 guidance_scale=a.guidance, generator=generators, clip_skip=a.clip_skip,
                 prompt_syntax=a.prompt_syntax, num_images_per_prompt=a.batch,
                 **_guidance(request), **_eta(a), **image_prompt)
+    if request.initial_noise_multiplier != 1:  # (image to image: SD upscale's tiles too)
+        call["initial_noise_multiplier"] = request.initial_noise_multiplier
     with _Progress() as progress:
         if hires is not None:
             from .hires import generate as hires_generate
@@ -321,6 +325,7 @@ def generate(a):
                           script=script,
                           clip_skip=a.clip_skip, lora_hashes=lora_hashes,
                           mask_blur=a.mask_blur if mask is not None else None,
+                          noise_multiplier=request.initial_noise_multiplier,
                           masked_padding=(a.masked_padding if mask is not None
                                           and a.inpaint_area == "masked" else None),
                           masked_content=(a.masked_content.replace("-", " ")
@@ -580,6 +585,7 @@ _PNG_SETTINGS = {  # a sampler reads with its schedule type (_SCHEDULE_TYPE_KEYS
     "Inpaint area": ("--inpaint-area", "inpaint_area",
                      {"Only masked": "masked", "Whole picture": "whole"}.get),
     "Masked area padding": ("--masked-padding", "masked_padding", int),
+    "Noise multiplier": ("--noise-multiplier", "noise_multiplier", float),
     "Masked content": ("--masked-content", "masked_content",
                        {"fill": "fill", "original": "original", "latent noise": "latent-noise",
                         "latent nothing": "latent-nothing"}.get),
@@ -895,6 +901,8 @@ def _warn_unused_options(a):
         elif a.mask is not None and a.inpaint_area == "masked":
             unused("--resize-mode", "with --inpaint-area masked the masked region is resized "
                                     "to the size (A1111's 'Only masked')")
+    if "noise_multiplier" in a.given and a.init_image is None:
+        unused("--noise-multiplier", "it applies to --init-image")
     if a.styles_file is not None and not a.style:
         unused("--styles-file", "it applies to --style")
     if not a.subseed_strength and "subseed" in a.given:

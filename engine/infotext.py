@@ -372,6 +372,7 @@ class Infotext:
     mask_blur: int = None      # inpainting only: the mask's blur, in pixels
     masked_padding: int = None  # inpainting only the masked area: its padding, in pixels
     masked_content: str = None  # inpainting: "fill" where the masked part was filled first
+    noise_multiplier: float = None  # image to image: A1111's noise multiplier, where not 1
     hires: tuple = ()          # ((key, value), ...): a hires fix's pairs (hires.Hires.params)
     script: tuple = ()         # ((key, value), ...): a script's (SD upscale: sd_upscale.params)
     version: str = None
@@ -415,6 +416,8 @@ class Infotext:
             "Masked content": self.masked_content,
             "Inpaint area": None if self.masked_padding is None else "Only masked",
             "Masked area padding": self.masked_padding,
+            "Noise multiplier": (None if self.noise_multiplier in (None, 1)
+                                 else number(self.noise_multiplier)),
             **{k: (number(v) if isinstance(v, float) else
                    sampler_label(v) if k == "Hires sampler" else v)
                for k, v in self.hires},

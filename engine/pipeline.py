@@ -1302,7 +1302,7 @@ class Pipeline:
                  negative_prompt_embeds=None, pooled_prompt_embeds=None,
                  negative_pooled_prompt_embeds=None, return_dict=True,
                  callback_on_step_end=None, callback_on_step_end_tensor_inputs=None, eta=0.0,
-                 seed_resize_from=None):
+                 seed_resize_from=None, initial_noise_multiplier=1.0):
         """Generate images; see the README for each argument.
 
         Returns a list of PIL images (``"pil"``), a float32 array (B, H, W, 3) in [0, 1]
@@ -1429,7 +1429,8 @@ class Pipeline:
             denoising_end=denoising_end, subseed=subseed,
             subseed_strength=subseed_strength, pag_scale=pag_scale,
             guidance_rescale=guidance_rescale, guidance_rescale_style=guidance_rescale_style,
-            seed_resize_from=seed_resize_from).check(limits=self.limits)
+            seed_resize_from=seed_resize_from,
+            initial_noise_multiplier=initial_noise_multiplier).check(limits=self.limits)
         for field in ("height", "width"):
             if getattr(request, field) is not None:
                 self._check_side(field, getattr(request, field), {})
@@ -1811,6 +1812,8 @@ class Pipeline:
         noise = (self._seeded_noise(request, shape, generator)
                  if request.subseed_strength or request.seed_resize_from else
                  self._noise(latents, shape, generator))
+        if request.initial_noise_multiplier != 1:  # (A1111's, on image to image's noise)
+            noise = noise * request.initial_noise_multiplier
         if mask is None:
             return _Start(x0, noise, None, None, pure_noise)
         small = torch.nn.functional.interpolate(mask, size=shape[2:])  # nearest: diffusers'

@@ -85,6 +85,7 @@ MICRO_CONDITIONING = ("original_size", "crops_coords_top_left", "target_size",
 MAX_MICRO_SIZE = 2 ** 16  # pixels: far past any training image
 MAX_SEED = 2 ** 64 - 1  # torch.Generator.manual_seed takes any 64-bit value
 MAX_PAG_SCALE = 100.0  # ComfyUI's PerturbedAttentionGuidance's slider's end
+MAX_NOISE_MULTIPLIER = 10.0  # A1111's slider ends at 1.5; past 10 the noise swamps any image
 MAX_FREEU_FACTOR = 10.0  # ComfyUI's FreeU sliders' end
 MAX_NESTING = 100  # a prompt's ( and [ nested deeper than any real prompt nests them
 MAX_LORA_SCALE = 100.0  # ComfyUI's LoraLoader strengths' end; past it a merge overflows fp16
@@ -296,6 +297,8 @@ class GenerationRequest:
     # one's (the noise the seed draws at that size, cut or framed by what it draws at this
     # one); None: off
     seed_resize_from: object = None
+    # A1111's "Noise multiplier for img2img": image to image's initial noise times this
+    initial_noise_multiplier: object = 1.0
     # perturbed-attention guidance's scale (diffusers' pag_scale; 0: off)
     pag_scale: object = 0.0
     # the rescale of classifier-free guidance (diffusers' guidance_rescale; 0: off), and
@@ -390,6 +393,12 @@ class GenerationRequest:
                 extra[field] = number(field, lambda v: 0 < v < 1, "a number in (0, 1)")
         extra["subseed_strength"] = number("subseed_strength", lambda v: 0 <= v <= 1,
                                            "a number from 0 to 1")
+        extra["initial_noise_multiplier"] = number(
+            "initial_noise_multiplier", lambda v: 0 <= v <= MAX_NOISE_MULTIPLIER,
+            f"a number from 0 to {MAX_NOISE_MULTIPLIER:g}")
+        if extra["initial_noise_multiplier"] != 1 and not self.has_image:
+            fail("initial_noise_multiplier", "1 without an image (it scales image to image's "
+                 "initial noise)", self.initial_noise_multiplier)
         extra["pag_scale"] = number("pag_scale", lambda v: 0 <= v <= MAX_PAG_SCALE,
                                     f"a number from 0 to {MAX_PAG_SCALE:g}")
         extra["guidance_rescale"] = number("guidance_rescale", lambda v: 0 <= v <= 1,

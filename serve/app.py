@@ -229,7 +229,7 @@ class Server:
             refiner=self.runner.refiner_title() if key.refiner else None,
             eta_ddim=key.eta or None,
             tiling=key.tiling,
-            seed_resize_from=key.seed_resize_from,
+            seed_resize_from=key.seed_resize_from, noise_multiplier=key.noise_multiplier,
             refiner_switch_at=key.refiner[0] if key.refiner else None,
             ti_hashes=self.runner.embedding_hashes(
                 (row.prompt, row.negative_prompt if key.guidance else "", row.prompt_2,
@@ -562,7 +562,9 @@ def create_app(config: ServeConfig = None) -> FastAPI:
             strength=strength if strength is not None else 0.8,
             has_image=init_images is not None, subseed=body.subseed,
             subseed_strength=body.subseed_strength,
-            seed_resize_from=_seed_resize(server, body))
+            seed_resize_from=_seed_resize(server, body),
+            initial_noise_multiplier=_given(getattr(body, "initial_noise_multiplier", None),
+                                            1.0))
         enable_hr = isinstance(body, schemas.Txt2ImgRequest) and body.enable_hr
         hires = _hires(server, body, req) if enable_hr else None
         script = None  # A1111's SD upscale: req's size is its tiles'
@@ -607,7 +609,8 @@ def create_app(config: ServeConfig = None) -> FastAPI:
                        vae=sd_vae(server, body.override_settings, "override_settings"),
                        image_prompts=prompts[0], subseed_strength=req.subseed_strength,
                        refiner=refiner, eta=_ddim_eta(server, body, sampler),
-                       tiling=_tiling(server, body, script), seed_resize_from=req.seed_resize_from)
+                       tiling=_tiling(server, body, script), seed_resize_from=req.seed_resize_from,
+                       noise_multiplier=req.initial_noise_multiplier)
         extra, jobs = dict(hires.params()) if hires else {}, None
         if refiner is not None:
             extra.update({"Refiner": server.runner.refiner_title(),
@@ -1002,11 +1005,10 @@ def _check_inpaint_fields(body):
 
 # A1111 fields of features sdrt does not have, and the values that leave them off.
 _OFF_VALUES = {"restore_faces": (None, False),
-               "script_name": (None, "", "None"), "initial_noise_multiplier": (None, 1)}
+               "script_name": (None, "", "None")}
 _FEATURES = {"restore_faces": "face restoration",
              "script_name": "any script but SD upscale",
-             "alwayson_scripts": "always-on scripts (ControlNet, ...)",
-             "initial_noise_multiplier": "a noise multiplier"}
+             "alwayson_scripts": "always-on scripts (ControlNet, ...)"}
 
 
 def _styled(server, body):
@@ -1132,7 +1134,7 @@ def _check_unsupported(body):
     """A field of a feature sdrt does not have is refused unless it leaves the feature off:
     silently ignoring it would return a different picture than the client asked for."""
     for field, off in _OFF_VALUES.items():
-        if not hasattr(body, field):  # img2img's own (initial_noise_multiplier) on txt2img
+        if not hasattr(body, field):  # (a field of the other endpoint's)
             continue
         if field == "script_name" and a1111_sd_upscale.named(body.script_name):
             continue  # the one script sdrt runs: a1111_sd_upscale checks it

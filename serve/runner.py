@@ -390,6 +390,8 @@ class Runner:
                      if key.subseed_strength else {})
         if key.seed_resize_from:  # (the first pass's noise too)
             variation["seed_resize_from"] = key.seed_resize_from
+        if key.noise_multiplier != 1:  # (image to image's: A1111's initial_noise_multiplier)
+            variation["initial_noise_multiplier"] = key.noise_multiplier
         guidance = [r.guidance_scale for r in rows]
         guidance = guidance[0] if len(set(guidance)) == 1 else guidance
         negatives = [r.negative_prompt for r in rows]

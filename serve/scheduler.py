@@ -83,6 +83,7 @@ class BatchKey:
     # A1111's seed resize: (height, width) whose noise is centred in the rows' (the pipeline's
     # seed_resize_from), None for none
     seed_resize_from: tuple = None
+    noise_multiplier: float = 1.0  # image to image: A1111's initial_noise_multiplier
 
 
 @dataclass(frozen=True)

@@ -177,8 +177,9 @@ class Img2ImgRequest(A1111Request):
                                             "height: 0 just resize, 1 crop and resize, 2 "
                                             "resize and fill, 3 just resize (latent "
                                             "upscale)")
-    # Accepted at its "off" value only, as A1111Request's unsupported features: 1.
-    initial_noise_multiplier: Optional[float] = None
+    initial_noise_multiplier: Optional[float] = Field(
+        None, description="the initial noise times this, 0 to 10 (A1111's noise multiplier; "
+                          "null: 1)")
 
 
 class A1111Response(BaseModel):

@@ -813,7 +813,7 @@ MALFORMED = [  # (endpoint, body: dict or raw bytes, what the message must name)
     (I2I, {"prompt": "a", "resize_mode": 3,
            "init_images": [_tiny_png(), _b64(_png_file(Image.new("RGB", (32, 64))))]},
      "init_images"),
-    (I2I, {"prompt": "a", "init_images": [_tiny_png()], "initial_noise_multiplier": 0.9},
+    (I2I, {"prompt": "a", "init_images": [_tiny_png()], "initial_noise_multiplier": 11},
      "initial_noise_multiplier"),
     (I2I, {"prompt": "a"}, "init_images"),
     (I2I, {"prompt": "a", "init_images": []}, "init_images"),
