@@ -315,7 +315,7 @@ class Pipeline:
                 strength=None, masked=False, controlnet=None, guess_mode=False,
                 control_masks=False, ip_adapter=None, ip_adapter_images=1,
                 ip_adapter_masks=False, prompt_syntax="a1111", pag_scale=0.0,
-                guidance_rescale=0.0, guidance_rescale_style="diffusers"):
+                guidance_rescale=0.0, guidance_rescale_style="diffusers", eta=0.0):
         """Build the static plan (buffers, schedule, CUDA graphs on a GPU) for one shape.
 
         ``num_chunks``: the prompts' number of 77-token chunks (A1111 syntax: a prompt past
@@ -329,7 +329,8 @@ class Pipeline:
         True (a mask per image: ``ip_adapter_mask``). ``prompt_syntax``: the calls' (ComfyUI's,
         "comfy", weighs the text states its own way, in a plan of its own); ``pag_scale``: the
         calls' perturbed-attention guidance (a plan per scale); ``guidance_rescale`` and
-        ``guidance_rescale_style``: their rescale of the guidance (a plan per pair).
+        ``guidance_rescale_style``: their rescale of the guidance (a plan per pair);
+        ``eta``: DDIM's (a plan per value; the step noise is drawn before the replay).
 
         From then on, calls run through static plans (all but ``clip_skip`` and a refiner's
         part of the schedule): a call of a shape that was built replays it; any other shape
@@ -356,6 +357,7 @@ class Pipeline:
                             f"ControlNets the plan runs), got {short_repr(guess_mode)}")
         request = self.check(request, names={"num_images_per_prompt": "batch_size"},
                              num_chunks=num_chunks, controlled=bool(controls))
+        _check_eta(eta, request.sampler)
         if control_masks is not False and not controls:
             raise SdrtError("control_masks was given without controlnet (the ControlNets the "
                             "plan runs)")
@@ -372,7 +374,8 @@ class Pipeline:
             self.runtime.configure(max_shapes=max_shapes, strict=strict)
         return self.runtime.build(self._shape(request, num_chunks, masked, controls, guess_mode,
                                               images, image_regions=regions,
-                                              control_masks=tuple(flags) if any(flags) else ()),
+                                              control_masks=tuple(flags) if any(flags) else (),
+                                              eta=eta),
                                   self.scheduler_config)
 
     def _compiled_image_prompts(self, names, counts, masked):
@@ -859,14 +862,15 @@ class Pipeline:
                             f"scale factor), got {value}")
 
     def _shape(self, request, num_chunks=1, masked=False, controls=(), guess_mode=False,
-               image_prompts=(), text_variants=1, image_regions=(), control_masks=()):
+               image_prompts=(), text_variants=1, image_regions=(), control_masks=(), eta=0.0):
         return StaticShape(request.height, request.width, request.batch_size,
                            request.num_inference_steps, request.sampler, self._cfg(request),
                            num_chunks, request.strength if request.has_image else None, masked,
                            controls, guess_mode, image_prompts, text_variants, image_regions,
                            control_masks, request.prompt_syntax == "comfy",
                            getattr(self.unet, "freeu", None), self.vae_tiling,
-                           request.pag_scale, self._rescale(request), self.seamless_tiling)
+                           request.pag_scale, self._rescale(request), self.seamless_tiling,
+                           float(eta) if sampler_family(request.sampler) == "ddim" else 0.0)
 
     def _rescale(self, request):
         """(factor, style) of the request's guidance rescale; () where it has none (no
@@ -1513,12 +1517,12 @@ class Pipeline:
         t0 = self._clock()
         start = self._start(request, init, init_latents, mask, latents, shape, generator,
                             masked_content)
-        if self._static(request) and parts is None and not eta and \
+        if self._static(request) and parts is None and \
                 (given is None or given.tokens % 77 == 0):
             edit = (texts, texts_2, prompt_edit_steps) if edits else None
             out = self._run_static(request, inputs, start, generator, step_end,
                                    self._clock() - t0, control, hints, image_prompt, edit,
-                                   given)
+                                   given, eta)
             return out if return_dict else (out, None)
 
         schedule = with_eta(make_schedule(
@@ -1856,7 +1860,8 @@ class Pipeline:
         return ImageList(Image.fromarray((i * 255).round().astype(np.uint8)) for i in images)
 
     def _run_static(self, request, inputs, start, generator, step_end, encode_seconds,
-                    control=None, hints=None, image_prompt=None, edit=None, given=None):
+                    control=None, hints=None, image_prompt=None, edit=None, given=None,
+                    eta=0.0):
         """One request through the static plan of its shape; ``start`` is where it starts
         (``_start``), drawn before the sampler's own draws; ``control`` and ``hints`` its
         ControlNets' settings and control images; ``image_prompt`` its IP-Adapters';
@@ -1889,7 +1894,7 @@ class Pipeline:
                                                  *controls, image_prompts=images,
                                                  text_variants=len(variants or [None]),
                                                  image_regions=regions,
-                                                 control_masks=control_masks),
+                                                 control_masks=control_masks, eta=eta),
                                      self.scheduler_config)
         self.num_timesteps = len(plan.schedule.timesteps)
         if variants is not None:

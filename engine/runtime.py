@@ -28,6 +28,7 @@ from .ip_adapter import cross_attentions
 from .layers import level_grids
 from .prompt_syntax import WeightedIds
 from .samplers import make_schedule, sample
+from .schedules import with_eta
 from .stages import (Control, blank_inpaint_conditioning, guidance_rescaler, guided,
                      inpainting_unet, keep_unmasked, starts_from_noise, to_unit_images, vae_decode)
 
@@ -64,6 +65,7 @@ class StaticShape:
     pag_scale: float = 0.0  # perturbed-attention guidance's scale (0: off)
     rescale: tuple = ()  # the guidance's rescale (factor, style), () for none
     seamless: bool = False  # circular padding (pipe.enable_seamless_tiling)
+    eta: float = 0.0  # DDIM's eta (its share of fresh noise a step, drawn beforehand); else 0
 
     def describe(self):
         chunks = f", {self.num_chunks} text chunks" if self.num_chunks > 1 else ""
@@ -83,6 +85,7 @@ class StaticShape:
         ip += (f", guidance rescaled by {self.rescale[0]:g} ({self.rescale[1]}'s)"
                if self.rescale else "")
         ip += ", seamless" if self.seamless else ""
+        ip += f", eta {self.eta:g}" if self.eta else ""
         return (f"{self.width}x{self.height}, batch {self.batch_size}, "
                 f"{self.num_inference_steps} steps of {self.sampler}, "
                 f"{'with' if self.guidance else 'without'} CFG{chunks}{image}{control}{ip}")
@@ -117,11 +120,10 @@ class StaticPlan:
                              shape.height // f, shape.width // f)
         rows = shape.batch_size * (2 if shape.guidance else 1)
         self.rows = rows
-        self.schedule = make_schedule(scheduler_config, shape.sampler,
-                                      shape.num_inference_steps,
-                                      strength=1.0 if shape.strength is None else shape.strength,
-                                      device=dev,
-                                      align_your_steps=model.family.align_your_steps)
+        self.schedule = with_eta(make_schedule(
+            scheduler_config, shape.sampler, shape.num_inference_steps,
+            strength=1.0 if shape.strength is None else shape.strength, device=dev,
+            align_your_steps=model.family.align_your_steps), shape.eta)
         # Inputs, written before each replay: token ids and weights (V·rows·n, 77) per
         # tokenizer, V the distinct sets of texts of an edited prompt (else 1),
         n, length, v = shape.num_chunks, model.text_length, shape.text_variants

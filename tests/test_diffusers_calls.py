@@ -117,6 +117,41 @@ def test_ddim_eta_matches_diffusers(tiny_sd1, eta):
         ref.scheduler = scheduler
 
 
+def test_ddim_eta_static_plan_is_the_eager_run():
+    # The plan's step noise is drawn before the replay, as the eager DDIM draws it step by
+    # step: one generator for the batch, and one per image; a plan per eta.
+    from conftest import run_eagerly
+    from sdrt.engine.tiny import tiny_components
+    pipe = Pipeline(tiny_components(), torch.device("cpu"), torch.float32)
+    kw = dict(height=64, width=64, num_inference_steps=4, sampler="ddim", output_type="np",
+              num_images_per_prompt=2)
+    pipe.compile(height=64, width=64, batch_size=2, num_inference_steps=4, sampler="ddim",
+                 eta=0.8, strict=True)
+    for generator in (lambda: dict(seed=5),
+                      lambda: dict(generator=[torch.Generator().manual_seed(s) for s in (5, 6)])):
+        got = pipe("a fox", eta=0.8, **generator(), **kw)
+        want = run_eagerly(pipe, prompt="a fox", eta=0.8, **generator(), **kw)
+        assert np.abs(got - want).max() <= 1e-5
+        plain = run_eagerly(pipe, prompt="a fox", **generator(), **kw)
+        assert np.abs(got - plain).max() > 1e-2
+    with pytest.raises(SdrtError, match="static plan"):  # (another eta: another plan)
+        pipe("a fox", eta=0.3, seed=5, **kw)
+    with pytest.raises(SdrtError, match="eta must be a number from 0 to 1"):
+        pipe.compile(height=64, width=64, sampler="ddim", eta=2)
+
+
+@pytest.mark.gpu
+def test_ddim_eta_replays_as_cuda_graphs_equal_to_eager():
+    from conftest import run_eagerly
+    from test_runtime import _tiny_cuda_pipe
+    pipe = _tiny_cuda_pipe()
+    pipe.compile(height=64, width=64, batch_size=2, num_inference_steps=4, sampler="ddim",
+                 eta=0.8, strict=True)
+    kw = dict(prompt="a fox", height=64, width=64, num_inference_steps=4, sampler="ddim",
+              output_type="np", num_images_per_prompt=2, eta=0.8, seed=5)
+    assert np.abs(pipe(**kw) - run_eagerly(pipe, **kw)).max() <= 2e-3
+
+
 def test_cli_eta_and_its_png_info(tiny_sd1_folder, tmp_path, capsys):
     # --eta for DDIM: the library's image, written to the PNG as A1111 writes it ("Eta DDIM"),
     # which --from-png reads back.
