@@ -401,6 +401,9 @@ def _generate_options(g):
                         "single file marked v_pred and ztsnr gets it without this")
     g.add_argument("--clip-skip", metavar="N", type=int_arg, default=0,
                    help="skip the last N layers of the text encoder")
+    g.add_argument("--zero-out-negative", action="store_true",
+                   help="the negative half's text conditioning zeros, whatever --negative says "
+                        "(ComfyUI's ConditioningZeroOut on the negative; a --workflow's sets it)")
     g.add_argument("--pag-scale", metavar="F", type=float_arg, default=0.0,
                    help="perturbed-attention guidance: the conditional pass again with the mid "
                         "block's self-attention perturbed, this much of the difference added "

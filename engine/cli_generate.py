@@ -71,6 +71,7 @@ def generate(a):
         subseed=a.subseed, subseed_strength=a.subseed_strength, pag_scale=a.pag_scale,
         seed_resize_from=a.seed_resize_from, guidance_rescale=a.guidance_rescale,
         initial_noise_multiplier=a.noise_multiplier if a.init_image is not None else 1.0,
+        zero_out_negative=a.zero_out_negative,
         guidance_rescale_style=a.guidance_rescale_style,
         **_sdxl_fields(a),
     ).check(names=OPTION_NAMES, limits=Limits.from_env())
@@ -234,6 +235,8 @@ def generate(a):
                 **_guidance(request), **_eta(a), **image_prompt)
     if request.initial_noise_multiplier != 1:  # (image to image: SD upscale's tiles too)
         call["initial_noise_multiplier"] = request.initial_noise_multiplier
+    if request.zero_out_negative:
+        call["zero_out_negative"] = True
     with _Progress() as progress:
         if hires is not None:
             from .hires import generate as hires_generate
@@ -770,6 +773,8 @@ def _apply_workflow(a):
         *a.freeu, a.freeu_style = flow.freeu
     if flow.pag_scale and "pag_scale" not in a.given:
         a.pag_scale = flow.pag_scale
+    if flow.zero_out_negative:
+        a.zero_out_negative = True
     if flow.sampling is not None:
         kind, zsnr = flow.sampling
         if kind != "lcm" and "prediction_type" not in a.given:

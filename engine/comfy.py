@@ -44,6 +44,8 @@ prompts and latent come from
   percentages in steps where ComfyUI counts them in the noise schedule), the image perhaps
   through one preprocessor node (``PREPROCESSOR_NODES``: comfyui_controlnet_aux's
   CannyEdgePreprocessor, ComfyUI's ImageInvert), run as ``engine.preprocess`` runs it.
+- on the negative prompt's path, one ConditioningZeroOut (``ZERO_OUT``): the negative
+  conditioning zeros (the pipeline's ``zero_out_negative``);
 
 Between the VAEDecode and the save node, or the first VAEDecode and the VAEEncode of a hires
 fix in pixels, may stand ComfyUI's model upscale: an ImageUpscaleWithModel of an
@@ -147,6 +149,7 @@ IMAGE_UPSCALES = {"lanczos": "Lanczos"}
 _UPSCALES = {"LatentUpscale": LATENT_UPSCALES, "LatentUpscaleBy": LATENT_UPSCALES,
              "ImageScale": IMAGE_UPSCALES, "ImageScaleBy": IMAGE_UPSCALES}
 _APPLY = "ControlNetApplyAdvanced"
+ZERO_OUT = "ConditioningZeroOut"  # on the negative prompt's path: zeros, whatever it says
 # ComfyUI's inpainting, the sampled latent (``_inpaint``): VAEEncodeForInpaint (the pixels
 # greyed under the mask before they are encoded, the mask grown by grow_mask_by; at denoise 1,
 # where the grey is noise), SetLatentNoiseMask on a VAEEncode, or InpaintModelConditioning
@@ -381,6 +384,9 @@ class Workflow:
     # an ImagePadForOutpaint's (left, top, right, bottom, feathering): the init image on its
     # canvas (``outpaint``), whose MASK is the inpainting's (``mask`` (None, "outpaint"))
     outpaint: tuple = None
+    # a ConditioningZeroOut on the negative prompt: its conditioning zeros (the pipeline's
+    # zero_out_negative)
+    zero_out_negative: bool = False
 
 
 def load(path):
@@ -481,7 +487,7 @@ def read(graph, upscaler_scale=None) -> Workflow:
                         f"model's checkpoint VAE or a VAELoader's")
     texts, texts_2, sizes, skips, model_only = {}, {}, {}, set(), None
     source = nodes.link(sampler_id, "latent_image")[0]  # (an InpaintModelConditioning's?)
-    text_ids, controls = _controls(nodes, sampler_id, inpaint=(
+    text_ids, controls, zeroed = _controls(nodes, sampler_id, inpaint=(
         source if nodes.kind(source) == INPAINT_CONDITIONING else None))
     for side, text_id in text_ids.items():
         if nodes.kind(text_id) == "CLIPTextEncodeSDXL":
@@ -521,7 +527,7 @@ def read(graph, upscaler_scale=None) -> Workflow:
                     checkpoint=nodes.inputs(checkpoint).get("ckpt_name"),
                     loras=[(name, scale) for _, name, scale in loras],
                     output=outputs[0], sampler_node=sampler_id, controlnets=controls,
-                    upscale=final, ip_adapters=prompts, **patches)
+                    upscale=final, ip_adapters=prompts, zero_out_negative=zeroed, **patches)
     if (flow.sampling or ("",))[0] == "lcm" and flow.sampler != "lcm":
         raise SdrtError(f"workflow node {sampler_id} ({kind}): a model sampled as lcm "
                         f"({MODEL_SAMPLING}) runs sdrt's lcm sampler only (sampler_name lcm), "
@@ -699,10 +705,10 @@ def _refiner_chain(nodes, refiner, base):
     if loras or prompts or patches:
         raise SdrtError(f"{where}: sdrt's refiner runs the refiner checkpoint as it is (no "
                         f"LoRA, IP-Adapter or model patch on it)")
-    text_ids, controls = _controls(nodes, refiner, _REFINER_TEXT_NODES)
-    if controls:
-        raise SdrtError(f"{where}: sdrt's refiner runs no ControlNet")
-    base_ids, _ = _controls(nodes, base)
+    text_ids, controls, zeroed = _controls(nodes, refiner, _REFINER_TEXT_NODES)
+    if controls or zeroed:
+        raise SdrtError(f"{where}: sdrt's refiner runs no ControlNet or {ZERO_OUT}")
+    base_ids, _, _ = _controls(nodes, base)
     for side, text_id in text_ids.items():
         base_text = nodes.inputs(base_ids[side]).get(
             "text_l" if nodes.kind(base_ids[side]) == "CLIPTextEncodeSDXL" else "text")
@@ -1104,13 +1110,17 @@ def _advanced(nodes, sampler_id, steps, empty):
 
 def _controls(nodes, sampler_id, kinds=_TEXT_NODES, inpaint=None):
     """The KSampler's prompts through any ControlNetApplyAdvanced nodes: ({"positive": text
-    node, "negative": text node}, [Control] nearest the prompts first). Each such node must
+    node, "negative": text node}, [Control] nearest the prompts first, zeroed). Each such node must
     condition both prompts (its outputs 0 and 1 to the next node's positive and negative), and
     the prompts be nodes of ``kinds``. ``inpaint``: the sampler's InpaintModelConditioning,
-    which the prompts must pass through in the same way."""
+    which the prompts must pass through in the same way. One ConditioningZeroOut may stand
+    on the negative's path: the third value says whether one does."""
     links = {side: nodes.link(sampler_id, side) for side in ("positive", "negative")}
-    controls, seen, through = [], set(), inpaint is None
+    controls, seen, through, zeroed = [], set(), inpaint is None, False
     while True:
+        if nodes.kind(links["negative"][0]) == ZERO_OUT and not zeroed:
+            links["negative"], zeroed = nodes.link(links["negative"][0], "conditioning"), True
+            continue
         (pos, pos_slot), (neg, neg_slot) = links["positive"], links["negative"]
         if not through and inpaint in (pos, neg):
             if pos != neg or (pos_slot, neg_slot) != (0, 1):
@@ -1160,7 +1170,7 @@ def _controls(nodes, sampler_id, kinds=_TEXT_NODES, inpaint=None):
             raise SdrtError(f"workflow node {node} ({nodes.kind(node)}) is not supported as "
                             f"{nodes.kind(sampler_id)}'s {side}: sdrt takes "
                             f"{' or '.join(kinds)}, through {_APPLY} nodes, there")
-    return {side: node for side, (node, _) in links.items()}, controls[::-1]
+    return {side: node for side, (node, _) in links.items()}, controls[::-1], zeroed
 
 
 def _preset(nodes, node_id):

@@ -905,10 +905,12 @@ class Pipeline:
                 and request.denoising_end is None and request.denoising_start is None)
 
     def _keep(self, request):
-        """(rows,) float32: 0 on the rows whose text conditioning is zeros (SDXL's absent
-        negative prompt, ``force_zeros_for_empty_prompt``), else 1; None when there are none."""
-        if not (self._cfg(request) and self.force_zeros_for_empty_prompt
-                and request.negative_prompt is None):
+        """(rows,) float32: 0 on the rows whose text conditioning is zeros (the negative half
+        with ``zero_out_negative``, or SDXL's absent negative prompt,
+        ``force_zeros_for_empty_prompt``), else 1; None when there are none."""
+        zeros = request.zero_out_negative or (self.force_zeros_for_empty_prompt
+                                              and request.negative_prompt is None)
+        if not (self._cfg(request) and zeros):
             return None
         n = request.batch_size
         return torch.cat([torch.zeros(n), torch.ones(n)])
@@ -1004,7 +1006,8 @@ class Pipeline:
         if keep is not None:
             keep = keep.to(self.device)
             states = states * keep.to(states.dtype)[:, None, None]
-            pooled = pooled * keep.to(pooled.dtype)[:, None]
+            if pooled is not None:
+                pooled = pooled * keep.to(pooled.dtype)[:, None]
         time_ids = self._time_ids(request)
         return Conditioning(states, pooled,
                             None if time_ids is None else time_ids.to(self.device)
@@ -1306,7 +1309,7 @@ class Pipeline:
                  negative_prompt_embeds=None, pooled_prompt_embeds=None,
                  negative_pooled_prompt_embeds=None, return_dict=True,
                  callback_on_step_end=None, callback_on_step_end_tensor_inputs=None, eta=0.0,
-                 seed_resize_from=None, initial_noise_multiplier=1.0):
+                 seed_resize_from=None, initial_noise_multiplier=1.0, zero_out_negative=False):
         """Generate images; see the README for each argument.
 
         Returns a list of PIL images (``"pil"``), a float32 array (B, H, W, 3) in [0, 1]
@@ -1434,7 +1437,8 @@ class Pipeline:
             subseed_strength=subseed_strength, pag_scale=pag_scale,
             guidance_rescale=guidance_rescale, guidance_rescale_style=guidance_rescale_style,
             seed_resize_from=seed_resize_from,
-            initial_noise_multiplier=initial_noise_multiplier).check(limits=self.limits)
+            initial_noise_multiplier=initial_noise_multiplier,
+            zero_out_negative=zero_out_negative).check(limits=self.limits)
         for field in ("height", "width"):
             if getattr(request, field) is not None:
                 self._check_side(field, getattr(request, field), {})
@@ -1604,6 +1608,9 @@ class Pipeline:
             raise SdrtError("prompt: A1111's prompt editing, alternation and AND cannot be "
                             "combined with prompt_embeds or negative_prompt_embeds (the "
                             "states are the whole prompt)")
+        if given.negative is not None and request.zero_out_negative:
+            raise SdrtError("zero_out_negative zeros the negative half; it cannot be combined "
+                            "with negative_prompt_embeds (give zeros there instead)")
         if given.states is None and len(request.prompt) != given.prompts:
             raise SdrtError(f"negative_prompt_embeds must have a row per prompt "
                             f"({len(request.prompt)}), got {given.prompts}")
@@ -1672,10 +1679,11 @@ class Pipeline:
         rows = torch.tensor(rows, device=self.device)
         states = states[rows]
         pooled = None if pooled is None else pooled[rows]
-        keep = self._keep(request)  # zeros: SDXL's absent negative prompt
+        keep = self._keep(request)  # zeros: the negative's (zero_out_negative, or SDXL's absent)
         if keep is not None:
             states[:b] = 0
-            pooled[:b] = 0
+            if pooled is not None:
+                pooled[:b] = 0
         time_ids = self._time_ids(request)
         if time_ids is not None:
             time_ids = torch.cat([time_ids[:b], time_ids[b:b + 1].expand(len(rows) - b, -1)])

@@ -305,6 +305,9 @@ class GenerationRequest:
     # whose: RESCALE_STYLES
     guidance_rescale: object = 0.0
     guidance_rescale_style: object = "diffusers"
+    # the negative half's text conditioning (states, pooled) zeros, whatever its text
+    # (ComfyUI's ConditioningZeroOut on the negative)
+    zero_out_negative: object = False
 
     def check(self, names=None, limits=None):
         """Every model-free check; returns the request with its numbers as plain ``int`` and
@@ -406,6 +409,8 @@ class GenerationRequest:
         if self.guidance_rescale_style not in RESCALE_STYLES:
             fail("guidance_rescale_style", f"one of {', '.join(RESCALE_STYLES)}",
                  self.guidance_rescale_style)
+        if not isinstance(self.zero_out_negative, bool):
+            fail("zero_out_negative", "True or False", self.zero_out_negative)
         subseeds = self.subseed
         if subseeds is not None and not (_is_int(subseeds) and subseeds == RANDOM_SEED):
             subseeds = subseeds if isinstance(subseeds, (list, tuple)) else [subseeds]

@@ -434,7 +434,8 @@ def register(app, server_of, api_error):
                            crops_coords_top_left=flow.crop, target_size=flow.target_size,
                            prompt_syntax="comfy", pag_scale=flow.pag_scale,
                            guidance_rescale=flow.guidance_rescale,
-                           guidance_rescale_style="comfy")
+                           guidance_rescale_style="comfy",
+                           zero_out_negative=flow.zero_out_negative)
         if flow.pag_scale and flow.controlnets and flow.guidance <= 1:
             raise bad(f"prompt: workflow's {comfy.PAG} cannot be combined with ControlNets "
                       f"at cfg 1 yet")
@@ -456,7 +457,8 @@ def register(app, server_of, api_error):
                        micro=(flow.original_size, flow.crop, flow.target_size),
                        prompt_syntax="comfy", freeu=flow.freeu, pag_scale=flow.pag_scale,
                        rescale=(flow.guidance_rescale, "comfy") if flow.guidance_rescale else (),
-                       scheduler=comfy.scheduler_fields(flow.sampling), refiner=refiner)
+                       scheduler=comfy.scheduler_fields(flow.sampling), refiner=refiner,
+                       zero_out_negative=flow.zero_out_negative)
         rows = [Row(flow.prompt, flow.negative, req.guidance_scale, s, init, mask,
                     control_images=hints, control_info=units + texts, ip_images=pictures,
                     prompt_2=flow.prompt_2, negative_prompt_2=flow.negative_2)

@@ -384,7 +384,8 @@ class Runner:
             seeds = dict(seed=rows[0].seed)
         else:  # (a hires fix's second pass goes on drawing from the first pass's generators)
             seeds = dict(generator=[torch.Generator("cpu").manual_seed(r.seed) for r in rows])
-        # A1111's variation seed (the first pass's noise only: hires.generate drops it)
+        # A1111's variation seed and seed resize (the first pass's noise only: hires.generate
+        # drops them), image to image's noise multiplier, a workflow's zeroed negative
         variation = (dict(subseed=[r.subseed for r in rows],
                           subseed_strength=key.subseed_strength)
                      if key.subseed_strength else {})
@@ -392,6 +393,8 @@ class Runner:
             variation["seed_resize_from"] = key.seed_resize_from
         if key.noise_multiplier != 1:  # (image to image's: A1111's initial_noise_multiplier)
             variation["initial_noise_multiplier"] = key.noise_multiplier
+        if key.zero_out_negative:  # (a workflow's ConditioningZeroOut: each pass's negative)
+            variation["zero_out_negative"] = True
         guidance = [r.guidance_scale for r in rows]
         guidance = guidance[0] if len(set(guidance)) == 1 else guidance
         negatives = [r.negative_prompt for r in rows]

@@ -84,6 +84,7 @@ class BatchKey:
     # seed_resize_from), None for none
     seed_resize_from: tuple = None
     noise_multiplier: float = 1.0  # image to image: A1111's initial_noise_multiplier
+    zero_out_negative: bool = False  # the negative conditioning zeros (ConditioningZeroOut)
 
 
 @dataclass(frozen=True)
