@@ -11,7 +11,8 @@ clients built on them use it:
   "prompt" chunk, as ComfyUI writes it, and A1111's "parameters");
 - ``POST /upload/image`` (multipart ``image``) takes an image a workflow's LoadImage (or
   LoadImageMask) names, kept as sent (a MASK reads its alpha); ``GET /queue`` lists what is
-  running; ``GET /models/checkpoints`` the one model;
+  running; ``POST /queue`` (delete, clear), ``/interrupt``, ``/history`` (delete, clear) and
+  ``/free`` as ComfyUI's; ``GET /models/checkpoints`` the one model;
 - ``/ws?clientId=...`` (a websocket) tells a client ``status`` (the queue's length) on
   connecting and whenever it changes, and of each of its prompts (those queued with its
   ``client_id``; all, for a prompt queued without one) ``execution_start``, ``executing``
@@ -78,7 +79,8 @@ class ComfyJobs:
         self.files = {}  # output file name → PNG bytes
         self.outputs = {}  # prompt_id → its file names
         self.uploads = OrderedDict()  # input file name → PIL image
-        self.tasks = set()
+        self.tasks = {}  # prompt_id → the task that runs it
+        self.deleted = set()  # prompt ids deleted from the queue while they ran
         self.sockets = {}  # client id → its open websockets
         self._sending = None  # one send at a time: prompts finish concurrently
 
@@ -117,6 +119,13 @@ class ComfyJobs:
         while len(self.history) > MAX_HISTORY:
             old, _ = self.history.popitem(last=False)
             for name in self.outputs.pop(old, ()):
+                self.files.pop(name, None)
+
+    def forget(self, prompt_ids):
+        """Drop prompts' history entries and their files."""
+        for prompt_id in prompt_ids:
+            self.history.pop(prompt_id, None)
+            for name in self.outputs.pop(prompt_id, ()):
                 self.files.pop(name, None)
 
     def upload(self, name, image, overwrite):
@@ -358,6 +367,29 @@ def _system_stats(server):
                          "torch_vram_total": torch_total, "torch_vram_free": torch_free}]}
 
 
+# What the queue, interrupt, history and free bodies' keys must be
+_BODY_KEYS = {"delete": "a list of prompt ids (strings)", "clear": "true or false",
+              "prompt_id": "a prompt id (a string)", "unload_models": "true or false",
+              "free_memory": "true or false"}
+
+
+def _ids(value):
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _flag(value):
+    return isinstance(value, bool)
+
+
+def _free_memory():
+    import gc
+
+    import torch
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def register(app, server_of, api_error):
     """Add the routes to ``app``; ``api_error(status, message, kind, param)`` builds the
     app's ``ApiError``."""
@@ -366,20 +398,31 @@ def register(app, server_of, api_error):
     def bad(message, param="prompt"):
         return api_error(400, " ".join(message.split()), "bad_request", param)
 
-    @app.post("/prompt", tags=["ComfyUI"])
-    async def post_prompt(request: Request):
-        """Queue an API-format workflow; its images appear in /history/{prompt_id}."""
-        server = server_of(request)
-        server.require_ready()
+    async def body_of(request, keys=None):
+        """The request's JSON body, an object; ``keys``: {key: check} of what it may hold,
+        each check(value) true for a good value (others are refused by name)."""
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise bad(f"the request body must be valid JSON ({e})", None)
         except RecursionError:
             raise bad("the request body must be valid JSON (it nests too deeply)", None)
-        if not isinstance(body, dict) or not isinstance(body.get("prompt"), dict):
+        if not isinstance(body, dict):
+            raise bad(f"the request body must be a JSON object, got {short_repr(body)}", None)
+        for key, ok in (keys or {}).items():
+            if key in body and not ok(body[key]):
+                raise bad(f"{key} must be {_BODY_KEYS[key]}, got {short_repr(body[key])}", key)
+        return body
+
+    @app.post("/prompt", tags=["ComfyUI"])
+    async def post_prompt(request: Request):
+        """Queue an API-format workflow; its images appear in /history/{prompt_id}."""
+        server = server_of(request)
+        server.require_ready()
+        body = await body_of(request)
+        if not isinstance(body.get("prompt"), dict):
             raise bad(f"prompt must be a workflow in API format (an object of nodes), got "
-                      f"{short_repr(body.get('prompt') if isinstance(body, dict) else body)}")
+                      f"{short_repr(body.get('prompt'))}")
         _check_ids(body, jobs, bad)
         if len(jobs.running) >= server.config.max_queue:  # (refused now, not failed later)
             raise api_error(429, f"the queue is full ({len(jobs.running)} prompts queued or "
@@ -474,9 +517,52 @@ def register(app, server_of, api_error):
         jobs.running[prompt_id] = item
         await jobs.emit_status()
         task = asyncio.create_task(_run(server, jobs, item, flow, key, rows, overlay))
-        jobs.tasks.add(task)
-        task.add_done_callback(jobs.tasks.discard)
+        jobs.tasks[prompt_id] = task
+        task.add_done_callback(lambda _, p=prompt_id: jobs.tasks.pop(p, None))
         return {"prompt_id": prompt_id, "number": jobs.number, "node_errors": {}}
+
+    @app.post("/queue", tags=["ComfyUI"])
+    async def post_queue(request: Request):
+        """ComfyUI's ``{"delete": [prompt_id, ...]}`` and ``{"clear": true}``: the prompts
+        leave the queue with no history entry (a batch already on the device finishes, its
+        images dropped)."""
+        body = await body_of(request, {"delete": _ids, "clear": _flag})
+        doomed = list(jobs.running) if body.get("clear") else body.get("delete") or []
+        for prompt_id in doomed:
+            if prompt_id in jobs.tasks:
+                jobs.deleted.add(prompt_id)
+                jobs.tasks[prompt_id].cancel()
+        return Response(status_code=200)
+
+    @app.post("/interrupt", tags=["ComfyUI"])
+    async def post_interrupt(request: Request):
+        """ComfyUI's interrupt: the prompt ``{"prompt_id": ...}`` names, or the oldest one
+        queued, ends with ``execution_interrupted`` in its history (a batch already on the
+        device finishes, its images dropped). A body is optional."""
+        body = (await body_of(request, {"prompt_id": lambda v: isinstance(v, str)})
+                if await request.body() else {})
+        prompt_id = body.get("prompt_id") or next(iter(jobs.running), None)
+        if prompt_id in jobs.tasks:
+            jobs.tasks[prompt_id].cancel()
+        return Response(status_code=200)
+
+    @app.post("/history", tags=["ComfyUI"])
+    async def post_history(request: Request):
+        """ComfyUI's ``{"delete": [prompt_id, ...]}`` and ``{"clear": true}``: the entries and
+        their images go."""
+        body = await body_of(request, {"delete": _ids, "clear": _flag})
+        jobs.forget(list(jobs.history) if body.get("clear") else body.get("delete") or [])
+        return Response(status_code=200)
+
+    @app.post("/free", tags=["ComfyUI"])
+    async def post_free(request: Request):
+        """ComfyUI's ``{"unload_models": bool, "free_memory": bool}``: the server keeps its one
+        model loaded (it is what it serves); ``free_memory`` returns the device's cached
+        blocks to the driver."""
+        body = await body_of(request, {"unload_models": _flag, "free_memory": _flag})
+        if body.get("free_memory"):
+            await run_in_threadpool(_free_memory)
+        return Response(status_code=200)
 
     @app.get("/history/{prompt_id}", tags=["ComfyUI"])
     async def history_of(prompt_id: str):
@@ -928,14 +1014,27 @@ async def _run(server, jobs, item, flow, key, rows, overlay=None):
     prompt_id, client = item[1], item[3]["client_id"]
     started = int(time.time() * 1000)
     messages = [["execution_start", {"prompt_id": prompt_id, "timestamp": started}]]
-    await jobs.emit(client, *messages[0])
-    await jobs.emit(client, "executing", {"node": flow.sampler_node,
-                                          "display_node": flow.sampler_node,
-                                          "prompt_id": prompt_id})
     try:
+        await jobs.emit(client, *messages[0])
+        await jobs.emit(client, "executing", {"node": flow.sampler_node,
+                                              "display_node": flow.sampler_node,
+                                              "prompt_id": prompt_id})
         await _generate(server, jobs, item, flow, key, rows, messages, overlay)
+    except asyncio.CancelledError:  # POST /queue's delete, or /interrupt
+        if prompt_id in jobs.deleted:  # (deleted: gone, as from ComfyUI's queue)
+            jobs.deleted.discard(prompt_id)
+            jobs.running.pop(prompt_id, None)
+        elif prompt_id in jobs.running:  # (not yet finished: interrupted)
+            messages.append(["execution_interrupted", {
+                "prompt_id": prompt_id, "node_id": flow.sampler_node,
+                "node_type": item[2][flow.sampler_node].get("class_type"), "executed": [],
+                "timestamp": int(time.time() * 1000)}])
+            jobs.finish(prompt_id, {"prompt": item, "outputs": {}, "status": {
+                "status_str": "error", "completed": False, "messages": messages}}, {})
+        raise
     finally:
-        await jobs.emit(client, *messages[-1])
+        if len(messages) > 1:  # (a prompt deleted from the queue ends without a word)
+            await jobs.emit(client, *messages[-1])
         await jobs.emit(client, "executing", {"node": None, "prompt_id": prompt_id})
         await jobs.emit_status()
 

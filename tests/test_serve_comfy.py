@@ -677,3 +677,45 @@ def test_names_as_comfyuis_front_end_writes_them(server, ref_pipe, tmp_path):
     graph["10"]["inputs"]["image"] = "ComfyUI_00001_.png [output]"
     r = httpx.post(f"{url}/prompt", json={"prompt": graph}, timeout=TIMEOUT)
     assert r.status_code == 400 and "which was not uploaded" in r.text, r.text
+
+
+def test_queue_delete_interrupt_history_and_free():
+    # A long batch window holds the prompts in the queue while the calls arrive: a deleted
+    # one leaves no trace, an interrupted one ends in its history as ComfyUI's does, the rest
+    # run; then the history's delete and clear, /free, and bodies that are refused by name.
+    with LocalServer(config(batch_window_ms=4000, max_batch=8)) as url:
+        ids = [_queue(url, _workflow(url, DEFAULT, seed=30 + i))["prompt_id"] for i in range(3)]
+        post = lambda path, body: httpx.post(f"{url}{path}", json=body, timeout=TIMEOUT)
+        assert post("/queue", {"delete": [ids[1]]}).status_code == 200
+        assert post("/interrupt", {"prompt_id": ids[2]}).status_code == 200
+        done = _history(url, ids[0])
+        assert done["status"]["status_str"] == "success"
+        interrupted = _history(url, ids[2])
+        assert interrupted["status"]["status_str"] == "error"
+        assert interrupted["status"]["messages"][-1][0] == "execution_interrupted"
+        assert interrupted["outputs"] == {}
+        assert set(httpx.get(f"{url}/history").json()) == {ids[0], ids[2]}
+        more = [_queue(url, _workflow(url, DEFAULT, seed=40 + i))["prompt_id"] for i in range(2)]
+        assert post("/queue", {"clear": True}).status_code == 200
+        for _ in range(100):
+            if not httpx.get(f"{url}/queue").json()["queue_running"]:
+                break
+            time.sleep(0.05)
+        assert httpx.get(f"{url}/queue").json() == {"queue_running": [], "queue_pending": []}
+        assert not set(more) & set(httpx.get(f"{url}/history").json())
+        image = done["outputs"]["9"]["images"][0]
+        assert post("/history", {"delete": [ids[0]]}).status_code == 200
+        assert httpx.get(f"{url}/history/{ids[0]}").json() == {}
+        assert httpx.get(f"{url}/view", params=image).status_code == 404
+        assert post("/history", {"clear": True}).status_code == 200
+        assert httpx.get(f"{url}/history").json() == {}
+        assert post("/free", {"unload_models": True, "free_memory": True}).status_code == 200
+        assert httpx.post(f"{url}/interrupt", timeout=TIMEOUT).status_code == 200  # (no body)
+        for path, body, param in (("/queue", {"delete": "x"}, "delete"),
+                                  ("/queue", {"clear": 1}, "clear"),
+                                  ("/history", {"delete": [1]}, "delete"),
+                                  ("/free", {"free_memory": "yes"}, "free_memory"),
+                                  ("/interrupt", {"prompt_id": 5}, "prompt_id"),
+                                  ("/free", [1], None)):
+            r = post(path, body)
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
