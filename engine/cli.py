@@ -259,6 +259,12 @@ def _generate_options(g):
     g.add_argument("--crop", metavar="LEFT,TOP", type=crop_arg, default=None,
                    help="SDXL micro-conditioning: the top-left corner of the crop the image is "
                         "to look cut from (default: 0,0, uncropped)")
+    g.add_argument("--negative-original-size", metavar="WxH", type=size_arg, default=None,
+                   help="SDXL: the negative half's --original-size (default: the prompt's)")
+    g.add_argument("--negative-target-size", metavar="WxH", type=size_arg, default=None,
+                   help="SDXL: the negative half's --target-size (default: the prompt's)")
+    g.add_argument("--negative-crop", metavar="LEFT,TOP", type=crop_arg, default=None,
+                   help="SDXL: the negative half's --crop (default: the prompt's)")
     g.add_argument("--aesthetic-score", metavar="S", type=float_arg, default=None,
                    help="SDXL refiner: the aesthetic score to condition on (default 6)")
     g.add_argument("--negative-aesthetic-score", metavar="S", type=float_arg, default=None,

@@ -34,6 +34,9 @@ OPTION_NAMES = {"num_inference_steps": "--steps", "guidance_scale": "--guidance"
                 "strength": "--strength", "seed": "--seed", "sampler": "--sampler",
                 "prompt": "prompt", "prompt_2": "--prompt-2", "negative_prompt_2": "--negative-2",
                 "original_size": "--original-size", "target_size": "--target-size",
+                "negative_original_size": "--negative-original-size",
+                "negative_target_size": "--negative-target-size",
+                "negative_crops_coords_top_left": "--negative-crop",
                 "crops_coords_top_left": "--crop", "aesthetic_score": "--aesthetic-score",
                 "negative_aesthetic_score": "--negative-aesthetic-score",
                 "denoising_end": "--refiner-start", "subseed": "--subseed",
@@ -511,7 +514,9 @@ def _sdxl_fields(a):
     with --refiner, the base stops at --refiner-start."""
     fields = dict(prompt_2=a.prompt_2, negative_prompt_2=a.negative_2,
                   original_size=a.original_size, target_size=a.target_size,
-                  crops_coords_top_left=a.crop)
+                  crops_coords_top_left=a.crop, negative_original_size=a.negative_original_size,
+                  negative_target_size=a.negative_target_size,
+                  negative_crops_coords_top_left=a.negative_crop)
     if a.refiner is not None:
         fields["denoising_end"] = a.refiner_start
     else:  # without a refiner these go to the model itself (an SDXL refiner given as --model)
@@ -782,6 +787,11 @@ def _apply_workflow(a):
         a.zero_snr = a.zero_snr or zsnr
     if flow.guidance_rescale and "guidance_rescale" not in a.given:
         a.guidance_rescale, a.guidance_rescale_style = flow.guidance_rescale, "comfy"
+    if flow.negative_sizes is not None:
+        for attr, value in zip(("negative_original_size", "negative_crop",
+                                "negative_target_size"), flow.negative_sizes):
+            if attr not in a.given:
+                setattr(a, attr, value)
     for attr in ("seed", "steps", "guidance", "sampler", "clip_skip", "batch", "width",
                  "height", "strength", "prompt_2", "negative_2", "original_size", "crop",
                  "target_size", "aesthetic_score", "negative_aesthetic_score"):

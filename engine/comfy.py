@@ -359,6 +359,9 @@ class Workflow:
     original_size: tuple = None
     crop: tuple = None
     target_size: tuple = None
+    # the negative's (original size, crop, target size) where they are not the positive's
+    # (a CLIPTextEncodeSDXL beside a CLIPTextEncode, or two with other sizes); else None
+    negative_sizes: tuple = None
     # SDXL's base and refiner: the refiner's checkpoint name, the steps the base runs of the
     # schedule (its end_at_step), and the refiner's aesthetic scores (None: the defaults)
     refiner: str = None
@@ -512,12 +515,6 @@ def read(graph, upscaler_scale=None) -> Workflow:
                         "CLIPSetLastLayer settings; sdrt takes one clip skip")
     loras = [(node, name, ((scale if isinstance(scale, (int, float)) else scale[0]), 0.0)
               if node in (model_only or ()) else scale) for node, name, scale in loras]
-    if sizes and (len(sizes) == 1 or sizes["positive"] != sizes["negative"]):
-        raise SdrtError(f"workflow node {text_ids['negative']} "
-                        f"({nodes.kind(text_ids['negative'])}) must condition on the sizes and "
-                        f"crop the positive prompt's node {text_ids['positive']} has: sdrt "
-                        f"conditions both halves on one set (use CLIPTextEncodeSDXL for both, "
-                        f"with the same sizes)")
     flow = Workflow(prompt=texts["positive"], negative=texts["negative"],
                     seed=_number(nodes, sampler_id,
                                  "noise_seed" if kind == "KSamplerAdvanced" else "seed", int),
@@ -535,10 +532,13 @@ def read(graph, upscaler_scale=None) -> Workflow:
     prefix = nodes.inputs(outputs[0]).get("filename_prefix", "ComfyUI")
     if isinstance(prefix, str) and prefix:
         flow.filename_prefix = prefix
-    if texts_2:  # (SDXL's second prompts where they say something else)
-        flow.prompt_2 = texts_2["positive"] if texts_2["positive"] != flow.prompt else None
-        flow.negative_2 = texts_2["negative"] if texts_2["negative"] != flow.negative else None
-        flow.original_size, flow.crop, flow.target_size = sizes["positive"]
+    if texts_2:  # (SDXL's second prompts where they say something else; a CLIPTextEncode's
+        # text is both)
+        bigg = {side: texts_2.get(side, texts[side]) for side in texts}
+        flow.prompt_2 = bigg["positive"] if bigg["positive"] != flow.prompt else None
+        flow.negative_2 = bigg["negative"] if bigg["negative"] != flow.negative else None
+        if "positive" in sizes:
+            flow.original_size, flow.crop, flow.target_size = sizes["positive"]
     latent = nodes.follow(sampler_id, "latent_image",
                           ("EmptyLatentImage", "VAEEncode", *INPAINT_LATENTS))
     empty = nodes.kind(latent) == "EmptyLatentImage"
@@ -585,6 +585,18 @@ def read(graph, upscaler_scale=None) -> Workflow:
     if refiner is not None:
         flow.aesthetic_score, flow.negative_aesthetic_score = _aesthetic_scores(
             nodes, refiner_texts, flow)
+    if len(sizes) == 1 or sizes and sizes["positive"] != sizes["negative"]:
+        # The negative conditioned on sizes of its own: a CLIPTextEncode's are the image's
+        # (ComfyUI's default: the latent's size, no crop).
+        flow.negative_sizes = sizes.get("negative")
+        if flow.negative_sizes is None:
+            if flow.width is None:
+                raise SdrtError(f"workflow node {text_ids['negative']} (CLIPTextEncode) "
+                                f"conditions on the image's size beside a CLIPTextEncodeSDXL "
+                                f"prompt; sdrt takes that beside an EmptyLatentImage only "
+                                f"(not yet an init image): use CLIPTextEncodeSDXL for both")
+            image = (flow.height, flow.width)
+            flow.negative_sizes = (image, (0, 0), image)
     if flow.width is not None:  # (sizes that are the image's and no crop: the defaults)
         image = (flow.height, flow.width)
         flow.original_size = None if flow.original_size == image else flow.original_size

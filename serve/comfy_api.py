@@ -66,7 +66,9 @@ _NAMES = {"num_inference_steps": "steps", "guidance_scale": "cfg", "sampler": "s
           "strength": "denoise", "num_images_per_prompt": "batch_size",
           "clip_skip": "stop_at_clip_layer", "prompt_2": "text_g", "negative_prompt_2": "text_g",
           "original_size": "width", "crops_coords_top_left": "crop_w",
-          "target_size": "target_width", "guidance_rescale": "multiplier"}
+          "target_size": "target_width", "guidance_rescale": "multiplier",
+          "negative_original_size": "width", "negative_crops_coords_top_left": "crop_w",
+          "negative_target_size": "target_width"}
 
 
 class ComfyJobs:
@@ -438,8 +440,8 @@ def register(app, server_of, api_error):
             raise bad(f"prompt: workflow decodes with VAE {short_repr(flow.vae)} (a VAELoader), "
                       f"which --vae-dir does not have (GET /models/vae lists those it has)")
         refiner = _refiner(server, flow, bad) if flow.refiner is not None else None
-        sdxl = [k for k in ("prompt_2", "negative_2", "original_size", "crop", "target_size")
-                if getattr(flow, k) is not None]
+        sdxl = [k for k in ("prompt_2", "negative_2", "original_size", "crop", "target_size",
+                            "negative_sizes") if getattr(flow, k) is not None]
         if sdxl and flow.hires is not None:
             raise bad(f"prompt: workflow's CLIPTextEncodeSDXL asks for {', '.join(sdxl)} with a "
                       f"hires fix; the server's hires fix conditions SDXL on one prompt and the "
@@ -475,6 +477,7 @@ def register(app, server_of, api_error):
                            has_image=init is not None, prompt_2=flow.prompt_2,
                            negative_prompt_2=flow.negative_2, original_size=flow.original_size,
                            crops_coords_top_left=flow.crop, target_size=flow.target_size,
+                           **_negative_micro(flow),
                            prompt_syntax="comfy", pag_scale=flow.pag_scale,
                            guidance_rescale=flow.guidance_rescale,
                            guidance_rescale_style="comfy",
@@ -497,7 +500,8 @@ def register(app, server_of, api_error):
                        req.clip_skip, server.chunks(req), inpaint=mask is not None,
                        hires=hires, loras=loras, controls=controls, vae=flow.vae,
                        image_prompts=prompts,
-                       micro=(flow.original_size, flow.crop, flow.target_size),
+                       micro=(flow.original_size, flow.crop, flow.target_size,
+                              *(flow.negative_sizes or (None, None, None))),
                        prompt_syntax="comfy", freeu=flow.freeu, pag_scale=flow.pag_scale,
                        rescale=(flow.guidance_rescale, "comfy") if flow.guidance_rescale else (),
                        scheduler=comfy.scheduler_fields(flow.sampling), refiner=refiner,
@@ -932,6 +936,16 @@ def _hires(server, flow, req, bad):
         raise bad(f"prompt: the hires fix's second pass: {e}")
     server.check_second_pass(hires, req, {**_NAMES, "height": "height", "width": "width"})
     return hires
+
+
+def _negative_micro(flow):
+    """The pipeline's negative micro-conditioning arguments of a workflow whose negative
+    prompt conditions on sizes of its own (``Workflow.negative_sizes``); {} where it does
+    not."""
+    if flow.negative_sizes is None:
+        return {}
+    return dict(zip(("negative_original_size", "negative_crops_coords_top_left",
+                     "negative_target_size"), flow.negative_sizes))
 
 
 def _check_ids(body, jobs, bad):

@@ -448,8 +448,9 @@ class Runner:
                            upscaler=self.upscaler(model) if model else None, **control,
                            **variation)
         else:
-            sdxl = dict(zip(("original_size", "crops_coords_top_left", "target_size"),
-                            key.micro))
+            sdxl = dict(zip(("original_size", "crops_coords_top_left", "target_size",
+                             "negative_original_size", "negative_crops_coords_top_left",
+                             "negative_target_size"), key.micro))
             for name, values in (("prompt_2", [r.prompt_2 for r in rows]),
                                  ("negative_prompt_2", [r.negative_prompt_2 for r in rows])):
                 if any(v is not None for v in values) and (name == "prompt_2" or key.guidance):

@@ -61,8 +61,9 @@ class BatchKey:
     controls: tuple = ()
     vae: str = None  # the VAE the rows decode with (Runner.vae_path names it); None: the model's
     # SDXL's micro-conditioning: (original_size, crops_coords_top_left, target_size), each
-    # (h, w) / (top, left) or None for the default
-    micro: tuple = (None, None, None)
+    # (h, w) / (top, left) or None for the default, then the negative's three (None: the
+    # positive's)
+    micro: tuple = (None,) * 6
     # ((name, weight, start, end, image encoder path, reference digest, region mask), ...):
     # the rows' IP-Adapters (Runner.controlnet_path names them), rows sharing their reference
     # images, and their effective_region_masks (a1111_controlnet.RegionMask, or None).

@@ -684,11 +684,24 @@ def test_sdxl_text_nodes():
                        ("7", "text, watermark")):
         _sdxl_text(plain, node, text, text, size=(512, 512))
     assert comfy.read(plain) == comfy.read(DEFAULT)  # the defaults: a plain CLIPTextEncode's
+    # A CLIPTextEncode beside a CLIPTextEncodeSDXL conditions on the image's size, as
+    # ComfyUI's defaults (the latent's size, no crop); either way round.
     mixed = copy.deepcopy(DEFAULT)
-    _sdxl_text(mixed, "6", "a", "a")
-    with pytest.raises(SdrtError, match="node 7 \\(CLIPTextEncode\\) must condition on the "
-                                        "sizes and crop the positive prompt's node 6 has"):
-        comfy.read(mixed)
+    _sdxl_text(mixed, "6", "a", "a g", size=(1024, 768))
+    flow = comfy.read(mixed)
+    assert (flow.prompt_2, flow.negative_2) == ("a g", None)
+    assert (flow.original_size, flow.crop, flow.target_size) == ((768, 1024), None, (768, 1024))
+    assert flow.negative_sizes == ((512, 512), (0, 0), (512, 512))
+    other = copy.deepcopy(DEFAULT)
+    _sdxl_text(other, "7", "b", "b", size=(640, 512), crop=(8, 0))
+    flow = comfy.read(other)
+    assert (flow.original_size, flow.crop, flow.target_size) == (None, None, None)
+    assert flow.negative_sizes == ((512, 640), (0, 8), (512, 640))
+    init = _img2img()
+    _sdxl_text(init, "6", "a", "a")
+    with pytest.raises(SdrtError, match="node 7 \\(CLIPTextEncode\\) conditions on the image's "
+                                        "size beside a CLIPTextEncodeSDXL prompt"):
+        comfy.read(init)
 
 
 def test_cli_sdxl_text_workflow_equals_the_options(sdxl_base_folder, tmp_path, capsys):
@@ -708,6 +721,20 @@ def test_cli_sdxl_text_workflow_equals_the_options(sdxl_base_folder, tmp_path, c
                 ["--model", folder], tmp_path, capsys)
     assert np.array_equal(outs["json"], outs["options"])
     assert not np.array_equal(outs["json"], outs["plain"])
+    # a CLIPTextEncodeSDXL prompt beside a CLIPTextEncode negative: the negative on the
+    # image's size (32x24), the prompt on its node's
+    g["7"] = copy.deepcopy(DEFAULT["7"])
+    g["7"]["inputs"]["text"] = "blurry"
+    (tmp_path / "mixed.json").write_text(json.dumps(g))
+    options = ["a fox", "--prompt-2", "a red fox in snow", "--negative", "blurry",
+               "--original-size", "64x48", "--crop", "8,4", "--target-size", "40x24",
+               "--negative-original-size", "32x24", "--negative-target-size", "32x24",
+               "--negative-crop", "0,0", *SMALL_OPTIONS[3:]]
+    mixed = draw({"json": ["--workflow", str(tmp_path / "mixed.json")], "options": options,
+                  "same": options[:11] + SMALL_OPTIONS[3:]}, ["--model", folder], tmp_path,
+                 capsys)
+    assert np.array_equal(mixed["json"], mixed["options"])
+    assert not np.array_equal(mixed["json"], mixed["same"])
 
 
 def _refined(graph=DEFAULT, end=2, refiner_text=None):

@@ -641,7 +641,18 @@ def test_sdxl_text_workflow_on_an_sdxl_server(sdxl_base_folder):
         entry = _history(url, _queue(url, g)["prompt_id"])
         assert entry["status"]["status_str"] == "success", entry["status"]
         png = Image.open(io.BytesIO(_view(url, entry["outputs"]["9"]["images"][0])))
+        g["7"] = copy.deepcopy(DEFAULT["7"])  # a plain CLIPTextEncode negative beside it
+        g["7"]["inputs"]["text"] = "blurry"
+        entry = _history(url, _queue(url, g)["prompt_id"])
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        mixed = Image.open(io.BytesIO(_view(url, entry["outputs"]["9"]["images"][0])))
     pipe = Pipeline.from_pretrained(folder, device="cpu", dtype="fp32")
+    want = pipe("a fox", prompt_2="a red fox in snow", negative_prompt="blurry",
+                original_size=(48, 64), crops_coords_top_left=(4, 8), target_size=(24, 40),
+                negative_original_size=(32, 32), negative_crops_coords_top_left=(0, 0),
+                negative_target_size=(32, 32), height=32, width=32, num_inference_steps=2,
+                guidance_scale=7.0, sampler="euler_a_normal", seed=11)[0]
+    assert_same_image(mixed, want, "CLIPTextEncodeSDXL beside CLIPTextEncode on the server")
     want = pipe("a fox", prompt_2="a red fox in snow", negative_prompt="blurry",
                 negative_prompt_2="grey", original_size=(48, 64), crops_coords_top_left=(4, 8),
                 target_size=(24, 40), height=32, width=32, num_inference_steps=2,
