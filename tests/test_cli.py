@@ -62,6 +62,24 @@ def _parameters(path):
         return im.text["parameters"]
 
 
+def assert_png_round_trip(base, option, recorded, tmp_path, capsys, from_png=()):
+    """``sdrt generate`` with ``base`` + ``option`` records ``recorded`` in its PNG info,
+    ``--from-png`` of it (+ ``from_png``, the files PNG info cannot carry) draws the same
+    picture, and ``base`` alone neither records it nor draws that picture. Returns the PNG's
+    path."""
+    out, again, plain = (tmp_path / f"{name}.png" for name in ("option", "again", "plain"))
+    for argv, path in (([*base, *option], out), (["generate", "--from-png", str(out),
+                                                   *from_png], again), (base, plain)):
+        code, _, err = _run([*argv, "-o", str(path)], capsys)
+        assert code == 0, err
+    assert recorded in _parameters(out), _parameters(out)
+    assert np.array_equal(_pixels(again), _pixels(out))
+    key = recorded.strip(", ").split(":")[0]
+    assert key not in _parameters(plain)
+    assert np.abs(_pixels(plain).astype(int) - _pixels(out)).max() > 2
+    return out
+
+
 # -- child processes ---------------------------------------------------------------------------
 
 # Runs main() with the given arguments and reports, as its last stdout line, whether torch was

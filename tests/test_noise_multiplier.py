@@ -15,7 +15,7 @@ from sdrt.engine import Pipeline
 from sdrt.engine.errors import SdrtError
 from sdrt.engine.stages import cpu_randn
 from sdrt.engine.tiny import tiny_components
-from test_cli import _run
+from test_cli import assert_png_round_trip
 
 INIT = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
 ARGS = dict(image=INIT, strength=0.7, num_inference_steps=4, sampler="euler", output_type="np",
@@ -60,27 +60,10 @@ def test_bad_multipliers(pipe, kwargs, message):
 def test_cli_png_info_and_from_png(tmp_path, capsys):
     init = tmp_path / "init.png"
     INIT.save(init)
-    out = tmp_path / "n.png"
     base = ["generate", "a fox", "--steps", "2", "--sampler", "euler", "--seed", "5",
             "--init-image", str(init), "--strength", "0.6"]
-    code, _, err = _run([*base, "--noise-multiplier", "1.2", "-o", str(out)], capsys)
-    assert code == 0, err
-    with Image.open(out) as im:
-        text = im.text["parameters"]
-        pixels = np.asarray(im.convert("RGB"))
-    assert ", Noise multiplier: 1.2" in text, text
-    again = tmp_path / "again.png"
-    code, _, err = _run(["generate", "--from-png", str(out), "--init-image", str(init), "-o",
-                         str(again)], capsys)
-    assert code == 0, err
-    with Image.open(again) as im:
-        assert np.array_equal(np.asarray(im.convert("RGB")), pixels)
-    plain = tmp_path / "plain.png"
-    code, _, err = _run([*base, "-o", str(plain)], capsys)
-    assert code == 0, err
-    with Image.open(plain) as im:
-        assert "Noise multiplier" not in im.text["parameters"]
-        assert np.abs(np.asarray(im.convert("RGB"), dtype=int) - pixels).max() > 2
+    assert_png_round_trip(base, ["--noise-multiplier", "1.2"], ", Noise multiplier: 1.2",
+                          tmp_path, capsys, from_png=["--init-image", str(init)])
 
 
 def test_a1111_api_initial_noise_multiplier():

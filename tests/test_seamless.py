@@ -21,7 +21,7 @@ from sdrt.kernels.group_norm import group_norm_reference
 from sdrt.kernels.group_norm_silu_conv2d import (_group_norm_silu_conv2d_triton,
                                                  group_norm_silu_conv2d,
                                                  group_norm_silu_conv2d_reference)
-from test_cli import _run
+from test_cli import _run, assert_png_round_trip
 from test_group_norm_silu_conv2d import DEVICE, DTYPES, DTYPE_IDS, SMALL, _call, _inputs
 from test_pipeline import IMAGE_ATOL, PROMPTS, _assert_lively, _diffusers_scheduler
 from test_pipeline import pipes  # noqa: F401  (the fixture)
@@ -161,27 +161,10 @@ def test_a_static_plan_per_setting_and_vae_tiling_refused():
 def test_cli_png_info_and_from_png(tmp_path, capsys):
     base = ["generate", "a stone wall", "--steps", "2", "--width", "64", "--height", "64",
             "--sampler", "euler", "--seed", "9"]
-    out = tmp_path / "seamless.png"
-    code, _, err = _run([*base, "--tiling", "-o", str(out)], capsys)
-    assert code == 0, err
-    with Image.open(out) as im:
-        text = im.text["parameters"]
-        pixels = np.asarray(im.convert("RGB"))
-    assert ", Tiling: True" in text, text
-    again = tmp_path / "again.png"
-    code, _, err = _run(["generate", "--from-png", str(out), "-o", str(again)], capsys)
-    assert code == 0, err
-    with Image.open(again) as im:
-        assert np.array_equal(np.asarray(im.convert("RGB")), pixels)
-    plain = tmp_path / "plain.png"
-    code, _, err = _run([*base, "-o", str(plain)], capsys)
-    assert code == 0, err
-    with Image.open(plain) as im:
-        assert "Tiling" not in im.text["parameters"]
-        assert np.abs(np.asarray(im.convert("RGB"), dtype=int) - pixels).max() > 2
-    code, _, err = _run([*base, "--tiling", "--vae-tiling", "-o", str(plain)], capsys)
+    out = assert_png_round_trip(base, ["--tiling"], ", Tiling: True", tmp_path, capsys)
+    code, _, err = _run([*base, "--tiling", "--vae-tiling", "-o", str(out)], capsys)
     assert code == 2 and "seamless tiling cannot be combined with VAE tiling" in err, err
-    code, _, err = _run([*base, "--tiling", "--init-image", str(plain), "--sd-upscale", "2",
+    code, _, err = _run([*base, "--tiling", "--init-image", str(out), "--sd-upscale", "2",
                          "--sd-upscale-overlap", "8", "-o", str(tmp_path / "up.png")], capsys)
     assert code == 2 and "--tiling cannot be combined with --sd-upscale" in err, err
 

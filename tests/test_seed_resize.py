@@ -15,7 +15,7 @@ from sdrt.engine import Pipeline
 from sdrt.engine.errors import SdrtError
 from sdrt.engine.stages import centred_noise, cpu_randn, vary_noise
 from sdrt.engine.tiny import tiny_components
-from test_cli import _run
+from test_cli import _parameters, _run, assert_png_round_trip
 
 
 def centred_numpy(noise, small):
@@ -113,25 +113,11 @@ def test_bad_settings(pipe, kwargs, message):
 
 
 def test_cli_png_info_and_from_png(tmp_path, capsys):
-    out = tmp_path / "r.png"
     base = ["generate", "a fox", "--steps", "2", "--width", "64", "--height", "48",
             "--sampler", "euler_a", "--seed", "5"]
-    code, _, err = _run([*base, "--seed-resize-from", "40x56", "-o", str(out)], capsys)
-    assert code == 0, err
-    with Image.open(out) as im:
-        text = im.text["parameters"]
-        pixels = np.asarray(im.convert("RGB"))
-    assert "Seed: 5, Size: 64x48" in text and ", Seed resize from: 40x56" in text, text
-    again = tmp_path / "again.png"
-    code, _, err = _run(["generate", "--from-png", str(out), "-o", str(again)], capsys)
-    assert code == 0, err
-    with Image.open(again) as im:
-        assert np.array_equal(np.asarray(im.convert("RGB")), pixels)
-    plain = tmp_path / "plain.png"
-    code, _, err = _run([*base, "-o", str(plain)], capsys)
-    with Image.open(plain) as im:
-        assert "Seed resize" not in im.text["parameters"]
-        assert np.abs(np.asarray(im.convert("RGB"), dtype=int) - pixels).max() > 2
+    out = assert_png_round_trip(base, ["--seed-resize-from", "40x56"],
+                                ", Seed resize from: 40x56", tmp_path, capsys)
+    assert "Seed: 5, Size: 64x48," in _parameters(out)
     hires = tmp_path / "hires.png"  # (the first pass's noise; the second's goes on)
     code, _, err = _run([*base, "--seed-resize-from", "40x56", "--hr-scale", "1.5", "-o",
                          str(hires)], capsys)
@@ -139,10 +125,11 @@ def test_cli_png_info_and_from_png(tmp_path, capsys):
     with Image.open(hires) as im:
         assert ", Seed resize from: 40x56, Denoising strength: 0.75" in im.text["parameters"]
         assert im.size == (96, 72)
-    code, _, err = _run([*base, "--seed-resize-from", "1x64", "-o", str(plain)], capsys)
+    code, _, err = _run([*base, "--seed-resize-from", "1x64", "-o", str(tmp_path / "x.png")],
+                        capsys)
     # (the demo model's VAE scales by 2)
     assert code == 2 and "--seed-resize-from must be at least 2 pixels" in err, err
-    code, _, err = _run([*base, "--seed-resize-from", "64x64", "--init-image", str(plain),
+    code, _, err = _run([*base, "--seed-resize-from", "64x64", "--init-image", str(out),
                          "--sd-upscale", "2", "--sd-upscale-overlap", "8", "-o",
                          str(tmp_path / "up.png")], capsys)
     assert code == 2 and "--seed-resize-from cannot be combined with --sd-upscale" in err, err
