@@ -885,12 +885,12 @@ def _apply_styles(a):
     from .styles import apply, read_styles
     if a.styles_file is None:
         raise SdrtError("--style needs --styles-file FILE (an A1111 styles.csv)")
-    styles = read_styles(a.styles_file)
+    styles, most = read_styles(a.styles_file), Limits.from_env().max_prompt_chars
     prompt, negative = a.prompt, a.negative or ""
-    a.prompt, a.negative = apply(styles, a.style, prompt, negative, "--style")
+    a.prompt, a.negative = apply(styles, a.style, prompt, negative, "--style", most)
     if a.hr_prompt or a.hr_negative:  # (otherwise the second pass reads the first's)
         a.hr_prompt, a.hr_negative = apply(styles, a.style, a.hr_prompt or prompt,
-                                           a.hr_negative or negative, "--style")
+                                           a.hr_negative or negative, "--style", most)
     a.negative = a.negative or None
 
 

@@ -55,15 +55,30 @@ def merge(style_text, prompt):
     return ", ".join(part for part in (prompt.strip(), style_text.strip()) if part)
 
 
-def apply(styles, names, prompt, negative_prompt, field="styles"):
+def merged_length(style_text, prompt):
+    """``len(merge(style_text, prompt))``, without building it."""
+    if "{prompt}" in style_text:
+        return len(style_text) + style_text.count("{prompt}") * (len(prompt) - len("{prompt}"))
+    parts = [p for p in (prompt.strip(), style_text.strip()) if p]
+    return sum(map(len, parts)) + 2 * (len(parts) - 1)
+
+
+def apply(styles, names, prompt, negative_prompt, field="styles", max_chars=None):
     """(prompt, negative prompt) with the styles ``names`` (in order) applied to them; a name
-    ``styles`` does not hold is refused, naming ``field``."""
+    ``styles`` does not hold, or a styled prompt past ``max_chars`` characters, is refused
+    (before it is built), naming ``field``."""
+    texts = [prompt, negative_prompt]
     for name in names:
         if name not in styles:
             known = ", ".join(map(repr, sorted(styles)[:10])) or "none"
             known += ", ..." if len(styles) > 10 else ""
             raise SdrtError(f"{field} names {name!r}, which is not a style here (the styles "
                             f"file holds {known})")
-        prompt = merge(styles[name].prompt, prompt)
-        negative_prompt = merge(styles[name].negative_prompt, negative_prompt)
-    return prompt, negative_prompt
+        style = styles[name]
+        for i, text in enumerate((style.prompt, style.negative_prompt)):
+            if max_chars is not None and merged_length(text, texts[i]) > max_chars:
+                raise SdrtError(f"{field}: style {name!r} makes the "
+                                f"{'negative ' * i}prompt longer than {max_chars} characters "
+                                f"(SDRT_MAX_PROMPT_CHARS)")
+            texts[i] = merge(text, texts[i])
+    return texts[0], texts[1]

@@ -1021,12 +1021,14 @@ def _styled(server, body):
                             f"got {short_repr(body.styles)}", "bad_request", "styles")
     prompt, negative = body.prompt, body.negative_prompt or ""
     try:
+        most = server.limits.max_prompt_chars
         update = dict(zip(("prompt", "negative_prompt"),
-                          apply(server.styles, body.styles, prompt, negative)))
+                          apply(server.styles, body.styles, prompt, negative, max_chars=most)))
         hires = (getattr(body, "hr_prompt", ""), getattr(body, "hr_negative_prompt", ""))
         if any(hires):
             update.update(zip(("hr_prompt", "hr_negative_prompt"), apply(
-                server.styles, body.styles, hires[0] or prompt, hires[1] or negative)))
+                server.styles, body.styles, hires[0] or prompt, hires[1] or negative,
+                max_chars=most)))
     except SdrtError as e:
         raise ApiError(400, str(e), "bad_request", "styles")
     return body.model_copy(update=update)

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from sdrt.engine.errors import SdrtError
-from sdrt.engine.styles import apply, merge, read_styles
+from sdrt.engine.styles import apply, merge, merged_length, read_styles
 from test_cli import _run
 
 # As A1111's style editor saves it: a BOM, a header, quoted fields holding commas.
@@ -39,6 +39,7 @@ def styles_file(tmp_path):
 ])
 def test_merge_is_a1111s(style, prompt, want):
     assert merge(style, prompt) == want
+    assert merged_length(style, prompt) == len(want)
 
 
 def test_read_and_apply(styles_file, tmp_path):
@@ -126,3 +127,15 @@ def test_a1111_api_styles(styles_file):
                           json={**body, "styles": ["photo"]})
         assert httpx.get(f"{url}/sdapi/v1/prompt-styles", timeout=TIMEOUT).json() == []
     assert none.status_code == 400 and "no styles" in none.json()["error"]["message"], none.text
+
+
+def test_a_styled_prompt_is_bounded_before_it_is_built():
+    from sdrt.engine.styles import Style
+    doubling = {"twice": Style("twice", "{prompt} {prompt}" * 1000, "")}
+    with pytest.raises(SdrtError, match="styles: style 'twice' makes the prompt longer than "
+                                        "20000 characters"):
+        apply(doubling, ["twice"] * 40, "a fox", "", max_chars=20000)
+    long = {"long": Style("long", "", "x" * 15000)}
+    with pytest.raises(SdrtError, match="makes the negative prompt longer than 20000"):
+        apply(long, ["long", "long"], "a fox", "", max_chars=20000)
+    assert apply(long, ["long"], "a fox", "", max_chars=20000)[1] == "x" * 15000
