@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import functools
 import itertools
+import math
 import os
 import sys
 import warnings
@@ -23,8 +24,8 @@ from .infotext import (Infotext, lora_tag, lora_tags, model_identity, png_bytes,
 from .infotext import short_hash as file_hash
 from .model_files import file_stem
 from .cli import size_arg
-from .request import (BETA_SHAPE, MAX_SEED, ZERO_SNR, GenerationRequest, Limits,
-                      sampler_family)
+from .request import (BETA_SHAPE, MAX_NOISE_MULTIPLIER, MAX_SEED, ZERO_SNR, GenerationRequest,
+                      Limits, sampler_family)
 from .sd_upscale import params as sd_upscale_params
 
 # Request field → the option that sets it, so that a message names what the user typed.
@@ -64,6 +65,10 @@ def generate(a):
     if a.sd_upscale is not None:  # its tiles: --width × --height, A1111's 512x512 by default
         a.width = 512 if a.width is None else a.width
         a.height = 512 if a.height is None else a.height
+    if not (math.isfinite(a.noise_multiplier) and
+            0 <= a.noise_multiplier <= MAX_NOISE_MULTIPLIER):
+        raise SdrtError(f"--noise-multiplier must be a number from 0 to "
+                        f"{MAX_NOISE_MULTIPLIER:g}, got {a.noise_multiplier:g}")
     if a.strength is None:  # A1111's defaults: image to image 0.8, the hires fix 0.75
         a.strength = 0.75 if a.hr_scale is not None or a.hr_resize is not None else 0.8
     request = GenerationRequest(
@@ -916,7 +921,7 @@ def _warn_unused_options(a):
         elif a.mask is not None and a.inpaint_area == "masked":
             unused("--resize-mode", "with --inpaint-area masked the masked region is resized "
                                     "to the size (A1111's 'Only masked')")
-    if "noise_multiplier" in a.given and a.init_image is None:
+    if a.noise_multiplier != 1 and a.init_image is None:
         unused("--noise-multiplier", "it applies to --init-image")
     if a.styles_file is not None and not a.style:
         unused("--styles-file", "it applies to --style")

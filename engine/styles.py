@@ -24,12 +24,17 @@ def read_styles(path):
     """{name: Style} of an A1111 ``styles.csv``: a header naming ``name``, ``prompt`` (or the
     old ``text``) and optionally ``negative_prompt`` columns, UTF-8 (with or without a BOM);
     a later row of the same name replaces an earlier one, as in A1111."""
+    import io
     import os
+    if not os.path.isfile(path):  # (a device such as /dev/zero would never end)
+        raise SdrtError(f"styles file {path} is not a file")
     try:
-        if os.path.getsize(path) > MAX_STYLES_BYTES:
+        with open(path, "rb") as f:
+            data = f.read(MAX_STYLES_BYTES + 1)
+        if len(data) > MAX_STYLES_BYTES:
             raise SdrtError(f"styles file {path} is larger than {MAX_STYLES_BYTES >> 20} MiB")
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            rows = list(csv.DictReader(f, skipinitialspace=True))
+        text = data.decode("utf-8-sig")
+        rows = list(csv.DictReader(io.StringIO(text, newline=""), skipinitialspace=True))
     except UnicodeDecodeError as e:
         raise SdrtError(f"styles file {path} is not UTF-8 text ({e.reason} at byte "
                         f"{e.start})") from None

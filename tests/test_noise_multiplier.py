@@ -15,7 +15,7 @@ from sdrt.engine import Pipeline
 from sdrt.engine.errors import SdrtError
 from sdrt.engine.stages import cpu_randn
 from sdrt.engine.tiny import tiny_components
-from test_cli import assert_png_round_trip
+from test_cli import _run, assert_png_round_trip
 
 INIT = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
 ARGS = dict(image=INIT, strength=0.7, num_inference_steps=4, sampler="euler", output_type="np",
@@ -64,6 +64,11 @@ def test_cli_png_info_and_from_png(tmp_path, capsys):
             "--init-image", str(init), "--strength", "0.6"]
     assert_png_round_trip(base, ["--noise-multiplier", "1.2"], ", Noise multiplier: 1.2",
                           tmp_path, capsys, from_png=["--init-image", str(init)])
+    for value in ("nan", "-1"):  # (refused with or without an init image)
+        for argv in (base, base[:-4]):
+            code, _, err = _run([*argv, f"--noise-multiplier={value}", "-o",
+                                 str(tmp_path / "x.png")], capsys)
+            assert code == 2 and "--noise-multiplier must be a number from 0 to 10" in err, err
 
 
 def test_a1111_api_initial_noise_multiplier():
