@@ -48,9 +48,11 @@ def size_arg(text):
     """``WxH`` (A1111's order, as in "Size: 1024x768") → (height, width), diffusers' order."""
     try:
         w, h = (int(v) for v in text.lower().split("x"))
+        if w < 1 or h < 1:
+            raise ValueError(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 1024x768, got "
-                                         f"{text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 1024x768 (positive "
+                                         f"integers), got {text!r}") from None
     return (h, w)
 
 

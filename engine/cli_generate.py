@@ -705,7 +705,8 @@ def _apply_png(a):
         warnings.warn(f"--from-png {a.from_png} was an SD upscale of an init image (SD upscale "
                       f"upscaler {pairs.get('SD upscale upscaler')}), whose scale A1111 does "
                       "not record: pass --init-image and --sd-upscale F, or this is not one")
-    if (hires or sd_upscale) and "Denoising strength" in pairs and "strength" not in a.given:
+    if (hires or sd_upscale or a.init_image is not None) and "Denoising strength" in pairs \
+            and "strength" not in a.given:
         try:
             a.strength = float(pairs["Denoising strength"])
         except ValueError:

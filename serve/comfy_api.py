@@ -967,13 +967,15 @@ def _check_ids(body, jobs, bad):
     pnginfo = (extra or {}).get("extra_pnginfo")
     if pnginfo is not None and not (isinstance(pnginfo, dict) and all(map(_png_key, pnginfo))):
         raise bad(f"extra_data.extra_pnginfo must be an object whose keys are PNG text keywords "
-                  f"(1 to 79 printable Latin-1 characters, no space at either end), got "
+                  f"(1 to 79 printable Latin-1 characters, no space at either end or two in "
+                  f"a row), got "
                   f"{short_repr(pnginfo)}", "extra_data.extra_pnginfo")
 
 
 def _png_key(key):
     """Whether ``key`` can name a PNG text chunk (the PNG spec's keyword)."""
     return isinstance(key, str) and 0 < len(key) < 80 and key == key.strip() and \
+        "  " not in key and \
         all(" " <= c <= "~" or "\xa1" <= c <= "\xff" for c in key)
 
 
@@ -1072,7 +1074,8 @@ async def _generate(server, jobs, item, flow, key, rows, messages, overlay):
             # web UI sends its "workflow", which it loads back from the PNG)
             pnginfo = item[3].get("extra_pnginfo") or {}
             chunks = {"prompt": json.dumps(graph),
-                      **{k: json.dumps(v) for k, v in pnginfo.items() if k != "prompt"}}
+                      **{k: json.dumps(v) for k, v in pnginfo.items()
+                         if k not in ("prompt", "parameters")}}
             pngs = await run_in_threadpool(
                 lambda: [png_bytes(im, t, chunks) for im, t in zip(images, texts)])
     except Exception as e:  # an ApiError (queue full, deadline, ...) or a failure

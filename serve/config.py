@@ -58,8 +58,11 @@ class ServeConfig:
             folder = getattr(self, name)
             if folder is not None and not os.path.isdir(folder):
                 raise SdrtError(f"{name.replace('_', '-')} {folder} is not a folder")
-        if self.styles_file is not None and not os.path.isfile(self.styles_file):
-            raise SdrtError(f"styles-file {self.styles_file} is not a file")
+        if self.styles_file is not None:  # (read here: a bad one is refused before serving)
+            from sdrt.engine.styles import read_styles
+            if not os.path.isfile(self.styles_file):
+                raise SdrtError(f"styles-file {self.styles_file} is not a file")
+            read_styles(self.styles_file)
         if not 0 <= self.batch_window_ms <= 10_000:
             raise SdrtError(f"batch-window-ms must be from 0 to 10000, got "
                             f"{self.batch_window_ms!r}")

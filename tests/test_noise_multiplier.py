@@ -15,7 +15,7 @@ from sdrt.engine import Pipeline
 from sdrt.engine.errors import SdrtError
 from sdrt.engine.stages import cpu_randn
 from sdrt.engine.tiny import tiny_components
-from test_cli import _run, assert_png_round_trip
+from test_cli import _parameters, _run, assert_png_round_trip
 
 INIT = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
 ARGS = dict(image=INIT, strength=0.7, num_inference_steps=4, sampler="euler", output_type="np",
@@ -64,6 +64,8 @@ def test_cli_png_info_and_from_png(tmp_path, capsys):
             "--init-image", str(init), "--strength", "0.6"]
     assert_png_round_trip(base, ["--noise-multiplier", "1.2"], ", Noise multiplier: 1.2",
                           tmp_path, capsys, from_png=["--init-image", str(init)])
+    # (--from-png with --init-image redraws at the PNG's denoising strength)
+    assert "Denoising strength: 0.6" in _parameters(tmp_path / "again.png")
     for value in ("nan", "-1"):  # (refused with or without an init image)
         for argv in (base, base[:-4]):
             code, _, err = _run([*argv, f"--noise-multiplier={value}", "-o",

@@ -78,7 +78,8 @@ def test_text_to_image_as_comfyuis_script_example(server, ref_pipe):
     url = server
     graph = _workflow(url, DEFAULT, batch=2)
     ui = {"last_node_id": 9, "nodes": [{"id": 3, "type": "KSampler", "title": "Ksampler — ü"}]}
-    queued = _queue(url, graph, extra_data={"extra_pnginfo": {"workflow": ui}})
+    queued = _queue(url, graph, extra_data={"extra_pnginfo": {"workflow": ui,
+                                                              "parameters": "not ours"}})
     assert set(queued) == {"prompt_id", "number", "node_errors"} and queued["node_errors"] == {}
     entry = _history(url, queued["prompt_id"])
     assert entry["status"]["status_str"] == "success" and entry["status"]["completed"]
@@ -91,6 +92,7 @@ def test_text_to_image_as_comfyuis_script_example(server, ref_pipe):
         png.load()
         assert json.loads(png.text["prompt"]) == graph  # reopens in ComfyUI, and --workflow
         assert json.loads(png.text["workflow"]) == ui  # (the web UI's own, as SaveImage saves it)
+        assert png.text["parameters"] != json.dumps("not ours")  # (sdrt's A1111 info stays)
         assert "Seed: %d" % (11 + i) in png.text["parameters"]
         want = ref_pipe("beautiful scenery nature glass bottle", negative_prompt="text, watermark",
                         height=64, width=64, num_inference_steps=2, guidance_scale=7.0,
@@ -461,7 +463,9 @@ def test_bad_bodies_are_400s_naming_the_field(server):
             ({"prompt": graph, "extra_data": {"extra_pnginfo": {"wörk flow\u2603": {}}}},
              "extra_data.extra_pnginfo", "keys are PNG text keywords"),
             ({"prompt": graph, "extra_data": {"extra_pnginfo": [1]}},
-             "extra_data.extra_pnginfo", "must be an object")):
+             "extra_data.extra_pnginfo", "must be an object"),
+            ({"prompt": graph, "extra_data": {"extra_pnginfo": {"a  b": 1}}},
+             "extra_data.extra_pnginfo", "two in a row")):
         r = httpx.post(f"{url}/prompt", json=body, timeout=TIMEOUT)
         assert r.status_code == 400, r.text
         error = r.json()["error"]

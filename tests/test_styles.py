@@ -94,7 +94,7 @@ def test_cli_styles(styles_file, tmp_path, capsys):
         assert code == 2 and message in err, err
 
 
-def test_a1111_api_styles(styles_file):
+def test_a1111_api_styles(styles_file, tmp_path):
     pytest.importorskip("fastapi")
     httpx = pytest.importorskip("httpx")
     from sdrt.engine.demo.model import demo_pipeline
@@ -123,6 +123,11 @@ def test_a1111_api_styles(styles_file):
     png = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
     assert_same_image(png, want, "styles")
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "styles", bad.text
+    from sdrt.engine.errors import SdrtError as ConfigError
+    junk = tmp_path / "junk.csv"
+    junk.write_bytes(b"\xff\xfe\x00name")
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):  # (before serving: one line)
+        config(styles_file=str(junk))
     with LocalServer(config()) as url:
         none = httpx.post(f"{url}/sdapi/v1/txt2img", timeout=TIMEOUT,
                           json={**body, "styles": ["photo"]})
