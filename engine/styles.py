@@ -53,19 +53,25 @@ def read_styles(path):
     return styles
 
 
+def _pieces(style_text, prompt):
+    """(pieces, separator) whose join is one style's text applied to a prompt, as A1111's
+    ``merge_prompts`` applies it: the style's text around each ``{prompt}`` joined by the
+    prompt, or else the stripped prompt and text that are not empty joined by ", "."""
+    if "{prompt}" in style_text:
+        return style_text.split("{prompt}"), prompt
+    return [part for part in (prompt.strip(), style_text.strip()) if part], ", "
+
+
 def merge(style_text, prompt):
     """One style's text applied to a prompt, as A1111's ``merge_prompts``."""
-    if "{prompt}" in style_text:
-        return style_text.replace("{prompt}", prompt)
-    return ", ".join(part for part in (prompt.strip(), style_text.strip()) if part)
+    pieces, separator = _pieces(style_text, prompt)
+    return separator.join(pieces)
 
 
 def merged_length(style_text, prompt):
     """``len(merge(style_text, prompt))``, without building it."""
-    if "{prompt}" in style_text:
-        return len(style_text) + style_text.count("{prompt}") * (len(prompt) - len("{prompt}"))
-    parts = [p for p in (prompt.strip(), style_text.strip()) if p]
-    return sum(map(len, parts)) + 2 * (len(parts) - 1)
+    pieces, separator = _pieces(style_text, prompt)
+    return sum(map(len, pieces)) + len(separator) * max(len(pieces) - 1, 0)
 
 
 def apply(styles, names, prompt, negative_prompt, field="styles", max_chars=None):

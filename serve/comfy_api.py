@@ -119,9 +119,7 @@ class ComfyJobs:
         self.files.update(files)
         self.outputs[prompt_id] = list(files)
         while len(self.history) > MAX_HISTORY:
-            old, _ = self.history.popitem(last=False)
-            for name in self.outputs.pop(old, ()):
-                self.files.pop(name, None)
+            self.forget([next(iter(self.history))])  # (the oldest)
 
     def forget(self, prompt_ids):
         """Drop prompts' history entries and their files."""
@@ -369,18 +367,12 @@ def _system_stats(server):
                          "torch_vram_total": torch_total, "torch_vram_free": torch_free}]}
 
 
-# What the queue, interrupt, history and free bodies' keys must be
-_BODY_KEYS = {"delete": "a list of prompt ids (strings)", "clear": "true or false",
-              "prompt_id": "a prompt id (a string)", "unload_models": "true or false",
-              "free_memory": "true or false"}
-
-
-def _ids(value):
-    return isinstance(value, list) and all(isinstance(v, str) for v in value)
-
-
-def _flag(value):
-    return isinstance(value, bool)
+# The queue, interrupt, history and free bodies' keys: {key: (check, what it must be)}
+_IDS = (lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v),
+        "a list of prompt ids (strings)")
+_FLAG = (lambda v: isinstance(v, bool), "true or false")
+_BODY_KEYS = {"delete": _IDS, "clear": _FLAG, "unload_models": _FLAG, "free_memory": _FLAG,
+              "prompt_id": (lambda v: isinstance(v, str), "a prompt id (a string)")}
 
 
 def _free_memory():
@@ -400,9 +392,9 @@ def register(app, server_of, api_error):
     def bad(message, param="prompt"):
         return api_error(400, " ".join(message.split()), "bad_request", param)
 
-    async def body_of(request, keys=None):
-        """The request's JSON body, an object; ``keys``: {key: check} of what it may hold,
-        each check(value) true for a good value (others are refused by name)."""
+    async def body_of(request, keys=()):
+        """The request's JSON body, an object; ``keys``: those of ``_BODY_KEYS`` it may hold,
+        each checked (a bad value is refused by name)."""
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -411,9 +403,10 @@ def register(app, server_of, api_error):
             raise bad("the request body must be valid JSON (it nests too deeply)", None)
         if not isinstance(body, dict):
             raise bad(f"the request body must be a JSON object, got {short_repr(body)}", None)
-        for key, ok in (keys or {}).items():
+        for key in keys:
+            ok, allowed = _BODY_KEYS[key]
             if key in body and not ok(body[key]):
-                raise bad(f"{key} must be {_BODY_KEYS[key]}, got {short_repr(body[key])}", key)
+                raise bad(f"{key} must be {allowed}, got {short_repr(body[key])}", key)
         return body
 
     @app.post("/prompt", tags=["ComfyUI"])
@@ -530,7 +523,7 @@ def register(app, server_of, api_error):
         """ComfyUI's ``{"delete": [prompt_id, ...]}`` and ``{"clear": true}``: the prompts
         leave the queue with no history entry (a batch already on the device finishes, its
         images dropped)."""
-        body = await body_of(request, {"delete": _ids, "clear": _flag})
+        body = await body_of(request, ("delete", "clear"))
         doomed = list(jobs.running) if body.get("clear") else body.get("delete") or []
         for prompt_id in doomed:
             if prompt_id in jobs.tasks:
@@ -543,8 +536,7 @@ def register(app, server_of, api_error):
         """ComfyUI's interrupt: the prompt ``{"prompt_id": ...}`` names, or the oldest one
         queued, ends with ``execution_interrupted`` in its history (a batch already on the
         device finishes, its images dropped). A body is optional."""
-        body = (await body_of(request, {"prompt_id": lambda v: isinstance(v, str)})
-                if await request.body() else {})
+        body = await body_of(request, ("prompt_id",)) if await request.body() else {}
         prompt_id = body.get("prompt_id") or next(iter(jobs.running), None)
         if prompt_id in jobs.tasks:
             jobs.tasks[prompt_id].cancel()
@@ -554,7 +546,7 @@ def register(app, server_of, api_error):
     async def post_history(request: Request):
         """ComfyUI's ``{"delete": [prompt_id, ...]}`` and ``{"clear": true}``: the entries and
         their images go."""
-        body = await body_of(request, {"delete": _ids, "clear": _flag})
+        body = await body_of(request, ("delete", "clear"))
         jobs.forget(list(jobs.history) if body.get("clear") else body.get("delete") or [])
         return Response(status_code=200)
 
@@ -563,7 +555,7 @@ def register(app, server_of, api_error):
         """ComfyUI's ``{"unload_models": bool, "free_memory": bool}``: the server keeps its one
         model loaded (it is what it serves); ``free_memory`` returns the device's cached
         blocks to the driver."""
-        body = await body_of(request, {"unload_models": _flag, "free_memory": _flag})
+        body = await body_of(request, ("unload_models", "free_memory"))
         if body.get("free_memory"):
             await run_in_threadpool(_free_memory)
         return Response(status_code=200)
@@ -968,8 +960,7 @@ def _check_ids(body, jobs, bad):
     if pnginfo is not None and not (isinstance(pnginfo, dict) and all(map(_png_key, pnginfo))):
         raise bad(f"extra_data.extra_pnginfo must be an object whose keys are PNG text keywords "
                   f"(1 to 79 printable Latin-1 characters, no space at either end or two in "
-                  f"a row), got "
-                  f"{short_repr(pnginfo)}", "extra_data.extra_pnginfo")
+                  f"a row), got {short_repr(pnginfo)}", "extra_data.extra_pnginfo")
 
 
 def _png_key(key):
