@@ -734,3 +734,14 @@ def test_queue_delete_interrupt_history_and_free():
                                   ("/free", [1], None)):
             r = post(path, body)
             assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_history_keeps_the_newest_prompts_and_their_images(monkeypatch):
+    from sdrt.serve import comfy_api
+    monkeypatch.setattr(comfy_api, "MAX_HISTORY", 2)
+    jobs = comfy_api.ComfyJobs()
+    for i in range(3):
+        jobs.running[f"p{i}"] = []
+        jobs.finish(f"p{i}", {"outputs": {}}, {f"f{i}.png": b"png"})
+    assert list(jobs.history) == ["p1", "p2"] and not jobs.running
+    assert set(jobs.files) == {"f1.png", "f2.png"} and set(jobs.outputs) == {"p1", "p2"}
